@@ -1,0 +1,86 @@
+//! Names and numbers that more than one process must agree on. Every default port here is listed
+//! in `docs/architecture.md`; change both together.
+
+/// Default ports (see the ports table in `docs/architecture.md`).
+pub mod ports {
+    /// Proxy admin (`/config_dump`, `/logging`, `/shutdown`), localhost only.
+    pub const PROXY_ADMIN: u16 = 15000;
+    /// Proxy outbound, transparent (iptables REDIRECT).
+    pub const PROXY_OUTBOUND: u16 = 15001;
+    /// Proxy inbound, transparent.
+    pub const PROXY_INBOUND: u16 = 15006;
+    /// Proxy `/metrics`, `/ready`, `/live` on the pod address.
+    pub const PROXY_METRICS: u16 = 15020;
+    /// Proxy outbound explicit HTTP proxy that routes by Host (local mesh).
+    pub const PROXY_OUTBOUND_HTTP: u16 = 15080;
+    /// Controller xDS (gRPC).
+    pub const CONTROLLER_XDS: u16 = 15010;
+    /// Controller metrics and debug API.
+    pub const CONTROLLER_ADMIN: u16 = 15014;
+    /// Controller admission webhook.
+    pub const CONTROLLER_WEBHOOK: u16 = 15017;
+    /// mesh-ca certificate service.
+    pub const CA: u16 = 15012;
+}
+
+/// Labels and annotations, all under the `mesh.dev/` prefix.
+pub mod labels {
+    /// On a namespace or pod: `enabled` adds the sidecar.
+    pub const INJECT: &str = "mesh.dev/inject";
+    /// The standard label an EndpointSlice carries to name its Service.
+    pub const ENDPOINTSLICE_SERVICE_NAME: &str = "kubernetes.io/service-name";
+}
+
+/// Keys of the Envoy `Node.metadata` struct that a proxy (ours or a stock Envoy) sends to the
+/// controller. They tell the controller which listeners to give that proxy and where to bind them,
+/// so several proxies can share one host in the local mesh.
+pub mod node_metadata {
+    /// `"true"` when iptables sends traffic to the proxy: it then gets the transparent outbound
+    /// (15001) and inbound (15006) listeners. Absent or `"false"`: it gets only the explicit
+    /// outbound HTTP listener.
+    pub const TRANSPARENT: &str = "mesh.dev/transparent";
+    /// Address (`host:port`) for the explicit outbound HTTP listener; default `127.0.0.1:15080`.
+    pub const OUTBOUND_HTTP_ADDR: &str = "mesh.dev/outbound-http-addr";
+    /// Port of the transparent outbound listener; default 15001.
+    pub const OUTBOUND_PORT: &str = "mesh.dev/outbound-port";
+    /// Port of the transparent inbound listener; default 15006.
+    pub const INBOUND_PORT: &str = "mesh.dev/inbound-port";
+}
+
+/// Names used in xDS resources that several components must agree on.
+pub mod xds {
+    /// Listener name of the explicit outbound HTTP proxy.
+    pub const OUTBOUND_HTTP_LISTENER: &str = "outbound_http";
+    /// RouteConfiguration served to the explicit outbound HTTP listener.
+    pub const OUTBOUND_HTTP_ROUTE: &str = "outbound_http";
+    /// Listener name of the transparent outbound listener.
+    pub const OUTBOUND_LISTENER: &str = "virtualOutbound";
+    /// Listener name of the transparent inbound listener.
+    pub const INBOUND_LISTENER: &str = "virtualInbound";
+    /// Cluster that forwards to the original destination (unknown outbound traffic).
+    pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+    /// Cluster with no endpoints: where an invalid backend's share of traffic goes.
+    pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
+    /// Default DNS suffix of the cluster.
+    pub const CLUSTER_DOMAIN: &str = "cluster.local";
+}
+
+/// Environment variable names, one constant each.
+pub mod env {
+    /// Controller: directory of manifests to watch (local mode).
+    pub const CONTROLLER_CONFIG_DIR: &str = "MESH_CONFIG_DIR";
+    /// Controller: xDS listen address.
+    pub const CONTROLLER_XDS_ADDR: &str = "MESH_XDS_ADDR";
+    /// Controller: admin (metrics and debug) listen address.
+    pub const CONTROLLER_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
+    /// Controller: debounce window for bursts of changes, in milliseconds.
+    pub const CONTROLLER_DEBOUNCE_MS: &str = "MESH_DEBOUNCE_MS";
+    /// Controller: cluster DNS suffix.
+    pub const CONTROLLER_CLUSTER_DOMAIN: &str = "MESH_CLUSTER_DOMAIN";
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    pub const LOG: &str = "MESH_LOG";
+    /// Log format: `text` or `json`.
+    pub const LOG_FORMAT: &str = "MESH_LOG_FORMAT";
+    /// meshctl: xDS address of the controller.
+    pub const MESHCTL_XDS: &str = "MESH_XDS";
+}

@@ -1,0 +1,214 @@
+//! The mesh's own CRDs (group `mesh.dev`, version `v1alpha1`): what the Gateway API lacks.
+//! Each attaches to Services or Namespaces with `targetRefs` (Gateway API policy attachment).
+//! The reference is `docs/reference/crds.md`.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "mesh.dev";
+pub const VERSION: &str = "v1alpha1";
+
+/// What a policy attaches to: a Service (group `""`) or a Namespace, in the policy's namespace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyTargetReference {
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub name: String,
+    /// A port name of the Service; absent means every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+}
+
+/// Allows or denies requests to the targets by the caller's identity and by what it asks for.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "mesh.dev",
+    version = "v1alpha1",
+    kind = "AuthorizationPolicy",
+    namespaced,
+    shortname = "authz"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicySpec {
+    pub target_refs: Vec<PolicyTargetReference>,
+    /// `Allow` (the default): requests matching no rule are denied once any Allow policy targets
+    /// the workload. `Deny`: requests matching a rule are denied, before Allow policies apply.
+    #[serde(default)]
+    pub action: AuthorizationAction,
+    #[serde(default)]
+    pub rules: Vec<AuthorizationRule>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AuthorizationAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// A rule matches when any `from` entry and any `to` entry match (an empty list matches all).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationRule {
+    #[serde(default)]
+    pub from: Vec<AuthorizationSource>,
+    #[serde(default)]
+    pub to: Vec<AuthorizationOperation>,
+}
+
+/// Who calls: all listed fields must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationSource {
+    /// SPIFFE IDs; a trailing `*` matches any suffix.
+    #[serde(default)]
+    pub identities: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+}
+
+/// What is asked for: all listed fields must match.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationOperation {
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Exact paths, or prefixes ending in `*`.
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+}
+
+/// How clients treat the targets' endpoints: balancing, connection limits, outlier detection,
+/// retry budget.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "mesh.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    namespaced
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    pub target_refs: Vec<PolicyTargetReference>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_limits: Option<ConnectionLimits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoadBalancer {
+    pub algorithm: LoadBalancerAlgorithm,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum LoadBalancerAlgorithm {
+    /// Power of two choices over peak-EWMA latency (the default).
+    #[default]
+    PeakEwma,
+    RoundRobin,
+    Random,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
+    /// Consecutive 5xx or connect failures before an endpoint is ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// Gateway API duration (`10s`, `500ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Extra load retries may add, in percent of requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retries_per_second: Option<u32>,
+}
+
+/// A local (per-proxy) token-bucket rate limit on the targets' inbound requests.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "mesh.dev",
+    version = "v1alpha1",
+    kind = "RateLimitPolicy",
+    namespaced
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitPolicySpec {
+    pub target_refs: Vec<PolicyTargetReference>,
+    pub local: LocalRateLimit,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalRateLimit {
+    pub requests_per_second: u32,
+    /// Bucket size; defaults to `requestsPerSecond`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::{CustomResourceExt, Resource};
+
+    #[test]
+    fn crds_are_in_our_group() {
+        for crd in [
+            AuthorizationPolicy::crd(),
+            TrafficPolicy::crd(),
+            RateLimitPolicy::crd(),
+        ] {
+            assert_eq!(crd.spec.group, GROUP);
+            assert_eq!(crd.spec.versions[0].name, VERSION);
+            assert_eq!(crd.spec.scope, "Namespaced");
+        }
+        assert_eq!(AuthorizationPolicy::api_version(&()), "mesh.dev/v1alpha1");
+    }
+
+    #[test]
+    fn authorization_policy_parses_and_defaults_to_allow() {
+        let p: AuthorizationPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mesh.dev/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "a", "namespace": "default"},
+            "spec": {
+                "targetRefs": [{"kind": "Service", "name": "reviews"}],
+                "rules": [{"from": [{"namespaces": ["web"]}], "to": [{"methods": ["GET"]}]}]
+            }
+        }))
+        .expect("parses");
+        assert_eq!(p.spec.action, AuthorizationAction::Allow);
+        assert_eq!(p.spec.rules[0].from[0].namespaces, vec!["web".to_string()]);
+    }
+}

@@ -1,0 +1,13 @@
+//! Types shared by every part of the mesh: ports, labels, annotations, environment names,
+//! SPIFFE IDs and, behind the `k8s` feature, our CRDs and the Gateway API types.
+
+pub mod consts;
+#[cfg(feature = "k8s")]
+pub mod crds;
+pub mod spiffe;
+
+#[cfg(feature = "k8s")]
+pub use gateway_api;
+#[cfg(feature = "k8s")]
+pub use k8s_openapi;
+pub use spiffe::{SpiffeId, SpiffeIdError};

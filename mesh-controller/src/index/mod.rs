@@ -1,0 +1,642 @@
+//! The index: every object the sources deliver, kept in memory, and the resolved [`Model`] built
+//! from them. Synchronous and free of I/O: sources call [`Index::apply`], [`Index::delete`] and
+//! [`Index::reset`]; anyone may [`Index::subscribe`] to the revision counter and call
+//! [`Index::model`] after a change.
+//!
+//! ```text
+//!  HTTPRoute/GRPCRoute --parentRefs--> Service port <--kubernetes.io/service-name-- EndpointSlice
+//!        |                                 |                                           |
+//!        +--backendRefs--> Service port    +--selector--> Pod (inbound, named ports)   +--> ready endpoints
+//! ```
+
+pub mod model;
+pub mod routes;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use tokio::sync::watch;
+
+pub use self::model::{
+    Endpoint, Model, PodModel, PortModel, Protocol, ResolveError, RouteAction, RouteEntry,
+    ServiceModel, SvcKey, WeightedBackend,
+};
+use self::routes::{BackendRef, RouteSpec, match_precedence};
+use crate::objects::{DocError, Kind, ObjKey, Object};
+
+#[derive(Clone, Debug, PartialEq)]
+struct ServiceInfo {
+    cluster_ip: Option<IpAddr>,
+    ports: Vec<ServicePort>,
+    selector: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ServicePort {
+    name: String,
+    port: u16,
+    target_port: Option<IntOrString>,
+    app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct SliceInfo {
+    service: SvcKey,
+    ports: Vec<(String, u16)>,
+    /// Ready endpoints: addresses and the pod behind them.
+    endpoints: Vec<(IpAddr, Option<String>)>,
+}
+
+/// All objects, by kind, plus the revision counter.
+#[derive(Debug)]
+pub struct Index {
+    cluster_domain: String,
+    namespaces: HashMap<String, BTreeMap<String, String>>,
+    services: HashMap<SvcKey, ServiceInfo>,
+    slices: HashMap<ObjKey, SliceInfo>,
+    pods: HashMap<(String, String), Arc<PodModel>>,
+    routes: HashMap<ObjKey, Arc<RouteSpec>>,
+    /// Our policy CRDs, held for the issues that translate them.
+    policies: HashMap<ObjKey, Object>,
+    revision: watch::Sender<u64>,
+    last_model: Option<Arc<Model>>,
+}
+
+impl Index {
+    pub fn new(cluster_domain: impl Into<String>) -> Self {
+        Self {
+            cluster_domain: cluster_domain.into(),
+            namespaces: HashMap::new(),
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            pods: HashMap::new(),
+            routes: HashMap::new(),
+            policies: HashMap::new(),
+            revision: watch::Sender::new(0),
+            last_model: None,
+        }
+    }
+
+    /// A receiver that sees the revision change after every effective update.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+
+    pub fn revision(&self) -> u64 {
+        *self.revision.borrow()
+    }
+
+    fn bump(&self) {
+        self.revision.send_modify(|r| *r += 1);
+    }
+
+    /// Adds or replaces an object. A refused object leaves the previous version in force.
+    pub fn apply(&mut self, obj: Object) -> Result<(), DocError> {
+        if self.apply_quiet(obj)? {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    /// Applies without bumping the revision; tells whether anything changed.
+    fn apply_quiet(&mut self, obj: Object) -> Result<bool, DocError> {
+        let key = obj.key();
+        Ok(match obj {
+            Object::Namespace(ns) => {
+                let labels = ns.metadata.labels.unwrap_or_default();
+                self.namespaces.insert(key.name, labels.clone()) != Some(labels)
+            }
+            Object::Service(svc) => {
+                let info = service_info(&svc)?;
+                let k = SvcKey::new(key.namespace, key.name);
+                self.services.insert(k, info.clone()) != Some(info)
+            }
+            Object::EndpointSlice(slice) => {
+                let Some(info) = slice_info(&slice, &key.namespace)? else {
+                    return Ok(self.slices.remove(&key).is_some());
+                };
+                self.slices.insert(key, info.clone()) != Some(info)
+            }
+            Object::Pod(pod) => {
+                let info = Arc::new(pod_model(&pod, &key)?);
+                let k = (key.namespace, key.name);
+                self.pods.insert(k, info.clone()) != Some(info)
+            }
+            Object::HttpRoute(r) => {
+                let spec = Arc::new(RouteSpec::from_http(&r, key.clone())?);
+                self.routes.insert(key, spec.clone()) != Some(spec)
+            }
+            Object::GrpcRoute(r) => {
+                let spec = Arc::new(RouteSpec::from_grpc(&r, key.clone())?);
+                self.routes.insert(key, spec.clone()) != Some(spec)
+            }
+            obj @ (Object::AuthorizationPolicy(_)
+            | Object::TrafficPolicy(_)
+            | Object::RateLimitPolicy(_)) => {
+                self.policies.insert(key, obj);
+                true
+            }
+        })
+    }
+
+    /// Removes an object; unknown keys are ignored.
+    pub fn delete(&mut self, key: &ObjKey) {
+        if self.delete_quiet(key) {
+            self.bump();
+        }
+    }
+
+    fn delete_quiet(&mut self, key: &ObjKey) -> bool {
+        match key.kind {
+            Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
+            Kind::Service => self
+                .services
+                .remove(&SvcKey::new(&key.namespace, &key.name))
+                .is_some(),
+            Kind::EndpointSlice => self.slices.remove(key).is_some(),
+            Kind::Pod => self
+                .pods
+                .remove(&(key.namespace.clone(), key.name.clone()))
+                .is_some(),
+            Kind::HTTPRoute | Kind::GRPCRoute => self.routes.remove(key).is_some(),
+            Kind::AuthorizationPolicy | Kind::TrafficPolicy | Kind::RateLimitPolicy => {
+                self.policies.remove(key).is_some()
+            }
+        }
+    }
+
+    /// Replaces every object of `kind` with `objects` (a watch's relist). Objects that are refused
+    /// are returned with their reason; their previous versions stay in force.
+    pub fn reset(&mut self, kind: Kind, objects: Vec<Object>) -> Vec<(ObjKey, DocError)> {
+        let mut errors = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut changed = false;
+        for obj in objects.into_iter().filter(|o| o.kind() == kind) {
+            let key = obj.key();
+            seen.insert(key.clone());
+            match self.apply_quiet(obj) {
+                Ok(c) => changed |= c,
+                Err(e) => errors.push((key, e)),
+            }
+        }
+        for key in self.keys(kind) {
+            if !seen.contains(&key) {
+                changed |= self.delete_quiet(&key);
+            }
+        }
+        if changed {
+            self.bump();
+        }
+        errors
+    }
+
+    /// Applies and deletes in one step, so watchers see one revision for the whole batch.
+    pub fn apply_batch(
+        &mut self,
+        apply: Vec<Object>,
+        delete: &[ObjKey],
+    ) -> Vec<(ObjKey, DocError)> {
+        let mut errors = Vec::new();
+        let mut changed = false;
+        for key in delete {
+            changed |= self.delete_quiet(key);
+        }
+        for obj in apply {
+            let key = obj.key();
+            match self.apply_quiet(obj) {
+                Ok(c) => changed |= c,
+                Err(e) => errors.push((key, e)),
+            }
+        }
+        if changed {
+            self.bump();
+        }
+        errors
+    }
+
+    fn keys(&self, kind: Kind) -> Vec<ObjKey> {
+        let key = |namespace: &str, name: &str| ObjKey {
+            kind,
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        match kind {
+            Kind::Namespace => self.namespaces.keys().map(|n| key("", n)).collect(),
+            Kind::Service => self
+                .services
+                .keys()
+                .map(|k| key(&k.namespace, &k.name))
+                .collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::Pod => self.pods.keys().map(|(ns, n)| key(ns, n)).collect(),
+            Kind::HTTPRoute | Kind::GRPCRoute => self
+                .routes
+                .keys()
+                .filter(|k| k.kind == kind)
+                .cloned()
+                .collect(),
+            _ => self
+                .policies
+                .keys()
+                .filter(|k| k.kind == kind)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// How many objects of each kind are held.
+    pub fn counts(&self) -> BTreeMap<Kind, usize> {
+        Kind::ALL
+            .into_iter()
+            .map(|k| (k, self.keys(k).len()))
+            .collect()
+    }
+
+    /// Resolves everything into a [`Model`]. Services whose resolved form did not change keep the
+    /// `Arc` of the previous model.
+    pub fn model(&mut self) -> Arc<Model> {
+        let revision = self.revision();
+        if let Some(m) = &self.last_model
+            && m.revision == revision
+        {
+            return m.clone();
+        }
+        let mut model = self.build_model(revision);
+        if let Some(prev) = &self.last_model {
+            for (k, svc) in model.services.iter_mut() {
+                if let Some(old) = prev.services.get(k)
+                    && old == svc
+                {
+                    *svc = old.clone();
+                }
+            }
+        }
+        let model = Arc::new(model);
+        self.last_model = Some(model.clone());
+        model
+    }
+
+    fn build_model(&self, revision: u64) -> Model {
+        let domain = &self.cluster_domain;
+        let mut errors = Vec::new();
+
+        // Ready endpoints per (service, port name).
+        let mut endpoints: HashMap<(&SvcKey, &str), Vec<Endpoint>> = HashMap::new();
+        for slice in self.slices.values() {
+            for (port_name, port) in &slice.ports {
+                let eps = endpoints
+                    .entry((&slice.service, port_name.as_str()))
+                    .or_default();
+                for (ip, pod) in &slice.endpoints {
+                    eps.push(Endpoint {
+                        addr: SocketAddr::new(*ip, *port),
+                        pod: pod.clone(),
+                    });
+                }
+            }
+        }
+
+        // Route entries per (service, port); consumer routes per client namespace.
+        type Entries = Vec<(Arc<RouteSpec>, usize, usize, RouteEntry)>;
+        let mut producer: HashMap<(SvcKey, u16), Entries> = HashMap::new();
+        let mut consumer: HashMap<(SvcKey, u16, String), Entries> = HashMap::new();
+        for spec in self.routes.values() {
+            for parent in &spec.parents {
+                let pfield = format!("spec.parentRefs[{}]", parent.index);
+                let pkey = SvcKey::new(&parent.namespace, &parent.name);
+                let Some(svc) = self.services.get(&pkey) else {
+                    errors.push(ResolveError {
+                        object: spec.key.clone(),
+                        field: pfield,
+                        reason: format!("parent Service {pkey} not found"),
+                    });
+                    continue;
+                };
+                let ports: Vec<u16> = match parent.port {
+                    Some(p) if svc.ports.iter().any(|sp| sp.port == p) => vec![p],
+                    Some(p) => {
+                        errors.push(ResolveError {
+                            object: spec.key.clone(),
+                            field: format!("{pfield}.port"),
+                            reason: format!("parent Service {pkey} has no port {p}"),
+                        });
+                        continue;
+                    }
+                    None => svc.ports.iter().map(|sp| sp.port).collect(),
+                };
+                for (ri, rule) in spec.rules.iter().enumerate() {
+                    let action = self.resolve_action(spec, ri, rule, &mut errors);
+                    let mirrors = rule
+                        .filters
+                        .mirrors
+                        .iter()
+                        .filter_map(|m| {
+                            self.resolve_backend(&m.backend)
+                                .ok()
+                                .map(|c| (c, m.per_million))
+                        })
+                        .collect::<Vec<_>>();
+                    for (mi, m) in rule.matches.iter().enumerate() {
+                        let entry = RouteEntry {
+                            source: format!(
+                                "{}/{}/{} rule {ri}",
+                                spec.key.kind, spec.key.namespace, spec.key.name
+                            ),
+                            matches: m.clone(),
+                            action: action.clone(),
+                            request_headers: rule.filters.request_headers.clone(),
+                            response_headers: rule.filters.response_headers.clone(),
+                            rewrite: rule.filters.rewrite.clone(),
+                            mirrors: mirrors.clone(),
+                            timeout: rule.timeout,
+                            backend_timeout: rule.backend_timeout,
+                            retry: rule.retry.clone(),
+                        };
+                        for &port in &ports {
+                            let item = (spec.clone(), ri, mi, entry.clone());
+                            if spec.key.namespace == parent.namespace {
+                                producer.entry((pkey.clone(), port)).or_default().push(item);
+                            } else {
+                                consumer
+                                    .entry((pkey.clone(), port, spec.key.namespace.clone()))
+                                    .or_default()
+                                    .push(item);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let order = |mut entries: Entries| -> Arc<Vec<RouteEntry>> {
+            entries.sort_by(|(sa, ra, ma, ea), (sb, rb, mb, eb)| {
+                match_precedence(&ea.matches, &eb.matches)
+                    .then_with(|| match (&sa.created, &sb.created) {
+                        (Some(a), Some(b)) => a.cmp(b),
+                        (Some(_), None) => std::cmp::Ordering::Less,
+                        (None, Some(_)) => std::cmp::Ordering::Greater,
+                        (None, None) => std::cmp::Ordering::Equal,
+                    })
+                    .then_with(|| {
+                        (&sa.key.namespace, &sa.key.name).cmp(&(&sb.key.namespace, &sb.key.name))
+                    })
+                    .then(sa.key.kind.cmp(&sb.key.kind))
+                    .then(ra.cmp(rb))
+                    .then(ma.cmp(mb))
+            });
+            Arc::new(entries.into_iter().map(|(_, _, _, e)| e).collect())
+        };
+        let mut consumer_by_port: HashMap<(SvcKey, u16), BTreeMap<String, Arc<Vec<RouteEntry>>>> =
+            HashMap::new();
+        for ((svc, port, ns), entries) in consumer {
+            consumer_by_port
+                .entry((svc, port))
+                .or_default()
+                .insert(ns, order(entries));
+        }
+
+        let mut services = BTreeMap::new();
+        for (key, info) in &self.services {
+            let ports = info
+                .ports
+                .iter()
+                .map(|sp| {
+                    let mut eps = endpoints
+                        .remove(&(key, sp.name.as_str()))
+                        .unwrap_or_default();
+                    eps.sort();
+                    eps.dedup();
+                    let (target_port, target_port_name) = match &sp.target_port {
+                        None => (Some(sp.port), None),
+                        Some(IntOrString::Int(p)) => (u16::try_from(*p).ok(), None),
+                        Some(IntOrString::String(s)) => (None, Some(s.clone())),
+                    };
+                    PortModel {
+                        port: sp.port,
+                        name: sp.name.clone(),
+                        protocol: Protocol::from_port(sp.app_protocol.as_deref(), &sp.name),
+                        target_port,
+                        target_port_name,
+                        endpoints: Arc::new(eps),
+                        routes: producer
+                            .remove(&(key.clone(), sp.port))
+                            .map(&order)
+                            .unwrap_or_default(),
+                        consumer_routes: consumer_by_port
+                            .remove(&(key.clone(), sp.port))
+                            .unwrap_or_default(),
+                    }
+                })
+                .collect();
+            let svc = ServiceModel {
+                key: key.clone(),
+                cluster_ip: info.cluster_ip,
+                ports,
+                selector: info.selector.clone(),
+            };
+            services.insert(key.clone(), Arc::new(svc));
+        }
+        errors.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+        Model {
+            revision,
+            cluster_domain: domain.clone(),
+            services,
+            pods: self.pods.clone(),
+            errors,
+        }
+    }
+
+    fn resolve_backend(&self, b: &BackendRef) -> Result<String, String> {
+        if let Some(why) = &b.invalid {
+            return Err(why.clone());
+        }
+        let key = SvcKey::new(&b.namespace, &b.name);
+        let Some(port) = b.port else {
+            return Err(format!("backend {key} has no port"));
+        };
+        match self.services.get(&key) {
+            None => Err(format!("backend Service {key} not found")),
+            Some(svc) if !svc.ports.iter().any(|p| p.port == port) => {
+                Err(format!("backend Service {key} has no port {port}"))
+            }
+            Some(_) => Ok(model::cluster_name(&key, port, &self.cluster_domain)),
+        }
+    }
+
+    fn resolve_action(
+        &self,
+        spec: &RouteSpec,
+        ri: usize,
+        rule: &routes::RuleSpec,
+        errors: &mut Vec<ResolveError>,
+    ) -> RouteAction {
+        if let Some(r) = &rule.filters.redirect {
+            return RouteAction::Redirect(r.clone());
+        }
+        let mut backends = Vec::new();
+        for b in &rule.backends {
+            let cluster = match self.resolve_backend(b) {
+                Ok(c) => Some(c),
+                Err(reason) => {
+                    errors.push(ResolveError {
+                        object: spec.key.clone(),
+                        field: format!("spec.rules[{ri}].backendRefs[{}]", b.index),
+                        reason,
+                    });
+                    None
+                }
+            };
+            if b.weight > 0 {
+                backends.push(WeightedBackend {
+                    cluster,
+                    weight: b.weight,
+                    request_headers: b.request_headers.clone(),
+                    response_headers: b.response_headers.clone(),
+                });
+            }
+        }
+        // No backends, or all weights zero: the Gateway API asks for a 500.
+        if backends.is_empty() || backends.iter().all(|b| b.cluster.is_none()) {
+            return RouteAction::Fail(500);
+        }
+        RouteAction::Forward(backends)
+    }
+}
+
+fn service_info(svc: &Service) -> Result<ServiceInfo, DocError> {
+    let spec = svc.spec.clone().unwrap_or_default();
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        None | Some("") | Some("None") => None,
+        Some(ip) => Some(ip.parse().map_err(|_| {
+            DocError::new("spec.clusterIP", format!("{ip:?} is not an IP address"))
+        })?),
+    };
+    let mut ports = Vec::new();
+    for (i, p) in spec.ports.unwrap_or_default().into_iter().enumerate() {
+        // The mesh carries TCP only; UDP and SCTP ports are not its business.
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let port = u16::try_from(p.port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                DocError::new(
+                    format!("spec.ports[{i}].port"),
+                    format!("invalid port {}", p.port),
+                )
+            })?;
+        ports.push(ServicePort {
+            name: p.name.unwrap_or_default(),
+            port,
+            target_port: p.target_port,
+            app_protocol: p.app_protocol,
+        });
+    }
+    Ok(ServiceInfo {
+        cluster_ip,
+        ports,
+        selector: spec.selector,
+    })
+}
+
+/// `None` when the slice names no Service (it then feeds nothing).
+fn slice_info(slice: &EndpointSlice, namespace: &str) -> Result<Option<SliceInfo>, DocError> {
+    let Some(svc) = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(mesh_api::consts::labels::ENDPOINTSLICE_SERVICE_NAME))
+    else {
+        return Ok(None);
+    };
+    if slice.address_type == "FQDN" {
+        return Ok(None);
+    }
+    let mut ports = Vec::new();
+    for (i, p) in slice.ports.iter().flatten().enumerate() {
+        if p.protocol.as_deref().is_some_and(|proto| proto != "TCP") {
+            continue;
+        }
+        let Some(port) = p.port else { continue };
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                DocError::new(format!("ports[{i}].port"), format!("invalid port {port}"))
+            })?;
+        ports.push((p.name.clone().unwrap_or_default(), port));
+    }
+    let mut endpoints = Vec::new();
+    for (i, ep) in slice.endpoints.iter().enumerate() {
+        // Ready unset means unknown, which consumers must treat as ready.
+        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+        if !ready {
+            continue;
+        }
+        let pod = ep
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))
+            .map(|r| {
+                format!(
+                    "{}/{}",
+                    r.namespace.as_deref().unwrap_or(namespace),
+                    r.name.as_deref().unwrap_or_default()
+                )
+            });
+        for (j, a) in ep.addresses.iter().enumerate() {
+            let ip = a.parse().map_err(|_| {
+                DocError::new(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{a:?} is not an IP address"),
+                )
+            })?;
+            endpoints.push((ip, pod.clone()));
+        }
+    }
+    Ok(Some(SliceInfo {
+        service: SvcKey::new(namespace, svc.clone()),
+        ports,
+        endpoints,
+    }))
+}
+
+fn pod_model(pod: &Pod, key: &ObjKey) -> Result<PodModel, DocError> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let ip =
+        match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
+            None | Some("") => None,
+            Some(ip) => Some(ip.parse().map_err(|_| {
+                DocError::new("status.podIP", format!("{ip:?} is not an IP address"))
+            })?),
+        };
+    let mut named_ports = BTreeMap::new();
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        for p in c.ports.iter().flatten() {
+            if let (Some(name), Ok(port)) = (&p.name, u16::try_from(p.container_port)) {
+                named_ports.insert(name.clone(), port);
+            }
+        }
+    }
+    Ok(PodModel {
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        ip,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        service_account: spec
+            .service_account_name
+            .unwrap_or_else(|| "default".into()),
+        named_ports,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,206 @@
+//! The resolved view of the mesh that translation reads: every Service port with its ready
+//! endpoints and its ordered routes. Built by [`super::Index::model`]; parts that did not change
+//! since the previous model are the same `Arc`s, so translation can reuse its work for them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::routes::{HeaderModifier, MatchSpec, Redirect, Retry, Rewrite};
+use crate::objects::ObjKey;
+
+/// `namespace/name` of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SvcKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl SvcKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for SvcKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// What a port speaks, from `appProtocol` or the port name's prefix (as Istio reads it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Protocol {
+    /// Not declared: detected per connection.
+    Unknown,
+    Http,
+    /// HTTP/2 without TLS (`kubernetes.io/h2c`).
+    Http2,
+    Grpc,
+    /// Opaque TCP.
+    Tcp,
+}
+
+impl Protocol {
+    pub fn from_port(app_protocol: Option<&str>, name: &str) -> Self {
+        let declared = app_protocol.unwrap_or_else(|| name.split('-').next().unwrap_or(""));
+        match declared.to_ascii_lowercase().as_str() {
+            "http" | "http1" | "https" => Protocol::Http,
+            "kubernetes.io/h2c" | "h2c" | "http2" => Protocol::Http2,
+            "grpc" | "grpc-web" => Protocol::Grpc,
+            "tcp" | "tls" | "mysql" | "mongo" | "redis" | "postgres" | "kubernetes.io/ws"
+            | "kubernetes.io/wss" => Protocol::Tcp,
+            _ => Protocol::Unknown,
+        }
+    }
+
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `namespace/name` of the Pod behind it, when the EndpointSlice says.
+    pub pod: Option<String>,
+}
+
+/// Where a weighted share of a route's traffic goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WeightedBackend {
+    /// Cluster name, or `None` when the reference does not resolve: that share gets a 500.
+    pub cluster: Option<String>,
+    pub weight: u32,
+    #[serde(skip)]
+    pub request_headers: HeaderModifier,
+    #[serde(skip)]
+    pub response_headers: HeaderModifier,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum RouteAction {
+    Forward(Vec<WeightedBackend>),
+    Redirect(Redirect),
+    /// A direct response with this status (a rule with no usable backend).
+    Fail(u16),
+}
+
+/// One match of one rule, resolved: Envoy tries these in order.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RouteEntry {
+    /// The route and rule it came from, for logs and `/debug`.
+    pub source: String,
+    #[serde(rename = "match")]
+    pub matches: MatchSpec,
+    pub action: RouteAction,
+    #[serde(skip)]
+    pub request_headers: HeaderModifier,
+    #[serde(skip)]
+    pub response_headers: HeaderModifier,
+    pub rewrite: Option<Rewrite>,
+    /// `(cluster, share in millionths)`.
+    pub mirrors: Vec<(String, u32)>,
+    pub timeout: Option<Duration>,
+    pub backend_timeout: Option<Duration>,
+    pub retry: Option<Retry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PortModel {
+    pub port: u16,
+    pub name: String,
+    pub protocol: Protocol,
+    /// The Service's `targetPort` as a number, when it is one.
+    pub target_port: Option<u16>,
+    /// The Service's `targetPort` as a container port name, when it is one.
+    pub target_port_name: Option<String>,
+    /// Ready endpoints, sorted.
+    pub endpoints: Arc<Vec<Endpoint>>,
+    /// Routes from the Service's own namespace (producer routes), in precedence order. Empty: all
+    /// traffic goes to the Service itself.
+    pub routes: Arc<Vec<RouteEntry>>,
+    /// Routes from other namespaces, which apply only to clients in that namespace (GAMMA
+    /// consumer routes), in precedence order.
+    pub consumer_routes: BTreeMap<String, Arc<Vec<RouteEntry>>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceModel {
+    pub key: SvcKey,
+    pub cluster_ip: Option<IpAddr>,
+    pub ports: Vec<PortModel>,
+    #[serde(skip)]
+    pub selector: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PodModel {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Option<IpAddr>,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    /// Container ports by name, to resolve named `targetPort`s.
+    pub named_ports: BTreeMap<String, u16>,
+}
+
+/// A reference that could not be resolved: the route still applies, without that part.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResolveError {
+    pub object: ObjKey,
+    pub field: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Model {
+    /// Index revision this model was built from.
+    pub revision: u64,
+    pub cluster_domain: String,
+    pub services: BTreeMap<SvcKey, Arc<ServiceModel>>,
+    #[serde(skip)]
+    pub pods: HashMap<(String, String), Arc<PodModel>>,
+    pub errors: Vec<ResolveError>,
+}
+
+impl Model {
+    /// `outbound|<port>||<name>.<namespace>.svc.<domain>`, as Istio names clusters.
+    pub fn cluster_name(&self, svc: &SvcKey, port: u16) -> String {
+        cluster_name(svc, port, &self.cluster_domain)
+    }
+
+    pub fn fqdn(&self, svc: &SvcKey) -> String {
+        format!("{}.{}.svc.{}", svc.name, svc.namespace, self.cluster_domain)
+    }
+
+    /// Services whose selector picks this pod.
+    pub fn services_selecting<'a>(
+        &'a self,
+        pod: &'a PodModel,
+    ) -> impl Iterator<Item = &'a Arc<ServiceModel>> + 'a {
+        let from = SvcKey::new(pod.namespace.clone(), String::new());
+        self.services
+            .range(from..)
+            .take_while(move |(k, _)| k.namespace == pod.namespace)
+            .map(|(_, s)| s)
+            .filter(move |s| {
+                s.selector.as_ref().is_some_and(|sel| {
+                    !sel.is_empty() && sel.iter().all(|(k, v)| pod.labels.get(k) == Some(v))
+                })
+            })
+    }
+}
+
+pub fn cluster_name(svc: &SvcKey, port: u16, domain: &str) -> String {
+    format!(
+        "outbound|{port}||{}.{}.svc.{domain}",
+        svc.name, svc.namespace
+    )
+}

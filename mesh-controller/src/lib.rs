@@ -1,0 +1,9 @@
+//! The mesh control plane: sources (a directory of manifests, or the Kubernetes API) feed one
+//! synchronous index; translation turns its model into Envoy v3 resources per proxy; the ADS
+//! server pushes them; the admin server shows who is in sync.
+
+pub mod index;
+pub mod objects;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+pub mod xds;

@@ -1,0 +1,4 @@
+//! Envoy v3 xDS: translation of the model into resources, and the ADS server that serves them.
+
+pub mod resources;
+pub mod translate;

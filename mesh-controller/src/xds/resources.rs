@@ -1,0 +1,144 @@
+//! Encoded xDS resources with stable versions, and the layered set a proxy sees.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use serde::Serialize;
+
+/// The four resource types the controller serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum ResourceType {
+    Cluster,
+    Endpoint,
+    Listener,
+    Route,
+}
+
+impl ResourceType {
+    /// In the order a push sends them: clusters and endpoints before the listeners and routes
+    /// that use them (make before break).
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::Cluster,
+        ResourceType::Endpoint,
+        ResourceType::Listener,
+        ResourceType::Route,
+    ];
+
+    pub fn type_url(self) -> String {
+        match self {
+            ResourceType::Cluster => Cluster::type_url(),
+            ResourceType::Endpoint => ClusterLoadAssignment::type_url(),
+            ResourceType::Listener => Listener::type_url(),
+            ResourceType::Route => RouteConfiguration::type_url(),
+        }
+    }
+
+    pub fn from_type_url(url: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.type_url() == url)
+    }
+
+    /// Listeners and clusters may be subscribed to as a wildcard ("everything for me").
+    pub fn wildcard_allowed(self) -> bool {
+        matches!(self, ResourceType::Cluster | ResourceType::Listener)
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "CDS",
+            ResourceType::Endpoint => "EDS",
+            ResourceType::Listener => "LDS",
+            ResourceType::Route => "RDS",
+        }
+    }
+}
+
+/// One encoded resource. Its version is a hash of its bytes, so an unchanged resource keeps
+/// its version across rebuilds and is never sent twice.
+#[derive(Debug, PartialEq)]
+pub struct Resource {
+    pub name: String,
+    pub version: String,
+    pub any: Any,
+}
+
+impl Resource {
+    pub fn new<M: Message + Name>(name: impl Into<String>, msg: &M) -> Arc<Self> {
+        let value = msg.encode_to_vec();
+        let mut h = std::hash::DefaultHasher::new();
+        value.hash(&mut h);
+        Arc::new(Self {
+            name: name.into(),
+            version: format!("{:016x}", h.finish()),
+            any: Any {
+                type_url: M::type_url(),
+                value,
+            },
+        })
+    }
+}
+
+/// Resources by type and name.
+#[derive(Debug, Default)]
+pub struct Resources {
+    by_type: BTreeMap<ResourceType, BTreeMap<String, Arc<Resource>>>,
+}
+
+impl Resources {
+    pub fn insert(&mut self, ty: ResourceType, res: Arc<Resource>) {
+        self.by_type
+            .entry(ty)
+            .or_default()
+            .insert(res.name.clone(), res);
+    }
+
+    pub fn get(&self, ty: ResourceType, name: &str) -> Option<&Arc<Resource>> {
+        self.by_type.get(&ty)?.get(name)
+    }
+
+    pub fn iter(&self, ty: ResourceType) -> impl Iterator<Item = &Arc<Resource>> {
+        self.by_type.get(&ty).into_iter().flat_map(|m| m.values())
+    }
+
+    pub fn len(&self, ty: ResourceType) -> usize {
+        self.by_type.get(&ty).map_or(0, BTreeMap::len)
+    }
+}
+
+/// What one proxy sees: shared layers, most specific first. A name found in an earlier layer
+/// hides the same name in later ones.
+#[derive(Clone, Debug)]
+pub struct ProxyView {
+    /// Model revision it was built from (the `system_version_info` of Delta responses).
+    pub revision: u64,
+    /// Layers served to wildcard and named subscriptions.
+    pub layers: Vec<Arc<Resources>>,
+    /// Resources served only when asked for by name (API listeners for proxyless gRPC).
+    pub named_only: Arc<Resources>,
+}
+
+impl ProxyView {
+    pub fn get(&self, ty: ResourceType, name: &str) -> Option<&Arc<Resource>> {
+        self.layers
+            .iter()
+            .find_map(|l| l.get(ty, name))
+            .or_else(|| self.named_only.get(ty, name))
+    }
+
+    /// Everything a wildcard subscription to `ty` gets.
+    pub fn wildcard(&self, ty: ResourceType) -> BTreeMap<&str, &Arc<Resource>> {
+        let mut out = BTreeMap::new();
+        for layer in &self.layers {
+            for r in layer.iter(ty) {
+                out.entry(r.name.as_str()).or_insert(r);
+            }
+        }
+        out
+    }
+}

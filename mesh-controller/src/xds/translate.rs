@@ -1,0 +1,1031 @@
+//! Translation: from the index's [`Model`] and a proxy's identity to Envoy v3 resources.
+//!
+//! Resources come in three layers so that work is shared between proxies:
+//! - global (every proxy): per Service port a Cluster (EDS), its ClusterLoadAssignment, a
+//!   RouteConfiguration `<fqdn>:<port>` and, served only when named, an API listener of the same
+//!   name for proxyless gRPC. Rebuilt only for Services whose model changed.
+//! - per namespace and listener settings: the explicit outbound HTTP listener and its
+//!   RouteConfiguration (one virtual host per Service port, short names for the proxy's own
+//!   namespace), and the transparent outbound listener with a filter chain per Service VIP:port.
+//! - per pod: the transparent inbound listener with a filter chain per port the pod serves.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, CidrRange, ConfigSource, HeaderValue,
+    HeaderValueOption, Http2ProtocolOptions, Locality, RuntimeFractionalPercent, SocketAddress,
+    address, config_source, header_value_option, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
+    listener_filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route,
+    RouteAction as PbRouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, query_parameter_matcher, redirect_action, retry_policy, route, route_action,
+    route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
+};
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use mesh_api::consts::{ports, xds as names};
+use prost::Name;
+use serde::Serialize;
+
+use super::resources::{ProxyView, Resource, ResourceType, Resources};
+use crate::index::routes::{HeaderModifier, PathMatch, PathModifier, StrMatch};
+use crate::index::{Model, PodModel, Protocol, RouteAction, RouteEntry, ServiceModel, SvcKey};
+
+/// Where a proxy wants its listeners; read from its node metadata
+/// (`mesh_api::consts::node_metadata`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct ListenerSettings {
+    /// iptables sends traffic to this proxy: give it the transparent listeners.
+    pub transparent: bool,
+    pub outbound_http_addr: SocketAddr,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+}
+
+impl Default for ListenerSettings {
+    fn default() -> Self {
+        Self {
+            transparent: false,
+            outbound_http_addr: SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+                ports::PROXY_OUTBOUND_HTTP,
+            ),
+            outbound_port: ports::PROXY_OUTBOUND,
+            inbound_port: ports::PROXY_INBOUND,
+        }
+    }
+}
+
+/// Who is asking: from the xDS `Node`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct ProxyId {
+    pub namespace: String,
+    pub name: String,
+    pub settings: ListenerSettings,
+}
+
+/// Resources built for one Service.
+#[derive(Debug, Default)]
+struct ServiceResources {
+    global: Vec<(ResourceType, Arc<Resource>)>,
+    api_listeners: Vec<Arc<Resource>>,
+}
+
+/// Builds and caches the layers of [`ProxyView`]s for one model at a time.
+#[derive(Debug)]
+pub struct Translator {
+    model: Arc<Model>,
+    services: HashMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>,
+    global: Arc<Resources>,
+    api: Arc<Resources>,
+    namespaces: HashMap<(String, ListenerSettings), Arc<Resources>>,
+    pods: HashMap<(String, String, ListenerSettings), Arc<Resources>>,
+}
+
+impl Translator {
+    pub fn new(model: Arc<Model>) -> Self {
+        let mut t = Self {
+            model: Arc::new(Model::default()),
+            services: HashMap::new(),
+            global: Arc::default(),
+            api: Arc::default(),
+            namespaces: HashMap::new(),
+            pods: HashMap::new(),
+        };
+        t.update(model);
+        t
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Moves to a new model: rebuilds the global layer (reusing the resources of every Service
+    /// whose model is the same `Arc`) and drops the per-namespace and per-pod layers, which are
+    /// rebuilt when a proxy next asks.
+    pub fn update(&mut self, model: Arc<Model>) {
+        let mut services = HashMap::with_capacity(model.services.len());
+        let mut global = Resources::default();
+        let mut api = Resources::default();
+        for (key, svc) in &model.services {
+            let res = match self.services.remove(key) {
+                Some((old, res)) if Arc::ptr_eq(&old, svc) => res,
+                _ => Arc::new(service_resources(&model, svc)),
+            };
+            for (ty, r) in &res.global {
+                global.insert(*ty, r.clone());
+            }
+            for r in &res.api_listeners {
+                api.insert(ResourceType::Listener, r.clone());
+            }
+            services.insert(key.clone(), (svc.clone(), res));
+        }
+        for (ty, r) in fixed_clusters() {
+            global.insert(ty, r);
+        }
+        self.services = services;
+        self.global = Arc::new(global);
+        self.api = Arc::new(api);
+        self.namespaces.clear();
+        self.pods.clear();
+        self.model = model;
+    }
+
+    /// Everything `proxy` may be served, for the current model.
+    pub fn view(&mut self, proxy: &ProxyId) -> ProxyView {
+        let model = self.model.clone();
+        let ns = self
+            .namespaces
+            .entry((proxy.namespace.clone(), proxy.settings.clone()))
+            .or_insert_with(|| {
+                Arc::new(namespace_resources(
+                    &model,
+                    &proxy.namespace,
+                    &proxy.settings,
+                ))
+            })
+            .clone();
+        let mut layers = vec![ns];
+        if proxy.settings.transparent {
+            let pod = self
+                .pods
+                .entry((
+                    proxy.namespace.clone(),
+                    proxy.name.clone(),
+                    proxy.settings.clone(),
+                ))
+                .or_insert_with(|| {
+                    let pod = model
+                        .pods
+                        .get(&(proxy.namespace.clone(), proxy.name.clone()));
+                    Arc::new(pod_resources(
+                        &model,
+                        pod.map(|p| p.as_ref()),
+                        &proxy.settings,
+                    ))
+                })
+                .clone();
+            layers.insert(0, pod);
+        }
+        layers.push(self.global.clone());
+        ProxyView {
+            revision: model.revision,
+            layers,
+            named_only: self.api.clone(),
+        }
+    }
+}
+
+// ---- small builders ---------------------------------------------------------------------------
+
+fn any<M: prost::Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn socket_address(ip: IpAddr, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn pb_duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn u32v(v: u32) -> Option<UInt32Value> {
+    Some(UInt32Value { value: v })
+}
+
+fn router_filter() -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(
+            any(&Router::default()),
+        )),
+        ..Default::default()
+    }
+}
+
+fn hcm(stat_prefix: &str, route_config: &str) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_config.to_string(),
+        })),
+        http_filters: vec![router_filter()],
+        ..Default::default()
+    }
+}
+
+fn network_filter<M: prost::Message + Name>(name: &str, config: &M) -> Filter {
+    Filter {
+        name: name.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(config))),
+    }
+}
+
+fn hcm_filter(stat_prefix: &str, route_config: &str) -> Filter {
+    network_filter(
+        "envoy.filters.network.http_connection_manager",
+        &hcm(stat_prefix, route_config),
+    )
+}
+
+fn tcp_filter(stat_prefix: &str, cluster: &str) -> Filter {
+    network_filter(
+        "envoy.filters.network.tcp_proxy",
+        &TcpProxy {
+            stat_prefix: stat_prefix.to_string(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+            ..Default::default()
+        },
+    )
+}
+
+fn listener_filter<M: prost::Message + Name>(name: &str, config: &M) -> ListenerFilter {
+    ListenerFilter {
+        name: name.into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(any(config))),
+        ..Default::default()
+    }
+}
+
+fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
+    let mut c = Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(pb_duration(Duration::from_secs(5))),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        lb_policy: cluster::LbPolicy::RoundRobin as i32,
+        ..Default::default()
+    };
+    if protocol.is_http2() {
+        let opts = HttpProtocolOptions {
+            upstream_protocol_options: Some(
+                http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(
+                            http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                                Http2ProtocolOptions::default(),
+                            ),
+                        ),
+                    },
+                ),
+            ),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            any(&opts),
+        );
+    }
+    c
+}
+
+fn load_assignment(cluster: &str, endpoints: &[crate::index::Endpoint]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: cluster.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            locality: Some(Locality::default()),
+            // gRPC clients drop localities without a weight.
+            load_balancing_weight: u32v(1),
+            lb_endpoints: endpoints
+                .iter()
+                .map(|e| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(PbEndpoint {
+                        address: Some(socket_address(e.addr.ip(), e.addr.port())),
+                        ..Default::default()
+                    })),
+                    load_balancing_weight: u32v(1),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn static_cluster(name: &str, addr: Option<SocketAddr>) -> Cluster {
+    Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(pb_duration(Duration::from_secs(5))),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(load_assignment(
+            name,
+            &addr
+                .map(|addr| crate::index::Endpoint { addr, pod: None })
+                .into_iter()
+                .collect::<Vec<_>>(),
+        )),
+        ..Default::default()
+    }
+}
+
+/// The passthrough and blackhole clusters every proxy gets.
+fn fixed_clusters() -> Vec<(ResourceType, Arc<Resource>)> {
+    let passthrough = Cluster {
+        name: names::PASSTHROUGH_CLUSTER.into(),
+        connect_timeout: Some(pb_duration(Duration::from_secs(5))),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        ..Default::default()
+    };
+    vec![
+        (
+            ResourceType::Cluster,
+            Resource::new(names::PASSTHROUGH_CLUSTER, &passthrough),
+        ),
+        (
+            ResourceType::Cluster,
+            Resource::new(
+                names::BLACKHOLE_CLUSTER,
+                &static_cluster(names::BLACKHOLE_CLUSTER, None),
+            ),
+        ),
+    ]
+}
+
+// ---- routes -----------------------------------------------------------------------------------
+
+fn string_matcher(m: &StrMatch) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(match m {
+            StrMatch::Exact(v) => string_matcher::MatchPattern::Exact(v.clone()),
+            StrMatch::Regex(r) => string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                regex: r.clone(),
+                ..Default::default()
+            }),
+        }),
+        ignore_case: false,
+    }
+}
+
+fn header_matcher(name: &str, m: &StrMatch) -> HeaderMatcher {
+    HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            string_matcher(m),
+        )),
+        ..Default::default()
+    }
+}
+
+/// Envoy route matches for one Gateway API match. A Gateway API prefix matches whole path
+/// segments, so `/api` becomes an exact `/api` and a prefix `/api/`, in that order; both forms
+/// are understood by Envoy and by gRPC clients alike.
+fn route_matches(entry: &RouteEntry) -> Vec<RouteMatch> {
+    let m = &entry.matches;
+    let mut headers: Vec<HeaderMatcher> = m
+        .headers
+        .iter()
+        .map(|(name, v)| header_matcher(name, v))
+        .collect();
+    if let Some(method) = &m.method {
+        headers.push(header_matcher(":method", &StrMatch::Exact(method.clone())));
+    }
+    let query_parameters: Vec<QueryParameterMatcher> = m
+        .query
+        .iter()
+        .map(|(name, v)| QueryParameterMatcher {
+            name: name.clone(),
+            query_parameter_match_specifier: Some(
+                query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string_matcher(
+                    v,
+                )),
+            ),
+        })
+        .collect();
+    let paths = match &m.path {
+        PathMatch::Exact(p) => vec![route_match::PathSpecifier::Path(p.clone())],
+        PathMatch::Prefix(p) if p == "/" => vec![route_match::PathSpecifier::Prefix("/".into())],
+        PathMatch::Prefix(p) => vec![
+            route_match::PathSpecifier::Path(p.clone()),
+            route_match::PathSpecifier::Prefix(format!("{p}/")),
+        ],
+        PathMatch::Regex(r) => vec![route_match::PathSpecifier::SafeRegex(RegexMatcher {
+            regex: r.clone(),
+            ..Default::default()
+        })],
+    };
+    paths
+        .into_iter()
+        .map(|path| RouteMatch {
+            path_specifier: Some(path),
+            headers: headers.clone(),
+            query_parameters: query_parameters.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn header_options(m: &HeaderModifier) -> Vec<HeaderValueOption> {
+    let opt = |h: &crate::index::routes::Header,
+               action: header_value_option::HeaderAppendAction| {
+        HeaderValueOption {
+            header: Some(HeaderValue {
+                key: h.name.clone(),
+                value: h.value.clone(),
+                ..Default::default()
+            }),
+            append_action: action as i32,
+            ..Default::default()
+        }
+    };
+    m.set
+        .iter()
+        .map(|h| {
+            opt(
+                h,
+                header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd,
+            )
+        })
+        .chain(m.add.iter().map(|h| {
+            opt(
+                h,
+                header_value_option::HeaderAppendAction::AppendIfExistsOrAdd,
+            )
+        }))
+        .collect()
+}
+
+fn retry_policy(entry: &RouteEntry) -> Option<RetryPolicy> {
+    if entry.retry.is_none() && entry.backend_timeout.is_none() {
+        return None;
+    }
+    let mut p = RetryPolicy {
+        per_try_timeout: entry.backend_timeout.map(pb_duration),
+        num_retries: u32v(0),
+        ..Default::default()
+    };
+    if let Some(r) = &entry.retry {
+        p.num_retries = u32v(r.attempts);
+        p.retry_on = if r.codes.is_empty() {
+            "5xx,connect-failure,refused-stream,reset".into()
+        } else {
+            "retriable-status-codes,connect-failure,refused-stream,reset".into()
+        };
+        p.retriable_status_codes = r.codes.iter().map(|c| u32::from(*c)).collect();
+        if let Some(b) = r.backoff {
+            p.retry_back_off = Some(retry_policy::RetryBackOff {
+                base_interval: Some(pb_duration(b)),
+                max_interval: None,
+            });
+        }
+    }
+    Some(p)
+}
+
+fn forward_action(entry: &RouteEntry, backends: &[crate::index::WeightedBackend]) -> PbRouteAction {
+    let cluster_of = |b: &crate::index::WeightedBackend| {
+        b.cluster
+            .clone()
+            .unwrap_or_else(|| names::BLACKHOLE_CLUSTER.to_string())
+    };
+    let specifier = match backends {
+        [only] if only.request_headers.is_empty() && only.response_headers.is_empty() => {
+            route_action::ClusterSpecifier::Cluster(cluster_of(only))
+        }
+        _ => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: backends
+                .iter()
+                .map(|b| weighted_cluster::ClusterWeight {
+                    name: cluster_of(b),
+                    weight: u32v(b.weight),
+                    request_headers_to_add: header_options(&b.request_headers),
+                    request_headers_to_remove: b.request_headers.remove.clone(),
+                    response_headers_to_add: header_options(&b.response_headers),
+                    response_headers_to_remove: b.response_headers.remove.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let mut action = PbRouteAction {
+        cluster_specifier: Some(specifier),
+        // No timeout in the route means none at all (Envoy would default to 15 s).
+        timeout: Some(pb_duration(entry.timeout.unwrap_or_default())),
+        retry_policy: retry_policy(entry),
+        request_mirror_policies: entry
+            .mirrors
+            .iter()
+            .map(|(cluster, per_million)| route_action::RequestMirrorPolicy {
+                cluster: cluster.clone(),
+                runtime_fraction: Some(RuntimeFractionalPercent {
+                    default_value: Some(FractionalPercent {
+                        numerator: *per_million,
+                        denominator: fractional_percent::DenominatorType::Million as i32,
+                    }),
+                    runtime_key: String::new(),
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    if let Some(rw) = &entry.rewrite {
+        if let Some(host) = &rw.hostname {
+            action.host_rewrite_specifier = Some(
+                route_action::HostRewriteSpecifier::HostRewriteLiteral(host.clone()),
+            );
+        }
+        match &rw.path {
+            Some(PathModifier::Full(full)) => {
+                action.regex_rewrite = Some(RegexMatchAndSubstitute {
+                    pattern: Some(RegexMatcher {
+                        regex: "^/.*$".into(),
+                        ..Default::default()
+                    }),
+                    substitution: full.clone(),
+                });
+            }
+            Some(PathModifier::Prefix(_)) | None => {}
+        }
+    }
+    action
+}
+
+/// The prefix rewrite for one Envoy match: the exact half of a segment prefix swaps the whole
+/// path, the `/prefix/` half keeps its slash.
+fn prefix_rewrite(entry: &RouteEntry, m: &RouteMatch) -> Option<String> {
+    let Some(PathModifier::Prefix(to)) = entry.rewrite.as_ref().and_then(|r| r.path.as_ref())
+    else {
+        return None;
+    };
+    let to = to.trim_end_matches('/');
+    Some(match m.path_specifier {
+        Some(route_match::PathSpecifier::Prefix(ref p)) if p.ends_with('/') => format!("{to}/"),
+        _ if to.is_empty() => "/".into(),
+        _ => to.to_string(),
+    })
+}
+
+fn envoy_routes(entries: &[RouteEntry], default_cluster: &str) -> Vec<Route> {
+    if entries.is_empty() {
+        return vec![Route {
+            name: "default".into(),
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Route(PbRouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                    default_cluster.to_string(),
+                )),
+                timeout: Some(pb_duration(Duration::ZERO)),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }];
+    }
+    let mut out = Vec::new();
+    for entry in entries {
+        for m in route_matches(entry) {
+            let action = match &entry.action {
+                RouteAction::Forward(backends) => {
+                    let mut a = forward_action(entry, backends);
+                    if let Some(p) = prefix_rewrite(entry, &m) {
+                        a.prefix_rewrite = p;
+                    }
+                    route::Action::Route(a)
+                }
+                RouteAction::Redirect(r) => {
+                    use redirect_action::RedirectResponseCode as Code;
+                    let code = match r.status {
+                        301 => Code::MovedPermanently,
+                        303 => Code::SeeOther,
+                        307 => Code::TemporaryRedirect,
+                        308 => Code::PermanentRedirect,
+                        _ => Code::Found,
+                    };
+                    let path = match &r.path {
+                        Some(PathModifier::Full(p)) => Some(
+                            redirect_action::PathRewriteSpecifier::PathRedirect(p.clone()),
+                        ),
+                        Some(PathModifier::Prefix(_)) => prefix_rewrite(entry, &m)
+                            .map(redirect_action::PathRewriteSpecifier::PrefixRewrite),
+                        None => None,
+                    };
+                    route::Action::Redirect(RedirectAction {
+                        host_redirect: r.hostname.clone().unwrap_or_default(),
+                        port_redirect: r.port.map(u32::from).unwrap_or_default(),
+                        scheme_rewrite_specifier: r
+                            .scheme
+                            .clone()
+                            .map(redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
+                        path_rewrite_specifier: path,
+                        response_code: code as i32,
+                        ..Default::default()
+                    })
+                }
+                RouteAction::Fail(status) => route::Action::DirectResponse(DirectResponseAction {
+                    status: u32::from(*status),
+                    ..Default::default()
+                }),
+            };
+            out.push(Route {
+                name: entry.source.clone(),
+                r#match: Some(m),
+                action: Some(action),
+                request_headers_to_add: header_options(&entry.request_headers),
+                request_headers_to_remove: entry.request_headers.remove.clone(),
+                response_headers_to_add: header_options(&entry.response_headers),
+                response_headers_to_remove: entry.response_headers.remove.clone(),
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
+/// `<fqdn>:<port>`, the name of a Service port's RouteConfiguration and API listener.
+pub fn service_port_name(model: &Model, svc: &SvcKey, port: u16) -> String {
+    format!("{}:{port}", model.fqdn(svc))
+}
+
+fn consumer_route_name(base: &str, ns: &str) -> String {
+    format!("{base}@{ns}")
+}
+
+fn service_resources(model: &Model, svc: &ServiceModel) -> ServiceResources {
+    let mut out = ServiceResources::default();
+    for p in &svc.ports {
+        let cluster = model.cluster_name(&svc.key, p.port);
+        let name = service_port_name(model, &svc.key, p.port);
+        out.global.push((
+            ResourceType::Cluster,
+            Resource::new(&cluster, &eds_cluster(&cluster, p.protocol)),
+        ));
+        out.global.push((
+            ResourceType::Endpoint,
+            Resource::new(&cluster, &load_assignment(&cluster, &p.endpoints)),
+        ));
+        let rc = |rc_name: &str, entries: &[RouteEntry]| RouteConfiguration {
+            name: rc_name.to_string(),
+            virtual_hosts: vec![VirtualHost {
+                name: name.clone(),
+                domains: vec!["*".into()],
+                routes: envoy_routes(entries, &cluster),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        out.global.push((
+            ResourceType::Route,
+            Resource::new(&name, &rc(&name, &p.routes)),
+        ));
+        for (ns, entries) in &p.consumer_routes {
+            let cname = consumer_route_name(&name, ns);
+            out.global.push((
+                ResourceType::Route,
+                Resource::new(&cname, &rc(&cname, entries)),
+            ));
+        }
+        let api = Listener {
+            name: name.clone(),
+            api_listener: Some(ApiListener {
+                api_listener: Some(any(&hcm(&name, &name))),
+            }),
+            ..Default::default()
+        };
+        out.api_listeners.push(Resource::new(&name, &api));
+    }
+    out
+}
+
+/// The RouteConfiguration a proxy in `namespace` uses for a Service port.
+fn route_name_for(
+    model: &Model,
+    svc: &ServiceModel,
+    port: &crate::index::PortModel,
+    namespace: &str,
+) -> String {
+    let base = service_port_name(model, &svc.key, port.port);
+    if port.consumer_routes.contains_key(namespace) {
+        consumer_route_name(&base, namespace)
+    } else {
+        base
+    }
+}
+
+/// Host names a Service port answers to on the explicit outbound HTTP listener.
+fn domains(model: &Model, svc: &ServiceModel, port: u16, namespace: &str) -> Vec<String> {
+    let SvcKey {
+        namespace: ns,
+        name,
+    } = &svc.key;
+    let mut hosts = vec![
+        model.fqdn(&svc.key),
+        format!("{name}.{ns}.svc"),
+        format!("{name}.{ns}"),
+    ];
+    if ns == namespace {
+        hosts.push(name.clone());
+    }
+    let mut out: Vec<String> = hosts.iter().map(|h| format!("{h}:{port}")).collect();
+    // A bare host (no port) means port 80; a Service with a single port takes it too.
+    let bare = port == 80 || (svc.ports.len() == 1 && !svc.ports.iter().any(|p| p.port == 80));
+    if bare {
+        out.extend(hosts);
+    }
+    if let Some(ip) = svc.cluster_ip {
+        out.push(match ip {
+            IpAddr::V4(v4) => format!("{v4}:{port}"),
+            IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        });
+        if bare {
+            out.push(ip.to_string());
+        }
+    }
+    out
+}
+
+fn namespace_resources(model: &Model, namespace: &str, settings: &ListenerSettings) -> Resources {
+    let mut out = Resources::default();
+
+    // Explicit outbound HTTP proxy: one virtual host per Service port, routed by Host.
+    let mut seen = BTreeSet::new();
+    let mut vhosts = Vec::new();
+    for svc in model.services.values() {
+        for p in &svc.ports {
+            if p.protocol == Protocol::Tcp {
+                continue;
+            }
+            let cluster = model.cluster_name(&svc.key, p.port);
+            let entries = p.consumer_routes.get(namespace).unwrap_or(&p.routes);
+            // Envoy refuses a RouteConfiguration in which two virtual hosts share a domain.
+            let doms: Vec<String> = domains(model, svc, p.port, namespace)
+                .into_iter()
+                .filter(|d| seen.insert(d.clone()))
+                .collect();
+            vhosts.push(VirtualHost {
+                name: service_port_name(model, &svc.key, p.port),
+                domains: doms,
+                routes: envoy_routes(entries, &cluster),
+                ..Default::default()
+            });
+        }
+    }
+    let rc = RouteConfiguration {
+        name: names::OUTBOUND_HTTP_ROUTE.into(),
+        virtual_hosts: vhosts,
+        ..Default::default()
+    };
+    out.insert(
+        ResourceType::Route,
+        Resource::new(names::OUTBOUND_HTTP_ROUTE, &rc),
+    );
+    let http = Listener {
+        name: names::OUTBOUND_HTTP_LISTENER.into(),
+        address: Some(socket_address(
+            settings.outbound_http_addr.ip(),
+            settings.outbound_http_addr.port(),
+        )),
+        filter_chains: vec![FilterChain {
+            filters: vec![hcm_filter(
+                names::OUTBOUND_HTTP_LISTENER,
+                names::OUTBOUND_HTTP_ROUTE,
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    out.insert(
+        ResourceType::Listener,
+        Resource::new(names::OUTBOUND_HTTP_LISTENER, &http),
+    );
+
+    if settings.transparent {
+        out.insert(
+            ResourceType::Listener,
+            Resource::new(
+                names::OUTBOUND_LISTENER,
+                &outbound_listener(model, namespace, settings),
+            ),
+        );
+    }
+    out
+}
+
+fn cidr(ip: IpAddr) -> CidrRange {
+    CidrRange {
+        address_prefix: ip.to_string(),
+        prefix_len: u32v(if ip.is_ipv4() { 32 } else { 128 }),
+    }
+}
+
+fn outbound_listener(model: &Model, namespace: &str, settings: &ListenerSettings) -> Listener {
+    let mut chains = Vec::new();
+    let mut seen = BTreeSet::new();
+    for svc in model.services.values() {
+        let Some(vip) = svc.cluster_ip else { continue };
+        for p in &svc.ports {
+            if !seen.insert((vip, p.port)) {
+                continue;
+            }
+            let cluster = model.cluster_name(&svc.key, p.port);
+            let route = route_name_for(model, svc, p, namespace);
+            let matching = |app: Vec<String>| FilterChainMatch {
+                prefix_ranges: vec![cidr(vip)],
+                destination_port: u32v(u32::from(p.port)),
+                application_protocols: app,
+                ..Default::default()
+            };
+            let http = FilterChain {
+                name: format!("{route}/http"),
+                filter_chain_match: Some(matching(vec!["http/1.1".into(), "h2c".into()])),
+                filters: vec![hcm_filter(&cluster, &route)],
+                ..Default::default()
+            };
+            let tcp = FilterChain {
+                name: format!("{route}/tcp"),
+                filter_chain_match: Some(matching(vec![])),
+                filters: vec![tcp_filter(&cluster, &cluster)],
+                ..Default::default()
+            };
+            match p.protocol {
+                Protocol::Tcp => chains.push(tcp),
+                Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
+                    let mut http = http;
+                    if let Some(m) = http.filter_chain_match.as_mut() {
+                        m.application_protocols.clear();
+                    }
+                    chains.push(http);
+                }
+                Protocol::Unknown => {
+                    chains.push(http);
+                    chains.push(tcp);
+                }
+            }
+        }
+    }
+    Listener {
+        name: names::OUTBOUND_LISTENER.into(),
+        address: Some(socket_address(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            settings.outbound_port,
+        )),
+        listener_filters: vec![
+            listener_filter("envoy.filters.listener.original_dst", &OriginalDst {}),
+            listener_filter("envoy.filters.listener.http_inspector", &HttpInspector {}),
+        ],
+        filter_chains: chains,
+        default_filter_chain: Some(FilterChain {
+            name: names::PASSTHROUGH_CLUSTER.into(),
+            filters: vec![tcp_filter(
+                names::PASSTHROUGH_CLUSTER,
+                names::PASSTHROUGH_CLUSTER,
+            )],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The transparent inbound listener: one chain per port a Service sends to this pod, handing
+/// the traffic to the app on localhost; anything else passes through.
+fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSettings) -> Resources {
+    let mut out = Resources::default();
+    let mut targets: BTreeMap<u16, Protocol> = BTreeMap::new();
+    if let Some(pod) = pod {
+        for svc in model.services_selecting(pod) {
+            for p in &svc.ports {
+                let target = p.target_port.or_else(|| {
+                    p.target_port_name
+                        .as_ref()
+                        .and_then(|n| pod.named_ports.get(n).copied())
+                });
+                if let Some(t) = target {
+                    targets.entry(t).or_insert(p.protocol);
+                }
+            }
+        }
+    }
+    let mut chains = Vec::new();
+    for (port, protocol) in targets {
+        let cluster = format!("inbound|{port}||");
+        let route = format!("inbound|{port}");
+        out.insert(
+            ResourceType::Cluster,
+            Resource::new(
+                &cluster,
+                &static_cluster(
+                    &cluster,
+                    Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+                ),
+            ),
+        );
+        let filter = if protocol == Protocol::Tcp {
+            tcp_filter(&cluster, &cluster)
+        } else {
+            let rc = RouteConfiguration {
+                name: route.clone(),
+                virtual_hosts: vec![VirtualHost {
+                    name: route.clone(),
+                    domains: vec!["*".into()],
+                    routes: envoy_routes(&[], &cluster),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            out.insert(ResourceType::Route, Resource::new(&route, &rc));
+            hcm_filter(&cluster, &route)
+        };
+        chains.push(FilterChain {
+            name: route,
+            filter_chain_match: Some(FilterChainMatch {
+                destination_port: u32v(u32::from(port)),
+                ..Default::default()
+            }),
+            filters: vec![filter],
+            ..Default::default()
+        });
+    }
+    let listener = Listener {
+        name: names::INBOUND_LISTENER.into(),
+        address: Some(socket_address(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            settings.inbound_port,
+        )),
+        listener_filters: vec![listener_filter(
+            "envoy.filters.listener.original_dst",
+            &OriginalDst {},
+        )],
+        filter_chains: chains,
+        default_filter_chain: Some(FilterChain {
+            name: names::PASSTHROUGH_CLUSTER.into(),
+            filters: vec![tcp_filter(
+                names::PASSTHROUGH_CLUSTER,
+                names::PASSTHROUGH_CLUSTER,
+            )],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    out.insert(
+        ResourceType::Listener,
+        Resource::new(names::INBOUND_LISTENER, &listener),
+    );
+    out
+}
+
+#[cfg(test)]
+#[path = "translate_tests.rs"]
+mod tests;
