@@ -2,8 +2,13 @@
 //! synchronous index; translation turns its model into Envoy v3 resources per proxy; the ADS
 //! server pushes them; the admin server shows who is in sync.
 
+pub mod admin;
+pub mod config;
 pub mod index;
+pub mod metrics;
 pub mod objects;
+pub mod run;
+pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod xds;

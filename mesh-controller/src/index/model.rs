@@ -12,8 +12,8 @@ use serde::Serialize;
 use super::routes::{HeaderModifier, MatchSpec, Redirect, Retry, Rewrite};
 use crate::objects::ObjKey;
 
-/// `namespace/name` of a Service.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// `namespace/name` of a Service (serialized in that form, so it can key a JSON map).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SvcKey {
     pub namespace: String,
     pub name: String,
@@ -25,6 +25,12 @@ impl SvcKey {
             namespace: namespace.into(),
             name: name.into(),
         }
+    }
+}
+
+impl Serialize for SvcKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -1,0 +1,233 @@
+//! Harness for end-to-end and interop tests: in-process HTTP backends, a small HTTP/1.1 client
+//! that talks through a proxy, and helpers to find and run peers (Envoy, Python gRPC).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+/// The workspace root (this crate lives in `<root>/e2e`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Finds a peer program: `$env_var`, else `<root>/.venv/bin/<name>`. Without it the test is
+/// skipped, unless `MESH_REQUIRE_PEERS` is set (as `.ci/run` and `scripts/test` do), in which
+/// case it fails.
+pub fn peer(env_var: &str, name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(env_var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join(".venv/bin").join(name));
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("MESH_REQUIRE_PEERS").is_none(),
+        "{name} not found at {} (set {env_var}, or run scripts/test which installs it)",
+        path.display()
+    );
+    eprintln!(
+        "SKIPPED: {name} not found at {}; run scripts/test to install peers",
+        path.display()
+    );
+    None
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("an ephemeral port")
+}
+
+/// An HTTP/1.1 server that answers every request with its name, counting requests.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    task: Arc<tokio::task::JoinHandle<()>>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hits = Arc::new(AtomicU64::new(0));
+        let (n, h) = (name.to_string(), hits.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (n, h) = (n.clone(), h.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                        h.fetch_add(1, Ordering::Relaxed);
+                        let body = Full::new(Bytes::from(n.clone()));
+                        async move { Ok::<_, std::convert::Infallible>(hyper::Response::new(body)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Self {
+            name: name.to_string(),
+            addr,
+            hits,
+            task: Arc::new(task),
+        })
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.task) == 1 {
+            self.task.abort();
+        }
+    }
+}
+
+/// An HTTP/1.1 client that sends absolute-form requests through an HTTP proxy, reusing one
+/// connection and reconnecting when it closes.
+#[derive(Debug)]
+pub struct ProxyClient {
+    proxy: SocketAddr,
+    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl ProxyClient {
+    pub fn new(proxy: SocketAddr) -> Self {
+        Self {
+            proxy,
+            sender: None,
+        }
+    }
+
+    /// `GET http://<host><path>` with extra headers; returns status and body.
+    pub async fn get(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, String)> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = TcpStream::connect(self.proxy)
+                .await
+                .with_context(|| format!("connecting to proxy {}", self.proxy))?;
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            self.sender = Some(sender);
+        }
+        let Some(sender) = self.sender.as_mut() else {
+            bail!("no connection")
+        };
+        sender.ready().await?;
+        let mut req = hyper::Request::get(format!("http://{host}{path}")).header("host", host);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = match sender
+            .send_request(req.body(Full::new(Bytes::new()))?)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.sender = None;
+                return Err(e.into());
+            }
+        };
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+/// A child process killed when dropped, with its output in a file for post-mortems.
+#[derive(Debug)]
+pub struct Peer {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Peer {
+    pub fn spawn(cmd: &mut Command, log: PathBuf) -> anyhow::Result<Self> {
+        let out = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        Ok(Self { child, log })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Polls `check` every 10 ms until it returns `Some` or `timeout` passes. For peers in other
+/// processes, whose state can only be observed from outside.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Fetches a path from an HTTP server with a fresh connection; `None` on any failure.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let stream = TcpStream::connect(addr).await.ok()?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = sender.send_request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Writes a file atomically (write then rename), as editors and `kubectl`-style tools do.
+pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

@@ -1,0 +1,296 @@
+//! A stock Envoy 1.40, started with nothing but `meshctl bootstrap envoy`, routes through its
+//! explicit outbound HTTP listener as HTTPRoutes in a watched directory say.
+
+use std::time::{Duration, Instant};
+
+use mesh_controller::config::Config;
+use mesh_controller::run::Controller;
+use mesh_controller::testing::{service_yaml, slice_yaml};
+use mesh_controller::xds::status::SyncState;
+use mesh_e2e::{Backend, Peer, ProxyClient, eventually, free_port, http_get, peer, write_atomic};
+use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
+use tokio::process::Command;
+
+fn route(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews, namespace: default}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
+  rules:
+  - matches: [{{headers: [{{name: x-canary, value: 'yes'}}]}}]
+    backendRefs: [{{name: reviews-v2, port: 9080}}]
+  - backendRefs: [{{name: reviews-v1, port: 9080, weight: {v1}}}, {{name: reviews-v2, port: 9080, weight: {v2}}}]
+"
+    )
+}
+
+/// Sends `n` requests and counts answers per backend name (errors count under their status).
+async fn spread(
+    client: &mut ProxyClient,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let key = match client.get("reviews:9080", "/", headers).await {
+            Ok((200, body)) => body,
+            Ok((status, _)) => format!("status {status}"),
+            Err(e) => format!("error {e}"),
+        };
+        *out.entry(key).or_insert(0) += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
+    let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
+        return Ok(());
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("mesh_controller=info")
+        .with_test_writer()
+        .try_init();
+
+    let v1 = Backend::start("reviews-v1").await?;
+    let v2 = Backend::start("reviews-v2").await?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("config");
+    std::fs::create_dir(&cfg)?;
+    std::fs::write(
+        cfg.join("services.yaml"),
+        [
+            service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+            service_yaml("default", "reviews-v1", "10.96.0.11", &[("http", 9080)]),
+            service_yaml("default", "reviews-v2", "10.96.0.12", &[("http", 9080)]),
+        ]
+        .join("---\n"),
+    )?;
+    std::fs::write(
+        cfg.join("reviews-v1.yaml"),
+        slice_yaml(
+            "default",
+            "reviews-v1",
+            "http",
+            v1.addr.port(),
+            &["127.0.0.1"],
+        ),
+    )?;
+    std::fs::write(
+        cfg.join("reviews-v2.yaml"),
+        slice_yaml(
+            "default",
+            "reviews-v2",
+            "http",
+            v2.addr.port(),
+            &["127.0.0.1"],
+        ),
+    )?;
+    let route_file = cfg.join("route.yaml");
+    std::fs::write(&route_file, route(90, 10))?;
+
+    let ctl = Controller::start(Config::local(&cfg)).await?;
+
+    let http_port = free_port();
+    let admin_port = free_port();
+    let bootstrap = envoy(&EnvoyArgs {
+        node: "default/envoy-client".into(),
+        xds: ctl.xds_addr.to_string(),
+        xds_api: "delta".into(),
+        admin: format!("127.0.0.1:{admin_port}").parse()?,
+        outbound_http: format!("127.0.0.1:{http_port}").parse()?,
+        transparent: false,
+    })?;
+    let bootstrap_file = dir.path().join("envoy.yaml");
+    std::fs::write(&bootstrap_file, serde_yaml::to_string(&bootstrap)?)?;
+    let envoy = Peer::spawn(
+        Command::new(&envoy_bin)
+            .arg("-c")
+            .arg(&bootstrap_file)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ]),
+        dir.path().join("envoy.log"),
+    )?;
+    let admin = format!("127.0.0.1:{admin_port}").parse()?;
+    let ready = eventually(Duration::from_secs(30), "Envoy to be ready", || async {
+        http_get(admin, "/ready").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    if let Err(e) = ready {
+        anyhow::bail!("{e}\nEnvoy log:\n{}", envoy.log_text());
+    }
+    let mut client = ProxyClient::new(format!("127.0.0.1:{http_port}").parse()?);
+
+    // 90/10 over 2,000 requests.
+    let counts = spread(&mut client, 2000, &[]).await;
+    let (n1, n2) = (
+        counts.get("reviews-v1").copied().unwrap_or(0),
+        counts.get("reviews-v2").copied().unwrap_or(0),
+    );
+    assert_eq!(
+        n1 + n2,
+        2000,
+        "every request answered by a backend: {counts:?}"
+    );
+    let share = n2 as f64 * 100.0 / 2000.0;
+    println!("90/10 split over 2000 requests: v1={n1} v2={n2} (v2 {share:.1}%)");
+    assert!(
+        (share - 10.0).abs() <= 3.0,
+        "v2 share {share:.1}% is not within 10±3%: {counts:?}"
+    );
+
+    // The header rule sends matching requests only to v2.
+    let counts = spread(&mut client, 200, &[("x-canary", "yes")]).await;
+    assert_eq!(counts.get("reviews-v2"), Some(&200), "{counts:?}");
+
+    // Every short and long host form, and the VIP, reach the service.
+    for host in [
+        "reviews.default:9080",
+        "reviews.default.svc:9080",
+        "reviews.default.svc.cluster.local:9080",
+        "10.96.0.10:9080",
+        "reviews",
+    ] {
+        let (status, body) = client.get(host, "/", &[("x-canary", "yes")]).await?;
+        assert_eq!((status, body.as_str()), (200, "reviews-v2"), "host {host}");
+    }
+
+    // A malformed edit is refused with file and field; the last good route stays in force.
+    write_atomic(
+        &route_file,
+        &route(90, 10).replace("weight: 10}", "weight: -10}"),
+    )?;
+    let reported = eventually(
+        Duration::from_secs(5),
+        "the bad manifest to be reported",
+        || async {
+            let (_, body) = http_get(ctl.admin_addr, "/debug/config-errors").await?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v["manifests"].as_array().filter(|a| !a.is_empty()).cloned()
+        },
+    )
+    .await?;
+    assert!(
+        reported[0]["source"]
+            .as_str()
+            .unwrap_or_default()
+            .ends_with("route.yaml"),
+        "{reported:?}"
+    );
+    assert_eq!(
+        reported[0]["field"], "spec.rules[1].backendRefs[1].weight",
+        "{reported:?}"
+    );
+    let counts = spread(&mut client, 400, &[]).await;
+    assert!(
+        counts.get("reviews-v2").copied().unwrap_or(0) > 0
+            && counts.get("reviews-v1").copied().unwrap_or(0) > 300,
+        "last good 90/10 still in force: {counts:?}"
+    );
+
+    // 0/100: measure from the write until Envoy has acknowledged the new routes and serves them.
+    let before = route_version(&ctl);
+    let t0 = Instant::now();
+    write_atomic(&route_file, &route(0, 100))?;
+    let acked = eventually(
+        Duration::from_secs(5),
+        "Envoy to ACK the new routes",
+        || async {
+            acked_route_version(&ctl)
+                .filter(|v| Some(v) != before.as_ref())
+                .map(|_| t0.elapsed())
+        },
+    )
+    .await?;
+    let counts = spread(&mut client, 200, &[]).await;
+    let served = t0.elapsed();
+    println!(
+        "weights 0/100: Envoy ACKed {:.1} ms after the file write; first check of 200 requests done at {:.1} ms",
+        acked.as_secs_f64() * 1e3,
+        served.as_secs_f64() * 1e3
+    );
+    assert_eq!(counts.get("reviews-v2"), Some(&200), "{counts:?}");
+    assert!(
+        acked < Duration::from_secs(1),
+        "the edit took {acked:?} to reach Envoy"
+    );
+
+    // Back to 50/50, then v2's EndpointSlice goes: v2 gets no more traffic.
+    write_atomic(&route_file, &route(50, 50))?;
+    eventually(Duration::from_secs(5), "50/50 in force", || async {
+        let mut c = ProxyClient::new(format!("127.0.0.1:{http_port}").parse().ok()?);
+        let counts = spread(&mut c, 100, &[]).await;
+        (counts.get("reviews-v1").copied().unwrap_or(0) > 20).then_some(())
+    })
+    .await?;
+    std::fs::remove_file(cfg.join("reviews-v2.yaml"))?;
+    eventually(
+        Duration::from_secs(5),
+        "v2's endpoints to be gone",
+        || async {
+            let v = serde_json::to_value(ctl.hub.model()).ok()?;
+            let eps = v["services"]["default/reviews-v2"]["ports"][0]["endpoints"]
+                .as_array()?
+                .len();
+            (eps == 0).then_some(())
+        },
+    )
+    .await?;
+    // Let Envoy apply it: wait for its EDS ACK.
+    eventually(
+        Duration::from_secs(5),
+        "Envoy to ACK the endpoint removal",
+        || async {
+            let s = ctl.hub.status.snapshot();
+            let eds = s
+                .first()?
+                .types
+                .get(&mesh_controller::xds::resources::ResourceType::Endpoint)?
+                .clone();
+            (eds.state == SyncState::Synced
+                && eds.acked_version == ctl.hub.model().revision.to_string())
+            .then_some(())
+        },
+    )
+    .await?;
+    let hits = v2.hits();
+    let counts = spread(&mut client, 200, &[]).await;
+    assert_eq!(
+        v2.hits(),
+        hits,
+        "v2 got traffic after its EndpointSlice was deleted: {counts:?}"
+    );
+    assert!(
+        counts.get("reviews-v1").copied().unwrap_or(0) > 50,
+        "{counts:?}"
+    );
+    drop(envoy);
+    Ok(())
+}
+
+fn route_version(ctl: &Controller) -> Option<String> {
+    ctl.hub
+        .status
+        .snapshot()
+        .first()?
+        .types
+        .get(&mesh_controller::xds::resources::ResourceType::Route)
+        .map(|t| t.acked_version.clone())
+}
+
+fn acked_route_version(ctl: &Controller) -> Option<String> {
+    let s = ctl.hub.status.snapshot();
+    let t = s
+        .first()?
+        .types
+        .get(&mesh_controller::xds::resources::ResourceType::Route)?
+        .clone();
+    (t.state == SyncState::Synced).then_some(t.acked_version)
+}

@@ -1,0 +1,70 @@
+//! The controller's settings: flags, each also an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_api::consts::{env, ports};
+use serde::Serialize;
+
+#[derive(Clone, Debug, clap::Parser, Serialize)]
+#[command(
+    name = "mesh-controller",
+    version,
+    about = "The mesh control plane: Kubernetes manifests in, Envoy v3 xDS out"
+)]
+pub struct Config {
+    /// Read manifests from this directory (local mode) instead of the Kubernetes API; changes to
+    /// its files apply live.
+    #[arg(long, env = env::CONTROLLER_CONFIG_DIR)]
+    pub config_dir: Option<PathBuf>,
+
+    /// Address of the xDS (ADS) gRPC server.
+    #[arg(long, env = env::CONTROLLER_XDS_ADDR, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::CONTROLLER_XDS)))]
+    pub xds_addr: SocketAddr,
+
+    /// Address of the metrics and debug HTTP server.
+    #[arg(long, env = env::CONTROLLER_ADMIN_ADDR, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::CONTROLLER_ADMIN)))]
+    pub admin_addr: SocketAddr,
+
+    /// A burst of changes is pushed once no further change came for this long (milliseconds).
+    #[arg(long, env = "MESH_DEBOUNCE_QUIET_MS", default_value_t = 10)]
+    pub debounce_quiet_ms: u64,
+
+    /// A burst of changes is pushed at most this long after its first change (milliseconds).
+    #[arg(long, env = env::CONTROLLER_DEBOUNCE_MS, default_value_t = 100)]
+    pub debounce_max_ms: u64,
+
+    /// DNS suffix of the cluster.
+    #[arg(long, env = env::CONTROLLER_CLUSTER_DOMAIN, default_value = mesh_api::consts::xds::CLUSTER_DOMAIN)]
+    pub cluster_domain: String,
+
+    /// How long to wait for the first list of every kind before serving (Kubernetes mode).
+    #[arg(long, env = "MESH_SYNC_TIMEOUT_SECS", default_value_t = 30)]
+    pub sync_timeout_secs: u64,
+
+    /// Log format: text or json.
+    #[arg(long, env = env::LOG_FORMAT, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl Config {
+    pub fn debounce(&self) -> (Duration, Duration) {
+        let max = Duration::from_millis(self.debounce_max_ms);
+        (Duration::from_millis(self.debounce_quiet_ms).min(max), max)
+    }
+
+    /// Settings for an in-process controller on ephemeral loopback ports.
+    pub fn local(config_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            config_dir: Some(config_dir.into()),
+            xds_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            debounce_quiet_ms: 10,
+            debounce_max_ms: 100,
+            cluster_domain: mesh_api::consts::xds::CLUSTER_DOMAIN.into(),
+            sync_timeout_secs: 30,
+            log_format: "text".into(),
+        }
+    }
+}

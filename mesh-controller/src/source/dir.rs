@@ -1,0 +1,412 @@
+//! The directory source: every `*.yaml` / `*.yml` file below a directory, each holding one or
+//! more documents (`---`), or a `kind: List`. Adding, changing or deleting a file updates the
+//! index live. A document that does not parse or validate is reported (file, document number,
+//! field, reason) and the last good version of that object stays in force; the rest still applies.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{ConfigErrors, ManifestError};
+use crate::index::Index;
+use crate::objects::{ObjKey, Object, doc_identity, parse_doc};
+
+/// Namespace given to namespaced objects that name none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error("config directory {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("watching config directory {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        source: notify::Error,
+    },
+}
+
+/// The directory's files and the objects each one holds.
+#[derive(Debug)]
+pub struct DirSource {
+    root: PathBuf,
+    index: Arc<Mutex<Index>>,
+    errors: ConfigErrors,
+    /// Objects each file provides (including refused ones whose last good version is kept).
+    files: HashMap<PathBuf, Vec<ObjKey>>,
+    /// Which file provides each object.
+    owners: HashMap<ObjKey, PathBuf>,
+    /// Files that define an object another file already provides: read again when it goes.
+    contested: HashMap<ObjKey, BTreeSet<PathBuf>>,
+}
+
+/// A document read from a file: its number and either an object or why not.
+struct Doc {
+    number: usize,
+    result: Result<Object, (Option<ObjKey>, ManifestError)>,
+}
+
+impl DirSource {
+    pub fn new(root: impl Into<PathBuf>, index: Arc<Mutex<Index>>, errors: ConfigErrors) -> Self {
+        let root: PathBuf = root.into();
+        // Events name absolute paths; so must the files read at start.
+        let root = std::fs::canonicalize(&root).unwrap_or(root);
+        Self {
+            root,
+            index,
+            errors,
+            files: HashMap::new(),
+            owners: HashMap::new(),
+            contested: HashMap::new(),
+        }
+    }
+
+    /// Reads every manifest below the root.
+    pub fn load_all(&mut self) -> Result<(), DirError> {
+        let found = list_manifests(&self.root)?;
+        let known: Vec<PathBuf> = self.files.keys().cloned().collect();
+        for gone in known.iter().filter(|p| !found.contains(*p)) {
+            self.reload(gone);
+        }
+        for path in &found {
+            self.reload(path);
+        }
+        Ok(())
+    }
+
+    /// Re-reads one file (or forgets it, if it is gone) and applies the difference.
+    pub fn reload(&mut self, path: &Path) {
+        let source = path.display().to_string();
+        let docs = match std::fs::read_to_string(path) {
+            Ok(text) => parse_file(&text, &source),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.forget(path);
+                return;
+            }
+            Err(e) => {
+                // Unreadable right now: keep what the file gave before.
+                let err = ManifestError {
+                    source: source.clone(),
+                    document: 0,
+                    kind: None,
+                    name: None,
+                    field: String::new(),
+                    reason: format!("cannot read file: {e}"),
+                };
+                warn!(%err, "manifest refused");
+                self.errors.set(&source, vec![err]);
+                return;
+            }
+        };
+        let docs = match docs {
+            Ok(docs) => docs,
+            Err(err) => {
+                // The YAML itself is broken, so no document can be told apart: keep them all.
+                warn!(%err, "manifest refused");
+                self.errors.set(&source, vec![err]);
+                return;
+            }
+        };
+        let old: HashSet<ObjKey> = self
+            .files
+            .get(path)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        let mut keep = Vec::new();
+        let mut apply = Vec::new();
+        let mut errors = Vec::new();
+        let mut doc_of: HashMap<ObjKey, usize> = HashMap::new();
+        for doc in docs {
+            match doc.result {
+                Ok(obj) => {
+                    let key = obj.key();
+                    if let Some(owner) = self.owners.get(&key).filter(|o| o.as_path() != path) {
+                        self.contested
+                            .entry(key.clone())
+                            .or_default()
+                            .insert(path.to_path_buf());
+                        errors.push(ManifestError {
+                            source: source.clone(),
+                            document: doc.number,
+                            kind: Some(key.kind.to_string()),
+                            name: Some(key.name.clone()),
+                            field: "metadata.name".into(),
+                            reason: format!("{key} is already defined in {}", owner.display()),
+                        });
+                        continue;
+                    }
+                    if doc_of.insert(key.clone(), doc.number).is_some() {
+                        errors.push(ManifestError {
+                            source: source.clone(),
+                            document: doc.number,
+                            kind: Some(key.kind.to_string()),
+                            name: Some(key.name.clone()),
+                            field: "metadata.name".into(),
+                            reason: format!("{key} is defined twice in this file"),
+                        });
+                        continue;
+                    }
+                    keep.push(key);
+                    apply.push(obj);
+                }
+                Err((key, err)) => {
+                    // Keep the last good version of a refused object this file provided.
+                    if let Some(key) = key.filter(|k| old.contains(k)) {
+                        keep.push(key);
+                    }
+                    errors.push(err);
+                }
+            }
+        }
+        let keep_set: HashSet<&ObjKey> = keep.iter().collect();
+        let delete: Vec<ObjKey> = old
+            .iter()
+            .filter(|k| !keep_set.contains(k))
+            .cloned()
+            .collect();
+        let refused = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply_batch(apply, &delete);
+        for (key, e) in refused {
+            if !old.contains(&key) {
+                keep.retain(|k| k != &key);
+            }
+            errors.push(ManifestError {
+                source: source.clone(),
+                document: doc_of.get(&key).copied().unwrap_or_default(),
+                kind: Some(key.kind.to_string()),
+                name: Some(key.name.clone()),
+                field: e.field,
+                reason: e.reason,
+            });
+        }
+        for key in &delete {
+            self.owners.remove(key);
+        }
+        let retry = self.released(&delete);
+        for key in &keep {
+            self.owners.insert(key.clone(), path.to_path_buf());
+        }
+        for err in &errors {
+            warn!(%err, "manifest refused");
+        }
+        errors.sort_by_key(|e| e.document);
+        self.errors.set(&source, errors);
+        info!(file = %source, objects = keep.len(), deleted = delete.len(), "manifest loaded");
+        self.files.insert(path.to_path_buf(), keep);
+        for p in retry.into_iter().filter(|p| p.as_path() != path) {
+            self.reload(&p);
+        }
+    }
+
+    /// Files that lost a race for one of `keys`, now free.
+    fn released(&mut self, keys: &[ObjKey]) -> BTreeSet<PathBuf> {
+        keys.iter()
+            .filter_map(|k| self.contested.remove(k))
+            .flatten()
+            .collect()
+    }
+
+    fn forget(&mut self, path: &Path) {
+        let Some(keys) = self.files.remove(path) else {
+            return;
+        };
+        for key in &keys {
+            self.owners.remove(key);
+        }
+        self.index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply_batch(vec![], &keys);
+        self.errors.set(&path.display().to_string(), vec![]);
+        info!(file = %path.display(), deleted = keys.len(), "manifest removed");
+        for p in self.released(&keys) {
+            self.reload(&p);
+        }
+    }
+
+    /// Loads everything, then follows changes until the returned handle is dropped.
+    pub fn watch(mut self) -> Result<WatchHandle, DirError> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<notify::Result<notify::Event>>();
+        let mut watcher = notify::recommended_watcher(move |ev| {
+            let _ = tx.send(ev);
+        })
+        .map_err(|source| DirError::Watch {
+            path: self.root.clone(),
+            source,
+        })?;
+        watcher
+            .watch(&self.root, RecursiveMode::Recursive)
+            .map_err(|source| DirError::Watch {
+                path: self.root.clone(),
+                source,
+            })?;
+        self.load_all()?;
+        let task = tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                // Editors write a file in several steps; let them finish.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let mut events = vec![first];
+                while let Ok(ev) = rx.try_recv() {
+                    events.push(ev);
+                }
+                self.on_events(events);
+            }
+        });
+        Ok(WatchHandle {
+            _watcher: watcher,
+            task,
+        })
+    }
+
+    fn on_events(&mut self, events: Vec<notify::Result<notify::Event>>) {
+        let mut paths = BTreeSet::new();
+        let mut rescan = false;
+        for ev in events {
+            match ev {
+                Ok(ev) => {
+                    // Reading a file makes access events too: only writes are news.
+                    if let notify::EventKind::Access(a) = ev.kind
+                        && a != notify::event::AccessKind::Close(notify::event::AccessMode::Write)
+                    {
+                        continue;
+                    }
+                    rescan |= ev.need_rescan();
+                    for p in ev.paths {
+                        if is_manifest(&p) {
+                            paths.insert(p);
+                        } else if !is_hidden(&p) {
+                            // A directory came or went, or was renamed: look at everything.
+                            rescan |= p.is_dir()
+                                || (!p.exists() && self.files.keys().any(|f| f.starts_with(&p)));
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "file watch error; rescanning");
+                    rescan = true;
+                }
+            }
+        }
+        for p in &paths {
+            self.reload(p);
+        }
+        if rescan && let Err(e) = self.load_all() {
+            warn!(error = %e, "rescan failed");
+        }
+    }
+}
+
+/// Keeps the watch alive.
+#[derive(Debug)]
+pub struct WatchHandle {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for WatchHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn is_hidden(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+fn is_manifest(p: &Path) -> bool {
+    !is_hidden(p) && matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+}
+
+fn list_manifests(root: &Path) -> Result<BTreeSet<PathBuf>, DirError> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir).map_err(|source| DirError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if is_hidden(&p) {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else if is_manifest(&p) {
+                out.insert(p);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Splits a file into documents and parses each. `Err` when the YAML stream itself is broken.
+fn parse_file(text: &str, source: &str) -> Result<Vec<Doc>, ManifestError> {
+    let mut out = Vec::new();
+    let mut number = 0;
+    for de in serde_yaml::Deserializer::from_str(text) {
+        number += 1;
+        let value = match serde_json::Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                return Err(ManifestError {
+                    source: source.to_string(),
+                    document: number,
+                    kind: None,
+                    name: None,
+                    field: String::new(),
+                    reason: format!("invalid YAML: {e}"),
+                });
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        let items = if value.get("kind").and_then(|k| k.as_str()) == Some("List") {
+            value
+                .get("items")
+                .and_then(|i| i.as_array())
+                .cloned()
+                .unwrap_or_default()
+        } else {
+            vec![value]
+        };
+        for item in items {
+            let identity = doc_identity(&item, DEFAULT_NAMESPACE);
+            let result = parse_doc(item, DEFAULT_NAMESPACE).map_err(|e| {
+                (
+                    identity.clone(),
+                    ManifestError {
+                        source: source.to_string(),
+                        document: number,
+                        kind: identity.as_ref().map(|k| k.kind.to_string()),
+                        name: identity.as_ref().map(|k| k.name.clone()),
+                        field: e.field,
+                        reason: e.reason,
+                    },
+                )
+            });
+            out.push(Doc { number, result });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[path = "dir_tests.rs"]
+mod tests;

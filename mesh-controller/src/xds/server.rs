@@ -1,0 +1,679 @@
+//! The ADS server: state-of-the-world and incremental (Delta) streams over one gRPC service.
+//!
+//! Each stream is a task that waits on two things: the proxy's requests (subscriptions, ACKs,
+//! NACKs) and a new published model revision. Either may lead to responses, sent in the order
+//! clusters, endpoints, listeners, routes. A resource is sent again only when its version (a hash
+//! of its bytes) changed, and a version a proxy NACKed is not sent to it again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as PbResource,
+};
+use envoy_types::pb::google::protobuf::value::Kind as ValueKind;
+use futures::Stream;
+use mesh_api::consts::node_metadata;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use super::resources::{ProxyView, Resource, ResourceType};
+use super::status::{ProxyStatus, StatusTable, StreamStatus};
+use super::translate::{ListenerSettings, ProxyId, Translator};
+use crate::index::{Index, Model};
+use crate::metrics::{Metrics, TypeLabels};
+
+/// A model revision ready to serve, and when the change that led to it was first seen.
+#[derive(Clone, Copy, Debug)]
+pub struct Published {
+    pub revision: u64,
+    pub changed_at: Instant,
+}
+
+/// What every stream shares: the translator, the published revision, the status table.
+#[derive(Debug)]
+pub struct Hub {
+    translator: Mutex<Translator>,
+    published: watch::Sender<Published>,
+    pub status: Arc<StatusTable>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Hub {
+    pub fn new(model: Arc<Model>, metrics: Arc<Metrics>) -> Arc<Self> {
+        let revision = model.revision;
+        Arc::new(Self {
+            translator: Mutex::new(Translator::new(model)),
+            published: watch::Sender::new(Published {
+                revision,
+                changed_at: Instant::now(),
+            }),
+            status: Arc::default(),
+            metrics,
+        })
+    }
+
+    fn translator(&self) -> std::sync::MutexGuard<'_, Translator> {
+        self.translator.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn view(&self, proxy: &ProxyId) -> ProxyView {
+        self.translator().view(proxy)
+    }
+
+    pub fn model(&self) -> Arc<Model> {
+        self.translator().model().clone()
+    }
+
+    /// Makes `model` the one served and wakes every stream.
+    pub fn publish(&self, model: Arc<Model>, changed_at: Instant) {
+        let revision = model.revision;
+        self.translator().update(model);
+        self.metrics.revision.set(revision as i64);
+        self.published.send_replace(Published {
+            revision,
+            changed_at,
+        });
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Published> {
+        self.published.subscribe()
+    }
+
+    pub fn service(self: &Arc<Self>) -> AggregatedDiscoveryServiceServer<AdsService> {
+        AggregatedDiscoveryServiceServer::new(AdsService { hub: self.clone() })
+            .max_decoding_message_size(16 * 1024 * 1024)
+    }
+}
+
+/// Waits for index changes, lets a burst settle (at most `max` after its first change, or once
+/// `quiet` passes with no further change), then builds and publishes the model.
+pub async fn run_publisher(
+    index: Arc<Mutex<Index>>,
+    hub: Arc<Hub>,
+    quiet: Duration,
+    max: Duration,
+) {
+    let mut rx = index.lock().unwrap_or_else(|e| e.into_inner()).subscribe();
+    loop {
+        if rx.changed().await.is_err() {
+            return;
+        }
+        let first = Instant::now();
+        let deadline = tokio::time::Instant::from_std(first + max);
+        loop {
+            let until = (tokio::time::Instant::now() + quiet).min(deadline);
+            match tokio::time::timeout_at(until, rx.changed()).await {
+                Ok(Ok(())) if tokio::time::Instant::now() < deadline => continue,
+                Ok(Err(_)) => return,
+                _ => break,
+            }
+        }
+        rx.borrow_and_update();
+        let (index, hub2) = (index.clone(), hub.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let model = index.lock().unwrap_or_else(|e| e.into_inner()).model();
+            for e in &model.errors {
+                warn!(object = %e.object, field = %e.field, reason = %e.reason, "unresolved reference");
+            }
+            hub2.publish(model.clone(), first);
+            hub2.metrics.model_build.observe(started.elapsed().as_secs_f64());
+            (model.revision, model.services.len(), started.elapsed())
+        })
+        .await;
+        match built {
+            Ok((revision, services, took)) => {
+                info!(
+                    revision,
+                    services,
+                    build_ms = took.as_millis() as u64,
+                    "published"
+                );
+            }
+            Err(e) => warn!(error = %e, "building the model failed"),
+        }
+    }
+}
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct AdsService {
+    hub: Arc<Hub>,
+}
+
+type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = RespStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = RespStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(16);
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            let mut s = SotwStream {
+                hub,
+                tx,
+                peer,
+                session: None,
+                types: HashMap::new(),
+                nonce: 0,
+            };
+            let err = s.run(request.into_inner()).await;
+            s.finish(err).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(16);
+        let hub = self.hub.clone();
+        tokio::spawn(async move {
+            let mut s = DeltaStream {
+                hub,
+                tx,
+                peer,
+                session: None,
+                types: HashMap::new(),
+                nonce: 0,
+            };
+            let err = s.run(request.into_inner()).await;
+            s.finish(err).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Reads the proxy's identity and listener settings from its `Node`.
+pub fn proxy_id(node: &Node) -> Result<ProxyId, String> {
+    if node.id.is_empty() {
+        return Err("node.id is empty: expected <namespace>/<name>".into());
+    }
+    let (namespace, name) = match node.id.split_once('/') {
+        Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => (ns, n),
+        Some(_) => {
+            return Err(format!(
+                "node.id {:?} is not of the form <namespace>/<name>",
+                node.id
+            ));
+        }
+        None => ("default", node.id.as_str()),
+    };
+    let mut settings = ListenerSettings::default();
+    let fields = node.metadata.as_ref().map(|m| &m.fields);
+    let get = |key: &str| -> Option<String> {
+        match fields?.get(key)?.kind.as_ref()? {
+            ValueKind::StringValue(s) => Some(s.clone()),
+            ValueKind::NumberValue(n) => Some(format!("{n}")),
+            ValueKind::BoolValue(b) => Some(b.to_string()),
+            _ => None,
+        }
+    };
+    let bad =
+        |key: &str, v: &str, want: &str| format!("node.metadata[{key:?}] = {v:?}: expected {want}");
+    if let Some(v) = get(node_metadata::TRANSPARENT) {
+        settings.transparent = v
+            .parse()
+            .map_err(|_| bad(node_metadata::TRANSPARENT, &v, "true or false"))?;
+    }
+    if let Some(v) = get(node_metadata::OUTBOUND_HTTP_ADDR) {
+        settings.outbound_http_addr = v
+            .parse::<SocketAddr>()
+            .map_err(|_| bad(node_metadata::OUTBOUND_HTTP_ADDR, &v, "host:port"))?;
+    }
+    for (key, slot) in [
+        (node_metadata::OUTBOUND_PORT, &mut settings.outbound_port),
+        (node_metadata::INBOUND_PORT, &mut settings.inbound_port),
+    ] {
+        if let Some(v) = get(key) {
+            *slot = v.parse().map_err(|_| bad(key, &v, "a port number"))?;
+        }
+    }
+    Ok(ProxyId {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        settings,
+    })
+}
+
+/// What both stream kinds keep once the first request named the node.
+struct Session {
+    proxy: ProxyId,
+    status: StreamStatus,
+    view: ProxyView,
+    published: watch::Receiver<Published>,
+}
+
+impl Session {
+    fn open(hub: &Hub, node: Option<&Node>, protocol: &'static str) -> Result<Self, Status> {
+        let node =
+            node.ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
+        let proxy = proxy_id(node).map_err(Status::invalid_argument)?;
+        let mut published = hub.subscribe();
+        published.borrow_and_update();
+        let view = hub.view(&proxy);
+        let status = StreamStatus::register(
+            hub.status.clone(),
+            hub.metrics.clone(),
+            ProxyStatus {
+                node: node.id.clone(),
+                namespace: proxy.namespace.clone(),
+                name: proxy.name.clone(),
+                protocol,
+                user_agent: format!(
+                    "{} {}",
+                    node.user_agent_name,
+                    match &node.user_agent_version_type {
+                        Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
+                        _ => String::new(),
+                    }
+                )
+                .trim()
+                .to_string(),
+                connected_at_unix: StreamStatus::now_unix(),
+                types: BTreeMap::new(),
+            },
+        );
+        info!(node = %node.id, protocol, "proxy connected");
+        Ok(Self {
+            proxy,
+            status,
+            view,
+            published,
+        })
+    }
+}
+
+fn type_of(type_url: &str) -> Result<ResourceType, Status> {
+    ResourceType::from_type_url(type_url)
+        .ok_or_else(|| Status::invalid_argument(format!("unsupported type_url {type_url:?}")))
+}
+
+fn observe_latency(metrics: &Metrics, ty: ResourceType, changed_at: Option<Instant>) {
+    if let Some(t) = changed_at {
+        metrics
+            .push_latency
+            .get_or_create(&TypeLabels::new(ty))
+            .observe(t.elapsed().as_secs_f64());
+    }
+}
+
+// ---- state of the world ---------------------------------------------------------------------
+
+#[derive(Default)]
+struct SotwType {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Name to version of what the last response held (also when it was NACKed).
+    sent: Option<BTreeMap<String, String>>,
+    nonce: String,
+}
+
+struct SotwStream {
+    hub: Arc<Hub>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    peer: Option<SocketAddr>,
+    session: Option<Session>,
+    types: HashMap<ResourceType, SotwType>,
+    nonce: u64,
+}
+
+impl SotwStream {
+    async fn run(&mut self, mut reqs: Streaming<DiscoveryRequest>) -> Option<Status> {
+        loop {
+            let changed = async {
+                match self.session.as_mut() {
+                    Some(s) => s.published.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                req = reqs.message() => match req {
+                    Ok(Some(req)) => {
+                        if let Err(e) = self.on_request(req).await {
+                            return Some(e);
+                        }
+                    }
+                    Ok(None) => return None,
+                    Err(e) => {
+                        debug!(error = %e, "stream ended");
+                        return None;
+                    }
+                },
+                alive = changed => {
+                    if !alive {
+                        return Some(Status::unavailable("control plane shutting down"));
+                    }
+                    if !self.on_publish().await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn finish(&mut self, err: Option<Status>) {
+        if let Some(e) = err {
+            warn!(peer = ?self.peer, error = %e.message(), "closing xDS stream");
+            let _ = self.tx.send(Err(e)).await;
+        }
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        if self.session.is_none() {
+            self.session = Some(Session::open(&self.hub, req.node.as_ref(), "sotw")?);
+        }
+        let ty = type_of(&req.type_url)?;
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| Status::internal("no session"))?;
+        let st = self.types.entry(ty).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != st.nonce {
+                // An answer to a response that has since been superseded.
+                return Ok(());
+            }
+            let error = req.error_detail.as_ref().map(|e| e.message.clone());
+            if let Some(e) = &error {
+                warn!(node = %session.status_node(), xds_type = ty.short(), error = %e, "NACK");
+            }
+            session
+                .status
+                .answered(ty, &req.response_nonce, &req.version_info, error);
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let wildcard = ty.wildcard_allowed() && (names.is_empty() || names.contains("*"));
+        let first = st.sent.is_none();
+        let changed = first || names != st.names || wildcard != st.wildcard;
+        st.names = names;
+        st.wildcard = wildcard;
+        if changed {
+            self.respond(ty, true, None).await;
+        }
+        Ok(())
+    }
+
+    async fn on_publish(&mut self) -> bool {
+        let Some(session) = self.session.as_mut() else {
+            return true;
+        };
+        let published = *session.published.borrow_and_update();
+        session.view = self.hub.view(&session.proxy);
+        for ty in ResourceType::ALL {
+            if self.types.contains_key(&ty)
+                && !self.respond(ty, false, Some(published.changed_at)).await
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends the current set for `ty` if it differs from the last one sent, or if `force`.
+    async fn respond(
+        &mut self,
+        ty: ResourceType,
+        force: bool,
+        changed_at: Option<Instant>,
+    ) -> bool {
+        let Some(session) = self.session.as_ref() else {
+            return true;
+        };
+        let Some(st) = self.types.get_mut(&ty) else {
+            return true;
+        };
+        let mut chosen: BTreeMap<&str, &Arc<Resource>> = if st.wildcard {
+            session.view.wildcard(ty)
+        } else {
+            BTreeMap::new()
+        };
+        for name in &st.names {
+            if let Some(r) = session.view.get(ty, name) {
+                chosen.insert(r.name.as_str(), r);
+            }
+        }
+        let versions: BTreeMap<String, String> = chosen
+            .values()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect();
+        if !force && st.sent.as_ref() == Some(&versions) {
+            return true;
+        }
+        self.nonce += 1;
+        st.nonce = self.nonce.to_string();
+        let version = session.view.revision.to_string();
+        let resp = DiscoveryResponse {
+            version_info: version.clone(),
+            resources: chosen.values().map(|r| r.any.clone()).collect(),
+            type_url: ty.type_url(),
+            nonce: st.nonce.clone(),
+            ..Default::default()
+        };
+        session.status.sent(ty, &version, &st.nonce, versions.len());
+        st.sent = Some(versions);
+        observe_latency(&self.hub.metrics, ty, changed_at);
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+}
+
+impl Session {
+    fn status_node(&self) -> String {
+        format!("{}/{}", self.proxy.namespace, self.proxy.name)
+    }
+}
+
+// ---- incremental (Delta) ----------------------------------------------------------------------
+
+#[derive(Default)]
+struct DeltaType {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the proxy holds: name to version.
+    known: HashMap<String, String>,
+    nonce: String,
+    started: bool,
+}
+
+struct DeltaStream {
+    hub: Arc<Hub>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    peer: Option<SocketAddr>,
+    session: Option<Session>,
+    types: HashMap<ResourceType, DeltaType>,
+    nonce: u64,
+}
+
+impl DeltaStream {
+    async fn run(&mut self, mut reqs: Streaming<DeltaDiscoveryRequest>) -> Option<Status> {
+        loop {
+            let changed = async {
+                match self.session.as_mut() {
+                    Some(s) => s.published.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                req = reqs.message() => match req {
+                    Ok(Some(req)) => {
+                        if let Err(e) = self.on_request(req).await {
+                            return Some(e);
+                        }
+                    }
+                    Ok(None) => return None,
+                    Err(e) => {
+                        debug!(error = %e, "stream ended");
+                        return None;
+                    }
+                },
+                alive = changed => {
+                    if !alive {
+                        return Some(Status::unavailable("control plane shutting down"));
+                    }
+                    if !self.on_publish().await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn finish(&mut self, err: Option<Status>) {
+        if let Some(e) = err {
+            warn!(peer = ?self.peer, error = %e.message(), "closing xDS stream");
+            let _ = self.tx.send(Err(e)).await;
+        }
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        if self.session.is_none() {
+            self.session = Some(Session::open(&self.hub, req.node.as_ref(), "delta")?);
+        }
+        let ty = type_of(&req.type_url)?;
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| Status::internal("no session"))?;
+        let st = self.types.entry(ty).or_default();
+        if !req.response_nonce.is_empty() {
+            let error = req.error_detail.as_ref().map(|e| e.message.clone());
+            if let Some(e) = &error {
+                warn!(node = %session.status_node(), xds_type = ty.short(), error = %e, "NACK");
+            }
+            let version = session.view.revision.to_string();
+            session
+                .status
+                .answered(ty, &req.response_nonce, &version, error);
+            if req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty()
+            {
+                return Ok(());
+            }
+        }
+        let first = !st.started;
+        st.started = true;
+        if first {
+            st.known.extend(req.initial_resource_versions.clone());
+            if ty.wildcard_allowed() && req.resource_names_subscribe.is_empty() {
+                st.wildcard = true;
+            }
+        }
+        for name in req.resource_names_subscribe {
+            if name == "*" {
+                st.wildcard = true;
+            } else {
+                st.names.insert(name);
+            }
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == "*" {
+                st.wildcard = false;
+            } else {
+                st.names.remove(&name);
+                st.known.remove(&name);
+            }
+        }
+        self.respond(ty, first, None).await;
+        Ok(())
+    }
+
+    async fn on_publish(&mut self) -> bool {
+        let Some(session) = self.session.as_mut() else {
+            return true;
+        };
+        let published = *session.published.borrow_and_update();
+        session.view = self.hub.view(&session.proxy);
+        for ty in ResourceType::ALL {
+            if self.types.contains_key(&ty)
+                && !self.respond(ty, false, Some(published.changed_at)).await
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Sends what changed for `ty` since the proxy's known versions; with `force`, also an empty
+    /// response (a first request expects an answer).
+    async fn respond(
+        &mut self,
+        ty: ResourceType,
+        force: bool,
+        changed_at: Option<Instant>,
+    ) -> bool {
+        let Some(session) = self.session.as_ref() else {
+            return true;
+        };
+        let Some(st) = self.types.get_mut(&ty) else {
+            return true;
+        };
+        let mut desired: BTreeMap<&str, &Arc<Resource>> = if st.wildcard {
+            session.view.wildcard(ty)
+        } else {
+            BTreeMap::new()
+        };
+        for name in &st.names {
+            if let Some(r) = session.view.get(ty, name) {
+                desired.insert(r.name.as_str(), r);
+            }
+        }
+        let resources: Vec<PbResource> = desired
+            .values()
+            .filter(|r| st.known.get(&r.name) != Some(&r.version))
+            .map(|r| PbResource {
+                name: r.name.clone(),
+                version: r.version.clone(),
+                resource: Some(r.any.clone()),
+                ..Default::default()
+            })
+            .collect();
+        let removed: Vec<String> = st
+            .known
+            .keys()
+            .filter(|name| !desired.contains_key(name.as_str()))
+            .cloned()
+            .collect();
+        if resources.is_empty() && removed.is_empty() && !force {
+            return true;
+        }
+        for r in &resources {
+            st.known.insert(r.name.clone(), r.version.clone());
+        }
+        for name in &removed {
+            st.known.remove(name);
+        }
+        self.nonce += 1;
+        st.nonce = self.nonce.to_string();
+        let version = session.view.revision.to_string();
+        session.status.sent(ty, &version, &st.nonce, st.known.len());
+        observe_latency(&self.hub.metrics, ty, changed_at);
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: version,
+            resources,
+            type_url: ty.type_url(),
+            removed_resources: removed,
+            nonce: st.nonce.clone(),
+            ..Default::default()
+        };
+        self.tx.send(Ok(resp)).await.is_ok()
+    }
+}

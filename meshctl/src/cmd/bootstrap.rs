@@ -1,0 +1,157 @@
+//! `meshctl bootstrap envoy`: an Envoy bootstrap that joins the mesh through ADS alone. The
+//! controller is reached with Envoy's Google gRPC client, so the bootstrap holds no static
+//! listener and no static cluster: everything else comes over xDS.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use mesh_api::consts::{env, node_metadata, ports};
+use serde_json::json;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Bootstrap {
+    /// Envoy bootstrap (YAML) for a stock Envoy.
+    Envoy(EnvoyArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EnvoyArgs {
+    /// The proxy's identity, `<namespace>/<name>`; the controller serves it the config of that
+    /// namespace (and of that pod, when transparent).
+    #[arg(long)]
+    pub node: String,
+    /// Address of the controller's xDS server.
+    #[arg(long, env = env::MESHCTL_XDS, default_value_t = format!("127.0.0.1:{}", ports::CONTROLLER_XDS))]
+    pub xds: String,
+    /// xDS variant: `delta` (incremental) or `sotw` (state of the world).
+    #[arg(long, default_value = "delta", value_parser = ["delta", "sotw"])]
+    pub xds_api: String,
+    /// Where Envoy's admin interface listens.
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::PROXY_ADMIN)))]
+    pub admin: SocketAddr,
+    /// Where the explicit outbound HTTP proxy listener listens (routes by Host).
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], ports::PROXY_OUTBOUND_HTTP)))]
+    pub outbound_http: SocketAddr,
+    /// Also ask for the transparent outbound and inbound listeners (iptables interception).
+    #[arg(long)]
+    pub transparent: bool,
+}
+
+pub fn run(cmd: Bootstrap, out: &mut dyn Write) -> anyhow::Result<()> {
+    match cmd {
+        Bootstrap::Envoy(args) => {
+            let doc = envoy(&args)?;
+            let yaml = serde_yaml::to_string(&doc).context("rendering the bootstrap")?;
+            out.write_all(yaml.as_bytes())
+                .context("writing the bootstrap")?;
+            Ok(())
+        }
+    }
+}
+
+/// The bootstrap as a JSON value (rendered as YAML by the caller).
+pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
+    let Some((namespace, name)) = args.node.split_once('/') else {
+        bail!("--node {:?}: expected <namespace>/<name>", args.node);
+    };
+    if namespace.is_empty() || name.is_empty() || name.contains('/') {
+        bail!("--node {:?}: expected <namespace>/<name>", args.node);
+    }
+    let Some((host, port)) = args.xds.rsplit_once(':') else {
+        bail!("--xds {:?}: expected HOST:PORT", args.xds);
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!(
+            "--xds {:?}: expected HOST:PORT with a port of 1..=65535",
+            args.xds
+        );
+    }
+    let api_type = if args.xds_api == "delta" {
+        "DELTA_GRPC"
+    } else {
+        "GRPC"
+    };
+    let ads = json!({"ads": {}, "resource_api_version": "V3"});
+    Ok(json!({
+        "node": {
+            "id": args.node,
+            "cluster": namespace,
+            "metadata": {
+                node_metadata::TRANSPARENT: args.transparent.to_string(),
+                node_metadata::OUTBOUND_HTTP_ADDR: args.outbound_http.to_string(),
+            },
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{
+                    "google_grpc": {"target_uri": args.xds, "stat_prefix": "mesh_xds"},
+                    "timeout": "5s",
+                }],
+            },
+            "lds_config": ads,
+            "cds_config": ads,
+        },
+        "admin": {
+            "address": {"socket_address": {
+                "address": args.admin.ip().to_string(),
+                "port_value": args.admin.port(),
+            }},
+        },
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(node: &str, xds: &str) -> EnvoyArgs {
+        EnvoyArgs {
+            node: node.into(),
+            xds: xds.into(),
+            xds_api: "delta".into(),
+            admin: "127.0.0.1:15000".parse().expect("addr"),
+            outbound_http: "127.0.0.1:15080".parse().expect("addr"),
+            transparent: false,
+        }
+    }
+
+    #[test]
+    fn joins_through_ads_alone() {
+        let b = envoy(&args("shop/web-0", "10.0.0.1:15010")).expect("bootstrap");
+        assert!(
+            b.get("static_resources").is_none(),
+            "no static listeners or clusters"
+        );
+        assert_eq!(b["node"]["id"], "shop/web-0");
+        assert_eq!(
+            b["dynamic_resources"]["ads_config"]["api_type"],
+            "DELTA_GRPC"
+        );
+        assert_eq!(
+            b["dynamic_resources"]["ads_config"]["grpc_services"][0]["google_grpc"]["target_uri"],
+            "10.0.0.1:15010"
+        );
+        assert_eq!(b["dynamic_resources"]["lds_config"]["ads"], json!({}));
+        assert_eq!(
+            b["node"]["metadata"][node_metadata::OUTBOUND_HTTP_ADDR],
+            "127.0.0.1:15080"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_input_naming_it() {
+        for (node, xds, needle) in [
+            ("web-0", "h:1", "--node \"web-0\""),
+            ("a/b/c", "h:1", "--node \"a/b/c\""),
+            ("a/b", "nohostport", "--xds \"nohostport\""),
+            ("a/b", "h:99999", "--xds \"h:99999\""),
+        ] {
+            let err = envoy(&args(node, xds)).expect_err(node).to_string();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+}

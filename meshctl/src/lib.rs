@@ -1,0 +1,4 @@
+//! meshctl: the mesh's command-line tool. The binary is a thin wrapper; commands live here so
+//! tests can call them.
+
+pub mod cmd;
