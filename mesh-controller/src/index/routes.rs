@@ -533,7 +533,8 @@ fn grpc_match(v: serde_json::Value, field: &str) -> Result<MatchSpec, DocError> 
         path,
         headers,
         query: vec![],
-        method: Some("POST".into()),
+        // gRPC is always POST; gRPC clients do not match on pseudo-headers, so none is added.
+        method: None,
     })
 }
 
