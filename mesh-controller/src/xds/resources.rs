@@ -12,8 +12,8 @@ use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use serde::Serialize;
 
-/// The four resource types the controller serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// The four resource types the controller serves (serialized as `CDS`, `EDS`, `LDS`, `RDS`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceType {
     Cluster,
     Endpoint,
@@ -56,6 +56,12 @@ impl ResourceType {
             ResourceType::Listener => "LDS",
             ResourceType::Route => "RDS",
         }
+    }
+}
+
+impl Serialize for ResourceType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.short())
     }
 }
 
