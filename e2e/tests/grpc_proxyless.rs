@@ -10,16 +10,25 @@ use mesh_e2e::{Peer, eventually, free_port, peer, workspace_root};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-async fn echo_server(python: &std::path::Path, name: &str, dir: &std::path::Path) -> anyhow::Result<(Peer, u16)> {
+async fn echo_server(
+    python: &std::path::Path,
+    name: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Peer, u16)> {
     let port = free_port();
     let script = workspace_root().join("e2e/grpc/echo_server.py");
-    let mut peer = Peer::spawn(
-        Command::new(python).arg(&script).arg(port.to_string()).arg(name),
+    let peer = Peer::spawn(
+        Command::new(python)
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(name),
         dir.join(format!("{name}.log")),
     )?;
-    eventually(Duration::from_secs(20), "the gRPC server to start", || async {
-        peer.log_text().contains("ready").then_some(())
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the gRPC server to start",
+        || async { peer.log_text().contains("ready").then_some(()) },
+    )
     .await
     .map_err(|e| anyhow::anyhow!("{e}: {}", peer.log_text()))?;
     let _ = peer.child.id();
@@ -28,7 +37,9 @@ async fn echo_server(python: &std::path::Path, name: &str, dir: &std::path::Path
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_client_reaches_backends_through_xds() -> anyhow::Result<()> {
-    let Some(python) = peer("MESH_PYTHON", "python") else { return Ok(()) };
+    let Some(python) = peer("MESH_PYTHON", "python") else {
+        return Ok(());
+    };
     let dir = tempfile::tempdir()?;
     let (_v1, p1) = echo_server(&python, "echo-v1", dir.path()).await?;
     let (_v2, p2) = echo_server(&python, "echo-v2", dir.path()).await?;
@@ -77,7 +88,9 @@ spec:
     let target = "xds:///echo.default.svc.cluster.local:7070";
     let call = |method: &'static str| {
         let mut cmd = Command::new(&python);
-        cmd.arg(&client).args([target, method, "5"]).env("GRPC_XDS_BOOTSTRAP", &bootstrap);
+        cmd.arg(&client)
+            .args([target, method, "5"])
+            .env("GRPC_XDS_BOOTSTRAP", &bootstrap);
         cmd
     };
     for (method, want) in [
@@ -86,13 +99,20 @@ spec:
     ] {
         let out = tokio::time::timeout(Duration::from_secs(60), call(method).output()).await??;
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "client failed for {method}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "client failed for {method}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let lines: Vec<&str> = stdout.lines().collect();
         assert_eq!(lines, vec![want; 5], "{method}");
     }
     // The client really spoke xDS to us and acknowledged every type.
     let node_seen = ctl.hub.metrics.encode();
-    assert!(node_seen.contains("mesh_controller_xds_pushes_total{xds_type=\"LDS\"}"), "{node_seen}");
+    assert!(
+        node_seen.contains("mesh_controller_xds_pushes_total{xds_type=\"LDS\"}"),
+        "{node_seen}"
+    );
     let _ = BufReader::new(tokio::io::empty()).lines();
     Ok(())
 }

@@ -197,7 +197,8 @@ mod tests {
     #[test]
     fn rejects_invalid() {
         let long = format!("spiffe://td/{}", "a".repeat(MAX_LEN));
-        let cases: &[(&str, fn(&SpiffeIdError) -> bool)] = &[
+        type Check = fn(&SpiffeIdError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, SpiffeIdError::Empty(_))),
             ("http://td/x", |e| matches!(e, SpiffeIdError::Scheme(_))),
             ("spiffe:///x", |e| {

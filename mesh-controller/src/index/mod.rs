@@ -28,6 +28,9 @@ pub use self::model::{
 use self::routes::{BackendRef, RouteSpec, match_precedence};
 use crate::objects::{DocError, Kind, ObjKey, Object};
 
+/// Consumer routes of one Service port, by client namespace.
+type ConsumerRoutes = BTreeMap<String, Arc<Vec<RouteEntry>>>;
+
 #[derive(Clone, Debug, PartialEq)]
 struct ServiceInfo {
     cluster_ip: Option<IpAddr>,
@@ -389,8 +392,7 @@ impl Index {
             });
             Arc::new(entries.into_iter().map(|(_, _, _, e)| e).collect())
         };
-        let mut consumer_by_port: HashMap<(SvcKey, u16), BTreeMap<String, Arc<Vec<RouteEntry>>>> =
-            HashMap::new();
+        let mut consumer_by_port: HashMap<(SvcKey, u16), ConsumerRoutes> = HashMap::new();
         for ((svc, port, ns), entries) in consumer {
             consumer_by_port
                 .entry((svc, port))

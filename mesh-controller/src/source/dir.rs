@@ -111,7 +111,7 @@ impl DirSource {
             Err(err) => {
                 // The YAML itself is broken, so no document can be told apart: keep them all.
                 warn!(%err, "manifest refused");
-                self.errors.set(&source, vec![err]);
+                self.errors.set(&source, vec![*err]);
                 return;
             }
         };
@@ -356,22 +356,21 @@ fn list_manifests(root: &Path) -> Result<BTreeSet<PathBuf>, DirError> {
 }
 
 /// Splits a file into documents and parses each. `Err` when the YAML stream itself is broken.
-fn parse_file(text: &str, source: &str) -> Result<Vec<Doc>, ManifestError> {
+fn parse_file(text: &str, source: &str) -> Result<Vec<Doc>, Box<ManifestError>> {
     let mut out = Vec::new();
-    let mut number = 0;
-    for de in serde_yaml::Deserializer::from_str(text) {
-        number += 1;
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let number = i + 1;
         let value = match serde_json::Value::deserialize(de) {
             Ok(v) => v,
             Err(e) => {
-                return Err(ManifestError {
+                return Err(Box::new(ManifestError {
                     source: source.to_string(),
                     document: number,
                     kind: None,
                     name: None,
                     field: String::new(),
                     reason: format!("invalid YAML: {e}"),
-                });
+                }));
             }
         };
         if value.is_null() {

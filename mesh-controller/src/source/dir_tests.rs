@@ -1,1 +1,288 @@
+use super::*;
+use crate::index::{RouteAction, SvcKey};
+use crate::objects::Kind;
+use crate::testing::{service_yaml, slice_yaml, split_yaml};
 
+struct Fixture {
+    dir: tempfile::TempDir,
+    index: Arc<Mutex<Index>>,
+    errors: ConfigErrors,
+    source: DirSource,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = Arc::new(Mutex::new(Index::new("cluster.local")));
+    let errors = ConfigErrors::default();
+    let source = DirSource::new(dir.path(), index.clone(), errors.clone());
+    Fixture {
+        dir,
+        index,
+        errors,
+        source,
+    }
+}
+
+impl Fixture {
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, text).expect("write");
+        std::fs::canonicalize(&p).expect("canonical")
+    }
+
+    fn services(&self) -> Vec<String> {
+        let m = self.index.lock().expect("lock").model();
+        m.services.keys().map(|k| k.to_string()).collect()
+    }
+
+    fn weights(&self) -> Vec<u32> {
+        let m = self.index.lock().expect("lock").model();
+        match &m.services[&SvcKey::new("default", "reviews")].ports[0].routes[0].action {
+            RouteAction::Forward(b) => b.iter().map(|b| b.weight).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn good_files(f: &Fixture) -> PathBuf {
+    f.write(
+        "services.yaml",
+        &[
+            service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+            service_yaml("default", "reviews-v1", "10.96.0.11", &[("http", 9080)]),
+            service_yaml("default", "reviews-v2", "10.96.0.12", &[("http", 9080)]),
+        ]
+        .join("---\n"),
+    );
+    f.write(
+        "nested/dir/slice.yml",
+        &slice_yaml("default", "reviews-v1", "http", 8080, &["10.0.0.1"]),
+    );
+    f.write(".hidden.yaml", "this: [is not read");
+    f.write("notes.txt", "not a manifest");
+    f.write(
+        "route.yaml",
+        &split_yaml(
+            "default",
+            "reviews",
+            "reviews",
+            9080,
+            &[("reviews-v1", 90), ("reviews-v2", 10)],
+        ),
+    )
+}
+
+#[test]
+fn reads_multi_document_files_recursively() {
+    let mut f = fixture();
+    good_files(&f);
+    f.source.load_all().expect("load");
+    assert_eq!(
+        f.services(),
+        vec![
+            "default/reviews",
+            "default/reviews-v1",
+            "default/reviews-v2"
+        ]
+    );
+    assert_eq!(f.weights(), vec![90, 10]);
+    assert!(f.errors.all().is_empty(), "{:?}", f.errors.all());
+    let counts = f.index.lock().expect("lock").counts();
+    assert_eq!(counts[&Kind::EndpointSlice], 1);
+}
+
+#[test]
+fn a_malformed_manifest_among_good_ones() {
+    let mut f = fixture();
+    let route = good_files(&f);
+    f.source.load_all().expect("load");
+    // A second file: one good Service, one with a bad port, one that is not YAML of an object.
+    f.write(
+        "more.yaml",
+        &[
+            service_yaml("default", "ratings", "10.96.0.20", &[("http", 9080)]),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: broken}\nspec: {ports: [{port: eighty}]}\n".to_string(),
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: cm}\n".to_string(),
+        ]
+        .join("---\n"),
+    );
+    // The route gets a bad weight: its last good version must stay.
+    std::fs::write(
+        &route,
+        split_yaml(
+            "default",
+            "reviews",
+            "reviews",
+            9080,
+            &[("reviews-v1", 90), ("reviews-v2", 10)],
+        )
+        .replace("weight: 10", "weight: 2000000"),
+    )
+    .expect("write");
+    f.source.load_all().expect("load");
+
+    assert!(
+        f.services().contains(&"default/ratings".to_string()),
+        "good documents are served"
+    );
+    assert!(!f.services().contains(&"default/broken".to_string()));
+    assert_eq!(f.weights(), vec![90, 10], "last good route kept");
+    let errs = f.errors.all();
+    let summary: Vec<(String, usize, String)> = errs
+        .iter()
+        .map(|e| {
+            (
+                Path::new(&e.source)
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string(),
+                e.document,
+                e.field.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("more.yaml".into(), 2, "spec.ports[0].port".into()),
+            ("more.yaml".into(), 3, "kind".into()),
+            (
+                "route.yaml".into(),
+                1,
+                "spec.rules[0].backendRefs[1].weight".into()
+            ),
+        ]
+    );
+    assert!(
+        errs[2]
+            .reason
+            .contains("invalid weight 2000000 for backend reviews-v2"),
+        "{}",
+        errs[2].reason
+    );
+    assert_eq!(
+        errs[0].to_string().split(": ").nth(1),
+        Some("field spec.ports[0].port")
+    );
+
+    // Fixing the file clears its error and applies the new version.
+    std::fs::write(
+        &route,
+        split_yaml(
+            "default",
+            "reviews",
+            "reviews",
+            9080,
+            &[("reviews-v1", 0), ("reviews-v2", 100)],
+        ),
+    )
+    .expect("write");
+    f.source.reload(&route);
+    assert_eq!(f.weights(), vec![100]);
+    assert_eq!(f.errors.all().len(), 2);
+}
+
+#[test]
+fn broken_yaml_keeps_the_whole_file() {
+    let mut f = fixture();
+    let route = good_files(&f);
+    f.source.load_all().expect("load");
+    std::fs::write(&route, "apiVersion: [unclosed\n").expect("write");
+    f.source.reload(&route);
+    assert_eq!(f.weights(), vec![90, 10]);
+    let errs = f.errors.all();
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].reason.starts_with("invalid YAML"), "{errs:?}");
+}
+
+#[test]
+fn deleting_a_file_or_a_document_deletes_its_objects() {
+    let mut f = fixture();
+    good_files(&f);
+    f.source.load_all().expect("load");
+    let services = f.write(
+        "services.yaml",
+        &service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+    );
+    f.source.reload(&services);
+    assert_eq!(f.services(), vec!["default/reviews"]);
+    std::fs::remove_file(&services).expect("rm");
+    f.source.reload(&services);
+    assert!(f.services().is_empty());
+    // A directory removed as a whole is noticed by the rescan.
+    std::fs::remove_dir_all(f.dir.path().join("nested")).expect("rm");
+    f.source.load_all().expect("load");
+    assert_eq!(
+        f.index.lock().expect("lock").counts()[&Kind::EndpointSlice],
+        0
+    );
+}
+
+#[test]
+fn an_object_defined_twice_is_reported_and_handed_over() {
+    let mut f = fixture();
+    let a = f.write(
+        "a.yaml",
+        &service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+    );
+    f.write(
+        "b.yaml",
+        &service_yaml("default", "reviews", "10.96.0.99", &[("http", 9080)]),
+    );
+    f.source.load_all().expect("load");
+    let errs = f.errors.all();
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].source.ends_with("b.yaml") && errs[0].reason.contains("already defined in"),
+        "{errs:?}"
+    );
+    // a.yaml goes: b.yaml's version takes over.
+    std::fs::remove_file(&a).expect("rm");
+    f.source.reload(&a);
+    let m = f.index.lock().expect("lock").model();
+    assert_eq!(
+        m.services[&SvcKey::new("default", "reviews")].cluster_ip,
+        Some("10.96.0.99".parse().expect("ip"))
+    );
+    assert!(f.errors.all().is_empty());
+}
+
+#[tokio::test]
+async fn watch_follows_edits_live() {
+    let f = fixture();
+    let route = good_files(&f);
+    let index = f.index.clone();
+    let mut rx = index.lock().expect("lock").subscribe();
+    let _handle = f.source.watch().expect("watch");
+    assert_eq!(index.lock().expect("lock").model().services.len(), 3);
+    rx.borrow_and_update();
+    std::fs::write(
+        &route,
+        split_yaml(
+            "default",
+            "reviews",
+            "reviews",
+            9080,
+            &[("reviews-v1", 50), ("reviews-v2", 50)],
+        ),
+    )
+    .expect("write");
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            rx.changed().await.expect("index alive");
+            let m = index.lock().expect("lock").model();
+            if let RouteAction::Forward(b) =
+                &m.services[&SvcKey::new("default", "reviews")].ports[0].routes[0].action
+                && b.iter().map(|b| b.weight).collect::<Vec<_>>() == vec![50, 50]
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the edit reached the index");
+}

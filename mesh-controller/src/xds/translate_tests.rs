@@ -1,1 +1,438 @@
+use super::*;
+use crate::index::Index;
+use crate::testing::{obj, service_yaml, slice_yaml, split_yaml};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use prost::Message;
 
+fn index() -> Index {
+    let mut idx = Index::new("cluster.local");
+    for (ns, name, ip, ports) in [
+        ("default", "reviews", "10.96.0.10", vec![("http", 9080)]),
+        ("default", "reviews-v1", "10.96.0.11", vec![("http", 9080)]),
+        ("default", "reviews-v2", "10.96.0.12", vec![("http", 9080)]),
+        (
+            "default",
+            "web",
+            "10.96.0.30",
+            vec![("http", 80), ("grpc-admin", 9000)],
+        ),
+        ("shop", "cart", "10.96.1.10", vec![("http", 8080)]),
+        ("shop", "db", "10.96.1.11", vec![("tcp-pg", 5432)]),
+    ] {
+        idx.apply(obj(&service_yaml(ns, name, ip, &ports)))
+            .expect("svc");
+    }
+    idx.apply(obj(&slice_yaml(
+        "default",
+        "reviews-v1",
+        "http",
+        9081,
+        &["10.0.1.1", "10.0.1.2"],
+    )))
+    .expect("slice");
+    idx
+}
+
+fn decode<M: Message + Default>(r: &Resource) -> M {
+    M::decode(r.any.value.as_slice()).expect("decodes")
+}
+
+fn proxy(ns: &str, transparent: bool) -> ProxyId {
+    ProxyId {
+        namespace: ns.into(),
+        name: "client-0".into(),
+        settings: ListenerSettings {
+            transparent,
+            ..Default::default()
+        },
+    }
+}
+
+fn outbound_http(view: &ProxyView) -> RouteConfiguration {
+    decode(
+        view.get(ResourceType::Route, names::OUTBOUND_HTTP_ROUTE)
+            .expect("outbound_http route"),
+    )
+}
+
+fn vhost<'a>(rc: &'a RouteConfiguration, name: &str) -> &'a VirtualHost {
+    rc.virtual_hosts
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no vhost {name}"))
+}
+
+#[test]
+fn host_names_on_the_explicit_listener() {
+    let mut idx = index();
+    let mut t = Translator::new(idx.model());
+    let rc = outbound_http(&t.view(&proxy("default", false)));
+    let reviews = vhost(&rc, "reviews.default.svc.cluster.local:9080");
+    assert_eq!(
+        reviews.domains,
+        vec![
+            "reviews.default.svc.cluster.local:9080",
+            "reviews.default.svc:9080",
+            "reviews.default:9080",
+            "reviews:9080",
+            "reviews.default.svc.cluster.local",
+            "reviews.default.svc",
+            "reviews.default",
+            "reviews",
+            "10.96.0.10:9080",
+            "10.96.0.10",
+        ]
+    );
+    // Two ports: the bare names belong to port 80 only.
+    let web80 = vhost(&rc, "web.default.svc.cluster.local:80");
+    assert!(web80.domains.contains(&"web".to_string()));
+    let web9000 = vhost(&rc, "web.default.svc.cluster.local:9000");
+    assert!(
+        !web9000.domains.iter().any(|d| !d.contains(':')),
+        "{:?}",
+        web9000.domains
+    );
+    // Short names only for the proxy's own namespace; TCP ports are not on the HTTP listener.
+    let cart = vhost(&rc, "cart.shop.svc.cluster.local:8080");
+    assert!(
+        !cart
+            .domains
+            .iter()
+            .any(|d| d.starts_with("cart:") || d == "cart"),
+        "{:?}",
+        cart.domains
+    );
+    assert!(rc.virtual_hosts.iter().all(|v| !v.name.starts_with("db.")));
+    let shop = outbound_http(&t.view(&proxy("shop", false)));
+    assert!(
+        vhost(&shop, "cart.shop.svc.cluster.local:8080")
+            .domains
+            .contains(&"cart:8080".to_string())
+    );
+    // No domain appears twice in one RouteConfiguration (Envoy would refuse it).
+    let mut all: Vec<&String> = rc.virtual_hosts.iter().flat_map(|v| &v.domains).collect();
+    let n = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), n);
+}
+
+#[test]
+fn routes_become_envoy_routes_in_order() {
+    let mut idx = index();
+    idx.apply(obj("apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    timeouts: {request: 3s}
+    backendRefs: [{name: reviews-v1, port: 9080, weight: 90}, {name: ghost, port: 9080, weight: 10}]
+  - backendRefs: [{name: reviews-v2, port: 9080}]
+"))
+        .expect("route");
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&proxy("default", false));
+    let rc: RouteConfiguration = decode(
+        view.get(
+            ResourceType::Route,
+            "reviews.default.svc.cluster.local:9080",
+        )
+        .expect("rc"),
+    );
+    let routes = &rc.virtual_hosts[0].routes;
+    let paths: Vec<_> = routes
+        .iter()
+        .map(|r| r.r#match.as_ref().and_then(|m| m.path_specifier.clone()))
+        .collect();
+    assert_eq!(
+        paths,
+        vec![
+            Some(route_match::PathSpecifier::Path("/api".into())),
+            Some(route_match::PathSpecifier::Prefix("/api/".into())),
+            Some(route_match::PathSpecifier::Prefix("/".into())),
+        ]
+    );
+    let Some(route::Action::Route(a)) = &routes[0].action else {
+        panic!("forward")
+    };
+    assert_eq!(
+        a.timeout,
+        Some(PbDuration {
+            seconds: 3,
+            nanos: 0
+        })
+    );
+    let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &a.cluster_specifier else {
+        panic!("weighted")
+    };
+    let split: Vec<(String, u32)> = w
+        .clusters
+        .iter()
+        .map(|c| {
+            (
+                c.name.clone(),
+                c.weight.clone().map(|w| w.value).unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        split,
+        vec![
+            (
+                "outbound|9080||reviews-v1.default.svc.cluster.local".into(),
+                90
+            ),
+            (names::BLACKHOLE_CLUSTER.into(), 10)
+        ]
+    );
+    let Some(route::Action::Route(a)) = &routes[2].action else {
+        panic!("forward")
+    };
+    assert_eq!(
+        a.cluster_specifier,
+        Some(route_action::ClusterSpecifier::Cluster(
+            "outbound|9080||reviews-v2.default.svc.cluster.local".into()
+        ))
+    );
+    assert_eq!(
+        a.timeout,
+        Some(PbDuration::default()),
+        "no timeout means none, not Envoy's 15 s"
+    );
+}
+
+#[test]
+fn clusters_endpoints_and_api_listeners() {
+    let mut idx = index();
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&proxy("default", false));
+    let cla: ClusterLoadAssignment = decode(
+        view.get(
+            ResourceType::Endpoint,
+            "outbound|9080||reviews-v1.default.svc.cluster.local",
+        )
+        .expect("cla"),
+    );
+    assert_eq!(
+        cla.endpoints[0].load_balancing_weight,
+        u32v(1),
+        "gRPC drops localities without weight"
+    );
+    assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
+    let cluster: Cluster = decode(
+        view.get(
+            ResourceType::Cluster,
+            "outbound|9000||web.default.svc.cluster.local",
+        )
+        .expect("cluster"),
+    );
+    assert!(
+        cluster
+            .typed_extension_protocol_options
+            .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
+        "grpc port speaks HTTP/2 upstream"
+    );
+    // API listeners are there by name but not in a wildcard.
+    assert!(
+        view.get(
+            ResourceType::Listener,
+            "reviews.default.svc.cluster.local:9080"
+        )
+        .is_some()
+    );
+    let wildcard: Vec<&str> = view
+        .wildcard(ResourceType::Listener)
+        .keys()
+        .copied()
+        .collect();
+    assert_eq!(wildcard, vec![names::OUTBOUND_HTTP_LISTENER]);
+    let api: Listener = decode(
+        view.get(
+            ResourceType::Listener,
+            "reviews.default.svc.cluster.local:9080",
+        )
+        .expect("api"),
+    );
+    let hcm = HttpConnectionManager::decode(
+        api.api_listener
+            .and_then(|a| a.api_listener)
+            .expect("hcm")
+            .value
+            .as_slice(),
+    )
+    .expect("hcm");
+    assert_eq!(
+        hcm.http_filters.last().map(|f| f.name.as_str()),
+        Some("envoy.filters.http.router"),
+        "gRPC needs the router filter"
+    );
+}
+
+#[test]
+fn unchanged_services_reuse_their_resources() {
+    let mut idx = index();
+    let mut t = Translator::new(idx.model());
+    let before = t.view(&proxy("default", false));
+    idx.apply(obj(&slice_yaml(
+        "default",
+        "reviews-v1",
+        "http",
+        9081,
+        &["10.0.1.1"],
+    )))
+    .expect("slice");
+    t.update(idx.model());
+    let after = t.view(&proxy("default", false));
+    let get = |v: &ProxyView, ty, n: &str| v.get(ty, n).expect(n).clone();
+    let v2 = "outbound|9080||reviews-v2.default.svc.cluster.local";
+    let v1 = "outbound|9080||reviews-v1.default.svc.cluster.local";
+    assert!(Arc::ptr_eq(
+        &get(&before, ResourceType::Endpoint, v2),
+        &get(&after, ResourceType::Endpoint, v2)
+    ));
+    assert_ne!(
+        get(&before, ResourceType::Endpoint, v1).version,
+        get(&after, ResourceType::Endpoint, v1).version
+    );
+    assert_eq!(
+        get(&before, ResourceType::Cluster, v1).version,
+        get(&after, ResourceType::Cluster, v1).version,
+        "same bytes, same version"
+    );
+}
+
+#[test]
+fn transparent_proxies_get_filter_chains_per_vip_and_inbound_ports() {
+    let mut idx = index();
+    idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: client-0, namespace: default, labels: {app: web}}\nspec: {containers: [{name: app, ports: [{name: http, containerPort: 8000}]}]}\nstatus: {podIP: 10.0.9.9}\n")).expect("pod");
+    let mut svc = service_yaml(
+        "default",
+        "web",
+        "10.96.0.30",
+        &[("http", 80), ("grpc-admin", 9000)],
+    );
+    svc = svc.replace(
+        "{name: 'http', port: 80, protocol: TCP}",
+        "{name: 'http', port: 80, protocol: TCP, targetPort: http}",
+    );
+    idx.apply(obj(&svc)).expect("svc");
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&proxy("default", true));
+    let out: Listener = decode(
+        view.get(ResourceType::Listener, names::OUTBOUND_LISTENER)
+            .expect("outbound"),
+    );
+    let chain = out
+        .filter_chains
+        .iter()
+        .find(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .is_some_and(|m| m.prefix_ranges[0].address_prefix == "10.96.1.11")
+        })
+        .expect("db chain");
+    assert_eq!(
+        chain.filters[0].name, "envoy.filters.network.tcp_proxy",
+        "declared TCP"
+    );
+    assert_eq!(
+        chain
+            .filter_chain_match
+            .as_ref()
+            .and_then(|m| m.destination_port.clone()),
+        u32v(5432)
+    );
+    assert!(
+        out.default_filter_chain.is_some(),
+        "unknown destinations pass through"
+    );
+    let inbound: Listener = decode(
+        view.get(ResourceType::Listener, names::INBOUND_LISTENER)
+            .expect("inbound"),
+    );
+    let ports: Vec<u32> = inbound
+        .filter_chains
+        .iter()
+        .filter_map(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .and_then(|m| m.destination_port.clone())
+                .map(|p| p.value)
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        vec![8000, 9000],
+        "named targetPort resolved through the pod's container ports"
+    );
+    assert!(view.get(ResourceType::Cluster, "inbound|8000||").is_some());
+    // A split routes the same way through the transparent listener's route config.
+    idx.apply(obj(&split_yaml(
+        "default",
+        "r",
+        "reviews",
+        9080,
+        &[("reviews-v2", 1)],
+    )))
+    .expect("route");
+    t.update(idx.model());
+    let view = t.view(&proxy("default", true));
+    let rc: RouteConfiguration = decode(
+        view.get(
+            ResourceType::Route,
+            "reviews.default.svc.cluster.local:9080",
+        )
+        .expect("rc"),
+    );
+    assert_eq!(rc.virtual_hosts[0].routes.len(), 1);
+}
+
+#[test]
+fn consumer_routes_get_their_own_route_config() {
+    let mut idx = index();
+    idx.apply(obj(&service_yaml(
+        "shop",
+        "reviews-canary",
+        "10.96.1.50",
+        &[("http", 9080)],
+    )))
+    .expect("svc");
+    let route = split_yaml("shop", "r", "reviews", 9080, &[("reviews-canary", 1)]).replace(
+        "name: reviews, port",
+        "name: reviews, namespace: default, port",
+    );
+    idx.apply(obj(&route)).expect("route");
+    let mut t = Translator::new(idx.model());
+    let shop = outbound_http(&t.view(&proxy("shop", false)));
+    let default = outbound_http(&t.view(&proxy("default", false)));
+    let first_cluster =
+        |rc: &RouteConfiguration| match &vhost(rc, "reviews.default.svc.cluster.local:9080").routes
+            [0]
+        .action
+        {
+            Some(route::Action::Route(a)) => a.cluster_specifier.clone(),
+            other => panic!("{other:?}"),
+        };
+    assert_eq!(
+        first_cluster(&shop),
+        Some(route_action::ClusterSpecifier::Cluster(
+            "outbound|9080||reviews-canary.shop.svc.cluster.local".into()
+        ))
+    );
+    assert_eq!(
+        first_cluster(&default),
+        Some(route_action::ClusterSpecifier::Cluster(
+            "outbound|9080||reviews.default.svc.cluster.local".into()
+        ))
+    );
+    assert!(
+        t.view(&proxy("shop", true))
+            .get(
+                ResourceType::Route,
+                "reviews.default.svc.cluster.local:9080@shop"
+            )
+            .is_some()
+    );
+}
