@@ -22,7 +22,10 @@ use tonic::Streaming;
 const CLA: ResourceType = ResourceType::Endpoint;
 
 fn node(id: &str) -> Option<Node> {
-    Some(Node { id: id.into(), ..Default::default() })
+    Some(Node {
+        id: id.into(),
+        ..Default::default()
+    })
 }
 
 async fn controller() -> (tempfile::TempDir, Controller) {
@@ -37,7 +40,9 @@ async fn controller() -> (tempfile::TempDir, Controller) {
         .join("---\n"),
     )
     .expect("write");
-    let ctl = Controller::start(Config::local(dir.path())).await.expect("controller");
+    let ctl = Controller::start(Config::local(dir.path()))
+        .await
+        .expect("controller");
     (dir, ctl)
 }
 
@@ -54,14 +59,27 @@ fn names(r: &DiscoveryResponse) -> Vec<String> {
     r.resources
         .iter()
         .map(|a| match ResourceType::from_type_url(&a.type_url) {
-            Some(ResourceType::Cluster) => envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(a.value.as_slice()).expect("cluster").name,
-            Some(ResourceType::Endpoint) => envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(a.value.as_slice()).expect("cla").cluster_name,
+            Some(ResourceType::Cluster) => {
+                envoy_types::pb::envoy::config::cluster::v3::Cluster::decode(a.value.as_slice())
+                    .expect("cluster")
+                    .name
+            }
+            Some(ResourceType::Endpoint) => {
+                envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+                    a.value.as_slice(),
+                )
+                .expect("cla")
+                .cluster_name
+            }
             other => panic!("unexpected {other:?}"),
         })
         .collect()
 }
 
-fn status_of(ctl: &Controller, ty: ResourceType) -> Option<mesh_controller::xds::status::TypeStatus> {
+fn status_of(
+    ctl: &Controller,
+    ty: ResourceType,
+) -> Option<mesh_controller::xds::status::TypeStatus> {
     ctl.hub.status.snapshot().first()?.types.get(&ty).cloned()
 }
 
@@ -78,51 +96,129 @@ async fn wait_state(ctl: &Controller, ty: ResourceType, state: SyncState) {
 #[tokio::test]
 async fn sotw_ack_nack_and_push_on_change() {
     let (dir, ctl) = controller().await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr)).await.expect("connect");
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr))
+        .await
+        .expect("connect");
     let (tx, rx) = mpsc::channel(8);
-    let mut resp = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    let mut resp = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
 
     // Wildcard CDS.
-    tx.send(DiscoveryRequest { node: node("default/p1"), type_url: ResourceType::Cluster.type_url(), ..Default::default() }).await.expect("send");
+    tx.send(DiscoveryRequest {
+        node: node("default/p1"),
+        type_url: ResourceType::Cluster.type_url(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
     let cds = next(&mut resp).await;
     let mut got = names(&cds);
     got.sort();
-    assert_eq!(got, vec!["BlackHoleCluster", "PassthroughCluster", "outbound|80||a.default.svc.cluster.local", "outbound|80||b.default.svc.cluster.local"]);
-    tx.send(DiscoveryRequest { type_url: cds.type_url.clone(), version_info: cds.version_info.clone(), response_nonce: cds.nonce.clone(), ..Default::default() }).await.expect("ack");
+    assert_eq!(
+        got,
+        vec![
+            "BlackHoleCluster",
+            "PassthroughCluster",
+            "outbound|80||a.default.svc.cluster.local",
+            "outbound|80||b.default.svc.cluster.local"
+        ]
+    );
+    tx.send(DiscoveryRequest {
+        type_url: cds.type_url.clone(),
+        version_info: cds.version_info.clone(),
+        response_nonce: cds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ack");
     wait_state(&ctl, ResourceType::Cluster, SyncState::Synced).await;
 
     // EDS by name; NACK it.
     let a = "outbound|80||a.default.svc.cluster.local".to_string();
-    tx.send(DiscoveryRequest { type_url: CLA.type_url(), resource_names: vec![a.clone(), "nope".into()], ..Default::default() }).await.expect("send");
+    tx.send(DiscoveryRequest {
+        type_url: CLA.type_url(),
+        resource_names: vec![a.clone(), "nope".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
     let eds = next(&mut resp).await;
-    assert_eq!(names(&eds), vec![a.clone()], "only what exists of what was asked");
+    assert_eq!(
+        names(&eds),
+        vec![a.clone()],
+        "only what exists of what was asked"
+    );
     tx.send(DiscoveryRequest {
         type_url: eds.type_url.clone(),
         version_info: String::new(),
         resource_names: vec![a.clone(), "nope".into()],
         response_nonce: eds.nonce.clone(),
-        error_detail: Some(RpcStatus { code: 3, message: "endpoint a: unsupported field".into(), details: vec![] }),
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "endpoint a: unsupported field".into(),
+            details: vec![],
+        }),
         ..Default::default()
     })
     .await
     .expect("nack");
     wait_state(&ctl, CLA, SyncState::Nacked).await;
-    assert_eq!(status_of(&ctl, CLA).and_then(|s| s.error).as_deref(), Some("endpoint a: unsupported field"));
-    assert!(ctl.hub.metrics.encode().contains("mesh_controller_xds_nacks_total{xds_type=\"EDS\"} 1"));
+    assert_eq!(
+        status_of(&ctl, CLA).and_then(|s| s.error).as_deref(),
+        Some("endpoint a: unsupported field")
+    );
+    assert!(
+        ctl.hub
+            .metrics
+            .encode()
+            .contains("mesh_controller_xds_nacks_total{xds_type=\"EDS\"} 1")
+    );
 
     // A stale nonce is ignored (no response), and a change pushes a new EDS response.
-    tx.send(DiscoveryRequest { type_url: CLA.type_url(), resource_names: vec![a.clone()], response_nonce: "stale".into(), ..Default::default() }).await.expect("send");
+    tx.send(DiscoveryRequest {
+        type_url: CLA.type_url(),
+        resource_names: vec![a.clone()],
+        response_nonce: "stale".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
     let asked = vec![a.clone(), "nope".to_string()];
-    std::fs::write(dir.path().join("more.yaml"), slice_yaml("default", "a", "http", 8080, &["10.0.0.2"]).replace("a-abc", "a-def")).expect("write");
+    std::fs::write(
+        dir.path().join("more.yaml"),
+        slice_yaml("default", "a", "http", 8080, &["10.0.0.2"]).replace("a-abc", "a-def"),
+    )
+    .expect("write");
     let pushed = next(&mut resp).await;
-    assert_eq!(pushed.type_url, CLA.type_url(), "the stale request got no answer; the change did");
+    assert_eq!(
+        pushed.type_url,
+        CLA.type_url(),
+        "the stale request got no answer; the change did"
+    );
     assert_ne!(pushed.version_info, eds.version_info);
     use prost::Message;
-    let cla = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(pushed.resources[0].value.as_slice()).expect("cla");
+    let cla = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+        pushed.resources[0].value.as_slice(),
+    )
+    .expect("cla");
     assert_eq!(cla.endpoints[0].lb_endpoints.len(), 2);
-    tx.send(DiscoveryRequest { type_url: CLA.type_url(), version_info: pushed.version_info.clone(), resource_names: asked, response_nonce: pushed.nonce.clone(), ..Default::default() }).await.expect("ack");
+    tx.send(DiscoveryRequest {
+        type_url: CLA.type_url(),
+        version_info: pushed.version_info.clone(),
+        resource_names: asked,
+        response_nonce: pushed.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ack");
     wait_state(&ctl, CLA, SyncState::Synced).await;
-    assert_eq!(status_of(&ctl, CLA).map(|s| s.acked_version), Some(pushed.version_info));
+    assert_eq!(
+        status_of(&ctl, CLA).map(|s| s.acked_version),
+        Some(pushed.version_info)
+    );
 }
 
 async fn delta_next(s: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
@@ -132,47 +228,128 @@ async fn delta_next(s: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscovery
 #[tokio::test]
 async fn delta_sends_only_changes_and_removals() {
     let (dir, ctl) = controller().await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr)).await.expect("connect");
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr))
+        .await
+        .expect("connect");
     let (tx, rx) = mpsc::channel(8);
-    let mut resp = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.expect("stream").into_inner();
+    let mut resp = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
     let b = "outbound|80||b.default.svc.cluster.local";
 
     // Wildcard CDS, telling the server the client already holds b's current cluster.
     let mut known = std::collections::HashMap::new();
-    let view = ctl.hub.view(&mesh_controller::xds::server::proxy_id(&Node { id: "default/d1".into(), ..Default::default() }).expect("id"));
-    known.insert(b.to_string(), view.get(ResourceType::Cluster, b).expect("b").version.clone());
-    tx.send(DeltaDiscoveryRequest { node: node("default/d1"), type_url: ResourceType::Cluster.type_url(), initial_resource_versions: known, ..Default::default() }).await.expect("send");
+    let view = ctl.hub.view(
+        &mesh_controller::xds::server::proxy_id(&Node {
+            id: "default/d1".into(),
+            ..Default::default()
+        })
+        .expect("id"),
+    );
+    known.insert(
+        b.to_string(),
+        view.get(ResourceType::Cluster, b)
+            .expect("b")
+            .version
+            .clone(),
+    );
+    tx.send(DeltaDiscoveryRequest {
+        node: node("default/d1"),
+        type_url: ResourceType::Cluster.type_url(),
+        initial_resource_versions: known,
+        ..Default::default()
+    })
+    .await
+    .expect("send");
     let first = delta_next(&mut resp).await;
     let mut got: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
     got.sort();
-    assert_eq!(got, vec!["BlackHoleCluster", "PassthroughCluster", "outbound|80||a.default.svc.cluster.local"], "b is already known");
-    tx.send(DeltaDiscoveryRequest { type_url: first.type_url.clone(), response_nonce: first.nonce.clone(), ..Default::default() }).await.expect("ack");
+    assert_eq!(
+        got,
+        vec![
+            "BlackHoleCluster",
+            "PassthroughCluster",
+            "outbound|80||a.default.svc.cluster.local"
+        ],
+        "b is already known"
+    );
+    tx.send(DeltaDiscoveryRequest {
+        type_url: first.type_url.clone(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ack");
 
     // Service b goes: its cluster is removed.
-    std::fs::write(dir.path().join("svc.yaml"), service_yaml("default", "a", "10.96.0.1", &[("http", 80)])).expect("write");
+    std::fs::write(
+        dir.path().join("svc.yaml"),
+        service_yaml("default", "a", "10.96.0.1", &[("http", 80)]),
+    )
+    .expect("write");
     let removal = delta_next(&mut resp).await;
     assert!(removal.resources.is_empty());
     assert_eq!(removal.removed_resources, vec![b.to_string()]);
-    tx.send(DeltaDiscoveryRequest { type_url: removal.type_url.clone(), response_nonce: removal.nonce.clone(), ..Default::default() }).await.expect("ack");
+    tx.send(DeltaDiscoveryRequest {
+        type_url: removal.type_url.clone(),
+        response_nonce: removal.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ack");
     wait_state(&ctl, ResourceType::Cluster, SyncState::Synced).await;
 
     // Subscribing to an EDS name by name; unsubscribing sends nothing back.
     let a = "outbound|80||a.default.svc.cluster.local";
-    tx.send(DeltaDiscoveryRequest { type_url: CLA.type_url(), resource_names_subscribe: vec![a.into()], ..Default::default() }).await.expect("send");
+    tx.send(DeltaDiscoveryRequest {
+        type_url: CLA.type_url(),
+        resource_names_subscribe: vec![a.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
     let eds = delta_next(&mut resp).await;
-    assert_eq!(eds.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), vec![a]);
+    assert_eq!(
+        eds.resources
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        vec![a]
+    );
     assert_eq!(ctl.hub.status.snapshot()[0].protocol, "delta");
 }
 
 #[tokio::test]
 async fn malformed_node_is_refused_naming_the_field() {
     let (_dir, ctl) = controller().await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr)).await.expect("connect");
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr))
+        .await
+        .expect("connect");
     let (tx, rx) = mpsc::channel(8);
-    let mut resp = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.expect("stream").into_inner();
-    tx.send(DiscoveryRequest { node: node("a/b/c"), type_url: ResourceType::Cluster.type_url(), ..Default::default() }).await.expect("send");
-    let err = tokio::time::timeout(Duration::from_secs(10), resp.next()).await.expect("answer").expect("item").expect_err("refused");
+    let mut resp = client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    tx.send(DiscoveryRequest {
+        node: node("a/b/c"),
+        type_url: ResourceType::Cluster.type_url(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let err = tokio::time::timeout(Duration::from_secs(10), resp.next())
+        .await
+        .expect("answer")
+        .expect("item")
+        .expect_err("refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("node.id \"a/b/c\""), "{}", err.message());
+    assert!(
+        err.message().contains("node.id \"a/b/c\""),
+        "{}",
+        err.message()
+    );
     assert!(ctl.hub.status.snapshot().is_empty());
 }

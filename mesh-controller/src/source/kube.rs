@@ -87,7 +87,7 @@ pub fn apply_event<K>(
     }
 }
 
-async fn watch_kind<K>(api: Api<K>, kind: Kind, wrap: fn(K) -> Object, sink: Sink)
+pub async fn watch_kind<K>(api: Api<K>, kind: Kind, wrap: fn(K) -> Object, sink: Sink)
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
@@ -167,3 +167,7 @@ pub fn spawn_watchers(client: Client, sink: &Sink) -> Vec<tokio::task::JoinHandl
         ),
     ]
 }
+
+#[cfg(test)]
+#[path = "kube_tests.rs"]
+mod tests;
