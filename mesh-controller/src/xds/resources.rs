@@ -76,16 +76,17 @@ pub struct Resource {
 
 impl Resource {
     pub fn new<M: Message + Name>(name: impl Into<String>, msg: &M) -> Arc<Self> {
-        let value = msg.encode_to_vec();
+        Self::from_encoded(name, M::type_url(), msg.encode_to_vec())
+    }
+
+    /// A resource from bytes already encoded as a message of `type_url`.
+    pub fn from_encoded(name: impl Into<String>, type_url: String, value: Vec<u8>) -> Arc<Self> {
         let mut h = std::hash::DefaultHasher::new();
         value.hash(&mut h);
         Arc::new(Self {
             name: name.into(),
             version: format!("{:016x}", h.finish()),
-            any: Any {
-                type_url: M::type_url(),
-                value,
-            },
+            any: Any { type_url, value },
         })
     }
 }

@@ -4,12 +4,15 @@
 //! - global (every proxy): per Service port a Cluster (EDS), its ClusterLoadAssignment, a
 //!   RouteConfiguration `<fqdn>:<port>` and, served only when named, an API listener of the same
 //!   name for proxyless gRPC. Rebuilt only for Services whose model changed.
-//! - per namespace and listener settings: the explicit outbound HTTP listener and its
-//!   RouteConfiguration (one virtual host per Service port, short names for the proxy's own
-//!   namespace), and the transparent outbound listener with a filter chain per Service VIP:port.
+//! - per namespace and listener settings: for proxies without interception, the explicit
+//!   outbound HTTP listener and its RouteConfiguration (one virtual host per Service port, short
+//!   names for the proxy's own namespace); for transparent proxies, the outbound listener with a
+//!   filter chain per Service VIP:port. Both are large at scale, so each Service's virtual hosts
+//!   and filter chains are encoded once with its global resources and the layer is assembled by
+//!   concatenating them (a repeated protobuf field may be written piece by piece).
 //! - per pod: the transparent inbound listener with a filter chain per port the pod serves.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +52,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use mesh_api::consts::{ports, xds as names};
-use prost::Name;
+use prost::{Message, Name};
 use serde::Serialize;
 
 use super::resources::{ProxyView, Resource, ResourceType, Resources};
@@ -89,18 +92,30 @@ pub struct ProxyId {
     pub settings: ListenerSettings,
 }
 
-/// Resources built for one Service.
+/// Resources built for one Service, and its encoded pieces of the per-namespace layers.
 #[derive(Debug, Default)]
 struct ServiceResources {
     global: Vec<(ResourceType, Arc<Resource>)>,
     api_listeners: Vec<Arc<Resource>>,
+    /// Whether this Service owns its VIP (the first Service in name order to claim it); only the
+    /// owner gets the VIP's filter chains and `VIP:port` host names.
+    owns_vip: bool,
+    /// `virtualOutbound` filter chains (encoded `Listener.filter_chains` entries), with the
+    /// producer routes.
+    chains: Vec<u8>,
+    /// `outbound_http` virtual hosts (encoded `RouteConfiguration.virtual_hosts` entries), with
+    /// producer routes: for proxies in other namespaces, and in the Service's own (short names).
+    vhosts_remote: Vec<u8>,
+    vhosts_local: Vec<u8>,
 }
+
+type ServiceCache = BTreeMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>;
 
 /// Builds and caches the layers of [`ProxyView`]s for one model at a time.
 #[derive(Debug)]
 pub struct Translator {
     model: Arc<Model>,
-    services: HashMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>,
+    services: ServiceCache,
     global: Arc<Resources>,
     api: Arc<Resources>,
     namespaces: HashMap<(String, ListenerSettings), Arc<Resources>>,
@@ -111,7 +126,7 @@ impl Translator {
     pub fn new(model: Arc<Model>) -> Self {
         let mut t = Self {
             model: Arc::new(Model::default()),
-            services: HashMap::new(),
+            services: BTreeMap::new(),
             global: Arc::default(),
             api: Arc::default(),
             namespaces: HashMap::new(),
@@ -129,13 +144,15 @@ impl Translator {
     /// whose model is the same `Arc`) and drops the per-namespace and per-pod layers, which are
     /// rebuilt when a proxy next asks.
     pub fn update(&mut self, model: Arc<Model>) {
-        let mut services = HashMap::with_capacity(model.services.len());
+        let mut services = BTreeMap::new();
         let mut global = Resources::default();
         let mut api = Resources::default();
+        let mut vips = std::collections::HashSet::new();
         for (key, svc) in &model.services {
+            let owns_vip = svc.cluster_ip.is_some_and(|ip| vips.insert(ip));
             let res = match self.services.remove(key) {
-                Some((old, res)) if Arc::ptr_eq(&old, svc) => res,
-                _ => Arc::new(service_resources(&model, svc)),
+                Some((old, res)) if Arc::ptr_eq(&old, svc) && res.owns_vip == owns_vip => res,
+                _ => Arc::new(service_resources(&model, svc, owns_vip)),
             };
             for (ty, r) in &res.global {
                 global.insert(*ty, r.clone());
@@ -165,6 +182,7 @@ impl Translator {
             .or_insert_with(|| {
                 Arc::new(namespace_resources(
                     &model,
+                    &self.services,
                     &proxy.namespace,
                     &proxy.settings,
                 ))
@@ -704,8 +722,14 @@ fn consumer_route_name(base: &str, ns: &str) -> String {
     format!("{base}@{ns}")
 }
 
-fn service_resources(model: &Model, svc: &ServiceModel) -> ServiceResources {
-    let mut out = ServiceResources::default();
+fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> ServiceResources {
+    let mut out = ServiceResources {
+        owns_vip,
+        ..Default::default()
+    };
+    out.chains = encoded_chains(model, svc, owns_vip, None);
+    out.vhosts_remote = encoded_vhosts(model, svc, owns_vip, None, false);
+    out.vhosts_local = encoded_vhosts(model, svc, owns_vip, None, true);
     for p in &svc.ports {
         let cluster = model.cluster_name(&svc.key, p.port);
         let name = service_port_name(model, &svc.key, p.port);
@@ -751,22 +775,36 @@ fn service_resources(model: &Model, svc: &ServiceModel) -> ServiceResources {
 }
 
 /// The RouteConfiguration a proxy in `namespace` uses for a Service port.
+/// The RouteConfiguration a proxy uses for a Service port: the consumer routes of its
+/// namespace when it has some, else the producer routes.
 fn route_name_for(
     model: &Model,
     svc: &ServiceModel,
     port: &crate::index::PortModel,
-    namespace: &str,
+    consumer: Option<&str>,
 ) -> String {
     let base = service_port_name(model, &svc.key, port.port);
-    if port.consumer_routes.contains_key(namespace) {
-        consumer_route_name(&base, namespace)
-    } else {
-        base
+    match consumer {
+        Some(ns) if port.consumer_routes.contains_key(ns) => consumer_route_name(&base, ns),
+        _ => base,
     }
 }
 
+/// Whether a proxy in `namespace` sees other routes for this Service than its producers'.
+fn has_consumer_routes(svc: &ServiceModel, namespace: &str) -> bool {
+    svc.ports
+        .iter()
+        .any(|p| p.consumer_routes.contains_key(namespace))
+}
+
 /// Host names a Service port answers to on the explicit outbound HTTP listener.
-fn domains(model: &Model, svc: &ServiceModel, port: u16, namespace: &str) -> Vec<String> {
+fn domains(
+    model: &Model,
+    svc: &ServiceModel,
+    port: u16,
+    local: bool,
+    owns_vip: bool,
+) -> Vec<String> {
     let SvcKey {
         namespace: ns,
         name,
@@ -776,7 +814,7 @@ fn domains(model: &Model, svc: &ServiceModel, port: u16, namespace: &str) -> Vec
         format!("{name}.{ns}.svc"),
         format!("{name}.{ns}"),
     ];
-    if ns == namespace {
+    if local {
         hosts.push(name.clone());
     }
     let mut out: Vec<String> = hosts.iter().map(|h| format!("{h}:{port}")).collect();
@@ -785,7 +823,7 @@ fn domains(model: &Model, svc: &ServiceModel, port: u16, namespace: &str) -> Vec
     if bare {
         out.extend(hosts);
     }
-    if let Some(ip) = svc.cluster_ip {
+    if let Some(ip) = svc.cluster_ip.filter(|_| owns_vip) {
         out.push(match ip {
             IpAddr::V4(v4) => format!("{v4}:{port}"),
             IpAddr::V6(v6) => format!("[{v6}]:{port}"),
@@ -797,40 +835,136 @@ fn domains(model: &Model, svc: &ServiceModel, port: u16, namespace: &str) -> Vec
     out
 }
 
-fn namespace_resources(model: &Model, namespace: &str, settings: &ListenerSettings) -> Resources {
-    let mut out = Resources::default();
+/// `outbound_http` virtual hosts of one Service, encoded as `RouteConfiguration.virtual_hosts`
+/// entries. `consumer`: the namespace whose consumer routes to use, if any.
+fn encoded_vhosts(
+    model: &Model,
+    svc: &ServiceModel,
+    owns_vip: bool,
+    consumer: Option<&str>,
+    local: bool,
+) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for p in &svc.ports {
+        if p.protocol == Protocol::Tcp {
+            continue;
+        }
+        let cluster = model.cluster_name(&svc.key, p.port);
+        let entries = consumer
+            .and_then(|ns| p.consumer_routes.get(ns))
+            .unwrap_or(&p.routes);
+        let vhost = VirtualHost {
+            name: service_port_name(model, &svc.key, p.port),
+            domains: domains(model, svc, p.port, local, owns_vip),
+            routes: envoy_routes(entries, &cluster),
+            ..Default::default()
+        };
+        prost::encoding::message::encode(VIRTUAL_HOSTS_TAG, &vhost, &mut buf);
+    }
+    buf
+}
 
-    // Explicit outbound HTTP proxy: one virtual host per Service port, routed by Host.
-    let mut seen = BTreeSet::new();
-    let mut vhosts = Vec::new();
-    for svc in model.services.values() {
-        for p in &svc.ports {
-            if p.protocol == Protocol::Tcp {
-                continue;
-            }
-            let cluster = model.cluster_name(&svc.key, p.port);
-            let entries = p.consumer_routes.get(namespace).unwrap_or(&p.routes);
-            // Envoy refuses a RouteConfiguration in which two virtual hosts share a domain.
-            let doms: Vec<String> = domains(model, svc, p.port, namespace)
-                .into_iter()
-                .filter(|d| seen.insert(d.clone()))
-                .collect();
-            vhosts.push(VirtualHost {
-                name: service_port_name(model, &svc.key, p.port),
-                domains: doms,
-                routes: envoy_routes(entries, &cluster),
-                ..Default::default()
-            });
+/// `virtualOutbound` filter chains of one Service, encoded as `Listener.filter_chains` entries.
+fn encoded_chains(
+    model: &Model,
+    svc: &ServiceModel,
+    owns_vip: bool,
+    consumer: Option<&str>,
+) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let Some(vip) = svc.cluster_ip.filter(|_| owns_vip) else {
+        return buf;
+    };
+    for p in &svc.ports {
+        let cluster = model.cluster_name(&svc.key, p.port);
+        let route = route_name_for(model, svc, p, consumer);
+        let matching = |app: Vec<String>| FilterChainMatch {
+            prefix_ranges: vec![cidr(vip)],
+            destination_port: u32v(u32::from(p.port)),
+            application_protocols: app,
+            ..Default::default()
+        };
+        let http = |app: Vec<String>| FilterChain {
+            name: format!("{route}/http"),
+            filter_chain_match: Some(matching(app)),
+            filters: vec![hcm_filter(&cluster, &route)],
+            ..Default::default()
+        };
+        let tcp = FilterChain {
+            name: format!("{route}/tcp"),
+            filter_chain_match: Some(matching(vec![])),
+            filters: vec![tcp_filter(&cluster, &cluster)],
+            ..Default::default()
+        };
+        let chains = match p.protocol {
+            Protocol::Tcp => vec![tcp],
+            Protocol::Http | Protocol::Http2 | Protocol::Grpc => vec![http(vec![])],
+            // Undeclared: http_inspector tells HTTP from the rest.
+            Protocol::Unknown => vec![http(vec!["http/1.1".into(), "h2c".into()]), tcp],
+        };
+        for c in &chains {
+            prost::encoding::message::encode(FILTER_CHAINS_TAG, c, &mut buf);
         }
     }
-    let rc = RouteConfiguration {
+    buf
+}
+
+/// Field numbers of the repeated fields the per-namespace layer is assembled from.
+const VIRTUAL_HOSTS_TAG: u32 = 2;
+const FILTER_CHAINS_TAG: u32 = 3;
+
+fn namespace_resources(
+    model: &Model,
+    services: &ServiceCache,
+    namespace: &str,
+    settings: &ListenerSettings,
+) -> Resources {
+    let mut out = Resources::default();
+    if settings.transparent {
+        // A transparent proxy sends by destination address; it needs no Host-routed listener.
+        let mut bytes = outbound_listener(settings).encode_to_vec();
+        for (svc, res) in services.values() {
+            if has_consumer_routes(svc, namespace) {
+                bytes.extend(encoded_chains(model, svc, res.owns_vip, Some(namespace)));
+            } else {
+                bytes.extend_from_slice(&res.chains);
+            }
+        }
+        out.insert(
+            ResourceType::Listener,
+            Resource::from_encoded(names::OUTBOUND_LISTENER, Listener::type_url(), bytes),
+        );
+        return out;
+    }
+    // Explicit outbound HTTP proxy: one virtual host per Service port, routed by Host.
+    let mut bytes = RouteConfiguration {
         name: names::OUTBOUND_HTTP_ROUTE.into(),
-        virtual_hosts: vhosts,
         ..Default::default()
-    };
+    }
+    .encode_to_vec();
+    for (key, (svc, res)) in services {
+        let local = key.namespace == namespace;
+        if has_consumer_routes(svc, namespace) {
+            bytes.extend(encoded_vhosts(
+                model,
+                svc,
+                res.owns_vip,
+                Some(namespace),
+                local,
+            ));
+        } else if local {
+            bytes.extend_from_slice(&res.vhosts_local);
+        } else {
+            bytes.extend_from_slice(&res.vhosts_remote);
+        }
+    }
     out.insert(
         ResourceType::Route,
-        Resource::new(names::OUTBOUND_HTTP_ROUTE, &rc),
+        Resource::from_encoded(
+            names::OUTBOUND_HTTP_ROUTE,
+            RouteConfiguration::type_url(),
+            bytes,
+        ),
     );
     let http = Listener {
         name: names::OUTBOUND_HTTP_LISTENER.into(),
@@ -851,16 +985,6 @@ fn namespace_resources(model: &Model, namespace: &str, settings: &ListenerSettin
         ResourceType::Listener,
         Resource::new(names::OUTBOUND_HTTP_LISTENER, &http),
     );
-
-    if settings.transparent {
-        out.insert(
-            ResourceType::Listener,
-            Resource::new(
-                names::OUTBOUND_LISTENER,
-                &outbound_listener(model, namespace, settings),
-            ),
-        );
-    }
     out
 }
 
@@ -871,51 +995,8 @@ fn cidr(ip: IpAddr) -> CidrRange {
     }
 }
 
-fn outbound_listener(model: &Model, namespace: &str, settings: &ListenerSettings) -> Listener {
-    let mut chains = Vec::new();
-    let mut seen = BTreeSet::new();
-    for svc in model.services.values() {
-        let Some(vip) = svc.cluster_ip else { continue };
-        for p in &svc.ports {
-            if !seen.insert((vip, p.port)) {
-                continue;
-            }
-            let cluster = model.cluster_name(&svc.key, p.port);
-            let route = route_name_for(model, svc, p, namespace);
-            let matching = |app: Vec<String>| FilterChainMatch {
-                prefix_ranges: vec![cidr(vip)],
-                destination_port: u32v(u32::from(p.port)),
-                application_protocols: app,
-                ..Default::default()
-            };
-            let http = FilterChain {
-                name: format!("{route}/http"),
-                filter_chain_match: Some(matching(vec!["http/1.1".into(), "h2c".into()])),
-                filters: vec![hcm_filter(&cluster, &route)],
-                ..Default::default()
-            };
-            let tcp = FilterChain {
-                name: format!("{route}/tcp"),
-                filter_chain_match: Some(matching(vec![])),
-                filters: vec![tcp_filter(&cluster, &cluster)],
-                ..Default::default()
-            };
-            match p.protocol {
-                Protocol::Tcp => chains.push(tcp),
-                Protocol::Http | Protocol::Http2 | Protocol::Grpc => {
-                    let mut http = http;
-                    if let Some(m) = http.filter_chain_match.as_mut() {
-                        m.application_protocols.clear();
-                    }
-                    chains.push(http);
-                }
-                Protocol::Unknown => {
-                    chains.push(http);
-                    chains.push(tcp);
-                }
-            }
-        }
-    }
+/// `virtualOutbound` without its per-Service filter chains, which are appended encoded.
+fn outbound_listener(settings: &ListenerSettings) -> Listener {
     Listener {
         name: names::OUTBOUND_LISTENER.into(),
         address: Some(socket_address(
@@ -926,7 +1007,6 @@ fn outbound_listener(model: &Model, namespace: &str, settings: &ListenerSettings
             listener_filter("envoy.filters.listener.original_dst", &OriginalDst {}),
             listener_filter("envoy.filters.listener.http_inspector", &HttpInspector {}),
         ],
-        filter_chains: chains,
         default_filter_chain: Some(FilterChain {
             name: names::PASSTHROUGH_CLUSTER.into(),
             filters: vec![tcp_filter(

@@ -436,3 +436,56 @@ fn consumer_routes_get_their_own_route_config() {
             .is_some()
     );
 }
+
+#[test]
+fn a_shared_vip_belongs_to_the_first_service_only() {
+    let mut idx = index();
+    // A hand-written manifest reusing reviews' VIP (Kubernetes would not allow it).
+    idx.apply(obj(&service_yaml(
+        "default",
+        "zz-copy",
+        "10.96.0.10",
+        &[("http", 9080)],
+    )))
+    .expect("svc");
+    let mut t = Translator::new(idx.model());
+    let rc = outbound_http(&t.view(&proxy("default", false)));
+    assert!(
+        vhost(&rc, "reviews.default.svc.cluster.local:9080")
+            .domains
+            .contains(&"10.96.0.10:9080".to_string())
+    );
+    assert!(
+        !vhost(&rc, "zz-copy.default.svc.cluster.local:9080")
+            .domains
+            .iter()
+            .any(|d| d.starts_with("10.96.0.10"))
+    );
+    let view = t.view(&proxy("default", true));
+    let out: Listener = decode(
+        view.get(ResourceType::Listener, names::OUTBOUND_LISTENER)
+            .expect("outbound"),
+    );
+    let on_vip = out
+        .filter_chains
+        .iter()
+        .filter(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .is_some_and(|m| m.prefix_ranges[0].address_prefix == "10.96.0.10")
+        })
+        .count();
+    assert_eq!(
+        on_vip, 1,
+        "one chain for the VIP, so Envoy sees no duplicate match"
+    );
+    // Transparent proxies route by destination address and get no Host-routed listener.
+    assert!(
+        view.get(ResourceType::Listener, names::OUTBOUND_HTTP_LISTENER)
+            .is_none()
+    );
+    assert!(
+        view.get(ResourceType::Route, names::OUTBOUND_HTTP_ROUTE)
+            .is_none()
+    );
+}
