@@ -116,6 +116,32 @@ impl Resources {
     pub fn len(&self, ty: ResourceType) -> usize {
         self.by_type.get(&ty).map_or(0, BTreeMap::len)
     }
+
+    /// Names whose resource is not the same `Arc` in `old` and `self` (added, replaced or
+    /// removed), per type.
+    pub fn changed_since(&self, old: &Resources, out: &mut BTreeMap<ResourceType, Vec<String>>) {
+        let empty = BTreeMap::new();
+        for ty in ResourceType::ALL {
+            let new = self.by_type.get(&ty).unwrap_or(&empty);
+            let prev = old.by_type.get(&ty).unwrap_or(&empty);
+            let names = out.entry(ty).or_default();
+            for (name, r) in new {
+                if !prev.get(name).is_some_and(|p| Arc::ptr_eq(p, r)) {
+                    names.push(name.clone());
+                }
+            }
+            names.extend(prev.keys().filter(|n| !new.contains_key(*n)).cloned());
+        }
+    }
+}
+
+/// What changed in the shared layers between two consecutive published revisions, so a stream
+/// that saw the first need only look at these names (plus its own small layers).
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// The revision these changes start from.
+    pub from: u64,
+    pub by_type: BTreeMap<ResourceType, Vec<String>>,
 }
 
 /// What one proxy sees: shared layers, most specific first. A name found in an earlier layer
@@ -128,6 +154,8 @@ pub struct ProxyView {
     pub layers: Vec<Arc<Resources>>,
     /// Resources served only when asked for by name (API listeners for proxyless gRPC).
     pub named_only: Arc<Resources>,
+    /// How the last layer and `named_only` differ from the revision before.
+    pub changes: Arc<Changes>,
 }
 
 impl ProxyView {
@@ -136,6 +164,38 @@ impl ProxyView {
             .iter()
             .find_map(|l| l.get(ty, name))
             .or_else(|| self.named_only.get(ty, name))
+    }
+
+    /// A resource a wildcard subscription to `ty` gets, by name.
+    pub fn get_wildcard(&self, ty: ResourceType, name: &str) -> Option<&Arc<Resource>> {
+        self.layers.iter().find_map(|l| l.get(ty, name))
+    }
+
+    /// The names of `ty` that may differ between `prev` (the view a stream last served from)
+    /// and this view: `None` when `prev` is not of the revision just before this one (then
+    /// everything must be compared).
+    pub fn candidates<'a>(&'a self, ty: ResourceType, prev: &'a ProxyView) -> Option<Vec<&'a str>> {
+        if self.changes.from != prev.revision || prev.revision == self.revision {
+            return None;
+        }
+        // Every layer but the last (shared) one is small and rebuilt per revision: all of it,
+        // before and after, so removals there are seen too.
+        let own = |v: &'a ProxyView| &v.layers[..v.layers.len().saturating_sub(1)];
+        let mut names: Vec<&str> = own(self)
+            .iter()
+            .chain(own(prev))
+            .flat_map(|l| l.iter(ty))
+            .map(|r| r.name.as_str())
+            .collect();
+        names.extend(
+            self.changes
+                .by_type
+                .get(&ty)
+                .into_iter()
+                .flatten()
+                .map(String::as_str),
+        );
+        Some(names)
     }
 
     /// Everything a wildcard subscription to `ty` gets.

@@ -261,6 +261,8 @@ struct Session {
     proxy: ProxyId,
     status: StreamStatus,
     view: ProxyView,
+    /// The view served from before the last publish.
+    prev: Option<ProxyView>,
     published: watch::Receiver<Published>,
 }
 
@@ -299,8 +301,26 @@ impl Session {
             proxy,
             status,
             view,
+            prev: None,
             published,
         })
+    }
+}
+
+/// The resource a subscription (wildcard and/or names) gets under `name`, if any.
+fn wanted<'a>(
+    view: &'a ProxyView,
+    wildcard: bool,
+    names: &BTreeSet<String>,
+    ty: ResourceType,
+    name: &str,
+) -> Option<&'a Arc<Resource>> {
+    if names.contains(name) {
+        view.get(ty, name)
+    } else if wildcard {
+        view.get_wildcard(ty, name)
+    } else {
+        None
     }
 }
 
@@ -409,7 +429,7 @@ impl SotwStream {
         st.names = names;
         st.wildcard = wildcard;
         if changed {
-            self.respond(ty, true, None).await;
+            self.respond(ty, true, None, false).await;
         }
         Ok(())
     }
@@ -419,10 +439,13 @@ impl SotwStream {
             return true;
         };
         let published = *session.published.borrow_and_update();
-        session.view = self.hub.view(&session.proxy);
+        let view = self.hub.view(&session.proxy);
+        session.prev = Some(std::mem::replace(&mut session.view, view));
         for ty in ResourceType::ALL {
             if self.types.contains_key(&ty)
-                && !self.respond(ty, false, Some(published.changed_at)).await
+                && !self
+                    .respond(ty, false, Some(published.changed_at), true)
+                    .await
             {
                 return false;
             }
@@ -436,6 +459,7 @@ impl SotwStream {
         ty: ResourceType,
         force: bool,
         changed_at: Option<Instant>,
+        incremental: bool,
     ) -> bool {
         let Some(session) = self.session.as_ref() else {
             return true;
@@ -443,6 +467,27 @@ impl SotwStream {
         let Some(st) = self.types.get_mut(&ty) else {
             return true;
         };
+        // After one revision step, look only at what may have changed; SotW then resends the
+        // whole set, but only when something in it did change.
+        if !force
+            && incremental
+            && let (Some(prev), Some(sent)) = (session.prev.as_ref(), st.sent.as_ref())
+            && let Some(candidates) = session.view.candidates(ty, prev)
+        {
+            let differs = candidates.iter().any(|name| {
+                match (
+                    wanted(&session.view, st.wildcard, &st.names, ty, name),
+                    sent.get(*name),
+                ) {
+                    (Some(r), Some(v)) => &r.version != v,
+                    (None, None) => false,
+                    _ => true,
+                }
+            });
+            if !differs {
+                return true;
+            }
+        }
         let mut chosen: BTreeMap<&str, &Arc<Resource>> = if st.wildcard {
             session.view.wildcard(ty)
         } else {
@@ -592,7 +637,7 @@ impl DeltaStream {
                 st.known.remove(&name);
             }
         }
-        self.respond(ty, first, None).await;
+        self.respond(ty, first, None, false).await;
         Ok(())
     }
 
@@ -601,10 +646,13 @@ impl DeltaStream {
             return true;
         };
         let published = *session.published.borrow_and_update();
-        session.view = self.hub.view(&session.proxy);
+        let view = self.hub.view(&session.proxy);
+        session.prev = Some(std::mem::replace(&mut session.view, view));
         for ty in ResourceType::ALL {
             if self.types.contains_key(&ty)
-                && !self.respond(ty, false, Some(published.changed_at)).await
+                && !self
+                    .respond(ty, false, Some(published.changed_at), true)
+                    .await
             {
                 return false;
             }
@@ -619,6 +667,7 @@ impl DeltaStream {
         ty: ResourceType,
         force: bool,
         changed_at: Option<Instant>,
+        incremental: bool,
     ) -> bool {
         let Some(session) = self.session.as_ref() else {
             return true;
@@ -626,32 +675,54 @@ impl DeltaStream {
         let Some(st) = self.types.get_mut(&ty) else {
             return true;
         };
-        let mut desired: BTreeMap<&str, &Arc<Resource>> = if st.wildcard {
-            session.view.wildcard(ty)
-        } else {
-            BTreeMap::new()
+        let to_resource = |r: &Arc<Resource>| PbResource {
+            name: r.name.clone(),
+            version: r.version.clone(),
+            resource: Some(r.any.clone()),
+            ..Default::default()
         };
-        for name in &st.names {
-            if let Some(r) = session.view.get(ty, name) {
-                desired.insert(r.name.as_str(), r);
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        let prev = session.prev.as_ref().filter(|_| incremental && !force);
+        match prev.and_then(|p| session.view.candidates(ty, p)) {
+            // One revision step: only names that may have changed.
+            Some(candidates) => {
+                let candidates: std::collections::BTreeSet<&str> = candidates.into_iter().collect();
+                for name in candidates {
+                    match wanted(&session.view, st.wildcard, &st.names, ty, name) {
+                        Some(r) if st.known.get(name) != Some(&r.version) => {
+                            resources.push(to_resource(r))
+                        }
+                        Some(_) => {}
+                        None if st.known.contains_key(name) => removed.push(name.to_string()),
+                        None => {}
+                    }
+                }
+            }
+            None => {
+                let mut desired: BTreeMap<&str, &Arc<Resource>> = if st.wildcard {
+                    session.view.wildcard(ty)
+                } else {
+                    BTreeMap::new()
+                };
+                for name in &st.names {
+                    if let Some(r) = session.view.get(ty, name) {
+                        desired.insert(r.name.as_str(), r);
+                    }
+                }
+                resources = desired
+                    .values()
+                    .filter(|r| st.known.get(&r.name) != Some(&r.version))
+                    .map(|r| to_resource(r))
+                    .collect();
+                removed = st
+                    .known
+                    .keys()
+                    .filter(|name| !desired.contains_key(name.as_str()))
+                    .cloned()
+                    .collect();
             }
         }
-        let resources: Vec<PbResource> = desired
-            .values()
-            .filter(|r| st.known.get(&r.name) != Some(&r.version))
-            .map(|r| PbResource {
-                name: r.name.clone(),
-                version: r.version.clone(),
-                resource: Some(r.any.clone()),
-                ..Default::default()
-            })
-            .collect();
-        let removed: Vec<String> = st
-            .known
-            .keys()
-            .filter(|name| !desired.contains_key(name.as_str()))
-            .cloned()
-            .collect();
         if resources.is_empty() && removed.is_empty() && !force {
             return true;
         }

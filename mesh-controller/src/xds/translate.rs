@@ -55,7 +55,7 @@ use mesh_api::consts::{ports, xds as names};
 use prost::{Message, Name};
 use serde::Serialize;
 
-use super::resources::{ProxyView, Resource, ResourceType, Resources};
+use super::resources::{Changes, ProxyView, Resource, ResourceType, Resources};
 use crate::index::routes::{HeaderModifier, PathMatch, PathModifier, StrMatch};
 use crate::index::{Model, PodModel, Protocol, RouteAction, RouteEntry, ServiceModel, SvcKey};
 
@@ -118,6 +118,7 @@ pub struct Translator {
     services: ServiceCache,
     global: Arc<Resources>,
     api: Arc<Resources>,
+    changes: Arc<Changes>,
     namespaces: HashMap<(String, ListenerSettings), Arc<Resources>>,
     pods: HashMap<(String, String, ListenerSettings), Arc<Resources>>,
 }
@@ -129,6 +130,7 @@ impl Translator {
             services: BTreeMap::new(),
             global: Arc::default(),
             api: Arc::default(),
+            changes: Arc::default(),
             namespaces: HashMap::new(),
             pods: HashMap::new(),
         };
@@ -166,6 +168,13 @@ impl Translator {
             global.insert(ty, r);
         }
         self.services = services;
+        let mut changed = BTreeMap::new();
+        global.changed_since(&self.global, &mut changed);
+        api.changed_since(&self.api, &mut changed);
+        self.changes = Arc::new(Changes {
+            from: self.model.revision,
+            by_type: changed,
+        });
         self.global = Arc::new(global);
         self.api = Arc::new(api);
         self.namespaces.clear();
@@ -215,6 +224,7 @@ impl Translator {
             revision: model.revision,
             layers,
             named_only: self.api.clone(),
+            changes: self.changes.clone(),
         }
     }
 }
