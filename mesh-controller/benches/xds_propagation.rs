@@ -449,10 +449,20 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(metrics) = fetch_metrics(admin_port).await {
         let get = |name: &str| -> f64 {
-            metrics.lines().filter(|l| l.starts_with(name)).filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok()).sum()
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum()
         };
-        let (sum, count) = (get("mesh_controller_model_build_seconds_sum"), get("mesh_controller_model_build_seconds_count"));
-        let (psum, pcount) = (get("mesh_controller_xds_push_latency_seconds_sum"), get("mesh_controller_xds_push_latency_seconds_count"));
+        let (sum, count) = (
+            get("mesh_controller_model_build_seconds_sum"),
+            get("mesh_controller_model_build_seconds_count"),
+        );
+        let (psum, pcount) = (
+            get("mesh_controller_xds_push_latency_seconds_sum"),
+            get("mesh_controller_xds_push_latency_seconds_count"),
+        );
         println!(
             "inside the controller: model build + shared translation {:.1} ms on average over {count} builds; change seen -> response queued {:.1} ms on average over {pcount} responses",
             sum / count.max(1.0) * 1e3,
@@ -465,8 +475,12 @@ async fn main() -> anyhow::Result<()> {
 
 async fn fetch_metrics(port: u16) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.ok()?;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).await.ok()?;
     Some(out)

@@ -3,6 +3,10 @@
 //! [`Index::reset`]; anyone may [`Index::subscribe`] to the revision counter and call
 //! [`Index::model`] after a change.
 //!
+//! A change marks the Services it can affect dirty (an EndpointSlice its Service; a route its
+//! parents; a Service itself and the parents of routes that use it as a backend), and the next
+//! model rebuilds only those, sharing every other Service's `Arc` with the previous model.
+//!
 //! ```text
 //!  HTTPRoute/GRPCRoute --parentRefs--> Service port <--kubernetes.io/service-name-- EndpointSlice
 //!        |                                 |                                           |
@@ -12,7 +16,7 @@
 pub mod model;
 pub mod routes;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -54,17 +58,25 @@ struct SliceInfo {
     endpoints: Vec<(IpAddr, Option<String>)>,
 }
 
-/// All objects, by kind, plus the revision counter.
+/// All objects, by kind, plus the revision counter and what changed since the last model.
 #[derive(Debug)]
 pub struct Index {
     cluster_domain: String,
     namespaces: HashMap<String, BTreeMap<String, String>>,
     services: HashMap<SvcKey, ServiceInfo>,
     slices: HashMap<ObjKey, SliceInfo>,
-    pods: HashMap<(String, String), Arc<PodModel>>,
+    pods: Arc<HashMap<(String, String), Arc<PodModel>>>,
     routes: HashMap<ObjKey, Arc<RouteSpec>>,
     /// Our policy CRDs, held for the issues that translate them.
     policies: HashMap<ObjKey, Object>,
+    slices_by_service: HashMap<SvcKey, HashSet<ObjKey>>,
+    /// Routes by the Services they attach to (including ones that do not exist).
+    routes_by_parent: HashMap<SvcKey, HashSet<ObjKey>>,
+    /// Routes by the Services they send or mirror to.
+    routes_by_backend: HashMap<SvcKey, HashSet<ObjKey>>,
+    /// Unresolved references, by the parent Service being built when they were found.
+    errors: HashMap<SvcKey, Vec<ResolveError>>,
+    dirty: HashSet<SvcKey>,
     revision: watch::Sender<u64>,
     last_model: Option<Arc<Model>>,
 }
@@ -76,9 +88,14 @@ impl Index {
             namespaces: HashMap::new(),
             services: HashMap::new(),
             slices: HashMap::new(),
-            pods: HashMap::new(),
+            pods: Arc::default(),
             routes: HashMap::new(),
             policies: HashMap::new(),
+            slices_by_service: HashMap::new(),
+            routes_by_parent: HashMap::new(),
+            routes_by_backend: HashMap::new(),
+            errors: HashMap::new(),
+            dirty: HashSet::new(),
             revision: watch::Sender::new(0),
             last_model: None,
         }
@@ -115,27 +132,29 @@ impl Index {
             }
             Object::Service(svc) => {
                 let info = service_info(&svc)?;
-                let k = SvcKey::new(key.namespace, key.name);
-                self.services.insert(k, info.clone()) != Some(info)
+                self.set_service(SvcKey::new(key.namespace, key.name), Some(info))
             }
             Object::EndpointSlice(slice) => {
-                let Some(info) = slice_info(&slice, &key.namespace)? else {
-                    return Ok(self.slices.remove(&key).is_some());
-                };
-                self.slices.insert(key, info.clone()) != Some(info)
+                let info = slice_info(&slice, &key.namespace)?;
+                self.set_slice(key, info)
             }
             Object::Pod(pod) => {
                 let info = Arc::new(pod_model(&pod, &key)?);
                 let k = (key.namespace, key.name);
-                self.pods.insert(k, info.clone()) != Some(info)
+                if self.pods.get(&k) == Some(&info) {
+                    false
+                } else {
+                    Arc::make_mut(&mut self.pods).insert(k, info);
+                    true
+                }
             }
             Object::HttpRoute(r) => {
                 let spec = Arc::new(RouteSpec::from_http(&r, key.clone())?);
-                self.routes.insert(key, spec.clone()) != Some(spec)
+                self.set_route(key, Some(spec))
             }
             Object::GrpcRoute(r) => {
                 let spec = Arc::new(RouteSpec::from_grpc(&r, key.clone())?);
-                self.routes.insert(key, spec.clone()) != Some(spec)
+                self.set_route(key, Some(spec))
             }
             obj @ (Object::AuthorizationPolicy(_)
             | Object::TrafficPolicy(_)
@@ -144,6 +163,86 @@ impl Index {
                 true
             }
         })
+    }
+
+    /// Sets or removes a Service; it and the parents of routes that send to it are dirty.
+    fn set_service(&mut self, key: SvcKey, info: Option<ServiceInfo>) -> bool {
+        let changed = match info {
+            Some(info) => self.services.insert(key.clone(), info.clone()) != Some(info),
+            None => self.services.remove(&key).is_some(),
+        };
+        if changed {
+            for route in self.routes_by_backend.get(&key).into_iter().flatten() {
+                for p in self.routes.get(route).into_iter().flat_map(|r| &r.parents) {
+                    self.dirty.insert(SvcKey::new(&p.namespace, &p.name));
+                }
+            }
+            self.dirty.insert(key);
+        }
+        changed
+    }
+
+    /// Sets or removes an EndpointSlice (`None`: it names no Service, so it feeds nothing).
+    fn set_slice(&mut self, key: ObjKey, info: Option<SliceInfo>) -> bool {
+        let old = self.slices.get(&key);
+        if old == info.as_ref() {
+            return false;
+        }
+        if let Some(old) = old {
+            let svc = old.service.clone();
+            self.dirty.insert(svc.clone());
+            if let Some(set) = self.slices_by_service.get_mut(&svc) {
+                set.remove(&key);
+            }
+        }
+        match info {
+            Some(info) => {
+                self.dirty.insert(info.service.clone());
+                self.slices_by_service
+                    .entry(info.service.clone())
+                    .or_default()
+                    .insert(key.clone());
+                self.slices.insert(key, info);
+            }
+            None => {
+                self.slices.remove(&key);
+            }
+        }
+        true
+    }
+
+    /// Sets or removes a route; its old and new parents are dirty.
+    fn set_route(&mut self, key: ObjKey, spec: Option<Arc<RouteSpec>>) -> bool {
+        let old = self.routes.get(&key).cloned();
+        if old == spec {
+            return false;
+        }
+        for (r, add) in [(old, false), (spec.clone(), true)] {
+            let Some(r) = r else { continue };
+            for p in &r.parents {
+                let pk = SvcKey::new(&p.namespace, &p.name);
+                self.dirty.insert(pk.clone());
+                let set = self.routes_by_parent.entry(pk).or_default();
+                if add {
+                    set.insert(key.clone());
+                } else {
+                    set.remove(&key);
+                }
+            }
+            for b in route_backends(&r) {
+                let set = self.routes_by_backend.entry(b).or_default();
+                if add {
+                    set.insert(key.clone());
+                } else {
+                    set.remove(&key);
+                }
+            }
+        }
+        match spec {
+            Some(s) => self.routes.insert(key, s),
+            None => self.routes.remove(&key),
+        };
+        true
     }
 
     /// Removes an object; unknown keys are ignored.
@@ -156,16 +255,13 @@ impl Index {
     fn delete_quiet(&mut self, key: &ObjKey) -> bool {
         match key.kind {
             Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
-            Kind::Service => self
-                .services
-                .remove(&SvcKey::new(&key.namespace, &key.name))
-                .is_some(),
-            Kind::EndpointSlice => self.slices.remove(key).is_some(),
-            Kind::Pod => self
-                .pods
-                .remove(&(key.namespace.clone(), key.name.clone()))
-                .is_some(),
-            Kind::HTTPRoute | Kind::GRPCRoute => self.routes.remove(key).is_some(),
+            Kind::Service => self.set_service(SvcKey::new(&key.namespace, &key.name), None),
+            Kind::EndpointSlice => self.set_slice(key.clone(), None),
+            Kind::Pod => {
+                let k = (key.namespace.clone(), key.name.clone());
+                self.pods.contains_key(&k) && Arc::make_mut(&mut self.pods).remove(&k).is_some()
+            }
+            Kind::HTTPRoute | Kind::GRPCRoute => self.set_route(key.clone(), None),
             Kind::AuthorizationPolicy | Kind::TrafficPolicy | Kind::RateLimitPolicy => {
                 self.policies.remove(key).is_some()
             }
@@ -259,8 +355,8 @@ impl Index {
             .collect()
     }
 
-    /// Resolves everything into a [`Model`]. Services whose resolved form did not change keep the
-    /// `Arc` of the previous model.
+    /// Resolves everything into a [`Model`], rebuilding only the Services a change marked dirty;
+    /// the others keep the `Arc` of the previous model.
     pub fn model(&mut self) -> Arc<Model> {
         let revision = self.revision();
         if let Some(m) = &self.last_model
@@ -268,32 +364,88 @@ impl Index {
         {
             return m.clone();
         }
-        let mut model = self.build_model(revision);
-        if let Some(prev) = &self.last_model {
-            for (k, svc) in model.services.iter_mut() {
-                if let Some(old) = prev.services.get(k)
-                    && old == svc
-                {
-                    *svc = old.clone();
+        let (mut services, keys): (BTreeMap<SvcKey, Arc<ServiceModel>>, Vec<SvcKey>) =
+            match &self.last_model {
+                Some(prev) => (prev.services.clone(), self.dirty.drain().collect()),
+                None => {
+                    self.dirty.clear();
+                    let keys = self
+                        .services
+                        .keys()
+                        .chain(self.routes_by_parent.keys())
+                        .cloned()
+                        .collect::<HashSet<_>>();
+                    (BTreeMap::new(), keys.into_iter().collect())
+                }
+            };
+        for key in keys {
+            let mut errors = Vec::new();
+            match self.services.get(&key) {
+                Some(info) => {
+                    let svc = self.build_service(&key, info, &mut errors);
+                    let same = services.get(&key).is_some_and(|old| **old == svc);
+                    if !same {
+                        services.insert(key.clone(), Arc::new(svc));
+                    }
+                }
+                None => {
+                    services.remove(&key);
+                    for route in self.routes_by_parent.get(&key).into_iter().flatten() {
+                        let Some(spec) = self.routes.get(route) else {
+                            continue;
+                        };
+                        for p in spec
+                            .parents
+                            .iter()
+                            .filter(|p| p.namespace == key.namespace && p.name == key.name)
+                        {
+                            errors.push(ResolveError {
+                                object: spec.key.clone(),
+                                field: format!("spec.parentRefs[{}]", p.index),
+                                reason: format!("parent Service {key} not found"),
+                            });
+                        }
+                    }
                 }
             }
+            if errors.is_empty() {
+                self.errors.remove(&key);
+            } else {
+                self.errors.insert(key, errors);
+            }
         }
-        let model = Arc::new(model);
+        let mut errors: Vec<ResolveError> = self.errors.values().flatten().cloned().collect();
+        errors.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+        let model = Arc::new(Model {
+            revision,
+            cluster_domain: self.cluster_domain.clone(),
+            services,
+            pods: self.pods.clone(),
+            errors,
+        });
         self.last_model = Some(model.clone());
         model
     }
 
-    fn build_model(&self, revision: u64) -> Model {
-        let domain = &self.cluster_domain;
-        let mut errors = Vec::new();
-
-        // Ready endpoints per (service, port name).
-        let mut endpoints: HashMap<(&SvcKey, &str), Vec<Endpoint>> = HashMap::new();
-        for slice in self.slices.values() {
+    /// Resolves one Service: ready endpoints per port and the routes attached to it, in
+    /// precedence order. Unresolved references of those routes go to `errors`.
+    fn build_service(
+        &self,
+        key: &SvcKey,
+        info: &ServiceInfo,
+        errors: &mut Vec<ResolveError>,
+    ) -> ServiceModel {
+        // Ready endpoints per port name.
+        let mut endpoints: HashMap<&str, Vec<Endpoint>> = HashMap::new();
+        for slice in self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
+        {
             for (port_name, port) in &slice.ports {
-                let eps = endpoints
-                    .entry((&slice.service, port_name.as_str()))
-                    .or_default();
+                let eps = endpoints.entry(port_name.as_str()).or_default();
                 for (ip, pod) in &slice.endpoints {
                     eps.push(Endpoint {
                         addr: SocketAddr::new(*ip, *port),
@@ -303,36 +455,36 @@ impl Index {
             }
         }
 
-        // Route entries per (service, port); consumer routes per client namespace.
+        // Route entries per port; consumer routes per client namespace.
         type Entries = Vec<(Arc<RouteSpec>, usize, usize, RouteEntry)>;
-        let mut producer: HashMap<(SvcKey, u16), Entries> = HashMap::new();
-        let mut consumer: HashMap<(SvcKey, u16, String), Entries> = HashMap::new();
-        for spec in self.routes.values() {
-            for parent in &spec.parents {
-                let pfield = format!("spec.parentRefs[{}]", parent.index);
-                let pkey = SvcKey::new(&parent.namespace, &parent.name);
-                let Some(svc) = self.services.get(&pkey) else {
-                    errors.push(ResolveError {
-                        object: spec.key.clone(),
-                        field: pfield,
-                        reason: format!("parent Service {pkey} not found"),
-                    });
-                    continue;
-                };
+        let mut producer: HashMap<u16, Entries> = HashMap::new();
+        let mut consumer: HashMap<(u16, String), Entries> = HashMap::new();
+        for spec in self
+            .routes_by_parent
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.routes.get(k))
+        {
+            for parent in spec
+                .parents
+                .iter()
+                .filter(|p| p.namespace == key.namespace && p.name == key.name)
+            {
                 let ports: Vec<u16> = match parent.port {
-                    Some(p) if svc.ports.iter().any(|sp| sp.port == p) => vec![p],
+                    Some(p) if info.ports.iter().any(|sp| sp.port == p) => vec![p],
                     Some(p) => {
                         errors.push(ResolveError {
                             object: spec.key.clone(),
-                            field: format!("{pfield}.port"),
-                            reason: format!("parent Service {pkey} has no port {p}"),
+                            field: format!("spec.parentRefs[{}].port", parent.index),
+                            reason: format!("parent Service {key} has no port {p}"),
                         });
                         continue;
                     }
-                    None => svc.ports.iter().map(|sp| sp.port).collect(),
+                    None => info.ports.iter().map(|sp| sp.port).collect(),
                 };
                 for (ri, rule) in spec.rules.iter().enumerate() {
-                    let action = self.resolve_action(spec, ri, rule, &mut errors);
+                    let action = self.resolve_action(spec, ri, rule, errors);
                     let mirrors = rule
                         .filters
                         .mirrors
@@ -362,10 +514,10 @@ impl Index {
                         for &port in &ports {
                             let item = (spec.clone(), ri, mi, entry.clone());
                             if spec.key.namespace == parent.namespace {
-                                producer.entry((pkey.clone(), port)).or_default().push(item);
+                                producer.entry(port).or_default().push(item);
                             } else {
                                 consumer
-                                    .entry((pkey.clone(), port, spec.key.namespace.clone()))
+                                    .entry((port, spec.key.namespace.clone()))
                                     .or_default()
                                     .push(item);
                             }
@@ -392,62 +544,42 @@ impl Index {
             });
             Arc::new(entries.into_iter().map(|(_, _, _, e)| e).collect())
         };
-        let mut consumer_by_port: HashMap<(SvcKey, u16), ConsumerRoutes> = HashMap::new();
-        for ((svc, port, ns), entries) in consumer {
+        let mut consumer_by_port: HashMap<u16, ConsumerRoutes> = HashMap::new();
+        for ((port, ns), entries) in consumer {
             consumer_by_port
-                .entry((svc, port))
+                .entry(port)
                 .or_default()
                 .insert(ns, order(entries));
         }
-
-        let mut services = BTreeMap::new();
-        for (key, info) in &self.services {
-            let ports = info
-                .ports
-                .iter()
-                .map(|sp| {
-                    let mut eps = endpoints
-                        .remove(&(key, sp.name.as_str()))
-                        .unwrap_or_default();
-                    eps.sort();
-                    eps.dedup();
-                    let (target_port, target_port_name) = match &sp.target_port {
-                        None => (Some(sp.port), None),
-                        Some(IntOrString::Int(p)) => (u16::try_from(*p).ok(), None),
-                        Some(IntOrString::String(s)) => (None, Some(s.clone())),
-                    };
-                    PortModel {
-                        port: sp.port,
-                        name: sp.name.clone(),
-                        protocol: Protocol::from_port(sp.app_protocol.as_deref(), &sp.name),
-                        target_port,
-                        target_port_name,
-                        endpoints: Arc::new(eps),
-                        routes: producer
-                            .remove(&(key.clone(), sp.port))
-                            .map(&order)
-                            .unwrap_or_default(),
-                        consumer_routes: consumer_by_port
-                            .remove(&(key.clone(), sp.port))
-                            .unwrap_or_default(),
-                    }
-                })
-                .collect();
-            let svc = ServiceModel {
-                key: key.clone(),
-                cluster_ip: info.cluster_ip,
-                ports,
-                selector: info.selector.clone(),
-            };
-            services.insert(key.clone(), Arc::new(svc));
-        }
-        errors.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
-        Model {
-            revision,
-            cluster_domain: domain.clone(),
-            services,
-            pods: self.pods.clone(),
-            errors,
+        let ports = info
+            .ports
+            .iter()
+            .map(|sp| {
+                let mut eps = endpoints.remove(sp.name.as_str()).unwrap_or_default();
+                eps.sort();
+                eps.dedup();
+                let (target_port, target_port_name) = match &sp.target_port {
+                    None => (Some(sp.port), None),
+                    Some(IntOrString::Int(p)) => (u16::try_from(*p).ok(), None),
+                    Some(IntOrString::String(s)) => (None, Some(s.clone())),
+                };
+                PortModel {
+                    port: sp.port,
+                    name: sp.name.clone(),
+                    protocol: Protocol::from_port(sp.app_protocol.as_deref(), &sp.name),
+                    target_port,
+                    target_port_name,
+                    endpoints: Arc::new(eps),
+                    routes: producer.remove(&sp.port).map(&order).unwrap_or_default(),
+                    consumer_routes: consumer_by_port.remove(&sp.port).unwrap_or_default(),
+                }
+            })
+            .collect();
+        ServiceModel {
+            key: key.clone(),
+            cluster_ip: info.cluster_ip,
+            ports,
+            selector: info.selector.clone(),
         }
     }
 
@@ -506,6 +638,19 @@ impl Index {
         }
         RouteAction::Forward(backends)
     }
+}
+
+/// Every Service a route sends or mirrors to.
+fn route_backends(spec: &RouteSpec) -> HashSet<SvcKey> {
+    spec.rules
+        .iter()
+        .flat_map(|r| {
+            r.backends
+                .iter()
+                .chain(r.filters.mirrors.iter().map(|m| &m.backend))
+        })
+        .map(|b| SvcKey::new(&b.namespace, &b.name))
+        .collect()
 }
 
 fn service_info(svc: &Service) -> Result<ServiceInfo, DocError> {

@@ -172,7 +172,7 @@ pub struct Model {
     pub cluster_domain: String,
     pub services: BTreeMap<SvcKey, Arc<ServiceModel>>,
     #[serde(skip)]
-    pub pods: HashMap<(String, String), Arc<PodModel>>,
+    pub pods: Arc<HashMap<(String, String), Arc<PodModel>>>,
     pub errors: Vec<ResolveError>,
 }
 

@@ -371,3 +371,84 @@ fn services_selecting_a_pod() {
         .collect();
     assert_eq!(names, vec!["reviews-v1"]);
 }
+
+#[test]
+fn incremental_models_equal_a_fresh_build() {
+    // A sequence of edits, with a model built after each; the end result must be what an index
+    // given only the final objects builds from scratch.
+    let svc = |n: &str, ip: &str| obj(&service_yaml("default", n, ip, &[("http", 9080)]));
+    let steps: Vec<Vec<Object>> = vec![
+        vec![
+            svc("front", "10.96.0.1"),
+            obj(&split_yaml(
+                "default",
+                "r",
+                "front",
+                9080,
+                &[("a", 50), ("b", 50)],
+            )),
+        ],
+        vec![svc("a", "10.96.0.2")],
+        vec![obj(&slice_yaml("default", "a", "http", 80, &["10.0.0.1"]))],
+        vec![
+            svc("b", "10.96.0.3"),
+            obj(&slice_yaml("default", "b", "http", 80, &["10.0.0.2"])),
+        ],
+        vec![obj(&split_yaml(
+            "default",
+            "r",
+            "front",
+            9080,
+            &[("a", 10), ("b", 90)],
+        ))],
+        vec![obj(&split_yaml(
+            "default",
+            "r2",
+            "ghost",
+            9080,
+            &[("a", 1)],
+        ))],
+    ];
+    let deletes = [ObjKey {
+        kind: Kind::Service,
+        namespace: "default".into(),
+        name: "a".into(),
+    }];
+    let mut inc = Index::new("cluster.local");
+    let mut all: Vec<Object> = Vec::new();
+    for step in steps {
+        for o in step {
+            all.retain(|x| x.key() != o.key());
+            all.push(o.clone());
+            inc.apply(o).expect("valid");
+        }
+        inc.model();
+    }
+    for d in &deletes {
+        inc.delete(d);
+        all.retain(|x| &x.key() != d);
+    }
+    let got = inc.model();
+    let mut fresh = Index::new("cluster.local");
+    for o in all {
+        fresh.apply(o).expect("valid");
+    }
+    let want = fresh.model();
+    assert_eq!(got.services, want.services);
+    assert_eq!(got.errors, want.errors);
+    // Deleting backend "a" turned its share into a reported error.
+    assert!(
+        got.errors
+            .iter()
+            .any(|e| e.reason.contains("default/a not found")),
+        "{:?}",
+        got.errors
+    );
+    assert!(
+        got.errors
+            .iter()
+            .any(|e| e.reason.contains("default/ghost not found")),
+        "{:?}",
+        got.errors
+    );
+}

@@ -107,9 +107,28 @@ struct ServiceResources {
     /// producer routes: for proxies in other namespaces, and in the Service's own (short names).
     vhosts_remote: Vec<u8>,
     vhosts_local: Vec<u8>,
+    chains_hash: u64,
+    vhosts_remote_hash: u64,
+    vhosts_local_hash: u64,
 }
 
 type ServiceCache = BTreeMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>;
+
+#[derive(Debug)]
+struct NamespaceLayer {
+    /// Model revision it was last checked against.
+    revision: u64,
+    /// Hash of the pieces it was assembled from.
+    fingerprint: u64,
+    resources: Arc<Resources>,
+}
+
+fn hash_bytes(b: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    b.hash(&mut h);
+    h.finish()
+}
 
 /// Builds and caches the layers of [`ProxyView`]s for one model at a time.
 #[derive(Debug)]
@@ -119,7 +138,8 @@ pub struct Translator {
     global: Arc<Resources>,
     api: Arc<Resources>,
     changes: Arc<Changes>,
-    namespaces: HashMap<(String, ListenerSettings), Arc<Resources>>,
+    /// Per-namespace layers, kept across models while their fingerprint holds.
+    namespaces: HashMap<(String, ListenerSettings), NamespaceLayer>,
     pods: HashMap<(String, String, ListenerSettings), Arc<Resources>>,
 }
 
@@ -177,26 +197,78 @@ impl Translator {
         });
         self.global = Arc::new(global);
         self.api = Arc::new(api);
-        self.namespaces.clear();
         self.pods.clear();
         self.model = model;
+    }
+
+    /// The per-namespace layer for the current model: reused while the pieces it is assembled
+    /// from are the same (checked once per model and namespace), rebuilt otherwise.
+    fn namespace_layer(
+        &mut self,
+        model: &Model,
+        namespace: &str,
+        settings: &ListenerSettings,
+    ) -> Arc<Resources> {
+        let key = (namespace.to_string(), settings.clone());
+        if let Some(layer) = self.namespaces.get(&key)
+            && layer.revision == model.revision
+        {
+            return layer.resources.clone();
+        }
+        let fingerprint = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            for (key, (svc, res)) in &self.services {
+                key.hash(&mut h);
+                if has_consumer_routes(svc, namespace) {
+                    // Rare: hash what would be assembled for this namespace.
+                    let bytes = if settings.transparent {
+                        encoded_chains(model, svc, res.owns_vip, Some(namespace))
+                    } else {
+                        encoded_vhosts(
+                            model,
+                            svc,
+                            res.owns_vip,
+                            Some(namespace),
+                            key.namespace == namespace,
+                        )
+                    };
+                    hash_bytes(&bytes).hash(&mut h);
+                } else if settings.transparent {
+                    res.chains_hash.hash(&mut h);
+                } else if key.namespace == namespace {
+                    res.vhosts_local_hash.hash(&mut h);
+                } else {
+                    res.vhosts_remote_hash.hash(&mut h);
+                }
+            }
+            h.finish()
+        };
+        let layer = match self.namespaces.remove(&key) {
+            Some(layer) if layer.fingerprint == fingerprint => NamespaceLayer {
+                revision: model.revision,
+                ..layer
+            },
+            _ => NamespaceLayer {
+                revision: model.revision,
+                fingerprint,
+                resources: Arc::new(namespace_resources(
+                    model,
+                    &self.services,
+                    namespace,
+                    settings,
+                )),
+            },
+        };
+        let resources = layer.resources.clone();
+        self.namespaces.insert(key, layer);
+        resources
     }
 
     /// Everything `proxy` may be served, for the current model.
     pub fn view(&mut self, proxy: &ProxyId) -> ProxyView {
         let model = self.model.clone();
-        let ns = self
-            .namespaces
-            .entry((proxy.namespace.clone(), proxy.settings.clone()))
-            .or_insert_with(|| {
-                Arc::new(namespace_resources(
-                    &model,
-                    &self.services,
-                    &proxy.namespace,
-                    &proxy.settings,
-                ))
-            })
-            .clone();
+        let ns = self.namespace_layer(&model, &proxy.namespace, &proxy.settings);
         let mut layers = vec![ns];
         if proxy.settings.transparent {
             let pod = self
@@ -740,6 +812,9 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
     out.chains = encoded_chains(model, svc, owns_vip, None);
     out.vhosts_remote = encoded_vhosts(model, svc, owns_vip, None, false);
     out.vhosts_local = encoded_vhosts(model, svc, owns_vip, None, true);
+    out.chains_hash = hash_bytes(&out.chains);
+    out.vhosts_remote_hash = hash_bytes(&out.vhosts_remote);
+    out.vhosts_local_hash = hash_bytes(&out.vhosts_local);
     for p in &svc.ports {
         let cluster = model.cluster_name(&svc.key, p.port);
         let name = service_port_name(model, &svc.key, p.port);
