@@ -364,7 +364,7 @@ impl Index {
         {
             return m.clone();
         }
-        let (mut services, keys): (BTreeMap<SvcKey, Arc<ServiceModel>>, Vec<SvcKey>) =
+        let (mut services, keys): (imbl::OrdMap<SvcKey, Arc<ServiceModel>>, Vec<SvcKey>) =
             match &self.last_model {
                 Some(prev) => (prev.services.clone(), self.dirty.drain().collect()),
                 None => {
@@ -375,7 +375,7 @@ impl Index {
                         .chain(self.routes_by_parent.keys())
                         .cloned()
                         .collect::<HashSet<_>>();
-                    (BTreeMap::new(), keys.into_iter().collect())
+                    (imbl::OrdMap::new(), keys.into_iter().collect())
                 }
             };
         for key in keys {

@@ -170,7 +170,8 @@ pub struct Model {
     /// Index revision this model was built from.
     pub revision: u64,
     pub cluster_domain: String,
-    pub services: BTreeMap<SvcKey, Arc<ServiceModel>>,
+    /// A persistent map: models share the unchanged part of it.
+    pub services: imbl::OrdMap<SvcKey, Arc<ServiceModel>>,
     #[serde(skip)]
     pub pods: Arc<HashMap<(String, String), Arc<PodModel>>>,
     pub errors: Vec<ResolveError>,

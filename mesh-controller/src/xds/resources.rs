@@ -91,10 +91,11 @@ impl Resource {
     }
 }
 
-/// Resources by type and name.
-#[derive(Debug, Default)]
+/// Resources by type and name, in persistent maps: a clone is O(1) and shares everything, so
+/// the shared layer is updated in place and handed to every stream each revision.
+#[derive(Clone, Debug, Default)]
 pub struct Resources {
-    by_type: BTreeMap<ResourceType, BTreeMap<String, Arc<Resource>>>,
+    by_type: BTreeMap<ResourceType, imbl::OrdMap<String, Arc<Resource>>>,
 }
 
 impl Resources {
@@ -103,6 +104,10 @@ impl Resources {
             .entry(ty)
             .or_default()
             .insert(res.name.clone(), res);
+    }
+
+    pub fn remove(&mut self, ty: ResourceType, name: &str) -> Option<Arc<Resource>> {
+        self.by_type.get_mut(&ty)?.remove(name)
     }
 
     pub fn get(&self, ty: ResourceType, name: &str) -> Option<&Arc<Resource>> {
@@ -114,24 +119,7 @@ impl Resources {
     }
 
     pub fn len(&self, ty: ResourceType) -> usize {
-        self.by_type.get(&ty).map_or(0, BTreeMap::len)
-    }
-
-    /// Names whose resource is not the same `Arc` in `old` and `self` (added, replaced or
-    /// removed), per type.
-    pub fn changed_since(&self, old: &Resources, out: &mut BTreeMap<ResourceType, Vec<String>>) {
-        let empty = BTreeMap::new();
-        for ty in ResourceType::ALL {
-            let new = self.by_type.get(&ty).unwrap_or(&empty);
-            let prev = old.by_type.get(&ty).unwrap_or(&empty);
-            let names = out.entry(ty).or_default();
-            for (name, r) in new {
-                if !prev.get(name).is_some_and(|p| Arc::ptr_eq(p, r)) {
-                    names.push(name.clone());
-                }
-            }
-            names.extend(prev.keys().filter(|n| !new.contains_key(*n)).cloned());
-        }
+        self.by_type.get(&ty).map_or(0, imbl::OrdMap::len)
     }
 }
 

@@ -116,10 +116,8 @@ type ServiceCache = BTreeMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>
 
 #[derive(Debug)]
 struct NamespaceLayer {
-    /// Model revision it was last checked against.
-    revision: u64,
-    /// Hash of the pieces it was assembled from.
-    fingerprint: u64,
+    /// The epoch of its pieces it was assembled at.
+    epoch: u64,
     resources: Arc<Resources>,
 }
 
@@ -135,10 +133,17 @@ fn hash_bytes(b: &[u8]) -> u64 {
 pub struct Translator {
     model: Arc<Model>,
     services: ServiceCache,
-    global: Arc<Resources>,
-    api: Arc<Resources>,
+    /// The shared layer, updated in place; views get O(1) clones of it.
+    global: Resources,
+    api: Resources,
     changes: Arc<Changes>,
-    /// Per-namespace layers, kept across models while their fingerprint holds.
+    /// Services by VIP, in name order: the first one owns it.
+    vips: HashMap<IpAddr, std::collections::BTreeSet<SvcKey>>,
+    /// Bumped whenever a piece of the transparent (`chains`) or Host-routed (`vhosts`)
+    /// per-namespace layers changes; a layer built at the current epoch is still good.
+    chains_epoch: u64,
+    vhosts_epoch: u64,
+    /// Per-namespace layers, kept across models while their epoch holds.
     namespaces: HashMap<(String, ListenerSettings), NamespaceLayer>,
     pods: HashMap<(String, String, ListenerSettings), Arc<Resources>>,
 }
@@ -148,9 +153,12 @@ impl Translator {
         let mut t = Self {
             model: Arc::new(Model::default()),
             services: BTreeMap::new(),
-            global: Arc::default(),
-            api: Arc::default(),
+            global: Resources::default(),
+            api: Resources::default(),
             changes: Arc::default(),
+            vips: HashMap::new(),
+            chains_epoch: 0,
+            vhosts_epoch: 0,
             namespaces: HashMap::new(),
             pods: HashMap::new(),
         };
@@ -166,43 +174,139 @@ impl Translator {
     /// whose model is the same `Arc`) and drops the per-namespace and per-pod layers, which are
     /// rebuilt when a proxy next asks.
     pub fn update(&mut self, model: Arc<Model>) {
-        let mut services = BTreeMap::new();
-        let mut global = Resources::default();
-        let mut api = Resources::default();
-        let mut vips = std::collections::HashSet::new();
-        for (key, svc) in &model.services {
-            let owns_vip = svc.cluster_ip.is_some_and(|ip| vips.insert(ip));
-            let res = match self.services.remove(key) {
-                Some((old, res)) if Arc::ptr_eq(&old, svc) && res.owns_vip == owns_vip => res,
-                _ => Arc::new(service_resources(&model, svc, owns_vip)),
+        if Arc::ptr_eq(&model, &self.model) {
+            return;
+        }
+        let old = std::mem::replace(&mut self.model, model.clone());
+        if self.global.len(ResourceType::Cluster) == 0 {
+            for (ty, r) in fixed_clusters() {
+                self.global.insert(ty, r);
+            }
+        }
+        // Services that changed, from the structural diff of the two persistent maps (shared
+        // subtrees are skipped, so this is proportional to the change).
+        let mut touched = std::collections::BTreeSet::new();
+        for item in old.services.diff(&model.services) {
+            let key = match item {
+                imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => k,
+                imbl::ordmap::DiffItem::Update { new: (k, _), .. } => k,
             };
-            for (ty, r) in &res.global {
-                global.insert(*ty, r.clone());
-            }
-            for r in &res.api_listeners {
-                api.insert(ResourceType::Listener, r.clone());
-            }
-            services.insert(key.clone(), (svc.clone(), res));
+            touched.insert(key.clone());
         }
-        for (ty, r) in fixed_clusters() {
-            global.insert(ty, r);
+        // VIP ownership: the first Service (in name order) claiming a VIP owns it.
+        let mut owners_touched = Vec::new();
+        for key in &touched {
+            let before = old.services.get(key).and_then(|s| s.cluster_ip);
+            let after = model.services.get(key).and_then(|s| s.cluster_ip);
+            if before == after {
+                continue;
+            }
+            for (ip, add) in [(before, false), (after, true)] {
+                let Some(ip) = ip else { continue };
+                let set = self.vips.entry(ip).or_default();
+                let owner = set.first().cloned();
+                if add {
+                    set.insert(key.clone());
+                } else {
+                    set.remove(key);
+                }
+                let new_owner = set.first().cloned();
+                if owner != new_owner {
+                    owners_touched.extend(owner.into_iter().chain(new_owner));
+                }
+                if set.is_empty() {
+                    self.vips.remove(&ip);
+                }
+            }
         }
-        self.services = services;
-        let mut changed = BTreeMap::new();
-        global.changed_since(&self.global, &mut changed);
-        api.changed_since(&self.api, &mut changed);
+        touched.extend(owners_touched);
+
+        let mut changed: BTreeMap<ResourceType, Vec<String>> = BTreeMap::new();
+        for key in touched {
+            let prev = self.services.remove(&key);
+            let next = model.services.get(&key).map(|svc| {
+                let owns_vip = svc
+                    .cluster_ip
+                    .is_some_and(|ip| self.vips.get(&ip).and_then(|s| s.first()) == Some(&key));
+                (
+                    svc.clone(),
+                    Arc::new(service_resources(&model, svc, owns_vip)),
+                )
+            });
+            let prev_res = prev.as_ref().map(|(_, r)| r.clone());
+            let next_res = next.as_ref().map(|(_, r)| r.clone());
+            // Pieces of the per-namespace layers.
+            let consumer = |s: &Option<(Arc<ServiceModel>, Arc<ServiceResources>)>| {
+                s.as_ref()
+                    .is_some_and(|(m, _)| m.ports.iter().any(|p| !p.consumer_routes.is_empty()))
+            };
+            let any_consumer = consumer(&prev) || consumer(&next);
+            let hashes = |r: &Option<Arc<ServiceResources>>| {
+                r.as_ref()
+                    .map(|r| (r.chains_hash, r.vhosts_remote_hash, r.vhosts_local_hash))
+            };
+            let (hp, hn) = (hashes(&prev_res), hashes(&next_res));
+            if any_consumer || hp.map(|h| h.0) != hn.map(|h| h.0) {
+                self.chains_epoch += 1;
+            }
+            if any_consumer || hp.map(|h| (h.1, h.2)) != hn.map(|h| (h.1, h.2)) {
+                self.vhosts_epoch += 1;
+            }
+            // Shared resources: replace those whose bytes changed, drop those that went.
+            let mut next_names = std::collections::HashSet::new();
+            if let Some(res) = &next_res {
+                let entries = res.global.iter().map(|(ty, r)| (*ty, r, false)).chain(
+                    res.api_listeners
+                        .iter()
+                        .map(|r| (ResourceType::Listener, r, true)),
+                );
+                for (ty, r, is_api) in entries {
+                    next_names.insert((ty, is_api, r.name.clone()));
+                    let layer = if is_api {
+                        &mut self.api
+                    } else {
+                        &mut self.global
+                    };
+                    if layer
+                        .get(ty, &r.name)
+                        .is_some_and(|o| o.version == r.version)
+                    {
+                        continue;
+                    }
+                    layer.insert(ty, r.clone());
+                    changed.entry(ty).or_default().push(r.name.clone());
+                }
+            }
+            if let Some(res) = &prev_res {
+                let entries = res.global.iter().map(|(ty, r)| (*ty, r, false)).chain(
+                    res.api_listeners
+                        .iter()
+                        .map(|r| (ResourceType::Listener, r, true)),
+                );
+                for (ty, r, is_api) in entries {
+                    if !next_names.contains(&(ty, is_api, r.name.clone())) {
+                        let layer = if is_api {
+                            &mut self.api
+                        } else {
+                            &mut self.global
+                        };
+                        layer.remove(ty, &r.name);
+                        changed.entry(ty).or_default().push(r.name.clone());
+                    }
+                }
+            }
+            if let Some(next) = next {
+                self.services.insert(key, next);
+            }
+        }
         self.changes = Arc::new(Changes {
-            from: self.model.revision,
+            from: old.revision,
             by_type: changed,
         });
-        self.global = Arc::new(global);
-        self.api = Arc::new(api);
         self.pods.clear();
-        self.model = model;
     }
 
-    /// The per-namespace layer for the current model: reused while the pieces it is assembled
-    /// from are the same (checked once per model and namespace), rebuilt otherwise.
+    /// The per-namespace layer: reused while no piece it is assembled from changed.
     fn namespace_layer(
         &mut self,
         model: &Model,
@@ -210,58 +314,29 @@ impl Translator {
         settings: &ListenerSettings,
     ) -> Arc<Resources> {
         let key = (namespace.to_string(), settings.clone());
+        let epoch = if settings.transparent {
+            self.chains_epoch
+        } else {
+            self.vhosts_epoch
+        };
         if let Some(layer) = self.namespaces.get(&key)
-            && layer.revision == model.revision
+            && layer.epoch == epoch
         {
             return layer.resources.clone();
         }
-        let fingerprint = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::hash::DefaultHasher::new();
-            for (key, (svc, res)) in &self.services {
-                key.hash(&mut h);
-                if has_consumer_routes(svc, namespace) {
-                    // Rare: hash what would be assembled for this namespace.
-                    let bytes = if settings.transparent {
-                        encoded_chains(model, svc, res.owns_vip, Some(namespace))
-                    } else {
-                        encoded_vhosts(
-                            model,
-                            svc,
-                            res.owns_vip,
-                            Some(namespace),
-                            key.namespace == namespace,
-                        )
-                    };
-                    hash_bytes(&bytes).hash(&mut h);
-                } else if settings.transparent {
-                    res.chains_hash.hash(&mut h);
-                } else if key.namespace == namespace {
-                    res.vhosts_local_hash.hash(&mut h);
-                } else {
-                    res.vhosts_remote_hash.hash(&mut h);
-                }
-            }
-            h.finish()
-        };
-        let layer = match self.namespaces.remove(&key) {
-            Some(layer) if layer.fingerprint == fingerprint => NamespaceLayer {
-                revision: model.revision,
-                ..layer
+        let resources = Arc::new(namespace_resources(
+            model,
+            &self.services,
+            namespace,
+            settings,
+        ));
+        self.namespaces.insert(
+            key,
+            NamespaceLayer {
+                epoch,
+                resources: resources.clone(),
             },
-            _ => NamespaceLayer {
-                revision: model.revision,
-                fingerprint,
-                resources: Arc::new(namespace_resources(
-                    model,
-                    &self.services,
-                    namespace,
-                    settings,
-                )),
-            },
-        };
-        let resources = layer.resources.clone();
-        self.namespaces.insert(key, layer);
+        );
         resources
     }
 
@@ -291,11 +366,11 @@ impl Translator {
                 .clone();
             layers.insert(0, pod);
         }
-        layers.push(self.global.clone());
+        layers.push(Arc::new(self.global.clone()));
         ProxyView {
             revision: model.revision,
             layers,
-            named_only: self.api.clone(),
+            named_only: Arc::new(self.api.clone()),
             changes: self.changes.clone(),
         }
     }

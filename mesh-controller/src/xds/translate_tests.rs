@@ -489,3 +489,81 @@ fn a_shared_vip_belongs_to_the_first_service_only() {
             .is_none()
     );
 }
+
+/// Every resource a view serves, by type and name, with its version.
+fn everything(view: &ProxyView) -> BTreeMap<(ResourceType, String), String> {
+    let mut out = BTreeMap::new();
+    for ty in ResourceType::ALL {
+        for (name, r) in view.wildcard(ty) {
+            out.insert((ty, name.to_string()), r.version.clone());
+        }
+        for r in view.named_only.iter(ty) {
+            out.insert((ty, format!("named {}", r.name)), r.version.clone());
+        }
+    }
+    out
+}
+
+#[test]
+fn incremental_translation_equals_a_fresh_one() {
+    let mut idx = index();
+    let mut t = Translator::new(idx.model());
+    let proxies = [
+        proxy("default", false),
+        proxy("default", true),
+        proxy("shop", true),
+    ];
+    for p in &proxies {
+        t.view(p);
+    }
+    // VIP moves, a Service goes, a route arrives, endpoints change.
+    idx.apply(obj(&service_yaml(
+        "default",
+        "aa-first",
+        "10.96.0.10",
+        &[("http", 9080)],
+    )))
+    .expect("svc");
+    idx.delete(&crate::objects::ObjKey {
+        kind: crate::objects::Kind::Service,
+        namespace: "shop".into(),
+        name: "db".into(),
+    });
+    idx.apply(obj(&split_yaml(
+        "default",
+        "r",
+        "reviews",
+        9080,
+        &[("reviews-v1", 3), ("reviews-v2", 1)],
+    )))
+    .expect("route");
+    idx.apply(obj(&slice_yaml(
+        "default",
+        "reviews-v2",
+        "http",
+        9082,
+        &["10.0.2.2"],
+    )))
+    .expect("slice");
+    let model = idx.model();
+    t.update(model.clone());
+    let changes = t.view(&proxies[0]).changes.clone();
+    let mut fresh = Translator::new(model);
+    for p in &proxies {
+        assert_eq!(everything(&t.view(p)), everything(&fresh.view(p)), "{p:?}");
+    }
+    // Only what changed is reported: reviews-v1's cluster bytes did not change.
+    let clusters = changes
+        .by_type
+        .get(&ResourceType::Cluster)
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !clusters.contains(&"outbound|9080||reviews-v1.default.svc.cluster.local".to_string()),
+        "{clusters:?}"
+    );
+    assert!(
+        clusters.contains(&"outbound|5432||db.shop.svc.cluster.local".to_string()),
+        "removal reported: {clusters:?}"
+    );
+}
