@@ -188,14 +188,14 @@ async fn client(
         let mut new_rds = Vec::new();
         for r in &resp.resources {
             match ty {
-                Some(ResourceType::Cluster) if r.name.starts_with("outbound|") => {
-                    if eds.insert(r.name.clone()) {
-                        new_eds.push(r.name.clone());
-                        if let Some(host) = r.name.strip_prefix("outbound|80||")
-                            && rds.insert(format!("{host}:80"))
-                        {
-                            new_rds.push(format!("{host}:80"));
-                        }
+                Some(ResourceType::Cluster)
+                    if r.name.starts_with("outbound|") && eds.insert(r.name.clone()) =>
+                {
+                    new_eds.push(r.name.clone());
+                    if let Some(host) = r.name.strip_prefix("outbound|80||")
+                        && rds.insert(format!("{host}:80"))
+                    {
+                        new_rds.push(format!("{host}:80"));
                     }
                 }
                 Some(ResourceType::Endpoint) if r.name == marker_cluster => {
@@ -230,7 +230,7 @@ async fn client(
                         .and_then(|r| r.action.as_ref())
                         && let Some(route_action::ClusterSpecifier::WeightedClusters(w)) =
                             &action.cluster_specifier
-                        && let Some(weight) = w.clusters.first().and_then(|c| c.weight.clone())
+                        && let Some(weight) = w.clusters.first().and_then(|c| c.weight)
                     {
                         let _ = report.send((id, Change::Route, weight.value as usize - 1000, now));
                     }
@@ -352,8 +352,8 @@ async fn main() -> anyhow::Result<()> {
     let wait_all = |have: &HashMap<(Change, usize), BTreeSet<usize>>, c: Change, k: usize| {
         have.get(&(c, k)).map_or(0, BTreeSet::len) >= a.clients
     };
-    let mut record = |have: &mut HashMap<(Change, usize), BTreeSet<usize>>,
-                      (id, c, k, _t): (usize, Change, usize, Instant)| {
+    let record = |have: &mut HashMap<(Change, usize), BTreeSet<usize>>,
+                  (id, c, k, _t): (usize, Change, usize, Instant)| {
         have.entry((c, k)).or_default().insert(id);
     };
     while !(wait_all(&have, Change::Endpoints, 0) && wait_all(&have, Change::Route, 0)) {

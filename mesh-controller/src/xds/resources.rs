@@ -66,28 +66,42 @@ impl Serialize for ResourceType {
 }
 
 /// One encoded resource. Its version is a hash of its bytes, so an unchanged resource keeps
-/// its version across rebuilds and is never sent twice.
+/// its version across rebuilds and is never sent twice. The name is shared (`Arc<str>`) with
+/// every stream's record of what it holds.
 #[derive(Debug, PartialEq)]
 pub struct Resource {
-    pub name: String,
+    pub name: Arc<str>,
+    /// The hash as sent on the wire (16 hex digits).
     pub version: String,
+    /// The same hash as a number, for streams' records.
+    pub tag: u64,
     pub any: Any,
 }
 
 impl Resource {
-    pub fn new<M: Message + Name>(name: impl Into<String>, msg: &M) -> Arc<Self> {
+    pub fn new<M: Message + Name>(name: &str, msg: &M) -> Arc<Self> {
         Self::from_encoded(name, M::type_url(), msg.encode_to_vec())
     }
 
     /// A resource from bytes already encoded as a message of `type_url`.
-    pub fn from_encoded(name: impl Into<String>, type_url: String, value: Vec<u8>) -> Arc<Self> {
+    pub fn from_encoded(name: &str, type_url: String, value: Vec<u8>) -> Arc<Self> {
         let mut h = std::hash::DefaultHasher::new();
         value.hash(&mut h);
+        let tag = h.finish();
         Arc::new(Self {
-            name: name.into(),
-            version: format!("{:016x}", h.finish()),
+            name: Arc::from(name),
+            version: format!("{tag:016x}"),
+            tag,
             any: Any { type_url, value },
         })
+    }
+
+    /// The tag of a version string this controller sent (a proxy's `initial_resource_versions`);
+    /// `None` for anything else.
+    pub fn parse_version(version: &str) -> Option<u64> {
+        (version.len() == 16)
+            .then(|| u64::from_str_radix(version, 16).ok())
+            .flatten()
     }
 }
 
@@ -95,7 +109,7 @@ impl Resource {
 /// the shared layer is updated in place and handed to every stream each revision.
 #[derive(Clone, Debug, Default)]
 pub struct Resources {
-    by_type: BTreeMap<ResourceType, imbl::OrdMap<String, Arc<Resource>>>,
+    by_type: BTreeMap<ResourceType, imbl::OrdMap<Arc<str>, Arc<Resource>>>,
 }
 
 impl Resources {
@@ -129,7 +143,7 @@ impl Resources {
 pub struct Changes {
     /// The revision these changes start from.
     pub from: u64,
-    pub by_type: BTreeMap<ResourceType, Vec<String>>,
+    pub by_type: BTreeMap<ResourceType, Vec<Arc<str>>>,
 }
 
 /// What one proxy sees: shared layers, most specific first. A name found in an earlier layer
@@ -173,7 +187,7 @@ impl ProxyView {
             .iter()
             .chain(own(prev))
             .flat_map(|l| l.iter(ty))
-            .map(|r| r.name.as_str())
+            .map(|r| &*r.name)
             .collect();
         names.extend(
             self.changes
@@ -181,7 +195,7 @@ impl ProxyView {
                 .get(&ty)
                 .into_iter()
                 .flatten()
-                .map(String::as_str),
+                .map(|n| &**n),
         );
         Some(names)
     }
@@ -191,7 +205,7 @@ impl ProxyView {
         let mut out = BTreeMap::new();
         for layer in &self.layers {
             for r in layer.iter(ty) {
-                out.entry(r.name.as_str()).or_insert(r);
+                out.entry(&*r.name).or_insert(r);
             }
         }
         out

@@ -311,7 +311,7 @@ impl Session {
 fn wanted<'a>(
     view: &'a ProxyView,
     wildcard: bool,
-    names: &BTreeSet<String>,
+    names: &BTreeSet<Arc<str>>,
     ty: ResourceType,
     name: &str,
 ) -> Option<&'a Arc<Resource>> {
@@ -322,6 +322,12 @@ fn wanted<'a>(
     } else {
         None
     }
+}
+
+/// A subscribed name, sharing the resource's own string when the resource exists.
+fn intern(view: &ProxyView, ty: ResourceType, name: &str) -> Arc<str> {
+    view.get(ty, name)
+        .map_or_else(|| Arc::from(name), |r| r.name.clone())
 }
 
 fn type_of(type_url: &str) -> Result<ResourceType, Status> {
@@ -343,9 +349,9 @@ fn observe_latency(metrics: &Metrics, ty: ResourceType, changed_at: Option<Insta
 #[derive(Default)]
 struct SotwType {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// Name to version of what the last response held (also when it was NACKed).
-    sent: Option<BTreeMap<String, String>>,
+    names: BTreeSet<Arc<str>>,
+    /// Name to version tag of what the last response held (also when it was NACKed).
+    sent: Option<BTreeMap<Arc<str>, u64>>,
     nonce: String,
 }
 
@@ -422,7 +428,11 @@ impl SotwStream {
                 .status
                 .answered(ty, &req.response_nonce, &req.version_info, error);
         }
-        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let names: BTreeSet<Arc<str>> = req
+            .resource_names
+            .iter()
+            .map(|n| intern(&session.view, ty, n))
+            .collect();
         let wildcard = ty.wildcard_allowed() && (names.is_empty() || names.contains("*"));
         let first = st.sent.is_none();
         let changed = first || names != st.names || wildcard != st.wildcard;
@@ -479,7 +489,7 @@ impl SotwStream {
                     wanted(&session.view, st.wildcard, &st.names, ty, name),
                     sent.get(*name),
                 ) {
-                    (Some(r), Some(v)) => &r.version != v,
+                    (Some(r), Some(v)) => r.tag != *v,
                     (None, None) => false,
                     _ => true,
                 }
@@ -495,13 +505,11 @@ impl SotwStream {
         };
         for name in &st.names {
             if let Some(r) = session.view.get(ty, name) {
-                chosen.insert(r.name.as_str(), r);
+                chosen.insert(&*r.name, r);
             }
         }
-        let versions: BTreeMap<String, String> = chosen
-            .values()
-            .map(|r| (r.name.clone(), r.version.clone()))
-            .collect();
+        let versions: BTreeMap<Arc<str>, u64> =
+            chosen.values().map(|r| (r.name.clone(), r.tag)).collect();
         if !force && st.sent.as_ref() == Some(&versions) {
             return true;
         }
@@ -533,9 +541,9 @@ impl Session {
 #[derive(Default)]
 struct DeltaType {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the proxy holds: name to version.
-    known: HashMap<String, String>,
+    names: BTreeSet<Arc<str>>,
+    /// What the proxy holds: name to version tag.
+    known: HashMap<Arc<str>, u64>,
     nonce: String,
     started: bool,
 }
@@ -617,7 +625,14 @@ impl DeltaStream {
         let first = !st.started;
         st.started = true;
         if first {
-            st.known.extend(req.initial_resource_versions.clone());
+            // A version this controller did not write cannot match; it is resent.
+            st.known
+                .extend(req.initial_resource_versions.iter().map(|(name, v)| {
+                    (
+                        intern(&session.view, ty, name),
+                        Resource::parse_version(v).unwrap_or(0),
+                    )
+                }));
             if ty.wildcard_allowed() && req.resource_names_subscribe.is_empty() {
                 st.wildcard = true;
             }
@@ -626,15 +641,15 @@ impl DeltaStream {
             if name == "*" {
                 st.wildcard = true;
             } else {
-                st.names.insert(name);
+                st.names.insert(intern(&session.view, ty, &name));
             }
         }
         for name in req.resource_names_unsubscribe {
             if name == "*" {
                 st.wildcard = false;
             } else {
-                st.names.remove(&name);
-                st.known.remove(&name);
+                st.names.remove(name.as_str());
+                st.known.remove(name.as_str());
             }
         }
         self.respond(ty, first, None, false).await;
@@ -675,27 +690,22 @@ impl DeltaStream {
         let Some(st) = self.types.get_mut(&ty) else {
             return true;
         };
-        let to_resource = |r: &Arc<Resource>| PbResource {
-            name: r.name.clone(),
-            version: r.version.clone(),
-            resource: Some(r.any.clone()),
-            ..Default::default()
-        };
-        let mut resources = Vec::new();
-        let mut removed = Vec::new();
+        let mut send: Vec<&Arc<Resource>> = Vec::new();
+        let mut removed: Vec<Arc<str>> = Vec::new();
         let prev = session.prev.as_ref().filter(|_| incremental && !force);
         match prev.and_then(|p| session.view.candidates(ty, p)) {
             // One revision step: only names that may have changed.
             Some(candidates) => {
-                let candidates: std::collections::BTreeSet<&str> = candidates.into_iter().collect();
+                let candidates: BTreeSet<&str> = candidates.into_iter().collect();
                 for name in candidates {
                     match wanted(&session.view, st.wildcard, &st.names, ty, name) {
-                        Some(r) if st.known.get(name) != Some(&r.version) => {
-                            resources.push(to_resource(r))
-                        }
+                        Some(r) if st.known.get(name) != Some(&r.tag) => send.push(r),
                         Some(_) => {}
-                        None if st.known.contains_key(name) => removed.push(name.to_string()),
-                        None => {}
+                        None => {
+                            if let Some((k, _)) = st.known.get_key_value(name) {
+                                removed.push(k.clone());
+                            }
+                        }
                     }
                 }
             }
@@ -707,31 +717,41 @@ impl DeltaStream {
                 };
                 for name in &st.names {
                     if let Some(r) = session.view.get(ty, name) {
-                        desired.insert(r.name.as_str(), r);
+                        desired.insert(&*r.name, r);
                     }
                 }
-                resources = desired
+                send = desired
                     .values()
-                    .filter(|r| st.known.get(&r.name) != Some(&r.version))
-                    .map(|r| to_resource(r))
+                    .filter(|r| st.known.get(&*r.name) != Some(&r.tag))
+                    .copied()
                     .collect();
                 removed = st
                     .known
                     .keys()
-                    .filter(|name| !desired.contains_key(name.as_str()))
+                    .filter(|name| !desired.contains_key(&***name))
                     .cloned()
                     .collect();
             }
         }
-        if resources.is_empty() && removed.is_empty() && !force {
+        if send.is_empty() && removed.is_empty() && !force {
             return true;
         }
-        for r in &resources {
-            st.known.insert(r.name.clone(), r.version.clone());
+        for r in &send {
+            st.known.insert(r.name.clone(), r.tag);
         }
         for name in &removed {
             st.known.remove(name);
         }
+        let resources: Vec<PbResource> = send
+            .iter()
+            .map(|r| PbResource {
+                name: r.name.to_string(),
+                version: r.version.clone(),
+                resource: Some(r.any.clone()),
+                ..Default::default()
+            })
+            .collect();
+        let removed: Vec<String> = removed.iter().map(|n| n.to_string()).collect();
         self.nonce += 1;
         st.nonce = self.nonce.to_string();
         let version = session.view.revision.to_string();

@@ -221,7 +221,7 @@ impl Translator {
         }
         touched.extend(owners_touched);
 
-        let mut changed: BTreeMap<ResourceType, Vec<String>> = BTreeMap::new();
+        let mut changed: BTreeMap<ResourceType, Vec<Arc<str>>> = BTreeMap::new();
         for key in touched {
             let prev = self.services.remove(&key);
             let next = model.services.get(&key).map(|svc| {

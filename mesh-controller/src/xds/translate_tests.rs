@@ -170,12 +170,7 @@ spec:
     let split: Vec<(String, u32)> = w
         .clusters
         .iter()
-        .map(|c| {
-            (
-                c.name.clone(),
-                c.weight.clone().map(|w| w.value).unwrap_or(0),
-            )
-        })
+        .map(|c| (c.name.clone(), c.weight.map(|w| w.value).unwrap_or(0)))
         .collect();
     assert_eq!(
         split,
@@ -341,7 +336,7 @@ fn transparent_proxies_get_filter_chains_per_vip_and_inbound_ports() {
         chain
             .filter_chain_match
             .as_ref()
-            .and_then(|m| m.destination_port.clone()),
+            .and_then(|m| m.destination_port),
         u32v(5432)
     );
     assert!(
@@ -358,7 +353,7 @@ fn transparent_proxies_get_filter_chains_per_vip_and_inbound_ports() {
         .filter_map(|c| {
             c.filter_chain_match
                 .as_ref()
-                .and_then(|m| m.destination_port.clone())
+                .and_then(|m| m.destination_port)
                 .map(|p| p.value)
         })
         .collect();
@@ -553,11 +548,13 @@ fn incremental_translation_equals_a_fresh_one() {
         assert_eq!(everything(&t.view(p)), everything(&fresh.view(p)), "{p:?}");
     }
     // Only what changed is reported: reviews-v1's cluster bytes did not change.
-    let clusters = changes
+    let clusters: Vec<String> = changes
         .by_type
         .get(&ResourceType::Cluster)
-        .cloned()
-        .unwrap_or_default();
+        .into_iter()
+        .flatten()
+        .map(|n| n.to_string())
+        .collect();
     assert!(
         !clusters.contains(&"outbound|9080||reviews-v1.default.svc.cluster.local".to_string()),
         "{clusters:?}"
