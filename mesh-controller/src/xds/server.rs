@@ -163,44 +163,20 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
-        let (tx, rx) = mpsc::channel(16);
-        let hub = self.hub.clone();
-        tokio::spawn(async move {
-            let mut s = SotwStream {
-                hub,
-                tx,
-                peer,
-                session: None,
-                types: HashMap::new(),
-                nonce: 0,
-            };
-            let err = s.run(request.into_inner()).await;
-            s.finish(err).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(AdsStream::<Sotw>::spawn(
+            self.hub.clone(),
+            request,
+        ))))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
-        let (tx, rx) = mpsc::channel(16);
-        let hub = self.hub.clone();
-        tokio::spawn(async move {
-            let mut s = DeltaStream {
-                hub,
-                tx,
-                peer,
-                session: None,
-                types: HashMap::new(),
-                nonce: 0,
-            };
-            let err = s.run(request.into_inner()).await;
-            s.finish(err).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(AdsStream::<Delta>::spawn(
+            self.hub.clone(),
+            request,
+        ))))
     }
 }
 
@@ -344,8 +320,6 @@ fn observe_latency(metrics: &Metrics, ty: ResourceType, changed_at: Option<Insta
     }
 }
 
-// ---- state of the world ---------------------------------------------------------------------
-
 #[derive(Default)]
 struct SotwType {
     wildcard: bool,
@@ -355,17 +329,65 @@ struct SotwType {
     nonce: String,
 }
 
-struct SotwStream {
+/// What differs between the two ADS variants; the stream loop around it is shared.
+trait Variant: Sized + Send + 'static {
+    type Request: prost::Message + Default + Send + 'static;
+    type Response: Send + 'static;
+    type TypeState: Default + Send;
+    const NAME: &'static str;
+
+    /// Handles a subscription change, ACK or NACK.
+    fn on_request(
+        s: &mut AdsStream<Self>,
+        req: Self::Request,
+    ) -> impl std::future::Future<Output = Result<(), Status>> + Send;
+
+    /// Sends what `ty`'s subscription should get now, if anything (always, with `force`).
+    /// `incremental`: the view moved one publish forward, so only changed names need a look.
+    /// Returns false when the stream is gone.
+    fn respond(
+        s: &mut AdsStream<Self>,
+        ty: ResourceType,
+        force: bool,
+        changed_at: Option<Instant>,
+        incremental: bool,
+    ) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// One ADS stream: its requests, and pushes when a new model is published.
+struct AdsStream<V: Variant> {
     hub: Arc<Hub>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<V::Response, Status>>,
     peer: Option<SocketAddr>,
     session: Option<Session>,
-    types: HashMap<ResourceType, SotwType>,
+    types: HashMap<ResourceType, V::TypeState>,
     nonce: u64,
 }
 
-impl SotwStream {
-    async fn run(&mut self, mut reqs: Streaming<DiscoveryRequest>) -> Option<Status> {
+impl<V: Variant> AdsStream<V> {
+    /// Starts the stream's task; its responses come out of the returned stream.
+    fn spawn(
+        hub: Arc<Hub>,
+        request: Request<Streaming<V::Request>>,
+    ) -> ReceiverStream<Result<V::Response, Status>> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut s = AdsStream::<V> {
+                hub,
+                tx,
+                peer,
+                session: None,
+                types: HashMap::new(),
+                nonce: 0,
+            };
+            let err = s.run(request.into_inner()).await;
+            s.finish(err).await;
+        });
+        ReceiverStream::new(rx)
+    }
+
+    async fn run(&mut self, mut reqs: Streaming<V::Request>) -> Option<Status> {
         loop {
             let changed = async {
                 match self.session.as_mut() {
@@ -376,7 +398,7 @@ impl SotwStream {
             tokio::select! {
                 req = reqs.message() => match req {
                     Ok(Some(req)) => {
-                        if let Err(e) = self.on_request(req).await {
+                        if let Err(e) = V::on_request(self, req).await {
                             return Some(e);
                         }
                     }
@@ -400,21 +422,50 @@ impl SotwStream {
 
     async fn finish(&mut self, err: Option<Status>) {
         if let Some(e) = err {
-            warn!(peer = ?self.peer, error = %e.message(), "closing xDS stream");
+            warn!(peer = ?self.peer, variant = V::NAME, error = %e.message(), "closing xDS stream");
             let _ = self.tx.send(Err(e)).await;
         }
     }
 
-    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
-        if self.session.is_none() {
-            self.session = Some(Session::open(&self.hub, req.node.as_ref(), "sotw")?);
+    /// A new model: push, in make-before-break order, what changed for each subscribed type.
+    async fn on_publish(&mut self) -> bool {
+        let Some(session) = self.session.as_mut() else {
+            return true;
+        };
+        let published = *session.published.borrow_and_update();
+        let view = self.hub.view(&session.proxy);
+        session.prev = Some(std::mem::replace(&mut session.view, view));
+        for ty in ResourceType::ALL {
+            if self.types.contains_key(&ty)
+                && !V::respond(self, ty, false, Some(published.changed_at), true).await
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+// ---- state of the world ---------------------------------------------------------------------
+
+struct Sotw;
+
+impl Variant for Sotw {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    type TypeState = SotwType;
+    const NAME: &'static str = "sotw";
+
+    async fn on_request(s: &mut AdsStream<Self>, req: DiscoveryRequest) -> Result<(), Status> {
+        if s.session.is_none() {
+            s.session = Some(Session::open(&s.hub, req.node.as_ref(), Self::NAME)?);
         }
         let ty = type_of(&req.type_url)?;
-        let session = self
+        let session = s
             .session
             .as_ref()
             .ok_or_else(|| Status::internal("no session"))?;
-        let st = self.types.entry(ty).or_default();
+        let st = s.types.entry(ty).or_default();
         if !req.response_nonce.is_empty() {
             if req.response_nonce != st.nonce {
                 // An answer to a response that has since been superseded.
@@ -439,42 +490,23 @@ impl SotwStream {
         st.names = names;
         st.wildcard = wildcard;
         if changed {
-            self.respond(ty, true, None, false).await;
+            Self::respond(s, ty, true, None, false).await;
         }
         Ok(())
     }
 
-    async fn on_publish(&mut self) -> bool {
-        let Some(session) = self.session.as_mut() else {
-            return true;
-        };
-        let published = *session.published.borrow_and_update();
-        let view = self.hub.view(&session.proxy);
-        session.prev = Some(std::mem::replace(&mut session.view, view));
-        for ty in ResourceType::ALL {
-            if self.types.contains_key(&ty)
-                && !self
-                    .respond(ty, false, Some(published.changed_at), true)
-                    .await
-            {
-                return false;
-            }
-        }
-        true
-    }
-
     /// Sends the current set for `ty` if it differs from the last one sent, or if `force`.
     async fn respond(
-        &mut self,
+        s: &mut AdsStream<Self>,
         ty: ResourceType,
         force: bool,
         changed_at: Option<Instant>,
         incremental: bool,
     ) -> bool {
-        let Some(session) = self.session.as_ref() else {
+        let Some(session) = s.session.as_ref() else {
             return true;
         };
-        let Some(st) = self.types.get_mut(&ty) else {
+        let Some(st) = s.types.get_mut(&ty) else {
             return true;
         };
         // After one revision step, look only at what may have changed; SotW then resends the
@@ -513,8 +545,8 @@ impl SotwStream {
         if !force && st.sent.as_ref() == Some(&versions) {
             return true;
         }
-        self.nonce += 1;
-        st.nonce = self.nonce.to_string();
+        s.nonce += 1;
+        st.nonce = s.nonce.to_string();
         let version = session.view.revision.to_string();
         let resp = DiscoveryResponse {
             version_info: version.clone(),
@@ -525,89 +557,31 @@ impl SotwStream {
         };
         session.status.sent(ty, &version, &st.nonce, versions.len());
         st.sent = Some(versions);
-        observe_latency(&self.hub.metrics, ty, changed_at);
-        self.tx.send(Ok(resp)).await.is_ok()
-    }
-}
-
-impl Session {
-    fn status_node(&self) -> String {
-        format!("{}/{}", self.proxy.namespace, self.proxy.name)
+        observe_latency(&s.hub.metrics, ty, changed_at);
+        s.tx.send(Ok(resp)).await.is_ok()
     }
 }
 
 // ---- incremental (Delta) ----------------------------------------------------------------------
 
-#[derive(Default)]
-struct DeltaType {
-    wildcard: bool,
-    names: BTreeSet<Arc<str>>,
-    /// What the proxy holds: name to version tag.
-    known: HashMap<Arc<str>, u64>,
-    nonce: String,
-    started: bool,
-}
+struct Delta;
 
-struct DeltaStream {
-    hub: Arc<Hub>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    peer: Option<SocketAddr>,
-    session: Option<Session>,
-    types: HashMap<ResourceType, DeltaType>,
-    nonce: u64,
-}
+impl Variant for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    type TypeState = DeltaType;
+    const NAME: &'static str = "delta";
 
-impl DeltaStream {
-    async fn run(&mut self, mut reqs: Streaming<DeltaDiscoveryRequest>) -> Option<Status> {
-        loop {
-            let changed = async {
-                match self.session.as_mut() {
-                    Some(s) => s.published.changed().await.is_ok(),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                req = reqs.message() => match req {
-                    Ok(Some(req)) => {
-                        if let Err(e) = self.on_request(req).await {
-                            return Some(e);
-                        }
-                    }
-                    Ok(None) => return None,
-                    Err(e) => {
-                        debug!(error = %e, "stream ended");
-                        return None;
-                    }
-                },
-                alive = changed => {
-                    if !alive {
-                        return Some(Status::unavailable("control plane shutting down"));
-                    }
-                    if !self.on_publish().await {
-                        return None;
-                    }
-                }
-            }
-        }
-    }
-
-    async fn finish(&mut self, err: Option<Status>) {
-        if let Some(e) = err {
-            warn!(peer = ?self.peer, error = %e.message(), "closing xDS stream");
-            let _ = self.tx.send(Err(e)).await;
-        }
-    }
-
-    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        if self.session.is_none() {
-            self.session = Some(Session::open(&self.hub, req.node.as_ref(), "delta")?);
+    async fn on_request(s: &mut AdsStream<Self>, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        if s.session.is_none() {
+            s.session = Some(Session::open(&s.hub, req.node.as_ref(), Self::NAME)?);
         }
         let ty = type_of(&req.type_url)?;
-        let session = self
+        let session = s
             .session
             .as_ref()
             .ok_or_else(|| Status::internal("no session"))?;
-        let st = self.types.entry(ty).or_default();
+        let st = s.types.entry(ty).or_default();
         if !req.response_nonce.is_empty() {
             let error = req.error_detail.as_ref().map(|e| e.message.clone());
             if let Some(e) = &error {
@@ -652,42 +626,23 @@ impl DeltaStream {
                 st.known.remove(name.as_str());
             }
         }
-        self.respond(ty, first, None, false).await;
+        Self::respond(s, ty, first, None, false).await;
         Ok(())
-    }
-
-    async fn on_publish(&mut self) -> bool {
-        let Some(session) = self.session.as_mut() else {
-            return true;
-        };
-        let published = *session.published.borrow_and_update();
-        let view = self.hub.view(&session.proxy);
-        session.prev = Some(std::mem::replace(&mut session.view, view));
-        for ty in ResourceType::ALL {
-            if self.types.contains_key(&ty)
-                && !self
-                    .respond(ty, false, Some(published.changed_at), true)
-                    .await
-            {
-                return false;
-            }
-        }
-        true
     }
 
     /// Sends what changed for `ty` since the proxy's known versions; with `force`, also an empty
     /// response (a first request expects an answer).
     async fn respond(
-        &mut self,
+        s: &mut AdsStream<Self>,
         ty: ResourceType,
         force: bool,
         changed_at: Option<Instant>,
         incremental: bool,
     ) -> bool {
-        let Some(session) = self.session.as_ref() else {
+        let Some(session) = s.session.as_ref() else {
             return true;
         };
-        let Some(st) = self.types.get_mut(&ty) else {
+        let Some(st) = s.types.get_mut(&ty) else {
             return true;
         };
         let mut send: Vec<&Arc<Resource>> = Vec::new();
@@ -752,11 +707,11 @@ impl DeltaStream {
             })
             .collect();
         let removed: Vec<String> = removed.iter().map(|n| n.to_string()).collect();
-        self.nonce += 1;
-        st.nonce = self.nonce.to_string();
+        s.nonce += 1;
+        st.nonce = s.nonce.to_string();
         let version = session.view.revision.to_string();
         session.status.sent(ty, &version, &st.nonce, st.known.len());
-        observe_latency(&self.hub.metrics, ty, changed_at);
+        observe_latency(&s.hub.metrics, ty, changed_at);
         let resp = DeltaDiscoveryResponse {
             system_version_info: version,
             resources,
@@ -765,6 +720,22 @@ impl DeltaStream {
             nonce: st.nonce.clone(),
             ..Default::default()
         };
-        self.tx.send(Ok(resp)).await.is_ok()
+        s.tx.send(Ok(resp)).await.is_ok()
     }
+}
+
+impl Session {
+    fn status_node(&self) -> String {
+        format!("{}/{}", self.proxy.namespace, self.proxy.name)
+    }
+}
+
+#[derive(Default)]
+struct DeltaType {
+    wildcard: bool,
+    names: BTreeSet<Arc<str>>,
+    /// What the proxy holds: name to version tag.
+    known: HashMap<Arc<str>, u64>,
+    nonce: String,
+    started: bool,
 }
