@@ -90,18 +90,7 @@ impl Controller {
             max,
         )));
 
-        let xds = TcpListener::bind(config.xds_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "xDS",
-                addr: config.xds_addr,
-                source,
-            })?;
-        let xds_addr = xds.local_addr().map_err(|source| StartError::Bind {
-            what: "xDS",
-            addr: config.xds_addr,
-            source,
-        })?;
+        let (xds, xds_addr) = bind("xDS", config.xds_addr).await?;
         let svc = hub.service();
         tasks.push(tokio::spawn(async move {
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
@@ -115,18 +104,7 @@ impl Controller {
             }
         }));
 
-        let admin = TcpListener::bind(config.admin_addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "admin",
-                addr: config.admin_addr,
-                source,
-            })?;
-        let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
-            what: "admin",
-            addr: config.admin_addr,
-            source,
-        })?;
+        let (admin, admin_addr) = bind("admin", config.admin_addr).await?;
         let app = router(AdminState {
             hub: hub.clone(),
             errors: errors.clone(),
@@ -148,4 +126,15 @@ impl Controller {
             _watch: watch,
         })
     }
+}
+
+/// Binds a listener and reports the address it got (the port may have been 0).
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { what, addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
 }

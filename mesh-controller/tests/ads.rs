@@ -46,6 +46,26 @@ async fn controller() -> (tempfile::TempDir, Controller) {
     (dir, ctl)
 }
 
+async fn client(ctl: &Controller) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
+    AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr))
+        .await
+        .expect("connect")
+}
+
+/// A SotW stream: where to send requests, and its responses.
+async fn sotw_stream(
+    ctl: &Controller,
+) -> (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>) {
+    let (tx, rx) = mpsc::channel(8);
+    let resp = client(ctl)
+        .await
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    (tx, resp)
+}
+
 async fn next<T>(s: &mut Streaming<T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), s.next())
         .await
@@ -96,15 +116,7 @@ async fn wait_state(ctl: &Controller, ty: ResourceType, state: SyncState) {
 #[tokio::test]
 async fn sotw_ack_nack_and_push_on_change() {
     let (dir, ctl) = controller().await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr))
-        .await
-        .expect("connect");
-    let (tx, rx) = mpsc::channel(8);
-    let mut resp = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (tx, mut resp) = sotw_stream(&ctl).await;
 
     // Wildcard CDS.
     tx.send(DiscoveryRequest {
@@ -228,11 +240,9 @@ async fn delta_next(s: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscovery
 #[tokio::test]
 async fn delta_sends_only_changes_and_removals() {
     let (dir, ctl) = controller().await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr))
-        .await
-        .expect("connect");
     let (tx, rx) = mpsc::channel(8);
-    let mut resp = client
+    let mut resp = client(&ctl)
+        .await
         .delta_aggregated_resources(ReceiverStream::new(rx))
         .await
         .expect("stream")
@@ -324,15 +334,7 @@ async fn delta_sends_only_changes_and_removals() {
 #[tokio::test]
 async fn malformed_node_is_refused_naming_the_field() {
     let (_dir, ctl) = controller().await;
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", ctl.xds_addr))
-        .await
-        .expect("connect");
-    let (tx, rx) = mpsc::channel(8);
-    let mut resp = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (tx, mut resp) = sotw_stream(&ctl).await;
     tx.send(DiscoveryRequest {
         node: node("a/b/c"),
         type_url: ResourceType::Cluster.type_url(),

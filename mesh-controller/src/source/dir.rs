@@ -130,30 +130,27 @@ impl DirSource {
             match doc.result {
                 Ok(obj) => {
                     let key = obj.key();
+                    let duplicate = |reason: String| ManifestError {
+                        source: source.clone(),
+                        document: doc.number,
+                        kind: Some(key.kind.to_string()),
+                        name: Some(key.name.clone()),
+                        field: "metadata.name".into(),
+                        reason,
+                    };
                     if let Some(owner) = self.owners.get(&key).filter(|o| o.as_path() != path) {
+                        errors.push(duplicate(format!(
+                            "{key} is already defined in {}",
+                            owner.display()
+                        )));
                         self.contested
                             .entry(key.clone())
                             .or_default()
                             .insert(path.to_path_buf());
-                        errors.push(ManifestError {
-                            source: source.clone(),
-                            document: doc.number,
-                            kind: Some(key.kind.to_string()),
-                            name: Some(key.name.clone()),
-                            field: "metadata.name".into(),
-                            reason: format!("{key} is already defined in {}", owner.display()),
-                        });
                         continue;
                     }
                     if doc_of.insert(key.clone(), doc.number).is_some() {
-                        errors.push(ManifestError {
-                            source: source.clone(),
-                            document: doc.number,
-                            kind: Some(key.kind.to_string()),
-                            name: Some(key.name.clone()),
-                            field: "metadata.name".into(),
-                            reason: format!("{key} is defined twice in this file"),
-                        });
+                        errors.push(duplicate(format!("{key} is defined twice in this file")));
                         continue;
                     }
                     keep.push(key);

@@ -112,6 +112,17 @@ struct ServiceResources {
     vhosts_local_hash: u64,
 }
 
+impl ServiceResources {
+    /// Every shared resource of the Service: `(type, resource, is an API listener)`.
+    fn entries(&self) -> impl Iterator<Item = (ResourceType, &Arc<Resource>, bool)> {
+        self.global.iter().map(|(ty, r)| (*ty, r, false)).chain(
+            self.api_listeners
+                .iter()
+                .map(|r| (ResourceType::Listener, r, true)),
+        )
+    }
+}
+
 type ServiceCache = BTreeMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>;
 
 #[derive(Debug)]
@@ -255,12 +266,7 @@ impl Translator {
             // Shared resources: replace those whose bytes changed, drop those that went.
             let mut next_names = std::collections::HashSet::new();
             if let Some(res) = &next_res {
-                let entries = res.global.iter().map(|(ty, r)| (*ty, r, false)).chain(
-                    res.api_listeners
-                        .iter()
-                        .map(|r| (ResourceType::Listener, r, true)),
-                );
-                for (ty, r, is_api) in entries {
+                for (ty, r, is_api) in res.entries() {
                     next_names.insert((ty, is_api, r.name.clone()));
                     let layer = if is_api {
                         &mut self.api
@@ -278,12 +284,7 @@ impl Translator {
                 }
             }
             if let Some(res) = &prev_res {
-                let entries = res.global.iter().map(|(ty, r)| (*ty, r, false)).chain(
-                    res.api_listeners
-                        .iter()
-                        .map(|r| (ResourceType::Listener, r, true)),
-                );
-                for (ty, r, is_api) in entries {
+                for (ty, r, is_api) in res.entries() {
                     if !next_names.contains(&(ty, is_api, r.name.clone())) {
                         let layer = if is_api {
                             &mut self.api
