@@ -420,6 +420,23 @@ impl<V: Variant> AdsStream<V> {
         }
     }
 
+    /// Opens the session on the first request, and finds the state of the request's type.
+    fn begin(
+        &mut self,
+        node: Option<&Node>,
+        type_url: &str,
+    ) -> Result<(ResourceType, &Session, &mut V::TypeState), Status> {
+        if self.session.is_none() {
+            self.session = Some(Session::open(&self.hub, node, V::NAME)?);
+        }
+        let ty = type_of(type_url)?;
+        let session = self
+            .session
+            .as_ref()
+            .ok_or_else(|| Status::internal("no session"))?;
+        Ok((ty, session, self.types.entry(ty).or_default()))
+    }
+
     async fn finish(&mut self, err: Option<Status>) {
         if let Some(e) = err {
             warn!(peer = ?self.peer, variant = V::NAME, error = %e.message(), "closing xDS stream");
@@ -457,15 +474,7 @@ impl Variant for Sotw {
     const NAME: &'static str = "sotw";
 
     async fn on_request(s: &mut AdsStream<Self>, req: DiscoveryRequest) -> Result<(), Status> {
-        if s.session.is_none() {
-            s.session = Some(Session::open(&s.hub, req.node.as_ref(), Self::NAME)?);
-        }
-        let ty = type_of(&req.type_url)?;
-        let session = s
-            .session
-            .as_ref()
-            .ok_or_else(|| Status::internal("no session"))?;
-        let st = s.types.entry(ty).or_default();
+        let (ty, session, st) = s.begin(req.node.as_ref(), &req.type_url)?;
         if !req.response_nonce.is_empty() {
             if req.response_nonce != st.nonce {
                 // An answer to a response that has since been superseded.
@@ -573,15 +582,7 @@ impl Variant for Delta {
     const NAME: &'static str = "delta";
 
     async fn on_request(s: &mut AdsStream<Self>, req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        if s.session.is_none() {
-            s.session = Some(Session::open(&s.hub, req.node.as_ref(), Self::NAME)?);
-        }
-        let ty = type_of(&req.type_url)?;
-        let session = s
-            .session
-            .as_ref()
-            .ok_or_else(|| Status::internal("no session"))?;
-        let st = s.types.entry(ty).or_default();
+        let (ty, session, st) = s.begin(req.node.as_ref(), &req.type_url)?;
         if !req.response_nonce.is_empty() {
             let error = req.error_detail.as_ref().map(|e| e.message.clone());
             if let Some(e) = &error {
