@@ -29,6 +29,7 @@ pub struct PolicyTargetReference {
     version = "v1alpha1",
     kind = "AuthorizationPolicy",
     namespaced,
+    derive = "PartialEq",
     shortname = "authz"
 )]
 #[serde(rename_all = "camelCase")]
@@ -90,7 +91,8 @@ pub struct AuthorizationOperation {
     group = "mesh.dev",
     version = "v1alpha1",
     kind = "TrafficPolicy",
-    namespaced
+    namespaced,
+    derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficPolicySpec {
@@ -160,7 +162,8 @@ pub struct RetryBudget {
     group = "mesh.dev",
     version = "v1alpha1",
     kind = "RateLimitPolicy",
-    namespaced
+    namespaced,
+    derive = "PartialEq"
 )]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimitPolicySpec {

@@ -243,6 +243,9 @@ pub fn parse_doc(doc: serde_json::Value, default_namespace: &str) -> Result<Obje
     let meta = obj.meta_mut();
     match meta.name.as_deref() {
         None | Some("") => return Err(DocError::new("metadata.name", "missing")),
+        // Service and Namespace names become DNS labels (and parts of xDS names): no dots.
+        Some(name) if kind == Kind::Service => validate_label(name, "metadata.name", true)?,
+        Some(name) if kind == Kind::Namespace => validate_label(name, "metadata.name", false)?,
         Some(name) => validate_dns_label(name, "metadata.name", 253)?,
     }
     if kind.is_namespaced() {
@@ -250,7 +253,7 @@ pub fn parse_doc(doc: serde_json::Value, default_namespace: &str) -> Result<Obje
             meta.namespace = Some(default_namespace.to_string());
         }
         if let Some(ns) = meta.namespace.as_deref() {
-            validate_dns_label(ns, "metadata.namespace", 63)?;
+            validate_label(ns, "metadata.namespace", false)?;
         }
     }
     Ok(obj)
@@ -262,6 +265,32 @@ fn typed<T: DeserializeOwned>(doc: serde_json::Value) -> Result<T, DocError> {
         let field = if field == "." { String::new() } else { field };
         DocError::new(field, e.into_inner().to_string())
     })
+}
+
+/// A DNS label (RFC 1123; with `letter_first`, RFC 1035 as Service names need): lowercase
+/// letters, digits and '-', at most 63 characters, starting and ending with a letter or digit.
+fn validate_label(value: &str, field: &str, letter_first: bool) -> Result<(), DocError> {
+    let ok = value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && value
+            .starts_with(|c: char| c.is_ascii_lowercase() || (!letter_first && c.is_ascii_digit()))
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        return Ok(());
+    }
+    Err(DocError::new(
+        field,
+        format!(
+            "{value:?} is not a valid DNS label: lowercase letters, digits and '-', at most 63 characters, starting with a {} and ending with a letter or digit",
+            if letter_first {
+                "letter"
+            } else {
+                "letter or digit"
+            }
+        ),
+    ))
 }
 
 /// Kubernetes object names: lowercase alphanumerics, '-' and '.', starting and ending alphanumeric.

@@ -355,3 +355,127 @@ async fn malformed_node_is_refused_naming_the_field() {
     );
     assert!(ctl.hub.status.snapshot().is_empty());
 }
+
+#[tokio::test]
+async fn sotw_empty_list_after_names_means_nothing_and_unknown_types_are_ignored() {
+    let (_dir, ctl) = controller().await;
+    let (tx, mut resp) = sotw_stream(&ctl).await;
+    let api = "a.default.svc.cluster.local:80".to_string();
+    let lds = ResourceType::Listener.type_url();
+    // A type this controller does not serve: ignored, the stream stays up.
+    tx.send(DiscoveryRequest {
+        node: node("default/grpc-client"),
+        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    tx.send(DiscoveryRequest {
+        type_url: lds.clone(),
+        resource_names: vec![api.clone()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let first = next(&mut resp).await;
+    assert_eq!(
+        first.type_url, lds,
+        "the unknown type got no answer and did not end the stream"
+    );
+    assert_eq!(first.resources.len(), 1, "only the API listener asked for");
+    // The client drops its last name: nothing, not the wildcard set.
+    tx.send(DiscoveryRequest {
+        type_url: lds.clone(),
+        version_info: first.version_info.clone(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let emptied = next(&mut resp).await;
+    assert!(
+        emptied.resources.is_empty(),
+        "{} resources",
+        emptied.resources.len()
+    );
+}
+
+#[tokio::test]
+async fn delta_reports_missing_names_and_resends_endpoints_of_changed_clusters() {
+    let (dir, ctl) = controller().await;
+    let (tx, rx) = mpsc::channel(8);
+    let mut resp = client(&ctl)
+        .await
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let a = "outbound|80||a.default.svc.cluster.local";
+    tx.send(DeltaDiscoveryRequest {
+        node: node("default/d2"),
+        type_url: ResourceType::Cluster.type_url(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let cds = delta_next(&mut resp).await;
+    tx.send(DeltaDiscoveryRequest {
+        type_url: cds.type_url.clone(),
+        response_nonce: cds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ack");
+    tx.send(DeltaDiscoveryRequest {
+        type_url: CLA.type_url(),
+        resource_names_subscribe: vec![a.into(), "ghost".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let eds = delta_next(&mut resp).await;
+    assert_eq!(
+        eds.resources
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        vec![a]
+    );
+    assert_eq!(
+        eds.removed_resources,
+        vec!["ghost".to_string()],
+        "a missing name is reported as such"
+    );
+    tx.send(DeltaDiscoveryRequest {
+        type_url: eds.type_url.clone(),
+        response_nonce: eds.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ack");
+
+    // Service a's port becomes gRPC: its cluster changes (HTTP/2 upstream), its endpoints do
+    // not; Envoy warms the new cluster and waits for endpoints, so they are sent again.
+    std::fs::write(
+        dir.path().join("svc.yaml"),
+        [
+            service_yaml("default", "a", "10.96.0.1", &[("grpc", 80)]),
+            service_yaml("default", "b", "10.96.0.2", &[("http", 80)]),
+            slice_yaml("default", "a", "grpc", 8080, &["10.0.0.1"]),
+        ]
+        .join("---\n"),
+    )
+    .expect("write");
+    let cds2 = delta_next(&mut resp).await;
+    assert_eq!(cds2.type_url, ResourceType::Cluster.type_url());
+    assert!(cds2.resources.iter().any(|r| r.name == a));
+    let eds2 = delta_next(&mut resp).await;
+    assert_eq!(eds2.type_url, CLA.type_url());
+    assert_eq!(
+        eds2.resources
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>(),
+        vec![a]
+    );
+}

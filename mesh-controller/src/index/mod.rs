@@ -159,8 +159,16 @@ impl Index {
             obj @ (Object::AuthorizationPolicy(_)
             | Object::TrafficPolicy(_)
             | Object::RateLimitPolicy(_)) => {
+                let same = match (self.policies.get(&key), &obj) {
+                    (Some(Object::AuthorizationPolicy(a)), Object::AuthorizationPolicy(b)) => {
+                        a == b
+                    }
+                    (Some(Object::TrafficPolicy(a)), Object::TrafficPolicy(b)) => a == b,
+                    (Some(Object::RateLimitPolicy(a)), Object::RateLimitPolicy(b)) => a == b,
+                    _ => false,
+                };
                 self.policies.insert(key, obj);
-                true
+                !same
             }
         })
     }
@@ -191,9 +199,7 @@ impl Index {
         if let Some(old) = old {
             let svc = old.service.clone();
             self.dirty.insert(svc.clone());
-            if let Some(set) = self.slices_by_service.get_mut(&svc) {
-                set.remove(&key);
-            }
+            remove_from(&mut self.slices_by_service, &svc, &key);
         }
         match info {
             Some(info) => {
@@ -222,19 +228,23 @@ impl Index {
             for p in &r.parents {
                 let pk = SvcKey::new(&p.namespace, &p.name);
                 self.dirty.insert(pk.clone());
-                let set = self.routes_by_parent.entry(pk).or_default();
                 if add {
-                    set.insert(key.clone());
+                    self.routes_by_parent
+                        .entry(pk)
+                        .or_default()
+                        .insert(key.clone());
                 } else {
-                    set.remove(&key);
+                    remove_from(&mut self.routes_by_parent, &pk, &key);
                 }
             }
             for b in route_backends(&r) {
-                let set = self.routes_by_backend.entry(b).or_default();
                 if add {
-                    set.insert(key.clone());
+                    self.routes_by_backend
+                        .entry(b)
+                        .or_default()
+                        .insert(key.clone());
                 } else {
-                    set.remove(&key);
+                    remove_from(&mut self.routes_by_backend, &b, &key);
                 }
             }
         }
@@ -640,6 +650,16 @@ impl Index {
     }
 }
 
+/// Removes `item` from the set under `key`, and the set once it is empty.
+fn remove_from(map: &mut HashMap<SvcKey, HashSet<ObjKey>>, key: &SvcKey, item: &ObjKey) {
+    if let Some(set) = map.get_mut(key) {
+        set.remove(item);
+        if set.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
 /// Every Service a route sends or mirrors to.
 fn route_backends(spec: &RouteSpec) -> HashSet<SvcKey> {
     spec.rules
@@ -676,8 +696,22 @@ fn service_info(svc: &Service) -> Result<ServiceInfo, DocError> {
                     format!("invalid port {}", p.port),
                 )
             })?;
+        let name = p.name.clone().unwrap_or_default();
+        // Two ports with one number (or name) would give Envoy duplicate matches.
+        if let Some(dup) = ports.iter().find(|sp: &&ServicePort| sp.port == port) {
+            return Err(DocError::new(
+                format!("spec.ports[{i}].port"),
+                format!("port {port} is listed twice (also as {:?})", dup.name),
+            ));
+        }
+        if ports.iter().any(|sp| sp.name == name) {
+            return Err(DocError::new(
+                format!("spec.ports[{i}].name"),
+                format!("port name {name:?} is used twice"),
+            ));
+        }
         ports.push(ServicePort {
-            name: p.name.unwrap_or_default(),
+            name,
             port,
             target_port: p.target_port,
             app_protocol: p.app_protocol,

@@ -452,3 +452,16 @@ fn incremental_models_equal_a_fresh_build() {
         got.errors
     );
 }
+
+#[test]
+fn a_service_listing_a_port_twice_is_refused() {
+    let mut idx = Index::new("cluster.local");
+    let doc: serde_json::Value = serde_yaml::from_str(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}",
+    )
+    .expect("yaml");
+    let err = idx
+        .apply(crate::objects::parse_doc(doc, "default").expect("parses"))
+        .expect_err("duplicate");
+    assert_eq!(err.field, "spec.ports[1].port");
+}

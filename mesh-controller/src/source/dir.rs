@@ -282,9 +282,12 @@ impl DirSource {
                     }
                     rescan |= ev.need_rescan();
                     for p in ev.paths {
-                        if is_manifest(&p) {
+                        if below_hidden(&self.root, &p) {
+                            // A ConfigMap volume swaps its `..data` link to publish an update.
+                            rescan |= relative(&self.root, &p).any(|c| c.starts_with(".."));
+                        } else if is_manifest(&p) {
                             paths.insert(p);
-                        } else if !is_hidden(&p) {
+                        } else {
                             // A directory came or went, or was renamed: look at everything.
                             rescan |= p.is_dir()
                                 || (!p.exists() && self.files.keys().any(|f| f.starts_with(&p)));
@@ -319,6 +322,19 @@ impl Drop for WatchHandle {
     }
 }
 
+/// The components of `p` below `root`, as strings.
+fn relative<'a>(root: &Path, p: &'a Path) -> impl Iterator<Item = &'a str> {
+    p.strip_prefix(root)
+        .unwrap_or(p)
+        .components()
+        .filter_map(|c| c.as_os_str().to_str())
+}
+
+/// Whether `p` is, or is inside, a hidden file or directory below `root`.
+fn below_hidden(root: &Path, p: &Path) -> bool {
+    relative(root, p).any(|c| c.starts_with('.'))
+}
+
 fn is_hidden(p: &Path) -> bool {
     p.file_name()
         .and_then(|n| n.to_str())
@@ -333,10 +349,17 @@ fn list_manifests(root: &Path) -> Result<BTreeSet<PathBuf>, DirError> {
     let mut out = BTreeSet::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|source| DirError::Read {
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // A subdirectory removed while we look: its files are gone, nothing to read.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != root => continue,
+            Err(source) => {
+                return Err(DirError::Read {
+                    path: dir.clone(),
+                    source,
+                });
+            }
+        };
         for entry in entries.flatten() {
             let p = entry.path();
             if is_hidden(&p) {

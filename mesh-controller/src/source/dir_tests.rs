@@ -286,3 +286,71 @@ async fn watch_follows_edits_live() {
     .await
     .expect("the edit reached the index");
 }
+
+#[tokio::test]
+async fn configmap_volume_updates_are_followed() {
+    // A ConfigMap volume: route.yaml -> ..data/route.yaml, ..data -> ..2026_a; an update
+    // writes ..2026_b and swaps the ..data link.
+    let f = fixture();
+    good_files(&f);
+    let root = f.dir.path();
+    std::fs::remove_file(root.join("route.yaml")).expect("rm");
+    let a = root.join("..2026_a");
+    std::fs::create_dir(&a).expect("mkdir");
+    std::fs::write(
+        a.join("route.yaml"),
+        split_yaml(
+            "default",
+            "reviews",
+            "reviews",
+            9080,
+            &[("reviews-v1", 90), ("reviews-v2", 10)],
+        ),
+    )
+    .expect("write");
+    std::os::unix::fs::symlink("..2026_a", root.join("..data")).expect("link");
+    std::os::unix::fs::symlink("..data/route.yaml", root.join("route.yaml")).expect("link");
+    let index = f.index.clone();
+    let mut rx = index.lock().expect("lock").subscribe();
+    let errors = f.errors.clone();
+    let _handle = f.source.watch().expect("watch");
+    let weights = |index: &Arc<Mutex<Index>>| {
+        let m = index.lock().expect("lock").model();
+        match &m.services[&SvcKey::new("default", "reviews")].ports[0].routes[0].action {
+            RouteAction::Forward(b) => b.iter().map(|b| b.weight).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(weights(&index), vec![90, 10]);
+    assert!(
+        errors.all().is_empty(),
+        "files in hidden directories are not read twice: {:?}",
+        errors.all()
+    );
+    rx.borrow_and_update();
+
+    let b = root.join("..2026_b");
+    std::fs::create_dir(&b).expect("mkdir");
+    std::fs::write(
+        b.join("route.yaml"),
+        split_yaml(
+            "default",
+            "reviews",
+            "reviews",
+            9080,
+            &[("reviews-v1", 0), ("reviews-v2", 100)],
+        ),
+    )
+    .expect("write");
+    std::os::unix::fs::symlink("..2026_b", root.join("..data_tmp")).expect("link");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+    std::fs::remove_dir_all(&a).expect("rm old");
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while weights(&index) != vec![100] {
+            rx.changed().await.expect("index alive");
+        }
+    })
+    .await
+    .expect("the swapped ConfigMap content applies");
+    assert!(errors.all().is_empty(), "{:?}", errors.all());
+}

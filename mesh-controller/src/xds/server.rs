@@ -105,6 +105,10 @@ pub async fn run_publisher(
     max: Duration,
 ) {
     let mut rx = index.lock().unwrap_or_else(|e| e.into_inner()).subscribe();
+    // A change between the first model and this subscription must not wait for the next one.
+    if *rx.borrow() != hub.published.borrow().revision {
+        rx.mark_changed();
+    }
     loop {
         if rx.changed().await.is_err() {
             return;
@@ -306,11 +310,6 @@ fn intern(view: &ProxyView, ty: ResourceType, name: &str) -> Arc<str> {
         .map_or_else(|| Arc::from(name), |r| r.name.clone())
 }
 
-fn type_of(type_url: &str) -> Result<ResourceType, Status> {
-    ResourceType::from_type_url(type_url)
-        .ok_or_else(|| Status::invalid_argument(format!("unsupported type_url {type_url:?}")))
-}
-
 fn observe_latency(metrics: &Metrics, ty: ResourceType, changed_at: Option<Instant>) {
     if let Some(t) = changed_at {
         metrics
@@ -353,6 +352,9 @@ trait Variant: Sized + Send + 'static {
         incremental: bool,
     ) -> impl std::future::Future<Output = bool> + Send;
 }
+
+/// A request's type, the stream's session, and that type's state.
+type Begun<'a, V> = (ResourceType, &'a Session, &'a mut <V as Variant>::TypeState);
 
 /// One ADS stream: its requests, and pushes when a new model is published.
 struct AdsStream<V: Variant> {
@@ -425,16 +427,21 @@ impl<V: Variant> AdsStream<V> {
         &mut self,
         node: Option<&Node>,
         type_url: &str,
-    ) -> Result<(ResourceType, &Session, &mut V::TypeState), Status> {
+    ) -> Result<Option<Begun<'_, V>>, Status> {
         if self.session.is_none() {
             self.session = Some(Session::open(&self.hub, node, V::NAME)?);
         }
-        let ty = type_of(type_url)?;
         let session = self
             .session
             .as_ref()
             .ok_or_else(|| Status::internal("no session"))?;
-        Ok((ty, session, self.types.entry(ty).or_default()))
+        // A type we do not serve (SDS, ECDS, ...) is ignored rather than failing the stream,
+        // which would also cut off the types we do serve.
+        let Some(ty) = ResourceType::from_type_url(type_url) else {
+            debug!(node = %session.status_node(), type_url, "ignoring a type this controller does not serve");
+            return Ok(None);
+        };
+        Ok(Some((ty, session, self.types.entry(ty).or_default())))
     }
 
     async fn finish(&mut self, err: Option<Status>) {
@@ -474,7 +481,9 @@ impl Variant for Sotw {
     const NAME: &'static str = "sotw";
 
     async fn on_request(s: &mut AdsStream<Self>, req: DiscoveryRequest) -> Result<(), Status> {
-        let (ty, session, st) = s.begin(req.node.as_ref(), &req.type_url)?;
+        let Some((ty, session, st)) = s.begin(req.node.as_ref(), &req.type_url)? else {
+            return Ok(());
+        };
         if !req.response_nonce.is_empty() {
             if req.response_nonce != st.nonce {
                 // An answer to a response that has since been superseded.
@@ -493,8 +502,11 @@ impl Variant for Sotw {
             .iter()
             .map(|n| intern(&session.view, ty, n))
             .collect();
-        let wildcard = ty.wildcard_allowed() && (names.is_empty() || names.contains("*"));
         let first = st.sent.is_none();
+        // An empty list means "everything" on the first request (and while it stays the
+        // wildcard); after an explicit list it means "nothing".
+        let wildcard = ty.wildcard_allowed()
+            && (names.contains("*") || (names.is_empty() && (first || st.wildcard)));
         let changed = first || names != st.names || wildcard != st.wildcard;
         st.names = names;
         st.wildcard = wildcard;
@@ -565,7 +577,18 @@ impl Variant for Sotw {
             ..Default::default()
         };
         session.status.sent(ty, &version, &st.nonce, versions.len());
+        // Clusters that changed are warmed again by Envoy, which then waits for their
+        // endpoints: send EDS in full next, even if the endpoints did not change.
+        let updated_cluster = ty == ResourceType::Cluster
+            && st.sent.as_ref().is_some_and(|old| {
+                versions
+                    .iter()
+                    .any(|(n, v)| old.get(n).is_some_and(|o| o != v))
+            });
         st.sent = Some(versions);
+        if updated_cluster && let Some(eds) = s.types.get_mut(&ResourceType::Endpoint) {
+            eds.sent = None;
+        }
         observe_latency(&s.hub.metrics, ty, changed_at);
         s.tx.send(Ok(resp)).await.is_ok()
     }
@@ -582,7 +605,9 @@ impl Variant for Delta {
     const NAME: &'static str = "delta";
 
     async fn on_request(s: &mut AdsStream<Self>, req: DeltaDiscoveryRequest) -> Result<(), Status> {
-        let (ty, session, st) = s.begin(req.node.as_ref(), &req.type_url)?;
+        let Some((ty, session, st)) = s.begin(req.node.as_ref(), &req.type_url)? else {
+            return Ok(());
+        };
         if !req.response_nonce.is_empty() {
             let error = req.error_detail.as_ref().map(|e| e.message.clone());
             if let Some(e) = &error {
@@ -614,9 +639,11 @@ impl Variant for Delta {
         }
         for name in req.resource_names_subscribe {
             if name == "*" {
-                st.wildcard = true;
+                st.wildcard |= ty.wildcard_allowed();
             } else {
-                st.names.insert(intern(&session.view, ty, &name));
+                let name = intern(&session.view, ty, &name);
+                st.recheck.insert(name.clone());
+                st.names.insert(name);
             }
         }
         for name in req.resource_names_unsubscribe {
@@ -652,13 +679,18 @@ impl Variant for Delta {
         match prev.and_then(|p| session.view.candidates(ty, p)) {
             // One revision step: only names that may have changed.
             Some(candidates) => {
-                let candidates: BTreeSet<&str> = candidates.into_iter().collect();
+                let mut candidates: BTreeSet<&str> = candidates.into_iter().collect();
+                candidates.extend(st.recheck.iter().map(|n| &**n));
                 for name in candidates {
                     match wanted(&session.view, st.wildcard, &st.names, ty, name) {
                         Some(r) if st.known.get(name) != Some(&r.tag) => send.push(r),
                         Some(_) => {}
                         None => {
                             if let Some((k, _)) = st.known.get_key_value(name) {
+                                removed.push(k.clone());
+                            } else if st.names.contains(name)
+                                && let Some(k) = st.recheck.get(name)
+                            {
                                 removed.push(k.clone());
                             }
                         }
@@ -684,14 +716,28 @@ impl Variant for Delta {
                 removed = st
                     .known
                     .keys()
+                    .chain(st.recheck.iter().filter(|n| st.names.contains(*n)))
                     .filter(|name| !desired.contains_key(&***name))
                     .cloned()
                     .collect();
+                removed.sort();
+                removed.dedup();
             }
         }
         if send.is_empty() && removed.is_empty() && !force {
             return true;
         }
+        st.recheck.clear();
+        // Clusters that changed are warmed again by Envoy, which then waits for their
+        // endpoints: look at those again on the next EDS response.
+        let updated_clusters: Vec<Arc<str>> = if ty == ResourceType::Cluster {
+            send.iter()
+                .filter(|r| st.known.contains_key(&*r.name))
+                .map(|r| r.name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         for r in &send {
             st.known.insert(r.name.clone(), r.tag);
         }
@@ -721,6 +767,12 @@ impl Variant for Delta {
             nonce: st.nonce.clone(),
             ..Default::default()
         };
+        if let Some(eds) = s.types.get_mut(&ResourceType::Endpoint) {
+            for name in updated_clusters {
+                eds.known.remove(&name);
+                eds.recheck.insert(name);
+            }
+        }
         s.tx.send(Ok(resp)).await.is_ok()
     }
 }
@@ -737,6 +789,10 @@ struct DeltaType {
     names: BTreeSet<Arc<str>>,
     /// What the proxy holds: name to version tag.
     known: HashMap<Arc<str>, u64>,
+    /// Names to look at on the next response whatever changed: newly subscribed names (sent
+    /// in `removed_resources` when they do not exist, as the protocol says) and endpoints of
+    /// clusters just re-sent (a warming cluster waits for them).
+    recheck: BTreeSet<Arc<str>>,
     nonce: String,
     started: bool,
 }

@@ -125,6 +125,24 @@ impl ServiceResources {
 
 type ServiceCache = BTreeMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>;
 
+/// What a per-namespace layer's bytes depend on: the namespace, and either the transparent
+/// outbound port or the explicit listener's address.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum LayerKey {
+    Transparent(String, u16),
+    Explicit(String, SocketAddr),
+}
+
+impl LayerKey {
+    fn of(namespace: &str, settings: &ListenerSettings) -> Self {
+        if settings.transparent {
+            LayerKey::Transparent(namespace.to_string(), settings.outbound_port)
+        } else {
+            LayerKey::Explicit(namespace.to_string(), settings.outbound_http_addr)
+        }
+    }
+}
+
 #[derive(Debug)]
 struct NamespaceLayer {
     /// The epoch of its pieces it was assembled at.
@@ -154,8 +172,8 @@ pub struct Translator {
     /// per-namespace layers changes; a layer built at the current epoch is still good.
     chains_epoch: u64,
     vhosts_epoch: u64,
-    /// Per-namespace layers, kept across models while their epoch holds.
-    namespaces: HashMap<(String, ListenerSettings), NamespaceLayer>,
+    /// Per-namespace layers, kept while their epoch holds, keyed by what their bytes depend on.
+    namespaces: HashMap<LayerKey, NamespaceLayer>,
     pods: HashMap<(String, String, ListenerSettings), Arc<Resources>>,
 }
 
@@ -304,6 +322,16 @@ impl Translator {
             from: old.revision,
             by_type: changed,
         });
+        // Layers whose pieces changed are rebuilt on demand; drop the stale ones now.
+        let (chains, vhosts) = (self.chains_epoch, self.vhosts_epoch);
+        self.namespaces.retain(|k, l| {
+            l.epoch
+                == if matches!(k, LayerKey::Transparent(..)) {
+                    chains
+                } else {
+                    vhosts
+                }
+        });
         self.pods.clear();
     }
 
@@ -314,7 +342,7 @@ impl Translator {
         namespace: &str,
         settings: &ListenerSettings,
     ) -> Arc<Resources> {
-        let key = (namespace.to_string(), settings.clone());
+        let key = LayerKey::of(namespace, settings);
         let epoch = if settings.transparent {
             self.chains_epoch
         } else {
