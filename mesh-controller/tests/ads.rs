@@ -233,6 +233,17 @@ async fn sotw_ack_nack_and_push_on_change() {
     );
 }
 
+/// Acknowledges a Delta response.
+async fn delta_ack(tx: &mpsc::Sender<DeltaDiscoveryRequest>, resp: &DeltaDiscoveryResponse) {
+    tx.send(DeltaDiscoveryRequest {
+        type_url: resp.type_url.clone(),
+        response_nonce: resp.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ack");
+}
+
 async fn delta_next(s: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
     next(s).await
 }
@@ -285,13 +296,7 @@ async fn delta_sends_only_changes_and_removals() {
         ],
         "b is already known"
     );
-    tx.send(DeltaDiscoveryRequest {
-        type_url: first.type_url.clone(),
-        response_nonce: first.nonce.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("ack");
+    delta_ack(&tx, &first).await;
 
     // Service b goes: its cluster is removed.
     std::fs::write(
@@ -302,13 +307,7 @@ async fn delta_sends_only_changes_and_removals() {
     let removal = delta_next(&mut resp).await;
     assert!(removal.resources.is_empty());
     assert_eq!(removal.removed_resources, vec![b.to_string()]);
-    tx.send(DeltaDiscoveryRequest {
-        type_url: removal.type_url.clone(),
-        response_nonce: removal.nonce.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("ack");
+    delta_ack(&tx, &removal).await;
     wait_state(&ctl, ResourceType::Cluster, SyncState::Synced).await;
 
     // Subscribing to an EDS name by name; unsubscribing sends nothing back.
@@ -419,13 +418,7 @@ async fn delta_reports_missing_names_and_resends_endpoints_of_changed_clusters()
     .await
     .expect("send");
     let cds = delta_next(&mut resp).await;
-    tx.send(DeltaDiscoveryRequest {
-        type_url: cds.type_url.clone(),
-        response_nonce: cds.nonce.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("ack");
+    delta_ack(&tx, &cds).await;
     tx.send(DeltaDiscoveryRequest {
         type_url: CLA.type_url(),
         resource_names_subscribe: vec![a.into(), "ghost".into()],
@@ -446,13 +439,7 @@ async fn delta_reports_missing_names_and_resends_endpoints_of_changed_clusters()
         vec!["ghost".to_string()],
         "a missing name is reported as such"
     );
-    tx.send(DeltaDiscoveryRequest {
-        type_url: eds.type_url.clone(),
-        response_nonce: eds.nonce.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("ack");
+    delta_ack(&tx, &eds).await;
 
     // Service a's port becomes gRPC: its cluster changes (HTTP/2 upstream), its endpoints do
     // not; Envoy warms the new cluster and waits for endpoints, so they are sent again.
