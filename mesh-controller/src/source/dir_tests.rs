@@ -39,11 +39,16 @@ impl Fixture {
     }
 
     fn weights(&self) -> Vec<u32> {
-        let m = self.index.lock().expect("lock").model();
-        match &m.services[&SvcKey::new("default", "reviews")].ports[0].routes[0].action {
-            RouteAction::Forward(b) => b.iter().map(|b| b.weight).collect(),
-            other => panic!("{other:?}"),
-        }
+        weights_of(&self.index)
+    }
+}
+
+/// The weights of the first route of Service default/reviews.
+fn weights_of(index: &Mutex<Index>) -> Vec<u32> {
+    let m = index.lock().expect("lock").model();
+    match &m.services[&SvcKey::new("default", "reviews")].ports[0].routes[0].action {
+        RouteAction::Forward(b) => b.iter().map(|b| b.weight).collect(),
+        other => panic!("{other:?}"),
     }
 }
 
@@ -272,15 +277,8 @@ async fn watch_follows_edits_live() {
     )
     .expect("write");
     tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        loop {
+        while weights_of(&index) != vec![50, 50] {
             rx.changed().await.expect("index alive");
-            let m = index.lock().expect("lock").model();
-            if let RouteAction::Forward(b) =
-                &m.services[&SvcKey::new("default", "reviews")].ports[0].routes[0].action
-                && b.iter().map(|b| b.weight).collect::<Vec<_>>() == vec![50, 50]
-            {
-                return;
-            }
         }
     })
     .await
@@ -314,14 +312,7 @@ async fn configmap_volume_updates_are_followed() {
     let mut rx = index.lock().expect("lock").subscribe();
     let errors = f.errors.clone();
     let _handle = f.source.watch().expect("watch");
-    let weights = |index: &Arc<Mutex<Index>>| {
-        let m = index.lock().expect("lock").model();
-        match &m.services[&SvcKey::new("default", "reviews")].ports[0].routes[0].action {
-            RouteAction::Forward(b) => b.iter().map(|b| b.weight).collect::<Vec<_>>(),
-            other => panic!("{other:?}"),
-        }
-    };
-    assert_eq!(weights(&index), vec![90, 10]);
+    assert_eq!(weights_of(&index), vec![90, 10]);
     assert!(
         errors.all().is_empty(),
         "files in hidden directories are not read twice: {:?}",
@@ -346,7 +337,7 @@ async fn configmap_volume_updates_are_followed() {
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
     std::fs::remove_dir_all(&a).expect("rm old");
     tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while weights(&index) != vec![100] {
+        while weights_of(&index) != vec![100] {
             rx.changed().await.expect("index alive");
         }
     })
