@@ -3,7 +3,7 @@
 //! index live. A document that does not parse or validate is reported (file, document number,
 //! field, reason) and the last good version of that object stays in force; the rest still applies.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -46,6 +46,21 @@ pub struct DirSource {
     owners: HashMap<ObjKey, PathBuf>,
     /// Files that define an object another file already provides: read again when it goes.
     contested: HashMap<ObjKey, BTreeSet<PathBuf>>,
+    /// Changes gathered from the files read for one event, applied to the index together so
+    /// that an object moving between files (or a renamed directory) never disappears.
+    batch: Option<Batch>,
+}
+
+/// Index changes and refusals gathered from several files, applied in one step.
+#[derive(Debug, Default)]
+struct Batch {
+    apply: Vec<Object>,
+    delete: Vec<ObjKey>,
+    /// Where each applied object comes from: file, document number, and whether that file
+    /// already provided it (then a refusal keeps its last good version).
+    origin: HashMap<ObjKey, (PathBuf, usize, bool)>,
+    /// Each file's refusals (an empty list clears the file's earlier ones).
+    errors: BTreeMap<PathBuf, Vec<ManifestError>>,
 }
 
 /// A document read from a file: its number and either an object or why not.
@@ -66,12 +81,69 @@ impl DirSource {
             files: HashMap::new(),
             owners: HashMap::new(),
             contested: HashMap::new(),
+            batch: None,
+        }
+    }
+
+    /// Opens a batch unless one is open; true when the caller must commit it.
+    fn begin(&mut self) -> bool {
+        let opened = self.batch.is_none();
+        if opened {
+            self.batch = Some(Batch::default());
+        }
+        opened
+    }
+
+    fn batch(&mut self) -> &mut Batch {
+        self.batch.get_or_insert_with(Batch::default)
+    }
+
+    /// Applies the open batch to the index in one step and reports each file's refusals. An
+    /// object the index refuses keeps its last good version if its file provided one before.
+    fn commit(&mut self) {
+        let Some(batch) = self.batch.take() else {
+            return;
+        };
+        let refused = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply_batch(batch.apply, &batch.delete);
+        let mut errors = batch.errors;
+        for (key, e) in refused {
+            let Some((path, document, owned_before)) = batch.origin.get(&key) else {
+                continue;
+            };
+            if !owned_before {
+                if let Some(keys) = self.files.get_mut(path) {
+                    keys.retain(|k| k != &key);
+                }
+                if self.owners.get(&key) == Some(path) {
+                    self.owners.remove(&key);
+                }
+            }
+            errors.entry(path.clone()).or_default().push(ManifestError {
+                source: path.display().to_string(),
+                document: *document,
+                kind: Some(key.kind.to_string()),
+                name: Some(key.name.clone()),
+                field: e.field,
+                reason: e.reason,
+            });
+        }
+        for (path, mut errs) in errors {
+            errs.sort_by_key(|e| e.document);
+            for err in &errs {
+                warn!(%err, "manifest refused");
+            }
+            self.errors.set(&path.display().to_string(), errs);
         }
     }
 
     /// Reads every manifest below the root.
     pub fn load_all(&mut self) -> Result<(), DirError> {
         let found = list_manifests(&self.root)?;
+        let own = self.begin();
         let known: Vec<PathBuf> = self.files.keys().cloned().collect();
         for gone in known.iter().filter(|p| !found.contains(*p)) {
             self.reload(gone);
@@ -79,11 +151,23 @@ impl DirSource {
         for path in &found {
             self.reload(path);
         }
+        if own {
+            self.commit();
+        }
         Ok(())
     }
 
     /// Re-reads one file (or forgets it, if it is gone) and applies the difference.
     pub fn reload(&mut self, path: &Path) {
+        let own = self.begin();
+        self.plan(path);
+        if own {
+            self.commit();
+        }
+    }
+
+    /// Reads one file and adds its difference to the open batch.
+    fn plan(&mut self, path: &Path) {
         let source = path.display().to_string();
         let docs = match std::fs::read_to_string(path) {
             Ok(text) => parse_file(&text, &source),
@@ -101,8 +185,7 @@ impl DirSource {
                     field: String::new(),
                     reason: format!("cannot read file: {e}"),
                 };
-                warn!(%err, "manifest refused");
-                self.errors.set(&source, vec![err]);
+                self.batch().errors.insert(path.to_path_buf(), vec![err]);
                 return;
             }
         };
@@ -110,8 +193,7 @@ impl DirSource {
             Ok(docs) => docs,
             Err(err) => {
                 // The YAML itself is broken, so no document can be told apart: keep them all.
-                warn!(%err, "manifest refused");
-                self.errors.set(&source, vec![*err]);
+                self.batch().errors.insert(path.to_path_buf(), vec![*err]);
                 return;
             }
         };
@@ -171,24 +253,17 @@ impl DirSource {
             .filter(|k| !keep_set.contains(k))
             .cloned()
             .collect();
-        let refused = self
-            .index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply_batch(apply, &delete);
-        for (key, e) in refused {
-            if !old.contains(&key) {
-                keep.retain(|k| k != &key);
-            }
-            errors.push(ManifestError {
-                source: source.clone(),
-                document: doc_of.get(&key).copied().unwrap_or_default(),
-                kind: Some(key.kind.to_string()),
-                name: Some(key.name.clone()),
-                field: e.field,
-                reason: e.reason,
-            });
+        let batch = self.batch();
+        for obj in apply {
+            let key = obj.key();
+            let document = doc_of.get(&key).copied().unwrap_or_default();
+            batch.origin.insert(
+                key.clone(),
+                (path.to_path_buf(), document, old.contains(&key)),
+            );
+            batch.apply.push(obj);
         }
+        batch.delete.extend(delete.iter().cloned());
         for key in &delete {
             self.owners.remove(key);
         }
@@ -196,11 +271,7 @@ impl DirSource {
         for key in &keep {
             self.owners.insert(key.clone(), path.to_path_buf());
         }
-        for err in &errors {
-            warn!(%err, "manifest refused");
-        }
-        errors.sort_by_key(|e| e.document);
-        self.errors.set(&source, errors);
+        self.batch().errors.insert(path.to_path_buf(), errors);
         info!(file = %source, objects = keep.len(), deleted = delete.len(), "manifest loaded");
         self.files.insert(path.to_path_buf(), keep);
         for p in retry.into_iter().filter(|p| p.as_path() != path) {
@@ -223,11 +294,9 @@ impl DirSource {
         for key in &keys {
             self.owners.remove(key);
         }
-        self.index
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .apply_batch(vec![], &keys);
-        self.errors.set(&path.display().to_string(), vec![]);
+        let batch = self.batch();
+        batch.delete.extend(keys.iter().cloned());
+        batch.errors.insert(path.to_path_buf(), vec![]);
         info!(file = %path.display(), deleted = keys.len(), "manifest removed");
         for p in self.released(&keys) {
             self.reload(&p);
@@ -300,11 +369,16 @@ impl DirSource {
                 }
             }
         }
+        // One index update for everything this group of events changed.
+        let own = self.begin();
         for p in &paths {
             self.reload(p);
         }
         if rescan && let Err(e) = self.load_all() {
             warn!(error = %e, "rescan failed");
+        }
+        if own {
+            self.commit();
         }
     }
 }

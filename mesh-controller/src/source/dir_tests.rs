@@ -345,3 +345,43 @@ async fn configmap_volume_updates_are_followed() {
     .expect("the swapped ConfigMap content applies");
     assert!(errors.all().is_empty(), "{:?}", errors.all());
 }
+
+#[test]
+fn an_object_moving_between_files_never_leaves_the_index() {
+    let mut f = fixture();
+    let a = f.write(
+        "a.yaml",
+        &[
+            service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+            service_yaml("default", "ratings", "10.96.0.11", &[("http", 9080)]),
+        ]
+        .join("---\n"),
+    );
+    let b = f.write("b.yaml", "");
+    f.source.load_all().expect("load");
+    let rx = f.index.lock().expect("lock").subscribe();
+    let before = *rx.borrow();
+    // reviews moves from a.yaml to b.yaml; both files change in one group of events.
+    f.write(
+        "a.yaml",
+        &service_yaml("default", "ratings", "10.96.0.11", &[("http", 9080)]),
+    );
+    f.write(
+        "b.yaml",
+        &service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+    );
+    let event = |p: &Path| {
+        Ok(
+            notify::Event::new(notify::EventKind::Modify(notify::event::ModifyKind::Any))
+                .add_path(p.to_path_buf()),
+        )
+    };
+    f.source.on_events(vec![event(&a), event(&b)]);
+    assert_eq!(
+        *rx.borrow(),
+        before + 1,
+        "one index update for the whole group, so no revision lacks reviews"
+    );
+    assert_eq!(f.services(), vec!["default/ratings", "default/reviews"]);
+    assert!(f.errors.all().is_empty(), "{:?}", f.errors.all());
+}
