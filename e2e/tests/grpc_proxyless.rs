@@ -7,6 +7,7 @@ use mesh_controller::config::Config;
 use mesh_controller::run::Controller;
 use mesh_controller::testing::{service_yaml, slice_yaml};
 use mesh_e2e::{Peer, eventually, free_port, peer, workspace_root};
+use meshctl::cmd::bootstrap::{GrpcArgs, grpc};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
@@ -71,18 +72,11 @@ spec:
     )?;
     let ctl = Controller::start(Config::local(&cfg)).await?;
     let bootstrap = dir.path().join("grpc-bootstrap.json");
-    std::fs::write(
-        &bootstrap,
-        serde_json::json!({
-            "xds_servers": [{
-                "server_uri": ctl.xds_addr.to_string(),
-                "channel_creds": [{"type": "insecure"}],
-                "server_features": ["xds_v3"],
-            }],
-            "node": {"id": "default/grpc-client", "locality": {}},
-        })
-        .to_string(),
-    )?;
+    let doc = grpc(&GrpcArgs {
+        node: "default/grpc-client".into(),
+        xds: ctl.xds_addr.to_string(),
+    })?;
+    std::fs::write(&bootstrap, serde_json::to_string(&doc)?)?;
 
     let client = workspace_root().join("e2e/grpc/xds_client.py");
     let target = "xds:///echo.default.svc.cluster.local:7070";

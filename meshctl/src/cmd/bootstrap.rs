@@ -13,6 +13,18 @@ use serde_json::json;
 pub enum Bootstrap {
     /// Envoy bootstrap (YAML) for a stock Envoy.
     Envoy(EnvoyArgs),
+    /// gRPC xDS bootstrap (JSON) for proxyless gRPC clients (`GRPC_XDS_BOOTSTRAP`).
+    Grpc(GrpcArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GrpcArgs {
+    /// The client's identity, `<namespace>/<name>`; short host names resolve in that namespace.
+    #[arg(long)]
+    pub node: String,
+    /// Address of the controller's xDS server.
+    #[arg(long, env = env::MESHCTL_XDS, default_value_t = format!("127.0.0.1:{}", ports::CONTROLLER_XDS))]
+    pub xds: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -39,34 +51,51 @@ pub struct EnvoyArgs {
 }
 
 pub fn run(cmd: Bootstrap, out: &mut dyn Write) -> anyhow::Result<()> {
-    match cmd {
+    let text = match cmd {
         Bootstrap::Envoy(args) => {
-            let doc = envoy(&args)?;
-            let yaml = serde_yaml::to_string(&doc).context("rendering the bootstrap")?;
-            out.write_all(yaml.as_bytes())
-                .context("writing the bootstrap")?;
-            Ok(())
+            serde_yaml::to_string(&envoy(&args)?).context("rendering the bootstrap")?
         }
+        Bootstrap::Grpc(args) => {
+            serde_json::to_string_pretty(&grpc(&args)?).context("rendering the bootstrap")? + "\n"
+        }
+    };
+    out.write_all(text.as_bytes())
+        .context("writing the bootstrap")
+}
+
+/// Checks `--node` (`<namespace>/<name>`) and `--xds` (`HOST:PORT`); returns the namespace.
+fn check_node_and_xds<'a>(node: &'a str, xds: &str) -> anyhow::Result<&'a str> {
+    let Some((namespace, name)) = node.split_once('/') else {
+        bail!("--node {node:?}: expected <namespace>/<name>");
+    };
+    if namespace.is_empty() || name.is_empty() || name.contains('/') {
+        bail!("--node {node:?}: expected <namespace>/<name>");
     }
+    let Some((host, port)) = xds.rsplit_once(':') else {
+        bail!("--xds {xds:?}: expected HOST:PORT");
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        bail!("--xds {xds:?}: expected HOST:PORT with a port of 1..=65535");
+    }
+    Ok(namespace)
+}
+
+/// The gRPC xDS bootstrap: the controller as the xDS server, over plaintext (the local mesh).
+pub fn grpc(args: &GrpcArgs) -> anyhow::Result<serde_json::Value> {
+    check_node_and_xds(&args.node, &args.xds)?;
+    Ok(json!({
+        "xds_servers": [{
+            "server_uri": args.xds,
+            "channel_creds": [{"type": "insecure"}],
+            "server_features": ["xds_v3"],
+        }],
+        "node": {"id": args.node, "locality": {}},
+    }))
 }
 
 /// The bootstrap as a JSON value (rendered as YAML by the caller).
 pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
-    let Some((namespace, name)) = args.node.split_once('/') else {
-        bail!("--node {:?}: expected <namespace>/<name>", args.node);
-    };
-    if namespace.is_empty() || name.is_empty() || name.contains('/') {
-        bail!("--node {:?}: expected <namespace>/<name>", args.node);
-    }
-    let Some((host, port)) = args.xds.rsplit_once(':') else {
-        bail!("--xds {:?}: expected HOST:PORT", args.xds);
-    };
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        bail!(
-            "--xds {:?}: expected HOST:PORT with a port of 1..=65535",
-            args.xds
-        );
-    }
+    let namespace = check_node_and_xds(&args.node, &args.xds)?;
     let api_type = if args.xds_api == "delta" {
         "DELTA_GRPC"
     } else {
@@ -140,6 +169,24 @@ mod tests {
             b["node"]["metadata"][node_metadata::OUTBOUND_HTTP_ADDR],
             "127.0.0.1:15080"
         );
+    }
+
+    #[test]
+    fn grpc_bootstrap_names_the_controller_and_node() {
+        let b = grpc(&GrpcArgs {
+            node: "shop/client".into(),
+            xds: "127.0.0.1:15010".into(),
+        })
+        .expect("bootstrap");
+        assert_eq!(b["xds_servers"][0]["server_uri"], "127.0.0.1:15010");
+        assert_eq!(b["xds_servers"][0]["server_features"][0], "xds_v3");
+        assert_eq!(b["node"]["id"], "shop/client");
+        let err = grpc(&GrpcArgs {
+            node: "client".into(),
+            xds: "h:1".into(),
+        })
+        .expect_err("no ns");
+        assert!(err.to_string().contains("--node \"client\""), "{err}");
     }
 
     #[test]
