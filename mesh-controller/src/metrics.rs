@@ -11,13 +11,13 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabels {
     /// `CDS`, `EDS`, `LDS` or `RDS`.
-    pub xds_type: String,
+    pub xds_type: &'static str,
 }
 
 impl TypeLabels {
     pub fn new(ty: crate::xds::resources::ResourceType) -> Self {
         Self {
-            xds_type: ty.short().to_string(),
+            xds_type: ty.short(),
         }
     }
 }

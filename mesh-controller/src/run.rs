@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -80,8 +80,7 @@ impl Controller {
             }
         };
         let model = index.lock().unwrap_or_else(|e| e.into_inner()).model();
-        let hub = Hub::new(model.clone(), metrics.clone());
-        hub.publish(model, Instant::now());
+        let hub = Hub::new(model, metrics.clone());
         let (quiet, max) = config.debounce();
         tasks.push(tokio::spawn(run_publisher(
             index.clone(),

@@ -199,15 +199,17 @@ impl Index {
         if let Some(old) = old {
             let svc = old.service.clone();
             self.dirty.insert(svc.clone());
-            remove_from(&mut self.slices_by_service, &svc, &key);
+            link(&mut self.slices_by_service, svc, &key, false);
         }
         match info {
             Some(info) => {
                 self.dirty.insert(info.service.clone());
-                self.slices_by_service
-                    .entry(info.service.clone())
-                    .or_default()
-                    .insert(key.clone());
+                link(
+                    &mut self.slices_by_service,
+                    info.service.clone(),
+                    &key,
+                    true,
+                );
                 self.slices.insert(key, info);
             }
             None => {
@@ -228,24 +230,10 @@ impl Index {
             for p in &r.parents {
                 let pk = SvcKey::new(&p.namespace, &p.name);
                 self.dirty.insert(pk.clone());
-                if add {
-                    self.routes_by_parent
-                        .entry(pk)
-                        .or_default()
-                        .insert(key.clone());
-                } else {
-                    remove_from(&mut self.routes_by_parent, &pk, &key);
-                }
+                link(&mut self.routes_by_parent, pk, &key, add);
             }
             for b in route_backends(&r) {
-                if add {
-                    self.routes_by_backend
-                        .entry(b)
-                        .or_default()
-                        .insert(key.clone());
-                } else {
-                    remove_from(&mut self.routes_by_backend, &b, &key);
-                }
+                link(&mut self.routes_by_backend, b, &key, add);
             }
         }
         match spec {
@@ -650,12 +638,14 @@ impl Index {
     }
 }
 
-/// Removes `item` from the set under `key`, and the set once it is empty.
-fn remove_from(map: &mut HashMap<SvcKey, HashSet<ObjKey>>, key: &SvcKey, item: &ObjKey) {
-    if let Some(set) = map.get_mut(key) {
+/// Adds `item` to the set under `key`, or removes it (and the set once it is empty).
+fn link(map: &mut HashMap<SvcKey, HashSet<ObjKey>>, key: SvcKey, item: &ObjKey, add: bool) {
+    if add {
+        map.entry(key).or_default().insert(item.clone());
+    } else if let Some(set) = map.get_mut(&key) {
         set.remove(item);
         if set.is_empty() {
-            map.remove(key);
+            map.remove(&key);
         }
     }
 }

@@ -52,6 +52,17 @@ fn weights_of(index: &Mutex<Index>) -> Vec<u32> {
     }
 }
 
+/// The HTTPRoute splitting Service reviews between v1 and v2.
+fn reviews_route(v1: u32, v2: u32) -> String {
+    split_yaml(
+        "default",
+        "reviews",
+        "reviews",
+        9080,
+        &[("reviews-v1", v1), ("reviews-v2", v2)],
+    )
+}
+
 fn good_files(f: &Fixture) -> PathBuf {
     f.write(
         "services.yaml",
@@ -68,16 +79,7 @@ fn good_files(f: &Fixture) -> PathBuf {
     );
     f.write(".hidden.yaml", "this: [is not read");
     f.write("notes.txt", "not a manifest");
-    f.write(
-        "route.yaml",
-        &split_yaml(
-            "default",
-            "reviews",
-            "reviews",
-            9080,
-            &[("reviews-v1", 90), ("reviews-v2", 10)],
-        ),
-    )
+    f.write("route.yaml", &reviews_route(90, 10))
 }
 
 #[test]
@@ -117,14 +119,7 @@ fn a_malformed_manifest_among_good_ones() {
     // The route gets a bad weight: its last good version must stay.
     std::fs::write(
         &route,
-        split_yaml(
-            "default",
-            "reviews",
-            "reviews",
-            9080,
-            &[("reviews-v1", 90), ("reviews-v2", 10)],
-        )
-        .replace("weight: 10", "weight: 2000000"),
+        reviews_route(90, 10).replace("weight: 10", "weight: 2000000"),
     )
     .expect("write");
     f.source.load_all().expect("load");
@@ -175,17 +170,7 @@ fn a_malformed_manifest_among_good_ones() {
     );
 
     // Fixing the file clears its error and applies the new version.
-    std::fs::write(
-        &route,
-        split_yaml(
-            "default",
-            "reviews",
-            "reviews",
-            9080,
-            &[("reviews-v1", 0), ("reviews-v2", 100)],
-        ),
-    )
-    .expect("write");
+    std::fs::write(&route, reviews_route(0, 100)).expect("write");
     f.source.reload(&route);
     assert_eq!(f.weights(), vec![100]);
     assert_eq!(f.errors.all().len(), 2);
@@ -265,17 +250,7 @@ async fn watch_follows_edits_live() {
     let _handle = f.source.watch().expect("watch");
     assert_eq!(index.lock().expect("lock").model().services.len(), 3);
     rx.borrow_and_update();
-    std::fs::write(
-        &route,
-        split_yaml(
-            "default",
-            "reviews",
-            "reviews",
-            9080,
-            &[("reviews-v1", 50), ("reviews-v2", 50)],
-        ),
-    )
-    .expect("write");
+    std::fs::write(&route, reviews_route(50, 50)).expect("write");
     tokio::time::timeout(std::time::Duration::from_secs(10), async {
         while weights_of(&index) != vec![50, 50] {
             rx.changed().await.expect("index alive");
@@ -295,17 +270,7 @@ async fn configmap_volume_updates_are_followed() {
     std::fs::remove_file(root.join("route.yaml")).expect("rm");
     let a = root.join("..2026_a");
     std::fs::create_dir(&a).expect("mkdir");
-    std::fs::write(
-        a.join("route.yaml"),
-        split_yaml(
-            "default",
-            "reviews",
-            "reviews",
-            9080,
-            &[("reviews-v1", 90), ("reviews-v2", 10)],
-        ),
-    )
-    .expect("write");
+    std::fs::write(a.join("route.yaml"), reviews_route(90, 10)).expect("write");
     std::os::unix::fs::symlink("..2026_a", root.join("..data")).expect("link");
     std::os::unix::fs::symlink("..data/route.yaml", root.join("route.yaml")).expect("link");
     let index = f.index.clone();
@@ -322,17 +287,7 @@ async fn configmap_volume_updates_are_followed() {
 
     let b = root.join("..2026_b");
     std::fs::create_dir(&b).expect("mkdir");
-    std::fs::write(
-        b.join("route.yaml"),
-        split_yaml(
-            "default",
-            "reviews",
-            "reviews",
-            9080,
-            &[("reviews-v1", 0), ("reviews-v2", 100)],
-        ),
-    )
-    .expect("write");
+    std::fs::write(b.join("route.yaml"), reviews_route(0, 100)).expect("write");
     std::os::unix::fs::symlink("..2026_b", root.join("..data_tmp")).expect("link");
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
     std::fs::remove_dir_all(&a).expect("rm old");

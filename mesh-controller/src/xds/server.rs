@@ -52,6 +52,7 @@ pub struct Hub {
 impl Hub {
     pub fn new(model: Arc<Model>, metrics: Arc<Metrics>) -> Arc<Self> {
         let revision = model.revision;
+        metrics.revision.set(revision as i64);
         Arc::new(Self {
             translator: Mutex::new(Translator::new(model)),
             published: watch::Sender::new(Published {

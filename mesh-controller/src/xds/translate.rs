@@ -162,9 +162,12 @@ fn hash_bytes(b: &[u8]) -> u64 {
 pub struct Translator {
     model: Arc<Model>,
     services: ServiceCache,
-    /// The shared layer, updated in place; views get O(1) clones of it.
+    /// The shared layer, updated in place by `update`, which then snapshots it (an O(1) clone)
+    /// into `shared` and `shared_api` for every view of that model.
     global: Resources,
     api: Resources,
+    shared: Arc<Resources>,
+    shared_api: Arc<Resources>,
     changes: Arc<Changes>,
     /// Services by VIP, in name order: the first one owns it.
     vips: HashMap<IpAddr, std::collections::BTreeSet<SvcKey>>,
@@ -179,11 +182,17 @@ pub struct Translator {
 
 impl Translator {
     pub fn new(model: Arc<Model>) -> Self {
+        let mut global = Resources::default();
+        for (ty, r) in fixed_clusters() {
+            global.insert(ty, r);
+        }
         let mut t = Self {
             model: Arc::new(Model::default()),
             services: BTreeMap::new(),
-            global: Resources::default(),
+            global,
             api: Resources::default(),
+            shared: Arc::default(),
+            shared_api: Arc::default(),
             changes: Arc::default(),
             vips: HashMap::new(),
             chains_epoch: 0,
@@ -207,11 +216,6 @@ impl Translator {
             return;
         }
         let old = std::mem::replace(&mut self.model, model.clone());
-        if self.global.len(ResourceType::Cluster) == 0 {
-            for (ty, r) in fixed_clusters() {
-                self.global.insert(ty, r);
-            }
-        }
         // Services that changed, from the structural diff of the two persistent maps (shared
         // subtrees are skipped, so this is proportional to the change).
         let mut touched = std::collections::BTreeSet::new();
@@ -322,6 +326,8 @@ impl Translator {
             from: old.revision,
             by_type: changed,
         });
+        self.shared = Arc::new(self.global.clone());
+        self.shared_api = Arc::new(self.api.clone());
         // Layers whose pieces changed are rebuilt on demand; drop the stale ones now.
         let (chains, vhosts) = (self.chains_epoch, self.vhosts_epoch);
         self.namespaces.retain(|k, l| {
@@ -395,11 +401,11 @@ impl Translator {
                 .clone();
             layers.insert(0, pod);
         }
-        layers.push(Arc::new(self.global.clone()));
+        layers.push(self.shared.clone());
         ProxyView {
             revision: model.revision,
             layers,
-            named_only: Arc::new(self.api.clone()),
+            named_only: self.shared_api.clone(),
             changes: self.changes.clone(),
         }
     }
