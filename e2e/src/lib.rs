@@ -1,6 +1,8 @@
 //! Harness for end-to-end and interop tests: in-process HTTP backends, a small HTTP/1.1 client
 //! that talks through a proxy, and helpers to find and run peers (Envoy, Python gRPC).
 
+pub mod mesh;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -83,4 +83,41 @@ pub mod env {
     pub const LOG_FORMAT: &str = "MESH_LOG_FORMAT";
     /// meshctl: xDS address of the controller.
     pub const MESHCTL_XDS: &str = "MESH_XDS";
+
+    /// Proxy: xDS address of the controller (`host:port`).
+    pub const PROXY_XDS: &str = "MESH_PROXY_XDS";
+    /// Proxy: who it is, `<namespace>/<name>`.
+    pub const PROXY_NODE: &str = "MESH_PROXY_NODE";
+    /// Proxy: `delta` (default) or `sotw`.
+    pub const PROXY_XDS_API: &str = "MESH_PROXY_XDS_API";
+    /// Proxy: `true` when iptables redirects the pod's traffic to it.
+    pub const PROXY_TRANSPARENT: &str = "MESH_PROXY_TRANSPARENT";
+    /// Proxy: admin listen address.
+    pub const PROXY_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
+    /// Proxy: metrics and readiness listen address.
+    pub const PROXY_METRICS_ADDR: &str = "MESH_PROXY_METRICS_ADDR";
+    /// Proxy: transparent outbound listen address.
+    pub const PROXY_OUTBOUND_ADDR: &str = "MESH_PROXY_OUTBOUND_ADDR";
+    /// Proxy: transparent inbound listen address.
+    pub const PROXY_INBOUND_ADDR: &str = "MESH_PROXY_INBOUND_ADDR";
+    /// Proxy: explicit outbound HTTP proxy listen address.
+    pub const PROXY_OUTBOUND_HTTP_ADDR: &str = "MESH_PROXY_OUTBOUND_HTTP_ADDR";
+    /// Proxy: original destination to assume on the outbound listener (no iptables).
+    pub const PROXY_OUTBOUND_ORIG_DST: &str = "MESH_PROXY_OUTBOUND_ORIG_DST";
+    /// Proxy: original destination to assume on the inbound listener (no iptables).
+    pub const PROXY_INBOUND_ORIG_DST: &str = "MESH_PROXY_INBOUND_ORIG_DST";
+    /// Proxy: worker threads.
+    pub const PROXY_WORKERS: &str = "MESH_PROXY_WORKERS";
+    /// Proxy: how long in-flight requests may finish after SIGTERM.
+    pub const PROXY_DRAIN_DEADLINE: &str = "MESH_PROXY_DRAIN_DEADLINE";
+    /// Proxy: how long protocol detection waits for the first bytes.
+    pub const PROXY_DETECT_TIMEOUT: &str = "MESH_PROXY_DETECT_TIMEOUT";
+    /// Proxy: largest request header block accepted, in bytes.
+    pub const PROXY_MAX_HEADER_BYTES: &str = "MESH_PROXY_MAX_HEADER_BYTES";
+    /// Proxy: concurrent HTTP/2 streams per connection.
+    pub const PROXY_H2_MAX_STREAMS: &str = "MESH_PROXY_H2_MAX_STREAMS";
+    /// Proxy: time allowed to read a request's headers.
+    pub const PROXY_HEADER_READ_TIMEOUT: &str = "MESH_PROXY_HEADER_READ_TIMEOUT";
+    /// Proxy: idle time after which a connection is closed.
+    pub const PROXY_IDLE_TIMEOUT: &str = "MESH_PROXY_IDLE_TIMEOUT";
 }

@@ -1,2 +1,15 @@
-//! The mesh's sidecar data plane. It builds on `mesh-api` without its `k8s` feature, so the
-//! proxy never compiles kube; the proxy itself is built under the data-plane issue.
+//! The mesh's sidecar data plane: an xDS-driven proxy for HTTP/1.1, HTTP/2, gRPC, WebSocket and
+//! opaque TCP. It builds on `mesh-api` without its `k8s` feature, so it never compiles kube.
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod metrics;
+pub mod proxy;
+pub mod retry;
+pub mod run;
+pub mod state;
+pub mod xds;
+
+pub use config::Config;
+pub use run::{Proxy, StartError};

@@ -1,0 +1,115 @@
+//! mesh-proxy routes as the controller's xDS says: weighted splits, header matches, and edits
+//! applied while traffic flows.
+
+use std::collections::BTreeMap;
+
+use mesh_controller::testing::{service_yaml, slice_yaml};
+use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
+use mesh_e2e::{Backend, ProxyClient};
+
+fn route(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews, namespace: default}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
+  rules:
+  - matches: [{{headers: [{{name: x-canary, value: 'yes'}}]}}]
+    backendRefs: [{{name: reviews-v2, port: 9080}}]
+  - backendRefs: [{{name: reviews-v1, port: 9080, weight: {v1}}}, {{name: reviews-v2, port: 9080, weight: {v2}}}]
+"
+    )
+}
+
+async fn spread(
+    client: &mut ProxyClient,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let key = match client.get("reviews:9080", "/", headers).await {
+            Ok((200, body)) => body,
+            Ok((status, body)) => format!("status {status}: {body}"),
+            Err(e) => format!("error {e}"),
+        };
+        *out.entry(key).or_insert(0) += 1;
+    }
+    out
+}
+
+async fn reviews_mesh(v1: &Backend, v2: &Backend) -> anyhow::Result<LocalMesh> {
+    let mesh = LocalMesh::start().await?;
+    mesh.write(
+        "services.yaml",
+        &[
+            service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+            service_yaml("default", "reviews-v1", "10.96.0.11", &[("http", 9080)]),
+            service_yaml("default", "reviews-v2", "10.96.0.12", &[("http", 9080)]),
+        ]
+        .join("---\n"),
+    )?;
+    mesh.write(
+        "v1.yaml",
+        &slice_yaml(
+            "default",
+            "reviews-v1",
+            "http",
+            v1.addr.port(),
+            &["127.0.0.1"],
+        ),
+    )?;
+    mesh.write(
+        "v2.yaml",
+        &slice_yaml(
+            "default",
+            "reviews-v2",
+            "http",
+            v2.addr.port(),
+            &["127.0.0.1"],
+        ),
+    )?;
+    mesh.write("route.yaml", &route(90, 10))?;
+    Ok(mesh)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_split_and_header_match_through_the_explicit_listener() -> anyhow::Result<()> {
+    let v1 = Backend::start("reviews-v1").await?;
+    let v2 = Backend::start("reviews-v2").await?;
+    let mesh = reviews_mesh(&v1, &v2).await?;
+    let proxy = mesh
+        .proxy(mesh.proxy_config("default/productpage-1"))
+        .await?;
+    let addr = proxy.outbound_http_addr.expect("explicit listener");
+    let mut client = ProxyClient::new(addr);
+
+    let got = spread(&mut client, 2000, &[]).await;
+    let v2_share = *got.get("reviews-v2").unwrap_or(&0) as f64 / 2000.0 * 100.0;
+    eprintln!("90/10 split over 2000 requests: {got:?}; v2 share {v2_share:.1} %");
+    assert_eq!(
+        got.values().sum::<usize>(),
+        got.get("reviews-v1").unwrap_or(&0) + got.get("reviews-v2").unwrap_or(&0),
+        "{got:?}"
+    );
+    assert!(
+        (7.0..=13.0).contains(&v2_share),
+        "v2 share {v2_share:.1} % is not 10 ± 3: {got:?}"
+    );
+
+    let canary = spread(&mut client, 100, &[("x-canary", "yes")]).await;
+    assert_eq!(canary.get("reviews-v2"), Some(&100), "{canary:?}");
+
+    // Blue-green: all weight to v2, applied while the client keeps its connection.
+    mesh.write("route.yaml", &route(0, 100))?;
+    wait_config(&proxy, "all weight on v2", |s| {
+        !weights(s, "outbound_http", "reviews.default.")
+            .iter()
+            .any(|(c, _)| c.contains("reviews-v1"))
+    })
+    .await?;
+    let after = spread(&mut client, 200, &[]).await;
+    assert_eq!(after.get("reviews-v2"), Some(&200), "{after:?}");
+    Ok(())
+}

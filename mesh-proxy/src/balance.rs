@@ -1,0 +1,522 @@
+//! Load balancing: power of two choices over peak-EWMA latency, with outlier ejection.
+//!
+//! Each endpoint keeps an exponentially weighted moving average of its response times that
+//! jumps up at once on a slow response and decays over [`DECAY`]; its cost is that average
+//! times one plus its requests in flight. A pick draws two endpoints at random and takes the
+//! cheaper, which sends little to a slow or overloaded endpoint without herding everyone to
+//! the single best one. Failures count as slow responses, so a failing endpoint that answers
+//! fast does not attract traffic.
+//!
+//! After `consecutive_failures` failures in a row (5xx or a failed connection) an endpoint is
+//! ejected for `base_ejection` times two to the number of ejections before it, up to
+//! `max_ejection`, with jitter; once that passes it takes traffic again, and one success
+//! forgives its history. At most `max_ejection_percent` of a cluster (and always at least one
+//! endpoint) is ejected at a time; if every endpoint is ejected, all of them are used.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
+use serde::Serialize;
+use tracing::info;
+
+use crate::state::{EndpointDef, ms};
+
+/// How fast latency estimates forget.
+pub const DECAY: Duration = Duration::from_secs(10);
+/// The estimate of an endpoint nothing is known about yet.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OutlierConfig {
+    pub consecutive_failures: u32,
+    #[serde(with = "ms")]
+    pub base_ejection: Duration,
+    #[serde(with = "ms")]
+    pub max_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    /// When a cluster sets no outlier detection (Linkerd's failure accrual, roughly).
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 7,
+            base_ejection: Duration::from_secs(1),
+            max_ejection: Duration::from_secs(60),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+fn nanos(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(base()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[derive(Debug)]
+struct Ewma {
+    rtt_ns: f64,
+    stamp: Instant,
+    /// Until the first response, the estimate is [`DEFAULT_RTT`].
+    observed: bool,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    pub mesh_proxy: bool,
+    pending: AtomicU32,
+    ewma: Mutex<Ewma>,
+    consecutive_failures: AtomicU32,
+    /// Nanoseconds since [`base`]; 0 when not ejected.
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+    /// Connections to this endpoint.
+    pub pool: crate::proxy::upstream::Pool,
+}
+
+impl Endpoint {
+    fn new(def: &EndpointDef) -> Self {
+        Self {
+            addr: def.addr,
+            mesh_proxy: def.mesh_proxy,
+            pending: AtomicU32::new(0),
+            ewma: Mutex::new(Ewma {
+                rtt_ns: DEFAULT_RTT.as_nanos() as f64,
+                stamp: Instant::now(),
+                observed: false,
+            }),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            pool: Default::default(),
+        }
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && nanos(now) < until
+    }
+
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Cost of sending one more request here; `None` before the first response.
+    fn cost(&self, now: Instant) -> Option<f64> {
+        let rtt = match self.ewma.lock() {
+            Ok(mut e) if e.observed => {
+                decay(&mut e, now);
+                e.rtt_ns
+            }
+            _ => return None,
+        };
+        Some(rtt * f64::from(self.pending() + 1))
+    }
+
+    /// Whether `self` is a better pick than `other`. An endpoint nothing is known about yet
+    /// competes on requests in flight only, so a new endpoint is neither shunned nor flooded.
+    fn cheaper_than(&self, other: &Endpoint, now: Instant) -> bool {
+        match (self.cost(now), other.cost(now)) {
+            (Some(a), Some(b)) => a < b,
+            _ => match self.pending().cmp(&other.pending()) {
+                std::cmp::Ordering::Less => true,
+                std::cmp::Ordering::Greater => false,
+                std::cmp::Ordering::Equal => rand::random(),
+            },
+        }
+    }
+
+    fn observe(&self, rtt: Duration, now: Instant) {
+        if let Ok(mut e) = self.ewma.lock() {
+            let rtt = rtt.as_nanos() as f64;
+            if !e.observed || rtt > e.rtt_ns {
+                e.observed = true;
+                // Peak: a slow response counts at once.
+                e.rtt_ns = rtt;
+                e.stamp = now;
+            } else {
+                let w = decay_weight(&e, now);
+                e.rtt_ns = e.rtt_ns * w + rtt * (1.0 - w);
+                e.stamp = now;
+            }
+        }
+    }
+
+    /// The estimate in milliseconds, for `/config_dump`.
+    pub fn ewma_ms(&self) -> f64 {
+        self.ewma.lock().map_or(0.0, |e| e.rtt_ns / 1e6)
+    }
+}
+
+fn decay_weight(e: &Ewma, now: Instant) -> f64 {
+    let elapsed = now.saturating_duration_since(e.stamp).as_secs_f64();
+    (-elapsed / DECAY.as_secs_f64()).exp()
+}
+
+fn decay(e: &mut Ewma, now: Instant) {
+    let w = decay_weight(e, now);
+    e.rtt_ns *= w;
+    e.stamp = now;
+}
+
+/// The endpoints of one cluster.
+#[derive(Debug)]
+pub struct EndpointSet {
+    endpoints: Vec<Arc<Endpoint>>,
+    outlier: OutlierConfig,
+    ejections: Counter,
+}
+
+impl Serialize for EndpointSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View {
+            addr: SocketAddr,
+            mesh_proxy: bool,
+            pending: u32,
+            ewma_ms: f64,
+            ejected: bool,
+        }
+        let now = Instant::now();
+        s.collect_seq(self.endpoints.iter().map(|e| View {
+            addr: e.addr,
+            mesh_proxy: e.mesh_proxy,
+            pending: e.pending(),
+            ewma_ms: e.ewma_ms(),
+            ejected: e.is_ejected(now),
+        }))
+    }
+}
+
+/// The result of a request, as the balancer sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// 5xx, a failed connection or a reset.
+    Failure,
+}
+
+/// A request in flight to an endpoint; finishing it feeds the latency estimate and the
+/// outlier detector. Dropped without finishing (cancelled): only the in-flight count changes.
+#[derive(Debug)]
+pub struct InFlight {
+    pub endpoint: Arc<Endpoint>,
+    set: Arc<EndpointSet>,
+    start: Instant,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl InFlight {
+    pub fn finish(self, outcome: Outcome) {
+        let now = Instant::now();
+        let mut rtt = now.saturating_duration_since(self.start);
+        let ep = &self.endpoint;
+        match outcome {
+            Outcome::Success => {
+                ep.consecutive_failures.store(0, Ordering::Relaxed);
+                ep.ejections.store(0, Ordering::Relaxed);
+            }
+            Outcome::Failure => {
+                // A failure costs like a slow response: at least twice the current estimate.
+                let floor = ep.ewma.lock().map_or(0.0, |e| e.rtt_ns * 2.0);
+                rtt = rtt
+                    .max(Duration::from_nanos(floor as u64))
+                    .max(DEFAULT_RTT * 5);
+                let n = ep.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= self.set.outlier.consecutive_failures {
+                    self.set.eject(ep, now);
+                }
+            }
+        }
+        ep.observe(rtt, now);
+    }
+}
+
+impl EndpointSet {
+    pub fn new(defs: &[EndpointDef], outlier: OutlierConfig, ejections: Counter) -> Self {
+        Self {
+            endpoints: defs.iter().map(|d| Arc::new(Endpoint::new(d))).collect(),
+            outlier,
+            ejections,
+        }
+    }
+
+    /// A set with new endpoints that keeps the state of those it had before.
+    pub fn update(&self, defs: &[EndpointDef], outlier: OutlierConfig) -> Self {
+        let endpoints = defs
+            .iter()
+            .map(|d| {
+                self.endpoints
+                    .iter()
+                    .find(|e| e.addr == d.addr && e.mesh_proxy == d.mesh_proxy)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(d)))
+            })
+            .collect();
+        Self {
+            endpoints,
+            outlier,
+            ejections: self.ejections.clone(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
+        &self.endpoints
+    }
+
+    pub fn same_endpoints(&self, defs: &[EndpointDef]) -> bool {
+        self.endpoints.len() == defs.len()
+            && self
+                .endpoints
+                .iter()
+                .zip(defs)
+                .all(|(e, d)| e.addr == d.addr && e.mesh_proxy == d.mesh_proxy)
+    }
+
+    pub fn outlier(&self) -> &OutlierConfig {
+        &self.outlier
+    }
+
+    /// Picks an endpoint and marks a request in flight to it. `avoid`: an endpoint that just
+    /// failed this request (a retry goes elsewhere when it can).
+    pub fn pick(self: &Arc<Self>, avoid: Option<SocketAddr>) -> Option<InFlight> {
+        let now = Instant::now();
+        let ep = self.choose(now, avoid)?;
+        ep.pending.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight {
+            endpoint: ep,
+            set: self.clone(),
+            start: now,
+        })
+    }
+
+    fn choose(&self, now: Instant, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        let usable = |e: &Endpoint| !e.is_ejected(now) && Some(e.addr) != avoid;
+        match n {
+            0 => return None,
+            1 => return self.endpoints.first().cloned(),
+            _ => {}
+        }
+        // Two distinct endpoints at random; if either is out, the first usable ones from a
+        // random start instead.
+        let i = rand::random_range(0..n);
+        let j = rand::random_range(0..n - 1);
+        let j = if j >= i { j + 1 } else { j };
+        let (a, b) = if usable(&self.endpoints[i]) && usable(&self.endpoints[j]) {
+            (i, Some(j))
+        } else {
+            let start = rand::random_range(0..n);
+            let mut found = (0..n)
+                .map(|k| (start + k) % n)
+                .filter(|&k| usable(&self.endpoints[k]));
+            match (found.next(), found.next()) {
+                (Some(a), b) => (a, b),
+                (None, _) => {
+                    // Nothing usable: everything is ejected (or only the avoided one is
+                    // left). Take the cheapest, preferring endpoints that are not ejected.
+                    return self
+                        .endpoints
+                        .iter()
+                        .filter(|e| !e.is_ejected(now))
+                        .chain(self.endpoints.iter())
+                        .min_by(|x, y| {
+                            let c = |e: &Endpoint| e.cost(now).unwrap_or(0.0);
+                            c(x).total_cmp(&c(y))
+                        })
+                        .cloned();
+                }
+            }
+        };
+        let ea = &self.endpoints[a];
+        let pick = match b {
+            Some(b) if self.endpoints[b].cheaper_than(ea, now) => &self.endpoints[b],
+            _ => ea,
+        };
+        Some(pick.clone())
+    }
+
+    fn eject(&self, ep: &Endpoint, now: Instant) {
+        if ep.is_ejected(now) {
+            return;
+        }
+        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        let n = self.endpoints.len();
+        let limit = (n * self.outlier.max_ejection_percent as usize / 100).max(1);
+        if ejected >= limit || n < 2 {
+            return;
+        }
+        let times = ep.ejections.fetch_add(1, Ordering::Relaxed);
+        let backoff = self
+            .outlier
+            .base_ejection
+            .saturating_mul(1u32 << times.min(16))
+            .min(self.outlier.max_ejection);
+        // Up to a quarter more, so endpoints ejected together do not return together.
+        let jitter = backoff.mul_f64(rand::random_range(0.0..0.25));
+        let until = now + backoff + jitter;
+        ep.ejected_until.store(nanos(until), Ordering::Relaxed);
+        ep.consecutive_failures.store(0, Ordering::Relaxed);
+        self.ejections.inc();
+        info!(endpoint = %ep.addr, ejection_ms = (backoff + jitter).as_millis() as u64, "endpoint ejected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: u16, outlier: OutlierConfig) -> Arc<EndpointSet> {
+        let defs: Vec<EndpointDef> = (0..n)
+            .map(|i| EndpointDef {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
+                mesh_proxy: false,
+            })
+            .collect();
+        Arc::new(EndpointSet::new(&defs, outlier, Counter::default()))
+    }
+
+    #[test]
+    fn prefers_the_faster_endpoint() {
+        let s = set(2, OutlierConfig::default());
+        let slow = s.endpoints[0].addr;
+        s.endpoints[0].observe(Duration::from_millis(50), Instant::now());
+        s.endpoints[1].observe(Duration::from_millis(1), Instant::now());
+        let mut to_slow = 0;
+        for _ in 0..1000 {
+            let f = s.pick(None).expect("endpoint");
+            if f.endpoint.addr == slow {
+                to_slow += 1;
+            }
+        }
+        // With two endpoints both are drawn every time, so the slow one is never picked.
+        assert_eq!(to_slow, 0);
+    }
+
+    #[test]
+    fn concurrent_load_spreads_over_equal_endpoints() {
+        let s = set(3, OutlierConfig::default());
+        for e in &s.endpoints {
+            e.observe(Duration::from_millis(1), Instant::now());
+        }
+        // Requests held in flight raise an endpoint's cost, so load spreads.
+        let held: Vec<InFlight> = (0..300).map(|_| s.pick(None).expect("endpoint")).collect();
+        let mut counts = [0u32; 3];
+        for f in &held {
+            counts[usize::from(f.endpoint.addr.port() - 1000)] += 1;
+        }
+        for c in counts {
+            assert!((80..=120).contains(&c), "uneven: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn new_endpoints_get_traffic() {
+        let s = set(2, OutlierConfig::default());
+        s.endpoints[0].observe(Duration::from_micros(100), Instant::now());
+        let to_new = (0..1000)
+            .filter(|_| s.pick(None).expect("endpoint").endpoint.addr == s.endpoints[1].addr)
+            .count();
+        assert!(
+            (350..=650).contains(&to_new),
+            "new endpoint got {to_new} of 1000"
+        );
+    }
+
+    #[test]
+    fn in_flight_counts_against_an_endpoint() {
+        let s = set(2, OutlierConfig::default());
+        let held = s.pick(None).expect("endpoint");
+        for _ in 0..100 {
+            let f = s.pick(None).expect("endpoint");
+            assert_ne!(f.endpoint.addr, held.endpoint.addr);
+        }
+        drop(held);
+        assert!(s.endpoints.iter().all(|e| e.pending() == 0));
+    }
+
+    #[test]
+    fn ejects_after_consecutive_failures_and_readmits() {
+        let outlier = OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_millis(50),
+            max_ejection: Duration::from_secs(1),
+            max_ejection_percent: 50,
+        };
+        let s = set(3, outlier);
+        let bad = s.endpoints[0].clone();
+        for _ in 0..3 {
+            let f = InFlight {
+                endpoint: bad.clone(),
+                set: s.clone(),
+                start: Instant::now(),
+            };
+            bad.pending.fetch_add(1, Ordering::Relaxed);
+            f.finish(Outcome::Failure);
+        }
+        assert!(bad.is_ejected(Instant::now()));
+        for _ in 0..200 {
+            assert_ne!(s.pick(None).expect("endpoint").endpoint.addr, bad.addr);
+        }
+        // Ejection ends after base time (plus at most a quarter of jitter).
+        assert!(!bad.is_ejected(Instant::now() + Duration::from_millis(63)));
+        // The second ejection lasts twice as long.
+        bad.ejected_until.store(0, Ordering::Relaxed);
+        s.eject(&bad, Instant::now());
+        assert!(bad.is_ejected(Instant::now() + Duration::from_millis(90)));
+    }
+
+    #[test]
+    fn never_ejects_beyond_the_limit() {
+        let s = set(2, OutlierConfig::default());
+        let now = Instant::now();
+        s.eject(&s.endpoints[0], now);
+        s.eject(&s.endpoints[1], now);
+        let ejected = s.endpoints.iter().filter(|e| e.is_ejected(now)).count();
+        assert_eq!(ejected, 1);
+        // The survivor is still picked, and so is anything when everything is down.
+        assert!(s.pick(None).is_some());
+    }
+
+    #[test]
+    fn update_keeps_state() {
+        let s = set(2, OutlierConfig::default());
+        s.endpoints[0].observe(Duration::from_millis(40), Instant::now());
+        let defs = vec![
+            EndpointDef {
+                addr: s.endpoints[0].addr,
+                mesh_proxy: false,
+            },
+            EndpointDef {
+                addr: SocketAddr::from(([127, 0, 0, 1], 2000)),
+                mesh_proxy: false,
+            },
+        ];
+        let u = s.update(&defs, OutlierConfig::default());
+        assert!(Arc::ptr_eq(&u.endpoints[0], &s.endpoints[0]));
+        assert!(u.endpoints[0].ewma_ms() > 30.0);
+        assert_eq!(u.endpoints[1].addr.port(), 2000);
+        assert!(u.same_endpoints(&defs));
+    }
+}

@@ -1,0 +1,211 @@
+//! The proxy's settings: flags, each also an environment variable (`mesh_api::consts::env`).
+//! The parsed settings are shown at the admin `/config_dump`.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use mesh_api::consts::{env, ports};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdsApi {
+    /// Incremental xDS (preferred).
+    Delta,
+    /// State-of-the-world xDS.
+    Sotw,
+}
+
+#[derive(Clone, Debug, Parser, Serialize)]
+#[command(name = "mesh-proxy", version, about = "The mesh's sidecar proxy")]
+pub struct Config {
+    /// Address of the controller's xDS server, `host:port`.
+    #[arg(long, env = env::PROXY_XDS, default_value_t = format!("127.0.0.1:{}", ports::CONTROLLER_XDS))]
+    pub xds: String,
+    /// Who this proxy is: `<namespace>/<name>` of its pod.
+    #[arg(long, env = env::PROXY_NODE)]
+    pub node: String,
+    /// xDS protocol variant.
+    #[arg(long, env = env::PROXY_XDS_API, value_enum, default_value_t = XdsApi::Delta)]
+    pub xds_api: XdsApi,
+    /// iptables redirects the pod's traffic here: serve the transparent outbound and inbound
+    /// listeners instead of the explicit HTTP proxy.
+    #[arg(long, env = env::PROXY_TRANSPARENT, default_value_t = false, action = clap::ArgAction::Set)]
+    pub transparent: bool,
+    /// Admin server (`/config_dump`, `/logging`, `/shutdown`, ...); keep it on localhost.
+    #[arg(long, env = env::PROXY_ADMIN_ADDR, default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports::PROXY_ADMIN))]
+    pub admin_addr: SocketAddr,
+    /// `/metrics`, `/ready` and `/live`, on the pod address.
+    #[arg(long, env = env::PROXY_METRICS_ADDR, default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports::PROXY_METRICS))]
+    pub metrics_addr: SocketAddr,
+    /// Transparent outbound listener (with `--transparent`).
+    #[arg(long, env = env::PROXY_OUTBOUND_ADDR, default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports::PROXY_OUTBOUND))]
+    pub outbound_addr: SocketAddr,
+    /// Transparent inbound listener (with `--transparent`).
+    #[arg(long, env = env::PROXY_INBOUND_ADDR, default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports::PROXY_INBOUND))]
+    pub inbound_addr: SocketAddr,
+    /// Explicit outbound HTTP proxy that routes by Host (without `--transparent`).
+    #[arg(long, env = env::PROXY_OUTBOUND_HTTP_ADDR, default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports::PROXY_OUTBOUND_HTTP))]
+    pub outbound_http_addr: SocketAddr,
+    /// Treat every outbound connection as sent to this address instead of asking the kernel
+    /// (`SO_ORIGINAL_DST`); for running the transparent listeners without iptables.
+    #[arg(long, env = env::PROXY_OUTBOUND_ORIG_DST)]
+    pub outbound_orig_dst: Option<SocketAddr>,
+    /// Treat every inbound connection as sent to this address (`<pod ip>:<app port>`).
+    #[arg(long, env = env::PROXY_INBOUND_ORIG_DST)]
+    pub inbound_orig_dst: Option<SocketAddr>,
+    /// Worker threads; 0 means one per core.
+    #[arg(long, env = env::PROXY_WORKERS, default_value_t = 0)]
+    pub workers: usize,
+    /// After SIGTERM, how long in-flight requests and connections may finish.
+    #[arg(long, env = env::PROXY_DRAIN_DEADLINE, value_parser = parse_duration, default_value = "25s")]
+    #[serde(with = "duration_str")]
+    pub drain_deadline: Duration,
+    /// How long protocol detection waits for a client's first bytes before treating the
+    /// connection as opaque TCP (so server-speaks-first protocols are not stalled).
+    #[arg(long, env = env::PROXY_DETECT_TIMEOUT, value_parser = parse_duration, default_value = "100ms")]
+    #[serde(with = "duration_str")]
+    pub detect_timeout: Duration,
+    /// Largest request header block accepted, in bytes (larger: 431).
+    #[arg(long, env = env::PROXY_MAX_HEADER_BYTES, default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// Concurrent HTTP/2 streams a client may open per connection.
+    #[arg(long, env = env::PROXY_H2_MAX_STREAMS, default_value_t = 100)]
+    pub h2_max_streams: u32,
+    /// Time a client has to send a request's headers.
+    #[arg(long, env = env::PROXY_HEADER_READ_TIMEOUT, value_parser = parse_duration, default_value = "10s")]
+    #[serde(with = "duration_str")]
+    pub header_read_timeout: Duration,
+    /// A connection with no traffic for this long is closed (client side and pooled upstream).
+    #[arg(long, env = env::PROXY_IDLE_TIMEOUT, value_parser = parse_duration, default_value = "5m")]
+    #[serde(with = "duration_str")]
+    pub idle_timeout: Duration,
+    /// Log format: `text` or `json` (the level is `MESH_LOG`, and `/logging` changes it live).
+    #[arg(long, env = env::LOG_FORMAT, default_value = "text")]
+    pub log_format: String,
+}
+
+impl Config {
+    /// Settings for a proxy in this process: every listener on an ephemeral 127.0.0.1 port.
+    pub fn local(xds: SocketAddr, node: &str) -> Self {
+        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
+        Config {
+            xds: xds.to_string(),
+            node: node.to_string(),
+            xds_api: XdsApi::Delta,
+            transparent: false,
+            admin_addr: any,
+            metrics_addr: any,
+            outbound_addr: any,
+            inbound_addr: any,
+            outbound_http_addr: any,
+            outbound_orig_dst: None,
+            inbound_orig_dst: None,
+            workers: 1,
+            drain_deadline: Duration::from_secs(5),
+            detect_timeout: Duration::from_millis(100),
+            max_header_bytes: 64 * 1024,
+            h2_max_streams: 100,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            log_format: "text".into(),
+        }
+    }
+
+    /// The node namespace and name.
+    pub fn node_parts(&self) -> Result<(&str, &str), ConfigError> {
+        match self.node.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok((ns, name))
+            }
+            _ => Err(ConfigError::Node(self.node.clone())),
+        }
+    }
+
+    /// Worker threads to run: the setting, or one per core.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--node / {var} = {0:?}: expected <namespace>/<name>", var = env::PROXY_NODE)]
+    Node(String),
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 250ms, 5s, 2m)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+mod duration_str {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert!(
+            parse_duration("5x")
+                .expect_err("bad unit")
+                .contains("unknown unit")
+        );
+        assert!(parse_duration("abc").is_err());
+    }
+
+    #[test]
+    fn flags_and_env() {
+        let c = Config::try_parse_from(["mesh-proxy", "--node", "default/web-1", "--workers", "2"])
+            .expect("parses");
+        assert_eq!(c.node_parts().expect("node"), ("default", "web-1"));
+        assert_eq!(c.worker_threads(), 2);
+        assert_eq!(c.admin_addr.port(), ports::PROXY_ADMIN);
+        assert_eq!(c.outbound_http_addr.port(), ports::PROXY_OUTBOUND_HTTP);
+        assert_eq!(c.drain_deadline, Duration::from_secs(25));
+        let bad = Config {
+            node: "nope".into(),
+            ..c
+        };
+        assert!(
+            bad.node_parts()
+                .expect_err("bad node")
+                .to_string()
+                .contains("\"nope\"")
+        );
+    }
+}

@@ -1,0 +1,74 @@
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use mesh_proxy::admin::LogControl;
+use mesh_proxy::{Config, Proxy};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let log = init_logging(&config.log_format);
+    let workers = config.worker_threads();
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+    }
+    .context("starting the runtime")?;
+    runtime.block_on(run(config, log))
+}
+
+fn init_logging(format: &str) -> Arc<LogControl> {
+    let initial = std::env::var(mesh_api::consts::env::LOG).unwrap_or_else(|_| "info".into());
+    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    if format == "json" {
+        registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init();
+    } else {
+        registry.with(tracing_subscriber::fmt::layer()).init();
+    }
+    Arc::new(LogControl::new(&initial, move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
+}
+
+async fn run(config: Config, log: Arc<LogControl>) -> anyhow::Result<()> {
+    let proxy = Proxy::start(config, Some(log))
+        .await
+        .context("starting mesh-proxy")?;
+    tokio::select! {
+        () = terminate() => tracing::info!("SIGTERM: draining"),
+        () = proxy.shutdown_requested() => tracing::info!("/shutdown: draining"),
+    }
+    if !proxy.drain().await {
+        tracing::warn!("drain deadline passed with connections still open");
+    }
+    Ok(())
+}
+
+async fn terminate() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

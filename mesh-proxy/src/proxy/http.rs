@@ -1,0 +1,678 @@
+//! HTTP requests: route, then forward with timeouts, retries (within the budget), header
+//! changes, mirrors and upgrades; or answer locally (redirects, direct responses, errors).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use super::Shared;
+use super::upstream::{self, Body, SendError, Target};
+use crate::balance::Outcome;
+use crate::metrics::{BackendMetrics, Direction, ReasonLabels};
+use crate::state::route::{Action, Forward, Redirect, RequestInfo, Route, VirtualHost};
+use crate::state::{Cluster, ClusterKind, RouteTable, Snapshot, UpstreamProtocol};
+
+/// Largest request body kept so that the request can be retried or mirrored.
+pub const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// What an HTTP connection knows about itself.
+#[derive(Debug)]
+pub struct HttpCtx {
+    pub shared: Arc<Shared>,
+    pub direction: Direction,
+    /// The RouteConfiguration its filter chain names.
+    pub route: String,
+    /// The connection's original destination.
+    pub dst: SocketAddr,
+}
+
+pub async fn handle(
+    ctx: Arc<HttpCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let Some(snapshot) = ctx.shared.store.load() else {
+        return Ok(local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "proxy has no config yet",
+        ));
+    };
+    let Some(table) = snapshot.route(&ctx.route).cloned() else {
+        return Ok(local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no route configuration {:?}", ctx.route),
+        ));
+    };
+    let Some(host) = authority(&req) else {
+        return Ok(local(StatusCode::BAD_REQUEST, "request has no Host"));
+    };
+    let info = RequestInfo {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+    };
+    let Some((vh, route)) = table.find(&host, &info) else {
+        return Ok(local(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {host}"),
+        ));
+    };
+    let mut resp = match &route.action {
+        Action::Forward(f) => {
+            let levels = Levels {
+                table: &table,
+                vh,
+                route,
+            };
+            forward(&ctx, &snapshot, levels, f, host, req).await
+        }
+        Action::Redirect(r) => redirect(r, &host, req.uri()),
+        Action::Direct { status, body } => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut r = Response::new(full(Bytes::from(body.clone())));
+            *r.status_mut() = status;
+            r
+        }
+    };
+    if !matches!(route.action, Action::Forward(_)) {
+        route.headers.apply_response(resp.headers_mut());
+        vh.headers.apply_response(resp.headers_mut());
+        table.headers.apply_response(resp.headers_mut());
+    }
+    Ok(resp)
+}
+
+/// The config levels a request matched, for header changes (most specific first).
+#[derive(Clone, Copy)]
+struct Levels<'a> {
+    table: &'a RouteTable,
+    vh: &'a VirtualHost,
+    route: &'a Route,
+}
+
+fn authority(req: &Request<Incoming>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+}
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// A response the proxy makes itself.
+pub fn local(status: StatusCode, message: &str) -> Response<Body> {
+    let mut r = Response::new(full(Bytes::from(format!("{message}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut().insert(
+        HeaderName::from_static("x-mesh-proxy"),
+        HeaderValue::from_static("local"),
+    );
+    r
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Drops hop-by-hop headers, and those the `Connection` header names. `te: trailers` stays:
+/// gRPC needs it.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    {
+        for name in conn.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if let Ok(n) = HeaderName::try_from(name.to_ascii_lowercase())
+                && n != header::TE
+            {
+                h.remove(n);
+            }
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    if let Some(te) = h.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        h.remove(header::TE);
+    }
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// The request body, replayable when it is empty or was read in full.
+enum ReqBody {
+    Empty,
+    Buffered(Bytes),
+    Stream(Option<Incoming>),
+}
+
+impl ReqBody {
+    fn replayable(&self) -> bool {
+        !matches!(self, ReqBody::Stream(_))
+    }
+
+    fn take(&mut self) -> Body {
+        match self {
+            ReqBody::Empty => empty(),
+            ReqBody::Buffered(b) => full(b.clone()),
+            ReqBody::Stream(s) => match s.take() {
+                Some(b) => b.map_err(Into::into).boxed_unsync(),
+                None => empty(),
+            },
+        }
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The path after a route's rewrite, if it has one.
+fn rewrite_path(f: &Forward, path: &str) -> Option<String> {
+    if let (Some(to), Some(prefix)) = (&f.prefix_rewrite, &f.matched_prefix) {
+        let rest = path.get(prefix.len()..).unwrap_or("");
+        let mut out = format!("{to}{rest}");
+        if out.is_empty() {
+            out.push('/');
+        }
+        return Some(out);
+    }
+    if let Some((re, sub)) = &f.regex_rewrite {
+        return Some(re.replace_all(path, sub.as_str()).into_owned());
+    }
+    None
+}
+
+/// The outcome of one try.
+enum Try {
+    Response(Response<Incoming>),
+    Failed(SendError),
+    /// The per-try timeout fired.
+    PerTryTimeout,
+    /// The route's timeout fired.
+    Timeout,
+}
+
+async fn forward(
+    ctx: &HttpCtx,
+    snapshot: &Snapshot,
+    levels: Levels<'_>,
+    f: &Forward,
+    mut host: String,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let shared = &ctx.shared;
+    let Some(backend) = f.pick() else {
+        return local(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "every backend of the route has weight 0",
+        );
+    };
+    let bm = backend
+        .metrics
+        .get(
+            &shared.metrics,
+            ctx.direction,
+            &levels.route.name,
+            &backend.cluster,
+        )
+        .clone();
+    let Some(cluster) = snapshot.cluster(&backend.cluster).cloned() else {
+        bm.count(&shared.metrics, Some(503));
+        return local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cluster {:?} not found", backend.cluster),
+        );
+    };
+    let upgrade = is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    // Header changes, least specific last so the route config has the final say (Envoy's
+    // default order).
+    backend.headers.apply_request(&mut parts.headers);
+    levels.route.headers.apply_request(&mut parts.headers);
+    levels.vh.headers.apply_request(&mut parts.headers);
+    levels.table.headers.apply_request(&mut parts.headers);
+    let upgrade_headers = upgrade.then(|| {
+        (
+            parts.headers.get(header::CONNECTION).cloned(),
+            parts.headers.get(header::UPGRADE).cloned(),
+        )
+    });
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some((conn, up)) = upgrade_headers {
+        if let Some(c) = conn {
+            parts.headers.insert(header::CONNECTION, c);
+        }
+        if let Some(u) = up {
+            parts.headers.insert(header::UPGRADE, u);
+        }
+    }
+    if let Some(h) = &f.host_rewrite {
+        host = h.clone();
+    }
+    let path_and_query = {
+        let path = parts.uri.path();
+        let path = rewrite_path(f, path).unwrap_or_else(|| path.to_string());
+        match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
+    };
+    let Ok(host_value) = HeaderValue::from_str(&host) else {
+        return local(StatusCode::BAD_REQUEST, "invalid Host");
+    };
+    let (Ok(uri_h1), Ok(uri_h2)) = (
+        Uri::try_from(path_and_query.as_str()),
+        Uri::try_from(format!("http://{host}{path_and_query}")),
+    ) else {
+        return local(StatusCode::BAD_REQUEST, "invalid request target");
+    };
+
+    let needs_replay = f.retry.is_some() || !f.mirrors.is_empty();
+    let mut body = if body.is_end_stream() {
+        ReqBody::Empty
+    } else if needs_replay
+        && !upgrade
+        && content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT as u64)
+    {
+        match body.collect().await {
+            Ok(b) => ReqBody::Buffered(b.to_bytes()),
+            Err(e) => {
+                debug!(error = %e, "reading the request body");
+                return local(StatusCode::BAD_REQUEST, "request body ended early");
+            }
+        }
+    } else {
+        ReqBody::Stream(Some(body))
+    };
+
+    if !f.mirrors.is_empty() && body.replayable() {
+        mirror(ctx, snapshot, f, &parts, &uri_h1, &host, &mut body);
+    }
+
+    let build = |h2: bool, body: Body| -> Request<Body> {
+        let mut r = Request::new(body);
+        *r.method_mut() = parts.method.clone();
+        *r.headers_mut() = parts.headers.clone();
+        if h2 {
+            *r.uri_mut() = uri_h2.clone();
+            *r.version_mut() = Version::HTTP_2;
+            r.headers_mut().remove(header::HOST);
+        } else {
+            *r.uri_mut() = uri_h1.clone();
+            *r.version_mut() = Version::HTTP_11;
+            r.headers_mut().insert(header::HOST, host_value.clone());
+        }
+        r
+    };
+
+    let policy = f.retry.as_ref();
+    let deadline = f.timeout.map(|t| start + t);
+    if policy.is_some() {
+        cluster.budget.deposit(start);
+    }
+    let base_h2 = !upgrade
+        && match cluster.protocol {
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Downstream => parts.version == Version::HTTP_2,
+        };
+    let mut attempt = 0u32;
+    let mut avoid = None;
+    loop {
+        let Some(inflight) = pick(&cluster, ctx.dst, avoid) else {
+            bm.count(&shared.metrics, Some(503));
+            return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        };
+        let ep = inflight.endpoint.clone();
+        let h2 = base_h2 || (ep.mesh_proxy && !upgrade);
+        let target = Target {
+            h2,
+            connect_timeout: cluster.connect_timeout,
+            idle_timeout: shared.config.idle_timeout,
+        };
+        let send = upstream::send(&ep, target, build(h2, body.take()));
+        let try_deadline = policy
+            .and_then(|p| p.per_try_timeout)
+            .map(|t| Instant::now() + t);
+        let limit = match (deadline, try_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let result = match limit {
+            None => match send.await {
+                Ok(r) => Try::Response(r),
+                Err(e) => Try::Failed(e),
+            },
+            Some(at) => match tokio::time::timeout_at(at.into(), send).await {
+                Ok(Ok(r)) => Try::Response(r),
+                Ok(Err(e)) => Try::Failed(e),
+                Err(_) if Some(at) == deadline => Try::Timeout,
+                Err(_) => Try::PerTryTimeout,
+            },
+        };
+        let failed = match &result {
+            Try::Response(r) => r.status().is_server_error(),
+            _ => true,
+        };
+        inflight.finish(if failed {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        });
+        let reason = policy.and_then(|p| match &result {
+            Try::Response(r) if p.retries_status(r.status().as_u16()) => Some("status"),
+            Try::Failed(e) if e.is_connect() && p.on_connect_failure => Some("connect-failure"),
+            Try::Failed(e) if !e.is_connect() && (p.on_reset || p.on_refused_stream) => {
+                Some("reset")
+            }
+            Try::PerTryTimeout if p.on_5xx || p.on_gateway_error => Some("per-try-timeout"),
+            _ => None,
+        });
+        if let (Some(reason), Some(p)) = (reason, policy) {
+            let labels = || ReasonLabels {
+                backend: cluster.name.clone(),
+                reason,
+            };
+            let now = Instant::now();
+            if attempt >= p.attempts || deadline.is_some_and(|d| now >= d) {
+                // Out of tries: the last answer stands.
+            } else if !body.replayable() {
+                shared
+                    .metrics
+                    .retries_denied
+                    .get_or_create(&ReasonLabels {
+                        backend: cluster.name.clone(),
+                        reason: "body-not-replayable",
+                    })
+                    .inc();
+            } else if !cluster.budget.withdraw(now) {
+                shared
+                    .metrics
+                    .retries_denied
+                    .get_or_create(&ReasonLabels {
+                        backend: cluster.name.clone(),
+                        reason: "budget",
+                    })
+                    .inc();
+            } else {
+                shared.metrics.retries.get_or_create(&labels()).inc();
+                attempt += 1;
+                avoid = Some(ep.addr);
+                let step = p
+                    .backoff_base
+                    .saturating_mul(1 << (attempt - 1).min(10))
+                    .min(p.backoff_max);
+                let wait = step.mul_f64(rand::random_range(0.0..=1.0));
+                match deadline {
+                    Some(d) if now + wait >= d => {}
+                    _ => {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
+        }
+        let elapsed = start.elapsed();
+        return match result {
+            Try::Response(mut resp) => {
+                if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) =
+                    (downstream_upgrade, resp.status())
+                {
+                    tunnel(down, hyper::upgrade::on(&mut resp), ctx.dst);
+                    finish(&bm, shared, elapsed, Some(101));
+                    let (p, b) = resp.into_parts();
+                    return Response::from_parts(p, b.map_err(Into::into).boxed_unsync());
+                }
+                let (mut p, b) = resp.into_parts();
+                strip_hop_by_hop(&mut p.headers);
+                backend.headers.apply_response(&mut p.headers);
+                levels.route.headers.apply_response(&mut p.headers);
+                levels.vh.headers.apply_response(&mut p.headers);
+                levels.table.headers.apply_response(&mut p.headers);
+                finish(&bm, shared, elapsed, Some(p.status.as_u16()));
+                Response::from_parts(p, b.map_err(Into::into).boxed_unsync())
+            }
+            Try::Failed(e) => {
+                finish(&bm, shared, elapsed, None);
+                debug!(error = %e, cluster = %cluster.name, "upstream request failed");
+                if e.is_connect() {
+                    local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("upstream connect error: {e}"),
+                    )
+                } else {
+                    local(StatusCode::BAD_GATEWAY, &format!("upstream reset: {e}"))
+                }
+            }
+            Try::PerTryTimeout | Try::Timeout => {
+                finish(&bm, shared, elapsed, Some(504));
+                local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
+            }
+        };
+    }
+}
+
+fn finish(bm: &BackendMetrics, shared: &Shared, elapsed: Duration, status: Option<u16>) {
+    bm.count(&shared.metrics, status);
+    bm.latency.observe(elapsed.as_secs_f64());
+}
+
+/// An endpoint of the cluster; for an original-destination cluster, the connection's own.
+fn pick(
+    cluster: &Arc<Cluster>,
+    dst: SocketAddr,
+    avoid: Option<SocketAddr>,
+) -> Option<crate::balance::InFlight> {
+    match cluster.kind {
+        ClusterKind::OriginalDst => cluster.original_dst(dst).pick(None),
+        _ => cluster.endpoints.pick(avoid),
+    }
+}
+
+/// Copies of the request to mirror clusters; their answers are dropped.
+fn mirror(
+    ctx: &HttpCtx,
+    snapshot: &Snapshot,
+    f: &Forward,
+    parts: &http::request::Parts,
+    uri: &Uri,
+    host: &str,
+    body: &mut ReqBody,
+) {
+    for m in &f.mirrors {
+        if m.per_million < 1_000_000 && rand::random_range(0..1_000_000) >= m.per_million {
+            continue;
+        }
+        let Some(cluster) = snapshot.cluster(&m.cluster).cloned() else {
+            continue;
+        };
+        let Some(inflight) = cluster.endpoints.pick(None) else {
+            continue;
+        };
+        let mut r = Request::new(body.take());
+        *r.method_mut() = parts.method.clone();
+        *r.uri_mut() = uri.clone();
+        *r.headers_mut() = parts.headers.clone();
+        // Envoy marks mirrored traffic by suffixing the host.
+        if let Ok(v) = HeaderValue::from_str(&format!("{host}-shadow")) {
+            r.headers_mut().insert(header::HOST, v);
+        }
+        let target = Target {
+            h2: false,
+            connect_timeout: cluster.connect_timeout,
+            idle_timeout: ctx.shared.config.idle_timeout,
+        };
+        tokio::spawn(async move {
+            let ep = inflight.endpoint.clone();
+            let result = upstream::send(&ep, target, r).await;
+            let ok = matches!(&result, Ok(r) if !r.status().is_server_error());
+            if let Ok(resp) = result {
+                // Read the answer so the connection can be reused.
+                let _ = resp.into_body().collect().await;
+            }
+            inflight.finish(if ok {
+                Outcome::Success
+            } else {
+                Outcome::Failure
+            });
+        });
+    }
+}
+
+/// After a 101 from both sides, copies bytes between the client and the endpoint.
+fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, dst: SocketAddr) {
+    tokio::spawn(async move {
+        let (down, up) = match tokio::try_join!(down, up) {
+            Ok(pair) => pair,
+            Err(e) => {
+                debug!(error = %e, %dst, "upgrade failed");
+                return;
+            }
+        };
+        let mut down = TokioIo::new(down);
+        let mut up = TokioIo::new(up);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+            debug!(error = %e, %dst, "upgraded connection ended");
+        }
+    });
+}
+
+fn redirect(r: &Redirect, host: &str, uri: &Uri) -> Response<Body> {
+    let (orig_host, orig_port) = match host.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || host.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (host, None),
+        },
+        _ => (host, None),
+    };
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let host = r.host.as_deref().unwrap_or(orig_host);
+    let port = match (r.port, &r.scheme) {
+        (Some(p), _) => Some(p),
+        (None, Some(_)) => None,
+        (None, None) => orig_port,
+    };
+    let port = port.filter(|p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+    let path = match (&r.path, &r.prefix_rewrite, &r.matched_prefix) {
+        (Some(p), _, _) => p.clone(),
+        (None, Some(to), Some(prefix)) => {
+            let rest = uri.path().get(prefix.len()..).unwrap_or("");
+            let p = format!("{to}{rest}");
+            if p.is_empty() { "/".into() } else { p }
+        }
+        _ => uri.path().to_string(),
+    };
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let location = match port {
+        Some(p) => format!("{scheme}://{host}:{p}{path}{query}"),
+        None => format!("{scheme}://{host}{path}{query}"),
+    };
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::from_u16(r.status).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-app"]);
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn redirects() {
+        let r = Redirect {
+            scheme: Some("https".into()),
+            host: None,
+            port: None,
+            path: None,
+            prefix_rewrite: Some("/new".into()),
+            status: 301,
+            matched_prefix: Some("/old".into()),
+        };
+        let resp = redirect(&r, "shop.example:8080", &Uri::from_static("/old/cart?id=1"));
+        assert_eq!(resp.status(), 301);
+        assert_eq!(
+            resp.headers()[header::LOCATION],
+            "https://shop.example/new/cart?id=1"
+        );
+        let r = Redirect {
+            scheme: None,
+            host: Some("other".into()),
+            port: Some(8443),
+            path: Some("/x".into()),
+            prefix_rewrite: None,
+            status: 302,
+            matched_prefix: None,
+        };
+        let resp = redirect(&r, "shop:80", &Uri::from_static("/y"));
+        assert_eq!(resp.headers()[header::LOCATION], "http://other:8443/x");
+    }
+}

@@ -1,0 +1,317 @@
+//! The data path: accept -> original destination -> filter chain (detecting the protocol
+//! when chains differ by it) -> HTTP (hyper, HTTP/1 and HTTP/2) or opaque TCP.
+
+pub mod detect;
+pub mod http;
+pub mod tcp;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use mesh_api::consts::xds as names;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::config::Config;
+use crate::metrics::{Direction, ListenerLabels, Metrics};
+use crate::state::{ChainChoice, NetworkFilter, Store};
+use detect::{PrefixedIo, detect};
+
+/// The proxy's listeners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Transparent outbound (iptables REDIRECT from the app).
+    Outbound,
+    /// Transparent inbound (iptables REDIRECT to the app).
+    Inbound,
+    /// Explicit HTTP proxy that routes by Host.
+    OutboundHttp,
+}
+
+impl ListenerKind {
+    pub fn xds_name(self) -> &'static str {
+        match self {
+            ListenerKind::Outbound => names::OUTBOUND_LISTENER,
+            ListenerKind::Inbound => names::INBOUND_LISTENER,
+            ListenerKind::OutboundHttp => names::OUTBOUND_HTTP_LISTENER,
+        }
+    }
+
+    pub fn direction(self) -> Direction {
+        match self {
+            ListenerKind::Inbound => Direction::inbound,
+            _ => Direction::outbound,
+        }
+    }
+}
+
+/// Tracks open connections so that a drain can wait for them.
+#[derive(Debug)]
+pub struct Drain {
+    signal: watch::Sender<bool>,
+    tracker: Mutex<Option<mpsc::Sender<()>>>,
+    done: tokio::sync::Mutex<mpsc::Receiver<()>>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(1);
+        Self {
+            signal: watch::channel(false).0,
+            tracker: Mutex::new(Some(tx)),
+            done: tokio::sync::Mutex::new(rx),
+        }
+    }
+}
+
+/// Held by each connection; the drain ends when all are dropped.
+#[derive(Debug)]
+pub struct ConnGuard(#[allow(dead_code)] Option<mpsc::Sender<()>>);
+
+impl Drain {
+    pub fn guard(&self) -> ConnGuard {
+        ConnGuard(self.tracker.lock().ok().and_then(|t| t.clone()))
+    }
+
+    pub fn watch(&self) -> watch::Receiver<bool> {
+        self.signal.subscribe()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.signal.borrow()
+    }
+
+    /// Stops accepting, asks connections to finish, and waits for them up to `deadline`.
+    /// Returns how many were still open when it gave up.
+    pub async fn drain(&self, deadline: Duration) -> bool {
+        self.signal.send_replace(true);
+        if let Ok(mut t) = self.tracker.lock() {
+            t.take();
+        }
+        let mut done = self.done.lock().await;
+        tokio::time::timeout(deadline, async { while done.recv().await.is_some() {} })
+            .await
+            .is_ok()
+    }
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub server: auto::Builder<TokioExecutor>,
+    pub drain: Drain,
+    /// Addresses the proxy listens on: traffic sent to them is never passed through.
+    pub own: Vec<SocketAddr>,
+}
+
+impl Shared {
+    pub fn new(config: Arc<Config>, store: Arc<Store>, metrics: Arc<Metrics>) -> Self {
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(config.max_header_bytes.max(8192));
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(config.h2_max_streams)
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+            .max_local_error_reset_streams(1024)
+            .max_pending_accept_reset_streams(20)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(10));
+        Self {
+            config,
+            store,
+            metrics,
+            server,
+            drain: Drain::default(),
+            own: Vec::new(),
+        }
+    }
+
+    pub fn is_own_listener(&self, dst: SocketAddr) -> bool {
+        self.own
+            .iter()
+            .any(|a| a.port() == dst.port() && (a.ip() == dst.ip() || a.ip().is_unspecified()))
+    }
+}
+
+/// Resolves once the drain starts.
+async fn drained(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|d| *d).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Accepts connections until the drain starts.
+pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>) {
+    let mut draining = shared.drain.watch();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = drained(&mut draining) => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let guard = shared.drain.guard();
+                let shared = shared.clone();
+                let span = info_span!("conn", listener = kind.xds_name(), %peer);
+                tokio::spawn(
+                    async move {
+                        connection(stream, kind, &shared).await;
+                        drop(guard);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off a little, keep serving.
+                warn!(error = %e, listener = kind.xds_name(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// The destination the client meant: from the config override, the kernel (after an
+/// iptables REDIRECT), or the socket itself.
+fn original_dst(stream: &TcpStream, kind: ListenerKind, config: &Config) -> Option<SocketAddr> {
+    let fixed = match kind {
+        ListenerKind::Outbound => config.outbound_orig_dst,
+        ListenerKind::Inbound => config.inbound_orig_dst,
+        ListenerKind::OutboundHttp => return stream.local_addr().ok(),
+    };
+    if fixed.is_some() {
+        return fixed;
+    }
+    let sock = socket2::SockRef::from(stream);
+    let from_kernel = match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => sock.original_dst_v4(),
+        SocketAddr::V6(_) => sock.original_dst_v6(),
+    };
+    from_kernel
+        .ok()
+        .and_then(|a| a.as_socket())
+        .or_else(|| stream.local_addr().ok())
+}
+
+struct Active<'a> {
+    metrics: &'a Metrics,
+    labels: ListenerLabels,
+}
+
+impl<'a> Active<'a> {
+    fn new(metrics: &'a Metrics, kind: ListenerKind, protocol: &'static str) -> Self {
+        let labels = ListenerLabels {
+            listener: kind.xds_name().to_string(),
+            protocol,
+        };
+        metrics.connections.get_or_create(&labels).inc();
+        metrics.active_connections.get_or_create(&labels).inc();
+        Self { metrics, labels }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .active_connections
+            .get_or_create(&self.labels)
+            .dec();
+    }
+}
+
+async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let Some(dst) = original_dst(&stream, kind, &shared.config) else {
+        return;
+    };
+    if kind != ListenerKind::OutboundHttp && shared.is_own_listener(dst) {
+        warn!(%dst, "connection reached a transparent listener without redirection; closing");
+        return;
+    }
+    let snapshot = match shared.store.load() {
+        Some(s) => s,
+        // Connections that arrive before the first config wait for it, a while.
+        None => match tokio::time::timeout(Duration::from_secs(10), shared.store.ready()).await {
+            Ok(s) => s,
+            Err(_) => return,
+        },
+    };
+    let Some(listener) = snapshot.listeners.get(kind.xds_name()) else {
+        debug!("no config for this listener; closing");
+        return;
+    };
+    let (filter, prefix) = match listener.select(dst) {
+        ChainChoice::Chain(c) => (&c.filter, BytesMut::new()),
+        ChainChoice::Detect(chains) => {
+            let (proto, buf) = match detect(&mut stream, shared.config.detect_timeout).await {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(error = %e, "reading the first bytes");
+                    return;
+                }
+            };
+            match listener.pick(&chains, proto) {
+                Some(c) => (&c.filter, buf),
+                None => return,
+            }
+        }
+        ChainChoice::None => {
+            debug!(%dst, "no filter chain matches; closing");
+            return;
+        }
+    };
+    let io = PrefixedIo::new(prefix, stream).with_idle_timeout(shared.config.idle_timeout);
+    match filter {
+        NetworkFilter::Http { route } => {
+            let _active = Active::new(&shared.metrics, kind, "http");
+            let ctx = Arc::new(http::HttpCtx {
+                shared: shared.clone(),
+                direction: kind.direction(),
+                route: route.clone(),
+                dst,
+            });
+            drop(snapshot);
+            serve_http(io, ctx, shared).await;
+        }
+        NetworkFilter::Tcp { cluster } => {
+            let _active = Active::new(&shared.metrics, kind, "tcp");
+            let cluster = cluster.clone();
+            drop(snapshot);
+            tcp::forward(shared, &cluster, dst, io).await;
+        }
+    }
+}
+
+async fn serve_http(io: PrefixedIo<TcpStream>, ctx: Arc<http::HttpCtx>, shared: &Arc<Shared>) {
+    let svc = hyper::service::service_fn(move |req| http::handle(ctx.clone(), req));
+    let conn = shared
+        .server
+        .serve_connection_with_upgrades(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut draining = shared.drain.watch();
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, "HTTP connection ended");
+            }
+        }
+        () = drained(&mut draining) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Starting a proxy: bind the listeners, then start the xDS client (which reports where they
+//! are), the data path and the admin servers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::admin::{AdminState, LogControl, admin_router, metrics_router};
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::{ListenerKind, Shared, serve};
+use crate::state::Store;
+use crate::xds::XdsClient;
+use crate::xds::client::ListenerPorts;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy; dropping it stops everything.
+#[derive(Debug)]
+pub struct Proxy {
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub outbound_addr: Option<SocketAddr>,
+    pub inbound_addr: Option<SocketAddr>,
+    pub outbound_http_addr: Option<SocketAddr>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub shared: Arc<Shared>,
+    shutdown: Arc<Notify>,
+    tasks: Vec<JoinHandle<()>>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in self.tasks.iter().chain(&self.listeners) {
+            t.abort();
+        }
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { what, addr, source })
+}
+
+fn local(l: &TcpListener) -> SocketAddr {
+    l.local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+impl Proxy {
+    pub async fn start(config: Config, log: Option<Arc<LogControl>>) -> Result<Self, StartError> {
+        config.node_parts()?;
+        let config = Arc::new(config);
+        let store = Arc::new(Store::default());
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = Arc::new(Notify::new());
+
+        let mut data = Vec::new();
+        if config.transparent {
+            data.push((
+                ListenerKind::Outbound,
+                bind("outbound", config.outbound_addr).await?,
+            ));
+            data.push((
+                ListenerKind::Inbound,
+                bind("inbound", config.inbound_addr).await?,
+            ));
+        } else {
+            data.push((
+                ListenerKind::OutboundHttp,
+                bind("outbound HTTP", config.outbound_http_addr).await?,
+            ));
+        }
+        let admin = bind("admin", config.admin_addr).await?;
+        let metrics_listener = bind("metrics", config.metrics_addr).await?;
+        let addr_of = |k: ListenerKind| {
+            data.iter()
+                .find(|(kind, _)| *kind == k)
+                .map(|(_, l)| local(l))
+        };
+        let (outbound_addr, inbound_addr, outbound_http_addr) = (
+            addr_of(ListenerKind::Outbound),
+            addr_of(ListenerKind::Inbound),
+            addr_of(ListenerKind::OutboundHttp),
+        );
+        let ports = ListenerPorts {
+            transparent: config.transparent,
+            outbound_http: outbound_http_addr.unwrap_or(config.outbound_http_addr),
+            outbound_port: outbound_addr.map_or(config.outbound_addr.port(), |a| a.port()),
+            inbound_port: inbound_addr.map_or(config.inbound_addr.port(), |a| a.port()),
+        };
+
+        let mut shared = Shared::new(config.clone(), store.clone(), metrics.clone());
+        shared.own = data.iter().map(|(_, l)| local(l)).collect();
+        let shared = Arc::new(shared);
+
+        let xds = XdsClient::new(&config, &ports, store.clone(), metrics.clone());
+        let state = AdminState {
+            config: config.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            xds: xds.status.clone(),
+            log,
+            shutdown: shutdown.clone(),
+        };
+        let (admin_addr, metrics_addr) = (local(&admin), local(&metrics_listener));
+        let mut tasks = vec![tokio::spawn(xds.run())];
+        let admin_app = admin_router(state.clone());
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(admin, admin_app).await;
+        }));
+        let metrics_app = metrics_router(state);
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(metrics_listener, metrics_app).await;
+        }));
+        let listeners = data
+            .into_iter()
+            .map(|(kind, l)| tokio::spawn(serve(l, kind, shared.clone())))
+            .collect();
+        info!(
+            node = %config.node,
+            xds = %config.xds,
+            ?outbound_addr,
+            ?inbound_addr,
+            ?outbound_http_addr,
+            %admin_addr,
+            %metrics_addr,
+            "mesh-proxy started"
+        );
+        Ok(Self {
+            admin_addr,
+            metrics_addr,
+            outbound_addr,
+            inbound_addr,
+            outbound_http_addr,
+            store,
+            metrics,
+            shared,
+            shutdown,
+            tasks,
+            listeners,
+        })
+    }
+
+    /// Resolves when `/shutdown` is called.
+    pub async fn shutdown_requested(&self) {
+        self.shutdown.notified().await;
+    }
+
+    /// Stops accepting, lets open connections finish up to the drain deadline. Returns
+    /// whether every connection finished in time.
+    pub async fn drain(&self) -> bool {
+        let deadline = self.shared.config.drain_deadline;
+        info!(deadline_ms = deadline.as_millis() as u64, "draining");
+        let clean = self.shared.drain.drain(deadline).await;
+        for l in &self.listeners {
+            l.abort();
+        }
+        clean
+    }
+}

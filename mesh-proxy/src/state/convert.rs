@@ -1,0 +1,1138 @@
+//! From Envoy v3 protos to the proxy's own config types. What the proxy cannot honour is an
+//! error naming the resource and the field, which the xDS client sends back as a NACK.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster as PbCluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, HeaderValueOption, Metadata, address, data_source, header_value_option, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain as PbFilterChain, Listener, filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, RedirectAction, RetryPolicy as PbRetry, Route as PbRoute, RouteConfiguration,
+    VirtualHost as PbVhost, header_matcher, query_parameter_matcher, redirect_action, route,
+    route_action, route_match,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::fractional_percent;
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+use http::{HeaderName, HeaderValue};
+use prost::{Message, Name};
+use regex::Regex;
+
+use super::route::{
+    Action, Forward, HeaderMatch, HeaderOps, HeaderTarget, Mirror, PathMatch, QueryMatch, Redirect,
+    RetryPolicy, Route, RouteMatch, RouteTable, StrKind, StrMatch, ValueMatch, VirtualHost,
+    WeightedBackend,
+};
+use super::{
+    Cidr, ClusterDef, ClusterKind, Detected, EndpointDef, FilterChain, ListenerConfig,
+    NetworkFilter, UpstreamProtocol,
+};
+use crate::balance::OutlierConfig;
+
+/// Why a resource was refused: `<Kind> "<name>": <field>: <problem>`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name:?}: {field}: {problem}")]
+pub struct ConvertError {
+    pub kind: &'static str,
+    pub name: String,
+    pub field: String,
+    pub problem: String,
+}
+
+/// Builds errors for one resource, with a field path.
+struct Ctx<'a> {
+    kind: &'static str,
+    name: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: impl Into<String>, problem: impl Into<String>) -> ConvertError {
+        ConvertError {
+            kind: self.kind,
+            name: self.name.to_string(),
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ConvertError>;
+
+/// Listener names the proxy serves, and how it binds them.
+pub const LISTENERS: [&str; 3] = [
+    mesh_api::consts::xds::OUTBOUND_LISTENER,
+    mesh_api::consts::xds::INBOUND_LISTENER,
+    mesh_api::consts::xds::OUTBOUND_HTTP_LISTENER,
+];
+
+const LISTENER_FILTERS: [&str; 3] = [
+    "envoy.filters.listener.original_dst",
+    "envoy.filters.listener.http_inspector",
+    "envoy.filters.listener.tls_inspector",
+];
+
+pub fn duration(d: &PbDuration) -> Option<Duration> {
+    let secs = u64::try_from(d.seconds).ok()?;
+    let nanos = u32::try_from(d.nanos).ok()?;
+    Some(Duration::new(secs, nanos))
+}
+
+fn dur(cx: &Ctx<'_>, field: &str, d: Option<&PbDuration>) -> Result<Option<Duration>> {
+    d.map(|d| duration(d).ok_or_else(|| cx.err(field, format!("negative duration {d:?}"))))
+        .transpose()
+}
+
+fn decode<M: Message + Name + Default>(cx: &Ctx<'_>, field: &str, any: &Any) -> Result<M> {
+    if any.type_url != M::type_url() {
+        return Err(cx.err(
+            field,
+            format!(
+                "type {} is not supported here (expected {})",
+                any.type_url,
+                M::type_url()
+            ),
+        ));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| cx.err(field, format!("cannot decode: {e}")))
+}
+
+// ---- listeners ---------------------------------------------------------------------------------
+
+/// Converts a Listener, and returns the RouteConfigurations it names.
+pub fn listener(l: &Listener) -> Result<ListenerConfig> {
+    let cx = Ctx {
+        kind: "Listener",
+        name: &l.name,
+    };
+    if !LISTENERS.contains(&l.name.as_str()) {
+        return Err(cx.err(
+            "name",
+            format!(
+                "mesh-proxy serves only the listeners {}",
+                LISTENERS.join(", ")
+            ),
+        ));
+    }
+    if l.api_listener.is_some() {
+        return Err(cx.err(
+            "api_listener",
+            "API listeners are for gRPC clients, not mesh-proxy",
+        ));
+    }
+    if l.filter_chain_matcher.is_some() {
+        return Err(cx.err(
+            "filter_chain_matcher",
+            "not supported; use filter_chain_match",
+        ));
+    }
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        if !LISTENER_FILTERS.contains(&f.name.as_str()) {
+            return Err(cx.err(
+                format!("listener_filters[{i}].name"),
+                format!("unsupported listener filter {:?}", f.name),
+            ));
+        }
+    }
+    let chains = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| filter_chain(&cx, &format!("filter_chains[{i}]"), c))
+        .collect::<Result<Vec<_>>>()?;
+    let default_chain = l
+        .default_filter_chain
+        .as_ref()
+        .map(|c| filter_chain(&cx, "default_filter_chain", c))
+        .transpose()?;
+    Ok(ListenerConfig {
+        name: l.name.clone(),
+        chains,
+        default_chain,
+    })
+}
+
+fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain> {
+    if c.transport_socket.is_some() {
+        return Err(cx.err(
+            format!("{at}.transport_socket"),
+            "TLS termination is not supported yet",
+        ));
+    }
+    let m = c.filter_chain_match.clone().unwrap_or_default();
+    let unsupported = [
+        (!m.server_names.is_empty(), "server_names"),
+        (!m.source_prefix_ranges.is_empty(), "source_prefix_ranges"),
+        (
+            !m.direct_source_prefix_ranges.is_empty(),
+            "direct_source_prefix_ranges",
+        ),
+        (!m.source_ports.is_empty(), "source_ports"),
+        (m.source_type != 0, "source_type"),
+        (!m.address_suffix.is_empty(), "address_suffix"),
+        (
+            !matches!(m.transport_protocol.as_str(), "" | "raw_buffer"),
+            "transport_protocol",
+        ),
+    ];
+    if let Some((_, field)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(cx.err(
+            format!("{at}.filter_chain_match.{field}"),
+            "this match criterion is not supported",
+        ));
+    }
+    let port = m
+        .destination_port
+        .map(|p| {
+            u16::try_from(p.value).map_err(|_| {
+                cx.err(
+                    format!("{at}.filter_chain_match.destination_port"),
+                    format!("{} is not a port", p.value),
+                )
+            })
+        })
+        .transpose()?;
+    let prefixes = m
+        .prefix_ranges
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let field = format!("{at}.filter_chain_match.prefix_ranges[{i}]");
+            let addr: IpAddr = r.address_prefix.parse().map_err(|_| {
+                cx.err(
+                    &field,
+                    format!("{:?} is not an IP address", r.address_prefix),
+                )
+            })?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let len = r.prefix_len.map_or(0, |l| l.value);
+            if len > max {
+                return Err(cx.err(&field, format!("prefix length {len} is over {max}")));
+            }
+            Ok(Cidr {
+                addr,
+                len: len as u8,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let app_protocols = m
+        .application_protocols
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match p.as_str() {
+            "http/1.1" | "http/1.0" => Ok(Detected::Http1),
+            "h2c" => Ok(Detected::H2c),
+            other => Err(cx.err(
+                format!("{at}.filter_chain_match.application_protocols[{i}]"),
+                format!("{other:?} cannot be detected (supported: http/1.1, h2c)"),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let filter = match c.filters.as_slice() {
+        [only] => network_filter(cx, &format!("{at}.filters[0]"), only)?,
+        [] => return Err(cx.err(format!("{at}.filters"), "no network filter")),
+        _ => {
+            return Err(cx.err(
+                format!("{at}.filters"),
+                "only one terminal filter (http_connection_manager or tcp_proxy) is supported",
+            ));
+        }
+    };
+    Ok(FilterChain {
+        name: c.name.clone(),
+        prefixes,
+        port,
+        app_protocols,
+        filter,
+    })
+}
+
+fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter) -> Result<NetworkFilter> {
+    let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+        return Err(cx.err(format!("{at}.typed_config"), "missing"));
+    };
+    let field = format!("{at}.typed_config");
+    if any.type_url == HttpConnectionManager::type_url() {
+        let hcm: HttpConnectionManager = decode(cx, &field, any)?;
+        let route = match &hcm.route_specifier {
+            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
+                rds.route_config_name.clone()
+            }
+            _ => {
+                return Err(cx.err(
+                    format!("{field}.route_specifier"),
+                    "only rds is supported (inline and scoped routes are not)",
+                ));
+            }
+        };
+        for (i, h) in hcm.http_filters.iter().enumerate() {
+            let router = matches!(&h.config_type, Some(http_filter::ConfigType::TypedConfig(a))
+                if a.type_url.ends_with("envoy.extensions.filters.http.router.v3.Router"));
+            if !router && !h.is_optional {
+                return Err(cx.err(
+                    format!("{field}.http_filters[{i}]"),
+                    format!("unsupported HTTP filter {:?}", h.name),
+                ));
+            }
+        }
+        Ok(NetworkFilter::Http { route })
+    } else if any.type_url == TcpProxy::type_url() {
+        let tcp: TcpProxy = decode(cx, &field, any)?;
+        match tcp.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => {
+                Ok(NetworkFilter::Tcp { cluster })
+            }
+            _ => Err(cx.err(
+                format!("{field}.cluster_specifier"),
+                "only a single cluster is supported",
+            )),
+        }
+    } else {
+        Err(cx.err(
+            field,
+            format!("unsupported network filter {} ({:?})", any.type_url, f.name),
+        ))
+    }
+}
+
+// ---- routes ------------------------------------------------------------------------------------
+
+pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable> {
+    let cx = Ctx {
+        kind: "RouteConfiguration",
+        name: &rc.name,
+    };
+    let vhosts = rc
+        .virtual_hosts
+        .iter()
+        .enumerate()
+        .map(|(i, vh)| vhost(&cx, &format!("virtual_hosts[{i}]"), vh))
+        .collect::<Result<Vec<_>>>()?;
+    let headers = header_ops(
+        &cx,
+        "",
+        &rc.request_headers_to_add,
+        &rc.request_headers_to_remove,
+        &rc.response_headers_to_add,
+        &rc.response_headers_to_remove,
+    )?;
+    Ok(RouteTable::new(rc.name.clone(), vhosts, headers))
+}
+
+fn vhost(cx: &Ctx<'_>, at: &str, vh: &PbVhost) -> Result<VirtualHost> {
+    if vh.require_tls != 0 {
+        return Err(cx.err(format!("{at}.require_tls"), "not supported"));
+    }
+    let routes = vh
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| route_entry(cx, &format!("{at}.routes[{i}]"), r))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(VirtualHost {
+        name: vh.name.clone(),
+        domains: vh.domains.clone(),
+        routes,
+        headers: header_ops(
+            cx,
+            &format!("{at}."),
+            &vh.request_headers_to_add,
+            &vh.request_headers_to_remove,
+            &vh.response_headers_to_add,
+            &vh.response_headers_to_remove,
+        )?,
+    })
+}
+
+fn route_entry(cx: &Ctx<'_>, at: &str, r: &PbRoute) -> Result<Route> {
+    let m = r
+        .r#match
+        .as_ref()
+        .ok_or_else(|| cx.err(format!("{at}.match"), "missing"))?;
+    let mat = &format!("{at}.match");
+    let case_sensitive = m.case_sensitive.is_none_or(|b| b.value);
+    let path = match &m.path_specifier {
+        Some(route_match::PathSpecifier::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(route_match::PathSpecifier::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(route_match::PathSpecifier::PathSeparatedPrefix(p)) => {
+            PathMatch::SeparatedPrefix(p.clone())
+        }
+        Some(route_match::PathSpecifier::SafeRegex(re)) => {
+            PathMatch::Regex(full_regex(cx, &format!("{mat}.safe_regex"), re)?)
+        }
+        Some(_) => {
+            return Err(cx.err(
+                format!("{mat}.path_specifier"),
+                "supported: prefix, path, path_separated_prefix, safe_regex",
+            ));
+        }
+        None => return Err(cx.err(format!("{mat}.path_specifier"), "missing")),
+    };
+    let unsupported = [
+        (m.runtime_fraction.is_some(), "runtime_fraction"),
+        (!m.cookies.is_empty(), "cookies"),
+        (m.tls_context.is_some(), "tls_context"),
+        (!m.dynamic_metadata.is_empty(), "dynamic_metadata"),
+    ];
+    if let Some((_, field)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(cx.err(format!("{mat}.{field}"), "not supported"));
+    }
+    let headers = m
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| header_match(cx, &format!("{mat}.headers[{i}]"), h))
+        .collect::<Result<Vec<_>>>()?;
+    let query = m
+        .query_parameters
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let field = format!("{mat}.query_parameters[{i}]");
+            let value = match &q.query_parameter_match_specifier {
+                Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(s)) => {
+                    ValueMatch::Str(str_match(cx, &format!("{field}.string_match"), s)?)
+                }
+                Some(query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(b)) => {
+                    ValueMatch::Present(*b)
+                }
+                None => ValueMatch::Present(true),
+            };
+            Ok(QueryMatch {
+                name: q.name.clone(),
+                value,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let matcher = RouteMatch {
+        path,
+        case_sensitive,
+        headers,
+        query,
+        grpc: m.grpc.is_some(),
+    };
+    let action = match &r.action {
+        Some(route::Action::Route(a)) => {
+            Action::Forward(forward(cx, &format!("{at}.route"), a, &matcher)?)
+        }
+        Some(route::Action::Redirect(rd)) => {
+            Action::Redirect(redirect(cx, &format!("{at}.redirect"), rd, &matcher)?)
+        }
+        Some(route::Action::DirectResponse(d)) => {
+            let status = u16::try_from(d.status)
+                .ok()
+                .filter(|s| (100..600).contains(s))
+                .ok_or_else(|| {
+                    cx.err(
+                        format!("{at}.direct_response.status"),
+                        format!("{} is not an HTTP status", d.status),
+                    )
+                })?;
+            let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                None => String::new(),
+                Some(data_source::Specifier::InlineString(s)) => s.clone(),
+                Some(data_source::Specifier::InlineBytes(b)) => {
+                    String::from_utf8_lossy(b).into_owned()
+                }
+                Some(_) => {
+                    return Err(cx.err(
+                        format!("{at}.direct_response.body"),
+                        "only inline bodies are supported",
+                    ));
+                }
+            };
+            Action::Direct { status, body }
+        }
+        _ => {
+            return Err(cx.err(
+                format!("{at}.action"),
+                "supported: route, redirect, direct_response",
+            ));
+        }
+    };
+    Ok(Route {
+        name: r.name.clone(),
+        matcher,
+        action,
+        headers: header_ops(
+            cx,
+            &format!("{at}."),
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+        )?,
+    })
+}
+
+/// The prefix a route's path match fixes, for prefix rewrites.
+fn matched_prefix(m: &RouteMatch) -> Option<String> {
+    match &m.path {
+        PathMatch::Prefix(p) | PathMatch::Exact(p) | PathMatch::SeparatedPrefix(p) => {
+            Some(p.clone())
+        }
+        PathMatch::Regex(_) => None,
+    }
+}
+
+fn forward(
+    cx: &Ctx<'_>,
+    at: &str,
+    a: &envoy_types::pb::envoy::config::route::v3::RouteAction,
+    m: &RouteMatch,
+) -> Result<Forward> {
+    let backends = match &a.cluster_specifier {
+        Some(route_action::ClusterSpecifier::Cluster(c)) => vec![WeightedBackend {
+            cluster: c.clone(),
+            weight: 1,
+            headers: HeaderOps::default(),
+            metrics: Default::default(),
+        }],
+        Some(route_action::ClusterSpecifier::WeightedClusters(w)) => w
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let field = format!("{at}.weighted_clusters.clusters[{i}]");
+                if c.name.is_empty() {
+                    return Err(cx.err(format!("{field}.name"), "empty cluster name"));
+                }
+                Ok(WeightedBackend {
+                    cluster: c.name.clone(),
+                    weight: c.weight.map_or(0, |w| w.value),
+                    headers: header_ops(
+                        cx,
+                        &format!("{field}."),
+                        &c.request_headers_to_add,
+                        &c.request_headers_to_remove,
+                        &c.response_headers_to_add,
+                        &c.response_headers_to_remove,
+                    )?,
+                    metrics: Default::default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?,
+        _ => {
+            return Err(cx.err(
+                format!("{at}.cluster_specifier"),
+                "supported: cluster, weighted_clusters",
+            ));
+        }
+    };
+    let total_weight = backends.iter().map(|b| u64::from(b.weight)).sum();
+    let unsupported = [
+        (!a.hash_policy.is_empty(), "hash_policy"),
+        (a.hedge_policy.is_some(), "hedge_policy"),
+        (a.path_rewrite_policy.is_some(), "path_rewrite_policy"),
+        (
+            a.retry_policy_typed_config.is_some(),
+            "retry_policy_typed_config",
+        ),
+    ];
+    if let Some((_, field)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(cx.err(format!("{at}.{field}"), "not supported"));
+    }
+    // Envoy's default route timeout is 15 s; zero disables it.
+    let timeout = match dur(cx, &format!("{at}.timeout"), a.timeout.as_ref())? {
+        None => Some(Duration::from_secs(15)),
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+    };
+    let retry = a
+        .retry_policy
+        .as_ref()
+        .map(|p| retry_policy(cx, &format!("{at}.retry_policy"), p))
+        .transpose()?
+        .filter(|p| p.attempts > 0 || p.per_try_timeout.is_some());
+    let mirrors = a
+        .request_mirror_policies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let per_million = match p
+                .runtime_fraction
+                .as_ref()
+                .and_then(|f| f.default_value.as_ref())
+            {
+                None => 1_000_000,
+                Some(f) => {
+                    let scale = match fractional_percent::DenominatorType::try_from(f.denominator) {
+                        Ok(fractional_percent::DenominatorType::Hundred) => 10_000,
+                        Ok(fractional_percent::DenominatorType::TenThousand) => 100,
+                        Ok(fractional_percent::DenominatorType::Million) => 1,
+                        Err(_) => {
+                            return Err(cx.err(
+                                format!("{at}.request_mirror_policies[{i}].runtime_fraction"),
+                                "unknown denominator",
+                            ));
+                        }
+                    };
+                    f.numerator.saturating_mul(scale).min(1_000_000)
+                }
+            };
+            Ok(Mirror {
+                cluster: p.cluster.clone(),
+                per_million,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let regex_rewrite = a
+        .regex_rewrite
+        .as_ref()
+        .map(|r| {
+            let field = format!("{at}.regex_rewrite");
+            let re = r
+                .pattern
+                .as_ref()
+                .ok_or_else(|| cx.err(format!("{field}.pattern"), "missing"))?;
+            let re = Regex::new(&re.regex)
+                .map_err(|e| cx.err(format!("{field}.pattern.regex"), format!("invalid: {e}")))?;
+            Ok((re, envoy_substitution(&r.substitution)))
+        })
+        .transpose()?;
+    let host_rewrite = match &a.host_rewrite_specifier {
+        None => None,
+        Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(h)) => Some(h.clone()),
+        Some(_) => {
+            return Err(cx.err(
+                format!("{at}.host_rewrite_specifier"),
+                "only host_rewrite_literal is supported",
+            ));
+        }
+    };
+    Ok(Forward {
+        matched_prefix: matched_prefix(m),
+        backends,
+        total_weight,
+        timeout,
+        retry,
+        mirrors,
+        prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
+        regex_rewrite,
+        host_rewrite,
+    })
+}
+
+/// Envoy writes capture groups as `\1`; the regex crate as `${1}`.
+fn envoy_substitution(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('\\', Some(d)) if d.is_ascii_digit() => {
+                out.push_str(&format!("${{{d}}}"));
+                chars.next();
+            }
+            ('$', _) => out.push_str("$$"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn retry_policy(cx: &Ctx<'_>, at: &str, p: &PbRetry) -> Result<RetryPolicy> {
+    let mut policy = RetryPolicy {
+        attempts: p.num_retries.map_or(1, |n| n.value),
+        on_5xx: false,
+        on_gateway_error: false,
+        on_connect_failure: false,
+        on_reset: false,
+        on_refused_stream: false,
+        codes: Vec::new(),
+        per_try_timeout: dur(
+            cx,
+            &format!("{at}.per_try_timeout"),
+            p.per_try_timeout.as_ref(),
+        )?
+        .filter(|d| !d.is_zero()),
+        backoff_base: Duration::from_millis(25),
+        backoff_max: Duration::from_millis(250),
+    };
+    for token in p
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        match token {
+            "5xx" => policy.on_5xx = true,
+            "gateway-error" => policy.on_gateway_error = true,
+            "connect-failure" => policy.on_connect_failure = true,
+            "reset" | "reset-before-request" => policy.on_reset = true,
+            "refused-stream" => policy.on_refused_stream = true,
+            "retriable-status-codes" => {}
+            other => {
+                return Err(cx.err(
+                    format!("{at}.retry_on"),
+                    format!(
+                        "{other:?} is not supported (supported: 5xx, gateway-error, \
+                         connect-failure, reset, refused-stream, retriable-status-codes)"
+                    ),
+                ));
+            }
+        }
+    }
+    if p.retry_on.contains("retriable-status-codes") {
+        policy.codes = p
+            .retriable_status_codes
+            .iter()
+            .map(|&c| {
+                u16::try_from(c)
+                    .ok()
+                    .filter(|c| (100..600).contains(c))
+                    .ok_or_else(|| {
+                        cx.err(
+                            format!("{at}.retriable_status_codes"),
+                            format!("{c} is not an HTTP status"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+    }
+    if let Some(b) = &p.retry_back_off {
+        if let Some(base) = dur(
+            cx,
+            &format!("{at}.retry_back_off.base_interval"),
+            b.base_interval.as_ref(),
+        )? {
+            policy.backoff_base = base;
+            policy.backoff_max = base * 10;
+        }
+        if let Some(max) = dur(
+            cx,
+            &format!("{at}.retry_back_off.max_interval"),
+            b.max_interval.as_ref(),
+        )? {
+            policy.backoff_max = max;
+        }
+    }
+    if !p.retriable_headers.is_empty() || !p.retriable_request_headers.is_empty() {
+        return Err(cx.err(format!("{at}.retriable_headers"), "not supported"));
+    }
+    Ok(policy)
+}
+
+fn redirect(cx: &Ctx<'_>, at: &str, r: &RedirectAction, m: &RouteMatch) -> Result<Redirect> {
+    let status = match redirect_action::RedirectResponseCode::try_from(r.response_code) {
+        Ok(redirect_action::RedirectResponseCode::MovedPermanently) => 301,
+        Ok(redirect_action::RedirectResponseCode::Found) => 302,
+        Ok(redirect_action::RedirectResponseCode::SeeOther) => 303,
+        Ok(redirect_action::RedirectResponseCode::TemporaryRedirect) => 307,
+        Ok(redirect_action::RedirectResponseCode::PermanentRedirect) => 308,
+        Err(_) => {
+            return Err(cx.err(
+                format!("{at}.response_code"),
+                format!("unknown code {}", r.response_code),
+            ));
+        }
+    };
+    let scheme = match &r.scheme_rewrite_specifier {
+        None => None,
+        Some(redirect_action::SchemeRewriteSpecifier::HttpsRedirect(true)) => Some("https".into()),
+        Some(redirect_action::SchemeRewriteSpecifier::HttpsRedirect(false)) => None,
+        Some(redirect_action::SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
+    };
+    let (path, prefix_rewrite) = match &r.path_rewrite_specifier {
+        None => (None, None),
+        Some(redirect_action::PathRewriteSpecifier::PathRedirect(p)) => (Some(p.clone()), None),
+        Some(redirect_action::PathRewriteSpecifier::PrefixRewrite(p)) => (None, Some(p.clone())),
+        Some(_) => {
+            return Err(cx.err(
+                format!("{at}.regex_rewrite"),
+                "regex redirects are not supported",
+            ));
+        }
+    };
+    let port = match r.port_redirect {
+        0 => None,
+        p => Some(
+            u16::try_from(p)
+                .map_err(|_| cx.err(format!("{at}.port_redirect"), format!("{p} is not a port")))?,
+        ),
+    };
+    Ok(Redirect {
+        scheme,
+        host: (!r.host_redirect.is_empty()).then(|| r.host_redirect.clone()),
+        port,
+        path,
+        prefix_rewrite,
+        status,
+        matched_prefix: matched_prefix(m),
+    })
+}
+
+/// Envoy's safe_regex must match the whole value.
+fn full_regex(cx: &Ctx<'_>, field: &str, re: &RegexMatcher) -> Result<Regex> {
+    Regex::new(&format!("^(?:{})$", re.regex)).map_err(|e| {
+        cx.err(
+            format!("{field}.regex"),
+            format!("invalid regex {:?}: {e}", re.regex),
+        )
+    })
+}
+
+fn str_match(cx: &Ctx<'_>, at: &str, s: &StringMatcher) -> Result<StrMatch> {
+    let kind = match &s.match_pattern {
+        Some(string_matcher::MatchPattern::Exact(v)) => StrKind::Exact(v.clone()),
+        Some(string_matcher::MatchPattern::Prefix(v)) => StrKind::Prefix(v.clone()),
+        Some(string_matcher::MatchPattern::Suffix(v)) => StrKind::Suffix(v.clone()),
+        Some(string_matcher::MatchPattern::Contains(v)) => StrKind::Contains(v.clone()),
+        Some(string_matcher::MatchPattern::SafeRegex(re)) => {
+            let re = if s.ignore_case {
+                RegexMatcher {
+                    regex: format!("(?i:{})", re.regex),
+                    ..re.clone()
+                }
+            } else {
+                re.clone()
+            };
+            StrKind::Regex(full_regex(cx, &format!("{at}.safe_regex"), &re)?)
+        }
+        _ => return Err(cx.err(at, "supported: exact, prefix, suffix, contains, safe_regex")),
+    };
+    Ok(StrMatch {
+        kind,
+        ignore_case: s.ignore_case,
+    })
+}
+
+#[allow(deprecated)] // The deprecated matchers are still sent by some control planes.
+fn header_match(cx: &Ctx<'_>, at: &str, h: &HeaderMatcher) -> Result<HeaderMatch> {
+    let name = if h.name == ":method" {
+        HeaderTarget::Method
+    } else {
+        HeaderTarget::Header(
+            HeaderName::try_from(h.name.to_ascii_lowercase()).map_err(|_| {
+                cx.err(
+                    format!("{at}.name"),
+                    format!("{:?} is not a header name", h.name),
+                )
+            })?,
+        )
+    };
+    use header_matcher::HeaderMatchSpecifier as S;
+    let exact = |v: &str| StrMatch {
+        kind: StrKind::Exact(v.to_string()),
+        ignore_case: false,
+    };
+    let value = match &h.header_match_specifier {
+        None => ValueMatch::Present(true),
+        Some(S::PresentMatch(b)) => ValueMatch::Present(*b),
+        Some(S::ExactMatch(v)) => ValueMatch::Str(exact(v)),
+        Some(S::PrefixMatch(v)) => ValueMatch::Str(StrMatch {
+            kind: StrKind::Prefix(v.clone()),
+            ignore_case: false,
+        }),
+        Some(S::SuffixMatch(v)) => ValueMatch::Str(StrMatch {
+            kind: StrKind::Suffix(v.clone()),
+            ignore_case: false,
+        }),
+        Some(S::ContainsMatch(v)) => ValueMatch::Str(StrMatch {
+            kind: StrKind::Contains(v.clone()),
+            ignore_case: false,
+        }),
+        Some(S::SafeRegexMatch(re)) => ValueMatch::Str(StrMatch {
+            kind: StrKind::Regex(full_regex(cx, &format!("{at}.safe_regex_match"), re)?),
+            ignore_case: false,
+        }),
+        Some(S::StringMatch(s)) => {
+            ValueMatch::Str(str_match(cx, &format!("{at}.string_match"), s)?)
+        }
+        Some(S::RangeMatch(_)) => {
+            return Err(cx.err(format!("{at}.range_match"), "not supported"));
+        }
+    };
+    Ok(HeaderMatch {
+        name,
+        value,
+        invert: h.invert_match,
+    })
+}
+
+#[allow(deprecated)] // `append` is deprecated but still honoured, as Envoy does.
+fn header_ops(
+    cx: &Ctx<'_>,
+    at: &str,
+    req_add: &[HeaderValueOption],
+    req_remove: &[String],
+    resp_add: &[HeaderValueOption],
+    resp_remove: &[String],
+) -> Result<HeaderOps> {
+    let mut ops = HeaderOps::default();
+    let name = |field: &str, n: &str| {
+        HeaderName::try_from(n.to_ascii_lowercase())
+            .map_err(|_| cx.err(field, format!("{n:?} is not a header name")))
+    };
+    let fill = |field: &str,
+                opts: &[HeaderValueOption],
+                set: &mut Vec<(HeaderName, HeaderValue)>,
+                add: &mut Vec<(HeaderName, HeaderValue)>|
+     -> Result<()> {
+        for (i, o) in opts.iter().enumerate() {
+            let f = format!("{at}{field}[{i}]");
+            let h = o
+                .header
+                .as_ref()
+                .ok_or_else(|| cx.err(format!("{f}.header"), "missing"))?;
+            let n = name(&format!("{f}.header.key"), &h.key)?;
+            let value = if h.raw_value.is_empty() {
+                h.value.as_bytes()
+            } else {
+                h.raw_value.as_slice()
+            };
+            let v = HeaderValue::from_bytes(value)
+                .map_err(|_| cx.err(format!("{f}.header.value"), "not a valid header value"))?;
+            use header_value_option::HeaderAppendAction as A;
+            // `append` (deprecated) wins when set, as in Envoy.
+            let append = match o.append {
+                Some(b) => b.value,
+                None => matches!(A::try_from(o.append_action), Ok(A::AppendIfExistsOrAdd)),
+            };
+            match A::try_from(o.append_action) {
+                Ok(A::AddIfAbsent | A::OverwriteIfExists) => {
+                    return Err(cx.err(
+                        format!("{f}.append_action"),
+                        "only APPEND_IF_EXISTS_OR_ADD and OVERWRITE_IF_EXISTS_OR_ADD are supported",
+                    ));
+                }
+                _ if append => add.push((n, v)),
+                _ => set.push((n, v)),
+            }
+        }
+        Ok(())
+    };
+    fill(
+        "request_headers_to_add",
+        req_add,
+        &mut ops.request_set,
+        &mut ops.request_add,
+    )?;
+    fill(
+        "response_headers_to_add",
+        resp_add,
+        &mut ops.response_set,
+        &mut ops.response_add,
+    )?;
+    for (i, n) in req_remove.iter().enumerate() {
+        ops.request_remove
+            .push(name(&format!("{at}request_headers_to_remove[{i}]"), n)?);
+    }
+    for (i, n) in resp_remove.iter().enumerate() {
+        ops.response_remove
+            .push(name(&format!("{at}response_headers_to_remove[{i}]"), n)?);
+    }
+    Ok(ops)
+}
+
+// ---- clusters and endpoints --------------------------------------------------------------------
+
+#[allow(deprecated)] // `http2_protocol_options` is deprecated but still honoured.
+pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
+    let cx = Ctx {
+        kind: "Cluster",
+        name: &c.name,
+    };
+    use cluster::DiscoveryType as D;
+    let kind = match &c.cluster_discovery_type {
+        Some(cluster::ClusterDiscoveryType::Type(t)) => match D::try_from(*t) {
+            Ok(D::Eds) => ClusterKind::Eds {
+                service_name: c
+                    .eds_cluster_config
+                    .as_ref()
+                    .map(|e| e.service_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| c.name.clone()),
+            },
+            Ok(D::Static) => ClusterKind::Static,
+            Ok(D::OriginalDst) => ClusterKind::OriginalDst,
+            Ok(other) => {
+                return Err(cx.err(
+                    "type",
+                    format!(
+                        "{} is not supported (supported: EDS, STATIC, ORIGINAL_DST)",
+                        other.as_str_name()
+                    ),
+                ));
+            }
+            Err(_) => return Err(cx.err("type", format!("unknown discovery type {t}"))),
+        },
+        Some(_) => return Err(cx.err("cluster_type", "custom cluster types are not supported")),
+        None => ClusterKind::Static,
+    };
+    use cluster::LbPolicy as L;
+    match L::try_from(c.lb_policy) {
+        Ok(L::RoundRobin | L::LeastRequest | L::Random | L::ClusterProvided) => {}
+        _ => {
+            return Err(cx.err(
+                "lb_policy",
+                format!(
+                    "{} is not supported; mesh-proxy balances by peak EWMA latency",
+                    L::try_from(c.lb_policy).map_or("unknown", |p| p.as_str_name())
+                ),
+            ));
+        }
+    }
+    if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
+        return Err(cx.err("transport_socket", "upstream TLS is not supported yet"));
+    }
+    let mut protocol = if c.http2_protocol_options.is_some() {
+        UpstreamProtocol::Http2
+    } else {
+        UpstreamProtocol::Downstream
+    };
+    for (key, any) in &c.typed_extension_protocol_options {
+        let field = format!("typed_extension_protocol_options[{key:?}]");
+        if any.type_url != HttpProtocolOptions::type_url() {
+            return Err(cx.err(field, format!("unsupported {}", any.type_url)));
+        }
+        let opts: HttpProtocolOptions = decode(&cx, &field, any)?;
+        use http_protocol_options::UpstreamProtocolOptions as U;
+        use http_protocol_options::explicit_http_config::ProtocolConfig as P;
+        protocol = match opts.upstream_protocol_options {
+            Some(U::ExplicitHttpConfig(e)) => match e.protocol_config {
+                Some(P::Http2ProtocolOptions(_)) => UpstreamProtocol::Http2,
+                Some(P::HttpProtocolOptions(_)) => UpstreamProtocol::Http1,
+                _ => {
+                    return Err(cx.err(
+                        format!("{field}.explicit_http_config"),
+                        "supported: http_protocol_options, http2_protocol_options",
+                    ));
+                }
+            },
+            Some(U::UseDownstreamProtocolConfig(_)) | None => UpstreamProtocol::Downstream,
+            Some(_) => {
+                return Err(cx.err(
+                    format!("{field}.upstream_protocol_options"),
+                    "auto_config is not supported",
+                ));
+            }
+        };
+    }
+    let connect_timeout =
+        dur(&cx, "connect_timeout", c.connect_timeout.as_ref())?.unwrap_or(Duration::from_secs(5));
+    let mut outlier = OutlierConfig::default();
+    if let Some(o) = &c.outlier_detection {
+        if let Some(n) = o.consecutive_5xx.or(o.consecutive_gateway_failure) {
+            outlier.consecutive_failures = n.value.max(1);
+        }
+        if let Some(d) = dur(
+            &cx,
+            "outlier_detection.base_ejection_time",
+            o.base_ejection_time.as_ref(),
+        )? {
+            outlier.base_ejection = d;
+        }
+        if let Some(d) = dur(
+            &cx,
+            "outlier_detection.max_ejection_time",
+            o.max_ejection_time.as_ref(),
+        )? {
+            outlier.max_ejection = d;
+        }
+        if let Some(p) = o.max_ejection_percent {
+            outlier.max_ejection_percent = p.value.min(100);
+        }
+    }
+    let max_requests = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.first())
+        .and_then(|t| t.max_requests)
+        .map(|v| v.value);
+    let static_endpoints = match (&kind, &c.load_assignment) {
+        (ClusterKind::Static, Some(la)) => endpoints_of(&cx, "load_assignment", la)?,
+        _ => Vec::new(),
+    };
+    Ok(ClusterDef {
+        name: c.name.clone(),
+        kind,
+        protocol,
+        connect_timeout,
+        outlier,
+        max_requests,
+        static_endpoints,
+    })
+}
+
+pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>> {
+    let cx = Ctx {
+        kind: "ClusterLoadAssignment",
+        name: &cla.cluster_name,
+    };
+    endpoints_of(&cx, "", cla)
+}
+
+fn endpoints_of(cx: &Ctx<'_>, at: &str, cla: &ClusterLoadAssignment) -> Result<Vec<EndpointDef>> {
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    let mut out = Vec::new();
+    for (i, loc) in cla.endpoints.iter().enumerate() {
+        for (j, lb) in loc.lb_endpoints.iter().enumerate() {
+            let field = format!("{at}endpoints[{i}].lb_endpoints[{j}]");
+            if let Ok(HealthStatus::Unhealthy | HealthStatus::Draining | HealthStatus::Timeout) =
+                HealthStatus::try_from(lb.health_status)
+            {
+                continue;
+            }
+            let ep = match &lb.host_identifier {
+                Some(lb_endpoint::HostIdentifier::Endpoint(e)) => e,
+                _ => return Err(cx.err(format!("{field}.endpoint"), "missing")),
+            };
+            let addr = socket_addr(
+                cx,
+                &format!("{field}.endpoint.address"),
+                ep.address.as_ref(),
+            )?;
+            out.push(EndpointDef {
+                addr,
+                mesh_proxy: is_mesh_proxy(lb.metadata.as_ref()),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Endpoint metadata `filter_metadata["mesh.dev"]["proxy"] == true`.
+fn is_mesh_proxy(m: Option<&Metadata>) -> bool {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    m.and_then(|m| m.filter_metadata.get("mesh.dev"))
+        .and_then(|s| s.fields.get("proxy"))
+        .is_some_and(|v| matches!(v.kind, Some(Kind::BoolValue(true))))
+}
+
+fn socket_addr(cx_kind: &Ctx<'_>, field: &str, a: Option<&Address>) -> Result<SocketAddr> {
+    let Some(address::Address::SocketAddress(sa)) = a.and_then(|a| a.address.as_ref()) else {
+        return Err(cx_kind.err(field, "expected a socket address"));
+    };
+    let ip: IpAddr = sa.address.parse().map_err(|_| {
+        cx_kind.err(
+            format!("{field}.address"),
+            format!(
+                "{:?} is not an IP address (DNS names are not supported)",
+                sa.address
+            ),
+        )
+    })?;
+    let port = match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => u16::try_from(p).map_err(|_| {
+            cx_kind.err(format!("{field}.port_value"), format!("{p} is not a port"))
+        })?,
+        _ => return Err(cx_kind.err(format!("{field}.port_value"), "missing")),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+#[path = "convert_tests.rs"]
+mod tests;

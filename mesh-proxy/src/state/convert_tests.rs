@@ -1,0 +1,314 @@
+use envoy_types::pb::envoy::config::core::v3::{CidrRange, SocketAddress};
+use envoy_types::pb::envoy::config::endpoint::v3::{Endpoint, LbEndpoint, LocalityLbEndpoints};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChainMatch, ListenerFilter};
+use envoy_types::pb::envoy::config::route::v3::{
+    RouteAction, RouteMatch as PbRouteMatch, WeightedCluster, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpFilter, Rds,
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
+
+use super::*;
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+fn hcm_filter(route: &str, extra: Vec<HttpFilter>) -> Filter {
+    let mut http_filters = extra;
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router".into(),
+            value: vec![],
+        })),
+        ..Default::default()
+    });
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(any(
+            &HttpConnectionManager {
+                route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                    route_config_name: route.into(),
+                    config_source: None,
+                })),
+                http_filters,
+                ..Default::default()
+            },
+        ))),
+    }
+}
+
+fn chain(port: u32, filter: Filter) -> PbFilterChain {
+    PbFilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            destination_port: Some(UInt32Value { value: port }),
+            prefix_ranges: vec![CidrRange {
+                address_prefix: "10.96.0.10".into(),
+                prefix_len: Some(UInt32Value { value: 32 }),
+            }],
+            application_protocols: vec!["http/1.1".into(), "h2c".into()],
+            ..Default::default()
+        }),
+        filters: vec![filter],
+        ..Default::default()
+    }
+}
+
+fn listener(name: &str, chains: Vec<PbFilterChain>) -> Listener {
+    Listener {
+        name: name.into(),
+        filter_chains: chains,
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.listener.original_dst".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn accepts_the_controllers_outbound_listener() {
+    let l = listener(
+        "virtualOutbound",
+        vec![chain(9080, hcm_filter("reviews:9080", vec![]))],
+    );
+    let cfg = super::listener(&l).expect("accepted");
+    assert_eq!(cfg.chains.len(), 1);
+    let c = &cfg.chains[0];
+    assert_eq!(c.port, Some(9080));
+    assert_eq!(c.app_protocols, [Detected::Http1, Detected::H2c]);
+    assert!(matches!(&c.filter, NetworkFilter::Http { route } if route == "reviews:9080"));
+}
+
+#[test]
+fn refusals_name_the_resource_and_field() {
+    let unknown_filter = HttpFilter {
+        name: "envoy.filters.http.lua".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(Any {
+            type_url: "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua".into(),
+            value: vec![],
+        })),
+        ..Default::default()
+    };
+    let cases: Vec<(Listener, &str)> = vec![
+        (
+            listener(
+                "virtualOutbound",
+                vec![chain(80, hcm_filter("r", vec![unknown_filter]))],
+            ),
+            r#"Listener "virtualOutbound": filter_chains[0].filters[0].typed_config.http_filters[0]: unsupported HTTP filter "envoy.filters.http.lua""#,
+        ),
+        (
+            listener("my-gateway", vec![]),
+            r#"Listener "my-gateway": name: mesh-proxy serves only the listeners"#,
+        ),
+        (
+            {
+                let mut l = listener("virtualInbound", vec![chain(80, hcm_filter("r", vec![]))]);
+                l.filter_chains[0]
+                    .filter_chain_match
+                    .as_mut()
+                    .expect("match")
+                    .server_names = vec!["a.example".into()];
+                l
+            },
+            r#"Listener "virtualInbound": filter_chains[0].filter_chain_match.server_names"#,
+        ),
+        (
+            {
+                let mut l = listener("virtualInbound", vec![chain(80, hcm_filter("r", vec![]))]);
+                l.filter_chains[0]
+                    .filter_chain_match
+                    .as_mut()
+                    .expect("match")
+                    .application_protocols = vec!["istio-peer-exchange".into()];
+                l
+            },
+            "application_protocols[0]: \"istio-peer-exchange\" cannot be detected",
+        ),
+    ];
+    for (l, want) in cases {
+        let err = super::listener(&l).expect_err("refused").to_string();
+        assert!(
+            err.starts_with(want) || err.contains(want),
+            "{err}\nwanted: {want}"
+        );
+    }
+}
+
+fn forward_route(action: RouteAction) -> RouteConfiguration {
+    RouteConfiguration {
+        name: "reviews:9080".into(),
+        virtual_hosts: vec![PbVhost {
+            name: "reviews".into(),
+            domains: vec!["*".into()],
+            routes: vec![PbRoute {
+                name: "default/reviews".into(),
+                r#match: Some(PbRouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(action)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn routes_with_weights_retries_and_timeouts() {
+    let rc = forward_route(RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
+            WeightedCluster {
+                clusters: vec![
+                    weighted_cluster::ClusterWeight {
+                        name: "v1".into(),
+                        weight: Some(UInt32Value { value: 90 }),
+                        ..Default::default()
+                    },
+                    weighted_cluster::ClusterWeight {
+                        name: "v2".into(),
+                        weight: Some(UInt32Value { value: 10 }),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            },
+        )),
+        timeout: Some(PbDuration {
+            seconds: 0,
+            nanos: 0,
+        }),
+        retry_policy: Some(PbRetry {
+            retry_on: "5xx,connect-failure,refused-stream,reset".into(),
+            num_retries: Some(UInt32Value { value: 2 }),
+            per_try_timeout: Some(PbDuration {
+                seconds: 1,
+                nanos: 0,
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let t = route_table(&rc).expect("accepted");
+    let Action::Forward(f) = &t.vhosts[0].routes[0].action else {
+        panic!("forward");
+    };
+    assert_eq!(f.total_weight, 100);
+    assert_eq!(f.timeout, None, "a zero timeout disables it");
+    let r = f.retry.as_ref().expect("retry");
+    assert_eq!(r.attempts, 2);
+    assert!(r.on_5xx && r.on_connect_failure && r.on_reset && r.on_refused_stream);
+    assert_eq!(r.per_try_timeout, Some(Duration::from_secs(1)));
+
+    let bad = forward_route(RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("c".into())),
+        retry_policy: Some(PbRetry {
+            retry_on: "5xx,cancelled".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let err = route_table(&bad).expect_err("refused").to_string();
+    assert!(
+        err.starts_with(r#"RouteConfiguration "reviews:9080": virtual_hosts[0].routes[0].route.retry_policy.retry_on: "cancelled""#),
+        "{err}"
+    );
+}
+
+#[test]
+fn clusters_and_endpoints() {
+    let c = PbCluster {
+        name: "outbound|9080||reviews".into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+        typed_extension_protocol_options: [(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+            any(&HttpProtocolOptions {
+                upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(
+                            http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                                Default::default(),
+                            ),
+                        ),
+                    },
+                )),
+                ..Default::default()
+            }),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let def = cluster(&c).expect("accepted");
+    assert_eq!(def.protocol, UpstreamProtocol::Http2);
+    assert_eq!(
+        def.kind,
+        ClusterKind::Eds {
+            service_name: "outbound|9080||reviews".into()
+        }
+    );
+
+    let dns = PbCluster {
+        name: "ext".into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::StrictDns as i32,
+        )),
+        ..Default::default()
+    };
+    let err = cluster(&dns).expect_err("refused").to_string();
+    assert_eq!(
+        err,
+        r#"Cluster "ext": type: STRICT_DNS is not supported (supported: EDS, STATIC, ORIGINAL_DST)"#
+    );
+
+    let ep = |addr: &str, port: u32| LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: addr.into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let cla = ClusterLoadAssignment {
+        cluster_name: "c".into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![ep("10.1.0.1", 9080), ep("10.1.0.2", 9080)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let eps = endpoints(&cla).expect("accepted");
+    assert_eq!(eps.len(), 2);
+    let bad = ClusterLoadAssignment {
+        cluster_name: "c".into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![ep("reviews.example", 9080)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let err = endpoints(&bad).expect_err("refused").to_string();
+    assert!(
+        err.contains("endpoints[0].lb_endpoints[0].endpoint.address.address"),
+        "{err}"
+    );
+    assert!(err.contains("DNS names are not supported"), "{err}");
+}
+
+#[test]
+fn envoy_substitutions_become_regex_replacements() {
+    assert_eq!(envoy_substitution(r"/v2/\1"), "/v2/${1}");
+    assert_eq!(envoy_substitution("/$x"), "/$$x");
+}

@@ -1,0 +1,426 @@
+//! The proxy's running configuration: immutable snapshots converted from xDS resources.
+//!
+//! ```text
+//! xDS client --convert--> Listener / RouteTable / Cluster / endpoints --assemble--> Snapshot
+//!                                                                                    |
+//! accept --> ListenerConfig.select(dst, protocol) --> FilterChain --> RouteTable.find(req)
+//!        --> Route --> Forward.pick() --> Cluster --> EndpointSet.pick() --> connection pool
+//! ```
+//!
+//! The hot path reads one `Arc<Snapshot>` per connection or request from the [`Store`]; a new
+//! snapshot replaces it atomically, and nothing in it is rebuilt per request.
+
+pub mod convert;
+pub mod route;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::balance::{EndpointSet, OutlierConfig};
+use crate::retry::RetryBudget;
+pub use route::{Action, Forward, RouteTable};
+
+/// Everything the proxy serves with, at one moment.
+#[derive(Debug, Default, Serialize)]
+pub struct Snapshot {
+    /// Bumped by every published snapshot.
+    pub generation: u64,
+    pub listeners: BTreeMap<String, Arc<ListenerConfig>>,
+    pub routes: imbl::HashMap<String, Arc<RouteTable>>,
+    pub clusters: imbl::HashMap<String, Arc<Cluster>>,
+}
+
+impl Snapshot {
+    pub fn route(&self, name: &str) -> Option<&Arc<RouteTable>> {
+        self.routes.get(name)
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.clusters.get(name)
+    }
+}
+
+/// Where the hot path gets the current snapshot; `None` until the first complete config.
+#[derive(Debug)]
+pub struct Store {
+    current: ArcSwapOption<Snapshot>,
+    ready_tx: watch::Sender<bool>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            ready_tx: watch::channel(false).0,
+        }
+    }
+}
+
+impl Store {
+    pub fn load(&self) -> Option<Arc<Snapshot>> {
+        self.current.load_full()
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.current.store(Some(Arc::new(snapshot)));
+        self.ready_tx.send_replace(true);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready_tx.borrow()
+    }
+
+    /// Waits for the first complete config.
+    pub async fn ready(&self) -> Arc<Snapshot> {
+        let mut rx = self.ready_tx.subscribe();
+        loop {
+            if let Some(s) = self.load() {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// A listener's filter chains.
+#[derive(Debug, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub chains: Vec<FilterChain>,
+    pub default_chain: Option<FilterChain>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Detected {
+    Http1,
+    H2c,
+    Tls,
+    Opaque,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FilterChain {
+    pub name: String,
+    pub prefixes: Vec<Cidr>,
+    pub port: Option<u16>,
+    /// `http/1.1`, `h2c`: the chain only takes connections detected as these.
+    pub app_protocols: Vec<Detected>,
+    pub filter: NetworkFilter,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkFilter {
+    /// HTTP, routed by the RouteConfiguration of this name.
+    Http { route: String },
+    /// Opaque TCP to a cluster.
+    Tcp { cluster: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The outcome of matching a connection's destination against a listener's chains.
+#[derive(Debug)]
+pub enum ChainChoice<'a> {
+    /// One chain, whatever the client speaks.
+    Chain(&'a FilterChain),
+    /// Several chains differ by application protocol: detect it, then call [`pick`].
+    ///
+    /// [`pick`]: ListenerConfig::pick
+    Detect(Vec<&'a FilterChain>),
+    None,
+}
+
+impl ListenerConfig {
+    /// Envoy's filter chain match order, for the criteria we emit: destination port (exact
+    /// beats unset), then the longest destination prefix, then application protocol.
+    pub fn select(&self, dst: SocketAddr) -> ChainChoice<'_> {
+        let with_port: Vec<&FilterChain> = self
+            .chains
+            .iter()
+            .filter(|c| c.port == Some(dst.port()))
+            .collect();
+        let by_port = if with_port.is_empty() {
+            self.chains.iter().filter(|c| c.port.is_none()).collect()
+        } else {
+            with_port
+        };
+        // Longest prefix; a chain without prefixes matches everything, below any prefix.
+        let score = |c: &FilterChain| -> Option<i16> {
+            if c.prefixes.is_empty() {
+                return Some(-1);
+            }
+            c.prefixes
+                .iter()
+                .filter(|p| p.contains(dst.ip()))
+                .map(|p| i16::from(p.len))
+                .max()
+        };
+        let best = by_port.iter().filter_map(|c| score(c)).max();
+        let Some(best) = best else {
+            return match &self.default_chain {
+                Some(c) => ChainChoice::Chain(c),
+                None => ChainChoice::None,
+            };
+        };
+        let chosen: Vec<&FilterChain> = by_port
+            .into_iter()
+            .filter(|c| score(c) == Some(best))
+            .collect();
+        match chosen.as_slice() {
+            [] => ChainChoice::None,
+            [only] if only.app_protocols.is_empty() => ChainChoice::Chain(only),
+            _ => ChainChoice::Detect(chosen),
+        }
+    }
+
+    /// After detection: the chain listing the detected protocol, else one listing none, else
+    /// the default chain.
+    pub fn pick<'a>(
+        &'a self,
+        chains: &[&'a FilterChain],
+        proto: Detected,
+    ) -> Option<&'a FilterChain> {
+        chains
+            .iter()
+            .find(|c| c.app_protocols.contains(&proto))
+            .or_else(|| chains.iter().find(|c| c.app_protocols.is_empty()))
+            .copied()
+            .or(self.default_chain.as_ref())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// Whatever the client spoke.
+    Downstream,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterKind {
+    /// Endpoints from EDS, under this name.
+    Eds {
+        service_name: String,
+    },
+    Static,
+    /// Forward to the connection's original destination.
+    OriginalDst,
+}
+
+/// An upstream cluster with its endpoints and balancer.
+#[derive(Debug, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub kind: ClusterKind,
+    pub protocol: UpstreamProtocol,
+    #[serde(with = "ms")]
+    pub connect_timeout: Duration,
+    pub outlier: OutlierConfig,
+    /// Circuit breaker: requests in flight at most.
+    pub max_requests: Option<u32>,
+    pub endpoints: Arc<EndpointSet>,
+    #[serde(skip)]
+    pub budget: Arc<RetryBudget>,
+    /// ORIGINAL_DST clusters: one endpoint per destination seen, so connections are pooled.
+    #[serde(skip)]
+    pub dynamic: Mutex<HashMap<SocketAddr, Arc<EndpointSet>>>,
+}
+
+/// Destinations an ORIGINAL_DST cluster remembers before it starts over.
+const MAX_DYNAMIC: usize = 1024;
+
+impl Cluster {
+    /// The endpoint set for one original destination.
+    pub fn original_dst(&self, dst: SocketAddr) -> Arc<EndpointSet> {
+        let def = [EndpointDef {
+            addr: dst,
+            mesh_proxy: false,
+        }];
+        let Ok(mut map) = self.dynamic.lock() else {
+            return Arc::new(self.endpoints.update(&def, self.outlier.clone()));
+        };
+        if map.len() >= MAX_DYNAMIC && !map.contains_key(&dst) {
+            map.clear();
+        }
+        map.entry(dst)
+            .or_insert_with(|| Arc::new(self.endpoints.update(&def, self.outlier.clone())))
+            .clone()
+    }
+}
+
+/// A cluster's definition from CDS, before its endpoints are joined in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterDef {
+    pub name: String,
+    pub kind: ClusterKind,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: Duration,
+    pub outlier: OutlierConfig,
+    pub max_requests: Option<u32>,
+    /// STATIC clusters carry their endpoints inline.
+    pub static_endpoints: Vec<EndpointDef>,
+}
+
+/// One endpoint from EDS or a static load assignment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EndpointDef {
+    pub addr: SocketAddr,
+    /// The endpoint runs a mesh proxy (endpoint metadata `mesh.dev` / `proxy: true`): talk
+    /// HTTP/2 to it and multiplex.
+    pub mesh_proxy: bool,
+}
+
+pub(crate) mod ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(
+        name: &str,
+        prefix: Option<(&str, u8)>,
+        port: Option<u16>,
+        app: &[Detected],
+    ) -> FilterChain {
+        FilterChain {
+            name: name.into(),
+            prefixes: prefix
+                .map(|(a, len)| Cidr {
+                    addr: a.parse().expect("ip"),
+                    len,
+                })
+                .into_iter()
+                .collect(),
+            port,
+            app_protocols: app.to_vec(),
+            filter: NetworkFilter::Tcp {
+                cluster: name.into(),
+            },
+        }
+    }
+
+    fn name(c: ChainChoice<'_>) -> String {
+        match c {
+            ChainChoice::Chain(c) => c.name.clone(),
+            ChainChoice::Detect(cs) => {
+                format!(
+                    "detect:{}",
+                    cs.iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            }
+            ChainChoice::None => "none".into(),
+        }
+    }
+
+    #[test]
+    fn chain_selection() {
+        let l = ListenerConfig {
+            name: "l".into(),
+            chains: vec![
+                chain(
+                    "vip-80-http",
+                    Some(("10.0.0.1", 32)),
+                    Some(80),
+                    &[Detected::Http1, Detected::H2c],
+                ),
+                chain("vip-80-tcp", Some(("10.0.0.1", 32)), Some(80), &[]),
+                chain("vip-9080", Some(("10.0.0.1", 32)), Some(9080), &[]),
+                chain("net-9080", Some(("10.0.0.0", 8)), Some(9080), &[]),
+                chain("any-5432", None, Some(5432), &[]),
+                chain("net-any", Some(("10.1.0.0", 16)), None, &[]),
+            ],
+            default_chain: Some(chain("passthrough", None, None, &[])),
+        };
+        let cases = [
+            ("10.0.0.1:9080", "vip-9080"),
+            ("10.0.0.2:9080", "net-9080"),
+            ("10.0.0.1:80", "detect:vip-80-http,vip-80-tcp"),
+            ("10.0.0.2:80", "passthrough"),
+            ("192.168.1.1:5432", "any-5432"),
+            ("10.1.2.3:1234", "net-any"),
+            ("[::1]:9080", "passthrough"),
+        ];
+        for (dst, want) in cases {
+            assert_eq!(name(l.select(dst.parse().expect("addr"))), want, "{dst}");
+        }
+        let ChainChoice::Detect(cs) = l.select("10.0.0.1:80".parse().expect("addr")) else {
+            panic!("expected detection");
+        };
+        assert_eq!(
+            l.pick(&cs, Detected::H2c).map(|c| c.name.as_str()),
+            Some("vip-80-http")
+        );
+        assert_eq!(
+            l.pick(&cs, Detected::Opaque).map(|c| c.name.as_str()),
+            Some("vip-80-tcp")
+        );
+    }
+
+    #[test]
+    fn cidr() {
+        let c = Cidr {
+            addr: "10.96.0.0".parse().expect("ip"),
+            len: 12,
+        };
+        assert!(c.contains("10.96.5.1".parse().expect("ip")));
+        assert!(!c.contains("10.112.0.1".parse().expect("ip")));
+        assert!(
+            Cidr {
+                addr: "0.0.0.0".parse().expect("ip"),
+                len: 0
+            }
+            .contains("1.2.3.4".parse().expect("ip"))
+        );
+        assert!(
+            Cidr {
+                addr: "fd00::".parse().expect("ip"),
+                len: 8
+            }
+            .contains("fd12::1".parse().expect("ip"))
+        );
+    }
+}

@@ -1,0 +1,537 @@
+//! Route tables and request matching: the subset of Envoy's RouteConfiguration the controller
+//! emits for Gateway API routes (see `docs/reference/proxy.md`).
+//!
+//! Matching follows Envoy: the virtual host by `Host` / `:authority` (exact, then the longest
+//! `*.suffix`, then the longest `prefix.*`, then `*`), then the first route whose match holds.
+//! The controller has already put routes in Gateway API precedence order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use regex::Regex;
+use serde::Serialize;
+
+use super::ms;
+
+#[derive(Debug, Serialize)]
+pub struct RouteTable {
+    pub name: String,
+    pub vhosts: Vec<VirtualHost>,
+    pub headers: HeaderOps,
+    #[serde(skip)]
+    exact: HashMap<String, usize>,
+    #[serde(skip)]
+    suffixes: Vec<(String, usize)>,
+    #[serde(skip)]
+    prefixes: Vec<(String, usize)>,
+    #[serde(skip)]
+    wildcard: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+    pub headers: HeaderOps,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Route {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matcher: RouteMatch,
+    pub action: Action,
+    pub headers: HeaderOps,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    pub case_sensitive: bool,
+    pub headers: Vec<HeaderMatch>,
+    pub query: Vec<QueryMatch>,
+    /// Only gRPC requests (`content-type: application/grpc...`).
+    pub grpc: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    /// `/a` matches `/a`, `/a/...`, `/a?...` but not `/ab`.
+    SeparatedPrefix(String),
+    Regex(#[serde(with = "regex_str")] Regex),
+}
+
+impl Default for PathMatch {
+    fn default() -> Self {
+        PathMatch::Prefix("/".into())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct HeaderMatch {
+    pub name: HeaderTarget,
+    pub value: ValueMatch,
+    pub invert: bool,
+}
+
+/// What a header matcher looks at: a header, or the `:method` pseudo-header.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeaderTarget {
+    Method,
+    Header(#[serde(with = "header_name_str")] HeaderName),
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueryMatch {
+    pub name: String,
+    pub value: ValueMatch,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueMatch {
+    Present(bool),
+    Str(StrMatch),
+}
+
+#[derive(Debug, Serialize)]
+pub struct StrMatch {
+    pub kind: StrKind,
+    pub ignore_case: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StrKind {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+    Regex(#[serde(with = "regex_str")] Regex),
+}
+
+impl StrMatch {
+    pub fn matches(&self, v: &str) -> bool {
+        let fold = |s: &str| {
+            if self.ignore_case {
+                s.to_ascii_lowercase()
+            } else {
+                s.to_string()
+            }
+        };
+        match &self.kind {
+            StrKind::Exact(want) if self.ignore_case => v.eq_ignore_ascii_case(want),
+            StrKind::Exact(want) => v == want,
+            StrKind::Prefix(p) => fold(v).starts_with(&fold(p)),
+            StrKind::Suffix(s) => fold(v).ends_with(&fold(s)),
+            StrKind::Contains(s) => fold(v).contains(&fold(s)),
+            StrKind::Regex(r) => r.is_match(v),
+        }
+    }
+}
+
+/// Header changes at one level (route config, virtual host, route, weighted cluster).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HeaderOps {
+    #[serde(with = "header_pairs")]
+    pub request_set: Vec<(HeaderName, HeaderValue)>,
+    #[serde(with = "header_pairs")]
+    pub request_add: Vec<(HeaderName, HeaderValue)>,
+    #[serde(with = "header_names")]
+    pub request_remove: Vec<HeaderName>,
+    #[serde(with = "header_pairs")]
+    pub response_set: Vec<(HeaderName, HeaderValue)>,
+    #[serde(with = "header_pairs")]
+    pub response_add: Vec<(HeaderName, HeaderValue)>,
+    #[serde(with = "header_names")]
+    pub response_remove: Vec<HeaderName>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.request_set.is_empty()
+            && self.request_add.is_empty()
+            && self.request_remove.is_empty()
+            && self.response_set.is_empty()
+            && self.response_add.is_empty()
+            && self.response_remove.is_empty()
+    }
+
+    pub fn apply_request(&self, h: &mut HeaderMap) {
+        apply(
+            h,
+            &self.request_remove,
+            &self.request_set,
+            &self.request_add,
+        );
+    }
+
+    pub fn apply_response(&self, h: &mut HeaderMap) {
+        apply(
+            h,
+            &self.response_remove,
+            &self.response_set,
+            &self.response_add,
+        );
+    }
+}
+
+fn apply(
+    h: &mut HeaderMap,
+    remove: &[HeaderName],
+    set: &[(HeaderName, HeaderValue)],
+    add: &[(HeaderName, HeaderValue)],
+) {
+    for name in remove {
+        h.remove(name);
+    }
+    for (name, value) in set {
+        h.insert(name.clone(), value.clone());
+    }
+    for (name, value) in add {
+        h.append(name.clone(), value.clone());
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Forward(Forward),
+    Redirect(Redirect),
+    Direct { status: u16, body: String },
+}
+
+#[derive(Debug, Serialize)]
+pub struct Forward {
+    pub backends: Vec<WeightedBackend>,
+    pub total_weight: u64,
+    /// Until the response headers arrive, across all tries; `None`: no limit.
+    #[serde(with = "opt_ms")]
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub mirrors: Vec<Mirror>,
+    pub prefix_rewrite: Option<String>,
+    /// What `prefix_rewrite` replaces: the route's path prefix.
+    pub matched_prefix: Option<String>,
+    #[serde(serialize_with = "regex_rewrite_str")]
+    pub regex_rewrite: Option<(Regex, String)>,
+    pub host_rewrite: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WeightedBackend {
+    pub cluster: String,
+    pub weight: u32,
+    pub headers: HeaderOps,
+    #[serde(skip)]
+    pub metrics: crate::metrics::BackendSlot,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Mirror {
+    pub cluster: String,
+    pub per_million: u32,
+}
+
+impl Forward {
+    /// The backend for a draw `r` in `0..total_weight`.
+    pub fn backend_at(&self, mut r: u64) -> Option<&WeightedBackend> {
+        for b in &self.backends {
+            if r < u64::from(b.weight) {
+                return Some(b);
+            }
+            r -= u64::from(b.weight);
+        }
+        None
+    }
+
+    /// Picks a backend in proportion to the weights.
+    pub fn pick(&self) -> Option<&WeightedBackend> {
+        match self.backends.as_slice() {
+            [only] => Some(only),
+            _ if self.total_weight == 0 => None,
+            _ => self.backend_at(rand::random_range(0..self.total_weight)),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    /// Retry any 5xx.
+    pub on_5xx: bool,
+    /// Retry 502, 503, 504.
+    pub on_gateway_error: bool,
+    pub on_connect_failure: bool,
+    pub on_reset: bool,
+    pub on_refused_stream: bool,
+    pub codes: Vec<u16>,
+    #[serde(with = "opt_ms")]
+    pub per_try_timeout: Option<Duration>,
+    #[serde(with = "ms")]
+    pub backoff_base: Duration,
+    #[serde(with = "ms")]
+    pub backoff_max: Duration,
+}
+
+impl RetryPolicy {
+    pub fn retries_status(&self, status: u16) -> bool {
+        (self.on_5xx && (500..600).contains(&status))
+            || (self.on_gateway_error && matches!(status, 502..=504))
+            || self.codes.contains(&status)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub prefix_rewrite: Option<String>,
+    pub status: u16,
+    /// The matched prefix (for a prefix rewrite of the redirect path).
+    pub matched_prefix: Option<String>,
+}
+
+/// What a request looks like to the matcher.
+#[derive(Debug)]
+pub struct RequestInfo<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+impl RouteTable {
+    pub fn new(name: String, vhosts: Vec<VirtualHost>, headers: HeaderOps) -> Self {
+        let mut t = RouteTable {
+            name,
+            vhosts,
+            headers,
+            exact: HashMap::new(),
+            suffixes: Vec::new(),
+            prefixes: Vec::new(),
+            wildcard: None,
+        };
+        for (i, vh) in t.vhosts.iter().enumerate() {
+            for d in &vh.domains {
+                let d = d.to_ascii_lowercase();
+                if d == "*" {
+                    t.wildcard.get_or_insert(i);
+                } else if let Some(s) = d.strip_prefix('*') {
+                    t.suffixes.push((s.to_string(), i));
+                } else if let Some(p) = d.strip_suffix('*') {
+                    t.prefixes.push((p.to_string(), i));
+                } else {
+                    t.exact.entry(d).or_insert(i);
+                }
+            }
+        }
+        // Longest first, so the first hit is the most specific.
+        t.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        t.prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        t
+    }
+
+    /// The virtual host for a `Host` value (any case, with or without port).
+    pub fn vhost(&self, host: &str) -> Option<&VirtualHost> {
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        let idx = self
+            .exact
+            .get(host)
+            .copied()
+            .or_else(|| {
+                self.suffixes
+                    .iter()
+                    .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
+                    .map(|(_, i)| *i)
+            })
+            .or(self.wildcard)?;
+        self.vhosts.get(idx)
+    }
+
+    /// The virtual host and the first route that matches.
+    pub fn find(&self, host: &str, req: &RequestInfo<'_>) -> Option<(&VirtualHost, &Route)> {
+        let vh = self.vhost(host)?;
+        vh.routes
+            .iter()
+            .find(|r| r.matcher.matches(req))
+            .map(|r| (vh, r))
+    }
+}
+
+impl RouteMatch {
+    pub fn matches(&self, req: &RequestInfo<'_>) -> bool {
+        self.path_matches(req.path)
+            && (!self.grpc || is_grpc(req.headers))
+            && self
+                .headers
+                .iter()
+                .all(|h| h.matches(req.headers, req.method))
+            && self.query.iter().all(|q| q.matches(req.query))
+    }
+
+    fn path_matches(&self, path: &str) -> bool {
+        // Byte-wise, so a prefix never splits a UTF-8 character.
+        let eq = |a: &[u8], b: &[u8]| {
+            if self.case_sensitive {
+                a == b
+            } else {
+                a.eq_ignore_ascii_case(b)
+            }
+        };
+        let path = path.as_bytes();
+        let starts = |p: &[u8]| path.len() >= p.len() && eq(&path[..p.len()], p);
+        match &self.path {
+            PathMatch::Prefix(p) => starts(p.as_bytes()),
+            PathMatch::Exact(p) => eq(path, p.as_bytes()),
+            PathMatch::SeparatedPrefix(p) => {
+                let p = p.as_bytes();
+                starts(p) && (path.len() == p.len() || path[p.len()] == b'/')
+            }
+            PathMatch::Regex(r) => std::str::from_utf8(path).is_ok_and(|s| r.is_match(s)),
+        }
+    }
+}
+
+pub fn is_grpc(h: &HeaderMap) -> bool {
+    h.get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+impl HeaderMatch {
+    fn matches(&self, headers: &HeaderMap, method: &Method) -> bool {
+        let joined;
+        let value: Option<&str> = match &self.name {
+            HeaderTarget::Method => Some(method.as_str()),
+            HeaderTarget::Header(name) => {
+                let mut values = headers.get_all(name).iter();
+                match (values.next(), values.next()) {
+                    (None, _) => None,
+                    (Some(v), None) => v.to_str().ok(),
+                    // Several values match as one, joined with commas (as Envoy does).
+                    (Some(_), Some(_)) => {
+                        joined = headers
+                            .get_all(name)
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        Some(joined.as_str())
+                    }
+                }
+            }
+        };
+        let hit = match (&self.value, value) {
+            (ValueMatch::Present(want), v) => v.is_some() == *want,
+            (ValueMatch::Str(_), None) => return false,
+            (ValueMatch::Str(m), Some(v)) => m.matches(v),
+        };
+        hit != self.invert
+    }
+}
+
+impl QueryMatch {
+    fn matches(&self, query: Option<&str>) -> bool {
+        let value = query.and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == self.name).then_some(v)
+            })
+        });
+        match (&self.value, value) {
+            (ValueMatch::Present(want), v) => v.is_some() == *want,
+            (ValueMatch::Str(_), None) => false,
+            (ValueMatch::Str(m), Some(v)) => m.matches(v),
+        }
+    }
+}
+
+// ---- serde helpers for /config_dump -------------------------------------------------------------
+
+mod regex_str {
+    pub fn serialize<S: serde::Serializer>(r: &regex::Regex, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(r.as_str())
+    }
+}
+
+mod header_name_str {
+    pub fn serialize<S: serde::Serializer>(h: &http::HeaderName, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(h.as_str())
+    }
+}
+
+mod header_pairs {
+    use serde::ser::SerializeSeq;
+
+    pub fn serialize<S: serde::Serializer>(
+        v: &[(http::HeaderName, http::HeaderValue)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for (k, val) in v {
+            seq.serialize_element(&(k.as_str(), String::from_utf8_lossy(val.as_bytes())))?;
+        }
+        seq.end()
+    }
+}
+
+mod header_names {
+    use serde::ser::SerializeSeq;
+
+    pub fn serialize<S: serde::Serializer>(
+        v: &[http::HeaderName],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for k in v {
+            seq.serialize_element(k.as_str())?;
+        }
+        seq.end()
+    }
+}
+
+mod opt_ms {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&format!("{}ms", d.as_millis())),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+fn regex_rewrite_str<S: serde::Serializer>(
+    v: &Option<(Regex, String)>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match v {
+        Some((r, sub)) => s.collect_seq([r.as_str(), sub.as_str()]),
+        None => s.serialize_none(),
+    }
+}
+
+#[cfg(test)]
+#[path = "route_tests.rs"]
+mod tests;

@@ -1,0 +1,298 @@
+use http::{HeaderMap, HeaderValue, Method};
+
+use super::*;
+
+fn str_exact(v: &str) -> ValueMatch {
+    ValueMatch::Str(StrMatch {
+        kind: StrKind::Exact(v.into()),
+        ignore_case: false,
+    })
+}
+
+fn route(name: &str, matcher: RouteMatch) -> Route {
+    Route {
+        name: name.into(),
+        matcher,
+        action: Action::Direct {
+            status: 200,
+            body: name.into(),
+        },
+        headers: HeaderOps::default(),
+    }
+}
+
+fn path(p: PathMatch) -> RouteMatch {
+    RouteMatch {
+        path: p,
+        case_sensitive: true,
+        ..Default::default()
+    }
+}
+
+fn table() -> RouteTable {
+    let routes = vec![
+        route("exact", path(PathMatch::Exact("/api".into()))),
+        route("segment", path(PathMatch::SeparatedPrefix("/v1".into()))),
+        route(
+            "regex",
+            path(PathMatch::Regex(
+                Regex::new("^(?:/items/[0-9]+)$").expect("regex"),
+            )),
+        ),
+        route(
+            "header",
+            RouteMatch {
+                headers: vec![HeaderMatch {
+                    name: HeaderTarget::Header(HeaderName::from_static("x-canary")),
+                    value: str_exact("yes"),
+                    invert: false,
+                }],
+                ..path(PathMatch::Prefix("/".into()))
+            },
+        ),
+        route(
+            "method-and-query",
+            RouteMatch {
+                headers: vec![HeaderMatch {
+                    name: HeaderTarget::Method,
+                    value: str_exact("POST"),
+                    invert: false,
+                }],
+                query: vec![QueryMatch {
+                    name: "debug".into(),
+                    value: str_exact("1"),
+                }],
+                ..path(PathMatch::Prefix("/".into()))
+            },
+        ),
+        route(
+            "not-internal",
+            RouteMatch {
+                headers: vec![HeaderMatch {
+                    name: HeaderTarget::Header(HeaderName::from_static("x-internal")),
+                    value: ValueMatch::Present(true),
+                    invert: true,
+                }],
+                ..path(PathMatch::Prefix("/public".into()))
+            },
+        ),
+        route(
+            "grpc",
+            RouteMatch {
+                grpc: true,
+                ..path(PathMatch::Prefix("/".into()))
+            },
+        ),
+        route(
+            "insensitive",
+            RouteMatch {
+                case_sensitive: false,
+                ..path(PathMatch::Prefix("/CASE".into()))
+            },
+        ),
+        route("default", path(PathMatch::Prefix("/".into()))),
+    ];
+    RouteTable::new(
+        "t".into(),
+        vec![
+            VirtualHost {
+                name: "reviews".into(),
+                domains: vec![
+                    "reviews".into(),
+                    "reviews:9080".into(),
+                    "*.reviews.svc".into(),
+                ],
+                routes,
+                headers: HeaderOps::default(),
+            },
+            VirtualHost {
+                name: "prefix".into(),
+                domains: vec!["api.*".into()],
+                routes: vec![route("api-any", path(PathMatch::Prefix("/".into())))],
+                headers: HeaderOps::default(),
+            },
+            VirtualHost {
+                name: "catch-all".into(),
+                domains: vec!["*".into()],
+                routes: vec![route("fallback", path(PathMatch::Prefix("/".into())))],
+                headers: HeaderOps::default(),
+            },
+        ],
+        HeaderOps::default(),
+    )
+}
+
+fn find(
+    t: &RouteTable,
+    host: &str,
+    method: Method,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> String {
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.append(
+            HeaderName::try_from(*k).expect("name"),
+            HeaderValue::from_str(v).expect("value"),
+        );
+    }
+    let (path, query) = match target.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (target, None),
+    };
+    let info = RequestInfo {
+        method: &method,
+        path,
+        query,
+        headers: &h,
+    };
+    t.find(host, &info)
+        .map(|(_, r)| r.name.clone())
+        .unwrap_or_else(|| "none".into())
+}
+
+/// Host, method, target, headers, the route that should match.
+type Case<'a> = (&'a str, Method, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn matching() {
+    let t = table();
+    let get = Method::GET;
+    let cases: &[Case] = &[
+        ("reviews", get.clone(), "/api", &[], "exact"),
+        ("reviews:9080", get.clone(), "/api/", &[], "default"),
+        ("REVIEWS:9080", get.clone(), "/api", &[], "exact"),
+        ("reviews", get.clone(), "/v1", &[], "segment"),
+        ("reviews", get.clone(), "/v1/x", &[], "segment"),
+        ("reviews", get.clone(), "/v10", &[], "default"),
+        ("reviews", get.clone(), "/items/42", &[], "regex"),
+        ("reviews", get.clone(), "/items/42x", &[], "default"),
+        (
+            "reviews",
+            get.clone(),
+            "/",
+            &[("x-canary", "yes")],
+            "header",
+        ),
+        (
+            "reviews",
+            get.clone(),
+            "/",
+            &[("x-canary", "no")],
+            "default",
+        ),
+        (
+            "reviews",
+            Method::POST,
+            "/?a=b&debug=1",
+            &[],
+            "method-and-query",
+        ),
+        ("reviews", Method::POST, "/?debug=2", &[], "default"),
+        ("reviews", get.clone(), "/?debug=1", &[], "default"),
+        ("reviews", get.clone(), "/public/x", &[], "not-internal"),
+        (
+            "reviews",
+            get.clone(),
+            "/public/x",
+            &[("x-internal", "1")],
+            "default",
+        ),
+        (
+            "reviews",
+            Method::POST,
+            "/pkg.Svc/Call",
+            &[("content-type", "application/grpc+proto")],
+            "grpc",
+        ),
+        ("reviews", get.clone(), "/case/x", &[], "insensitive"),
+        ("a.reviews.svc", get.clone(), "/api", &[], "exact"),
+        ("api.example.com", get.clone(), "/", &[], "api-any"),
+        ("elsewhere", get.clone(), "/", &[], "fallback"),
+        // A multi-byte character at the prefix boundary must not panic.
+        ("reviews", get.clone(), "/v\u{e9}", &[], "default"),
+    ];
+    for (host, method, target, headers, want) in cases {
+        assert_eq!(
+            find(&t, host, method.clone(), target, headers),
+            *want,
+            "{method} {host}{target} {headers:?}"
+        );
+    }
+}
+
+#[test]
+fn no_catch_all_means_no_route() {
+    let t = RouteTable::new(
+        "t".into(),
+        vec![VirtualHost {
+            name: "only".into(),
+            domains: vec!["only".into()],
+            routes: vec![route("r", path(PathMatch::Prefix("/".into())))],
+            headers: HeaderOps::default(),
+        }],
+        HeaderOps::default(),
+    );
+    assert_eq!(find(&t, "other", Method::GET, "/", &[]), "none");
+}
+
+#[test]
+fn string_matchers() {
+    let m = |kind, ignore_case| StrMatch { kind, ignore_case };
+    assert!(m(StrKind::Prefix("ab".into()), false).matches("abc"));
+    assert!(!m(StrKind::Prefix("AB".into()), false).matches("abc"));
+    assert!(m(StrKind::Prefix("AB".into()), true).matches("abc"));
+    assert!(m(StrKind::Suffix("bc".into()), false).matches("abc"));
+    assert!(m(StrKind::Contains("b".into()), false).matches("abc"));
+    assert!(m(StrKind::Exact("ABC".into()), true).matches("abc"));
+    assert!(!m(StrKind::Exact("ABC".into()), false).matches("abc"));
+}
+
+#[test]
+fn weighted_pick_follows_weights() {
+    let b = |cluster: &str, weight| WeightedBackend {
+        cluster: cluster.into(),
+        weight,
+        headers: HeaderOps::default(),
+        metrics: Default::default(),
+    };
+    let f = Forward {
+        backends: vec![b("v1", 90), b("zero", 0), b("v2", 10)],
+        total_weight: 100,
+        timeout: None,
+        retry: None,
+        mirrors: vec![],
+        prefix_rewrite: None,
+        matched_prefix: None,
+        regex_rewrite: None,
+        host_rewrite: None,
+    };
+    let at = |r| f.backend_at(r).map(|b| b.cluster.as_str());
+    assert_eq!(at(0), Some("v1"));
+    assert_eq!(at(89), Some("v1"));
+    assert_eq!(at(90), Some("v2"));
+    assert_eq!(at(99), Some("v2"));
+    assert_eq!(at(100), None);
+}
+
+#[test]
+fn header_ops_apply_in_order() {
+    let mut ops = HeaderOps::default();
+    ops.request_remove.push(HeaderName::from_static("x-drop"));
+    ops.request_set.push((
+        HeaderName::from_static("x-set"),
+        HeaderValue::from_static("new"),
+    ));
+    ops.request_add.push((
+        HeaderName::from_static("x-add"),
+        HeaderValue::from_static("2"),
+    ));
+    let mut h = HeaderMap::new();
+    h.insert("x-drop", HeaderValue::from_static("1"));
+    h.insert("x-set", HeaderValue::from_static("old"));
+    h.insert("x-add", HeaderValue::from_static("1"));
+    ops.apply_request(&mut h);
+    assert!(!h.contains_key("x-drop"));
+    assert_eq!(h["x-set"], "new");
+    assert_eq!(h.get_all("x-add").iter().count(), 2);
+}

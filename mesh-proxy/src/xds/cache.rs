@@ -1,0 +1,359 @@
+//! What the proxy holds of the control plane's resources, and how a response becomes a new
+//! snapshot. Pure: the client feeds it decoded responses and sends what it answers.
+//!
+//! A response is converted in full before anything changes, so a NACKed response leaves the
+//! running config as it was. A snapshot is published only when it is complete (every
+//! RouteConfiguration a listener names and the endpoints of every EDS cluster are here), so a
+//! new route never points at a cluster whose endpoints have not arrived.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use serde::Serialize;
+
+use crate::balance::EndpointSet;
+use crate::metrics::{BackendLabels, Metrics};
+use crate::state::convert::{self, ConvertError};
+use crate::state::{
+    Cluster, ClusterDef, ClusterKind, EndpointDef, ListenerConfig, NetworkFilter, RouteTable,
+    Snapshot,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Type {
+    Cluster,
+    Endpoint,
+    Listener,
+    Route,
+}
+
+impl Type {
+    pub const ALL: [Type; 4] = [Type::Cluster, Type::Endpoint, Type::Listener, Type::Route];
+
+    pub fn url(self) -> String {
+        match self {
+            Type::Cluster => PbCluster::type_url(),
+            Type::Endpoint => ClusterLoadAssignment::type_url(),
+            Type::Listener => Listener::type_url(),
+            Type::Route => RouteConfiguration::type_url(),
+        }
+    }
+
+    pub fn from_url(url: &str) -> Option<Type> {
+        Type::ALL.into_iter().find(|t| t.url() == url)
+    }
+
+    pub fn short(self) -> &'static str {
+        match self {
+            Type::Cluster => "CDS",
+            Type::Endpoint => "EDS",
+            Type::Listener => "LDS",
+            Type::Route => "RDS",
+        }
+    }
+
+    /// LDS and CDS are subscribed to as wildcards; RDS and EDS by name.
+    pub fn wildcard(self) -> bool {
+        matches!(self, Type::Cluster | Type::Listener)
+    }
+}
+
+/// One resource of a response: its name, version and encoded body.
+#[derive(Clone, Debug)]
+pub struct Incoming {
+    pub name: String,
+    pub version: String,
+    pub body: Any,
+}
+
+#[derive(Debug)]
+enum Converted {
+    Listener(Arc<ListenerConfig>),
+    Route(Arc<RouteTable>),
+    Cluster(ClusterDef),
+    Endpoints(Vec<EndpointDef>),
+}
+
+/// The name a resource carries inside itself (state-of-the-world responses have no other).
+pub fn resource_name(ty: Type, any: &Any) -> Result<String, String> {
+    let bytes = any.value.as_slice();
+    let name = match ty {
+        Type::Listener => Listener::decode(bytes).map(|l| l.name),
+        Type::Route => RouteConfiguration::decode(bytes).map(|r| r.name),
+        Type::Cluster => PbCluster::decode(bytes).map(|c| c.name),
+        Type::Endpoint => ClusterLoadAssignment::decode(bytes).map(|c| c.cluster_name),
+    };
+    name.map_err(|e| format!("cannot decode {}: {e}", any.type_url))
+}
+
+fn convert_one(ty: Type, r: &Incoming) -> Result<Converted, ConvertError> {
+    let bad = |e: prost::DecodeError| ConvertError {
+        kind: ty.short(),
+        name: r.name.clone(),
+        field: "resource".into(),
+        problem: format!("cannot decode: {e}"),
+    };
+    if r.body.type_url != ty.url() {
+        return Err(ConvertError {
+            kind: ty.short(),
+            name: r.name.clone(),
+            field: "resource.type_url".into(),
+            problem: format!("{} in a {} response", r.body.type_url, ty.short()),
+        });
+    }
+    let bytes = r.body.value.as_slice();
+    Ok(match ty {
+        Type::Listener => Converted::Listener(Arc::new(convert::listener(
+            &Listener::decode(bytes).map_err(bad)?,
+        )?)),
+        Type::Route => Converted::Route(Arc::new(convert::route_table(
+            &RouteConfiguration::decode(bytes).map_err(bad)?,
+        )?)),
+        Type::Cluster => {
+            Converted::Cluster(convert::cluster(&PbCluster::decode(bytes).map_err(bad)?)?)
+        }
+        Type::Endpoint => Converted::Endpoints(convert::endpoints(
+            &ClusterLoadAssignment::decode(bytes).map_err(bad)?,
+        )?),
+    })
+}
+
+#[derive(Debug, Default)]
+pub struct Cache {
+    versions: BTreeMap<Type, BTreeMap<String, String>>,
+    listeners: BTreeMap<String, Arc<ListenerConfig>>,
+    routes: imbl::HashMap<String, Arc<RouteTable>>,
+    cluster_defs: BTreeMap<String, ClusterDef>,
+    endpoints: HashMap<String, Vec<EndpointDef>>,
+    clusters: imbl::HashMap<String, Arc<Cluster>>,
+    /// Clusters whose definition or endpoints changed since the last assembly.
+    dirty: BTreeSet<String>,
+    received: BTreeSet<Type>,
+    generation: u64,
+    changed: bool,
+}
+
+impl Cache {
+    /// Versions held of one type, as `initial_resource_versions` on a new Delta stream.
+    pub fn versions(&self, ty: Type) -> HashMap<String, String> {
+        self.versions
+            .get(&ty)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn names(&self, ty: Type) -> BTreeSet<String> {
+        self.versions
+            .get(&ty)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Applies one response: `updated` resources, `removed` names. Nothing changes on error.
+    pub fn apply(
+        &mut self,
+        ty: Type,
+        updated: &[Incoming],
+        removed: &[String],
+    ) -> Result<(), ConvertError> {
+        let converted = updated
+            .iter()
+            .map(|r| convert_one(ty, r).map(|c| (r, c)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for name in removed {
+            let versions = self.versions.entry(ty).or_default();
+            if versions.remove(name).is_some() {
+                self.changed = true;
+            }
+            match ty {
+                Type::Listener => {
+                    self.listeners.remove(name);
+                }
+                Type::Route => {
+                    self.routes.remove(name);
+                }
+                Type::Cluster => {
+                    self.cluster_defs.remove(name);
+                    self.dirty.insert(name.clone());
+                }
+                Type::Endpoint => {
+                    self.endpoints.remove(name);
+                    self.mark_eds_dirty(name);
+                }
+            }
+        }
+        for (r, c) in converted {
+            let versions = self.versions.entry(ty).or_default();
+            versions.insert(r.name.clone(), r.version.clone());
+            self.changed = true;
+            match c {
+                Converted::Listener(l) => {
+                    self.listeners.insert(r.name.clone(), l);
+                }
+                Converted::Route(t) => {
+                    self.routes.insert(r.name.clone(), t);
+                }
+                Converted::Cluster(def) => {
+                    if self.cluster_defs.get(&r.name) != Some(&def) {
+                        self.dirty.insert(r.name.clone());
+                        self.cluster_defs.insert(r.name.clone(), def);
+                    }
+                }
+                Converted::Endpoints(eps) => {
+                    self.endpoints.insert(r.name.clone(), eps);
+                    self.mark_eds_dirty(&r.name);
+                }
+            }
+        }
+        self.received.insert(ty);
+        Ok(())
+    }
+
+    /// Drops resources no longer subscribed to (RDS and EDS names).
+    pub fn retain(&mut self, ty: Type, keep: &BTreeSet<String>) {
+        let gone: Vec<String> = self
+            .names(ty)
+            .into_iter()
+            .filter(|n| !keep.contains(n))
+            .collect();
+        if !gone.is_empty() {
+            // Cannot fail: nothing to convert.
+            let _ = self.apply(ty, &[], &gone);
+        }
+    }
+
+    /// State of the world for LDS and CDS: what the response does not name is gone.
+    pub fn full_state_removals(&self, ty: Type, present: &[Incoming]) -> Vec<String> {
+        let names: BTreeSet<&str> = present.iter().map(|r| r.name.as_str()).collect();
+        self.names(ty)
+            .into_iter()
+            .filter(|n| !names.contains(n.as_str()))
+            .collect()
+    }
+
+    fn mark_eds_dirty(&mut self, service: &str) {
+        for (name, def) in &self.cluster_defs {
+            if matches!(&def.kind, ClusterKind::Eds { service_name } if service_name == service) {
+                self.dirty.insert(name.clone());
+            }
+        }
+    }
+
+    /// RouteConfiguration names the listeners use.
+    pub fn wanted_routes(&self) -> BTreeSet<String> {
+        self.listeners
+            .values()
+            .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
+            .filter_map(|c| match &c.filter {
+                NetworkFilter::Http { route } => Some(route.clone()),
+                NetworkFilter::Tcp { .. } => None,
+            })
+            .collect()
+    }
+
+    /// EDS names the clusters use.
+    pub fn wanted_endpoints(&self) -> BTreeSet<String> {
+        self.cluster_defs
+            .values()
+            .filter_map(|d| match &d.kind {
+                ClusterKind::Eds { service_name } => Some(service_name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Whether every type arrived and everything referenced is here.
+    pub fn complete(&self) -> bool {
+        self.received.contains(&Type::Listener)
+            && self.received.contains(&Type::Cluster)
+            && self
+                .wanted_routes()
+                .iter()
+                .all(|r| self.routes.contains_key(r))
+            && self
+                .wanted_endpoints()
+                .iter()
+                .all(|e| self.endpoints.contains_key(e))
+    }
+
+    /// Whether anything changed since the last snapshot.
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
+    /// A snapshot of what is held now; clusters are rebuilt only where they changed, and keep
+    /// their endpoints' balancing state.
+    pub fn snapshot(&mut self, metrics: &Metrics) -> Snapshot {
+        for name in std::mem::take(&mut self.dirty) {
+            let Some(def) = self.cluster_defs.get(&name) else {
+                self.clusters.remove(&name);
+                continue;
+            };
+            let eps: &[EndpointDef] = match &def.kind {
+                ClusterKind::Eds { service_name } => self
+                    .endpoints
+                    .get(service_name)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+                ClusterKind::Static => &def.static_endpoints,
+                ClusterKind::OriginalDst => &[],
+            };
+            let budget = self
+                .clusters
+                .get(&name)
+                .map(|c| c.budget.clone())
+                .unwrap_or_default();
+            let set = match self.clusters.get(&name) {
+                Some(old)
+                    if old.endpoints.same_endpoints(eps)
+                        && old.endpoints.outlier() == &def.outlier =>
+                {
+                    old.endpoints.clone()
+                }
+                Some(old) => Arc::new(old.endpoints.update(eps, def.outlier.clone())),
+                None => Arc::new(EndpointSet::new(
+                    eps,
+                    def.outlier.clone(),
+                    metrics
+                        .ejections
+                        .get_or_create(&BackendLabels {
+                            backend: name.clone(),
+                        })
+                        .clone(),
+                )),
+            };
+            self.clusters.insert(
+                name.clone(),
+                Arc::new(Cluster {
+                    name: name.clone(),
+                    kind: def.kind.clone(),
+                    protocol: def.protocol,
+                    connect_timeout: def.connect_timeout,
+                    outlier: def.outlier.clone(),
+                    max_requests: def.max_requests,
+                    endpoints: set,
+                    budget,
+                    dynamic: Default::default(),
+                }),
+            );
+        }
+        self.generation += 1;
+        self.changed = false;
+        Snapshot {
+            generation: self.generation,
+            listeners: self.listeners.clone(),
+            routes: self.routes.clone(),
+            clusters: self.clusters.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "cache_tests.rs"]
+mod tests;

@@ -1,0 +1,561 @@
+//! The ADS stream: requests out, responses into the [`Cache`], snapshots into the [`Store`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::core::v3::{Node, node};
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::{Struct, Value, value};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use futures::channel::mpsc;
+use mesh_api::consts::node_metadata;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+use super::cache::{Cache, Incoming, Type, resource_name};
+use crate::config::{Config, XdsApi};
+use crate::metrics::{Metrics, XdsLabels};
+use crate::state::Store;
+
+/// Jittered exponential backoff: about 10 ms, doubling to a 15 s cap; each wait is drawn from
+/// the upper half of the current step so proxies restarted together spread out.
+#[derive(Debug)]
+pub struct Backoff {
+    step: Duration,
+    base: Duration,
+    cap: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(10), Duration::from_secs(15))
+    }
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            step: base,
+            base,
+            cap,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.step;
+        self.step = (step * 2).min(self.cap);
+        step.mul_f64(rand::random_range(0.5..=1.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.step = self.base;
+    }
+}
+
+/// Per type: what was last applied or refused, for `/config_dump`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TypeStatus {
+    pub acks: u64,
+    pub nacks: u64,
+    pub last_nack: Option<String>,
+    pub resources: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct XdsStatus {
+    pub connected: bool,
+    pub streams_opened: u64,
+    pub last_stream_error: Option<String>,
+    pub types: BTreeMap<&'static str, TypeStatus>,
+}
+
+/// Where this proxy's listeners are, for the node metadata.
+#[derive(Clone, Debug)]
+pub struct ListenerPorts {
+    pub transparent: bool,
+    pub outbound_http: SocketAddr,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+}
+
+#[derive(Debug)]
+pub struct XdsClient {
+    addr: String,
+    api: XdsApi,
+    node: Node,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    pub status: Arc<Mutex<XdsStatus>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("xDS address {0:?} is not host:port")]
+    Address(String),
+    #[error("stream: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("the controller closed the stream")]
+    Closed,
+}
+
+fn string_value(s: String) -> Value {
+    Value {
+        kind: Some(value::Kind::StringValue(s)),
+    }
+}
+
+/// How long an incomplete config may wait for the rest before it is served anyway.
+const WARMING_LIMIT: Duration = Duration::from_secs(1);
+
+impl XdsClient {
+    pub fn new(
+        config: &Config,
+        ports: &ListenerPorts,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let fields = [
+            (node_metadata::TRANSPARENT, ports.transparent.to_string()),
+            (
+                node_metadata::OUTBOUND_HTTP_ADDR,
+                ports.outbound_http.to_string(),
+            ),
+            (
+                node_metadata::OUTBOUND_PORT,
+                ports.outbound_port.to_string(),
+            ),
+            (node_metadata::INBOUND_PORT, ports.inbound_port.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), string_value(v)))
+        .collect();
+        let node = Node {
+            id: config.node.clone(),
+            cluster: config
+                .node
+                .split('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            metadata: Some(Struct { fields }),
+            user_agent_name: "mesh-proxy".into(),
+            user_agent_version_type: Some(node::UserAgentVersionType::UserAgentVersion(
+                env!("CARGO_PKG_VERSION").into(),
+            )),
+            ..Default::default()
+        };
+        Self {
+            addr: config.xds.clone(),
+            api: config.xds_api,
+            node,
+            store,
+            metrics,
+            status: Arc::default(),
+        }
+    }
+
+    /// Runs until the task is dropped.
+    pub async fn run(self) {
+        let mut cache = Cache::default();
+        let mut publisher = Publisher::default();
+        let mut backoff = Backoff::default();
+        loop {
+            if let Ok(mut s) = self.status.lock() {
+                s.streams_opened += 1;
+            }
+            let mut got_response = false;
+            let result = match self.api {
+                XdsApi::Delta => {
+                    self.delta(&mut cache, &mut publisher, &mut got_response)
+                        .await
+                }
+                XdsApi::Sotw => {
+                    self.sotw(&mut cache, &mut publisher, &mut got_response)
+                        .await
+                }
+            };
+            self.metrics.xds_connected.set(0);
+            let err = match result {
+                Ok(()) => StreamError::Closed,
+                Err(e) => e,
+            };
+            if let Ok(mut s) = self.status.lock() {
+                s.connected = false;
+                s.last_stream_error = Some(err.to_string());
+            }
+            if got_response {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            warn!(error = %err, retry_ms = delay.as_millis() as u64, "xDS stream down; serving the last good config");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, StreamError> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
+            .map_err(|_| StreamError::Address(self.addr.clone()))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        endpoint
+            .connect()
+            .await
+            .map_err(|source| StreamError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })
+    }
+
+    fn connected(&self) {
+        self.metrics.xds_connected.set(1);
+        if let Ok(mut s) = self.status.lock() {
+            s.connected = true;
+        }
+        info!(controller = %self.addr, api = ?self.api, "xDS stream open");
+    }
+
+    fn record(&self, ty: Type, cache: &Cache, result: &Result<(), String>) {
+        let label = if result.is_ok() { "ack" } else { "nack" };
+        self.metrics
+            .xds_updates
+            .get_or_create(&XdsLabels {
+                xds_type: ty.short(),
+                result: label,
+            })
+            .inc();
+        if let Ok(mut s) = self.status.lock() {
+            let t = s.types.entry(ty.short()).or_default();
+            t.resources = cache.names(ty).len();
+            match result {
+                Ok(()) => t.acks += 1,
+                Err(e) => {
+                    t.nacks += 1;
+                    t.last_nack = Some(e.clone());
+                }
+            }
+        }
+        if let Err(e) = result {
+            warn!(xds_type = ty.short(), error = %e, "NACK");
+        }
+    }
+
+    async fn delta(
+        &self,
+        cache: &mut Cache,
+        publisher: &mut Publisher,
+        got_response: &mut bool,
+    ) -> Result<(), StreamError> {
+        let channel = self.channel().await?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024);
+        let (tx, rx) = mpsc::unbounded::<DeltaDiscoveryRequest>();
+        let mut subs: BTreeMap<Type, BTreeSet<String>> = BTreeMap::new();
+        // CDS before LDS, as Envoy does, so clusters are known when routes name them.
+        for ty in [Type::Cluster, Type::Listener] {
+            let _ = tx.unbounded_send(DeltaDiscoveryRequest {
+                node: Some(self.node.clone()),
+                type_url: ty.url(),
+                initial_resource_versions: cache.versions(ty),
+                ..Default::default()
+            });
+        }
+        for (ty, wanted) in [
+            (Type::Endpoint, cache.wanted_endpoints()),
+            (Type::Route, cache.wanted_routes()),
+        ] {
+            if !wanted.is_empty() {
+                let versions = cache.versions(ty);
+                let _ = tx.unbounded_send(DeltaDiscoveryRequest {
+                    node: Some(self.node.clone()),
+                    type_url: ty.url(),
+                    resource_names_subscribe: wanted.iter().cloned().collect(),
+                    initial_resource_versions: versions
+                        .into_iter()
+                        .filter(|(k, _)| wanted.contains(k))
+                        .collect(),
+                    ..Default::default()
+                });
+                subs.insert(ty, wanted);
+            }
+        }
+        let mut inbound = client.delta_aggregated_resources(rx).await?.into_inner();
+        self.connected();
+        loop {
+            let resp: DeltaDiscoveryResponse = tokio::select! {
+                msg = inbound.message() => match msg? {
+                    Some(r) => r,
+                    None => return Ok(()),
+                },
+                () = publisher.wait() => {
+                    publisher.expire(cache, &self.store, &self.metrics);
+                    continue;
+                }
+            };
+            *got_response = true;
+            let Some(ty) = Type::from_url(&resp.type_url) else {
+                let _ = tx.unbounded_send(DeltaDiscoveryRequest {
+                    type_url: resp.type_url.clone(),
+                    response_nonce: resp.nonce,
+                    error_detail: Some(nack(format!("type {} is not supported", resp.type_url))),
+                    ..Default::default()
+                });
+                continue;
+            };
+            let mut removed = resp.removed_resources.clone();
+            let mut updated = Vec::with_capacity(resp.resources.len());
+            for r in resp.resources {
+                match r.resource {
+                    Some(body) => updated.push(Incoming {
+                        name: r.name,
+                        version: r.version,
+                        body,
+                    }),
+                    None => removed.push(r.name),
+                }
+            }
+            debug!(
+                xds_type = ty.short(),
+                updated = updated.len(),
+                removed = removed.len(),
+                "delta response"
+            );
+            let result = cache
+                .apply(ty, &updated, &removed)
+                .map_err(|e| e.to_string());
+            self.record(ty, cache, &result);
+            let _ = tx.unbounded_send(DeltaDiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                error_detail: result.err().map(nack),
+                ..Default::default()
+            });
+            for (ty, wanted) in [
+                (Type::Endpoint, cache.wanted_endpoints()),
+                (Type::Route, cache.wanted_routes()),
+            ] {
+                let had = subs.entry(ty).or_default();
+                if *had == wanted {
+                    continue;
+                }
+                let subscribe: Vec<String> = wanted.difference(had).cloned().collect();
+                let unsubscribe: Vec<String> = had.difference(&wanted).cloned().collect();
+                let _ = tx.unbounded_send(DeltaDiscoveryRequest {
+                    node: Some(self.node.clone()),
+                    type_url: ty.url(),
+                    resource_names_subscribe: subscribe,
+                    resource_names_unsubscribe: unsubscribe,
+                    ..Default::default()
+                });
+                cache.retain(ty, &wanted);
+                *had = wanted;
+            }
+            publisher.offer(cache, &self.store, &self.metrics);
+        }
+    }
+
+    async fn sotw(
+        &self,
+        cache: &mut Cache,
+        publisher: &mut Publisher,
+        got_response: &mut bool,
+    ) -> Result<(), StreamError> {
+        let channel = self.channel().await?;
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(256 * 1024 * 1024);
+        let (tx, rx) = mpsc::unbounded::<DiscoveryRequest>();
+        #[derive(Default)]
+        struct TypeState {
+            version: String,
+            nonce: String,
+            names: BTreeSet<String>,
+        }
+        let mut state: BTreeMap<Type, TypeState> = BTreeMap::new();
+        for ty in [Type::Cluster, Type::Listener] {
+            let _ = tx.unbounded_send(DiscoveryRequest {
+                node: Some(self.node.clone()),
+                type_url: ty.url(),
+                ..Default::default()
+            });
+        }
+        for (ty, wanted) in [
+            (Type::Endpoint, cache.wanted_endpoints()),
+            (Type::Route, cache.wanted_routes()),
+        ] {
+            if !wanted.is_empty() {
+                let _ = tx.unbounded_send(DiscoveryRequest {
+                    node: Some(self.node.clone()),
+                    type_url: ty.url(),
+                    resource_names: wanted.iter().cloned().collect(),
+                    ..Default::default()
+                });
+                state.entry(ty).or_default().names = wanted;
+            }
+        }
+        let mut inbound = client.stream_aggregated_resources(rx).await?.into_inner();
+        self.connected();
+        loop {
+            let resp: DiscoveryResponse = tokio::select! {
+                msg = inbound.message() => match msg? {
+                    Some(r) => r,
+                    None => return Ok(()),
+                },
+                () = publisher.wait() => {
+                    publisher.expire(cache, &self.store, &self.metrics);
+                    continue;
+                }
+            };
+            *got_response = true;
+            let Some(ty) = Type::from_url(&resp.type_url) else {
+                let _ = tx.unbounded_send(DiscoveryRequest {
+                    type_url: resp.type_url.clone(),
+                    response_nonce: resp.nonce,
+                    error_detail: Some(nack(format!("type {} is not supported", resp.type_url))),
+                    ..Default::default()
+                });
+                continue;
+            };
+            let mut updated = Vec::with_capacity(resp.resources.len());
+            let mut decode_error = None;
+            for body in resp.resources {
+                match resource_name(ty, &body) {
+                    Ok(name) => updated.push(Incoming {
+                        name,
+                        version: resp.version_info.clone(),
+                        body,
+                    }),
+                    Err(e) => decode_error = Some(e),
+                }
+            }
+            let result = match decode_error {
+                Some(e) => Err(e),
+                None => {
+                    let removed = if ty.wildcard() {
+                        cache.full_state_removals(ty, &updated)
+                    } else {
+                        Vec::new()
+                    };
+                    cache
+                        .apply(ty, &updated, &removed)
+                        .map_err(|e| e.to_string())
+                }
+            };
+            self.record(ty, cache, &result);
+            let st = state.entry(ty).or_default();
+            st.nonce = resp.nonce.clone();
+            if result.is_ok() {
+                st.version = resp.version_info.clone();
+            }
+            let _ = tx.unbounded_send(DiscoveryRequest {
+                version_info: st.version.clone(),
+                resource_names: st.names.iter().cloned().collect(),
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                error_detail: result.err().map(nack),
+                ..Default::default()
+            });
+            for (ty, wanted) in [
+                (Type::Endpoint, cache.wanted_endpoints()),
+                (Type::Route, cache.wanted_routes()),
+            ] {
+                let st = state.entry(ty).or_default();
+                if st.names == wanted {
+                    continue;
+                }
+                let _ = tx.unbounded_send(DiscoveryRequest {
+                    node: Some(self.node.clone()),
+                    version_info: st.version.clone(),
+                    resource_names: wanted.iter().cloned().collect(),
+                    type_url: ty.url(),
+                    response_nonce: st.nonce.clone(),
+                    ..Default::default()
+                });
+                cache.retain(ty, &wanted);
+                st.names = wanted;
+            }
+            publisher.offer(cache, &self.store, &self.metrics);
+        }
+    }
+}
+
+fn nack(message: String) -> RpcStatus {
+    RpcStatus {
+        // INVALID_ARGUMENT
+        code: 3,
+        message,
+        details: Vec::new(),
+    }
+}
+
+/// Decides when the cache becomes the running snapshot.
+#[derive(Debug, Default)]
+struct Publisher {
+    published: bool,
+    incomplete_since: Option<Instant>,
+}
+
+impl Publisher {
+    fn publish(&mut self, cache: &mut Cache, store: &Store, metrics: &Metrics) {
+        let snapshot = cache.snapshot(metrics);
+        metrics.config_generation.set(snapshot.generation as i64);
+        debug!(generation = snapshot.generation, "config published");
+        store.publish(snapshot);
+        self.published = true;
+        self.incomplete_since = None;
+    }
+
+    fn offer(&mut self, cache: &mut Cache, store: &Store, metrics: &Metrics) {
+        if !cache.changed() {
+            return;
+        }
+        if cache.complete() {
+            self.publish(cache, store, metrics);
+        } else if self.published && self.incomplete_since.is_none() {
+            self.incomplete_since = Some(Instant::now());
+        }
+    }
+
+    /// Resolves when an incomplete update has waited long enough.
+    async fn wait(&self) {
+        match self.incomplete_since {
+            Some(at) => tokio::time::sleep_until((at + WARMING_LIMIT).into()).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn expire(&mut self, cache: &mut Cache, store: &Store, metrics: &Metrics) {
+        warn!("serving a config with missing routes or endpoints after waiting for them");
+        self.publish(cache, store, metrics);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_to_a_cap() {
+        let mut b = Backoff::default();
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(5) && first <= Duration::from_millis(10));
+        let mut last = Duration::ZERO;
+        for _ in 0..20 {
+            last = b.next_delay();
+        }
+        assert!(last >= Duration::from_millis(7500) && last <= Duration::from_secs(15));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(10));
+    }
+}
