@@ -2,6 +2,7 @@
 //! that talks through a proxy, and helpers to find and run peers (Envoy, Python gRPC).
 
 pub mod mesh;
+pub mod servers;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,6 +47,52 @@ pub fn peer(env_var: &str, name: &str) -> Option<PathBuf> {
         path.display()
     );
     None
+}
+
+/// Finds a system program on `PATH` (curl, h2load); skipped or failing like [`peer`].
+pub fn system_peer(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_some() {
+        return found;
+    }
+    assert!(
+        std::env::var_os("MESH_REQUIRE_PEERS").is_none(),
+        "{name} not found on PATH (scripts/install-peers installs it)"
+    );
+    eprintln!("SKIPPED: {name} not found on PATH; run scripts/test which installs it");
+    None
+}
+
+/// Runs a program to completion with a deadline; returns stdout, stderr and success.
+pub async fn run_peer(
+    program: &Path,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    timeout: Duration,
+) -> anyhow::Result<(String, String, bool)> {
+    let mut cmd = Command::new(program);
+    cmd.args(args).kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(timeout, cmd.output())
+        .await
+        .with_context(|| {
+            format!(
+                "{} {args:?} did not finish in {timeout:?}",
+                program.display()
+            )
+        })?
+        .with_context(|| format!("running {}", program.display()))?;
+    Ok((
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    ))
 }
 
 /// A port free right now on 127.0.0.1.

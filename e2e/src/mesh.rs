@@ -92,3 +92,100 @@ pub fn weights(s: &Snapshot, route: &str, vhost: &str) -> Vec<(String, u32)> {
         .flat_map(|f| f.backends.iter().map(|b| (b.cluster.clone(), b.weight)))
         .collect()
 }
+
+/// A client pod and a server pod, each with a transparent proxy, run without iptables: the
+/// client proxy treats every outbound connection as sent to the Service's VIP:80, the server
+/// proxy every inbound one as sent to the app's port, and the EndpointSlice lists the server
+/// proxy's inbound listener. Traffic crosses both proxies as it would between two pods.
+#[derive(Debug)]
+pub struct SidecarPair {
+    pub client: Proxy,
+    pub server: Proxy,
+    /// Where the app in the client pod connects (its proxy's outbound listener).
+    pub outbound: std::net::SocketAddr,
+}
+
+/// The Service VIP and port [`SidecarPair`] uses.
+pub const PAIR_VIP: &str = "10.96.1.1";
+
+impl LocalMesh {
+    /// Service `echo` (port 80 named `port_name`, with `app_protocol` if given) in front of one
+    /// pod whose app listens on `127.0.0.1:<app_port>`.
+    pub async fn sidecar_pair(
+        &self,
+        port_name: &str,
+        app_protocol: Option<&str>,
+        app_port: u16,
+    ) -> anyhow::Result<SidecarPair> {
+        let vip: std::net::SocketAddr = format!("{PAIR_VIP}:80").parse()?;
+        let app: std::net::SocketAddr = format!("127.0.0.1:{app_port}").parse()?;
+        let mut sc = self.proxy_config("default/echo-0");
+        sc.transparent = true;
+        sc.inbound_orig_dst = Some(app);
+        let server = self.proxy(sc).await?;
+        let inbound = server
+            .inbound_addr
+            .context("server proxy has an inbound listener")?;
+        let app_protocol = app_protocol
+            .map(|p| format!(", appProtocol: {p}"))
+            .unwrap_or_default();
+        self.write(
+            "echo.yaml",
+            &format!(
+                "apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec:
+  clusterIP: {PAIR_VIP}
+  selector: {{app: echo}}
+  ports: [{{name: {port_name}, port: 80, targetPort: {app_port}, protocol: TCP{app_protocol}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: echo-0, namespace: default, labels: {{app: echo}}}}
+spec: {{containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
+status: {{podIP: 127.0.0.1}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}
+addressType: IPv4
+ports: [{{name: {port_name}, port: {}, protocol: TCP}}]
+endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: echo-0, namespace: default}}}}]
+",
+                inbound.port()
+            ),
+        )?;
+        let mut cc = self.proxy_config("default/client-0");
+        cc.transparent = true;
+        cc.outbound_orig_dst = Some(vip);
+        let client = self.proxy(cc).await?;
+        let outbound = client
+            .outbound_addr
+            .context("client proxy has an outbound listener")?;
+        wait_config(
+            &client,
+            "the client proxy to know echo's VIP and endpoint",
+            |s| {
+                s.listeners
+                    .get(mesh_api::consts::xds::OUTBOUND_LISTENER)
+                    .is_some_and(|l| l.chains.iter().any(|c| c.port == Some(80)))
+                    && s.clusters
+                        .values()
+                        .any(|c| c.name.contains("echo.default") && !c.endpoints.is_empty())
+            },
+        )
+        .await?;
+        wait_config(&server, "the server proxy to know its inbound port", |s| {
+            s.listeners
+                .get(mesh_api::consts::xds::INBOUND_LISTENER)
+                .is_some_and(|l| l.chains.iter().any(|c| c.port == Some(app_port)))
+        })
+        .await?;
+        Ok(SidecarPair {
+            client,
+            server,
+            outbound,
+        })
+    }
+}

@@ -1247,31 +1247,48 @@ fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSetti
                 ),
             ),
         );
-        let filter = if protocol == Protocol::Tcp {
-            tcp_filter(&cluster, &cluster)
-        } else {
-            let rc = RouteConfiguration {
+        let matching = |app: Vec<String>| FilterChainMatch {
+            destination_port: u32v(u32::from(port)),
+            application_protocols: app,
+            ..Default::default()
+        };
+        let tcp = FilterChain {
+            name: format!("{route}/tcp"),
+            filter_chain_match: Some(matching(vec![])),
+            filters: vec![tcp_filter(&cluster, &cluster)],
+            ..Default::default()
+        };
+        if protocol == Protocol::Tcp {
+            chains.push(tcp);
+            continue;
+        }
+        let rc = RouteConfiguration {
+            name: route.clone(),
+            virtual_hosts: vec![VirtualHost {
                 name: route.clone(),
-                virtual_hosts: vec![VirtualHost {
-                    name: route.clone(),
-                    domains: vec!["*".into()],
-                    routes: envoy_routes(&[], &cluster),
-                    ..Default::default()
-                }],
+                domains: vec!["*".into()],
+                routes: envoy_routes(&[], &cluster),
                 ..Default::default()
-            };
-            out.insert(ResourceType::Route, Resource::new(&route, &rc));
-            hcm_filter(&cluster, &route)
+            }],
+            ..Default::default()
+        };
+        out.insert(ResourceType::Route, Resource::new(&route, &rc));
+        // Undeclared: HTTP when http_inspector sees it, else opaque, so a
+        // server-speaks-first protocol is passed through rather than parsed as HTTP.
+        let app = if protocol == Protocol::Unknown {
+            vec!["http/1.1".into(), "h2c".into()]
+        } else {
+            vec![]
         };
         chains.push(FilterChain {
-            name: route,
-            filter_chain_match: Some(FilterChainMatch {
-                destination_port: u32v(u32::from(port)),
-                ..Default::default()
-            }),
-            filters: vec![filter],
+            name: route.clone(),
+            filter_chain_match: Some(matching(app)),
+            filters: vec![hcm_filter(&cluster, &route)],
             ..Default::default()
         });
+        if protocol == Protocol::Unknown {
+            chains.push(tcp);
+        }
     }
     let listener = Listener {
         name: names::INBOUND_LISTENER.into(),
@@ -1279,10 +1296,10 @@ fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSetti
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             settings.inbound_port,
         )),
-        listener_filters: vec![listener_filter(
-            "envoy.filters.listener.original_dst",
-            &OriginalDst {},
-        )],
+        listener_filters: vec![
+            listener_filter("envoy.filters.listener.original_dst", &OriginalDst {}),
+            listener_filter("envoy.filters.listener.http_inspector", &HttpInspector {}),
+        ],
         filter_chains: chains,
         default_filter_chain: Some(FilterChain {
             name: names::PASSTHROUGH_CLUSTER.into(),

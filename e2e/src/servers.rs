@@ -1,0 +1,194 @@
+//! Backends for proxy tests: an HTTP/1.1 + h2c echo server that can be told to fail or be
+//! stopped and restarted on the same address, and small TCP servers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// An HTTP server (HTTP/1.1 and h2c) answering with its name, or echoing a request body.
+/// Response headers tell what it saw: `x-backend`, `x-seen-version`, `x-seen-host`,
+/// `x-seen-path`.
+#[derive(Debug)]
+pub struct EchoServer {
+    pub name: String,
+    pub addr: SocketAddr,
+    hits: Arc<AtomicU64>,
+    /// Answer 503 to every n-th request (0: never).
+    fail_every: Arc<AtomicU64>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+        let mut s = Self {
+            name: name.to_string(),
+            addr,
+            hits: Arc::default(),
+            fail_every: Arc::default(),
+            task: None,
+        };
+        s.listen().await?;
+        Ok(s)
+    }
+
+    async fn listen(&mut self) -> anyhow::Result<()> {
+        let listener = TcpListener::bind(self.addr).await?;
+        self.addr = listener.local_addr()?;
+        let (name, hits, fail) = (
+            self.name.clone(),
+            self.hits.clone(),
+            self.fail_every.clone(),
+        );
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (name, hits, fail) = (name.clone(), hits.clone(), fail.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
+                        let every = fail.load(Ordering::Relaxed);
+                        let name = name.clone();
+                        async move {
+                            let version = format!("{:?}", req.version());
+                            let host = req
+                                .uri()
+                                .authority()
+                                .map(|a| a.to_string())
+                                .or_else(|| {
+                                    req.headers()
+                                        .get("host")
+                                        .and_then(|h| h.to_str().ok())
+                                        .map(str::to_string)
+                                })
+                                .unwrap_or_default();
+                            let path = req.uri().path().to_string();
+                            let body = match req.into_body().collect().await {
+                                Ok(b) => b.to_bytes(),
+                                Err(e) => Bytes::from(format!("body error: {e}")),
+                            };
+                            let status = if every > 0 && n.is_multiple_of(every) {
+                                503
+                            } else {
+                                200
+                            };
+                            let out = if body.is_empty() {
+                                Bytes::from(name.clone())
+                            } else {
+                                body
+                            };
+                            let mut resp = hyper::Response::new(Full::new(out));
+                            *resp.status_mut() = hyper::StatusCode::from_u16(status)
+                                .unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+                            let h = resp.headers_mut();
+                            for (k, v) in [
+                                ("x-backend", name),
+                                ("x-seen-version", version),
+                                ("x-seen-host", host),
+                                ("x-seen-path", path),
+                            ] {
+                                if let Ok(v) = hyper::header::HeaderValue::from_str(&v) {
+                                    h.insert(k, v);
+                                }
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }));
+        Ok(())
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Answer 503 to every `n`-th request from now on (0: never).
+    pub fn fail_every(&self, n: u64) {
+        self.fail_every.store(n, Ordering::Relaxed);
+    }
+
+    /// Stops listening and drops every open connection: the endpoint stops answering.
+    pub fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Listens again on the same address.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.listen().await
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A TCP server that reads until the client half-closes, then sends back what it read,
+/// prefixed, and closes.
+pub async fn tcp_echo_after_eof(
+    prefix: &'static str,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if s.read_to_end(&mut buf).await.is_ok() {
+                    let _ = s.write_all(prefix.as_bytes()).await;
+                    let _ = s.write_all(&buf).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+/// A server-speaks-first TCP server (like MySQL or SMTP): greets each client at once, then
+/// echoes lines.
+pub async fn greeting_server(
+    greeting: &'static str,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if s.write_all(greeting.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
