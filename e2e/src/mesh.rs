@@ -189,3 +189,120 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: 
         })
     }
 }
+
+/// A controller on its own runtime, so that killing it drops every task and socket it has at
+/// once, as a crashed process would.
+#[derive(Debug)]
+pub struct KillableController {
+    pub xds_addr: std::net::SocketAddr,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl KillableController {
+    /// Starts on `xds_addr` (port 0: any) watching `config_dir`.
+    pub fn start(
+        config_dir: &std::path::Path,
+        xds_addr: std::net::SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let mut config = mesh_controller::config::Config::local(config_dir);
+        config.xds_addr = xds_addr;
+        let (tx, rx) = std::sync::mpsc::channel();
+        rt.spawn(async move {
+            match Controller::start(config).await {
+                Ok(c) => {
+                    let _ = tx.send(Ok(c.xds_addr));
+                    // Keep it running until the runtime goes.
+                    std::future::pending::<()>().await;
+                    drop(c);
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::anyhow!("{e}")));
+                }
+            }
+        });
+        let xds_addr = rx.recv_timeout(Duration::from_secs(20))??;
+        Ok(Self {
+            xds_addr,
+            rt: Some(rt),
+        })
+    }
+
+    /// Drops everything at once: listener, streams, tasks.
+    pub fn kill(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for KillableController {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Open-loop load at a fixed rate through an explicit HTTP proxy, counting outcomes.
+#[derive(Debug)]
+pub struct Load {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<std::collections::BTreeMap<String, u64>>>,
+}
+
+impl Load {
+    /// `rate` requests per second spread over `workers` connections, `GET http://<host>/`.
+    pub fn start(proxy: std::net::SocketAddr, host: &str, rate: u32, workers: u32) -> Self {
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let period = Duration::from_secs_f64(f64::from(workers) / f64::from(rate));
+        let tasks = (0..workers)
+            .map(|i| {
+                let (host, rx) = (host.to_string(), rx.clone());
+                tokio::spawn(async move {
+                    let mut out = std::collections::BTreeMap::new();
+                    let mut client = crate::ProxyClient::new(proxy);
+                    // Stagger the workers over one period.
+                    tokio::time::sleep(period.mul_f64(f64::from(i) / f64::from(workers))).await;
+                    let mut tick = tokio::time::interval(period);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                    while !*rx.borrow() {
+                        tick.tick().await;
+                        let key = match client.get(&host, "/", &[]).await {
+                            Ok((200, body)) => body,
+                            Ok((status, body)) => format!("status {status}: {}", body.trim()),
+                            Err(e) => format!("error: {e}"),
+                        };
+                        *out.entry(key).or_insert(0) += 1;
+                    }
+                    out
+                })
+            })
+            .collect();
+        Self { stop, tasks }
+    }
+
+    /// Stops and returns the count of each outcome (a backend's name, or the failure).
+    pub async fn finish(self) -> std::collections::BTreeMap<String, u64> {
+        self.stop.send_replace(true);
+        let mut all = std::collections::BTreeMap::new();
+        for t in self.tasks {
+            if let Ok(m) = t.await {
+                for (k, v) in m {
+                    *all.entry(k).or_insert(0) += v;
+                }
+            }
+        }
+        all
+    }
+}
+
+/// Outcomes that are not a backend's name.
+pub fn failures(outcomes: &std::collections::BTreeMap<String, u64>) -> u64 {
+    outcomes
+        .iter()
+        .filter(|(k, _)| k.starts_with("status ") || k.starts_with("error"))
+        .map(|(_, v)| v)
+        .sum()
+}

@@ -21,8 +21,10 @@ pub struct EchoServer {
     pub name: String,
     pub addr: SocketAddr,
     hits: Arc<AtomicU64>,
-    /// Answer 503 to every n-th request (0: never).
+    /// Answer 503 to the first request and every n-th after it (0: never).
     fail_every: Arc<AtomicU64>,
+    /// Wait this many microseconds before answering.
+    delay_us: Arc<AtomicU64>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -37,6 +39,7 @@ impl EchoServer {
             addr,
             hits: Arc::default(),
             fail_every: Arc::default(),
+            delay_us: Arc::default(),
             task: None,
         };
         s.listen().await?;
@@ -46,10 +49,11 @@ impl EchoServer {
     async fn listen(&mut self) -> anyhow::Result<()> {
         let listener = TcpListener::bind(self.addr).await?;
         self.addr = listener.local_addr()?;
-        let (name, hits, fail) = (
+        let (name, hits, fail, delay) = (
             self.name.clone(),
             self.hits.clone(),
             self.fail_every.clone(),
+            self.delay_us.clone(),
         );
         self.task = Some(tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
@@ -57,13 +61,18 @@ impl EchoServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let (name, hits, fail) = (name.clone(), hits.clone(), fail.clone());
+                let (name, hits, fail, delay) =
+                    (name.clone(), hits.clone(), fail.clone(), delay.clone());
                 conns.spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
                         let every = fail.load(Ordering::Relaxed);
+                        let delay = std::time::Duration::from_micros(delay.load(Ordering::Relaxed));
                         let name = name.clone();
                         async move {
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
                             let version = format!("{:?}", req.version());
                             let host = req
                                 .uri()
@@ -121,9 +130,17 @@ impl EchoServer {
         self.hits.load(Ordering::Relaxed)
     }
 
-    /// Answer 503 to every `n`-th request from now on (0: never).
+    /// Answer 503 to the first request and every `n`-th after it (0: never).
     pub fn fail_every(&self, n: u64) {
         self.fail_every.store(n, Ordering::Relaxed);
+    }
+
+    /// Answer only after `d`: a slower endpoint.
+    pub fn set_delay(&self, d: std::time::Duration) {
+        self.delay_us.store(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     /// Stops listening and drops every open connection: the endpoint stops answering.

@@ -4,13 +4,14 @@
 //! jumps up at once on a slow response and decays over [`DECAY`]; its cost is that average
 //! times one plus its requests in flight. A pick draws two endpoints at random and takes the
 //! cheaper, which sends little to a slow or overloaded endpoint without herding everyone to
-//! the single best one. Failures count as slow responses, so a failing endpoint that answers
-//! fast does not attract traffic.
+//! the single best one. A failure never lowers an endpoint's estimate, and 5xx answers and
+//! timeouts raise a failure rate that multiplies its cost (forgiven over [`DECAY`]), so an
+//! endpoint that fails fast gets less traffic, not more.
 //!
 //! After `consecutive_failures` failures in a row (5xx or a failed connection) an endpoint is
 //! ejected for `base_ejection` times two to the number of ejections before it, up to
-//! `max_ejection`, with jitter; once that passes it takes traffic again, and one success
-//! forgives its history. At most `max_ejection_percent` of a cluster (and always at least one
+//! `max_ejection`, with jitter; once that passes it takes traffic again, competing like a new
+//! endpoint, and one success forgives its history. At most `max_ejection_percent` of a cluster (and always at least one
 //! endpoint) is ejected at a time; if every endpoint is ejected, all of them are used.
 
 use std::net::SocketAddr;
@@ -28,6 +29,10 @@ use crate::state::{EndpointDef, ms};
 pub const DECAY: Duration = Duration::from_secs(10);
 /// The estimate of an endpoint nothing is known about yet.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// Weight of each answer in the failure rate.
+const FAIL_ALPHA: f64 = 0.2;
+/// How much a failure rate of 1 multiplies an endpoint's cost.
+const FAIL_PENALTY: f64 = 10.0;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct OutlierConfig {
@@ -63,6 +68,8 @@ fn nanos(at: Instant) -> u64 {
 #[derive(Debug)]
 struct Ewma {
     rtt_ns: f64,
+    /// Moving share of recent answers that were 5xx or timeouts; forgiven over [`DECAY`].
+    fail_rate: f64,
     stamp: Instant,
     /// Until the first response, the estimate is [`DEFAULT_RTT`].
     observed: bool,
@@ -90,6 +97,7 @@ impl Endpoint {
             pending: AtomicU32::new(0),
             ewma: Mutex::new(Ewma {
                 rtt_ns: DEFAULT_RTT.as_nanos() as f64,
+                fail_rate: 0.0,
                 stamp: Instant::now(),
                 observed: false,
             }),
@@ -111,14 +119,14 @@ impl Endpoint {
 
     /// Cost of sending one more request here; `None` before the first response.
     fn cost(&self, now: Instant) -> Option<f64> {
-        let rtt = match self.ewma.lock() {
+        let (rtt, fail) = match self.ewma.lock() {
             Ok(mut e) if e.observed => {
                 decay(&mut e, now);
-                e.rtt_ns
+                (e.rtt_ns, e.fail_rate)
             }
             _ => return None,
         };
-        Some(rtt * f64::from(self.pending() + 1))
+        Some(rtt * f64::from(self.pending() + 1) * (1.0 + FAIL_PENALTY * fail))
     }
 
     /// Whether `self` is a better pick than `other`. An endpoint nothing is known about yet
@@ -164,6 +172,7 @@ fn decay_weight(e: &Ewma, now: Instant) -> f64 {
 fn decay(e: &mut Ewma, now: Instant) {
     let w = decay_weight(e, now);
     e.rtt_ns *= w;
+    e.fail_rate *= w;
     e.stamp = now;
 }
 
@@ -200,8 +209,12 @@ impl Serialize for EndpointSet {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Success,
-    /// 5xx, a failed connection or a reset.
-    Failure,
+    /// A 5xx or a timeout: the endpoint answered badly. Counts toward ejection and raises
+    /// the endpoint's failure rate, which makes it a costlier pick.
+    ServerError,
+    /// The connection failed or was reset: counts toward ejection only, so a dead endpoint
+    /// keeps its share of (retried) tries until it is ejected, which is fast.
+    ConnectFailure,
 }
 
 /// A request in flight to an endpoint; finishing it feeds the latency estimate and the
@@ -229,17 +242,22 @@ impl InFlight {
                 ep.consecutive_failures.store(0, Ordering::Relaxed);
                 ep.ejections.store(0, Ordering::Relaxed);
             }
-            Outcome::Failure => {
-                // A failure costs like a slow response: at least twice the current estimate.
-                let floor = ep.ewma.lock().map_or(0.0, |e| e.rtt_ns * 2.0);
-                rtt = rtt
-                    .max(Duration::from_nanos(floor as u64))
-                    .max(DEFAULT_RTT * 5);
+            Outcome::ServerError | Outcome::ConnectFailure => {
+                // A failure never makes an endpoint look faster than it was.
+                let current = ep
+                    .ewma
+                    .lock()
+                    .map_or(0.0, |e| if e.observed { e.rtt_ns } else { 0.0 });
+                rtt = rtt.max(Duration::from_nanos(current as u64));
                 let n = ep.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
                 if n >= self.set.outlier.consecutive_failures {
                     self.set.eject(ep, now);
                 }
             }
+        }
+        if let Ok(mut e) = ep.ewma.lock() {
+            let failed = f64::from(u8::from(outcome == Outcome::ServerError));
+            e.fail_rate = e.fail_rate * (1.0 - FAIL_ALPHA) + failed * FAIL_ALPHA;
         }
         ep.observe(rtt, now);
     }
@@ -378,6 +396,12 @@ impl EndpointSet {
         let until = now + backoff + jitter;
         ep.ejected_until.store(nanos(until), Ordering::Relaxed);
         ep.consecutive_failures.store(0, Ordering::Relaxed);
+        // Back on probation when it returns: it competes like a new endpoint instead of
+        // carrying the cost of the failures that ejected it.
+        if let Ok(mut e) = ep.ewma.lock() {
+            e.observed = false;
+            e.fail_rate = 0.0;
+        }
         self.ejections.inc();
         info!(endpoint = %ep.addr, ejection_ms = (backoff + jitter).as_millis() as u64, "endpoint ejected");
     }
@@ -473,7 +497,7 @@ mod tests {
                 start: Instant::now(),
             };
             bad.pending.fetch_add(1, Ordering::Relaxed);
-            f.finish(Outcome::Failure);
+            f.finish(Outcome::ConnectFailure);
         }
         assert!(bad.is_ejected(Instant::now()));
         for _ in 0..200 {

@@ -396,14 +396,11 @@ async fn forward(
                 Err(_) => Try::PerTryTimeout,
             },
         };
-        let failed = match &result {
-            Try::Response(r) => r.status().is_server_error(),
-            _ => true,
-        };
-        inflight.finish(if failed {
-            Outcome::Failure
-        } else {
-            Outcome::Success
+        inflight.finish(match &result {
+            Try::Response(r) if r.status().is_server_error() => Outcome::ServerError,
+            Try::Response(_) => Outcome::Success,
+            Try::Failed(_) => Outcome::ConnectFailure,
+            Try::PerTryTimeout | Try::Timeout => Outcome::ServerError,
         });
         let reason = policy.and_then(|p| match &result {
             Try::Response(r) if p.retries_status(r.status().as_u16()) => Some("status"),
@@ -559,7 +556,7 @@ fn mirror(
             inflight.finish(if ok {
                 Outcome::Success
             } else {
-                Outcome::Failure
+                Outcome::ServerError
             });
         });
     }

@@ -48,7 +48,7 @@ where
                 return;
             }
             Err(e) => {
-                inflight.finish(Outcome::Failure);
+                inflight.finish(Outcome::ConnectFailure);
                 debug!(endpoint = %addr, error = %e, "TCP connect failed");
                 avoid = Some(addr);
             }

@@ -1,0 +1,294 @@
+//! mesh-proxy under faults: a flaky endpoint hidden by retries, a dead endpoint ejected and
+//! readmitted, the controller killed and restarted, and routes edited under load.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mesh_controller::testing::service_yaml;
+use mesh_e2e::mesh::{KillableController, Load, LocalMesh, failures, wait_config, weights};
+use mesh_e2e::servers::EchoServer;
+use mesh_e2e::{ProxyClient, eventually};
+use mesh_proxy::Proxy;
+
+/// Three endpoints on one port at 127.0.0.2-4, as three pods would be.
+async fn three_endpoints() -> anyhow::Result<[EchoServer; 3]> {
+    let a = EchoServer::start_on("pod-a", "127.0.0.2:0".parse()?).await?;
+    let port = a.addr.port();
+    let b = EchoServer::start_on("pod-b", SocketAddr::from(([127, 0, 0, 3], port))).await?;
+    let c = EchoServer::start_on("pod-c", SocketAddr::from(([127, 0, 0, 4], port))).await?;
+    Ok([a, b, c])
+}
+
+fn flaky_manifests(port: u16) -> String {
+    format!(
+        "{}---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: flaky-1, namespace: default, labels: {{kubernetes.io/service-name: flaky}}}}
+addressType: IPv4
+ports: [{{name: http, port: {port}, protocol: TCP}}]
+endpoints: [{{addresses: ['127.0.0.2', '127.0.0.3', '127.0.0.4'], conditions: {{ready: true}}}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: flaky, namespace: default}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: flaky, port: 8080}}]
+  rules:
+  - retry: {{attempts: 3, codes: [503]}}
+    backendRefs: [{{name: flaky, port: 8080}}]
+",
+        service_yaml("default", "flaky", "10.96.2.1", &[("http", 8080)])
+    )
+}
+
+fn metric(proxy: &Proxy, prefix: &str) -> f64 {
+    proxy
+        .metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
+/// Starts a proxy and waits until it routes `flaky` to its three endpoints.
+async fn flaky_proxy(mesh: &LocalMesh) -> anyhow::Result<Proxy> {
+    let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
+    wait_config(&proxy, "flaky's route and endpoints", |s| {
+        !weights(s, "outbound_http", "flaky.default.").is_empty()
+            && s.clusters
+                .values()
+                .any(|c| c.name.contains("flaky.default") && c.endpoints.len() == 3)
+    })
+    .await?;
+    Ok(proxy)
+}
+
+async fn send(client: &mut ProxyClient, n: usize) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let key = match client.get("flaky:8080", "/", &[]).await {
+            Ok((200, body)) => body,
+            Ok((s, body)) => format!("status {s}: {}", body.trim()),
+            Err(e) => format!("error: {e}"),
+        };
+        *out.entry(key).or_insert(0) += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_hide_an_endpoint_failing_half_its_requests() -> anyhow::Result<()> {
+    let eps = three_endpoints().await?;
+    eps[2].fail_every(2);
+    let mesh = LocalMesh::start().await?;
+    mesh.write("flaky.yaml", &flaky_manifests(eps[0].addr.port()))?;
+    let proxy = flaky_proxy(&mesh).await?;
+    let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
+    let got = send(&mut client, 1000).await;
+    let retries = metric(&proxy, "mesh_proxy_retries_total");
+    eprintln!(
+        "1000 requests, one endpoint failing every other request: {got:?}; retries {retries}; pod-c saw {}",
+        eps[2].hits()
+    );
+    assert_eq!(
+        failures(&got),
+        0,
+        "{got:?}\n{}",
+        proxy
+            .metrics
+            .encode()
+            .lines()
+            .filter(|l| l.contains("retr"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(eps[2].hits() >= 2, "the flaky endpoint was never tried");
+    assert!(
+        retries >= 1.0,
+        "no retries were needed, so the test proved nothing"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_is_ejected_and_readmitted_when_it_recovers() -> anyhow::Result<()> {
+    let mut eps = three_endpoints().await?;
+    // pod-c is the fastest, so the balancer prefers it: its death is felt at once.
+    eps[0].set_delay(Duration::from_millis(2));
+    eps[1].set_delay(Duration::from_millis(2));
+    let mesh = LocalMesh::start().await?;
+    mesh.write("flaky.yaml", &flaky_manifests(eps[0].addr.port()))?;
+    let proxy = flaky_proxy(&mesh).await?;
+    let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
+    let warm = send(&mut client, 300).await;
+    assert_eq!(failures(&warm), 0, "{warm:?}");
+    assert!(
+        eps[2].hits() > 0,
+        "pod-c got no traffic while healthy: {warm:?}"
+    );
+
+    eps[2].stop();
+    let down = send(&mut client, 300).await;
+    let ejections = metric(&proxy, "mesh_proxy_endpoint_ejections_total");
+    eprintln!("pod-c down: {down:?}; ejections {ejections}");
+    assert_eq!(
+        failures(&down),
+        0,
+        "retries should hide the dead endpoint: {down:?}"
+    );
+    assert!(ejections >= 1.0, "the dead endpoint was not ejected");
+    assert_eq!(down.get("pod-c"), None);
+
+    let before = eps[2].hits();
+    eps[2].restart().await?;
+    let recovered_at = Instant::now();
+    // Send in rounds until pod-c answers again (traffic, not a timer, shows readmission).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while eps[2].hits() == before {
+        assert!(
+            Instant::now() < deadline,
+            "pod-c got no traffic in 20 s after it recovered"
+        );
+        let r = send(&mut client, 20).await;
+        assert_eq!(failures(&r), 0, "{r:?}");
+    }
+    eprintln!(
+        "pod-c got traffic again {:?} after it recovered",
+        recovered_at.elapsed()
+    );
+    Ok(())
+}
+
+fn split_route(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews, namespace: default}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
+  rules:
+  - backendRefs: [{{name: reviews-v1, port: 9080, weight: {v1}}}, {{name: reviews-v2, port: 9080, weight: {v2}}}]
+"
+    )
+}
+
+fn reviews_manifests(v1: &EchoServer, v2: &EchoServer) -> String {
+    let slice = |svc: &str, port: u16| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {svc}-1, namespace: default, labels: {{kubernetes.io/service-name: {svc}}}}}
+addressType: IPv4
+ports: [{{name: http, port: {port}, protocol: TCP}}]
+endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
+"
+        )
+    };
+    [
+        service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+        service_yaml("default", "reviews-v1", "10.96.0.11", &[("http", 9080)]),
+        service_yaml("default", "reviews-v2", "10.96.0.12", &[("http", 9080)]),
+        slice("reviews-v1", v1.addr.port()),
+        slice("reviews-v2", v2.addr.port()),
+    ]
+    .join("---\n")
+}
+
+fn v2_only(s: &mesh_proxy::state::Snapshot) -> bool {
+    let w = weights(s, "outbound_http", "reviews.default.");
+    !w.is_empty() && w.iter().all(|(c, _)| c.contains("reviews-v2"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_killed_and_restarted_under_load() -> anyhow::Result<()> {
+    let v1 = EchoServer::start("reviews-v1").await?;
+    let v2 = EchoServer::start("reviews-v2").await?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("config");
+    std::fs::create_dir(&cfg)?;
+    std::fs::write(cfg.join("services.yaml"), reviews_manifests(&v1, &v2))?;
+    std::fs::write(cfg.join("route.yaml"), split_route(100, 0))?;
+    let mut controller = KillableController::start(&cfg, "127.0.0.1:0".parse()?)?;
+    let xds = controller.xds_addr;
+
+    let mut pc = mesh_proxy::Config::local(xds, "default/productpage-1");
+    pc.workers = 1;
+    let proxy = Proxy::start(pc, None).await?;
+    tokio::time::timeout(Duration::from_secs(10), proxy.store.ready()).await?;
+    let load = Load::start(
+        proxy.outbound_http_addr.expect("listener"),
+        "reviews:9080",
+        200,
+        8,
+    );
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    controller.kill();
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    controller = KillableController::start(&cfg, xds)?;
+    let restarted_at = Instant::now();
+    eventually(Duration::from_secs(20), "the proxy to reconnect", || {
+        let up = metric(&proxy, "mesh_proxy_xds_connected") == 1.0;
+        async move { up.then_some(()) }
+    })
+    .await?;
+    let reconnected = restarted_at.elapsed();
+    let written = Instant::now();
+    mesh_e2e::write_atomic(&cfg.join("route.yaml"), &split_route(0, 100))?;
+    wait_config(&proxy, "the route change after the restart", v2_only).await?;
+    let applied = written.elapsed();
+    let rest = Duration::from_secs(30).saturating_sub(killed_at.elapsed() + Duration::from_secs(5));
+    tokio::time::sleep(rest).await;
+    let got = load.finish().await;
+    let total: u64 = got.values().sum();
+    eprintln!(
+        "controller down 10 s during a 30 s run at 200 rps: {total} requests, {got:?}; \
+         reconnected {reconnected:?} after restart; route change applied {applied:?} after the write"
+    );
+    assert_eq!(failures(&got), 0, "{got:?}");
+    assert!(total >= 5000, "the load generator fell behind: {total}");
+    assert!(
+        applied < Duration::from_secs(1),
+        "route change took {applied:?}"
+    );
+    drop(controller);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_route_changes_under_load_lose_nothing() -> anyhow::Result<()> {
+    let v1 = EchoServer::start("reviews-v1").await?;
+    let v2 = EchoServer::start("reviews-v2").await?;
+    let mesh = LocalMesh::start().await?;
+    mesh.write("services.yaml", &reviews_manifests(&v1, &v2))?;
+    mesh.write("route.yaml", &split_route(100, 0))?;
+    let proxy = mesh
+        .proxy(mesh.proxy_config("default/productpage-1"))
+        .await?;
+    let generation = proxy.store.load().map_or(0, |s| s.generation);
+    let load = Load::start(
+        proxy.outbound_http_addr.expect("listener"),
+        "reviews:9080",
+        200,
+        8,
+    );
+    let splits = [(100, 0), (50, 50), (0, 100), (90, 10), (10, 90)];
+    for i in 0..50 {
+        let (a, b) = splits[i % splits.len()];
+        mesh.write("route.yaml", &split_route(a, b))?;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let got = load.finish().await;
+    let applied = proxy.store.load().map_or(0, |s| s.generation) - generation;
+    eprintln!("50 route edits at 200 rps: {got:?}; {applied} config generations applied");
+    assert_eq!(failures(&got), 0, "{got:?}");
+    assert!(v1.hits() > 0 && v2.hits() > 0);
+    assert!(
+        applied >= 25,
+        "only {applied} of 50 edits reached the proxy"
+    );
+    Ok(())
+}
