@@ -182,6 +182,8 @@ pub struct EndpointSet {
     endpoints: Vec<Arc<Endpoint>>,
     outlier: OutlierConfig,
     ejections: Counter,
+    /// Requests in flight to any endpoint of this set (for the circuit breaker).
+    in_flight: AtomicU32,
 }
 
 impl Serialize for EndpointSet {
@@ -229,6 +231,7 @@ pub struct InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.pending.fetch_sub(1, Ordering::Relaxed);
+        self.set.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -269,6 +272,7 @@ impl EndpointSet {
             endpoints: defs.iter().map(|d| Arc::new(Endpoint::new(d))).collect(),
             outlier,
             ejections,
+            in_flight: AtomicU32::new(0),
         }
     }
 
@@ -288,6 +292,7 @@ impl EndpointSet {
             endpoints,
             outlier,
             ejections: self.ejections.clone(),
+            in_flight: AtomicU32::new(0),
         }
     }
 
@@ -312,6 +317,11 @@ impl EndpointSet {
                 .all(|(e, d)| e.addr == d.addr && e.mesh_proxy == d.mesh_proxy)
     }
 
+    /// Requests in flight through this set.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     pub fn outlier(&self) -> &OutlierConfig {
         &self.outlier
     }
@@ -322,6 +332,7 @@ impl EndpointSet {
         let now = Instant::now();
         let ep = self.choose(now, avoid)?;
         ep.pending.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(InFlight {
             endpoint: ep,
             set: self.clone(),
@@ -497,6 +508,7 @@ mod tests {
                 start: Instant::now(),
             };
             bad.pending.fetch_add(1, Ordering::Relaxed);
+            s.in_flight.fetch_add(1, Ordering::Relaxed);
             f.finish(Outcome::ConnectFailure);
         }
         assert!(bad.is_ejected(Instant::now()));

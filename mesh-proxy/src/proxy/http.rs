@@ -295,22 +295,33 @@ async fn forward(
     if let Some(h) = &f.host_rewrite {
         host = h.clone();
     }
-    let path_and_query = {
-        let path = parts.uri.path();
-        let path = rewrite_path(f, path).unwrap_or_else(|| path.to_string());
-        match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
+    // The origin-form target: the client's own when nothing rewrites it (no copy).
+    let rewritten = rewrite_path(f, parts.uri.path());
+    let origin: Uri = match (&rewritten, parts.uri.scheme()) {
+        (None, None) => parts.uri.clone(),
+        _ => {
+            let path = rewritten.as_deref().unwrap_or(parts.uri.path());
+            let target = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            match Uri::try_from(target) {
+                Ok(u) => u,
+                Err(_) => return local(StatusCode::BAD_REQUEST, "invalid request target"),
+            }
         }
     };
-    let Ok(host_value) = HeaderValue::from_str(&host) else {
-        return local(StatusCode::BAD_REQUEST, "invalid Host");
+    let absolute = |host: &str| -> Option<Uri> {
+        let pq = origin.path_and_query().map_or("/", |p| p.as_str());
+        Uri::try_from(format!("http://{host}{pq}")).ok()
     };
-    let (Ok(uri_h1), Ok(uri_h2)) = (
-        Uri::try_from(path_and_query.as_str()),
-        Uri::try_from(format!("http://{host}{path_and_query}")),
-    ) else {
-        return local(StatusCode::BAD_REQUEST, "invalid request target");
+    // Host for HTTP/1.1 upstreams: the client's header unless rewritten or missing.
+    let host_value = match parts.headers.get(header::HOST) {
+        Some(v) if f.host_rewrite.is_none() => v.clone(),
+        _ => match HeaderValue::from_str(&host) {
+            Ok(v) => v,
+            Err(_) => return local(StatusCode::BAD_REQUEST, "invalid Host"),
+        },
     };
 
     let needs_replay = f.retry.is_some() || !f.mirrors.is_empty();
@@ -332,23 +343,31 @@ async fn forward(
     };
 
     if !f.mirrors.is_empty() && body.replayable() {
-        mirror(ctx, snapshot, f, &parts, &uri_h1, &host, &mut body);
+        mirror(ctx, snapshot, f, &parts, &origin, &host, &mut body);
     }
 
-    let build = |h2: bool, body: Body| -> Request<Body> {
+    // A request for one try. Headers are moved into the only try there can be, and copied
+    // when a retry may need them again.
+    let may_retry = f.retry.is_some() && body.replayable();
+    let mut headers = Some(std::mem::take(&mut parts.headers));
+    let mut build = |h2: bool, body: Body| -> Option<Request<Body>> {
         let mut r = Request::new(body);
         *r.method_mut() = parts.method.clone();
-        *r.headers_mut() = parts.headers.clone();
+        *r.headers_mut() = if may_retry {
+            headers.clone().unwrap_or_default()
+        } else {
+            headers.take().unwrap_or_default()
+        };
         if h2 {
-            *r.uri_mut() = uri_h2.clone();
+            *r.uri_mut() = absolute(&host)?;
             *r.version_mut() = Version::HTTP_2;
             r.headers_mut().remove(header::HOST);
         } else {
-            *r.uri_mut() = uri_h1.clone();
+            *r.uri_mut() = origin.clone();
             *r.version_mut() = Version::HTTP_11;
             r.headers_mut().insert(header::HOST, host_value.clone());
         }
-        r
+        Some(r)
     };
 
     let policy = f.retry.as_ref();
@@ -362,6 +381,20 @@ async fn forward(
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Downstream => parts.version == Version::HTTP_2,
         };
+    if let Some(max) = cluster.max_requests
+        && cluster.endpoints.in_flight() >= max
+    {
+        bm.count(&shared.metrics, Some(503));
+        let mut r = local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream overflow: too many requests in flight",
+        );
+        r.headers_mut().insert(
+            HeaderName::from_static("x-mesh-proxy"),
+            HeaderValue::from_static("overflow"),
+        );
+        return r;
+    }
     let mut attempt = 0u32;
     let mut avoid = None;
     loop {
@@ -376,7 +409,10 @@ async fn forward(
             connect_timeout: cluster.connect_timeout,
             idle_timeout: shared.config.idle_timeout,
         };
-        let send = upstream::send(&ep, target, build(h2, body.take()));
+        let Some(req) = build(h2, body.take()) else {
+            return local(StatusCode::BAD_REQUEST, "invalid Host for an HTTP/2 upstream");
+        };
+        let send = upstream::send(&ep, target, req);
         let try_deadline = policy
             .and_then(|p| p.per_try_timeout)
             .map(|t| Instant::now() + t);

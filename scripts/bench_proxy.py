@@ -1,0 +1,409 @@
+#!/usr/bin/env python3
+"""Data-plane benchmark: mesh-proxy against Envoy 1.40 (configured by our controller), nginx,
+HAProxy and the direct path, in one run. See docs/benchmarks.md for how to read it.
+
+Every proxy under test runs on core 1 with one worker; the load generator (oha), the backend
+(nginx) and the controller share core 0. For each peer and round it measures, at a fixed open-loop
+rate with latency correction, p50/p99/p99.9 latency, the proxy's CPU per request (utime+stime from
+/proc), and then its max rps on one core (closed loop). Rounds interleave peers (A B C ... A B C)
+and the table shows medians with ranges. Added latency is the peer's percentile minus the direct
+path's in the same round.
+
+Usage: bench_proxy.py [--rounds N] [--rate RPS] [--seconds S] [--only peer,peer] [--json FILE]
+Needs: oha, nginx, haproxy on PATH (or OHA=...), .venv/bin/envoy, release builds of mesh-proxy,
+mesh-controller and meshctl in $TARGET_DIR/release.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def tree_pids(root):
+    """The process and all its descendants."""
+    pids, frontier = [root], [root]
+    while frontier:
+        p = frontier.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            kids = []
+        pids += kids
+        frontier += kids
+    return pids
+
+
+def cpu_ticks(pids):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total
+
+
+def rss_kib(pids, key):
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Proc:
+    def __init__(self, args, log, cpu=None, env=None):
+        cmd = (["taskset", "-c", str(cpu)] if cpu is not None else []) + args
+        self.log = log
+        self.p = subprocess.Popen(
+            cmd,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+
+    def pids(self):
+        return tree_pids(self.p.pid)
+
+    def stop(self):
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGTERM)
+                self.p.wait(timeout=10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(self.p.pid, signal.SIGKILL)
+
+
+def oha(args, url, connect_to=None):
+    cmd = [OHA, "--no-tui", "--output-format", "json", "--worker-threads", "1"]
+    if connect_to:
+        cmd += ["--connect-to", connect_to]
+    out = subprocess.run(
+        ["taskset", "-c", "0"] + cmd + args + [url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+class Peer:
+    """A proxy under test: how to start it and how to send through it."""
+
+    def __init__(self, name, start, url, connect_to=None):
+        self.name, self._start, self.url, self.connect_to = name, start, url, connect_to
+        self.proc = None
+
+    def start(self):
+        self.proc = self._start()
+        return self
+
+    def pids(self):
+        return self.proc.pids() if self.proc else []
+
+    def stop(self):
+        if self.proc:
+            self.proc.stop()
+            self.proc = None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--seconds", type=int, default=10)
+    ap.add_argument("--max-seconds", type=int, default=6)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--only", default="")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--perf", default="", help="write a perf profile of each proxy to this directory")
+    ap.add_argument("--strace", default="", help="write syscall counts of each proxy to this directory")
+    a = ap.parse_args()
+
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    rel = os.path.join(target, "release")
+    work = tempfile.mkdtemp(prefix="mesh-bench-")
+    procs = []
+
+    def spawn(*args, **kw):
+        p = Proc(*args, **kw)
+        procs.append(p)
+        return p
+
+    try:
+        # Backend: nginx answering a fixed 2-byte body, one worker, on core 0.
+        backend_port = free_port()
+        bconf = os.path.join(work, "backend.conf")
+        with open(bconf, "w") as f:
+            f.write(f"""
+worker_processes 1; daemon off; pid {work}/backend.pid; error_log {work}/backend.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 "ok"; }} }} }}
+""")
+        spawn(["nginx", "-c", bconf, "-p", work], os.path.join(work, "backend.log"), cpu=0)
+        wait_port(backend_port)
+
+        # Controller with one Service in front of the backend.
+        cfg = os.path.join(work, "config")
+        os.mkdir(cfg)
+        with open(os.path.join(cfg, "bench.yaml"), "w") as f:
+            f.write(f"""apiVersion: v1
+kind: Service
+metadata: {{name: bench, namespace: default}}
+spec:
+  clusterIP: 10.96.9.9
+  selector: {{app: bench}}
+  ports: [{{name: http, port: 80, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: bench-1, namespace: default, labels: {{kubernetes.io/service-name: bench}}}}
+addressType: IPv4
+ports: [{{name: http, port: {backend_port}, protocol: TCP}}]
+endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
+""")
+        xds_port, cadmin = free_port(), free_port()
+        spawn(
+            [os.path.join(rel, "mesh-controller"), "--config-dir", cfg,
+             "--xds-addr", f"127.0.0.1:{xds_port}", "--admin-addr", f"127.0.0.1:{cadmin}"],
+            os.path.join(work, "controller.log"), cpu=0, env={"MESH_LOG": "warn"})
+        wait_port(xds_port)
+
+        def mesh_proxy():
+            port = free_port()
+            p = Proc(
+                [os.path.join(rel, "mesh-proxy"), "--xds", f"127.0.0.1:{xds_port}",
+                 "--node", "default/bench-mesh", "--workers", "1",
+                 "--outbound-http-addr", f"127.0.0.1:{port}",
+                 "--admin-addr", f"127.0.0.1:{free_port()}",
+                 "--metrics-addr", f"127.0.0.1:{free_port()}"],
+                os.path.join(work, "mesh-proxy.log"), cpu=1, env={"MESH_LOG": "warn"})
+            wait_port(port)
+            mesh.connect_to = f"bench.default:80:127.0.0.1:{port}"
+            return p
+
+        def envoy():
+            port, admin = free_port(), free_port()
+            boot = subprocess.run(
+                [os.path.join(rel, "meshctl"), "bootstrap", "envoy", "--node", "default/bench-envoy",
+                 "--xds", f"127.0.0.1:{xds_port}", "--admin", f"127.0.0.1:{admin}",
+                 "--outbound-http", f"127.0.0.1:{port}"],
+                capture_output=True, text=True, check=True).stdout
+            path = os.path.join(work, "envoy.yaml")
+            with open(path, "w") as f:
+                f.write(boot)
+            p = Proc([ENVOY, "-c", path, "--concurrency", "1", "-l", "warn",
+                      "--base-id", str(os.getpid() % 1000)],
+                     os.path.join(work, "envoy.log"), cpu=1)
+            wait_port(port, 60)
+            env_peer.connect_to = f"bench.default:80:127.0.0.1:{port}"
+            return p
+
+        def nginx():
+            port = free_port()
+            conf = os.path.join(work, "nginx.conf")
+            with open(conf, "w") as f:
+                f.write(f"""
+worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  upstream backend {{ server 127.0.0.1:{backend_port}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1;
+      proxy_set_header Connection ""; proxy_set_header Host $host; }} }} }}
+""")
+            p = Proc(["nginx", "-c", conf, "-p", work], os.path.join(work, "nginx.log"), cpu=1)
+            wait_port(port)
+            ngx.connect_to = f"bench.default:80:127.0.0.1:{port}"
+            return p
+
+        def haproxy():
+            port = free_port()
+            conf = os.path.join(work, "haproxy.cfg")
+            with open(conf, "w") as f:
+                f.write(f"""
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:{port}
+  default_backend be
+backend be
+  server s1 127.0.0.1:{backend_port}
+""")
+            p = Proc(["haproxy", "-f", conf, "-db"], os.path.join(work, "haproxy.log"), cpu=1)
+            wait_port(port)
+            hap.connect_to = f"bench.default:80:127.0.0.1:{port}"
+            return p
+
+        direct = Peer("direct", lambda: None, "http://bench.default/",
+                      f"bench.default:80:127.0.0.1:{backend_port}")
+        mesh = Peer("mesh-proxy", mesh_proxy, "http://bench.default/")
+        env_peer = Peer("envoy", envoy, "http://bench.default/")
+        ngx = Peer("nginx", nginx, "http://bench.default/")
+        hap = Peer("haproxy", haproxy, "http://bench.default/")
+        peers = [direct, mesh, env_peer, ngx, hap]
+        if a.only:
+            keep = set(a.only.split(",")) | {"direct"}
+            peers = [p for p in peers if p.name in keep]
+
+        results = {p.name: [] for p in peers}
+        for rnd in range(a.rounds):
+            for peer in peers:
+                peer.start()
+                time.sleep(1.0)
+                idle = rss_kib(peer.pids(), "VmRSS")
+                # Warm-up, and a check that the path answers 200.
+                warm = oha(["-z", "2s", "-q", str(a.rate), "-c", str(a.connections),
+                            "--latency-correction"], peer.url, peer.connect_to)
+                codes = warm.get("statusCodeDistribution", {})
+                if set(codes) != {"200"}:
+                    raise RuntimeError(f"{peer.name}: warm-up answered {codes}")
+                pids = peer.pids()
+                perf = None
+                if a.perf and pids:
+                    os.makedirs(a.perf, exist_ok=True)
+                    data = os.path.join(a.perf, f"{peer.name}.data")
+                    perf = subprocess.Popen(
+                        ["perf", "record", "-F", "999", "-g", "-o", data, "-p",
+                         ",".join(map(str, pids)), "--", "sleep", str(a.seconds)],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if a.strace and pids:
+                    os.makedirs(a.strace, exist_ok=True)
+                    perf = subprocess.Popen(
+                        ["timeout", "-s", "INT", str(a.seconds - 1), "strace", "-c", "-f", "-o",
+                         os.path.join(a.strace, f"{peer.name}.txt")]
+                        + [x for p in pids for x in ("-p", str(p))],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                c0 = cpu_ticks(pids)
+                r = oha(["-z", f"{a.seconds}s", "-q", str(a.rate), "-c", str(a.connections),
+                         "--latency-correction"], peer.url, peer.connect_to)
+                c1 = cpu_ticks(pids)
+                if perf and a.strace:
+                    perf.wait()
+                elif perf:
+                    perf.wait()
+                    with open(os.path.join(a.perf, f"{peer.name}.txt"), "w") as out:
+                        subprocess.run(["perf", "report", "-i", data, "--no-children",
+                                        "--percent-limit", "0.5", "--stdio", "-g", "none"],
+                                       stdout=out, stderr=subprocess.DEVNULL)
+                ok = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k == "200")
+                m = oha(["-z", f"{a.max_seconds}s", "-c", "64"], peer.url, peer.connect_to)
+                pct = r["latencyPercentiles"]
+                row = {
+                    "p50_ms": pct["p50"] * 1000,
+                    "p99_ms": pct["p99"] * 1000,
+                    "p999_ms": pct["p99.9"] * 1000,
+                    "ok": ok,
+                    "errors": sum(r.get("errorDistribution", {}).values()),
+                    "cpu_us_per_req": ((c1 - c0) / CLK_TCK) / max(ok, 1) * 1e6 if pids else None,
+                    "max_rps": m["summary"]["requestsPerSec"],
+                    "idle_rss_mib": idle / 1024 if pids else None,
+                    "peak_rss_mib": rss_kib(pids, "VmHWM") / 1024 if pids else None,
+                }
+                results[peer.name].append(row)
+                print(f"round {rnd + 1} {peer.name}: " + json.dumps(
+                    {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                    flush=True)
+                peer.stop()
+                time.sleep(0.5)
+
+        def med(name, key):
+            vals = [r[key] for r in results[name] if r[key] is not None]
+            if not vals:
+                return None, None, None
+            return statistics.median(vals), min(vals), max(vals)
+
+        def added(name, key):
+            vals = [r[key] - d[key] for r, d in zip(results[name], results["direct"])]
+            return statistics.median(vals), min(vals), max(vals)
+
+        def fmt(t, digits=2):
+            m, lo, hi = t
+            if m is None:
+                return "-"
+            return f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+        print()
+        print(f"{a.rounds} rounds, {a.rate} rps open loop for {a.seconds} s, {a.connections} "
+              f"connections; max rps closed loop, 64 connections, {a.max_seconds} s")
+        print()
+        print("| peer | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | "
+              "CPU µs/request | max rps (1 core) | RSS idle MiB | RSS peak MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for p in peers:
+            n = p.name
+            add50 = fmt(added(n, "p50_ms"), 3) if n != "direct" else "-"
+            add99 = fmt(added(n, "p99_ms"), 3) if n != "direct" else "-"
+            print(f"| {n} | {fmt(med(n, 'p50_ms'), 3)} | {fmt(med(n, 'p99_ms'), 3)} | "
+                  f"{fmt(med(n, 'p999_ms'), 3)} | {add50} | {add99} | "
+                  f"{fmt(med(n, 'cpu_us_per_req'), 1)} | {fmt(med(n, 'max_rps'), 0)} | "
+                  f"{fmt(med(n, 'idle_rss_mib'), 1)} | {fmt(med(n, 'peak_rss_mib'), 1)} |")
+        if "nginx" in results and "mesh-proxy" in results:
+            print()
+            cpu = med("mesh-proxy", "cpu_us_per_req")[0] / med("nginx", "cpu_us_per_req")[0]
+            p99 = added("mesh-proxy", "p99_ms")[0] / added("nginx", "p99_ms")[0]
+            rps = med("mesh-proxy", "max_rps")[0] / med("nginx", "max_rps")[0]
+            print(f"mesh-proxy / nginx: CPU per request {cpu:.2f}x, added p99 {p99:.2f}x, "
+                  f"max rps {rps:.2f}x")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(results, f, indent=1)
+    finally:
+        for p in procs:
+            p.stop()
+        for peer in [p for p in locals().get("peers", [])]:
+            peer.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+OHA = os.environ.get("OHA") or shutil.which("oha") or "/var/tmp/oha-root/bin/oha"
+ENVOY = os.environ.get("MESH_ENVOY") or os.path.join(ROOT, ".venv/bin/envoy")
+
+if __name__ == "__main__":
+    sys.exit(main())
