@@ -27,6 +27,9 @@ pub mod ports {
 pub mod labels {
     /// On a namespace or pod: `enabled` adds the sidecar.
     pub const INJECT: &str = "mesh.dev/inject";
+    /// On a pod: `"true"` when it runs mesh-proxy (set by injection, or by hand in the local
+    /// mesh). Proxies then talk HTTP/2 to it for its declared HTTP/1 ports, multiplexing requests.
+    pub const PROXY: &str = "mesh.dev/proxy";
     /// The standard label an EndpointSlice carries to name its Service.
     pub const ENDPOINTSLICE_SERVICE_NAME: &str = "kubernetes.io/service-name";
 }

@@ -20,8 +20,8 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, CidrRange, ConfigSource, HeaderValue,
-    HeaderValueOption, Http2ProtocolOptions, Locality, RuntimeFractionalPercent, SocketAddress,
-    address, config_source, header_value_option, socket_address,
+    HeaderValueOption, Http2ProtocolOptions, Locality, Metadata, RuntimeFractionalPercent,
+    SocketAddress, address, config_source, header_value_option, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -50,7 +50,9 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
 };
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{
+    Any, Duration as PbDuration, Struct, UInt32Value, Value, value,
+};
 use mesh_api::consts::{ports, xds as names};
 use prost::{Message, Name};
 use serde::Serialize;
@@ -522,29 +524,56 @@ fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
         ..Default::default()
     };
     if protocol.is_http2() {
-        let opts = HttpProtocolOptions {
-            upstream_protocol_options: Some(
-                http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                    http_protocol_options::ExplicitHttpConfig {
-                        protocol_config: Some(
-                            http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                                Http2ProtocolOptions::default(),
-                            ),
-                        ),
-                    },
-                ),
-            ),
-            ..Default::default()
-        };
-        c.typed_extension_protocol_options.insert(
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-            any(&opts),
-        );
+        set_upstream_protocol(&mut c, true);
     }
     c
 }
 
-fn load_assignment(cluster: &str, endpoints: &[crate::index::Endpoint]) -> ClusterLoadAssignment {
+/// Pins a cluster's upstream HTTP version (else Envoy uses HTTP/1.1, mesh-proxy the client's).
+fn set_upstream_protocol(c: &mut Cluster, http2: bool) {
+    use http_protocol_options::explicit_http_config::ProtocolConfig;
+    let config = if http2 {
+        ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
+    } else {
+        ProtocolConfig::HttpProtocolOptions(Default::default())
+    };
+    let opts = HttpProtocolOptions {
+        upstream_protocol_options: Some(
+            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(config),
+                },
+            ),
+        ),
+        ..Default::default()
+    };
+    c.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        any(&opts),
+    );
+}
+
+/// Endpoint metadata telling mesh-proxy that the endpoint is another mesh-proxy.
+fn peer_metadata() -> Metadata {
+    let fields = [(
+        "proxy".to_string(),
+        Value {
+            kind: Some(value::Kind::BoolValue(true)),
+        },
+    )]
+    .into();
+    Metadata {
+        filter_metadata: [("mesh.dev".to_string(), Struct { fields })].into(),
+        ..Default::default()
+    }
+}
+
+/// `peer(endpoint)`: the endpoint runs a mesh-proxy that may be spoken to over HTTP/2.
+fn load_assignment(
+    cluster: &str,
+    endpoints: &[crate::index::Endpoint],
+    peer: impl Fn(&crate::index::Endpoint) -> bool,
+) -> ClusterLoadAssignment {
     ClusterLoadAssignment {
         cluster_name: cluster.to_string(),
         endpoints: vec![LocalityLbEndpoints {
@@ -559,6 +588,7 @@ fn load_assignment(cluster: &str, endpoints: &[crate::index::Endpoint]) -> Clust
                         ..Default::default()
                     })),
                     load_balancing_weight: u32v(1),
+                    metadata: peer(e).then(peer_metadata),
                     ..Default::default()
                 })
                 .collect(),
@@ -566,6 +596,18 @@ fn load_assignment(cluster: &str, endpoints: &[crate::index::Endpoint]) -> Clust
         }],
         ..Default::default()
     }
+}
+
+/// Whether an endpoint's pod is labelled as running mesh-proxy.
+fn runs_proxy(model: &Model, e: &crate::index::Endpoint) -> bool {
+    let Some((ns, name)) = e.pod.as_deref().and_then(|p| p.split_once('/')) else {
+        return false;
+    };
+    model
+        .pods
+        .get(&(ns.to_string(), name.to_string()))
+        .and_then(|p| p.labels.get(mesh_api::consts::labels::PROXY))
+        .is_some_and(|v| v == "true")
 }
 
 fn static_cluster(name: &str, addr: Option<SocketAddr>) -> Cluster {
@@ -581,6 +623,7 @@ fn static_cluster(name: &str, addr: Option<SocketAddr>) -> Cluster {
                 .map(|addr| crate::index::Endpoint { addr, pod: None })
                 .into_iter()
                 .collect::<Vec<_>>(),
+            |_| false,
         )),
         ..Default::default()
     }
@@ -934,7 +977,14 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
         ));
         out.global.push((
             ResourceType::Endpoint,
-            Resource::new(&cluster, &load_assignment(&cluster, &p.endpoints)),
+            Resource::new(
+                &cluster,
+                &load_assignment(&cluster, &p.endpoints, |e| {
+                    // Only declared HTTP/1 ports: the peer's inbound then pins HTTP/1.1 to the
+                    // app, whatever it receives.
+                    p.protocol == Protocol::Http && runs_proxy(model, e)
+                }),
+            ),
         ));
         let rc = |rc_name: &str, entries: &[RouteEntry]| RouteConfiguration {
             name: rc_name.to_string(),
@@ -1237,16 +1287,17 @@ fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSetti
     for (port, protocol) in targets {
         let cluster = format!("inbound|{port}||");
         let route = format!("inbound|{port}");
-        out.insert(
-            ResourceType::Cluster,
-            Resource::new(
-                &cluster,
-                &static_cluster(
-                    &cluster,
-                    Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
-                ),
-            ),
+        let mut app = static_cluster(
+            &cluster,
+            Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
         );
+        // A declared protocol is what the app speaks, whatever the peer proxy sent.
+        match protocol {
+            Protocol::Http => set_upstream_protocol(&mut app, false),
+            p if p.is_http2() => set_upstream_protocol(&mut app, true),
+            _ => {}
+        }
+        out.insert(ResourceType::Cluster, Resource::new(&cluster, &app));
         let matching = |app: Vec<String>| FilterChainMatch {
             destination_port: u32v(u32::from(port)),
             application_protocols: app,

@@ -564,3 +564,45 @@ fn incremental_translation_equals_a_fresh_one() {
         "removal reported: {clusters:?}"
     );
 }
+
+#[test]
+fn peers_running_mesh_proxy_are_marked_and_inbound_protocols_pinned() {
+    let mut idx = index();
+    idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default, labels: {app: web, mesh.dev/proxy: 'true'}}\nspec: {containers: [{name: app}]}\nstatus: {podIP: 10.0.3.1}\n")).expect("pod");
+    idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: default, labels: {app: web}}\nspec: {containers: [{name: app}]}\nstatus: {podIP: 10.0.3.2}\n")).expect("pod");
+    for (port_name, port) in [("http", 80), ("grpc-admin", 9000)] {
+        idx.apply(obj(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-{port}, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: '{port_name}', port: {port}, protocol: TCP}}]\nendpoints:\n- {{addresses: ['10.0.3.1'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: web-0, namespace: default}}}}\n- {{addresses: ['10.0.3.2'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: web-1, namespace: default}}}}\n"
+        )))
+        .expect("slice");
+    }
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&proxy("default", true));
+    let marked = |cluster: &str| -> Vec<bool> {
+        let cla: ClusterLoadAssignment =
+            decode(view.get(ResourceType::Endpoint, cluster).expect("cla"));
+        cla.endpoints[0]
+            .lb_endpoints
+            .iter()
+            .map(|e| e.metadata.is_some())
+            .collect()
+    };
+    // Only the pod running mesh-proxy, and only on the declared HTTP/1 port.
+    assert_eq!(marked("outbound|80||web.default.svc.cluster.local"), [true, false]);
+    assert_eq!(marked("outbound|9000||web.default.svc.cluster.local"), [false, false]);
+
+    // The web pod's own proxy pins what its app speaks on each port.
+    let view = t.view(&ProxyId {
+        name: "web-0".into(),
+        ..proxy("default", true)
+    });
+    let protocol = |cluster: &str| -> Option<String> {
+        let c: Cluster = decode(view.get(ResourceType::Cluster, cluster).expect("cluster"));
+        c.typed_extension_protocol_options
+            .values()
+            .next()
+            .map(|a| format!("{:?}", HttpProtocolOptions::decode(a.value.as_slice())))
+    };
+    assert!(protocol("inbound|80||").is_some_and(|p| p.contains("HttpProtocolOptions(")));
+    assert!(protocol("inbound|9000||").is_some_and(|p| p.contains("Http2ProtocolOptions(")));
+}
