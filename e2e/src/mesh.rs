@@ -110,7 +110,8 @@ pub const PAIR_VIP: &str = "10.96.1.1";
 
 impl LocalMesh {
     /// Service `echo` (port 80 named `port_name`, with `app_protocol` if given) in front of one
-    /// pod whose app listens on `127.0.0.1:<app_port>`.
+    /// pod whose app listens on `127.0.0.1:<app_port>`. The pod is labelled as running
+    /// mesh-proxy, so its declared HTTP/1 ports are reached over HTTP/2 between the proxies.
     pub async fn sidecar_pair(
         &self,
         port_name: &str,
@@ -142,7 +143,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: echo-0, namespace: default, labels: {{app: echo}}}}
+metadata: {{name: echo-0, namespace: default, labels: {{app: echo, mesh.dev/proxy: 'true'}}}}
 spec: {{containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
 status: {{podIP: 127.0.0.1}}
 ---

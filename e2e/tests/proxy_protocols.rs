@@ -254,3 +254,38 @@ async fn server_speaks_first_on_an_undeclared_port_is_not_stalled() -> anyhow::R
     assert_eq!(&buf[..n], b"PING\r\n");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_multiplex_http1_traffic_over_one_http2_connection() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    app.set_delay(Duration::from_millis(200));
+    let mesh = LocalMesh::start().await?;
+    let pair = mesh.sidecar_pair("http", None, app.addr.port()).await?;
+    // Eight clients at once, each on its own connection, all in flight together.
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let addr = pair.outbound;
+            tokio::spawn(async move {
+                let mut c = mesh_e2e::ProxyClient::new(addr);
+                c.get("echo", "/", &[]).await
+            })
+        })
+        .collect();
+    for c in calls {
+        let (status, body) = c.await??;
+        assert_eq!((status, body.as_str()), (200, "echo-app"));
+    }
+    let text = pair.server.metrics.encode();
+    let inbound: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("mesh_proxy_connections_total{listener=\"virtualInbound\""))
+        .collect();
+    assert_eq!(
+        inbound,
+        [r#"mesh_proxy_connections_total{listener="virtualInbound",protocol="http"} 1"#],
+        "{text}"
+    );
+    // The app itself still gets HTTP/1.1, one connection per request in flight.
+    assert_eq!(app.hits(), 8);
+    Ok(())
+}

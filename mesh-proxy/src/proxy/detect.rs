@@ -118,7 +118,9 @@ impl<T> PrefixedIo<T> {
     }
 }
 
-/// Called when the inner stream is not ready: has the connection been idle too long?
+/// Called when the inner stream is not ready: has the connection been idle too long? The
+/// timer is polled (registering the task's waker) only when armed or re-armed; in between, a
+/// registered timer wakes the task by itself, so most calls only read its state.
 fn idle_expired(
     idle: Option<Duration>,
     last: Instant,
@@ -129,7 +131,11 @@ fn idle_expired(
         return false;
     };
     let deadline = last + idle;
-    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+    let sleep = match timer {
+        Some(sleep) if !sleep.is_elapsed() => return false,
+        Some(sleep) => sleep,
+        None => timer.insert(Box::pin(tokio::time::sleep_until(deadline.into()))),
+    };
     loop {
         if sleep.as_mut().poll(cx).is_pending() {
             return false;

@@ -227,7 +227,7 @@ fn rewrite_path(f: &Forward, path: &str) -> Option<String> {
 
 /// The outcome of one try.
 enum Try {
-    Response(Response<Incoming>),
+    Response(Response<upstream::UpstreamBody>),
     Failed(SendError),
     /// The per-try timeout fired.
     PerTryTimeout,
@@ -410,7 +410,10 @@ async fn forward(
             idle_timeout: shared.config.idle_timeout,
         };
         let Some(req) = build(h2, body.take()) else {
-            return local(StatusCode::BAD_REQUEST, "invalid Host for an HTTP/2 upstream");
+            return local(
+                StatusCode::BAD_REQUEST,
+                "invalid Host for an HTTP/2 upstream",
+            );
         };
         let send = upstream::send(&ep, target, req);
         let try_deadline = policy

@@ -105,27 +105,108 @@ pub async fn send(
     ep: &std::sync::Arc<Endpoint>,
     target: Target,
     req: Request<Body>,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<UpstreamBody>, SendError> {
     if target.h2 {
-        send_h2(ep, target, req).await
+        let resp = send_h2(ep, target, req).await?;
+        Ok(resp.map(|b| UpstreamBody {
+            inner: b,
+            release: None,
+        }))
     } else {
         send_h1(ep, target, req).await
     }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body from an endpoint. An HTTP/1.1 connection goes back to the pool when
+    /// its response body ends; a body dropped before its end takes the connection with it.
+    pub struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        release: Option<(std::sync::Arc<Endpoint>, http1::SendRequest<Body>)>,
+    }
+
+    impl PinnedDrop for UpstreamBody {
+        fn drop(this: Pin<&mut Self>) {
+            use http_body::Body as _;
+            let this = this.project();
+            // A reader that stopped at the declared length never asked for the end.
+            if this.inner.is_end_stream()
+                && let Some((ep, tx)) = this.release.take()
+            {
+                release_h1(&ep, tx);
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody").finish_non_exhaustive()
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        let done = match &polled {
+            std::task::Poll::Ready(None) => true,
+            std::task::Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if done && let Some((ep, tx)) = this.release.take() {
+            release_h1(&ep, tx);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response whose body is already complete (none, or read in full) frees its connection.
+fn pooled(
+    ep: &std::sync::Arc<Endpoint>,
+    tx: http1::SendRequest<Body>,
+    resp: Response<Incoming>,
+) -> Response<UpstreamBody> {
+    use http_body::Body as _;
+    if resp.body().is_end_stream() {
+        release_h1(ep, tx);
+        return resp.map(|b| UpstreamBody {
+            inner: b,
+            release: None,
+        });
+    }
+    let ep = ep.clone();
+    resp.map(|b| UpstreamBody {
+        inner: b,
+        release: Some((ep, tx)),
+    })
 }
 
 async fn send_h1(
     ep: &std::sync::Arc<Endpoint>,
     target: Target,
     mut req: Request<Body>,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<UpstreamBody>, SendError> {
     // A pooled connection the endpoint closed meanwhile gives the request back unsent; then
     // it goes on a fresh connection.
     while let Some(mut tx) = ep.pool.take_h1(target.idle_timeout) {
         match tx.try_send_request(req).await {
-            Ok(resp) => {
-                release_h1(ep, tx);
-                return Ok(resp);
-            }
+            Ok(resp) => return Ok(pooled(ep, tx, resp)),
             Err(mut e) => match e.take_message() {
                 Some(r) => req = r,
                 None => return Err(SendError::Reset(e.into_error())),
@@ -144,11 +225,11 @@ async fn send_h1(
         }
     });
     let resp = tx.send_request(req).await.map_err(SendError::Reset)?;
-    release_h1(ep, tx);
-    Ok(resp)
+    Ok(pooled(ep, tx, resp))
 }
 
-/// Returns a connection to the pool once its response is done.
+/// Returns a connection to the pool once it can take the next request (at once, usually, as
+/// its response has ended).
 fn release_h1(ep: &std::sync::Arc<Endpoint>, mut tx: http1::SendRequest<Body>) {
     if tx.is_ready() {
         ep.pool.put_h1(tx);
