@@ -73,11 +73,13 @@ pub struct Config {
     /// Concurrent HTTP/2 streams a client may open per connection.
     #[arg(long, env = env::PROXY_H2_MAX_STREAMS, default_value_t = 100)]
     pub h2_max_streams: u32,
-    /// Time a client has to send a request's headers.
+    /// Time a client has to send a request's headers (HTTP/1: also how long an idle keep-alive
+    /// connection is kept); 0 disables it.
     #[arg(long, env = env::PROXY_HEADER_READ_TIMEOUT, value_parser = parse_duration, default_value = "10s")]
     #[serde(with = "duration_str")]
     pub header_read_timeout: Duration,
-    /// A connection with no traffic for this long is closed (client side and pooled upstream).
+    /// A connection with no traffic for this long is closed (client side and pooled upstream);
+    /// 0 disables it.
     #[arg(long, env = env::PROXY_IDLE_TIMEOUT, value_parser = parse_duration, default_value = "5m")]
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,

@@ -588,8 +588,14 @@ fn peers_running_mesh_proxy_are_marked_and_inbound_protocols_pinned() {
             .collect()
     };
     // Only the pod running mesh-proxy, and only on the declared HTTP/1 port.
-    assert_eq!(marked("outbound|80||web.default.svc.cluster.local"), [true, false]);
-    assert_eq!(marked("outbound|9000||web.default.svc.cluster.local"), [false, false]);
+    assert_eq!(
+        marked("outbound|80||web.default.svc.cluster.local"),
+        [true, false]
+    );
+    assert_eq!(
+        marked("outbound|9000||web.default.svc.cluster.local"),
+        [false, false]
+    );
 
     // The web pod's own proxy pins what its app speaks on each port.
     let view = t.view(&ProxyId {

@@ -119,7 +119,7 @@ impl Shared {
         server
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(config.header_read_timeout)
+            .header_read_timeout(Some(config.header_read_timeout).filter(|d| !d.is_zero()))
             .max_buf_size(config.max_header_bytes.max(8192));
         server
             .http2()

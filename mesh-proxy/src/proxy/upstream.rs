@@ -55,7 +55,7 @@ impl Pool {
     fn take_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<Body>> {
         let mut idle = self.h1.lock().ok()?;
         while let Some((tx, since)) = idle.pop() {
-            if tx.is_ready() && since.elapsed() < idle_timeout {
+            if tx.is_ready() && (idle_timeout.is_zero() || since.elapsed() < idle_timeout) {
                 return Some(tx);
             }
         }
