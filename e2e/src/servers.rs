@@ -26,6 +26,7 @@ pub struct EchoServer {
     /// Wait this many microseconds before answering.
     delay_us: Arc<AtomicU64>,
     task: Option<JoinHandle<()>>,
+    conns: Arc<tokio::sync::Mutex<tokio::task::JoinSet<()>>>,
 }
 
 impl EchoServer {
@@ -41,6 +42,7 @@ impl EchoServer {
             fail_every: Arc::default(),
             delay_us: Arc::default(),
             task: None,
+            conns: Arc::default(),
         };
         s.listen().await?;
         Ok(s)
@@ -55,15 +57,15 @@ impl EchoServer {
             self.fail_every.clone(),
             self.delay_us.clone(),
         );
+        let conns = self.conns.clone();
         self.task = Some(tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
                 let (name, hits, fail, delay) =
                     (name.clone(), hits.clone(), fail.clone(), delay.clone());
-                conns.spawn(async move {
+                conns.lock().await.spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
                         let every = fail.load(Ordering::Relaxed);
@@ -143,23 +145,33 @@ impl EchoServer {
         );
     }
 
-    /// Stops listening and drops every open connection: the endpoint stops answering.
-    pub fn stop(&mut self) {
+    /// Stops listening and closes every open connection, returning once all are gone: the
+    /// endpoint no longer answers anything.
+    pub async fn stop(&mut self) {
         if let Some(t) = self.task.take() {
             t.abort();
+            let _ = t.await;
         }
+        let mut conns = self.conns.lock().await;
+        conns.abort_all();
+        while conns.join_next().await.is_some() {}
     }
 
     /// Listens again on the same address.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.stop();
+        self.stop().await;
         self.listen().await
     }
 }
 
 impl Drop for EchoServer {
     fn drop(&mut self) {
-        self.stop();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        if let Ok(mut conns) = self.conns.try_lock() {
+            conns.abort_all();
+        }
     }
 }
 

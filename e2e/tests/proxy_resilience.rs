@@ -129,7 +129,7 @@ async fn a_dead_endpoint_is_ejected_and_readmitted_when_it_recovers() -> anyhow:
         "pod-c got no traffic while healthy: {warm:?}"
     );
 
-    eps[2].stop();
+    eps[2].stop().await;
     let down = send(&mut client, 300).await;
     let ejections = metric(&proxy, "mesh_proxy_endpoint_ejections_total");
     eprintln!("pod-c down: {down:?}; ejections {ejections}");

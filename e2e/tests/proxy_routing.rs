@@ -84,6 +84,21 @@ async fn weighted_split_and_header_match_through_the_explicit_listener() -> anyh
         .await?;
     let addr = proxy.outbound_http_addr.expect("explicit listener");
     let mut client = ProxyClient::new(addr);
+    // Ready means a complete config, which may predate the route: wait for the split.
+    wait_config(&proxy, "the 90/10 split", |s| {
+        let w = weights(s, "outbound_http", "reviews.default.");
+        w.iter().any(|(c, w)| c.contains("reviews-v1") && *w == 90)
+            && s.clusters
+                .values()
+                .filter(|c| c.name.contains("reviews-v"))
+                .all(|c| !c.endpoints.is_empty())
+            && s.clusters
+                .values()
+                .filter(|c| c.name.contains("reviews-v"))
+                .count()
+                == 2
+    })
+    .await?;
 
     let got = spread(&mut client, 2000, &[]).await;
     let v2_share = *got.get("reviews-v2").unwrap_or(&0) as f64 / 2000.0 * 100.0;
