@@ -273,6 +273,42 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// The `reviews` HTTPRoute the tests edit: `x-canary: yes` goes to v2, the rest is split
+/// `v1`/`v2` between `reviews-v1` and `reviews-v2` (all on port 9080).
+pub fn reviews_route(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: reviews, namespace: default}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
+  rules:
+  - matches: [{{headers: [{{name: x-canary, value: 'yes'}}]}}]
+    backendRefs: [{{name: reviews-v2, port: 9080}}]
+  - backendRefs: [{{name: reviews-v1, port: 9080, weight: {v1}}}, {{name: reviews-v2, port: 9080, weight: {v2}}}]
+"
+    )
+}
+
+/// Sends `n` requests to `reviews:9080` and counts answers by body (a backend's name), or by
+/// status or error for failures.
+pub async fn spread(
+    client: &mut ProxyClient,
+    n: usize,
+    headers: &[(&str, &str)],
+) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let key = match client.get("reviews:9080", "/", headers).await {
+            Ok((200, body)) => body,
+            Ok((status, body)) => format!("status {status}: {}", body.trim()),
+            Err(e) => format!("error {e}"),
+        };
+        *out.entry(key).or_insert(0) += 1;
+    }
+    out
+}
+
 /// Writes a file atomically (write then rename), as editors and `kubectl`-style tools do.
 pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp~");

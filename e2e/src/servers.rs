@@ -175,49 +175,53 @@ impl Drop for EchoServer {
     }
 }
 
-/// A TCP server that reads until the client half-closes, then sends back what it read,
-/// prefixed, and closes.
-pub async fn tcp_echo_after_eof(
-    prefix: &'static str,
-) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+/// Accepts TCP connections on 127.0.0.1 and hands each to `handle` in its own task.
+async fn tcp_server<F, Fut>(handle: F) -> anyhow::Result<(SocketAddr, JoinHandle<()>)>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                if s.read_to_end(&mut buf).await.is_ok() {
-                    let _ = s.write_all(prefix.as_bytes()).await;
-                    let _ = s.write_all(&buf).await;
-                    let _ = s.shutdown().await;
-                }
-            });
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(handle(s));
         }
     });
     Ok((addr, task))
 }
 
+/// A TCP server that reads until the client half-closes, then sends back what it read,
+/// prefixed, and closes.
+pub async fn tcp_echo_after_eof(
+    prefix: &'static str,
+) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
+    tcp_server(move |mut s| async move {
+        let mut buf = Vec::new();
+        if s.read_to_end(&mut buf).await.is_ok() {
+            let _ = s.write_all(prefix.as_bytes()).await;
+            let _ = s.write_all(&buf).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await
+}
+
 /// A server-speaks-first TCP server (like MySQL or SMTP): greets each client at once, then
-/// echoes lines.
+/// echoes what it gets.
 pub async fn greeting_server(
     greeting: &'static str,
 ) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if s.write_all(greeting.as_bytes()).await.is_err() {
-                    return;
-                }
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = s.read(&mut buf).await {
-                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
+    tcp_server(move |mut s| async move {
+        if s.write_all(greeting.as_bytes()).await.is_err() {
+            return;
         }
-    });
-    Ok((addr, task))
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
 }

@@ -7,42 +7,12 @@ use mesh_controller::config::Config;
 use mesh_controller::run::Controller;
 use mesh_controller::testing::{service_yaml, slice_yaml};
 use mesh_controller::xds::status::SyncState;
-use mesh_e2e::{Backend, Peer, ProxyClient, eventually, free_port, http_get, peer, write_atomic};
+use mesh_e2e::{
+    Backend, Peer, ProxyClient, eventually, free_port, http_get, peer, reviews_route, spread,
+    write_atomic,
+};
 use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
 use tokio::process::Command;
-
-fn route(v1: u32, v2: u32) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: reviews, namespace: default}}
-spec:
-  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
-  rules:
-  - matches: [{{headers: [{{name: x-canary, value: 'yes'}}]}}]
-    backendRefs: [{{name: reviews-v2, port: 9080}}]
-  - backendRefs: [{{name: reviews-v1, port: 9080, weight: {v1}}}, {{name: reviews-v2, port: 9080, weight: {v2}}}]
-"
-    )
-}
-
-/// Sends `n` requests and counts answers per backend name (errors count under their status).
-async fn spread(
-    client: &mut ProxyClient,
-    n: usize,
-    headers: &[(&str, &str)],
-) -> std::collections::BTreeMap<String, usize> {
-    let mut out = std::collections::BTreeMap::new();
-    for _ in 0..n {
-        let key = match client.get("reviews:9080", "/", headers).await {
-            Ok((200, body)) => body,
-            Ok((status, _)) => format!("status {status}"),
-            Err(e) => format!("error {e}"),
-        };
-        *out.entry(key).or_insert(0) += 1;
-    }
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
@@ -89,7 +59,7 @@ async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
         ),
     )?;
     let route_file = cfg.join("route.yaml");
-    std::fs::write(&route_file, route(90, 10))?;
+    std::fs::write(&route_file, reviews_route(90, 10))?;
 
     let ctl = Controller::start(Config::local(&cfg)).await?;
 
@@ -165,7 +135,7 @@ async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
     // A malformed edit is refused with file and field; the last good route stays in force.
     write_atomic(
         &route_file,
-        &route(90, 10).replace("weight: 10}", "weight: -10}"),
+        &reviews_route(90, 10).replace("weight: 10}", "weight: -10}"),
     )?;
     let reported = eventually(
         Duration::from_secs(5),
@@ -198,7 +168,7 @@ async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
     // 0/100: measure from the write until Envoy has acknowledged the new routes and serves them.
     let before = route_version(&ctl);
     let t0 = Instant::now();
-    write_atomic(&route_file, &route(0, 100))?;
+    write_atomic(&route_file, &reviews_route(0, 100))?;
     let acked = eventually(
         Duration::from_secs(5),
         "Envoy to ACK the new routes",
@@ -223,7 +193,7 @@ async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
     );
 
     // Back to 50/50, then v2's EndpointSlice goes: v2 gets no more traffic.
-    write_atomic(&route_file, &route(50, 50))?;
+    write_atomic(&route_file, &reviews_route(50, 50))?;
     eventually(Duration::from_secs(5), "50/50 in force", || async {
         let mut c = ProxyClient::new(format!("127.0.0.1:{http_port}").parse().ok()?);
         let counts = spread(&mut c, 100, &[]).await;

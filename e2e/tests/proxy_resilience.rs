@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use mesh_controller::testing::service_yaml;
 use mesh_e2e::mesh::{KillableController, Load, LocalMesh, failures, wait_config, weights};
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{ProxyClient, eventually};
+use mesh_e2e::{ProxyClient, eventually, reviews_route};
 use mesh_proxy::Proxy;
 
 /// Three endpoints on one port at 127.0.0.2-4, as three pods would be.
@@ -161,19 +161,6 @@ async fn a_dead_endpoint_is_ejected_and_readmitted_when_it_recovers() -> anyhow:
     Ok(())
 }
 
-fn split_route(v1: u32, v2: u32) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: reviews, namespace: default}}
-spec:
-  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
-  rules:
-  - backendRefs: [{{name: reviews-v1, port: 9080, weight: {v1}}}, {{name: reviews-v2, port: 9080, weight: {v2}}}]
-"
-    )
-}
-
 fn reviews_manifests(v1: &EchoServer, v2: &EchoServer) -> String {
     let slice = |svc: &str, port: u16| {
         format!(
@@ -209,7 +196,7 @@ async fn controller_killed_and_restarted_under_load() -> anyhow::Result<()> {
     let cfg = dir.path().join("config");
     std::fs::create_dir(&cfg)?;
     std::fs::write(cfg.join("services.yaml"), reviews_manifests(&v1, &v2))?;
-    std::fs::write(cfg.join("route.yaml"), split_route(100, 0))?;
+    std::fs::write(cfg.join("route.yaml"), reviews_route(100, 0))?;
     let mut controller = KillableController::start(&cfg, "127.0.0.1:0".parse()?)?;
     let xds = controller.xds_addr;
 
@@ -237,7 +224,7 @@ async fn controller_killed_and_restarted_under_load() -> anyhow::Result<()> {
     .await?;
     let reconnected = restarted_at.elapsed();
     let written = Instant::now();
-    mesh_e2e::write_atomic(&cfg.join("route.yaml"), &split_route(0, 100))?;
+    mesh_e2e::write_atomic(&cfg.join("route.yaml"), &reviews_route(0, 100))?;
     wait_config(&proxy, "the route change after the restart", v2_only).await?;
     let applied = written.elapsed();
     let rest = Duration::from_secs(30).saturating_sub(killed_at.elapsed() + Duration::from_secs(5));
@@ -264,7 +251,7 @@ async fn fifty_route_changes_under_load_lose_nothing() -> anyhow::Result<()> {
     let v2 = EchoServer::start("reviews-v2").await?;
     let mesh = LocalMesh::start().await?;
     mesh.write("services.yaml", &reviews_manifests(&v1, &v2))?;
-    mesh.write("route.yaml", &split_route(100, 0))?;
+    mesh.write("route.yaml", &reviews_route(100, 0))?;
     let proxy = mesh
         .proxy(mesh.proxy_config("default/productpage-1"))
         .await?;
@@ -278,7 +265,7 @@ async fn fifty_route_changes_under_load_lose_nothing() -> anyhow::Result<()> {
     let splits = [(100, 0), (50, 50), (0, 100), (90, 10), (10, 90)];
     for i in 0..50 {
         let (a, b) = splits[i % splits.len()];
-        mesh.write("route.yaml", &split_route(a, b))?;
+        mesh.write("route.yaml", &reviews_route(a, b))?;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let got = load.finish().await;

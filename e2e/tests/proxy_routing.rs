@@ -1,43 +1,9 @@
 //! mesh-proxy routes as the controller's xDS says: weighted splits, header matches, and edits
 //! applied while traffic flows.
 
-use std::collections::BTreeMap;
-
 use mesh_controller::testing::{service_yaml, slice_yaml};
 use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
-use mesh_e2e::{Backend, ProxyClient};
-
-fn route(v1: u32, v2: u32) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: reviews, namespace: default}}
-spec:
-  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
-  rules:
-  - matches: [{{headers: [{{name: x-canary, value: 'yes'}}]}}]
-    backendRefs: [{{name: reviews-v2, port: 9080}}]
-  - backendRefs: [{{name: reviews-v1, port: 9080, weight: {v1}}}, {{name: reviews-v2, port: 9080, weight: {v2}}}]
-"
-    )
-}
-
-async fn spread(
-    client: &mut ProxyClient,
-    n: usize,
-    headers: &[(&str, &str)],
-) -> BTreeMap<String, usize> {
-    let mut out = BTreeMap::new();
-    for _ in 0..n {
-        let key = match client.get("reviews:9080", "/", headers).await {
-            Ok((200, body)) => body,
-            Ok((status, body)) => format!("status {status}: {body}"),
-            Err(e) => format!("error {e}"),
-        };
-        *out.entry(key).or_insert(0) += 1;
-    }
-    out
-}
+use mesh_e2e::{Backend, ProxyClient, reviews_route, spread};
 
 async fn reviews_mesh(v1: &Backend, v2: &Backend) -> anyhow::Result<LocalMesh> {
     let mesh = LocalMesh::start().await?;
@@ -70,7 +36,7 @@ async fn reviews_mesh(v1: &Backend, v2: &Backend) -> anyhow::Result<LocalMesh> {
             &["127.0.0.1"],
         ),
     )?;
-    mesh.write("route.yaml", &route(90, 10))?;
+    mesh.write("route.yaml", &reviews_route(90, 10))?;
     Ok(mesh)
 }
 
@@ -117,7 +83,7 @@ async fn weighted_split_and_header_match_through_the_explicit_listener() -> anyh
     assert_eq!(canary.get("reviews-v2"), Some(&100), "{canary:?}");
 
     // Blue-green: all weight to v2, applied while the client keeps its connection.
-    mesh.write("route.yaml", &route(0, 100))?;
+    mesh.write("route.yaml", &reviews_route(0, 100))?;
     wait_config(&proxy, "all weight on v2", |s| {
         !weights(s, "outbound_http", "reviews.default.")
             .iter()

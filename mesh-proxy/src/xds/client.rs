@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{Node, node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::channel::mpsc;
@@ -252,6 +250,22 @@ impl XdsClient {
         }
     }
 
+    /// The next response on the stream (`None`: the controller closed it), publishing an
+    /// incomplete config that has waited long enough meanwhile.
+    async fn next<T>(
+        &self,
+        inbound: &mut tonic::Streaming<T>,
+        cache: &mut Cache,
+        publisher: &mut Publisher,
+    ) -> Result<Option<T>, StreamError> {
+        loop {
+            tokio::select! {
+                msg = inbound.message() => return Ok(msg?),
+                () = publisher.wait() => publisher.expire(cache, &self.store, &self.metrics),
+            }
+        }
+    }
+
     async fn delta(
         &self,
         cache: &mut Cache,
@@ -294,15 +308,8 @@ impl XdsClient {
         let mut inbound = client.delta_aggregated_resources(rx).await?.into_inner();
         self.connected();
         loop {
-            let resp: DeltaDiscoveryResponse = tokio::select! {
-                msg = inbound.message() => match msg? {
-                    Some(r) => r,
-                    None => return Ok(()),
-                },
-                () = publisher.wait() => {
-                    publisher.expire(cache, &self.store, &self.metrics);
-                    continue;
-                }
+            let Some(resp) = self.next(&mut inbound, cache, publisher).await? else {
+                return Ok(());
             };
             *got_response = true;
             let Some(ty) = Type::from_url(&resp.type_url) else {
@@ -407,15 +414,8 @@ impl XdsClient {
         let mut inbound = client.stream_aggregated_resources(rx).await?.into_inner();
         self.connected();
         loop {
-            let resp: DiscoveryResponse = tokio::select! {
-                msg = inbound.message() => match msg? {
-                    Some(r) => r,
-                    None => return Ok(()),
-                },
-                () = publisher.wait() => {
-                    publisher.expire(cache, &self.store, &self.metrics);
-                    continue;
-                }
+            let Some(resp) = self.next(&mut inbound, cache, publisher).await? else {
+                return Ok(());
             };
             *got_response = true;
             let Some(ty) = Type::from_url(&resp.type_url) else {

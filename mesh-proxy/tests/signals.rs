@@ -1,0 +1,73 @@
+//! The mesh-proxy binary: SIGTERM drains and exits cleanly; bad settings are refused by name.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_zero() {
+    let admin = free_addr();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args([
+            "--node",
+            "default/web-1",
+            "--xds",
+            &free_addr(),
+            "--workers",
+            "1",
+            "--admin-addr",
+            &admin,
+            "--metrics-addr",
+            &free_addr(),
+            "--outbound-http-addr",
+            &free_addr(),
+            "--drain-deadline",
+            "2s",
+        ])
+        .env("MESH_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mesh-proxy starts");
+    // Wait until it serves its admin port, so the signal handler is installed.
+    let mut up = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(&admin).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "admin never came up");
+    let pid = child.id().expect("pid").to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("exits within 10 s of SIGTERM")
+        .expect("status");
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_bad_node_is_refused_by_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args(["--node", "no-namespace", "--admin-addr", &free_addr()])
+        .output()
+        .await
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("MESH_PROXY_NODE") && err.contains("\"no-namespace\""), "{err}");
+}
