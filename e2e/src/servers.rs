@@ -92,7 +92,7 @@ impl EchoServer {
                                 Ok(b) => b.to_bytes(),
                                 Err(e) => Bytes::from(format!("body error: {e}")),
                             };
-                            let status = if every > 0 && n.is_multiple_of(every) {
+                            let status = if every > 0 && (n - 1).is_multiple_of(every) {
                                 503
                             } else {
                                 200

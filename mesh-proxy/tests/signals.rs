@@ -69,5 +69,8 @@ async fn a_bad_node_is_refused_by_name() {
         .expect("runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("MESH_PROXY_NODE") && err.contains("\"no-namespace\""), "{err}");
+    assert!(
+        err.contains("MESH_PROXY_NODE") && err.contains("\"no-namespace\""),
+        "{err}"
+    );
 }

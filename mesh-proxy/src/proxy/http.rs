@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::Shared;
+use super::replay::ReplayBody;
 use super::upstream::{self, Body, SendError, Target};
 use crate::balance::Outcome;
 use crate::metrics::{BackendMetrics, Direction, ReasonLabels};
@@ -181,22 +182,33 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             })
 }
 
-/// The request body, replayable when it is empty or was read in full.
+/// The request body: empty, read in full (for mirrors), recorded as it streams (for retries),
+/// or streamed as is.
 enum ReqBody {
     Empty,
     Buffered(Bytes),
+    /// The handle copies for each try are made from; it is never read itself.
+    Replay(ReplayBody),
     Stream(Option<Incoming>),
 }
 
 impl ReqBody {
     fn replayable(&self) -> bool {
-        !matches!(self, ReqBody::Stream(_))
+        match self {
+            ReqBody::Empty | ReqBody::Buffered(_) => true,
+            ReqBody::Replay(r) => r.can_replay(),
+            ReqBody::Stream(_) => false,
+        }
     }
 
     fn take(&mut self) -> Body {
         match self {
             ReqBody::Empty => empty(),
             ReqBody::Buffered(b) => full(b.clone()),
+            ReqBody::Replay(r) => match r.replay() {
+                Some(copy) => copy.boxed_unsync(),
+                None => empty(),
+            },
             ReqBody::Stream(s) => match s.take() {
                 Some(b) => b.map_err(Into::into).boxed_unsync(),
                 None => empty(),
@@ -324,13 +336,13 @@ async fn forward(
         },
     };
 
-    let needs_replay = f.retry.is_some() || !f.mirrors.is_empty();
     let mut body = if body.is_end_stream() {
         ReqBody::Empty
-    } else if needs_replay
+    } else if !f.mirrors.is_empty()
         && !upgrade
         && content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT as u64)
     {
+        // A mirror copy needs the whole body before it is sent.
         match body.collect().await {
             Ok(b) => ReqBody::Buffered(b.to_bytes()),
             Err(e) => {
@@ -338,6 +350,8 @@ async fn forward(
                 return local(StatusCode::BAD_REQUEST, "request body ended early");
             }
         }
+    } else if f.retry.is_some() && !upgrade {
+        ReqBody::Replay(ReplayBody::new(body, REPLAY_LIMIT))
     } else {
         ReqBody::Stream(Some(body))
     };

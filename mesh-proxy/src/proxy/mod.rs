@@ -3,6 +3,7 @@
 
 pub mod detect;
 pub mod http;
+pub mod replay;
 pub mod tcp;
 pub mod upstream;
 
