@@ -373,3 +373,38 @@ async fn streamed_bodies_are_retried_up_to_64_kib() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_answers_504() -> anyhow::Result<()> {
+    let app = EchoServer::start_on("pod-a", "127.0.0.2:0".parse()?).await?;
+    app.set_delay(Duration::from_secs(3));
+    let mesh = LocalMesh::start().await?;
+    let manifests = flaky_manifests(app.addr.port())
+        .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']")
+        .replace(
+            "  - retry: {attempts: 3, codes: [503]}\n    backendRefs",
+            "  - timeouts: {request: 300ms}\n    backendRefs",
+        );
+    assert!(manifests.contains("request: 300ms"));
+    mesh.write("flaky.yaml", &manifests)?;
+    let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
+    wait_config(&proxy, "the route with its timeout", |s| {
+        s.route("outbound_http").is_some_and(|t| {
+            t.vhosts.iter().flat_map(|v| &v.routes).any(|r| {
+                matches!(&r.action, mesh_proxy::state::Action::Forward(f)
+                    if f.timeout == Some(Duration::from_millis(300)))
+            })
+        })
+    })
+    .await?;
+    let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("listener"));
+    let started = Instant::now();
+    let (status, body) = client.get("flaky:8080", "/", &[]).await?;
+    let took = started.elapsed();
+    assert_eq!((status, body.trim()), (504, "upstream request timeout"));
+    assert!(
+        took < Duration::from_secs(3),
+        "answered after {took:?}, not at the route timeout"
+    );
+    Ok(())
+}

@@ -2,6 +2,7 @@
 //! changes, mirrors and upgrades; or answer locally (redirects, direct responses, errors).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -526,7 +527,12 @@ async fn forward(
                 levels.vh.headers.apply_response(&mut p.headers);
                 levels.table.headers.apply_response(&mut p.headers);
                 finish(&bm, shared, elapsed, Some(p.status.as_u16()));
-                Response::from_parts(p, b.map_err(Into::into).boxed_unsync())
+                let body = b.map_err(Into::into);
+                match deadline {
+                    // The route timeout covers the response body too, as Envoy's does.
+                    Some(at) => Response::from_parts(p, Deadline::new(body, at).boxed_unsync()),
+                    None => Response::from_parts(p, body.boxed_unsync()),
+                }
             }
             Try::Failed(e) => {
                 finish(&bm, shared, elapsed, None);
@@ -562,6 +568,61 @@ fn pick(
     match cluster.kind {
         ClusterKind::OriginalDst => cluster.original_dst(dst).pick(None),
         _ => cluster.endpoints.pick(avoid),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body cut off, with an error, at the route's deadline.
+    struct Deadline<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: tokio::time::Sleep,
+    }
+}
+
+impl<B> Deadline<B> {
+    fn new(inner: B, at: Instant) -> Self {
+        Self {
+            inner,
+            sleep: tokio::time::sleep_until(at.into()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("route timeout while the response was being sent")]
+struct ResponseTimeout;
+
+impl<B> http_body::Body for Deadline<B>
+where
+    B: http_body::Body<Data = Bytes, Error = upstream::BoxError>,
+{
+    type Data = Bytes;
+    type Error = upstream::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        if let std::task::Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return std::task::Poll::Ready(frame);
+        }
+        match this.sleep.poll(cx) {
+            std::task::Poll::Ready(()) => {
+                std::task::Poll::Ready(Some(Err(Box::new(ResponseTimeout))))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
