@@ -65,6 +65,27 @@ async fn flaky_proxy(mesh: &LocalMesh) -> anyhow::Result<Proxy> {
     Ok(proxy)
 }
 
+/// A proxy routing `flaky` to one endpoint, `app` at 127.0.0.2, with `rule` (YAML, the first
+/// line of the route's only rule) instead of the retry rule.
+async fn one_endpoint_proxy(
+    mesh: &LocalMesh,
+    app: &EchoServer,
+    rule: &str,
+) -> anyhow::Result<Proxy> {
+    let manifests = flaky_manifests(app.addr.port())
+        .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']")
+        .replace("  - retry: {attempts: 3, codes: [503]}", rule);
+    mesh.write("flaky.yaml", &manifests)?;
+    let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
+    wait_config(&proxy, "flaky's endpoint", |s| {
+        s.clusters
+            .values()
+            .any(|c| c.name.contains("flaky.default") && c.endpoints.len() == 1)
+    })
+    .await?;
+    Ok(proxy)
+}
+
 async fn send(client: &mut ProxyClient, n: usize) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
     for _ in 0..n {
@@ -290,16 +311,7 @@ async fn streamed_bodies_are_retried_up_to_64_kib() -> anyhow::Result<()> {
     let app = EchoServer::start_on("pod-a", "127.0.0.2:0".parse()?).await?;
     app.fail_every(2);
     let mesh = LocalMesh::start().await?;
-    let manifests = flaky_manifests(app.addr.port())
-        .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']");
-    mesh.write("flaky.yaml", &manifests)?;
-    let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
-    wait_config(&proxy, "flaky's endpoint", |s| {
-        s.clusters
-            .values()
-            .any(|c| c.name.contains("flaky.default") && c.endpoints.len() == 1)
-    })
-    .await?;
+    let proxy = one_endpoint_proxy(&mesh, &app, "  - retry: {attempts: 3, codes: [503]}").await?;
     let proxy_url = format!("http://{}", proxy.outbound_http_addr.expect("listener"));
     let dir = tempfile::tempdir()?;
     let post = |size: usize| {
@@ -310,59 +322,38 @@ async fn streamed_bodies_are_retried_up_to_64_kib() -> anyhow::Result<()> {
         std::fs::write(&file, &body).map(|_| (file, body))
     };
 
+    let upload = |file: std::path::PathBuf| {
+        let (curl, proxy_url) = (curl.clone(), proxy_url.clone());
+        async move {
+            let data = format!("@{}", file.display());
+            let args = [
+                "-sS",
+                "-x",
+                &proxy_url,
+                "-H",
+                "Transfer-Encoding: chunked",
+                "-w",
+                "\n%{http_code}",
+                "--data-binary",
+                &data,
+                "http://flaky:8080/upload",
+            ];
+            let (out, err, ok) =
+                mesh_e2e::run_peer(&curl, &args, &[], Duration::from_secs(30)).await?;
+            anyhow::ensure!(ok, "curl failed: {err}");
+            let (body, status) = out.rsplit_once('\n').unwrap_or((&out, ""));
+            anyhow::Ok((body.to_string(), status.to_string()))
+        }
+    };
+
     // 1 KiB with no length: streamed, recorded, replayed after the 503.
     let (file, body) = post(1024)?;
-    let (out, err, ok) = mesh_e2e::run_peer(
-        &curl,
-        &[
-            "-sS",
-            "-x",
-            &proxy_url,
-            "-H",
-            "Transfer-Encoding: chunked",
-            "-w",
-            "\n%{http_code}",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            "http://flaky:8080/upload",
-        ],
-        &[],
-        Duration::from_secs(30),
-    )
-    .await?;
-    assert!(ok, "{err}");
-    assert_eq!(out, format!("{body}\n200"));
-    assert_eq!(
-        app.hits(),
-        2,
-        "one 503, one retry: {}",
-        proxy.metrics.encode()
-    );
+    assert_eq!(upload(file).await?, (body, "200".to_string()));
+    assert_eq!(app.hits(), 2, "one 503, one retry");
 
     // 100 KiB: it outgrows the record, so its 503 is not retried.
     let (file, _) = post(100 * 1024)?;
-    let (out, err, ok) = mesh_e2e::run_peer(
-        &curl,
-        &[
-            "-sS",
-            "-x",
-            &proxy_url,
-            "-H",
-            "Transfer-Encoding: chunked",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--data-binary",
-            &format!("@{}", file.display()),
-            "http://flaky:8080/upload",
-        ],
-        &[],
-        Duration::from_secs(30),
-    )
-    .await?;
-    assert!(ok, "{err}");
-    assert_eq!(out, "503");
+    assert_eq!(upload(file).await?.1, "503");
     assert_eq!(app.hits(), 3, "no retry");
     assert_eq!(
         metric(
@@ -379,15 +370,7 @@ async fn a_route_timeout_answers_504() -> anyhow::Result<()> {
     let app = EchoServer::start_on("pod-a", "127.0.0.2:0".parse()?).await?;
     app.set_delay(Duration::from_secs(3));
     let mesh = LocalMesh::start().await?;
-    let manifests = flaky_manifests(app.addr.port())
-        .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']")
-        .replace(
-            "  - retry: {attempts: 3, codes: [503]}\n    backendRefs",
-            "  - timeouts: {request: 300ms}\n    backendRefs",
-        );
-    assert!(manifests.contains("request: 300ms"));
-    mesh.write("flaky.yaml", &manifests)?;
-    let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
+    let proxy = one_endpoint_proxy(&mesh, &app, "  - timeouts: {request: 300ms}").await?;
     wait_config(&proxy, "the route with its timeout", |s| {
         s.route("outbound_http").is_some_and(|t| {
             t.vhosts.iter().flat_map(|v| &v.routes).any(|r| {
