@@ -94,3 +94,32 @@ async fn weighted_split_and_header_match_through_the_explicit_listener() -> anyh
     assert_eq!(after.get("reviews-v2"), Some(&200), "{after:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_of_the_world_xds_works_too() -> anyhow::Result<()> {
+    let v1 = Backend::start("reviews-v1").await?;
+    let v2 = Backend::start("reviews-v2").await?;
+    let mesh = reviews_mesh(&v1, &v2).await?;
+    let mut cfg = mesh.proxy_config("default/productpage-1");
+    cfg.xds_api = mesh_proxy::config::XdsApi::Sotw;
+    let proxy = mesh.proxy(cfg).await?;
+    wait_config(&proxy, "the 90/10 split", |s| {
+        weights(s, "outbound_http", "reviews.default.")
+            .iter()
+            .any(|(c, w)| c.contains("reviews-v1") && *w == 90)
+    })
+    .await?;
+    let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
+    let got = spread(&mut client, 200, &[]).await;
+    assert_eq!(got.values().sum::<usize>(), 200);
+    assert!(got.keys().all(|k| k.starts_with("reviews-v")), "{got:?}");
+    mesh.write("route.yaml", &reviews_route(0, 100))?;
+    wait_config(&proxy, "all weight on v2", |s| {
+        let w = weights(s, "outbound_http", "reviews.default.");
+        !w.is_empty() && !w.iter().any(|(c, _)| c.contains("reviews-v1"))
+    })
+    .await?;
+    let after = spread(&mut client, 100, &[]).await;
+    assert_eq!(after.get("reviews-v2"), Some(&100), "{after:?}");
+    Ok(())
+}

@@ -1,9 +1,12 @@
 //! Types shared by every part of the mesh: ports, labels, annotations, environment names,
-//! SPIFFE IDs and, behind the `k8s` feature, our CRDs and the Gateway API types.
+//! SPIFFE IDs and, behind the `k8s` feature, our CRDs and the Gateway API types; behind
+//! `process`, what the binaries share about their lifecycle.
 
 pub mod consts;
 #[cfg(feature = "k8s")]
 pub mod crds;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod spiffe;
 
 #[cfg(feature = "k8s")]

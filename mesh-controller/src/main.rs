@@ -18,22 +18,7 @@ async fn main() -> anyhow::Result<()> {
     let _controller = Controller::start(config)
         .await
         .context("starting mesh-controller")?;
-    shutdown_signal().await;
+    mesh_api::process::terminated().await;
     tracing::info!("shutting down");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -49,26 +49,11 @@ async fn run(config: Config, log: Arc<LogControl>) -> anyhow::Result<()> {
         .await
         .context("starting mesh-proxy")?;
     tokio::select! {
-        () = terminate() => tracing::info!("SIGTERM: draining"),
+        () = mesh_api::process::terminated() => tracing::info!("SIGTERM: draining"),
         () = proxy.shutdown_requested() => tracing::info!("/shutdown: draining"),
     }
     if !proxy.drain().await {
         tracing::warn!("drain deadline passed with connections still open");
     }
     Ok(())
-}
-
-async fn terminate() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{Node, node};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::channel::mpsc;
@@ -250,18 +252,35 @@ impl XdsClient {
         }
     }
 
-    /// The next response on the stream (`None`: the controller closed it), publishing an
-    /// incomplete config that has waited long enough meanwhile.
-    async fn next<T>(
+    /// The next response of a type we know, with that type (`None`: the controller closed the
+    /// stream). Meanwhile an incomplete config that waited long enough is published, and a
+    /// response of an unknown type is refused with `refuse(type_url, nonce)`.
+    async fn next<T: Response, R>(
         &self,
         inbound: &mut tonic::Streaming<T>,
         cache: &mut Cache,
         publisher: &mut Publisher,
-    ) -> Result<Option<T>, StreamError> {
+        tx: &mpsc::UnboundedSender<R>,
+        refuse: impl Fn(String, String, RpcStatus) -> R,
+    ) -> Result<Option<(Type, T)>, StreamError> {
         loop {
-            tokio::select! {
-                msg = inbound.message() => return Ok(msg?),
-                () = publisher.wait() => publisher.expire(cache, &self.store, &self.metrics),
+            let resp = tokio::select! {
+                msg = inbound.message() => match msg? {
+                    Some(r) => r,
+                    None => return Ok(None),
+                },
+                () = publisher.wait() => {
+                    publisher.expire(cache, &self.store, &self.metrics);
+                    continue;
+                }
+            };
+            let url = resp.type_url().to_string();
+            match Type::from_url(&url) {
+                Some(ty) => return Ok(Some((ty, resp))),
+                None => {
+                    let detail = nack(format!("type {url} is not supported"));
+                    let _ = tx.unbounded_send(refuse(url, resp.nonce().to_string(), detail));
+                }
             }
         }
     }
@@ -308,19 +327,19 @@ impl XdsClient {
         let mut inbound = client.delta_aggregated_resources(rx).await?.into_inner();
         self.connected();
         loop {
-            let Some(resp) = self.next(&mut inbound, cache, publisher).await? else {
+            let refuse = |type_url, response_nonce, detail| DeltaDiscoveryRequest {
+                type_url,
+                response_nonce,
+                error_detail: Some(detail),
+                ..Default::default()
+            };
+            let Some((ty, resp)) = self
+                .next(&mut inbound, cache, publisher, &tx, refuse)
+                .await?
+            else {
                 return Ok(());
             };
             *got_response = true;
-            let Some(ty) = Type::from_url(&resp.type_url) else {
-                let _ = tx.unbounded_send(DeltaDiscoveryRequest {
-                    type_url: resp.type_url.clone(),
-                    response_nonce: resp.nonce,
-                    error_detail: Some(nack(format!("type {} is not supported", resp.type_url))),
-                    ..Default::default()
-                });
-                continue;
-            };
             let mut removed = resp.removed_resources.clone();
             let mut updated = Vec::with_capacity(resp.resources.len());
             for r in resp.resources {
@@ -414,19 +433,19 @@ impl XdsClient {
         let mut inbound = client.stream_aggregated_resources(rx).await?.into_inner();
         self.connected();
         loop {
-            let Some(resp) = self.next(&mut inbound, cache, publisher).await? else {
+            let refuse = |type_url, response_nonce, detail| DiscoveryRequest {
+                type_url,
+                response_nonce,
+                error_detail: Some(detail),
+                ..Default::default()
+            };
+            let Some((ty, resp)) = self
+                .next(&mut inbound, cache, publisher, &tx, refuse)
+                .await?
+            else {
                 return Ok(());
             };
             *got_response = true;
-            let Some(ty) = Type::from_url(&resp.type_url) else {
-                let _ = tx.unbounded_send(DiscoveryRequest {
-                    type_url: resp.type_url.clone(),
-                    response_nonce: resp.nonce,
-                    error_detail: Some(nack(format!("type {} is not supported", resp.type_url))),
-                    ..Default::default()
-                });
-                continue;
-            };
             let mut updated = Vec::with_capacity(resp.resources.len());
             let mut decode_error = None;
             for body in resp.resources {
@@ -487,6 +506,32 @@ impl XdsClient {
             }
             publisher.offer(cache, &self.store, &self.metrics);
         }
+    }
+}
+
+/// What the stream loop needs of either kind of response.
+trait Response {
+    fn type_url(&self) -> &str;
+    fn nonce(&self) -> &str;
+}
+
+impl Response for DeltaDiscoveryResponse {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+
+    fn nonce(&self) -> &str {
+        &self.nonce
+    }
+}
+
+impl Response for DiscoveryResponse {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+
+    fn nonce(&self) -> &str {
+        &self.nonce
     }
 }
 
