@@ -130,6 +130,8 @@ pub struct Cache {
     listeners: BTreeMap<String, Arc<ListenerConfig>>,
     routes: imbl::HashMap<String, Arc<RouteTable>>,
     cluster_defs: BTreeMap<String, ClusterDef>,
+    /// EDS service name -> the clusters that take their endpoints from it.
+    eds_users: HashMap<String, BTreeSet<String>>,
     endpoints: HashMap<String, Vec<EndpointDef>>,
     clusters: imbl::HashMap<String, Arc<Cluster>>,
     /// Clusters whose definition or endpoints changed since the last assembly.
@@ -179,7 +181,9 @@ impl Cache {
                     self.routes.remove(name);
                 }
                 Type::Cluster => {
-                    self.cluster_defs.remove(name);
+                    if let Some(old) = self.cluster_defs.remove(name) {
+                        self.forget_eds_user(&old);
+                    }
                     self.dirty.insert(name.clone());
                 }
                 Type::Endpoint => {
@@ -202,7 +206,15 @@ impl Cache {
                 Converted::Cluster(def) => {
                     if self.cluster_defs.get(&r.name) != Some(&def) {
                         self.dirty.insert(r.name.clone());
-                        self.cluster_defs.insert(r.name.clone(), def);
+                        if let ClusterKind::Eds { service_name } = &def.kind {
+                            self.eds_users
+                                .entry(service_name.clone())
+                                .or_default()
+                                .insert(r.name.clone());
+                        }
+                        if let Some(old) = self.cluster_defs.insert(r.name.clone(), def) {
+                            self.forget_eds_user(&old);
+                        }
                     }
                 }
                 Converted::Endpoints(eps) => {
@@ -238,9 +250,28 @@ impl Cache {
     }
 
     fn mark_eds_dirty(&mut self, service: &str) {
-        for (name, def) in &self.cluster_defs {
-            if matches!(&def.kind, ClusterKind::Eds { service_name } if service_name == service) {
-                self.dirty.insert(name.clone());
+        if let Some(users) = self.eds_users.get(service) {
+            self.dirty.extend(users.iter().cloned());
+        }
+    }
+
+    /// Drops a replaced or removed cluster definition from the EDS reverse map, unless the
+    /// cluster still uses that service name.
+    fn forget_eds_user(&mut self, old: &ClusterDef) {
+        let ClusterKind::Eds { service_name } = &old.kind else {
+            return;
+        };
+        let still = matches!(
+            self.cluster_defs.get(&old.name).map(|d| &d.kind),
+            Some(ClusterKind::Eds { service_name: s }) if s == service_name
+        );
+        if still {
+            return;
+        }
+        if let Some(users) = self.eds_users.get_mut(service_name) {
+            users.remove(&old.name);
+            if users.is_empty() {
+                self.eds_users.remove(service_name);
             }
         }
     }

@@ -216,3 +216,53 @@ fn state_of_the_world_removals() {
         "z"
     );
 }
+
+#[test]
+fn endpoints_reach_every_cluster_using_their_service_name() {
+    let metrics = Metrics::new();
+    let mut c = Cache::default();
+    let named = |name: &str, service: &str| PbCluster {
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: None,
+            service_name: service.into(),
+        }),
+        ..eds_cluster(name)
+    };
+    c.apply(
+        Type::Cluster,
+        &[
+            incoming("a", "1", &named("a", "svc")),
+            incoming("b", "1", &named("b", "svc")),
+        ],
+        &[],
+    )
+    .expect("cds");
+    assert_eq!(c.wanted_endpoints(), ["svc".to_string()].into());
+    let _ = c.snapshot(&metrics);
+    c.apply(
+        Type::Endpoint,
+        &[incoming("svc", "1", &cla("svc", &[1000, 1001]))],
+        &[],
+    )
+    .expect("eds");
+    let s = c.snapshot(&metrics);
+    assert_eq!(s.cluster("a").expect("a").endpoints.len(), 2);
+    assert_eq!(s.cluster("b").expect("b").endpoints.len(), 2);
+    // Cluster b moves to another service name: svc's updates no longer reach it.
+    c.apply(
+        Type::Cluster,
+        &[incoming("b", "2", &named("b", "other"))],
+        &[],
+    )
+    .expect("cds");
+    let _ = c.snapshot(&metrics);
+    c.apply(
+        Type::Endpoint,
+        &[incoming("svc", "2", &cla("svc", &[1000]))],
+        &[],
+    )
+    .expect("eds");
+    let s = c.snapshot(&metrics);
+    assert_eq!(s.cluster("a").expect("a").endpoints.len(), 1);
+    assert_eq!(s.cluster("b").expect("b").endpoints.len(), 0);
+}
