@@ -1123,35 +1123,50 @@ fn encoded_chains(
     for p in &svc.ports {
         let cluster = model.cluster_name(&svc.key, p.port);
         let route = route_name_for(model, svc, p, consumer);
-        let matching = |app: Vec<String>| FilterChainMatch {
-            prefix_ranges: vec![cidr(vip)],
-            destination_port: u32v(u32::from(p.port)),
-            application_protocols: app,
-            ..Default::default()
-        };
-        let http = |app: Vec<String>| FilterChain {
-            name: format!("{route}/http"),
-            filter_chain_match: Some(matching(app)),
-            filters: vec![hcm_filter(&cluster, &route)],
-            ..Default::default()
-        };
-        let tcp = FilterChain {
-            name: format!("{route}/tcp"),
-            filter_chain_match: Some(matching(vec![])),
-            filters: vec![tcp_filter(&cluster, &cluster)],
-            ..Default::default()
-        };
-        let chains = match p.protocol {
-            Protocol::Tcp => vec![tcp],
-            Protocol::Http | Protocol::Http2 | Protocol::Grpc => vec![http(vec![])],
-            // Undeclared: http_inspector tells HTTP from the rest.
-            Protocol::Unknown => vec![http(vec!["http/1.1".into(), "h2c".into()]), tcp],
-        };
+        let chains = port_chains(
+            &route,
+            p.protocol,
+            FilterChainMatch {
+                prefix_ranges: vec![cidr(vip)],
+                destination_port: u32v(u32::from(p.port)),
+                ..Default::default()
+            },
+            hcm_filter(&cluster, &route),
+            tcp_filter(&cluster, &cluster),
+        );
         for c in &chains {
             prost::encoding::message::encode(FILTER_CHAINS_TAG, c, &mut buf);
         }
     }
     buf
+}
+
+/// The filter chains of one port by its protocol: HTTP, TCP, or, undeclared, both, told apart
+/// by `http_inspector` (so a server-speaks-first protocol is passed through, not parsed).
+fn port_chains(
+    name: &str,
+    protocol: Protocol,
+    matching: FilterChainMatch,
+    http: Filter,
+    tcp: Filter,
+) -> Vec<FilterChain> {
+    let chain = |kind: &str, app: Vec<String>, filter: Filter| FilterChain {
+        name: format!("{name}/{kind}"),
+        filter_chain_match: Some(FilterChainMatch {
+            application_protocols: app,
+            ..matching.clone()
+        }),
+        filters: vec![filter],
+        ..Default::default()
+    };
+    match protocol {
+        Protocol::Tcp => vec![chain("tcp", vec![], tcp)],
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => vec![chain("http", vec![], http)],
+        Protocol::Unknown => vec![
+            chain("http", vec!["http/1.1".into(), "h2c".into()], http),
+            chain("tcp", vec![], tcp),
+        ],
+    }
 }
 
 /// Field numbers of the repeated fields the per-namespace layer is assembled from.
@@ -1298,48 +1313,29 @@ fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSetti
             _ => {}
         }
         out.insert(ResourceType::Cluster, Resource::new(&cluster, &app));
-        let matching = |app: Vec<String>| FilterChainMatch {
-            destination_port: u32v(u32::from(port)),
-            application_protocols: app,
-            ..Default::default()
-        };
-        let tcp = FilterChain {
-            name: format!("{route}/tcp"),
-            filter_chain_match: Some(matching(vec![])),
-            filters: vec![tcp_filter(&cluster, &cluster)],
-            ..Default::default()
-        };
-        if protocol == Protocol::Tcp {
-            chains.push(tcp);
-            continue;
-        }
-        let rc = RouteConfiguration {
-            name: route.clone(),
-            virtual_hosts: vec![VirtualHost {
+        if protocol != Protocol::Tcp {
+            let rc = RouteConfiguration {
                 name: route.clone(),
-                domains: vec!["*".into()],
-                routes: envoy_routes(&[], &cluster),
+                virtual_hosts: vec![VirtualHost {
+                    name: route.clone(),
+                    domains: vec!["*".into()],
+                    routes: envoy_routes(&[], &cluster),
+                    ..Default::default()
+                }],
                 ..Default::default()
-            }],
-            ..Default::default()
-        };
-        out.insert(ResourceType::Route, Resource::new(&route, &rc));
-        // Undeclared: HTTP when http_inspector sees it, else opaque, so a
-        // server-speaks-first protocol is passed through rather than parsed as HTTP.
-        let app = if protocol == Protocol::Unknown {
-            vec!["http/1.1".into(), "h2c".into()]
-        } else {
-            vec![]
-        };
-        chains.push(FilterChain {
-            name: route.clone(),
-            filter_chain_match: Some(matching(app)),
-            filters: vec![hcm_filter(&cluster, &route)],
-            ..Default::default()
-        });
-        if protocol == Protocol::Unknown {
-            chains.push(tcp);
+            };
+            out.insert(ResourceType::Route, Resource::new(&route, &rc));
         }
+        chains.extend(port_chains(
+            &route,
+            protocol,
+            FilterChainMatch {
+                destination_port: u32v(u32::from(port)),
+                ..Default::default()
+            },
+            hcm_filter(&cluster, &route),
+            tcp_filter(&cluster, &cluster),
+        ));
     }
     let listener = Listener {
         name: names::INBOUND_LISTENER.into(),
