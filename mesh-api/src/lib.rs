@@ -8,6 +8,8 @@ pub mod crds;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod spiffe;
+#[cfg(feature = "x509")]
+pub mod svid;
 
 #[cfg(feature = "k8s")]
 pub use gateway_api;
