@@ -1,2 +1,5 @@
-//! The mesh certificate authority: signs SPIFFE X.509 SVIDs for authenticated workloads; built
-//! under the identity issue.
+//! The mesh certificate authority: signs SPIFFE X.509 SVIDs for authenticated workloads.
+
+pub mod authority;
+
+pub use authority::{Authority, CaError, Issued};

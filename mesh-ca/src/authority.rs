@@ -1,0 +1,313 @@
+//! The signing key and what it signs. An SVID carries exactly one URI SAN (the workload's
+//! SPIFFE ID), CA=false, digitalSignature, and both serverAuth and clientAuth, so the same
+//! certificate serves a proxy's inbound and outbound sides. The CA decides the identity: a CSR
+//! naming any other one is refused, and one naming none gets the authenticated identity.
+
+use std::time::{Duration, SystemTime};
+
+use mesh_api::SpiffeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
+use time::OffsetDateTime;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("certificate signing request does not parse or its signature is wrong: {0}")]
+    BadCsr(rcgen::Error),
+    #[error("the CSR asks for {asked:?}, but the caller is {allowed}")]
+    CsrIdentity { asked: Vec<String>, allowed: String },
+    #[error("identity {id} is not in trust domain {trust_domain:?}")]
+    TrustDomain { id: String, trust_domain: String },
+    #[error("signing key or certificate: {0}")]
+    Key(rcgen::Error),
+    #[error("signing: {0}")]
+    Sign(rcgen::Error),
+}
+
+/// A signed SVID.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// Leaf first, then the signing certificate.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub not_after: SystemTime,
+}
+
+/// A certificate authority for one trust domain.
+pub struct Authority {
+    trust_domain: String,
+    issuer: Issuer<'static, KeyPair>,
+    cert: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+    /// Roots proxies trust: this one first, plus any kept during a rotation.
+    bundle: Vec<CertificateDer<'static>>,
+    max_lifetime: Duration,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.trust_domain)
+            .field("roots", &self.bundle.len())
+            .field("max_lifetime", &self.max_lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default workload certificate lifetime.
+pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long a generated root lives.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start this long before they are signed, for clocks a little behind.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+fn serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive, as DER integers for serials must be.
+    bytes[0] &= 0x7f;
+    SerialNumber::from_slice(&bytes)
+}
+
+impl Authority {
+    /// A new self-signed root (ECDSA P-256) for `trust_domain`.
+    pub fn generate(trust_domain: &str, now: SystemTime) -> Result<Self, CaError> {
+        let key = KeyPair::generate().map_err(CaError::Key)?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "mesh");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("mesh root {trust_domain}"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://{trust_domain}")
+                .try_into()
+                .map_err(CaError::Key)?,
+        )];
+        params.not_before = OffsetDateTime::from(now - BACKDATE);
+        params.not_after = OffsetDateTime::from(now + ROOT_LIFETIME);
+        params.serial_number = Some(serial());
+        let cert = params.self_signed(&key).map_err(CaError::Key)?;
+        Self::from_pem(&cert.pem(), &key.serialize_pem(), trust_domain)
+    }
+
+    /// A CA from a PEM certificate and its PEM private key (persisted, or plugged in).
+    pub fn from_pem(cert_pem: &str, key_pem: &str, trust_domain: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(CaError::Key)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CaError::Key)?;
+        let der = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|_| CaError::Key(rcgen::Error::CouldNotParseCertificate))?
+            .1
+            .contents;
+        let cert = CertificateDer::from(der);
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            issuer,
+            bundle: vec![cert.clone()],
+            cert,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            max_lifetime: DEFAULT_LIFETIME,
+        })
+    }
+
+    /// Caps the lifetime any SVID gets.
+    pub fn with_max_lifetime(mut self, max: Duration) -> Self {
+        self.max_lifetime = max;
+        self
+    }
+
+    /// Adds a root proxies should trust too (rotation: old and new side by side).
+    pub fn trust_also(&mut self, root: CertificateDer<'static>) {
+        if !self.bundle.contains(&root) {
+            self.bundle.push(root);
+        }
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The roots proxies should trust.
+    pub fn bundle(&self) -> &[CertificateDer<'static>] {
+        &self.bundle
+    }
+
+    /// The signing certificate and key, PEM, for persisting (the key file must be mode 0600).
+    pub fn to_pem(&self) -> (&str, &str) {
+        (&self.cert_pem, &self.key_pem)
+    }
+
+    /// Signs `csr` (DER) for `identity`, for `lifetime` capped at the maximum.
+    pub fn sign(
+        &self,
+        csr: &[u8],
+        identity: &SpiffeId,
+        lifetime: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, CaError> {
+        if identity.trust_domain() != self.trust_domain {
+            return Err(CaError::TrustDomain {
+                id: identity.to_string(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        let der = CertificateSigningRequestDer::from(csr.to_vec());
+        let mut request =
+            CertificateSigningRequestParams::from_der(&der).map_err(CaError::BadCsr)?;
+        let asked: Vec<String> = request
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if !(asked.is_empty() || asked == [identity.as_str()]) {
+            return Err(CaError::CsrIdentity {
+                asked,
+                allowed: identity.to_string(),
+            });
+        }
+        let lifetime = lifetime.min(self.max_lifetime);
+        let not_after = now + lifetime;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(
+            identity.as_str().try_into().map_err(CaError::Sign)?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = OffsetDateTime::from(now - BACKDATE);
+        params.not_after = OffsetDateTime::from(not_after);
+        params.serial_number = Some(serial());
+        params.use_authority_key_identifier_extension = true;
+        request.params = params;
+        let leaf = request.signed_by(&self.issuer).map_err(CaError::Sign)?;
+        Ok(Issued {
+            chain: vec![leaf.der().clone(), self.cert.clone()],
+            not_after,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use mesh_api::svid::{Role, check_leaf};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    use super::*;
+
+    const ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_798_761_600)
+    }
+
+    fn csr(sans: &[&str]) -> Vec<u8> {
+        let key = KeyPair::generate().expect("key");
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans
+            .iter()
+            .map(|s| SanType::URI((*s).try_into().expect("uri")))
+            .collect();
+        p.serialize_request(&key).expect("csr").der().to_vec()
+    }
+
+    #[test]
+    fn signs_an_svid_that_passes_the_checks_and_chains_to_the_root() {
+        let ca = Authority::generate("cluster.local", now()).expect("ca");
+        let id = SpiffeId::parse(ID).expect("id");
+        for asked in [&[ID][..], &[]] {
+            let issued = ca
+                .sign(&csr(asked), &id, DEFAULT_LIFETIME, now())
+                .expect("signed");
+            let leaf = &issued.chain[0];
+            for role in [Role::Client, Role::Server] {
+                let got = check_leaf(leaf, role, "cluster.local", Some(&id), now()).expect("valid");
+                assert_eq!(got, id);
+            }
+            let (_, leaf) = X509Certificate::from_der(leaf).expect("leaf");
+            let (_, root) = X509Certificate::from_der(&ca.bundle()[0]).expect("root");
+            leaf.verify_signature(Some(root.public_key()))
+                .expect("signed by the root");
+            assert_eq!(leaf.issuer(), root.subject());
+            assert_eq!(issued.not_after, now() + DEFAULT_LIFETIME);
+        }
+    }
+
+    #[test]
+    fn refuses_other_identities_and_caps_the_lifetime() {
+        let ca = Authority::generate("cluster.local", now())
+            .expect("ca")
+            .with_max_lifetime(Duration::from_secs(3600));
+        let id = SpiffeId::parse(ID).expect("id");
+        let err = ca
+            .sign(
+                &csr(&["spiffe://cluster.local/ns/kube-system/sa/admin"]),
+                &id,
+                DEFAULT_LIFETIME,
+                now(),
+            )
+            .expect_err("another identity");
+        assert!(err.to_string().contains("kube-system"), "{err}");
+        let err = ca
+            .sign(
+                &csr(&[ID, "spiffe://cluster.local/ns/default/sa/x"]),
+                &id,
+                DEFAULT_LIFETIME,
+                now(),
+            )
+            .expect_err("two identities");
+        assert!(matches!(err, CaError::CsrIdentity { .. }));
+        let foreign = SpiffeId::parse("spiffe://other.domain/ns/default/sa/reviews").expect("id");
+        assert!(matches!(
+            ca.sign(&csr(&[]), &foreign, DEFAULT_LIFETIME, now()),
+            Err(CaError::TrustDomain { .. })
+        ));
+        assert!(matches!(
+            ca.sign(b"garbage", &id, DEFAULT_LIFETIME, now()),
+            Err(CaError::BadCsr(_))
+        ));
+        let issued = ca
+            .sign(&csr(&[]), &id, DEFAULT_LIFETIME, now())
+            .expect("signed");
+        assert_eq!(issued.not_after, now() + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_persisted_ca_signs_for_the_same_root() {
+        let ca = Authority::generate("cluster.local", now()).expect("ca");
+        let (cert, key) = ca.to_pem();
+        assert!(key.contains("PRIVATE KEY"));
+        assert!(
+            !format!("{ca:?}").contains("PRIVATE"),
+            "Debug must not print the key"
+        );
+        let again = Authority::from_pem(cert, key, "cluster.local").expect("loads");
+        let id = SpiffeId::parse(ID).expect("id");
+        let issued = again
+            .sign(&csr(&[]), &id, DEFAULT_LIFETIME, now())
+            .expect("signed");
+        let (_, leaf) = X509Certificate::from_der(&issued.chain[0]).expect("leaf");
+        let (_, root) = X509Certificate::from_der(&ca.bundle()[0]).expect("root");
+        leaf.verify_signature(Some(root.public_key()))
+            .expect("signed by the original root");
+    }
+}
