@@ -25,7 +25,18 @@ pub enum CaError {
     Key(rcgen::Error),
     #[error("signing: {0}")]
     Sign(rcgen::Error),
+    #[error("{path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: must not be readable by group or others (mode {mode:o}); chmod 600 it")]
+    KeyMode { path: std::path::PathBuf, mode: u32 },
 }
+
+/// File names in a CA directory.
+pub const CERT_FILE: &str = "ca.crt";
+pub const KEY_FILE: &str = "ca.key";
 
 /// A signed SVID.
 #[derive(Debug, Clone)]
@@ -119,6 +130,49 @@ impl Authority {
             key_pem: key_pem.to_string(),
             max_lifetime: DEFAULT_LIFETIME,
         })
+    }
+
+    /// Loads the CA kept in `dir` (`ca.crt`, `ca.key`), or generates one and keeps it there,
+    /// the key written with mode 0600. A key file others can read is refused.
+    pub fn load_or_generate(
+        dir: &std::path::Path,
+        trust_domain: &str,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let file_err = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| CaError::File { path, source }
+        };
+        let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
+        if key_path.exists() {
+            let mode = std::fs::metadata(&key_path)
+                .map_err(file_err(&key_path))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(CaError::KeyMode {
+                    path: key_path,
+                    mode: mode & 0o777,
+                });
+            }
+            let cert = std::fs::read_to_string(&cert_path).map_err(file_err(&cert_path))?;
+            let key = std::fs::read_to_string(&key_path).map_err(file_err(&key_path))?;
+            return Self::from_pem(&cert, &key, trust_domain);
+        }
+        let ca = Self::generate(trust_domain, now)?;
+        std::fs::create_dir_all(dir).map_err(file_err(dir))?;
+        let mut key = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&key_path)
+            .map_err(file_err(&key_path))?;
+        key.write_all(ca.key_pem.as_bytes())
+            .map_err(file_err(&key_path))?;
+        std::fs::write(&cert_path, &ca.cert_pem).map_err(file_err(&cert_path))?;
+        Ok(ca)
     }
 
     /// Caps the lifetime any SVID gets.
@@ -289,6 +343,26 @@ mod tests {
             .sign(&csr(&[]), &id, DEFAULT_LIFETIME, now())
             .expect("signed");
         assert_eq!(issued.not_after, now() + Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_ca_directory_is_created_once_with_a_private_key_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("mesh-ca-test-{}", rand::random::<u64>()));
+        let first = Authority::load_or_generate(&dir, "cluster.local", now()).expect("generated");
+        let mode = std::fs::metadata(dir.join(KEY_FILE))
+            .expect("key file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let second = Authority::load_or_generate(&dir, "cluster.local", now()).expect("loaded");
+        assert_eq!(first.bundle(), second.bundle(), "the same root both times");
+        std::fs::set_permissions(dir.join(KEY_FILE), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+        let err =
+            Authority::load_or_generate(&dir, "cluster.local", now()).expect_err("readable key");
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
