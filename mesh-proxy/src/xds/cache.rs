@@ -132,6 +132,9 @@ pub struct Cache {
     cluster_defs: BTreeMap<String, ClusterDef>,
     /// EDS service name -> the clusters that take their endpoints from it.
     eds_users: HashMap<String, BTreeSet<String>>,
+    /// RouteConfigurations the listeners name, and EDS names the clusters use.
+    routes_wanted: BTreeSet<String>,
+    endpoints_wanted: BTreeSet<String>,
     endpoints: HashMap<String, Vec<EndpointDef>>,
     clusters: imbl::HashMap<String, Arc<Cluster>>,
     /// Clusters whose definition or endpoints changed since the last assembly.
@@ -224,6 +227,7 @@ impl Cache {
             }
         }
         self.received.insert(ty);
+        self.refresh_wanted(ty);
         Ok(())
     }
 
@@ -278,25 +282,42 @@ impl Cache {
 
     /// RouteConfiguration names the listeners use.
     pub fn wanted_routes(&self) -> BTreeSet<String> {
-        self.listeners
-            .values()
-            .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
-            .filter_map(|c| match &c.filter {
-                NetworkFilter::Http { route } => Some(route.clone()),
-                NetworkFilter::Tcp { .. } => None,
-            })
-            .collect()
+        self.routes_wanted.clone()
     }
 
     /// EDS names the clusters use.
     pub fn wanted_endpoints(&self) -> BTreeSet<String> {
-        self.cluster_defs
-            .values()
-            .filter_map(|d| match &d.kind {
-                ClusterKind::Eds { service_name } => Some(service_name.clone()),
-                _ => None,
-            })
-            .collect()
+        self.endpoints_wanted.clone()
+    }
+
+    /// The names to subscribe to for RDS or EDS (empty for the wildcard types).
+    pub fn wanted(&self, ty: Type) -> &BTreeSet<String> {
+        static NONE: BTreeSet<String> = BTreeSet::new();
+        match ty {
+            Type::Route => &self.routes_wanted,
+            Type::Endpoint => &self.endpoints_wanted,
+            Type::Listener | Type::Cluster => &NONE,
+        }
+    }
+
+    /// Recomputes what listeners and clusters reference; only they change it, so endpoint
+    /// and route updates (the frequent ones) do not pay for it.
+    fn refresh_wanted(&mut self, ty: Type) {
+        match ty {
+            Type::Listener => {
+                self.routes_wanted = self
+                    .listeners
+                    .values()
+                    .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
+                    .filter_map(|c| match &c.filter {
+                        NetworkFilter::Http { route } => Some(route.clone()),
+                        NetworkFilter::Tcp { .. } => None,
+                    })
+                    .collect();
+            }
+            Type::Cluster => self.endpoints_wanted = self.eds_users.keys().cloned().collect(),
+            Type::Route | Type::Endpoint => {}
+        }
     }
 
     /// Whether every type arrived and everything referenced is here.
@@ -304,11 +325,11 @@ impl Cache {
         self.received.contains(&Type::Listener)
             && self.received.contains(&Type::Cluster)
             && self
-                .wanted_routes()
+                .routes_wanted
                 .iter()
                 .all(|r| self.routes.contains_key(r))
             && self
-                .wanted_endpoints()
+                .endpoints_wanted
                 .iter()
                 .all(|e| self.endpoints.contains_key(e))
     }

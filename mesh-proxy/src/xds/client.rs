@@ -368,14 +368,12 @@ impl XdsClient {
                 error_detail: result.err().map(nack),
                 ..Default::default()
             });
-            for (ty, wanted) in [
-                (Type::Endpoint, cache.wanted_endpoints()),
-                (Type::Route, cache.wanted_routes()),
-            ] {
+            for ty in [Type::Endpoint, Type::Route] {
                 let had = subs.entry(ty).or_default();
-                if *had == wanted {
+                if had == cache.wanted(ty) {
                     continue;
                 }
+                let wanted = cache.wanted(ty).clone();
                 let subscribe: Vec<String> = wanted.difference(had).cloned().collect();
                 let unsubscribe: Vec<String> = had.difference(&wanted).cloned().collect();
                 let _ = tx.unbounded_send(DeltaDiscoveryRequest {
@@ -485,14 +483,12 @@ impl XdsClient {
                 error_detail: result.err().map(nack),
                 ..Default::default()
             });
-            for (ty, wanted) in [
-                (Type::Endpoint, cache.wanted_endpoints()),
-                (Type::Route, cache.wanted_routes()),
-            ] {
+            for ty in [Type::Endpoint, Type::Route] {
                 let st = state.entry(ty).or_default();
-                if st.names == wanted {
+                if &st.names == cache.wanted(ty) {
                     continue;
                 }
+                let wanted = cache.wanted(ty).clone();
                 let _ = tx.unbounded_send(DiscoveryRequest {
                     node: Some(self.node.clone()),
                     version_info: st.version.clone(),
