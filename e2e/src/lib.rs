@@ -273,6 +273,20 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
+/// Services `reviews`, `reviews-v1` and `reviews-v2` (port 9080), and EndpointSlices putting
+/// v1 and v2 at `127.0.0.1:<v1_port>` and `127.0.0.1:<v2_port>`.
+pub fn reviews_manifests(v1_port: u16, v2_port: u16) -> String {
+    use mesh_controller::testing::{service_yaml, slice_yaml};
+    [
+        service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
+        service_yaml("default", "reviews-v1", "10.96.0.11", &[("http", 9080)]),
+        service_yaml("default", "reviews-v2", "10.96.0.12", &[("http", 9080)]),
+        slice_yaml("default", "reviews-v1", "http", v1_port, &["127.0.0.1"]),
+        slice_yaml("default", "reviews-v2", "http", v2_port, &["127.0.0.1"]),
+    ]
+    .join("---\n")
+}
+
 /// The `reviews` HTTPRoute the tests edit: `x-canary: yes` goes to v2, the rest is split
 /// `v1`/`v2` between `reviews-v1` and `reviews-v2` (all on port 9080).
 pub fn reviews_route(v1: u32, v2: u32) -> String {

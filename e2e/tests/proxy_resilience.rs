@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use mesh_controller::testing::service_yaml;
 use mesh_e2e::mesh::{KillableController, Load, LocalMesh, failures, wait_config, weights};
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{ProxyClient, eventually, reviews_route};
+use mesh_e2e::{ProxyClient, eventually, reviews_manifests, reviews_route};
 use mesh_proxy::Proxy;
 
 /// Three endpoints on one port at 127.0.0.2-4, as three pods would be.
@@ -183,28 +183,6 @@ async fn a_dead_endpoint_is_ejected_and_readmitted_when_it_recovers() -> anyhow:
     Ok(())
 }
 
-fn reviews_manifests(v1: &EchoServer, v2: &EchoServer) -> String {
-    let slice = |svc: &str, port: u16| {
-        format!(
-            "apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {svc}-1, namespace: default, labels: {{kubernetes.io/service-name: {svc}}}}}
-addressType: IPv4
-ports: [{{name: http, port: {port}, protocol: TCP}}]
-endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
-"
-        )
-    };
-    [
-        service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
-        service_yaml("default", "reviews-v1", "10.96.0.11", &[("http", 9080)]),
-        service_yaml("default", "reviews-v2", "10.96.0.12", &[("http", 9080)]),
-        slice("reviews-v1", v1.addr.port()),
-        slice("reviews-v2", v2.addr.port()),
-    ]
-    .join("---\n")
-}
-
 fn v2_only(s: &mesh_proxy::state::Snapshot) -> bool {
     let w = weights(s, "outbound_http", "reviews.default.");
     !w.is_empty() && w.iter().all(|(c, _)| c.contains("reviews-v2"))
@@ -217,7 +195,10 @@ async fn controller_killed_and_restarted_under_load() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("config");
     std::fs::create_dir(&cfg)?;
-    std::fs::write(cfg.join("services.yaml"), reviews_manifests(&v1, &v2))?;
+    std::fs::write(
+        cfg.join("services.yaml"),
+        reviews_manifests(v1.addr.port(), v2.addr.port()),
+    )?;
     std::fs::write(cfg.join("route.yaml"), reviews_route(100, 0))?;
     let mut controller = KillableController::start(&cfg, "127.0.0.1:0".parse()?)?;
     let xds = controller.xds_addr;
@@ -272,7 +253,10 @@ async fn fifty_route_changes_under_load_lose_nothing() -> anyhow::Result<()> {
     let v1 = EchoServer::start("reviews-v1").await?;
     let v2 = EchoServer::start("reviews-v2").await?;
     let mesh = LocalMesh::start().await?;
-    mesh.write("services.yaml", &reviews_manifests(&v1, &v2))?;
+    mesh.write(
+        "services.yaml",
+        &reviews_manifests(v1.addr.port(), v2.addr.port()),
+    )?;
     mesh.write("route.yaml", &reviews_route(100, 0))?;
     let proxy = mesh
         .proxy(mesh.proxy_config("default/productpage-1"))

@@ -1,40 +1,14 @@
 //! mesh-proxy routes as the controller's xDS says: weighted splits, header matches, and edits
 //! applied while traffic flows.
 
-use mesh_controller::testing::{service_yaml, slice_yaml};
 use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
-use mesh_e2e::{Backend, ProxyClient, reviews_route, spread};
+use mesh_e2e::{Backend, ProxyClient, reviews_manifests, reviews_route, spread};
 
 async fn reviews_mesh(v1: &Backend, v2: &Backend) -> anyhow::Result<LocalMesh> {
     let mesh = LocalMesh::start().await?;
     mesh.write(
-        "services.yaml",
-        &[
-            service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
-            service_yaml("default", "reviews-v1", "10.96.0.11", &[("http", 9080)]),
-            service_yaml("default", "reviews-v2", "10.96.0.12", &[("http", 9080)]),
-        ]
-        .join("---\n"),
-    )?;
-    mesh.write(
-        "v1.yaml",
-        &slice_yaml(
-            "default",
-            "reviews-v1",
-            "http",
-            v1.addr.port(),
-            &["127.0.0.1"],
-        ),
-    )?;
-    mesh.write(
-        "v2.yaml",
-        &slice_yaml(
-            "default",
-            "reviews-v2",
-            "http",
-            v2.addr.port(),
-            &["127.0.0.1"],
-        ),
+        "reviews.yaml",
+        &reviews_manifests(v1.addr.port(), v2.addr.port()),
     )?;
     mesh.write("route.yaml", &reviews_route(90, 10))?;
     Ok(mesh)
