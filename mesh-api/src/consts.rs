@@ -19,8 +19,20 @@ pub mod ports {
     pub const CONTROLLER_ADMIN: u16 = 15014;
     /// Controller admission webhook.
     pub const CONTROLLER_WEBHOOK: u16 = 15017;
-    /// mesh-ca certificate service.
+    /// mesh-ca certificate service (gRPC over TLS).
     pub const CA: u16 = 15012;
+    /// mesh-ca metrics and readiness.
+    pub const CA_ADMIN: u16 = 15013;
+}
+
+/// Identities of the mesh's own components.
+pub mod identity {
+    /// Namespace the control plane runs in.
+    pub const SYSTEM_NAMESPACE: &str = "mesh-system";
+    /// Service account (and so SPIFFE ID `.../ns/mesh-system/sa/mesh-ca`) of the CA.
+    pub const CA_SERVICE_ACCOUNT: &str = "mesh-ca";
+    /// Service account of the controller.
+    pub const CONTROLLER_SERVICE_ACCOUNT: &str = "mesh-controller";
 }
 
 /// Labels and annotations, all under the `mesh.dev/` prefix.
@@ -123,4 +135,13 @@ pub mod env {
     pub const PROXY_HEADER_READ_TIMEOUT: &str = "MESH_PROXY_HEADER_READ_TIMEOUT";
     /// Proxy: idle time after which a connection is closed.
     pub const PROXY_IDLE_TIMEOUT: &str = "MESH_PROXY_IDLE_TIMEOUT";
+
+    /// CA: directory holding `ca.crt`, `ca.key`, `trust-bundle.pem` and `token.key`.
+    pub const CA_DIR: &str = "MESH_CA_DIR";
+    /// CA: certificate service listen address.
+    pub const CA_ADDR: &str = "MESH_CA_ADDR";
+    /// CA: metrics and readiness listen address.
+    pub const CA_ADMIN_ADDR: &str = "MESH_CA_ADMIN_ADDR";
+    /// Trust domain (CA, controller and proxy).
+    pub const TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
 }

@@ -1,7 +1,10 @@
 //! Types shared by every part of the mesh: ports, labels, annotations, environment names,
 //! SPIFFE IDs and, behind the `k8s` feature, our CRDs and the Gateway API types; behind
-//! `process`, what the binaries share about their lifecycle.
+//! `process`, what the binaries share about their lifecycle; behind `ca-proto`, the certificate
+//! service's gRPC code.
 
+#[cfg(feature = "ca-proto")]
+pub mod ca_proto;
 pub mod consts;
 #[cfg(feature = "k8s")]
 pub mod crds;
@@ -10,6 +13,8 @@ pub mod process;
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 #[cfg(feature = "k8s")]
 pub use gateway_api;

@@ -57,12 +57,15 @@ impl SvidError {
             SvidError::NotYetValid { .. } => "not_yet_valid",
             SvidError::NoUriSan => "no_uri_san",
             SvidError::ManyUriSans(_) => "many_uri_sans",
+            SvidError::BadId(SpiffeIdError::TooLong { .. }) => "spiffe_id_too_long",
+            SvidError::BadId(SpiffeIdError::EmptyPath(_)) => "spiffe_id_empty_path",
             SvidError::BadId(_) => "bad_spiffe_id",
             SvidError::TrustDomain { .. } => "trust_domain",
             SvidError::IsCa => "leaf_is_ca",
             SvidError::KeyCertSign => "key_cert_sign",
             SvidError::NoDigitalSignature => "no_digital_signature",
-            SvidError::MissingEku(_) => "missing_eku",
+            SvidError::MissingEku("clientAuth") => "missing_client_auth",
+            SvidError::MissingEku(_) => "missing_server_auth",
             SvidError::WrongIdentity { .. } => "wrong_identity",
         }
     }

@@ -109,21 +109,33 @@ fn each_bad_certificate_has_its_own_reason() {
             }),
         ),
         (
-            "missing_eku",
+            "missing_client_auth",
             Role::Client,
             Box::new(|p| {
                 p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
             }),
         ),
         (
-            "bad_spiffe_id",
+            "spiffe_id_too_long",
             Role::Server,
             Box::new(move |p| p.subject_alt_names = vec![uri(&long)]),
         ),
         (
-            "bad_spiffe_id",
+            "spiffe_id_empty_path",
             Role::Server,
             Box::new(|p| p.subject_alt_names = vec![uri("spiffe://cluster.local")]),
+        ),
+        (
+            "bad_spiffe_id",
+            Role::Server,
+            Box::new(|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/ns//sa/x")]),
+        ),
+        (
+            "missing_server_auth",
+            Role::Server,
+            Box::new(|p| {
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }),
         ),
         (
             "no_digital_signature",
