@@ -30,6 +30,15 @@ pub enum CaError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: {source}")]
+    In {
+        path: std::path::PathBuf,
+        source: Box<CaError>,
+    },
+    #[error("trust bundle: {0}")]
+    Bundle(String),
+    #[error("the CA's own identity: {0}")]
+    Identity(String),
     #[error("{path}: must not be readable by group or others (mode {mode:o}); chmod 600 it")]
     KeyMode { path: std::path::PathBuf, mode: u32 },
 }
@@ -37,6 +46,8 @@ pub enum CaError {
 /// File names in a CA directory.
 pub const CERT_FILE: &str = "ca.crt";
 pub const KEY_FILE: &str = "ca.key";
+/// Optional: more roots proxies should trust (PEM), the old or new root during a rotation.
+pub const BUNDLE_FILE: &str = "trust-bundle.pem";
 
 /// A signed SVID.
 #[derive(Debug, Clone)]
@@ -50,12 +61,15 @@ pub struct Issued {
 pub struct Authority {
     trust_domain: String,
     issuer: Issuer<'static, KeyPair>,
-    cert: CertificateDer<'static>,
+    /// The signing certificate, then any intermediates up to the root.
+    chain: Vec<CertificateDer<'static>>,
     cert_pem: String,
     key_pem: String,
     /// Roots proxies trust: this one first, plus any kept during a rotation.
     bundle: Vec<CertificateDer<'static>>,
     max_lifetime: Duration,
+    /// When the signing certificate expires.
+    signing_not_after: SystemTime,
 }
 
 impl std::fmt::Debug for Authority {
@@ -75,6 +89,26 @@ pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start this long before they are signed, for clocks a little behind.
 const BACKDATE: Duration = Duration::from_secs(60);
+
+fn file_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> CaError {
+    let path = path.to_path_buf();
+    move |source| CaError::File { path, source }
+}
+
+/// The certificates in a PEM text, in order.
+fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, CaError> {
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let block = block.map_err(|_| CaError::Key(rcgen::Error::CouldNotParseCertificate))?;
+        if block.label == "CERTIFICATE" {
+            out.push(CertificateDer::from(block.contents));
+        }
+    }
+    if out.is_empty() {
+        return Err(CaError::Key(rcgen::Error::CouldNotParseCertificate));
+    }
+    Ok(out)
+}
 
 fn serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
@@ -112,54 +146,84 @@ impl Authority {
         Self::from_pem(&cert.pem(), &key.serialize_pem(), trust_domain)
     }
 
-    /// A CA from a PEM certificate and its PEM private key (persisted, or plugged in).
+    /// A CA from PEM certificates and the PEM private key of the first (persisted, or plugged
+    /// in). `cert_pem` is the signing certificate alone when it is a self-signed root, or the
+    /// signing intermediate followed by the chain up to and including the root, which becomes
+    /// the trust bundle.
     pub fn from_pem(cert_pem: &str, key_pem: &str, trust_domain: &str) -> Result<Self, CaError> {
         let key = KeyPair::from_pem(key_pem).map_err(CaError::Key)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).map_err(CaError::Key)?;
-        let der = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
-            .map_err(|_| CaError::Key(rcgen::Error::CouldNotParseCertificate))?
-            .1
-            .contents;
-        let cert = CertificateDer::from(der);
+        let chain = pem_certs(cert_pem)?;
+        let (Some(signing), Some(root)) = (chain.first(), chain.last()) else {
+            return Err(CaError::Key(rcgen::Error::CouldNotParseCertificate));
+        };
+        let issuer = Issuer::from_ca_cert_der(signing, key).map_err(CaError::Key)?;
+        let (_, parsed) =
+            <x509_parser::prelude::X509Certificate as x509_parser::prelude::FromDer<_>>::from_der(
+                signing,
+            )
+            .map_err(|_| CaError::Key(rcgen::Error::CouldNotParseCertificate))?;
+        let secs = u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0);
+        let signing_not_after = std::time::UNIX_EPOCH + Duration::from_secs(secs);
         Ok(Self {
             trust_domain: trust_domain.to_string(),
             issuer,
-            bundle: vec![cert.clone()],
-            cert,
+            bundle: vec![root.clone()],
+            chain,
             cert_pem: cert_pem.to_string(),
             key_pem: key_pem.to_string(),
             max_lifetime: DEFAULT_LIFETIME,
+            signing_not_after,
         })
     }
 
-    /// Loads the CA kept in `dir` (`ca.crt`, `ca.key`), or generates one and keeps it there,
-    /// the key written with mode 0600. A key file others can read is refused.
+    /// Loads the CA kept in `dir`: `ca.crt` (see [`Authority::from_pem`]), `ca.key` (which
+    /// others must not be able to read), and, if present, `trust-bundle.pem` with more roots
+    /// to trust.
+    pub fn load(dir: &std::path::Path, trust_domain: &str) -> Result<Self, CaError> {
+        use std::os::unix::fs::PermissionsExt;
+        let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
+        let mode = std::fs::metadata(&key_path)
+            .map_err(file_err(&key_path))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(CaError::KeyMode {
+                path: key_path,
+                mode: mode & 0o777,
+            });
+        }
+        let cert = std::fs::read_to_string(&cert_path).map_err(file_err(&cert_path))?;
+        let key = std::fs::read_to_string(&key_path).map_err(file_err(&key_path))?;
+        let mut ca = Self::from_pem(&cert, &key, trust_domain).map_err(|e| CaError::In {
+            path: cert_path,
+            source: Box::new(e),
+        })?;
+        let bundle_path = dir.join(BUNDLE_FILE);
+        if bundle_path.exists() {
+            let pem = std::fs::read_to_string(&bundle_path).map_err(file_err(&bundle_path))?;
+            let roots = pem_certs(&pem).map_err(|e| CaError::In {
+                path: bundle_path,
+                source: Box::new(e),
+            })?;
+            for root in roots {
+                ca.trust_also(root);
+            }
+        }
+        Ok(ca)
+    }
+
+    /// Loads the CA kept in `dir` ([`Authority::load`]), or generates a root and keeps it
+    /// there, the key written with mode 0600.
     pub fn load_or_generate(
         dir: &std::path::Path,
         trust_domain: &str,
         now: SystemTime,
     ) -> Result<Self, CaError> {
         use std::io::Write;
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let file_err = |path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |source| CaError::File { path, source }
-        };
+        use std::os::unix::fs::OpenOptionsExt;
         let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
         if key_path.exists() {
-            let mode = std::fs::metadata(&key_path)
-                .map_err(file_err(&key_path))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                return Err(CaError::KeyMode {
-                    path: key_path,
-                    mode: mode & 0o777,
-                });
-            }
-            let cert = std::fs::read_to_string(&cert_path).map_err(file_err(&cert_path))?;
-            let key = std::fs::read_to_string(&key_path).map_err(file_err(&key_path))?;
-            return Self::from_pem(&cert, &key, trust_domain);
+            return Self::load(dir, trust_domain);
         }
         let ca = Self::generate(trust_domain, now)?;
         std::fs::create_dir_all(dir).map_err(file_err(dir))?;
@@ -186,6 +250,15 @@ impl Authority {
         if !self.bundle.contains(&root) {
             self.bundle.push(root);
         }
+    }
+
+    pub fn max_lifetime(&self) -> Duration {
+        self.max_lifetime
+    }
+
+    /// When the signing certificate (root or intermediate) expires.
+    pub fn signing_not_after(&self) -> SystemTime {
+        self.signing_not_after
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -252,10 +325,9 @@ impl Authority {
         params.use_authority_key_identifier_extension = true;
         request.params = params;
         let leaf = request.signed_by(&self.issuer).map_err(CaError::Sign)?;
-        Ok(Issued {
-            chain: vec![leaf.der().clone(), self.cert.clone()],
-            not_after,
-        })
+        let mut chain = vec![leaf.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        Ok(Issued { chain, not_after })
     }
 }
 
@@ -363,6 +435,58 @@ mod tests {
             Authority::load_or_generate(&dir, "cluster.local", now()).expect_err("readable key");
         assert!(err.to_string().contains("chmod 600"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_plugged_in_intermediate_signs_and_its_root_is_the_bundle() {
+        use std::os::unix::fs::PermissionsExt;
+        let root_key = KeyPair::generate().expect("key");
+        let mut root = CertificateParams::default();
+        root.distinguished_name
+            .push(DnType::CommonName, "corporate root");
+        root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let root_cert = root.self_signed(&root_key).expect("root");
+        let root_issuer = Issuer::new(root, root_key);
+        let int_key = KeyPair::generate().expect("key");
+        let mut int = CertificateParams::default();
+        int.distinguished_name
+            .push(DnType::CommonName, "mesh intermediate");
+        int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        int.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let int_cert = int.signed_by(&int_key, &root_issuer).expect("intermediate");
+
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(
+            dir.path().join(CERT_FILE),
+            format!("{}{}", int_cert.pem(), root_cert.pem()),
+        )
+        .expect("write");
+        std::fs::write(dir.path().join(KEY_FILE), int_key.serialize_pem()).expect("write");
+        std::fs::set_permissions(
+            dir.path().join(KEY_FILE),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .expect("chmod");
+        let ca = Authority::load(dir.path(), "cluster.local").expect("loads");
+        assert_eq!(ca.bundle(), &[root_cert.der().clone()]);
+        let id = SpiffeId::parse(ID).expect("id");
+        let issued = ca
+            .sign(&csr(&[]), &id, DEFAULT_LIFETIME, SystemTime::now())
+            .expect("signed");
+        assert_eq!(issued.chain.len(), 3, "leaf, intermediate, root");
+        let bundle = mesh_api::tls::Bundle::new(ca.bundle().to_vec()).expect("bundle");
+        let workload = mesh_api::tls::Identity::new("cluster.local", bundle, Box::new(|_, _| {}));
+        let got = workload
+            .verify(
+                Role::Client,
+                &issued.chain[0],
+                &issued.chain[1..],
+                &[],
+                SystemTime::now(),
+            )
+            .expect("chains to the corporate root");
+        assert_eq!(got, id);
     }
 
     #[test]

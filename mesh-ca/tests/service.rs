@@ -1,0 +1,204 @@
+//! The certificate service end to end: a CA in-process on loopback, a client over mesh TLS
+//! that checks it reaches the CA's identity, local-mesh tokens, refusals and their metrics,
+//! and a trust bundle change picked up from the CA directory.
+
+use std::time::{Duration, SystemTime};
+
+use mesh_api::SpiffeId;
+use mesh_api::ca_proto::certificate_service_client::CertificateServiceClient;
+use mesh_api::ca_proto::{AUTHORIZATION, CreateCertificateRequest};
+use mesh_api::tls::{Bundle, Identity};
+use mesh_ca::auth::LocalTokens;
+use mesh_ca::run::{CaConfig, Running};
+use rcgen::{CertificateParams, KeyPair, SanType};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tonic::Code;
+
+const ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
+
+fn csr(key: &KeyPair, sans: &[&str]) -> Vec<u8> {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = sans
+        .iter()
+        .map(|s| SanType::URI((*s).try_into().expect("uri")))
+        .collect();
+    p.serialize_request(key).expect("csr").der().to_vec()
+}
+
+/// A client that trusts the CA directory's root and expects the CA's own identity.
+fn client(
+    ca: &Running,
+    dir: &std::path::Path,
+) -> CertificateServiceClient<tonic::transport::Channel> {
+    let pem = std::fs::read_to_string(dir.join("ca.crt")).expect("ca.crt");
+    let bundle = Bundle::from_pem(&pem, "ca.crt").expect("bundle");
+    let identity = Identity::new("cluster.local", bundle, Box::new(|_, _| {}));
+    let ca_id = SpiffeId::parse("spiffe://cluster.local/ns/mesh-system/sa/mesh-ca").expect("id");
+    let config = identity
+        .client_config(vec![ca_id], &[b"h2"], false)
+        .expect("config");
+    CertificateServiceClient::new(mesh_api::tls::grpc::channel(
+        ca.addr,
+        config,
+        Duration::from_secs(2),
+    ))
+}
+
+fn request(
+    token: Option<&str>,
+    csr: Vec<u8>,
+    secs: u64,
+) -> tonic::Request<CreateCertificateRequest> {
+    let mut req = tonic::Request::new(CreateCertificateRequest {
+        csr,
+        validity_seconds: secs,
+    });
+    if let Some(t) = token {
+        req.metadata_mut().insert(
+            AUTHORIZATION,
+            format!("Bearer {t}").parse().expect("metadata"),
+        );
+    }
+    req
+}
+
+async fn metrics(ca: &Running) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(ca.admin_addr)
+        .await
+        .expect("admin");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    out
+}
+
+#[tokio::test]
+async fn a_workload_with_a_local_token_gets_an_svid_it_can_use() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = CaConfig::local(dir.path());
+    config.max_lifetime = Duration::from_secs(3600);
+    let ca = Running::start(config).await.expect("ca starts");
+    let tokens = LocalTokens::load_or_generate(dir.path(), "cluster.local").expect("tokens");
+    let id = SpiffeId::parse(ID).expect("id");
+    let token = tokens.issue(&id);
+    let mut client = client(&ca, dir.path());
+
+    let key = KeyPair::generate().expect("key");
+    let resp = client
+        .create_certificate(request(Some(&token), csr(&key, &[ID]), 7200))
+        .await
+        .expect("issued")
+        .into_inner();
+    assert_eq!(resp.spiffe_id, ID);
+    assert_eq!(resp.trust_bundle.len(), 1);
+    let chain: Vec<CertificateDer<'static>> = resp
+        .cert_chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let bundle = Bundle::new(
+        resp.trust_bundle
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect(),
+    )
+    .expect("bundle");
+    // The lifetime asked (2 h) is capped at the CA's maximum (1 h).
+    let life = resp.not_after
+        - i64::try_from(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs(),
+        )
+        .expect("secs");
+    assert!((3590..=3600).contains(&life), "lifetime {life}s");
+    // The workload can install it: a valid SVID chaining to the bundle.
+    let workload = Identity::new("cluster.local", bundle.clone(), Box::new(|_, _| {}));
+    let current = workload
+        .install(
+            chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            bundle,
+            SystemTime::now(),
+        )
+        .expect("installs");
+    assert_eq!(current.id, id);
+
+    // Refusals: no token, a forged token, a CSR for someone else, garbage.
+    let err = client
+        .create_certificate(request(None, csr(&key, &[]), 0))
+        .await
+        .expect_err("no token");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let other = LocalTokens::new(b"not the key", "cluster.local");
+    let err = client
+        .create_certificate(request(Some(&other.issue(&id)), csr(&key, &[]), 0))
+        .await
+        .expect_err("forged");
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = client
+        .create_certificate(request(
+            Some(&token),
+            csr(&key, &["spiffe://cluster.local/ns/kube-system/sa/admin"]),
+            0,
+        ))
+        .await
+        .expect_err("someone else");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("kube-system"), "{}", err.message());
+    let err = client
+        .create_certificate(request(Some(&token), b"garbage".to_vec(), 0))
+        .await
+        .expect_err("garbage");
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let m = metrics(&ca).await;
+    for line in [
+        "mesh_ca_certificates_issued_total 1",
+        "mesh_ca_certificates_refused_total{reason=\"no_token\"} 1",
+        "mesh_ca_certificates_refused_total{reason=\"bad_token\"} 1",
+        "mesh_ca_certificates_refused_total{reason=\"identity_mismatch\"} 1",
+        "mesh_ca_certificates_refused_total{reason=\"bad_csr\"} 1",
+        "mesh_ca_trust_bundle_roots 1",
+    ] {
+        assert!(m.contains(line), "missing {line:?} in\n{m}");
+    }
+}
+
+#[tokio::test]
+async fn a_root_added_to_the_directory_reaches_workloads() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Running::start(CaConfig::local(dir.path()))
+        .await
+        .expect("ca");
+    let next = tempfile::tempdir().expect("next root");
+    mesh_ca::Authority::load_or_generate(next.path(), "cluster.local", SystemTime::now())
+        .expect("new root");
+    std::fs::copy(
+        next.path().join("ca.crt"),
+        dir.path().join("trust-bundle.pem"),
+    )
+    .expect("add the new root");
+    let tokens = LocalTokens::load_or_generate(dir.path(), "cluster.local").expect("tokens");
+    let token = tokens.issue(&SpiffeId::parse(ID).expect("id"));
+    let mut client = client(&ca, dir.path());
+    let key = KeyPair::generate().expect("key");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = client
+            .create_certificate(request(Some(&token), csr(&key, &[]), 0))
+            .await
+            .expect("issued")
+            .into_inner();
+        if resp.trust_bundle.len() == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "bundle never grew");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(metrics(&ca).await.contains("mesh_ca_trust_bundle_roots 2"));
+}
