@@ -405,10 +405,14 @@ fn verify_chain(
     )
     .map(|_| ())
     .map_err(|e| match e {
-        webpki::Error::UnknownIssuer => refused(
+        // No root by that name, or one by that name that did not sign it (roots of a
+        // rotation may share a name): either way, no trusted root.
+        webpki::Error::UnknownIssuer
+        | webpki::Error::InvalidSignatureForPublicKey
+        | webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => refused(
             "untrusted_root",
             format!(
-                "certificate does not chain to any of the {} trusted root(s)",
+                "certificate does not chain to any of the {} trusted root(s) ({e})",
                 bundle.anchors.len()
             ),
         ),

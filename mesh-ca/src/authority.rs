@@ -37,6 +37,8 @@ pub enum CaError {
     },
     #[error("trust bundle: {0}")]
     Bundle(String),
+    #[error("the private key does not belong to the signing certificate")]
+    KeyMismatch,
     #[error("the CA's own identity: {0}")]
     Identity(String),
     #[error("{path}: must not be readable by group or others (mode {mode:o}); chmod 600 it")]
@@ -125,9 +127,10 @@ impl Authority {
         params
             .distinguished_name
             .push(DnType::OrganizationName, "mesh");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("mesh root {trust_domain}"));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("mesh root {trust_domain} {:08x}", rand::random::<u32>()),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -156,12 +159,17 @@ impl Authority {
         let (Some(signing), Some(root)) = (chain.first(), chain.last()) else {
             return Err(CaError::Key(rcgen::Error::CouldNotParseCertificate));
         };
-        let issuer = Issuer::from_ca_cert_der(signing, key).map_err(CaError::Key)?;
         let (_, parsed) =
             <x509_parser::prelude::X509Certificate as x509_parser::prelude::FromDer<_>>::from_der(
                 signing,
             )
             .map_err(|_| CaError::Key(rcgen::Error::CouldNotParseCertificate))?;
+        // A key from another pair (a rotation caught half-written) would sign certificates
+        // that chain nowhere.
+        if *parsed.public_key().subject_public_key.data != *key.public_key_raw() {
+            return Err(CaError::KeyMismatch);
+        }
+        let issuer = Issuer::from_ca_cert_der(signing, key).map_err(CaError::Key)?;
         let secs = u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0);
         let signing_not_after = std::time::UNIX_EPOCH + Duration::from_secs(secs);
         Ok(Self {
@@ -499,6 +507,11 @@ mod tests {
             "Debug must not print the key"
         );
         let again = Authority::from_pem(cert, key, "cluster.local").expect("loads");
+        let other = Authority::generate("cluster.local", now()).expect("ca");
+        assert!(matches!(
+            Authority::from_pem(cert, other.to_pem().1, "cluster.local"),
+            Err(CaError::KeyMismatch)
+        ));
         let id = SpiffeId::parse(ID).expect("id");
         let issued = again
             .sign(&csr(&[]), &id, DEFAULT_LIFETIME, now())

@@ -135,10 +135,16 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub ca: Arc<Ca>,
     tasks: Vec<JoinHandle<()>>,
+    /// Ends the certificate service: it stops accepting and closes its connections once
+    /// their requests are answered.
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
         for t in &self.tasks {
             t.abort();
         }
@@ -211,16 +217,20 @@ impl Running {
             .server_config_no_client_auth()
             .map_err(StartError::Tls)?;
         let svc = CertificateServiceServer::new(CaService(ca.clone()));
-        tasks.push(tokio::spawn(async move {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Not kept in `tasks`: aborting it would leave its connections open.
+        tokio::spawn(async move {
             let incoming = mesh_api::tls::grpc::incoming(listener, tls);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(svc)
-                .serve_with_incoming(incoming)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
                 .await
             {
                 warn!(error = %e, "certificate service stopped");
             }
-        }));
+        });
 
         let admin = bind("admin", config.admin_addr).await?;
         let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
@@ -247,6 +257,7 @@ impl Running {
             admin_addr,
             ca,
             tasks,
+            stop: Some(stop),
         })
     }
 }

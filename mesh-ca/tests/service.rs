@@ -38,7 +38,7 @@ fn client(
         .client_config(vec![ca_id], &[b"h2"], false)
         .expect("config");
     CertificateServiceClient::new(mesh_api::tls::grpc::channel(
-        ca.addr,
+        ca.addr.to_string(),
         config,
         Duration::from_secs(2),
     ))

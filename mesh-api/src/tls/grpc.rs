@@ -141,25 +141,30 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// A lazily connecting gRPC channel to `addr` over mesh TLS with `config` (which decides
-/// what server identity is accepted and whether a client SVID is shown).
+/// A lazily connecting gRPC channel to `target` (`host:port`, resolved at each connect) over
+/// mesh TLS with `config` (which decides what server identity is accepted and whether a
+/// client SVID is shown).
 pub fn channel(
-    addr: SocketAddr,
+    target: impl Into<String>,
     config: Arc<rustls::ClientConfig>,
     connect_timeout: Duration,
 ) -> tonic::transport::Channel {
     let connector = TlsConnector::from(config);
+    let target: Arc<str> = target.into().into();
     let dial = tower::service_fn(move |_uri: http::Uri| {
         let connector = connector.clone();
+        let target = target.clone();
         async move {
-            let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
+            let timed_out = || {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connecting to {target}: timed out"),
+                )
+            };
+            let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(&*target))
                 .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("connecting to {addr}: timed out"),
-                    )
-                })??;
+                .map_err(|_| timed_out())??;
+            let addr = tcp.peer_addr()?;
             let _ = tcp.set_nodelay(true);
             let tls = connector
                 .connect(ServerName::IpAddress(addr.ip().into()), tcp)
