@@ -42,6 +42,9 @@ pub mod labels {
     /// On a pod: `"true"` when it runs mesh-proxy (set by injection, or by hand in the local
     /// mesh). Proxies then talk HTTP/2 to it for its declared HTTP/1 ports, multiplexing requests.
     pub const PROXY: &str = "mesh.dev/proxy";
+    /// On a namespace: `STRICT` (mesh TLS only) or `PERMISSIVE` (mesh TLS and plaintext) for
+    /// the proxies in it; the controller's `--mtls-mode` otherwise.
+    pub const MTLS_MODE: &str = "mesh.dev/mtls-mode";
     /// The standard label an EndpointSlice carries to name its Service.
     pub const ENDPOINTSLICE_SERVICE_NAME: &str = "kubernetes.io/service-name";
 }
@@ -60,6 +63,9 @@ pub mod node_metadata {
     pub const OUTBOUND_PORT: &str = "mesh.dev/outbound-port";
     /// Port of the transparent inbound listener; default 15006.
     pub const INBOUND_PORT: &str = "mesh.dev/inbound-port";
+    /// `"true"` when the proxy holds a mesh identity: it then gets mutual-TLS inbound chains
+    /// and originates mesh TLS to endpoints that carry an identity. Absent: plaintext only.
+    pub const MTLS: &str = "mesh.dev/mtls";
 }
 
 /// Names used in xDS resources that several components must agree on.
@@ -78,6 +84,14 @@ pub mod xds {
     pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
     /// Default DNS suffix of the cluster.
     pub const CLUSTER_DOMAIN: &str = "cluster.local";
+    /// Transport socket name of TLS (downstream and upstream).
+    pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
+    /// SDS secret name of the proxy's own SVID (as Istio names it).
+    pub const SDS_SVID: &str = "default";
+    /// SDS secret name of the trust bundle.
+    pub const SDS_ROOTS: &str = "ROOTCA";
+    /// `filter_metadata` key of mesh endpoint metadata (`proxy`, `identity`).
+    pub const ENDPOINT_METADATA: &str = "mesh.dev";
 }
 
 /// Environment variable names, one constant each.
@@ -90,6 +104,8 @@ pub mod env {
     pub const CONTROLLER_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
     /// Controller: debounce window for bursts of changes, in milliseconds.
     pub const CONTROLLER_DEBOUNCE_MS: &str = "MESH_DEBOUNCE_MS";
+    /// Controller: the mesh-wide mTLS mode, `STRICT` or `PERMISSIVE`.
+    pub const CONTROLLER_MTLS_MODE: &str = "MESH_MTLS_MODE";
     /// Controller: cluster DNS suffix.
     pub const CONTROLLER_CLUSTER_DOMAIN: &str = "MESH_CLUSTER_DOMAIN";
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
@@ -135,6 +151,19 @@ pub mod env {
     pub const PROXY_HEADER_READ_TIMEOUT: &str = "MESH_PROXY_HEADER_READ_TIMEOUT";
     /// Proxy: idle time after which a connection is closed.
     pub const PROXY_IDLE_TIMEOUT: &str = "MESH_PROXY_IDLE_TIMEOUT";
+
+    /// Proxy: address of mesh-ca (`host:port`).
+    pub const PROXY_CA_ADDR: &str = "MESH_PROXY_CA_ADDR";
+    /// Proxy: PEM file with the root(s) mesh-ca's own certificate chains to.
+    pub const PROXY_CA_ROOT: &str = "MESH_PROXY_CA_ROOT";
+    /// Proxy: file with the token that proves the workload's identity to mesh-ca.
+    pub const PROXY_CA_TOKEN_FILE: &str = "MESH_PROXY_CA_TOKEN_FILE";
+    /// Proxy: the workload's service account.
+    pub const PROXY_SERVICE_ACCOUNT: &str = "MESH_PROXY_SERVICE_ACCOUNT";
+    /// Proxy: certificate lifetime to ask mesh-ca for.
+    pub const PROXY_CERT_LIFETIME: &str = "MESH_PROXY_CERT_LIFETIME";
+    /// Proxy: `true` runs without identity (plaintext only).
+    pub const PROXY_IDENTITY_OFF: &str = "MESH_PROXY_IDENTITY_OFF";
 
     /// CA: directory holding `ca.crt`, `ca.key`, `trust-bundle.pem` and `token.key`.
     pub const CA_DIR: &str = "MESH_CA_DIR";

@@ -7,6 +7,8 @@ use std::time::Duration;
 use mesh_api::consts::{env, ports};
 use serde::Serialize;
 
+use crate::index::MtlsMode;
+
 #[derive(Clone, Debug, clap::Parser, Serialize)]
 #[command(
     name = "mesh-controller",
@@ -43,6 +45,15 @@ pub struct Config {
     #[arg(long, env = "MESH_SYNC_TIMEOUT_SECS", default_value_t = 30)]
     pub sync_timeout_secs: u64,
 
+    /// Trust domain of workload SPIFFE IDs.
+    #[arg(long, env = env::TRUST_DOMAIN, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// The mesh-wide mTLS mode of proxies with an identity: PERMISSIVE (mesh TLS and
+    /// plaintext) or STRICT (mesh TLS only). A namespace label `mesh.dev/mtls-mode` overrides it.
+    #[arg(long, env = env::CONTROLLER_MTLS_MODE, value_enum, default_value_t = MtlsMode::Permissive)]
+    pub mtls_mode: MtlsMode,
+
     /// Log format: text or json.
     #[arg(long, env = env::LOG_FORMAT, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -64,6 +75,8 @@ impl Config {
             debounce_max_ms: 100,
             cluster_domain: mesh_api::consts::xds::CLUSTER_DOMAIN.into(),
             sync_timeout_secs: 30,
+            trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
+            mtls_mode: MtlsMode::Permissive,
             log_format: "text".into(),
         }
     }

@@ -53,7 +53,9 @@ impl Drop for Controller {
 impl Controller {
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
-        let index = Arc::new(Mutex::new(Index::new(config.cluster_domain.clone())));
+        let mut idx = Index::new(config.cluster_domain.clone());
+        idx.set_identity(&config.trust_domain, config.mtls_mode);
+        let index = Arc::new(Mutex::new(idx));
         let errors = ConfigErrors::new(metrics.clone());
         let mut tasks = Vec::new();
 

@@ -26,8 +26,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::sync::watch;
 
 pub use self::model::{
-    Endpoint, Model, PodModel, PortModel, Protocol, ResolveError, RouteAction, RouteEntry,
-    ServiceModel, SvcKey, WeightedBackend,
+    Endpoint, Model, MtlsMode, PodModel, PortModel, Protocol, ResolveError, RouteAction,
+    RouteEntry, ServiceModel, SvcKey, WeightedBackend,
 };
 use self::routes::{BackendRef, RouteSpec, match_precedence};
 use crate::objects::{DocError, Kind, ObjKey, Object};
@@ -62,6 +62,8 @@ struct SliceInfo {
 #[derive(Debug)]
 pub struct Index {
     cluster_domain: String,
+    trust_domain: String,
+    mtls_default: MtlsMode,
     namespaces: HashMap<String, BTreeMap<String, String>>,
     services: HashMap<SvcKey, ServiceInfo>,
     slices: HashMap<ObjKey, SliceInfo>,
@@ -85,6 +87,8 @@ impl Index {
     pub fn new(cluster_domain: impl Into<String>) -> Self {
         Self {
             cluster_domain: cluster_domain.into(),
+            trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
+            mtls_default: MtlsMode::default(),
             namespaces: HashMap::new(),
             services: HashMap::new(),
             slices: HashMap::new(),
@@ -355,6 +359,41 @@ impl Index {
 
     /// Resolves everything into a [`Model`], rebuilding only the Services a change marked dirty;
     /// the others keep the `Arc` of the previous model.
+    /// The trust domain of workload identities and the mesh-wide mTLS mode.
+    pub fn set_identity(&mut self, trust_domain: &str, mtls_default: MtlsMode) {
+        self.trust_domain = trust_domain.to_string();
+        self.mtls_default = mtls_default;
+        // Every Service's resources depend on it: build the next model from scratch.
+        self.last_model = None;
+        self.bump();
+    }
+
+    /// Namespaces that set their own mTLS mode; a label with another value is an error.
+    fn mtls_namespaces(&self, errors: &mut Vec<ResolveError>) -> BTreeMap<String, MtlsMode> {
+        let label = mesh_api::consts::labels::MTLS_MODE;
+        let mut out = BTreeMap::new();
+        for (ns, labels) in &self.namespaces {
+            let Some(v) = labels.get(label) else {
+                continue;
+            };
+            match MtlsMode::parse(v) {
+                Some(m) => {
+                    out.insert(ns.clone(), m);
+                }
+                None => errors.push(ResolveError {
+                    object: ObjKey {
+                        kind: Kind::Namespace,
+                        namespace: String::new(),
+                        name: ns.clone(),
+                    },
+                    field: format!("metadata.labels[{label:?}]"),
+                    reason: format!("{v:?} is not STRICT or PERMISSIVE; the mesh default applies"),
+                }),
+            }
+        }
+        out
+    }
+
     pub fn model(&mut self) -> Arc<Model> {
         let revision = self.revision();
         if let Some(m) = &self.last_model
@@ -413,10 +452,14 @@ impl Index {
             }
         }
         let mut errors: Vec<ResolveError> = self.errors.values().flatten().cloned().collect();
+        let mtls_namespaces = Arc::new(self.mtls_namespaces(&mut errors));
         errors.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
         let model = Arc::new(Model {
             revision,
             cluster_domain: self.cluster_domain.clone(),
+            trust_domain: self.trust_domain.clone(),
+            mtls_default: self.mtls_default,
+            mtls_namespaces,
             services,
             pods: self.pods.clone(),
             errors,

@@ -165,11 +165,39 @@ pub struct ResolveError {
     pub reason: String,
 }
 
+/// Whether a proxy's inbound side takes plaintext besides mesh TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    /// Mesh TLS and plaintext (clients outside the mesh still reach the workload).
+    #[default]
+    #[value(name = "PERMISSIVE", alias = "permissive")]
+    Permissive,
+    /// Mesh TLS only: plaintext is refused.
+    #[value(name = "STRICT", alias = "strict")]
+    Strict,
+}
+
+impl MtlsMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "PERMISSIVE" => Some(MtlsMode::Permissive),
+            "STRICT" => Some(MtlsMode::Strict),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Model {
     /// Index revision this model was built from.
     pub revision: u64,
     pub cluster_domain: String,
+    /// Trust domain of workload SPIFFE IDs.
+    pub trust_domain: String,
+    /// The mesh-wide mTLS mode, and namespaces that set their own (`mesh.dev/mtls-mode`).
+    pub mtls_default: MtlsMode,
+    pub mtls_namespaces: Arc<BTreeMap<String, MtlsMode>>,
     /// A persistent map: models share the unchanged part of it.
     pub services: imbl::OrdMap<SvcKey, Arc<ServiceModel>>,
     #[serde(skip)]
@@ -178,6 +206,19 @@ pub struct Model {
 }
 
 impl Model {
+    /// The mTLS mode of proxies in `namespace`.
+    pub fn mtls_mode(&self, namespace: &str) -> MtlsMode {
+        self.mtls_namespaces
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.mtls_default)
+    }
+
+    /// The SPIFFE ID of a pod's workload.
+    pub fn pod_identity(&self, pod: &PodModel) -> Option<mesh_api::SpiffeId> {
+        mesh_api::SpiffeId::workload(&self.trust_domain, &pod.namespace, &pod.service_account).ok()
+    }
+
     /// `outbound|<port>||<name>.<namespace>.svc.<domain>`, as Istio names clusters.
     pub fn cluster_name(&self, svc: &SvcKey, port: u16) -> String {
         cluster_name(svc, port, &self.cluster_domain)

@@ -21,7 +21,8 @@ use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, CidrRange, ConfigSource, HeaderValue,
     HeaderValueOption, Http2ProtocolOptions, Locality, Metadata, RuntimeFractionalPercent,
-    SocketAddress, address, config_source, header_value_option, socket_address,
+    SocketAddress, TransportSocket, address, config_source, header_value_option, socket_address,
+    transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -43,6 +44,10 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, TlsParameters, common_tls_context,
+    tls_parameters,
+};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
@@ -51,7 +56,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
 use envoy_types::pb::google::protobuf::{
-    Any, Duration as PbDuration, Struct, UInt32Value, Value, value,
+    Any, BoolValue, Duration as PbDuration, Struct, UInt32Value, Value, value,
 };
 use mesh_api::consts::{ports, xds as names};
 use prost::{Message, Name};
@@ -59,7 +64,9 @@ use serde::Serialize;
 
 use super::resources::{Changes, ProxyView, Resource, ResourceType, Resources};
 use crate::index::routes::{HeaderModifier, PathMatch, PathModifier, StrMatch};
-use crate::index::{Model, PodModel, Protocol, RouteAction, RouteEntry, ServiceModel, SvcKey};
+use crate::index::{
+    Model, MtlsMode, PodModel, Protocol, RouteAction, RouteEntry, ServiceModel, SvcKey,
+};
 
 /// Where a proxy wants its listeners; read from its node metadata
 /// (`mesh_api::consts::node_metadata`).
@@ -70,6 +77,8 @@ pub struct ListenerSettings {
     pub outbound_http_addr: SocketAddr,
     pub outbound_port: u16,
     pub inbound_port: u16,
+    /// The proxy holds a mesh identity: its inbound side terminates mesh TLS.
+    pub mtls: bool,
 }
 
 impl Default for ListenerSettings {
@@ -82,6 +91,7 @@ impl Default for ListenerSettings {
             ),
             outbound_port: ports::PROXY_OUTBOUND,
             inbound_port: ports::PROXY_INBOUND,
+            mtls: false,
         }
     }
 }
@@ -396,6 +406,7 @@ impl Translator {
                         .get(&(proxy.namespace.clone(), proxy.name.clone()));
                     Arc::new(pod_resources(
                         &model,
+                        &proxy.namespace,
                         pod.map(|p| p.as_ref()),
                         &proxy.settings,
                     ))
@@ -553,26 +564,40 @@ fn set_upstream_protocol(c: &mut Cluster, http2: bool) {
     );
 }
 
-/// Endpoint metadata telling mesh-proxy that the endpoint is another mesh-proxy.
-fn peer_metadata() -> Metadata {
-    let fields = [(
-        "proxy".to_string(),
+/// Endpoint metadata for an endpoint behind a mesh-proxy: its mesh identity (the SVID that
+/// mesh TLS to it must find), and whether it may be spoken to over HTTP/2 (`proxy`).
+fn peer_metadata(identity: &mesh_api::SpiffeId, h2: bool) -> Metadata {
+    let mut fields = BTreeMap::from([(
+        "identity".to_string(),
         Value {
-            kind: Some(value::Kind::BoolValue(true)),
+            kind: Some(value::Kind::StringValue(identity.to_string())),
         },
-    )]
-    .into();
+    )]);
+    if h2 {
+        fields.insert(
+            "proxy".to_string(),
+            Value {
+                kind: Some(value::Kind::BoolValue(true)),
+            },
+        );
+    }
     Metadata {
-        filter_metadata: [("mesh.dev".to_string(), Struct { fields })].into(),
+        filter_metadata: [(
+            names::ENDPOINT_METADATA.to_string(),
+            Struct {
+                fields: fields.into_iter().collect(),
+            },
+        )]
+        .into(),
         ..Default::default()
     }
 }
 
-/// `peer(endpoint)`: the endpoint runs a mesh-proxy that may be spoken to over HTTP/2.
+/// `meta(endpoint)`: the endpoint's metadata, for endpoints behind a mesh-proxy.
 fn load_assignment(
     cluster: &str,
     endpoints: &[crate::index::Endpoint],
-    peer: impl Fn(&crate::index::Endpoint) -> bool,
+    meta: impl Fn(&crate::index::Endpoint) -> Option<Metadata>,
 ) -> ClusterLoadAssignment {
     ClusterLoadAssignment {
         cluster_name: cluster.to_string(),
@@ -588,7 +613,7 @@ fn load_assignment(
                         ..Default::default()
                     })),
                     load_balancing_weight: u32v(1),
-                    metadata: peer(e).then(peer_metadata),
+                    metadata: meta(e),
                     ..Default::default()
                 })
                 .collect(),
@@ -598,16 +623,18 @@ fn load_assignment(
     }
 }
 
-/// Whether an endpoint's pod is labelled as running mesh-proxy.
-fn runs_proxy(model: &Model, e: &crate::index::Endpoint) -> bool {
-    let Some((ns, name)) = e.pod.as_deref().and_then(|p| p.split_once('/')) else {
-        return false;
-    };
+/// The pod behind an endpoint, when it is labelled as running mesh-proxy.
+fn proxied_pod<'m>(model: &'m Model, e: &crate::index::Endpoint) -> Option<&'m PodModel> {
+    let (ns, name) = e.pod.as_deref().and_then(|p| p.split_once('/'))?;
     model
         .pods
         .get(&(ns.to_string(), name.to_string()))
-        .and_then(|p| p.labels.get(mesh_api::consts::labels::PROXY))
-        .is_some_and(|v| v == "true")
+        .map(|p| p.as_ref())
+        .filter(|p| {
+            p.labels
+                .get(mesh_api::consts::labels::PROXY)
+                .is_some_and(|v| v == "true")
+        })
 }
 
 fn static_cluster(name: &str, addr: Option<SocketAddr>) -> Cluster {
@@ -623,7 +650,7 @@ fn static_cluster(name: &str, addr: Option<SocketAddr>) -> Cluster {
                 .map(|addr| crate::index::Endpoint { addr, pod: None })
                 .into_iter()
                 .collect::<Vec<_>>(),
-            |_| false,
+            |_| None,
         )),
         ..Default::default()
     }
@@ -980,9 +1007,11 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
             Resource::new(
                 &cluster,
                 &load_assignment(&cluster, &p.endpoints, |e| {
-                    // Only declared HTTP/1 ports: the peer's inbound then pins HTTP/1.1 to the
-                    // app, whatever it receives.
-                    p.protocol == Protocol::Http && runs_proxy(model, e)
+                    let pod = proxied_pod(model, e)?;
+                    let id = model.pod_identity(pod)?;
+                    // HTTP/2 only to declared HTTP/1 ports: the peer's inbound then pins
+                    // HTTP/1.1 to the app, whatever it receives.
+                    Some(peer_metadata(&id, p.protocol == Protocol::Http))
                 }),
             ),
         ));
@@ -1281,8 +1310,14 @@ fn outbound_listener(settings: &ListenerSettings) -> Listener {
 
 /// The transparent inbound listener: one chain per port a Service sends to this pod, handing
 /// the traffic to the app on localhost; anything else passes through.
-fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSettings) -> Resources {
+fn pod_resources(
+    model: &Model,
+    namespace: &str,
+    pod: Option<&PodModel>,
+    settings: &ListenerSettings,
+) -> Resources {
     let mut out = Resources::default();
+    let mode = model.mtls_mode(namespace);
     let mut targets: BTreeMap<u16, Protocol> = BTreeMap::new();
     if let Some(pod) = pod {
         for svc in model.services_selecting(pod) {
@@ -1326,7 +1361,7 @@ fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSetti
             };
             out.insert(ResourceType::Route, Resource::new(&route, &rc));
         }
-        chains.extend(port_chains(
+        let plain = port_chains(
             &route,
             protocol,
             FilterChainMatch {
@@ -1335,7 +1370,15 @@ fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSetti
             },
             hcm_filter(&cluster, &route),
             tcp_filter(&cluster, &cluster),
-        ));
+        );
+        if settings.mtls {
+            chains.extend(plain.iter().map(mesh_tls_chain));
+            if mode == MtlsMode::Permissive {
+                chains.extend(plain.into_iter().map(raw_chain));
+            }
+        } else {
+            chains.extend(plain);
+        }
     }
     let listener = Listener {
         name: names::INBOUND_LISTENER.into(),
@@ -1348,13 +1391,16 @@ fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSetti
             listener_filter("envoy.filters.listener.http_inspector", &HttpInspector {}),
         ],
         filter_chains: chains,
-        default_filter_chain: Some(FilterChain {
-            name: names::PASSTHROUGH_CLUSTER.into(),
-            filters: vec![tcp_filter(
-                names::PASSTHROUGH_CLUSTER,
-                names::PASSTHROUGH_CLUSTER,
-            )],
-            ..Default::default()
+        // STRICT: plaintext to a port no Service declares is refused too.
+        default_filter_chain: (!settings.mtls || mode == MtlsMode::Permissive).then(|| {
+            FilterChain {
+                name: names::PASSTHROUGH_CLUSTER.into(),
+                filters: vec![tcp_filter(
+                    names::PASSTHROUGH_CLUSTER,
+                    names::PASSTHROUGH_CLUSTER,
+                )],
+                ..Default::default()
+            }
         }),
         ..Default::default()
     };
@@ -1363,6 +1409,61 @@ fn pod_resources(model: &Model, pod: Option<&PodModel>, settings: &ListenerSetti
         Resource::new(names::INBOUND_LISTENER, &listener),
     );
     out
+}
+
+/// The transport socket that terminates mesh TLS: TLS 1.3, a client SVID required, the
+/// proxy's own SVID and trust bundle (SDS `default` and `ROOTCA`, as Istio names them).
+fn mesh_tls_socket() -> TransportSocket {
+    let sds = |name: &str| SdsSecretConfig {
+        name: name.into(),
+        sds_config: Some(ads()),
+    };
+    let ctx = DownstreamTlsContext {
+        require_client_certificate: Some(BoolValue { value: true }),
+        common_tls_context: Some(CommonTlsContext {
+            tls_params: Some(TlsParameters {
+                tls_minimum_protocol_version: tls_parameters::TlsProtocol::TlSv13 as i32,
+                ..Default::default()
+            }),
+            tls_certificate_sds_secret_configs: vec![sds(names::SDS_SVID)],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(sds(
+                    names::SDS_ROOTS,
+                )),
+            ),
+            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: names::TLS_TRANSPORT_SOCKET.into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
+    }
+}
+
+/// A plaintext chain's mesh TLS twin: matches TLS, terminates it, and tells HTTP versions
+/// apart by the negotiated ALPN (`h2`) instead of detection (`h2c`).
+fn mesh_tls_chain(plain: &FilterChain) -> FilterChain {
+    let mut c = plain.clone();
+    c.name = format!("{}/mtls", plain.name);
+    let m = c.filter_chain_match.get_or_insert_with(Default::default);
+    m.transport_protocol = "tls".into();
+    for p in &mut m.application_protocols {
+        if p == "h2c" {
+            *p = "h2".into();
+        }
+    }
+    c.transport_socket = Some(mesh_tls_socket());
+    c
+}
+
+/// A chain that takes plaintext only (beside mesh TLS chains, in PERMISSIVE mode).
+fn raw_chain(mut c: FilterChain) -> FilterChain {
+    c.filter_chain_match
+        .get_or_insert_with(Default::default)
+        .transport_protocol = "raw_buffer".into();
+    c
 }
 
 #[cfg(test)]

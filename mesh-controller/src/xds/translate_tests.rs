@@ -578,23 +578,43 @@ fn peers_running_mesh_proxy_are_marked_and_inbound_protocols_pinned() {
     }
     let mut t = Translator::new(idx.model());
     let view = t.view(&proxy("default", true));
-    let marked = |cluster: &str| -> Vec<bool> {
+    // (HTTP/2 to its proxy, its mesh identity) per endpoint.
+    let marked = |cluster: &str| -> Vec<(bool, Option<String>)> {
+        use envoy_types::pb::google::protobuf::value::Kind;
         let cla: ClusterLoadAssignment =
             decode(view.get(ResourceType::Endpoint, cluster).expect("cla"));
         cla.endpoints[0]
             .lb_endpoints
             .iter()
-            .map(|e| e.metadata.is_some())
+            .map(|e| {
+                let f = e
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get("mesh.dev"))
+                    .map(|s| s.fields.clone())
+                    .unwrap_or_default();
+                let proxy = matches!(
+                    f.get("proxy").and_then(|v| v.kind.clone()),
+                    Some(Kind::BoolValue(true))
+                );
+                let id = match f.get("identity").and_then(|v| v.kind.clone()) {
+                    Some(Kind::StringValue(s)) => Some(s),
+                    _ => None,
+                };
+                (proxy, id)
+            })
             .collect()
     };
-    // Only the pod running mesh-proxy, and only on the declared HTTP/1 port.
+    // Only the pod running mesh-proxy has an identity (its service account, `default` when
+    // unset); HTTP/2 to it only on the declared HTTP/1 port.
+    let web0 = Some("spiffe://cluster.local/ns/default/sa/default".to_string());
     assert_eq!(
         marked("outbound|80||web.default.svc.cluster.local"),
-        [true, false]
+        [(true, web0.clone()), (false, None)]
     );
     assert_eq!(
         marked("outbound|9000||web.default.svc.cluster.local"),
-        [false, false]
+        [(false, web0), (false, None)]
     );
 
     // The web pod's own proxy pins what its app speaks on each port.
@@ -611,4 +631,89 @@ fn peers_running_mesh_proxy_are_marked_and_inbound_protocols_pinned() {
     };
     assert!(protocol("inbound|80||").is_some_and(|p| p.contains("HttpProtocolOptions(")));
     assert!(protocol("inbound|9000||").is_some_and(|p| p.contains("Http2ProtocolOptions(")));
+}
+
+#[test]
+fn inbound_chains_follow_the_mtls_mode_of_the_namespace() {
+    let mut idx = index();
+    idx.apply(obj("apiVersion: v1\nkind: Namespace\nmetadata: {name: secure, labels: {mesh.dev/mtls-mode: STRICT}}\n")).expect("ns");
+    idx.apply(obj("apiVersion: v1\nkind: Namespace\nmetadata: {name: odd, labels: {mesh.dev/mtls-mode: sometimes}}\n")).expect("ns");
+    for ns in ["default", "secure"] {
+        idx.apply(obj(&format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: {ns}}}\nspec: {{clusterIP: 10.96.9.{}, selector: {{app: web}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n", if ns == "default" { 1 } else { 2 }))).expect("svc");
+        idx.apply(obj(&format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: {ns}, labels: {{app: web}}}}\nspec: {{containers: [{{name: app}}]}}\nstatus: {{podIP: 10.0.4.{}}}\n", if ns == "default" { 1 } else { 2 }))).expect("pod");
+    }
+    let model = idx.model();
+    assert!(
+        model
+            .errors
+            .iter()
+            .any(|e| e.object.name == "odd" && e.reason.contains("\"sometimes\"")),
+        "{:?}",
+        model.errors
+    );
+    let mut t = Translator::new(model);
+    let mut inbound = |ns: &str, mtls: bool| -> Listener {
+        let view = t.view(&ProxyId {
+            namespace: ns.into(),
+            name: "web-0".into(),
+            settings: ListenerSettings {
+                transparent: true,
+                mtls,
+                ..Default::default()
+            },
+        });
+        decode(
+            view.get(ResourceType::Listener, names::INBOUND_LISTENER)
+                .expect("inbound"),
+        )
+    };
+    let shape = |l: &Listener| -> Vec<(String, String, bool)> {
+        l.filter_chains
+            .iter()
+            .map(|c| {
+                let m = c.filter_chain_match.clone().unwrap_or_default();
+                (
+                    c.name.clone(),
+                    m.transport_protocol,
+                    c.transport_socket.is_some(),
+                )
+            })
+            .collect()
+    };
+    // PERMISSIVE (the mesh default): mesh TLS and plaintext, and the passthrough.
+    let l = inbound("default", true);
+    assert_eq!(
+        shape(&l),
+        [
+            (
+                "inbound|8080/http/mtls".to_string(),
+                "tls".to_string(),
+                true
+            ),
+            (
+                "inbound|8080/http".to_string(),
+                "raw_buffer".to_string(),
+                false
+            ),
+        ]
+    );
+    assert!(l.default_filter_chain.is_some());
+    // STRICT: mesh TLS only, nothing for plaintext.
+    let l = inbound("secure", true);
+    assert_eq!(
+        shape(&l),
+        [(
+            "inbound|8080/http/mtls".to_string(),
+            "tls".to_string(),
+            true
+        )]
+    );
+    assert!(l.default_filter_chain.is_none());
+    // A proxy without identity cannot terminate mesh TLS: plaintext only, as before.
+    let l = inbound("secure", false);
+    assert_eq!(
+        shape(&l),
+        [("inbound|8080/http".to_string(), String::new(), false)]
+    );
+    assert!(l.default_filter_chain.is_some());
 }
