@@ -214,7 +214,7 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
             port = free_port()
             p = Proc(
                 [os.path.join(rel, "mesh-proxy"), "--xds", f"127.0.0.1:{xds_port}",
-                 "--node", "default/bench-mesh", "--workers", "1",
+                 "--node", "default/bench-mesh", "--workers", "1", "--identity-off",
                  "--outbound-http-addr", f"127.0.0.1:{port}",
                  "--admin-addr", f"127.0.0.1:{free_port()}",
                  "--metrics-addr", f"127.0.0.1:{free_port()}"],

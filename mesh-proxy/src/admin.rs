@@ -2,7 +2,7 @@
 //!
 //! | path | server | what |
 //! |---|---|---|
-//! | `/ready` | both | 200 once the first complete config is applied, else 503 |
+//! | `/ready` | both | 200 once the first complete config is applied and (with identity on) a valid SVID is held, else 503 |
 //! | `/live` | both | 200 while the process runs |
 //! | `/metrics` | both | Prometheus text |
 //! | `/config_dump` | admin | settings, xDS state and the running config as JSON |
@@ -20,9 +20,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::identity::{MeshTls, RenewalStatus};
 use crate::metrics::Metrics;
 use crate::state::{Snapshot, Store};
 use crate::xds::XdsStatus;
+
+/// What a proxy without identity says, in its log and at `/config_dump`.
+pub const IDENTITY_OFF_WARNING: &str =
+    "identity is off: no mesh TLS, plaintext to and from every peer, no peer identities";
 
 type SetFilter = dyn Fn(&str) -> Result<(), String> + Send + Sync;
 
@@ -72,17 +77,25 @@ pub struct AdminState {
     pub xds: Arc<Mutex<XdsStatus>>,
     pub log: Option<Arc<LogControl>>,
     pub shutdown: Arc<Notify>,
+    pub tls: Option<Arc<MeshTls>>,
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.store.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+    if !s.store.is_ready() {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the first complete config\n",
-        )
+        );
     }
+    if let Some(tls) = &s.tls
+        && !tls.identity.has_valid_svid()
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for a valid certificate from mesh-ca\n",
+        );
+    }
+    (StatusCode::OK, "ready\n")
 }
 
 async fn live() -> &'static str {
@@ -103,13 +116,38 @@ async fn metrics(State(s): State<AdminState>) -> Response {
 #[derive(Serialize)]
 struct ConfigDump {
     config: Arc<Config>,
+    identity: IdentityDump,
     xds: XdsStatus,
     snapshot: Option<Arc<Snapshot>>,
 }
 
+#[derive(Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+enum IdentityDump {
+    /// `--identity-off`: plaintext only.
+    Off { warning: &'static str },
+    On {
+        spiffe_id: String,
+        valid: bool,
+        #[serde(flatten)]
+        renewal: RenewalStatus,
+    },
+}
+
 async fn config_dump(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let identity = match &s.tls {
+        None => IdentityDump::Off {
+            warning: IDENTITY_OFF_WARNING,
+        },
+        Some(t) => IdentityDump::On {
+            spiffe_id: t.id.to_string(),
+            valid: t.identity.has_valid_svid(),
+            renewal: t.status(),
+        },
+    };
     let dump = ConfigDump {
         config: s.config.clone(),
+        identity,
         xds: s.xds.lock().map(|x| x.clone()).unwrap_or_default(),
         snapshot: s.store.load(),
     };

@@ -79,6 +79,8 @@ struct Ewma {
 pub struct Endpoint {
     pub addr: SocketAddr,
     pub mesh_proxy: bool,
+    /// Mesh TLS to this endpoint must find this SPIFFE ID.
+    pub identity: Option<mesh_api::SpiffeId>,
     pending: AtomicU32,
     ewma: Mutex<Ewma>,
     consecutive_failures: AtomicU32,
@@ -94,6 +96,7 @@ impl Endpoint {
         Self {
             addr: def.addr,
             mesh_proxy: def.mesh_proxy,
+            identity: def.identity.clone(),
             pending: AtomicU32::new(0),
             ewma: Mutex::new(Ewma {
                 rtt_ns: DEFAULT_RTT.as_nanos() as f64,
@@ -283,7 +286,9 @@ impl EndpointSet {
             .map(|d| {
                 self.endpoints
                     .iter()
-                    .find(|e| e.addr == d.addr && e.mesh_proxy == d.mesh_proxy)
+                    .find(|e| {
+                        e.addr == d.addr && e.mesh_proxy == d.mesh_proxy && e.identity == d.identity
+                    })
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Endpoint::new(d)))
             })
@@ -427,6 +432,7 @@ mod tests {
             .map(|i| EndpointDef {
                 addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
                 mesh_proxy: false,
+                identity: None,
             })
             .collect();
         Arc::new(EndpointSet::new(&defs, outlier, Counter::default()))
@@ -543,10 +549,12 @@ mod tests {
             EndpointDef {
                 addr: s.endpoints[0].addr,
                 mesh_proxy: false,
+                identity: None,
             },
             EndpointDef {
                 addr: SocketAddr::from(([127, 0, 0, 1], 2000)),
                 mesh_proxy: false,
+                identity: None,
             },
         ];
         let u = s.update(&defs, OutlierConfig::default());

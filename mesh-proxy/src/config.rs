@@ -2,9 +2,11 @@
 //! The parsed settings are shown at the admin `/config_dump`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use mesh_api::SpiffeId;
 use mesh_api::consts::{env, ports};
 use serde::Serialize;
 
@@ -83,6 +85,37 @@ pub struct Config {
     #[arg(long, env = env::PROXY_IDLE_TIMEOUT, value_parser = parse_duration, default_value = "5m")]
     #[serde(with = "duration_str")]
     pub idle_timeout: Duration,
+    /// Address of mesh-ca (`host:port`). Required unless `--identity-off`.
+    #[arg(long, env = env::PROXY_CA_ADDR)]
+    pub ca_addr: Option<String>,
+
+    /// PEM file with the root(s) that mesh-ca's own certificate chains to (its `ca.crt`).
+    #[arg(long, env = env::PROXY_CA_ROOT)]
+    pub ca_root: Option<PathBuf>,
+
+    /// File with the token proving this workload's identity to mesh-ca: a projected
+    /// service-account token, or a local-mesh token. Read again at every renewal.
+    #[arg(long, env = env::PROXY_CA_TOKEN_FILE, default_value = "/var/run/secrets/tokens/mesh-ca-token")]
+    pub ca_token_file: PathBuf,
+
+    /// The workload's service account (its SPIFFE ID is `.../ns/<node namespace>/sa/<this>`).
+    #[arg(long, env = env::PROXY_SERVICE_ACCOUNT, default_value = "default")]
+    pub service_account: String,
+
+    /// Trust domain of the mesh.
+    #[arg(long, env = env::TRUST_DOMAIN, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+
+    /// Certificate lifetime to ask for (`0s`: the CA's default, 24 h).
+    #[arg(long, env = env::PROXY_CERT_LIFETIME, value_parser = parse_duration, default_value = "0s")]
+    #[serde(with = "duration_str")]
+    pub cert_lifetime: Duration,
+
+    /// Run without a mesh identity: no CA, plaintext only, no mutual TLS. For benchmarks and
+    /// interop tests; the proxy says so in its log and `/config_dump`.
+    #[arg(long, env = env::PROXY_IDENTITY_OFF, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub identity_off: bool,
+
     /// Log format: `text` or `json` (the level is `MESH_LOG`, and `/logging` changes it live).
     #[arg(long, env = env::LOG_FORMAT, default_value = "text")]
     pub log_format: String,
@@ -111,8 +144,38 @@ impl Config {
             h2_max_streams: 100,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            ca_addr: None,
+            ca_root: None,
+            ca_token_file: PathBuf::new(),
+            service_account: "default".into(),
+            trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
+            cert_lifetime: Duration::ZERO,
+            // In-process proxies (tests, benchmarks) are plaintext unless given a CA.
+            identity_off: true,
             log_format: "text".into(),
         }
+    }
+
+    /// This workload's SPIFFE ID.
+    pub fn spiffe_id(&self) -> Result<SpiffeId, ConfigError> {
+        let (ns, _) = self.node_parts()?;
+        SpiffeId::workload(&self.trust_domain, ns, &self.service_account).map_err(|e| {
+            ConfigError::Identity(format!(
+                "--trust-domain {:?} / --service-account {:?}: {e}",
+                self.trust_domain, self.service_account
+            ))
+        })
+    }
+
+    /// Checks that the proxy either has what it needs to get an identity or runs without one.
+    pub fn check_identity(&self) -> Result<(), ConfigError> {
+        if self.identity_off {
+            return Ok(());
+        }
+        if self.ca_addr.is_none() || self.ca_root.is_none() {
+            return Err(ConfigError::NoCa);
+        }
+        self.spiffe_id().map(|_| ())
     }
 
     /// The node namespace and name.
@@ -139,6 +202,16 @@ impl Config {
 pub enum ConfigError {
     #[error("--node / {var} = {0:?}: expected <namespace>/<name>", var = env::PROXY_NODE)]
     Node(String),
+    #[error(
+        "no CA: pass --ca-addr ({addr}) and --ca-root ({root}) to get a mesh identity, or \
+         --identity-off ({off}=true) to run plaintext without one",
+        addr = env::PROXY_CA_ADDR,
+        root = env::PROXY_CA_ROOT,
+        off = env::PROXY_IDENTITY_OFF
+    )]
+    NoCa,
+    #[error("identity: {0}")]
+    Identity(String),
 }
 
 /// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.

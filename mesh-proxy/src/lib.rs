@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod identity;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;

@@ -61,6 +61,18 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsRefusedLabels {
+    /// `inbound`: a client's certificate was refused; `outbound`: a server's.
+    pub direction: Direction,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub direction: Direction,
+}
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -81,6 +93,12 @@ pub struct Metrics {
     pub xds_updates: Family<XdsLabels, Counter>,
     pub xds_connected: Gauge,
     pub config_generation: Gauge,
+    pub tls_refused: Family<TlsRefusedLabels, Counter>,
+    pub tls_handshakes: Family<TlsLabels, Counter>,
+    pub tls_handshake_failures: Family<TlsLabels, Counter>,
+    pub svid_renewals: Counter,
+    pub svid_renewal_failures: Counter,
+    pub svid_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -150,6 +168,42 @@ impl Metrics {
             "Generation of the running config snapshot",
             config_generation.clone(),
         );
+        let tls_refused = Family::<TlsRefusedLabels, Counter>::default();
+        registry.register(
+            "tls_peer_refused",
+            "Peer certificates refused in mesh TLS, by direction and reason",
+            tls_refused.clone(),
+        );
+        let tls_handshakes = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "Mesh TLS handshakes completed",
+            tls_handshakes.clone(),
+        );
+        let tls_handshake_failures = Family::<TlsLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Mesh TLS handshakes that failed (a refused peer, no valid SVID, a plaintext peer)",
+            tls_handshake_failures.clone(),
+        );
+        let svid_renewals = Counter::default();
+        registry.register(
+            "svid_renewals",
+            "Workload certificates received from the CA",
+            svid_renewals.clone(),
+        );
+        let svid_renewal_failures = Counter::default();
+        registry.register(
+            "svid_renewal_failures",
+            "Certificate requests to the CA that failed",
+            svid_renewal_failures.clone(),
+        );
+        let svid_expiry = Gauge::default();
+        registry.register(
+            "svid_expiry_seconds",
+            "When the workload certificate expires, in Unix seconds (0: none yet)",
+            svid_expiry.clone(),
+        );
         Self {
             registry,
             requests,
@@ -162,6 +216,12 @@ impl Metrics {
             xds_updates,
             xds_connected,
             config_generation,
+            tls_refused,
+            tls_handshakes,
+            tls_handshake_failures,
+            svid_renewals,
+            svid_renewal_failures,
+            svid_expiry,
         }
     }
 

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::info;
+use tracing::{info, warn};
 
-use crate::admin::{AdminState, LogControl, admin_router, metrics_router};
+use crate::admin::{AdminState, IDENTITY_OFF_WARNING, LogControl, admin_router, metrics_router};
 use crate::config::{Config, ConfigError};
+use crate::identity::{IdentityError, MeshTls};
 use crate::metrics::Metrics;
 use crate::proxy::{ListenerKind, Shared, serve};
 use crate::state::Store;
@@ -21,6 +22,8 @@ use crate::xds::client::ListenerPorts;
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("identity: {0}")]
+    Identity(#[from] IdentityError),
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -40,6 +43,8 @@ pub struct Proxy {
     pub store: Arc<Store>,
     pub metrics: Arc<Metrics>,
     pub shared: Arc<Shared>,
+    /// Mesh TLS; `None` with identity off.
+    pub tls: Option<Arc<MeshTls>>,
     shutdown: Arc<Notify>,
     tasks: Vec<JoinHandle<()>>,
     listeners: Vec<JoinHandle<()>>,
@@ -67,9 +72,16 @@ fn local(l: &TcpListener) -> SocketAddr {
 impl Proxy {
     pub async fn start(config: Config, log: Option<Arc<LogControl>>) -> Result<Self, StartError> {
         config.node_parts()?;
+        config.check_identity()?;
         let config = Arc::new(config);
         let store = Arc::new(Store::default());
         let metrics = Arc::new(Metrics::new());
+        let tls = if config.identity_off {
+            warn!("{IDENTITY_OFF_WARNING}");
+            None
+        } else {
+            Some(MeshTls::new(&config, metrics.clone())?)
+        };
         let shutdown = Arc::new(Notify::new());
 
         let mut data = Vec::new();
@@ -109,6 +121,7 @@ impl Proxy {
 
         let mut shared = Shared::new(config.clone(), store.clone(), metrics.clone());
         shared.own = data.iter().map(|(_, l)| local(l)).collect();
+        shared.tls = tls.clone();
         let shared = Arc::new(shared);
 
         let xds = XdsClient::new(&config, &ports, store.clone(), metrics.clone());
@@ -119,9 +132,13 @@ impl Proxy {
             xds: xds.status.clone(),
             log,
             shutdown: shutdown.clone(),
+            tls: tls.clone(),
         };
         let (admin_addr, metrics_addr) = (local(&admin), local(&metrics_listener));
         let mut tasks = vec![tokio::spawn(xds.run())];
+        if let Some(tls) = &tls {
+            tasks.push(tokio::spawn(tls.clone().run(config.clone())));
+        }
         let admin_app = admin_router(state.clone());
         tasks.push(tokio::spawn(async move {
             let _ = axum::serve(admin, admin_app).await;
@@ -153,6 +170,7 @@ impl Proxy {
             store,
             metrics,
             shared,
+            tls,
             shutdown,
             tasks,
             listeners,

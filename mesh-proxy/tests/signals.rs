@@ -29,6 +29,7 @@ async fn sigterm_drains_and_exits_zero() {
             &free_addr(),
             "--drain-deadline",
             "2s",
+            "--identity-off",
         ])
         .env("MESH_LOG", "info")
         .stdout(Stdio::null())
@@ -71,6 +72,23 @@ async fn a_bad_node_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("MESH_PROXY_NODE") && err.contains("\"no-namespace\""),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_ca_it_refuses_to_start_unless_identity_is_off() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args(["--node", "default/web-1", "--admin-addr", &free_addr()])
+        .env_remove("MESH_PROXY_CA_ADDR")
+        .env_remove("MESH_PROXY_IDENTITY_OFF")
+        .output()
+        .await
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ca-addr") && err.contains("--identity-off"),
         "{err}"
     );
 }

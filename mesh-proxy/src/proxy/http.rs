@@ -36,12 +36,38 @@ pub struct HttpCtx {
     pub route: String,
     /// The connection's original destination.
     pub dst: SocketAddr,
+    /// Inbound over mesh TLS: the client's SPIFFE ID (for policy and metrics).
+    pub peer: Option<mesh_api::SpiffeId>,
+    /// Inbound: the `x-forwarded-client-cert` value given to the app (`By=<this
+    /// proxy>;URI=<peer>`), when the client proved an identity.
+    pub xfcc: Option<HeaderValue>,
 }
+
+/// The header that tells the app who called; never taken from outside the mesh.
+pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 pub async fn handle(
     ctx: Arc<HttpCtx>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    if ctx.peer.is_some()
+        && let Some(tls) = &ctx.shared.tls
+        && !tls.identity.has_valid_svid()
+    {
+        // Fail closed, on connections opened while the certificate was valid too.
+        return Ok(local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this proxy holds no valid certificate: mesh TLS refused",
+        ));
+    }
+    if ctx.direction == Direction::inbound {
+        // Only this proxy vouches for the caller: whatever arrived is dropped.
+        let headers = req.headers_mut();
+        headers.remove(XFCC);
+        if let Some(v) = &ctx.xfcc {
+            headers.insert(XFCC, v.clone());
+        }
+    }
     let Some(snapshot) = ctx.shared.store.load() else {
         return Ok(local(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -423,6 +449,7 @@ async fn forward(
             h2,
             connect_timeout: cluster.connect_timeout,
             idle_timeout: shared.config.idle_timeout,
+            tls: shared.tls.clone(),
         };
         let Some(req) = build(h2, body.take()) else {
             return local(
@@ -658,6 +685,7 @@ fn mirror(
             h2: false,
             connect_timeout: cluster.connect_timeout,
             idle_timeout: ctx.shared.config.idle_timeout,
+            tls: ctx.shared.tls.clone(),
         };
         tokio::spawn(async move {
             let ep = inflight.endpoint.clone();

@@ -20,8 +20,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::config::Config;
+use crate::identity::MeshTls;
 use crate::metrics::{Direction, ListenerLabels, Metrics};
-use crate::state::{ChainChoice, NetworkFilter, Store};
+use crate::state::{ChainChoice, Detected, FilterChain, NetworkFilter, Snapshot, Store};
 use detect::{PrefixedIo, detect};
 
 /// The proxy's listeners.
@@ -112,6 +113,8 @@ pub struct Shared {
     pub drain: Drain,
     /// Addresses the proxy listens on: traffic sent to them is never passed through.
     pub own: Vec<SocketAddr>,
+    /// Mesh TLS; `None` when the proxy runs with identity off.
+    pub tls: Option<Arc<MeshTls>>,
 }
 
 impl Shared {
@@ -138,6 +141,7 @@ impl Shared {
             server,
             drain: Drain::default(),
             own: Vec::new(),
+            tls: None,
         }
     }
 
@@ -255,8 +259,8 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         debug!("no config for this listener; closing");
         return;
     };
-    let (filter, prefix) = match listener.select(dst) {
-        ChainChoice::Chain(c) => (&c.filter, BytesMut::new()),
+    let (chain, prefix, candidates) = match listener.select(dst) {
+        ChainChoice::Chain(c) => (c, BytesMut::new(), Vec::new()),
         ChainChoice::Detect(chains) => {
             let (proto, buf) = match detect(&mut stream, shared.config.detect_timeout).await {
                 Ok(r) => r,
@@ -266,8 +270,13 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
                 }
             };
             match listener.pick(&chains, proto) {
-                Some(c) => (&c.filter, buf),
-                None => return,
+                Some(c) => (c, buf, chains),
+                None => {
+                    if proto != Detected::Tls {
+                        debug!(%dst, "plaintext refused: this port takes mesh TLS only");
+                    }
+                    return;
+                }
             }
         }
         ChainChoice::None => {
@@ -276,28 +285,104 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         }
     };
     let io = PrefixedIo::new(prefix, stream).with_idle_timeout(shared.config.idle_timeout);
+    if !chain.terminate_tls {
+        let filter = chain.filter.clone();
+        drop(snapshot);
+        return run_filter(&filter, io, kind, dst, None, shared).await;
+    }
+    let Some(tls) = shared.tls.clone() else {
+        warn!(%dst, "a filter chain terminates mesh TLS, but this proxy runs with identity off; closing");
+        return;
+    };
+    let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(io)).await;
+    let stream = match accepted {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tls.handshake_done(Direction::inbound, false);
+            debug!(error = %e, "mesh TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tls.handshake_done(Direction::inbound, false);
+            debug!("mesh TLS handshake timed out");
+            return;
+        }
+    };
+    tls.handshake_done(Direction::inbound, true);
+    let conn = stream.get_ref().1;
+    let peer = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(|der| mesh_api::tls::peer_id(der));
+    let alpn = match conn.alpn_protocol() {
+        Some(mesh_api::tls::ALPN_H2) => Some(Detected::H2c),
+        Some(mesh_api::tls::ALPN_HTTP1) => Some(Detected::Http1),
+        _ => None,
+    };
+    let Some(inner) = pick_after_tls(&snapshot, kind, &candidates, alpn) else {
+        debug!(%dst, ?alpn, "no filter chain for this mesh TLS connection; closing");
+        return;
+    };
+    drop(snapshot);
+    run_filter(&inner, stream, kind, dst, peer, shared).await;
+}
+
+/// How long a client has to finish a mesh TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The chain, and so the filter, for a terminated mesh TLS connection.
+fn pick_after_tls(
+    snapshot: &Snapshot,
+    kind: ListenerKind,
+    candidates: &[&FilterChain],
+    alpn: Option<Detected>,
+) -> Option<NetworkFilter> {
+    let listener = snapshot.listeners.get(kind.xds_name())?;
+    listener
+        .pick_alpn(candidates, alpn)
+        .map(|c| c.filter.clone())
+}
+
+async fn run_filter<I>(
+    filter: &NetworkFilter,
+    io: I,
+    kind: ListenerKind,
+    dst: SocketAddr,
+    peer: Option<mesh_api::SpiffeId>,
+    shared: &Arc<Shared>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match filter {
         NetworkFilter::Http { route } => {
             let _active = Active::new(&shared.metrics, kind, "http");
+            let xfcc = match (&peer, &shared.tls) {
+                (Some(p), Some(tls)) => {
+                    hyper::header::HeaderValue::from_str(&format!("By={};URI={p}", tls.id)).ok()
+                }
+                _ => None,
+            };
             let ctx = Arc::new(http::HttpCtx {
                 shared: shared.clone(),
                 direction: kind.direction(),
                 route: route.clone(),
                 dst,
+                peer,
+                xfcc,
             });
-            drop(snapshot);
             serve_http(io, ctx, shared).await;
         }
         NetworkFilter::Tcp { cluster } => {
             let _active = Active::new(&shared.metrics, kind, "tcp");
-            let cluster = cluster.clone();
-            drop(snapshot);
-            tcp::forward(shared, &cluster, dst, io).await;
+            tcp::forward(shared, cluster, dst, io).await;
         }
     }
 }
 
-async fn serve_http(io: PrefixedIo<TcpStream>, ctx: Arc<http::HttpCtx>, shared: &Arc<Shared>) {
+async fn serve_http<I>(io: I, ctx: Arc<http::HttpCtx>, shared: &Arc<Shared>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc = hyper::service::service_fn(move |req| http::handle(ctx.clone(), req));
     let conn = shared
         .server

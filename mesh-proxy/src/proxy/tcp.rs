@@ -8,8 +8,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::debug;
 
 use super::Shared;
-use super::upstream::connect;
+use super::upstream::connect_endpoint;
 use crate::balance::Outcome;
+use crate::identity::Alpn;
 use crate::state::ClusterKind;
 
 pub async fn forward<T>(shared: &Arc<Shared>, cluster: &str, dst: SocketAddr, mut io: T)
@@ -39,7 +40,14 @@ where
             return;
         };
         let addr = inflight.endpoint.addr;
-        match connect(addr, cluster.connect_timeout).await {
+        let connected = connect_endpoint(
+            &inflight.endpoint,
+            shared.tls.as_ref(),
+            Alpn::None,
+            cluster.connect_timeout,
+        )
+        .await;
+        match connected {
             Ok(mut upstream) => {
                 inflight.finish(Outcome::Success);
                 if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {

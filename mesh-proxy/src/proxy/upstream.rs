@@ -3,7 +3,9 @@
 //! snapshots.
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -12,10 +14,12 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::balance::Endpoint;
+use crate::identity::{Alpn, MeshTls};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -62,6 +66,16 @@ impl Pool {
         None
     }
 
+    /// Drops every pooled connection (they close when their last user is done).
+    fn clear(&self) {
+        if let Ok(mut idle) = self.h1.lock() {
+            idle.clear();
+        }
+        if let Ok(mut h2) = self.h2.try_lock() {
+            h2.take();
+        }
+    }
+
     fn put_h1(&self, tx: http1::SendRequest<Body>) {
         if let Ok(mut idle) = self.h1.lock()
             && idle.len() < MAX_IDLE
@@ -92,12 +106,123 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, S
     Ok(stream)
 }
 
+/// A connection to an endpoint: plaintext, or mesh TLS.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Connects to `ep`: mesh TLS when it has a mesh identity and this proxy holds one (the
+/// server's SVID must be that identity), else plaintext.
+pub async fn connect_endpoint(
+    ep: &Endpoint,
+    tls: Option<&Arc<MeshTls>>,
+    alpn: Alpn,
+    timeout: Duration,
+) -> Result<Conn, SendError> {
+    let stream = connect(ep.addr, timeout).await?;
+    let (Some(tls), Some(id)) = (tls, ep.identity.as_ref()) else {
+        return Ok(Conn::Plain(stream));
+    };
+    let Some(connector) = tls.connector(id, alpn) else {
+        return Err(SendError::Connect {
+            addr: ep.addr,
+            reason: "no TLS client config".into(),
+        });
+    };
+    let name = rustls::pki_types::ServerName::IpAddress(ep.addr.ip().into());
+    match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
+        Ok(Ok(s)) => {
+            tls.handshake_done(crate::metrics::Direction::outbound, true);
+            Ok(Conn::Tls(Box::new(s)))
+        }
+        Ok(Err(e)) => {
+            tls.handshake_done(crate::metrics::Direction::outbound, false);
+            Err(SendError::Connect {
+                addr: ep.addr,
+                reason: format!("mesh TLS: {e}"),
+            })
+        }
+        Err(_) => {
+            tls.handshake_done(crate::metrics::Direction::outbound, false);
+            Err(SendError::Connect {
+                addr: ep.addr,
+                reason: format!(
+                    "mesh TLS handshake timed out after {}ms",
+                    timeout.as_millis()
+                ),
+            })
+        }
+    }
+}
+
 /// Settings for one request to an endpoint.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Target {
     pub h2: bool,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
+    /// This proxy's mesh TLS, when it has an identity.
+    pub tls: Option<Arc<MeshTls>>,
 }
 
 /// Sends a request to an endpoint over a pooled connection, or a new one.
@@ -106,6 +231,17 @@ pub async fn send(
     target: Target,
     req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, SendError> {
+    // Fail closed: without a valid SVID of its own the proxy sends no mesh traffic, not even
+    // on connections opened while it had one.
+    if let (Some(tls), Some(_)) = (&target.tls, &ep.identity)
+        && !tls.identity.has_valid_svid()
+    {
+        ep.pool.clear();
+        return Err(SendError::Connect {
+            addr: ep.addr,
+            reason: "this proxy holds no valid certificate: mesh TLS refused".into(),
+        });
+    }
     if target.h2 {
         let resp = send_h2(ep, target, req).await?;
         Ok(resp.map(|b| UpstreamBody {
@@ -213,7 +349,8 @@ async fn send_h1(
             },
         }
     }
-    let stream = connect(ep.addr, target.connect_timeout).await?;
+    let stream =
+        connect_endpoint(ep, target.tls.as_ref(), Alpn::Http1, target.connect_timeout).await?;
     let (mut tx, conn) = http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await
@@ -253,7 +390,9 @@ async fn send_h2(
         match slot.as_ref() {
             Some(tx) if !tx.is_closed() => tx.clone(),
             _ => {
-                let stream = connect(ep.addr, target.connect_timeout).await?;
+                let stream =
+                    connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout)
+                        .await?;
                 let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(30))

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster as PbCluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, HeaderValueOption, Metadata, address, data_source, header_value_option, socket_address,
+    Address, HeaderValueOption, Metadata, TransportSocket, address, data_source,
+    header_value_option, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::listener::v3::{
@@ -21,6 +22,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, common_tls_context,
+};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
@@ -38,7 +42,7 @@ use super::route::{
 };
 use super::{
     Cidr, ClusterDef, ClusterKind, Detected, EndpointDef, FilterChain, ListenerConfig,
-    NetworkFilter, UpstreamProtocol,
+    NetworkFilter, Transport, UpstreamProtocol,
 };
 use crate::balance::OutlierConfig;
 
@@ -164,13 +168,84 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig> {
     })
 }
 
-fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain> {
-    if c.transport_socket.is_some() {
+/// A transport socket that terminates mesh TLS: a DownstreamTlsContext requiring a client
+/// certificate, with the proxy's own SVID and trust bundle (SDS secrets `default` and
+/// `ROOTCA`, served by the proxy itself from mesh-ca) and nothing else.
+fn downstream_tls(cx: &Ctx<'_>, at: &str, ts: &TransportSocket) -> Result<()> {
+    use mesh_api::consts::xds::{SDS_ROOTS, SDS_SVID, TLS_TRANSPORT_SOCKET};
+    if ts.name != TLS_TRANSPORT_SOCKET {
         return Err(cx.err(
-            format!("{at}.transport_socket"),
-            "TLS termination is not supported yet",
+            format!("{at}.name"),
+            format!(
+                "{:?} is not supported (supported: {TLS_TRANSPORT_SOCKET})",
+                ts.name
+            ),
         ));
     }
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        return Err(cx.err(format!("{at}.typed_config"), "missing"));
+    };
+    let field = format!("{at}.typed_config");
+    if any.type_url != DownstreamTlsContext::type_url() {
+        return Err(cx.err(
+            &field,
+            format!("expected a DownstreamTlsContext, got {}", any.type_url),
+        ));
+    }
+    let ctx: DownstreamTlsContext = decode(cx, &field, any)?;
+    if ctx.require_client_certificate.map(|b| b.value) != Some(true) {
+        return Err(cx.err(
+            format!("{field}.require_client_certificate"),
+            "mesh TLS is mutual: it must be true",
+        ));
+    }
+    let common = ctx.common_tls_context.unwrap_or_default();
+    if !common.tls_certificates.is_empty() {
+        return Err(cx.err(
+            format!("{field}.common_tls_context.tls_certificates"),
+            format!("inline certificates are not supported; the proxy presents its own SVID (SDS secret {SDS_SVID:?})"),
+        ));
+    }
+    for (i, sds) in common.tls_certificate_sds_secret_configs.iter().enumerate() {
+        if sds.name != SDS_SVID {
+            return Err(cx.err(
+                format!("{field}.common_tls_context.tls_certificate_sds_secret_configs[{i}].name"),
+                format!(
+                    "{:?}: only the proxy's own SVID, {SDS_SVID:?}, is supported",
+                    sds.name
+                ),
+            ));
+        }
+    }
+    use common_tls_context::ValidationContextType as V;
+    let roots = match &common.validation_context_type {
+        None => None,
+        Some(V::ValidationContextSdsSecretConfig(sds)) => Some(sds.name.as_str()),
+        Some(V::CombinedValidationContext(c)) => c
+            .validation_context_sds_secret_config
+            .as_ref()
+            .map(|s| s.name.as_str()),
+        Some(_) => Some(""),
+    };
+    if let Some(name) = roots
+        && name != SDS_ROOTS
+    {
+        return Err(cx.err(
+            format!("{field}.common_tls_context.validation_context"),
+            format!("only the mesh trust bundle, SDS secret {SDS_ROOTS:?}, is supported"),
+        ));
+    }
+    Ok(())
+}
+
+fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain> {
+    let terminate_tls = match &c.transport_socket {
+        Some(ts) => {
+            downstream_tls(cx, &format!("{at}.transport_socket"), ts)?;
+            true
+        }
+        None => false,
+    };
     let m = c.filter_chain_match.clone().unwrap_or_default();
     let unsupported = [
         (!m.server_names.is_empty(), "server_names"),
@@ -183,7 +258,7 @@ fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain
         (m.source_type != 0, "source_type"),
         (!m.address_suffix.is_empty(), "address_suffix"),
         (
-            !matches!(m.transport_protocol.as_str(), "" | "raw_buffer"),
+            !matches!(m.transport_protocol.as_str(), "" | "raw_buffer" | "tls"),
             "transport_protocol",
         ),
     ];
@@ -227,16 +302,28 @@ fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let transport = match m.transport_protocol.as_str() {
+        "raw_buffer" => Transport::Raw,
+        "tls" => Transport::Tls,
+        _ => Transport::Any,
+    };
+    if terminate_tls && transport != Transport::Tls {
+        return Err(cx.err(
+            format!("{at}.filter_chain_match.transport_protocol"),
+            "a chain that terminates TLS must match transport_protocol \"tls\"",
+        ));
+    }
     let app_protocols = m
         .application_protocols
         .iter()
         .enumerate()
         .map(|(i, p)| match p.as_str() {
             "http/1.1" | "http/1.0" => Ok(Detected::Http1),
-            "h2c" => Ok(Detected::H2c),
+            // `h2c` is detected in plaintext, `h2` negotiated in ALPN: both are HTTP/2.
+            "h2c" | "h2" => Ok(Detected::H2c),
             other => Err(cx.err(
                 format!("{at}.filter_chain_match.application_protocols[{i}]"),
-                format!("{other:?} cannot be detected (supported: http/1.1, h2c)"),
+                format!("{other:?} cannot be detected (supported: http/1.1, h2c, h2)"),
             )),
         })
         .collect::<Result<Vec<_>>>()?;
@@ -254,6 +341,8 @@ fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain
         name: c.name.clone(),
         prefixes,
         port,
+        transport,
+        terminate_tls,
         app_protocols,
         filter,
     })
@@ -985,7 +1074,10 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
         }
     }
     if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
-        return Err(cx.err("transport_socket", "upstream TLS is not supported yet"));
+        return Err(cx.err(
+            "transport_socket",
+            "not supported: mesh TLS to an endpoint follows its `mesh.dev` `identity` metadata",
+        ));
     }
     let mut protocol = if c.http2_protocol_options.is_some() {
         UpstreamProtocol::Http2
@@ -1097,6 +1189,7 @@ fn endpoints_of(cx: &Ctx<'_>, at: &str, cla: &ClusterLoadAssignment) -> Result<V
             out.push(EndpointDef {
                 addr,
                 mesh_proxy: is_mesh_proxy(lb.metadata.as_ref()),
+                identity: mesh_identity(cx, &format!("{field}.metadata"), lb.metadata.as_ref())?,
             });
         }
     }
@@ -1106,9 +1199,36 @@ fn endpoints_of(cx: &Ctx<'_>, at: &str, cla: &ClusterLoadAssignment) -> Result<V
 /// Endpoint metadata `filter_metadata["mesh.dev"]["proxy"] == true`.
 fn is_mesh_proxy(m: Option<&Metadata>) -> bool {
     use envoy_types::pb::google::protobuf::value::Kind;
-    m.and_then(|m| m.filter_metadata.get("mesh.dev"))
-        .and_then(|s| s.fields.get("proxy"))
-        .is_some_and(|v| matches!(v.kind, Some(Kind::BoolValue(true))))
+    m.and_then(|m| {
+        m.filter_metadata
+            .get(mesh_api::consts::xds::ENDPOINT_METADATA)
+    })
+    .and_then(|s| s.fields.get("proxy"))
+    .is_some_and(|v| matches!(v.kind, Some(Kind::BoolValue(true))))
+}
+
+/// Endpoint metadata `filter_metadata["mesh.dev"]["identity"]`: the SPIFFE ID the endpoint's
+/// SVID must carry.
+fn mesh_identity(
+    cx: &Ctx<'_>,
+    at: &str,
+    m: Option<&Metadata>,
+) -> Result<Option<mesh_api::SpiffeId>> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let key = mesh_api::consts::xds::ENDPOINT_METADATA;
+    let Some(v) = m
+        .and_then(|m| m.filter_metadata.get(key))
+        .and_then(|s| s.fields.get("identity"))
+    else {
+        return Ok(None);
+    };
+    let field = format!("{at}.filter_metadata[{key:?}].identity");
+    match &v.kind {
+        Some(Kind::StringValue(s)) => mesh_api::SpiffeId::parse(s)
+            .map(Some)
+            .map_err(|e| cx.err(field, e.to_string())),
+        _ => Err(cx.err(field, "expected a string SPIFFE ID")),
+    }
 }
 
 fn socket_addr(cx_kind: &Ctx<'_>, field: &str, a: Option<&Address>) -> Result<SocketAddr> {

@@ -312,3 +312,141 @@ fn envoy_substitutions_become_regex_replacements() {
     assert_eq!(envoy_substitution(r"/v2/\1"), "/v2/${1}");
     assert_eq!(envoy_substitution("/$x"), "/$$x");
 }
+
+fn mesh_tls_socket(require_client: bool, sds: &str) -> TransportSocket {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CommonTlsContext, SdsSecretConfig,
+    };
+    use envoy_types::pb::google::protobuf::BoolValue;
+    let ctx = DownstreamTlsContext {
+        require_client_certificate: Some(BoolValue {
+            value: require_client,
+        }),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: vec![SdsSecretConfig {
+                name: sds.into(),
+                sds_config: None,
+            }],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                    SdsSecretConfig {
+                        name: "ROOTCA".into(),
+                        sds_config: None,
+                    },
+                ),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
+    }
+}
+
+#[test]
+fn mesh_tls_chains_are_accepted_and_anything_else_refused() {
+    let mut tls = chain(9080, hcm_filter("r", vec![]));
+    let m = tls.filter_chain_match.as_mut().expect("match");
+    m.transport_protocol = "tls".into();
+    m.application_protocols = vec!["h2".into(), "http/1.1".into()];
+    tls.transport_socket = Some(mesh_tls_socket(true, "default"));
+    let mut raw = chain(9080, hcm_filter("r", vec![]));
+    raw.filter_chain_match
+        .as_mut()
+        .expect("match")
+        .transport_protocol = "raw_buffer".into();
+    let l = listener("virtualInbound", vec![tls.clone(), raw]);
+    let converted = super::listener(&l).expect("accepted");
+    assert_eq!(converted.chains[0].transport, Transport::Tls);
+    assert!(converted.chains[0].terminate_tls);
+    assert_eq!(
+        converted.chains[0].app_protocols,
+        [Detected::H2c, Detected::Http1]
+    );
+    assert_eq!(converted.chains[1].transport, Transport::Raw);
+    assert!(!converted.chains[1].terminate_tls);
+
+    let cases = [
+        (
+            mesh_tls_socket(false, "default"),
+            "transport_socket.typed_config.require_client_certificate: mesh TLS is mutual",
+        ),
+        (
+            mesh_tls_socket(true, "my-cert"),
+            "tls_certificate_sds_secret_configs[0].name: \"my-cert\": only the proxy's own SVID",
+        ),
+    ];
+    for (socket, want) in cases {
+        let mut c = tls.clone();
+        c.transport_socket = Some(socket);
+        let err = super::listener(&listener("virtualInbound", vec![c]))
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    // Terminating TLS on a chain that does not match TLS is a mistake.
+    let mut c = tls.clone();
+    c.filter_chain_match
+        .as_mut()
+        .expect("match")
+        .transport_protocol = String::new();
+    let err = super::listener(&listener("virtualInbound", vec![c]))
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("must match transport_protocol \"tls\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn endpoint_identities_come_from_mesh_metadata() {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let ep = |identity: Option<Kind>| LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: "10.1.0.1".into(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(9080)),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        metadata: identity.map(|k| Metadata {
+            filter_metadata: [(
+                "mesh.dev".to_string(),
+                Struct {
+                    fields: [("identity".to_string(), Value { kind: Some(k) })].into(),
+                },
+            )]
+            .into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let cla = |e: LbEndpoint| ClusterLoadAssignment {
+        cluster_name: "c".into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![e],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let id = "spiffe://cluster.local/ns/default/sa/reviews";
+    let eps = endpoints(&cla(ep(Some(Kind::StringValue(id.into()))))).expect("accepted");
+    assert_eq!(eps[0].identity.as_ref().map(|i| i.as_str()), Some(id));
+    assert_eq!(
+        endpoints(&cla(ep(None))).expect("accepted")[0].identity,
+        None
+    );
+    let err = endpoints(&cla(ep(Some(Kind::StringValue("spiffe://x".into())))))
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("metadata.filter_metadata[\"mesh.dev\"].identity"),
+        "{err}"
+    );
+}

@@ -107,17 +107,43 @@ pub enum Detected {
     Opaque,
 }
 
+/// `filter_chain_match.transport_protocol`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// Unset: any connection.
+    Any,
+    /// `raw_buffer`: plaintext only.
+    Raw,
+    /// `tls`: connections that open with a TLS ClientHello.
+    Tls,
+}
+
+impl Transport {
+    fn takes(self, proto: Detected) -> bool {
+        match self {
+            Transport::Any => true,
+            Transport::Raw => proto != Detected::Tls,
+            Transport::Tls => proto == Detected::Tls,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct FilterChain {
     pub name: String,
     pub prefixes: Vec<Cidr>,
     pub port: Option<u16>,
-    /// `http/1.1`, `h2c`: the chain only takes connections detected as these.
+    pub transport: Transport,
+    /// The chain terminates mesh TLS (a DownstreamTlsContext requiring a client SVID).
+    pub terminate_tls: bool,
+    /// `http/1.1`, `h2c` (detected), or on a TLS chain the negotiated ALPN (`h2` is HTTP/2):
+    /// the chain only takes connections speaking these.
     pub app_protocols: Vec<Detected>,
     pub filter: NetworkFilter,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkFilter {
     /// HTTP, routed by the RouteConfiguration of this name.
@@ -200,24 +226,65 @@ impl ListenerConfig {
             .collect();
         match chosen.as_slice() {
             [] => ChainChoice::None,
-            [only] if only.app_protocols.is_empty() => ChainChoice::Chain(only),
+            [only]
+                if only.app_protocols.is_empty()
+                    && only.transport == Transport::Any
+                    && !only.terminate_tls =>
+            {
+                ChainChoice::Chain(only)
+            }
             _ => ChainChoice::Detect(chosen),
         }
     }
 
-    /// After detection: the chain listing the detected protocol, else one listing none, else
-    /// the default chain.
+    /// After detection: among the chains taking this transport, the one listing the detected
+    /// protocol, else one listing none; else the default chain if it takes the transport. A
+    /// TLS connection goes to a chain matching `tls` before one matching any transport; when
+    /// that chain terminates TLS, [`pick_alpn`] then chooses by the negotiated ALPN.
+    ///
+    /// [`pick_alpn`]: ListenerConfig::pick_alpn
     pub fn pick<'a>(
         &'a self,
         chains: &[&'a FilterChain],
         proto: Detected,
     ) -> Option<&'a FilterChain> {
+        let takes = |c: &&&FilterChain| c.transport.takes(proto);
+        if proto == Detected::Tls
+            && let Some(c) = chains
+                .iter()
+                .filter(takes)
+                .find(|c| c.transport == Transport::Tls)
+        {
+            return Some(c);
+        }
         chains
             .iter()
+            .filter(takes)
             .find(|c| c.app_protocols.contains(&proto))
-            .or_else(|| chains.iter().find(|c| c.app_protocols.is_empty()))
+            .or_else(|| {
+                chains
+                    .iter()
+                    .filter(takes)
+                    .find(|c| c.app_protocols.is_empty())
+            })
             .copied()
-            .or(self.default_chain.as_ref())
+            .or(self
+                .default_chain
+                .as_ref()
+                .filter(|c| c.transport.takes(proto)))
+    }
+
+    /// After mesh TLS was terminated: the `tls` chain listing the negotiated protocol
+    /// (`None`: no ALPN, opaque TCP), else one listing none.
+    pub fn pick_alpn<'a>(
+        &'a self,
+        chains: &[&'a FilterChain],
+        alpn: Option<Detected>,
+    ) -> Option<&'a FilterChain> {
+        let tls = || chains.iter().filter(|c| c.transport == Transport::Tls);
+        alpn.and_then(|p| tls().find(|c| c.app_protocols.contains(&p)))
+            .or_else(|| tls().find(|c| c.app_protocols.is_empty()))
+            .copied()
     }
 }
 
@@ -270,6 +337,7 @@ impl Cluster {
         let def = [EndpointDef {
             addr: dst,
             mesh_proxy: false,
+            identity: None,
         }];
         let Ok(mut map) = self.dynamic.lock() else {
             return Arc::new(self.endpoints.update(&def, self.outlier.clone()));
@@ -303,6 +371,9 @@ pub struct EndpointDef {
     /// The endpoint runs a mesh proxy (endpoint metadata `mesh.dev` / `proxy: true`): talk
     /// HTTP/2 to it and multiplex.
     pub mesh_proxy: bool,
+    /// The endpoint's mesh identity (endpoint metadata `mesh.dev` / `identity`): connections
+    /// to it are mesh TLS, and its SVID must be this one.
+    pub identity: Option<mesh_api::SpiffeId>,
 }
 
 pub(crate) mod ms {
@@ -333,6 +404,8 @@ mod tests {
                 .into_iter()
                 .collect(),
             port,
+            transport: Transport::Any,
+            terminate_tls: false,
             app_protocols: app.to_vec(),
             filter: NetworkFilter::Tcp {
                 cluster: name.into(),
@@ -397,6 +470,66 @@ mod tests {
         assert_eq!(
             l.pick(&cs, Detected::Opaque).map(|c| c.name.as_str()),
             Some("vip-80-tcp")
+        );
+    }
+
+    #[test]
+    fn mesh_tls_and_plaintext_chains_are_told_apart() {
+        let tls = |name: &str, app: &[Detected]| FilterChain {
+            transport: Transport::Tls,
+            terminate_tls: true,
+            ..chain(name, None, Some(8080), app)
+        };
+        let raw = |name: &str, app: &[Detected]| FilterChain {
+            transport: Transport::Raw,
+            ..chain(name, None, Some(8080), app)
+        };
+        let permissive = ListenerConfig {
+            name: "l".into(),
+            chains: vec![
+                tls("http/mtls", &[Detected::Http1, Detected::H2c]),
+                tls("tcp/mtls", &[]),
+                raw("http", &[Detected::Http1, Detected::H2c]),
+                raw("tcp", &[]),
+            ],
+            default_chain: None,
+        };
+        let dst = "10.0.0.1:8080".parse().expect("addr");
+        let ChainChoice::Detect(cs) = permissive.select(dst) else {
+            panic!("expected detection");
+        };
+        let pick =
+            |l: &ListenerConfig, cs: &[&FilterChain], p| l.pick(cs, p).map(|c| c.name.clone());
+        assert_eq!(
+            pick(&permissive, &cs, Detected::Tls).as_deref(),
+            Some("http/mtls")
+        );
+        assert_eq!(
+            pick(&permissive, &cs, Detected::Http1).as_deref(),
+            Some("http")
+        );
+        assert_eq!(
+            pick(&permissive, &cs, Detected::Opaque).as_deref(),
+            Some("tcp")
+        );
+        // After the handshake, by ALPN: none means opaque TCP.
+        let alpn = |a| permissive.pick_alpn(&cs, a).map(|c| c.name.clone());
+        assert_eq!(alpn(Some(Detected::H2c)).as_deref(), Some("http/mtls"));
+        assert_eq!(alpn(None).as_deref(), Some("tcp/mtls"));
+
+        // STRICT: plaintext finds no chain, even a lone TLS chain is detected first.
+        let strict = ListenerConfig {
+            name: "l".into(),
+            chains: vec![tls("http/mtls", &[])],
+            default_chain: None,
+        };
+        let ChainChoice::Detect(cs) = strict.select(dst) else {
+            panic!("a TLS chain needs detection");
+        };
+        assert_eq!(pick(&strict, &cs, Detected::Http1), None);
+        assert_eq!(
+            pick(&strict, &cs, Detected::Tls).as_deref(),
+            Some("http/mtls")
         );
     }
 

@@ -136,6 +136,7 @@ impl XdsClient {
                 ports.outbound_port.to_string(),
             ),
             (node_metadata::INBOUND_PORT, ports.inbound_port.to_string()),
+            (node_metadata::MTLS, (!config.identity_off).to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), string_value(v)))
