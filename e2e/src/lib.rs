@@ -1,6 +1,7 @@
 //! Harness for end-to-end and interop tests: in-process HTTP backends, a small HTTP/1.1 client
 //! that talks through a proxy, and helpers to find and run peers (Envoy, Python gRPC).
 
+pub mod identity;
 pub mod mesh;
 pub mod servers;
 
@@ -180,6 +181,17 @@ impl ProxyClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<(u16, String)> {
+        let (status, _, body) = self.get_full(host, path, headers).await?;
+        Ok((status, body))
+    }
+
+    /// Like [`ProxyClient::get`], with the response headers.
+    pub async fn get_full(
+        &mut self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<(u16, http::HeaderMap, String)> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             let stream = TcpStream::connect(self.proxy)
                 .await
@@ -208,8 +220,9 @@ impl ProxyClient {
             }
         };
         let status = resp.status().as_u16();
+        let head = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((status, head, String::from_utf8_lossy(&body).into_owned()))
     }
 }
 

@@ -57,6 +57,17 @@ impl LocalMesh {
         tokio::time::timeout(Duration::from_secs(10), proxy.store.ready())
             .await
             .with_context(|| format!("proxy {node} got no complete config in 10 s"))?;
+        if let Some(tls) = proxy.tls.clone() {
+            eventually(
+                Duration::from_secs(10),
+                &format!("proxy {node} to get a certificate"),
+                || {
+                    let ok = tls.identity.has_valid_svid().then_some(());
+                    async move { ok }
+                },
+            )
+            .await?;
+        }
         Ok(proxy)
     }
 }
@@ -108,6 +119,21 @@ pub struct SidecarPair {
 /// The Service VIP and port [`SidecarPair`] uses.
 pub const PAIR_VIP: &str = "10.96.1.1";
 
+/// How [`LocalMesh::sidecar_pair_with`] sets up the pair.
+#[derive(Debug, Default)]
+pub struct PairOptions<'a> {
+    pub port_name: &'a str,
+    pub app_protocol: Option<&'a str>,
+    pub app_port: u16,
+    /// Both proxies get identities from this CA: the server's pod runs as service account
+    /// `echo`, the client as `client`. Without it both run with identity off.
+    pub ca: Option<&'a crate::identity::TestCa>,
+    /// The service account the server proxy claims, when it should not be its pod's (`echo`).
+    pub server_sa: Option<&'a str>,
+    /// `mesh.dev/mtls-mode` of the namespace (`STRICT`, `PERMISSIVE`).
+    pub mtls_mode: Option<&'a str>,
+}
+
 impl LocalMesh {
     /// Service `echo` (port 80 named `port_name`, with `app_protocol` if given) in front of one
     /// pod whose app listens on `127.0.0.1:<app_port>`. The pod is labelled as running
@@ -118,11 +144,33 @@ impl LocalMesh {
         app_protocol: Option<&str>,
         app_port: u16,
     ) -> anyhow::Result<SidecarPair> {
+        self.sidecar_pair_with(PairOptions {
+            port_name,
+            app_protocol,
+            app_port,
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn sidecar_pair_with(&self, o: PairOptions<'_>) -> anyhow::Result<SidecarPair> {
+        let (port_name, app_protocol, app_port) = (o.port_name, o.app_protocol, o.app_port);
+        if let Some(mode) = o.mtls_mode {
+            self.write(
+                "namespace.yaml",
+                &format!(
+                    "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{mesh.dev/mtls-mode: {mode}}}}}\n"
+                ),
+            )?;
+        }
         let vip: std::net::SocketAddr = format!("{PAIR_VIP}:80").parse()?;
         let app: std::net::SocketAddr = format!("127.0.0.1:{app_port}").parse()?;
         let mut sc = self.proxy_config("default/echo-0");
         sc.transparent = true;
         sc.inbound_orig_dst = Some(app);
+        if let Some(ca) = o.ca {
+            ca.identify(&mut sc, o.server_sa.unwrap_or("echo"))?;
+        }
         let server = self.proxy(sc).await?;
         let inbound = server
             .inbound_addr
@@ -144,7 +192,7 @@ spec:
 apiVersion: v1
 kind: Pod
 metadata: {{name: echo-0, namespace: default, labels: {{app: echo, mesh.dev/proxy: 'true'}}}}
-spec: {{containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
+spec: {{serviceAccountName: echo, containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
 status: {{podIP: 127.0.0.1}}
 ---
 apiVersion: discovery.k8s.io/v1
@@ -160,6 +208,9 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: 
         let mut cc = self.proxy_config("default/client-0");
         cc.transparent = true;
         cc.outbound_orig_dst = Some(vip);
+        if let Some(ca) = o.ca {
+            ca.identify(&mut cc, "client")?;
+        }
         let client = self.proxy(cc).await?;
         let outbound = client
             .outbound_addr

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 /// An HTTP server (HTTP/1.1 and h2c) answering with its name, or echoing a request body.
 /// Response headers tell what it saw: `x-backend`, `x-seen-version`, `x-seen-host`,
-/// `x-seen-path`.
+/// `x-seen-path`, `x-seen-xfcc` (the `x-forwarded-client-cert` it got, if any).
 #[derive(Debug)]
 pub struct EchoServer {
     pub name: String,
@@ -88,6 +88,12 @@ impl EchoServer {
                                 })
                                 .unwrap_or_default();
                             let path = req.uri().path().to_string();
+                            let xfcc = req
+                                .headers()
+                                .get("x-forwarded-client-cert")
+                                .and_then(|h| h.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
                             let body = match req.into_body().collect().await {
                                 Ok(b) => b.to_bytes(),
                                 Err(e) => Bytes::from(format!("body error: {e}")),
@@ -111,6 +117,7 @@ impl EchoServer {
                                 ("x-seen-version", version),
                                 ("x-seen-host", host),
                                 ("x-seen-path", path),
+                                ("x-seen-xfcc", xfcc),
                             ] {
                                 if let Ok(v) = hyper::header::HeaderValue::from_str(&v) {
                                     h.insert(k, v);

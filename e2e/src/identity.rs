@@ -1,0 +1,224 @@
+//! Identity for tests: an in-process mesh-ca on loopback, local-mesh tokens for proxies, and
+//! a raw TLS client that presents any certificate (to probe what a proxy refuses).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_api::SpiffeId;
+use mesh_ca::auth::LocalTokens;
+use mesh_ca::run::{CaConfig, Running};
+use rcgen::{CertificateParams, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+
+/// A CA for one test, on its own runtime so that stopping it drops every connection at once,
+/// as a crashed process would; its directory is kept across restarts.
+#[derive(Debug)]
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub config: CaConfig,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts a CA on a runtime of its own; returns the runtime and the CA's address.
+fn run_ca(config: CaConfig) -> anyhow::Result<(tokio::runtime::Runtime, SocketAddr)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        match Running::start(config).await {
+            Ok(ca) => {
+                let _ = tx.send(Ok(ca.addr));
+                // Serve until the runtime goes.
+                std::future::pending::<()>().await;
+                drop(ca);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(20))??;
+    Ok((rt, addr))
+}
+
+impl TestCa {
+    /// A CA whose certificates live `lifetime` (both the default and the cap).
+    pub async fn start(lifetime: Duration) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut config = CaConfig::local(dir.path());
+        config.default_lifetime = lifetime;
+        config.max_lifetime = lifetime;
+        config.reload_interval = Duration::from_millis(200);
+        let (rt, addr) = run_ca(config.clone())?;
+        // Restarts come back on the same address.
+        config.addr = addr;
+        Ok(Self {
+            dir,
+            config,
+            rt: Some(rt),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.config.addr
+    }
+
+    /// Stops serving, every connection dropped; the directory stays.
+    pub fn stop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        // The port may take a moment to be free again.
+        for _ in 0..50 {
+            match run_ca(self.config.clone()) {
+                Ok((rt, _)) => {
+                    self.rt = Some(rt);
+                    return Ok(());
+                }
+                Err(e) if e.to_string().contains("binding") => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        anyhow::bail!("the CA's port {} stayed busy", self.config.addr)
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.path().join(file)
+    }
+
+    /// Gives `config` the identity `<node namespace>/<sa>`: a token for it from this CA's
+    /// local-mesh key, the CA's address and root, and `lifetime` to ask for.
+    pub fn identify(&self, config: &mut mesh_proxy::Config, sa: &str) -> anyhow::Result<()> {
+        let (ns, name) = config.node_parts()?;
+        let id = SpiffeId::workload("cluster.local", ns, sa)?;
+        let tokens = LocalTokens::load_or_generate(self.dir.path(), "cluster.local")?;
+        let token_file = self.dir.path().join(format!("{ns}-{name}.token"));
+        std::fs::write(&token_file, tokens.issue(&id))?;
+        config.identity_off = false;
+        config.service_account = sa.to_string();
+        config.ca_addr = Some(self.addr().to_string());
+        config.ca_root = Some(self.path("ca.crt"));
+        config.ca_token_file = token_file;
+        Ok(())
+    }
+
+    /// The signing key and certificate, to sign certificates no CA would (bad SVIDs).
+    pub fn issuer(&self) -> anyhow::Result<Issuer<'static, KeyPair>> {
+        let cert = std::fs::read_to_string(self.path("ca.crt"))?;
+        let key = KeyPair::from_pem(&std::fs::read_to_string(self.path("ca.key"))?)?;
+        Ok(Issuer::from_ca_cert_pem(&cert, key)?)
+    }
+}
+
+/// A certificate and key made from `params`, signed by `issuer`.
+pub fn sign(
+    params: &CertificateParams,
+    issuer: &Issuer<'_, KeyPair>,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, issuer)?;
+    Ok((
+        vec![cert.der().clone()],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    ))
+}
+
+/// Accepts any server: the probe is about what the server refuses.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Opens TLS to `addr` presenting `chain`/`key`, sends an HTTP/1.1 GET and returns what came
+/// back (`Err` when the handshake or the exchange failed).
+pub async fn tls_probe(
+    addr: SocketAddr,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut tls = connector
+        .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+        .await
+        .context("handshake")?;
+    // In TLS 1.3 the server judges the client's certificate after the client finished, so a
+    // refusal shows up as the first read failing or ending.
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_string(&mut out))
+        .await
+        .context("no answer in 5 s")??;
+    if out.is_empty() {
+        anyhow::bail!("connection closed without an answer");
+    }
+    Ok(out)
+}
+
+/// The value of a counter line in Prometheus text (`name{labels} value`), 0 if absent.
+pub fn counter(metrics: &str, line_prefix: &str) -> u64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}

@@ -1,0 +1,513 @@
+//! Identity end to end: a real mesh-ca, the real controller and two mesh-proxies that get
+//! SVIDs from it and speak mutual TLS, checked against what the identity issue asks: every bad
+//! peer certificate refused for its own reason, STRICT and PERMISSIVE, rotation under load,
+//! a CA outage, and a root rotation.
+
+use std::time::{Duration, Instant};
+
+use mesh_e2e::identity::{TestCa, counter, sign, tls_probe};
+use mesh_e2e::mesh::{Load, LocalMesh, PairOptions, SidecarPair, failures};
+use mesh_e2e::servers::EchoServer;
+use mesh_e2e::{ProxyClient, eventually, http_get};
+use rcgen::{
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/echo";
+
+async fn secure_pair(
+    mesh: &LocalMesh,
+    ca: &TestCa,
+    app: &EchoServer,
+    mode: &str,
+) -> anyhow::Result<SidecarPair> {
+    mesh.sidecar_pair_with(PairOptions {
+        port_name: "http",
+        app_port: app.addr.port(),
+        ca: Some(ca),
+        mtls_mode: Some(mode),
+        ..Default::default()
+    })
+    .await
+}
+
+fn renewals(p: &mesh_proxy::Proxy) -> u64 {
+    p.tls.as_ref().map_or(0, |t| t.status().renewals)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_between_sidecars_tells_the_app_who_called() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let ca = TestCa::start(Duration::from_secs(3600)).await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
+    let mut client = ProxyClient::new(pair.outbound);
+    // A caller's claim about itself is dropped; the server proxy says who called.
+    let (status, headers, body) = client
+        .get_full(
+            "echo",
+            "/",
+            &[(
+                "x-forwarded-client-cert",
+                "By=x;URI=spiffe://cluster.local/ns/kube-system/sa/admin",
+            )],
+        )
+        .await?;
+    assert_eq!((status, body.as_str()), (200, "echo-app"));
+    assert_eq!(
+        headers.get("x-seen-xfcc").and_then(|v| v.to_str().ok()),
+        Some(format!("By={SERVER_ID};URI={CLIENT_ID}").as_str())
+    );
+    let (c, s) = (pair.client.metrics.encode(), pair.server.metrics.encode());
+    assert!(
+        counter(
+            &c,
+            "mesh_proxy_tls_handshakes_total{direction=\"outbound\"}"
+        ) >= 1
+    );
+    assert!(counter(&s, "mesh_proxy_tls_handshakes_total{direction=\"inbound\"}") >= 1);
+    assert!(counter(&c, "mesh_proxy_svid_renewals_total") >= 1);
+
+    // Both say who they are at /config_dump.
+    let (code, dump) = http_get(pair.server.admin_addr, "/config_dump")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no config_dump"))?;
+    assert_eq!(code, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump)?;
+    assert_eq!(dump["identity"]["mode"], "on");
+    assert_eq!(dump["identity"]["spiffe_id"], SERVER_ID);
+    assert_eq!(dump["identity"]["valid"], true);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_from_outside_the_mesh_is_refused_in_strict_and_served_in_permissive()
+-> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let ca = TestCa::start(Duration::from_secs(3600)).await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
+    let inbound = pair.server.inbound_addr.expect("inbound listener");
+    // An unmeshed client speaks plaintext straight to the pod: refused.
+    assert_eq!(
+        http_get(inbound, "/").await,
+        None,
+        "STRICT served plaintext"
+    );
+    assert_eq!(app.hits(), 0);
+    // Through the mesh, fine.
+    let (status, _) = ProxyClient::new(pair.outbound)
+        .get("echo", "/", &[])
+        .await?;
+    assert_eq!(status, 200);
+
+    // The namespace goes PERMISSIVE: plaintext is served too, and mesh TLS still works.
+    mesh.write(
+        "namespace.yaml",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {mesh.dev/mtls-mode: PERMISSIVE}}\n",
+    )?;
+    let got = eventually(
+        Duration::from_secs(5),
+        "plaintext to be served",
+        || async move {
+            http_get(inbound, "/")
+                .await
+                .filter(|(code, body)| *code == 200 && body == "echo-app")
+        },
+    )
+    .await?;
+    assert_eq!(got.1, "echo-app");
+    let (status, headers, _) = ProxyClient::new(pair.outbound)
+        .get_full("echo", "/", &[])
+        .await?;
+    assert_eq!(status, 200);
+    assert!(
+        headers
+            .get("x-seen-xfcc")
+            .is_some_and(|v| v.to_str().is_ok_and(|v| v.ends_with(CLIENT_ID))),
+        "{headers:?}"
+    );
+    Ok(())
+}
+
+fn good_client() -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![uri(CLIENT_ID)];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::hours(1);
+    p
+}
+
+fn uri(s: &str) -> SanType {
+    SanType::URI(s.try_into().expect("ia5"))
+}
+
+fn other_root() -> anyhow::Result<Issuer<'static, KeyPair>> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::default();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "someone else's root");
+    Ok(Issuer::new(p, key))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_bad_client_certificate_is_refused_for_its_own_reason() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let ca = TestCa::start(Duration::from_secs(3600)).await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
+    let inbound = pair.server.inbound_addr.expect("inbound listener");
+    let issuer = ca.issuer()?;
+
+    // The probe itself works: a good SVID from the mesh CA is served.
+    let (chain, key) = sign(&good_client(), &issuer)?;
+    let ok = tls_probe(inbound, chain, key).await?;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+
+    let long = format!("spiffe://cluster.local/ns/default/sa/{}", "a".repeat(2100));
+    let past = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    let future = time::OffsetDateTime::now_utc() + time::Duration::days(2);
+    type Mutate = Box<dyn Fn(&mut CertificateParams)>;
+    let cases: Vec<(&str, Mutate)> = vec![
+        (
+            "expired",
+            Box::new(move |p| {
+                p.not_before = past - time::Duration::days(1);
+                p.not_after = past;
+            }),
+        ),
+        (
+            "not_yet_valid",
+            Box::new(move |p| {
+                p.not_before = future;
+                p.not_after = future + time::Duration::days(1);
+            }),
+        ),
+        (
+            "trust_domain",
+            Box::new(|p| {
+                p.subject_alt_names = vec![uri("spiffe://evil.example/ns/default/sa/client")]
+            }),
+        ),
+        (
+            "many_uri_sans",
+            Box::new(|p| {
+                p.subject_alt_names = vec![
+                    uri(CLIENT_ID),
+                    uri("spiffe://cluster.local/ns/default/sa/other"),
+                ];
+            }),
+        ),
+        (
+            "leaf_is_ca",
+            Box::new(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)),
+        ),
+        (
+            "key_cert_sign",
+            Box::new(|p| {
+                p.key_usages = vec![
+                    KeyUsagePurpose::DigitalSignature,
+                    KeyUsagePurpose::KeyCertSign,
+                ];
+            }),
+        ),
+        (
+            "no_uri_san",
+            Box::new(|p| {
+                p.subject_alt_names = vec![SanType::DnsName("client".try_into().expect("dns"))]
+            }),
+        ),
+        (
+            "missing_client_auth",
+            Box::new(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]),
+        ),
+        (
+            "spiffe_id_too_long",
+            Box::new(move |p| p.subject_alt_names = vec![uri(&long)]),
+        ),
+        (
+            "spiffe_id_empty_path",
+            Box::new(|p| p.subject_alt_names = vec![uri("spiffe://cluster.local")]),
+        ),
+    ];
+    for (reason, mutate) in &cases {
+        let mut p = good_client();
+        mutate(&mut p);
+        let (chain, key) = sign(&p, &issuer)?;
+        let got = tls_probe(inbound, chain, key).await;
+        assert!(got.is_err(), "{reason}: served: {got:?}");
+    }
+    let (chain, key) = sign(&good_client(), &other_root()?)?;
+    assert!(
+        tls_probe(inbound, chain, key).await.is_err(),
+        "untrusted root served"
+    );
+
+    let metrics = pair.server.metrics.encode();
+    for reason in cases.iter().map(|(r, _)| *r).chain(["untrusted_root"]) {
+        let line = format!(
+            "mesh_proxy_tls_peer_refused_total{{direction=\"inbound\",reason=\"{reason}\"}}"
+        );
+        assert_eq!(counter(&metrics, &line), 1, "{line} in\n{metrics}");
+    }
+    assert_eq!(app.hits(), 1, "only the good probe reached the app");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_svid_of_the_wrong_identity_for_the_destination_is_refused() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let ca = TestCa::start(Duration::from_secs(3600)).await?;
+    let mesh = LocalMesh::start().await?;
+    // The pod runs as `echo`, but its proxy holds an SVID for `impostor`.
+    let pair = mesh
+        .sidecar_pair_with(PairOptions {
+            port_name: "http",
+            app_port: app.addr.port(),
+            ca: Some(&ca),
+            server_sa: Some("impostor"),
+            mtls_mode: Some("STRICT"),
+            ..Default::default()
+        })
+        .await?;
+    let (status, body) = ProxyClient::new(pair.outbound)
+        .get("echo", "/", &[])
+        .await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(app.hits(), 0);
+    let m = pair.client.metrics.encode();
+    assert!(
+        counter(
+            &m,
+            "mesh_proxy_tls_peer_refused_total{direction=\"outbound\",reason=\"wrong_identity\"}"
+        ) >= 1,
+        "{m}"
+    );
+    Ok(())
+}
+
+/// An HTTP/2 (h2c) connection from the app to its proxy, kept open.
+async fn h2_conn(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await?;
+    tokio::spawn(conn);
+    Ok(tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_second_certificates_rotate_under_load_without_a_failed_request() -> anyhow::Result<()>
+{
+    use http_body_util::BodyExt;
+    let app = EchoServer::start("echo-app").await?;
+    let ca = TestCa::start(Duration::from_secs(5)).await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
+    let (c0, s0) = (renewals(&pair.client), renewals(&pair.server));
+    let load = Load::start(pair.outbound, "echo", 200, 8);
+    // One long-lived HTTP/2 connection from the app, used every half second throughout.
+    let mut h2 = h2_conn(pair.outbound).await?;
+    let run = Duration::from_secs(60);
+    let start = Instant::now();
+    let mut h2_ok = 0;
+    while start.elapsed() < run {
+        h2.ready().await?;
+        let req = hyper::Request::get("http://echo/").body(http_body_util::Empty::new())?;
+        let resp = h2.send_request(req).await?;
+        assert_eq!(resp.status(), 200);
+        let _ = resp.into_body().collect().await?;
+        h2_ok += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let outcomes = load.finish().await;
+    let (c, s) = (renewals(&pair.client) - c0, renewals(&pair.server) - s0);
+    let total: u64 = outcomes.values().sum();
+    let handshakes = counter(
+        &pair.client.metrics.encode(),
+        "mesh_proxy_tls_handshakes_total{direction=\"outbound\"}",
+    );
+    eprintln!(
+        "rotation: {total} requests in {run:?}, outcomes {outcomes:?}; renewals client {c}, server {s}; \
+         {h2_ok} requests on one app HTTP/2 connection; {handshakes} client-side mesh TLS handshakes"
+    );
+    assert_eq!(failures(&outcomes), 0, "{outcomes:?}");
+    assert!(
+        total >= 10_000,
+        "{total} requests: the load did not keep up"
+    );
+    assert!(c >= 10 && s >= 10, "renewals: client {c}, server {s}");
+    assert!(h2_ok >= 100, "{h2_ok}");
+    assert!(!h2.is_closed(), "the app's HTTP/2 connection was closed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_outage_is_ridden_out_on_valid_certificates_then_strict_fails_closed()
+-> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let mut ca = TestCa::start(Duration::from_secs(12)).await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
+    let tls = |p: &mesh_proxy::Proxy| p.tls.clone().expect("identity on");
+    let (ct, st) = (tls(&pair.client), tls(&pair.server));
+    // Stop the CA right after both proxies renewed.
+    let (c0, s0) = (renewals(&pair.client), renewals(&pair.server));
+    eventually(Duration::from_secs(15), "both proxies to renew", || {
+        let done = (renewals(&pair.client) > c0 && renewals(&pair.server) > s0).then_some(());
+        async move { done }
+    })
+    .await?;
+    ca.stop();
+    let expiry = [&ct, &st]
+        .iter()
+        .filter_map(|t| t.identity.current().map(|c| c.not_after))
+        .min()
+        .expect("certificates");
+    let stopped = std::time::SystemTime::now();
+    let valid_for = expiry.duration_since(stopped).unwrap_or_default();
+
+    // While the certificates are valid, traffic goes on, though renewals fail.
+    let load = Load::start(pair.outbound, "echo", 100, 4);
+    tokio::time::sleep(valid_for.saturating_sub(Duration::from_millis(1500))).await;
+    let during = load.finish().await;
+    let failed_renewals = ct.status().failures + st.status().failures;
+    eprintln!(
+        "CA outage: certificates valid {valid_for:?} after the CA stopped; {} requests, {} failed; \
+         {failed_renewals} failed renewal attempts",
+        during.values().sum::<u64>(),
+        failures(&during)
+    );
+    assert_eq!(failures(&during), 0, "{during:?}");
+    assert!(
+        failed_renewals >= 2,
+        "{failed_renewals} renewal attempts failed"
+    );
+
+    // Expired: mesh TLS fails closed; nothing reaches the app in plaintext.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!ct.identity.has_valid_svid() && !st.identity.has_valid_svid());
+    let hits = app.hits();
+    let mut client = ProxyClient::new(pair.outbound);
+    for _ in 0..5 {
+        let (status, _) = client.get("echo", "/", &[]).await?;
+        assert_ne!(status, 200, "served with expired certificates");
+    }
+    assert_eq!(app.hits(), hits, "a request reached the app after expiry");
+    let inbound = pair.server.inbound_addr.expect("inbound");
+    assert_eq!(http_get(inbound, "/").await, None, "plaintext served");
+
+    // The CA is back: proxies recover on their own.
+    ca.restart().await?;
+    let start = Instant::now();
+    eventually(Duration::from_secs(20), "traffic to recover", || async {
+        let (status, _) = ProxyClient::new(pair.outbound)
+            .get("echo", "/", &[])
+            .await
+            .ok()?;
+        (status == 200).then_some(())
+    })
+    .await?;
+    eprintln!(
+        "CA outage: traffic back {:?} after the CA restarted",
+        start.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_rotates_in_three_steps_under_load() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let ca = TestCa::start(Duration::from_secs(3)).await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
+    let old_root = std::fs::read_to_string(ca.path("ca.crt"))?;
+    let old_issuer = ca.issuer()?;
+    let next = tempfile::tempdir()?;
+    mesh_ca::Authority::load_or_generate(
+        next.path(),
+        "cluster.local",
+        std::time::SystemTime::now(),
+    )?;
+    let new_root = std::fs::read_to_string(next.path().join("ca.crt"))?;
+    let new_der = mesh_api::tls::certs_from_pem(&new_root, "new root")
+        .map_err(anyhow::Error::msg)?
+        .remove(0);
+    let proxies = [&pair.client, &pair.server];
+    let all = |check: &dyn Fn(&mesh_api::tls::Identity) -> bool| {
+        proxies
+            .iter()
+            .all(|p| p.tls.as_ref().is_some_and(|t| check(&t.identity)))
+    };
+    let write = |name: &str, text: &str| mesh_e2e::write_atomic(&ca.path(name), text);
+
+    let mut report = Vec::new();
+    for step in 1..=3 {
+        let load = Load::start(pair.outbound, "echo", 100, 4);
+        match step {
+            // 1: trust the new root too.
+            1 => write("trust-bundle.pem", &new_root)?,
+            // 2: sign with the new root, still trusting the old one.
+            2 => {
+                write("trust-bundle.pem", &old_root)?;
+                std::fs::copy(next.path().join("ca.key"), ca.path("ca.key.new"))?;
+                std::fs::rename(ca.path("ca.key.new"), ca.path("ca.key"))?;
+                write("ca.crt", &new_root)?;
+            }
+            // 3: stop trusting the old root.
+            _ => std::fs::remove_file(ca.path("trust-bundle.pem"))?,
+        }
+        let want_roots = if step == 3 { 1 } else { 2 };
+        eventually(
+            Duration::from_secs(15),
+            &format!("step {step} to reach both proxies"),
+            || {
+                let ok = all(&|i| {
+                    let chained_to_new = i
+                        .current()
+                        .is_some_and(|c| c.chain.last() == Some(&new_der));
+                    i.bundle().roots().len() == want_roots
+                        && i.bundle().roots().contains(&new_der)
+                        && (step == 1 || chained_to_new)
+                });
+                async move { ok.then_some(()) }
+            },
+        )
+        .await?;
+        // Let a full lifetime pass on the new state, under load.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let outcomes = load.finish().await;
+        report.push((step, outcomes.values().sum::<u64>(), failures(&outcomes)));
+        assert_eq!(failures(&outcomes), 0, "step {step}: {outcomes:?}");
+    }
+    eprintln!("root rotation (step, requests, failed): {report:?}");
+
+    // A certificate chained to the removed root is refused now.
+    let inbound = pair.server.inbound_addr.expect("inbound");
+    let (chain, key) = sign(&good_client(), &old_issuer)?;
+    assert!(tls_probe(inbound, chain, key).await.is_err());
+    let m = pair.server.metrics.encode();
+    assert!(
+        counter(
+            &m,
+            "mesh_proxy_tls_peer_refused_total{direction=\"inbound\",reason=\"untrusted_root\"}"
+        ) >= 1,
+        "{m}"
+    );
+    Ok(())
+}
