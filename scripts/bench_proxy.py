@@ -114,6 +114,19 @@ class Proc:
                 os.killpg(self.p.pid, signal.SIGKILL)
 
 
+def backend_conf(work, port):
+    """An nginx config answering a fixed 2-byte body on `port`, one worker; returns its path."""
+    path = os.path.join(work, "backend.conf")
+    with open(path, "w") as f:
+        f.write(f"""
+worker_processes 1; daemon off; pid {work}/backend.pid; error_log {work}/backend.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "ok"; }} }} }}
+""")
+    return path
+
+
 def oha(args, url, connect_to=None):
     cmd = [OHA, "--no-tui", "--output-format", "json", "--worker-threads", "1"]
     if connect_to:
@@ -173,14 +186,7 @@ def main():
     try:
         # Backend: nginx answering a fixed 2-byte body, one worker, on core 0.
         backend_port = free_port()
-        bconf = os.path.join(work, "backend.conf")
-        with open(bconf, "w") as f:
-            f.write(f"""
-worker_processes 1; daemon off; pid {work}/backend.pid; error_log {work}/backend.err warn;
-events {{ worker_connections 4096; }}
-http {{ access_log off; keepalive_requests 1000000;
-  server {{ listen 127.0.0.1:{backend_port}; location / {{ return 200 "ok"; }} }} }}
-""")
+        bconf = backend_conf(work, backend_port)
         spawn(["nginx", "-c", bconf, "-p", work], os.path.join(work, "backend.log"), cpu=0)
         wait_port(backend_port)
 
