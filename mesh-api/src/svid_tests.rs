@@ -1,14 +1,13 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
-    SanType, date_time_ymd,
+    CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, date_time_ymd,
 };
 
 use super::*;
+use crate::svid_cases::{ID, bad_svids, uri};
 
 const TD: &str = "cluster.local";
-const ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
 /// A well-formed SVID's parameters, valid through 2030.
 fn good() -> CertificateParams {
@@ -23,10 +22,6 @@ fn good() -> CertificateParams {
     p.not_before = date_time_ymd(2026, 1, 1);
     p.not_after = date_time_ymd(2030, 1, 1);
     p
-}
-
-fn uri(s: &str) -> SanType {
-    SanType::URI(s.try_into().expect("ia5 string"))
 }
 
 fn der(p: CertificateParams) -> Vec<u8> {
@@ -55,96 +50,7 @@ fn a_good_svid_passes_for_both_roles() {
 
 #[test]
 fn each_bad_certificate_has_its_own_reason() {
-    let long = format!("spiffe://cluster.local/ns/default/sa/{}", "a".repeat(2100));
-    type Mutate = Box<dyn Fn(&mut CertificateParams)>;
-    let cases: Vec<(&str, Role, Mutate)> = vec![
-        (
-            "expired",
-            Role::Server,
-            Box::new(|p| {
-                p.not_before = date_time_ymd(2020, 1, 1);
-                p.not_after = date_time_ymd(2021, 1, 1);
-            }),
-        ),
-        (
-            "not_yet_valid",
-            Role::Server,
-            Box::new(|p| p.not_before = date_time_ymd(2029, 1, 1)),
-        ),
-        (
-            "trust_domain",
-            Role::Server,
-            Box::new(|p| {
-                p.subject_alt_names = vec![uri("spiffe://other.domain/ns/default/sa/reviews")];
-            }),
-        ),
-        (
-            "many_uri_sans",
-            Role::Server,
-            Box::new(|p| {
-                p.subject_alt_names =
-                    vec![uri(ID), uri("spiffe://cluster.local/ns/default/sa/other")];
-            }),
-        ),
-        (
-            "leaf_is_ca",
-            Role::Server,
-            Box::new(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)),
-        ),
-        (
-            "key_cert_sign",
-            Role::Server,
-            Box::new(|p| {
-                p.key_usages = vec![
-                    KeyUsagePurpose::DigitalSignature,
-                    KeyUsagePurpose::KeyCertSign,
-                ];
-            }),
-        ),
-        (
-            "no_uri_san",
-            Role::Server,
-            Box::new(|p| {
-                p.subject_alt_names = vec![SanType::DnsName("reviews".try_into().expect("dns"))];
-            }),
-        ),
-        (
-            "missing_client_auth",
-            Role::Client,
-            Box::new(|p| {
-                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            }),
-        ),
-        (
-            "spiffe_id_too_long",
-            Role::Server,
-            Box::new(move |p| p.subject_alt_names = vec![uri(&long)]),
-        ),
-        (
-            "spiffe_id_empty_path",
-            Role::Server,
-            Box::new(|p| p.subject_alt_names = vec![uri("spiffe://cluster.local")]),
-        ),
-        (
-            "bad_spiffe_id",
-            Role::Server,
-            Box::new(|p| p.subject_alt_names = vec![uri("spiffe://cluster.local/ns//sa/x")]),
-        ),
-        (
-            "missing_server_auth",
-            Role::Server,
-            Box::new(|p| {
-                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-            }),
-        ),
-        (
-            "no_digital_signature",
-            Role::Server,
-            Box::new(|p| {
-                p.key_usages = vec![KeyUsagePurpose::KeyEncipherment];
-            }),
-        ),
-    ];
+    let cases = bad_svids();
     for (want, role, mutate) in cases {
         let mut p = good();
         mutate(&mut p);

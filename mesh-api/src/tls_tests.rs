@@ -2,15 +2,15 @@ use std::sync::Mutex;
 
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, date_time_ymd,
+    KeyUsagePurpose, date_time_ymd,
 };
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::{ClientConnection, ServerConnection};
 
 use super::*;
+use crate::svid_cases::{ID, bad_svids, uri};
 
 const TD: &str = "cluster.local";
-const ID: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 
 struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -31,10 +31,6 @@ fn ca(name: &str) -> Ca {
         issuer: Issuer::new(p, key),
         der,
     }
-}
-
-fn uri(s: &str) -> SanType {
-    SanType::URI(s.try_into().expect("ia5 string"))
 }
 
 /// A well-formed SVID valid from an hour ago to an hour from now.
@@ -81,73 +77,7 @@ fn each_bad_peer_certificate_is_refused_for_its_own_reason() {
     let root = ca("root");
     let other = ca("other root");
     let (id, seen) = identity(&[&root]);
-    let long = format!("spiffe://cluster.local/ns/default/sa/{}", "a".repeat(2100));
-    type Mutate = Box<dyn Fn(&mut CertificateParams)>;
-    let cases: Vec<(&str, Role, Mutate)> = vec![
-        (
-            "expired",
-            Role::Server,
-            Box::new(|p| {
-                p.not_before = date_time_ymd(2021, 1, 1);
-                p.not_after = date_time_ymd(2022, 1, 1);
-            }),
-        ),
-        (
-            "not_yet_valid",
-            Role::Server,
-            Box::new(|p| p.not_before = date_time_ymd(2035, 1, 1)),
-        ),
-        (
-            "trust_domain",
-            Role::Client,
-            Box::new(|p| p.subject_alt_names = vec![uri("spiffe://evil.org/ns/default/sa/x")]),
-        ),
-        (
-            "many_uri_sans",
-            Role::Client,
-            Box::new(|p| {
-                p.subject_alt_names =
-                    vec![uri(ID), uri("spiffe://cluster.local/ns/default/sa/other")];
-            }),
-        ),
-        (
-            "leaf_is_ca",
-            Role::Server,
-            Box::new(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)),
-        ),
-        (
-            "key_cert_sign",
-            Role::Server,
-            Box::new(|p| {
-                p.key_usages = vec![
-                    KeyUsagePurpose::DigitalSignature,
-                    KeyUsagePurpose::KeyCertSign,
-                ];
-            }),
-        ),
-        (
-            "no_uri_san",
-            Role::Client,
-            Box::new(|p| {
-                p.subject_alt_names = vec![SanType::DnsName("x".try_into().expect("dns"))]
-            }),
-        ),
-        (
-            "missing_client_auth",
-            Role::Client,
-            Box::new(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]),
-        ),
-        (
-            "spiffe_id_too_long",
-            Role::Client,
-            Box::new(move |p| p.subject_alt_names = vec![uri(&long)]),
-        ),
-        (
-            "spiffe_id_empty_path",
-            Role::Client,
-            Box::new(|p| p.subject_alt_names = vec![uri("spiffe://cluster.local")]),
-        ),
-    ];
+    let cases = bad_svids();
     let now = SystemTime::now();
     for (want, role, mutate) in &cases {
         let mut p = good();

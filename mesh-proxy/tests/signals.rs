@@ -61,15 +61,23 @@ async fn sigterm_drains_and_exits_zero() {
     assert!(status.success(), "{status:?}");
 }
 
-#[tokio::test]
-async fn a_bad_node_is_refused_by_name() {
+/// Runs the binary with `args`, expects it to refuse to start, returns what it said.
+async fn refused(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .args(["--node", "no-namespace", "--admin-addr", &free_addr()])
+        .args(args)
+        .args(["--admin-addr", &free_addr()])
+        .env_remove("MESH_PROXY_CA_ADDR")
+        .env_remove("MESH_PROXY_IDENTITY_OFF")
         .output()
         .await
         .expect("runs");
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn a_bad_node_is_refused_by_name() {
+    let err = refused(&["--node", "no-namespace"]).await;
     assert!(
         err.contains("MESH_PROXY_NODE") && err.contains("\"no-namespace\""),
         "{err}"
@@ -78,15 +86,7 @@ async fn a_bad_node_is_refused_by_name() {
 
 #[tokio::test]
 async fn without_a_ca_it_refuses_to_start_unless_identity_is_off() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .args(["--node", "default/web-1", "--admin-addr", &free_addr()])
-        .env_remove("MESH_PROXY_CA_ADDR")
-        .env_remove("MESH_PROXY_IDENTITY_OFF")
-        .output()
-        .await
-        .expect("runs");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["--node", "default/web-1"]).await;
     assert!(
         err.contains("--ca-addr") && err.contains("--identity-off"),
         "{err}"
