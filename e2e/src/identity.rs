@@ -30,26 +30,7 @@ impl Drop for TestCa {
 
 /// Starts a CA on a runtime of its own; returns the runtime and the CA's address.
 fn run_ca(config: CaConfig) -> anyhow::Result<(tokio::runtime::Runtime, SocketAddr)> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    rt.spawn(async move {
-        match Running::start(config).await {
-            Ok(ca) => {
-                let _ = tx.send(Ok(ca.addr));
-                // Serve until the runtime goes.
-                std::future::pending::<()>().await;
-                drop(ca);
-            }
-            Err(e) => {
-                let _ = tx.send(Err(e));
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(20))??;
-    Ok((rt, addr))
+    crate::own_runtime(Running::start(config), |ca| ca.addr)
 }
 
 impl TestCa {
@@ -102,14 +83,20 @@ impl TestCa {
         self.dir.path().join(file)
     }
 
-    /// Gives `config` the identity `<node namespace>/<sa>`: a token for it from this CA's
-    /// local-mesh key, the CA's address and root, and `lifetime` to ask for.
-    pub fn identify(&self, config: &mut mesh_proxy::Config, sa: &str) -> anyhow::Result<()> {
-        let (ns, name) = config.node_parts()?;
+    /// A file holding a local-mesh token for `ns/sa`.
+    pub fn token_file(&self, ns: &str, sa: &str) -> anyhow::Result<PathBuf> {
         let id = SpiffeId::workload("cluster.local", ns, sa)?;
         let tokens = LocalTokens::load_or_generate(self.dir.path(), "cluster.local")?;
-        let token_file = self.dir.path().join(format!("{ns}-{name}.token"));
+        let token_file = self.dir.path().join(format!("{ns}-{sa}.token"));
         std::fs::write(&token_file, tokens.issue(&id))?;
+        Ok(token_file)
+    }
+
+    /// Gives `config` the identity `<node namespace>/<sa>`: a token for it from this CA's
+    /// local-mesh key, the CA's address and root.
+    pub fn identify(&self, config: &mut mesh_proxy::Config, sa: &str) -> anyhow::Result<()> {
+        let (ns, _) = config.node_parts()?;
+        let token_file = self.token_file(ns, sa)?;
         config.identity_off = false;
         config.service_account = sa.to_string();
         config.ca_addr = Some(self.addr().to_string());

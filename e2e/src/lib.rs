@@ -337,6 +337,40 @@ pub async fn spread(
 }
 
 /// Writes a file atomically (write then rename), as editors and `kubectl`-style tools do.
+/// Runs `start` on a one-thread runtime of its own and keeps what it started until the runtime
+/// is dropped (then every task and socket goes at once, as when a process dies). Returns the
+/// runtime and what `report` reads from the started thing.
+pub fn own_runtime<S, T, E, F>(
+    start: F,
+    report: impl FnOnce(&S) -> T + Send + 'static,
+) -> anyhow::Result<(tokio::runtime::Runtime, T)>
+where
+    F: std::future::Future<Output = Result<S, E>> + Send + 'static,
+    S: Send + 'static,
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.spawn(async move {
+        match start.await {
+            Ok(started) => {
+                let _ = tx.send(Ok(report(&started)));
+                std::future::pending::<()>().await;
+                drop(started);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(anyhow::anyhow!("{e}")));
+            }
+        }
+    });
+    let value = rx.recv_timeout(Duration::from_secs(20))??;
+    Ok((rt, value))
+}
+
 pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp~");
     std::fs::write(&tmp, text)?;

@@ -256,27 +256,9 @@ impl KillableController {
         config_dir: &std::path::Path,
         xds_addr: std::net::SocketAddr,
     ) -> anyhow::Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
         let mut config = mesh_controller::config::Config::local(config_dir);
         config.xds_addr = xds_addr;
-        let (tx, rx) = std::sync::mpsc::channel();
-        rt.spawn(async move {
-            match Controller::start(config).await {
-                Ok(c) => {
-                    let _ = tx.send(Ok(c.xds_addr));
-                    // Keep it running until the runtime goes.
-                    std::future::pending::<()>().await;
-                    drop(c);
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(anyhow::anyhow!("{e}")));
-                }
-            }
-        });
-        let xds_addr = rx.recv_timeout(Duration::from_secs(20))??;
+        let (rt, xds_addr) = crate::own_runtime(Controller::start(config), |c| c.xds_addr)?;
         Ok(Self {
             xds_addr,
             rt: Some(rt),

@@ -100,6 +100,14 @@ pub mod env {
     pub const CONTROLLER_CONFIG_DIR: &str = "MESH_CONFIG_DIR";
     /// Controller: xDS listen address.
     pub const CONTROLLER_XDS_ADDR: &str = "MESH_XDS_ADDR";
+    /// Controller: plaintext xDS listen address (loopback only), beside the TLS one.
+    pub const CONTROLLER_XDS_PLAINTEXT_ADDR: &str = "MESH_XDS_PLAINTEXT_ADDR";
+    /// Controller: address of mesh-ca (`host:port`).
+    pub const CONTROLLER_CA_ADDR: &str = "MESH_CONTROLLER_CA_ADDR";
+    /// Controller: PEM root(s) mesh-ca's certificate chains to.
+    pub const CONTROLLER_CA_ROOT: &str = "MESH_CONTROLLER_CA_ROOT";
+    /// Controller: file with the token proving the controller's identity to mesh-ca.
+    pub const CONTROLLER_CA_TOKEN_FILE: &str = "MESH_CONTROLLER_CA_TOKEN_FILE";
     /// Controller: admin (metrics and debug) listen address.
     pub const CONTROLLER_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
     /// Controller: debounce window for bursts of changes, in milliseconds.
@@ -162,6 +170,8 @@ pub mod env {
     pub const PROXY_SERVICE_ACCOUNT: &str = "MESH_PROXY_SERVICE_ACCOUNT";
     /// Proxy: certificate lifetime to ask mesh-ca for.
     pub const PROXY_CERT_LIFETIME: &str = "MESH_PROXY_CERT_LIFETIME";
+    /// Proxy: xDS over mesh TLS, `auto`, `on` or `off`.
+    pub const PROXY_XDS_TLS: &str = "MESH_PROXY_XDS_TLS";
     /// Proxy: `true` runs without identity (plaintext only).
     pub const PROXY_IDENTITY_OFF: &str = "MESH_PROXY_IDENTITY_OFF";
 

@@ -3,16 +3,21 @@
 //! `process`, what the binaries share about their lifecycle; behind `ca-proto`, the certificate
 //! service's gRPC code.
 
+#[cfg(feature = "backoff")]
+pub mod backoff;
 #[cfg(feature = "ca-proto")]
 pub mod ca_proto;
 pub mod consts;
 #[cfg(feature = "k8s")]
 pub mod crds;
+pub mod duration;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;
+#[cfg(all(test, feature = "x509"))]
+mod svid_cases;
 #[cfg(feature = "tls")]
 pub mod tls;
 

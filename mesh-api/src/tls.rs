@@ -7,6 +7,8 @@
 
 #[cfg(feature = "grpc-tls")]
 pub mod grpc;
+#[cfg(feature = "ca-client")]
+pub mod renew;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

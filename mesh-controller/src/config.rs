@@ -21,9 +21,28 @@ pub struct Config {
     #[arg(long, env = env::CONTROLLER_CONFIG_DIR)]
     pub config_dir: Option<PathBuf>,
 
-    /// Address of the xDS (ADS) gRPC server.
+    /// Address of the xDS (ADS) gRPC server: TLS with client certificates when a CA is set
+    /// (`--ca-addr`, `--ca-root`); without one, plaintext, and then only on a loopback address.
     #[arg(long, env = env::CONTROLLER_XDS_ADDR, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::CONTROLLER_XDS)))]
     pub xds_addr: SocketAddr,
+
+    /// Also serve plaintext xDS here, for tools and a stock Envoy on the same host; loopback
+    /// addresses only.
+    #[arg(long, env = env::CONTROLLER_XDS_PLAINTEXT_ADDR)]
+    pub xds_plaintext_addr: Option<SocketAddr>,
+
+    /// mesh-ca (`host:port`): the controller gets its own certificate there and serves xDS
+    /// over TLS, checking each proxy's certificate against its node.
+    #[arg(long, env = env::CONTROLLER_CA_ADDR)]
+    pub ca_addr: Option<String>,
+
+    /// PEM root(s) mesh-ca's own certificate chains to.
+    #[arg(long, env = env::CONTROLLER_CA_ROOT)]
+    pub ca_root: Option<std::path::PathBuf>,
+
+    /// The token proving the controller's identity (`.../ns/mesh-system/sa/mesh-controller`).
+    #[arg(long, env = env::CONTROLLER_CA_TOKEN_FILE, default_value = "/var/run/secrets/tokens/mesh-ca-token")]
+    pub ca_token_file: std::path::PathBuf,
 
     /// Address of the metrics and debug HTTP server.
     #[arg(long, env = env::CONTROLLER_ADMIN_ADDR, default_value_t = SocketAddr::from(([0, 0, 0, 0], ports::CONTROLLER_ADMIN)))]
@@ -71,6 +90,10 @@ impl Config {
             config_dir: Some(config_dir.into()),
             xds_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            xds_plaintext_addr: None,
+            ca_addr: None,
+            ca_root: None,
+            ca_token_file: std::path::PathBuf::new(),
             debounce_quiet_ms: 10,
             debounce_max_ms: 100,
             cluster_domain: mesh_api::consts::xds::CLUSTER_DOMAIN.into(),

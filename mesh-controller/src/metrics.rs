@@ -39,6 +39,7 @@ pub struct Metrics {
     pub rejected_manifests: Gauge,
     pub revision: Gauge,
     pub model_build: Histogram,
+    pub node_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -90,8 +91,15 @@ impl Metrics {
             "Time to resolve the index and translate the global xDS resources",
             model_build.clone(),
         );
+        let node_refused = Counter::default();
+        registry.register(
+            "xds_node_refused",
+            "xDS streams refused because the node did not match the client certificate",
+            node_refused.clone(),
+        );
         Self {
             registry,
+            node_refused,
             pushes,
             push_latency,
             nacks,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::admin::{AdminState, router};
@@ -28,12 +29,27 @@ pub enum StartError {
     },
     #[error("connecting to the Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error(
+        "{flag} {addr}: plaintext xDS is served only on loopback; give the controller a CA \
+         (--ca-addr, --ca-root) to serve xDS over TLS, or listen on 127.0.0.1"
+    )]
+    PlaintextNotLoopback {
+        flag: &'static str,
+        addr: SocketAddr,
+    },
+    #[error("identity: {0}")]
+    Identity(String),
 }
 
 /// A running controller; dropping it stops everything.
 #[derive(Debug)]
 pub struct Controller {
+    /// The xDS server: TLS when the controller has a CA, else plaintext on loopback.
     pub xds_addr: SocketAddr,
+    /// The extra plaintext xDS listener (`--xds-plaintext-addr`).
+    pub xds_plaintext_addr: Option<SocketAddr>,
+    /// The controller's own identity, when it serves xDS over TLS.
+    pub identity: Option<Arc<mesh_api::tls::Identity>>,
     pub admin_addr: SocketAddr,
     pub index: Arc<Mutex<Index>>,
     pub hub: Arc<Hub>,
@@ -91,19 +107,51 @@ impl Controller {
             max,
         )));
 
+        let identity = match (&config.ca_addr, &config.ca_root) {
+            (Some(ca_addr), Some(ca_root)) => {
+                let (identity, svid) = controller_identity(&config, ca_addr, ca_root)?;
+                tasks.push(tokio::spawn(svid.run()));
+                Some(identity)
+            }
+            _ => {
+                if !config.xds_addr.ip().is_loopback() {
+                    return Err(StartError::PlaintextNotLoopback {
+                        flag: "--xds-addr",
+                        addr: config.xds_addr,
+                    });
+                }
+                warn!(addr = %config.xds_addr, "no CA: serving plaintext xDS on loopback, proxies' identities unchecked");
+                None
+            }
+        };
+        if let Some(addr) = config.xds_plaintext_addr
+            && !addr.ip().is_loopback()
+        {
+            return Err(StartError::PlaintextNotLoopback {
+                flag: "--xds-plaintext-addr",
+                addr,
+            });
+        }
         let (xds, xds_addr) = bind("xDS", config.xds_addr).await?;
         let svc = hub.service();
-        tasks.push(tokio::spawn(async move {
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
-            if let Err(e) = tonic::transport::Server::builder()
-                .http2_keepalive_interval(Some(Duration::from_secs(30)))
-                .add_service(svc)
-                .serve_with_incoming(incoming)
-                .await
-            {
-                warn!(error = %e, "xDS server stopped");
+        match &identity {
+            Some(identity) => {
+                let tls = identity
+                    .server_config()
+                    .map_err(|e| StartError::Identity(e.to_string()))?;
+                let incoming = mesh_api::tls::grpc::incoming(xds, tls);
+                tasks.push(serve_xds(incoming, svc.clone()));
             }
-        }));
+            None => tasks.push(serve_xds(TcpListenerStream::new(xds), svc.clone())),
+        }
+        let xds_plaintext_addr = match config.xds_plaintext_addr {
+            Some(addr) => {
+                let (l, addr) = bind("plaintext xDS", addr).await?;
+                tasks.push(serve_xds(TcpListenerStream::new(l), svc));
+                Some(addr)
+            }
+            None => None,
+        };
 
         let (admin, admin_addr) = bind("admin", config.admin_addr).await?;
         let app = router(AdminState {
@@ -116,9 +164,11 @@ impl Controller {
                 warn!(error = %e, "admin server stopped");
             }
         }));
-        info!(%xds_addr, %admin_addr, "controller serving");
+        info!(%xds_addr, ?xds_plaintext_addr, tls = identity.is_some(), %admin_addr, "controller serving");
         Ok(Self {
             xds_addr,
+            xds_plaintext_addr,
+            identity,
             admin_addr,
             index,
             hub,
@@ -127,6 +177,78 @@ impl Controller {
             _watch: watch,
         })
     }
+}
+
+type AdsServer = envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer<crate::xds::server::AdsService>;
+
+/// Serves xDS on the connections of `incoming` (plaintext, or mesh TLS).
+fn serve_xds<S, IO, IE>(incoming: S, svc: AdsServer) -> JoinHandle<()>
+where
+    S: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(svc)
+            .serve_with_incoming(incoming)
+            .await
+        {
+            warn!(error = %e, "xDS server stopped");
+        }
+    })
+}
+
+/// The controller's identity (`.../ns/mesh-system/sa/mesh-controller`) and what keeps its
+/// certificate fresh.
+fn controller_identity(
+    config: &Config,
+    ca_addr: &str,
+    ca_root: &std::path::Path,
+) -> Result<
+    (
+        Arc<mesh_api::tls::Identity>,
+        Arc<mesh_api::tls::renew::SvidClient>,
+    ),
+    StartError,
+> {
+    use mesh_api::consts::identity as ids;
+    use mesh_api::tls::renew::{SvidClient, SvidSettings};
+    let err = |e: String| StartError::Identity(e);
+    let id = mesh_api::SpiffeId::workload(
+        &config.trust_domain,
+        ids::SYSTEM_NAMESPACE,
+        ids::CONTROLLER_SERVICE_ACCOUNT,
+    )
+    .map_err(|e| err(format!("--trust-domain {:?}: {e}", config.trust_domain)))?;
+    let identity = mesh_api::tls::Identity::new(
+        &config.trust_domain,
+        SvidClient::read_root(ca_root).map_err(err)?,
+        Box::new(|role, r| {
+            warn!(?role, reason = r.reason, detail = %r.detail, "xDS client certificate refused");
+        }),
+    );
+    let svid = SvidClient::new(
+        SvidSettings {
+            id,
+            ca_addr: ca_addr.to_string(),
+            ca_root: ca_root.to_path_buf(),
+            token_file: config.ca_token_file.clone(),
+            lifetime: Duration::ZERO,
+        },
+        identity.clone(),
+        Box::new(|_| {}),
+        Box::new(|_| {}),
+    )
+    .map_err(err)?;
+    Ok((identity, svid))
 }
 
 /// Binds a listener and reports the address it got (the port may have been 0).

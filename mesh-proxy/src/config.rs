@@ -19,6 +19,14 @@ pub enum XdsApi {
     Sotw,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdsTls {
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(Clone, Debug, Parser, Serialize)]
 #[command(name = "mesh-proxy", version, about = "The mesh's sidecar proxy")]
 pub struct Config {
@@ -111,6 +119,11 @@ pub struct Config {
     #[serde(with = "duration_str")]
     pub cert_lifetime: Duration,
 
+    /// xDS over mesh TLS: `auto` (with an identity, unless the controller is on a loopback
+    /// address, where it serves plaintext), `on` or `off`.
+    #[arg(long, env = env::PROXY_XDS_TLS, value_enum, default_value_t = XdsTls::Auto)]
+    pub xds_tls: XdsTls,
+
     /// Run without a mesh identity: no CA, plaintext only, no mutual TLS. For benchmarks and
     /// interop tests; the proxy says so in its log and `/config_dump`.
     #[arg(long, env = env::PROXY_IDENTITY_OFF, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -150,6 +163,7 @@ impl Config {
             service_account: "default".into(),
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
             cert_lifetime: Duration::ZERO,
+            xds_tls: XdsTls::Auto,
             // In-process proxies (tests, benchmarks) are plaintext unless given a CA.
             identity_off: true,
             log_format: "text".into(),
@@ -165,6 +179,21 @@ impl Config {
                 self.trust_domain, self.service_account
             ))
         })
+    }
+
+    /// Whether xDS goes over mesh TLS (never without an identity).
+    pub fn xds_over_tls(&self) -> bool {
+        if self.identity_off {
+            return false;
+        }
+        match self.xds_tls {
+            XdsTls::On => true,
+            XdsTls::Off => false,
+            XdsTls::Auto => !self
+                .xds
+                .parse::<SocketAddr>()
+                .is_ok_and(|a| a.ip().is_loopback()),
+        }
     }
 
     /// Checks that the proxy either has what it needs to get an identity or runs without one.
@@ -214,28 +243,7 @@ pub enum ConfigError {
     Identity(String),
 }
 
-/// Parses `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 250ms, 5s, 2m)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("{s:?} is not a duration"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use mesh_api::duration::parse as parse_duration;
 
 mod duration_str {
     use std::time::Duration;
@@ -248,20 +256,6 @@ mod duration_str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(
-            parse_duration("5x")
-                .expect_err("bad unit")
-                .contains("unknown unit")
-        );
-        assert!(parse_duration("abc").is_err());
-    }
 
     #[test]
     fn flags_and_env() {

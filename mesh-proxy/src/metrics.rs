@@ -73,6 +73,12 @@ pub struct TlsLabels {
     pub direction: Direction,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// The client's SPIFFE ID.
+    pub peer: String,
+}
+
 fn latency_buckets() -> impl Iterator<Item = f64> {
     [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -96,6 +102,7 @@ pub struct Metrics {
     pub tls_refused: Family<TlsRefusedLabels, Counter>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub tls_handshake_failures: Family<TlsLabels, Counter>,
+    pub inbound_peers: Family<PeerLabels, Counter>,
     pub svid_renewals: Counter,
     pub svid_renewal_failures: Counter,
     pub svid_expiry: Gauge,
@@ -186,6 +193,12 @@ impl Metrics {
             "Mesh TLS handshakes that failed (a refused peer, no valid SVID, a plaintext peer)",
             tls_handshake_failures.clone(),
         );
+        let inbound_peers = Family::<PeerLabels, Counter>::default();
+        registry.register(
+            "inbound_mtls_connections",
+            "Mesh TLS connections accepted, by the client's SPIFFE ID",
+            inbound_peers.clone(),
+        );
         let svid_renewals = Counter::default();
         registry.register(
             "svid_renewals",
@@ -219,6 +232,7 @@ impl Metrics {
             tls_refused,
             tls_handshakes,
             tls_handshake_failures,
+            inbound_peers,
             svid_renewals,
             svid_renewal_failures,
             svid_expiry,

@@ -124,7 +124,11 @@ impl Proxy {
         shared.tls = tls.clone();
         let shared = Arc::new(shared);
 
-        let xds = XdsClient::new(&config, &ports, store.clone(), metrics.clone());
+        let xds_tls = match &tls {
+            Some(t) if config.xds_over_tls() => Some((t.clone(), t.controller_client()?)),
+            _ => None,
+        };
+        let xds = XdsClient::new(&config, &ports, store.clone(), metrics.clone(), xds_tls);
         let state = AdminState {
             config: config.clone(),
             store: store.clone(),
@@ -137,7 +141,7 @@ impl Proxy {
         let (admin_addr, metrics_addr) = (local(&admin), local(&metrics_listener));
         let mut tasks = vec![tokio::spawn(xds.run())];
         if let Some(tls) = &tls {
-            tasks.push(tokio::spawn(tls.clone().run(config.clone())));
+            tasks.push(tokio::spawn(tls.clone().run()));
         }
         let admin_app = admin_router(state.clone());
         tasks.push(tokio::spawn(async move {

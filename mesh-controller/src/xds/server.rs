@@ -252,11 +252,51 @@ struct Session {
     published: watch::Receiver<Published>,
 }
 
+/// Over TLS, the node a proxy names must be its certificate's: the same namespace and, when
+/// the pod is known, the pod's service account.
+pub fn check_node(
+    proxy: &ProxyId,
+    client: &mesh_api::SpiffeId,
+    model: &Model,
+) -> Result<(), String> {
+    let (ns, sa) = client
+        .namespace_and_account()
+        .map_err(|e| format!("client certificate: {e}"))?;
+    if ns != proxy.namespace {
+        return Err(format!(
+            "node {}/{} is in namespace {:?}, but the client certificate is {client}",
+            proxy.namespace, proxy.name, proxy.namespace
+        ));
+    }
+    if let Some(pod) = model
+        .pods
+        .get(&(proxy.namespace.clone(), proxy.name.clone()))
+        && pod.service_account != sa
+    {
+        return Err(format!(
+            "pod {}/{} runs as service account {:?}, but the client certificate is {client}",
+            proxy.namespace, proxy.name, pod.service_account
+        ));
+    }
+    Ok(())
+}
+
 impl Session {
-    fn open(hub: &Hub, node: Option<&Node>, protocol: &'static str) -> Result<Self, Status> {
+    fn open(
+        hub: &Hub,
+        node: Option<&Node>,
+        client: Option<&mesh_api::SpiffeId>,
+        protocol: &'static str,
+    ) -> Result<Self, Status> {
         let node =
             node.ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
         let proxy = proxy_id(node).map_err(Status::invalid_argument)?;
+        if let Some(client) = client {
+            check_node(&proxy, client, &hub.model()).map_err(|e| {
+                hub.metrics.node_refused.inc();
+                Status::permission_denied(e)
+            })?;
+        }
         let mut published = hub.subscribe();
         published.borrow_and_update();
         let view = hub.view(&proxy);
@@ -367,6 +407,7 @@ struct AdsStream<V: Variant> {
     hub: Arc<Hub>,
     tx: mpsc::Sender<Result<V::Response, Status>>,
     peer: Option<SocketAddr>,
+    client: Option<mesh_api::SpiffeId>,
     session: Option<Session>,
     types: HashMap<ResourceType, V::TypeState>,
     nonce: u64,
@@ -379,12 +420,18 @@ impl<V: Variant> AdsStream<V> {
         request: Request<Streaming<V::Request>>,
     ) -> ReceiverStream<Result<V::Response, Status>> {
         let peer = request.remote_addr();
+        // Over mesh TLS: the client's SPIFFE ID, which its node must match.
+        let client = request
+            .extensions()
+            .get::<mesh_api::tls::grpc::TlsConnectInfo>()
+            .and_then(|i| i.peer.clone());
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut s = AdsStream::<V> {
                 hub,
                 tx,
                 peer,
+                client,
                 session: None,
                 types: HashMap::new(),
                 nonce: 0,
@@ -435,7 +482,12 @@ impl<V: Variant> AdsStream<V> {
         type_url: &str,
     ) -> Result<Option<Begun<'_, V>>, Status> {
         if self.session.is_none() {
-            self.session = Some(Session::open(&self.hub, node, V::NAME)?);
+            self.session = Some(Session::open(
+                &self.hub,
+                node,
+                self.client.as_ref(),
+                V::NAME,
+            )?);
         }
         let session = self
             .session

@@ -717,3 +717,27 @@ fn inbound_chains_follow_the_mtls_mode_of_the_namespace() {
     );
     assert!(l.default_filter_chain.is_some());
 }
+
+#[test]
+fn a_node_must_match_its_client_certificate() {
+    use crate::xds::server::check_node;
+    let mut idx = index();
+    idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default}\nspec: {serviceAccountName: web, containers: [{name: app}]}\nstatus: {podIP: 10.0.5.1}\n")).expect("pod");
+    let model = idx.model();
+    let id = |s: &str| mesh_api::SpiffeId::parse(s).expect("id");
+    let node = |ns: &str, name: &str| ProxyId {
+        name: name.into(),
+        ..proxy(ns, true)
+    };
+    let web = id("spiffe://cluster.local/ns/default/sa/web");
+    assert_eq!(check_node(&node("default", "web-0"), &web, &model), Ok(()));
+    // A pod not (yet) known: the namespace is what can be checked.
+    assert_eq!(check_node(&node("default", "web-9"), &web, &model), Ok(()));
+    let err = check_node(&node("kube-system", "coredns-0"), &web, &model).expect_err("namespace");
+    assert!(err.contains("namespace \"kube-system\""), "{err}");
+    let other = id("spiffe://cluster.local/ns/default/sa/other");
+    let err = check_node(&node("default", "web-0"), &other, &model).expect_err("account");
+    assert!(err.contains("service account \"web\""), "{err}");
+    let not_workload = id("spiffe://cluster.local/something/else");
+    assert!(check_node(&node("default", "web-0"), &not_workload, &model).is_err());
+}

@@ -314,6 +314,15 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         .peer_certificates()
         .and_then(|c| c.first())
         .and_then(|der| mesh_api::tls::peer_id(der));
+    if let Some(p) = &peer {
+        shared
+            .metrics
+            .inbound_peers
+            .get_or_create(&crate::metrics::PeerLabels {
+                peer: p.to_string(),
+            })
+            .inc();
+    }
     let alpn = match conn.alpn_protocol() {
         Some(mesh_api::tls::ALPN_H2) => Some(Detected::H2c),
         Some(mesh_api::tls::ALPN_HTTP1) => Some(Detected::Http1),

@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::channel::mpsc;
+use mesh_api::backoff::Backoff;
 use mesh_api::consts::node_metadata;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
@@ -20,43 +21,9 @@ use tracing::{debug, info, warn};
 
 use super::cache::{Cache, Incoming, Type, resource_name};
 use crate::config::{Config, XdsApi};
+use crate::identity::MeshTls;
 use crate::metrics::{Metrics, XdsLabels};
 use crate::state::Store;
-
-/// Jittered exponential backoff: about 10 ms, doubling to a 15 s cap; each wait is drawn from
-/// the upper half of the current step so proxies restarted together spread out.
-#[derive(Debug)]
-pub struct Backoff {
-    step: Duration,
-    base: Duration,
-    cap: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new(Duration::from_millis(10), Duration::from_secs(15))
-    }
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            step: base,
-            base,
-            cap,
-        }
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let step = self.step;
-        self.step = (step * 2).min(self.cap);
-        step.mul_f64(rand::random_range(0.5..=1.0))
-    }
-
-    pub fn reset(&mut self) {
-        self.step = self.base;
-    }
-}
 
 /// Per type: what was last applied or refused, for `/config_dump`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -92,6 +59,8 @@ pub struct XdsClient {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     pub status: Arc<Mutex<XdsStatus>>,
+    /// xDS over mesh TLS: this proxy's identity, and the controller's it must find.
+    tls: Option<(Arc<MeshTls>, Arc<rustls::ClientConfig>)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +93,7 @@ impl XdsClient {
         ports: &ListenerPorts,
         store: Arc<Store>,
         metrics: Arc<Metrics>,
+        tls: Option<(Arc<MeshTls>, Arc<rustls::ClientConfig>)>,
     ) -> Self {
         let fields = [
             (node_metadata::TRANSPARENT, ports.transparent.to_string()),
@@ -163,6 +133,7 @@ impl XdsClient {
             store,
             metrics,
             status: Arc::default(),
+            tls,
         }
     }
 
@@ -205,6 +176,17 @@ impl XdsClient {
     }
 
     async fn channel(&self) -> Result<Channel, StreamError> {
+        if let Some((mesh, config)) = &self.tls {
+            // The controller wants a client certificate: wait for the first one.
+            while !mesh.identity.has_valid_svid() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            return Ok(mesh_api::tls::grpc::channel(
+                self.addr.clone(),
+                config.clone(),
+                Duration::from_secs(5),
+            ));
+        }
         let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
             .map_err(|_| StreamError::Address(self.addr.clone()))?
             .connect_timeout(Duration::from_secs(5))
@@ -580,24 +562,5 @@ impl Publisher {
     fn expire(&mut self, cache: &mut Cache, store: &Store, metrics: &Metrics) {
         warn!("serving a config with missing routes or endpoints after waiting for them");
         self.publish(cache, store, metrics);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_to_a_cap() {
-        let mut b = Backoff::default();
-        let first = b.next_delay();
-        assert!(first >= Duration::from_millis(5) && first <= Duration::from_millis(10));
-        let mut last = Duration::ZERO;
-        for _ in 0..20 {
-            last = b.next_delay();
-        }
-        assert!(last >= Duration::from_millis(7500) && last <= Duration::from_secs(15));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(10));
     }
 }

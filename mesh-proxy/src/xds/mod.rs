@@ -6,4 +6,4 @@
 pub mod cache;
 pub mod client;
 
-pub use client::{Backoff, XdsClient, XdsStatus};
+pub use client::{XdsClient, XdsStatus};
