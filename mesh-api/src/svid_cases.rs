@@ -16,6 +16,24 @@ pub fn uri(s: &str) -> SanType {
     SanType::URI(s.try_into().expect("ia5 string"))
 }
 
+/// A well-formed SVID for [`ID`], valid between the two times.
+pub fn good_svid(
+    not_before: time::OffsetDateTime,
+    not_after: time::OffsetDateTime,
+) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![uri(ID)];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.not_before = not_before;
+    p.not_after = not_after;
+    p
+}
+
 pub fn bad_svids() -> Vec<(&'static str, Role, Mutate)> {
     let long = format!("spiffe://cluster.local/ns/default/sa/{}", "a".repeat(2100));
     vec![

@@ -1,27 +1,15 @@
 use std::time::{Duration, UNIX_EPOCH};
 
-use rcgen::{
-    CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, date_time_ymd,
-};
+use rcgen::{CertificateParams, KeyPair, date_time_ymd};
 
 use super::*;
-use crate::svid_cases::{ID, bad_svids, uri};
+use crate::svid_cases::{ID, bad_svids, good_svid, uri};
 
 const TD: &str = "cluster.local";
 
 /// A well-formed SVID's parameters, valid through 2030.
 fn good() -> CertificateParams {
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![uri(ID)];
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    p.not_before = date_time_ymd(2026, 1, 1);
-    p.not_after = date_time_ymd(2030, 1, 1);
-    p
+    good_svid(date_time_ymd(2026, 1, 1), date_time_ymd(2030, 1, 1))
 }
 
 fn der(p: CertificateParams) -> Vec<u8> {

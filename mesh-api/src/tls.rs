@@ -279,7 +279,9 @@ impl Identity {
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
         let mut config = self
             .builder_server()?
-            .with_client_cert_verifier(Arc::new(ClientVerifier(self.clone())))
+            .with_client_cert_verifier(Arc::new(ClientVerifier {
+                identity: self.clone(),
+            }))
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
         config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
         Ok(Arc::new(config))
@@ -469,8 +471,38 @@ impl rustls::client::ResolvesClientCert for Resolver {
     }
 }
 
+/// The handshake signature checks both verifiers share: TLS 1.3 only, with the provider's
+/// algorithms.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Err(rustls::Error::General("mesh TLS is TLS 1.3 only".into()))
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            self.identity.tls13_signature(message, cert, dss)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.identity.signature_schemes()
+        }
+    };
+}
+
 #[derive(Debug)]
-struct ClientVerifier(Arc<Identity>);
+struct ClientVerifier {
+    identity: Arc<Identity>,
+}
 
 impl ClientCertVerifier for ClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -483,33 +515,13 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
+        self.identity
             .verify(Role::Client, end_entity, intermediates, &[], unix_time(now))
             .map(|_| ClientCertVerified::assertion())
             .map_err(refused)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("mesh TLS is TLS 1.3 only".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_schemes()
-    }
+    signature_checks!();
 }
 
 #[derive(Debug)]
@@ -539,27 +551,7 @@ impl ServerCertVerifier for ServerVerifier {
             .map_err(refused)
     }
 
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("mesh TLS is TLS 1.3 only".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.identity.tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.identity.signature_schemes()
-    }
+    signature_checks!();
 }
 
 #[cfg(test)]

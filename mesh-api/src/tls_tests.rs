@@ -1,14 +1,13 @@
 use std::sync::Mutex;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, date_time_ymd,
+    BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, date_time_ymd,
 };
 use rustls::pki_types::PrivatePkcs8KeyDer;
 use rustls::{ClientConnection, ServerConnection};
 
 use super::*;
-use crate::svid_cases::{ID, bad_svids, uri};
+use crate::svid_cases::{ID, bad_svids, good_svid, uri};
 
 const TD: &str = "cluster.local";
 
@@ -35,18 +34,11 @@ fn ca(name: &str) -> Ca {
 
 /// A well-formed SVID valid from an hour ago to an hour from now.
 fn good() -> CertificateParams {
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![uri(ID)];
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
     let now = time::OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::hours(1);
-    p.not_after = now + time::Duration::hours(1);
-    p
+    good_svid(
+        now - time::Duration::hours(1),
+        now + time::Duration::hours(1),
+    )
 }
 
 fn issue(ca: &Ca, p: &CertificateParams) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
