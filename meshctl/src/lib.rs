@@ -2,3 +2,4 @@
 //! tests can call them.
 
 pub mod cmd;
+pub mod mesh;

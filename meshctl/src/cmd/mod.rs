@@ -1,16 +1,43 @@
 //! One module per subcommand.
 
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+use crate::mesh::LocalDir;
+
 pub mod bootstrap;
+pub mod route;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
     /// Print a bootstrap with which a proxy joins the mesh.
     #[command(subcommand)]
     Bootstrap(bootstrap::Bootstrap),
+    /// Traffic shares between a Service's backends: canaries and blue-green switches.
+    #[command(subcommand)]
+    Route(route::Route),
 }
 
-pub fn run(cmd: Command) -> anyhow::Result<()> {
+/// Which mesh a command works on.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Context {
+    /// A local mesh: the directory of manifests its controller watches.
+    #[arg(long, global = true, env = mesh_api::consts::env::MESHCTL_LOCAL)]
+    pub local: Option<PathBuf>,
+}
+
+pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
     match cmd {
         Command::Bootstrap(b) => bootstrap::run(b, &mut std::io::stdout()),
+        Command::Route(r) => {
+            let Some(dir) = &cx.local else {
+                bail!(
+                    "meshctl route needs a mesh: pass --local DIR (or set {}) for a local mesh",
+                    mesh_api::consts::env::MESHCTL_LOCAL
+                );
+            };
+            route::run(r, &LocalDir::new(dir)?, &mut std::io::stdout())
+        }
     }
 }

@@ -1,0 +1,75 @@
+//! `meshctl route split` and `promote` drive a running local mesh: the controller picks up
+//! the edited HTTPRoute and the proxy's traffic follows.
+
+use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
+use mesh_e2e::{Backend, ProxyClient, reviews_manifests, reviews_route, spread};
+use meshctl::cmd::route::{self, PromoteArgs, Route, SplitArgs, Target};
+use meshctl::mesh::LocalDir;
+
+fn target() -> Target {
+    Target {
+        service: "reviews".into(),
+        namespace: "default".into(),
+        port: None,
+    }
+}
+
+fn meshctl(mesh: &LocalMesh, r: Route) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    route::run(r, &LocalDir::new(&mesh.config_dir)?, &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
+    let v1 = Backend::start("reviews-v1").await?;
+    let v2 = Backend::start("reviews-v2").await?;
+    let mesh = LocalMesh::start().await?;
+    mesh.write(
+        "reviews.yaml",
+        &reviews_manifests(v1.addr.port(), v2.addr.port()),
+    )?;
+    mesh.write("route.yaml", &reviews_route(100, 0))?;
+    let proxy = mesh
+        .proxy(mesh.proxy_config("default/productpage-1"))
+        .await?;
+    let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
+
+    let out = meshctl(
+        &mesh,
+        Route::Split(SplitArgs {
+            target: target(),
+            to: vec!["reviews-v1=50".into(), "reviews-v2=50".into()],
+        }),
+    )?;
+    assert!(out.contains("written to"), "{out}");
+    wait_config(&proxy, "the 50/50 split", |s| {
+        let w = weights(s, "outbound_http", "reviews.default.");
+        w.iter().any(|(c, w)| c.contains("reviews-v1") && *w == 50)
+            && s.clusters
+                .values()
+                .filter(|c| c.name.contains("reviews-v"))
+                .all(|c| !c.endpoints.is_empty())
+    })
+    .await?;
+    let got = spread(&mut client, 1000, &[]).await;
+    let v2_share = *got.get("reviews-v2").unwrap_or(&0) as f64 / 10.0;
+    assert!((45.0..=55.0).contains(&v2_share), "{got:?}");
+
+    meshctl(
+        &mesh,
+        Route::Promote(PromoteArgs {
+            target: target(),
+            backend: "reviews-v2".into(),
+        }),
+    )?;
+    wait_config(&proxy, "everything on v2", |s| {
+        !weights(s, "outbound_http", "reviews.default.")
+            .iter()
+            .any(|(c, w)| c.contains("reviews-v1") && *w > 0)
+    })
+    .await?;
+    let got = spread(&mut client, 200, &[]).await;
+    assert_eq!(got.get("reviews-v2"), Some(&200), "{got:?}");
+    Ok(())
+}

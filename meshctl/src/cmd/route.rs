@@ -1,0 +1,428 @@
+//! `meshctl route split|show|promote`: traffic shares between the backends of a Service, kept in
+//! one HTTPRoute attached to it (a GAMMA `parentRef` to the Service). Everything is checked
+//! before anything is written: a refused command leaves the mesh as it was.
+
+use std::io::Write;
+
+use anyhow::{Context, bail};
+use serde_yaml::{Mapping, Value};
+
+use crate::mesh::{Mesh, RouteDoc, ServiceRef};
+
+/// Gateway API's largest backend weight.
+const MAX_WEIGHT: u32 = 1_000_000;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Route {
+    /// Split a Service's traffic between backends by weight (a canary).
+    Split(SplitArgs),
+    /// Show the routes of a Service and their weights.
+    Show(ShowArgs),
+    /// Send all of a Service's traffic to one backend (the blue-green switch).
+    Promote(PromoteArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// The Service whose traffic is split (the route's parent).
+    pub service: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    pub namespace: String,
+    /// The Service port (needed when it has more than one).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SplitArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// `<backend>=<weight>,...`: backends are Services in the same namespace, weights whole
+    /// numbers from 0 to 1,000,000 (shares are weight / sum).
+    #[arg(long, required = true, value_delimiter = ',')]
+    pub to: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ShowArgs {
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The backend that gets all the traffic.
+    pub backend: String,
+}
+
+/// `<name>=<weight>` pairs, checked.
+pub fn parse_weights(items: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
+    let mut out: Vec<(String, u32)> = Vec::new();
+    for item in items.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let Some((name, w)) = item.split_once('=') else {
+            bail!("--to {item:?}: expected <backend>=<weight>, e.g. reviews-v2=10");
+        };
+        let name = name.trim();
+        if name.is_empty() {
+            bail!("--to {item:?}: the backend name is empty");
+        }
+        let weight: u32 = match w.trim().parse::<i64>() {
+            Ok(n) if n < 0 => bail!("--to {item:?}: weight {n} is negative"),
+            Ok(n) if n > i64::from(MAX_WEIGHT) => {
+                bail!("--to {item:?}: weight {n} is over {MAX_WEIGHT}")
+            }
+            Ok(n) => u32::try_from(n).context("weight")?,
+            Err(_) => bail!(
+                "--to {item:?}: weight {:?} is not a whole number from 0 to {MAX_WEIGHT}",
+                w.trim()
+            ),
+        };
+        if out.iter().any(|(n, _)| n == name) {
+            bail!("--to: backend {name:?} is listed twice");
+        }
+        out.push((name.to_string(), weight));
+    }
+    if out.is_empty() {
+        bail!("--to: no backends given");
+    }
+    if out.iter().all(|(_, w)| *w == 0) {
+        bail!("--to: every weight is 0; at least one backend must get traffic");
+    }
+    Ok(out)
+}
+
+fn find_service<'a>(
+    services: &'a [ServiceRef],
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<&'a ServiceRef> {
+    services
+        .iter()
+        .find(|s| s.namespace == ns && s.name == name)
+        .with_context(|| format!("Service {ns}/{name} not found"))
+}
+
+/// The Service port a command is about.
+fn port_of(svc: &ServiceRef, asked: Option<u16>) -> anyhow::Result<u16> {
+    let list = || {
+        svc.ports
+            .iter()
+            .map(|(p, n)| {
+                if n.is_empty() {
+                    p.to_string()
+                } else {
+                    format!("{p} ({n})")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match (asked, svc.ports.as_slice()) {
+        (Some(p), ports) if ports.iter().any(|(q, _)| *q == p) => Ok(p),
+        (Some(p), _) => bail!(
+            "Service {}/{} has no port {p} (ports: {})",
+            svc.namespace,
+            svc.name,
+            list()
+        ),
+        (None, [(p, _)]) => Ok(*p),
+        (None, []) => bail!("Service {}/{} has no ports", svc.namespace, svc.name),
+        (None, _) => bail!(
+            "Service {}/{} has several ports ({}): say which with --port",
+            svc.namespace,
+            svc.name,
+            list()
+        ),
+    }
+}
+
+/// Whether a route attaches to Service `ns/name` (at `port`, or at every port).
+fn attaches(r: &RouteDoc, ns: &str, name: &str, port: u16) -> bool {
+    let Some(parents) = r
+        .value
+        .get("spec")
+        .and_then(|s| s.get("parentRefs"))
+        .and_then(Value::as_sequence)
+    else {
+        return false;
+    };
+    parents.iter().any(|p| {
+        let s = |k: &str| p.get(k).and_then(Value::as_str);
+        s("kind") == Some("Service")
+            && matches!(s("group"), Some("") | Some("core"))
+            && s("name") == Some(name)
+            && s("namespace").unwrap_or(&r.namespace) == ns
+            && p.get("port")
+                .and_then(Value::as_u64)
+                .is_none_or(|q| q == u64::from(port))
+    })
+}
+
+fn rules(r: &RouteDoc) -> &[Value] {
+    r.value
+        .get("spec")
+        .and_then(|s| s.get("rules"))
+        .and_then(Value::as_sequence)
+        .map_or(&[], |v| v.as_slice())
+}
+
+/// The rule a split changes: the last one that matches every request (no `matches`), or the
+/// only rule there is.
+fn split_rule(r: &RouteDoc) -> Option<usize> {
+    let rs = rules(r);
+    let catch_all = rs.iter().rposition(|rule| {
+        rule.get("matches")
+            .and_then(Value::as_sequence)
+            .is_none_or(|m| m.is_empty())
+    });
+    catch_all.or((rs.len() == 1).then_some(0))
+}
+
+/// `(backend, weight)` of a rule (a backendRef without weight weighs 1).
+fn weights(rule: &Value) -> Vec<(String, u32)> {
+    rule.get("backendRefs")
+        .and_then(Value::as_sequence)
+        .map(|refs| {
+            refs.iter()
+                .map(|b| {
+                    let name = b.get("name").and_then(Value::as_str).unwrap_or_default();
+                    let w = b
+                        .get("weight")
+                        .and_then(Value::as_u64)
+                        .and_then(|w| u32::try_from(w).ok())
+                        .unwrap_or(1);
+                    (name.to_string(), w)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn percent(w: u32, all: &[(String, u32)]) -> String {
+    let total: u64 = all.iter().map(|(_, w)| u64::from(*w)).sum();
+    if total == 0 {
+        return "0 %".into();
+    }
+    format!("{:.0} %", u64::from(w) as f64 * 100.0 / total as f64)
+}
+
+fn key(k: &str) -> Value {
+    Value::String(k.to_string())
+}
+
+fn backend_refs(ws: &[(String, u32)], port: u16) -> Value {
+    Value::Sequence(
+        ws.iter()
+            .map(|(name, w)| {
+                let mut m = Mapping::new();
+                m.insert(key("name"), key(name));
+                m.insert(key("port"), Value::Number(port.into()));
+                m.insert(key("weight"), Value::Number((*w).into()));
+                Value::Mapping(m)
+            })
+            .collect(),
+    )
+}
+
+/// A new HTTPRoute `<service>-split` attached to the Service.
+fn new_route(ns: &str, svc: &str, port: u16) -> RouteDoc {
+    let name = format!("{svc}-split");
+    let yaml = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {svc}, port: {port}}}]\n  rules: [{{backendRefs: []}}]\n"
+    );
+    RouteDoc {
+        namespace: ns.to_string(),
+        name,
+        // Built from names Kubernetes already validated; the fallback is never taken.
+        value: serde_yaml::from_str(&yaml).unwrap_or(Value::Null),
+        origin: None,
+    }
+}
+
+/// What a split or promote did: the weights before and after, and where it was written.
+#[derive(Debug)]
+pub struct Change {
+    pub route: String,
+    pub rule: usize,
+    pub before: Vec<(String, u32)>,
+    pub after: Vec<(String, u32)>,
+    pub written: String,
+}
+
+/// Sets the weights of Service `target`'s traffic, checking everything first.
+pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::Result<Change> {
+    let services = mesh.services()?;
+    let ns = &target.namespace;
+    let parent = find_service(&services, ns, &target.service)?;
+    let port = port_of(parent, target.port)?;
+    for (b, _) in to {
+        let svc =
+            find_service(&services, ns, b).map_err(|e| anyhow::anyhow!("backend {b:?}: {e}"))?;
+        if !svc.ports.iter().any(|(p, _)| *p == port) {
+            bail!(
+                "backend {b:?}: Service {ns}/{b} has no port {port} (the port of {})",
+                target.service
+            );
+        }
+    }
+    let attached: Vec<RouteDoc> = mesh
+        .routes()?
+        .into_iter()
+        .filter(|r| attaches(r, ns, &target.service, port))
+        .collect();
+    let mut route = match attached.as_slice() {
+        [] => new_route(ns, &target.service, port),
+        [one] => one.clone(),
+        many => bail!(
+            "{} HTTPRoutes attach to Service {ns}/{} port {port} ({}); edit the one to change by hand",
+            many.len(),
+            target.service,
+            many.iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let Some(rule) = split_rule(&route) else {
+        bail!(
+            "HTTPRoute {ns}/{}: every rule has matches, so none carries all of the Service's traffic; add a rule without matches, or edit it by hand",
+            route.name
+        );
+    };
+    let before = weights(&rules(&route)[rule]);
+    let slot = route
+        .value
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("rules"))
+        .and_then(|r| r.get_mut(rule))
+        .and_then(Value::as_mapping_mut)
+        .with_context(|| {
+            format!(
+                "HTTPRoute {ns}/{}: rule {} is not a mapping",
+                route.name,
+                rule + 1
+            )
+        })?;
+    slot.insert(key("backendRefs"), backend_refs(to, port));
+    let written = mesh.save_route(&route)?;
+    Ok(Change {
+        route: format!("{ns}/{}", route.name),
+        rule,
+        before,
+        after: to.to_vec(),
+        written,
+    })
+}
+
+pub fn print_change(c: &Change, out: &mut dyn Write) -> anyhow::Result<()> {
+    writeln!(out, "HTTPRoute {} rule {}", c.route, c.rule + 1)?;
+    writeln!(out, "  {:<24} {:>8} {:>8}", "BACKEND", "BEFORE", "AFTER")?;
+    let mut names: Vec<&str> = c.before.iter().map(|(n, _)| n.as_str()).collect();
+    for (n, _) in &c.after {
+        if !names.contains(&n.as_str()) {
+            names.push(n);
+        }
+    }
+    for n in names {
+        let share = |ws: &[(String, u32)]| {
+            ws.iter()
+                .find(|(m, _)| m == n)
+                .map_or_else(|| "-".to_string(), |(_, w)| percent(*w, ws))
+        };
+        writeln!(
+            out,
+            "  {:<24} {:>8} {:>8}",
+            n,
+            share(&c.before),
+            share(&c.after)
+        )?;
+    }
+    writeln!(out, "written to {}", c.written)?;
+    Ok(())
+}
+
+/// The routes of a Service, one line per rule.
+pub fn show(mesh: &dyn Mesh, target: &Target, out: &mut dyn Write) -> anyhow::Result<()> {
+    let services = mesh.services()?;
+    let ns = &target.namespace;
+    let parent = find_service(&services, ns, &target.service)?;
+    let port = port_of(parent, target.port)?;
+    let attached: Vec<RouteDoc> = mesh
+        .routes()?
+        .into_iter()
+        .filter(|r| attaches(r, ns, &target.service, port))
+        .collect();
+    writeln!(out, "Service {ns}/{} port {port}", target.service)?;
+    if attached.is_empty() {
+        writeln!(
+            out,
+            "  no HTTPRoute: all traffic goes to the Service itself"
+        )?;
+    }
+    for r in &attached {
+        for (i, rule) in rules(r).iter().enumerate() {
+            let ws = weights(rule);
+            let shares: Vec<String> = ws
+                .iter()
+                .map(|(n, w)| format!("{n} {}", percent(*w, &ws)))
+                .collect();
+            let matched = if rule
+                .get("matches")
+                .and_then(Value::as_sequence)
+                .is_some_and(|m| !m.is_empty())
+            {
+                " (some requests, by match)"
+            } else {
+                ""
+            };
+            writeln!(
+                out,
+                "  HTTPRoute {}/{} rule {}{matched}: {}",
+                r.namespace,
+                r.name,
+                i + 1,
+                shares.join(", ")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result<()> {
+    match route {
+        Route::Split(a) => {
+            let to = parse_weights(&a.to)?;
+            let c = split(mesh, &a.target, &to)?;
+            print_change(&c, out)
+        }
+        Route::Show(a) => show(mesh, &a.target, out),
+        Route::Promote(a) => {
+            // The other backends stay listed at 0, so a rollback is one more command.
+            let services = mesh.services()?;
+            let parent = find_service(&services, &a.target.namespace, &a.target.service)?;
+            let port = port_of(parent, a.target.port)?;
+            let mut to = vec![(a.backend.clone(), 1)];
+            for r in mesh
+                .routes()?
+                .iter()
+                .filter(|r| attaches(r, &a.target.namespace, &a.target.service, port))
+            {
+                if let Some(i) = split_rule(r) {
+                    for (n, _) in weights(&rules(r)[i]) {
+                        if n != a.backend && !to.iter().any(|(m, _)| *m == n) {
+                            to.push((n, 0));
+                        }
+                    }
+                }
+            }
+            let c = split(mesh, &a.target, &to)?;
+            print_change(&c, out)
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "route_tests.rs"]
+mod tests;

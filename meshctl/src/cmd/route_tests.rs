@@ -1,0 +1,202 @@
+//! `meshctl route` against a local mesh directory: the example's canary edited in place, a new
+//! route when there is none, and every refusal leaving the directory as it was.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::*;
+use crate::mesh::LocalDir;
+
+fn example() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/reviews");
+    for f in ["services.yaml", "route.yaml"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+    }
+    dir
+}
+
+/// Every file's bytes, to see that nothing changed.
+fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).expect("read"),
+            )
+        })
+        .collect()
+}
+
+fn target(service: &str) -> Target {
+    Target {
+        service: service.into(),
+        namespace: "default".into(),
+        port: None,
+    }
+}
+
+fn to(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn run_cmd(dir: &Path, route: Route) -> anyhow::Result<String> {
+    let mut out = Vec::new();
+    run(route, &LocalDir::new(dir)?, &mut out)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[test]
+fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
+    let dir = example();
+    let out = run_cmd(
+        dir.path(),
+        Route::Split(SplitArgs {
+            target: target("reviews"),
+            to: to(&["reviews-v1=50", "reviews-v2=50"]),
+        }),
+    )
+    .expect("split");
+    assert!(out.contains("HTTPRoute default/reviews rule 2"), "{out}");
+    assert!(
+        out.contains("reviews-v1") && out.contains("90 %") && out.contains("50 %"),
+        "{out}"
+    );
+    // Still one route, its header rule untouched, the split rule changed.
+    let mesh = LocalDir::new(dir.path()).expect("dir");
+    let routes = mesh.routes().expect("routes");
+    assert_eq!(routes.len(), 1);
+    let rs = rules(&routes[0]);
+    assert_eq!(weights(&rs[0]), [("reviews-v2".to_string(), 1)]);
+    assert_eq!(
+        weights(&rs[1]),
+        [
+            ("reviews-v1".to_string(), 50),
+            ("reviews-v2".to_string(), 50)
+        ]
+    );
+    assert_eq!(
+        rs[1]
+            .get("timeouts")
+            .and_then(|t| t.get("request"))
+            .and_then(Value::as_str),
+        Some("5s"),
+        "fields meshctl does not know survive"
+    );
+
+    // Promote: all to v2, v1 kept at 0.
+    let out = run_cmd(
+        dir.path(),
+        Route::Promote(PromoteArgs {
+            target: target("reviews"),
+            backend: "reviews-v2".into(),
+        }),
+    )
+    .expect("promote");
+    assert!(out.contains("100 %"), "{out}");
+    let routes = mesh.routes().expect("routes");
+    assert_eq!(
+        weights(&rules(&routes[0])[1]),
+        [("reviews-v2".to_string(), 1), ("reviews-v1".to_string(), 0)]
+    );
+    let shown = run_cmd(
+        dir.path(),
+        Route::Show(ShowArgs {
+            target: target("reviews"),
+        }),
+    )
+    .expect("show");
+    assert!(
+        shown.contains("rule 1 (some requests, by match): reviews-v2 100 %"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("rule 2: reviews-v2 100 %, reviews-v1 0 %"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn without_a_route_split_writes_a_new_one_attached_to_the_service() {
+    let dir = example();
+    std::fs::remove_file(dir.path().join("route.yaml")).expect("rm");
+    let out = run_cmd(
+        dir.path(),
+        Route::Split(SplitArgs {
+            target: target("reviews"),
+            to: to(&["reviews-v1=90", "reviews-v2=10"]),
+        }),
+    )
+    .expect("split");
+    assert!(out.contains("meshctl-default-reviews-split.yaml"), "{out}");
+    let mesh = LocalDir::new(dir.path()).expect("dir");
+    let routes = mesh.routes().expect("routes");
+    assert_eq!(routes.len(), 1);
+    assert!(attaches(&routes[0], "default", "reviews", 9080));
+    assert_eq!(
+        weights(&rules(&routes[0])[0]),
+        [
+            ("reviews-v1".to_string(), 90),
+            ("reviews-v2".to_string(), 10)
+        ]
+    );
+}
+
+#[test]
+fn refusals_name_the_input_and_leave_the_directory_untouched() {
+    let dir = example();
+    let before = snapshot(dir.path());
+    let split = |args: &[&str], port: Option<u16>| {
+        run_cmd(
+            dir.path(),
+            Route::Split(SplitArgs {
+                target: Target {
+                    port,
+                    ..target("reviews")
+                },
+                to: to(args),
+            }),
+        )
+        .expect_err("refused")
+        .to_string()
+    };
+    let cases = [
+        (
+            split(&["reviews-v9=10", "reviews-v1=90"], None),
+            "Service default/reviews-v9 not found",
+        ),
+        (split(&["reviews-v1=100"], Some(1234)), "has no port 1234"),
+        (split(&["reviews-v1=-5"], None), "weight -5 is negative"),
+        (split(&["reviews-v1=99999999999"], None), "is over 1000000"),
+        (split(&["reviews-v1=1.5"], None), "not a whole number"),
+        (
+            split(&["reviews-v1=0", "reviews-v2=0"], None),
+            "every weight is 0",
+        ),
+        (
+            split(&["reviews-v1=1", "reviews-v1=2"], None),
+            "listed twice",
+        ),
+        (split(&["reviews-v1"], None), "expected <backend>=<weight>"),
+    ];
+    for (err, want) in &cases {
+        assert!(err.contains(want), "{err:?} should say {want:?}");
+    }
+    let err = run_cmd(
+        dir.path(),
+        Route::Split(SplitArgs {
+            target: target("nope"),
+            to: to(&["reviews-v1=1"]),
+        }),
+    )
+    .expect_err("unknown service")
+    .to_string();
+    assert!(err.contains("Service default/nope not found"), "{err}");
+    assert_eq!(
+        snapshot(dir.path()),
+        before,
+        "a refused command changed the directory"
+    );
+}

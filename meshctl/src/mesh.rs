@@ -1,0 +1,209 @@
+//! Where meshctl reads and writes the mesh's configuration. Commands use the [`Mesh`] trait; a
+//! local mesh is a directory of manifests ([`LocalDir`]), which its controller watches. The
+//! Kubernetes API is the other backend (with the install).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde_yaml::Value;
+
+/// A Service as meshctl needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    /// `(port, name)`.
+    pub ports: Vec<(u16, String)>,
+}
+
+/// An HTTPRoute, kept as a YAML value so that fields meshctl does not know survive an edit.
+#[derive(Clone, Debug)]
+pub struct RouteDoc {
+    pub namespace: String,
+    pub name: String,
+    pub value: Value,
+    /// Where it came from (a file and a document index), or `None` for a new one.
+    pub origin: Option<(PathBuf, usize)>,
+}
+
+pub trait Mesh {
+    fn services(&self) -> anyhow::Result<Vec<ServiceRef>>;
+    fn routes(&self) -> anyhow::Result<Vec<RouteDoc>>;
+    /// Writes a route back where it came from, or somewhere new; says where.
+    fn save_route(&self, route: &RouteDoc) -> anyhow::Result<String>;
+}
+
+/// A local mesh: a directory of YAML manifests (recursively, `*.yaml`/`*.yml`, hidden files
+/// skipped, as the controller reads it).
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    pub dir: PathBuf,
+}
+
+fn files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading directory {}", dir.display()))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    for p in paths {
+        let hidden = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if hidden {
+            continue;
+        }
+        if p.is_dir() {
+            files(&p, out)?;
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e == "yaml" || e == "yml")
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The YAML documents of a file (empty ones dropped).
+fn docs(path: &Path) -> anyhow::Result<Vec<Value>> {
+    use serde::Deserialize;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let v = Value::deserialize(doc)
+            .with_context(|| format!("{}: document {}", path.display(), i + 1))?;
+        if !v.is_null() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for k in path {
+        cur = cur.get(*k)?;
+    }
+    cur.as_str()
+}
+
+fn meta(v: &Value) -> (String, String) {
+    (
+        str_at(v, &["metadata", "namespace"])
+            .unwrap_or("default")
+            .to_string(),
+        str_at(v, &["metadata", "name"])
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+impl LocalDir {
+    pub fn new(dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
+        let dir = dir.into();
+        if !dir.is_dir() {
+            bail!("--local {}: not a directory", dir.display());
+        }
+        Ok(Self { dir })
+    }
+
+    /// Every document of every manifest file, with where it is.
+    fn all(&self) -> anyhow::Result<Vec<(PathBuf, usize, Value)>> {
+        let mut paths = Vec::new();
+        files(&self.dir, &mut paths)?;
+        let mut out = Vec::new();
+        for p in paths {
+            for (i, v) in docs(&p)?.into_iter().enumerate() {
+                out.push((p.clone(), i, v));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Mesh for LocalDir {
+    fn services(&self) -> anyhow::Result<Vec<ServiceRef>> {
+        let mut out = Vec::new();
+        for (_, _, v) in self.all()? {
+            if str_at(&v, &["kind"]) != Some("Service") {
+                continue;
+            }
+            let (namespace, name) = meta(&v);
+            let ports = v
+                .get("spec")
+                .and_then(|s| s.get("ports"))
+                .and_then(Value::as_sequence)
+                .map(|ps| {
+                    ps.iter()
+                        .filter_map(|p| {
+                            let port = u16::try_from(p.get("port")?.as_u64()?).ok()?;
+                            let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
+                            Some((port, name.to_string()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(ServiceRef {
+                namespace,
+                name,
+                ports,
+            });
+        }
+        Ok(out)
+    }
+
+    fn routes(&self) -> anyhow::Result<Vec<RouteDoc>> {
+        let mut out = Vec::new();
+        for (path, i, v) in self.all()? {
+            let gateway = str_at(&v, &["apiVersion"])
+                .is_some_and(|a| a.starts_with("gateway.networking.k8s.io/"));
+            if !gateway || str_at(&v, &["kind"]) != Some("HTTPRoute") {
+                continue;
+            }
+            let (namespace, name) = meta(&v);
+            out.push(RouteDoc {
+                namespace,
+                name,
+                value: v,
+                origin: Some((path, i)),
+            });
+        }
+        Ok(out)
+    }
+
+    fn save_route(&self, route: &RouteDoc) -> anyhow::Result<String> {
+        let (path, docs_out) = match &route.origin {
+            Some((path, index)) => {
+                let mut all = docs(path)?;
+                let slot = all.get_mut(*index).with_context(|| {
+                    format!(
+                        "{} changed while meshctl was editing it; run it again",
+                        path.display()
+                    )
+                })?;
+                *slot = route.value.clone();
+                (path.clone(), all)
+            }
+            None => (
+                self.dir
+                    .join(format!("meshctl-{}-{}.yaml", route.namespace, route.name)),
+                vec![route.value.clone()],
+            ),
+        };
+        let mut text = String::new();
+        for (i, d) in docs_out.iter().enumerate() {
+            if i > 0 {
+                text.push_str("---\n");
+            }
+            text.push_str(&serde_yaml::to_string(d)?);
+        }
+        // Atomically: the controller watching the directory never reads half a file.
+        let tmp = path.with_extension("meshctl-tmp~");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path.display().to_string())
+    }
+}
