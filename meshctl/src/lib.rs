@@ -2,4 +2,5 @@
 //! tests can call them.
 
 pub mod cmd;
+pub mod demo_service;
 pub mod mesh;

@@ -17,6 +17,9 @@ pub enum Command {
     /// Traffic shares between a Service's backends: canaries and blue-green switches.
     #[command(subcommand)]
     Route(route::Route),
+    /// Run the demo's workload: answers with its name and version, with a set latency and
+    /// error rate.
+    DemoService(crate::demo_service::DemoService),
 }
 
 /// Which mesh a command works on.
@@ -38,6 +41,19 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
                 );
             };
             route::run(r, &LocalDir::new(dir)?, &mut std::io::stdout())
+        }
+        Command::DemoService(d) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let (name, version) = (d.name.clone(), d.version.clone());
+                let running = d.start().await?;
+                println!("{name} {version} listening on {}", running.addr);
+                mesh_api::process::terminated().await;
+                Ok(())
+            })
         }
     }
 }

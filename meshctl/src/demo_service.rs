@@ -1,0 +1,192 @@
+//! The demo's workload: an HTTP server (HTTP/1.1 and h2c) that answers with its name and
+//! version, after a set latency, failing a set share of requests with 500. Failures are spread
+//! evenly (request n fails when the running count of failures due rises), so a 10 % error rate
+//! is 10 % over any window, not only on average. `/healthz` always answers 200.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoService {
+    /// The service's name, in every answer.
+    #[arg(long)]
+    pub name: String,
+    /// Its version, in every answer.
+    #[arg(long, default_value = "v1")]
+    pub version: String,
+    /// Where to listen.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Wait this long before answering (`5ms`, `0`).
+    #[arg(long, value_parser = mesh_api::duration::parse, default_value = "0ms")]
+    pub latency: Duration,
+    /// Share of requests answered 500, from 0 to 1.
+    #[arg(long, value_parser = parse_rate, default_value = "0")]
+    pub error_rate: f64,
+}
+
+fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        Ok(r) => Err(format!("--error-rate {r}: must be from 0 to 1")),
+        Err(_) => Err(format!("--error-rate {s:?}: not a number from 0 to 1")),
+    }
+}
+
+/// A running demo service; dropping it stops it.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub requests: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether request number `n` (from 0) fails at `rate`: failures due after n+1 requests
+/// minus those due after n.
+fn fails(n: u64, rate: f64) -> bool {
+    let due = |k: u64| (k as f64 * rate).floor() as u64;
+    due(n + 1) > due(n)
+}
+
+impl DemoService {
+    pub async fn start(self) -> anyhow::Result<Running> {
+        if self.name.is_empty() {
+            bail!("--name is empty");
+        }
+        let listener = TcpListener::bind(self.listen)
+            .await
+            .with_context(|| format!("--listen {}", self.listen))?;
+        let addr = listener.local_addr()?;
+        let requests = Arc::new(AtomicU64::new(0));
+        let me = Arc::new(self);
+        let count = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let (me, count) = (me.clone(), count.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (me, count) = (me.clone(), count.clone());
+                        async move { Ok::<_, std::convert::Infallible>(me.answer(&req, &count).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Ok(Running {
+            addr,
+            requests,
+            task,
+        })
+    }
+
+    async fn answer(
+        &self,
+        req: &hyper::Request<hyper::body::Incoming>,
+        count: &AtomicU64,
+    ) -> hyper::Response<Full<Bytes>> {
+        let health = req.uri().path() == "/healthz";
+        let failed = !health && fails(count.fetch_add(1, Ordering::Relaxed), self.error_rate);
+        if !health && !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let (status, body) = if failed {
+            (500, format!("{} {} failed\n", self.name, self.version))
+        } else {
+            (200, format!("{} {}\n", self.name, self.version))
+        };
+        let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() =
+            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        for (k, v) in [
+            ("x-demo-service", &self.name),
+            ("x-demo-version", &self.version),
+        ] {
+            if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
+                resp.headers_mut().insert(k, v);
+            }
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_spread_evenly_at_the_rate() {
+        let failed = |rate: f64, n: u64| (0..n).filter(|i| fails(*i, rate)).count();
+        assert_eq!(failed(0.0, 1000), 0);
+        assert_eq!(failed(1.0, 1000), 1000);
+        assert_eq!(failed(0.1, 1000), 100);
+        // Any 10 consecutive requests hold exactly one failure at 10 %.
+        for start in 0..50 {
+            assert_eq!((start..start + 10).filter(|i| fails(*i, 0.1)).count(), 1);
+        }
+        assert!(
+            parse_rate("1.5")
+                .expect_err("over 1")
+                .contains("from 0 to 1")
+        );
+        assert!(parse_rate("x").is_err());
+    }
+
+    #[tokio::test]
+    async fn answers_with_name_and_version_and_fails_its_share() {
+        use http_body_util::BodyExt;
+        let svc = DemoService {
+            name: "reviews".into(),
+            version: "v3".into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            latency: Duration::from_millis(2),
+            error_rate: 0.25,
+        }
+        .start()
+        .await
+        .expect("starts");
+        let tcp = tokio::net::TcpStream::connect(svc.addr)
+            .await
+            .expect("connect");
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let mut statuses = Vec::new();
+        for path in ["/", "/", "/", "/", "/healthz"] {
+            let req = hyper::Request::get(path)
+                .header("host", "reviews")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .expect("request");
+            let resp = tx.send_request(req).await.expect("response");
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            assert!(String::from_utf8_lossy(&body).starts_with("reviews v3"));
+            statuses.push(status);
+        }
+        assert_eq!(statuses, [200, 200, 200, 500, 200]);
+        assert_eq!(svc.requests.load(Ordering::Relaxed), 4);
+    }
+}
