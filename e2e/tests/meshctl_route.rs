@@ -73,3 +73,54 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
     assert_eq!(got.get("reviews-v2"), Some(&200), "{got:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_status_lists_each_proxy_per_type() -> anyhow::Result<()> {
+    use meshctl::cmd::status::{Output, ProxyStatusArgs, proxy_status};
+    let v1 = Backend::start("reviews-v1").await?;
+    let v2 = Backend::start("reviews-v2").await?;
+    let mesh = LocalMesh::start().await?;
+    mesh.write(
+        "reviews.yaml",
+        &reviews_manifests(v1.addr.port(), v2.addr.port()),
+    )?;
+    let _p1 = mesh
+        .proxy(mesh.proxy_config("default/productpage-1"))
+        .await?;
+    let _p2 = mesh.proxy(mesh.proxy_config("shop/cart-0")).await?;
+    let args = |output| ProxyStatusArgs {
+        controller: mesh.controller.admin_addr,
+        output,
+    };
+    let text = mesh_e2e::eventually(
+        std::time::Duration::from_secs(5),
+        "both proxies SYNCED",
+        || async {
+            let mut out = Vec::new();
+            proxy_status(&args(Output::Table), &mut out).await.ok()?;
+            let text = String::from_utf8_lossy(&out).into_owned();
+            let synced = |node: &str| {
+                text.lines()
+                    .any(|l| l.starts_with(node) && l.matches("SYNCED").count() >= 3)
+            };
+            (synced("default/productpage-1") && synced("shop/cart-0")).then_some(text)
+        },
+    )
+    .await?;
+    assert!(text.starts_with("NODE"), "{text}");
+    let mut out = Vec::new();
+    proxy_status(&args(Output::Json), &mut out).await?;
+    let json: serde_json::Value = serde_json::from_slice(&out)?;
+    assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
+
+    // A controller that is not there: a clear error naming where it looked.
+    let gone = ProxyStatusArgs {
+        controller: "127.0.0.1:1".parse()?,
+        output: Output::Table,
+    };
+    let err = proxy_status(&gone, &mut Vec::new())
+        .await
+        .expect_err("no controller");
+    assert!(format!("{err:#}").contains("127.0.0.1:1"), "{err:#}");
+    Ok(())
+}

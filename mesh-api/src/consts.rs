@@ -122,6 +122,8 @@ pub mod env {
     pub const LOG_FORMAT: &str = "MESH_LOG_FORMAT";
     /// meshctl: xDS address of the controller.
     pub const MESHCTL_XDS: &str = "MESH_XDS";
+    /// meshctl: the controller's admin address (`--controller`).
+    pub const MESHCTL_CONTROLLER_ADMIN: &str = "MESH_CONTROLLER_ADMIN";
     /// meshctl: the manifest directory of a local mesh (`--local`).
     pub const MESHCTL_LOCAL: &str = "MESH_LOCAL_DIR";
 

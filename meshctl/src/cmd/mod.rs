@@ -8,6 +8,7 @@ use crate::mesh::LocalDir;
 
 pub mod bootstrap;
 pub mod route;
+pub mod status;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -20,6 +21,8 @@ pub enum Command {
     /// Run the demo's workload: answers with its name and version, with a set latency and
     /// error rate.
     DemoService(crate::demo_service::DemoService),
+    /// Every proxy connected to the controller, and how far each is in sync.
+    ProxyStatus(status::ProxyStatusArgs),
 }
 
 /// Which mesh a command works on.
@@ -42,6 +45,10 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
             };
             route::run(r, &LocalDir::new(dir)?, &mut std::io::stdout())
         }
+        Command::ProxyStatus(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(status::proxy_status(&a, &mut std::io::stdout())),
         Command::DemoService(d) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
