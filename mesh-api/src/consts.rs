@@ -66,6 +66,9 @@ pub mod node_metadata {
     /// `"true"` when the proxy holds a mesh identity: it then gets mutual-TLS inbound chains
     /// and originates mesh TLS to endpoints that carry an identity. Absent: plaintext only.
     pub const MTLS: &str = "mesh.dev/mtls";
+    /// Where the proxy's admin server listens (`host:port`), for `meshctl proxy-config`.
+    /// Informational: it changes nothing the proxy is served.
+    pub const ADMIN_ADDR: &str = "mesh.dev/admin-addr";
 }
 
 /// Names used in xDS resources that several components must agree on.

@@ -192,9 +192,10 @@ pub struct EndpointSet {
 impl Serialize for EndpointSet {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
-        struct View {
+        struct View<'a> {
             addr: SocketAddr,
             mesh_proxy: bool,
+            identity: Option<&'a str>,
             pending: u32,
             ewma_ms: f64,
             ejected: bool,
@@ -203,6 +204,7 @@ impl Serialize for EndpointSet {
         s.collect_seq(self.endpoints.iter().map(|e| View {
             addr: e.addr,
             mesh_proxy: e.mesh_proxy,
+            identity: e.identity.as_ref().map(|i| i.as_str()),
             pending: e.pending(),
             ewma_ms: e.ewma_ms(),
             ejected: e.is_ejected(now),

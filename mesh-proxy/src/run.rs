@@ -117,6 +117,7 @@ impl Proxy {
             outbound_http: outbound_http_addr.unwrap_or(config.outbound_http_addr),
             outbound_port: outbound_addr.map_or(config.outbound_addr.port(), |a| a.port()),
             inbound_port: inbound_addr.map_or(config.inbound_addr.port(), |a| a.port()),
+            admin: local(&admin),
         };
 
         let mut shared = Shared::new(config.clone(), store.clone(), metrics.clone());

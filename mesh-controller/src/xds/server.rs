@@ -318,6 +318,14 @@ impl Session {
                 )
                 .trim()
                 .to_string(),
+                admin: node
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.fields.get(node_metadata::ADMIN_ADDR))
+                    .and_then(|v| match &v.kind {
+                        Some(ValueKind::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    }),
                 connected_at_unix: StreamStatus::now_unix(),
                 types: BTreeMap::new(),
             },

@@ -41,6 +41,8 @@ pub struct ProxyStatus {
     /// `sotw` or `delta`.
     pub protocol: &'static str,
     pub user_agent: String,
+    /// The proxy's admin address, when its node metadata says (`mesh.dev/admin-addr`).
+    pub admin: Option<String>,
     pub connected_at_unix: u64,
     pub types: BTreeMap<ResourceType, TypeStatus>,
 }

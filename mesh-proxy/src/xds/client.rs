@@ -49,6 +49,7 @@ pub struct ListenerPorts {
     pub outbound_http: SocketAddr,
     pub outbound_port: u16,
     pub inbound_port: u16,
+    pub admin: SocketAddr,
 }
 
 #[derive(Debug)]
@@ -107,6 +108,7 @@ impl XdsClient {
             ),
             (node_metadata::INBOUND_PORT, ports.inbound_port.to_string()),
             (node_metadata::MTLS, (!config.identity_off).to_string()),
+            (node_metadata::ADMIN_ADDR, ports.admin.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), string_value(v)))

@@ -23,6 +23,8 @@ pub enum Command {
     DemoService(crate::demo_service::DemoService),
     /// Every proxy connected to the controller, and how far each is in sync.
     ProxyStatus(status::ProxyStatusArgs),
+    /// A proxy's running config: listeners, routes, clusters, endpoints or its certificate.
+    ProxyConfig(status::ProxyConfigArgs),
 }
 
 /// Which mesh a command works on.
@@ -49,6 +51,10 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(status::proxy_status(&a, &mut std::io::stdout())),
+        Command::ProxyConfig(a) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(status::proxy_config(&a, &mut std::io::stdout())),
         Command::DemoService(d) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)

@@ -105,3 +105,263 @@ pub async fn proxy_status(args: &ProxyStatusArgs, out: &mut dyn Write) -> anyhow
     }
     Ok(())
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Section {
+    Listeners,
+    Routes,
+    Clusters,
+    Endpoints,
+    Secrets,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ProxyConfigArgs {
+    /// The proxy: its node, `<namespace>/<name>` (a bare name is in `default`).
+    pub proxy: String,
+    /// What to show.
+    #[arg(value_enum, default_value_t = Section::Listeners)]
+    pub section: Section,
+    /// The controller's admin address (it knows where each proxy's admin server is).
+    #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN, default_value_t = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN)))]
+    pub controller: SocketAddr,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn arr<'a>(v: &'a Value, k: &str) -> &'a [Value] {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map_or(&[], |a| a.as_slice())
+}
+
+/// The part of a proxy's `/config_dump` a section shows.
+fn section_of(dump: &Value, section: Section) -> Value {
+    let snap = dump.get("snapshot").cloned().unwrap_or(Value::Null);
+    match section {
+        Section::Listeners => snap.get("listeners").cloned().unwrap_or(Value::Null),
+        Section::Routes => snap.get("routes").cloned().unwrap_or(Value::Null),
+        Section::Clusters | Section::Endpoints => {
+            snap.get("clusters").cloned().unwrap_or(Value::Null)
+        }
+        Section::Secrets => dump.get("identity").cloned().unwrap_or(Value::Null),
+    }
+}
+
+/// Values of a JSON object in key order (the dump's maps are objects keyed by name).
+fn sorted(v: &Value) -> Vec<&Value> {
+    let mut items: Vec<(&String, &Value)> = v
+        .as_object()
+        .map(|m| m.iter().collect())
+        .unwrap_or_default();
+    items.sort_by(|a, b| a.0.cmp(b.0));
+    items.into_iter().map(|(_, v)| v).collect()
+}
+
+fn table(section: Section, v: &Value, out: &mut dyn Write) -> anyhow::Result<()> {
+    match section {
+        Section::Listeners => {
+            writeln!(
+                out,
+                "{:<18} {:<34} {:<6} {:<10} {:<5} FILTER",
+                "LISTENER", "CHAIN", "PORT", "TRANSPORT", "TLS"
+            )?;
+            for l in sorted(v) {
+                let chains = arr(l, "chains")
+                    .iter()
+                    .chain(l.get("default_chain").filter(|c| !c.is_null()));
+                for c in chains {
+                    let port = c
+                        .get("port")
+                        .and_then(Value::as_u64)
+                        .map_or("*".into(), |p| p.to_string());
+                    let filter = c
+                        .get("filter")
+                        .and_then(Value::as_object)
+                        .and_then(|f| f.iter().next())
+                        .map(|(kind, body)| {
+                            let target = body
+                                .as_object()
+                                .and_then(|b| b.values().next())
+                                .and_then(Value::as_str)
+                                .unwrap_or("");
+                            format!("{kind} {target}")
+                        })
+                        .unwrap_or_default();
+                    let tls = if c.get("terminate_tls").and_then(Value::as_bool) == Some(true) {
+                        "mtls"
+                    } else {
+                        "-"
+                    };
+                    writeln!(
+                        out,
+                        "{:<18} {:<34} {:<6} {:<10} {:<5} {}",
+                        s(l, "name"),
+                        s(c, "name"),
+                        port,
+                        s(c, "transport"),
+                        tls,
+                        filter
+                    )?;
+                }
+            }
+        }
+        Section::Routes => {
+            writeln!(
+                out,
+                "{:<40} {:<40} {:<7} DOMAINS",
+                "ROUTE CONFIG", "VIRTUAL HOST", "ROUTES"
+            )?;
+            for t in sorted(v) {
+                for vh in arr(t, "vhosts") {
+                    let domains: Vec<&str> = arr(vh, "domains")
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let shown = if domains.len() > 3 {
+                        format!("{} (+{} more)", domains[..3].join(", "), domains.len() - 3)
+                    } else {
+                        domains.join(", ")
+                    };
+                    writeln!(
+                        out,
+                        "{:<40} {:<40} {:<7} {}",
+                        s(t, "name"),
+                        s(vh, "name"),
+                        arr(vh, "routes").len(),
+                        shown
+                    )?;
+                }
+            }
+        }
+        Section::Clusters => {
+            writeln!(
+                out,
+                "{:<56} {:<12} {:<10} ENDPOINTS",
+                "CLUSTER", "KIND", "PROTOCOL"
+            )?;
+            for c in sorted(v) {
+                let kind = match c.get("kind") {
+                    Some(Value::String(k)) => k.clone(),
+                    Some(Value::Object(m)) => m.keys().next().cloned().unwrap_or_default(),
+                    _ => String::new(),
+                };
+                writeln!(
+                    out,
+                    "{:<56} {:<12} {:<10} {}",
+                    s(c, "name"),
+                    kind,
+                    s(c, "protocol"),
+                    arr(c, "endpoints").len()
+                )?;
+            }
+        }
+        Section::Endpoints => {
+            writeln!(
+                out,
+                "{:<56} {:<22} {:<8} {:<8} IDENTITY",
+                "CLUSTER", "ENDPOINT", "EWMA ms", "STATE"
+            )?;
+            for c in sorted(v) {
+                for e in arr(c, "endpoints") {
+                    let state = if e.get("ejected").and_then(Value::as_bool) == Some(true) {
+                        "EJECTED"
+                    } else {
+                        "HEALTHY"
+                    };
+                    let ewma = e
+                        .get("ewma_ms")
+                        .and_then(Value::as_f64)
+                        .map_or("-".into(), |m| format!("{m:.2}"));
+                    let id = e.get("identity").and_then(Value::as_str).unwrap_or("-");
+                    writeln!(
+                        out,
+                        "{:<56} {:<22} {:<8} {:<8} {}",
+                        s(c, "name"),
+                        s(e, "addr"),
+                        ewma,
+                        state,
+                        id
+                    )?;
+                }
+            }
+        }
+        Section::Secrets => {
+            if s(v, "mode") == "off" {
+                writeln!(out, "identity off: {}", s(v, "warning"))?;
+                return Ok(());
+            }
+            let secs = |k: &str| {
+                v.get(k)
+                    .and_then(Value::as_u64)
+                    .map_or("-".into(), |t| format!("{t} (unix)"))
+            };
+            writeln!(out, "SPIFFE ID      {}", s(v, "spiffe_id"))?;
+            writeln!(
+                out,
+                "VALID          {}",
+                v.get("valid").and_then(Value::as_bool).unwrap_or(false)
+            )?;
+            writeln!(out, "NOT BEFORE     {}", secs("not_before"))?;
+            writeln!(out, "NOT AFTER      {}", secs("not_after"))?;
+            writeln!(out, "NEXT RENEWAL   {}", secs("next_renewal"))?;
+            writeln!(
+                out,
+                "RENEWALS       {} ({} failed)",
+                v.get("renewals").and_then(Value::as_u64).unwrap_or(0),
+                v.get("failures").and_then(Value::as_u64).unwrap_or(0)
+            )?;
+            writeln!(
+                out,
+                "TRUSTED ROOTS  {}",
+                v.get("roots").and_then(Value::as_u64).unwrap_or(0)
+            )?;
+            if let Some(e) = v.get("last_error").and_then(Value::as_str) {
+                writeln!(out, "LAST ERROR     {e}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A proxy's running config, found through the controller (which knows each proxy's admin
+/// address from its node metadata) and read from the proxy's `/config_dump`.
+pub async fn proxy_config(args: &ProxyConfigArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let node = if args.proxy.contains('/') {
+        args.proxy.clone()
+    } else {
+        format!("default/{}", args.proxy)
+    };
+    let proxies = get_json(args.controller, "/debug/proxies")
+        .await
+        .context("finding the proxy through the controller (--controller)")?;
+    let list = proxies.as_array().map_or(&[][..], |v| v.as_slice());
+    let Some(p) = list.iter().find(|p| s(p, "node") == node) else {
+        let known: Vec<&str> = list.iter().map(|p| s(p, "node")).collect();
+        bail!(
+            "no proxy {node:?} is connected to the controller (connected: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let admin: SocketAddr = s(p, "admin").parse().map_err(|_| {
+        anyhow::anyhow!(
+            "proxy {node:?} does not say where its admin server is (it is not a mesh-proxy?)"
+        )
+    })?;
+    let dump = get_json(admin, "/config_dump").await?;
+    let part = section_of(&dump, args.section);
+    match args.output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&part)?)?,
+        Output::Yaml => write!(out, "{}", serde_yaml::to_string(&part)?)?,
+        Output::Table => table(args.section, &part, out)?,
+    }
+    Ok(())
+}

@@ -1,5 +1,5 @@
-//! `meshctl route split` and `promote` drive a running local mesh: the controller picks up
-//! the edited HTTPRoute and the proxy's traffic follows.
+//! meshctl against a running local mesh: `route split` and `promote` edit what the controller
+//! watches and live traffic follows; `proxy-status` and `proxy-config` read what is running.
 
 use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
 use mesh_e2e::{Backend, ProxyClient, reviews_manifests, reviews_route, spread};
@@ -122,5 +122,65 @@ async fn proxy_status_lists_each_proxy_per_type() -> anyhow::Result<()> {
         .await
         .expect_err("no controller");
     assert!(format!("{err:#}").contains("127.0.0.1:1"), "{err:#}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_config_reads_a_running_proxy_found_through_the_controller() -> anyhow::Result<()> {
+    use meshctl::cmd::status::{Output, ProxyConfigArgs, Section, proxy_config};
+    let v1 = Backend::start("reviews-v1").await?;
+    let v2 = Backend::start("reviews-v2").await?;
+    let ca = mesh_e2e::identity::TestCa::start(std::time::Duration::from_secs(3600)).await?;
+    let mesh = LocalMesh::start().await?;
+    mesh.write(
+        "reviews.yaml",
+        &reviews_manifests(v1.addr.port(), v2.addr.port()),
+    )?;
+    let _plain = mesh
+        .proxy(mesh.proxy_config("default/productpage-1"))
+        .await?;
+    let mut config = mesh.proxy_config("default/secure-0");
+    ca.identify(&mut config, "secure")?;
+    let _secure = mesh.proxy(config).await?;
+    let show = |proxy: &str, section| {
+        let args = ProxyConfigArgs {
+            proxy: proxy.into(),
+            section,
+            controller: mesh.controller.admin_addr,
+            output: Output::Table,
+        };
+        async move {
+            let mut out = Vec::new();
+            proxy_config(&args, &mut out).await?;
+            anyhow::Ok(String::from_utf8_lossy(&out).into_owned())
+        }
+    };
+    let listeners = show("productpage-1", Section::Listeners).await?;
+    assert!(listeners.contains("outbound_http"), "{listeners}");
+    let clusters = show("default/productpage-1", Section::Clusters).await?;
+    assert!(
+        clusters.contains("outbound|9080||reviews-v1.default.svc.cluster.local"),
+        "{clusters}"
+    );
+    let endpoints = show("productpage-1", Section::Endpoints).await?;
+    assert!(endpoints.contains(&v1.addr.to_string()), "{endpoints}");
+    let routes = show("productpage-1", Section::Routes).await?;
+    assert!(routes.contains("outbound_http"), "{routes}");
+    let secrets = show("productpage-1", Section::Secrets).await?;
+    assert!(secrets.starts_with("identity off"), "{secrets}");
+    let secrets = show("secure-0", Section::Secrets).await?;
+    assert!(
+        secrets.contains("spiffe://cluster.local/ns/default/sa/secure")
+            && secrets.contains("VALID          true"),
+        "{secrets}"
+    );
+    let err = show("nobody", Section::Listeners)
+        .await
+        .expect_err("unknown");
+    assert!(
+        err.to_string().contains("\"default/nobody\"")
+            && err.to_string().contains("default/productpage-1"),
+        "{err}"
+    );
     Ok(())
 }
