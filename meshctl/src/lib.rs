@@ -2,5 +2,6 @@
 //! tests can call them.
 
 pub mod cmd;
+pub mod demo;
 pub mod demo_service;
 pub mod mesh;

@@ -25,6 +25,8 @@ pub enum Command {
     ProxyStatus(status::ProxyStatusArgs),
     /// A proxy's running config: listeners, routes, clusters, endpoints or its certificate.
     ProxyConfig(status::ProxyConfigArgs),
+    /// The whole mesh on loopback, walking through a canary release under live traffic.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Which mesh a command works on.
@@ -55,6 +57,14 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(status::proxy_config(&a, &mut std::io::stdout())),
+        Command::Demo(a) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(async {
+                crate::demo::run(&a, &mut std::io::stdout(), &mut std::io::stderr()).await?;
+                Ok(())
+            }),
         Command::DemoService(d) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
