@@ -28,9 +28,10 @@ impl Drop for TestCa {
     }
 }
 
-/// Starts a CA on a runtime of its own; returns the runtime and the CA's address.
-fn run_ca(config: CaConfig) -> anyhow::Result<(tokio::runtime::Runtime, SocketAddr)> {
-    crate::own_runtime(Running::start(config), |ca| ca.addr)
+/// Starts a CA on a runtime of its own; returns the runtime and the CA's service and admin
+/// addresses.
+fn run_ca(config: CaConfig) -> anyhow::Result<(tokio::runtime::Runtime, (SocketAddr, SocketAddr))> {
+    crate::own_runtime(Running::start(config), |ca| (ca.addr, ca.admin_addr))
 }
 
 impl TestCa {
@@ -41,9 +42,10 @@ impl TestCa {
         config.default_lifetime = lifetime;
         config.max_lifetime = lifetime;
         config.reload_interval = Duration::from_millis(200);
-        let (rt, addr) = run_ca(config.clone())?;
-        // Restarts come back on the same address.
+        let (rt, (addr, admin)) = run_ca(config.clone())?;
+        // Restarts come back on the same addresses.
         config.addr = addr;
+        config.admin_addr = admin;
         Ok(Self {
             dir,
             config,
@@ -53,6 +55,10 @@ impl TestCa {
 
     pub fn addr(&self) -> SocketAddr {
         self.config.addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.config.admin_addr
     }
 
     /// Stops serving, every connection dropped; the directory stays.

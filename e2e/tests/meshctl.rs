@@ -184,3 +184,117 @@ async fn proxy_config_reads_a_running_proxy_found_through_the_controller() -> an
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_a_healthy_mesh_and_hints_at_each_failure() -> anyhow::Result<()> {
+    use meshctl::cmd::check::{CheckArgs, Status, run_checks};
+    use meshctl::cmd::status::Output;
+    let v1 = Backend::start("reviews-v1").await?;
+    let v2 = Backend::start("reviews-v2").await?;
+    let ca = mesh_e2e::identity::TestCa::start(std::time::Duration::from_secs(3600)).await?;
+    let mesh = LocalMesh::start().await?;
+    mesh.write(
+        "reviews.yaml",
+        &reviews_manifests(v1.addr.port(), v2.addr.port()),
+    )?;
+    mesh.write("route.yaml", &reviews_route(90, 10))?;
+    let mut config = mesh.proxy_config("default/productpage-1");
+    ca.identify(&mut config, "productpage")?;
+    let _proxy = mesh.proxy(config).await?;
+    let local = LocalDir::new(&mesh.config_dir)?;
+    let args = |controller, ca_admin| CheckArgs {
+        controller,
+        ca_admin,
+        output: Output::Table,
+    };
+    let healthy = args(mesh.controller.admin_addr, ca.admin_addr());
+    let checks = mesh_e2e::eventually(
+        std::time::Duration::from_secs(5),
+        "a clean check",
+        || async {
+            let checks = run_checks(&healthy, Some(&local)).await;
+            checks
+                .iter()
+                .all(|c| c.status == Status::Ok)
+                .then_some(checks)
+        },
+    )
+    .await?;
+    let mut out = Vec::new();
+    meshctl::cmd::check::print(&checks, Output::Table, &mut out)?;
+    let text = String::from_utf8_lossy(&out);
+    for line in [
+        "✓ controller is ready",
+        "✓ proxy default/productpage-1 is SYNCED",
+        "✓ mesh-ca is ready",
+        "✓ default/productpage-1 is ready; certificate spiffe://cluster.local/ns/default/sa/productpage",
+        "Status check results are ✓",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+
+    // Each category's failure, with its hint.
+    let fails = |checks: &[meshctl::cmd::check::Check], category: &str| -> Vec<String> {
+        checks
+            .iter()
+            .filter(|c| c.category == category && c.status == Status::Fail)
+            .map(|c| format!("{} / {}", c.message, c.hint.clone().unwrap_or_default()))
+            .collect()
+    };
+    mesh.write(
+        "broken.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: broken, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]\n  rules: [{matches: [{path: {type: PathPrefix, value: /x}}], backendRefs: [{name: ratings, port: 9080}]}]\n",
+    )?;
+    let f = fails(&run_checks(&healthy, Some(&local)).await, "config");
+    assert!(
+        f.iter()
+            .any(|m| m.contains("Service default/ratings does not exist")
+                && m.contains("create the Service")),
+        "{f:?}"
+    );
+    mesh.write(
+        "copy.yaml",
+        &reviews_route(50, 50).replace("name: reviews, namespace", "name: reviews-copy, namespace"),
+    )?;
+    let f = fails(&run_checks(&healthy, Some(&local)).await, "config");
+    assert!(
+        f.iter()
+            .any(|m| m.contains("claim the same parent default/reviews:9080")
+                && m.contains("merge them")),
+        "{f:?}"
+    );
+    let gone: std::net::SocketAddr = "127.0.0.1:1".parse()?;
+    let f = fails(
+        &run_checks(&args(gone, ca.admin_addr()), None).await,
+        "control plane",
+    );
+    assert!(
+        f.iter().any(|m| m.contains("start mesh-controller")),
+        "{f:?}"
+    );
+    let f = fails(
+        &run_checks(&args(mesh.controller.admin_addr, gone), None).await,
+        "identity",
+    );
+    assert!(f.iter().any(|m| m.contains("start mesh-ca")), "{f:?}");
+    // A proxy that cannot get a certificate is not ready.
+    let mut orphan = mesh.proxy_config("default/orphan-0");
+    ca.identify(&mut orphan, "orphan")?;
+    orphan.ca_addr = Some(gone.to_string());
+    let _orphan = mesh_proxy::Proxy::start(orphan, None).await?;
+    let f = mesh_e2e::eventually(
+        std::time::Duration::from_secs(5),
+        "the orphan to be listed",
+        || async {
+            let f = fails(&run_checks(&healthy, None).await, "data plane");
+            (!f.is_empty()).then_some(f)
+        },
+    )
+    .await?;
+    assert!(
+        f.iter()
+            .any(|m| m.contains("default/orphan-0 is not ready") && m.contains("certificate")),
+        "{f:?}"
+    );
+    Ok(())
+}

@@ -127,6 +127,8 @@ pub mod env {
     pub const MESHCTL_XDS: &str = "MESH_XDS";
     /// meshctl: the controller's admin address (`--controller`).
     pub const MESHCTL_CONTROLLER_ADMIN: &str = "MESH_CONTROLLER_ADMIN";
+    /// meshctl: mesh-ca's admin address (`--ca-admin`).
+    pub const MESHCTL_CA_ADMIN: &str = "MESH_CA_ADMIN";
     /// meshctl: the manifest directory of a local mesh (`--local`).
     pub const MESHCTL_LOCAL: &str = "MESH_LOCAL_DIR";
 

@@ -7,6 +7,7 @@ use anyhow::bail;
 use crate::mesh::LocalDir;
 
 pub mod bootstrap;
+pub mod check;
 pub mod route;
 pub mod status;
 
@@ -27,6 +28,8 @@ pub enum Command {
     ProxyConfig(status::ProxyConfigArgs),
     /// The whole mesh on loopback, walking through a canary release under live traffic.
     Demo(crate::demo::DemoArgs),
+    /// The mesh's health by category, each failure with a hint; non-zero exit on failure.
+    Check(check::CheckArgs),
 }
 
 /// Which mesh a command works on.
@@ -57,6 +60,22 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(status::proxy_config(&a, &mut std::io::stdout())),
+        Command::Check(a) => {
+            let local = cx.local.as_ref().map(LocalDir::new).transpose()?;
+            let checks = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(check::run_checks(&a, local.as_ref()));
+            check::print(&checks, a.output, &mut std::io::stdout())?;
+            let failed = checks
+                .iter()
+                .filter(|c| c.status == check::Status::Fail)
+                .count();
+            if failed > 0 {
+                bail!("{failed} check(s) failed");
+            }
+            Ok(())
+        }
         Command::Demo(a) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

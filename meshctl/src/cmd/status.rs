@@ -29,6 +29,12 @@ pub struct ProxyStatusArgs {
 
 /// `GET http://<addr><path>` as JSON.
 pub async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
+    let body = get_text(addr, path).await?;
+    serde_json::from_str(&body).with_context(|| format!("http://{addr}{path}: not JSON"))
+}
+
+/// `GET http://<addr><path>`: the body of a 2xx answer.
+pub async fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let what = || format!("http://{addr}{path}");
     let tcp = tokio::time::timeout(
         std::time::Duration::from_secs(5),
@@ -52,7 +58,7 @@ pub async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
             String::from_utf8_lossy(&body).trim()
         );
     }
-    serde_json::from_slice(&body).with_context(|| format!("{}: not JSON", what()))
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The xDS types, in the order a proxy applies them.

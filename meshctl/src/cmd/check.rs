@@ -1,0 +1,524 @@
+//! `meshctl check`: the mesh's health by category, in the style of `linkerd check`. Each line is
+//! ✓ (fine), ‼ (a warning) or × (a failure, with a hint on how to fix it); any failure makes
+//! the exit status non-zero.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::status::{Output, get_json};
+use crate::mesh::{LocalDir, Mesh};
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// The controller's admin address.
+    #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN, default_value_t = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN)))]
+    pub controller: SocketAddr,
+    /// mesh-ca's admin address.
+    #[arg(long, env = mesh_api::consts::env::MESHCTL_CA_ADMIN, default_value_t = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CA_ADMIN)))]
+    pub ca_admin: SocketAddr,
+    /// `table` or `json` (`yaml` too).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Check {
+    pub category: &'static str,
+    pub status: Status,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+/// A certificate expiring sooner than this is a warning.
+const WARN_DAYS: f64 = 60.0;
+
+#[derive(Default)]
+struct Checks(Vec<Check>);
+
+impl Checks {
+    fn ok(&mut self, category: &'static str, message: impl Into<String>) {
+        self.push(category, Status::Ok, message, None);
+    }
+    fn warn(&mut self, category: &'static str, message: impl Into<String>, hint: &str) {
+        self.push(category, Status::Warn, message, Some(hint));
+    }
+    fn fail(&mut self, category: &'static str, message: impl Into<String>, hint: &str) {
+        self.push(category, Status::Fail, message, Some(hint));
+    }
+    fn push(
+        &mut self,
+        category: &'static str,
+        status: Status,
+        message: impl Into<String>,
+        hint: Option<&str>,
+    ) {
+        self.0.push(Check {
+            category,
+            status,
+            message: message.into(),
+            hint: hint.map(str::to_string),
+        });
+    }
+}
+
+fn days_left(unix: f64) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    (unix - now) / 86_400.0
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Routes of the local directory: backends exist with the port, weights are valid, and no two
+/// routes claim the same parent with the same match.
+fn config(local: &LocalDir, c: &mut Checks) {
+    // Manifests are YAML.
+    use serde_yaml::Value;
+    const CAT: &str = "config";
+    let (services, routes) = match (local.services(), local.routes()) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), _) | (_, Err(e)) => {
+            c.fail(
+                CAT,
+                format!("manifests do not load: {e:#}"),
+                "fix the file named above",
+            );
+            return;
+        }
+    };
+    c.ok(
+        CAT,
+        format!(
+            "{} Services and {} HTTPRoutes load from {}",
+            services.len(),
+            routes.len(),
+            local.dir.display()
+        ),
+    );
+    let mut problems = 0;
+    let mut claims: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    for r in &routes {
+        let who = format!("HTTPRoute {}/{}", r.namespace, r.name);
+        let spec = r.value.get("spec");
+        let parents = spec
+            .and_then(|s| s.get("parentRefs"))
+            .and_then(Value::as_sequence)
+            .cloned()
+            .unwrap_or_default();
+        let rules = spec
+            .and_then(|s| s.get("rules"))
+            .and_then(Value::as_sequence)
+            .cloned()
+            .unwrap_or_default();
+        for (i, rule) in rules.iter().enumerate() {
+            let refs = rule
+                .get("backendRefs")
+                .and_then(Value::as_sequence)
+                .cloned()
+                .unwrap_or_default();
+            let mut total = 0u64;
+            for b in &refs {
+                let name = b.get("name").and_then(Value::as_str).unwrap_or_default();
+                let ns = b
+                    .get("namespace")
+                    .and_then(Value::as_str)
+                    .unwrap_or(&r.namespace);
+                let port = b.get("port").and_then(Value::as_u64);
+                let weight = b.get("weight").and_then(Value::as_i64).unwrap_or(1);
+                match services
+                    .iter()
+                    .find(|s| s.namespace == ns && s.name == name)
+                {
+                    None => {
+                        problems += 1;
+                        c.fail(
+                            CAT,
+                            format!(
+                                "{who} rule {}: backend Service {ns}/{name} does not exist",
+                                i + 1
+                            ),
+                            "create the Service, or fix the backendRef's name and namespace",
+                        );
+                    }
+                    Some(s)
+                        if port
+                            .is_some_and(|p| !s.ports.iter().any(|(q, _)| u64::from(*q) == p)) =>
+                    {
+                        problems += 1;
+                        c.fail(
+                            CAT,
+                            format!(
+                                "{who} rule {}: Service {ns}/{name} has no port {}",
+                                i + 1,
+                                port.unwrap_or_default()
+                            ),
+                            "set the backendRef's port to one the Service has",
+                        );
+                    }
+                    Some(_) => {}
+                }
+                if !(0..=1_000_000).contains(&weight) {
+                    problems += 1;
+                    c.fail(
+                        CAT,
+                        format!("{who} rule {}: backend {name} has weight {weight}", i + 1),
+                        "weights are whole numbers from 0 to 1,000,000",
+                    );
+                }
+                total += u64::try_from(weight.max(0)).unwrap_or(0);
+            }
+            if !refs.is_empty() && total == 0 {
+                problems += 1;
+                c.fail(
+                    CAT,
+                    format!(
+                        "{who} rule {}: every backend has weight 0, so its requests fail",
+                        i + 1
+                    ),
+                    "give one backend a weight above 0 (meshctl route split)",
+                );
+            }
+            let matches = serde_json::to_string(&rule.get("matches")).unwrap_or_default();
+            for p in &parents {
+                let parent = format!(
+                    "{}/{}:{}",
+                    p.get("namespace")
+                        .and_then(Value::as_str)
+                        .unwrap_or(&r.namespace),
+                    p.get("name").and_then(Value::as_str).unwrap_or_default(),
+                    p.get("port")
+                        .and_then(Value::as_u64)
+                        .map_or("*".into(), |p| p.to_string())
+                );
+                claims
+                    .entry((parent, matches.clone()))
+                    .or_default()
+                    .push(format!("{who} rule {}", i + 1));
+            }
+        }
+    }
+    for ((parent, matches), who) in &claims {
+        let owners: std::collections::BTreeSet<&str> = who
+            .iter()
+            .map(|w| w.rsplit_once(" rule").map_or(w.as_str(), |x| x.0))
+            .collect();
+        if owners.len() > 1 {
+            problems += 1;
+            c.fail(
+                CAT,
+                format!(
+                    "{} claim the same parent {parent} and match {matches}",
+                    who.join(" and ")
+                ),
+                "keep one route per parent and match: merge them, or make the matches differ",
+            );
+        }
+    }
+    if problems == 0 {
+        c.ok(CAT, "every route's backends resolve, weights are valid, no two routes claim the same parent and match");
+    }
+}
+
+async fn control_plane(args: &CheckArgs, c: &mut Checks) -> Option<Vec<Value>> {
+    const CAT: &str = "control plane";
+    if let Err(e) = get_json_or_text(args.controller, "/ready").await {
+        c.fail(
+            CAT,
+            format!("controller not reachable at {}: {e:#}", args.controller),
+            "start mesh-controller, or point --controller at its admin address",
+        );
+        return None;
+    }
+    c.ok(CAT, format!("controller is ready at {}", args.controller));
+    match get_json(args.controller, "/debug/config-errors").await {
+        Ok(errors) => {
+            let list: Vec<String> = ["manifests", "references"]
+                .iter()
+                .flat_map(|k| {
+                    errors
+                        .get(*k)
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default()
+                })
+                .map(|e| e.to_string())
+                .collect();
+            if list.is_empty() {
+                c.ok(
+                    CAT,
+                    "controller refused no manifest and found no broken reference",
+                );
+            } else {
+                for e in list {
+                    c.fail(
+                        CAT,
+                        format!("controller reports: {e}"),
+                        "fix the object named; the controller applies the rest meanwhile",
+                    );
+                }
+            }
+        }
+        Err(e) => c.warn(
+            CAT,
+            format!("config errors not readable: {e:#}"),
+            "is the controller a current version?",
+        ),
+    }
+    let proxies = match get_json(args.controller, "/debug/proxies").await {
+        Ok(p) => p.as_array().cloned().unwrap_or_default(),
+        Err(e) => {
+            c.fail(
+                CAT,
+                format!("proxy list not readable: {e:#}"),
+                "check the controller's log",
+            );
+            return None;
+        }
+    };
+    if proxies.is_empty() {
+        c.warn(
+            CAT,
+            "no proxy is connected",
+            "start mesh-proxies pointed at the controller's xDS address",
+        );
+    }
+    for p in &proxies {
+        let node = p.get("node").and_then(Value::as_str).unwrap_or("?");
+        let types = p
+            .get("types")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let state = |want: &str| {
+            types
+                .iter()
+                .filter(|(_, t)| t.get("state").and_then(Value::as_str) == Some(want))
+                .map(|(k, _)| k.clone())
+                .collect::<Vec<_>>()
+        };
+        let (nacked, stale) = (state("NACKED"), state("STALE"));
+        if !nacked.is_empty() {
+            c.fail(
+                CAT,
+                format!("proxy {node} refused {}", nacked.join(", ")),
+                "see why with `meshctl proxy-status`; the proxy keeps its last good config",
+            );
+        } else if !stale.is_empty() {
+            c.warn(
+                CAT,
+                format!("proxy {node} has not acknowledged {} yet", stale.join(", ")),
+                "run check again in a moment; if it stays, see `meshctl proxy-status`",
+            );
+        } else {
+            c.ok(CAT, format!("proxy {node} is SYNCED"));
+        }
+    }
+    Some(proxies)
+}
+
+/// A GET that only needs a 2xx (`/ready`).
+async fn get_json_or_text(addr: SocketAddr, path: &str) -> anyhow::Result<()> {
+    super::status::get_text(addr, path).await.map(|_| ())
+}
+
+async fn identity(args: &CheckArgs, c: &mut Checks) {
+    const CAT: &str = "identity";
+    if let Err(e) = get_json_or_text(args.ca_admin, "/ready").await {
+        c.fail(
+            CAT,
+            format!("mesh-ca not reachable at {}: {e:#}", args.ca_admin),
+            "start mesh-ca, or point --ca-admin at its admin address",
+        );
+        return;
+    }
+    c.ok(CAT, format!("mesh-ca is ready at {}", args.ca_admin));
+    let text = match super::status::get_text(args.ca_admin, "/metrics").await {
+        Ok(t) => t,
+        Err(e) => {
+            c.fail(
+                CAT,
+                format!("mesh-ca metrics not readable: {e:#}"),
+                "check mesh-ca's log",
+            );
+            return;
+        }
+    };
+    match metric(&text, "mesh_ca_signing_certificate_expiry_seconds").map(days_left) {
+        Some(d) if d < 0.0 => c.fail(
+            CAT,
+            format!("the signing certificate expired {:.0} days ago", -d),
+            "rotate the root (docs/reference/identity.md, Rotating the root)",
+        ),
+        Some(d) if d < WARN_DAYS => c.warn(
+            CAT,
+            format!("the signing certificate expires in {d:.0} days"),
+            "rotate the root before it expires (docs/reference/identity.md, Rotating the root)",
+        ),
+        Some(d) => c.ok(
+            CAT,
+            format!("the signing certificate is valid for {d:.0} more days"),
+        ),
+        None => c.fail(
+            CAT,
+            "mesh-ca does not report its signing certificate",
+            "check mesh-ca's version and log",
+        ),
+    }
+    match metric(&text, "mesh_ca_trust_bundle_roots") {
+        Some(n) if n >= 2.0 => c.warn(
+            CAT,
+            format!("the trust bundle holds {n} roots"),
+            "a rotation is under way: finish it by removing the old root",
+        ),
+        Some(n) => c.ok(CAT, format!("the trust bundle holds {n} root")),
+        None => c.fail(
+            CAT,
+            "mesh-ca does not report its trust bundle",
+            "check mesh-ca's version and log",
+        ),
+    }
+}
+
+async fn data_plane(proxies: &[Value], c: &mut Checks) {
+    const CAT: &str = "data plane";
+    for p in proxies {
+        let node = p.get("node").and_then(Value::as_str).unwrap_or("?");
+        let Some(admin) = p
+            .get("admin")
+            .and_then(Value::as_str)
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+        else {
+            c.warn(
+                CAT,
+                format!("{node}: no admin address (not a mesh-proxy?), not checked"),
+                "mesh-proxy reports it; other proxies are checked by their own tools",
+            );
+            continue;
+        };
+        if let Err(e) = get_json_or_text(admin, "/ready").await {
+            c.fail(CAT, format!("{node} is not ready: {e:#}"), "see its /config_dump: it waits for a complete config and, with identity on, a certificate");
+            continue;
+        }
+        let dump = match get_json(admin, "/config_dump").await {
+            Ok(d) => d,
+            Err(e) => {
+                c.fail(
+                    CAT,
+                    format!("{node}: config_dump not readable: {e:#}"),
+                    "check the proxy's log",
+                );
+                continue;
+            }
+        };
+        let id = dump.get("identity").cloned().unwrap_or(Value::Null);
+        match id.get("mode").and_then(Value::as_str) {
+            Some("off") => c.warn(
+                CAT,
+                format!("{node} is ready, with identity off (plaintext)"),
+                "give it a CA (--ca-addr, --ca-root) to join mutual TLS",
+            ),
+            _ if id.get("valid").and_then(Value::as_bool) != Some(true) => c.fail(
+                CAT,
+                format!(
+                    "{node} holds no valid certificate: {}",
+                    id.get("last_error")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no answer from mesh-ca yet")
+                ),
+                "check that mesh-ca is reachable and the proxy's token is right",
+            ),
+            _ => {
+                let days = id
+                    .get("not_after")
+                    .and_then(Value::as_f64)
+                    .map(days_left)
+                    .unwrap_or(0.0);
+                c.ok(
+                    CAT,
+                    format!(
+                        "{node} is ready; certificate {} valid for {:.1} h, {} trusted root(s)",
+                        id.get("spiffe_id").and_then(Value::as_str).unwrap_or("?"),
+                        days * 24.0,
+                        id.get("roots").and_then(Value::as_u64).unwrap_or(0)
+                    ),
+                );
+            }
+        }
+    }
+}
+
+/// Runs every check.
+pub async fn run_checks(args: &CheckArgs, local: Option<&LocalDir>) -> Vec<Check> {
+    let mut c = Checks::default();
+    match local {
+        Some(l) => config(l, &mut c),
+        None => c.warn(
+            "config",
+            "no --local directory: routes not checked",
+            "pass --local DIR (the directory the controller watches)",
+        ),
+    }
+    let proxies = control_plane(args, &mut c).await;
+    identity(args, &mut c).await;
+    data_plane(proxies.as_deref().unwrap_or_default(), &mut c).await;
+    c.0
+}
+
+pub fn print(checks: &[Check], output: Output, out: &mut dyn Write) -> anyhow::Result<()> {
+    match output {
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(checks)?)?,
+        Output::Yaml => write!(out, "{}", serde_yaml::to_string(checks)?)?,
+        Output::Table => {
+            let mut last = "";
+            for ch in checks {
+                if ch.category != last {
+                    if !last.is_empty() {
+                        writeln!(out)?;
+                    }
+                    writeln!(out, "{}", ch.category)?;
+                    writeln!(out, "{}", "-".repeat(ch.category.len()))?;
+                    last = ch.category;
+                }
+                let mark = match ch.status {
+                    Status::Ok => "✓",
+                    Status::Warn => "‼",
+                    Status::Fail => "×",
+                };
+                writeln!(out, "{mark} {}", ch.message)?;
+                if let Some(h) = &ch.hint
+                    && ch.status != Status::Ok
+                {
+                    writeln!(out, "    hint: {h}")?;
+                }
+            }
+            let failed = checks.iter().filter(|c| c.status == Status::Fail).count();
+            writeln!(out)?;
+            if failed == 0 {
+                writeln!(out, "Status check results are ✓")?;
+            } else {
+                writeln!(out, "Status check results are × ({failed} failed)")?;
+            }
+        }
+    }
+    Ok(())
+}
