@@ -85,6 +85,15 @@ impl Bundle {
     }
 }
 
+/// A certificate's SHA-256 fingerprint, lowercase hex: how roots are named in status output.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// The DER certificates in a PEM text; `what` names it in errors.
 pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let mut out = Vec::new();

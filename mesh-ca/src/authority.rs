@@ -92,6 +92,12 @@ const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start this long before they are signed, for clocks a little behind.
 const BACKDATE: Duration = Duration::from_secs(60);
 
+/// A certificate's `notAfter` in Unix seconds (0 if it does not parse).
+pub fn not_after_unix(der: &[u8]) -> i64 {
+    <x509_parser::prelude::X509Certificate as x509_parser::prelude::FromDer<_>>::from_der(der)
+        .map_or(0, |(_, c)| c.validity().not_after.timestamp())
+}
+
 fn file_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> CaError {
     let path = path.to_path_buf();
     move |source| CaError::File { path, source }
@@ -271,6 +277,11 @@ impl Authority {
 
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// The root the signing chain ends at (what new certificates chain to).
+    pub fn signing_root(&self) -> Option<&CertificateDer<'static>> {
+        self.chain.last()
     }
 
     /// The roots proxies should trust.

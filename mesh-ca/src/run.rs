@@ -223,6 +223,7 @@ impl Running {
         })?;
         let app = Router::new()
             .route("/metrics", get(metrics))
+            .route("/debug/roots", get(roots))
             .route("/ready", get(|| async { "ready\n" }))
             .route("/live", get(|| async { "live\n" }))
             .with_state(ca.clone());
@@ -254,6 +255,36 @@ async fn metrics(State(ca): State<Arc<Ca>>) -> impl IntoResponse {
         )],
         ca.metrics.encode(),
     )
+}
+
+#[derive(serde::Serialize)]
+struct RootView {
+    sha256: String,
+    /// Unix seconds.
+    not_after: i64,
+    /// The root new certificates chain to.
+    signing: bool,
+}
+
+/// The trust bundle: each root's fingerprint and expiry, and which one signs now.
+async fn roots(State(ca): State<Arc<Ca>>) -> impl IntoResponse {
+    let authority = ca.authority();
+    let signing = authority
+        .signing_root()
+        .map(|r| mesh_api::tls::fingerprint(r));
+    let view: Vec<RootView> = authority
+        .bundle()
+        .iter()
+        .map(|r| {
+            let sha256 = mesh_api::tls::fingerprint(r);
+            RootView {
+                signing: signing.as_deref() == Some(sha256.as_str()),
+                not_after: crate::authority::not_after_unix(r),
+                sha256,
+            }
+        })
+        .collect();
+    axum::Json(view)
 }
 
 /// Picks up a changed CA directory: a rotation step, or a plugged-in key.

@@ -44,6 +44,8 @@ pub struct RenewalStatus {
     pub not_after: Option<u64>,
     pub next_renewal: Option<u64>,
     pub roots: usize,
+    /// SHA-256 of the root the certificate chains to (the last of the chain the CA sent).
+    pub issuer_root_sha256: Option<String>,
 }
 
 /// Called after each renewal, or each failed attempt.
@@ -240,6 +242,7 @@ impl SvidClient {
             st.not_before = Some(unix(current.not_before));
             st.not_after = Some(unix(current.not_after));
             st.roots = roots;
+            st.issuer_root_sha256 = current.chain.last().map(|c| super::fingerprint(c));
         });
         (self.on_renewed)(&current);
         info!(

@@ -341,7 +341,8 @@ async fn get_json_or_text(addr: SocketAddr, path: &str) -> anyhow::Result<()> {
     super::status::get_text(addr, path).await.map(|_| ())
 }
 
-async fn identity(args: &CheckArgs, c: &mut Checks) {
+/// Checks the CA; returns the fingerprint of the root it signs under now.
+async fn identity(args: &CheckArgs, c: &mut Checks) -> Option<String> {
     const CAT: &str = "identity";
     if let Err(e) = get_json_or_text(args.ca_admin, "/ready").await {
         c.fail(
@@ -349,7 +350,7 @@ async fn identity(args: &CheckArgs, c: &mut Checks) {
             format!("mesh-ca not reachable at {}: {e:#}", args.ca_admin),
             "start mesh-ca, or point --ca-admin at its admin address",
         );
-        return;
+        return None;
     }
     c.ok(CAT, format!("mesh-ca is ready at {}", args.ca_admin));
     let text = match super::status::get_text(args.ca_admin, "/metrics").await {
@@ -360,7 +361,7 @@ async fn identity(args: &CheckArgs, c: &mut Checks) {
                 format!("mesh-ca metrics not readable: {e:#}"),
                 "check mesh-ca's log",
             );
-            return;
+            return None;
         }
     };
     match metric(&text, "mesh_ca_signing_certificate_expiry_seconds").map(days_left) {
@@ -397,9 +398,51 @@ async fn identity(args: &CheckArgs, c: &mut Checks) {
             "check mesh-ca's version and log",
         ),
     }
+    let roots = match get_json(args.ca_admin, "/debug/roots").await {
+        Ok(r) => r.as_array().cloned().unwrap_or_default(),
+        Err(e) => {
+            c.fail(
+                CAT,
+                format!("mesh-ca's roots not readable: {e:#}"),
+                "check mesh-ca's version and log",
+            );
+            return None;
+        }
+    };
+    let mut signing = None;
+    for r in &roots {
+        let fp = r.get("sha256").and_then(Value::as_str).unwrap_or_default();
+        let short = &fp[..fp.len().min(16)];
+        let days = r
+            .get("not_after")
+            .and_then(Value::as_f64)
+            .map_or(0.0, days_left);
+        if r.get("signing").and_then(Value::as_bool) == Some(true) {
+            signing = Some(fp.to_string());
+        }
+        if days < 0.0 {
+            c.fail(
+                CAT,
+                format!("root {short}… expired {:.0} days ago", -days),
+                "rotate the root (docs/reference/identity.md, Rotating the root)",
+            );
+        } else if days < WARN_DAYS {
+            c.warn(
+                CAT,
+                format!("root {short}… expires in {days:.0} days"),
+                "rotate the root before it expires (docs/reference/identity.md, Rotating the root)",
+            );
+        } else {
+            c.ok(
+                CAT,
+                format!("root {short}… is valid for {days:.0} more days"),
+            );
+        }
+    }
+    signing
 }
 
-async fn data_plane(proxies: &[Value], c: &mut Checks) {
+async fn data_plane(proxies: &[Value], current_root: Option<&str>, c: &mut Checks) {
     const CAT: &str = "data plane";
     for p in proxies {
         let node = p.get("node").and_then(Value::as_str).unwrap_or("?");
@@ -447,6 +490,15 @@ async fn data_plane(proxies: &[Value], c: &mut Checks) {
                 ),
                 "check that mesh-ca is reachable and the proxy's token is right",
             ),
+            _ if current_root.is_some()
+                && id.get("issuer_root_sha256").and_then(Value::as_str) != current_root =>
+            {
+                c.warn(
+                    CAT,
+                    format!("{node}: its certificate chains to a root mesh-ca no longer signs under"),
+                    "it renews onto the current root within its certificate's lifetime; if it stays, check that it reaches mesh-ca",
+                )
+            }
             _ => {
                 let days = id
                     .get("not_after")
@@ -456,7 +508,7 @@ async fn data_plane(proxies: &[Value], c: &mut Checks) {
                 c.ok(
                     CAT,
                     format!(
-                        "{node} is ready; certificate {} valid for {:.1} h, {} trusted root(s)",
+                        "{node} is ready; certificate {} from the current root, valid for {:.1} h, {} trusted root(s)",
                         id.get("spiffe_id").and_then(Value::as_str).unwrap_or("?"),
                         days * 24.0,
                         id.get("roots").and_then(Value::as_u64).unwrap_or(0)
@@ -479,8 +531,13 @@ pub async fn run_checks(args: &CheckArgs, local: Option<&LocalDir>) -> Vec<Check
         ),
     }
     let proxies = control_plane(args, &mut c).await;
-    identity(args, &mut c).await;
-    data_plane(proxies.as_deref().unwrap_or_default(), &mut c).await;
+    let root = identity(args, &mut c).await;
+    data_plane(
+        proxies.as_deref().unwrap_or_default(),
+        root.as_deref(),
+        &mut c,
+    )
+    .await;
     c.0
 }
 
