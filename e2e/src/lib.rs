@@ -336,7 +336,6 @@ pub async fn spread(
     out
 }
 
-/// Writes a file atomically (write then rename), as editors and `kubectl`-style tools do.
 /// Runs `start` on a one-thread runtime of its own and keeps what it started until the runtime
 /// is dropped (then every task and socket goes at once, as when a process dies). Returns the
 /// runtime and what `report` reads from the started thing.
@@ -371,6 +370,7 @@ where
     Ok((rt, value))
 }
 
+/// Writes a file atomically (write then rename), as editors and `kubectl`-style tools do.
 pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp~");
     std::fs::write(&tmp, text)?;

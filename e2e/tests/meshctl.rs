@@ -20,10 +20,23 @@ fn meshctl(mesh: &LocalMesh, r: Route) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// The demo's workload, answering `reviews <version>`.
+async fn demo_service(version: &str) -> anyhow::Result<meshctl::demo_service::Running> {
+    meshctl::demo_service::DemoService {
+        name: "reviews".into(),
+        version: version.into(),
+        listen: "127.0.0.1:0".parse()?,
+        latency: std::time::Duration::ZERO,
+        error_rate: 0.0,
+    }
+    .start()
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
-    let v1 = Backend::start("reviews-v1").await?;
-    let v2 = Backend::start("reviews-v2").await?;
+    let v1 = demo_service("v1").await?;
+    let v2 = demo_service("v2").await?;
     let mesh = LocalMesh::start().await?;
     mesh.write(
         "reviews.yaml",
@@ -53,7 +66,7 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
     })
     .await?;
     let got = spread(&mut client, 1000, &[]).await;
-    let v2_share = *got.get("reviews-v2").unwrap_or(&0) as f64 / 10.0;
+    let v2_share = *got.get("reviews v2\n").unwrap_or(&0) as f64 / 10.0;
     assert!((45.0..=55.0).contains(&v2_share), "{got:?}");
 
     meshctl(
@@ -70,7 +83,7 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
     })
     .await?;
     let got = spread(&mut client, 200, &[]).await;
-    assert_eq!(got.get("reviews-v2"), Some(&200), "{got:?}");
+    assert_eq!(got.get("reviews v2\n"), Some(&200), "{got:?}");
     Ok(())
 }
 
