@@ -34,6 +34,25 @@ impl LocalMesh {
         })
     }
 
+    /// A controller on the `reviews` Service and its two versions, whose endpoints are at
+    /// `v1` and `v2` on loopback (`reviews.yaml`); with `route`, the `reviews` HTTPRoute
+    /// splitting v1/v2 by those weights (`route.yaml`).
+    pub async fn reviews(
+        v1: std::net::SocketAddr,
+        v2: std::net::SocketAddr,
+        route: Option<(u32, u32)>,
+    ) -> anyhow::Result<Self> {
+        let mesh = Self::start().await?;
+        mesh.write(
+            "reviews.yaml",
+            &crate::reviews_manifests(v1.port(), v2.port()),
+        )?;
+        if let Some((w1, w2)) = route {
+            mesh.write("route.yaml", &crate::reviews_route(w1, w2))?;
+        }
+        Ok(mesh)
+    }
+
     /// Writes (or replaces) one manifest file.
     pub fn write(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
         write_atomic(&self.config_dir.join(file), yaml)

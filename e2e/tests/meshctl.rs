@@ -2,7 +2,7 @@
 //! watches and live traffic follows; `proxy-status` and `proxy-config` read what is running.
 
 use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
-use mesh_e2e::{Backend, ProxyClient, reviews_manifests, reviews_route, spread};
+use mesh_e2e::{Backend, ProxyClient, reviews_route, spread};
 use meshctl::cmd::route::{self, PromoteArgs, Route, SplitArgs, Target};
 use meshctl::mesh::LocalDir;
 
@@ -37,12 +37,7 @@ async fn demo_service(version: &str) -> anyhow::Result<meshctl::demo_service::Ru
 async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
     let v1 = demo_service("v1").await?;
     let v2 = demo_service("v2").await?;
-    let mesh = LocalMesh::start().await?;
-    mesh.write(
-        "reviews.yaml",
-        &reviews_manifests(v1.addr.port(), v2.addr.port()),
-    )?;
-    mesh.write("route.yaml", &reviews_route(100, 0))?;
+    let mesh = LocalMesh::reviews(v1.addr, v2.addr, Some((100, 0))).await?;
     let proxy = mesh
         .proxy(mesh.proxy_config("default/productpage-1"))
         .await?;
@@ -92,11 +87,7 @@ async fn proxy_status_lists_each_proxy_per_type() -> anyhow::Result<()> {
     use meshctl::cmd::status::{Output, ProxyStatusArgs, proxy_status};
     let v1 = Backend::start("reviews-v1").await?;
     let v2 = Backend::start("reviews-v2").await?;
-    let mesh = LocalMesh::start().await?;
-    mesh.write(
-        "reviews.yaml",
-        &reviews_manifests(v1.addr.port(), v2.addr.port()),
-    )?;
+    let mesh = LocalMesh::reviews(v1.addr, v2.addr, None).await?;
     let _p1 = mesh
         .proxy(mesh.proxy_config("default/productpage-1"))
         .await?;
@@ -144,11 +135,7 @@ async fn proxy_config_reads_a_running_proxy_found_through_the_controller() -> an
     let v1 = Backend::start("reviews-v1").await?;
     let v2 = Backend::start("reviews-v2").await?;
     let ca = mesh_e2e::identity::TestCa::start(std::time::Duration::from_secs(3600)).await?;
-    let mesh = LocalMesh::start().await?;
-    mesh.write(
-        "reviews.yaml",
-        &reviews_manifests(v1.addr.port(), v2.addr.port()),
-    )?;
+    let mesh = LocalMesh::reviews(v1.addr, v2.addr, None).await?;
     let _plain = mesh
         .proxy(mesh.proxy_config("default/productpage-1"))
         .await?;
@@ -205,12 +192,7 @@ async fn check_passes_a_healthy_mesh_and_hints_at_each_failure() -> anyhow::Resu
     let v1 = Backend::start("reviews-v1").await?;
     let v2 = Backend::start("reviews-v2").await?;
     let ca = mesh_e2e::identity::TestCa::start(std::time::Duration::from_secs(3600)).await?;
-    let mesh = LocalMesh::start().await?;
-    mesh.write(
-        "reviews.yaml",
-        &reviews_manifests(v1.addr.port(), v2.addr.port()),
-    )?;
-    mesh.write("route.yaml", &reviews_route(90, 10))?;
+    let mesh = LocalMesh::reviews(v1.addr, v2.addr, Some((90, 10))).await?;
     let mut config = mesh.proxy_config("default/productpage-1");
     ca.identify(&mut config, "productpage")?;
     let _proxy = mesh.proxy(config).await?;

@@ -252,12 +252,7 @@ async fn controller_killed_and_restarted_under_load() -> anyhow::Result<()> {
 async fn fifty_route_changes_under_load_lose_nothing() -> anyhow::Result<()> {
     let v1 = EchoServer::start("reviews-v1").await?;
     let v2 = EchoServer::start("reviews-v2").await?;
-    let mesh = LocalMesh::start().await?;
-    mesh.write(
-        "services.yaml",
-        &reviews_manifests(v1.addr.port(), v2.addr.port()),
-    )?;
-    mesh.write("route.yaml", &reviews_route(100, 0))?;
+    let mesh = LocalMesh::reviews(v1.addr, v2.addr, Some((100, 0))).await?;
     let proxy = mesh
         .proxy(mesh.proxy_config("default/productpage-1"))
         .await?;

@@ -2,16 +2,10 @@
 //! applied while traffic flows.
 
 use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
-use mesh_e2e::{Backend, ProxyClient, reviews_manifests, reviews_route, spread};
+use mesh_e2e::{Backend, ProxyClient, reviews_route, spread};
 
 async fn reviews_mesh(v1: &Backend, v2: &Backend) -> anyhow::Result<LocalMesh> {
-    let mesh = LocalMesh::start().await?;
-    mesh.write(
-        "reviews.yaml",
-        &reviews_manifests(v1.addr.port(), v2.addr.port()),
-    )?;
-    mesh.write("route.yaml", &reviews_route(90, 10))?;
-    Ok(mesh)
+    LocalMesh::reviews(v1.addr, v2.addr, Some((90, 10))).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
