@@ -5,6 +5,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod identity;
+pub mod init;
 pub mod metrics;
 pub mod proxy;
 pub mod retry;

@@ -9,6 +9,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> anyhow::Result<()> {
+    // `mesh-proxy init`: the init container's iptables rules, then exit.
+    if std::env::args().nth(1).as_deref() == Some("init") {
+        let args = mesh_proxy::init::InitArgs::parse_from(std::env::args().skip(1));
+        return mesh_proxy::init::run(&args, &mut std::io::stdout());
+    }
     let config = Config::parse();
     let log = init_logging(&config.log_format);
     let workers = config.worker_threads();
