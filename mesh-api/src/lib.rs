@@ -11,6 +11,7 @@ pub mod consts;
 #[cfg(feature = "k8s")]
 pub mod crds;
 pub mod duration;
+pub mod inject;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod spiffe;

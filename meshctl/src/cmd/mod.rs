@@ -8,6 +8,7 @@ use crate::mesh::LocalDir;
 
 pub mod bootstrap;
 pub mod check;
+pub mod inject;
 pub mod route;
 pub mod status;
 
@@ -30,6 +31,8 @@ pub enum Command {
     Demo(crate::demo::DemoArgs),
     /// The mesh's health by category, each failure with a hint; non-zero exit on failure.
     Check(check::CheckArgs),
+    /// Add the mesh's sidecar to the pods of manifests, offline (prints the result).
+    Inject(inject::InjectArgs),
 }
 
 /// Which mesh a command works on.
@@ -60,6 +63,7 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(status::proxy_config(&a, &mut std::io::stdout())),
+        Command::Inject(a) => inject::run(&a, &mut std::io::stdout(), &mut std::io::stderr()),
         Command::Check(a) => {
             let local = cx.local.as_ref().map(LocalDir::new).transpose()?;
             let checks = tokio::runtime::Builder::new_current_thread()

@@ -1,0 +1,343 @@
+//! Sidecar injection, on the JSON of any object with a pod template (a Pod, a Deployment's
+//! `spec.template`, a CronJob's `spec.jobTemplate.spec.template`, ...): the `mesh-init`
+//! container that installs the iptables rules, and mesh-proxy as a native sidecar (an init
+//! container with `restartPolicy: Always`, ready on `/ready`), with the volumes they need.
+//! Working on JSON keeps every field it does not touch as it was. Injecting twice changes
+//! nothing. Shared by the admission webhook and `meshctl inject`.
+
+use serde_json::{Value, json};
+
+use crate::consts::{labels, ports};
+
+/// What the injected containers are given.
+#[derive(Clone, Debug)]
+pub struct InjectSettings {
+    pub proxy_image: String,
+    /// The controller's xDS address, `host:port`.
+    pub xds_addr: String,
+    /// mesh-ca's address, `host:port`.
+    pub ca_addr: String,
+    pub trust_domain: String,
+    pub proxy_uid: i64,
+}
+
+/// What injection did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Injected,
+    AlreadyInjected,
+    /// Left alone, and why.
+    Skipped(String),
+}
+
+/// Container names the injection adds.
+pub const PROXY_CONTAINER: &str = "mesh-proxy";
+pub const INIT_CONTAINER: &str = "mesh-init";
+
+/// Where the pod template of an object is; `None` for objects without one.
+fn template_path(kind: &str) -> Option<&'static [&'static str]> {
+    match kind {
+        "Pod" => Some(&[]),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => Some(&["spec", "template"]),
+        "CronJob" => Some(&["spec", "jobTemplate", "spec", "template"]),
+        _ => None,
+    }
+}
+
+/// Whether a pod with these labels, in a namespace that is (or is not) enabled, gets a proxy:
+/// the pod's `mesh.dev/inject` decides when set, else the namespace's.
+pub fn wanted(pod_labels: Option<&Value>, namespace_enabled: bool) -> Result<(), String> {
+    match pod_labels
+        .and_then(|l| l.get(labels::INJECT))
+        .and_then(Value::as_str)
+    {
+        Some("enabled") => Ok(()),
+        Some("disabled") => Err(format!("the pod says {}: disabled", labels::INJECT)),
+        Some(other) => Err(format!(
+            "the pod's {} is {other:?}; expected enabled or disabled",
+            labels::INJECT
+        )),
+        None if namespace_enabled => Ok(()),
+        None => Err(format!(
+            "neither the pod nor its namespace says {}: enabled",
+            labels::INJECT
+        )),
+    }
+}
+
+/// Injects into the pod template of `obj` (of kind `obj.kind`).
+pub fn inject(
+    obj: &mut Value,
+    namespace_enabled: bool,
+    s: &InjectSettings,
+) -> Result<Outcome, String> {
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("the object has no kind")?
+        .to_string();
+    let Some(path) = template_path(&kind) else {
+        return Ok(Outcome::Skipped(format!("a {kind} has no pod template")));
+    };
+    let mut template = &mut *obj;
+    for key in path {
+        template = template
+            .get_mut(*key)
+            .ok_or_else(|| format!("{kind}: {} is missing", path.join(".")))?;
+    }
+    let where_ = if path.is_empty() {
+        String::new()
+    } else {
+        format!("{}.", path.join("."))
+    };
+    if !template.is_object() {
+        return Err(format!("{kind}: {where_}is not an object"));
+    }
+    if let Err(why) = wanted(
+        template.get("metadata").and_then(|m| m.get("labels")),
+        namespace_enabled,
+    ) {
+        return Ok(Outcome::Skipped(why));
+    }
+    let spec = template
+        .get_mut("spec")
+        .filter(|s| s.is_object())
+        .ok_or_else(|| format!("{kind}: {where_}spec is missing or not an object"))?;
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        return Ok(Outcome::Skipped(
+            "a hostNetwork pod shares the node's network: its traffic cannot be redirected".into(),
+        ));
+    }
+    let has = |list: &str, spec: &Value| {
+        spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.get("name") == Some(&json!(PROXY_CONTAINER)))
+        })
+    };
+    if has("initContainers", spec) || has("containers", spec) {
+        return Ok(Outcome::AlreadyInjected);
+    }
+    for list in ["initContainers", "volumes"] {
+        match spec.get(list) {
+            None | Some(Value::Array(_)) => {}
+            Some(_) => return Err(format!("{kind}: {where_}spec.{list} is not a list")),
+        }
+    }
+    let inits = spec
+        .as_object_mut()
+        .ok_or("spec is not an object")?
+        .entry("initContainers")
+        .or_insert_with(|| json!([]));
+    if let Value::Array(list) = inits {
+        // First the rules, then the proxy, then the app's own init containers (which may
+        // already need the mesh).
+        list.insert(0, proxy_container(s));
+        list.insert(0, init_container(s));
+    }
+    let volumes = spec
+        .as_object_mut()
+        .ok_or("spec is not an object")?
+        .entry("volumes")
+        .or_insert_with(|| json!([]));
+    if let Value::Array(list) = volumes {
+        list.push(json!({
+            "name": "mesh-token",
+            "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "mesh-ca", "expirationSeconds": 3600, "path": "mesh-ca-token"}}]}
+        }));
+        list.push(json!({"name": "mesh-ca-root", "configMap": {"name": "mesh-ca-root"}}));
+    }
+    let meta = template
+        .as_object_mut()
+        .ok_or("template is not an object")?
+        .entry("metadata")
+        .or_insert_with(|| json!({}));
+    let labels_map = meta
+        .as_object_mut()
+        .ok_or_else(|| format!("{kind}: {where_}metadata is not an object"))?
+        .entry("labels")
+        .or_insert_with(|| json!({}));
+    labels_map
+        .as_object_mut()
+        .ok_or_else(|| format!("{kind}: {where_}metadata.labels is not an object"))?
+        .insert(labels::PROXY.into(), json!("true"));
+    Ok(Outcome::Injected)
+}
+
+fn init_container(s: &InjectSettings) -> Value {
+    json!({
+        "name": INIT_CONTAINER,
+        "image": s.proxy_image,
+        "args": ["init", "--proxy-uid", s.proxy_uid.to_string()],
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsNonRoot": false,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+        }
+    })
+}
+
+fn proxy_container(s: &InjectSettings) -> Value {
+    let env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    json!({
+        "name": PROXY_CONTAINER,
+        "image": s.proxy_image,
+        "restartPolicy": "Always",
+        "args": [
+            "--node", "$(POD_NAMESPACE)/$(POD_NAME)",
+            "--service-account", "$(SERVICE_ACCOUNT)",
+            "--transparent", "true",
+            "--xds", s.xds_addr,
+            "--ca-addr", s.ca_addr,
+            "--ca-root", "/var/run/secrets/mesh/ca.crt",
+            "--ca-token-file", "/var/run/secrets/tokens/mesh-ca-token",
+            "--trust-domain", s.trust_domain
+        ],
+        "env": [
+            env("POD_NAME", "metadata.name"),
+            env("POD_NAMESPACE", "metadata.namespace"),
+            env("SERVICE_ACCOUNT", "spec.serviceAccountName")
+        ],
+        "ports": [{"name": "mesh-metrics", "containerPort": ports::PROXY_METRICS}],
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": ports::PROXY_METRICS},
+            "periodSeconds": 2
+        },
+        "securityContext": {
+            "runAsUser": s.proxy_uid,
+            "runAsGroup": s.proxy_uid,
+            "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]}
+        },
+        "volumeMounts": [
+            {"name": "mesh-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
+            {"name": "mesh-ca-root", "mountPath": "/var/run/secrets/mesh", "readOnly": true}
+        ]
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> InjectSettings {
+        InjectSettings {
+            proxy_image: "mesh/mesh-proxy:test".into(),
+            xds_addr: "mesh-controller.mesh-system.svc:15010".into(),
+            ca_addr: "mesh-ca.mesh-system.svc:15012".into(),
+            trust_domain: "cluster.local".into(),
+            proxy_uid: 1337,
+        }
+    }
+
+    fn pod() -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "web", "labels": {"app": "web"}},
+               "spec": {"containers": [{"name": "app", "image": "web:1"}],
+                        "initContainers": [{"name": "migrate", "image": "web:1"}]}})
+    }
+
+    fn names(spec: &Value, list: &str) -> Vec<String> {
+        spec[list]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .map(|c| c["name"].as_str().unwrap_or("").to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_pod_gets_the_init_container_and_the_native_sidecar_first() {
+        let mut p = pod();
+        assert_eq!(inject(&mut p, true, &settings()), Ok(Outcome::Injected));
+        assert_eq!(
+            names(&p["spec"], "initContainers"),
+            ["mesh-init", "mesh-proxy", "migrate"]
+        );
+        assert_eq!(names(&p["spec"], "containers"), ["app"]);
+        let proxy = &p["spec"]["initContainers"][1];
+        assert_eq!(proxy["restartPolicy"], "Always");
+        assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
+        assert_eq!(p["metadata"]["labels"]["mesh.dev/proxy"], "true");
+        assert_eq!(p["metadata"]["labels"]["app"], "web", "other labels kept");
+        let vols: Vec<&str> = p["spec"]["volumes"]
+            .as_array()
+            .map(|v| v.iter().filter_map(|x| x["name"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(vols, ["mesh-token", "mesh-ca-root"]);
+        // Twice: nothing changes.
+        let once = p.clone();
+        assert_eq!(
+            inject(&mut p, true, &settings()),
+            Ok(Outcome::AlreadyInjected)
+        );
+        assert_eq!(p, once);
+    }
+
+    #[test]
+    fn a_deployment_and_a_cronjob_get_it_in_their_pod_template() {
+        let mut d = json!({"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "web"},
+            "spec": {"template": {"metadata": {"labels": {"app": "web"}},
+                                  "spec": {"containers": [{"name": "app"}]}}}});
+        assert_eq!(inject(&mut d, true, &settings()), Ok(Outcome::Injected));
+        assert_eq!(
+            names(&d["spec"]["template"]["spec"], "initContainers"),
+            ["mesh-init", "mesh-proxy"]
+        );
+        let mut cj = json!({"kind": "CronJob", "spec": {"jobTemplate": {"spec": {"template":
+            {"spec": {"containers": [{"name": "job"}]}}}}}});
+        assert_eq!(inject(&mut cj, true, &settings()), Ok(Outcome::Injected));
+        assert!(
+            cj["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]["mesh.dev/proxy"]
+                == "true"
+        );
+    }
+
+    #[test]
+    fn labels_and_host_network_decide_and_bad_objects_are_named() {
+        let mut p = pod();
+        p["metadata"]["labels"]["mesh.dev/inject"] = json!("disabled");
+        assert!(
+            matches!(inject(&mut p, true, &settings()), Ok(Outcome::Skipped(w)) if w.contains("disabled"))
+        );
+        let mut p = pod();
+        assert!(
+            matches!(inject(&mut p, false, &settings()), Ok(Outcome::Skipped(w)) if w.contains("neither"))
+        );
+        p["metadata"]["labels"]["mesh.dev/inject"] = json!("enabled");
+        assert_eq!(inject(&mut p, false, &settings()), Ok(Outcome::Injected));
+        let mut h = pod();
+        h["spec"]["hostNetwork"] = json!(true);
+        assert!(
+            matches!(inject(&mut h, true, &settings()), Ok(Outcome::Skipped(w)) if w.contains("hostNetwork"))
+        );
+        let mut cm = json!({"kind": "ConfigMap", "data": {}});
+        assert!(matches!(
+            inject(&mut cm, true, &settings()),
+            Ok(Outcome::Skipped(_))
+        ));
+        let mut bad = json!({"kind": "Deployment", "spec": {}});
+        assert_eq!(
+            inject(&mut bad, true, &settings()),
+            Err("Deployment: spec.template is missing".into())
+        );
+        let mut bad = json!({"kind": "Pod", "spec": {"containers": [], "initContainers": "x"}});
+        assert_eq!(
+            inject(&mut bad, true, &settings()),
+            Err("Pod: spec.initContainers is not a list".into())
+        );
+        let mut none = json!({"metadata": {}});
+        assert!(inject(&mut none, true, &settings()).is_err());
+    }
+}
