@@ -11,4 +11,5 @@ pub mod run;
 pub mod source;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+pub mod webhook;
 pub mod xds;
