@@ -206,12 +206,4 @@ pub async fn tls_probe(
     Ok(out)
 }
 
-/// The value of a counter line in Prometheus text (`name{labels} value`), 0 if absent.
-pub fn counter(metrics: &str, line_prefix: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
+pub use mesh_api::prom::count as counter;

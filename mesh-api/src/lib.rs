@@ -14,6 +14,7 @@ pub mod duration;
 pub mod inject;
 #[cfg(feature = "process")]
 pub mod process;
+pub mod prom;
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;

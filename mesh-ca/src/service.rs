@@ -11,7 +11,6 @@ use mesh_api::ca_proto::certificate_service_server::CertificateService;
 use mesh_api::ca_proto::{AUTHORIZATION, CreateCertificateRequest, CreateCertificateResponse};
 use mesh_api::consts::identity;
 use mesh_api::tls::{Bundle, Identity};
-use rcgen::{CertificateParams, KeyPair, SanType};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
@@ -98,14 +97,10 @@ impl Ca {
     /// Issues the CA's serving certificate (a fresh key, the default lifetime).
     pub fn issue_serving(&self) -> Result<(), CaError> {
         let id = self.id()?;
-        let key = KeyPair::generate().map_err(CaError::Key)?;
-        let mut params = CertificateParams::default();
-        params.subject_alt_names =
-            vec![SanType::URI(id.as_str().try_into().map_err(CaError::Key)?)];
-        let csr = params.serialize_request(&key).map_err(CaError::Key)?;
+        let (key, csr) = mesh_api::tls::renew::key_and_csr(&id).map_err(CaError::Key)?;
         let authority = self.authority.load();
         let now = SystemTime::now();
-        let issued = authority.sign(csr.der(), &id, self.default_lifetime, now)?;
+        let issued = authority.sign(&csr, &id, self.default_lifetime, now)?;
         let bundle = Bundle::new(authority.bundle().to_vec()).map_err(CaError::Bundle)?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         self.serving

@@ -289,14 +289,6 @@ fn stats(samples: &[Sample]) -> (u64, f64, f64, f64) {
     )
 }
 
-fn counter(text: &str, prefix: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 /// The release the demo walks through: a name and the weights of v1, v2, v3.
 const STEPS: [(&str, [u32; 3]); 6] = [
     ("all traffic on v1", [100, 0, 0]),
@@ -442,7 +434,7 @@ pub async fn run(
             })
             .collect();
         let client_metrics = mesh.client.metrics.encode();
-        let handshakes = counter(
+        let handshakes = mesh_api::prom::count(
             &client_metrics,
             "mesh_proxy_tls_handshakes_total{direction=\"outbound\"}",
         );
@@ -461,7 +453,7 @@ pub async fn run(
                 .filter(|(_, w)| **w > 0)
                 .all(|(p, _)| {
                     let m = p.metrics.encode();
-                    counter(&m, &peer_line) > 0 && !refused(&m)
+                    mesh_api::prom::count(&m, &peer_line) > 0 && !refused(&m)
                 });
         let report = StepReport {
             name: name.to_string(),

@@ -19,6 +19,15 @@ use crate::ca_proto::{AUTHORIZATION, CreateCertificateRequest};
 use crate::consts::identity as ids;
 use crate::spiffe::SpiffeId;
 
+/// A fresh ECDSA P-256 key, in memory, and a CSR (DER) for `id`.
+pub fn key_and_csr(id: &SpiffeId) -> Result<(KeyPair, Vec<u8>), rcgen::Error> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    let csr = params.serialize_request(&key)?.der().to_vec();
+    Ok((key, csr))
+}
+
 /// Where and how a workload gets its SVID.
 #[derive(Clone, Debug)]
 pub struct SvidSettings {
@@ -185,16 +194,9 @@ impl SvidClient {
         let s = &self.settings;
         let token = std::fs::read_to_string(&s.token_file)
             .map_err(|e| format!("token file {}: {e}", s.token_file.display()))?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            s.id.as_str().try_into().map_err(|e| format!("{e}"))?,
-        )];
-        let csr = params
-            .serialize_request(&key)
-            .map_err(|e| format!("CSR: {e}"))?;
+        let (key, csr) = key_and_csr(&s.id).map_err(|e| format!("CSR: {e}"))?;
         let mut req = tonic::Request::new(CreateCertificateRequest {
-            csr: csr.der().to_vec(),
+            csr,
             validity_seconds: s.lifetime.as_secs(),
         });
         let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {

@@ -82,13 +82,6 @@ fn days_left(unix: f64) -> f64 {
     (unix - now) / 86_400.0
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// Routes of the local directory: backends exist with the port, weights are valid, and no two
 /// routes claim the same parent with the same match.
 fn config(local: &LocalDir, c: &mut Checks) {
@@ -364,7 +357,8 @@ async fn identity(args: &CheckArgs, c: &mut Checks) -> Option<String> {
             return None;
         }
     };
-    match metric(&text, "mesh_ca_signing_certificate_expiry_seconds").map(days_left) {
+    match mesh_api::prom::sample(&text, "mesh_ca_signing_certificate_expiry_seconds").map(days_left)
+    {
         Some(d) if d < 0.0 => c.fail(
             CAT,
             format!("the signing certificate expired {:.0} days ago", -d),
@@ -385,7 +379,7 @@ async fn identity(args: &CheckArgs, c: &mut Checks) -> Option<String> {
             "check mesh-ca's version and log",
         ),
     }
-    match metric(&text, "mesh_ca_trust_bundle_roots") {
+    match mesh_api::prom::sample(&text, "mesh_ca_trust_bundle_roots") {
         Some(n) if n >= 2.0 => c.warn(
             CAT,
             format!("the trust bundle holds {n} roots"),
