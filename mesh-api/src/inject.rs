@@ -19,6 +19,10 @@ pub struct InjectSettings {
     pub ca_addr: String,
     pub trust_domain: String,
     pub proxy_uid: i64,
+    /// The proxy's log filter (`MESH_LOG`).
+    pub log_level: String,
+    /// The proxy container's `resources`; `null` for none.
+    pub resources: Value,
 }
 
 /// What injection did.
@@ -29,6 +33,9 @@ pub enum Outcome {
     /// Left alone, and why.
     Skipped(String),
 }
+
+/// The UID mesh-proxy runs as; the interception rules exempt it.
+pub const PROXY_UID: i64 = 1337;
 
 /// Container names the injection adds.
 pub const PROXY_CONTAINER: &str = "mesh-proxy";
@@ -185,7 +192,7 @@ fn init_container(s: &InjectSettings) -> Value {
 
 fn proxy_container(s: &InjectSettings) -> Value {
     let env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
-    json!({
+    let mut c = json!({
         "name": PROXY_CONTAINER,
         "image": s.proxy_image,
         "restartPolicy": "Always",
@@ -202,7 +209,8 @@ fn proxy_container(s: &InjectSettings) -> Value {
         "env": [
             env("POD_NAME", "metadata.name"),
             env("POD_NAMESPACE", "metadata.namespace"),
-            env("SERVICE_ACCOUNT", "spec.serviceAccountName")
+            env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": crate::consts::env::LOG, "value": s.log_level}
         ],
         "ports": [{"name": "mesh-metrics", "containerPort": ports::PROXY_METRICS}],
         "readinessProbe": {
@@ -221,7 +229,11 @@ fn proxy_container(s: &InjectSettings) -> Value {
             {"name": "mesh-token", "mountPath": "/var/run/secrets/tokens", "readOnly": true},
             {"name": "mesh-ca-root", "mountPath": "/var/run/secrets/mesh", "readOnly": true}
         ]
-    })
+    });
+    if !s.resources.is_null() {
+        c["resources"] = s.resources.clone();
+    }
+    c
 }
 
 #[cfg(test)]
@@ -235,6 +247,8 @@ mod tests {
             ca_addr: "mesh-ca.mesh-system.svc:15012".into(),
             trust_domain: "cluster.local".into(),
             proxy_uid: 1337,
+            log_level: "info".into(),
+            resources: json!({"requests": {"cpu": "10m"}}),
         }
     }
 

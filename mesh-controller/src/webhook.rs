@@ -65,7 +65,9 @@ mod tests {
             xds_addr: "x:15010".into(),
             ca_addr: "c:15012".into(),
             trust_domain: "cluster.local".into(),
-            proxy_uid: 1337,
+            proxy_uid: mesh_api::inject::PROXY_UID,
+            log_level: "info".into(),
+            resources: serde_json::Value::Null,
         }
     }
 

@@ -1,7 +1,11 @@
 //! meshctl: the mesh's command-line tool. The binary is a thin wrapper; commands live here so
 //! tests can call them.
 
+pub mod cluster;
 pub mod cmd;
 pub mod demo;
 pub mod demo_service;
+#[cfg(test)]
+pub(crate) mod fake_api;
+pub mod install;
 pub mod mesh;

@@ -3,10 +3,10 @@
 //! template pass through unchanged.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use mesh_api::inject::{InjectSettings, Outcome, inject};
+use mesh_api::inject::{Outcome, inject};
 use serde::Deserialize;
 
 #[derive(Debug, clap::Args)]
@@ -14,20 +14,24 @@ pub struct InjectArgs {
     /// The manifest file (`-`: standard input).
     #[arg(short = 'f', long)]
     pub filename: PathBuf,
-    /// mesh-proxy's image.
-    #[arg(long, default_value = concat!("ghcr.io/mesh-dev/mesh-proxy:", env!("CARGO_PKG_VERSION")))]
-    pub proxy_image: String,
-    /// The controller's xDS address as pods reach it.
-    #[arg(long, default_value = "mesh-controller.mesh-system.svc:15010")]
-    pub xds: String,
-    /// mesh-ca's address as pods reach it.
-    #[arg(long, default_value = "mesh-ca.mesh-system.svc:15012")]
-    pub ca: String,
-    #[arg(long, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
-    pub trust_domain: String,
-    /// The proxy's UID.
-    #[arg(long, default_value_t = 1337)]
-    pub proxy_uid: i64,
+    /// The install's values files (as given to `meshctl install`): images, trust domain and
+    /// proxy settings come from them.
+    #[arg(long = "values")]
+    pub values: Vec<PathBuf>,
+    /// The control plane's namespace.
+    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    pub namespace: String,
+}
+
+impl InjectArgs {
+    /// Injecting `file` as the default install would.
+    pub fn for_file(file: &Path) -> Self {
+        Self {
+            filename: file.to_path_buf(),
+            values: Vec::new(),
+            namespace: mesh_api::consts::identity::SYSTEM_NAMESPACE.into(),
+        }
+    }
 }
 
 /// Injects into every document; writes the result to `out` and what was done to `report`.
@@ -40,13 +44,9 @@ pub fn run(args: &InjectArgs, out: &mut dyn Write, report: &mut dyn Write) -> an
         std::fs::read_to_string(&args.filename)
             .with_context(|| format!("reading {}", args.filename.display()))?
     };
-    let settings = InjectSettings {
-        proxy_image: args.proxy_image.clone(),
-        xds_addr: args.xds.clone(),
-        ca_addr: args.ca.clone(),
-        trust_domain: args.trust_domain.clone(),
-        proxy_uid: args.proxy_uid,
-    };
+    let paths: Vec<&Path> = args.values.iter().map(PathBuf::as_path).collect();
+    let values = crate::install::values::Values::from_files(&paths)?;
+    let settings = crate::install::manifests::inject_settings(&values, &args.namespace);
     let mut docs = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
         let what = || format!("{} document {}", args.filename.display(), i + 1);
@@ -94,14 +94,14 @@ mod tests {
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: app, image: web:1}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n",
         )
         .expect("write");
-        let args = InjectArgs {
-            filename: file.clone(),
-            proxy_image: "mesh-proxy:test".into(),
-            xds: "x:1".into(),
-            ca: "c:2".into(),
-            trust_domain: "cluster.local".into(),
-            proxy_uid: 1337,
-        };
+        let values = dir.path().join("values.yaml");
+        std::fs::write(
+            &values,
+            "image: {registry: r.example, tag: t1}\nproxy: {logLevel: debug}\n",
+        )
+        .expect("write");
+        let mut args = InjectArgs::for_file(&file);
+        args.values.push(values);
         let (mut out, mut report) = (Vec::new(), Vec::new());
         run(&args, &mut out, &mut report).expect("inject");
         let report = String::from_utf8_lossy(&report);
@@ -110,6 +110,12 @@ mod tests {
         let text = String::from_utf8_lossy(&out);
         assert!(
             text.contains("name: mesh-proxy") && text.contains("restartPolicy: Always"),
+            "{text}"
+        );
+        // The install's values decide the image and the proxy's settings.
+        assert!(text.contains("image: r.example/mesh-proxy:t1"), "{text}");
+        assert!(
+            text.contains("value: debug") && text.contains("memory: 256Mi"),
             "{text}"
         );
         // Injecting the output again changes nothing.

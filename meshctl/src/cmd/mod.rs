@@ -33,6 +33,18 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Add the mesh's sidecar to the pods of manifests, offline (prints the result).
     Inject(inject::InjectArgs),
+    /// Install the mesh into the current cluster (or print its objects with --dry-run).
+    Install(crate::install::InstallArgs),
+    /// Upgrade an installed mesh to this meshctl's version (one minor version at a time).
+    Upgrade(crate::install::InstallArgs),
+    /// Remove what install created.
+    Uninstall(crate::install::UninstallArgs),
+}
+
+fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Which mesh a command works on.
@@ -88,6 +100,24 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
                 crate::demo::run(&a, &mut std::io::stdout(), &mut std::io::stderr()).await?;
                 Ok(())
             }),
+        Command::Install(a) | Command::Upgrade(a) if a.dry_run => {
+            crate::install::dry_run(&a, &mut std::io::stdout())
+        }
+        Command::Install(a) => current_thread()?.block_on(async {
+            let cluster = crate::cluster::Cluster::connect().await?;
+            crate::install::apply(&cluster, &a, false, &mut std::io::stdout()).await?;
+            Ok(())
+        }),
+        Command::Upgrade(a) => current_thread()?.block_on(async {
+            let cluster = crate::cluster::Cluster::connect().await?;
+            crate::install::apply(&cluster, &a, true, &mut std::io::stdout()).await?;
+            Ok(())
+        }),
+        Command::Uninstall(a) => current_thread()?.block_on(async {
+            let cluster = crate::cluster::Cluster::connect().await?;
+            crate::install::uninstall(&cluster, &a, &mut std::io::stdout()).await?;
+            Ok(())
+        }),
         Command::DemoService(d) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)

@@ -1,0 +1,200 @@
+//! The Helm chart and `meshctl install --dry-run` yield the same objects, with default values
+//! and with a values file; the chart lints; every object (and an injected workload) validates
+//! against the Kubernetes schemas of each version the chart claims.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mesh_e2e::{peer, workspace_root};
+use meshctl::install::{Format, InstallArgs, manifests::key};
+use serde_json::Value;
+
+/// Kubernetes versions validated: the chart's `kubeVersion` floor (native sidecars on by
+/// default) up to the newest schemas kubernetes-validate has.
+const KUBERNETES_VERSIONS: [&str; 5] = ["1.29.0", "1.31.0", "1.33.0", "1.35.0", "1.37.0"];
+
+fn chart() -> PathBuf {
+    workspace_root().join("deploy/charts/mesh")
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn docs(yaml: &str) -> BTreeMap<String, Value> {
+    use serde::Deserialize;
+    let mut out = BTreeMap::new();
+    for d in serde_yaml::Deserializer::from_str(yaml) {
+        let v = Value::deserialize(d).expect("a YAML document");
+        if v.is_null() {
+            continue;
+        }
+        assert!(
+            out.insert(key(&v), v.clone()).is_none(),
+            "{} twice",
+            key(&v)
+        );
+    }
+    out
+}
+
+fn meshctl_objects(values: Option<&Path>) -> String {
+    let args = InstallArgs {
+        values: values.map(Path::to_path_buf).into_iter().collect(),
+        namespace: "mesh-system".into(),
+        skip_gateway_api_crds: false,
+        dry_run: true,
+        output: Format::Yaml,
+        timeout: std::time::Duration::from_secs(1),
+    };
+    let mut out = Vec::new();
+    meshctl::install::dry_run(&args, &mut out).expect("meshctl install --dry-run");
+    String::from_utf8(out).expect("utf-8")
+}
+
+fn helm_objects(helm: &Path, values: Option<&Path>) -> String {
+    let mut cmd = Command::new(helm);
+    cmd.args(["template", "mesh"]).arg(chart()).args([
+        "--namespace",
+        "mesh-system",
+        "--include-crds",
+    ]);
+    if let Some(v) = values {
+        cmd.arg("-f").arg(v);
+    }
+    run(&mut cmd)
+}
+
+fn assert_same(meshctl: &str, helm: &str) {
+    let (a, b) = (docs(meshctl), docs(helm));
+    let only = |x: &BTreeMap<String, Value>, y: &BTreeMap<String, Value>| {
+        x.keys()
+            .filter(|k| !y.contains_key(*k))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        only(&a, &b).is_empty() && only(&b, &a).is_empty(),
+        "only from meshctl: {:?}; only from helm: {:?}",
+        only(&a, &b),
+        only(&b, &a)
+    );
+    for (k, v) in &a {
+        assert!(
+            *v == b[k],
+            "{k} differs.\nmeshctl:\n{}\nhelm:\n{}",
+            serde_json::to_string_pretty(v).unwrap_or_default(),
+            serde_json::to_string_pretty(&b[k]).unwrap_or_default()
+        );
+    }
+    assert!(a.len() >= 20, "{} objects", a.len());
+}
+
+#[test]
+fn helm_template_equals_meshctl_install_dry_run() {
+    let Some(helm) = peer("MESH_HELM", "helm") else {
+        return;
+    };
+    assert_same(&meshctl_objects(None), &helm_objects(&helm, None));
+
+    // Every value the templates read, changed.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "image: {registry: registry.example/mesh, tag: v9, pullPolicy: Always}
+trustDomain: prod.example
+mtlsMode: STRICT
+controller: {replicas: 3, logLevel: debug, resources: {requests: {cpu: 1}}}
+ca: {certLifetime: 12h, logLevel: warn, resources: {limits: {memory: 1Gi}}}
+proxy: {logLevel: trace, resources: {requests: {cpu: 5m}}}
+webhook: {failurePolicy: Ignore}
+",
+    )
+    .expect("write values");
+    let ours = meshctl_objects(Some(&values));
+    assert!(
+        ours.contains("registry.example/mesh/mesh-proxy:v9"),
+        "{ours}"
+    );
+    assert_same(&ours, &helm_objects(&helm, Some(&values)));
+}
+
+#[test]
+fn helm_lints_the_chart_and_its_schema_refuses_bad_values() {
+    let Some(helm) = peer("MESH_HELM", "helm") else {
+        return;
+    };
+    run(Command::new(&helm).args(["lint", "--strict"]).arg(chart()));
+    let out = Command::new(&helm)
+        .args(["template", "mesh"])
+        .arg(chart())
+        .args(["--set", "mtlsMode=MAYBE"])
+        .output()
+        .expect("helm template");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("mtlsMode"), "{err}");
+}
+
+#[test]
+fn manifests_validate_against_each_kubernetes_version_the_chart_claims() {
+    let Some(validate) = peer("MESH_KUBERNETES_VALIDATE", "kubernetes-validate") else {
+        return;
+    };
+    let chart_yaml = std::fs::read_to_string(chart().join("Chart.yaml")).expect("Chart.yaml");
+    assert!(
+        chart_yaml.contains("kubeVersion: \">=1.29.0-0\""),
+        "{chart_yaml}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let install = dir.path().join("install.yaml");
+    std::fs::write(&install, meshctl_objects(None)).expect("write");
+    // An injected Deployment: the native sidecar and the init container as a cluster sees them.
+    let app = dir.path().join("app.yaml");
+    std::fs::write(
+        &app,
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: reviews, namespace: shop}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  template:
+    metadata: {labels: {app: reviews}}
+    spec:
+      serviceAccountName: reviews
+      containers: [{name: app, image: reviews:v1, ports: [{containerPort: 8080}]}]
+",
+    )
+    .expect("write");
+    let injected = dir.path().join("injected.yaml");
+    let mut out = Vec::new();
+    let mut errs = Vec::new();
+    meshctl::cmd::inject::run(
+        &meshctl::cmd::inject::InjectArgs::for_file(&app),
+        &mut out,
+        &mut errs,
+    )
+    .expect("meshctl inject");
+    assert!(String::from_utf8_lossy(&out).contains("restartPolicy: Always"));
+    std::fs::write(&injected, out).expect("write");
+    for version in KUBERNETES_VERSIONS {
+        let out = run(Command::new(&validate)
+            .args(["--strict", "--quiet", "-k", version])
+            .arg(&install)
+            .arg(&injected));
+        assert!(
+            !out.contains("ERROR") && !out.contains("WARN"),
+            "{version}: {out}"
+        );
+    }
+}

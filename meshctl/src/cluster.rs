@@ -1,0 +1,267 @@
+//! The Kubernetes API as meshctl uses it: objects as JSON, applied with server-side apply
+//! (field manager `meshctl`), read and deleted by their `apiVersion`, `kind` and name.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::ApiResource;
+use serde_json::Value;
+
+/// The field manager of everything meshctl applies.
+pub const FIELD_MANAGER: &str = "meshctl";
+/// How often waits poll the API server.
+const POLL: Duration = Duration::from_millis(250);
+
+/// A connection to a cluster's API server.
+#[derive(Clone)]
+pub struct Cluster {
+    client: kube::Client,
+    poll: Duration,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").finish_non_exhaustive()
+    }
+}
+
+/// What applying one object did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+impl Applied {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::Configured => "configured",
+            Self::Unchanged => "unchanged",
+        }
+    }
+}
+
+/// The REST resource of the kinds meshctl works with: `(plural, namespaced)`.
+fn resource(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
+    Some(match (api_version, kind) {
+        ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
+            ("customresourcedefinitions", false)
+        }
+        ("v1", "Namespace") => ("namespaces", false),
+        ("v1", "ServiceAccount") => ("serviceaccounts", true),
+        ("v1", "Service") => ("services", true),
+        ("v1", "ConfigMap") => ("configmaps", true),
+        ("v1", "Secret") => ("secrets", true),
+        ("v1", "Pod") => ("pods", true),
+        ("rbac.authorization.k8s.io/v1", "ClusterRole") => ("clusterroles", false),
+        ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => ("clusterrolebindings", false),
+        ("rbac.authorization.k8s.io/v1", "Role") => ("roles", true),
+        ("rbac.authorization.k8s.io/v1", "RoleBinding") => ("rolebindings", true),
+        ("apps/v1", "Deployment") => ("deployments", true),
+        ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
+            ("mutatingwebhookconfigurations", false)
+        }
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => ("httproutes", true),
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => ("grpcroutes", true),
+        _ => return None,
+    })
+}
+
+/// Where an object lives: its API and its name.
+struct Target {
+    api: Api<DynamicObject>,
+    name: String,
+    what: String,
+}
+
+fn field<'a>(o: &'a Value, pointer: &str) -> &'a str {
+    o.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+impl Cluster {
+    pub fn new(client: kube::Client) -> Self {
+        Self { client, poll: POLL }
+    }
+
+    /// How often waits poll (tests poll faster).
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// The cluster of the current kubeconfig context (or the pod's service account).
+    pub async fn connect() -> anyhow::Result<Self> {
+        let client = kube::Client::try_default().await.context(
+            "connecting to the Kubernetes API (kubeconfig or in-cluster config); for a local \
+             mesh pass --local DIR",
+        )?;
+        Ok(Self::new(client))
+    }
+
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    fn target(&self, o: &Value) -> anyhow::Result<Target> {
+        let api_version = field(o, "/apiVersion");
+        let kind = field(o, "/kind");
+        let name = field(o, "/metadata/name");
+        let ns = field(o, "/metadata/namespace");
+        let what = crate::install::manifests::key(o);
+        let Some((plural, namespaced)) = resource(api_version, kind) else {
+            bail!("{what}: meshctl does not handle {api_version} {kind}");
+        };
+        if name.is_empty() {
+            bail!("{what}: metadata.name is empty");
+        }
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let ar = ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: api_version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        };
+        let api = match (namespaced, ns) {
+            (true, "") => bail!("{what}: metadata.namespace is empty"),
+            (true, ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+            (false, _) => Api::all_with(self.client.clone(), &ar),
+        };
+        Ok(Target {
+            api,
+            name: name.into(),
+            what,
+        })
+    }
+
+    /// The object as the cluster has it, `None` when it does not exist.
+    pub async fn get(&self, o: &Value) -> anyhow::Result<Option<Value>> {
+        let t = self.target(o)?;
+        let got = t
+            .api
+            .get_opt(&t.name)
+            .await
+            .with_context(|| format!("reading {}", t.what))?;
+        got.map(serde_json::to_value)
+            .transpose()
+            .map_err(Into::into)
+    }
+
+    /// Server-side apply of `o`, taking ownership of its fields from other managers.
+    pub async fn apply(&self, o: &Value) -> anyhow::Result<Applied> {
+        let t = self.target(o)?;
+        let before = t
+            .api
+            .get_opt(&t.name)
+            .await
+            .with_context(|| format!("reading {}", t.what))?;
+        let after = t
+            .api
+            .patch(
+                &t.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(o),
+            )
+            .await
+            .with_context(|| format!("applying {}", t.what))?;
+        Ok(match before {
+            None => Applied::Created,
+            Some(b) if b.metadata.resource_version == after.metadata.resource_version => {
+                Applied::Unchanged
+            }
+            Some(_) => Applied::Configured,
+        })
+    }
+
+    /// Deletes `o`; `false` when it was not there.
+    pub async fn delete(&self, o: &Value) -> anyhow::Result<bool> {
+        let t = self.target(o)?;
+        match t.api.delete(&t.name, &DeleteParams::background()).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("deleting {}", t.what)),
+        }
+    }
+
+    /// Creates `o` in a cluster-scoped or namespaced collection and returns what the API
+    /// server answered (for reviews such as SelfSubjectAccessReview).
+    pub async fn create_review(&self, ar: &ApiResource, o: &Value) -> anyhow::Result<Value> {
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
+        let obj: DynamicObject = serde_json::from_value(o.clone())?;
+        let got = api
+            .create(&PostParams::default(), &obj)
+            .await
+            .with_context(|| format!("creating a {}", ar.kind))?;
+        Ok(serde_json::to_value(got)?)
+    }
+
+    /// Polls `o` until `done` says it is, printing what `progress` says whenever it changes.
+    /// Gives up after `timeout` with the last progress in the error.
+    pub async fn wait_for(
+        &self,
+        o: &Value,
+        timeout: Duration,
+        done: impl Fn(&Value) -> (bool, String),
+        mut progress: impl FnMut(&str),
+    ) -> anyhow::Result<()> {
+        let what = crate::install::manifests::key(o);
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            let (ok, status) = match self.get(o).await? {
+                Some(live) => done(&live),
+                None => (false, "not found".to_owned()),
+            };
+            if ok {
+                return Ok(());
+            }
+            if status != last {
+                progress(&status);
+                last = status;
+            }
+            if Instant::now() >= deadline {
+                bail!("{what}: not ready after {timeout:?}: {last}");
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+}
+
+/// Whether a CRD's `Established` condition is true.
+pub fn crd_established(crd: &Value) -> (bool, String) {
+    let conditions = crd
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let established = conditions
+        .iter()
+        .any(|c| field(c, "/type") == "Established" && field(c, "/status") == "True");
+    let status = if established {
+        "established"
+    } else {
+        "waiting to be established"
+    };
+    (established, status.to_owned())
+}
+
+/// Whether a Deployment's rollout is complete: the controller saw the latest spec and every
+/// replica is updated and available.
+pub fn rollout_done(d: &Value) -> (bool, String) {
+    let n = |p: &str| d.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+    let want = d
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let seen = n("/status/observedGeneration") >= n("/metadata/generation");
+    let updated = n("/status/updatedReplicas");
+    let available = n("/status/availableReplicas");
+    let done = seen && updated >= want && available >= want && n("/status/replicas") <= want;
+    (
+        done,
+        format!("{available}/{want} available, {updated}/{want} updated"),
+    )
+}

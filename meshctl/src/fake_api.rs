@@ -1,0 +1,276 @@
+//! A small in-memory Kubernetes API server behind kube-rs's mock client, for tests: objects
+//! by path, server-side apply (a changed object gets a new resourceVersion, an unchanged one
+//! keeps it), deletes, CRDs that become Established and Deployments that roll out after a few
+//! reads, and SelfSubjectAccessReviews answered from a list of denied permissions. Every
+//! request is logged.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use kube::client::Body;
+use serde_json::{Value, json};
+
+use crate::cluster::Cluster;
+
+/// One request as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub content_type: String,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub objects: BTreeMap<String, Value>,
+    pub log: Vec<Logged>,
+    rv: u64,
+    /// Reads of a CRD before it reports Established.
+    pub established_after: u32,
+    /// Reads of a Deployment before its replicas are available.
+    pub rollout_after: u32,
+    reads: BTreeMap<String, u32>,
+    /// `(verb, group, resource)` that SelfSubjectAccessReviews deny.
+    pub denied: Vec<(String, String, String)>,
+    /// Requests answered with this error status instead (API server unreachable, ...).
+    pub fail_all: Option<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeApi(pub Arc<Mutex<State>>);
+
+impl FakeApi {
+    /// A cluster client talking to a new fake, and the fake.
+    pub fn start() -> (Cluster, FakeApi) {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let fake = FakeApi(Arc::new(Mutex::new(State {
+            established_after: 2,
+            rollout_after: 2,
+            ..State::default()
+        })));
+        let state = fake.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let resp = state.handle(req).await;
+                send.send_response(resp);
+            }
+        });
+        let cluster =
+            Cluster::new(kube::Client::new(svc, "default")).with_poll(Duration::from_millis(10));
+        (cluster, fake)
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.0.lock().expect("fake API state")
+    }
+
+    /// Stores `o` as if someone else had created it.
+    pub fn insert(&self, o: Value) {
+        let path = path_of(&o);
+        let mut s = self.state();
+        s.rv += 1;
+        let mut o = o;
+        o["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        s.objects.insert(path, o);
+    }
+
+    pub fn writes(&self) -> Vec<Logged> {
+        self.state()
+            .log
+            .iter()
+            .filter(|l| l.method != "GET")
+            .cloned()
+            .collect()
+    }
+
+    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        let method = parts.method.to_string();
+        let path = parts.uri.path().to_owned();
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let mut s = self.state();
+        s.log.push(Logged {
+            method: method.clone(),
+            path: path.clone(),
+            query: parts.uri.query().unwrap_or("").to_owned(),
+            content_type,
+        });
+        if let Some(code) = s.fail_all {
+            return status(
+                code,
+                "InternalError",
+                "the fake API server fails every request",
+            );
+        }
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        match method.as_str() {
+            "GET" => s.get(&path),
+            "PATCH" => s.apply(&path, body),
+            "DELETE" => match s.objects.remove(&path) {
+                Some(_) => respond(
+                    StatusCode::OK,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+                ),
+                None => status(404, "NotFound", &format!("{path} not found")),
+            },
+            "POST" if path.ends_with("/selfsubjectaccessreviews") => s.review(body),
+            _ => status(405, "MethodNotAllowed", &format!("{method} {path}")),
+        }
+    }
+}
+
+impl State {
+    fn get(&mut self, path: &str) -> Response<Body> {
+        let reads = {
+            let r = self.reads.entry(path.to_owned()).or_insert(0);
+            *r += 1;
+            *r
+        };
+        let (established_after, rollout_after) = (self.established_after, self.rollout_after);
+        let Some(o) = self.objects.get_mut(path) else {
+            return status(404, "NotFound", &format!("{path} not found"));
+        };
+        match o["kind"].as_str() {
+            Some("CustomResourceDefinition") if reads > established_after => {
+                o["status"] = json!({"conditions": [{"type": "Established", "status": "True"}]});
+            }
+            Some("Deployment") if reads > rollout_after => {
+                let n = o.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
+                o["status"]["availableReplicas"] = n.clone();
+                o["status"]["readyReplicas"] = n;
+            }
+            _ => {}
+        }
+        respond(StatusCode::OK, o)
+    }
+
+    fn apply(&mut self, path: &str, mut body: Value) -> Response<Body> {
+        let old = self.objects.get(path).cloned();
+        let comparable = |o: &Value| {
+            let mut o = o.clone();
+            if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+                m.remove("generation");
+            }
+            if let Some(m) = o.as_object_mut() {
+                m.remove("status");
+            }
+            o
+        };
+        let unchanged = old
+            .as_ref()
+            .is_some_and(|o| comparable(o) == comparable(&body));
+        if let Some(o) = &old
+            && unchanged
+        {
+            return respond(StatusCode::OK, o);
+        }
+        self.rv += 1;
+        self.reads.remove(path);
+        let generation = old
+            .as_ref()
+            .and_then(|o| o.pointer("/metadata/generation"))
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            + 1;
+        body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        body["metadata"]["generation"] = json!(generation);
+        match body["kind"].as_str() {
+            Some("CustomResourceDefinition") => {
+                body["status"] =
+                    json!({"conditions": [{"type": "Established", "status": "False"}]});
+            }
+            Some("Deployment") => {
+                let n = body.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
+                body["status"] = json!({"observedGeneration": generation, "replicas": n,
+                    "updatedReplicas": n, "availableReplicas": 0});
+            }
+            _ => {}
+        }
+        self.objects.insert(path.to_owned(), body.clone());
+        let code = if old.is_some() {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        respond(code, &body)
+    }
+
+    fn review(&mut self, mut body: Value) -> Response<Body> {
+        let attrs = body
+            .pointer("/spec/resourceAttributes")
+            .cloned()
+            .unwrap_or_default();
+        let f = |k: &str| {
+            attrs
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
+        let denied = self
+            .denied
+            .iter()
+            .any(|(v, g, r)| *v == f("verb") && *g == f("group") && *r == f("resource"));
+        body["status"] = json!({"allowed": !denied});
+        respond(StatusCode::CREATED, &body)
+    }
+}
+
+/// The REST path of an object (the fake keys objects by it).
+pub fn path_of(o: &Value) -> String {
+    let s = |p: &str| {
+        o.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned()
+    };
+    let api_version = s("/apiVersion");
+    let kind = s("/kind");
+    let plural = match kind.as_str() {
+        "CustomResourceDefinition" => "customresourcedefinitions".to_owned(),
+        "Namespace" => "namespaces".to_owned(),
+        "HTTPRoute" => "httproutes".to_owned(),
+        "GRPCRoute" => "grpcroutes".to_owned(),
+        k => format!("{}s", k.to_lowercase()),
+    };
+    let prefix = if api_version.contains('/') {
+        format!("/apis/{api_version}")
+    } else {
+        format!("/api/{api_version}")
+    };
+    match s("/metadata/namespace").as_str() {
+        "" => format!("{prefix}/{plural}/{}", s("/metadata/name")),
+        ns => format!("{prefix}/namespaces/{ns}/{plural}/{}", s("/metadata/name")),
+    }
+}
+
+fn respond(code: StatusCode, v: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::to_vec(v).unwrap_or_default()))
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+    respond(
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": reason, "message": message, "code": code}),
+    )
+}

@@ -1,0 +1,417 @@
+//! Every object `meshctl install` applies, in the order it applies them. The Helm chart in
+//! `deploy/charts/mesh` renders the same objects from the same values; a test keeps the two
+//! equal object by object.
+
+use mesh_api::consts::{identity, ports};
+use mesh_api::inject::InjectSettings;
+use serde_json::{Value, json};
+
+use super::values::Values;
+
+/// Name of the mutating webhook configuration.
+pub const WEBHOOK_CONFIG: &str = "mesh-sidecar-injector";
+/// Label every object of the install carries (uninstall and check find them by it).
+pub use mesh_api::crds::PART_OF;
+/// Where workload and controller pods mount the CA's root and their token for mesh-ca.
+const ROOT_DIR: &str = "/var/run/secrets/mesh";
+const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+/// The unprivileged user the control plane runs as (distroless `nonroot`).
+const NONROOT_UID: i64 = 65532;
+
+/// What to include besides the control plane.
+#[derive(Clone, Copy, Debug)]
+pub struct Include {
+    pub gateway_api_crds: bool,
+}
+
+/// The install's objects, CRDs first, then in dependency order.
+pub fn objects(v: &Values, ns: &str, include: Include) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    if include.gateway_api_crds {
+        for crd in mesh_api::crds::gateway_api_crds() {
+            out.push(serde_json::to_value(crd)?);
+        }
+    }
+    for crd in mesh_api::crds::mesh_crds() {
+        out.push(serde_json::to_value(crd)?);
+    }
+    out.push(json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": ns, "labels": labels(None)}
+    }));
+    let ca = identity::CA_SERVICE_ACCOUNT;
+    let ctl = identity::CONTROLLER_SERVICE_ACCOUNT;
+    for sa in [ca, ctl] {
+        out.push(json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": meta(sa, Some(ns), sa)
+        }));
+    }
+    out.extend(rbac(ns));
+    out.push(service(ns, ca, &[("grpc-ca", ports::CA, ports::CA)]));
+    out.push(service(
+        ns,
+        ctl,
+        &[
+            ("grpc-xds", ports::CONTROLLER_XDS, ports::CONTROLLER_XDS),
+            ("https-webhook", 443, ports::CONTROLLER_WEBHOOK),
+            (
+                "http-admin",
+                ports::CONTROLLER_ADMIN,
+                ports::CONTROLLER_ADMIN,
+            ),
+        ],
+    ));
+    out.push(ca_deployment(v, ns));
+    out.push(controller_deployment(v, ns));
+    out.push(webhook_config(v, ns));
+    Ok(out)
+}
+
+fn labels(component: Option<&str>) -> Value {
+    let mut l = json!({
+        PART_OF.0: PART_OF.1,
+        "app.kubernetes.io/version": super::values::APP_VERSION,
+    });
+    if let Some(c) = component {
+        l["app.kubernetes.io/name"] = json!(c);
+    }
+    l
+}
+
+fn meta(name: &str, ns: Option<&str>, component: &str) -> Value {
+    let mut m = json!({"name": name, "labels": labels(Some(component))});
+    if let Some(ns) = ns {
+        m["namespace"] = json!(ns);
+    }
+    m
+}
+
+fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
+    json!({"apiGroups": groups, "resources": resources, "verbs": verbs})
+}
+
+/// Least privilege: what each component's code calls, nothing more.
+fn rbac(ns: &str) -> Vec<Value> {
+    let ca = identity::CA_SERVICE_ACCOUNT;
+    let ctl = identity::CONTROLLER_SERVICE_ACCOUNT;
+    let watch = ["get", "list", "watch"];
+    let cluster_roles = [
+        (
+            ca,
+            vec![
+                // Workloads authenticate with their service account tokens.
+                rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+            ],
+        ),
+        (
+            ctl,
+            vec![
+                rule(&[""], &["namespaces", "services", "pods"], &watch),
+                rule(&["discovery.k8s.io"], &["endpointslices"], &watch),
+                rule(
+                    &["gateway.networking.k8s.io"],
+                    &["httproutes", "grpcroutes"],
+                    &watch,
+                ),
+                rule(
+                    &["mesh.dev"],
+                    &[
+                        "authorizationpolicies",
+                        "trafficpolicies",
+                        "ratelimitpolicies",
+                    ],
+                    &watch,
+                ),
+                // The CA's root, copied into each namespace whose pods get sidecars.
+                rule(&[""], &["configmaps"], &["get", "create", "update"]),
+                // The injector's caBundle, kept equal to the CA's root.
+                json!({"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"]}),
+            ],
+        ),
+    ];
+    // The CA keeps its signing key in a Secret of its namespace and publishes its root in a
+    // ConfigMap there.
+    let ca_rules = vec![
+        rule(&[""], &["secrets", "configmaps"], &["create"]),
+        json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": [ca], "verbs": ["get"]}),
+        json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["mesh-ca-root"], "verbs": ["get", "update"]}),
+    ];
+    let mut out = Vec::new();
+    for (name, rules) in cluster_roles {
+        out.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": meta(&format!("mesh-system:{name}"), None, name),
+            "rules": rules
+        }));
+        out.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": meta(&format!("mesh-system:{name}"), None, name),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("mesh-system:{name}")},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]
+        }));
+    }
+    out.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": meta(ca, Some(ns), ca),
+        "rules": ca_rules
+    }));
+    out.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": meta(ca, Some(ns), ca),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ca},
+        "subjects": [{"kind": "ServiceAccount", "name": ca, "namespace": ns}]
+    }));
+    out
+}
+
+fn service(ns: &str, name: &str, ports: &[(&str, u16, u16)]) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|&(n, port, target)| {
+            json!({"name": n, "port": port, "targetPort": target, "protocol": "TCP"})
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(name, Some(ns), name),
+        "spec": {
+            "selector": {"app.kubernetes.io/name": name},
+            "ports": ports
+        }
+    })
+}
+
+fn container_security() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": NONROOT_UID,
+        "runAsGroup": NONROOT_UID,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]}
+    })
+}
+
+fn probe(path: &str, port: u16) -> Value {
+    json!({"httpGet": {"path": path, "port": port}, "periodSeconds": 5})
+}
+
+fn env_field(name: &str, path: &str) -> Value {
+    json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}})
+}
+
+#[allow(clippy::too_many_arguments)]
+fn deployment(
+    v: &Values,
+    ns: &str,
+    name: &str,
+    replicas: u32,
+    args: Vec<String>,
+    log_level: &str,
+    ports: Vec<Value>,
+    admin_port: u16,
+    resources: Value,
+    mounts: Value,
+    volumes: Value,
+) -> Value {
+    let mut d = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(name, Some(ns), name),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+            "template": {
+                "metadata": {"labels": labels(Some(name))},
+                "spec": {
+                    "serviceAccountName": name,
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [{
+                        "name": name,
+                        "image": v.image(name),
+                        "imagePullPolicy": v.image.pull_policy,
+                        "args": args,
+                        "env": [
+                            {"name": mesh_api::consts::env::LOG, "value": log_level},
+                            {"name": mesh_api::consts::env::LOG_FORMAT, "value": "json"},
+                            env_field("POD_NAMESPACE", "metadata.namespace")
+                        ],
+                        "ports": ports,
+                        "readinessProbe": probe("/ready", admin_port),
+                        "livenessProbe": probe("/live", admin_port),
+                        "resources": resources,
+                        "securityContext": container_security(),
+                        "volumeMounts": mounts
+                    }],
+                    "volumes": volumes
+                }
+            }
+        }
+    });
+    // No empty lists: the chart leaves them out.
+    let spec = &mut d["spec"]["template"]["spec"];
+    if volumes_empty(&spec["volumes"]) {
+        if let Some(s) = spec.as_object_mut() {
+            s.remove("volumes");
+        }
+        if let Some(c) = spec["containers"][0].as_object_mut() {
+            c.remove("volumeMounts");
+        }
+    }
+    d
+}
+
+fn volumes_empty(v: &Value) -> bool {
+    v.as_array().is_none_or(Vec::is_empty)
+}
+
+fn ca_deployment(v: &Values, ns: &str) -> Value {
+    let name = identity::CA_SERVICE_ACCOUNT;
+    let args = vec![
+        "serve".to_owned(),
+        "--kubernetes".to_owned(),
+        format!("--secret={name}"),
+        format!("--trust-domain={}", v.trust_domain),
+        format!("--default-lifetime={}", v.ca.cert_lifetime),
+    ];
+    deployment(
+        v,
+        ns,
+        name,
+        1,
+        args,
+        v.ca.log_level.as_str(),
+        vec![
+            json!({"name": "grpc-ca", "containerPort": ports::CA}),
+            json!({"name": "http-admin", "containerPort": ports::CA_ADMIN}),
+        ],
+        ports::CA_ADMIN,
+        json!(v.ca.resources),
+        json!([]),
+        json!([]),
+    )
+}
+
+/// What the injector gives sidecars, for a control plane in `ns` (the controller's flags and
+/// `meshctl inject` both come from here).
+pub fn inject_settings(v: &Values, ns: &str) -> InjectSettings {
+    InjectSettings {
+        proxy_image: v.image("mesh-proxy"),
+        xds_addr: format!(
+            "{}.{ns}.svc:{}",
+            identity::CONTROLLER_SERVICE_ACCOUNT,
+            ports::CONTROLLER_XDS
+        ),
+        ca_addr: format!("{}.{ns}.svc:{}", identity::CA_SERVICE_ACCOUNT, ports::CA),
+        trust_domain: v.trust_domain.clone(),
+        proxy_uid: mesh_api::inject::PROXY_UID,
+        log_level: v.proxy.log_level.as_str().into(),
+        resources: json!(v.proxy.resources),
+    }
+}
+
+fn controller_deployment(v: &Values, ns: &str) -> Value {
+    let name = identity::CONTROLLER_SERVICE_ACCOUNT;
+    let s = inject_settings(v, ns);
+    let args = vec![
+        format!("--trust-domain={}", v.trust_domain),
+        format!(
+            "--mtls-mode={}",
+            json!(v.mtls_mode).as_str().unwrap_or_default()
+        ),
+        format!("--ca-addr={}", s.ca_addr),
+        format!("--ca-root={ROOT_DIR}/ca.crt"),
+        format!("--ca-token-file={TOKEN_DIR}/mesh-ca-token"),
+        format!("--webhook-addr=0.0.0.0:{}", ports::CONTROLLER_WEBHOOK),
+        format!("--webhook-service={name}"),
+        format!("--inject-proxy-image={}", s.proxy_image),
+        format!("--inject-xds-addr={}", s.xds_addr),
+        format!("--inject-ca-addr={}", s.ca_addr),
+        format!("--inject-proxy-log-level={}", s.log_level),
+        // Keys sorted, as Helm's toJson writes them.
+        format!("--inject-proxy-resources={}", s.resources),
+    ];
+    let mut d = deployment(
+        v,
+        ns,
+        name,
+        v.controller.replicas,
+        args,
+        v.controller.log_level.as_str(),
+        vec![
+            json!({"name": "grpc-xds", "containerPort": ports::CONTROLLER_XDS}),
+            json!({"name": "https-webhook", "containerPort": ports::CONTROLLER_WEBHOOK}),
+            json!({"name": "http-admin", "containerPort": ports::CONTROLLER_ADMIN}),
+        ],
+        ports::CONTROLLER_ADMIN,
+        json!(v.controller.resources),
+        json!([
+            {"name": "mesh-token", "mountPath": TOKEN_DIR, "readOnly": true},
+            {"name": "mesh-ca-root", "mountPath": ROOT_DIR, "readOnly": true}
+        ]),
+        json!([
+            {"name": "mesh-token", "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "mesh-ca", "expirationSeconds": 3600, "path": "mesh-ca-token"}}]}},
+            {"name": "mesh-ca-root", "configMap": {"name": "mesh-ca-root"}}
+        ]),
+    );
+    if let Some(env) = d["spec"]["template"]["spec"]["containers"][0]["env"].as_array_mut() {
+        env.push(env_field("POD_NAME", "metadata.name"));
+    }
+    d
+}
+
+fn webhook_config(v: &Values, ns: &str) -> Value {
+    let name = identity::CONTROLLER_SERVICE_ACCOUNT;
+    let label = mesh_api::consts::labels::INJECT;
+    let hook = |hook_name: &str, namespace_selector: Value, object_selector: Value| {
+        json!({
+            "name": hook_name,
+            "clientConfig": {"service": {"name": name, "namespace": ns, "path": "/inject", "port": 443}},
+            "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": namespace_selector,
+            "objectSelector": object_selector,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": v.webhook.failure_policy,
+            "reinvocationPolicy": "Never",
+            "timeoutSeconds": 10
+        })
+    };
+    json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": meta(WEBHOOK_CONFIG, None, name),
+        "webhooks": [
+            // A namespace labelled enabled: every pod not labelled disabled.
+            hook(
+                "namespace.inject.mesh.dev",
+                json!({"matchLabels": {label: "enabled"}}),
+                json!({"matchExpressions": [{"key": label, "operator": "NotIn", "values": ["disabled"]}]})
+            ),
+            // Elsewhere (but not in a namespace labelled disabled): pods labelled enabled.
+            hook(
+                "pod.inject.mesh.dev",
+                json!({"matchExpressions": [{"key": label, "operator": "NotIn", "values": ["enabled", "disabled"]}]}),
+                json!({"matchLabels": {label: "enabled"}})
+            )
+        ]
+    })
+}
+
+/// `kind/namespace/name` of an object, for messages and for comparing object sets.
+pub fn key(o: &Value) -> String {
+    let s = |p: &str| o.pointer(p).and_then(Value::as_str).unwrap_or("");
+    match s("/metadata/namespace") {
+        "" => format!("{}/{}", s("/kind"), s("/metadata/name")),
+        ns => format!("{}/{ns}/{}", s("/kind"), s("/metadata/name")),
+    }
+}

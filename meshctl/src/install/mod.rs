@@ -1,0 +1,324 @@
+//! `meshctl install`, `upgrade` and `uninstall`: the chart's objects applied with server-side
+//! apply, CRDs first and established before anything uses them, then the control plane in
+//! dependency order; then the rollouts are waited for. Running install twice changes nothing.
+
+pub mod manifests;
+pub mod values;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+use crate::cluster::{Applied, Cluster, crd_established, rollout_done};
+use manifests::{Include, PART_OF, key};
+use values::{APP_VERSION, Values};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct InstallArgs {
+    /// Values files (the chart's keys), merged over the defaults in order.
+    #[arg(short = 'f', long = "values")]
+    pub values: Vec<PathBuf>,
+    /// The control plane's namespace.
+    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    pub namespace: String,
+    /// Leave the Gateway API CRDs alone (by default they are installed when missing).
+    #[arg(long)]
+    pub skip_gateway_api_crds: bool,
+    /// Print the objects instead of applying them (needs no cluster).
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: yaml or json.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Yaml)]
+    pub output: Format,
+    /// How long to wait for CRDs and rollouts, like 5m.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UninstallArgs {
+    /// The control plane's namespace.
+    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    pub namespace: String,
+    /// Keep the CRDs (deleting a CRD deletes every object of its kind).
+    #[arg(long)]
+    pub keep_crds: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Yaml,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    mesh_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// The objects as a YAML stream or a JSON list.
+pub fn render(objects: &[Value], format: Format, out: &mut dyn Write) -> anyhow::Result<()> {
+    match format {
+        Format::Yaml => {
+            for o in objects {
+                writeln!(out, "---")?;
+                out.write_all(serde_yaml::to_string(o)?.as_bytes())?;
+            }
+        }
+        Format::Json => {
+            let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects});
+            serde_json::to_writer_pretty(&mut *out, &list)?;
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+fn is_crd(o: &Value) -> bool {
+    o.get("kind").and_then(Value::as_str) == Some("CustomResourceDefinition")
+}
+
+fn is_gateway_api_crd(o: &Value) -> bool {
+    is_crd(o)
+        && o.pointer("/spec/group").and_then(Value::as_str) == Some("gateway.networking.k8s.io")
+}
+
+fn ours(live: &Value) -> bool {
+    live.pointer(&format!(
+        "/metadata/labels/{}",
+        PART_OF.0.replace('/', "~1")
+    ))
+    .and_then(Value::as_str)
+        == Some(PART_OF.1)
+}
+
+/// The version of the mesh installed in `ns`, from its controller's labels.
+pub async fn installed_version(cluster: &Cluster, ns: &str) -> anyhow::Result<Option<String>> {
+    let probe = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT, "namespace": ns}
+    });
+    Ok(cluster.get(&probe).await?.map(|d| {
+        d.pointer("/metadata/labels/app.kubernetes.io~1version")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_owned()
+    }))
+}
+
+/// What an install or upgrade did, by object.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub applied: Vec<(String, Applied)>,
+    /// Objects left alone, and why.
+    pub kept: Vec<(String, String)>,
+}
+
+impl Report {
+    pub fn changed(&self) -> bool {
+        self.applied.iter().any(|(_, a)| *a != Applied::Unchanged)
+    }
+}
+
+/// Whether `to` may replace `from`: the same version, or the next minor (any patch).
+pub fn upgrade_allowed(from: &str, to: &str) -> Result<(), String> {
+    let parse = |v: &str| -> Option<(u64, u64, u64)> {
+        let mut it = v.trim_start_matches('v').split(['.', '-']);
+        Some((
+            it.next()?.parse().ok()?,
+            it.next()?.parse().ok()?,
+            it.next()?.parse().ok()?,
+        ))
+    };
+    let (Some(f), Some(t)) = (parse(from), parse(to)) else {
+        return Err(format!(
+            "the installed version {from:?} is not a version meshctl {to} understands; \
+             uninstall and install again"
+        ));
+    };
+    if t < f {
+        return Err(format!(
+            "the cluster runs {from}, newer than this meshctl ({to}); downgrades are not \
+             supported: use meshctl {from}"
+        ));
+    }
+    if t.0 != f.0 || t.1 > f.1 + 1 {
+        return Err(format!(
+            "{from} to {to} skips versions: upgrade one minor version at a time, to {}.{}.x \
+             first, so each control plane reads what the one before it wrote",
+            f.0,
+            f.1 + 1
+        ));
+    }
+    Ok(())
+}
+
+/// Applies the install. `upgrade`: the mesh must be installed (at a version it can move from);
+/// otherwise it must not be installed at another version.
+pub async fn apply(
+    cluster: &Cluster,
+    args: &InstallArgs,
+    upgrade: bool,
+    out: &mut dyn Write,
+) -> anyhow::Result<Report> {
+    let paths: Vec<&std::path::Path> = args.values.iter().map(PathBuf::as_path).collect();
+    let values = Values::from_files(&paths)?;
+    let ns = &args.namespace;
+    match (installed_version(cluster, ns).await?, upgrade) {
+        (None, true) => bail!("the mesh is not installed in {ns}: use meshctl install"),
+        (Some(v), false) if v != APP_VERSION => bail!(
+            "the mesh {v} is installed in {ns}; this is meshctl {APP_VERSION}: use meshctl \
+             upgrade"
+        ),
+        (Some(v), true) => upgrade_allowed(&v, APP_VERSION)
+            .map_err(|e| anyhow::anyhow!("refusing to upgrade: {e}"))?,
+        _ => {}
+    }
+    let mut objects = manifests::objects(
+        &values,
+        ns,
+        Include {
+            gateway_api_crds: !args.skip_gateway_api_crds,
+        },
+    )?;
+    let mut report = Report::default();
+    // Gateway API CRDs someone else installed stay theirs (and their version).
+    if let Some(probe) = objects.iter().find(|o| is_gateway_api_crd(o)).cloned()
+        && let Some(live) = cluster.get(&probe).await?
+        && !ours(&live)
+    {
+        let version = live
+            .pointer("/metadata/annotations/gateway.networking.k8s.io~1bundle-version")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown version")
+            .to_owned();
+        objects.retain(|o| {
+            if is_gateway_api_crd(o) {
+                report
+                    .kept
+                    .push((key(o), format!("installed already ({version})")));
+                false
+            } else {
+                true
+            }
+        });
+        writeln!(
+            out,
+            "Gateway API CRDs found ({version}): leaving them as they are"
+        )?;
+    }
+    let total = objects.len();
+    let (crds, rest): (Vec<_>, Vec<_>) = objects.into_iter().partition(is_crd);
+    let mut n = 0;
+    for o in &crds {
+        n += 1;
+        let a = cluster.apply(o).await?;
+        writeln!(out, "[{n:>2}/{total}] {} {}", key(o), a.as_str())?;
+        report.applied.push((key(o), a));
+    }
+    for o in &crds {
+        cluster
+            .wait_for(o, args.timeout, crd_established, |s| {
+                let _ = writeln!(out, "        {}: {s}", key(o));
+            })
+            .await?;
+    }
+    for o in &rest {
+        n += 1;
+        let a = cluster.apply(o).await?;
+        writeln!(out, "[{n:>2}/{total}] {} {}", key(o), a.as_str())?;
+        report.applied.push((key(o), a));
+    }
+    for o in rest.iter().filter(|o| o["kind"] == "Deployment") {
+        cluster
+            .wait_for(o, args.timeout, rollout_done, |s| {
+                let _ = writeln!(out, "        waiting for {}: {s}", key(o));
+            })
+            .await
+            .context("the control plane did not roll out; `meshctl check` says why")?;
+        writeln!(out, "        {} rolled out", key(o))?;
+    }
+    let count = |a: Applied| report.applied.iter().filter(|(_, x)| *x == a).count();
+    if report.changed() {
+        writeln!(
+            out,
+            "mesh {APP_VERSION} installed in {ns}: {} created, {} configured, {} unchanged",
+            count(Applied::Created),
+            count(Applied::Configured),
+            count(Applied::Unchanged)
+        )?;
+    } else {
+        writeln!(
+            out,
+            "mesh {APP_VERSION} in {ns}: no change ({} objects already as asked)",
+            report.applied.len()
+        )?;
+    }
+    Ok(report)
+}
+
+/// Deletes what install made, in reverse order. Gateway API CRDs are deleted only when
+/// install created them. Returns the objects deleted.
+pub async fn uninstall(
+    cluster: &Cluster,
+    args: &UninstallArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<Vec<String>> {
+    let values = Values::defaults()?;
+    let mut objects = manifests::objects(
+        &values,
+        &args.namespace,
+        Include {
+            gateway_api_crds: true,
+        },
+    )?;
+    objects.reverse();
+    let mut deleted = Vec::new();
+    for o in &objects {
+        if is_crd(o) {
+            if args.keep_crds {
+                continue;
+            }
+            if is_gateway_api_crd(o) {
+                match cluster.get(o).await? {
+                    Some(live) if ours(&live) => {}
+                    Some(_) => {
+                        writeln!(out, "{}: not installed by meshctl, kept", key(o))?;
+                        continue;
+                    }
+                    None => continue,
+                }
+            }
+        }
+        if cluster.delete(o).await? {
+            writeln!(out, "{} deleted", key(o))?;
+            deleted.push(key(o));
+        }
+    }
+    if deleted.is_empty() {
+        writeln!(out, "nothing to delete: the mesh is not installed")?;
+    } else {
+        writeln!(out, "mesh uninstalled: {} objects deleted", deleted.len())?;
+    }
+    Ok(deleted)
+}
+
+/// `meshctl install --dry-run`: the objects, no cluster needed.
+pub fn dry_run(args: &InstallArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let paths: Vec<&std::path::Path> = args.values.iter().map(PathBuf::as_path).collect();
+    let values = Values::from_files(&paths)?;
+    let objects = manifests::objects(
+        &values,
+        &args.namespace,
+        Include {
+            gateway_api_crds: !args.skip_gateway_api_crds,
+        },
+    )?;
+    render(&objects, args.output, out)
+}
+
+#[cfg(test)]
+#[path = "tests.rs"]
+mod tests;

@@ -1,0 +1,298 @@
+use serde::Deserialize;
+use serde_json::json;
+
+use super::*;
+use crate::fake_api::{FakeApi, path_of};
+
+fn args() -> InstallArgs {
+    InstallArgs {
+        values: Vec::new(),
+        namespace: "mesh-system".into(),
+        skip_gateway_api_crds: false,
+        dry_run: false,
+        output: Format::Yaml,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+fn expected() -> Vec<Value> {
+    manifests::objects(
+        &Values::defaults().expect("defaults"),
+        "mesh-system",
+        Include {
+            gateway_api_crds: true,
+        },
+    )
+    .expect("objects")
+}
+
+async fn install(cluster: &Cluster) -> (anyhow::Result<Report>, String) {
+    let mut out = Vec::new();
+    let r = apply(cluster, &args(), false, &mut out).await;
+    (r, String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test]
+async fn install_applies_crds_waits_until_established_then_the_rest_in_order() {
+    let (cluster, fake) = FakeApi::start();
+    let (report, out) = install(&cluster).await;
+    let report = report.expect("install");
+    let want = expected();
+    assert_eq!(report.applied.len(), want.len(), "{out}");
+    assert!(
+        report.applied.iter().all(|(_, a)| *a == Applied::Created),
+        "{out}"
+    );
+
+    let log = fake.state().log.clone();
+    // Every write is a server-side apply by meshctl, in the manifests' order.
+    let patches: Vec<_> = log.iter().filter(|l| l.method == "PATCH").collect();
+    let paths: Vec<String> = want.iter().map(path_of).collect();
+    assert_eq!(
+        patches.iter().map(|l| l.path.clone()).collect::<Vec<_>>(),
+        paths
+    );
+    for p in &patches {
+        assert_eq!(p.content_type, "application/apply-patch+yaml", "{p:?}");
+        assert!(p.query.contains("fieldManager=meshctl"), "{p:?}");
+        assert!(p.query.contains("force=true"), "{p:?}");
+    }
+    assert!(log.iter().all(|l| l.method == "GET" || l.method == "PATCH"));
+    // Nothing but CRDs is applied before every CRD reads Established.
+    let first_other = log
+        .iter()
+        .position(|l| l.method == "PATCH" && !l.path.contains("customresourcedefinitions"))
+        .expect("a non-CRD apply");
+    let crds: Vec<&String> = paths
+        .iter()
+        .filter(|p| p.contains("customresourcedefinitions"))
+        .collect();
+    assert!(crds.len() >= 8, "{crds:?}");
+    for crd in crds {
+        let established_read = log
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.method == "GET" && l.path == *crd)
+            .map(|(i, _)| i)
+            .max()
+            .expect("the CRD was read");
+        assert!(
+            established_read < first_other,
+            "{crd} read after the rest was applied"
+        );
+        let state = fake.state();
+        let live = &state.objects[crd.as_str()];
+        assert!(crd_established(live).0, "{crd}");
+    }
+    // The rollouts were waited for.
+    assert!(
+        out.contains("Deployment/mesh-system/mesh-controller rolled out"),
+        "{out}"
+    );
+    assert!(
+        out.contains("waiting for Deployment/mesh-system/mesh-ca: 0/1 available"),
+        "{out}"
+    );
+    assert!(out.contains("created"), "{out}");
+}
+
+#[tokio::test]
+async fn a_second_install_changes_nothing() {
+    let (cluster, fake) = FakeApi::start();
+    install(&cluster).await.0.expect("first install");
+    let before = fake.state().objects.clone();
+    let (report, out) = install(&cluster).await;
+    let report = report.expect("second install");
+    assert!(!report.changed(), "{out}");
+    assert!(out.contains("no change"), "{out}");
+    assert_eq!(fake.state().objects, before);
+}
+
+#[tokio::test]
+async fn uninstall_deletes_everything_install_made() {
+    let (cluster, fake) = FakeApi::start();
+    // Someone else's object must survive.
+    let other = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}});
+    fake.insert(other.clone());
+    install(&cluster).await.0.expect("install");
+    let made = expected().len();
+    let mut out = Vec::new();
+    let deleted = uninstall(
+        &cluster,
+        &UninstallArgs {
+            namespace: "mesh-system".into(),
+            keep_crds: false,
+        },
+        &mut out,
+    )
+    .await
+    .expect("uninstall");
+    assert_eq!(deleted.len(), made);
+    let state = fake.state();
+    assert_eq!(
+        state.objects.keys().collect::<Vec<_>>(),
+        [&path_of(&other)],
+        "left behind"
+    );
+    // Deletion runs in reverse: the webhook goes first, CRDs last.
+    let deletes: Vec<&str> = state
+        .log
+        .iter()
+        .filter(|l| l.method == "DELETE")
+        .map(|l| l.path.as_str())
+        .collect();
+    assert!(
+        deletes[0].contains("mutatingwebhookconfigurations"),
+        "{deletes:?}"
+    );
+    assert!(
+        deletes
+            .last()
+            .is_some_and(|p| p.contains("customresourcedefinitions"))
+    );
+}
+
+#[tokio::test]
+async fn gateway_api_crds_installed_by_someone_else_are_left_alone() {
+    let (cluster, fake) = FakeApi::start();
+    let theirs: Vec<Value> = expected()
+        .into_iter()
+        .filter(is_gateway_api_crd)
+        .map(|mut crd| {
+            crd["metadata"]["labels"] = json!({});
+            crd["metadata"]["annotations"]["gateway.networking.k8s.io/bundle-version"] =
+                json!("v1.4.0");
+            crd
+        })
+        .collect();
+    for crd in &theirs {
+        fake.insert(crd.clone());
+    }
+    let (report, out) = install(&cluster).await;
+    let report = report.expect("install");
+    assert_eq!(report.kept.len(), theirs.len(), "{out}");
+    assert!(out.contains("Gateway API CRDs found (v1.4.0)"), "{out}");
+    let writes = fake.writes();
+    assert!(
+        !writes
+            .iter()
+            .any(|w| w.path.contains("gateway.networking.k8s.io")),
+        "{writes:?}"
+    );
+    // Uninstall keeps them too.
+    let mut out = Vec::new();
+    uninstall(
+        &cluster,
+        &UninstallArgs {
+            namespace: "mesh-system".into(),
+            keep_crds: false,
+        },
+        &mut out,
+    )
+    .await
+    .expect("uninstall");
+    let state = fake.state();
+    for crd in &theirs {
+        assert!(state.objects.contains_key(&path_of(crd)), "{}", key(crd));
+    }
+}
+
+fn controller_at(version: &str) -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {
+        "name": "mesh-controller", "namespace": "mesh-system",
+        "labels": {"app.kubernetes.io/version": version}}, "spec": {}})
+}
+
+#[tokio::test]
+async fn install_over_another_version_points_to_upgrade_and_writes_nothing() {
+    let (cluster, fake) = FakeApi::start();
+    fake.insert(controller_at("0.0.3"));
+    let e = install(&cluster)
+        .await
+        .0
+        .expect_err("another version")
+        .to_string();
+    assert!(e.contains("0.0.3") && e.contains("meshctl upgrade"), "{e}");
+    assert!(fake.writes().is_empty());
+}
+
+#[tokio::test]
+async fn upgrade_refuses_a_skew_and_writes_nothing() {
+    let (cluster, fake) = FakeApi::start();
+    fake.insert(controller_at("9.0.0"));
+    let mut out = Vec::new();
+    let e = apply(&cluster, &args(), true, &mut out)
+        .await
+        .expect_err("a downgrade")
+        .to_string();
+    assert!(
+        e.contains("refusing to upgrade") && e.contains("downgrades"),
+        "{e}"
+    );
+    assert!(fake.writes().is_empty());
+
+    let (cluster, fake) = FakeApi::start();
+    let e = apply(&cluster, &args(), true, &mut out)
+        .await
+        .expect_err("nothing installed")
+        .to_string();
+    assert!(e.contains("not installed"), "{e}");
+    assert!(fake.writes().is_empty());
+}
+
+#[tokio::test]
+async fn a_crd_that_never_establishes_fails_the_install_by_name() {
+    let (cluster, fake) = FakeApi::start();
+    fake.state().established_after = u32::MAX;
+    let mut a = args();
+    a.timeout = Duration::from_millis(300);
+    let mut out = Vec::new();
+    let e = apply(&cluster, &a, false, &mut out)
+        .await
+        .expect_err("not established");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("CustomResourceDefinition/") && e.contains("not ready"),
+        "{e}"
+    );
+    // Nothing but CRDs was applied.
+    assert!(
+        fake.writes()
+            .iter()
+            .all(|w| w.path.contains("customresourcedefinitions"))
+    );
+}
+
+#[test]
+fn upgrade_skew_rules() {
+    assert!(upgrade_allowed("0.1.0", "0.1.3").is_ok());
+    assert!(upgrade_allowed("0.1.2", "0.2.0").is_ok());
+    let e = upgrade_allowed("0.1.0", "0.3.0").expect_err("skips a minor");
+    assert!(e.contains("0.2.x first"), "{e}");
+    assert!(upgrade_allowed("1.4.0", "2.0.0").is_err());
+    let e = upgrade_allowed("0.2.0", "0.1.0").expect_err("downgrade");
+    assert!(e.contains("downgrades"), "{e}");
+    let e = upgrade_allowed("main", "0.1.0").expect_err("not a version");
+    assert!(e.contains("\"main\""), "{e}");
+}
+
+#[test]
+fn dry_run_prints_every_object() {
+    let mut out = Vec::new();
+    let mut a = args();
+    a.dry_run = true;
+    dry_run(&a, &mut out).expect("dry run");
+    let text = String::from_utf8(out).expect("utf-8");
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).expect("a YAML document"))
+        .collect();
+    assert_eq!(docs, expected());
+    a.skip_gateway_api_crds = true;
+    a.output = Format::Json;
+    let mut out = Vec::new();
+    dry_run(&a, &mut out).expect("dry run");
+    let list: Value = serde_json::from_slice(&out).expect("json");
+    let items = list["items"].as_array().expect("items");
+    assert!(!items.iter().any(is_gateway_api_crd));
+    assert_eq!(items.len(), expected().len() - 5);
+}

@@ -1,0 +1,324 @@
+//! The install's settings: the chart's `values.yaml`, built in, with a user's values file
+//! merged over it. `meshctl install --values FILE` and `helm install -f FILE` take the same
+//! keys; an unknown key or a bad value is an error that names it.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The chart's default values, the one place defaults are written.
+pub const DEFAULT_VALUES: &str = include_str!("../../../deploy/charts/mesh/values.yaml");
+/// The chart's version and the images' default tag.
+pub const APP_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(title = "Values of the mesh chart")]
+pub struct Values {
+    pub image: Image,
+    /// The SPIFFE trust domain.
+    #[schemars(regex(pattern = r"^[a-z0-9._-]{1,255}$"))]
+    pub trust_domain: String,
+    /// Mesh-wide mTLS between proxies.
+    pub mtls_mode: MtlsMode,
+    pub controller: Controller,
+    pub ca: Ca,
+    pub proxy: Proxy,
+    pub webhook: Webhook,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Image {
+    /// Images are REGISTRY/mesh-proxy, REGISTRY/mesh-controller and REGISTRY/mesh-ca.
+    #[schemars(length(min = 1))]
+    pub registry: String,
+    /// Empty: the chart's appVersion.
+    pub tag: String,
+    pub pull_policy: PullPolicy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum PullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum MtlsMode {
+    Permissive,
+    Strict,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Controller {
+    #[schemars(range(min = 1))]
+    pub replicas: u32,
+    pub log_level: LogLevel,
+    pub resources: Resources,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Ca {
+    /// Lifetime of the workload certificates mesh-ca signs, like `24h` or `90m`.
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub cert_lifetime: String,
+    pub log_level: LogLevel,
+    pub resources: Resources,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Proxy {
+    pub log_level: LogLevel,
+    pub resources: Resources,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Webhook {
+    pub failure_policy: FailurePolicy,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum FailurePolicy {
+    Fail,
+    Ignore,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
+/// A container's `resources`: quantities by resource name, as Kubernetes takes them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub requests: std::collections::BTreeMap<String, Quantity>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub limits: std::collections::BTreeMap<String, Quantity>,
+}
+
+/// A Kubernetes quantity (`100m`, `128Mi`, `1`), kept as written.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Quantity {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+impl Values {
+    /// The chart's defaults.
+    pub fn defaults() -> anyhow::Result<Self> {
+        Self::merged(&[])
+    }
+
+    /// The defaults with `files` merged over them in order, like `helm -f A -f B`.
+    pub fn from_files(files: &[&Path]) -> anyhow::Result<Self> {
+        let mut layers = Vec::new();
+        for f in files {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading values file {}", f.display()))?;
+            let v: Value = serde_yaml::from_str(&text)
+                .with_context(|| format!("values file {}: not YAML", f.display()))?;
+            layers.push((f.display().to_string(), v));
+        }
+        Self::merged(&layers)
+    }
+
+    fn merged(layers: &[(String, Value)]) -> anyhow::Result<Self> {
+        let mut v: Value =
+            serde_yaml::from_str(DEFAULT_VALUES).context("the chart's values.yaml")?;
+        for (_, layer) in layers {
+            merge(&mut v, layer.clone());
+        }
+        let what = layers
+            .last()
+            .map_or_else(|| "the chart's values.yaml".to_owned(), |(n, _)| n.clone());
+        let values: Values = serde_path_to_error::deserialize(v)
+            .map_err(|e| anyhow::anyhow!("values ({what}): {}: {}", e.path(), e.inner()))?;
+        values.check()?;
+        Ok(values)
+    }
+
+    /// What the types cannot say.
+    fn check(&self) -> anyhow::Result<()> {
+        if let Err(e) = mesh_api::SpiffeId::workload(&self.trust_domain, "ns", "sa") {
+            bail!("values: trustDomain {:?}: {e}", self.trust_domain);
+        }
+        if let Err(e) = mesh_api::duration::parse(&self.ca.cert_lifetime) {
+            bail!("values: ca.certLifetime {:?}: {e}", self.ca.cert_lifetime);
+        }
+        for (field, r) in [
+            ("controller", &self.controller.resources),
+            ("ca", &self.ca.resources),
+            ("proxy", &self.proxy.resources),
+        ] {
+            for (kind, map) in [("requests", &r.requests), ("limits", &r.limits)] {
+                for (name, q) in map {
+                    if let Quantity::Text(t) = q
+                        && !quantity_ok(t)
+                    {
+                        bail!("values: {field}.resources.{kind}.{name} {t:?} is not a quantity");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The images' tag: `image.tag`, or the chart's appVersion.
+    pub fn tag(&self) -> &str {
+        if self.image.tag.is_empty() {
+            APP_VERSION
+        } else {
+            &self.image.tag
+        }
+    }
+
+    pub fn image(&self, name: &str) -> String {
+        format!("{}/{name}:{}", self.image.registry, self.tag())
+    }
+}
+
+fn quantity_ok(t: &str) -> bool {
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, suffix) = t.split_at(split);
+    number.parse::<f64>().is_ok()
+        && [
+            "", "n", "u", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+        ]
+        .contains(&suffix)
+}
+
+/// Helm's merge of values: maps merge key by key, anything else replaces; `null` deletes.
+fn merge(base: &mut Value, over: Value) {
+    match (base, over) {
+        (Value::Object(b), Value::Object(o)) => {
+            for (k, v) in o {
+                if v.is_null() {
+                    b.remove(&k);
+                } else {
+                    merge(b.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
+/// `values.schema.json` of the chart, from these types (helm checks values against it).
+pub fn schema_json() -> Result<String, serde_json::Error> {
+    let mut s = serde_json::to_string_pretty(&schemars::schema_for!(Values))?;
+    s.push('\n');
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let v = Values::defaults().expect("defaults");
+        assert_eq!(v.trust_domain, "cluster.local");
+        assert_eq!(v.mtls_mode, MtlsMode::Permissive);
+        assert_eq!(
+            v.image("mesh-proxy"),
+            format!("ghcr.io/mesh-dev/mesh-proxy:{APP_VERSION}")
+        );
+    }
+
+    fn with(yaml: &str) -> anyhow::Result<Values> {
+        Values::merged(&[(
+            "extra.yaml".into(),
+            serde_yaml::from_str(yaml).expect("yaml"),
+        )])
+    }
+
+    #[test]
+    fn a_file_overrides_only_what_it_sets() {
+        let v = with("mtlsMode: STRICT\ncontroller: {replicas: 3}\n").expect("valid");
+        assert_eq!(v.mtls_mode, MtlsMode::Strict);
+        assert_eq!(v.controller.replicas, 3);
+        assert_eq!(v.controller.log_level, LogLevel::Info);
+        assert!(!v.controller.resources.requests.is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = with("controller: {replica: 3}\n")
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.contains("extra.yaml") && e.contains("replica"), "{e}");
+        let e = with("mtlsMode: MAYBE\n").expect_err("bad mode").to_string();
+        assert!(e.contains("mtlsMode") && e.contains("MAYBE"), "{e}");
+        let e = with("trustDomain: 'Not A Domain'\n")
+            .expect_err("bad domain")
+            .to_string();
+        assert!(e.contains("trustDomain"), "{e}");
+        let e = with("ca: {certLifetime: forever}\n")
+            .expect_err("bad lifetime")
+            .to_string();
+        assert!(e.contains("ca.certLifetime"), "{e}");
+        let e = with("proxy: {resources: {limits: {memory: lots}}}\n")
+            .expect_err("bad quantity")
+            .to_string();
+        assert!(e.contains("proxy.resources.limits.memory"), "{e}");
+    }
+
+    #[test]
+    fn quantities() {
+        for ok in ["100m", "128Mi", "1", "0.5", "2Gi", "1k"] {
+            assert!(quantity_ok(ok), "{ok}");
+        }
+        for bad in ["", "lots", "1 Gi", "Mi", "1XB"] {
+            assert!(!quantity_ok(bad), "{bad}");
+        }
+    }
+
+    /// The chart's `values.schema.json` is what these types generate.
+    #[test]
+    fn chart_schema_matches_the_types() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/charts/mesh/values.schema.json");
+        let want = schema_json().expect("schema");
+        if std::env::var_os("MESH_UPDATE_GENERATED").is_some() {
+            std::fs::write(&path, &want).expect("write values.schema.json");
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "{} is stale: run scripts/generate",
+            path.display()
+        );
+    }
+}
