@@ -11,6 +11,8 @@ pub mod consts;
 #[cfg(feature = "k8s")]
 pub mod crds;
 pub mod duration;
+#[cfg(feature = "fake-api")]
+pub mod fake_api;
 pub mod inject;
 #[cfg(feature = "process")]
 pub mod process;

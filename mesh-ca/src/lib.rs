@@ -9,6 +9,7 @@ pub mod auth;
 pub mod authority;
 pub mod metrics;
 pub mod run;
+pub mod secret;
 pub mod service;
 
 pub use authority::{Authority, CaError, Issued};

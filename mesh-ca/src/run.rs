@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::auth::{Authenticator, DEFAULT_AUDIENCE, LocalTokens, TokenReviewer};
 use crate::authority::{Authority, CaError};
+use crate::secret::SecretStore;
 use crate::service::{Ca, CaService};
 
 /// A duration (`90s`, `15m`, `24h`, see [`mesh_api::duration::parse`]) above zero.
@@ -70,9 +71,19 @@ pub struct CaConfig {
     #[arg(long, default_value = DEFAULT_AUDIENCE)]
     pub audience: String,
 
-    /// How often the CA directory is checked for changes (a rotation step).
+    /// How often the CA directory (and the Secret, with --secret) is checked for changes (a
+    /// rotation step).
     #[arg(long, default_value = "2s", value_parser = parse_secs)]
     pub reload_interval: Duration,
+
+    /// Keep the CA in this Secret of --namespace, mirrored into --dir: a root is generated and
+    /// stored on first start, and the trust bundle is published in the ConfigMap mesh-ca-root.
+    #[arg(long)]
+    pub secret: Option<String>,
+
+    /// The namespace of --secret and of the mesh-ca-root ConfigMap.
+    #[arg(long, env = "POD_NAMESPACE", default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    pub namespace: String,
 }
 
 impl CaConfig {
@@ -89,6 +100,8 @@ impl CaConfig {
             kubernetes: false,
             audience: DEFAULT_AUDIENCE.into(),
             reload_interval: Duration::from_secs(1),
+            secret: None,
+            namespace: mesh_api::consts::identity::SYSTEM_NAMESPACE.into(),
         }
     }
 }
@@ -109,6 +122,8 @@ pub enum StartError {
     NoAuth,
     #[error("TLS: {0}")]
     Tls(rustls::Error),
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
 }
 
 /// A running CA; dropping it stops it.
@@ -156,6 +171,32 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Start
 
 impl Running {
     pub async fn start(config: CaConfig) -> Result<Self, StartError> {
+        let client = if config.kubernetes || config.secret.is_some() {
+            Some(
+                kube::Client::try_default()
+                    .await
+                    .map_err(StartError::Kube)?,
+            )
+        } else {
+            None
+        };
+        Self::start_with(config, client).await
+    }
+
+    /// Starts with this Kubernetes client (for --kubernetes and --secret).
+    pub async fn start_with(
+        config: CaConfig,
+        client: Option<kube::Client>,
+    ) -> Result<Self, StartError> {
+        let store = match (&config.secret, &client) {
+            (Some(name), Some(client)) => {
+                Some(SecretStore::new(client.clone(), &config.namespace, name))
+            }
+            _ => None,
+        };
+        if let Some(store) = &store {
+            store.sync_to_dir(&config.dir, &config.trust_domain).await?;
+        }
         let authority =
             Authority::load_or_generate(&config.dir, &config.trust_domain, SystemTime::now())?
                 .with_max_lifetime(config.max_lifetime);
@@ -173,17 +214,13 @@ impl Running {
             } else {
                 None
             },
-            kubernetes: if config.kubernetes {
-                let client = kube::Client::try_default()
-                    .await
-                    .map_err(StartError::Kube)?;
-                Some(TokenReviewer::new(
-                    client,
+            kubernetes: match (&client, config.kubernetes) {
+                (Some(client), true) => Some(TokenReviewer::new(
+                    client.clone(),
                     &config.audience,
                     &config.trust_domain,
-                ))
-            } else {
-                None
+                )),
+                _ => None,
             },
         };
         let ca = Ca::new(authority, auth, config.default_lifetime)?;
@@ -233,6 +270,10 @@ impl Running {
             }
         }));
 
+        if let Some(store) = store {
+            store.publish_root(ca.authority().bundle()).await?;
+            tasks.push(tokio::spawn(secret_loop(ca.clone(), store, config.clone())));
+        }
         tasks.push(tokio::spawn(reload_loop(ca.clone(), config.clone(), stamp)));
         tasks.push(tokio::spawn(renew_serving(ca.clone())));
         info!(%addr, %admin_addr, dir = %config.dir.display(), "mesh-ca serving");
@@ -285,6 +326,23 @@ async fn roots(State(ca): State<Arc<Ca>>) -> impl IntoResponse {
         })
         .collect();
     axum::Json(view)
+}
+
+/// Mirrors the Secret into the CA directory (where [`reload_loop`] picks changes up) and
+/// keeps the published root equal to the trust bundle. Errors are logged and retried.
+async fn secret_loop(ca: Arc<Ca>, store: SecretStore, config: CaConfig) {
+    loop {
+        tokio::time::sleep(config.reload_interval).await;
+        if let Err(e) = store.sync_to_dir(&config.dir, &config.trust_domain).await {
+            warn!(error = %e, "the CA Secret was not applied; keeping the CA loaded before");
+        }
+        let bundle = ca.authority().bundle().to_vec();
+        match store.publish_root(&bundle).await {
+            Ok(true) => info!(roots = bundle.len(), "published the trust bundle"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "publishing the trust bundle"),
+        }
+    }
 }
 
 /// Picks up a changed CA directory: a rotation step, or a plugged-in key.

@@ -5,7 +5,5 @@ pub mod cluster;
 pub mod cmd;
 pub mod demo;
 pub mod demo_service;
-#[cfg(test)]
-pub(crate) mod fake_api;
 pub mod install;
 pub mod mesh;

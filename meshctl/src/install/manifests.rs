@@ -15,6 +15,8 @@ pub use mesh_api::crds::PART_OF;
 /// Where workload and controller pods mount the CA's root and their token for mesh-ca.
 const ROOT_DIR: &str = "/var/run/secrets/mesh";
 const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+/// mesh-ca's working copy of its Secret.
+const CA_DIR: &str = "/var/run/mesh-ca";
 /// The unprivileged user the control plane runs as (distroless `nonroot`).
 const NONROOT_UID: i64 = 65532;
 
@@ -279,6 +281,7 @@ fn ca_deployment(v: &Values, ns: &str) -> Value {
         "serve".to_owned(),
         "--kubernetes".to_owned(),
         format!("--secret={name}"),
+        format!("--dir={CA_DIR}"),
         format!("--trust-domain={}", v.trust_domain),
         format!("--default-lifetime={}", v.ca.cert_lifetime),
     ];
@@ -295,8 +298,9 @@ fn ca_deployment(v: &Values, ns: &str) -> Value {
         ],
         ports::CA_ADMIN,
         json!(v.ca.resources),
-        json!([]),
-        json!([]),
+        json!([{"name": "ca-state", "mountPath": CA_DIR}]),
+        // The Secret mirrored for the CA to load: in memory, never on the node's disk.
+        json!([{"name": "ca-state", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}]),
     )
 }
 

@@ -2,7 +2,16 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::*;
-use crate::fake_api::{FakeApi, path_of};
+use mesh_api::fake_api::{FakeApi, path_of};
+
+/// A cluster on a new fake API server, polled fast.
+fn fake_cluster() -> (Cluster, FakeApi) {
+    let (client, fake) = FakeApi::start();
+    (
+        Cluster::new(client).with_poll(Duration::from_millis(10)),
+        fake,
+    )
+}
 
 fn args() -> InstallArgs {
     InstallArgs {
@@ -34,7 +43,7 @@ async fn install(cluster: &Cluster) -> (anyhow::Result<Report>, String) {
 
 #[tokio::test]
 async fn install_applies_crds_waits_until_established_then_the_rest_in_order() {
-    let (cluster, fake) = FakeApi::start();
+    let (cluster, fake) = fake_cluster();
     let (report, out) = install(&cluster).await;
     let report = report.expect("install");
     let want = expected();
@@ -98,7 +107,7 @@ async fn install_applies_crds_waits_until_established_then_the_rest_in_order() {
 
 #[tokio::test]
 async fn a_second_install_changes_nothing() {
-    let (cluster, fake) = FakeApi::start();
+    let (cluster, fake) = fake_cluster();
     install(&cluster).await.0.expect("first install");
     let before = fake.state().objects.clone();
     let (report, out) = install(&cluster).await;
@@ -110,7 +119,7 @@ async fn a_second_install_changes_nothing() {
 
 #[tokio::test]
 async fn uninstall_deletes_everything_install_made() {
-    let (cluster, fake) = FakeApi::start();
+    let (cluster, fake) = fake_cluster();
     // Someone else's object must survive.
     let other = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}});
     fake.insert(other.clone());
@@ -154,7 +163,7 @@ async fn uninstall_deletes_everything_install_made() {
 
 #[tokio::test]
 async fn gateway_api_crds_installed_by_someone_else_are_left_alone() {
-    let (cluster, fake) = FakeApi::start();
+    let (cluster, fake) = fake_cluster();
     let theirs: Vec<Value> = expected()
         .into_iter()
         .filter(is_gateway_api_crd)
@@ -205,7 +214,7 @@ fn controller_at(version: &str) -> Value {
 
 #[tokio::test]
 async fn install_over_another_version_points_to_upgrade_and_writes_nothing() {
-    let (cluster, fake) = FakeApi::start();
+    let (cluster, fake) = fake_cluster();
     fake.insert(controller_at("0.0.3"));
     let e = install(&cluster)
         .await
@@ -218,7 +227,7 @@ async fn install_over_another_version_points_to_upgrade_and_writes_nothing() {
 
 #[tokio::test]
 async fn upgrade_refuses_a_skew_and_writes_nothing() {
-    let (cluster, fake) = FakeApi::start();
+    let (cluster, fake) = fake_cluster();
     fake.insert(controller_at("9.0.0"));
     let mut out = Vec::new();
     let e = apply(&cluster, &args(), true, &mut out)
@@ -231,7 +240,7 @@ async fn upgrade_refuses_a_skew_and_writes_nothing() {
     );
     assert!(fake.writes().is_empty());
 
-    let (cluster, fake) = FakeApi::start();
+    let (cluster, fake) = fake_cluster();
     let e = apply(&cluster, &args(), true, &mut out)
         .await
         .expect_err("nothing installed")
@@ -242,7 +251,7 @@ async fn upgrade_refuses_a_skew_and_writes_nothing() {
 
 #[tokio::test]
 async fn a_crd_that_never_establishes_fails_the_install_by_name() {
-    let (cluster, fake) = FakeApi::start();
+    let (cluster, fake) = fake_cluster();
     fake.state().established_after = u32::MAX;
     let mut a = args();
     a.timeout = Duration::from_millis(300);

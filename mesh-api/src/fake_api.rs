@@ -1,19 +1,16 @@
 //! A small in-memory Kubernetes API server behind kube-rs's mock client, for tests: objects
-//! by path, server-side apply (a changed object gets a new resourceVersion, an unchanged one
+//! by path, creates and updates (with resourceVersion conflicts), server-side apply (a changed object gets a new resourceVersion, an unchanged one
 //! keeps it), deletes, CRDs that become Established and Deployments that roll out after a few
 //! reads, and SelfSubjectAccessReviews answered from a list of denied permissions. Every
 //! request is logged.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use kube::client::Body;
 use serde_json::{Value, json};
-
-use crate::cluster::Cluster;
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -44,8 +41,8 @@ pub struct State {
 pub struct FakeApi(pub Arc<Mutex<State>>);
 
 impl FakeApi {
-    /// A cluster client talking to a new fake, and the fake.
-    pub fn start() -> (Cluster, FakeApi) {
+    /// A client talking to a new fake, and the fake. Needs a Tokio runtime.
+    pub fn start() -> (kube::Client, FakeApi) {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let fake = FakeApi(Arc::new(Mutex::new(State {
             established_after: 2,
@@ -59,9 +56,7 @@ impl FakeApi {
                 send.send_response(resp);
             }
         });
-        let cluster =
-            Cluster::new(kube::Client::new(svc, "default")).with_poll(Duration::from_millis(10));
-        (cluster, fake)
+        (kube::Client::new(svc, "default"), fake)
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -128,6 +123,8 @@ impl FakeApi {
                 None => status(404, "NotFound", &format!("{path} not found")),
             },
             "POST" if path.ends_with("/selfsubjectaccessreviews") => s.review(body),
+            "POST" => s.create(&path, body),
+            "PUT" => s.replace(&path, body),
             _ => status(405, "MethodNotAllowed", &format!("{method} {path}")),
         }
     }
@@ -208,6 +205,42 @@ impl State {
             StatusCode::CREATED
         };
         respond(code, &body)
+    }
+
+    fn create(&mut self, collection: &str, mut body: Value) -> Response<Body> {
+        let name = body
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let path = format!("{collection}/{name}");
+        if self.objects.contains_key(&path) {
+            return status(409, "AlreadyExists", &format!("{path} already exists"));
+        }
+        self.rv += 1;
+        body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.objects.insert(path, body.clone());
+        respond(StatusCode::CREATED, &body)
+    }
+
+    /// An update: refused when its resourceVersion is not the stored one.
+    fn replace(&mut self, path: &str, mut body: Value) -> Response<Body> {
+        let Some(old) = self.objects.get(path) else {
+            return status(404, "NotFound", &format!("{path} not found"));
+        };
+        let rv = |o: &Value| o.pointer("/metadata/resourceVersion").cloned();
+        if let Some(sent) = rv(&body)
+            && Some(&sent) != rv(old).as_ref()
+        {
+            return status(
+                409,
+                "Conflict",
+                &format!("{path}: the object has been modified"),
+            );
+        }
+        self.rv += 1;
+        body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.objects.insert(path.to_owned(), body.clone());
+        respond(StatusCode::OK, &body)
     }
 
     fn review(&mut self, mut body: Value) -> Response<Body> {
