@@ -52,8 +52,12 @@ impl FakeApi {
         let state = fake.clone();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
-                let resp = state.handle(req).await;
-                send.send_response(resp);
+                let state = state.clone();
+                // Each request on its own task: a parked watch must not hold up the rest.
+                tokio::spawn(async move {
+                    let resp = state.handle(req).await;
+                    send.send_response(resp);
+                });
             }
         });
         (kube::Client::new(svc, "default"), fake)
@@ -89,6 +93,15 @@ impl FakeApi {
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        match self.answer(parts, &bytes) {
+            Some(resp) => resp,
+            // A watch is left unanswered: nothing changes while a test runs it.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The response to a request, `None` for a watch.
+    fn answer(&self, parts: http::request::Parts, bytes: &[u8]) -> Option<Response<Body>> {
         let method = parts.method.to_string();
         let path = parts.uri.path().to_owned();
         let content_type = parts
@@ -105,14 +118,25 @@ impl FakeApi {
             content_type,
         });
         if let Some(code) = s.fail_all {
-            return status(
+            return Some(status(
                 code,
                 "InternalError",
                 "the fake API server fails every request",
-            );
+            ));
         }
-        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        match method.as_str() {
+        let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let (prefix_len, rest) = split(&path);
+        let is_list = rest.len() % 2 == 1 && prefix_len > 0;
+        Some(match method.as_str() {
+            "GET"
+                if query
+                    .split('&')
+                    .any(|q| q == "watch=true" || q == "watch=1") =>
+            {
+                return None;
+            }
+            "GET" if is_list => s.list(&path, &query),
             "GET" => s.get(&path),
             "PATCH" => s.apply(&path, body),
             "DELETE" => match s.objects.remove(&path) {
@@ -126,11 +150,99 @@ impl FakeApi {
             "POST" => s.create(&path, body),
             "PUT" => s.replace(&path, body),
             _ => status(405, "MethodNotAllowed", &format!("{method} {path}")),
-        }
+        })
     }
 }
 
+/// `(length of the /api/v1 or /apis/GROUP/VERSION prefix in segments, the rest)`.
+fn split(path: &str) -> (usize, Vec<&str>) {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let n = match segs.first() {
+        Some(&"api") => 2,
+        Some(&"apis") => 3,
+        _ => return (0, segs),
+    };
+    if segs.len() < n {
+        return (0, segs);
+    }
+    (n, segs[n..].to_vec())
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl State {
+    /// A list: objects of the collection (every namespace's, or one's), filtered by a
+    /// `labelSelector` of `key=value` terms.
+    fn list(&mut self, path: &str, query: &str) -> Response<Body> {
+        let (n, rest) = split(path);
+        let prefix: Vec<&str> = path.trim_matches('/').split('/').take(n).collect();
+        let (ns, plural) = match rest.as_slice() {
+            [plural] => (None, *plural),
+            ["namespaces", ns, plural] => (Some(*ns), *plural),
+            _ => return status(404, "NotFound", &format!("{path}: not a collection")),
+        };
+        let selector: Vec<(String, String)> = query
+            .split('&')
+            .filter_map(|q| q.strip_prefix("labelSelector="))
+            .flat_map(|sel| {
+                percent_decode(sel)
+                    .split(',')
+                    .filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|(p, _)| {
+                let (m, r) = split(p);
+                let same_api = p
+                    .trim_matches('/')
+                    .split('/')
+                    .take(m)
+                    .eq(prefix.iter().copied());
+                same_api
+                    && match (r.as_slice(), ns) {
+                        ([pl, _], None) => *pl == plural,
+                        (["namespaces", _, pl, _], None) => *pl == plural,
+                        (["namespaces", n, pl, _], Some(want)) => *pl == plural && *n == want,
+                        _ => false,
+                    }
+            })
+            .map(|(_, o)| o.clone())
+            .filter(|o| {
+                selector.iter().all(|(k, v)| {
+                    o.pointer("/metadata/labels")
+                        .and_then(|l| l.get(k))
+                        .and_then(Value::as_str)
+                        == Some(v.as_str())
+                })
+            })
+            .collect();
+        respond(
+            StatusCode::OK,
+            &json!({"kind": "List", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": self.rv.to_string()}, "items": items}),
+        )
+    }
+
     fn get(&mut self, path: &str) -> Response<Body> {
         let reads = {
             let r = self.reads.entry(path.to_owned()).or_insert(0);

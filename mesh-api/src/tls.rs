@@ -300,12 +300,13 @@ impl Identity {
     /// prove themselves with a token instead).
     pub fn server_config_no_client_auth(
         self: &Arc<Self>,
+        alpn: &[&[u8]],
     ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
         let mut config = self
             .builder_server()?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
-        config.alpn_protocols = vec![ALPN_H2.to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
 

@@ -311,19 +311,35 @@ impl Authority {
         let der = CertificateSigningRequestDer::from(csr.to_vec());
         let mut request =
             CertificateSigningRequestParams::from_der(&der).map_err(CaError::BadCsr)?;
-        let asked: Vec<String> = request
-            .params
-            .subject_alt_names
-            .iter()
-            .map(|san| match san {
-                SanType::URI(u) => u.as_str().to_string(),
-                other => format!("{other:?}"),
-            })
-            .collect();
-        if !(asked.is_empty() || asked == [identity.as_str()]) {
+        // The URI SAN must be the caller's identity (or absent). A DNS name is granted only
+        // for the caller's own Service, `ACCOUNT.NAMESPACE.svc`: what the API server dials for
+        // a webhook served by that account (the controller's injector).
+        let own_service = identity
+            .namespace_and_account()
+            .map(|(ns, sa)| format!("{sa}.{ns}.svc"))
+            .ok();
+        let mut uris = Vec::new();
+        let mut dns_names = Vec::new();
+        let mut refused = Vec::new();
+        for san in &request.params.subject_alt_names {
+            match san {
+                SanType::URI(u) => uris.push(u.as_str().to_string()),
+                SanType::DnsName(d) if own_service.as_deref() == Some(d.as_str()) => {
+                    dns_names.push(d.clone());
+                }
+                SanType::DnsName(d) => refused.push(format!("DNS:{}", d.as_str())),
+                other => refused.push(format!("{other:?}")),
+            }
+        }
+        if !(uris.is_empty() || uris == [identity.as_str()]) || !refused.is_empty() {
+            let mut asked = uris;
+            asked.extend(refused);
             return Err(CaError::CsrIdentity {
                 asked,
-                allowed: identity.to_string(),
+                allowed: match &own_service {
+                    Some(svc) => format!("{identity} (and DNS:{svc})"),
+                    None => identity.to_string(),
+                },
             });
         }
         let lifetime = lifetime.min(self.max_lifetime);
@@ -332,6 +348,9 @@ impl Authority {
         params.subject_alt_names = vec![SanType::URI(
             identity.as_str().try_into().map_err(CaError::Sign)?,
         )];
+        params
+            .subject_alt_names
+            .extend(dns_names.into_iter().map(SanType::DnsName));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -373,6 +392,64 @@ mod tests {
             .map(|s| SanType::URI((*s).try_into().expect("uri")))
             .collect();
         p.serialize_request(&key).expect("csr").der().to_vec()
+    }
+
+    #[test]
+    fn a_dns_name_is_granted_only_for_the_callers_own_service() {
+        let ca = Authority::generate("cluster.local", now()).expect("ca");
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/mesh-system/sa/mesh-controller")
+            .expect("id");
+        let csr_with = |dns: &str| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::default();
+            p.subject_alt_names = vec![
+                SanType::URI(id.as_str().try_into().expect("uri")),
+                SanType::DnsName(dns.try_into().expect("dns")),
+            ];
+            p.serialize_request(&key).expect("csr").der().to_vec()
+        };
+        let issued = ca
+            .sign(
+                &csr_with("mesh-controller.mesh-system.svc"),
+                &id,
+                DEFAULT_LIFETIME,
+                now(),
+            )
+            .expect("own service");
+        let (_, leaf) = X509Certificate::from_der(&issued.chain[0]).expect("leaf");
+        let sans = leaf
+            .subject_alternative_name()
+            .expect("extension")
+            .expect("SANs")
+            .value
+            .general_names
+            .iter()
+            .map(|n| format!("{n}"))
+            .collect::<Vec<_>>();
+        assert!(
+            sans.iter()
+                .any(|n| n.contains("mesh-controller.mesh-system.svc")),
+            "{sans:?}"
+        );
+        // Still a valid SVID for mesh TLS.
+        check_leaf(
+            &issued.chain[0],
+            Role::Server,
+            "cluster.local",
+            Some(&id),
+            now(),
+        )
+        .expect("an SVID");
+        for other in [
+            "mesh-ca.mesh-system.svc",
+            "kubernetes.default.svc",
+            "example.com",
+        ] {
+            let e = ca
+                .sign(&csr_with(other), &id, DEFAULT_LIFETIME, now())
+                .expect_err("another name");
+            assert!(e.to_string().contains(&format!("DNS:{other}")), "{e}");
+        }
     }
 
     #[test]

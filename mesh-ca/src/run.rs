@@ -234,7 +234,7 @@ impl Running {
         })?;
         let tls = ca
             .serving
-            .server_config_no_client_auth()
+            .server_config_no_client_auth(&[mesh_api::tls::ALPN_H2])
             .map_err(StartError::Tls)?;
         let svc = CertificateServiceServer::new(CaService(ca.clone()));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -97,7 +97,7 @@ impl Ca {
     /// Issues the CA's serving certificate (a fresh key, the default lifetime).
     pub fn issue_serving(&self) -> Result<(), CaError> {
         let id = self.id()?;
-        let (key, csr) = mesh_api::tls::renew::key_and_csr(&id).map_err(CaError::Key)?;
+        let (key, csr) = mesh_api::tls::renew::key_and_csr(&id, &[]).map_err(CaError::Key)?;
         let authority = self.authority.load();
         let now = SystemTime::now();
         let issued = authority.sign(&csr, &id, self.default_lifetime, now)?;

@@ -76,6 +76,58 @@ pub struct Config {
     /// Log format: text or json.
     #[arg(long, env = env::LOG_FORMAT, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// The controller's namespace: its identity (`ns/NAMESPACE/sa/mesh-controller`) and its
+    /// Service's DNS name, which the injector's certificate carries.
+    #[arg(long, env = "POD_NAMESPACE", default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    pub namespace: String,
+
+    /// Serve the sidecar injector (HTTPS, `POST /inject`) here; needs the CA (--ca-addr,
+    /// --ca-root), which issues the certificate for `mesh-controller.NAMESPACE.svc`. Also keeps
+    /// the caBundle of the MutatingWebhookConfiguration --webhook-config equal to --ca-root and
+    /// copies the CA root into every namespace as the ConfigMap mesh-ca-root.
+    #[arg(long, env = "MESH_CONTROLLER_WEBHOOK_ADDR")]
+    pub webhook_addr: Option<SocketAddr>,
+
+    /// The MutatingWebhookConfiguration whose caBundle the controller keeps current.
+    #[arg(long, default_value = "mesh-sidecar-injector")]
+    pub webhook_config: String,
+
+    /// Injection: mesh-proxy's image.
+    #[arg(long, default_value = concat!("ghcr.io/mesh-dev/mesh-proxy:", env!("CARGO_PKG_VERSION")))]
+    pub inject_proxy_image: String,
+
+    /// Injection: the controller's xDS address as pods reach it (default
+    /// `mesh-controller.NAMESPACE.svc:15010`).
+    #[arg(long)]
+    pub inject_xds_addr: Option<String>,
+
+    /// Injection: mesh-ca's address as pods reach it (default `mesh-ca.NAMESPACE.svc:15012`).
+    #[arg(long)]
+    pub inject_ca_addr: Option<String>,
+
+    /// Injection: the proxy's log filter.
+    #[arg(long, default_value = "info")]
+    pub inject_proxy_log_level: String,
+
+    /// Injection: the proxy container's resources, as JSON
+    /// (`{"requests":{"cpu":"10m"},"limits":{"memory":"256Mi"}}`).
+    #[arg(long, value_parser = parse_resources)]
+    pub inject_proxy_resources: Option<serde_json::Value>,
+}
+
+fn parse_resources(s: &str) -> Result<serde_json::Value, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(s).map_err(|e| format!("{s:?} is not JSON: {e}"))?;
+    let Some(map) = v.as_object() else {
+        return Err(format!(
+            "{s:?}: expected an object with requests and/or limits"
+        ));
+    };
+    if let Some(k) = map.keys().find(|k| *k != "requests" && *k != "limits") {
+        return Err(format!("{s:?}: unknown key {k:?} (requests, limits)"));
+    }
+    Ok(v)
 }
 
 impl Config {
@@ -101,6 +153,55 @@ impl Config {
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
             mtls_mode: MtlsMode::Permissive,
             log_format: "text".into(),
+            namespace: mesh_api::consts::identity::SYSTEM_NAMESPACE.into(),
+            webhook_addr: None,
+            webhook_config: "mesh-sidecar-injector".into(),
+            inject_proxy_image: concat!("ghcr.io/mesh-dev/mesh-proxy:", env!("CARGO_PKG_VERSION"))
+                .into(),
+            inject_xds_addr: None,
+            inject_ca_addr: None,
+            inject_proxy_log_level: "info".into(),
+            inject_proxy_resources: None,
         }
+    }
+
+    /// What the injector gives sidecars.
+    pub fn inject_settings(&self) -> mesh_api::inject::InjectSettings {
+        use mesh_api::consts::identity as ids;
+        mesh_api::inject::InjectSettings {
+            proxy_image: self.inject_proxy_image.clone(),
+            xds_addr: self.inject_xds_addr.clone().unwrap_or_else(|| {
+                format!(
+                    "{}.{}.svc:{}",
+                    ids::CONTROLLER_SERVICE_ACCOUNT,
+                    self.namespace,
+                    ports::CONTROLLER_XDS
+                )
+            }),
+            ca_addr: self.inject_ca_addr.clone().unwrap_or_else(|| {
+                format!(
+                    "{}.{}.svc:{}",
+                    ids::CA_SERVICE_ACCOUNT,
+                    self.namespace,
+                    ports::CA
+                )
+            }),
+            trust_domain: self.trust_domain.clone(),
+            proxy_uid: mesh_api::inject::PROXY_UID,
+            log_level: self.inject_proxy_log_level.clone(),
+            resources: self
+                .inject_proxy_resources
+                .clone()
+                .unwrap_or(serde_json::Value::Null),
+        }
+    }
+
+    /// The DNS name the injector's certificate carries: the controller's Service.
+    pub fn webhook_dns_name(&self) -> String {
+        format!(
+            "{}.{}.svc",
+            mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT,
+            self.namespace
+        )
     }
 }

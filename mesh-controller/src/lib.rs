@@ -3,6 +3,7 @@
 //! server pushes them; the admin server shows who is in sync.
 
 pub mod admin;
+pub mod ca_root;
 pub mod config;
 pub mod index;
 pub mod metrics;

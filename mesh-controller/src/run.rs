@@ -39,6 +39,11 @@ pub enum StartError {
     },
     #[error("identity: {0}")]
     Identity(String),
+    #[error(
+        "--webhook-addr {addr}: the injector needs a certificate from the CA; pass --ca-addr \
+         and --ca-root"
+    )]
+    WebhookWithoutCa { addr: SocketAddr },
 }
 
 /// A running controller; dropping it stops everything.
@@ -48,6 +53,8 @@ pub struct Controller {
     pub xds_addr: SocketAddr,
     /// The extra plaintext xDS listener (`--xds-plaintext-addr`).
     pub xds_plaintext_addr: Option<SocketAddr>,
+    /// The sidecar injector (`--webhook-addr`).
+    pub webhook_addr: Option<SocketAddr>,
     /// The controller's own identity, when it serves xDS over TLS.
     pub identity: Option<Arc<mesh_api::tls::Identity>>,
     pub admin_addr: SocketAddr,
@@ -76,15 +83,17 @@ impl Controller {
         let mut tasks = Vec::new();
 
         // Load the configuration before serving, so the first push is complete.
+        let mut client = None;
         let watch = match &config.config_dir {
             Some(dir) => {
                 info!(dir = %dir.display(), "reading manifests from a directory");
                 Some(DirSource::new(dir.clone(), index.clone(), errors.clone()).watch()?)
             }
             None => {
-                let client = kube::Client::try_default().await?;
+                let c = kube::Client::try_default().await?;
+                client = Some(c.clone());
                 let sink = kube_source::Sink::new(index.clone(), errors.clone());
-                tasks.extend(kube_source::spawn_watchers(client, &sink));
+                tasks.extend(kube_source::spawn_watchers(c, &sink));
                 let missing = sink
                     .wait_synced(Duration::from_secs(config.sync_timeout_secs))
                     .await;
@@ -153,6 +162,31 @@ impl Controller {
             None => None,
         };
 
+        let webhook_addr = match (config.webhook_addr, &identity) {
+            (None, _) => None,
+            (Some(addr), None) => return Err(StartError::WebhookWithoutCa { addr }),
+            (Some(addr), Some(identity)) => {
+                let (l, addr) = bind("webhook", addr).await?;
+                let tls = identity
+                    .server_config_no_client_auth(&[
+                        mesh_api::tls::ALPN_H2,
+                        mesh_api::tls::ALPN_HTTP1,
+                    ])
+                    .map_err(|e| StartError::Identity(e.to_string()))?;
+                tasks.push(crate::webhook::serve(l, tls, config.inject_settings()));
+                if let (Some(client), Some(root)) = (&client, &config.ca_root) {
+                    let publisher = crate::ca_root::RootPublisher::new(
+                        client.clone(),
+                        root.clone(),
+                        &config.webhook_config,
+                        &config.namespace,
+                    );
+                    tasks.push(tokio::spawn(publisher.run(Duration::from_secs(10))));
+                }
+                Some(addr)
+            }
+        };
+
         let (admin, admin_addr) = bind("admin", config.admin_addr).await?;
         let app = router(AdminState {
             hub: hub.clone(),
@@ -164,9 +198,10 @@ impl Controller {
                 warn!(error = %e, "admin server stopped");
             }
         }));
-        info!(%xds_addr, ?xds_plaintext_addr, tls = identity.is_some(), %admin_addr, "controller serving");
+        info!(%xds_addr, ?xds_plaintext_addr, ?webhook_addr, tls = identity.is_some(), %admin_addr, "controller serving");
         Ok(Self {
             xds_addr,
+            webhook_addr,
             xds_plaintext_addr,
             identity,
             admin_addr,
@@ -224,7 +259,7 @@ fn controller_identity(
     let err = |e: String| StartError::Identity(e);
     let id = mesh_api::SpiffeId::workload(
         &config.trust_domain,
-        ids::SYSTEM_NAMESPACE,
+        &config.namespace,
         ids::CONTROLLER_SERVICE_ACCOUNT,
     )
     .map_err(|e| err(format!("--trust-domain {:?}: {e}", config.trust_domain)))?;
@@ -242,6 +277,12 @@ fn controller_identity(
             ca_root: ca_root.to_path_buf(),
             token_file: config.ca_token_file.clone(),
             lifetime: Duration::ZERO,
+            // The injector presents this certificate to the API server.
+            dns_names: config
+                .webhook_addr
+                .map(|_| config.webhook_dns_name())
+                .into_iter()
+                .collect(),
         },
         identity.clone(),
         Box::new(|_| {}),

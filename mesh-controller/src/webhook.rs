@@ -55,6 +55,61 @@ pub fn review(body: &[u8], settings: &InjectSettings) -> Result<Value, String> {
     Ok(json!({"apiVersion": api_version, "kind": "AdmissionReview", "response": response}))
 }
 
+/// Serves `POST /inject` (and `/ready`) over TLS on `listener` with `tls`, until dropped.
+pub fn serve(
+    listener: tokio::net::TcpListener,
+    tls: std::sync::Arc<rustls::ServerConfig>,
+    settings: InjectSettings,
+) -> tokio::task::JoinHandle<()> {
+    use axum::routing::{get, post};
+    use futures::StreamExt;
+    let settings = std::sync::Arc::new(settings);
+    let app = axum::Router::new()
+        .route(
+            "/inject",
+            post(move |body: axum::body::Bytes| {
+                let settings = settings.clone();
+                async move { answer(&body, &settings) }
+            }),
+        )
+        .route("/ready", get(|| async { "ready\n" }));
+    tokio::spawn(async move {
+        let mut incoming = mesh_api::tls::grpc::incoming(listener, tls);
+        while let Some(conn) = incoming.next().await {
+            let Ok(conn) = conn else { continue };
+            let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let io = hyper_util::rt::TokioIo::new(conn);
+                let builder = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                );
+                if let Err(e) = builder.serve_connection(io, svc).await {
+                    tracing::debug!(error = %e, "webhook connection ended");
+                }
+            });
+        }
+    })
+}
+
+/// One review over HTTP: 200 with the response, or 400 naming what is wrong with the request.
+fn answer(body: &[u8], settings: &InjectSettings) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match review(body, settings) {
+        Ok(v) => {
+            if let Some(w) = v.pointer("/response/warnings") {
+                tracing::warn!(warnings = %w, "injection skipped");
+            } else if v.pointer("/response/patch").is_some() {
+                tracing::info!(uid = %v["response"]["uid"], "sidecar injected");
+            }
+            axum::Json(v).into_response()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed admission review");
+            (axum::http::StatusCode::BAD_REQUEST, format!("{e}\n")).into_response()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,6 +91,7 @@ impl MeshTls {
                 ca_root,
                 token_file: config.ca_token_file.clone(),
                 lifetime: config.cert_lifetime,
+                dns_names: Vec::new(),
             },
             identity.clone(),
             Box::new(move |c| {

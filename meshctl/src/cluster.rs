@@ -70,6 +70,21 @@ fn resource(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
     })
 }
 
+fn api_resource(api_version: &str, kind: &str) -> Option<(ApiResource, bool)> {
+    let (plural, namespaced) = resource(api_version, kind)?;
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    Some((
+        ApiResource {
+            group: group.into(),
+            version: version.into(),
+            api_version: api_version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+        },
+        namespaced,
+    ))
+}
+
 /// Where an object lives: its API and its name.
 struct Target {
     api: Api<DynamicObject>,
@@ -111,20 +126,12 @@ impl Cluster {
         let name = field(o, "/metadata/name");
         let ns = field(o, "/metadata/namespace");
         let what = crate::install::manifests::key(o);
-        let Some((plural, namespaced)) = resource(api_version, kind) else {
+        let Some((ar, namespaced)) = api_resource(api_version, kind) else {
             bail!("{what}: meshctl does not handle {api_version} {kind}");
         };
         if name.is_empty() {
             bail!("{what}: metadata.name is empty");
         }
-        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let ar = ApiResource {
-            group: group.into(),
-            version: version.into(),
-            api_version: api_version.into(),
-            kind: kind.into(),
-            plural: plural.into(),
-        };
         let api = match (namespaced, ns) {
             (true, "") => bail!("{what}: metadata.namespace is empty"),
             (true, ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
@@ -148,6 +155,32 @@ impl Cluster {
         got.map(serde_json::to_value)
             .transpose()
             .map_err(Into::into)
+    }
+
+    /// Every object of a kind in every namespace, filtered by a label selector.
+    pub async fn list(
+        &self,
+        api_version: &str,
+        kind: &str,
+        label_selector: &str,
+    ) -> anyhow::Result<Vec<Value>> {
+        let Some((ar, _)) = api_resource(api_version, kind) else {
+            bail!("meshctl does not handle {api_version} {kind}");
+        };
+        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let list = api
+            .list(&kube::api::ListParams::default().labels(label_selector))
+            .await
+            .with_context(|| format!("listing {kind} ({label_selector})"))?;
+        list.items
+            .into_iter()
+            .map(|o| {
+                let mut v = serde_json::to_value(o)?;
+                v["apiVersion"] = api_version.into();
+                v["kind"] = kind.into();
+                Ok(v)
+            })
+            .collect()
     }
 
     /// Server-side apply of `o`, taking ownership of its fields from other managers.

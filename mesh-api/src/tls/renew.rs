@@ -19,11 +19,19 @@ use crate::ca_proto::{AUTHORIZATION, CreateCertificateRequest};
 use crate::consts::identity as ids;
 use crate::spiffe::SpiffeId;
 
-/// A fresh ECDSA P-256 key, in memory, and a CSR (DER) for `id`.
-pub fn key_and_csr(id: &SpiffeId) -> Result<(KeyPair, Vec<u8>), rcgen::Error> {
+/// A fresh ECDSA P-256 key, in memory, and a CSR (DER) for `id` and `dns_names`.
+pub fn key_and_csr(
+    id: &SpiffeId,
+    dns_names: &[String],
+) -> Result<(KeyPair, Vec<u8>), rcgen::Error> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    for d in dns_names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(d.as_str().try_into()?));
+    }
     let csr = params.serialize_request(&key)?.der().to_vec();
     Ok((key, csr))
 }
@@ -40,6 +48,8 @@ pub struct SvidSettings {
     pub token_file: PathBuf,
     /// Lifetime to ask for; zero: the CA's default.
     pub lifetime: Duration,
+    /// DNS names to ask for too (the CA grants only `ACCOUNT.NAMESPACE.svc`).
+    pub dns_names: Vec<String>,
 }
 
 /// For status pages (`/config_dump`).
@@ -194,7 +204,7 @@ impl SvidClient {
         let s = &self.settings;
         let token = std::fs::read_to_string(&s.token_file)
             .map_err(|e| format!("token file {}: {e}", s.token_file.display()))?;
-        let (key, csr) = key_and_csr(&s.id).map_err(|e| format!("CSR: {e}"))?;
+        let (key, csr) = key_and_csr(&s.id, &s.dns_names).map_err(|e| format!("CSR: {e}"))?;
         let mut req = tonic::Request::new(CreateCertificateRequest {
             csr,
             validity_seconds: s.lifetime.as_secs(),

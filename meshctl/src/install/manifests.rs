@@ -130,7 +130,7 @@ fn rbac(ns: &str) -> Vec<Value> {
                 // The CA's root, copied into each namespace whose pods get sidecars.
                 rule(&[""], &["configmaps"], &["get", "create", "update"]),
                 // The injector's caBundle, kept equal to the CA's root.
-                json!({"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "patch"]}),
+                json!({"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"], "resourceNames": [WEBHOOK_CONFIG], "verbs": ["get", "update"]}),
             ],
         ),
     ];
@@ -335,7 +335,6 @@ fn controller_deployment(v: &Values, ns: &str) -> Value {
         format!("--ca-root={ROOT_DIR}/ca.crt"),
         format!("--ca-token-file={TOKEN_DIR}/mesh-ca-token"),
         format!("--webhook-addr=0.0.0.0:{}", ports::CONTROLLER_WEBHOOK),
-        format!("--webhook-service={name}"),
         format!("--inject-proxy-image={}", s.proxy_image),
         format!("--inject-xds-addr={}", s.xds_addr),
         format!("--inject-ca-addr={}", s.ca_addr),

@@ -276,6 +276,17 @@ pub async fn uninstall(
     )?;
     objects.reverse();
     let mut deleted = Vec::new();
+    // The CA root the controller copied into namespaces.
+    let selector = format!("{}={}", PART_OF.0, PART_OF.1);
+    for cm in cluster.list("v1", "ConfigMap", &selector).await? {
+        if cm.pointer("/metadata/name").and_then(Value::as_str)
+            == Some(mesh_controller::ca_root::ROOT_CONFIGMAP)
+            && cluster.delete(&cm).await?
+        {
+            writeln!(out, "{} deleted", key(&cm))?;
+            deleted.push(key(&cm));
+        }
+    }
     for o in &objects {
         if is_crd(o) {
             if args.keep_crds {

@@ -124,7 +124,14 @@ async fn uninstall_deletes_everything_install_made() {
     let other = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}});
     fake.insert(other.clone());
     install(&cluster).await.0.expect("install");
-    let made = expected().len();
+    // The controller's copies of the CA root go too; a user's ConfigMap stays.
+    let root_copy = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "mesh-ca-root", "namespace": "shop", "labels": {"app.kubernetes.io/part-of": "mesh"}}});
+    let users = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "mesh-ca-root", "namespace": "legacy"}});
+    fake.insert(root_copy);
+    fake.insert(users.clone());
+    let made = expected().len() + 1;
     let mut out = Vec::new();
     let deleted = uninstall(
         &cluster,
@@ -138,12 +145,14 @@ async fn uninstall_deletes_everything_install_made() {
     .expect("uninstall");
     assert_eq!(deleted.len(), made);
     let state = fake.state();
+    let mut left: Vec<String> = vec![path_of(&other), path_of(&users)];
+    left.sort();
     assert_eq!(
-        state.objects.keys().collect::<Vec<_>>(),
-        [&path_of(&other)],
+        state.objects.keys().cloned().collect::<Vec<_>>(),
+        left,
         "left behind"
     );
-    // Deletion runs in reverse: the webhook goes first, CRDs last.
+    // Deletion runs in reverse: the root copies and the webhook go first, CRDs last.
     let deletes: Vec<&str> = state
         .log
         .iter()
@@ -151,7 +160,11 @@ async fn uninstall_deletes_everything_install_made() {
         .map(|l| l.path.as_str())
         .collect();
     assert!(
-        deletes[0].contains("mutatingwebhookconfigurations"),
+        deletes[0].contains("/namespaces/shop/configmaps/mesh-ca-root"),
+        "{deletes:?}"
+    );
+    assert!(
+        deletes[1].contains("mutatingwebhookconfigurations"),
         "{deletes:?}"
     );
     assert!(
