@@ -197,11 +197,7 @@ async fn check_passes_a_healthy_mesh_and_hints_at_each_failure() -> anyhow::Resu
     ca.identify(&mut config, "productpage")?;
     let _proxy = mesh.proxy(config).await?;
     let local = LocalDir::new(&mesh.config_dir)?;
-    let args = |controller, ca_admin| CheckArgs {
-        controller,
-        ca_admin,
-        output: Output::Table,
-    };
+    let args = CheckArgs::local;
     let healthy = args(mesh.controller.admin_addr, ca.admin_addr());
     let checks = mesh_e2e::eventually(
         std::time::Duration::from_secs(5),

@@ -35,6 +35,8 @@ pub struct State {
     pub denied: Vec<(String, String, String)>,
     /// Requests answered with this error status instead (API server unreachable, ...).
     pub fail_all: Option<u16>,
+    /// Bodies served as they are at these paths (`/version`, a pod's port through the proxy).
+    pub raw: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug)]
@@ -44,9 +46,13 @@ impl FakeApi {
     /// A client talking to a new fake, and the fake. Needs a Tokio runtime.
     pub fn start() -> (kube::Client, FakeApi) {
         let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let version = json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0",
+            "gitCommit": "0", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+            "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"});
         let fake = FakeApi(Arc::new(Mutex::new(State {
             established_after: 2,
             rollout_after: 2,
+            raw: BTreeMap::from([("/version".to_owned(), version.to_string())]),
             ..State::default()
         })));
         let state = fake.clone();
@@ -136,6 +142,10 @@ impl FakeApi {
             {
                 return None;
             }
+            "GET" if s.raw.contains_key(&path) => Response::builder()
+                .status(StatusCode::OK)
+                .body(Body::from(s.raw[&path].clone().into_bytes()))
+                .unwrap_or_else(|_| Response::new(Body::empty())),
             "GET" if is_list => s.list(&path, &query),
             "GET" => s.get(&path),
             "PATCH" => s.apply(&path, body),

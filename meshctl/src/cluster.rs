@@ -45,7 +45,7 @@ impl Applied {
 }
 
 /// The REST resource of the kinds meshctl works with: `(plural, namespaced)`.
-fn resource(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
+pub fn plural(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
     Some(match (api_version, kind) {
         ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => {
             ("customresourcedefinitions", false)
@@ -71,7 +71,7 @@ fn resource(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
 }
 
 fn api_resource(api_version: &str, kind: &str) -> Option<(ApiResource, bool)> {
-    let (plural, namespaced) = resource(api_version, kind)?;
+    let (plural, namespaced) = plural(api_version, kind)?;
     let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
     Some((
         ApiResource {
@@ -155,6 +155,15 @@ impl Cluster {
         got.map(serde_json::to_value)
             .transpose()
             .map_err(Into::into)
+    }
+
+    /// A GET of a raw path (a pod's port through the API server's proxy), as text.
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let req = http::Request::get(path).body(Vec::new())?;
+        self.client
+            .request_text(req)
+            .await
+            .with_context(|| format!("GET {path}"))
     }
 
     /// Every object of a kind in every namespace, filtered by a label selector.

@@ -124,35 +124,38 @@ impl LocalDir {
     }
 }
 
+/// A Service manifest as meshctl needs it.
+fn service_ref(v: &Value) -> ServiceRef {
+    let (namespace, name) = meta(v);
+    let ports = v
+        .get("spec")
+        .and_then(|s| s.get("ports"))
+        .and_then(Value::as_sequence)
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| {
+                    let port = u16::try_from(p.get("port")?.as_u64()?).ok()?;
+                    let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
+                    Some((port, name.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ServiceRef {
+        namespace,
+        name,
+        ports,
+    }
+}
+
 impl Mesh for LocalDir {
     fn services(&self) -> anyhow::Result<Vec<ServiceRef>> {
-        let mut out = Vec::new();
-        for (_, _, v) in self.all()? {
-            if str_at(&v, &["kind"]) != Some("Service") {
-                continue;
-            }
-            let (namespace, name) = meta(&v);
-            let ports = v
-                .get("spec")
-                .and_then(|s| s.get("ports"))
-                .and_then(Value::as_sequence)
-                .map(|ps| {
-                    ps.iter()
-                        .filter_map(|p| {
-                            let port = u16::try_from(p.get("port")?.as_u64()?).ok()?;
-                            let name = p.get("name").and_then(Value::as_str).unwrap_or_default();
-                            Some((port, name.to_string()))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(ServiceRef {
-                namespace,
-                name,
-                ports,
-            });
-        }
-        Ok(out)
+        Ok(self
+            .all()?
+            .iter()
+            .filter(|(_, _, v)| str_at(v, &["kind"]) == Some("Service"))
+            .map(|(_, _, v)| service_ref(v))
+            .collect())
     }
 
     fn routes(&self) -> anyhow::Result<Vec<RouteDoc>> {
@@ -205,5 +208,81 @@ impl Mesh for LocalDir {
         std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(path.display().to_string())
+    }
+}
+
+/// A mesh in a Kubernetes cluster: Services and HTTPRoutes read from the API server, routes
+/// written with server-side apply (field manager `meshctl`). The [`Mesh`] calls block, so they
+/// must run inside `tokio::task::block_in_place` on a multi-threaded runtime.
+#[derive(Debug, Clone)]
+pub struct Cluster(pub crate::cluster::Cluster);
+
+fn yaml(v: serde_json::Value) -> anyhow::Result<Value> {
+    Ok(serde_yaml::to_value(v)?)
+}
+
+impl Cluster {
+    fn block<T>(
+        &self,
+        f: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        tokio::runtime::Handle::try_current()
+            .context("meshctl runs cluster calls inside a Tokio runtime")?
+            .block_on(f)
+    }
+}
+
+impl Mesh for Cluster {
+    fn services(&self) -> anyhow::Result<Vec<ServiceRef>> {
+        let items = self.block(self.0.list("v1", "Service", ""))?;
+        items
+            .into_iter()
+            .map(|v| Ok(service_ref(&yaml(v)?)))
+            .collect()
+    }
+
+    fn routes(&self) -> anyhow::Result<Vec<RouteDoc>> {
+        let items = self.block(self.0.list("gateway.networking.k8s.io/v1", "HTTPRoute", ""))?;
+        items
+            .into_iter()
+            .map(|v| {
+                let value = yaml(v)?;
+                let (namespace, name) = meta(&value);
+                Ok(RouteDoc {
+                    namespace,
+                    name,
+                    value,
+                    origin: None,
+                })
+            })
+            .collect()
+    }
+
+    fn save_route(&self, route: &RouteDoc) -> anyhow::Result<String> {
+        let mut v: serde_json::Value = serde_json::to_value(&route.value)?;
+        // What the server keeps is not ours to apply.
+        if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            for k in [
+                "resourceVersion",
+                "uid",
+                "creationTimestamp",
+                "generation",
+                "managedFields",
+            ] {
+                m.remove(k);
+            }
+            m.insert("namespace".into(), route.namespace.clone().into());
+        }
+        if let Some(o) = v.as_object_mut() {
+            o.remove("status");
+        }
+        let applied = self.block(self.0.apply(&v))?;
+        Ok(format!(
+            "HTTPRoute {}/{} ({}, server-side apply as {})",
+            route.namespace,
+            route.name,
+            applied.as_str(),
+            crate::cluster::FIELD_MANAGER
+        ))
     }
 }

@@ -15,15 +15,89 @@ use crate::mesh::{LocalDir, Mesh};
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
-    /// The controller's admin address.
-    #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN, default_value_t = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN)))]
-    pub controller: SocketAddr,
-    /// mesh-ca's admin address.
-    #[arg(long, env = mesh_api::consts::env::MESHCTL_CA_ADMIN, default_value_t = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CA_ADMIN)))]
-    pub ca_admin: SocketAddr,
+    /// The controller's admin address (a local mesh; default 127.0.0.1:15014 with --local).
+    #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN)]
+    pub controller: Option<SocketAddr>,
+    /// mesh-ca's admin address (a local mesh; default 127.0.0.1:15013 with --local).
+    #[arg(long, env = mesh_api::consts::env::MESHCTL_CA_ADMIN)]
+    pub ca_admin: Option<SocketAddr>,
+    /// In a cluster, before install: API version, your permissions, Pod Security.
+    #[arg(long, conflicts_with = "proxy")]
+    pub pre: bool,
+    /// In a cluster, also check every injected pod's proxy.
+    #[arg(long)]
+    pub proxy: bool,
+    /// In a cluster: the control plane's namespace.
+    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    pub namespace: String,
     /// `table` or `json` (`yaml` too).
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+impl CheckArgs {
+    /// Checks of a local mesh at these admin addresses.
+    pub fn local(controller: SocketAddr, ca_admin: SocketAddr) -> Self {
+        Self {
+            controller: Some(controller),
+            ca_admin: Some(ca_admin),
+            pre: false,
+            proxy: false,
+            namespace: mesh_api::consts::identity::SYSTEM_NAMESPACE.into(),
+            output: Output::Table,
+        }
+    }
+
+    /// Whether these are checks of a local mesh (admin addresses) rather than a cluster.
+    pub fn is_local(&self, local_dir: bool) -> bool {
+        local_dir || self.controller.is_some() || self.ca_admin.is_some()
+    }
+}
+
+/// Where check reads a component's admin endpoints: directly, or through the API server's
+/// pod proxy.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    Direct(SocketAddr),
+    Pod {
+        cluster: crate::cluster::Cluster,
+        base: String,
+        what: String,
+    },
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Direct(a) => write!(f, "{a}"),
+            Self::Pod { what, .. } => f.write_str(what),
+        }
+    }
+}
+
+impl Endpoint {
+    /// Port `port` of pod `ns/name`, through the API server.
+    pub fn pod(cluster: &crate::cluster::Cluster, ns: &str, name: &str, port: u16) -> Self {
+        Self::Pod {
+            cluster: cluster.clone(),
+            base: format!("/api/v1/namespaces/{ns}/pods/{name}:{port}/proxy"),
+            what: format!("pod {ns}/{name}:{port}"),
+        }
+    }
+
+    pub async fn text(&self, path: &str) -> anyhow::Result<String> {
+        match self {
+            Self::Direct(a) => super::status::get_text(*a, path).await,
+            Self::Pod { cluster, base, .. } => cluster.get_text(&format!("{base}{path}")).await,
+        }
+    }
+
+    pub async fn json(&self, path: &str) -> anyhow::Result<Value> {
+        match self {
+            Self::Direct(a) => get_json(*a, path).await,
+            Self::Pod { .. } => Ok(serde_json::from_str(&self.text(path).await?)?),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -44,19 +118,19 @@ pub struct Check {
 }
 
 /// A certificate expiring sooner than this is a warning.
-const WARN_DAYS: f64 = 60.0;
+pub(crate) const WARN_DAYS: f64 = 60.0;
 
 #[derive(Default)]
-struct Checks(Vec<Check>);
+pub(crate) struct Checks(pub(crate) Vec<Check>);
 
 impl Checks {
-    fn ok(&mut self, category: &'static str, message: impl Into<String>) {
+    pub(crate) fn ok(&mut self, category: &'static str, message: impl Into<String>) {
         self.push(category, Status::Ok, message, None);
     }
-    fn warn(&mut self, category: &'static str, message: impl Into<String>, hint: &str) {
+    pub(crate) fn warn(&mut self, category: &'static str, message: impl Into<String>, hint: &str) {
         self.push(category, Status::Warn, message, Some(hint));
     }
-    fn fail(&mut self, category: &'static str, message: impl Into<String>, hint: &str) {
+    pub(crate) fn fail(&mut self, category: &'static str, message: impl Into<String>, hint: &str) {
         self.push(category, Status::Fail, message, Some(hint));
     }
     fn push(
@@ -75,7 +149,7 @@ impl Checks {
     }
 }
 
-fn days_left(unix: f64) -> f64 {
+pub(crate) fn days_left(unix: f64) -> f64 {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
@@ -232,18 +306,18 @@ fn config(local: &LocalDir, c: &mut Checks) {
     }
 }
 
-async fn control_plane(args: &CheckArgs, c: &mut Checks) -> Option<Vec<Value>> {
+pub(crate) async fn control_plane(ctl: &Endpoint, c: &mut Checks) -> Option<Vec<Value>> {
     const CAT: &str = "control plane";
-    if let Err(e) = get_json_or_text(args.controller, "/ready").await {
+    if let Err(e) = ctl.text("/ready").await {
         c.fail(
             CAT,
-            format!("controller not reachable at {}: {e:#}", args.controller),
+            format!("controller not reachable at {ctl}: {e:#}"),
             "start mesh-controller, or point --controller at its admin address",
         );
         return None;
     }
-    c.ok(CAT, format!("controller is ready at {}", args.controller));
-    match get_json(args.controller, "/debug/config-errors").await {
+    c.ok(CAT, format!("controller is ready at {ctl}"));
+    match ctl.json("/debug/config-errors").await {
         Ok(errors) => {
             let list: Vec<String> = ["manifests", "references"]
                 .iter()
@@ -277,7 +351,7 @@ async fn control_plane(args: &CheckArgs, c: &mut Checks) -> Option<Vec<Value>> {
             "is the controller a current version?",
         ),
     }
-    let proxies = match get_json(args.controller, "/debug/proxies").await {
+    let proxies = match ctl.json("/debug/proxies").await {
         Ok(p) => p.as_array().cloned().unwrap_or_default(),
         Err(e) => {
             c.fail(
@@ -335,18 +409,18 @@ async fn get_json_or_text(addr: SocketAddr, path: &str) -> anyhow::Result<()> {
 }
 
 /// Checks the CA; returns the fingerprint of the root it signs under now.
-async fn identity(args: &CheckArgs, c: &mut Checks) -> Option<String> {
+pub(crate) async fn identity(ca: &Endpoint, c: &mut Checks) -> Option<String> {
     const CAT: &str = "identity";
-    if let Err(e) = get_json_or_text(args.ca_admin, "/ready").await {
+    if let Err(e) = ca.text("/ready").await {
         c.fail(
             CAT,
-            format!("mesh-ca not reachable at {}: {e:#}", args.ca_admin),
+            format!("mesh-ca not reachable at {ca}: {e:#}"),
             "start mesh-ca, or point --ca-admin at its admin address",
         );
         return None;
     }
-    c.ok(CAT, format!("mesh-ca is ready at {}", args.ca_admin));
-    let text = match super::status::get_text(args.ca_admin, "/metrics").await {
+    c.ok(CAT, format!("mesh-ca is ready at {ca}"));
+    let text = match ca.text("/metrics").await {
         Ok(t) => t,
         Err(e) => {
             c.fail(
@@ -392,7 +466,7 @@ async fn identity(args: &CheckArgs, c: &mut Checks) -> Option<String> {
             "check mesh-ca's version and log",
         ),
     }
-    let roots = match get_json(args.ca_admin, "/debug/roots").await {
+    let roots = match ca.json("/debug/roots").await {
         Ok(r) => r.as_array().cloned().unwrap_or_default(),
         Err(e) => {
             c.fail(
@@ -524,8 +598,16 @@ pub async fn run_checks(args: &CheckArgs, local: Option<&LocalDir>) -> Vec<Check
             "pass --local DIR (the directory the controller watches)",
         ),
     }
-    let proxies = control_plane(args, &mut c).await;
-    let root = identity(args, &mut c).await;
+    let ctl = Endpoint::Direct(args.controller.unwrap_or(SocketAddr::from((
+        [127, 0, 0, 1],
+        mesh_api::consts::ports::CONTROLLER_ADMIN,
+    ))));
+    let ca = Endpoint::Direct(args.ca_admin.unwrap_or(SocketAddr::from((
+        [127, 0, 0, 1],
+        mesh_api::consts::ports::CA_ADMIN,
+    ))));
+    let proxies = control_plane(&ctl, &mut c).await;
+    let root = identity(&ca, &mut c).await;
     data_plane(
         proxies.as_deref().unwrap_or_default(),
         root.as_deref(),
@@ -533,6 +615,23 @@ pub async fn run_checks(args: &CheckArgs, local: Option<&LocalDir>) -> Vec<Check
     )
     .await;
     c.0
+}
+
+/// Runs the checks of a cluster: `--pre`, or after install (and `--proxy`).
+pub async fn run_cluster_checks(
+    args: &CheckArgs,
+    cluster: &crate::cluster::Cluster,
+) -> anyhow::Result<Vec<Check>> {
+    let mut c = Checks::default();
+    if args.pre {
+        super::check_cluster::pre(cluster, &args.namespace, &mut c).await?;
+    } else {
+        super::check_cluster::installed(cluster, &args.namespace, &mut c).await?;
+        if args.proxy {
+            super::check_cluster::proxies(cluster, &mut c).await?;
+        }
+    }
+    Ok(c.0)
 }
 
 pub fn print(checks: &[Check], output: Output, out: &mut dyn Write) -> anyhow::Result<()> {

@@ -8,6 +8,7 @@ use crate::mesh::LocalDir;
 
 pub mod bootstrap;
 pub mod check;
+pub mod check_cluster;
 pub mod inject;
 pub mod route;
 pub mod status;
@@ -58,15 +59,19 @@ pub struct Context {
 pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
     match cmd {
         Command::Bootstrap(b) => bootstrap::run(b, &mut std::io::stdout()),
-        Command::Route(r) => {
-            let Some(dir) = &cx.local else {
-                bail!(
-                    "meshctl route needs a mesh: pass --local DIR (or set {}) for a local mesh",
-                    mesh_api::consts::env::MESHCTL_LOCAL
-                );
-            };
-            route::run(r, &LocalDir::new(dir)?, &mut std::io::stdout())
-        }
+        Command::Route(r) => match &cx.local {
+            Some(dir) => route::run(r, &LocalDir::new(dir)?, &mut std::io::stdout()),
+            // The cluster of the current kubeconfig context. The route code is synchronous;
+            // its API calls block on this runtime from inside block_in_place.
+            None => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mesh = crate::mesh::Cluster(crate::cluster::Cluster::connect().await?);
+                    tokio::task::block_in_place(|| route::run(r, &mesh, &mut std::io::stdout()))
+                }),
+        },
         Command::ProxyStatus(a) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
@@ -78,10 +83,14 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
         Command::Inject(a) => inject::run(&a, &mut std::io::stdout(), &mut std::io::stderr()),
         Command::Check(a) => {
             let local = cx.local.as_ref().map(LocalDir::new).transpose()?;
-            let checks = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(check::run_checks(&a, local.as_ref()));
+            let checks = if a.is_local(local.is_some()) {
+                current_thread()?.block_on(check::run_checks(&a, local.as_ref()))
+            } else {
+                current_thread()?.block_on(async {
+                    let cluster = crate::cluster::Cluster::connect().await?;
+                    check::run_cluster_checks(&a, &cluster).await
+                })?
+            };
             check::print(&checks, a.output, &mut std::io::stdout())?;
             let failed = checks
                 .iter()

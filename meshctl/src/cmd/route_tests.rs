@@ -200,3 +200,92 @@ fn refusals_name_the_input_and_leave_the_directory_untouched() {
         "a refused command changed the directory"
     );
 }
+
+/// `meshctl route` against a cluster (the fake API server): the route is read from and
+/// written to the API with server-side apply; a refusal writes nothing.
+mod cluster {
+    use mesh_api::fake_api::FakeApi;
+    use serde_json::json;
+
+    use super::super::*;
+    use crate::mesh::Cluster;
+
+    const ROUTE: &str =
+        "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/reviews-split";
+
+    fn target() -> Target {
+        Target {
+            service: "reviews".into(),
+            namespace: "shop".into(),
+            port: None,
+        }
+    }
+
+    fn run_in_place(r: Route, mesh: &Cluster) -> anyhow::Result<String> {
+        let mut out = Vec::new();
+        tokio::task::block_in_place(|| run(r, mesh, &mut out))?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    fn split_to(to: &[&str]) -> Route {
+        Route::Split(SplitArgs {
+            target: target(),
+            to: to.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn split_and_promote_apply_the_route_and_a_missing_backend_writes_nothing() {
+        let (client, fake) = FakeApi::start();
+        for name in ["reviews", "reviews-v1", "reviews-v2"] {
+            fake.insert(json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"ports": [{"name": "http", "port": 9080}]}}));
+        }
+        let mesh = Cluster(crate::cluster::Cluster::new(client));
+
+        let e = run_in_place(split_to(&["reviews-v1=90", "reviews-v3=10"]), &mesh)
+            .expect_err("a missing backend");
+        assert!(format!("{e:#}").contains("reviews-v3"), "{e:#}");
+        assert!(fake.writes().is_empty(), "{:?}", fake.writes());
+
+        let out =
+            run_in_place(split_to(&["reviews-v1=90", "reviews-v2=10"]), &mesh).expect("split");
+        assert!(
+            out.contains("HTTPRoute shop/reviews-split (created, server-side apply as meshctl)"),
+            "{out}"
+        );
+        let writes = fake.writes();
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert_eq!(writes[0].path, ROUTE);
+        assert_eq!(writes[0].content_type, "application/apply-patch+yaml");
+        assert!(writes[0].query.contains("fieldManager=meshctl"));
+        let stored = fake.state().objects[ROUTE].clone();
+        assert_eq!(
+            stored["spec"]["rules"][0]["backendRefs"],
+            json!([{"name": "reviews-v1", "port": 9080, "weight": 90}, {"name": "reviews-v2", "port": 9080, "weight": 10}])
+        );
+
+        // Promote reads the route back from the cluster and edits it in place.
+        let out = run_in_place(
+            Route::Promote(PromoteArgs {
+                target: target(),
+                backend: "reviews-v2".into(),
+            }),
+            &mesh,
+        )
+        .expect("promote");
+        assert!(out.contains("configured"), "{out}");
+        let stored = fake.state().objects[ROUTE].clone();
+        assert_eq!(
+            stored["spec"]["rules"][0]["backendRefs"],
+            json!([{"name": "reviews-v2", "port": 9080, "weight": 1}, {"name": "reviews-v1", "port": 9080, "weight": 0}])
+        );
+        // Show lists it.
+        let out = run_in_place(Route::Show(ShowArgs { target: target() }), &mesh).expect("show");
+        assert!(
+            out.contains("reviews-split") && out.contains("reviews-v2"),
+            "{out}"
+        );
+    }
+}
