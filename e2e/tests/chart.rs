@@ -198,3 +198,62 @@ spec:
         );
     }
 }
+
+/// The Dockerfiles build binaries that exist, and their images run as the users the manifests
+/// expect (no Docker engine here: the build itself runs in the kind suite).
+#[test]
+fn dockerfiles_build_existing_binaries_as_the_expected_users() {
+    let root = workspace_root();
+    for (name, user) in [
+        ("mesh-proxy", "1337:1337"),
+        ("mesh-controller", "65532:65532"),
+        ("mesh-ca", "65532:65532"),
+        ("meshctl", "65532:65532"),
+    ] {
+        let path = root.join(format!("deploy/docker/{name}.Dockerfile"));
+        let text = std::fs::read_to_string(&path).expect("Dockerfile");
+        assert!(
+            text.contains(&format!(
+                "cargo build --release --locked -p {name} --bin {name}"
+            )),
+            "{}",
+            path.display()
+        );
+        assert!(
+            root.join(name).join("src/main.rs").exists(),
+            "{name} has no binary"
+        );
+        // The last USER is the image's: never root.
+        let last_user = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("USER "))
+            .next_back()
+            .expect("a USER line");
+        assert_eq!(last_user.trim(), user, "{}", path.display());
+        assert!(
+            text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{name}\"]")),
+            "{}",
+            path.display()
+        );
+    }
+    // The toolchain the images build with is the repository's.
+    let toolchain = std::fs::read_to_string(root.join("rust-toolchain.toml")).expect("toolchain");
+    let channel = toolchain
+        .lines()
+        .find_map(|l| l.strip_prefix("channel = "))
+        .expect("channel")
+        .trim_matches('"')
+        .rsplit_once('.')
+        .map(|(minor, _)| minor.to_owned())
+        .expect("a version");
+    for name in ["mesh-proxy", "mesh-controller", "mesh-ca", "meshctl"] {
+        let text = std::fs::read_to_string(root.join(format!("deploy/docker/{name}.Dockerfile")))
+            .expect("Dockerfile");
+        assert!(
+            text.contains(&format!("FROM rust:{channel}-bookworm")),
+            "{name}"
+        );
+    }
+    // The manifests run the proxy as the UID its image declares.
+    assert_eq!(mesh_api::inject::PROXY_UID, 1337);
+}

@@ -1,0 +1,15 @@
+# syntax=docker/dockerfile:1
+# mesh-controller: built from the workspace root (docker build -f deploy/docker/mesh-controller.Dockerfile .).
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p mesh-controller --bin mesh-controller \
+ && cp target/release/mesh-controller /mesh-controller
+
+# Distroless: no shell, no package manager; runs as the unprivileged user 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /mesh-controller /usr/local/bin/mesh-controller
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/mesh-controller"]
