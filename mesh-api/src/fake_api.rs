@@ -121,7 +121,7 @@ impl FakeApi {
             method: method.clone(),
             path: path.clone(),
             query: parts.uri.query().unwrap_or("").to_owned(),
-            content_type,
+            content_type: content_type.clone(),
         });
         if let Some(code) = s.fail_all {
             return Some(status(
@@ -148,6 +148,9 @@ impl FakeApi {
                 .unwrap_or_else(|_| Response::new(Body::empty())),
             "GET" if is_list => s.list(&path, &query),
             "GET" => s.get(&path),
+            "PATCH" if content_type.starts_with("application/merge-patch+json") => {
+                s.merge(path.trim_end_matches("/status"), body)
+            }
             "PATCH" => s.apply(&path, body),
             "DELETE" => match s.objects.remove(&path) {
                 Some(_) => respond(
@@ -340,6 +343,11 @@ impl State {
         }
         self.rv += 1;
         body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        // The namespace comes from the path, as the API server fills it in.
+        let (_, rest) = split(collection);
+        if let ["namespaces", ns, _] = rest.as_slice() {
+            body["metadata"]["namespace"] = json!(ns);
+        }
         self.objects.insert(path, body.clone());
         respond(StatusCode::CREATED, &body)
     }
@@ -363,6 +371,42 @@ impl State {
         body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         self.objects.insert(path.to_owned(), body.clone());
         respond(StatusCode::OK, &body)
+    }
+
+    /// A JSON merge patch (RFC 7386), refused when it names another resourceVersion.
+    fn merge(&mut self, path: &str, patch: Value) -> Response<Body> {
+        fn apply(target: &mut Value, patch: Value) {
+            match (target, patch) {
+                (Value::Object(t), Value::Object(p)) => {
+                    for (k, v) in p {
+                        if v.is_null() {
+                            t.remove(&k);
+                        } else {
+                            apply(t.entry(k).or_insert(Value::Null), v);
+                        }
+                    }
+                }
+                (t, p) => *t = p,
+            }
+        }
+        let Some(old) = self.objects.get(path).cloned() else {
+            return status(404, "NotFound", &format!("{path} not found"));
+        };
+        if let Some(sent) = patch.pointer("/metadata/resourceVersion")
+            && Some(sent) != old.pointer("/metadata/resourceVersion")
+        {
+            return status(
+                409,
+                "Conflict",
+                &format!("{path}: the object has been modified"),
+            );
+        }
+        let mut new = old;
+        apply(&mut new, patch);
+        self.rv += 1;
+        new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.objects.insert(path.to_owned(), new.clone());
+        respond(StatusCode::OK, &new)
     }
 
     fn review(&mut self, mut body: Value) -> Response<Body> {

@@ -89,6 +89,11 @@ pub struct Config {
     #[arg(long, env = "MESH_CONTROLLER_WEBHOOK_ADDR")]
     pub webhook_addr: Option<SocketAddr>,
 
+    /// This replica's name, its identity in the leader Lease (`mesh-controller` in
+    /// --namespace) that decides which replica writes route status.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
     /// The MutatingWebhookConfiguration whose caBundle the controller keeps current.
     #[arg(long, default_value = "mesh-sidecar-injector")]
     pub webhook_config: String,
@@ -155,6 +160,7 @@ impl Config {
             log_format: "text".into(),
             namespace: mesh_api::consts::identity::SYSTEM_NAMESPACE.into(),
             webhook_addr: None,
+            pod_name: None,
             webhook_config: "mesh-sidecar-injector".into(),
             inject_proxy_image: concat!("ghcr.io/mesh-dev/mesh-proxy:", env!("CARGO_PKG_VERSION"))
                 .into(),

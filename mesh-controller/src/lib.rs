@@ -6,10 +6,12 @@ pub mod admin;
 pub mod ca_root;
 pub mod config;
 pub mod index;
+pub mod lease;
 pub mod metrics;
 pub mod objects;
 pub mod run;
 pub mod source;
+pub mod status;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod webhook;

@@ -108,6 +108,28 @@ impl Controller {
         };
         let model = index.lock().unwrap_or_else(|e| e.into_inner()).model();
         let hub = Hub::new(model, metrics.clone());
+        if let Some(client) = &client {
+            // Route status comes from one replica: the holder of the Lease.
+            let holder = config
+                .pod_name
+                .clone()
+                .unwrap_or_else(|| format!("mesh-controller-{}", std::process::id()));
+            let writer = crate::status::StatusWriter {
+                client: client.clone(),
+                index: index.clone(),
+                hub: hub.clone(),
+                errors: errors.clone(),
+                lease: crate::lease::LeaseLock::new(
+                    client.clone(),
+                    &config.namespace,
+                    mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT,
+                    &holder,
+                    Duration::from_secs(15),
+                ),
+                interval: Duration::from_secs(5),
+            };
+            tasks.push(tokio::spawn(writer.run()));
+        }
         let (quiet, max) = config.debounce();
         tasks.push(tokio::spawn(run_publisher(
             index.clone(),

@@ -350,6 +350,11 @@ impl Index {
     }
 
     /// How many objects of each kind are held.
+    /// Every route held (HTTPRoute and GRPCRoute), for their status.
+    pub fn route_specs(&self) -> Vec<Arc<RouteSpec>> {
+        self.routes.values().cloned().collect()
+    }
+
     pub fn counts(&self) -> BTreeMap<Kind, usize> {
         Kind::ALL
             .into_iter()
@@ -388,6 +393,7 @@ impl Index {
                     },
                     field: format!("metadata.labels[{label:?}]"),
                     reason: format!("{v:?} is not STRICT or PERMISSIVE; the mesh default applies"),
+                    condition: model::RefProblem::NotARoute,
                 }),
             }
         }
@@ -440,6 +446,7 @@ impl Index {
                                 object: spec.key.clone(),
                                 field: format!("spec.parentRefs[{}]", p.index),
                                 reason: format!("parent Service {key} not found"),
+                                condition: model::RefProblem::NoMatchingParent,
                             });
                         }
                     }
@@ -519,6 +526,7 @@ impl Index {
                             object: spec.key.clone(),
                             field: format!("spec.parentRefs[{}].port", parent.index),
                             reason: format!("parent Service {key} has no port {p}"),
+                            condition: model::RefProblem::NoMatchingParent,
                         });
                         continue;
                     }
@@ -624,19 +632,21 @@ impl Index {
         }
     }
 
-    fn resolve_backend(&self, b: &BackendRef) -> Result<String, String> {
+    fn resolve_backend(&self, b: &BackendRef) -> Result<String, (model::RefProblem, String)> {
+        use model::RefProblem::BackendNotFound;
         if let Some(why) = &b.invalid {
             return Err(why.clone());
         }
         let key = SvcKey::new(&b.namespace, &b.name);
         let Some(port) = b.port else {
-            return Err(format!("backend {key} has no port"));
+            return Err((BackendNotFound, format!("backend {key} has no port")));
         };
         match self.services.get(&key) {
-            None => Err(format!("backend Service {key} not found")),
-            Some(svc) if !svc.ports.iter().any(|p| p.port == port) => {
-                Err(format!("backend Service {key} has no port {port}"))
-            }
+            None => Err((BackendNotFound, format!("backend Service {key} not found"))),
+            Some(svc) if !svc.ports.iter().any(|p| p.port == port) => Err((
+                BackendNotFound,
+                format!("backend Service {key} has no port {port}"),
+            )),
             Some(_) => Ok(model::cluster_name(&key, port, &self.cluster_domain)),
         }
     }
@@ -655,11 +665,12 @@ impl Index {
         for b in &rule.backends {
             let cluster = match self.resolve_backend(b) {
                 Ok(c) => Some(c),
-                Err(reason) => {
+                Err((condition, reason)) => {
                     errors.push(ResolveError {
                         object: spec.key.clone(),
                         field: format!("spec.rules[{ri}].backendRefs[{}]", b.index),
                         reason,
+                        condition,
                     });
                     None
                 }

@@ -163,6 +163,38 @@ pub struct ResolveError {
     pub object: ObjKey,
     pub field: String,
     pub reason: String,
+    /// The Gateway API condition reason it puts in the route's status.
+    #[serde(skip)]
+    pub condition: RefProblem,
+}
+
+/// What is wrong with a reference, as a Gateway API route condition reason: a parent problem
+/// makes `Accepted` false, a backend problem `ResolvedRefs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RefProblem {
+    /// The parent Service (or its port) does not exist.
+    NoMatchingParent,
+    /// The backend Service (or its port) does not exist.
+    #[default]
+    BackendNotFound,
+    /// The backend is not a Service.
+    InvalidKind,
+    /// The backend is in another namespace (ReferenceGrant is not read).
+    RefNotPermitted,
+    /// Not a route's reference (a namespace label).
+    NotARoute,
+}
+
+impl RefProblem {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::NoMatchingParent => "NoMatchingParent",
+            Self::BackendNotFound => "BackendNotFound",
+            Self::InvalidKind => "InvalidKind",
+            Self::RefNotPermitted => "RefNotPermitted",
+            Self::NotARoute => "",
+        }
+    }
 }
 
 /// Whether a proxy's inbound side takes plaintext besides mesh TLS.

@@ -88,7 +88,7 @@ pub struct BackendRef {
     pub port: Option<u16>,
     pub weight: u32,
     /// Why this reference can never resolve (wrong kind, cross-namespace), if so.
-    pub invalid: Option<String>,
+    pub invalid: Option<(super::model::RefProblem, String)>,
     pub request_headers: HeaderModifier,
     pub response_headers: HeaderModifier,
     /// Index in the rule's `backendRefs`, to name the field in errors.
@@ -596,21 +596,31 @@ fn backend_ref(
         .map(|p| to_port(p, &format!("{field}.port")))
         .transpose()?;
     let namespace = raw.namespace.unwrap_or_else(|| route_ns.to_string());
+    use super::model::RefProblem;
     let invalid = if !is_service_ref(raw.group.as_deref(), raw.kind.as_deref()) {
-        Some(format!(
-            "backend kind {}/{} is not supported: only Services",
-            raw.group.unwrap_or_default(),
-            raw.kind.unwrap_or_default()
+        Some((
+            RefProblem::InvalidKind,
+            format!(
+                "backend kind {}/{} is not supported: only Services",
+                raw.group.unwrap_or_default(),
+                raw.kind.unwrap_or_default()
+            ),
         ))
     } else if namespace != route_ns {
-        Some(format!(
-            "backend {namespace}/{} is in another namespace; cross-namespace backendRefs need a ReferenceGrant, which mesh does not read",
-            raw.name
+        Some((
+            RefProblem::RefNotPermitted,
+            format!(
+                "backend {namespace}/{} is in another namespace; cross-namespace backendRefs need a ReferenceGrant, which mesh does not read",
+                raw.name
+            ),
         ))
     } else if port.is_none() {
-        Some(format!(
-            "backend {} has no port; a Service backendRef needs one",
-            raw.name
+        Some((
+            RefProblem::BackendNotFound,
+            format!(
+                "backend {} has no port; a Service backendRef needs one",
+                raw.name
+            ),
         ))
     } else {
         None
@@ -1054,7 +1064,7 @@ mod tests {
         let why: Vec<_> = r.rules[0]
             .backends
             .iter()
-            .map(|b| b.invalid.clone().unwrap_or_default())
+            .map(|b| b.invalid.clone().map(|(_, why)| why).unwrap_or_default())
             .collect();
         assert!(why[0].contains("ReferenceGrant"), "{why:?}");
         assert!(why[1].contains("only Services"), "{why:?}");

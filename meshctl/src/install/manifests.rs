@@ -118,6 +118,12 @@ fn rbac(ns: &str) -> Vec<Value> {
                     &["httproutes", "grpcroutes"],
                     &watch,
                 ),
+                // Route status, from the replica holding the Lease.
+                rule(
+                    &["gateway.networking.k8s.io"],
+                    &["httproutes/status", "grpcroutes/status"],
+                    &["patch"],
+                ),
                 rule(
                     &["mesh.dev"],
                     &[
@@ -157,19 +163,26 @@ fn rbac(ns: &str) -> Vec<Value> {
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]
         }));
     }
-    out.push(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": meta(ca, Some(ns), ca),
-        "rules": ca_rules
-    }));
-    out.push(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": meta(ca, Some(ns), ca),
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": ca},
-        "subjects": [{"kind": "ServiceAccount", "name": ca, "namespace": ns}]
-    }));
+    // The controller's leader election.
+    let ctl_rules = vec![
+        rule(&["coordination.k8s.io"], &["leases"], &["create"]),
+        json!({"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [ctl], "verbs": ["get", "update"]}),
+    ];
+    for (name, rules) in [(ca, ca_rules), (ctl, ctl_rules)] {
+        out.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta(name, Some(ns), name),
+            "rules": rules
+        }));
+        out.push(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta(name, Some(ns), name),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]
+        }));
+    }
     out
 }
 

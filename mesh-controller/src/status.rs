@@ -1,0 +1,570 @@
+//! HTTPRoute and GRPCRoute `status.parents` for Service parents (GAMMA), written by one
+//! controller replica (the holder of a Lease). For each parentRef: `Accepted` (false with
+//! `NoMatchingParent` when the Service or its port does not exist, `UnsupportedValue` when the
+//! route was refused) and `ResolvedRefs` (false with `BackendNotFound`, `InvalidKind` or
+//! `RefNotPermitted`). Entries of other controllers are kept; a condition keeps its
+//! `lastTransitionTime` while its status and reason stay the same.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{DynamicObject, Patch, PatchParams};
+use kube::core::ApiResource;
+use serde_json::{Value, json};
+use tracing::{debug, warn};
+
+use crate::index::routes::RouteSpec;
+use crate::index::{Index, ResolveError};
+use crate::lease::LeaseLock;
+use crate::objects::{Kind, ObjKey};
+use crate::source::ConfigErrors;
+use crate::xds::server::Hub;
+
+/// The `controllerName` of the status entries this controller writes.
+pub const CONTROLLER_NAME: &str = "mesh.dev/mesh-controller";
+
+/// One condition as the controller wants it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub ok: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+/// What the controller says about one parentRef (by its index in `spec.parentRefs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentStatus {
+    pub index: usize,
+    pub accepted: Cond,
+    pub resolved_refs: Cond,
+}
+
+/// The status a route should have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Desired {
+    /// Parsed: a status per Service parent.
+    Parents(Vec<ParentStatus>),
+    /// Refused outright: every Service parent is not accepted, for this reason.
+    Refused(String),
+}
+
+fn joined(reasons: Vec<&str>) -> String {
+    let mut r: Vec<&str> = reasons;
+    r.sort_unstable();
+    r.dedup();
+    r.join("; ")
+}
+
+/// Statuses from the routes the index holds, the references the model could not resolve,
+/// and the routes refused outright (by `Kind/namespace/name`).
+pub fn desired(
+    routes: &[Arc<RouteSpec>],
+    errors: &[ResolveError],
+    refused: &BTreeMap<ObjKey, String>,
+) -> BTreeMap<ObjKey, Desired> {
+    let mut out = BTreeMap::new();
+    for spec in routes {
+        let mine: Vec<&ResolveError> = errors.iter().filter(|e| e.object == spec.key).collect();
+        let backend: Vec<&ResolveError> = mine
+            .iter()
+            .copied()
+            .filter(|e| e.field.starts_with("spec.rules"))
+            .collect();
+        let resolved_refs = match backend.first() {
+            None => Cond {
+                ok: true,
+                reason: "ResolvedRefs".into(),
+                message: "every backendRef resolves".into(),
+            },
+            Some(first) => Cond {
+                ok: false,
+                reason: first.condition.reason().into(),
+                message: joined(backend.iter().map(|e| e.reason.as_str()).collect()),
+            },
+        };
+        let parents = spec
+            .parents
+            .iter()
+            .map(|p| {
+                let prefix = format!("spec.parentRefs[{}]", p.index);
+                let problems: Vec<&str> = mine
+                    .iter()
+                    .filter(|e| e.field.starts_with(&prefix))
+                    .map(|e| e.reason.as_str())
+                    .collect();
+                let accepted = if problems.is_empty() {
+                    Cond {
+                        ok: true,
+                        reason: "Accepted".into(),
+                        message: "routed by the mesh".into(),
+                    }
+                } else {
+                    Cond {
+                        ok: false,
+                        reason: "NoMatchingParent".into(),
+                        message: joined(problems),
+                    }
+                };
+                ParentStatus {
+                    index: p.index,
+                    accepted,
+                    resolved_refs: resolved_refs.clone(),
+                }
+            })
+            .collect();
+        out.insert(spec.key.clone(), Desired::Parents(parents));
+    }
+    for (key, why) in refused {
+        out.insert(key.clone(), Desired::Refused(why.clone()));
+    }
+    out
+}
+
+fn is_service_parent(p: &Value) -> bool {
+    let group = p
+        .get("group")
+        .and_then(Value::as_str)
+        .unwrap_or("gateway.networking.k8s.io");
+    let kind = p.get("kind").and_then(Value::as_str).unwrap_or("Gateway");
+    (group.is_empty() || group == "core") && kind == "Service"
+}
+
+fn condition(kind: &str, c: &Cond, generation: i64, previous: Option<&Value>, now: &str) -> Value {
+    let status = if c.ok { "True" } else { "False" };
+    // The transition time moves only when the status or the reason does.
+    let since = previous
+        .filter(|p| p["status"] == status && p["reason"] == c.reason.as_str())
+        .and_then(|p| p.get("lastTransitionTime").cloned())
+        .unwrap_or_else(|| json!(now));
+    json!({"type": kind, "status": status, "reason": c.reason, "message": c.message,
+           "observedGeneration": generation, "lastTransitionTime": since})
+}
+
+/// The `status.parents` a live route should have: other controllers' entries as they are,
+/// then ours. `None` when it already has them.
+pub fn next_parents(live: &Value, want: &Desired, now: &str) -> Option<Vec<Value>> {
+    let generation = live
+        .pointer("/metadata/generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let spec_parents = live
+        .pointer("/spec/parentRefs")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let current = live
+        .pointer("/status/parents")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let ours_before: Vec<&Value> = current
+        .iter()
+        .filter(|p| p["controllerName"] == CONTROLLER_NAME)
+        .collect();
+    let previous = |parent_ref: &Value, kind: &str| -> Option<Value> {
+        ours_before
+            .iter()
+            .find(|p| p["parentRef"] == *parent_ref)
+            .and_then(|p| p["conditions"].as_array())
+            .and_then(|cs| cs.iter().find(|c| c["type"] == kind).cloned())
+    };
+    let entries: Vec<(Value, Cond, Option<Cond>)> = match want {
+        Desired::Parents(ps) => ps
+            .iter()
+            .filter_map(|p| {
+                let r = spec_parents.get(p.index)?.clone();
+                Some((r, p.accepted.clone(), Some(p.resolved_refs.clone())))
+            })
+            .collect(),
+        Desired::Refused(why) => spec_parents
+            .iter()
+            .filter(|p| is_service_parent(p))
+            .map(|r| {
+                let c = Cond {
+                    ok: false,
+                    reason: "UnsupportedValue".into(),
+                    message: why.clone(),
+                };
+                (r.clone(), c, None)
+            })
+            .collect(),
+    };
+    let mut next: Vec<Value> = current
+        .iter()
+        .filter(|p| p["controllerName"] != CONTROLLER_NAME)
+        .cloned()
+        .collect();
+    for (parent_ref, accepted, resolved) in entries {
+        let mut conditions = vec![condition(
+            "Accepted",
+            &accepted,
+            generation,
+            previous(&parent_ref, "Accepted").as_ref(),
+            now,
+        )];
+        if let Some(r) = resolved {
+            conditions.push(condition(
+                "ResolvedRefs",
+                &r,
+                generation,
+                previous(&parent_ref, "ResolvedRefs").as_ref(),
+                now,
+            ));
+        }
+        next.push(
+            json!({"parentRef": parent_ref, "controllerName": CONTROLLER_NAME,
+                         "conditions": conditions}),
+        );
+    }
+    (next != current).then_some(next)
+}
+
+fn api_resource(kind: Kind) -> Option<ApiResource> {
+    let (k, plural) = match kind {
+        Kind::HTTPRoute => ("HTTPRoute", "httproutes"),
+        Kind::GRPCRoute => ("GRPCRoute", "grpcroutes"),
+        _ => return None,
+    };
+    Some(ApiResource {
+        group: "gateway.networking.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "gateway.networking.k8s.io/v1".into(),
+        kind: k.into(),
+        plural: plural.into(),
+    })
+}
+
+/// Writes the statuses, while this replica holds the Lease.
+pub struct StatusWriter {
+    pub client: kube::Client,
+    pub index: Arc<Mutex<Index>>,
+    pub hub: Arc<Hub>,
+    pub errors: ConfigErrors,
+    pub lease: LeaseLock,
+    /// How often the lease is renewed and statuses are compared.
+    pub interval: Duration,
+}
+
+impl std::fmt::Debug for StatusWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusWriter")
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Routes refused outright, from the source's errors (`Kind/namespace/name` sources).
+fn refused_routes(errors: &ConfigErrors) -> BTreeMap<ObjKey, String> {
+    let mut out = BTreeMap::new();
+    for e in errors.all() {
+        let mut parts = e.source.splitn(3, '/');
+        let (Some(kind), Some(ns), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let kind = match kind {
+            "HTTPRoute" => Kind::HTTPRoute,
+            "GRPCRoute" => Kind::GRPCRoute,
+            _ => continue,
+        };
+        let why = if e.field.is_empty() {
+            e.reason.clone()
+        } else {
+            format!("{}: {}", e.field, e.reason)
+        };
+        out.insert(
+            ObjKey {
+                kind,
+                namespace: ns.into(),
+                name: name.into(),
+            },
+            why,
+        );
+    }
+    out
+}
+
+impl StatusWriter {
+    /// Renews the Lease every interval; while leading, writes what changed. Never returns.
+    pub async fn run(self) {
+        let mut last_revision = None;
+        let mut last_full = Instant::now();
+        loop {
+            let leading = match self.lease.try_acquire_or_renew(Timestamp::now()).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "renewing the leader lease");
+                    false
+                }
+            };
+            let model = self.hub.model();
+            // A full pass now and then repairs statuses someone else changed.
+            let due = last_revision != Some(model.revision)
+                || last_full.elapsed() > Duration::from_secs(60);
+            if leading && due {
+                match self.write_all(&model.errors).await {
+                    Ok(n) => {
+                        last_revision = Some(model.revision);
+                        last_full = Instant::now();
+                        if n > 0 {
+                            debug!(routes = n, "route statuses written");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "writing route statuses"),
+                }
+            } else if !leading {
+                last_revision = None;
+            }
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+
+    /// Writes every route whose status differs; returns how many were written.
+    pub async fn write_all(&self, errors: &[ResolveError]) -> Result<usize, kube::Error> {
+        let routes = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .route_specs();
+        let want = desired(&routes, errors, &refused_routes(&self.errors));
+        let now = Timestamp::now().to_string();
+        let mut written = 0;
+        for (key, d) in want {
+            let Some(ar) = api_resource(key.kind) else {
+                continue;
+            };
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), &key.namespace, &ar);
+            let Some(live) = api.get_opt(&key.name).await? else {
+                continue;
+            };
+            let live = serde_json::to_value(&live).unwrap_or_default();
+            let Some(parents) = next_parents(&live, &d, &now) else {
+                continue;
+            };
+            let patch = json!({
+                "metadata": {"resourceVersion": live.pointer("/metadata/resourceVersion")},
+                "status": {"parents": parents}
+            });
+            match api
+                .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => written += 1,
+                // Changed meanwhile: the next pass reads it again.
+                Err(kube::Error::Api(e)) if e.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_api::fake_api::FakeApi;
+
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::testing::{obj, service_yaml, split_yaml};
+
+    const ROUTE: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/reviews";
+
+    fn route_json(yaml: &str) -> Value {
+        let mut v: Value = serde_yaml::from_str(yaml).expect("yaml");
+        v["metadata"]["generation"] = json!(3);
+        v
+    }
+
+    /// An index with Services `reviews` and `reviews-v1` (no `reviews-v2`), a route splitting
+    /// to both, the same route in the fake API server, and a writer holding the lease.
+    fn setup() -> (StatusWriter, FakeApi, Arc<Mutex<Index>>) {
+        let (client, fake) = FakeApi::start();
+        let route = split_yaml(
+            "shop",
+            "reviews",
+            "reviews",
+            9080,
+            &[("reviews-v1", 90), ("reviews-v2", 10)],
+        );
+        let mut idx = Index::new("cluster.local");
+        for y in [
+            service_yaml("shop", "reviews", "10.96.0.10", &[("http", 9080)]),
+            service_yaml("shop", "reviews-v1", "10.96.0.11", &[("http", 9080)]),
+            route.clone(),
+        ] {
+            idx.apply(obj(&y)).expect("valid");
+        }
+        let model = idx.model();
+        fake.insert(route_json(&route));
+        let index = Arc::new(Mutex::new(idx));
+        let metrics = Arc::new(Metrics::new());
+        let writer = StatusWriter {
+            client: client.clone(),
+            index: index.clone(),
+            hub: Hub::new(model, metrics.clone()),
+            errors: ConfigErrors::new(metrics),
+            lease: LeaseLock::new(
+                client,
+                "mesh-system",
+                "mesh-controller",
+                "pod-a",
+                Duration::from_secs(15),
+            ),
+            interval: Duration::from_millis(10),
+        };
+        (writer, fake, index)
+    }
+
+    fn conditions(fake: &FakeApi) -> Vec<(String, String, String)> {
+        let route = fake.state().objects[ROUTE].clone();
+        route["status"]["parents"]
+            .as_array()
+            .expect("parents")
+            .iter()
+            .filter(|p| p["controllerName"] == CONTROLLER_NAME)
+            .flat_map(|p| p["conditions"].as_array().cloned().unwrap_or_default())
+            .map(|c| {
+                (
+                    c["type"].as_str().unwrap_or("").to_owned(),
+                    c["status"].as_str().unwrap_or("").to_owned(),
+                    c["reason"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_missing_backend_is_reported_and_a_second_pass_writes_nothing() {
+        let (writer, fake, _) = setup();
+        let errors = writer.hub.model().errors.clone();
+        assert_eq!(writer.write_all(&errors).await.expect("write"), 1);
+        assert_eq!(
+            conditions(&fake),
+            [
+                ("Accepted".into(), "True".into(), "Accepted".into()),
+                (
+                    "ResolvedRefs".into(),
+                    "False".into(),
+                    "BackendNotFound".into()
+                )
+            ]
+        );
+        let route = fake.state().objects[ROUTE].clone();
+        let entry = &route["status"]["parents"][0];
+        assert_eq!(
+            entry["parentRef"],
+            json!({"group": "", "kind": "Service", "name": "reviews", "port": 9080})
+        );
+        assert_eq!(entry["conditions"][1]["observedGeneration"], 3);
+        assert!(
+            entry["conditions"][1]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("shop/reviews-v2 not found"),
+            "{entry}"
+        );
+        // Nothing changed: nothing written.
+        let writes = fake.writes().len();
+        assert_eq!(writer.write_all(&errors).await.expect("write"), 0);
+        assert_eq!(fake.writes().len(), writes);
+    }
+
+    #[tokio::test]
+    async fn other_controllers_entries_stay_and_transition_times_hold() {
+        let (writer, fake, index) = setup();
+        let theirs = json!({"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway",
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}]});
+        {
+            let mut s = fake.state();
+            let r = s.objects.get_mut(ROUTE).expect("route");
+            r["status"] = json!({"parents": [theirs.clone()]});
+        }
+        let errors = writer.hub.model().errors.clone();
+        writer.write_all(&errors).await.expect("write");
+        let first = fake.state().objects[ROUTE]["status"]["parents"].clone();
+        assert_eq!(first[0], theirs);
+        let accepted_since = first[1]["conditions"][0]["lastTransitionTime"].clone();
+
+        // reviews-v2 appears: ResolvedRefs turns true, Accepted keeps its transition time.
+        let model = {
+            let mut idx = index.lock().expect("index");
+            idx.apply(obj(&service_yaml(
+                "shop",
+                "reviews-v2",
+                "10.96.0.12",
+                &[("http", 9080)],
+            )))
+            .expect("valid");
+            idx.model()
+        };
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        writer.write_all(&model.errors).await.expect("write");
+        let next = fake.state().objects[ROUTE]["status"]["parents"].clone();
+        assert_eq!(next[0], theirs);
+        assert_eq!(
+            next[1]["conditions"][0]["lastTransitionTime"],
+            accepted_since
+        );
+        assert_eq!(next[1]["conditions"][1]["status"], "True");
+        assert_ne!(
+            next[1]["conditions"][1]["lastTransitionTime"],
+            accepted_since
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_lease_holder_writes() {
+        let (writer, fake, _) = setup();
+        // Another replica holds a fresh lease.
+        fake.insert(
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "mesh-controller", "namespace": "mesh-system"},
+            "spec": {"holderIdentity": "pod-b", "leaseDurationSeconds": 3600,
+                     "renewTime": Timestamp::now().to_string()}}),
+        );
+        let task = tokio::spawn(writer.run());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            fake.state().objects[ROUTE].get("status").is_none(),
+            "a follower wrote"
+        );
+        // The holder goes away: this replica takes over and writes.
+        fake.state()
+            .objects
+            .remove("/apis/coordination.k8s.io/v1/namespaces/mesh-system/leases/mesh-controller");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fake.state().objects[ROUTE].get("status").is_none() {
+            assert!(Instant::now() < deadline, "the new leader never wrote");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        task.abort();
+    }
+
+    #[test]
+    fn a_refused_route_is_not_accepted_on_each_service_parent() {
+        let live = json!({"metadata": {"generation": 1}, "spec": {"parentRefs": [
+            {"group": "", "kind": "Service", "name": "reviews"},
+            {"name": "some-gateway"}]}});
+        let parents = next_parents(
+            &live,
+            &Desired::Refused("spec.rules[0].matches[0].path: invalid regular expression".into()),
+            "2026-11-26T00:00:00Z",
+        )
+        .expect("a change");
+        assert_eq!(
+            parents.len(),
+            1,
+            "Gateway parents are not ours: {parents:?}"
+        );
+        assert_eq!(parents[0]["conditions"][0]["reason"], "UnsupportedValue");
+        assert!(
+            parents[0]["conditions"][0]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("invalid regular expression")
+        );
+    }
+}
