@@ -93,7 +93,8 @@ async fn proxy_status_lists_each_proxy_per_type() -> anyhow::Result<()> {
         .await?;
     let _p2 = mesh.proxy(mesh.proxy_config("shop/cart-0")).await?;
     let args = |output| ProxyStatusArgs {
-        controller: mesh.controller.admin_addr,
+        controller: Some(mesh.controller.admin_addr),
+        namespace: "mesh-system".into(),
         output,
     };
     let text = mesh_e2e::eventually(
@@ -119,7 +120,8 @@ async fn proxy_status_lists_each_proxy_per_type() -> anyhow::Result<()> {
 
     // A controller that is not there: a clear error naming where it looked.
     let gone = ProxyStatusArgs {
-        controller: "127.0.0.1:1".parse()?,
+        controller: Some("127.0.0.1:1".parse()?),
+        namespace: "mesh-system".into(),
         output: Output::Table,
     };
     let err = proxy_status(&gone, &mut Vec::new())
@@ -146,7 +148,7 @@ async fn proxy_config_reads_a_running_proxy_found_through_the_controller() -> an
         let args = ProxyConfigArgs {
             proxy: proxy.into(),
             section,
-            controller: mesh.controller.admin_addr,
+            controller: Some(mesh.controller.admin_addr),
             output: Output::Table,
         };
         async move {

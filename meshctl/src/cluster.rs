@@ -166,6 +166,41 @@ impl Cluster {
             .with_context(|| format!("GET {path}"))
     }
 
+    /// A GET of `path` on port `port` of pod `ns/name` through a port-forward, which reaches
+    /// ports bound to the pod's loopback (the proxy's admin server).
+    pub async fn port_forward_get(
+        &self,
+        ns: &str,
+        name: &str,
+        port: u16,
+        path: &str,
+    ) -> anyhow::Result<String> {
+        use http_body_util::BodyExt;
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), ns);
+        let mut forward = pods
+            .portforward(name, &[port])
+            .await
+            .with_context(|| format!("port-forward to pod {ns}/{name} port {port}"))?;
+        let stream = forward.take_stream(port).with_context(|| {
+            format!("port-forward to pod {ns}/{name}: no stream for port {port}")
+        })?;
+        let (mut tx, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = http::Request::get(path)
+            .header(http::header::HOST, "localhost")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+        let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
+            .await
+            .with_context(|| format!("pod {ns}/{name}:{port}{path}: no answer in 10 s"))??;
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            bail!("pod {ns}/{name}:{port}{path}: {status}");
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
     /// Every object of a kind in every namespace, filtered by a label selector.
     pub async fn list(
         &self,

@@ -211,7 +211,11 @@ fn x509_not_after(der: &[u8]) -> i64 {
 }
 
 /// The first ready pod of a Deployment's selector `app.kubernetes.io/name=NAME`.
-async fn pod_of(cluster: &Cluster, ns: &str, name: &str) -> anyhow::Result<Option<String>> {
+pub(crate) async fn pod_of(
+    cluster: &Cluster,
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
     let pods = cluster
         .list("v1", "Pod", &format!("app.kubernetes.io/name={name}"))
         .await?;
@@ -684,6 +688,49 @@ mod tests {
             .expect("check");
         let f = of(&c, "webhook", Status::Fail);
         assert!(f.len() == 1 && f[0].contains("has no caBundle"), "{f:?}");
+    }
+
+    #[tokio::test]
+    async fn proxy_status_and_config_reach_the_cluster_through_the_api_server() {
+        use super::super::status::{
+            Output, ProxyConfigArgs, Section, cluster_controller, proxy_config_in_cluster,
+            proxy_status_at,
+        };
+        let (cluster, fake) = fake_cluster();
+        let e = cluster_controller(&cluster, "mesh-system")
+            .await
+            .expect_err("nothing installed");
+        assert!(
+            e.to_string()
+                .contains("no ready mesh-controller pod in namespace mesh-system"),
+            "{e}"
+        );
+        installed_mesh(&fake, &cluster).await;
+        let ctl = cluster_controller(&cluster, "mesh-system")
+            .await
+            .expect("controller");
+        assert_eq!(ctl.to_string(), "pod mesh-system/mesh-controller-0:15014");
+        let mut out = Vec::new();
+        proxy_status_at(&ctl, Output::Json, &mut out)
+            .await
+            .expect("status");
+        let v: Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v[0]["node"], "shop/reviews-0");
+        // A pod that cannot be forwarded to: the error names it and the port.
+        let args = ProxyConfigArgs {
+            proxy: "shop/reviews-0".into(),
+            section: Section::Clusters,
+            controller: None,
+            output: Output::Table,
+        };
+        let e = proxy_config_in_cluster(&cluster, &args, &mut Vec::new())
+            .await
+            .expect_err("no port-forward on the fake");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("pod shop/reviews-0") && e.contains("port 15000"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

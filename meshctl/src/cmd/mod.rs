@@ -72,14 +72,18 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
                     tokio::task::block_in_place(|| route::run(r, &mesh, &mut std::io::stdout()))
                 }),
         },
-        Command::ProxyStatus(a) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(status::proxy_status(&a, &mut std::io::stdout())),
-        Command::ProxyConfig(a) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(status::proxy_config(&a, &mut std::io::stdout())),
+        Command::ProxyStatus(a) => current_thread()?.block_on(async {
+            let ctl =
+                status::controller_endpoint(a.controller, cx.local.is_some(), &a.namespace).await?;
+            status::proxy_status_at(&ctl, a.output, &mut std::io::stdout()).await
+        }),
+        Command::ProxyConfig(a) if a.controller.is_some() || cx.local.is_some() => {
+            current_thread()?.block_on(status::proxy_config(&a, &mut std::io::stdout()))
+        }
+        Command::ProxyConfig(a) => current_thread()?.block_on(async {
+            let cluster = crate::cluster::Cluster::connect().await?;
+            status::proxy_config_in_cluster(&cluster, &a, &mut std::io::stdout()).await
+        }),
         Command::Inject(a) => inject::run(&a, &mut std::io::stdout(), &mut std::io::stderr()),
         Command::Check(a) => {
             let local = cx.local.as_ref().map(LocalDir::new).transpose()?;

@@ -20,11 +20,53 @@ pub enum Output {
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyStatusArgs {
-    /// The controller's admin address.
-    #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN, default_value_t = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN)))]
-    pub controller: SocketAddr,
+    /// The controller's admin address (a local mesh). Without it: the cluster of the current
+    /// kubeconfig context, through the API server.
+    #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN)]
+    pub controller: Option<SocketAddr>,
+    /// In a cluster: the control plane's namespace.
+    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    pub namespace: String,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+/// The controller's admin endpoints: at `--controller`, or through the API server (a ready
+/// controller pod in `namespace`).
+pub async fn controller_endpoint(
+    controller: Option<SocketAddr>,
+    local: bool,
+    namespace: &str,
+) -> anyhow::Result<super::check::Endpoint> {
+    use super::check::Endpoint;
+    let default = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN));
+    match (controller, local) {
+        (Some(a), _) => Ok(Endpoint::Direct(a)),
+        (None, true) => Ok(Endpoint::Direct(default)),
+        (None, false) => {
+            let cluster = crate::cluster::Cluster::connect().await?;
+            cluster_controller(&cluster, namespace).await
+        }
+    }
+}
+
+/// A ready controller pod's admin port, through the API server.
+pub async fn cluster_controller(
+    cluster: &crate::cluster::Cluster,
+    namespace: &str,
+) -> anyhow::Result<super::check::Endpoint> {
+    let name = mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT;
+    let Some(pod) = super::check_cluster::pod_of(cluster, namespace, name).await? else {
+        bail!(
+            "no ready {name} pod in namespace {namespace}: is the mesh installed (meshctl check)?"
+        );
+    };
+    Ok(super::check::Endpoint::pod(
+        cluster,
+        namespace,
+        &pod,
+        mesh_api::consts::ports::CONTROLLER_ADMIN,
+    ))
 }
 
 /// `GET http://<addr><path>` as JSON.
@@ -64,11 +106,23 @@ pub async fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 /// The xDS types, in the order a proxy applies them.
 const TYPES: [&str; 4] = ["CDS", "EDS", "LDS", "RDS"];
 
+/// `meshctl proxy-status` of a local mesh (`--controller`, default 127.0.0.1:15014).
 pub async fn proxy_status(args: &ProxyStatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let proxies = get_json(args.controller, "/debug/proxies")
+    let ctl = controller_endpoint(args.controller, true, &args.namespace).await?;
+    proxy_status_at(&ctl, args.output, out).await
+}
+
+/// `meshctl proxy-status` from the controller at `ctl`.
+pub async fn proxy_status_at(
+    ctl: &super::check::Endpoint,
+    output: Output,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let proxies = ctl
+        .json("/debug/proxies")
         .await
-        .context("reading proxy status from the controller (--controller)")?;
-    match args.output {
+        .with_context(|| format!("reading proxy status from the controller at {ctl}"))?;
+    match output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&proxies)?)?,
         Output::Yaml => write!(out, "{}", serde_yaml::to_string(&proxies)?)?,
         Output::Table => {
@@ -128,9 +182,11 @@ pub struct ProxyConfigArgs {
     /// What to show.
     #[arg(value_enum, default_value_t = Section::Listeners)]
     pub section: Section,
-    /// The controller's admin address (it knows where each proxy's admin server is).
-    #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN, default_value_t = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN)))]
-    pub controller: SocketAddr,
+    /// The controller's admin address (a local mesh: it knows where each proxy's admin server
+    /// is). Without it: the proxy is the pod `<namespace>/<name>` of the current kubeconfig
+    /// context's cluster, read through a port-forward to its admin port.
+    #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN)]
+    pub controller: Option<SocketAddr>,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -342,7 +398,11 @@ pub async fn proxy_config(args: &ProxyConfigArgs, out: &mut dyn Write) -> anyhow
     } else {
         format!("default/{}", args.proxy)
     };
-    let proxies = get_json(args.controller, "/debug/proxies")
+    let controller = args.controller.unwrap_or(SocketAddr::from((
+        [127, 0, 0, 1],
+        mesh_api::consts::ports::CONTROLLER_ADMIN,
+    )));
+    let proxies = get_json(controller, "/debug/proxies")
         .await
         .context("finding the proxy through the controller (--controller)")?;
     let list = proxies.as_array().map_or(&[][..], |v| v.as_slice());
@@ -363,7 +423,36 @@ pub async fn proxy_config(args: &ProxyConfigArgs, out: &mut dyn Write) -> anyhow
         )
     })?;
     let dump = get_json(admin, "/config_dump").await?;
-    let part = section_of(&dump, args.section);
+    print_config(&dump, args, out)
+}
+
+/// `meshctl proxy-config` of a pod in a cluster: its proxy's `/config_dump` through a
+/// port-forward (the admin server listens on the pod's loopback only).
+pub async fn proxy_config_in_cluster(
+    cluster: &crate::cluster::Cluster,
+    args: &ProxyConfigArgs,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let (ns, pod) = args
+        .proxy
+        .split_once('/')
+        .unwrap_or(("default", &args.proxy));
+    let text = cluster
+        .port_forward_get(
+            ns,
+            pod,
+            mesh_api::consts::ports::PROXY_ADMIN,
+            "/config_dump",
+        )
+        .await
+        .with_context(|| format!("reading the proxy config of pod {ns}/{pod}"))?;
+    let dump: Value = serde_json::from_str(&text)
+        .with_context(|| format!("pod {ns}/{pod}: /config_dump is not JSON (not a mesh-proxy?)"))?;
+    print_config(&dump, args, out)
+}
+
+fn print_config(dump: &Value, args: &ProxyConfigArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    let part = section_of(dump, args.section);
     match args.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&part)?)?,
         Output::Yaml => write!(out, "{}", serde_yaml::to_string(&part)?)?,
