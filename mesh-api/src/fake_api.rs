@@ -30,6 +30,9 @@ pub struct State {
     pub established_after: u32,
     /// Reads of a Deployment before its replicas are available.
     pub rollout_after: u32,
+    /// Reads of a MutatingWebhookConfiguration before its caBundle is set (as the controller
+    /// would).
+    pub ca_bundle_after: u32,
     reads: BTreeMap<String, u32>,
     /// `(verb, group, resource)` that SelfSubjectAccessReviews deny.
     pub denied: Vec<(String, String, String)>,
@@ -52,6 +55,7 @@ impl FakeApi {
         let fake = FakeApi(Arc::new(Mutex::new(State {
             established_after: 2,
             rollout_after: 2,
+            ca_bundle_after: 1,
             raw: BTreeMap::from([("/version".to_owned(), version.to_string())]),
             ..State::default()
         })));
@@ -262,13 +266,25 @@ impl State {
             *r += 1;
             *r
         };
-        let (established_after, rollout_after) = (self.established_after, self.rollout_after);
+        let (established_after, rollout_after, ca_bundle_after) = (
+            self.established_after,
+            self.rollout_after,
+            self.ca_bundle_after,
+        );
         let Some(o) = self.objects.get_mut(path) else {
             return status(404, "NotFound", &format!("{path} not found"));
         };
         match o["kind"].as_str() {
             Some("CustomResourceDefinition") if reads > established_after => {
                 o["status"] = json!({"conditions": [{"type": "Established", "status": "True"}]});
+            }
+            // The controller sets the injector's caBundle once it runs.
+            Some("MutatingWebhookConfiguration") if reads > ca_bundle_after => {
+                for h in o["webhooks"].as_array_mut().into_iter().flatten() {
+                    if h.pointer("/clientConfig/caBundle").is_none() {
+                        h["clientConfig"]["caBundle"] = json!("Y2EgYnVuZGxl");
+                    }
+                }
             }
             Some("Deployment") if reads > rollout_after => {
                 let n = o.pointer("/spec/replicas").cloned().unwrap_or(json!(1));
@@ -280,8 +296,15 @@ impl State {
         respond(StatusCode::OK, o)
     }
 
-    fn apply(&mut self, path: &str, mut body: Value) -> Response<Body> {
+    fn apply(&mut self, path: &str, applied: Value) -> Response<Body> {
         let old = self.objects.get(path).cloned();
+        // Server-side apply, roughly: the applied fields over the stored object, so fields
+        // another manager set (a webhook's caBundle) survive.
+        let mut body = old.clone().unwrap_or(Value::Null);
+        if let Some(m) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+        }
+        ssa_merge(&mut body, &applied);
         let comparable = |o: &Value| {
             let mut o = o.clone();
             if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -427,6 +450,38 @@ impl State {
             .any(|(v, g, r)| *v == f("verb") && *g == f("group") && *r == f("resource"));
         body["status"] = json!({"allowed": !denied});
         respond(StatusCode::CREATED, &body)
+    }
+}
+
+/// `applied` over `base`: maps merge key by key, lists of objects with a `name` merge item by
+/// item (items `applied` leaves out are dropped: they were its own), anything else replaces.
+fn ssa_merge(base: &mut Value, applied: &Value) {
+    let named = |l: &[Value]| !l.is_empty() && l.iter().all(|i| i.get("name").is_some());
+    match (base, applied) {
+        (Value::Object(b), Value::Object(a)) => {
+            for (k, v) in a {
+                match b.get_mut(k) {
+                    Some(bv) => ssa_merge(bv, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (Value::Array(b), Value::Array(a)) if named(a) && named(b) => {
+            let mut merged = Vec::new();
+            for item in a {
+                let mut next = b
+                    .iter()
+                    .find(|x| x.get("name") == item.get("name"))
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                ssa_merge(&mut next, item);
+                merged.push(next);
+            }
+            *b = merged;
+        }
+        (b, a) => *b = a.clone(),
     }
 }
 

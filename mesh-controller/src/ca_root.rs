@@ -239,6 +239,8 @@ mod tests {
     #[tokio::test]
     async fn the_ca_bundle_is_set_on_our_webhooks_only_and_once() {
         let (client, fake) = FakeApi::start();
+        // The controller under test is the one that sets it.
+        fake.state().ca_bundle_after = u32::MAX;
         fake.insert(webhook_config());
         let dir = tempfile::tempdir().expect("dir");
         let p = RootPublisher::new(
@@ -266,6 +268,8 @@ mod tests {
     #[tokio::test]
     async fn namespaces_get_the_root_except_disabled_and_system_ones() {
         let (client, fake) = FakeApi::start();
+        // The controller under test is the one that sets it.
+        fake.state().ca_bundle_after = u32::MAX;
         fake.insert(webhook_config());
         let dir = tempfile::tempdir().expect("dir");
         let file = dir.path().join("ca.crt");

@@ -325,6 +325,28 @@ pub fn crd_established(crd: &Value) -> (bool, String) {
     (established, status.to_owned())
 }
 
+/// Whether every webhook of a webhook configuration has a caBundle (the controller sets it to
+/// the CA root once mesh-ca has published it).
+pub fn ca_bundle_set(config: &Value) -> (bool, String) {
+    let hooks = config
+        .get("webhooks")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let set = hooks
+        .iter()
+        .filter(|h| {
+            h.pointer("/clientConfig/caBundle")
+                .and_then(Value::as_str)
+                .is_some_and(|b| !b.is_empty())
+        })
+        .count();
+    (
+        !hooks.is_empty() && set == hooks.len(),
+        format!("{set}/{} webhooks trust the CA root", hooks.len()),
+    )
+}
+
 /// Whether a Deployment's rollout is complete: the controller saw the latest spec and every
 /// replica is updated and available.
 pub fn rollout_done(d: &Value) -> (bool, String) {

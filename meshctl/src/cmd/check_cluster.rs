@@ -675,6 +675,8 @@ mod tests {
 
         {
             let mut state = fake.state();
+            // No controller puts it back.
+            state.ca_bundle_after = u32::MAX;
             let hooks = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/mesh-sidecar-injector";
             let config = state.objects.get_mut(hooks).expect("webhook config");
             config["webhooks"][0]["clientConfig"]

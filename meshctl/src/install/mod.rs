@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
-use crate::cluster::{Applied, Cluster, crd_established, rollout_done};
+use crate::cluster::{Applied, Cluster, ca_bundle_set, crd_established, rollout_done};
 use manifests::{Include, PART_OF, key};
 use values::{APP_VERSION, Values};
 
@@ -74,6 +74,17 @@ pub fn render(objects: &[Value], format: Format, out: &mut dyn Write) -> anyhow:
         }
     }
     Ok(())
+}
+
+/// `[#####·····] 12/24`: how far the apply is.
+fn bar(n: usize, total: usize) -> String {
+    const WIDTH: usize = 20;
+    let done = (n * WIDTH).checked_div(total).unwrap_or(WIDTH);
+    format!(
+        "[{}{}] {n:>2}/{total}",
+        "#".repeat(done),
+        "·".repeat(WIDTH - done)
+    )
 }
 
 fn is_crd(o: &Value) -> bool {
@@ -215,7 +226,7 @@ pub async fn apply(
     for o in &crds {
         n += 1;
         let a = cluster.apply(o).await?;
-        writeln!(out, "[{n:>2}/{total}] {} {}", key(o), a.as_str())?;
+        writeln!(out, "{} {} {}", bar(n, total), key(o), a.as_str())?;
         report.applied.push((key(o), a));
     }
     for o in &crds {
@@ -228,7 +239,7 @@ pub async fn apply(
     for o in &rest {
         n += 1;
         let a = cluster.apply(o).await?;
-        writeln!(out, "[{n:>2}/{total}] {} {}", key(o), a.as_str())?;
+        writeln!(out, "{} {} {}", bar(n, total), key(o), a.as_str())?;
         report.applied.push((key(o), a));
     }
     for o in rest.iter().filter(|o| o["kind"] == "Deployment") {
@@ -239,6 +250,21 @@ pub async fn apply(
             .await
             .context("the control plane did not roll out; `meshctl check` says why")?;
         writeln!(out, "        {} rolled out", key(o))?;
+    }
+    // The API server calls the injector only once it trusts its certificate.
+    for o in rest
+        .iter()
+        .filter(|o| o["kind"] == "MutatingWebhookConfiguration")
+    {
+        cluster
+            .wait_for(o, args.timeout, ca_bundle_set, |s| {
+                let _ = writeln!(out, "        waiting for {}: {s}", key(o));
+            })
+            .await
+            .context(
+                "the controller did not set the injector's caBundle; `meshctl check` says why",
+            )?;
+        writeln!(out, "        {}: caBundle set to the CA root", key(o))?;
     }
     let count = |a: Applied| report.applied.iter().filter(|(_, x)| *x == a).count();
     if report.changed() {

@@ -98,6 +98,16 @@ async fn install_applies_crds_waits_until_established_then_the_rest_in_order() {
         out.contains("Deployment/mesh-system/mesh-controller rolled out"),
         "{out}"
     );
+    // And the injector's caBundle, which the controller sets.
+    assert!(
+        out.contains("MutatingWebhookConfiguration/mesh-sidecar-injector: caBundle set"),
+        "{out}"
+    );
+    let total = want.len();
+    assert!(
+        out.contains(&format!("[####################] {total}/{total}")),
+        "{out}"
+    );
     assert!(
         out.contains("waiting for Deployment/mesh-system/mesh-ca: 0/1 available"),
         "{out}"
@@ -317,4 +327,21 @@ fn dry_run_prints_every_object() {
     let items = list["items"].as_array().expect("items");
     assert!(!items.iter().any(is_gateway_api_crd));
     assert_eq!(items.len(), expected().len() - 5);
+}
+
+#[tokio::test]
+async fn an_injector_without_a_ca_bundle_fails_the_install_with_a_hint() {
+    let (cluster, fake) = fake_cluster();
+    fake.state().ca_bundle_after = u32::MAX;
+    let mut a = args();
+    a.timeout = Duration::from_millis(300);
+    let mut out = Vec::new();
+    let e = apply(&cluster, &a, false, &mut out)
+        .await
+        .expect_err("no caBundle");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("caBundle") && e.contains("meshctl check") && e.contains("0/2 webhooks"),
+        "{e}"
+    );
 }
