@@ -171,6 +171,23 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
     }
 }
 
+/// Waits (up to 10 s) until `identity` holds a valid certificate; `who` names it in the error.
+pub async fn wait_for_svid(
+    identity: &Arc<mesh_api::tls::Identity>,
+    who: &str,
+) -> anyhow::Result<()> {
+    crate::eventually(
+        Duration::from_secs(10),
+        &format!("{who} to get a certificate"),
+        || {
+            let ok = identity.has_valid_svid().then_some(());
+            async move { ok }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// Opens TLS to `addr` presenting `chain`/`key`, sends an HTTP/1.1 GET and returns what came
 /// back (`Err` when the handshake or the exchange failed).
 pub async fn tls_probe(

@@ -76,16 +76,8 @@ impl LocalMesh {
         tokio::time::timeout(Duration::from_secs(10), proxy.store.ready())
             .await
             .with_context(|| format!("proxy {node} got no complete config in 10 s"))?;
-        if let Some(tls) = proxy.tls.clone() {
-            eventually(
-                Duration::from_secs(10),
-                &format!("proxy {node} to get a certificate"),
-                || {
-                    let ok = tls.identity.has_valid_svid().then_some(());
-                    async move { ok }
-                },
-            )
-            .await?;
+        if let Some(tls) = &proxy.tls {
+            crate::identity::wait_for_svid(&tls.identity, &format!("proxy {node}")).await?;
         }
         Ok(proxy)
     }

@@ -547,15 +547,7 @@ async fn xds_over_tls_checks_each_node_against_its_certificate() -> anyhow::Resu
     config.xds_plaintext_addr = Some("127.0.0.1:0".parse()?);
     let controller = Controller::start(config).await?;
     let identity = controller.identity.clone().expect("TLS xDS");
-    eventually(
-        Duration::from_secs(10),
-        "the controller's certificate",
-        || {
-            let ok = identity.has_valid_svid().then_some(());
-            async move { ok }
-        },
-    )
-    .await?;
+    mesh_e2e::identity::wait_for_svid(&identity, "the controller").await?;
 
     let proxy = |node: &str,
                  sa: Option<&str>,

@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use base64::Engine as _;
 use mesh_controller::run::Controller;
-use mesh_e2e::eventually;
 use mesh_e2e::identity::TestCa;
 use rustls::pki_types::ServerName;
 use serde_json::{Value, json};
@@ -78,15 +77,7 @@ async fn the_injector_serves_reviews_over_tls_with_a_certificate_for_its_service
     let controller = Controller::start(config).await?;
     let addr = controller.webhook_addr.context("webhook address")?;
     let identity = controller.identity.clone().context("identity")?;
-    eventually(
-        Duration::from_secs(10),
-        "the controller's certificate",
-        || {
-            let ok = identity.has_valid_svid().then_some(());
-            async move { ok }
-        },
-    )
-    .await?;
+    mesh_e2e::identity::wait_for_svid(&identity, "the controller").await?;
     let root = std::fs::read_to_string(ca.path("ca.crt"))?;
 
     let review = json!({

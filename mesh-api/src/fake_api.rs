@@ -398,20 +398,6 @@ impl State {
 
     /// A JSON merge patch (RFC 7386), refused when it names another resourceVersion.
     fn merge(&mut self, path: &str, patch: Value) -> Response<Body> {
-        fn apply(target: &mut Value, patch: Value) {
-            match (target, patch) {
-                (Value::Object(t), Value::Object(p)) => {
-                    for (k, v) in p {
-                        if v.is_null() {
-                            t.remove(&k);
-                        } else {
-                            apply(t.entry(k).or_insert(Value::Null), v);
-                        }
-                    }
-                }
-                (t, p) => *t = p,
-            }
-        }
         let Some(old) = self.objects.get(path).cloned() else {
             return status(404, "NotFound", &format!("{path} not found"));
         };
@@ -425,7 +411,7 @@ impl State {
             );
         }
         let mut new = old;
-        apply(&mut new, patch);
+        crate::merge_patch(&mut new, patch);
         self.rv += 1;
         new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         self.objects.insert(path.to_owned(), new.clone());

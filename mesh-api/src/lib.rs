@@ -17,6 +17,8 @@ pub mod inject;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod prom;
+#[cfg(feature = "k8s")]
+pub mod root_configmap;
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;
@@ -30,3 +32,21 @@ pub use gateway_api;
 #[cfg(feature = "k8s")]
 pub use k8s_openapi;
 pub use spiffe::{SpiffeId, SpiffeIdError};
+
+/// A JSON merge patch (RFC 7386, also how Helm merges values files): objects merge key by key,
+/// `null` deletes a key, anything else replaces.
+pub fn merge_patch(target: &mut serde_json::Value, patch: serde_json::Value) {
+    use serde_json::Value;
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge_patch(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p,
+    }
+}

@@ -18,10 +18,7 @@ use tracing::info;
 
 use crate::authority::{Authority, BUNDLE_FILE, CERT_FILE, CaError, KEY_FILE};
 
-/// The ConfigMap with the trust bundle (key `ca.crt`), in the CA's namespace.
-pub const ROOT_CONFIGMAP: &str = "mesh-ca-root";
-/// The key of the bundle in it (and the file name proxies read).
-pub const ROOT_KEY: &str = "ca.crt";
+pub use mesh_api::root_configmap::NAME as ROOT_CONFIGMAP;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -191,44 +188,13 @@ impl SecretStore {
 
     /// Publishes `bundle` as the ConfigMap `mesh-ca-root`; returns whether it changed.
     pub async fn publish_root(&self, bundle: &[CertificateDer<'_>]) -> Result<bool, SecretError> {
-        let pem = certs_pem(bundle);
-        let err = |source| SecretError::Api {
-            ns: self.ns.clone(),
-            name: ROOT_CONFIGMAP.into(),
-            source: Box::new(source),
-        };
-        let data = BTreeMap::from([(ROOT_KEY.to_owned(), pem.clone())]);
-        match self.configmaps.get_opt(ROOT_CONFIGMAP).await.map_err(err)? {
-            Some(cm) if cm.data.as_ref().and_then(|d| d.get(ROOT_KEY)) == Some(&pem) => Ok(false),
-            Some(mut cm) => {
-                cm.data = Some(data);
-                self.configmaps
-                    .replace(ROOT_CONFIGMAP, &PostParams::default(), &cm)
-                    .await
-                    .map_err(err)?;
-                Ok(true)
-            }
-            None => {
-                let cm = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(ROOT_CONFIGMAP.into()),
-                        namespace: Some(self.ns.clone()),
-                        labels: Some(BTreeMap::from([(
-                            mesh_api::crds::PART_OF.0.to_owned(),
-                            mesh_api::crds::PART_OF.1.to_owned(),
-                        )])),
-                        ..Default::default()
-                    },
-                    data: Some(data),
-                    ..Default::default()
-                };
-                self.configmaps
-                    .create(&PostParams::default(), &cm)
-                    .await
-                    .map_err(err)?;
-                Ok(true)
-            }
-        }
+        mesh_api::root_configmap::ensure(&self.configmaps, &self.ns, &certs_pem(bundle))
+            .await
+            .map_err(|source| SecretError::Api {
+                ns: self.ns.clone(),
+                name: ROOT_CONFIGMAP.into(),
+                source: Box::new(source),
+            })
     }
 }
 

@@ -13,14 +13,12 @@ use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use tracing::{info, warn};
 
-/// The ConfigMap pods mount (`mesh_api::inject`), and its key.
-pub const ROOT_CONFIGMAP: &str = "mesh-ca-root";
-pub const ROOT_KEY: &str = "ca.crt";
+pub use mesh_api::root_configmap::NAME as ROOT_CONFIGMAP;
 /// Namespaces that never run injected pods.
 const SKIPPED: [&str; 3] = ["kube-system", "kube-public", "kube-node-lease"];
 
@@ -105,37 +103,7 @@ impl RootPublisher {
     /// Creates or updates `mesh-ca-root` in `ns`; returns whether it changed.
     pub async fn ensure_configmap(&self, ns: &str, pem: &str) -> Result<bool, kube::Error> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
-        let data = BTreeMap::from([(ROOT_KEY.to_owned(), pem.to_owned())]);
-        match api.get_opt(ROOT_CONFIGMAP).await? {
-            Some(cm) if cm.data.as_ref() == Some(&data) => Ok(false),
-            Some(mut cm) => {
-                cm.data = Some(data);
-                api.replace(ROOT_CONFIGMAP, &PostParams::default(), &cm)
-                    .await?;
-                Ok(true)
-            }
-            None => {
-                let cm = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(ROOT_CONFIGMAP.into()),
-                        namespace: Some(ns.into()),
-                        labels: Some(BTreeMap::from([(
-                            mesh_api::crds::PART_OF.0.to_owned(),
-                            mesh_api::crds::PART_OF.1.to_owned(),
-                        )])),
-                        ..Default::default()
-                    },
-                    data: Some(data),
-                    ..Default::default()
-                };
-                match api.create(&PostParams::default(), &cm).await {
-                    Ok(_) => Ok(true),
-                    // Another replica was first.
-                    Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-                    Err(e) => Err(e),
-                }
-            }
-        }
+        mesh_api::root_configmap::ensure(&api, ns, pem).await
     }
 
     /// Puts the root where it belongs, now and whenever a namespace appears or the root file

@@ -92,7 +92,8 @@ struct Target {
     what: String,
 }
 
-fn field<'a>(o: &'a Value, pointer: &str) -> &'a str {
+/// The string at `pointer` in `o`, or "".
+pub fn field<'a>(o: &'a Value, pointer: &str) -> &'a str {
     o.pointer(pointer).and_then(Value::as_str).unwrap_or("")
 }
 

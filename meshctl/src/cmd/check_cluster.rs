@@ -8,7 +8,7 @@ use kube::core::ApiResource;
 use serde_json::{Value, json};
 
 use super::check::{Checks, Endpoint, WARN_DAYS, control_plane, days_left, identity};
-use crate::cluster::{Cluster, crd_established, rollout_done};
+use crate::cluster::{Cluster, crd_established, field, rollout_done};
 use crate::install::manifests::{self, Include, WEBHOOK_CONFIG};
 use crate::install::values::{APP_VERSION, Values};
 
@@ -161,10 +161,7 @@ pub(crate) async fn pre(cluster: &Cluster, ns: &str, c: &mut Checks) -> anyhow::
     let namespaces = cluster.list("v1", "Namespace", "").await?;
     let mut blocked = 0;
     for n in &namespaces {
-        let name = n
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("?");
+        let name = field(n, "/metadata/name");
         let level = n
             .pointer("/metadata/labels/pod-security.kubernetes.io~1enforce")
             .and_then(Value::as_str)
@@ -257,10 +254,7 @@ pub(crate) async fn installed(cluster: &Cluster, ns: &str, c: &mut Checks) -> an
         .iter()
         .filter(|o| o["kind"] == "CustomResourceDefinition")
     {
-        let name = crd
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("?");
+        let name = field(crd, "/metadata/name");
         match cluster.get(crd).await? {
             Some(live) if crd_established(&live).0 => {}
             Some(_) => {
@@ -303,10 +297,7 @@ pub(crate) async fn installed(cluster: &Cluster, ns: &str, c: &mut Checks) -> an
         Some(v) => c.ok(CP, format!("the control plane is version {v}")),
     }
     for d in objects.iter().filter(|o| o["kind"] == "Deployment") {
-        let name = d
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("?");
+        let name = field(d, "/metadata/name");
         match cluster.get(d).await? {
             Some(live) => {
                 let (done, status) = rollout_done(&live);
@@ -427,14 +418,8 @@ pub(crate) async fn proxies(cluster: &Cluster, c: &mut Checks) -> anyhow::Result
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()) as f64;
     for p in &pods {
-        let ns = p
-            .pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("?");
-        let name = p
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("?");
+        let ns = field(p, "/metadata/namespace");
+        let name = field(p, "/metadata/name");
         let who = format!("{ns}/{name}");
         let statuses = p
             .pointer("/status/initContainerStatuses")
@@ -515,6 +500,14 @@ mod tests {
             Cluster::new(client).with_poll(Duration::from_millis(10)),
             fake,
         )
+    }
+
+    async fn check_installed(cluster: &Cluster) -> Checks {
+        let mut c = Checks::default();
+        installed(cluster, "mesh-system", &mut c)
+            .await
+            .expect("check");
+        c
     }
 
     fn of(c: &Checks, cat: &str, status: Status) -> Vec<String> {
@@ -656,10 +649,7 @@ mod tests {
     async fn an_installed_mesh_checks_clean_and_a_missing_ca_bundle_fails() {
         let (cluster, fake) = fake_cluster();
         installed_mesh(&fake, &cluster).await;
-        let mut c = Checks::default();
-        installed(&cluster, "mesh-system", &mut c)
-            .await
-            .expect("check");
+        let c = check_installed(&cluster).await;
         let fails: Vec<_> = c.0.iter().filter(|x| x.status != Status::Ok).collect();
         assert!(fails.is_empty(), "{fails:#?}");
         for want in ["crds", "control plane", "identity", "webhook"] {
@@ -684,10 +674,7 @@ mod tests {
                 .expect("clientConfig")
                 .remove("caBundle");
         }
-        let mut c = Checks::default();
-        installed(&cluster, "mesh-system", &mut c)
-            .await
-            .expect("check");
+        let c = check_installed(&cluster).await;
         let f = of(&c, "webhook", Status::Fail);
         assert!(f.len() == 1 && f[0].contains("has no caBundle"), "{f:?}");
     }
@@ -738,10 +725,7 @@ mod tests {
     #[tokio::test]
     async fn nothing_installed_is_one_clear_failure() {
         let (cluster, _fake) = fake_cluster();
-        let mut c = Checks::default();
-        installed(&cluster, "mesh-system", &mut c)
-            .await
-            .expect("check");
+        let c = check_installed(&cluster).await;
         let f = of(&c, "control plane", Status::Fail);
         assert!(f.len() == 1 && f[0].contains("not installed"), "{f:?}");
     }

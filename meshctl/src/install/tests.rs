@@ -24,6 +24,17 @@ fn args() -> InstallArgs {
     }
 }
 
+/// `meshctl uninstall` with its defaults; what it deleted.
+async fn uninstall_all(cluster: &Cluster) -> Vec<String> {
+    let args = UninstallArgs {
+        namespace: "mesh-system".into(),
+        keep_crds: false,
+    };
+    uninstall(cluster, &args, &mut Vec::new())
+        .await
+        .expect("uninstall")
+}
+
 fn expected() -> Vec<Value> {
     manifests::objects(
         &Values::defaults().expect("defaults"),
@@ -142,17 +153,7 @@ async fn uninstall_deletes_everything_install_made() {
     fake.insert(root_copy);
     fake.insert(users.clone());
     let made = expected().len() + 1;
-    let mut out = Vec::new();
-    let deleted = uninstall(
-        &cluster,
-        &UninstallArgs {
-            namespace: "mesh-system".into(),
-            keep_crds: false,
-        },
-        &mut out,
-    )
-    .await
-    .expect("uninstall");
+    let deleted = uninstall_all(&cluster).await;
     assert_eq!(deleted.len(), made);
     let state = fake.state();
     let mut left: Vec<String> = vec![path_of(&other), path_of(&users)];
@@ -212,17 +213,7 @@ async fn gateway_api_crds_installed_by_someone_else_are_left_alone() {
         "{writes:?}"
     );
     // Uninstall keeps them too.
-    let mut out = Vec::new();
-    uninstall(
-        &cluster,
-        &UninstallArgs {
-            namespace: "mesh-system".into(),
-            keep_crds: false,
-        },
-        &mut out,
-    )
-    .await
-    .expect("uninstall");
+    uninstall_all(&cluster).await;
     let state = fake.state();
     for crd in &theirs {
         assert!(state.objects.contains_key(&path_of(crd)), "{}", key(crd));
@@ -272,17 +263,22 @@ async fn upgrade_refuses_a_skew_and_writes_nothing() {
     assert!(fake.writes().is_empty());
 }
 
-#[tokio::test]
-async fn a_crd_that_never_establishes_fails_the_install_by_name() {
+/// An install whose waits cannot end (`stall` says what never comes), with a short timeout:
+/// its error, and the fake.
+async fn stalled_install(stall: impl FnOnce(&mut mesh_api::fake_api::State)) -> (String, FakeApi) {
     let (cluster, fake) = fake_cluster();
-    fake.state().established_after = u32::MAX;
+    stall(&mut fake.state());
     let mut a = args();
     a.timeout = Duration::from_millis(300);
-    let mut out = Vec::new();
-    let e = apply(&cluster, &a, false, &mut out)
+    let e = apply(&cluster, &a, false, &mut Vec::new())
         .await
-        .expect_err("not established");
-    let e = format!("{e:#}");
+        .expect_err("the install cannot finish");
+    (format!("{e:#}"), fake)
+}
+
+#[tokio::test]
+async fn a_crd_that_never_establishes_fails_the_install_by_name() {
+    let (e, fake) = stalled_install(|s| s.established_after = u32::MAX).await;
     assert!(
         e.contains("CustomResourceDefinition/") && e.contains("not ready"),
         "{e}"
@@ -331,15 +327,7 @@ fn dry_run_prints_every_object() {
 
 #[tokio::test]
 async fn an_injector_without_a_ca_bundle_fails_the_install_with_a_hint() {
-    let (cluster, fake) = fake_cluster();
-    fake.state().ca_bundle_after = u32::MAX;
-    let mut a = args();
-    a.timeout = Duration::from_millis(300);
-    let mut out = Vec::new();
-    let e = apply(&cluster, &a, false, &mut out)
-        .await
-        .expect_err("no caBundle");
-    let e = format!("{e:#}");
+    let (e, _) = stalled_install(|s| s.ca_bundle_after = u32::MAX).await;
     assert!(
         e.contains("caBundle") && e.contains("meshctl check") && e.contains("0/2 webhooks"),
         "{e}"

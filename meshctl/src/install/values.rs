@@ -156,7 +156,8 @@ impl Values {
         let mut v: Value =
             serde_yaml::from_str(DEFAULT_VALUES).context("the chart's values.yaml")?;
         for (_, layer) in layers {
-            merge(&mut v, layer.clone());
+            // Helm's merge of values files.
+            mesh_api::merge_patch(&mut v, layer.clone());
         }
         let what = layers
             .last()
@@ -217,22 +218,6 @@ fn quantity_ok(t: &str) -> bool {
             "", "n", "u", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
         ]
         .contains(&suffix)
-}
-
-/// Helm's merge of values: maps merge key by key, anything else replaces; `null` deletes.
-fn merge(base: &mut Value, over: Value) {
-    match (base, over) {
-        (Value::Object(b), Value::Object(o)) => {
-            for (k, v) in o {
-                if v.is_null() {
-                    b.remove(&k);
-                } else {
-                    merge(b.entry(k).or_insert(Value::Null), v);
-                }
-            }
-        }
-        (b, o) => *b = o,
-    }
 }
 
 /// `values.schema.json` of the chart, from these types (helm checks values against it).
