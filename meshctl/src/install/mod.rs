@@ -195,11 +195,18 @@ pub async fn apply(
         },
     )?;
     let mut report = Report::default();
-    // Gateway API CRDs someone else installed stay theirs (and their version).
-    if let Some(probe) = objects.iter().find(|o| is_gateway_api_crd(o)).cloned()
-        && let Some(live) = cluster.get(&probe).await?
-        && !ours(&live)
-    {
+    // Gateway API CRDs someone else installed stay theirs (and their version): if any one of
+    // them is there and not ours, none is applied, so a bundle is never mixed.
+    let mut foreign = None;
+    for probe in objects.iter().filter(|o| is_gateway_api_crd(o)) {
+        if let Some(live) = cluster.get(probe).await?
+            && !ours(&live)
+        {
+            foreign = Some(live);
+            break;
+        }
+    }
+    if let Some(live) = foreign {
         let version = live
             .pointer("/metadata/annotations/gateway.networking.k8s.io~1bundle-version")
             .and_then(Value::as_str)
