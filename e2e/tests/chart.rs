@@ -135,11 +135,25 @@ fn helm_lints_the_chart_and_its_schema_refuses_bad_values() {
     let Some(helm) = peer("MESH_HELM", "helm") else {
         return;
     };
-    run(Command::new(&helm).args(["lint", "--strict"]).arg(chart()));
+    run(Command::new(&helm)
+        .args(["lint", "--strict", "--namespace", "mesh-system"])
+        .arg(chart()));
+    // Another release namespace is refused with the reason.
     let out = Command::new(&helm)
         .args(["template", "mesh"])
         .arg(chart())
-        .args(["--set", "mtlsMode=MAYBE"])
+        .args(["--namespace", "mesh"])
+        .output()
+        .expect("helm template");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("proxies expect"),
+        "{err}"
+    );
+    let out = Command::new(&helm)
+        .args(["template", "mesh"])
+        .arg(chart())
+        .args(["--namespace", "mesh-system", "--set", "mtlsMode=MAYBE"])
         .output()
         .expect("helm template");
     let err = String::from_utf8_lossy(&out.stderr);

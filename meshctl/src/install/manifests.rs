@@ -28,6 +28,13 @@ pub struct Include {
 
 /// The install's objects, CRDs first, then in dependency order.
 pub fn objects(v: &Values, ns: &str, include: Include) -> anyhow::Result<Vec<Value>> {
+    if ns != identity::SYSTEM_NAMESPACE {
+        anyhow::bail!(
+            "namespace {ns:?}: the control plane runs in {}, where proxies expect the \
+             identities of the controller and mesh-ca",
+            identity::SYSTEM_NAMESPACE
+        );
+    }
     let mut out = Vec::new();
     if include.gateway_api_crds {
         for crd in mesh_api::crds::gateway_api_crds() {

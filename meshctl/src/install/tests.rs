@@ -186,6 +186,31 @@ async fn uninstall_deletes_everything_install_made() {
 }
 
 #[tokio::test]
+async fn one_foreign_gateway_api_crd_keeps_the_whole_bundle_out() {
+    let (cluster, fake) = fake_cluster();
+    // Someone installed HTTPRoute alone (not GatewayClass, the first of the bundle).
+    let mut theirs = expected()
+        .into_iter()
+        .find(|o| {
+            is_gateway_api_crd(o)
+                && o.pointer("/metadata/name").and_then(Value::as_str)
+                    == Some("httproutes.gateway.networking.k8s.io")
+        })
+        .expect("the HTTPRoute CRD");
+    theirs["metadata"]["labels"] = json!({});
+    fake.insert(theirs.clone());
+    let (report, out) = install(&cluster).await;
+    report.expect("install");
+    let writes = fake.writes();
+    assert!(
+        !writes
+            .iter()
+            .any(|w| w.path.contains("gateway.networking.k8s.io")),
+        "{out}"
+    );
+}
+
+#[tokio::test]
 async fn gateway_api_crds_installed_by_someone_else_are_left_alone() {
     let (cluster, fake) = fake_cluster();
     let theirs: Vec<Value> = expected()
@@ -332,4 +357,12 @@ async fn an_injector_without_a_ca_bundle_fails_the_install_with_a_hint() {
         e.contains("caBundle") && e.contains("meshctl check") && e.contains("0/2 webhooks"),
         "{e}"
     );
+}
+
+#[test]
+fn another_control_plane_namespace_is_refused_with_the_reason() {
+    let mut a = args();
+    a.namespace = "mesh".into();
+    let e = dry_run(&a, &mut Vec::new()).expect_err("another namespace");
+    assert!(e.to_string().contains("proxies expect"), "{e}");
 }
