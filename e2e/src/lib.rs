@@ -3,6 +3,7 @@
 
 pub mod identity;
 pub mod mesh;
+pub mod netns;
 pub mod servers;
 
 use std::net::SocketAddr;

@@ -1,0 +1,725 @@
+//! A local cluster made of network namespaces, for the e2e scenarios (root only): a "node"
+//! namespace holds a bridge; each pod is a namespace on it with its own address, a default
+//! route through the node and nothing else (no route to the host). The control plane (mesh-ca
+//! and mesh-controller, directory source) runs in a pod of its own; meshed pods run
+//! `mesh-proxy init` (real iptables interception) and mesh-proxy as UID 1337 next to their app.
+//! Services get virtual IPs from 10.96.0.0/16, which only the proxies' interception makes
+//! reachable, as kube-proxy would. Processes are the real binaries of this workspace.
+//!
+//! Everything is named with [`PREFIX`] and the owning process's PID: dropping the cluster kills
+//! its processes and deletes its namespaces, and [`sweep`] removes what a killed run left.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// Every network namespace of these clusters starts with this.
+pub const PREFIX: &str = "mesh-e2e-";
+const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+/// Where the workspace's binaries are: next to the test executable's `deps/` directory
+/// (`cargo test --workspace` builds them; `cargo build --bins` does too).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("the test executable has no target directory")?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build the workspace's binaries first (cargo build --workspace --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Whether this process may build such a cluster (root, `ip`, iptables, `setpriv`).
+pub fn can_run() -> bool {
+    let ok = |prog: &str, args: &[&str]| {
+        Command::new(prog)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let tools =
+        ok("ip", &["-V"]) && ok("iptables-save", &["--version"]) && ok("setpriv", &["--version"]);
+    if root && tools {
+        return true;
+    }
+    assert!(
+        std::env::var_os("MESH_REQUIRE_PEERS").is_none(),
+        "the network-namespace cluster needs root, ip, iptables and setpriv (scripts/install-peers installs them as root)"
+    );
+    eprintln!("SKIPPED: the network-namespace cluster needs root, ip, iptables and setpriv");
+    false
+}
+
+fn run(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Network namespaces of these clusters that exist now.
+pub fn namespaces() -> Vec<String> {
+    run(&["ip", "netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn owner(ns: &str) -> Option<u32> {
+    ns.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Kills the processes of network namespace `ns` and deletes it.
+fn remove_namespace(ns: &str) {
+    for pid in run(&["ip", "netns", "pids", ns])
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        let _ = Command::new("kill").args(["-KILL", pid]).status();
+    }
+    // Processes take a moment to go; the namespace stays until they have.
+    let _ = Command::new("ip").args(["netns", "del", ns]).status();
+}
+
+/// Removes what runs that were killed left behind: namespaces whose owning process is gone.
+pub fn sweep() {
+    for ns in namespaces() {
+        if owner(&ns).is_none_or(|pid| !alive(pid)) {
+            remove_namespace(&ns);
+        }
+    }
+}
+
+/// A pod: its namespace, address and processes.
+#[derive(Debug)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub labels: BTreeMap<String, String>,
+    pub service_account: String,
+    pub meshed: bool,
+    procs: Vec<Child>,
+}
+
+/// What a pod runs.
+#[derive(Clone, Debug)]
+pub enum App {
+    /// `meshctl demo-service` on port 8080, answering `<name> <version>`.
+    Demo { name: String, version: String },
+    /// Nothing but (maybe) its proxy: a place to run load from.
+    Idle,
+}
+
+/// A workload: `replicas` pods of one app, with labels and a service account.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub replicas: usize,
+    pub meshed: bool,
+    pub app: App,
+}
+
+/// A Service: a virtual IP and port, selecting pods by labels.
+#[derive(Clone, Debug)]
+pub struct ServiceDef {
+    pub namespace: String,
+    pub name: String,
+    pub selector: BTreeMap<String, String>,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// The cluster. Dropping it removes everything it made.
+#[derive(Debug)]
+pub struct NetnsCluster {
+    id: String,
+    node: String,
+    pub dir: tempfile::TempDir,
+    pods: Vec<Pod>,
+    services: Vec<(ServiceDef, Ipv4Addr)>,
+    control_plane: Option<Pod>,
+    controller: Option<Child>,
+    next_ip: u32,
+    next_vip: u32,
+    /// Extra manifests applied by scenarios (routes), by file name.
+    applied: BTreeMap<String, String>,
+}
+
+fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
+    let items: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k:?}: {v:?}"))
+        .collect();
+    format!("{{{}}}", items.join(", "))
+}
+
+impl NetnsCluster {
+    /// The node, its bridge, and the control plane (mesh-ca, then mesh-controller), ready.
+    pub async fn start() -> anyhow::Result<Self> {
+        sweep();
+        let n = std::process::id();
+        let mut c = Self {
+            id: format!("{n}"),
+            node: format!("{PREFIX}{n}-node"),
+            dir: tempfile::tempdir()?,
+            pods: Vec::new(),
+            services: Vec::new(),
+            control_plane: None,
+            controller: None,
+            next_ip: 3,
+            next_vip: 10,
+            applied: BTreeMap::new(),
+        };
+        // Pod processes running as 1337 read their tokens and the root from here.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        for d in ["config", "ca", "tokens"] {
+            std::fs::create_dir(c.dir.path().join(d))?;
+        }
+        std::fs::set_permissions(
+            c.dir.path().join("tokens"),
+            std::fs::Permissions::from_mode(0o755),
+        )?;
+        run(&["ip", "netns", "add", &c.node])?;
+        c.in_node(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        c.in_node(&["ip", "addr", "add", &format!("{NODE_IP}/16"), "dev", "br0"])?;
+        c.in_node(&["ip", "link", "set", "br0", "up"])?;
+        c.in_node(&["ip", "link", "set", "lo", "up"])?;
+        let cp = c.add_netns("mesh-system", "control-plane", CONTROL_PLANE_IP)?;
+        c.control_plane = Some(cp);
+        c.start_ca().await?;
+        c.start_controller().await?;
+        Ok(c)
+    }
+
+    fn in_node(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["ip", "netns", "exec", self.node.as_str()];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// A pod namespace at `ip` on the bridge, with lo up and a default route via the node.
+    fn add_netns(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
+        let idx = ip.octets()[3] as u32 + 256 * ip.octets()[2] as u32;
+        let netns = format!("{PREFIX}{}-p{idx}", self.id);
+        // Interface names have at most 15 characters.
+        let host_if = format!(
+            "me{}h{idx}",
+            self.id.chars().rev().take(5).collect::<String>()
+        );
+        run(&["ip", "netns", "add", &netns])?;
+        run(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ])?;
+        run(&["ip", "link", "set", &host_if, "netns", &self.node])?;
+        self.in_node(&["ip", "link", "set", &host_if, "master", "br0"])?;
+        self.in_node(&["ip", "link", "set", &host_if, "up"])?;
+        let exec = |args: &[&str]| {
+            let mut full = vec!["ip", "netns", "exec", netns.as_str()];
+            full.extend_from_slice(args);
+            run(&full)
+        };
+        exec(&["ip", "addr", "add", &format!("{ip}/16"), "dev", "eth0"])?;
+        exec(&["ip", "link", "set", "eth0", "up"])?;
+        exec(&["ip", "link", "set", "lo", "up"])?;
+        exec(&["ip", "route", "add", "default", "via", &NODE_IP.to_string()])?;
+        Ok(Pod {
+            namespace: namespace.into(),
+            name: name.into(),
+            netns,
+            ip,
+            labels: BTreeMap::new(),
+            service_account: "default".into(),
+            meshed: false,
+            procs: Vec::new(),
+        })
+    }
+
+    fn spawn_in(
+        netns: &str,
+        uid: Option<u32>,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+    ) -> anyhow::Result<Child> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]);
+        if let Some(uid) = uid {
+            cmd.args([
+                "setpriv",
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                "--",
+            ]);
+        }
+        cmd.arg(program).args(args);
+        let out = std::fs::File::create(log)?;
+        cmd.stdout(out.try_clone()?)
+            .stderr(out)
+            .stdin(Stdio::null());
+        cmd.spawn()
+            .with_context(|| format!("starting {} in {netns}", program.display()))
+    }
+
+    fn log(&self, what: &str) -> PathBuf {
+        self.dir.path().join(format!("{what}.log"))
+    }
+
+    /// The last lines of a process's log, for errors.
+    pub fn tail(&self, what: &str) -> String {
+        let text = std::fs::read_to_string(self.log(what)).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Runs `args` in the control-plane pod (curl to the admin ports, which only it reaches).
+    fn in_control_plane(&self, args: &[&str]) -> anyhow::Result<String> {
+        let netns = &self
+            .control_plane
+            .as_ref()
+            .context("no control plane")?
+            .netns;
+        let mut full = vec!["ip", "netns", "exec", netns.as_str()];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    /// `GET http://127.0.0.1:<port><path>` in the control-plane pod.
+    pub fn control_plane_get(&self, port: u16, path: &str) -> anyhow::Result<String> {
+        self.in_control_plane(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "3",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+    }
+
+    async fn wait_ready(&self, what: &str, port: u16) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.control_plane_get(port, "/ready").is_err() {
+            if Instant::now() > deadline {
+                bail!("{what} not ready in 20 s:\n{}", self.tail(what));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    async fn start_ca(&mut self) -> anyhow::Result<()> {
+        let dir = self.dir.path().join("ca");
+        let args: Vec<String> = [
+            "serve",
+            "--local-tokens",
+            "--dir",
+            &dir.display().to_string(),
+            "--addr",
+            "0.0.0.0:15012",
+            "--admin-addr",
+            "0.0.0.0:15013",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let child = Self::spawn_in(
+            &self.control_plane.as_ref().context("control plane")?.netns,
+            None,
+            &binary("mesh-ca")?,
+            &args,
+            &self.log("mesh-ca"),
+        )?;
+        if let Some(cp) = self.control_plane.as_mut() {
+            cp.procs.push(child);
+        }
+        self.wait_ready("mesh-ca", 15013).await?;
+        // Pods read the root as UID 1337.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    }
+
+    /// A local-mesh token for `ns/sa`, in a file pods can read.
+    fn token(&self, ns: &str, sa: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.path().join("ca");
+        let out = Command::new(binary("mesh-ca")?)
+            .args([
+                "token",
+                "--dir",
+                &dir.display().to_string(),
+                "-n",
+                ns,
+                "--service-account",
+                sa,
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!("mesh-ca token: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let path = self.dir.path().join("tokens").join(format!("{ns}.{sa}"));
+        std::fs::write(&path, &out.stdout)?;
+        Ok(path)
+    }
+
+    /// Starts (or restarts) the controller and waits until it is ready.
+    pub async fn start_controller(&mut self) -> anyhow::Result<()> {
+        let token = self.token("mesh-system", "mesh-controller")?;
+        let d = |p: &str| self.dir.path().join(p).display().to_string();
+        let args: Vec<String> = vec![
+            "--config-dir".into(),
+            d("config"),
+            "--xds-addr".into(),
+            "0.0.0.0:15010".into(),
+            "--admin-addr".into(),
+            "0.0.0.0:15014".into(),
+            "--ca-addr".into(),
+            format!("{CONTROL_PLANE_IP}:15012"),
+            "--ca-root".into(),
+            d("ca/ca.crt"),
+            "--ca-token-file".into(),
+            token.display().to_string(),
+            "--debounce-max-ms".into(),
+            "50".into(),
+        ];
+        let netns = self
+            .control_plane
+            .as_ref()
+            .context("control plane")?
+            .netns
+            .clone();
+        self.controller = Some(Self::spawn_in(
+            &netns,
+            None,
+            &binary("mesh-controller")?,
+            &args,
+            &self.log("mesh-controller"),
+        )?);
+        self.wait_ready("mesh-controller", 15014).await
+    }
+
+    /// Kills the controller (the proxies keep their last config).
+    pub fn kill_controller(&mut self) {
+        if let Some(mut c) = self.controller.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn write_state(&self) -> anyhow::Result<()> {
+        let mut out = String::new();
+        for p in &self.pods {
+            out.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec: {{serviceAccountName: {}, containers: [{{name: app}}]}}\nstatus: {{podIP: {}}}\n",
+                p.name, p.namespace, labels_yaml(&p.labels), p.service_account, p.ip
+            ));
+        }
+        for (s, vip) in &self.services {
+            out.push_str(&format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{clusterIP: {vip}, selector: {}, ports: [{{name: http, port: {}, targetPort: {}, appProtocol: http}}]}}\n",
+                s.name, s.namespace, labels_yaml(&s.selector), s.port, s.target_port
+            ));
+            let ips: Vec<String> = self
+                .pods
+                .iter()
+                .filter(|p| p.namespace == s.namespace && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                .map(|p| format!("{{addresses: ['{}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {}, namespace: {}}}}}", p.ip, p.name, p.namespace))
+                .collect();
+            out.push_str(&format!(
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {0}-e2e, namespace: {1}, labels: {{kubernetes.io/service-name: {0}}}}}\naddressType: IPv4\nports: [{{name: http, port: {2}, protocol: TCP}}]\nendpoints: [{3}]\n",
+                s.name, s.namespace, s.target_port, ips.join(", ")
+            ));
+        }
+        let path = self.dir.path().join("config/cluster.yaml");
+        let tmp = path.with_extension("tmp~");
+        std::fs::write(&tmp, out)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// A Service with the next virtual IP; returns it.
+    pub fn service(&mut self, s: ServiceDef) -> anyhow::Result<Ipv4Addr> {
+        let vip = Ipv4Addr::new(
+            10,
+            96,
+            (self.next_vip / 256) as u8,
+            (self.next_vip % 256) as u8,
+        );
+        self.next_vip += 1;
+        self.services.push((s, vip));
+        self.write_state()?;
+        Ok(vip)
+    }
+
+    /// Starts a workload's pods (app, then for meshed pods the interception and the proxy);
+    /// returns their names once every proxy is ready.
+    pub async fn deploy(&mut self, w: &Workload) -> anyhow::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for i in 0..w.replicas {
+            let ip = Ipv4Addr::new(
+                10,
+                244,
+                (self.next_ip / 256) as u8,
+                (self.next_ip % 256) as u8,
+            );
+            self.next_ip += 1;
+            let name = format!("{}-{i}", w.name);
+            let mut pod = self.add_netns(&w.namespace, &name, ip)?;
+            pod.labels = w.labels.clone();
+            pod.service_account = w.service_account.clone();
+            pod.meshed = w.meshed;
+            let what = format!("{}.{}", w.namespace, name);
+            if let App::Demo { name: app, version } = &w.app {
+                let args: Vec<String> = [
+                    "demo-service",
+                    "--name",
+                    app,
+                    "--version",
+                    version,
+                    "--listen",
+                    "0.0.0.0:8080",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                pod.procs.push(Self::spawn_in(
+                    &pod.netns,
+                    None,
+                    &binary("meshctl")?,
+                    &args,
+                    &self.log(&format!("{what}.app")),
+                )?);
+            }
+            if w.meshed {
+                let init = Command::new("ip")
+                    .args(["netns", "exec", &pod.netns])
+                    .arg(binary("mesh-proxy")?)
+                    .args(["init", "--proxy-uid", "1337"])
+                    .output()?;
+                if !init.status.success() {
+                    bail!(
+                        "mesh-proxy init in {}: {}",
+                        pod.netns,
+                        String::from_utf8_lossy(&init.stderr)
+                    );
+                }
+                let token = self.token(&w.namespace, &w.service_account)?;
+                let args: Vec<String> = vec![
+                    "--node".into(),
+                    format!("{}/{}", w.namespace, name),
+                    "--transparent".into(),
+                    "true".into(),
+                    "--xds".into(),
+                    format!("{CONTROL_PLANE_IP}:15010"),
+                    "--service-account".into(),
+                    w.service_account.clone(),
+                    "--ca-addr".into(),
+                    format!("{CONTROL_PLANE_IP}:15012"),
+                    "--ca-root".into(),
+                    self.dir.path().join("ca/ca.crt").display().to_string(),
+                    "--ca-token-file".into(),
+                    token.display().to_string(),
+                ];
+                pod.procs.push(Self::spawn_in(
+                    &pod.netns,
+                    Some(1337),
+                    &binary("mesh-proxy")?,
+                    &args,
+                    &self.log(&format!("{what}.proxy")),
+                )?);
+            }
+            names.push(name);
+            self.pods.push(pod);
+        }
+        self.write_state()?;
+        for name in &names {
+            let pod = self.pod(&w.namespace, name)?;
+            if pod.meshed {
+                self.wait_pod_ready(pod).await?;
+            }
+        }
+        Ok(names)
+    }
+
+    fn pod(&self, ns: &str, name: &str) -> anyhow::Result<&Pod> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == ns && p.name == name)
+            .with_context(|| format!("no pod {ns}/{name}"))
+    }
+
+    fn exec_in(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["ip", "netns", "exec", pod.netns.as_str()];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    async fn wait_pod_ready(&self, pod: &Pod) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let url = format!(
+            "http://127.0.0.1:{}/ready",
+            mesh_api::consts::ports::PROXY_METRICS
+        );
+        while self
+            .exec_in(pod, &["curl", "-sf", "--max-time", "2", &url])
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "the proxy of {}/{} is not ready in 30 s:\n{}",
+                    pod.namespace,
+                    pod.name,
+                    self.tail(&format!("{}.{}.proxy", pod.namespace, pod.name))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Adds manifests (routes) to what the controller reads; `file` names them, so applying
+    /// the same name again replaces them.
+    pub fn apply(&mut self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        self.applied.insert(file.into(), yaml.into());
+        let path = self.dir.path().join("config").join(format!("{file}.yaml"));
+        let tmp = path.with_extension("tmp~");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// The controller's view of its proxies (`/debug/proxies`).
+    pub fn proxies(&self) -> anyhow::Result<serde_json::Value> {
+        let text =
+            self.control_plane_get(mesh_api::consts::ports::CONTROLLER_ADMIN, "/debug/proxies")?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Waits until every proxy has acknowledged the controller's current config.
+    pub async fn wait_synced(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ps = self.proxies()?;
+            let list = ps.as_array().cloned().unwrap_or_default();
+            let synced = |p: &serde_json::Value| {
+                p["types"]
+                    .as_object()
+                    .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED"))
+            };
+            let meshed = self.pods.iter().filter(|p| p.meshed).count();
+            if list.len() >= meshed && list.iter().all(synced) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("proxies not SYNCED in 20 s: {ps}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs the load generator in pod `ns/name` (blocking until it is done) and parses its
+    /// report.
+    pub async fn load(
+        &self,
+        ns: &str,
+        name: &str,
+        args: &[&str],
+    ) -> anyhow::Result<serde_json::Value> {
+        let pod = self.pod(ns, name)?;
+        let load = binary("mesh-e2e-load")?;
+        let netns = pod.netns.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("ip")
+                .args(["netns", "exec", &netns])
+                .arg(load)
+                .args(&args)
+                .output()
+        })
+        .await??;
+        if !out.status.success() {
+            bail!("load generator: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Kills a pod (its processes and its namespace) and takes it out of its Services.
+    pub fn delete_pod(&mut self, ns: &str, name: &str) -> anyhow::Result<()> {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.namespace == ns && p.name == name)
+            .with_context(|| format!("no pod {ns}/{name}"))?;
+        let mut pod = self.pods.remove(i);
+        kill_all(&mut pod.procs);
+        remove_namespace(&pod.netns);
+        self.write_state()
+    }
+
+    /// A Service's virtual IP.
+    pub fn vip(&self, ns: &str, name: &str) -> anyhow::Result<Ipv4Addr> {
+        self.services
+            .iter()
+            .find(|(s, _)| s.namespace == ns && s.name == name)
+            .map(|(_, v)| *v)
+            .with_context(|| format!("no Service {ns}/{name}"))
+    }
+}
+
+fn kill_all(procs: &mut Vec<Child>) {
+    for p in procs.iter_mut() {
+        let _ = p.kill();
+    }
+    for p in procs.iter_mut() {
+        let _ = p.wait();
+    }
+    procs.clear();
+}
+
+impl Drop for NetnsCluster {
+    fn drop(&mut self) {
+        self.kill_controller();
+        let mut pods = std::mem::take(&mut self.pods);
+        pods.extend(self.control_plane.take());
+        for p in &mut pods {
+            kill_all(&mut p.procs);
+            remove_namespace(&p.netns);
+        }
+        remove_namespace(&self.node);
+    }
+}
