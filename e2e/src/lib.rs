@@ -1,7 +1,9 @@
 //! Harness for end-to-end and interop tests: in-process HTTP backends, a small HTTP/1.1 client
 //! that talks through a proxy, and helpers to find and run peers (Envoy, Python gRPC).
 
+pub mod cluster;
 pub mod identity;
+pub mod kind;
 pub mod mesh;
 pub mod netns;
 pub mod servers;

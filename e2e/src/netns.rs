@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub use crate::cluster::{App, ServiceDef, Workload};
+use crate::cluster::{Cluster, Load};
+
 /// Every network namespace of these clusters starts with this.
 pub const PREFIX: &str = "mesh-e2e-";
 const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
@@ -100,6 +103,15 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// The processes in network namespace `ns`.
+pub fn pids(ns: &str) -> Vec<u32> {
+    run(&["ip", "netns", "pids", ns])
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
 /// Kills the processes of network namespace `ns` and deletes it.
 fn remove_namespace(ns: &str) {
     for pid in run(&["ip", "netns", "pids", ns])
@@ -134,41 +146,24 @@ pub struct Pod {
     procs: Vec<Child>,
 }
 
-/// What a pod runs.
-#[derive(Clone, Debug)]
-pub enum App {
-    /// `meshctl demo-service` on port 8080, answering `<name> <version>`.
-    Demo { name: String, version: String },
-    /// Nothing but (maybe) its proxy: a place to run load from.
-    Idle,
-}
+/// One cluster at a time per process: scenarios measure, and two clusters on 2 cores would
+/// measure each other.
+static ONE_AT_A_TIME: std::sync::LazyLock<std::sync::Arc<tokio::sync::Mutex<()>>> =
+    std::sync::LazyLock::new(Default::default);
+static NEXT_CLUSTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// A workload: `replicas` pods of one app, with labels and a service account.
-#[derive(Clone, Debug)]
-pub struct Workload {
-    pub namespace: String,
-    pub name: String,
-    pub service_account: String,
-    pub labels: BTreeMap<String, String>,
-    pub replicas: usize,
-    pub meshed: bool,
-    pub app: App,
-}
-
-/// A Service: a virtual IP and port, selecting pods by labels.
-#[derive(Clone, Debug)]
-pub struct ServiceDef {
-    pub namespace: String,
-    pub name: String,
-    pub selector: BTreeMap<String, String>,
-    pub port: u16,
-    pub target_port: u16,
+/// Waits for this process's turn to run a cluster (for tests that run one in a child process).
+pub async fn turn() -> tokio::sync::OwnedMutexGuard<()> {
+    ONE_AT_A_TIME.clone().lock_owned().await
 }
 
 /// The cluster. Dropping it removes everything it made.
 #[derive(Debug)]
 pub struct NetnsCluster {
+    _turn: tokio::sync::OwnedMutexGuard<()>,
     id: String,
+    /// Unique among this host's interface names, short enough for them (15 characters).
+    tag: String,
     node: String,
     pub dir: tempfile::TempDir,
     pods: Vec<Pod>,
@@ -177,8 +172,10 @@ pub struct NetnsCluster {
     controller: Option<Child>,
     next_ip: u32,
     next_vip: u32,
-    /// Extra manifests applied by scenarios (routes), by file name.
-    applied: BTreeMap<String, String>,
+    /// Pods killed whose endpoints stay listed.
+    dead: Vec<Pod>,
+    /// Labels of namespaces, written as Namespace objects.
+    namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
@@ -192,11 +189,15 @@ fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
 impl NetnsCluster {
     /// The node, its bridge, and the control plane (mesh-ca, then mesh-controller), ready.
     pub async fn start() -> anyhow::Result<Self> {
+        let turn = turn().await;
         sweep();
         let n = std::process::id();
+        let k = NEXT_CLUSTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut c = Self {
-            id: format!("{n}"),
-            node: format!("{PREFIX}{n}-node"),
+            _turn: turn,
+            id: format!("{n}-{k}"),
+            tag: format!("m{}{k}", n % 100_000),
+            node: format!("{PREFIX}{n}-{k}-node"),
             dir: tempfile::tempdir()?,
             pods: Vec::new(),
             services: Vec::new(),
@@ -204,7 +205,8 @@ impl NetnsCluster {
             controller: None,
             next_ip: 3,
             next_vip: 10,
-            applied: BTreeMap::new(),
+            namespace_labels: BTreeMap::new(),
+            dead: Vec::new(),
         };
         // Pod processes running as 1337 read their tokens and the root from here.
         use std::os::unix::fs::PermissionsExt;
@@ -228,6 +230,11 @@ impl NetnsCluster {
         Ok(c)
     }
 
+    /// The prefix of this cluster's network namespace names.
+    pub fn netns_prefix(&self) -> String {
+        format!("{PREFIX}{}-", self.id)
+    }
+
     fn in_node(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut full = vec!["ip", "netns", "exec", self.node.as_str()];
         full.extend_from_slice(args);
@@ -239,10 +246,7 @@ impl NetnsCluster {
         let idx = ip.octets()[3] as u32 + 256 * ip.octets()[2] as u32;
         let netns = format!("{PREFIX}{}-p{idx}", self.id);
         // Interface names have at most 15 characters.
-        let host_if = format!(
-            "me{}h{idx}",
-            self.id.chars().rev().take(5).collect::<String>()
-        );
+        let host_if = format!("{}h{idx}", self.tag);
         run(&["ip", "netns", "add", &netns])?;
         run(&[
             "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
@@ -443,10 +447,21 @@ impl NetnsCluster {
 
     fn write_state(&self) -> anyhow::Result<()> {
         let mut out = String::new();
+        for (ns, labels) in &self.namespace_labels {
+            out.push_str(&format!(
+                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {}}}\n",
+                labels_yaml(labels)
+            ));
+        }
         for p in &self.pods {
+            // As injection labels a pod: its endpoints get mesh TLS.
+            let mut labels = p.labels.clone();
+            if p.meshed {
+                labels.insert(mesh_api::consts::labels::PROXY.into(), "true".into());
+            }
             out.push_str(&format!(
                 "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec: {{serviceAccountName: {}, containers: [{{name: app}}]}}\nstatus: {{podIP: {}}}\n",
-                p.name, p.namespace, labels_yaml(&p.labels), p.service_account, p.ip
+                p.name, p.namespace, labels_yaml(&labels), p.service_account, p.ip
             ));
         }
         for (s, vip) in &self.services {
@@ -457,6 +472,7 @@ impl NetnsCluster {
             let ips: Vec<String> = self
                 .pods
                 .iter()
+                .chain(&self.dead)
                 .filter(|p| p.namespace == s.namespace && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
                 .map(|p| format!("{{addresses: ['{}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {}, namespace: {}}}}}", p.ip, p.name, p.namespace))
                 .collect();
@@ -470,20 +486,6 @@ impl NetnsCluster {
         std::fs::write(&tmp, out)?;
         std::fs::rename(&tmp, &path)?;
         Ok(())
-    }
-
-    /// A Service with the next virtual IP; returns it.
-    pub fn service(&mut self, s: ServiceDef) -> anyhow::Result<Ipv4Addr> {
-        let vip = Ipv4Addr::new(
-            10,
-            96,
-            (self.next_vip / 256) as u8,
-            (self.next_vip % 256) as u8,
-        );
-        self.next_vip += 1;
-        self.services.push((s, vip));
-        self.write_state()?;
-        Ok(vip)
     }
 
     /// Starts a workload's pods (app, then for meshed pods the interception and the proxy);
@@ -614,8 +616,7 @@ impl NetnsCluster {
 
     /// Adds manifests (routes) to what the controller reads; `file` names them, so applying
     /// the same name again replaces them.
-    pub fn apply(&mut self, file: &str, yaml: &str) -> anyhow::Result<()> {
-        self.applied.insert(file.into(), yaml.into());
+    pub fn apply_file(&mut self, file: &str, yaml: &str) -> anyhow::Result<()> {
         let path = self.dir.path().join("config").join(format!("{file}.yaml"));
         let tmp = path.with_extension("tmp~");
         std::fs::write(&tmp, yaml)?;
@@ -652,34 +653,9 @@ impl NetnsCluster {
         }
     }
 
-    /// Runs the load generator in pod `ns/name` (blocking until it is done) and parses its
-    /// report.
-    pub async fn load(
-        &self,
-        ns: &str,
-        name: &str,
-        args: &[&str],
-    ) -> anyhow::Result<serde_json::Value> {
-        let pod = self.pod(ns, name)?;
-        let load = binary("mesh-e2e-load")?;
-        let netns = pod.netns.clone();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let out = tokio::task::spawn_blocking(move || {
-            Command::new("ip")
-                .args(["netns", "exec", &netns])
-                .arg(load)
-                .args(&args)
-                .output()
-        })
-        .await??;
-        if !out.status.success() {
-            bail!("load generator: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-
-    /// Kills a pod (its processes and its namespace) and takes it out of its Services.
-    pub fn delete_pod(&mut self, ns: &str, name: &str) -> anyhow::Result<()> {
+    /// Kills a pod's processes and removes its namespace. With `endpoints`, it also leaves its
+    /// Services, as the platform does once it notices.
+    pub fn delete_pod(&mut self, ns: &str, name: &str, endpoints: bool) -> anyhow::Result<()> {
         let i = self
             .pods
             .iter()
@@ -688,7 +664,12 @@ impl NetnsCluster {
         let mut pod = self.pods.remove(i);
         kill_all(&mut pod.procs);
         remove_namespace(&pod.netns);
-        self.write_state()
+        if endpoints {
+            self.write_state()?;
+        } else {
+            self.dead.push(pod);
+        }
+        Ok(())
     }
 
     /// A Service's virtual IP.
@@ -721,5 +702,114 @@ impl Drop for NetnsCluster {
             remove_namespace(&p.netns);
         }
         remove_namespace(&self.node);
+    }
+}
+
+/// Load running in a pod of the network-namespace cluster.
+#[derive(Debug)]
+pub struct NetnsLoad(Child);
+
+impl Load for NetnsLoad {
+    async fn finish(self) -> anyhow::Result<serde_json::Value> {
+        let out = tokio::task::spawn_blocking(move || self.0.wait_with_output()).await??;
+        if !out.status.success() {
+            bail!("load generator: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Cluster for NetnsCluster {
+    type Load = NetnsLoad;
+
+    fn service(&mut self, s: ServiceDef) -> anyhow::Result<String> {
+        let vip = Ipv4Addr::new(
+            10,
+            96,
+            (self.next_vip / 256) as u8,
+            (self.next_vip % 256) as u8,
+        );
+        self.next_vip += 1;
+        self.services.push((s, vip));
+        self.write_state()?;
+        Ok(vip.to_string())
+    }
+
+    async fn deploy(&mut self, w: &Workload) -> anyhow::Result<Vec<String>> {
+        NetnsCluster::deploy(self, w).await
+    }
+
+    fn apply(&mut self, name: &str, yaml: &str) -> anyhow::Result<()> {
+        self.apply_file(name, yaml)
+    }
+
+    fn label_namespace(&mut self, ns: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {
+        let entry = self.namespace_labels.entry(ns.into()).or_default();
+        for (k, v) in labels {
+            entry.insert(k.to_string(), v.to_string());
+        }
+        self.write_state()
+    }
+
+    async fn wait_synced(&self) -> anyhow::Result<()> {
+        NetnsCluster::wait_synced(self).await
+    }
+
+    fn acked(&self, ns: &str, pod: &str, ty: &str) -> anyhow::Result<String> {
+        let node = format!("{ns}/{pod}");
+        let ps = self.proxies()?;
+        ps.as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["node"] == node.as_str())
+            .and_then(|p| p["types"][ty]["acked_version"].as_str())
+            .map(str::to_owned)
+            .with_context(|| format!("the controller has no {ty} status for {node}: {ps}"))
+    }
+
+    fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<NetnsLoad> {
+        let pod = self.pod(ns, pod)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &pod.netns])
+            .arg(binary("mesh-e2e-load")?)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting the load generator")?;
+        Ok(NetnsLoad(child))
+    }
+
+    fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String> {
+        Ok(self.pod(ns, pod)?.ip.to_string())
+    }
+
+    fn proxy_metrics(&self, ns: &str, pod: &str) -> anyhow::Result<String> {
+        let url = format!(
+            "http://127.0.0.1:{}/metrics",
+            mesh_api::consts::ports::PROXY_METRICS
+        );
+        self.exec_in(
+            self.pod(ns, pod)?,
+            &["curl", "-sf", "--max-time", "3", &url],
+        )
+    }
+
+    fn kill_pod(&mut self, ns: &str, pod: &str) -> anyhow::Result<()> {
+        self.delete_pod(ns, pod, false)
+    }
+
+    fn forget_pod(&mut self, ns: &str, pod: &str) -> anyhow::Result<()> {
+        self.dead.retain(|p| !(p.namespace == ns && p.name == pod));
+        self.write_state()
+    }
+
+    fn stop_controller(&mut self) -> anyhow::Result<()> {
+        self.kill_controller();
+        Ok(())
+    }
+
+    async fn start_controller(&mut self) -> anyhow::Result<()> {
+        NetnsCluster::start_controller(self).await
     }
 }

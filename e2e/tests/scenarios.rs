@@ -1,9 +1,13 @@
-//! Release scenarios end to end on the network-namespace cluster: real interception, real
-//! processes, mutual TLS. Each prints its measured figures. Root only (CI runs them).
+//! Release scenarios end to end, written once against [`Cluster`] and run here on the
+//! network-namespace cluster: real interception, real processes, mutual TLS. Each prints its
+//! measured figures. Root only (CI runs them).
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use mesh_e2e::netns::{self, App, NetnsCluster, ServiceDef, Workload};
+use mesh_e2e::cluster::{App, Cluster, Load, ServiceDef, Workload};
+use mesh_e2e::netns::{self, NetnsCluster};
+use serde_json::Value;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
@@ -12,49 +16,56 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// `reviews` (and `reviews-v1`, `reviews-v2`) with two v1 pods and one v2 pod, and a meshed
-/// client pod.
-async fn reviews(c: &mut NetnsCluster) -> anyhow::Result<std::net::Ipv4Addr> {
-    let vip = c.service(ServiceDef {
+fn service(name: &str, selector: &[(&str, &str)]) -> ServiceDef {
+    ServiceDef {
         namespace: "shop".into(),
-        name: "reviews".into(),
-        selector: labels(&[("app", "reviews")]),
+        name: name.into(),
+        selector: labels(selector),
         port: 9080,
         target_port: 8080,
-    })?;
-    for v in ["v1", "v2"] {
-        c.service(ServiceDef {
-            namespace: "shop".into(),
-            name: format!("reviews-{v}"),
-            selector: labels(&[("app", "reviews"), ("version", v)]),
-            port: 9080,
-            target_port: 8080,
-        })?;
-        c.deploy(&Workload {
-            namespace: "shop".into(),
-            name: format!("reviews-{v}"),
-            service_account: "reviews".into(),
-            labels: labels(&[("app", "reviews"), ("version", v)]),
-            replicas: if v == "v1" { 2 } else { 1 },
-            meshed: true,
-            app: App::Demo {
-                name: "reviews".into(),
-                version: v.into(),
-            },
-        })
-        .await?;
     }
-    c.deploy(&Workload {
+}
+
+fn demo(name: &str, version: &str, replicas: usize) -> Workload {
+    Workload {
         namespace: "shop".into(),
-        name: "client".into(),
-        service_account: "client".into(),
-        labels: labels(&[("app", "client")]),
-        replicas: 1,
+        name: format!("{name}-{version}"),
+        service_account: name.into(),
+        labels: labels(&[("app", name), ("version", version)]),
+        replicas,
         meshed: true,
+        app: App::Demo {
+            name: name.into(),
+            version: version.into(),
+        },
+    }
+}
+
+fn idle(name: &str, meshed: bool) -> Workload {
+    Workload {
+        namespace: "shop".into(),
+        name: name.into(),
+        service_account: name.into(),
+        labels: labels(&[("app", name)]),
+        replicas: 1,
+        meshed,
         app: App::Idle,
-    })
-    .await?;
-    Ok(vip)
+    }
+}
+
+/// `reviews` (and `reviews-v1`, `reviews-v2`): `v1` pods of v1, one of v2, and a meshed client
+/// pod `client-0`. Returns the address of `reviews`.
+async fn reviews<C: Cluster>(c: &mut C, v1: usize) -> anyhow::Result<String> {
+    let addr = c.service(service("reviews", &[("app", "reviews")]))?;
+    for (v, n) in [("v1", v1), ("v2", 1)] {
+        c.service(service(
+            &format!("reviews-{v}"),
+            &[("app", "reviews"), ("version", v)],
+        ))?;
+        c.deploy(&demo("reviews", v, n)).await?;
+    }
+    c.deploy(&idle("client", true)).await?;
+    Ok(addr)
 }
 
 fn split(v1: u32, v2: u32) -> String {
@@ -72,31 +83,36 @@ spec:
     )
 }
 
-fn count(report: &serde_json::Value, body: &str) -> u64 {
+fn count(report: &Value, body: &str) -> u64 {
     report["by_body"][body].as_u64().unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn canary_90_10_is_measured_within_3_points() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
-    let mut c = NetnsCluster::start().await?;
-    let vip = reviews(&mut c).await?;
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+// ---- the scenarios, for any cluster ----
+
+/// Scenario 1: a 90/10 split measured within ±3 points over 2,000 requests.
+async fn canary<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    let addr = reviews(c, 2).await?;
     c.apply("route", &split(90, 10))?;
     c.wait_synced().await?;
-    let url = format!("http://{vip}:9080/");
+    let url = format!("http://{addr}:9080/");
     let r = c
-        .load(
+        .start_load(
             "shop",
             "client-0",
             &["--url", &url, "--requests", "2000", "--concurrency", "8"],
-        )
+        )?
+        .finish()
         .await?;
     let (v1, v2) = (count(&r, "reviews v1"), count(&r, "reviews v2"));
     let share = 100.0 * v2 as f64 / (v1 + v2).max(1) as f64;
     eprintln!(
-        "canary 90/10: {} requests, {} failed, v1 {v1}, v2 {v2}: v2 share {share:.1} % in {} ms",
+        "canary 90/10: {} requests, {} failed, v1 {v1}, v2 {v2}: v2 share {share:.1} % (want 10 ± 3) in {} ms",
         r["sent"], r["failed"], r["elapsed_ms"]
     );
     assert_eq!(r["failed"], 0, "{r}");
@@ -105,17 +121,298 @@ async fn canary_90_10_is_measured_within_3_points() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Scenario 2: from 100 % v1 to 100 % v2 under 200 rps: no failed request, and no request
+/// sent after the client's proxy acknowledged the change and runs it reaches v1.
+async fn blue_green<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    let addr = reviews(c, 2).await?;
+    c.apply("route", &split(1, 0))?;
+    c.wait_synced().await?;
+    let acked_before = c.acked("shop", "client-0", "RDS")?;
+    let generation = |c: &C| -> anyhow::Result<f64> {
+        let m = c.proxy_metrics("shop", "client-0")?;
+        mesh_api::prom::sample(&m, "mesh_proxy_config_generation")
+            .ok_or_else(|| anyhow::anyhow!("no mesh_proxy_config_generation in:\n{m}"))
+    };
+    let running_before = generation(c)?;
+    let url = format!("http://{addr}:9080/");
+    let load = c.start_load(
+        "shop",
+        "client-0",
+        &[
+            "--url",
+            &url,
+            "--rate",
+            "200",
+            "--duration",
+            "6s",
+            "--concurrency",
+            "16",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let switched = Instant::now();
+    c.apply("route", &split(0, 1))?;
+    // The client's proxy acknowledges the new route, then (once the endpoints of v2 it now
+    // needs have arrived) runs it: both moments, seen within a few milliseconds.
+    let (mut acked_ms, mut running_at) = (None, None);
+    while running_at.is_none() {
+        if acked_ms.is_none() && c.acked("shop", "client-0", "RDS")? != acked_before {
+            acked_ms = Some(switched.elapsed().as_millis());
+        }
+        if acked_ms.is_some() && generation(c)? > running_before {
+            running_at = Some(unix_ms());
+        }
+        anyhow::ensure!(
+            switched.elapsed() < Duration::from_secs(5),
+            "the client's proxy never ran the switch"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let running_at = running_at.unwrap_or_default();
+    let running_ms = switched.elapsed().as_millis();
+    let r = load.finish().await?;
+    let last_v1 = r["last_sent_unix_ms"]["reviews v1"].as_u64().unwrap_or(0);
+    eprintln!(
+        "blue-green under 200 rps: {} requests, {} failed, v1 {}, v2 {}; after the route was written the client's proxy acknowledged it within {} ms and ran it within {running_ms} ms; the last request to v1 was sent {} ms before that",
+        r["sent"],
+        r["failed"],
+        count(&r, "reviews v1"),
+        count(&r, "reviews v2"),
+        acked_ms.unwrap_or_default(),
+        running_at as i64 - last_v1 as i64
+    );
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(
+        count(&r, "reviews v1") > 0 && count(&r, "reviews v2") > 0,
+        "{r}"
+    );
+    assert!(
+        last_v1 <= running_at,
+        "a request sent after the switch ran reached v1: {r}"
+    );
+    Ok(())
+}
+
+/// Scenario 3: STRICT mTLS: plaintext from a pod outside the mesh is refused; a meshed client gets
+/// through, and the server's proxy names the client's SPIFFE ID.
+async fn strict_mtls<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    c.label_namespace("shop", &[("mesh.dev/mtls-mode", "STRICT")])?;
+    let addr = reviews(c, 1).await?;
+    c.deploy(&idle("outsider", false)).await?;
+    c.wait_synced().await?;
+    let pod = c.pod_ip("shop", "reviews-v1-0")?;
+    let plain = c
+        .start_load(
+            "shop",
+            "outsider-0",
+            &[
+                "--url",
+                &format!("http://{pod}:8080/"),
+                "--requests",
+                "20",
+                "--concurrency",
+                "1",
+            ],
+        )?
+        .finish()
+        .await?;
+    let meshed = c
+        .start_load(
+            "shop",
+            "client-0",
+            &[
+                "--url",
+                &format!("http://{addr}:9080/"),
+                "--requests",
+                "20",
+                "--concurrency",
+                "1",
+            ],
+        )?
+        .finish()
+        .await?;
+    let metrics = format!(
+        "{}{}",
+        c.proxy_metrics("shop", "reviews-v1-0")?,
+        c.proxy_metrics("shop", "reviews-v2-0")?
+    );
+    let client_id = "spiffe://cluster.local/ns/shop/sa/client";
+    let seen = mesh_api::prom::count(
+        &metrics,
+        &format!("mesh_proxy_inbound_mtls_connections_total{{peer=\"{client_id}\"}}"),
+    );
+    eprintln!(
+        "STRICT mTLS: plaintext from outside the mesh {} of 20 refused ({:?}); meshed client {} of 20 answered; the servers saw {seen} mTLS connections from {client_id}",
+        plain["failed"], plain["errors"], meshed["ok"]
+    );
+    assert_eq!(plain["failed"], 20, "{plain}");
+    assert_eq!(meshed["ok"], 20, "{meshed}");
+    assert!(
+        seen >= 1,
+        "no inbound mTLS connection from {client_id}:\n{metrics}"
+    );
+    Ok(())
+}
+
+/// Scenario 4: the controller killed for 30 s under 200 rps: no failed request.
+async fn control_plane_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    let addr = reviews(c, 2).await?;
+    c.apply("route", &split(50, 50))?;
+    c.wait_synced().await?;
+    let url = format!("http://{addr}:9080/");
+    let load = c.start_load(
+        "shop",
+        "client-0",
+        &[
+            "--url",
+            &url,
+            "--rate",
+            "200",
+            "--duration",
+            "36s",
+            "--concurrency",
+            "16",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.stop_controller()?;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    c.start_controller().await?;
+    let r = load.finish().await?;
+    c.wait_synced().await?;
+    eprintln!(
+        "control-plane loss: controller down 30 s of 36 s at 200 rps: {} requests, {} failed, v1 {}, v2 {}",
+        r["sent"],
+        r["failed"],
+        count(&r, "reviews v1"),
+        count(&r, "reviews v2")
+    );
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(r["sent"].as_u64().unwrap_or(0) >= 6000, "{r}");
+    Ok(())
+}
+
+/// Scenario 5: one of three backend pods killed under load: failures only inside the window before it
+/// is ejected and its endpoint removed (2 s, as a platform would notice), none after.
+async fn endpoint_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    let v1 = c.service(service(
+        "reviews-v1",
+        &[("app", "reviews"), ("version", "v1")],
+    ))?;
+    c.deploy(&demo("reviews", "v1", 3)).await?;
+    c.deploy(&idle("client", true)).await?;
+    c.wait_synced().await?;
+    let url = format!("http://{v1}:9080/");
+    let load = c.start_load(
+        "shop",
+        "client-0",
+        &[
+            "--url",
+            &url,
+            "--rate",
+            "200",
+            "--duration",
+            "10s",
+            "--concurrency",
+            "16",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.kill_pod("shop", "reviews-v1-1")?;
+    let killed_at = 3;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.forget_pod("shop", "reviews-v1-1")?;
+    let r = load.finish().await?;
+    let seconds = r["seconds"].as_array().cloned().unwrap_or_default();
+    let failing: Vec<usize> = seconds
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s["!"].as_u64().unwrap_or(0) > 0)
+        .map(|(i, _)| i)
+        .collect();
+    eprintln!(
+        "endpoint loss: 1 of 3 pods killed at {killed_at} s of 10 s at 200 rps: {} requests, {} failed, in seconds {failing:?}",
+        r["sent"], r["failed"]
+    );
+    // The window: from the kill to 2 s later, plus the second in progress.
+    let window = killed_at..=killed_at + 2;
+    assert!(
+        failing.iter().all(|s| window.contains(s)),
+        "failures outside {window:?}: {r}"
+    );
+    assert!(r["ok"].as_u64().unwrap_or(0) > 1500, "{r}");
+    Ok(())
+}
+
+// ---- on the network-namespace cluster ----
+
+macro_rules! on_netns {
+    ($name:ident, $scenario:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() -> anyhow::Result<()> {
+            if !netns::can_run() {
+                return Ok(());
+            }
+            let mut c = NetnsCluster::start().await?;
+            $scenario(&mut c).await
+        }
+    };
+}
+
+on_netns!(canary_90_10_is_measured_within_3_points, canary);
+on_netns!(blue_green_switch_under_load_fails_nothing, blue_green);
+on_netns!(
+    strict_mtls_refuses_plaintext_and_names_the_client,
+    strict_mtls
+);
+on_netns!(
+    thirty_seconds_without_the_controller_fail_nothing,
+    control_plane_loss
+);
+on_netns!(
+    a_killed_endpoint_fails_requests_only_until_ejected,
+    endpoint_loss
+);
+
+// ---- on kind (e2e/kind/scenarios sets MESH_E2E_KIND_IMAGES; elsewhere they are skipped) ----
+
+macro_rules! on_kind {
+    ($name:ident, $scenario:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() -> anyhow::Result<()> {
+            let Some(mut c) = mesh_e2e::kind::KindCluster::from_env() else {
+                eprintln!("SKIPPED: the kind suite runs these (e2e/kind/scenarios)");
+                return Ok(());
+            };
+            $scenario(&mut c).await
+        }
+    };
+}
+
+on_kind!(kind_canary, canary);
+on_kind!(kind_blue_green, blue_green);
+on_kind!(kind_strict_mtls, strict_mtls);
+on_kind!(kind_control_plane_loss, control_plane_loss);
+on_kind!(kind_endpoint_loss, endpoint_loss);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Result<()> {
     if !netns::can_run() {
         return Ok(());
     }
-    let mine = format!("{}{}-", netns::PREFIX, std::process::id());
-    {
+    let (mine, pids) = {
         let mut c = NetnsCluster::start().await?;
-        reviews(&mut c).await?;
-        assert!(netns::namespaces().iter().any(|n| n.starts_with(&mine)));
-    }
+        reviews(&mut c, 1).await?;
+        let mine = c.netns_prefix();
+        let spaces: Vec<String> = netns::namespaces()
+            .into_iter()
+            .filter(|n| n.starts_with(&mine))
+            .collect();
+        assert!(spaces.len() >= 5, "{spaces:?}");
+        let pids: Vec<u32> = spaces.iter().flat_map(|n| netns::pids(n)).collect();
+        assert!(pids.len() >= 7, "{pids:?}");
+        (mine, pids)
+    };
     let left: Vec<String> = netns::namespaces()
         .into_iter()
         .filter(|n| n.starts_with(&mine))
@@ -127,17 +424,94 @@ async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Resu
         .output()?;
     let host = String::from_utf8_lossy(&host.stdout);
     assert!(!host.contains("MESH_"), "{host}");
-    // No process of ours runs in a namespace that is gone: `ip netns pids` found nothing to
-    // kill that survived, and the binaries' processes are children we waited for.
-    let ps = std::process::Command::new("ps")
-        .args(["-eo", "ppid,args"])
-        .output()?;
-    let me = std::process::id().to_string();
-    let orphans: Vec<String> = String::from_utf8_lossy(&ps.stdout)
-        .lines()
-        .filter(|l| l.trim_start().starts_with(&me) && l.contains("netns exec"))
-        .map(str::to_owned)
+    // Every process the cluster ran is gone (they were children it waited for).
+    let alive: Vec<&u32> = pids
+        .iter()
+        .filter(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
         .collect();
-    assert!(orphans.is_empty(), "{orphans:?}");
+    assert!(alive.is_empty(), "processes left: {alive:?}");
+    Ok(())
+}
+
+/// Run by [`an_interrupted_run_is_swept_by_the_next`] in a child process (with
+/// `MESH_E2E_HOLD` set): builds a cluster and waits to be killed. Without it, does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holds_a_cluster_until_killed() -> anyhow::Result<()> {
+    if std::env::var_os("MESH_E2E_HOLD").is_none() || !netns::can_run() {
+        return Ok(());
+    }
+    let mut c = NetnsCluster::start().await?;
+    reviews(&mut c, 1).await?;
+    println!("HOLDING");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_run_is_swept_by_the_next() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    if !netns::can_run() {
+        return Ok(());
+    }
+    // The child's cluster takes this process's turn.
+    let _turn = netns::turn().await;
+    // A run killed with SIGKILL cleans nothing up itself.
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--exact", "holds_a_cluster_until_killed", "--nocapture"])
+        .env("MESH_E2E_HOLD", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let held = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("HOLDING"));
+    assert!(held, "the child never built its cluster");
+    let theirs = format!("{}{}-", netns::PREFIX, child.id());
+    let spaces: Vec<String> = netns::namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&theirs))
+        .collect();
+    assert!(spaces.len() >= 5, "{spaces:?}");
+    let pids: Vec<String> = spaces
+        .iter()
+        .flat_map(|n| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "pids", n])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.split_whitespace()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!pids.is_empty(), "the child's pods run nothing");
+    child.kill()?;
+    child.wait()?;
+    netns::sweep();
+    let left: Vec<String> = netns::namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&theirs))
+        .collect();
+    assert!(left.is_empty(), "namespaces left: {left:?}");
+    // Killed processes may take a moment to be reaped by init.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+    {
+        assert!(Instant::now() < deadline, "processes left: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "interrupted run: {} namespaces and {} processes of a killed run removed by the next run's sweep",
+        spaces.len(),
+        pids.len()
+    );
     Ok(())
 }

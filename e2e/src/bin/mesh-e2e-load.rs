@@ -5,6 +5,7 @@
 //! each second how many answers each body got.
 //!
 //! mesh-e2e-load --url http://10.96.0.10:9080/ --requests 2000 [--rate 200] [--concurrency 8]
+//! mesh-e2e-load sleep-forever   # a container that waits for `kubectl exec`
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -24,9 +25,21 @@ struct Report {
     by_body: BTreeMap<String, u64>,
     /// Failures by kind (`status 503`, `connect: ...`).
     errors: BTreeMap<String, u64>,
-    /// Per second since the start: answers by body, failures as `!`.
+    /// Per second since the start, by when requests were sent: answers by body, failures as
+    /// `!`.
     seconds: Vec<BTreeMap<String, u64>>,
+    /// When the last request that got each answer (body, or `!` for failures) was sent, in
+    /// Unix milliseconds.
+    last_sent_unix_ms: BTreeMap<String, u64>,
+    /// When the first request was sent, in Unix milliseconds.
+    start_unix_ms: u64,
     elapsed_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 struct Args {
@@ -144,8 +157,17 @@ async fn one(url: &hyper::Uri, conn: &mut Option<Sender>) -> Result<String, Stri
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    // In a pod of the kind suite, the container idles until the scenario execs a load into it.
+    if std::env::args().nth(1).as_deref() == Some("sleep-forever") {
+        loop {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    }
     let args = Arc::new(parse()?);
-    let report = Arc::new(Mutex::new(Report::default()));
+    let report = Arc::new(Mutex::new(Report {
+        start_unix_ms: unix_ms(),
+        ..Report::default()
+    }));
     let start = Instant::now();
     let deadline = args.duration.map(|d| start + d);
     let next = Arc::new(Mutex::new(0u64));
@@ -171,13 +193,18 @@ async fn main() -> anyhow::Result<()> {
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     return;
                 }
-                let result = one(&args.url, &mut conn).await;
+                let sent_at = unix_ms();
+                // Requests count in the second they were sent in.
                 let second = start.elapsed().as_secs() as usize;
+                let result = one(&args.url, &mut conn).await;
                 let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
                 r.sent += 1;
                 while r.seconds.len() <= second {
                     r.seconds.push(BTreeMap::new());
                 }
+                let key = result.as_ref().map_or("!".to_owned(), Clone::clone);
+                let last = r.last_sent_unix_ms.entry(key).or_default();
+                *last = (*last).max(sent_at);
                 match result {
                     Ok(body) => {
                         r.ok += 1;

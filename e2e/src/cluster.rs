@@ -1,0 +1,77 @@
+//! The cluster the e2e scenarios run on, as they see it. The scenarios are written once against
+//! [`Cluster`]; the network-namespace backend ([`crate::netns`]) implements it here and in CI,
+//! and a kind backend (`e2e/kind/`) where Docker runs.
+
+use std::collections::BTreeMap;
+
+/// What a pod runs.
+#[derive(Clone, Debug)]
+pub enum App {
+    /// `meshctl demo-service` on port 8080, answering `<name> <version>`.
+    Demo { name: String, version: String },
+    /// Nothing but (maybe) its proxy: a place to run load from.
+    Idle,
+}
+
+/// A workload: `replicas` pods of one app, with labels and a service account.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub replicas: usize,
+    pub meshed: bool,
+    pub app: App,
+}
+
+/// A Service: a virtual IP and port, selecting pods by labels.
+#[derive(Clone, Debug)]
+pub struct ServiceDef {
+    pub namespace: String,
+    pub name: String,
+    pub selector: BTreeMap<String, String>,
+    pub port: u16,
+    pub target_port: u16,
+}
+
+/// Load running in a pod; [`Load::finish`] waits for its report (the load generator's JSON).
+pub trait Load {
+    fn finish(self) -> impl std::future::Future<Output = anyhow::Result<serde_json::Value>>;
+}
+
+/// A cluster with the mesh installed, as the scenarios drive it.
+pub trait Cluster {
+    type Load: Load;
+
+    /// Creates a Service; returns the address clients use (`ip` or DNS name).
+    fn service(&mut self, s: ServiceDef) -> anyhow::Result<String>;
+    /// Starts a workload's pods; returns their names once they (and their proxies) are ready.
+    fn deploy(
+        &mut self,
+        w: &Workload,
+    ) -> impl std::future::Future<Output = anyhow::Result<Vec<String>>>;
+    /// Applies manifests (routes); the same `name` again replaces them.
+    fn apply(&mut self, name: &str, yaml: &str) -> anyhow::Result<()>;
+    /// Sets a namespace's labels (`mesh.dev/mtls-mode`).
+    fn label_namespace(&mut self, ns: &str, labels: &[(&str, &str)]) -> anyhow::Result<()>;
+    /// Waits until every proxy acknowledged the controller's current config.
+    fn wait_synced(&self) -> impl std::future::Future<Output = anyhow::Result<()>>;
+    /// The version of xDS type `ty` (`RDS`, ...) the proxy of pod `ns/pod` acknowledged last.
+    fn acked(&self, ns: &str, pod: &str, ty: &str) -> anyhow::Result<String>;
+    /// Starts the load generator in pod `ns/pod` with `args`.
+    fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Self::Load>;
+    /// The address of pod `ns/pod`.
+    fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String>;
+    /// The proxy metrics of pod `ns/pod` (port 15020).
+    fn proxy_metrics(&self, ns: &str, pod: &str) -> anyhow::Result<String>;
+    /// Kills pod `ns/pod` as a crash would: its endpoints stay listed until the platform
+    /// notices (which the scenarios do not wait for).
+    fn kill_pod(&mut self, ns: &str, pod: &str) -> anyhow::Result<()>;
+    /// Takes a killed pod out of its Services' endpoints, as the platform does once it noticed.
+    fn forget_pod(&mut self, ns: &str, pod: &str) -> anyhow::Result<()>;
+    /// Stops the controller; proxies keep their last config.
+    fn stop_controller(&mut self) -> anyhow::Result<()>;
+    /// Starts the controller again and waits until it is ready.
+    fn start_controller(&mut self) -> impl std::future::Future<Output = anyhow::Result<()>>;
+}
