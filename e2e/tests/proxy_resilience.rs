@@ -216,7 +216,11 @@ async fn a_dead_endpoint_is_ejected_and_readmitted_when_it_recovers() -> anyhow:
 }
 
 fn v2_only(s: &mesh_proxy::state::Snapshot) -> bool {
-    let w = weights(s, "outbound_http", "reviews.default.");
+    // Backends at weight 0 stay listed (kept warm): only the weighted ones count.
+    let w: Vec<_> = weights(s, "outbound_http", "reviews.default.")
+        .into_iter()
+        .filter(|(_, w)| *w > 0)
+        .collect();
     !w.is_empty() && w.iter().all(|(c, _)| c.contains("reviews-v2"))
 }
 

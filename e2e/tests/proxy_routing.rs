@@ -55,7 +55,7 @@ async fn weighted_split_and_header_match_through_the_explicit_listener() -> anyh
     wait_config(&proxy, "all weight on v2", |s| {
         !weights(s, "outbound_http", "reviews.default.")
             .iter()
-            .any(|(c, _)| c.contains("reviews-v1"))
+            .any(|(c, w)| c.contains("reviews-v1") && *w > 0)
     })
     .await?;
     let after = spread(&mut client, 200, &[]).await;
@@ -84,7 +84,7 @@ async fn state_of_the_world_xds_works_too() -> anyhow::Result<()> {
     mesh.write("route.yaml", &reviews_route(0, 100))?;
     wait_config(&proxy, "all weight on v2", |s| {
         let w = weights(s, "outbound_http", "reviews.default.");
-        !w.is_empty() && !w.iter().any(|(c, _)| c.contains("reviews-v1"))
+        !w.is_empty() && !w.iter().any(|(c, w)| c.contains("reviews-v1") && *w > 0)
     })
     .await?;
     let after = spread(&mut client, 100, &[]).await;

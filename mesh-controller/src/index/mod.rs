@@ -675,17 +675,20 @@ impl Index {
                     None
                 }
             };
-            if b.weight > 0 {
-                backends.push(WeightedBackend {
-                    cluster,
-                    weight: b.weight,
-                    request_headers: b.request_headers.clone(),
-                    response_headers: b.response_headers.clone(),
-                });
-            }
+            // A backend at weight 0 stays in the route: proxies keep its endpoints warm, so
+            // moving traffic to it (a blue-green switch, a rollback) takes effect the moment
+            // the new weights arrive.
+            backends.push(WeightedBackend {
+                cluster,
+                weight: b.weight,
+                request_headers: b.request_headers.clone(),
+                response_headers: b.response_headers.clone(),
+            });
         }
-        // No backends, or all weights zero: the Gateway API asks for a 500.
-        if backends.is_empty() || backends.iter().all(|b| b.cluster.is_none()) {
+        // No backends, all weights zero, or none of the weighted ones resolves: the Gateway
+        // API asks for a 500.
+        let mut live = backends.iter().filter(|b| b.weight > 0).peekable();
+        if live.peek().is_none() || live.all(|b| b.cluster.is_none()) {
             return RouteAction::Fail(500);
         }
         RouteAction::Forward(backends)

@@ -94,7 +94,7 @@ fn split_resolves_to_weighted_clusters() {
 }
 
 #[test]
-fn zero_weights_are_dropped_and_all_zero_fails() {
+fn zero_weight_backends_stay_in_the_route_and_all_zero_fails() {
     let mut idx = mesh();
     idx.apply(obj(&split_yaml(
         "default",
@@ -105,12 +105,19 @@ fn zero_weights_are_dropped_and_all_zero_fails() {
     )))
     .expect("route");
     let m = idx.model();
+    // v1 stays at weight 0, so proxies keep its endpoints for the moment it gets traffic.
     assert_eq!(
         weights(&port(&m, "reviews").routes[0]),
-        vec![(
-            Some("outbound|9080||reviews-v2.default.svc.cluster.local".into()),
-            100
-        )]
+        vec![
+            (
+                Some("outbound|9080||reviews-v1.default.svc.cluster.local".into()),
+                0
+            ),
+            (
+                Some("outbound|9080||reviews-v2.default.svc.cluster.local".into()),
+                100
+            )
+        ]
     );
     idx.apply(obj(&split_yaml(
         "default",

@@ -172,7 +172,7 @@ fn a_malformed_manifest_among_good_ones() {
     // Fixing the file clears its error and applies the new version.
     std::fs::write(&route, reviews_route(0, 100)).expect("write");
     f.source.reload(&route);
-    assert_eq!(f.weights(), vec![100]);
+    assert_eq!(f.weights(), vec![0, 100]);
     assert_eq!(f.errors.all().len(), 2);
 }
 
@@ -292,7 +292,7 @@ async fn configmap_volume_updates_are_followed() {
     std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
     std::fs::remove_dir_all(&a).expect("rm old");
     tokio::time::timeout(std::time::Duration::from_secs(10), async {
-        while weights_of(&index) != vec![100] {
+        while weights_of(&index) != vec![0, 100] {
             rx.changed().await.expect("index alive");
         }
     })
