@@ -347,6 +347,9 @@ impl XdsClient {
                 .apply(ty, &updated, &removed)
                 .map_err(|e| e.to_string());
             self.record(ty, cache, &result);
+            // Run the config before acknowledging it: an ACK tells the controller (and
+            // whoever watches it) that the proxy routes by what it sent.
+            publisher.offer(cache, &self.store, &self.metrics);
             let _ = tx.unbounded_send(DeltaDiscoveryRequest {
                 type_url: resp.type_url,
                 response_nonce: resp.nonce,
@@ -455,6 +458,8 @@ impl XdsClient {
                 }
             };
             self.record(ty, cache, &result);
+            // Run the config before acknowledging it (see the delta stream).
+            publisher.offer(cache, &self.store, &self.metrics);
             let st = state.entry(ty).or_default();
             st.nonce = resp.nonce.clone();
             if result.is_ok() {
