@@ -59,6 +59,8 @@ pub trait Cluster {
     fn wait_synced(&self) -> impl std::future::Future<Output = anyhow::Result<()>>;
     /// The version of xDS type `ty` (`RDS`, ...) the proxy of pod `ns/pod` acknowledged last.
     fn acked(&self, ns: &str, pod: &str, ty: &str) -> anyhow::Result<String>;
+    /// Whether the proxy of pod `ns/pod` acknowledged everything the controller sent it.
+    fn synced(&self, ns: &str, pod: &str) -> anyhow::Result<bool>;
     /// Starts the load generator in pod `ns/pod` with `args`.
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Self::Load>;
     /// The address of pod `ns/pod`.

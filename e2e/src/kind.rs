@@ -216,6 +216,18 @@ impl Cluster for KindCluster {
             .with_context(|| format!("no {ty} status for {node}"))
     }
 
+    fn synced(&self, ns: &str, pod: &str) -> anyhow::Result<bool> {
+        let node = format!("{ns}/{pod}");
+        let ps = self.proxy_status()?;
+        Ok(ps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["node"] == node.as_str())
+            .and_then(|p| p["types"].as_object())
+            .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED")))
+    }
+
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<KindLoad> {
         let child = Command::new("kubectl")
             .args(["-n", ns, "exec", pod, "-c", "app", "--", "mesh-e2e-load"])

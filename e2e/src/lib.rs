@@ -23,6 +23,26 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
+/// Reports a measured figure: on stderr, and appended to `<target dir>/e2e-figures.txt`,
+/// which `scripts/test` prints after the tests (a passing test's stderr is not shown).
+pub fn figure(line: &str) {
+    use std::io::Write;
+    eprintln!("{line}");
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent()?.parent().map(Path::to_path_buf))
+    else {
+        return;
+    };
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("e2e-figures.txt"))
+    {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
 /// The workspace root (this crate lives in `<root>/e2e`).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -767,6 +767,18 @@ impl Cluster for NetnsCluster {
             .with_context(|| format!("the controller has no {ty} status for {node}: {ps}"))
     }
 
+    fn synced(&self, ns: &str, pod: &str) -> anyhow::Result<bool> {
+        let node = format!("{ns}/{pod}");
+        let ps = self.proxies()?;
+        Ok(ps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["node"] == node.as_str())
+            .and_then(|p| p["types"].as_object())
+            .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED")))
+    }
+
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<NetnsLoad> {
         let pod = self.pod(ns, pod)?;
         let child = Command::new("ip")
