@@ -57,10 +57,22 @@ pub trait Cluster {
     fn label_namespace(&mut self, ns: &str, labels: &[(&str, &str)]) -> anyhow::Result<()>;
     /// Waits until every proxy acknowledged the controller's current config.
     fn wait_synced(&self) -> impl std::future::Future<Output = anyhow::Result<()>>;
+    /// The controller's view of its proxies (`/debug/proxies`, as `meshctl proxy-status`).
+    fn proxy_status(&self) -> anyhow::Result<serde_json::Value>;
     /// The version of xDS type `ty` (`RDS`, ...) the proxy of pod `ns/pod` acknowledged last.
-    fn acked(&self, ns: &str, pod: &str, ty: &str) -> anyhow::Result<String>;
+    fn acked(&self, ns: &str, pod: &str, ty: &str) -> anyhow::Result<String> {
+        let ps = self.proxy_status()?;
+        proxy_of(&ps, ns, pod)
+            .and_then(|p| p["types"][ty]["acked_version"].as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                anyhow::anyhow!("the controller has no {ty} status for {ns}/{pod}: {ps}")
+            })
+    }
     /// Whether the proxy of pod `ns/pod` acknowledged everything the controller sent it.
-    fn synced(&self, ns: &str, pod: &str) -> anyhow::Result<bool>;
+    fn synced(&self, ns: &str, pod: &str) -> anyhow::Result<bool> {
+        Ok(proxy_of(&self.proxy_status()?, ns, pod).is_some_and(synced))
+    }
     /// Starts the load generator in pod `ns/pod` with `args`.
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Self::Load>;
     /// The address of pod `ns/pod`.
@@ -76,4 +88,21 @@ pub trait Cluster {
     fn stop_controller(&mut self) -> anyhow::Result<()>;
     /// Starts the controller again and waits until it is ready.
     fn start_controller(&mut self) -> impl std::future::Future<Output = anyhow::Result<()>>;
+}
+
+/// The entry of pod `ns/pod`'s proxy in a `/debug/proxies` list.
+pub fn proxy_of<'a>(
+    ps: &'a serde_json::Value,
+    ns: &str,
+    pod: &str,
+) -> Option<&'a serde_json::Value> {
+    let node = format!("{ns}/{pod}");
+    ps.as_array()?.iter().find(|p| p["node"] == node.as_str())
+}
+
+/// Whether a proxy acknowledged every xDS type the controller sent it.
+pub fn synced(proxy: &serde_json::Value) -> bool {
+    proxy["types"]
+        .as_object()
+        .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED"))
 }

@@ -185,15 +185,10 @@ impl Cluster for KindCluster {
     async fn wait_synced(&self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let ps = self.proxy_status()?;
-            let all = ps.as_array().is_some_and(|l| {
-                !l.is_empty()
-                    && l.iter().all(|p| {
-                        p["types"]
-                            .as_object()
-                            .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED"))
-                    })
-            });
+            let ps = KindCluster::proxy_status(self)?;
+            let all = ps
+                .as_array()
+                .is_some_and(|l| !l.is_empty() && l.iter().all(crate::cluster::synced));
             if all {
                 return Ok(());
             }
@@ -204,28 +199,8 @@ impl Cluster for KindCluster {
         }
     }
 
-    fn acked(&self, ns: &str, pod: &str, ty: &str) -> anyhow::Result<String> {
-        let node = format!("{ns}/{pod}");
-        let ps = self.proxy_status()?;
-        ps.as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["node"] == node.as_str())
-            .and_then(|p| p["types"][ty]["acked_version"].as_str())
-            .map(str::to_owned)
-            .with_context(|| format!("no {ty} status for {node}"))
-    }
-
-    fn synced(&self, ns: &str, pod: &str) -> anyhow::Result<bool> {
-        let node = format!("{ns}/{pod}");
-        let ps = self.proxy_status()?;
-        Ok(ps
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["node"] == node.as_str())
-            .and_then(|p| p["types"].as_object())
-            .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED")))
+    fn proxy_status(&self) -> anyhow::Result<serde_json::Value> {
+        KindCluster::proxy_status(self)
     }
 
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<KindLoad> {

@@ -637,13 +637,8 @@ impl NetnsCluster {
         loop {
             let ps = self.proxies()?;
             let list = ps.as_array().cloned().unwrap_or_default();
-            let synced = |p: &serde_json::Value| {
-                p["types"]
-                    .as_object()
-                    .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED"))
-            };
             let meshed = self.pods.iter().filter(|p| p.meshed).count();
-            if list.len() >= meshed && list.iter().all(synced) {
+            if list.len() >= meshed && list.iter().all(crate::cluster::synced) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -755,28 +750,8 @@ impl Cluster for NetnsCluster {
         NetnsCluster::wait_synced(self).await
     }
 
-    fn acked(&self, ns: &str, pod: &str, ty: &str) -> anyhow::Result<String> {
-        let node = format!("{ns}/{pod}");
-        let ps = self.proxies()?;
-        ps.as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["node"] == node.as_str())
-            .and_then(|p| p["types"][ty]["acked_version"].as_str())
-            .map(str::to_owned)
-            .with_context(|| format!("the controller has no {ty} status for {node}: {ps}"))
-    }
-
-    fn synced(&self, ns: &str, pod: &str) -> anyhow::Result<bool> {
-        let node = format!("{ns}/{pod}");
-        let ps = self.proxies()?;
-        Ok(ps
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["node"] == node.as_str())
-            .and_then(|p| p["types"].as_object())
-            .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED")))
+    fn proxy_status(&self) -> anyhow::Result<serde_json::Value> {
+        self.proxies()
     }
 
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<NetnsLoad> {

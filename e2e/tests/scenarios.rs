@@ -83,6 +83,24 @@ spec:
     )
 }
 
+/// Load from `client-0` to `url` at 200 requests a second (open loop) for `duration`.
+fn at_200_rps<C: Cluster>(c: &C, url: &str, duration: &str) -> anyhow::Result<C::Load> {
+    c.start_load(
+        "shop",
+        "client-0",
+        &[
+            "--url",
+            url,
+            "--rate",
+            "200",
+            "--duration",
+            duration,
+            "--concurrency",
+            "16",
+        ],
+    )
+}
+
 fn count(report: &Value, body: &str) -> u64 {
     report["by_body"][body].as_u64().unwrap_or(0)
 }
@@ -137,20 +155,7 @@ async fn blue_green<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     };
     let running_before = generation(c)?;
     let url = format!("http://{addr}:9080/");
-    let load = c.start_load(
-        "shop",
-        "client-0",
-        &[
-            "--url",
-            &url,
-            "--rate",
-            "200",
-            "--duration",
-            "6s",
-            "--concurrency",
-            "16",
-        ],
-    )?;
+    let load = at_200_rps(c, &url, "6s")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let switched = Instant::now();
     c.apply("route", &split(0, 1))?;
@@ -266,20 +271,7 @@ async fn control_plane_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     c.apply("route", &split(50, 50))?;
     c.wait_synced().await?;
     let url = format!("http://{addr}:9080/");
-    let load = c.start_load(
-        "shop",
-        "client-0",
-        &[
-            "--url",
-            &url,
-            "--rate",
-            "200",
-            "--duration",
-            "36s",
-            "--concurrency",
-            "16",
-        ],
-    )?;
+    let load = at_200_rps(c, &url, "36s")?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     c.stop_controller()?;
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -309,26 +301,15 @@ async fn endpoint_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     c.deploy(&idle("client", true)).await?;
     c.wait_synced().await?;
     let url = format!("http://{v1}:9080/");
-    let load = c.start_load(
-        "shop",
-        "client-0",
-        &[
-            "--url",
-            &url,
-            "--rate",
-            "200",
-            "--duration",
-            "10s",
-            "--concurrency",
-            "16",
-        ],
-    )?;
+    let load = at_200_rps(c, &url, "10s")?;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed = unix_ms();
     c.kill_pod("shop", "reviews-v1-1")?;
-    let killed_at = 3;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let forgotten = unix_ms();
     c.forget_pod("shop", "reviews-v1-1")?;
     let r = load.finish().await?;
+    let start = r["start_unix_ms"].as_u64().unwrap_or(0);
     let seconds = r["seconds"].as_array().cloned().unwrap_or_default();
     let failing: Vec<usize> = seconds
         .iter()
@@ -336,15 +317,30 @@ async fn endpoint_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
         .filter(|(_, s)| s["!"].as_u64().unwrap_or(0) > 0)
         .map(|(i, _)| i)
         .collect();
+    let at = |t: u64| t.saturating_sub(start) as f64 / 1000.0;
+    let last_failed = r["last_sent_unix_ms"]["!"].as_u64();
     mesh_e2e::figure(&format!(
-        "endpoint loss: 1 of 3 pods killed at {killed_at} s of 10 s at 200 rps: {} requests, {} failed, in seconds {failing:?}",
-        r["sent"], r["failed"]
+        "endpoint loss: 1 of 3 pods killed at {:.2} s of 10 s at 200 rps, its endpoint removed at {:.2} s: {} requests, {} failed ({}), sent in seconds {failing:?}, the last at {}",
+        at(killed),
+        at(forgotten),
+        r["sent"],
+        r["failed"],
+        r["errors"],
+        last_failed.map_or("-".to_owned(), |t| format!("{:.2} s", at(t)))
     ));
-    // The window: from the kill to 2 s later, plus the second in progress.
-    let window = killed_at..=killed_at + 2;
+    // The window: requests in flight when the pod died (sent up to half a second before; they
+    // normally take a millisecond) until its endpoint is gone.
+    if let Some(t) = last_failed {
+        assert!(
+            t <= forgotten,
+            "a request sent after the window failed: {r}"
+        );
+    }
+    let first = (killed.saturating_sub(start + 500) / 1000) as usize;
+    let last = (forgotten.saturating_sub(start) / 1000) as usize;
     assert!(
-        failing.iter().all(|s| window.contains(s)),
-        "failures outside {window:?}: {r}"
+        failing.iter().all(|s| (first..=last).contains(s)),
+        "failures outside seconds {first}..={last}: {r}"
     );
     assert!(r["ok"].as_u64().unwrap_or(0) > 1500, "{r}");
     Ok(())
