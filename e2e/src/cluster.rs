@@ -35,15 +35,23 @@ pub struct ServiceDef {
     pub target_port: u16,
 }
 
-/// Load running in a pod; [`Load::finish`] waits for its report (the load generator's JSON).
-pub trait Load {
-    fn finish(self) -> impl std::future::Future<Output = anyhow::Result<serde_json::Value>>;
+/// The load generator running in a pod (through `ip netns exec` or `kubectl exec`).
+#[derive(Debug)]
+pub struct Load(pub std::process::Child);
+
+impl Load {
+    /// Waits for the load to end; its report (the load generator's JSON).
+    pub async fn finish(self) -> anyhow::Result<serde_json::Value> {
+        let out = tokio::task::spawn_blocking(move || self.0.wait_with_output()).await??;
+        if !out.status.success() {
+            anyhow::bail!("load generator: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
 }
 
 /// A cluster with the mesh installed, as the scenarios drive it.
 pub trait Cluster {
-    type Load: Load;
-
     /// Creates a Service; returns the address clients use (`ip` or DNS name).
     fn service(&mut self, s: ServiceDef) -> anyhow::Result<String>;
     /// Starts a workload's pods; returns their names once they (and their proxies) are ready.
@@ -74,7 +82,7 @@ pub trait Cluster {
         Ok(proxy_of(&self.proxy_status()?, ns, pod).is_some_and(synced))
     }
     /// Starts the load generator in pod `ns/pod` with `args`.
-    fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Self::Load>;
+    fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Load>;
     /// The address of pod `ns/pod`.
     fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String>;
     /// The proxy metrics of pod `ns/pod` (port 15020).

@@ -5,7 +5,7 @@
 //! generator runs in the `mesh-e2e` image.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -99,23 +99,7 @@ impl KindCluster {
     }
 }
 
-/// Load running in a pod through `kubectl exec`.
-#[derive(Debug)]
-pub struct KindLoad(Child);
-
-impl Load for KindLoad {
-    async fn finish(self) -> anyhow::Result<serde_json::Value> {
-        let out = tokio::task::spawn_blocking(move || self.0.wait_with_output()).await??;
-        if !out.status.success() {
-            bail!("load generator: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-}
-
 impl Cluster for KindCluster {
-    type Load = KindLoad;
-
     fn service(&mut self, s: ServiceDef) -> anyhow::Result<String> {
         self.ensure_namespace(&s.namespace)?;
         apply(&format!(
@@ -203,7 +187,7 @@ impl Cluster for KindCluster {
         KindCluster::proxy_status(self)
     }
 
-    fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<KindLoad> {
+    fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Load> {
         let child = Command::new("kubectl")
             .args(["-n", ns, "exec", pod, "-c", "app", "--", "mesh-e2e-load"])
             .args(args)
@@ -211,7 +195,7 @@ impl Cluster for KindCluster {
             .stderr(Stdio::piped())
             .spawn()
             .context("kubectl exec")?;
-        Ok(KindLoad(child))
+        Ok(Load(child))
     }
 
     fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String> {

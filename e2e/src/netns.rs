@@ -700,23 +700,7 @@ impl Drop for NetnsCluster {
     }
 }
 
-/// Load running in a pod of the network-namespace cluster.
-#[derive(Debug)]
-pub struct NetnsLoad(Child);
-
-impl Load for NetnsLoad {
-    async fn finish(self) -> anyhow::Result<serde_json::Value> {
-        let out = tokio::task::spawn_blocking(move || self.0.wait_with_output()).await??;
-        if !out.status.success() {
-            bail!("load generator: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(serde_json::from_slice(&out.stdout)?)
-    }
-}
-
 impl Cluster for NetnsCluster {
-    type Load = NetnsLoad;
-
     fn service(&mut self, s: ServiceDef) -> anyhow::Result<String> {
         let vip = Ipv4Addr::new(
             10,
@@ -754,7 +738,7 @@ impl Cluster for NetnsCluster {
         self.proxies()
     }
 
-    fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<NetnsLoad> {
+    fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Load> {
         let pod = self.pod(ns, pod)?;
         let child = Command::new("ip")
             .args(["netns", "exec", &pod.netns])
@@ -764,7 +748,7 @@ impl Cluster for NetnsCluster {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting the load generator")?;
-        Ok(NetnsLoad(child))
+        Ok(Load(child))
     }
 
     fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String> {

@@ -84,7 +84,7 @@ spec:
 }
 
 /// Load from `client-0` to `url` at 200 requests a second (open loop) for `duration`.
-fn at_200_rps<C: Cluster>(c: &C, url: &str, duration: &str) -> anyhow::Result<C::Load> {
+fn at_200_rps<C: Cluster>(c: &C, url: &str, duration: &str) -> anyhow::Result<Load> {
     c.start_load(
         "shop",
         "client-0",
