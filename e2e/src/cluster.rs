@@ -114,3 +114,12 @@ pub fn synced(proxy: &serde_json::Value) -> bool {
         .as_object()
         .is_some_and(|t| t.values().all(|v| v["state"] == "SYNCED"))
 }
+
+/// Labels as a YAML flow mapping, for the manifests both backends write.
+pub fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
+    let items: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| format!("{k:?}: {v:?}"))
+        .collect();
+    format!("{{{}}}", items.join(", "))
+}

@@ -4,13 +4,12 @@
 //! StatefulSets, so pods have the stable names (`client-0`) the scenarios use; the load
 //! generator runs in the `mesh-e2e` image.
 
-use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::cluster::{App, Cluster, Load, ServiceDef, Workload};
+use crate::cluster::{App, Cluster, Load, ServiceDef, Workload, labels_yaml};
 
 /// The cluster of the current kubeconfig context, driven through kubectl and meshctl.
 #[derive(Debug)]
@@ -54,14 +53,6 @@ fn kubectl(args: &[&str]) -> anyhow::Result<String> {
 
 fn apply(yaml: &str) -> anyhow::Result<()> {
     run("kubectl", &["apply", "-f", "-"], Some(yaml)).map(|_| ())
-}
-
-fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
-    let items: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k:?}: {v:?}"))
-        .collect();
-    format!("{{{}}}", items.join(", "))
 }
 
 impl KindCluster {

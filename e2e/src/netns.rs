@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub use crate::cluster::{App, ServiceDef, Workload};
-use crate::cluster::{Cluster, Load};
+use crate::cluster::{Cluster, Load, labels_yaml};
 
 /// Every network namespace of these clusters starts with this.
 pub const PREFIX: &str = "mesh-e2e-";
@@ -176,14 +176,6 @@ pub struct NetnsCluster {
     dead: Vec<Pod>,
     /// Labels of namespaces, written as Namespace objects.
     namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
-}
-
-fn labels_yaml(labels: &BTreeMap<String, String>) -> String {
-    let items: Vec<String> = labels
-        .iter()
-        .map(|(k, v)| format!("{k:?}: {v:?}"))
-        .collect();
-    format!("{{{}}}", items.join(", "))
 }
 
 impl NetnsCluster {

@@ -101,6 +101,17 @@ fn at_200_rps<C: Cluster>(c: &C, url: &str, duration: &str) -> anyhow::Result<Lo
     )
 }
 
+/// 20 requests, one at a time, from pod `shop/pod` to `url`: the load generator's report.
+async fn twenty_requests<C: Cluster>(c: &C, pod: &str, url: &str) -> anyhow::Result<Value> {
+    c.start_load(
+        "shop",
+        pod,
+        &["--url", url, "--requests", "20", "--concurrency", "1"],
+    )?
+    .finish()
+    .await
+}
+
 fn count(report: &Value, body: &str) -> u64 {
     report["by_body"][body].as_u64().unwrap_or(0)
 }
@@ -212,36 +223,8 @@ async fn strict_mtls<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     c.deploy(&idle("outsider", false)).await?;
     c.wait_synced().await?;
     let pod = c.pod_ip("shop", "reviews-v1-0")?;
-    let plain = c
-        .start_load(
-            "shop",
-            "outsider-0",
-            &[
-                "--url",
-                &format!("http://{pod}:8080/"),
-                "--requests",
-                "20",
-                "--concurrency",
-                "1",
-            ],
-        )?
-        .finish()
-        .await?;
-    let meshed = c
-        .start_load(
-            "shop",
-            "client-0",
-            &[
-                "--url",
-                &format!("http://{addr}:9080/"),
-                "--requests",
-                "20",
-                "--concurrency",
-                "1",
-            ],
-        )?
-        .finish()
-        .await?;
+    let plain = twenty_requests(c, "outsider-0", &format!("http://{pod}:8080/")).await?;
+    let meshed = twenty_requests(c, "client-0", &format!("http://{addr}:9080/")).await?;
     let metrics = format!(
         "{}{}",
         c.proxy_metrics("shop", "reviews-v1-0")?,
