@@ -68,6 +68,22 @@ async fn reviews<C: Cluster>(c: &mut C, v1: usize) -> anyhow::Result<String> {
     Ok(addr)
 }
 
+/// Applies the `reviews` route and waits until the client's proxy acknowledged the route
+/// config it caused: `wait_synced` alone may return before the controller read the change.
+async fn route<C: Cluster>(c: &mut C, yaml: &str) -> anyhow::Result<()> {
+    let before = c.acked("shop", "client-0", "RDS")?;
+    c.apply("route", yaml)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.acked("shop", "client-0", "RDS")? == before || !c.synced("shop", "client-0")? {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the client's proxy never acknowledged the route:\n{yaml}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.wait_synced().await
+}
+
 fn split(v1: u32, v2: u32) -> String {
     format!(
         "apiVersion: gateway.networking.k8s.io/v1
@@ -127,8 +143,7 @@ fn unix_ms() -> u64 {
 /// Scenario 1: a 90/10 split measured within ±3 points over 2,000 requests.
 async fn canary<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     let addr = reviews(c, 2).await?;
-    c.apply("route", &split(90, 10))?;
-    c.wait_synced().await?;
+    route(c, &split(90, 10)).await?;
     let url = format!("http://{addr}:9080/");
     let r = c
         .start_load(
@@ -156,8 +171,7 @@ async fn canary<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
 /// the moment it accepts it.)
 async fn blue_green<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     let addr = reviews(c, 2).await?;
-    c.apply("route", &split(1, 0))?;
-    c.wait_synced().await?;
+    route(c, &split(1, 0)).await?;
     let acked_before = c.acked("shop", "client-0", "RDS")?;
     let generation = |c: &C| -> anyhow::Result<f64> {
         let m = c.proxy_metrics("shop", "client-0")?;
@@ -251,8 +265,7 @@ async fn strict_mtls<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
 /// Scenario 4: the controller killed for 30 s under 200 rps: no failed request.
 async fn control_plane_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     let addr = reviews(c, 2).await?;
-    c.apply("route", &split(50, 50))?;
-    c.wait_synced().await?;
+    route(c, &split(50, 50)).await?;
     let url = format!("http://{addr}:9080/");
     let load = at_200_rps(c, &url, "36s")?;
     tokio::time::sleep(Duration::from_secs(3)).await;
