@@ -26,6 +26,7 @@ pub mod svid;
 mod svid_cases;
 #[cfg(feature = "tls")]
 pub mod tls;
+pub mod workload;
 
 #[cfg(feature = "k8s")]
 pub use gateway_api;

@@ -854,11 +854,25 @@ fn pod_model(pod: &Pod, key: &ObjKey) -> Result<PodModel, DocError> {
             }
         }
     }
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    let workload = mesh_api::workload::name(
+        &labels,
+        owner.map(|o| (o.kind.as_str(), o.name.as_str())),
+        pod.metadata.generate_name.as_deref(),
+        &key.name,
+    );
     Ok(PodModel {
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         ip,
-        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        workload,
+        labels,
         service_account: spec
             .service_account_name
             .unwrap_or_else(|| "default".into()),

@@ -153,6 +153,8 @@ pub struct PodModel {
     pub ip: Option<IpAddr>,
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
+    /// The workload it belongs to (`mesh_api::workload::name`), for metrics.
+    pub workload: String,
     /// Container ports by name, to resolve named `targetPort`s.
     pub named_ports: BTreeMap<String, u16>,
 }

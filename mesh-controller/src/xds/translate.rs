@@ -564,22 +564,27 @@ fn set_upstream_protocol(c: &mut Cluster, http2: bool) {
     );
 }
 
-/// Endpoint metadata for an endpoint behind a mesh-proxy: its mesh identity (the SVID that
-/// mesh TLS to it must find), and whether it may be spoken to over HTTP/2 (`proxy`).
-fn peer_metadata(identity: &mesh_api::SpiffeId, h2: bool) -> Metadata {
-    let mut fields = BTreeMap::from([(
-        "identity".to_string(),
-        Value {
-            kind: Some(value::Kind::StringValue(identity.to_string())),
-        },
-    )]);
-    if h2 {
-        fields.insert(
-            "proxy".to_string(),
-            Value {
-                kind: Some(value::Kind::BoolValue(true)),
-            },
-        );
+/// Endpoint metadata for an endpoint backed by a known pod: its namespace and workload (for
+/// metrics); behind a mesh-proxy, also its mesh identity (the SVID that mesh TLS to it must
+/// find), and whether it may be spoken to over HTTP/2 (`proxy`).
+fn peer_metadata(pod: &PodModel, identity: Option<&mesh_api::SpiffeId>, h2: bool) -> Metadata {
+    let text = |s: &str| Value {
+        kind: Some(value::Kind::StringValue(s.to_string())),
+    };
+    let mut fields = BTreeMap::from([
+        ("namespace".to_string(), text(&pod.namespace)),
+        ("workload".to_string(), text(&pod.workload)),
+    ]);
+    if let Some(identity) = identity {
+        fields.insert("identity".to_string(), text(identity.as_str()));
+        if h2 {
+            fields.insert(
+                "proxy".to_string(),
+                Value {
+                    kind: Some(value::Kind::BoolValue(true)),
+                },
+            );
+        }
     }
     Metadata {
         filter_metadata: [(
@@ -624,17 +629,20 @@ fn load_assignment(
 }
 
 /// The pod behind an endpoint, when it is labelled as running mesh-proxy.
-fn proxied_pod<'m>(model: &'m Model, e: &crate::index::Endpoint) -> Option<&'m PodModel> {
+/// The pod behind an endpoint, when the index has it.
+fn endpoint_pod<'m>(model: &'m Model, e: &crate::index::Endpoint) -> Option<&'m PodModel> {
     let (ns, name) = e.pod.as_deref().and_then(|p| p.split_once('/'))?;
     model
         .pods
         .get(&(ns.to_string(), name.to_string()))
         .map(|p| p.as_ref())
-        .filter(|p| {
-            p.labels
-                .get(mesh_api::consts::labels::PROXY)
-                .is_some_and(|v| v == "true")
-        })
+}
+
+/// Whether a pod runs a mesh-proxy (the injector labels it).
+fn is_proxied(p: &PodModel) -> bool {
+    p.labels
+        .get(mesh_api::consts::labels::PROXY)
+        .is_some_and(|v| v == "true")
 }
 
 fn static_cluster(name: &str, addr: Option<SocketAddr>) -> Cluster {
@@ -1007,11 +1015,15 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
             Resource::new(
                 &cluster,
                 &load_assignment(&cluster, &p.endpoints, |e| {
-                    let pod = proxied_pod(model, e)?;
-                    let id = model.pod_identity(pod)?;
+                    let pod = endpoint_pod(model, e)?;
+                    let id = is_proxied(pod).then(|| model.pod_identity(pod)).flatten();
                     // HTTP/2 only to declared HTTP/1 ports: the peer's inbound then pins
                     // HTTP/1.1 to the app, whatever it receives.
-                    Some(peer_metadata(&id, p.protocol == Protocol::Http))
+                    Some(peer_metadata(
+                        pod,
+                        id.as_ref(),
+                        p.protocol == Protocol::Http,
+                    ))
                 }),
             ),
         ));
