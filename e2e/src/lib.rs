@@ -6,6 +6,7 @@ pub mod identity;
 pub mod kind;
 pub mod mesh;
 pub mod netns;
+pub mod otlp;
 pub mod servers;
 
 use std::net::SocketAddr;
@@ -215,6 +216,18 @@ impl ProxyClient {
         path: &str,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<(u16, http::HeaderMap, String)> {
+        self.send("GET", host, path, headers, Bytes::new()).await
+    }
+
+    /// Any request, with a body; returns status, response headers and body.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<(u16, http::HeaderMap, String)> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             let stream = TcpStream::connect(self.proxy)
                 .await
@@ -228,14 +241,14 @@ impl ProxyClient {
             bail!("no connection")
         };
         sender.ready().await?;
-        let mut req = hyper::Request::get(format!("http://{host}{path}")).header("host", host);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://{host}{path}"))
+            .header("host", host);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = match sender
-            .send_request(req.body(Full::new(Bytes::new()))?)
-            .await
-        {
+        let resp = match sender.send_request(req.body(Full::new(body))?).await {
             Ok(r) => r,
             Err(e) => {
                 self.sender = None;

@@ -131,7 +131,7 @@ pub struct SidecarPair {
 pub const PAIR_VIP: &str = "10.96.1.1";
 
 /// How [`LocalMesh::sidecar_pair_with`] sets up the pair.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PairOptions<'a> {
     pub port_name: &'a str,
     pub app_protocol: Option<&'a str>,
@@ -143,6 +143,18 @@ pub struct PairOptions<'a> {
     pub server_sa: Option<&'a str>,
     /// `mesh.dev/mtls-mode` of the namespace (`STRICT`, `PERMISSIVE`).
     pub mtls_mode: Option<&'a str>,
+    /// Settings both proxies get on top (tracing, access logs).
+    pub tweak: Option<&'a dyn Fn(&mut mesh_proxy::Config)>,
+}
+
+impl std::fmt::Debug for PairOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PairOptions")
+            .field("port_name", &self.port_name)
+            .field("app_port", &self.app_port)
+            .field("mtls_mode", &self.mtls_mode)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LocalMesh {
@@ -182,6 +194,10 @@ impl LocalMesh {
         if let Some(ca) = o.ca {
             ca.identify(&mut sc, o.server_sa.unwrap_or("echo"))?;
         }
+        sc.workload = Some("echo".into());
+        if let Some(tweak) = o.tweak {
+            tweak(&mut sc);
+        }
         let server = self.proxy(sc).await?;
         let inbound = server
             .inbound_addr
@@ -202,7 +218,7 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: echo-0, namespace: default, labels: {{app: echo, mesh.dev/proxy: 'true'}}}}
+metadata: {{name: echo-0, generateName: echo-, namespace: default, labels: {{app: echo, mesh.dev/proxy: 'true'}}}}
 spec: {{serviceAccountName: echo, containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
 status: {{podIP: 127.0.0.1}}
 ---
@@ -221,6 +237,10 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: 
         cc.outbound_orig_dst = Some(vip);
         if let Some(ca) = o.ca {
             ca.identify(&mut cc, "client")?;
+        }
+        cc.workload = Some("client".into());
+        if let Some(tweak) = o.tweak {
+            tweak(&mut cc);
         }
         let client = self.proxy(cc).await?;
         let outbound = client

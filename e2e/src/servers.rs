@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 
 /// An HTTP server (HTTP/1.1 and h2c) answering with its name, or echoing a request body.
 /// Response headers tell what it saw: `x-backend`, `x-seen-version`, `x-seen-host`,
-/// `x-seen-path`, `x-seen-xfcc` (the `x-forwarded-client-cert` it got, if any).
+/// `x-seen-path`, `x-seen-xfcc` (the `x-forwarded-client-cert` it got, if any),
+/// `x-seen-traceparent`, `x-seen-source-workload` (what arrived of those headers).
 #[derive(Debug)]
 pub struct EchoServer {
     pub name: String,
@@ -94,6 +95,15 @@ impl EchoServer {
                                 .and_then(|h| h.to_str().ok())
                                 .unwrap_or_default()
                                 .to_string();
+                            let seen = |h: &str| {
+                                req.headers()
+                                    .get(h)
+                                    .and_then(|h| h.to_str().ok())
+                                    .unwrap_or_default()
+                                    .to_string()
+                            };
+                            let traceparent = seen("traceparent");
+                            let source = seen("x-mesh-source-workload");
                             let body = match req.into_body().collect().await {
                                 Ok(b) => b.to_bytes(),
                                 Err(e) => Bytes::from(format!("body error: {e}")),
@@ -118,6 +128,8 @@ impl EchoServer {
                                 ("x-seen-host", host),
                                 ("x-seen-path", path),
                                 ("x-seen-xfcc", xfcc),
+                                ("x-seen-traceparent", traceparent),
+                                ("x-seen-source-workload", source),
                             ] {
                                 if let Ok(v) = hyper::header::HeaderValue::from_str(&v) {
                                     h.insert(k, v);

@@ -74,7 +74,7 @@ async fn admin_and_metrics_endpoints() -> anyhow::Result<()> {
         assert_eq!(code, 200);
         assert!(metrics.contains("mesh_proxy_xds_connected 1"), "{metrics}");
         assert!(
-            metrics.contains(r#"mesh_proxy_requests_total{direction="outbound",route="default",backend="outbound|8080||app.default.svc.cluster.local",status_class="2xx"} 1"#),
+            metrics.contains(r#"mesh_proxy_requests_total{direction="outbound",src_namespace="default",src_workload="web-1",src_identity="unknown",dst_namespace="unknown",dst_workload="unknown",dst_identity="unknown",route="default",backend="outbound|8080||app.default.svc.cluster.local",status_class="2xx",grpc_status=""} 1"#),
             "{metrics}"
         );
         assert!(

@@ -183,6 +183,26 @@ bidi: echo-app y
 error: NOT_FOUND
 ";
     assert_eq!(out, want, "{err}");
+    // Each call is counted once its response ends, by the gRPC status of its trailers.
+    let metrics = pair.client.metrics.clone();
+    let by_status = move || {
+        let samples = mesh_api::prom::parse(&metrics.encode());
+        let n = |code: &str| -> f64 {
+            samples
+                .iter()
+                .filter(|s| s.name == "mesh_proxy_requests_total" && s.label("grpc_status") == code)
+                .map(|s| s.value)
+                .sum()
+        };
+        (n("0"), n("5"))
+    };
+    let counts = eventually(T, "the calls counted by gRPC status", || {
+        let c = by_status();
+        async move { (c == (4.0, 1.0)).then_some(c) }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", by_status()))?;
+    assert_eq!(counts, (4.0, 1.0));
     Ok(())
 }
 
@@ -235,6 +255,32 @@ async fn opaque_tcp_honours_half_close() -> anyhow::Result<()> {
     let mut got = String::new();
     tokio::time::timeout(T, s.read_to_string(&mut got)).await??;
     assert_eq!(got, "echo:hello over tcp");
+    // Both proxies count the connection and its bytes, each way.
+    for proxy in [&pair.client, &pair.server] {
+        let metrics = proxy.metrics.clone();
+        let read = move || {
+            let samples = mesh_api::prom::parse(&metrics.encode());
+            let n = |name: &str| -> f64 {
+                samples
+                    .iter()
+                    .filter(|s| s.name == name)
+                    .map(|s| s.value)
+                    .sum()
+            };
+            [
+                n("mesh_proxy_tcp_connections_opened_total"),
+                n("mesh_proxy_tcp_connections_closed_total"),
+                n("mesh_proxy_tcp_sent_bytes_total"),
+                n("mesh_proxy_tcp_received_bytes_total"),
+            ]
+        };
+        eventually(T, "the TCP connection counted", || {
+            let got = read();
+            async move { (got == [1.0, 1.0, 14.0, 19.0]).then_some(()) }
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: {:?}", read()))?;
+    }
     Ok(())
 }
 

@@ -177,6 +177,14 @@ pub mod env {
     pub const PROXY_CA_TOKEN_FILE: &str = "MESH_PROXY_CA_TOKEN_FILE";
     /// Proxy: the workload's service account.
     pub const PROXY_SERVICE_ACCOUNT: &str = "MESH_PROXY_SERVICE_ACCOUNT";
+    /// Proxy: the workload it serves, for metrics (default: the pod's name).
+    pub const PROXY_WORKLOAD: &str = "MESH_PROXY_WORKLOAD";
+    /// Proxy: the OTLP/gRPC collector spans go to.
+    pub const PROXY_TRACING_ENDPOINT: &str = "MESH_PROXY_TRACING_ENDPOINT";
+    /// Proxy: percentage of new traces sampled.
+    pub const PROXY_TRACING_SAMPLING: &str = "MESH_PROXY_TRACING_SAMPLING";
+    /// Proxy: where access log lines go (`-`: stdout).
+    pub const PROXY_ACCESS_LOG: &str = "MESH_PROXY_ACCESS_LOG";
     /// Proxy: certificate lifetime to ask mesh-ca for.
     pub const PROXY_CERT_LIFETIME: &str = "MESH_PROXY_CERT_LIFETIME";
     /// Proxy: xDS over mesh TLS, `auto`, `on` or `off`.

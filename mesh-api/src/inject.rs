@@ -91,6 +91,7 @@ pub fn inject(
     let Some(path) = template_path(&kind) else {
         return Ok(Outcome::Skipped(format!("a {kind} has no pod template")));
     };
+    let workload = workload_of(obj, path);
     let mut template = &mut *obj;
     for key in path {
         template = template
@@ -143,7 +144,7 @@ pub fn inject(
     if let Value::Array(list) = inits {
         // First the rules, then the proxy, then the app's own init containers (which may
         // already need the mesh).
-        list.insert(0, proxy_container(s));
+        list.insert(0, proxy_container(s, &workload));
         list.insert(0, init_container(s));
     }
     let volumes = spec
@@ -190,7 +191,26 @@ fn init_container(s: &InjectSettings) -> Value {
     })
 }
 
-fn proxy_container(s: &InjectSettings) -> Value {
+/// The workload the proxy reports in its metrics: a Pod's from its owner, a pod template's
+/// the object's own name (both unless the template's labels name it).
+fn workload_of(obj: &Value, path: &[&str]) -> String {
+    if path.is_empty() {
+        return crate::workload::name_from_json(obj.get("metadata").unwrap_or(&Value::Null));
+    }
+    let template = path.iter().try_fold(obj, |v, k| v.get(*k));
+    let label = template
+        .and_then(|t| t.pointer("/metadata/labels"))
+        .and_then(|l| l.get(crate::workload::LABEL))
+        .and_then(Value::as_str)
+        .filter(|w| !w.is_empty());
+    let own = obj
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    label.unwrap_or(own).to_string()
+}
+
+fn proxy_container(s: &InjectSettings, workload: &str) -> Value {
     let env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let mut c = json!({
         "name": PROXY_CONTAINER,
@@ -199,6 +219,7 @@ fn proxy_container(s: &InjectSettings) -> Value {
         "args": [
             "--node", "$(POD_NAMESPACE)/$(POD_NAME)",
             "--service-account", "$(SERVICE_ACCOUNT)",
+            "--workload", workload,
             "--transparent", "true",
             "--xds", s.xds_addr,
             "--ca-addr", s.ca_addr,

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `/ready` | both | 200 once the first complete config is applied and (with identity on) a valid SVID is held, else 503 |
 //! | `/live` | both | 200 while the process runs |
-//! | `/metrics` | both | Prometheus text |
+//! | `/metrics` | both | Prometheus text, or OpenMetrics when the `Accept` header asks |
 //! | `/config_dump` | admin | settings, xDS state and the running config as JSON |
 //! | `/logging` | admin | `GET`: the log filter; `POST ?level=<filter>`: change it live |
 //! | `/shutdown` | admin | `POST`: drain and exit (for Jobs) |
@@ -102,15 +102,33 @@ async fn live() -> &'static str {
     "live\n"
 }
 
-async fn metrics(State(s): State<AdminState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.encode(),
-    )
-        .into_response()
+/// OpenMetrics when the scraper asks for it (Prometheus does), else Prometheus text 0.0.4.
+async fn metrics(State(s): State<AdminState>, headers: axum::http::HeaderMap) -> Response {
+    let om = s.metrics.encode();
+    let wants_om = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if wants_om {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            om,
+        )
+            .into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            mesh_api::prom::openmetrics_to_text(&om),
+        )
+            .into_response()
+    }
 }
 
 #[derive(Serialize)]

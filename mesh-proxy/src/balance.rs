@@ -81,6 +81,8 @@ pub struct Endpoint {
     pub mesh_proxy: bool,
     /// Mesh TLS to this endpoint must find this SPIFFE ID.
     pub identity: Option<mesh_api::SpiffeId>,
+    /// Who runs there, for metrics.
+    pub peer: Arc<crate::metrics::Peer>,
     pending: AtomicU32,
     ewma: Mutex<Ewma>,
     consecutive_failures: AtomicU32,
@@ -97,6 +99,7 @@ impl Endpoint {
             addr: def.addr,
             mesh_proxy: def.mesh_proxy,
             identity: def.identity.clone(),
+            peer: def.peer.clone(),
             pending: AtomicU32::new(0),
             ewma: Mutex::new(Ewma {
                 rtt_ns: DEFAULT_RTT.as_nanos() as f64,
@@ -431,11 +434,7 @@ mod tests {
 
     fn set(n: u16, outlier: OutlierConfig) -> Arc<EndpointSet> {
         let defs: Vec<EndpointDef> = (0..n)
-            .map(|i| EndpointDef {
-                addr: SocketAddr::from(([127, 0, 0, 1], 1000 + i)),
-                mesh_proxy: false,
-                identity: None,
-            })
+            .map(|i| EndpointDef::plain(SocketAddr::from(([127, 0, 0, 1], 1000 + i))))
             .collect();
         Arc::new(EndpointSet::new(&defs, outlier, Counter::default()))
     }
@@ -548,16 +547,8 @@ mod tests {
         let s = set(2, OutlierConfig::default());
         s.endpoints[0].observe(Duration::from_millis(40), Instant::now());
         let defs = vec![
-            EndpointDef {
-                addr: s.endpoints[0].addr,
-                mesh_proxy: false,
-                identity: None,
-            },
-            EndpointDef {
-                addr: SocketAddr::from(([127, 0, 0, 1], 2000)),
-                mesh_proxy: false,
-                identity: None,
-            },
+            EndpointDef::plain(s.endpoints[0].addr),
+            EndpointDef::plain(SocketAddr::from(([127, 0, 0, 1], 2000))),
         ];
         let u = s.update(&defs, OutlierConfig::default());
         assert!(Arc::ptr_eq(&u.endpoints[0], &s.endpoints[0]));

@@ -110,6 +110,26 @@ pub struct Config {
     #[arg(long, env = env::PROXY_SERVICE_ACCOUNT, default_value = "default")]
     pub service_account: String,
 
+    /// The workload this proxy serves (a Deployment's name, say), as metrics, traces and
+    /// access logs name it; default: the pod's name. The injector sets it.
+    #[arg(long, env = env::PROXY_WORKLOAD)]
+    pub workload: Option<String>,
+
+    /// Where to send spans: an OTLP/gRPC collector (`http://host:4317`). Without it, the
+    /// proxy still propagates trace context but exports nothing.
+    #[arg(long, env = env::PROXY_TRACING_ENDPOINT)]
+    pub tracing_endpoint: Option<String>,
+
+    /// Percentage of new traces to sample (0-100); a request that arrives with a sampling
+    /// decision keeps it (parent-based).
+    #[arg(long, env = env::PROXY_TRACING_SAMPLING, default_value_t = 1.0, value_parser = parse_percent)]
+    pub tracing_sampling: f64,
+
+    /// Access log: off unless set; `-` writes JSON lines to stdout, anything else names a file
+    /// they are appended to.
+    #[arg(long, env = env::PROXY_ACCESS_LOG)]
+    pub access_log: Option<PathBuf>,
+
     /// Trust domain of the mesh.
     #[arg(long, env = env::TRUST_DOMAIN, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -161,6 +181,10 @@ impl Config {
             ca_root: None,
             ca_token_file: PathBuf::new(),
             service_account: "default".into(),
+            workload: None,
+            tracing_endpoint: None,
+            tracing_sampling: 1.0,
+            access_log: None,
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
             cert_lifetime: Duration::ZERO,
             xds_tls: XdsTls::Auto,
@@ -217,6 +241,16 @@ impl Config {
         }
     }
 
+    /// This proxy as metrics name it: its namespace, workload and (with identity on) SPIFFE ID.
+    pub fn peer(&self) -> crate::metrics::Peer {
+        let (ns, pod) = self.node_parts().unwrap_or_default();
+        let workload = self.workload.as_deref().unwrap_or(pod);
+        let id = (!self.identity_off)
+            .then(|| self.spiffe_id().ok())
+            .flatten();
+        crate::metrics::Peer::new(ns, workload, id.as_ref())
+    }
+
     /// Worker threads to run: the setting, or one per core.
     pub fn worker_threads(&self) -> usize {
         if self.workers > 0 {
@@ -253,9 +287,26 @@ mod duration_str {
     }
 }
 
+/// `--tracing-sampling`: a percentage from 0 to 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_is_a_percentage() {
+        assert_eq!(parse_percent("1"), Ok(1.0));
+        assert_eq!(parse_percent("0.5%"), Ok(0.5));
+        for bad in ["101", "-1", "lots"] {
+            assert!(parse_percent(bad).expect_err(bad).contains(bad));
+        }
+    }
 
     #[test]
     fn flags_and_env() {

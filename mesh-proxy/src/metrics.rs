@@ -4,7 +4,8 @@
 //! The request path never builds label sets: each route backend keeps its handles in a
 //! [`BackendSlot`], filled on first use.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -20,20 +21,127 @@ pub enum Direction {
     inbound,
 }
 
+/// One end of a request or connection: the workload, its namespace and its mesh identity.
+/// Bounded by design: never a pod or an address.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, serde::Serialize)]
+pub struct Peer {
+    pub namespace: String,
+    pub workload: String,
+    /// SPIFFE ID, or `unknown` (plaintext, identity off, or a peer outside the mesh).
+    pub identity: String,
+}
+
+/// What a label says when the proxy cannot know.
+pub const UNKNOWN: &str = "unknown";
+
+impl Peer {
+    pub fn new(namespace: &str, workload: &str, identity: Option<&mesh_api::SpiffeId>) -> Self {
+        let or_unknown = |s: &str| {
+            if s.is_empty() {
+                UNKNOWN.to_string()
+            } else {
+                s.to_string()
+            }
+        };
+        Peer {
+            namespace: or_unknown(namespace),
+            workload: or_unknown(workload),
+            identity: identity.map_or_else(|| UNKNOWN.to_string(), ToString::to_string),
+        }
+    }
+
+    /// A peer known only by its SPIFFE ID (its namespace comes from it).
+    pub fn from_identity(id: &mesh_api::SpiffeId) -> Self {
+        let ns = id
+            .namespace_and_account()
+            .map(|(ns, _)| ns)
+            .unwrap_or_default();
+        Peer::new(ns, "", Some(id))
+    }
+
+    /// The shared "nothing known" peer.
+    pub fn unknown() -> Arc<Peer> {
+        static UNKNOWN_PEER: OnceLock<Arc<Peer>> = OnceLock::new();
+        UNKNOWN_PEER
+            .get_or_init(|| Arc::new(Peer::new("", "", None)))
+            .clone()
+    }
+}
+
+/// Who called whom, through which route and backend: the labels every request series has.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
+pub struct EdgeLabels {
     pub direction: Direction,
+    pub src_namespace: String,
+    pub src_workload: String,
+    pub src_identity: String,
+    pub dst_namespace: String,
+    pub dst_workload: String,
+    pub dst_identity: String,
     pub route: String,
     pub backend: String,
-    /// `1xx` .. `5xx`, or `error` when no response came back.
-    pub status_class: &'static str,
+}
+
+impl EdgeLabels {
+    fn new(direction: Direction, src: &Peer, dst: &Peer, route: &str, backend: &str) -> Self {
+        EdgeLabels {
+            direction,
+            src_namespace: src.namespace.clone(),
+            src_workload: src.workload.clone(),
+            src_identity: src.identity.clone(),
+            dst_namespace: dst.namespace.clone(),
+            dst_workload: dst.workload.clone(),
+            dst_identity: dst.identity.clone(),
+            route: route.to_string(),
+            backend: backend.to_string(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabels {
+pub struct RequestLabels {
+    #[prometheus(flatten)]
+    pub edge: EdgeLabels,
+    /// `1xx` .. `5xx`, or `error` when no response came back.
+    pub status_class: &'static str,
+    /// The gRPC status code (`0` .. `16`), empty for a response that is not gRPC.
+    pub grpc_status: &'static str,
+}
+
+/// Labels of opaque TCP connections: the edge without a route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
     pub direction: Direction,
-    pub route: String,
+    pub src_namespace: String,
+    pub src_workload: String,
+    pub src_identity: String,
+    pub dst_namespace: String,
+    pub dst_workload: String,
+    pub dst_identity: String,
     pub backend: String,
+}
+
+impl TcpLabels {
+    pub fn new(direction: Direction, src: &Peer, dst: &Peer, backend: &str) -> Self {
+        let e = EdgeLabels::new(direction, src, dst, "", backend);
+        TcpLabels {
+            direction,
+            src_namespace: e.src_namespace,
+            src_workload: e.src_workload,
+            src_identity: e.src_identity,
+            dst_namespace: e.dst_namespace,
+            dst_workload: e.dst_workload,
+            dst_identity: e.dst_identity,
+            backend: e.backend,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub backend: String,
+    /// `route` (the route's timeout) or `per-try`.
+    pub kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,8 +197,18 @@ fn latency_buckets() -> impl Iterator<Item = f64> {
 #[derive(Debug)]
 pub struct Metrics {
     pub registry: Registry,
+    /// This proxy's own workload: the source of what it sends, the destination of what it
+    /// receives.
+    pub me: Arc<Peer>,
     pub requests: Family<RequestLabels, Counter>,
-    pub latency: Family<RouteLabels, Histogram>,
+    pub latency: Family<EdgeLabels, Histogram>,
+    pub request_bytes: Family<EdgeLabels, Counter>,
+    pub response_bytes: Family<EdgeLabels, Counter>,
+    pub tcp_opened: Family<TcpLabels, Counter>,
+    pub tcp_closed: Family<TcpLabels, Counter>,
+    pub tcp_sent: Family<TcpLabels, Counter>,
+    pub tcp_received: Family<TcpLabels, Counter>,
+    pub timeouts: Family<TimeoutLabels, Counter>,
     pub retries: Family<ReasonLabels, Counter>,
     pub retries_denied: Family<ReasonLabels, Counter>,
     pub ejections: Family<BackendLabels, Counter>,
@@ -114,171 +232,295 @@ impl Default for Metrics {
     }
 }
 
+/// Registers a family (or metric) under `name` and hands it back.
+fn reg<M: prometheus_client::registry::Metric + Clone>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    metric: M,
+) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
+    /// Metrics of a proxy whose own workload is not known (tests).
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("mesh_proxy");
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "requests",
-            "HTTP requests by direction, route, backend and status class",
-            requests.clone(),
-        );
-        let latency = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(latency_buckets())
-        });
-        registry.register(
-            "request_duration_seconds",
-            "Time from the request to the response headers, retries included",
-            latency.clone(),
-        );
-        let retries = Family::<ReasonLabels, Counter>::default();
-        registry.register("retries", "Retries sent, by reason", retries.clone());
-        let retries_denied = Family::<ReasonLabels, Counter>::default();
-        registry.register(
-            "retries_denied",
-            "Retries not sent because the retry budget was spent or the body was too large",
-            retries_denied.clone(),
-        );
-        let ejections = Family::<BackendLabels, Counter>::default();
-        registry.register(
-            "endpoint_ejections",
-            "Endpoints ejected by outlier detection",
-            ejections.clone(),
-        );
-        let connections = Family::<ListenerLabels, Counter>::default();
-        registry.register(
-            "connections",
-            "Connections accepted, by listener and protocol",
-            connections.clone(),
-        );
-        let active_connections = Family::<ListenerLabels, Gauge>::default();
-        registry.register(
-            "active_connections",
-            "Connections open now, by listener and protocol",
-            active_connections.clone(),
-        );
-        let xds_updates = Family::<XdsLabels, Counter>::default();
-        registry.register(
-            "xds_updates",
-            "xDS responses applied (ack) or refused (nack), by type",
-            xds_updates.clone(),
-        );
-        let xds_connected = Gauge::default();
-        registry.register(
-            "xds_connected",
-            "1 while the xDS stream to the controller is up",
-            xds_connected.clone(),
-        );
-        let config_generation = Gauge::default();
-        registry.register(
-            "config_generation",
-            "Generation of the running config snapshot",
-            config_generation.clone(),
-        );
-        let tls_refused = Family::<TlsRefusedLabels, Counter>::default();
-        registry.register(
-            "tls_peer_refused",
-            "Peer certificates refused in mesh TLS, by direction and reason",
-            tls_refused.clone(),
-        );
-        let tls_handshakes = Family::<TlsLabels, Counter>::default();
-        registry.register(
-            "tls_handshakes",
-            "Mesh TLS handshakes completed",
-            tls_handshakes.clone(),
-        );
-        let tls_handshake_failures = Family::<TlsLabels, Counter>::default();
-        registry.register(
-            "tls_handshake_failures",
-            "Mesh TLS handshakes that failed (a refused peer, no valid SVID, a plaintext peer)",
-            tls_handshake_failures.clone(),
-        );
-        let inbound_peers = Family::<PeerLabels, Counter>::default();
-        registry.register(
-            "inbound_mtls_connections",
-            "Mesh TLS connections accepted, by the client's SPIFFE ID",
-            inbound_peers.clone(),
-        );
-        let svid_renewals = Counter::default();
-        registry.register(
-            "svid_renewals",
-            "Workload certificates received from the CA",
-            svid_renewals.clone(),
-        );
-        let svid_renewal_failures = Counter::default();
-        registry.register(
-            "svid_renewal_failures",
-            "Certificate requests to the CA that failed",
-            svid_renewal_failures.clone(),
-        );
-        let svid_expiry = Gauge::default();
-        registry.register(
-            "svid_expiry_seconds",
-            "When the workload certificate expires, in Unix seconds (0: none yet)",
-            svid_expiry.clone(),
-        );
+        Self::for_peer(Peer::new("", "", None))
+    }
+
+    pub fn for_peer(me: Peer) -> Self {
+        let mut r = Registry::with_prefix("mesh_proxy");
+        let histogram = || {
+            Family::<EdgeLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(latency_buckets())
+            })
+        };
         Self {
-            registry,
-            requests,
-            latency,
-            retries,
-            retries_denied,
-            ejections,
-            connections,
-            active_connections,
-            xds_updates,
-            xds_connected,
-            config_generation,
-            tls_refused,
-            tls_handshakes,
-            tls_handshake_failures,
-            inbound_peers,
-            svid_renewals,
-            svid_renewal_failures,
-            svid_expiry,
+            me: Arc::new(me),
+            requests: reg(
+                &mut r,
+                "requests",
+                "HTTP requests, counted when the response ends, by edge, status class and gRPC status",
+                Family::default(),
+            ),
+            latency: reg(
+                &mut r,
+                "request_duration_seconds",
+                "Time from the request to the response headers, retries included",
+                histogram(),
+            ),
+            request_bytes: reg(
+                &mut r,
+                "request_bytes",
+                "Request body bytes received from the client",
+                Family::default(),
+            ),
+            response_bytes: reg(
+                &mut r,
+                "response_bytes",
+                "Response body bytes sent to the client",
+                Family::default(),
+            ),
+            tcp_opened: reg(
+                &mut r,
+                "tcp_connections_opened",
+                "Opaque TCP connections opened to an endpoint",
+                Family::default(),
+            ),
+            tcp_closed: reg(
+                &mut r,
+                "tcp_connections_closed",
+                "Opaque TCP connections closed",
+                Family::default(),
+            ),
+            tcp_sent: reg(
+                &mut r,
+                "tcp_sent_bytes",
+                "Opaque TCP bytes from the client to the endpoint",
+                Family::default(),
+            ),
+            tcp_received: reg(
+                &mut r,
+                "tcp_received_bytes",
+                "Opaque TCP bytes from the endpoint to the client",
+                Family::default(),
+            ),
+            timeouts: reg(
+                &mut r,
+                "timeouts",
+                "Requests cut by a timeout, by backend and kind (route, per-try)",
+                Family::default(),
+            ),
+            retries: reg(
+                &mut r,
+                "retries",
+                "Retries sent, by reason",
+                Family::default(),
+            ),
+            retries_denied: reg(
+                &mut r,
+                "retries_denied",
+                "Retries not sent because the retry budget was spent or the body was too large",
+                Family::default(),
+            ),
+            ejections: reg(
+                &mut r,
+                "endpoint_ejections",
+                "Endpoints ejected by outlier detection",
+                Family::default(),
+            ),
+            connections: reg(
+                &mut r,
+                "connections",
+                "Connections accepted, by listener and protocol",
+                Family::default(),
+            ),
+            active_connections: reg(
+                &mut r,
+                "active_connections",
+                "Connections open now, by listener and protocol",
+                Family::default(),
+            ),
+            xds_updates: reg(
+                &mut r,
+                "xds_updates",
+                "xDS responses applied (ack) or refused (nack), by type",
+                Family::default(),
+            ),
+            xds_connected: reg(
+                &mut r,
+                "xds_connected",
+                "1 while the xDS stream to the controller is up",
+                Gauge::default(),
+            ),
+            config_generation: reg(
+                &mut r,
+                "config_generation",
+                "Generation of the running config snapshot",
+                Gauge::default(),
+            ),
+            tls_refused: reg(
+                &mut r,
+                "tls_peer_refused",
+                "Peer certificates refused in mesh TLS, by direction and reason",
+                Family::default(),
+            ),
+            tls_handshakes: reg(
+                &mut r,
+                "tls_handshakes",
+                "Mesh TLS handshakes completed",
+                Family::default(),
+            ),
+            tls_handshake_failures: reg(
+                &mut r,
+                "tls_handshake_failures",
+                "Mesh TLS handshakes that failed (a refused peer, no valid SVID, a plaintext peer)",
+                Family::default(),
+            ),
+            inbound_peers: reg(
+                &mut r,
+                "inbound_mtls_connections",
+                "Mesh TLS connections accepted, by the client's SPIFFE ID",
+                Family::default(),
+            ),
+            svid_renewals: reg(
+                &mut r,
+                "svid_renewals",
+                "Workload certificates received from the CA",
+                Counter::default(),
+            ),
+            svid_renewal_failures: reg(
+                &mut r,
+                "svid_renewal_failures",
+                "Certificate requests to the CA that failed",
+                Counter::default(),
+            ),
+            svid_expiry: reg(
+                &mut r,
+                "svid_expiry_seconds",
+                "When the workload certificate expires, in Unix seconds (0: none yet)",
+                Gauge::default(),
+            ),
+            registry: r,
         }
     }
 
+    /// OpenMetrics text.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+
+    /// The TCP series of one connection's edge.
+    pub fn tcp(&self, labels: &TcpLabels) -> TcpMetrics {
+        TcpMetrics {
+            opened: self.tcp_opened.get_or_create(labels).clone(),
+            closed: self.tcp_closed.get_or_create(labels).clone(),
+            sent: self.tcp_sent.get_or_create(labels).clone(),
+            received: self.tcp_received.get_or_create(labels).clone(),
+        }
+    }
 }
 
-/// The metric handles of one route backend in one direction.
+/// The handles of one TCP edge.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    pub opened: Counter,
+    pub closed: Counter,
+    pub sent: Counter,
+    pub received: Counter,
+}
+
+/// `status_class` values, by `status / 100 - 1`, then `error`.
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+/// `grpc_status` values: empty (not gRPC), then the codes 0..=16.
+const GRPC: [&str; 18] = [
+    "", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+];
+
+/// The handles of one edge (a route backend in one direction, to or from one peer).
+#[derive(Debug)]
+pub struct EdgeMetrics {
+    labels: EdgeLabels,
+    /// By `class * GRPC.len() + grpc index`.
+    statuses: [OnceLock<Counter>; CLASSES.len() * GRPC.len()],
+    pub latency: Histogram,
+    pub request_bytes: Counter,
+    pub response_bytes: Counter,
+}
+
+impl EdgeMetrics {
+    fn new(metrics: &Metrics, labels: EdgeLabels) -> Self {
+        EdgeMetrics {
+            latency: metrics.latency.get_or_create(&labels).clone(),
+            request_bytes: metrics.request_bytes.get_or_create(&labels).clone(),
+            response_bytes: metrics.response_bytes.get_or_create(&labels).clone(),
+            statuses: [const { OnceLock::new() }; CLASSES.len() * GRPC.len()],
+            labels,
+        }
+    }
+
+    /// Counts a response with this HTTP status (`None`: none came back) and gRPC status.
+    pub fn count(&self, metrics: &Metrics, status: Option<u16>, grpc: Option<u8>) {
+        let class = match status {
+            Some(s @ 100..=599) => usize::from(s / 100 - 1),
+            _ => CLASSES.len() - 1,
+        };
+        let g = match grpc {
+            Some(c) if usize::from(c) + 1 < GRPC.len() => usize::from(c) + 1,
+            // A code outside the spec is reported as UNKNOWN (2).
+            Some(_) => 3,
+            None => 0,
+        };
+        self.statuses[class * GRPC.len() + g]
+            .get_or_init(|| {
+                metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        edge: self.labels.clone(),
+                        status_class: CLASSES[class],
+                        grpc_status: GRPC[g],
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+}
+
+/// The metric handles of one route backend in one direction, by the peer at the other end.
 #[derive(Debug)]
 pub struct BackendMetrics {
     pub direction: Direction,
     pub route: String,
     pub backend: String,
-    classes: [OnceLock<Counter>; 6],
-    pub latency: Histogram,
+    edges: RwLock<HashMap<Arc<Peer>, Arc<EdgeMetrics>>>,
 }
 
-const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
-
 impl BackendMetrics {
-    /// Counts a response with this status, or a failure (`None`).
-    pub fn count(&self, metrics: &Metrics, status: Option<u16>) {
-        let i = match status {
-            Some(s @ 100..=599) => usize::from(s / 100 - 1),
-            _ => 5,
+    /// The edge to (outbound) or from (inbound) `peer`.
+    pub fn edge(&self, metrics: &Metrics, peer: &Arc<Peer>) -> Arc<EdgeMetrics> {
+        if let Some(e) = self
+            .edges
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(peer)
+        {
+            return e.clone();
+        }
+        let (src, dst) = match self.direction {
+            Direction::outbound => (&*metrics.me, &**peer),
+            Direction::inbound => (&**peer, &*metrics.me),
         };
-        self.classes[i]
-            .get_or_init(|| {
-                metrics
-                    .requests
-                    .get_or_create(&RequestLabels {
-                        direction: self.direction,
-                        route: self.route.clone(),
-                        backend: self.backend.clone(),
-                        status_class: CLASSES[i],
-                    })
-                    .clone()
-            })
-            .inc();
+        let labels = EdgeLabels::new(self.direction, src, dst, &self.route, &self.backend);
+        self.edges
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(peer.clone())
+            .or_insert_with(|| Arc::new(EdgeMetrics::new(metrics, labels)))
+            .clone()
     }
 }
 
@@ -287,28 +529,13 @@ impl BackendMetrics {
 pub struct BackendSlot([OnceLock<Arc<BackendMetrics>>; 2]);
 
 impl BackendSlot {
-    pub fn get(
-        &self,
-        metrics: &Metrics,
-        direction: Direction,
-        route: &str,
-        backend: &str,
-    ) -> &Arc<BackendMetrics> {
+    pub fn get(&self, direction: Direction, route: &str, backend: &str) -> &Arc<BackendMetrics> {
         self.0[direction as usize].get_or_init(|| {
-            let latency = metrics
-                .latency
-                .get_or_create(&RouteLabels {
-                    direction,
-                    route: route.to_string(),
-                    backend: backend.to_string(),
-                })
-                .clone();
             Arc::new(BackendMetrics {
                 direction,
                 route: route.to_string(),
                 backend: backend.to_string(),
-                classes: Default::default(),
-                latency,
+                edges: RwLock::default(),
             })
         })
     }
@@ -319,25 +546,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_by_class_without_rebuilding_labels() {
-        let m = Metrics::new();
+    fn counts_by_edge_class_and_grpc_status_without_rebuilding_labels() {
+        let id = mesh_api::SpiffeId::workload("cluster.local", "shop", "client").expect("id");
+        let m = Metrics::for_peer(Peer::new("shop", "client", Some(&id)));
         let slot = BackendSlot::default();
         let h = slot.get(
-            &m,
             Direction::outbound,
             "default/reviews",
             "outbound|9080||reviews-v2",
         );
-        h.count(&m, Some(200));
-        h.count(&m, Some(204));
-        h.count(&m, Some(503));
-        h.count(&m, None);
-        assert!(Arc::ptr_eq(h, slot.get(&m, Direction::outbound, "x", "y")));
+        let v2_id = mesh_api::SpiffeId::workload("cluster.local", "shop", "reviews").expect("id");
+        let v2 = Arc::new(Peer::new("shop", "reviews-v2", Some(&v2_id)));
+        let e = h.edge(&m, &v2);
+        e.count(&m, Some(200), None);
+        e.count(&m, Some(204), None);
+        e.count(&m, Some(503), None);
+        e.count(&m, None, None);
+        e.count(&m, Some(200), Some(14));
+        e.count(&m, Some(200), Some(99));
+        assert!(Arc::ptr_eq(&e, &h.edge(&m, &Arc::new((*v2).clone()))));
+        assert!(Arc::ptr_eq(h, slot.get(Direction::outbound, "x", "y")));
         let text = m.encode();
-        assert!(text.contains(
-            r#"mesh_proxy_requests_total{direction="outbound",route="default/reviews",backend="outbound|9080||reviews-v2",status_class="2xx"} 2"#
-        ), "{text}");
-        assert!(text.contains(r#"status_class="5xx"} 1"#));
-        assert!(text.contains(r#"status_class="error"} 1"#));
+        let edge = r#"direction="outbound",src_namespace="shop",src_workload="client",src_identity="spiffe://cluster.local/ns/shop/sa/client",dst_namespace="shop",dst_workload="reviews-v2",dst_identity="spiffe://cluster.local/ns/shop/sa/reviews",route="default/reviews",backend="outbound|9080||reviews-v2""#;
+        for (rest, n) in [
+            (r#"status_class="2xx",grpc_status="""#, 2),
+            (r#"status_class="5xx",grpc_status="""#, 1),
+            (r#"status_class="error",grpc_status="""#, 1),
+            (r#"status_class="2xx",grpc_status="14""#, 1),
+            (r#"status_class="2xx",grpc_status="2""#, 1),
+        ] {
+            let series = format!("mesh_proxy_requests_total{{{edge},{rest}}}");
+            assert_eq!(
+                mesh_api::prom::count(&text, &series),
+                n,
+                "{series} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn peers_default_to_unknown() {
+        let p = Peer::new("", "", None);
+        assert_eq!(
+            (p.namespace.as_str(), p.workload.as_str()),
+            (UNKNOWN, UNKNOWN)
+        );
+        let id = mesh_api::SpiffeId::workload("cluster.local", "shop", "sa").expect("id");
+        let p = Peer::from_identity(&id);
+        assert_eq!(p.namespace, "shop");
+        assert_eq!(p.workload, UNKNOWN);
+        assert_eq!(p.identity, id.to_string());
     }
 }

@@ -9,12 +9,14 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::access_log::AccessLog;
 use crate::admin::{AdminState, IDENTITY_OFF_WARNING, LogControl, admin_router, metrics_router};
 use crate::config::{Config, ConfigError};
 use crate::identity::{IdentityError, MeshTls};
 use crate::metrics::Metrics;
 use crate::proxy::{ListenerKind, Shared, serve};
 use crate::state::Store;
+use crate::trace::Tracing;
 use crate::xds::XdsClient;
 use crate::xds::client::ListenerPorts;
 
@@ -24,6 +26,10 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("identity: {0}")]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Tracing(#[from] crate::trace::TracingError),
+    #[error(transparent)]
+    AccessLog(#[from] crate::access_log::AccessLogError),
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -75,7 +81,7 @@ impl Proxy {
         config.check_identity()?;
         let config = Arc::new(config);
         let store = Arc::new(Store::default());
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::for_peer(config.peer()));
         let tls = if config.identity_off {
             warn!("{IDENTITY_OFF_WARNING}");
             None
@@ -123,6 +129,16 @@ impl Proxy {
         let mut shared = Shared::new(config.clone(), store.clone(), metrics.clone());
         shared.own = data.iter().map(|(_, l)| local(l)).collect();
         shared.tls = tls.clone();
+        let (_, pod) = config.node_parts()?;
+        shared.tracing = Some(Arc::new(Tracing::new(
+            config.tracing_endpoint.as_deref(),
+            config.tracing_sampling,
+            &metrics.me,
+            pod,
+        )?));
+        if let Some(path) = &config.access_log {
+            shared.access_log = Some(AccessLog::open(path)?);
+        }
         let shared = Arc::new(shared);
 
         let xds_tls = match &tls {
@@ -195,6 +211,10 @@ impl Proxy {
         let clean = self.shared.drain.drain(deadline).await;
         for l in &self.listeners {
             l.abort();
+        }
+        if let Some(t) = &self.shared.tracing {
+            // The spans of the last requests still go out.
+            t.shutdown();
         }
         clean
     }

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -17,10 +17,11 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::Shared;
+use super::observe::{self, CallerCache, Counted, Exchange, SOURCE_WORKLOAD};
 use super::replay::ReplayBody;
 use super::upstream::{self, Body, SendError, Target};
 use crate::balance::Outcome;
-use crate::metrics::{BackendMetrics, Direction, ReasonLabels};
+use crate::metrics::{Direction, Peer, ReasonLabels, TimeoutLabels};
 use crate::state::route::{Action, Forward, Redirect, RequestInfo, Route, VirtualHost};
 use crate::state::{Cluster, ClusterKind, RouteTable, Snapshot, UpstreamProtocol};
 
@@ -41,6 +42,8 @@ pub struct HttpCtx {
     /// Inbound: the `x-forwarded-client-cert` value given to the app (`By=<this
     /// proxy>;URI=<peer>`), when the client proved an identity.
     pub xfcc: Option<HeaderValue>,
+    /// Inbound: the callers seen on this connection.
+    pub callers: CallerCache,
 }
 
 /// The header that tells the app who called; never taken from outside the mesh.
@@ -60,28 +63,46 @@ pub async fn handle(
             "this proxy holds no valid certificate: mesh TLS refused",
         ));
     }
-    if ctx.direction == Direction::inbound {
-        // Only this proxy vouches for the caller: whatever arrived is dropped.
-        let headers = req.headers_mut();
-        headers.remove(XFCC);
-        if let Some(v) = &ctx.xfcc {
-            headers.insert(XFCC, v.clone());
+    let peer = match ctx.direction {
+        Direction::inbound => {
+            // Only this proxy vouches for the caller: whatever arrived is dropped.
+            let headers = req.headers_mut();
+            headers.remove(XFCC);
+            if let Some(v) = &ctx.xfcc {
+                headers.insert(XFCC, v.clone());
+            }
+            observe::caller(
+                headers,
+                ctx.peer.as_ref(),
+                ctx.shared.tls.is_none(),
+                &ctx.callers,
+            )
         }
-    }
+        Direction::outbound => Peer::unknown(),
+    };
+    let mut ex = Exchange::start(&ctx.shared, ctx.direction, peer, &mut req, ctx.dst);
+    let resp = route_and_forward(&ctx, req, &mut ex).await;
+    Ok(ex.respond(resp))
+}
+
+async fn route_and_forward(
+    ctx: &HttpCtx,
+    req: Request<Incoming>,
+    ex: &mut Exchange,
+) -> Response<Body> {
     let Some(snapshot) = ctx.shared.store.load() else {
-        return Ok(local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "proxy has no config yet",
-        ));
+        ex.flags = "NR";
+        return local(StatusCode::SERVICE_UNAVAILABLE, "proxy has no config yet");
     };
     let Some(table) = snapshot.route(&ctx.route).cloned() else {
-        return Ok(local(
+        ex.flags = "NR";
+        return local(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("no route configuration {:?}", ctx.route),
-        ));
+        );
     };
     let Some(host) = authority(&req) else {
-        return Ok(local(StatusCode::BAD_REQUEST, "request has no Host"));
+        return local(StatusCode::BAD_REQUEST, "request has no Host");
     };
     let info = RequestInfo {
         method: req.method(),
@@ -90,11 +111,10 @@ pub async fn handle(
         headers: req.headers(),
     };
     let Some((vh, route)) = table.find(&host, &info) else {
-        return Ok(local(
-            StatusCode::NOT_FOUND,
-            &format!("no route for {host}"),
-        ));
+        ex.flags = "NR";
+        return local(StatusCode::NOT_FOUND, &format!("no route for {host}"));
     };
+    ex.route(&route.name);
     let mut resp = match &route.action {
         Action::Forward(f) => {
             let levels = Levels {
@@ -102,7 +122,7 @@ pub async fn handle(
                 vh,
                 route,
             };
-            forward(&ctx, &snapshot, levels, f, host, req).await
+            forward(ctx, &snapshot, levels, f, host, req, ex).await
         }
         Action::Redirect(r) => redirect(r, &host, req.uri()),
         Action::Direct { status, body } => {
@@ -117,7 +137,7 @@ pub async fn handle(
         vh.headers.apply_response(resp.headers_mut());
         table.headers.apply_response(resp.headers_mut());
     }
-    Ok(resp)
+    resp
 }
 
 /// The config levels a request matched, for header changes (most specific first).
@@ -215,8 +235,8 @@ enum ReqBody {
     Empty,
     Buffered(Bytes),
     /// The handle copies for each try are made from; it is never read itself.
-    Replay(ReplayBody),
-    Stream(Option<Incoming>),
+    Replay(ReplayBody<Counted<Incoming>>),
+    Stream(Option<Counted<Incoming>>),
 }
 
 impl ReqBody {
@@ -281,6 +301,7 @@ async fn forward(
     f: &Forward,
     mut host: String,
     mut req: Request<Incoming>,
+    ex: &mut Exchange,
 ) -> Response<Body> {
     let start = Instant::now();
     let shared = &ctx.shared;
@@ -290,17 +311,14 @@ async fn forward(
             "every backend of the route has weight 0",
         );
     };
-    let bm = backend
-        .metrics
-        .get(
-            &shared.metrics,
-            ctx.direction,
-            &levels.route.name,
-            &backend.cluster,
-        )
-        .clone();
+    ex.backend = Some(
+        backend
+            .metrics
+            .get(ctx.direction, &levels.route.name, &backend.cluster)
+            .clone(),
+    );
     let Some(cluster) = snapshot.cluster(&backend.cluster).cloned() else {
-        bm.count(&shared.metrics, Some(503));
+        ex.flags = "NC";
         return local(
             StatusCode::SERVICE_UNAVAILABLE,
             &format!("cluster {:?} not found", backend.cluster),
@@ -309,6 +327,7 @@ async fn forward(
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let body = Counted::new(body, ex.request_bytes());
 
     // Header changes, least specific last so the route config has the final say (Envoy's
     // default order).
@@ -391,13 +410,19 @@ async fn forward(
     // when a retry may need them again.
     let may_retry = f.retry.is_some() && body.replayable();
     let mut headers = Some(std::mem::take(&mut parts.headers));
-    let mut build = |h2: bool, body: Body| -> Option<Request<Body>> {
+    let source = shared.source_header.clone();
+    let mut build = |h2: bool, mesh: bool, body: Body| -> Option<Request<Body>> {
         let mut r = Request::new(body);
         *r.method_mut() = parts.method.clone();
         *r.headers_mut() = if may_retry {
             headers.clone().unwrap_or_default()
         } else {
             headers.take().unwrap_or_default()
+        };
+        // The server's proxy learns who calls from this; nobody else gets it.
+        match (&source, mesh) {
+            (Some(v), true) => r.headers_mut().insert(SOURCE_WORKLOAD, v.clone()),
+            _ => r.headers_mut().remove(SOURCE_WORKLOAD),
         };
         if h2 {
             *r.uri_mut() = absolute(&host)?;
@@ -425,7 +450,7 @@ async fn forward(
     if let Some(max) = cluster.max_requests
         && cluster.endpoints.in_flight() >= max
     {
-        bm.count(&shared.metrics, Some(503));
+        ex.flags = "UO";
         let mut r = local(
             StatusCode::SERVICE_UNAVAILABLE,
             "upstream overflow: too many requests in flight",
@@ -440,10 +465,14 @@ async fn forward(
     let mut avoid = None;
     loop {
         let Some(inflight) = pick(&cluster, ctx.dst, avoid) else {
-            bm.count(&shared.metrics, Some(503));
+            ex.flags = "UH";
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         let ep = inflight.endpoint.clone();
+        if ctx.direction == Direction::outbound {
+            ex.peer = ep.peer.clone();
+        }
+        ex.upstream(&cluster.name, ep.addr, &levels.route.name);
         let h2 = base_h2 || (ep.mesh_proxy && !upgrade);
         let target = Target {
             h2,
@@ -451,7 +480,7 @@ async fn forward(
             idle_timeout: shared.config.idle_timeout,
             tls: shared.tls.clone(),
         };
-        let Some(req) = build(h2, body.take()) else {
+        let Some(req) = build(h2, ep.mesh_proxy, body.take()) else {
             return local(
                 StatusCode::BAD_REQUEST,
                 "invalid Host for an HTTP/2 upstream",
@@ -536,14 +565,13 @@ async fn forward(
                 }
             }
         }
-        let elapsed = start.elapsed();
+        ex.headers_after = Some(start.elapsed());
         return match result {
             Try::Response(mut resp) => {
                 if let (Some(down), StatusCode::SWITCHING_PROTOCOLS) =
                     (downstream_upgrade, resp.status())
                 {
                     tunnel(down, hyper::upgrade::on(&mut resp), ctx.dst);
-                    finish(&bm, shared, elapsed, Some(101));
                     let (p, b) = resp.into_parts();
                     return Response::from_parts(p, b.map_err(Into::into).boxed_unsync());
                 }
@@ -553,7 +581,6 @@ async fn forward(
                 levels.route.headers.apply_response(&mut p.headers);
                 levels.vh.headers.apply_response(&mut p.headers);
                 levels.table.headers.apply_response(&mut p.headers);
-                finish(&bm, shared, elapsed, Some(p.status.as_u16()));
                 let body = b.map_err(Into::into);
                 match deadline {
                     // The route timeout covers the response body too, as Envoy's does.
@@ -562,7 +589,7 @@ async fn forward(
                 }
             }
             Try::Failed(e) => {
-                finish(&bm, shared, elapsed, None);
+                ex.flags = if e.is_connect() { "UF" } else { "UC" };
                 debug!(error = %e, cluster = %cluster.name, "upstream request failed");
                 if e.is_connect() {
                     local(
@@ -573,17 +600,24 @@ async fn forward(
                     local(StatusCode::BAD_GATEWAY, &format!("upstream reset: {e}"))
                 }
             }
-            Try::PerTryTimeout | Try::Timeout => {
-                finish(&bm, shared, elapsed, Some(504));
+            timeout @ (Try::PerTryTimeout | Try::Timeout) => {
+                ex.flags = "UT";
+                let kind = match timeout {
+                    Try::Timeout => "route",
+                    _ => "per-try",
+                };
+                shared
+                    .metrics
+                    .timeouts
+                    .get_or_create(&TimeoutLabels {
+                        backend: cluster.name.clone(),
+                        kind,
+                    })
+                    .inc();
                 local(StatusCode::GATEWAY_TIMEOUT, "upstream request timeout")
             }
         };
     }
-}
-
-fn finish(bm: &BackendMetrics, shared: &Shared, elapsed: Duration, status: Option<u16>) {
-    bm.count(&shared.metrics, status);
-    bm.latency.observe(elapsed.as_secs_f64());
 }
 
 /// An endpoint of the cluster; for an original-destination cluster, the connection's own.

@@ -3,6 +3,7 @@
 
 pub mod detect;
 pub mod http;
+pub mod observe;
 pub mod replay;
 pub mod tcp;
 pub mod upstream;
@@ -19,10 +20,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::identity::MeshTls;
 use crate::metrics::{Direction, ListenerLabels, Metrics};
 use crate::state::{ChainChoice, Detected, FilterChain, NetworkFilter, Snapshot, Store};
+use crate::trace::Tracing;
 use detect::{PrefixedIo, detect};
 
 /// The proxy's listeners.
@@ -115,6 +118,12 @@ pub struct Shared {
     pub own: Vec<SocketAddr>,
     /// Mesh TLS; `None` when the proxy runs with identity off.
     pub tls: Option<Arc<MeshTls>>,
+    /// Spans and trace propagation; `None` leaves trace headers alone.
+    pub tracing: Option<Arc<Tracing>>,
+    /// Where access log lines go; `None`: off.
+    pub access_log: Option<AccessLog>,
+    /// What this proxy sends in `x-mesh-source-workload`.
+    pub source_header: Option<hyper::header::HeaderValue>,
 }
 
 impl Shared {
@@ -137,11 +146,14 @@ impl Shared {
         Self {
             config,
             store,
-            metrics,
             server,
             drain: Drain::default(),
             own: Vec::new(),
             tls: None,
+            tracing: None,
+            access_log: None,
+            source_header: observe::source_value(&metrics.me),
+            metrics,
         }
     }
 
@@ -378,12 +390,13 @@ async fn run_filter<I>(
                 dst,
                 peer,
                 xfcc,
+                callers: Default::default(),
             });
             serve_http(io, ctx, shared).await;
         }
         NetworkFilter::Tcp { cluster } => {
             let _active = Active::new(&shared.metrics, kind, "tcp");
-            tcp::forward(shared, cluster, dst, io).await;
+            tcp::forward(shared, cluster, kind.direction(), peer.as_ref(), dst, io).await;
         }
     }
 }

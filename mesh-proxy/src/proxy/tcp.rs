@@ -2,19 +2,29 @@
 //! the original destination), each direction closed on its own so half-close is honoured.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use super::Shared;
 use super::upstream::connect_endpoint;
 use crate::balance::Outcome;
 use crate::identity::Alpn;
+use crate::metrics::{Direction, Peer, TcpLabels};
 use crate::state::ClusterKind;
 
-pub async fn forward<T>(shared: &Arc<Shared>, cluster: &str, dst: SocketAddr, mut io: T)
-where
+/// `peer`: inbound over mesh TLS, the client's SPIFFE ID (for metrics).
+pub async fn forward<T>(
+    shared: &Arc<Shared>,
+    cluster: &str,
+    direction: Direction,
+    peer: Option<&mesh_api::SpiffeId>,
+    dst: SocketAddr,
+    mut io: T,
+) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let Some(snapshot) = shared.store.load() else {
@@ -48,11 +58,31 @@ where
         )
         .await;
         match connected {
-            Ok(mut upstream) => {
+            Ok(upstream) => {
+                let endpoint_peer = inflight.endpoint.peer.clone();
                 inflight.finish(Outcome::Success);
+                let metrics = &shared.metrics;
+                let other = match (direction, peer) {
+                    (Direction::outbound, _) => endpoint_peer,
+                    (Direction::inbound, Some(id)) => Arc::new(Peer::from_identity(id)),
+                    (Direction::inbound, None) => Peer::unknown(),
+                };
+                let (src, dst) = match direction {
+                    Direction::outbound => (&*metrics.me, &*other),
+                    Direction::inbound => (&*other, &*metrics.me),
+                };
+                let m = metrics.tcp(&TcpLabels::new(direction, src, dst, &cluster.name));
+                m.opened.inc();
+                // Bytes are counted as they pass, so long connections show up before they end.
+                let mut upstream = CountingIo {
+                    inner: upstream,
+                    read: m.received.clone(),
+                    written: m.sent.clone(),
+                };
                 if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
                     debug!(endpoint = %addr, error = %e, "TCP connection ended");
                 }
+                m.closed.inc();
                 return;
             }
             Err(e) => {
@@ -61,5 +91,52 @@ where
                 avoid = Some(addr);
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upstream connection that counts the bytes read from and written to it.
+    struct CountingIo<T> {
+        #[pin]
+        inner: T,
+        read: prometheus_client::metrics::counter::Counter,
+        written: prometheus_client::metrics::counter::Counter,
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for CountingIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        this.read.inc_by((buf.filled().len() - before) as u64);
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for CountingIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.inner.poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = &polled {
+            this.written.inc_by(*n as u64);
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }

@@ -2,6 +2,7 @@
 //! error naming the resource and the field, which the xDS client sends back as a NACK.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster as PbCluster, cluster};
@@ -45,6 +46,7 @@ use super::{
     NetworkFilter, Transport, UpstreamProtocol,
 };
 use crate::balance::OutlierConfig;
+use crate::metrics::Peer;
 
 /// Why a resource was refused: `<Kind> "<name>": <field>: <problem>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -1186,14 +1188,37 @@ fn endpoints_of(cx: &Ctx<'_>, at: &str, cla: &ClusterLoadAssignment) -> Result<V
                 &format!("{field}.endpoint.address"),
                 ep.address.as_ref(),
             )?;
+            let identity = mesh_identity(cx, &format!("{field}.metadata"), lb.metadata.as_ref())?;
+            let meta = |key: &str| mesh_string(lb.metadata.as_ref(), key).unwrap_or_default();
+            let peer = Arc::new(Peer::new(
+                &meta("namespace"),
+                &meta("workload"),
+                identity.as_ref(),
+            ));
             out.push(EndpointDef {
                 addr,
                 mesh_proxy: is_mesh_proxy(lb.metadata.as_ref()),
-                identity: mesh_identity(cx, &format!("{field}.metadata"), lb.metadata.as_ref())?,
+                identity,
+                peer,
             });
         }
     }
     Ok(out)
+}
+
+/// A string in endpoint metadata `filter_metadata["mesh.dev"]` (others are ignored: this
+/// only labels metrics).
+fn mesh_string(m: Option<&Metadata>, key: &str) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let v = m?
+        .filter_metadata
+        .get(mesh_api::consts::xds::ENDPOINT_METADATA)?
+        .fields
+        .get(key)?;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// Endpoint metadata `filter_metadata["mesh.dev"]["proxy"] == true`.

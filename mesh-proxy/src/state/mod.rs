@@ -23,6 +23,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::balance::{EndpointSet, OutlierConfig};
+use crate::metrics::Peer;
 use crate::retry::RetryBudget;
 pub use route::{Action, Forward, RouteTable};
 
@@ -334,11 +335,7 @@ const MAX_DYNAMIC: usize = 1024;
 impl Cluster {
     /// The endpoint set for one original destination.
     pub fn original_dst(&self, dst: SocketAddr) -> Arc<EndpointSet> {
-        let def = [EndpointDef {
-            addr: dst,
-            mesh_proxy: false,
-            identity: None,
-        }];
+        let def = [EndpointDef::plain(dst)];
         let Ok(mut map) = self.dynamic.lock() else {
             return Arc::new(self.endpoints.update(&def, self.outlier.clone()));
         };
@@ -374,6 +371,20 @@ pub struct EndpointDef {
     /// The endpoint's mesh identity (endpoint metadata `mesh.dev` / `identity`): connections
     /// to it are mesh TLS, and its SVID must be this one.
     pub identity: Option<mesh_api::SpiffeId>,
+    /// Who runs there (endpoint metadata `mesh.dev` / `namespace`, `workload`), for metrics.
+    pub peer: Arc<Peer>,
+}
+
+impl EndpointDef {
+    /// An endpoint the control plane says nothing more about.
+    pub fn plain(addr: SocketAddr) -> Self {
+        EndpointDef {
+            addr,
+            mesh_proxy: false,
+            identity: None,
+            peer: Peer::unknown(),
+        }
+    }
 }
 
 pub(crate) mod ms {

@@ -1,0 +1,375 @@
+//! Observability across two proxies over mesh TLS: golden metrics with exact counts and
+//! consistent histograms, spans at an OTLP receiver with parent/child links across the hops,
+//! `traceparent` at the app, and access log lines.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mesh_api::prom::{Sample, parse};
+use mesh_e2e::identity::TestCa;
+use mesh_e2e::mesh::{LocalMesh, PairOptions};
+use mesh_e2e::otlp::OtlpReceiver;
+use mesh_e2e::servers::EchoServer;
+use mesh_e2e::{ProxyClient, eventually, http_get};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/echo";
+
+/// The samples of `name` whose labels include every pair of `want`.
+fn select<'a>(samples: &'a [Sample], name: &str, want: &[(&str, &str)]) -> Vec<&'a Sample> {
+    samples
+        .iter()
+        .filter(|s| s.name == name && want.iter().all(|(k, v)| s.label(k) == *v))
+        .collect()
+}
+
+fn total(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    select(samples, name, want).iter().map(|s| s.value).sum()
+}
+
+/// A histogram's buckets never decrease, its `+Inf` bucket is its count, and its sum lies
+/// between what its lowest and highest populated buckets allow.
+fn check_histogram(samples: &[Sample], name: &str, want: &[(&str, &str)], count: f64) {
+    let mut buckets: Vec<(f64, f64)> = select(samples, &format!("{name}_bucket"), want)
+        .iter()
+        .map(|s| {
+            let le = match s.label("le") {
+                "+Inf" => f64::INFINITY,
+                le => le.parse().expect("le is a number"),
+            };
+            (le, s.value)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(buckets.len() > 10, "{name} {want:?}: {buckets:?}");
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{name} buckets decrease: {buckets:?}"
+    );
+    assert_eq!(buckets.last().map(|b| b.1), Some(count), "{name} +Inf");
+    assert_eq!(total(samples, &format!("{name}_count"), want), count);
+    let sum = total(samples, &format!("{name}_sum"), want);
+    // Every observation is at most the upper bound of the bucket it first appears in.
+    let mut upper = 0.0;
+    let mut prev = 0.0;
+    for (le, n) in &buckets {
+        if le.is_finite() {
+            upper += (n - prev) * le;
+        } else {
+            upper += (n - prev) * 1e9;
+        }
+        prev = *n;
+    }
+    assert!(
+        sum > 0.0 && sum <= upper,
+        "{name}: sum {sum}, at most {upper}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_metrics_traces_and_access_logs_across_two_proxies() -> anyhow::Result<()> {
+    let ca = TestCa::start(Duration::from_secs(3600)).await?;
+    let app = EchoServer::start("echo").await?;
+    let otlp = OtlpReceiver::start().await?;
+    let logs = tempfile::tempdir()?;
+    let mesh = LocalMesh::start().await?;
+    let endpoint = otlp.endpoint();
+    let log_dir = logs.path().to_path_buf();
+    // 0 %: only requests that arrive sampled are traced (parent-based).
+    let tweak = move |c: &mut mesh_proxy::Config| {
+        c.tracing_endpoint = Some(endpoint.clone());
+        c.tracing_sampling = 0.0;
+        let (_, pod) = c.node_parts().expect("node");
+        c.access_log = Some(log_dir.join(format!("{pod}.log")));
+    };
+    let pair = mesh
+        .sidecar_pair_with(PairOptions {
+            port_name: "http",
+            app_port: app.addr.port(),
+            ca: Some(&ca),
+            tweak: Some(&tweak),
+            ..Default::default()
+        })
+        .await?;
+    let mut client = ProxyClient::new(pair.outbound);
+    eventually(Duration::from_secs(10), "a first answer over mTLS", || {
+        let mut c = ProxyClient::new(pair.outbound);
+        async move { matches!(c.get("echo", "/warmup", &[]).await, Ok((200, _))).then_some(()) }
+    })
+    .await?;
+    let before_client = parse(
+        &http_get(pair.client.metrics_addr, "/metrics")
+            .await
+            .expect("metrics")
+            .1,
+    );
+    let before_server = parse(
+        &http_get(pair.server.metrics_addr, "/metrics")
+            .await
+            .expect("metrics")
+            .1,
+    );
+
+    // 10 traced GETs, 5 untraced GETs, 4 POSTs of 1000 bytes, then 3 answered 503.
+    let mut sent_traces = Vec::new();
+    let mut app_traceparents = Vec::new();
+    let mut response_bytes = 0u64;
+    for i in 0..10u32 {
+        let trace_id = format!("{:032x}", 0xabc0_0000u64 + u64::from(i));
+        let tp = format!("00-{trace_id}-{:016x}-01", 0x100 + i);
+        let (code, head, body) = client
+            .get_full("echo", "/traced", &[("traceparent", &tp)])
+            .await?;
+        assert_eq!(code, 200);
+        response_bytes += body.len() as u64;
+        sent_traces.push(trace_id);
+        app_traceparents.push(head["x-seen-traceparent"].to_str()?.to_string());
+        assert_eq!(
+            head["x-seen-source-workload"], "",
+            "the app never sees the header"
+        );
+    }
+    for _ in 0..5 {
+        let (code, head, body) = client.get_full("echo", "/untraced", &[]).await?;
+        assert_eq!(code, 200);
+        response_bytes += body.len() as u64;
+        let tp = head["x-seen-traceparent"].to_str()?.to_string();
+        assert!(
+            tp.starts_with("00-") && tp.ends_with("-00"),
+            "unsampled, still propagated: {tp}"
+        );
+    }
+    let payload = Bytes::from(vec![b'x'; 1000]);
+    for _ in 0..4 {
+        let (code, _, body) = client
+            .send("POST", "echo", "/upload", &[], payload.clone())
+            .await?;
+        assert_eq!((code, body.len()), (200, 1000));
+        response_bytes += 1000;
+    }
+    app.fail_every(1);
+    for _ in 0..3 {
+        let (code, _, body) = client.get_full("echo", "/fail", &[]).await?;
+        assert_eq!(code, 503);
+        response_bytes += body.len() as u64;
+    }
+
+    // Metrics: exact counts on both sides of the edge, by status class.
+    let client_edge = [
+        ("direction", "outbound"),
+        ("src_namespace", "default"),
+        ("src_workload", "client"),
+        ("src_identity", CLIENT_ID),
+        ("dst_namespace", "default"),
+        ("dst_workload", "echo"),
+        ("dst_identity", SERVER_ID),
+        ("grpc_status", ""),
+    ];
+    let server_edge = [
+        ("direction", "inbound"),
+        ("src_namespace", "default"),
+        ("src_workload", "client"),
+        ("src_identity", CLIENT_ID),
+        ("dst_namespace", "default"),
+        ("dst_workload", "echo"),
+        ("dst_identity", SERVER_ID),
+        ("grpc_status", ""),
+    ];
+    let after_client = parse(
+        &http_get(pair.client.metrics_addr, "/metrics")
+            .await
+            .expect("metrics")
+            .1,
+    );
+    let after_server = parse(
+        &http_get(pair.server.metrics_addr, "/metrics")
+            .await
+            .expect("metrics")
+            .1,
+    );
+    let delta = |before: &[Sample], after: &[Sample], name: &str, want: &[(&str, &str)]| {
+        total(after, name, want) - total(before, name, want)
+    };
+    for (side, before, after, edge) in [
+        ("client", &before_client, &after_client, &client_edge[..]),
+        ("server", &before_server, &after_server, &server_edge[..]),
+    ] {
+        let with = |class: &'static str| {
+            let mut w = edge.to_vec();
+            w.push(("status_class", class));
+            w
+        };
+        assert_eq!(
+            delta(before, after, "mesh_proxy_requests_total", &with("2xx")),
+            19.0,
+            "{side} 2xx:\n{after:#?}"
+        );
+        assert_eq!(
+            delta(before, after, "mesh_proxy_requests_total", &with("5xx")),
+            3.0,
+            "{side} 5xx"
+        );
+        let edge_only: Vec<_> = edge
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != "grpc_status")
+            .collect();
+        assert_eq!(
+            delta(before, after, "mesh_proxy_request_bytes_total", &edge_only),
+            4000.0,
+            "{side} request bytes"
+        );
+        assert_eq!(
+            delta(before, after, "mesh_proxy_response_bytes_total", &edge_only),
+            response_bytes as f64,
+            "{side} response bytes"
+        );
+        let count = total(
+            after,
+            "mesh_proxy_request_duration_seconds_count",
+            &edge_only,
+        );
+        // The warm-up requests are in the histogram too.
+        let warm = total(
+            before,
+            "mesh_proxy_request_duration_seconds_count",
+            &edge_only,
+        );
+        assert_eq!(count - warm, 22.0, "{side} latency observations");
+        check_histogram(
+            after,
+            "mesh_proxy_request_duration_seconds",
+            &edge_only,
+            count,
+        );
+    }
+    // No raw path or address ever becomes a label.
+    for s in after_client.iter().chain(&after_server) {
+        for v in s.labels.values() {
+            assert!(
+                !v.contains("/traced") && !v.contains("127.0.0.1"),
+                "unbounded label on {s:?}"
+            );
+        }
+    }
+
+    // Traces: each traced request has the client's span (child of the caller's) and the
+    // server's (child of the client's), and the app got the server's span as its parent.
+    let spans = eventually(Duration::from_secs(10), "spans at the receiver", || {
+        let spans = otlp.spans();
+        async move { (spans.len() >= 20).then_some(spans) }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}: {:#?}", otlp.spans()))?;
+    let by_trace: BTreeMap<&str, Vec<_>> = spans.iter().fold(BTreeMap::new(), |mut m, s| {
+        m.entry(s.trace_id.as_str())
+            .or_insert_with(Vec::new)
+            .push(s);
+        m
+    });
+    assert_eq!(
+        by_trace.len(),
+        10,
+        "only sampled requests are traced: {spans:#?}"
+    );
+    for (i, trace_id) in sent_traces.iter().enumerate() {
+        let t = &by_trace[trace_id.as_str()];
+        let client_span = t.iter().find(|s| s.kind == 3).expect("a CLIENT span");
+        let server_span = t.iter().find(|s| s.kind == 2).expect("a SERVER span");
+        assert_eq!(client_span.parent_span_id, format!("{:016x}", 0x100 + i));
+        assert_eq!(server_span.parent_span_id, client_span.span_id, "{t:#?}");
+        assert_eq!(
+            app_traceparents[i],
+            format!("00-{trace_id}-{}-01", server_span.span_id)
+        );
+        assert_eq!(client_span.resource["service.name"], "client");
+        assert_eq!(server_span.resource["service.name"], "echo");
+        assert_eq!(server_span.resource["k8s.namespace.name"], "default");
+        assert_eq!(server_span.attributes["http.response.status_code"], "200");
+        assert_eq!(server_span.attributes["mesh.source.workload"], "client");
+    }
+
+    // Access logs: one JSON line per request on each side.
+    let lines = |pod: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(logs.path().join(format!("{pod}.log")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    };
+    let (client_log, server_log) = eventually(Duration::from_secs(5), "access log lines", || {
+        let (c, s) = (lines("client-0"), lines("echo-0"));
+        async move { (c.len() >= 23 && s.len() >= 23).then_some((c, s)) }
+    })
+    .await?;
+    let fails: Vec<_> = server_log.iter().filter(|l| l["path"] == "/fail").collect();
+    assert_eq!(fails.len(), 3);
+    assert_eq!(fails[0]["response_code"], 503);
+    assert_eq!(fails[0]["direction"], "inbound");
+    assert_eq!(fails[0]["source_principal"], CLIENT_ID);
+    let upload = client_log
+        .iter()
+        .find(|l| l["method"] == "POST")
+        .expect("a POST line");
+    assert_eq!(upload["bytes_received"], 1000);
+    assert_eq!(upload["bytes_sent"], 1000);
+    assert_eq!(upload["destination_workload"], "echo");
+    assert_eq!(upload["response_flags"], "-");
+    assert!(
+        upload["upstream_host"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("127.0.0.1:"))
+    );
+    let traced = client_log
+        .iter()
+        .find(|l| l["path"] == "/traced")
+        .expect("a traced line");
+    assert_eq!(traced["trace_id"], sent_traces[0].as_str());
+    for key in [
+        "start_time",
+        "protocol",
+        "duration",
+        "authority",
+        "route_name",
+        "upstream_cluster",
+    ] {
+        assert!(!traced[key].is_null(), "{key} in {traced}");
+    }
+    Ok(())
+}
+
+/// OpenMetrics when asked for, Prometheus text 0.0.4 otherwise; both parse to the same samples.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_in_both_formats() -> anyhow::Result<()> {
+    let mesh = LocalMesh::start().await?;
+    let proxy = mesh.proxy(mesh.proxy_config("default/web-0")).await?;
+    let get = |accept: &'static str| {
+        let url = format!("http://{}/metrics", proxy.metrics_addr);
+        async move {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sS", "-D", "-", "-H", &format!("accept: {accept}"), &url])
+                .output()
+                .await?;
+            anyhow::Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    let om = get("application/openmetrics-text;version=1.0.0,text/plain;q=0.5").await?;
+    let text = get("text/plain").await?;
+    assert!(om.contains("application/openmetrics-text"), "{om}");
+    assert!(om.trim_end().ends_with("# EOF"), "{om}");
+    assert!(om.contains("# TYPE mesh_proxy_xds_updates counter"), "{om}");
+    assert!(text.contains("text/plain; version=0.0.4"), "{text}");
+    assert!(!text.contains("# EOF"), "{text}");
+    assert!(
+        text.contains("# TYPE mesh_proxy_xds_updates_total counter"),
+        "{text}"
+    );
+    let names = |t: &str| -> Vec<String> {
+        let mut n: Vec<String> = parse(t).into_iter().map(|s| s.name).collect();
+        n.dedup();
+        n
+    };
+    assert_eq!(names(&om), names(&text));
+    Ok(())
+}

@@ -1,0 +1,438 @@
+//! Distributed tracing: W3C `traceparent` and B3 propagation, one span per request in each
+//! proxy (SERVER inbound, CLIENT outbound), sampled parent-based (a fixed percentage of new
+//! traces), exported over OTLP/gRPC. The reference is `docs/reference/proxy.md#tracing`.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
+    TracerProvider as _,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::runtime::Tokio;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, Sampler, SdkTracerProvider, Span, Tracer,
+    span_processor_with_async_runtime::BatchSpanProcessor,
+};
+
+use crate::metrics::{Direction, Peer};
+
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const B3: HeaderName = HeaderName::from_static("b3");
+pub const B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+pub const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// How often finished spans are sent to the collector.
+const EXPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Which header format a request's trace context came in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    W3c,
+    /// Single `b3` header.
+    B3Single,
+    /// `x-b3-*` headers.
+    B3Multi,
+}
+
+/// A position in a trace: what a request carries from one hop to the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub sampled: bool,
+}
+
+fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
+    if s.len() != 2 * N || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A B3 trace ID: 32 hex digits, or 16 (then padded on the left, as B3 says).
+fn b3_trace_id(s: &str) -> Option<[u8; 16]> {
+    match s.len() {
+        16 => {
+            let low: [u8; 8] = hex_to(s)?;
+            let mut id = [0u8; 16];
+            id[8..].copy_from_slice(&low);
+            Some(id)
+        }
+        _ => hex_to(s),
+    }
+}
+
+fn valid(c: TraceContext) -> Option<TraceContext> {
+    (c.trace_id != [0; 16] && c.span_id != [0; 8]).then_some(c)
+}
+
+/// A `traceparent` value: version 00 has exactly four fields; later versions may add more
+/// after them; `ff` is never valid.
+fn traceparent(tp: &str) -> Option<TraceContext> {
+    let parts: Vec<&str> = tp.split('-').collect();
+    if parts.len() < 4 || parts[0] == "ff" || (parts[0] == "00" && parts.len() != 4) {
+        return None;
+    }
+    hex_to::<1>(parts[0])?;
+    let flags = hex_to::<1>(parts[3])?;
+    valid(TraceContext {
+        trace_id: hex_to(parts[1])?,
+        span_id: hex_to(parts[2])?,
+        sampled: flags[0] & 1 == 1,
+    })
+}
+
+/// The trace context a request carries: `traceparent` first, then B3 (single, then multi).
+/// Malformed values count as absent, as the W3C spec says.
+pub fn extract(h: &HeaderMap) -> Option<(TraceContext, Format)> {
+    let text = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::trim);
+    if let Some(c) = text(&TRACEPARENT).and_then(traceparent) {
+        return Some((c, Format::W3c));
+    }
+    if let Some(b3) = text(&B3) {
+        let parts: Vec<&str> = b3.split('-').collect();
+        if parts.len() >= 2
+            && let (Some(trace_id), Some(span_id)) = (b3_trace_id(parts[0]), hex_to(parts[1]))
+        {
+            let sampled = matches!(parts.get(2), Some(&"1") | Some(&"d"));
+            if let Some(c) = valid(TraceContext {
+                trace_id,
+                span_id,
+                sampled,
+            }) {
+                return Some((c, Format::B3Single));
+            }
+        }
+    }
+    let trace_id = text(&B3_TRACE_ID).and_then(b3_trace_id)?;
+    let span_id = text(&B3_SPAN_ID).and_then(hex_to)?;
+    let sampled =
+        matches!(text(&B3_SAMPLED), Some("1") | Some("true")) || text(&B3_FLAGS) == Some("1");
+    valid(TraceContext {
+        trace_id,
+        span_id,
+        sampled,
+    })
+    .map(|c| (c, Format::B3Multi))
+}
+
+/// Writes `c` (this proxy's span as the parent of the next hop) into the request: always
+/// `traceparent`, and B3 in the format the request came with.
+pub fn inject(h: &mut HeaderMap, c: &TraceContext, came_as: Option<Format>) {
+    let flag = if c.sampled { "01" } else { "00" };
+    let tp = format!("00-{}-{}-{flag}", hex(&c.trace_id), hex(&c.span_id));
+    if let Ok(v) = HeaderValue::from_str(&tp) {
+        h.insert(TRACEPARENT, v);
+    }
+    let sampled = if c.sampled { "1" } else { "0" };
+    match came_as {
+        Some(Format::B3Single) => {
+            let v = format!("{}-{}-{sampled}", hex(&c.trace_id), hex(&c.span_id));
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                h.insert(B3, v);
+            }
+        }
+        Some(Format::B3Multi) => {
+            let parent = h.remove(&B3_SPAN_ID);
+            for (name, value) in [
+                (B3_TRACE_ID, hex(&c.trace_id)),
+                (B3_SPAN_ID, hex(&c.span_id)),
+                (B3_SAMPLED, sampled.to_string()),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(&value) {
+                    h.insert(name, v);
+                }
+            }
+            match parent {
+                Some(p) => h.insert(B3_PARENT_SPAN_ID, p),
+                None => h.remove(&B3_PARENT_SPAN_ID),
+            };
+        }
+        _ => {}
+    }
+}
+
+/// The proxy's tracer: makes spans, samples, exports.
+#[derive(Debug)]
+pub struct Tracing {
+    provider: SdkTracerProvider,
+    tracer: Tracer,
+    /// Dropped last: ends the export thread, once the provider has flushed.
+    _export: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// Trace settings that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("--tracing-endpoint {endpoint:?}: {reason}")]
+pub struct TracingError {
+    endpoint: String,
+    reason: String,
+}
+
+impl Tracing {
+    /// A tracer sampling `percent` of new traces (parent-based); spans go to the OTLP/gRPC
+    /// collector at `endpoint`, or nowhere.
+    pub fn new(
+        endpoint: Option<&str>,
+        percent: f64,
+        me: &Peer,
+        pod: &str,
+    ) -> Result<Self, TracingError> {
+        let resource = opentelemetry_sdk::Resource::builder_empty()
+            .with_service_name(me.workload.clone())
+            .with_attributes([
+                KeyValue::new("service.namespace", me.namespace.clone()),
+                KeyValue::new("k8s.namespace.name", me.namespace.clone()),
+                KeyValue::new("k8s.pod.name", pod.to_string()),
+                KeyValue::new("mesh.workload", me.workload.clone()),
+                KeyValue::new("mesh.identity", me.identity.clone()),
+            ])
+            .build();
+        let mut builder = SdkTracerProvider::builder()
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                percent / 100.0,
+            ))))
+            .with_resource(resource);
+        let mut export = None;
+        if let Some(endpoint) = endpoint {
+            let (processor, stop) = export_thread(endpoint).map_err(|reason| TracingError {
+                endpoint: endpoint.to_string(),
+                reason,
+            })?;
+            builder = builder.with_span_processor(processor);
+            export = Some(stop);
+        }
+        let provider = builder.build();
+        let tracer = provider.tracer("mesh-proxy");
+        Ok(Tracing {
+            provider,
+            tracer,
+            _export: export,
+        })
+    }
+
+    /// Starts this proxy's span of a request that came with `parent` (or starts a trace).
+    /// Returns the span and the context to send on.
+    pub fn start(
+        &self,
+        direction: Direction,
+        parent: Option<&TraceContext>,
+    ) -> (Span, TraceContext) {
+        let cx = match parent {
+            Some(p) => Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from_bytes(p.trace_id),
+                SpanId::from_bytes(p.span_id),
+                if p.sampled {
+                    TraceFlags::SAMPLED
+                } else {
+                    TraceFlags::default()
+                },
+                true,
+                TraceState::default(),
+            )),
+            None => Context::new(),
+        };
+        let (kind, name) = match direction {
+            Direction::inbound => (SpanKind::Server, "inbound"),
+            Direction::outbound => (SpanKind::Client, "outbound"),
+        };
+        let span = self
+            .tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .start_with_context(&self.tracer, &cx);
+        let sc = opentelemetry::trace::Span::span_context(&span);
+        let next = TraceContext {
+            trace_id: sc.trace_id().to_bytes(),
+            span_id: sc.span_id().to_bytes(),
+            sampled: sc.is_sampled(),
+        };
+        (span, next)
+    }
+
+    /// Sends what is buffered and stops exporting.
+    pub fn shutdown(&self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Starts the thread spans are exported from: a runtime of its own, so that flushing (which
+/// blocks the caller until the export ran) never waits on the thread it blocks.
+fn export_thread(
+    endpoint: &str,
+) -> Result<(BatchSpanProcessor<Tokio>, tokio::sync::oneshot::Sender<()>), String> {
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err("expected an http:// or https:// URL".into());
+    }
+    let endpoint = endpoint.to_string();
+    let (built_tx, built_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("mesh-trace-export".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = built_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(endpoint)
+                    .with_timeout(Duration::from_secs(5))
+                    .build();
+                let built = exporter.map_err(|e| e.to_string()).map(|exporter| {
+                    BatchSpanProcessor::builder(exporter, Tokio)
+                        .with_batch_config(
+                            BatchConfigBuilder::default()
+                                .with_scheduled_delay(EXPORT_EVERY)
+                                .build(),
+                        )
+                        .build()
+                });
+                let ok = built.is_ok();
+                let _ = built_tx.send(built);
+                if ok {
+                    let _ = stop_rx.await;
+                }
+            });
+        })
+        .map_err(|e| format!("starting the export thread: {e}"))?;
+    let processor = built_rx
+        .recv()
+        .map_err(|_| "the export thread ended".to_string())??;
+    Ok((processor, stop_tx))
+}
+
+/// The trace ID as 32 hex digits (access logs).
+pub fn trace_id_hex(c: &TraceContext) -> String {
+    hex(&c.trace_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    #[test]
+    fn w3c_round_trip_and_refusals() {
+        let h = headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]);
+        let (c, f) = extract(&h).expect("valid");
+        assert_eq!(f, Format::W3c);
+        assert!(c.sampled);
+        assert_eq!(hex(&c.span_id), "00f067aa0ba902b7");
+        let mut out = HeaderMap::new();
+        inject(&mut out, &c, Some(f));
+        assert_eq!(
+            out[TRACEPARENT],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bz-01",
+        ] {
+            let h: HeaderMap = [(TRACEPARENT, HeaderValue::from_static(bad))]
+                .into_iter()
+                .collect();
+            assert_eq!(extract(&h), None, "{bad}");
+        }
+        // A later version may carry more fields.
+        let h = headers(&[(
+            "traceparent",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-more",
+        )]);
+        assert!(!extract(&h).expect("future version").0.sampled);
+    }
+
+    #[test]
+    fn b3_single_and_multi() {
+        let h = headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")]);
+        let (c, f) = extract(&h).expect("single");
+        assert_eq!((f, c.sampled), (Format::B3Single, true));
+        let h = headers(&[
+            ("x-b3-traceid", "a3ce929d0e0e4736"),
+            ("x-b3-spanid", "00f067aa0ba902b7"),
+            ("x-b3-sampled", "0"),
+        ]);
+        let (c, f) = extract(&h).expect("multi, 64-bit trace id");
+        assert_eq!(f, Format::B3Multi);
+        assert_eq!(hex(&c.trace_id), "0000000000000000a3ce929d0e0e4736");
+        assert!(!c.sampled);
+        let mut out = h.clone();
+        let next = TraceContext {
+            span_id: [1, 2, 3, 4, 5, 6, 7, 8],
+            ..c
+        };
+        inject(&mut out, &next, Some(f));
+        assert_eq!(out[B3_SPAN_ID], "0102030405060708");
+        assert_eq!(out[B3_PARENT_SPAN_ID], "00f067aa0ba902b7");
+        assert_eq!(out[B3_SAMPLED], "0");
+        assert_eq!(
+            out[TRACEPARENT],
+            "00-0000000000000000a3ce929d0e0e4736-0102030405060708-00"
+        );
+        assert_eq!(extract(&HeaderMap::new()), None);
+    }
+
+    #[tokio::test]
+    async fn parent_based_sampling() {
+        let me = Peer::new("shop", "web", None);
+        let never = Tracing::new(None, 0.0, &me, "web-0").expect("tracer");
+        let always = Tracing::new(None, 100.0, &me, "web-0").expect("tracer");
+        let (_, root) = never.start(Direction::outbound, None);
+        assert!(!root.sampled, "0 % samples no new trace");
+        let (_, root) = always.start(Direction::outbound, None);
+        assert!(root.sampled);
+        // A parent's decision wins over the percentage, both ways.
+        let parent = TraceContext {
+            trace_id: [7; 16],
+            span_id: [9; 8],
+            sampled: true,
+        };
+        let (_, child) = never.start(Direction::inbound, Some(&parent));
+        assert!(child.sampled);
+        assert_eq!(child.trace_id, parent.trace_id);
+        assert_ne!(child.span_id, parent.span_id);
+        let (_, child) = always.start(
+            Direction::inbound,
+            Some(&TraceContext {
+                sampled: false,
+                ..parent
+            }),
+        );
+        assert!(!child.sampled);
+        assert!(Tracing::new(Some("collector:4317"), 1.0, &me, "web-0").is_err());
+    }
+}
