@@ -29,12 +29,7 @@ use tokio::process::{Child, Command};
 pub fn figure(line: &str) {
     use std::io::Write;
     eprintln!("{line}");
-    let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent()?.parent()?.parent().map(Path::to_path_buf))
-    else {
-        return;
-    };
+    let dir = target_dir();
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -42,6 +37,15 @@ pub fn figure(line: &str) {
     {
         let _ = writeln!(f, "{line}");
     }
+}
+
+/// The target directory the tests run from (`<target>/debug/deps/<test>`), for files a
+/// person may want to look at after the run.
+pub fn target_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent()?.parent().map(Path::to_path_buf))
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// The workspace root (this crate lives in `<root>/e2e`).

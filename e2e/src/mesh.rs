@@ -22,11 +22,19 @@ pub struct LocalMesh {
 impl LocalMesh {
     /// Starts a controller on an empty manifest directory.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`LocalMesh::start`], with the controller's settings changed by `tweak`.
+    pub async fn start_with(
+        tweak: impl FnOnce(&mut mesh_controller::config::Config),
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config_dir = dir.path().join("config");
         std::fs::create_dir(&config_dir)?;
-        let controller =
-            Controller::start(mesh_controller::config::Config::local(&config_dir)).await?;
+        let mut config = mesh_controller::config::Config::local(&config_dir);
+        tweak(&mut config);
+        let controller = Controller::start(config).await?;
         Ok(Self {
             controller,
             dir,

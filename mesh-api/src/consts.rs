@@ -69,6 +69,9 @@ pub mod node_metadata {
     /// Where the proxy's admin server listens (`host:port`), for `meshctl proxy-config`.
     /// Informational: it changes nothing the proxy is served.
     pub const ADMIN_ADDR: &str = "mesh.dev/admin-addr";
+    /// Where the proxy's metrics server listens (`host:port`); an unspecified host means the
+    /// address the proxy connects from. The controller scrapes it for edges and stats.
+    pub const METRICS_ADDR: &str = "mesh.dev/metrics-addr";
 }
 
 /// Names used in xDS resources that several components must agree on.
@@ -113,6 +116,10 @@ pub mod env {
     pub const CONTROLLER_CA_TOKEN_FILE: &str = "MESH_CONTROLLER_CA_TOKEN_FILE";
     /// Controller: admin (metrics and debug) listen address.
     pub const CONTROLLER_ADMIN_ADDR: &str = "MESH_ADMIN_ADDR";
+    /// Controller: how often proxies' metrics are scraped.
+    pub const CONTROLLER_STATS_INTERVAL: &str = "MESH_STATS_INTERVAL";
+    /// Controller: the window stats are measured over.
+    pub const CONTROLLER_STATS_WINDOW: &str = "MESH_STATS_WINDOW";
     /// Controller: debounce window for bursts of changes, in milliseconds.
     pub const CONTROLLER_DEBOUNCE_MS: &str = "MESH_DEBOUNCE_MS";
     /// Controller: the mesh-wide mTLS mode, `STRICT` or `PERMISSIVE`.

@@ -9,6 +9,10 @@
 //! | `/debug/config-errors` | refused manifests and unresolved references |
 //! | `/debug/model` | the resolved model (Services, ports, endpoints, routes) |
 //! | `/debug/config` | the controller's own settings |
+//! | `/debug/edges` | who talks to whom, with rps, success rate and latency |
+//! | `/debug/top` | workloads by the traffic they serve |
+//! | `/debug/stat?service=<ns>/<name>` | a Service's traffic per route and backend |
+//! | `/graph` | the service graph, a live web page |
 
 use std::sync::Arc;
 
@@ -21,7 +25,9 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::index::ResolveError;
+use crate::index::SvcKey;
 use crate::source::{ConfigErrors, ManifestError};
+use crate::stats::Stats;
 use crate::xds::server::Hub;
 
 #[derive(Clone, Debug)]
@@ -29,6 +35,7 @@ pub struct AdminState {
     pub hub: Arc<Hub>,
     pub errors: ConfigErrors,
     pub config: Arc<Config>,
+    pub stats: Arc<Stats>,
 }
 
 #[derive(Serialize)]
@@ -46,6 +53,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/config-errors", get(config_errors))
         .route("/debug/model", get(model))
         .route("/debug/config", get(config))
+        .route("/debug/edges", get(edges))
+        .route("/debug/top", get(top))
+        .route("/debug/stat", get(stat))
+        .route("/graph", get(graph))
         .with_state(state)
 }
 
@@ -77,4 +88,95 @@ async fn model(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn config(State(s): State<AdminState>) -> impl IntoResponse {
     Json(s.config.as_ref().clone())
+}
+
+/// What the stats answers say about themselves.
+#[derive(Serialize)]
+struct Window<T> {
+    window_seconds: f64,
+    interval_seconds: f64,
+    /// Proxies whose metrics the controller holds.
+    proxies_scraped: usize,
+    #[serde(flatten)]
+    body: T,
+}
+
+fn windowed<T: Serialize>(stats: &Stats, body: T) -> Json<Window<T>> {
+    Json(Window {
+        window_seconds: stats.window.as_secs_f64(),
+        interval_seconds: stats.interval.as_secs_f64(),
+        proxies_scraped: stats.scraped(),
+        body,
+    })
+}
+
+#[derive(Serialize)]
+struct Edges {
+    edges: Vec<crate::stats::Edge>,
+}
+
+#[derive(Serialize)]
+struct Top {
+    workloads: Vec<crate::stats::WorkloadStat>,
+}
+
+async fn edges(State(s): State<AdminState>) -> impl IntoResponse {
+    windowed(
+        &s.stats,
+        Edges {
+            edges: s.stats.edges(),
+        },
+    )
+}
+
+async fn top(State(s): State<AdminState>) -> impl IntoResponse {
+    windowed(
+        &s.stats,
+        Top {
+            workloads: s.stats.top(),
+        },
+    )
+}
+
+#[derive(serde::Deserialize)]
+struct StatQuery {
+    service: Option<String>,
+}
+
+async fn stat(
+    State(s): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<StatQuery>,
+) -> axum::response::Response {
+    let Some(service) = q.service else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "query parameter service=<namespace>/<name> is required\n",
+        )
+            .into_response();
+    };
+    let Some((ns, name)) = service
+        .split_once('/')
+        .filter(|(n, s)| !n.is_empty() && !s.is_empty())
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("service={service:?}: expected <namespace>/<name>\n"),
+        )
+            .into_response();
+    };
+    match s.stats.service(&s.hub.model(), &SvcKey::new(ns, name)) {
+        Some(stat) => Json(stat).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("service {service:?} is not in the mesh's configuration\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn graph() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("graph.html"),
+    )
 }

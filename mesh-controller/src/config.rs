@@ -56,6 +56,15 @@ pub struct Config {
     #[arg(long, env = env::CONTROLLER_DEBOUNCE_MS, default_value_t = 100)]
     pub debounce_max_ms: u64,
 
+    /// How often the controller scrapes every connected proxy's metrics (edges, top, stat and
+    /// the service graph); 0 turns scraping off.
+    #[arg(long, env = env::CONTROLLER_STATS_INTERVAL, value_parser = mesh_api::duration::parse, default_value = "5s")]
+    pub stats_interval: Duration,
+
+    /// The span rates, success rates and latencies are measured over.
+    #[arg(long, env = env::CONTROLLER_STATS_WINDOW, value_parser = mesh_api::duration::parse, default_value = "30s")]
+    pub stats_window: Duration,
+
     /// DNS suffix of the cluster.
     #[arg(long, env = env::CONTROLLER_CLUSTER_DOMAIN, default_value = mesh_api::consts::xds::CLUSTER_DOMAIN)]
     pub cluster_domain: String,
@@ -153,6 +162,8 @@ impl Config {
             ca_token_file: std::path::PathBuf::new(),
             debounce_quiet_ms: 10,
             debounce_max_ms: 100,
+            stats_interval: Duration::from_secs(5),
+            stats_window: Duration::from_secs(30),
             cluster_domain: mesh_api::consts::xds::CLUSTER_DOMAIN.into(),
             sync_timeout_secs: 30,
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),

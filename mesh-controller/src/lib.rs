@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod objects;
 pub mod run;
 pub mod source;
+pub mod stats;
 pub mod status;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -209,11 +209,16 @@ impl Controller {
             }
         };
 
+        let stats = crate::stats::Stats::new(config.stats_interval, config.stats_window);
+        if !config.stats_interval.is_zero() {
+            tasks.push(tokio::spawn(stats.clone().run(hub.status.clone())));
+        }
         let (admin, admin_addr) = bind("admin", config.admin_addr).await?;
         let app = router(AdminState {
             hub: hub.clone(),
             errors: errors.clone(),
             config: Arc::new(config),
+            stats,
         });
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(admin, app).await {

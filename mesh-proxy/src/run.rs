@@ -124,6 +124,7 @@ impl Proxy {
             outbound_port: outbound_addr.map_or(config.outbound_addr.port(), |a| a.port()),
             inbound_port: inbound_addr.map_or(config.inbound_addr.port(), |a| a.port()),
             admin: local(&admin),
+            metrics: local(&metrics_listener),
         };
 
         let mut shared = Shared::new(config.clone(), store.clone(), metrics.clone());

@@ -281,11 +281,22 @@ pub fn check_node(
     Ok(())
 }
 
+fn metadata_string(node: &Node, key: &str) -> Option<String> {
+    node.metadata
+        .as_ref()
+        .and_then(|m| m.fields.get(key))
+        .and_then(|v| match &v.kind {
+            Some(ValueKind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+}
+
 impl Session {
     fn open(
         hub: &Hub,
         node: Option<&Node>,
         client: Option<&mesh_api::SpiffeId>,
+        peer: Option<std::net::SocketAddr>,
         protocol: &'static str,
     ) -> Result<Self, Status> {
         let node =
@@ -318,13 +329,16 @@ impl Session {
                 )
                 .trim()
                 .to_string(),
-                admin: node
-                    .metadata
-                    .as_ref()
-                    .and_then(|m| m.fields.get(node_metadata::ADMIN_ADDR))
-                    .and_then(|v| match &v.kind {
-                        Some(ValueKind::StringValue(s)) => Some(s.clone()),
-                        _ => None,
+                admin: metadata_string(node, node_metadata::ADMIN_ADDR),
+                metrics: metadata_string(node, node_metadata::METRICS_ADDR)
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                    .map(|mut a| {
+                        if a.ip().is_unspecified()
+                            && let Some(p) = peer
+                        {
+                            a.set_ip(p.ip());
+                        }
+                        a
                     }),
                 connected_at_unix: StreamStatus::now_unix(),
                 types: BTreeMap::new(),
@@ -427,12 +441,12 @@ impl<V: Variant> AdsStream<V> {
         hub: Arc<Hub>,
         request: Request<Streaming<V::Request>>,
     ) -> ReceiverStream<Result<V::Response, Status>> {
-        let peer = request.remote_addr();
         // Over mesh TLS: the client's SPIFFE ID, which its node must match.
-        let client = request
+        let tls = request
             .extensions()
-            .get::<mesh_api::tls::grpc::TlsConnectInfo>()
-            .and_then(|i| i.peer.clone());
+            .get::<mesh_api::tls::grpc::TlsConnectInfo>();
+        let peer = request.remote_addr().or(tls.and_then(|i| i.remote));
+        let client = tls.and_then(|i| i.peer.clone());
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let mut s = AdsStream::<V> {
@@ -494,6 +508,7 @@ impl<V: Variant> AdsStream<V> {
                 &self.hub,
                 node,
                 self.client.as_ref(),
+                self.peer,
                 V::NAME,
             )?);
         }

@@ -43,6 +43,9 @@ pub struct ProxyStatus {
     pub user_agent: String,
     /// The proxy's admin address, when its node metadata says (`mesh.dev/admin-addr`).
     pub admin: Option<String>,
+    /// Where its metrics are scraped (`mesh.dev/metrics-addr`, an unspecified host replaced by
+    /// the address the proxy connects from).
+    pub metrics: Option<std::net::SocketAddr>,
     pub connected_at_unix: u64,
     pub types: BTreeMap<ResourceType, TypeStatus>,
 }

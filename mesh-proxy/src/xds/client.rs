@@ -50,6 +50,7 @@ pub struct ListenerPorts {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub admin: SocketAddr,
+    pub metrics: SocketAddr,
 }
 
 #[derive(Debug)]
@@ -109,6 +110,7 @@ impl XdsClient {
             (node_metadata::INBOUND_PORT, ports.inbound_port.to_string()),
             (node_metadata::MTLS, (!config.identity_off).to_string()),
             (node_metadata::ADMIN_ADDR, ports.admin.to_string()),
+            (node_metadata::METRICS_ADDR, ports.metrics.to_string()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), string_value(v)))

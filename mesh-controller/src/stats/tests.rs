@@ -1,0 +1,187 @@
+use super::*;
+use crate::index::Index;
+use crate::testing::{obj, service_yaml, slice_yaml, split_yaml};
+
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+
+/// One client proxy's page: requests to reviews-v1 and -v2 through the route, by status, and
+/// their latency buckets (0.01 s and 0.1 s bounds).
+fn client_page(v1: (u64, u64), v2: (u64, u64), fast: (u64, u64)) -> String {
+    let mut out = String::new();
+    for (backend, workload, (ok, failed), fast) in [
+        ("reviews-v1", "reviews-v1", v1, fast.0),
+        ("reviews-v2", "reviews-v2", v2, fast.1),
+    ] {
+        let edge = format!(
+            r#"direction="outbound",src_namespace="shop",src_workload="client",src_identity="{CLIENT}",dst_namespace="shop",dst_workload="{workload}",dst_identity="spiffe://cluster.local/ns/shop/sa/reviews",route="HTTPRoute/shop/reviews rule 0",backend="outbound|9080||{backend}.shop.svc.cluster.local""#
+        );
+        out += &format!(
+            "mesh_proxy_requests_total{{{edge},status_class=\"2xx\",grpc_status=\"\"}} {ok}\n"
+        );
+        out += &format!(
+            "mesh_proxy_requests_total{{{edge},status_class=\"5xx\",grpc_status=\"\"}} {failed}\n"
+        );
+        let all = ok + failed;
+        out +=
+            &format!("mesh_proxy_request_duration_seconds_bucket{{{edge},le=\"0.01\"}} {fast}\n");
+        out += &format!("mesh_proxy_request_duration_seconds_bucket{{{edge},le=\"0.1\"}} {all}\n");
+        out += &format!("mesh_proxy_request_duration_seconds_bucket{{{edge},le=\"+Inf\"}} {all}\n");
+    }
+    out
+}
+
+/// reviews-v1's proxy: what it served, from the client and from outside the mesh.
+fn server_page(from_client: u64, from_outside: u64) -> String {
+    let edge = |src_ns: &str, src: &str, id: &str| {
+        format!(
+            r#"direction="inbound",src_namespace="{src_ns}",src_workload="{src}",src_identity="{id}",dst_namespace="shop",dst_workload="reviews-v1",dst_identity="spiffe://cluster.local/ns/shop/sa/reviews",route="default",backend="inbound|9080||""#
+        )
+    };
+    format!(
+        "mesh_proxy_requests_total{{{},status_class=\"2xx\",grpc_status=\"\"}} {from_client}\nmesh_proxy_requests_total{{{},status_class=\"2xx\",grpc_status=\"\"}} {from_outside}\n",
+        edge("shop", "client", CLIENT),
+        edge("unknown", "unknown", "unknown")
+    )
+}
+
+fn model() -> Arc<Model> {
+    let mut idx = Index::new("cluster.local");
+    for (name, ip) in [
+        ("reviews", "10.96.0.10"),
+        ("reviews-v1", "10.96.0.11"),
+        ("reviews-v2", "10.96.0.12"),
+        ("ratings", "10.96.0.13"),
+    ] {
+        idx.apply(obj(&service_yaml("shop", name, ip, &[("http", 9080)])))
+            .expect("svc");
+        idx.apply(obj(&slice_yaml("shop", name, "http", 9080, &["10.0.0.1"])))
+            .expect("slice");
+    }
+    idx.apply(obj(&split_yaml(
+        "shop",
+        "reviews",
+        "reviews",
+        9080,
+        &[("reviews-v1", 90), ("reviews-v2", 10)],
+    )))
+    .expect("route");
+    idx.model()
+}
+
+#[test]
+fn signals_come_from_the_change_over_the_window() {
+    let stats = Stats::new(Duration::from_secs(1), Duration::from_secs(30));
+    let t0 = Instant::now();
+    stats.ingest("shop/client-0", t0, &client_page((100, 0), (10, 0), (0, 0)));
+    stats.ingest("shop/reviews-v1-0", t0, &server_page(100, 0));
+    // Ten seconds later: v1 served 180 more (all fine, 90 under 10 ms), v2 20 (10 failed).
+    let t1 = t0 + Duration::from_secs(10);
+    stats.ingest(
+        "shop/client-0",
+        t1,
+        &client_page((280, 0), (20, 10), (90, 0)),
+    );
+    stats.ingest("shop/reviews-v1-0", t1, &server_page(280, 40));
+
+    let m = model();
+    let stat = stats
+        .service(&m, &SvcKey::new("shop", "reviews"))
+        .expect("known service");
+    assert_eq!(stat.backends.len(), 2, "{stat:?}");
+    let v1 = &stat.backends[0];
+    assert_eq!(v1.service.as_deref(), Some("shop/reviews-v1"));
+    assert_eq!(v1.signals.requests, 180.0);
+    assert!((v1.signals.rps - 18.0).abs() < 1e-9);
+    assert_eq!(v1.signals.success_rate, Some(1.0));
+    // Half under 10 ms, half between 10 and 100: the median sits at the 10 ms bound.
+    assert!((v1.signals.p50_ms.expect("p50") - 10.0).abs() < 1e-9);
+    let p99 = v1.signals.p99_ms.expect("p99");
+    assert!(
+        (p99 - (10.0 + 90.0 * (0.99 * 180.0 - 90.0) / 90.0)).abs() < 1e-6,
+        "{p99}"
+    );
+    let v2 = &stat.backends[1];
+    assert_eq!(v2.signals.requests, 20.0);
+    assert_eq!(v2.signals.success_rate, Some(0.5));
+    // A Service nobody routes to has no rows; an unknown one is None.
+    let ratings = stats
+        .service(&m, &SvcKey::new("shop", "ratings"))
+        .expect("known");
+    assert!(ratings.backends.is_empty());
+    assert!(stats.service(&m, &SvcKey::new("shop", "nope")).is_none());
+
+    let edges = stats.edges();
+    let pairs: Vec<(String, String, f64, bool)> = edges
+        .iter()
+        .map(|e| {
+            (
+                e.src.workload.clone(),
+                e.dst.workload.clone(),
+                e.signals.requests,
+                e.mtls,
+            )
+        })
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("client".to_string(), "reviews-v1".to_string(), 180.0, true),
+            ("client".to_string(), "reviews-v2".to_string(), 20.0, true),
+            ("unknown".to_string(), "reviews-v1".to_string(), 40.0, false),
+        ],
+        "inbound requests from meshed callers are not counted twice"
+    );
+
+    let top = stats.top();
+    assert_eq!(top.len(), 1);
+    assert_eq!(top[0].workload.workload, "reviews-v1");
+    assert_eq!(top[0].signals.requests, 220.0);
+}
+
+#[test]
+fn a_restarted_proxy_and_the_window_edge() {
+    let stats = Stats::new(Duration::from_secs(1), Duration::from_secs(5));
+    let t0 = Instant::now();
+    stats.ingest("shop/client-0", t0, &client_page((500, 0), (0, 0), (0, 0)));
+    // The proxy restarted: its counters start over, so what it has now is all new.
+    let t1 = t0 + Duration::from_secs(2);
+    stats.ingest("shop/client-0", t1, &client_page((30, 0), (0, 0), (0, 0)));
+    let edges = stats.edges();
+    assert_eq!(edges[0].signals.requests, 30.0);
+    // Scrapes older than the window are dropped, but one at its start is kept to measure from.
+    for i in 2..10u64 {
+        stats.ingest(
+            "shop/client-0",
+            t0 + Duration::from_secs(i * 2),
+            &client_page((30 + i * 10, 0), (0, 0), (0, 0)),
+        );
+    }
+    let ring_len = stats.lock()["shop/client-0"].len();
+    assert!(
+        ring_len <= 4,
+        "{ring_len} scrapes kept for a 5 s window at 2 s"
+    );
+    let e = &stats.edges()[0];
+    assert!((e.signals.rps - 5.0).abs() < 1e-9, "{e:?}");
+    assert!(stats.top().is_empty(), "no inbound series");
+}
+
+#[test]
+fn quantiles_interpolate_within_buckets() {
+    let b = |pairs: &[(f64, f64)]| -> BTreeMap<OrdF64, f64> {
+        pairs.iter().map(|(le, n)| (OrdF64(*le), *n)).collect()
+    };
+    assert_eq!(quantile(0.5, &b(&[])), None);
+    assert_eq!(quantile(0.5, &b(&[(0.1, 0.0), (f64::INFINITY, 0.0)])), None);
+    let h = b(&[(0.1, 50.0), (0.2, 100.0), (f64::INFINITY, 100.0)]);
+    assert!((quantile(0.5, &h).expect("q") - 0.1).abs() < 1e-12);
+    assert!((quantile(0.75, &h).expect("q") - 0.15).abs() < 1e-12);
+    // Past the last finite bound, the bound is the answer.
+    let h = b(&[(0.1, 10.0), (f64::INFINITY, 20.0)]);
+    assert_eq!(quantile(0.99, &h), Some(0.1));
+    assert_eq!(
+        service_of("outbound|9080||reviews-v1.shop.svc.cluster.local").as_deref(),
+        Some("shop/reviews-v1")
+    );
+    assert_eq!(service_of("inbound|9080||"), None);
+}
