@@ -34,6 +34,10 @@ pub struct DemoArgs {
     /// Requests per second the client sends.
     #[arg(long, default_value_t = 200)]
     pub rate: u32,
+    /// The controller's admin address: its debug API, `meshctl stat`/`top --controller` and
+    /// the service graph at `/graph`. Taken elsewhere, any free port is used instead.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub admin: SocketAddr,
 }
 
 /// One version's figures in a step.
@@ -65,12 +69,17 @@ pub struct StepReport {
     /// SPIFFE ID (and no peer certificate was refused).
     pub mtls_handshakes: u64,
     pub mtls_verified: bool,
+    /// What the mesh's own telemetry measured over the step (`meshctl stat reviews`): per
+    /// route and backend, from the client proxy's metrics, as the controller aggregated them.
+    pub mesh_stat: serde_json::Value,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoReport {
     pub client_identity: String,
     pub server_identity: String,
+    /// Where the controller's admin API (and `/graph`) was.
+    pub controller_admin: SocketAddr,
     pub steps: Vec<StepReport>,
 }
 
@@ -97,7 +106,7 @@ fn manifests(servers: &[(String, u16, u16)]) -> String {
             11 + i
         ));
         docs.push(format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-{v}-0, namespace: {NS}, labels: {{app: reviews, version: {v}, mesh.dev/proxy: 'true'}}}}\nspec: {{serviceAccountName: reviews, containers: [{{name: app}}]}}\nstatus: {{podIP: 127.0.0.1}}\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-{v}-0, namespace: {NS}, labels: {{app: reviews, version: {v}, mesh.dev/workload: reviews-{v}, mesh.dev/proxy: 'true'}}}}\nspec: {{serviceAccountName: reviews, containers: [{{name: app}}]}}\nstatus: {{podIP: 127.0.0.1}}\n"
         ));
         docs.push(format!(
             "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: reviews-{v}-0, namespace: {NS}, labels: {{kubernetes.io/service-name: reviews-{v}}}}}\naddressType: IPv4\nports: [{{name: http, port: {inbound}, protocol: TCP}}]\nendpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: reviews-{v}-0, namespace: {NS}}}}}]\n"
@@ -111,13 +120,13 @@ struct Mesh {
     _dir: tempfile::TempDir,
     config_dir: std::path::PathBuf,
     _ca: mesh_ca::run::Running,
-    _controller: mesh_controller::run::Controller,
+    controller: mesh_controller::run::Controller,
     _services: Vec<crate::demo_service::Running>,
     servers: Vec<mesh_proxy::Proxy>,
     client: mesh_proxy::Proxy,
 }
 
-async fn start_mesh(progress: &mut dyn Write) -> anyhow::Result<Mesh> {
+async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result<Mesh> {
     let dir = tempfile::tempdir()?;
     let (ca_dir, config_dir) = (dir.path().join("ca"), dir.path().join("config"));
     std::fs::create_dir_all(&config_dir)?;
@@ -128,11 +137,19 @@ async fn start_mesh(progress: &mut dyn Write) -> anyhow::Result<Mesh> {
     let ca = mesh_ca::run::Running::start(mesh_ca::run::CaConfig::local(&ca_dir))
         .await
         .context("starting mesh-ca")?;
-    let controller = mesh_controller::run::Controller::start(
-        mesh_controller::config::Config::local(&config_dir),
-    )
-    .await
-    .context("starting mesh-controller")?;
+    let mut controller_config = mesh_controller::config::Config::local(&config_dir);
+    // A second demo (or anything else) on the port: any free one.
+    controller_config.admin_addr = match std::net::TcpListener::bind(args.admin) {
+        Ok(_) => args.admin,
+        Err(_) => SocketAddr::new(args.admin.ip(), 0),
+    };
+    // Stats over the last three quarters of each step (the scrape before the window's start
+    // is what it measures from), so that no step shows the one before it.
+    controller_config.stats_interval = Duration::from_millis(250);
+    controller_config.stats_window = (args.step * 3 / 4).max(Duration::from_millis(750));
+    let controller = mesh_controller::run::Controller::start(controller_config)
+        .await
+        .context("starting mesh-controller")?;
     let tokens = mesh_ca::auth::LocalTokens::load_or_generate(&ca_dir, "cluster.local")?;
     let identify = |config: &mut mesh_proxy::Config, sa: &str| -> anyhow::Result<()> {
         let id = SpiffeId::workload("cluster.local", NS, sa)?;
@@ -162,6 +179,7 @@ async fn start_mesh(progress: &mut dyn Write) -> anyhow::Result<Mesh> {
             mesh_proxy::Config::local(controller.xds_addr, &format!("{NS}/reviews-{v}-0"));
         config.transparent = true;
         config.inbound_orig_dst = Some(svc.addr);
+        config.workload = Some(format!("reviews-{v}"));
         identify(&mut config, "reviews")?;
         let proxy = mesh_proxy::Proxy::start(config, None).await?;
         let inbound = proxy
@@ -173,6 +191,7 @@ async fn start_mesh(progress: &mut dyn Write) -> anyhow::Result<Mesh> {
     }
     std::fs::write(config_dir.join("reviews.yaml"), manifests(&placed))?;
     let mut config = mesh_proxy::Config::local(controller.xds_addr, &format!("{NS}/productpage-0"));
+    config.workload = Some("productpage".into());
     identify(&mut config, "productpage")?;
     let client = mesh_proxy::Proxy::start(config, None).await?;
     let all: Vec<&mesh_proxy::Proxy> = servers.iter().chain([&client]).collect();
@@ -190,7 +209,7 @@ async fn start_mesh(progress: &mut dyn Write) -> anyhow::Result<Mesh> {
         _dir: dir,
         config_dir,
         _ca: ca,
-        _controller: controller,
+        controller,
         _services: services,
         servers,
         client,
@@ -340,6 +359,15 @@ fn print_step(i: usize, s: &StepReport, out: &mut dyn Write) -> anyhow::Result<(
         },
         s.mtls_handshakes
     )?;
+    writeln!(
+        out,
+        "  the mesh's own telemetry (meshctl stat reviews -n {NS}), from the client proxy's metrics:"
+    )?;
+    let mut table = Vec::new();
+    crate::cmd::stat::write_stat(&s.mesh_stat, NS, &mut table)?;
+    for line in String::from_utf8_lossy(&table).lines() {
+        writeln!(out, "    {line}")?;
+    }
     Ok(())
 }
 
@@ -348,7 +376,13 @@ pub async fn run(
     out: &mut dyn Write,
     progress: &mut dyn Write,
 ) -> anyhow::Result<DemoReport> {
-    let mesh = start_mesh(progress).await?;
+    let mesh = start_mesh(args, progress).await?;
+    let admin = mesh.controller.admin_addr;
+    writeln!(
+        progress,
+        "the controller's admin API is at http://{admin}: the service graph at http://{admin}/graph; meshctl stat reviews -n {NS} --controller {admin}; meshctl top --controller {admin}"
+    )?;
+    let ctl = crate::cmd::check::Endpoint::Direct(admin);
     let client_id = SpiffeId::workload("cluster.local", NS, "productpage")?;
     let server_id = SpiffeId::workload("cluster.local", NS, "reviews")?;
     let samples = Arc::new(Mutex::new(Vec::new()));
@@ -455,7 +489,9 @@ pub async fn run(
                     let m = p.metrics.encode();
                     mesh_api::prom::count(&m, &peer_line) > 0 && !refused(&m)
                 });
+        let mesh_stat = crate::cmd::stat::fetch_stat(&ctl, NS, "reviews").await?;
         let report = StepReport {
+            mesh_stat,
             name: name.to_string(),
             weights: to.iter().cloned().collect(),
             requests,
@@ -477,6 +513,7 @@ pub async fn run(
         let _ = t.await;
     }
     let report = DemoReport {
+        controller_admin: admin,
         client_identity: client_id.to_string(),
         server_identity: server_id.to_string(),
         steps,

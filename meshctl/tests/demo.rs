@@ -67,6 +67,145 @@ fn the_demo_walks_the_release_and_measures_it() {
         "{}",
         steps[5]
     );
+    // The mesh's own telemetry agrees: each version with its own success rate and latency.
+    let backend = |step: &serde_json::Value, svc: &str| -> serde_json::Value {
+        step["mesh_stat"]["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|r| r["service"] == svc).cloned())
+            .unwrap_or_default()
+    };
+    for svc in ["default/reviews-v1", "default/reviews-v2"] {
+        let row = backend(&steps[1], svc);
+        assert_eq!(row["success_rate"], 1.0, "canary {svc}: {}", steps[1]);
+        assert!(row["p99_ms"].as_f64().is_some_and(|p| p > 0.0), "{row}");
+    }
+    let v3 = backend(&steps[4], "default/reviews-v3");
+    let sr = v3["success_rate"].as_f64().unwrap_or(1.0);
+    assert!((0.6..=0.8).contains(&sr), "v3 as the proxies saw it: {v3}");
+    assert_eq!(
+        backend(&steps[4], "default/reviews-v2")["success_rate"],
+        1.0
+    );
     // How long it took is reported, not asserted (timings belong to benchmarks).
     eprintln!("demo took {took:?}");
+}
+
+/// What a release owner does during the canary: `meshctl stat` (and `top`) against the demo's
+/// controller shows v1 and v2 side by side, each with its own success rate and latency.
+#[test]
+fn meshctl_stat_during_the_demos_canary() {
+    use std::io::Read;
+    let meshctl = env!("CARGO_BIN_EXE_meshctl");
+    let mut demo = Command::new(meshctl)
+        .args([
+            "demo",
+            "--json",
+            "--step",
+            "5s",
+            "--rate",
+            "200",
+            "--admin",
+            "127.0.0.1:0",
+        ])
+        .env("MESH_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("meshctl runs");
+    let mut stderr = demo.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    // Progress comes in pieces; wait for the canary's measurement to start.
+    let mut seen = String::new();
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while !seen.contains(
+        "step 2/6: canary: 10 % to v2: waiting for the proxies to apply the route... measuring",
+    ) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => seen.push_str(&chunk),
+            Err(_) => {
+                let _ = demo.kill();
+                panic!("the demo never reached the canary: {seen}");
+            }
+        }
+    }
+    let admin = seen
+        .split("admin API is at http://")
+        .nth(1)
+        .and_then(|rest| rest.split(": ").next())
+        .map(str::to_string)
+        .expect("the demo says where its controller is");
+    // Most of the canary's window (3.75 s of its 5 s).
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let run = |args: &[&str]| {
+        let out = Command::new(meshctl)
+            .args(args)
+            .args(["--controller", &admin])
+            .output()
+            .expect("meshctl runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&run(&["stat", "reviews", "-n", "default", "-o", "json"]))
+            .expect("JSON");
+    let table = run(&["stat", "reviews", "-n", "default"]);
+    let top = run(&["top", "--once"]);
+    let _ = demo.kill();
+    let _ = demo.wait();
+    let rows = json["backends"].as_array().expect("backends");
+    let row = |svc: &str| {
+        rows.iter()
+            .find(|r| r["service"] == svc)
+            .unwrap_or_else(|| panic!("no {svc} in {json}"))
+    };
+    let (v1, v2) = (row("default/reviews-v1"), row("default/reviews-v2"));
+    for r in [v1, v2] {
+        assert_eq!(r["success_rate"], 1.0, "{r}");
+        for q in ["p50_ms", "p99_ms"] {
+            assert!(
+                r[q].as_f64().is_some_and(|ms| ms > 0.0 && ms < 1000.0),
+                "{q}: {r}"
+            );
+        }
+    }
+    let (r1, r2) = (
+        v1["rps"].as_f64().unwrap_or(0.0),
+        v2["rps"].as_f64().unwrap_or(0.0),
+    );
+    let share = 100.0 * r2 / (r1 + r2);
+    assert!(
+        (5.0..=15.0).contains(&share),
+        "v2 has {share:.1} % of the rps: {json}"
+    );
+    let line = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{table}"))
+            .to_string()
+    };
+    assert!(line("reviews-v1").contains("100.00%"), "{table}");
+    assert!(line("reviews-v2").contains("100.00%"), "{table}");
+    assert!(
+        top.contains("reviews-v1") && top.contains("reviews-v2"),
+        "{top}"
+    );
+    eprintln!("meshctl stat during the canary:\n{table}");
 }

@@ -11,6 +11,7 @@ pub mod check;
 pub mod check_cluster;
 pub mod inject;
 pub mod route;
+pub mod stat;
 pub mod status;
 
 #[derive(Debug, clap::Subcommand)]
@@ -28,6 +29,10 @@ pub enum Command {
     ProxyStatus(status::ProxyStatusArgs),
     /// A proxy's running config: listeners, routes, clusters, endpoints or its certificate.
     ProxyConfig(status::ProxyConfigArgs),
+    /// A live table of workloads by the traffic they serve: rps, success rate, latency.
+    Top(stat::TopArgs),
+    /// A Service's traffic per route and backend, so a canary's versions show side by side.
+    Stat(stat::StatArgs),
     /// The whole mesh on loopback, walking through a canary release under live traffic.
     Demo(crate::demo::DemoArgs),
     /// The mesh's health by category, each failure with a hint; non-zero exit on failure.
@@ -77,6 +82,12 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
                 status::controller_endpoint(a.controller, cx.local.is_some(), &a.namespace).await?;
             status::proxy_status_at(&ctl, a.output, &mut std::io::stdout()).await
         }),
+        Command::Top(a) => {
+            current_thread()?.block_on(stat::top(&a, cx.local.is_some(), &mut std::io::stdout()))
+        }
+        Command::Stat(a) => {
+            current_thread()?.block_on(stat::stat(&a, cx.local.is_some(), &mut std::io::stdout()))
+        }
         Command::ProxyConfig(a) if a.controller.is_some() || cx.local.is_some() => {
             current_thread()?.block_on(status::proxy_config(&a, &mut std::io::stdout()))
         }
