@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Data-plane benchmark: mesh-proxy against Envoy 1.40 (configured by our controller), nginx,
-HAProxy and the direct path, in one run. See docs/benchmarks.md for how to read it.
+HAProxy and the direct path, in one run; and mesh-proxy with per-request telemetry off, as
+shipped, and exporting its sampled spans over OTLP (to scripts/otlp_sink.py). See
+docs/benchmarks.md for how to read it.
 
 Every proxy under test runs on core 1 with one worker; the load generator (oha), the backend
 (nginx) and the controller share core 0. For each peer and round it measures, at a fixed open-loop
@@ -168,6 +170,7 @@ def main():
     ap.add_argument("--max-seconds", type=int, default=6)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--only", default="")
+    ap.add_argument("--sampling", default="1", help="percent of traces mesh-proxy-traced samples")
     ap.add_argument("--json", default="")
     ap.add_argument("--perf", default="", help="write a perf profile of each proxy to this directory")
     ap.add_argument("--strace", default="", help="write syscall counts of each proxy to this directory")
@@ -216,18 +219,26 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
             os.path.join(work, "controller.log"), cpu=0, env={"MESH_LOG": "warn"})
         wait_port(xds_port)
 
-        def mesh_proxy():
-            port = free_port()
-            p = Proc(
-                [os.path.join(rel, "mesh-proxy"), "--xds", f"127.0.0.1:{xds_port}",
-                 "--node", "default/bench-mesh", "--workers", "1", "--identity-off",
-                 "--outbound-http-addr", f"127.0.0.1:{port}",
-                 "--admin-addr", f"127.0.0.1:{free_port()}",
-                 "--metrics-addr", f"127.0.0.1:{free_port()}"],
-                os.path.join(work, "mesh-proxy.log"), cpu=1, env={"MESH_LOG": "warn"})
-            wait_port(port)
-            mesh.connect_to = f"bench.default:80:127.0.0.1:{port}"
-            return p
+        # An OTLP/gRPC sink for the traced variant, on core 0 with the other helpers.
+        sink_port = free_port()
+        spawn([PYTHON, os.path.join(ROOT, "scripts", "otlp_sink.py"), str(sink_port)],
+              os.path.join(work, "otlp-sink.log"), cpu=0)
+        wait_port(sink_port)
+
+        def mesh_proxy_with(peer, extra):
+            def start():
+                port = free_port()
+                p = Proc(
+                    [os.path.join(rel, "mesh-proxy"), "--xds", f"127.0.0.1:{xds_port}",
+                     "--node", "default/bench-mesh", "--workers", "1", "--identity-off",
+                     "--outbound-http-addr", f"127.0.0.1:{port}",
+                     "--admin-addr", f"127.0.0.1:{free_port()}",
+                     "--metrics-addr", f"127.0.0.1:{free_port()}"] + extra,
+                    os.path.join(work, f"{peer.name}.log"), cpu=1, env={"MESH_LOG": "warn"})
+                wait_port(port)
+                peer.connect_to = f"bench.default:80:127.0.0.1:{port}"
+                return p
+            return start
 
         def envoy():
             port, admin = free_port(), free_port()
@@ -291,11 +302,19 @@ backend be
 
         direct = Peer("direct", lambda: None, "http://bench.default/",
                       f"bench.default:80:127.0.0.1:{backend_port}")
-        mesh = Peer("mesh-proxy", mesh_proxy, "http://bench.default/")
+        # mesh-proxy as it ships (request metrics on, 1 % of traces sampled, nothing exported);
+        # with per-request telemetry off; and with the sampled spans exported over OTLP.
+        mesh = Peer("mesh-proxy", None, "http://bench.default/")
+        mesh._start = mesh_proxy_with(mesh, [])
+        quiet = Peer("mesh-proxy-telemetry-off", None, "http://bench.default/")
+        quiet._start = mesh_proxy_with(quiet, ["--telemetry", "false"])
+        traced = Peer("mesh-proxy-traced", None, "http://bench.default/")
+        traced._start = mesh_proxy_with(
+            traced, ["--tracing-endpoint", f"http://127.0.0.1:{sink_port}", "--tracing-sampling", a.sampling])
         env_peer = Peer("envoy", envoy, "http://bench.default/")
         ngx = Peer("nginx", nginx, "http://bench.default/")
         hap = Peer("haproxy", haproxy, "http://bench.default/")
-        peers = [direct, mesh, env_peer, ngx, hap]
+        peers = [direct, mesh, quiet, traced, env_peer, ngx, hap]
         if a.only:
             keep = set(a.only.split(",")) | {"direct"}
             peers = [p for p in peers if p.name in keep]
@@ -403,6 +422,20 @@ backend be
             rps = med("mesh-proxy", "max_rps")[0] / med("nginx", "max_rps")[0]
             print(f"mesh-proxy / nginx: CPU per request {cpu:.2f}x, added p99 {p99:.2f}x, "
                   f"max rps {rps:.2f}x")
+        if "mesh-proxy-telemetry-off" in results and "mesh-proxy-traced" in results:
+            off = med("mesh-proxy-telemetry-off", "cpu_us_per_req")[0]
+            on = med("mesh-proxy", "cpu_us_per_req")[0] if "mesh-proxy" in results else None
+            tr = med("mesh-proxy-traced", "cpu_us_per_req")[0]
+            # Per round, so that drifts between rounds cancel.
+            ratios = [t["cpu_us_per_req"] / o["cpu_us_per_req"]
+                      for t, o in zip(results["mesh-proxy-traced"], results["mesh-proxy-telemetry-off"])]
+            print()
+            line = (f"telemetry: metrics + {a.sampling} % tracing exported / telemetry off: CPU per request "
+                    f"{tr / off:.3f}x (median of per-round ratios {statistics.median(ratios):.3f}x, "
+                    f"range {min(ratios):.3f}-{max(ratios):.3f})")
+            if on:
+                line += f"; as shipped (nothing exported) {on / off:.3f}x"
+            print(line)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=1)
@@ -416,6 +449,7 @@ backend be
 
 OHA = os.environ.get("OHA") or shutil.which("oha") or "/var/tmp/oha-root/bin/oha"
 ENVOY = os.environ.get("MESH_ENVOY") or os.path.join(ROOT, ".venv/bin/envoy")
+PYTHON = os.environ.get("MESH_PYTHON") or os.path.join(ROOT, ".venv/bin/python")
 
 if __name__ == "__main__":
     sys.exit(main())

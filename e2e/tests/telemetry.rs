@@ -373,3 +373,32 @@ async fn metrics_in_both_formats() -> anyhow::Result<()> {
     assert_eq!(names(&om), names(&text));
     Ok(())
 }
+
+/// `--telemetry false`: requests still flow, and nothing per request is recorded or added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_off_records_and_propagates_nothing() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo").await?;
+    let mesh = LocalMesh::start().await?;
+    let off = |c: &mut mesh_proxy::Config| c.telemetry = false;
+    let pair = mesh
+        .sidecar_pair_with(PairOptions {
+            port_name: "http",
+            app_port: app.addr.port(),
+            tweak: Some(&off),
+            ..Default::default()
+        })
+        .await?;
+    let mut client = ProxyClient::new(pair.outbound);
+    for _ in 0..3 {
+        let (code, head, _) = client.get_full("echo", "/", &[]).await?;
+        assert_eq!(code, 200);
+        assert_eq!(head["x-seen-traceparent"], "");
+        assert_eq!(head["x-seen-source-workload"], "");
+    }
+    for proxy in [&pair.client, &pair.server] {
+        let text = proxy.metrics.encode();
+        assert!(!text.contains("mesh_proxy_requests_total{"), "{text}");
+        assert!(text.contains("mesh_proxy_connections_total{"), "{text}");
+    }
+    Ok(())
+}

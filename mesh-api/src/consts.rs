@@ -186,6 +186,8 @@ pub mod env {
     pub const PROXY_SERVICE_ACCOUNT: &str = "MESH_PROXY_SERVICE_ACCOUNT";
     /// Proxy: the workload it serves, for metrics (default: the pod's name).
     pub const PROXY_WORKLOAD: &str = "MESH_PROXY_WORKLOAD";
+    /// Proxy: per-request telemetry on or off.
+    pub const PROXY_TELEMETRY: &str = "MESH_PROXY_TELEMETRY";
     /// Proxy: the OTLP/gRPC collector spans go to.
     pub const PROXY_TRACING_ENDPOINT: &str = "MESH_PROXY_TRACING_ENDPOINT";
     /// Proxy: percentage of new traces sampled.

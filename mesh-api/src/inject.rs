@@ -23,6 +23,12 @@ pub struct InjectSettings {
     pub log_level: String,
     /// The proxy container's `resources`; `null` for none.
     pub resources: Value,
+    /// The OTLP/gRPC collector proxies send spans to; empty: none.
+    pub tracing_endpoint: String,
+    /// Percentage of new traces sampled.
+    pub tracing_sampling: f64,
+    /// JSON access logs on the proxy's stdout.
+    pub access_log: bool,
 }
 
 /// What injection did.
@@ -210,8 +216,27 @@ fn workload_of(obj: &Value, path: &[&str]) -> String {
     label.unwrap_or(own).to_string()
 }
 
+/// The proxy's environment: who it is, its log filter, and the mesh's telemetry settings.
+fn proxy_env(s: &InjectSettings) -> Value {
+    use crate::consts::env as names;
+    let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
+    let mut env = vec![
+        field("POD_NAME", "metadata.name"),
+        field("POD_NAMESPACE", "metadata.namespace"),
+        field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        json!({"name": names::LOG, "value": s.log_level}),
+        json!({"name": names::PROXY_TRACING_SAMPLING, "value": s.tracing_sampling.to_string()}),
+    ];
+    if !s.tracing_endpoint.is_empty() {
+        env.push(json!({"name": names::PROXY_TRACING_ENDPOINT, "value": s.tracing_endpoint}));
+    }
+    if s.access_log {
+        env.push(json!({"name": names::PROXY_ACCESS_LOG, "value": "-"}));
+    }
+    Value::Array(env)
+}
+
 fn proxy_container(s: &InjectSettings, workload: &str) -> Value {
-    let env = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let mut c = json!({
         "name": PROXY_CONTAINER,
         "image": s.proxy_image,
@@ -227,12 +252,7 @@ fn proxy_container(s: &InjectSettings, workload: &str) -> Value {
             "--ca-token-file", "/var/run/secrets/tokens/mesh-ca-token",
             "--trust-domain", s.trust_domain
         ],
-        "env": [
-            env("POD_NAME", "metadata.name"),
-            env("POD_NAMESPACE", "metadata.namespace"),
-            env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-            {"name": crate::consts::env::LOG, "value": s.log_level}
-        ],
+        "env": proxy_env(s),
         "ports": [{"name": "mesh-metrics", "containerPort": ports::PROXY_METRICS}],
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": ports::PROXY_METRICS},
@@ -260,6 +280,7 @@ fn proxy_container(s: &InjectSettings, workload: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn settings() -> InjectSettings {
         InjectSettings {
@@ -270,6 +291,9 @@ mod tests {
             proxy_uid: 1337,
             log_level: "info".into(),
             resources: json!({"requests": {"cpu": "10m"}}),
+            tracing_endpoint: "http://otel-collector.observability:4317".into(),
+            tracing_sampling: 0.5,
+            access_log: true,
         }
     }
 
@@ -310,6 +334,30 @@ mod tests {
             .map(|v| v.iter().filter_map(|x| x["name"].as_str()).collect())
             .unwrap_or_default();
         assert_eq!(vols, ["mesh-token", "mesh-ca-root"]);
+        // Telemetry settings and the workload metrics name it by.
+        let env: BTreeMap<&str, &Value> = proxy["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e["name"].as_str()?, &e["value"])))
+            .collect();
+        assert_eq!(
+            env["MESH_PROXY_TRACING_ENDPOINT"],
+            "http://otel-collector.observability:4317"
+        );
+        assert_eq!(env["MESH_PROXY_TRACING_SAMPLING"], "0.5");
+        assert_eq!(env["MESH_PROXY_ACCESS_LOG"], "-");
+        let args: Vec<&str> = proxy["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        let at = args
+            .iter()
+            .position(|a| *a == "--workload")
+            .expect("--workload");
+        assert_eq!(args[at + 1], "web");
         // Twice: nothing changes.
         let once = p.clone();
         assert_eq!(
@@ -329,6 +377,16 @@ mod tests {
         assert_eq!(
             names(&d["spec"]["template"]["spec"], "initContainers"),
             ["mesh-init", "mesh-proxy"]
+        );
+        let args = &d["spec"]["template"]["spec"]["initContainers"][1]["args"];
+        let at = args
+            .as_array()
+            .and_then(|a| a.iter().position(|x| x == "--workload"))
+            .expect("--workload");
+        assert_eq!(
+            args[at + 1],
+            "web",
+            "a Deployment's pods are the Deployment"
         );
         let mut cj = json!({"kind": "CronJob", "spec": {"jobTemplate": {"spec": {"template":
             {"spec": {"containers": [{"name": "job"}]}}}}}});

@@ -34,6 +34,14 @@ pub use gateway_api;
 pub use k8s_openapi;
 pub use spiffe::{SpiffeId, SpiffeIdError};
 
+/// A percentage from 0 to 100 (`1`, `0.5`, `25%`); an error names the text.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    match s.trim().trim_end_matches('%').parse::<f64>() {
+        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
+    }
+}
+
 /// A JSON merge patch (RFC 7386, also how Helm merges values files): objects merge key by key,
 /// `null` deletes a key, anything else replaces.
 pub fn merge_patch(target: &mut serde_json::Value, patch: serde_json::Value) {

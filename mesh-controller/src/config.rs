@@ -124,6 +124,19 @@ pub struct Config {
     #[arg(long, default_value = "info")]
     pub inject_proxy_log_level: String,
 
+    /// Injection: the OTLP/gRPC collector sidecars send spans to (`http://HOST:4317`); empty:
+    /// traces are propagated, not exported.
+    #[arg(long, default_value = "", value_parser = parse_endpoint)]
+    pub inject_tracing_endpoint: String,
+
+    /// Injection: percentage of new traces sidecars sample (0-100).
+    #[arg(long, default_value_t = 1.0, value_parser = mesh_api::parse_percent)]
+    pub inject_tracing_sampling: f64,
+
+    /// Injection: sidecars write JSON access logs to their stdout.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub inject_access_log: bool,
+
     /// Injection: the proxy container's resources, as JSON
     /// (`{"requests":{"cpu":"10m"},"limits":{"memory":"256Mi"}}`).
     #[arg(long, value_parser = parse_resources)]
@@ -178,6 +191,9 @@ impl Config {
             inject_xds_addr: None,
             inject_ca_addr: None,
             inject_proxy_log_level: "info".into(),
+            inject_tracing_endpoint: String::new(),
+            inject_tracing_sampling: 1.0,
+            inject_access_log: false,
             inject_proxy_resources: None,
         }
     }
@@ -206,6 +222,9 @@ impl Config {
             trust_domain: self.trust_domain.clone(),
             proxy_uid: mesh_api::inject::PROXY_UID,
             log_level: self.inject_proxy_log_level.clone(),
+            tracing_endpoint: self.inject_tracing_endpoint.clone(),
+            tracing_sampling: self.inject_tracing_sampling,
+            access_log: self.inject_access_log,
             resources: self
                 .inject_proxy_resources
                 .clone()
@@ -220,5 +239,15 @@ impl Config {
             mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT,
             self.namespace
         )
+    }
+}
+/// `--inject-tracing-endpoint`: empty, or an `http://` URL (what mesh-proxy can send to).
+fn parse_endpoint(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.starts_with("http://") {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: expected an http:// URL (sidecars send spans in plaintext gRPC)"
+        ))
     }
 }

@@ -123,6 +123,9 @@ mod tests {
             proxy_uid: mesh_api::inject::PROXY_UID,
             log_level: "info".into(),
             resources: serde_json::Value::Null,
+            tracing_endpoint: String::new(),
+            tracing_sampling: 1.0,
+            access_log: false,
         }
     }
 

@@ -115,6 +115,12 @@ pub struct Config {
     #[arg(long, env = env::PROXY_WORKLOAD)]
     pub workload: Option<String>,
 
+    /// Per-request telemetry: request metrics, spans, trace propagation and access logs.
+    /// `false` turns all of it off (connection, TLS and xDS metrics stay): for benchmarks and
+    /// for workloads where every microsecond counts.
+    #[arg(long, env = env::PROXY_TELEMETRY, default_value_t = true, action = clap::ArgAction::Set)]
+    pub telemetry: bool,
+
     /// Where to send spans: an OTLP/gRPC collector (`http://host:4317`). Without it, the
     /// proxy still propagates trace context but exports nothing.
     #[arg(long, env = env::PROXY_TRACING_ENDPOINT)]
@@ -122,7 +128,7 @@ pub struct Config {
 
     /// Percentage of new traces to sample (0-100); a request that arrives with a sampling
     /// decision keeps it (parent-based).
-    #[arg(long, env = env::PROXY_TRACING_SAMPLING, default_value_t = 1.0, value_parser = parse_percent)]
+    #[arg(long, env = env::PROXY_TRACING_SAMPLING, default_value_t = 1.0, value_parser = mesh_api::parse_percent)]
     pub tracing_sampling: f64,
 
     /// Access log: off unless set; `-` writes JSON lines to stdout, anything else names a file
@@ -182,6 +188,7 @@ impl Config {
             ca_token_file: PathBuf::new(),
             service_account: "default".into(),
             workload: None,
+            telemetry: true,
             tracing_endpoint: None,
             tracing_sampling: 1.0,
             access_log: None,
@@ -287,25 +294,21 @@ mod duration_str {
     }
 }
 
-/// `--tracing-sampling`: a percentage from 0 to 100.
-fn parse_percent(s: &str) -> Result<f64, String> {
-    match s.trim().trim_end_matches('%').parse::<f64>() {
-        Ok(p) if (0.0..=100.0).contains(&p) => Ok(p),
-        _ => Err(format!("{s:?} is not a percentage from 0 to 100")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn sampling_is_a_percentage() {
-        assert_eq!(parse_percent("1"), Ok(1.0));
-        assert_eq!(parse_percent("0.5%"), Ok(0.5));
+        let parse = mesh_api::parse_percent;
+        assert_eq!(parse("1"), Ok(1.0));
+        assert_eq!(parse("0.5%"), Ok(0.5));
         for bad in ["101", "-1", "lots"] {
-            assert!(parse_percent(bad).expect_err(bad).contains(bad));
+            assert!(parse(bad).expect_err(bad).contains(bad));
         }
+        let c =
+            Config::try_parse_from(["mesh-proxy", "--node", "a/b", "--tracing-sampling", "250"]);
+        assert!(c.expect_err("out of range").to_string().contains("250"));
     }
 
     #[test]

@@ -23,12 +23,33 @@ pub enum Direction {
 
 /// One end of a request or connection: the workload, its namespace and its mesh identity.
 /// Bounded by design: never a pod or an address.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Peer {
     pub namespace: String,
     pub workload: String,
     /// SPIFFE ID, or `unknown` (plaintext, identity off, or a peer outside the mesh).
     pub identity: String,
+    /// Of the three above, computed once: a request looks its edge up by peer.
+    #[serde(skip)]
+    hash: u64,
+}
+
+impl PartialEq for Peer {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+            || (self.hash == other.hash
+                && self.namespace == other.namespace
+                && self.workload == other.workload
+                && self.identity == other.identity)
+    }
+}
+
+impl Eq for Peer {}
+
+impl std::hash::Hash for Peer {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 /// What a label says when the proxy cannot know.
@@ -43,10 +64,15 @@ impl Peer {
                 s.to_string()
             }
         };
+        let (namespace, workload) = (or_unknown(namespace), or_unknown(workload));
+        let identity = identity.map_or_else(|| UNKNOWN.to_string(), ToString::to_string);
+        let mut h = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&(&namespace, &workload, &identity), &mut h);
         Peer {
-            namespace: or_unknown(namespace),
-            workload: or_unknown(workload),
-            identity: identity.map_or_else(|| UNKNOWN.to_string(), ToString::to_string),
+            hash: std::hash::Hasher::finish(&h),
+            namespace,
+            workload,
+            identity,
         }
     }
 

@@ -131,14 +131,16 @@ impl Proxy {
         shared.own = data.iter().map(|(_, l)| local(l)).collect();
         shared.tls = tls.clone();
         let (_, pod) = config.node_parts()?;
-        shared.tracing = Some(Arc::new(Tracing::new(
-            config.tracing_endpoint.as_deref(),
-            config.tracing_sampling,
-            &metrics.me,
-            pod,
-        )?));
-        if let Some(path) = &config.access_log {
-            shared.access_log = Some(AccessLog::open(path)?);
+        if config.telemetry {
+            shared.tracing = Some(Arc::new(Tracing::new(
+                config.tracing_endpoint.as_deref(),
+                config.tracing_sampling,
+                &metrics.me,
+                pod,
+            )?));
+            if let Some(path) = &config.access_log {
+                shared.access_log = Some(AccessLog::open(path)?);
+            }
         }
         let shared = Arc::new(shared);
 

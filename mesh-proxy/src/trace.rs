@@ -2,6 +2,7 @@
 //! proxy (SERVER inbound, CLIENT outbound), sampled parent-based (a fixed percentage of new
 //! traces), exported over OTLP/gRPC. The reference is `docs/reference/proxy.md#tracing`.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -11,9 +12,10 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::runtime::Tokio;
 use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, Sampler, SdkTracerProvider, Span, Tracer,
+    BatchConfigBuilder, Sampler, SdkTracerProvider, Span, SpanData, SpanProcessor, Tracer,
     span_processor_with_async_runtime::BatchSpanProcessor,
 };
 
@@ -26,6 +28,10 @@ pub const B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
 pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
 pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// Why an endpoint is refused: OTLP goes out in plaintext (to a collector in the cluster or
+/// on the node).
+pub const NOT_HTTP: &str = "expected an http:// URL (spans are sent in plaintext gRPC; TLS to the collector is not supported)";
 
 /// How often finished spans are sent to the collector.
 const EXPORT_EVERY: Duration = Duration::from_secs(1);
@@ -59,8 +65,31 @@ fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Lower-case hex of `bytes` into `out` (twice as long).
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// `00-<trace id>-<span id>-<flags>`, built without formatting machinery (once per request).
+fn traceparent_value(c: &TraceContext) -> HeaderValue {
+    let mut v = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    hex_into(&c.trace_id, &mut v[3..35]);
+    hex_into(&c.span_id, &mut v[36..52]);
+    if c.sampled {
+        v[54] = b'1';
+    }
+    HeaderValue::from_bytes(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// A B3 trace ID: 32 hex digits, or 16 (then padded on the left, as B3 says).
@@ -133,11 +162,7 @@ pub fn extract(h: &HeaderMap) -> Option<(TraceContext, Format)> {
 /// Writes `c` (this proxy's span as the parent of the next hop) into the request: always
 /// `traceparent`, and B3 in the format the request came with.
 pub fn inject(h: &mut HeaderMap, c: &TraceContext, came_as: Option<Format>) {
-    let flag = if c.sampled { "01" } else { "00" };
-    let tp = format!("00-{}-{}-{flag}", hex(&c.trace_id), hex(&c.span_id));
-    if let Ok(v) = HeaderValue::from_str(&tp) {
-        h.insert(TRACEPARENT, v);
-    }
+    h.insert(TRACEPARENT, traceparent_value(c));
     let sampled = if c.sampled { "1" } else { "0" };
     match came_as {
         Some(Format::B3Single) => {
@@ -171,6 +196,8 @@ pub fn inject(h: &mut HeaderMap, c: &TraceContext, came_as: Option<Format>) {
 pub struct Tracing {
     provider: SdkTracerProvider,
     tracer: Tracer,
+    /// The share of new traces sampled, 0 to 1.
+    ratio: f64,
     /// Dropped last: ends the export thread, once the provider has flushed.
     _export: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -202,17 +229,18 @@ impl Tracing {
                 KeyValue::new("mesh.identity", me.identity.clone()),
             ])
             .build();
+        // The sampling decision is made before the SDK sees a request (see `start`): it only
+        // makes the spans of sampled ones.
         let mut builder = SdkTracerProvider::builder()
-            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                percent / 100.0,
-            ))))
-            .with_resource(resource);
+            .with_sampler(Sampler::AlwaysOn)
+            .with_resource(resource.clone());
         let mut export = None;
         if let Some(endpoint) = endpoint {
-            let (processor, stop) = export_thread(endpoint).map_err(|reason| TracingError {
-                endpoint: endpoint.to_string(),
-                reason,
-            })?;
+            let (processor, stop) =
+                export_thread(endpoint, resource.clone()).map_err(|reason| TracingError {
+                    endpoint: endpoint.to_string(),
+                    reason,
+                })?;
             builder = builder.with_span_processor(processor);
             export = Some(stop);
         }
@@ -221,17 +249,40 @@ impl Tracing {
         Ok(Tracing {
             provider,
             tracer,
+            ratio: percent / 100.0,
             _export: export,
         })
     }
 
     /// Starts this proxy's span of a request that came with `parent` (or starts a trace).
-    /// Returns the span and the context to send on.
+    /// Returns the span (for a sampled request) and the context to send on.
+    ///
+    /// Sampling is parent-based: a parent's decision stands; a new trace is sampled with
+    /// probability `ratio`. An unsampled request never reaches the SDK: it gets a span ID
+    /// here, to pass on with the decision, and costs a few random numbers.
     pub fn start(
         &self,
         direction: Direction,
         parent: Option<&TraceContext>,
-    ) -> (Span, TraceContext) {
+    ) -> (Option<Span>, TraceContext) {
+        let sampled = match parent {
+            Some(p) => p.sampled,
+            None => self.ratio > 0.0 && rand::random::<f64>() < self.ratio,
+        };
+        if !sampled {
+            let mut rng = rand::rng();
+            let trace_id = match parent {
+                Some(p) => p.trace_id,
+                None => rand::Rng::random::<u128>(&mut rng).max(1).to_be_bytes(),
+            };
+            let span_id = rand::Rng::random::<u64>(&mut rng).max(1).to_be_bytes();
+            let next = TraceContext {
+                trace_id,
+                span_id,
+                sampled: false,
+            };
+            return (None, next);
+        }
         let cx = match parent {
             Some(p) => Context::new().with_remote_span_context(SpanContext::new(
                 TraceId::from_bytes(p.trace_id),
@@ -259,9 +310,9 @@ impl Tracing {
         let next = TraceContext {
             trace_id: sc.trace_id().to_bytes(),
             span_id: sc.span_id().to_bytes(),
-            sampled: sc.is_sampled(),
+            sampled: true,
         };
-        (span, next)
+        (Some(span), next)
     }
 
     /// Sends what is buffered and stops exporting.
@@ -274,9 +325,10 @@ impl Tracing {
 /// blocks the caller until the export ran) never waits on the thread it blocks.
 fn export_thread(
     endpoint: &str,
-) -> Result<(BatchSpanProcessor<Tokio>, tokio::sync::oneshot::Sender<()>), String> {
-    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-        return Err("expected an http:// or https:// URL".into());
+    resource: opentelemetry_sdk::Resource,
+) -> Result<(Buffered, tokio::sync::oneshot::Sender<()>), String> {
+    if !endpoint.starts_with("http://") {
+        return Err(NOT_HTTP.into());
     }
     let endpoint = endpoint.to_string();
     let (built_tx, built_rx) = std::sync::mpsc::channel();
@@ -301,18 +353,35 @@ fn export_thread(
                     .with_timeout(Duration::from_secs(5))
                     .build();
                 let built = exporter.map_err(|e| e.to_string()).map(|exporter| {
-                    BatchSpanProcessor::builder(exporter, Tokio)
+                    let mut batch = BatchSpanProcessor::builder(exporter, Tokio)
                         .with_batch_config(
                             BatchConfigBuilder::default()
                                 .with_scheduled_delay(EXPORT_EVERY)
                                 .build(),
                         )
-                        .build()
+                        .build();
+                    // The provider gives its resource to the processors it holds; this one
+                    // it never sees.
+                    batch.set_resource(&resource);
+                    Buffered {
+                        spans: Arc::default(),
+                        inner: Arc::new(batch),
+                    }
                 });
-                let ok = built.is_ok();
-                let _ = built_tx.send(built);
-                if ok {
-                    let _ = stop_rx.await;
+                let Ok(buffered) = built else {
+                    let _ = built_tx.send(built);
+                    return;
+                };
+                let (spans, inner) = (buffered.spans.clone(), buffered.inner.clone());
+                let _ = built_tx.send(Ok(buffered));
+                // Hand the buffered spans over from this thread, a few times a second.
+                let mut tick = tokio::time::interval(HAND_OVER_EVERY);
+                let mut stop_rx = stop_rx;
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => hand_over(&spans, &inner),
+                        _ = &mut stop_rx => break,
+                    }
                 }
             });
         })
@@ -321,6 +390,48 @@ fn export_thread(
         .recv()
         .map_err(|_| "the export thread ended".to_string())??;
     Ok((processor, stop_tx))
+}
+
+/// How often spans buffered by the workers are handed to the exporter.
+const HAND_OVER_EVERY: Duration = Duration::from_millis(250);
+/// Spans a proxy holds for export at most; beyond that new ones are dropped.
+const MAX_BUFFERED: usize = 8192;
+
+/// Finished spans wait here, taken under a lock by the workers, until the export thread hands
+/// them to the batch processor: a span then costs its worker a push, not a wake-up of another
+/// thread.
+#[derive(Debug)]
+struct Buffered {
+    spans: Arc<Mutex<Vec<SpanData>>>,
+    inner: Arc<BatchSpanProcessor<Tokio>>,
+}
+
+fn hand_over(spans: &Mutex<Vec<SpanData>>, inner: &BatchSpanProcessor<Tokio>) {
+    let batch = std::mem::take(&mut *spans.lock().unwrap_or_else(PoisonError::into_inner));
+    for s in batch {
+        inner.on_end(s);
+    }
+}
+
+impl SpanProcessor for Buffered {
+    fn on_start(&self, _span: &mut Span, _cx: &Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        let mut spans = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
+        if spans.len() < MAX_BUFFERED {
+            spans.push(span);
+        }
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        hand_over(&self.spans, &self.inner);
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        hand_over(&self.spans, &self.inner);
+        self.inner.shutdown_with_timeout(timeout)
+    }
 }
 
 /// The trace ID as 32 hex digits (access logs).

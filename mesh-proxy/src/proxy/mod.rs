@@ -143,6 +143,10 @@ impl Shared {
             .max_pending_accept_reset_streams(20)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(10));
+        let source_header = config
+            .telemetry
+            .then(|| observe::source_value(&metrics.me))
+            .flatten();
         Self {
             config,
             store,
@@ -152,7 +156,7 @@ impl Shared {
             tls: None,
             tracing: None,
             access_log: None,
-            source_header: observe::source_value(&metrics.me),
+            source_header,
             metrics,
         }
     }

@@ -79,6 +79,8 @@ pub fn source_value(me: &Peer) -> Option<HeaderValue> {
 /// A request being served, and what is known about it so far.
 #[derive(Debug)]
 pub struct Exchange {
+    /// Per-request telemetry is on (`--telemetry`); off, nothing is recorded.
+    on: bool,
     shared: Arc<Shared>,
     direction: Direction,
     start: Instant,
@@ -110,6 +112,7 @@ impl Exchange {
         req: &mut Request<B>,
         local: SocketAddr,
     ) -> Self {
+        let on = shared.config.telemetry;
         let mut span = None;
         let mut trace = None;
         if let Some(tracing) = &shared.tracing {
@@ -121,7 +124,7 @@ impl Exchange {
                 parent.map(|(_, f)| f).or(Some(Format::W3c)),
             );
             trace = Some(next);
-            span = Some(s).filter(|s| s.is_recording());
+            span = s;
         }
         let log = shared.access_log.as_ref().map(|_| {
             let h = req.headers();
@@ -160,6 +163,7 @@ impl Exchange {
             ]);
         }
         Exchange {
+            on,
             shared: shared.clone(),
             direction,
             start: Instant::now(),
@@ -168,7 +172,11 @@ impl Exchange {
             headers_after: None,
             status: None,
             grpc: None,
-            request_bytes: Arc::new(AtomicU64::new(0)),
+            request_bytes: if on {
+                Arc::new(AtomicU64::new(0))
+            } else {
+                nowhere()
+            },
             response_bytes: 0,
             flags: "-",
             span,
@@ -208,6 +216,9 @@ impl Exchange {
 
     /// Wraps the response: its status now, its gRPC status and bytes as the body goes.
     pub fn respond(mut self, resp: Response<Body>) -> Response<Body> {
+        if !self.on {
+            return resp;
+        }
         self.status = Some(resp.status().as_u16());
         if self.headers_after.is_none() {
             self.headers_after = Some(self.start.elapsed());
@@ -223,6 +234,9 @@ impl Exchange {
     }
 
     fn record(&mut self) {
+        if !self.on {
+            return;
+        }
         let shared = self.shared.clone();
         let metrics = &shared.metrics;
         let status = match self.flags {
@@ -291,6 +305,12 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         self.record();
     }
+}
+
+/// Where request bytes go when nobody counts them.
+fn nowhere() -> Arc<AtomicU64> {
+    static NOWHERE: std::sync::OnceLock<Arc<AtomicU64>> = std::sync::OnceLock::new();
+    NOWHERE.get_or_init(Arc::default).clone()
 }
 
 fn grpc_status(h: &HeaderMap) -> Option<u8> {

@@ -339,6 +339,9 @@ pub fn inject_settings(v: &Values, ns: &str) -> InjectSettings {
         proxy_uid: mesh_api::inject::PROXY_UID,
         log_level: v.proxy.log_level.as_str().into(),
         resources: json!(v.proxy.resources),
+        tracing_endpoint: v.proxy.tracing.endpoint.clone(),
+        tracing_sampling: v.proxy.tracing.sampling,
+        access_log: v.proxy.access_log,
     }
 }
 
@@ -359,6 +362,9 @@ fn controller_deployment(v: &Values, ns: &str) -> Value {
         format!("--inject-xds-addr={}", s.xds_addr),
         format!("--inject-ca-addr={}", s.ca_addr),
         format!("--inject-proxy-log-level={}", s.log_level),
+        format!("--inject-tracing-endpoint={}", s.tracing_endpoint),
+        format!("--inject-tracing-sampling={}", s.tracing_sampling),
+        format!("--inject-access-log={}", s.access_log),
         // Keys sorted, as Helm's toJson writes them.
         format!("--inject-proxy-resources={}", s.resources),
     ];

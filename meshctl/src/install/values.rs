@@ -78,7 +78,22 @@ pub struct Ca {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Proxy {
     pub log_level: LogLevel,
+    pub tracing: Tracing,
+    /// JSON access log lines on each sidecar's stdout.
+    pub access_log: bool,
     pub resources: Resources,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tracing {
+    /// The OTLP/gRPC collector spans go to, `http://HOST:4317`; empty: trace context is
+    /// propagated, nothing is exported.
+    #[schemars(regex(pattern = r"^(http://.+)?$"))]
+    pub endpoint: String,
+    /// Percentage of new traces sampled; a request that arrives with a decision keeps it.
+    #[schemars(range(min = 0, max = 100))]
+    pub sampling: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -175,6 +190,19 @@ impl Values {
         }
         if let Err(e) = mesh_api::duration::parse(&self.ca.cert_lifetime) {
             bail!("values: ca.certLifetime {:?}: {e}", self.ca.cert_lifetime);
+        }
+        let t = &self.proxy.tracing;
+        if !(0.0..=100.0).contains(&t.sampling) {
+            bail!(
+                "values: proxy.tracing.sampling {}: not a percentage from 0 to 100",
+                t.sampling
+            );
+        }
+        if !(t.endpoint.is_empty() || t.endpoint.starts_with("http://")) {
+            bail!(
+                "values: proxy.tracing.endpoint {:?}: expected an http:// URL (sidecars send spans in plaintext gRPC)",
+                t.endpoint
+            );
         }
         for (field, r) in [
             ("controller", &self.controller.resources),
@@ -278,6 +306,21 @@ mod tests {
             .expect_err("bad quantity")
             .to_string();
         assert!(e.contains("proxy.resources.limits.memory"), "{e}");
+        let e = with("proxy: {tracing: {sampling: 150}}\n")
+            .expect_err("bad sampling")
+            .to_string();
+        assert!(e.contains("proxy.tracing.sampling 150"), "{e}");
+        let e = with("proxy: {tracing: {endpoint: 'https://collector:4317'}}\n")
+            .expect_err("TLS endpoint")
+            .to_string();
+        assert!(
+            e.contains("proxy.tracing.endpoint") && e.contains("https://collector"),
+            "{e}"
+        );
+        let v = with("proxy: {tracing: {endpoint: 'http://collector:4317', sampling: 0.5}, accessLog: true}\n")
+            .expect("valid");
+        assert_eq!(v.proxy.tracing.sampling, 0.5);
+        assert!(v.proxy.access_log);
     }
 
     #[test]
