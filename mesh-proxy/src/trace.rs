@@ -265,12 +265,13 @@ impl Tracing {
         direction: Direction,
         parent: Option<&TraceContext>,
     ) -> (Option<Span>, TraceContext) {
+        let mut rng = rand::rng();
         let sampled = match parent {
             Some(p) => p.sampled,
-            None => self.ratio > 0.0 && rand::random::<f64>() < self.ratio,
+            None if self.ratio >= 1.0 => true,
+            None => self.ratio > 0.0 && rand::Rng::random::<f64>(&mut rng) < self.ratio,
         };
         if !sampled {
-            let mut rng = rand::rng();
             let trace_id = match parent {
                 Some(p) => p.trace_id,
                 None => rand::Rng::random::<u128>(&mut rng).max(1).to_be_bytes(),

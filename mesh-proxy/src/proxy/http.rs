@@ -327,7 +327,13 @@ async fn forward(
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let body = Counted::new(body, ex.request_bytes());
+    // A body that is already over is never read: nothing to count.
+    let counter = if body.is_end_stream() {
+        observe::nowhere()
+    } else {
+        ex.request_bytes()
+    };
+    let body = Counted::new(body, counter);
 
     // Header changes, least specific last so the route config has the final say (Envoy's
     // default order).

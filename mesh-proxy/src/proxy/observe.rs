@@ -92,14 +92,16 @@ pub struct Exchange {
     pub headers_after: Option<Duration>,
     pub status: Option<u16>,
     grpc: Option<u8>,
-    request_bytes: Arc<AtomicU64>,
+    /// Made when the request has a body to count.
+    request_bytes: Option<Arc<AtomicU64>>,
     response_bytes: u64,
     /// Envoy's response flags, `-` for none.
     pub flags: &'static str,
-    span: Option<opentelemetry_sdk::trace::Span>,
+    /// Boxed, as the access log entry: an exchange is moved a few times per request.
+    span: Option<Box<opentelemetry_sdk::trace::Span>>,
     /// The trace context sent on (`traceparent` to the next hop).
     pub trace: Option<TraceContext>,
-    log: Option<Entry>,
+    log: Option<Box<Entry>>,
 }
 
 impl Exchange {
@@ -124,12 +126,12 @@ impl Exchange {
                 parent.map(|(_, f)| f).or(Some(Format::W3c)),
             );
             trace = Some(next);
-            span = s;
+            span = s.map(Box::new);
         }
         let log = shared.access_log.as_ref().map(|_| {
             let h = req.headers();
             let text = |n: &HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-            Entry {
+            Box::new(Entry {
                 start_time: rfc3339(SystemTime::now()),
                 method: req.method().to_string(),
                 path: req
@@ -152,7 +154,7 @@ impl Exchange {
                 },
                 trace_id: trace.as_ref().map(trace::trace_id_hex),
                 ..Default::default()
-            }
+            })
         });
         if let Some(s) = span.as_mut() {
             s.update_name(format!("{} {}", req.method(), req.uri().path()));
@@ -172,11 +174,7 @@ impl Exchange {
             headers_after: None,
             status: None,
             grpc: None,
-            request_bytes: if on {
-                Arc::new(AtomicU64::new(0))
-            } else {
-                nowhere()
-            },
+            request_bytes: None,
             response_bytes: 0,
             flags: "-",
             span,
@@ -186,8 +184,11 @@ impl Exchange {
     }
 
     /// The counter request body bytes go to.
-    pub fn request_bytes(&self) -> Arc<AtomicU64> {
-        self.request_bytes.clone()
+    pub fn request_bytes(&mut self) -> Arc<AtomicU64> {
+        if !self.on {
+            return nowhere();
+        }
+        self.request_bytes.get_or_insert_with(Arc::default).clone()
     }
 
     /// Notes the upstream that answered (access log and span).
@@ -233,6 +234,12 @@ impl Exchange {
         })
     }
 
+    fn bytes_received(&self) -> u64 {
+        self.request_bytes
+            .as_ref()
+            .map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
     fn record(&mut self) {
         if !self.on {
             return;
@@ -249,8 +256,7 @@ impl Exchange {
             let edge = backend.edge(metrics, &self.peer);
             edge.count(metrics, status, self.grpc);
             edge.latency.observe(latency.as_secs_f64());
-            edge.request_bytes
-                .inc_by(self.request_bytes.load(Ordering::Relaxed));
+            edge.request_bytes.inc_by(self.bytes_received());
             edge.response_bytes.inc_by(self.response_bytes);
         }
         if let Some(mut span) = self.span.take() {
@@ -282,7 +288,7 @@ impl Exchange {
             l.response_code = self.status.unwrap_or(0);
             l.response_flags = self.flags.to_string();
             l.grpc_status = self.grpc;
-            l.bytes_received = self.request_bytes.load(Ordering::Relaxed);
+            l.bytes_received = self.bytes_received();
             l.bytes_sent = self.response_bytes;
             l.duration = self.start.elapsed().as_millis() as u64;
             l.upstream_service_time = self
@@ -296,7 +302,7 @@ impl Exchange {
             l.destination_workload = dst.workload.clone();
             l.destination_namespace = dst.namespace.clone();
             l.destination_principal = dst.identity.clone();
-            out.log(l);
+            out.log(*l);
         }
     }
 }
@@ -308,7 +314,7 @@ impl Drop for Exchange {
 }
 
 /// Where request bytes go when nobody counts them.
-fn nowhere() -> Arc<AtomicU64> {
+pub fn nowhere() -> Arc<AtomicU64> {
     static NOWHERE: std::sync::OnceLock<Arc<AtomicU64>> = std::sync::OnceLock::new();
     NOWHERE.get_or_init(Arc::default).clone()
 }
