@@ -67,6 +67,25 @@ fn check_histogram(samples: &[Sample], name: &str, want: &[(&str, &str)], count:
     );
 }
 
+/// A proxy's metrics, parsed.
+async fn scrape(addr: std::net::SocketAddr) -> Vec<Sample> {
+    parse(&http_get(addr, "/metrics").await.expect("metrics").1)
+}
+
+/// The labels of the client-to-echo edge as the proxy on one side reports it.
+fn edge(direction: &'static str) -> [(&'static str, &'static str); 8] {
+    [
+        ("direction", direction),
+        ("src_namespace", "default"),
+        ("src_workload", "client"),
+        ("src_identity", CLIENT_ID),
+        ("dst_namespace", "default"),
+        ("dst_workload", "echo"),
+        ("dst_identity", SERVER_ID),
+        ("grpc_status", ""),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_metrics_traces_and_access_logs_across_two_proxies() -> anyhow::Result<()> {
     let ca = TestCa::start(Duration::from_secs(3600)).await?;
@@ -98,18 +117,8 @@ async fn golden_metrics_traces_and_access_logs_across_two_proxies() -> anyhow::R
         async move { matches!(c.get("echo", "/warmup", &[]).await, Ok((200, _))).then_some(()) }
     })
     .await?;
-    let before_client = parse(
-        &http_get(pair.client.metrics_addr, "/metrics")
-            .await
-            .expect("metrics")
-            .1,
-    );
-    let before_server = parse(
-        &http_get(pair.server.metrics_addr, "/metrics")
-            .await
-            .expect("metrics")
-            .1,
-    );
+    let before_client = scrape(pair.client.metrics_addr).await;
+    let before_server = scrape(pair.server.metrics_addr).await;
 
     // 10 traced GETs, 5 untraced GETs, 4 POSTs of 1000 bytes, then 3 answered 503.
     let mut sent_traces = Vec::new();
@@ -156,38 +165,9 @@ async fn golden_metrics_traces_and_access_logs_across_two_proxies() -> anyhow::R
     }
 
     // Metrics: exact counts on both sides of the edge, by status class.
-    let client_edge = [
-        ("direction", "outbound"),
-        ("src_namespace", "default"),
-        ("src_workload", "client"),
-        ("src_identity", CLIENT_ID),
-        ("dst_namespace", "default"),
-        ("dst_workload", "echo"),
-        ("dst_identity", SERVER_ID),
-        ("grpc_status", ""),
-    ];
-    let server_edge = [
-        ("direction", "inbound"),
-        ("src_namespace", "default"),
-        ("src_workload", "client"),
-        ("src_identity", CLIENT_ID),
-        ("dst_namespace", "default"),
-        ("dst_workload", "echo"),
-        ("dst_identity", SERVER_ID),
-        ("grpc_status", ""),
-    ];
-    let after_client = parse(
-        &http_get(pair.client.metrics_addr, "/metrics")
-            .await
-            .expect("metrics")
-            .1,
-    );
-    let after_server = parse(
-        &http_get(pair.server.metrics_addr, "/metrics")
-            .await
-            .expect("metrics")
-            .1,
-    );
+    let (client_edge, server_edge) = (edge("outbound"), edge("inbound"));
+    let after_client = scrape(pair.client.metrics_addr).await;
+    let after_server = scrape(pair.server.metrics_addr).await;
     let delta = |before: &[Sample], after: &[Sample], name: &str, want: &[(&str, &str)]| {
         total(after, name, want) - total(before, name, want)
     };

@@ -94,9 +94,9 @@ impl Peer {
     }
 }
 
-/// Who called whom, through which route and backend: the labels every request series has.
+/// Who called whom: the direction and both ends, labels every request and TCP series has.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EdgeLabels {
+pub struct Ends {
     pub direction: Direction,
     pub src_namespace: String,
     pub src_workload: String,
@@ -104,13 +104,11 @@ pub struct EdgeLabels {
     pub dst_namespace: String,
     pub dst_workload: String,
     pub dst_identity: String,
-    pub route: String,
-    pub backend: String,
 }
 
-impl EdgeLabels {
-    fn new(direction: Direction, src: &Peer, dst: &Peer, route: &str, backend: &str) -> Self {
-        EdgeLabels {
+impl Ends {
+    fn new(direction: Direction, src: &Peer, dst: &Peer) -> Self {
+        Ends {
             direction,
             src_namespace: src.namespace.clone(),
             src_workload: src.workload.clone(),
@@ -118,6 +116,23 @@ impl EdgeLabels {
             dst_namespace: dst.namespace.clone(),
             dst_workload: dst.workload.clone(),
             dst_identity: dst.identity.clone(),
+        }
+    }
+}
+
+/// Who called whom, through which route and backend: the labels every request series has.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EdgeLabels {
+    #[prometheus(flatten)]
+    pub ends: Ends,
+    pub route: String,
+    pub backend: String,
+}
+
+impl EdgeLabels {
+    fn new(direction: Direction, src: &Peer, dst: &Peer, route: &str, backend: &str) -> Self {
+        EdgeLabels {
+            ends: Ends::new(direction, src, dst),
             route: route.to_string(),
             backend: backend.to_string(),
         }
@@ -137,28 +152,16 @@ pub struct RequestLabels {
 /// Labels of opaque TCP connections: the edge without a route.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
-    pub direction: Direction,
-    pub src_namespace: String,
-    pub src_workload: String,
-    pub src_identity: String,
-    pub dst_namespace: String,
-    pub dst_workload: String,
-    pub dst_identity: String,
+    #[prometheus(flatten)]
+    pub ends: Ends,
     pub backend: String,
 }
 
 impl TcpLabels {
     pub fn new(direction: Direction, src: &Peer, dst: &Peer, backend: &str) -> Self {
-        let e = EdgeLabels::new(direction, src, dst, "", backend);
         TcpLabels {
-            direction,
-            src_namespace: e.src_namespace,
-            src_workload: e.src_workload,
-            src_identity: e.src_identity,
-            dst_namespace: e.dst_namespace,
-            dst_workload: e.dst_workload,
-            dst_identity: e.dst_identity,
-            backend: e.backend,
+            ends: Ends::new(direction, src, dst),
+            backend: backend.to_string(),
         }
     }
 }
