@@ -292,6 +292,12 @@ async fn fifty_route_changes_under_load_lose_nothing() -> anyhow::Result<()> {
     let proxy = mesh
         .proxy(mesh.proxy_config("default/productpage-1"))
         .await?;
+    // The proxy may be ready before the controller has read the manifests: load starts once
+    // it routes reviews.
+    wait_config(&proxy, "the reviews route", |s| {
+        !weights(s, "outbound_http", "reviews.default.").is_empty()
+    })
+    .await?;
     let generation = proxy.store.load().map_or(0, |s| s.generation);
     let load = Load::start(
         proxy.outbound_http_addr.expect("listener"),
