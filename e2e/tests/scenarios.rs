@@ -85,17 +85,12 @@ async fn route<C: Cluster>(c: &mut C, yaml: &str) -> anyhow::Result<()> {
 }
 
 fn split(v1: u32, v2: u32) -> String {
-    format!(
-        "apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata: {{name: reviews, namespace: shop}}
-spec:
-  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
-  rules:
-  - backendRefs:
-    - {{name: reviews-v1, port: 9080, weight: {v1}}}
-    - {{name: reviews-v2, port: 9080, weight: {v2}}}
-"
+    mesh_controller::testing::split_yaml(
+        "shop",
+        "reviews",
+        "reviews",
+        9080,
+        &[("reviews-v1", v1), ("reviews-v2", v2)],
     )
 }
 

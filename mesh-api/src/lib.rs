@@ -42,6 +42,18 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
     }
 }
 
+/// Whether a proxy can send spans to this collector address: an `http://` URL (OTLP/gRPC in
+/// plaintext; TLS to the collector is not supported). The error says why not.
+pub fn check_otlp_endpoint(s: &str) -> Result<(), &'static str> {
+    if s.starts_with("http://") {
+        Ok(())
+    } else {
+        Err(
+            "expected an http:// URL (spans are sent in plaintext gRPC; TLS to the collector is not supported)",
+        )
+    }
+}
+
 /// A JSON merge patch (RFC 7386, also how Helm merges values files): objects merge key by key,
 /// `null` deletes a key, anything else replaces.
 pub fn merge_patch(target: &mut serde_json::Value, patch: serde_json::Value) {

@@ -243,11 +243,8 @@ impl Config {
 }
 /// `--inject-tracing-endpoint`: empty, or an `http://` URL (what mesh-proxy can send to).
 fn parse_endpoint(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.starts_with("http://") {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?}: expected an http:// URL (sidecars send spans in plaintext gRPC)"
-        ))
+    if !s.is_empty() {
+        mesh_api::check_otlp_endpoint(s).map_err(|e| format!("{s:?}: {e}"))?;
     }
+    Ok(s.to_string())
 }

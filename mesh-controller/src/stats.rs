@@ -220,11 +220,7 @@ impl Stats {
         scrapes.retain(|node, _| targets.iter().any(|(n, _)| n == node));
         for ((node, _), page) in targets.into_iter().zip(pages) {
             let Some(page) = page else { continue };
-            let samples = mesh_api::prom::parse(&page)
-                .into_iter()
-                .filter(|s| s.name == REQUESTS || s.name == BUCKETS)
-                .collect();
-            self.record(&mut scrapes, node, now, samples);
+            self.record(&mut scrapes, node, now, request_samples(&page));
         }
     }
 
@@ -245,12 +241,8 @@ impl Stats {
 
     /// Feeds a scrape taken elsewhere (tests, and anything that already holds the page).
     pub fn ingest(&self, node: &str, at: Instant, page: &str) {
-        let samples = mesh_api::prom::parse(page)
-            .into_iter()
-            .filter(|s| s.name == REQUESTS || s.name == BUCKETS)
-            .collect();
         let mut scrapes = self.lock();
-        self.record(&mut scrapes, node.to_string(), at, samples);
+        self.record(&mut scrapes, node.to_string(), at, request_samples(page));
     }
 
     /// How many proxies have been scraped at least once (and are still connected).
@@ -406,6 +398,14 @@ impl Stats {
             backends,
         })
     }
+}
+
+/// The series of a metrics page the stats are made of: request counts and latency buckets.
+fn request_samples(page: &str) -> Vec<Sample> {
+    mesh_api::prom::parse(page)
+        .into_iter()
+        .filter(|s| s.name == REQUESTS || s.name == BUCKETS)
+        .collect()
 }
 
 /// `namespace/name` of the Service an outbound cluster (`outbound|<port>||<name>.<ns>.svc.<domain>`)

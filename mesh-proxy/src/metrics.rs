@@ -21,6 +21,17 @@ pub enum Direction {
     inbound,
 }
 
+impl Direction {
+    /// `(source, destination)` of a request this proxy (`me`) sends (outbound) to `other`, or
+    /// receives (inbound) from it.
+    pub fn ends<'a>(self, me: &'a Peer, other: &'a Peer) -> (&'a Peer, &'a Peer) {
+        match self {
+            Direction::outbound => (me, other),
+            Direction::inbound => (other, me),
+        }
+    }
+}
+
 /// One end of a request or connection: the workload, its namespace and its mesh identity.
 /// Bounded by design: never a pod or an address.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -539,10 +550,7 @@ impl BackendMetrics {
         {
             return e.clone();
         }
-        let (src, dst) = match self.direction {
-            Direction::outbound => (&*metrics.me, &**peer),
-            Direction::inbound => (&**peer, &*metrics.me),
-        };
+        let (src, dst) = self.direction.ends(&metrics.me, peer);
         let labels = EdgeLabels::new(self.direction, src, dst, &self.route, &self.backend);
         self.edges
             .write()

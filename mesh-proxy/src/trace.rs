@@ -29,10 +29,6 @@ pub const B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentsp
 pub const B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
 pub const B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
 
-/// Why an endpoint is refused: OTLP goes out in plaintext (to a collector in the cluster or
-/// on the node).
-pub const NOT_HTTP: &str = "expected an http:// URL (spans are sent in plaintext gRPC; TLS to the collector is not supported)";
-
 /// How often finished spans are sent to the collector.
 const EXPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -328,9 +324,7 @@ fn export_thread(
     endpoint: &str,
     resource: opentelemetry_sdk::Resource,
 ) -> Result<(Buffered, tokio::sync::oneshot::Sender<()>), String> {
-    if !endpoint.starts_with("http://") {
-        return Err(NOT_HTTP.into());
-    }
+    mesh_api::check_otlp_endpoint(endpoint)?;
     let endpoint = endpoint.to_string();
     let (built_tx, built_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

@@ -478,7 +478,7 @@ async fn forward(
         if ctx.direction == Direction::outbound {
             ex.peer = ep.peer.clone();
         }
-        ex.upstream(&cluster.name, ep.addr, &levels.route.name);
+        ex.upstream(&cluster.name, ep.addr);
         let h2 = base_h2 || (ep.mesh_proxy && !upgrade);
         let target = Target {
             h2,

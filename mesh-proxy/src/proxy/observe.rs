@@ -25,10 +25,14 @@ use crate::trace::{self, Format, TraceContext};
 /// server proxy's metrics; trusted only over mesh TLS, never passed to an app.
 pub const SOURCE_WORKLOAD: HeaderName = HeaderName::from_static("x-mesh-source-workload");
 
-/// What an HTTP connection remembers of its callers, inbound: the last source header and the
-/// peer made of it (a connection almost always carries one caller).
+/// What a caller is worked out from: the source header, the client's identity and whether
+/// the proxy runs with identity off.
+type CallerKey = (Option<HeaderValue>, Option<mesh_api::SpiffeId>, bool);
+
+/// What an HTTP connection remembers of its callers, inbound: the last answer (a connection
+/// almost always carries one caller, with one identity).
 #[derive(Debug, Default)]
-pub struct CallerCache(std::sync::Mutex<Option<(HeaderValue, Arc<Peer>)>>);
+pub struct CallerCache(std::sync::Mutex<Option<(CallerKey, Arc<Peer>)>>);
 
 /// The caller of an inbound request: the workload the client proxy named (when the mesh TLS
 /// identity vouches for its namespace, or the proxy runs without identity), else what the
@@ -40,11 +44,32 @@ pub fn caller(
     cache: &CallerCache,
 ) -> Arc<Peer> {
     let named = headers.remove(SOURCE_WORKLOAD);
+    let mut cached = cache
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(((v, id, off), p)) = cached.as_ref()
+        && *v == named
+        && id.as_ref() == peer
+        && *off == identity_off
+    {
+        return p.clone();
+    }
+    let p = resolve_caller(named.as_ref(), peer, identity_off);
+    *cached = Some(((named, peer.cloned(), identity_off), p.clone()));
+    p
+}
+
+fn resolve_caller(
+    named: Option<&HeaderValue>,
+    peer: Option<&mesh_api::SpiffeId>,
+    identity_off: bool,
+) -> Arc<Peer> {
     let from_identity = || peer.map_or_else(Peer::unknown, |id| Arc::new(Peer::from_identity(id)));
-    let Some(value) = named else {
-        return from_identity();
-    };
-    let Some((ns, workload)) = value.to_str().ok().and_then(|s| s.split_once('/')) else {
+    let Some((ns, workload)) = named
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.split_once('/'))
+    else {
         return from_identity();
     };
     let trusted = match peer {
@@ -56,19 +81,7 @@ pub fn caller(
     if !trusted {
         return from_identity();
     }
-    // The connection's peer never changes, so a trusted name maps to one peer.
-    let mut cached = cache
-        .0
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some((v, p)) = cached.as_ref()
-        && *v == value
-    {
-        return p.clone();
-    }
-    let p = Arc::new(Peer::new(ns, workload, peer));
-    *cached = Some((value, p.clone()));
-    p
+    Arc::new(Peer::new(ns, workload, peer))
 }
 
 /// The value this proxy sends in [`SOURCE_WORKLOAD`].
@@ -79,8 +92,6 @@ pub fn source_value(me: &Peer) -> Option<HeaderValue> {
 /// A request being served, and what is known about it so far.
 #[derive(Debug)]
 pub struct Exchange {
-    /// Per-request telemetry is on (`--telemetry`); off, nothing is recorded.
-    on: bool,
     shared: Arc<Shared>,
     direction: Direction,
     start: Instant,
@@ -114,7 +125,6 @@ impl Exchange {
         req: &mut Request<B>,
         local: SocketAddr,
     ) -> Self {
-        let on = shared.config.telemetry;
         let mut span = None;
         let mut trace = None;
         if let Some(tracing) = &shared.tracing {
@@ -165,7 +175,6 @@ impl Exchange {
             ]);
         }
         Exchange {
-            on,
             shared: shared.clone(),
             direction,
             start: Instant::now(),
@@ -183,41 +192,47 @@ impl Exchange {
         }
     }
 
+    /// Per-request telemetry is on (`--telemetry`); off, nothing is recorded.
+    fn on(&self) -> bool {
+        self.shared.config.telemetry
+    }
+
     /// The counter request body bytes go to.
     pub fn request_bytes(&mut self) -> Arc<AtomicU64> {
-        if !self.on {
+        if !self.on() {
             return nowhere();
         }
         self.request_bytes.get_or_insert_with(Arc::default).clone()
     }
 
     /// Notes the upstream that answered (access log and span).
-    pub fn upstream(&mut self, cluster: &str, addr: SocketAddr, route: &str) {
+    pub fn upstream(&mut self, cluster: &str, addr: SocketAddr) {
         if let Some(l) = self.log.as_mut() {
             l.upstream_cluster = Some(cluster.to_string());
             l.upstream_host = Some(addr.to_string());
-            l.route_name = Some(route.to_string());
         }
         if let Some(s) = self.span.as_mut() {
             s.set_attributes([
                 KeyValue::new("mesh.backend", cluster.to_string()),
-                KeyValue::new("mesh.route", route.to_string()),
                 KeyValue::new("server.address", addr.ip().to_string()),
                 KeyValue::new("server.port", i64::from(addr.port())),
             ]);
         }
     }
 
-    /// Notes the route a request matched, when it was answered without an upstream.
+    /// Notes the route a request matched (access log and span).
     pub fn route(&mut self, route: &str) {
         if let Some(l) = self.log.as_mut() {
             l.route_name = Some(route.to_string());
+        }
+        if let Some(s) = self.span.as_mut() {
+            s.set_attribute(KeyValue::new("mesh.route", route.to_string()));
         }
     }
 
     /// Wraps the response: its status now, its gRPC status and bytes as the body goes.
     pub fn respond(mut self, resp: Response<Body>) -> Response<Body> {
-        if !self.on {
+        if !self.on() {
             return resp;
         }
         self.status = Some(resp.status().as_u16());
@@ -241,7 +256,7 @@ impl Exchange {
     }
 
     fn record(&mut self) {
-        if !self.on {
+        if !self.on() {
             return;
         }
         let shared = self.shared.clone();
@@ -266,10 +281,7 @@ impl Exchange {
             if let Some(g) = self.grpc {
                 span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(g)));
             }
-            let (src, dst) = match self.direction {
-                Direction::outbound => (&*metrics.me, &*self.peer),
-                Direction::inbound => (&*self.peer, &*metrics.me),
-            };
+            let (src, dst) = self.direction.ends(&metrics.me, &self.peer);
             span.set_attributes([
                 KeyValue::new("mesh.source.workload", src.workload.clone()),
                 KeyValue::new("mesh.destination.workload", dst.workload.clone()),
@@ -281,10 +293,7 @@ impl Exchange {
             span.end();
         }
         if let (Some(mut l), Some(out)) = (self.log.take(), &shared.access_log) {
-            let (src, dst) = match self.direction {
-                Direction::outbound => (&*metrics.me, &*self.peer),
-                Direction::inbound => (&*self.peer, &*metrics.me),
-            };
+            let (src, dst) = self.direction.ends(&metrics.me, &self.peer);
             l.response_code = self.status.unwrap_or(0);
             l.response_flags = self.flags.to_string();
             l.grpc_status = self.grpc;

@@ -67,10 +67,7 @@ pub async fn forward<T>(
                     (Direction::inbound, Some(id)) => Arc::new(Peer::from_identity(id)),
                     (Direction::inbound, None) => Peer::unknown(),
                 };
-                let (src, dst) = match direction {
-                    Direction::outbound => (&*metrics.me, &*other),
-                    Direction::inbound => (&*other, &*metrics.me),
-                };
+                let (src, dst) = direction.ends(&metrics.me, &other);
                 let m = metrics.tcp(&TcpLabels::new(direction, src, dst, &cluster.name));
                 m.opened.inc();
                 // Bytes are counted as they pass, so long connections show up before they end.

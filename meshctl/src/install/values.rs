@@ -198,11 +198,10 @@ impl Values {
                 t.sampling
             );
         }
-        if !(t.endpoint.is_empty() || t.endpoint.starts_with("http://")) {
-            bail!(
-                "values: proxy.tracing.endpoint {:?}: expected an http:// URL (sidecars send spans in plaintext gRPC)",
-                t.endpoint
-            );
+        if !t.endpoint.is_empty()
+            && let Err(e) = mesh_api::check_otlp_endpoint(&t.endpoint)
+        {
+            bail!("values: proxy.tracing.endpoint {:?}: {e}", t.endpoint);
         }
         for (field, r) in [
             ("controller", &self.controller.resources),
