@@ -5,13 +5,17 @@
 //! [`BackendSlot`], filled on first use.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::time::Duration;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -227,11 +231,57 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
-fn latency_buckets() -> impl Iterator<Item = f64> {
-    [
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ]
-    .into_iter()
+/// Upper bounds of the latency buckets, in microseconds (0.5 ms to 10 s); `+Inf` follows.
+const LATENCY_BUCKETS_US: [u64; 14] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
+    2_500_000, 5_000_000, 10_000_000,
+];
+
+/// A latency histogram with the buckets above that records without a lock: an observation
+/// is two atomic adds (its bucket and the sum; the count is the buckets' total). The
+/// library's histogram takes a mutex per observation, on every request.
+#[derive(Clone, Debug, Default)]
+pub struct Latency(Arc<LatencyInner>);
+
+#[derive(Debug, Default)]
+struct LatencyInner {
+    /// Per bucket (not cumulative); the last is `+Inf`.
+    buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Latency {
+    pub fn observe(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        // The first bucket whose bound is at least `d` (Prometheus' `le`).
+        let i = LATENCY_BUCKETS_US.partition_point(|&b| b * 1_000 < ns);
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Latency {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Latency {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let bounds = LATENCY_BUCKETS_US
+            .iter()
+            .map(|&us| us as f64 / 1e6)
+            .chain(std::iter::once(f64::INFINITY));
+        let buckets: Vec<(f64, u64)> = bounds
+            .zip(&self.0.buckets)
+            .map(|(b, n)| (b, n.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 #[derive(Debug)]
@@ -241,7 +291,7 @@ pub struct Metrics {
     /// receives.
     pub me: Arc<Peer>,
     pub requests: Family<RequestLabels, Counter>,
-    pub latency: Family<EdgeLabels, Histogram>,
+    pub latency: Family<EdgeLabels, Latency>,
     pub request_bytes: Family<EdgeLabels, Counter>,
     pub response_bytes: Family<EdgeLabels, Counter>,
     pub tcp_opened: Family<TcpLabels, Counter>,
@@ -291,11 +341,6 @@ impl Metrics {
 
     pub fn for_peer(me: Peer) -> Self {
         let mut r = Registry::with_prefix("mesh_proxy");
-        let histogram = || {
-            Family::<EdgeLabels, Histogram>::new_with_constructor(|| {
-                Histogram::new(latency_buckets())
-            })
-        };
         Self {
             me: Arc::new(me),
             requests: reg(
@@ -308,7 +353,7 @@ impl Metrics {
                 &mut r,
                 "request_duration_seconds",
                 "Time from the request to the response headers, retries included",
-                histogram(),
+                Family::default(),
             ),
             request_bytes: reg(
                 &mut r,
@@ -487,7 +532,7 @@ pub struct EdgeMetrics {
     labels: EdgeLabels,
     /// By `class * GRPC.len() + grpc index`.
     statuses: [OnceLock<Counter>; CLASSES.len() * GRPC.len()],
-    pub latency: Histogram,
+    pub latency: Latency,
     pub request_bytes: Counter,
     pub response_bytes: Counter,
 }
@@ -619,6 +664,38 @@ mod tests {
                 "{series} in\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn latency_buckets_are_cumulative_with_le_bounds_and_an_exact_sum() {
+        let m = Metrics::new();
+        let slot = BackendSlot::default();
+        let e = slot
+            .get(Direction::inbound, "r", "b")
+            .edge(&m, &Peer::unknown());
+        for us in [500, 501, 1_000, 7_000, 20_000_000] {
+            e.latency.observe(Duration::from_micros(us));
+        }
+        let samples = mesh_api::prom::parse(&m.encode());
+        let bucket = |le: &str| {
+            samples
+                .iter()
+                .find(|s| {
+                    s.name == "mesh_proxy_request_duration_seconds_bucket" && s.label("le") == le
+                })
+                .map(|s| s.value)
+        };
+        // 500 us is in the 0.5 ms bucket (le is inclusive); 501 us is not.
+        assert_eq!(bucket("0.0005"), Some(1.0));
+        assert_eq!(bucket("0.001"), Some(3.0));
+        assert_eq!(bucket("0.005"), Some(3.0));
+        assert_eq!(bucket("0.01"), Some(4.0));
+        assert_eq!(bucket("10.0"), Some(4.0));
+        assert_eq!(bucket("+Inf"), Some(5.0));
+        let one = |name: &str| samples.iter().find(|s| s.name == name).map(|s| s.value);
+        assert_eq!(one("mesh_proxy_request_duration_seconds_count"), Some(5.0));
+        let sum = one("mesh_proxy_request_duration_seconds_sum").expect("sum");
+        assert!((sum - 20.009_001).abs() < 1e-9, "{sum}");
     }
 
     #[test]

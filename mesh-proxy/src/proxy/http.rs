@@ -590,8 +590,8 @@ async fn forward(
                 let body = b.map_err(Into::into);
                 match deadline {
                     // The route timeout covers the response body too, as Envoy's does.
-                    Some(at) => Response::from_parts(p, Deadline::new(body, at).boxed_unsync()),
-                    None => Response::from_parts(p, body.boxed_unsync()),
+                    Some(at) => ex.attach(Response::from_parts(p, Deadline::new(body, at))),
+                    None => ex.attach(Response::from_parts(p, body)),
                 }
             }
             Try::Failed(e) => {

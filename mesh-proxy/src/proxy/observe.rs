@@ -113,6 +113,8 @@ pub struct Exchange {
     /// The trace context sent on (`traceparent` to the next hop).
     pub trace: Option<TraceContext>,
     log: Option<Box<Entry>>,
+    /// Moved into a response body already ([`Exchange::attach`]): nothing left to record.
+    moved: bool,
 }
 
 impl Exchange {
@@ -189,12 +191,13 @@ impl Exchange {
             span,
             trace,
             log,
+            moved: false,
         }
     }
 
-    /// Per-request telemetry is on (`--telemetry`); off, nothing is recorded.
+    /// Per-request telemetry is on (`--telemetry`) and still here; off, nothing is recorded.
     fn on(&self) -> bool {
-        self.shared.config.telemetry
+        self.shared.config.telemetry && !self.moved
     }
 
     /// The counter request body bytes go to.
@@ -230,11 +233,49 @@ impl Exchange {
         }
     }
 
-    /// Wraps the response: its status now, its gRPC status and bytes as the body goes.
-    pub fn respond(mut self, resp: Response<Body>) -> Response<Body> {
+    /// Wraps the response: its status now, its gRPC status and bytes as the body goes. A
+    /// response whose body carries the exchange already ([`Exchange::attach`]) passes as is.
+    pub fn respond(self, resp: Response<Body>) -> Response<Body> {
         if !self.on() {
             return resp;
         }
+        self.wrap(resp)
+    }
+
+    /// [`Exchange::respond`] for an upstream's body, which is boxed once, together with the
+    /// wrapper, instead of boxed and then wrapped. The exchange moves into the body; what is
+    /// left behind records nothing.
+    pub fn attach<B>(&mut self, resp: Response<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static,
+    {
+        if !self.on() {
+            return resp.map(http_body_util::BodyExt::boxed_unsync);
+        }
+        let left = Exchange {
+            shared: self.shared.clone(),
+            direction: self.direction,
+            start: self.start,
+            peer: self.peer.clone(),
+            backend: None,
+            headers_after: None,
+            status: None,
+            grpc: None,
+            request_bytes: None,
+            response_bytes: 0,
+            flags: "-",
+            span: None,
+            trace: None,
+            log: None,
+            moved: true,
+        };
+        std::mem::replace(self, left).wrap(resp)
+    }
+
+    fn wrap<B>(mut self, resp: Response<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static,
+    {
         self.status = Some(resp.status().as_u16());
         if self.headers_after.is_none() {
             self.headers_after = Some(self.start.elapsed());
@@ -270,7 +311,7 @@ impl Exchange {
         if let Some(backend) = &self.backend {
             let edge = backend.edge(metrics, &self.peer);
             edge.count(metrics, status, self.grpc);
-            edge.latency.observe(latency.as_secs_f64());
+            edge.latency.observe(latency);
             edge.request_bytes.inc_by(self.bytes_received());
             edge.response_bytes.inc_by(self.response_bytes);
         }
@@ -335,14 +376,14 @@ fn grpc_status(h: &HeaderMap) -> Option<u8> {
 pin_project_lite::pin_project! {
     /// A response body that counts its bytes and reads a gRPC status from its trailers; its
     /// exchange is recorded when it is dropped.
-    struct Observed {
+    struct Observed<B> {
         #[pin]
-        inner: Body,
+        inner: B,
         exchange: Exchange,
     }
 }
 
-impl http_body::Body for Observed {
+impl<B: http_body::Body<Data = Bytes, Error = BoxError>> http_body::Body for Observed<B> {
     type Data = Bytes;
     type Error = BoxError;
 
