@@ -45,6 +45,9 @@ pub mod labels {
     /// On a namespace: `STRICT` (mesh TLS only) or `PERMISSIVE` (mesh TLS and plaintext) for
     /// the proxies in it; the controller's `--mtls-mode` otherwise.
     pub const MTLS_MODE: &str = "mesh.dev/mtls-mode";
+    /// On a namespace: `allow`, `deny` or `authenticated`, what its workloads do with a request
+    /// no ALLOW policy decides; the controller's `--authz-default` otherwise.
+    pub const AUTHZ_DEFAULT: &str = "mesh.dev/authz-default";
     /// The standard label an EndpointSlice carries to name its Service.
     pub const ENDPOINTSLICE_SERVICE_NAME: &str = "kubernetes.io/service-name";
 }
@@ -98,6 +101,9 @@ pub mod xds {
     pub const SDS_ROOTS: &str = "ROOTCA";
     /// `filter_metadata` key of mesh endpoint metadata (`proxy`, `identity`).
     pub const ENDPOINT_METADATA: &str = "mesh.dev";
+    /// Descriptor key of a local rate limit's per-identity bucket (its value is the caller's
+    /// `x-forwarded-client-cert`, which names the caller's SPIFFE ID).
+    pub const RATE_LIMIT_IDENTITY_KEY: &str = "mesh-client-identity";
 }
 
 /// Environment variable names, one constant each.

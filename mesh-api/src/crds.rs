@@ -51,38 +51,64 @@ pub enum AuthorizationAction {
     Deny,
 }
 
+/// Fields a policy entry has that this version does not know. They are kept (the schema
+/// preserves them, so the API server does not prune them) because ignoring a condition would
+/// widen an Allow: the controller makes such an entry match nothing in an Allow policy and
+/// everything in a Deny policy, and reports it.
+pub type UnknownFields = std::collections::BTreeMap<String, serde_json::Value>;
+
 /// A rule matches when any `from` entry and any `to` entry match (an empty list matches all).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct AuthorizationRule {
     #[serde(default)]
     pub from: Vec<AuthorizationSource>,
     #[serde(default)]
     pub to: Vec<AuthorizationOperation>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub unknown: UnknownFields,
 }
 
-/// Who calls: all listed fields must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// Who calls: every field given must match; within a field, any value.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct AuthorizationSource {
     /// SPIFFE IDs; a trailing `*` matches any suffix.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<String>,
-    #[serde(default)]
+    /// Service accounts, `namespace/name`, or `name` in the policy's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+    /// Caller namespaces (by the namespace in the caller's SPIFFE ID).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub namespaces: Vec<String>,
+    /// `true`: any caller with a mesh identity; `false`: only callers without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authenticated: Option<bool>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub unknown: UnknownFields,
 }
 
-/// What is asked for: all listed fields must match.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+/// What is asked for: every field given must match; within a field, any value.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-preserve-unknown-fields" = true))]
 pub struct AuthorizationOperation {
-    #[serde(default)]
+    /// Destination ports (the pod's port, as a Service's `targetPort` names it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<u16>,
-    /// Exact paths, or prefixes ending in `*`.
-    #[serde(default)]
+    /// Exact paths, or prefixes ending in `*`; matched against the normalized path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
+    #[serde(flatten)]
+    #[schemars(skip)]
+    pub unknown: UnknownFields,
 }
 
 /// How clients treat the targets' endpoints: balancing, connection limits, outlier detection,
@@ -157,7 +183,8 @@ pub struct RetryBudget {
     pub min_retries_per_second: Option<u32>,
 }
 
-/// A local (per-proxy) token-bucket rate limit on the targets' inbound requests.
+/// Local (per-proxy) rate limits on the targets' inbound requests, in total and per caller
+/// identity: token buckets (GCRA); a refused request gets `429` with `Retry-After`.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "mesh.dev",
@@ -172,13 +199,33 @@ pub struct RateLimitPolicySpec {
     pub local: LocalRateLimit,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LocalRateLimit {
-    pub requests_per_second: u32,
-    /// Bucket size; defaults to `requestsPerSecond`.
+    /// All callers together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<u32>,
+    /// Requests allowed at once above the rate; defaults to a tenth of `requestsPerSecond`
+    /// (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// Each caller identity on its own; callers without an identity share one bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_identity: Option<RateLimitBucket>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitBucket {
+    pub requests_per_second: u32,
+    /// As `local.burst`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// The burst of a limit of `rps` when none is given: 100 ms of traffic, at least 1.
+pub fn default_burst(rps: u32) -> u32 {
+    (rps / 10).max(1)
 }
 
 /// The Gateway API release whose standard channel `meshctl install` installs when a cluster has

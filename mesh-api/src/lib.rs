@@ -14,6 +14,7 @@ pub mod duration;
 #[cfg(feature = "fake-api")]
 pub mod fake_api;
 pub mod inject;
+pub mod path;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod prom;

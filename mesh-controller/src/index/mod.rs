@@ -14,6 +14,7 @@
 //! ```
 
 pub mod model;
+pub mod policy;
 pub mod routes;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -64,6 +65,7 @@ pub struct Index {
     cluster_domain: String,
     trust_domain: String,
     mtls_default: MtlsMode,
+    authz_default: policy::AuthzDefault,
     namespaces: HashMap<String, BTreeMap<String, String>>,
     services: HashMap<SvcKey, ServiceInfo>,
     slices: HashMap<ObjKey, SliceInfo>,
@@ -89,6 +91,7 @@ impl Index {
             cluster_domain: cluster_domain.into(),
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
             mtls_default: MtlsMode::default(),
+            authz_default: policy::AuthzDefault::default(),
             namespaces: HashMap::new(),
             services: HashMap::new(),
             slices: HashMap::new(),
@@ -362,14 +365,18 @@ impl Index {
             .collect()
     }
 
-    /// Resolves everything into a [`Model`], rebuilding only the Services a change marked dirty;
-    /// the others keep the `Arc` of the previous model.
     /// The trust domain of workload identities and the mesh-wide mTLS mode.
     pub fn set_identity(&mut self, trust_domain: &str, mtls_default: MtlsMode) {
         self.trust_domain = trust_domain.to_string();
         self.mtls_default = mtls_default;
         // Every Service's resources depend on it: build the next model from scratch.
         self.last_model = None;
+        self.bump();
+    }
+
+    /// What workloads do with requests no ALLOW policy decides, unless their namespace says.
+    pub fn set_authz_default(&mut self, d: policy::AuthzDefault) {
+        self.authz_default = d;
         self.bump();
     }
 
@@ -400,6 +407,72 @@ impl Index {
         out
     }
 
+    /// Every policy, checked and compiled; what cannot be read goes to `errors`.
+    fn policies(&self, errors: &mut Vec<ResolveError>) -> policy::Policies {
+        let label = mesh_api::consts::labels::AUTHZ_DEFAULT;
+        let mut out = policy::Policies {
+            default: self.authz_default,
+            ..Default::default()
+        };
+        for (ns, labels) in &self.namespaces {
+            let Some(v) = labels.get(label) else {
+                continue;
+            };
+            let d = policy::AuthzDefault::parse(v).unwrap_or_else(|| {
+                errors.push(ResolveError {
+                    object: ObjKey {
+                        kind: Kind::Namespace,
+                        namespace: String::new(),
+                        name: ns.clone(),
+                    },
+                    field: format!("metadata.labels[{label:?}]"),
+                    // Unreadable: the strictest default, never a wider one.
+                    reason: format!("{v:?} is not allow, deny or authenticated; deny applies"),
+                    condition: model::RefProblem::NotARoute,
+                });
+                policy::AuthzDefault::Deny
+            });
+            out.namespace_defaults.insert(ns.clone(), d);
+        }
+        let service_ports = |ns: &str, name: &str| {
+            self.services
+                .get(&SvcKey::new(ns, name))
+                .map(|s| s.ports.iter().map(|p| p.name.clone()).collect())
+        };
+        let mut keys: Vec<&ObjKey> = self.policies.keys().collect();
+        keys.sort();
+        for key in keys {
+            let entry = out.by_namespace.entry(key.namespace.clone()).or_default();
+            match &self.policies[key] {
+                Object::AuthorizationPolicy(p) => {
+                    let a = policy::authz(p, key, &self.trust_domain, errors);
+                    policy::check_targets(
+                        key,
+                        &a.targets,
+                        |n| service_ports(&key.namespace, n),
+                        errors,
+                    );
+                    entry.authz.push(Arc::new(a));
+                }
+                Object::RateLimitPolicy(p) => {
+                    if let Some(l) = policy::rate_limit(p, key, errors) {
+                        policy::check_targets(
+                            key,
+                            &l.targets,
+                            |n| service_ports(&key.namespace, n),
+                            errors,
+                        );
+                        entry.rate_limits.push(Arc::new(l));
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Resolves everything into a [`Model`], rebuilding only the Services a change marked dirty;
+    /// the others keep the `Arc` of the previous model.
     pub fn model(&mut self) -> Arc<Model> {
         let revision = self.revision();
         if let Some(m) = &self.last_model
@@ -460,6 +533,7 @@ impl Index {
         }
         let mut errors: Vec<ResolveError> = self.errors.values().flatten().cloned().collect();
         let mtls_namespaces = Arc::new(self.mtls_namespaces(&mut errors));
+        let policies = Arc::new(self.policies(&mut errors));
         errors.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
         let model = Arc::new(Model {
             revision,
@@ -467,6 +541,7 @@ impl Index {
             trust_domain: self.trust_domain.clone(),
             mtls_default: self.mtls_default,
             mtls_namespaces,
+            policies,
             services,
             pods: self.pods.clone(),
             errors,

@@ -232,6 +232,8 @@ pub struct Model {
     /// The mesh-wide mTLS mode, and namespaces that set their own (`mesh.dev/mtls-mode`).
     pub mtls_default: MtlsMode,
     pub mtls_namespaces: Arc<BTreeMap<String, MtlsMode>>,
+    /// Authorization and rate limit policies, and the authorization defaults.
+    pub policies: Arc<super::policy::Policies>,
     /// A persistent map: models share the unchanged part of it.
     pub services: imbl::OrdMap<SvcKey, Arc<ServiceModel>>,
     #[serde(skip)]

@@ -426,7 +426,7 @@ impl Translator {
 
 // ---- small builders ---------------------------------------------------------------------------
 
-fn any<M: prost::Message + Name>(m: &M) -> Any {
+pub(super) fn any<M: prost::Message + Name>(m: &M) -> Any {
     Any {
         type_url: M::type_url(),
         value: m.encode_to_vec(),
@@ -453,7 +453,7 @@ fn socket_address(ip: IpAddr, port: u16) -> Address {
     }
 }
 
-fn pb_duration(d: Duration) -> PbDuration {
+pub(super) fn pb_duration(d: Duration) -> PbDuration {
     PbDuration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -487,7 +487,7 @@ fn hcm(stat_prefix: &str, route_config: &str) -> HttpConnectionManager {
     }
 }
 
-fn network_filter<M: prost::Message + Name>(name: &str, config: &M) -> Filter {
+pub(super) fn network_filter<M: prost::Message + Name>(name: &str, config: &M) -> Filter {
     Filter {
         name: name.into(),
         config_type: Some(filter::ConfigType::TypedConfig(any(config))),
@@ -499,6 +499,18 @@ fn hcm_filter(stat_prefix: &str, route_config: &str) -> Filter {
         "envoy.filters.network.http_connection_manager",
         &hcm(stat_prefix, route_config),
     )
+}
+
+/// An inbound HCM: policy filters before the router, and the path normalized as policies
+/// expect it (dot segments, merged slashes, encoded slashes refused).
+fn inbound_hcm_filter(stat_prefix: &str, route_config: &str, policy: Vec<HttpFilter>) -> Filter {
+    let mut h = hcm(stat_prefix, route_config);
+    h.normalize_path = Some(BoolValue { value: true });
+    h.merge_slashes = true;
+    h.path_with_escaped_slashes_action =
+        http_connection_manager::PathWithEscapedSlashesAction::RejectRequest as i32;
+    h.http_filters.splice(0..0, policy);
+    network_filter("envoy.filters.network.http_connection_manager", &h)
 }
 
 fn tcp_filter(stat_prefix: &str, cluster: &str) -> Filter {
@@ -1172,8 +1184,8 @@ fn encoded_chains(
                 destination_port: u32v(u32::from(p.port)),
                 ..Default::default()
             },
-            hcm_filter(&cluster, &route),
-            tcp_filter(&cluster, &cluster),
+            vec![hcm_filter(&cluster, &route)],
+            vec![tcp_filter(&cluster, &cluster)],
         );
         for c in &chains {
             prost::encoding::message::encode(FILTER_CHAINS_TAG, c, &mut buf);
@@ -1188,16 +1200,16 @@ fn port_chains(
     name: &str,
     protocol: Protocol,
     matching: FilterChainMatch,
-    http: Filter,
-    tcp: Filter,
+    http: Vec<Filter>,
+    tcp: Vec<Filter>,
 ) -> Vec<FilterChain> {
-    let chain = |kind: &str, app: Vec<String>, filter: Filter| FilterChain {
+    let chain = |kind: &str, app: Vec<String>, filters: Vec<Filter>| FilterChain {
         name: format!("{name}/{kind}"),
         filter_chain_match: Some(FilterChainMatch {
             application_protocols: app,
             ..matching.clone()
         }),
-        filters: vec![filter],
+        filters,
         ..Default::default()
     };
     match protocol {
@@ -1320,6 +1332,9 @@ fn outbound_listener(settings: &ListenerSettings) -> Listener {
     }
 }
 
+/// A Service, by name and port name, through which a pod port is reached.
+type Via<'a> = (&'a str, &'a str);
+
 /// The transparent inbound listener: one chain per port a Service sends to this pod, handing
 /// the traffic to the app on localhost; anything else passes through.
 fn pod_resources(
@@ -1330,7 +1345,8 @@ fn pod_resources(
 ) -> Resources {
     let mut out = Resources::default();
     let mode = model.mtls_mode(namespace);
-    let mut targets: BTreeMap<u16, Protocol> = BTreeMap::new();
+    // Per pod port: its protocol, and the Services (with port names) that reach it.
+    let mut targets: BTreeMap<u16, (Protocol, Vec<Via<'_>>)> = BTreeMap::new();
     if let Some(pod) = pod {
         for svc in model.services_selecting(pod) {
             for p in &svc.ports {
@@ -1340,13 +1356,18 @@ fn pod_resources(
                         .and_then(|n| pod.named_ports.get(n).copied())
                 });
                 if let Some(t) = target {
-                    targets.entry(t).or_insert(p.protocol);
+                    targets
+                        .entry(t)
+                        .or_insert((p.protocol, Vec::new()))
+                        .1
+                        .push((svc.key.name.as_str(), p.name.as_str()));
                 }
             }
         }
     }
     let mut chains = Vec::new();
-    for (port, protocol) in targets {
+    for (port, (protocol, via)) in targets {
+        let guard = super::policy::port_guard(&model.policies, namespace, &via);
         let cluster = format!("inbound|{port}||");
         let route = format!("inbound|{port}");
         let mut app = static_cluster(
@@ -1380,8 +1401,12 @@ fn pod_resources(
                 destination_port: u32v(u32::from(port)),
                 ..Default::default()
             },
-            hcm_filter(&cluster, &route),
-            tcp_filter(&cluster, &cluster),
+            vec![inbound_hcm_filter(&cluster, &route, guard.http_filters)],
+            guard
+                .network_filters
+                .into_iter()
+                .chain([tcp_filter(&cluster, &cluster)])
+                .collect(),
         );
         if settings.mtls {
             chains.extend(plain.iter().map(mesh_tls_chain));

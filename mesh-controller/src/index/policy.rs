@@ -1,0 +1,559 @@
+//! AuthorizationPolicy and RateLimitPolicy, checked and compiled into what translation needs.
+//!
+//! Checking errs on the safe side: a value or field the controller cannot understand makes an
+//! Allow policy narrower (the entry holding it matches nothing) and a Deny policy wider (the
+//! condition holding it matches anything). Each such case is reported at
+//! `/debug/config-errors`, naming the object, field and value.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mesh_api::crds::{
+    AuthorizationAction, AuthorizationOperation, AuthorizationPolicy, AuthorizationSource,
+    PolicyTargetReference, RateLimitPolicy, UnknownFields, default_burst,
+};
+use serde::Serialize;
+
+use super::model::{RefProblem, ResolveError};
+use crate::objects::{Kind, ObjKey};
+
+/// What a namespace's workloads do with a request no ALLOW policy decides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzDefault {
+    /// Allow it (with no policy, a workload takes every request).
+    #[default]
+    Allow,
+    /// Deny it: only what an ALLOW policy names gets in.
+    Deny,
+    /// Allow callers with a mesh identity, deny the rest.
+    Authenticated,
+}
+
+impl AuthzDefault {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "allow" => Some(Self::Allow),
+            "deny" => Some(Self::Deny),
+            "authenticated" => Some(Self::Authenticated),
+            _ => None,
+        }
+    }
+}
+
+/// What a policy attaches to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Every workload in the policy's namespace.
+    Namespace,
+    /// The workloads a Service selects; with a port name, only that port.
+    Service { name: String, port: Option<String> },
+}
+
+/// A SPIFFE ID condition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+/// A path condition, on the normalized path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathCond {
+    Exact(String),
+    Prefix(String),
+}
+
+/// Who calls. An entry with `never` matches nobody (an Allow entry with something the
+/// controller cannot read).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Source {
+    /// Conditions on the caller's SPIFFE ID, all of which must hold, each a list of
+    /// alternatives: identities, service accounts, namespaces (those given).
+    pub ids: Vec<Vec<IdMatch>>,
+    pub authenticated: Option<bool>,
+    pub never: bool,
+}
+
+/// What is asked for; as [`Source`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Operation {
+    pub ports: Option<Vec<u16>>,
+    pub paths: Option<Vec<PathCond>>,
+    pub methods: Option<Vec<String>>,
+    pub never: bool,
+}
+
+impl Operation {
+    /// Whether it asks anything of HTTP (path or method).
+    pub fn is_http(&self) -> bool {
+        self.paths.is_some() || self.methods.is_some()
+    }
+}
+
+/// A rule: any `from` and any `to` (empty: anyone, anything).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Rule {
+    pub from: Vec<Source>,
+    pub to: Vec<Operation>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Authz {
+    /// `<namespace>/<name>`, the name proxies report decisions under.
+    pub name: String,
+    pub action: AuthorizationAction,
+    pub targets: Vec<Target>,
+    /// Rules that can match; an Allow rule with something unreadable at rule level is left out.
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Bucket {
+    pub requests_per_second: u32,
+    pub burst: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RateLimit {
+    /// `<namespace>/<name>`.
+    pub name: String,
+    pub targets: Vec<Target>,
+    pub total: Option<Bucket>,
+    pub per_identity: Option<Bucket>,
+}
+
+/// Every policy of a namespace, and its default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NamespacePolicies {
+    pub authz: Vec<Arc<Authz>>,
+    pub rate_limits: Vec<Arc<RateLimit>>,
+}
+
+/// The policy part of the model.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Policies {
+    pub default: AuthzDefault,
+    /// Namespaces that set their own default (`mesh.dev/authz-default`).
+    pub namespace_defaults: BTreeMap<String, AuthzDefault>,
+    pub by_namespace: BTreeMap<String, NamespacePolicies>,
+}
+
+impl Policies {
+    pub fn default_for(&self, namespace: &str) -> AuthzDefault {
+        self.namespace_defaults
+            .get(namespace)
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+/// Reports into the model's errors for one object.
+struct Report<'a> {
+    key: &'a ObjKey,
+    errors: &'a mut Vec<ResolveError>,
+}
+
+impl Report<'_> {
+    fn push(&mut self, field: String, reason: String) {
+        self.errors.push(ResolveError {
+            object: self.key.clone(),
+            field,
+            reason,
+            condition: RefProblem::NotARoute,
+        });
+    }
+
+    fn unknown(&mut self, at: &str, unknown: &UnknownFields, effect: &str) {
+        for k in unknown.keys() {
+            self.push(
+                format!("{at}.{k}"),
+                format!("unknown field {k:?}: {effect}"),
+            );
+        }
+    }
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn targets(refs: &[PolicyTargetReference], namespace: &str, r: &mut Report<'_>) -> Vec<Target> {
+    let mut out = Vec::new();
+    for (i, t) in refs.iter().enumerate() {
+        let at = format!("spec.targetRefs[{i}]");
+        match (t.group.as_str(), t.kind.as_str()) {
+            ("" | "core", "Service") => out.push(Target::Service {
+                name: t.name.clone(),
+                port: t.section_name.clone(),
+            }),
+            ("" | "core", "Namespace") if t.name == namespace => out.push(Target::Namespace),
+            ("" | "core", "Namespace") => r.push(
+                format!("{at}.name"),
+                format!(
+                    "{:?}: a policy can only target its own namespace ({namespace:?}); this reference is ignored",
+                    t.name
+                ),
+            ),
+            (g, k) => r.push(
+                format!("{at}.kind"),
+                format!("{g:?}/{k:?} is not a Service or Namespace; this reference is ignored"),
+            ),
+        }
+    }
+    out
+}
+
+/// Reads a list whose values may be unreadable: in an Allow policy a bad value is dropped (and
+/// a list left empty matches nothing); in a Deny policy it makes the whole condition match
+/// anything. `None` is "anything".
+fn alternatives<T>(
+    values: &[String],
+    at: &str,
+    deny: bool,
+    r: &mut Report<'_>,
+    read: impl Fn(&str) -> Result<Vec<T>, String>,
+) -> (Option<Vec<T>>, bool) {
+    if values.is_empty() {
+        return (None, false);
+    }
+    let mut out = Vec::new();
+    let mut bad = false;
+    for (i, v) in values.iter().enumerate() {
+        match read(v) {
+            Ok(m) => out.extend(m),
+            Err(why) => {
+                bad = true;
+                let effect = if deny {
+                    "the Deny policy matches any value here"
+                } else {
+                    "the value is left out of the Allow policy"
+                };
+                r.push(format!("{at}[{i}]"), format!("{v:?}: {why}; {effect}"));
+            }
+        }
+    }
+    match (bad, deny) {
+        (true, true) => (None, false),
+        (_, false) if out.is_empty() => (Some(out), true),
+        _ => (Some(out), false),
+    }
+}
+
+fn source(
+    s: &AuthorizationSource,
+    at: &str,
+    policy_ns: &str,
+    trust_domain: &str,
+    deny: bool,
+    r: &mut Report<'_>,
+) -> Source {
+    let mut never = false;
+    if !s.unknown.is_empty() {
+        if deny {
+            r.unknown(
+                at,
+                &s.unknown,
+                "the condition is ignored, so the Deny entry matches more",
+            );
+        } else {
+            r.unknown(at, &s.unknown, "the Allow entry matches nobody");
+            never = true;
+        }
+    }
+    let (identities, n1) = alternatives(&s.identities, &format!("{at}.identities"), deny, r, |v| {
+        id_pattern(v).map(|m| vec![m])
+    });
+    let (accounts, n2) = alternatives(
+        &s.service_accounts,
+        &format!("{at}.serviceAccounts"),
+        deny,
+        r,
+        |v| {
+            let (ns, sa) = v.split_once('/').unwrap_or((policy_ns, v));
+            if !is_dns_label(ns) || !is_dns_subdomain(sa) {
+                return Err("not a service account (`namespace/name` or `name`)".into());
+            }
+            Ok(vec![IdMatch::Exact(format!(
+                "spiffe://{trust_domain}/ns/{ns}/sa/{sa}"
+            ))])
+        },
+    );
+    let (namespaces, n3) = alternatives(&s.namespaces, &format!("{at}.namespaces"), deny, r, |v| {
+        if !is_dns_label(v) {
+            return Err("not a namespace name".into());
+        }
+        Ok(vec![IdMatch::Prefix(format!(
+            "spiffe://{trust_domain}/ns/{v}/sa/"
+        ))])
+    });
+    // Identities, service accounts and namespaces each narrow the caller: all must hold.
+    Source {
+        ids: [identities, accounts, namespaces]
+            .into_iter()
+            .flatten()
+            .collect(),
+        authenticated: s.authenticated,
+        never: never || n1 || n2 || n3,
+    }
+}
+
+fn id_pattern(v: &str) -> Result<IdMatch, String> {
+    if v == "*" {
+        return Ok(IdMatch::Prefix(String::new()));
+    }
+    let (body, prefix) = match v.strip_suffix('*') {
+        Some(b) => (b, true),
+        None => (v, false),
+    };
+    if body.contains('*') {
+        return Err("`*` may only end a pattern".into());
+    }
+    if !body.starts_with("spiffe://") {
+        return Err("not a SPIFFE ID (spiffe://...)".into());
+    }
+    if !prefix {
+        mesh_api::SpiffeId::parse(body).map_err(|e| e.to_string())?;
+        return Ok(IdMatch::Exact(body.into()));
+    }
+    Ok(IdMatch::Prefix(body.into()))
+}
+
+fn operation(o: &AuthorizationOperation, at: &str, deny: bool, r: &mut Report<'_>) -> Operation {
+    let mut never = false;
+    if !o.unknown.is_empty() {
+        if deny {
+            r.unknown(
+                at,
+                &o.unknown,
+                "the condition is ignored, so the Deny entry matches more",
+            );
+        } else {
+            r.unknown(at, &o.unknown, "the Allow entry matches nothing");
+            never = true;
+        }
+    }
+    let ports = (!o.ports.is_empty()).then(|| o.ports.clone());
+    if o.ports.contains(&0) {
+        r.push(
+            format!("{at}.ports"),
+            "0 is not a port; it never matches".into(),
+        );
+    }
+    let (paths, n1) = alternatives(&o.paths, &format!("{at}.paths"), deny, r, path_cond);
+    let (methods, n2) = alternatives(&o.methods, &format!("{at}.methods"), deny, r, |v| {
+        if v.is_empty()
+            || !v
+                .bytes()
+                .all(|b| b.is_ascii_alphabetic() || b == b'-' || b == b'_')
+        {
+            return Err("not an HTTP method".into());
+        }
+        // Methods are case-sensitive and standard ones upper case: `get` means GET.
+        Ok(vec![v.to_ascii_uppercase()])
+    });
+    Operation {
+        ports,
+        paths,
+        methods,
+        never: never || n1 || n2,
+    }
+}
+
+/// A policy path: exact, or a prefix ending in `*`; as a request path would be after
+/// normalization, or a Deny would never see the requests it names.
+fn path_cond(v: &str) -> Result<Vec<PathCond>, String> {
+    let (body, prefix) = match v.strip_suffix('*') {
+        Some(b) => (b, true),
+        None => (v, false),
+    };
+    if body.contains('*') {
+        return Err("`*` may only end a path".into());
+    }
+    if body.contains(';') {
+        return Err("`;` parameters cannot be matched".into());
+    }
+    if !body.starts_with('/') {
+        return Err("a path starts with /".into());
+    }
+    let normal = mesh_api::path::normalize(body).map_err(|e| format!("{e}"))?;
+    if normal != body {
+        return Err(format!(
+            "not in normal form (requests are matched as {normal:?})"
+        ));
+    }
+    Ok(vec![if prefix {
+        PathCond::Prefix(normal)
+    } else {
+        PathCond::Exact(normal)
+    }])
+}
+
+/// Checks and compiles an AuthorizationPolicy; what it cannot read goes to `errors`.
+pub fn authz(
+    p: &AuthorizationPolicy,
+    key: &ObjKey,
+    trust_domain: &str,
+    errors: &mut Vec<ResolveError>,
+) -> Authz {
+    let mut r = Report { key, errors };
+    let spec = &p.spec;
+    let deny = spec.action == AuthorizationAction::Deny;
+    let targets = targets(&spec.target_refs, &key.namespace, &mut r);
+    if targets.is_empty() {
+        r.push(
+            "spec.targetRefs".into(),
+            "no Service or Namespace to attach to: the policy has no effect".into(),
+        );
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        if !rule.unknown.is_empty() {
+            if deny {
+                r.unknown(
+                    &at,
+                    &rule.unknown,
+                    "the condition is ignored, so the Deny rule matches more",
+                );
+            } else {
+                r.unknown(&at, &rule.unknown, "the Allow rule matches nothing");
+                continue;
+            }
+        }
+        let from: Vec<Source> = rule
+            .from
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                source(
+                    s,
+                    &format!("{at}.from[{j}]"),
+                    &key.namespace,
+                    trust_domain,
+                    deny,
+                    &mut r,
+                )
+            })
+            .collect();
+        let to: Vec<Operation> = rule
+            .to
+            .iter()
+            .enumerate()
+            .map(|(j, o)| operation(o, &format!("{at}.to[{j}]"), deny, &mut r))
+            .collect();
+        rules.push(Rule { from, to });
+    }
+    Authz {
+        name: format!("{}/{}", key.namespace, key.name),
+        action: spec.action,
+        targets,
+        rules,
+    }
+}
+
+/// Checks and compiles a RateLimitPolicy.
+pub fn rate_limit(
+    p: &RateLimitPolicy,
+    key: &ObjKey,
+    errors: &mut Vec<ResolveError>,
+) -> Option<RateLimit> {
+    let mut r = Report { key, errors };
+    let l = &p.spec.local;
+    let targets = targets(&p.spec.target_refs, &key.namespace, &mut r);
+    let mut bucket = |rps: Option<u32>, burst: Option<u32>, at: &str| -> Option<Bucket> {
+        let rps = rps?;
+        if rps == 0 {
+            r.push(
+                format!("{at}.requestsPerSecond"),
+                "0: a limit of 0 would refuse everything; use an AuthorizationPolicy to deny"
+                    .into(),
+            );
+            return None;
+        }
+        let burst = burst.unwrap_or_else(|| default_burst(rps));
+        if burst == 0 {
+            r.push(format!("{at}.burst"), "0: at least 1; 1 is used".into());
+        }
+        Some(Bucket {
+            requests_per_second: rps,
+            burst: burst.max(1),
+        })
+    };
+    let total = bucket(l.requests_per_second, l.burst, "spec.local");
+    let per_identity = l.per_identity.as_ref().and_then(|b| {
+        bucket(
+            Some(b.requests_per_second),
+            b.burst,
+            "spec.local.perIdentity",
+        )
+    });
+    if total.is_none() && per_identity.is_none() {
+        r.push(
+            "spec.local".into(),
+            "neither requestsPerSecond nor perIdentity: the policy limits nothing".into(),
+        );
+        return None;
+    }
+    if targets.is_empty() {
+        r.push(
+            "spec.targetRefs".into(),
+            "no Service or Namespace to attach to: the policy has no effect".into(),
+        );
+    }
+    Some(RateLimit {
+        name: format!("{}/{}", key.namespace, key.name),
+        targets,
+        total,
+        per_identity,
+    })
+}
+
+/// Policies that target a Service that does not exist, or a port it does not have.
+pub fn check_targets(
+    key: &ObjKey,
+    targets: &[Target],
+    service_ports: impl Fn(&str) -> Option<Vec<String>>,
+    errors: &mut Vec<ResolveError>,
+) {
+    let mut r = Report { key, errors };
+    for (i, t) in targets.iter().enumerate() {
+        let Target::Service { name, port } = t else {
+            continue;
+        };
+        match (service_ports(name), port) {
+            (None, _) => r.push(
+                format!("spec.targetRefs[{i}]"),
+                format!(
+                    "Service {}/{name} not found: the policy targets nothing",
+                    key.namespace
+                ),
+            ),
+            (Some(ports), Some(p)) if !ports.contains(p) => r.push(
+                format!("spec.targetRefs[{i}].sectionName"),
+                format!(
+                    "Service {}/{name} has no port named {p:?}: the policy targets nothing",
+                    key.namespace
+                ),
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// Whether a kind is one of the policies this module reads.
+pub fn is_policy(kind: Kind) -> bool {
+    matches!(kind, Kind::AuthorizationPolicy | Kind::RateLimitPolicy)
+}

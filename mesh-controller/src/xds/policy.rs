@@ -1,0 +1,420 @@
+//! Policies into an inbound port's filters, as Envoy reads them: RBAC (HTTP and network) and
+//! the HTTP local rate limit filter. mesh-proxy reads the same filters, so both data planes
+//! decide alike. The reference is `docs/reference/policy.md`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{RuntimeFractionalPercent, TypedExtensionConfig};
+use envoy_types::pb::envoy::config::listener::v3::Filter;
+use envoy_types::pb::envoy::config::rbac::v3::{
+    Permission, Policy, Principal, Rbac as RbacRules, permission, principal, rbac,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, RateLimit, header_matcher, rate_limit,
+};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+    LocalRateLimitDescriptor, rate_limit_descriptor,
+};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpFilter, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
+use envoy_types::pb::envoy::extensions::matching::common_inputs::ssl::v3::UriSanInput;
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    PathMatcher, StringMatcher, path_matcher, string_matcher,
+};
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractional_percent};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use mesh_api::consts::xds::RATE_LIMIT_IDENTITY_KEY;
+use mesh_api::crds::AuthorizationAction;
+
+use super::translate::{any, network_filter, pb_duration};
+use crate::index::policy::{
+    Authz, AuthzDefault, Bucket, IdMatch, Operation, PathCond, Policies, RateLimit as Limit,
+    Source, Target,
+};
+
+/// The name the default of `authenticated` reports its decisions under (no policy's name has
+/// no slash).
+pub const AUTHENTICATED_DEFAULT: &str = "default:authenticated";
+
+/// Most caller identities an Envoy local rate limit keeps a bucket for (as mesh-proxy does).
+const MAX_IDENTITIES: u32 = 10_000;
+
+/// The Services (and their port names) through which a workload port is reached.
+pub type Via<'a> = [(&'a str, &'a str)];
+
+/// One RBAC filter, as its HTTP and its network variant.
+type RbacFilter = (
+    rbac::Action,
+    HashMap<String, Policy>,
+    HashMap<String, Policy>,
+);
+
+/// What one inbound port enforces: filters before the HCM's router, or before `tcp_proxy`.
+#[derive(Debug, Default)]
+pub struct PortGuard {
+    pub http_filters: Vec<HttpFilter>,
+    pub network_filters: Vec<Filter>,
+}
+
+fn applies(targets: &[Target], via: &Via<'_>) -> bool {
+    targets.iter().any(|t| match t {
+        Target::Namespace => true,
+        Target::Service { name, port } => via
+            .iter()
+            .any(|(s, p)| s == name && port.as_deref().is_none_or(|want| want == *p)),
+    })
+}
+
+/// The filters for a port of a workload in `namespace`, reached through the Services `via`.
+pub fn port_guard(policies: &Policies, namespace: &str, via: &Via<'_>) -> PortGuard {
+    let ns = policies.by_namespace.get(namespace);
+    let applicable: Vec<&Authz> = ns
+        .into_iter()
+        .flat_map(|n| &n.authz)
+        .filter(|a| applies(&a.targets, via))
+        .map(|a| a.as_ref())
+        .collect();
+    let deny: Vec<&Authz> = applicable
+        .iter()
+        .copied()
+        .filter(|a| a.action == AuthorizationAction::Deny)
+        .collect();
+    let allow: Vec<&Authz> = applicable
+        .iter()
+        .copied()
+        .filter(|a| a.action == AuthorizationAction::Allow)
+        .collect();
+    let mut filters: Vec<RbacFilter> = Vec::new();
+    if !deny.is_empty() {
+        filters.push((
+            rbac::Action::Deny,
+            policies_of(&deny, true, false),
+            policies_of(&deny, true, true),
+        ));
+    }
+    if !allow.is_empty() {
+        filters.push((
+            rbac::Action::Allow,
+            policies_of(&allow, false, false),
+            policies_of(&allow, false, true),
+        ));
+    } else {
+        match policies.default_for(namespace) {
+            AuthzDefault::Allow => {}
+            AuthzDefault::Deny => {
+                filters.push((rbac::Action::Allow, HashMap::new(), HashMap::new()))
+            }
+            AuthzDefault::Authenticated => {
+                let p = || {
+                    HashMap::from([(
+                        AUTHENTICATED_DEFAULT.to_string(),
+                        Policy {
+                            permissions: vec![perm(permission::Rule::Any(true))],
+                            principals: vec![authenticated(None)],
+                            ..Default::default()
+                        },
+                    )])
+                };
+                filters.push((rbac::Action::Allow, p(), p()));
+            }
+        }
+    }
+    let mut out = PortGuard::default();
+    for (action, http, tcp) in filters {
+        let prefix = match action {
+            rbac::Action::Deny => "deny",
+            _ => "allow",
+        };
+        out.http_filters.push(HttpFilter {
+            name: "envoy.filters.http.rbac".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(&HttpRbac {
+                rules: Some(RbacRules {
+                    action: action as i32,
+                    policies: http,
+                    ..Default::default()
+                }),
+                rules_stat_prefix: format!("{prefix}_"),
+                ..Default::default()
+            }))),
+            ..Default::default()
+        });
+        out.network_filters.push(network_filter(
+            "envoy.filters.network.rbac",
+            &NetRbac {
+                rules: Some(RbacRules {
+                    action: action as i32,
+                    policies: tcp,
+                    ..Default::default()
+                }),
+                stat_prefix: format!("{prefix}_"),
+                ..Default::default()
+            },
+        ));
+    }
+    // One rate limit per port: a Service's before its namespace's, then by name.
+    let limits: Vec<&Limit> = ns
+        .into_iter()
+        .flat_map(|n| &n.rate_limits)
+        .filter(|l| applies(&l.targets, via))
+        .map(|l| l.as_ref())
+        .collect();
+    let by_service = |l: &&&Limit| {
+        l.targets
+            .iter()
+            .any(|t| matches!(t, Target::Service { .. }) && applies(std::slice::from_ref(t), via))
+    };
+    let limit = limits.iter().find(by_service).or(limits.first());
+    if let Some(l) = limit {
+        out.http_filters.push(HttpFilter {
+            name: "envoy.filters.http.local_ratelimit".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                &local_rate_limit(l),
+            ))),
+            ..Default::default()
+        });
+    }
+    out
+}
+
+/// The RBAC policies of `authz`, one per rule: `<ns>/<name>` when a policy has one rule,
+/// `<ns>/<name>/rules[<i>]` otherwise.
+fn policies_of(authz: &[&Authz], deny: bool, tcp: bool) -> HashMap<String, Policy> {
+    let mut out = HashMap::new();
+    for a in authz {
+        for (i, rule) in a.rules.iter().enumerate() {
+            let name = if a.rules.len() == 1 {
+                a.name.clone()
+            } else {
+                format!("{}/rules[{i}]", a.name)
+            };
+            let permissions = if rule.to.is_empty() {
+                vec![perm(permission::Rule::Any(true))]
+            } else {
+                rule.to.iter().map(|o| operation(o, deny, tcp)).collect()
+            };
+            let principals = if rule.from.is_empty() {
+                vec![princ(principal::Identifier::Any(true))]
+            } else {
+                rule.from.iter().map(source).collect()
+            };
+            out.insert(
+                name,
+                Policy {
+                    permissions,
+                    principals,
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    out
+}
+
+fn perm(rule: permission::Rule) -> Permission {
+    Permission { rule: Some(rule) }
+}
+
+fn princ(id: principal::Identifier) -> Principal {
+    Principal {
+        identifier: Some(id),
+    }
+}
+
+fn never_perm() -> Permission {
+    perm(permission::Rule::NotRule(Box::new(perm(
+        permission::Rule::Any(true),
+    ))))
+}
+
+fn string(p: string_matcher::MatchPattern) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(p),
+        ignore_case: false,
+    }
+}
+
+fn authenticated(name: Option<StringMatcher>) -> Principal {
+    princ(principal::Identifier::Authenticated(
+        principal::Authenticated {
+            principal_name: name,
+        },
+    ))
+}
+
+fn all_perms(mut and: Vec<Permission>) -> Permission {
+    match and.len() {
+        0 => perm(permission::Rule::Any(true)),
+        1 => and.remove(0),
+        _ => perm(permission::Rule::AndRules(permission::Set { rules: and })),
+    }
+}
+
+fn any_perm(or: Vec<Permission>) -> Permission {
+    perm(permission::Rule::OrRules(permission::Set { rules: or }))
+}
+
+fn url_path(p: string_matcher::MatchPattern) -> Permission {
+    perm(permission::Rule::UrlPath(PathMatcher {
+        rule: Some(path_matcher::Rule::Path(string(p))),
+    }))
+}
+
+/// One `to` entry. On a TCP port (network RBAC) path and method conditions cannot be checked:
+/// an Allow entry with them matches nothing, a Deny entry drops them (and matches more).
+fn operation(o: &Operation, deny: bool, tcp: bool) -> Permission {
+    use string_matcher::MatchPattern as M;
+    if o.never || (tcp && !deny && o.is_http()) {
+        return never_perm();
+    }
+    let mut and = Vec::new();
+    if let Some(ports) = &o.ports {
+        and.push(any_perm(
+            ports
+                .iter()
+                .map(|p| perm(permission::Rule::DestinationPort(u32::from(*p))))
+                .collect(),
+        ));
+    }
+    if !tcp {
+        if let Some(paths) = &o.paths {
+            let mut or: Vec<Permission> = paths
+                .iter()
+                .map(|p| match p {
+                    PathCond::Exact(v) => url_path(M::Exact(v.clone())),
+                    PathCond::Prefix(v) => url_path(M::Prefix(v.clone())),
+                })
+                .collect();
+            // Apps such as Tomcat read `/admin;x` as `/admin`, and neither proxy strips `;`
+            // parameters: a Deny by path also denies every path that has them.
+            if deny {
+                or.push(url_path(M::Contains(";".into())));
+            }
+            and.push(any_perm(or));
+        }
+        if let Some(methods) = &o.methods {
+            and.push(any_perm(
+                methods
+                    .iter()
+                    .map(|m| {
+                        perm(permission::Rule::Header(HeaderMatcher {
+                            name: ":method".into(),
+                            header_match_specifier: Some(
+                                header_matcher::HeaderMatchSpecifier::StringMatch(string(
+                                    M::Exact(m.clone()),
+                                )),
+                            ),
+                            ..Default::default()
+                        }))
+                    })
+                    .collect(),
+            ));
+        }
+    }
+    all_perms(and)
+}
+
+/// One `from` entry.
+fn source(s: &Source) -> Principal {
+    use string_matcher::MatchPattern as M;
+    if s.never {
+        return princ(principal::Identifier::NotId(Box::new(princ(
+            principal::Identifier::Any(true),
+        ))));
+    }
+    let mut and: Vec<Principal> = s
+        .ids
+        .iter()
+        .map(|list| {
+            princ(principal::Identifier::OrIds(principal::Set {
+                ids: list
+                    .iter()
+                    .map(|m| match m {
+                        // `*`: any identity.
+                        IdMatch::Prefix(p) if p.is_empty() => authenticated(None),
+                        IdMatch::Prefix(p) => authenticated(Some(string(M::Prefix(p.clone())))),
+                        IdMatch::Exact(id) => authenticated(Some(string(M::Exact(id.clone())))),
+                    })
+                    .collect(),
+            }))
+        })
+        .collect();
+    match s.authenticated {
+        Some(true) => and.push(authenticated(None)),
+        Some(false) => and.push(princ(principal::Identifier::NotId(Box::new(
+            authenticated(None),
+        )))),
+        None => {}
+    }
+    match and.len() {
+        0 => princ(principal::Identifier::Any(true)),
+        1 => and.remove(0),
+        _ => princ(principal::Identifier::AndIds(principal::Set { ids: and })),
+    }
+}
+
+fn all_of_it(key: &str) -> Option<RuntimeFractionalPercent> {
+    Some(RuntimeFractionalPercent {
+        default_value: Some(FractionalPercent {
+            numerator: 100,
+            denominator: fractional_percent::DenominatorType::Hundred as i32,
+        }),
+        runtime_key: key.into(),
+    })
+}
+
+/// A token bucket refilling at `requests_per_second`: as few tokens per fill as keep the fill
+/// interval at Envoy's minimum of 50 ms or more.
+fn token_bucket(b: &Bucket) -> TokenBucket {
+    let rps = u64::from(b.requests_per_second.max(1));
+    let tokens = rps.div_ceil(20).max(1);
+    let interval = Duration::from_nanos(tokens * 1_000_000_000 / rps);
+    TokenBucket {
+        max_tokens: b.burst,
+        tokens_per_fill: Some(UInt32Value {
+            value: u32::try_from(tokens).unwrap_or(u32::MAX),
+        }),
+        fill_interval: Some(pb_duration(interval)),
+    }
+}
+
+fn local_rate_limit(l: &Limit) -> LocalRateLimit {
+    let mut out = LocalRateLimit {
+        stat_prefix: l.name.clone(),
+        token_bucket: l.total.as_ref().map(token_bucket),
+        filter_enabled: all_of_it("mesh.rate_limit.enabled"),
+        filter_enforced: all_of_it("mesh.rate_limit.enforced"),
+        enable_retry_after_header: true,
+        ..Default::default()
+    };
+    if let Some(b) = &l.per_identity {
+        out.descriptors = vec![LocalRateLimitDescriptor {
+            entries: vec![rate_limit_descriptor::Entry {
+                key: RATE_LIMIT_IDENTITY_KEY.into(),
+                value: String::new(),
+            }],
+            token_bucket: Some(token_bucket(b)),
+            ..Default::default()
+        }];
+        // The descriptor's value is the peer certificate's URI SAN: its SPIFFE ID.
+        out.rate_limits = vec![RateLimit {
+            actions: vec![rate_limit::Action {
+                action_specifier: Some(rate_limit::action::ActionSpecifier::Extension(
+                    TypedExtensionConfig {
+                        name: RATE_LIMIT_IDENTITY_KEY.into(),
+                        typed_config: Some(any(&UriSanInput {})),
+                    },
+                )),
+            }],
+            ..Default::default()
+        }];
+        out.max_dynamic_descriptors = Some(UInt32Value {
+            value: MAX_IDENTITIES,
+        });
+    }
+    out
+}
