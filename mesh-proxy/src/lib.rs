@@ -8,6 +8,7 @@ pub mod config;
 pub mod identity;
 pub mod init;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod retry;
 pub mod run;

@@ -188,6 +188,25 @@ pub struct TimeoutLabels {
     pub kind: &'static str,
 }
 
+/// An authorization decision, by the policy that made it: the DENY policy that matched, the
+/// ALLOW policy that let the request in, or `none` (no policy decided: nothing matched an ALLOW
+/// filter, or every filter let it through without a named policy).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub policy: String,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    /// The limit's name: `<namespace>/<RateLimitPolicy>`.
+    pub policy: String,
+    /// `total` or `identity`: the bucket that was empty.
+    pub scope: &'static str,
+    pub src_identity: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     pub backend: String,
@@ -299,6 +318,8 @@ pub struct Metrics {
     pub tcp_sent: Family<TcpLabels, Counter>,
     pub tcp_received: Family<TcpLabels, Counter>,
     pub timeouts: Family<TimeoutLabels, Counter>,
+    pub authz: Family<AuthzLabels, Counter>,
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub retries: Family<ReasonLabels, Counter>,
     pub retries_denied: Family<ReasonLabels, Counter>,
     pub ejections: Family<BackendLabels, Counter>,
@@ -395,6 +416,18 @@ impl Metrics {
                 &mut r,
                 "timeouts",
                 "Requests cut by a timeout, by backend and kind (route, per-try)",
+                Family::default(),
+            ),
+            authz: reg(
+                &mut r,
+                "authz_requests",
+                "Inbound requests and TCP connections checked by RBAC, by deciding policy and decision",
+                Family::default(),
+            ),
+            rate_limited: reg(
+                &mut r,
+                "rate_limited",
+                "Inbound requests refused by a local rate limit (429), by limit, bucket and caller",
                 Family::default(),
             ),
             retries: reg(

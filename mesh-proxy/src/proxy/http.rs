@@ -42,8 +42,14 @@ pub struct HttpCtx {
     /// Inbound: the `x-forwarded-client-cert` value given to the app (`By=<this
     /// proxy>;URI=<peer>`), when the client proved an identity.
     pub xfcc: Option<HeaderValue>,
+    /// `peer` as text, for policy.
+    pub peer_id: Option<String>,
     /// Inbound: the callers seen on this connection.
     pub callers: CallerCache,
+    /// The listener and filter chain the connection is on, for its current policy.
+    pub kind: super::ListenerKind,
+    pub chain: String,
+    pub guard: super::guard::GuardCache,
 }
 
 /// The header that tells the app who called; never taken from outside the mesh.
@@ -87,13 +93,16 @@ pub async fn handle(
 
 async fn route_and_forward(
     ctx: &HttpCtx,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     ex: &mut Exchange,
 ) -> Response<Body> {
     let Some(snapshot) = ctx.shared.store.load() else {
         ex.flags = "NR";
         return local(StatusCode::SERVICE_UNAVAILABLE, "proxy has no config yet");
     };
+    if let Some(refused) = super::guard::check(ctx, &snapshot, &mut req, ex) {
+        return refused;
+    }
     let Some(table) = snapshot.route(&ctx.route).cloned() else {
         ex.flags = "NR";
         return local(

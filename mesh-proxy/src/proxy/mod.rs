@@ -2,6 +2,7 @@
 //! when chains differ by it) -> HTTP (hyper, HTTP/1 and HTTP/2) or opaque TCP.
 
 pub mod detect;
+pub mod guard;
 pub mod http;
 pub mod observe;
 pub mod replay;
@@ -124,6 +125,8 @@ pub struct Shared {
     pub access_log: Option<AccessLog>,
     /// What this proxy sends in `x-mesh-source-workload`.
     pub source_header: Option<hyper::header::HeaderValue>,
+    /// Local rate limit state, shared by the connections of a chain.
+    pub limiters: guard::Limiters,
 }
 
 impl Shared {
@@ -157,6 +160,7 @@ impl Shared {
             tracing: None,
             access_log: None,
             source_header,
+            limiters: guard::Limiters::default(),
             metrics,
         }
     }
@@ -301,10 +305,17 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         }
     };
     let io = PrefixedIo::new(prefix, stream).with_idle_timeout(shared.config.idle_timeout);
+    let generation = snapshot.generation;
     if !chain.terminate_tls {
-        let filter = chain.filter.clone();
+        let (name, filter) = (chain.name.clone(), chain.filter.clone());
         drop(snapshot);
-        return run_filter(&filter, io, kind, dst, None, shared).await;
+        let on = Chain {
+            kind,
+            name,
+            generation,
+            dst,
+        };
+        return run_filter(&filter, io, on, None, shared).await;
     }
     let Some(tls) = shared.tls.clone() else {
         warn!(%dst, "a filter chain terminates mesh TLS, but this proxy runs with identity off; closing");
@@ -344,12 +355,27 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         Some(mesh_api::tls::ALPN_HTTP1) => Some(Detected::Http1),
         _ => None,
     };
-    let Some(inner) = pick_after_tls(&snapshot, kind, &candidates, alpn) else {
+    let Some((name, inner)) = pick_after_tls(&snapshot, kind, &candidates, alpn) else {
         debug!(%dst, ?alpn, "no filter chain for this mesh TLS connection; closing");
         return;
     };
     drop(snapshot);
-    run_filter(&inner, stream, kind, dst, peer, shared).await;
+    let on = Chain {
+        kind,
+        name,
+        generation,
+        dst,
+    };
+    run_filter(&inner, stream, on, peer, shared).await;
+}
+
+/// Where a connection landed: its listener, filter chain (by name, in the snapshot of this
+/// generation) and original destination.
+struct Chain {
+    kind: ListenerKind,
+    name: String,
+    generation: u64,
+    dst: SocketAddr,
 }
 
 /// How long a client has to finish a mesh TLS handshake.
@@ -361,25 +387,25 @@ fn pick_after_tls(
     kind: ListenerKind,
     candidates: &[&FilterChain],
     alpn: Option<Detected>,
-) -> Option<NetworkFilter> {
+) -> Option<(String, NetworkFilter)> {
     let listener = snapshot.listeners.get(kind.xds_name())?;
     listener
         .pick_alpn(candidates, alpn)
-        .map(|c| c.filter.clone())
+        .map(|c| (c.name.clone(), c.filter.clone()))
 }
 
 async fn run_filter<I>(
     filter: &NetworkFilter,
     io: I,
-    kind: ListenerKind,
-    dst: SocketAddr,
+    on: Chain,
     peer: Option<mesh_api::SpiffeId>,
     shared: &Arc<Shared>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let (kind, dst) = (on.kind, on.dst);
     match filter {
-        NetworkFilter::Http { route } => {
+        NetworkFilter::Http { route, guard } => {
             let _active = Active::new(&shared.metrics, kind, "http");
             let xfcc = match (&peer, &shared.tls) {
                 (Some(p), Some(tls)) => {
@@ -392,13 +418,21 @@ async fn run_filter<I>(
                 direction: kind.direction(),
                 route: route.clone(),
                 dst,
+                peer_id: peer.as_ref().map(ToString::to_string),
                 peer,
                 xfcc,
                 callers: Default::default(),
+                kind,
+                chain: on.name,
+                guard: guard::GuardCache::new(on.generation, guard.clone(), &shared.limiters),
             });
             serve_http(io, ctx, shared).await;
         }
-        NetworkFilter::Tcp { cluster } => {
+        NetworkFilter::Tcp { cluster, guard } => {
+            let id = peer.as_ref().map(ToString::to_string);
+            if !guard::admit_connection(guard, shared, id.as_deref(), dst.port()) {
+                return;
+            }
             let _active = Active::new(&shared.metrics, kind, "tcp");
             tcp::forward(shared, cluster, kind.direction(), peer.as_ref(), dst, io).await;
         }

@@ -19,9 +19,12 @@ use envoy_types::pb::envoy::config::route::v3::{
     VirtualHost as PbVhost, header_matcher, query_parameter_matcher, redirect_action, route,
     route_action, route_match,
 };
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     DownstreamTlsContext, common_tls_context,
@@ -42,7 +45,7 @@ use super::route::{
     WeightedBackend,
 };
 use super::{
-    Cidr, ClusterDef, ClusterKind, Detected, EndpointDef, FilterChain, ListenerConfig,
+    Cidr, ClusterDef, ClusterKind, Detected, EndpointDef, FilterChain, Guard, ListenerConfig,
     NetworkFilter, Transport, UpstreamProtocol,
 };
 use crate::balance::OutlierConfig;
@@ -76,6 +79,8 @@ impl Ctx<'_> {
 }
 
 type Result<T> = std::result::Result<T, ConvertError>;
+
+mod policy;
 
 /// Listener names the proxy serves, and how it binds them.
 pub const LISTENERS: [&str; 3] = [
@@ -329,16 +334,37 @@ fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain
             )),
         })
         .collect::<Result<Vec<_>>>()?;
-    let filter = match c.filters.as_slice() {
-        [only] => network_filter(cx, &format!("{at}.filters[0]"), only)?,
-        [] => return Err(cx.err(format!("{at}.filters"), "no network filter")),
-        _ => {
-            return Err(cx.err(
-                format!("{at}.filters"),
-                "only one terminal filter (http_connection_manager or tcp_proxy) is supported",
-            ));
-        }
+    let Some((last, rbac_filters)) = c.filters.split_last() else {
+        return Err(cx.err(format!("{at}.filters"), "no network filter"));
     };
+    let mut rbac = Vec::new();
+    for (i, f) in rbac_filters.iter().enumerate() {
+        let field = format!("{at}.filters[{i}].typed_config");
+        let any = match &f.config_type {
+            Some(filter::ConfigType::TypedConfig(any)) if any.type_url == NetRbac::type_url() => {
+                any
+            }
+            _ => {
+                return Err(cx.err(
+                    field,
+                    "before the terminal filter (http_connection_manager or tcp_proxy), only network RBAC filters are supported",
+                ));
+            }
+        };
+        let r: NetRbac = decode(cx, &field, any)?;
+        if let Some(r) = policy::rbac(cx, &field, r.rules.as_ref(), r.matcher.is_some())? {
+            rbac.push(r);
+        }
+    }
+    let filter = network_filter(
+        cx,
+        &format!("{at}.filters[{}]", rbac_filters.len()),
+        last,
+        Guard {
+            rbac,
+            rate_limit: None,
+        },
+    )?;
     Ok(FilterChain {
         name: c.name.clone(),
         prefixes,
@@ -350,7 +376,9 @@ fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain
     })
 }
 
-fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter) -> Result<NetworkFilter> {
+/// The terminal filter, enforcing `guard` (the network RBAC filters before it) and, for HTTP,
+/// the HTTP filters' policies after it.
+fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter, mut guard: Guard) -> Result<NetworkFilter> {
     let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
         return Err(cx.err(format!("{at}.typed_config"), "missing"));
     };
@@ -369,22 +397,51 @@ fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter) -> Result<NetworkFilter> {
             }
         };
         for (i, h) in hcm.http_filters.iter().enumerate() {
-            let router = matches!(&h.config_type, Some(http_filter::ConfigType::TypedConfig(a))
-                if a.type_url.ends_with("envoy.extensions.filters.http.router.v3.Router"));
-            if !router && !h.is_optional {
-                return Err(cx.err(
-                    format!("{field}.http_filters[{i}]"),
-                    format!("unsupported HTTP filter {:?}", h.name),
-                ));
+            let at = format!("{field}.http_filters[{i}].typed_config");
+            let typed = match &h.config_type {
+                Some(http_filter::ConfigType::TypedConfig(a)) => Some(a),
+                _ => None,
+            };
+            match typed {
+                Some(a)
+                    if a.type_url
+                        .ends_with("envoy.extensions.filters.http.router.v3.Router") => {}
+                Some(a) if a.type_url == HttpRbac::type_url() => {
+                    let r: HttpRbac = decode(cx, &at, a)?;
+                    if r.shadow_rules.is_some() || r.shadow_matcher.is_some() {
+                        return Err(cx.err(&at, "shadow rules are not supported"));
+                    }
+                    if let Some(r) = policy::rbac(cx, &at, r.rules.as_ref(), r.matcher.is_some())? {
+                        guard.rbac.push(r);
+                    }
+                }
+                Some(a) if a.type_url == LocalRateLimit::type_url() => {
+                    let l: LocalRateLimit = decode(cx, &at, a)?;
+                    if guard.rate_limit.is_some() {
+                        return Err(cx.err(&at, "only one local rate limit filter is supported"));
+                    }
+                    guard.rate_limit = policy::local_rate_limit(cx, &at, &l)?;
+                }
+                _ if h.is_optional => {}
+                _ => {
+                    return Err(cx.err(
+                        format!("{field}.http_filters[{i}]"),
+                        format!("unsupported HTTP filter {:?}", h.name),
+                    ));
+                }
             }
         }
-        Ok(NetworkFilter::Http { route })
+        Ok(NetworkFilter::Http {
+            route,
+            guard: Arc::new(guard),
+        })
     } else if any.type_url == TcpProxy::type_url() {
         let tcp: TcpProxy = decode(cx, &field, any)?;
         match tcp.cluster_specifier {
-            Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => {
-                Ok(NetworkFilter::Tcp { cluster })
-            }
+            Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => Ok(NetworkFilter::Tcp {
+                cluster,
+                guard: Arc::new(guard),
+            }),
             _ => Err(cx.err(
                 format!("{field}.cluster_specifier"),
                 "only a single cluster is supported",

@@ -82,7 +82,7 @@ fn accepts_the_controllers_outbound_listener() {
     let c = &cfg.chains[0];
     assert_eq!(c.port, Some(9080));
     assert_eq!(c.app_protocols, [Detected::Http1, Detected::H2c]);
-    assert!(matches!(&c.filter, NetworkFilter::Http { route } if route == "reviews:9080"));
+    assert!(matches!(&c.filter, NetworkFilter::Http { route, .. } if route == "reviews:9080"));
 }
 
 #[test]

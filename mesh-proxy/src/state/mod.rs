@@ -148,9 +148,17 @@ pub struct FilterChain {
 #[serde(rename_all = "snake_case")]
 pub enum NetworkFilter {
     /// HTTP, routed by the RouteConfiguration of this name.
-    Http { route: String },
+    Http { route: String, guard: Arc<Guard> },
     /// Opaque TCP to a cluster.
-    Tcp { cluster: String },
+    Tcp { cluster: String, guard: Arc<Guard> },
+}
+
+/// What a chain enforces before its terminal filter: RBAC filters in order (network RBAC
+/// first, then the HTTP ones) and a local rate limit (HTTP only).
+#[derive(Debug, Default, Serialize)]
+pub struct Guard {
+    pub rbac: Vec<crate::policy::Rbac>,
+    pub rate_limit: Option<crate::policy::RateLimit>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -420,6 +428,7 @@ mod tests {
             app_protocols: app.to_vec(),
             filter: NetworkFilter::Tcp {
                 cluster: name.into(),
+                guard: Arc::default(),
             },
         }
     }

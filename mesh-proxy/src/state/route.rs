@@ -420,7 +420,7 @@ pub fn is_grpc(h: &HeaderMap) -> bool {
 }
 
 impl HeaderMatch {
-    fn matches(&self, headers: &HeaderMap, method: &Method) -> bool {
+    pub(crate) fn matches(&self, headers: &HeaderMap, method: &Method) -> bool {
         let joined;
         let value: Option<&str> = match &self.name {
             HeaderTarget::Method => Some(method.as_str()),

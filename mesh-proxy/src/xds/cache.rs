@@ -310,7 +310,7 @@ impl Cache {
                     .values()
                     .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
                     .filter_map(|c| match &c.filter {
-                        NetworkFilter::Http { route } => Some(route.clone()),
+                        NetworkFilter::Http { route, .. } => Some(route.clone()),
                         NetworkFilter::Tcp { .. } => None,
                     })
                     .collect();
