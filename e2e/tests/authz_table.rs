@@ -37,10 +37,18 @@ fn world(ns_label: Option<&str>) -> Vec<String> {
 
 /// The guard of each inbound port of `cart-0`, as mesh-proxy reads it from the controller's
 /// listener (the mesh TLS chains; plaintext chains carry the same filters).
-fn guards(policies: &[&str], mesh_default: AuthzDefault, ns_label: Option<&str>) -> BTreeMap<u16, Arc<Guard>> {
+fn guards(
+    policies: &[&str],
+    mesh_default: AuthzDefault,
+    ns_label: Option<&str>,
+) -> BTreeMap<u16, Arc<Guard>> {
     let mut idx = Index::new("cluster.local");
     idx.set_authz_default(mesh_default);
-    for doc in world(ns_label).iter().map(String::as_str).chain(policies.iter().copied()) {
+    for doc in world(ns_label)
+        .iter()
+        .map(String::as_str)
+        .chain(policies.iter().copied())
+    {
         idx.apply(obj(doc)).expect("test object applies");
     }
     let mut t = Translator::new(idx.model());
@@ -54,7 +62,10 @@ fn guards(policies: &[&str], mesh_default: AuthzDefault, ns_label: Option<&str>)
         },
     });
     let res = view
-        .get(ResourceType::Listener, mesh_api::consts::xds::INBOUND_LISTENER)
+        .get(
+            ResourceType::Listener,
+            mesh_api::consts::xds::INBOUND_LISTENER,
+        )
         .expect("inbound listener");
     let listener = Listener::decode(res.any.value.as_slice()).expect("decodes");
     let config = mesh_proxy::state::convert::listener(&listener).expect("mesh-proxy takes it");
@@ -122,139 +133,227 @@ const DENY_ADMIN: &str = "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPoli
 #[test]
 fn the_evaluation_table() {
     let cases = vec![
-        case("no policy, mesh default allow", vec![], vec![
-            req(Some(WEB), "GET", "/", true),
-            req(None, "DELETE", "/anything", true),
-            tcp(None, true),
-        ]),
+        case(
+            "no policy, mesh default allow",
+            vec![],
+            vec![
+                req(Some(WEB), "GET", "/", true),
+                req(None, "DELETE", "/anything", true),
+                tcp(None, true),
+            ],
+        ),
         Case {
             mesh_default: AuthzDefault::Deny,
-            ..case("mesh default deny", vec![], vec![
-                req(Some(WEB), "GET", "/", false),
-                tcp(Some(WEB), false),
-            ])
+            ..case(
+                "mesh default deny",
+                vec![],
+                vec![req(Some(WEB), "GET", "/", false), tcp(Some(WEB), false)],
+            )
         },
         Case {
             mesh_default: AuthzDefault::Authenticated,
-            ..case("mesh default authenticated", vec![], vec![
-                req(Some(WEB), "GET", "/", true),
-                req(None, "GET", "/", false),
-                tcp(Some(BANK), true),
-                tcp(None, false),
-            ])
+            ..case(
+                "mesh default authenticated",
+                vec![],
+                vec![
+                    req(Some(WEB), "GET", "/", true),
+                    req(None, "GET", "/", false),
+                    tcp(Some(BANK), true),
+                    tcp(None, false),
+                ],
+            )
         },
         Case {
             mesh_default: AuthzDefault::Deny,
             ns_label: Some("allow"),
-            ..case("a namespace default overrides the mesh's", vec![], vec![
-                req(None, "GET", "/", true),
-            ])
+            ..case(
+                "a namespace default overrides the mesh's",
+                vec![],
+                vec![req(None, "GET", "/", true)],
+            )
         },
         Case {
             ns_label: Some("sometimes"),
-            ..case("an unreadable namespace default denies", vec![], vec![
-                req(Some(WEB), "GET", "/", false),
-            ])
+            ..case(
+                "an unreadable namespace default denies",
+                vec![],
+                vec![req(Some(WEB), "GET", "/", false)],
+            )
         },
-        case("allow by service account, method and path prefix", vec![ALLOW_WEB_GET_API], vec![
-            req(Some(WEB), "GET", "/api/items", true),
-            req(Some(WEB), "GET", "/api/", true),
-            req(Some(WEB), "POST", "/api/items", false),
-            req(Some(WEB), "GET", "/admin", false),
-            req(Some(WEB), "GET", "/api", false),
-            req(Some(CART), "GET", "/api/items", false),
-            req(None, "GET", "/api/items", false),
-            // The policy names only the Service's HTTP port's Service: the TCP port keeps the
-            // default.
-            tcp(Some(BANK), true),
-        ]),
+        case(
+            "allow by service account, method and path prefix",
+            vec![ALLOW_WEB_GET_API],
+            vec![
+                req(Some(WEB), "GET", "/api/items", true),
+                req(Some(WEB), "GET", "/api/", true),
+                req(Some(WEB), "POST", "/api/items", false),
+                req(Some(WEB), "GET", "/admin", false),
+                req(Some(WEB), "GET", "/api", false),
+                req(Some(CART), "GET", "/api/items", false),
+                req(None, "GET", "/api/items", false),
+                // The policy names only the Service's HTTP port's Service: the TCP port keeps the
+                // default.
+                tcp(Some(BANK), true),
+            ],
+        ),
         Case {
             mesh_default: AuthzDefault::Authenticated,
-            ..case("an applicable ALLOW policy decides, not the default", vec![ALLOW_WEB_GET_API], vec![
-                req(Some(CART), "GET", "/api/items", false),
-                req(Some(WEB), "GET", "/api/items", true),
-            ])
+            ..case(
+                "an applicable ALLOW policy decides, not the default",
+                vec![ALLOW_WEB_GET_API],
+                vec![
+                    req(Some(CART), "GET", "/api/items", false),
+                    req(Some(WEB), "GET", "/api/items", true),
+                ],
+            )
         },
-        case("deny by path, exact and prefix", vec![DENY_ADMIN], vec![
-            req(Some(WEB), "GET", "/admin", false),
-            req(Some(WEB), "GET", "/admin/users", false),
-            req(None, "POST", "/admin/", false),
-            req(Some(WEB), "GET", "/administrator", true),
-            req(Some(WEB), "GET", "/public", true),
-            // `;` parameters are denied wherever a Deny names paths.
-            req(Some(WEB), "GET", "/admin;jsessionid=1", false),
-            req(Some(WEB), "GET", "/public;v=1", false),
-        ]),
-        case("deny runs before allow", vec![ALLOW_WEB_GET_API, DENY_ADMIN,
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web-admin, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - from: [{serviceAccounts: [web]}]\n    to: [{paths: ['/admin']}]\n"], vec![
-            req(Some(WEB), "GET", "/admin", false),
-            req(Some(WEB), "GET", "/api/x", true),
-        ]),
-        case("namespaces and identity prefixes", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: from-shop, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Namespace, name: shop}]\n  rules:\n  - from: [{namespaces: [shop]}, {identities: ['spiffe://cluster.local/ns/bank/sa/tell*']}]\n"], vec![
-            req(Some(WEB), "GET", "/", true),
-            req(Some(BANK), "GET", "/", true),
-            req(Some("spiffe://cluster.local/ns/bank/sa/auditor"), "GET", "/", false),
-            req(Some("spiffe://other.domain/ns/shop/sa/web"), "GET", "/", false),
-            tcp(Some(CART), true),
-            tcp(None, false),
-        ]),
-        case("all fields of a from entry must hold", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: both, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - from: [{namespaces: [shop], serviceAccounts: [web, bank/teller]}]\n"], vec![
-            req(Some(WEB), "GET", "/", true),
-            req(Some(BANK), "GET", "/", false),
-            req(Some(CART), "GET", "/", false),
-        ]),
-        case("HTTP conditions never match TCP: ALLOW narrower, DENY wider", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: db}]\n  rules:\n  - to: [{methods: [GET]}]\n"], vec![
-            tcp(Some(WEB), false),
-            req(Some(WEB), "POST", "/", true),
-        ]),
-        case("a TCP deny with a path denies every connection", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-db, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: db}]\n  action: Deny\n  rules:\n  - from: [{namespaces: [bank]}]\n    to: [{paths: ['/admin']}]\n"], vec![
-            tcp(Some(BANK), false),
-            tcp(Some(WEB), true),
-        ]),
-        case("ports and sectionName", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-8080, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Namespace, name: shop}]\n  rules:\n  - to: [{ports: [8080]}]\n",
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: http-port, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart, sectionName: http}]\n  action: Deny\n  rules:\n  - from: [{authenticated: false}]\n"], vec![
-            req(Some(WEB), "GET", "/", true),
-            req(None, "GET", "/", false),
-            tcp(Some(WEB), false),
-        ]),
-        case("an unknown field makes an ALLOW match nobody", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: jwt, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - from: [{serviceAccounts: [web], requestPrincipals: ['*']}]\n"], vec![
-            req(Some(WEB), "GET", "/", false),
-        ]),
-        case("an unknown field makes a DENY match more", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: jwt-deny, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  action: Deny\n  rules:\n  - from: [{serviceAccounts: [web], notRequestPrincipals: ['*']}]\n"], vec![
-            req(Some(WEB), "GET", "/", false),
-            req(Some(CART), "GET", "/", true),
-        ]),
-        case("an unreadable value: left out of an ALLOW, any value in a DENY", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - from: [{identities: ['spiffe://cluster.local/ns/shop/sa/web', 'web*']}]\n",
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: typo-deny, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  action: Deny\n  rules:\n  - from: [{serviceAccounts: ['Bank/Teller!']}]\n    to: [{methods: [DELETE]}]\n"], vec![
-            req(Some(WEB), "GET", "/", true),
-            req(Some(WEB), "DELETE", "/", false),
-            req(Some(CART), "GET", "/", false),
-        ]),
-        case("lower-case methods mean the method", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  action: Deny\n  rules:\n  - to: [{methods: [delete]}]\n"], vec![
-            req(Some(WEB), "DELETE", "/", false),
-            req(Some(WEB), "GET", "/", true),
-        ]),
-        case("an ALLOW policy without rules denies everything", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n"], vec![
-            req(Some(WEB), "GET", "/", false),
-        ]),
-        case("an empty rule allows everything", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: everything, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules: [{}]\n"], vec![
-            req(None, "PUT", "/x", true),
-        ]),
-        case("a policy on another Service does not apply", vec![
-            "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web-only, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: web}]\n"], vec![
-            req(Some(CART), "GET", "/", true),
-        ]),
+        case(
+            "deny by path, exact and prefix",
+            vec![DENY_ADMIN],
+            vec![
+                req(Some(WEB), "GET", "/admin", false),
+                req(Some(WEB), "GET", "/admin/users", false),
+                req(None, "POST", "/admin/", false),
+                req(Some(WEB), "GET", "/administrator", true),
+                req(Some(WEB), "GET", "/public", true),
+                // `;` parameters are denied wherever a Deny names paths.
+                req(Some(WEB), "GET", "/admin;jsessionid=1", false),
+                req(Some(WEB), "GET", "/public;v=1", false),
+            ],
+        ),
+        case(
+            "deny runs before allow",
+            vec![
+                ALLOW_WEB_GET_API,
+                DENY_ADMIN,
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web-admin, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - from: [{serviceAccounts: [web]}]\n    to: [{paths: ['/admin']}]\n",
+            ],
+            vec![
+                req(Some(WEB), "GET", "/admin", false),
+                req(Some(WEB), "GET", "/api/x", true),
+            ],
+        ),
+        case(
+            "namespaces and identity prefixes",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: from-shop, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Namespace, name: shop}]\n  rules:\n  - from: [{namespaces: [shop]}, {identities: ['spiffe://cluster.local/ns/bank/sa/tell*']}]\n",
+            ],
+            vec![
+                req(Some(WEB), "GET", "/", true),
+                req(Some(BANK), "GET", "/", true),
+                req(
+                    Some("spiffe://cluster.local/ns/bank/sa/auditor"),
+                    "GET",
+                    "/",
+                    false,
+                ),
+                req(
+                    Some("spiffe://other.domain/ns/shop/sa/web"),
+                    "GET",
+                    "/",
+                    false,
+                ),
+                tcp(Some(CART), true),
+                tcp(None, false),
+            ],
+        ),
+        case(
+            "all fields of a from entry must hold",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: both, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - from: [{namespaces: [shop], serviceAccounts: [web, bank/teller]}]\n",
+            ],
+            vec![
+                req(Some(WEB), "GET", "/", true),
+                req(Some(BANK), "GET", "/", false),
+                req(Some(CART), "GET", "/", false),
+            ],
+        ),
+        case(
+            "HTTP conditions never match TCP: ALLOW narrower, DENY wider",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: db}]\n  rules:\n  - to: [{methods: [GET]}]\n",
+            ],
+            vec![tcp(Some(WEB), false), req(Some(WEB), "POST", "/", true)],
+        ),
+        case(
+            "a TCP deny with a path denies every connection",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin-db, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: db}]\n  action: Deny\n  rules:\n  - from: [{namespaces: [bank]}]\n    to: [{paths: ['/admin']}]\n",
+            ],
+            vec![tcp(Some(BANK), false), tcp(Some(WEB), true)],
+        ),
+        case(
+            "ports and sectionName",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: only-8080, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Namespace, name: shop}]\n  rules:\n  - to: [{ports: [8080]}]\n",
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: http-port, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart, sectionName: http}]\n  action: Deny\n  rules:\n  - from: [{authenticated: false}]\n",
+            ],
+            vec![
+                req(Some(WEB), "GET", "/", true),
+                req(None, "GET", "/", false),
+                tcp(Some(WEB), false),
+            ],
+        ),
+        case(
+            "an unknown field makes an ALLOW match nobody",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: jwt, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - from: [{serviceAccounts: [web], requestPrincipals: ['*']}]\n",
+            ],
+            vec![req(Some(WEB), "GET", "/", false)],
+        ),
+        case(
+            "an unknown field makes a DENY match more",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: jwt-deny, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  action: Deny\n  rules:\n  - from: [{serviceAccounts: [web], notRequestPrincipals: ['*']}]\n",
+            ],
+            vec![
+                req(Some(WEB), "GET", "/", false),
+                req(Some(CART), "GET", "/", true),
+            ],
+        ),
+        case(
+            "an unreadable value: left out of an ALLOW, any value in a DENY",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: typo, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - from: [{identities: ['spiffe://cluster.local/ns/shop/sa/web', 'web*']}]\n",
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: typo-deny, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  action: Deny\n  rules:\n  - from: [{serviceAccounts: ['Bank/Teller!']}]\n    to: [{methods: [DELETE]}]\n",
+            ],
+            vec![
+                req(Some(WEB), "GET", "/", true),
+                req(Some(WEB), "DELETE", "/", false),
+                req(Some(CART), "GET", "/", false),
+            ],
+        ),
+        case(
+            "lower-case methods mean the method",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  action: Deny\n  rules:\n  - to: [{methods: [delete]}]\n",
+            ],
+            vec![
+                req(Some(WEB), "DELETE", "/", false),
+                req(Some(WEB), "GET", "/", true),
+            ],
+        ),
+        case(
+            "an ALLOW policy without rules denies everything",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: nothing, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n",
+            ],
+            vec![req(Some(WEB), "GET", "/", false)],
+        ),
+        case(
+            "an empty rule allows everything",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: everything, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules: [{}]\n",
+            ],
+            vec![req(None, "PUT", "/x", true)],
+        ),
+        case(
+            "a policy on another Service does not apply",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web-only, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: web}]\n",
+            ],
+            vec![req(Some(CART), "GET", "/", true)],
+        ),
     ];
     let mut total = 0;
     for c in &cases {
@@ -286,7 +385,10 @@ fn the_evaluation_table() {
         }
     }
     assert!(total >= 30, "the table has {total} cases");
-    println!("authorization table: {total} cases in {} policy sets", cases.len());
+    println!(
+        "authorization table: {total} cases in {} policy sets",
+        cases.len()
+    );
 }
 
 #[test]
@@ -317,6 +419,9 @@ fn what_a_policy_cannot_say_is_reported_with_its_field() {
         "AuthorizationPolicy/shop/jwt spec.targetRefs[1]: Service shop/gone not found: the policy targets nothing",
         "RateLimitPolicy/shop/limit spec.targetRefs[0].sectionName: Service shop/cart has no port named \"grpc\": the policy targets nothing",
     ] {
-        assert!(got.iter().any(|g| g == want), "missing {want:?} in {got:#?}");
+        assert!(
+            got.iter().any(|g| g == want),
+            "missing {want:?} in {got:#?}"
+        );
     }
 }
