@@ -69,6 +69,13 @@ pub mod node_metadata {
     /// `"true"` when the proxy holds a mesh identity: it then gets mutual-TLS inbound chains
     /// and originates mesh TLS to endpoints that carry an identity. Absent: plaintext only.
     pub const MTLS: &str = "mesh.dev/mtls";
+    /// IP address the transparent inbound listener binds; default `0.0.0.0`. Lets proxies of
+    /// several pods share one host (the local mesh, tests).
+    pub const INBOUND_ADDR: &str = "mesh.dev/inbound-addr";
+    /// A directory the proxy's mesh TLS secrets (`default.yaml`, `ROOTCA.yaml`: SDS
+    /// DiscoveryResponses) are read and watched from, for Envoy given its SVID by files (an
+    /// agent that writes them). Absent: the secrets come over ADS (mesh-proxy gets its own).
+    pub const SDS_DIR: &str = "mesh.dev/sds-dir";
     /// Where the proxy's admin server listens (`host:port`), for `meshctl proxy-config`.
     /// Informational: it changes nothing the proxy is served.
     pub const ADMIN_ADDR: &str = "mesh.dev/admin-addr";

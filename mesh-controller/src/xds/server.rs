@@ -227,6 +227,21 @@ pub fn proxy_id(node: &Node) -> Result<ProxyId, String> {
             .parse::<SocketAddr>()
             .map_err(|_| bad(node_metadata::OUTBOUND_HTTP_ADDR, &v, "host:port"))?;
     }
+    if let Some(v) = get(node_metadata::INBOUND_ADDR) {
+        settings.inbound_addr = v
+            .parse()
+            .map_err(|_| bad(node_metadata::INBOUND_ADDR, &v, "an IP address"))?;
+    }
+    if let Some(v) = get(node_metadata::SDS_DIR) {
+        if !v.starts_with('/') {
+            return Err(bad(
+                node_metadata::SDS_DIR,
+                &v,
+                "an absolute directory path",
+            ));
+        }
+        settings.sds_dir = Some(v.trim_end_matches('/').to_string());
+    }
     for (key, slot) in [
         (node_metadata::OUTBOUND_PORT, &mut settings.outbound_port),
         (node_metadata::INBOUND_PORT, &mut settings.inbound_port),

@@ -20,9 +20,9 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, CidrRange, ConfigSource, HeaderValue,
-    HeaderValueOption, Http2ProtocolOptions, Locality, Metadata, RuntimeFractionalPercent,
-    SocketAddress, TransportSocket, address, config_source, header_value_option, socket_address,
-    transport_socket,
+    HeaderValueOption, Http2ProtocolOptions, Locality, Metadata, PathConfigSource,
+    RuntimeFractionalPercent, SocketAddress, TransportSocket, WatchedDirectory, address,
+    config_source, header_value_option, socket_address, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -40,6 +40,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
@@ -79,6 +80,10 @@ pub struct ListenerSettings {
     pub inbound_port: u16,
     /// The proxy holds a mesh identity: its inbound side terminates mesh TLS.
     pub mtls: bool,
+    /// Address of the transparent inbound listener.
+    pub inbound_addr: IpAddr,
+    /// Where Envoy reads its mesh TLS secrets from files; `None`: over ADS.
+    pub sds_dir: Option<String>,
 }
 
 impl Default for ListenerSettings {
@@ -92,6 +97,8 @@ impl Default for ListenerSettings {
             outbound_port: ports::PROXY_OUTBOUND,
             inbound_port: ports::PROXY_INBOUND,
             mtls: false,
+            inbound_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            sds_dir: None,
         }
     }
 }
@@ -1409,7 +1416,8 @@ fn pod_resources(
                 .collect(),
         );
         if settings.mtls {
-            chains.extend(plain.iter().map(mesh_tls_chain));
+            let tls = mesh_tls_socket(settings.sds_dir.as_deref());
+            chains.extend(plain.iter().map(|c| mesh_tls_chain(c, &tls)));
             if mode == MtlsMode::Permissive {
                 chains.extend(plain.into_iter().map(raw_chain));
             }
@@ -1417,16 +1425,21 @@ fn pod_resources(
             chains.extend(plain);
         }
     }
+    let mut listener_filters = vec![
+        listener_filter("envoy.filters.listener.original_dst", &OriginalDst {}),
+        listener_filter("envoy.filters.listener.http_inspector", &HttpInspector {}),
+    ];
+    if settings.mtls {
+        // Envoy tells mesh TLS from plaintext (and reads the ALPN) with the TLS inspector.
+        listener_filters.push(listener_filter(
+            "envoy.filters.listener.tls_inspector",
+            &TlsInspector::default(),
+        ));
+    }
     let listener = Listener {
         name: names::INBOUND_LISTENER.into(),
-        address: Some(socket_address(
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            settings.inbound_port,
-        )),
-        listener_filters: vec![
-            listener_filter("envoy.filters.listener.original_dst", &OriginalDst {}),
-            listener_filter("envoy.filters.listener.http_inspector", &HttpInspector {}),
-        ],
+        address: Some(socket_address(settings.inbound_addr, settings.inbound_port)),
+        listener_filters,
         filter_chains: chains,
         // STRICT: plaintext to a port no Service declares is refused too.
         default_filter_chain: (!settings.mtls || mode == MtlsMode::Permissive).then(|| {
@@ -1450,10 +1463,27 @@ fn pod_resources(
 
 /// The transport socket that terminates mesh TLS: TLS 1.3, a client SVID required, the
 /// proxy's own SVID and trust bundle (SDS `default` and `ROOTCA`, as Istio names them).
-fn mesh_tls_socket() -> TransportSocket {
+fn mesh_tls_socket(sds_dir: Option<&str>) -> TransportSocket {
     let sds = |name: &str| SdsSecretConfig {
         name: name.into(),
-        sds_config: Some(ads()),
+        sds_config: Some(match sds_dir {
+            Some(dir) => ConfigSource {
+                resource_api_version: ApiVersion::V3 as i32,
+                config_source_specifier: Some(
+                    config_source::ConfigSourceSpecifier::PathConfigSource(PathConfigSource {
+                        path: format!("{dir}/{name}.yaml"),
+                        // Secrets are replaced by renaming into the directory.
+                        watched_directory: Some(WatchedDirectory {
+                            path: dir.into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                ),
+                ..Default::default()
+            },
+            None => ads(),
+        }),
     };
     let ctx = DownstreamTlsContext {
         require_client_certificate: Some(BoolValue { value: true }),
@@ -1481,7 +1511,7 @@ fn mesh_tls_socket() -> TransportSocket {
 
 /// A plaintext chain's mesh TLS twin: matches TLS, terminates it, and tells HTTP versions
 /// apart by the negotiated ALPN (`h2`) instead of detection (`h2c`).
-fn mesh_tls_chain(plain: &FilterChain) -> FilterChain {
+fn mesh_tls_chain(plain: &FilterChain, tls: &TransportSocket) -> FilterChain {
     let mut c = plain.clone();
     c.name = format!("{}/mtls", plain.name);
     let m = c.filter_chain_match.get_or_insert_with(Default::default);
@@ -1491,7 +1521,7 @@ fn mesh_tls_chain(plain: &FilterChain) -> FilterChain {
             *p = "h2".into();
         }
     }
-    c.transport_socket = Some(mesh_tls_socket());
+    c.transport_socket = Some(tls.clone());
     c
 }
 

@@ -48,6 +48,10 @@ pub struct EnvoyArgs {
     /// Also ask for the transparent outbound and inbound listeners (iptables interception).
     #[arg(long)]
     pub transparent: bool,
+    /// Terminate mesh TLS inbound with the SVID and trust bundle in this directory
+    /// (`default.yaml` and `ROOTCA.yaml`, SDS DiscoveryResponses an agent keeps current).
+    #[arg(long)]
+    pub sds_dir: Option<std::path::PathBuf>,
 }
 
 pub fn run(cmd: Bootstrap, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -102,14 +106,21 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
         "GRPC"
     };
     let ads = json!({"ads": {}, "resource_api_version": "V3"});
+    let mut metadata = json!({
+        node_metadata::TRANSPARENT: args.transparent.to_string(),
+        node_metadata::OUTBOUND_HTTP_ADDR: args.outbound_http.to_string(),
+    });
+    if let Some(dir) = &args.sds_dir {
+        let dir =
+            std::path::absolute(dir).with_context(|| format!("--sds-dir {}", dir.display()))?;
+        metadata[node_metadata::MTLS] = json!("true");
+        metadata[node_metadata::SDS_DIR] = json!(dir.to_string_lossy());
+    }
     Ok(json!({
         "node": {
             "id": args.node,
             "cluster": namespace,
-            "metadata": {
-                node_metadata::TRANSPARENT: args.transparent.to_string(),
-                node_metadata::OUTBOUND_HTTP_ADDR: args.outbound_http.to_string(),
-            },
+            "metadata": metadata,
         },
         "dynamic_resources": {
             "ads_config": {
@@ -145,6 +156,7 @@ mod tests {
             admin: "127.0.0.1:15000".parse().expect("addr"),
             outbound_http: "127.0.0.1:15080".parse().expect("addr"),
             transparent: false,
+            sds_dir: None,
         }
     }
 
