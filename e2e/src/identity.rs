@@ -10,7 +10,9 @@ use anyhow::Context;
 use mesh_api::SpiffeId;
 use mesh_ca::auth::LocalTokens;
 use mesh_ca::run::{CaConfig, Running};
-use rcgen::{CertificateParams, Issuer, KeyPair};
+use rcgen::{
+    CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
 /// A CA for one test, on its own runtime so that stopping it drops every connection at once,
@@ -188,14 +190,29 @@ pub async fn wait_for_svid(
     Ok(())
 }
 
-/// Opens TLS to `addr` presenting `chain`/`key`, sends an HTTP/1.1 GET and returns what came
-/// back (`Err` when the handshake or the exchange failed).
-pub async fn tls_probe(
+/// The parameters of a good workload SVID for `id`, valid for the next hour.
+pub fn svid_params(id: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.subject_alt_names = vec![SanType::URI(id.try_into().expect("ia5"))];
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::hours(1);
+    p
+}
+
+/// Opens mesh TLS (1.3, HTTP/1.1 by ALPN) to `addr` presenting `chain`/`key`, trusting any
+/// server: a test client stands for a workload's proxy.
+pub async fn tls_connect(
     addr: SocketAddr,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
-) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -205,10 +222,21 @@ pub async fn tls_probe(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let mut tls = connector
+    connector
         .connect(ServerName::IpAddress(addr.ip().into()), tcp)
         .await
-        .context("handshake")?;
+        .context("handshake")
+}
+
+/// Opens TLS to `addr` presenting `chain`/`key`, sends an HTTP/1.1 GET and returns what came
+/// back (`Err` when the handshake or the exchange failed).
+pub async fn tls_probe(
+    addr: SocketAddr,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tls = tls_connect(addr, chain, key).await?;
     // In TLS 1.3 the server judges the client's certificate after the client finished, so a
     // refusal shows up as the first read failing or ending.
     tls.write_all(b"GET / HTTP/1.1\r\nhost: echo\r\nconnection: close\r\n\r\n")

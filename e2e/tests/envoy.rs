@@ -72,6 +72,7 @@ async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
         admin: format!("127.0.0.1:{admin_port}").parse()?,
         outbound_http: format!("127.0.0.1:{http_port}").parse()?,
         transparent: false,
+        sds_dir: None,
     })?;
     let bootstrap_file = dir.path().join("envoy.yaml");
     std::fs::write(&bootstrap_file, serde_yaml::to_string(&bootstrap)?)?;

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use mesh_e2e::identity::{TestCa, counter, sign, tls_probe};
+use mesh_e2e::identity::{TestCa, counter, sign, svid_params, tls_probe};
 use mesh_e2e::mesh::{Load, LocalMesh, PairOptions, SidecarPair, failures};
 use mesh_e2e::servers::EchoServer;
 use mesh_e2e::{ProxyClient, eventually, http_get};
@@ -140,18 +140,7 @@ async fn plaintext_from_outside_the_mesh_is_refused_in_strict_and_served_in_perm
 }
 
 fn good_client() -> CertificateParams {
-    let mut p = CertificateParams::default();
-    p.subject_alt_names = vec![uri(CLIENT_ID)];
-    p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let now = time::OffsetDateTime::now_utc();
-    p.not_before = now - time::Duration::hours(1);
-    p.not_after = now + time::Duration::hours(1);
-    p
+    svid_params(CLIENT_ID)
 }
 
 fn uri(s: &str) -> SanType {

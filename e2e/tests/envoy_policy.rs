@@ -1,0 +1,306 @@
+//! Envoy 1.40 and mesh-proxy, fed the same xDS for two pods of one workload, decide the same
+//! requests alike: callers with different SPIFFE IDs (and none) ask for paths and methods that
+//! DENY and ALLOW policies name.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_controller::config::Config;
+use mesh_controller::run::Controller;
+use mesh_e2e::identity::{TestCa, svid_params, tls_connect};
+use mesh_e2e::mesh::wait_config;
+use mesh_e2e::servers::EchoServer;
+use mesh_e2e::{Peer, eventually, figure, free_port, http_get, peer};
+use mesh_proxy::state::NetworkFilter;
+use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::process::Command;
+
+const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
+const TELLER: &str = "spiffe://cluster.local/ns/bank/sa/teller";
+const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+
+fn manifests(app_port: u16) -> String {
+    format!(
+        "apiVersion: v1
+kind: Namespace
+metadata: {{name: default, labels: {{mesh.dev/mtls-mode: PERMISSIVE}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec: {{clusterIP: 10.96.7.7, selector: {{app: echo}}, ports: [{{name: http, port: 80, targetPort: {app_port}}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: echo-0, namespace: default, labels: {{app: echo}}}}
+spec: {{serviceAccountName: echo, containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
+status: {{podIP: 127.0.0.2}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: echo-1, namespace: default, labels: {{app: echo}}}}
+spec: {{serviceAccountName: echo, containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
+status: {{podIP: 127.0.0.3}}
+---
+apiVersion: mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: guard, namespace: default}}
+spec:
+  targetRefs: [{{group: '', kind: Service, name: echo}}]
+  action: Deny
+  rules:
+  - to: [{{paths: ['/admin', '/admin/*']}}]
+  - from: [{{namespaces: [bank]}}]
+    to: [{{methods: [DELETE]}}]
+---
+apiVersion: mesh.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: callers, namespace: default}}
+spec:
+  targetRefs: [{{group: '', kind: Service, name: echo}}]
+  rules:
+  - from: [{{serviceAccounts: [web]}}]
+    to: [{{methods: [GET, POST], paths: ['/api/*']}}]
+  - from: [{{namespaces: [bank]}}]
+    to: [{{methods: [GET, DELETE]}}]
+  - from: [{{authenticated: false}}]
+    to: [{{paths: ['/public']}}]
+  - from: [{{identities: ['spiffe://cluster.local/ns/shop/*']}}]
+    to: [{{ports: [{app_port}]}}]
+"
+    )
+}
+
+/// A client certificate for each caller (`None`: plaintext).
+struct Callers {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Callers {
+    /// Sends one request to `addr` as `id` and returns the status, or 0 when the proxy
+    /// refused the connection (a peer from another trust domain, at the handshake).
+    async fn ask(
+        &self,
+        addr: SocketAddr,
+        id: Option<&str>,
+        method: &str,
+        path: &str,
+    ) -> anyhow::Result<u16> {
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: echo\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        let answer = match id {
+            Some(id) => {
+                let (chain, key) = mesh_e2e::identity::sign(&svid_params(id), &self.issuer)?;
+                match tls_connect(addr, chain, key).await {
+                    Ok(tls) => exchange(tls, &req).await,
+                    Err(e) => Err(e),
+                }
+            }
+            None => exchange(tokio::net::TcpStream::connect(addr).await?, &req).await,
+        };
+        Ok(answer.unwrap_or(0))
+    }
+}
+
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, req: &str) -> anyhow::Result<u16> {
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .context("no answer in 5 s")??;
+    Ok(String::from_utf8_lossy(&buf)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Envoy's SVID and trust bundle as an agent would write them: SDS DiscoveryResponses.
+fn write_sds(dir: &std::path::Path, ca: &TestCa) -> anyhow::Result<()> {
+    let key = rcgen::KeyPair::generate()?;
+    let cert =
+        svid_params("spiffe://cluster.local/ns/default/sa/echo").signed_by(&key, &ca.issuer()?)?;
+    std::fs::write(dir.join("svid.pem"), cert.pem())?;
+    std::fs::write(dir.join("svid.key"), key.serialize_pem())?;
+    let d = dir.display();
+    std::fs::write(
+        dir.join("default.yaml"),
+        format!(
+            "resources:\n- \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n  name: default\n  tls_certificate:\n    certificate_chain: {{filename: {d}/svid.pem}}\n    private_key: {{filename: {d}/svid.key}}\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.join("ROOTCA.yaml"),
+        format!(
+            "resources:\n- \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n  name: ROOTCA\n  validation_context:\n    trusted_ca: {{filename: {}}}\n",
+            ca.path("ca.crt").display()
+        ),
+    )?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result<()> {
+    let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
+        return Ok(());
+    };
+    let app = EchoServer::start("echo-app").await?;
+    let p = app.addr.port();
+    let ca = TestCa::start(Duration::from_secs(3600)).await?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("config");
+    std::fs::create_dir(&cfg)?;
+    std::fs::write(cfg.join("echo.yaml"), manifests(p))?;
+    let ctl = Controller::start(Config::local(&cfg)).await?;
+
+    // Envoy is pod echo-0: its inbound listener on 127.0.0.2 at the app's port, so a
+    // connection's local address is the original destination iptables would restore.
+    let sds = dir.path().join("sds");
+    std::fs::create_dir(&sds)?;
+    write_sds(&sds, &ca)?;
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let mut bootstrap = envoy(&EnvoyArgs {
+        node: "default/echo-0".into(),
+        xds: ctl.xds_addr.to_string(),
+        xds_api: "delta".into(),
+        admin,
+        outbound_http: format!("127.0.0.1:{}", free_port()).parse()?,
+        transparent: true,
+        sds_dir: Some(sds.clone()),
+    })?;
+    let md = &mut bootstrap["node"]["metadata"];
+    md[mesh_api::consts::node_metadata::INBOUND_ADDR] = "127.0.0.2".into();
+    md[mesh_api::consts::node_metadata::INBOUND_PORT] = p.to_string().into();
+    md[mesh_api::consts::node_metadata::OUTBOUND_PORT] = free_port().to_string().into();
+    let bootstrap_file = dir.path().join("envoy.yaml");
+    std::fs::write(&bootstrap_file, serde_yaml::to_string(&bootstrap)?)?;
+    let envoy_proc = Peer::spawn(
+        Command::new(&envoy_bin)
+            .arg("-c")
+            .arg(&bootstrap_file)
+            .args([
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "-l",
+                "warning",
+            ]),
+        dir.path().join("envoy.log"),
+    )?;
+    if let Err(e) = eventually(Duration::from_secs(30), "Envoy to be ready", || async {
+        http_get(admin, "/ready").await.filter(|(s, _)| *s == 200)
+    })
+    .await
+    {
+        anyhow::bail!("{e}\nEnvoy log:\n{}", envoy_proc.log_text());
+    }
+    let envoy_in: SocketAddr = format!("127.0.0.2:{p}").parse()?;
+
+    // mesh-proxy is pod echo-1, of the same workload.
+    let mut pc = mesh_proxy::Config::local(ctl.xds_addr, "default/echo-1");
+    pc.transparent = true;
+    pc.inbound_orig_dst = Some(app.addr);
+    ca.identify(&mut pc, "echo")?;
+    let proxy = mesh_proxy::Proxy::start(pc, None).await?;
+    tokio::time::timeout(Duration::from_secs(10), proxy.store.ready()).await?;
+    mesh_e2e::identity::wait_for_svid(&proxy.tls.as_ref().context("tls")?.identity, "mesh-proxy")
+        .await?;
+    wait_config(&proxy, "mesh-proxy to enforce both policies", |s| {
+        s.listeners
+            .get(mesh_api::consts::xds::INBOUND_LISTENER)
+            .is_some_and(|l| {
+                l.chains.iter().any(|c| {
+                    matches!(&c.filter, NetworkFilter::Http { guard, .. } if guard.rbac.len() == 2)
+                })
+            })
+    })
+    .await?;
+    let proxy_in = proxy.inbound_addr.context("inbound listener")?;
+
+    let callers = Callers {
+        issuer: ca.issuer()?,
+    };
+    // Envoy is ready once the policies are in: a caller only the ALLOW policy lets in.
+    if let Err(e) = eventually(
+        Duration::from_secs(30),
+        "Envoy to serve the policies",
+        || async {
+            let a = callers.ask(envoy_in, Some(WEB), "GET", "/api/x").await.ok();
+            let b = callers.ask(envoy_in, Some(WEB), "GET", "/other").await.ok();
+            (a == Some(200) && b == Some(403)).then_some(())
+        },
+    )
+    .await
+    {
+        anyhow::bail!("{e}\nEnvoy log:\n{}", envoy_proc.log_text());
+    }
+
+    let requests: &[(Option<&str>, &str, &str)] = &[
+        (Some(WEB), "GET", "/api/items"),
+        (Some(WEB), "POST", "/api/items"),
+        (Some(WEB), "DELETE", "/api/items"),
+        (Some(WEB), "GET", "/api"),
+        (Some(WEB), "GET", "/"),
+        (Some(WEB), "GET", "/admin"),
+        (Some(WEB), "GET", "/admin/users"),
+        (Some(WEB), "GET", "/api/../admin"),
+        (Some(WEB), "GET", "/api//items"),
+        (Some(WEB), "GET", "/api/%69tems"),
+        (Some(WEB), "GET", "/api/items;x=1"),
+        (Some(WEB), "GET", "/api/a%2Fb"),
+        (Some(TELLER), "GET", "/anything"),
+        (Some(TELLER), "DELETE", "/anything"),
+        (Some(TELLER), "POST", "/anything"),
+        (Some(TELLER), "GET", "/admin"),
+        (Some(CART), "PUT", "/x"),
+        (Some(CART), "GET", "/admin/x"),
+        (
+            Some("spiffe://cluster.local/ns/default/sa/nobody"),
+            "GET",
+            "/api/items",
+        ),
+        (Some("spiffe://other.domain/ns/shop/sa/cart"), "GET", "/x"),
+        (None, "GET", "/public"),
+        (None, "POST", "/public"),
+        (None, "GET", "/public/x"),
+        (None, "GET", "/api/items"),
+        (None, "GET", "/admin"),
+        (None, "GET", "/x/../public"),
+    ];
+    // Refused at the handshake or by RBAC is the same decision.
+    let class = |status: u16| match status {
+        200..=299 => "allowed",
+        0 | 403 => "denied",
+        400 => "malformed",
+        _ => "other",
+    };
+    let mut differ = Vec::new();
+    let mut statuses = std::collections::BTreeMap::new();
+    for (id, method, path) in requests {
+        let e = callers.ask(envoy_in, *id, method, path).await?;
+        let m = callers.ask(proxy_in, *id, method, path).await?;
+        *statuses.entry(m).or_insert(0) += 1;
+        if class(e) != class(m) || class(m) == "other" {
+            differ.push(format!("{id:?} {method} {path}: Envoy {e}, mesh-proxy {m}"));
+        }
+    }
+    figure(&format!(
+        "Envoy and mesh-proxy on the same xDS: {} requests, {} decided differently (mesh-proxy answered {statuses:?})",
+        requests.len(),
+        differ.len()
+    ));
+    assert!(
+        differ.is_empty(),
+        "decided differently:\n{}",
+        differ.join("\n")
+    );
+    assert!(
+        statuses.len() >= 3,
+        "the set exercises allow, deny and malformed: {statuses:?}"
+    );
+    drop(envoy_proc);
+    Ok(())
+}
