@@ -137,6 +137,8 @@ pub mod env {
     pub const CONTROLLER_DEBOUNCE_MS: &str = "MESH_DEBOUNCE_MS";
     /// Controller: the mesh-wide mTLS mode, `STRICT` or `PERMISSIVE`.
     pub const CONTROLLER_MTLS_MODE: &str = "MESH_MTLS_MODE";
+    /// Controller: what workloads do with requests no ALLOW policy decides.
+    pub const CONTROLLER_AUTHZ_DEFAULT: &str = "MESH_AUTHZ_DEFAULT";
     /// Controller: cluster DNS suffix.
     pub const CONTROLLER_CLUSTER_DOMAIN: &str = "MESH_CLUSTER_DOMAIN";
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.

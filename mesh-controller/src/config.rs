@@ -8,6 +8,7 @@ use mesh_api::consts::{env, ports};
 use serde::Serialize;
 
 use crate::index::MtlsMode;
+use crate::index::policy::AuthzDefault;
 
 #[derive(Clone, Debug, clap::Parser, Serialize)]
 #[command(
@@ -81,6 +82,12 @@ pub struct Config {
     /// plaintext) or STRICT (mesh TLS only). A namespace label `mesh.dev/mtls-mode` overrides it.
     #[arg(long, env = env::CONTROLLER_MTLS_MODE, value_enum, default_value_t = MtlsMode::Permissive)]
     pub mtls_mode: MtlsMode,
+
+    /// What workloads do with a request no ALLOW policy decides: allow, deny, or
+    /// authenticated (callers with a mesh identity only). A namespace label
+    /// `mesh.dev/authz-default` overrides it.
+    #[arg(long, env = env::CONTROLLER_AUTHZ_DEFAULT, value_enum, default_value_t = AuthzDefault::Allow)]
+    pub authz_default: AuthzDefault,
 
     /// Log format: text or json.
     #[arg(long, env = env::LOG_FORMAT, default_value = "text", value_parser = ["text", "json"])]
@@ -181,6 +188,7 @@ impl Config {
             sync_timeout_secs: 30,
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
             mtls_mode: MtlsMode::Permissive,
+            authz_default: AuthzDefault::Allow,
             log_format: "text".into(),
             namespace: mesh_api::consts::identity::SYSTEM_NAMESPACE.into(),
             webhook_addr: None,

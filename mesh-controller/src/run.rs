@@ -78,6 +78,7 @@ impl Controller {
         let metrics = Arc::new(Metrics::new());
         let mut idx = Index::new(config.cluster_domain.clone());
         idx.set_identity(&config.trust_domain, config.mtls_mode);
+        idx.set_authz_default(config.authz_default);
         let index = Arc::new(Mutex::new(idx));
         let errors = ConfigErrors::new(metrics.clone());
         let mut tasks = Vec::new();

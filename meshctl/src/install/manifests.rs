@@ -354,6 +354,10 @@ fn controller_deployment(v: &Values, ns: &str) -> Value {
             "--mtls-mode={}",
             json!(v.mtls_mode).as_str().unwrap_or_default()
         ),
+        format!(
+            "--authz-default={}",
+            json!(v.authz_default).as_str().unwrap_or_default()
+        ),
         format!("--ca-addr={}", s.ca_addr),
         format!("--ca-root={ROOT_DIR}/ca.crt"),
         format!("--ca-token-file={TOKEN_DIR}/mesh-ca-token"),

@@ -24,6 +24,8 @@ pub struct Values {
     pub trust_domain: String,
     /// Mesh-wide mTLS between proxies.
     pub mtls_mode: MtlsMode,
+    /// What workloads do with a request no ALLOW policy decides.
+    pub authz_default: AuthzDefault,
     pub controller: Controller,
     pub ca: Ca,
     pub proxy: Proxy,
@@ -46,6 +48,17 @@ pub enum PullPolicy {
     Always,
     IfNotPresent,
     Never,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzDefault {
+    /// Allow it.
+    Allow,
+    /// Deny it: only what an ALLOW policy names gets in.
+    Deny,
+    /// Allow callers with a mesh identity only.
+    Authenticated,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
