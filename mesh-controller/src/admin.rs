@@ -12,6 +12,7 @@
 //! | `/debug/edges` | who talks to whom, with rps, success rate and latency |
 //! | `/debug/top` | workloads by the traffic they serve |
 //! | `/debug/stat?service=<ns>/<name>` | a Service's traffic per route and backend |
+//! | `/debug/authz?service=<ns>/<name>` | the policies in force on each port of a Service |
 //! | `/graph` | the service graph, a live web page |
 
 use std::sync::Arc;
@@ -56,6 +57,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/edges", get(edges))
         .route("/debug/top", get(top))
         .route("/debug/stat", get(stat))
+        .route("/debug/authz", get(authz))
         .route("/graph", get(graph))
         .with_state(state)
 }
@@ -143,34 +145,60 @@ struct StatQuery {
     service: Option<String>,
 }
 
+/// The Service a `?service=<namespace>/<name>` query names, or the answer saying what is wrong.
+fn service_query(q: StatQuery) -> Result<SvcKey, (StatusCode, String)> {
+    let Some(service) = q.service else {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "query parameter service=<namespace>/<name> is required\n".into(),
+        ));
+    };
+    match service
+        .split_once('/')
+        .filter(|(n, s)| !n.is_empty() && !s.is_empty())
+    {
+        Some((ns, name)) => Ok(SvcKey::new(ns, name)),
+        None => Err((
+            StatusCode::BAD_REQUEST,
+            format!("service={service:?}: expected <namespace>/<name>\n"),
+        )),
+    }
+}
+
+fn no_such_service(key: &SvcKey) -> axum::response::Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!("service \"{key}\" is not in the mesh's configuration\n"),
+    )
+        .into_response()
+}
+
 async fn stat(
     State(s): State<AdminState>,
     axum::extract::Query(q): axum::extract::Query<StatQuery>,
 ) -> axum::response::Response {
-    let Some(service) = q.service else {
-        return (
-            StatusCode::BAD_REQUEST,
-            "query parameter service=<namespace>/<name> is required\n",
-        )
-            .into_response();
+    let key = match service_query(q) {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
     };
-    let Some((ns, name)) = service
-        .split_once('/')
-        .filter(|(n, s)| !n.is_empty() && !s.is_empty())
-    else {
-        return (
-            StatusCode::BAD_REQUEST,
-            format!("service={service:?}: expected <namespace>/<name>\n"),
-        )
-            .into_response();
-    };
-    match s.stats.service(&s.hub.model(), &SvcKey::new(ns, name)) {
+    match s.stats.service(&s.hub.model(), &key) {
         Some(stat) => Json(stat).into_response(),
-        None => (
-            StatusCode::NOT_FOUND,
-            format!("service {service:?} is not in the mesh's configuration\n"),
-        )
-            .into_response(),
+        None => no_such_service(&key),
+    }
+}
+
+async fn authz(
+    State(s): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<StatQuery>,
+) -> axum::response::Response {
+    let key = match service_query(q) {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
+    let model = s.hub.model();
+    match crate::index::policy::service_authz(&model, &key) {
+        Some(a) => Json(a).into_response(),
+        None => no_such_service(&key),
     }
 }
 

@@ -149,6 +149,72 @@ impl Policies {
             .copied()
             .unwrap_or(self.default)
     }
+
+    /// What applies to a workload port in `namespace` reached through the Services `via`
+    /// (name, port name): Namespace-wide policies and those of any of these Services.
+    pub fn for_port<'a>(&'a self, namespace: &str, via: &Via<'_>) -> PortPolicies<'a> {
+        let ns = self.by_namespace.get(namespace);
+        let authz = || {
+            ns.into_iter()
+                .flat_map(|n| &n.authz)
+                .filter(|a| applies(&a.targets, via))
+                .map(|a| a.as_ref())
+        };
+        let limits: Vec<&RateLimit> = ns
+            .into_iter()
+            .flat_map(|n| &n.rate_limits)
+            .filter(|l| applies(&l.targets, via))
+            .map(|l| l.as_ref())
+            .collect();
+        // One rate limit per port: the first (by name) that targets one of the Services, else
+        // the first Namespace-wide one.
+        let by_service = |l: &&&RateLimit| {
+            l.targets.iter().any(|t| {
+                matches!(t, Target::Service { .. }) && applies(std::slice::from_ref(t), via)
+            })
+        };
+        let rate_limit = limits.iter().find(by_service).or(limits.first()).copied();
+        PortPolicies {
+            default: self.default_for(namespace),
+            deny: authz()
+                .filter(|a| a.action == AuthorizationAction::Deny)
+                .collect(),
+            allow: authz()
+                .filter(|a| a.action == AuthorizationAction::Allow)
+                .collect(),
+            rate_limit,
+            rate_limits_not_applied: limits
+                .iter()
+                .filter(|l| rate_limit.is_none_or(|r| r.name != l.name))
+                .map(|l| l.name.as_str())
+                .collect(),
+        }
+    }
+}
+
+/// The Services (by name, and port name) through which a workload port is reached.
+pub type Via<'a> = [(&'a str, &'a str)];
+
+/// Whether a policy with these targets applies to a port reached through `via`.
+pub fn applies(targets: &[Target], via: &Via<'_>) -> bool {
+    targets.iter().any(|t| match t {
+        Target::Namespace => true,
+        Target::Service { name, port } => via
+            .iter()
+            .any(|(s, p)| s == name && port.as_deref().is_none_or(|want| want == *p)),
+    })
+}
+
+/// The policies one inbound port enforces.
+#[derive(Debug, Serialize)]
+pub struct PortPolicies<'a> {
+    /// The default in the port's namespace; it decides only when no ALLOW policy applies.
+    pub default: AuthzDefault,
+    pub deny: Vec<&'a Authz>,
+    pub allow: Vec<&'a Authz>,
+    pub rate_limit: Option<&'a RateLimit>,
+    /// Other rate limits that target the port: only one is enforced.
+    pub rate_limits_not_applied: Vec<&'a str>,
 }
 
 /// Reports into the model's errors for one object.
@@ -556,4 +622,63 @@ pub fn check_targets(
 /// Whether a kind is one of the policies this module reads.
 pub fn is_policy(kind: Kind) -> bool {
     matches!(kind, Kind::AuthorizationPolicy | Kind::RateLimitPolicy)
+}
+
+/// A Service's authorization and rate limits, per port, for `meshctl authz`.
+#[derive(Debug, Serialize)]
+pub struct ServiceAuthz<'a> {
+    pub service: String,
+    pub ports: Vec<PortAuthz<'a>>,
+    /// What the controller could not read in the policies listed here.
+    pub problems: Vec<&'a ResolveError>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PortAuthz<'a> {
+    pub name: &'a str,
+    pub port: u16,
+    pub protocol: super::Protocol,
+    #[serde(flatten)]
+    pub policies: PortPolicies<'a>,
+}
+
+/// What applies to each port of Service `key` (through it, or namespace-wide); `None` when the
+/// model has no such Service. A pod that other Services select also gets theirs.
+pub fn service_authz<'a>(model: &'a super::Model, key: &super::SvcKey) -> Option<ServiceAuthz<'a>> {
+    let svc = model.services.get(key)?;
+    let ports: Vec<PortAuthz<'a>> = svc
+        .ports
+        .iter()
+        .map(|p| PortAuthz {
+            name: &p.name,
+            port: p.port,
+            protocol: p.protocol,
+            policies: model
+                .policies
+                .for_port(&key.namespace, &[(key.name.as_str(), p.name.as_str())]),
+        })
+        .collect();
+    let named: std::collections::BTreeSet<&str> = ports
+        .iter()
+        .flat_map(|p| {
+            let pp = &p.policies;
+            pp.deny
+                .iter()
+                .chain(&pp.allow)
+                .map(|a| a.name.as_str())
+                .chain(pp.rate_limit.map(|l| l.name.as_str()))
+                .chain(pp.rate_limits_not_applied.iter().copied())
+        })
+        .collect();
+    let problems = model
+        .errors
+        .iter()
+        .filter(|e| is_policy(e.object.kind))
+        .filter(|e| named.contains(format!("{}/{}", e.object.namespace, e.object.name).as_str()))
+        .collect();
+    Some(ServiceAuthz {
+        service: key.to_string(),
+        ports,
+        problems,
+    })
 }

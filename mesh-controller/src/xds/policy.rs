@@ -29,12 +29,11 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractional_percent};
 use envoy_types::pb::google::protobuf::UInt32Value;
 use mesh_api::consts::xds::RATE_LIMIT_IDENTITY_KEY;
-use mesh_api::crds::AuthorizationAction;
 
 use super::translate::{any, network_filter, pb_duration};
 use crate::index::policy::{
     Authz, AuthzDefault, Bucket, IdMatch, Operation, PathCond, Policies, RateLimit as Limit,
-    Source, Target,
+    Source, Via,
 };
 
 /// The name the default of `authenticated` reports its decisions under (no policy's name has
@@ -43,9 +42,6 @@ pub const AUTHENTICATED_DEFAULT: &str = "default:authenticated";
 
 /// Most caller identities an Envoy local rate limit keeps a bucket for (as mesh-proxy does).
 const MAX_IDENTITIES: u32 = 10_000;
-
-/// The Services (and their port names) through which a workload port is reached.
-pub type Via<'a> = [(&'a str, &'a str)];
 
 /// One RBAC filter, as its HTTP and its network variant.
 type RbacFilter = (
@@ -61,34 +57,10 @@ pub struct PortGuard {
     pub network_filters: Vec<Filter>,
 }
 
-fn applies(targets: &[Target], via: &Via<'_>) -> bool {
-    targets.iter().any(|t| match t {
-        Target::Namespace => true,
-        Target::Service { name, port } => via
-            .iter()
-            .any(|(s, p)| s == name && port.as_deref().is_none_or(|want| want == *p)),
-    })
-}
-
 /// The filters for a port of a workload in `namespace`, reached through the Services `via`.
 pub fn port_guard(policies: &Policies, namespace: &str, via: &Via<'_>) -> PortGuard {
-    let ns = policies.by_namespace.get(namespace);
-    let applicable: Vec<&Authz> = ns
-        .into_iter()
-        .flat_map(|n| &n.authz)
-        .filter(|a| applies(&a.targets, via))
-        .map(|a| a.as_ref())
-        .collect();
-    let deny: Vec<&Authz> = applicable
-        .iter()
-        .copied()
-        .filter(|a| a.action == AuthorizationAction::Deny)
-        .collect();
-    let allow: Vec<&Authz> = applicable
-        .iter()
-        .copied()
-        .filter(|a| a.action == AuthorizationAction::Allow)
-        .collect();
+    let p = policies.for_port(namespace, via);
+    let (deny, allow) = (p.deny, p.allow);
     let mut filters: Vec<RbacFilter> = Vec::new();
     if !deny.is_empty() {
         filters.push((
@@ -104,7 +76,7 @@ pub fn port_guard(policies: &Policies, namespace: &str, via: &Via<'_>) -> PortGu
             policies_of(&allow, false, true),
         ));
     } else {
-        match policies.default_for(namespace) {
+        match p.default {
             AuthzDefault::Allow => {}
             AuthzDefault::Deny => {
                 filters.push((rbac::Action::Allow, HashMap::new(), HashMap::new()))
@@ -156,20 +128,7 @@ pub fn port_guard(policies: &Policies, namespace: &str, via: &Via<'_>) -> PortGu
             },
         ));
     }
-    // One rate limit per port: a Service's before its namespace's, then by name.
-    let limits: Vec<&Limit> = ns
-        .into_iter()
-        .flat_map(|n| &n.rate_limits)
-        .filter(|l| applies(&l.targets, via))
-        .map(|l| l.as_ref())
-        .collect();
-    let by_service = |l: &&&Limit| {
-        l.targets
-            .iter()
-            .any(|t| matches!(t, Target::Service { .. }) && applies(std::slice::from_ref(t), via))
-    };
-    let limit = limits.iter().find(by_service).or(limits.first());
-    if let Some(l) = limit {
+    if let Some(l) = p.rate_limit {
         out.http_filters.push(HttpFilter {
             name: "envoy.filters.http.local_ratelimit".into(),
             config_type: Some(http_filter::ConfigType::TypedConfig(any(
