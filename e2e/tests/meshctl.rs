@@ -256,6 +256,34 @@ async fn check_passes_a_healthy_mesh_and_hints_at_each_failure() -> anyhow::Resu
                 && m.contains("merge them")),
         "{f:?}"
     );
+    // A policy that targets nothing is flagged, by meshctl and by the controller.
+    mesh.write(
+        "stray.yaml",
+        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: stray, namespace: default}\nspec:\n  targetRefs: [{group: '', kind: Service, name: ratings}, {group: '', kind: Service, name: reviews, sectionName: grpc}]\n  rules: [{}]\n",
+    )?;
+    let checks = run_checks(&healthy, Some(&local)).await;
+    let f = fails(&checks, "policy");
+    for want in [
+        "AuthorizationPolicy default/stray targetRefs[0]: Service default/ratings does not exist: it targets nothing",
+        "AuthorizationPolicy default/stray targetRefs[1]: Service default/reviews has no port named \"grpc\": it targets nothing",
+    ] {
+        assert!(f.iter().any(|m| m.contains(want)), "{want:?} not in {f:?}");
+    }
+    let f = mesh_e2e::eventually(
+        std::time::Duration::from_secs(5),
+        "the controller to report the stray policy",
+        || async {
+            let f = fails(&run_checks(&healthy, None).await, "control plane");
+            f.iter()
+                .any(|m| {
+                    m.contains("Service default/ratings not found: the policy targets nothing")
+                })
+                .then_some(f)
+        },
+    )
+    .await;
+    assert!(f.is_ok(), "{f:?}");
+    mesh.remove("stray.yaml")?;
     let gone: std::net::SocketAddr = "127.0.0.1:1".parse()?;
     let f = fails(
         &run_checks(&args(gone, ca.admin_addr()), None).await,

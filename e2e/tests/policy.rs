@@ -80,6 +80,27 @@ async fn a_caller_the_policy_names_gets_200_and_any_other_403() -> anyhow::Resul
         !g.rbac.is_empty()
     })
     .await?;
+    // meshctl authz says what the controller enforces.
+    let mut out = Vec::new();
+    meshctl::cmd::authz::authz(
+        &meshctl::cmd::authz::AuthzArgs {
+            service: "echo".into(),
+            namespace: "default".into(),
+            controller: meshctl::cmd::stat::ControllerArgs {
+                controller: Some(mesh.controller.admin_addr),
+                mesh_namespace: "mesh-system".into(),
+            },
+            output: meshctl::cmd::stat::Output::Table,
+        },
+        true,
+        &mut out,
+    )
+    .await?;
+    let text = String::from_utf8(out)?;
+    assert!(
+        text.contains("  ALLOW default/only-client\n          rule 1: from spiffe://cluster.local/ns/default/sa/client; asking anything"),
+        "{text}"
+    );
     let hits = app.hits();
     // The connections opened before the policy see it too.
     let (status, body) = other.get("echo", "/", &[]).await?;

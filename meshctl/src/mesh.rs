@@ -124,6 +124,41 @@ impl LocalDir {
     }
 }
 
+/// A policy of ours (AuthorizationPolicy, RateLimitPolicy), as its manifest says.
+#[derive(Clone, Debug)]
+pub struct PolicyDoc {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub value: Value,
+}
+
+impl LocalDir {
+    /// The AuthorizationPolicies and RateLimitPolicies of the directory.
+    pub fn policies(&self) -> anyhow::Result<Vec<PolicyDoc>> {
+        Ok(self
+            .all()?
+            .into_iter()
+            .filter(|(_, _, v)| {
+                str_at(v, &["apiVersion"]).is_some_and(|a| a.starts_with("mesh.dev/"))
+                    && matches!(
+                        str_at(v, &["kind"]),
+                        Some("AuthorizationPolicy" | "RateLimitPolicy")
+                    )
+            })
+            .map(|(_, _, v)| {
+                let (namespace, name) = meta(&v);
+                PolicyDoc {
+                    kind: str_at(&v, &["kind"]).unwrap_or_default().to_string(),
+                    namespace,
+                    name,
+                    value: v,
+                }
+            })
+            .collect())
+    }
+}
+
 /// A Service manifest as meshctl needs it.
 fn service_ref(v: &Value) -> ServiceRef {
     let (namespace, name) = meta(v);

@@ -304,6 +304,103 @@ fn config(local: &LocalDir, c: &mut Checks) {
     if problems == 0 {
         c.ok(CAT, "every route's backends resolve, weights are valid, no two routes claim the same parent and match");
     }
+    match local.policies() {
+        Ok(p) => policy_targets(&p, &services, c),
+        Err(e) => c.fail(
+            CAT,
+            format!("policies do not load: {e:#}"),
+            "fix the file named above",
+        ),
+    }
+}
+
+/// Every policy attaches to something that exists: a Service (and its port, by name) or its
+/// own Namespace. A policy that targets nothing protects nothing.
+fn policy_targets(
+    policies: &[crate::mesh::PolicyDoc],
+    services: &[crate::mesh::ServiceRef],
+    c: &mut Checks,
+) {
+    use serde_yaml::Value;
+    const CAT: &str = "policy";
+    let mut problems = 0;
+    for p in policies {
+        let who = format!("{} {}/{}", p.kind, p.namespace, p.name);
+        let refs = p
+            .value
+            .get("spec")
+            .and_then(|s| s.get("targetRefs"))
+            .and_then(Value::as_sequence)
+            .cloned()
+            .unwrap_or_default();
+        let mut attached = 0;
+        for (i, t) in refs.iter().enumerate() {
+            let field = |k: &str| {
+                t.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (kind, name, section) = (
+                field("kind"),
+                field("name"),
+                t.get("sectionName").and_then(Value::as_str),
+            );
+            let problem = match kind.as_str() {
+                "Service" => match services
+                    .iter()
+                    .find(|s| s.namespace == p.namespace && s.name == name)
+                {
+                    None => Some(format!("Service {}/{name} does not exist", p.namespace)),
+                    Some(s) => section
+                        .filter(|sec| !s.ports.iter().any(|(_, n)| n == sec))
+                        .map(|sec| {
+                            format!("Service {}/{name} has no port named {sec:?}", p.namespace)
+                        }),
+                },
+                "Namespace" if name == p.namespace => None,
+                "Namespace" => Some(format!(
+                    "Namespace {name:?} is not the policy's own ({:?})",
+                    p.namespace
+                )),
+                other => Some(format!("kind {other:?} is not Service or Namespace")),
+            };
+            match problem {
+                Some(why) => {
+                    problems += 1;
+                    c.fail(
+                        CAT,
+                        format!("{who} targetRefs[{i}]: {why}: it targets nothing"),
+                        "point targetRefs at an existing Service (and port name) or the policy's namespace",
+                    );
+                }
+                None => attached += 1,
+            }
+        }
+        if refs.is_empty() {
+            problems += 1;
+            c.fail(
+                CAT,
+                format!("{who} has no targetRefs: it targets nothing"),
+                "add targetRefs naming a Service or the policy's namespace",
+            );
+        } else if attached == 0 {
+            c.warn(
+                CAT,
+                format!("{who} protects nothing"),
+                "see the failures above",
+            );
+        }
+    }
+    if problems == 0 && !policies.is_empty() {
+        c.ok(
+            CAT,
+            format!(
+                "{} policies each target something that exists",
+                policies.len()
+            ),
+        );
+    }
 }
 
 pub(crate) async fn control_plane(ctl: &Endpoint, c: &mut Checks) -> Option<Vec<Value>> {

@@ -6,6 +6,7 @@ use anyhow::bail;
 
 use crate::mesh::LocalDir;
 
+pub mod authz;
 pub mod bootstrap;
 pub mod check;
 pub mod check_cluster;
@@ -33,6 +34,9 @@ pub enum Command {
     Top(stat::TopArgs),
     /// A Service's traffic per route and backend, so a canary's versions show side by side.
     Stat(stat::StatArgs),
+    /// The authorization and rate limit policies on each port of a Service, and what they let
+    /// in.
+    Authz(authz::AuthzArgs),
     /// The whole mesh on loopback, walking through a canary release under live traffic.
     Demo(crate::demo::DemoArgs),
     /// The mesh's health by category, each failure with a hint; non-zero exit on failure.
@@ -87,6 +91,9 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
         }
         Command::Stat(a) => {
             current_thread()?.block_on(stat::stat(&a, cx.local.is_some(), &mut std::io::stdout()))
+        }
+        Command::Authz(a) => {
+            current_thread()?.block_on(authz::authz(&a, cx.local.is_some(), &mut std::io::stdout()))
         }
         Command::ProxyConfig(a) if a.controller.is_some() || cx.local.is_some() => {
             current_thread()?.block_on(status::proxy_config(&a, &mut std::io::stdout()))
