@@ -425,3 +425,29 @@ fn what_a_policy_cannot_say_is_reported_with_its_field() {
         );
     }
 }
+
+#[test]
+fn a_rate_limit_reaches_mesh_proxy_with_its_rates() {
+    let guards = guards(
+        &[
+            "apiVersion: mesh.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: limits, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  local: {requestsPerSecond: 7, perIdentity: {requestsPerSecond: 250, burst: 3}}\n",
+        ],
+        AuthzDefault::Allow,
+        None,
+    );
+    let limit = guards[&8080]
+        .rate_limit
+        .as_ref()
+        .expect("a limit on the HTTP port");
+    assert_eq!(limit.name, "shop/limits");
+    let total = limit.total.expect("total");
+    let each = limit.per_identity.expect("per identity");
+    assert!((total.per_second - 7.0).abs() < 1e-6, "{total:?}");
+    assert_eq!(total.burst, 1, "a tenth of 7, at least 1");
+    assert!((each.per_second - 250.0).abs() < 1e-6, "{each:?}");
+    assert_eq!(each.burst, 3);
+    assert!(
+        guards[&5432].rate_limit.is_none(),
+        "TCP ports are not limited"
+    );
+}

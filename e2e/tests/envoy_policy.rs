@@ -69,6 +69,13 @@ spec:
     to: [{{paths: ['/public']}}]
   - from: [{{identities: ['spiffe://cluster.local/ns/shop/*']}}]
     to: [{{ports: [{app_port}]}}]
+---
+apiVersion: mesh.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {{name: roomy, namespace: default}}
+spec:
+  targetRefs: [{{group: '', kind: Service, name: echo}}]
+  local: {{requestsPerSecond: 1000, perIdentity: {{requestsPerSecond: 500}}}}
 "
     )
 }
@@ -213,7 +220,8 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
             .get(mesh_api::consts::xds::INBOUND_LISTENER)
             .is_some_and(|l| {
                 l.chains.iter().any(|c| {
-                    matches!(&c.filter, NetworkFilter::Http { guard, .. } if guard.rbac.len() == 2)
+                    matches!(&c.filter, NetworkFilter::Http { guard, .. }
+                        if guard.rbac.len() == 2 && guard.rate_limit.is_some())
                 })
             })
     })
