@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mesh_e2e::identity::{TestCa, counter, sign, svid_params, tls_probe};
 use mesh_e2e::mesh::{Load, LocalMesh, PairOptions, SidecarPair, failures};
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{ProxyClient, eventually, http_get};
+use mesh_e2e::{ProxyClient, eventually, figure, http_get};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -338,10 +338,10 @@ async fn five_second_certificates_rotate_under_load_without_a_failed_request() -
         &pair.client.metrics.encode(),
         "mesh_proxy_tls_handshakes_total{direction=\"outbound\"}",
     );
-    eprintln!(
+    figure(&format!(
         "rotation: {total} requests in {run:?}, outcomes {outcomes:?}; renewals client {c}, server {s}; \
          {h2_ok} requests on one app HTTP/2 connection; {handshakes} client-side mesh TLS handshakes"
-    );
+    ));
     assert_eq!(failures(&outcomes), 0, "{outcomes:?}");
     assert!(
         total >= 10_000,
@@ -384,12 +384,12 @@ async fn a_ca_outage_is_ridden_out_on_valid_certificates_then_strict_fails_close
     tokio::time::sleep(valid_for.saturating_sub(Duration::from_millis(1500))).await;
     let during = load.finish().await;
     let failed_renewals = ct.status().failures + st.status().failures;
-    eprintln!(
+    figure(&format!(
         "CA outage: certificates valid {valid_for:?} after the CA stopped; {} requests, {} failed; \
          {failed_renewals} failed renewal attempts",
         during.values().sum::<u64>(),
         failures(&during)
-    );
+    ));
     assert_eq!(failures(&during), 0, "{during:?}");
     assert!(
         failed_renewals >= 2,
@@ -423,10 +423,10 @@ async fn a_ca_outage_is_ridden_out_on_valid_certificates_then_strict_fails_close
         (status == 200).then_some(())
     })
     .await?;
-    eprintln!(
+    figure(&format!(
         "CA outage: traffic back {:?} after the CA restarted",
         start.elapsed()
-    );
+    ));
     Ok(())
 }
 
@@ -495,7 +495,9 @@ async fn a_root_rotates_in_three_steps_under_load() -> anyhow::Result<()> {
         report.push((step, outcomes.values().sum::<u64>(), failures(&outcomes)));
         assert_eq!(failures(&outcomes), 0, "step {step}: {outcomes:?}");
     }
-    eprintln!("root rotation (step, requests, failed): {report:?}");
+    figure(&format!(
+        "root rotation (step, requests, failed): {report:?}"
+    ));
 
     // A certificate chained to the removed root is refused now.
     let inbound = pair.server.inbound_addr.expect("inbound");
