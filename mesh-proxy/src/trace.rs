@@ -194,6 +194,8 @@ pub struct Tracing {
     tracer: Tracer,
     /// The share of new traces sampled, 0 to 1.
     ratio: f64,
+    /// Spans go to a collector; otherwise none is made.
+    exporting: bool,
     /// Dropped last: ends the export thread, once the provider has flushed.
     _export: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -246,6 +248,7 @@ impl Tracing {
             provider,
             tracer,
             ratio: percent / 100.0,
+            exporting: export.is_some(),
             _export: export,
         })
     }
@@ -267,7 +270,9 @@ impl Tracing {
             None if self.ratio >= 1.0 => true,
             None => self.ratio > 0.0 && rand::Rng::random::<f64>(&mut rng) < self.ratio,
         };
-        if !sampled {
+        // Without a collector the decision is passed on, and no span is made: nothing would
+        // take it.
+        if !sampled || !self.exporting {
             let trace_id = match parent {
                 Some(p) => p.trace_id,
                 None => rand::Rng::random::<u128>(&mut rng).max(1).to_be_bytes(),
@@ -276,7 +281,7 @@ impl Tracing {
             let next = TraceContext {
                 trace_id,
                 span_id,
-                sampled: false,
+                sampled,
             };
             return (None, next);
         }
@@ -519,8 +524,12 @@ mod tests {
         let always = Tracing::new(None, 100.0, &me, "web-0").expect("tracer");
         let (_, root) = never.start(Direction::outbound, None);
         assert!(!root.sampled, "0 % samples no new trace");
-        let (_, root) = always.start(Direction::outbound, None);
+        let (span, root) = always.start(Direction::outbound, None);
         assert!(root.sampled);
+        assert!(
+            span.is_none(),
+            "without a collector the decision travels, no span is made"
+        );
         // A parent's decision wins over the percentage, both ways.
         let parent = TraceContext {
             trace_id: [7; 16],
