@@ -39,6 +39,9 @@ impl GuardCache {
     }
 }
 
+/// Most limits whose state is kept at once (a proxy serves a few).
+const MAX_LIMITERS: usize = 256;
+
 /// Rate limiter state by limit name, kept while a limit stays the same across config updates.
 #[derive(Debug, Default)]
 pub struct Limiters(Mutex<HashMap<String, Arc<Limiter>>>);
@@ -51,6 +54,11 @@ impl Limiters {
             && l.limit == *limit
         {
             return Some(l.clone());
+        }
+        // Limits renamed or removed leave their state behind: past a bound, drop what no
+        // connection holds.
+        if all.len() >= MAX_LIMITERS {
+            all.retain(|_, l| Arc::strong_count(l) > 1);
         }
         let l = Arc::new(Limiter::new(limit.clone()));
         all.insert(limit.name.clone(), l.clone());
