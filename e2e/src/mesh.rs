@@ -107,20 +107,7 @@ pub async fn wait_config(
 /// The weights the routes of RouteConfiguration `route` give their backends, by cluster name,
 /// in virtual hosts whose name starts with `vhost`.
 pub fn weights(s: &Snapshot, route: &str, vhost: &str) -> Vec<(String, u32)> {
-    use mesh_proxy::state::Action;
-    let Some(t) = s.route(route) else {
-        return Vec::new();
-    };
-    t.vhosts
-        .iter()
-        .filter(|vh| vh.name.starts_with(vhost))
-        .flat_map(|vh| &vh.routes)
-        .filter_map(|r| match &r.action {
-            Action::Forward(f) => Some(f),
-            _ => None,
-        })
-        .flat_map(|f| f.backends.iter().map(|b| (b.cluster.clone(), b.weight)))
-        .collect()
+    s.backend_weights(route, vhost)
 }
 
 /// A client pod and a server pod, each with a transparent proxy, run without iptables: the
@@ -279,6 +266,24 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: 
             outbound,
         })
     }
+}
+
+/// A [`SidecarPair`] in front of `app`'s HTTP port, both proxies with identities from `ca`,
+/// in the mTLS `mode` (`STRICT`, `PERMISSIVE`).
+pub async fn secure_pair(
+    mesh: &LocalMesh,
+    ca: &crate::identity::TestCa,
+    app: &crate::servers::EchoServer,
+    mode: &str,
+) -> anyhow::Result<SidecarPair> {
+    mesh.sidecar_pair_with(PairOptions {
+        port_name: "http",
+        app_port: app.addr.port(),
+        ca: Some(ca),
+        mtls_mode: Some(mode),
+        ..Default::default()
+    })
+    .await
 }
 
 /// A controller on its own runtime, so that killing it drops every task and socket it has at

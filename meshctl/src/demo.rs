@@ -406,7 +406,6 @@ pub async fn run(
             .filter(|(_, w)| **w > 0 || i > 0)
             .map(|((v, _), w)| (format!("reviews-{v}"), *w))
             .collect();
-        let generation = mesh.client.store.load().map_or(0, |s| s.generation);
         route::split(&local, &target, &to).context("changing the route")?;
         write!(
             progress,
@@ -414,8 +413,27 @@ pub async fn run(
             i + 1,
             STEPS.len()
         )?;
+        // Measured from when the client proxy routes by these weights, not before.
+        let applied = |s: &mesh_proxy::state::Snapshot| {
+            let running = s.backend_weights(
+                mesh_api::consts::xds::OUTBOUND_HTTP_ROUTE,
+                &format!("reviews.{NS}."),
+            );
+            // Shares, not raw weights: a lone backend may run at weight 1.
+            let total: u64 = running.iter().map(|(_, w)| u64::from(*w)).sum();
+            let want: u64 = to.iter().map(|(_, w)| u64::from(*w)).sum();
+            total > 0
+                && to.iter().all(|(backend, w)| {
+                    let rw: u64 = running
+                        .iter()
+                        .filter(|(c, _)| c.contains(&format!("|{backend}.")))
+                        .map(|(_, w)| u64::from(*w))
+                        .sum();
+                    rw * want == u64::from(*w) * total
+                })
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while mesh.client.store.load().map_or(0, |s| s.generation) <= generation {
+        while !mesh.client.store.load().is_some_and(|s| applied(&s)) {
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "the client proxy did not get the new route in 10 s"

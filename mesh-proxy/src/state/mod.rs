@@ -45,6 +45,24 @@ impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<&Arc<Cluster>> {
         self.clusters.get(name)
     }
+
+    /// The weights the routes of RouteConfiguration `route` give their backends, by cluster
+    /// name, in virtual hosts whose name starts with `vhost`: what a traffic split runs as.
+    pub fn backend_weights(&self, route: &str, vhost: &str) -> Vec<(String, u32)> {
+        let Some(t) = self.route(route) else {
+            return Vec::new();
+        };
+        t.vhosts
+            .iter()
+            .filter(|vh| vh.name.starts_with(vhost))
+            .flat_map(|vh| &vh.routes)
+            .filter_map(|r| match &r.action {
+                Action::Forward(f) => Some(f),
+                _ => None,
+            })
+            .flat_map(|f| f.backends.iter().map(|b| (b.cluster.clone(), b.weight)))
+            .collect()
+    }
 }
 
 /// Where the hot path gets the current snapshot; `None` until the first complete config.
