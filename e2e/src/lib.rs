@@ -290,6 +290,37 @@ impl Peer {
     }
 }
 
+/// Starts Envoy (`bin`) with `bootstrap` (written to `dir/envoy.yaml`, its log to
+/// `dir/envoy.log`), one worker, and waits up to 30 s until its admin at `admin` says ready;
+/// the error carries Envoy's log.
+pub async fn start_envoy(
+    bin: &Path,
+    bootstrap: &serde_json::Value,
+    dir: &Path,
+    admin: SocketAddr,
+) -> anyhow::Result<Peer> {
+    let file = dir.join("envoy.yaml");
+    std::fs::write(&file, serde_yaml::to_string(bootstrap)?)?;
+    let envoy = Peer::spawn(
+        Command::new(bin).arg("-c").arg(&file).args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+        ]),
+        dir.join("envoy.log"),
+    )?;
+    if let Err(e) = eventually(Duration::from_secs(30), "Envoy to be ready", || async {
+        http_get(admin, "/ready").await.filter(|(s, _)| *s == 200)
+    })
+    .await
+    {
+        bail!("{e}\nEnvoy log:\n{}", envoy.log_text());
+    }
+    Ok(envoy)
+}
+
 /// Polls `check` every 10 ms until it returns `Some` or `timeout` passes. For peers in other
 /// processes, whose state can only be observed from outside.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>

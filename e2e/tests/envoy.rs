@@ -8,11 +8,10 @@ use mesh_controller::run::Controller;
 use mesh_controller::testing::{service_yaml, slice_yaml};
 use mesh_controller::xds::status::SyncState;
 use mesh_e2e::{
-    Backend, Peer, ProxyClient, eventually, free_port, http_get, peer, reviews_route, spread,
-    write_atomic,
+    Backend, ProxyClient, eventually, free_port, http_get, peer, reviews_route, spread,
+    start_envoy, write_atomic,
 };
 use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
-use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
@@ -74,29 +73,8 @@ async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
         transparent: false,
         sds_dir: None,
     })?;
-    let bootstrap_file = dir.path().join("envoy.yaml");
-    std::fs::write(&bootstrap_file, serde_yaml::to_string(&bootstrap)?)?;
-    let envoy = Peer::spawn(
-        Command::new(&envoy_bin)
-            .arg("-c")
-            .arg(&bootstrap_file)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-            ]),
-        dir.path().join("envoy.log"),
-    )?;
     let admin = format!("127.0.0.1:{admin_port}").parse()?;
-    let ready = eventually(Duration::from_secs(30), "Envoy to be ready", || async {
-        http_get(admin, "/ready").await.filter(|(s, _)| *s == 200)
-    })
-    .await;
-    if let Err(e) = ready {
-        anyhow::bail!("{e}\nEnvoy log:\n{}", envoy.log_text());
-    }
+    let envoy = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
     let mut client = ProxyClient::new(format!("127.0.0.1:{http_port}").parse()?);
 
     // 90/10 over 2,000 requests.

@@ -11,11 +11,10 @@ use mesh_controller::run::Controller;
 use mesh_e2e::identity::{TestCa, svid_params, tls_connect};
 use mesh_e2e::mesh::wait_config;
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{Peer, eventually, figure, free_port, http_get, peer};
+use mesh_e2e::{eventually, figure, free_port, peer, start_envoy};
 use mesh_proxy::state::NetworkFilter;
 use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::process::Command;
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const TELLER: &str = "spiffe://cluster.local/ns/bank/sa/teller";
@@ -182,28 +181,7 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
     md[mesh_api::consts::node_metadata::INBOUND_ADDR] = "127.0.0.2".into();
     md[mesh_api::consts::node_metadata::INBOUND_PORT] = p.to_string().into();
     md[mesh_api::consts::node_metadata::OUTBOUND_PORT] = free_port().to_string().into();
-    let bootstrap_file = dir.path().join("envoy.yaml");
-    std::fs::write(&bootstrap_file, serde_yaml::to_string(&bootstrap)?)?;
-    let envoy_proc = Peer::spawn(
-        Command::new(&envoy_bin)
-            .arg("-c")
-            .arg(&bootstrap_file)
-            .args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "-l",
-                "warning",
-            ]),
-        dir.path().join("envoy.log"),
-    )?;
-    if let Err(e) = eventually(Duration::from_secs(30), "Envoy to be ready", || async {
-        http_get(admin, "/ready").await.filter(|(s, _)| *s == 200)
-    })
-    .await
-    {
-        anyhow::bail!("{e}\nEnvoy log:\n{}", envoy_proc.log_text());
-    }
+    let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
     let envoy_in: SocketAddr = format!("127.0.0.2:{p}").parse()?;
 
     // mesh-proxy is pod echo-1, of the same workload.

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use mesh_e2e::identity::{TestCa, counter, sign, svid_params, tls_probe};
-use mesh_e2e::mesh::{Load, LocalMesh, PairOptions, SidecarPair, failures};
+use mesh_e2e::mesh::{Load, LocalMesh, PairOptions, failures, secure_pair};
 use mesh_e2e::servers::EchoServer;
 use mesh_e2e::{ProxyClient, eventually, figure, http_get};
 use rcgen::{
@@ -16,22 +16,6 @@ use rcgen::{
 
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/echo";
-
-async fn secure_pair(
-    mesh: &LocalMesh,
-    ca: &TestCa,
-    app: &EchoServer,
-    mode: &str,
-) -> anyhow::Result<SidecarPair> {
-    mesh.sidecar_pair_with(PairOptions {
-        port_name: "http",
-        app_port: app.addr.port(),
-        ca: Some(ca),
-        mtls_mode: Some(mode),
-        ..Default::default()
-    })
-    .await
-}
 
 fn renewals(p: &mesh_proxy::Proxy) -> u64 {
     p.tls.as_ref().map_or(0, |t| t.status().renewals)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mesh_e2e::identity::TestCa;
-use mesh_e2e::mesh::{Load, LocalMesh, PAIR_VIP, PairOptions, SidecarPair, wait_config};
+use mesh_e2e::mesh::{Load, LocalMesh, PAIR_VIP, SidecarPair, secure_pair, wait_config};
 use mesh_e2e::servers::EchoServer;
 use mesh_e2e::{ProxyClient, figure};
 use mesh_proxy::state::{NetworkFilter, Snapshot};
@@ -46,15 +46,7 @@ async fn a_caller_the_policy_names_gets_200_and_any_other_403() -> anyhow::Resul
     let app = EchoServer::start("echo-app").await?;
     let ca = TestCa::start(Duration::from_secs(3600)).await?;
     let mesh = LocalMesh::start().await?;
-    let pair = mesh
-        .sidecar_pair_with(PairOptions {
-            port_name: "http",
-            app_port: app.addr.port(),
-            ca: Some(&ca),
-            mtls_mode: Some("STRICT"),
-            ..Default::default()
-        })
-        .await?;
+    let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
     // A second client, running as another service account.
     let mut ic = mesh.proxy_config("default/intruder-0");
     ic.transparent = true;

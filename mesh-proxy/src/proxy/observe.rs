@@ -176,10 +176,17 @@ impl Exchange {
                 KeyValue::new("network.protocol.version", format!("{:?}", req.version())),
             ]);
         }
+        let mut ex = Exchange::blank(shared, direction, Instant::now(), peer);
+        (ex.span, ex.trace, ex.log) = (span, trace, log);
+        ex
+    }
+
+    /// An exchange that knows only who and when, and has recorded nothing.
+    fn blank(shared: &Arc<Shared>, direction: Direction, start: Instant, peer: Arc<Peer>) -> Self {
         Exchange {
             shared: shared.clone(),
             direction,
-            start: Instant::now(),
+            start,
             peer,
             backend: None,
             headers_after: None,
@@ -188,9 +195,9 @@ impl Exchange {
             request_bytes: None,
             response_bytes: 0,
             flags: "-",
-            span,
-            trace,
-            log,
+            span: None,
+            trace: None,
+            log: None,
             moved: false,
         }
     }
@@ -252,23 +259,8 @@ impl Exchange {
         if !self.on() {
             return resp.map(http_body_util::BodyExt::boxed_unsync);
         }
-        let left = Exchange {
-            shared: self.shared.clone(),
-            direction: self.direction,
-            start: self.start,
-            peer: self.peer.clone(),
-            backend: None,
-            headers_after: None,
-            status: None,
-            grpc: None,
-            request_bytes: None,
-            response_bytes: 0,
-            flags: "-",
-            span: None,
-            trace: None,
-            log: None,
-            moved: true,
-        };
+        let mut left = Exchange::blank(&self.shared, self.direction, self.start, self.peer.clone());
+        left.moved = true;
         std::mem::replace(self, left).wrap(resp)
     }
 

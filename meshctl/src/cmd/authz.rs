@@ -6,20 +6,9 @@ use std::io::Write;
 use anyhow::Context;
 use serde_json::Value;
 
-use super::stat::{ControllerArgs, Output};
+use super::stat::Output;
 
-#[derive(Debug, clap::Args)]
-pub struct AuthzArgs {
-    /// The Service the policies protect.
-    pub service: String,
-    /// The Service's namespace.
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
-    #[command(flatten)]
-    pub controller: ControllerArgs,
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-    pub output: Output,
-}
+pub type AuthzArgs = super::stat::ServiceArgs;
 
 pub async fn authz(a: &AuthzArgs, local: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let ctl = a.controller.endpoint(local).await?;

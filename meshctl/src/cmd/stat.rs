@@ -30,9 +30,12 @@ pub struct ControllerArgs {
     pub mesh_namespace: String,
 }
 
+pub type StatArgs = ServiceArgs;
+
+/// A command about one Service: `stat`, `authz`.
 #[derive(Debug, clap::Args)]
-pub struct StatArgs {
-    /// The Service callers address.
+pub struct ServiceArgs {
+    /// The Service's name.
     pub service: String,
     /// The Service's namespace.
     #[arg(short = 'n', long, default_value = "default")]
