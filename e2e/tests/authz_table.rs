@@ -324,6 +324,45 @@ fn the_evaluation_table() {
             ],
         ),
         case(
+            "a DENY covers what apps read alike: HEAD for GET, a trailing slash, encoded characters",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-purge, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  action: Deny\n  rules:\n  - to: [{methods: [GET], paths: ['/v1/items:purge', '/caf%C3%A9', '/report']}]\n",
+            ],
+            vec![
+                req(Some(WEB), "GET", "/v1/items:purge", false),
+                req(Some(WEB), "GET", "/v1/items%3Apurge", false),
+                req(Some(WEB), "GET", "/v1/items%3apurge", false),
+                req(Some(WEB), "HEAD", "/v1/items:purge", false),
+                req(Some(WEB), "GET", "/caf\u{e9}", false),
+                req(Some(WEB), "GET", "/caf%c3%a9", false),
+                req(Some(WEB), "GET", "/report/", false),
+                req(Some(WEB), "GET", "/reports", true),
+                req(Some(WEB), "POST", "/report", true),
+                req(Some(WEB), "GET", "*", false),
+            ],
+        ),
+        case(
+            "an ALLOW with an encodable character allows the written form only",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: purge, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  rules:\n  - to: [{paths: ['/v1/items:purge']}]\n",
+            ],
+            vec![
+                req(Some(WEB), "POST", "/v1/items:purge", true),
+                req(Some(WEB), "POST", "/v1/items%3Apurge", false),
+            ],
+        ),
+        case(
+            "port 0: a DENY matches any port, an ALLOW nothing",
+            vec![
+                "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: zero, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Namespace, name: shop}]\n  action: Deny\n  rules:\n  - from: [{namespaces: [bank]}]\n    to: [{ports: [0]}]\n",
+            ],
+            vec![
+                req(Some(BANK), "GET", "/", false),
+                tcp(Some(BANK), false),
+                req(Some(WEB), "GET", "/", true),
+            ],
+        ),
+        case(
             "lower-case methods mean the method",
             vec![
                 "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-delete, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: cart}]\n  action: Deny\n  rules:\n  - to: [{methods: [delete]}]\n",

@@ -50,7 +50,7 @@ spec:
   targetRefs: [{{group: '', kind: Service, name: echo}}]
   action: Deny
   rules:
-  - to: [{{paths: ['/admin', '/admin/*']}}]
+  - to: [{{paths: ['/admin', '/admin/*', '/v1/items:purge']}}]
   - from: [{{namespaces: [bank]}}]
     to: [{{methods: [DELETE]}}]
 ---
@@ -243,6 +243,10 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
         (Some(TELLER), "GET", "/admin"),
         (Some(CART), "PUT", "/x"),
         (Some(CART), "GET", "/admin/x"),
+        (Some(CART), "GET", "/v1/items:purge"),
+        (Some(CART), "GET", "/v1/items%3apurge"),
+        (Some(CART), "GET", "/v1/items:purged"),
+        (Some(CART), "GET", "/x/"),
         (
             Some("spiffe://cluster.local/ns/default/sa/nobody"),
             "GET",

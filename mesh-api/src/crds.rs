@@ -209,7 +209,8 @@ pub struct LocalRateLimit {
     /// (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
-    /// Each caller identity on its own; callers without an identity share one bucket.
+    /// Each caller identity on its own; callers without an identity count only toward the
+    /// total.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_identity: Option<RateLimitBucket>,
 }

@@ -411,12 +411,26 @@ fn operation(o: &AuthorizationOperation, at: &str, deny: bool, r: &mut Report<'_
             never = true;
         }
     }
-    let ports = (!o.ports.is_empty()).then(|| o.ports.clone());
-    if o.ports.contains(&0) {
+    // 0 is not a port: in a Deny the ports condition then matches any port, in an Allow the
+    // value is left out (and a list of only 0 matches nothing).
+    let mut ports = (!o.ports.is_empty()).then(|| o.ports.clone());
+    let mut no_port = false;
+    if let Some(i) = o.ports.iter().position(|p| *p == 0) {
+        let effect = if deny {
+            "the Deny policy matches any port here"
+        } else {
+            "the value is left out of the Allow policy"
+        };
         r.push(
-            format!("{at}.ports"),
-            "0 is not a port; it never matches".into(),
+            format!("{at}.ports[{i}]"),
+            format!("0 is not a port; {effect}"),
         );
+        if deny {
+            ports = None;
+        } else if let Some(p) = ports.as_mut() {
+            p.retain(|p| *p != 0);
+            no_port = p.is_empty();
+        }
     }
     let (paths, n1) = alternatives(&o.paths, &format!("{at}.paths"), deny, r, path_cond);
     let (methods, n2) = alternatives(&o.methods, &format!("{at}.methods"), deny, r, |v| {
@@ -434,7 +448,7 @@ fn operation(o: &AuthorizationOperation, at: &str, deny: bool, r: &mut Report<'_
         ports,
         paths,
         methods,
-        never: never || n1 || n2,
+        never: never || n1 || n2 || no_port,
     }
 }
 

@@ -24,7 +24,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetRbac;
 use envoy_types::pb::envoy::extensions::matching::common_inputs::ssl::v3::UriSanInput;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
-    PathMatcher, StringMatcher, path_matcher, string_matcher,
+    PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher,
 };
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractional_percent};
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -241,21 +241,25 @@ fn operation(o: &Operation, deny: bool, tcp: bool) -> Permission {
     }
     if !tcp {
         if let Some(paths) = &o.paths {
-            let mut or: Vec<Permission> = paths
-                .iter()
-                .map(|p| match p {
-                    PathCond::Exact(v) => url_path(M::Exact(v.clone())),
-                    PathCond::Prefix(v) => url_path(M::Prefix(v.clone())),
-                })
-                .collect();
-            // Apps such as Tomcat read `/admin;x` as `/admin`, and neither proxy strips `;`
-            // parameters: a Deny by path also denies every path that has them.
+            let mut or: Vec<Permission> =
+                paths.iter().flat_map(|p| path_matches(p, deny)).collect();
             if deny {
-                or.push(url_path(M::Contains(";".into())));
+                // What apps may read as another path, and neither proxy turns into it: `;`
+                // parameters (Tomcat reads `/admin;x` as `/admin`), a double escape (decoded
+                // twice), and `*` (`OPTIONS *`). mesh-proxy refuses double escapes anyway.
+                for tell in [";", "%25"] {
+                    or.push(url_path(M::Contains(tell.into())));
+                }
+                or.push(url_path(M::Exact("*".into())));
             }
             and.push(any_perm(or));
         }
         if let Some(methods) = &o.methods {
+            let mut methods = methods.clone();
+            // Apps answer HEAD with their GET handler: denying GET denies HEAD too.
+            if deny && methods.iter().any(|m| m == "GET") && !methods.iter().any(|m| m == "HEAD") {
+                methods.push("HEAD".into());
+            }
             and.push(any_perm(
                 methods
                     .iter()
@@ -275,6 +279,93 @@ fn operation(o: &Operation, deny: bool, tcp: bool) -> Permission {
         }
     }
     all_perms(and)
+}
+
+/// Whether a policy path character is one requests always carry as written: normalization
+/// decodes every other form of it (unreserved characters), and `/` cannot be encoded.
+fn plain(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '/')
+}
+
+/// The `url_path` matches of a policy path. A path with characters a request may send raw or
+/// percent-encoded (`:`, `@`, non-ASCII...) is matched in every form, as a regex, when it
+/// denies; an Allow keeps the written form only (narrower). A Deny of an exact path also denies
+/// it with a trailing slash, which many apps serve alike.
+fn path_matches(p: &PathCond, deny: bool) -> Vec<Permission> {
+    use string_matcher::MatchPattern as M;
+    let (v, prefix) = match p {
+        PathCond::Exact(v) => (v.as_str(), false),
+        PathCond::Prefix(v) => (v.as_str(), true),
+    };
+    let decoded = percent_decoded(v);
+    if deny && !decoded.chars().all(plain) {
+        let mut re = String::new();
+        for c in decoded.chars() {
+            if plain(c) {
+                re.push_str(&regex::escape(&c.to_string()));
+                continue;
+            }
+            let mut buf = [0; 4];
+            let escaped: String = c
+                .encode_utf8(&mut buf)
+                .bytes()
+                .map(|b| {
+                    let hex: String = format!("{b:02X}")
+                        .chars()
+                        .map(|d| match d {
+                            'A'..='F' => format!("[{d}{}]", d.to_ascii_lowercase()),
+                            d => d.to_string(),
+                        })
+                        .collect();
+                    format!("%{hex}")
+                })
+                .collect();
+            re.push_str(&format!("(?:{}|{escaped})", regex::escape(&c.to_string())));
+        }
+        re.push_str(if prefix {
+            ".*"
+        } else if v.ends_with('/') {
+            ""
+        } else {
+            "/?"
+        });
+        return vec![url_path(M::SafeRegex(RegexMatcher {
+            regex: re,
+            ..Default::default()
+        }))];
+    }
+    match p {
+        PathCond::Prefix(v) => vec![url_path(M::Prefix(v.clone()))],
+        PathCond::Exact(v) if deny && !v.ends_with('/') => vec![
+            url_path(M::Exact(v.clone())),
+            url_path(M::Exact(format!("{v}/"))),
+        ],
+        PathCond::Exact(v) => vec![url_path(M::Exact(v.clone()))],
+    }
+}
+
+/// A policy path with its escapes decoded (policy paths are checked to be normalized, so an
+/// escape never hides a `/`).
+fn percent_decoded(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// One `from` entry.
