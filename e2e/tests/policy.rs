@@ -401,3 +401,39 @@ async fn a_rate_limit_allows_its_rate_and_answers_the_rest_429() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_chain_is_gone_is_served_no_more() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = mesh.sidecar_pair("http", None, app.addr.port()).await?;
+    let inbound = pair.server.inbound_addr.context("inbound")?;
+    // One keep-alive connection straight to the server's inbound listener.
+    let mut s = tokio::net::TcpStream::connect(inbound).await?;
+    let ask = "GET / HTTP/1.1\r\nHost: echo\r\n\r\n";
+    let read_status = async |s: &mut tokio::net::TcpStream| -> anyhow::Result<String> {
+        let mut buf = vec![0; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await??;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    s.write_all(ask.as_bytes()).await?;
+    let first = read_status(&mut s).await?;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    // The port is no longer served: the Service goes away.
+    mesh.remove("echo.yaml")?;
+    wait_config(&pair.server, "the server proxy to drop the port", |s| {
+        s.listeners
+            .get(mesh_api::consts::xds::INBOUND_LISTENER)
+            .is_none_or(|l| l.chains.iter().all(|c| c.port != Some(app.addr.port())))
+    })
+    .await?;
+    let hits = app.hits();
+    s.write_all(ask.as_bytes()).await?;
+    let second = read_status(&mut s).await?;
+    assert!(
+        second.starts_with("HTTP/1.1 503") && second.contains("filter chain was removed"),
+        "{second}"
+    );
+    assert_eq!(app.hits(), hits, "nothing reached the app");
+    Ok(())
+}

@@ -202,7 +202,7 @@ impl Gcra {
             }
             match self.tat.compare_exchange_weak(
                 tat,
-                start + interval,
+                start.saturating_add(interval),
                 Ordering::Relaxed,
                 Ordering::Relaxed,
             ) {

@@ -25,6 +25,8 @@ struct Current {
     generation: u64,
     guard: Arc<Guard>,
     limiter: Option<Arc<Limiter>>,
+    /// The connection's filter chain is no longer in the config.
+    gone: bool,
 }
 
 impl GuardCache {
@@ -35,6 +37,7 @@ impl GuardCache {
             generation,
             guard,
             limiter,
+            gone: false,
         }))
     }
 }
@@ -75,10 +78,15 @@ fn current(ctx: &HttpCtx, snapshot: &Snapshot) -> Current {
                 .chain(l.default_chain.as_ref())
                 .find(|ch| ch.name == ctx.chain)
         });
-        // A chain that is gone keeps its last policy: its connections are on their way out.
-        if let Some(NetworkFilter::Http { guard, .. }) = chain.map(|ch| &ch.filter) {
-            c.limiter = ctx.shared.limiters.get(guard.rate_limit.as_ref());
-            c.guard = guard.clone();
+        match chain.map(|ch| &ch.filter) {
+            Some(NetworkFilter::Http { guard, .. }) => {
+                c.limiter = ctx.shared.limiters.get(guard.rate_limit.as_ref());
+                c.guard = guard.clone();
+                c.gone = false;
+            }
+            // The chain is gone (a port no longer served, plaintext in a namespace now STRICT):
+            // nothing on this connection is served any more.
+            _ => c.gone = true,
         }
         c.generation = snapshot.generation;
     }
@@ -128,7 +136,22 @@ pub fn check(
             }
         }
     }
-    let Current { guard, limiter, .. } = current(ctx, snapshot);
+    let Current {
+        guard,
+        limiter,
+        gone,
+        ..
+    } = current(ctx, snapshot);
+    if gone {
+        ex.flags = "NR";
+        let mut r = local(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this connection's filter chain was removed: reconnect",
+        );
+        r.headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        return Some(r);
+    }
     let identity = ctx.peer_id.as_deref();
     let metrics = &ctx.shared.metrics;
     if !guard.rbac.is_empty() {
