@@ -109,7 +109,7 @@ pub mod xds {
     /// `filter_metadata` key of mesh endpoint metadata (`proxy`, `identity`).
     pub const ENDPOINT_METADATA: &str = "mesh.dev";
     /// Descriptor key of a local rate limit's per-identity bucket (its value is the caller's
-    /// `x-forwarded-client-cert`, which names the caller's SPIFFE ID).
+    /// SPIFFE ID, the peer certificate's URI SAN).
     pub const RATE_LIMIT_IDENTITY_KEY: &str = "mesh-client-identity";
 }
 
