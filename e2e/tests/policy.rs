@@ -131,26 +131,9 @@ async fn a_caller_the_policy_names_gets_200_and_any_other_403() -> anyhow::Resul
 /// How a lenient app could read a path: every escape decoded (twice), `\` as `/`, `;`
 /// parameters dropped, dot segments resolved, slashes merged, NUL and what follows cut.
 fn lenient_reading(raw: &str) -> String {
-    fn decode(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'%'
-                && i + 2 < b.len()
-                && let Ok(v) = u8::from_str_radix(&s[i + 1..(i + 3).min(s.len())], 16)
-            {
-                out.push(v);
-                i += 3;
-            } else {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
     let path = raw.split(['?', '#']).next().unwrap_or("");
-    let mut p = decode(&decode(path)).replace('\\', "/");
+    let twice = mesh_api::path::percent_decode(&mesh_api::path::percent_decode(path));
+    let mut p = twice.replace('\\', "/");
     if let Some(nul) = p.find('\0') {
         p.truncate(nul);
     }

@@ -185,23 +185,9 @@ fn split(path: &str) -> (usize, Vec<&str>) {
     (n, segs[n..].to_vec())
 }
 
+/// A query value decoded as a form would be (`+` is a space).
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(v);
-            i += 3;
-        } else {
-            out.push(if b[i] == b'+' { b' ' } else { b[i] });
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::path::percent_decode(&s.replace('+', " "))
 }
 
 impl State {

@@ -107,6 +107,31 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     Ok(resolve(decoded.split('/')))
 }
 
+/// Every `%XX` escape decoded (invalid ones kept as written), bytes that are not UTF-8 replaced.
+/// For reading what a percent-encoded string says, not for normalizing request paths.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push(hi << 4 | lo);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Joins segments into an absolute path without empty, `.` or `..` segments; a trailing slash
 /// (or a trailing dot segment) is kept as one.
 fn resolve<'a>(segments: impl Iterator<Item = &'a str>) -> String {

@@ -165,41 +165,42 @@ fn service_query(q: StatQuery) -> Result<SvcKey, (StatusCode, String)> {
     }
 }
 
-fn no_such_service(key: &SvcKey) -> axum::response::Response {
-    (
-        StatusCode::NOT_FOUND,
-        format!("service \"{key}\" is not in the mesh's configuration\n"),
-    )
-        .into_response()
+/// What a per-Service endpoint answers: `view` of the model for the Service the query names,
+/// 400 for a malformed query, 404 for a Service not in the configuration.
+fn per_service<T: Serialize>(
+    s: &AdminState,
+    q: StatQuery,
+    view: impl FnOnce(&crate::index::Model, &SvcKey) -> Option<T>,
+) -> axum::response::Response {
+    let key = match service_query(q) {
+        Ok(k) => k,
+        Err(r) => return r.into_response(),
+    };
+    match view(&s.hub.model(), &key) {
+        Some(v) => Json(v).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("service \"{key}\" is not in the mesh's configuration\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn stat(
     State(s): State<AdminState>,
     axum::extract::Query(q): axum::extract::Query<StatQuery>,
 ) -> axum::response::Response {
-    let key = match service_query(q) {
-        Ok(k) => k,
-        Err(r) => return r.into_response(),
-    };
-    match s.stats.service(&s.hub.model(), &key) {
-        Some(stat) => Json(stat).into_response(),
-        None => no_such_service(&key),
-    }
+    per_service(&s, q, |model, key| s.stats.service(model, key))
 }
 
 async fn authz(
     State(s): State<AdminState>,
     axum::extract::Query(q): axum::extract::Query<StatQuery>,
 ) -> axum::response::Response {
-    let key = match service_query(q) {
-        Ok(k) => k,
-        Err(r) => return r.into_response(),
-    };
-    let model = s.hub.model();
-    match crate::index::policy::service_authz(&model, &key) {
-        Some(a) => Json(a).into_response(),
-        None => no_such_service(&key),
-    }
+    per_service(&s, q, |model, key| {
+        // The view borrows the model: it is answered as JSON before the model goes.
+        crate::index::policy::service_authz(model, key).and_then(|a| serde_json::to_value(a).ok())
+    })
 }
 
 async fn graph() -> impl IntoResponse {

@@ -297,7 +297,8 @@ fn path_matches(p: &PathCond, deny: bool) -> Vec<Permission> {
         PathCond::Exact(v) => (v.as_str(), false),
         PathCond::Prefix(v) => (v.as_str(), true),
     };
-    let decoded = percent_decoded(v);
+    // Policy paths are checked to be normalized: no escape in them hides a `/`.
+    let decoded = mesh_api::path::percent_decode(v);
     if deny && !decoded.chars().all(plain) {
         let mut re = String::new();
         for c in decoded.chars() {
@@ -342,30 +343,6 @@ fn path_matches(p: &PathCond, deny: bool) -> Vec<Permission> {
         ],
         PathCond::Exact(v) => vec![url_path(M::Exact(v.clone()))],
     }
-}
-
-/// A policy path with its escapes decoded (policy paths are checked to be normalized, so an
-/// escape never hides a `/`).
-fn percent_decoded(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// One `from` entry.
