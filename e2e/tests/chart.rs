@@ -12,7 +12,9 @@ use serde_json::Value;
 
 /// Kubernetes versions validated: the chart's `kubeVersion` floor (native sidecars on by
 /// default) up to the newest schemas kubernetes-validate has.
-const KUBERNETES_VERSIONS: [&str; 5] = ["1.29.0", "1.31.0", "1.33.0", "1.35.0", "1.37.0"];
+const KUBERNETES_VERSIONS: [&str; 9] = [
+    "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0",
+];
 
 fn chart() -> PathBuf {
     workspace_root().join("deploy/charts/mesh")
