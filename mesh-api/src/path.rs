@@ -6,6 +6,7 @@
 //! kept, as Envoy keeps them; the controller makes policies safe against them. The reference
 //! is `docs/reference/policy.md`.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Why a path is refused (the request is answered 400).
@@ -59,9 +60,16 @@ fn unreserved(b: u8) -> bool {
 /// Normalizes the path of a request (without its query): percent-decoded where that is safe
 /// (unreserved characters), `\\` turned into `/`, slashes merged, dot segments (also `..;x`)
 /// removed. `*` (as in `OPTIONS *`) is kept.
-pub fn normalize(path: &str) -> Result<String, PathError> {
-    if path == "*" {
-        return Ok(path.into());
+pub fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
+    // Most paths are already normal: nothing to decode, merge or resolve, nothing to allocate.
+    let plain = path.starts_with('/')
+        && path
+            .bytes()
+            .all(|b| b > b' ' && b != 0x7f && !matches!(b, b'%' | b'\\' | b'#'))
+        && !path.contains("//")
+        && !path.contains("/.");
+    if plain || path == "*" {
+        return Ok(Cow::Borrowed(path));
     }
     let raw = path.as_bytes();
     if raw.first() != Some(&b'/') && raw.first() != Some(&b'\\') {
@@ -104,7 +112,7 @@ pub fn normalize(path: &str) -> Result<String, PathError> {
     }
     // Only ASCII was replaced above, so the bytes are still UTF-8.
     let decoded = String::from_utf8(out).map_err(|_| PathError::Control)?;
-    Ok(resolve(decoded.split('/')))
+    Ok(Cow::Owned(resolve(decoded.split('/'))))
 }
 
 /// Every `%XX` escape decoded (invalid ones kept as written), bytes that are not UTF-8 replaced.

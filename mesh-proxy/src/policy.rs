@@ -257,17 +257,19 @@ impl Limiter {
                     .identities
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
-                if !ids.contains_key(key) && ids.len() >= MAX_IDENTITIES {
-                    ids.retain(|_, g| g.tat.load(Ordering::Relaxed) > now);
-                }
-                if ids.len() < MAX_IDENTITIES || ids.contains_key(key) {
-                    Some(
-                        ids.entry(key.to_string())
-                            .or_insert_with(|| std::sync::Arc::new(Gcra::new()))
-                            .clone(),
-                    )
-                } else {
-                    None
+                // A known caller costs a lookup; only a new one a key and maybe a sweep.
+                match ids.get(key) {
+                    Some(g) => Some(g.clone()),
+                    None => {
+                        if ids.len() >= MAX_IDENTITIES {
+                            ids.retain(|_, g| g.tat.load(Ordering::Relaxed) > now);
+                        }
+                        (ids.len() < MAX_IDENTITIES).then(|| {
+                            let g = std::sync::Arc::new(Gcra::new());
+                            ids.insert(key.to_string(), g.clone());
+                            g
+                        })
+                    }
                 }
             };
             bucket

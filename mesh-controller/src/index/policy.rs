@@ -468,7 +468,9 @@ fn path_cond(v: &str) -> Result<Vec<PathCond>, String> {
     if !body.starts_with('/') {
         return Err("a path starts with /".into());
     }
-    let normal = mesh_api::path::normalize(body).map_err(|e| format!("{e}"))?;
+    let normal = mesh_api::path::normalize(body)
+        .map_err(|e| format!("{e}"))?
+        .into_owned();
     if normal != body {
         return Err(format!(
             "not in normal form (requests are matched as {normal:?})"

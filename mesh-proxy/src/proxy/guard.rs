@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::borrow::Cow;
+
 use http::{Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use tracing::{debug, info};
@@ -104,8 +106,9 @@ pub fn check(
     if ctx.direction != Direction::inbound {
         return None;
     }
-    let path = match mesh_api::path::normalize(req.uri().path()) {
-        Ok(p) => p,
+    let rewrite = match mesh_api::path::normalize(req.uri().path()) {
+        Ok(Cow::Owned(p)) if p != req.uri().path() => Some(p),
+        Ok(_) => None,
         Err(e) => {
             ex.flags = "DPE";
             debug!(path = req.uri().path(), reason = %e, "malformed path refused");
@@ -115,10 +118,11 @@ pub fn check(
             ));
         }
     };
-    if path != req.uri().path() {
+    // The app receives the normalized path, and policies see it from here on.
+    if let Some(path) = rewrite {
         let pq = match req.uri().query() {
             Some(q) => format!("{path}?{q}"),
-            None => path.clone(),
+            None => path,
         };
         let mut parts = req.uri().clone().into_parts();
         match pq.parse() {
@@ -155,11 +159,12 @@ pub fn check(
     let identity = ctx.peer_id.as_deref();
     let metrics = &ctx.shared.metrics;
     if !guard.rbac.is_empty() {
+        let path = req.uri().path();
         let facts = Facts {
             identity,
             port: ctx.dst.port(),
             http: Some(HttpFacts {
-                path: &path,
+                path,
                 method: req.method(),
                 headers: req.headers(),
             }),
