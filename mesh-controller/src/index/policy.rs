@@ -233,13 +233,28 @@ impl Report<'_> {
         });
     }
 
-    fn unknown(&mut self, at: &str, unknown: &UnknownFields, effect: &str) {
+    /// Reports the unknown fields of an `entry` (or rule) and reads them in the safe direction:
+    /// a Deny ignores them, an Allow entry with any matches `nothing` (returns `true`).
+    fn unknown(
+        &mut self,
+        at: &str,
+        unknown: &UnknownFields,
+        deny: bool,
+        entry: &str,
+        nothing: &str,
+    ) -> bool {
+        let effect = if deny {
+            format!("the condition is ignored, so the Deny {entry} matches more")
+        } else {
+            format!("the Allow {entry} matches {nothing}")
+        };
         for k in unknown.keys() {
             self.push(
                 format!("{at}.{k}"),
                 format!("unknown field {k:?}: {effect}"),
             );
         }
+        !deny && !unknown.is_empty()
     }
 }
 
@@ -326,19 +341,7 @@ fn source(
     deny: bool,
     r: &mut Report<'_>,
 ) -> Source {
-    let mut never = false;
-    if !s.unknown.is_empty() {
-        if deny {
-            r.unknown(
-                at,
-                &s.unknown,
-                "the condition is ignored, so the Deny entry matches more",
-            );
-        } else {
-            r.unknown(at, &s.unknown, "the Allow entry matches nobody");
-            never = true;
-        }
-    }
+    let never = r.unknown(at, &s.unknown, deny, "entry", "nobody");
     let (identities, n1) = alternatives(&s.identities, &format!("{at}.identities"), deny, r, |v| {
         id_pattern(v).map(|m| vec![m])
     });
@@ -398,19 +401,7 @@ fn id_pattern(v: &str) -> Result<IdMatch, String> {
 }
 
 fn operation(o: &AuthorizationOperation, at: &str, deny: bool, r: &mut Report<'_>) -> Operation {
-    let mut never = false;
-    if !o.unknown.is_empty() {
-        if deny {
-            r.unknown(
-                at,
-                &o.unknown,
-                "the condition is ignored, so the Deny entry matches more",
-            );
-        } else {
-            r.unknown(at, &o.unknown, "the Allow entry matches nothing");
-            never = true;
-        }
-    }
+    let never = r.unknown(at, &o.unknown, deny, "entry", "nothing");
     // 0 is not a port: in a Deny the ports condition then matches any port, in an Allow the
     // value is left out (and a list of only 0 matches nothing).
     let mut ports = (!o.ports.is_empty()).then(|| o.ports.clone());
@@ -503,17 +494,8 @@ pub fn authz(
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
-        if !rule.unknown.is_empty() {
-            if deny {
-                r.unknown(
-                    &at,
-                    &rule.unknown,
-                    "the condition is ignored, so the Deny rule matches more",
-                );
-            } else {
-                r.unknown(&at, &rule.unknown, "the Allow rule matches nothing");
-                continue;
-            }
+        if r.unknown(&at, &rule.unknown, deny, "rule", "nothing") {
+            continue;
         }
         let from: Vec<Source> = rule
             .from
