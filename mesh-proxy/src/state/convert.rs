@@ -770,6 +770,7 @@ fn forward(
         prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
         regex_rewrite,
         host_rewrite,
+        draws: Default::default(),
     })
 }
 

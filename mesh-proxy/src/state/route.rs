@@ -6,6 +6,7 @@
 //! The controller has already put routes in Gateway API precedence order.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
@@ -222,6 +223,35 @@ pub struct Forward {
     #[serde(serialize_with = "regex_rewrite_str")]
     pub regex_rewrite: Option<(Regex, String)>,
     pub host_rewrite: Option<String>,
+    /// Where the next weighted pick lands; see [`Draws`].
+    #[serde(skip)]
+    pub draws: Draws,
+}
+
+/// The draws that split a route's requests between its weighted backends: a Weyl sequence
+/// (a random start, then steps of 2^64 divided by the golden ratio) instead of independent
+/// random numbers. Every run of consecutive requests, and every arithmetic subsequence of
+/// them, is spread evenly over `0..total_weight`, so a 50/50 split of 600 requests is off by
+/// a request or two rather than by a dozen, and a client that alternates two kinds of request
+/// still sees each kind split by the weights. The random start keeps proxies out of step.
+#[derive(Debug)]
+pub struct Draws(AtomicU64);
+
+/// 2^64 / golden ratio, odd.
+const WEYL_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl Default for Draws {
+    fn default() -> Self {
+        Self(AtomicU64::new(rand::random()))
+    }
+}
+
+impl Draws {
+    /// The next draw in `0..total`; `total` must not be 0.
+    pub fn next(&self, total: u64) -> u64 {
+        let x = self.0.fetch_add(WEYL_STEP, Ordering::Relaxed);
+        ((u128::from(x) * u128::from(total)) >> 64) as u64
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -256,7 +286,7 @@ impl Forward {
         match self.backends.as_slice() {
             [only] => Some(only),
             _ if self.total_weight == 0 => None,
-            _ => self.backend_at(rand::random_range(0..self.total_weight)),
+            _ => self.backend_at(self.draws.next(self.total_weight)),
         }
     }
 }

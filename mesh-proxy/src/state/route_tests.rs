@@ -248,17 +248,19 @@ fn string_matchers() {
     assert!(!m(StrKind::Exact("ABC".into()), false).matches("abc"));
 }
 
-#[test]
-fn weighted_pick_follows_weights() {
-    let b = |cluster: &str, weight| WeightedBackend {
-        cluster: cluster.into(),
-        weight,
-        headers: HeaderOps::default(),
-        metrics: Default::default(),
-    };
-    let f = Forward {
-        backends: vec![b("v1", 90), b("zero", 0), b("v2", 10)],
-        total_weight: 100,
+/// A forward to `clusters` with their weights.
+fn weighted(clusters: &[(&str, u32)]) -> Forward {
+    Forward {
+        backends: clusters
+            .iter()
+            .map(|&(cluster, weight)| WeightedBackend {
+                cluster: cluster.into(),
+                weight,
+                headers: HeaderOps::default(),
+                metrics: Default::default(),
+            })
+            .collect(),
+        total_weight: clusters.iter().map(|&(_, w)| u64::from(w)).sum(),
         timeout: None,
         retry: None,
         mirrors: vec![],
@@ -266,13 +268,60 @@ fn weighted_pick_follows_weights() {
         matched_prefix: None,
         regex_rewrite: None,
         host_rewrite: None,
-    };
+        draws: Default::default(),
+    }
+}
+
+#[test]
+fn weighted_pick_follows_weights() {
+    let f = weighted(&[("v1", 90), ("zero", 0), ("v2", 10)]);
     let at = |r| f.backend_at(r).map(|b| b.cluster.as_str());
     assert_eq!(at(0), Some("v1"));
     assert_eq!(at(89), Some("v1"));
     assert_eq!(at(90), Some("v2"));
     assert_eq!(at(99), Some("v2"));
     assert_eq!(at(100), None);
+}
+
+/// Counts of `pick` over `n` requests, taking every `stride`-th one.
+fn pick_counts(f: &Forward, n: usize, stride: usize) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for i in 0..n * stride {
+        let b = f.pick().expect("a backend");
+        if i % stride == 0 {
+            *counts.entry(b.cluster.clone()).or_default() += 1;
+        }
+    }
+    counts
+}
+
+#[test]
+fn weighted_picks_stay_close_to_the_weights_over_short_runs() {
+    for weights in [
+        [50, 50, 0],
+        [90, 10, 0],
+        [1, 99, 0],
+        [33, 33, 34],
+        [7, 0, 3],
+    ] {
+        let total: u32 = weights.iter().sum();
+        // Several proxies (random starts), runs as short as a demo step, and a client that
+        // sends every second or third request of a different kind.
+        for _ in 0..50 {
+            let f = weighted(&[("a", weights[0]), ("b", weights[1]), ("c", weights[2])]);
+            for (n, stride) in [(100, 1), (600, 1), (300, 2), (200, 3)] {
+                let counts = pick_counts(&f, n, stride);
+                for (c, w) in ["a", "b", "c"].iter().zip(weights) {
+                    let got = counts.get(*c).copied().unwrap_or(0) as f64;
+                    let want = n as f64 * f64::from(w) / f64::from(total);
+                    assert!(
+                        (got - want).abs() <= 4.0,
+                        "weights {weights:?}, {n} picks every {stride}: {c} got {got}, want {want}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]
