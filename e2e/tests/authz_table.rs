@@ -13,7 +13,7 @@ use mesh_controller::testing::obj;
 use mesh_controller::xds::resources::ResourceType;
 use mesh_controller::xds::translate::{ListenerSettings, ProxyId, Translator};
 use mesh_proxy::policy::{Facts, HttpFacts, decide};
-use mesh_proxy::state::{Guard, NetworkFilter};
+use mesh_proxy::state::Guard;
 use prost::Message;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -71,10 +71,7 @@ fn guards(
     let config = mesh_proxy::state::convert::listener(&listener).expect("mesh-proxy takes it");
     let mut out = BTreeMap::new();
     for c in config.chains.iter().filter(|c| c.terminate_tls) {
-        let guard = match &c.filter {
-            NetworkFilter::Http { guard, .. } | NetworkFilter::Tcp { guard, .. } => guard,
-        };
-        out.insert(c.port.expect("a port chain"), guard.clone());
+        out.insert(c.port.expect("a port chain"), c.filter.guard().clone());
     }
     assert_eq!(out.keys().copied().collect::<Vec<_>>(), vec![5432, 8080]);
     out
@@ -410,7 +407,7 @@ fn the_evaluation_table() {
                     headers: &headers,
                 }),
             };
-            let got = decide(&guards[&r.port].rbac, &facts);
+            let got = decide(&guards[&r.port].rbac, &facts).result();
             assert_eq!(
                 got.is_ok(),
                 r.allowed,

@@ -10,7 +10,7 @@ use mesh_e2e::identity::TestCa;
 use mesh_e2e::mesh::{Load, LocalMesh, PAIR_VIP, SidecarPair, secure_pair, wait_config};
 use mesh_e2e::servers::EchoServer;
 use mesh_e2e::{ProxyClient, figure};
-use mesh_proxy::state::{NetworkFilter, Snapshot};
+use mesh_proxy::state::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Waits until the server proxy's inbound chains for `port` enforce what `check` says.
@@ -27,11 +27,7 @@ async fn wait_guard(
                 l.chains
                     .iter()
                     .filter(|c| c.port == Some(port))
-                    .all(|c| match &c.filter {
-                        NetworkFilter::Http { guard, .. } | NetworkFilter::Tcp { guard, .. } => {
-                            check(guard)
-                        }
-                    })
+                    .all(|c| check(c.filter.guard()))
             })
     };
     wait_config(&pair.server, what, holds).await.map(drop)

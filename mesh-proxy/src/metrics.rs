@@ -319,6 +319,8 @@ pub struct Metrics {
     pub tcp_received: Family<TcpLabels, Counter>,
     pub timeouts: Family<TimeoutLabels, Counter>,
     pub authz: Family<AuthzLabels, Counter>,
+    /// `authz` by no named policy, denied and allowed; each policy keeps its own handle.
+    authz_unnamed: [OnceLock<Counter>; 2],
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub retries: Family<ReasonLabels, Counter>,
     pub retries_denied: Family<ReasonLabels, Counter>,
@@ -424,6 +426,7 @@ impl Metrics {
                 "Inbound requests and TCP connections checked by RBAC, by deciding policy and decision",
                 Family::default(),
             ),
+            authz_unnamed: [const { OnceLock::new() }; 2],
             rate_limited: reg(
                 &mut r,
                 "rate_limited",
@@ -522,6 +525,24 @@ impl Metrics {
             ),
             registry: r,
         }
+    }
+
+    /// Counts an authorization decision under the policy that made it, through the handle
+    /// `decision.by` keeps (its label never changes: a policy belongs to one filter).
+    pub fn count_authz(&self, decision: &crate::policy::Decision<'_>) {
+        let (policy, slot) = match decision.by {
+            Some((name, p)) => (name, &p.decisions),
+            None => ("none", &self.authz_unnamed[usize::from(decision.allowed)]),
+        };
+        slot.get_or_init(|| {
+            self.authz
+                .get_or_create(&AuthzLabels {
+                    policy: policy.to_string(),
+                    decision: if decision.allowed { "allow" } else { "deny" },
+                })
+                .clone()
+        })
+        .inc();
     }
 
     /// OpenMetrics text.

@@ -4,10 +4,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, Method};
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
 use crate::state::route::{HeaderMatch, StrMatch};
@@ -28,10 +29,13 @@ pub struct Rbac {
 }
 
 /// Matches when any permission and any principal match.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Policy {
     pub permissions: Vec<Permission>,
     pub principals: Vec<Principal>,
+    /// The counter of the decisions it makes (its filter's action), found on first use.
+    #[serde(skip)]
+    pub decisions: OnceLock<Counter>,
 }
 
 #[derive(Debug, Serialize)]
@@ -113,20 +117,13 @@ impl Policy {
 }
 
 /// Why a request or connection was refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Denied {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Denied<'p> {
     /// The DENY policy that matched, or `None`: no ALLOW policy matched.
-    pub policy: Option<String>,
+    pub policy: Option<&'p str>,
 }
 
-impl Denied {
-    /// The policy label of the metric and log: the DENY policy, or `none` (no ALLOW matched).
-    pub fn policy_label(&self) -> &str {
-        self.policy.as_deref().unwrap_or("none")
-    }
-}
-
-impl std::fmt::Display for Denied {
+impl std::fmt::Display for Denied<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.policy {
             Some(p) => write!(f, "denied by policy {p}"),
@@ -135,29 +132,57 @@ impl std::fmt::Display for Denied {
     }
 }
 
+/// A decision and the policy that made it: the DENY policy that matched, the ALLOW policy that
+/// let the request through, or none (nothing matched an ALLOW filter, or no filter named one).
+#[derive(Clone, Copy, Debug)]
+pub struct Decision<'p> {
+    pub allowed: bool,
+    pub by: Option<(&'p str, &'p Policy)>,
+}
+
+impl<'p> Decision<'p> {
+    /// `Ok` names the ALLOW policy that let the request through, if one did.
+    pub fn result(self) -> Result<Option<&'p str>, Denied<'p>> {
+        let name = self.by.map(|(n, _)| n);
+        if self.allowed {
+            Ok(name)
+        } else {
+            Err(Denied { policy: name })
+        }
+    }
+}
+
 /// Runs the RBAC filters in order, as Envoy does: a DENY filter refuses what one of its
-/// policies matches, an ALLOW filter what none of its policies matches. `Ok` names the ALLOW
-/// policy that let the request through, if one did.
-pub fn decide<'p>(filters: &'p [Rbac], f: &Facts<'_>) -> Result<Option<&'p str>, Denied> {
+/// policies matches, an ALLOW filter what none of its policies matches.
+pub fn decide<'p>(filters: &'p [Rbac], f: &Facts<'_>) -> Decision<'p> {
     let mut allowed_by = None;
     for rbac in filters {
         let hit = rbac
             .policies
             .iter()
             .find(|(_, p)| p.matches(f))
-            .map(|(n, _)| n.as_str());
+            .map(|(n, p)| (n.as_str(), p));
         match (rbac.action, hit) {
-            (RbacAction::Deny, Some(name)) => {
-                return Err(Denied {
-                    policy: Some(name.to_string()),
-                });
+            (RbacAction::Deny, Some(by)) => {
+                return Decision {
+                    allowed: false,
+                    by: Some(by),
+                };
             }
             (RbacAction::Deny, None) => {}
-            (RbacAction::Allow, None) => return Err(Denied { policy: None }),
-            (RbacAction::Allow, Some(name)) => allowed_by = Some(name),
+            (RbacAction::Allow, None) => {
+                return Decision {
+                    allowed: false,
+                    by: None,
+                };
+            }
+            (RbacAction::Allow, Some(by)) => allowed_by = Some(by),
         }
     }
-    Ok(allowed_by)
+    Decision {
+        allowed: true,
+        by: allowed_by,
+    }
 }
 
 /// A rate: `per_second` requests a second, `burst` at once.
@@ -223,7 +248,7 @@ pub struct Limiter {
     pub limit: RateLimit,
     epoch: Instant,
     total: Gcra,
-    identities: Mutex<HashMap<String, std::sync::Arc<Gcra>>>,
+    identities: RwLock<HashMap<String, Arc<Gcra>>>,
     overflow: Gcra,
 }
 
@@ -241,7 +266,7 @@ impl Limiter {
             limit,
             epoch: Instant::now(),
             total: Gcra::new(),
-            identities: Mutex::default(),
+            identities: RwLock::default(),
             overflow: Gcra::new(),
         }
     }
@@ -252,26 +277,31 @@ impl Limiter {
     pub fn take(&self, identity: Option<&str>) -> Result<(), Limited> {
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
         if let (Some(rate), Some(key)) = (self.limit.per_identity, identity) {
-            let bucket = {
+            // A known caller costs a shared lookup; only a new one the write lock, a key and
+            // maybe a sweep.
+            let known = self
+                .identities
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(key)
+                .cloned();
+            let bucket = known.or_else(|| {
                 let mut ids = self
                     .identities
-                    .lock()
+                    .write()
                     .unwrap_or_else(PoisonError::into_inner);
-                // A known caller costs a lookup; only a new one a key and maybe a sweep.
-                match ids.get(key) {
-                    Some(g) => Some(g.clone()),
-                    None => {
-                        if ids.len() >= MAX_IDENTITIES {
-                            ids.retain(|_, g| g.tat.load(Ordering::Relaxed) > now);
-                        }
-                        (ids.len() < MAX_IDENTITIES).then(|| {
-                            let g = std::sync::Arc::new(Gcra::new());
-                            ids.insert(key.to_string(), g.clone());
-                            g
-                        })
-                    }
+                if let Some(g) = ids.get(key) {
+                    return Some(g.clone());
                 }
-            };
+                if ids.len() >= MAX_IDENTITIES {
+                    ids.retain(|_, g| g.tat.load(Ordering::Relaxed) > now);
+                }
+                (ids.len() < MAX_IDENTITIES).then(|| {
+                    let g = Arc::new(Gcra::new());
+                    ids.insert(key.to_string(), g.clone());
+                    g
+                })
+            });
             bucket
                 .as_deref()
                 .unwrap_or(&self.overflow)

@@ -25,8 +25,14 @@ fn policy(
         Policy {
             permissions,
             principals,
+            ..Default::default()
         },
     )
+}
+
+/// The decision, as a result that names the deciding policy.
+fn decide<'p>(filters: &'p [Rbac], f: &Facts<'_>) -> Result<Option<&'p str>, Denied<'p>> {
+    super::decide(filters, f).result()
 }
 
 const A: &str = "spiffe://cluster.local/ns/shop/sa/a";
@@ -75,7 +81,7 @@ fn deny_filters_run_first_and_an_allow_filter_refuses_what_it_does_not_match() {
     assert_eq!(
         decide(&filters, &facts(Some(A), "/admin/x", &h)),
         Err(Denied {
-            policy: Some("shop/no-admin".into())
+            policy: Some("shop/no-admin")
         })
     );
     assert_eq!(

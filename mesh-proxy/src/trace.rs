@@ -194,10 +194,9 @@ pub struct Tracing {
     tracer: Tracer,
     /// The share of new traces sampled, 0 to 1.
     ratio: f64,
-    /// Spans go to a collector; otherwise none is made.
-    exporting: bool,
-    /// Dropped last: ends the export thread, once the provider has flushed.
-    _export: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Spans go to a collector (otherwise none is made). Dropped last: ends the export
+    /// thread, once the provider has flushed.
+    export: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Trace settings that could not be used.
@@ -248,8 +247,7 @@ impl Tracing {
             provider,
             tracer,
             ratio: percent / 100.0,
-            exporting: export.is_some(),
-            _export: export,
+            export,
         })
     }
 
@@ -272,7 +270,7 @@ impl Tracing {
         };
         // Without a collector the decision is passed on, and no span is made: nothing would
         // take it.
-        if !sampled || !self.exporting {
+        if !sampled || self.export.is_none() {
             let trace_id = match parent {
                 Some(p) => p.trace_id,
                 None => rand::Rng::random::<u128>(&mut rng).max(1).to_be_bytes(),

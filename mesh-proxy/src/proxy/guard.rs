@@ -2,44 +2,63 @@
 //! then its local rate limit. The chain's policy is read from the current snapshot, so a
 //! policy change applies to requests on connections that were open before it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-
 use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use http::{Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode, Uri, header};
 use hyper::body::Incoming;
+use prometheus_client::metrics::counter::Counter;
 use tracing::{debug, info};
 
 use super::http::{HttpCtx, local};
 use super::observe::Exchange;
 use super::upstream::Body;
-use crate::metrics::{AuthzLabels, Direction, RateLimitedLabels};
+use crate::metrics::{Direction, RateLimitedLabels};
 use crate::policy::{self, Facts, HttpFacts, Limiter, RateLimit};
-use crate::state::{Guard, NetworkFilter, Snapshot};
+use crate::state::{Guard, ListenerConfig, NetworkFilter, Snapshot};
 
-/// A connection's view of its chain's policy, refreshed when the snapshot changes.
+/// A connection's view of its chain's policy, refreshed when the chain's listener changes.
 #[derive(Debug)]
-pub struct GuardCache(Mutex<Current>);
+pub struct GuardCache(Mutex<Cached>);
 
-#[derive(Debug, Clone)]
-struct Current {
+#[derive(Debug)]
+struct Cached {
+    /// The snapshot generation last looked at.
     generation: u64,
-    guard: Arc<Guard>,
+    /// The listener `current` was read from; `None`: the one the connection was accepted on.
+    listener: Option<Arc<ListenerConfig>>,
+    current: Arc<Current>,
+}
+
+/// The chain's policy, as this connection's requests see it.
+#[derive(Debug)]
+struct Current {
+    /// `None`: the connection's filter chain is no longer in the config.
+    guard: Option<Arc<Guard>>,
     limiter: Option<Arc<Limiter>>,
-    /// The connection's filter chain is no longer in the config.
-    gone: bool,
+    /// This connection's caller in `mesh_proxy_rate_limited_total`, by the bucket that was
+    /// empty (total, identity), found on first use.
+    limited: [OnceLock<Counter>; 2],
+}
+
+impl Current {
+    fn new(guard: Option<Arc<Guard>>, limiters: &Limiters) -> Self {
+        Current {
+            limiter: limiters.get(guard.as_ref().and_then(|g| g.rate_limit.as_ref())),
+            guard,
+            limited: Default::default(),
+        }
+    }
 }
 
 impl GuardCache {
     /// The policy the connection's chain had when it was accepted.
     pub fn new(generation: u64, guard: Arc<Guard>, limiters: &Limiters) -> Self {
-        let limiter = limiters.get(guard.rate_limit.as_ref());
-        GuardCache(Mutex::new(Current {
+        GuardCache(Mutex::new(Cached {
             generation,
-            guard,
-            limiter,
-            gone: false,
+            listener: None,
+            current: Arc::new(Current::new(Some(guard), limiters)),
         }))
     }
 }
@@ -71,28 +90,43 @@ impl Limiters {
     }
 }
 
-fn current(ctx: &HttpCtx, snapshot: &Snapshot) -> Current {
+fn current(ctx: &HttpCtx, snapshot: &Snapshot) -> Arc<Current> {
     let mut c = ctx.guard.0.lock().unwrap_or_else(PoisonError::into_inner);
     if c.generation != snapshot.generation {
-        let chain = snapshot.listeners.get(ctx.kind.xds_name()).and_then(|l| {
-            l.chains
-                .iter()
-                .chain(l.default_chain.as_ref())
-                .find(|ch| ch.name == ctx.chain)
-        });
-        match chain.map(|ch| &ch.filter) {
-            Some(NetworkFilter::Http { guard, .. }) => {
-                c.limiter = ctx.shared.limiters.get(guard.rate_limit.as_ref());
-                c.guard = guard.clone();
-                c.gone = false;
-            }
-            // The chain is gone (a port no longer served, plaintext in a namespace now STRICT):
-            // nothing on this connection is served any more.
-            _ => c.gone = true,
-        }
         c.generation = snapshot.generation;
+        let listener = snapshot.listeners.get(ctx.kind.xds_name());
+        // Only a listener update changes a chain; endpoint updates keep the listener.
+        let same = matches!((listener, &c.listener), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
+        if !same {
+            // No chain (a port no longer served, plaintext in a namespace now STRICT): nothing
+            // on this connection is served any more.
+            let guard = listener
+                .and_then(|l| {
+                    l.chains
+                        .iter()
+                        .chain(l.default_chain.as_ref())
+                        .find(|ch| ch.name == ctx.chain)
+                })
+                .and_then(|ch| match &ch.filter {
+                    NetworkFilter::Http { guard, .. } => Some(guard.clone()),
+                    NetworkFilter::Tcp { .. } => None,
+                });
+            c.listener = listener.cloned();
+            c.current = Arc::new(Current::new(guard, &ctx.shared.limiters));
+        }
     }
-    c.clone()
+    c.current.clone()
+}
+
+/// `uri` with its path replaced and its query kept; `None` if that is not a valid URI.
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    Uri::from_parts(parts).ok()
 }
 
 /// Checks an inbound request: `Some` is the refusal to send instead of forwarding it. The
@@ -103,7 +137,7 @@ pub fn check(
     req: &mut Request<Incoming>,
     ex: &mut Exchange,
 ) -> Option<Response<Body>> {
-    if ctx.direction != Direction::inbound {
+    if ctx.kind.direction() != Direction::inbound {
         return None;
     }
     let rewrite = match mesh_api::path::normalize(req.uri().path()) {
@@ -120,33 +154,16 @@ pub fn check(
     };
     // The app receives the normalized path, and policies see it from here on.
     if let Some(path) = rewrite {
-        let pq = match req.uri().query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
-        };
-        let mut parts = req.uri().clone().into_parts();
-        match pq.parse() {
-            Ok(pq) => parts.path_and_query = Some(pq),
-            Err(_) => {
-                ex.flags = "DPE";
-                return Some(local(StatusCode::BAD_REQUEST, "malformed path"));
-            }
-        }
-        match http::Uri::from_parts(parts) {
-            Ok(u) => *req.uri_mut() = u,
-            Err(_) => {
+        match with_path(req.uri(), &path) {
+            Some(u) => *req.uri_mut() = u,
+            None => {
                 ex.flags = "DPE";
                 return Some(local(StatusCode::BAD_REQUEST, "malformed path"));
             }
         }
     }
-    let Current {
-        guard,
-        limiter,
-        gone,
-        ..
-    } = current(ctx, snapshot);
-    if gone {
+    let current = current(ctx, snapshot);
+    let Some(guard) = &current.guard else {
         ex.flags = "NR";
         let mut r = local(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -155,8 +172,8 @@ pub fn check(
         r.headers_mut()
             .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         return Some(r);
-    }
-    let identity = ctx.peer_id.as_deref();
+    };
+    let identity = ctx.peer.as_ref().map(mesh_api::SpiffeId::as_str);
     let metrics = &ctx.shared.metrics;
     if !guard.rbac.is_empty() {
         let path = req.uri().path();
@@ -182,15 +199,19 @@ pub fn check(
             return Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"));
         }
     }
-    if let Some(limiter) = limiter
+    if let Some(limiter) = &current.limiter
         && let Err(limited) = limiter.take(identity)
     {
-        metrics
-            .rate_limited
-            .get_or_create(&RateLimitedLabels {
-                policy: limiter.limit.name.clone(),
-                scope: limited.scope,
-                src_identity: identity.unwrap_or("unknown").to_string(),
+        current.limited[usize::from(limited.scope == "identity")]
+            .get_or_init(|| {
+                metrics
+                    .rate_limited
+                    .get_or_create(&RateLimitedLabels {
+                        policy: limiter.limit.name.clone(),
+                        scope: limited.scope,
+                        src_identity: identity.unwrap_or("unknown").to_string(),
+                    })
+                    .clone()
             })
             .inc();
         ex.flags = "RL";
@@ -234,23 +255,12 @@ pub fn admit_connection(
 }
 
 /// Decides, and counts the decision by the policy that made it.
-fn authorize(
+fn authorize<'p>(
     shared: &super::Shared,
-    rbac: &[policy::Rbac],
+    rbac: &'p [policy::Rbac],
     facts: &Facts<'_>,
-) -> Result<(), policy::Denied> {
-    let decided = policy::decide(rbac, facts);
-    let (policy, decision) = match &decided {
-        Ok(by) => (by.unwrap_or("none"), "allow"),
-        Err(d) => (d.policy_label(), "deny"),
-    };
-    shared
-        .metrics
-        .authz
-        .get_or_create(&AuthzLabels {
-            policy: policy.to_string(),
-            decision,
-        })
-        .inc();
-    decided.map(|_| ())
+) -> Result<(), policy::Denied<'p>> {
+    let decision = policy::decide(rbac, facts);
+    shared.metrics.count_authz(&decision);
+    decision.result().map(|_| ())
 }

@@ -32,7 +32,6 @@ pub const REPLAY_LIMIT: usize = 64 * 1024;
 #[derive(Debug)]
 pub struct HttpCtx {
     pub shared: Arc<Shared>,
-    pub direction: Direction,
     /// The RouteConfiguration its filter chain names.
     pub route: String,
     /// The connection's original destination.
@@ -42,11 +41,10 @@ pub struct HttpCtx {
     /// Inbound: the `x-forwarded-client-cert` value given to the app (`By=<this
     /// proxy>;URI=<peer>`), when the client proved an identity.
     pub xfcc: Option<HeaderValue>,
-    /// `peer` as text, for policy.
-    pub peer_id: Option<String>,
     /// Inbound: the callers seen on this connection.
     pub callers: CallerCache,
-    /// The listener and filter chain the connection is on, for its current policy.
+    /// The listener (and so the direction) and filter chain the connection is on, for its
+    /// current policy.
     pub kind: super::ListenerKind,
     pub chain: String,
     pub guard: super::guard::GuardCache,
@@ -69,7 +67,7 @@ pub async fn handle(
             "this proxy holds no valid certificate: mesh TLS refused",
         ));
     }
-    let peer = match ctx.direction {
+    let peer = match ctx.kind.direction() {
         Direction::inbound => {
             // Only this proxy vouches for the caller: whatever arrived is dropped.
             let headers = req.headers_mut();
@@ -86,7 +84,7 @@ pub async fn handle(
         }
         Direction::outbound => Peer::unknown(),
     };
-    let mut ex = Exchange::start(&ctx.shared, ctx.direction, peer, &mut req, ctx.dst);
+    let mut ex = Exchange::start(&ctx.shared, ctx.kind.direction(), peer, &mut req, ctx.dst);
     let resp = route_and_forward(&ctx, req, &mut ex).await;
     Ok(ex.respond(resp))
 }
@@ -323,7 +321,7 @@ async fn forward(
     ex.backend = Some(
         backend
             .metrics
-            .get(ctx.direction, &levels.route.name, &backend.cluster)
+            .get(ctx.kind.direction(), &levels.route.name, &backend.cluster)
             .clone(),
     );
     let Some(cluster) = snapshot.cluster(&backend.cluster).cloned() else {
@@ -337,12 +335,7 @@ async fn forward(
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     // A body that is already over is never read: nothing to count.
-    let counter = if body.is_end_stream() {
-        observe::nowhere()
-    } else {
-        ex.request_bytes()
-    };
-    let body = Counted::new(body, counter);
+    let body = (!body.is_end_stream()).then(|| Counted::new(body, ex.request_bytes()));
 
     // Header changes, least specific last so the route config has the final say (Envoy's
     // default order).
@@ -397,24 +390,26 @@ async fn forward(
         },
     };
 
-    let mut body = if body.is_end_stream() {
-        ReqBody::Empty
-    } else if !f.mirrors.is_empty()
-        && !upgrade
-        && content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT as u64)
-    {
+    let mut body = match body {
+        None => ReqBody::Empty,
         // A mirror copy needs the whole body before it is sent.
-        match body.collect().await {
-            Ok(b) => ReqBody::Buffered(b.to_bytes()),
-            Err(e) => {
-                debug!(error = %e, "reading the request body");
-                return local(StatusCode::BAD_REQUEST, "request body ended early");
+        Some(body)
+            if !f.mirrors.is_empty()
+                && !upgrade
+                && content_length(&parts.headers).is_some_and(|n| n <= REPLAY_LIMIT as u64) =>
+        {
+            match body.collect().await {
+                Ok(b) => ReqBody::Buffered(b.to_bytes()),
+                Err(e) => {
+                    debug!(error = %e, "reading the request body");
+                    return local(StatusCode::BAD_REQUEST, "request body ended early");
+                }
             }
         }
-    } else if f.retry.is_some() && !upgrade {
-        ReqBody::Replay(ReplayBody::new(body, REPLAY_LIMIT))
-    } else {
-        ReqBody::Stream(Some(body))
+        Some(body) if f.retry.is_some() && !upgrade => {
+            ReqBody::Replay(ReplayBody::new(body, REPLAY_LIMIT))
+        }
+        Some(body) => ReqBody::Stream(Some(body)),
     };
 
     if !f.mirrors.is_empty() && body.replayable() {
@@ -484,7 +479,7 @@ async fn forward(
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
         let ep = inflight.endpoint.clone();
-        if ctx.direction == Direction::outbound {
+        if ctx.kind.direction() == Direction::outbound {
             ex.peer = ep.peer.clone();
         }
         ex.upstream(&cluster.name, ep.addr);

@@ -415,10 +415,8 @@ async fn run_filter<I>(
             };
             let ctx = Arc::new(http::HttpCtx {
                 shared: shared.clone(),
-                direction: kind.direction(),
                 route: route.clone(),
                 dst,
-                peer_id: peer.as_ref().map(ToString::to_string),
                 peer,
                 xfcc,
                 callers: Default::default(),
@@ -429,8 +427,8 @@ async fn run_filter<I>(
             serve_http(io, ctx, shared).await;
         }
         NetworkFilter::Tcp { cluster, guard } => {
-            let id = peer.as_ref().map(ToString::to_string);
-            if !guard::admit_connection(guard, shared, id.as_deref(), dst.port()) {
+            let id = peer.as_ref().map(mesh_api::SpiffeId::as_str);
+            if !guard::admit_connection(guard, shared, id, dst.port()) {
                 return;
             }
             let _active = Active::new(&shared.metrics, kind, "tcp");

@@ -356,7 +356,7 @@ impl Drop for Exchange {
 }
 
 /// Where request bytes go when nobody counts them.
-pub fn nowhere() -> Arc<AtomicU64> {
+fn nowhere() -> Arc<AtomicU64> {
     static NOWHERE: std::sync::OnceLock<Arc<AtomicU64>> = std::sync::OnceLock::new();
     NOWHERE.get_or_init(Arc::default).clone()
 }

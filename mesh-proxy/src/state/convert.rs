@@ -33,7 +33,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
-use envoy_types::pb::envoy::r#type::v3::fractional_percent;
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use http::{HeaderName, HeaderValue};
 use prost::{Message, Name};
@@ -99,6 +99,19 @@ pub fn duration(d: &PbDuration) -> Option<Duration> {
     let secs = u64::try_from(d.seconds).ok()?;
     let nanos = u32::try_from(d.nanos).ok()?;
     Some(Duration::new(secs, nanos))
+}
+
+/// A fraction as `(numerator, whole)`: `whole` is 100, 10,000 or 1,000,000; `field` names the
+/// fraction in an unknown denominator's error.
+fn fraction(cx: &Ctx<'_>, field: String, f: &FractionalPercent) -> Result<(u32, u32)> {
+    use fractional_percent::DenominatorType as D;
+    let whole = match D::try_from(f.denominator) {
+        Ok(D::Hundred) => 100,
+        Ok(D::TenThousand) => 10_000,
+        Ok(D::Million) => 1_000_000,
+        Err(_) => return Err(cx.err(field, "unknown denominator")),
+    };
+    Ok((f.numerator, whole))
 }
 
 fn dur(cx: &Ctx<'_>, field: &str, d: Option<&PbDuration>) -> Result<Option<Duration>> {
@@ -716,18 +729,9 @@ fn forward(
             {
                 None => 1_000_000,
                 Some(f) => {
-                    let scale = match fractional_percent::DenominatorType::try_from(f.denominator) {
-                        Ok(fractional_percent::DenominatorType::Hundred) => 10_000,
-                        Ok(fractional_percent::DenominatorType::TenThousand) => 100,
-                        Ok(fractional_percent::DenominatorType::Million) => 1,
-                        Err(_) => {
-                            return Err(cx.err(
-                                format!("{at}.request_mirror_policies[{i}].runtime_fraction"),
-                                "unknown denominator",
-                            ));
-                        }
-                    };
-                    f.numerator.saturating_mul(scale).min(1_000_000)
+                    let field = format!("{at}.request_mirror_policies[{i}].runtime_fraction");
+                    let (numerator, whole) = fraction(cx, field, f)?;
+                    numerator.saturating_mul(1_000_000 / whole).min(1_000_000)
                 }
             };
             Ok(Mirror {

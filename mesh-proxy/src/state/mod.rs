@@ -171,6 +171,15 @@ pub enum NetworkFilter {
     Tcp { cluster: String, guard: Arc<Guard> },
 }
 
+impl NetworkFilter {
+    /// What the chain enforces before this filter.
+    pub fn guard(&self) -> &Arc<Guard> {
+        match self {
+            NetworkFilter::Http { guard, .. } | NetworkFilter::Tcp { guard, .. } => guard,
+        }
+    }
+}
+
 /// What a chain enforces before its terminal filter: RBAC filters in order (network RBAC
 /// first, then the HTTP ones) and a local rate limit (HTTP only).
 #[derive(Debug, Default, Serialize)]

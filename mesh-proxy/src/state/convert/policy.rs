@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::Loca
 use envoy_types::pb::envoy::r#type::matcher::v3::path_matcher;
 use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
 
-use super::{Ctx, Result, dur, header_match, str_match};
+use super::{Ctx, Result, dur, fraction, header_match, str_match};
 use crate::policy::{Permission, Policy, Principal, Rate, RateLimit, Rbac, RbacAction};
 
 /// The descriptor key whose entries limit each caller identity (the controller sends it with
@@ -69,6 +69,7 @@ pub(super) fn rbac(
             Policy {
                 permissions,
                 principals,
+                ..Default::default()
             },
         ));
     }
@@ -156,17 +157,11 @@ fn principal_of(cx: &Ctx<'_>, at: &str, p: &PbPrincipal) -> Result<Principal> {
 /// Whether a runtime fraction is all (`true`) or nothing (`false`, also when unset: Envoy's
 /// default for the local rate limit is 0 %); a fraction in between is not supported.
 fn all_or_nothing(cx: &Ctx<'_>, at: &str, f: Option<&FractionalPercent>) -> Result<bool> {
-    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType as D;
     let Some(f) = f else {
         return Ok(false);
     };
-    let whole = match D::try_from(f.denominator) {
-        Ok(D::Hundred) => 100,
-        Ok(D::TenThousand) => 10_000,
-        Ok(D::Million) => 1_000_000,
-        Err(_) => return Err(cx.err(format!("{at}.denominator"), "unknown denominator")),
-    };
-    match f.numerator {
+    let (numerator, whole) = fraction(cx, format!("{at}.denominator"), f)?;
+    match numerator {
         0 => Ok(false),
         n if n >= whole => Ok(true),
         n => Err(cx.err(
