@@ -111,6 +111,9 @@ pub mod xds {
     /// Descriptor key of a local rate limit's per-identity bucket (its value is the caller's
     /// SPIFFE ID, the peer certificate's URI SAN).
     pub const RATE_LIMIT_IDENTITY_KEY: &str = "mesh-client-identity";
+    /// Most caller identities a local rate limit keeps a bucket for, in Envoy
+    /// (`max_dynamic_descriptors`) and in mesh-proxy alike.
+    pub const RATE_LIMIT_MAX_IDENTITIES: u32 = 10_000;
 }
 
 /// Environment variable names, one constant each.

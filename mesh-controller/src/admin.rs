@@ -167,17 +167,17 @@ fn service_query(q: StatQuery) -> Result<SvcKey, (StatusCode, String)> {
 
 /// What a per-Service endpoint answers: `view` of the model for the Service the query names,
 /// 400 for a malformed query, 404 for a Service not in the configuration.
-fn per_service<T: Serialize>(
+fn per_service(
     s: &AdminState,
     q: StatQuery,
-    view: impl FnOnce(&crate::index::Model, &SvcKey) -> Option<T>,
+    view: impl FnOnce(&crate::index::Model, &SvcKey) -> Option<axum::response::Response>,
 ) -> axum::response::Response {
     let key = match service_query(q) {
         Ok(k) => k,
         Err(r) => return r.into_response(),
     };
     match view(&s.hub.model(), &key) {
-        Some(v) => Json(v).into_response(),
+        Some(r) => r,
         None => (
             StatusCode::NOT_FOUND,
             format!("service \"{key}\" is not in the mesh's configuration\n"),
@@ -190,16 +190,18 @@ async fn stat(
     State(s): State<AdminState>,
     axum::extract::Query(q): axum::extract::Query<StatQuery>,
 ) -> axum::response::Response {
-    per_service(&s, q, |model, key| s.stats.service(model, key))
+    per_service(&s, q, |model, key| {
+        s.stats.service(model, key).map(|v| Json(v).into_response())
+    })
 }
 
 async fn authz(
     State(s): State<AdminState>,
     axum::extract::Query(q): axum::extract::Query<StatQuery>,
 ) -> axum::response::Response {
+    // The view borrows the model: it is answered as JSON before the model goes.
     per_service(&s, q, |model, key| {
-        // The view borrows the model: it is answered as JSON before the model goes.
-        crate::index::policy::service_authz(model, key).and_then(|a| serde_json::to_value(a).ok())
+        crate::index::policy::service_authz(model, key).map(|a| Json(a).into_response())
     })
 }
 

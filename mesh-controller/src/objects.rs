@@ -269,15 +269,19 @@ fn typed<T: DeserializeOwned>(doc: serde_json::Value) -> Result<T, DocError> {
 
 /// A DNS label (RFC 1123; with `letter_first`, RFC 1035 as Service names need): lowercase
 /// letters, digits and '-', at most 63 characters, starting and ending with a letter or digit.
-fn validate_label(value: &str, field: &str, letter_first: bool) -> Result<(), DocError> {
-    let ok = value.len() <= 63
+pub(crate) fn is_dns_label(value: &str, letter_first: bool) -> bool {
+    value.len() <= 63
         && value
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && value
             .starts_with(|c: char| c.is_ascii_lowercase() || (!letter_first && c.is_ascii_digit()))
-        && value.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if ok {
+        && value.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// [`is_dns_label`], or an error naming the field.
+fn validate_label(value: &str, field: &str, letter_first: bool) -> Result<(), DocError> {
+    if is_dns_label(value, letter_first) {
         return Ok(());
     }
     Err(DocError::new(

@@ -240,7 +240,7 @@ impl Gcra {
 
 /// Most caller identities one limiter tracks; past it, buckets that are full again are
 /// dropped, and a caller beyond it shares the `overflow` bucket.
-const MAX_IDENTITIES: usize = 10_000;
+const MAX_IDENTITIES: usize = mesh_api::consts::xds::RATE_LIMIT_MAX_IDENTITIES as usize;
 
 /// The state of one [`RateLimit`]: kept across config updates while the limit is unchanged.
 #[derive(Debug)]

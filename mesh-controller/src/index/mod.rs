@@ -380,45 +380,22 @@ impl Index {
         self.bump();
     }
 
-    /// Namespaces that set their own mTLS mode; a label with another value is an error.
-    fn mtls_namespaces(&self, errors: &mut Vec<ResolveError>) -> BTreeMap<String, MtlsMode> {
-        let label = mesh_api::consts::labels::MTLS_MODE;
+    /// Namespaces that set their own value with `label`. A value `parse` cannot read is an
+    /// error (its reason from `unreadable`), and the namespace gets `fallback`, if any.
+    fn namespace_labels<T>(
+        &self,
+        label: &str,
+        parse: impl Fn(&str) -> Option<T>,
+        unreadable: impl Fn(&str) -> String,
+        fallback: impl Fn() -> Option<T>,
+        errors: &mut Vec<ResolveError>,
+    ) -> BTreeMap<String, T> {
         let mut out = BTreeMap::new();
         for (ns, labels) in &self.namespaces {
             let Some(v) = labels.get(label) else {
                 continue;
             };
-            match MtlsMode::parse(v) {
-                Some(m) => {
-                    out.insert(ns.clone(), m);
-                }
-                None => errors.push(ResolveError {
-                    object: ObjKey {
-                        kind: Kind::Namespace,
-                        namespace: String::new(),
-                        name: ns.clone(),
-                    },
-                    field: format!("metadata.labels[{label:?}]"),
-                    reason: format!("{v:?} is not STRICT or PERMISSIVE; the mesh default applies"),
-                    condition: model::RefProblem::NotARoute,
-                }),
-            }
-        }
-        out
-    }
-
-    /// Every policy, checked and compiled; what cannot be read goes to `errors`.
-    fn policies(&self, errors: &mut Vec<ResolveError>) -> policy::Policies {
-        let label = mesh_api::consts::labels::AUTHZ_DEFAULT;
-        let mut out = policy::Policies {
-            default: self.authz_default,
-            ..Default::default()
-        };
-        for (ns, labels) in &self.namespaces {
-            let Some(v) = labels.get(label) else {
-                continue;
-            };
-            let d = policy::AuthzDefault::parse(v).unwrap_or_else(|| {
+            let value = parse(v).or_else(|| {
                 errors.push(ResolveError {
                     object: ObjKey {
                         kind: Kind::Namespace,
@@ -426,14 +403,43 @@ impl Index {
                         name: ns.clone(),
                     },
                     field: format!("metadata.labels[{label:?}]"),
-                    // Unreadable: the strictest default, never a wider one.
-                    reason: format!("{v:?} is not allow, deny or authenticated; deny applies"),
+                    reason: unreadable(v),
                     condition: model::RefProblem::NotARoute,
                 });
-                policy::AuthzDefault::Deny
+                fallback()
             });
-            out.namespace_defaults.insert(ns.clone(), d);
+            if let Some(value) = value {
+                out.insert(ns.clone(), value);
+            }
         }
+        out
+    }
+
+    /// Namespaces that set their own mTLS mode; a label with another value is an error.
+    fn mtls_namespaces(&self, errors: &mut Vec<ResolveError>) -> BTreeMap<String, MtlsMode> {
+        self.namespace_labels(
+            mesh_api::consts::labels::MTLS_MODE,
+            MtlsMode::parse,
+            |v| format!("{v:?} is not STRICT or PERMISSIVE; the mesh default applies"),
+            || None,
+            errors,
+        )
+    }
+
+    /// Every policy, checked and compiled; what cannot be read goes to `errors`.
+    fn policies(&self, errors: &mut Vec<ResolveError>) -> policy::Policies {
+        let mut out = policy::Policies {
+            default: self.authz_default,
+            namespace_defaults: self.namespace_labels(
+                mesh_api::consts::labels::AUTHZ_DEFAULT,
+                policy::AuthzDefault::parse,
+                |v| format!("{v:?} is not allow, deny or authenticated; deny applies"),
+                // Unreadable: the strictest default, never a wider one.
+                || Some(policy::AuthzDefault::Deny),
+                errors,
+            ),
+            ..Default::default()
+        };
         let service_ports = |ns: &str, name: &str| {
             self.services
                 .get(&SvcKey::new(ns, name))
@@ -443,29 +449,21 @@ impl Index {
         keys.sort();
         for key in keys {
             let entry = out.by_namespace.entry(key.namespace.clone()).or_default();
-            match &self.policies[key] {
+            let targets = match &self.policies[key] {
                 Object::AuthorizationPolicy(p) => {
-                    let a = policy::authz(p, key, &self.trust_domain, errors);
-                    policy::check_targets(
-                        key,
-                        &a.targets,
-                        |n| service_ports(&key.namespace, n),
-                        errors,
-                    );
-                    entry.authz.push(Arc::new(a));
+                    entry
+                        .authz
+                        .push(policy::authz(p, key, &self.trust_domain, errors));
+                    entry.authz.last().map(|a| &a.targets)
                 }
-                Object::RateLimitPolicy(p) => {
-                    if let Some(l) = policy::rate_limit(p, key, errors) {
-                        policy::check_targets(
-                            key,
-                            &l.targets,
-                            |n| service_ports(&key.namespace, n),
-                            errors,
-                        );
-                        entry.rate_limits.push(Arc::new(l));
-                    }
-                }
-                _ => {}
+                Object::RateLimitPolicy(p) => policy::rate_limit(p, key, errors).and_then(|l| {
+                    entry.rate_limits.push(l);
+                    entry.rate_limits.last().map(|l| &l.targets)
+                }),
+                _ => None,
+            };
+            if let Some(targets) = targets {
+                policy::check_targets(key, targets, |n| service_ports(&key.namespace, n), errors);
             }
         }
         out

@@ -6,7 +6,6 @@
 //! `/debug/config-errors`, naming the object, field and value.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use mesh_api::crds::{
     AuthorizationAction, AuthorizationOperation, AuthorizationPolicy, AuthorizationSource,
@@ -15,7 +14,7 @@ use mesh_api::crds::{
 use serde::Serialize;
 
 use super::model::{RefProblem, ResolveError};
-use crate::objects::{Kind, ObjKey};
+use crate::objects::{Kind, ObjKey, is_dns_label};
 
 /// What a namespace's workloads do with a request no ALLOW policy decides.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
@@ -32,12 +31,7 @@ pub enum AuthzDefault {
 
 impl AuthzDefault {
     pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "allow" => Some(Self::Allow),
-            "deny" => Some(Self::Deny),
-            "authenticated" => Some(Self::Authenticated),
-            _ => None,
-        }
+        <Self as clap::ValueEnum>::from_str(s, true).ok()
     }
 }
 
@@ -51,20 +45,25 @@ pub enum Target {
     Service { name: String, port: Option<String> },
 }
 
-/// A SPIFFE ID condition.
+/// A condition on a SPIFFE ID, or on the normalized path.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum IdMatch {
+pub enum Pattern {
     Exact(String),
     Prefix(String),
 }
 
-/// A path condition, on the normalized path.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PathCond {
-    Exact(String),
-    Prefix(String),
+/// A pattern's text without its ending `*`, and whether it had one (a prefix); `what` names
+/// the pattern in the error for a `*` elsewhere.
+fn split_star<'v>(v: &'v str, what: &str) -> Result<(&'v str, bool), String> {
+    let (body, prefix) = match v.strip_suffix('*') {
+        Some(b) => (b, true),
+        None => (v, false),
+    };
+    if body.contains('*') {
+        return Err(format!("`*` may only end a {what}"));
+    }
+    Ok((body, prefix))
 }
 
 /// Who calls. An entry with `never` matches nobody (an Allow entry with something the
@@ -73,7 +72,7 @@ pub enum PathCond {
 pub struct Source {
     /// Conditions on the caller's SPIFFE ID, all of which must hold, each a list of
     /// alternatives: identities, service accounts, namespaces (those given).
-    pub ids: Vec<Vec<IdMatch>>,
+    pub ids: Vec<Vec<Pattern>>,
     pub authenticated: Option<bool>,
     pub never: bool,
 }
@@ -82,7 +81,7 @@ pub struct Source {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Operation {
     pub ports: Option<Vec<u16>>,
-    pub paths: Option<Vec<PathCond>>,
+    pub paths: Option<Vec<Pattern>>,
     pub methods: Option<Vec<String>>,
     pub never: bool,
 }
@@ -129,8 +128,8 @@ pub struct RateLimit {
 /// Every policy of a namespace, and its default.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NamespacePolicies {
-    pub authz: Vec<Arc<Authz>>,
-    pub rate_limits: Vec<Arc<RateLimit>>,
+    pub authz: Vec<Authz>,
+    pub rate_limits: Vec<RateLimit>,
 }
 
 /// The policy part of the model.
@@ -158,13 +157,11 @@ impl Policies {
             ns.into_iter()
                 .flat_map(|n| &n.authz)
                 .filter(|a| applies(&a.targets, via))
-                .map(|a| a.as_ref())
         };
         let limits: Vec<&RateLimit> = ns
             .into_iter()
             .flat_map(|n| &n.rate_limits)
             .filter(|l| applies(&l.targets, via))
-            .map(|l| l.as_ref())
             .collect();
         // One rate limit per port: the first (by name) that targets one of the Services, else
         // the first Namespace-wide one.
@@ -192,8 +189,11 @@ impl Policies {
     }
 }
 
-/// The Services (by name, and port name) through which a workload port is reached.
-pub type Via<'a> = [(&'a str, &'a str)];
+/// A Service, by name and port name, through which a workload port is reached.
+pub type ViaService<'a> = (&'a str, &'a str);
+
+/// The Services through which a workload port is reached.
+pub type Via<'a> = [ViaService<'a>];
 
 /// Whether a policy with these targets applies to a port reached through `via`.
 pub fn applies(targets: &[Target], via: &Via<'_>) -> bool {
@@ -258,17 +258,8 @@ impl Report<'_> {
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 fn is_dns_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(|l| is_dns_label(l, false))
 }
 
 fn targets(refs: &[PolicyTargetReference], namespace: &str, r: &mut Report<'_>) -> Vec<Target> {
@@ -305,7 +296,7 @@ fn alternatives<T>(
     at: &str,
     deny: bool,
     r: &mut Report<'_>,
-    read: impl Fn(&str) -> Result<Vec<T>, String>,
+    read: impl Fn(&str) -> Result<T, String>,
 ) -> (Option<Vec<T>>, bool) {
     if values.is_empty() {
         return (None, false);
@@ -314,7 +305,7 @@ fn alternatives<T>(
     let mut bad = false;
     for (i, v) in values.iter().enumerate() {
         match read(v) {
-            Ok(m) => out.extend(m),
+            Ok(m) => out.push(m),
             Err(why) => {
                 bad = true;
                 let effect = if deny {
@@ -342,9 +333,13 @@ fn source(
     r: &mut Report<'_>,
 ) -> Source {
     let never = r.unknown(at, &s.unknown, deny, "entry", "nobody");
-    let (identities, n1) = alternatives(&s.identities, &format!("{at}.identities"), deny, r, |v| {
-        id_pattern(v).map(|m| vec![m])
-    });
+    let (identities, n1) = alternatives(
+        &s.identities,
+        &format!("{at}.identities"),
+        deny,
+        r,
+        id_pattern,
+    );
     let (accounts, n2) = alternatives(
         &s.service_accounts,
         &format!("{at}.serviceAccounts"),
@@ -352,21 +347,21 @@ fn source(
         r,
         |v| {
             let (ns, sa) = v.split_once('/').unwrap_or((policy_ns, v));
-            if !is_dns_label(ns) || !is_dns_subdomain(sa) {
+            if !is_dns_label(ns, false) || !is_dns_subdomain(sa) {
                 return Err("not a service account (`namespace/name` or `name`)".into());
             }
-            Ok(vec![IdMatch::Exact(format!(
+            Ok(Pattern::Exact(format!(
                 "spiffe://{trust_domain}/ns/{ns}/sa/{sa}"
-            ))])
+            )))
         },
     );
     let (namespaces, n3) = alternatives(&s.namespaces, &format!("{at}.namespaces"), deny, r, |v| {
-        if !is_dns_label(v) {
+        if !is_dns_label(v, false) {
             return Err("not a namespace name".into());
         }
-        Ok(vec![IdMatch::Prefix(format!(
+        Ok(Pattern::Prefix(format!(
             "spiffe://{trust_domain}/ns/{v}/sa/"
-        ))])
+        )))
     });
     // Identities, service accounts and namespaces each narrow the caller: all must hold.
     Source {
@@ -379,25 +374,19 @@ fn source(
     }
 }
 
-fn id_pattern(v: &str) -> Result<IdMatch, String> {
+fn id_pattern(v: &str) -> Result<Pattern, String> {
     if v == "*" {
-        return Ok(IdMatch::Prefix(String::new()));
+        return Ok(Pattern::Prefix(String::new()));
     }
-    let (body, prefix) = match v.strip_suffix('*') {
-        Some(b) => (b, true),
-        None => (v, false),
-    };
-    if body.contains('*') {
-        return Err("`*` may only end a pattern".into());
-    }
+    let (body, prefix) = split_star(v, "pattern")?;
     if !body.starts_with("spiffe://") {
         return Err("not a SPIFFE ID (spiffe://...)".into());
     }
     if !prefix {
         mesh_api::SpiffeId::parse(body).map_err(|e| e.to_string())?;
-        return Ok(IdMatch::Exact(body.into()));
+        return Ok(Pattern::Exact(body.into()));
     }
-    Ok(IdMatch::Prefix(body.into()))
+    Ok(Pattern::Prefix(body.into()))
 }
 
 fn operation(o: &AuthorizationOperation, at: &str, deny: bool, r: &mut Report<'_>) -> Operation {
@@ -433,7 +422,7 @@ fn operation(o: &AuthorizationOperation, at: &str, deny: bool, r: &mut Report<'_
             return Err("not an HTTP method".into());
         }
         // Methods are case-sensitive and standard ones upper case: `get` means GET.
-        Ok(vec![v.to_ascii_uppercase()])
+        Ok(v.to_ascii_uppercase())
     });
     Operation {
         ports,
@@ -445,14 +434,8 @@ fn operation(o: &AuthorizationOperation, at: &str, deny: bool, r: &mut Report<'_
 
 /// A policy path: exact, or a prefix ending in `*`; as a request path would be after
 /// normalization, or a Deny would never see the requests it names.
-fn path_cond(v: &str) -> Result<Vec<PathCond>, String> {
-    let (body, prefix) = match v.strip_suffix('*') {
-        Some(b) => (b, true),
-        None => (v, false),
-    };
-    if body.contains('*') {
-        return Err("`*` may only end a path".into());
-    }
+fn path_cond(v: &str) -> Result<Pattern, String> {
+    let (body, prefix) = split_star(v, "path")?;
     if body.contains(';') {
         return Err("`;` parameters cannot be matched".into());
     }
@@ -467,11 +450,11 @@ fn path_cond(v: &str) -> Result<Vec<PathCond>, String> {
             "not in normal form (requests are matched as {normal:?})"
         ));
     }
-    Ok(vec![if prefix {
-        PathCond::Prefix(normal)
+    Ok(if prefix {
+        Pattern::Prefix(normal)
     } else {
-        PathCond::Exact(normal)
-    }])
+        Pattern::Exact(normal)
+    })
 }
 
 /// Checks and compiles an AuthorizationPolicy; what it cannot read goes to `errors`.
@@ -485,12 +468,6 @@ pub fn authz(
     let spec = &p.spec;
     let deny = spec.action == AuthorizationAction::Deny;
     let targets = targets(&spec.target_refs, &key.namespace, &mut r);
-    if targets.is_empty() {
-        r.push(
-            "spec.targetRefs".into(),
-            "no Service or Namespace to attach to: the policy has no effect".into(),
-        );
-    }
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
@@ -571,12 +548,6 @@ pub fn rate_limit(
         );
         return None;
     }
-    if targets.is_empty() {
-        r.push(
-            "spec.targetRefs".into(),
-            "no Service or Namespace to attach to: the policy has no effect".into(),
-        );
-    }
     Some(RateLimit {
         name: format!("{}/{}", key.namespace, key.name),
         targets,
@@ -585,7 +556,8 @@ pub fn rate_limit(
     })
 }
 
-/// Policies that target a Service that does not exist, or a port it does not have.
+/// Policies that target nothing: no reference readable, or a Service that does not exist, or
+/// a port it does not have.
 pub fn check_targets(
     key: &ObjKey,
     targets: &[Target],
@@ -593,6 +565,12 @@ pub fn check_targets(
     errors: &mut Vec<ResolveError>,
 ) {
     let mut r = Report { key, errors };
+    if targets.is_empty() {
+        r.push(
+            "spec.targetRefs".into(),
+            "no Service or Namespace to attach to: the policy has no effect".into(),
+        );
+    }
     for (i, t) in targets.iter().enumerate() {
         let Target::Service { name, port } = t else {
             continue;

@@ -28,11 +28,11 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractional_percent};
 use envoy_types::pb::google::protobuf::UInt32Value;
-use mesh_api::consts::xds::RATE_LIMIT_IDENTITY_KEY;
+use mesh_api::consts::xds::{RATE_LIMIT_IDENTITY_KEY, RATE_LIMIT_MAX_IDENTITIES};
 
 use super::translate::{any, network_filter, pb_duration};
 use crate::index::policy::{
-    Authz, AuthzDefault, Bucket, IdMatch, Operation, PathCond, Policies, RateLimit as Limit,
+    Authz, AuthzDefault, Bucket, Operation, Pattern, Policies, PortPolicies, RateLimit as Limit,
     Source, Via,
 };
 
@@ -40,104 +40,104 @@ use crate::index::policy::{
 /// no slash).
 pub const AUTHENTICATED_DEFAULT: &str = "default:authenticated";
 
-/// Most caller identities an Envoy local rate limit keeps a bucket for (as mesh-proxy does).
-const MAX_IDENTITIES: u32 = 10_000;
+/// What one inbound port enforces, as filters before the HCM's router or before `tcp_proxy`;
+/// each kind is built only for a chain that uses it.
+#[derive(Debug)]
+pub struct PortGuard<'a>(PortPolicies<'a>);
 
-/// One RBAC filter, as its HTTP and its network variant.
-type RbacFilter = (
-    rbac::Action,
-    HashMap<String, Policy>,
-    HashMap<String, Policy>,
-);
-
-/// What one inbound port enforces: filters before the HCM's router, or before `tcp_proxy`.
-#[derive(Debug, Default)]
-pub struct PortGuard {
-    pub http_filters: Vec<HttpFilter>,
-    pub network_filters: Vec<Filter>,
+/// The policies on a port of a workload in `namespace`, reached through the Services `via`.
+pub fn port_guard<'a>(policies: &'a Policies, namespace: &str, via: &Via<'_>) -> PortGuard<'a> {
+    PortGuard(policies.for_port(namespace, via))
 }
 
-/// The filters for a port of a workload in `namespace`, reached through the Services `via`.
-pub fn port_guard(policies: &Policies, namespace: &str, via: &Via<'_>) -> PortGuard {
-    let p = policies.for_port(namespace, via);
-    let (deny, allow) = (p.deny, p.allow);
-    let mut filters: Vec<RbacFilter> = Vec::new();
-    if !deny.is_empty() {
-        filters.push((
-            rbac::Action::Deny,
-            policies_of(&deny, true, false),
-            policies_of(&deny, true, true),
-        ));
-    }
-    if !allow.is_empty() {
-        filters.push((
-            rbac::Action::Allow,
-            policies_of(&allow, false, false),
-            policies_of(&allow, false, true),
-        ));
-    } else {
+impl PortGuard<'_> {
+    /// The RBAC filters in order, as actions and policies: DENY, then ALLOW or the default's.
+    fn rbac(&self, tcp: bool) -> Vec<(rbac::Action, HashMap<String, Policy>)> {
+        let p = &self.0;
+        let mut filters = Vec::new();
+        if !p.deny.is_empty() {
+            filters.push((rbac::Action::Deny, policies_of(&p.deny, true, tcp)));
+        }
+        if !p.allow.is_empty() {
+            filters.push((rbac::Action::Allow, policies_of(&p.allow, false, tcp)));
+            return filters;
+        }
         match p.default {
             AuthzDefault::Allow => {}
-            AuthzDefault::Deny => {
-                filters.push((rbac::Action::Allow, HashMap::new(), HashMap::new()))
-            }
-            AuthzDefault::Authenticated => {
-                let p = || {
-                    HashMap::from([(
-                        AUTHENTICATED_DEFAULT.to_string(),
-                        Policy {
-                            permissions: vec![perm(permission::Rule::Any(true))],
-                            principals: vec![authenticated(None)],
-                            ..Default::default()
-                        },
-                    )])
-                };
-                filters.push((rbac::Action::Allow, p(), p()));
-            }
+            AuthzDefault::Deny => filters.push((rbac::Action::Allow, HashMap::new())),
+            AuthzDefault::Authenticated => filters.push((
+                rbac::Action::Allow,
+                HashMap::from([(
+                    AUTHENTICATED_DEFAULT.to_string(),
+                    Policy {
+                        permissions: vec![perm(permission::Rule::Any(true))],
+                        principals: vec![authenticated(None)],
+                        ..Default::default()
+                    },
+                )]),
+            )),
         }
+        filters
     }
-    let mut out = PortGuard::default();
-    for (action, http, tcp) in filters {
-        let prefix = match action {
-            rbac::Action::Deny => "deny",
-            _ => "allow",
-        };
-        out.http_filters.push(HttpFilter {
-            name: "envoy.filters.http.rbac".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(&HttpRbac {
-                rules: Some(RbacRules {
-                    action: action as i32,
-                    policies: http,
+
+    /// For an HTTP chain: RBAC, then the local rate limit.
+    pub fn http_filters(&self) -> Vec<HttpFilter> {
+        let mut out: Vec<HttpFilter> = self
+            .rbac(false)
+            .into_iter()
+            .map(|(action, policies)| HttpFilter {
+                name: "envoy.filters.http.rbac".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(&HttpRbac {
+                    rules: Some(RbacRules {
+                        action: action as i32,
+                        policies,
+                        ..Default::default()
+                    }),
+                    rules_stat_prefix: stat_prefix(action),
                     ..Default::default()
-                }),
-                rules_stat_prefix: format!("{prefix}_"),
+                }))),
                 ..Default::default()
-            }))),
-            ..Default::default()
-        });
-        out.network_filters.push(network_filter(
-            "envoy.filters.network.rbac",
-            &NetRbac {
-                rules: Some(RbacRules {
-                    action: action as i32,
-                    policies: tcp,
-                    ..Default::default()
-                }),
-                stat_prefix: format!("{prefix}_"),
+            })
+            .collect();
+        if let Some(l) = self.0.rate_limit {
+            out.push(HttpFilter {
+                name: "envoy.filters.http.local_ratelimit".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(any(
+                    &local_rate_limit(l),
+                ))),
                 ..Default::default()
-            },
-        ));
+            });
+        }
+        out
     }
-    if let Some(l) = p.rate_limit {
-        out.http_filters.push(HttpFilter {
-            name: "envoy.filters.http.local_ratelimit".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(
-                &local_rate_limit(l),
-            ))),
-            ..Default::default()
-        });
+
+    /// For an opaque TCP chain: network RBAC.
+    pub fn network_filters(&self) -> Vec<Filter> {
+        self.rbac(true)
+            .into_iter()
+            .map(|(action, policies)| {
+                network_filter(
+                    "envoy.filters.network.rbac",
+                    &NetRbac {
+                        rules: Some(RbacRules {
+                            action: action as i32,
+                            policies,
+                            ..Default::default()
+                        }),
+                        stat_prefix: stat_prefix(action),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect()
     }
-    out
+}
+
+fn stat_prefix(action: rbac::Action) -> String {
+    match action {
+        rbac::Action::Deny => "deny_".into(),
+        _ => "allow_".into(),
+    }
 }
 
 /// The RBAC policies of `authz`, one per rule: `<ns>/<name>` when a policy has one rule,
@@ -291,11 +291,11 @@ fn plain(c: char) -> bool {
 /// percent-encoded (`:`, `@`, non-ASCII...) is matched in every form, as a regex, when it
 /// denies; an Allow keeps the written form only (narrower). A Deny of an exact path also denies
 /// it with a trailing slash, which many apps serve alike.
-fn path_matches(p: &PathCond, deny: bool) -> Vec<Permission> {
+fn path_matches(p: &Pattern, deny: bool) -> Vec<Permission> {
     use string_matcher::MatchPattern as M;
     let (v, prefix) = match p {
-        PathCond::Exact(v) => (v.as_str(), false),
-        PathCond::Prefix(v) => (v.as_str(), true),
+        Pattern::Exact(v) => (v.as_str(), false),
+        Pattern::Prefix(v) => (v.as_str(), true),
     };
     // Policy paths are checked to be normalized: no escape in them hides a `/`.
     let decoded = mesh_api::path::percent_decode(v);
@@ -336,12 +336,12 @@ fn path_matches(p: &PathCond, deny: bool) -> Vec<Permission> {
         }))];
     }
     match p {
-        PathCond::Prefix(v) => vec![url_path(M::Prefix(v.clone()))],
-        PathCond::Exact(v) if deny && !v.ends_with('/') => vec![
+        Pattern::Prefix(v) => vec![url_path(M::Prefix(v.clone()))],
+        Pattern::Exact(v) if deny && !v.ends_with('/') => vec![
             url_path(M::Exact(v.clone())),
             url_path(M::Exact(format!("{v}/"))),
         ],
-        PathCond::Exact(v) => vec![url_path(M::Exact(v.clone()))],
+        Pattern::Exact(v) => vec![url_path(M::Exact(v.clone()))],
     }
 }
 
@@ -362,9 +362,9 @@ fn source(s: &Source) -> Principal {
                     .iter()
                     .map(|m| match m {
                         // `*`: any identity.
-                        IdMatch::Prefix(p) if p.is_empty() => authenticated(None),
-                        IdMatch::Prefix(p) => authenticated(Some(string(M::Prefix(p.clone())))),
-                        IdMatch::Exact(id) => authenticated(Some(string(M::Exact(id.clone())))),
+                        Pattern::Prefix(p) if p.is_empty() => authenticated(None),
+                        Pattern::Prefix(p) => authenticated(Some(string(M::Prefix(p.clone())))),
+                        Pattern::Exact(id) => authenticated(Some(string(M::Exact(id.clone())))),
                     })
                     .collect(),
             }))
@@ -440,7 +440,7 @@ fn local_rate_limit(l: &Limit) -> LocalRateLimit {
             ..Default::default()
         }];
         out.max_dynamic_descriptors = Some(UInt32Value {
-            value: MAX_IDENTITIES,
+            value: RATE_LIMIT_MAX_IDENTITIES,
         });
     }
     out

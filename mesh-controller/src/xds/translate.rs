@@ -1191,8 +1191,8 @@ fn encoded_chains(
                 destination_port: u32v(u32::from(p.port)),
                 ..Default::default()
             },
-            vec![hcm_filter(&cluster, &route)],
-            vec![tcp_filter(&cluster, &cluster)],
+            || vec![hcm_filter(&cluster, &route)],
+            || vec![tcp_filter(&cluster, &cluster)],
         );
         for c in &chains {
             prost::encoding::message::encode(FILTER_CHAINS_TAG, c, &mut buf);
@@ -1207,8 +1207,8 @@ fn port_chains(
     name: &str,
     protocol: Protocol,
     matching: FilterChainMatch,
-    http: Vec<Filter>,
-    tcp: Vec<Filter>,
+    http: impl FnOnce() -> Vec<Filter>,
+    tcp: impl FnOnce() -> Vec<Filter>,
 ) -> Vec<FilterChain> {
     let chain = |kind: &str, app: Vec<String>, filters: Vec<Filter>| FilterChain {
         name: format!("{name}/{kind}"),
@@ -1220,11 +1220,11 @@ fn port_chains(
         ..Default::default()
     };
     match protocol {
-        Protocol::Tcp => vec![chain("tcp", vec![], tcp)],
-        Protocol::Http | Protocol::Http2 | Protocol::Grpc => vec![chain("http", vec![], http)],
+        Protocol::Tcp => vec![chain("tcp", vec![], tcp())],
+        Protocol::Http | Protocol::Http2 | Protocol::Grpc => vec![chain("http", vec![], http())],
         Protocol::Unknown => vec![
-            chain("http", vec!["http/1.1".into(), "h2c".into()], http),
-            chain("tcp", vec![], tcp),
+            chain("http", vec!["http/1.1".into(), "h2c".into()], http()),
+            chain("tcp", vec![], tcp()),
         ],
     }
 }
@@ -1339,9 +1339,6 @@ fn outbound_listener(settings: &ListenerSettings) -> Listener {
     }
 }
 
-/// A Service, by name and port name, through which a pod port is reached.
-type Via<'a> = (&'a str, &'a str);
-
 /// The transparent inbound listener: one chain per port a Service sends to this pod, handing
 /// the traffic to the app on localhost; anything else passes through.
 fn pod_resources(
@@ -1353,7 +1350,8 @@ fn pod_resources(
     let mut out = Resources::default();
     let mode = model.mtls_mode(namespace);
     // Per pod port: its protocol, and the Services (with port names) that reach it.
-    let mut targets: BTreeMap<u16, (Protocol, Vec<Via<'_>>)> = BTreeMap::new();
+    let mut targets: BTreeMap<u16, (Protocol, Vec<crate::index::policy::ViaService<'_>>)> =
+        BTreeMap::new();
     if let Some(pod) = pod {
         for svc in model.services_selecting(pod) {
             for p in &svc.ports {
@@ -1373,6 +1371,9 @@ fn pod_resources(
         }
     }
     let mut chains = Vec::new();
+    let tls = settings
+        .mtls
+        .then(|| mesh_tls_socket(settings.sds_dir.as_deref()));
     for (port, (protocol, via)) in targets {
         let guard = super::policy::port_guard(&model.policies, namespace, &via);
         let cluster = format!("inbound|{port}||");
@@ -1408,16 +1409,15 @@ fn pod_resources(
                 destination_port: u32v(u32::from(port)),
                 ..Default::default()
             },
-            vec![inbound_hcm_filter(&cluster, &route, guard.http_filters)],
-            guard
-                .network_filters
-                .into_iter()
-                .chain([tcp_filter(&cluster, &cluster)])
-                .collect(),
+            || vec![inbound_hcm_filter(&cluster, &route, guard.http_filters())],
+            || {
+                let mut filters = guard.network_filters();
+                filters.push(tcp_filter(&cluster, &cluster));
+                filters
+            },
         );
-        if settings.mtls {
-            let tls = mesh_tls_socket(settings.sds_dir.as_deref());
-            chains.extend(plain.iter().map(|c| mesh_tls_chain(c, &tls)));
+        if let Some(tls) = &tls {
+            chains.extend(plain.iter().map(|c| mesh_tls_chain(c, tls)));
             if mode == MtlsMode::Permissive {
                 chains.extend(plain.into_iter().map(raw_chain));
             }
