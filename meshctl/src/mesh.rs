@@ -111,7 +111,7 @@ impl LocalDir {
     }
 
     /// Every document of every manifest file, with where it is.
-    fn all(&self) -> anyhow::Result<Vec<(PathBuf, usize, Value)>> {
+    fn all(&self) -> anyhow::Result<Docs> {
         let mut paths = Vec::new();
         files(&self.dir, &mut paths)?;
         let mut out = Vec::new();
@@ -133,30 +133,75 @@ pub struct PolicyDoc {
     pub value: Value,
 }
 
+/// What a local directory declares, read once.
+#[derive(Clone, Debug)]
+pub struct Manifests {
+    pub services: Vec<ServiceRef>,
+    pub routes: Vec<RouteDoc>,
+    pub policies: Vec<PolicyDoc>,
+}
+
 impl LocalDir {
-    /// The AuthorizationPolicies and RateLimitPolicies of the directory.
-    pub fn policies(&self) -> anyhow::Result<Vec<PolicyDoc>> {
-        Ok(self
-            .all()?
-            .into_iter()
-            .filter(|(_, _, v)| {
-                str_at(v, &["apiVersion"]).is_some_and(|a| a.starts_with("mesh.dev/"))
-                    && matches!(
-                        str_at(v, &["kind"]),
-                        Some("AuthorizationPolicy" | "RateLimitPolicy")
-                    )
-            })
-            .map(|(_, _, v)| {
-                let (namespace, name) = meta(&v);
-                PolicyDoc {
-                    kind: str_at(&v, &["kind"]).unwrap_or_default().to_string(),
-                    namespace,
-                    name,
-                    value: v,
-                }
-            })
-            .collect())
+    /// The Services, HTTPRoutes and policies of the directory, from one read of its files.
+    pub fn manifests(&self) -> anyhow::Result<Manifests> {
+        let all = self.all()?;
+        Ok(Manifests {
+            services: services_in(&all),
+            policies: policies_in(&all),
+            routes: routes_in(all),
+        })
     }
+}
+
+/// The documents of a directory, with where each is.
+type Docs = Vec<(PathBuf, usize, Value)>;
+
+fn services_in(all: &Docs) -> Vec<ServiceRef> {
+    all.iter()
+        .filter(|(_, _, v)| str_at(v, &["kind"]) == Some("Service"))
+        .map(|(_, _, v)| service_ref(v))
+        .collect()
+}
+
+fn routes_in(all: Docs) -> Vec<RouteDoc> {
+    let mut out = Vec::new();
+    for (path, i, v) in all {
+        let gateway = str_at(&v, &["apiVersion"])
+            .is_some_and(|a| a.starts_with("gateway.networking.k8s.io/"));
+        if !gateway || str_at(&v, &["kind"]) != Some("HTTPRoute") {
+            continue;
+        }
+        let (namespace, name) = meta(&v);
+        out.push(RouteDoc {
+            namespace,
+            name,
+            value: v,
+            origin: Some((path, i)),
+        });
+    }
+    out
+}
+
+/// The AuthorizationPolicies and RateLimitPolicies.
+fn policies_in(all: &Docs) -> Vec<PolicyDoc> {
+    all.iter()
+        .filter(|(_, _, v)| {
+            str_at(v, &["apiVersion"]).is_some_and(|a| a.starts_with("mesh.dev/"))
+                && matches!(
+                    str_at(v, &["kind"]),
+                    Some("AuthorizationPolicy" | "RateLimitPolicy")
+                )
+        })
+        .map(|(_, _, v)| {
+            let (namespace, name) = meta(v);
+            PolicyDoc {
+                kind: str_at(v, &["kind"]).unwrap_or_default().to_string(),
+                namespace,
+                name,
+                value: v.clone(),
+            }
+        })
+        .collect()
 }
 
 /// A Service manifest as meshctl needs it.
@@ -185,31 +230,11 @@ fn service_ref(v: &Value) -> ServiceRef {
 
 impl Mesh for LocalDir {
     fn services(&self) -> anyhow::Result<Vec<ServiceRef>> {
-        Ok(self
-            .all()?
-            .iter()
-            .filter(|(_, _, v)| str_at(v, &["kind"]) == Some("Service"))
-            .map(|(_, _, v)| service_ref(v))
-            .collect())
+        Ok(services_in(&self.all()?))
     }
 
     fn routes(&self) -> anyhow::Result<Vec<RouteDoc>> {
-        let mut out = Vec::new();
-        for (path, i, v) in self.all()? {
-            let gateway = str_at(&v, &["apiVersion"])
-                .is_some_and(|a| a.starts_with("gateway.networking.k8s.io/"));
-            if !gateway || str_at(&v, &["kind"]) != Some("HTTPRoute") {
-                continue;
-            }
-            let (namespace, name) = meta(&v);
-            out.push(RouteDoc {
-                namespace,
-                name,
-                value: v,
-                origin: Some((path, i)),
-            });
-        }
-        Ok(out)
+        Ok(routes_in(self.all()?))
     }
 
     fn save_route(&self, route: &RouteDoc) -> anyhow::Result<String> {

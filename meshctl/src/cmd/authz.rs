@@ -3,27 +3,15 @@
 
 use std::io::Write;
 
-use anyhow::Context;
 use serde_json::Value;
 
-use super::stat::Output;
+use super::stat::{Output, fetch_service};
 
 pub type AuthzArgs = super::stat::ServiceArgs;
 
 pub async fn authz(a: &AuthzArgs, local: bool, out: &mut dyn Write) -> anyhow::Result<()> {
     let ctl = a.controller.endpoint(local).await?;
-    let v = ctl
-        .json(&format!(
-            "/debug/authz?service={}/{}",
-            a.namespace, a.service
-        ))
-        .await
-        .with_context(|| {
-            format!(
-                "reading the policies of Service {}/{} from the controller at {ctl}",
-                a.namespace, a.service
-            )
-        })?;
+    let v = fetch_service(&ctl, "/debug/authz", "policies", &a.namespace, &a.service).await?;
     match a.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
         Output::Table => write_authz(&v, out)?,
@@ -40,6 +28,15 @@ fn strs(v: &Value) -> Vec<String> {
             other => other.to_string(),
         })
         .collect()
+}
+
+/// `parts` joined with `sep`, or `empty` when there are none.
+fn join_or(parts: &[String], empty: &str, sep: &str) -> String {
+    if parts.is_empty() {
+        empty.into()
+    } else {
+        parts.join(sep)
+    }
 }
 
 fn alternatives(items: Vec<String>) -> String {
@@ -76,11 +73,7 @@ fn source(s: &Value) -> String {
         Some(false) => parts.push("callers without a mesh identity".into()),
         None => {}
     }
-    if parts.is_empty() {
-        "anyone".into()
-    } else {
-        parts.join(" and ")
-    }
+    join_or(&parts, "anyone", " and ")
 }
 
 fn operation(o: &Value, deny: bool) -> String {
@@ -101,15 +94,11 @@ fn operation(o: &Value, deny: bool) -> String {
         }
         parts.push(p);
     }
-    if parts.is_empty() {
-        "anything".into()
-    } else {
-        parts.join(" and ")
-    }
+    join_or(&parts, "anything", " and ")
 }
 
-fn write_policies(label: &str, list: &Value, out: &mut dyn Write) -> anyhow::Result<()> {
-    let deny = label == "DENY";
+fn write_policies(deny: bool, list: &Value, out: &mut dyn Write) -> anyhow::Result<()> {
+    let label = if deny { "DENY" } else { "ALLOW" };
     for p in list.as_array().into_iter().flatten() {
         writeln!(out, "  {label:<5} {}", p["name"].as_str().unwrap_or("?"))?;
         let rules = p["rules"].as_array().map_or(&[][..], |r| r.as_slice());
@@ -129,16 +118,8 @@ fn write_policies(label: &str, list: &Value, out: &mut dyn Write) -> anyhow::Res
                 .flatten()
                 .map(|o| operation(o, deny))
                 .collect();
-            let from = if from.is_empty() {
-                "anyone".into()
-            } else {
-                from.join("; or ")
-            };
-            let to = if to.is_empty() {
-                "anything".into()
-            } else {
-                to.join("; or ")
-            };
+            let from = join_or(&from, "anyone", "; or ");
+            let to = join_or(&to, "anything", "; or ");
             writeln!(out, "          rule {}: from {from}; asking {to}", i + 1)?;
         }
     }
@@ -160,8 +141,8 @@ pub fn write_authz(v: &Value, out: &mut dyn Write) -> anyhow::Result<()> {
             p["port"],
             p["protocol"].as_str().unwrap_or("?")
         )?;
-        write_policies("DENY", &p["deny"], out)?;
-        write_policies("ALLOW", &p["allow"], out)?;
+        write_policies(true, &p["deny"], out)?;
+        write_policies(false, &p["allow"], out)?;
         let default = p["default"].as_str().unwrap_or("allow");
         let has_deny = p["deny"].as_array().is_some_and(|a| !a.is_empty());
         let has_allow = p["allow"].as_array().is_some_and(|a| !a.is_empty());

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::status::{Output, get_json};
-use crate::mesh::{LocalDir, Mesh};
+use crate::mesh::{LocalDir, Manifests};
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
@@ -162,9 +162,13 @@ fn config(local: &LocalDir, c: &mut Checks) {
     // Manifests are YAML.
     use serde_yaml::Value;
     const CAT: &str = "config";
-    let (services, routes) = match (local.services(), local.routes()) {
-        (Ok(s), Ok(r)) => (s, r),
-        (Err(e), _) | (_, Err(e)) => {
+    let Manifests {
+        services,
+        routes,
+        policies,
+    } = match local.manifests() {
+        Ok(m) => m,
+        Err(e) => {
             c.fail(
                 CAT,
                 format!("manifests do not load: {e:#}"),
@@ -304,14 +308,7 @@ fn config(local: &LocalDir, c: &mut Checks) {
     if problems == 0 {
         c.ok(CAT, "every route's backends resolve, weights are valid, no two routes claim the same parent and match");
     }
-    match local.policies() {
-        Ok(p) => policy_targets(&p, &services, c),
-        Err(e) => c.fail(
-            CAT,
-            format!("policies do not load: {e:#}"),
-            "fix the file named above",
-        ),
-    }
+    policy_targets(&policies, &services, c);
 }
 
 /// Every policy attaches to something that exists: a Service (and its port, by name) or its

@@ -97,11 +97,23 @@ fn backend_name(row: &Value, namespace: &str) -> String {
 
 /// The controller's stat of one Service.
 pub async fn fetch_stat(ctl: &Endpoint, namespace: &str, service: &str) -> anyhow::Result<Value> {
-    ctl.json(&format!("/debug/stat?service={namespace}/{service}"))
+    fetch_service(ctl, "/debug/stat", "stats", namespace, service).await
+}
+
+/// What the controller's per-Service endpoint `path` answers for one Service; `what` names it
+/// in the error.
+pub async fn fetch_service(
+    ctl: &Endpoint,
+    path: &str,
+    what: &str,
+    namespace: &str,
+    service: &str,
+) -> anyhow::Result<Value> {
+    ctl.json(&format!("{path}?service={namespace}/{service}"))
         .await
         .with_context(|| {
             format!(
-                "reading the stats of Service {namespace}/{service} from the controller at {ctl}"
+                "reading the {what} of Service {namespace}/{service} from the controller at {ctl}"
             )
         })
 }
