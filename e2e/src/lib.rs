@@ -340,6 +340,25 @@ where
     }
 }
 
+/// Writes `request` as raw bytes (so nothing normalizes it on the way), reads until the
+/// connection closes, and returns the response's status code, or 0 when it closed without one.
+pub async fn raw_exchange<S>(mut s: S, request: &str) -> anyhow::Result<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .context("no answer in 5 s")??;
+    Ok(String::from_utf8_lossy(&buf)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
+}
+
 /// Fetches a path from an HTTP server with a fresh connection; `None` on any failure.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let stream = TcpStream::connect(addr).await.ok()?;

@@ -104,12 +104,6 @@ pub async fn wait_config(
     .await
 }
 
-/// The weights the routes of RouteConfiguration `route` give their backends, by cluster name,
-/// in virtual hosts whose name starts with `vhost`.
-pub fn weights(s: &Snapshot, route: &str, vhost: &str) -> Vec<(String, u32)> {
-    s.backend_weights(route, vhost)
-}
-
 /// A client pod and a server pod, each with a transparent proxy, run without iptables: the
 /// client proxy treats every outbound connection as sent to the Service's VIP:80, the server
 /// proxy every inbound one as sent to the app's port, and the EndpointSlice lists the server
@@ -181,7 +175,6 @@ impl LocalMesh {
                 ),
             )?;
         }
-        let vip: std::net::SocketAddr = format!("{PAIR_VIP}:80").parse()?;
         let app: std::net::SocketAddr = format!("127.0.0.1:{app_port}").parse()?;
         let mut sc = self.proxy_config("default/echo-0");
         sc.transparent = true;
@@ -227,20 +220,48 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: 
                 inbound.port()
             ),
         )?;
-        let mut cc = self.proxy_config("default/client-0");
-        cc.transparent = true;
-        cc.outbound_orig_dst = Some(vip);
-        if let Some(ca) = o.ca {
-            ca.identify(&mut cc, "client")?;
-        }
-        cc.workload = Some("client".into());
-        if let Some(tweak) = o.tweak {
-            tweak(&mut cc);
-        }
-        let client = self.proxy(cc).await?;
+        let client = self
+            .pair_client("client", Some("client"), o.ca, o.tweak)
+            .await?;
         let outbound = client
             .outbound_addr
             .context("client proxy has an outbound listener")?;
+        wait_config(&server, "the server proxy to know its inbound port", |s| {
+            s.listeners
+                .get(mesh_api::consts::xds::INBOUND_LISTENER)
+                .is_some_and(|l| l.chains.iter().any(|c| c.port == Some(app_port)))
+        })
+        .await?;
+        Ok(SidecarPair {
+            client,
+            server,
+            outbound,
+        })
+    }
+}
+
+impl LocalMesh {
+    /// A client pod `<sa>-0` of the pair's echo Service with a transparent proxy that sends
+    /// every outbound connection to the VIP:80, running as service account `sa` (with an
+    /// identity from `ca`, if any): ready once it knows echo's VIP and endpoint.
+    pub async fn pair_client(
+        &self,
+        sa: &str,
+        workload: Option<&str>,
+        ca: Option<&crate::identity::TestCa>,
+        tweak: Option<&dyn Fn(&mut mesh_proxy::Config)>,
+    ) -> anyhow::Result<Proxy> {
+        let mut cc = self.proxy_config(&format!("default/{sa}-0"));
+        cc.transparent = true;
+        cc.outbound_orig_dst = Some(format!("{PAIR_VIP}:80").parse()?);
+        if let Some(ca) = ca {
+            ca.identify(&mut cc, sa)?;
+        }
+        cc.workload = workload.map(Into::into);
+        if let Some(tweak) = tweak {
+            tweak(&mut cc);
+        }
+        let client = self.proxy(cc).await?;
         wait_config(
             &client,
             "the client proxy to know echo's VIP and endpoint",
@@ -254,17 +275,7 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: 
             },
         )
         .await?;
-        wait_config(&server, "the server proxy to know its inbound port", |s| {
-            s.listeners
-                .get(mesh_api::consts::xds::INBOUND_LISTENER)
-                .is_some_and(|l| l.chains.iter().any(|c| c.port == Some(app_port)))
-        })
-        .await?;
-        Ok(SidecarPair {
-            client,
-            server,
-            outbound,
-        })
+        Ok(client)
     }
 }
 

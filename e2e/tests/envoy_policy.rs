@@ -2,6 +2,7 @@
 //! requests alike: callers with different SPIFFE IDs (and none) ask for paths and methods that
 //! DENY and ALLOW policies name.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -11,10 +12,9 @@ use mesh_controller::run::Controller;
 use mesh_e2e::identity::{TestCa, svid_params, tls_connect};
 use mesh_e2e::mesh::wait_config;
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{eventually, figure, free_port, peer, start_envoy};
+use mesh_e2e::{eventually, figure, free_port, peer, raw_exchange, start_envoy};
 use mesh_proxy::state::NetworkFilter;
 use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const TELLER: &str = "spiffe://cluster.local/ns/bank/sa/teller";
@@ -79,12 +79,28 @@ spec:
     )
 }
 
-/// A client certificate for each caller (`None`: plaintext).
-struct Callers {
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+/// A client certificate for each caller (`None`: plaintext), signed on first use.
+struct Callers<'a> {
+    issuer: &'a rcgen::Issuer<'static, rcgen::KeyPair>,
+    certs: std::sync::Mutex<HashMap<String, Svid>>,
 }
 
-impl Callers {
+type Svid = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+impl Callers<'_> {
+    fn svid(&self, id: &str) -> anyhow::Result<Svid> {
+        let mut certs = self.certs.lock().unwrap_or_else(|e| e.into_inner());
+        if !certs.contains_key(id) {
+            let signed = mesh_e2e::identity::sign(&svid_params(id), self.issuer)?;
+            certs.insert(id.to_string(), signed);
+        }
+        let (chain, key) = &certs[id];
+        Ok((chain.clone(), key.clone_key()))
+    }
+
     /// Sends one request to `addr` as `id` and returns the status, or 0 when the proxy
     /// refused the connection (a peer from another trust domain, at the handshake).
     async fn ask(
@@ -99,36 +115,26 @@ impl Callers {
         );
         let answer = match id {
             Some(id) => {
-                let (chain, key) = mesh_e2e::identity::sign(&svid_params(id), &self.issuer)?;
+                let (chain, key) = self.svid(id)?;
                 match tls_connect(addr, chain, key).await {
-                    Ok(tls) => exchange(tls, &req).await,
+                    Ok(tls) => raw_exchange(tls, &req).await,
                     Err(e) => Err(e),
                 }
             }
-            None => exchange(tokio::net::TcpStream::connect(addr).await?, &req).await,
+            None => raw_exchange(tokio::net::TcpStream::connect(addr).await?, &req).await,
         };
         Ok(answer.unwrap_or(0))
     }
 }
 
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, req: &str) -> anyhow::Result<u16> {
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .context("no answer in 5 s")??;
-    Ok(String::from_utf8_lossy(&buf)
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0))
-}
-
 /// Envoy's SVID and trust bundle as an agent would write them: SDS DiscoveryResponses.
-fn write_sds(dir: &std::path::Path, ca: &TestCa) -> anyhow::Result<()> {
+fn write_sds(
+    dir: &std::path::Path,
+    ca: &TestCa,
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+) -> anyhow::Result<()> {
     let key = rcgen::KeyPair::generate()?;
-    let cert =
-        svid_params("spiffe://cluster.local/ns/default/sa/echo").signed_by(&key, &ca.issuer()?)?;
+    let cert = svid_params("spiffe://cluster.local/ns/default/sa/echo").signed_by(&key, issuer)?;
     std::fs::write(dir.join("svid.pem"), cert.pem())?;
     std::fs::write(dir.join("svid.key"), key.serialize_pem())?;
     let d = dir.display();
@@ -166,7 +172,8 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
     // connection's local address is the original destination iptables would restore.
     let sds = dir.path().join("sds");
     std::fs::create_dir(&sds)?;
-    write_sds(&sds, &ca)?;
+    let issuer = ca.issuer()?;
+    write_sds(&sds, &ca, &issuer)?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let mut bootstrap = envoy(&EnvoyArgs {
         node: "default/echo-0".into(),
@@ -207,7 +214,8 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
     let proxy_in = proxy.inbound_addr.context("inbound listener")?;
 
     let callers = Callers {
-        issuer: ca.issuer()?,
+        issuer: &issuer,
+        certs: Default::default(),
     };
     // Envoy is ready once the policies are in: a caller only the ALLOW policy lets in.
     if let Err(e) = eventually(

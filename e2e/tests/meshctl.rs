@@ -1,7 +1,7 @@
 //! meshctl against a running local mesh: `route split` and `promote` edit what the controller
 //! watches and live traffic follows; `proxy-status` and `proxy-config` read what is running.
 
-use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
+use mesh_e2e::mesh::{LocalMesh, wait_config};
 use mesh_e2e::{Backend, ProxyClient, reviews_route, spread};
 use meshctl::cmd::route::{self, PromoteArgs, Route, SplitArgs, Target};
 use meshctl::mesh::LocalDir;
@@ -52,7 +52,7 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
     )?;
     assert!(out.contains("written to"), "{out}");
     wait_config(&proxy, "the 50/50 split", |s| {
-        let w = weights(s, "outbound_http", "reviews.default.");
+        let w = s.backend_weights("outbound_http", "reviews.default.");
         w.iter().any(|(c, w)| c.contains("reviews-v1") && *w == 50)
             && s.clusters
                 .values()
@@ -72,7 +72,7 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
         }),
     )?;
     wait_config(&proxy, "everything on v2", |s| {
-        !weights(s, "outbound_http", "reviews.default.")
+        !s.backend_weights("outbound_http", "reviews.default.")
             .iter()
             .any(|(c, w)| c.contains("reviews-v1") && *w > 0)
     })

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use mesh_e2e::identity::TestCa;
-use mesh_e2e::mesh::{Load, LocalMesh, PAIR_VIP, SidecarPair, secure_pair, wait_config};
+use mesh_e2e::mesh::{Load, LocalMesh, SidecarPair, secure_pair, wait_config};
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{ProxyClient, figure};
+use mesh_e2e::{ProxyClient, figure, raw_exchange};
 use mesh_proxy::state::Snapshot;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -34,7 +34,7 @@ async fn wait_guard(
 }
 
 fn counter(p: &mesh_proxy::Proxy, series: &str) -> u64 {
-    mesh_api::prom::count(&p.metrics.encode(), series)
+    mesh_e2e::identity::counter(&p.metrics.encode(), series)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,17 +44,7 @@ async fn a_caller_the_policy_names_gets_200_and_any_other_403() -> anyhow::Resul
     let mesh = LocalMesh::start().await?;
     let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
     // A second client, running as another service account.
-    let mut ic = mesh.proxy_config("default/intruder-0");
-    ic.transparent = true;
-    ic.outbound_orig_dst = Some(format!("{PAIR_VIP}:80").parse()?);
-    ca.identify(&mut ic, "intruder")?;
-    let intruder = mesh.proxy(ic).await?;
-    wait_config(&intruder, "the intruder to know echo", |s| {
-        s.clusters
-            .values()
-            .any(|c| c.name.contains("echo.default") && !c.endpoints.is_empty())
-    })
-    .await?;
+    let intruder = mesh.pair_client("intruder", None, Some(&ca), None).await?;
     let mut client = ProxyClient::new(pair.outbound);
     let mut other = ProxyClient::new(intruder.outbound_addr.context("outbound")?);
     // No policy yet: both get in.
@@ -267,21 +257,11 @@ fn corpus() -> Vec<String> {
 /// Sends `GET <target>` as raw bytes (so nothing normalizes it on the way) and returns the
 /// status code, or 0 when the connection closed without an answer.
 async fn raw_get(proxy: std::net::SocketAddr, target: &str) -> anyhow::Result<u16> {
-    let mut s = tokio::net::TcpStream::connect(proxy).await?;
-    s.write_all(
-        format!("GET {target} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n").as_bytes(),
+    raw_exchange(
+        tokio::net::TcpStream::connect(proxy).await?,
+        &format!("GET {target} HTTP/1.1\r\nHost: echo\r\nConnection: close\r\n\r\n"),
     )
-    .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
-        .await
-        .context("no answer in 5 s")??;
-    let head = String::from_utf8_lossy(&buf);
-    Ok(head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0))
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use mesh_controller::testing::service_yaml;
-use mesh_e2e::mesh::{KillableController, Load, LocalMesh, failures, wait_config, weights};
+use mesh_e2e::mesh::{KillableController, Load, LocalMesh, failures, wait_config};
 use mesh_e2e::servers::EchoServer;
 use mesh_e2e::{ProxyClient, eventually, reviews_manifests, reviews_route};
 use mesh_proxy::Proxy;
@@ -56,7 +56,8 @@ fn metric(proxy: &Proxy, prefix: &str) -> f64 {
 async fn flaky_proxy(mesh: &LocalMesh) -> anyhow::Result<Proxy> {
     let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
     wait_config(&proxy, "flaky's route and endpoints", |s| {
-        !weights(s, "outbound_http", "flaky.default.").is_empty()
+        !s.backend_weights("outbound_http", "flaky.default.")
+            .is_empty()
             && s.clusters
                 .values()
                 .any(|c| c.name.contains("flaky.default") && c.endpoints.len() == 3)
@@ -217,7 +218,8 @@ async fn a_dead_endpoint_is_ejected_and_readmitted_when_it_recovers() -> anyhow:
 
 fn v2_only(s: &mesh_proxy::state::Snapshot) -> bool {
     // Backends at weight 0 stay listed (kept warm): only the weighted ones count.
-    let w: Vec<_> = weights(s, "outbound_http", "reviews.default.")
+    let w: Vec<_> = s
+        .backend_weights("outbound_http", "reviews.default.")
         .into_iter()
         .filter(|(_, w)| *w > 0)
         .collect();
@@ -295,7 +297,8 @@ async fn fifty_route_changes_under_load_lose_nothing() -> anyhow::Result<()> {
     // The proxy may be ready before the controller has read the manifests: load starts once
     // it routes reviews.
     wait_config(&proxy, "the reviews route", |s| {
-        !weights(s, "outbound_http", "reviews.default.").is_empty()
+        !s.backend_weights("outbound_http", "reviews.default.")
+            .is_empty()
     })
     .await?;
     let generation = proxy.store.load().map_or(0, |s| s.generation);

@@ -1,7 +1,7 @@
 //! mesh-proxy routes as the controller's xDS says: weighted splits, header matches, and edits
 //! applied while traffic flows.
 
-use mesh_e2e::mesh::{LocalMesh, wait_config, weights};
+use mesh_e2e::mesh::{LocalMesh, wait_config};
 use mesh_e2e::{Backend, ProxyClient, reviews_route, spread};
 
 async fn reviews_mesh(v1: &Backend, v2: &Backend) -> anyhow::Result<LocalMesh> {
@@ -20,7 +20,7 @@ async fn weighted_split_and_header_match_through_the_explicit_listener() -> anyh
     let mut client = ProxyClient::new(addr);
     // Ready means a complete config, which may predate the route: wait for the split.
     wait_config(&proxy, "the 90/10 split", |s| {
-        let w = weights(s, "outbound_http", "reviews.default.");
+        let w = s.backend_weights("outbound_http", "reviews.default.");
         w.iter().any(|(c, w)| c.contains("reviews-v1") && *w == 90)
             && s.clusters
                 .values()
@@ -53,7 +53,7 @@ async fn weighted_split_and_header_match_through_the_explicit_listener() -> anyh
     // Blue-green: all weight to v2, applied while the client keeps its connection.
     mesh.write("route.yaml", &reviews_route(0, 100))?;
     wait_config(&proxy, "all weight on v2", |s| {
-        !weights(s, "outbound_http", "reviews.default.")
+        !s.backend_weights("outbound_http", "reviews.default.")
             .iter()
             .any(|(c, w)| c.contains("reviews-v1") && *w > 0)
     })
@@ -72,7 +72,7 @@ async fn state_of_the_world_xds_works_too() -> anyhow::Result<()> {
     cfg.xds_api = mesh_proxy::config::XdsApi::Sotw;
     let proxy = mesh.proxy(cfg).await?;
     wait_config(&proxy, "the 90/10 split", |s| {
-        weights(s, "outbound_http", "reviews.default.")
+        s.backend_weights("outbound_http", "reviews.default.")
             .iter()
             .any(|(c, w)| c.contains("reviews-v1") && *w == 90)
     })
@@ -83,7 +83,7 @@ async fn state_of_the_world_xds_works_too() -> anyhow::Result<()> {
     assert!(got.keys().all(|k| k.starts_with("reviews-v")), "{got:?}");
     mesh.write("route.yaml", &reviews_route(0, 100))?;
     wait_config(&proxy, "all weight on v2", |s| {
-        let w = weights(s, "outbound_http", "reviews.default.");
+        let w = s.backend_weights("outbound_http", "reviews.default.");
         !w.is_empty() && !w.iter().any(|(c, w)| c.contains("reviews-v1") && *w > 0)
     })
     .await?;
