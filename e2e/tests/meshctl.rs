@@ -259,13 +259,15 @@ async fn check_passes_a_healthy_mesh_and_hints_at_each_failure() -> anyhow::Resu
     // A policy that targets nothing is flagged, by meshctl and by the controller.
     mesh.write(
         "stray.yaml",
-        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: stray, namespace: default}\nspec:\n  targetRefs: [{group: '', kind: Service, name: ratings}, {group: '', kind: Service, name: reviews, sectionName: grpc}]\n  rules: [{}]\n",
+        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: stray, namespace: default}\nspec:\n  targetRefs: [{group: '', kind: Service, name: ratings}, {group: '', kind: Service, name: reviews, sectionName: grpc}, {group: apps, kind: Service, name: reviews}]\n  rules: [{}]\n",
     )?;
     let checks = run_checks(&healthy, Some(&local)).await;
     let f = fails(&checks, "policy");
     for want in [
         "AuthorizationPolicy default/stray targetRefs[0]: Service default/ratings does not exist: it targets nothing",
         "AuthorizationPolicy default/stray targetRefs[1]: Service default/reviews has no port named \"grpc\": it targets nothing",
+        // The controller ignores a reference of another group; so does meshctl.
+        "AuthorizationPolicy default/stray targetRefs[2]: \"apps\"/\"Service\" is not a Service or Namespace: it targets nothing",
     ] {
         assert!(f.iter().any(|m| m.contains(want)), "{want:?} not in {f:?}");
     }

@@ -262,26 +262,37 @@ fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(|l| is_dns_label(l, false))
 }
 
+/// What a target reference of a policy in `namespace` attaches to; `Err` is why it attaches
+/// to nothing: the field of the reference at fault (`name`, `kind`) and the reason.
+pub fn target(
+    t: &PolicyTargetReference,
+    namespace: &str,
+) -> Result<Target, (&'static str, String)> {
+    match (t.group.as_str(), t.kind.as_str()) {
+        ("" | "core", "Service") => Ok(Target::Service {
+            name: t.name.clone(),
+            port: t.section_name.clone(),
+        }),
+        ("" | "core", "Namespace") if t.name == namespace => Ok(Target::Namespace),
+        ("" | "core", "Namespace") => Err((
+            "name",
+            format!(
+                "{:?}: a policy can only target its own namespace ({namespace:?})",
+                t.name
+            ),
+        )),
+        (g, k) => Err(("kind", format!("{g:?}/{k:?} is not a Service or Namespace"))),
+    }
+}
+
 fn targets(refs: &[PolicyTargetReference], namespace: &str, r: &mut Report<'_>) -> Vec<Target> {
     let mut out = Vec::new();
     for (i, t) in refs.iter().enumerate() {
-        let at = format!("spec.targetRefs[{i}]");
-        match (t.group.as_str(), t.kind.as_str()) {
-            ("" | "core", "Service") => out.push(Target::Service {
-                name: t.name.clone(),
-                port: t.section_name.clone(),
-            }),
-            ("" | "core", "Namespace") if t.name == namespace => out.push(Target::Namespace),
-            ("" | "core", "Namespace") => r.push(
-                format!("{at}.name"),
-                format!(
-                    "{:?}: a policy can only target its own namespace ({namespace:?}); this reference is ignored",
-                    t.name
-                ),
-            ),
-            (g, k) => r.push(
-                format!("{at}.kind"),
-                format!("{g:?}/{k:?} is not a Service or Namespace; this reference is ignored"),
+        match target(t, namespace) {
+            Ok(t) => out.push(t),
+            Err((field, why)) => r.push(
+                format!("spec.targetRefs[{i}].{field}"),
+                format!("{why}; this reference is ignored"),
             ),
         }
     }

@@ -318,49 +318,43 @@ fn policy_targets(
     services: &[crate::mesh::ServiceRef],
     c: &mut Checks,
 ) {
-    use serde_yaml::Value;
+    use mesh_api::crds::PolicyTargetReference;
+    use mesh_controller::index::policy::{Target, target};
     const CAT: &str = "policy";
     let mut problems = 0;
     for p in policies {
         let who = format!("{} {}/{}", p.kind, p.namespace, p.name);
-        let refs = p
-            .value
-            .get("spec")
-            .and_then(|s| s.get("targetRefs"))
-            .and_then(Value::as_sequence)
-            .cloned()
-            .unwrap_or_default();
+        let refs = p.value.get("spec").and_then(|s| s.get("targetRefs"));
+        let refs: Vec<PolicyTargetReference> =
+            match refs.map(|r| serde_yaml::from_value(r.clone())).transpose() {
+                Ok(r) => r.unwrap_or_default(),
+                Err(e) => {
+                    problems += 1;
+                    c.fail(
+                        CAT,
+                        format!("{who} spec.targetRefs: {e}"),
+                        "give each reference a kind (Service or Namespace) and a name",
+                    );
+                    continue;
+                }
+            };
         let mut attached = 0;
         for (i, t) in refs.iter().enumerate() {
-            let field = |k: &str| {
-                t.get(k)
-                    .and_then(Value::as_str)
-                    .unwrap_or_default()
-                    .to_string()
-            };
-            let (kind, name, section) = (
-                field("kind"),
-                field("name"),
-                t.get("sectionName").and_then(Value::as_str),
-            );
-            let problem = match kind.as_str() {
-                "Service" => match services
+            // Read as the controller reads it, then checked against the directory's Services.
+            let problem = match target(t, &p.namespace) {
+                Err((_, why)) => Some(why),
+                Ok(Target::Namespace) => None,
+                Ok(Target::Service { name, port }) => match services
                     .iter()
                     .find(|s| s.namespace == p.namespace && s.name == name)
                 {
                     None => Some(format!("Service {}/{name} does not exist", p.namespace)),
-                    Some(s) => section
+                    Some(s) => port
                         .filter(|sec| !s.ports.iter().any(|(_, n)| n == sec))
                         .map(|sec| {
                             format!("Service {}/{name} has no port named {sec:?}", p.namespace)
                         }),
                 },
-                "Namespace" if name == p.namespace => None,
-                "Namespace" => Some(format!(
-                    "Namespace {name:?} is not the policy's own ({:?})",
-                    p.namespace
-                )),
-                other => Some(format!("kind {other:?} is not Service or Namespace")),
             };
             match problem {
                 Some(why) => {
