@@ -367,16 +367,19 @@ on_netns!(
     endpoint_loss
 );
 
-// ---- on kind (e2e/kind/scenarios sets MESH_E2E_KIND_IMAGES; elsewhere they are skipped) ----
+// ---- on kind: ignored here (no Docker can run a cluster); e2e/kind/scenarios runs them with
+// `--ignored` and sets MESH_E2E_KIND_IMAGES, without which they fail ----
 
 macro_rules! on_kind {
     ($name:ident, $scenario:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        #[ignore = "needs a kind cluster: e2e/kind/scenarios runs it with --ignored"]
         async fn $name() -> anyhow::Result<()> {
-            let Some(mut c) = mesh_e2e::kind::KindCluster::from_env() else {
-                eprintln!("SKIPPED: the kind suite runs these (e2e/kind/scenarios)");
-                return Ok(());
-            };
+            let mut c = mesh_e2e::kind::KindCluster::from_env().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "MESH_E2E_KIND_IMAGES and MESH_E2E_MESHCTL are not set: run e2e/kind/scenarios"
+                )
+            })?;
             $scenario(&mut c).await
         }
     };
@@ -426,13 +429,19 @@ async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Resu
     Ok(())
 }
 
-/// Run by [`an_interrupted_run_is_swept_by_the_next`] in a child process (with
-/// `MESH_E2E_HOLD` set): builds a cluster and waits to be killed. Without it, does nothing.
+/// Run by [`an_interrupted_run_is_swept_by_the_next`] in a child process (with `--ignored` and
+/// `MESH_E2E_HOLD` set): builds a cluster and waits to be killed. Run any other way, it fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a helper: an_interrupted_run_is_swept_by_the_next runs it in a child and kills it"]
 async fn holds_a_cluster_until_killed() -> anyhow::Result<()> {
-    if std::env::var_os("MESH_E2E_HOLD").is_none() || !netns::can_run() {
-        return Ok(());
-    }
+    anyhow::ensure!(
+        std::env::var_os("MESH_E2E_HOLD").is_some(),
+        "MESH_E2E_HOLD is not set: an_interrupted_run_is_swept_by_the_next runs this"
+    );
+    anyhow::ensure!(
+        netns::can_run(),
+        "the network-namespace cluster cannot run here"
+    );
     let mut c = NetnsCluster::start().await?;
     reviews(&mut c, 1).await?;
     println!("HOLDING");
@@ -450,7 +459,12 @@ async fn an_interrupted_run_is_swept_by_the_next() -> anyhow::Result<()> {
     let _turn = netns::turn().await;
     // A run killed with SIGKILL cleans nothing up itself.
     let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["--exact", "holds_a_cluster_until_killed", "--nocapture"])
+        .args([
+            "--exact",
+            "holds_a_cluster_until_killed",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("MESH_E2E_HOLD", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
