@@ -1,16 +1,28 @@
 //! A small in-memory Kubernetes API server behind kube-rs's mock client, for tests: objects
-//! by path, creates and updates (with resourceVersion conflicts), server-side apply (a changed object gets a new resourceVersion, an unchanged one
-//! keeps it), deletes, CRDs that become Established and Deployments that roll out after a few
-//! reads, and SelfSubjectAccessReviews answered from a list of denied permissions. Every
-//! request is logged.
+//! by path, creates and updates (with resourceVersion conflicts), server-side apply (a changed
+//! object gets a new resourceVersion, an unchanged one keeps it), deletes, CRDs that become
+//! Established and Deployments that roll out after a few reads, and SelfSubjectAccessReviews
+//! answered from a list of denied permissions. Every request is logged.
+//!
+//! Writes are admitted as kube-apiserver admits them ([`crate::schema`]): a custom object needs
+//! its CRD stored here (else 404, as for a kind the server does not serve), is pruned and
+//! defaulted by that CRD's structural schema and refused with 422 when invalid; a built-in
+//! object goes through its k8s-openapi type (unknown fields pruned, wrong types refused); a kind
+//! neither knows gets 404. Pruned fields are answered as the server's `fieldValidation` says:
+//! `Warn` (the default) keeps the write and sends a `Warning` header per field (also kept in
+//! [`State::warnings`]), `Strict` refuses it, `Ignore` says nothing. [`FakeApi::insert`] stores
+//! as it is given: what another writer left.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::client::Body;
 use serde_json::{Value, json};
+
+use crate::schema;
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -40,6 +52,9 @@ pub struct State {
     pub fail_all: Option<u16>,
     /// Bodies served as they are at these paths (`/version`, a pod's port through the proxy).
     pub raw: BTreeMap<String, String>,
+    /// `unknown field "spec.x"` for each field a write lost to pruning, as the API server's
+    /// `Warning` headers say it.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -77,7 +92,21 @@ impl FakeApi {
         self.0.lock().expect("fake API state")
     }
 
-    /// Stores `o` as if someone else had created it.
+    /// Stores the chart's CRDs (ours and the Gateway API standard channel), Established, as
+    /// `meshctl install` leaves a cluster.
+    pub fn install_chart_crds(&self) {
+        let crds = crate::crds::mesh_crds()
+            .into_iter()
+            .chain(crate::crds::gateway_api_crds());
+        for crd in crds {
+            let mut v = serde_json::to_value(&crd).unwrap_or_default();
+            v["status"] = json!({"conditions": [{"type": "Established", "status": "True"}]});
+            self.insert(v);
+        }
+    }
+
+    /// Stores `o` as if someone else had created it (not admitted: tests use it for state a
+    /// cluster's other writers leave).
     pub fn insert(&self, o: Value) {
         let path = path_of(&o);
         let mut s = self.state();
@@ -153,9 +182,9 @@ impl FakeApi {
             "GET" if is_list => s.list(&path, &query),
             "GET" => s.get(&path),
             "PATCH" if content_type.starts_with("application/merge-patch+json") => {
-                s.merge(path.trim_end_matches("/status"), body)
+                s.merge(path.trim_end_matches("/status"), body, &query)
             }
-            "PATCH" => s.apply(&path, body),
+            "PATCH" => s.apply(&path, body, &query),
             "DELETE" => match s.objects.remove(&path) {
                 Some(_) => respond(
                     StatusCode::OK,
@@ -164,8 +193,8 @@ impl FakeApi {
                 None => status(404, "NotFound", &format!("{path} not found")),
             },
             "POST" if path.ends_with("/selfsubjectaccessreviews") => s.review(body),
-            "POST" => s.create(&path, body),
-            "PUT" => s.replace(&path, body),
+            "POST" => s.create(&path, body, &query),
+            "PUT" => s.replace(&path, body, &query),
             _ => status(405, "MethodNotAllowed", &format!("{method} {path}")),
         })
     }
@@ -282,7 +311,7 @@ impl State {
         respond(StatusCode::OK, o)
     }
 
-    fn apply(&mut self, path: &str, applied: Value) -> Response<Body> {
+    fn apply(&mut self, path: &str, applied: Value, query: &str) -> Response<Body> {
         let old = self.objects.get(path).cloned();
         // Server-side apply, roughly: the applied fields over the stored object, so fields
         // another manager set (a webhook's caBundle) survive.
@@ -291,6 +320,10 @@ impl State {
             m.remove("resourceVersion");
         }
         ssa_merge(&mut body, &applied);
+        let warnings = match self.admit(path, &mut body, query) {
+            Ok(w) => w,
+            Err(refused) => return *refused,
+        };
         let comparable = |o: &Value| {
             let mut o = o.clone();
             if let Some(m) = o.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -308,7 +341,7 @@ impl State {
         if let Some(o) = &old
             && unchanged
         {
-            return respond(StatusCode::OK, o);
+            return warn(respond(StatusCode::OK, o), &warnings);
         }
         self.rv += 1;
         self.reads.remove(path);
@@ -338,10 +371,10 @@ impl State {
         } else {
             StatusCode::CREATED
         };
-        respond(code, &body)
+        warn(respond(code, &body), &warnings)
     }
 
-    fn create(&mut self, collection: &str, mut body: Value) -> Response<Body> {
+    fn create(&mut self, collection: &str, mut body: Value, query: &str) -> Response<Body> {
         let name = body
             .pointer("/metadata/name")
             .and_then(Value::as_str)
@@ -350,19 +383,23 @@ impl State {
         if self.objects.contains_key(&path) {
             return status(409, "AlreadyExists", &format!("{path} already exists"));
         }
-        self.rv += 1;
-        body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         // The namespace comes from the path, as the API server fills it in.
         let (_, rest) = split(collection);
         if let ["namespaces", ns, _] = rest.as_slice() {
             body["metadata"]["namespace"] = json!(ns);
         }
+        let warnings = match self.admit(&path, &mut body, query) {
+            Ok(w) => w,
+            Err(refused) => return *refused,
+        };
+        self.rv += 1;
+        body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         self.objects.insert(path, body.clone());
-        respond(StatusCode::CREATED, &body)
+        warn(respond(StatusCode::CREATED, &body), &warnings)
     }
 
     /// An update: refused when its resourceVersion is not the stored one.
-    fn replace(&mut self, path: &str, mut body: Value) -> Response<Body> {
+    fn replace(&mut self, path: &str, mut body: Value, query: &str) -> Response<Body> {
         let Some(old) = self.objects.get(path) else {
             return status(404, "NotFound", &format!("{path} not found"));
         };
@@ -376,14 +413,18 @@ impl State {
                 &format!("{path}: the object has been modified"),
             );
         }
+        let warnings = match self.admit(path, &mut body, query) {
+            Ok(w) => w,
+            Err(refused) => return *refused,
+        };
         self.rv += 1;
         body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         self.objects.insert(path.to_owned(), body.clone());
-        respond(StatusCode::OK, &body)
+        warn(respond(StatusCode::OK, &body), &warnings)
     }
 
     /// A JSON merge patch (RFC 7386), refused when it names another resourceVersion.
-    fn merge(&mut self, path: &str, patch: Value) -> Response<Body> {
+    fn merge(&mut self, path: &str, patch: Value, query: &str) -> Response<Body> {
         let Some(old) = self.objects.get(path).cloned() else {
             return status(404, "NotFound", &format!("{path} not found"));
         };
@@ -398,10 +439,105 @@ impl State {
         }
         let mut new = old;
         crate::merge_patch(&mut new, patch);
+        let warnings = match self.admit(path, &mut new, query) {
+            Ok(w) => w,
+            Err(refused) => return *refused,
+        };
         self.rv += 1;
         new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         self.objects.insert(path.to_owned(), new.clone());
-        respond(StatusCode::OK, &new)
+        warn(respond(StatusCode::OK, &new), &warnings)
+    }
+
+    /// Admits a write of `body` at `path` as the API server would (see the module doc): prunes
+    /// and defaults it in place, and gives the warnings to send, or the refusal.
+    fn admit(
+        &mut self,
+        path: &str,
+        body: &mut Value,
+        query: &str,
+    ) -> Result<Vec<String>, Box<Response<Body>>> {
+        let (n, rest) = split(path);
+        let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, version) = match (n, segs.as_slice()) {
+            (2, [_, v, ..]) => ("", *v),
+            (3, [_, g, v, ..]) => (*g, *v),
+            _ => {
+                return Err(Box::new(status(
+                    404,
+                    "NotFound",
+                    &format!("{path}: not a resource path"),
+                )));
+            }
+        };
+        let plural = match rest.as_slice() {
+            ["namespaces", _, plural, ..] | [plural, ..] => *plural,
+            _ => "",
+        };
+        let what = format!(
+            "{}.{group} {:?}",
+            body["kind"].as_str().unwrap_or(plural),
+            body.pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+        );
+        let crd = self.objects.values().find(|o| {
+            o["kind"] == "CustomResourceDefinition"
+                && o.pointer("/spec/group").and_then(Value::as_str) == Some(group)
+                && o.pointer("/spec/names/plural").and_then(Value::as_str) == Some(plural)
+        });
+        let report = match crd {
+            Some(crd) => {
+                let crd: CustomResourceDefinition =
+                    serde_json::from_value(crd.clone()).map_err(|e| {
+                        Box::new(status(500, "InternalError", &format!("stored CRD: {e}")))
+                    })?;
+                let Some(schema) = schema::version_schema(&crd, version) else {
+                    return Err(Box::new(status(
+                        404,
+                        "NotFound",
+                        &format!("{what}: the CRD does not serve version {version}"),
+                    )));
+                };
+                schema::admit(body, schema)
+            }
+            None => schema::admit_builtin(body).ok_or_else(|| {
+                Box::new(status(
+                    404,
+                    "NotFound",
+                    &format!("the server could not find the requested resource ({path})"),
+                ))
+            })?,
+        };
+        if !report.errors.is_empty() {
+            let causes: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+            return Err(Box::new(status(
+                422,
+                "Invalid",
+                &format!("{what} is invalid: [{}]", causes.join(", ")),
+            )));
+        }
+        let unknown: Vec<String> = report
+            .pruned
+            .iter()
+            .map(|p| format!("unknown field {p:?}"))
+            .collect();
+        let validation = query
+            .split('&')
+            .find_map(|q| q.strip_prefix("fieldValidation="))
+            .unwrap_or("Warn");
+        match validation {
+            "Strict" if !unknown.is_empty() => Err(Box::new(status(
+                422,
+                "Invalid",
+                &format!("{what}: strict decoding error: {}", unknown.join(", ")),
+            ))),
+            "Ignore" => Ok(Vec::new()),
+            _ => {
+                self.warnings.extend(unknown.iter().cloned());
+                Ok(unknown)
+            }
+        }
     }
 
     fn review(&mut self, mut body: Value) -> Response<Body> {
@@ -467,12 +603,12 @@ pub fn path_of(o: &Value) -> String {
     };
     let api_version = s("/apiVersion");
     let kind = s("/kind");
-    let plural = match kind.as_str() {
-        "CustomResourceDefinition" => "customresourcedefinitions".to_owned(),
-        "Namespace" => "namespaces".to_owned(),
-        "HTTPRoute" => "httproutes".to_owned(),
-        "GRPCRoute" => "grpcroutes".to_owned(),
-        k => format!("{}s", k.to_lowercase()),
+    let lower = kind.to_lowercase();
+    let plural = match lower.as_str() {
+        "endpoints" => lower,
+        k if k.ends_with('y') => format!("{}ies", &k[..k.len() - 1]),
+        k if k.ends_with('s') => format!("{k}es"),
+        k => format!("{k}s"),
     };
     let prefix = if api_version.contains('/') {
         format!("/apis/{api_version}")
@@ -491,6 +627,17 @@ fn respond(code: StatusCode, v: &Value) -> Response<Body> {
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Body::from(serde_json::to_vec(v).unwrap_or_default()))
         .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// `resp` with a `Warning` header (code 299, as the API server sends them) per warning.
+fn warn(mut resp: Response<Body>, warnings: &[String]) -> Response<Body> {
+    for w in warnings {
+        let text = format!("299 - {w:?}");
+        if let Ok(v) = http::HeaderValue::from_str(&text) {
+            resp.headers_mut().append(http::header::WARNING, v);
+        }
+    }
+    resp
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response<Body> {

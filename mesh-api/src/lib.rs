@@ -20,6 +20,8 @@ pub mod process;
 pub mod prom;
 #[cfg(feature = "k8s")]
 pub mod root_configmap;
+#[cfg(feature = "k8s")]
+pub mod schema;
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;

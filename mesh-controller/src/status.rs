@@ -382,6 +382,7 @@ mod tests {
     /// to both, the same route in the fake API server, and a writer holding the lease.
     fn setup() -> (StatusWriter, FakeApi, Arc<Mutex<Index>>) {
         let (client, fake) = FakeApi::start();
+        fake.install_chart_crds();
         let route = split_yaml(
             "shop",
             "reviews",
@@ -476,7 +477,8 @@ mod tests {
     async fn other_controllers_entries_stay_and_transition_times_hold() {
         let (writer, fake, index) = setup();
         let theirs = json!({"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway",
-            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}]});
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
         {
             let mut s = fake.state();
             let r = s.objects.get_mut(ROUTE).expect("route");

@@ -237,6 +237,7 @@ mod cluster {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn split_and_promote_apply_the_route_and_a_missing_backend_writes_nothing() {
         let (client, fake) = FakeApi::start();
+        fake.install_chart_crds();
         for name in ["reviews", "reviews-v1", "reviews-v2"] {
             fake.insert(json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": name, "namespace": "shop"},
