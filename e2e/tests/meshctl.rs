@@ -245,6 +245,27 @@ async fn check_passes_a_healthy_mesh_and_hints_at_each_failure() -> anyhow::Resu
                 && m.contains("create the Service")),
         "{f:?}"
     );
+    // A field the installed schema lacks is named: a cluster would drop it on apply.
+    mesh.write(
+        "misspelt.yaml",
+        "apiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: misspelt, namespace: default}\nspec:\n  targetRefs: [{group: '', kind: Service, name: reviews}]\n  outlierDetection: {consecutiveFailure: 5}\n",
+    )?;
+    let warned: Vec<String> = run_checks(&healthy, Some(&local))
+        .await
+        .iter()
+        .filter(|c| c.category == "config" && c.status == Status::Warn)
+        .map(|c| c.message.clone())
+        .collect();
+    assert!(
+        warned
+            .iter()
+            .any(|m| m.starts_with("TrafficPolicy default/misspelt")
+                && m.contains(
+                    "spec.outlierDetection.consecutiveFailure is not in the installed schema"
+                )),
+        "{warned:?}"
+    );
+    mesh.remove("misspelt.yaml")?;
     mesh.write(
         "copy.yaml",
         &reviews_route(50, 50).replace("name: reviews, namespace", "name: reviews-copy, namespace"),

@@ -139,6 +139,60 @@ pub struct Manifests {
     pub services: Vec<ServiceRef>,
     pub routes: Vec<RouteDoc>,
     pub policies: Vec<PolicyDoc>,
+    /// What a cluster with the chart's CRDs would make of each document.
+    pub admission: Vec<Admitted>,
+}
+
+/// One document as a cluster with the chart's CRDs would read it on `kubectl apply`: the
+/// fields it would drop and why it would refuse it.
+#[derive(Clone, Debug)]
+pub struct Admitted {
+    /// `Kind namespace/name (file)`.
+    pub who: String,
+    /// Paths of fields the installed schema does not have (`spec.rules[0].retry`).
+    pub dropped: Vec<String>,
+    pub refused: Vec<String>,
+}
+
+/// The chart's CRDs: what `meshctl install` puts in a cluster.
+fn installed_crds() -> Vec<mesh_api::k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    let mut crds = mesh_api::crds::mesh_crds();
+    crds.extend(mesh_api::crds::gateway_api_crds());
+    crds
+}
+
+fn admission_of(all: &Docs) -> Vec<Admitted> {
+    let crds = installed_crds();
+    let mut out = Vec::new();
+    for (path, _, v) in all {
+        let Ok(mut obj) = serde_json::to_value(v) else {
+            continue;
+        };
+        let kind = str_at(v, &["kind"]).unwrap_or_default().to_string();
+        let (namespace, name) = meta(v);
+        let who = format!("{kind} {namespace}/{name} ({})", path.display());
+        let Some(report) = mesh_api::schema::admit_in(&mut obj, &crds) else {
+            out.push(Admitted {
+                who,
+                dropped: Vec::new(),
+                refused: vec![format!(
+                    "{} {kind} is not a kind a cluster with the mesh installed serves",
+                    str_at(v, &["apiVersion"]).unwrap_or_default()
+                )],
+            });
+            continue;
+        };
+        if report.pruned.is_empty() && report.errors.is_empty() {
+            continue;
+        }
+        out.push(Admitted {
+            who,
+            dropped: report.pruned,
+            refused: report.errors.iter().map(ToString::to_string).collect(),
+        });
+    }
+    out
 }
 
 impl LocalDir {
@@ -148,6 +202,7 @@ impl LocalDir {
         Ok(Manifests {
             services: services_in(&all),
             policies: policies_in(&all),
+            admission: admission_of(&all),
             routes: routes_in(all),
         })
     }

@@ -166,6 +166,7 @@ fn config(local: &LocalDir, c: &mut Checks) {
         services,
         routes,
         policies,
+        admission,
     } = match local.manifests() {
         Ok(m) => m,
         Err(e) => {
@@ -187,6 +188,27 @@ fn config(local: &LocalDir, c: &mut Checks) {
         ),
     );
     let mut problems = 0;
+    for a in &admission {
+        for field in &a.dropped {
+            problems += 1;
+            c.warn(
+                CAT,
+                format!(
+                    "{}: {field} is not in the installed schema, so a cluster drops it on apply",
+                    a.who
+                ),
+                "check the field's spelling against docs/reference/crds.md; a field of the Gateway API experimental channel needs its CRDs installed",
+            );
+        }
+        for why in &a.refused {
+            problems += 1;
+            c.fail(
+                CAT,
+                format!("{}: a cluster refuses it: {why}", a.who),
+                "fix the field named above",
+            );
+        }
+    }
     let mut claims: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
     for r in &routes {
         let who = format!("HTTPRoute {}/{}", r.namespace, r.name);
@@ -306,7 +328,7 @@ fn config(local: &LocalDir, c: &mut Checks) {
         }
     }
     if problems == 0 {
-        c.ok(CAT, "every route's backends resolve, weights are valid, no two routes claim the same parent and match");
+        c.ok(CAT, "every manifest keeps all its fields in the installed schema, every route's backends resolve, weights are valid, no two routes claim the same parent and match");
     }
     policy_targets(&policies, &services, c);
 }
