@@ -12,6 +12,11 @@
 //! `Warn` (the default) keeps the write and sends a `Warning` header per field (also kept in
 //! [`State::warnings`]), `Strict` refuses it, `Ignore` says nothing. [`FakeApi::insert`] stores
 //! as it is given: what another writer left.
+//!
+//! [`FakeApi::start`]'s client is a cluster admin. [`FakeApi::client_as`] gives a client whose
+//! requests are made as a service account and authorized by the RBAC objects stored here
+//! ([`rbac`]): a request no rule allows gets 403, as a real cluster answers a missing grant.
+//! TokenReviews are answered from [`State::tokens`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +29,9 @@ use serde_json::{Value, json};
 
 use crate::schema;
 
+#[path = "fake_rbac.rs"]
+pub mod rbac;
+
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
 pub struct Logged {
@@ -31,6 +39,12 @@ pub struct Logged {
     pub path: String,
     pub query: String,
     pub content_type: String,
+    /// `system:serviceaccount:NS:NAME` for a [`FakeApi::client_as`] client; empty for the admin.
+    pub user: String,
+    /// Its RBAC attributes; `None` for a non-resource path.
+    pub attributes: Option<rbac::Attributes>,
+    /// Refused by RBAC.
+    pub forbidden: bool,
 }
 
 #[derive(Debug, Default)]
@@ -55,6 +69,8 @@ pub struct State {
     /// `unknown field "spec.x"` for each field a write lost to pruning, as the API server's
     /// `Warning` headers say it.
     pub warnings: Vec<String>,
+    /// Tokens TokenReviews authenticate: token -> (username, audiences it is bound to).
+    pub tokens: BTreeMap<String, (String, Vec<String>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -63,7 +79,6 @@ pub struct FakeApi(pub Arc<Mutex<State>>);
 impl FakeApi {
     /// A client talking to a new fake, and the fake. Needs a Tokio runtime.
     pub fn start() -> (kube::Client, FakeApi) {
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let version = json!({"major": "1", "minor": "32", "gitVersion": "v1.32.0",
             "gitCommit": "0", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
             "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"});
@@ -74,18 +89,31 @@ impl FakeApi {
             raw: BTreeMap::from([("/version".to_owned(), version.to_string())]),
             ..State::default()
         })));
-        let state = fake.clone();
+        let client = fake.serve(None);
+        (client, fake)
+    }
+
+    /// A client of this fake whose requests are made as service account `namespace/name`,
+    /// authorized by the RBAC objects stored here. Needs a Tokio runtime.
+    pub fn client_as(&self, namespace: &str, name: &str) -> kube::Client {
+        self.serve(Some(format!("system:serviceaccount:{namespace}:{name}")))
+    }
+
+    fn serve(&self, user: Option<String>) -> kube::Client {
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let state = self.clone();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
                 let state = state.clone();
+                let user = user.clone();
                 // Each request on its own task: a parked watch must not hold up the rest.
                 tokio::spawn(async move {
-                    let resp = state.handle(req).await;
+                    let resp = state.handle(req, user.as_deref()).await;
                     send.send_response(resp);
                 });
             }
         });
-        (kube::Client::new(svc, "default"), fake)
+        kube::Client::new(svc, "default")
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -125,14 +153,14 @@ impl FakeApi {
             .collect()
     }
 
-    async fn handle(&self, req: Request<Body>) -> Response<Body> {
+    async fn handle(&self, req: Request<Body>, user: Option<&str>) -> Response<Body> {
         let (parts, body) = req.into_parts();
         let bytes = body
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        match self.answer(parts, &bytes) {
+        match self.answer(parts, &bytes, user) {
             Some(resp) => resp,
             // A watch is left unanswered: nothing changes while a test runs it.
             None => std::future::pending().await,
@@ -140,7 +168,12 @@ impl FakeApi {
     }
 
     /// The response to a request, `None` for a watch.
-    fn answer(&self, parts: http::request::Parts, bytes: &[u8]) -> Option<Response<Body>> {
+    fn answer(
+        &self,
+        parts: http::request::Parts,
+        bytes: &[u8],
+        user: Option<&str>,
+    ) -> Option<Response<Body>> {
         let method = parts.method.to_string();
         let path = parts.uri.path().to_owned();
         let content_type = parts
@@ -150,12 +183,24 @@ impl FakeApi {
             .unwrap_or("")
             .to_owned();
         let mut s = self.state();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let attributes = rbac::Attributes::of(&method, &path, &query);
+        let forbidden = match (user, &attributes) {
+            (Some(user), Some(a)) => !s.authorized(user, a),
+            _ => false,
+        };
         s.log.push(Logged {
             method: method.clone(),
             path: path.clone(),
-            query: parts.uri.query().unwrap_or("").to_owned(),
+            query: query.clone(),
             content_type: content_type.clone(),
+            user: user.unwrap_or("").to_owned(),
+            attributes: attributes.clone(),
+            forbidden,
         });
+        if let (true, Some(user), Some(a)) = (forbidden, user, &attributes) {
+            return Some(status(403, "Forbidden", &a.forbidden(user)));
+        }
         if let Some(code) = s.fail_all {
             return Some(status(
                 code,
@@ -164,7 +209,6 @@ impl FakeApi {
             ));
         }
         let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-        let query = parts.uri.query().unwrap_or("").to_owned();
         let (prefix_len, rest) = split(&path);
         let is_list = rest.len() % 2 == 1 && prefix_len > 0;
         Some(match method.as_str() {
@@ -193,6 +237,7 @@ impl FakeApi {
                 None => status(404, "NotFound", &format!("{path} not found")),
             },
             "POST" if path.ends_with("/selfsubjectaccessreviews") => s.review(body),
+            "POST" if path == "/apis/authentication.k8s.io/v1/tokenreviews" => s.token_review(body),
             "POST" => s.create(&path, body, &query),
             "PUT" => s.replace(&path, body, &query),
             _ => status(405, "MethodNotAllowed", &format!("{method} {path}")),
@@ -538,6 +583,53 @@ impl State {
                 Ok(unknown)
             }
         }
+    }
+
+    /// Whether RBAC lets `user` (`system:serviceaccount:NS:NAME`) make a request.
+    fn authorized(&self, user: &str, a: &rbac::Attributes) -> bool {
+        if rbac::allowed_to_everyone(a) {
+            return true;
+        }
+        let Some((ns, name)) = user
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'))
+        else {
+            return false;
+        };
+        let objects: Vec<&Value> = self.objects.values().collect();
+        rbac::grants(&objects, ns, name).iter().any(|g| g.allows(a))
+    }
+
+    /// A TokenReview, answered from [`State::tokens`] as the API server's authenticator would:
+    /// authenticated only for a known token bound to one of the audiences asked for.
+    fn token_review(&mut self, mut body: Value) -> Response<Body> {
+        let token = body
+            .pointer("/spec/token")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        let asked: Vec<String> = body
+            .pointer("/spec/audiences")
+            .and_then(Value::as_array)
+            .map(|l| {
+                l.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        body["status"] = match self.tokens.get(token) {
+            Some((user, bound)) => {
+                let audiences: Vec<&String> = asked.iter().filter(|a| bound.contains(a)).collect();
+                if audiences.is_empty() {
+                    json!({"authenticated": false, "error": "token audiences do not match"})
+                } else {
+                    json!({"authenticated": true, "user": {"username": user},
+                           "audiences": audiences})
+                }
+            }
+            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+        };
+        respond(StatusCode::CREATED, &body)
     }
 
     fn review(&mut self, mut body: Value) -> Response<Body> {
