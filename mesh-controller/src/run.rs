@@ -44,6 +44,8 @@ pub enum StartError {
          and --ca-root"
     )]
     WebhookWithoutCa { addr: SocketAddr },
+    #[error("no source: give --config-dir, or a Kubernetes client")]
+    NoSource,
 }
 
 /// A running controller; dropping it stops everything.
@@ -75,6 +77,18 @@ impl Drop for Controller {
 
 impl Controller {
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        let client = match &config.config_dir {
+            Some(_) => None,
+            None => Some(kube::Client::try_default().await?),
+        };
+        Self::start_with(config, client).await
+    }
+
+    /// Starts with this Kubernetes client, the source when `config.config_dir` is unset.
+    pub async fn start_with(
+        config: Config,
+        kube_client: Option<kube::Client>,
+    ) -> Result<Self, StartError> {
         let metrics = Arc::new(Metrics::new());
         let mut idx = Index::new(config.cluster_domain.clone());
         idx.set_identity(&config.trust_domain, config.mtls_mode);
@@ -91,7 +105,7 @@ impl Controller {
                 Some(DirSource::new(dir.clone(), index.clone(), errors.clone()).watch()?)
             }
             None => {
-                let c = kube::Client::try_default().await?;
+                let c = kube_client.ok_or(StartError::NoSource)?;
                 client = Some(c.clone());
                 let sink = kube_source::Sink::new(index.clone(), errors.clone());
                 tasks.extend(kube_source::spawn_watchers(c, &sink));
