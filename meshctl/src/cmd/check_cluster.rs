@@ -59,7 +59,9 @@ pub(crate) async fn api(cluster: &Cluster, c: &mut Checks) -> bool {
 }
 
 /// `(verb, group, resource, namespace)` install needs, from the objects it applies.
-fn needed_permissions(ns: &str) -> anyhow::Result<Vec<(String, String, String, String)>> {
+pub(crate) fn needed_permissions(
+    ns: &str,
+) -> anyhow::Result<Vec<(String, String, String, String)>> {
     let values = Values::defaults()?;
     let objects = manifests::objects(
         &values,

@@ -366,3 +366,38 @@ fn another_control_plane_namespace_is_refused_with_the_reason() {
     let e = dry_run(&a, &mut Vec::new()).expect_err("another namespace");
     assert!(e.to_string().contains("proxies expect"), "{e}");
 }
+
+/// `check --pre` asks the API server about every permission install and upgrade use: each
+/// call they make is one of the (verb, group, resource, namespace) it reviews.
+#[tokio::test]
+async fn check_pre_reviews_every_permission_install_and_upgrade_use() {
+    let (cluster, fake) = fake_cluster();
+    install(&cluster).await.0.expect("install");
+    apply(&cluster, &args(), true, &mut Vec::new())
+        .await
+        .expect("upgrade");
+    let reviewed = crate::cmd::check_cluster::needed_permissions("mesh-system").expect("list");
+    let log = fake.state().log.clone();
+    let mut calls = 0;
+    for l in &log {
+        let Some(a) = &l.attributes else {
+            continue;
+        };
+        calls += 1;
+        // A Namespace is cluster-scoped: check reviews it at the cluster scope, which covers
+        // the request's own namespace.
+        let ns = if a.resource == "namespaces" {
+            String::new()
+        } else {
+            a.namespace.clone()
+        };
+        let p = (a.verb.clone(), a.group.clone(), a.resource.clone(), ns);
+        assert!(
+            reviewed.contains(&p),
+            "{} {}: {p:?} is not among what check --pre reviews",
+            l.method,
+            l.path
+        );
+    }
+    assert!(calls > 20, "{calls} calls");
+}

@@ -1,0 +1,309 @@
+//! The chart's RBAC against what the binaries call. `meshctl install` puts the chart into the
+//! fake API server as a cluster admin; then mesh-ca and mesh-controller run their real startup
+//! against it, each through a client that is its service account and is authorized by the
+//! stored Roles, ClusterRoles and bindings, as a real API server authorizes it. Every request
+//! is recorded with its RBAC attributes.
+//!
+//! The test fails when a call is forbidden (a grant is missing), when a rule grants a verb,
+//! resource or name no call used (a grant is too wide), or when any one rule could be removed
+//! without forbidding a call. The injector webhook runs in the controller and calls no API.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_api::fake_api::rbac::{Attributes, Grant, grants};
+use mesh_api::fake_api::{FakeApi, Logged};
+use mesh_ca::run::{CaConfig, Running};
+use mesh_controller::run::Controller;
+use serde_json::{Value, json};
+
+const NS: &str = "mesh-system";
+const CONTROLLER_TOKEN: &str = "controller-token";
+
+async fn install(admin: &kube::Client) -> anyhow::Result<()> {
+    let cluster =
+        meshctl::cluster::Cluster::new(admin.clone()).with_poll(Duration::from_millis(10));
+    let args = meshctl::install::InstallArgs {
+        values: Vec::new(),
+        namespace: NS.into(),
+        skip_gateway_api_crds: false,
+        dry_run: false,
+        output: meshctl::install::Format::Yaml,
+        timeout: Duration::from_secs(10),
+    };
+    meshctl::install::apply(&cluster, &args, false, &mut Vec::new()).await?;
+    Ok(())
+}
+
+/// What the mesh's workloads leave in a cluster: two namespaces with sidecars (one with a stale
+/// copy of the CA's root), a Service with an HTTPRoute and a GRPCRoute.
+fn workloads(fake: &FakeApi) {
+    for (ns, stale) in [("shop", true), ("web", false)] {
+        fake.insert(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {"mesh.dev/inject": "enabled"}}}));
+        if stale {
+            fake.insert(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "mesh-ca-root", "namespace": ns},
+                "data": {"ca.crt": "an old root"}}));
+        }
+    }
+    fake.insert(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "reviews", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 9080}]}}));
+    for kind in ["HTTPRoute", "GRPCRoute"] {
+        fake.insert(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+            "metadata": {"name": "reviews", "namespace": "shop", "generation": 1},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 9080}],
+                     "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}]}}));
+    }
+}
+
+fn ca_config(dir: &std::path::Path) -> CaConfig {
+    let mut c = CaConfig::local(dir);
+    c.local_tokens = false;
+    c.kubernetes = true;
+    c.secret = Some("mesh-ca".into());
+    c.namespace = NS.into();
+    c
+}
+
+/// The requests one service account made.
+fn made_by(log: &[Logged], sa: &str) -> Vec<Attributes> {
+    let user = format!("system:serviceaccount:{NS}:{sa}");
+    log.iter()
+        .filter(|l| l.user == user)
+        .filter_map(|l| l.attributes.clone())
+        .collect()
+}
+
+/// Each `(group, resource, verb, name)` a rule grants, `*` for any name.
+fn elements(g: &Grant) -> Vec<(String, String, String, String)> {
+    let list = |k: &str| -> Vec<String> {
+        g.rule[k]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let names = match list("resourceNames") {
+        n if n.is_empty() => vec!["*".to_owned()],
+        n => n,
+    };
+    let mut out = Vec::new();
+    for group in list("apiGroups") {
+        for resource in list("resources") {
+            for verb in list("verbs") {
+                for name in &names {
+                    out.push((group.clone(), resource.clone(), verb.clone(), name.clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What the service account's grants allow of its calls, and what they grant unused.
+fn audit(objects: &[&Value], sa: &str, calls: &[Attributes]) -> Vec<String> {
+    let grants = grants(objects, NS, sa);
+    let mut problems = Vec::new();
+    for a in calls {
+        if !grants.iter().any(|g| g.allows(a)) {
+            problems.push(format!("{sa}: no rule allows {a:?}"));
+        }
+    }
+    for g in &grants {
+        for (group, resource, verb, name) in elements(g) {
+            let used = calls.iter().any(|a| {
+                a.group == group
+                    && a.resource == resource
+                    && a.verb == verb
+                    && (name == "*" || a.name == name)
+                    && g.allows(a)
+            });
+            if !used {
+                problems.push(format!(
+                    "{sa}: {} rule {} grants {verb} {group:?}/{resource} {name:?}, which no call used",
+                    g.role, g.index
+                ));
+            }
+        }
+        // Without this rule some call is forbidden: no rule is redundant.
+        let others: Vec<&Grant> = grants.iter().filter(|o| *o != g).collect();
+        if calls.iter().all(|a| others.iter().any(|o| o.allows(a))) {
+            problems.push(format!(
+                "{sa}: {} rule {} can be removed and every call is still allowed",
+                g.role, g.index
+            ));
+        }
+    }
+    problems
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow::Result<()> {
+    let (admin, fake) = FakeApi::start();
+    install(&admin).await?;
+    workloads(&fake);
+    fake.state().tokens.insert(
+        CONTROLLER_TOKEN.into(),
+        (
+            format!("system:serviceaccount:{NS}:mesh-controller"),
+            vec!["mesh-ca".into()],
+        ),
+    );
+
+    // mesh-ca on a fresh cluster: it creates its Secret and root ConfigMap. A second start
+    // finds them, and updates a root ConfigMap someone changed.
+    let ca_dir = tempfile::tempdir()?;
+    let ca_client = fake.client_as(NS, "mesh-ca");
+    drop(Running::start_with(ca_config(ca_dir.path()), Some(ca_client.clone())).await?);
+    {
+        let mut s = fake.state();
+        let root = s
+            .objects
+            .get_mut(&format!("/api/v1/namespaces/{NS}/configmaps/mesh-ca-root"))
+            .context("mesh-ca published no root")?;
+        root["data"] = json!({"ca.crt": "edited"});
+    }
+    let ca_dir = tempfile::tempdir()?;
+    let ca = Running::start_with(ca_config(ca_dir.path()), Some(ca_client)).await?;
+
+    // mesh-controller as its service account, proving itself to mesh-ca with a Kubernetes
+    // token (TokenReview, as mesh-ca's service account).
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("token");
+    std::fs::write(&token, CONTROLLER_TOKEN)?;
+    let mut config = mesh_controller::config::Config::local(dir.path());
+    config.config_dir = None;
+    config.ca_addr = Some(ca.addr.to_string());
+    config.ca_root = Some(ca_dir.path().join("ca.crt"));
+    config.ca_token_file = token;
+    config.webhook_addr = Some("127.0.0.1:0".parse()?);
+    config.pod_name = Some("mesh-controller-0".into());
+    let controller =
+        Controller::start_with(config, Some(fake.client_as(NS, "mesh-controller"))).await?;
+    let identity = controller.identity.clone().context("identity")?;
+    mesh_e2e::identity::wait_for_svid(&identity, "the controller").await?;
+    let root = std::fs::read_to_string(ca_dir.path().join("ca.crt"))?;
+
+    // Everything the controller does in a cluster: both routes' status, the Lease taken and
+    // renewed, the root in each injected namespace, the injector's caBundle.
+    mesh_e2e::eventually(Duration::from_secs(30), "the controller's writes", || async {
+        let s = fake.state();
+        let o = |p: &str| s.objects.get(p).cloned().unwrap_or_default();
+        let statuses = ["httproutes", "grpcroutes"].iter().all(|k| {
+            o(&format!(
+                "/apis/gateway.networking.k8s.io/v1/namespaces/shop/{k}/reviews"
+            ))
+            .pointer("/status/parents/0")
+            .is_some()
+        });
+        let roots = ["shop", "web"].iter().all(|ns| {
+            o(&format!("/api/v1/namespaces/{ns}/configmaps/mesh-ca-root"))
+                .pointer("/data/ca.crt")
+                .and_then(Value::as_str)
+                == Some(root.as_str())
+        });
+        let bundle = o("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/mesh-sidecar-injector")
+            .pointer("/webhooks/0/clientConfig/caBundle")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let renewed = s.log.iter().any(|l| {
+            l.method == "PUT" && l.path.ends_with("/leases/mesh-controller")
+        });
+        let root_b64 = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(root.as_bytes())
+        };
+        (statuses && roots && renewed && bundle.as_deref() == Some(root_b64.as_str()))
+            .then_some(())
+    })
+    .await?;
+    drop(controller);
+    drop(ca);
+
+    let log = fake.state().log.clone();
+    let forbidden: Vec<String> = log
+        .iter()
+        .filter(|l| l.forbidden)
+        .map(|l| format!("{} {} {} ({})", l.user, l.method, l.path, l.query))
+        .collect();
+    assert!(
+        forbidden.is_empty(),
+        "forbidden calls:\n{}",
+        forbidden.join("\n")
+    );
+    let objects: Vec<Value> = fake.state().objects.values().cloned().collect();
+    let objects: Vec<&Value> = objects.iter().collect();
+    let mut problems = Vec::new();
+    let mut counted = Vec::new();
+    for sa in ["mesh-controller", "mesh-ca"] {
+        let calls = made_by(&log, sa);
+        anyhow::ensure!(!calls.is_empty(), "{sa} made no call");
+        let kinds: BTreeSet<(String, String, String)> = calls
+            .iter()
+            .map(|a| (a.verb.clone(), a.group.clone(), a.resource.clone()))
+            .collect();
+        counted.push(format!(
+            "{sa} {} calls of {} kinds, {} rules",
+            calls.len(),
+            kinds.len(),
+            grants(&objects, NS, sa).len()
+        ));
+        problems.extend(audit(&objects, sa, &calls));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    mesh_e2e::figure(&format!(
+        "rbac: every call allowed, every rule needed: {}",
+        counted.join("; ")
+    ));
+    Ok(())
+}
+
+/// The audit itself fails when a rule goes: the same calls against the chart's roles less any
+/// one rule leave a call forbidden.
+#[test]
+fn removing_any_rule_forbids_a_call() {
+    let role = json!({"kind": "ClusterRole", "metadata": {"name": "r"}, "rules": [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["l"],
+         "verbs": ["get"]}]});
+    let binding = json!({"kind": "ClusterRoleBinding", "metadata": {"name": "r"},
+        "roleRef": {"kind": "ClusterRole", "name": "r"},
+        "subjects": [{"kind": "ServiceAccount", "name": "sa", "namespace": NS}]});
+    let call = |verb: &str, group: &str, resource: &str, name: &str| Attributes {
+        verb: verb.into(),
+        group: group.into(),
+        resource: resource.into(),
+        namespace: String::new(),
+        name: name.into(),
+    };
+    let calls = vec![
+        call("list", "", "pods", ""),
+        call("watch", "", "pods", ""),
+        call("get", "coordination.k8s.io", "leases", "l"),
+    ];
+    assert!(audit(&[&role, &binding], "sa", &calls).is_empty());
+    // A call the rules do not cover, and a grant no call uses.
+    let mut more = calls.clone();
+    more.push(call("create", "", "pods", ""));
+    let p = audit(&[&role, &binding], "sa", &more);
+    assert!(p.iter().any(|m| m.contains("no rule allows")), "{p:?}");
+    let p = audit(&[&role, &binding], "sa", &calls[1..]);
+    assert!(p.iter().any(|m| m.contains("grants list")), "{p:?}");
+    // Each rule removed in turn: a call is forbidden.
+    for i in 0..2 {
+        let mut fewer = role.clone();
+        fewer["rules"].as_array_mut().expect("rules").remove(i);
+        let p = audit(&[&fewer, &binding], "sa", &calls);
+        assert!(
+            p.iter().any(|m| m.contains("no rule allows")),
+            "rule {i}: {p:?}"
+        );
+    }
+}
