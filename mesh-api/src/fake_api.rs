@@ -1,8 +1,12 @@
 //! A small in-memory Kubernetes API server behind kube-rs's mock client, for tests: objects
-//! by path, creates and updates (with resourceVersion conflicts), server-side apply (a changed
-//! object gets a new resourceVersion, an unchanged one keeps it), deletes, CRDs that become
-//! Established and Deployments that roll out after a few reads, and SelfSubjectAccessReviews
-//! answered from a list of denied permissions. Every request is logged.
+//! by path, creates and updates (with resourceVersion conflicts), server-side apply with field
+//! ownership (a field another manager owns and the apply changes is a 409 conflict unless
+//! forced; what a manager stops applying goes unless another owns it; a changed object gets a
+//! new resourceVersion, an unchanged one keeps it), deletes, watches that stream changes from
+//! a resourceVersion (410 Gone once [`FakeApi::compact_and_end_watches`] has forgotten it),
+//! CRDs that become Established and Deployments that roll out after a few reads, and
+//! SelfSubjectAccessReviews answered from a list of denied permissions. Every request is
+//! logged.
 //!
 //! Writes are admitted as kube-apiserver admits them ([`crate::schema`]): a custom object needs
 //! its CRD stored here (else 404, as for a kind the server does not serve), is pruned and
@@ -18,11 +22,13 @@
 //! ([`rbac`]): a request no rule allows gets 403, as a real cluster answers a missing grant.
 //! TokenReviews are answered from [`State::tokens`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::client::Body;
 use serde_json::{Value, json};
@@ -31,6 +37,35 @@ use crate::schema;
 
 #[path = "fake_rbac.rs"]
 pub mod rbac;
+
+/// Response bodies: whole ones, and watch streams.
+type FakeBody = UnsyncBoxBody<Bytes, std::convert::Infallible>;
+type Resp = Response<FakeBody>;
+
+fn full(bytes: Vec<u8>) -> FakeBody {
+    Full::new(Bytes::from(bytes)).boxed_unsync()
+}
+
+/// A watch's events as they come.
+fn stream_response(rx: tokio::sync::mpsc::Receiver<Bytes>) -> Resp {
+    use tokio_stream::StreamExt;
+    let frames = tokio_stream::wrappers::ReceiverStream::new(rx)
+        .map(|b| Ok::<_, std::convert::Infallible>(http_body::Frame::data(b)));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(StreamBody::new(frames).boxed_unsync())
+        .unwrap_or_else(|_| Response::new(full(Vec::new())))
+}
+
+/// One change, as a watch sends it.
+#[derive(Clone, Debug)]
+struct Event {
+    rv: u64,
+    path: String,
+    kind: &'static str,
+    object: Value,
+}
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -71,6 +106,18 @@ pub struct State {
     pub warnings: Vec<String>,
     /// Tokens TokenReviews authenticate: token -> (username, audiences it is bound to).
     pub tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// Changes since the last compaction, which watches replay from their resourceVersion.
+    events: Vec<Event>,
+    /// A watch from a resourceVersion before this gets 410 Gone.
+    compacted: u64,
+    /// Bumped to end every open watch (the server closes them at times).
+    watch_generation: u64,
+    /// Watches answered 410 Gone.
+    pub expired_watches: u32,
+    /// Server-side apply's field ownership: per object path, per field manager, the fields it
+    /// last applied or changed.
+    managed: BTreeMap<String, BTreeMap<String, BTreeSet<Field>>>,
+    changed: Option<tokio::sync::watch::Sender<()>>,
 }
 
 #[derive(Clone, Debug)]
@@ -100,7 +147,7 @@ impl FakeApi {
     }
 
     fn serve(&self, user: Option<String>) -> kube::Client {
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Resp>();
         let state = self.clone();
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
@@ -136,12 +183,19 @@ impl FakeApi {
     /// Stores `o` as if someone else had created it (not admitted: tests use it for state a
     /// cluster's other writers leave).
     pub fn insert(&self, o: Value) {
-        let path = path_of(&o);
+        self.state().put(o);
+    }
+
+    /// What etcd compaction and a dropped connection do to watches: every open watch ends and
+    /// history is forgotten, so a client that watches again from where it was gets 410 Gone
+    /// and must list again. `change` runs first, under the same lock, so watchers miss it.
+    pub fn compact_and_end_watches(&self, change: impl FnOnce(&mut State)) {
         let mut s = self.state();
-        s.rv += 1;
-        let mut o = o;
-        o["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-        s.objects.insert(path, o);
+        change(&mut s);
+        s.compacted = s.rv;
+        s.events.clear();
+        s.watch_generation += 1;
+        s.notify();
     }
 
     pub fn writes(&self) -> Vec<Logged> {
@@ -153,18 +207,90 @@ impl FakeApi {
             .collect()
     }
 
-    async fn handle(&self, req: Request<Body>, user: Option<&str>) -> Response<Body> {
+    async fn handle(&self, req: Request<Body>, user: Option<&str>) -> Resp {
         let (parts, body) = req.into_parts();
         let bytes = body
             .collect()
             .await
             .map(|b| b.to_bytes())
             .unwrap_or_default();
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
         match self.answer(parts, &bytes, user) {
             Some(resp) => resp,
-            // A watch is left unanswered: nothing changes while a test runs it.
-            None => std::future::pending().await,
+            None => self.watch(&path, &query),
         }
+    }
+
+    /// A watch: the collection's changes after the request's resourceVersion (every object
+    /// as ADDED without one), then each change as it happens, one JSON event per line, until
+    /// [`FakeApi::compact_and_end_watches`]. From a resourceVersion older than the last
+    /// compaction: one ERROR event with a 410 Status, as the API server answers.
+    fn watch(&self, path: &str, query: &str) -> Resp {
+        let from: Option<u64> = query
+            .split('&')
+            .find_map(|q| q.strip_prefix("resourceVersion="))
+            .and_then(|v| v.parse().ok())
+            .filter(|v| *v != 0);
+        let selector = label_selector(query);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1024);
+        let line = |e: Value| {
+            let mut l = serde_json::to_vec(&e).unwrap_or_default();
+            l.push(b'\n');
+            Bytes::from(l)
+        };
+        let (mut last, generation, mut changed) = {
+            let mut s = self.state();
+            let changed = s.subscribe();
+            match from {
+                Some(rv) if rv < s.compacted => {
+                    let gone = json!({"type": "ERROR", "object": {"kind": "Status",
+                        "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410,
+                        "message": format!("too old resource version: {rv} ({})", s.compacted)}});
+                    let _ = tx.try_send(line(gone));
+                    s.expired_watches += 1;
+                    return stream_response(rx);
+                }
+                Some(rv) => (rv, s.watch_generation, changed),
+                None => {
+                    for o in s.collection(path, &selector) {
+                        let _ = tx.try_send(line(json!({"type": "ADDED", "object": o})));
+                    }
+                    (s.rv, s.watch_generation, changed)
+                }
+            }
+        };
+        let state = self.clone();
+        let path = path.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let batch: Vec<Bytes> = {
+                    let s = state.state();
+                    if s.watch_generation != generation {
+                        return;
+                    }
+                    let batch = s
+                        .events
+                        .iter()
+                        .filter(|e| e.rv > last && same_collection(&e.path, &path))
+                        .filter(|e| matches_labels(&e.object, &selector))
+                        .map(|e| line(json!({"type": e.kind, "object": e.object})))
+                        .collect();
+                    last = s.rv;
+                    batch
+                };
+                for b in batch {
+                    if tx.send(b).await.is_err() {
+                        return;
+                    }
+                }
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        stream_response(rx)
     }
 
     /// The response to a request, `None` for a watch.
@@ -173,7 +299,7 @@ impl FakeApi {
         parts: http::request::Parts,
         bytes: &[u8],
         user: Option<&str>,
-    ) -> Option<Response<Body>> {
+    ) -> Option<Resp> {
         let method = parts.method.to_string();
         let path = parts.uri.path().to_owned();
         let content_type = parts
@@ -221,15 +347,15 @@ impl FakeApi {
             }
             "GET" if s.raw.contains_key(&path) => Response::builder()
                 .status(StatusCode::OK)
-                .body(Body::from(s.raw[&path].clone().into_bytes()))
-                .unwrap_or_else(|_| Response::new(Body::empty())),
+                .body(full(s.raw[&path].clone().into_bytes()))
+                .unwrap_or_else(|_| Response::new(full(Vec::new()))),
             "GET" if is_list => s.list(&path, &query),
             "GET" => s.get(&path),
             "PATCH" if content_type.starts_with("application/merge-patch+json") => {
                 s.merge(path.trim_end_matches("/status"), body, &query)
             }
             "PATCH" => s.apply(&path, body, &query),
-            "DELETE" => match s.objects.remove(&path) {
+            "DELETE" => match s.remove(&path) {
                 Some(_) => respond(
                     StatusCode::OK,
                     &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
@@ -259,6 +385,70 @@ fn split(path: &str) -> (usize, Vec<&str>) {
     (n, segs[n..].to_vec())
 }
 
+/// Whether the object at `p` is in the collection at `collection` (every namespace's, or one's).
+fn same_collection(p: &str, collection: &str) -> bool {
+    let (n, rest) = split(collection);
+    let prefix: Vec<&str> = collection.trim_matches('/').split('/').take(n).collect();
+    let (ns, plural) = match rest.as_slice() {
+        [plural] => (None, *plural),
+        ["namespaces", ns, plural] => (Some(*ns), *plural),
+        _ => return false,
+    };
+    let (m, r) = split(p);
+    let same_api = p
+        .trim_matches('/')
+        .split('/')
+        .take(m)
+        .eq(prefix.iter().copied());
+    same_api
+        && match (r.as_slice(), ns) {
+            ([pl, _], None) => *pl == plural,
+            (["namespaces", _, pl, _], None) => *pl == plural,
+            (["namespaces", n, pl, _], Some(want)) => *pl == plural && *n == want,
+            _ => false,
+        }
+}
+
+/// The `key=value` terms of a request's `labelSelector`, and of its `fieldSelector` (as
+/// `field:key`).
+fn label_selector(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|q| {
+            q.strip_prefix("labelSelector=")
+                .map(|s| ("", s))
+                .or_else(|| q.strip_prefix("fieldSelector=").map(|s| ("field:", s)))
+        })
+        .flat_map(|(prefix, sel)| {
+            percent_decode(sel)
+                .split(',')
+                .filter_map(|t| {
+                    t.split_once('=').map(|(k, v)| {
+                        (
+                            format!("{prefix}{}", k.trim_end_matches('=')),
+                            v.trim_start_matches('=').to_owned(),
+                        )
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Whether `o` matches a selector's terms: labels, and `metadata.name` / `metadata.namespace`
+/// from a `fieldSelector`.
+fn matches_labels(o: &Value, selector: &[(String, String)]) -> bool {
+    selector.iter().all(|(k, v)| {
+        let have = match k.strip_prefix("field:") {
+            Some("metadata.name") => o.pointer("/metadata/name"),
+            Some("metadata.namespace") => o.pointer("/metadata/namespace"),
+            Some(_) => return true,
+            None => o.pointer("/metadata/labels").and_then(|l| l.get(k)),
+        };
+        have.and_then(Value::as_str) == Some(v.as_str())
+    })
+}
+
 /// A query value decoded as a form would be (`+` is a space).
 fn percent_decode(s: &str) -> String {
     crate::path::percent_decode(&s.replace('+', " "))
@@ -267,52 +457,8 @@ fn percent_decode(s: &str) -> String {
 impl State {
     /// A list: objects of the collection (every namespace's, or one's), filtered by a
     /// `labelSelector` of `key=value` terms.
-    fn list(&mut self, path: &str, query: &str) -> Response<Body> {
-        let (n, rest) = split(path);
-        let prefix: Vec<&str> = path.trim_matches('/').split('/').take(n).collect();
-        let (ns, plural) = match rest.as_slice() {
-            [plural] => (None, *plural),
-            ["namespaces", ns, plural] => (Some(*ns), *plural),
-            _ => return status(404, "NotFound", &format!("{path}: not a collection")),
-        };
-        let selector: Vec<(String, String)> = query
-            .split('&')
-            .filter_map(|q| q.strip_prefix("labelSelector="))
-            .flat_map(|sel| {
-                percent_decode(sel)
-                    .split(',')
-                    .filter_map(|t| t.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let items: Vec<Value> = self
-            .objects
-            .iter()
-            .filter(|(p, _)| {
-                let (m, r) = split(p);
-                let same_api = p
-                    .trim_matches('/')
-                    .split('/')
-                    .take(m)
-                    .eq(prefix.iter().copied());
-                same_api
-                    && match (r.as_slice(), ns) {
-                        ([pl, _], None) => *pl == plural,
-                        (["namespaces", _, pl, _], None) => *pl == plural,
-                        (["namespaces", n, pl, _], Some(want)) => *pl == plural && *n == want,
-                        _ => false,
-                    }
-            })
-            .map(|(_, o)| o.clone())
-            .filter(|o| {
-                selector.iter().all(|(k, v)| {
-                    o.pointer("/metadata/labels")
-                        .and_then(|l| l.get(k))
-                        .and_then(Value::as_str)
-                        == Some(v.as_str())
-                })
-            })
-            .collect();
+    fn list(&mut self, path: &str, query: &str) -> Resp {
+        let items = self.collection(path, &label_selector(query));
         respond(
             StatusCode::OK,
             &json!({"kind": "List", "apiVersion": "v1",
@@ -320,7 +466,75 @@ impl State {
         )
     }
 
-    fn get(&mut self, path: &str) -> Response<Body> {
+    /// The objects of a collection path that match a label selector.
+    fn collection(&self, path: &str, selector: &[(String, String)]) -> Vec<Value> {
+        self.objects
+            .iter()
+            .filter(|(p, _)| same_collection(p, path))
+            .map(|(_, o)| o.clone())
+            .filter(|o| matches_labels(o, selector))
+            .collect()
+    }
+
+    /// Stores `o` as another writer would (not admitted), with a new resourceVersion.
+    pub fn put(&mut self, mut o: Value) {
+        self.rv += 1;
+        o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.store(path_of(&o), o);
+    }
+
+    /// Deletes the object at `path` as another writer would.
+    pub fn delete(&mut self, path: &str) -> Option<Value> {
+        self.remove(path)
+    }
+
+    /// Stores an object and tells watches.
+    fn store(&mut self, path: String, o: Value) {
+        let kind = if self.objects.contains_key(&path) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.events.push(Event {
+            rv: self.rv,
+            path: path.clone(),
+            kind,
+            object: o.clone(),
+        });
+        self.objects.insert(path, o);
+        self.notify();
+    }
+
+    /// Removes an object and tells watches.
+    fn remove(&mut self, path: &str) -> Option<Value> {
+        let o = self.objects.remove(path)?;
+        self.managed.remove(path);
+        self.rv += 1;
+        let mut gone = o.clone();
+        gone["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.events.push(Event {
+            rv: self.rv,
+            path: path.to_owned(),
+            kind: "DELETED",
+            object: gone,
+        });
+        self.notify();
+        Some(o)
+    }
+
+    fn subscribe(&mut self) -> tokio::sync::watch::Receiver<()> {
+        self.changed
+            .get_or_insert_with(|| tokio::sync::watch::Sender::new(()))
+            .subscribe()
+    }
+
+    fn notify(&self) {
+        if let Some(c) = &self.changed {
+            c.send_replace(());
+        }
+    }
+
+    fn get(&mut self, path: &str) -> Resp {
         let reads = {
             let r = self.reads.entry(path.to_owned()).or_insert(0);
             *r += 1;
@@ -356,8 +570,63 @@ impl State {
         respond(StatusCode::OK, o)
     }
 
-    fn apply(&mut self, path: &str, applied: Value, query: &str) -> Response<Body> {
+    fn apply(&mut self, path: &str, applied: Value, query: &str) -> Resp {
         let old = self.objects.get(path).cloned();
+        let Some(manager) = query_value(query, "fieldManager") else {
+            return status(
+                400,
+                "BadRequest",
+                "PATCH, application/apply-patch+yaml: fieldManager is required",
+            );
+        };
+        if applied
+            .pointer("/metadata/managedFields")
+            .is_some_and(|m| !m.is_null())
+        {
+            return status(400, "BadRequest", "metadata.managedFields must be nil");
+        }
+        if let Some(sent) = applied.pointer("/metadata/resourceVersion")
+            && Some(sent)
+                != old
+                    .as_ref()
+                    .and_then(|o| o.pointer("/metadata/resourceVersion"))
+        {
+            return status(
+                409,
+                "Conflict",
+                &format!("{path}: the object has been modified"),
+            );
+        }
+        // Fields other managers own and this apply would change: a conflict, unless forced.
+        let force = query_value(query, "force").as_deref() == Some("true");
+        let mine = leaves(&applied);
+        let current = old.as_ref().map(leaves).unwrap_or_default();
+        let owners = self.managed.get(path).cloned().unwrap_or_default();
+        let conflicts: Vec<String> = owners
+            .iter()
+            .filter(|(m, _)| **m != manager)
+            .flat_map(|(m, fields)| {
+                fields
+                    .iter()
+                    .filter(|f| {
+                        mine.get(*f)
+                            .is_some_and(|v| current.get(*f).is_some_and(|c| c != v))
+                    })
+                    .map(move |f| format!("conflict with {m:?}: {}", show(f)))
+            })
+            .collect();
+        if !conflicts.is_empty() && !force {
+            return status(
+                409,
+                "Conflict",
+                &format!(
+                    "Apply failed with {} conflict{}: {}",
+                    conflicts.len(),
+                    if conflicts.len() == 1 { "" } else { "s" },
+                    conflicts.join(", ")
+                ),
+            );
+        }
         // Server-side apply, roughly: the applied fields over the stored object, so fields
         // another manager set (a webhook's caBundle) survive.
         let mut body = old.clone().unwrap_or(Value::Null);
@@ -365,6 +634,16 @@ impl State {
             m.remove("resourceVersion");
         }
         ssa_merge(&mut body, &applied);
+        // What this manager applied before and leaves out now goes, unless another owns it.
+        let before_mine = owners.get(&manager).cloned().unwrap_or_default();
+        for f in before_mine.iter().filter(|f| !mine.contains_key(*f)) {
+            let shared = owners
+                .iter()
+                .any(|(m, fields)| *m != manager && fields.contains(f));
+            if !shared {
+                remove_field(&mut body, f);
+            }
+        }
         let warnings = match self.admit(path, &mut body, query) {
             Ok(w) => w,
             Err(refused) => return *refused,
@@ -386,6 +665,7 @@ impl State {
         if let Some(o) = &old
             && unchanged
         {
+            self.own(path, &manager, mine.keys().cloned().collect(), force);
             return warn(respond(StatusCode::OK, o), &warnings);
         }
         self.rv += 1;
@@ -410,7 +690,8 @@ impl State {
             }
             _ => {}
         }
-        self.objects.insert(path.to_owned(), body.clone());
+        self.store(path.to_owned(), body.clone());
+        self.own(path, &manager, mine.keys().cloned().collect(), force);
         let code = if old.is_some() {
             StatusCode::OK
         } else {
@@ -419,7 +700,37 @@ impl State {
         warn(respond(code, &body), &warnings)
     }
 
-    fn create(&mut self, collection: &str, mut body: Value, query: &str) -> Response<Body> {
+    /// `manager` owns `fields` of the object at `path` (an apply: all it owns; with `force`,
+    /// taken from the others). Others keep what they share with it unforced.
+    fn own(&mut self, path: &str, manager: &str, fields: BTreeSet<Field>, force: bool) {
+        let owners = self.managed.entry(path.to_owned()).or_default();
+        if force {
+            for (m, theirs) in owners.iter_mut() {
+                if m != manager {
+                    theirs.retain(|f| !fields.contains(f));
+                }
+            }
+        }
+        owners.insert(manager.to_owned(), fields);
+    }
+
+    /// An update (not an apply) by `manager`: the fields it changed become its own alone.
+    fn own_changes(&mut self, path: &str, query: &str, old: Option<&Value>, new: &Value) {
+        let manager = query_value(query, "fieldManager").unwrap_or_else(|| "unknown".into());
+        let before = old.map(leaves).unwrap_or_default();
+        let changed: BTreeSet<Field> = leaves(new)
+            .into_iter()
+            .filter(|(f, v)| before.get(f) != Some(v))
+            .map(|(f, _)| f)
+            .collect();
+        let owners = self.managed.entry(path.to_owned()).or_default();
+        for theirs in owners.values_mut() {
+            theirs.retain(|f| !changed.contains(f));
+        }
+        owners.entry(manager).or_default().extend(changed);
+    }
+
+    fn create(&mut self, collection: &str, mut body: Value, query: &str) -> Resp {
         let name = body
             .pointer("/metadata/name")
             .and_then(Value::as_str)
@@ -439,12 +750,13 @@ impl State {
         };
         self.rv += 1;
         body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.objects.insert(path, body.clone());
+        self.store(path.clone(), body.clone());
+        self.own_changes(&path, query, None, &body);
         warn(respond(StatusCode::CREATED, &body), &warnings)
     }
 
     /// An update: refused when its resourceVersion is not the stored one.
-    fn replace(&mut self, path: &str, mut body: Value, query: &str) -> Response<Body> {
+    fn replace(&mut self, path: &str, mut body: Value, query: &str) -> Resp {
         let Some(old) = self.objects.get(path) else {
             return status(404, "NotFound", &format!("{path} not found"));
         };
@@ -464,12 +776,14 @@ impl State {
         };
         self.rv += 1;
         body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.objects.insert(path.to_owned(), body.clone());
+        let old = self.objects.get(path).cloned();
+        self.store(path.to_owned(), body.clone());
+        self.own_changes(path, query, old.as_ref(), &body);
         warn(respond(StatusCode::OK, &body), &warnings)
     }
 
     /// A JSON merge patch (RFC 7386), refused when it names another resourceVersion.
-    fn merge(&mut self, path: &str, patch: Value, query: &str) -> Response<Body> {
+    fn merge(&mut self, path: &str, patch: Value, query: &str) -> Resp {
         let Some(old) = self.objects.get(path).cloned() else {
             return status(404, "NotFound", &format!("{path} not found"));
         };
@@ -490,7 +804,9 @@ impl State {
         };
         self.rv += 1;
         new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.objects.insert(path.to_owned(), new.clone());
+        let old = self.objects.get(path).cloned();
+        self.store(path.to_owned(), new.clone());
+        self.own_changes(path, query, old.as_ref(), &new);
         warn(respond(StatusCode::OK, &new), &warnings)
     }
 
@@ -501,7 +817,7 @@ impl State {
         path: &str,
         body: &mut Value,
         query: &str,
-    ) -> Result<Vec<String>, Box<Response<Body>>> {
+    ) -> Result<Vec<String>, Box<Resp>> {
         let (n, rest) = split(path);
         let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
         let (group, version) = match (n, segs.as_slice()) {
@@ -602,7 +918,7 @@ impl State {
 
     /// A TokenReview, answered from [`State::tokens`] as the API server's authenticator would:
     /// authenticated only for a known token bound to one of the audiences asked for.
-    fn token_review(&mut self, mut body: Value) -> Response<Body> {
+    fn token_review(&mut self, mut body: Value) -> Resp {
         let token = body
             .pointer("/spec/token")
             .and_then(Value::as_str)
@@ -632,7 +948,7 @@ impl State {
         respond(StatusCode::CREATED, &body)
     }
 
-    fn review(&mut self, mut body: Value) -> Response<Body> {
+    fn review(&mut self, mut body: Value) -> Resp {
         let attrs = body
             .pointer("/spec/resourceAttributes")
             .cloned()
@@ -650,6 +966,96 @@ impl State {
             .any(|(v, g, r)| *v == f("verb") && *g == f("group") && *r == f("resource"));
         body["status"] = json!({"allowed": !denied});
         respond(StatusCode::CREATED, &body)
+    }
+}
+
+/// One field of an object: map keys, and `[name]` for an item of a list keyed by `name`.
+type Field = Vec<String>;
+
+/// A query parameter's decoded value.
+fn query_value(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .find_map(|q| q.strip_prefix(key)?.strip_prefix('='))
+        .map(percent_decode)
+}
+
+/// The leaf fields of an object and their values, as server-side apply tracks them: the
+/// object's identity (`apiVersion`, `kind`, name, namespace) and its status left out.
+fn leaves(o: &Value) -> BTreeMap<Field, Value> {
+    fn walk(v: &Value, at: &mut Field, out: &mut BTreeMap<Field, Value>) {
+        let named = |l: &[Value]| !l.is_empty() && l.iter().all(|i| i.get("name").is_some());
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, cv) in m {
+                    at.push(k.clone());
+                    walk(cv, at, out);
+                    at.pop();
+                }
+            }
+            Value::Array(l) if named(l) => {
+                for item in l {
+                    at.push(format!("[{}]", item["name"].as_str().unwrap_or("")));
+                    walk(item, at, out);
+                    at.pop();
+                }
+            }
+            _ => {
+                out.insert(at.clone(), v.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(o, &mut Vec::new(), &mut out);
+    out.retain(|f, _| {
+        let first = f.first().map(String::as_str);
+        let server_meta = first == Some("metadata")
+            && f.get(1).is_some_and(|k| {
+                matches!(
+                    k.as_str(),
+                    "name"
+                        | "namespace"
+                        | "resourceVersion"
+                        | "generation"
+                        | "uid"
+                        | "creationTimestamp"
+                )
+            });
+        !(matches!(first, Some("apiVersion" | "kind" | "status")) || server_meta)
+    });
+    out
+}
+
+/// A field as the API server names it in a conflict: `.spec.rules[name=x].weight`.
+fn show(f: &Field) -> String {
+    f.iter()
+        .map(|s| match s.strip_prefix('[') {
+            Some(name) => format!("[name={}", name),
+            None => format!(".{s}"),
+        })
+        .collect()
+}
+
+/// Removes one leaf field from `o` (a named list item once it has nothing left but its name).
+fn remove_field(o: &mut Value, f: &Field) {
+    let Some((last, parents)) = f.split_last() else {
+        return;
+    };
+    let mut cur = o;
+    for seg in parents {
+        let next = match seg.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            Some(name) => cur
+                .as_array_mut()
+                .and_then(|l| l.iter_mut().find(|i| i["name"] == name)),
+            None => cur.get_mut(seg),
+        };
+        match next {
+            Some(n) => cur = n,
+            None => return,
+        }
+    }
+    if let Some(m) = cur.as_object_mut() {
+        m.remove(last);
     }
 }
 
@@ -713,16 +1119,16 @@ pub fn path_of(o: &Value) -> String {
     }
 }
 
-fn respond(code: StatusCode, v: &Value) -> Response<Body> {
+fn respond(code: StatusCode, v: &Value) -> Resp {
     Response::builder()
         .status(code)
         .header(http::header::CONTENT_TYPE, "application/json")
-        .body(Body::from(serde_json::to_vec(v).unwrap_or_default()))
-        .unwrap_or_else(|_| Response::new(Body::empty()))
+        .body(full(serde_json::to_vec(v).unwrap_or_default()))
+        .unwrap_or_else(|_| Response::new(full(Vec::new())))
 }
 
 /// `resp` with a `Warning` header (code 299, as the API server sends them) per warning.
-fn warn(mut resp: Response<Body>, warnings: &[String]) -> Response<Body> {
+fn warn(mut resp: Resp, warnings: &[String]) -> Resp {
     for w in warnings {
         let text = format!("299 - {w:?}");
         if let Ok(v) = http::HeaderValue::from_str(&text) {
@@ -732,10 +1138,14 @@ fn warn(mut resp: Response<Body>, warnings: &[String]) -> Response<Body> {
     resp
 }
 
-fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+fn status(code: u16, reason: &str, message: &str) -> Resp {
     respond(
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                 "reason": reason, "message": message, "code": code}),
     )
 }
+
+#[cfg(test)]
+#[path = "fake_api_tests.rs"]
+mod tests;

@@ -311,3 +311,74 @@ async fn a_refused_object_is_reported_and_its_last_good_version_kept() {
     );
     task.abort();
 }
+
+/// Every watcher against the fake API server, which streams changes and expires history as a
+/// real one does: objects written after the list arrive as events, and after a compaction that
+/// ends the watches, each watcher's resumed watch gets 410 Gone, relists, and the index loses
+/// what was deleted while it was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchers_follow_the_fake_api_server_through_a_compaction() {
+    use mesh_api::fake_api::FakeApi;
+    let (client, fake) = FakeApi::start();
+    fake.install_chart_crds();
+    let svc = |name: &str| {
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": name, "namespace": "default"},
+               "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}})
+    };
+    fake.insert(svc("a"));
+    let sink = Sink::new(
+        Arc::new(Mutex::new(Index::new("cluster.local"))),
+        ConfigErrors::default(),
+    );
+    let tasks = spawn_watchers(client, &sink);
+    let missing = sink.wait_synced(Duration::from_secs(10)).await;
+    assert!(missing.is_empty(), "never listed: {missing:?}");
+    let mut rev = sink.index.lock().expect("lock").subscribe();
+    let at = *rev.borrow();
+
+    fake.insert(svc("b"));
+    wait_revision(&mut rev, at + 1, "b by a watch event").await;
+    assert_eq!(count(&sink, Kind::Service), 2);
+
+    let lists = |fake: &FakeApi| {
+        fake.state()
+            .log
+            .iter()
+            .filter(|l| l.path == "/api/v1/services" && !l.query.contains("watch="))
+            .count()
+    };
+    let before = lists(&fake);
+    fake.compact_and_end_watches(|s| {
+        s.delete("/api/v1/namespaces/default/services/a");
+        s.put(svc("c"));
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = sink
+            .index
+            .lock()
+            .expect("lock")
+            .model()
+            .services
+            .keys()
+            .map(|k| k.name.clone())
+            .collect();
+        if names == ["b", "c"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after the compaction the index has {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(lists(&fake) > before, "the watcher never listed again");
+    assert!(
+        fake.state().expired_watches >= 1,
+        "no watch resumed from before the compaction"
+    );
+    for t in tasks {
+        t.abort();
+    }
+}
