@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "mesh.dev";
 pub const VERSION: &str = "v1alpha1";
 
-/// What a policy attaches to: a Service (group `""`) or a Namespace, in the policy's namespace.
+/// What a policy attaches to, in the policy's namespace: a Service (group `""`) or a
+/// Namespace; a TrafficPolicy also an HTTPRoute or GRPCRoute (group
+/// `gateway.networking.k8s.io`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyTargetReference {
@@ -18,7 +20,7 @@ pub struct PolicyTargetReference {
     pub group: String,
     pub kind: String,
     pub name: String,
-    /// A port name of the Service; absent means every port.
+    /// A port name of the Service, or a rule name of the route; absent means all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub section_name: Option<String>,
 }
@@ -111,8 +113,11 @@ pub struct AuthorizationOperation {
     pub unknown: UnknownFields,
 }
 
-/// How clients treat the targets' endpoints: balancing, connection limits, outlier detection,
-/// retry budget.
+/// How clients treat the targets: balancing, connection limits, outlier detection, retry
+/// budget and connect timeout for the endpoints of a Service (a port of it with
+/// `sectionName`), and retries for the requests of a Service or of an HTTPRoute (a rule of it,
+/// by name, with `sectionName`). The Istio DestinationRule's job, plus the retries the Gateway
+/// API keeps in its experimental channel. Precedence and reference: `docs/reference/crds.md`.
 #[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "mesh.dev",
@@ -132,30 +137,81 @@ pub struct TrafficPolicySpec {
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudget>,
+    /// Gateway API duration: how long a connection to an endpoint may take (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LoadBalancer {
     pub algorithm: LoadBalancerAlgorithm,
+    /// With `ConsistentHash`: what a request is hashed by (exactly one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<ConsistentHash>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum LoadBalancerAlgorithm {
-    /// Power of two choices over peak-EWMA latency (the default).
+    /// Power of two choices over peak-EWMA latency (mesh-proxy's default; Envoy least request).
     #[default]
     PeakEwma,
+    /// Power of two choices over requests in flight.
+    LeastRequest,
     RoundRobin,
     Random,
+    /// Requests with the same key go to the same endpoint while it is there (session affinity):
+    /// a ring hash.
+    ConsistentHash,
+}
+
+/// The key of a consistent hash.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsistentHash {
+    /// A request header's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// A cookie's value; with a `ttl`, a request without the cookie gets one set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<HashCookie>,
+    /// The client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+pub struct HashCookie {
+    pub name: String,
+    /// Gateway API duration; when set, the proxy sets the cookie on a response to a request
+    /// that had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// Circuit breaking, per client proxy and target: past a limit, a request fails at once with
+/// `503` (flag `UO`) instead of queueing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct ConnectionLimits {
+    /// Connections to all endpoints together.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// Requests waiting for a connection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending_requests: Option<u32>,
+    /// Requests in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Retries in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
+    /// Requests on one connection before it is closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests_per_connection: Option<u32>,
 }
@@ -163,24 +219,91 @@ pub struct ConnectionLimits {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierDetection {
-    /// Consecutive 5xx or connect failures before an endpoint is ejected.
+    /// Consecutive 5xx answers (or failed connections) before an endpoint is ejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consecutive_failures: Option<u32>,
-    /// Gateway API duration (`10s`, `500ms`).
+    pub consecutive_5xx: Option<u32>,
+    /// Consecutive 502, 503 or 504 answers (or failed connections) before an ejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Gateway API duration: how often ejections are reconsidered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+    /// Gateway API duration (`10s`, `500ms`): the first ejection's length, doubled for each
+    /// ejection before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_ejection_time: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
     pub max_ejection_percent: Option<u32>,
 }
 
+/// How many retries clients may send, as Envoy's retry budget counts them: `percent` of the
+/// requests in flight (with `interval`, of the requests sent over that interval), and always
+/// `minRetryConcurrency` retries at once.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryBudget {
-    /// Extra load retries may add, in percent of requests.
+    /// Default 20.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
     pub percent: Option<u32>,
+    /// Default 3.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min_retries_per_second: Option<u32>,
+    pub min_retry_concurrency: Option<u32>,
+    /// Gateway API duration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<String>,
+}
+
+/// Retries of the targets' requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryPolicy {
+    /// Retries after the first try (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Gateway API duration: each try's own timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// Gateway API duration: the first retry's backoff, doubled per retry up to ten times it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
+    /// HTTP statuses to retry. With none and no `on`: any 5xx.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub codes: Vec<u16>,
+    /// Other failures to retry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<RetryOn>,
+    /// gRPC statuses to retry (of a response that ends at its headers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grpc_statuses: Vec<GrpcRetryStatus>,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryOn {
+    /// Any 5xx.
+    #[serde(rename = "5xx")]
+    FiveXx,
+    /// 502, 503, 504.
+    GatewayError,
+    ConnectFailure,
+    /// The connection or stream was reset (refused streams included).
+    Reset,
+}
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum GrpcRetryStatus {
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    ResourceExhausted,
+    Unavailable,
 }
 
 /// Local (per-proxy) rate limits on the targets' inbound requests, in total and per caller

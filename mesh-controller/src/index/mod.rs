@@ -16,6 +16,7 @@
 pub mod model;
 pub mod policy;
 pub mod routes;
+pub mod traffic;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -71,8 +72,10 @@ pub struct Index {
     slices: HashMap<ObjKey, SliceInfo>,
     pods: Arc<HashMap<(String, String), Arc<PodModel>>>,
     routes: HashMap<ObjKey, Arc<RouteSpec>>,
-    /// Our policy CRDs, held for the issues that translate them.
+    /// Our policy CRDs.
     policies: HashMap<ObjKey, Object>,
+    /// TrafficPolicies, read.
+    traffic: HashMap<ObjKey, Arc<traffic::Compiled>>,
     slices_by_service: HashMap<SvcKey, HashSet<ObjKey>>,
     /// Routes by the Services they attach to (including ones that do not exist).
     routes_by_parent: HashMap<SvcKey, HashSet<ObjKey>>,
@@ -98,6 +101,7 @@ impl Index {
             pods: Arc::default(),
             routes: HashMap::new(),
             policies: HashMap::new(),
+            traffic: HashMap::new(),
             slices_by_service: HashMap::new(),
             routes_by_parent: HashMap::new(),
             routes_by_backend: HashMap::new(),
@@ -174,10 +178,54 @@ impl Index {
                     (Some(Object::RateLimitPolicy(a)), Object::RateLimitPolicy(b)) => a == b,
                     _ => false,
                 };
+                if let Object::TrafficPolicy(p) = &obj
+                    && !same
+                {
+                    let compiled = Arc::new(traffic::compile(p, &key));
+                    self.set_traffic(key.clone(), Some(compiled));
+                }
                 self.policies.insert(key, obj);
                 !same
             }
         })
+    }
+
+    /// Sets or removes a TrafficPolicy: the Services its old and new versions target are
+    /// dirty, with the parents of routes that send to them (routes carry a backend's hash key),
+    /// and the parents of the routes it targets.
+    fn set_traffic(&mut self, key: ObjKey, compiled: Option<Arc<traffic::Compiled>>) {
+        let old = match &compiled {
+            Some(c) => self.traffic.insert(key.clone(), c.clone()),
+            None => self.traffic.remove(&key),
+        };
+        let targets: Vec<traffic::Target> = old
+            .iter()
+            .chain(compiled.iter())
+            .flat_map(|c| c.targets.clone())
+            .collect();
+        for t in targets {
+            match t {
+                traffic::Target::Service { name, .. } => {
+                    let svc = SvcKey::new(&key.namespace, &name);
+                    for route in self.routes_by_backend.get(&svc).into_iter().flatten() {
+                        for p in self.routes.get(route).into_iter().flat_map(|r| &r.parents) {
+                            self.dirty.insert(SvcKey::new(&p.namespace, &p.name));
+                        }
+                    }
+                    self.dirty.insert(svc);
+                }
+                traffic::Target::Route { kind, name, .. } => {
+                    let route = ObjKey {
+                        kind,
+                        namespace: key.namespace.clone(),
+                        name,
+                    };
+                    for p in self.routes.get(&route).into_iter().flat_map(|r| &r.parents) {
+                        self.dirty.insert(SvcKey::new(&p.namespace, &p.name));
+                    }
+                }
+            }
+        }
     }
 
     /// Sets or removes a Service; it and the parents of routes that send to it are dirty.
@@ -267,7 +315,11 @@ impl Index {
                 self.pods.contains_key(&k) && Arc::make_mut(&mut self.pods).remove(&k).is_some()
             }
             Kind::HTTPRoute | Kind::GRPCRoute => self.set_route(key.clone(), None),
-            Kind::AuthorizationPolicy | Kind::TrafficPolicy | Kind::RateLimitPolicy => {
+            Kind::TrafficPolicy => {
+                self.set_traffic(key.clone(), None);
+                self.policies.remove(key).is_some()
+            }
+            Kind::AuthorizationPolicy | Kind::RateLimitPolicy => {
                 self.policies.remove(key).is_some()
             }
         }
@@ -466,7 +518,77 @@ impl Index {
                 policy::check_targets(key, targets, |n| service_ports(&key.namespace, n), errors);
             }
         }
+        let mut keys: Vec<&ObjKey> = self.traffic.keys().collect();
+        keys.sort();
+        for key in keys {
+            self.traffic_errors(&self.traffic[key], errors);
+        }
         out
+    }
+
+    /// A TrafficPolicy's unreadable fields, and targets that do not exist.
+    fn traffic_errors(&self, c: &traffic::Compiled, errors: &mut Vec<ResolveError>) {
+        let mut push = |field: String, reason: String| {
+            errors.push(ResolveError {
+                object: c.key.clone(),
+                field,
+                reason,
+                condition: model::RefProblem::NotARoute,
+            });
+        };
+        for (field, reason) in &c.errors {
+            push(field.clone(), reason.clone());
+        }
+        for (i, t) in c.targets.iter().enumerate() {
+            match t {
+                traffic::Target::Service { name, port } => {
+                    match (
+                        self.services.get(&SvcKey::new(&c.key.namespace, name)),
+                        port,
+                    ) {
+                        (None, _) => push(
+                            format!("spec.targetRefs[{i}]"),
+                            format!(
+                                "Service {}/{name} not found: the policy targets nothing",
+                                c.key.namespace
+                            ),
+                        ),
+                        (Some(s), Some(p)) if !s.ports.iter().any(|sp| sp.name == *p) => push(
+                            format!("spec.targetRefs[{i}].sectionName"),
+                            format!(
+                                "Service {}/{name} has no port named {p:?}: the policy targets nothing",
+                                c.key.namespace
+                            ),
+                        ),
+                        _ => {}
+                    }
+                }
+                traffic::Target::Route { kind, name, rule } => {
+                    let key = ObjKey {
+                        kind: *kind,
+                        namespace: c.key.namespace.clone(),
+                        name: name.clone(),
+                    };
+                    match (self.routes.get(&key), rule) {
+                        (None, _) => push(
+                            format!("spec.targetRefs[{i}]"),
+                            format!("{key} not found: the policy targets nothing"),
+                        ),
+                        (Some(r), Some(n))
+                            if !r.rules.iter().any(|ru| ru.name.as_deref() == Some(n)) =>
+                        {
+                            push(
+                                format!("spec.targetRefs[{i}].sectionName"),
+                                format!(
+                                    "{key} has no rule named {n:?}: the policy targets nothing"
+                                ),
+                            )
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Resolves everything into a [`Model`], rebuilding only the Services a change marked dirty;
@@ -634,7 +756,22 @@ impl Index {
                             retry: rule.retry.clone(),
                         };
                         for &port in &ports {
-                            let item = (spec.clone(), ri, mi, entry.clone());
+                            let mut entry = entry.clone();
+                            if entry.retry.is_none() {
+                                let port_name = info
+                                    .ports
+                                    .iter()
+                                    .find(|sp| sp.port == port)
+                                    .map_or("", |sp| sp.name.as_str());
+                                entry.retry = traffic::route_retry(
+                                    self.traffic.values().map(Arc::as_ref),
+                                    &spec.key,
+                                    rule.name.as_deref(),
+                                    (&key.namespace, &key.name),
+                                    port_name,
+                                );
+                            }
+                            let item = (spec.clone(), ri, mi, entry);
                             if spec.key.namespace == parent.namespace {
                                 producer.entry(port).or_default().push(item);
                             } else {
@@ -694,6 +831,19 @@ impl Index {
                     endpoints: Arc::new(eps),
                     routes: producer.remove(&sp.port).map(&order).unwrap_or_default(),
                     consumer_routes: consumer_by_port.remove(&sp.port).unwrap_or_default(),
+                    traffic: traffic::cluster_policy(
+                        self.traffic.values().map(Arc::as_ref),
+                        &key.namespace,
+                        &key.name,
+                        &sp.name,
+                    )
+                    .map(Arc::new),
+                    retry: traffic::service_retry(
+                        self.traffic.values().map(Arc::as_ref),
+                        &key.namespace,
+                        &key.name,
+                        &sp.name,
+                    ),
                 }
             })
             .collect();
@@ -702,6 +852,23 @@ impl Index {
             cluster_ip: info.cluster_ip,
             ports,
             selector: info.selector.clone(),
+        }
+    }
+
+    /// The hash key a backend Service port's TrafficPolicy balances by, if it hashes.
+    fn backend_hash(&self, b: &BackendRef) -> Option<traffic::HashKey> {
+        let svc = self.services.get(&SvcKey::new(&b.namespace, &b.name))?;
+        let port = svc.ports.iter().find(|p| Some(p.port) == b.port)?;
+        match traffic::cluster_policy(
+            self.traffic.values().map(Arc::as_ref),
+            &b.namespace,
+            &b.name,
+            &port.name,
+        )?
+        .balancer
+        {
+            traffic::Balancer::Hash(k) => Some(k),
+            _ => None,
         }
     }
 
@@ -751,11 +918,13 @@ impl Index {
             // A backend at weight 0 stays in the route: proxies keep its endpoints warm, so
             // moving traffic to it (a blue-green switch, a rollback) takes effect the moment
             // the new weights arrive.
+            let hash = self.backend_hash(b);
             backends.push(WeightedBackend {
                 cluster,
                 weight: b.weight,
                 request_headers: b.request_headers.clone(),
                 response_headers: b.response_headers.clone(),
+                hash,
             });
         }
         // No backends, all weights zero, or none of the weighted ones resolves: the Gateway

@@ -88,6 +88,9 @@ pub struct WeightedBackend {
     pub request_headers: HeaderModifier,
     #[serde(skip)]
     pub response_headers: HeaderModifier,
+    /// What the backend's TrafficPolicy hashes requests by (session affinity): a route
+    /// carries it, since Envoy reads the hash key from the route.
+    pub hash: Option<super::traffic::HashKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -135,6 +138,10 @@ pub struct PortModel {
     /// Routes from other namespaces, which apply only to clients in that namespace (GAMMA
     /// consumer routes), in precedence order.
     pub consumer_routes: BTreeMap<String, Arc<Vec<RouteEntry>>>,
+    /// What TrafficPolicies say of this port's endpoints.
+    pub traffic: Option<Arc<super::traffic::ClusterPolicy>>,
+    /// The retry of requests no route takes (a TrafficPolicy on the Service).
+    pub retry: Option<super::routes::Retry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -41,6 +41,8 @@ pub struct ParentRef {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct RuleSpec {
+    /// The rule's `name`, which a policy's `sectionName` may name.
+    pub name: Option<String>,
     pub matches: Vec<MatchSpec>,
     pub backends: Vec<BackendRef>,
     pub filters: Filters,
@@ -159,6 +161,14 @@ pub struct Retry {
     pub attempts: u32,
     pub codes: Vec<u16>,
     pub backoff: Option<Duration>,
+    /// Each try's timeout (a TrafficPolicy's; a route's `backendRequest` timeout wins).
+    pub per_try_timeout: Option<Duration>,
+    /// Failures retried besides `codes`; none given (and no codes): any 5xx, failed
+    /// connections and resets.
+    pub on: Vec<mesh_api::crds::RetryOn>,
+    pub grpc: Vec<mesh_api::crds::GrpcRetryStatus>,
+    /// The TrafficPolicy it came from; `None`: the route rule's own `retry`.
+    pub from: Option<String>,
 }
 
 // ---- the shapes read through serde -------------------------------------------------------
@@ -166,6 +176,8 @@ pub struct Retry {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawRule {
+    #[serde(default)]
+    name: Option<String>,
     #[serde(default)]
     matches: Option<Vec<serde_json::Value>>,
     #[serde(default)]
@@ -903,10 +915,15 @@ fn rule(raw: RawRule, field: &str, route_ns: &str, flavor: Flavor) -> Result<Rul
                 attempts,
                 codes,
                 backoff,
+                per_try_timeout: None,
+                on: Vec::new(),
+                grpc: Vec::new(),
+                from: None,
             })
         }
     };
     Ok(RuleSpec {
+        name: raw.name.clone(),
         matches,
         backends,
         filters,
@@ -995,7 +1012,11 @@ mod tests {
             Some(Retry {
                 attempts: 2,
                 codes: vec![503],
-                backoff: None
+                backoff: None,
+                per_try_timeout: None,
+                on: Vec::new(),
+                grpc: Vec::new(),
+                from: None,
             })
         );
         assert_eq!(

@@ -4,4 +4,5 @@ pub mod policy;
 pub mod resources;
 pub mod server;
 pub mod status;
+pub mod traffic;
 pub mod translate;

@@ -32,10 +32,10 @@ use envoy_types::pb::envoy::config::listener::v3::{
     listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route,
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, Route,
     RouteAction as PbRouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
-    header_matcher, query_parameter_matcher, redirect_action, retry_policy, route, route_action,
-    route_match, weighted_cluster,
+    header_matcher, query_parameter_matcher, redirect_action, route, route_action, route_match,
+    weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
@@ -65,6 +65,7 @@ use serde::Serialize;
 
 use super::resources::{Changes, ProxyView, Resource, ResourceType, Resources};
 use crate::index::routes::{HeaderModifier, PathMatch, PathModifier, StrMatch};
+use crate::index::traffic::{Balancer, HashKey};
 use crate::index::{
     Model, MtlsMode, PodModel, Protocol, RouteAction, RouteEntry, ServiceModel, SvcKey,
 };
@@ -550,7 +551,6 @@ fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
             eds_config: Some(ads()),
             service_name: String::new(),
         }),
-        lb_policy: cluster::LbPolicy::RoundRobin as i32,
         ..Default::default()
     };
     if protocol.is_http2() {
@@ -812,33 +812,6 @@ fn header_options(m: &HeaderModifier) -> Vec<HeaderValueOption> {
         .collect()
 }
 
-fn retry_policy(entry: &RouteEntry) -> Option<RetryPolicy> {
-    if entry.retry.is_none() && entry.backend_timeout.is_none() {
-        return None;
-    }
-    let mut p = RetryPolicy {
-        per_try_timeout: entry.backend_timeout.map(pb_duration),
-        num_retries: u32v(0),
-        ..Default::default()
-    };
-    if let Some(r) = &entry.retry {
-        p.num_retries = u32v(r.attempts);
-        p.retry_on = if r.codes.is_empty() {
-            "5xx,connect-failure,refused-stream,reset".into()
-        } else {
-            "retriable-status-codes,connect-failure,refused-stream,reset".into()
-        };
-        p.retriable_status_codes = r.codes.iter().map(|c| u32::from(*c)).collect();
-        if let Some(b) = r.backoff {
-            p.retry_back_off = Some(retry_policy::RetryBackOff {
-                base_interval: Some(pb_duration(b)),
-                max_interval: None,
-            });
-        }
-    }
-    Some(p)
-}
-
 fn forward_action(entry: &RouteEntry, backends: &[crate::index::WeightedBackend]) -> PbRouteAction {
     let cluster_of = |b: &crate::index::WeightedBackend| {
         b.cluster
@@ -869,7 +842,8 @@ fn forward_action(entry: &RouteEntry, backends: &[crate::index::WeightedBackend]
         cluster_specifier: Some(specifier),
         // No timeout in the route means none at all (Envoy would default to 15 s).
         timeout: Some(pb_duration(entry.timeout.unwrap_or_default())),
-        retry_policy: retry_policy(entry),
+        retry_policy: super::traffic::retry_policy(entry.retry.as_ref(), entry.backend_timeout),
+        hash_policy: hash_policies(backends.iter().filter_map(|b| b.hash.as_ref())),
         request_mirror_policies: entry
             .mirrors
             .iter()
@@ -924,8 +898,31 @@ fn prefix_rewrite(entry: &RouteEntry, m: &RouteMatch) -> Option<String> {
     })
 }
 
-fn envoy_routes(entries: &[RouteEntry], default_cluster: &str) -> Vec<Route> {
+/// A route's hash policies: one per distinct key its backends hash by.
+fn hash_policies<'a>(keys: impl Iterator<Item = &'a HashKey>) -> Vec<route_action::HashPolicy> {
+    let mut seen: Vec<&HashKey> = Vec::new();
+    for k in keys {
+        if !seen.contains(&k) {
+            seen.push(k);
+        }
+    }
+    seen.into_iter().map(super::traffic::hash_policy).collect()
+}
+
+/// The routes of a Service port: its route entries, or, with none, one route to the
+/// Service itself (`default_cluster`) with the port's own retry and hash key, if any.
+fn envoy_routes(
+    entries: &[RouteEntry],
+    default_cluster: &str,
+    port: Option<&crate::index::PortModel>,
+) -> Vec<Route> {
     if entries.is_empty() {
+        let hash = port
+            .and_then(|p| p.traffic.as_ref())
+            .and_then(|t| match &t.balancer {
+                Balancer::Hash(k) => Some(k),
+                _ => None,
+            });
         return vec![Route {
             name: "default".into(),
             r#match: Some(RouteMatch {
@@ -937,6 +934,11 @@ fn envoy_routes(entries: &[RouteEntry], default_cluster: &str) -> Vec<Route> {
                     default_cluster.to_string(),
                 )),
                 timeout: Some(pb_duration(Duration::ZERO)),
+                retry_policy: super::traffic::retry_policy(
+                    port.and_then(|p| p.retry.as_ref()),
+                    None,
+                ),
+                hash_policy: hash_policies(hash.into_iter()),
                 ..Default::default()
             })),
             ..Default::default()
@@ -1027,7 +1029,14 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
         let name = service_port_name(model, &svc.key, p.port);
         out.global.push((
             ResourceType::Cluster,
-            Resource::new(&cluster, &eds_cluster(&cluster, p.protocol)),
+            Resource::new(&cluster, &{
+                let mut c = eds_cluster(&cluster, p.protocol);
+                match &p.traffic {
+                    Some(t) => super::traffic::apply_cluster_policy(&mut c, t),
+                    None => super::traffic::default_balancer(&mut c),
+                }
+                c
+            }),
         ));
         out.global.push((
             ResourceType::Endpoint,
@@ -1051,7 +1060,7 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
             virtual_hosts: vec![VirtualHost {
                 name: name.clone(),
                 domains: vec!["*".into()],
-                routes: envoy_routes(entries, &cluster),
+                routes: envoy_routes(entries, &cluster, Some(p)),
                 ..Default::default()
             }],
             ..Default::default()
@@ -1161,7 +1170,7 @@ fn encoded_vhosts(
         let vhost = VirtualHost {
             name: service_port_name(model, &svc.key, p.port),
             domains: domains(model, svc, p.port, local, owns_vip),
-            routes: envoy_routes(entries, &cluster),
+            routes: envoy_routes(entries, &cluster, Some(p)),
             ..Default::default()
         };
         prost::encoding::message::encode(VIRTUAL_HOSTS_TAG, &vhost, &mut buf);
@@ -1395,7 +1404,7 @@ fn pod_resources(
                 virtual_hosts: vec![VirtualHost {
                     name: route.clone(),
                     domains: vec!["*".into()],
-                    routes: envoy_routes(&[], &cluster),
+                    routes: envoy_routes(&[], &cluster, None),
                     ..Default::default()
                 }],
                 ..Default::default()
