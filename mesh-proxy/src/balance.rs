@@ -1,4 +1,7 @@
-//! Load balancing: power of two choices over peak-EWMA latency, with outlier ejection.
+//! Load balancing: power of two choices over peak-EWMA latency (the default), with outlier
+//! ejection; or, as a cluster's `lb_policy` says, least request (two choices over requests in
+//! flight), round robin, random, or a ring hash of a key the route computes (session
+//! affinity). Ejected endpoints are skipped by all of them.
 //!
 //! Each endpoint keeps an exponentially weighted moving average of its response times that
 //! jumps up at once on a slow response and decays over [`DECAY`]; its cost is that average
@@ -15,7 +18,7 @@
 //! endpoint) is ejected at a time; if every endpoint is ejected, all of them are used.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -34,9 +37,47 @@ const FAIL_ALPHA: f64 = 0.2;
 /// How much a failure rate of 1 multiplies an endpoint's cost.
 const FAIL_PENALTY: f64 = 10.0;
 
+/// How a cluster picks among its endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balancer {
+    #[default]
+    PeakEwma,
+    LeastRequest,
+    RoundRobin,
+    Random,
+    /// A ring of points per endpoint; a request's hash picks the next point clockwise.
+    RingHash,
+}
+
+/// Points on the ring per endpoint, and at least this many in all (Envoy's default minimum).
+const RING_POINTS_PER_ENDPOINT: usize = 128;
+const RING_MIN: usize = 1024;
+
+/// A stable 64-bit hash (FNV-1a, then a finalizer that spreads nearby inputs).
+pub fn hash64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct OutlierConfig {
     pub consecutive_failures: u32,
+    /// Only gateway errors (502, 503, 504, timeouts) and failed connections count.
+    pub gateway_only: bool,
+    /// No ejection at all (a cluster whose outlier detection enforces nothing).
+    pub disabled: bool,
+    /// Ejections end on these ticks (Envoy's `interval`); `None`: when their time is up.
+    #[serde(with = "crate::state::route::opt_ms")]
+    pub interval: Option<Duration>,
     #[serde(with = "ms")]
     pub base_ejection: Duration,
     #[serde(with = "ms")]
@@ -49,6 +90,9 @@ impl Default for OutlierConfig {
     fn default() -> Self {
         Self {
             consecutive_failures: 7,
+            gateway_only: false,
+            disabled: false,
+            interval: None,
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(60),
             max_ejection_percent: 50,
@@ -187,6 +231,11 @@ fn decay(e: &mut Ewma, now: Instant) {
 pub struct EndpointSet {
     endpoints: Vec<Arc<Endpoint>>,
     outlier: OutlierConfig,
+    balancer: Balancer,
+    /// `(point, endpoint index)`, sorted, for [`Balancer::RingHash`].
+    ring: Vec<(u64, usize)>,
+    /// The next endpoint of [`Balancer::RoundRobin`].
+    next: AtomicUsize,
     ejections: Counter,
     /// Requests in flight to any endpoint of this set (for the circuit breaker).
     in_flight: AtomicU32,
@@ -220,8 +269,11 @@ impl Serialize for EndpointSet {
 pub enum Outcome {
     Success,
     /// A 5xx or a timeout: the endpoint answered badly. Counts toward ejection and raises
-    /// the endpoint's failure rate, which makes it a costlier pick.
-    ServerError,
+    /// the endpoint's failure rate, which makes it a costlier pick. `gateway`: a 502, 503,
+    /// 504 or a timeout.
+    ServerError {
+        gateway: bool,
+    },
     /// The connection failed or was reset: counts toward ejection only, so a dead endpoint
     /// keeps its share of (retried) tries until it is ejected, which is fast.
     ConnectFailure,
@@ -253,7 +305,10 @@ impl InFlight {
                 ep.consecutive_failures.store(0, Ordering::Relaxed);
                 ep.ejections.store(0, Ordering::Relaxed);
             }
-            Outcome::ServerError | Outcome::ConnectFailure => {
+            Outcome::ServerError { gateway: false } if self.set.outlier.gateway_only => {
+                // Not a gateway error: it neither counts nor breaks a run of them.
+            }
+            Outcome::ServerError { .. } | Outcome::ConnectFailure => {
                 // A failure never makes an endpoint look faster than it was.
                 let current = ep
                     .ewma
@@ -261,13 +316,13 @@ impl InFlight {
                     .map_or(0.0, |e| if e.observed { e.rtt_ns } else { 0.0 });
                 rtt = rtt.max(Duration::from_nanos(current as u64));
                 let n = ep.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= self.set.outlier.consecutive_failures {
+                if n >= self.set.outlier.consecutive_failures && !self.set.outlier.disabled {
                     self.set.eject(ep, now);
                 }
             }
         }
         if let Ok(mut e) = ep.ewma.lock() {
-            let failed = f64::from(u8::from(outcome == Outcome::ServerError));
+            let failed = f64::from(u8::from(matches!(outcome, Outcome::ServerError { .. })));
             e.fail_rate = e.fail_rate * (1.0 - FAIL_ALPHA) + failed * FAIL_ALPHA;
         }
         ep.observe(rtt, now);
@@ -275,17 +330,57 @@ impl InFlight {
 }
 
 impl EndpointSet {
-    pub fn new(defs: &[EndpointDef], outlier: OutlierConfig, ejections: Counter) -> Self {
-        Self {
-            endpoints: defs.iter().map(|d| Arc::new(Endpoint::new(d))).collect(),
+    pub fn new(
+        defs: &[EndpointDef],
+        outlier: OutlierConfig,
+        balancer: Balancer,
+        ejections: Counter,
+    ) -> Self {
+        Self::assemble(
+            defs.iter().map(|d| Arc::new(Endpoint::new(d))).collect(),
             outlier,
+            balancer,
+            ejections,
+        )
+    }
+
+    fn assemble(
+        endpoints: Vec<Arc<Endpoint>>,
+        outlier: OutlierConfig,
+        balancer: Balancer,
+        ejections: Counter,
+    ) -> Self {
+        let ring = if balancer == Balancer::RingHash && !endpoints.is_empty() {
+            let per = RING_POINTS_PER_ENDPOINT.max(RING_MIN.div_ceil(endpoints.len()));
+            let mut ring: Vec<(u64, usize)> = endpoints
+                .iter()
+                .enumerate()
+                .flat_map(|(i, e)| {
+                    (0..per).map(move |k| (hash64(format!("{}_{k}", e.addr).as_bytes()), i))
+                })
+                .collect();
+            ring.sort_unstable();
+            ring
+        } else {
+            Vec::new()
+        };
+        Self {
+            endpoints,
+            outlier,
+            balancer,
+            ring,
+            next: AtomicUsize::new(rand::random_range(0..usize::from(u16::MAX))),
             ejections,
             in_flight: AtomicU32::new(0),
         }
     }
 
+    pub fn balancer(&self) -> Balancer {
+        self.balancer
+    }
+
     /// A set with new endpoints that keeps the state of those it had before.
-    pub fn update(&self, defs: &[EndpointDef], outlier: OutlierConfig) -> Self {
+    pub fn update(&self, defs: &[EndpointDef], outlier: OutlierConfig, balancer: Balancer) -> Self {
         let endpoints = defs
             .iter()
             .map(|d| {
@@ -298,12 +393,7 @@ impl EndpointSet {
                     .unwrap_or_else(|| Arc::new(Endpoint::new(d)))
             })
             .collect();
-        Self {
-            endpoints,
-            outlier,
-            ejections: self.ejections.clone(),
-            in_flight: AtomicU32::new(0),
-        }
+        Self::assemble(endpoints, outlier, balancer, self.ejections.clone())
     }
 
     pub fn len(&self) -> usize {
@@ -337,10 +427,19 @@ impl EndpointSet {
     }
 
     /// Picks an endpoint and marks a request in flight to it. `avoid`: an endpoint that just
-    /// failed this request (a retry goes elsewhere when it can).
-    pub fn pick(self: &Arc<Self>, avoid: Option<SocketAddr>) -> Option<InFlight> {
+    /// failed this request (a retry goes elsewhere when it can). `hash`: the request's key,
+    /// for a ring hash (without one, a ring hash picks at random).
+    pub fn pick(
+        self: &Arc<Self>,
+        avoid: Option<SocketAddr>,
+        hash: Option<u64>,
+    ) -> Option<InFlight> {
         let now = Instant::now();
-        let ep = self.choose(now, avoid)?;
+        let ep = match (self.balancer, hash) {
+            (Balancer::PeakEwma, _) => self.choose(now, avoid)?,
+            (Balancer::RingHash, Some(h)) => self.on_ring(now, avoid, h)?,
+            _ => self.simple(now, avoid)?,
+        };
         ep.pending.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         Some(InFlight {
@@ -348,6 +447,53 @@ impl EndpointSet {
             set: self.clone(),
             start: now,
         })
+    }
+
+    /// The first usable endpoint clockwise from `h` on the ring; if none is, the point's own.
+    fn on_ring(&self, now: Instant, avoid: Option<SocketAddr>, h: u64) -> Option<Arc<Endpoint>> {
+        let n = self.ring.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.ring.partition_point(|(p, _)| *p < h) % n;
+        let usable = |e: &Endpoint| !e.is_ejected(now) && Some(e.addr) != avoid;
+        (0..n)
+            .map(|k| &self.endpoints[self.ring[(start + k) % n].1])
+            .find(|e| usable(e))
+            .or_else(|| self.endpoints.get(self.ring[start].1))
+            .cloned()
+    }
+
+    /// Least request, round robin, random (and a ring hash without a key): among the usable
+    /// endpoints, or all of them when none is.
+    fn simple(&self, now: Instant, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
+        let usable: Vec<&Arc<Endpoint>> = self
+            .endpoints
+            .iter()
+            .filter(|e| !e.is_ejected(now) && Some(e.addr) != avoid)
+            .collect();
+        let pool: Vec<&Arc<Endpoint>> = if usable.is_empty() {
+            self.endpoints.iter().collect()
+        } else {
+            usable
+        };
+        let n = pool.len();
+        if n == 0 {
+            return None;
+        }
+        let pick = match self.balancer {
+            Balancer::RoundRobin => pool[self.next.fetch_add(1, Ordering::Relaxed) % n],
+            Balancer::LeastRequest if n > 1 => {
+                let i = rand::random_range(0..n);
+                let j = (i + rand::random_range(1..n)) % n;
+                match pool[i].pending().cmp(&pool[j].pending()) {
+                    std::cmp::Ordering::Greater => pool[j],
+                    _ => pool[i],
+                }
+            }
+            _ => pool[rand::random_range(0..n)],
+        };
+        Some(pick.clone())
     }
 
     fn choose(&self, now: Instant, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
@@ -414,7 +560,14 @@ impl EndpointSet {
             .min(self.outlier.max_ejection);
         // Up to a quarter more, so endpoints ejected together do not return together.
         let jitter = backoff.mul_f64(rand::random_range(0.0..0.25));
-        let until = now + backoff + jitter;
+        let mut until = now + backoff + jitter;
+        // With an interval, an ejection ends on the detector's next tick after its time.
+        if let Some(tick) = self.outlier.interval.filter(|t| !t.is_zero()) {
+            let since = until.saturating_duration_since(base()).as_nanos();
+            let t = tick.as_nanos();
+            let rounded = since.div_ceil(t) * t;
+            until = base() + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX));
+        }
         ep.ejected_until.store(nanos(until), Ordering::Relaxed);
         ep.consecutive_failures.store(0, Ordering::Relaxed);
         // Back on probation when it returns: it competes like a new endpoint instead of
@@ -436,7 +589,12 @@ mod tests {
         let defs: Vec<EndpointDef> = (0..n)
             .map(|i| EndpointDef::plain(SocketAddr::from(([127, 0, 0, 1], 1000 + i))))
             .collect();
-        Arc::new(EndpointSet::new(&defs, outlier, Counter::default()))
+        Arc::new(EndpointSet::new(
+            &defs,
+            outlier,
+            Balancer::PeakEwma,
+            Counter::default(),
+        ))
     }
 
     #[test]
@@ -447,7 +605,7 @@ mod tests {
         s.endpoints[1].observe(Duration::from_millis(1), Instant::now());
         let mut to_slow = 0;
         for _ in 0..1000 {
-            let f = s.pick(None).expect("endpoint");
+            let f = s.pick(None, None).expect("endpoint");
             if f.endpoint.addr == slow {
                 to_slow += 1;
             }
@@ -463,7 +621,9 @@ mod tests {
             e.observe(Duration::from_millis(1), Instant::now());
         }
         // Requests held in flight raise an endpoint's cost, so load spreads.
-        let held: Vec<InFlight> = (0..300).map(|_| s.pick(None).expect("endpoint")).collect();
+        let held: Vec<InFlight> = (0..300)
+            .map(|_| s.pick(None, None).expect("endpoint"))
+            .collect();
         let mut counts = [0u32; 3];
         for f in &held {
             counts[usize::from(f.endpoint.addr.port() - 1000)] += 1;
@@ -478,7 +638,7 @@ mod tests {
         let s = set(2, OutlierConfig::default());
         s.endpoints[0].observe(Duration::from_micros(100), Instant::now());
         let to_new = (0..1000)
-            .filter(|_| s.pick(None).expect("endpoint").endpoint.addr == s.endpoints[1].addr)
+            .filter(|_| s.pick(None, None).expect("endpoint").endpoint.addr == s.endpoints[1].addr)
             .count();
         assert!(
             (350..=650).contains(&to_new),
@@ -489,9 +649,9 @@ mod tests {
     #[test]
     fn in_flight_counts_against_an_endpoint() {
         let s = set(2, OutlierConfig::default());
-        let held = s.pick(None).expect("endpoint");
+        let held = s.pick(None, None).expect("endpoint");
         for _ in 0..100 {
-            let f = s.pick(None).expect("endpoint");
+            let f = s.pick(None, None).expect("endpoint");
             assert_ne!(f.endpoint.addr, held.endpoint.addr);
         }
         drop(held);
@@ -505,6 +665,7 @@ mod tests {
             base_ejection: Duration::from_millis(50),
             max_ejection: Duration::from_secs(1),
             max_ejection_percent: 50,
+            ..OutlierConfig::default()
         };
         let s = set(3, outlier);
         let bad = s.endpoints[0].clone();
@@ -520,7 +681,10 @@ mod tests {
         }
         assert!(bad.is_ejected(Instant::now()));
         for _ in 0..200 {
-            assert_ne!(s.pick(None).expect("endpoint").endpoint.addr, bad.addr);
+            assert_ne!(
+                s.pick(None, None).expect("endpoint").endpoint.addr,
+                bad.addr
+            );
         }
         // Ejection ends after base time (plus at most a quarter of jitter).
         assert!(!bad.is_ejected(Instant::now() + Duration::from_millis(63)));
@@ -539,7 +703,7 @@ mod tests {
         let ejected = s.endpoints.iter().filter(|e| e.is_ejected(now)).count();
         assert_eq!(ejected, 1);
         // The survivor is still picked, and so is anything when everything is down.
-        assert!(s.pick(None).is_some());
+        assert!(s.pick(None, None).is_some());
     }
 
     #[test]
@@ -550,7 +714,7 @@ mod tests {
             EndpointDef::plain(s.endpoints[0].addr),
             EndpointDef::plain(SocketAddr::from(([127, 0, 0, 1], 2000))),
         ];
-        let u = s.update(&defs, OutlierConfig::default());
+        let u = s.update(&defs, OutlierConfig::default(), Balancer::PeakEwma);
         assert!(Arc::ptr_eq(&u.endpoints[0], &s.endpoints[0]));
         assert!(u.endpoints[0].ewma_ms() > 30.0);
         assert_eq!(u.endpoints[1].addr.port(), 2000);

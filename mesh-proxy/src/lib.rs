@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod balance;
+pub mod breaker;
 pub mod config;
 pub mod identity;
 pub mod init;

@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::v3::Percent;
-use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value};
+use envoy_types::pb::google::protobuf::{UInt32Value, Value, value};
 use mesh_api::crds::{GrpcRetryStatus, RetryOn};
 
 use super::translate::{any, pb_duration};
@@ -50,7 +50,7 @@ fn set_balancer(c: &mut Cluster, b: &Balancer) {
         let meta = c.metadata.get_or_insert_with(Metadata::default);
         meta.filter_metadata
             .entry(mesh_api::consts::xds::ENDPOINT_METADATA.to_string())
-            .or_insert_with(Struct::default)
+            .or_default()
             .fields
             .insert(
                 BALANCER_KEY.into(),

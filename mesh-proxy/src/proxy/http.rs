@@ -36,6 +36,8 @@ pub struct HttpCtx {
     pub route: String,
     /// The connection's original destination.
     pub dst: SocketAddr,
+    /// The client's address (for a hash by source IP).
+    pub src: Option<SocketAddr>,
     /// Inbound over mesh TLS: the client's SPIFFE ID (for policy and metrics).
     pub peer: Option<mesh_api::SpiffeId>,
     /// Inbound: the `x-forwarded-client-cert` value given to the app (`By=<this
@@ -334,6 +336,12 @@ async fn forward(
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // The hash key, from the request as the client sent it.
+    let affinity = if f.hash.is_empty() {
+        super::affinity::Affinity::default()
+    } else {
+        super::affinity::affinity(&f.hash, &parts.headers, ctx.src)
+    };
     // A body that is already over is never read: nothing to count.
     let body = (!body.is_end_stream()).then(|| Counted::new(body, ex.request_bytes()));
 
@@ -450,6 +458,7 @@ async fn forward(
     let deadline = f.timeout.map(|t| start + t);
     if policy.is_some() {
         cluster.budget.deposit(start);
+        cluster.breaker.deposit(start);
     }
     let base_h2 = !upgrade
         && match cluster.protocol {
@@ -473,8 +482,10 @@ async fn forward(
     }
     let mut attempt = 0u32;
     let mut avoid = None;
+    // The retry in flight, against the cluster's max_retries or retry budget.
+    let mut _retry_slot = None;
     loop {
-        let Some(inflight) = pick(&cluster, ctx.dst, avoid) else {
+        let Some(inflight) = pick(&cluster, ctx.dst, avoid, affinity.hash) else {
             ex.flags = "UH";
             return local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
         };
@@ -489,6 +500,7 @@ async fn forward(
             connect_timeout: cluster.connect_timeout,
             idle_timeout: shared.config.idle_timeout,
             tls: shared.tls.clone(),
+            breaker: cluster.breaker.clone(),
         };
         let Some(req) = build(h2, ep.mesh_proxy, body.take()) else {
             return local(
@@ -517,13 +529,17 @@ async fn forward(
             },
         };
         inflight.finish(match &result {
-            Try::Response(r) if r.status().is_server_error() => Outcome::ServerError,
+            Try::Response(r) if r.status().is_server_error() => Outcome::ServerError {
+                gateway: matches!(r.status().as_u16(), 502..=504),
+            },
             Try::Response(_) => Outcome::Success,
             Try::Failed(_) => Outcome::ConnectFailure,
-            Try::PerTryTimeout | Try::Timeout => Outcome::ServerError,
+            Try::PerTryTimeout | Try::Timeout => Outcome::ServerError { gateway: true },
         });
         let reason = policy.and_then(|p| match &result {
             Try::Response(r) if p.retries_status(r.status().as_u16()) => Some("status"),
+            Try::Response(r) if p.retries_grpc(r.headers()) => Some("grpc-status"),
+            Try::Failed(SendError::Overflow) => None,
             Try::Failed(e) if e.is_connect() && p.on_connect_failure => Some("connect-failure"),
             Try::Failed(e) if !e.is_connect() && (p.on_reset || p.on_refused_stream) => {
                 Some("reset")
@@ -548,13 +564,23 @@ async fn forward(
                         reason: "body-not-replayable",
                     })
                     .inc();
-            } else if !cluster.budget.withdraw(now) {
+            } else if let Some(denied) = match cluster.breaker.limits_retries() {
+                // The cluster's own limits replace the proxy's default budget.
+                true => match cluster.breaker.retry(cluster.endpoints.in_flight(), now) {
+                    Some(slot) => {
+                        _retry_slot = Some(slot);
+                        None
+                    }
+                    None => Some("overflow"),
+                },
+                false => (!cluster.budget.withdraw(now)).then_some("budget"),
+            } {
                 shared
                     .metrics
                     .retries_denied
                     .get_or_create(&ReasonLabels {
                         backend: cluster.name.clone(),
-                        reason: "budget",
+                        reason: denied,
                     })
                     .inc();
             } else {
@@ -587,6 +613,9 @@ async fn forward(
                 }
                 let (mut p, b) = resp.into_parts();
                 strip_hop_by_hop(&mut p.headers);
+                if let Some(c) = &affinity.set_cookie {
+                    p.headers.append(header::SET_COOKIE, c.clone());
+                }
                 backend.headers.apply_response(&mut p.headers);
                 levels.route.headers.apply_response(&mut p.headers);
                 levels.vh.headers.apply_response(&mut p.headers);
@@ -597,6 +626,18 @@ async fn forward(
                     Some(at) => ex.attach(Response::from_parts(p, Deadline::new(body, at))),
                     None => ex.attach(Response::from_parts(p, body)),
                 }
+            }
+            Try::Failed(SendError::Overflow) => {
+                ex.flags = "UO";
+                let mut r = local(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream overflow: no connection free and too many requests waiting for one",
+                );
+                r.headers_mut().insert(
+                    HeaderName::from_static("x-mesh-proxy"),
+                    HeaderValue::from_static("overflow"),
+                );
+                r
             }
             Try::Failed(e) => {
                 ex.flags = if e.is_connect() { "UF" } else { "UC" };
@@ -635,10 +676,11 @@ fn pick(
     cluster: &Arc<Cluster>,
     dst: SocketAddr,
     avoid: Option<SocketAddr>,
+    hash: Option<u64>,
 ) -> Option<crate::balance::InFlight> {
     match cluster.kind {
-        ClusterKind::OriginalDst => cluster.original_dst(dst).pick(None),
-        _ => cluster.endpoints.pick(avoid),
+        ClusterKind::OriginalDst => cluster.original_dst(dst).pick(None, None),
+        _ => cluster.endpoints.pick(avoid, hash),
     }
 }
 
@@ -714,7 +756,7 @@ fn mirror(
         let Some(cluster) = snapshot.cluster(&m.cluster).cloned() else {
             continue;
         };
-        let Some(inflight) = cluster.endpoints.pick(None) else {
+        let Some(inflight) = cluster.endpoints.pick(None, None) else {
             continue;
         };
         let mut r = Request::new(body.take());
@@ -730,6 +772,7 @@ fn mirror(
             connect_timeout: cluster.connect_timeout,
             idle_timeout: ctx.shared.config.idle_timeout,
             tls: ctx.shared.tls.clone(),
+            breaker: cluster.breaker.clone(),
         };
         tokio::spawn(async move {
             let ep = inflight.endpoint.clone();
@@ -742,7 +785,7 @@ fn mirror(
             inflight.finish(if ok {
                 Outcome::Success
             } else {
-                Outcome::ServerError
+                Outcome::ServerError { gateway: false }
             });
         });
     }

@@ -1,6 +1,7 @@
 //! The data path: accept -> original destination -> filter chain (detecting the protocol
 //! when chains differ by it) -> HTTP (hyper, HTTP/1 and HTTP/2) or opaque TCP.
 
+pub mod affinity;
 pub mod detect;
 pub mod guard;
 pub mod http;
@@ -260,6 +261,7 @@ impl Drop for Active<'_> {
 
 async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    let src = stream.peer_addr().ok();
     let Some(dst) = original_dst(&stream, kind, &shared.config) else {
         return;
     };
@@ -314,6 +316,7 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
             name,
             generation,
             dst,
+            src,
         };
         return run_filter(&filter, io, on, None, shared).await;
     }
@@ -365,6 +368,7 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         name,
         generation,
         dst,
+        src,
     };
     run_filter(&inner, stream, on, peer, shared).await;
 }
@@ -376,6 +380,8 @@ struct Chain {
     name: String,
     generation: u64,
     dst: SocketAddr,
+    /// The client's address.
+    src: Option<SocketAddr>,
 }
 
 /// How long a client has to finish a mesh TLS handshake.
@@ -417,6 +423,7 @@ async fn run_filter<I>(
                 shared: shared.clone(),
                 route: route.clone(),
                 dst,
+                src: on.src,
                 peer,
                 xfcc,
                 callers: Default::default(),

@@ -42,10 +42,15 @@ pub async fn forward<T>(
         ClusterKind::OriginalDst => cluster.original_dst(dst),
         _ => cluster.endpoints.clone(),
     };
+    // The cluster's max_connections hold for TCP as for HTTP; TCP has no queue to wait in.
+    let Ok(_permit) = cluster.breaker.connection() else {
+        debug!(cluster = %cluster.name, "upstream overflow: max_connections reached; closing");
+        return;
+    };
     let mut avoid = None;
     // A failed connect tries one other endpoint before giving up.
     for _ in 0..2 {
-        let Some(inflight) = set.pick(avoid) else {
+        let Some(inflight) = set.pick(avoid, None) else {
             debug!(cluster = %cluster.name, "no endpoint for TCP connection");
             return;
         };

@@ -1,6 +1,9 @@
 //! Connections to endpoints: a pool of idle HTTP/1.1 connections and one multiplexed HTTP/2
 //! connection per endpoint, kept with the endpoint's balancing state so they outlive config
-//! snapshots.
+//! snapshots. A new connection takes a permit of the cluster's [`Breaker`] (its
+//! `max_connections`) for its life; with none free, the request waits in the cluster's
+//! queue of pending requests for a permit or an idle connection, or fails at once when the
+//! queue is full. A connection that has carried `max_requests_per_connection` requests goes.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -19,6 +22,7 @@ use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::balance::Endpoint;
+use crate::breaker::Breaker;
 use crate::identity::{Alpn, MeshTls};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -34,6 +38,9 @@ pub enum SendError {
     /// The request may have reached the endpoint: the connection or stream was reset.
     #[error("{0}")]
     Reset(hyper::Error),
+    /// The cluster's connections and its queue of pending requests are full.
+    #[error("upstream overflow: no connection free and too many requests waiting for one")]
+    Overflow,
 }
 
 impl SendError {
@@ -42,10 +49,15 @@ impl SendError {
     }
 }
 
+/// A pooled connection's sender and how many requests it has carried.
+type H1 = (http1::SendRequest<Body>, u32);
+
 #[derive(Default)]
 pub struct Pool {
-    h1: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    h1: Mutex<Vec<(H1, Instant)>>,
+    h2: tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<std::sync::atomic::AtomicU32>)>>,
+    /// Woken when an HTTP/1.1 connection comes back idle.
+    returned: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Pool {
@@ -56,11 +68,11 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    fn take_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<Body>> {
+    fn take_h1(&self, idle_timeout: Duration) -> Option<H1> {
         let mut idle = self.h1.lock().ok()?;
-        while let Some((tx, since)) = idle.pop() {
+        while let Some(((tx, used), since)) = idle.pop() {
             if tx.is_ready() && (idle_timeout.is_zero() || since.elapsed() < idle_timeout) {
-                return Some(tx);
+                return Some((tx, used));
             }
         }
         None
@@ -76,12 +88,13 @@ impl Pool {
         }
     }
 
-    fn put_h1(&self, tx: http1::SendRequest<Body>) {
+    fn put_h1(&self, tx: H1) {
         if let Ok(mut idle) = self.h1.lock()
             && idle.len() < MAX_IDLE
         {
             idle.push((tx, Instant::now()));
         }
+        self.returned.notify_one();
     }
 }
 
@@ -223,6 +236,14 @@ pub struct Target {
     pub idle_timeout: Duration,
     /// This proxy's mesh TLS, when it has an identity.
     pub tls: Option<Arc<MeshTls>>,
+    /// The cluster's connection limits.
+    pub breaker: Arc<Breaker>,
+}
+
+impl Target {
+    fn max_requests(&self) -> Option<u32> {
+        self.breaker.limits.max_requests_per_connection
+    }
 }
 
 /// Sends a request to an endpoint over a pooled connection, or a new one.
@@ -259,7 +280,7 @@ pin_project_lite::pin_project! {
     pub struct UpstreamBody {
         #[pin]
         inner: Incoming,
-        release: Option<(std::sync::Arc<Endpoint>, http1::SendRequest<Body>)>,
+        release: Option<(std::sync::Arc<Endpoint>, H1, Option<u32>)>,
     }
 
     impl PinnedDrop for UpstreamBody {
@@ -268,9 +289,9 @@ pin_project_lite::pin_project! {
             let this = this.project();
             // A reader that stopped at the declared length never asked for the end.
             if this.inner.is_end_stream()
-                && let Some((ep, tx)) = this.release.take()
+                && let Some((ep, tx, max)) = this.release.take()
             {
-                release_h1(&ep, tx);
+                release_h1(&ep, tx, max);
             }
         }
     }
@@ -297,8 +318,8 @@ impl http_body::Body for UpstreamBody {
             std::task::Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
             _ => false,
         };
-        if done && let Some((ep, tx)) = this.release.take() {
-            release_h1(&ep, tx);
+        if done && let Some((ep, tx, max)) = this.release.take() {
+            release_h1(&ep, tx, max);
         }
         polled
     }
@@ -315,12 +336,13 @@ impl http_body::Body for UpstreamBody {
 /// A response whose body is already complete (none, or read in full) frees its connection.
 fn pooled(
     ep: &std::sync::Arc<Endpoint>,
-    tx: http1::SendRequest<Body>,
+    tx: H1,
+    max: Option<u32>,
     resp: Response<Incoming>,
 ) -> Response<UpstreamBody> {
     use http_body::Body as _;
     if resp.body().is_end_stream() {
-        release_h1(ep, tx);
+        release_h1(ep, tx, max);
         return resp.map(|b| UpstreamBody {
             inner: b,
             release: None,
@@ -329,7 +351,7 @@ fn pooled(
     let ep = ep.clone();
     resp.map(|b| UpstreamBody {
         inner: b,
-        release: Some((ep, tx)),
+        release: Some((ep, tx, max)),
     })
 }
 
@@ -338,17 +360,34 @@ async fn send_h1(
     target: Target,
     mut req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    // A pooled connection the endpoint closed meanwhile gives the request back unsent; then
-    // it goes on a fresh connection.
-    while let Some(mut tx) = ep.pool.take_h1(target.idle_timeout) {
-        match tx.try_send_request(req).await {
-            Ok(resp) => return Ok(pooled(ep, tx, resp)),
-            Err(mut e) => match e.take_message() {
-                Some(r) => req = r,
-                None => return Err(SendError::Reset(e.into_error())),
-            },
+    let max = target.max_requests();
+    let mut in_line = None;
+    let permit = loop {
+        // A pooled connection the endpoint closed meanwhile gives the request back unsent;
+        // then it goes on another, or a fresh one.
+        while let Some((mut tx, used)) = ep.pool.take_h1(target.idle_timeout) {
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(pooled(ep, (tx, used + 1), max, resp)),
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err(SendError::Reset(e.into_error())),
+                },
+            }
         }
-    }
+        match target.breaker.connection() {
+            Ok(permit) => break permit,
+            Err(_) => {
+                if in_line.is_none() {
+                    in_line = Some(target.breaker.wait_in_line().ok_or(SendError::Overflow)?);
+                }
+                tokio::select! {
+                    permit = target.breaker.connection_freed() => break permit,
+                    () = ep.pool.returned.notified() => {}
+                }
+            }
+        }
+    };
+    drop(in_line);
     let stream =
         connect_endpoint(ep, target.tls.as_ref(), Alpn::Http1, target.connect_timeout).await?;
     let (mut tx, conn) = http1::Builder::new()
@@ -357,25 +396,31 @@ async fn send_h1(
         .map_err(SendError::Reset)?;
     let addr = ep.addr;
     tokio::spawn(async move {
+        // The connection holds its permit while it lives.
+        let _permit = permit;
         if let Err(e) = conn.with_upgrades().await {
             debug!(endpoint = %addr, error = %e, "upstream connection ended");
         }
     });
     let resp = tx.send_request(req).await.map_err(SendError::Reset)?;
-    Ok(pooled(ep, tx, resp))
+    Ok(pooled(ep, (tx, 1), max, resp))
 }
 
 /// Returns a connection to the pool once it can take the next request (at once, usually, as
 /// its response has ended).
-fn release_h1(ep: &std::sync::Arc<Endpoint>, mut tx: http1::SendRequest<Body>) {
+/// A connection that has carried its `max` requests is dropped instead, which closes it.
+fn release_h1(ep: &std::sync::Arc<Endpoint>, (mut tx, used): H1, max: Option<u32>) {
+    if max.is_some_and(|m| used >= m) {
+        return;
+    }
     if tx.is_ready() {
-        ep.pool.put_h1(tx);
+        ep.pool.put_h1((tx, used));
         return;
     }
     let ep = ep.clone();
     tokio::spawn(async move {
         if tx.ready().await.is_ok() {
-            ep.pool.put_h1(tx);
+            ep.pool.put_h1((tx, used));
         }
     });
 }
@@ -385,11 +430,28 @@ async fn send_h2(
     target: Target,
     req: Request<Body>,
 ) -> Result<Response<Incoming>, SendError> {
+    use std::sync::atomic::Ordering;
+    let max = target.max_requests();
     let mut tx = {
         let mut slot = ep.pool.h2.lock().await;
-        match slot.as_ref() {
-            Some(tx) if !tx.is_closed() => tx.clone(),
-            _ => {
+        let reusable = slot.as_ref().filter(|(tx, used)| {
+            !tx.is_closed() && max.is_none_or(|m| used.load(Ordering::Relaxed) < m)
+        });
+        match reusable {
+            Some((tx, used)) => {
+                used.fetch_add(1, Ordering::Relaxed);
+                tx.clone()
+            }
+            None => {
+                // The one it replaces, if any, closes once its streams end.
+                slot.take();
+                let permit = match target.breaker.connection() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        let _in_line = target.breaker.wait_in_line().ok_or(SendError::Overflow)?;
+                        target.breaker.connection_freed().await
+                    }
+                };
                 let stream =
                     connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout)
                         .await?;
@@ -402,11 +464,12 @@ async fn send_h2(
                     .map_err(SendError::Reset)?;
                 let addr = ep.addr;
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Err(e) = conn.await {
                         debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
                     }
                 });
-                *slot = Some(tx.clone());
+                *slot = Some((tx.clone(), Arc::new(std::sync::atomic::AtomicU32::new(1))));
                 tx
             }
         }

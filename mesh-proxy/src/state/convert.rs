@@ -40,15 +40,15 @@ use prost::{Message, Name};
 use regex::Regex;
 
 use super::route::{
-    Action, Forward, HeaderMatch, HeaderOps, HeaderTarget, Mirror, PathMatch, QueryMatch, Redirect,
-    RetryPolicy, Route, RouteMatch, RouteTable, StrKind, StrMatch, ValueMatch, VirtualHost,
-    WeightedBackend,
+    Action, Forward, HashPolicy, HeaderMatch, HeaderOps, HeaderTarget, Mirror, PathMatch,
+    QueryMatch, Redirect, RetryPolicy, Route, RouteMatch, RouteTable, StrKind, StrMatch,
+    ValueMatch, VirtualHost, WeightedBackend,
 };
 use super::{
-    Cidr, ClusterDef, ClusterKind, Detected, EndpointDef, FilterChain, Guard, ListenerConfig,
-    NetworkFilter, Transport, UpstreamProtocol,
+    Cidr, ClusterDef, ClusterKind, ClusterLimits, Detected, EndpointDef, EnvoyRetryBudget,
+    FilterChain, Guard, ListenerConfig, NetworkFilter, Transport, UpstreamProtocol,
 };
-use crate::balance::OutlierConfig;
+use crate::balance::{Balancer, OutlierConfig};
 use crate::metrics::Peer;
 
 /// Why a resource was refused: `<Kind> "<name>": <field>: <problem>`.
@@ -586,7 +586,7 @@ fn route_entry(cx: &Ctx<'_>, at: &str, r: &PbRoute) -> Result<Route> {
     };
     let action = match &r.action {
         Some(route::Action::Route(a)) => {
-            Action::Forward(forward(cx, &format!("{at}.route"), a, &matcher)?)
+            Action::Forward(Box::new(forward(cx, &format!("{at}.route"), a, &matcher)?))
         }
         Some(route::Action::Redirect(rd)) => {
             Action::Redirect(redirect(cx, &format!("{at}.redirect"), rd, &matcher)?)
@@ -693,8 +693,13 @@ fn forward(
         }
     };
     let total_weight = backends.iter().map(|b| u64::from(b.weight)).sum();
+    let hash = a
+        .hash_policy
+        .iter()
+        .enumerate()
+        .map(|(i, h)| hash_policy(cx, &format!("{at}.hash_policy[{i}]"), h))
+        .collect::<Result<Vec<_>>>()?;
     let unsupported = [
-        (!a.hash_policy.is_empty(), "hash_policy"),
         (a.hedge_policy.is_some(), "hedge_policy"),
         (a.path_rewrite_policy.is_some(), "path_rewrite_policy"),
         (
@@ -770,12 +775,44 @@ fn forward(
         total_weight,
         timeout,
         retry,
+        hash,
         mirrors,
         prefix_rewrite: (!a.prefix_rewrite.is_empty()).then(|| a.prefix_rewrite.clone()),
         regex_rewrite,
         host_rewrite,
         draws: Default::default(),
     })
+}
+
+/// One `hash_policy`: a header (without `regex_rewrite`), a cookie (without attributes), or
+/// the source IP.
+fn hash_policy(cx: &Ctx<'_>, at: &str, h: &route_action::HashPolicy) -> Result<HashPolicy> {
+    use route_action::hash_policy::PolicySpecifier as P;
+    let terminal = h.terminal;
+    match &h.policy_specifier {
+        Some(P::Header(hd)) if hd.regex_rewrite.is_none() => {
+            let name = HeaderName::from_bytes(hd.header_name.to_ascii_lowercase().as_bytes())
+                .map_err(|_| {
+                    cx.err(
+                        format!("{at}.header.header_name"),
+                        format!("{:?} is not a header name", hd.header_name),
+                    )
+                })?;
+            Ok(HashPolicy::Header { name, terminal })
+        }
+        Some(P::Cookie(c)) if c.attributes.is_empty() => Ok(HashPolicy::Cookie {
+            name: c.name.clone(),
+            ttl: dur(cx, &format!("{at}.cookie.ttl"), c.ttl.as_ref())?,
+            path: (!c.path.is_empty()).then(|| c.path.clone()),
+            terminal,
+        }),
+        Some(P::ConnectionProperties(p)) if p.source_ip => Ok(HashPolicy::SourceIp { terminal }),
+        _ => Err(cx.err(
+            at,
+            "supported: header (without regex_rewrite), cookie (without attributes), \
+             connection_properties.source_ip",
+        )),
+    }
 }
 
 /// Envoy writes capture groups as `\1`; the regex crate as `${1}`.
@@ -804,6 +841,7 @@ fn retry_policy(cx: &Ctx<'_>, at: &str, p: &PbRetry) -> Result<RetryPolicy> {
         on_reset: false,
         on_refused_stream: false,
         codes: Vec::new(),
+        grpc_statuses: Vec::new(),
         per_try_timeout: dur(
             cx,
             &format!("{at}.per_try_timeout"),
@@ -826,12 +864,19 @@ fn retry_policy(cx: &Ctx<'_>, at: &str, p: &PbRetry) -> Result<RetryPolicy> {
             "reset" | "reset-before-request" => policy.on_reset = true,
             "refused-stream" => policy.on_refused_stream = true,
             "retriable-status-codes" => {}
+            "cancelled" => policy.grpc_statuses.push(1),
+            "deadline-exceeded" => policy.grpc_statuses.push(4),
+            "resource-exhausted" => policy.grpc_statuses.push(8),
+            "internal" => policy.grpc_statuses.push(13),
+            "unavailable" => policy.grpc_statuses.push(14),
             other => {
                 return Err(cx.err(
                     format!("{at}.retry_on"),
                     format!(
                         "{other:?} is not supported (supported: 5xx, gateway-error, \
-                         connect-failure, reset, refused-stream, retriable-status-codes)"
+                         connect-failure, reset, refused-stream, retriable-status-codes, \
+                         cancelled, deadline-exceeded, resource-exhausted, internal, \
+                         unavailable)"
                     ),
                 ));
             }
@@ -1125,17 +1170,41 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
         None => ClusterKind::Static,
     };
     use cluster::LbPolicy as L;
-    match L::try_from(c.lb_policy) {
-        Ok(L::RoundRobin | L::LeastRequest | L::Random | L::ClusterProvided) => {}
+    // Peak EWMA is mesh-proxy's own: the mesh's control plane marks it in the cluster's
+    // `mesh.dev` metadata over LEAST_REQUEST, which Envoy reads.
+    let peak_ewma = c
+        .metadata
+        .as_ref()
+        .and_then(|m| {
+            m.filter_metadata
+                .get(mesh_api::consts::xds::ENDPOINT_METADATA)
+        })
+        .and_then(|s| s.fields.get("balancer"))
+        .and_then(|v| match &v.kind {
+            Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s),
+            _ => None,
+        })
+        .is_some_and(|s| s == "peak-ewma");
+    let balancer = match L::try_from(c.lb_policy) {
+        Ok(L::LeastRequest) if peak_ewma => Balancer::PeakEwma,
+        Ok(L::LeastRequest) => Balancer::LeastRequest,
+        Ok(L::RoundRobin) => Balancer::RoundRobin,
+        Ok(L::Random) => Balancer::Random,
+        Ok(L::RingHash | L::Maglev) => Balancer::RingHash,
+        Ok(L::ClusterProvided) => Balancer::PeakEwma,
         _ => {
             return Err(cx.err(
                 "lb_policy",
                 format!(
-                    "{} is not supported; mesh-proxy balances by peak EWMA latency",
+                    "{} is not supported (supported: LEAST_REQUEST, ROUND_ROBIN, RANDOM, \
+                     RING_HASH, MAGLEV, CLUSTER_PROVIDED)",
                     L::try_from(c.lb_policy).map_or("unknown", |p| p.as_str_name())
                 ),
             ));
         }
+    };
+    if c.load_balancing_policy.is_some() {
+        return Err(cx.err("load_balancing_policy", "not supported: use lb_policy"));
     }
     if c.transport_socket.is_some() || !c.transport_socket_matches.is_empty() {
         return Err(cx.err(
@@ -1143,6 +1212,7 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
             "not supported: mesh TLS to an endpoint follows its `mesh.dev` `identity` metadata",
         ));
     }
+    let mut max_requests_per_connection = c.max_requests_per_connection.map(|v| v.value);
     let mut protocol = if c.http2_protocol_options.is_some() {
         UpstreamProtocol::Http2
     } else {
@@ -1154,6 +1224,13 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
             return Err(cx.err(field, format!("unsupported {}", any.type_url)));
         }
         let opts: HttpProtocolOptions = decode(&cx, &field, any)?;
+        if let Some(n) = opts
+            .common_http_protocol_options
+            .as_ref()
+            .and_then(|o| o.max_requests_per_connection)
+        {
+            max_requests_per_connection = Some(n.value);
+        }
         use http_protocol_options::UpstreamProtocolOptions as U;
         use http_protocol_options::explicit_http_config::ProtocolConfig as P;
         protocol = match opts.upstream_protocol_options {
@@ -1180,9 +1257,20 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
         dur(&cx, "connect_timeout", c.connect_timeout.as_ref())?.unwrap_or(Duration::from_secs(5));
     let mut outlier = OutlierConfig::default();
     if let Some(o) = &c.outlier_detection {
-        if let Some(n) = o.consecutive_5xx.or(o.consecutive_gateway_failure) {
-            outlier.consecutive_failures = n.value.max(1);
+        // Envoy's defaults: 5 consecutive 5xx, enforced; gateway failures not enforced.
+        let enforced = |e: Option<u32>, default: u32| e.unwrap_or(default) > 0;
+        let five = enforced(o.enforcing_consecutive_5xx.map(|v| v.value), 100);
+        let gateway = enforced(o.enforcing_consecutive_gateway_failure.map(|v| v.value), 0);
+        if five {
+            outlier.consecutive_failures = o.consecutive_5xx.map_or(5, |n| n.value).max(1);
+        } else if gateway {
+            outlier.consecutive_failures =
+                o.consecutive_gateway_failure.map_or(5, |n| n.value).max(1);
+            outlier.gateway_only = true;
+        } else {
+            outlier.disabled = true;
         }
+        outlier.interval = dur(&cx, "outlier_detection.interval", o.interval.as_ref())?;
         if let Some(d) = dur(
             &cx,
             "outlier_detection.base_ejection_time",
@@ -1201,12 +1289,32 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
             outlier.max_ejection_percent = p.value.min(100);
         }
     }
-    let max_requests = c
+    let threshold = c
         .circuit_breakers
         .as_ref()
-        .and_then(|cb| cb.thresholds.first())
-        .and_then(|t| t.max_requests)
-        .map(|v| v.value);
+        .and_then(|cb| cb.thresholds.first());
+    let max_requests = threshold.and_then(|t| t.max_requests).map(|v| v.value);
+    let limits = ClusterLimits {
+        max_connections: threshold.and_then(|t| t.max_connections).map(|v| v.value),
+        max_pending_requests: threshold
+            .and_then(|t| t.max_pending_requests)
+            .map(|v| v.value),
+        max_retries: threshold.and_then(|t| t.max_retries).map(|v| v.value),
+        retry_budget: match threshold.and_then(|t| t.retry_budget.as_ref()) {
+            Some(b) => Some(EnvoyRetryBudget {
+                percent: b.budget_percent.as_ref().map_or(20.0, |p| p.value),
+                min_concurrency: b.min_retry_concurrency.map_or(3, |v| v.value),
+                interval: dur(
+                    &cx,
+                    "circuit_breakers.thresholds[0].retry_budget.budget_interval",
+                    b.budget_interval.as_ref(),
+                )?
+                .filter(|d| !d.is_zero()),
+            }),
+            None => None,
+        },
+        max_requests_per_connection: max_requests_per_connection.filter(|n| *n > 0),
+    };
     let static_endpoints = match (&kind, &c.load_assignment) {
         (ClusterKind::Static, Some(la)) => endpoints_of(&cx, "load_assignment", la)?,
         _ => Vec::new(),
@@ -1217,7 +1325,9 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
         protocol,
         connect_timeout,
         outlier,
+        balancer,
         max_requests,
+        limits,
         static_endpoints,
     })
 }

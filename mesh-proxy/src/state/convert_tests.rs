@@ -208,17 +208,38 @@ fn routes_with_weights_retries_and_timeouts() {
     assert!(r.on_5xx && r.on_connect_failure && r.on_reset && r.on_refused_stream);
     assert_eq!(r.per_try_timeout, Some(Duration::from_secs(1)));
 
+    // gRPC statuses, by Envoy's names.
+    let grpc = forward_route(RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("c".into())),
+        retry_policy: Some(PbRetry {
+            retry_on: "cancelled,unavailable,resource-exhausted".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let t = route_table(&grpc).expect("gRPC retries");
+    let Action::Forward(f) = &t.vhosts[0].routes[0].action else {
+        panic!("a forward");
+    };
+    let r = f.retry.as_ref().expect("retry");
+    assert_eq!(r.grpc_statuses, vec![1, 14, 8]);
+    let mut trailers_only = http::HeaderMap::new();
+    trailers_only.insert("grpc-status", http::HeaderValue::from_static("14"));
+    assert!(r.retries_grpc(&trailers_only));
+    trailers_only.insert("grpc-status", http::HeaderValue::from_static("3"));
+    assert!(!r.retries_grpc(&trailers_only));
+
     let bad = forward_route(RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("c".into())),
         retry_policy: Some(PbRetry {
-            retry_on: "5xx,cancelled".into(),
+            retry_on: "5xx,envoy-ratelimited".into(),
             ..Default::default()
         }),
         ..Default::default()
     });
     let err = route_table(&bad).expect_err("refused").to_string();
     assert!(
-        err.starts_with(r#"RouteConfiguration "reviews:9080": virtual_hosts[0].routes[0].route.retry_policy.retry_on: "cancelled""#),
+        err.starts_with(r#"RouteConfiguration "reviews:9080": virtual_hosts[0].routes[0].route.retry_policy.retry_on: "envoy-ratelimited""#),
         "{err}"
     );
 }

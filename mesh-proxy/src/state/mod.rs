@@ -22,7 +22,7 @@ use arc_swap::ArcSwapOption;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::balance::{EndpointSet, OutlierConfig};
+use crate::balance::{Balancer, EndpointSet, OutlierConfig};
 use crate::metrics::Peer;
 use crate::retry::RetryBudget;
 pub use route::{Action, Forward, RouteTable};
@@ -356,9 +356,12 @@ pub struct Cluster {
     pub outlier: OutlierConfig,
     /// Circuit breaker: requests in flight at most.
     pub max_requests: Option<u32>,
+    pub limits: ClusterLimits,
     pub endpoints: Arc<EndpointSet>,
     #[serde(skip)]
     pub budget: Arc<RetryBudget>,
+    #[serde(skip)]
+    pub breaker: Arc<crate::breaker::Breaker>,
     /// ORIGINAL_DST clusters: one endpoint per destination seen, so connections are pooled.
     #[serde(skip)]
     pub dynamic: Mutex<HashMap<SocketAddr, Arc<EndpointSet>>>,
@@ -372,13 +375,21 @@ impl Cluster {
     pub fn original_dst(&self, dst: SocketAddr) -> Arc<EndpointSet> {
         let def = [EndpointDef::plain(dst)];
         let Ok(mut map) = self.dynamic.lock() else {
-            return Arc::new(self.endpoints.update(&def, self.outlier.clone()));
+            return Arc::new(
+                self.endpoints
+                    .update(&def, self.outlier.clone(), Balancer::PeakEwma),
+            );
         };
         if map.len() >= MAX_DYNAMIC && !map.contains_key(&dst) {
             map.clear();
         }
         map.entry(dst)
-            .or_insert_with(|| Arc::new(self.endpoints.update(&def, self.outlier.clone())))
+            .or_insert_with(|| {
+                Arc::new(
+                    self.endpoints
+                        .update(&def, self.outlier.clone(), Balancer::PeakEwma),
+                )
+            })
             .clone()
     }
 }
@@ -391,9 +402,36 @@ pub struct ClusterDef {
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub outlier: OutlierConfig,
+    pub balancer: Balancer,
     pub max_requests: Option<u32>,
+    pub limits: ClusterLimits,
     /// STATIC clusters carry their endpoints inline.
     pub static_endpoints: Vec<EndpointDef>,
+}
+
+/// A cluster's circuit breakers beyond `max_requests` (the first threshold of Envoy's
+/// `circuit_breakers`), and its connections' request cap.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ClusterLimits {
+    /// Connections to all endpoints together.
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection.
+    pub max_pending_requests: Option<u32>,
+    /// Retries in flight (without a retry budget).
+    pub max_retries: Option<u32>,
+    pub retry_budget: Option<EnvoyRetryBudget>,
+    /// Requests per upstream connection before it is closed.
+    pub max_requests_per_connection: Option<u32>,
+}
+
+/// Envoy's retry budget: retries in flight at most `percent` of the requests in flight (with
+/// `interval`, of the requests sent over it), and always `min_concurrency`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EnvoyRetryBudget {
+    pub percent: f64,
+    pub min_concurrency: u32,
+    #[serde(with = "route::opt_ms")]
+    pub interval: Option<Duration>,
 }
 
 /// One endpoint from EDS or a static load assignment.

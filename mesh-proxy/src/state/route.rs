@@ -203,7 +203,7 @@ fn apply(
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
-    Forward(Forward),
+    Forward(Box<Forward>),
     Redirect(Redirect),
     Direct { status: u16, body: String },
 }
@@ -216,6 +216,8 @@ pub struct Forward {
     #[serde(with = "opt_ms")]
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
+    /// What a ring-hash cluster hashes the request by (`hash_policy`).
+    pub hash: Vec<HashPolicy>,
     pub mirrors: Vec<Mirror>,
     pub prefix_rewrite: Option<String>,
     /// What `prefix_rewrite` replaces: the route's path prefix.
@@ -291,6 +293,42 @@ impl Forward {
     }
 }
 
+/// One `hash_policy` of a route.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashPolicy {
+    Header {
+        #[serde(serialize_with = "header_name_str")]
+        name: HeaderName,
+        terminal: bool,
+    },
+    Cookie {
+        name: String,
+        /// With one, a request without the cookie gets it set on its response.
+        #[serde(with = "opt_ms")]
+        ttl: Option<Duration>,
+        path: Option<String>,
+        terminal: bool,
+    },
+    SourceIp {
+        terminal: bool,
+    },
+}
+
+impl HashPolicy {
+    pub fn terminal(&self) -> bool {
+        match self {
+            HashPolicy::Header { terminal, .. }
+            | HashPolicy::Cookie { terminal, .. }
+            | HashPolicy::SourceIp { terminal } => *terminal,
+        }
+    }
+}
+
+fn header_name_str<S: serde::Serializer>(n: &HeaderName, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(n.as_str())
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct RetryPolicy {
     pub attempts: u32,
@@ -302,6 +340,8 @@ pub struct RetryPolicy {
     pub on_reset: bool,
     pub on_refused_stream: bool,
     pub codes: Vec<u16>,
+    /// gRPC statuses retried when a response ends at its headers (`grpc-status` there).
+    pub grpc_statuses: Vec<u32>,
     #[serde(with = "opt_ms")]
     pub per_try_timeout: Option<Duration>,
     #[serde(with = "ms")]
@@ -315,6 +355,17 @@ impl RetryPolicy {
         (self.on_5xx && (500..600).contains(&status))
             || (self.on_gateway_error && matches!(status, 502..=504))
             || self.codes.contains(&status)
+    }
+
+    /// Whether a response's headers carry a `grpc-status` this policy retries (a gRPC
+    /// failure with no body: trailers only).
+    pub fn retries_grpc(&self, headers: &HeaderMap) -> bool {
+        !self.grpc_statuses.is_empty()
+            && headers
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u32>().ok())
+                .is_some_and(|code| self.grpc_statuses.contains(&code))
     }
 }
 
@@ -541,7 +592,7 @@ mod header_names {
     }
 }
 
-mod opt_ms {
+pub(crate) mod opt_ms {
     use std::time::Duration;
 
     pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {

@@ -260,6 +260,7 @@ fn weighted(clusters: &[(&str, u32)]) -> Forward {
                 metrics: Default::default(),
             })
             .collect(),
+        hash: Vec::new(),
         total_weight: clusters.iter().map(|&(_, w)| u64::from(w)).sum(),
         timeout: None,
         retry: None,

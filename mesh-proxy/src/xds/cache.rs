@@ -76,7 +76,7 @@ pub struct Incoming {
 enum Converted {
     Listener(Arc<ListenerConfig>),
     Route(Arc<RouteTable>),
-    Cluster(ClusterDef),
+    Cluster(Box<ClusterDef>),
     Endpoints(Vec<EndpointDef>),
 }
 
@@ -115,9 +115,9 @@ fn convert_one(ty: Type, r: &Incoming) -> Result<Converted, ConvertError> {
         Type::Route => Converted::Route(Arc::new(convert::route_table(
             &RouteConfiguration::decode(bytes).map_err(bad)?,
         )?)),
-        Type::Cluster => {
-            Converted::Cluster(convert::cluster(&PbCluster::decode(bytes).map_err(bad)?)?)
-        }
+        Type::Cluster => Converted::Cluster(Box::new(convert::cluster(
+            &PbCluster::decode(bytes).map_err(bad)?,
+        )?)),
         Type::Endpoint => Converted::Endpoints(convert::endpoints(
             &ClusterLoadAssignment::decode(bytes).map_err(bad)?,
         )?),
@@ -207,7 +207,7 @@ impl Cache {
                     self.routes.insert(r.name.clone(), t);
                 }
                 Converted::Cluster(def) => {
-                    if self.cluster_defs.get(&r.name) != Some(&def) {
+                    if self.cluster_defs.get(&r.name) != Some(&*def) {
                         self.dirty.insert(r.name.clone());
                         if let ClusterKind::Eds { service_name } = &def.kind {
                             self.eds_users
@@ -215,7 +215,7 @@ impl Cache {
                                 .or_default()
                                 .insert(r.name.clone());
                         }
-                        if let Some(old) = self.cluster_defs.insert(r.name.clone(), def) {
+                        if let Some(old) = self.cluster_defs.insert(r.name.clone(), *def) {
                             self.forget_eds_user(&old);
                         }
                     }
@@ -361,17 +361,23 @@ impl Cache {
                 .get(&name)
                 .map(|c| c.budget.clone())
                 .unwrap_or_default();
+            let breaker = match self.clusters.get(&name) {
+                Some(old) if old.breaker.limits == def.limits => old.breaker.clone(),
+                _ => Arc::new(crate::breaker::Breaker::new(def.limits.clone())),
+            };
             let set = match self.clusters.get(&name) {
                 Some(old)
                     if old.endpoints.same_endpoints(eps)
-                        && old.endpoints.outlier() == &def.outlier =>
+                        && old.endpoints.outlier() == &def.outlier
+                        && old.endpoints.balancer() == def.balancer =>
                 {
                     old.endpoints.clone()
                 }
-                Some(old) => Arc::new(old.endpoints.update(eps, def.outlier.clone())),
+                Some(old) => Arc::new(old.endpoints.update(eps, def.outlier.clone(), def.balancer)),
                 None => Arc::new(EndpointSet::new(
                     eps,
                     def.outlier.clone(),
+                    def.balancer,
                     metrics
                         .ejections
                         .get_or_create(&BackendLabels {
@@ -389,8 +395,10 @@ impl Cache {
                     connect_timeout: def.connect_timeout,
                     outlier: def.outlier.clone(),
                     max_requests: def.max_requests,
+                    limits: def.limits.clone(),
                     endpoints: set,
                     budget,
+                    breaker,
                     dynamic: Default::default(),
                 }),
             );

@@ -174,7 +174,7 @@ fn endpoint_updates_keep_balancer_state() {
         .cluster("a")
         .expect("a")
         .endpoints
-        .pick(None)
+        .pick(None, None)
         .expect("endpoint");
     c.apply(
         Type::Endpoint,
