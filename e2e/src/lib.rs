@@ -467,3 +467,30 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
+
+/// Manifests as a cluster with the chart's CRDs (Gateway API standard channel, `mesh.dev`)
+/// stores them on `kubectl apply`: pruned and defaulted by the API server's rules
+/// ([`mesh_api::schema`]); and the paths of the fields it pruned. A document the API server
+/// would refuse is an error naming it.
+pub fn as_a_cluster_stores(yaml: &str) -> anyhow::Result<(String, Vec<String>)> {
+    let mut crds = mesh_api::crds::mesh_crds();
+    crds.extend(mesh_api::crds::gateway_api_crds());
+    let mut docs = Vec::new();
+    let mut pruned = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+        let mut v: serde_json::Value =
+            serde::Deserialize::deserialize(doc).with_context(|| format!("document {i}"))?;
+        if v.is_null() {
+            continue;
+        }
+        let report = mesh_api::schema::admit_in(&mut v, &crds)
+            .with_context(|| format!("document {i}: a kind the cluster does not serve"))?;
+        if !report.errors.is_empty() {
+            let why: Vec<String> = report.errors.iter().map(ToString::to_string).collect();
+            bail!("document {i} is refused: {}", why.join("; "));
+        }
+        pruned.extend(report.pruned);
+        docs.push(serde_yaml::to_string(&v)?);
+    }
+    Ok((docs.join("---\n"), pruned))
+}

@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::config::core::v3::{
     HttpProtocolOptions as CommonHttpProtocolOptions, Metadata, RoutingPriority,
 };
 use envoy_types::pb::envoy::config::route::v3::{RetryPolicy, retry_policy, route_action};
+use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
@@ -22,6 +23,9 @@ use mesh_api::crds::{GrpcRetryStatus, RetryOn};
 use super::translate::{any, pb_duration};
 use crate::index::routes::Retry;
 use crate::index::traffic::{Balancer, ClusterPolicy, HashKey};
+
+/// The retry host predicate that sends a retry to another endpoint.
+pub const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
 
 /// Key of a cluster's `mesh.dev` metadata that tells mesh-proxy to balance by peak EWMA
 /// latency; Envoy has no such balancer and reads the cluster's `LEAST_REQUEST`.
@@ -188,6 +192,14 @@ pub fn retry_policy(
         return Some(p);
     };
     p.num_retries = u32v(r.attempts);
+    // A retry goes to another endpoint when there is one, as mesh-proxy's do.
+    p.retry_host_predicate = vec![retry_policy::RetryHostPredicate {
+        name: PREVIOUS_HOSTS.into(),
+        config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+            any(&PreviousHostsPredicate {}),
+        )),
+    }];
+    p.host_selection_retry_max_attempts = 3;
     let mut on: Vec<&str> = Vec::new();
     if r.on.is_empty() {
         // A route rule's retry, or a policy naming only codes: those codes (any 5xx without

@@ -49,13 +49,20 @@ impl SendError {
     }
 }
 
-/// A pooled connection's sender and how many requests it has carried.
-type H1 = (http1::SendRequest<Body>, u32);
+/// A pooled connection's sender, how many requests it has carried, and the breaker whose
+/// permit it holds (a connection of older limits is not reused under new ones).
+type H1 = (http1::SendRequest<Body>, u32, Arc<Breaker>);
 
 #[derive(Default)]
 pub struct Pool {
     h1: Mutex<Vec<(H1, Instant)>>,
-    h2: tokio::sync::Mutex<Option<(http2::SendRequest<Body>, Arc<std::sync::atomic::AtomicU32>)>>,
+    h2: tokio::sync::Mutex<
+        Option<(
+            http2::SendRequest<Body>,
+            Arc<std::sync::atomic::AtomicU32>,
+            Arc<Breaker>,
+        )>,
+    >,
     /// Woken when an HTTP/1.1 connection comes back idle.
     returned: tokio::sync::Notify,
 }
@@ -68,18 +75,21 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    fn take_h1(&self, idle_timeout: Duration) -> Option<H1> {
+    fn take_h1(&self, idle_timeout: Duration, breaker: &Arc<Breaker>) -> Option<H1> {
         let mut idle = self.h1.lock().ok()?;
-        while let Some(((tx, used), since)) = idle.pop() {
-            if tx.is_ready() && (idle_timeout.is_zero() || since.elapsed() < idle_timeout) {
-                return Some((tx, used));
+        while let Some(((tx, used, b), since)) = idle.pop() {
+            if tx.is_ready()
+                && Arc::ptr_eq(&b, breaker)
+                && (idle_timeout.is_zero() || since.elapsed() < idle_timeout)
+            {
+                return Some((tx, used, b));
             }
         }
         None
     }
 
     /// Drops every pooled connection (they close when their last user is done).
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         if let Ok(mut idle) = self.h1.lock() {
             idle.clear();
         }
@@ -280,7 +290,7 @@ pin_project_lite::pin_project! {
     pub struct UpstreamBody {
         #[pin]
         inner: Incoming,
-        release: Option<(std::sync::Arc<Endpoint>, H1, Option<u32>)>,
+        release: Option<(std::sync::Arc<Endpoint>, H1)>,
     }
 
     impl PinnedDrop for UpstreamBody {
@@ -289,9 +299,9 @@ pin_project_lite::pin_project! {
             let this = this.project();
             // A reader that stopped at the declared length never asked for the end.
             if this.inner.is_end_stream()
-                && let Some((ep, tx, max)) = this.release.take()
+                && let Some((ep, tx)) = this.release.take()
             {
-                release_h1(&ep, tx, max);
+                release_h1(&ep, tx);
             }
         }
     }
@@ -318,8 +328,8 @@ impl http_body::Body for UpstreamBody {
             std::task::Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
             _ => false,
         };
-        if done && let Some((ep, tx, max)) = this.release.take() {
-            release_h1(&ep, tx, max);
+        if done && let Some((ep, tx)) = this.release.take() {
+            release_h1(&ep, tx);
         }
         polled
     }
@@ -337,12 +347,11 @@ impl http_body::Body for UpstreamBody {
 fn pooled(
     ep: &std::sync::Arc<Endpoint>,
     tx: H1,
-    max: Option<u32>,
     resp: Response<Incoming>,
 ) -> Response<UpstreamBody> {
     use http_body::Body as _;
     if resp.body().is_end_stream() {
-        release_h1(ep, tx, max);
+        release_h1(ep, tx);
         return resp.map(|b| UpstreamBody {
             inner: b,
             release: None,
@@ -351,7 +360,7 @@ fn pooled(
     let ep = ep.clone();
     resp.map(|b| UpstreamBody {
         inner: b,
-        release: Some((ep, tx, max)),
+        release: Some((ep, tx)),
     })
 }
 
@@ -360,14 +369,13 @@ async fn send_h1(
     target: Target,
     mut req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    let max = target.max_requests();
     let mut in_line = None;
     let permit = loop {
         // A pooled connection the endpoint closed meanwhile gives the request back unsent;
         // then it goes on another, or a fresh one.
-        while let Some((mut tx, used)) = ep.pool.take_h1(target.idle_timeout) {
+        while let Some((mut tx, used, b)) = ep.pool.take_h1(target.idle_timeout, &target.breaker) {
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(pooled(ep, (tx, used + 1), max, resp)),
+                Ok(resp) => return Ok(pooled(ep, (tx, used + 1, b), resp)),
                 Err(mut e) => match e.take_message() {
                     Some(r) => req = r,
                     None => return Err(SendError::Reset(e.into_error())),
@@ -403,24 +411,31 @@ async fn send_h1(
         }
     });
     let resp = tx.send_request(req).await.map_err(SendError::Reset)?;
-    Ok(pooled(ep, (tx, 1), max, resp))
+    Ok(pooled(ep, (tx, 1, target.breaker.clone()), resp))
 }
 
 /// Returns a connection to the pool once it can take the next request (at once, usually, as
 /// its response has ended).
-/// A connection that has carried its `max` requests is dropped instead, which closes it.
-fn release_h1(ep: &std::sync::Arc<Endpoint>, (mut tx, used): H1, max: Option<u32>) {
-    if max.is_some_and(|m| used >= m) {
+/// A connection that has carried its `max_requests_per_connection` is dropped instead, which
+/// closes it; so is one that requests wait for while the cluster is at `max_connections`,
+/// so that its permit goes to them (whichever endpoint they picked).
+fn release_h1(ep: &std::sync::Arc<Endpoint>, (mut tx, used, breaker): H1) {
+    if breaker
+        .limits
+        .max_requests_per_connection
+        .is_some_and(|m| used >= m)
+        || breaker.pending() > 0
+    {
         return;
     }
     if tx.is_ready() {
-        ep.pool.put_h1((tx, used));
+        ep.pool.put_h1((tx, used, breaker));
         return;
     }
     let ep = ep.clone();
     tokio::spawn(async move {
         if tx.ready().await.is_ok() {
-            ep.pool.put_h1((tx, used));
+            ep.pool.put_h1((tx, used, breaker));
         }
     });
 }
@@ -434,11 +449,13 @@ async fn send_h2(
     let max = target.max_requests();
     let mut tx = {
         let mut slot = ep.pool.h2.lock().await;
-        let reusable = slot.as_ref().filter(|(tx, used)| {
-            !tx.is_closed() && max.is_none_or(|m| used.load(Ordering::Relaxed) < m)
+        let reusable = slot.as_ref().filter(|(tx, used, b)| {
+            !tx.is_closed()
+                && Arc::ptr_eq(b, &target.breaker)
+                && max.is_none_or(|m| used.load(Ordering::Relaxed) < m)
         });
         match reusable {
-            Some((tx, used)) => {
+            Some((tx, used, _)) => {
                 used.fetch_add(1, Ordering::Relaxed);
                 tx.clone()
             }
@@ -469,7 +486,11 @@ async fn send_h2(
                         debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
                     }
                 });
-                *slot = Some((tx.clone(), Arc::new(std::sync::atomic::AtomicU32::new(1))));
+                *slot = Some((
+                    tx.clone(),
+                    Arc::new(std::sync::atomic::AtomicU32::new(1)),
+                    target.breaker.clone(),
+                ));
                 tx
             }
         }

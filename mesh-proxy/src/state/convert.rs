@@ -919,6 +919,22 @@ fn retry_policy(cx: &Ctx<'_>, at: &str, p: &PbRetry) -> Result<RetryPolicy> {
     if !p.retriable_headers.is_empty() || !p.retriable_request_headers.is_empty() {
         return Err(cx.err(format!("{at}.retriable_headers"), "not supported"));
     }
+    // mesh-proxy always sends a retry to another endpoint when there is one: Envoy's
+    // previous-hosts predicate is what it does, any other is refused.
+    for (i, h) in p.retry_host_predicate.iter().enumerate() {
+        if h.name != "envoy.retry_host_predicates.previous_hosts" {
+            return Err(cx.err(
+                format!("{at}.retry_host_predicate[{i}]"),
+                format!(
+                    "{:?} is not supported (supported: envoy.retry_host_predicates.previous_hosts)",
+                    h.name
+                ),
+            ));
+        }
+    }
+    if p.retry_priority.is_some() {
+        return Err(cx.err(format!("{at}.retry_priority"), "not supported"));
+    }
     Ok(policy)
 }
 

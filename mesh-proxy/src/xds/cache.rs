@@ -363,7 +363,14 @@ impl Cache {
                 .unwrap_or_default();
             let breaker = match self.clusters.get(&name) {
                 Some(old) if old.breaker.limits == def.limits => old.breaker.clone(),
-                _ => Arc::new(crate::breaker::Breaker::new(def.limits.clone())),
+                old => {
+                    // Connections opened under other limits hold no permit of the new ones;
+                    // they are not reused (upstream.rs), and the idle ones go now.
+                    for ep in old.iter().flat_map(|c| c.endpoints.endpoints()) {
+                        ep.pool.clear();
+                    }
+                    Arc::new(crate::breaker::Breaker::new(def.limits.clone()))
+                }
             };
             let set = match self.clusters.get(&name) {
                 Some(old)
