@@ -53,16 +53,17 @@ impl SendError {
 /// permit it holds (a connection of older limits is not reused under new ones).
 type H1 = (http1::SendRequest<Body>, u32, Arc<Breaker>);
 
+/// The multiplexed connection: its sender, the requests it has carried, its breaker.
+type H2 = (
+    http2::SendRequest<Body>,
+    Arc<std::sync::atomic::AtomicU32>,
+    Arc<Breaker>,
+);
+
 #[derive(Default)]
 pub struct Pool {
     h1: Mutex<Vec<(H1, Instant)>>,
-    h2: tokio::sync::Mutex<
-        Option<(
-            http2::SendRequest<Body>,
-            Arc<std::sync::atomic::AtomicU32>,
-            Arc<Breaker>,
-        )>,
-    >,
+    h2: tokio::sync::Mutex<Option<H2>>,
     /// Woken when an HTTP/1.1 connection comes back idle.
     returned: tokio::sync::Notify,
 }
