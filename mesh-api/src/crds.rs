@@ -178,7 +178,7 @@ pub struct ConsistentHash {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<HashCookie>,
     /// The client's address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "sourceIP", skip_serializing_if = "Option::is_none")]
     pub source_ip: Option<bool>,
 }
 
