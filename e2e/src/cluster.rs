@@ -7,8 +7,13 @@ use std::collections::BTreeMap;
 /// What a pod runs.
 #[derive(Clone, Debug)]
 pub enum App {
-    /// `meshctl demo-service` on port 8080, answering `<name> <version>`.
-    Demo { name: String, version: String },
+    /// `meshctl demo-service` on port 8080, answering `<name> <version>`, and 500 to
+    /// `error_rate` of the requests, spread evenly (0.5: every other one).
+    Demo {
+        name: String,
+        version: String,
+        error_rate: f64,
+    },
     /// Nothing but (maybe) its proxy: a place to run load from.
     Idle,
 }

@@ -111,10 +111,14 @@ impl Cluster for KindCluster {
             pod_labels.insert("mesh.dev/inject".into(), "disabled".into());
         }
         let (image, args) = match &w.app {
-            App::Demo { name, version } => (
+            App::Demo {
+                name,
+                version,
+                error_rate,
+            } => (
                 self.meshctl_image.clone(),
                 format!(
-                    "[demo-service, --name, {name}, --version, {version}, --listen, '0.0.0.0:8080']"
+                    "[demo-service, --name, {name}, --version, {version}, --listen, '0.0.0.0:8080', --error-rate, '{error_rate}']"
                 ),
             ),
             // The load generator's image, idle until the scenario execs into it.

@@ -498,7 +498,13 @@ impl NetnsCluster {
             pod.service_account = w.service_account.clone();
             pod.meshed = w.meshed;
             let what = format!("{}.{}", w.namespace, name);
-            if let App::Demo { name: app, version } = &w.app {
+            if let App::Demo {
+                name: app,
+                version,
+                error_rate,
+            } = &w.app
+            {
+                let rate = error_rate.to_string();
                 let args: Vec<String> = [
                     "demo-service",
                     "--name",
@@ -507,6 +513,8 @@ impl NetnsCluster {
                     version,
                     "--listen",
                     "0.0.0.0:8080",
+                    "--error-rate",
+                    &rate,
                 ]
                 .iter()
                 .map(|s| s.to_string())
@@ -710,8 +718,11 @@ impl Cluster for NetnsCluster {
         NetnsCluster::deploy(self, w).await
     }
 
+    /// As `kubectl apply` to a cluster with the chart's CRDs: the controller reads what the
+    /// API server would have stored (fields its schemas lack pruned, refusals an error).
     fn apply(&mut self, name: &str, yaml: &str) -> anyhow::Result<()> {
-        self.apply_file(name, yaml)
+        let (stored, _pruned) = crate::as_a_cluster_stores(yaml)?;
+        self.apply_file(name, &stored)
     }
 
     fn label_namespace(&mut self, ns: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {

@@ -37,6 +37,7 @@ fn demo(name: &str, version: &str, replicas: usize) -> Workload {
         app: App::Demo {
             name: name.into(),
             version: version.into(),
+            error_rate: 0.0,
         },
     }
 }
@@ -337,6 +338,146 @@ async fn endpoint_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Scenario 6: retries on a cluster with only the Gateway API standard channel. The
+/// HTTPRoute's own `retry` is pruned on apply; a TrafficPolicy on the route retries `flaky`,
+/// which fails every other request: 0 of 1,000 requests fail, and the app saw each retry.
+async fn retries_on_the_standard_channel<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    let addr = c.service(service("flaky", &[("app", "flaky")]))?;
+    let mut flaky = demo("flaky", "v1", 1);
+    flaky.app = App::Demo {
+        name: "flaky".into(),
+        version: "v1".into(),
+        error_rate: 0.5,
+    };
+    c.deploy(&flaky).await?;
+    c.deploy(&idle("client", true)).await?;
+    let route_yaml = "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: flaky, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: flaky, port: 9080}]
+  rules:
+  - name: all
+    backendRefs: [{name: flaky, port: 9080}]
+    retry: {attempts: 2, codes: [500]}
+";
+    let (_, pruned) = mesh_e2e::as_a_cluster_stores(route_yaml)?;
+    assert_eq!(pruned, vec!["spec.rules[0].retry".to_string()]);
+    route(c, route_yaml).await?;
+    let url = format!("http://{addr}:9080/");
+    let without = twenty_requests(c, "client-0", &url).await?;
+    assert!(
+        without["failed"].as_u64().unwrap_or(0) >= 5,
+        "the pruned retry still retried: {without}"
+    );
+    let before = c.acked("shop", "client-0", "RDS")?;
+    c.apply(
+        "retry",
+        "apiVersion: mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: retry, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: flaky, sectionName: all}]
+  retry: {attempts: 2, codes: [500]}
+---
+apiVersion: mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: budget, namespace: shop}
+spec:
+  targetRefs: [{group: '', kind: Service, name: flaky}]
+  retryBudget: {percent: 100, minRetryConcurrency: 4}
+",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.acked("shop", "client-0", "RDS")? == before {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the retry never reached the client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.wait_synced().await?;
+    let r = c
+        .start_load(
+            "shop",
+            "client-0",
+            // One at a time: the app's failures alternate exactly, as the issue describes.
+            &["--url", &url, "--requests", "1000", "--concurrency", "1"],
+        )?
+        .finish()
+        .await?;
+    let metrics = c.proxy_metrics("shop", "client-0")?;
+    let retries: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("mesh_proxy_retries_total{") && l.contains("flaky"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    mesh_e2e::figure(&format!(
+        "retries on the standard channel: route retry pruned; with a TrafficPolicy {} requests, {} failed, {retries} retries by the client's proxy, in {} ms",
+        r["sent"], r["failed"], r["elapsed_ms"]
+    ));
+    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(count(&r, "flaky v1"), 1000, "{r}");
+    assert!(retries >= 450.0, "{retries} retries: {metrics}");
+    Ok(())
+}
+
+/// Scenario 7: a TrafficPolicy's outlier detection. Service `pool` has a good pod and a pod
+/// that fails every request; with round robin and `consecutive5xx: 3`, the bad pod is ejected
+/// after its third failure, and the next 200 requests all succeed.
+async fn traffic_policy_ejects_a_failing_pod<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    let addr = c.service(service("pool", &[("app", "pool")]))?;
+    for (version, error_rate) in [("good", 0.0), ("bad", 1.0)] {
+        let mut w = demo("pool", version, 1);
+        w.app = App::Demo {
+            name: "pool".into(),
+            version: version.into(),
+            error_rate,
+        };
+        c.deploy(&w).await?;
+    }
+    c.deploy(&idle("client", true)).await?;
+    let before = c.acked("shop", "client-0", "CDS")?;
+    c.apply(
+        "pool-policy",
+        "apiVersion: mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: pool, namespace: shop}
+spec:
+  targetRefs: [{group: '', kind: Service, name: pool}]
+  loadBalancer: {algorithm: RoundRobin}
+  outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}
+",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.acked("shop", "client-0", "CDS")? == before {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the policy never reached the client"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.wait_synced().await?;
+    let url = format!("http://{addr}:9080/");
+    let warm = twenty_requests(c, "client-0", &url).await?;
+    let r = c
+        .start_load(
+            "shop",
+            "client-0",
+            &["--url", &url, "--requests", "200", "--concurrency", "1"],
+        )?
+        .finish()
+        .await?;
+    mesh_e2e::figure(&format!(
+        "traffic policy ejection: {} of the first 20 requests failed (the bad pod's 3 in a row eject it), then {} of {} in {} ms",
+        warm["failed"], r["failed"], r["sent"], r["elapsed_ms"]
+    ));
+    assert!(warm["failed"].as_u64().unwrap_or(99) <= 5, "{warm}");
+    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(count(&r, "pool good"), 200, "{r}");
+    Ok(())
+}
+
 // ---- on the network-namespace cluster ----
 
 macro_rules! on_netns {
@@ -366,6 +507,14 @@ on_netns!(
     a_killed_endpoint_fails_requests_only_until_ejected,
     endpoint_loss
 );
+on_netns!(
+    retries_from_a_traffic_policy_survive_the_standard_channel,
+    retries_on_the_standard_channel
+);
+on_netns!(
+    a_traffic_policy_ejects_a_pod_that_fails_every_request,
+    traffic_policy_ejects_a_failing_pod
+);
 
 // ---- on kind: ignored here (no Docker can run a cluster); e2e/kind/scenarios runs them with
 // `--ignored` and sets MESH_E2E_KIND_IMAGES, without which they fail ----
@@ -390,6 +539,14 @@ on_kind!(kind_blue_green, blue_green);
 on_kind!(kind_strict_mtls, strict_mtls);
 on_kind!(kind_control_plane_loss, control_plane_loss);
 on_kind!(kind_endpoint_loss, endpoint_loss);
+on_kind!(
+    kind_retries_on_the_standard_channel,
+    retries_on_the_standard_channel
+);
+on_kind!(
+    kind_traffic_policy_ejection,
+    traffic_policy_ejects_a_failing_pod
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Result<()> {
