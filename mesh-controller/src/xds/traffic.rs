@@ -28,7 +28,8 @@ use crate::index::traffic::{Balancer, ClusterPolicy, HashKey};
 pub const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
 
 /// Key of a cluster's `mesh.dev` metadata that tells mesh-proxy to balance by peak EWMA
-/// latency; Envoy has no such balancer and reads the cluster's `LEAST_REQUEST`.
+/// latency; Envoy and gRPC clients have no such balancer and read the cluster's
+/// `ROUND_ROBIN` (gRPC's proxyless clients refuse `LEAST_REQUEST` in `lb_policy`).
 pub const BALANCER_KEY: &str = "balancer";
 pub const PEAK_EWMA: &str = "peak-ewma";
 
@@ -36,8 +37,8 @@ fn u32v(v: u32) -> Option<UInt32Value> {
     Some(UInt32Value { value: v })
 }
 
-/// The balancer of a cluster no TrafficPolicy configures: peak EWMA in mesh-proxy, least
-/// request in Envoy.
+/// The balancer of a cluster no TrafficPolicy configures: peak EWMA in mesh-proxy, round
+/// robin in Envoy and gRPC clients.
 pub fn default_balancer(c: &mut Cluster) {
     set_balancer(c, &Balancer::PeakEwma);
 }
@@ -45,8 +46,8 @@ pub fn default_balancer(c: &mut Cluster) {
 fn set_balancer(c: &mut Cluster, b: &Balancer) {
     use cluster::LbPolicy as L;
     c.lb_policy = match b {
-        Balancer::PeakEwma | Balancer::LeastRequest => L::LeastRequest,
-        Balancer::RoundRobin => L::RoundRobin,
+        Balancer::LeastRequest => L::LeastRequest,
+        Balancer::PeakEwma | Balancer::RoundRobin => L::RoundRobin,
         Balancer::Random => L::Random,
         Balancer::Hash(_) => L::RingHash,
     } as i32;
@@ -135,10 +136,17 @@ fn set_max_requests_per_connection(c: &mut Cluster, n: u32) {
         .typed_extension_protocol_options
         .get(PROTOCOL_OPTIONS)
         .and_then(|a| prost::Message::decode(a.value.as_slice()).ok())
+        // Without options Envoy speaks HTTP/1.1 upstream: say so, rather than change it.
         .unwrap_or_else(|| HttpProtocolOptions {
             upstream_protocol_options: Some(
-                http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
-                    Default::default(),
+                http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                    http_protocol_options::ExplicitHttpConfig {
+                        protocol_config: Some(
+                            http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
+                                Default::default(),
+                            ),
+                        ),
+                    },
                 ),
             ),
             ..Default::default()

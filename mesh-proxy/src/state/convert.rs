@@ -1187,7 +1187,7 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
     };
     use cluster::LbPolicy as L;
     // Peak EWMA is mesh-proxy's own: the mesh's control plane marks it in the cluster's
-    // `mesh.dev` metadata over LEAST_REQUEST, which Envoy reads.
+    // `mesh.dev` metadata over ROUND_ROBIN, which Envoy and gRPC clients read.
     let peak_ewma = c
         .metadata
         .as_ref()
@@ -1202,7 +1202,7 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
         })
         .is_some_and(|s| s == "peak-ewma");
     let balancer = match L::try_from(c.lb_policy) {
-        Ok(L::LeastRequest) if peak_ewma => Balancer::PeakEwma,
+        Ok(L::LeastRequest | L::RoundRobin | L::Random) if peak_ewma => Balancer::PeakEwma,
         Ok(L::LeastRequest) => Balancer::LeastRequest,
         Ok(L::RoundRobin) => Balancer::RoundRobin,
         Ok(L::Random) => Balancer::Random,
@@ -1273,19 +1273,22 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
         dur(&cx, "connect_timeout", c.connect_timeout.as_ref())?.unwrap_or(Duration::from_secs(5));
     let mut outlier = OutlierConfig::default();
     if let Some(o) = &c.outlier_detection {
-        // Envoy's defaults: 5 consecutive 5xx, enforced; gateway failures not enforced.
+        // Envoy's defaults once a cluster has outlier detection: 5 consecutive 5xx, enforced;
+        // gateway failures counted but not enforced; 30 s growing by 30 s per ejection, at
+        // most 300 s; at most 10 % of the endpoints.
         let enforced = |e: Option<u32>, default: u32| e.unwrap_or(default) > 0;
         let five = enforced(o.enforcing_consecutive_5xx.map(|v| v.value), 100);
         let gateway = enforced(o.enforcing_consecutive_gateway_failure.map(|v| v.value), 0);
-        if five {
-            outlier.consecutive_failures = o.consecutive_5xx.map_or(5, |n| n.value).max(1);
-        } else if gateway {
-            outlier.consecutive_failures =
-                o.consecutive_gateway_failure.map_or(5, |n| n.value).max(1);
-            outlier.gateway_only = true;
-        } else {
-            outlier.disabled = true;
-        }
+        outlier = OutlierConfig {
+            consecutive_failures: five.then(|| o.consecutive_5xx.map_or(5, |n| n.value).max(1)),
+            consecutive_gateway: gateway
+                .then(|| o.consecutive_gateway_failure.map_or(5, |n| n.value).max(1)),
+            linear: true,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 10,
+            interval: None,
+        };
         outlier.interval = dur(&cx, "outlier_detection.interval", o.interval.as_ref())?;
         if let Some(d) = dur(
             &cx,
