@@ -70,11 +70,13 @@ pub fn hash64(bytes: &[u8]) -> u64 {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct OutlierConfig {
-    pub consecutive_failures: u32,
-    /// Only gateway errors (502, 503, 504, timeouts) and failed connections count.
-    pub gateway_only: bool,
-    /// No ejection at all (a cluster whose outlier detection enforces nothing).
-    pub disabled: bool,
+    /// 5xx answers, timeouts and failed connections in a row that eject; `None`: not enforced.
+    pub consecutive_failures: Option<u32>,
+    /// Gateway errors (502, 503, 504, timeouts) and failed connections in a row that eject;
+    /// any other answer breaks the run. `None`: not enforced.
+    pub consecutive_gateway: Option<u32>,
+    /// Ejections grow by `base_ejection` each time (Envoy's rule), not double.
+    pub linear: bool,
     /// Ejections end on these ticks (Envoy's `interval`); `None`: when their time is up.
     #[serde(with = "crate::state::route::opt_ms")]
     pub interval: Option<Duration>,
@@ -89,9 +91,9 @@ impl Default for OutlierConfig {
     /// When a cluster sets no outlier detection (Linkerd's failure accrual, roughly).
     fn default() -> Self {
         Self {
-            consecutive_failures: 7,
-            gateway_only: false,
-            disabled: false,
+            consecutive_failures: Some(7),
+            consecutive_gateway: None,
+            linear: false,
             interval: None,
             base_ejection: Duration::from_secs(1),
             max_ejection: Duration::from_secs(60),
@@ -130,6 +132,7 @@ pub struct Endpoint {
     pending: AtomicU32,
     ewma: Mutex<Ewma>,
     consecutive_failures: AtomicU32,
+    consecutive_gateway: AtomicU32,
     /// Nanoseconds since [`base`]; 0 when not ejected.
     ejected_until: AtomicU64,
     ejections: AtomicU32,
@@ -152,6 +155,7 @@ impl Endpoint {
                 observed: false,
             }),
             consecutive_failures: AtomicU32::new(0),
+            consecutive_gateway: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             pool: Default::default(),
@@ -303,10 +307,8 @@ impl InFlight {
         match outcome {
             Outcome::Success => {
                 ep.consecutive_failures.store(0, Ordering::Relaxed);
+                ep.consecutive_gateway.store(0, Ordering::Relaxed);
                 ep.ejections.store(0, Ordering::Relaxed);
-            }
-            Outcome::ServerError { gateway: false } if self.set.outlier.gateway_only => {
-                // Not a gateway error: it neither counts nor breaks a run of them.
             }
             Outcome::ServerError { .. } | Outcome::ConnectFailure => {
                 // A failure never makes an endpoint look faster than it was.
@@ -316,7 +318,17 @@ impl InFlight {
                     .map_or(0.0, |e| if e.observed { e.rtt_ns } else { 0.0 });
                 rtt = rtt.max(Duration::from_nanos(current as u64));
                 let n = ep.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if n >= self.set.outlier.consecutive_failures && !self.set.outlier.disabled {
+                let gateway = !matches!(outcome, Outcome::ServerError { gateway: false });
+                let g = if gateway {
+                    ep.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+                } else {
+                    ep.consecutive_gateway.store(0, Ordering::Relaxed);
+                    0
+                };
+                let o = &self.set.outlier;
+                if o.consecutive_failures.is_some_and(|t| n >= t)
+                    || o.consecutive_gateway.is_some_and(|t| g >= t)
+                {
                     self.set.eject(ep, now);
                 }
             }
@@ -553,11 +565,16 @@ impl EndpointSet {
             return;
         }
         let times = ep.ejections.fetch_add(1, Ordering::Relaxed);
+        let factor = if self.outlier.linear {
+            times.saturating_add(1)
+        } else {
+            1u32 << times.min(16)
+        };
         let backoff = self
             .outlier
             .base_ejection
-            .saturating_mul(1u32 << times.min(16))
-            .min(self.outlier.max_ejection);
+            .saturating_mul(factor)
+            .min(self.outlier.max_ejection.max(self.outlier.base_ejection));
         // Up to a quarter more, so endpoints ejected together do not return together.
         let jitter = backoff.mul_f64(rand::random_range(0.0..0.25));
         let mut until = now + backoff + jitter;
@@ -570,6 +587,7 @@ impl EndpointSet {
         }
         ep.ejected_until.store(nanos(until), Ordering::Relaxed);
         ep.consecutive_failures.store(0, Ordering::Relaxed);
+        ep.consecutive_gateway.store(0, Ordering::Relaxed);
         // Back on probation when it returns: it competes like a new endpoint instead of
         // carrying the cost of the failures that ejected it.
         if let Ok(mut e) = ep.ewma.lock() {
@@ -661,7 +679,7 @@ mod tests {
     #[test]
     fn ejects_after_consecutive_failures_and_readmits() {
         let outlier = OutlierConfig {
-            consecutive_failures: 3,
+            consecutive_failures: Some(3),
             base_ejection: Duration::from_millis(50),
             max_ejection: Duration::from_secs(1),
             max_ejection_percent: 50,

@@ -24,7 +24,7 @@ pub struct Breaker {
     connections: Option<Arc<Semaphore>>,
     pending: AtomicU32,
     retries: AtomicU32,
-    /// Requests and retries over the budget's interval, when it has one.
+    /// Requests sent over the budget's interval, when it has one.
     window: Option<RetryBudget>,
 }
 
@@ -119,13 +119,15 @@ impl Breaker {
     pub fn retry(self: &Arc<Self>, in_flight: u32, now: Instant) -> Option<RetrySlot> {
         let n = self.retries.fetch_add(1, Ordering::Relaxed);
         let slot = RetrySlot(self.clone());
-        let allowed = match (&self.limits.retry_budget, &self.window) {
-            (Some(b), Some(w)) => n < b.min_concurrency || w.withdraw(now),
-            (Some(b), None) => {
-                let share = b.percent / 100.0 * f64::from(in_flight + self.pending());
-                f64::from(n) < share.max(f64::from(b.min_concurrency))
+        let allowed = match &self.limits.retry_budget {
+            Some(b) => {
+                let base = match &self.window {
+                    Some(w) => w.requests(now) as f64,
+                    None => f64::from(in_flight + self.pending()),
+                };
+                f64::from(n) < (b.percent / 100.0 * base).max(f64::from(b.min_concurrency))
             }
-            (None, _) => n < self.limits.max_retries.unwrap_or(u32::MAX),
+            None => n < self.limits.max_retries.unwrap_or(u32::MAX),
         };
         allowed.then_some(slot)
     }
@@ -191,7 +193,16 @@ mod tests {
         for _ in 0..10 {
             over_time.deposit(now);
         }
+        // In flight at most half the 10 requests sent over the interval, whatever is in
+        // flight now; and as retries end, more may go.
         let kept: Vec<_> = (0..10).filter_map(|_| over_time.retry(0, now)).collect();
         assert_eq!(kept.len(), 5, "half of the 10 requests sent");
+        drop(kept);
+        let again: Vec<_> = (0..10).filter_map(|_| over_time.retry(0, now)).collect();
+        assert_eq!(
+            again.len(),
+            5,
+            "the budget caps retries in flight, not retries sent"
+        );
     }
 }

@@ -73,6 +73,12 @@ impl RetryBudget {
         Some(f(&mut w, i))
     }
 
+    /// Requests counted over the window.
+    pub fn requests(&self, now: Instant) -> u64 {
+        self.with(now, |w, _| w.slots.iter().map(|(r, _)| r).sum())
+            .unwrap_or(0)
+    }
+
     /// Counts a request (its first try).
     pub fn deposit(&self, now: Instant) {
         self.with(now, |w, i| w.slots[i].0 += 1);
