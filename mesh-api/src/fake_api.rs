@@ -889,8 +889,8 @@ impl State {
             .unwrap_or("Warn");
         match validation {
             "Strict" if !unknown.is_empty() => Err(Box::new(status(
-                422,
-                "Invalid",
+                400,
+                "BadRequest",
                 &format!("{what}: strict decoding error: {}", unknown.join(", ")),
             ))),
             "Ignore" => Ok(Vec::new()),
@@ -1104,7 +1104,9 @@ pub fn path_of(o: &Value) -> String {
     let lower = kind.to_lowercase();
     let plural = match lower.as_str() {
         "endpoints" => lower,
-        k if k.ends_with('y') => format!("{}ies", &k[..k.len() - 1]),
+        k if k.ends_with('y') && !k.ends_with("ay") && !k.ends_with("ey") && !k.ends_with("oy") => {
+            format!("{}ies", &k[..k.len() - 1])
+        }
         k if k.ends_with('s') => format!("{k}es"),
         k => format!("{k}s"),
     };

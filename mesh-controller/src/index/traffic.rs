@@ -190,7 +190,8 @@ pub fn compile(p: &TrafficPolicy, key: &ObjKey) -> Compiled {
             (LoadBalancerAlgorithm::ConsistentHash, None) => {
                 errors.push((
                     "spec.loadBalancer.consistentHash".into(),
-                    "ConsistentHash needs a key: header, cookie or sourceIP; round robin applies"
+                    "ConsistentHash needs a key: header, cookie or sourceIP; the balancer of the \
+                     next policy, or the default, applies"
                         .into(),
                 ));
                 None

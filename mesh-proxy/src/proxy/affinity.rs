@@ -46,7 +46,12 @@ pub fn affinity(policies: &[HashPolicy], headers: &HeaderMap, src: Option<Socket
                 Some(v) => Some(hash64(v.as_bytes())),
                 None => ttl.map(|ttl| {
                     let value = format!("{:016x}", rand::random::<u64>());
-                    let mut c = format!("{name}={value}; Max-Age={}", ttl.as_secs());
+                    // A zero ttl makes a session cookie, as Envoy's; part of a second counts
+                    // as a second.
+                    let mut c = format!("{name}={value}");
+                    if !ttl.is_zero() {
+                        c.push_str(&format!("; Max-Age={}", ttl.as_millis().div_ceil(1000)));
+                    }
                     if let Some(path) = path {
                         c.push_str(&format!("; Path={path}"));
                     }

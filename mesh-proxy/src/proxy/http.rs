@@ -469,21 +469,12 @@ async fn forward(
     if let Some(max) = cluster.max_requests
         && cluster.endpoints.in_flight() >= max
     {
-        ex.flags = "UO";
-        let mut r = local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "upstream overflow: too many requests in flight",
-        );
-        r.headers_mut().insert(
-            HeaderName::from_static("x-mesh-proxy"),
-            HeaderValue::from_static("overflow"),
-        );
-        return r;
+        return overflow(ex, "upstream overflow: too many requests in flight");
     }
     let mut attempt = 0u32;
     let mut avoid = None;
     // The retry in flight, against the cluster's max_retries or retry budget.
-    let mut _retry_slot = None;
+    let mut retry_slot = None;
     loop {
         let Some(inflight) = pick(&cluster, ctx.dst, avoid, affinity.hash) else {
             ex.flags = "UH";
@@ -501,6 +492,7 @@ async fn forward(
             idle_timeout: shared.config.idle_timeout,
             tls: shared.tls.clone(),
             breaker: cluster.breaker.clone(),
+            peers: cluster.endpoints.clone(),
         };
         let Some(req) = build(h2, ep.mesh_proxy, body.take()) else {
             return local(
@@ -528,14 +520,19 @@ async fn forward(
                 Err(_) => Try::PerTryTimeout,
             },
         };
-        inflight.finish(match &result {
-            Try::Response(r) if r.status().is_server_error() => Outcome::ServerError {
-                gateway: matches!(r.status().as_u16(), 502..=504),
-            },
-            Try::Response(_) => Outcome::Success,
-            Try::Failed(_) => Outcome::ConnectFailure,
-            Try::PerTryTimeout | Try::Timeout => Outcome::ServerError { gateway: true },
-        });
+        // An overflow never reached the endpoint: it neither failed nor answered.
+        if matches!(result, Try::Failed(SendError::Overflow)) {
+            drop(inflight);
+        } else {
+            inflight.finish(match &result {
+                Try::Response(r) if r.status().is_server_error() => Outcome::ServerError {
+                    gateway: matches!(r.status().as_u16(), 502..=504),
+                },
+                Try::Response(_) => Outcome::Success,
+                Try::Failed(_) => Outcome::ConnectFailure,
+                Try::PerTryTimeout | Try::Timeout => Outcome::ServerError { gateway: true },
+            });
+        }
         let reason = policy.and_then(|p| match &result {
             Try::Response(r) if p.retries_status(r.status().as_u16()) => Some("status"),
             Try::Response(r) if p.retries_grpc(r.headers()) => Some("grpc-status"),
@@ -564,17 +561,7 @@ async fn forward(
                         reason: "body-not-replayable",
                     })
                     .inc();
-            } else if let Some(denied) = match cluster.breaker.limits_retries() {
-                // The cluster's own limits replace the proxy's default budget.
-                true => match cluster.breaker.retry(cluster.endpoints.in_flight(), now) {
-                    Some(slot) => {
-                        _retry_slot = Some(slot);
-                        None
-                    }
-                    None => Some("overflow"),
-                },
-                false => (!cluster.budget.withdraw(now)).then_some("budget"),
-            } {
+            } else if let Some(denied) = admit_retry(&cluster, now, &mut retry_slot) {
                 shared
                     .metrics
                     .retries_denied
@@ -627,18 +614,10 @@ async fn forward(
                     None => ex.attach(Response::from_parts(p, body)),
                 }
             }
-            Try::Failed(SendError::Overflow) => {
-                ex.flags = "UO";
-                let mut r = local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream overflow: no connection free and too many requests waiting for one",
-                );
-                r.headers_mut().insert(
-                    HeaderName::from_static("x-mesh-proxy"),
-                    HeaderValue::from_static("overflow"),
-                );
-                r
-            }
+            Try::Failed(SendError::Overflow) => overflow(
+                ex,
+                "upstream overflow: no connection free and too many requests waiting for one",
+            ),
             Try::Failed(e) => {
                 ex.flags = if e.is_connect() { "UF" } else { "UC" };
                 debug!(error = %e, cluster = %cluster.name, "upstream request failed");
@@ -669,6 +648,34 @@ async fn forward(
             }
         };
     }
+}
+
+/// Whether the cluster lets one more retry go: `None` when it does (the retry's slot, if its
+/// limits count retries, is kept in `slot` until the next), else why not. The cluster's own
+/// `max_retries` or retry budget replace the proxy's default budget.
+fn admit_retry(
+    cluster: &Cluster,
+    now: Instant,
+    slot: &mut Option<crate::breaker::RetrySlot>,
+) -> Option<&'static str> {
+    if !cluster.breaker.limits_retries() {
+        return (!cluster.budget.withdraw(now)).then_some("budget");
+    }
+    // This request's previous retry is over: it does not count against the next.
+    *slot = None;
+    *slot = cluster.breaker.retry(cluster.endpoints.in_flight(), now);
+    slot.is_none().then_some("overflow")
+}
+
+/// A circuit breaker's answer: `503`, flag `UO`, marked as the proxy's own.
+fn overflow(ex: &mut Exchange, why: &str) -> Response<Body> {
+    ex.flags = "UO";
+    let mut r = local(StatusCode::SERVICE_UNAVAILABLE, why);
+    r.headers_mut().insert(
+        HeaderName::from_static("x-mesh-proxy"),
+        HeaderValue::from_static("overflow"),
+    );
+    r
 }
 
 /// An endpoint of the cluster; for an original-destination cluster, the connection's own.
@@ -773,6 +780,7 @@ fn mirror(
             idle_timeout: ctx.shared.config.idle_timeout,
             tls: ctx.shared.tls.clone(),
             breaker: cluster.breaker.clone(),
+            peers: cluster.endpoints.clone(),
         };
         tokio::spawn(async move {
             let ep = inflight.endpoint.clone();

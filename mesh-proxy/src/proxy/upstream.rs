@@ -249,11 +249,30 @@ pub struct Target {
     pub tls: Option<Arc<MeshTls>>,
     /// The cluster's connection limits.
     pub breaker: Arc<Breaker>,
+    /// The cluster's endpoints, whose idle connections a request waiting for a connection
+    /// closes (they hold permits nobody uses).
+    pub peers: Arc<crate::balance::EndpointSet>,
 }
 
 impl Target {
     fn max_requests(&self) -> Option<u32> {
         self.breaker.limits.max_requests_per_connection
+    }
+
+    fn close_idle_except(&self, ep: &Arc<Endpoint>) {
+        for e in self.peers.endpoints() {
+            if !Arc::ptr_eq(e, ep) {
+                e.pool.clear();
+            }
+        }
+    }
+
+    /// Joins the queue for a connection permit: idle connections elsewhere in the cluster are
+    /// closed to free theirs; a full queue is an overflow.
+    fn wait_in_line(&self, ep: &Arc<Endpoint>) -> Result<crate::breaker::Pending, SendError> {
+        let line = self.breaker.wait_in_line().ok_or(SendError::Overflow)?;
+        self.close_idle_except(ep);
+        Ok(line)
     }
 }
 
@@ -371,6 +390,8 @@ async fn send_h1(
     mut req: Request<Body>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let mut in_line = None;
+    // A request waits for a connection no longer than one takes to open.
+    let deadline = tokio::time::Instant::now() + target.connect_timeout;
     let permit = loop {
         // A pooled connection the endpoint closed meanwhile gives the request back unsent;
         // then it goes on another, or a fresh one.
@@ -387,11 +408,12 @@ async fn send_h1(
             Ok(permit) => break permit,
             Err(_) => {
                 if in_line.is_none() {
-                    in_line = Some(target.breaker.wait_in_line().ok_or(SendError::Overflow)?);
+                    in_line = Some(target.wait_in_line(ep)?);
                 }
                 tokio::select! {
                     permit = target.breaker.connection_freed() => break permit,
                     () = ep.pool.returned.notified() => {}
+                    () = tokio::time::sleep_until(deadline) => return Err(SendError::Overflow),
                 }
             }
         }
@@ -448,51 +470,63 @@ async fn send_h2(
 ) -> Result<Response<Incoming>, SendError> {
     use std::sync::atomic::Ordering;
     let max = target.max_requests();
-    let mut tx = {
-        let mut slot = ep.pool.h2.lock().await;
-        let reusable = slot.as_ref().filter(|(tx, used, b)| {
-            !tx.is_closed()
-                && Arc::ptr_eq(b, &target.breaker)
-                && max.is_none_or(|m| used.load(Ordering::Relaxed) < m)
-        });
-        match reusable {
-            Some((tx, used, _)) => {
+    let reuse = |slot: &Option<H2>| {
+        slot.as_ref()
+            .filter(|(tx, used, b)| {
+                !tx.is_closed()
+                    && Arc::ptr_eq(b, &target.breaker)
+                    && max.is_none_or(|m| used.load(Ordering::Relaxed) < m)
+            })
+            .map(|(tx, used, _)| {
                 used.fetch_add(1, Ordering::Relaxed);
                 tx.clone()
-            }
-            None => {
-                // The one it replaces, if any, closes once its streams end.
-                slot.take();
-                let permit = match target.breaker.connection() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        let _in_line = target.breaker.wait_in_line().ok_or(SendError::Overflow)?;
-                        target.breaker.connection_freed().await
-                    }
-                };
-                let stream =
-                    connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout)
-                        .await?;
-                let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(10))
-                    .handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(SendError::Reset)?;
-                let addr = ep.addr;
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    if let Err(e) = conn.await {
-                        debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
-                    }
-                });
-                *slot = Some((
-                    tx.clone(),
-                    Arc::new(std::sync::atomic::AtomicU32::new(1)),
-                    target.breaker.clone(),
-                ));
-                tx
+            })
+    };
+    let first = reuse(&*ep.pool.h2.lock().await);
+    let mut tx = match first {
+        Some(tx) => tx,
+        None => {
+            // A permit first, without holding the slot: others may reuse it meanwhile.
+            let permit = match target.breaker.connection() {
+                Ok(p) => p,
+                Err(_) => {
+                    let _in_line = target.wait_in_line(ep)?;
+                    tokio::time::timeout(target.connect_timeout, target.breaker.connection_freed())
+                        .await
+                        .map_err(|_| SendError::Overflow)?
+                }
+            };
+            let mut slot = ep.pool.h2.lock().await;
+            match reuse(&slot) {
+                // Another request opened one meanwhile: the permit goes back.
+                Some(tx) => tx,
+                None => {
+                    // The one it replaces, if any, closes once its streams end.
+                    slot.take();
+                    let stream =
+                        connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout)
+                            .await?;
+                    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(Duration::from_secs(30))
+                        .keep_alive_timeout(Duration::from_secs(10))
+                        .handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(SendError::Reset)?;
+                    let addr = ep.addr;
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        if let Err(e) = conn.await {
+                            debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
+                        }
+                    });
+                    *slot = Some((
+                        tx.clone(),
+                        Arc::new(std::sync::atomic::AtomicU32::new(1)),
+                        target.breaker.clone(),
+                    ));
+                    tx
+                }
             }
         }
     };
