@@ -320,6 +320,13 @@ spec:
   outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}
 ",
     )?;
+    // mesh-proxy ejects by default too (7 in a row): measure once it runs the policy's 3.
+    mesh_e2e::mesh::wait_config(&c._proxy, "mesh-proxy to run the outlier policy", |s| {
+        s.clusters
+            .values()
+            .any(|cl| cl.name.contains("|echo.") && cl.outlier.consecutive_failures == Some(3))
+    })
+    .await?;
     servers[0].fail_every(1);
     let mut figures = Vec::new();
     for (name, proxy) in [("mesh-proxy", c.mesh), ("Envoy", c.envoy)] {
