@@ -66,6 +66,9 @@ pub fn plural(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
         }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => ("httproutes", true),
         ("gateway.networking.k8s.io/v1", "GRPCRoute") => ("grpcroutes", true),
+        ("mesh.dev/v1alpha1", "AuthorizationPolicy") => ("authorizationpolicies", true),
+        ("mesh.dev/v1alpha1", "TrafficPolicy") => ("trafficpolicies", true),
+        ("mesh.dev/v1alpha1", "RateLimitPolicy") => ("ratelimitpolicies", true),
         _ => return None,
     })
 }

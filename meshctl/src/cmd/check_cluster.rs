@@ -280,6 +280,7 @@ pub(crate) async fn installed(cluster: &Cluster, ns: &str, c: &mut Checks) -> an
     if missing == 0 {
         c.ok(CRDS, "the Gateway API and mesh.dev CRDs are established");
     }
+    dropped_fields(cluster, c).await?;
 
     const CP: &str = "control plane";
     match crate::install::installed_version(cluster, ns).await? {
@@ -393,6 +394,71 @@ pub(crate) async fn installed(cluster: &Cluster, ns: &str, c: &mut Checks) -> an
             HOOK,
             format!("ConfigMap {ns}/mesh-ca-root is missing: mesh-ca has not published its root"),
             &format!("kubectl -n {ns} logs deployment/mesh-ca"),
+        );
+    }
+    Ok(())
+}
+
+/// What users applied that the installed schemas dropped: each route and mesh.dev policy whose
+/// last applied configuration (`kubectl apply`'s annotation) has a field that the installed CRD
+/// lacks, read as the API server reads a write (`mesh_api::schema`). An HTTPRoute `retry` on a
+/// cluster with the standard channel is the common case: it was silently pruned.
+pub(crate) async fn dropped_fields(cluster: &Cluster, c: &mut Checks) -> anyhow::Result<()> {
+    use mesh_api::k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    const CAT: &str = "config";
+    const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+    let crds: Vec<CustomResourceDefinition> = cluster
+        .list("apiextensions.k8s.io/v1", "CustomResourceDefinition", "")
+        .await?
+        .into_iter()
+        .filter_map(|v| serde_json::from_value(v).ok())
+        .collect();
+    let mut checked = 0;
+    let mut dropped = 0;
+    for (api_version, kind) in [
+        ("gateway.networking.k8s.io/v1", "HTTPRoute"),
+        ("gateway.networking.k8s.io/v1", "GRPCRoute"),
+        ("mesh.dev/v1alpha1", "AuthorizationPolicy"),
+        ("mesh.dev/v1alpha1", "TrafficPolicy"),
+        ("mesh.dev/v1alpha1", "RateLimitPolicy"),
+    ] {
+        // A kind whose CRD is missing was reported above.
+        let Ok(items) = cluster.list(api_version, kind, "").await else {
+            continue;
+        };
+        for o in items {
+            let applied = o
+                .pointer("/metadata/annotations")
+                .and_then(|a| a.get(LAST_APPLIED))
+                .and_then(Value::as_str)
+                .and_then(|t| serde_json::from_str::<Value>(t).ok());
+            let Some(mut applied) = applied else {
+                continue;
+            };
+            checked += 1;
+            let Some(report) = mesh_api::schema::admit_in(&mut applied, &crds) else {
+                continue;
+            };
+            for path in report.pruned {
+                dropped += 1;
+                c.warn(
+                    CAT,
+                    format!(
+                        "{kind} {}/{}: {path} was applied but the installed schema has no such field, so the API server dropped it",
+                        field(&o, "/metadata/namespace"),
+                        field(&o, "/metadata/name")
+                    ),
+                    "check the field's spelling (docs/reference/crds.md); an HTTPRoute retry needs the experimental channel, or a TrafficPolicy retry",
+                );
+            }
+        }
+    }
+    if dropped == 0 {
+        c.ok(
+            CAT,
+            format!(
+                "{checked} applied routes and policies kept every field they were applied with"
+            ),
         );
     }
     Ok(())
@@ -679,6 +745,33 @@ mod tests {
         let c = check_installed(&cluster).await;
         let f = of(&c, "webhook", Status::Fail);
         assert!(f.len() == 1 && f[0].contains("has no caBundle"), "{f:?}");
+    }
+
+    /// A route applied with `retry` to a cluster with the standard channel lost it: check says
+    /// which field of which object, from kubectl's last-applied annotation.
+    #[tokio::test]
+    async fn a_field_the_api_server_dropped_from_an_applied_route_is_named() {
+        let (cluster, fake) = fake_cluster();
+        installed_mesh(&fake, &cluster).await;
+        let applied = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": "reviews", "namespace": "shop"},
+            "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews"}],
+                     "rules": [{"backendRefs": [{"name": "reviews-v1", "port": 9080}],
+                                "retry": {"attempts": 2}}]}});
+        let mut stored = applied.clone();
+        stored["metadata"]["annotations"] = json!({
+            "kubectl.kubernetes.io/last-applied-configuration": applied.to_string()});
+        if let Some(rule) = stored["spec"]["rules"][0].as_object_mut() {
+            rule.remove("retry");
+        }
+        fake.insert(stored);
+        let c = check_installed(&cluster).await;
+        let w = of(&c, "config", Status::Warn);
+        assert!(
+            w.len() == 1
+                && w[0].starts_with("HTTPRoute shop/reviews: spec.rules[0].retry was applied"),
+            "{w:?}"
+        );
     }
 
     #[tokio::test]
