@@ -473,8 +473,7 @@ pub fn write_atomic(path: &Path, text: &str) -> anyhow::Result<()> {
 /// ([`mesh_api::schema`]); and the paths of the fields it pruned. A document the API server
 /// would refuse is an error naming it.
 pub fn as_a_cluster_stores(yaml: &str) -> anyhow::Result<(String, Vec<String>)> {
-    let mut crds = mesh_api::crds::mesh_crds();
-    crds.extend(mesh_api::crds::gateway_api_crds());
+    let crds = mesh_api::crds::chart_crds();
     let mut docs = Vec::new();
     let mut pruned = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {

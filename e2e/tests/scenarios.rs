@@ -72,13 +72,24 @@ async fn reviews<C: Cluster>(c: &mut C, v1: usize) -> anyhow::Result<String> {
 /// Applies the `reviews` route and waits until the client's proxy acknowledged the route
 /// config it caused: `wait_synced` alone may return before the controller read the change.
 async fn route<C: Cluster>(c: &mut C, yaml: &str) -> anyhow::Result<()> {
-    let before = c.acked("shop", "client-0", "RDS")?;
-    c.apply("route", yaml)?;
+    apply_acked(c, "route", yaml, "RDS").await
+}
+
+/// Applies `yaml` as `name` and waits until the client's proxy acknowledged the `ty` config
+/// (`RDS`, `CDS`) it caused.
+async fn apply_acked<C: Cluster>(
+    c: &mut C,
+    name: &str,
+    yaml: &str,
+    ty: &str,
+) -> anyhow::Result<()> {
+    let before = c.acked("shop", "client-0", ty)?;
+    c.apply(name, yaml)?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while c.acked("shop", "client-0", "RDS")? == before || !c.synced("shop", "client-0")? {
+    while c.acked("shop", "client-0", ty)? == before || !c.synced("shop", "client-0")? {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the client's proxy never acknowledged the route:\n{yaml}"
+            "the client's proxy never acknowledged the {ty} of:\n{yaml}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -370,8 +381,8 @@ spec:
         without["failed"].as_u64().unwrap_or(0) >= 5,
         "the pruned retry still retried: {without}"
     );
-    let before = c.acked("shop", "client-0", "RDS")?;
-    c.apply(
+    apply_acked(
+        c,
         "retry",
         "apiVersion: mesh.dev/v1alpha1
 kind: TrafficPolicy
@@ -387,16 +398,9 @@ spec:
   targetRefs: [{group: '', kind: Service, name: flaky}]
   retryBudget: {percent: 100, minRetryConcurrency: 4}
 ",
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.acked("shop", "client-0", "RDS")? == before {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the retry never reached the client"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    c.wait_synced().await?;
+        "RDS",
+    )
+    .await?;
     let r = c
         .start_load(
             "shop",
@@ -437,8 +441,8 @@ async fn traffic_policy_ejects_a_failing_pod<C: Cluster>(c: &mut C) -> anyhow::R
         c.deploy(&w).await?;
     }
     c.deploy(&idle("client", true)).await?;
-    let before = c.acked("shop", "client-0", "CDS")?;
-    c.apply(
+    apply_acked(
+        c,
         "pool-policy",
         "apiVersion: mesh.dev/v1alpha1
 kind: TrafficPolicy
@@ -448,16 +452,9 @@ spec:
   loadBalancer: {algorithm: RoundRobin}
   outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}
 ",
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while c.acked("shop", "client-0", "CDS")? == before {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the policy never reached the client"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    c.wait_synced().await?;
+        "CDS",
+    )
+    .await?;
     let url = format!("http://{addr}:9080/");
     let warm = twenty_requests(c, "client-0", &url).await?;
     let r = c

@@ -414,6 +414,13 @@ pub fn gateway_api_crds() -> Vec<CustomResourceDefinition> {
     crds
 }
 
+/// Every CRD the chart installs: ours and the Gateway API standard channel's.
+pub fn chart_crds() -> Vec<CustomResourceDefinition> {
+    let mut crds = mesh_crds();
+    crds.extend(gateway_api_crds());
+    crds
+}
+
 /// CRDs as a YAML stream, the way `deploy/charts/mesh/crds/` holds them.
 pub fn crds_yaml(crds: &[CustomResourceDefinition]) -> Result<String, serde_json::Error> {
     let mut out = String::from(

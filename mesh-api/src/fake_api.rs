@@ -170,10 +170,7 @@ impl FakeApi {
     /// Stores the chart's CRDs (ours and the Gateway API standard channel), Established, as
     /// `meshctl install` leaves a cluster.
     pub fn install_chart_crds(&self) {
-        let crds = crate::crds::mesh_crds()
-            .into_iter()
-            .chain(crate::crds::gateway_api_crds());
-        for crd in crds {
+        for crd in crate::crds::chart_crds() {
             let mut v = serde_json::to_value(&crd).unwrap_or_default();
             v["status"] = json!({"conditions": [{"type": "Established", "status": "True"}]});
             self.insert(v);
@@ -355,7 +352,7 @@ impl FakeApi {
                 s.merge(path.trim_end_matches("/status"), body, &query)
             }
             "PATCH" => s.apply(&path, body, &query),
-            "DELETE" => match s.remove(&path) {
+            "DELETE" => match s.delete(&path) {
                 Some(_) => respond(
                     StatusCode::OK,
                     &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
@@ -483,11 +480,6 @@ impl State {
         self.store(path_of(&o), o);
     }
 
-    /// Deletes the object at `path` as another writer would.
-    pub fn delete(&mut self, path: &str) -> Option<Value> {
-        self.remove(path)
-    }
-
     /// Stores an object and tells watches.
     fn store(&mut self, path: String, o: Value) {
         let kind = if self.objects.contains_key(&path) {
@@ -505,8 +497,8 @@ impl State {
         self.notify();
     }
 
-    /// Removes an object and tells watches.
-    fn remove(&mut self, path: &str) -> Option<Value> {
+    /// Deletes the object at `path` and tells watches.
+    pub fn delete(&mut self, path: &str) -> Option<Value> {
         let o = self.objects.remove(path)?;
         self.managed.remove(path);
         self.rv += 1;

@@ -1,12 +1,11 @@
 use serde_json::json;
 
 use super::*;
-use crate::crds::{gateway_api_crds, mesh_crds};
+use crate::crds::chart_crds;
 
 fn crd(kind: &str) -> CustomResourceDefinition {
-    mesh_crds()
+    chart_crds()
         .into_iter()
-        .chain(gateway_api_crds())
         .find(|c| c.spec.names.kind == kind)
         .expect("a chart CRD of that kind")
 }

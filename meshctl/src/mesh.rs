@@ -154,16 +154,8 @@ pub struct Admitted {
     pub refused: Vec<String>,
 }
 
-/// The chart's CRDs: what `meshctl install` puts in a cluster.
-fn installed_crds() -> Vec<mesh_api::k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
-{
-    let mut crds = mesh_api::crds::mesh_crds();
-    crds.extend(mesh_api::crds::gateway_api_crds());
-    crds
-}
-
 fn admission_of(all: &Docs) -> Vec<Admitted> {
-    let crds = installed_crds();
+    let crds = mesh_api::crds::chart_crds();
     let mut out = Vec::new();
     for (path, _, v) in all {
         let Ok(mut obj) = serde_json::to_value(v) else {

@@ -16,7 +16,6 @@
 //! policy (`loadBalancer`, `connectionLimits`, `outlierDetection`, `retryBudget`,
 //! `connectTimeout`) is taken whole from the first policy that sets it.
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -134,16 +133,11 @@ impl Compiled {
     }
 }
 
+/// A Gateway API duration, as routes read theirs; an unreadable one goes to `errors`.
 fn duration(s: &str, field: &str, errors: &mut Vec<(String, String)>) -> Option<Duration> {
-    match gateway_api::Duration::from_str(s) {
-        Ok(d) => Some(Duration::from_millis(
-            d.as_millis().try_into().unwrap_or(u64::MAX),
-        )),
-        Err(e) => {
-            errors.push((field.into(), format!("invalid duration {s:?}: {e}")));
-            None
-        }
-    }
+    super::routes::duration(s, field)
+        .map_err(|e| errors.push((e.field, e.reason)))
+        .ok()
 }
 
 fn target(t: &PolicyTargetReference) -> Result<Target, String> {

@@ -37,12 +37,6 @@ fn u32v(v: u32) -> Option<UInt32Value> {
     Some(UInt32Value { value: v })
 }
 
-/// The balancer of a cluster no TrafficPolicy configures: peak EWMA in mesh-proxy, round
-/// robin in Envoy and gRPC clients.
-pub fn default_balancer(c: &mut Cluster) {
-    set_balancer(c, &Balancer::PeakEwma);
-}
-
 fn set_balancer(c: &mut Cluster, b: &Balancer) {
     use cluster::LbPolicy as L;
     c.lb_policy = match b {
@@ -66,7 +60,8 @@ fn set_balancer(c: &mut Cluster, b: &Balancer) {
     }
 }
 
-/// Applies a Service port's policy to its cluster.
+/// Applies a Service port's policy to its cluster; the default policy (no TrafficPolicy)
+/// only marks peak EWMA for mesh-proxy over round robin for Envoy and gRPC clients.
 pub fn apply_cluster_policy(c: &mut Cluster, p: &ClusterPolicy) {
     set_balancer(c, &p.balancer);
     let l = &p.limits;

@@ -1031,10 +1031,10 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
             ResourceType::Cluster,
             Resource::new(&cluster, &{
                 let mut c = eds_cluster(&cluster, p.protocol);
-                match &p.traffic {
-                    Some(t) => super::traffic::apply_cluster_policy(&mut c, t),
-                    None => super::traffic::default_balancer(&mut c),
-                }
+                super::traffic::apply_cluster_policy(
+                    &mut c,
+                    p.traffic.as_deref().unwrap_or(&Default::default()),
+                );
                 c
             }),
         ));

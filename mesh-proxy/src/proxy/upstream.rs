@@ -425,20 +425,26 @@ async fn send_h1(
         .handshake(TokioIo::new(stream))
         .await
         .map_err(SendError::Reset)?;
-    let addr = ep.addr;
-    tokio::spawn(async move {
-        // The connection holds its permit while it lives.
-        let _permit = permit;
-        if let Err(e) = conn.with_upgrades().await {
-            debug!(endpoint = %addr, error = %e, "upstream connection ended");
-        }
-    });
+    drive(ep.addr, permit, conn.with_upgrades());
     let resp = tx.send_request(req).await.map_err(SendError::Reset)?;
     Ok(pooled(ep, (tx, 1, target.breaker.clone()), resp))
 }
 
 /// Returns a connection to the pool once it can take the next request (at once, usually, as
 /// its response has ended).
+/// Runs a connection to its end; it holds its breaker permit, if any, while it lives.
+fn drive<F>(addr: SocketAddr, permit: Option<tokio::sync::OwnedSemaphorePermit>, conn: F)
+where
+    F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _permit = permit;
+        if let Err(e) = conn.await {
+            debug!(endpoint = %addr, error = %e, "upstream connection ended");
+        }
+    });
+}
+
 /// A connection that has carried its `max_requests_per_connection` is dropped instead, which
 /// closes it; so is one that requests wait for while the cluster is at `max_connections`,
 /// so that its permit goes to them (whichever endpoint they picked).
@@ -513,13 +519,7 @@ async fn send_h2(
                         .handshake(TokioIo::new(stream))
                         .await
                         .map_err(SendError::Reset)?;
-                    let addr = ep.addr;
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        if let Err(e) = conn.await {
-                            debug!(endpoint = %addr, error = %e, "upstream HTTP/2 connection ended");
-                        }
-                    });
+                    drive(ep.addr, permit, conn);
                     *slot = Some((
                         tx.clone(),
                         Arc::new(std::sync::atomic::AtomicU32::new(1)),
