@@ -183,6 +183,8 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
         outbound_http: format!("127.0.0.1:{}", free_port()).parse()?,
         transparent: true,
         sds_dir: Some(sds.clone()),
+        xds_tls: false,
+        trust_domain: "cluster.local".into(),
     })?;
     let md = &mut bootstrap["node"]["metadata"];
     md[mesh_api::consts::node_metadata::INBOUND_ADDR] = "127.0.0.2".into();

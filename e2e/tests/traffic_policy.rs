@@ -53,6 +53,8 @@ async fn clients(mesh: &LocalMesh, envoy_bin: &std::path::Path) -> anyhow::Resul
         outbound_http: format!("127.0.0.1:{http_port}").parse()?,
         transparent: false,
         sds_dir: None,
+        xds_tls: false,
+        trust_domain: "cluster.local".into(),
     })?;
     let peer = start_envoy(envoy_bin, &bootstrap, mesh.dir.path(), admin).await?;
     Ok(Clients {

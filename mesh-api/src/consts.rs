@@ -214,6 +214,8 @@ pub mod env {
     pub const PROXY_ACCESS_LOG: &str = "MESH_PROXY_ACCESS_LOG";
     /// Proxy: certificate lifetime to ask mesh-ca for.
     pub const PROXY_CERT_LIFETIME: &str = "MESH_PROXY_CERT_LIFETIME";
+    /// `mesh-proxy agent`: the directory it writes Envoy's SDS files to.
+    pub const PROXY_SDS_DIR: &str = "MESH_PROXY_SDS_DIR";
     /// Proxy: xDS over mesh TLS, `auto`, `on` or `off`.
     pub const PROXY_XDS_TLS: &str = "MESH_PROXY_XDS_TLS";
     /// Proxy: `true` runs without identity (plaintext only).

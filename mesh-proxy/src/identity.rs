@@ -94,9 +94,10 @@ impl MeshTls {
                 dns_names: Vec::new(),
             },
             identity.clone(),
-            Box::new(move |c| {
+            Box::new(move |issued| {
                 renewed.svid_renewals.inc();
-                let secs = c
+                let secs = issued
+                    .current
                     .not_after
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());

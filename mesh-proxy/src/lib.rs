@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod agent;
 pub mod balance;
 pub mod breaker;
 pub mod config;

@@ -14,6 +14,16 @@ fn main() -> anyhow::Result<()> {
         let args = mesh_proxy::init::InitArgs::parse_from(std::env::args().skip(1));
         return mesh_proxy::init::run(&args, &mut std::io::stdout());
     }
+    // `mesh-proxy agent`: SVIDs for a stock Envoy, as SDS files.
+    if std::env::args().nth(1).as_deref() == Some("agent") {
+        let args = mesh_proxy::agent::AgentArgs::parse_from(std::env::args().skip(1));
+        init_logging("text");
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(mesh_proxy::agent::run(args));
+    }
     let config = Config::parse();
     let log = init_logging(&config.log_format);
     let workers = config.worker_threads();

@@ -67,8 +67,26 @@ pub struct RenewalStatus {
     pub issuer_root_sha256: Option<String>,
 }
 
+/// What one renewal installed: the SVID, its private key (PKCS#8 DER) and the trust bundle
+/// the CA sent, for an agent that hands them to another process (Envoy's SDS files).
+pub struct Issued<'a> {
+    pub current: &'a Current,
+    pub key_pkcs8: &'a [u8],
+    pub roots: &'a [CertificateDer<'static>],
+}
+
+impl std::fmt::Debug for Issued<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("Issued")
+            .field("current", self.current)
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Called after each renewal, or each failed attempt.
-pub type RenewedHook = Box<dyn Fn(&Current) + Send + Sync>;
+pub type RenewedHook = Box<dyn Fn(&Issued<'_>) + Send + Sync>;
 pub type FailedHook = Box<dyn Fn(&str) + Send + Sync>;
 
 /// Keeps an [`Identity`] supplied with a valid SVID.
@@ -233,11 +251,13 @@ impl SvidClient {
             .map(CertificateDer::from)
             .collect();
         let bundle = Bundle::new(roots.clone())?;
-        let secret = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let key_pkcs8 = key.serialize_der();
+        let secret = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_pkcs8.clone()));
         let current = self
             .identity
             .install(chain, secret, bundle, SystemTime::now())?;
         // The CA may be re-issued from a new root: trust what it says, and the configured root.
+        let sent_roots = roots.clone();
         let mut ca_roots = roots;
         for r in self.ca_root.roots() {
             if !ca_roots.contains(r) {
@@ -256,7 +276,11 @@ impl SvidClient {
             st.roots = roots;
             st.issuer_root_sha256 = current.chain.last().map(|c| super::fingerprint(c));
         });
-        (self.on_renewed)(&current);
+        (self.on_renewed)(&Issued {
+            current: &current,
+            key_pkcs8: &key_pkcs8,
+            roots: &sent_roots,
+        });
         info!(
             id = %current.id,
             not_after = unix(current.not_after),

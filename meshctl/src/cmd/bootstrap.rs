@@ -1,12 +1,16 @@
-//! `meshctl bootstrap envoy`: an Envoy bootstrap that joins the mesh through ADS alone. The
-//! controller is reached with Envoy's Google gRPC client, so the bootstrap holds no static
-//! listener and no static cluster: everything else comes over xDS.
+//! `meshctl bootstrap envoy`: an Envoy bootstrap that joins the mesh through ADS alone. A
+//! controller serving plaintext xDS (a local mesh) is reached with Envoy's Google gRPC client,
+//! and the bootstrap holds no static listener and no static cluster. A controller in a cluster
+//! serves xDS over mesh TLS only (`--xds-tls`): then the one static cluster is the controller,
+//! reached with the SVID `mesh-proxy agent` keeps in `--sds-dir`. Everything else comes over
+//! xDS.
 
 use std::io::Write;
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
-use mesh_api::consts::{env, node_metadata, ports};
+use mesh_api::SpiffeId;
+use mesh_api::consts::{env, identity as ids, node_metadata, ports, xds as names};
 use serde_json::json;
 
 #[derive(Debug, clap::Subcommand)]
@@ -52,7 +56,18 @@ pub struct EnvoyArgs {
     /// (`default.yaml` and `ROOTCA.yaml`, SDS DiscoveryResponses an agent keeps current).
     #[arg(long)]
     pub sds_dir: Option<std::path::PathBuf>,
+    /// Reach the controller over mesh TLS (as a controller with a CA serves xDS), presenting
+    /// the SVID in `--sds-dir` and accepting only the controller's identity. Needs `--sds-dir`.
+    #[arg(long, requires = "sds_dir")]
+    pub xds_tls: bool,
+    /// Trust domain of the mesh (the controller's identity is
+    /// `spiffe://<this>/ns/mesh-system/sa/mesh-controller`).
+    #[arg(long, env = env::TRUST_DOMAIN, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
 }
+
+/// The static cluster the bootstrap reaches the controller through under `--xds-tls`.
+pub const XDS_CLUSTER: &str = "mesh-xds";
 
 pub fn run(cmd: Bootstrap, out: &mut dyn Write) -> anyhow::Result<()> {
     let text = match cmd {
@@ -69,19 +84,92 @@ pub fn run(cmd: Bootstrap, out: &mut dyn Write) -> anyhow::Result<()> {
 
 /// Checks `--node` (`<namespace>/<name>`) and `--xds` (`HOST:PORT`); returns the namespace.
 fn check_node_and_xds<'a>(node: &'a str, xds: &str) -> anyhow::Result<&'a str> {
+    xds_host_port(xds)?;
+
     let Some((namespace, name)) = node.split_once('/') else {
         bail!("--node {node:?}: expected <namespace>/<name>");
     };
     if namespace.is_empty() || name.is_empty() || name.contains('/') {
         bail!("--node {node:?}: expected <namespace>/<name>");
     }
+    Ok(namespace)
+}
+
+/// `--xds` as host and port.
+fn xds_host_port(xds: &str) -> anyhow::Result<(&str, u16)> {
     let Some((host, port)) = xds.rsplit_once(':') else {
         bail!("--xds {xds:?}: expected HOST:PORT");
     };
-    if host.is_empty() || port.parse::<u16>().is_err() {
-        bail!("--xds {xds:?}: expected HOST:PORT with a port of 1..=65535");
+    match port.parse::<u16>() {
+        Ok(p) if !host.is_empty() && p > 0 => Ok((host.trim_matches(['[', ']']), p)),
+        _ => bail!("--xds {xds:?}: expected HOST:PORT with a port of 1..=65535"),
     }
-    Ok(namespace)
+}
+
+/// An SDS secret read from `dir/<name>.yaml`, watched for the renames the agent makes.
+fn file_secret(dir: &str, name: &str) -> serde_json::Value {
+    json!({
+        "name": name,
+        "sds_config": {
+            "resource_api_version": "V3",
+            "path_config_source": {
+                "path": format!("{dir}/{name}.yaml"),
+                "watched_directory": {"path": dir},
+            },
+        },
+    })
+}
+
+/// The controller as a static cluster over mesh TLS: HTTP/2, TLS 1.3, Envoy's SVID from
+/// `dir`, and only the controller's SPIFFE ID accepted.
+fn xds_cluster(xds: &str, dir: &str, controller: &SpiffeId) -> anyhow::Result<serde_json::Value> {
+    let (host, port) = xds_host_port(xds)?;
+    let kind = if host.parse::<std::net::IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    };
+    Ok(json!({
+        "name": XDS_CLUSTER,
+        "type": kind,
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": XDS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": host, "port_value": port},
+            }}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "transport_socket": {
+            "name": names::TLS_TRANSPORT_SOCKET,
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "common_tls_context": {
+                    // Envoy's client default tops out at TLS 1.2; the controller speaks 1.3.
+                    "tls_params": {
+                        "tls_minimum_protocol_version": "TLSv1_3",
+                        "tls_maximum_protocol_version": "TLSv1_3",
+                    },
+                    "alpn_protocols": ["h2"],
+                    "tls_certificate_sds_secret_configs": [file_secret(dir, names::SDS_SVID)],
+                    "combined_validation_context": {
+                        "default_validation_context": {
+                            "match_typed_subject_alt_names": [{
+                                "san_type": "URI",
+                                "matcher": {"exact": controller.as_str()},
+                            }],
+                        },
+                        "validation_context_sds_secret_config": file_secret(dir, names::SDS_ROOTS),
+                    },
+                },
+            },
+        },
+    }))
 }
 
 /// The gRPC xDS bootstrap: the controller as the xDS server, over plaintext (the local mesh).
@@ -110,13 +198,38 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
         node_metadata::TRANSPARENT: args.transparent.to_string(),
         node_metadata::OUTBOUND_HTTP_ADDR: args.outbound_http.to_string(),
     });
+    let mut sds_dir = None;
     if let Some(dir) = &args.sds_dir {
         let dir =
             std::path::absolute(dir).with_context(|| format!("--sds-dir {}", dir.display()))?;
+        let dir = dir.to_string_lossy().into_owned();
         metadata[node_metadata::MTLS] = json!("true");
-        metadata[node_metadata::SDS_DIR] = json!(dir.to_string_lossy());
+        metadata[node_metadata::SDS_DIR] = json!(dir);
+        sds_dir = Some(dir);
     }
-    Ok(json!({
+    let (grpc_service, static_resources) = match (args.xds_tls, &sds_dir) {
+        (true, Some(dir)) => {
+            let controller = SpiffeId::workload(
+                &args.trust_domain,
+                ids::SYSTEM_NAMESPACE,
+                ids::CONTROLLER_SERVICE_ACCOUNT,
+            )
+            .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
+            (
+                json!({"envoy_grpc": {"cluster_name": XDS_CLUSTER}, "timeout": "5s"}),
+                Some(json!({"clusters": [xds_cluster(&args.xds, dir, &controller)?]})),
+            )
+        }
+        (true, None) => bail!("--xds-tls needs --sds-dir (the SVID Envoy presents)"),
+        (false, _) => (
+            json!({
+                "google_grpc": {"target_uri": args.xds, "stat_prefix": "mesh_xds"},
+                "timeout": "5s",
+            }),
+            None,
+        ),
+    };
+    let mut bootstrap = json!({
         "node": {
             "id": args.node,
             "cluster": namespace,
@@ -127,10 +240,7 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
                 "api_type": api_type,
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": true,
-                "grpc_services": [{
-                    "google_grpc": {"target_uri": args.xds, "stat_prefix": "mesh_xds"},
-                    "timeout": "5s",
-                }],
+                "grpc_services": [grpc_service],
             },
             "lds_config": ads,
             "cds_config": ads,
@@ -141,7 +251,11 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
                 "port_value": args.admin.port(),
             }},
         },
-    }))
+    });
+    if let Some(r) = static_resources {
+        bootstrap["static_resources"] = r;
+    }
+    Ok(bootstrap)
 }
 
 #[cfg(test)]
@@ -157,6 +271,8 @@ mod tests {
             outbound_http: "127.0.0.1:15080".parse().expect("addr"),
             transparent: false,
             sds_dir: None,
+            xds_tls: false,
+            trust_domain: "cluster.local".into(),
         }
     }
 
@@ -181,6 +297,51 @@ mod tests {
             b["node"]["metadata"][node_metadata::OUTBOUND_HTTP_ADDR],
             "127.0.0.1:15080"
         );
+    }
+
+    #[test]
+    fn xds_tls_reaches_the_controller_as_a_static_cluster_on_the_agents_svid() {
+        let mut a = args("shop/web-0", "mesh-controller.mesh-system.svc:15010");
+        a.sds_dir = Some("/etc/mesh/sds".into());
+        a.xds_tls = true;
+        let b = envoy(&a).expect("bootstrap");
+        let grpc = &b["dynamic_resources"]["ads_config"]["grpc_services"][0];
+        assert_eq!(grpc["envoy_grpc"]["cluster_name"], XDS_CLUSTER);
+        assert!(grpc.get("google_grpc").is_none());
+        let clusters = b["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters");
+        assert_eq!(clusters.len(), 1);
+        let c = &clusters[0];
+        assert_eq!(c["type"], "STRICT_DNS");
+        let sock = &c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"];
+        assert_eq!(sock["address"], "mesh-controller.mesh-system.svc");
+        assert_eq!(sock["port_value"], 15010);
+        let tls = &c["transport_socket"]["typed_config"]["common_tls_context"];
+        assert_eq!(tls["alpn_protocols"], json!(["h2"]));
+        assert_eq!(
+            tls["tls_certificate_sds_secret_configs"][0]["sds_config"]["path_config_source"]["path"],
+            "/etc/mesh/sds/default.yaml"
+        );
+        let v = &tls["combined_validation_context"];
+        assert_eq!(
+            v["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+            "spiffe://cluster.local/ns/mesh-system/sa/mesh-controller"
+        );
+        assert_eq!(
+            v["validation_context_sds_secret_config"]["name"],
+            names::SDS_ROOTS
+        );
+        assert_eq!(b["node"]["metadata"][node_metadata::MTLS], "true");
+
+        // An IP address needs no DNS; without an SVID there is nothing to present.
+        a.xds = "10.0.0.1:15010".into();
+        let b = envoy(&a).expect("bootstrap");
+        assert_eq!(b["static_resources"]["clusters"][0]["type"], "STATIC");
+        a.sds_dir = None;
+        let err = envoy(&a).expect_err("no sds dir").to_string();
+        assert!(err.contains("--xds-tls needs --sds-dir"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,264 @@
+//! `mesh-proxy agent`: the mesh identity for a stock Envoy. It gets the workload's SVID from
+//! mesh-ca as mesh-proxy does (the same token, CSR and renewal at 50-70 % of the life), and
+//! writes it with the trust bundle as the two SDS files Envoy watches in `--sds-dir`:
+//! `default.yaml` (the SVID and key) and `ROOTCA.yaml` (the roots), each a `Secret` in an SDS
+//! DiscoveryResponse, the names Istio uses. `meshctl bootstrap envoy --sds-dir` points Envoy at
+//! them for mesh TLS inbound and for xDS. Each file is replaced by a rename into the directory,
+//! which is what Envoy's directory watch reacts to, so Envoy never reads half a file; the roots
+//! go first, so a new SVID never arrives before the root it chains to.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use mesh_api::SpiffeId;
+use mesh_api::consts::{env, xds};
+use mesh_api::tls::Identity;
+use mesh_api::tls::renew::{Issued, SvidClient, SvidSettings};
+use rustls::pki_types::CertificateDer;
+use serde_json::json;
+use tracing::{error, info, warn};
+
+use crate::config::parse_duration;
+
+const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "mesh-proxy agent",
+    about = "Keep a stock Envoy's SVID and trust bundle current in SDS files"
+)]
+pub struct AgentArgs {
+    /// The directory to write `default.yaml` and `ROOTCA.yaml` to (created, mode 0700).
+    #[arg(long, env = env::PROXY_SDS_DIR)]
+    pub sds_dir: PathBuf,
+    /// The pod, `<namespace>/<name>`; its namespace is the SVID's.
+    #[arg(long, env = env::PROXY_NODE)]
+    pub node: String,
+    /// The workload's service account (its SPIFFE ID is `.../ns/<node namespace>/sa/<this>`).
+    #[arg(long, env = env::PROXY_SERVICE_ACCOUNT, default_value = "default")]
+    pub service_account: String,
+    /// Trust domain of the mesh.
+    #[arg(long, env = env::TRUST_DOMAIN, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Address of mesh-ca (`host:port`).
+    #[arg(long, env = env::PROXY_CA_ADDR)]
+    pub ca_addr: String,
+    /// PEM file with the root(s) that mesh-ca's own certificate chains to.
+    #[arg(long, env = env::PROXY_CA_ROOT)]
+    pub ca_root: PathBuf,
+    /// File with the token proving this workload's identity to mesh-ca. Read again at every
+    /// renewal.
+    #[arg(long, env = env::PROXY_CA_TOKEN_FILE, default_value = "/var/run/secrets/tokens/mesh-ca-token")]
+    pub ca_token_file: PathBuf,
+    /// Certificate lifetime to ask for (`0s`: the CA's default, 24 h).
+    #[arg(long, env = env::PROXY_CERT_LIFETIME, value_parser = parse_duration, default_value = "0s")]
+    pub cert_lifetime: Duration,
+}
+
+impl AgentArgs {
+    fn spiffe_id(&self) -> anyhow::Result<SpiffeId> {
+        let namespace = match self.node.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => ns,
+            _ => anyhow::bail!("--node {:?}: expected <namespace>/<name>", self.node),
+        };
+        SpiffeId::workload(&self.trust_domain, namespace, &self.service_account).with_context(
+            || {
+                format!(
+                    "--trust-domain {:?} / --service-account {:?}",
+                    self.trust_domain, self.service_account
+                )
+            },
+        )
+    }
+}
+
+/// PEM blocks of one tag.
+fn pem_all(tag: &str, ders: &[&[u8]]) -> String {
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new(tag, d.to_vec())))
+        .collect()
+}
+
+fn certificates(certs: &[CertificateDer<'static>]) -> String {
+    let ders: Vec<&[u8]> = certs.iter().map(|c| c.as_ref()).collect();
+    pem_all("CERTIFICATE", &ders)
+}
+
+/// The two SDS DiscoveryResponses for what a renewal installed: `(ROOTCA, default)`. JSON is
+/// YAML, which is what Envoy reads a `.yaml` file as.
+pub fn sds_files(issued: &Issued<'_>) -> (String, String) {
+    let roots = json!({"resources": [{
+        "@type": SECRET_TYPE,
+        "name": xds::SDS_ROOTS,
+        "validation_context": {"trusted_ca": {"inline_string": certificates(issued.roots)}},
+    }]});
+    let svid = json!({"resources": [{
+        "@type": SECRET_TYPE,
+        "name": xds::SDS_SVID,
+        "tls_certificate": {
+            "certificate_chain": {"inline_string": certificates(&issued.current.chain)},
+            "private_key": {"inline_string": pem_all("PRIVATE KEY", &[issued.key_pkcs8])},
+        },
+    }]});
+    (roots.to_string(), svid.to_string())
+}
+
+/// Writes `text` to `dir/name` by a rename of a file only the agent's user reads (it holds a
+/// private key).
+fn replace(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// Writes both files, the roots first.
+pub fn write_sds(dir: &Path, issued: &Issued<'_>) -> std::io::Result<()> {
+    let (roots, svid) = sds_files(issued);
+    replace(dir, &format!("{}.yaml", xds::SDS_ROOTS), &roots)?;
+    replace(dir, &format!("{}.yaml", xds::SDS_SVID), &svid)
+}
+
+/// Runs until SIGTERM.
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let id = args.spiffe_id()?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&args.sds_dir)
+            .with_context(|| format!("--sds-dir {}", args.sds_dir.display()))?;
+    }
+    let root = SvidClient::read_root(&args.ca_root).map_err(anyhow::Error::msg)?;
+    let identity = Identity::new(
+        &args.trust_domain,
+        root,
+        Box::new(|_, r| warn!(reason = r.reason, detail = %r.detail, "certificate refused")),
+    );
+    let dir = args.sds_dir.clone();
+    let svid = SvidClient::new(
+        SvidSettings {
+            id: id.clone(),
+            ca_addr: args.ca_addr.clone(),
+            ca_root: args.ca_root.clone(),
+            token_file: args.ca_token_file.clone(),
+            lifetime: args.cert_lifetime,
+            dns_names: Vec::new(),
+        },
+        identity,
+        Box::new(move |issued| match write_sds(&dir, issued) {
+            Ok(()) => info!(dir = %dir.display(), "SDS files written"),
+            // Envoy keeps the previous files, still valid until their expiry.
+            Err(e) => error!(dir = %dir.display(), error = %e, "writing the SDS files"),
+        }),
+        Box::new(|_| {}),
+    )
+    .map_err(anyhow::Error::msg)?;
+    info!(%id, dir = %args.sds_dir.display(), "agent started");
+    tokio::select! {
+        () = Arc::clone(&svid).run() => {}
+        () = mesh_api::process::terminated() => info!("SIGTERM: stopping"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+
+    fn der(pem_text: &str) -> Vec<u8> {
+        pem::parse(pem_text).expect("pem").into_contents()
+    }
+
+    #[test]
+    fn writes_the_svid_and_roots_as_envoy_secrets_by_rename_for_its_user_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = fake_cert(b"root");
+        let leaf = fake_cert(b"leaf");
+        let current = mesh_api::tls::Current {
+            id: SpiffeId::workload("cluster.local", "shop", "web").expect("id"),
+            not_after: SystemTime::now(),
+            not_before: SystemTime::now(),
+            chain: vec![leaf.clone()],
+        };
+        let issued = Issued {
+            current: &current,
+            key_pkcs8: b"key bytes",
+            roots: std::slice::from_ref(&root),
+        };
+        let dir = tempfile::tempdir().expect("dir");
+        write_sds(dir.path(), &issued).expect("written");
+        let read = |name: &str| -> serde_json::Value {
+            let text = std::fs::read_to_string(dir.path().join(name)).expect(name);
+            serde_json::from_str(&text).expect("JSON, which Envoy reads as YAML")
+        };
+        let svid = &read("default.yaml")["resources"][0];
+        assert_eq!(svid["@type"], SECRET_TYPE);
+        assert_eq!(svid["name"], "default");
+        let chain = svid["tls_certificate"]["certificate_chain"]["inline_string"]
+            .as_str()
+            .expect("chain");
+        assert_eq!(der(chain), leaf.as_ref());
+        let key = svid["tls_certificate"]["private_key"]["inline_string"]
+            .as_str()
+            .expect("key");
+        assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "{key}");
+        assert_eq!(der(key), b"key bytes");
+        let roots = &read("ROOTCA.yaml")["resources"][0];
+        assert_eq!(roots["name"], "ROOTCA");
+        let ca = roots["validation_context"]["trusted_ca"]["inline_string"]
+            .as_str()
+            .expect("roots");
+        assert_eq!(der(ca), root.as_ref());
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["ROOTCA.yaml", "default.yaml"], "no temporary left");
+        for n in &names {
+            let mode = std::fs::metadata(dir.path().join(n))
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{n}");
+        }
+    }
+
+    /// Bytes standing for a certificate: the files carry them as they are.
+    fn fake_cert(b: &[u8]) -> CertificateDer<'static> {
+        CertificateDer::from(b.to_vec())
+    }
+
+    #[test]
+    fn a_bad_node_is_named() {
+        use clap::Parser;
+        let a = AgentArgs::try_parse_from([
+            "agent",
+            "--sds-dir",
+            "/x",
+            "--node",
+            "web-0",
+            "--ca-addr",
+            "h:1",
+            "--ca-root",
+            "/r",
+        ])
+        .expect("parses");
+        let err = a.spiffe_id().expect_err("no namespace").to_string();
+        assert!(err.contains("--node \"web-0\""), "{err}");
+    }
+}
