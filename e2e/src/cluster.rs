@@ -18,6 +18,18 @@ pub enum App {
     Idle,
 }
 
+/// The proxy beside a meshed pod's app.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sidecar {
+    /// mesh-proxy, as injection adds it.
+    #[default]
+    MeshProxy,
+    /// A stock Envoy joining over xDS with the bootstrap `meshctl bootstrap envoy --transparent`
+    /// writes, behind the same interception. Without an SVID agent it speaks plaintext to its
+    /// upstreams, which PERMISSIVE servers accept.
+    Envoy,
+}
+
 /// A workload: `replicas` pods of one app, with labels and a service account.
 #[derive(Clone, Debug)]
 pub struct Workload {
@@ -27,6 +39,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     pub replicas: usize,
     pub meshed: bool,
+    /// Which proxy a meshed pod runs.
+    pub sidecar: Sidecar,
     pub app: App,
 }
 
@@ -90,7 +104,8 @@ pub trait Cluster {
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Load>;
     /// The address of pod `ns/pod`.
     fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String>;
-    /// The proxy metrics of pod `ns/pod` (port 15020).
+    /// The proxy metrics of pod `ns/pod` in Prometheus text: mesh-proxy's (port 15020), or
+    /// Envoy's `/stats/prometheus` (its admin port).
     fn proxy_metrics(&self, ns: &str, pod: &str) -> anyhow::Result<String>;
     /// Kills pod `ns/pod` as a crash would: its endpoints stay listed until the platform
     /// notices (which the scenarios do not wait for).

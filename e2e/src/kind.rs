@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::cluster::{App, Cluster, Load, ServiceDef, Workload, labels_yaml};
+use crate::cluster::{App, Cluster, Load, ServiceDef, Sidecar, Workload, labels_yaml};
 
 /// The cluster of the current kubeconfig context, driven through kubectl and meshctl.
 #[derive(Debug)]
@@ -105,6 +105,14 @@ impl Cluster for KindCluster {
     }
 
     async fn deploy(&mut self, w: &Workload) -> anyhow::Result<Vec<String>> {
+        if w.meshed && w.sidecar != Sidecar::MeshProxy {
+            bail!(
+                "workload {}/{}: the kind backend meshes pods by injection, which adds mesh-proxy; an {:?} sidecar runs on the network-namespace cluster only",
+                w.namespace,
+                w.name,
+                w.sidecar
+            );
+        }
         self.ensure_namespace(&w.namespace)?;
         let mut pod_labels = w.labels.clone();
         if !w.meshed {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-pub use crate::cluster::{App, ServiceDef, Workload};
+pub use crate::cluster::{App, ServiceDef, Sidecar, Workload};
 use crate::cluster::{Cluster, Load, labels_yaml};
 
 /// Every network namespace of these clusters starts with this.
@@ -143,6 +143,7 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     pub service_account: String,
     pub meshed: bool,
+    pub sidecar: Sidecar,
     procs: Vec<Child>,
 }
 
@@ -263,6 +264,7 @@ impl NetnsCluster {
             labels: BTreeMap::new(),
             service_account: "default".into(),
             meshed: false,
+            sidecar: Sidecar::MeshProxy,
             procs: Vec::new(),
         })
     }
@@ -497,6 +499,7 @@ impl NetnsCluster {
             pod.labels = w.labels.clone();
             pod.service_account = w.service_account.clone();
             pod.meshed = w.meshed;
+            pod.sidecar = w.sidecar;
             let what = format!("{}.{}", w.namespace, name);
             if let App::Demo {
                 name: app,
@@ -540,30 +543,13 @@ impl NetnsCluster {
                         String::from_utf8_lossy(&init.stderr)
                     );
                 }
-                let token = self.token(&w.namespace, &w.service_account)?;
-                let args: Vec<String> = vec![
-                    "--node".into(),
-                    format!("{}/{}", w.namespace, name),
-                    "--transparent".into(),
-                    "true".into(),
-                    "--xds".into(),
-                    format!("{CONTROL_PLANE_IP}:15010"),
-                    "--service-account".into(),
-                    w.service_account.clone(),
-                    "--ca-addr".into(),
-                    format!("{CONTROL_PLANE_IP}:15012"),
-                    "--ca-root".into(),
-                    self.dir.path().join("ca/ca.crt").display().to_string(),
-                    "--ca-token-file".into(),
-                    token.display().to_string(),
-                ];
-                pod.procs.push(Self::spawn_in(
-                    &pod.netns,
-                    Some(1337),
-                    &binary("mesh-proxy")?,
-                    &args,
-                    &self.log(&format!("{what}.proxy")),
-                )?);
+                match w.sidecar {
+                    Sidecar::MeshProxy => {
+                        let proxy = self.mesh_proxy(&pod, w)?;
+                        pod.procs.push(proxy);
+                    }
+                    Sidecar::Envoy => self.envoy(&mut pod, w).await?,
+                }
             }
             names.push(name);
             self.pods.push(pod);
@@ -576,6 +562,127 @@ impl NetnsCluster {
             }
         }
         Ok(names)
+    }
+
+    /// mesh-proxy for `pod`, as injection runs it (UID 1337, a token for its service account).
+    fn mesh_proxy(&self, pod: &Pod, w: &Workload) -> anyhow::Result<Child> {
+        let token = self.token(&pod.namespace, &w.service_account)?;
+        let args: Vec<String> = vec![
+            "--node".into(),
+            format!("{}/{}", pod.namespace, pod.name),
+            "--transparent".into(),
+            "true".into(),
+            "--xds".into(),
+            format!("{CONTROL_PLANE_IP}:15010"),
+            "--service-account".into(),
+            w.service_account.clone(),
+            "--ca-addr".into(),
+            format!("{CONTROL_PLANE_IP}:15012"),
+            "--ca-root".into(),
+            self.dir.path().join("ca/ca.crt").display().to_string(),
+            "--ca-token-file".into(),
+            token.display().to_string(),
+        ];
+        Self::spawn_in(
+            &pod.netns,
+            Some(1337),
+            &binary("mesh-proxy")?,
+            &args,
+            &self.log(&format!("{}.{}.proxy", pod.namespace, pod.name)),
+        )
+    }
+
+    /// Envoy for `pod`, as UID 1337 behind the same interception: `mesh-proxy agent` keeps its
+    /// SVID in SDS files, and Envoy starts once they are there, with the bootstrap
+    /// `meshctl bootstrap envoy --transparent --sds-dir --xds-tls` writes (the controller
+    /// serves xDS over mesh TLS only). Everything else comes over xDS.
+    async fn envoy(&self, pod: &mut Pod, w: &Workload) -> anyhow::Result<()> {
+        let envoy = crate::peer("MESH_ENVOY", "envoy")
+            .context("an Envoy sidecar needs Envoy (scripts/install-peers installs it)")?;
+        let what = format!("{}.{}", pod.namespace, pod.name);
+        let sds = self.dir.path().join(format!("sds.{what}"));
+        std::fs::create_dir(&sds)?;
+        std::os::unix::fs::chown(&sds, Some(1337), Some(1337))?;
+        let token = self.token(&pod.namespace, &w.service_account)?;
+        let node = format!("{}/{}", pod.namespace, pod.name);
+        let sds_dir = sds.display().to_string();
+        let args: Vec<String> = [
+            "agent",
+            "--sds-dir",
+            &sds_dir,
+            "--node",
+            &node,
+            "--service-account",
+            &w.service_account,
+            "--ca-addr",
+            &format!("{CONTROL_PLANE_IP}:15012"),
+            "--ca-root",
+            &self.dir.path().join("ca/ca.crt").display().to_string(),
+            "--ca-token-file",
+            &token.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        pod.procs.push(Self::spawn_in(
+            &pod.netns,
+            Some(1337),
+            &binary("mesh-proxy")?,
+            &args,
+            &self.log(&format!("{what}.agent")),
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sds.join("default.yaml").exists() {
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent of {node} wrote no SVID in 20 s:\n{}",
+                    self.tail(&format!("{what}.agent"))
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let out = Command::new(binary("meshctl")?)
+            .args([
+                "bootstrap",
+                "envoy",
+                "--node",
+                &node,
+                "--xds",
+                &format!("{CONTROL_PLANE_IP}:15010"),
+                "--transparent",
+                "--sds-dir",
+                &sds_dir,
+                "--xds-tls",
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "meshctl bootstrap envoy: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let bootstrap = self.dir.path().join(format!("{what}.envoy.yaml"));
+        std::fs::write(&bootstrap, &out.stdout)?;
+        let args: Vec<String> = [
+            "-c",
+            &bootstrap.display().to_string(),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        pod.procs.push(Self::spawn_in(
+            &pod.netns,
+            Some(1337),
+            &envoy,
+            &args,
+            &self.log(&format!("{what}.proxy")),
+        )?);
+        Ok(())
     }
 
     fn pod(&self, ns: &str, name: &str) -> anyhow::Result<&Pod> {
@@ -591,22 +698,28 @@ impl NetnsCluster {
         run(&full)
     }
 
+    /// The port of `pod`'s proxy that answers `/ready` and serves its metrics.
+    fn proxy_port(pod: &Pod) -> u16 {
+        match pod.sidecar {
+            Sidecar::MeshProxy => mesh_api::consts::ports::PROXY_METRICS,
+            Sidecar::Envoy => mesh_api::consts::ports::PROXY_ADMIN,
+        }
+    }
+
     async fn wait_pod_ready(&self, pod: &Pod) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let url = format!(
-            "http://127.0.0.1:{}/ready",
-            mesh_api::consts::ports::PROXY_METRICS
-        );
+        let url = format!("http://127.0.0.1:{}/ready", Self::proxy_port(pod));
         while self
             .exec_in(pod, &["curl", "-sf", "--max-time", "2", &url])
             .is_err()
         {
             if Instant::now() > deadline {
                 bail!(
-                    "the proxy of {}/{} is not ready in 30 s:\n{}",
+                    "the proxy of {}/{} is not ready in 30 s:\n{}\nthe controller's log:\n{}",
                     pod.namespace,
                     pod.name,
-                    self.tail(&format!("{}.{}.proxy", pod.namespace, pod.name))
+                    self.tail(&format!("{}.{}.proxy", pod.namespace, pod.name)),
+                    self.tail("mesh-controller")
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -759,14 +872,13 @@ impl Cluster for NetnsCluster {
     }
 
     fn proxy_metrics(&self, ns: &str, pod: &str) -> anyhow::Result<String> {
-        let url = format!(
-            "http://127.0.0.1:{}/metrics",
-            mesh_api::consts::ports::PROXY_METRICS
-        );
-        self.exec_in(
-            self.pod(ns, pod)?,
-            &["curl", "-sf", "--max-time", "3", &url],
-        )
+        let pod = self.pod(ns, pod)?;
+        let path = match pod.sidecar {
+            Sidecar::MeshProxy => "/metrics",
+            Sidecar::Envoy => "/stats/prometheus",
+        };
+        let url = format!("http://127.0.0.1:{}{path}", Self::proxy_port(pod));
+        self.exec_in(pod, &["curl", "-sf", "--max-time", "3", &url])
     }
 
     fn kill_pod(&mut self, ns: &str, pod: &str) -> anyhow::Result<()> {

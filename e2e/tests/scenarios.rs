@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mesh_e2e::cluster::{App, Cluster, Load, ServiceDef, Workload};
+use mesh_e2e::cluster::{App, Cluster, Load, ServiceDef, Sidecar, Workload};
 use mesh_e2e::netns::{self, NetnsCluster};
 use serde_json::Value;
 
@@ -34,6 +34,7 @@ fn demo(name: &str, version: &str, replicas: usize) -> Workload {
         labels: labels(&[("app", name), ("version", version)]),
         replicas,
         meshed: true,
+        sidecar: Sidecar::MeshProxy,
         app: App::Demo {
             name: name.into(),
             version: version.into(),
@@ -50,6 +51,7 @@ fn idle(name: &str, meshed: bool) -> Workload {
         labels: labels(&[("app", name)]),
         replicas: 1,
         meshed,
+        sidecar: Sidecar::MeshProxy,
         app: App::Idle,
     }
 }
@@ -352,7 +354,22 @@ async fn endpoint_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
 /// Scenario 6: retries on a cluster with only the Gateway API standard channel. The
 /// HTTPRoute's own `retry` is pruned on apply; a TrafficPolicy on the route retries `flaky`,
 /// which fails every other request: 0 of 1,000 requests fail, and the app saw each retry.
+/// The client pod runs mesh-proxy.
 async fn retries_on_the_standard_channel<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    retries_through(c, Sidecar::MeshProxy).await
+}
+
+/// Scenario 6 with Envoy as the client pod's sidecar, from the same xDS.
+async fn retries_on_the_standard_channel_through_envoy<C: Cluster>(
+    c: &mut C,
+) -> anyhow::Result<()> {
+    if mesh_e2e::peer("MESH_ENVOY", "envoy").is_none() {
+        return Ok(());
+    }
+    retries_through(c, Sidecar::Envoy).await
+}
+
+async fn retries_through<C: Cluster>(c: &mut C, sidecar: Sidecar) -> anyhow::Result<()> {
     let addr = c.service(service("flaky", &[("app", "flaky")]))?;
     let mut flaky = demo("flaky", "v1", 1);
     flaky.app = App::Demo {
@@ -361,7 +378,9 @@ async fn retries_on_the_standard_channel<C: Cluster>(c: &mut C) -> anyhow::Resul
         error_rate: 0.5,
     };
     c.deploy(&flaky).await?;
-    c.deploy(&idle("client", true)).await?;
+    let mut client = idle("client", true);
+    client.sidecar = sidecar;
+    c.deploy(&client).await?;
     let route_yaml = "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: flaky, namespace: shop}
@@ -411,13 +430,19 @@ spec:
         .finish()
         .await?;
     let metrics = c.proxy_metrics("shop", "client-0")?;
+    // Envoy's Prometheus names take the cluster's stat name in (`envoy_cluster_<alt stat
+    // name>_upstream_rq_retry{...}`).
+    let (prefix, counter) = match sidecar {
+        Sidecar::MeshProxy => ("mesh_proxy_", "mesh_proxy_retries_total{"),
+        Sidecar::Envoy => ("envoy_cluster_", "_upstream_rq_retry{"),
+    };
     let retries: f64 = metrics
         .lines()
-        .filter(|l| l.starts_with("mesh_proxy_retries_total{") && l.contains("flaky"))
+        .filter(|l| l.starts_with(prefix) && l.contains(counter) && l.contains("flaky"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     mesh_e2e::figure(&format!(
-        "retries on the standard channel: route retry pruned; with a TrafficPolicy {} requests, {} failed, {retries} retries by the client's proxy, in {} ms",
+        "retries on the standard channel, client {sidecar:?}: route retry pruned; with a TrafficPolicy {} requests, {} failed, {retries} retries by the client's proxy, in {} ms",
         r["sent"], r["failed"], r["elapsed_ms"]
     ));
     assert_eq!(r["failed"], 0, "{r}");
@@ -507,6 +532,10 @@ on_netns!(
 on_netns!(
     retries_from_a_traffic_policy_survive_the_standard_channel,
     retries_on_the_standard_channel
+);
+on_netns!(
+    retries_from_a_traffic_policy_survive_the_standard_channel_through_envoy,
+    retries_on_the_standard_channel_through_envoy
 );
 on_netns!(
     a_traffic_policy_ejects_a_pod_that_fails_every_request,
