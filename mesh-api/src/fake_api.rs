@@ -163,6 +163,63 @@ impl FakeApi {
         kube::Client::new(svc, "default")
     }
 
+    /// Serves this fake over plaintext HTTP/1.1 on `listener`, as an API server a process
+    /// reaches with a kubeconfig ([`kubeconfig`]). A request's bearer token names its user
+    /// through `users` (token to `system:serviceaccount:NS:NAME`), and the RBAC objects stored
+    /// here authorize it as for [`FakeApi::client_as`]; a request without a known token gets
+    /// 401, as from an API server that lets no anonymous request in. Serves until the task is
+    /// aborted.
+    pub fn serve_http(
+        &self,
+        listener: tokio::net::TcpListener,
+        users: BTreeMap<String, String>,
+    ) -> tokio::task::JoinHandle<()> {
+        let fake = self.clone();
+        let users = Arc::new(users);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (fake, users) = (fake.clone(), users.clone());
+                let svc = hyper::service::service_fn(move |req| {
+                    let (fake, users) = (fake.clone(), users.clone());
+                    async move { Ok::<_, std::convert::Infallible>(fake.serve_one(req, &users).await) }
+                });
+                tokio::spawn(async move {
+                    // A client that goes away mid-watch ends its connection; nothing to do.
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        })
+    }
+
+    async fn serve_one(
+        &self,
+        req: Request<hyper::body::Incoming>,
+        users: &BTreeMap<String, String>,
+    ) -> Resp {
+        let user = req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|token| users.get(token.trim()))
+            .cloned();
+        let Some(user) = user else {
+            return status(401, "Unauthorized", "Unauthorized");
+        };
+        let (parts, body) = req.into_parts();
+        let bytes = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return status(400, "BadRequest", &format!("reading the body: {e}")),
+        };
+        self.handle(
+            Request::from_parts(parts, Body::from(bytes.to_vec())),
+            Some(&user),
+        )
+        .await
+    }
+
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.0.lock().expect("fake API state")
     }
@@ -1130,6 +1187,20 @@ fn warn(mut resp: Resp, warnings: &[String]) -> Resp {
         }
     }
     resp
+}
+
+/// A kubeconfig for a process that reaches [`FakeApi::serve_http`] at `server`
+/// (`http://host:port`) with `token`, in namespace `namespace`.
+pub fn kubeconfig(server: &str, token: &str, namespace: &str) -> String {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "users": [{"name": "fake", "user": {"token": token}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
+        "current-context": "fake",
+    })
+    .to_string()
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Resp {

@@ -110,3 +110,76 @@ async fn server_side_apply_keeps_field_ownership_as_the_server_does() {
     );
     assert_eq!(fake.state().objects.len(), 1);
 }
+
+#[tokio::test]
+async fn over_http_a_token_is_its_service_account_and_rbac_decides() {
+    use kube::api::WatchEvent;
+    let (admin, fake) = FakeApi::start();
+    fake.insert(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "read", "namespace": "default"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch"]}]}));
+    fake.insert(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "read", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": "shop"}]}),
+    );
+    fake.insert(cm(json!({"x": "1"})));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let server = format!("http://{}", listener.local_addr().expect("addr"));
+    let _serving = fake.serve_http(
+        listener,
+        BTreeMap::from([(
+            "t1".to_owned(),
+            "system:serviceaccount:shop:reader".to_owned(),
+        )]),
+    );
+    let client = |token: &str| {
+        let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig(&server, token, "default"))
+            .expect("kubeconfig");
+        async move {
+            let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .expect("config");
+            kube::Client::try_from(config).expect("client")
+        }
+    };
+    let reader = client("t1").await;
+    let cms: Api<ConfigMap> = Api::default_namespaced(reader.clone());
+    let got = cms.get("c").await.expect("granted");
+    assert_eq!(got.data.unwrap_or_default()["x"], "1");
+    let other: Api<ConfigMap> = Api::namespaced(reader, "kube-system");
+    match other.list(&Default::default()).await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        r => panic!("no grant in kube-system, got {r:?}"),
+    }
+    let stranger: Api<ConfigMap> = Api::default_namespaced(client("nope").await);
+    match stranger.get("c").await {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 401, "{e:?}"),
+        r => panic!("an unknown token, got {r:?}"),
+    }
+    // A watch streams over the connection: a change made after it started arrives.
+    let rv = got.metadata.resource_version.clone().expect("rv");
+    let events = cms.watch(&Default::default(), &rv).await.expect("watch");
+    tokio::pin!(events);
+    Api::<ConfigMap>::default_namespaced(admin)
+        .patch(
+            "c",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"x": "2"}})),
+        )
+        .await
+        .expect("patched");
+    let event = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio_stream::StreamExt::next(&mut events),
+    )
+    .await
+    .expect("an event in 5 s");
+    match event {
+        Some(Ok(WatchEvent::Modified(c))) => assert_eq!(c.data.unwrap_or_default()["x"], "2"),
+        e => panic!("expected the change, got {e:?}"),
+    }
+}
