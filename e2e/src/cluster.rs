@@ -78,8 +78,12 @@ pub trait Cluster {
         &mut self,
         w: &Workload,
     ) -> impl std::future::Future<Output = anyhow::Result<Vec<String>>>;
-    /// Applies manifests (routes); the same `name` again replaces them.
-    fn apply(&mut self, name: &str, yaml: &str) -> anyhow::Result<()>;
+    /// Applies manifests (routes) as `kubectl apply` does; the same `name` again replaces them.
+    fn apply(
+        &mut self,
+        name: &str,
+        yaml: &str,
+    ) -> impl std::future::Future<Output = anyhow::Result<()>>;
     /// Sets a namespace's labels (`mesh.dev/mtls-mode`).
     fn label_namespace(&mut self, ns: &str, labels: &[(&str, &str)]) -> anyhow::Result<()>;
     /// Waits until every proxy acknowledged the controller's current config.

@@ -152,7 +152,7 @@ impl Cluster for KindCluster {
         Ok((0..w.replicas).map(|i| format!("{}-{i}", w.name)).collect())
     }
 
-    fn apply(&mut self, _name: &str, yaml: &str) -> anyhow::Result<()> {
+    async fn apply(&mut self, _name: &str, yaml: &str) -> anyhow::Result<()> {
         apply(yaml)
     }
 

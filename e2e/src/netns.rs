@@ -1,29 +1,43 @@
 //! A local cluster made of network namespaces, for the e2e scenarios (root only): a "node"
 //! namespace holds a bridge; each pod is a namespace on it with its own address, a default
 //! route through the node and nothing else (no route to the host). The control plane (mesh-ca
-//! and mesh-controller, directory source) runs in a pod of its own; meshed pods run
-//! `mesh-proxy init` (real iptables interception) and mesh-proxy as UID 1337 next to their app.
-//! Services get virtual IPs from 10.96.0.0/16, which only the proxies' interception makes
-//! reachable, as kube-proxy would. Processes are the real binaries of this workspace.
+//! and mesh-controller) runs in a pod of its own; meshed pods run `mesh-proxy init` (real
+//! iptables interception) and mesh-proxy (or Envoy) as UID 1337 next to their app. Services get
+//! virtual IPs from 10.96.0.0/16, which only the proxies' interception makes reachable, as
+//! kube-proxy would. Processes are the real binaries of this workspace.
+//!
+//! The API server is `mesh_api`'s fake, in this process, served over HTTP on the node's bridge
+//! address (the listening socket is made inside the node's namespace). `meshctl install` puts
+//! the chart into it first, so it holds the chart's CRDs (Gateway API standard channel) and
+//! RBAC; the controller binary watches it with a kubeconfig whose token is its service account,
+//! authorized by the chart's roles as a real API server would. What the platform writes (Pods
+//! with their IPs, Services, EndpointSlices, Namespaces) is stored as it is; what a user
+//! applies goes through server-side apply and the fake's admission (pruning, validation).
 //!
 //! Everything is named with [`PREFIX`] and the owning process's PID: dropping the cluster kills
 //! its processes and deletes its namespaces, and [`sweep`] removes what a killed run left.
 
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use mesh_api::fake_api::{FakeApi, path_of};
+use serde_json::{Value, json};
 
 pub use crate::cluster::{App, ServiceDef, Sidecar, Workload};
-use crate::cluster::{Cluster, Load, labels_yaml};
+use crate::cluster::{Cluster, Load};
 
 /// Every network namespace of these clusters starts with this.
 pub const PREFIX: &str = "mesh-e2e-";
 const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 2);
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The API server's port on the node.
+const API_PORT: u16 = 6443;
+/// The controller's token for the API server.
+const CONTROLLER_TOKEN: &str = "mesh-controller-token";
 
 /// Where the workspace's binaries are: next to the test executable's `deps/` directory
 /// (`cargo test --workspace` builds them; `cargo build --bins` does too).
@@ -177,6 +191,14 @@ pub struct NetnsCluster {
     dead: Vec<Pod>,
     /// Labels of namespaces, written as Namespace objects.
     namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// The API server, and a cluster admin's client of it.
+    pub api: FakeApi,
+    admin: meshctl::cluster::Cluster,
+    api_server: tokio::task::JoinHandle<()>,
+    /// Paths of the platform's objects written last (Namespaces, Pods, Services, slices).
+    platform: BTreeSet<String>,
+    /// What each named apply made, by path.
+    applied: BTreeMap<String, Vec<Value>>,
 }
 
 impl NetnsCluster {
@@ -186,11 +208,14 @@ impl NetnsCluster {
         sweep();
         let n = std::process::id();
         let k = NEXT_CLUSTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (admin, api) = FakeApi::start();
+        let node = format!("{PREFIX}{n}-{k}-node");
+        run(&["ip", "netns", "add", &node])?;
         let mut c = Self {
             _turn: turn,
             id: format!("{n}-{k}"),
             tag: format!("m{}{k}", n % 100_000),
-            node: format!("{PREFIX}{n}-{k}-node"),
+            node,
             dir: tempfile::tempdir()?,
             pods: Vec::new(),
             services: Vec::new(),
@@ -200,27 +225,65 @@ impl NetnsCluster {
             next_vip: 10,
             namespace_labels: BTreeMap::new(),
             dead: Vec::new(),
+            api,
+            admin: meshctl::cluster::Cluster::new(admin).with_poll(Duration::from_millis(10)),
+            api_server: tokio::spawn(async {}),
+            platform: BTreeSet::new(),
+            applied: BTreeMap::new(),
         };
         // Pod processes running as 1337 read their tokens and the root from here.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755))?;
-        for d in ["config", "ca", "tokens"] {
+        for d in ["ca", "tokens"] {
             std::fs::create_dir(c.dir.path().join(d))?;
         }
         std::fs::set_permissions(
             c.dir.path().join("tokens"),
             std::fs::Permissions::from_mode(0o755),
         )?;
-        run(&["ip", "netns", "add", &c.node])?;
         c.in_node(&["ip", "link", "add", "br0", "type", "bridge"])?;
         c.in_node(&["ip", "addr", "add", &format!("{NODE_IP}/16"), "dev", "br0"])?;
         c.in_node(&["ip", "link", "set", "br0", "up"])?;
         c.in_node(&["ip", "link", "set", "lo", "up"])?;
+        c.start_api_server().await?;
         let cp = c.add_netns("mesh-system", "control-plane", CONTROL_PLANE_IP)?;
         c.control_plane = Some(cp);
         c.start_ca().await?;
         c.start_controller().await?;
         Ok(c)
+    }
+
+    /// Installs the chart into the fake API server as `meshctl install` does, and serves it on
+    /// the node at [`API_PORT`] for the controller.
+    async fn start_api_server(&mut self) -> anyhow::Result<()> {
+        let args = meshctl::install::InstallArgs {
+            values: Vec::new(),
+            namespace: "mesh-system".into(),
+            skip_gateway_api_crds: false,
+            dry_run: false,
+            output: meshctl::install::Format::Yaml,
+            timeout: Duration::from_secs(20),
+        };
+        meshctl::install::apply(&self.admin, &args, false, &mut Vec::new())
+            .await
+            .context("meshctl install into the API server")?;
+        let listener = listen_in(&self.node, SocketAddr::from((NODE_IP, API_PORT)))?;
+        let users = BTreeMap::from([(
+            CONTROLLER_TOKEN.to_owned(),
+            "system:serviceaccount:mesh-system:mesh-controller".to_owned(),
+        )]);
+        self.api_server = self
+            .api
+            .serve_http(tokio::net::TcpListener::from_std(listener)?, users);
+        std::fs::write(
+            self.dir.path().join("kubeconfig"),
+            mesh_api::fake_api::kubeconfig(
+                &format!("http://{NODE_IP}:{API_PORT}"),
+                CONTROLLER_TOKEN,
+                "mesh-system",
+            ),
+        )?;
+        Ok(())
     }
 
     /// The prefix of this cluster's network namespace names.
@@ -276,7 +339,19 @@ impl NetnsCluster {
         args: &[String],
         log: &Path,
     ) -> anyhow::Result<Child> {
+        Self::spawn_with_env(netns, uid, program, args, &[], log)
+    }
+
+    fn spawn_with_env(
+        netns: &str,
+        uid: Option<u32>,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        log: &Path,
+    ) -> anyhow::Result<Child> {
         let mut cmd = Command::new("ip");
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.args(["netns", "exec", netns]);
         if let Some(uid) = uid {
             cmd.args([
@@ -399,9 +474,10 @@ impl NetnsCluster {
     pub async fn start_controller(&mut self) -> anyhow::Result<()> {
         let token = self.token("mesh-system", "mesh-controller")?;
         let d = |p: &str| self.dir.path().join(p).display().to_string();
+        // As the chart runs it, the API server reached with a kubeconfig.
         let args: Vec<String> = vec![
-            "--config-dir".into(),
-            d("config"),
+            "--webhook-addr".into(),
+            "0.0.0.0:15017".into(),
             "--xds-addr".into(),
             "0.0.0.0:15010".into(),
             "--admin-addr".into(),
@@ -421,11 +497,16 @@ impl NetnsCluster {
             .context("control plane")?
             .netns
             .clone();
-        self.controller = Some(Self::spawn_in(
+        let env = [
+            ("KUBECONFIG", d("kubeconfig")),
+            ("POD_NAME", "mesh-controller-0".to_owned()),
+        ];
+        self.controller = Some(Self::spawn_with_env(
             &netns,
             None,
             &binary("mesh-controller")?,
             &args,
+            &env,
             &self.log("mesh-controller"),
         )?);
         self.wait_ready("mesh-controller", 15014).await
@@ -439,46 +520,85 @@ impl NetnsCluster {
         }
     }
 
-    fn write_state(&self) -> anyhow::Result<()> {
-        let mut out = String::new();
-        for (ns, labels) in &self.namespace_labels {
-            out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {}}}\n",
-                labels_yaml(labels)
-            ));
-        }
+    /// What the platform holds for the cluster's pods and Services: Namespaces (with their
+    /// labels), Pods (as injection labels them, with their IPs), Services and EndpointSlices.
+    fn platform_objects(&self) -> Vec<Value> {
+        let mut namespaces: BTreeSet<&str> =
+            self.namespace_labels.keys().map(String::as_str).collect();
+        namespaces.extend(self.pods.iter().map(|p| p.namespace.as_str()));
+        namespaces.extend(self.services.iter().map(|(s, _)| s.namespace.as_str()));
+        let mut out: Vec<Value> = namespaces
+            .into_iter()
+            .filter(|ns| *ns != "mesh-system")
+            .map(|ns| {
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns,
+                    "labels": self.namespace_labels.get(ns).cloned().unwrap_or_default()}})
+            })
+            .collect();
         for p in &self.pods {
-            // As injection labels a pod: its endpoints get mesh TLS.
             let mut labels = p.labels.clone();
             if p.meshed {
                 labels.insert(mesh_api::consts::labels::PROXY.into(), "true".into());
             }
-            out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: {}, labels: {}}}\nspec: {{serviceAccountName: {}, containers: [{{name: app}}]}}\nstatus: {{podIP: {}}}\n",
-                p.name, p.namespace, labels_yaml(&labels), p.service_account, p.ip
-            ));
+            out.push(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": p.name, "namespace": p.namespace, "labels": labels},
+                "spec": {"serviceAccountName": p.service_account, "containers": [{"name": "app", "image": "app"}]},
+                "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}]}}));
         }
         for (s, vip) in &self.services {
-            out.push_str(&format!(
-                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{clusterIP: {vip}, selector: {}, ports: [{{name: http, port: {}, targetPort: {}, appProtocol: http}}]}}\n",
-                s.name, s.namespace, labels_yaml(&s.selector), s.port, s.target_port
-            ));
-            let ips: Vec<String> = self
+            out.push(json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": s.name, "namespace": s.namespace},
+                "spec": {"clusterIP": vip.to_string(), "selector": s.selector,
+                    "ports": [{"name": "http", "port": s.port, "targetPort": s.target_port, "appProtocol": "http"}]}}));
+            let endpoints: Vec<Value> = self
                 .pods
                 .iter()
                 .chain(&self.dead)
-                .filter(|p| p.namespace == s.namespace && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-                .map(|p| format!("{{addresses: ['{}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {}, namespace: {}}}}}", p.ip, p.name, p.namespace))
+                .filter(|p| {
+                    p.namespace == s.namespace
+                        && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                })
+                .map(|p| {
+                    json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true},
+                        "targetRef": {"kind": "Pod", "name": p.name, "namespace": p.namespace}})
+                })
                 .collect();
-            out.push_str(&format!(
-                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {0}-e2e, namespace: {1}, labels: {{kubernetes.io/service-name: {0}}}}}\naddressType: IPv4\nports: [{{name: http, port: {2}, protocol: TCP}}]\nendpoints: [{3}]\n",
-                s.name, s.namespace, s.target_port, ips.join(", ")
-            ));
+            out.push(
+                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{}-e2e", s.name), "namespace": s.namespace,
+                    "labels": {"kubernetes.io/service-name": s.name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": s.target_port, "protocol": "TCP"}],
+                "endpoints": endpoints}),
+            );
         }
-        let path = self.dir.path().join("config/cluster.yaml");
-        let tmp = path.with_extension("tmp~");
-        std::fs::write(&tmp, out)?;
-        std::fs::rename(&tmp, &path)?;
+        out
+    }
+
+    /// Brings the API server's platform objects to [`Self::platform_objects`]: what changed is
+    /// written (as the kubelet and the EndpointSlice controller write, without admission), what
+    /// went is deleted.
+    fn write_state(&mut self) -> anyhow::Result<()> {
+        let objects = self.platform_objects();
+        let paths: BTreeSet<String> = objects.iter().map(path_of).collect();
+        let mut state = self.api.state();
+        for o in objects {
+            let unchanged = state.objects.get(&path_of(&o)).is_some_and(|stored| {
+                let mut stored = stored.clone();
+                if let Some(m) = stored["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                stored == o
+            });
+            if !unchanged {
+                state.put(o);
+            }
+        }
+        for gone in self.platform.difference(&paths) {
+            state.delete(gone);
+        }
+        drop(state);
+        self.platform = paths;
         Ok(())
     }
 
@@ -727,13 +847,30 @@ impl NetnsCluster {
         Ok(())
     }
 
-    /// Adds manifests (routes) to what the controller reads; `file` names them, so applying
-    /// the same name again replaces them.
-    pub fn apply_file(&mut self, file: &str, yaml: &str) -> anyhow::Result<()> {
-        let path = self.dir.path().join("config").join(format!("{file}.yaml"));
-        let tmp = path.with_extension("tmp~");
-        std::fs::write(&tmp, yaml)?;
-        std::fs::rename(&tmp, &path)?;
+    /// `kubectl apply --server-side` of `yaml`'s documents, through the API server's
+    /// admission; applying the same `name` again deletes what it no longer holds.
+    pub async fn apply_manifests(&mut self, name: &str, yaml: &str) -> anyhow::Result<()> {
+        let mut docs = Vec::new();
+        for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+            let v: Value = serde::Deserialize::deserialize(doc)
+                .with_context(|| format!("{name}: document {i}"))?;
+            if !v.is_null() {
+                docs.push(v);
+            }
+        }
+        for (i, o) in docs.iter().enumerate() {
+            self.admin
+                .apply(o)
+                .await
+                .with_context(|| format!("{name}: document {i}"))?;
+        }
+        let now: BTreeSet<String> = docs.iter().map(path_of).collect();
+        for old in self.applied.remove(name).unwrap_or_default() {
+            if !now.contains(&path_of(&old)) {
+                self.admin.delete(&old).await?;
+            }
+        }
+        self.applied.insert(name.to_owned(), docs);
         Ok(())
     }
 
@@ -790,6 +927,26 @@ impl NetnsCluster {
     }
 }
 
+/// A TCP listener bound at `addr` inside network namespace `netns`. The socket is made on a
+/// thread that entered the namespace (`setns`), and stays in it whichever thread uses it.
+fn listen_in(netns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    let ns = std::fs::File::open(format!("/var/run/netns/{netns}"))
+        .with_context(|| format!("network namespace {netns}"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| -> anyhow::Result<std::net::TcpListener> {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("entering {netns}"))?;
+                let l = std::net::TcpListener::bind(addr)
+                    .with_context(|| format!("binding {addr} in {netns}"))?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("the thread binding {addr} in {netns} panicked"))?
+    })
+}
+
 fn kill_all(procs: &mut Vec<Child>) {
     for p in procs.iter_mut() {
         let _ = p.kill();
@@ -803,6 +960,7 @@ fn kill_all(procs: &mut Vec<Child>) {
 impl Drop for NetnsCluster {
     fn drop(&mut self) {
         self.kill_controller();
+        self.api_server.abort();
         let mut pods = std::mem::take(&mut self.pods);
         pods.extend(self.control_plane.take());
         for p in &mut pods {
@@ -831,11 +989,10 @@ impl Cluster for NetnsCluster {
         NetnsCluster::deploy(self, w).await
     }
 
-    /// As `kubectl apply` to a cluster with the chart's CRDs: the controller reads what the
-    /// API server would have stored (fields its schemas lack pruned, refusals an error).
-    fn apply(&mut self, name: &str, yaml: &str) -> anyhow::Result<()> {
-        let (stored, _pruned) = crate::as_a_cluster_stores(yaml)?;
-        self.apply_file(name, &stored)
+    /// As `kubectl apply --server-side` to the cluster: the API server prunes what the chart's
+    /// CRDs lack and refuses what they forbid.
+    async fn apply(&mut self, name: &str, yaml: &str) -> anyhow::Result<()> {
+        self.apply_manifests(name, yaml).await
     }
 
     fn label_namespace(&mut self, ns: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {

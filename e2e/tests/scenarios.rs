@@ -86,7 +86,7 @@ async fn apply_acked<C: Cluster>(
     ty: &str,
 ) -> anyhow::Result<()> {
     let before = c.acked("shop", "client-0", ty)?;
-    c.apply(name, yaml)?;
+    c.apply(name, yaml).await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.acked("shop", "client-0", ty)? == before || !c.synced("shop", "client-0")? {
         anyhow::ensure!(
@@ -192,7 +192,7 @@ async fn blue_green<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     let load = at_200_rps(c, &url, "6s")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let switched = Instant::now();
-    c.apply("route", &split(0, 1))?;
+    c.apply("route", &split(0, 1)).await?;
     // When the controller has the client's acknowledgement (seen within a few milliseconds),
     // and when the client's proxy runs the new config.
     let (mut acked_at, mut acked_ms, mut running_ms) = (None, 0, None);
@@ -573,6 +573,71 @@ on_kind!(
     kind_traffic_policy_ejection,
     traffic_policy_ejects_a_failing_pod
 );
+
+/// The cluster's controller is the binary a cluster runs, on its Kubernetes source: it watches
+/// the API server as its service account, every call allowed by the chart's RBAC, and writes
+/// the route's status back through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_watches_the_api_server_as_its_service_account() -> anyhow::Result<()> {
+    if !netns::can_run() {
+        return Ok(());
+    }
+    let mut c = NetnsCluster::start().await?;
+    reviews(&mut c, 1).await?;
+    route(&mut c, &split(90, 10)).await?;
+    let path = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/reviews";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let accepted = loop {
+        let status = c
+            .api
+            .state()
+            .objects
+            .get(path)
+            .map(|r| r["status"]["parents"][0]["conditions"].clone());
+        let accepted = status.as_ref().and_then(|conds| {
+            conds
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "Accepted")
+                .map(|c| c["status"].clone())
+        });
+        if let Some(a) = accepted {
+            break a;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the controller wrote no status to {path}: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(accepted, "True");
+    let user = "system:serviceaccount:mesh-system:mesh-controller";
+    let log: Vec<_> = c
+        .api
+        .state()
+        .log
+        .iter()
+        .filter(|l| l.user == user)
+        .cloned()
+        .collect();
+    let forbidden: Vec<String> = log
+        .iter()
+        .filter(|l| l.forbidden)
+        .map(|l| format!("{} {}", l.method, l.path))
+        .collect();
+    let watches = log
+        .iter()
+        .filter(|l| l.query.contains("watch=true"))
+        .count();
+    mesh_e2e::figure(&format!(
+        "netns cluster API server: the controller made {} requests as its service account ({watches} watches), {} forbidden; the route's Accepted status written back",
+        log.len(),
+        forbidden.len()
+    ));
+    assert!(forbidden.is_empty(), "forbidden: {forbidden:?}");
+    assert!(watches >= 5, "{log:?}");
+    Ok(())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Result<()> {
