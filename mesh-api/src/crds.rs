@@ -380,38 +380,22 @@ fn label(crds: &mut [CustomResourceDefinition]) {
     }
 }
 
-/// The Gateway API's standard-channel CRDs the mesh reads (routes attach to Services, so no
-/// Gateway is needed, but the kinds they reference come as one bundle), annotated with the
-/// bundle version and channel as the upstream release marks them.
+/// The Gateway API's standard channel as upstream releases it (v1.5.1: every standard CRD, with
+/// their CEL rules, defaults and limits), read from the verbatim copy in this crate and labelled
+/// as the chart's. Routes attach to Services, so no Gateway is needed, but the kinds come as one
+/// bundle, as clusters that already run a gateway have them. Parsed once.
 pub fn gateway_api_crds() -> Vec<CustomResourceDefinition> {
-    use gateway_api::apis::standard::{
-        gatewayclasses::GatewayClass, gateways::Gateway, grpcroutes::GrpcRoute,
-        httproutes::HttpRoute, referencegrants::ReferenceGrant,
-    };
-    use kube::CustomResourceExt;
-    let mut crds = vec![
-        GatewayClass::crd(),
-        Gateway::crd(),
-        HttpRoute::crd(),
-        GrpcRoute::crd(),
-        ReferenceGrant::crd(),
-    ];
-    for crd in &mut crds {
-        let annotations = crd
-            .metadata
-            .annotations
-            .get_or_insert_with(Default::default);
-        annotations.insert(
-            "gateway.networking.k8s.io/bundle-version".into(),
-            GATEWAY_API_BUNDLE_VERSION.into(),
-        );
-        annotations.insert(
-            "gateway.networking.k8s.io/channel".into(),
-            "standard".into(),
-        );
-    }
-    label(&mut crds);
-    crds
+    static CRDS: std::sync::LazyLock<Vec<CustomResourceDefinition>> =
+        std::sync::LazyLock::new(|| {
+            let upstream = include_str!("gateway-api-v1.5.1-standard.yaml");
+            let mut crds: Vec<CustomResourceDefinition> =
+                serde_yaml::Deserializer::from_str(upstream)
+                    .filter_map(|doc| CustomResourceDefinition::deserialize(doc).ok())
+                    .collect();
+            label(&mut crds);
+            crds
+        });
+    CRDS.clone()
 }
 
 /// Every CRD the chart installs: ours and the Gateway API standard channel's.
@@ -459,6 +443,44 @@ mod tests {
                 have == want,
                 "{} is stale: run scripts/generate",
                 path.display()
+            );
+        }
+    }
+
+    /// The vendored file is upstream's whole standard channel: every document a CRD (none lost
+    /// to a parse error), of the bundle version and channel the chart says.
+    #[test]
+    fn the_gateway_api_crds_are_upstreams_standard_channel() {
+        let docs = include_str!("gateway-api-v1.5.1-standard.yaml")
+            .matches("\nkind: CustomResourceDefinition\n")
+            .count();
+        let crds = gateway_api_crds();
+        assert_eq!(crds.len(), docs);
+        let kinds: Vec<&str> = crds.iter().map(|c| c.spec.names.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "GatewayClass",
+                "Gateway",
+                "GRPCRoute",
+                "HTTPRoute",
+                "ReferenceGrant",
+                "BackendTLSPolicy",
+                "ListenerSet",
+                "TLSRoute"
+            ]
+        );
+        for crd in &crds {
+            let a = crd.metadata.annotations.clone().unwrap_or_default();
+            assert_eq!(
+                a.get("gateway.networking.k8s.io/bundle-version")
+                    .map(String::as_str),
+                Some(GATEWAY_API_BUNDLE_VERSION)
+            );
+            assert_eq!(
+                a.get("gateway.networking.k8s.io/channel")
+                    .map(String::as_str),
+                Some("standard")
             );
         }
     }

@@ -22,6 +22,8 @@ pub mod prom;
 pub mod root_configmap;
 #[cfg(feature = "k8s")]
 pub mod schema;
+#[cfg(feature = "k8s")]
+pub mod schema_cel;
 pub mod spiffe;
 #[cfg(feature = "x509")]
 pub mod svid;

@@ -4,9 +4,9 @@
 //! then the value is validated (types, `enum`, bounds, lengths, item counts, `pattern`,
 //! `required`, list types). Errors read as the API server's do (`spec.x: Required value`).
 //!
-//! `x-kubernetes-validations` (CEL) rules are not evaluated: each one met is listed in
-//! [`Report::skipped_rules`], so a caller can say which were skipped. The chart's CRDs carry
-//! none (they are generated from the types).
+//! `x-kubernetes-validations` (CEL) rules are evaluated last, on the pruned and defaulted value
+//! ([`schema_cel`](crate::schema_cel)); the few that cannot be evaluated here (transition rules,
+//! functions the CEL crate lacks) are listed in [`Report::skipped_rules`] with the reason.
 //!
 //! The fake API server admits custom objects through this, and `meshctl check` uses it to name
 //! the fields of a manifest that a cluster with the installed schema would drop.
@@ -29,7 +29,7 @@ pub struct Report {
     /// Paths of fields removed because the schema does not name them (`spec.rules[0].retry`).
     pub pruned: Vec<String>,
     pub errors: Vec<FieldError>,
-    /// `path: rule` of each CEL rule met and not evaluated.
+    /// `path: rule (why)` of each CEL rule met and not evaluated.
     pub skipped_rules: Vec<String>,
 }
 
@@ -129,7 +129,7 @@ pub fn admit(obj: &mut Value, schema: &JSONSchemaProps) -> Report {
         }
     }
     fill_and_require(map, schema, "", &mut r);
-    rules(schema, "<root>", &mut r);
+    rules(obj, schema, "", &mut r);
     r
 }
 
@@ -194,7 +194,6 @@ fn walk(v: &mut Value, s: &JSONSchemaProps, path: &str, r: &mut Report) {
         invalid(r, path, v, why);
         return;
     }
-    rules(s, path, r);
     match v {
         Value::Object(map) => {
             if s.x_kubernetes_embedded_resource == Some(true)
@@ -277,6 +276,7 @@ fn walk(v: &mut Value, s: &JSONSchemaProps, path: &str, r: &mut Report) {
     }
     scalar(v, s, path, r);
     combinators(v, s, path, r);
+    rules(v, s, path, r);
 }
 
 /// Missing properties that have a default get it; missing required ones are errors.
@@ -305,9 +305,45 @@ fn fill_and_require(
     }
 }
 
-fn rules(s: &JSONSchemaProps, path: &str, r: &mut Report) {
+/// The CEL rules on `s`, with `self` the final `v`.
+fn rules(v: &Value, s: &JSONSchemaProps, path: &str, r: &mut Report) {
+    use crate::schema_cel::{Outcome, check};
     for rule in s.x_kubernetes_validations.iter().flatten() {
-        r.skipped_rules.push(format!("{path}: {}", rule.rule));
+        let at = match rule.field_path.as_deref() {
+            Some(f) if !f.is_empty() => format!("{path}{f}").trim_start_matches('.').to_owned(),
+            _ => path.to_owned(),
+        };
+        // The API server names the value by its type for anything but a scalar.
+        let shown = match v {
+            Value::Object(_) | Value::Array(_) => Value::String(type_name(s).to_owned()),
+            other => other.clone(),
+        };
+        let failed = |why: String| FieldError {
+            path: if at.is_empty() {
+                "<nil>".into()
+            } else {
+                at.clone()
+            },
+            kind: ErrorKind::Invalid(shown.clone(), why),
+        };
+        match check(&rule.rule, v) {
+            Outcome::Holds => {}
+            Outcome::Fails => r.errors.push(failed(
+                rule.message
+                    .clone()
+                    .filter(|m| !m.is_empty())
+                    .unwrap_or_else(|| format!("failed rule: {}", rule.rule)),
+            )),
+            Outcome::Error(e) => r.errors.push(failed(format!(
+                "rule {:?} could not be evaluated: {e}",
+                rule.rule
+            ))),
+            Outcome::Skipped(why) => r.skipped_rules.push(format!(
+                "{}: {} ({why})",
+                if path.is_empty() { "<root>" } else { path },
+                rule.rule
+            )),
+        }
     }
 }
 

@@ -476,7 +476,9 @@ mod tests {
     #[tokio::test]
     async fn other_controllers_entries_stay_and_transition_times_hold() {
         let (writer, fake, index) = setup();
-        let theirs = json!({"parentRef": {"name": "gw"}, "controllerName": "example.com/gateway",
+        // As the API server stores it: the parent's group and kind filled in.
+        let theirs = json!({"parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw"},
+            "controllerName": "example.com/gateway",
             "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
                 "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
         {

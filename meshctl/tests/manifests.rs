@@ -177,3 +177,35 @@ spec:
     let err = create(&client, &bad).await.expect_err("no CRD");
     assert!(err.to_string().contains("could not find"), "{err}");
 }
+
+/// The Gateway API's CEL rules are evaluated as the API server evaluates them: a route they
+/// forbid is refused (422) at the field, with the rule's message; the same route made right is
+/// stored.
+#[tokio::test]
+async fn a_route_the_gateway_apis_cel_rules_forbid_is_refused_with_their_message() {
+    let (client, fake) = FakeApi::start();
+    fake.install_chart_crds();
+    let mut route: Value = serde_yaml::from_str(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]
+  rules:
+  - backendRefs: [{name: reviews-v1, port: 9080}]
+    filters:
+    - type: RequestHeaderModifier
+      urlRewrite: {hostname: elsewhere.example}
+",
+    )
+    .expect("yaml");
+    let err = create(&client, &route).await.expect_err("CEL refuses it");
+    let said = err.to_string();
+    assert!(
+        said.contains("spec.rules[0].filters[0]: Invalid value: \"object\": filter.urlRewrite must be nil if the filter.type is not URLRewrite"),
+        "{said}"
+    );
+    assert!(said.contains("422") || said.contains("Invalid"), "{said}");
+    route["spec"]["rules"][0]["filters"][0] = serde_json::json!({"type": "RequestHeaderModifier", "requestHeaderModifier": {"set": [{"name": "x", "value": "1"}]}});
+    create(&client, &route).await.expect("the rules hold");
+}

@@ -261,10 +261,12 @@ mod cluster {
         assert_eq!(writes[0].path, ROUTE);
         assert_eq!(writes[0].content_type, "application/apply-patch+yaml");
         assert!(writes[0].query.contains("fieldManager=meshctl"));
+        // Stored as the API server keeps it: each backend's group and kind defaulted.
         let stored = fake.state().objects[ROUTE].clone();
         assert_eq!(
             stored["spec"]["rules"][0]["backendRefs"],
-            json!([{"name": "reviews-v1", "port": 9080, "weight": 90}, {"name": "reviews-v2", "port": 9080, "weight": 10}])
+            json!([{"group": "", "kind": "Service", "name": "reviews-v1", "port": 9080, "weight": 90},
+                   {"group": "", "kind": "Service", "name": "reviews-v2", "port": 9080, "weight": 10}])
         );
 
         // Promote reads the route back from the cluster and edits it in place.
@@ -280,7 +282,8 @@ mod cluster {
         let stored = fake.state().objects[ROUTE].clone();
         assert_eq!(
             stored["spec"]["rules"][0]["backendRefs"],
-            json!([{"name": "reviews-v2", "port": 9080, "weight": 1}, {"name": "reviews-v1", "port": 9080, "weight": 0}])
+            json!([{"group": "", "kind": "Service", "name": "reviews-v2", "port": 9080, "weight": 1},
+                   {"group": "", "kind": "Service", "name": "reviews-v1", "port": 9080, "weight": 0}])
         );
         // Show lists it.
         let out = run_in_place(Route::Show(ShowArgs { target: target() }), &mesh).expect("show");
