@@ -60,7 +60,7 @@ async fn grpc_client_reaches_backends_through_xds() -> anyhow::Result<()> {
 kind: GRPCRoute
 metadata: {name: echo}
 spec:
-  parentRefs: [{kind: Service, name: echo, port: 7070}]
+  parentRefs: [{group: '', kind: Service, name: echo, port: 7070}]
   rules:
   - matches: [{method: {service: mesh.e2e.Echo, method: Canary}}]
     backendRefs: [{name: echo-v2, port: 7070}]

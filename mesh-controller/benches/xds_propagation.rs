@@ -115,7 +115,7 @@ fn write_marker_route(dir: &Path, a: &Args, k: usize) -> std::io::Result<()> {
         dir,
         "marker-route.yaml",
         &format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: svc-0, namespace: {ns}}}\nspec:\n  parentRefs: [{{kind: Service, name: svc-0, port: 80}}]\n  rules:\n  - backendRefs: [{{name: {b1}, port: 80, weight: {}}}, {{name: {b2}, port: 80, weight: 10}}]\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: svc-0, namespace: {ns}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: svc-0, port: 80}}]\n  rules:\n  - backendRefs: [{{name: {b1}, port: 80, weight: {}}}, {{name: {b2}, port: 80, weight: 10}}]\n",
             1000 + k
         ),
     )

@@ -368,8 +368,25 @@ impl RouteSpec {
         let mut parents = Vec::new();
         for (i, p) in raw_parents.unwrap_or_default().into_iter().enumerate() {
             let field = format!("spec.parentRefs[{i}]");
+            // A parent's group defaults to the Gateway API's and its kind to Gateway, as the
+            // API server fills them in: a Service parent must say `group: ""`.
+            let group = p.group.as_deref().unwrap_or(GATEWAY_GROUP);
+            let kind = p.kind.as_deref().unwrap_or("Gateway");
+            if kind == "Service" && !is_service_ref(Some(group), Some(kind)) {
+                return Err(DocError::new(
+                    format!("{field}.group"),
+                    format!(
+                        "kind Service in group {group:?}{}: a Service parent needs group \"\" (the core group)",
+                        if p.group.is_none() {
+                            " (the default)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ));
+            }
             // Parents that are not Services (Gateways) belong to a gateway implementation.
-            if !is_service_ref(p.group.as_deref(), p.kind.as_deref().or(Some("Gateway"))) {
+            if !is_service_ref(Some(group), Some(kind)) {
                 continue;
             }
             parents.push(ParentRef {
@@ -399,6 +416,9 @@ impl RouteSpec {
         })
     }
 }
+
+/// The Gateway API's group, a `parentRefs` entry's default.
+const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 fn is_service_ref(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(group, None | Some("") | Some("core")) && kind.unwrap_or("Service") == "Service"
@@ -1095,15 +1115,37 @@ mod tests {
 
     #[test]
     fn gateway_parents_are_not_ours() {
-        let r = route("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: gw}, {kind: Service, name: s}]\n").expect("valid");
+        let r = route("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: gw}, {group: '', kind: Service, name: s}]\n").expect("valid");
         assert_eq!(r.parents.len(), 1);
         assert_eq!(r.parents[0].name, "s");
         assert_eq!(r.parents[0].index, 1);
     }
 
+    /// The API server fills a parent's group in with the Gateway API's: `kind: Service` alone
+    /// is no Service, and saying so beats serving nothing.
+    #[test]
+    fn a_service_parent_without_the_core_group_is_an_error_naming_it() {
+        for (parent, needle) in [
+            (
+                "{kind: Service, name: s}",
+                "\"gateway.networking.k8s.io\" (the default)",
+            ),
+            (
+                "{group: gateway.networking.k8s.io, kind: Service, name: s}",
+                "\"gateway.networking.k8s.io\":",
+            ),
+        ] {
+            let err = route(&format!("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: gw}}, {parent}]\n"))
+                .expect_err(parent)
+                .to_string();
+            assert!(err.contains("spec.parentRefs[1].group"), "{err}");
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
     #[test]
     fn grpc_methods_become_paths() {
-        let r = route("apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{kind: Service, name: s}]\n  rules:\n  - matches: [{method: {service: pkg.Echo, method: Say}}, {method: {service: pkg.Echo}}]\n").expect("valid");
+        let r = route("apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{group: '', kind: Service, name: s}]\n  rules:\n  - matches: [{method: {service: pkg.Echo, method: Say}}, {method: {service: pkg.Echo}}]\n").expect("valid");
         let paths: Vec<_> = r.rules[0].matches.iter().map(|m| m.path.clone()).collect();
         assert_eq!(
             paths,

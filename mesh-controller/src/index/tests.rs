@@ -226,7 +226,7 @@ fn precedence_across_routes_and_rules() {
     let mut idx = mesh();
     let head = |name: &str, created: &str| {
         format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, creationTimestamp: '{created}'}}\nspec:\n  parentRefs: [{{kind: Service, name: reviews}}]\n  rules:\n"
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, creationTimestamp: '{created}'}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: reviews}}]\n  rules:\n"
         )
     };
     // Newer route with a long prefix and an older route with an exact match and a header match.

@@ -350,7 +350,7 @@ fn mutated_manifests_never_panic() {
         service_yaml("default", "reviews", "10.96.0.10", &[("http", 9080)]),
         slice_yaml("default", "reviews", "http", 8080, &["10.0.0.1"]),
         split_yaml("default", "r", "reviews", 9080, &[("a", 90), ("b", 10)]),
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec:\n  parentRefs: [{kind: Service, name: s}]\n  rules:\n  - matches: [{method: {service: a.B, method: C, type: RegularExpression}, headers: [{name: x, value: '.*', type: RegularExpression}]}]\n    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m, port: 1}, fraction: {numerator: 1, denominator: 3}}}]\n".to_string(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec:\n  parentRefs: [{group: '', kind: Service, name: s}]\n  rules:\n  - matches: [{method: {service: a.B, method: C, type: RegularExpression}, headers: [{name: x, value: '.*', type: RegularExpression}]}]\n    filters: [{type: RequestMirror, requestMirror: {backendRef: {name: m, port: 1}, fraction: {numerator: 1, denominator: 3}}}]\n".to_string(),
         "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p}\nspec: {targetRefs: [{kind: Service, name: s}], rules: [{from: [{namespaces: [a]}]}]}\n".to_string(),
     ];
     let alphabet: &[u8] = b" \n:-[]{}'\"#&*!|>%@`,?0123456789abcdefxyzKNS.\\/\t";

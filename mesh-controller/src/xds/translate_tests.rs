@@ -124,7 +124,7 @@ fn routes_become_envoy_routes_in_order() {
 kind: HTTPRoute
 metadata: {name: r}
 spec:
-  parentRefs: [{kind: Service, name: reviews, port: 9080}]
+  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]
   rules:
   - matches: [{path: {type: PathPrefix, value: /api}}]
     timeouts: {request: 3s}
