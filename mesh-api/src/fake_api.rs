@@ -909,7 +909,9 @@ impl State {
                         &format!("{what}: the CRD does not serve version {version}"),
                     )));
                 };
-                schema::admit(body, schema)
+                let mut report = schema::admit(body, schema);
+                crate::schema_builtin::validate(body, &mut report);
+                report
             }
             None => schema::admit_builtin(body).ok_or_else(|| {
                 Box::new(status(

@@ -23,6 +23,8 @@ pub mod root_configmap;
 #[cfg(feature = "k8s")]
 pub mod schema;
 #[cfg(feature = "k8s")]
+pub mod schema_builtin;
+#[cfg(feature = "k8s")]
 pub mod schema_cel;
 pub mod spiffe;
 #[cfg(feature = "x509")]

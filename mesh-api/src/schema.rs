@@ -8,6 +8,9 @@
 //! ([`schema_cel`](crate::schema_cel)); the few that cannot be evaluated here (transition rules,
 //! functions the CEL crate lacks) are listed in [`Report::skipped_rules`] with the reason.
 //!
+//! Then, for every kind, the API server's hand-written validation ([`crate::schema_builtin`]:
+//! names, labels, Service ports, Pod containers, workload selectors, EndpointSlice addresses).
+//!
 //! The fake API server admits custom objects through this, and `meshctl check` uses it to name
 //! the fields of a manifest that a cluster with the installed schema would drop.
 //!
@@ -571,7 +574,9 @@ pub fn admit_in(obj: &mut Value, crds: &[CustomResourceDefinition]) -> Option<Re
                 });
                 return Some(r);
             };
-            Some(admit(obj, schema))
+            let mut r = admit(obj, schema);
+            crate::schema_builtin::validate(obj, &mut r);
+            Some(r)
         }
         None => admit_builtin(obj),
     }
@@ -589,7 +594,11 @@ pub fn admit_builtin(obj: &mut Value) -> Option<Report> {
                 if api_version == <$t as k8s_openapi::Resource>::API_VERSION
                     && kind == <$t as k8s_openapi::Resource>::KIND
                 {
-                    return Some(typed::<$t>(obj));
+                    let mut r = typed::<$t>(obj);
+                    if r.errors.is_empty() {
+                        crate::schema_builtin::validate(obj, &mut r);
+                    }
+                    return Some(r);
                 }
             )*
         };
