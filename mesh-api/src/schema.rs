@@ -23,6 +23,7 @@ use std::fmt;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+    ValidationRule,
 };
 use serde_json::Value;
 
@@ -34,6 +35,9 @@ pub struct Report {
     pub errors: Vec<FieldError>,
     /// `path: rule (why)` of each CEL rule met and not evaluated.
     pub skipped_rules: Vec<String>,
+    /// CEL rules met, with the final value at their field: evaluated once the schema found no
+    /// error, as the API server does.
+    pending_rules: Vec<(String, Value, ValidationRule, String)>,
 }
 
 /// One invalid field, as the API server words it.
@@ -133,6 +137,7 @@ pub fn admit(obj: &mut Value, schema: &JSONSchemaProps) -> Report {
     }
     fill_and_require(map, schema, "", &mut r);
     rules(obj, schema, "", &mut r);
+    evaluate_rules(&mut r);
     r
 }
 
@@ -308,17 +313,45 @@ fn fill_and_require(
     }
 }
 
-/// The CEL rules on `s`, with `self` the final `v`.
+/// Notes the CEL rules on `s`, with `self` the final `v`, for [`evaluate_rules`].
 fn rules(v: &Value, s: &JSONSchemaProps, path: &str, r: &mut Report) {
-    use crate::schema_cel::{Outcome, check};
     for rule in s.x_kubernetes_validations.iter().flatten() {
+        r.pending_rules.push((
+            path.to_owned(),
+            v.clone(),
+            rule.clone(),
+            type_name(s).to_owned(),
+        ));
+    }
+}
+
+/// The CEL rules noted, evaluated as the API server does: only when the schema found nothing
+/// wrong (else one error says they were not checked), each failure at its field (the rule's
+/// `fieldPath` below it) with the rule's message.
+fn evaluate_rules(r: &mut Report) {
+    use crate::schema_cel::{Outcome, check};
+    let pending = std::mem::take(&mut r.pending_rules);
+    if pending.is_empty() {
+        return;
+    }
+    if !r.errors.is_empty() {
+        r.errors.push(FieldError {
+            path: "<nil>".into(),
+            kind: ErrorKind::Invalid(
+                Value::String("object".into()),
+                "some validation rules were not checked because the object was invalid; correct the existing errors to complete validation".into(),
+            ),
+        });
+        return;
+    }
+    for (path, v, rule, type_name) in pending {
         let at = match rule.field_path.as_deref() {
             Some(f) if !f.is_empty() => format!("{path}{f}").trim_start_matches('.').to_owned(),
-            _ => path.to_owned(),
+            _ => path.clone(),
         };
         // The API server names the value by its type for anything but a scalar.
-        let shown = match v {
-            Value::Object(_) | Value::Array(_) => Value::String(type_name(s).to_owned()),
+        let shown = match &v {
+            Value::Object(_) | Value::Array(_) => Value::String(type_name),
             other => other.clone(),
         };
         let failed = |why: String| FieldError {
@@ -329,7 +362,7 @@ fn rules(v: &Value, s: &JSONSchemaProps, path: &str, r: &mut Report) {
             },
             kind: ErrorKind::Invalid(shown.clone(), why),
         };
-        match check(&rule.rule, v) {
+        match check(&rule.rule, &v) {
             Outcome::Holds => {}
             Outcome::Fails => r.errors.push(failed(
                 rule.message
@@ -343,7 +376,7 @@ fn rules(v: &Value, s: &JSONSchemaProps, path: &str, r: &mut Report) {
             ))),
             Outcome::Skipped(why) => r.skipped_rules.push(format!(
                 "{}: {} ({why})",
-                if path.is_empty() { "<root>" } else { path },
+                if path.is_empty() { "<root>" } else { &path },
                 rule.rule
             )),
         }

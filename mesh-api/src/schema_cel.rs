@@ -134,6 +134,28 @@ fn is_ip(s: Arc<String>) -> bool {
     s.parse::<std::net::IpAddr>().is_ok()
 }
 
+/// A JSON value as CEL reads it: integers are `int` (signed, as the API server's CEL types them
+/// from the schema), other numbers `double`.
+fn to_cel(v: &Value) -> cel::Value {
+    match v {
+        Value::Null => cel::Value::Null,
+        Value::Bool(b) => cel::Value::Bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => cel::Value::Int(i),
+            None => cel::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => cel::Value::String(Arc::new(s.clone())),
+        Value::Array(items) => cel::Value::List(Arc::new(items.iter().map(to_cel).collect())),
+        Value::Object(map) => cel::Value::Map(cel::objects::Map {
+            map: Arc::new(
+                map.iter()
+                    .map(|(k, v)| (cel::objects::Key::String(Arc::new(k.clone())), to_cel(v)))
+                    .collect(),
+            ),
+        }),
+    }
+}
+
 /// Evaluates `rule` with `self` bound to `value`.
 pub fn check(rule: &str, value: &Value) -> Outcome {
     if let Some(why) = unevaluable(rule) {
@@ -148,22 +170,16 @@ pub fn check(rule: &str, value: &Value) -> Outcome {
         Err(e) => return Outcome::Skipped(e),
     };
     let mut context = cel::Context::with_env(env);
-    if let Err(e) = context.add_variable("self", value) {
-        return Outcome::Skipped(format!("self as a CEL value: {e}"));
-    }
+    context.add_variable_from_value("self", to_cel(value));
     if let Err(e) = context.add_function("isIP", is_ip) {
         return Outcome::Skipped(format!("declaring isIP: {e}"));
     }
     match program.execute(&context) {
         Ok(cel::Value::Bool(true)) => Outcome::Holds,
         Ok(cel::Value::Bool(false)) => Outcome::Fails,
-        Ok(other) => Outcome::Skipped(format!("evaluates to {other:?}, not a bool")),
-        Err(cel::ExecutionError::UndeclaredReference(name)) => {
-            Outcome::Skipped(format!("uses {name}, which is not defined here"))
-        }
-        Err(cel::ExecutionError::NoSuchOverload(e)) => {
-            Outcome::Skipped(format!("a function not defined here: {e:?}"))
-        }
+        Ok(other) => Outcome::Error(format!("evaluates to {other:?}, not a bool")),
+        // The functions are known to be defined (see `unevaluable`): a wrong type, a key read
+        // without `has`, ... The API server refuses the write then too.
         Err(e) => Outcome::Error(e.to_string()),
     }
 }
@@ -216,6 +232,12 @@ mod tests {
             (
                 "self.type in ['Exact', 'PathPrefix'] || self.type == 'RegularExpression'",
                 json!({"type": "Exact"}),
+                Outcome::Holds,
+            ),
+            // Integers are signed, as the API server types them.
+            (
+                "self.port + 1 == 9081 && self.weight < 0.5",
+                json!({"port": 9080, "weight": 0.25}),
                 Outcome::Holds,
             ),
         ] {
