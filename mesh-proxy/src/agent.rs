@@ -60,10 +60,7 @@ pub struct AgentArgs {
 
 impl AgentArgs {
     fn spiffe_id(&self) -> anyhow::Result<SpiffeId> {
-        let namespace = match self.node.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => ns,
-            _ => anyhow::bail!("--node {:?}: expected <namespace>/<name>", self.node),
-        };
+        let (namespace, _) = crate::config::node_parts(&self.node)?;
         SpiffeId::workload(&self.trust_domain, namespace, &self.service_account).with_context(
             || {
                 format!(
@@ -106,47 +103,55 @@ pub fn sds_files(issued: &Issued<'_>) -> (String, String) {
     (roots.to_string(), svid.to_string())
 }
 
-/// Writes `text` to `dir/name` by a rename of a file only the agent's user reads (it holds a
-/// private key).
+/// Writes `text` to `dir/name` by a rename: a new file of a random name, made exclusively and
+/// readable by the agent's user alone (it holds a private key), then moved over the old one.
 fn replace(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    let mut f = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .tempfile_in(dir)?;
     f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))
+    f.as_file().sync_all()?;
+    f.persist(dir.join(name)).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Writes both files, the roots first.
-pub fn write_sds(dir: &Path, issued: &Issued<'_>) -> std::io::Result<()> {
-    let (roots, svid) = sds_files(issued);
-    replace(dir, &format!("{}.yaml", xds::SDS_ROOTS), &roots)?;
-    replace(dir, &format!("{}.yaml", xds::SDS_SVID), &svid)
+pub fn write_sds(dir: &Path, roots: &str, svid: &str) -> std::io::Result<()> {
+    replace(dir, &format!("{}.yaml", xds::SDS_ROOTS), roots)?;
+    replace(dir, &format!("{}.yaml", xds::SDS_SVID), svid)
+}
+
+/// Makes `dir` (mode 0700); an existing one it owns is narrowed to 0700 too.
+fn sds_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let what = || format!("--sds-dir {}", dir.display());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(what)?;
+    if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+        // A volume made by someone else (an emptyDir): the files themselves are 0600.
+        warn!(dir = %dir.display(), error = %e, "cannot narrow the SDS directory to 0700");
+    }
+    Ok(())
 }
 
 /// Runs until SIGTERM.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let id = args.spiffe_id()?;
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&args.sds_dir)
-            .with_context(|| format!("--sds-dir {}", args.sds_dir.display()))?;
-    }
+    sds_dir(&args.sds_dir)?;
     let root = SvidClient::read_root(&args.ca_root).map_err(anyhow::Error::msg)?;
     let identity = Identity::new(
         &args.trust_domain,
         root,
         Box::new(|_, r| warn!(reason = r.reason, detail = %r.detail, "certificate refused")),
     );
-    let dir = args.sds_dir.clone();
+    // The latest files to write: the renewal hook hands them over, a writer retries until they
+    // are written (a renewal comes only at half the certificate's life).
+    let pending: Arc<std::sync::Mutex<Option<(String, String)>>> = Arc::default();
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let (hand, ring) = (pending.clone(), wake.clone());
     let svid = SvidClient::new(
         SvidSettings {
             id: id.clone(),
@@ -157,17 +162,40 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             dns_names: Vec::new(),
         },
         identity,
-        Box::new(move |issued| match write_sds(&dir, issued) {
-            Ok(()) => info!(dir = %dir.display(), "SDS files written"),
-            // Envoy keeps the previous files, still valid until their expiry.
-            Err(e) => error!(dir = %dir.display(), error = %e, "writing the SDS files"),
+        Box::new(move |issued| {
+            if let Ok(mut p) = hand.lock() {
+                *p = Some(sds_files(issued));
+            }
+            ring.notify_one();
         }),
         Box::new(|_| {}),
     )
     .map_err(anyhow::Error::msg)?;
     info!(%id, dir = %args.sds_dir.display(), "agent started");
+    let dir = args.sds_dir.clone();
+    let writer = async move {
+        loop {
+            let next = pending.lock().map(|mut p| p.take()).unwrap_or_default();
+            let Some((roots, svid)) = next else {
+                wake.notified().await;
+                continue;
+            };
+            match write_sds(&dir, &roots, &svid) {
+                Ok(()) => info!(dir = %dir.display(), "SDS files written"),
+                Err(e) => {
+                    // Envoy keeps the files it has (none before the first write): try again.
+                    error!(dir = %dir.display(), error = %e, "writing the SDS files; retrying in 1 s");
+                    if let Ok(mut p) = pending.lock() {
+                        p.get_or_insert((roots, svid));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    };
     tokio::select! {
         () = Arc::clone(&svid).run() => {}
+        () = writer => {}
         () = mesh_api::process::terminated() => info!("SIGTERM: stopping"),
     }
     Ok(())
@@ -200,7 +228,10 @@ mod tests {
             roots: std::slice::from_ref(&root),
         };
         let dir = tempfile::tempdir().expect("dir");
-        write_sds(dir.path(), &issued).expect("written");
+        let (roots, svid) = sds_files(&issued);
+        write_sds(dir.path(), &roots, &svid).expect("written");
+        // Written again (a renewal) over the first: replaced, nothing left behind.
+        write_sds(dir.path(), &roots, &svid).expect("rewritten");
         let read = |name: &str| -> serde_json::Value {
             let text = std::fs::read_to_string(dir.path().join(name)).expect(name);
             serde_json::from_str(&text).expect("JSON, which Envoy reads as YAML")
@@ -259,6 +290,9 @@ mod tests {
         ])
         .expect("parses");
         let err = a.spiffe_id().expect_err("no namespace").to_string();
-        assert!(err.contains("--node \"web-0\""), "{err}");
+        assert!(
+            err.contains("--node / MESH_PROXY_NODE = \"web-0\""),
+            "{err}"
+        );
     }
 }

@@ -240,12 +240,7 @@ impl Config {
 
     /// The node namespace and name.
     pub fn node_parts(&self) -> Result<(&str, &str), ConfigError> {
-        match self.node.split_once('/') {
-            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                Ok((ns, name))
-            }
-            _ => Err(ConfigError::Node(self.node.clone())),
-        }
+        node_parts(&self.node)
     }
 
     /// This proxy as metrics name it: its namespace, workload and (with identity on) SPIFFE ID.
@@ -265,6 +260,16 @@ impl Config {
         } else {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         }
+    }
+}
+
+/// `--node`'s namespace and name (`<namespace>/<name>`).
+pub fn node_parts(node: &str) -> Result<(&str, &str), ConfigError> {
+    match node.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns, name))
+        }
+        _ => Err(ConfigError::Node(node.to_owned())),
     }
 }
 
