@@ -177,13 +177,24 @@ impl FakeApi {
         let fake = self.clone();
         let users = Arc::new(users);
         tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            // Connections end with the server: aborting it drops the set, which aborts them.
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    // Out of descriptors, say: the server stays up, as kube-apiserver's does.
+                    Err(_) => {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                while connections.try_join_next().is_some() {}
                 let (fake, users) = (fake.clone(), users.clone());
                 let svc = hyper::service::service_fn(move |req| {
                     let (fake, users) = (fake.clone(), users.clone());
                     async move { Ok::<_, std::convert::Infallible>(fake.serve_one(req, &users).await) }
                 });
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     // A client that goes away mid-watch ends its connection; nothing to do.
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
