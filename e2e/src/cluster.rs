@@ -24,9 +24,10 @@ pub enum Sidecar {
     /// mesh-proxy, as injection adds it.
     #[default]
     MeshProxy,
-    /// A stock Envoy joining over xDS with the bootstrap `meshctl bootstrap envoy --transparent`
-    /// writes, behind the same interception. Without an SVID agent it speaks plaintext to its
-    /// upstreams, which PERMISSIVE servers accept.
+    /// A stock Envoy behind the same interception, with `mesh-proxy agent` keeping its SVID and
+    /// the bootstrap `meshctl bootstrap envoy --transparent --sds-dir --xds-tls` writes. It
+    /// terminates mesh TLS inbound and speaks plaintext to its upstreams (the controller gives
+    /// Envoy no mesh TLS outbound), which PERMISSIVE servers accept.
     Envoy,
 }
 

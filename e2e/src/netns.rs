@@ -418,7 +418,7 @@ impl NetnsCluster {
 
     async fn start_ca(&mut self) -> anyhow::Result<()> {
         let dir = self.dir.path().join("ca");
-        let args: Vec<String> = [
+        let args = owned(&[
             "serve",
             "--local-tokens",
             "--dir",
@@ -427,10 +427,7 @@ impl NetnsCluster {
             "0.0.0.0:15012",
             "--admin-addr",
             "0.0.0.0:15013",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         let child = Self::spawn_in(
             &self.control_plane.as_ref().context("control plane")?.netns,
             None,
@@ -620,56 +617,11 @@ impl NetnsCluster {
             pod.service_account = w.service_account.clone();
             pod.meshed = w.meshed;
             pod.sidecar = w.sidecar;
-            let what = format!("{}.{}", w.namespace, name);
-            if let App::Demo {
-                name: app,
-                version,
-                error_rate,
-            } = &w.app
-            {
-                let rate = error_rate.to_string();
-                let args: Vec<String> = [
-                    "demo-service",
-                    "--name",
-                    app,
-                    "--version",
-                    version,
-                    "--listen",
-                    "0.0.0.0:8080",
-                    "--error-rate",
-                    &rate,
-                ]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-                pod.procs.push(Self::spawn_in(
-                    &pod.netns,
-                    None,
-                    &binary("meshctl")?,
-                    &args,
-                    &self.log(&format!("{what}.app")),
-                )?);
-            }
-            if w.meshed {
-                let init = Command::new("ip")
-                    .args(["netns", "exec", &pod.netns])
-                    .arg(binary("mesh-proxy")?)
-                    .args(["init", "--proxy-uid", "1337"])
-                    .output()?;
-                if !init.status.success() {
-                    bail!(
-                        "mesh-proxy init in {}: {}",
-                        pod.netns,
-                        String::from_utf8_lossy(&init.stderr)
-                    );
-                }
-                match w.sidecar {
-                    Sidecar::MeshProxy => {
-                        let proxy = self.mesh_proxy(&pod, w)?;
-                        pod.procs.push(proxy);
-                    }
-                    Sidecar::Envoy => self.envoy(&mut pod, w).await?,
-                }
+            // A pod that fails to start leaves no process and no namespace behind.
+            if let Err(e) = self.start_pod(&mut pod, w).await {
+                kill_all(&mut pod.procs);
+                remove_namespace(&pod.netns);
+                return Err(e);
             }
             names.push(name);
             self.pods.push(pod);
@@ -682,6 +634,59 @@ impl NetnsCluster {
             }
         }
         Ok(names)
+    }
+
+    /// Starts `pod`'s app, then (meshed) its interception and proxy.
+    async fn start_pod(&self, pod: &mut Pod, w: &Workload) -> anyhow::Result<()> {
+        let what = format!("{}.{}", pod.namespace, pod.name);
+        if let App::Demo {
+            name: app,
+            version,
+            error_rate,
+        } = &w.app
+        {
+            let rate = error_rate.to_string();
+            let args = owned(&[
+                "demo-service",
+                "--name",
+                app,
+                "--version",
+                version,
+                "--listen",
+                "0.0.0.0:8080",
+                "--error-rate",
+                &rate,
+            ]);
+            pod.procs.push(Self::spawn_in(
+                &pod.netns,
+                None,
+                &binary("meshctl")?,
+                &args,
+                &self.log(&format!("{what}.app")),
+            )?);
+        }
+        if w.meshed {
+            let init = Command::new("ip")
+                .args(["netns", "exec", &pod.netns])
+                .arg(binary("mesh-proxy")?)
+                .args(["init", "--proxy-uid", "1337"])
+                .output()?;
+            if !init.status.success() {
+                bail!(
+                    "mesh-proxy init in {}: {}",
+                    pod.netns,
+                    String::from_utf8_lossy(&init.stderr)
+                );
+            }
+            match w.sidecar {
+                Sidecar::MeshProxy => {
+                    let proxy = self.mesh_proxy(pod, w)?;
+                    pod.procs.push(proxy);
+                }
+                Sidecar::Envoy => self.envoy(pod, w).await?,
+            }
+        }
+        Ok(())
     }
 
     /// mesh-proxy for `pod`, as injection runs it (UID 1337, a token for its service account).
@@ -726,7 +731,7 @@ impl NetnsCluster {
         let token = self.token(&pod.namespace, &w.service_account)?;
         let node = format!("{}/{}", pod.namespace, pod.name);
         let sds_dir = sds.display().to_string();
-        let args: Vec<String> = [
+        let args = owned(&[
             "agent",
             "--sds-dir",
             &sds_dir,
@@ -740,10 +745,7 @@ impl NetnsCluster {
             &self.dir.path().join("ca/ca.crt").display().to_string(),
             "--ca-token-file",
             &token.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         pod.procs.push(Self::spawn_in(
             &pod.netns,
             Some(1337),
@@ -783,7 +785,7 @@ impl NetnsCluster {
         }
         let bootstrap = self.dir.path().join(format!("{what}.envoy.yaml"));
         std::fs::write(&bootstrap, &out.stdout)?;
-        let args: Vec<String> = [
+        let args = owned(&[
             "-c",
             &bootstrap.display().to_string(),
             "--concurrency",
@@ -791,10 +793,7 @@ impl NetnsCluster {
             "--disable-hot-restart",
             "-l",
             "warning",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ]);
         pod.procs.push(Self::spawn_in(
             &pod.netns,
             Some(1337),
@@ -945,6 +944,11 @@ fn listen_in(netns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpListe
             .join()
             .map_err(|_| anyhow::anyhow!("the thread binding {addr} in {netns} panicked"))?
     })
+}
+
+/// Arguments as a process takes them.
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }
 
 fn kill_all(procs: &mut Vec<Child>) {
