@@ -155,7 +155,10 @@ fn check_metadata(obj: &Value, kind: &str, r: &mut Report) {
     for (k, v) in meta["labels"].as_object().into_iter().flatten() {
         let path = format!("metadata.labels[{k}]");
         check_key(r, "metadata.labels", k);
-        let value = v.as_str().unwrap_or_default();
+        let Some(value) = v.as_str() else {
+            invalid(r, &path, v, "must be of type string");
+            continue;
+        };
         if !value.is_empty() && (value.len() > 63 || !QUALIFIED.is_match(value)) {
             invalid(
                 r,
@@ -171,7 +174,8 @@ fn check_metadata(obj: &Value, kind: &str, r: &mut Report) {
         .flatten()
         .map(|(k, _)| k)
     {
-        check_key(r, "metadata.annotations", k);
+        // As the API server checks them: lowercased.
+        check_key(r, "metadata.annotations", &k.to_lowercase());
     }
 }
 
@@ -205,8 +209,11 @@ fn check_service(spec: &Value, r: &mut Report) {
             _ if ports.len() > 1 => required(r, &format!("{at}.name")),
             _ => {}
         }
+        // 0 and "" are defaulted to the port, as the API server does.
         match &p["targetPort"] {
             Value::Null => {}
+            Value::Number(n) if n.as_i64() == Some(0) => {}
+            Value::String(t) if t.is_empty() => {}
             v @ Value::Number(_) => port_in_range(r, &format!("{at}.targetPort"), v),
             v => {
                 let s = v.as_str().unwrap_or_default();
@@ -260,8 +267,9 @@ fn check_pod_spec(spec: &Value, path: &str, r: &mut Report) {
     }
 }
 
-/// A workload's selector must select its own template.
-fn check_workload(spec: &Value, r: &mut Report) {
+/// A workload's selector must select its own template (by `matchLabels`; `matchExpressions`
+/// are not checked here).
+fn check_workload(kind: &str, spec: &Value, r: &mut Report) {
     let labels = &spec["template"]["metadata"]["labels"];
     match spec["selector"]["matchLabels"].as_object() {
         Some(sel) if !sel.is_empty() => {
@@ -281,7 +289,7 @@ fn check_workload(spec: &Value, r: &mut Report) {
             r,
             "spec.selector",
             &spec["selector"],
-            "empty selector is invalid for deployment",
+            format!("empty selector is invalid for {}", kind.to_lowercase()),
         ),
     }
     check_pod_spec(&spec["template"]["spec"], "spec.template.spec", r);
@@ -337,7 +345,9 @@ pub fn validate(obj: &Value, r: &mut Report) {
     match (api_version, kind) {
         ("v1", "Service") => check_service(&obj["spec"], r),
         ("v1", "Pod") => check_pod_spec(&obj["spec"], "spec", r),
-        ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet") => check_workload(&obj["spec"], r),
+        ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet") => {
+            check_workload(kind, &obj["spec"], r)
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => check_endpoint_slice(obj, r),
         _ => {}
     }
@@ -358,7 +368,14 @@ mod tests {
     #[test]
     fn names_and_labels_follow_the_api_servers_rules() {
         assert!(said(json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "a.b-c", "namespace": "shop", "labels": {"app.kubernetes.io/name": "x_y", "v": ""}}})).is_empty());
+            "metadata": {"name": "a.b-c", "namespace": "shop", "labels": {"app.kubernetes.io/name": "x_y", "v": ""},
+                "annotations": {"Example.COM/Note": "upper case is lowered first"}}})).is_empty());
+        let errors = said(json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "c", "labels": {"n": 1}}}));
+        assert_eq!(
+            errors,
+            ["metadata.labels[n]: Invalid value: 1: must be of type string"]
+        );
         let errors = said(json!({"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "Bad_Name", "namespace": "Shop", "labels": {"-x": "ok", "y": "not ok!"}}}));
         assert_eq!(errors.len(), 4, "{errors:?}");
@@ -414,7 +431,7 @@ mod tests {
     fn built_in_kinds_get_their_hand_written_checks() {
         let errors = said(
             json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
-            "spec": {"ports": [{"name": "http", "port": 0}, {"name": "http", "port": 80, "targetPort": "no_such_name"}, {"port": 81}]}}),
+            "spec": {"ports": [{"name": "http", "port": 0}, {"name": "http", "port": 80, "targetPort": "no_such_name"}, {"port": 81, "targetPort": 0}]}}),
         );
         assert_eq!(
             errors,
