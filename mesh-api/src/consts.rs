@@ -48,6 +48,9 @@ pub mod labels {
     /// On a namespace: `allow`, `deny` or `authenticated`, what its workloads do with a request
     /// no ALLOW policy decides; the controller's `--authz-default` otherwise.
     pub const AUTHZ_DEFAULT: &str = "mesh.dev/authz-default";
+    /// Annotation on a pod: `"false"` lets the app's containers start as soon as the proxy has
+    /// started instead of once it is ready (its config and identity in hand). Default `"true"`.
+    pub const HOLD_APP: &str = "mesh.dev/hold-app-until-proxy-ready";
     /// The standard label an EndpointSlice carries to name its Service.
     pub const ENDPOINTSLICE_SERVICE_NAME: &str = "kubernetes.io/service-name";
 }

@@ -118,6 +118,20 @@ pub fn inject(
     ) {
         return Ok(Outcome::Skipped(why));
     }
+    let hold = match template
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(labels::HOLD_APP))
+    {
+        None => true,
+        Some(v) if v == "true" => true,
+        Some(v) if v == "false" => false,
+        Some(v) => {
+            return Err(format!(
+                "{kind}: {where_}metadata.annotations[{}] is {v}; expected \"true\" or \"false\"",
+                labels::HOLD_APP
+            ));
+        }
+    };
     let spec = template
         .get_mut("spec")
         .filter(|s| s.is_object())
@@ -150,7 +164,7 @@ pub fn inject(
     if let Value::Array(list) = inits {
         // First the rules, then the proxy, then the app's own init containers (which may
         // already need the mesh).
-        list.insert(0, proxy_container(s, &workload));
+        list.insert(0, proxy_container(s, &workload, hold));
         list.insert(0, init_container(s));
     }
     let volumes = spec
@@ -236,7 +250,10 @@ fn proxy_env(s: &InjectSettings) -> Value {
     Value::Array(env)
 }
 
-fn proxy_container(s: &InjectSettings, workload: &str) -> Value {
+/// The native sidecar. With `hold`, a startup probe on `/ready`: the kubelet starts the next
+/// container (and so the app) only once it passes, that is once the proxy has its config and
+/// its SVID; a readiness probe alone gates nothing at start.
+fn proxy_container(s: &InjectSettings, workload: &str, hold: bool) -> Value {
     let mut c = json!({
         "name": PROXY_CONTAINER,
         "image": s.proxy_image,
@@ -271,6 +288,14 @@ fn proxy_container(s: &InjectSettings, workload: &str) -> Value {
             {"name": "mesh-ca-root", "mountPath": "/var/run/secrets/mesh", "readOnly": true}
         ]
     });
+    if hold {
+        // Up to 10 minutes for the CA and the controller, checked every second.
+        c["startupProbe"] = json!({
+            "httpGet": {"path": "/ready", "port": ports::PROXY_METRICS},
+            "periodSeconds": 1,
+            "failureThreshold": 600
+        });
+    }
     if !s.resources.is_null() {
         c["resources"] = s.resources.clone();
     }
@@ -313,6 +338,29 @@ mod tests {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The kubelet starts the app only after a native sidecar's startup probe passes: the proxy
+    /// gets one on `/ready` unless the pod opts out; a bad value is an error naming it.
+    #[test]
+    fn the_app_is_held_until_the_proxy_is_ready_unless_the_pod_opts_out() {
+        let mut p = pod();
+        inject(&mut p, true, &settings()).expect("injects");
+        let probe = &p["spec"]["initContainers"][1]["startupProbe"];
+        assert_eq!(probe["httpGet"]["path"], "/ready");
+        assert_eq!(probe["httpGet"]["port"], ports::PROXY_METRICS);
+        assert_eq!(probe["failureThreshold"], 600);
+        let mut p = pod();
+        p["metadata"]["annotations"] = json!({labels::HOLD_APP: "false"});
+        inject(&mut p, true, &settings()).expect("injects");
+        assert!(p["spec"]["initContainers"][1].get("startupProbe").is_none());
+        let mut p = pod();
+        p["metadata"]["annotations"] = json!({labels::HOLD_APP: "yes"});
+        let err = inject(&mut p, true, &settings()).expect_err("a bad value");
+        assert!(
+            err.contains("metadata.annotations[mesh.dev/hold-app-until-proxy-ready] is \"yes\""),
+            "{err}"
+        );
     }
 
     #[test]
