@@ -34,22 +34,37 @@ static ENV: LazyLock<Result<Arc<cel::Env>, String>> = LazyLock::new(|| {
     Ok(Arc::new(env))
 });
 
-/// A rule compiled, or why it does not compile.
+/// A rule compiled, or why it cannot be evaluated here.
 type Compiled = Result<Arc<cel::Program>, String>;
 
-/// Compiled rules by source (the same few hundred rules are met on every write).
+/// Rules by source, compiled and checked once (the same few hundred rules are met on every
+/// write).
 static PROGRAMS: LazyLock<Mutex<HashMap<String, Compiled>>> = LazyLock::new(Default::default);
 
-fn program(env: &cel::Env, rule: &str) -> Compiled {
+/// The environment and `rule` compiled, or why the rule cannot be evaluated here: a transition
+/// rule, one that does not compile, one calling a function not [`DEFINED`].
+fn evaluable(rule: &str) -> Result<(Arc<cel::Env>, Arc<cel::Program>), String> {
+    let env = ENV.clone()?;
     let mut cache = PROGRAMS.lock().unwrap_or_else(|e| e.into_inner());
-    cache
+    let program = cache
         .entry(rule.to_owned())
         .or_insert_with(|| {
-            env.compile(rule)
-                .map(Arc::new)
-                .map_err(|e| format!("does not compile here: {e}"))
+            if rule.contains("oldSelf") {
+                return Err(
+                    "a transition rule (oldSelf), evaluated by the API server on updates only"
+                        .into(),
+                );
+            }
+            let program = env
+                .compile(rule)
+                .map_err(|e| format!("does not compile here: {e}"))?;
+            match undefined(&program) {
+                Some(f) => Err(format!("calls {f}, which is not defined here")),
+                None => Ok(Arc::new(program)),
+            }
         })
-        .clone()
+        .clone()?;
+    Ok((env, program))
 }
 
 /// The functions a rule may call here: CEL's standard library, the strings extension, and
@@ -114,19 +129,7 @@ fn undefined(program: &cel::Program) -> Option<String> {
 
 /// Why `rule` cannot be evaluated here, or `None` when it can (whatever the value).
 pub fn unevaluable(rule: &str) -> Option<String> {
-    if rule.contains("oldSelf") {
-        return Some(
-            "a transition rule (oldSelf), evaluated by the API server on updates only".into(),
-        );
-    }
-    let env = match &*ENV {
-        Ok(env) => env.clone(),
-        Err(e) => return Some(e.clone()),
-    };
-    match program(&env, rule) {
-        Ok(p) => undefined(&p).map(|f| format!("calls {f}, which is not defined here")),
-        Err(e) => Some(e),
-    }
+    evaluable(rule).err()
 }
 
 /// Kubernetes' `isIP(string)`: an IPv4 or IPv6 address, no zone.
@@ -158,16 +161,9 @@ fn to_cel(v: &Value) -> cel::Value {
 
 /// Evaluates `rule` with `self` bound to `value`.
 pub fn check(rule: &str, value: &Value) -> Outcome {
-    if let Some(why) = unevaluable(rule) {
-        return Outcome::Skipped(why);
-    }
-    let env = match &*ENV {
-        Ok(env) => env.clone(),
-        Err(e) => return Outcome::Skipped(e.clone()),
-    };
-    let program = match program(&env, rule) {
-        Ok(p) => p,
-        Err(e) => return Outcome::Skipped(e),
+    let (env, program) = match evaluable(rule) {
+        Ok(compiled) => compiled,
+        Err(why) => return Outcome::Skipped(why),
     };
     let mut context = cel::Context::with_env(env);
     context.add_variable_from_value("self", to_cel(value));
