@@ -4,6 +4,7 @@
 //! |---|---|---|
 //! | `/ready` | both | 200 once the first complete config is applied and (with identity on) a valid SVID is held, else 503 |
 //! | `/live` | both | 200 while the process runs |
+//! | `/app-health/<container>/<livez\|readyz\|startupz>` | metrics | the app's probe, run by the proxy (`app_probe`): 200 when it passes |
 //! | `/metrics` | both | Prometheus text, or OpenMetrics when the `Accept` header asks |
 //! | `/config_dump` | admin | settings, xDS state and the running config as JSON |
 //! | `/logging` | admin | `GET`: the log filter; `POST ?level=<filter>`: change it live |
@@ -12,7 +13,7 @@
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
@@ -96,6 +97,31 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
         );
     }
     (StatusCode::OK, "ready\n")
+}
+
+/// An app probe the kubelet sends here instead of to the app (see `app_probe`).
+async fn app_health(
+    State(s): State<AdminState>,
+    Path((container, kind)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let path = mesh_api::probes::path(&container, &kind);
+    let Some(probe) = s.config.app_probes.get(&path) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("no app probe at {path}: injection did not rewrite one\n"),
+        )
+            .into_response();
+    };
+    let host = s
+        .config
+        .pod_ip
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let outcome = crate::app_probe::run(probe, host, headers.get(header::USER_AGENT)).await;
+    if !outcome.status.is_success() {
+        tracing::debug!(%path, detail = %outcome.detail, "app probe failed");
+    }
+    (outcome.status, format!("{}\n", outcome.detail)).into_response()
 }
 
 async fn live() -> &'static str {
@@ -234,5 +260,6 @@ pub fn metrics_router(state: AdminState) -> Router {
         .route("/ready", get(ready))
         .route("/live", get(live))
         .route("/metrics", get(metrics))
+        .route("/app-health/{container}/{kind}", get(app_health))
         .with_state(state)
 }

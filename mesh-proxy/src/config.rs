@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use mesh_api::SpiffeId;
 use mesh_api::consts::{env, ports};
+use mesh_api::probes::AppProbes;
 use serde::Serialize;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -136,6 +137,15 @@ pub struct Config {
     #[arg(long, env = env::PROXY_ACCESS_LOG)]
     pub access_log: Option<PathBuf>,
 
+    /// The app probes answered on the health port (`/app-health/<container>/<kind>`), as
+    /// injection writes them: JSON, each health path with the check it runs against the app.
+    #[arg(long, env = env::PROXY_APP_PROBES, value_parser = parse_app_probes, default_value = "{}")]
+    pub app_probes: AppProbes,
+
+    /// The pod's IP, where app probes go (as the kubelet sends them); 127.0.0.1 when unset.
+    #[arg(long, env = env::POD_IP)]
+    pub pod_ip: Option<IpAddr>,
+
     /// Trust domain of the mesh.
     #[arg(long, env = env::TRUST_DOMAIN, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
@@ -192,6 +202,8 @@ impl Config {
             tracing_endpoint: None,
             tracing_sampling: 1.0,
             access_log: None,
+            app_probes: AppProbes::new(),
+            pod_ip: None,
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
             cert_lifetime: Duration::ZERO,
             xds_tls: XdsTls::Auto,
@@ -290,6 +302,11 @@ pub enum ConfigError {
 }
 
 pub use mesh_api::duration::parse as parse_duration;
+
+/// `--app-probes`; the error names the environment variable injection sets.
+fn parse_app_probes(s: &str) -> Result<AppProbes, String> {
+    mesh_api::probes::parse(s).map_err(|e| format!("{}: {e}", env::PROXY_APP_PROBES))
+}
 
 mod duration_str {
     use std::time::Duration;

@@ -4,6 +4,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod agent;
+pub mod app_probe;
 pub mod balance;
 pub mod breaker;
 pub mod config;
