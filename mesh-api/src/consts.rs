@@ -51,6 +51,12 @@ pub mod labels {
     /// Annotation on a pod: `"false"` lets the app's containers start as soon as the proxy has
     /// started instead of once it is ready (its config and identity in hand). Default `"true"`.
     pub const HOLD_APP: &str = "mesh.dev/hold-app-until-proxy-ready";
+    /// Annotation on a pod: `"false"` leaves its containers' probes as written instead of
+    /// pointing them at the proxy's health port. Default `"true"`.
+    pub const REWRITE_APP_PROBES: &str = "mesh.dev/rewrite-app-probes";
+    /// Annotation injection sets on a pod: the probes it rewrote, as written, by container
+    /// (`{"app": {"readinessProbe": {...}}}`); uninjection puts them back.
+    pub const APP_PROBES: &str = "mesh.dev/app-probes";
     /// The standard label an EndpointSlice carries to name its Service.
     pub const ENDPOINTSLICE_SERVICE_NAME: &str = "kubernetes.io/service-name";
 }
@@ -215,6 +221,10 @@ pub mod env {
     pub const PROXY_TRACING_SAMPLING: &str = "MESH_PROXY_TRACING_SAMPLING";
     /// Proxy: where access log lines go (`-`: stdout).
     pub const PROXY_ACCESS_LOG: &str = "MESH_PROXY_ACCESS_LOG";
+    /// Proxy: the app probes it answers on its health port (`mesh_api::probes`, JSON).
+    pub const PROXY_APP_PROBES: &str = "MESH_PROXY_APP_PROBES";
+    /// Proxy: the pod's IP, where app probes are sent (as the kubelet sends them).
+    pub const POD_IP: &str = "POD_IP";
     /// Proxy: certificate lifetime to ask mesh-ca for.
     pub const PROXY_CERT_LIFETIME: &str = "MESH_PROXY_CERT_LIFETIME";
     /// `mesh-proxy agent`: the directory it writes Envoy's SDS files to.

@@ -5,9 +5,10 @@
 //! Working on JSON keeps every field it does not touch as it was. Injecting twice changes
 //! nothing. Shared by the admission webhook and `meshctl inject`.
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::consts::{labels, ports};
+use crate::probes::{self, AppProbe, AppProbes, Check, Header, Scheme};
 
 /// What the injected containers are given.
 #[derive(Clone, Debug)]
@@ -62,6 +63,17 @@ fn template_path(kind: &str) -> Option<&'static [&'static str]> {
     }
 }
 
+/// An object's kind, and where its pod template is (`None`: it has none).
+fn kind_of(obj: &Value) -> Result<(String, Option<&'static [&'static str]>), String> {
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("the object has no kind")?
+        .to_string();
+    let path = template_path(&kind);
+    Ok((kind, path))
+}
+
 /// Whether a pod with these labels, in a namespace that is (or is not) enabled, gets a proxy:
 /// the pod's `mesh.dev/inject` decides when set, else the namespace's.
 pub fn wanted(pod_labels: Option<&Value>, namespace_enabled: bool) -> Result<(), String> {
@@ -89,12 +101,8 @@ pub fn inject(
     namespace_enabled: bool,
     s: &InjectSettings,
 ) -> Result<Outcome, String> {
-    let kind = obj
-        .get("kind")
-        .and_then(Value::as_str)
-        .ok_or("the object has no kind")?
-        .to_string();
-    let Some(path) = template_path(&kind) else {
+    let (kind, path) = kind_of(obj)?;
+    let Some(path) = path else {
         return Ok(Outcome::Skipped(format!("a {kind} has no pod template")));
     };
     let workload = workload_of(obj, path);
@@ -118,20 +126,8 @@ pub fn inject(
     ) {
         return Ok(Outcome::Skipped(why));
     }
-    let hold = match template
-        .pointer("/metadata/annotations")
-        .and_then(|a| a.get(labels::HOLD_APP))
-    {
-        None => true,
-        Some(v) if v == "true" => true,
-        Some(v) if v == "false" => false,
-        Some(v) => {
-            return Err(format!(
-                "{kind}: {where_}metadata.annotations[{}] is {v}; expected \"true\" or \"false\"",
-                labels::HOLD_APP
-            ));
-        }
-    };
+    let hold = bool_annotation(template, labels::HOLD_APP, &kind, &where_)?;
+    let rewrite = bool_annotation(template, labels::REWRITE_APP_PROBES, &kind, &where_)?;
     let spec = template
         .get_mut("spec")
         .filter(|s| s.is_object())
@@ -150,12 +146,17 @@ pub fn inject(
     if has("initContainers", spec) || has("containers", spec) {
         return Ok(Outcome::AlreadyInjected);
     }
-    for list in ["initContainers", "volumes"] {
+    for list in ["initContainers", "containers", "volumes"] {
         match spec.get(list) {
             None | Some(Value::Array(_)) => {}
             Some(_) => return Err(format!("{kind}: {where_}spec.{list} is not a list")),
         }
     }
+    let (checks, originals) = if rewrite {
+        rewrite_probes(spec).map_err(|e| format!("{kind}: {where_}{e}"))?
+    } else {
+        Default::default()
+    };
     let inits = spec
         .as_object_mut()
         .ok_or("spec is not an object")?
@@ -164,7 +165,7 @@ pub fn inject(
     if let Value::Array(list) = inits {
         // First the rules, then the proxy, then the app's own init containers (which may
         // already need the mesh).
-        list.insert(0, proxy_container(s, &workload, hold));
+        list.insert(0, proxy_container(s, &workload, hold, &checks)?);
         list.insert(0, init_container(s));
     }
     let volumes = spec
@@ -185,16 +186,356 @@ pub fn inject(
         .ok_or("template is not an object")?
         .entry("metadata")
         .or_insert_with(|| json!({}));
-    let labels_map = meta
+    let meta = meta
         .as_object_mut()
-        .ok_or_else(|| format!("{kind}: {where_}metadata is not an object"))?
-        .entry("labels")
-        .or_insert_with(|| json!({}));
-    labels_map
+        .ok_or_else(|| format!("{kind}: {where_}metadata is not an object"))?;
+    if !originals.is_empty() {
+        let text = serde_json::to_string(&originals).map_err(|e| e.to_string())?;
+        meta.entry("annotations")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .ok_or_else(|| format!("{kind}: {where_}metadata.annotations is not an object"))?
+            .insert(labels::APP_PROBES.into(), json!(text));
+    }
+    meta.entry("labels")
+        .or_insert_with(|| json!({}))
         .as_object_mut()
         .ok_or_else(|| format!("{kind}: {where_}metadata.labels is not an object"))?
         .insert(labels::PROXY.into(), json!("true"));
     Ok(Outcome::Injected)
+}
+
+/// What uninjection did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Removal {
+    Uninjected,
+    /// Nothing to take out, and why.
+    NotInjected(String),
+}
+
+/// Takes the sidecar out of the pod template of `obj` (of kind `obj.kind`): the containers,
+/// volumes and label injection added, and the app's probes back as they were written (from the
+/// `mesh.dev/app-probes` annotation). Lists and maps left empty are removed.
+pub fn uninject(obj: &mut Value) -> Result<Removal, String> {
+    let (kind, path) = kind_of(obj)?;
+    let Some(path) = path else {
+        return Ok(Removal::NotInjected(format!(
+            "a {kind} has no pod template"
+        )));
+    };
+    let where_ = if path.is_empty() {
+        String::new()
+    } else {
+        format!("{}.", path.join("."))
+    };
+    let mut template = &mut *obj;
+    for key in path {
+        template = template
+            .get_mut(*key)
+            .ok_or_else(|| format!("{kind}: {} is missing", path.join(".")))?;
+    }
+    let spec = template
+        .get_mut("spec")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| format!("{kind}: {where_}spec is missing or not an object"))?;
+    let ours = |c: &Value| {
+        c.get("name")
+            .is_some_and(|n| n == PROXY_CONTAINER || n == INIT_CONTAINER)
+    };
+    let injected = spec
+        .get("initContainers")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| cs.iter().any(ours));
+    if !injected {
+        return Ok(Removal::NotInjected(format!(
+            "no {PROXY_CONTAINER} or {INIT_CONTAINER} init container"
+        )));
+    }
+    remove_where(spec, "initContainers", ours);
+    remove_where(spec, "volumes", |v| {
+        v.get("name")
+            .is_some_and(|n| n == "mesh-token" || n == "mesh-ca-root")
+    });
+    let Some(meta) = template.get_mut("metadata").and_then(Value::as_object_mut) else {
+        return Ok(Removal::Uninjected);
+    };
+    remove_key(meta, "labels", labels::PROXY);
+    let kept = remove_key(meta, "annotations", labels::APP_PROBES);
+    if meta.is_empty()
+        && let Some(t) = template.as_object_mut()
+    {
+        t.remove("metadata");
+    }
+    let Some(text) = kept else {
+        return Ok(Removal::Uninjected);
+    };
+    let at = format!(
+        "{kind}: {where_}metadata.annotations[{}]",
+        labels::APP_PROBES
+    );
+    let originals: Map<String, Value> = text
+        .as_str()
+        .and_then(|t| serde_json::from_str(t).ok())
+        .ok_or_else(|| format!("{at} is not a JSON object of probes by container"))?;
+    let spec = template
+        .get_mut("spec")
+        .and_then(Value::as_object_mut)
+        .ok_or_else(|| format!("{kind}: {where_}spec is missing"))?;
+    for (name, probes) in originals {
+        let container = spec
+            .iter_mut()
+            .filter(|(list, _)| *list == "initContainers" || *list == "containers")
+            .filter_map(|(_, cs)| cs.as_array_mut())
+            .flatten()
+            .find(|c| c.get("name") == Some(&json!(name)))
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| format!("{at} names container {name:?}, which the pod does not have"))?;
+        for (field, probe) in probes.as_object().into_iter().flatten() {
+            container.insert(field.clone(), probe.clone());
+        }
+    }
+    Ok(Removal::Uninjected)
+}
+
+/// Removes the items of list `key` of `map` that match, and the list if that empties it.
+fn remove_where(map: &mut Map<String, Value>, key: &str, matches: impl Fn(&Value) -> bool) {
+    if let Some(list) = map.get_mut(key).and_then(Value::as_array_mut) {
+        list.retain(|v| !matches(v));
+        if list.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+/// Removes `entry` of the map at `key` of `map`, and that map if it is left empty.
+fn remove_key(map: &mut Map<String, Value>, key: &str, entry: &str) -> Option<Value> {
+    let inner = map.get_mut(key)?.as_object_mut()?;
+    let removed = inner.remove(entry);
+    if inner.is_empty() {
+        map.remove(key);
+    }
+    removed
+}
+
+/// A `"true"`/`"false"` annotation of the pod template, `true` when absent; another value is an
+/// error naming it.
+fn bool_annotation(template: &Value, key: &str, kind: &str, at: &str) -> Result<bool, String> {
+    match template
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(key))
+    {
+        None => Ok(true),
+        Some(v) if v == "true" => Ok(true),
+        Some(v) if v == "false" => Ok(false),
+        Some(v) => Err(format!(
+            "{kind}: {at}metadata.annotations[{key}] is {v}; expected \"true\" or \"false\""
+        )),
+    }
+}
+
+/// Points every `httpGet`, `tcpSocket` and `grpc` probe of the app's containers at the proxy's
+/// health port. Returns what the proxy must check for each health path, and the probes as they
+/// were, by container. A probe with a `host` of its own is left alone: the kubelet sends it
+/// elsewhere than the pod.
+fn rewrite_probes(spec: &mut Value) -> Result<(AppProbes, Map<String, Value>), String> {
+    let mut checks = AppProbes::new();
+    let mut originals = Map::new();
+    // The kubelet probes regular containers and native sidecars (restartable init containers).
+    for list in ["initContainers", "containers"] {
+        let Some(containers) = spec.get_mut(list).and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for (i, c) in containers.iter_mut().enumerate() {
+            if list == "initContainers"
+                && c.get("restartPolicy").and_then(Value::as_str) != Some("Always")
+            {
+                continue;
+            }
+            rewrite_container(c, list, i, &mut checks, &mut originals)?;
+        }
+    }
+    Ok((checks, originals))
+}
+
+/// Rewrites the probes of container `i` of `list`.
+fn rewrite_container(
+    c: &mut Value,
+    list: &str,
+    i: usize,
+    checks: &mut AppProbes,
+    originals: &mut Map<String, Value>,
+) -> Result<(), String> {
+    let name = c
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let container_ports = c.get("ports").cloned().unwrap_or(Value::Null);
+    let mut kept = Map::new();
+    for (field, segment) in probes::KINDS {
+        let Some(probe) = c.get_mut(field) else {
+            continue;
+        };
+        let at = format!("spec.{list}[{i}].{field}");
+        let Some(check) = check_of(probe, &name, &container_ports, &at)? else {
+            continue;
+        };
+        let timeout_seconds = match probe.get("timeoutSeconds") {
+            None => probes::DEFAULT_TIMEOUT_SECONDS,
+            Some(t) => t
+                .as_u64()
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|t| *t > 0)
+                .ok_or_else(|| {
+                    format!("{at}.timeoutSeconds is {t}; expected a positive integer")
+                })?,
+        };
+        let path = probes::path(&name, segment);
+        kept.insert(field.into(), probe.clone());
+        if let Some(o) = probe.as_object_mut() {
+            for handler in ["httpGet", "tcpSocket", "grpc"] {
+                o.remove(handler);
+            }
+            o.insert(
+                "httpGet".into(),
+                json!({"path": path, "port": ports::PROXY_METRICS, "scheme": "HTTP"}),
+            );
+        }
+        checks.insert(
+            path,
+            AppProbe {
+                check,
+                timeout_seconds,
+            },
+        );
+    }
+    if !kept.is_empty() {
+        originals.insert(name, Value::Object(kept));
+    }
+    Ok(())
+}
+
+/// What the proxy checks for one probe; `None` for a probe it does not take over (`exec`, or a
+/// `host` of its own).
+fn check_of(
+    probe: &Value,
+    container: &str,
+    container_ports: &Value,
+    at: &str,
+) -> Result<Option<Check>, String> {
+    let has_host = |h: &Value| {
+        h.get("host")
+            .and_then(Value::as_str)
+            .is_some_and(|h| !h.is_empty())
+    };
+    if let Some(h) = probe.get("httpGet") {
+        if has_host(h) {
+            return Ok(None);
+        }
+        let at = format!("{at}.httpGet");
+        let scheme = match h.get("scheme").and_then(Value::as_str) {
+            None | Some("HTTP") => Scheme::Http,
+            Some("HTTPS") => Scheme::Https,
+            Some(other) => {
+                return Err(format!("{at}.scheme is {other:?}; expected HTTP or HTTPS"));
+            }
+        };
+        let mut http_headers = Vec::new();
+        for (j, header) in h
+            .get("httpHeaders")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let field = |f: &str| {
+                header
+                    .get(f)
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("{at}.httpHeaders[{j}].{f} is missing"))
+            };
+            http_headers.push(Header {
+                name: field("name")?,
+                value: field("value")?,
+            });
+        }
+        let path = match h.get("path").and_then(Value::as_str).unwrap_or("") {
+            "" => "/".to_string(),
+            p if p.starts_with('/') => p.to_string(),
+            p => format!("/{p}"),
+        };
+        return Ok(Some(Check::HttpGet {
+            path,
+            port: resolve_port(
+                h.get("port"),
+                container,
+                container_ports,
+                &format!("{at}.port"),
+            )?,
+            scheme,
+            http_headers,
+        }));
+    }
+    if let Some(t) = probe.get("tcpSocket") {
+        if has_host(t) {
+            return Ok(None);
+        }
+        let at = format!("{at}.tcpSocket.port");
+        return Ok(Some(Check::TcpSocket {
+            port: resolve_port(t.get("port"), container, container_ports, &at)?,
+        }));
+    }
+    if let Some(g) = probe.get("grpc") {
+        let port = g
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| {
+                format!(
+                    "{at}.grpc.port is {}; expected a port number",
+                    g.get("port").unwrap_or(&Value::Null)
+                )
+            })?;
+        let service = g
+            .get("service")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        return Ok(Some(Check::Grpc { port, service }));
+    }
+    Ok(None)
+}
+
+/// A probe's port as the kubelet resolves it: a number, or the name of one of the container's
+/// ports (failing that, a number written as a string).
+fn resolve_port(
+    port: Option<&Value>,
+    container: &str,
+    container_ports: &Value,
+    at: &str,
+) -> Result<u16, String> {
+    let valid = |p: u64| u16::try_from(p).ok().filter(|p| *p > 0);
+    match port {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(valid)
+            .ok_or_else(|| format!("{at} is {n}; expected a port from 1 to 65535")),
+        Some(Value::String(name)) => container_ports
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))
+            .and_then(|p| p.get("containerPort").and_then(Value::as_u64))
+            .or_else(|| name.parse::<u64>().ok())
+            .and_then(valid)
+            .ok_or_else(|| {
+                format!("{at} is {name:?}, but container {container:?} has no port of that name")
+            }),
+        Some(other) => Err(format!("{at} is {other}; expected a port number or name")),
+        None => Err(format!("{at} is missing")),
+    }
 }
 
 fn init_container(s: &InjectSettings) -> Value {
@@ -231,13 +572,14 @@ fn workload_of(obj: &Value, path: &[&str]) -> String {
 }
 
 /// The proxy's environment: who it is, its log filter, and the mesh's telemetry settings.
-fn proxy_env(s: &InjectSettings) -> Value {
+fn proxy_env(s: &InjectSettings, checks: &AppProbes) -> Result<Value, String> {
     use crate::consts::env as names;
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let mut env = vec![
         field("POD_NAME", "metadata.name"),
         field("POD_NAMESPACE", "metadata.namespace"),
         field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+        field(names::POD_IP, "status.podIP"),
         json!({"name": names::LOG, "value": s.log_level}),
         json!({"name": names::PROXY_TRACING_SAMPLING, "value": s.tracing_sampling.to_string()}),
     ];
@@ -247,13 +589,22 @@ fn proxy_env(s: &InjectSettings) -> Value {
     if s.access_log {
         env.push(json!({"name": names::PROXY_ACCESS_LOG, "value": "-"}));
     }
-    Value::Array(env)
+    if !checks.is_empty() {
+        let text = serde_json::to_string(checks).map_err(|e| e.to_string())?;
+        env.push(json!({"name": names::PROXY_APP_PROBES, "value": text}));
+    }
+    Ok(Value::Array(env))
 }
 
 /// The native sidecar. With `hold`, a startup probe on `/ready`: the kubelet starts the next
 /// container (and so the app) only once it passes, that is once the proxy has its config and
 /// its SVID; a readiness probe alone gates nothing at start.
-fn proxy_container(s: &InjectSettings, workload: &str, hold: bool) -> Value {
+fn proxy_container(
+    s: &InjectSettings,
+    workload: &str,
+    hold: bool,
+    checks: &AppProbes,
+) -> Result<Value, String> {
     let mut c = json!({
         "name": PROXY_CONTAINER,
         "image": s.proxy_image,
@@ -269,7 +620,7 @@ fn proxy_container(s: &InjectSettings, workload: &str, hold: bool) -> Value {
             "--ca-token-file", "/var/run/secrets/tokens/mesh-ca-token",
             "--trust-domain", s.trust_domain
         ],
-        "env": proxy_env(s),
+        "env": proxy_env(s, checks)?,
         "ports": [{"name": "mesh-metrics", "containerPort": ports::PROXY_METRICS}],
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": ports::PROXY_METRICS},
@@ -299,7 +650,7 @@ fn proxy_container(s: &InjectSettings, workload: &str, hold: bool) -> Value {
     if !s.resources.is_null() {
         c["resources"] = s.resources.clone();
     }
-    c
+    Ok(c)
 }
 
 #[cfg(test)]
@@ -360,6 +711,205 @@ mod tests {
         assert!(
             err.contains("metadata.annotations[mesh.dev/hold-app-until-proxy-ready] is \"yes\""),
             "{err}"
+        );
+    }
+
+    fn probed_pod() -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "web", "labels": {"app": "web"},
+                            "annotations": {"team": "shop"}},
+               "spec": {"containers": [{"name": "app", "image": "web:1",
+                   "ports": [{"name": "http", "containerPort": 8080}],
+                   "readinessProbe": {"httpGet": {"path": "healthz", "port": "http",
+                       "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                       "periodSeconds": 3, "timeoutSeconds": 2},
+                   "livenessProbe": {"tcpSocket": {"port": 8080}, "failureThreshold": 5},
+                   "startupProbe": {"exec": {"command": ["true"]}}},
+                  {"name": "grpc", "image": "api:1",
+                   "livenessProbe": {"grpc": {"port": 9090, "service": "api"}},
+                   "readinessProbe": {"httpGet": {"host": "10.0.0.9", "port": 80}}}],
+                  "initContainers": [{"name": "log-shipper", "image": "ship:1",
+                      "restartPolicy": "Always",
+                      "readinessProbe": {"httpGet": {"port": 2020, "scheme": "HTTPS"}}},
+                      {"name": "migrate", "image": "web:1",
+                       "readinessProbe": {"tcpSocket": {"port": 1}}}]}})
+    }
+
+    fn env_of(proxy: &Value) -> BTreeMap<String, Value> {
+        proxy["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| Some((e["name"].as_str()?.to_string(), e.clone())))
+            .collect()
+    }
+
+    /// The kubelet's probes reach the proxy's plaintext health port; the proxy is told what each
+    /// one checked (named ports resolved), the pod keeps the originals, and uninjection gives
+    /// back exactly the pod that was injected.
+    #[test]
+    fn probes_are_pointed_at_the_proxy_and_uninjection_restores_them() {
+        let original = probed_pod();
+        let mut p = original.clone();
+        assert_eq!(inject(&mut p, true, &settings()), Ok(Outcome::Injected));
+        let app = &p["spec"]["containers"][0];
+        assert_eq!(
+            app["readinessProbe"],
+            json!({"httpGet": {"path": "/app-health/app/readyz", "port": 15020, "scheme": "HTTP"},
+                   "periodSeconds": 3, "timeoutSeconds": 2})
+        );
+        assert_eq!(
+            app["livenessProbe"],
+            json!({"httpGet": {"path": "/app-health/app/livez", "port": 15020, "scheme": "HTTP"},
+                   "failureThreshold": 5})
+        );
+        assert_eq!(
+            app["startupProbe"], original["spec"]["containers"][0]["startupProbe"],
+            "exec is left alone"
+        );
+        let grpc = &p["spec"]["containers"][1];
+        assert_eq!(
+            grpc["livenessProbe"]["httpGet"]["path"],
+            "/app-health/grpc/livez"
+        );
+        assert_eq!(
+            grpc["readinessProbe"], original["spec"]["containers"][1]["readinessProbe"],
+            "a probe of another host is left alone"
+        );
+        // The app's own native sidecar is probed by the kubelet too; a plain init container is not.
+        assert_eq!(
+            p["spec"]["initContainers"][2]["readinessProbe"]["httpGet"]["path"],
+            "/app-health/log-shipper/readyz"
+        );
+        assert_eq!(
+            p["spec"]["initContainers"][3]["readinessProbe"],
+            json!({"tcpSocket": {"port": 1}})
+        );
+        let env = env_of(&p["spec"]["initContainers"][1]);
+        assert_eq!(
+            env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"],
+            "status.podIP"
+        );
+        let checks = probes::parse(
+            env["MESH_PROXY_APP_PROBES"]["value"]
+                .as_str()
+                .expect("probes"),
+        )
+        .expect("valid");
+        let want = |c: Check, t: u32| AppProbe {
+            check: c,
+            timeout_seconds: t,
+        };
+        assert_eq!(
+            checks,
+            AppProbes::from([
+                (
+                    "/app-health/app/readyz".to_string(),
+                    want(
+                        Check::HttpGet {
+                            path: "/healthz".into(),
+                            port: 8080,
+                            scheme: Scheme::Http,
+                            http_headers: vec![Header {
+                                name: "X-Probe".into(),
+                                value: "1".into()
+                            }]
+                        },
+                        2
+                    )
+                ),
+                (
+                    "/app-health/app/livez".to_string(),
+                    want(Check::TcpSocket { port: 8080 }, 1)
+                ),
+                (
+                    "/app-health/grpc/livez".to_string(),
+                    want(
+                        Check::Grpc {
+                            port: 9090,
+                            service: "api".into()
+                        },
+                        1
+                    )
+                ),
+                (
+                    "/app-health/log-shipper/readyz".to_string(),
+                    want(
+                        Check::HttpGet {
+                            path: "/".into(),
+                            port: 2020,
+                            scheme: Scheme::Https,
+                            http_headers: vec![]
+                        },
+                        1
+                    )
+                ),
+            ])
+        );
+        let kept: Value = serde_json::from_str(
+            p["metadata"]["annotations"]["mesh.dev/app-probes"]
+                .as_str()
+                .expect("annotation"),
+        )
+        .expect("json");
+        assert_eq!(
+            kept["app"]["readinessProbe"],
+            original["spec"]["containers"][0]["readinessProbe"]
+        );
+        assert_eq!(p["metadata"]["annotations"]["team"], "shop");
+        // Back out.
+        let injected = p.clone();
+        assert_eq!(uninject(&mut p), Ok(Removal::Uninjected));
+        assert_eq!(p, original);
+        assert!(matches!(uninject(&mut p), Ok(Removal::NotInjected(_))));
+        // A Deployment without any of the lists injection adds to comes back the same too.
+        let bare = json!({"kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"template": {"spec": {"containers": [{"name": "app",
+                "livenessProbe": {"tcpSocket": {"port": 80}}}]}}}});
+        let mut d = bare.clone();
+        inject(&mut d, true, &settings()).expect("injects");
+        assert_ne!(d, bare);
+        uninject(&mut d).expect("uninjects");
+        assert_eq!(d, bare);
+        // The pod can keep its probes as written.
+        let mut p = original.clone();
+        p["metadata"]["annotations"]["mesh.dev/rewrite-app-probes"] = json!("false");
+        inject(&mut p, true, &settings()).expect("injects");
+        assert_eq!(p["spec"]["containers"], original["spec"]["containers"]);
+        assert!(!env_of(&p["spec"]["initContainers"][1]).contains_key("MESH_PROXY_APP_PROBES"));
+        assert!(
+            p["metadata"]["annotations"]
+                .get("mesh.dev/app-probes")
+                .is_none()
+        );
+        // A broken annotation is named, not guessed at.
+        let mut broken = injected.clone();
+        broken["metadata"]["annotations"]["mesh.dev/app-probes"] = json!("{\"gone\": {}}");
+        let err = uninject(&mut broken).expect_err("a container that is not there");
+        assert!(
+            err.contains("metadata.annotations[mesh.dev/app-probes] names container \"gone\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_probe_port_that_names_no_port_is_an_error_naming_the_field() {
+        let mut p = probed_pod();
+        p["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = json!("metrics");
+        let err = inject(&mut p, true, &settings()).expect_err("unknown port name");
+        assert_eq!(
+            err,
+            "Pod: spec.containers[0].readinessProbe.httpGet.port is \"metrics\", but container \"app\" has no port of that name"
+        );
+        let mut p = probed_pod();
+        p["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = json!("8081");
+        inject(&mut p, true, &settings()).expect("a number written as a string");
+        let mut d = json!({"kind": "Deployment", "spec": {"template": {"spec": {"containers": [
+            {"name": "app", "livenessProbe": {"httpGet": {"port": 80, "scheme": "FTP"}}}]}}}});
+        let err = inject(&mut d, true, &settings()).expect_err("bad scheme");
+        assert_eq!(
+            err,
+            "Deployment: spec.template.spec.containers[0].livenessProbe.httpGet.scheme is \"FTP\"; expected HTTP or HTTPS"
         );
     }
 

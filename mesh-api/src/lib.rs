@@ -15,6 +15,7 @@ pub mod duration;
 pub mod fake_api;
 pub mod inject;
 pub mod path;
+pub mod probes;
 #[cfg(feature = "process")]
 pub mod process;
 pub mod prom;

@@ -39,8 +39,13 @@ pub fn review(body: &[u8], settings: &InjectSettings) -> Result<Value, String> {
             let mut patch =
                 vec![json!({"op": "replace", "path": "/spec", "value": object["spec"]})];
             if is_pod {
-                // A Deployment's labels went with /spec/template; a Pod's are in its metadata.
-                patch.push(json!({"op": "add", "path": "/metadata/labels", "value": object["metadata"]["labels"]}));
+                // A Deployment's labels and annotations went with /spec/template; a Pod's are
+                // in its metadata (the annotations keep its probes as written).
+                for key in ["labels", "annotations"] {
+                    if let Some(value) = object["metadata"].get(key) {
+                        patch.push(json!({"op": "add", "path": format!("/metadata/{key}"), "value": value}));
+                    }
+                }
             }
             let bytes = serde_json::to_vec(&patch).map_err(|e| e.to_string())?;
             response["patchType"] = json!("JSONPatch");
@@ -178,6 +183,19 @@ mod tests {
         let out = patched(pod(json!({"app": "web"})), &resp);
         assert_eq!(out["spec"]["initContainers"][1]["name"], "mesh-proxy");
         assert_eq!(out["metadata"]["labels"]["mesh.dev/proxy"], "true");
+        // A probed pod gets its probe rewritten and the original kept in an annotation.
+        let mut probed = pod(json!({"app": "web"}));
+        probed["spec"]["containers"][0]["readinessProbe"] = json!({"tcpSocket": {"port": 80}});
+        let resp = review(&admission(probed.clone()), &settings()).expect("review");
+        let probed = patched(probed, &resp);
+        assert_eq!(
+            probed["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"],
+            "/app-health/app/readyz"
+        );
+        assert_eq!(
+            probed["metadata"]["annotations"]["mesh.dev/app-probes"],
+            r#"{"app":{"readinessProbe":{"tcpSocket":{"port":80}}}}"#
+        );
         // The injected pod, reviewed again: allowed, no patch.
         let again = review(&admission(out), &settings()).expect("review");
         assert!(again["response"].get("patch").is_none(), "{again}");

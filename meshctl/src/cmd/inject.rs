@@ -1,12 +1,13 @@
 //! `meshctl inject`: adds the mesh's sidecar to the pods of manifests offline, the same way the
-//! admission webhook does (`mesh_api::inject`), like `linkerd inject`. Objects without a pod
-//! template pass through unchanged.
+//! admission webhook does (`mesh_api::inject`), like `linkerd inject`; `meshctl uninject` takes
+//! it out again, with the app's probes as they were written. Objects without a pod template pass
+//! through unchanged.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use mesh_api::inject::{Outcome, inject};
+use mesh_api::inject::{Outcome, Removal, inject, uninject};
 use serde::Deserialize;
 
 #[derive(Debug, clap::Args)]
@@ -34,22 +35,61 @@ impl InjectArgs {
     }
 }
 
+#[derive(Debug, clap::Args)]
+pub struct UninjectArgs {
+    /// The manifest file (`-`: standard input).
+    #[arg(short = 'f', long)]
+    pub filename: PathBuf,
+}
+
 /// Injects into every document; writes the result to `out` and what was done to `report`.
 pub fn run(args: &InjectArgs, out: &mut dyn Write, report: &mut dyn Write) -> anyhow::Result<()> {
-    let text = if args.filename.as_os_str() == "-" {
+    let paths: Vec<&Path> = args.values.iter().map(PathBuf::as_path).collect();
+    let values = crate::install::values::Values::from_files(&paths)?;
+    let settings = crate::install::manifests::inject_settings(&values, &args.namespace);
+    // Asked for explicitly: a pod is injected unless it says disabled.
+    each_document(&args.filename, out, report, |v| {
+        Ok(match inject(v, true, &settings)? {
+            Outcome::Injected => "injected".into(),
+            Outcome::AlreadyInjected => "already injected".into(),
+            Outcome::Skipped(why) => format!("skipped: {why}"),
+        })
+    })
+}
+
+/// Takes the sidecar out of every document; writes the result to `out` and what was done to
+/// `report`.
+pub fn run_uninject(
+    args: &UninjectArgs,
+    out: &mut dyn Write,
+    report: &mut dyn Write,
+) -> anyhow::Result<()> {
+    each_document(&args.filename, out, report, |v| {
+        Ok(match uninject(v)? {
+            Removal::Uninjected => "uninjected".into(),
+            Removal::NotInjected(why) => format!("unchanged: {why}"),
+        })
+    })
+}
+
+/// Reads the YAML documents of `file`, changes each with `change` (which says what it did),
+/// and writes them to `out`, a line per document to `report`. An error names the document.
+fn each_document(
+    file: &Path,
+    out: &mut dyn Write,
+    report: &mut dyn Write,
+    mut change: impl FnMut(&mut serde_json::Value) -> Result<String, String>,
+) -> anyhow::Result<()> {
+    let text = if file.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s)?;
         s
     } else {
-        std::fs::read_to_string(&args.filename)
-            .with_context(|| format!("reading {}", args.filename.display()))?
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
-    let paths: Vec<&Path> = args.values.iter().map(PathBuf::as_path).collect();
-    let values = crate::install::values::Values::from_files(&paths)?;
-    let settings = crate::install::manifests::inject_settings(&values, &args.namespace);
     let mut docs = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let what = || format!("{} document {}", args.filename.display(), i + 1);
+        let what = || format!("{} document {}", file.display(), i + 1);
         let mut v = serde_json::Value::deserialize(doc).with_context(what)?;
         if v.is_null() {
             continue;
@@ -61,15 +101,10 @@ pub fn run(args: &InjectArgs, out: &mut dyn Write, report: &mut dyn Write) -> an
                 .and_then(|n| n.as_str())
                 .unwrap_or("?")
         );
-        // Asked for explicitly: a pod is injected unless it says disabled.
-        match inject(&mut v, true, &settings)
+        let done = change(&mut v)
             .map_err(anyhow::Error::msg)
-            .with_context(what)?
-        {
-            Outcome::Injected => writeln!(report, "{name}: injected")?,
-            Outcome::AlreadyInjected => writeln!(report, "{name}: already injected")?,
-            Outcome::Skipped(why) => writeln!(report, "{name}: skipped: {why}")?,
-        }
+            .with_context(what)?;
+        writeln!(report, "{name}: {done}")?;
         docs.push(v);
     }
     for (i, d) in docs.iter().enumerate() {
@@ -91,7 +126,7 @@ mod tests {
         let file = dir.path().join("app.yaml");
         std::fs::write(
             &file,
-            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: app, image: web:1}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\nspec:\n  template:\n    metadata: {labels: {app: web}}\n    spec: {containers: [{name: app, image: web:1, readinessProbe: {httpGet: {path: /healthz, port: 8080}}}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {ports: [{port: 80}]}\n",
         )
         .expect("write");
         let values = dir.path().join("values.yaml");
@@ -118,12 +153,34 @@ mod tests {
             text.contains("value: debug") && text.contains("memory: 256Mi"),
             "{text}"
         );
+        assert!(text.contains("path: /app-health/app/readyz"), "{text}");
         // Injecting the output again changes nothing.
         std::fs::write(&file, text.as_bytes()).expect("write");
         let (mut again, mut report) = (Vec::new(), Vec::new());
         run(&args, &mut again, &mut report).expect("inject");
         assert_eq!(String::from_utf8_lossy(&again), text);
         assert!(String::from_utf8_lossy(&report).contains("already injected"));
+        // Uninjecting gives back the manifest as written.
+        let (mut back, mut report) = (Vec::new(), Vec::new());
+        run_uninject(
+            &UninjectArgs {
+                filename: file.clone(),
+            },
+            &mut back,
+            &mut report,
+        )
+        .expect("uninject");
+        let report = String::from_utf8_lossy(&report);
+        assert!(report.contains("Deployment web: uninjected"), "{report}");
+        assert!(report.contains("Service web: unchanged"), "{report}");
+        let back = String::from_utf8_lossy(&back);
+        assert!(
+            !back.contains("mesh-proxy")
+                && !back.contains("mesh.dev")
+                && !back.contains("app-health"),
+            "{back}"
+        );
+        assert!(back.contains("path: /healthz"), "{back}");
         // A malformed manifest is named.
         std::fs::write(
             &file,

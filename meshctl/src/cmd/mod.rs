@@ -43,6 +43,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Add the mesh's sidecar to the pods of manifests, offline (prints the result).
     Inject(inject::InjectArgs),
+    /// Take the mesh's sidecar out of the pods of manifests, probes as they were written.
+    Uninject(inject::UninjectArgs),
     /// Install the mesh into the current cluster (or print its objects with --dry-run).
     Install(crate::install::InstallArgs),
     /// Upgrade an installed mesh to this meshctl's version (one minor version at a time).
@@ -103,6 +105,9 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
             status::proxy_config_in_cluster(&cluster, &a, &mut std::io::stdout()).await
         }),
         Command::Inject(a) => inject::run(&a, &mut std::io::stdout(), &mut std::io::stderr()),
+        Command::Uninject(a) => {
+            inject::run_uninject(&a, &mut std::io::stdout(), &mut std::io::stderr())
+        }
         Command::Check(a) => {
             let local = cx.local.as_ref().map(LocalDir::new).transpose()?;
             let checks = if a.is_local(local.is_some()) {
