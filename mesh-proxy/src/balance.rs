@@ -15,9 +15,16 @@
 //! ejected for `base_ejection` times two to the number of ejections before it, up to
 //! `max_ejection`, with jitter; once that passes it takes traffic again, competing like a new
 //! endpoint, and one success forgives its history. At most `max_ejection_percent` of a cluster (and always at least one
-//! endpoint) is ejected at a time; if every endpoint is ejected, all of them are used.
+//! endpoint) is ejected at a time, counted within a priority; if every endpoint is ejected,
+//! all of them are used.
+//!
+//! Endpoints come in priorities (the `priority` of their EDS locality; the controller puts
+//! terminating endpoints that still serve at 1): every pick is among the endpoints of the
+//! lowest priority that has one not ejected, so a higher priority gets nothing while a lower
+//! one can serve.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -167,6 +174,11 @@ impl Endpoint {
         until != 0 && nanos(now) < until
     }
 
+    /// A candidate for a pick: not ejected, and not the endpoint a retry avoids.
+    fn usable(&self, now: Instant, avoid: Option<SocketAddr>) -> bool {
+        !self.is_ejected(now) && Some(self.addr) != avoid
+    }
+
     pub fn pending(&self) -> u32 {
         self.pending.load(Ordering::Relaxed)
     }
@@ -233,7 +245,12 @@ fn decay(e: &mut Ewma, now: Instant) {
 /// The endpoints of one cluster.
 #[derive(Debug)]
 pub struct EndpointSet {
+    /// Sorted by priority.
     endpoints: Vec<Arc<Endpoint>>,
+    /// The priority of each endpoint.
+    priorities: Vec<u32>,
+    /// The endpoints of each priority, lowest first (one range when all share one).
+    tiers: Vec<Range<usize>>,
     outlier: OutlierConfig,
     balancer: Balancer,
     /// `(point, endpoint index)`, sorted, for [`Balancer::RingHash`].
@@ -250,6 +267,7 @@ impl Serialize for EndpointSet {
         #[derive(Serialize)]
         struct View<'a> {
             addr: SocketAddr,
+            priority: u32,
             mesh_proxy: bool,
             identity: Option<&'a str>,
             pending: u32,
@@ -257,14 +275,20 @@ impl Serialize for EndpointSet {
             ejected: bool,
         }
         let now = Instant::now();
-        s.collect_seq(self.endpoints.iter().map(|e| View {
-            addr: e.addr,
-            mesh_proxy: e.mesh_proxy,
-            identity: e.identity.as_ref().map(|i| i.as_str()),
-            pending: e.pending(),
-            ewma_ms: e.ewma_ms(),
-            ejected: e.is_ejected(now),
-        }))
+        s.collect_seq(
+            self.endpoints
+                .iter()
+                .zip(&self.priorities)
+                .map(|(e, p)| View {
+                    addr: e.addr,
+                    priority: *p,
+                    mesh_proxy: e.mesh_proxy,
+                    identity: e.identity.as_ref().map(|i| i.as_str()),
+                    pending: e.pending(),
+                    ewma_ms: e.ewma_ms(),
+                    ejected: e.is_ejected(now),
+                }),
+        )
     }
 }
 
@@ -349,7 +373,9 @@ impl EndpointSet {
         ejections: Counter,
     ) -> Self {
         Self::assemble(
-            defs.iter().map(|d| Arc::new(Endpoint::new(d))).collect(),
+            defs.iter()
+                .map(|d| (Arc::new(Endpoint::new(d)), d.priority))
+                .collect(),
             outlier,
             balancer,
             ejections,
@@ -357,11 +383,21 @@ impl EndpointSet {
     }
 
     fn assemble(
-        endpoints: Vec<Arc<Endpoint>>,
+        mut endpoints: Vec<(Arc<Endpoint>, u32)>,
         outlier: OutlierConfig,
         balancer: Balancer,
         ejections: Counter,
     ) -> Self {
+        endpoints.sort_by_key(|(_, p)| *p);
+        let (endpoints, priorities): (Vec<_>, Vec<_>) = endpoints.into_iter().unzip();
+        let tiers = priorities
+            .chunk_by(|a, b| a == b)
+            .scan(0, |start, chunk| {
+                let r = *start..*start + chunk.len();
+                *start = r.end;
+                Some(r)
+            })
+            .collect();
         let ring = if balancer == Balancer::RingHash && !endpoints.is_empty() {
             let per = RING_POINTS_PER_ENDPOINT.max(RING_MIN.div_ceil(endpoints.len()));
             let mut ring: Vec<(u64, usize)> = endpoints
@@ -378,6 +414,8 @@ impl EndpointSet {
         };
         Self {
             endpoints,
+            priorities,
+            tiers,
             outlier,
             balancer,
             ring,
@@ -402,7 +440,10 @@ impl EndpointSet {
                         e.addr == d.addr && e.mesh_proxy == d.mesh_proxy && e.identity == d.identity
                     })
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Endpoint::new(d)))
+                    .map_or_else(
+                        || (Arc::new(Endpoint::new(d)), d.priority),
+                        |e| (e, d.priority),
+                    )
             })
             .collect();
         Self::assemble(endpoints, outlier, balancer, self.ejections.clone())
@@ -420,13 +461,18 @@ impl EndpointSet {
         &self.endpoints
     }
 
+    /// Whether `defs` (in priority order, as the EDS conversion gives them) are the endpoints
+    /// this set holds, so it can be kept as it is.
     pub fn same_endpoints(&self, defs: &[EndpointDef]) -> bool {
         self.endpoints.len() == defs.len()
             && self
                 .endpoints
                 .iter()
+                .zip(&self.priorities)
                 .zip(defs)
-                .all(|(e, d)| e.addr == d.addr && e.mesh_proxy == d.mesh_proxy)
+                .all(|((e, p), d)| {
+                    e.addr == d.addr && e.mesh_proxy == d.mesh_proxy && *p == d.priority
+                })
     }
 
     /// Requests in flight through this set.
@@ -447,10 +493,11 @@ impl EndpointSet {
         hash: Option<u64>,
     ) -> Option<InFlight> {
         let now = Instant::now();
+        let tier = self.tier(now);
         let ep = match (self.balancer, hash) {
-            (Balancer::PeakEwma, _) => self.choose(now, avoid)?,
-            (Balancer::RingHash, Some(h)) => self.on_ring(now, avoid, h)?,
-            _ => self.simple(now, avoid)?,
+            (Balancer::PeakEwma, _) => self.choose(&self.endpoints[tier], now, avoid)?,
+            (Balancer::RingHash, Some(h)) => self.on_ring(tier, now, avoid, h)?,
+            _ => self.simple(&self.endpoints[tier], now, avoid)?,
         };
         ep.pending.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -461,31 +508,62 @@ impl EndpointSet {
         })
     }
 
-    /// The first usable endpoint clockwise from `h` on the ring; if none is, the point's own.
-    fn on_ring(&self, now: Instant, avoid: Option<SocketAddr>, h: u64) -> Option<Arc<Endpoint>> {
+    /// The endpoints to pick from: those of the lowest priority with one not ejected; the
+    /// lowest priority when every endpoint is ejected.
+    fn tier(&self, now: Instant) -> Range<usize> {
+        match self.tiers.as_slice() {
+            [] => 0..0,
+            [only] => only.clone(),
+            tiers => tiers
+                .iter()
+                .find(|r| {
+                    self.endpoints[(*r).clone()]
+                        .iter()
+                        .any(|e| !e.is_ejected(now))
+                })
+                .unwrap_or(&tiers[0])
+                .clone(),
+        }
+    }
+
+    /// The first usable endpoint of `tier` clockwise from `h` on the ring; if none is, the
+    /// first of `tier` clockwise.
+    fn on_ring(
+        &self,
+        tier: Range<usize>,
+        now: Instant,
+        avoid: Option<SocketAddr>,
+        h: u64,
+    ) -> Option<Arc<Endpoint>> {
         let n = self.ring.len();
         if n == 0 {
             return None;
         }
         let start = self.ring.partition_point(|(p, _)| *p < h) % n;
-        let usable = |e: &Endpoint| !e.is_ejected(now) && Some(e.addr) != avoid;
-        (0..n)
-            .map(|k| &self.endpoints[self.ring[(start + k) % n].1])
-            .find(|e| usable(e))
-            .or_else(|| self.endpoints.get(self.ring[start].1))
-            .cloned()
+        let mut clockwise = (0..n)
+            .map(|k| self.ring[(start + k) % n].1)
+            .filter(|i| tier.contains(i))
+            .map(|i| &self.endpoints[i]);
+        let first = clockwise.next()?;
+        let pick = std::iter::once(first)
+            .chain(clockwise)
+            .find(|e| e.usable(now, avoid))
+            .unwrap_or(first);
+        Some(pick.clone())
     }
 
     /// Least request, round robin, random (and a ring hash without a key): among the usable
     /// endpoints, or all of them when none is.
-    fn simple(&self, now: Instant, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
-        let usable: Vec<&Arc<Endpoint>> = self
-            .endpoints
-            .iter()
-            .filter(|e| !e.is_ejected(now) && Some(e.addr) != avoid)
-            .collect();
+    fn simple(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        now: Instant,
+        avoid: Option<SocketAddr>,
+    ) -> Option<Arc<Endpoint>> {
+        let usable: Vec<&Arc<Endpoint>> =
+            endpoints.iter().filter(|e| e.usable(now, avoid)).collect();
         let pool: Vec<&Arc<Endpoint>> = if usable.is_empty() {
-            self.endpoints.iter().collect()
+            endpoints.iter().collect()
         } else {
             usable
         };
@@ -508,12 +586,17 @@ impl EndpointSet {
         Some(pick.clone())
     }
 
-    fn choose(&self, now: Instant, avoid: Option<SocketAddr>) -> Option<Arc<Endpoint>> {
-        let n = self.endpoints.len();
-        let usable = |e: &Endpoint| !e.is_ejected(now) && Some(e.addr) != avoid;
+    fn choose(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        now: Instant,
+        avoid: Option<SocketAddr>,
+    ) -> Option<Arc<Endpoint>> {
+        let n = endpoints.len();
+        let usable = |e: &Endpoint| e.usable(now, avoid);
         match n {
             0 => return None,
-            1 => return self.endpoints.first().cloned(),
+            1 => return endpoints.first().cloned(),
             _ => {}
         }
         // Two distinct endpoints at random; if either is out, the first usable ones from a
@@ -521,23 +604,22 @@ impl EndpointSet {
         let i = rand::random_range(0..n);
         let j = rand::random_range(0..n - 1);
         let j = if j >= i { j + 1 } else { j };
-        let (a, b) = if usable(&self.endpoints[i]) && usable(&self.endpoints[j]) {
+        let (a, b) = if usable(&endpoints[i]) && usable(&endpoints[j]) {
             (i, Some(j))
         } else {
             let start = rand::random_range(0..n);
             let mut found = (0..n)
                 .map(|k| (start + k) % n)
-                .filter(|&k| usable(&self.endpoints[k]));
+                .filter(|&k| usable(&endpoints[k]));
             match (found.next(), found.next()) {
                 (Some(a), b) => (a, b),
                 (None, _) => {
                     // Nothing usable: everything is ejected (or only the avoided one is
                     // left). Take the cheapest, preferring endpoints that are not ejected.
-                    return self
-                        .endpoints
+                    return endpoints
                         .iter()
                         .filter(|e| !e.is_ejected(now))
-                        .chain(self.endpoints.iter())
+                        .chain(endpoints.iter())
                         .min_by(|x, y| {
                             let c = |e: &Endpoint| e.cost(now).unwrap_or(0.0);
                             c(x).total_cmp(&c(y))
@@ -546,9 +628,9 @@ impl EndpointSet {
                 }
             }
         };
-        let ea = &self.endpoints[a];
+        let ea = &endpoints[a];
         let pick = match b {
-            Some(b) if self.endpoints[b].cheaper_than(ea, now) => &self.endpoints[b],
+            Some(b) if endpoints[b].cheaper_than(ea, now) => &endpoints[b],
             _ => ea,
         };
         Some(pick.clone())
@@ -558,8 +640,18 @@ impl EndpointSet {
         if ep.is_ejected(now) {
             return;
         }
-        let ejected = self.endpoints.iter().filter(|e| e.is_ejected(now)).count();
-        let n = self.endpoints.len();
+        // The limit holds within the endpoint's priority: the last ready endpoint is never
+        // ejected in favour of terminating ones.
+        let tier = self
+            .endpoints
+            .iter()
+            .position(|e| std::ptr::eq(e.as_ref(), ep))
+            .and_then(|i| self.tiers.iter().find(|r| r.contains(&i)))
+            .cloned()
+            .unwrap_or(0..self.endpoints.len());
+        let peers = &self.endpoints[tier];
+        let ejected = peers.iter().filter(|e| e.is_ejected(now)).count();
+        let n = peers.len();
         let limit = (n * self.outlier.max_ejection_percent as usize / 100).max(1);
         if ejected >= limit || n < 2 {
             return;
@@ -601,6 +693,8 @@ impl EndpointSet {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     fn set(n: u16, outlier: OutlierConfig) -> Arc<EndpointSet> {
@@ -737,5 +831,98 @@ mod tests {
         assert!(u.endpoints[0].ewma_ms() > 30.0);
         assert_eq!(u.endpoints[1].addr.port(), 2000);
         assert!(u.same_endpoints(&defs));
+    }
+
+    /// Two ready endpoints at priority 0 and a terminating one at priority 1, under every
+    /// balancer: nothing goes to priority 1 until both of priority 0 are ejected, and then
+    /// everything does; a priority change alone is a different set.
+    #[test]
+    fn picks_stay_in_the_lowest_priority_that_can_serve() {
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        let def = |p: u16, priority: u32| EndpointDef {
+            priority,
+            ..EndpointDef::plain(addr(p))
+        };
+        // Given out of order: the set sorts by priority.
+        let defs = [def(3000, 1), def(1000, 0), def(2000, 0)];
+        for balancer in [
+            Balancer::PeakEwma,
+            Balancer::LeastRequest,
+            Balancer::RoundRobin,
+            Balancer::Random,
+            Balancer::RingHash,
+        ] {
+            let s = Arc::new(EndpointSet::new(
+                &defs,
+                OutlierConfig {
+                    max_ejection_percent: 100,
+                    ..OutlierConfig::default()
+                },
+                balancer,
+                Counter::default(),
+            ));
+            let picks = |s: &Arc<EndpointSet>| -> HashSet<u16> {
+                (0..200u64)
+                    .map(|k| {
+                        let f = s.pick(None, Some(hash64(&k.to_be_bytes()))).expect("pick");
+                        f.endpoint.addr.port()
+                    })
+                    .collect()
+            };
+            assert_eq!(picks(&s), HashSet::from([1000, 2000]), "{balancer:?}");
+            let now = Instant::now();
+            s.eject(&s.endpoints[0], now);
+            assert_eq!(
+                picks(&s),
+                HashSet::from([2000]),
+                "{balancer:?}, one ejected"
+            );
+            s.eject(&s.endpoints[1], now);
+            assert_eq!(
+                picks(&s),
+                HashSet::from([3000]),
+                "{balancer:?}, both ejected"
+            );
+        }
+        let s = EndpointSet::new(
+            &defs,
+            OutlierConfig::default(),
+            Balancer::PeakEwma,
+            Counter::default(),
+        );
+        let sorted = [def(1000, 0), def(2000, 0), def(3000, 1)];
+        assert!(s.same_endpoints(&sorted));
+        assert!(!s.same_endpoints(&[def(1000, 0), def(2000, 0), def(3000, 0)]));
+        // Once none is ready, a terminating endpoint is all there is.
+        let u = Arc::new(s.update(
+            &[def(3000, 0)],
+            OutlierConfig::default(),
+            Balancer::PeakEwma,
+        ));
+        assert_eq!(u.pick(None, None).expect("pick").endpoint.addr, addr(3000));
+        // A retry that avoids the only usable ready endpoint still stays in its priority, even
+        // when the terminating endpoint looks cheaper.
+        let now = Instant::now();
+        let s = Arc::new(EndpointSet::new(
+            &[def(1000, 0), def(2000, 0), def(3000, 1)],
+            OutlierConfig::default(),
+            Balancer::PeakEwma,
+            Counter::default(),
+        ));
+        s.eject(&s.endpoints[0], now);
+        s.endpoints[1].observe(Duration::from_millis(5), now);
+        for _ in 0..100 {
+            let f = s.pick(Some(addr(2000)), None).expect("pick");
+            assert_ne!(f.endpoint.addr, addr(3000));
+        }
+        // One ready endpoint and one terminating: the ready one is never ejected.
+        let s = EndpointSet::new(
+            &[def(1000, 0), def(3000, 1)],
+            OutlierConfig::default(),
+            Balancer::PeakEwma,
+            Counter::default(),
+        );
+        s.eject(&s.endpoints[0], now);
+        assert!(!s.endpoints[0].is_ejected(now));
     }
 }

@@ -1391,9 +1391,13 @@ fn endpoints_of(cx: &Ctx<'_>, at: &str, cla: &ClusterLoadAssignment) -> Result<V
                 mesh_proxy: is_mesh_proxy(lb.metadata.as_ref()),
                 identity,
                 peer,
+                priority: loc.priority,
             });
         }
     }
+    // Lowest priority first, as the endpoint set holds them (so an unchanged assignment is
+    // recognised as one).
+    out.sort_by_key(|d| d.priority);
     Ok(out)
 }
 

@@ -446,6 +446,8 @@ pub struct EndpointDef {
     pub identity: Option<mesh_api::SpiffeId>,
     /// Who runs there (endpoint metadata `mesh.dev` / `namespace`, `workload`), for metrics.
     pub peer: Arc<Peer>,
+    /// The `priority` of its locality: picks go to the lowest priority that can serve.
+    pub priority: u32,
 }
 
 impl EndpointDef {
@@ -456,6 +458,7 @@ impl EndpointDef {
             mesh_proxy: false,
             identity: None,
             peer: Peer::unknown(),
+            priority: 0,
         }
     }
 }
