@@ -52,12 +52,22 @@ struct ServicePort {
     app_protocol: Option<String>,
 }
 
+/// A Pod's namespace and name.
+type PodKey = (String, String);
+
+/// `namespace/name` as a [`PodKey`].
+fn pod_key(pod: &str) -> Option<PodKey> {
+    pod.split_once('/')
+        .map(|(ns, name)| (ns.to_string(), name.to_string()))
+}
+
 #[derive(Clone, Debug, PartialEq)]
 struct SliceInfo {
     service: SvcKey,
     ports: Vec<(String, u16)>,
-    /// Ready endpoints: addresses and the pod behind them.
-    endpoints: Vec<(IpAddr, Option<String>)>,
+    /// Ready endpoints and terminating ones still serving: addresses, the pod behind them,
+    /// and whether it is terminating.
+    endpoints: Vec<(IpAddr, Option<String>, bool)>,
 }
 
 /// All objects, by kind, plus the revision counter and what changed since the last model.
@@ -70,13 +80,15 @@ pub struct Index {
     namespaces: HashMap<String, BTreeMap<String, String>>,
     services: HashMap<SvcKey, ServiceInfo>,
     slices: HashMap<ObjKey, SliceInfo>,
-    pods: Arc<HashMap<(String, String), Arc<PodModel>>>,
+    pods: Arc<HashMap<PodKey, Arc<PodModel>>>,
     routes: HashMap<ObjKey, Arc<RouteSpec>>,
     /// Our policy CRDs.
     policies: HashMap<ObjKey, Object>,
     /// TrafficPolicies, read.
     traffic: HashMap<ObjKey, Arc<traffic::Compiled>>,
     slices_by_service: HashMap<SvcKey, HashSet<ObjKey>>,
+    /// EndpointSlices by the Pods their endpoints name: a Pod change dirties their Services.
+    slices_by_pod: HashMap<PodKey, HashSet<ObjKey>>,
     /// Routes by the Services they attach to (including ones that do not exist).
     routes_by_parent: HashMap<SvcKey, HashSet<ObjKey>>,
     /// Routes by the Services they send or mirror to.
@@ -86,6 +98,16 @@ pub struct Index {
     dirty: HashSet<SvcKey>,
     revision: watch::Sender<u64>,
     last_model: Option<Arc<Model>>,
+}
+
+impl SliceInfo {
+    /// The Pods its endpoints name.
+    fn pods(&self) -> HashSet<PodKey> {
+        self.endpoints
+            .iter()
+            .filter_map(|(_, pod, _)| pod.as_deref().and_then(pod_key))
+            .collect()
+    }
 }
 
 impl Index {
@@ -103,6 +125,7 @@ impl Index {
             policies: HashMap::new(),
             traffic: HashMap::new(),
             slices_by_service: HashMap::new(),
+            slices_by_pod: HashMap::new(),
             routes_by_parent: HashMap::new(),
             routes_by_backend: HashMap::new(),
             errors: HashMap::new(),
@@ -155,6 +178,7 @@ impl Index {
                 if self.pods.get(&k) == Some(&info) {
                     false
                 } else {
+                    self.pod_changed(&k);
                     Arc::make_mut(&mut self.pods).insert(k, info);
                     true
                 }
@@ -245,6 +269,15 @@ impl Index {
         changed
     }
 
+    /// A Pod was added, changed or removed: the Services of the slices naming it are dirty.
+    fn pod_changed(&mut self, pod: &PodKey) {
+        for slice in self.slices_by_pod.get(pod).into_iter().flatten() {
+            if let Some(info) = self.slices.get(slice) {
+                self.dirty.insert(info.service.clone());
+            }
+        }
+    }
+
     /// Sets or removes an EndpointSlice (`None`: it names no Service, so it feeds nothing).
     fn set_slice(&mut self, key: ObjKey, info: Option<SliceInfo>) -> bool {
         let old = self.slices.get(&key);
@@ -255,6 +288,9 @@ impl Index {
             let svc = old.service.clone();
             self.dirty.insert(svc.clone());
             link(&mut self.slices_by_service, svc, &key, false);
+            for pod in old.pods() {
+                link(&mut self.slices_by_pod, pod, &key, false);
+            }
         }
         match info {
             Some(info) => {
@@ -265,6 +301,9 @@ impl Index {
                     &key,
                     true,
                 );
+                for pod in info.pods() {
+                    link(&mut self.slices_by_pod, pod, &key, true);
+                }
                 self.slices.insert(key, info);
             }
             None => {
@@ -312,7 +351,11 @@ impl Index {
             Kind::EndpointSlice => self.set_slice(key.clone(), None),
             Kind::Pod => {
                 let k = (key.namespace.clone(), key.name.clone());
-                self.pods.contains_key(&k) && Arc::make_mut(&mut self.pods).remove(&k).is_some()
+                if !self.pods.contains_key(&k) {
+                    return false;
+                }
+                self.pod_changed(&k);
+                Arc::make_mut(&mut self.pods).remove(&k).is_some()
             }
             Kind::HTTPRoute | Kind::GRPCRoute => self.set_route(key.clone(), None),
             Kind::TrafficPolicy => {
@@ -689,10 +732,16 @@ impl Index {
         {
             for (port_name, port) in &slice.ports {
                 let eps = endpoints.entry(port_name.as_str()).or_default();
-                for (ip, pod) in &slice.endpoints {
+                for (ip, pod, terminating) in &slice.endpoints {
+                    let peer = pod
+                        .as_deref()
+                        .and_then(pod_key)
+                        .and_then(|k| self.pods.get(&k).cloned());
                     eps.push(Endpoint {
                         addr: SocketAddr::new(*ip, *port),
                         pod: pod.clone(),
+                        peer,
+                        terminating: *terminating,
                     });
                 }
             }
@@ -815,8 +864,10 @@ impl Index {
             .iter()
             .map(|sp| {
                 let mut eps = endpoints.remove(sp.name.as_str()).unwrap_or_default();
-                eps.sort();
-                eps.dedup();
+                // One endpoint per address (slices may overlap while they change): the ready
+                // one when an address is both ready and terminating.
+                eps.sort_by_key(|e| (e.addr, e.terminating));
+                eps.dedup_by_key(|e| e.addr);
                 let (target_port, target_port_name) = match &sp.target_port {
                     None => (Some(sp.port), None),
                     Some(IntOrString::Int(p)) => (u16::try_from(*p).ok(), None),
@@ -938,7 +989,12 @@ impl Index {
 }
 
 /// Adds `item` to the set under `key`, or removes it (and the set once it is empty).
-fn link(map: &mut HashMap<SvcKey, HashSet<ObjKey>>, key: SvcKey, item: &ObjKey, add: bool) {
+fn link<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, HashSet<ObjKey>>,
+    key: K,
+    item: &ObjKey,
+    add: bool,
+) {
     if add {
         map.entry(key).or_default().insert(item.clone());
     } else if let Some(set) = map.get_mut(&key) {
@@ -1042,9 +1098,14 @@ fn slice_info(slice: &EndpointSlice, namespace: &str) -> Result<Option<SliceInfo
     }
     let mut endpoints = Vec::new();
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        // Ready unset means unknown, which consumers must treat as ready.
-        let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-        if !ready {
+        // As the EndpointSlice API says: `ready` unset means ready; `serving` unset means as
+        // `ready`. A terminating endpoint is never ready, but may still be serving: kept,
+        // marked, for use only when no ready endpoint is left.
+        let c = ep.conditions.as_ref();
+        let ready = c.and_then(|c| c.ready).unwrap_or(true);
+        let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+        let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+        if !(ready || serving && terminating) {
             continue;
         }
         let pod = ep
@@ -1065,7 +1126,7 @@ fn slice_info(slice: &EndpointSlice, namespace: &str) -> Result<Option<SliceInfo
                     format!("{a:?} is not an IP address"),
                 )
             })?;
-            endpoints.push((ip, pod.clone()));
+            endpoints.push((ip, pod.clone(), !ready));
         }
     }
     Ok(Some(SliceInfo {

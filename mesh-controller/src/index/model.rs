@@ -76,6 +76,14 @@ pub struct Endpoint {
     pub addr: SocketAddr,
     /// `namespace/name` of the Pod behind it, when the EndpointSlice says.
     pub pod: Option<String>,
+    /// That Pod as the index holds it (identity, labels, workload), so a Pod change changes
+    /// the Service it backs.
+    #[serde(skip)]
+    pub peer: Option<Arc<PodModel>>,
+    /// Not ready but still serving, its Pod on the way out (EndpointSlice `serving` and
+    /// `terminating`): used only while no ready endpoint is there.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub terminating: bool,
 }
 
 /// Where a weighted share of a route's traffic goes.
@@ -130,7 +138,7 @@ pub struct PortModel {
     pub target_port: Option<u16>,
     /// The Service's `targetPort` as a container port name, when it is one.
     pub target_port_name: Option<String>,
-    /// Ready endpoints, sorted.
+    /// Ready endpoints, and terminating ones still serving, sorted.
     pub endpoints: Arc<Vec<Endpoint>>,
     /// Routes from the Service's own namespace (producer routes), in precedence order. Empty: all
     /// traffic goes to the Service itself.
@@ -153,7 +161,7 @@ pub struct ServiceModel {
     pub selector: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct PodModel {
     pub namespace: String,
     pub name: String,

@@ -1,5 +1,6 @@
 //! Envoy v3 xDS: translation of the model into resources, and the ADS server that serves them.
 
+pub mod canonical;
 pub mod policy;
 pub mod resources;
 pub mod server;

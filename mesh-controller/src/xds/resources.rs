@@ -92,7 +92,7 @@ pub struct Resource {
 
 impl Resource {
     pub fn new<M: Message + Name>(name: &str, msg: &M) -> Arc<Self> {
-        Self::from_encoded(name, M::type_url(), msg.encode_to_vec())
+        Self::from_encoded(name, M::type_url(), super::canonical::encode(msg))
     }
 
     /// A resource from bytes already encoded as a message of `type_url`.

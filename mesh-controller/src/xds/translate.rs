@@ -60,9 +60,10 @@ use envoy_types::pb::google::protobuf::{
     Any, BoolValue, Duration as PbDuration, Struct, UInt32Value, Value, value,
 };
 use mesh_api::consts::{ports, xds as names};
-use prost::{Message, Name};
+use prost::Name;
 use serde::Serialize;
 
+use super::canonical;
 use super::resources::{Changes, ProxyView, Resource, ResourceType, Resources};
 use crate::index::routes::{HeaderModifier, PathMatch, PathModifier, StrMatch};
 use crate::index::traffic::{Balancer, HashKey};
@@ -437,7 +438,7 @@ impl Translator {
 pub(super) fn any<M: prost::Message + Name>(m: &M) -> Any {
     Any {
         type_url: M::type_url(),
-        value: m.encode_to_vec(),
+        value: canonical::encode(m),
     }
 }
 
@@ -617,44 +618,51 @@ fn peer_metadata(pod: &PodModel, identity: Option<&mesh_api::SpiffeId>, h2: bool
     }
 }
 
-/// `meta(endpoint)`: the endpoint's metadata, for endpoints behind a mesh-proxy.
+/// `meta(endpoint)`: the endpoint's metadata, for endpoints behind a mesh-proxy. Ready
+/// endpoints are priority 0; terminating ones that still serve come after them at priority 1
+/// (or 0 when none is ready), so clients send them nothing while a ready endpoint is usable, as
+/// Kubernetes intends, and in-flight requests finish.
 fn load_assignment(
     cluster: &str,
     endpoints: &[crate::index::Endpoint],
     meta: impl Fn(&crate::index::Endpoint) -> Option<Metadata>,
 ) -> ClusterLoadAssignment {
+    let group = |terminating: bool, priority: u32| LocalityLbEndpoints {
+        locality: Some(Locality::default()),
+        // gRPC clients drop localities without a weight.
+        load_balancing_weight: u32v(1),
+        lb_endpoints: endpoints
+            .iter()
+            .filter(|e| e.terminating == terminating)
+            .map(|e| LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(PbEndpoint {
+                    address: Some(socket_address(e.addr.ip(), e.addr.port())),
+                    ..Default::default()
+                })),
+                load_balancing_weight: u32v(1),
+                metadata: meta(e),
+                ..Default::default()
+            })
+            .collect(),
+        priority,
+        ..Default::default()
+    };
+    let ready = group(false, 0);
+    let mut groups = vec![];
+    if endpoints.iter().any(|e| e.terminating) {
+        let next = u32::from(!ready.lb_endpoints.is_empty());
+        if next == 1 {
+            groups.push(ready);
+        }
+        groups.push(group(true, next));
+    } else {
+        groups.push(ready);
+    }
     ClusterLoadAssignment {
         cluster_name: cluster.to_string(),
-        endpoints: vec![LocalityLbEndpoints {
-            locality: Some(Locality::default()),
-            // gRPC clients drop localities without a weight.
-            load_balancing_weight: u32v(1),
-            lb_endpoints: endpoints
-                .iter()
-                .map(|e| LbEndpoint {
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(PbEndpoint {
-                        address: Some(socket_address(e.addr.ip(), e.addr.port())),
-                        ..Default::default()
-                    })),
-                    load_balancing_weight: u32v(1),
-                    metadata: meta(e),
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }],
+        endpoints: groups,
         ..Default::default()
     }
-}
-
-/// The pod behind an endpoint, when it is labelled as running mesh-proxy.
-/// The pod behind an endpoint, when the index has it.
-fn endpoint_pod<'m>(model: &'m Model, e: &crate::index::Endpoint) -> Option<&'m PodModel> {
-    let (ns, name) = e.pod.as_deref().and_then(|p| p.split_once('/'))?;
-    model
-        .pods
-        .get(&(ns.to_string(), name.to_string()))
-        .map(|p| p.as_ref())
 }
 
 /// Whether a pod runs a mesh-proxy (the injector labels it).
@@ -674,7 +682,12 @@ fn static_cluster(name: &str, addr: Option<SocketAddr>) -> Cluster {
         load_assignment: Some(load_assignment(
             name,
             &addr
-                .map(|addr| crate::index::Endpoint { addr, pod: None })
+                .map(|addr| crate::index::Endpoint {
+                    addr,
+                    pod: None,
+                    peer: None,
+                    terminating: false,
+                })
                 .into_iter()
                 .collect::<Vec<_>>(),
             |_| None,
@@ -1043,7 +1056,7 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
             Resource::new(
                 &cluster,
                 &load_assignment(&cluster, &p.endpoints, |e| {
-                    let pod = endpoint_pod(model, e)?;
+                    let pod = e.peer.as_deref()?;
                     let id = is_proxied(pod).then(|| model.pod_identity(pod)).flatten();
                     // HTTP/2 only to declared HTTP/1 ports: the peer's inbound then pins
                     // HTTP/1.1 to the app, whatever it receives.
@@ -1173,7 +1186,7 @@ fn encoded_vhosts(
             routes: envoy_routes(entries, &cluster, Some(p)),
             ..Default::default()
         };
-        prost::encoding::message::encode(VIRTUAL_HOSTS_TAG, &vhost, &mut buf);
+        canonical::encode_field(VIRTUAL_HOSTS_TAG, &vhost, &mut buf);
     }
     buf
 }
@@ -1204,7 +1217,7 @@ fn encoded_chains(
             || vec![tcp_filter(&cluster, &cluster)],
         );
         for c in &chains {
-            prost::encoding::message::encode(FILTER_CHAINS_TAG, c, &mut buf);
+            canonical::encode_field(FILTER_CHAINS_TAG, c, &mut buf);
         }
     }
     buf
@@ -1251,7 +1264,7 @@ fn namespace_resources(
     let mut out = Resources::default();
     if settings.transparent {
         // A transparent proxy sends by destination address; it needs no Host-routed listener.
-        let mut bytes = outbound_listener(settings).encode_to_vec();
+        let mut bytes = canonical::encode(&outbound_listener(settings));
         for (svc, res) in services.values() {
             if has_consumer_routes(svc, namespace) {
                 bytes.extend(encoded_chains(model, svc, res.owns_vip, Some(namespace)));
@@ -1266,11 +1279,10 @@ fn namespace_resources(
         return out;
     }
     // Explicit outbound HTTP proxy: one virtual host per Service port, routed by Host.
-    let mut bytes = RouteConfiguration {
+    let mut bytes = canonical::encode(&RouteConfiguration {
         name: names::OUTBOUND_HTTP_ROUTE.into(),
         ..Default::default()
-    }
-    .encode_to_vec();
+    });
     for (key, (svc, res)) in services {
         let local = key.namespace == namespace;
         if has_consumer_routes(svc, namespace) {

@@ -741,3 +741,179 @@ fn a_node_must_match_its_client_certificate() {
     let not_workload = id("spiffe://cluster.local/something/else");
     assert!(check_node(&node("default", "web-0"), &not_workload, &model).is_err());
 }
+
+/// Endpoint identity and metadata come from Pods: whether a Pod arrives before or after the
+/// EndpointSlice naming it (a relist, a label change), the Service's xDS ends the same.
+#[test]
+fn a_pod_after_its_slice_gives_the_same_xds_as_before_it() {
+    let pod = |sa: &str, proxied: bool| {
+        obj(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: default, labels: {{app: web, mesh.dev/proxy: '{proxied}'}}}}\nspec: {{serviceAccountName: {sa}, containers: [{{name: app}}]}}\nstatus: {{podIP: 10.0.3.1}}\n"
+        ))
+    };
+    let slice = obj(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-80, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 80, protocol: TCP}]\nendpoints:\n- {addresses: ['10.0.3.1'], conditions: {ready: true}, targetRef: {kind: Pod, name: web-0, namespace: default}}\n",
+    );
+    let client = proxy("default", true);
+    // Slice first, translated, then the Pod.
+    let mut late = index();
+    late.apply(slice.clone()).expect("slice");
+    let mut t = Translator::new(late.model());
+    t.view(&client);
+    late.apply(pod("web", true)).expect("pod");
+    t.update(late.model());
+    // Pod first.
+    let mut early = index();
+    early.apply(pod("web", true)).expect("pod");
+    early.apply(slice).expect("slice");
+    let mut fresh = Translator::new(early.model());
+    assert_eq!(
+        everything(&t.view(&client)),
+        everything(&fresh.view(&client))
+    );
+    let identity = |t: &mut Translator| {
+        let cla: ClusterLoadAssignment = decode(
+            t.view(&client)
+                .get(
+                    ResourceType::Endpoint,
+                    "outbound|80||web.default.svc.cluster.local",
+                )
+                .expect("cla"),
+        );
+        format!("{:?}", cla.endpoints[0].lb_endpoints[0].metadata)
+    };
+    assert!(identity(&mut t).contains("spiffe://cluster.local/ns/default/sa/web"));
+    // A Pod change alone (its service account) reaches the endpoint too.
+    late.apply(pod("web-v2", true)).expect("pod");
+    t.update(late.model());
+    assert!(identity(&mut t).contains("spiffe://cluster.local/ns/default/sa/web-v2"));
+    // And so does its removal.
+    late.delete(&crate::objects::ObjKey {
+        kind: crate::objects::Kind::Pod,
+        namespace: "default".into(),
+        name: "web-0".into(),
+    });
+    t.update(late.model());
+    assert!(!identity(&mut t).contains("spiffe://"));
+}
+
+/// The same objects give the same resource versions, build after build: maps (RBAC policies,
+/// endpoint metadata) encode in one order whatever order their hash seeds iterate them in.
+#[test]
+fn the_same_model_gives_the_same_versions() {
+    let build = || {
+        let mut idx = index();
+        idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default, labels: {app: web, mesh.dev/proxy: 'true'}}\nspec: {serviceAccountName: web, containers: [{name: app, ports: [{name: http, containerPort: 80}]}]}\nstatus: {podIP: 10.0.3.1}\n")).expect("pod");
+        idx.apply(obj("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-80, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 80, protocol: TCP}]\nendpoints:\n- {addresses: ['10.0.3.1'], conditions: {ready: true}, targetRef: {kind: Pod, name: web-0, namespace: default}}\n")).expect("slice");
+        idx.apply(obj("apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web, namespace: default}\nspec: {targetRefs: [{kind: Service, name: web}], rules: [{from: [{namespaces: [a]}]}, {from: [{namespaces: [b]}]}, {from: [{namespaces: [c]}]}]}\n")).expect("authz");
+        let mut t = Translator::new(idx.model());
+        let server = ProxyId {
+            name: "web-0".into(),
+            ..proxy("default", true)
+        };
+        let mut all = everything(&t.view(&server));
+        all.extend(everything(&t.view(&proxy("default", true))));
+        all
+    };
+    let first = build();
+    assert!(first.contains_key(&(ResourceType::Listener, "virtualInbound".to_string())));
+    for i in 0..8 {
+        assert_eq!(build(), first, "build {i}");
+    }
+}
+
+/// Terminating endpoints that still serve come after the ready ones (priority 1), so no new
+/// request goes to them while a ready one is there; once none is ready, they are all there is.
+/// Endpoints that no longer serve are gone.
+#[test]
+fn terminating_endpoints_are_a_lower_priority_until_none_is_ready() {
+    let slice_named = |name: &str, eps: &[(&str, &str)]| {
+        let eps: Vec<String> = eps
+            .iter()
+            .map(|(ip, c)| format!("- {{addresses: ['{ip}'], conditions: {c}}}"))
+            .collect();
+        obj(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 80, protocol: TCP}}]\nendpoints:\n{}\n",
+            eps.join("\n")
+        ))
+    };
+    let slice = |eps: &[(&str, &str)]| slice_named("web-80", eps);
+    let priorities = |idx: &mut Index| -> Vec<(u32, Vec<String>)> {
+        let mut t = Translator::new(idx.model());
+        let cla: ClusterLoadAssignment = decode(
+            t.view(&proxy("default", true))
+                .get(
+                    ResourceType::Endpoint,
+                    "outbound|80||web.default.svc.cluster.local",
+                )
+                .expect("cla"),
+        );
+        cla.endpoints
+            .iter()
+            .map(|l| {
+                let addrs = l
+                    .lb_endpoints
+                    .iter()
+                    .filter_map(|e| match &e.host_identifier {
+                        Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => {
+                            match ep.address.as_ref()?.address.as_ref()? {
+                                address::Address::SocketAddress(sa) => Some(sa.address.clone()),
+                                _ => None,
+                            }
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                (l.priority, addrs)
+            })
+            .collect()
+    };
+    let mut idx = index();
+    idx.apply(slice(&[
+        (
+            "10.0.3.1",
+            "{ready: true, serving: true, terminating: false}",
+        ),
+        (
+            "10.0.3.2",
+            "{ready: false, serving: true, terminating: true}",
+        ),
+        (
+            "10.0.3.3",
+            "{ready: false, serving: false, terminating: true}",
+        ),
+        ("10.0.3.4", "{ready: false}"),
+        ("10.0.3.5", "{}"),
+    ]))
+    .expect("slice");
+    assert_eq!(
+        priorities(&mut idx),
+        [
+            (0, vec!["10.0.3.1".to_string(), "10.0.3.5".to_string()]),
+            (1, vec!["10.0.3.2".to_string()])
+        ]
+    );
+    idx.apply(slice(&[
+        (
+            "10.0.3.2",
+            "{ready: false, serving: true, terminating: true}",
+        ),
+        (
+            "10.0.3.3",
+            "{ready: false, serving: false, terminating: true}",
+        ),
+    ]))
+    .expect("slice");
+    assert_eq!(priorities(&mut idx), [(0, vec!["10.0.3.2".to_string()])]);
+    // Slices overlap while they change: an address ready in one and terminating in another is
+    // listed once, as ready.
+    idx.apply(slice_named(
+        "web-80-b",
+        &[(
+            "10.0.3.2",
+            "{ready: true, serving: true, terminating: false}",
+        )],
+    ))
+    .expect("slice");
+    assert_eq!(priorities(&mut idx), [(0, vec!["10.0.3.2".to_string()])]);
+}
