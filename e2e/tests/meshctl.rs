@@ -28,6 +28,7 @@ async fn demo_service(version: &str) -> anyhow::Result<meshctl::demo_service::Ru
         listen: "127.0.0.1:0".parse()?,
         latency: std::time::Duration::ZERO,
         error_rate: 0.0,
+        unhealthy_while: None,
     }
     .start()
     .await

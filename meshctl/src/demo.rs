@@ -172,6 +172,7 @@ async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             latency: Duration::from_millis(1),
             error_rate,
+            unhealthy_while: None,
         }
         .start()
         .await?;

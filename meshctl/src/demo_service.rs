@@ -1,7 +1,8 @@
 //! The demo's workload: an HTTP server (HTTP/1.1 and h2c) that answers with its name and
 //! version, after a set latency, failing a set share of requests with 500. Failures are spread
 //! evenly (request n fails when the running count of failures due rises), so a 10 % error rate
-//! is 10 % over any window, not only on average. `/healthz` always answers 200.
+//! is 10 % over any window, not only on average. `/healthz` answers 200, or 503 while the file
+//! `--unhealthy-while` names exists.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ pub struct DemoService {
     /// Share of requests answered 500, from 0 to 1.
     #[arg(long, value_parser = parse_rate, default_value = "0")]
     pub error_rate: f64,
+    /// `/healthz` answers 503 while this file exists (to fail a pod's probes on purpose).
+    #[arg(long, value_name = "FILE")]
+    pub unhealthy_while: Option<std::path::PathBuf>,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -112,7 +116,10 @@ impl DemoService {
         if !health && !self.latency.is_zero() {
             tokio::time::sleep(self.latency).await;
         }
-        let (status, body) = if failed {
+        let unhealthy = health && self.unhealthy_while.as_ref().is_some_and(|f| f.exists());
+        let (status, body) = if unhealthy {
+            (503, format!("{} {} unhealthy\n", self.name, self.version))
+        } else if failed {
             (500, format!("{} {} failed\n", self.name, self.version))
         } else {
             (200, format!("{} {}\n", self.name, self.version))
@@ -163,6 +170,7 @@ mod tests {
             listen: "127.0.0.1:0".parse().expect("addr"),
             latency: Duration::from_millis(2),
             error_rate: 0.25,
+            unhealthy_while: None,
         }
         .start()
         .await
