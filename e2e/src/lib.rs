@@ -2,8 +2,10 @@
 //! that talks through a proxy, and helpers to find and run peers (Envoy, Python gRPC).
 
 pub mod cluster;
+pub mod endpointslices;
 pub mod identity;
 pub mod kind;
+pub mod kubelet;
 pub mod mesh;
 pub mod netns;
 pub mod otlp;

@@ -199,7 +199,27 @@ pub struct NetnsCluster {
     platform: BTreeSet<String>,
     /// What each named apply made, by path.
     applied: BTreeMap<String, Vec<Value>>,
+    /// Runs the pods made from specs ([`Self::run_pod`]).
+    kubelet: Option<crate::kubelet::Kubelet>,
+    /// Those pods.
+    kubelet_pods: Vec<KubeletPod>,
 }
+
+/// A pod the kubelet runs from its spec.
+#[derive(Debug)]
+pub struct KubeletPod {
+    pub namespace: String,
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub run: crate::kubelet::RunningPod,
+}
+
+/// The mesh-proxy image injection names; the kubelet runs this workspace's binary for it.
+pub const PROXY_IMAGE: &str = "mesh-e2e/mesh-proxy";
+/// Images pods may name: `meshctl` (`demo-service`) and the load generator.
+pub const MESHCTL_IMAGE: &str = "mesh-e2e/meshctl";
+pub const LOAD_IMAGE: &str = "mesh-e2e/load";
 
 impl NetnsCluster {
     /// The node, its bridge, and the control plane (mesh-ca, then mesh-controller), ready.
@@ -230,6 +250,8 @@ impl NetnsCluster {
             api_server: tokio::spawn(async {}),
             platform: BTreeSet::new(),
             applied: BTreeMap::new(),
+            kubelet: None,
+            kubelet_pods: Vec::new(),
         };
         // Pod processes running as 1337 read their tokens and the root from here.
         use std::os::unix::fs::PermissionsExt;
@@ -246,6 +268,7 @@ impl NetnsCluster {
         c.in_node(&["ip", "link", "set", "br0", "up"])?;
         c.in_node(&["ip", "link", "set", "lo", "up"])?;
         c.start_api_server().await?;
+        c.kubelet = Some(crate::kubelet::Kubelet::start(&c.node)?);
         let cp = c.add_netns("mesh-system", "control-plane", CONTROL_PLANE_IP)?;
         c.control_plane = Some(cp);
         c.start_ca().await?;
@@ -523,6 +546,7 @@ impl NetnsCluster {
         let mut namespaces: BTreeSet<&str> =
             self.namespace_labels.keys().map(String::as_str).collect();
         namespaces.extend(self.pods.iter().map(|p| p.namespace.as_str()));
+        namespaces.extend(self.kubelet_pods.iter().map(|p| p.namespace.as_str()));
         namespaces.extend(self.services.iter().map(|(s, _)| s.namespace.as_str()));
         let mut out: Vec<Value> = namespaces
             .into_iter()
@@ -532,7 +556,8 @@ impl NetnsCluster {
                     "labels": self.namespace_labels.get(ns).cloned().unwrap_or_default()}})
             })
             .collect();
-        for p in &self.pods {
+        // A killed pod stays as it was until the platform notices.
+        for p in self.pods.iter().chain(&self.dead) {
             let mut labels = p.labels.clone();
             if p.meshed {
                 labels.insert(mesh_api::consts::labels::PROXY.into(), "true".into());
@@ -540,63 +565,47 @@ impl NetnsCluster {
             out.push(json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": p.name, "namespace": p.namespace, "labels": labels},
                 "spec": {"serviceAccountName": p.service_account, "containers": [{"name": "app", "image": "app"}]},
-                "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}]}}));
+                "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}],
+                    "conditions": [{"type": "Ready", "status": "True"}]}}));
         }
         for (s, vip) in &self.services {
             out.push(json!({"apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": s.name, "namespace": s.namespace},
                 "spec": {"clusterIP": vip.to_string(), "selector": s.selector,
                     "ports": [{"name": "http", "port": s.port, "targetPort": s.target_port, "appProtocol": "http"}]}}));
-            let endpoints: Vec<Value> = self
-                .pods
-                .iter()
-                .chain(&self.dead)
-                .filter(|p| {
-                    p.namespace == s.namespace
-                        && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
-                })
-                .map(|p| {
-                    json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true},
-                        "targetRef": {"kind": "Pod", "name": p.name, "namespace": p.namespace}})
-                })
-                .collect();
-            out.push(
-                json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"name": format!("{}-e2e", s.name), "namespace": s.namespace,
-                    "labels": {"kubernetes.io/service-name": s.name}},
-                "addressType": "IPv4",
-                "ports": [{"name": "http", "port": s.target_port, "protocol": "TCP"}],
-                "endpoints": endpoints}),
-            );
         }
         out
     }
 
     /// Brings the API server's platform objects to [`Self::platform_objects`]: what changed is
-    /// written (as the kubelet and the EndpointSlice controller write, without admission), what
-    /// went is deleted.
+    /// written (as the kubelet writes, without admission), what went is deleted; then the
+    /// EndpointSlices follow, as the EndpointSlice controller writes them.
     fn write_state(&mut self) -> anyhow::Result<()> {
         let objects = self.platform_objects();
         let paths: BTreeSet<String> = objects.iter().map(path_of).collect();
         let mut state = self.api.state();
         for o in objects {
-            let unchanged = state.objects.get(&path_of(&o)).is_some_and(|stored| {
-                let mut stored = stored.clone();
-                if let Some(m) = stored["metadata"].as_object_mut() {
-                    m.remove("resourceVersion");
-                }
-                stored == o
-            });
-            if !unchanged {
-                state.put(o);
-            }
+            crate::endpointslices::put_if_changed(&mut state, o);
         }
         for gone in self.platform.difference(&paths) {
             state.delete(gone);
         }
+        crate::endpointslices::sync(&mut state);
         drop(state);
         self.platform = paths;
         Ok(())
+    }
+
+    /// The next free pod address.
+    fn next_pod_ip(&mut self) -> Ipv4Addr {
+        let ip = Ipv4Addr::new(
+            10,
+            244,
+            (self.next_ip / 256) as u8,
+            (self.next_ip % 256) as u8,
+        );
+        self.next_ip += 1;
+        ip
     }
 
     /// Starts a workload's pods (app, then for meshed pods the interception and the proxy);
@@ -604,13 +613,7 @@ impl NetnsCluster {
     pub async fn deploy(&mut self, w: &Workload) -> anyhow::Result<Vec<String>> {
         let mut names = Vec::new();
         for i in 0..w.replicas {
-            let ip = Ipv4Addr::new(
-                10,
-                244,
-                (self.next_ip / 256) as u8,
-                (self.next_ip % 256) as u8,
-            );
-            self.next_ip += 1;
+            let ip = self.next_pod_ip();
             let name = format!("{}-{i}", w.name);
             let mut pod = self.add_netns(&w.namespace, &name, ip)?;
             pod.labels = w.labels.clone();
@@ -924,6 +927,245 @@ impl NetnsCluster {
             .map(|(_, v)| *v)
             .with_context(|| format!("no Service {ns}/{name}"))
     }
+
+    /// What injection is given here: this workspace's proxy, the control plane's addresses.
+    pub fn inject_settings() -> mesh_api::inject::InjectSettings {
+        mesh_api::inject::InjectSettings {
+            proxy_image: PROXY_IMAGE.into(),
+            xds_addr: format!("{CONTROL_PLANE_IP}:15010"),
+            ca_addr: format!("{CONTROL_PLANE_IP}:15012"),
+            trust_domain: "cluster.local".into(),
+            proxy_uid: mesh_api::inject::PROXY_UID,
+            log_level: "info".into(),
+            resources: Value::Null,
+            tracing_endpoint: String::new(),
+            tracing_sampling: 0.0,
+            access_log: false,
+        }
+    }
+
+    fn node(&self) -> anyhow::Result<crate::kubelet::Node> {
+        let ca_dir = self.dir.path().join("ca");
+        let mesh_ca = binary("mesh-ca")?;
+        // The TokenRequest API's stand-in: mesh-ca's local tokens for the service account.
+        let tokens: crate::kubelet::TokenIssuer = std::sync::Arc::new(move |ns, sa, _audience| {
+            let out = Command::new(&mesh_ca)
+                .args(["token", "--dir"])
+                .arg(&ca_dir)
+                .args(["-n", ns, "--service-account", sa])
+                .output()?;
+            if !out.status.success() {
+                bail!("mesh-ca token: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            Ok(String::from_utf8(out.stdout)?)
+        });
+        let images = BTreeMap::from([
+            (PROXY_IMAGE.to_owned(), binary("mesh-proxy")?),
+            (MESHCTL_IMAGE.to_owned(), binary("meshctl")?),
+            (LOAD_IMAGE.to_owned(), binary("mesh-e2e-load")?),
+        ]);
+        Ok(crate::kubelet::Node {
+            api: self.api.clone(),
+            ip: NODE_IP,
+            images: std::sync::Arc::new(images),
+            tokens,
+            dir: self.dir.path().to_owned(),
+        })
+    }
+
+    /// Creates Pod `pod` as the API server would, through the injection webhook's code when its
+    /// namespace or its labels ask for injection, and has the kubelet run it. Returns its name.
+    pub fn run_pod(&mut self, mut pod: Value) -> anyhow::Result<String> {
+        let ns = pod["metadata"]["namespace"]
+            .as_str()
+            .context("the pod has no metadata.namespace")?
+            .to_owned();
+        let name = pod["metadata"]["name"]
+            .as_str()
+            .context("the pod has no metadata.name")?
+            .to_owned();
+        anyhow::ensure!(
+            self.kubelet_pod(&ns, &name).is_err(),
+            "pod {ns}/{name} exists"
+        );
+        let enabled = self
+            .namespace_labels
+            .entry(ns.clone())
+            .or_default()
+            .get(mesh_api::consts::labels::INJECT)
+            .is_some_and(|v| v == "enabled");
+        mesh_api::inject::inject(&mut pod, enabled, &Self::inject_settings())
+            .map_err(|e| anyhow::anyhow!("injecting {ns}/{name}: {e}"))?;
+        let ip = self.next_pod_ip();
+        let node = self.node()?;
+        // The pod's Namespace first: the controller publishes the CA root into it.
+        self.write_state()?;
+        let netns = self.add_netns(&ns, &name, ip)?.netns;
+        let kubelet = self.kubelet.as_ref().context("no kubelet")?;
+        let run = kubelet.run(node, pod, netns.clone(), ip);
+        self.kubelet_pods.push(KubeletPod {
+            namespace: ns,
+            name: name.clone(),
+            netns,
+            ip,
+            run,
+        });
+        Ok(name)
+    }
+
+    /// A pod the kubelet runs.
+    pub fn kubelet_pod(&self, ns: &str, name: &str) -> anyhow::Result<&KubeletPod> {
+        self.kubelet_pods
+            .iter()
+            .find(|p| p.namespace == ns && p.name == name)
+            .with_context(|| format!("no pod {ns}/{name}"))
+    }
+
+    fn kubelet_pod_mut(&mut self, ns: &str, name: &str) -> anyhow::Result<&mut KubeletPod> {
+        self.kubelet_pods
+            .iter_mut()
+            .find(|p| p.namespace == ns && p.name == name)
+            .with_context(|| format!("no pod {ns}/{name}"))
+    }
+
+    /// Waits until `test` holds for the status of pod `ns/name`, up to `within`.
+    pub async fn wait_pod(
+        &mut self,
+        ns: &str,
+        name: &str,
+        what: &str,
+        within: Duration,
+        test: impl Fn(&crate::kubelet::Status) -> bool,
+    ) -> anyhow::Result<crate::kubelet::Status> {
+        let dir = self.dir.path().to_owned();
+        let p = self.kubelet_pod_mut(ns, name)?;
+        p.run.wait(what, within, test).await.with_context(|| {
+            let logs: Vec<String> = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|f| {
+                    f.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{ns}.{name}.")))
+                })
+                .map(|f| {
+                    let text = std::fs::read_to_string(&f).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    format!(
+                        "{}:\n{}",
+                        f.display(),
+                        lines[lines.len().saturating_sub(15)..].join("\n")
+                    )
+                })
+                .collect();
+            format!("pod {ns}/{name}; its logs:\n{}", logs.join("\n"))
+        })
+    }
+
+    /// Deletes pod `ns/name` gracefully (`kubectl delete pod`): returns at once; the kubelet
+    /// stops it in its grace period, and it leaves the API server then.
+    pub fn delete_kubelet_pod(&mut self, ns: &str, name: &str) -> anyhow::Result<()> {
+        self.kubelet_pod(ns, name)?.run.delete();
+        Ok(())
+    }
+
+    /// Waits until deleted pod `ns/name` is gone, and removes its network namespace.
+    pub async fn wait_gone(&mut self, ns: &str, name: &str) -> anyhow::Result<()> {
+        let i = self
+            .kubelet_pods
+            .iter()
+            .position(|p| p.namespace == ns && p.name == name)
+            .with_context(|| format!("no pod {ns}/{name}"))?;
+        let p = self.kubelet_pods.remove(i);
+        let gone = p.run.gone().await;
+        remove_namespace(&p.netns);
+        gone.with_context(|| format!("pod {ns}/{name}"))
+    }
+
+    /// Runs `args` in the node's network namespace (as the kubelet or a node process would).
+    pub fn exec_in_node(&self, args: &[&str]) -> anyhow::Result<String> {
+        self.in_node(args)
+    }
+
+    /// A Deployment's rolling update, as the Deployment controller does it: pods of the new
+    /// template (`make(i)` makes the `i`th) replace the pods `old`, keeping at most `replicas +
+    /// max_surge` pods that are not terminating and at least `replicas - max_unavailable` ready
+    /// ones; a replaced pod is deleted gracefully and does not count once terminating. Returns
+    /// the new pods' names once every old pod is gone.
+    pub async fn rolling_update(
+        &mut self,
+        ns: &str,
+        old: &[String],
+        replicas: usize,
+        max_surge: usize,
+        max_unavailable: usize,
+        make: impl Fn(usize) -> Value,
+    ) -> anyhow::Result<Vec<String>> {
+        anyhow::ensure!(
+            max_surge + max_unavailable > 0,
+            "maxSurge and maxUnavailable may not both be 0"
+        );
+        let mut old: Vec<String> = old.to_vec();
+        let mut new: Vec<String> = Vec::new();
+        let mut terminating: Vec<String> = Vec::new();
+        let ready = |c: &Self, name: &String| {
+            c.kubelet_pod(ns, name)
+                .is_ok_and(|p| p.run.status.borrow().ready)
+        };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        while !old.is_empty() || new.len() < replicas {
+            while new.len() < replicas && old.len() + new.len() < replicas + max_surge {
+                let pod = make(new.len());
+                new.push(self.run_pod(pod)?);
+            }
+            // As the Deployment controller scales the old ReplicaSet down: by what keeps
+            // `replicas - max_unavailable` available, new pods not yet ready counted out.
+            let min_available = replicas.saturating_sub(max_unavailable);
+            // Unready old pods go first; a ready one only while enough stay available.
+            let unavailable_new = new.iter().filter(|n| !ready(self, n)).count();
+            let mut scaled = false;
+            while !old.is_empty() && old.len() + new.len() > min_available + unavailable_new {
+                let available = old.iter().chain(&new).filter(|n| ready(self, n)).count();
+                let k = match old.iter().position(|n| !ready(self, n)) {
+                    Some(k) => k,
+                    None if available > min_available => 0,
+                    None => break,
+                };
+                let name = old.remove(k);
+                self.delete_kubelet_pod(ns, &name)?;
+                terminating.push(name);
+                scaled = true;
+            }
+            if !scaled {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the rollout made no progress in 180 s: new {new:?}, old {old:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        for name in &new {
+            self.wait_pod(ns, name, "Ready", Duration::from_secs(60), |s| s.ready)
+                .await?;
+        }
+        for name in terminating {
+            self.wait_gone(ns, &name).await?;
+        }
+        Ok(new)
+    }
+
+    /// The EndpointSlice endpoints of Service `ns/svc`, as the API server holds them.
+    pub fn slice_endpoints(&self, ns: &str, svc: &str) -> Vec<Value> {
+        let path = format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices/{svc}-e2e");
+        self.api
+            .state()
+            .objects
+            .get(&path)
+            .and_then(|s| s["endpoints"].as_array().cloned())
+            .unwrap_or_default()
+    }
 }
 
 /// A TCP listener bound at `addr` inside network namespace `netns`. The socket is made on a
@@ -965,6 +1207,10 @@ impl Drop for NetnsCluster {
     fn drop(&mut self) {
         self.kill_controller();
         self.api_server.abort();
+        for p in std::mem::take(&mut self.kubelet_pods) {
+            remove_namespace(&p.netns);
+        }
+        self.kubelet.take();
         let mut pods = std::mem::take(&mut self.pods);
         pods.extend(self.control_plane.take());
         for p in &mut pods {

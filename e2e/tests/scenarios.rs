@@ -295,8 +295,9 @@ async fn control_plane_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Scenario 5: one of three backend pods killed under load: failures only inside the window before it
-/// is ejected and its endpoint removed (2 s, as a platform would notice), none after.
+/// Scenario 5: one of three backend pods killed under load, its endpoint left listed for 2 s (as
+/// a platform takes to notice): at most 20 of 2,000 requests fail, all sent between the kill and
+/// the endpoint's removal.
 async fn endpoint_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     let v1 = c.service(service(
         "reviews-v1",
@@ -305,49 +306,70 @@ async fn endpoint_loss<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     c.deploy(&demo("reviews", "v1", 3)).await?;
     c.deploy(&idle("client", true)).await?;
     c.wait_synced().await?;
+    let ejections = |c: &C| -> anyhow::Result<u64> {
+        Ok(mesh_api::prom::count(
+            &c.proxy_metrics("shop", "client-0")?,
+            "mesh_proxy_endpoint_ejections_total{backend=\"outbound|9080||reviews-v1.shop.svc.cluster.local\"}",
+        ))
+    };
+    let before = ejections(c)?;
     let url = format!("http://{v1}:9080/");
     let load = at_200_rps(c, &url, "10s")?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let killed = unix_ms();
     c.kill_pod("shop", "reviews-v1-1")?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Its endpoint stays listed 2 s, as the platform takes a while to notice; meanwhile, watch
+    // whether the client's proxy ejects it.
+    let mut ejected = None;
+    while unix_ms() < killed + 2000 {
+        if ejected.is_none() && ejections(c)? > before {
+            ejected = Some(unix_ms());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let forgotten = unix_ms();
     c.forget_pod("shop", "reviews-v1-1")?;
     let r = load.finish().await?;
     let start = r["start_unix_ms"].as_u64().unwrap_or(0);
-    let seconds = r["seconds"].as_array().cloned().unwrap_or_default();
-    let failing: Vec<usize> = seconds
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| s["!"].as_u64().unwrap_or(0) > 0)
-        .map(|(i, _)| i)
-        .collect();
     let at = |t: u64| t.saturating_sub(start) as f64 / 1000.0;
     let last_failed = r["last_sent_unix_ms"]["!"].as_u64();
     mesh_e2e::figure(&format!(
-        "endpoint loss: 1 of 3 pods killed at {:.2} s of 10 s at 200 rps, its endpoint removed at {:.2} s: {} requests, {} failed ({}), sent in seconds {failing:?}, the last at {}",
+        "endpoint loss: 1 of 3 pods killed at {:.2} s of 10 s at 200 rps, ejected by the client's proxy by {}, its endpoint removed at {:.2} s: {} requests, {} failed ({}), the last failed one sent at {}",
         at(killed),
+        ejected.map_or("never".to_owned(), |t| format!("{:.2} s", at(t))),
         at(forgotten),
         r["sent"],
         r["failed"],
         r["errors"],
         last_failed.map_or("-".to_owned(), |t| format!("{:.2} s", at(t)))
     ));
-    // The window: requests in flight when the pod died (sent up to half a second before; they
-    // normally take a millisecond) until its endpoint is gone.
+    // Failures only from requests sent from just before the kill (in flight when the pod died)
+    // until its endpoint is gone; a dead endpoint costs a few requests, not its share of the
+    // traffic (about 67 a second at 200 rps over 3 endpoints). The client's proxy routes around
+    // it by its requests in flight; whether it also ejected it is reported, not asserted:
+    // requests stuck on its dead HTTP/2 connection never end as failures it counts.
     if let Some(t) = last_failed {
         assert!(
             t <= forgotten,
             "a request sent after the window failed: {r}"
         );
     }
+    let failing: Vec<usize> = r["seconds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, s)| s["!"].as_u64().unwrap_or(0) > 0)
+        .map(|(i, _)| i)
+        .collect();
     let first = (killed.saturating_sub(start + 500) / 1000) as usize;
     let last = (forgotten.saturating_sub(start) / 1000) as usize;
     assert!(
         failing.iter().all(|s| (first..=last).contains(s)),
-        "failures outside seconds {first}..={last}: {r}"
+        "failures in seconds {failing:?}, outside {first}..={last}: {r}"
     );
-    assert!(r["ok"].as_u64().unwrap_or(0) > 1500, "{r}");
+    assert!(r["failed"].as_u64().unwrap_or(0) <= 20, "{r}");
+    assert_eq!(r["sent"], 2000, "{r}");
     Ok(())
 }
 
@@ -526,7 +548,7 @@ on_netns!(
     control_plane_loss
 );
 on_netns!(
-    a_killed_endpoint_fails_requests_only_until_ejected,
+    a_killed_endpoint_fails_at_most_20_requests_all_in_its_window,
     endpoint_loss
 );
 on_netns!(
