@@ -440,16 +440,7 @@ mod tests {
             ("gateway-api-standard.yaml", gateway_api_crds()),
         ] {
             let path = dir.join(file);
-            let want = crds_yaml(&crds).expect("crds render");
-            if std::env::var_os("MESH_UPDATE_GENERATED").is_some() {
-                std::fs::write(&path, &want).expect("write the chart's CRDs");
-            }
-            let have = std::fs::read_to_string(&path).unwrap_or_default();
-            assert!(
-                have == want,
-                "{} is stale: run scripts/generate",
-                path.display()
-            );
+            crate::generated::check(&path, &crds_yaml(&crds).expect("crds render"));
         }
     }
 
