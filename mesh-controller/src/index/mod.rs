@@ -65,9 +65,18 @@ fn pod_key(pod: &str) -> Option<PodKey> {
 struct SliceInfo {
     service: SvcKey,
     ports: Vec<(String, u16)>,
-    /// Ready endpoints and terminating ones still serving: addresses, the pod behind them,
-    /// and whether it is terminating.
-    endpoints: Vec<(IpAddr, Option<String>, bool)>,
+    /// Ready endpoints and terminating ones still serving.
+    endpoints: Vec<SliceEndpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct SliceEndpoint {
+    ip: IpAddr,
+    /// `namespace/name` of the Pod behind it.
+    pod: Option<String>,
+    terminating: bool,
+    /// Its DNS label under a headless Service (`web-0` of `web-0.web.ns.svc`).
+    hostname: Option<String>,
 }
 
 /// All objects, by kind, plus the revision counter and what changed since the last model.
@@ -105,7 +114,7 @@ impl SliceInfo {
     fn pods(&self) -> HashSet<PodKey> {
         self.endpoints
             .iter()
-            .filter_map(|(_, pod, _)| pod.as_deref().and_then(pod_key))
+            .filter_map(|e| e.pod.as_deref().and_then(pod_key))
             .collect()
     }
 }
@@ -732,16 +741,18 @@ impl Index {
         {
             for (port_name, port) in &slice.ports {
                 let eps = endpoints.entry(port_name.as_str()).or_default();
-                for (ip, pod, terminating) in &slice.endpoints {
-                    let peer = pod
+                for e in &slice.endpoints {
+                    let peer = e
+                        .pod
                         .as_deref()
                         .and_then(pod_key)
                         .and_then(|k| self.pods.get(&k).cloned());
                     eps.push(Endpoint {
-                        addr: SocketAddr::new(*ip, *port),
-                        pod: pod.clone(),
+                        addr: SocketAddr::new(e.ip, *port),
+                        pod: e.pod.clone(),
                         peer,
-                        terminating: *terminating,
+                        terminating: e.terminating,
+                        hostname: e.hostname.clone(),
                     });
                 }
             }
@@ -1126,7 +1137,12 @@ fn slice_info(slice: &EndpointSlice, namespace: &str) -> Result<Option<SliceInfo
                     format!("{a:?} is not an IP address"),
                 )
             })?;
-            endpoints.push((ip, pod.clone(), !ready));
+            endpoints.push(SliceEndpoint {
+                ip,
+                pod: pod.clone(),
+                terminating: !ready,
+                hostname: ep.hostname.clone().filter(|h| !h.is_empty()),
+            });
         }
     }
     Ok(Some(SliceInfo {

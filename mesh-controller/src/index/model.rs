@@ -84,6 +84,10 @@ pub struct Endpoint {
     /// `terminating`): used only while no ready endpoint is there.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub terminating: bool,
+    /// Its DNS label under a headless Service (EndpointSlice `hostname`: a StatefulSet pod's
+    /// name), which names its per-endpoint cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
 }
 
 /// Where a weighted share of a route's traffic goes.

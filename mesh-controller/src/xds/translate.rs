@@ -12,7 +12,7 @@
 //!   concatenating them (a repeated protobuf field may be written piece by piece).
 //! - per pod: the transparent inbound listener with a filter chain per port the pod serves.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,9 +118,9 @@ pub struct ProxyId {
 struct ServiceResources {
     global: Vec<(ResourceType, Arc<Resource>)>,
     api_listeners: Vec<Arc<Resource>>,
-    /// Whether this Service owns its VIP (the first Service in name order to claim it); only the
-    /// owner gets the VIP's filter chains and `VIP:port` host names.
-    owns_vip: bool,
+    /// What it owns of the addresses it claims; only the owner of an address gets its filter
+    /// chains (and, of a VIP, the `VIP:port` host names).
+    owned: Owned,
     /// `virtualOutbound` filter chains (encoded `Listener.filter_chains` entries), with the
     /// producer routes.
     chains: Vec<u8>,
@@ -145,6 +145,35 @@ impl ServiceResources {
 }
 
 type ServiceCache = BTreeMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>;
+
+/// An address a Service claims on the transparent outbound listener: its VIP or, when it is
+/// headless, each of its endpoints' (traffic to a pod's own address, `pod-0.name.ns.svc`). Two
+/// Services may claim one (a pod behind two headless Services); the first in name order owns
+/// it, as one address can have only one filter chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Claim {
+    Vip(IpAddr),
+    Endpoint(SocketAddr),
+}
+
+/// The addresses `svc` claims.
+fn claims(svc: &ServiceModel) -> BTreeSet<Claim> {
+    match svc.cluster_ip {
+        Some(ip) => BTreeSet::from([Claim::Vip(ip)]),
+        None => svc
+            .ports
+            .iter()
+            .flat_map(|p| p.endpoints.iter().map(|e| Claim::Endpoint(e.addr)))
+            .collect(),
+    }
+}
+
+/// What a Service owns of its claims.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Owned {
+    vip: bool,
+    endpoints: BTreeSet<SocketAddr>,
+}
 
 /// What a per-namespace layer's bytes depend on: the namespace, and either the transparent
 /// outbound port or the explicit listener's address.
@@ -190,8 +219,8 @@ pub struct Translator {
     shared: Arc<Resources>,
     shared_api: Arc<Resources>,
     changes: Arc<Changes>,
-    /// Services by VIP, in name order: the first one owns it.
-    vips: HashMap<IpAddr, std::collections::BTreeSet<SvcKey>>,
+    /// Services by the address they claim, in name order: the first one owns it.
+    claimants: HashMap<Claim, BTreeSet<SvcKey>>,
     /// Bumped whenever a piece of the transparent (`chains`) or Host-routed (`vhosts`)
     /// per-namespace layers changes; a layer built at the current epoch is still good.
     chains_epoch: u64,
@@ -215,7 +244,7 @@ impl Translator {
             shared: Arc::default(),
             shared_api: Arc::default(),
             changes: Arc::default(),
-            vips: HashMap::new(),
+            claimants: HashMap::new(),
             chains_epoch: 0,
             vhosts_epoch: 0,
             namespaces: HashMap::new(),
@@ -239,7 +268,7 @@ impl Translator {
         let old = std::mem::replace(&mut self.model, model.clone());
         // Services that changed, from the structural diff of the two persistent maps (shared
         // subtrees are skipped, so this is proportional to the change).
-        let mut touched = std::collections::BTreeSet::new();
+        let mut touched = BTreeSet::new();
         for item in old.services.diff(&model.services) {
             let key = match item {
                 imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => k,
@@ -247,17 +276,15 @@ impl Translator {
             };
             touched.insert(key.clone());
         }
-        // VIP ownership: the first Service (in name order) claiming a VIP owns it.
+        // Address ownership: the first Service (in name order) claiming an address owns it.
         let mut owners_touched = Vec::new();
         for key in &touched {
-            let before = old.services.get(key).and_then(|s| s.cluster_ip);
-            let after = model.services.get(key).and_then(|s| s.cluster_ip);
-            if before == after {
-                continue;
-            }
-            for (ip, add) in [(before, false), (after, true)] {
-                let Some(ip) = ip else { continue };
-                let set = self.vips.entry(ip).or_default();
+            let of = |m: &Model| m.services.get(key).map(|s| claims(s)).unwrap_or_default();
+            let (before, after) = (of(&old), of(&model));
+            let gone = before.difference(&after).map(|c| (*c, false));
+            let came = after.difference(&before).map(|c| (*c, true));
+            for (claim, add) in gone.chain(came) {
+                let set = self.claimants.entry(claim).or_default();
                 let owner = set.first().cloned();
                 if add {
                     set.insert(key.clone());
@@ -269,7 +296,7 @@ impl Translator {
                     owners_touched.extend(owner.into_iter().chain(new_owner));
                 }
                 if set.is_empty() {
-                    self.vips.remove(&ip);
+                    self.claimants.remove(&claim);
                 }
             }
         }
@@ -279,13 +306,19 @@ impl Translator {
         for key in touched {
             let prev = self.services.remove(&key);
             let next = model.services.get(&key).map(|svc| {
-                let owns_vip = svc
-                    .cluster_ip
-                    .is_some_and(|ip| self.vips.get(&ip).and_then(|s| s.first()) == Some(&key));
-                (
-                    svc.clone(),
-                    Arc::new(service_resources(&model, svc, owns_vip)),
-                )
+                let mut owned = Owned::default();
+                for claim in claims(svc) {
+                    if self.claimants.get(&claim).and_then(|s| s.first()) != Some(&key) {
+                        continue;
+                    }
+                    match claim {
+                        Claim::Vip(_) => owned.vip = true,
+                        Claim::Endpoint(addr) => {
+                            owned.endpoints.insert(addr);
+                        }
+                    }
+                }
+                (svc.clone(), Arc::new(service_resources(&model, svc, owned)))
             });
             let prev_res = prev.as_ref().map(|(_, r)| r.clone());
             let next_res = next.as_ref().map(|(_, r)| r.clone());
@@ -687,6 +720,7 @@ fn static_cluster(name: &str, addr: Option<SocketAddr>) -> Cluster {
                     pod: None,
                     peer: None,
                     terminating: false,
+                    hostname: None,
                 })
                 .into_iter()
                 .collect::<Vec<_>>(),
@@ -1026,48 +1060,19 @@ fn consumer_route_name(base: &str, ns: &str) -> String {
     format!("{base}@{ns}")
 }
 
-fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> ServiceResources {
-    let mut out = ServiceResources {
-        owns_vip,
-        ..Default::default()
-    };
-    out.chains = encoded_chains(model, svc, owns_vip, None);
-    out.vhosts_remote = encoded_vhosts(model, svc, owns_vip, None, false);
-    out.vhosts_local = encoded_vhosts(model, svc, owns_vip, None, true);
+fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> ServiceResources {
+    let mut out = ServiceResources::default();
+    out.chains = encoded_chains(model, svc, &owned, None);
+    out.vhosts_remote = encoded_vhosts(model, svc, owned.vip, None, false);
+    out.vhosts_local = encoded_vhosts(model, svc, owned.vip, None, true);
     out.chains_hash = hash_bytes(&out.chains);
     out.vhosts_remote_hash = hash_bytes(&out.vhosts_remote);
     out.vhosts_local_hash = hash_bytes(&out.vhosts_local);
     for p in &svc.ports {
         let cluster = model.cluster_name(&svc.key, p.port);
         let name = service_port_name(model, &svc.key, p.port);
-        out.global.push((
-            ResourceType::Cluster,
-            Resource::new(&cluster, &{
-                let mut c = eds_cluster(&cluster, p.protocol);
-                super::traffic::apply_cluster_policy(
-                    &mut c,
-                    p.traffic.as_deref().unwrap_or(&Default::default()),
-                );
-                c
-            }),
-        ));
-        out.global.push((
-            ResourceType::Endpoint,
-            Resource::new(
-                &cluster,
-                &load_assignment(&cluster, &p.endpoints, |e| {
-                    let pod = e.peer.as_deref()?;
-                    let id = is_proxied(pod).then(|| model.pod_identity(pod)).flatten();
-                    // HTTP/2 only to declared HTTP/1 ports: the peer's inbound then pins
-                    // HTTP/1.1 to the app, whatever it receives.
-                    Some(peer_metadata(
-                        pod,
-                        id.as_ref(),
-                        p.protocol == Protocol::Http,
-                    ))
-                }),
-            ),
-        ));
+        out.global
+            .extend(cluster_and_endpoints(model, p, &cluster, &p.endpoints));
         let rc = |rc_name: &str, entries: &[RouteEntry]| RouteConfiguration {
             name: rc_name.to_string(),
             virtual_hosts: vec![VirtualHost {
@@ -1098,10 +1103,102 @@ fn service_resources(model: &Model, svc: &ServiceModel, owns_vip: bool) -> Servi
         };
         out.api_listeners.push(Resource::new(&name, &api));
     }
+    // A headless Service's endpoints, each reached by its own address: a cluster of that one
+    // endpoint (so the pod addressed is the pod reached, with its identity), and for HTTP its
+    // route, with the port's retries and timeouts but not the Service's routes, which pick
+    // among endpoints.
+    for (name, p, e) in pod_endpoints(model, svc, &owned) {
+        out.global.extend(cluster_and_endpoints(
+            model,
+            p,
+            &name,
+            std::slice::from_ref(e),
+        ));
+        if p.protocol != Protocol::Tcp {
+            let rc = RouteConfiguration {
+                name: name.clone(),
+                virtual_hosts: vec![VirtualHost {
+                    name: name.clone(),
+                    domains: vec!["*".into()],
+                    routes: envoy_routes(&[], &name, Some(p)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            out.global
+                .push((ResourceType::Route, Resource::new(&name, &rc)));
+        }
+    }
+    out.owned = owned;
     out
 }
 
-/// The RouteConfiguration a proxy in `namespace` uses for a Service port.
+/// A Service port's EDS cluster `name` (with the port's traffic policy) and its assignment of
+/// `endpoints`, which carry their pod's identity and workload.
+fn cluster_and_endpoints(
+    model: &Model,
+    p: &crate::index::PortModel,
+    name: &str,
+    endpoints: &[crate::index::Endpoint],
+) -> [(ResourceType, Arc<Resource>); 2] {
+    let mut c = eds_cluster(name, p.protocol);
+    super::traffic::apply_cluster_policy(
+        &mut c,
+        p.traffic.as_deref().unwrap_or(&Default::default()),
+    );
+    let cla = load_assignment(name, endpoints, |e| {
+        let pod = e.peer.as_deref()?;
+        let id = is_proxied(pod).then(|| model.pod_identity(pod)).flatten();
+        // HTTP/2 only to declared HTTP/1 ports: the peer's inbound then pins HTTP/1.1 to the
+        // app, whatever it receives.
+        Some(peer_metadata(
+            pod,
+            id.as_ref(),
+            p.protocol == Protocol::Http,
+        ))
+    });
+    [
+        (ResourceType::Cluster, Resource::new(name, &c)),
+        (ResourceType::Endpoint, Resource::new(name, &cla)),
+    ]
+}
+
+/// The endpoints of a headless Service that it owns, one per address (the first port that
+/// reaches it), each with the name of its own cluster:
+/// `outbound|<port>|<hostname, or address>|<fqdn>`.
+fn pod_endpoints<'a>(
+    model: &Model,
+    svc: &'a ServiceModel,
+    owned: &Owned,
+) -> Vec<(
+    String,
+    &'a crate::index::PortModel,
+    &'a crate::index::Endpoint,
+)> {
+    let fqdn = model.fqdn(&svc.key);
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for p in &svc.ports {
+        let hostnames: Vec<&str> = p
+            .endpoints
+            .iter()
+            .filter_map(|e| e.hostname.as_deref())
+            .collect();
+        for e in p.endpoints.iter() {
+            if !owned.endpoints.contains(&e.addr) || !seen.insert(e.addr) {
+                continue;
+            }
+            // A hostname names the endpoint while it is the only one with it.
+            let label = match e.hostname.as_deref() {
+                Some(h) if hostnames.iter().filter(|o| **o == h).count() == 1 => h.to_string(),
+                _ => e.addr.ip().to_string(),
+            };
+            out.push((format!("outbound|{}|{label}|{fqdn}", p.port), p, e));
+        }
+    }
+    out
+}
+
 /// The RouteConfiguration a proxy uses for a Service port: the consumer routes of its
 /// namespace when it has some, else the producer routes.
 fn route_name_for(
@@ -1191,15 +1288,32 @@ fn encoded_vhosts(
     buf
 }
 
-/// `virtualOutbound` filter chains of one Service, encoded as `Listener.filter_chains` entries.
+/// `virtualOutbound` filter chains of one Service, encoded as `Listener.filter_chains` entries:
+/// by its VIP and port, or, headless, by each endpoint's address.
 fn encoded_chains(
     model: &Model,
     svc: &ServiceModel,
-    owns_vip: bool,
+    owned: &Owned,
     consumer: Option<&str>,
 ) -> Vec<u8> {
     let mut buf = Vec::new();
-    let Some(vip) = svc.cluster_ip.filter(|_| owns_vip) else {
+    for (name, p, e) in pod_endpoints(model, svc, owned) {
+        let chains = port_chains(
+            &name,
+            p.protocol,
+            FilterChainMatch {
+                prefix_ranges: vec![cidr(e.addr.ip())],
+                destination_port: u32v(u32::from(e.addr.port())),
+                ..Default::default()
+            },
+            || vec![hcm_filter(&name, &name)],
+            || vec![tcp_filter(&name, &name)],
+        );
+        for c in &chains {
+            canonical::encode_field(FILTER_CHAINS_TAG, c, &mut buf);
+        }
+    }
+    let Some(vip) = svc.cluster_ip.filter(|_| owned.vip) else {
         return buf;
     };
     for p in &svc.ports {
@@ -1267,7 +1381,7 @@ fn namespace_resources(
         let mut bytes = canonical::encode(&outbound_listener(settings));
         for (svc, res) in services.values() {
             if has_consumer_routes(svc, namespace) {
-                bytes.extend(encoded_chains(model, svc, res.owns_vip, Some(namespace)));
+                bytes.extend(encoded_chains(model, svc, &res.owned, Some(namespace)));
             } else {
                 bytes.extend_from_slice(&res.chains);
             }
@@ -1289,7 +1403,7 @@ fn namespace_resources(
             bytes.extend(encoded_vhosts(
                 model,
                 svc,
-                res.owns_vip,
+                res.owned.vip,
                 Some(namespace),
                 local,
             ));

@@ -917,3 +917,97 @@ fn terminating_endpoints_are_a_lower_priority_until_none_is_ready() {
     .expect("slice");
     assert_eq!(priorities(&mut idx), [(0, vec!["10.0.3.2".to_string()])]);
 }
+
+#[test]
+fn headless_endpoints_get_their_own_chains_clusters_and_identity() {
+    let mut idx = index();
+    for (i, ip) in ["10.0.5.1", "10.0.5.2"].iter().enumerate() {
+        idx.apply(obj(&format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: db-{i}, namespace: shop, labels: {{app: db, mesh.dev/proxy: 'true'}}}}\nspec: {{serviceAccountName: db, hostname: db-{i}, subdomain: db, containers: [{{name: app}}]}}\nstatus: {{podIP: {ip}}}\n"))).expect("pod");
+    }
+    // Two headless Services over the same pods: `db` owns their addresses, `zz-db` only once
+    // `db` is gone.
+    for name in ["db", "zz-db"] {
+        idx.apply(obj(&service_yaml("shop", name, "None", &[("http", 8080)])
+            .replace("{app: zz-db}", "{app: db}")))
+            .expect("svc");
+        idx.apply(obj(&format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-x, namespace: shop, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- {{addresses: ['10.0.5.1'], hostname: db-0, conditions: {{ready: true}}, targetRef: {{kind: Pod, name: db-0, namespace: shop}}}}\n- {{addresses: ['10.0.5.2'], hostname: db-1, conditions: {{ready: true}}, targetRef: {{kind: Pod, name: db-1, namespace: shop}}}}\n"
+        )))
+        .expect("slice");
+    }
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&proxy("default", true));
+    let chains_to = |view: &ProxyView, ip: &str| -> Vec<String> {
+        let out: Listener = decode(
+            view.get(ResourceType::Listener, names::OUTBOUND_LISTENER)
+                .expect("outbound"),
+        );
+        out.filter_chains
+            .iter()
+            .filter(|c| {
+                c.filter_chain_match.as_ref().is_some_and(|m| {
+                    m.prefix_ranges
+                        .first()
+                        .is_some_and(|r| r.address_prefix == ip && r.prefix_len == u32v(32))
+                        && m.destination_port == u32v(8080)
+                })
+            })
+            .map(|c| {
+                let Some(filter::ConfigType::TypedConfig(any)) = &c.filters[0].config_type else {
+                    panic!("{c:?}")
+                };
+                let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("hcm");
+                match hcm.route_specifier {
+                    Some(http_connection_manager::RouteSpecifier::Rds(r)) => r.route_config_name,
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect()
+    };
+    let db0 = "outbound|8080|db-0|db.shop.svc.cluster.local";
+    assert_eq!(
+        chains_to(&view, "10.0.5.1"),
+        [db0],
+        "one chain, of the owner"
+    );
+    assert_eq!(
+        chains_to(&view, "10.0.5.2"),
+        ["outbound|8080|db-1|db.shop.svc.cluster.local"]
+    );
+    // Its route goes to a cluster of that endpoint alone, with its pod's identity.
+    let rc: RouteConfiguration = decode(view.get(ResourceType::Route, db0).expect("route"));
+    assert!(
+        format!("{rc:?}").contains(&format!("Cluster({db0:?})")),
+        "{rc:?}"
+    );
+    assert!(view.get(ResourceType::Cluster, db0).is_some());
+    let cla: ClusterLoadAssignment = decode(view.get(ResourceType::Endpoint, db0).expect("cla"));
+    let eps: Vec<&LbEndpoint> = cla.endpoints.iter().flat_map(|l| &l.lb_endpoints).collect();
+    assert_eq!(eps.len(), 1);
+    let meta = format!("{:?}", eps[0].metadata);
+    assert!(
+        meta.contains("spiffe://cluster.local/ns/shop/sa/db"),
+        "{meta}"
+    );
+    assert!(format!("{:?}", eps[0].host_identifier).contains("10.0.5.1"));
+    assert!(
+        view.get(
+            ResourceType::Cluster,
+            "outbound|8080|db-0|zz-db.shop.svc.cluster.local"
+        )
+        .is_none(),
+        "no cluster for an address another Service owns"
+    );
+
+    // `db` goes: `zz-db` takes its addresses over, as a fresh translation would have it.
+    idx.delete(&obj(&service_yaml("shop", "db", "None", &[("http", 8080)])).key());
+    t.update(idx.model());
+    let view = t.view(&proxy("default", true));
+    assert_eq!(
+        chains_to(&view, "10.0.5.1"),
+        ["outbound|8080|db-0|zz-db.shop.svc.cluster.local"]
+    );
+    assert!(view.get(ResourceType::Cluster, db0).is_none());
+    let fresh = Translator::new(idx.model()).view(&proxy("default", true));
+    assert_eq!(everything(&view), everything(&fresh));
+}
