@@ -132,6 +132,13 @@ pub fn put_if_changed(state: &mut State, o: Value) {
     }
 }
 
+/// Runs the platform's controllers after a change in `state`: the slices, then the records of
+/// the cluster DNS of the cluster whose directory is `dir` ([`crate::dns`]).
+pub fn sync_platform(state: &mut State, dir: &std::path::Path) -> std::io::Result<()> {
+    sync(state);
+    crate::dns::write(&crate::dns::hosts_file(dir), &crate::dns::records(state))
+}
+
 /// Brings the slices in `state` to what its Services and Pods call for: changed ones are
 /// written, those of Services that went are deleted.
 pub fn sync(state: &mut State) {

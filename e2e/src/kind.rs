@@ -47,11 +47,13 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> anyhow::Result<Stri
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn kubectl(args: &[&str]) -> anyhow::Result<String> {
+/// `kubectl args`: its output, or an error with its stderr.
+pub fn kubectl(args: &[&str]) -> anyhow::Result<String> {
     run("kubectl", args, None)
 }
 
-fn apply(yaml: &str) -> anyhow::Result<()> {
+/// `kubectl apply -f -` of `yaml`.
+pub fn apply_yaml(yaml: &str) -> anyhow::Result<()> {
     run("kubectl", &["apply", "-f", "-"], Some(yaml)).map(|_| ())
 }
 
@@ -72,7 +74,7 @@ impl KindCluster {
 
     fn ensure_namespace(&mut self, ns: &str) -> anyhow::Result<()> {
         if !self.namespaces.iter().any(|n| n == ns) {
-            apply(&format!(
+            apply_yaml(&format!(
                 "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {ns}, labels: {{mesh.dev/inject: enabled}}}}\n"
             ))?;
             self.namespaces.push(ns.into());
@@ -93,7 +95,7 @@ impl KindCluster {
 impl Cluster for KindCluster {
     fn service(&mut self, s: ServiceDef) -> anyhow::Result<String> {
         self.ensure_namespace(&s.namespace)?;
-        apply(&format!(
+        apply_yaml(&format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{selector: {}, ports: [{{name: http, port: {}, targetPort: {}, appProtocol: http}}]}}\n",
             s.name,
             s.namespace,
@@ -132,7 +134,7 @@ impl Cluster for KindCluster {
             // The load generator's image, idle until the scenario execs into it.
             App::Idle => (self.load_image.clone(), "[sleep-forever]".into()),
         };
-        apply(&format!(
+        apply_yaml(&format!(
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {ns}}}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  serviceName: {name}\n  replicas: {n}\n  podManagementPolicy: Parallel\n  selector: {{matchLabels: {sel}}}\n  template:\n    metadata: {{labels: {labels}}}\n    spec:\n      serviceAccountName: {sa}\n      containers: [{{name: app, image: {image}, imagePullPolicy: Never, args: {args}, ports: [{{containerPort: 8080}}]}}]\n",
             sa = w.service_account,
             ns = w.namespace,
@@ -153,7 +155,7 @@ impl Cluster for KindCluster {
     }
 
     async fn apply(&mut self, _name: &str, yaml: &str) -> anyhow::Result<()> {
-        apply(yaml)
+        apply_yaml(yaml)
     }
 
     fn label_namespace(&mut self, ns: &str, labels: &[(&str, &str)]) -> anyhow::Result<()> {

@@ -884,7 +884,9 @@ impl PodRun {
     fn forget(&mut self) {
         let mut state = self.node.api.state();
         state.delete(&path_of(&self.pod));
-        crate::endpointslices::sync(&mut state);
+        if let Err(e) = crate::endpointslices::sync_platform(&mut state, &self.node.dir) {
+            eprintln!("kubelet: the cluster's hosts file: {e}");
+        }
     }
 
     /// Writes the Pod's status when it changed, and the EndpointSlices after it.
@@ -933,7 +935,8 @@ impl PodRun {
         if pod != self.written {
             let mut state = self.node.api.state();
             state.put(pod.clone());
-            crate::endpointslices::sync(&mut state);
+            crate::endpointslices::sync_platform(&mut state, &self.node.dir)
+                .context("the cluster's hosts file")?;
             self.written = pod;
         }
         self.status.send_if_modified(|s| {

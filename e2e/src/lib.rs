@@ -2,6 +2,7 @@
 //! that talks through a proxy, and helpers to find and run peers (Envoy, Python gRPC).
 
 pub mod cluster;
+pub mod dns;
 pub mod endpointslices;
 pub mod identity;
 pub mod kind;

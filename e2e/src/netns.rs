@@ -136,6 +136,7 @@ fn remove_namespace(ns: &str) {
     }
     // Processes take a moment to go; the namespace stays until they have.
     let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    crate::dns::unlink(ns);
 }
 
 /// Removes what runs that were killed left behind: namespaces whose owning process is gone.
@@ -143,6 +144,17 @@ pub fn sweep() {
     for ns in namespaces() {
         if owner(&ns).is_none_or(|pid| !alive(pid)) {
             remove_namespace(&ns);
+        }
+    }
+    // Their DNS links, when the namespace went first.
+    for entry in std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(PREFIX) && owner(&name).is_none_or(|pid| !alive(pid)) {
+            crate::dns::unlink(&name);
         }
     }
 }
@@ -259,6 +271,11 @@ impl NetnsCluster {
         for d in ["ca", "tokens"] {
             std::fs::create_dir(c.dir.path().join(d))?;
         }
+        // The cluster DNS's records, there before any pod reads them.
+        crate::dns::write(
+            &crate::dns::hosts_file(c.dir.path()),
+            &crate::dns::records(&c.api.state()),
+        )?;
         std::fs::set_permissions(
             c.dir.path().join("tokens"),
             std::fs::Permissions::from_mode(0o755),
@@ -327,6 +344,8 @@ impl NetnsCluster {
         // Interface names have at most 15 characters.
         let host_if = format!("{}h{idx}", self.tag);
         run(&["ip", "netns", "add", &netns])?;
+        crate::dns::link(&netns, &crate::dns::hosts_file(self.dir.path()))
+            .with_context(|| format!("the cluster DNS of {netns}"))?;
         run(&[
             "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ])?;
@@ -590,7 +609,8 @@ impl NetnsCluster {
         for gone in self.platform.difference(&paths) {
             state.delete(gone);
         }
-        crate::endpointslices::sync(&mut state);
+        crate::endpointslices::sync_platform(&mut state, self.dir.path())
+            .context("the cluster's hosts file")?;
         drop(state);
         self.platform = paths;
         Ok(())
@@ -873,7 +893,8 @@ impl NetnsCluster {
             }
         }
         self.applied.insert(name.to_owned(), docs);
-        Ok(())
+        // The platform's controllers see what was applied (a Service gets its slice).
+        self.write_state()
     }
 
     /// The controller's view of its proxies (`/debug/proxies`).
@@ -1154,6 +1175,70 @@ impl NetnsCluster {
             self.wait_gone(ns, &name).await?;
         }
         Ok(new)
+    }
+
+    /// A StatefulSet as its controller runs it (`podManagementPolicy: OrderedReady`, the
+    /// default): pods `<name>-0` to `<name>-<replicas - 1>` of its template, each created once
+    /// the one before is Ready, with `hostname` their own name and `subdomain` its
+    /// `serviceName` (so its headless Service gives each a DNS name) and the labels the
+    /// controller adds. Returns their names once all are Ready. A selector that does not match
+    /// the template, or another policy, is refused as the API server and controller would.
+    pub async fn run_statefulset(&mut self, sts: &Value) -> anyhow::Result<Vec<String>> {
+        let field = |p: &str| {
+            sts.pointer(p)
+                .with_context(|| format!("StatefulSet: {} is required", &p[1..].replace('/', ".")))
+        };
+        let ns = field("/metadata/namespace")?
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let name = field("/metadata/name")?
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let service = field("/spec/serviceName")?.clone();
+        let template = field("/spec/template")?;
+        let replicas = sts.pointer("/spec/replicas").map_or(Some(1), Value::as_u64);
+        let replicas = replicas.context("StatefulSet: spec.replicas is not a number")?;
+        let labels = template
+            .pointer("/metadata/labels")
+            .cloned()
+            .unwrap_or_default();
+        let selector = field("/spec/selector/matchLabels")?
+            .as_object()
+            .context("StatefulSet: spec.selector.matchLabels is not a map")?;
+        anyhow::ensure!(
+            !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)),
+            "StatefulSet {ns}/{name}: spec.template.metadata.labels: Invalid value: {labels}: `selector` does not match template `labels`"
+        );
+        if let Some(p) = sts.pointer("/spec/podManagementPolicy")
+            && p != "OrderedReady"
+        {
+            bail!(
+                "StatefulSet {ns}/{name}: spec.podManagementPolicy {p}: only OrderedReady is run here"
+            );
+        }
+        let mut names = Vec::new();
+        for i in 0..replicas {
+            let pod_name = format!("{name}-{i}");
+            let mut pod = json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
+                "spec": template.get("spec").cloned().unwrap_or(json!({}))});
+            pod["metadata"]["name"] = json!(pod_name);
+            pod["metadata"]["namespace"] = json!(ns);
+            pod["metadata"]["labels"] = labels.clone();
+            pod["metadata"]["labels"]["statefulset.kubernetes.io/pod-name"] = json!(pod_name);
+            pod["metadata"]["labels"]["apps.kubernetes.io/pod-index"] = json!(i.to_string());
+            pod["spec"]["hostname"] = json!(pod_name);
+            pod["spec"]["subdomain"] = service.clone();
+            self.run_pod(pod)?;
+            self.wait_pod(&ns, &pod_name, "Ready", Duration::from_secs(60), |s| {
+                s.ready
+            })
+            .await?;
+            names.push(pod_name);
+        }
+        Ok(names)
     }
 
     /// The EndpointSlice endpoints of Service `ns/svc`, as the API server holds them.

@@ -361,3 +361,110 @@ async fn a_rolling_restart_under_load_fails_nothing() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A 3-replica StatefulSet behind a headless Service, under STRICT: a meshed client reaches
+/// `db-0`, `db-1` and `db-2` by their DNS names; each request goes to the pod it names, over
+/// mutual TLS that proved that pod's identity. The client's proxy counts what it sent by the
+/// endpoint's own cluster and the identity its server certificate proved; each server's proxy
+/// counts the client's mTLS connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statefulset_behind_a_headless_service_is_reached_pod_by_pod_under_strict()
+-> anyhow::Result<()> {
+    if !netns::can_run() {
+        return Ok(());
+    }
+    let mut c = cluster("STRICT").await?;
+    c.apply(
+        "db",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec:\n  clusterIP: None\n  selector: {app: db}\n  ports: [{name: http, port: 8080, targetPort: 8080}]\n",
+    )
+    .await?;
+    let pods = c
+        .run_statefulset(&json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "db", "namespace": NS},
+        "spec": {
+            "serviceName": "db", "replicas": 3,
+            "selector": {"matchLabels": {"app": "db"}},
+            "template": {
+                "metadata": {"labels": {"app": "db"}},
+                "spec": {
+                    "serviceAccountName": "db",
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": "app", "image": MESHCTL_IMAGE,
+                        "env": [{"name": "POD_NAME",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                        "args": ["demo-service", "--name", "$(POD_NAME)",
+                            "--listen", "0.0.0.0:8080"],
+                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
+                            "periodSeconds": 1},
+                    }]}}}}))
+        .await?;
+    let client = c
+        .deploy(&mesh_e2e::cluster::Workload {
+            namespace: NS.into(),
+            name: "client".into(),
+            service_account: "client".into(),
+            labels: [("app".to_owned(), "client".to_owned())].into(),
+            replicas: 1,
+            meshed: true,
+            sidecar: mesh_e2e::cluster::Sidecar::MeshProxy,
+            app: mesh_e2e::cluster::App::Idle,
+        })
+        .await?;
+    c.wait_synced().await?;
+    let server_id = "spiffe://cluster.local/ns/shop/sa/db";
+    let client_id = "spiffe://cluster.local/ns/shop/sa/client";
+    let mut seen = Vec::new();
+    for pod in &pods {
+        let url = format!("http://{pod}.db.{NS}.svc.cluster.local:8080/");
+        let r = c
+            .start_load(
+                NS,
+                &client[0],
+                &["--url", &url, "--requests", "20", "--concurrency", "1"],
+            )?
+            .finish()
+            .await?;
+        assert_eq!(r["by_body"][format!("{pod} v1")], 20, "{url}: {r}");
+        // What the client's proxy sent to this pod's own cluster, and the identity it proved.
+        let backend = format!("outbound|8080|{pod}|db.{NS}.svc.cluster.local");
+        let metrics = c.proxy_metrics(NS, &client[0])?;
+        let sent: Vec<(String, f64)> = mesh_api::prom::parse(&metrics)
+            .into_iter()
+            .filter(|s| s.name == "mesh_proxy_requests_total" && s.label("backend") == backend)
+            .map(|s| (s.label("dst_identity").to_owned(), s.value))
+            .collect();
+        assert_eq!(
+            sent.iter().map(|(_, v)| v).sum::<f64>(),
+            20.0,
+            "{backend}: {sent:?}"
+        );
+        assert!(
+            sent.iter().all(|(id, _)| id == server_id),
+            "{backend}: {sent:?}"
+        );
+        // The server's proxy took them over mTLS from the client's identity.
+        let ip = c.kubelet_pod(NS, pod)?.ip;
+        let server = c.exec_in_node(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "3",
+            &format!("http://{ip}:15020/metrics"),
+        ])?;
+        let mtls = mesh_api::prom::count(
+            &server,
+            &format!("mesh_proxy_inbound_mtls_connections_total{{peer=\"{client_id}\"}}"),
+        );
+        assert!(mtls >= 1, "{pod} saw no mTLS connection from {client_id}");
+        // STRICT holds: plaintext from the node to the same port is refused.
+        assert_eq!(curl_status(&c, &format!("http://{ip}:8080/")), 0, "{pod}");
+        seen.push(format!("{pod} 20/20"));
+    }
+    mesh_e2e::figure(&format!(
+        "StatefulSet of 3 behind a headless Service under STRICT: by name {}, each through its own cluster with the server identity {server_id} proved, each server saw mTLS from {client_id}; plaintext refused",
+        seen.join(", ")
+    ));
+    Ok(())
+}

@@ -684,6 +684,15 @@ async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Resu
         .filter(|n| n.starts_with(&mine))
         .collect();
     assert!(left.is_empty(), "namespaces left: {left:?}");
+    // Nor their cluster DNS links.
+    let links: Vec<String> = std::fs::read_dir("/etc/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&mine))
+        .collect();
+    assert!(links.is_empty(), "/etc/netns entries left: {links:?}");
     // The interception rules lived in the pods' namespaces: the host's table has none.
     let host = std::process::Command::new("iptables-save")
         .args(["-t", "nat"])
