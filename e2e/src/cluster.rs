@@ -115,6 +115,11 @@ pub trait Cluster {
     /// Kills pod `ns/pod` as a crash would: its endpoints stay listed until the platform
     /// notices (which the scenarios do not wait for).
     fn kill_pod(&mut self, ns: &str, pod: &str) -> anyhow::Result<()>;
+    /// Whether a killed pod's endpoints stay listed until [`Cluster::forget_pod`] (else the
+    /// platform takes them out on its own, as Kubernetes does for a deleted pod).
+    fn killed_pods_stay_listed(&self) -> bool {
+        true
+    }
     /// Takes a killed pod out of its Services' endpoints, as the platform does once it noticed.
     fn forget_pod(&mut self, ns: &str, pod: &str) -> anyhow::Result<()>;
     /// Stops the controller; proxies keep their last config.

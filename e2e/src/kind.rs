@@ -239,6 +239,10 @@ impl Cluster for KindCluster {
         .map(|_| ())
     }
 
+    fn killed_pods_stay_listed(&self) -> bool {
+        false
+    }
+
     fn forget_pod(&mut self, _ns: &str, _pod: &str) -> anyhow::Result<()> {
         // Kubernetes takes a deleted pod out of its endpoints itself.
         Ok(())

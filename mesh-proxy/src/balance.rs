@@ -11,8 +11,10 @@
 //! timeouts raise a failure rate that multiplies its cost (forgiven over [`DECAY`]), so an
 //! endpoint that fails fast gets less traffic, not more.
 //!
-//! After `consecutive_failures` failures in a row (5xx or a failed connection) an endpoint is
-//! ejected for `base_ejection` times two to the number of ejections before it, up to
+//! After `consecutive_failures` failures in a row (5xx or a failed connection), or
+//! `consecutive_unreachable` connection attempts in a row that it refused or left unanswered
+//! (by default one: like Linkerd, an endpoint that cannot be connected to takes no requests
+//! for a while), an endpoint is ejected for `base_ejection` times two to the number of ejections before it, up to
 //! `max_ejection`, with jitter; once that passes it takes traffic again, competing like a new
 //! endpoint, and one success forgives its history. At most `max_ejection_percent` of a cluster (and always at least one
 //! endpoint) is ejected at a time, counted within a priority; if every endpoint is ejected,
@@ -82,6 +84,10 @@ pub struct OutlierConfig {
     /// Gateway errors (502, 503, 504, timeouts) and failed connections in a row that eject;
     /// any other answer breaks the run. `None`: not enforced.
     pub consecutive_gateway: Option<u32>,
+    /// Connection attempts in a row the endpoint refused or left unanswered (TCP or mesh TLS)
+    /// that eject (Envoy's local-origin failures); any answer breaks the run. `None`: they
+    /// count as failures only.
+    pub consecutive_unreachable: Option<u32>,
     /// Ejections grow by `base_ejection` each time (Envoy's rule), not double.
     pub linear: bool,
     /// Ejections end on these ticks (Envoy's `interval`); `None`: when their time is up.
@@ -100,6 +106,7 @@ impl Default for OutlierConfig {
         Self {
             consecutive_failures: Some(7),
             consecutive_gateway: None,
+            consecutive_unreachable: Some(1),
             linear: false,
             interval: None,
             base_ejection: Duration::from_secs(1),
@@ -140,6 +147,7 @@ pub struct Endpoint {
     ewma: Mutex<Ewma>,
     consecutive_failures: AtomicU32,
     consecutive_gateway: AtomicU32,
+    consecutive_unreachable: AtomicU32,
     /// Nanoseconds since [`base`]; 0 when not ejected.
     ejected_until: AtomicU64,
     ejections: AtomicU32,
@@ -163,6 +171,7 @@ impl Endpoint {
             }),
             consecutive_failures: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
+            consecutive_unreachable: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             pool: Default::default(),
@@ -305,6 +314,9 @@ pub enum Outcome {
     /// The connection failed or was reset: counts toward ejection only, so a dead endpoint
     /// keeps its share of (retried) tries until it is ejected, which is fast.
     ConnectFailure,
+    /// The endpoint refused a connection or left it unanswered (TCP or mesh TLS): a
+    /// [`Outcome::ConnectFailure`] that also counts toward `consecutive_unreachable`.
+    Unreachable,
 }
 
 /// A request in flight to an endpoint; finishing it feeds the latency estimate and the
@@ -332,9 +344,10 @@ impl InFlight {
             Outcome::Success => {
                 ep.consecutive_failures.store(0, Ordering::Relaxed);
                 ep.consecutive_gateway.store(0, Ordering::Relaxed);
+                ep.consecutive_unreachable.store(0, Ordering::Relaxed);
                 ep.ejections.store(0, Ordering::Relaxed);
             }
-            Outcome::ServerError { .. } | Outcome::ConnectFailure => {
+            Outcome::ServerError { .. } | Outcome::ConnectFailure | Outcome::Unreachable => {
                 // A failure never makes an endpoint look faster than it was.
                 let current = ep
                     .ewma
@@ -349,9 +362,19 @@ impl InFlight {
                     ep.consecutive_gateway.store(0, Ordering::Relaxed);
                     0
                 };
+                // Any answer, even a bad one, shows the endpoint can be reached.
+                let u = if outcome == Outcome::Unreachable {
+                    ep.consecutive_unreachable.fetch_add(1, Ordering::Relaxed) + 1
+                } else {
+                    if matches!(outcome, Outcome::ServerError { .. }) {
+                        ep.consecutive_unreachable.store(0, Ordering::Relaxed);
+                    }
+                    0
+                };
                 let o = &self.set.outlier;
                 if o.consecutive_failures.is_some_and(|t| n >= t)
                     || o.consecutive_gateway.is_some_and(|t| g >= t)
+                    || o.consecutive_unreachable.is_some_and(|t| u >= t)
                 {
                     self.set.eject(ep, now);
                 }
@@ -680,6 +703,7 @@ impl EndpointSet {
         ep.ejected_until.store(nanos(until), Ordering::Relaxed);
         ep.consecutive_failures.store(0, Ordering::Relaxed);
         ep.consecutive_gateway.store(0, Ordering::Relaxed);
+        ep.consecutive_unreachable.store(0, Ordering::Relaxed);
         // Back on probation when it returns: it competes like a new endpoint instead of
         // carrying the cost of the failures that ejected it.
         if let Ok(mut e) = ep.ewma.lock() {
@@ -804,6 +828,59 @@ mod tests {
         bad.ejected_until.store(0, Ordering::Relaxed);
         s.eject(&bad, Instant::now());
         assert!(bad.is_ejected(Instant::now() + Duration::from_millis(90)));
+    }
+
+    #[test]
+    fn an_unreachable_endpoint_is_ejected_at_once_unless_configured_otherwise() {
+        let finish = |s: &Arc<EndpointSet>, ep: &Arc<Endpoint>, outcome: Outcome| {
+            ep.pending.fetch_add(1, Ordering::Relaxed);
+            s.in_flight.fetch_add(1, Ordering::Relaxed);
+            InFlight {
+                endpoint: ep.clone(),
+                set: s.clone(),
+                start: Instant::now(),
+            }
+            .finish(outcome);
+        };
+        // The default: the first refused or unanswered connection ejects.
+        let s = set(3, OutlierConfig::default());
+        let dead = s.endpoints[0].clone();
+        finish(&s, &dead, Outcome::ConnectFailure);
+        assert!(!dead.is_ejected(Instant::now()), "a reset is not enough");
+        finish(&s, &dead, Outcome::Unreachable);
+        assert!(dead.is_ejected(Instant::now()));
+        // Envoy's split local-origin failures: a run of them, which an answer (even a 5xx)
+        // breaks.
+        let s = set(
+            3,
+            OutlierConfig {
+                consecutive_failures: None,
+                consecutive_unreachable: Some(2),
+                ..OutlierConfig::default()
+            },
+        );
+        let ep = s.endpoints[0].clone();
+        finish(&s, &ep, Outcome::Unreachable);
+        finish(&s, &ep, Outcome::ServerError { gateway: false });
+        finish(&s, &ep, Outcome::Unreachable);
+        assert!(!ep.is_ejected(Instant::now()));
+        finish(&s, &ep, Outcome::Unreachable);
+        assert!(ep.is_ejected(Instant::now()));
+        // Counted as failures only.
+        let s = set(
+            3,
+            OutlierConfig {
+                consecutive_failures: Some(3),
+                consecutive_unreachable: None,
+                ..OutlierConfig::default()
+            },
+        );
+        let ep = s.endpoints[0].clone();
+        finish(&s, &ep, Outcome::Unreachable);
+        finish(&s, &ep, Outcome::Unreachable);
+        assert!(!ep.is_ejected(Instant::now()));
+        finish(&s, &ep, Outcome::Unreachable);
+        assert!(ep.is_ejected(Instant::now()));
     }
 
     #[test]

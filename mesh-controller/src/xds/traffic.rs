@@ -175,34 +175,34 @@ pub fn hash_policy(key: &HashKey) -> route_action::HashPolicy {
     }
 }
 
+/// Tries beyond the first of a request that never reached an endpoint, when the route sets no
+/// retry of its own.
+const DEFAULT_RETRIES: u32 = 2;
+
 /// The retry policy of a route: its retry (a route rule's own, or a TrafficPolicy's), and the
-/// route's `backendRequest` timeout as each try's.
-pub fn retry_policy(
-    retry: Option<&Retry>,
-    backend_timeout: Option<Duration>,
-) -> Option<RetryPolicy> {
-    if retry.is_none() && backend_timeout.is_none() {
-        return None;
-    }
+/// route's `backendRequest` timeout as each try's. A route with no retry still retries what
+/// is always safe to retry, as Istio's default does: a request whose connection failed never
+/// reached the app, so it goes to up to two other endpoints.
+pub fn retry_policy(retry: Option<&Retry>, backend_timeout: Option<Duration>) -> RetryPolicy {
     let mut p = RetryPolicy {
         per_try_timeout: backend_timeout
             .or_else(|| retry.and_then(|r| r.per_try_timeout))
             .map(pb_duration),
-        num_retries: u32v(0),
+        num_retries: u32v(retry.map_or(DEFAULT_RETRIES, |r| r.attempts)),
+        // A retry goes to another endpoint when there is one, as mesh-proxy's do.
+        retry_host_predicate: vec![retry_policy::RetryHostPredicate {
+            name: PREVIOUS_HOSTS.into(),
+            config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                any(&PreviousHostsPredicate {}),
+            )),
+        }],
+        host_selection_retry_max_attempts: 3,
         ..Default::default()
     };
     let Some(r) = retry else {
-        return Some(p);
+        p.retry_on = "connect-failure".into();
+        return p;
     };
-    p.num_retries = u32v(r.attempts);
-    // A retry goes to another endpoint when there is one, as mesh-proxy's do.
-    p.retry_host_predicate = vec![retry_policy::RetryHostPredicate {
-        name: PREVIOUS_HOSTS.into(),
-        config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
-            any(&PreviousHostsPredicate {}),
-        )),
-    }];
-    p.host_selection_retry_max_attempts = 3;
     let mut on: Vec<&str> = Vec::new();
     if r.on.is_empty() {
         // A route rule's retry, or a policy naming only codes: those codes (any 5xx without
@@ -241,5 +241,5 @@ pub fn retry_policy(
             max_interval: None,
         });
     }
-    Some(p)
+    p
 }

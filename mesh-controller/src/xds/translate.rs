@@ -574,10 +574,15 @@ fn listener_filter<M: prost::Message + Name>(name: &str, config: &M) -> Listener
     }
 }
 
+/// How long a connection to an endpoint may take, unless a TrafficPolicy says (Linkerd's
+/// outbound default: in a cluster a pod answers in milliseconds, and a dead one should be
+/// noticed and ejected fast).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
-        connect_timeout: Some(pb_duration(Duration::from_secs(5))),
+        connect_timeout: Some(pb_duration(CONNECT_TIMEOUT)),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
             cluster::DiscoveryType::Eds as i32,
         )),
@@ -889,7 +894,10 @@ fn forward_action(entry: &RouteEntry, backends: &[crate::index::WeightedBackend]
         cluster_specifier: Some(specifier),
         // No timeout in the route means none at all (Envoy would default to 15 s).
         timeout: Some(pb_duration(entry.timeout.unwrap_or_default())),
-        retry_policy: super::traffic::retry_policy(entry.retry.as_ref(), entry.backend_timeout),
+        retry_policy: Some(super::traffic::retry_policy(
+            entry.retry.as_ref(),
+            entry.backend_timeout,
+        )),
         hash_policy: hash_policies(backends.iter().filter_map(|b| b.hash.as_ref())),
         request_mirror_policies: entry
             .mirrors
@@ -981,10 +989,10 @@ fn envoy_routes(
                     default_cluster.to_string(),
                 )),
                 timeout: Some(pb_duration(Duration::ZERO)),
-                retry_policy: super::traffic::retry_policy(
+                retry_policy: Some(super::traffic::retry_policy(
                     port.and_then(|p| p.retry.as_ref()),
                     None,
-                ),
+                )),
                 hash_policy: hash_policies(hash.into_iter()),
                 ..Default::default()
             })),

@@ -529,6 +529,7 @@ async fn forward(
                     gateway: matches!(r.status().as_u16(), 502..=504),
                 },
                 Try::Response(_) => Outcome::Success,
+                Try::Failed(e) if e.unreachable() => Outcome::Unreachable,
                 Try::Failed(_) => Outcome::ConnectFailure,
                 Try::PerTryTimeout | Try::Timeout => Outcome::ServerError { gateway: true },
             });

@@ -88,7 +88,11 @@ pub async fn forward<T>(
                 return;
             }
             Err(e) => {
-                inflight.finish(Outcome::ConnectFailure);
+                inflight.finish(if e.unreachable() {
+                    Outcome::Unreachable
+                } else {
+                    Outcome::ConnectFailure
+                });
                 debug!(endpoint = %addr, error = %e, "TCP connect failed");
                 avoid = Some(addr);
             }

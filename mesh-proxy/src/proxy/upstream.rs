@@ -33,8 +33,14 @@ const MAX_IDLE: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
+    /// No connection: `unreachable` when the endpoint refused it or left it unanswered (TCP
+    /// or mesh TLS), not when this proxy could not try.
     #[error("connecting to {addr}: {reason}")]
-    Connect { addr: SocketAddr, reason: String },
+    Connect {
+        addr: SocketAddr,
+        reason: String,
+        unreachable: bool,
+    },
     /// The request may have reached the endpoint: the connection or stream was reset.
     #[error("{0}")]
     Reset(hyper::Error),
@@ -46,6 +52,17 @@ pub enum SendError {
 impl SendError {
     pub fn is_connect(&self) -> bool {
         matches!(self, SendError::Connect { .. })
+    }
+
+    /// The endpoint refused the connection or left it unanswered.
+    pub fn unreachable(&self) -> bool {
+        matches!(
+            self,
+            SendError::Connect {
+                unreachable: true,
+                ..
+            }
+        )
     }
 }
 
@@ -66,6 +83,36 @@ pub struct Pool {
     h2: tokio::sync::Mutex<Option<H2>>,
     /// Woken when an HTTP/1.1 connection comes back idle.
     returned: tokio::sync::Notify,
+    /// The last failed attempt at the multiplexed connection: when, why, and whether the
+    /// endpoint was unreachable.
+    h2_failed: Mutex<Option<(Instant, String, bool)>>,
+}
+
+impl Pool {
+    fn h2_failed(&self, e: &SendError) {
+        if let (
+            SendError::Connect {
+                reason,
+                unreachable,
+                ..
+            },
+            Ok(mut last),
+        ) = (e, self.h2_failed.lock())
+        {
+            *last = Some((Instant::now(), reason.clone(), *unreachable));
+        }
+    }
+
+    /// The failure of an attempt at the multiplexed connection made since `since`.
+    fn h2_failed_since(&self, addr: SocketAddr, since: Instant) -> Option<SendError> {
+        let last = self.h2_failed.lock().ok()?;
+        let (at, reason, unreachable) = last.as_ref()?;
+        (*at >= since).then(|| SendError::Connect {
+            addr,
+            reason: reason.clone(),
+            unreachable: *unreachable,
+        })
+    }
 }
 
 impl std::fmt::Debug for Pool {
@@ -116,12 +163,14 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, S
             return Err(SendError::Connect {
                 addr,
                 reason: format!("timed out after {}ms", timeout.as_millis()),
+                unreachable: true,
             });
         }
         Ok(Err(e)) => {
             return Err(SendError::Connect {
                 addr,
                 reason: e.to_string(),
+                unreachable: true,
             });
         }
         Ok(Ok(s)) => s,
@@ -211,6 +260,7 @@ pub async fn connect_endpoint(
         return Err(SendError::Connect {
             addr: ep.addr,
             reason: "no TLS client config".into(),
+            unreachable: false,
         });
     };
     let name = rustls::pki_types::ServerName::IpAddress(ep.addr.ip().into());
@@ -224,6 +274,7 @@ pub async fn connect_endpoint(
             Err(SendError::Connect {
                 addr: ep.addr,
                 reason: format!("mesh TLS: {e}"),
+                unreachable: true,
             })
         }
         Err(_) => {
@@ -234,6 +285,7 @@ pub async fn connect_endpoint(
                     "mesh TLS handshake timed out after {}ms",
                     timeout.as_millis()
                 ),
+                unreachable: true,
             })
         }
     }
@@ -291,6 +343,7 @@ pub async fn send(
         return Err(SendError::Connect {
             addr: ep.addr,
             reason: "this proxy holds no valid certificate: mesh TLS refused".into(),
+            unreachable: false,
         });
     }
     if target.h2 {
@@ -488,6 +541,7 @@ async fn send_h2(
                 tx.clone()
             })
     };
+    let asked = Instant::now();
     let first = reuse(&*ep.pool.h2.lock().await);
     let mut tx = match first {
         Some(tx) => tx,
@@ -507,11 +561,18 @@ async fn send_h2(
                 // Another request opened one meanwhile: the permit goes back.
                 Some(tx) => tx,
                 None => {
+                    // An attempt that failed while this request waited for the slot answers it
+                    // too: trying again in turn would keep each waiting request a connect
+                    // timeout longer than the one before it.
+                    if let Some(e) = ep.pool.h2_failed_since(ep.addr, asked) {
+                        return Err(e);
+                    }
                     // The one it replaces, if any, closes once its streams end.
                     slot.take();
                     let stream =
                         connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout)
-                            .await?;
+                            .await
+                            .inspect_err(|e| ep.pool.h2_failed(e))?;
                     let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .keep_alive_interval(Duration::from_secs(30))

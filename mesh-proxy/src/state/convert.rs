@@ -1279,10 +1279,22 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
         let enforced = |e: Option<u32>, default: u32| e.unwrap_or(default) > 0;
         let five = enforced(o.enforcing_consecutive_5xx.map(|v| v.value), 100);
         let gateway = enforced(o.enforcing_consecutive_gateway_failure.map(|v| v.value), 0);
+        // Failed connections count as 5xx, unless split out as local-origin failures.
+        let local = o.split_external_local_origin_errors
+            && enforced(
+                o.enforcing_consecutive_local_origin_failure
+                    .map(|v| v.value),
+                100,
+            );
         outlier = OutlierConfig {
             consecutive_failures: five.then(|| o.consecutive_5xx.map_or(5, |n| n.value).max(1)),
             consecutive_gateway: gateway
                 .then(|| o.consecutive_gateway_failure.map_or(5, |n| n.value).max(1)),
+            consecutive_unreachable: local.then(|| {
+                o.consecutive_local_origin_failure
+                    .map_or(5, |n| n.value)
+                    .max(1)
+            }),
             linear: true,
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),

@@ -471,3 +471,37 @@ fn endpoint_identities_come_from_mesh_metadata() {
         "{err}"
     );
 }
+
+#[test]
+fn outlier_detection_counts_connection_failures_as_envoy_does() {
+    use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+    let with = |o: Option<OutlierDetection>| {
+        cluster(&PbCluster {
+            name: "c".into(),
+            outlier_detection: o,
+            ..Default::default()
+        })
+        .expect("cluster")
+        .outlier
+    };
+    // No outlier detection: mesh-proxy's own, which ejects at the first refused connection.
+    assert_eq!(with(None).consecutive_unreachable, Some(1));
+    // Envoy's: counted as 5xx, unless split out as local-origin failures.
+    let envoy = with(Some(OutlierDetection::default()));
+    assert_eq!(
+        (envoy.consecutive_failures, envoy.consecutive_unreachable),
+        (Some(5), None)
+    );
+    let split = |enforcing: Option<u32>| {
+        with(Some(OutlierDetection {
+            split_external_local_origin_errors: true,
+            consecutive_local_origin_failure: Some(UInt32Value { value: 2 }),
+            enforcing_consecutive_local_origin_failure: enforcing
+                .map(|value| UInt32Value { value }),
+            ..Default::default()
+        }))
+        .consecutive_unreachable
+    };
+    assert_eq!(split(None), Some(2));
+    assert_eq!(split(Some(0)), None);
+}
