@@ -72,13 +72,15 @@ pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
     if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(());
     }
-    // Truncated and written, never replaced: the pods' bind mounts hold on to this inode.
-    std::fs::OpenOptions::new()
+    // Written over and then cut to length, never replaced (the pods' bind mounts hold on to
+    // this inode) nor truncated first (a lookup in between would find no record at all).
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
-        .open(path)
-        .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+        .truncate(false)
+        .open(path)?;
+    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    f.set_len(text.len() as u64)
 }
 
 /// Where `ip netns exec` looks for network namespace `netns`'s own `/etc` files.

@@ -1182,7 +1182,8 @@ impl NetnsCluster {
     /// the one before is Ready, with `hostname` their own name and `subdomain` its
     /// `serviceName` (so its headless Service gives each a DNS name) and the labels the
     /// controller adds. Returns their names once all are Ready. A selector that does not match
-    /// the template, or another policy, is refused as the API server and controller would.
+    /// the template is refused as the API server refuses it; `podManagementPolicy: Parallel`
+    /// is refused by this stand-in.
     pub async fn run_statefulset(&mut self, sts: &Value) -> anyhow::Result<Vec<String>> {
         let field = |p: &str| {
             sts.pointer(p)

@@ -8,6 +8,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use mesh_e2e::cluster::{App, Cluster, Sidecar, Workload};
 use mesh_e2e::kind::{KindCluster, apply_yaml, kubectl};
 use serde_json::Value;
@@ -131,6 +132,24 @@ spec:
     .map(|_| ())
 }
 
+/// Waits until Service `svc`'s EndpointSlice endpoints have the `ready` conditions `want` (the
+/// EndpointSlice controller writes them a moment after the pod changes).
+async fn wait_endpoints_ready(svc: &str, want: &[bool]) -> anyhow::Result<()> {
+    let want: Vec<Value> = want.iter().map(|b| Value::Bool(*b)).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let have = endpoints_ready(svc)?;
+        if have == want {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{svc}'s endpoints are ready {have:?} after 30 s, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The `ready` conditions of Service `svc`'s EndpointSlice endpoints.
 fn endpoints_ready(svc: &str) -> anyhow::Result<Vec<Value>> {
     let slices: Value = serde_json::from_str(&kubectl(&[
@@ -171,15 +190,17 @@ async fn kind_probes_under_strict() -> anyhow::Result<()> {
         "{app}"
     );
     assert_eq!(app["readinessProbe"]["httpGet"]["port"], 15020, "{app}");
-    assert_eq!(endpoints_ready("web")?, [Value::Bool(true)]);
-    // Plaintext from a pod outside the mesh: refused at the app's port, answered at the
-    // proxy's health port.
+    wait_endpoints_ready("web", &[true]).await?;
+    // Plaintext from a pod outside the mesh: refused at the app's port (curl's status 000:
+    // no answer), answered at the proxy's health port.
     let ip = spec["status"]["podIP"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let outsider = |url: &str| {
-        kubectl(&[
+    let outsider = |url: &str| -> anyhow::Result<String> {
+        let script =
+            format!("echo status=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 3 {url})");
+        let out = kubectl(&[
             "-n",
             NS,
             "run",
@@ -189,25 +210,26 @@ async fn kind_probes_under_strict() -> anyhow::Result<()> {
             "--restart=Never",
             "--labels=mesh.dev/inject=disabled",
             &format!("--image={CURL_IMAGE}"),
+            "--command",
             "--",
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "3",
-            url,
-        ])
-        .unwrap_or_default()
+            "sh",
+            "-c",
+            &script,
+        ])?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("status="))
+            .map(str::to_owned)
+            .with_context(|| format!("no status from the outsider pod: {out}"))
     };
-    let plaintext = outsider(&format!("http://{ip}:8080/"));
-    assert!(
-        !plaintext.contains("200"),
-        "STRICT let plaintext through: {plaintext}"
+    assert_eq!(
+        outsider(&format!("http://{ip}:8080/"))?,
+        "000",
+        "STRICT let plaintext through"
     );
-    assert!(outsider(&format!("http://{ip}:15020/app-health/app/readyz")).contains("200"));
+    assert_eq!(
+        outsider(&format!("http://{ip}:15020/app-health/app/readyz"))?,
+        "200"
+    );
     // The app fails its health path: unready, out of its Service's endpoints.
     kubectl(&[
         "-n",
@@ -223,7 +245,7 @@ async fn kind_probes_under_strict() -> anyhow::Result<()> {
     let failed = Instant::now();
     wait(&["--for=condition=Ready=false", &format!("pod/{pod}")])?;
     let unready_after = failed.elapsed();
-    assert_eq!(endpoints_ready("web")?, [Value::Bool(false)]);
+    wait_endpoints_ready("web", &[false]).await?;
     kubectl(&[
         "-n",
         NS,

@@ -13,6 +13,7 @@ pub mod crds;
 pub mod duration;
 #[cfg(feature = "fake-api")]
 pub mod fake_api;
+#[cfg(any(test, feature = "testing"))]
 pub mod generated;
 pub mod inject;
 pub mod path;

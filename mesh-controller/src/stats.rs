@@ -366,9 +366,8 @@ impl Stats {
     pub fn service(&self, model: &Model, svc: &SvcKey) -> Option<ServiceStat> {
         let s = model.services.get(svc)?;
         let mut routes = std::collections::BTreeSet::new();
-        let mut own = std::collections::BTreeSet::new();
+        let id = format!("{}/{}", svc.namespace, svc.name);
         for p in &s.ports {
-            own.insert(model.cluster_name(svc, p.port));
             routes.extend(p.routes.iter().map(|r| r.source.clone()));
             routes.extend(
                 p.consumer_routes
@@ -380,7 +379,10 @@ impl Stats {
             .aggregate(|smp| {
                 let route = smp.label("route");
                 let backend = smp.label("backend");
-                let ours = routes.contains(route) || (route == "default" && own.contains(backend));
+                // Its default route goes to its own clusters (one per port, or for a headless
+                // Service also one per endpoint).
+                let ours = routes.contains(route)
+                    || (route == "default" && service_of(backend).as_ref() == Some(&id));
                 (smp.label("direction") == "outbound" && ours)
                     .then(|| (route.to_string(), backend.to_string()))
             })
@@ -393,7 +395,7 @@ impl Stats {
             })
             .collect();
         Some(ServiceStat {
-            service: format!("{}/{}", svc.namespace, svc.name),
+            service: id,
             window_seconds: self.window.as_secs_f64(),
             backends,
         })
@@ -408,10 +410,10 @@ fn request_samples(page: &str) -> Vec<Sample> {
         .collect()
 }
 
-/// `namespace/name` of the Service an outbound cluster (`outbound|<port>||<name>.<ns>.svc.<domain>`)
-/// reaches.
+/// `namespace/name` of the Service an outbound cluster (`outbound|<port>||<name>.<ns>.svc.<domain>`,
+/// or one endpoint's `outbound|<port>|<endpoint>|<name>.<ns>.svc.<domain>`) reaches.
 fn service_of(cluster: &str) -> Option<String> {
-    let host = cluster.strip_prefix("outbound|")?.split("||").nth(1)?;
+    let host = cluster.strip_prefix("outbound|")?.splitn(3, '|').nth(2)?;
     let mut parts = host.split('.');
     let (name, ns) = (parts.next()?, parts.next()?);
     (parts.next() == Some("svc")).then(|| format!("{ns}/{name}"))

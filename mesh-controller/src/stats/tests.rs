@@ -185,3 +185,20 @@ fn quantiles_interpolate_within_buckets() {
     );
     assert_eq!(service_of("inbound|9080||"), None);
 }
+
+#[test]
+fn clusters_name_their_service() {
+    assert_eq!(
+        service_of("outbound|9080||reviews.shop.svc.cluster.local").as_deref(),
+        Some("shop/reviews")
+    );
+    assert_eq!(
+        service_of("outbound|8080|db-0|db.shop.svc.cluster.local").as_deref(),
+        Some("shop/db")
+    );
+    assert_eq!(
+        service_of("outbound|8080|fd00::7|db.shop.svc.cluster.local").as_deref(),
+        Some("shop/db")
+    );
+    assert_eq!(service_of("inbound|8080||"), None);
+}

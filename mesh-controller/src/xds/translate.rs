@@ -146,34 +146,31 @@ impl ServiceResources {
 
 type ServiceCache = BTreeMap<SvcKey, (Arc<ServiceModel>, Arc<ServiceResources>)>;
 
-/// An address a Service claims on the transparent outbound listener: its VIP or, when it is
-/// headless, each of its endpoints' (traffic to a pod's own address, `pod-0.name.ns.svc`). Two
-/// Services may claim one (a pod behind two headless Services); the first in name order owns
-/// it, as one address can have only one filter chain.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-enum Claim {
-    Vip(IpAddr),
-    Endpoint(SocketAddr),
-}
-
-/// The addresses `svc` claims.
-fn claims(svc: &ServiceModel) -> BTreeSet<Claim> {
-    match svc.cluster_ip {
-        Some(ip) => BTreeSet::from([Claim::Vip(ip)]),
+/// The addresses a Service claims on the transparent outbound listener: its VIP with each of
+/// its ports or, when it is headless, each of its endpoints' (traffic to a pod's own address,
+/// `pod-0.name.ns.svc`). Two Services may claim one (a reused VIP, a pod behind two headless
+/// Services, a selectorless Service listing another's VIP): a VIP's claim comes first, then
+/// name order, as one address can have only one filter chain. Each claim is `(address, rank)`,
+/// rank 0 for a VIP's and 1 for an endpoint's.
+fn claims(svc: &ServiceModel) -> BTreeSet<(SocketAddr, u8)> {
+    let rank = u8::from(svc.cluster_ip.is_none());
+    let addrs: BTreeSet<SocketAddr> = match svc.cluster_ip {
+        Some(ip) => svc
+            .ports
+            .iter()
+            .map(|p| SocketAddr::new(ip, p.port))
+            .collect(),
         None => svc
             .ports
             .iter()
-            .flat_map(|p| p.endpoints.iter().map(|e| Claim::Endpoint(e.addr)))
+            .flat_map(|p| p.endpoints.iter().map(|e| e.addr))
             .collect(),
-    }
+    };
+    addrs.into_iter().map(|a| (a, rank)).collect()
 }
 
-/// What a Service owns of its claims.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Owned {
-    vip: bool,
-    endpoints: BTreeSet<SocketAddr>,
-}
+/// The claimed addresses a Service owns.
+type Owned = BTreeSet<SocketAddr>;
 
 /// What a per-namespace layer's bytes depend on: the namespace, and either the transparent
 /// outbound port or the explicit listener's address.
@@ -220,7 +217,7 @@ pub struct Translator {
     shared_api: Arc<Resources>,
     changes: Arc<Changes>,
     /// Services by the address they claim, in name order: the first one owns it.
-    claimants: HashMap<Claim, BTreeSet<SvcKey>>,
+    claimants: HashMap<SocketAddr, BTreeSet<(u8, SvcKey)>>,
     /// Bumped whenever a piece of the transparent (`chains`) or Host-routed (`vhosts`)
     /// per-namespace layers changes; a layer built at the current epoch is still good.
     chains_epoch: u64,
@@ -276,27 +273,27 @@ impl Translator {
             };
             touched.insert(key.clone());
         }
-        // Address ownership: the first Service (in name order) claiming an address owns it.
+        // Address ownership: the first claim of an address (a VIP's, then in name order) owns it.
         let mut owners_touched = Vec::new();
         for key in &touched {
             let of = |m: &Model| m.services.get(key).map(|s| claims(s)).unwrap_or_default();
             let (before, after) = (of(&old), of(&model));
             let gone = before.difference(&after).map(|c| (*c, false));
             let came = after.difference(&before).map(|c| (*c, true));
-            for (claim, add) in gone.chain(came) {
-                let set = self.claimants.entry(claim).or_default();
-                let owner = set.first().cloned();
+            for ((addr, rank), add) in gone.chain(came) {
+                let set = self.claimants.entry(addr).or_default();
+                let owner = set.first().map(|(_, k)| k.clone());
                 if add {
-                    set.insert(key.clone());
+                    set.insert((rank, key.clone()));
                 } else {
-                    set.remove(key);
+                    set.remove(&(rank, key.clone()));
                 }
-                let new_owner = set.first().cloned();
+                let new_owner = set.first().map(|(_, k)| k.clone());
                 if owner != new_owner {
                     owners_touched.extend(owner.into_iter().chain(new_owner));
                 }
                 if set.is_empty() {
-                    self.claimants.remove(&claim);
+                    self.claimants.remove(&addr);
                 }
             }
         }
@@ -306,18 +303,17 @@ impl Translator {
         for key in touched {
             let prev = self.services.remove(&key);
             let next = model.services.get(&key).map(|svc| {
-                let mut owned = Owned::default();
-                for claim in claims(svc) {
-                    if self.claimants.get(&claim).and_then(|s| s.first()) != Some(&key) {
-                        continue;
-                    }
-                    match claim {
-                        Claim::Vip(_) => owned.vip = true,
-                        Claim::Endpoint(addr) => {
-                            owned.endpoints.insert(addr);
-                        }
-                    }
-                }
+                let owned: Owned = claims(svc)
+                    .into_iter()
+                    .map(|(a, _)| a)
+                    .filter(|a| {
+                        self.claimants
+                            .get(a)
+                            .and_then(|s| s.first())
+                            .map(|(_, k)| k)
+                            == Some(&key)
+                    })
+                    .collect();
                 (svc.clone(), Arc::new(service_resources(&model, svc, owned)))
             });
             let prev_res = prev.as_ref().map(|(_, r)| r.clone());
@@ -1071,8 +1067,8 @@ fn consumer_route_name(base: &str, ns: &str) -> String {
 fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> ServiceResources {
     let mut out = ServiceResources::default();
     out.chains = encoded_chains(model, svc, &owned, None);
-    out.vhosts_remote = encoded_vhosts(model, svc, owned.vip, None, false);
-    out.vhosts_local = encoded_vhosts(model, svc, owned.vip, None, true);
+    out.vhosts_remote = encoded_vhosts(model, svc, &owned, None, false);
+    out.vhosts_local = encoded_vhosts(model, svc, &owned, None, true);
     out.chains_hash = hash_bytes(&out.chains);
     out.vhosts_remote_hash = hash_bytes(&out.vhosts_remote);
     out.vhosts_local_hash = hash_bytes(&out.vhosts_local);
@@ -1112,9 +1108,9 @@ fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> Service
         out.api_listeners.push(Resource::new(&name, &api));
     }
     // A headless Service's endpoints, each reached by its own address: a cluster of that one
-    // endpoint (so the pod addressed is the pod reached, with its identity), and for HTTP its
-    // route, with the port's retries and timeouts but not the Service's routes, which pick
-    // among endpoints.
+    // endpoint (so the address chosen is the one reached, with its pod's identity), and for
+    // HTTP its route, with the port's retry but not the Service's routes, which pick among
+    // endpoints.
     for (name, p, e) in pod_endpoints(model, svc, &owned) {
         out.global.extend(cluster_and_endpoints(
             model,
@@ -1186,6 +1182,9 @@ fn pod_endpoints<'a>(
     let fqdn = model.fqdn(&svc.key);
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
+    if svc.cluster_ip.is_some() {
+        return out;
+    }
     for p in &svc.ports {
         let hostnames: Vec<&str> = p
             .endpoints
@@ -1193,7 +1192,7 @@ fn pod_endpoints<'a>(
             .filter_map(|e| e.hostname.as_deref())
             .collect();
         for e in p.endpoints.iter() {
-            if !owned.endpoints.contains(&e.addr) || !seen.insert(e.addr) {
+            if !owned.contains(&e.addr) || !seen.insert(e.addr) {
                 continue;
             }
             // A hostname names the endpoint while it is the only one with it.
@@ -1235,7 +1234,7 @@ fn domains(
     svc: &ServiceModel,
     port: u16,
     local: bool,
-    owns_vip: bool,
+    owned: &Owned,
 ) -> Vec<String> {
     let SvcKey {
         namespace: ns,
@@ -1255,7 +1254,10 @@ fn domains(
     if bare {
         out.extend(hosts);
     }
-    if let Some(ip) = svc.cluster_ip.filter(|_| owns_vip) {
+    if let Some(ip) = svc
+        .cluster_ip
+        .filter(|ip| owned.contains(&SocketAddr::new(*ip, port)))
+    {
         out.push(match ip {
             IpAddr::V4(v4) => format!("{v4}:{port}"),
             IpAddr::V6(v6) => format!("[{v6}]:{port}"),
@@ -1272,7 +1274,7 @@ fn domains(
 fn encoded_vhosts(
     model: &Model,
     svc: &ServiceModel,
-    owns_vip: bool,
+    owned: &Owned,
     consumer: Option<&str>,
     local: bool,
 ) -> Vec<u8> {
@@ -1287,7 +1289,7 @@ fn encoded_vhosts(
             .unwrap_or(&p.routes);
         let vhost = VirtualHost {
             name: service_port_name(model, &svc.key, p.port),
-            domains: domains(model, svc, p.port, local, owns_vip),
+            domains: domains(model, svc, p.port, local, owned),
             routes: envoy_routes(entries, &cluster, Some(p)),
             ..Default::default()
         };
@@ -1321,10 +1323,14 @@ fn encoded_chains(
             canonical::encode_field(FILTER_CHAINS_TAG, c, &mut buf);
         }
     }
-    let Some(vip) = svc.cluster_ip.filter(|_| owned.vip) else {
+    let Some(vip) = svc.cluster_ip else {
         return buf;
     };
-    for p in &svc.ports {
+    for p in svc
+        .ports
+        .iter()
+        .filter(|p| owned.contains(&SocketAddr::new(vip, p.port)))
+    {
         let cluster = model.cluster_name(&svc.key, p.port);
         let route = route_name_for(model, svc, p, consumer);
         let chains = port_chains(
@@ -1411,7 +1417,7 @@ fn namespace_resources(
             bytes.extend(encoded_vhosts(
                 model,
                 svc,
-                res.owned.vip,
+                &res.owned,
                 Some(namespace),
                 local,
             ));

@@ -999,6 +999,18 @@ fn headless_endpoints_get_their_own_chains_clusters_and_identity() {
         "no cluster for an address another Service owns"
     );
 
+    // `db` stops listing db-1: `zz-db` takes that address over, as a fresh translation would.
+    idx.apply(obj("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: db-x, namespace: shop, labels: {kubernetes.io/service-name: db}}\naddressType: IPv4\nports: [{name: http, port: 8080, protocol: TCP}]\nendpoints:\n- {addresses: ['10.0.5.1'], hostname: db-0, conditions: {ready: true}, targetRef: {kind: Pod, name: db-0, namespace: shop}}\n")).expect("slice");
+    t.update(idx.model());
+    let view = t.view(&proxy("default", true));
+    assert_eq!(chains_to(&view, "10.0.5.1"), [db0]);
+    assert_eq!(
+        chains_to(&view, "10.0.5.2"),
+        ["outbound|8080|db-1|zz-db.shop.svc.cluster.local"]
+    );
+    let fresh = Translator::new(idx.model()).view(&proxy("default", true));
+    assert_eq!(everything(&view), everything(&fresh));
+
     // `db` goes: `zz-db` takes its addresses over, as a fresh translation would have it.
     idx.delete(&obj(&service_yaml("shop", "db", "None", &[("http", 8080)])).key());
     t.update(idx.model());
@@ -1010,4 +1022,67 @@ fn headless_endpoints_get_their_own_chains_clusters_and_identity() {
     assert!(view.get(ResourceType::Cluster, db0).is_none());
     let fresh = Translator::new(idx.model()).view(&proxy("default", true));
     assert_eq!(everything(&view), everything(&fresh));
+}
+
+#[test]
+fn a_vip_outranks_an_endpoint_listing_its_address() {
+    let mut idx = index();
+    // A selectorless headless Service whose slice lists reviews' VIP and port (an alias).
+    idx.apply(obj(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: aa-alias, namespace: default}\nspec: {clusterIP: None, ports: [{name: http, port: 9080}]}\n",
+    ))
+    .expect("svc");
+    idx.apply(obj(&slice_yaml(
+        "default",
+        "aa-alias",
+        "http",
+        9080,
+        &["10.96.0.10"],
+    )))
+    .expect("slice");
+    let mut t = Translator::new(idx.model());
+    let on_vip = |t: &mut Translator| -> Vec<String> {
+        let out: Listener = decode(
+            t.view(&proxy("default", true))
+                .get(ResourceType::Listener, names::OUTBOUND_LISTENER)
+                .expect("outbound"),
+        );
+        out.filter_chains
+            .iter()
+            .filter(|c| {
+                c.filter_chain_match.as_ref().is_some_and(|m| {
+                    m.prefix_ranges
+                        .first()
+                        .is_some_and(|r| r.address_prefix == "10.96.0.10")
+                        && m.destination_port == u32v(9080)
+                })
+            })
+            .map(|c| c.name.clone())
+            .collect()
+    };
+    assert_eq!(
+        on_vip(&mut t),
+        ["reviews.default.svc.cluster.local:9080/http"],
+        "one chain, the VIP's, though the alias comes first by name"
+    );
+    // Without reviews, the alias's endpoint gets it.
+    idx.delete(
+        &obj(&service_yaml(
+            "default",
+            "reviews",
+            "10.96.0.10",
+            &[("http", 9080)],
+        ))
+        .key(),
+    );
+    t.update(idx.model());
+    assert_eq!(
+        on_vip(&mut t),
+        ["outbound|9080|10.96.0.10|aa-alias.default.svc.cluster.local/http"]
+    );
+    let fresh = Translator::new(idx.model()).view(&proxy("default", true));
+    assert_eq!(
+        everything(&t.view(&proxy("default", true))),
+        everything(&fresh)
+    );
 }
