@@ -85,9 +85,12 @@ pub struct OutlierConfig {
     /// any other answer breaks the run. `None`: not enforced.
     pub consecutive_gateway: Option<u32>,
     /// Connection attempts in a row the endpoint refused or left unanswered (TCP or mesh TLS)
-    /// that eject (Envoy's local-origin failures); any answer breaks the run. `None`: they
-    /// count as failures only.
+    /// that eject; with `split_local`, failed and reset connections of any kind (Envoy's
+    /// local-origin failures). Any answer breaks the run. `None`: not enforced.
     pub consecutive_unreachable: Option<u32>,
+    /// Envoy's `split_external_local_origin_errors`: failed and reset connections count toward
+    /// `consecutive_unreachable` only, not as failures.
+    pub split_local: bool,
     /// Ejections grow by `base_ejection` each time (Envoy's rule), not double.
     pub linear: bool,
     /// Ejections end on these ticks (Envoy's `interval`); `None`: when their time is up.
@@ -107,6 +110,7 @@ impl Default for OutlierConfig {
             consecutive_failures: Some(7),
             consecutive_gateway: None,
             consecutive_unreachable: Some(1),
+            split_local: false,
             linear: false,
             interval: None,
             base_ejection: Duration::from_secs(1),
@@ -347,6 +351,9 @@ impl InFlight {
                 ep.consecutive_unreachable.store(0, Ordering::Relaxed);
                 ep.ejections.store(0, Ordering::Relaxed);
             }
+            // Failures of tries that were under way when it was ejected say nothing new, and
+            // would undo the fresh start its ejection gave it.
+            _ if ep.is_ejected(now) => return,
             Outcome::ServerError { .. } | Outcome::ConnectFailure | Outcome::Unreachable => {
                 // A failure never makes an endpoint look faster than it was.
                 let current = ep
@@ -354,29 +361,42 @@ impl InFlight {
                     .lock()
                     .map_or(0.0, |e| if e.observed { e.rtt_ns } else { 0.0 });
                 rtt = rtt.max(Duration::from_nanos(current as u64));
-                let n = ep.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                let gateway = !matches!(outcome, Outcome::ServerError { gateway: false });
-                let g = if gateway {
-                    ep.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+                let o = &self.set.outlier;
+                // With Envoy's split local-origin errors, failed and reset connections count
+                // apart from the endpoint's answers; otherwise toward both, and unreachable
+                // endpoints toward their own run too.
+                let local = matches!(outcome, Outcome::ConnectFailure | Outcome::Unreachable);
+                let (n, g) = if local && o.split_local {
+                    (0, 0)
                 } else {
-                    ep.consecutive_gateway.store(0, Ordering::Relaxed);
-                    0
+                    let n = ep.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    let gateway = !matches!(outcome, Outcome::ServerError { gateway: false });
+                    let g = if gateway {
+                        ep.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+                    } else {
+                        ep.consecutive_gateway.store(0, Ordering::Relaxed);
+                        0
+                    };
+                    (n, g)
                 };
-                // Any answer, even a bad one, shows the endpoint can be reached.
-                let u = if outcome == Outcome::Unreachable {
+                let u = if outcome == Outcome::Unreachable || (local && o.split_local) {
                     ep.consecutive_unreachable.fetch_add(1, Ordering::Relaxed) + 1
                 } else {
-                    if matches!(outcome, Outcome::ServerError { .. }) {
+                    // Any answer, even a bad one, shows the endpoint can be reached.
+                    if !local {
                         ep.consecutive_unreachable.store(0, Ordering::Relaxed);
                     }
                     0
                 };
-                let o = &self.set.outlier;
                 if o.consecutive_failures.is_some_and(|t| n >= t)
                     || o.consecutive_gateway.is_some_and(|t| g >= t)
                     || o.consecutive_unreachable.is_some_and(|t| u >= t)
                 {
                     self.set.eject(ep, now);
+                    if ep.is_ejected(now) {
+                        // It comes back as a new endpoint: this failure is not its latency.
+                        return;
+                    }
                 }
             }
         }
@@ -865,6 +885,22 @@ mod tests {
         finish(&s, &ep, Outcome::Unreachable);
         assert!(!ep.is_ejected(Instant::now()));
         finish(&s, &ep, Outcome::Unreachable);
+        assert!(ep.is_ejected(Instant::now()));
+        // Envoy's split mode: failed and reset connections count only toward their own run.
+        let s = set(
+            3,
+            OutlierConfig {
+                consecutive_failures: Some(2),
+                consecutive_unreachable: Some(3),
+                split_local: true,
+                ..OutlierConfig::default()
+            },
+        );
+        let ep = s.endpoints[0].clone();
+        finish(&s, &ep, Outcome::ConnectFailure);
+        finish(&s, &ep, Outcome::Unreachable);
+        assert!(!ep.is_ejected(Instant::now()), "not as 5xx");
+        finish(&s, &ep, Outcome::ConnectFailure);
         assert!(ep.is_ejected(Instant::now()));
         // Counted as failures only.
         let s = set(

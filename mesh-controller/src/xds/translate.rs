@@ -985,10 +985,8 @@ fn envoy_routes(
                     default_cluster.to_string(),
                 )),
                 timeout: Some(pb_duration(Duration::ZERO)),
-                retry_policy: Some(super::traffic::retry_policy(
-                    port.and_then(|p| p.retry.as_ref()),
-                    None,
-                )),
+                // A Service port's (outbound) route; an inbound one has only the app to go to.
+                retry_policy: port.map(|p| super::traffic::retry_policy(p.retry.as_ref(), None)),
                 hash_policy: hash_policies(hash.into_iter()),
                 ..Default::default()
             })),
@@ -1124,7 +1122,7 @@ fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> Service
                 virtual_hosts: vec![VirtualHost {
                     name: name.clone(),
                     domains: vec!["*".into()],
-                    routes: envoy_routes(&[], &name, Some(p)),
+                    routes: one_endpoint_routes(&name, p),
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -1135,6 +1133,21 @@ fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> Service
     }
     out.owned = owned;
     out
+}
+
+/// The route to the cluster `name` of one endpoint: the port's own retry, but not the default
+/// retry of failed connections, which would have nowhere else to go.
+fn one_endpoint_routes(name: &str, p: &crate::index::PortModel) -> Vec<Route> {
+    let mut routes = envoy_routes(&[], name, Some(p));
+    for r in &mut routes {
+        if let Some(route::Action::Route(a)) = &mut r.action {
+            a.retry_policy = p
+                .retry
+                .as_ref()
+                .map(|retry| super::traffic::retry_policy(Some(retry), None));
+        }
+    }
+    routes
 }
 
 /// A Service port's EDS cluster `name` (with the port's traffic policy) and its assignment of

@@ -485,6 +485,26 @@ fn a_shared_vip_belongs_to_the_first_service_only() {
     );
 }
 
+/// The filter chains of a transparent view's outbound listener that match `ip`/32 (or /128)
+/// and `port`.
+fn outbound_chains(view: &ProxyView, ip: &str, port: u32) -> Vec<FilterChain> {
+    let out: Listener = decode(
+        view.get(ResourceType::Listener, names::OUTBOUND_LISTENER)
+            .expect("outbound"),
+    );
+    out.filter_chains
+        .into_iter()
+        .filter(|c| {
+            c.filter_chain_match.as_ref().is_some_and(|m| {
+                m.prefix_ranges.first().is_some_and(|r| {
+                    r.address_prefix == ip
+                        && matches!(r.prefix_len, Some(UInt32Value { value: 32 | 128 }))
+                }) && m.destination_port == u32v(port)
+            })
+        })
+        .collect()
+}
+
 /// Every resource a view serves, by type and name, with its version.
 fn everything(view: &ProxyView) -> BTreeMap<(ResourceType, String), String> {
     let mut out = BTreeMap::new();
@@ -938,20 +958,8 @@ fn headless_endpoints_get_their_own_chains_clusters_and_identity() {
     let mut t = Translator::new(idx.model());
     let view = t.view(&proxy("default", true));
     let chains_to = |view: &ProxyView, ip: &str| -> Vec<String> {
-        let out: Listener = decode(
-            view.get(ResourceType::Listener, names::OUTBOUND_LISTENER)
-                .expect("outbound"),
-        );
-        out.filter_chains
+        outbound_chains(view, ip, 8080)
             .iter()
-            .filter(|c| {
-                c.filter_chain_match.as_ref().is_some_and(|m| {
-                    m.prefix_ranges
-                        .first()
-                        .is_some_and(|r| r.address_prefix == ip && r.prefix_len == u32v(32))
-                        && m.destination_port == u32v(8080)
-                })
-            })
             .map(|c| {
                 let Some(filter::ConfigType::TypedConfig(any)) = &c.filters[0].config_type else {
                     panic!("{c:?}")
@@ -1042,22 +1050,9 @@ fn a_vip_outranks_an_endpoint_listing_its_address() {
     .expect("slice");
     let mut t = Translator::new(idx.model());
     let on_vip = |t: &mut Translator| -> Vec<String> {
-        let out: Listener = decode(
-            t.view(&proxy("default", true))
-                .get(ResourceType::Listener, names::OUTBOUND_LISTENER)
-                .expect("outbound"),
-        );
-        out.filter_chains
-            .iter()
-            .filter(|c| {
-                c.filter_chain_match.as_ref().is_some_and(|m| {
-                    m.prefix_ranges
-                        .first()
-                        .is_some_and(|r| r.address_prefix == "10.96.0.10")
-                        && m.destination_port == u32v(9080)
-                })
-            })
-            .map(|c| c.name.clone())
+        outbound_chains(&t.view(&proxy("default", true)), "10.96.0.10", 9080)
+            .into_iter()
+            .map(|c| c.name)
             .collect()
     };
     assert_eq!(
@@ -1085,4 +1080,45 @@ fn a_vip_outranks_an_endpoint_listing_its_address() {
         everything(&t.view(&proxy("default", true))),
         everything(&fresh)
     );
+}
+
+#[test]
+fn outbound_routes_retry_failed_connections_by_default_and_connect_within_a_second() {
+    let mut idx = index();
+    idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default, labels: {app: web}}\nspec: {containers: [{name: app, ports: [{name: http, containerPort: 8000}]}]}\nstatus: {podIP: 10.0.9.9}\n")).expect("pod");
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&ProxyId {
+        name: "web-0".into(),
+        ..proxy("default", true)
+    });
+    let retry_of = |name: &str| -> Option<envoy_types::pb::envoy::config::route::v3::RetryPolicy> {
+        let rc: RouteConfiguration = decode(view.get(ResourceType::Route, name).expect(name));
+        match &rc.virtual_hosts[0].routes[0].action {
+            Some(route::Action::Route(a)) => a.retry_policy.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let default = retry_of("reviews.default.svc.cluster.local:9080").expect("a default retry");
+    assert_eq!(default.retry_on, "connect-failure");
+    assert_eq!(default.num_retries, u32v(2));
+    assert_eq!(
+        default.retry_host_predicate[0].name,
+        super::super::traffic::PREVIOUS_HOSTS
+    );
+    // The pod's own inbound route has only its app to go to.
+    let inbound = view
+        .wildcard(ResourceType::Route)
+        .into_iter()
+        .find(|(name, _)| name.starts_with("inbound|"))
+        .map(|(name, _)| name.to_string())
+        .expect("an inbound route");
+    assert_eq!(retry_of(&inbound), None);
+    let c: Cluster = decode(
+        view.get(
+            ResourceType::Cluster,
+            "outbound|9080||reviews.default.svc.cluster.local",
+        )
+        .expect("cluster"),
+    );
+    assert_eq!(c.connect_timeout, Some(pb_duration(Duration::from_secs(1))));
 }

@@ -19,7 +19,7 @@ use tracing::debug;
 use super::Shared;
 use super::observe::{self, CallerCache, Counted, Exchange, SOURCE_WORKLOAD};
 use super::replay::ReplayBody;
-use super::upstream::{self, Body, SendError, Target};
+use super::upstream::{self, Body, Fault, SendError, Target};
 use crate::balance::Outcome;
 use crate::metrics::{Direction, Peer, ReasonLabels, TimeoutLabels};
 use crate::state::route::{Action, Forward, Redirect, RequestInfo, Route, VirtualHost};
@@ -414,13 +414,17 @@ async fn forward(
                 }
             }
         }
-        Some(body) if f.retry.is_some() && !upgrade => {
+        // Recorded for a retry only when one may follow a try that sent it: a failed
+        // connection (the default retry) never read it, but a streamed body cannot be given
+        // to a second try, so such a request is not retried.
+        Some(body) if f.retry.as_ref().is_some_and(|p| p.retries_sent_requests()) && !upgrade => {
             ReqBody::Replay(ReplayBody::new(body, REPLAY_LIMIT))
         }
         Some(body) => ReqBody::Stream(Some(body)),
     };
 
-    if !f.mirrors.is_empty() && body.replayable() {
+    // A mirror gets a copy of a body held whole; a recorded one belongs to the tries.
+    if !f.mirrors.is_empty() && matches!(body, ReqBody::Empty | ReqBody::Buffered(_)) {
         mirror(ctx, snapshot, f, &parts, &origin, &host, &mut body);
     }
 
@@ -520,8 +524,9 @@ async fn forward(
                 Err(_) => Try::PerTryTimeout,
             },
         };
-        // An overflow never reached the endpoint: it neither failed nor answered.
-        if matches!(result, Try::Failed(SendError::Overflow)) {
+        // An overflow, a local failure or another request's failed attempt is not charged to
+        // the endpoint (again): it neither failed nor answered.
+        if matches!(&result, Try::Failed(e) if !e.charges_endpoint()) {
             drop(inflight);
         } else {
             inflight.finish(match &result {
@@ -529,7 +534,7 @@ async fn forward(
                     gateway: matches!(r.status().as_u16(), 502..=504),
                 },
                 Try::Response(_) => Outcome::Success,
-                Try::Failed(e) if e.unreachable() => Outcome::Unreachable,
+                Try::Failed(e) if e.fault() == Some(Fault::Unreachable) => Outcome::Unreachable,
                 Try::Failed(_) => Outcome::ConnectFailure,
                 Try::PerTryTimeout | Try::Timeout => Outcome::ServerError { gateway: true },
             });
@@ -538,6 +543,8 @@ async fn forward(
             Try::Response(r) if p.retries_status(r.status().as_u16()) => Some("status"),
             Try::Response(r) if p.retries_grpc(r.headers()) => Some("grpc-status"),
             Try::Failed(SendError::Overflow) => None,
+            // Another endpoint would fare no better.
+            Try::Failed(e) if e.fault() == Some(Fault::Local) => None,
             Try::Failed(e) if e.is_connect() && p.on_connect_failure => Some("connect-failure"),
             Try::Failed(e) if !e.is_connect() && (p.on_reset || p.on_refused_stream) => {
                 Some("reset")

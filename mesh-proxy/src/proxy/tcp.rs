@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use super::Shared;
-use super::upstream::connect_endpoint;
+use super::upstream::{Fault, connect_endpoint};
 use crate::balance::Outcome;
 use crate::identity::Alpn;
 use crate::metrics::{Direction, Peer, TcpLabels};
@@ -88,11 +88,11 @@ pub async fn forward<T>(
                 return;
             }
             Err(e) => {
-                inflight.finish(if e.unreachable() {
-                    Outcome::Unreachable
-                } else {
-                    Outcome::ConnectFailure
-                });
+                match e.fault() {
+                    Some(Fault::Unreachable) => inflight.finish(Outcome::Unreachable),
+                    Some(Fault::Local) => drop(inflight),
+                    _ => inflight.finish(Outcome::ConnectFailure),
+                }
                 debug!(endpoint = %addr, error = %e, "TCP connect failed");
                 avoid = Some(addr);
             }

@@ -31,15 +31,30 @@ pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 64;
 
+/// Why there is no connection to an endpoint, as outlier detection and retries see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The endpoint refused it or left it unanswered (refused, reset, no route, timed out,
+    /// the mesh TLS handshake unanswered): it ejects.
+    Unreachable,
+    /// Anything else on the endpoint's side (a mesh TLS handshake it failed): a failure.
+    Failed,
+    /// This proxy could not try (no valid certificate of its own, no TLS configuration, no
+    /// file descriptor or local port left): the endpoint is not charged, and another endpoint
+    /// would fare no better.
+    Local,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
-    /// No connection: `unreachable` when the endpoint refused it or left it unanswered (TCP
-    /// or mesh TLS), not when this proxy could not try.
+    /// No connection. `waited`: the failure of an attempt another request made while this
+    /// one waited for it, which charged the endpoint once already.
     #[error("connecting to {addr}: {reason}")]
     Connect {
         addr: SocketAddr,
         reason: String,
-        unreachable: bool,
+        fault: Fault,
+        waited: bool,
     },
     /// The request may have reached the endpoint: the connection or stream was reset.
     #[error("{0}")]
@@ -54,15 +69,31 @@ impl SendError {
         matches!(self, SendError::Connect { .. })
     }
 
-    /// The endpoint refused the connection or left it unanswered.
-    pub fn unreachable(&self) -> bool {
-        matches!(
-            self,
-            SendError::Connect {
-                unreachable: true,
-                ..
-            }
-        )
+    /// Why there was no connection, for a connect failure.
+    pub fn fault(&self) -> Option<Fault> {
+        match self {
+            SendError::Connect { fault, .. } => Some(*fault),
+            _ => None,
+        }
+    }
+
+    /// Whether the endpoint is charged with this failure: not for an overflow, a local
+    /// failure, or an attempt another request made (and was charged for).
+    pub fn charges_endpoint(&self) -> bool {
+        match self {
+            SendError::Overflow => false,
+            SendError::Connect { fault, waited, .. } => *fault != Fault::Local && !waited,
+            SendError::Reset(_) => true,
+        }
+    }
+
+    fn connect(addr: SocketAddr, reason: String, fault: Fault) -> Self {
+        SendError::Connect {
+            addr,
+            reason,
+            fault,
+            waited: false,
+        }
     }
 }
 
@@ -83,34 +114,33 @@ pub struct Pool {
     h2: tokio::sync::Mutex<Option<H2>>,
     /// Woken when an HTTP/1.1 connection comes back idle.
     returned: tokio::sync::Notify,
-    /// The last failed attempt at the multiplexed connection: when, why, and whether the
-    /// endpoint was unreachable.
-    h2_failed: Mutex<Option<(Instant, String, bool)>>,
+    /// The last attempt at the multiplexed connection, when it failed: when, why, and how.
+    h2_failed: Mutex<Option<(Instant, String, Fault)>>,
 }
 
 impl Pool {
-    fn h2_failed(&self, e: &SendError) {
-        if let (
-            SendError::Connect {
-                reason,
-                unreachable,
-                ..
-            },
-            Ok(mut last),
-        ) = (e, self.h2_failed.lock())
-        {
-            *last = Some((Instant::now(), reason.clone(), *unreachable));
+    /// Records how the last attempt at the multiplexed connection ended.
+    fn h2_attempted<T>(&self, result: &Result<T, SendError>) {
+        if let Ok(mut last) = self.h2_failed.lock() {
+            *last = match result {
+                Err(SendError::Connect { reason, fault, .. }) => {
+                    Some((Instant::now(), reason.clone(), *fault))
+                }
+                _ => None,
+            };
         }
     }
 
-    /// The failure of an attempt at the multiplexed connection made since `since`.
+    /// The failure of an attempt at the multiplexed connection made since `since`, when the
+    /// last attempt failed.
     fn h2_failed_since(&self, addr: SocketAddr, since: Instant) -> Option<SendError> {
         let last = self.h2_failed.lock().ok()?;
-        let (at, reason, unreachable) = last.as_ref()?;
+        let (at, reason, fault) = last.as_ref()?;
         (*at >= since).then(|| SendError::Connect {
             addr,
             reason: reason.clone(),
-            unreachable: *unreachable,
+            fault: *fault,
+            waited: true,
         })
     }
 }
@@ -156,23 +186,39 @@ impl Pool {
     }
 }
 
-/// Opens a TCP connection with a deadline.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, SendError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+/// Who a failed `connect(2)` is down to.
+fn fault_of(e: &std::io::Error) -> Fault {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionRefused
+        | K::ConnectionReset
+        | K::TimedOut
+        | K::HostUnreachable
+        | K::NetworkUnreachable => Fault::Unreachable,
+        // Out of local ports or file descriptors.
+        K::AddrNotAvailable | K::AddrInUse => Fault::Local,
+        _ if matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS)
+        ) =>
+        {
+            Fault::Local
+        }
+        _ => Fault::Failed,
+    }
+}
+
+/// Opens a TCP connection by `deadline`.
+pub async fn connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, SendError> {
+    let stream = match tokio::time::timeout_at(deadline.into(), TcpStream::connect(addr)).await {
         Err(_) => {
-            return Err(SendError::Connect {
+            return Err(SendError::connect(
                 addr,
-                reason: format!("timed out after {}ms", timeout.as_millis()),
-                unreachable: true,
-            });
+                "timed out".into(),
+                Fault::Unreachable,
+            ));
         }
-        Ok(Err(e)) => {
-            return Err(SendError::Connect {
-                addr,
-                reason: e.to_string(),
-                unreachable: true,
-            });
-        }
+        Ok(Err(e)) => return Err(SendError::connect(addr, e.to_string(), fault_of(&e))),
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
@@ -252,41 +298,46 @@ pub async fn connect_endpoint(
     alpn: Alpn,
     timeout: Duration,
 ) -> Result<Conn, SendError> {
-    let stream = connect(ep.addr, timeout).await?;
+    // One deadline for the TCP connection and the mesh TLS handshake, as Envoy's
+    // `connect_timeout` bounds both.
+    let deadline = Instant::now() + timeout;
+    let stream = connect(ep.addr, deadline).await?;
     let (Some(tls), Some(id)) = (tls, ep.identity.as_ref()) else {
         return Ok(Conn::Plain(stream));
     };
     let Some(connector) = tls.connector(id, alpn) else {
-        return Err(SendError::Connect {
-            addr: ep.addr,
-            reason: "no TLS client config".into(),
-            unreachable: false,
-        });
+        return Err(SendError::connect(
+            ep.addr,
+            "no TLS client config".into(),
+            Fault::Local,
+        ));
     };
     let name = rustls::pki_types::ServerName::IpAddress(ep.addr.ip().into());
-    match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
+    match tokio::time::timeout_at(deadline.into(), connector.connect(name, stream)).await {
         Ok(Ok(s)) => {
             tls.handshake_done(crate::metrics::Direction::outbound, true);
             Ok(Conn::Tls(Box::new(s)))
         }
         Ok(Err(e)) => {
             tls.handshake_done(crate::metrics::Direction::outbound, false);
-            Err(SendError::Connect {
-                addr: ep.addr,
-                reason: format!("mesh TLS: {e}"),
-                unreachable: true,
-            })
+            // An endpoint that closes the handshake is as good as unanswered; one that
+            // presents the wrong certificate (or one this proxy cannot check) is a failure.
+            let fault = match e.kind() {
+                std::io::ErrorKind::InvalidData => Fault::Failed,
+                _ => fault_of(&e),
+            };
+            Err(SendError::connect(ep.addr, format!("mesh TLS: {e}"), fault))
         }
         Err(_) => {
             tls.handshake_done(crate::metrics::Direction::outbound, false);
-            Err(SendError::Connect {
-                addr: ep.addr,
-                reason: format!(
-                    "mesh TLS handshake timed out after {}ms",
+            Err(SendError::connect(
+                ep.addr,
+                format!(
+                    "mesh TLS handshake not done {}ms after the connection began",
                     timeout.as_millis()
                 ),
-                unreachable: true,
-            })
+                Fault::Unreachable,
+            ))
         }
     }
 }
@@ -340,11 +391,11 @@ pub async fn send(
         && !tls.identity.has_valid_svid()
     {
         ep.pool.clear();
-        return Err(SendError::Connect {
-            addr: ep.addr,
-            reason: "this proxy holds no valid certificate: mesh TLS refused".into(),
-            unreachable: false,
-        });
+        return Err(SendError::connect(
+            ep.addr,
+            "this proxy holds no valid certificate: mesh TLS refused".into(),
+            Fault::Local,
+        ));
     }
     if target.h2 {
         let resp = send_h2(ep, target, req).await?;
@@ -571,8 +622,9 @@ async fn send_h2(
                     slot.take();
                     let stream =
                         connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout)
-                            .await
-                            .inspect_err(|e| ep.pool.h2_failed(e))?;
+                            .await;
+                    ep.pool.h2_attempted(&stream);
+                    let stream = stream?;
                     let (tx, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .keep_alive_interval(Duration::from_secs(30))

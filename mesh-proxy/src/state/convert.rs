@@ -1280,7 +1280,8 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
         let five = enforced(o.enforcing_consecutive_5xx.map(|v| v.value), 100);
         let gateway = enforced(o.enforcing_consecutive_gateway_failure.map(|v| v.value), 0);
         // Failed connections count as 5xx, unless split out as local-origin failures.
-        let local = o.split_external_local_origin_errors
+        let split = o.split_external_local_origin_errors;
+        let local = split
             && enforced(
                 o.enforcing_consecutive_local_origin_failure
                     .map(|v| v.value),
@@ -1295,6 +1296,7 @@ pub fn cluster(c: &PbCluster) -> Result<ClusterDef> {
                     .map_or(5, |n| n.value)
                     .max(1)
             }),
+            split_local: split,
             linear: true,
             base_ejection: Duration::from_secs(30),
             max_ejection: Duration::from_secs(300),

@@ -500,8 +500,12 @@ fn outlier_detection_counts_connection_failures_as_envoy_does() {
                 .map(|value| UInt32Value { value }),
             ..Default::default()
         }))
-        .consecutive_unreachable
     };
-    assert_eq!(split(None), Some(2));
-    assert_eq!(split(Some(0)), None);
+    let on = split(None);
+    assert_eq!(
+        (on.consecutive_unreachable, on.split_local),
+        (Some(2), true)
+    );
+    let off = split(Some(0));
+    assert_eq!((off.consecutive_unreachable, off.split_local), (None, true));
 }
