@@ -45,6 +45,34 @@ pub struct Workload {
     pub app: App,
 }
 
+impl Workload {
+    /// One pod `<name>-0` in `namespace`, labelled `app: <name>`, with service account
+    /// `<name>`, running nothing but (when `meshed`) mesh-proxy: a place to run load from.
+    pub fn idle(namespace: &str, name: &str, meshed: bool) -> Self {
+        Workload {
+            namespace: namespace.into(),
+            name: name.into(),
+            service_account: name.into(),
+            labels: [("app".to_owned(), name.to_owned())].into(),
+            replicas: 1,
+            meshed,
+            sidecar: Sidecar::MeshProxy,
+            app: App::Idle,
+        }
+    }
+}
+
+/// What a proxy's metrics say it sent through `backend` (a cluster): the `dst_identity` of
+/// each `mesh_proxy_requests_total` series (the identity mesh TLS proved, or empty) and its
+/// count.
+pub fn sent_through(metrics: &str, backend: &str) -> Vec<(String, f64)> {
+    mesh_api::prom::parse(metrics)
+        .into_iter()
+        .filter(|s| s.name == "mesh_proxy_requests_total" && s.label("backend") == backend)
+        .map(|s| (s.label("dst_identity").to_owned(), s.value))
+        .collect()
+}
+
 /// A Service: a virtual IP and port, selecting pods by labels.
 #[derive(Clone, Debug)]
 pub struct ServiceDef {

@@ -74,12 +74,17 @@ pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
     }
     // Written over and then cut to length, never replaced (the pods' bind mounts hold on to
     // this inode) nor truncated first (a lookup in between would find no record at all).
+    // What is left of a longer old text is blanked in the same write, so a lookup never reads
+    // an old record after a new text.
+    let old = std::fs::metadata(path).map_or(0, |m| m.len() as usize);
+    let mut bytes = text.as_bytes().to_vec();
+    bytes.resize(old.max(bytes.len()), b'\n');
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .open(path)?;
-    std::io::Write::write_all(&mut f, text.as_bytes())?;
+    std::io::Write::write_all(&mut f, &bytes)?;
     f.set_len(text.len() as u64)
 }
 

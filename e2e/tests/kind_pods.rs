@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mesh_e2e::cluster::{App, Cluster, Sidecar, Workload};
+use mesh_e2e::cluster::{Cluster, Workload};
 use mesh_e2e::kind::{KindCluster, apply_yaml, kubectl};
 use serde_json::Value;
 
@@ -27,20 +27,6 @@ fn kind() -> anyhow::Result<KindCluster> {
 /// Namespace [`NS`] with injection on and mTLS `mode`.
 fn namespace(c: &mut KindCluster, mode: &str) -> anyhow::Result<()> {
     c.label_namespace(NS, &[("mesh.dev/mtls-mode", mode)])
-}
-
-/// A meshed pod to run load from.
-fn client(name: &str) -> Workload {
-    Workload {
-        namespace: NS.into(),
-        name: name.into(),
-        service_account: name.into(),
-        labels: [("app".to_owned(), name.to_owned())].into(),
-        replicas: 1,
-        meshed: true,
-        sidecar: Sidecar::MeshProxy,
-        app: App::Idle,
-    }
 }
 
 fn pod_json(name: &str) -> anyhow::Result<Value> {
@@ -311,7 +297,7 @@ async fn kind_a_rolling_restart_under_load_fails_nothing() -> anyhow::Result<()>
     let mut c = kind()?;
     namespace(&mut c, "PERMISSIVE")?;
     web(&c, 3, true)?;
-    let client = c.deploy(&client("client")).await?;
+    let client = c.deploy(&Workload::idle(NS, "client", true)).await?;
     c.wait_synced().await?;
     let load = c.start_load(
         NS,
@@ -394,7 +380,7 @@ spec:
         "statefulset/db",
         "--timeout=180s",
     ])?;
-    let client = c.deploy(&client("client")).await?;
+    let client = c.deploy(&Workload::idle(NS, "client", true)).await?;
     c.wait_synced().await?;
     let server_id = format!("spiffe://cluster.local/ns/{NS}/sa/db");
     for pod in ["db-0", "db-1", "db-2"] {
@@ -409,12 +395,11 @@ spec:
             .await?;
         assert_eq!(r["by_body"][format!("{pod} v1")], 20, "{url}: {r}");
         let backend = format!("outbound|8080|{pod}|db.{NS}.svc.cluster.local");
-        let metrics = c.proxy_metrics(NS, &client[0])?;
-        let ids: Vec<String> = mesh_api::prom::parse(&metrics)
-            .into_iter()
-            .filter(|s| s.name == "mesh_proxy_requests_total" && s.label("backend") == backend)
-            .map(|s| s.label("dst_identity").to_owned())
-            .collect();
+        let ids: Vec<String> =
+            mesh_e2e::cluster::sent_through(&c.proxy_metrics(NS, &client[0])?, &backend)
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
         assert!(
             !ids.is_empty() && ids.iter().all(|id| *id == server_id),
             "{backend}: {ids:?}"

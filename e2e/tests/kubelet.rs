@@ -112,16 +112,7 @@ async fn under_strict_a_probed_pod_is_ready_through_its_rewritten_probes() -> an
     );
     assert_eq!(probe_path, 200);
     let client = c
-        .deploy(&mesh_e2e::cluster::Workload {
-            namespace: NS.into(),
-            name: "client".into(),
-            service_account: "client".into(),
-            labels: [("app".to_owned(), "client".to_owned())].into(),
-            replicas: 1,
-            meshed: true,
-            sidecar: mesh_e2e::cluster::Sidecar::MeshProxy,
-            app: mesh_e2e::cluster::App::Idle,
-        })
+        .deploy(&mesh_e2e::cluster::Workload::idle(NS, "client", true))
         .await?;
     c.wait_synced().await?;
     let through_mesh = |c: &NetnsCluster| {
@@ -306,14 +297,9 @@ async fn a_rolling_restart_under_load_fails_nothing() -> anyhow::Result<()> {
     {
         let client = c
             .deploy(&mesh_e2e::cluster::Workload {
-                namespace: NS.into(),
                 name: format!("client-{sidecar:?}").to_lowercase(),
-                service_account: "client".into(),
-                labels: [("app".to_owned(), "client".to_owned())].into(),
-                replicas: 1,
-                meshed: true,
                 sidecar,
-                app: mesh_e2e::cluster::App::Idle,
+                ..mesh_e2e::cluster::Workload::idle(NS, "client", true)
             })
             .await?;
         c.wait_synced().await?;
@@ -401,16 +387,7 @@ async fn a_statefulset_behind_a_headless_service_is_reached_pod_by_pod_under_str
                     }]}}}}))
         .await?;
     let client = c
-        .deploy(&mesh_e2e::cluster::Workload {
-            namespace: NS.into(),
-            name: "client".into(),
-            service_account: "client".into(),
-            labels: [("app".to_owned(), "client".to_owned())].into(),
-            replicas: 1,
-            meshed: true,
-            sidecar: mesh_e2e::cluster::Sidecar::MeshProxy,
-            app: mesh_e2e::cluster::App::Idle,
-        })
+        .deploy(&mesh_e2e::cluster::Workload::idle(NS, "client", true))
         .await?;
     c.wait_synced().await?;
     let server_id = "spiffe://cluster.local/ns/shop/sa/db";
@@ -429,12 +406,7 @@ async fn a_statefulset_behind_a_headless_service_is_reached_pod_by_pod_under_str
         assert_eq!(r["by_body"][format!("{pod} v1")], 20, "{url}: {r}");
         // What the client's proxy sent to this pod's own cluster, and the identity it proved.
         let backend = format!("outbound|8080|{pod}|db.{NS}.svc.cluster.local");
-        let metrics = c.proxy_metrics(NS, &client[0])?;
-        let sent: Vec<(String, f64)> = mesh_api::prom::parse(&metrics)
-            .into_iter()
-            .filter(|s| s.name == "mesh_proxy_requests_total" && s.label("backend") == backend)
-            .map(|s| (s.label("dst_identity").to_owned(), s.value))
-            .collect();
+        let sent = mesh_e2e::cluster::sent_through(&c.proxy_metrics(NS, &client[0])?, &backend);
         assert_eq!(
             sent.iter().map(|(_, v)| v).sum::<f64>(),
             20.0,

@@ -45,16 +45,7 @@ fn demo(name: &str, version: &str, replicas: usize) -> Workload {
 }
 
 fn idle(name: &str, meshed: bool) -> Workload {
-    Workload {
-        namespace: "shop".into(),
-        name: name.into(),
-        service_account: name.into(),
-        labels: labels(&[("app", name)]),
-        replicas: 1,
-        meshed,
-        sidecar: Sidecar::MeshProxy,
-        app: App::Idle,
-    }
+    Workload::idle("shop", name, meshed)
 }
 
 /// `reviews` (and `reviews-v1`, `reviews-v2`): `v1` pods of v1, one of v2, and a meshed client
