@@ -988,6 +988,11 @@ fn headless_endpoints_get_their_own_chains_clusters_and_identity() {
         format!("{rc:?}").contains(&format!("Cluster({db0:?})")),
         "{rc:?}"
     );
+    // No default retry of failed connections: there is no other endpoint to go to.
+    match &rc.virtual_hosts[0].routes[0].action {
+        Some(route::Action::Route(a)) => assert_eq!(a.retry_policy, None),
+        other => panic!("{other:?}"),
+    }
     assert!(view.get(ResourceType::Cluster, db0).is_some());
     let cla: ClusterLoadAssignment = decode(view.get(ResourceType::Endpoint, db0).expect("cla"));
     let eps: Vec<&LbEndpoint> = cla.endpoints.iter().flat_map(|l| &l.lb_endpoints).collect();

@@ -257,6 +257,16 @@ impl ReqBody {
         }
     }
 
+    /// A copy for another try, made now (which ends the previous try's copy), or `None` when
+    /// the body cannot be sent again (it streamed, or outgrew its record).
+    fn copy(&mut self) -> Option<Body> {
+        match self {
+            ReqBody::Stream(_) => None,
+            ReqBody::Replay(r) => r.replay().map(|c| c.boxed_unsync()),
+            _ => Some(self.take()),
+        }
+    }
+
     fn take(&mut self) -> Body {
         match self {
             ReqBody::Empty => empty(),
@@ -477,6 +487,8 @@ async fn forward(
     }
     let mut attempt = 0u32;
     let mut avoid = None;
+    // The body of the next try, copied when its retry was decided.
+    let mut next_body: Option<Body> = None;
     // The retry in flight, against the cluster's max_retries or retry budget.
     let mut retry_slot = None;
     loop {
@@ -498,7 +510,8 @@ async fn forward(
             breaker: cluster.breaker.clone(),
             peers: cluster.endpoints.clone(),
         };
-        let Some(req) = build(h2, ep.mesh_proxy, body.take()) else {
+        let try_body = next_body.take().unwrap_or_else(|| body.take());
+        let Some(req) = build(h2, ep.mesh_proxy, try_body) else {
             return local(
                 StatusCode::BAD_REQUEST,
                 "invalid Host for an HTTP/2 upstream",
@@ -558,18 +571,21 @@ async fn forward(
                 reason,
             };
             let now = Instant::now();
+            // The next try's body is copied now, while the record is known to hold it: by
+            // the time the retry starts, the last try may have read it past what is kept.
+            let mut denied = || match body.copy() {
+                None => Some("body-not-replayable"),
+                Some(copy) => {
+                    let denied = admit_retry(&cluster, now, &mut retry_slot);
+                    if denied.is_none() {
+                        next_body = Some(copy);
+                    }
+                    denied
+                }
+            };
             if attempt >= p.attempts || deadline.is_some_and(|d| now >= d) {
                 // Out of tries: the last answer stands.
-            } else if !body.replayable() {
-                shared
-                    .metrics
-                    .retries_denied
-                    .get_or_create(&ReasonLabels {
-                        backend: cluster.name.clone(),
-                        reason: "body-not-replayable",
-                    })
-                    .inc();
-            } else if let Some(denied) = admit_retry(&cluster, now, &mut retry_slot) {
+            } else if let Some(denied) = denied() {
                 shared
                     .metrics
                     .retries_denied
@@ -793,16 +809,24 @@ fn mirror(
         tokio::spawn(async move {
             let ep = inflight.endpoint.clone();
             let result = upstream::send(&ep, target, r).await;
-            let ok = matches!(&result, Ok(r) if !r.status().is_server_error());
-            if let Ok(resp) = result {
-                // Read the answer so the connection can be reused.
-                let _ = resp.into_body().collect().await;
+            // Charged as the main tries are.
+            match result {
+                Ok(resp) => {
+                    let ok = !resp.status().is_server_error();
+                    // Read the answer so the connection can be reused.
+                    let _ = resp.into_body().collect().await;
+                    inflight.finish(if ok {
+                        Outcome::Success
+                    } else {
+                        Outcome::ServerError { gateway: false }
+                    });
+                }
+                Err(e) if !e.charges_endpoint() => drop(inflight),
+                Err(e) if e.fault() == Some(Fault::Unreachable) => {
+                    inflight.finish(Outcome::Unreachable)
+                }
+                Err(_) => inflight.finish(Outcome::ConnectFailure),
             }
-            inflight.finish(if ok {
-                Outcome::Success
-            } else {
-                Outcome::ServerError { gateway: false }
-            });
         });
     }
 }

@@ -88,12 +88,13 @@ pub async fn forward<T>(
                 return;
             }
             Err(e) => {
+                debug!(endpoint = %addr, error = %e, "TCP connect failed");
                 match e.fault() {
                     Some(Fault::Unreachable) => inflight.finish(Outcome::Unreachable),
-                    Some(Fault::Local) => drop(inflight),
+                    // Another endpoint would fare no better.
+                    Some(Fault::Local) => return,
                     _ => inflight.finish(Outcome::ConnectFailure),
                 }
-                debug!(endpoint = %addr, error = %e, "TCP connect failed");
                 avoid = Some(addr);
             }
         }

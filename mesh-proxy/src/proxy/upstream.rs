@@ -322,8 +322,13 @@ pub async fn connect_endpoint(
             tls.handshake_done(crate::metrics::Direction::outbound, false);
             // An endpoint that closes the handshake is as good as unanswered; one that
             // presents the wrong certificate (or one this proxy cannot check) is a failure.
+            // (tokio-rustls: a TLS error is InvalidData; the peer hanging up is
+            // UnexpectedEof; a client connection that could not be set up is Other.)
+            use std::io::ErrorKind as K;
             let fault = match e.kind() {
-                std::io::ErrorKind::InvalidData => Fault::Failed,
+                K::InvalidData => Fault::Failed,
+                K::UnexpectedEof | K::WriteZero | K::BrokenPipe => Fault::Unreachable,
+                K::Other => Fault::Local,
                 _ => fault_of(&e),
             };
             Err(SendError::connect(ep.addr, format!("mesh TLS: {e}"), fault))

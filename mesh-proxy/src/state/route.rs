@@ -354,12 +354,13 @@ impl RetryPolicy {
     /// Whether it retries requests that reached the endpoint (anything but a failed
     /// connection), whose bodies a retry must then replay.
     pub fn retries_sent_requests(&self) -> bool {
-        self.on_5xx
-            || self.on_gateway_error
-            || self.on_reset
-            || self.on_refused_stream
-            || !self.codes.is_empty()
-            || !self.grpc_statuses.is_empty()
+        self.attempts > 0
+            && (self.on_5xx
+                || self.on_gateway_error
+                || self.on_reset
+                || self.on_refused_stream
+                || !self.codes.is_empty()
+                || !self.grpc_statuses.is_empty())
     }
 
     pub fn retries_status(&self, status: u16) -> bool {
