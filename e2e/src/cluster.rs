@@ -135,6 +135,20 @@ pub trait Cluster {
     }
     /// Starts the load generator in pod `ns/pod` with `args`.
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Load>;
+    /// 20 requests, one at a time, from pod `ns/pod` to `url`: the load generator's report.
+    fn twenty_requests(
+        &self,
+        ns: &str,
+        pod: &str,
+        url: &str,
+    ) -> impl std::future::Future<Output = anyhow::Result<serde_json::Value>> {
+        let load = self.start_load(
+            ns,
+            pod,
+            &["--url", url, "--requests", "20", "--concurrency", "1"],
+        );
+        async move { load?.finish().await }
+    }
     /// The address of pod `ns/pod`.
     fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String>;
     /// The proxy metrics of pod `ns/pod` in Prometheus text: mesh-proxy's (port 15020), or

@@ -385,14 +385,7 @@ spec:
     let server_id = format!("spiffe://cluster.local/ns/{NS}/sa/db");
     for pod in ["db-0", "db-1", "db-2"] {
         let url = format!("http://{pod}.db.{NS}.svc.cluster.local:8080/");
-        let r = c
-            .start_load(
-                NS,
-                &client[0],
-                &["--url", &url, "--requests", "20", "--concurrency", "1"],
-            )?
-            .finish()
-            .await?;
+        let r = c.twenty_requests(NS, &client[0], &url).await?;
         assert_eq!(r["by_body"][format!("{pod} v1")], 20, "{url}: {r}");
         let backend = format!("outbound|8080|{pod}|db.{NS}.svc.cluster.local");
         let ids: Vec<String> =

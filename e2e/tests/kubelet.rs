@@ -395,14 +395,7 @@ async fn a_statefulset_behind_a_headless_service_is_reached_pod_by_pod_under_str
     let mut seen = Vec::new();
     for pod in &pods {
         let url = format!("http://{pod}.db.{NS}.svc.cluster.local:8080/");
-        let r = c
-            .start_load(
-                NS,
-                &client[0],
-                &["--url", &url, "--requests", "20", "--concurrency", "1"],
-            )?
-            .finish()
-            .await?;
+        let r = c.twenty_requests(NS, &client[0], &url).await?;
         assert_eq!(r["by_body"][format!("{pod} v1")], 20, "{url}: {r}");
         // What the client's proxy sent to this pod's own cluster, and the identity it proved.
         let backend = format!("outbound|8080|{pod}|db.{NS}.svc.cluster.local");

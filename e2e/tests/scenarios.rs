@@ -120,13 +120,7 @@ fn at_200_rps<C: Cluster>(c: &C, url: &str, duration: &str) -> anyhow::Result<Lo
 
 /// 20 requests, one at a time, from pod `shop/pod` to `url`: the load generator's report.
 async fn twenty_requests<C: Cluster>(c: &C, pod: &str, url: &str) -> anyhow::Result<Value> {
-    c.start_load(
-        "shop",
-        pod,
-        &["--url", url, "--requests", "20", "--concurrency", "1"],
-    )?
-    .finish()
-    .await
+    c.twenty_requests("shop", pod, url).await
 }
 
 fn count(report: &Value, body: &str) -> u64 {
