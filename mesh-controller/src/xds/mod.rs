@@ -1,6 +1,7 @@
 //! Envoy v3 xDS: translation of the model into resources, and the ADS server that serves them.
 
 pub mod canonical;
+mod pb;
 pub mod policy;
 pub mod resources;
 pub mod server;

@@ -30,7 +30,7 @@ use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket, fractio
 use envoy_types::pb::google::protobuf::UInt32Value;
 use mesh_api::consts::xds::{RATE_LIMIT_IDENTITY_KEY, RATE_LIMIT_MAX_IDENTITIES};
 
-use super::translate::{any, network_filter, pb_duration};
+use super::pb::{any, network_filter, pb_duration};
 use crate::index::policy::{
     Authz, AuthzDefault, Bucket, Operation, Pattern, Policies, PortPolicies, RateLimit as Limit,
     Source, Via,

@@ -17,10 +17,10 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::v3::Percent;
-use envoy_types::pb::google::protobuf::{UInt32Value, Value, value};
+use envoy_types::pb::google::protobuf::{Value, value};
 use mesh_api::crds::{GrpcRetryStatus, RetryOn};
 
-use super::translate::{any, pb_duration};
+use super::pb::{any, pb_duration, u32v};
 use crate::index::routes::Retry;
 use crate::index::traffic::{Balancer, ClusterPolicy, HashKey};
 
@@ -32,10 +32,6 @@ pub const PREVIOUS_HOSTS: &str = "envoy.retry_host_predicates.previous_hosts";
 /// `ROUND_ROBIN` (gRPC's proxyless clients refuse `LEAST_REQUEST` in `lb_policy`).
 pub const BALANCER_KEY: &str = "balancer";
 pub const PEAK_EWMA: &str = "peak-ewma";
-
-fn u32v(v: u32) -> Option<UInt32Value> {
-    Some(UInt32Value { value: v })
-}
 
 fn set_balancer(c: &mut Cluster, b: &Balancer) {
     use cluster::LbPolicy as L;

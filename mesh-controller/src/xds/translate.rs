@@ -28,8 +28,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
-    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter,
-    listener_filter,
+    ApiListener, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, Route,
@@ -56,14 +55,13 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
 };
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
-use envoy_types::pb::google::protobuf::{
-    Any, BoolValue, Duration as PbDuration, Struct, UInt32Value, Value, value,
-};
+use envoy_types::pb::google::protobuf::{BoolValue, Struct, Value, value};
 use mesh_api::consts::{ports, xds as names};
 use prost::Name;
 use serde::Serialize;
 
 use super::canonical;
+use super::pb::{any, network_filter, pb_duration, u32v};
 use super::resources::{Changes, ProxyView, Resource, ResourceType, Resources};
 use crate::index::routes::{HeaderModifier, PathMatch, PathModifier, StrMatch};
 use crate::index::traffic::{Balancer, HashKey};
@@ -464,13 +462,6 @@ impl Translator {
 
 // ---- small builders ---------------------------------------------------------------------------
 
-pub(super) fn any<M: prost::Message + Name>(m: &M) -> Any {
-    Any {
-        type_url: M::type_url(),
-        value: canonical::encode(m),
-    }
-}
-
 fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
@@ -489,17 +480,6 @@ fn socket_address(ip: IpAddr, port: u16) -> Address {
             ..Default::default()
         })),
     }
-}
-
-pub(super) fn pb_duration(d: Duration) -> PbDuration {
-    PbDuration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
-fn u32v(v: u32) -> Option<UInt32Value> {
-    Some(UInt32Value { value: v })
 }
 
 fn router_filter() -> HttpFilter {
@@ -522,13 +502,6 @@ fn hcm(stat_prefix: &str, route_config: &str) -> HttpConnectionManager {
         })),
         http_filters: vec![router_filter()],
         ..Default::default()
-    }
-}
-
-pub(super) fn network_filter<M: prost::Message + Name>(name: &str, config: &M) -> Filter {
-    Filter {
-        name: name.into(),
-        config_type: Some(filter::ConfigType::TypedConfig(any(config))),
     }
 }
 

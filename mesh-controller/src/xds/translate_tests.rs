@@ -1,7 +1,9 @@
 use super::*;
 use crate::index::Index;
 use crate::testing::{obj, service_yaml, slice_yaml, split_yaml};
+use envoy_types::pb::envoy::config::listener::v3::filter;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 use prost::Message;
 
 fn index() -> Index {
