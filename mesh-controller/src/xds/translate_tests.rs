@@ -1,8 +1,19 @@
+use std::time::Duration;
+
 use super::*;
 use crate::index::Index;
 use crate::testing::{obj, service_yaml, slice_yaml, split_yaml};
+use crate::xds::pb::pb_duration;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::address;
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, LbEndpoint, lb_endpoint,
+};
 use envoy_types::pb::envoy::config::listener::v3::filter;
+use envoy_types::pb::envoy::config::route::v3::{route, route_action, route_match};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 use prost::Message;
 
