@@ -739,18 +739,24 @@ impl Index {
             .flatten()
             .filter_map(|k| self.slices.get(k))
         {
-            for (port_name, port) in &slice.ports {
-                let eps = endpoints.entry(port_name.as_str()).or_default();
-                for e in &slice.endpoints {
-                    let peer = e
-                        .pod
+            // Each endpoint's pod, looked up once for all the slice's ports.
+            let peers: Vec<Option<Arc<PodModel>>> = slice
+                .endpoints
+                .iter()
+                .map(|e| {
+                    e.pod
                         .as_deref()
                         .and_then(pod_key)
-                        .and_then(|k| self.pods.get(&k).cloned());
+                        .and_then(|k| self.pods.get(&k).cloned())
+                })
+                .collect();
+            for (port_name, port) in &slice.ports {
+                let eps = endpoints.entry(port_name.as_str()).or_default();
+                for (e, peer) in slice.endpoints.iter().zip(&peers) {
                     eps.push(Endpoint {
                         addr: SocketAddr::new(e.ip, *port),
                         pod: e.pod.clone(),
-                        peer,
+                        peer: peer.clone(),
                         terminating: e.terminating,
                         hostname: e.hostname.clone(),
                     });

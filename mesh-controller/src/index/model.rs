@@ -71,7 +71,7 @@ impl Protocol {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Endpoint {
     pub addr: SocketAddr,
     /// `namespace/name` of the Pod behind it, when the EndpointSlice says.
@@ -165,7 +165,7 @@ pub struct ServiceModel {
     pub selector: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PodModel {
     pub namespace: String,
     pub name: String,
@@ -279,6 +279,10 @@ impl Model {
         cluster_name(svc, port, &self.cluster_domain)
     }
 
+    pub fn endpoint_cluster_name(&self, svc: &SvcKey, port: u16, endpoint: &str) -> String {
+        endpoint_cluster_name(svc, port, endpoint, &self.cluster_domain)
+    }
+
     pub fn fqdn(&self, svc: &SvcKey) -> String {
         format!("{}.{}.svc.{}", svc.name, svc.namespace, self.cluster_domain)
     }
@@ -302,8 +306,14 @@ impl Model {
 }
 
 pub fn cluster_name(svc: &SvcKey, port: u16, domain: &str) -> String {
+    endpoint_cluster_name(svc, port, "", domain)
+}
+
+/// The cluster of one endpoint of a headless Service: `outbound|<port>|<endpoint>|<fqdn>`
+/// (with `endpoint` empty, the Service port's own).
+pub fn endpoint_cluster_name(svc: &SvcKey, port: u16, endpoint: &str, domain: &str) -> String {
     format!(
-        "outbound|{port}||{}.{}.svc.{domain}",
+        "outbound|{port}|{endpoint}|{}.{}.svc.{domain}",
         svc.name, svc.namespace
     )
 }

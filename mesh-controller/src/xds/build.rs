@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, ListenerFilter, listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, Route,
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route,
     RouteAction as PbRouteAction, RouteMatch, WeightedCluster, header_matcher,
     query_parameter_matcher, redirect_action, route, route_action, route_match, weighted_cluster,
 };
@@ -53,7 +53,7 @@ use crate::index::{Model, PodModel, Protocol, RouteAction, RouteEntry};
 
 // ---- small builders ---------------------------------------------------------------------------
 
-pub(super) fn ads() -> ConfigSource {
+fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: ApiVersion::V3 as i32,
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
@@ -73,7 +73,7 @@ pub(super) fn socket_address(ip: IpAddr, port: u16) -> Address {
     }
 }
 
-pub(super) fn router_filter() -> HttpFilter {
+fn router_filter() -> HttpFilter {
     HttpFilter {
         name: "envoy.filters.http.router".into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(
@@ -141,9 +141,9 @@ pub(super) fn listener_filter<M: prost::Message + Name>(name: &str, config: &M) 
 /// How long a connection to an endpoint may take, unless a TrafficPolicy says (Linkerd's
 /// outbound default: in a cluster a pod answers in milliseconds, and a dead one should be
 /// noticed and ejected fast).
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub(super) fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
+fn eds_cluster(name: &str, protocol: Protocol) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
         connect_timeout: Some(pb_duration(CONNECT_TIMEOUT)),
@@ -189,11 +189,7 @@ pub(super) fn set_upstream_protocol(c: &mut Cluster, http2: bool) {
 /// Endpoint metadata for an endpoint backed by a known pod: its namespace and workload (for
 /// metrics); behind a mesh-proxy, also its mesh identity (the SVID that mesh TLS to it must
 /// find), and whether it may be spoken to over HTTP/2 (`proxy`).
-pub(super) fn peer_metadata(
-    pod: &PodModel,
-    identity: Option<&mesh_api::SpiffeId>,
-    h2: bool,
-) -> Metadata {
+fn peer_metadata(pod: &PodModel, identity: Option<&mesh_api::SpiffeId>, h2: bool) -> Metadata {
     let text = |s: &str| Value {
         kind: Some(value::Kind::StringValue(s.to_string())),
     };
@@ -228,7 +224,7 @@ pub(super) fn peer_metadata(
 /// endpoints are priority 0; terminating ones that still serve come after them at priority 1
 /// (or 0 when none is ready), so clients send them nothing while a ready endpoint is usable, as
 /// Kubernetes intends, and in-flight requests finish.
-pub(super) fn load_assignment(
+fn load_assignment(
     cluster: &str,
     endpoints: &[crate::index::Endpoint],
     meta: impl Fn(&crate::index::Endpoint) -> Option<Metadata>,
@@ -272,7 +268,7 @@ pub(super) fn load_assignment(
 }
 
 /// Whether a pod runs a mesh-proxy (the injector labels it).
-pub(super) fn is_proxied(p: &PodModel) -> bool {
+fn is_proxied(p: &PodModel) -> bool {
     p.labels
         .get(mesh_api::consts::labels::PROXY)
         .is_some_and(|v| v == "true")
@@ -357,7 +353,7 @@ pub(super) fn header_matcher(name: &str, m: &StrMatch) -> HeaderMatcher {
 /// Envoy route matches for one Gateway API match. A Gateway API prefix matches whole path
 /// segments, so `/api` becomes an exact `/api` and a prefix `/api/`, in that order; both forms
 /// are understood by Envoy and by gRPC clients alike.
-pub(super) fn route_matches(entry: &RouteEntry) -> Vec<RouteMatch> {
+fn route_matches(entry: &RouteEntry) -> Vec<RouteMatch> {
     let m = &entry.matches;
     let mut headers: Vec<HeaderMatcher> = m
         .headers
@@ -402,7 +398,7 @@ pub(super) fn route_matches(entry: &RouteEntry) -> Vec<RouteMatch> {
         .collect()
 }
 
-pub(super) fn header_options(m: &HeaderModifier) -> Vec<HeaderValueOption> {
+fn header_options(m: &HeaderModifier) -> Vec<HeaderValueOption> {
     let opt = |h: &crate::index::routes::Header,
                action: header_value_option::HeaderAppendAction| {
         HeaderValueOption {
@@ -432,10 +428,7 @@ pub(super) fn header_options(m: &HeaderModifier) -> Vec<HeaderValueOption> {
         .collect()
 }
 
-pub(super) fn forward_action(
-    entry: &RouteEntry,
-    backends: &[crate::index::WeightedBackend],
-) -> PbRouteAction {
+fn forward_action(entry: &RouteEntry, backends: &[crate::index::WeightedBackend]) -> PbRouteAction {
     let cluster_of = |b: &crate::index::WeightedBackend| {
         b.cluster
             .clone()
@@ -511,7 +504,7 @@ pub(super) fn forward_action(
 
 /// The prefix rewrite for one Envoy match: the exact half of a segment prefix swaps the whole
 /// path, the `/prefix/` half keeps its slash.
-pub(super) fn prefix_rewrite(entry: &RouteEntry, m: &RouteMatch) -> Option<String> {
+fn prefix_rewrite(entry: &RouteEntry, m: &RouteMatch) -> Option<String> {
     let Some(PathModifier::Prefix(to)) = entry.rewrite.as_ref().and_then(|r| r.path.as_ref())
     else {
         return None;
@@ -525,9 +518,7 @@ pub(super) fn prefix_rewrite(entry: &RouteEntry, m: &RouteMatch) -> Option<Strin
 }
 
 /// A route's hash policies: one per distinct key its backends hash by.
-pub(super) fn hash_policies<'a>(
-    keys: impl Iterator<Item = &'a HashKey>,
-) -> Vec<route_action::HashPolicy> {
+fn hash_policies<'a>(keys: impl Iterator<Item = &'a HashKey>) -> Vec<route_action::HashPolicy> {
     let mut seen: Vec<&HashKey> = Vec::new();
     for k in keys {
         if !seen.contains(&k) {
@@ -545,30 +536,9 @@ pub(super) fn envoy_routes(
     port: Option<&crate::index::PortModel>,
 ) -> Vec<Route> {
     if entries.is_empty() {
-        let hash = port
-            .and_then(|p| p.traffic.as_ref())
-            .and_then(|t| match &t.balancer {
-                Balancer::Hash(k) => Some(k),
-                _ => None,
-            });
-        return vec![Route {
-            name: "default".into(),
-            r#match: Some(RouteMatch {
-                path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                ..Default::default()
-            }),
-            action: Some(route::Action::Route(PbRouteAction {
-                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                    default_cluster.to_string(),
-                )),
-                timeout: Some(pb_duration(Duration::ZERO)),
-                // A Service port's (outbound) route; an inbound one has only the app to go to.
-                retry_policy: port.map(|p| super::traffic::retry_policy(p.retry.as_ref(), None)),
-                hash_policy: hash_policies(hash.into_iter()),
-                ..Default::default()
-            })),
-            ..Default::default()
-        }];
+        // A Service port's (outbound) route; an inbound one has only the app to go to.
+        let retry = port.map(|p| super::traffic::retry_policy(p.retry.as_ref(), None));
+        return vec![default_route(default_cluster, retry, port)];
     }
     let mut out = Vec::new();
     for entry in entries {
@@ -630,19 +600,44 @@ pub(super) fn envoy_routes(
     out
 }
 
+/// The one route of a port without route entries: everything to `cluster`, with `retry` and
+/// the port's hash key, if any.
+fn default_route(
+    cluster: &str,
+    retry: Option<RetryPolicy>,
+    port: Option<&crate::index::PortModel>,
+) -> Route {
+    let hash = port
+        .and_then(|p| p.traffic.as_ref())
+        .and_then(|t| match &t.balancer {
+            Balancer::Hash(k) => Some(k),
+            _ => None,
+        });
+    Route {
+        name: "default".into(),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(PbRouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+            timeout: Some(pb_duration(Duration::ZERO)),
+            retry_policy: retry,
+            hash_policy: hash_policies(hash.into_iter()),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
 /// The route to the cluster `name` of one endpoint: the port's own retry, but not the default
 /// retry of failed connections, which would have nowhere else to go.
 pub(super) fn one_endpoint_routes(name: &str, p: &crate::index::PortModel) -> Vec<Route> {
-    let mut routes = envoy_routes(&[], name, Some(p));
-    for r in &mut routes {
-        if let Some(route::Action::Route(a)) = &mut r.action {
-            a.retry_policy = p
-                .retry
-                .as_ref()
-                .map(|retry| super::traffic::retry_policy(Some(retry), None));
-        }
-    }
-    routes
+    let retry = p
+        .retry
+        .as_ref()
+        .map(|r| super::traffic::retry_policy(Some(r), None));
+    vec![default_route(name, retry, Some(p))]
 }
 
 /// A Service port's EDS cluster `name` (with the port's traffic policy) and its assignment of

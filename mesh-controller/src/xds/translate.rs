@@ -439,7 +439,11 @@ fn consumer_route_name(base: &str, ns: &str) -> String {
 
 fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> ServiceResources {
     let mut out = ServiceResources::default();
-    out.chains = encoded_chains(model, svc, &owned, None);
+    let endpoints = pod_endpoints(model, svc, &owned);
+    out.chains = match svc.cluster_ip {
+        None => endpoint_chains(&endpoints),
+        Some(_) => vip_chains(model, svc, &owned, None),
+    };
     out.vhosts_remote = encoded_vhosts(model, svc, &owned, None, false);
     out.vhosts_local = encoded_vhosts(model, svc, &owned, None, true);
     out.chains_hash = hash_bytes(&out.chains);
@@ -484,11 +488,12 @@ fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> Service
     // endpoint (so the address chosen is the one reached, with its pod's identity), and for
     // HTTP its route, with the port's retry but not the Service's routes, which pick among
     // endpoints.
-    for (name, p, e) in pod_endpoints(model, svc, &owned) {
+    for (name, p, e) in &endpoints {
+        let (p, e) = (*p, *e);
         out.global.extend(cluster_and_endpoints(
             model,
             p,
-            &name,
+            name,
             std::slice::from_ref(e),
         ));
         if p.protocol != Protocol::Tcp {
@@ -497,13 +502,13 @@ fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> Service
                 virtual_hosts: vec![VirtualHost {
                     name: name.clone(),
                     domains: vec!["*".into()],
-                    routes: one_endpoint_routes(&name, p),
+                    routes: one_endpoint_routes(name, p),
                     ..Default::default()
                 }],
                 ..Default::default()
             };
             out.global
-                .push((ResourceType::Route, Resource::new(&name, &rc)));
+                .push((ResourceType::Route, Resource::new(name, &rc)));
         }
     }
     out.owned = owned;
@@ -522,28 +527,26 @@ fn pod_endpoints<'a>(
     &'a crate::index::PortModel,
     &'a crate::index::Endpoint,
 )> {
-    let fqdn = model.fqdn(&svc.key);
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
     if svc.cluster_ip.is_some() {
         return out;
     }
     for p in &svc.ports {
-        let hostnames: Vec<&str> = p
-            .endpoints
-            .iter()
-            .filter_map(|e| e.hostname.as_deref())
-            .collect();
+        let mut hostnames: HashMap<&str, usize> = HashMap::new();
+        for h in p.endpoints.iter().filter_map(|e| e.hostname.as_deref()) {
+            *hostnames.entry(h).or_default() += 1;
+        }
         for e in p.endpoints.iter() {
             if !owned.contains(&e.addr) || !seen.insert(e.addr) {
                 continue;
             }
             // A hostname names the endpoint while it is the only one with it.
             let label = match e.hostname.as_deref() {
-                Some(h) if hostnames.iter().filter(|o| **o == h).count() == 1 => h.to_string(),
+                Some(h) if hostnames.get(h) == Some(&1) => h.to_string(),
                 _ => e.addr.ip().to_string(),
             };
-            out.push((format!("outbound|{}|{label}|{fqdn}", p.port), p, e));
+            out.push((model.endpoint_cluster_name(&svc.key, p.port, &label), p, e));
         }
     }
     out
@@ -641,31 +644,35 @@ fn encoded_vhosts(
     buf
 }
 
-/// `virtualOutbound` filter chains of one Service, encoded as `Listener.filter_chains` entries:
-/// by its VIP and port, or, headless, by each endpoint's address.
-fn encoded_chains(
-    model: &Model,
-    svc: &ServiceModel,
-    owned: &Owned,
-    consumer: Option<&str>,
+/// A headless Service's `virtualOutbound` filter chains, by each endpoint's address (the same
+/// in every namespace), encoded as `Listener.filter_chains` entries.
+fn endpoint_chains(
+    endpoints: &[(String, &crate::index::PortModel, &crate::index::Endpoint)],
 ) -> Vec<u8> {
     let mut buf = Vec::new();
-    for (name, p, e) in pod_endpoints(model, svc, owned) {
+    for (name, p, e) in endpoints {
         let chains = port_chains(
-            &name,
+            name,
             p.protocol,
             FilterChainMatch {
                 prefix_ranges: vec![cidr(e.addr.ip())],
                 destination_port: u32v(u32::from(e.addr.port())),
                 ..Default::default()
             },
-            || vec![hcm_filter(&name, &name)],
-            || vec![tcp_filter(&name, &name)],
+            || vec![hcm_filter(name, name)],
+            || vec![tcp_filter(name, name)],
         );
         for c in &chains {
             canonical::encode_field(FILTER_CHAINS_TAG, c, &mut buf);
         }
     }
+    buf
+}
+
+/// A Service's `virtualOutbound` filter chains by its VIP and port, with the routes of
+/// `consumer`'s namespace or the producer's, encoded as `Listener.filter_chains` entries.
+fn vip_chains(model: &Model, svc: &ServiceModel, owned: &Owned, consumer: Option<&str>) -> Vec<u8> {
+    let mut buf = Vec::new();
     let Some(vip) = svc.cluster_ip else {
         return buf;
     };
@@ -709,8 +716,8 @@ fn namespace_resources(
         // A transparent proxy sends by destination address; it needs no Host-routed listener.
         let mut bytes = canonical::encode(&outbound_listener(settings));
         for (svc, res) in services.values() {
-            if has_consumer_routes(svc, namespace) {
-                bytes.extend(encoded_chains(model, svc, &res.owned, Some(namespace)));
+            if svc.cluster_ip.is_some() && has_consumer_routes(svc, namespace) {
+                bytes.extend(vip_chains(model, svc, &res.owned, Some(namespace)));
             } else {
                 bytes.extend_from_slice(&res.chains);
             }
