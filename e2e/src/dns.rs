@@ -69,16 +69,16 @@ pub fn records(state: &State) -> String {
 
 /// Writes `text` to the hosts file `path` in place, unless it holds that already.
 pub fn write(path: &Path, text: &str) -> std::io::Result<()> {
-    if std::fs::read_to_string(path).is_ok_and(|old| old == text) {
+    let old = std::fs::read(path).unwrap_or_default();
+    if old == text.as_bytes() {
         return Ok(());
     }
     // Written over and then cut to length, never replaced (the pods' bind mounts hold on to
     // this inode) nor truncated first (a lookup in between would find no record at all).
     // What is left of a longer old text is blanked in the same write, so a lookup never reads
     // an old record after a new text.
-    let old = std::fs::metadata(path).map_or(0, |m| m.len() as usize);
     let mut bytes = text.as_bytes().to_vec();
-    bytes.resize(old.max(bytes.len()), b'\n');
+    bytes.resize(old.len().max(bytes.len()), b'\n');
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)

@@ -182,6 +182,13 @@ impl Endpoint {
         }
     }
 
+    /// Forgets its runs of failures.
+    fn reset_runs(&self) {
+        self.consecutive_failures.store(0, Ordering::Relaxed);
+        self.consecutive_gateway.store(0, Ordering::Relaxed);
+        self.consecutive_unreachable.store(0, Ordering::Relaxed);
+    }
+
     pub fn is_ejected(&self, now: Instant) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
         until != 0 && nanos(now) < until
@@ -346,9 +353,7 @@ impl InFlight {
         let ep = &self.endpoint;
         match outcome {
             Outcome::Success => {
-                ep.consecutive_failures.store(0, Ordering::Relaxed);
-                ep.consecutive_gateway.store(0, Ordering::Relaxed);
-                ep.consecutive_unreachable.store(0, Ordering::Relaxed);
+                ep.reset_runs();
                 ep.ejections.store(0, Ordering::Relaxed);
             }
             // Failures of tries that were under way when it was ejected say nothing new, and
@@ -721,9 +726,7 @@ impl EndpointSet {
             until = base() + Duration::from_nanos(u64::try_from(rounded).unwrap_or(u64::MAX));
         }
         ep.ejected_until.store(nanos(until), Ordering::Relaxed);
-        ep.consecutive_failures.store(0, Ordering::Relaxed);
-        ep.consecutive_gateway.store(0, Ordering::Relaxed);
-        ep.consecutive_unreachable.store(0, Ordering::Relaxed);
+        ep.reset_runs();
         // Back on probation when it returns: it competes like a new endpoint instead of
         // carrying the cost of the failures that ejected it.
         if let Ok(mut e) = ep.ewma.lock() {

@@ -539,18 +539,17 @@ async fn forward(
         };
         // An overflow, a local failure or another request's failed attempt is not charged to
         // the endpoint (again): it neither failed nor answered.
-        if matches!(&result, Try::Failed(e) if !e.charges_endpoint()) {
-            drop(inflight);
-        } else {
-            inflight.finish(match &result {
-                Try::Response(r) if r.status().is_server_error() => Outcome::ServerError {
-                    gateway: matches!(r.status().as_u16(), 502..=504),
-                },
-                Try::Response(_) => Outcome::Success,
-                Try::Failed(e) if e.fault() == Some(Fault::Unreachable) => Outcome::Unreachable,
-                Try::Failed(_) => Outcome::ConnectFailure,
-                Try::PerTryTimeout | Try::Timeout => Outcome::ServerError { gateway: true },
-            });
+        let outcome = match &result {
+            Try::Response(r) if r.status().is_server_error() => Some(Outcome::ServerError {
+                gateway: matches!(r.status().as_u16(), 502..=504),
+            }),
+            Try::Response(_) => Some(Outcome::Success),
+            Try::Failed(e) => e.outcome(),
+            Try::PerTryTimeout | Try::Timeout => Some(Outcome::ServerError { gateway: true }),
+        };
+        match outcome {
+            Some(o) => inflight.finish(o),
+            None => drop(inflight),
         }
         let reason = policy.and_then(|p| match &result {
             Try::Response(r) if p.retries_status(r.status().as_u16()) => Some("status"),
@@ -821,11 +820,11 @@ fn mirror(
                         Outcome::ServerError { gateway: false }
                     });
                 }
-                Err(e) if !e.charges_endpoint() => drop(inflight),
-                Err(e) if e.fault() == Some(Fault::Unreachable) => {
-                    inflight.finish(Outcome::Unreachable)
+                Err(e) => {
+                    if let Some(o) = e.outcome() {
+                        inflight.finish(o);
+                    }
                 }
-                Err(_) => inflight.finish(Outcome::ConnectFailure),
             }
         });
     }

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tracing::debug;
 
 use super::Shared;
-use super::upstream::{Fault, connect_endpoint};
+use super::upstream::connect_endpoint;
 use crate::balance::Outcome;
 use crate::identity::Alpn;
 use crate::metrics::{Direction, Peer, TcpLabels};
@@ -89,12 +89,10 @@ pub async fn forward<T>(
             }
             Err(e) => {
                 debug!(endpoint = %addr, error = %e, "TCP connect failed");
-                match e.fault() {
-                    Some(Fault::Unreachable) => inflight.finish(Outcome::Unreachable),
-                    // Another endpoint would fare no better.
-                    Some(Fault::Local) => return,
-                    _ => inflight.finish(Outcome::ConnectFailure),
-                }
+                // Not charged: a local fault (a TCP connect never waits on another's), which
+                // another endpoint would fare no better with.
+                let Some(o) = e.outcome() else { return };
+                inflight.finish(o);
                 avoid = Some(addr);
             }
         }

@@ -77,13 +77,19 @@ impl SendError {
         }
     }
 
-    /// Whether the endpoint is charged with this failure: not for an overflow, a local
+    /// What the endpoint is charged with for this failure: nothing for an overflow, a local
     /// failure, or an attempt another request made (and was charged for).
-    pub fn charges_endpoint(&self) -> bool {
+    pub fn outcome(&self) -> Option<crate::balance::Outcome> {
+        use crate::balance::Outcome;
         match self {
-            SendError::Overflow => false,
-            SendError::Connect { fault, waited, .. } => *fault != Fault::Local && !waited,
-            SendError::Reset(_) => true,
+            SendError::Overflow => None,
+            SendError::Connect { fault, waited, .. } => match fault {
+                _ if *waited => None,
+                Fault::Local => None,
+                Fault::Unreachable => Some(Outcome::Unreachable),
+                Fault::Failed => Some(Outcome::ConnectFailure),
+            },
+            SendError::Reset(_) => Some(Outcome::ConnectFailure),
         }
     }
 
