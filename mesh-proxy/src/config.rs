@@ -28,12 +28,18 @@ pub enum XdsTls {
     Off,
 }
 
+/// `--xds` by default: a controller on this host (`ports::CONTROLLER_XDS`).
+const DEFAULT_XDS: &str = "127.0.0.1:15010";
+
 #[derive(Clone, Debug, Parser, Serialize)]
 #[command(name = "mesh-proxy", version, about = "The mesh's sidecar proxy")]
 pub struct Config {
-    /// Address of the controller's xDS server, `host:port`.
-    #[arg(long, env = env::PROXY_XDS, default_value_t = format!("127.0.0.1:{}", ports::CONTROLLER_XDS))]
-    pub xds: String,
+    /// The controller's xDS servers: `host:port`, comma-separated; a host name may resolve to
+    /// several replicas (the chart's headless `mesh-controller-xds`). The proxy streams from one
+    /// and moves to the next when it goes away.
+    #[arg(long, env = env::PROXY_XDS, value_delimiter = ',',
+          value_parser = crate::xds::servers::parse_target, default_value = DEFAULT_XDS)]
+    pub xds: Vec<String>,
     /// Who this proxy is: `<namespace>/<name>` of its pod.
     #[arg(long, env = env::PROXY_NODE)]
     pub node: String,
@@ -175,7 +181,7 @@ impl Config {
     pub fn local(xds: SocketAddr, node: &str) -> Self {
         let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         Config {
-            xds: xds.to_string(),
+            xds: vec![xds.to_string()],
             node: node.to_string(),
             xds_api: XdsApi::Delta,
             transparent: false,
@@ -234,8 +240,8 @@ impl Config {
             XdsTls::Off => false,
             XdsTls::Auto => !self
                 .xds
-                .parse::<SocketAddr>()
-                .is_ok_and(|a| a.ip().is_loopback()),
+                .iter()
+                .all(|t| t.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback())),
         }
     }
 
@@ -342,6 +348,28 @@ mod tests {
         assert_eq!(c.admin_addr.port(), ports::PROXY_ADMIN);
         assert_eq!(c.outbound_http_addr.port(), ports::PROXY_OUTBOUND_HTTP);
         assert_eq!(c.drain_deadline, Duration::from_secs(25));
+        assert_eq!(
+            c.xds,
+            [format!("127.0.0.1:{}", ports::CONTROLLER_XDS)],
+            "the default --xds is this host's controller"
+        );
+        assert!(!c.xds_over_tls(), "plaintext to a controller on loopback");
+        let replicas = Config::try_parse_from([
+            "mesh-proxy",
+            "--node",
+            "a/b",
+            "--xds",
+            "10.0.0.1:15010,mesh-controller-xds.mesh-system.svc:15010",
+        ])
+        .expect("a list of targets");
+        assert_eq!(replicas.xds.len(), 2);
+        assert!(replicas.xds_over_tls(), "TLS to a controller off this host");
+        let e = Config::try_parse_from(["mesh-proxy", "--node", "a/b", "--xds", "10.0.0.1:1,nope"])
+            .expect_err("a target without a port");
+        assert!(
+            e.to_string().contains("--xds") && e.to_string().contains("\"nope\""),
+            "{e}"
+        );
         let bad = Config {
             node: "nope".into(),
             ..c

@@ -177,7 +177,7 @@ impl Proxy {
             .collect();
         info!(
             node = %config.node,
-            xds = %config.xds,
+            xds = %config.xds.join(","),
             ?outbound_addr,
             ?inbound_addr,
             ?outbound_http_addr,

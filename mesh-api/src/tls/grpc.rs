@@ -141,6 +141,11 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
+/// HTTP/2 pings on every channel [`channel`] makes: a server gone without closing the
+/// connection (its node lost) is noticed after at most interval + timeout.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A lazily connecting gRPC channel to `target` (`host:port`, resolved at each connect) over
 /// mesh TLS with `config` (which decides what server identity is accepted and whether a
 /// client SVID is shown).
@@ -175,5 +180,7 @@ pub fn channel(
     // The URI only fills the :authority header; `dial` decides where to connect.
     tonic::transport::Endpoint::from_static("http://mesh.invalid")
         .connect_timeout(connect_timeout)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .connect_with_connector_lazy(dial)
 }

@@ -13,13 +13,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::channel::mpsc;
-use mesh_api::backoff::Backoff;
 use mesh_api::consts::node_metadata;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::cache::{Cache, Incoming, Type, resource_name};
+use super::servers::{After, Servers};
 use crate::config::{Config, XdsApi};
 use crate::identity::MeshTls;
 use crate::metrics::{Metrics, XdsLabels};
@@ -37,6 +37,8 @@ pub struct TypeStatus {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct XdsStatus {
     pub connected: bool,
+    /// The controller replica the stream is (or was last) open to.
+    pub controller: Option<SocketAddr>,
     pub streams_opened: u64,
     pub last_stream_error: Option<String>,
     pub types: BTreeMap<&'static str, TypeStatus>,
@@ -55,7 +57,7 @@ pub struct ListenerPorts {
 
 #[derive(Debug)]
 pub struct XdsClient {
-    addr: String,
+    targets: Vec<String>,
     api: XdsApi,
     node: Node,
     store: Arc<Store>,
@@ -69,11 +71,11 @@ pub struct XdsClient {
 enum StreamError {
     #[error("connecting to {addr}: {source}")]
     Connect {
-        addr: String,
+        addr: SocketAddr,
         source: tonic::transport::Error,
     },
-    #[error("xDS address {0:?} is not host:port")]
-    Address(String),
+    #[error("{0}")]
+    Resolve(String),
     #[error("stream: {0}")]
     Status(#[from] tonic::Status),
     #[error("the controller closed the stream")]
@@ -85,6 +87,9 @@ fn string_value(s: String) -> Value {
         kind: Some(value::Kind::StringValue(s)),
     }
 }
+
+/// How long connecting to one replica may take before the next is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long an incomplete config may wait for the rest before it is served anyway.
 const WARMING_LIMIT: Duration = Duration::from_secs(1);
@@ -131,7 +136,7 @@ impl XdsClient {
             ..Default::default()
         };
         Self {
-            addr: config.xds.clone(),
+            targets: config.xds.clone(),
             api: config.xds_api,
             node,
             store,
@@ -145,19 +150,29 @@ impl XdsClient {
     pub async fn run(self) {
         let mut cache = Cache::default();
         let mut publisher = Publisher::default();
-        let mut backoff = Backoff::default();
+        let mut servers = Servers::new(self.targets.clone());
         loop {
+            let addr = match servers.pick().await {
+                Ok(a) => a,
+                Err(e) => {
+                    let delay = servers.unresolved();
+                    self.down(&StreamError::Resolve(e), delay);
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            };
             if let Ok(mut s) = self.status.lock() {
                 s.streams_opened += 1;
+                s.controller = Some(addr);
             }
             let mut got_response = false;
             let result = match self.api {
                 XdsApi::Delta => {
-                    self.delta(&mut cache, &mut publisher, &mut got_response)
+                    self.delta(addr, &mut cache, &mut publisher, &mut got_response)
                         .await
                 }
                 XdsApi::Sotw => {
-                    self.sotw(&mut cache, &mut publisher, &mut got_response)
+                    self.sotw(addr, &mut cache, &mut publisher, &mut got_response)
                         .await
                 }
             };
@@ -166,52 +181,53 @@ impl XdsClient {
                 Ok(()) => StreamError::Closed,
                 Err(e) => e,
             };
-            if let Ok(mut s) = self.status.lock() {
-                s.connected = false;
-                s.last_stream_error = Some(err.to_string());
+            match servers.ended(got_response) {
+                After::Now => self.down(&err, Duration::ZERO),
+                After::Wait(delay) => {
+                    self.down(&err, delay);
+                    tokio::time::sleep(delay).await;
+                }
             }
-            if got_response {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
-            warn!(error = %err, retry_ms = delay.as_millis() as u64, "xDS stream down; serving the last good config");
-            tokio::time::sleep(delay).await;
         }
     }
 
-    async fn channel(&self) -> Result<Channel, StreamError> {
+    fn down(&self, err: &StreamError, retry: Duration) {
+        if let Ok(mut s) = self.status.lock() {
+            s.connected = false;
+            s.last_stream_error = Some(err.to_string());
+        }
+        warn!(error = %err, retry_ms = retry.as_millis() as u64, "xDS stream down; serving the last good config");
+    }
+
+    async fn channel(&self, addr: SocketAddr) -> Result<Channel, StreamError> {
         if let Some((mesh, config)) = &self.tls {
             // The controller wants a client certificate: wait for the first one.
             while !mesh.identity.has_valid_svid() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             return Ok(mesh_api::tls::grpc::channel(
-                self.addr.clone(),
+                addr.to_string(),
                 config.clone(),
-                Duration::from_secs(5),
+                CONNECT_TIMEOUT,
             ));
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|_| StreamError::Address(self.addr.clone()))?
-            .connect_timeout(Duration::from_secs(5))
+        Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| StreamError::Resolve(format!("{addr}: {e}")))?
+            .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        endpoint
+            .http2_keep_alive_interval(mesh_api::tls::grpc::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(mesh_api::tls::grpc::KEEPALIVE_TIMEOUT)
             .connect()
             .await
-            .map_err(|source| StreamError::Connect {
-                addr: self.addr.clone(),
-                source,
-            })
+            .map_err(|source| StreamError::Connect { addr, source })
     }
 
-    fn connected(&self) {
+    fn connected(&self, addr: SocketAddr) {
         self.metrics.xds_connected.set(1);
         if let Ok(mut s) = self.status.lock() {
             s.connected = true;
         }
-        info!(controller = %self.addr, api = ?self.api, "xDS stream open");
+        info!(controller = %addr, api = ?self.api, "xDS stream open");
     }
 
     fn record(&self, ty: Type, cache: &Cache, result: &Result<(), String>) {
@@ -274,11 +290,12 @@ impl XdsClient {
 
     async fn delta(
         &self,
+        addr: SocketAddr,
         cache: &mut Cache,
         publisher: &mut Publisher,
         got_response: &mut bool,
     ) -> Result<(), StreamError> {
-        let channel = self.channel().await?;
+        let channel = self.channel(addr).await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024);
         let (tx, rx) = mpsc::unbounded::<DeltaDiscoveryRequest>();
@@ -312,7 +329,7 @@ impl XdsClient {
             }
         }
         let mut inbound = client.delta_aggregated_resources(rx).await?.into_inner();
-        self.connected();
+        self.connected(addr);
         loop {
             let refuse = |type_url, response_nonce, detail| DeltaDiscoveryRequest {
                 type_url,
@@ -382,11 +399,12 @@ impl XdsClient {
 
     async fn sotw(
         &self,
+        addr: SocketAddr,
         cache: &mut Cache,
         publisher: &mut Publisher,
         got_response: &mut bool,
     ) -> Result<(), StreamError> {
-        let channel = self.channel().await?;
+        let channel = self.channel(addr).await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024);
         let (tx, rx) = mpsc::unbounded::<DiscoveryRequest>();
@@ -419,7 +437,7 @@ impl XdsClient {
             }
         }
         let mut inbound = client.stream_aggregated_resources(rx).await?.into_inner();
-        self.connected();
+        self.connected(addr);
         loop {
             let refuse = |type_url, response_nonce, detail| DiscoveryRequest {
                 type_url,
