@@ -196,7 +196,8 @@ pub struct NetnsCluster {
     pods: Vec<Pod>,
     services: Vec<(ServiceDef, Ipv4Addr)>,
     control_plane: Option<Pod>,
-    controller: Option<Child>,
+    /// The controller's replicas; the first runs in the control-plane pod.
+    controllers: Vec<Replica>,
     next_ip: u32,
     next_vip: u32,
     /// Pods killed whose endpoints stay listed.
@@ -215,6 +216,30 @@ pub struct NetnsCluster {
     kubelet: Option<crate::kubelet::Kubelet>,
     /// Those pods.
     kubelet_pods: Vec<KubeletPod>,
+}
+
+/// A controller replica: a Pod object (`mesh-controller-<k>`, so the chart's headless
+/// `mesh-controller-xds` lists it) and its process. A killed replica stays listed until the
+/// cluster is dropped, as the platform has not noticed yet.
+#[derive(Debug)]
+struct Replica {
+    name: String,
+    ip: Ipv4Addr,
+    netns: String,
+    /// Its own network namespace; `None` for the first, in the control-plane pod.
+    pod: Option<Pod>,
+    child: Option<Child>,
+}
+
+/// Where sidecars find the controller, as injection tells them: every replica under one name.
+fn xds_service_addr() -> String {
+    use mesh_api::consts::{identity, ports};
+    format!(
+        "{}.{}.svc:{}",
+        identity::CONTROLLER_XDS_SERVICE,
+        identity::SYSTEM_NAMESPACE,
+        ports::CONTROLLER_XDS
+    )
 }
 
 /// A pod the kubelet runs from its spec.
@@ -252,7 +277,7 @@ impl NetnsCluster {
             pods: Vec::new(),
             services: Vec::new(),
             control_plane: None,
-            controller: None,
+            controllers: Vec::new(),
             next_ip: 3,
             next_vip: 10,
             namespace_labels: BTreeMap::new(),
@@ -287,6 +312,13 @@ impl NetnsCluster {
         c.start_api_server().await?;
         c.kubelet = Some(crate::kubelet::Kubelet::start(&c.node)?);
         let cp = c.add_netns("mesh-system", "control-plane", CONTROL_PLANE_IP)?;
+        c.controllers.push(Replica {
+            name: "mesh-controller-0".into(),
+            ip: CONTROL_PLANE_IP,
+            netns: cp.netns.clone(),
+            pod: None,
+            child: None,
+        });
         c.control_plane = Some(cp);
         c.start_ca().await?;
         c.start_controller().await?;
@@ -509,11 +541,36 @@ impl NetnsCluster {
         Ok(path)
     }
 
-    /// Starts (or restarts) the controller and waits until it is ready.
+    /// Starts (or restarts) the controller's first replica and waits until it is ready.
     pub async fn start_controller(&mut self) -> anyhow::Result<()> {
+        self.start_replica(0).await
+    }
+
+    /// Starts one more controller replica in a pod of its own and waits until it is ready;
+    /// returns its index.
+    pub async fn add_controller_replica(&mut self) -> anyhow::Result<usize> {
+        let k = self.controllers.len();
+        anyhow::ensure!(k < 255, "too many controller replicas");
+        let name = format!("mesh-controller-{k}");
+        let ip = Ipv4Addr::new(10, 244, 255, k as u8);
+        let pod = self.add_netns("mesh-system", &name, ip)?;
+        self.controllers.push(Replica {
+            name,
+            ip,
+            netns: pod.netns.clone(),
+            pod: Some(pod),
+            child: None,
+        });
+        self.start_replica(k).await?;
+        Ok(k)
+    }
+
+    /// Starts (or restarts) replica `k` as the chart runs it, on the API server through a
+    /// kubeconfig; waits until it is ready, then lists its Pod (and so its address under
+    /// `mesh-controller-xds`).
+    async fn start_replica(&mut self, k: usize) -> anyhow::Result<()> {
         let token = self.token("mesh-system", "mesh-controller")?;
         let d = |p: &str| self.dir.path().join(p).display().to_string();
-        // As the chart runs it, the API server reached with a kubeconfig.
         let args: Vec<String> = vec![
             "--webhook-addr".into(),
             "0.0.0.0:15017".into(),
@@ -530,32 +587,77 @@ impl NetnsCluster {
             "--debounce-max-ms".into(),
             "50".into(),
         ];
-        let netns = self
-            .control_plane
-            .as_ref()
-            .context("control plane")?
-            .netns
-            .clone();
+        let replica = self
+            .controllers
+            .get(k)
+            .context("no such controller replica")?;
         let env = [
             ("KUBECONFIG", d("kubeconfig")),
-            ("POD_NAME", "mesh-controller-0".to_owned()),
+            ("POD_NAME", replica.name.clone()),
         ];
-        self.controller = Some(Self::spawn_with_env(
-            &netns,
+        let log = self.log(&replica.name);
+        let child = Self::spawn_with_env(
+            &replica.netns,
             None,
             &binary("mesh-controller")?,
             &args,
             &env,
-            &self.log("mesh-controller"),
-        )?);
-        self.wait_ready("mesh-controller", 15014).await
+            &log,
+        )?;
+        self.controllers[k].child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.replica_get(k, 15014, "/ready").is_err() {
+            if Instant::now() > deadline {
+                bail!(
+                    "{} not ready in 20 s:\n{}",
+                    self.controllers[k].name,
+                    self.tail(&self.controllers[k].name)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.write_state()
     }
 
-    /// Kills the controller (the proxies keep their last config).
-    pub fn kill_controller(&mut self) {
-        if let Some(mut c) = self.controller.take() {
+    /// `GET http://127.0.0.1:<port><path>` in controller replica `k`'s pod.
+    pub fn replica_get(&self, k: usize, port: u16, path: &str) -> anyhow::Result<String> {
+        let netns = &self
+            .controllers
+            .get(k)
+            .context("no such controller replica")?
+            .netns;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            netns,
+            "curl",
+            "-sf",
+            "--max-time",
+            "3",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+    }
+
+    /// Running controller replicas, by index.
+    pub fn running_replicas(&self) -> Vec<usize> {
+        (0..self.controllers.len())
+            .filter(|&k| self.controllers[k].child.is_some())
+            .collect()
+    }
+
+    /// Kills controller replica `k`; its Pod stays listed (the platform has not noticed).
+    pub fn kill_controller_replica(&mut self, k: usize) {
+        if let Some(mut c) = self.controllers.get_mut(k).and_then(|r| r.child.take()) {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Kills every controller replica (the proxies keep their last config).
+    pub fn kill_controller(&mut self) {
+        for k in 0..self.controllers.len() {
+            self.kill_controller_replica(k);
         }
     }
 
@@ -575,6 +677,16 @@ impl NetnsCluster {
                     "labels": self.namespace_labels.get(ns).cloned().unwrap_or_default()}})
             })
             .collect();
+        // The controller's replicas, which the chart's Services select.
+        for r in &self.controllers {
+            out.push(json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": r.name, "namespace": "mesh-system",
+                    "labels": {"app.kubernetes.io/name": "mesh-controller"}},
+                "spec": {"serviceAccountName": "mesh-controller",
+                    "containers": [{"name": "mesh-controller", "image": "mesh-controller"}]},
+                "status": {"phase": "Running", "podIP": r.ip.to_string(), "podIPs": [{"ip": r.ip.to_string()}],
+                    "conditions": [{"type": "Ready", "status": "True"}]}}));
+        }
         // A killed pod stays as it was until the platform notices.
         for p in self.pods.iter().chain(&self.dead) {
             let mut labels = p.labels.clone();
@@ -721,7 +833,7 @@ impl NetnsCluster {
             "--transparent".into(),
             "true".into(),
             "--xds".into(),
-            format!("{CONTROL_PLANE_IP}:15010"),
+            xds_service_addr(),
             "--service-account".into(),
             w.service_account.clone(),
             "--ca-addr".into(),
@@ -897,11 +1009,26 @@ impl NetnsCluster {
         self.write_state()
     }
 
-    /// The controller's view of its proxies (`/debug/proxies`).
+    /// The controller's view of its proxies (`/debug/proxies`), over every running replica.
     pub fn proxies(&self) -> anyhow::Result<serde_json::Value> {
-        let text =
-            self.control_plane_get(mesh_api::consts::ports::CONTROLLER_ADMIN, "/debug/proxies")?;
-        Ok(serde_json::from_str(&text)?)
+        let mut all = Vec::new();
+        for k in self.running_replicas() {
+            all.extend(self.replica_proxies(k)?);
+        }
+        Ok(Value::Array(all))
+    }
+
+    /// The proxies replica `k` serves.
+    pub fn replica_proxies(&self, k: usize) -> anyhow::Result<Vec<Value>> {
+        let text = self.replica_get(
+            k,
+            mesh_api::consts::ports::CONTROLLER_ADMIN,
+            "/debug/proxies",
+        )?;
+        match serde_json::from_str(&text)? {
+            Value::Array(list) => Ok(list),
+            other => bail!("/debug/proxies of replica {k} is not a list: {other}"),
+        }
     }
 
     /// Waits until every proxy has acknowledged the controller's current config.
@@ -953,7 +1080,7 @@ impl NetnsCluster {
     pub fn inject_settings() -> mesh_api::inject::InjectSettings {
         mesh_api::inject::InjectSettings {
             proxy_image: PROXY_IMAGE.into(),
-            xds_addr: format!("{CONTROL_PLANE_IP}:15010"),
+            xds_addr: xds_service_addr(),
             ca_addr: format!("{CONTROL_PLANE_IP}:15012"),
             trust_domain: "cluster.local".into(),
             proxy_uid: mesh_api::inject::PROXY_UID,
@@ -1299,6 +1426,7 @@ impl Drop for NetnsCluster {
         self.kubelet.take();
         let mut pods = std::mem::take(&mut self.pods);
         pods.extend(self.control_plane.take());
+        pods.extend(self.controllers.drain(..).filter_map(|r| r.pod));
         for p in &mut pods {
             kill_all(&mut p.procs);
             remove_namespace(&p.netns);

@@ -697,6 +697,83 @@ async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Resu
 
 /// Run by [`an_interrupted_run_is_swept_by_the_next`] in a child process (with `--ignored` and
 /// `MESH_E2E_HOLD` set): builds a cluster and waits to be killed. Run any other way, it fails.
+/// Two controller replicas, 200 rps between meshed pods, and the replica serving the most
+/// proxies killed: no request fails, every one of its proxies streams from the other replica
+/// again (found through the chart's headless `mesh-controller-xds`, where the killed replica
+/// stays listed), and a route change made after the kill reaches the client's proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_controller_replica_fails_nothing_and_its_proxies_move_to_the_other()
+-> anyhow::Result<()> {
+    if !netns::can_run() {
+        return Ok(());
+    }
+    let mut c = NetnsCluster::start().await?;
+    c.add_controller_replica().await?;
+    let addr = reviews(&mut c, 2).await?;
+    route(&mut c, &split(50, 50)).await?;
+    let url = format!("http://{addr}:9080/");
+    let load = at_200_rps(&c, &url, "12s")?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let nodes = |c: &NetnsCluster, k: usize| -> anyhow::Result<Vec<String>> {
+        Ok(c.replica_proxies(k)?
+            .iter()
+            .filter_map(|p| p["node"].as_str().map(str::to_owned))
+            .collect())
+    };
+    let (on0, on1) = (nodes(&c, 0)?, nodes(&c, 1)?);
+    let (victim, survivor, moved) = if on0.len() >= on1.len() {
+        (0, 1, on0)
+    } else {
+        (1, 0, on1)
+    };
+    anyhow::ensure!(
+        !moved.is_empty(),
+        "no proxy on either replica: {:?}",
+        c.proxies()?
+    );
+    let killed = Instant::now();
+    c.kill_controller_replica(victim);
+    let deadline = killed + Duration::from_secs(10);
+    let took = loop {
+        let there = c.replica_proxies(survivor)?;
+        // Read after the answer: an upper bound.
+        let now = Instant::now();
+        let all_synced = moved.iter().all(|node| {
+            there
+                .iter()
+                .any(|p| p["node"] == node.as_str() && mesh_e2e::cluster::synced(p))
+        });
+        if all_synced {
+            break now - killed;
+        }
+        anyhow::ensure!(
+            now < deadline,
+            "proxies {moved:?} not on replica {survivor} 10 s after replica {victim} was killed: {there:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // A route change after the kill: to v2 only, timed to the client's acknowledgement.
+    let changed = Instant::now();
+    route(&mut c, &split(0, 100)).await?;
+    let applied = changed.elapsed();
+    let r = load.finish().await?;
+    let after = twenty_requests(&c, "client-0", &url).await?;
+    mesh_e2e::figure(&format!(
+        "controller replica killed: its {} proxies on the other replica ({} there now) and synced in {} ms; \
+         a route change after the kill acknowledged by every proxy in {} ms; 12 s at 200 rps: {} requests, {} failed",
+        moved.len(),
+        nodes(&c, survivor)?.len(),
+        took.as_millis(),
+        applied.as_millis(),
+        r["sent"],
+        r["failed"]
+    ));
+    assert_eq!(r["failed"], 0, "{r}");
+    assert!(r["sent"].as_u64().unwrap_or(0) >= 2000, "{r}");
+    assert_eq!(count(&after, "reviews v2"), 20, "after the change: {after}");
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a helper: an_interrupted_run_is_swept_by_the_next runs it in a child and kills it"]
 async fn holds_a_cluster_until_killed() -> anyhow::Result<()> {

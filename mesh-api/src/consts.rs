@@ -33,6 +33,9 @@ pub mod identity {
     pub const CA_SERVICE_ACCOUNT: &str = "mesh-ca";
     /// Service account of the controller.
     pub const CONTROLLER_SERVICE_ACCOUNT: &str = "mesh-controller";
+    /// The headless Service that lists every ready controller replica's xDS address: sidecars
+    /// resolve it and fail over between the replicas.
+    pub const CONTROLLER_XDS_SERVICE: &str = "mesh-controller-xds";
 }
 
 /// Labels and annotations, all under the `mesh.dev/` prefix.

@@ -661,7 +661,7 @@ mod tests {
     fn settings() -> InjectSettings {
         InjectSettings {
             proxy_image: "mesh/mesh-proxy:test".into(),
-            xds_addr: "mesh-controller.mesh-system.svc:15010".into(),
+            xds_addr: "mesh-controller-xds.mesh-system.svc:15010".into(),
             ca_addr: "mesh-ca.mesh-system.svc:15012".into(),
             trust_domain: "cluster.local".into(),
             proxy_uid: 1337,

@@ -119,7 +119,7 @@ pub struct Config {
     pub inject_proxy_image: String,
 
     /// Injection: the controller's xDS address as pods reach it (default
-    /// `mesh-controller.NAMESPACE.svc:15010`).
+    /// `mesh-controller-xds.NAMESPACE.svc:15010`, a headless Service of every replica).
     #[arg(long)]
     pub inject_xds_addr: Option<String>,
 
@@ -214,7 +214,7 @@ impl Config {
             xds_addr: self.inject_xds_addr.clone().unwrap_or_else(|| {
                 format!(
                     "{}.{}.svc:{}",
-                    ids::CONTROLLER_SERVICE_ACCOUNT,
+                    ids::CONTROLLER_XDS_SERVICE,
                     self.namespace,
                     ports::CONTROLLER_XDS
                 )

@@ -73,6 +73,7 @@ pub fn objects(v: &Values, ns: &str, include: Include) -> anyhow::Result<Vec<Val
             ),
         ],
     ));
+    out.push(xds_headless_service(ns));
     out.push(ca_deployment(v, ns));
     out.push(controller_deployment(v, ns));
     out.push(webhook_config(v, ns));
@@ -214,6 +215,20 @@ fn service(ns: &str, name: &str, ports: &[(&str, u16, u16)]) -> Value {
     })
 }
 
+/// `mesh-controller-xds`: every ready controller replica's address under one name, for
+/// sidecars to resolve and fail over between (a ClusterIP hides the replicas behind one).
+fn xds_headless_service(ns: &str) -> Value {
+    let ctl = identity::CONTROLLER_SERVICE_ACCOUNT;
+    let mut s = service(
+        ns,
+        ctl,
+        &[("grpc-xds", ports::CONTROLLER_XDS, ports::CONTROLLER_XDS)],
+    );
+    s["metadata"]["name"] = json!(identity::CONTROLLER_XDS_SERVICE);
+    s["spec"]["clusterIP"] = json!("None");
+    s
+}
+
 fn container_security() -> Value {
     json!({
         "runAsNonRoot": true,
@@ -334,7 +349,7 @@ pub fn inject_settings(v: &Values, ns: &str) -> InjectSettings {
         proxy_image: v.image("mesh-proxy"),
         xds_addr: format!(
             "{}.{ns}.svc:{}",
-            identity::CONTROLLER_SERVICE_ACCOUNT,
+            identity::CONTROLLER_XDS_SERVICE,
             ports::CONTROLLER_XDS
         ),
         ca_addr: format!("{}.{ns}.svc:{}", identity::CA_SERVICE_ACCOUNT, ports::CA),
