@@ -12,7 +12,7 @@ pub struct Backoff {
 }
 
 impl Default for Backoff {
-    /// 10 ms doubling to 15 s: the xDS client's.
+    /// 10 ms doubling to 15 s.
     fn default() -> Self {
         Self::new(Duration::from_millis(10), Duration::from_secs(15))
     }

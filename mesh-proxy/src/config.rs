@@ -38,7 +38,7 @@ pub struct Config {
     /// several replicas (the chart's headless `mesh-controller-xds`). The proxy streams from one
     /// and moves to the next when it goes away.
     #[arg(long, env = env::PROXY_XDS, value_delimiter = ',',
-          value_parser = crate::xds::servers::parse_target, default_value = DEFAULT_XDS)]
+          value_parser = parse_xds_target, default_value = DEFAULT_XDS)]
     pub xds: Vec<String>,
     /// Who this proxy is: `<namespace>/<name>` of its pod.
     #[arg(long, env = env::PROXY_NODE)]
@@ -308,6 +308,11 @@ pub enum ConfigError {
 }
 
 pub use mesh_api::duration::parse as parse_duration;
+
+/// One `--xds` target.
+fn parse_xds_target(s: &str) -> Result<String, String> {
+    crate::xds::servers::parse_target(s).map_err(|e| e.to_string())
+}
 
 /// `--app-probes`; the error names the environment variable injection sets.
 fn parse_app_probes(s: &str) -> Result<AppProbes, String> {

@@ -329,3 +329,49 @@ async fn acks_nacks_and_keeps_serving_without_the_control_plane() {
         "{text}"
     );
 }
+
+/// Two control planes: the proxy streams from one and, when that stream ends, opens one to the
+/// other at once (a replica going away), where it subscribes again with what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moves_to_another_control_plane_when_its_stream_ends() {
+    let mut a = ControlPlane::start().await;
+    let mut b = ControlPlane::start().await;
+    let mut config = Config::local(a.addr, "default/web-1");
+    config.xds = vec![a.addr.to_string(), b.addr.to_string()];
+    let _proxy = Proxy::start(config, None).await.expect("proxy starts");
+    let on_a = tokio::select! {
+        _ = a.next_request() => true,
+        _ = b.next_request() => false,
+    };
+    let (on, mut other) = if on_a { (a, b) } else { (b, a) };
+    on.send("n1", &[("app", static_cluster("app", 9))]);
+    let ControlPlane {
+        mut requests,
+        responses,
+        server,
+        ..
+    } = on;
+    // Acknowledged, then the stream ends.
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(10), requests.next())
+            .await
+            .expect("an answer within 10 s")
+            .expect("stream open");
+        if r.response_nonce == "n1" {
+            break;
+        }
+    }
+    drop(responses);
+    let first = other.next_request().await;
+    assert_eq!(first.type_url, Cluster::type_url());
+    assert_eq!(first.node.expect("node").id, "default/web-1");
+    assert_eq!(
+        first
+            .initial_resource_versions
+            .get("app")
+            .map(String::as_str),
+        Some("1"),
+        "what it holds, so nothing unchanged is sent again"
+    );
+    server.abort();
+}

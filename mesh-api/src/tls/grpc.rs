@@ -144,6 +144,7 @@ pub fn incoming(
 /// HTTP/2 pings on every channel [`channel`] makes: a server gone without closing the
 /// connection (its node lost) is noticed after at most interval + timeout.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection is given up.
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A lazily connecting gRPC channel to `target` (`host:port`, resolved at each connect) over

@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::cache::{Cache, Incoming, Type, resource_name};
-use super::servers::{After, Servers};
+use super::servers::{After, Servers, WORKED_AFTER};
 use crate::config::{Config, XdsApi};
 use crate::identity::MeshTls;
 use crate::metrics::{Metrics, XdsLabels};
@@ -75,7 +75,12 @@ enum StreamError {
         source: tonic::transport::Error,
     },
     #[error("{0}")]
-    Resolve(String),
+    Servers(#[from] super::servers::Error),
+    #[error("{addr} does not make a URI: {source}")]
+    Uri {
+        addr: SocketAddr,
+        source: tonic::transport::Error,
+    },
     #[error("stream: {0}")]
     Status(#[from] tonic::Status),
     #[error("the controller closed the stream")]
@@ -156,15 +161,15 @@ impl XdsClient {
                 Ok(a) => a,
                 Err(e) => {
                     let delay = servers.unresolved();
-                    self.down(&StreamError::Resolve(e), delay);
+                    self.down(&StreamError::Servers(e), delay);
                     tokio::time::sleep(delay).await;
                     continue;
                 }
             };
             if let Ok(mut s) = self.status.lock() {
                 s.streams_opened += 1;
-                s.controller = Some(addr);
             }
+            let opened = Instant::now();
             let mut got_response = false;
             let result = match self.api {
                 XdsApi::Delta => {
@@ -181,7 +186,8 @@ impl XdsClient {
                 Ok(()) => StreamError::Closed,
                 Err(e) => e,
             };
-            match servers.ended(got_response) {
+            let worked = got_response && opened.elapsed() >= WORKED_AFTER;
+            match servers.ended(addr, worked) {
                 After::Now => self.down(&err, Duration::ZERO),
                 After::Wait(delay) => {
                     self.down(&err, delay);
@@ -212,7 +218,7 @@ impl XdsClient {
             ));
         }
         Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| StreamError::Resolve(format!("{addr}: {e}")))?
+            .map_err(|source| StreamError::Uri { addr, source })?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(mesh_api::tls::grpc::KEEPALIVE_INTERVAL)
@@ -226,6 +232,7 @@ impl XdsClient {
         self.metrics.xds_connected.set(1);
         if let Ok(mut s) = self.status.lock() {
             s.connected = true;
+            s.controller = Some(addr);
         }
         info!(controller = %addr, api = ?self.api, "xDS stream open");
     }

@@ -6,6 +6,6 @@
 
 pub mod cache;
 pub mod client;
-pub mod servers;
+pub(crate) mod servers;
 
 pub use client::{XdsClient, XdsStatus};
