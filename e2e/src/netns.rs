@@ -216,6 +216,8 @@ pub struct NetnsCluster {
     kubelet: Option<crate::kubelet::Kubelet>,
     /// Those pods.
     kubelet_pods: Vec<KubeletPod>,
+    /// mesh-proxies started from now on look their destinations up on demand (`--scoped`).
+    pub scoped: bool,
 }
 
 /// A controller replica: a Pod object (`mesh-controller-<k>`, so the chart's headless
@@ -289,6 +291,7 @@ impl NetnsCluster {
             applied: BTreeMap::new(),
             kubelet: None,
             kubelet_pods: Vec::new(),
+            scoped: false,
         };
         // Pod processes running as 1337 read their tokens and the root from here.
         use std::os::unix::fs::PermissionsExt;
@@ -832,6 +835,8 @@ impl NetnsCluster {
             format!("{}/{}", pod.namespace, pod.name),
             "--transparent".into(),
             "true".into(),
+            "--scoped".into(),
+            self.scoped.to_string(),
             "--xds".into(),
             xds_service_addr(),
             "--service-account".into(),
@@ -944,6 +949,12 @@ impl NetnsCluster {
             .iter()
             .find(|p| p.namespace == ns && p.name == name)
             .with_context(|| format!("no pod {ns}/{name}"))
+    }
+
+    /// Runs `args` in pod `ns/name`'s network namespace, as root (so its connections are
+    /// intercepted, as the app's are); returns what it printed.
+    pub fn exec_in_pod(&self, ns: &str, name: &str, args: &[&str]) -> anyhow::Result<String> {
+        self.exec_in(self.pod(ns, name)?, args)
     }
 
     fn exec_in(&self, pod: &Pod, args: &[&str]) -> anyhow::Result<String> {

@@ -774,6 +774,139 @@ async fn a_killed_controller_replica_fails_nothing_and_its_proxies_move_to_the_o
     Ok(())
 }
 
+/// A client whose proxy looks its destinations up on demand (`--scoped`), among 20 Services of
+/// which it has used none: each first request succeeds, and the proxy then holds exactly the
+/// Services used; a route change on one of them reaches it, with a backend it never called
+/// (its cluster subscribed to by name); an address outside the mesh passes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::Result<()> {
+    if !netns::can_run() {
+        return Ok(());
+    }
+    const SERVICES: usize = 20;
+    let mut c = NetnsCluster::start().await?;
+    c.scoped = true;
+    let mut vips = Vec::new();
+    for i in 0..SERVICES {
+        vips.push(c.service(service(&format!("svc-{i}"), &[("app", "reviews")]))?);
+    }
+    c.service(service(
+        "reviews-v2",
+        &[("app", "reviews"), ("version", "v2")],
+    ))?;
+    for v in ["v1", "v2"] {
+        c.deploy(&demo("reviews", v, 1)).await?;
+    }
+    c.deploy(&idle("client", true)).await?;
+    c.wait_synced().await?;
+    let dump = |c: &NetnsCluster| -> anyhow::Result<Value> {
+        let text = c.exec_in_pod(
+            "shop",
+            "client-0",
+            &[
+                "curl",
+                "-sf",
+                "--max-time",
+                "3",
+                "http://127.0.0.1:15000/config_dump",
+            ],
+        )?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let held = |d: &Value, what: &str| -> Vec<String> {
+        d["snapshot"][what]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    let by_address = |d: &Value| -> Vec<String> {
+        held(d, "listeners")
+            .into_iter()
+            .filter(|n| mesh_api::consts::xds::parse_address_listener(n).is_some())
+            .collect()
+    };
+    let before = dump(&c)?;
+    assert_eq!(
+        by_address(&before),
+        Vec::<String>::new(),
+        "nothing looked up yet"
+    );
+    // One request at a time, timed by curl itself: the first to each Service, then a second.
+    let timed = |c: &NetnsCluster, vip: &str| -> anyhow::Result<(String, f64)> {
+        let out = c.exec_in_pod(
+            "shop",
+            "client-0",
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+                "-w",
+                "%{http_code} %{time_total}",
+                &format!("http://{vip}:9080/"),
+            ],
+        )?;
+        let (code, secs) = out.trim().split_once(' ').context("curl -w output")?;
+        Ok((code.to_owned(), secs.parse()?))
+    };
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    for vip in &vips {
+        let (code, t) = timed(&c, vip)?;
+        assert_eq!(code, "200", "the first request to {vip}");
+        first.push(t * 1000.0);
+        let (code, t) = timed(&c, vip)?;
+        assert_eq!(code, "200", "the second request to {vip}");
+        second.push(t * 1000.0);
+    }
+    let after = dump(&c)?;
+    let mut want: Vec<String> = vips.iter().map(|v| format!("{v}_9080")).collect();
+    want.sort();
+    let mut got = by_address(&after);
+    got.sort();
+    assert_eq!(got, want, "the proxy holds exactly the Services it used");
+    let clusters = held(&after, "clusters");
+    assert!(
+        !clusters.iter().any(|n| n.contains("reviews-v2")),
+        "a Service never used is not held: {clusters:?}"
+    );
+    // A route on svc-0 to reviews-v2 only: its cluster comes by name, and the split applies.
+    route(
+        &mut c,
+        &mesh_controller::testing::split_yaml("shop", "r0", "svc-0", 9080, &[("reviews-v2", 1)]),
+    )
+    .await?;
+    let r = twenty_requests(&c, "client-0", &format!("http://{}:9080/", vips[0])).await?;
+    assert_eq!(count(&r, "reviews v2"), 20, "{r}");
+    // An address outside the mesh (a pod's own) passes through after one lookup.
+    let pod = c.pod_ip("shop", "reviews-v1-0")?;
+    let out = c.exec_in_pod(
+        "shop",
+        "client-0",
+        &[
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            &format!("http://{pod}:8080/"),
+        ],
+    )?;
+    assert!(out.contains("reviews v1"), "{out}");
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
+    };
+    mesh_e2e::figure(&format!(
+        "scoped proxy, {SERVICES} Services never used: first request p50 {:.1} ms, p99 {:.1} ms; second p50 {:.1} ms, p99 {:.1} ms (curl's total, loopback netns, mTLS)",
+        pct(&mut first, 0.5),
+        pct(&mut first, 0.99),
+        pct(&mut second, 0.5),
+        pct(&mut second, 0.99)
+    ));
+    Ok(())
+}
+
 /// Run by [`an_interrupted_run_is_swept_by_the_next`] in a child process (with `--ignored` and
 /// `MESH_E2E_HOLD` set): builds a cluster and waits to be killed. Run any other way, it fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

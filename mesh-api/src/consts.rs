@@ -94,6 +94,11 @@ pub mod node_metadata {
     /// Where the proxy's metrics server listens (`host:port`); an unspecified host means the
     /// address the proxy connects from. The controller scrapes it for edges and stats.
     pub const METRICS_ADDR: &str = "mesh.dev/metrics-addr";
+    /// `"true"` when a transparent proxy looks its destinations up on demand: its outbound
+    /// listener then carries no per-Service filter chains and its wildcard clusters only the
+    /// fixed ones; it subscribes by name to the listener of each destination address it meets
+    /// ([`super::xds::address_listener`]) and to the routes, clusters and endpoints those name.
+    pub const SCOPED: &str = "mesh.dev/scoped";
 }
 
 /// Names used in xDS resources that several components must agree on.
@@ -126,6 +131,27 @@ pub mod xds {
     /// Most caller identities a local rate limit keeps a bucket for, in Envoy
     /// (`max_dynamic_descriptors`) and in mesh-proxy alike.
     pub const RATE_LIMIT_MAX_IDENTITIES: u32 = 10_000;
+
+    /// The listener that holds the outbound filter chains of one destination address, for
+    /// proxies that look destinations up on demand: `<ip>_<port>` (`[<ipv6>]_<port>`), an
+    /// address that binds nothing (`bind_to_port: false`, as Istio's per-Service listeners).
+    pub fn address_listener(addr: std::net::SocketAddr) -> String {
+        match addr {
+            std::net::SocketAddr::V4(a) => format!("{}_{}", a.ip(), a.port()),
+            std::net::SocketAddr::V6(a) => format!("[{}]_{}", a.ip(), a.port()),
+        }
+    }
+
+    /// The address an [`address_listener`] name stands for.
+    pub fn parse_address_listener(name: &str) -> Option<std::net::SocketAddr> {
+        let (ip, port) = name.rsplit_once('_')?;
+        let ip = ip
+            .strip_prefix('[')
+            .and_then(|i| i.strip_suffix(']'))
+            .unwrap_or(ip);
+        let addr = std::net::SocketAddr::new(ip.parse().ok()?, port.parse().ok()?);
+        (address_listener(addr) == name).then_some(addr)
+    }
 }
 
 /// Environment variable names, one constant each.
@@ -177,6 +203,8 @@ pub mod env {
     pub const PROXY_XDS_API: &str = "MESH_PROXY_XDS_API";
     /// Proxy: `true` when iptables redirects the pod's traffic to it.
     pub const PROXY_TRANSPARENT: &str = "MESH_PROXY_TRANSPARENT";
+    /// Proxy: `true` to look destinations up on demand instead of holding every Service.
+    pub const PROXY_SCOPED: &str = "MESH_PROXY_SCOPED";
     /// Proxy: admin listen address.
     pub const PROXY_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
     /// Proxy: metrics and readiness listen address.
@@ -245,4 +273,31 @@ pub mod env {
     pub const CA_ADMIN_ADDR: &str = "MESH_CA_ADMIN_ADDR";
     /// Trust domain (CA, controller and proxy).
     pub const TRUST_DOMAIN: &str = "MESH_TRUST_DOMAIN";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::xds::{address_listener, parse_address_listener};
+
+    #[test]
+    fn address_listener_names_round_trip_and_nothing_else_parses() {
+        for a in ["10.96.0.12:80", "[fd00::1]:8080"] {
+            let addr = a.parse().expect("an address");
+            let name = address_listener(addr);
+            assert_eq!(parse_address_listener(&name), Some(addr), "{name}");
+        }
+        assert_eq!(
+            address_listener("10.96.0.12:80".parse().expect("v4")),
+            "10.96.0.12_80"
+        );
+        for bad in [
+            "virtualOutbound",
+            "10.96.0.12:80",
+            "10.96.0.12_080",
+            "fd00::1_80",
+            "a_1",
+        ] {
+            assert_eq!(parse_address_listener(bad), None, "{bad}");
+        }
+    }
 }

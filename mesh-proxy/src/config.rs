@@ -50,6 +50,11 @@ pub struct Config {
     /// listeners instead of the explicit HTTP proxy.
     #[arg(long, env = env::PROXY_TRANSPARENT, default_value_t = false, action = clap::ArgAction::Set)]
     pub transparent: bool,
+    /// Hold only the destinations this workload uses (with `--transparent`): a connection to
+    /// an address the proxy has no config for asks the controller for that address and waits
+    /// up to 1 s; an address outside the mesh passes through. Needs `--xds-api delta`.
+    #[arg(long, env = env::PROXY_SCOPED, default_value_t = false, action = clap::ArgAction::Set)]
+    pub scoped: bool,
     /// Admin server (`/config_dump`, `/logging`, `/shutdown`, ...); keep it on localhost.
     #[arg(long, env = env::PROXY_ADMIN_ADDR, default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports::PROXY_ADMIN))]
     pub admin_addr: SocketAddr,
@@ -185,6 +190,7 @@ impl Config {
             node: node.to_string(),
             xds_api: XdsApi::Delta,
             transparent: false,
+            scoped: false,
             admin_addr: any,
             metrics_addr: any,
             outbound_addr: any,
@@ -243,6 +249,21 @@ impl Config {
                 .iter()
                 .all(|t| t.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback())),
         }
+    }
+
+    /// Scoping needs what it is built on: transparent listeners and Delta subscriptions.
+    pub fn check_scoped(&self) -> Result<(), ConfigError> {
+        if self.scoped && !self.transparent {
+            return Err(ConfigError::Scoped(
+                "needs --transparent true: the explicit HTTP proxy routes by Host and is given every Service",
+            ));
+        }
+        if self.scoped && self.xds_api != XdsApi::Delta {
+            return Err(ConfigError::Scoped(
+                "needs --xds-api delta: destinations are subscribed to by name",
+            ));
+        }
+        Ok(())
     }
 
     /// Checks that the proxy either has what it needs to get an identity or runs without one.
@@ -305,6 +326,8 @@ pub enum ConfigError {
     NoCa,
     #[error("identity: {0}")]
     Identity(String),
+    #[error("--scoped ({var}=true) {0}", var = env::PROXY_SCOPED)]
+    Scoped(&'static str),
 }
 
 pub use mesh_api::duration::parse as parse_duration;

@@ -79,6 +79,7 @@ impl Proxy {
     pub async fn start(config: Config, log: Option<Arc<LogControl>>) -> Result<Self, StartError> {
         config.node_parts()?;
         config.check_identity()?;
+        config.check_scoped()?;
         let config = Arc::new(config);
         let store = Arc::new(Store::default());
         let metrics = Arc::new(Metrics::for_peer(config.peer()));
@@ -130,6 +131,9 @@ impl Proxy {
         let mut shared = Shared::new(config.clone(), store.clone(), metrics.clone());
         shared.own = data.iter().map(|(_, l)| local(l)).collect();
         shared.tls = tls.clone();
+        shared.on_demand = config
+            .scoped
+            .then(|| Arc::new(crate::xds::on_demand::OnDemand::default()));
         let (_, pod) = config.node_parts()?;
         if config.telemetry {
             shared.tracing = Some(Arc::new(Tracing::new(
@@ -148,7 +152,14 @@ impl Proxy {
             Some(t) if config.xds_over_tls() => Some((t.clone(), t.controller_client()?)),
             _ => None,
         };
-        let xds = XdsClient::new(&config, &ports, store.clone(), metrics.clone(), xds_tls);
+        let xds = XdsClient::new(
+            &config,
+            &ports,
+            store.clone(),
+            metrics.clone(),
+            xds_tls,
+            shared.on_demand.clone(),
+        );
         let state = AdminState {
             config: config.clone(),
             store: store.clone(),

@@ -399,12 +399,13 @@ fn mutated_manifests_never_panic() {
     }
     // Whatever was accepted also translates.
     let mut translator = crate::xds::translate::Translator::new(index.model());
-    for transparent in [false, true] {
+    for (transparent, scoped) in [(false, false), (true, false), (true, true)] {
         translator.view(&crate::xds::translate::ProxyId {
             namespace: "default".into(),
             name: "p".into(),
             settings: crate::xds::translate::ListenerSettings {
                 transparent,
+                scoped,
                 ..Default::default()
             },
         });

@@ -162,8 +162,9 @@ pub struct ProxyView {
     pub revision: u64,
     /// Layers served to wildcard and named subscriptions.
     pub layers: Vec<Arc<Resources>>,
-    /// Resources served only when asked for by name (API listeners for proxyless gRPC).
-    pub named_only: Arc<Resources>,
+    /// Resources served only when asked for by name, in order (API listeners for proxyless
+    /// gRPC; for a scoped proxy also every Service's resources and the address listeners).
+    pub named_only: Vec<Arc<Resources>>,
     /// How the last layer and `named_only` differ from the revision before.
     pub changes: Arc<Changes>,
 }
@@ -173,7 +174,7 @@ impl ProxyView {
         self.layers
             .iter()
             .find_map(|l| l.get(ty, name))
-            .or_else(|| self.named_only.get(ty, name))
+            .or_else(|| self.named_only.iter().find_map(|l| l.get(ty, name)))
     }
 
     /// A resource a wildcard subscription to `ty` gets, by name.

@@ -222,6 +222,11 @@ pub fn proxy_id(node: &Node) -> Result<ProxyId, String> {
             .parse()
             .map_err(|_| bad(node_metadata::MTLS, &v, "true or false"))?;
     }
+    if let Some(v) = get(node_metadata::SCOPED) {
+        settings.scoped = v
+            .parse()
+            .map_err(|_| bad(node_metadata::SCOPED, &v, "true or false"))?;
+    }
     if let Some(v) = get(node_metadata::OUTBOUND_HTTP_ADDR) {
         settings.outbound_http_addr = v
             .parse::<SocketAddr>()

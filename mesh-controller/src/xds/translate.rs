@@ -36,6 +36,7 @@ use super::canonical;
 use super::pb::{any, u32v};
 use super::resources::{Changes, ProxyView, Resource, ResourceType, Resources};
 use crate::index::{Model, MtlsMode, PodModel, Protocol, RouteEntry, ServiceModel, SvcKey};
+use envoy_types::pb::google::protobuf::BoolValue;
 
 /// Where a proxy wants its listeners; read from its node metadata
 /// (`mesh_api::consts::node_metadata`).
@@ -52,6 +53,8 @@ pub struct ListenerSettings {
     pub inbound_addr: IpAddr,
     /// Where Envoy reads its mesh TLS secrets from files; `None`: over ADS.
     pub sds_dir: Option<String>,
+    /// A transparent proxy that looks destinations up on demand (`node_metadata::SCOPED`).
+    pub scoped: bool,
 }
 
 impl Default for ListenerSettings {
@@ -67,6 +70,7 @@ impl Default for ListenerSettings {
             mtls: false,
             inbound_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             sds_dir: None,
+            scoped: false,
         }
     }
 }
@@ -84,6 +88,9 @@ pub struct ProxyId {
 struct ServiceResources {
     global: Vec<(ResourceType, Arc<Resource>)>,
     api_listeners: Vec<Arc<Resource>>,
+    /// The listener of each owned address, with its filter chains (the producer routes), for
+    /// proxies that look destinations up on demand.
+    address_listeners: Vec<Arc<Resource>>,
     /// What it owns of the addresses it claims; only the owner of an address gets its filter
     /// chains (and, of a VIP, the `VIP:port` host names).
     owned: Owned,
@@ -99,14 +106,29 @@ struct ServiceResources {
     vhosts_local_hash: u64,
 }
 
+/// Which shared set a Service's resource belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Shared {
+    /// Served to wildcard subscriptions of proxies that are not scoped.
+    Global,
+    /// API listeners, served only when named.
+    Api,
+    /// Address listeners, served only when named.
+    Address,
+}
+
 impl ServiceResources {
-    /// Every shared resource of the Service: `(type, resource, is an API listener)`.
-    fn entries(&self) -> impl Iterator<Item = (ResourceType, &Arc<Resource>, bool)> {
-        self.global.iter().map(|(ty, r)| (*ty, r, false)).chain(
-            self.api_listeners
-                .iter()
-                .map(|r| (ResourceType::Listener, r, true)),
-        )
+    /// Every shared resource of the Service: `(type, resource, its set)`.
+    fn entries(&self) -> impl Iterator<Item = (ResourceType, &Arc<Resource>, Shared)> {
+        let api = self.api_listeners.iter().map(|r| (r, Shared::Api));
+        let addresses = self.address_listeners.iter().map(|r| (r, Shared::Address));
+        self.global
+            .iter()
+            .map(|(ty, r)| (*ty, r, Shared::Global))
+            .chain(
+                api.chain(addresses)
+                    .map(|(r, set)| (ResourceType::Listener, r, set)),
+            )
     }
 }
 
@@ -143,12 +165,15 @@ type Owned = BTreeSet<SocketAddr>;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum LayerKey {
     Transparent(String, u16),
+    Scoped(String, u16),
     Explicit(String, SocketAddr),
 }
 
 impl LayerKey {
     fn of(namespace: &str, settings: &ListenerSettings) -> Self {
-        if settings.transparent {
+        if settings.transparent && settings.scoped {
+            LayerKey::Scoped(namespace.to_string(), settings.outbound_port)
+        } else if settings.transparent {
             LayerKey::Transparent(namespace.to_string(), settings.outbound_port)
         } else {
             LayerKey::Explicit(namespace.to_string(), settings.outbound_http_addr)
@@ -179,8 +204,13 @@ pub struct Translator {
     /// into `shared` and `shared_api` for every view of that model.
     global: Resources,
     api: Resources,
+    addresses: Resources,
     shared: Arc<Resources>,
     shared_api: Arc<Resources>,
+    shared_addresses: Arc<Resources>,
+    /// The clusters every proxy holds (passthrough, blackhole): the whole shared wildcard
+    /// layer of a scoped proxy.
+    fixed: Arc<Resources>,
     changes: Arc<Changes>,
     /// Services by the address they claim, in name order: the first one owns it.
     claimants: HashMap<SocketAddr, BTreeSet<(u8, SvcKey)>>,
@@ -196,16 +226,21 @@ pub struct Translator {
 impl Translator {
     pub fn new(model: Arc<Model>) -> Self {
         let mut global = Resources::default();
+        let mut fixed = Resources::default();
         for (ty, r) in fixed_clusters() {
-            global.insert(ty, r);
+            global.insert(ty, r.clone());
+            fixed.insert(ty, r);
         }
         let mut t = Self {
             model: Arc::new(Model::default()),
             services: BTreeMap::new(),
             global,
             api: Resources::default(),
+            addresses: Resources::default(),
             shared: Arc::default(),
             shared_api: Arc::default(),
+            shared_addresses: Arc::default(),
+            fixed: Arc::new(fixed),
             changes: Arc::default(),
             claimants: HashMap::new(),
             chains_epoch: 0,
@@ -304,13 +339,9 @@ impl Translator {
             // Shared resources: replace those whose bytes changed, drop those that went.
             let mut next_names = std::collections::HashSet::new();
             if let Some(res) = &next_res {
-                for (ty, r, is_api) in res.entries() {
-                    next_names.insert((ty, is_api, r.name.clone()));
-                    let layer = if is_api {
-                        &mut self.api
-                    } else {
-                        &mut self.global
-                    };
+                for (ty, r, set) in res.entries() {
+                    next_names.insert((ty, set, r.name.clone()));
+                    let layer = self.set_mut(set);
                     if layer
                         .get(ty, &r.name)
                         .is_some_and(|o| o.version == r.version)
@@ -322,14 +353,16 @@ impl Translator {
                 }
             }
             if let Some(res) = &prev_res {
-                for (ty, r, is_api) in res.entries() {
-                    if !next_names.contains(&(ty, is_api, r.name.clone())) {
-                        let layer = if is_api {
-                            &mut self.api
-                        } else {
-                            &mut self.global
-                        };
-                        layer.remove(ty, &r.name);
+                for (ty, r, set) in res.entries() {
+                    if !next_names.contains(&(ty, set, r.name.clone())) {
+                        // An address listener may have passed to the address's new owner.
+                        let layer = self.set_mut(set);
+                        if layer
+                            .get(ty, &r.name)
+                            .is_some_and(|now| now.version == r.version)
+                        {
+                            layer.remove(ty, &r.name);
+                        }
                         changed.entry(ty).or_default().push(r.name.clone());
                     }
                 }
@@ -344,17 +377,26 @@ impl Translator {
         });
         self.shared = Arc::new(self.global.clone());
         self.shared_api = Arc::new(self.api.clone());
+        self.shared_addresses = Arc::new(self.addresses.clone());
         // Layers whose pieces changed are rebuilt on demand; drop the stale ones now.
         let (chains, vhosts) = (self.chains_epoch, self.vhosts_epoch);
         self.namespaces.retain(|k, l| {
             l.epoch
-                == if matches!(k, LayerKey::Transparent(..)) {
-                    chains
-                } else {
+                == if matches!(k, LayerKey::Explicit(..)) {
                     vhosts
+                } else {
+                    chains
                 }
         });
         self.pods.clear();
+    }
+
+    fn set_mut(&mut self, set: Shared) -> &mut Resources {
+        match set {
+            Shared::Global => &mut self.global,
+            Shared::Api => &mut self.api,
+            Shared::Address => &mut self.addresses,
+        }
     }
 
     /// The per-namespace layer: reused while no piece it is assembled from changed.
@@ -418,11 +460,23 @@ impl Translator {
                 .clone();
             layers.insert(0, pod);
         }
-        layers.push(self.shared.clone());
+        // A scoped proxy's wildcard holds the fixed clusters only; every Service's resources,
+        // and each address's listener, are served when it names them.
+        let named_only = if proxy.settings.transparent && proxy.settings.scoped {
+            layers.push(self.fixed.clone());
+            vec![
+                self.shared.clone(),
+                self.shared_addresses.clone(),
+                self.shared_api.clone(),
+            ]
+        } else {
+            layers.push(self.shared.clone());
+            vec![self.shared_api.clone()]
+        };
         ProxyView {
             revision: model.revision,
             layers,
-            named_only: self.shared_api.clone(),
+            named_only,
             changes: self.changes.clone(),
         }
     }
@@ -440,10 +494,15 @@ fn consumer_route_name(base: &str, ns: &str) -> String {
 fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> ServiceResources {
     let mut out = ServiceResources::default();
     let endpoints = pod_endpoints(model, svc, &owned);
-    out.chains = match svc.cluster_ip {
+    let by_address = match svc.cluster_ip {
         None => endpoint_chains(&endpoints),
         Some(_) => vip_chains(model, svc, &owned, None),
     };
+    out.chains = concat(&by_address);
+    out.address_listeners = by_address
+        .iter()
+        .map(|(addr, chains)| address_listener(*addr, chains))
+        .collect();
     out.vhosts_remote = encoded_vhosts(model, svc, &owned, None, false);
     out.vhosts_local = encoded_vhosts(model, svc, &owned, None, true);
     out.chains_hash = hash_bytes(&out.chains);
@@ -644,13 +703,34 @@ fn encoded_vhosts(
     buf
 }
 
+/// Encoded `Listener.filter_chains` entries, by the destination address they match.
+type AddressChains = Vec<(SocketAddr, Vec<u8>)>;
+
+fn concat(chains: &AddressChains) -> Vec<u8> {
+    chains.iter().flat_map(|(_, c)| c.iter().copied()).collect()
+}
+
+/// The listener of one destination address: its filter chains, bound nowhere.
+fn address_listener(addr: SocketAddr, chains: &[u8]) -> Arc<Resource> {
+    let name = names::address_listener(addr);
+    let mut bytes = canonical::encode(&Listener {
+        name: name.clone(),
+        address: Some(socket_address(addr.ip(), addr.port())),
+        bind_to_port: Some(BoolValue { value: false }),
+        ..Default::default()
+    });
+    bytes.extend_from_slice(chains);
+    Resource::from_encoded(&name, Listener::type_url(), bytes)
+}
+
 /// A headless Service's `virtualOutbound` filter chains, by each endpoint's address (the same
-/// in every namespace), encoded as `Listener.filter_chains` entries.
+/// in every namespace).
 fn endpoint_chains(
     endpoints: &[(String, &crate::index::PortModel, &crate::index::Endpoint)],
-) -> Vec<u8> {
-    let mut buf = Vec::new();
+) -> AddressChains {
+    let mut out = Vec::new();
     for (name, p, e) in endpoints {
+        let mut buf = Vec::new();
         let chains = port_chains(
             name,
             p.protocol,
@@ -665,22 +745,29 @@ fn endpoint_chains(
         for c in &chains {
             canonical::encode_field(FILTER_CHAINS_TAG, c, &mut buf);
         }
+        out.push((e.addr, buf));
     }
-    buf
+    out
 }
 
 /// A Service's `virtualOutbound` filter chains by its VIP and port, with the routes of
-/// `consumer`'s namespace or the producer's, encoded as `Listener.filter_chains` entries.
-fn vip_chains(model: &Model, svc: &ServiceModel, owned: &Owned, consumer: Option<&str>) -> Vec<u8> {
-    let mut buf = Vec::new();
+/// `consumer`'s namespace or the producer's.
+fn vip_chains(
+    model: &Model,
+    svc: &ServiceModel,
+    owned: &Owned,
+    consumer: Option<&str>,
+) -> AddressChains {
+    let mut out = Vec::new();
     let Some(vip) = svc.cluster_ip else {
-        return buf;
+        return out;
     };
     for p in svc
         .ports
         .iter()
         .filter(|p| owned.contains(&SocketAddr::new(vip, p.port)))
     {
+        let mut buf = Vec::new();
         let cluster = model.cluster_name(&svc.key, p.port);
         let route = route_name_for(model, svc, p, consumer);
         let chains = port_chains(
@@ -697,8 +784,9 @@ fn vip_chains(model: &Model, svc: &ServiceModel, owned: &Owned, consumer: Option
         for c in &chains {
             canonical::encode_field(FILTER_CHAINS_TAG, c, &mut buf);
         }
+        out.push((SocketAddr::new(vip, p.port), buf));
     }
-    buf
+    out
 }
 
 /// Field numbers of the repeated fields the per-namespace layer is assembled from.
@@ -712,12 +800,28 @@ fn namespace_resources(
     settings: &ListenerSettings,
 ) -> Resources {
     let mut out = Resources::default();
+    if settings.transparent && settings.scoped {
+        // Chains come by address when asked for; those of Services this namespace has its own
+        // routes for replace the shared ones.
+        out.insert(
+            ResourceType::Listener,
+            Resource::new(names::OUTBOUND_LISTENER, &outbound_listener(settings)),
+        );
+        for (svc, res) in services.values() {
+            if svc.cluster_ip.is_some() && has_consumer_routes(svc, namespace) {
+                for (addr, chains) in vip_chains(model, svc, &res.owned, Some(namespace)) {
+                    out.insert(ResourceType::Listener, address_listener(addr, &chains));
+                }
+            }
+        }
+        return out;
+    }
     if settings.transparent {
         // A transparent proxy sends by destination address; it needs no Host-routed listener.
         let mut bytes = canonical::encode(&outbound_listener(settings));
         for (svc, res) in services.values() {
             if svc.cluster_ip.is_some() && has_consumer_routes(svc, namespace) {
-                bytes.extend(vip_chains(model, svc, &res.owned, Some(namespace)));
+                bytes.extend(concat(&vip_chains(model, svc, &res.owned, Some(namespace))));
             } else {
                 bytes.extend_from_slice(&res.chains);
             }

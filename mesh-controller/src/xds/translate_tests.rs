@@ -61,6 +61,13 @@ fn proxy(ns: &str, transparent: bool) -> ProxyId {
     }
 }
 
+/// A transparent proxy that looks its destinations up on demand.
+fn scoped(ns: &str) -> ProxyId {
+    let mut p = proxy(ns, true);
+    p.settings.scoped = true;
+    p
+}
+
 fn outbound_http(view: &ProxyView) -> RouteConfiguration {
     decode(
         view.get(ResourceType::Route, names::OUTBOUND_HTTP_ROUTE)
@@ -525,7 +532,7 @@ fn everything(view: &ProxyView) -> BTreeMap<(ResourceType, String), String> {
         for (name, r) in view.wildcard(ty) {
             out.insert((ty, name.to_string()), r.version.clone());
         }
-        for r in view.named_only.iter(ty) {
+        for r in view.named_only.iter().flat_map(|l| l.iter(ty)) {
             out.insert((ty, format!("named {}", r.name)), r.version.clone());
         }
     }
@@ -540,6 +547,7 @@ fn incremental_translation_equals_a_fresh_one() {
         proxy("default", false),
         proxy("default", true),
         proxy("shop", true),
+        scoped("shop"),
     ];
     for p in &proxies {
         t.view(p);
@@ -1139,4 +1147,97 @@ fn outbound_routes_retry_failed_connections_by_default_and_connect_within_a_seco
         .expect("cluster"),
     );
     assert_eq!(c.connect_timeout, Some(pb_duration(Duration::from_secs(1))));
+}
+
+#[test]
+fn a_scoped_proxy_holds_the_fixed_set_and_gets_each_address_by_name() {
+    let mut idx = index();
+    let route = split_yaml("shop", "r", "reviews", 9080, &[("reviews-v1", 1)]).replace(
+        "name: reviews, port",
+        "name: reviews, namespace: default, port",
+    );
+    idx.apply(obj(&route)).expect("a consumer route");
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&scoped("default"));
+    let names = |ty| -> Vec<String> { view.wildcard(ty).keys().map(|n| n.to_string()).collect() };
+    assert_eq!(
+        names(ResourceType::Listener),
+        [names::INBOUND_LISTENER, names::OUTBOUND_LISTENER],
+        "no per-address listener comes with the wildcard"
+    );
+    assert_eq!(
+        names(ResourceType::Cluster),
+        [names::BLACKHOLE_CLUSTER, names::PASSTHROUGH_CLUSTER]
+    );
+    let outbound: Listener = decode(
+        view.get(ResourceType::Listener, names::OUTBOUND_LISTENER)
+            .expect("outbound"),
+    );
+    assert!(outbound.filter_chains.is_empty(), "{outbound:?}");
+    // By name: the chains of one address, as a full proxy's outbound listener has them.
+    let by_address: Listener = decode(
+        view.get(ResourceType::Listener, "10.96.0.10_9080")
+            .expect("reviews' address"),
+    );
+    assert_eq!(by_address.bind_to_port, Some(BoolValue { value: false }));
+    let full = t.view(&proxy("default", true));
+    assert_eq!(
+        by_address.filter_chains,
+        outbound_chains(&full, "10.96.0.10", 9080)
+    );
+    assert!(!by_address.filter_chains.is_empty());
+    for (ty, name) in [
+        (
+            ResourceType::Cluster,
+            "outbound|9080||reviews.default.svc.cluster.local",
+        ),
+        (
+            ResourceType::Endpoint,
+            "outbound|9080||reviews-v1.default.svc.cluster.local",
+        ),
+        (
+            ResourceType::Route,
+            "reviews.default.svc.cluster.local:9080",
+        ),
+    ] {
+        assert!(view.get(ty, name).is_some(), "{name} by name");
+        assert!(
+            view.get_wildcard(ty, name).is_none(),
+            "{name} not in the wildcard"
+        );
+    }
+    assert!(
+        view.get(ResourceType::Listener, "10.96.9.9_80").is_none(),
+        "nothing at an address outside the mesh"
+    );
+    // A namespace with its own routes for reviews gets its own chains at that address.
+    let shop = t.view(&scoped("shop"));
+    let chain: Listener = decode(
+        shop.get(ResourceType::Listener, "10.96.0.10_9080")
+            .expect("reviews' address, from shop"),
+    );
+    assert_eq!(
+        chain.filter_chains,
+        outbound_chains(&t.view(&proxy("shop", true)), "10.96.0.10", 9080)
+    );
+    let hcm_route = |c: &FilterChain| -> String {
+        let hcm: HttpConnectionManager = match &c.filters[0].config_type {
+            Some(filter::ConfigType::TypedConfig(a)) => {
+                HttpConnectionManager::decode(a.value.as_slice()).expect("hcm")
+            }
+            other => panic!("{other:?}"),
+        };
+        match hcm.route_specifier {
+            Some(http_connection_manager::RouteSpecifier::Rds(r)) => r.route_config_name,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        hcm_route(&chain.filter_chains[0]),
+        "reviews.default.svc.cluster.local:9080@shop"
+    );
+    assert_eq!(
+        hcm_route(&by_address.filter_chains[0]),
+        "reviews.default.svc.cluster.local:9080"
+    );
 }

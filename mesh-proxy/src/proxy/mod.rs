@@ -28,6 +28,7 @@ use crate::identity::MeshTls;
 use crate::metrics::{Direction, ListenerLabels, Metrics};
 use crate::state::{ChainChoice, Detected, FilterChain, NetworkFilter, Snapshot, Store};
 use crate::trace::Tracing;
+use crate::xds::on_demand::{self, Lookup};
 use detect::{PrefixedIo, detect};
 
 /// The proxy's listeners.
@@ -128,6 +129,8 @@ pub struct Shared {
     pub source_header: Option<hyper::header::HeaderValue>,
     /// Local rate limit state, shared by the connections of a chain.
     pub limiters: guard::Limiters,
+    /// Destinations looked up on demand (`--scoped`).
+    pub on_demand: Option<Arc<crate::xds::on_demand::OnDemand>>,
 }
 
 impl Shared {
@@ -162,6 +165,7 @@ impl Shared {
             access_log: None,
             source_header,
             limiters: guard::Limiters::default(),
+            on_demand: None,
             metrics,
         }
     }
@@ -269,7 +273,7 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         warn!(%dst, "connection reached a transparent listener without redirection; closing");
         return;
     }
-    let snapshot = match shared.store.load() {
+    let mut snapshot = match shared.store.load() {
         Some(s) => s,
         // Connections that arrive before the first config wait for it, a while.
         None => match tokio::time::timeout(Duration::from_secs(10), shared.store.ready()).await {
@@ -277,6 +281,23 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
             Err(_) => return,
         },
     };
+    if kind == ListenerKind::Outbound
+        && let Some(od) = &shared.on_demand
+        && !snapshot
+            .listeners
+            .contains_key(&names::address_listener(dst))
+    {
+        match od.lookup(dst, &shared.store, on_demand::WAIT).await {
+            Lookup::Found | Lookup::Absent => {}
+            Lookup::TimedOut => {
+                warn!(%dst, "the config of this destination did not arrive in time; refusing");
+                return refuse_unconfigured(stream, dst, shared).await;
+            }
+        }
+        if let Some(s) = shared.store.load() {
+            snapshot = s;
+        }
+    }
     let Some(listener) = snapshot.listeners.get(kind.xds_name()) else {
         debug!("no config for this listener; closing");
         return;
@@ -371,6 +392,25 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         src,
     };
     run_filter(&inner, stream, on, peer, shared).await;
+}
+
+/// A destination whose config did not arrive: an HTTP/1 client is told so with a 503 that
+/// says why; any other connection is closed.
+async fn refuse_unconfigured(mut stream: TcpStream, dst: SocketAddr, shared: &Arc<Shared>) {
+    use tokio::io::AsyncWriteExt;
+    let Ok((Detected::Http1, _)) = detect(&mut stream, shared.config.detect_timeout).await else {
+        return;
+    };
+    let body = format!(
+        "the mesh's configuration for {dst} did not arrive within {} ms\n",
+        on_demand::WAIT.as_millis()
+    );
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(reply.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Where a connection landed: its listener, filter chain (by name, in the snapshot of this

@@ -141,11 +141,12 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig> {
         kind: "Listener",
         name: &l.name,
     };
-    if !LISTENERS.contains(&l.name.as_str()) {
+    let address = mesh_api::consts::xds::parse_address_listener(&l.name);
+    if !LISTENERS.contains(&l.name.as_str()) && address.is_none() {
         return Err(cx.err(
             "name",
             format!(
-                "mesh-proxy serves only the listeners {}",
+                "mesh-proxy serves only the listeners {} and those of one address, <ip>_<port>",
                 LISTENERS.join(", ")
             ),
         ));
@@ -181,11 +182,51 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig> {
         .as_ref()
         .map(|c| filter_chain(&cx, "default_filter_chain", c))
         .transpose()?;
+    if let Some(addr) = address {
+        address_listener(&cx, l, addr, &chains, default_chain.is_some())?;
+    }
     Ok(ListenerConfig {
         name: l.name.clone(),
         chains,
         default_chain,
     })
+}
+
+/// An address's listener adds filter chains to the outbound listener for that address alone:
+/// it binds nothing, and each chain matches exactly that address and port, so no other traffic
+/// can be taken by it.
+fn address_listener(
+    cx: &Ctx<'_>,
+    l: &Listener,
+    addr: std::net::SocketAddr,
+    chains: &[FilterChain],
+    has_default: bool,
+) -> Result<()> {
+    if l.bind_to_port.as_ref().map(|b| b.value) != Some(false) {
+        return Err(cx.err(
+            "bind_to_port",
+            "a listener of one address must set bind_to_port false",
+        ));
+    }
+    if has_default || !l.listener_filters.is_empty() {
+        return Err(cx.err(
+            "default_filter_chain",
+            "a listener of one address has filter chains only",
+        ));
+    }
+    let exact = Cidr {
+        addr: addr.ip(),
+        len: if addr.is_ipv4() { 32 } else { 128 },
+    };
+    for (i, c) in chains.iter().enumerate() {
+        if c.port != Some(addr.port()) || c.prefixes != [exact] {
+            return Err(cx.err(
+                format!("filter_chains[{i}].filter_chain_match"),
+                format!("must match {addr} alone (destination_port and one prefix_ranges entry)"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A transport socket that terminates mesh TLS: a DownstreamTlsContext requiring a client

@@ -148,7 +148,7 @@ impl Transport {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct FilterChain {
     pub name: String,
     pub prefixes: Vec<Cidr>,

@@ -403,6 +403,23 @@ pub struct RequestInfo<'a> {
 }
 
 impl RouteTable {
+    /// Every cluster its routes send to (backends and mirrors).
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        self.vhosts
+            .iter()
+            .flat_map(|vh| &vh.routes)
+            .filter_map(|r| match &r.action {
+                Action::Forward(f) => Some(f),
+                _ => None,
+            })
+            .flat_map(|f| {
+                f.backends
+                    .iter()
+                    .map(|b| b.cluster.as_str())
+                    .chain(f.mirrors.iter().map(|m| m.cluster.as_str()))
+            })
+    }
+
     pub fn new(name: String, vhosts: Vec<VirtualHost>, headers: HeaderOps) -> Self {
         let mut t = RouteTable {
             name,

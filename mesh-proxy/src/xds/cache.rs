@@ -139,12 +139,29 @@ pub struct Cache {
     clusters: imbl::HashMap<String, Arc<Cluster>>,
     /// Clusters whose definition or endpoints changed since the last assembly.
     dirty: BTreeSet<String>,
+    /// Destinations are looked up on demand: clusters are subscribed to by name as well, and a
+    /// config is complete only with every cluster its chains and routes name.
+    scoped: bool,
+    /// Clusters the listeners and routes name (kept when scoped).
+    clusters_wanted: BTreeSet<String>,
+    /// Names asked for that the controller said do not exist.
+    clusters_absent: BTreeSet<String>,
+    /// The outbound listener with the chains of every address listener added.
+    outbound: Option<Arc<ListenerConfig>>,
     received: BTreeSet<Type>,
     generation: u64,
     changed: bool,
 }
 
 impl Cache {
+    /// A cache for a proxy that looks destinations up on demand.
+    pub fn scoped() -> Self {
+        Self {
+            scoped: true,
+            ..Self::default()
+        }
+    }
+
     /// Versions held of one type, as `initial_resource_versions` on a new Delta stream.
     pub fn versions(&self, ty: Type) -> HashMap<String, String> {
         self.versions
@@ -188,6 +205,9 @@ impl Cache {
                         self.forget_eds_user(&old);
                     }
                     self.dirty.insert(name.clone());
+                    if self.clusters_wanted.contains(name) {
+                        self.clusters_absent.insert(name.clone());
+                    }
                 }
                 Type::Endpoint => {
                     self.endpoints.remove(name);
@@ -207,6 +227,7 @@ impl Cache {
                     self.routes.insert(r.name.clone(), t);
                 }
                 Converted::Cluster(def) => {
+                    self.clusters_absent.remove(&r.name);
                     if self.cluster_defs.get(&r.name) != Some(&*def) {
                         self.dirty.insert(r.name.clone());
                         if let ClusterKind::Eds { service_name } = &def.kind {
@@ -290,12 +311,14 @@ impl Cache {
         self.endpoints_wanted.clone()
     }
 
-    /// The names to subscribe to for RDS or EDS (empty for the wildcard types).
+    /// The names to subscribe to for RDS and EDS, and when scoped for CDS (on top of its
+    /// wildcard); empty for LDS, whose names come from [`super::on_demand`].
     pub fn wanted(&self, ty: Type) -> &BTreeSet<String> {
         static NONE: BTreeSet<String> = BTreeSet::new();
         match ty {
             Type::Route => &self.routes_wanted,
             Type::Endpoint => &self.endpoints_wanted,
+            Type::Cluster if self.scoped => &self.clusters_wanted,
             Type::Listener | Type::Cluster => &NONE,
         }
     }
@@ -318,6 +341,44 @@ impl Cache {
             Type::Cluster => self.endpoints_wanted = self.eds_users.keys().cloned().collect(),
             Type::Route | Type::Endpoint => {}
         }
+        if ty == Type::Listener {
+            self.outbound = self.merged_outbound();
+        }
+        if self.scoped && matches!(ty, Type::Listener | Type::Route) {
+            let chains = self
+                .listeners
+                .values()
+                .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
+                .filter_map(|c| match &c.filter {
+                    NetworkFilter::Tcp { cluster, .. } => Some(cluster.as_str()),
+                    NetworkFilter::Http { .. } => None,
+                });
+            let routes = self.routes.values().flat_map(|r| r.clusters());
+            self.clusters_wanted = chains.chain(routes).map(str::to_owned).collect();
+            let wanted = &self.clusters_wanted;
+            self.clusters_absent.retain(|c| wanted.contains(c));
+        }
+    }
+
+    /// `virtualOutbound` with the filter chains of every address listener added; `None` when
+    /// there are none (the listener runs as sent).
+    fn merged_outbound(&self) -> Option<Arc<ListenerConfig>> {
+        let base = self
+            .listeners
+            .get(mesh_api::consts::xds::OUTBOUND_LISTENER)?;
+        let mut extra = self
+            .listeners
+            .iter()
+            .filter(|(name, _)| mesh_api::consts::xds::parse_address_listener(name).is_some())
+            .peekable();
+        extra.peek()?;
+        let mut chains = base.chains.clone();
+        chains.extend(extra.flat_map(|(_, l)| l.chains.iter().cloned()));
+        Some(Arc::new(ListenerConfig {
+            name: base.name.clone(),
+            chains,
+            default_chain: base.default_chain.clone(),
+        }))
     }
 
     /// Whether every type arrived and everything referenced is here.
@@ -332,6 +393,11 @@ impl Cache {
                 .endpoints_wanted
                 .iter()
                 .all(|e| self.endpoints.contains_key(e))
+            && (!self.scoped
+                || self
+                    .clusters_wanted
+                    .iter()
+                    .all(|c| self.cluster_defs.contains_key(c) || self.clusters_absent.contains(c)))
     }
 
     /// Whether anything changed since the last snapshot.
@@ -412,9 +478,13 @@ impl Cache {
         }
         self.generation += 1;
         self.changed = false;
+        let mut listeners = self.listeners.clone();
+        if let Some(outbound) = &self.outbound {
+            listeners.insert(outbound.name.clone(), outbound.clone());
+        }
         Snapshot {
             generation: self.generation,
-            listeners: self.listeners.clone(),
+            listeners,
             routes: self.routes.clone(),
             clusters: self.clusters.clone(),
         }

@@ -266,3 +266,162 @@ fn endpoints_reach_every_cluster_using_their_service_name() {
     assert_eq!(s.cluster("a").expect("a").endpoints.len(), 1);
     assert_eq!(s.cluster("b").expect("b").endpoints.len(), 0);
 }
+
+/// A chain for `addr` alone, routed by RouteConfiguration `route`.
+fn address_chain(addr: std::net::SocketAddr, route: &str) -> FilterChain {
+    use envoy_types::pb::envoy::config::core::v3::CidrRange;
+    use envoy_types::pb::envoy::config::listener::v3::FilterChainMatch;
+    let mut chain = http_listener(route).filter_chains.remove(0);
+    chain.filter_chain_match = Some(FilterChainMatch {
+        destination_port: Some(envoy_types::pb::google::protobuf::UInt32Value {
+            value: u32::from(addr.port()),
+        }),
+        prefix_ranges: vec![CidrRange {
+            address_prefix: addr.ip().to_string(),
+            prefix_len: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 32 }),
+        }],
+        ..Default::default()
+    });
+    chain
+}
+
+#[test]
+fn scoped_address_listeners_join_the_outbound_listener_with_what_they_name() {
+    use mesh_api::consts::xds::{OUTBOUND_LISTENER, address_listener};
+    use std::net::SocketAddr;
+    let metrics = Metrics::new();
+    let mut c = Cache::scoped();
+    let outbound = Listener {
+        name: OUTBOUND_LISTENER.into(),
+        ..Default::default()
+    };
+    c.apply(Type::Cluster, &[], &[]).expect("cds");
+    c.apply(
+        Type::Listener,
+        &[incoming(OUTBOUND_LISTENER, "1", &outbound)],
+        &[],
+    )
+    .expect("lds");
+    assert!(c.complete(), "nothing named yet");
+    let vip: SocketAddr = "10.96.0.12:80".parse().expect("an address");
+    let name = address_listener(vip);
+    let by_address = Listener {
+        name: name.clone(),
+        bind_to_port: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
+        filter_chains: vec![address_chain(vip, "reviews:80")],
+        ..Default::default()
+    };
+    c.apply(Type::Listener, &[incoming(&name, "1", &by_address)], &[])
+        .expect("an address listener");
+    assert!(!c.complete(), "its route is missing");
+    let route = RouteConfiguration {
+        name: "reviews:80".into(),
+        virtual_hosts: vec![envoy_types::pb::envoy::config::route::v3::VirtualHost {
+            name: "reviews".into(),
+            domains: vec!["*".into()],
+            routes: vec![envoy_types::pb::envoy::config::route::v3::Route {
+                r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                    path_specifier: Some(
+                        envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix(
+                            "/".into(),
+                        ),
+                    ),
+                    ..Default::default()
+                }),
+                action: Some(envoy_types::pb::envoy::config::route::v3::route::Action::Route(
+                    envoy_types::pb::envoy::config::route::v3::RouteAction {
+                        cluster_specifier: Some(
+                            envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier::Cluster(
+                                "outbound|80||reviews".into(),
+                            ),
+                        ),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    c.apply(Type::Route, &[incoming("reviews:80", "1", &route)], &[])
+        .expect("rds");
+    assert_eq!(
+        c.wanted(Type::Cluster),
+        &["outbound|80||reviews".to_string()].into(),
+        "the route's cluster is subscribed to by name"
+    );
+    assert!(!c.complete(), "its cluster is missing");
+    c.apply(
+        Type::Cluster,
+        &[incoming(
+            "outbound|80||reviews",
+            "1",
+            &eds_cluster("outbound|80||reviews"),
+        )],
+        &[],
+    )
+    .expect("cds by name");
+    assert!(!c.complete(), "its endpoints are missing");
+    c.apply(
+        Type::Endpoint,
+        &[incoming(
+            "outbound|80||reviews",
+            "1",
+            &cla("outbound|80||reviews", &[9080]),
+        )],
+        &[],
+    )
+    .expect("eds");
+    assert!(c.complete());
+    let s = c.snapshot(&metrics);
+    let merged = s.listeners.get(OUTBOUND_LISTENER).expect("outbound");
+    assert_eq!(
+        merged.chains.len(),
+        1,
+        "the address's chain joined: {merged:?}"
+    );
+    match merged.select(vip) {
+        crate::state::ChainChoice::Chain(ch) => assert_eq!(ch.port, Some(80)),
+        other => panic!("{vip} must find the address's chain: {other:?}"),
+    }
+    // A cluster the controller does not have completes the config all the same.
+    c.apply(Type::Cluster, &[], &["outbound|80||reviews".to_string()])
+        .expect("removed");
+    assert!(c.complete(), "an absent cluster is not waited for");
+}
+
+#[test]
+fn an_address_listener_may_match_its_own_address_only() {
+    use std::net::SocketAddr;
+    let vip: SocketAddr = "10.96.0.12:80".parse().expect("an address");
+    let other: SocketAddr = "10.96.0.13:80".parse().expect("an address");
+    let mut c = Cache::scoped();
+    let hijack = Listener {
+        name: "10.96.0.12_80".into(),
+        bind_to_port: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
+        filter_chains: vec![address_chain(other, "x")],
+        ..Default::default()
+    };
+    let e = c
+        .apply(
+            Type::Listener,
+            &[incoming("10.96.0.12_80", "1", &hijack)],
+            &[],
+        )
+        .expect_err("a chain for another address");
+    assert!(e.to_string().contains("10.96.0.12:80 alone"), "{e}");
+    let bound = Listener {
+        name: "10.96.0.12_80".into(),
+        filter_chains: vec![address_chain(vip, "x")],
+        ..Default::default()
+    };
+    let e = c
+        .apply(
+            Type::Listener,
+            &[incoming("10.96.0.12_80", "1", &bound)],
+            &[],
+        )
+        .expect_err("a listener that binds");
+    assert!(e.to_string().contains("bind_to_port"), "{e}");
+}

@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use futures::StreamExt;
 use futures::channel::mpsc;
 use mesh_api::consts::node_metadata;
 use serde::Serialize;
@@ -19,6 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::cache::{Cache, Incoming, Type, resource_name};
+use super::on_demand::OnDemand;
 use super::servers::{After, Servers, WORKED_AFTER};
 use crate::config::{Config, XdsApi};
 use crate::identity::MeshTls;
@@ -65,6 +67,8 @@ pub struct XdsClient {
     pub status: Arc<Mutex<XdsStatus>>,
     /// xDS over mesh TLS: this proxy's identity, and the controller's it must find.
     tls: Option<(Arc<MeshTls>, Arc<rustls::ClientConfig>)>,
+    /// Destinations looked up on demand (`--scoped`).
+    on_demand: Option<Arc<OnDemand>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,8 +110,10 @@ impl XdsClient {
         store: Arc<Store>,
         metrics: Arc<Metrics>,
         tls: Option<(Arc<MeshTls>, Arc<rustls::ClientConfig>)>,
+        on_demand: Option<Arc<OnDemand>>,
     ) -> Self {
         let fields = [
+            (node_metadata::SCOPED, on_demand.is_some().to_string()),
             (node_metadata::TRANSPARENT, ports.transparent.to_string()),
             (
                 node_metadata::OUTBOUND_HTTP_ADDR,
@@ -148,12 +154,17 @@ impl XdsClient {
             metrics,
             status: Arc::default(),
             tls,
+            on_demand,
         }
     }
 
     /// Runs until the task is dropped.
     pub async fn run(self) {
-        let mut cache = Cache::default();
+        let mut cache = match self.on_demand {
+            Some(_) => Cache::scoped(),
+            None => Cache::default(),
+        };
+        let mut lookups = self.on_demand.as_ref().and_then(|od| od.requests());
         let mut publisher = Publisher::default();
         let mut servers = Servers::new(self.targets.clone());
         loop {
@@ -173,8 +184,12 @@ impl XdsClient {
             let mut got_response = false;
             let result = match self.api {
                 XdsApi::Delta => {
-                    self.delta(addr, &mut cache, &mut publisher, &mut got_response)
-                        .await
+                    let mut stream = Stream {
+                        cache: &mut cache,
+                        publisher: &mut publisher,
+                        lookups: lookups.as_mut(),
+                    };
+                    self.delta(addr, &mut stream, &mut got_response).await
                 }
                 XdsApi::Sotw => {
                     self.sotw(addr, &mut cache, &mut publisher, &mut got_response)
@@ -298,23 +313,41 @@ impl XdsClient {
     async fn delta(
         &self,
         addr: SocketAddr,
-        cache: &mut Cache,
-        publisher: &mut Publisher,
+        stream: &mut Stream<'_>,
         got_response: &mut bool,
     ) -> Result<(), StreamError> {
+        let Stream {
+            cache,
+            publisher,
+            lookups,
+        } = stream;
         let channel = self.channel(addr).await?;
         let mut client = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(256 * 1024 * 1024);
         let (tx, rx) = mpsc::unbounded::<DeltaDiscoveryRequest>();
         let mut subs: BTreeMap<Type, BTreeSet<String>> = BTreeMap::new();
-        // CDS before LDS, as Envoy does, so clusters are known when routes name them.
+        // CDS before LDS, as Envoy does, so clusters are known when routes name them. Scoped,
+        // the wildcard ("*") comes with the names subscribed to on top of it.
         for ty in [Type::Cluster, Type::Listener] {
+            let names: BTreeSet<String> = match (&self.on_demand, ty) {
+                (None, _) => BTreeSet::new(),
+                (Some(_), Type::Cluster) => cache.wanted(ty).clone(),
+                (Some(od), _) => od.names().into_iter().collect(),
+            };
+            let subscribe = match &self.on_demand {
+                Some(_) => std::iter::once("*".to_string())
+                    .chain(names.iter().cloned())
+                    .collect(),
+                None => Vec::new(),
+            };
             let _ = tx.unbounded_send(DeltaDiscoveryRequest {
                 node: Some(self.node.clone()),
                 type_url: ty.url(),
+                resource_names_subscribe: subscribe,
                 initial_resource_versions: cache.versions(ty),
                 ..Default::default()
             });
+            subs.insert(ty, names);
         }
         for (ty, wanted) in [
             (Type::Endpoint, cache.wanted_endpoints()),
@@ -344,11 +377,31 @@ impl XdsClient {
                 error_detail: Some(detail),
                 ..Default::default()
             };
-            let Some((ty, resp)) = self
-                .next(&mut inbound, cache, publisher, &tx, refuse)
-                .await?
-            else {
-                return Ok(());
+            let next = self.next(&mut inbound, cache, publisher, &tx, refuse);
+            // A destination to look up arrives between responses; `next` is cancel-safe.
+            let event = match lookups.as_mut() {
+                Some(l) => tokio::select! {
+                    r = next => r?.map(Event::Response),
+                    dst = l.next() => dst.map(Event::Lookup),
+                },
+                None => next.await?.map(Event::Response),
+            };
+            let (ty, resp) = match event {
+                None => return Ok(()),
+                Some(Event::Lookup(dst)) => {
+                    let name = mesh_api::consts::xds::address_listener(dst);
+                    if subs.entry(Type::Listener).or_default().insert(name.clone()) {
+                        debug!(%dst, "looking up a destination");
+                        let _ = tx.unbounded_send(DeltaDiscoveryRequest {
+                            node: Some(self.node.clone()),
+                            type_url: Type::Listener.url(),
+                            resource_names_subscribe: vec![name],
+                            ..Default::default()
+                        });
+                    }
+                    continue;
+                }
+                Some(Event::Response(r)) => r,
             };
             *got_response = true;
             let mut removed = resp.removed_resources.clone();
@@ -373,6 +426,15 @@ impl XdsClient {
                 .apply(ty, &updated, &removed)
                 .map_err(|e| e.to_string());
             self.record(ty, cache, &result);
+            if let (Some(od), Type::Listener, Ok(())) = (&self.on_demand, ty, &result) {
+                let address = |n: &String| mesh_api::consts::xds::parse_address_listener(n);
+                for a in updated.iter().filter_map(|r| address(&r.name)) {
+                    od.present(a);
+                }
+                for a in removed.iter().filter_map(address) {
+                    od.absent(a);
+                }
+            }
             // Run the config before acknowledging it: an ACK tells the controller (and
             // whoever watches it) that the proxy routes by what it sent.
             publisher.offer(cache, &self.store, &self.metrics);
@@ -382,14 +444,24 @@ impl XdsClient {
                 error_detail: result.err().map(nack),
                 ..Default::default()
             });
-            for ty in [Type::Endpoint, Type::Route] {
+            for ty in [Type::Cluster, Type::Endpoint, Type::Route] {
                 let had = subs.entry(ty).or_default();
                 if had == cache.wanted(ty) {
                     continue;
                 }
                 let wanted = cache.wanted(ty).clone();
                 let subscribe: Vec<String> = wanted.difference(had).cloned().collect();
-                let unsubscribe: Vec<String> = had.difference(&wanted).cloned().collect();
+                // Clusters subscribed to by name are kept (a wildcard may hold them too);
+                // routes and endpoints no longer named are dropped.
+                let keep = ty == Type::Cluster;
+                let unsubscribe: Vec<String> = if keep {
+                    Vec::new()
+                } else {
+                    had.difference(&wanted).cloned().collect()
+                };
+                if subscribe.is_empty() && unsubscribe.is_empty() {
+                    continue;
+                }
                 let _ = tx.unbounded_send(DeltaDiscoveryRequest {
                     node: Some(self.node.clone()),
                     type_url: ty.url(),
@@ -397,10 +469,17 @@ impl XdsClient {
                     resource_names_unsubscribe: unsubscribe,
                     ..Default::default()
                 });
-                cache.retain(ty, &wanted);
-                *had = wanted;
+                if keep {
+                    had.extend(wanted);
+                } else {
+                    cache.retain(ty, &wanted);
+                    *had = wanted;
+                }
             }
             publisher.offer(cache, &self.store, &self.metrics);
+            if let Some(od) = &self.on_demand {
+                od.notify();
+            }
         }
     }
 
@@ -520,6 +599,20 @@ impl XdsClient {
             publisher.offer(cache, &self.store, &self.metrics);
         }
     }
+}
+
+/// What a Delta stream works on, kept across streams.
+struct Stream<'a> {
+    cache: &'a mut Cache,
+    publisher: &'a mut Publisher,
+    /// Destinations to look up (scoped).
+    lookups: Option<&'a mut mpsc::UnboundedReceiver<SocketAddr>>,
+}
+
+/// What a Delta stream waits for.
+enum Event<T> {
+    Response((Type, T)),
+    Lookup(SocketAddr),
 }
 
 /// What the stream loop needs of either kind of response.

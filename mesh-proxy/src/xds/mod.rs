@@ -6,6 +6,7 @@
 
 pub mod cache;
 pub mod client;
+pub mod on_demand;
 pub(crate) mod servers;
 
 pub use client::{XdsClient, XdsStatus};
