@@ -43,3 +43,30 @@ pub fn split_yaml(ns: &str, name: &str, parent: &str, port: u16, split: &[(&str,
         backends.join(", ")
     )
 }
+
+/// The benchmarks' mesh of `services` Services over `namespaces` namespaces (`svc-<i>` in
+/// `ns-<i mod namespaces>`, VIP [`scale_ip`]`(i)`, one HTTP port 80 to 8080, and an
+/// EndpointSlice of two endpoints at `scale_ip(services + 2i)` and the next): one file per
+/// namespace, as `(file name, YAML)`.
+pub fn scale_manifests(services: usize, namespaces: usize) -> Vec<(String, String)> {
+    let mut files: Vec<String> = vec![String::new(); namespaces];
+    for i in 0..services {
+        let (name, ns) = (format!("svc-{i}"), format!("ns-{}", i % namespaces));
+        files[i % namespaces].push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{clusterIP: {}, selector: {{app: {name}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: ['{}']}}, {{addresses: ['{}']}}]\n",
+            scale_ip(i),
+            scale_ip(services + 2 * i),
+            scale_ip(services + 2 * i + 1)
+        ));
+    }
+    files
+        .into_iter()
+        .enumerate()
+        .map(|(j, text)| (format!("ns-{j}.yaml"), text))
+        .collect()
+}
+
+/// The `i`th address of the benchmarks' mesh, from 10.96.0.0 up.
+pub fn scale_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256)
+}

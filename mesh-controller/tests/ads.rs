@@ -466,3 +466,120 @@ async fn delta_reports_missing_names_and_resends_endpoints_of_changed_clusters()
         vec![a]
     );
 }
+
+/// A node asking for destinations by address, with its settings in the metadata.
+fn scoped_node(id: &str, transparent: bool) -> Option<Node> {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let s = |v: &str| Value {
+        kind: Some(Kind::StringValue(v.into())),
+    };
+    Some(Node {
+        id: id.into(),
+        metadata: Some(Struct {
+            fields: [
+                (
+                    "mesh.dev/transparent".to_string(),
+                    s(&transparent.to_string()),
+                ),
+                ("mesh.dev/scoped".to_string(), s("true")),
+            ]
+            .into(),
+        }),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn a_scoped_delta_stream_gets_an_address_by_name_and_hears_of_one_that_is_not_there() {
+    let (_dir, ctl) = controller().await;
+    let (tx, rx) = mpsc::channel(8);
+    let mut resp = client(&ctl)
+        .await
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: scoped_node("default/s1", true),
+        type_url: ResourceType::Listener.type_url(),
+        resource_names_subscribe: vec!["*".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let first = delta_next(&mut resp).await;
+    let mut got: Vec<&str> = first.resources.iter().map(|r| r.name.as_str()).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        ["virtualInbound", "virtualOutbound"],
+        "no Service up front"
+    );
+    delta_ack(&tx, &first).await;
+    // a's VIP, then an address no Service has.
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ResourceType::Listener.type_url(),
+        resource_names_subscribe: vec!["10.96.0.1_80".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let found = delta_next(&mut resp).await;
+    let got: Vec<&str> = found.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(got, ["10.96.0.1_80"]);
+    assert!(found.removed_resources.is_empty(), "{found:?}");
+    delta_ack(&tx, &found).await;
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ResourceType::Listener.type_url(),
+        resource_names_subscribe: vec!["10.96.9.9_80".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let absent = delta_next(&mut resp).await;
+    assert!(absent.resources.is_empty(), "{absent:?}");
+    assert_eq!(absent.removed_resources, ["10.96.9.9_80"]);
+}
+
+#[tokio::test]
+async fn scoped_needs_transparent_and_delta() {
+    let (_dir, ctl) = controller().await;
+    let refused = |r: Result<DeltaDiscoveryResponse, tonic::Status>| {
+        r.expect_err("refused").message().to_string()
+    };
+    let (tx, rx) = mpsc::channel(8);
+    let mut resp = client(&ctl)
+        .await
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    tx.send(DeltaDiscoveryRequest {
+        node: scoped_node("default/s2", false),
+        type_url: ResourceType::Listener.type_url(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let e = refused(resp.next().await.expect("an answer"));
+    assert!(
+        e.contains("mesh.dev/scoped") && e.contains("transparent"),
+        "{e}"
+    );
+    let (tx, mut resp) = sotw_stream(&ctl).await;
+    tx.send(DiscoveryRequest {
+        node: scoped_node("default/s3", true),
+        type_url: ResourceType::Listener.type_url(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let e = resp
+        .next()
+        .await
+        .expect("an answer")
+        .expect_err("refused")
+        .message()
+        .to_string();
+    assert!(e.contains("mesh.dev/scoped") && e.contains("Delta"), "{e}");
+}

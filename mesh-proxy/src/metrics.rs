@@ -220,6 +220,12 @@ pub struct ListenerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabels {
+    /// `found`, `absent`, `timed_out` or `over_limit`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct XdsLabels {
     pub xds_type: &'static str,
     /// `ack` or `nack`.
@@ -329,6 +335,7 @@ pub struct Metrics {
     pub active_connections: Family<ListenerLabels, Gauge>,
     pub xds_updates: Family<XdsLabels, Counter>,
     pub xds_connected: Gauge,
+    pub lookups: Family<LookupLabels, Counter>,
     pub config_generation: Gauge,
     pub tls_refused: Family<TlsRefusedLabels, Counter>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
@@ -474,6 +481,12 @@ impl Metrics {
                 "xds_connected",
                 "1 while the xDS stream to the controller is up",
                 Gauge::default(),
+            ),
+            lookups: reg(
+                &mut r,
+                "on_demand_lookups",
+                "Connections to a destination the proxy held no config for (--scoped), by outcome",
+                Family::default(),
             ),
             config_generation: reg(
                 &mut r,

@@ -165,6 +165,9 @@ pub struct ProxyView {
     /// Resources served only when asked for by name, in order (API listeners for proxyless
     /// gRPC; for a scoped proxy also every Service's resources and the address listeners).
     pub named_only: Vec<Arc<Resources>>,
+    /// How many of `named_only`'s first layers are the proxy's own (rebuilt per revision, and
+    /// so compared whole by [`ProxyView::candidates`], as the own `layers` are).
+    pub own_named: usize,
     /// How the last layer and `named_only` differ from the revision before.
     pub changes: Arc<Changes>,
 }
@@ -191,9 +194,12 @@ impl ProxyView {
         }
         // Every layer but the last (shared) one is small and rebuilt per revision: all of it,
         // before and after, so removals there are seen too.
-        let own = |v: &'a ProxyView| &v.layers[..v.layers.len().saturating_sub(1)];
+        let own = |v: &'a ProxyView| {
+            v.layers[..v.layers.len().saturating_sub(1)]
+                .iter()
+                .chain(&v.named_only[..v.own_named.min(v.named_only.len())])
+        };
         let mut names: Vec<&str> = own(self)
-            .iter()
             .chain(own(prev))
             .flat_map(|l| l.iter(ty))
             .map(|r| &*r.name)

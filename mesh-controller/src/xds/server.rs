@@ -226,6 +226,13 @@ pub fn proxy_id(node: &Node) -> Result<ProxyId, String> {
         settings.scoped = v
             .parse()
             .map_err(|_| bad(node_metadata::SCOPED, &v, "true or false"))?;
+        if settings.scoped && !settings.transparent {
+            return Err(bad(
+                node_metadata::SCOPED,
+                &v,
+                "false: destinations are looked up by address, which needs mesh.dev/transparent \"true\"",
+            ));
+        }
     }
     if let Some(v) = get(node_metadata::OUTBOUND_HTTP_ADDR) {
         settings.outbound_http_addr = v
@@ -322,6 +329,12 @@ impl Session {
         let node =
             node.ok_or_else(|| Status::invalid_argument("the first request must carry node"))?;
         let proxy = proxy_id(node).map_err(Status::invalid_argument)?;
+        if proxy.settings.scoped && protocol != "delta" {
+            return Err(Status::invalid_argument(format!(
+                "node.metadata[{:?}] = \"true\" over {protocol}: a scoped proxy subscribes by name on top of its wildcard, which needs Delta xDS",
+                node_metadata::SCOPED
+            )));
+        }
         if let Some(client) = client {
             check_node(&proxy, client, &hub.model()).map_err(|e| {
                 hub.metrics.node_refused.inc();

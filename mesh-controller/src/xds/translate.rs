@@ -186,6 +186,8 @@ struct NamespaceLayer {
     /// The epoch of its pieces it was assembled at.
     epoch: u64,
     resources: Arc<Resources>,
+    /// What is served from it only when named (a scoped proxy's address listeners).
+    named: Arc<Resources>,
 }
 
 fn hash_bytes(b: &[u8]) -> u64 {
@@ -405,7 +407,7 @@ impl Translator {
         model: &Model,
         namespace: &str,
         settings: &ListenerSettings,
-    ) -> Arc<Resources> {
+    ) -> (Arc<Resources>, Arc<Resources>) {
         let key = LayerKey::of(namespace, settings);
         let epoch = if settings.transparent {
             self.chains_epoch
@@ -415,28 +417,25 @@ impl Translator {
         if let Some(layer) = self.namespaces.get(&key)
             && layer.epoch == epoch
         {
-            return layer.resources.clone();
+            return (layer.resources.clone(), layer.named.clone());
         }
-        let resources = Arc::new(namespace_resources(
-            model,
-            &self.services,
-            namespace,
-            settings,
-        ));
+        let (resources, named) = namespace_resources(model, &self.services, namespace, settings);
+        let (resources, named) = (Arc::new(resources), Arc::new(named));
         self.namespaces.insert(
             key,
             NamespaceLayer {
                 epoch,
                 resources: resources.clone(),
+                named: named.clone(),
             },
         );
-        resources
+        (resources, named)
     }
 
     /// Everything `proxy` may be served, for the current model.
     pub fn view(&mut self, proxy: &ProxyId) -> ProxyView {
         let model = self.model.clone();
-        let ns = self.namespace_layer(&model, &proxy.namespace, &proxy.settings);
+        let (ns, ns_named) = self.namespace_layer(&model, &proxy.namespace, &proxy.settings);
         let mut layers = vec![ns];
         if proxy.settings.transparent {
             let pod = self
@@ -462,21 +461,26 @@ impl Translator {
         }
         // A scoped proxy's wildcard holds the fixed clusters only; every Service's resources,
         // and each address's listener, are served when it names them.
-        let named_only = if proxy.settings.transparent && proxy.settings.scoped {
+        // The namespace's own address listeners (its consumer routes') come first, so that
+        // they hide the shared ones of the same name.
+        let (named_only, own_named) = if proxy.settings.transparent && proxy.settings.scoped {
             layers.push(self.fixed.clone());
-            vec![
+            let named = vec![
+                ns_named,
                 self.shared.clone(),
                 self.shared_addresses.clone(),
                 self.shared_api.clone(),
-            ]
+            ];
+            (named, 1)
         } else {
             layers.push(self.shared.clone());
-            vec![self.shared_api.clone()]
+            (vec![self.shared_api.clone()], 0)
         };
         ProxyView {
             revision: model.revision,
             layers,
             named_only,
+            own_named,
             changes: self.changes.clone(),
         }
     }
@@ -793,13 +797,16 @@ fn vip_chains(
 const VIRTUAL_HOSTS_TAG: u32 = 2;
 const FILTER_CHAINS_TAG: u32 = 3;
 
+/// A namespace's layer for `settings`: what its proxies' wildcard gets, and what is served to
+/// them only when named.
 fn namespace_resources(
     model: &Model,
     services: &ServiceCache,
     namespace: &str,
     settings: &ListenerSettings,
-) -> Resources {
+) -> (Resources, Resources) {
     let mut out = Resources::default();
+    let mut named = Resources::default();
     if settings.transparent && settings.scoped {
         // Chains come by address when asked for; those of Services this namespace has its own
         // routes for replace the shared ones.
@@ -810,11 +817,11 @@ fn namespace_resources(
         for (svc, res) in services.values() {
             if svc.cluster_ip.is_some() && has_consumer_routes(svc, namespace) {
                 for (addr, chains) in vip_chains(model, svc, &res.owned, Some(namespace)) {
-                    out.insert(ResourceType::Listener, address_listener(addr, &chains));
+                    named.insert(ResourceType::Listener, address_listener(addr, &chains));
                 }
             }
         }
-        return out;
+        return (out, named);
     }
     if settings.transparent {
         // A transparent proxy sends by destination address; it needs no Host-routed listener.
@@ -830,7 +837,7 @@ fn namespace_resources(
             ResourceType::Listener,
             Resource::from_encoded(names::OUTBOUND_LISTENER, Listener::type_url(), bytes),
         );
-        return out;
+        return (out, named);
     }
     // Explicit outbound HTTP proxy: one virtual host per Service port, routed by Host.
     let mut bytes = canonical::encode(&RouteConfiguration {
@@ -880,7 +887,7 @@ fn namespace_resources(
         ResourceType::Listener,
         Resource::new(names::OUTBOUND_HTTP_LISTENER, &http),
     );
-    out
+    (out, named)
 }
 
 /// `virtualOutbound` without its per-Service filter chains, which are appended encoded.

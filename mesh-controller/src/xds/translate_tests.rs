@@ -1212,6 +1212,12 @@ fn a_scoped_proxy_holds_the_fixed_set_and_gets_each_address_by_name() {
     );
     // A namespace with its own routes for reviews gets its own chains at that address.
     let shop = t.view(&scoped("shop"));
+    assert!(
+        shop.wildcard(ResourceType::Listener)
+            .keys()
+            .all(|n| names::parse_address_listener(n).is_none()),
+        "its own address listeners are served by name too"
+    );
     let chain: Listener = decode(
         shop.get(ResourceType::Listener, "10.96.0.10_9080")
             .expect("reviews' address, from shop"),

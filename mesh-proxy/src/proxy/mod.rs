@@ -287,12 +287,17 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
             .listeners
             .contains_key(&names::address_listener(dst))
     {
-        match od.lookup(dst, &shared.store, on_demand::WAIT).await {
-            Lookup::Found | Lookup::Absent => {}
-            Lookup::TimedOut => {
-                warn!(%dst, "the config of this destination did not arrive in time; refusing");
-                return refuse_unconfigured(stream, dst, shared).await;
-            }
+        let found = od.lookup(dst, &shared.store, on_demand::WAIT).await;
+        shared
+            .metrics
+            .lookups
+            .get_or_create(&crate::metrics::LookupLabels {
+                result: found.label(),
+            })
+            .inc();
+        if found == Lookup::TimedOut {
+            warn!(%dst, "the config of this destination did not arrive in time; refusing");
+            return refuse_unconfigured(stream, dst, shared).await;
         }
         if let Some(s) = shared.store.load() {
             snapshot = s;

@@ -208,9 +208,15 @@ fn address_listener(
             "a listener of one address must set bind_to_port false",
         ));
     }
-    if has_default || !l.listener_filters.is_empty() {
+    if has_default {
         return Err(cx.err(
             "default_filter_chain",
+            "a listener of one address has filter chains only",
+        ));
+    }
+    if !l.listener_filters.is_empty() {
+        return Err(cx.err(
+            "listener_filters",
             "a listener of one address has filter chains only",
         ));
     }

@@ -146,6 +146,8 @@ pub struct Cache {
     clusters_wanted: BTreeSet<String>,
     /// Names asked for that the controller said do not exist.
     clusters_absent: BTreeSet<String>,
+    /// Clusters the wildcard brought (fixed and inbound ones), never subscribed to by name.
+    clusters_wildcard: BTreeSet<String>,
     /// The outbound listener with the chains of every address listener added.
     outbound: Option<Arc<ListenerConfig>>,
     received: BTreeSet<Type>,
@@ -321,6 +323,49 @@ impl Cache {
             Type::Cluster if self.scoped => &self.clusters_wanted,
             Type::Listener | Type::Cluster => &NONE,
         }
+    }
+
+    /// The names to hold a subscription to for `ty`: [`Cache::wanted`], less for CDS the
+    /// clusters the wildcard brings. `None` when that is what `had` holds already.
+    pub fn subscription_change(
+        &self,
+        ty: Type,
+        had: &BTreeSet<String>,
+    ) -> Option<BTreeSet<String>> {
+        let wanted = self.wanted(ty);
+        if ty != Type::Cluster {
+            return (had != wanted).then(|| wanted.clone());
+        }
+        let by_name: BTreeSet<String> = wanted
+            .difference(&self.clusters_wildcard)
+            .cloned()
+            .collect();
+        (*had != by_name).then_some(by_name)
+    }
+
+    /// Records which clusters of a CDS response came with the wildcard: those not among the
+    /// names subscribed to.
+    pub fn note_wildcard(
+        &mut self,
+        updated: &[Incoming],
+        removed: &[String],
+        by_name: &BTreeSet<String>,
+    ) {
+        for r in updated.iter().filter(|r| !by_name.contains(&r.name)) {
+            self.clusters_wildcard.insert(r.name.clone());
+        }
+        for name in removed {
+            self.clusters_wildcard.remove(name);
+        }
+    }
+
+    /// Drops what a subscription no longer names; for CDS, what the wildcard brought stays.
+    pub fn retain_subscribed(&mut self, ty: Type, by_name: &BTreeSet<String>) {
+        if ty != Type::Cluster {
+            return self.retain(ty, by_name);
+        }
+        let keep: BTreeSet<String> = by_name.union(&self.clusters_wildcard).cloned().collect();
+        self.retain(ty, &keep);
     }
 
     /// Recomputes what listeners and clusters reference; only they change it, so endpoint

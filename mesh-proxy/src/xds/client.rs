@@ -20,7 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use super::cache::{Cache, Incoming, Type, resource_name};
-use super::on_demand::OnDemand;
+use super::on_demand::{OnDemand, Request};
 use super::servers::{After, Servers, WORKED_AFTER};
 use crate::config::{Config, XdsApi};
 use crate::identity::MeshTls;
@@ -296,6 +296,9 @@ impl XdsClient {
                 },
                 () = publisher.wait() => {
                     publisher.expire(cache, &self.store, &self.metrics);
+                    if let Some(od) = &self.on_demand {
+                        od.notify();
+                    }
                     continue;
                 }
             };
@@ -331,7 +334,9 @@ impl XdsClient {
         for ty in [Type::Cluster, Type::Listener] {
             let names: BTreeSet<String> = match (&self.on_demand, ty) {
                 (None, _) => BTreeSet::new(),
-                (Some(_), Type::Cluster) => cache.wanted(ty).clone(),
+                (Some(_), Type::Cluster) => cache
+                    .subscription_change(ty, &BTreeSet::new())
+                    .unwrap_or_default(),
                 (Some(od), _) => od.names().into_iter().collect(),
             };
             let subscribe = match &self.on_demand {
@@ -382,20 +387,35 @@ impl XdsClient {
             let event = match lookups.as_mut() {
                 Some(l) => tokio::select! {
                     r = next => r?.map(Event::Response),
-                    dst = l.next() => dst.map(Event::Lookup),
+                    req = l.next() => req.map(Event::Lookup),
                 },
                 None => next.await?.map(Event::Response),
             };
             let (ty, resp) = match event {
                 None => return Ok(()),
-                Some(Event::Lookup(dst)) => {
-                    let name = mesh_api::consts::xds::address_listener(dst);
-                    if subs.entry(Type::Listener).or_default().insert(name.clone()) {
-                        debug!(%dst, "looking up a destination");
+                Some(Event::Lookup(req)) => {
+                    let held = subs.entry(Type::Listener).or_default();
+                    let (subscribe, unsubscribe) = match req {
+                        Request::Lookup(dst) => {
+                            let name = mesh_api::consts::xds::address_listener(dst);
+                            debug!(%dst, "looking up a destination");
+                            (held.insert(name.clone()).then_some(name), Vec::new())
+                        }
+                        Request::Forget(gone) => {
+                            let names: Vec<String> = gone
+                                .into_iter()
+                                .map(mesh_api::consts::xds::address_listener)
+                                .filter(|n| held.remove(n))
+                                .collect();
+                            (None, names)
+                        }
+                    };
+                    if subscribe.is_some() || !unsubscribe.is_empty() {
                         let _ = tx.unbounded_send(DeltaDiscoveryRequest {
                             node: Some(self.node.clone()),
                             type_url: Type::Listener.url(),
-                            resource_names_subscribe: vec![name],
+                            resource_names_subscribe: subscribe.into_iter().collect(),
+                            resource_names_unsubscribe: unsubscribe,
                             ..Default::default()
                         });
                     }
@@ -426,6 +446,9 @@ impl XdsClient {
                 .apply(ty, &updated, &removed)
                 .map_err(|e| e.to_string());
             self.record(ty, cache, &result);
+            if let (Some(_), Type::Cluster, Ok(())) = (&self.on_demand, ty, &result) {
+                cache.note_wildcard(&updated, &removed, subs.entry(ty).or_default());
+            }
             if let (Some(od), Type::Listener, Ok(())) = (&self.on_demand, ty, &result) {
                 let address = |n: &String| mesh_api::consts::xds::parse_address_listener(n);
                 for a in updated.iter().filter_map(|r| address(&r.name)) {
@@ -446,35 +469,18 @@ impl XdsClient {
             });
             for ty in [Type::Cluster, Type::Endpoint, Type::Route] {
                 let had = subs.entry(ty).or_default();
-                if had == cache.wanted(ty) {
+                let Some(wanted) = cache.subscription_change(ty, had) else {
                     continue;
-                }
-                let wanted = cache.wanted(ty).clone();
-                let subscribe: Vec<String> = wanted.difference(had).cloned().collect();
-                // Clusters subscribed to by name are kept (a wildcard may hold them too);
-                // routes and endpoints no longer named are dropped.
-                let keep = ty == Type::Cluster;
-                let unsubscribe: Vec<String> = if keep {
-                    Vec::new()
-                } else {
-                    had.difference(&wanted).cloned().collect()
                 };
-                if subscribe.is_empty() && unsubscribe.is_empty() {
-                    continue;
-                }
                 let _ = tx.unbounded_send(DeltaDiscoveryRequest {
                     node: Some(self.node.clone()),
                     type_url: ty.url(),
-                    resource_names_subscribe: subscribe,
-                    resource_names_unsubscribe: unsubscribe,
+                    resource_names_subscribe: wanted.difference(had).cloned().collect(),
+                    resource_names_unsubscribe: had.difference(&wanted).cloned().collect(),
                     ..Default::default()
                 });
-                if keep {
-                    had.extend(wanted);
-                } else {
-                    cache.retain(ty, &wanted);
-                    *had = wanted;
-                }
+                cache.retain_subscribed(ty, &wanted);
+                *had = wanted;
             }
             publisher.offer(cache, &self.store, &self.metrics);
             if let Some(od) = &self.on_demand {
@@ -606,13 +612,13 @@ struct Stream<'a> {
     cache: &'a mut Cache,
     publisher: &'a mut Publisher,
     /// Destinations to look up (scoped).
-    lookups: Option<&'a mut mpsc::UnboundedReceiver<SocketAddr>>,
+    lookups: Option<&'a mut mpsc::UnboundedReceiver<Request>>,
 }
 
 /// What a Delta stream waits for.
 enum Event<T> {
     Response((Type, T)),
-    Lookup(SocketAddr),
+    Lookup(Request),
 }
 
 /// What the stream loop needs of either kind of response.

@@ -6,11 +6,14 @@
 //!
 //! The xDS client takes the requests, subscribes by name, and reports back: [`OnDemand::absent`]
 //! when a response removes a name asked for, [`OnDemand::notify`] after each published config.
+//! At [`MAX_ASKED`] addresses, those found absent are forgotten (and unsubscribed from) to make
+//! room; only when every one of them holds a Service does a new address pass through unasked.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::channel::mpsc;
@@ -18,22 +21,33 @@ use mesh_api::consts::xds::address_listener;
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::state::Store;
+use crate::state::{ListenerConfig, NetworkFilter, Snapshot, Store};
 
-/// Most addresses asked for; past it a new address is not asked for and passes through.
+/// Most addresses held or asked for at once.
 pub const MAX_ASKED: usize = 10_000;
 
 /// How long a connection waits for its destination's config.
 pub const WAIT: Duration = Duration::from_secs(1);
 
+/// What the xDS client is asked to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Subscribe to this address's listener.
+    Lookup(SocketAddr),
+    /// Unsubscribe from these (absent) addresses' listeners.
+    Forget(Vec<SocketAddr>),
+}
+
 #[derive(Debug)]
 pub struct OnDemand {
-    tx: mpsc::UnboundedSender<SocketAddr>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<SocketAddr>>>,
+    tx: mpsc::UnboundedSender<Request>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
     /// Addresses asked for; `true` once the controller said it has no listener for one.
     asked: Mutex<HashMap<SocketAddr, bool>>,
     /// Bumped when an answer may have arrived.
     changed: watch::Sender<u64>,
+    /// The limit was met with nothing to forget (said once in the log).
+    full_warned: AtomicBool,
 }
 
 /// What a lookup found.
@@ -45,6 +59,19 @@ pub enum Lookup {
     Absent,
     /// No answer within the wait.
     TimedOut,
+    /// [`MAX_ASKED`] addresses hold Services: not asked, passed through.
+    OverLimit,
+}
+
+impl Lookup {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Lookup::Found => "found",
+            Lookup::Absent => "absent",
+            Lookup::TimedOut => "timed_out",
+            Lookup::OverLimit => "over_limit",
+        }
+    }
 }
 
 impl Default for OnDemand {
@@ -55,6 +82,7 @@ impl Default for OnDemand {
             rx: Mutex::new(Some(rx)),
             asked: Mutex::default(),
             changed: watch::Sender::new(0),
+            full_warned: AtomicBool::new(false),
         }
     }
 }
@@ -65,7 +93,7 @@ impl OnDemand {
     }
 
     /// The addresses to look up, in the order asked; the xDS client takes it once.
-    pub fn requests(&self) -> Option<mpsc::UnboundedReceiver<SocketAddr>> {
+    pub fn requests(&self) -> Option<mpsc::UnboundedReceiver<Request>> {
         self.rx.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
@@ -95,7 +123,10 @@ impl OnDemand {
     }
 
     fn known(&self, dst: SocketAddr, name: &str, store: &Store) -> Option<Lookup> {
-        if store.load().is_some_and(|s| s.listeners.contains_key(name)) {
+        if let Some(s) = store.load()
+            && let Some(l) = s.listeners.get(name)
+            && runs(&s, l)
+        {
             return Some(Lookup::Found);
         }
         (self.asked().get(&dst) == Some(&true)).then_some(Lookup::Absent)
@@ -112,17 +143,26 @@ impl OnDemand {
         let mut changed = self.changed.subscribe();
         {
             let mut asked = self.asked();
-            let full = asked.len() >= MAX_ASKED;
-            match asked.entry(dst) {
-                Entry::Occupied(_) => {}
-                Entry::Vacant(_) if full => {
-                    warn!(%dst, max = MAX_ASKED, "too many destinations looked up on demand; passing through");
-                    return Lookup::Absent;
+            if asked.len() >= MAX_ASKED && !asked.contains_key(&dst) {
+                let absent: Vec<SocketAddr> = asked
+                    .iter()
+                    .filter(|(_, absent)| **absent)
+                    .map(|(a, _)| *a)
+                    .collect();
+                if absent.is_empty() {
+                    if !self.full_warned.swap(true, Ordering::Relaxed) {
+                        warn!(%dst, max = MAX_ASKED, "as many destinations as the limit hold Services; new ones pass through without a lookup");
+                    }
+                    return Lookup::OverLimit;
                 }
-                Entry::Vacant(v) => {
-                    v.insert(false);
-                    let _ = self.tx.unbounded_send(dst);
+                for a in &absent {
+                    asked.remove(a);
                 }
+                let _ = self.tx.unbounded_send(Request::Forget(absent));
+            }
+            if let Entry::Vacant(v) = asked.entry(dst) {
+                v.insert(false);
+                let _ = self.tx.unbounded_send(Request::Lookup(dst));
             }
         }
         let deadline = tokio::time::Instant::now() + within;
@@ -138,11 +178,22 @@ impl OnDemand {
     }
 }
 
+/// Whether an address listener can serve: the routes its chains name run, and the clusters
+/// those routes and chains send to.
+fn runs(s: &Snapshot, l: &ListenerConfig) -> bool {
+    l.chains.iter().all(|c| match &c.filter {
+        NetworkFilter::Http { route, .. } => s
+            .route(route)
+            .is_some_and(|r| r.clusters().all(|name| s.cluster(name).is_some())),
+        NetworkFilter::Tcp { cluster, .. } => s.cluster(cluster).is_some(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use futures::StreamExt;
+    use futures::{FutureExt, StreamExt};
 
     use super::*;
     use crate::state::{ListenerConfig, Snapshot};
@@ -171,16 +222,15 @@ mod tests {
         let waiter = tokio::spawn(async move { od2.lookup(dst, &store2, WAIT).await });
         let (od3, store3) = (od.clone(), store.clone());
         let second = tokio::spawn(async move { od3.lookup(dst, &store3, WAIT).await });
-        assert_eq!(requests.next().await, Some(dst));
+        assert_eq!(requests.next().await, Some(Request::Lookup(dst)));
         // The listener arrives and runs.
         store.publish(snapshot_with("10.96.0.12_80"));
         od.notify();
         assert_eq!(waiter.await.expect("joins"), Lookup::Found);
         assert_eq!(second.await.expect("joins"), Lookup::Found);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), requests.next())
-                .await
-                .is_err(),
+        assert_eq!(
+            requests.next().now_or_never(),
+            None,
             "asked once for two connections"
         );
         assert_eq!(od.names(), ["10.96.0.12_80"]);
@@ -193,7 +243,7 @@ mod tests {
         let mut requests = od.requests().expect("the requests");
         let dst: SocketAddr = "192.0.2.7:443".parse().expect("an address");
         let answer = async {
-            assert_eq!(requests.next().await, Some(dst));
+            assert_eq!(requests.next().await, Some(Request::Lookup(dst)));
             od.absent(dst);
         };
         let (found, ()) = tokio::join!(od.lookup(dst, &store, WAIT), answer);
@@ -213,5 +263,45 @@ mod tests {
             od.lookup(dst, &store, Duration::from_millis(100)).await,
             Lookup::TimedOut
         );
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn at_the_limit_absent_addresses_are_forgotten_to_make_room() {
+        let od = OnDemand::default();
+        let store = Store::default();
+        let mut requests = od.requests().expect("the requests");
+        let addr = |i: usize| SocketAddr::from(([192, 0, (i / 256) as u8, (i % 256) as u8], 443));
+        {
+            let mut asked = od.asked();
+            for i in 0..MAX_ASKED {
+                // Half outside the mesh, half waiting.
+                asked.insert(addr(i), i % 2 == 0);
+            }
+        }
+        let new = SocketAddr::from(([10, 96, 0, 1], 80));
+        let lookup = od.lookup(new, &store, Duration::from_millis(1));
+        assert_eq!(lookup.await, Lookup::TimedOut);
+        match requests.next().await {
+            Some(Request::Forget(gone)) => assert_eq!(gone.len(), MAX_ASKED / 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(requests.next().await, Some(Request::Lookup(new)));
+        assert_eq!(od.asked().len(), MAX_ASKED / 2 + 1);
+        // Full of addresses that all hold Services: a new one passes through, unasked.
+        {
+            let mut asked = od.asked();
+            for i in 0..MAX_ASKED {
+                asked.insert(addr(i), false);
+            }
+        }
+        let other = SocketAddr::from(([10, 96, 0, 2], 80));
+        assert_eq!(od.lookup(other, &store, WAIT).await, Lookup::OverLimit);
     }
 }
