@@ -188,12 +188,12 @@ impl Controller {
                 let incoming = mesh_api::tls::grpc::incoming(xds, tls);
                 tasks.push(serve_xds(incoming, svc.clone()));
             }
-            None => tasks.push(serve_xds(TcpListenerStream::new(xds), svc.clone())),
+            None => tasks.push(serve_xds(plaintext(xds), svc.clone())),
         }
         let xds_plaintext_addr = match config.xds_plaintext_addr {
             Some(addr) => {
                 let (l, addr) = bind("plaintext xDS", addr).await?;
-                tasks.push(serve_xds(TcpListenerStream::new(l), svc));
+                tasks.push(serve_xds(plaintext(l), svc));
                 Some(addr)
             }
             None => None,
@@ -259,6 +259,19 @@ impl Controller {
 type AdsServer = envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer<crate::xds::server::AdsService>;
 
 /// Serves xDS on the connections of `incoming` (plaintext, or mesh TLS).
+/// Plaintext xDS connections, with Nagle off as on the TLS ones: a small response written
+/// while the last is unacknowledged would otherwise wait for the client's delayed ACK (40 ms).
+fn plaintext(
+    l: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(l).map(|conn| {
+        conn.inspect(|c| {
+            let _ = c.set_nodelay(true);
+        })
+    })
+}
+
 fn serve_xds<S, IO, IE>(incoming: S, svc: AdsServer) -> JoinHandle<()>
 where
     S: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
