@@ -5,7 +5,12 @@
 //! the clients run here. `scripts/bench-xds` builds and runs it; results go to
 //! `docs/benchmarks.md`.
 //!
-//! Usage: xds_propagation --services N --clients C --changes M --namespaces K
+//! With `--scoped`, each client is a scoped sidecar (`mesh.dev/scoped`) that uses
+//! [`SCOPED_USES`] Services, `svc-0` (the one that changes) among them: its wildcard is the
+//! fixed set, and it subscribes by name to those Services' address listeners, clusters,
+//! endpoints and routes, and to the clusters and endpoints of the route's backends.
+//!
+//! Usage: xds_propagation --services N --clients C --changes M --namespaces K [--scoped]
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -30,7 +35,11 @@ struct Args {
     clients: usize,
     changes: usize,
     namespaces: usize,
+    scoped: bool,
 }
+
+/// How many Services a scoped client uses.
+const SCOPED_USES: usize = 10;
 
 fn args() -> Args {
     let mut a = Args {
@@ -38,6 +47,7 @@ fn args() -> Args {
         clients: 100,
         changes: 40,
         namespaces: 10,
+        scoped: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -52,6 +62,11 @@ fn args() -> Args {
             "--clients" => a.clients = val(),
             "--changes" => a.changes = val(),
             "--namespaces" => a.namespaces = val(),
+            "--scoped" => {
+                a.scoped = true;
+                i += 1;
+                continue;
+            }
             // cargo bench passes --bench; ignore flags we do not know.
             _ => {
                 i += 1;
@@ -63,28 +78,13 @@ fn args() -> Args {
     a
 }
 
-fn ip(i: usize) -> String {
-    format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256)
-}
-
 fn svc_ns(i: usize, k: usize) -> (String, String) {
     (format!("svc-{i}"), format!("ns-{}", i % k))
 }
 
 fn write_config(dir: &Path, a: &Args) -> std::io::Result<()> {
-    let mut files: HashMap<usize, String> = HashMap::new();
-    for i in 0..a.services {
-        let (name, ns) = svc_ns(i, a.namespaces);
-        let f = files.entry(i % a.namespaces).or_default();
-        f.push_str(&format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{clusterIP: {}, selector: {{app: {name}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: {ns}, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{{addresses: ['{}']}}, {{addresses: ['{}']}}]\n",
-            ip(i),
-            ip(a.services + 2 * i),
-            ip(a.services + 2 * i + 1)
-        ));
-    }
-    for (j, text) in files {
-        std::fs::write(dir.join(format!("ns-{j}.yaml")), text)?;
+    for (name, text) in mesh_controller::testing::scale_manifests(a.services, a.namespaces) {
+        std::fs::write(dir.join(name), text)?;
     }
     write_marker_slice(dir, a, 0)?;
     write_marker_route(dir, a, 0)
@@ -151,12 +151,41 @@ async fn client(
         .into_inner();
     let ns = format!("ns-{}", id % a.namespaces);
     let mut fields = std::collections::BTreeMap::new();
-    fields.insert(
-        "mesh.dev/transparent".to_string(),
-        Value {
-            kind: Some(value::Kind::StringValue("true".into())),
-        },
-    );
+    let yes = || Value {
+        kind: Some(value::Kind::StringValue("true".into())),
+    };
+    fields.insert("mesh.dev/transparent".to_string(), yes());
+    if a.scoped {
+        fields.insert("mesh.dev/scoped".to_string(), yes());
+    }
+    // A scoped client's Services: svc-0, the route's two backends, and others of its own.
+    let domain = "cluster.local";
+    let fqdn = |i: usize| {
+        let (name, ns) = svc_ns(i, a.namespaces);
+        format!("{name}.{ns}.svc.{domain}")
+    };
+    let mut uses = BTreeSet::new();
+    if a.scoped {
+        uses.extend([0, a.namespaces, 2 * a.namespaces]);
+        let mut k = id * SCOPED_USES;
+        while uses.len() < SCOPED_USES.min(a.services) {
+            uses.insert(k % a.services);
+            k += 1;
+        }
+    }
+    let by_name = |f: &dyn Fn(usize) -> String| -> Vec<String> {
+        std::iter::once("*".to_string())
+            .chain(uses.iter().map(|i| f(*i)))
+            .collect()
+    };
+    let (lds, cds) = if a.scoped {
+        (
+            by_name(&|i| format!("{}_80", mesh_controller::testing::scale_ip(i))),
+            by_name(&|i| format!("outbound|80||{}", fqdn(i))),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let node = Node {
         id: format!("{ns}/client-{id}"),
         metadata: Some(Struct {
@@ -167,15 +196,17 @@ async fn client(
     tx.send(DeltaDiscoveryRequest {
         node: Some(node),
         type_url: ResourceType::Cluster.type_url(),
+        resource_names_subscribe: cds,
         ..Default::default()
     })
     .await?;
     tx.send(DeltaDiscoveryRequest {
         type_url: ResourceType::Listener.type_url(),
+        resource_names_subscribe: lds,
         ..Default::default()
     })
     .await?;
-    let (marker_ns, domain) = (svc_ns(0, a.namespaces).1, "cluster.local");
+    let marker_ns = svc_ns(0, a.namespaces).1;
     let marker_cluster = format!("outbound|80||svc-0.{marker_ns}.svc.{domain}");
     let marker_route = format!("svc-0.{marker_ns}.svc.{domain}:80");
     let mut eds = BTreeSet::new();
