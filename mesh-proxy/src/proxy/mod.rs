@@ -283,9 +283,7 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
     };
     if kind == ListenerKind::Outbound
         && let Some(od) = &shared.on_demand
-        && !snapshot
-            .listeners
-            .contains_key(&names::address_listener(dst))
+        && !on_demand::holds(&snapshot, &names::address_listener(dst))
     {
         let found = od.lookup(dst, &shared.store, on_demand::WAIT).await;
         shared

@@ -325,26 +325,20 @@ impl Cache {
         }
     }
 
-    /// The names to hold a subscription to for `ty`: [`Cache::wanted`], less for CDS the
-    /// clusters the wildcard brings. `None` when that is what `had` holds already.
+    /// The names to hold a subscription to for `ty` ([`Cache::wanted`]), when that is not
+    /// what `had` holds already. Clusters the wildcard brings are subscribed to by name too
+    /// when something names them, so naming one again always fetches it fresh.
     pub fn subscription_change(
         &self,
         ty: Type,
         had: &BTreeSet<String>,
     ) -> Option<BTreeSet<String>> {
         let wanted = self.wanted(ty);
-        if ty != Type::Cluster {
-            return (had != wanted).then(|| wanted.clone());
-        }
-        let by_name: BTreeSet<String> = wanted
-            .difference(&self.clusters_wildcard)
-            .cloned()
-            .collect();
-        (*had != by_name).then_some(by_name)
+        (had != wanted).then(|| wanted.clone())
     }
 
     /// Records which clusters of a CDS response came with the wildcard: those not among the
-    /// names subscribed to.
+    /// names subscribed to (kept when their names are no longer subscribed to).
     pub fn note_wildcard(
         &mut self,
         updated: &[Incoming],
@@ -374,10 +368,8 @@ impl Cache {
         match ty {
             Type::Listener => {
                 self.routes_wanted = self
-                    .listeners
-                    .values()
-                    .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
-                    .filter_map(|c| match &c.filter {
+                    .filters()
+                    .filter_map(|f| match f {
                         NetworkFilter::Http { route, .. } => Some(route.clone()),
                         NetworkFilter::Tcp { .. } => None,
                     })
@@ -390,19 +382,23 @@ impl Cache {
             self.outbound = self.merged_outbound();
         }
         if self.scoped && matches!(ty, Type::Listener | Type::Route) {
-            let chains = self
-                .listeners
-                .values()
-                .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
-                .filter_map(|c| match &c.filter {
-                    NetworkFilter::Tcp { cluster, .. } => Some(cluster.as_str()),
-                    NetworkFilter::Http { .. } => None,
-                });
+            let chains = self.filters().filter_map(|f| match f {
+                NetworkFilter::Tcp { cluster, .. } => Some(cluster.as_str()),
+                NetworkFilter::Http { .. } => None,
+            });
             let routes = self.routes.values().flat_map(|r| r.clusters());
             self.clusters_wanted = chains.chain(routes).map(str::to_owned).collect();
             let wanted = &self.clusters_wanted;
             self.clusters_absent.retain(|c| wanted.contains(c));
         }
+    }
+
+    /// The terminal filter of every chain of every listener.
+    fn filters(&self) -> impl Iterator<Item = &NetworkFilter> {
+        self.listeners
+            .values()
+            .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
+            .map(|c| &c.filter)
     }
 
     /// `virtualOutbound` with the filter chains of every address listener added; `None` when

@@ -425,3 +425,39 @@ fn an_address_listener_may_match_its_own_address_only() {
         .expect_err("a listener that binds");
     assert!(e.to_string().contains("bind_to_port"), "{e}");
 }
+
+#[test]
+fn clusters_the_wildcard_brought_stay_when_no_longer_subscribed_to_by_name() {
+    let mut c = Cache::scoped();
+    let wildcard = [
+        incoming(
+            "PassthroughCluster",
+            "1",
+            &eds_cluster("PassthroughCluster"),
+        ),
+        incoming("inbound|8080||", "1", &eds_cluster("inbound|8080||")),
+    ];
+    c.apply(Type::Cluster, &wildcard, &[]).expect("wildcard");
+    c.note_wildcard(&wildcard, &[], &BTreeSet::new());
+    let by_name: BTreeSet<String> =
+        ["outbound|80||a".to_string(), "inbound|8080||".to_string()].into();
+    let named = [incoming(
+        "outbound|80||a",
+        "1",
+        &eds_cluster("outbound|80||a"),
+    )];
+    c.apply(Type::Cluster, &named, &[]).expect("by name");
+    c.note_wildcard(&named, &[], &by_name);
+    // Nothing names either any more: the one subscribed by name goes, the wildcard's stay.
+    c.retain_subscribed(Type::Cluster, &BTreeSet::new());
+    assert_eq!(
+        c.names(Type::Cluster),
+        [
+            "PassthroughCluster".to_string(),
+            "inbound|8080||".to_string()
+        ]
+        .into()
+    );
+    // A subscription change is the names wanted, whatever the wildcard brought.
+    assert_eq!(c.subscription_change(Type::Cluster, &BTreeSet::new()), None);
+}

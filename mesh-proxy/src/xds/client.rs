@@ -334,9 +334,7 @@ impl XdsClient {
         for ty in [Type::Cluster, Type::Listener] {
             let names: BTreeSet<String> = match (&self.on_demand, ty) {
                 (None, _) => BTreeSet::new(),
-                (Some(_), Type::Cluster) => cache
-                    .subscription_change(ty, &BTreeSet::new())
-                    .unwrap_or_default(),
+                (Some(_), Type::Cluster) => cache.wanted(ty).clone(),
                 (Some(od), _) => od.names().into_iter().collect(),
             };
             let subscribe = match &self.on_demand {
@@ -407,6 +405,9 @@ impl XdsClient {
                                 .map(mesh_api::consts::xds::address_listener)
                                 .filter(|n| held.remove(n))
                                 .collect();
+                            // Absent ones, but one may have come since: not kept unsubscribed.
+                            let _ = cache.apply(Type::Listener, &[], &names);
+                            publisher.offer(cache, &self.store, &self.metrics);
                             (None, names)
                         }
                     };
@@ -450,6 +451,18 @@ impl XdsClient {
                 cache.note_wildcard(&updated, &removed, subs.entry(ty).or_default());
             }
             if let (Some(od), Type::Listener, Ok(())) = (&self.on_demand, ty, &result) {
+                // An address listener answering a subscription since given up is not kept,
+                // as nothing would update it.
+                let held = subs.entry(Type::Listener).or_default();
+                let stray: Vec<String> = updated
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .filter(|n| {
+                        mesh_api::consts::xds::parse_address_listener(n).is_some()
+                            && !held.contains(n)
+                    })
+                    .collect();
+                let _ = cache.apply(Type::Listener, &[], &stray);
                 let address = |n: &String| mesh_api::consts::xds::parse_address_listener(n);
                 for a in updated.iter().filter_map(|r| address(&r.name)) {
                     od.present(a);
@@ -467,7 +480,8 @@ impl XdsClient {
                 error_detail: result.err().map(nack),
                 ..Default::default()
             });
-            for ty in [Type::Cluster, Type::Endpoint, Type::Route] {
+            // Routes first: dropping one changes the clusters wanted, and those the endpoints.
+            for ty in [Type::Route, Type::Cluster, Type::Endpoint] {
                 let had = subs.entry(ty).or_default();
                 let Some(wanted) = cache.subscription_change(ty, had) else {
                     continue;
