@@ -13,33 +13,17 @@
 //!
 //! Root only (a network namespace and iptables). `scripts/bench-scale [SERVICES...]`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use mesh_e2e::netns::binary;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAMESPACES: usize = 10;
 const CALLED: usize = 200;
 const FEW: usize = 10;
-
-/// The workspace's release binaries, next to this benchmark's `deps/` directory.
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("no target directory")?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} is missing: scripts/bench-scale builds it",
-            path.display()
-        );
-    }
-    Ok(path)
-}
 
 fn run(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new(args[0]).args(&args[1..]).output()?;
@@ -88,20 +72,18 @@ impl Drop for Proc {
     }
 }
 
+/// Starts `program` (as `uid`, if given), killed with this process even if it is killed.
 fn spawn(program: &Path, args: &[&str], uid: Option<u32>) -> anyhow::Result<Proc> {
-    let mut cmd = match uid {
-        Some(uid) => {
-            let mut c = Command::new("setpriv");
-            c.args([
-                &format!("--reuid={uid}"),
-                &format!("--regid={uid}"),
-                "--clear-groups",
-            ])
-            .arg(program);
-            c
-        }
-        None => Command::new(program),
-    };
+    let mut cmd = Command::new("setpriv");
+    cmd.arg("--pdeathsig=KILL");
+    if let Some(uid) = uid {
+        cmd.args([
+            &format!("--reuid={uid}"),
+            &format!("--regid={uid}"),
+            "--clear-groups",
+        ]);
+    }
+    cmd.arg(program);
     let child = cmd
         .args(args)
         .env("MESH_LOG", "warn")
@@ -325,6 +307,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         sizes
     };
+    if let Some(small) = sizes.iter().find(|n| **n <= CALLED) {
+        bail!("{small} Services: give more than {CALLED}, the number called");
+    }
     let _ns = Netns::enter()?;
     let init = Command::new(binary("mesh-proxy")?)
         .args(["init", "--proxy-uid", "1337"])

@@ -139,9 +139,15 @@ async fn proxy_config_reads_a_running_proxy_found_through_the_controller() -> an
     let v2 = Backend::start("reviews-v2").await?;
     let ca = mesh_e2e::identity::TestCa::start(std::time::Duration::from_secs(3600)).await?;
     let mesh = LocalMesh::reviews(v1.addr, v2.addr, None).await?;
-    let _plain = mesh
+    let plain = mesh
         .proxy(mesh.proxy_config("default/productpage-1"))
         .await?;
+    // Ready may come before the manifests are read (the controller starts empty).
+    mesh_e2e::mesh::wait_config(&plain, "productpage-1 to hold reviews-v1", |s| {
+        s.cluster("outbound|9080||reviews-v1.default.svc.cluster.local")
+            .is_some_and(|c| !c.endpoints.is_empty())
+    })
+    .await?;
     let mut config = mesh.proxy_config("default/secure-0");
     ca.identify(&mut config, "secure")?;
     let _secure = mesh.proxy(config).await?;

@@ -258,7 +258,6 @@ impl Controller {
 
 type AdsServer = envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer<crate::xds::server::AdsService>;
 
-/// Serves xDS on the connections of `incoming` (plaintext, or mesh TLS).
 /// Plaintext xDS connections, with Nagle off as on the TLS ones: a small response written
 /// while the last is unacknowledged would otherwise wait for the client's delayed ACK (40 ms).
 fn plaintext(
@@ -272,6 +271,7 @@ fn plaintext(
     })
 }
 
+/// Serves xDS on the connections of `incoming` (plaintext, or mesh TLS).
 fn serve_xds<S, IO, IE>(incoming: S, svc: AdsServer) -> JoinHandle<()>
 where
     S: futures::Stream<Item = Result<IO, IE>> + Send + 'static,

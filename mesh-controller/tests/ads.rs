@@ -66,6 +66,23 @@ async fn sotw_stream(
     (tx, resp)
 }
 
+/// A Delta stream: where to send requests, and its responses.
+async fn delta_stream(
+    ctl: &Controller,
+) -> (
+    mpsc::Sender<DeltaDiscoveryRequest>,
+    Streaming<DeltaDiscoveryResponse>,
+) {
+    let (tx, rx) = mpsc::channel(8);
+    let resp = client(ctl)
+        .await
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    (tx, resp)
+}
+
 async fn next<T>(s: &mut Streaming<T>) -> T {
     tokio::time::timeout(Duration::from_secs(10), s.next())
         .await
@@ -251,13 +268,7 @@ async fn delta_next(s: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscovery
 #[tokio::test]
 async fn delta_sends_only_changes_and_removals() {
     let (dir, ctl) = controller().await;
-    let (tx, rx) = mpsc::channel(8);
-    let mut resp = client(&ctl)
-        .await
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (tx, mut resp) = delta_stream(&ctl).await;
     let b = "outbound|80||b.default.svc.cluster.local";
 
     // Wildcard CDS, telling the server the client already holds b's current cluster.
@@ -402,13 +413,7 @@ async fn sotw_empty_list_after_names_means_nothing_and_unknown_types_are_ignored
 #[tokio::test]
 async fn delta_reports_missing_names_and_resends_endpoints_of_changed_clusters() {
     let (dir, ctl) = controller().await;
-    let (tx, rx) = mpsc::channel(8);
-    let mut resp = client(&ctl)
-        .await
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (tx, mut resp) = delta_stream(&ctl).await;
     let a = "outbound|80||a.default.svc.cluster.local";
     tx.send(DeltaDiscoveryRequest {
         node: node("default/d2"),
@@ -492,13 +497,7 @@ fn scoped_node(id: &str, transparent: bool) -> Option<Node> {
 #[tokio::test]
 async fn a_scoped_delta_stream_gets_an_address_by_name_and_hears_of_one_that_is_not_there() {
     let (_dir, ctl) = controller().await;
-    let (tx, rx) = mpsc::channel(8);
-    let mut resp = client(&ctl)
-        .await
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (tx, mut resp) = delta_stream(&ctl).await;
     tx.send(DeltaDiscoveryRequest {
         node: scoped_node("default/s1", true),
         type_url: ResourceType::Listener.type_url(),
@@ -547,13 +546,7 @@ async fn scoped_needs_transparent_and_delta() {
     let refused = |r: Result<DeltaDiscoveryResponse, tonic::Status>| {
         r.expect_err("refused").message().to_string()
     };
-    let (tx, rx) = mpsc::channel(8);
-    let mut resp = client(&ctl)
-        .await
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    let (tx, mut resp) = delta_stream(&ctl).await;
     tx.send(DeltaDiscoveryRequest {
         node: scoped_node("default/s2", false),
         type_url: ResourceType::Listener.type_url(),
