@@ -576,3 +576,72 @@ async fn scoped_needs_transparent_and_delta() {
         .to_string();
     assert!(e.contains("mesh.dev/scoped") && e.contains("Delta"), "{e}");
 }
+
+/// A scoped proxy in a namespace with its own route for a Service gets that route's chains at
+/// the Service's address, by name, and hears when the route goes (the namespace's named layer
+/// is compared whole on each publish).
+#[tokio::test]
+async fn a_scoped_proxy_hears_when_its_namespaces_own_route_goes() {
+    let (dir, ctl) = controller().await;
+    std::fs::write(
+        dir.path().join("shop.yaml"),
+        [
+            service_yaml("shop", "c", "10.96.1.1", &[("http", 80)]),
+            mesh_controller::testing::split_yaml("shop", "r", "a", 80, &[("c", 1)])
+                .replace("name: a, port", "name: a, namespace: default, port"),
+        ]
+        .join("---\n"),
+    )
+    .expect("write");
+    let (tx, mut resp) = delta_stream(&ctl).await;
+    // Once the route is read, the shop variant of a's address listener differs from the shared.
+    let shared = ctl
+        .hub
+        .view(
+            &mesh_controller::xds::server::proxy_id(&scoped_node("default/x", true).expect("node"))
+                .expect("id"),
+        )
+        .get(ResourceType::Listener, "10.96.0.1_80")
+        .expect("a's address")
+        .version
+        .clone();
+    let shop_id =
+        mesh_controller::xds::server::proxy_id(&scoped_node("shop/s1", true).expect("node"))
+            .expect("id");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while ctl
+            .hub
+            .view(&shop_id)
+            .get(ResourceType::Listener, "10.96.0.1_80")
+            .is_some_and(|r| r.version == shared)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the consumer route read");
+    tx.send(DeltaDiscoveryRequest {
+        node: scoped_node("shop/s1", true),
+        type_url: ResourceType::Listener.type_url(),
+        resource_names_subscribe: vec!["*".into(), "10.96.0.1_80".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let first = delta_next(&mut resp).await;
+    let own = first
+        .resources
+        .iter()
+        .find(|r| r.name == "10.96.0.1_80")
+        .expect("a's address, shop's variant");
+    assert_ne!(own.version, shared);
+    delta_ack(&tx, &first).await;
+    std::fs::remove_file(dir.path().join("shop.yaml")).expect("remove");
+    let pushed = delta_next(&mut resp).await;
+    let now = pushed
+        .resources
+        .iter()
+        .find(|r| r.name == "10.96.0.1_80")
+        .unwrap_or_else(|| panic!("a push of a's address: {pushed:?}"));
+    assert_eq!(now.version, shared, "back to the shared chains");
+}
