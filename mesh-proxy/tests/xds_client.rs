@@ -375,3 +375,103 @@ async fn moves_to_another_control_plane_when_its_stream_ends() {
     );
     server.abort();
 }
+
+/// A scoped proxy subscribes to "*" on CDS and LDS, asks for a destination's address listener
+/// on its first connection there, and passes the connection through when the controller says
+/// no Service has that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_proxy_asks_for_a_destination_on_its_first_connection() {
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+        TcpProxy, tcp_proxy,
+    };
+    let mut cp = ControlPlane::start().await;
+    let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let dst = backend.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let mut config = Config::local(cp.addr, "default/web-1");
+    config.transparent = true;
+    config.scoped = true;
+    config.outbound_orig_dst = Some(dst);
+    let proxy = Proxy::start(config, None).await.expect("proxy starts");
+    let cds = cp.next_request().await;
+    assert_eq!(cds.type_url, Cluster::type_url());
+    assert_eq!(cds.resource_names_subscribe, ["*"]);
+    let meta = format!("{:?}", cds.node.expect("node").metadata);
+    assert!(meta.contains("mesh.dev/scoped"), "{meta}");
+    let lds = cp.next_request().await;
+    assert_eq!(lds.type_url, Listener::type_url());
+    assert_eq!(lds.resource_names_subscribe, ["*"]);
+
+    // Everything passes through to `app` until looked up.
+    let tcp = TcpProxy {
+        stat_prefix: "app".into(),
+        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster("app".into())),
+        ..Default::default()
+    };
+    let outbound = Listener {
+        name: "virtualOutbound".into(),
+        default_filter_chain: Some(FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.tcp_proxy".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(Any {
+                    type_url: TcpProxy::type_url(),
+                    value: tcp.encode_to_vec(),
+                })),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    cp.send(
+        "n1",
+        &[("app", static_cluster("app", u32::from(dst.port())))],
+    );
+    assert!(cp.answer_to("n1").await.error_detail.is_none());
+    cp.send("n2", &[("virtualOutbound", outbound)]);
+    assert!(cp.answer_to("n2").await.error_detail.is_none());
+    tokio::time::timeout(Duration::from_secs(5), proxy.store.ready())
+        .await
+        .expect("ready");
+
+    let outbound_addr = proxy.outbound_addr.expect("transparent outbound listener");
+    let get = tokio::spawn(async move {
+        tokio::process::Command::new("curl")
+            .args(["-sS", "-m", "5", &format!("http://{outbound_addr}/")])
+            .output()
+            .await
+            .expect("curl runs")
+    });
+    let name = mesh_api::consts::xds::address_listener(dst);
+    loop {
+        let r = cp.next_request().await;
+        if r.type_url == Listener::type_url() && r.resource_names_subscribe.contains(&name) {
+            break;
+        }
+    }
+    cp.responses
+        .unbounded_send(DeltaDiscoveryResponse {
+            type_url: Listener::type_url(),
+            removed_resources: vec![name],
+            nonce: "n3".into(),
+            ..Default::default()
+        })
+        .expect("stream open");
+    let out = get.await.expect("joins");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ok", "{out:?}");
+    let text = proxy.metrics.encode();
+    assert!(
+        text.contains(r#"mesh_proxy_on_demand_lookups_total{result="absent"} 1"#),
+        "{text}"
+    );
+}
