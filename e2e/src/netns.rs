@@ -235,13 +235,8 @@ struct Replica {
 
 /// Where sidecars find the controller, as injection tells them: every replica under one name.
 fn xds_service_addr() -> String {
-    use mesh_api::consts::{identity, ports};
-    format!(
-        "{}.{}.svc:{}",
-        identity::CONTROLLER_XDS_SERVICE,
-        identity::SYSTEM_NAMESPACE,
-        ports::CONTROLLER_XDS
-    )
+    use mesh_api::consts::identity;
+    identity::xds_addr(identity::SYSTEM_NAMESPACE)
 }
 
 /// A pod the kubelet runs from its spec.
@@ -459,21 +454,14 @@ impl NetnsCluster {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    /// Runs `args` in the control-plane pod (curl to the admin ports, which only it reaches).
-    fn in_control_plane(&self, args: &[&str]) -> anyhow::Result<String> {
-        let netns = &self
-            .control_plane
-            .as_ref()
-            .context("no control plane")?
-            .netns;
-        let mut full = vec!["ip", "netns", "exec", netns.as_str()];
-        full.extend_from_slice(args);
-        run(&full)
-    }
-
-    /// `GET http://127.0.0.1:<port><path>` in the control-plane pod.
-    pub fn control_plane_get(&self, port: u16, path: &str) -> anyhow::Result<String> {
-        self.in_control_plane(&[
+    /// `GET http://127.0.0.1:<port><path>` in the network namespace `netns` (the admin
+    /// ports, which only their own pod reaches).
+    fn get_in(netns: &str, port: u16, path: &str) -> anyhow::Result<String> {
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            netns,
             "curl",
             "-sf",
             "--max-time",
@@ -482,9 +470,16 @@ impl NetnsCluster {
         ])
     }
 
-    async fn wait_ready(&self, what: &str, port: u16) -> anyhow::Result<()> {
+    /// `GET http://127.0.0.1:<port><path>` in the control-plane pod.
+    pub fn control_plane_get(&self, port: u16, path: &str) -> anyhow::Result<String> {
+        let cp = self.control_plane.as_ref().context("no control plane")?;
+        Self::get_in(&cp.netns, port, path)
+    }
+
+    /// Waits until `/ready` on `port` in `netns` answers; `what` names the log to show if not.
+    async fn wait_ready(&self, what: &str, netns: &str, port: u16) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while self.control_plane_get(port, "/ready").is_err() {
+        while Self::get_in(netns, port, "/ready").is_err() {
             if Instant::now() > deadline {
                 bail!("{what} not ready in 20 s:\n{}", self.tail(what));
             }
@@ -512,10 +507,10 @@ impl NetnsCluster {
             &args,
             &self.log("mesh-ca"),
         )?;
-        if let Some(cp) = self.control_plane.as_mut() {
-            cp.procs.push(child);
-        }
-        self.wait_ready("mesh-ca", 15013).await?;
+        let cp = self.control_plane.as_mut().context("no control plane")?;
+        cp.procs.push(child);
+        let netns = cp.netns.clone();
+        self.wait_ready("mesh-ca", &netns, 15013).await?;
         // Pods read the root as UID 1337.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
@@ -599,47 +594,21 @@ impl NetnsCluster {
             ("POD_NAME", replica.name.clone()),
         ];
         let log = self.log(&replica.name);
-        let child = Self::spawn_with_env(
-            &replica.netns,
-            None,
-            &binary("mesh-controller")?,
-            &args,
-            &env,
-            &log,
-        )?;
+        let (name, netns) = (replica.name.clone(), replica.netns.clone());
+        let child =
+            Self::spawn_with_env(&netns, None, &binary("mesh-controller")?, &args, &env, &log)?;
         self.controllers[k].child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.replica_get(k, 15014, "/ready").is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "{} not ready in 20 s:\n{}",
-                    self.controllers[k].name,
-                    self.tail(&self.controllers[k].name)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        self.wait_ready(&name, &netns, 15014).await?;
         self.write_state()
     }
 
     /// `GET http://127.0.0.1:<port><path>` in controller replica `k`'s pod.
     pub fn replica_get(&self, k: usize, port: u16, path: &str) -> anyhow::Result<String> {
-        let netns = &self
+        let replica = self
             .controllers
             .get(k)
-            .context("no such controller replica")?
-            .netns;
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            netns,
-            "curl",
-            "-sf",
-            "--max-time",
-            "3",
-            &format!("http://127.0.0.1:{port}{path}"),
-        ])
+            .context("no such controller replica")?;
+        Self::get_in(&replica.netns, port, path)
     }
 
     /// Running controller replicas, by index.

@@ -36,6 +36,19 @@ pub mod identity {
     /// The headless Service that lists every ready controller replica's xDS address: sidecars
     /// resolve it and fail over between the replicas.
     pub const CONTROLLER_XDS_SERVICE: &str = "mesh-controller-xds";
+
+    /// Where sidecars reach the controllers' xDS in a control plane in namespace `ns`.
+    pub fn xds_addr(ns: &str) -> String {
+        format!(
+            "{CONTROLLER_XDS_SERVICE}.{ns}.svc:{}",
+            super::ports::CONTROLLER_XDS
+        )
+    }
+
+    /// Where sidecars reach mesh-ca in a control plane in namespace `ns`.
+    pub fn ca_addr(ns: &str) -> String {
+        format!("{CA_SERVICE_ACCOUNT}.{ns}.svc:{}", super::ports::CA)
+    }
 }
 
 /// Labels and annotations, all under the `mesh.dev/` prefix.

@@ -211,22 +211,14 @@ impl Config {
         use mesh_api::consts::identity as ids;
         mesh_api::inject::InjectSettings {
             proxy_image: self.inject_proxy_image.clone(),
-            xds_addr: self.inject_xds_addr.clone().unwrap_or_else(|| {
-                format!(
-                    "{}.{}.svc:{}",
-                    ids::CONTROLLER_XDS_SERVICE,
-                    self.namespace,
-                    ports::CONTROLLER_XDS
-                )
-            }),
-            ca_addr: self.inject_ca_addr.clone().unwrap_or_else(|| {
-                format!(
-                    "{}.{}.svc:{}",
-                    ids::CA_SERVICE_ACCOUNT,
-                    self.namespace,
-                    ports::CA
-                )
-            }),
+            xds_addr: self
+                .inject_xds_addr
+                .clone()
+                .unwrap_or_else(|| ids::xds_addr(&self.namespace)),
+            ca_addr: self
+                .inject_ca_addr
+                .clone()
+                .unwrap_or_else(|| ids::ca_addr(&self.namespace)),
             trust_domain: self.trust_domain.clone(),
             proxy_uid: mesh_api::inject::PROXY_UID,
             log_level: self.inject_proxy_log_level.clone(),

@@ -494,6 +494,17 @@ fn scoped_node(id: &str, transparent: bool) -> Option<Node> {
     })
 }
 
+/// Subscribes a Delta stream to one more listener by name.
+async fn subscribe_listener(tx: &mpsc::Sender<DeltaDiscoveryRequest>, name: &str) {
+    tx.send(DeltaDiscoveryRequest {
+        type_url: ResourceType::Listener.type_url(),
+        resource_names_subscribe: vec![name.into()],
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+}
+
 #[tokio::test]
 async fn a_scoped_delta_stream_gets_an_address_by_name_and_hears_of_one_that_is_not_there() {
     let (_dir, ctl) = controller().await;
@@ -516,25 +527,13 @@ async fn a_scoped_delta_stream_gets_an_address_by_name_and_hears_of_one_that_is_
     );
     delta_ack(&tx, &first).await;
     // a's VIP, then an address no Service has.
-    tx.send(DeltaDiscoveryRequest {
-        type_url: ResourceType::Listener.type_url(),
-        resource_names_subscribe: vec!["10.96.0.1_80".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("send");
+    subscribe_listener(&tx, "10.96.0.1_80").await;
     let found = delta_next(&mut resp).await;
     let got: Vec<&str> = found.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(got, ["10.96.0.1_80"]);
     assert!(found.removed_resources.is_empty(), "{found:?}");
     delta_ack(&tx, &found).await;
-    tx.send(DeltaDiscoveryRequest {
-        type_url: ResourceType::Listener.type_url(),
-        resource_names_subscribe: vec!["10.96.9.9_80".into()],
-        ..Default::default()
-    })
-    .await
-    .expect("send");
+    subscribe_listener(&tx, "10.96.9.9_80").await;
     let absent = delta_next(&mut resp).await;
     assert!(absent.resources.is_empty(), "{absent:?}");
     assert_eq!(absent.removed_resources, ["10.96.9.9_80"]);

@@ -182,6 +182,17 @@ fn static_cluster(name: &str, port: u32) -> Cluster {
     }
 }
 
+/// A network filter `name` configured by `config`.
+fn typed_filter<M: Message + Name>(name: &str, config: &M) -> Filter {
+    Filter {
+        name: name.into(),
+        config_type: Some(filter::ConfigType::TypedConfig(Any {
+            type_url: M::type_url(),
+            value: config.encode_to_vec(),
+        })),
+    }
+}
+
 fn http_listener() -> Listener {
     let hcm = HttpConnectionManager {
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
@@ -193,13 +204,10 @@ fn http_listener() -> Listener {
     Listener {
         name: "outbound_http".into(),
         filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(Any {
-                    type_url: HttpConnectionManager::type_url(),
-                    value: hcm.encode_to_vec(),
-                })),
-            }],
+            filters: vec![typed_filter(
+                "envoy.filters.network.http_connection_manager",
+                &hcm,
+            )],
             ..Default::default()
         }],
         ..Default::default()
@@ -422,13 +430,7 @@ async fn a_scoped_proxy_asks_for_a_destination_on_its_first_connection() {
     let outbound = Listener {
         name: "virtualOutbound".into(),
         default_filter_chain: Some(FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.tcp_proxy".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(Any {
-                    type_url: TcpProxy::type_url(),
-                    value: tcp.encode_to_vec(),
-                })),
-            }],
+            filters: vec![typed_filter("envoy.filters.network.tcp_proxy", &tcp)],
             ..Default::default()
         }),
         ..Default::default()

@@ -108,19 +108,13 @@ impl Servers {
 
     /// A round over `addrs`, from a random one that is not the last address, when it can.
     fn begin(&mut self, addrs: Vec<SocketAddr>) {
-        let others = addrs.iter().filter(|a| Some(**a) != self.last).count();
-        let mut k = rand::random_range(0..others.max(1));
-        self.start = 0;
-        for (i, a) in addrs.iter().enumerate() {
-            if Some(*a) == self.last && others > 0 {
-                continue;
-            }
-            if k == 0 {
-                self.start = i;
-                break;
-            }
-            k -= 1;
-        }
+        let others: Vec<usize> = (0..addrs.len())
+            .filter(|&i| Some(addrs[i]) != self.last)
+            .collect();
+        self.start = match others.len() {
+            0 => 0,
+            n => others[rand::random_range(0..n)],
+        };
         self.addrs = addrs;
         self.failed = 0;
     }

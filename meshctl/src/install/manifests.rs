@@ -347,12 +347,8 @@ fn ca_deployment(v: &Values, ns: &str) -> Value {
 pub fn inject_settings(v: &Values, ns: &str) -> InjectSettings {
     InjectSettings {
         proxy_image: v.image("mesh-proxy"),
-        xds_addr: format!(
-            "{}.{ns}.svc:{}",
-            identity::CONTROLLER_XDS_SERVICE,
-            ports::CONTROLLER_XDS
-        ),
-        ca_addr: format!("{}.{ns}.svc:{}", identity::CA_SERVICE_ACCOUNT, ports::CA),
+        xds_addr: identity::xds_addr(ns),
+        ca_addr: identity::ca_addr(ns),
         trust_domain: v.trust_domain.clone(),
         proxy_uid: mesh_api::inject::PROXY_UID,
         log_level: v.proxy.log_level.as_str().into(),
