@@ -73,6 +73,10 @@ pub mod labels {
     /// Annotation injection sets on a pod: the probes it rewrote, as written, by container
     /// (`{"app": {"readinessProbe": {...}}}`); uninjection puts them back.
     pub const APP_PROBES: &str = "mesh.dev/app-probes";
+    /// Annotation on a pod or a namespace: the Services its workloads call (`name`,
+    /// `namespace/name`, `namespace/*`, separated by commas or spaces), which scoped proxies
+    /// are given up front instead of looking each one up on its first connection.
+    pub const DEPENDENCIES: &str = "mesh.dev/dependencies";
     /// The standard label an EndpointSlice carries to name its Service.
     pub const ENDPOINTSLICE_SERVICE_NAME: &str = "kubernetes.io/service-name";
 }
@@ -112,6 +116,10 @@ pub mod node_metadata {
     /// fixed ones; it subscribes by name to the listener of each destination address it meets
     /// ([`super::xds::address_listener`]) and to the routes, clusters and endpoints those name.
     pub const SCOPED: &str = "mesh.dev/scoped";
+    /// The workload the proxy serves (its `--workload`). The controller keys what a scoped
+    /// proxy's workload learned by the pod's workload, and by this while it does not know the
+    /// pod.
+    pub const WORKLOAD: &str = "mesh.dev/workload";
 }
 
 /// Names used in xDS resources that several components must agree on.
@@ -218,6 +226,8 @@ pub mod env {
     pub const PROXY_TRANSPARENT: &str = "MESH_PROXY_TRANSPARENT";
     /// Proxy: `true` to look destinations up on demand instead of holding every Service.
     pub const PROXY_SCOPED: &str = "MESH_PROXY_SCOPED";
+    /// Proxy: how long a destination looked up stays held with no connection to it.
+    pub const PROXY_SCOPED_IDLE_TIMEOUT: &str = "MESH_PROXY_SCOPED_IDLE_TIMEOUT";
     /// Proxy: admin listen address.
     pub const PROXY_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
     /// Proxy: metrics and readiness listen address.

@@ -145,6 +145,7 @@ impl Controller {
             };
             tasks.push(tokio::spawn(writer.run()));
         }
+        tasks.push(tokio::spawn(hub.learned.clone().forget_unused()));
         let (quiet, max) = config.debounce();
         tasks.push(tokio::spawn(run_publisher(
             index.clone(),

@@ -644,3 +644,145 @@ async fn a_scoped_proxy_hears_when_its_namespaces_own_route_goes() {
         .unwrap_or_else(|| panic!("a push of a's address: {pushed:?}"));
     assert_eq!(now.version, shared, "back to the shared chains");
 }
+
+/// A pod of workload `client` in `default`.
+fn client_pod(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: default, labels: {{mesh.dev/workload: client}}}}\nspec: {{containers: [{{name: app, image: x}}]}}\n"
+    )
+}
+
+/// Opens a scoped Delta stream for `node` subscribed to LDS `*` plus `names`, and returns it
+/// with the names of its first response.
+async fn scoped_lds(
+    ctl: &Controller,
+    node: &str,
+    names: &[&str],
+) -> (
+    mpsc::Sender<DeltaDiscoveryRequest>,
+    Streaming<DeltaDiscoveryResponse>,
+    Vec<String>,
+) {
+    let (tx, mut resp) = delta_stream(ctl).await;
+    tx.send(DeltaDiscoveryRequest {
+        node: scoped_node(node, true),
+        type_url: ResourceType::Listener.type_url(),
+        resource_names_subscribe: std::iter::once("*")
+            .chain(names.iter().copied())
+            .map(str::to_owned)
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let first = delta_next(&mut resp).await;
+    delta_ack(&tx, &first).await;
+    let mut got: Vec<String> = first.resources.iter().map(|r| r.name.clone()).collect();
+    got.sort();
+    (tx, resp, got)
+}
+
+/// What one pod of a workload looked up, every pod of it is given up front; a name a proxy
+/// lets go is removed, unless its wildcard still carries it.
+#[tokio::test]
+async fn a_workload_learns_what_its_proxies_looked_up() {
+    let (dir, ctl) = controller().await;
+    std::fs::write(
+        dir.path().join("pods.yaml"),
+        [
+            client_pod("client-1"),
+            client_pod("client-2"),
+            client_pod("client-3"),
+        ]
+        .join("---\n"),
+    )
+    .expect("write");
+    let workload: (String, String) = ("default".into(), "client".into());
+    let holders = |addr: &str| {
+        ctl.hub
+            .learned
+            .holders(&workload, addr.parse().expect("an address"))
+    };
+    let id = |node: &str| {
+        mesh_controller::xds::server::proxy_id(&scoped_node(node, true).expect("node")).expect("id")
+    };
+    wait_until("the pods read", || {
+        ctl.hub.workload(&id("default/client-2"), None) == Some(workload.clone())
+    })
+    .await;
+    // client-1 looks up a's VIP and an address with nothing there.
+    let (tx1, mut resp1, got) =
+        scoped_lds(&ctl, "default/client-1", &["10.96.0.1_80", "10.96.9.9_80"]).await;
+    assert_eq!(got, ["10.96.0.1_80", "virtualInbound", "virtualOutbound"]);
+    // client-2, of the same workload, starts with a's VIP; the absent address is not learned.
+    let (tx2, mut resp2, got) = scoped_lds(&ctl, "default/client-2", &[]).await;
+    assert_eq!(got, ["10.96.0.1_80", "virtualInbound", "virtualOutbound"]);
+    // Another workload does not.
+    let (_tx3, _resp3, got) = scoped_lds(&ctl, "default/other-0", &[]).await;
+    assert_eq!(got, ["virtualInbound", "virtualOutbound"]);
+    // client-2 also looks b up: client-1 is sent b, with its wildcard.
+    subscribe_listener(&tx2, "10.96.0.2_80").await;
+    let b = delta_next(&mut resp2).await;
+    assert_eq!(b.resources.len(), 1, "{b:?}");
+    delta_ack(&tx2, &b).await;
+    let pushed = delta_next(&mut resp1).await;
+    let got: Vec<&str> = pushed.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(got, ["10.96.0.2_80"]);
+    delta_ack(&tx1, &pushed).await;
+    // client-2 uses a too (it subscribes by name; it holds it already: nothing is sent).
+    subscribe_listener(&tx2, "10.96.0.1_80").await;
+    wait_until("both hold a", || holders("10.96.0.1:80") == 2).await;
+    // client-1 lets a go as idle: client-2 still holds it, so client-1 keeps it.
+    let unsubscribe = |name: &str| DeltaDiscoveryRequest {
+        type_url: ResourceType::Listener.type_url(),
+        resource_names_unsubscribe: vec![name.into()],
+        ..Default::default()
+    };
+    tx1.send(unsubscribe("10.96.0.1_80")).await.expect("send");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), resp1.next())
+            .await
+            .is_err(),
+        "client-1 keeps a, which its workload uses"
+    );
+    // client-2 lets it go too: no pod uses it, and both are told it is gone.
+    tx2.send(unsubscribe("10.96.0.1_80")).await.expect("send");
+    for resp in [&mut resp1, &mut resp2] {
+        let gone = delta_next(resp).await;
+        assert_eq!(gone.removed_resources, ["10.96.0.1_80"], "{gone:?}");
+    }
+    // client-2's pod goes away: what it held (b) is remembered for the pod that replaces it.
+    drop((tx2, resp2));
+    wait_until("client-2 let go of b", || holders("10.96.0.2:80") == 0).await;
+    let (_tx3, mut resp3, got) = scoped_lds(&ctl, "default/client-3", &[]).await;
+    assert_eq!(got, ["10.96.0.2_80", "virtualInbound", "virtualOutbound"]);
+    // A Service comes to the address client-1 asked for in vain: learned, and client-3 is
+    // sent it too.
+    assert_eq!(holders("10.96.9.9:80"), 0);
+    std::fs::write(
+        dir.path().join("late.yaml"),
+        service_yaml("default", "late", "10.96.9.9", &[("http", 80)]),
+    )
+    .expect("write");
+    let late = delta_next(&mut resp1).await;
+    let got: Vec<&str> = late.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(got, ["10.96.9.9_80"], "{late:?}");
+    wait_until("client-1 holds the late one", || {
+        holders("10.96.9.9:80") == 1
+    })
+    .await;
+    let late = delta_next(&mut resp3).await;
+    let got: Vec<&str> = late.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(got, ["10.96.9.9_80"], "{late:?}");
+}
+
+/// Waits, up to 10 s, until `check` holds.
+async fn wait_until(what: &str, check: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never: {what}"));
+}

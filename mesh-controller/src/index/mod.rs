@@ -13,12 +13,13 @@
 //!        +--backendRefs--> Service port    +--selector--> Pod (inbound, named ports)   +--> ready endpoints
 //! ```
 
+pub mod dependencies;
 pub mod model;
 pub mod policy;
 pub mod routes;
 pub mod traffic;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -87,6 +88,8 @@ pub struct Index {
     mtls_default: MtlsMode,
     authz_default: policy::AuthzDefault,
     namespaces: HashMap<String, BTreeMap<String, String>>,
+    /// Namespaces' `mesh.dev/dependencies` annotations, as written.
+    namespace_dependencies: HashMap<String, String>,
     services: HashMap<SvcKey, ServiceInfo>,
     slices: HashMap<ObjKey, SliceInfo>,
     pods: Arc<HashMap<PodKey, Arc<PodModel>>>,
@@ -104,6 +107,8 @@ pub struct Index {
     routes_by_backend: HashMap<SvcKey, HashSet<ObjKey>>,
     /// Unresolved references, by the parent Service being built when they were found.
     errors: HashMap<SvcKey, Vec<ResolveError>>,
+    /// What could not be read in Pods' annotations.
+    pod_errors: HashMap<PodKey, Vec<ResolveError>>,
     dirty: HashSet<SvcKey>,
     revision: watch::Sender<u64>,
     last_model: Option<Arc<Model>>,
@@ -127,6 +132,7 @@ impl Index {
             mtls_default: MtlsMode::default(),
             authz_default: policy::AuthzDefault::default(),
             namespaces: HashMap::new(),
+            namespace_dependencies: HashMap::new(),
             services: HashMap::new(),
             slices: HashMap::new(),
             pods: Arc::default(),
@@ -138,6 +144,7 @@ impl Index {
             routes_by_parent: HashMap::new(),
             routes_by_backend: HashMap::new(),
             errors: HashMap::new(),
+            pod_errors: HashMap::new(),
             dirty: HashSet::new(),
             revision: watch::Sender::new(0),
             last_model: None,
@@ -171,7 +178,19 @@ impl Index {
         Ok(match obj {
             Object::Namespace(ns) => {
                 let labels = ns.metadata.labels.unwrap_or_default();
-                self.namespaces.insert(key.name, labels.clone()) != Some(labels)
+                let deps = ns
+                    .metadata
+                    .annotations
+                    .and_then(|mut a| a.remove(mesh_api::consts::labels::DEPENDENCIES));
+                let deps_changed = match deps {
+                    Some(d) => {
+                        self.namespace_dependencies
+                            .insert(key.name.clone(), d.clone())
+                            != Some(d)
+                    }
+                    None => self.namespace_dependencies.remove(&key.name).is_some(),
+                };
+                (self.namespaces.insert(key.name, labels.clone()) != Some(labels)) | deps_changed
             }
             Object::Service(svc) => {
                 let info = service_info(&svc)?;
@@ -182,10 +201,16 @@ impl Index {
                 self.set_slice(key, info)
             }
             Object::Pod(pod) => {
-                let info = Arc::new(pod_model(&pod, &key)?);
+                let (info, errors) = pod_model(&pod, &key)?;
+                let info = Arc::new(info);
                 let k = (key.namespace, key.name);
+                let errors_changed = if errors.is_empty() {
+                    self.pod_errors.remove(&k).is_some()
+                } else {
+                    self.pod_errors.insert(k.clone(), errors.clone()) != Some(errors)
+                };
                 if self.pods.get(&k) == Some(&info) {
-                    false
+                    errors_changed
                 } else {
                     self.pod_changed(&k);
                     Arc::make_mut(&mut self.pods).insert(k, info);
@@ -355,13 +380,17 @@ impl Index {
 
     fn delete_quiet(&mut self, key: &ObjKey) -> bool {
         match key.kind {
-            Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
+            Kind::Namespace => {
+                let deps = self.namespace_dependencies.remove(&key.name).is_some();
+                self.namespaces.remove(&key.name).is_some() | deps
+            }
             Kind::Service => self.set_service(SvcKey::new(&key.namespace, &key.name), None),
             Kind::EndpointSlice => self.set_slice(key.clone(), None),
             Kind::Pod => {
                 let k = (key.namespace.clone(), key.name.clone());
+                let had_errors = self.pod_errors.remove(&k).is_some();
                 if !self.pods.contains_key(&k) {
-                    return false;
+                    return had_errors;
                 }
                 self.pod_changed(&k);
                 Arc::make_mut(&mut self.pods).remove(&k).is_some()
@@ -528,6 +557,30 @@ impl Index {
             || None,
             errors,
         )
+    }
+
+    /// Namespaces' `mesh.dev/dependencies`; entries that cannot be read go to `errors`.
+    fn namespace_dependencies(
+        &self,
+        errors: &mut Vec<ResolveError>,
+    ) -> BTreeMap<String, BTreeSet<dependencies::Dependency>> {
+        let mut out = BTreeMap::new();
+        for (ns, value) in &self.namespace_dependencies {
+            let (deps, bad) = dependencies::parse(value, ns);
+            let object = ObjKey {
+                kind: Kind::Namespace,
+                namespace: String::new(),
+                name: ns.clone(),
+            };
+            errors.extend(
+                bad.into_iter()
+                    .map(|reason| dependencies_error(&object, reason)),
+            );
+            if !deps.is_empty() {
+                out.insert(ns.clone(), deps);
+            }
+        }
+        out
     }
 
     /// Every policy, checked and compiled; what cannot be read goes to `errors`.
@@ -703,8 +756,15 @@ impl Index {
                 self.errors.insert(key, errors);
             }
         }
-        let mut errors: Vec<ResolveError> = self.errors.values().flatten().cloned().collect();
+        let mut errors: Vec<ResolveError> = self
+            .errors
+            .values()
+            .chain(self.pod_errors.values())
+            .flatten()
+            .cloned()
+            .collect();
         let mtls_namespaces = Arc::new(self.mtls_namespaces(&mut errors));
+        let namespace_dependencies = Arc::new(self.namespace_dependencies(&mut errors));
         let policies = Arc::new(self.policies(&mut errors));
         errors.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
         let model = Arc::new(Model {
@@ -713,6 +773,7 @@ impl Index {
             trust_domain: self.trust_domain.clone(),
             mtls_default: self.mtls_default,
             mtls_namespaces,
+            namespace_dependencies,
             policies,
             services,
             pods: self.pods.clone(),
@@ -1158,7 +1219,22 @@ fn slice_info(slice: &EndpointSlice, namespace: &str) -> Result<Option<SliceInfo
     }))
 }
 
-fn pod_model(pod: &Pod, key: &ObjKey) -> Result<PodModel, DocError> {
+/// A `mesh.dev/dependencies` entry of `object` that cannot be read.
+fn dependencies_error(object: &ObjKey, reason: String) -> ResolveError {
+    ResolveError {
+        object: object.clone(),
+        field: format!(
+            "metadata.annotations[{:?}]",
+            mesh_api::consts::labels::DEPENDENCIES
+        ),
+        reason: format!("{reason}; the entry is left out"),
+        condition: model::RefProblem::NotARoute,
+    }
+}
+
+/// A Pod as the model keeps it, and what could not be read in its annotations (the rest of
+/// the Pod still applies).
+fn pod_model(pod: &Pod, key: &ObjKey) -> Result<(PodModel, Vec<ResolveError>), DocError> {
     let spec = pod.spec.clone().unwrap_or_default();
     let ip =
         match pod.status.as_ref().and_then(|s| s.pod_ip.as_deref()) {
@@ -1192,7 +1268,18 @@ fn pod_model(pod: &Pod, key: &ObjKey) -> Result<PodModel, DocError> {
         pod.metadata.generate_name.as_deref(),
         &key.name,
     );
-    Ok(PodModel {
+    let (dependencies, bad) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(mesh_api::consts::labels::DEPENDENCIES))
+        .map(|v| dependencies::parse(v, &key.namespace))
+        .unwrap_or_default();
+    let errors = bad
+        .into_iter()
+        .map(|reason| dependencies_error(key, reason))
+        .collect();
+    let model = PodModel {
         namespace: key.namespace.clone(),
         name: key.name.clone(),
         ip,
@@ -1202,7 +1289,9 @@ fn pod_model(pod: &Pod, key: &ObjKey) -> Result<PodModel, DocError> {
             .service_account_name
             .unwrap_or_else(|| "default".into()),
         named_ports,
-    })
+        dependencies,
+    };
+    Ok((model, errors))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! endpoints and its ordered routes. Built by [`super::Index::model`]; parts that did not change
 //! since the previous model are the same `Arc`s, so translation can reuse its work for them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +41,7 @@ impl std::fmt::Display for SvcKey {
 }
 
 /// What a port speaks, from `appProtocol` or the port name's prefix (as Istio reads it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum Protocol {
     /// Not declared: detected per connection.
     Unknown,
@@ -176,6 +176,8 @@ pub struct PodModel {
     pub workload: String,
     /// Container ports by name, to resolve named `targetPort`s.
     pub named_ports: BTreeMap<String, u16>,
+    /// What its `mesh.dev/dependencies` annotation names.
+    pub dependencies: BTreeSet<super::dependencies::Dependency>,
 }
 
 /// A reference that could not be resolved: the route still applies, without that part.
@@ -251,6 +253,8 @@ pub struct Model {
     /// The mesh-wide mTLS mode, and namespaces that set their own (`mesh.dev/mtls-mode`).
     pub mtls_default: MtlsMode,
     pub mtls_namespaces: Arc<BTreeMap<String, MtlsMode>>,
+    /// Namespaces' `mesh.dev/dependencies`, read.
+    pub namespace_dependencies: Arc<BTreeMap<String, BTreeSet<super::dependencies::Dependency>>>,
     /// Authorization and rate limit policies, and the authorization defaults.
     pub policies: Arc<super::policy::Policies>,
     /// A persistent map: models share the unchanged part of it.

@@ -2,6 +2,7 @@
 
 mod build;
 pub mod canonical;
+pub mod learned;
 mod pb;
 pub mod policy;
 pub mod resources;

@@ -125,6 +125,10 @@ pub struct Resources {
 }
 
 impl Resources {
+    pub fn is_empty(&self) -> bool {
+        self.by_type.values().all(imbl::OrdMap::is_empty)
+    }
+
     pub fn insert(&mut self, ty: ResourceType, res: Arc<Resource>) {
         self.by_type
             .entry(ty)

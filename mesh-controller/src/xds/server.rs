@@ -27,6 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
+use super::learned::{Learned, WorkloadKey};
 use super::resources::{ProxyView, Resource, ResourceType};
 use super::status::{ProxyStatus, StatusTable, StreamStatus};
 use super::translate::{ListenerSettings, ProxyId, Translator};
@@ -47,6 +48,8 @@ pub struct Hub {
     published: watch::Sender<Published>,
     pub status: Arc<StatusTable>,
     pub metrics: Arc<Metrics>,
+    /// What each workload's scoped proxies looked up.
+    pub learned: Arc<Learned>,
 }
 
 impl Hub {
@@ -61,6 +64,7 @@ impl Hub {
             }),
             status: Arc::default(),
             metrics,
+            learned: Arc::default(),
         })
     }
 
@@ -68,8 +72,31 @@ impl Hub {
         self.translator.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Everything `proxy` may be served now, with what its workload learned when scoped.
     pub fn view(&self, proxy: &ProxyId) -> ProxyView {
-        self.translator().view(proxy)
+        let learned = match self.workload(proxy, None) {
+            Some(w) => self.learned.of(&w),
+            None => BTreeSet::new(),
+        };
+        self.translator().view_learned(proxy, &learned)
+    }
+
+    /// The workload whose learned destinations a scoped proxy shares: its pod's; while the
+    /// controller does not know the pod, the one its node `declared`
+    /// (`node_metadata::WORKLOAD`), else the pod alone. `None` for a proxy that is not scoped.
+    pub fn workload(&self, proxy: &ProxyId, declared: Option<&str>) -> Option<WorkloadKey> {
+        if !(proxy.settings.transparent && proxy.settings.scoped) {
+            return None;
+        }
+        let model = self.model();
+        let name = match model
+            .pods
+            .get(&(proxy.namespace.clone(), proxy.name.clone()))
+        {
+            Some(p) => p.workload.clone(),
+            None => declared.unwrap_or(&proxy.name).to_string(),
+        };
+        Some((proxy.namespace.clone(), name))
     }
 
     pub fn model(&self) -> Arc<Model> {
@@ -272,11 +299,78 @@ pub fn proxy_id(node: &Node) -> Result<ProxyId, String> {
 /// What both stream kinds keep once the first request named the node.
 struct Session {
     proxy: ProxyId,
+    /// A scoped proxy's share in what its workload learned. Before `status`: what it held
+    /// is let go before the stream leaves `/debug/proxies`.
+    learning: Option<Learning>,
     status: StreamStatus,
     view: ProxyView,
     /// The view served from before the last publish.
     prev: Option<ProxyView>,
     published: watch::Receiver<Published>,
+}
+
+/// A scoped proxy's stream: the learned destinations its view was built with, and those it
+/// holds by name (let go when the stream ends).
+struct Learning {
+    learned: Arc<Learned>,
+    workload: WorkloadKey,
+    /// Ticks when the workload's learned set changes.
+    changed: watch::Receiver<u64>,
+    /// The set the current view was built with.
+    used: BTreeSet<SocketAddr>,
+    holding: BTreeSet<SocketAddr>,
+}
+
+impl Learning {
+    /// Notes the proxy's subscription changes of address listeners; `exists` tells whether
+    /// the controller has a listener of that name.
+    fn subscribed(
+        &mut self,
+        subscribe: &[String],
+        unsubscribe: &[String],
+        exists: impl Fn(&str) -> bool,
+    ) {
+        let now = Instant::now();
+        let addr = |n: &String| mesh_api::consts::xds::parse_address_listener(n);
+        for (name, a) in subscribe.iter().filter_map(|n| Some((n, addr(n)?))) {
+            if exists(name) && self.holding.insert(a) {
+                self.learned.hold(&self.workload, a, now);
+            }
+        }
+        for a in unsubscribe.iter().filter_map(addr) {
+            if self.holding.remove(&a) {
+                self.learned.release(&self.workload, a, now, false);
+            }
+        }
+    }
+
+    /// Holds the names subscribed to that did not exist when they were asked for and do
+    /// now (a Service created at an address a proxy already looked up).
+    fn now_existing<'a>(
+        &mut self,
+        names: impl Iterator<Item = &'a str>,
+        exists: impl Fn(&str) -> bool,
+    ) {
+        let now = Instant::now();
+        for name in names {
+            if let Some(a) = mesh_api::consts::xds::parse_address_listener(name)
+                && !self.holding.contains(&a)
+                && exists(name)
+            {
+                self.holding.insert(a);
+                self.learned.hold(&self.workload, a, now);
+            }
+        }
+    }
+}
+
+impl Drop for Learning {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        for a in std::mem::take(&mut self.holding) {
+            self.learned.release(&self.workload, a, now, true);
+        }
+    }
 }
 
 /// Over TLS, the node a proxy names must be its certificate's: the same namespace and, when
@@ -343,7 +437,25 @@ impl Session {
         }
         let mut published = hub.subscribe();
         published.borrow_and_update();
-        let view = hub.view(&proxy);
+        let declared = metadata_string(node, node_metadata::WORKLOAD);
+        let learning = hub.workload(&proxy, declared.as_deref()).map(|workload| {
+            let mut changed = hub.learned.changed(&workload);
+            changed.borrow_and_update();
+            Learning {
+                learned: hub.learned.clone(),
+                used: hub.learned.of(&workload),
+                workload,
+                changed,
+                holding: BTreeSet::new(),
+            }
+        });
+        let view = hub.translator().view_learned(
+            &proxy,
+            &learning
+                .as_ref()
+                .map(|l| l.used.clone())
+                .unwrap_or_default(),
+        );
         let status = StreamStatus::register(
             hub.status.clone(),
             hub.metrics.clone(),
@@ -374,6 +486,7 @@ impl Session {
                         a
                     }),
                 connected_at_unix: StreamStatus::now_unix(),
+                revision: view.revision,
                 types: BTreeMap::new(),
             },
         );
@@ -384,7 +497,21 @@ impl Session {
             view,
             prev: None,
             published,
+            learning,
         })
+    }
+
+    /// The view of the current model, with what the workload learned by now.
+    fn refresh(&mut self, hub: &Hub) -> ProxyView {
+        let learned = match &mut self.learning {
+            Some(l) => {
+                l.changed.borrow_and_update();
+                l.used = l.learned.of(&l.workload);
+                l.used.clone()
+            }
+            None => BTreeSet::new(),
+        };
+        hub.translator().view_learned(&self.proxy, &learned)
     }
 }
 
@@ -436,6 +563,12 @@ trait Variant: Sized + Send + 'static {
     type TypeState: Default + Send;
     const NAME: &'static str;
 
+    /// The names `ty` is subscribed to, if the stream subscribed to it.
+    fn names(
+        types: &HashMap<ResourceType, Self::TypeState>,
+        ty: ResourceType,
+    ) -> Option<&BTreeSet<Arc<str>>>;
+
     /// Handles a subscription change, ACK or NACK.
     fn on_request(
         s: &mut AdsStream<Self>,
@@ -455,7 +588,11 @@ trait Variant: Sized + Send + 'static {
 }
 
 /// A request's type, the stream's session, and that type's state.
-type Begun<'a, V> = (ResourceType, &'a Session, &'a mut <V as Variant>::TypeState);
+type Begun<'a, V> = (
+    ResourceType,
+    &'a mut Session,
+    &'a mut <V as Variant>::TypeState,
+);
 
 /// One ADS stream: its requests, and pushes when a new model is published.
 struct AdsStream<V: Variant> {
@@ -499,9 +636,27 @@ impl<V: Variant> AdsStream<V> {
 
     async fn run(&mut self, mut reqs: Streaming<V::Request>) -> Option<Status> {
         loop {
+            let (changed, learned) = match self.session.as_mut() {
+                Some(s) => (
+                    Some(&mut s.published),
+                    s.learning.as_mut().map(|l| &mut l.changed),
+                ),
+                None => (None, None),
+            };
             let changed = async {
-                match self.session.as_mut() {
-                    Some(s) => s.published.changed().await.is_ok(),
+                match changed {
+                    Some(p) => p.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let learned = async {
+                match learned {
+                    // The sender lives as long as the hub: an error cannot come.
+                    Some(l) => {
+                        if l.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
                     None => std::future::pending().await,
                 }
             };
@@ -526,6 +681,11 @@ impl<V: Variant> AdsStream<V> {
                         return None;
                     }
                 }
+                () = learned => {
+                    if !self.on_learned().await {
+                        return None;
+                    }
+                }
             }
         }
     }
@@ -547,7 +707,7 @@ impl<V: Variant> AdsStream<V> {
         }
         let session = self
             .session
-            .as_ref()
+            .as_mut()
             .ok_or_else(|| Status::internal("no session"))?;
         // A type we do not serve (SDS, ECDS, ...) is ignored rather than failing the stream,
         // which would also cut off the types we do serve.
@@ -571,8 +731,17 @@ impl<V: Variant> AdsStream<V> {
             return true;
         };
         let published = *session.published.borrow_and_update();
-        let view = self.hub.view(&session.proxy);
+        let view = session.refresh(&self.hub);
         session.prev = Some(std::mem::replace(&mut session.view, view));
+        if let (Some(l), Some(st)) = (
+            session.learning.as_mut(),
+            V::names(&self.types, ResourceType::Listener),
+        ) {
+            let view = &session.view;
+            l.now_existing(st.iter().map(|n| &**n), |n| {
+                view.get(ResourceType::Listener, n).is_some()
+            });
+        }
         for ty in ResourceType::ALL {
             if self.types.contains_key(&ty)
                 && !V::respond(self, ty, false, Some(published.changed_at), true).await
@@ -580,7 +749,30 @@ impl<V: Variant> AdsStream<V> {
                 return false;
             }
         }
+        if let Some(session) = &self.session {
+            session.status.serving(session.view.revision);
+        }
         true
+    }
+
+    /// What the proxy's workload learned changed: if its set did, push what that changes.
+    async fn on_learned(&mut self) -> bool {
+        let Some(session) = self.session.as_mut() else {
+            return true;
+        };
+        let Some(l) = session.learning.as_mut() else {
+            return true;
+        };
+        l.changed.borrow_and_update();
+        if l.learned.of(&l.workload) == l.used {
+            return true;
+        }
+        let view = session.refresh(&self.hub);
+        session.prev = Some(std::mem::replace(&mut session.view, view));
+        // Only listeners differ (what they name is served by name either way); at the same
+        // revision every one is compared (few, for a scoped proxy).
+        let ty = ResourceType::Listener;
+        !self.types.contains_key(&ty) || V::respond(self, ty, false, None, false).await
     }
 }
 
@@ -593,6 +785,13 @@ impl Variant for Sotw {
     type Response = DiscoveryResponse;
     type TypeState = SotwType;
     const NAME: &'static str = "sotw";
+
+    fn names(
+        types: &HashMap<ResourceType, SotwType>,
+        ty: ResourceType,
+    ) -> Option<&BTreeSet<Arc<str>>> {
+        types.get(&ty).map(|t| &t.names)
+    }
 
     async fn on_request(s: &mut AdsStream<Self>, req: DiscoveryRequest) -> Result<(), Status> {
         let Some((ty, session, st)) = s.begin(req.node.as_ref(), &req.type_url)? else {
@@ -718,6 +917,13 @@ impl Variant for Delta {
     type TypeState = DeltaType;
     const NAME: &'static str = "delta";
 
+    fn names(
+        types: &HashMap<ResourceType, DeltaType>,
+        ty: ResourceType,
+    ) -> Option<&BTreeSet<Arc<str>>> {
+        types.get(&ty).map(|t| &t.names)
+    }
+
     async fn on_request(s: &mut AdsStream<Self>, req: DeltaDiscoveryRequest) -> Result<(), Status> {
         let Some((ty, session, st)) = s.begin(req.node.as_ref(), &req.type_url)? else {
             return Ok(());
@@ -735,6 +941,17 @@ impl Variant for Delta {
             {
                 return Ok(());
             }
+        }
+        let scoped = session.learning.is_some();
+        if ty == ResourceType::Listener
+            && let Some(l) = session.learning.as_mut()
+        {
+            let view = &session.view;
+            l.subscribed(
+                &req.resource_names_subscribe,
+                &req.resource_names_unsubscribe,
+                |n| view.get(ty, n).is_some(),
+            );
         }
         let first = !st.started;
         st.started = true;
@@ -765,7 +982,14 @@ impl Variant for Delta {
                 st.wildcard = false;
             } else {
                 st.names.remove(name.as_str());
-                st.known.remove(name.as_str());
+                // A scoped proxy is told: what it holds stays known, and the response below
+                // (which compares everything) removes it unless its wildcard still carries
+                // it, in which case it keeps it as it is; so it never guesses what to drop.
+                // Others drop what they unsubscribe, as Envoy does, and a name the wildcard
+                // carries is then sent again.
+                if !scoped {
+                    st.known.remove(name.as_str());
+                }
             }
         }
         Self::respond(s, ty, first, None, false).await;

@@ -47,6 +47,9 @@ pub struct ProxyStatus {
     /// the address the proxy connects from).
     pub metrics: Option<std::net::SocketAddr>,
     pub connected_at_unix: u64,
+    /// The model revision the stream last pushed from: every change of that revision which
+    /// concerns the proxy was sent (its types' states say whether it was acknowledged).
+    pub revision: u64,
     pub types: BTreeMap<ResourceType, TypeStatus>,
 }
 
@@ -97,6 +100,13 @@ impl StreamStatus {
     fn with(&self, ty: ResourceType, f: impl FnOnce(&mut TypeStatus)) {
         if let Some(s) = self.table.lock().get_mut(&self.id) {
             f(s.types.entry(ty).or_default());
+        }
+    }
+
+    /// The stream has pushed everything of model revision `revision`.
+    pub fn serving(&self, revision: u64) {
+        if let Some(s) = self.table.lock().get_mut(&self.id) {
+            s.revision = revision;
         }
     }
 

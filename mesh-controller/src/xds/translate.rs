@@ -223,7 +223,17 @@ pub struct Translator {
     /// Per-namespace layers, kept while their epoch holds, keyed by what their bytes depend on.
     namespaces: HashMap<LayerKey, NamespaceLayer>,
     pods: HashMap<(String, String, ListenerSettings), Arc<Resources>>,
+    /// Inbound layers by what they are built from: pods of the same Services share one.
+    inbound: HashMap<InboundKey, Arc<Resources>>,
 }
+
+/// The ports a pod is reached on through its Services: each with its protocol and the
+/// `(Service, port name)` pairs that reach it.
+type Targets = BTreeMap<u16, (Protocol, Vec<(String, String)>)>;
+
+/// What a transparent proxy's own (inbound) layer depends on, besides the model: its
+/// namespace, its listener settings and its [`Targets`].
+type InboundKey = (String, ListenerSettings, Targets);
 
 impl Translator {
     pub fn new(model: Arc<Model>) -> Self {
@@ -249,6 +259,7 @@ impl Translator {
             vhosts_epoch: 0,
             namespaces: HashMap::new(),
             pods: HashMap::new(),
+            inbound: HashMap::new(),
         };
         t.update(model);
         t
@@ -391,6 +402,7 @@ impl Translator {
                 }
         });
         self.pods.clear();
+        self.inbound.clear();
     }
 
     fn set_mut(&mut self, set: Shared) -> &mut Resources {
@@ -434,29 +446,44 @@ impl Translator {
 
     /// Everything `proxy` may be served, for the current model.
     pub fn view(&mut self, proxy: &ProxyId) -> ProxyView {
+        self.view_learned(proxy, &BTreeSet::new())
+    }
+
+    /// [`Translator::view`]; a scoped proxy's wildcard also carries the destinations its
+    /// pod's and namespace's `mesh.dev/dependencies` name and the `learned` ones its workload
+    /// looked up.
+    pub fn view_learned(&mut self, proxy: &ProxyId, learned: &BTreeSet<SocketAddr>) -> ProxyView {
         let model = self.model.clone();
         let (ns, ns_named) = self.namespace_layer(&model, &proxy.namespace, &proxy.settings);
         let mut layers = vec![ns];
         if proxy.settings.transparent {
-            let pod = self
-                .pods
-                .entry((
-                    proxy.namespace.clone(),
-                    proxy.name.clone(),
-                    proxy.settings.clone(),
-                ))
-                .or_insert_with(|| {
+            let pod_key = (
+                proxy.namespace.clone(),
+                proxy.name.clone(),
+                proxy.settings.clone(),
+            );
+            let pod = match self.pods.get(&pod_key) {
+                Some(l) => l.clone(),
+                None => {
                     let pod = model
                         .pods
                         .get(&(proxy.namespace.clone(), proxy.name.clone()));
-                    Arc::new(pod_resources(
-                        &model,
-                        &proxy.namespace,
-                        pod.map(|p| p.as_ref()),
-                        &proxy.settings,
-                    ))
-                })
-                .clone();
+                    let key = (
+                        proxy.namespace.clone(),
+                        proxy.settings.clone(),
+                        targets(&model, pod.map(|p| p.as_ref())),
+                    );
+                    let layer = self
+                        .inbound
+                        .entry(key)
+                        .or_insert_with_key(|(ns, settings, targets)| {
+                            Arc::new(pod_resources(&model, ns, targets, settings))
+                        })
+                        .clone();
+                    self.pods.insert(pod_key, layer.clone());
+                    layer
+                }
+            };
             layers.insert(0, pod);
         }
         // A scoped proxy's wildcard holds the fixed clusters only; every Service's resources,
@@ -464,6 +491,10 @@ impl Translator {
         // The namespace's own address listeners (its consumer routes') come first, so that
         // they hide the shared ones of the same name.
         let (named_only, own_named) = if proxy.settings.transparent && proxy.settings.scoped {
+            let deps = self.dependencies(&model, proxy, learned, &ns_named);
+            if !deps.is_empty() {
+                layers.push(Arc::new(deps));
+            }
             layers.push(self.fixed.clone());
             let named = vec![
                 ns_named,
@@ -483,6 +514,59 @@ impl Translator {
             own_named,
             changes: self.changes.clone(),
         }
+    }
+}
+
+impl Translator {
+    /// The address listeners a scoped proxy is given up front: those of the Services its
+    /// pod's and namespace's `mesh.dev/dependencies` name, and the `learned` addresses, in
+    /// the proxy's namespace's version (`ns_named`, with its consumer routes) where it has one.
+    fn dependencies(
+        &self,
+        model: &Model,
+        proxy: &ProxyId,
+        learned: &BTreeSet<SocketAddr>,
+        ns_named: &Resources,
+    ) -> Resources {
+        use crate::index::dependencies::Dependency;
+        let pod = model
+            .pods
+            .get(&(proxy.namespace.clone(), proxy.name.clone()));
+        let named = pod.into_iter().flat_map(|p| p.dependencies.iter()).chain(
+            model
+                .namespace_dependencies
+                .get(&proxy.namespace)
+                .into_iter()
+                .flatten(),
+        );
+        let mut addrs: BTreeSet<SocketAddr> = learned.clone();
+        for dep in named {
+            let services: Box<dyn Iterator<Item = &ServiceResources>> = match dep {
+                Dependency::Service(key) => {
+                    Box::new(self.services.get(key).into_iter().map(|(_, r)| &**r))
+                }
+                Dependency::Namespace(ns) => Box::new(
+                    self.services
+                        .range(SvcKey::new(ns.as_str(), "")..)
+                        .take_while(|(k, _)| k.namespace == *ns)
+                        .map(|(_, (_, r))| &**r),
+                ),
+            };
+            for res in services {
+                addrs.extend(res.owned.iter().copied());
+            }
+        }
+        let mut out = Resources::default();
+        for addr in addrs {
+            let name = names::address_listener(addr);
+            let found = ns_named
+                .get(ResourceType::Listener, &name)
+                .or_else(|| self.shared_addresses.get(ResourceType::Listener, &name));
+            if let Some(r) = found {
+                out.insert(ResourceType::Listener, r.clone());
+            }
+        }
+        out
     }
 }
 
@@ -916,17 +1000,9 @@ fn outbound_listener(settings: &ListenerSettings) -> Listener {
 
 /// The transparent inbound listener: one chain per port a Service sends to this pod, handing
 /// the traffic to the app on localhost; anything else passes through.
-fn pod_resources(
-    model: &Model,
-    namespace: &str,
-    pod: Option<&PodModel>,
-    settings: &ListenerSettings,
-) -> Resources {
-    let mut out = Resources::default();
-    let mode = model.mtls_mode(namespace);
-    // Per pod port: its protocol, and the Services (with port names) that reach it.
-    let mut targets: BTreeMap<u16, (Protocol, Vec<crate::index::policy::ViaService<'_>>)> =
-        BTreeMap::new();
+/// Per port of `pod`: its protocol, and the Services (with port names) that reach it.
+fn targets(model: &Model, pod: Option<&PodModel>) -> Targets {
+    let mut targets = Targets::new();
     if let Some(pod) = pod {
         for svc in model.services_selecting(pod) {
             for p in &svc.ports {
@@ -940,16 +1016,30 @@ fn pod_resources(
                         .entry(t)
                         .or_insert((p.protocol, Vec::new()))
                         .1
-                        .push((svc.key.name.as_str(), p.name.as_str()));
+                        .push((svc.key.name.clone(), p.name.clone()));
                 }
             }
         }
     }
+    targets
+}
+
+fn pod_resources(
+    model: &Model,
+    namespace: &str,
+    targets: &Targets,
+    settings: &ListenerSettings,
+) -> Resources {
+    let mut out = Resources::default();
+    let mode = model.mtls_mode(namespace);
     let mut chains = Vec::new();
     let tls = settings
         .mtls
         .then(|| mesh_tls_socket(settings.sds_dir.as_deref()));
-    for (port, (protocol, via)) in targets {
+    for (&port, (protocol, via)) in targets {
+        let protocol = *protocol;
+        let via: Vec<crate::index::policy::ViaService<'_>> =
+            via.iter().map(|(s, p)| (s.as_str(), p.as_str())).collect();
         let guard = super::policy::port_guard(&model.policies, namespace, &via);
         let cluster = format!("inbound|{port}||");
         let route = format!("inbound|{port}");

@@ -1247,3 +1247,69 @@ fn a_scoped_proxy_holds_the_fixed_set_and_gets_each_address_by_name() {
         "reviews.default.svc.cluster.local:9080"
     );
 }
+
+#[test]
+fn a_scoped_proxy_is_given_its_dependencies_and_learned_addresses_up_front() {
+    let mut idx = index();
+    idx.apply(obj(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: client-0, namespace: default, annotations: {mesh.dev/dependencies: 'reviews, shop/db Not_A_Name'}}\nspec: {containers: [{name: app, image: x}]}\n",
+    ))
+    .expect("pod");
+    idx.apply(obj(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, annotations: {mesh.dev/dependencies: 'default/web, ./x'}}\n",
+    ))
+    .expect("ns");
+    let model = idx.model();
+    let reasons: Vec<(String, String, String)> = model
+        .errors
+        .iter()
+        .map(|e| (e.object.to_string(), e.field.clone(), e.reason.clone()))
+        .collect();
+    let field = "metadata.annotations[\"mesh.dev/dependencies\"]".to_string();
+    for (object, entry) in [
+        ("Namespace/shop", "./x"),
+        ("Pod/default/client-0", "Not_A_Name"),
+    ] {
+        assert!(
+            reasons.iter().any(|(o, f, r)| o == object
+                && *f == field
+                && r.starts_with(&format!("{entry:?} is not a Service"))),
+            "{object}: {reasons:?}"
+        );
+    }
+    let mut t = Translator::new(model);
+    let addresses = |view: &ProxyView| -> Vec<String> {
+        view.wildcard(ResourceType::Listener)
+            .keys()
+            .filter(|n| names::parse_address_listener(n).is_some())
+            .map(|n| n.to_string())
+            .collect()
+    };
+    // The pod's own annotation: reviews, and db of another namespace.
+    let view = t.view(&scoped("default"));
+    assert_eq!(addresses(&view), ["10.96.0.10_9080", "10.96.1.11_5432"]);
+    assert_eq!(
+        view.get_wildcard(ResourceType::Listener, "10.96.0.10_9080"),
+        view.get(ResourceType::Listener, "10.96.0.10_9080"),
+        "the same listener a lookup gets"
+    );
+    // Another pod of the namespace has none; in shop the namespace names web's two ports.
+    let mut other = scoped("default");
+    other.name = "other-0".into();
+    assert!(addresses(&t.view(&other)).is_empty());
+    assert_eq!(
+        addresses(&t.view(&scoped("shop"))),
+        ["10.96.0.30_80", "10.96.0.30_9000"]
+    );
+    // What the workload learned comes too; an address nothing owns is left out.
+    let learned = BTreeSet::from([
+        "10.96.1.10:8080".parse().expect("cart"),
+        "10.96.9.9:80".parse().expect("nothing there"),
+    ]);
+    assert_eq!(
+        addresses(&t.view_learned(&other, &learned)),
+        ["10.96.1.10_8080"]
+    );
+    // A full proxy is given everything anyway, and no address listener.
+    assert!(addresses(&t.view_learned(&proxy("default", true), &learned)).is_empty());
+}
