@@ -53,8 +53,15 @@ pub struct Config {
     /// Hold only the destinations this workload uses (with `--transparent`): a connection to
     /// an address the proxy has no config for asks the controller for that address and waits
     /// up to 1 s; an address outside the mesh passes through. Needs `--xds-api delta`.
-    #[arg(long, env = env::PROXY_SCOPED, default_value_t = false, action = clap::ArgAction::Set)]
-    pub scoped: bool,
+    /// Default: on with `--transparent true` over Delta xDS ([`Config::scoped`]); the proxy
+    /// sets what it runs with at start, so `/config_dump` shows it.
+    #[arg(long, env = env::PROXY_SCOPED, action = clap::ArgAction::Set)]
+    pub scoped: Option<bool>,
+    /// With scoping, a destination looked up is let go once no connection to it was open for
+    /// this long; `0` keeps every one for the proxy's life. At least 10 s.
+    #[arg(long, env = env::PROXY_SCOPED_IDLE_TIMEOUT, value_parser = parse_duration, default_value = "10m")]
+    #[serde(with = "duration_str")]
+    pub scoped_idle_timeout: Duration,
     /// Admin server (`/config_dump`, `/logging`, `/shutdown`, ...); keep it on localhost.
     #[arg(long, env = env::PROXY_ADMIN_ADDR, default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports::PROXY_ADMIN))]
     pub admin_addr: SocketAddr,
@@ -190,7 +197,8 @@ impl Config {
             node: node.to_string(),
             xds_api: XdsApi::Delta,
             transparent: false,
-            scoped: false,
+            scoped: None,
+            scoped_idle_timeout: Duration::from_secs(600),
             admin_addr: any,
             metrics_addr: any,
             outbound_addr: any,
@@ -251,14 +259,30 @@ impl Config {
         }
     }
 
-    /// Scoping needs what it is built on: transparent listeners and Delta subscriptions.
+    /// Whether destinations are looked up on demand: as `--scoped` says, or by default when
+    /// the proxy is transparent and speaks Delta xDS (what scoping is built on).
+    pub fn scoped(&self) -> bool {
+        self.scoped
+            .unwrap_or(self.transparent && self.xds_api == XdsApi::Delta)
+    }
+
+    /// Scoping asked for needs what it is built on: transparent listeners and Delta
+    /// subscriptions; an idle timeout shorter than a lookup's wait could let go of a
+    /// destination being looked up.
     pub fn check_scoped(&self) -> Result<(), ConfigError> {
-        if self.scoped && !self.transparent {
+        let idle = self.scoped_idle_timeout;
+        if !idle.is_zero() && idle < MIN_SCOPED_IDLE {
+            return Err(ConfigError::ScopedIdle(format!("{}ms", idle.as_millis())));
+        }
+        if self.scoped != Some(true) {
+            return Ok(());
+        }
+        if !self.transparent {
             return Err(ConfigError::Scoped(
                 "needs --transparent true: the explicit HTTP proxy routes by Host and is given every Service",
             ));
         }
-        if self.scoped && self.xds_api != XdsApi::Delta {
+        if self.xds_api != XdsApi::Delta {
             return Err(ConfigError::Scoped(
                 "needs --xds-api delta: destinations are subscribed to by name",
             ));
@@ -328,6 +352,8 @@ pub enum ConfigError {
     Identity(String),
     #[error("--scoped ({var}=true) {0}", var = env::PROXY_SCOPED)]
     Scoped(&'static str),
+    #[error("--scoped-idle-timeout ({var}) {0}: it is 0 (never) or at least 10s", var = env::PROXY_SCOPED_IDLE_TIMEOUT)]
+    ScopedIdle(String),
 }
 
 pub use mesh_api::duration::parse as parse_duration;
@@ -342,6 +368,9 @@ fn parse_app_probes(s: &str) -> Result<AppProbes, String> {
     mesh_api::probes::parse(s).map_err(|e| format!("{}: {e}", env::PROXY_APP_PROBES))
 }
 
+/// The shortest `--scoped-idle-timeout` but 0: well above a lookup's wait.
+const MIN_SCOPED_IDLE: Duration = Duration::from_secs(10);
+
 mod duration_str {
     use std::time::Duration;
 
@@ -353,6 +382,47 @@ mod duration_str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scoping_is_on_for_transparent_delta_proxies_unless_said_otherwise() {
+        let parse = |args: &[&str]| {
+            Config::try_parse_from(["mesh-proxy", "--node", "a/b"].iter().chain(args))
+                .expect("parses")
+        };
+        for (args, scoped) in [
+            (&[][..], false),
+            (&["--transparent", "true"][..], true),
+            (&["--transparent", "true", "--xds-api", "sotw"][..], false),
+            (&["--transparent", "true", "--scoped", "false"][..], false),
+        ] {
+            let c = parse(args);
+            assert_eq!(c.scoped(), scoped, "{args:?}");
+            assert!(c.check_scoped().is_ok(), "{args:?}");
+        }
+        for (args, says) in [
+            (&["--scoped", "true"][..], "--transparent"),
+            (
+                &[
+                    "--transparent",
+                    "true",
+                    "--xds-api",
+                    "sotw",
+                    "--scoped",
+                    "true",
+                ][..],
+                "delta",
+            ),
+            (&["--scoped-idle-timeout", "500ms"][..], "500ms"),
+        ] {
+            let e = parse(args).check_scoped().expect_err("refused").to_string();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
+        assert!(
+            parse(&["--scoped-idle-timeout", "0s"])
+                .check_scoped()
+                .is_ok()
+        );
+    }
 
     #[test]
     fn sampling_is_a_percentage() {

@@ -80,7 +80,11 @@ impl Proxy {
         config.node_parts()?;
         config.check_identity()?;
         config.check_scoped()?;
-        let config = Arc::new(config);
+        // What it runs with, as `/config_dump` shows it.
+        let config = Arc::new(Config {
+            scoped: Some(config.scoped()),
+            ..config
+        });
         let store = Arc::new(Store::default());
         let metrics = Arc::new(Metrics::for_peer(config.peer()));
         let tls = if config.identity_off {
@@ -132,7 +136,7 @@ impl Proxy {
         shared.own = data.iter().map(|(_, l)| local(l)).collect();
         shared.tls = tls.clone();
         shared.on_demand = config
-            .scoped
+            .scoped()
             .then(|| Arc::new(crate::xds::on_demand::OnDemand::default()));
         let (_, pod) = config.node_parts()?;
         if config.telemetry {
@@ -171,6 +175,13 @@ impl Proxy {
         };
         let (admin_addr, metrics_addr) = (local(&admin), local(&metrics_listener));
         let mut tasks = vec![tokio::spawn(xds.run())];
+        if let Some(od) = &shared.on_demand
+            && !config.scoped_idle_timeout.is_zero()
+        {
+            tasks.push(tokio::spawn(
+                od.clone().forget_idle(config.scoped_idle_timeout),
+            ));
+        }
         if let Some(tls) = &tls {
             tasks.push(tokio::spawn(tls.clone().run()));
         }

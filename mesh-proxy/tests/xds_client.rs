@@ -409,7 +409,7 @@ async fn a_scoped_proxy_asks_for_a_destination_on_its_first_connection() {
     });
     let mut config = Config::local(cp.addr, "default/web-1");
     config.transparent = true;
-    config.scoped = true;
+    config.scoped = Some(true);
     config.outbound_orig_dst = Some(dst);
     let proxy = Proxy::start(config, None).await.expect("proxy starts");
     let cds = cp.next_request().await;

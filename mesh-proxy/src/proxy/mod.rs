@@ -301,6 +301,11 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
             snapshot = s;
         }
     }
+    // While the connection is open, its destination is in use and not let go as idle.
+    let _in_use = match (&shared.on_demand, kind) {
+        (Some(od), ListenerKind::Outbound) => Some(od.in_use(dst)),
+        _ => None,
+    };
     let Some(listener) = snapshot.listeners.get(kind.xds_name()) else {
         debug!("no config for this listener; closing");
         return;

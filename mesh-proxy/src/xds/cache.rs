@@ -172,6 +172,11 @@ impl Cache {
             .unwrap_or_default()
     }
 
+    /// Whether a resource of `ty` named `name` is held.
+    pub fn holds(&self, ty: Type, name: &str) -> bool {
+        self.versions.get(&ty).is_some_and(|m| m.contains_key(name))
+    }
+
     pub fn names(&self, ty: Type) -> BTreeSet<String> {
         self.versions
             .get(&ty)

@@ -112,6 +112,10 @@ impl XdsClient {
         tls: Option<(Arc<MeshTls>, Arc<rustls::ClientConfig>)>,
         on_demand: Option<Arc<OnDemand>>,
     ) -> Self {
+        let workload = config
+            .workload
+            .clone()
+            .map(|w| (node_metadata::WORKLOAD, w));
         let fields = [
             (node_metadata::SCOPED, on_demand.is_some().to_string()),
             (node_metadata::TRANSPARENT, ports.transparent.to_string()),
@@ -129,6 +133,7 @@ impl XdsClient {
             (node_metadata::METRICS_ADDR, ports.metrics.to_string()),
         ]
         .into_iter()
+        .chain(workload)
         .map(|(k, v)| (k.to_string(), string_value(v)))
         .collect();
         let node = Node {
@@ -399,15 +404,15 @@ impl XdsClient {
                             debug!(%dst, "looking up a destination");
                             (held.insert(name.clone()).then_some(name), Vec::new())
                         }
+                        // The controller answers with the removal of what it no longer
+                        // sends (it may still send one to the whole workload): what the
+                        // proxy holds is always what the controller says.
                         Request::Forget(gone) => {
                             let names: Vec<String> = gone
                                 .into_iter()
                                 .map(mesh_api::consts::xds::address_listener)
                                 .filter(|n| held.remove(n))
                                 .collect();
-                            // Absent ones, but one may have come since: not kept unsubscribed.
-                            let _ = cache.apply(Type::Listener, &[], &names);
-                            publisher.offer(cache, &self.store, &self.metrics);
                             (None, names)
                         }
                     };
@@ -443,6 +448,13 @@ impl XdsClient {
                 removed = removed.len(),
                 "delta response"
             );
+            // Listeners it held that the controller removed (not: names it says do not exist).
+            let held_before: BTreeSet<&String> = match (&self.on_demand, ty) {
+                (Some(_), Type::Listener) => {
+                    removed.iter().filter(|n| cache.holds(ty, n)).collect()
+                }
+                _ => BTreeSet::new(),
+            };
             let result = cache
                 .apply(ty, &updated, &removed)
                 .map_err(|e| e.to_string());
@@ -451,24 +463,16 @@ impl XdsClient {
                 cache.note_wildcard(&updated, &removed, subs.entry(ty).or_default());
             }
             if let (Some(od), Type::Listener, Ok(())) = (&self.on_demand, ty, &result) {
-                // An address listener answering a subscription since given up is not kept,
-                // as nothing would update it.
-                let held = subs.entry(Type::Listener).or_default();
-                let stray: Vec<String> = updated
-                    .iter()
-                    .map(|r| r.name.clone())
-                    .filter(|n| {
-                        mesh_api::consts::xds::parse_address_listener(n).is_some()
-                            && !held.contains(n)
-                    })
-                    .collect();
-                let _ = cache.apply(Type::Listener, &[], &stray);
                 let address = |n: &String| mesh_api::consts::xds::parse_address_listener(n);
                 for a in updated.iter().filter_map(|r| address(&r.name)) {
                     od.present(a);
                 }
-                for a in removed.iter().filter_map(address) {
-                    od.absent(a);
+                for n in &removed {
+                    match address(n) {
+                        Some(a) if held_before.contains(n) => od.gone(a),
+                        Some(a) => od.absent(a),
+                        None => {}
+                    }
                 }
             }
             // Run the config before acknowledging it: an ACK tells the controller (and

@@ -5,21 +5,27 @@
 //! passes through, as to any address outside the mesh).
 //!
 //! The xDS client takes the requests, subscribes by name, and reports back: [`OnDemand::absent`]
-//! when a response removes a name asked for, [`OnDemand::notify`] after each published config.
-//! At [`MAX_ASKED`] addresses, those found absent are forgotten (and unsubscribed from) to make
+//! when a response says a name asked for does not exist, [`OnDemand::gone`] when it removes a
+//! listener the proxy held (the Service left, or the answer to an unsubscribe crossed a new
+//! subscription: a connection then waits for a new answer before passing through),
+//! [`OnDemand::notify`] after each published config.
+//! An address asked for is let go ([`OnDemand::idle`]) once no connection to it was open for
+//! `--scoped-idle-timeout`: its name is unsubscribed, and the controller removes its listener
+//! (unless it sends it to every proxy of the workload, as a learned destination). At
+//! [`MAX_ASKED`] addresses, those found absent are forgotten (and unsubscribed from) to make
 //! room; only when every one of them holds a Service does a new address pass through unasked.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
 use mesh_api::consts::xds::address_listener;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::state::{ListenerConfig, NetworkFilter, Snapshot, Store};
 
@@ -34,16 +40,37 @@ pub const WAIT: Duration = Duration::from_secs(1);
 pub enum Request {
     /// Subscribe to this address's listener.
     Lookup(SocketAddr),
-    /// Unsubscribe from these (absent) addresses' listeners.
+    /// Unsubscribe from these addresses' listeners (absent, or idle).
     Forget(Vec<SocketAddr>),
+}
+
+/// What the controller said of an address asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// Nothing yet, or its listener.
+    Waiting,
+    /// It has no listener there: pass through.
+    Absent,
+    /// It removed the listener the proxy held: pass through unless it comes back within a
+    /// lookup's wait.
+    Gone,
+}
+
+/// One address asked for.
+#[derive(Debug)]
+struct Asked {
+    answer: Answer,
+    /// Connections to it open now.
+    open: u32,
+    /// When the last one closed (or it was asked for).
+    used: Instant,
 }
 
 #[derive(Debug)]
 pub struct OnDemand {
     tx: mpsc::UnboundedSender<Request>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
-    /// Addresses asked for; `true` once the controller said it has no listener for one.
-    asked: Mutex<HashMap<SocketAddr, bool>>,
+    asked: Mutex<HashMap<SocketAddr, Asked>>,
     /// Bumped when an answer may have arrived.
     changed: watch::Sender<u64>,
     /// The limit was met with nothing to forget (said once in the log).
@@ -87,8 +114,24 @@ impl Default for OnDemand {
     }
 }
 
+/// A connection to an address asked for: while it is open, the address is in use.
+#[derive(Debug)]
+pub struct InUse {
+    od: Arc<OnDemand>,
+    dst: SocketAddr,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        if let Some(a) = self.od.asked().get_mut(&self.dst) {
+            a.open = a.open.saturating_sub(1);
+            a.used = Instant::now();
+        }
+    }
+}
+
 impl OnDemand {
-    fn asked(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, bool>> {
+    fn asked(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, Asked>> {
         self.asked.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -102,18 +145,84 @@ impl OnDemand {
         self.asked().keys().map(|a| address_listener(*a)).collect()
     }
 
-    /// The controller has no listener for `addr` (a response removed its name).
-    pub fn absent(&self, addr: SocketAddr) {
+    fn answer(&self, addr: SocketAddr, answer: Answer) {
         if let Some(a) = self.asked().get_mut(&addr) {
-            *a = true;
+            a.answer = answer;
         }
         self.notify();
     }
 
-    /// A listener for `addr` arrived after all (the mesh gained a Service there).
+    /// The controller has no listener for `addr` (a response removed a name the proxy did not
+    /// hold).
+    pub fn absent(&self, addr: SocketAddr) {
+        self.answer(addr, Answer::Absent);
+    }
+
+    /// The controller removed the listener the proxy held for `addr`.
+    pub fn gone(&self, addr: SocketAddr) {
+        self.answer(addr, Answer::Gone);
+    }
+
+    /// A listener for `addr` arrived (again).
     pub fn present(&self, addr: SocketAddr) {
         if let Some(a) = self.asked().get_mut(&addr) {
-            *a = false;
+            a.answer = Answer::Waiting;
+        }
+    }
+
+    /// Marks `dst` in use for as long as the returned guard lives (a connection to it). An
+    /// address the controller sent up front is subscribed to by name now (nothing is sent
+    /// again): that tells the controller this proxy uses it, and lets it go when idle.
+    pub fn in_use(self: &Arc<Self>, dst: SocketAddr) -> InUse {
+        let mut asked = self.asked();
+        if asked.contains_key(&dst) || self.make_room(&mut asked, dst) {
+            match asked.entry(dst) {
+                Entry::Occupied(mut o) => o.get_mut().open += 1,
+                Entry::Vacant(v) => {
+                    v.insert(Asked {
+                        answer: Answer::Waiting,
+                        open: 1,
+                        used: Instant::now(),
+                    });
+                    let _ = self.tx.unbounded_send(Request::Lookup(dst));
+                }
+            }
+        }
+        InUse {
+            od: self.clone(),
+            dst,
+        }
+    }
+
+    /// Lets go of the addresses with no connection open for `after` up to `now`: forgotten
+    /// here, and sent to the xDS client to unsubscribe from. Returns them.
+    pub fn idle(&self, now: Instant, after: Duration) -> Vec<SocketAddr> {
+        let gone: Vec<SocketAddr> = {
+            let mut asked = self.asked();
+            let gone: Vec<SocketAddr> = asked
+                .iter()
+                .filter(|(_, a)| a.open == 0 && now.saturating_duration_since(a.used) >= after)
+                .map(|(d, _)| *d)
+                .collect();
+            for d in &gone {
+                asked.remove(d);
+            }
+            gone
+        };
+        if !gone.is_empty() {
+            debug!(count = gone.len(), "letting go of idle destinations");
+            let _ = self.tx.unbounded_send(Request::Forget(gone.clone()));
+        }
+        gone
+    }
+
+    /// Lets go of idle addresses every quarter of `after`, for as long as it runs.
+    pub async fn forget_idle(self: Arc<Self>, after: Duration) {
+        let mut tick = tokio::time::interval((after / 4).max(Duration::from_secs(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.idle(Instant::now(), after);
         }
     }
 
@@ -126,11 +235,35 @@ impl OnDemand {
         if store.load().is_some_and(|s| holds(&s, name)) {
             return Some(Lookup::Found);
         }
-        // Gone from `asked`: only addresses found absent are forgotten.
-        match self.asked().get(&dst) {
-            Some(true) | None => Some(Lookup::Absent),
-            Some(false) => None,
+        // Gone from `asked`: found absent and forgotten at the limit, or idle.
+        match self.asked().get(&dst).map(|a| a.answer) {
+            Some(Answer::Absent) | None => Some(Lookup::Absent),
+            Some(Answer::Waiting | Answer::Gone) => None,
         }
+    }
+
+    /// At [`MAX_ASKED`], forgets the addresses found outside the mesh to make room for `dst`
+    /// (and tells the xDS client to unsubscribe from them). Whether there is room.
+    fn make_room(&self, asked: &mut HashMap<SocketAddr, Asked>, dst: SocketAddr) -> bool {
+        if asked.len() < MAX_ASKED {
+            return true;
+        }
+        let absent: Vec<SocketAddr> = asked
+            .iter()
+            .filter(|(_, a)| a.answer != Answer::Waiting)
+            .map(|(d, _)| *d)
+            .collect();
+        if absent.is_empty() {
+            if !self.full_warned.swap(true, Ordering::Relaxed) {
+                warn!(%dst, max = MAX_ASKED, "as many destinations as the limit hold Services; new ones pass through without a lookup, and those sent up front are used without telling the controller");
+            }
+            return false;
+        }
+        for a in &absent {
+            asked.remove(a);
+        }
+        let _ = self.tx.unbounded_send(Request::Forget(absent));
+        true
     }
 
     /// Finds `dst`'s config, asking the controller for it the first time, waiting up to
@@ -140,32 +273,26 @@ impl OnDemand {
         if store.load().is_some_and(|s| holds(&s, &name)) {
             return Lookup::Found;
         }
-        if self.asked().get(&dst) == Some(&true) {
+        if self
+            .asked()
+            .get(&dst)
+            .is_some_and(|a| a.answer == Answer::Absent)
+        {
             return Lookup::Absent;
         }
         // Subscribed before looking again, so an answer in between is not missed.
         let mut changed = self.changed.subscribe();
         {
             let mut asked = self.asked();
-            if asked.len() >= MAX_ASKED && !asked.contains_key(&dst) {
-                let absent: Vec<SocketAddr> = asked
-                    .iter()
-                    .filter(|(_, absent)| **absent)
-                    .map(|(a, _)| *a)
-                    .collect();
-                if absent.is_empty() {
-                    if !self.full_warned.swap(true, Ordering::Relaxed) {
-                        warn!(%dst, max = MAX_ASKED, "as many destinations as the limit hold Services; new ones pass through without a lookup");
-                    }
-                    return Lookup::OverLimit;
-                }
-                for a in &absent {
-                    asked.remove(a);
-                }
-                let _ = self.tx.unbounded_send(Request::Forget(absent));
+            if !asked.contains_key(&dst) && !self.make_room(&mut asked, dst) {
+                return Lookup::OverLimit;
             }
             if let Entry::Vacant(v) = asked.entry(dst) {
-                v.insert(false);
+                v.insert(Asked {
+                    answer: Answer::Waiting,
+                    open: 0,
+                    used: Instant::now(),
+                });
                 let _ = self.tx.unbounded_send(Request::Lookup(dst));
             }
         }
@@ -176,7 +303,20 @@ impl OnDemand {
             }
             match tokio::time::timeout_at(deadline, changed.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return self.known(dst, &name, store).unwrap_or(Lookup::TimedOut),
+                _ => {
+                    if let Some(found) = self.known(dst, &name, store) {
+                        return found;
+                    }
+                    // Removed and not back within the wait: the Service left.
+                    let mut asked = self.asked();
+                    return match asked.get_mut(&dst) {
+                        Some(a) if a.answer == Answer::Gone => {
+                            a.answer = Answer::Absent;
+                            Lookup::Absent
+                        }
+                        _ => Lookup::TimedOut,
+                    };
+                }
             }
         }
     }
@@ -263,6 +403,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_removed_listener_is_waited_for_once_then_passed_through() {
+        let od = Arc::new(OnDemand::default());
+        let store = Arc::new(Store::default());
+        let dst: SocketAddr = "10.96.0.14:80".parse().expect("an address");
+        drop(od.in_use(dst));
+        // Removed while held (an unsubscribe's answer crossing a new subscription): a
+        // connection waits, and the listener sent again is found.
+        od.gone(dst);
+        let (od2, store2) = (od.clone(), store.clone());
+        let waiter = tokio::spawn(async move { od2.lookup(dst, &store2, WAIT).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        store.publish(snapshot_with("10.96.0.14_80"));
+        od.notify();
+        assert_eq!(waiter.await.expect("joins"), Lookup::Found);
+        // Removed and not sent again: after the wait it is outside the mesh, and stays so.
+        store.publish(Snapshot::default());
+        od.gone(dst);
+        assert_eq!(od.lookup(dst, &store, WAIT).await, Lookup::Absent);
+        let start = tokio::time::Instant::now();
+        assert_eq!(od.lookup(dst, &store, WAIT).await, Lookup::Absent);
+        assert_eq!(start.elapsed(), Duration::ZERO, "no second wait");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn no_answer_times_out() {
         let od = OnDemand::default();
         let store = Store::default();
@@ -280,6 +444,18 @@ mod limit_tests {
 
     use super::*;
 
+    fn asked_at(absent: bool) -> Asked {
+        Asked {
+            answer: if absent {
+                Answer::Absent
+            } else {
+                Answer::Waiting
+            },
+            open: 0,
+            used: Instant::now(),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn at_the_limit_absent_addresses_are_forgotten_to_make_room() {
         let od = OnDemand::default();
@@ -290,7 +466,7 @@ mod limit_tests {
             let mut asked = od.asked();
             for i in 0..MAX_ASKED {
                 // Half outside the mesh, half waiting.
-                asked.insert(addr(i), i % 2 == 0);
+                asked.insert(addr(i), asked_at(i % 2 == 0));
             }
         }
         let new = SocketAddr::from(([10, 96, 0, 1], 80));
@@ -306,10 +482,62 @@ mod limit_tests {
         {
             let mut asked = od.asked();
             for i in 0..MAX_ASKED {
-                asked.insert(addr(i), false);
+                asked.insert(addr(i), asked_at(false));
             }
         }
         let other = SocketAddr::from(([10, 96, 0, 2], 80));
         assert_eq!(od.lookup(other, &store, WAIT).await, Lookup::OverLimit);
+    }
+}
+
+#[cfg(test)]
+mod idle_tests {
+    use std::sync::Arc;
+
+    use futures::{FutureExt, StreamExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_address_is_let_go_once_no_connection_used_it_for_the_idle_time() {
+        let od = Arc::new(OnDemand::default());
+        let store = Store::default();
+        let mut requests = od.requests().expect("the requests");
+        let (busy, quiet): (SocketAddr, SocketAddr) = (
+            "10.96.0.20:80".parse().expect("an address"),
+            "10.96.0.21:80".parse().expect("an address"),
+        );
+        for dst in [busy, quiet] {
+            od.lookup(dst, &store, Duration::from_millis(1)).await;
+            assert_eq!(requests.next().await, Some(Request::Lookup(dst)));
+        }
+        let idle = Duration::from_secs(600);
+        let conn = od.in_use(busy);
+        let later = Instant::now() + idle;
+        assert!(od.idle(Instant::now(), idle).is_empty(), "nothing idle yet");
+        assert_eq!(
+            od.idle(later, idle),
+            [quiet],
+            "the busy one has a connection open"
+        );
+        assert_eq!(requests.next().await, Some(Request::Forget(vec![quiet])));
+        assert_eq!(od.names(), ["10.96.0.20_80"]);
+        drop(conn);
+        assert!(
+            od.idle(later, idle).is_empty(),
+            "its connection closed just now"
+        );
+        assert_eq!(od.idle(Instant::now() + 2 * idle, idle), [busy]);
+        assert_eq!(requests.next().await, Some(Request::Forget(vec![busy])));
+        assert!(od.names().is_empty());
+        assert_eq!(requests.next().now_or_never(), None);
+        // Sent up front, not asked for: subscribed to by name on first use, and let go too.
+        let sent: SocketAddr = "10.96.0.22:80".parse().expect("an address");
+        let conn = od.in_use(sent);
+        assert_eq!(requests.next().await, Some(Request::Lookup(sent)));
+        let again = od.in_use(sent);
+        drop((conn, again));
+        assert_eq!(requests.next().now_or_never(), None, "asked once");
+        assert_eq!(od.idle(Instant::now() + 3 * idle, idle), [sent]);
     }
 }
