@@ -119,15 +119,24 @@ pub trait Cluster {
     fn wait_synced(&self) -> impl std::future::Future<Output = anyhow::Result<()>>;
     /// The controller's view of its proxies (`/debug/proxies`, as `meshctl proxy-status`).
     fn proxy_status(&self) -> anyhow::Result<serde_json::Value>;
-    /// The version of xDS type `ty` (`RDS`, ...) the proxy of pod `ns/pod` acknowledged last.
+    /// The version of xDS type `ty` (`RDS`, ...) the proxy of pod `ns/pod` acknowledged last;
+    /// empty when it was sent none (a scoped proxy subscribes to routes as it uses them).
     fn acked(&self, ns: &str, pod: &str, ty: &str) -> anyhow::Result<String> {
         let ps = self.proxy_status()?;
+        let proxy = proxy_of(&ps, ns, pod)
+            .ok_or_else(|| anyhow::anyhow!("the controller serves no proxy of {ns}/{pod}: {ps}"))?;
+        Ok(proxy["types"][ty]["acked_version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    }
+    /// The model revision the controller last pushed to the proxy of pod `ns/pod` from:
+    /// everything of it that concerns the proxy was sent.
+    fn served(&self, ns: &str, pod: &str) -> anyhow::Result<u64> {
+        let ps = self.proxy_status()?;
         proxy_of(&ps, ns, pod)
-            .and_then(|p| p["types"][ty]["acked_version"].as_str())
-            .map(str::to_owned)
-            .ok_or_else(|| {
-                anyhow::anyhow!("the controller has no {ty} status for {ns}/{pod}: {ps}")
-            })
+            .and_then(|p| p["revision"].as_u64())
+            .ok_or_else(|| anyhow::anyhow!("the controller serves no proxy of {ns}/{pod}: {ps}"))
     }
     /// Whether the proxy of pod `ns/pod` acknowledged everything the controller sent it.
     fn synced(&self, ns: &str, pod: &str) -> anyhow::Result<bool> {

@@ -104,6 +104,18 @@ pub async fn wait_config(
     .await
 }
 
+/// The pair's namespace `default`: in mTLS `mode` if given, and naming `echo` in
+/// `mesh.dev/dependencies`, so that the client's proxy (scoped, as transparent ones are by
+/// default) holds echo's config before its first connection.
+pub fn pair_namespace(mode: Option<&str>) -> String {
+    let labels = mode
+        .map(|m| format!(", labels: {{mesh.dev/mtls-mode: {m}}}"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default{labels}, annotations: {{mesh.dev/dependencies: echo}}}}\n"
+    )
+}
+
 /// A client pod and a server pod, each with a transparent proxy, run without iptables: the
 /// client proxy treats every outbound connection as sent to the Service's VIP:80, the server
 /// proxy every inbound one as sent to the app's port, and the EndpointSlice lists the server
@@ -167,14 +179,7 @@ impl LocalMesh {
 
     pub async fn sidecar_pair_with(&self, o: PairOptions<'_>) -> anyhow::Result<SidecarPair> {
         let (port_name, app_protocol, app_port) = (o.port_name, o.app_protocol, o.app_port);
-        if let Some(mode) = o.mtls_mode {
-            self.write(
-                "namespace.yaml",
-                &format!(
-                    "apiVersion: v1\nkind: Namespace\nmetadata: {{name: default, labels: {{mesh.dev/mtls-mode: {mode}}}}}\n"
-                ),
-            )?;
-        }
+        self.write("namespace.yaml", &pair_namespace(o.mtls_mode))?;
         let app: std::net::SocketAddr = format!("127.0.0.1:{app_port}").parse()?;
         let mut sc = self.proxy_config("default/echo-0");
         sc.transparent = true;

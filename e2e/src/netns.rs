@@ -216,8 +216,9 @@ pub struct NetnsCluster {
     kubelet: Option<crate::kubelet::Kubelet>,
     /// Those pods.
     kubelet_pods: Vec<KubeletPod>,
-    /// mesh-proxies started from now on look their destinations up on demand (`--scoped`).
-    pub scoped: bool,
+    /// `--scoped` for mesh-proxies started from now on; `None` leaves mesh-proxy's default
+    /// (on, as for injected sidecars).
+    pub scoped: Option<bool>,
 }
 
 /// A controller replica: a Pod object (`mesh-controller-<k>`, so the chart's headless
@@ -286,7 +287,7 @@ impl NetnsCluster {
             applied: BTreeMap::new(),
             kubelet: None,
             kubelet_pods: Vec::new(),
-            scoped: false,
+            scoped: None,
         };
         // Pod processes running as 1337 read their tokens and the root from here.
         use std::os::unix::fs::PermissionsExt;
@@ -799,13 +800,11 @@ impl NetnsCluster {
     /// mesh-proxy for `pod`, as injection runs it (UID 1337, a token for its service account).
     fn mesh_proxy(&self, pod: &Pod, w: &Workload) -> anyhow::Result<Child> {
         let token = self.token(&pod.namespace, &w.service_account)?;
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "--node".into(),
             format!("{}/{}", pod.namespace, pod.name),
             "--transparent".into(),
             "true".into(),
-            "--scoped".into(),
-            self.scoped.to_string(),
             "--xds".into(),
             xds_service_addr(),
             "--service-account".into(),
@@ -817,6 +816,9 @@ impl NetnsCluster {
             "--ca-token-file".into(),
             token.display().to_string(),
         ];
+        if let Some(scoped) = self.scoped {
+            args.extend(["--scoped".into(), scoped.to_string()]);
+        }
         Self::spawn_in(
             &pod.netns,
             Some(1337),

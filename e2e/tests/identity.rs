@@ -97,7 +97,7 @@ async fn plaintext_from_outside_the_mesh_is_refused_in_strict_and_served_in_perm
     // The namespace goes PERMISSIVE: plaintext is served too, and mesh TLS still works.
     mesh.write(
         "namespace.yaml",
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {mesh.dev/mtls-mode: PERMISSIVE}}\n",
+        &mesh_e2e::mesh::pair_namespace(Some("PERMISSIVE")),
     )?;
     let got = eventually(
         Duration::from_secs(5),

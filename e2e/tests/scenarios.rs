@@ -63,27 +63,24 @@ async fn reviews<C: Cluster>(c: &mut C, v1: usize) -> anyhow::Result<String> {
     Ok(addr)
 }
 
-/// Applies the `reviews` route and waits until the client's proxy acknowledged the route
-/// config it caused: `wait_synced` alone may return before the controller read the change.
+/// Applies the `reviews` route and waits until the client's proxy routes by it.
 async fn route<C: Cluster>(c: &mut C, yaml: &str) -> anyhow::Result<()> {
-    apply_acked(c, "route", yaml, "RDS").await
+    apply_served(c, "route", yaml).await
 }
 
-/// Applies `yaml` as `name` and waits until the client's proxy acknowledged the `ty` config
-/// (`RDS`, `CDS`) it caused.
-async fn apply_acked<C: Cluster>(
-    c: &mut C,
-    name: &str,
-    yaml: &str,
-    ty: &str,
-) -> anyhow::Result<()> {
-    let before = c.acked("shop", "client-0", ty)?;
+/// Applies `yaml` as `name` and waits until the controller served the client's proxy the
+/// revision it caused and the proxy acknowledged what of it concerns it: a proxy that looks
+/// destinations up on demand and never called the Service holds nothing of it, and its first
+/// request gets the new config. `wait_synced` alone may return before the controller read the
+/// change.
+async fn apply_served<C: Cluster>(c: &mut C, name: &str, yaml: &str) -> anyhow::Result<()> {
+    let before = c.served("shop", "client-0")?;
     c.apply(name, yaml).await?;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while c.acked("shop", "client-0", ty)? == before || !c.synced("shop", "client-0")? {
+    while c.served("shop", "client-0")? == before || !c.synced("shop", "client-0")? {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the client's proxy never acknowledged the {ty} of:\n{yaml}"
+            "the controller never served the client's proxy the config of:\n{yaml}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -167,16 +164,18 @@ async fn canary<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
 async fn blue_green<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     let addr = reviews(c, 2).await?;
     route(c, &split(1, 0)).await?;
-    let acked_before = c.acked("shop", "client-0", "RDS")?;
     let generation = |c: &C| -> anyhow::Result<f64> {
         let m = c.proxy_metrics("shop", "client-0")?;
         mesh_api::prom::sample(&m, "mesh_proxy_config_generation")
             .ok_or_else(|| anyhow::anyhow!("no mesh_proxy_config_generation in:\n{m}"))
     };
-    let running_before = generation(c)?;
     let url = format!("http://{addr}:9080/");
     let load = at_200_rps(c, &url, "6s")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // Read under load: a proxy that looks destinations up on demand got the route with the
+    // first request.
+    let acked_before = c.acked("shop", "client-0", "RDS")?;
+    let running_before = generation(c)?;
     let switched = Instant::now();
     c.apply("route", &split(0, 1)).await?;
     // When the controller has the client's acknowledgement (seen within a few milliseconds),
@@ -409,7 +408,7 @@ spec:
         without["failed"].as_u64().unwrap_or(0) >= 5,
         "the pruned retry still retried: {without}"
     );
-    apply_acked(
+    apply_served(
         c,
         "retry",
         "apiVersion: mesh.dev/v1alpha1
@@ -426,7 +425,6 @@ spec:
   targetRefs: [{group: '', kind: Service, name: flaky}]
   retryBudget: {percent: 100, minRetryConcurrency: 4}
 ",
-        "RDS",
     )
     .await?;
     let r = c
@@ -475,7 +473,7 @@ async fn traffic_policy_ejects_a_failing_pod<C: Cluster>(c: &mut C) -> anyhow::R
         c.deploy(&w).await?;
     }
     c.deploy(&idle("client", true)).await?;
-    apply_acked(
+    apply_served(
         c,
         "pool-policy",
         "apiVersion: mesh.dev/v1alpha1
@@ -486,7 +484,6 @@ spec:
   loadBalancer: {algorithm: RoundRobin}
   outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}
 ",
-        "CDS",
     )
     .await?;
     let url = format!("http://{addr}:9080/");
@@ -785,7 +782,7 @@ async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::
     }
     const SERVICES: usize = 20;
     let mut c = NetnsCluster::start().await?;
-    c.scoped = true;
+    c.scoped = Some(true);
     let mut vips = Vec::new();
     for i in 0..SERVICES {
         vips.push(c.service(service(&format!("svc-{i}"), &[("app", "reviews")]))?);
