@@ -170,6 +170,9 @@ pub struct Pod {
     pub service_account: String,
     pub meshed: bool,
     pub sidecar: Sidecar,
+    /// The workload that made it: its `generateName` is `<workload>-`, as a controller's
+    /// pods' is.
+    pub workload: Option<String>,
     procs: Vec<Child>,
 }
 
@@ -401,6 +404,7 @@ impl NetnsCluster {
             service_account: "default".into(),
             meshed: false,
             sidecar: Sidecar::MeshProxy,
+            workload: None,
             procs: Vec::new(),
         })
     }
@@ -666,8 +670,10 @@ impl NetnsCluster {
             if p.meshed {
                 labels.insert(mesh_api::consts::labels::PROXY.into(), "true".into());
             }
+            let generate_name = p.workload.as_ref().map(|w| format!("{w}-"));
             out.push(json!({"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": p.name, "namespace": p.namespace, "labels": labels},
+                "metadata": {"name": p.name, "namespace": p.namespace, "labels": labels,
+                    "generateName": generate_name},
                 "spec": {"serviceAccountName": p.service_account, "containers": [{"name": "app", "image": "app"}]},
                 "status": {"phase": "Running", "podIP": p.ip.to_string(), "podIPs": [{"ip": p.ip.to_string()}],
                     "conditions": [{"type": "Ready", "status": "True"}]}}));
@@ -725,6 +731,7 @@ impl NetnsCluster {
             pod.service_account = w.service_account.clone();
             pod.meshed = w.meshed;
             pod.sidecar = w.sidecar;
+            pod.workload = Some(w.name.clone());
             // A pod that fails to start leaves no process and no namespace behind.
             if let Err(e) = self.start_pod(&mut pod, w).await {
                 kill_all(&mut pod.procs);
@@ -819,6 +826,8 @@ impl NetnsCluster {
         if let Some(scoped) = self.scoped {
             args.extend(["--scoped".into(), scoped.to_string()]);
         }
+        // As injection passes the pod's workload.
+        args.extend(["--workload".into(), w.name.clone()]);
         Self::spawn_in(
             &pod.netns,
             Some(1337),

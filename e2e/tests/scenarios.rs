@@ -774,7 +774,8 @@ async fn a_killed_controller_replica_fails_nothing_and_its_proxies_move_to_the_o
 /// A client whose proxy looks its destinations up on demand (`--scoped`), among 20 Services of
 /// which it has used none: each first request succeeds, and the proxy then holds exactly the
 /// Services used; a route change on one of them reaches it, with a backend it never called
-/// (its cluster subscribed to by name); an address outside the mesh passes through.
+/// (its cluster subscribed to by name); an address outside the mesh passes through; and the
+/// pod that replaces it is given what its workload used up front.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::Result<()> {
     if !netns::can_run() {
@@ -890,16 +891,37 @@ async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::
         ],
     )?;
     assert!(out.contains("reviews v1"), "{out}");
+    // The pod is replaced (a restart, a rollout): the new one of the workload holds what the
+    // old one used before its first request, and looks none of it up.
+    c.delete_pod("shop", "client-0", true)?;
+    c.deploy(&idle("client", true)).await?;
+    let fresh = dump(&c)?;
+    let mut got = by_address(&fresh);
+    got.sort();
+    assert_eq!(got, want, "the new pod holds what its workload used");
+    let mut restarted = Vec::new();
+    for vip in &vips {
+        let (code, t) = timed(&c, vip)?;
+        assert_eq!(code, "200", "the new pod's first request to {vip}");
+        restarted.push(t * 1000.0);
+    }
+    let lookups = mesh_api::prom::count(
+        &c.proxy_metrics("shop", "client-0")?,
+        "mesh_proxy_on_demand_lookups_total{result=\"found\"}",
+    );
+    assert_eq!(lookups, 0, "the new pod looked up nothing");
     let pct = |v: &mut Vec<f64>, p: f64| {
         v.sort_by(f64::total_cmp);
         v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
     };
     mesh_e2e::figure(&format!(
-        "scoped proxy, {SERVICES} Services never used: first request p50 {:.1} ms, p99 {:.1} ms; second p50 {:.1} ms, p99 {:.1} ms (curl's total, loopback netns, mTLS)",
+        "scoped proxy, {SERVICES} Services never used: first request p50 {:.1} ms, p99 {:.1} ms; second p50 {:.1} ms, p99 {:.1} ms; a new pod of the workload, first request p50 {:.1} ms, p99 {:.1} ms, 0 lookups (curl's total, loopback netns, mTLS)",
         pct(&mut first, 0.5),
         pct(&mut first, 0.99),
         pct(&mut second, 0.5),
-        pct(&mut second, 0.99)
+        pct(&mut second, 0.99),
+        pct(&mut restarted, 0.5),
+        pct(&mut restarted, 0.99)
     ));
     Ok(())
 }
