@@ -281,6 +281,12 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
             Err(_) => return,
         },
     };
+    // While the connection is open (its lookup included), its destination is in use and not
+    // let go as idle.
+    let _in_use = match (&shared.on_demand, kind) {
+        (Some(od), ListenerKind::Outbound) => Some(od.in_use(dst)),
+        _ => None,
+    };
     if kind == ListenerKind::Outbound
         && let Some(od) = &shared.on_demand
         && !on_demand::holds(&snapshot, &names::address_listener(dst))
@@ -301,11 +307,6 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
             snapshot = s;
         }
     }
-    // While the connection is open, its destination is in use and not let go as idle.
-    let _in_use = match (&shared.on_demand, kind) {
-        (Some(od), ListenerKind::Outbound) => Some(od.in_use(dst)),
-        _ => None,
-    };
     let Some(listener) = snapshot.listeners.get(kind.xds_name()) else {
         debug!("no config for this listener; closing");
         return;

@@ -242,15 +242,16 @@ impl OnDemand {
         }
     }
 
-    /// At [`MAX_ASKED`], forgets the addresses found outside the mesh to make room for `dst`
-    /// (and tells the xDS client to unsubscribe from them). Whether there is room.
+    /// At [`MAX_ASKED`], forgets the addresses found outside the mesh that no connection uses
+    /// to make room for `dst` (and tells the xDS client to unsubscribe from them). Whether
+    /// there is room.
     fn make_room(&self, asked: &mut HashMap<SocketAddr, Asked>, dst: SocketAddr) -> bool {
         if asked.len() < MAX_ASKED {
             return true;
         }
         let absent: Vec<SocketAddr> = asked
             .iter()
-            .filter(|(_, a)| a.answer != Answer::Waiting)
+            .filter(|(_, a)| a.answer == Answer::Absent && a.open == 0)
             .map(|(d, _)| *d)
             .collect();
         if absent.is_empty() {
@@ -287,13 +288,16 @@ impl OnDemand {
             if !asked.contains_key(&dst) && !self.make_room(&mut asked, dst) {
                 return Lookup::OverLimit;
             }
-            if let Entry::Vacant(v) = asked.entry(dst) {
-                v.insert(Asked {
-                    answer: Answer::Waiting,
-                    open: 0,
-                    used: Instant::now(),
-                });
-                let _ = self.tx.unbounded_send(Request::Lookup(dst));
+            match asked.entry(dst) {
+                Entry::Vacant(v) => {
+                    v.insert(Asked {
+                        answer: Answer::Waiting,
+                        open: 0,
+                        used: Instant::now(),
+                    });
+                    let _ = self.tx.unbounded_send(Request::Lookup(dst));
+                }
+                Entry::Occupied(mut o) => o.get_mut().used = Instant::now(),
             }
         }
         let deadline = tokio::time::Instant::now() + within;
@@ -346,7 +350,7 @@ mod tests {
     use super::*;
     use crate::state::{ListenerConfig, Snapshot};
 
-    fn snapshot_with(name: &str) -> Snapshot {
+    pub(super) fn snapshot_with(name: &str) -> Snapshot {
         let mut s = Snapshot::default();
         s.listeners.insert(
             name.to_string(),
@@ -497,6 +501,29 @@ mod idle_tests {
     use futures::{FutureExt, StreamExt};
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_destination_being_looked_up_is_not_let_go() {
+        let od = Arc::new(OnDemand::default());
+        let store = Arc::new(Store::default());
+        let mut requests = od.requests().expect("the requests");
+        let dst: SocketAddr = "10.96.0.23:80".parse().expect("an address");
+        // As a connection does: in use first, then the lookup, which waits for the answer.
+        let conn = od.in_use(dst);
+        assert_eq!(requests.next().await, Some(Request::Lookup(dst)));
+        let (od2, store2) = (od.clone(), store.clone());
+        let waiter = tokio::spawn(async move { od2.lookup(dst, &store2, WAIT).await });
+        let idle = Duration::from_secs(10);
+        assert!(
+            od.idle(Instant::now() + 10 * idle, idle).is_empty(),
+            "in use while it waits"
+        );
+        store.publish(super::tests::snapshot_with("10.96.0.23_80"));
+        od.notify();
+        assert_eq!(waiter.await.expect("joins"), Lookup::Found);
+        assert_eq!(requests.next().now_or_never(), None, "asked once");
+        drop(conn);
+    }
 
     #[tokio::test]
     async fn an_address_is_let_go_once_no_connection_used_it_for_the_idle_time() {
