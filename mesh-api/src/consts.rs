@@ -73,6 +73,9 @@ pub mod labels {
     /// Annotation injection sets on a pod: the probes it rewrote, as written, by container
     /// (`{"app": {"readinessProbe": {...}}}`); uninjection puts them back.
     pub const APP_PROBES: &str = "mesh.dev/app-probes";
+    /// Annotation on a pod: `"false"` gives its sidecar every Service instead of the ones its
+    /// workload uses (mesh-proxy `--scoped false`). Default `"true"`.
+    pub const SCOPED: &str = "mesh.dev/scoped";
     /// Annotation on a pod or a namespace: the Services its workloads call (`name`,
     /// `namespace/name`, `namespace/*`, separated by commas or spaces), which scoped proxies
     /// are given up front instead of looking each one up on its first connection.

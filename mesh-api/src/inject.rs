@@ -128,6 +128,7 @@ pub fn inject(
     }
     let hold = bool_annotation(template, labels::HOLD_APP, &kind, &where_)?;
     let rewrite = bool_annotation(template, labels::REWRITE_APP_PROBES, &kind, &where_)?;
+    let scoped = bool_annotation(template, labels::SCOPED, &kind, &where_)?;
     let spec = template
         .get_mut("spec")
         .filter(|s| s.is_object())
@@ -165,7 +166,7 @@ pub fn inject(
     if let Value::Array(list) = inits {
         // First the rules, then the proxy, then the app's own init containers (which may
         // already need the mesh).
-        list.insert(0, proxy_container(s, &workload, hold, &checks)?);
+        list.insert(0, proxy_container(s, &workload, hold, scoped, &checks)?);
         list.insert(0, init_container(s));
     }
     let volumes = spec
@@ -572,7 +573,7 @@ fn workload_of(obj: &Value, path: &[&str]) -> String {
 }
 
 /// The proxy's environment: who it is, its log filter, and the mesh's telemetry settings.
-fn proxy_env(s: &InjectSettings, checks: &AppProbes) -> Result<Value, String> {
+fn proxy_env(s: &InjectSettings, scoped: bool, checks: &AppProbes) -> Result<Value, String> {
     use crate::consts::env as names;
     let field = |name: &str, path: &str| json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}});
     let mut env = vec![
@@ -589,6 +590,9 @@ fn proxy_env(s: &InjectSettings, checks: &AppProbes) -> Result<Value, String> {
     if s.access_log {
         env.push(json!({"name": names::PROXY_ACCESS_LOG, "value": "-"}));
     }
+    if !scoped {
+        env.push(json!({"name": names::PROXY_SCOPED, "value": "false"}));
+    }
     if !checks.is_empty() {
         let text = serde_json::to_string(checks).map_err(|e| e.to_string())?;
         env.push(json!({"name": names::PROXY_APP_PROBES, "value": text}));
@@ -603,6 +607,7 @@ fn proxy_container(
     s: &InjectSettings,
     workload: &str,
     hold: bool,
+    scoped: bool,
     checks: &AppProbes,
 ) -> Result<Value, String> {
     let mut c = json!({
@@ -620,7 +625,7 @@ fn proxy_container(
             "--ca-token-file", "/var/run/secrets/tokens/mesh-ca-token",
             "--trust-domain", s.trust_domain
         ],
-        "env": proxy_env(s, checks)?,
+        "env": proxy_env(s, scoped, checks)?,
         "ports": [{"name": "mesh-metrics", "containerPort": ports::PROXY_METRICS}],
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": ports::PROXY_METRICS},
@@ -693,6 +698,29 @@ mod tests {
 
     /// The kubelet starts the app only after a native sidecar's startup probe passes: the proxy
     /// gets one on `/ready` unless the pod opts out; a bad value is an error naming it.
+    #[test]
+    fn a_pod_may_give_its_sidecar_every_service() {
+        let mut p = pod();
+        inject(&mut p, true, &settings()).expect("injects");
+        let proxy = &p["spec"]["initContainers"][1];
+        assert!(!env_of(proxy).contains_key(crate::consts::env::PROXY_SCOPED));
+        let mut p = pod();
+        p["metadata"]["annotations"] = json!({labels::SCOPED: "false"});
+        inject(&mut p, true, &settings()).expect("injects");
+        let proxy = &p["spec"]["initContainers"][1];
+        assert_eq!(
+            env_of(proxy)[crate::consts::env::PROXY_SCOPED]["value"],
+            "false"
+        );
+        p = pod();
+        p["metadata"]["annotations"] = json!({labels::SCOPED: "no"});
+        let err = inject(&mut p, true, &settings()).expect_err("a bad value");
+        assert!(
+            err.contains("metadata.annotations[mesh.dev/scoped] is \"no\""),
+            "{err}"
+        );
+    }
+
     #[test]
     fn the_app_is_held_until_the_proxy_is_ready_unless_the_pod_opts_out() {
         let mut p = pod();
