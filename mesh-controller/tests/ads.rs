@@ -739,6 +739,8 @@ async fn a_workload_learns_what_its_proxies_looked_up() {
         ..Default::default()
     };
     tx1.send(unsubscribe("10.96.0.1_80")).await.expect("send");
+    // Once the controller let go of client-1's hold, its answer (if any) was sent.
+    wait_until("client-1 let go of a", || holders("10.96.0.1:80") == 1).await;
     assert!(
         tokio::time::timeout(Duration::from_millis(300), resp1.next())
             .await

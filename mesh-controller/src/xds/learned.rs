@@ -17,9 +17,15 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tracing::warn;
 
 /// How long a destination is still sent up front after the last stream that held it ended.
 pub const REMEMBER: Duration = Duration::from_secs(3600);
+
+/// Most destinations learned per workload: beyond, its proxies still look the others up, but
+/// they are not sent to the whole workload (one client that sweeps every address of the mesh
+/// would otherwise give every replica the whole mesh).
+pub const MAX_PER_WORKLOAD: usize = 1_000;
 
 /// A workload: its namespace and name (`mesh_api::workload::name`, or the pod's own name when
 /// the controller does not know the pod).
@@ -38,6 +44,8 @@ struct Use {
 struct Workload {
     uses: HashMap<SocketAddr, Use>,
     changed: watch::Sender<u64>,
+    /// [`MAX_PER_WORKLOAD`] was met (said once in the log).
+    full: bool,
 }
 
 impl Default for Workload {
@@ -45,6 +53,7 @@ impl Default for Workload {
         Self {
             uses: HashMap::new(),
             changed: watch::Sender::new(0),
+            full: false,
         }
     }
 }
@@ -82,7 +91,13 @@ impl Learned {
     pub fn hold(&self, workload: &WorkloadKey, addr: SocketAddr, now: Instant) {
         let mut all = self.lock();
         let w = all.entry(workload.clone()).or_default();
+        let room = w.uses.len() < MAX_PER_WORKLOAD;
         match w.uses.entry(addr) {
+            Entry::Vacant(_) if !room => {
+                if !std::mem::replace(&mut w.full, true) {
+                    warn!(namespace = %workload.0, workload = %workload.1, max = MAX_PER_WORKLOAD, "a workload looked up as many destinations as are learned for one; further ones are not sent to its other pods");
+                }
+            }
             Entry::Vacant(v) => {
                 v.insert(Use {
                     holders: 1,
@@ -208,5 +223,15 @@ mod tests {
             !other_ticks.has_changed().expect("open"),
             "another workload's streams are not woken"
         );
+        // At most MAX_PER_WORKLOAD are learned; holding and letting go of one more is a no-op.
+        for i in 0..=MAX_PER_WORKLOAD {
+            let a = SocketAddr::from(([10, 97, (i / 256) as u8, (i % 256) as u8], 80));
+            l.hold(&other, a, t0);
+        }
+        assert_eq!(l.of(&other).len(), MAX_PER_WORKLOAD);
+        let last = SocketAddr::from(([10, 97, 3, 232], 80));
+        assert!(!l.of(&other).contains(&last));
+        l.release(&other, last, t0, false);
+        assert_eq!(l.of(&other).len(), MAX_PER_WORKLOAD);
     }
 }

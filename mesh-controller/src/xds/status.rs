@@ -47,8 +47,9 @@ pub struct ProxyStatus {
     /// the address the proxy connects from).
     pub metrics: Option<std::net::SocketAddr>,
     pub connected_at_unix: u64,
-    /// The model revision the stream last pushed from: every change of that revision which
-    /// concerns the proxy was sent (its types' states say whether it was acknowledged).
+    /// The model revision of the config the stream serves: from the stream's start, or from
+    /// the last publish once everything of it that concerns the proxy was sent (its types'
+    /// states say whether it was acknowledged).
     pub revision: u64,
     pub types: BTreeMap<ResourceType, TypeStatus>,
 }

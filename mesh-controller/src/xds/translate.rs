@@ -225,7 +225,16 @@ pub struct Translator {
     pods: HashMap<(String, String, ListenerSettings), Arc<Resources>>,
     /// Inbound layers by what they are built from: pods of the same Services share one.
     inbound: HashMap<InboundKey, Arc<Resources>>,
+    /// Scoped proxies' dependency layers, by namespace, the pod's declared dependencies and
+    /// the learned addresses: the pods of one workload share one.
+    dependency_layers: HashMap<DependencyKey, Arc<Resources>>,
 }
+
+type DependencyKey = (
+    String,
+    BTreeSet<crate::index::dependencies::Dependency>,
+    BTreeSet<SocketAddr>,
+);
 
 /// The ports a pod is reached on through its Services: each with its protocol and the
 /// `(Service, port name)` pairs that reach it.
@@ -260,6 +269,7 @@ impl Translator {
             namespaces: HashMap::new(),
             pods: HashMap::new(),
             inbound: HashMap::new(),
+            dependency_layers: HashMap::new(),
         };
         t.update(model);
         t
@@ -403,6 +413,7 @@ impl Translator {
         });
         self.pods.clear();
         self.inbound.clear();
+        self.dependency_layers.clear();
     }
 
     fn set_mut(&mut self, set: Shared) -> &mut Resources {
@@ -491,9 +502,22 @@ impl Translator {
         // The namespace's own address listeners (its consumer routes') come first, so that
         // they hide the shared ones of the same name.
         let (named_only, own_named) = if proxy.settings.transparent && proxy.settings.scoped {
-            let deps = self.dependencies(&model, proxy, learned, &ns_named);
+            let declared = model
+                .pods
+                .get(&(proxy.namespace.clone(), proxy.name.clone()))
+                .map(|p| p.dependencies.clone())
+                .unwrap_or_default();
+            let key = (proxy.namespace.clone(), declared, learned.clone());
+            let deps = match self.dependency_layers.get(&key) {
+                Some(l) => l.clone(),
+                None => {
+                    let l = Arc::new(self.dependencies(&model, &key, &ns_named));
+                    self.dependency_layers.insert(key, l.clone());
+                    l
+                }
+            };
             if !deps.is_empty() {
-                layers.push(Arc::new(deps));
+                layers.push(deps);
             }
             layers.push(self.fixed.clone());
             let named = vec![
@@ -524,18 +548,14 @@ impl Translator {
     fn dependencies(
         &self,
         model: &Model,
-        proxy: &ProxyId,
-        learned: &BTreeSet<SocketAddr>,
+        (namespace, declared, learned): &DependencyKey,
         ns_named: &Resources,
     ) -> Resources {
         use crate::index::dependencies::Dependency;
-        let pod = model
-            .pods
-            .get(&(proxy.namespace.clone(), proxy.name.clone()));
-        let named = pod.into_iter().flat_map(|p| p.dependencies.iter()).chain(
+        let named = declared.iter().chain(
             model
                 .namespace_dependencies
-                .get(&proxy.namespace)
+                .get(namespace)
                 .into_iter()
                 .flatten(),
         );

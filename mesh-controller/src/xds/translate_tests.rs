@@ -1313,3 +1313,44 @@ fn a_scoped_proxy_is_given_its_dependencies_and_learned_addresses_up_front() {
     // A full proxy is given everything anyway, and no address listener.
     assert!(addresses(&t.view_learned(&proxy("default", true), &learned)).is_empty());
 }
+
+#[test]
+fn pods_of_the_same_services_share_one_inbound_layer() {
+    let mut idx = index();
+    for (name, app) in [("web-1", "web"), ("web-2", "web"), ("cart-1", "cart")] {
+        let ns = if app == "cart" { "shop" } else { "default" };
+        idx.apply(obj(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\nspec: {{containers: [{{name: app, image: x}}]}}\n"
+        )))
+        .expect("pod");
+    }
+    let mut t = Translator::new(idx.model());
+    let inbound = |t: &mut Translator, ns: &str, name: &str| -> Arc<Resources> {
+        let mut p = proxy(ns, true);
+        p.name = name.into();
+        t.view(&p).layers[0].clone()
+    };
+    let (a, b) = (
+        inbound(&mut t, "default", "web-1"),
+        inbound(&mut t, "default", "web-2"),
+    );
+    assert!(Arc::ptr_eq(&a, &b), "two pods of web share one layer");
+    let cart = inbound(&mut t, "shop", "cart-1");
+    assert!(!Arc::ptr_eq(&a, &cart));
+    let inbound_ports = |l: &Resources| -> Vec<String> {
+        l.iter(ResourceType::Cluster)
+            .map(|r| r.name.to_string())
+            .collect()
+    };
+    assert_eq!(inbound_ports(&a), ["inbound|80||", "inbound|9000||"]);
+    assert_eq!(inbound_ports(&cart), ["inbound|8080||"]);
+    // A new model: built again, and still shared.
+    idx.apply(obj(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: default, labels: {mesh.dev/mtls-mode: STRICT}}\n",
+    ))
+    .expect("ns");
+    t.update(idx.model());
+    let c = inbound(&mut t, "default", "web-1");
+    assert!(!Arc::ptr_eq(&a, &c), "rebuilt for the new model");
+    assert!(Arc::ptr_eq(&c, &inbound(&mut t, "default", "web-2")));
+}
