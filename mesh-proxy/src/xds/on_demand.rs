@@ -174,24 +174,35 @@ impl OnDemand {
     /// address the controller sent up front is subscribed to by name now (nothing is sent
     /// again): that tells the controller this proxy uses it, and lets it go when idle.
     pub fn in_use(self: &Arc<Self>, dst: SocketAddr) -> InUse {
-        let mut asked = self.asked();
-        if asked.contains_key(&dst) || self.make_room(&mut asked, dst) {
-            match asked.entry(dst) {
-                Entry::Occupied(mut o) => o.get_mut().open += 1,
-                Entry::Vacant(v) => {
-                    v.insert(Asked {
-                        answer: Answer::Waiting,
-                        open: 1,
-                        used: Instant::now(),
-                    });
-                    let _ = self.tx.unbounded_send(Request::Lookup(dst));
-                }
-            }
-        }
+        self.ask(&mut self.asked(), dst, 1);
         InUse {
             od: self.clone(),
             dst,
         }
+    }
+
+    /// Counts `dst` as asked for and used now, with `open` more connections, subscribing to
+    /// it the first time. False when there is no room for it.
+    fn ask(&self, asked: &mut HashMap<SocketAddr, Asked>, dst: SocketAddr, open: u32) -> bool {
+        if !asked.contains_key(&dst) && !self.make_room(asked, dst) {
+            return false;
+        }
+        match asked.entry(dst) {
+            Entry::Occupied(mut o) => {
+                let a = o.get_mut();
+                a.open += open;
+                a.used = Instant::now();
+            }
+            Entry::Vacant(v) => {
+                v.insert(Asked {
+                    answer: Answer::Waiting,
+                    open,
+                    used: Instant::now(),
+                });
+                let _ = self.tx.unbounded_send(Request::Lookup(dst));
+            }
+        }
+        true
     }
 
     /// Lets go of the addresses with no connection open for `after` up to `now`: forgotten
@@ -283,22 +294,8 @@ impl OnDemand {
         }
         // Subscribed before looking again, so an answer in between is not missed.
         let mut changed = self.changed.subscribe();
-        {
-            let mut asked = self.asked();
-            if !asked.contains_key(&dst) && !self.make_room(&mut asked, dst) {
-                return Lookup::OverLimit;
-            }
-            match asked.entry(dst) {
-                Entry::Vacant(v) => {
-                    v.insert(Asked {
-                        answer: Answer::Waiting,
-                        open: 0,
-                        used: Instant::now(),
-                    });
-                    let _ = self.tx.unbounded_send(Request::Lookup(dst));
-                }
-                Entry::Occupied(mut o) => o.get_mut().used = Instant::now(),
-            }
+        if !self.ask(&mut self.asked(), dst, 0) {
+            return Lookup::OverLimit;
         }
         let deadline = tokio::time::Instant::now() + within;
         loop {
