@@ -8,9 +8,13 @@
 //! With `--scoped`, each client is a scoped sidecar (`mesh.dev/scoped`) that uses
 //! [`SCOPED_USES`] Services, `svc-0` (the one that changes) among them: its wildcard is the
 //! fixed set, and it subscribes by name to those Services' address listeners, clusters,
-//! endpoints and routes, and to the clusters and endpoints of the route's backends.
+//! endpoints and routes, and to the clusters and endpoints of the route's backends. With
+//! `--workloads W` as well, the clients are W workloads (`mesh.dev/workload`) whose replicas
+//! use the same Services, so what each looks up is learned and sent to the others of its
+//! workload; otherwise each is its own.
 //!
 //! Usage: xds_propagation --services N --clients C --changes M --namespaces K [--scoped]
+//! [--workloads W]
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -36,6 +40,8 @@ struct Args {
     changes: usize,
     namespaces: usize,
     scoped: bool,
+    /// Workloads the clients are spread over (`None`: each its own).
+    workloads: Option<usize>,
 }
 
 /// How many Services a scoped client uses.
@@ -48,6 +54,7 @@ fn args() -> Args {
         changes: 40,
         namespaces: 10,
         scoped: false,
+        workloads: None,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -62,6 +69,7 @@ fn args() -> Args {
             "--clients" => a.clients = val(),
             "--changes" => a.changes = val(),
             "--namespaces" => a.namespaces = val(),
+            "--workloads" => a.workloads = Some(val()),
             "--scoped" => {
                 a.scoped = true;
                 i += 1;
@@ -158,6 +166,16 @@ async fn client(
     if a.scoped {
         fields.insert("mesh.dev/scoped".to_string(), yes());
     }
+    if let Some(w) = a.workloads {
+        // A workload is keyed with its namespace: clients `id` and `id + w` share one when
+        // they share a namespace too (w a multiple of --namespaces keeps each whole).
+        fields.insert(
+            "mesh.dev/workload".to_string(),
+            Value {
+                kind: Some(value::Kind::StringValue(format!("client-w{}", id % w))),
+            },
+        );
+    }
     // A scoped client's Services: svc-0, the route's two backends, and others of its own.
     let domain = "cluster.local";
     let fqdn = |i: usize| {
@@ -167,7 +185,9 @@ async fn client(
     let mut uses = BTreeSet::new();
     if a.scoped {
         uses.extend([0, a.namespaces, 2 * a.namespaces]);
-        let mut k = id * SCOPED_USES;
+        // The replicas of a workload call the same Services; clients of no shared workload
+        // each their own.
+        let mut k = a.workloads.map_or(id, |w| id % w) * SCOPED_USES;
         while uses.len() < SCOPED_USES.min(a.services) {
             uses.insert(k % a.services);
             k += 1;
