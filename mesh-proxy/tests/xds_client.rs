@@ -275,20 +275,7 @@ async fn acks_nacks_and_keeps_serving_without_the_control_plane() {
     assert!(!proxy.store.is_ready());
 
     // A complete config: ACKed, and the proxy becomes ready and serves it.
-    let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let backend_port = backend.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = backend.accept().await {
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
+    let backend_port = ok_backend().await.port();
     cp.send(
         "n2",
         &[("app", static_cluster("app", u32::from(backend_port)))],
@@ -393,20 +380,7 @@ async fn a_scoped_proxy_asks_for_a_destination_on_its_first_connection() {
         TcpProxy, tcp_proxy,
     };
     let mut cp = ControlPlane::start().await;
-    let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let dst = backend.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = backend.accept().await {
-            tokio::spawn(async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-            });
-        }
-    });
+    let dst = ok_backend().await;
     let mut config = Config::local(cp.addr, "default/web-1");
     config.transparent = true;
     config.scoped = Some(true);
@@ -476,4 +450,23 @@ async fn a_scoped_proxy_asks_for_a_destination_on_its_first_connection() {
         text.contains(r#"mesh_proxy_on_demand_lookups_total{result="absent"} 1"#),
         "{text}"
     );
+}
+
+/// A backend on loopback that answers each connection's first request `200 ok`.
+async fn ok_backend() -> std::net::SocketAddr {
+    let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = backend.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    addr
 }

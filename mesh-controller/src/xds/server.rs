@@ -331,12 +331,8 @@ impl Learning {
         exists: impl Fn(&str) -> bool,
     ) {
         let now = Instant::now();
+        self.now_existing(subscribe.iter().map(String::as_str), exists);
         let addr = |n: &String| mesh_api::consts::xds::parse_address_listener(n);
-        for (name, a) in subscribe.iter().filter_map(|n| Some((n, addr(n)?))) {
-            if exists(name) && self.holding.insert(a) {
-                self.learned.hold(&self.workload, a, now);
-            }
-        }
         for a in unsubscribe.iter().filter_map(addr) {
             if self.holding.remove(&a) {
                 self.learned.release(&self.workload, a, now, false);
@@ -344,8 +340,9 @@ impl Learning {
         }
     }
 
-    /// Holds the names subscribed to that did not exist when they were asked for and do
-    /// now (a Service created at an address a proxy already looked up).
+    /// Holds the address listeners among `names` that exist and are not held yet: those
+    /// subscribed to now, and on a publish those that did not exist when they were asked for
+    /// (a Service created at an address a proxy already looked up).
     fn now_existing<'a>(
         &mut self,
         names: impl Iterator<Item = &'a str>,
@@ -503,15 +500,18 @@ impl Session {
 
     /// The view of the current model, with what the workload learned by now.
     fn refresh(&mut self, hub: &Hub) -> ProxyView {
-        let learned = match &mut self.learning {
-            Some(l) => {
-                l.changed.borrow_and_update();
-                l.used = l.learned.of(&l.workload);
-                l.used.clone()
-            }
-            None => BTreeSet::new(),
-        };
-        hub.translator().view_learned(&self.proxy, &learned)
+        if let Some(l) = &mut self.learning {
+            l.changed.borrow_and_update();
+            l.used = l.learned.of(&l.workload);
+        }
+        self.rebuild(hub)
+    }
+
+    /// The view of the current model with the learned set last read.
+    fn rebuild(&self, hub: &Hub) -> ProxyView {
+        let none = BTreeSet::new();
+        let learned = self.learning.as_ref().map_or(&none, |l| &l.used);
+        hub.translator().view_learned(&self.proxy, learned)
     }
 }
 
@@ -764,10 +764,12 @@ impl<V: Variant> AdsStream<V> {
             return true;
         };
         l.changed.borrow_and_update();
-        if l.learned.of(&l.workload) == l.used {
+        let now = l.learned.of(&l.workload);
+        if now == l.used {
             return true;
         }
-        let view = session.refresh(&self.hub);
+        l.used = now;
+        let view = session.rebuild(&self.hub);
         session.prev = Some(std::mem::replace(&mut session.view, view));
         // Only listeners differ (what they name is served by name either way); at the same
         // revision every one is compared (few, for a scoped proxy).

@@ -465,6 +465,10 @@ impl Translator {
     /// looked up.
     pub fn view_learned(&mut self, proxy: &ProxyId, learned: &BTreeSet<SocketAddr>) -> ProxyView {
         let model = self.model.clone();
+        let pod = model
+            .pods
+            .get(&(proxy.namespace.clone(), proxy.name.clone()))
+            .map(|p| p.as_ref());
         let (ns, ns_named) = self.namespace_layer(&model, &proxy.namespace, &proxy.settings);
         let mut layers = vec![ns];
         if proxy.settings.transparent {
@@ -473,16 +477,13 @@ impl Translator {
                 proxy.name.clone(),
                 proxy.settings.clone(),
             );
-            let pod = match self.pods.get(&pod_key) {
+            let inbound = match self.pods.get(&pod_key) {
                 Some(l) => l.clone(),
                 None => {
-                    let pod = model
-                        .pods
-                        .get(&(proxy.namespace.clone(), proxy.name.clone()));
                     let key = (
                         proxy.namespace.clone(),
                         proxy.settings.clone(),
-                        targets(&model, pod.map(|p| p.as_ref())),
+                        targets(&model, pod),
                     );
                     let layer = self
                         .inbound
@@ -495,18 +496,14 @@ impl Translator {
                     layer
                 }
             };
-            layers.insert(0, pod);
+            layers.insert(0, inbound);
         }
         // A scoped proxy's wildcard holds the fixed clusters only; every Service's resources,
         // and each address's listener, are served when it names them.
         // The namespace's own address listeners (its consumer routes') come first, so that
         // they hide the shared ones of the same name.
         let (named_only, own_named) = if proxy.settings.transparent && proxy.settings.scoped {
-            let declared = model
-                .pods
-                .get(&(proxy.namespace.clone(), proxy.name.clone()))
-                .map(|p| p.dependencies.clone())
-                .unwrap_or_default();
+            let declared = pod.map(|p| p.dependencies.clone()).unwrap_or_default();
             let key = (proxy.namespace.clone(), declared, learned.clone());
             let deps = match self.dependency_layers.get(&key) {
                 Some(l) => l.clone(),

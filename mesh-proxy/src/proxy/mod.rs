@@ -281,14 +281,14 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
             Err(_) => return,
         },
     };
+    let lookups = shared
+        .on_demand
+        .as_ref()
+        .filter(|_| kind == ListenerKind::Outbound);
     // While the connection is open (its lookup included), its destination is in use and not
     // let go as idle.
-    let _in_use = match (&shared.on_demand, kind) {
-        (Some(od), ListenerKind::Outbound) => Some(od.in_use(dst)),
-        _ => None,
-    };
-    if kind == ListenerKind::Outbound
-        && let Some(od) = &shared.on_demand
+    let _in_use = lookups.map(|od| od.in_use(dst));
+    if let Some(od) = lookups
         && !on_demand::holds(&snapshot, &names::address_listener(dst))
     {
         let found = od.lookup(dst, &shared.store, on_demand::WAIT).await;
