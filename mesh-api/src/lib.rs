@@ -24,6 +24,8 @@ pub mod prom;
 #[cfg(feature = "k8s")]
 pub mod root_configmap;
 #[cfg(feature = "k8s")]
+pub mod route_doc;
+#[cfg(feature = "k8s")]
 pub mod schema;
 #[cfg(feature = "k8s")]
 pub mod schema_builtin;

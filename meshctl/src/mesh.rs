@@ -2,7 +2,7 @@
 //! local mesh is a directory of manifests ([`LocalDir`]), which its controller watches. The
 //! Kubernetes API is the other backend (with the install).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use serde_yaml::Value;
@@ -40,66 +40,7 @@ pub struct LocalDir {
     pub dir: PathBuf,
 }
 
-fn files(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let entries =
-        std::fs::read_dir(dir).with_context(|| format!("reading directory {}", dir.display()))?;
-    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-    paths.sort();
-    for p in paths {
-        let hidden = p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with('.'));
-        if hidden {
-            continue;
-        }
-        if p.is_dir() {
-            files(&p, out)?;
-        } else if p
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e == "yaml" || e == "yml")
-        {
-            out.push(p);
-        }
-    }
-    Ok(())
-}
-
-/// The YAML documents of a file (empty ones dropped).
-fn docs(path: &Path) -> anyhow::Result<Vec<Value>> {
-    use serde::Deserialize;
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-        let v = Value::deserialize(doc)
-            .with_context(|| format!("{}: document {}", path.display(), i + 1))?;
-        if !v.is_null() {
-            out.push(v);
-        }
-    }
-    Ok(out)
-}
-
-fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    let mut cur = v;
-    for k in path {
-        cur = cur.get(*k)?;
-    }
-    cur.as_str()
-}
-
-fn meta(v: &Value) -> (String, String) {
-    (
-        str_at(v, &["metadata", "namespace"])
-            .unwrap_or("default")
-            .to_string(),
-        str_at(v, &["metadata", "name"])
-            .unwrap_or_default()
-            .to_string(),
-    )
-}
+use mesh_api::route_doc::{meta, str_at};
 
 impl LocalDir {
     pub fn new(dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
@@ -112,11 +53,9 @@ impl LocalDir {
 
     /// Every document of every manifest file, with where it is.
     fn all(&self) -> anyhow::Result<Docs> {
-        let mut paths = Vec::new();
-        files(&self.dir, &mut paths)?;
         let mut out = Vec::new();
-        for p in paths {
-            for (i, v) in docs(&p)?.into_iter().enumerate() {
+        for p in mesh_api::route_doc::manifest_files(&self.dir)? {
+            for (i, v) in mesh_api::route_doc::read_docs(&p)?.into_iter().enumerate() {
                 out.push((p.clone(), i, v));
             }
         }
@@ -278,35 +217,25 @@ impl Mesh for LocalDir {
     }
 
     fn save_route(&self, route: &RouteDoc) -> anyhow::Result<String> {
-        let (path, docs_out) = match &route.origin {
+        use mesh_api::route_doc::{replace_doc, write_docs};
+        let path = match &route.origin {
             Some((path, index)) => {
-                let mut all = docs(path)?;
-                let slot = all.get_mut(*index).with_context(|| {
-                    format!(
+                if !replace_doc(path, *index, route.value.clone())? {
+                    bail!(
                         "{} changed while meshctl was editing it; run it again",
                         path.display()
-                    )
-                })?;
-                *slot = route.value.clone();
-                (path.clone(), all)
+                    );
+                }
+                path.clone()
             }
-            None => (
-                self.dir
-                    .join(format!("meshctl-{}-{}.yaml", route.namespace, route.name)),
-                vec![route.value.clone()],
-            ),
+            None => {
+                let path = self
+                    .dir
+                    .join(format!("meshctl-{}-{}.yaml", route.namespace, route.name));
+                write_docs(&path, std::slice::from_ref(&route.value))?;
+                path
+            }
         };
-        let mut text = String::new();
-        for (i, d) in docs_out.iter().enumerate() {
-            if i > 0 {
-                text.push_str("---\n");
-            }
-            text.push_str(&serde_yaml::to_string(d)?);
-        }
-        // Atomically: the controller watching the directory never reads half a file.
-        let tmp = path.with_extension("meshctl-tmp~");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
         Ok(path.display().to_string())
     }
 }

@@ -5,12 +5,9 @@
 use std::io::Write;
 
 use anyhow::{Context, bail};
-use serde_yaml::{Mapping, Value};
+use mesh_api::route_doc::{self as doc, MAX_WEIGHT, rules, split_rule, weights};
 
 use crate::mesh::{Mesh, RouteDoc, ServiceRef};
-
-/// Gateway API's largest backend weight.
-const MAX_WEIGHT: u32 = 1_000_000;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Route {
@@ -138,107 +135,12 @@ fn port_of(svc: &ServiceRef, asked: Option<u16>) -> anyhow::Result<u16> {
     }
 }
 
-/// Whether a route attaches to Service `ns/name` (at `port`, or at every port).
-fn attaches(r: &RouteDoc, ns: &str, name: &str, port: u16) -> bool {
-    let Some(parents) = r
-        .value
-        .get("spec")
-        .and_then(|s| s.get("parentRefs"))
-        .and_then(Value::as_sequence)
-    else {
-        return false;
-    };
-    parents.iter().any(|p| {
-        let s = |k: &str| p.get(k).and_then(Value::as_str);
-        s("kind") == Some("Service")
-            && matches!(s("group"), Some("") | Some("core"))
-            && s("name") == Some(name)
-            && s("namespace").unwrap_or(&r.namespace) == ns
-            && p.get("port")
-                .and_then(Value::as_u64)
-                .is_none_or(|q| q == u64::from(port))
-    })
-}
-
-fn rules(r: &RouteDoc) -> &[Value] {
-    r.value
-        .get("spec")
-        .and_then(|s| s.get("rules"))
-        .and_then(Value::as_sequence)
-        .map_or(&[], |v| v.as_slice())
-}
-
-/// The rule a split changes: the last one that matches every request (no `matches`), or the
-/// only rule there is.
-fn split_rule(r: &RouteDoc) -> Option<usize> {
-    let rs = rules(r);
-    let catch_all = rs.iter().rposition(|rule| {
-        rule.get("matches")
-            .and_then(Value::as_sequence)
-            .is_none_or(|m| m.is_empty())
-    });
-    catch_all.or((rs.len() == 1).then_some(0))
-}
-
-/// `(backend, weight)` of a rule (a backendRef without weight weighs 1).
-fn weights(rule: &Value) -> Vec<(String, u32)> {
-    rule.get("backendRefs")
-        .and_then(Value::as_sequence)
-        .map(|refs| {
-            refs.iter()
-                .map(|b| {
-                    let name = b.get("name").and_then(Value::as_str).unwrap_or_default();
-                    let w = b
-                        .get("weight")
-                        .and_then(Value::as_u64)
-                        .and_then(|w| u32::try_from(w).ok())
-                        .unwrap_or(1);
-                    (name.to_string(), w)
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn percent(w: u32, all: &[(String, u32)]) -> String {
     let total: u64 = all.iter().map(|(_, w)| u64::from(*w)).sum();
     if total == 0 {
         return "0 %".into();
     }
     format!("{:.0} %", u64::from(w) as f64 * 100.0 / total as f64)
-}
-
-fn key(k: &str) -> Value {
-    Value::String(k.to_string())
-}
-
-fn backend_refs(ws: &[(String, u32)], port: u16) -> Value {
-    Value::Sequence(
-        ws.iter()
-            .map(|(name, w)| {
-                let mut m = Mapping::new();
-                m.insert(key("name"), key(name));
-                m.insert(key("port"), Value::Number(port.into()));
-                m.insert(key("weight"), Value::Number((*w).into()));
-                Value::Mapping(m)
-            })
-            .collect(),
-    )
-}
-
-/// A new HTTPRoute `<service>-split` attached to the Service.
-fn new_route(ns: &str, svc: &str, port: u16) -> RouteDoc {
-    let name = format!("{svc}-split");
-    let yaml = format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {svc}, port: {port}}}]\n  rules: [{{backendRefs: []}}]\n"
-    );
-    RouteDoc {
-        namespace: ns.to_string(),
-        name,
-        // Built from names Kubernetes already validated; the fallback is never taken.
-        value: serde_yaml::from_str(&yaml).unwrap_or(Value::Null),
-        origin: None,
-    }
 }
 
 /// What a split or promote did: the weights before and after, and where it was written.
@@ -273,7 +175,12 @@ pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::
         .filter(|r| attaches(r, ns, &target.service, port))
         .collect();
     let mut route = match attached.as_slice() {
-        [] => new_route(ns, &target.service, port),
+        [] => RouteDoc {
+            namespace: ns.to_string(),
+            name: format!("{}-split", target.service),
+            value: doc::new_split_route(ns, &target.service, port),
+            origin: None,
+        },
         [one] => one.clone(),
         many => bail!(
             "{} HTTPRoutes attach to Service {ns}/{} port {port} ({}); edit the one to change by hand",
@@ -285,27 +192,20 @@ pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::
                 .join(", ")
         ),
     };
-    let Some(rule) = split_rule(&route) else {
+    let Some(rule) = split_rule(&route.value) else {
         bail!(
             "HTTPRoute {ns}/{}: every rule has matches, so none carries all of the Service's traffic; add a rule without matches, or edit it by hand",
             route.name
         );
     };
-    let before = weights(&rules(&route)[rule]);
-    let slot = route
-        .value
-        .get_mut("spec")
-        .and_then(|s| s.get_mut("rules"))
-        .and_then(|r| r.get_mut(rule))
-        .and_then(Value::as_mapping_mut)
-        .with_context(|| {
-            format!(
-                "HTTPRoute {ns}/{}: rule {} is not a mapping",
-                route.name,
-                rule + 1
-            )
-        })?;
-    slot.insert(key("backendRefs"), backend_refs(to, port));
+    let before = weights(&rules(&route.value)[rule]);
+    if !doc::set_backends(&mut route.value, rule, to, port) {
+        bail!(
+            "HTTPRoute {ns}/{}: rule {} is not a mapping",
+            route.name,
+            rule + 1
+        );
+    }
     let written = mesh.save_route(&route)?;
     Ok(Change {
         route: format!("{ns}/{}", route.name),
@@ -362,17 +262,13 @@ pub fn show(mesh: &dyn Mesh, target: &Target, out: &mut dyn Write) -> anyhow::Re
         )?;
     }
     for r in &attached {
-        for (i, rule) in rules(r).iter().enumerate() {
+        for (i, rule) in rules(&r.value).iter().enumerate() {
             let ws = weights(rule);
             let shares: Vec<String> = ws
                 .iter()
                 .map(|(n, w)| format!("{n} {}", percent(*w, &ws)))
                 .collect();
-            let matched = if rule
-                .get("matches")
-                .and_then(Value::as_sequence)
-                .is_some_and(|m| !m.is_empty())
-            {
+            let matched = if !doc::matches_all(rule) {
                 " (some requests, by match)"
             } else {
                 ""
@@ -409,8 +305,8 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
                 .iter()
                 .filter(|r| attaches(r, &a.target.namespace, &a.target.service, port))
             {
-                if let Some(i) = split_rule(r) {
-                    for (n, _) in weights(&rules(r)[i]) {
+                if let Some(i) = split_rule(&r.value) {
+                    for (n, _) in weights(&rules(&r.value)[i]) {
                         if n != a.backend && !to.iter().any(|(m, _)| *m == n) {
                             to.push((n, 0));
                         }
@@ -426,3 +322,8 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
 #[cfg(test)]
 #[path = "route_tests.rs"]
 mod tests;
+
+/// Whether route `r` attaches to Service `ns/name` at `port`.
+fn attaches(r: &RouteDoc, ns: &str, name: &str, port: u16) -> bool {
+    doc::attaches(&r.value, &r.namespace, ns, name, port)
+}

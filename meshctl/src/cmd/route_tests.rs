@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::*;
 use crate::mesh::LocalDir;
+use serde_yaml::Value;
 
 fn example() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("dir");
@@ -68,7 +69,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
     let mesh = LocalDir::new(dir.path()).expect("dir");
     let routes = mesh.routes().expect("routes");
     assert_eq!(routes.len(), 1);
-    let rs = rules(&routes[0]);
+    let rs = rules(&routes[0].value);
     assert_eq!(weights(&rs[0]), [("reviews-v2".to_string(), 1)]);
     assert_eq!(
         weights(&rs[1]),
@@ -98,7 +99,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
     assert!(out.contains("100 %"), "{out}");
     let routes = mesh.routes().expect("routes");
     assert_eq!(
-        weights(&rules(&routes[0])[1]),
+        weights(&rules(&routes[0].value)[1]),
         [("reviews-v2".to_string(), 1), ("reviews-v1".to_string(), 0)]
     );
     let shown = run_cmd(
@@ -136,7 +137,7 @@ fn without_a_route_split_writes_a_new_one_attached_to_the_service() {
     assert_eq!(routes.len(), 1);
     assert!(attaches(&routes[0], "default", "reviews", 9080));
     assert_eq!(
-        weights(&rules(&routes[0])[0]),
+        weights(&rules(&routes[0].value)[0]),
         [
             ("reviews-v1".to_string(), 90),
             ("reviews-v2".to_string(), 10)
