@@ -37,7 +37,8 @@ async fn install(admin: &kube::Client) -> anyhow::Result<()> {
 }
 
 /// What the mesh's workloads leave in a cluster: two namespaces with sidecars (one with a stale
-/// copy of the CA's root), a Service with an HTTPRoute and a GRPCRoute.
+/// copy of the CA's root), a Service with an HTTPRoute and a GRPCRoute, and a Rollout of each
+/// route to a candidate Service.
 fn workloads(fake: &FakeApi) {
     for (ns, stale) in [("shop", true), ("web", false)] {
         fake.insert(json!({"apiVersion": "v1", "kind": "Namespace",
@@ -51,11 +52,18 @@ fn workloads(fake: &FakeApi) {
     fake.insert(json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "reviews", "namespace": "shop"},
         "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "http", "port": 9080}]}}));
+    fake.insert(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "reviews-v2", "namespace": "shop"},
+        "spec": {"clusterIP": "10.96.0.11", "ports": [{"name": "http", "port": 9080}]}}));
     for kind in ["HTTPRoute", "GRPCRoute"] {
         fake.insert(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
             "metadata": {"name": "reviews", "namespace": "shop", "generation": 1},
             "spec": {"parentRefs": [{"group": "", "kind": "Service", "name": "reviews", "port": 9080}],
                      "rules": [{"backendRefs": [{"name": "reviews", "port": 9080}]}]}}));
+        fake.insert(json!({"apiVersion": "mesh.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": format!("reviews-{}", kind.to_lowercase()), "namespace": "shop", "generation": 1},
+            "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": kind, "name": "reviews"},
+                     "stable": "reviews", "candidate": "reviews-v2", "steps": [{"weight": 10}]}}));
     }
 }
 
@@ -192,7 +200,8 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
     let root = std::fs::read_to_string(ca_dir.path().join("ca.crt"))?;
 
     // Everything the controller does in a cluster: both routes' status, the Lease taken and
-    // renewed, the root in each injected namespace, the injector's caBundle.
+    // renewed, the root in each injected namespace, the injector's caBundle, both rollouts
+    // started (their routes' weights, their status, an Event each).
     mesh_e2e::eventually(Duration::from_secs(30), "the controller's writes", || async {
         let s = fake.state();
         let o = |p: &str| s.objects.get(p).cloned().unwrap_or_default();
@@ -220,8 +229,24 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
             use base64::Engine;
             base64::engine::general_purpose::STANDARD.encode(root.as_bytes())
         };
-        (statuses && roots && renewed && bundle.as_deref() == Some(root_b64.as_str()))
-            .then_some(())
+        let rollouts = ["httproute", "grpcroute"].iter().all(|k| {
+            o(&format!("/apis/mesh.dev/v1alpha1/namespaces/shop/rollouts/reviews-{k}"))
+                .pointer("/status/phase")
+                .and_then(Value::as_str)
+                == Some("Progressing")
+        }) && ["httproutes", "grpcroutes"].iter().all(|k| {
+            o(&format!(
+                "/apis/gateway.networking.k8s.io/v1/namespaces/shop/{k}/reviews"
+            ))
+            .pointer("/spec/rules/0/backendRefs/1/weight")
+                == Some(&json!(10))
+        }) && s.objects.keys().filter(|p| p.starts_with("/api/v1/namespaces/shop/events/")).count() >= 2;
+        (statuses
+            && roots
+            && renewed
+            && rollouts
+            && bundle.as_deref() == Some(root_b64.as_str()))
+        .then_some(())
     })
     .await?;
     drop(controller);

@@ -80,6 +80,12 @@ pub mod labels {
     /// `namespace/name`, `namespace/*`, separated by commas or spaces), which scoped proxies
     /// are given up front instead of looking each one up on its first connection.
     pub const DEPENDENCIES: &str = "mesh.dev/dependencies";
+    /// Annotation on a Rollout: `meshctl route resume` sets a new value (a timestamp) to
+    /// resume a rollout that a change of the route's weights paused.
+    pub const RESUME: &str = "mesh.dev/resume";
+    /// Annotation on a Rollout: which release it is (`meshctl route rollout` sets a timestamp),
+    /// so a rollout written again for the same backends starts over.
+    pub const RELEASE: &str = "mesh.dev/release";
     /// The standard label an EndpointSlice carries to name its Service.
     pub const ENDPOINTSLICE_SERVICE_NAME: &str = "kubernetes.io/service-name";
 }

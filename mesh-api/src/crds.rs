@@ -363,6 +363,7 @@ pub fn mesh_crds() -> Vec<CustomResourceDefinition> {
         AuthorizationPolicy::crd(),
         TrafficPolicy::crd(),
         RateLimitPolicy::crd(),
+        crate::rollout::Rollout::crd(),
     ];
     label(&mut crds);
     crds

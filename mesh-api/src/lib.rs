@@ -22,6 +22,8 @@ pub mod probes;
 pub mod process;
 pub mod prom;
 #[cfg(feature = "k8s")]
+pub mod rollout;
+#[cfg(feature = "k8s")]
 pub mod root_configmap;
 #[cfg(feature = "k8s")]
 pub mod route_doc;

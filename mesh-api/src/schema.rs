@@ -649,6 +649,7 @@ pub fn admit_builtin(obj: &mut Value) -> Option<Report> {
         core::Pod,
         core::ServiceAccount,
         core::ConfigMap,
+        core::Event,
         core::Secret,
         discovery::EndpointSlice,
         apps::Deployment,

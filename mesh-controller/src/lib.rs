@@ -9,6 +9,7 @@ pub mod index;
 pub mod lease;
 pub mod metrics;
 pub mod objects;
+pub mod rollout;
 pub mod run;
 pub mod source;
 pub mod stats;

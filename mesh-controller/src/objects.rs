@@ -8,6 +8,7 @@ use gateway_api::grpcroutes::GrpcRoute;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_api::crds::{AuthorizationPolicy, RateLimitPolicy, TrafficPolicy};
+use mesh_api::rollout::Rollout;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -23,10 +24,11 @@ pub enum Kind {
     AuthorizationPolicy,
     TrafficPolicy,
     RateLimitPolicy,
+    Rollout,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -36,6 +38,7 @@ impl Kind {
         Kind::AuthorizationPolicy,
         Kind::TrafficPolicy,
         Kind::RateLimitPolicy,
+        Kind::Rollout,
     ];
 
     /// The `apiVersion` values accepted for this kind.
@@ -47,9 +50,10 @@ impl Kind {
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
-            Kind::AuthorizationPolicy | Kind::TrafficPolicy | Kind::RateLimitPolicy => {
-                &["mesh.dev/v1alpha1"]
-            }
+            Kind::AuthorizationPolicy
+            | Kind::TrafficPolicy
+            | Kind::RateLimitPolicy
+            | Kind::Rollout => &["mesh.dev/v1alpha1"],
         }
     }
 
@@ -99,6 +103,7 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     TrafficPolicy(TrafficPolicy),
     RateLimitPolicy(RateLimitPolicy),
+    Rollout(Rollout),
 }
 
 impl Object {
@@ -113,6 +118,7 @@ impl Object {
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::TrafficPolicy(_) => Kind::TrafficPolicy,
             Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
+            Object::Rollout(_) => Kind::Rollout,
         }
     }
 
@@ -127,6 +133,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::TrafficPolicy(o) => &o.metadata,
             Object::RateLimitPolicy(o) => &o.metadata,
+            Object::Rollout(o) => &o.metadata,
         }
     }
 
@@ -141,6 +148,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &mut o.metadata,
             Object::TrafficPolicy(o) => &mut o.metadata,
             Object::RateLimitPolicy(o) => &mut o.metadata,
+            Object::Rollout(o) => &mut o.metadata,
         }
     }
 
@@ -239,6 +247,7 @@ pub fn parse_doc(doc: serde_json::Value, default_namespace: &str) -> Result<Obje
         Kind::AuthorizationPolicy => Object::AuthorizationPolicy(typed(doc)?),
         Kind::TrafficPolicy => Object::TrafficPolicy(typed(doc)?),
         Kind::RateLimitPolicy => Object::RateLimitPolicy(typed(doc)?),
+        Kind::Rollout => Object::Rollout(typed(doc)?),
     };
     let meta = obj.meta_mut();
     match meta.name.as_deref() {

@@ -123,6 +123,9 @@ impl Controller {
         };
         let model = index.lock().unwrap_or_else(|e| e.into_inner()).model();
         let hub = Hub::new(model, metrics.clone());
+        let stats = crate::stats::Stats::new(config.stats_interval, config.stats_window);
+        // A local mesh has one controller, which drives; in a cluster, the Lease holder.
+        let leading = Arc::new(std::sync::atomic::AtomicBool::new(client.is_none()));
         if let Some(client) = &client {
             // Route status comes from one replica: the holder of the Lease.
             let holder = config
@@ -142,8 +145,19 @@ impl Controller {
                     Duration::from_secs(15),
                 ),
                 interval: Duration::from_secs(5),
+                leading: leading.clone(),
             };
             tasks.push(tokio::spawn(writer.run()));
+        }
+        let store = match (&client, &config.config_dir) {
+            (Some(c), _) => Some(crate::rollout::Store::Kube(c.clone())),
+            (None, Some(dir)) => Some(crate::rollout::Store::Local(dir.clone())),
+            (None, None) => None,
+        };
+        if let Some(store) = store {
+            let driver =
+                crate::rollout::Driver::new(index.clone(), stats.clone(), store, leading.clone());
+            tasks.push(tokio::spawn(driver.run()));
         }
         tasks.push(tokio::spawn(hub.learned.clone().forget_unused()));
         let (quiet, max) = config.debounce();
@@ -225,7 +239,6 @@ impl Controller {
             }
         };
 
-        let stats = crate::stats::Stats::new(config.stats_interval, config.stats_window);
         if !config.stats_interval.is_zero() {
             tasks.push(tokio::spawn(stats.clone().run(hub.status.clone())));
         }

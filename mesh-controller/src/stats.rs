@@ -36,6 +36,73 @@ pub struct Stats {
     pub interval: Duration,
     pub window: Duration,
     scrapes: Mutex<HashMap<String, VecDeque<Scrape>>>,
+    tallies: Mutex<Tallies>,
+}
+
+/// Outbound requests of some routes counted since the controller started (or since the route
+/// was tracked), per route and backend Service: what a rollout judges a step by, however long
+/// the step is. Only routes [`Stats::track`] names are counted.
+#[derive(Debug, Default)]
+struct Tallies {
+    /// `Kind/namespace/name` of each route counted.
+    routes: std::collections::BTreeSet<String>,
+    /// By (route, backend Service `namespace/name`).
+    counts: HashMap<(String, String), Tally>,
+}
+
+/// Requests counted so far: failures and latency buckets with them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tally {
+    pub requests: f64,
+    pub failures: f64,
+    /// Cumulative counts by upper bound (seconds).
+    pub buckets: BTreeMap<OrdF64, f64>,
+}
+
+impl Tally {
+    /// What was counted after `earlier` (a tally of the same series taken before).
+    pub fn since(&self, earlier: &Tally) -> Tally {
+        Tally {
+            requests: (self.requests - earlier.requests).max(0.0),
+            failures: (self.failures - earlier.failures).max(0.0),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|(le, n)| {
+                    let before = earlier.buckets.get(le).copied().unwrap_or(0.0);
+                    (*le, (n - before).max(0.0))
+                })
+                .collect(),
+        }
+    }
+
+    /// Percent answered without a 5xx or an error; `None` without requests.
+    pub fn success_percent(&self) -> Option<f64> {
+        (self.requests > 0.0).then(|| 100.0 * (1.0 - self.failures / self.requests))
+    }
+
+    pub fn p99_ms(&self) -> Option<f64> {
+        quantile(0.99, &self.buckets).map(|s| s * 1000.0)
+    }
+
+    fn add(&mut self, d: &Delta<'_>) {
+        if d.sample.name == REQUESTS {
+            self.requests += d.count;
+            if matches!(d.sample.label("status_class"), "5xx" | "error") {
+                self.failures += d.count;
+            }
+        } else if let Some(le) = bucket_bound(d.sample) {
+            *self.buckets.entry(OrdF64(le)).or_default() += d.count;
+        }
+    }
+}
+
+/// The upper bound of a latency bucket series.
+fn bucket_bound(s: &Sample) -> Option<f64> {
+    match s.label("le") {
+        "+Inf" => Some(f64::INFINITY),
+        le => le.parse().ok(),
+    }
 }
 
 /// A workload, as the proxies' labels name it.
@@ -181,6 +248,7 @@ impl Stats {
             interval,
             window,
             scrapes: Mutex::default(),
+            tallies: Mutex::default(),
         })
     }
 
@@ -232,6 +300,9 @@ impl Stats {
         samples: Vec<Sample>,
     ) {
         let ring = scrapes.entry(node).or_default();
+        if let Some(previous) = ring.back() {
+            self.count(previous, &samples);
+        }
         ring.push_back(Scrape { at, samples });
         // Keep one scrape at or before the window's start, to measure from.
         while ring.len() > 2 && ring[1].at + self.window <= at {
@@ -266,27 +337,55 @@ impl Stats {
             if ring.len() < 2 || secs <= 0.0 {
                 continue;
             }
-            let before: HashMap<(&str, &BTreeMap<String, String>), f64> = old
-                .samples
-                .iter()
-                .map(|s| ((s.name.as_str(), &s.labels), s.value))
-                .collect();
-            for s in &new.samples {
-                let count = match before.get(&(s.name.as_str(), &s.labels)) {
-                    // A counter that went down was reset (the proxy restarted).
-                    Some(b) if *b <= s.value => s.value - b,
-                    _ => s.value,
-                };
-                if count > 0.0 {
-                    out.push(Delta {
-                        sample: s,
-                        count,
-                        per_second: count / secs,
-                    });
-                }
-            }
+            out.extend(increments(&old.samples, &new.samples, secs));
         }
         f(out)
+    }
+
+    /// Adds what a proxy counted between two scrapes to the tallies of tracked routes.
+    fn count(&self, previous: &Scrape, samples: &[Sample]) {
+        let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
+        if tallies.routes.is_empty() {
+            return;
+        }
+        for d in increments(&previous.samples, samples, 1.0) {
+            if d.sample.label("direction") != "outbound" {
+                continue;
+            }
+            let Some((route, _)) = d.sample.label("route").split_once(" rule ") else {
+                continue;
+            };
+            let Some(service) = service_of(d.sample.label("backend")) else {
+                continue;
+            };
+            if !tallies.routes.contains(route) {
+                continue;
+            }
+            tallies
+                .counts
+                .entry((route.to_string(), service))
+                .or_default()
+                .add(&d);
+        }
+    }
+
+    /// Counts the requests of these routes (`Kind/namespace/name`) from now on; routes no
+    /// longer named are forgotten.
+    pub fn track(&self, routes: std::collections::BTreeSet<String>) {
+        let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
+        tallies.counts.retain(|(r, _), _| routes.contains(r));
+        tallies.routes = routes;
+    }
+
+    /// What the callers' proxies counted for `route`'s requests to Service `service`
+    /// (`namespace/name`) since the route was tracked.
+    pub fn tally(&self, route: &str, service: &str) -> Tally {
+        let tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
+        tallies
+            .counts
+            .get(&(route.to_string(), service.to_string()))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Adds up the series `key` maps, per key.
@@ -304,14 +403,7 @@ impl Stats {
                     }
                     acc.mtls |= d.sample.label("src_identity").starts_with("spiffe://")
                         && d.sample.label("dst_identity").starts_with("spiffe://");
-                } else {
-                    let le = match d.sample.label("le") {
-                        "+Inf" => f64::INFINITY,
-                        le => match le.parse() {
-                            Ok(v) => v,
-                            Err(_) => continue,
-                        },
-                    };
+                } else if let Some(le) = bucket_bound(d.sample) {
                     *acc.buckets.entry(OrdF64(le)).or_default() += d.count;
                 }
             }
@@ -400,6 +492,28 @@ impl Stats {
             backends,
         })
     }
+}
+
+/// Every series' change from `old` to `new` (one proxy's scrapes, `secs` apart).
+fn increments<'a>(old: &[Sample], new: &'a [Sample], secs: f64) -> Vec<Delta<'a>> {
+    let before: HashMap<(&str, &BTreeMap<String, String>), f64> = old
+        .iter()
+        .map(|s| ((s.name.as_str(), &s.labels), s.value))
+        .collect();
+    new.iter()
+        .filter_map(|s| {
+            let count = match before.get(&(s.name.as_str(), &s.labels)) {
+                // A counter that went down was reset (the proxy restarted).
+                Some(b) if *b <= s.value => s.value - b,
+                _ => s.value,
+            };
+            (count > 0.0).then(|| Delta {
+                sample: s,
+                count,
+                per_second: count / secs,
+            })
+        })
+        .collect()
 }
 
 /// The series of a metrics page the stats are made of: request counts and latency buckets.

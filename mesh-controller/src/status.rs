@@ -246,6 +246,8 @@ pub struct StatusWriter {
     pub lease: LeaseLock,
     /// How often the lease is renewed and statuses are compared.
     pub interval: Duration,
+    /// Set while this replica holds the Lease (the rollout driver acts only then).
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -299,6 +301,8 @@ impl StatusWriter {
                     false
                 }
             };
+            self.leading
+                .store(leading, std::sync::atomic::Ordering::Relaxed);
             let model = self.hub.model();
             // A full pass now and then repairs statuses someone else changed.
             let due = last_revision != Some(model.revision)
@@ -415,6 +419,7 @@ mod tests {
                 Duration::from_secs(15),
             ),
             interval: Duration::from_millis(10),
+            leading: Arc::default(),
         };
         (writer, fake, index)
     }

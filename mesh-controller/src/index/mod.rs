@@ -98,6 +98,8 @@ pub struct Index {
     policies: HashMap<ObjKey, Object>,
     /// TrafficPolicies, read.
     traffic: HashMap<ObjKey, Arc<traffic::Compiled>>,
+    /// Rollouts: the rollout driver's input; they change nothing in the model.
+    rollouts: HashMap<ObjKey, Arc<mesh_api::rollout::Rollout>>,
     slices_by_service: HashMap<SvcKey, HashSet<ObjKey>>,
     /// EndpointSlices by the Pods their endpoints name: a Pod change dirties their Services.
     slices_by_pod: HashMap<PodKey, HashSet<ObjKey>>,
@@ -139,6 +141,7 @@ impl Index {
             routes: HashMap::new(),
             policies: HashMap::new(),
             traffic: HashMap::new(),
+            rollouts: HashMap::new(),
             slices_by_service: HashMap::new(),
             slices_by_pod: HashMap::new(),
             routes_by_parent: HashMap::new(),
@@ -224,6 +227,11 @@ impl Index {
             Object::GrpcRoute(r) => {
                 let spec = Arc::new(RouteSpec::from_grpc(&r, key.clone())?);
                 self.set_route(key, Some(spec))
+            }
+            // Not part of the model: the revision stays.
+            Object::Rollout(r) => {
+                self.rollouts.insert(key, Arc::new(r));
+                false
             }
             obj @ (Object::AuthorizationPolicy(_)
             | Object::TrafficPolicy(_)
@@ -403,6 +411,10 @@ impl Index {
             Kind::AuthorizationPolicy | Kind::RateLimitPolicy => {
                 self.policies.remove(key).is_some()
             }
+            Kind::Rollout => {
+                self.rollouts.remove(key);
+                false
+            }
         }
     }
 
@@ -476,6 +488,7 @@ impl Index {
                 .filter(|k| k.kind == kind)
                 .cloned()
                 .collect(),
+            Kind::Rollout => self.rollouts.keys().cloned().collect(),
             _ => self
                 .policies
                 .keys()
@@ -485,12 +498,29 @@ impl Index {
         }
     }
 
-    /// How many objects of each kind are held.
     /// Every route held (HTTPRoute and GRPCRoute), for their status.
     pub fn route_specs(&self) -> Vec<Arc<RouteSpec>> {
         self.routes.values().cloned().collect()
     }
 
+    /// One route, as read.
+    pub fn route_spec(&self, key: &ObjKey) -> Option<Arc<RouteSpec>> {
+        self.routes.get(key).cloned()
+    }
+
+    /// Whether Service `namespace/name` exists, and its ports.
+    pub fn service_ports(&self, namespace: &str, name: &str) -> Option<Vec<u16>> {
+        self.services
+            .get(&SvcKey::new(namespace, name))
+            .map(|s| s.ports.iter().map(|p| p.port).collect())
+    }
+
+    /// Every Rollout held, as its source last gave it.
+    pub fn rollouts(&self) -> Vec<Arc<mesh_api::rollout::Rollout>> {
+        self.rollouts.values().cloned().collect()
+    }
+
+    /// How many objects of each kind are held.
     pub fn counts(&self) -> BTreeMap<Kind, usize> {
         Kind::ALL
             .into_iter()

@@ -432,7 +432,7 @@ fn to_port(port: i64, field: &str) -> Result<u16, DocError> {
 }
 
 /// A Gateway API duration (`500ms`, `1h30m`).
-pub(super) fn duration(s: &str, field: &str) -> Result<Duration, DocError> {
+pub(crate) fn duration(s: &str, field: &str) -> Result<Duration, DocError> {
     let d = gateway_api::Duration::from_str(s)
         .map_err(|e| DocError::new(field, format!("invalid duration {s:?}: {e}")))?;
     Ok(Duration::from_millis(

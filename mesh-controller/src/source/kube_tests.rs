@@ -67,6 +67,10 @@ fn sample(kind: Kind, name: &str, rv: &str) -> (&'static str, Value) {
             "/apis/mesh.dev/v1alpha1/ratelimitpolicies",
             json!({"apiVersion": "mesh.dev/v1alpha1", "kind": "RateLimitPolicy", "metadata": meta(true), "spec": {"targetRefs": [], "local": {"requestsPerSecond": 5}}}),
         ),
+        Kind::Rollout => (
+            "/apis/mesh.dev/v1alpha1/rollouts",
+            json!({"apiVersion": "mesh.dev/v1alpha1", "kind": "Rollout", "metadata": meta(true), "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}, "stable": "a", "candidate": "b", "steps": [{"weight": 50}]}}),
+        ),
     }
 }
 
@@ -159,6 +163,7 @@ fn spawn_kind(kind: Kind, client: Client, sink: &Sink) -> tokio::task::JoinHandl
         Kind::RateLimitPolicy => {
             watch_one!(RateLimitPolicy, kind, Object::RateLimitPolicy, client, sink)
         }
+        Kind::Rollout => watch_one!(Rollout, kind, Object::Rollout, client, sink),
     }
 }
 

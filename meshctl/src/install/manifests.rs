@@ -135,15 +135,25 @@ fn rbac(ns: &str) -> Vec<Value> {
                     &["httproutes/status", "grpcroutes/status"],
                     &["patch"],
                 ),
+                // Rollouts set their route's weights (server-side apply), from the same replica.
+                rule(
+                    &["gateway.networking.k8s.io"],
+                    &["httproutes", "grpcroutes"],
+                    &["patch"],
+                ),
                 rule(
                     &["mesh.dev"],
                     &[
                         "authorizationpolicies",
                         "trafficpolicies",
                         "ratelimitpolicies",
+                        "rollouts",
                     ],
                     &watch,
                 ),
+                rule(&["mesh.dev"], &["rollouts/status"], &["patch"]),
+                // An Event per rollout decision.
+                rule(&[""], &["events"], &["create"]),
                 // The CA's root, copied into each namespace whose pods get sidecars.
                 rule(&[""], &["configmaps"], &["get", "create", "update"]),
                 // The injector's caBundle, kept equal to the CA's root.

@@ -1,0 +1,1058 @@
+//! Rollouts: the controller moves a route rule's traffic from a stable backend to a candidate
+//! step by step, judging each step by what the callers' proxies measured of the candidate (and
+//! of the stable backend) since the step began, and rolls back to all on stable when a gate
+//! fails. It changes the route where it lives ([`store`]: server-side apply in a cluster, the
+//! manifest file in a local mesh), keeps its state in the Rollout's status, and never fights a
+//! person: weights it did not set pause the rollout until `meshctl route resume`.
+//!
+//! One replica drives (the Lease holder). After a restart a rollout resumes at the step its
+//! status names; the step's time and measurements start over, since the counts before the
+//! restart are gone with the process.
+
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use mesh_api::rollout::{
+    BackendWeight, Decision, Measured, Rollout, RolloutGates, RolloutPhase, RolloutSpec,
+    RolloutStatus, StepHeader,
+};
+use tracing::{info, warn};
+
+use crate::index::Index;
+use crate::index::routes::{MatchSpec, RouteSpec};
+use crate::objects::{Kind, ObjKey};
+use crate::stats::{Stats, Tally};
+pub use store::Store;
+
+/// Time at a step when neither the step nor the spec says.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// Candidate requests a step needs before it is judged, when the spec does not say.
+pub const DEFAULT_MIN_REQUESTS: u32 = 100;
+/// Decisions kept in the status.
+const MAX_DECISIONS: usize = 50;
+/// How often the measurements of a step are written to the status while nothing else changes.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// How long a route may show the weights before the last change before that change is made
+/// again (it was lost: the controller stopped between writing the status and the route).
+const REWRITE_AFTER: Duration = Duration::from_secs(10);
+
+/// The rule a rollout moves, as the index holds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleView {
+    /// `Kind/namespace/name`, as the proxies' `route` label starts.
+    pub route: String,
+    pub route_key: ObjKey,
+    /// The rule's `name`, when the rollout names one (`targetRef.sectionName`).
+    pub section: Option<String>,
+    /// 1-based, for messages.
+    pub rule_number: usize,
+    pub weights: BTreeMap<String, u32>,
+    /// The port the backendRefs name.
+    pub port: u16,
+}
+
+/// The change a rollout makes to its route's rule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RuleEdit {
+    pub section: Option<String>,
+    /// The name of the rollout's own header rule (`rollout-<name>`).
+    pub own_rule: String,
+    pub weights: Vec<(String, u32)>,
+    pub port: u16,
+    /// Requests with these headers go to `candidate` (a rule before the split rule); empty
+    /// removes that rule.
+    pub headers: Vec<StepHeader>,
+    pub candidate: String,
+}
+
+/// The name of a rollout's header-matched rule in its route.
+pub fn own_rule(rollout: &str) -> String {
+    format!("rollout-{rollout}")
+}
+
+/// Makes `edit` on a route manifest (as YAML, so fields this code does not know stay).
+pub fn apply_edit(route: &mut serde_yaml::Value, edit: &RuleEdit) -> Result<(), String> {
+    use mesh_api::route_doc as doc;
+    let rule = match &edit.section {
+        Some(name) => doc::rule_named(route, name)
+            .ok_or_else(|| format!("the route has no rule named {name:?}"))?,
+        None => doc::split_rule_besides(route, Some(&edit.own_rule))
+            .ok_or("the route has no rule that matches every request")?,
+    };
+    if !doc::set_backends(route, rule, &edit.weights, edit.port) {
+        return Err(format!("rule {} is not a mapping", rule + 1));
+    }
+    if edit.headers.is_empty() {
+        doc::remove_rule(route, &edit.own_rule);
+        return Ok(());
+    }
+    // The split rule, narrowed to the headers and sent to the candidate alone.
+    let mut header_rule = doc::rules(route)[rule].clone();
+    let key = |k: &str| serde_yaml::Value::String(k.to_string());
+    let headers: Vec<serde_yaml::Value> = edit
+        .headers
+        .iter()
+        .map(|h| {
+            let mut m = serde_yaml::Mapping::new();
+            m.insert(key("type"), key("Exact"));
+            m.insert(key("name"), key(&h.name));
+            m.insert(key("value"), key(&h.value));
+            serde_yaml::Value::Mapping(m)
+        })
+        .collect();
+    let mut matches: Vec<serde_yaml::Value> = header_rule
+        .get("matches")
+        .and_then(serde_yaml::Value::as_sequence)
+        .cloned()
+        .unwrap_or_default();
+    if matches.is_empty() {
+        matches.push(serde_yaml::Value::Mapping(Default::default()));
+    }
+    for m in &mut matches {
+        if let Some(m) = m.as_mapping_mut() {
+            let mut all = m
+                .get("headers")
+                .and_then(serde_yaml::Value::as_sequence)
+                .cloned()
+                .unwrap_or_default();
+            all.extend(headers.iter().cloned());
+            m.insert(key("headers"), serde_yaml::Value::Sequence(all));
+        }
+    }
+    let slot = header_rule
+        .as_mapping_mut()
+        .ok_or_else(|| format!("rule {} is not a mapping", rule + 1))?;
+    slot.insert(key("name"), key(&edit.own_rule));
+    slot.insert(key("matches"), serde_yaml::Value::Sequence(matches));
+    slot.insert(
+        key("backendRefs"),
+        doc::backend_refs(&[(edit.candidate.clone(), 1)], edit.port),
+    );
+    doc::insert_rule(route, rule, header_rule);
+    Ok(())
+}
+
+/// What the driver remembers of a rollout between ticks.
+#[derive(Debug)]
+struct Memory {
+    status: RolloutStatus,
+    /// The status as last written, and when.
+    persisted: Option<(RolloutStatus, Instant)>,
+    /// The counts when the current step's measurement began.
+    baseline: Option<Baseline>,
+    last_write: Option<Instant>,
+    /// Whether the status was loaded by this process (not yet driven).
+    fresh: bool,
+}
+
+#[derive(Debug)]
+struct Baseline {
+    started: Instant,
+    candidate: Tally,
+    stable: Tally,
+}
+
+/// Drives every Rollout the index holds, one tick at a time.
+pub struct Driver {
+    pub index: Arc<Mutex<Index>>,
+    pub stats: Arc<Stats>,
+    pub store: Store,
+    /// Whether this replica drives (holds the Lease); always true in a local mesh.
+    pub leading: Arc<AtomicBool>,
+    pub tick: Duration,
+    memory: HashMap<ObjKey, Memory>,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("tick", &self.tick)
+            .field("rollouts", &self.memory.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one tick does to a rollout besides its status.
+#[derive(Debug, Default)]
+struct Effects {
+    edit: Option<RuleEdit>,
+    events: Vec<(bool, String, String)>,
+}
+
+impl Driver {
+    pub fn new(
+        index: Arc<Mutex<Index>>,
+        stats: Arc<Stats>,
+        store: Store,
+        leading: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            index,
+            stats,
+            store,
+            leading,
+            tick: Duration::from_secs(1),
+            memory: HashMap::new(),
+        }
+    }
+
+    /// Ticks for as long as the task runs.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.leading.load(Ordering::Relaxed) {
+                self.tick(Instant::now()).await;
+            } else {
+                // Another replica drives; its status is read again on taking over.
+                self.memory.clear();
+            }
+        }
+    }
+
+    /// One pass over every rollout, as of `now`.
+    pub async fn tick(&mut self, now: Instant) {
+        let rollouts = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rollouts();
+        let routes: BTreeSet<String> = rollouts
+            .iter()
+            .map(|r| route_label(r, r.metadata.namespace.as_deref().unwrap_or_default()))
+            .collect();
+        self.stats.track(routes);
+        let keys: BTreeSet<ObjKey> = rollouts.iter().map(|r| key_of(r)).collect();
+        let store = &self.store;
+        self.memory.retain(|k, _| {
+            let keep = keys.contains(k);
+            if !keep {
+                store.forget(&k.namespace, &k.name);
+            }
+            keep
+        });
+        for r in rollouts {
+            self.drive(&r, now).await;
+        }
+    }
+
+    async fn drive(&mut self, rollout: &Rollout, now: Instant) {
+        let key = key_of(rollout);
+        if !self.memory.contains_key(&key) {
+            let status = self.store.load(rollout).await;
+            self.memory.insert(
+                key.clone(),
+                Memory {
+                    persisted: Some((status.clone(), now)),
+                    status,
+                    baseline: None,
+                    last_write: None,
+                    fresh: true,
+                },
+            );
+        }
+        let view = {
+            let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            resolve(&index, rollout)
+        };
+        let Some(mem) = self.memory.get_mut(&key) else {
+            return;
+        };
+        let effects = step(rollout, view, mem, &self.stats, now);
+        let mut mem_status = mem.status.clone();
+        if let Some(edit) = &effects.edit {
+            match self.store.write_route(rollout, edit).await {
+                Ok(()) => mem.last_write = Some(now),
+                Err(e) => {
+                    warn!(rollout = %key, error = %e, "setting the route's weights");
+                    // Tried again next tick: the status says what it wants.
+                    set_condition(
+                        &mut mem_status,
+                        "Ready",
+                        false,
+                        "RouteNotWritten",
+                        &format!("setting the route's weights: {e}"),
+                        rollout.metadata.generation,
+                    );
+                    mem_status.weights = mem_status.previous_weights.clone();
+                    mem.status = mem_status.clone();
+                }
+            }
+        }
+        for (warning, reason, message) in &effects.events {
+            info!(rollout = %key, %reason, %message, "rollout");
+            self.store.event(rollout, *warning, reason, message).await;
+        }
+        let due = match &mem.persisted {
+            None => true,
+            Some((written, at)) => {
+                let mut a = written.clone();
+                let mut b = mem.status.clone();
+                let progress_only = {
+                    a.current = None;
+                    b.current = None;
+                    a == b
+                };
+                !progress_only
+                    || (written.current != mem.status.current
+                        && now.duration_since(*at) >= PROGRESS_EVERY)
+            }
+        };
+        if due {
+            match self.store.save_status(rollout, &mem.status).await {
+                Ok(()) => mem.persisted = Some((mem.status.clone(), now)),
+                Err(e) => warn!(rollout = %key, error = %e, "writing the rollout's status"),
+            }
+        }
+    }
+}
+
+fn key_of(r: &Rollout) -> ObjKey {
+    ObjKey {
+        kind: Kind::Rollout,
+        namespace: r.metadata.namespace.clone().unwrap_or_default(),
+        name: r.metadata.name.clone().unwrap_or_default(),
+    }
+}
+
+/// `Kind/namespace/name` of the route a rollout targets.
+fn route_label(r: &Rollout, ns: &str) -> String {
+    format!("{}/{ns}/{}", r.spec.target_ref.kind, r.spec.target_ref.name)
+}
+
+/// The rule a rollout moves, or why it cannot run.
+pub fn resolve(index: &Index, rollout: &Rollout) -> Result<RuleView, String> {
+    let spec = &rollout.spec;
+    let ns = rollout.metadata.namespace.clone().unwrap_or_default();
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    check_spec(spec)?;
+    let t = &spec.target_ref;
+    let kind = match (t.group.as_str(), t.kind.as_str()) {
+        ("gateway.networking.k8s.io", "HTTPRoute") => Kind::HTTPRoute,
+        ("gateway.networking.k8s.io", "GRPCRoute") => Kind::GRPCRoute,
+        (g, k) => {
+            return Err(format!(
+                "spec.targetRef: {g}/{k} is not a route; name an HTTPRoute or GRPCRoute of group gateway.networking.k8s.io"
+            ));
+        }
+    };
+    let route_key = ObjKey {
+        kind,
+        namespace: ns.clone(),
+        name: t.name.clone(),
+    };
+    let route = index
+        .route_spec(&route_key)
+        .ok_or_else(|| format!("spec.targetRef: {kind} {ns}/{} not found", t.name))?;
+    let own = own_rule(&name);
+    let rule = find_rule(&route, t.section_name.as_deref(), &own).ok_or_else(|| match &t
+        .section_name
+    {
+        Some(s) => format!(
+            "spec.targetRef.sectionName: {kind} {ns}/{} has no rule named {s:?}",
+            t.name
+        ),
+        None => format!(
+            "{kind} {ns}/{}: no rule matches every request, so none carries all of its traffic; name the rule with spec.targetRef.sectionName",
+            t.name
+        ),
+    })?;
+    let r = &route.rules[rule];
+    let mut weights = BTreeMap::new();
+    for b in &r.backends {
+        if b.namespace != ns {
+            return Err(format!(
+                "{kind} {ns}/{} rule {}: backend {}/{} is in another namespace; a rollout moves traffic between Services of its own namespace",
+                t.name,
+                rule + 1,
+                b.namespace,
+                b.name
+            ));
+        }
+        *weights.entry(b.name.clone()).or_insert(0) += b.weight;
+    }
+    for (b, w) in &weights {
+        if *b != spec.stable && *b != spec.candidate && *w > 0 {
+            return Err(format!(
+                "{kind} {ns}/{} rule {} also sends to {b} (weight {w}); a rollout moves traffic between spec.stable and spec.candidate only: set {b}'s weight to 0",
+                t.name,
+                rule + 1
+            ));
+        }
+    }
+    let port = r
+        .backends
+        .iter()
+        .find(|b| b.name == spec.stable || b.name == spec.candidate)
+        .and_then(|b| b.port)
+        .or_else(|| route.parents.iter().find_map(|p| p.port));
+    let mut checked_port = None;
+    for (field, svc) in [
+        ("spec.stable", &spec.stable),
+        ("spec.candidate", &spec.candidate),
+    ] {
+        let ports = index
+            .service_ports(&ns, svc)
+            .ok_or_else(|| format!("{field}: Service {ns}/{svc} not found"))?;
+        let p = match (port, ports.as_slice()) {
+            (Some(p), _) if ports.contains(&p) => p,
+            (Some(p), _) => {
+                return Err(format!("{field}: Service {ns}/{svc} has no port {p}"));
+            }
+            (None, [only]) => *only,
+            (None, _) => {
+                return Err(format!(
+                    "{field}: Service {ns}/{svc} has {} ports and the route names none; give the route's parentRef or backendRefs a port",
+                    ports.len()
+                ));
+            }
+        };
+        checked_port.get_or_insert(p);
+    }
+    Ok(RuleView {
+        route: format!("{kind}/{ns}/{}", t.name),
+        route_key,
+        section: t.section_name.clone(),
+        rule_number: rule + 1,
+        weights,
+        port: checked_port.unwrap_or_default(),
+    })
+}
+
+/// The rule `section` names, or the last rule that matches every request (leaving out the
+/// rollout's own header rule), or the only one.
+fn find_rule(route: &RouteSpec, section: Option<&str>, own: &str) -> Option<usize> {
+    if let Some(s) = section {
+        return route
+            .rules
+            .iter()
+            .position(|r| r.name.as_deref() == Some(s));
+    }
+    let candidates: Vec<usize> = (0..route.rules.len())
+        .filter(|i| route.rules[*i].name.as_deref() != Some(own))
+        .collect();
+    let all = MatchSpec::default();
+    candidates
+        .iter()
+        .rev()
+        .find(|i| {
+            let m = &route.rules[**i].matches;
+            m.is_empty() || m.contains(&all)
+        })
+        .copied()
+        .or(match candidates.as_slice() {
+            [only] => Some(*only),
+            _ => None,
+        })
+}
+
+/// What in a spec is wrong on its own, before the route is looked at.
+pub fn check_spec(spec: &RolloutSpec) -> Result<(), String> {
+    if spec.stable.is_empty() || spec.candidate.is_empty() {
+        return Err("spec.stable and spec.candidate must name Services".into());
+    }
+    if spec.stable == spec.candidate {
+        return Err(format!(
+            "spec.candidate {:?} is the stable backend",
+            spec.candidate
+        ));
+    }
+    if spec.steps.is_empty() {
+        return Err("spec.steps: no steps".into());
+    }
+    for (i, s) in spec.steps.iter().enumerate() {
+        if s.weight > 100 {
+            return Err(format!(
+                "spec.steps[{i}].weight: {} is over 100 (a percentage)",
+                s.weight
+            ));
+        }
+        if let Some(d) = &s.interval {
+            interval_of(d, &format!("spec.steps[{i}].interval"))?;
+        }
+        for (j, h) in s.headers.iter().enumerate() {
+            if h.name.is_empty() {
+                return Err(format!("spec.steps[{i}].headers[{j}].name: empty"));
+            }
+        }
+    }
+    if let Some(d) = &spec.interval {
+        interval_of(d, "spec.interval")?;
+    }
+    let g = &spec.gates;
+    if let Some(p) = g.min_success_rate
+        && !(0.0..=100.0).contains(&p)
+    {
+        return Err(format!(
+            "spec.gates.minSuccessRate: {p} is not a percentage from 0 to 100"
+        ));
+    }
+    if let Some(d) = &g.max_p99 {
+        interval_of(d, "spec.gates.maxP99")?;
+    }
+    if let Some(r) = &g.relative_to_stable {
+        if let Some(d) = r.max_success_rate_drop
+            && !(0.0..=100.0).contains(&d)
+        {
+            return Err(format!(
+                "spec.gates.relativeToStable.maxSuccessRateDrop: {d} is not from 0 to 100 (percentage points)"
+            ));
+        }
+        if let Some(x) = r.max_p99_ratio
+            && !(x > 0.0 && x.is_finite())
+        {
+            return Err(format!(
+                "spec.gates.relativeToStable.maxP99Ratio: {x} is not a positive number"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn interval_of(d: &str, field: &str) -> Result<Duration, String> {
+    crate::index::routes::duration(d, field).map_err(|e| e.to_string())
+}
+
+/// How long step `i` runs.
+fn step_interval(spec: &RolloutSpec, i: usize) -> Duration {
+    spec.steps
+        .get(i)
+        .and_then(|s| s.interval.as_deref())
+        .or(spec.interval.as_deref())
+        .and_then(|d| interval_of(d, "").ok())
+        .unwrap_or(DEFAULT_INTERVAL)
+}
+
+fn measured(t: &Tally) -> Measured {
+    Measured {
+        requests: t.requests.round() as u64,
+        success_rate: t.success_percent().map(round2),
+        p99_ms: t.p99_ms().map(round2),
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Why the candidate fails a gate, judged on at least `min` of its requests; `None` when it
+/// passes every gate.
+pub fn gate_failure(
+    gates: &RolloutGates,
+    candidate: &Tally,
+    stable: &Tally,
+    min: u32,
+) -> Option<String> {
+    let success = candidate.success_percent()?;
+    if let Some(want) = gates.min_success_rate
+        && success < want
+    {
+        return Some(format!(
+            "success rate {success:.2} % is below {want} % (minSuccessRate)"
+        ));
+    }
+    let p99 = candidate.p99_ms();
+    if let (Some(max), Some(p99)) = (
+        gates
+            .max_p99
+            .as_deref()
+            .and_then(|d| interval_of(d, "").ok()),
+        p99,
+    ) && p99 > max.as_secs_f64() * 1000.0
+    {
+        return Some(format!(
+            "p99 {p99:.1} ms is above {} ms (maxP99)",
+            max.as_millis()
+        ));
+    }
+    let rel = gates.relative_to_stable.as_ref()?;
+    // Compared only when the stable backend served enough requests in the same step.
+    if stable.requests < f64::from(min) {
+        return None;
+    }
+    if let (Some(drop), Some(base)) = (rel.max_success_rate_drop, stable.success_percent())
+        && base - success > drop
+    {
+        return Some(format!(
+            "success rate {success:.2} % is {:.2} points below the stable backend's {base:.2} % (maxSuccessRateDrop {drop})",
+            base - success
+        ));
+    }
+    if let (Some(ratio), Some(p99), Some(base)) = (rel.max_p99_ratio, p99, stable.p99_ms())
+        && base > 0.0
+        && p99 > base * ratio
+    {
+        return Some(format!(
+            "p99 {p99:.1} ms is {:.2} times the stable backend's {base:.1} ms (maxP99Ratio {ratio})",
+            p99 / base
+        ));
+    }
+    None
+}
+
+fn now_rfc3339() -> String {
+    Timestamp::now().to_string()
+}
+
+/// Sets condition `kind`, keeping its transition time while status and reason stay.
+fn set_condition(
+    st: &mut RolloutStatus,
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let status = if ok { "True" } else { "False" };
+    let since = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == kind && c.status == status && c.reason == reason)
+        .map(|c| c.last_transition_time.clone());
+    st.conditions.retain(|c| c.type_ != kind);
+    st.conditions.push(Condition {
+        type_: kind.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: since.unwrap_or(Time(Timestamp::now())),
+    });
+    st.conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+}
+
+fn weights_list(w: &[(String, u32)]) -> Vec<BackendWeight> {
+    let mut out: Vec<BackendWeight> = w
+        .iter()
+        .map(|(name, weight)| BackendWeight {
+            name: name.clone(),
+            weight: *weight,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn as_map(w: &[BackendWeight]) -> BTreeMap<String, u32> {
+    w.iter().map(|b| (b.name.clone(), b.weight)).collect()
+}
+
+fn show(w: &BTreeMap<String, u32>) -> String {
+    w.iter()
+        .map(|(n, w)| format!("{n}={w}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The rule's backends with the candidate at `percent`: stable and candidate first, others
+/// the rule lists kept at 0.
+fn split_weights(spec: &RolloutSpec, view: &RuleView, percent: u32) -> Vec<(String, u32)> {
+    let mut out = vec![
+        (spec.stable.clone(), 100 - percent.min(100)),
+        (spec.candidate.clone(), percent.min(100)),
+    ];
+    for name in view.weights.keys() {
+        if *name != spec.stable && *name != spec.candidate {
+            out.push((name.clone(), 0));
+        }
+    }
+    out
+}
+
+/// Decides what a rollout does this tick: its new status (in `mem`) and the route change and
+/// events that go with it.
+fn step(
+    rollout: &Rollout,
+    view: Result<RuleView, String>,
+    mem: &mut Memory,
+    stats: &Stats,
+    now: Instant,
+) -> Effects {
+    let spec = &rollout.spec;
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    let generation = rollout.metadata.generation;
+    let mut fx = Effects::default();
+    let fresh = std::mem::replace(&mut mem.fresh, false);
+    let st = &mut mem.status;
+    let decide = |st: &mut RolloutStatus,
+                  fx: &mut Effects,
+                  action: &str,
+                  reason: String,
+                  weight: u32,
+                  m: (Measured, Measured),
+                  warning: bool| {
+        let d = Decision {
+            at: now_rfc3339(),
+            step: st.step,
+            action: action.into(),
+            reason: reason.clone(),
+            weight,
+            candidate: m.0,
+            stable: m.1,
+        };
+        st.decisions.push(d);
+        if st.decisions.len() > MAX_DECISIONS {
+            let extra = st.decisions.len() - MAX_DECISIONS;
+            st.decisions.drain(..extra);
+        }
+        fx.events.push((warning, action.replace(' ', ""), reason));
+    };
+
+    // A new release: another stable or candidate than the status is about.
+    let release = rollout.release();
+    let start = st.stable != spec.stable || st.candidate != spec.candidate || st.release != release;
+    if start {
+        *st = RolloutStatus {
+            stable: spec.stable.clone(),
+            candidate: spec.candidate.clone(),
+            release,
+            resumed: rollout
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(mesh_api::consts::labels::RESUME).cloned()),
+            ..Default::default()
+        };
+        mem.baseline = None;
+    }
+    st.observed_generation = generation;
+    if st.phase.is_done() {
+        return fx;
+    }
+    let view = match view {
+        Ok(v) => v,
+        Err(why) => {
+            if st.phase != RolloutPhase::Invalid {
+                st.phase = RolloutPhase::Invalid;
+                decide(
+                    st,
+                    &mut fx,
+                    "Invalid",
+                    why.clone(),
+                    0,
+                    Default::default(),
+                    true,
+                );
+            }
+            set_condition(st, "Ready", false, "Invalid", &why, generation);
+            mem.baseline = None;
+            return fx;
+        }
+    };
+    let percent = |i: u32| spec.steps.get(i as usize).map_or(0, |s| s.weight);
+    let headers = |i: u32| {
+        spec.steps
+            .get(i as usize)
+            .map(|s| s.headers.clone())
+            .unwrap_or_default()
+    };
+    let edit = |weights: Vec<(String, u32)>, headers: Vec<StepHeader>| RuleEdit {
+        section: view.section.clone(),
+        own_rule: own_rule(&name),
+        weights,
+        port: view.port,
+        headers,
+        candidate: spec.candidate.clone(),
+    };
+    let rule_name = format!("{} rule {}", view.route, view.rule_number);
+
+    if st.phase == RolloutPhase::Invalid || start || st.weights.is_empty() {
+        // Starting (or starting again once the spec is fixed): the first step's weights.
+        if st.phase == RolloutPhase::Invalid {
+            st.step = 0;
+        }
+        st.phase = RolloutPhase::Progressing;
+        let w = split_weights(spec, &view, percent(st.step));
+        st.previous_weights = weights_list(
+            &view
+                .weights
+                .iter()
+                .map(|(n, w)| (n.clone(), *w))
+                .collect::<Vec<_>>(),
+        );
+        st.weights = weights_list(&w);
+        fx.edit = Some(edit(w, headers(st.step)));
+        let msg = format!(
+            "moving {rule_name} from {} to {}: step 1 of {}, {} % to the candidate",
+            spec.stable,
+            spec.candidate,
+            spec.steps.len(),
+            percent(st.step)
+        );
+        decide(
+            st,
+            &mut fx,
+            "Started",
+            msg,
+            percent(st.step),
+            Default::default(),
+            false,
+        );
+        set_condition(
+            st,
+            "Ready",
+            true,
+            "Progressing",
+            "the rollout runs",
+            generation,
+        );
+        set_condition(st, "Paused", false, "Running", "", generation);
+        mem.baseline = None;
+        return fx;
+    }
+
+    if spec.abort {
+        let w = split_weights(spec, &view, 0);
+        st.previous_weights = st.weights.clone();
+        st.weights = weights_list(&w);
+        fx.edit = Some(edit(w, Vec::new()));
+        st.phase = RolloutPhase::Aborted;
+        decide(
+            st,
+            &mut fx,
+            "Aborted",
+            format!("spec.abort: all traffic back on {}", spec.stable),
+            0,
+            Default::default(),
+            true,
+        );
+        set_condition(st, "Ready", true, "Aborted", "aborted", generation);
+        set_condition(st, "Paused", false, "Done", "", generation);
+        return fx;
+    }
+
+    // Weights someone else set pause the rollout.
+    let want = as_map(&st.weights);
+    if view.weights == want {
+        st.previous_weights.clear();
+    } else if !st.previous_weights.is_empty() && view.weights == as_map(&st.previous_weights) {
+        // The route does not show the last change yet; made again if it was lost.
+        if mem
+            .last_write
+            .is_none_or(|t| now.duration_since(t) >= REWRITE_AFTER)
+        {
+            let w: Vec<(String, u32)> = want.iter().map(|(n, w)| (n.clone(), *w)).collect();
+            fx.edit = Some(edit(w, headers(st.step)));
+        }
+    } else if !paused_by_change(st) {
+        st.phase = RolloutPhase::Paused;
+        let msg = format!(
+            "{rule_name} weights changed to {} by someone else (the rollout set {}); run meshctl route resume to continue from step {}, or meshctl route abort",
+            show(&view.weights),
+            show(&want),
+            st.step + 1
+        );
+        set_condition(st, "Paused", true, "ManualChange", &msg, generation);
+        decide(
+            st,
+            &mut fx,
+            "Paused",
+            msg,
+            percent(st.step),
+            Default::default(),
+            true,
+        );
+        mem.baseline = None;
+        return fx;
+    }
+    if paused_by_change(st) {
+        let token = rollout
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(mesh_api::consts::labels::RESUME).cloned());
+        if token.is_none() || token == st.resumed {
+            return fx;
+        }
+        st.resumed = token;
+        let w = split_weights(spec, &view, percent(st.step));
+        st.previous_weights = weights_list(
+            &view
+                .weights
+                .iter()
+                .map(|(n, w)| (n.clone(), *w))
+                .collect::<Vec<_>>(),
+        );
+        st.weights = weights_list(&w);
+        fx.edit = Some(edit(w, headers(st.step)));
+        st.phase = RolloutPhase::Progressing;
+        set_condition(st, "Paused", false, "Resumed", "", generation);
+        decide(
+            st,
+            &mut fx,
+            "Resumed",
+            format!("resumed at step {}: its weights set again", st.step + 1),
+            percent(st.step),
+            Default::default(),
+            false,
+        );
+        mem.baseline = None;
+        return fx;
+    }
+    if spec.paused {
+        if st.phase != RolloutPhase::Paused {
+            st.phase = RolloutPhase::Paused;
+            set_condition(st, "Paused", true, "Paused", "spec.paused", generation);
+            decide(
+                st,
+                &mut fx,
+                "Paused",
+                format!("spec.paused: held at step {}", st.step + 1),
+                percent(st.step),
+                Default::default(),
+                false,
+            );
+        }
+        mem.baseline = None;
+        return fx;
+    }
+    if st.phase == RolloutPhase::Paused {
+        st.phase = RolloutPhase::Progressing;
+        set_condition(st, "Paused", false, "Resumed", "", generation);
+        decide(
+            st,
+            &mut fx,
+            "Resumed",
+            format!(
+                "resumed at step {}; its time and measurements start over",
+                st.step + 1
+            ),
+            percent(st.step),
+            Default::default(),
+            false,
+        );
+    }
+
+    // Measuring the step.
+    let tally =
+        |svc: &str| stats.tally(&view.route, &format!("{}/{svc}", view.route_key.namespace));
+    if mem.baseline.is_none() {
+        if fresh && !start {
+            decide(
+                st,
+                &mut fx,
+                "Resumed after restart",
+                format!(
+                    "the controller restarted: step {} is measured again from now",
+                    st.step + 1
+                ),
+                percent(st.step),
+                Default::default(),
+                false,
+            );
+        }
+        st.step_started_at = Some(now_rfc3339());
+        mem.baseline = Some(Baseline {
+            started: now,
+            candidate: tally(&spec.candidate),
+            stable: tally(&spec.stable),
+        });
+    }
+    let Some(baseline) = mem.baseline.as_ref() else {
+        return fx;
+    };
+    let c = tally(&spec.candidate).since(&baseline.candidate);
+    let s = tally(&spec.stable).since(&baseline.stable);
+    let elapsed = now.duration_since(baseline.started);
+    let m = (measured(&c), measured(&s));
+    let min = spec.min_requests.unwrap_or(DEFAULT_MIN_REQUESTS);
+    let interval = step_interval(spec, st.step as usize);
+    let enough = c.requests >= f64::from(min);
+    let waiting = if enough {
+        format!(
+            "{:.0} s of {:.0} s",
+            elapsed.as_secs_f64(),
+            interval.as_secs_f64()
+        )
+    } else {
+        format!("{} of {min} candidate requests", m.0.requests)
+    };
+    st.current = Some(Decision {
+        at: now_rfc3339(),
+        step: st.step,
+        action: "Measuring".into(),
+        reason: waiting,
+        weight: percent(st.step),
+        candidate: m.0.clone(),
+        stable: m.1.clone(),
+    });
+    if !enough {
+        return fx;
+    }
+    if let Some(why) = gate_failure(&spec.gates, &c, &s, min) {
+        let w = split_weights(spec, &view, 0);
+        st.previous_weights = st.weights.clone();
+        st.weights = weights_list(&w);
+        fx.edit = Some(edit(w, Vec::new()));
+        st.phase = RolloutPhase::RolledBack;
+        st.current = None;
+        let msg = format!(
+            "step {}: {why}; all traffic back on {}",
+            st.step + 1,
+            spec.stable
+        );
+        decide(st, &mut fx, "RolledBack", msg.clone(), 0, m, true);
+        set_condition(st, "Ready", true, "RolledBack", &msg, generation);
+        set_condition(st, "Paused", false, "Done", "", generation);
+        return fx;
+    }
+    if elapsed < interval {
+        return fx;
+    }
+    let last = st.step as usize + 1 >= spec.steps.len();
+    if last {
+        let w = split_weights(spec, &view, 100);
+        st.previous_weights = st.weights.clone();
+        st.weights = weights_list(&w);
+        fx.edit = Some(edit(w, Vec::new()));
+        st.phase = RolloutPhase::Promoted;
+        st.current = None;
+        let msg = format!(
+            "step {} passed: all traffic on {}",
+            st.step + 1,
+            spec.candidate
+        );
+        decide(st, &mut fx, "Promoted", msg.clone(), 100, m, false);
+        set_condition(st, "Ready", true, "Promoted", &msg, generation);
+        set_condition(st, "Paused", false, "Done", "", generation);
+        return fx;
+    }
+    let passed = st.step;
+    st.step += 1;
+    let w = split_weights(spec, &view, percent(st.step));
+    st.previous_weights = st.weights.clone();
+    st.weights = weights_list(&w);
+    fx.edit = Some(edit(w, headers(st.step)));
+    let msg = format!(
+        "step {} passed; step {} of {}: {} % to the candidate",
+        passed + 1,
+        st.step + 1,
+        spec.steps.len(),
+        percent(st.step)
+    );
+    // The decision is about the step that passed.
+    st.step = passed;
+    decide(st, &mut fx, "Advanced", msg, percent(passed + 1), m, false);
+    st.step = passed + 1;
+    st.current = None;
+    mem.baseline = None;
+    fx
+}
+
+fn paused_by_change(st: &RolloutStatus) -> bool {
+    st.phase == RolloutPhase::Paused
+        && st
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Paused" && c.status == "True" && c.reason == "ManualChange")
+}
+
+#[cfg(test)]
+mod tests;
