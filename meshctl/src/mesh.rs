@@ -26,11 +26,37 @@ pub struct RouteDoc {
     pub origin: Option<(PathBuf, usize)>,
 }
 
+/// A Rollout, kept as a YAML value (as [`RouteDoc`]), with the status its controller wrote.
+#[derive(Clone, Debug)]
+pub struct RolloutDoc {
+    pub doc: RouteDoc,
+    pub status: Option<mesh_api::rollout::RolloutStatus>,
+}
+
+impl RolloutDoc {
+    /// The typed spec; an error names the Rollout and the field.
+    pub fn spec(&self) -> anyhow::Result<mesh_api::rollout::RolloutSpec> {
+        let spec = self.doc.value.get("spec").cloned().unwrap_or_default();
+        serde_path_to_error::deserialize(spec).map_err(|e| {
+            anyhow::anyhow!(
+                "Rollout {}/{}: field spec.{}: {}",
+                self.doc.namespace,
+                self.doc.name,
+                e.path(),
+                e.inner()
+            )
+        })
+    }
+}
+
 pub trait Mesh {
     fn services(&self) -> anyhow::Result<Vec<ServiceRef>>;
     fn routes(&self) -> anyhow::Result<Vec<RouteDoc>>;
     /// Writes a route back where it came from, or somewhere new; says where.
     fn save_route(&self, route: &RouteDoc) -> anyhow::Result<String>;
+    fn rollouts(&self) -> anyhow::Result<Vec<RolloutDoc>>;
+    /// Writes a Rollout's manifest back where it came from, or somewhere new; says where.
+    fn save_rollout(&self, rollout: &RouteDoc) -> anyhow::Result<String>;
 }
 
 /// A local mesh: a directory of YAML manifests (recursively, `*.yaml`/`*.yml`, hidden files
@@ -143,11 +169,15 @@ fn services_in(all: &Docs) -> Vec<ServiceRef> {
 }
 
 fn routes_in(all: Docs) -> Vec<RouteDoc> {
+    docs_of(all, "gateway.networking.k8s.io/", "HTTPRoute")
+}
+
+/// The documents of one kind (`apiVersion` starting with `group`).
+fn docs_of(all: Docs, group: &str, kind: &str) -> Vec<RouteDoc> {
     let mut out = Vec::new();
     for (path, i, v) in all {
-        let gateway = str_at(&v, &["apiVersion"])
-            .is_some_and(|a| a.starts_with("gateway.networking.k8s.io/"));
-        if !gateway || str_at(&v, &["kind"]) != Some("HTTPRoute") {
+        let ours = str_at(&v, &["apiVersion"]).is_some_and(|a| a.starts_with(group));
+        if !ours || str_at(&v, &["kind"]) != Some(kind) {
             continue;
         }
         let (namespace, name) = meta(&v);
@@ -217,6 +247,31 @@ impl Mesh for LocalDir {
     }
 
     fn save_route(&self, route: &RouteDoc) -> anyhow::Result<String> {
+        self.save_doc(route)
+    }
+
+    fn rollouts(&self) -> anyhow::Result<Vec<RolloutDoc>> {
+        docs_of(self.all()?, "mesh.dev/", "Rollout")
+            .into_iter()
+            .map(|doc| {
+                let status = mesh_controller::rollout::store::read_local_status(
+                    &self.dir,
+                    &doc.namespace,
+                    &doc.name,
+                )?;
+                Ok(RolloutDoc { doc, status })
+            })
+            .collect()
+    }
+
+    fn save_rollout(&self, rollout: &RouteDoc) -> anyhow::Result<String> {
+        self.save_doc(rollout)
+    }
+}
+
+impl LocalDir {
+    /// Writes a document back where it came from, or to `meshctl-<ns>-<name>.yaml`.
+    fn save_doc(&self, route: &RouteDoc) -> anyhow::Result<String> {
         use mesh_api::route_doc::{replace_doc, write_docs};
         let path = match &route.origin {
             Some((path, index)) => {
@@ -288,6 +343,43 @@ impl Mesh for Cluster {
     }
 
     fn save_route(&self, route: &RouteDoc) -> anyhow::Result<String> {
+        self.apply_doc("HTTPRoute", route)
+    }
+
+    fn rollouts(&self) -> anyhow::Result<Vec<RolloutDoc>> {
+        let items = self.block(self.0.list("mesh.dev/v1alpha1", "Rollout", ""))?;
+        items
+            .into_iter()
+            .map(|v| {
+                let status = v
+                    .get("status")
+                    .cloned()
+                    .map(serde_json::from_value)
+                    .transpose()
+                    .context("a Rollout's status")?;
+                let value = yaml(v)?;
+                let (namespace, name) = meta(&value);
+                Ok(RolloutDoc {
+                    doc: RouteDoc {
+                        namespace,
+                        name,
+                        value,
+                        origin: None,
+                    },
+                    status,
+                })
+            })
+            .collect()
+    }
+
+    fn save_rollout(&self, rollout: &RouteDoc) -> anyhow::Result<String> {
+        self.apply_doc("Rollout", rollout)
+    }
+}
+
+impl Cluster {
+    /// Server-side applies a document as meshctl; says what happened.
+    fn apply_doc(&self, kind: &str, route: &RouteDoc) -> anyhow::Result<String> {
         let mut v: serde_json::Value = serde_json::to_value(&route.value)?;
         // What the server keeps is not ours to apply.
         if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
@@ -307,7 +399,7 @@ impl Mesh for Cluster {
         }
         let applied = self.block(self.0.apply(&v))?;
         Ok(format!(
-            "HTTPRoute {}/{} ({}, server-side apply as {})",
+            "{kind} {}/{} ({}, server-side apply as {})",
             route.namespace,
             route.name,
             applied.as_str(),

@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod check;
 pub mod check_cluster;
 pub mod inject;
+pub mod rollout;
 pub mod route;
 pub mod stat;
 pub mod status;

@@ -3,10 +3,12 @@
 //! before anything is written: a refused command leaves the mesh as it was.
 
 use std::io::Write;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use mesh_api::route_doc::{self as doc, MAX_WEIGHT, rules, split_rule, weights};
 
+use super::rollout::{self, Action};
 use crate::mesh::{Mesh, RouteDoc, ServiceRef};
 
 #[derive(Debug, clap::Subcommand)]
@@ -17,6 +19,17 @@ pub enum Route {
     Show(ShowArgs),
     /// Send all of a Service's traffic to one backend (the blue-green switch).
     Promote(PromoteArgs),
+    /// Move a Service's traffic to a candidate step by step, judged by the mesh's own
+    /// measurements: the controller advances, pauses or rolls back (a Rollout).
+    Rollout(super::rollout::RolloutArgs),
+    /// Show a Service's rollout: its step, what is measured, what was decided.
+    Status(super::rollout::StatusArgs),
+    /// Hold a rollout at its step.
+    Pause(Target),
+    /// Resume a paused rollout (also one paused by a manual change of the weights).
+    Resume(Target),
+    /// End a rollout: all traffic back on the stable backend.
+    Abort(Target),
 }
 
 #[derive(Debug, clap::Args)]
@@ -90,7 +103,7 @@ pub fn parse_weights(items: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
     Ok(out)
 }
 
-fn find_service<'a>(
+pub(crate) fn find_service<'a>(
     services: &'a [ServiceRef],
     ns: &str,
     name: &str,
@@ -102,7 +115,7 @@ fn find_service<'a>(
 }
 
 /// The Service port a command is about.
-fn port_of(svc: &ServiceRef, asked: Option<u16>) -> anyhow::Result<u16> {
+pub(crate) fn port_of(svc: &ServiceRef, asked: Option<u16>) -> anyhow::Result<u16> {
     let list = || {
         svc.ports
             .iter()
@@ -294,6 +307,23 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
             print_change(&c, out)
         }
         Route::Show(a) => show(mesh, &a.target, out),
+        Route::Rollout(a) => Ok(write!(out, "{}", rollout::create(mesh, &a)?)?),
+        Route::Status(a) => rollout::status(mesh, &a, out, Duration::from_secs(1)),
+        Route::Pause(t) => Ok(write!(
+            out,
+            "{}",
+            rollout::control(mesh, &t, Action::Pause)?
+        )?),
+        Route::Resume(t) => Ok(write!(
+            out,
+            "{}",
+            rollout::control(mesh, &t, Action::Resume)?
+        )?),
+        Route::Abort(t) => Ok(write!(
+            out,
+            "{}",
+            rollout::control(mesh, &t, Action::Abort)?
+        )?),
         Route::Promote(a) => {
             // The other backends stay listed at 0, so a rollback is one more command.
             let services = mesh.services()?;
