@@ -2,9 +2,11 @@
 //!
 //! mesh-ca, mesh-controller (watching a fresh directory of manifests), three versions of a
 //! `reviews` service each behind its own mesh-proxy, and a client behind its own mesh-proxy
-//! sending steady load over mutual TLS. It walks through a release, each step made with the
-//! same code as `meshctl route split`, and measures each step from live traffic: the share per
-//! version, the success rate, p50 and p99, and that the peers were verified over mTLS.
+//! sending steady load over mutual TLS. It puts all traffic on v1 (`meshctl route split`), then
+//! runs two releases as `meshctl route rollout` does, which the controller drives and judges:
+//! v2 is promoted step by step, v3 (failing 30 % of its requests) is rolled back by the gate.
+//! It measures each step from live traffic: the share per version, the success rate, p50 and
+//! p99, and that the peers were verified over mTLS.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -81,6 +83,8 @@ pub struct DemoReport {
     /// Where the controller's admin API (and `/graph`) was.
     pub controller_admin: SocketAddr,
     pub steps: Vec<StepReport>,
+    /// The releases the controller drove.
+    pub rollouts: Vec<RolloutReport>,
 }
 
 /// One answer the client got.
@@ -309,30 +313,23 @@ fn stats(samples: &[Sample]) -> (u64, f64, f64, f64) {
     )
 }
 
-/// The release the demo walks through: a name and the weights of v1, v2, v3.
-const STEPS: [(&str, [u32; 3]); 6] = [
-    ("all traffic on v1", [100, 0, 0]),
-    ("canary: 10 % to v2", [90, 10, 0]),
-    ("canary: 50/50", [50, 50, 0]),
-    ("blue-green switch: all on v2", [0, 100, 0]),
-    (
-        "bad version: 50 % to v3, which fails 30 % of its requests",
-        [0, 50, 50],
-    ),
-    ("rollback: all on v2", [0, 100, 0]),
-];
+/// The candidate's percent at each step of the demo's rollouts.
+const ROLLOUT_STEPS: [u32; 3] = [10, 50, 100];
+
+/// One rollout the demo ran, as the controller decided it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutReport {
+    pub candidate: String,
+    /// How it ended: `Promoted` or `RolledBack`.
+    pub phase: String,
+    /// Every decision, with the measurements the controller made it on.
+    pub decisions: Vec<mesh_api::rollout::Decision>,
+}
 
 fn print_step(i: usize, s: &StepReport, out: &mut dyn Write) -> anyhow::Result<()> {
     let weights: Vec<String> = s.weights.iter().map(|(b, w)| format!("{b}={w}")).collect();
     writeln!(out)?;
-    writeln!(
-        out,
-        "step {}/{}: {} ({})",
-        i + 1,
-        STEPS.len(),
-        s.name,
-        weights.join(", ")
-    )?;
+    writeln!(out, "step {}: {} ({})", i + 1, s.name, weights.join(", "))?;
     writeln!(
         out,
         "  {:<8} {:>7} {:>9} {:>9} {:>8} {:>8}",
@@ -372,89 +369,91 @@ fn print_step(i: usize, s: &StepReport, out: &mut dyn Write) -> anyhow::Result<(
     Ok(())
 }
 
-pub async fn run(
-    args: &DemoArgs,
-    out: &mut dyn Write,
-    progress: &mut dyn Write,
-) -> anyhow::Result<DemoReport> {
-    let mesh = start_mesh(args, progress).await?;
-    let admin = mesh.controller.admin_addr;
+fn print_rollout(r: &RolloutReport, out: &mut dyn Write) -> anyhow::Result<()> {
+    writeln!(out)?;
     writeln!(
-        progress,
-        "the controller's admin API is at http://{admin}: the service graph at http://{admin}/graph; meshctl stat reviews -n {NS} --controller {admin}; meshctl top --controller {admin}"
+        out,
+        "the controller's decisions on the rollout to {} ({}):",
+        r.candidate, r.phase
     )?;
-    let ctl = crate::cmd::check::Endpoint::Direct(admin);
-    let client_id = SpiffeId::workload("cluster.local", NS, "productpage")?;
-    let server_id = SpiffeId::workload("cluster.local", NS, "reviews")?;
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let local = LocalDir::new(&mesh.config_dir)?;
-    let target = Target {
-        service: "reviews".into(),
-        namespace: NS.into(),
-        port: None,
-    };
-    let client_addr = mesh
-        .client
-        .outbound_http_addr
-        .context("client proxy listener")?;
-    let mut load = None;
-    let mut steps = Vec::new();
-    for (i, (name, w)) in STEPS.iter().enumerate() {
-        let to: Vec<(String, u32)> = VERSIONS
-            .iter()
-            .zip(w)
-            .filter(|(_, w)| **w > 0 || i > 0)
-            .map(|((v, _), w)| (format!("reviews-{v}"), *w))
-            .collect();
-        route::split(&local, &target, &to).context("changing the route")?;
-        write!(
-            progress,
-            "step {}/{}: {name}: waiting for the proxies to apply the route... ",
-            i + 1,
-            STEPS.len()
-        )?;
-        // Measured from when the client proxy routes by these weights, not before.
-        let applied = |s: &mesh_proxy::state::Snapshot| {
-            let running = s.backend_weights(
-                mesh_api::consts::xds::OUTBOUND_HTTP_ROUTE,
-                &format!("reviews.{NS}."),
-            );
-            // Shares, not raw weights: a lone backend may run at weight 1.
-            let total: u64 = running.iter().map(|(_, w)| u64::from(*w)).sum();
-            let want: u64 = to.iter().map(|(_, w)| u64::from(*w)).sum();
-            total > 0
-                && to.iter().all(|(backend, w)| {
-                    let rw: u64 = running
-                        .iter()
-                        .filter(|(c, _)| c.contains(&format!("|{backend}.")))
-                        .map(|(_, w)| u64::from(*w))
-                        .sum();
-                    rw * want == u64::from(*w) * total
-                })
+    for d in &r.decisions {
+        let measured = if d.candidate.requests > 0 {
+            format!(
+                " [candidate: {} requests, success {}, p99 {}]",
+                d.candidate.requests,
+                d.candidate
+                    .success_rate
+                    .map_or_else(|| "-".into(), |r| format!("{r:.2} %")),
+                d.candidate
+                    .p99_ms
+                    .map_or_else(|| "-".into(), |p| format!("{p:.1} ms"))
+            )
+        } else {
+            String::new()
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !mesh.client.store.load().is_some_and(|s| applied(&s)) {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "the client proxy did not get the new route in 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if load.is_none() {
-            load = Some(start_load(
-                client_addr,
-                args.rate,
-                samples.clone(),
-                stop_rx.clone(),
-            ));
-        }
-        write!(progress, "measuring {:?} of live traffic...", args.step)?;
-        let from = Instant::now();
-        tokio::time::sleep(args.step).await;
-        let until = Instant::now();
-        writeln!(progress, " done")?;
-        let window: Vec<Sample> = samples
+        writeln!(
+            out,
+            "  step {} {}: {}{measured}",
+            d.step + 1,
+            d.action,
+            d.reason
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether the client's proxy routes `reviews` by these shares.
+fn applied(s: &mesh_proxy::state::Snapshot, to: &[(String, u32)]) -> bool {
+    let running = s.backend_weights(
+        mesh_api::consts::xds::OUTBOUND_HTTP_ROUTE,
+        &format!("reviews.{NS}."),
+    );
+    // Shares, not raw weights: a lone backend may run at weight 1.
+    let total: u64 = running.iter().map(|(_, w)| u64::from(*w)).sum();
+    let want: u64 = to.iter().map(|(_, w)| u64::from(*w)).sum();
+    total > 0
+        && to.iter().all(|(backend, w)| {
+            let rw: u64 = running
+                .iter()
+                .filter(|(c, _)| c.contains(&format!("|{backend}.")))
+                .map(|(_, w)| u64::from(*w))
+                .sum();
+            rw * want == u64::from(*w) * total
+        })
+}
+
+/// Waits until the client's proxy routes by `to`.
+async fn wait_applied(mesh: &Mesh, to: &[(String, u32)]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mesh.client.store.load().is_some_and(|s| applied(&s, to)) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the client proxy did not get the new route in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// What the demo measures over one step: its samples from `from` to `until`, the peers'
+/// mTLS, and the mesh's own telemetry.
+struct Measure<'a> {
+    mesh: &'a Mesh,
+    samples: &'a Mutex<Vec<Sample>>,
+    ctl: crate::cmd::check::Endpoint,
+    client_id: &'a SpiffeId,
+}
+
+impl Measure<'_> {
+    async fn step(
+        &self,
+        name: String,
+        to: &[(String, u32)],
+        from: Instant,
+        until: Instant,
+    ) -> anyhow::Result<StepReport> {
+        let window: Vec<Sample> = self
+            .samples
             .lock()
             .map(|s| {
                 s.iter()
@@ -486,32 +485,40 @@ pub async fn run(
                 })
             })
             .collect();
-        let client_metrics = mesh.client.metrics.encode();
+        let client_metrics = self.mesh.client.metrics.encode();
         let handshakes = mesh_api::prom::count(
             &client_metrics,
             "mesh_proxy_tls_handshakes_total{direction=\"outbound\"}",
         );
-        let peer_line =
-            format!("mesh_proxy_inbound_mtls_connections_total{{peer=\"{client_id}\"}}");
+        let peer_line = format!(
+            "mesh_proxy_inbound_mtls_connections_total{{peer=\"{}\"}}",
+            self.client_id
+        );
         let refused = |m: &str| {
             m.lines()
                 .any(|l| l.starts_with("mesh_proxy_tls_peer_refused_total"))
         };
+        let weight = |v: &str| {
+            to.iter()
+                .find(|(b, _)| *b == format!("reviews-{v}"))
+                .map_or(0, |(_, w)| *w)
+        };
         let verified = handshakes > 0
             && !refused(&client_metrics)
-            && mesh
+            && self
+                .mesh
                 .servers
                 .iter()
-                .zip(w)
-                .filter(|(_, w)| **w > 0)
+                .zip(VERSIONS)
+                .filter(|(_, (v, _))| weight(v) > 0)
                 .all(|(p, _)| {
                     let m = p.metrics.encode();
                     mesh_api::prom::count(&m, &peer_line) > 0 && !refused(&m)
                 });
-        let mesh_stat = crate::cmd::stat::fetch_stat(&ctl, NS, "reviews").await?;
-        let report = StepReport {
+        let mesh_stat = crate::cmd::stat::fetch_stat(&self.ctl, NS, "reviews").await?;
+        Ok(StepReport {
             mesh_stat,
-            name: name.to_string(),
+            name,
             weights: to.iter().cloned().collect(),
             requests,
             failed: window.iter().filter(|s| s.version.is_none()).count() as u64,
@@ -521,14 +528,200 @@ pub async fn run(
             versions,
             mtls_handshakes: handshakes,
             mtls_verified: verified,
+        })
+    }
+}
+
+/// The rollout's status, once the controller has taken up the release to `candidate`.
+fn rollout_status(
+    dir: &std::path::Path,
+    candidate: &str,
+) -> anyhow::Result<Option<mesh_api::rollout::RolloutStatus>> {
+    let st = mesh_controller::rollout::store::read_local_status(dir, NS, "reviews")?;
+    Ok(st.filter(|s| s.candidate == candidate && !s.decisions.is_empty()))
+}
+
+pub async fn run(
+    args: &DemoArgs,
+    out: &mut dyn Write,
+    progress: &mut dyn Write,
+) -> anyhow::Result<DemoReport> {
+    let mesh = start_mesh(args, progress).await?;
+    let admin = mesh.controller.admin_addr;
+    writeln!(
+        progress,
+        "the controller's admin API is at http://{admin}: the service graph at http://{admin}/graph; meshctl stat reviews -n {NS} --controller {admin}; meshctl top --controller {admin}"
+    )?;
+    let client_id = SpiffeId::workload("cluster.local", NS, "productpage")?;
+    let server_id = SpiffeId::workload("cluster.local", NS, "reviews")?;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let local = LocalDir::new(&mesh.config_dir)?;
+    let target = Target {
+        service: "reviews".into(),
+        namespace: NS.into(),
+        port: None,
+    };
+    let client_addr = mesh
+        .client
+        .outbound_http_addr
+        .context("client proxy listener")?;
+    let measure = Measure {
+        mesh: &mesh,
+        samples: &samples,
+        ctl: crate::cmd::check::Endpoint::Direct(admin),
+        client_id: &client_id,
+    };
+    let mut steps = Vec::new();
+    let mut rollouts = Vec::new();
+    let show = |steps: &Vec<StepReport>, out: &mut dyn Write| -> anyhow::Result<()> {
+        match steps.last() {
+            Some(s) if !args.json => print_step(steps.len() - 1, s, out),
+            _ => Ok(()),
+        }
+    };
+
+    // All traffic on v1, by hand (`meshctl route split`), before the first release.
+    let to = vec![("reviews-v1".to_string(), 100)];
+    route::split(&local, &target, &to).context("changing the route")?;
+    write!(
+        progress,
+        "step 1: all traffic on v1 (meshctl route split): waiting for the proxies to apply the route... "
+    )?;
+    wait_applied(&mesh, &to).await?;
+    let load = start_load(client_addr, args.rate, samples.clone(), stop_rx.clone());
+    writeln!(progress, "measuring {:?} of live traffic", args.step)?;
+    let from = Instant::now();
+    tokio::time::sleep(args.step).await;
+    steps.push(
+        measure
+            .step("all traffic on v1".into(), &to, from, Instant::now())
+            .await?,
+    );
+    show(&steps, out)?;
+
+    // Two releases the controller drives and judges: v2 (healthy) and v3 (fails 30 %).
+    let min_requests =
+        ((f64::from(args.rate) * args.step.as_secs_f64() * 0.05).round() as u32).max(20);
+    for candidate in ["reviews-v2", "reviews-v3"] {
+        let rollout = crate::cmd::rollout::RolloutArgs {
+            target: Target {
+                service: "reviews".into(),
+                namespace: NS.into(),
+                port: None,
+            },
+            to: candidate.into(),
+            from: None,
+            steps: ROLLOUT_STEPS.to_vec(),
+            header: None,
+            interval: match args.step.as_millis() {
+                ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+                ms => format!("{ms}ms"),
+            },
+            min_requests,
+            success_rate: Some(99.0),
+            p99: Some("250ms".into()),
+        };
+        writeln!(
+            progress,
+            "rollout to {candidate}: meshctl route rollout reviews --to {candidate} --steps {} --interval {} --min-requests {min_requests} --success-rate 99 --p99 250ms",
+            ROLLOUT_STEPS.map(|s| s.to_string()).join(","),
+            rollout.interval
+        )?;
+        crate::cmd::rollout::create(&local, &rollout).context("writing the rollout")?;
+        let deadline = Instant::now() + args.step * 12 + Duration::from_secs(30);
+        let mut seen = 0;
+        let last = loop {
+            let st = loop {
+                match rollout_status(&mesh.config_dir, candidate)? {
+                    Some(st) if st.decisions.len() > seen => break st,
+                    _ => {}
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "the controller did not take the rollout to {candidate} further"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            seen = st.decisions.len();
+            let decision = st.decisions.last().cloned().unwrap_or_default();
+            writeln!(
+                progress,
+                "  the controller: step {} {}: {}",
+                decision.step + 1,
+                decision.action,
+                decision.reason
+            )?;
+            let to: Vec<(String, u32)> = st
+                .weights
+                .iter()
+                .map(|b| (b.name.clone(), b.weight))
+                .collect();
+            let name = match st.phase {
+                mesh_api::rollout::RolloutPhase::Progressing => format!(
+                    "rollout to {}: step {} of {}, {} % to it",
+                    candidate.trim_start_matches("reviews-"),
+                    st.step + 1,
+                    ROLLOUT_STEPS.len(),
+                    ROLLOUT_STEPS.get(st.step as usize).copied().unwrap_or(0)
+                ),
+                mesh_api::rollout::RolloutPhase::Promoted => format!(
+                    "promoted by the gates: all on {}",
+                    candidate.trim_start_matches("reviews-")
+                ),
+                mesh_api::rollout::RolloutPhase::RolledBack => format!(
+                    "rolled back by the gate: all on {}",
+                    st.stable.trim_start_matches("reviews-")
+                ),
+                other => anyhow::bail!("the rollout to {candidate} ended {other:?}: {st:?}"),
+            };
+            wait_applied(&mesh, &to).await?;
+            let from = Instant::now();
+            let done = st.phase.is_done();
+            writeln!(
+                progress,
+                "step {}: {name}: the client's proxy routes by it; measuring {}",
+                steps.len() + 1,
+                if done {
+                    format!("{:?} of live traffic", args.step)
+                } else {
+                    "until the controller judges the step".into()
+                }
+            )?;
+            if done {
+                // The end state, measured like the first step.
+                tokio::time::sleep(args.step).await;
+            } else {
+                // Until the controller decides again.
+                while rollout_status(&mesh.config_dir, candidate)?
+                    .is_none_or(|s| s.decisions.len() == seen)
+                {
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "the controller did not judge step {} of the rollout to {candidate}",
+                        st.step + 1
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            steps.push(measure.step(name, &to, from, Instant::now()).await?);
+            show(&steps, out)?;
+            if done {
+                break st;
+            }
+        };
+        let report = RolloutReport {
+            candidate: candidate.into(),
+            phase: format!("{:?}", last.phase),
+            decisions: last.decisions,
         };
         if !args.json {
-            print_step(i, &report, out)?;
+            print_rollout(&report, out)?;
         }
-        steps.push(report);
+        rollouts.push(report);
     }
     stop_tx.send_replace(true);
-    for t in load.into_iter().flatten() {
+    for t in load {
         let _ = t.await;
     }
     let report = DemoReport {
@@ -536,6 +729,7 @@ pub async fn run(
         client_identity: client_id.to_string(),
         server_identity: server_id.to_string(),
         steps,
+        rollouts,
     };
     if args.json {
         writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
@@ -543,7 +737,7 @@ pub async fn run(
         writeln!(out)?;
         writeln!(
             out,
-            "Every step was made by the same code as `meshctl route split`; the client ({}) reached every version over mutual TLS, each version's proxy presenting {}.",
+            "The controller promoted v2 and rolled v3 back by its gates, from the mesh's own measurements; the client ({}) reached every version over mutual TLS, each version's proxy presenting {}.",
             report.client_identity, report.server_identity
         )?;
     }
