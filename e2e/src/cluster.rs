@@ -177,6 +177,11 @@ pub trait Cluster {
     fn stop_controller(&mut self) -> anyhow::Result<()>;
     /// Starts the controller again and waits until it is ready.
     fn start_controller(&mut self) -> impl std::future::Future<Output = anyhow::Result<()>>;
+    /// `meshctl route <args>` as a user allowed to change routes and rollouts: its output.
+    fn meshctl_route(
+        &self,
+        args: &[&str],
+    ) -> impl std::future::Future<Output = anyhow::Result<String>>;
 }
 
 /// The entry of pod `ns/pod`'s proxy in a `/debug/proxies` list.

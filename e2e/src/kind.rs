@@ -269,6 +269,12 @@ impl Cluster for KindCluster {
         .map(|_| ())
     }
 
+    async fn meshctl_route(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["route"];
+        all.extend_from_slice(args);
+        run(&self.meshctl.display().to_string(), &all, None)
+    }
+
     async fn start_controller(&mut self) -> anyhow::Result<()> {
         kubectl(&[
             "-n",

@@ -589,6 +589,9 @@ impl NetnsCluster {
             token.display().to_string(),
             "--debounce-max-ms".into(),
             "50".into(),
+            // Rollouts judge their steps from these scrapes.
+            "--stats-interval".into(),
+            "1s".into(),
         ];
         let replica = self
             .controllers
@@ -1509,5 +1512,24 @@ impl Cluster for NetnsCluster {
 
     async fn start_controller(&mut self) -> anyhow::Result<()> {
         NetnsCluster::start_controller(self).await
+    }
+
+    /// meshctl's own command code, as the cluster admin, through the API server's admission.
+    async fn meshctl_route(&self, args: &[&str]) -> anyhow::Result<String> {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            route: meshctl::cmd::route::Route,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from(
+            std::iter::once("route").chain(args.iter().copied()),
+        )?;
+        let mesh = meshctl::mesh::Cluster(self.admin.clone());
+        // The route code is synchronous; its API calls block on this runtime.
+        tokio::task::block_in_place(|| {
+            let mut out = Vec::new();
+            meshctl::cmd::route::run(cli.route, &mesh, &mut out)?;
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        })
     }
 }

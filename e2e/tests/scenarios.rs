@@ -506,6 +506,300 @@ spec:
     Ok(())
 }
 
+/// The Rollout of `reviews` as `meshctl route status -o json` shows it: its status.
+async fn rollout_status<C: Cluster>(c: &C) -> anyhow::Result<Value> {
+    let out = c
+        .meshctl_route(&["status", "reviews", "-n", "shop", "-o", "json"])
+        .await?;
+    let v: Value = serde_json::from_str(&out).with_context(|| format!("status JSON: {out}"))?;
+    Ok(v["status"].clone())
+}
+
+/// Waits until the rollout's status is `what`; returns it.
+async fn wait_rollout<C: Cluster>(
+    c: &C,
+    what: &str,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = rollout_status(c).await?;
+        if done(&st) {
+            return Ok(st);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the rollout was not {what} within {timeout:?}: {st:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn actions(st: &Value) -> Vec<String> {
+    st["decisions"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter_map(|x| x["action"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `meshctl route rollout reviews --to <candidate>` in five-second steps of 5, 25, 50 and
+/// 100 %, each judged on at least 30 of the candidate's requests.
+async fn start_rollout<C: Cluster>(c: &C, candidate: &str) -> anyhow::Result<()> {
+    c.meshctl_route(&[
+        "rollout",
+        "reviews",
+        "-n",
+        "shop",
+        "--to",
+        candidate,
+        "--steps",
+        "5,25,50,100",
+        "--interval",
+        "5s",
+        "--min-requests",
+        "30",
+        "--success-rate",
+        "99",
+        "--p99",
+        "500ms",
+    ])
+    .await
+    .map(|_| ())
+}
+
+/// The weights `meshctl route show` reports for the route's rule.
+async fn shown<C: Cluster>(c: &C) -> anyhow::Result<String> {
+    c.meshctl_route(&["show", "reviews", "-n", "shop"]).await
+}
+
+/// Scenario 8: a rollout of a healthy candidate under 200 rps reaches 100 % through its four
+/// steps, each judged by the controller on what the client's proxy measured, with no request
+/// failed.
+async fn rollout_promotes_a_healthy_candidate<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    let addr = reviews(c, 1).await?;
+    route(c, &split(100, 0)).await?;
+    let url = format!("http://{addr}:9080/");
+    let load = at_200_rps(c, &url, "45s")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    start_rollout(c, "reviews-v2").await?;
+    let st = wait_rollout(c, "ended", Duration::from_secs(42), |s| {
+        matches!(
+            s["phase"].as_str(),
+            Some("Promoted" | "RolledBack" | "Invalid")
+        )
+    })
+    .await?;
+    let took = started.elapsed();
+    let r = load.finish().await?;
+    let per_step: Vec<String> = st["decisions"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .skip(1)
+                .map(|x| {
+                    format!(
+                        "step {}: {} candidate requests, {} %",
+                        x["step"].as_u64().unwrap_or(0) + 1,
+                        x["candidate"]["requests"],
+                        x["candidate"]["successRate"]
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    mesh_e2e::figure(&format!(
+        "rollout of a healthy candidate at 200 rps: {} in {:.1} s ({}); {} requests, {} failed",
+        st["phase"],
+        took.as_secs_f64(),
+        per_step.join("; "),
+        r["sent"],
+        r["failed"]
+    ));
+    assert_eq!(st["phase"], "Promoted", "{st:#}");
+    assert_eq!(
+        actions(&st),
+        ["Started", "Advanced", "Advanced", "Advanced", "Promoted"]
+    );
+    for d in st["decisions"].as_array().into_iter().flatten().skip(1) {
+        assert!(
+            d["candidate"]["requests"].as_u64().unwrap_or(0) >= 30,
+            "{d}"
+        );
+        assert_eq!(d["candidate"]["successRate"], 100.0, "{d}");
+    }
+    assert_eq!(r["failed"], 0, "{r}");
+    let show = shown(c).await?;
+    assert!(show.contains("reviews-v1 0 %, reviews-v2 100 %"), "{show}");
+    Ok(())
+}
+
+/// Scenario 9: a rollout of a candidate that fails 20 % of its requests is rolled back at its
+/// first step's gate: the failed requests are bounded by that step's share (5 %), and the route
+/// ends at 100 % stable.
+async fn rollout_rolls_back_a_failing_candidate<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
+    let addr = c.service(service("reviews", &[("app", "reviews")]))?;
+    for (v, error_rate) in [("v1", 0.0), ("v3", 0.2)] {
+        c.service(service(
+            &format!("reviews-{v}"),
+            &[("app", "reviews"), ("version", v)],
+        ))?;
+        let mut w = demo("reviews", v, 1);
+        w.app = App::Demo {
+            name: "reviews".into(),
+            version: v.into(),
+            error_rate,
+        };
+        c.deploy(&w).await?;
+    }
+    c.deploy(&idle("client", true)).await?;
+    route(
+        c,
+        &mesh_controller::testing::split_yaml(
+            "shop",
+            "reviews",
+            "reviews",
+            9080,
+            &[("reviews-v1", 100)],
+        ),
+    )
+    .await?;
+    let url = format!("http://{addr}:9080/");
+    let load = at_200_rps(c, &url, "20s")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    start_rollout(c, "reviews-v3").await?;
+    let st = wait_rollout(c, "ended", Duration::from_secs(18), |s| {
+        matches!(
+            s["phase"].as_str(),
+            Some("Promoted" | "RolledBack" | "Invalid")
+        )
+    })
+    .await?;
+    let took = started.elapsed();
+    let r = load.finish().await?;
+    let v3_ok = count(&r, "reviews v3");
+    let failed = r["failed"].as_u64().unwrap_or(0);
+    let sent = r["sent"].as_u64().unwrap_or(0);
+    let back = st["decisions"][1].clone();
+    mesh_e2e::figure(&format!(
+        "rollout of a candidate failing 20 %: {} after {:.1} s at step {} on {} candidate requests ({} % success); load: {sent} requests, v3 answered {v3_ok}, {failed} failed ({:.2} % of all)",
+        st["phase"],
+        took.as_secs_f64(),
+        back["step"].as_u64().unwrap_or(0) + 1,
+        back["candidate"]["requests"],
+        back["candidate"]["successRate"],
+        failed as f64 * 100.0 / sent.max(1) as f64
+    ));
+    assert_eq!(st["phase"], "RolledBack", "{st:#}");
+    assert_eq!(actions(&st), ["Started", "RolledBack"]);
+    assert_eq!(back["step"], 0, "{back}");
+    let rate = back["candidate"]["successRate"].as_f64().unwrap_or(100.0);
+    assert!(rate < 99.0, "{back}");
+    // Bounded by the first step's share: v3 got no more than 5 % of the 200 rps while the
+    // rollout ran (half again for requests in flight and the proxy's balancing), and only its
+    // own requests failed.
+    let v3_all = v3_ok + failed;
+    let bound = 0.05 * 200.0 * (took.as_secs_f64() + 1.0) * 1.5;
+    assert!(
+        (v3_all as f64) <= bound,
+        "v3 had {v3_all} requests in {took:?}, over {bound:.0}: {r}"
+    );
+    assert!(failed > 0 && failed <= v3_all, "{r}");
+    let show = shown(c).await?;
+    assert!(show.contains("reviews-v1 100 %, reviews-v3 0 %"), "{show}");
+    Ok(())
+}
+
+/// Scenario 10: a rollout survives a controller restart at the step it was at, and a person's
+/// `meshctl route split` during it pauses it with a condition naming the change; the person's
+/// weights stay until `abort` puts all traffic back on stable. No request fails.
+async fn rollout_resumes_after_a_restart_and_yields_to_a_person<C: Cluster>(
+    c: &mut C,
+) -> anyhow::Result<()> {
+    let addr = reviews(c, 1).await?;
+    route(c, &split(100, 0)).await?;
+    let url = format!("http://{addr}:9080/");
+    let load = at_200_rps(c, &url, "40s")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    start_rollout(c, "reviews-v2").await?;
+    let at_two = wait_rollout(c, "at step 2", Duration::from_secs(15), |s| s["step"] == 1).await?;
+    assert_eq!(actions(&at_two), ["Started", "Advanced"]);
+    c.stop_controller()?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.start_controller().await?;
+    let resumed = wait_rollout(c, "resumed", Duration::from_secs(15), |s| {
+        actions(s).last().map(String::as_str) == Some("Resumed after restart")
+    })
+    .await?;
+    assert_eq!(resumed["step"], 1, "{resumed:#}");
+    assert_eq!(resumed["phase"], "Progressing", "{resumed:#}");
+
+    c.meshctl_route(&[
+        "split",
+        "reviews",
+        "-n",
+        "shop",
+        "--to",
+        "reviews-v1=50,reviews-v2=50",
+    ])
+    .await?;
+    let paused = wait_rollout(c, "paused", Duration::from_secs(10), |s| {
+        s["phase"] == "Paused"
+    })
+    .await?;
+    let cond = paused["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Paused"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(cond["reason"], "ManualChange", "{paused:#}");
+    let msg = cond["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("weights changed to reviews-v1=50, reviews-v2=50")
+            && msg.contains("the rollout set reviews-v1=75, reviews-v2=25"),
+        "{msg}"
+    );
+    // The person's weights stay while it is paused (3 s: three of the driver's ticks).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let show = shown(c).await?;
+    assert!(show.contains("reviews-v1 50 %, reviews-v2 50 %"), "{show}");
+    assert_eq!(rollout_status(c).await?["phase"], "Paused");
+
+    c.meshctl_route(&["abort", "reviews", "-n", "shop"]).await?;
+    let aborted = wait_rollout(c, "aborted", Duration::from_secs(10), |s| {
+        s["phase"] == "Aborted"
+    })
+    .await?;
+    let show = shown(c).await?;
+    let r = load.finish().await?;
+    mesh_e2e::figure(&format!(
+        "rollout across a controller restart and a manual split: resumed at step {}, paused by the split ({}), aborted; {} requests, {} failed",
+        resumed["step"].as_u64().unwrap_or(0) + 1,
+        cond["reason"],
+        r["sent"],
+        r["failed"]
+    ));
+    assert_eq!(
+        actions(&aborted),
+        [
+            "Started",
+            "Advanced",
+            "Resumed after restart",
+            "Paused",
+            "Aborted"
+        ]
+    );
+    assert!(show.contains("reviews-v1 100 %, reviews-v2 0 %"), "{show}");
+    assert_eq!(r["failed"], 0, "{r}");
+    Ok(())
+}
+
 // ---- on the network-namespace cluster ----
 
 macro_rules! on_netns {
@@ -547,6 +841,18 @@ on_netns!(
     a_traffic_policy_ejects_a_pod_that_fails_every_request,
     traffic_policy_ejects_a_failing_pod
 );
+on_netns!(
+    a_rollout_promotes_a_healthy_candidate_through_four_steps,
+    rollout_promotes_a_healthy_candidate
+);
+on_netns!(
+    a_rollout_rolls_back_a_failing_candidate_at_its_first_gate,
+    rollout_rolls_back_a_failing_candidate
+);
+on_netns!(
+    a_rollout_resumes_after_a_restart_and_yields_to_a_manual_split,
+    rollout_resumes_after_a_restart_and_yields_to_a_person
+);
 
 // ---- on kind: ignored here (no Docker can run a cluster); e2e/kind/scenarios runs them with
 // `--ignored` and sets MESH_E2E_KIND_IMAGES, without which they fail ----
@@ -578,6 +884,15 @@ on_kind!(
 on_kind!(
     kind_traffic_policy_ejection,
     traffic_policy_ejects_a_failing_pod
+);
+on_kind!(kind_rollout_promotes, rollout_promotes_a_healthy_candidate);
+on_kind!(
+    kind_rollout_rolls_back,
+    rollout_rolls_back_a_failing_candidate
+);
+on_kind!(
+    kind_rollout_restart_and_manual_split,
+    rollout_resumes_after_a_restart_and_yields_to_a_person
 );
 
 /// The cluster's controller is the binary a cluster runs, on its Kubernetes source: it watches
