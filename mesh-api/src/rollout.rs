@@ -139,6 +139,9 @@ pub const STATUS_FIELDS: &[&str] = &[
     "observedGeneration",
 ];
 
+/// The fields of [`Measured`], as JSON names (for the same reason as [`STATUS_FIELDS`]).
+pub const MEASURED_FIELDS: &[&str] = &["requests", "successRate", "p99Ms"];
+
 impl Rollout {
     /// [`RolloutStatus::release`] of this object.
     pub fn release(&self) -> String {

@@ -155,8 +155,9 @@ impl Controller {
             (None, None) => None,
         };
         if let Some(store) = store {
-            let driver =
+            let mut driver =
                 crate::rollout::Driver::new(index.clone(), stats.clone(), store, leading.clone());
+            driver.measuring = !config.stats_interval.is_zero();
             tasks.push(tokio::spawn(driver.run()));
         }
         tasks.push(tokio::spawn(hub.learned.clone().forget_unused()));

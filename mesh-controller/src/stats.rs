@@ -88,13 +88,20 @@ impl Tally {
     fn add(&mut self, d: &Delta<'_>) {
         if d.sample.name == REQUESTS {
             self.requests += d.count;
-            if matches!(d.sample.label("status_class"), "5xx" | "error") {
+            if failed(d.sample) {
                 self.failures += d.count;
             }
         } else if let Some(le) = bucket_bound(d.sample) {
             *self.buckets.entry(OrdF64(le)).or_default() += d.count;
         }
     }
+}
+
+/// Whether a request series counts failures: a 5xx, no answer, or a gRPC status other than
+/// OK (which comes in trailers with HTTP 200), as Linkerd classifies gRPC responses.
+fn failed(s: &Sample) -> bool {
+    matches!(s.label("status_class"), "5xx" | "error")
+        || !matches!(s.label("grpc_status"), "" | "0")
 }
 
 /// The upper bound of a latency bucket series.
@@ -398,7 +405,7 @@ impl Stats {
                 if d.sample.name == REQUESTS {
                     acc.rps += d.per_second;
                     acc.requests += d.count;
-                    if matches!(d.sample.label("status_class"), "5xx" | "error") {
+                    if failed(d.sample) {
                         acc.failures += d.count;
                     }
                     acc.mtls |= d.sample.label("src_identity").starts_with("spiffe://")

@@ -166,6 +166,9 @@ pub struct Driver {
     /// Whether this replica drives (holds the Lease); always true in a local mesh.
     pub leading: Arc<AtomicBool>,
     pub tick: Duration,
+    /// Whether the controller scrapes the proxies (`--stats-interval` not 0): without it no
+    /// step can be judged.
+    pub measuring: bool,
     memory: HashMap<ObjKey, Memory>,
 }
 
@@ -198,6 +201,7 @@ impl Driver {
             store,
             leading,
             tick: Duration::from_secs(1),
+            measuring: true,
             memory: HashMap::new(),
         }
     }
@@ -258,31 +262,49 @@ impl Driver {
                 },
             );
         }
-        let view = {
+        let (rule, view) = {
             let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-            resolve(&index, rollout)
+            let rule = resolve_rule(&index, rollout);
+            let view = rule.clone().and_then(|mut v| {
+                check_backends(&index, rollout, &mut v)?;
+                Ok(v)
+            });
+            (rule.ok(), view)
         };
+        let measuring = self.measuring;
         let Some(mem) = self.memory.get_mut(&key) else {
             return;
         };
-        let effects = step(rollout, view, mem, &self.stats, now);
-        let mut mem_status = mem.status.clone();
+        let effects = step(rollout, view, rule, mem, &self.stats, measuring, now);
+        let generation = rollout.metadata.generation;
         if let Some(edit) = &effects.edit {
-            match self.store.write_route(rollout, edit).await {
-                Ok(()) => mem.last_write = Some(now),
+            // The status first: whoever reads it next (this replica after a restart, or the
+            // next Lease holder) then knows both the weights before and the ones wanted, and
+            // does not take the route for a person's change.
+            match self.store.save_status(rollout, &mem.status).await {
+                Ok(()) => {
+                    mem.persisted = Some((mem.status.clone(), now));
+                    match self.store.write_route(rollout, edit).await {
+                        Ok(()) => mem.last_write = Some(now),
+                        Err(e) => {
+                            warn!(rollout = %key, error = %e, "setting the route's weights");
+                            // The status keeps the weights wanted: the next tick writes them
+                            // again, as the route still shows the ones before.
+                            mem.last_write = None;
+                            set_condition(
+                                &mut mem.status,
+                                "Ready",
+                                false,
+                                "RouteNotWritten",
+                                &format!("setting the route's weights: {e}"),
+                                generation,
+                            );
+                        }
+                    }
+                }
                 Err(e) => {
-                    warn!(rollout = %key, error = %e, "setting the route's weights");
-                    // Tried again next tick: the status says what it wants.
-                    set_condition(
-                        &mut mem_status,
-                        "Ready",
-                        false,
-                        "RouteNotWritten",
-                        &format!("setting the route's weights: {e}"),
-                        rollout.metadata.generation,
-                    );
-                    mem_status.weights = mem_status.previous_weights.clone();
-                    mem.status = mem_status.clone();
+                    warn!(rollout = %key, error = %e, "writing the rollout's status; the route is left as it is until it can be");
+                    mem.last_write = None;
                 }
             }
         }
@@ -329,10 +351,17 @@ fn route_label(r: &Rollout, ns: &str) -> String {
 
 /// The rule a rollout moves, or why it cannot run.
 pub fn resolve(index: &Index, rollout: &Rollout) -> Result<RuleView, String> {
+    let mut view = resolve_rule(index, rollout)?;
+    check_backends(index, rollout, &mut view)?;
+    Ok(view)
+}
+
+/// The route and rule a rollout moves, with the port its backendRefs (or its parent) name:
+/// enough to put all traffic back on stable, even when a backend is wrong.
+pub fn resolve_rule(index: &Index, rollout: &Rollout) -> Result<RuleView, String> {
     let spec = &rollout.spec;
     let ns = rollout.metadata.namespace.clone().unwrap_or_default();
     let name = rollout.metadata.name.clone().unwrap_or_default();
-    check_spec(spec)?;
     let t = &spec.target_ref;
     let kind = match (t.group.as_str(), t.kind.as_str()) {
         ("gateway.networking.k8s.io", "HTTPRoute") => Kind::HTTPRoute,
@@ -378,22 +407,40 @@ pub fn resolve(index: &Index, rollout: &Rollout) -> Result<RuleView, String> {
         }
         *weights.entry(b.name.clone()).or_insert(0) += b.weight;
     }
-    for (b, w) in &weights {
-        if *b != spec.stable && *b != spec.candidate && *w > 0 {
-            return Err(format!(
-                "{kind} {ns}/{} rule {} also sends to {b} (weight {w}); a rollout moves traffic between spec.stable and spec.candidate only: set {b}'s weight to 0",
-                t.name,
-                rule + 1
-            ));
-        }
-    }
     let port = r
         .backends
         .iter()
         .find(|b| b.name == spec.stable || b.name == spec.candidate)
         .and_then(|b| b.port)
+        .or_else(|| r.backends.iter().find_map(|b| b.port))
         .or_else(|| route.parents.iter().find_map(|p| p.port));
-    let mut checked_port = None;
+    Ok(RuleView {
+        route: format!("{kind}/{ns}/{}", t.name),
+        route_key,
+        section: t.section_name.clone(),
+        rule_number: rule + 1,
+        weights,
+        port: port.unwrap_or_default(),
+    })
+}
+
+/// What must hold of the backends for the rollout to run: both Services exist with one port
+/// the rule can name, and no other backend of the rule has traffic. Sets the view's port.
+pub fn check_backends(index: &Index, rollout: &Rollout, view: &mut RuleView) -> Result<(), String> {
+    let spec = &rollout.spec;
+    check_spec(spec)?;
+    let ns = rollout.metadata.namespace.clone().unwrap_or_default();
+    let t = &spec.target_ref;
+    for (b, w) in &view.weights {
+        if *b != spec.stable && *b != spec.candidate && *w > 0 {
+            return Err(format!(
+                "{} {ns}/{} rule {} also sends to {b} (weight {w}); a rollout moves traffic between spec.stable and spec.candidate only: set {b}'s weight to 0",
+                t.kind, t.name, view.rule_number
+            ));
+        }
+    }
+    let named = (view.port != 0).then_some(view.port);
+    let mut chosen: Option<(u16, &str)> = None;
     for (field, svc) in [
         ("spec.stable", &spec.stable),
         ("spec.candidate", &spec.candidate),
@@ -401,7 +448,7 @@ pub fn resolve(index: &Index, rollout: &Rollout) -> Result<RuleView, String> {
         let ports = index
             .service_ports(&ns, svc)
             .ok_or_else(|| format!("{field}: Service {ns}/{svc} not found"))?;
-        let p = match (port, ports.as_slice()) {
+        let p = match (named, ports.as_slice()) {
             (Some(p), _) if ports.contains(&p) => p,
             (Some(p), _) => {
                 return Err(format!("{field}: Service {ns}/{svc} has no port {p}"));
@@ -414,16 +461,17 @@ pub fn resolve(index: &Index, rollout: &Rollout) -> Result<RuleView, String> {
                 ));
             }
         };
-        checked_port.get_or_insert(p);
+        match chosen {
+            Some((q, other)) if q != p => {
+                return Err(format!(
+                    "{field}: Service {ns}/{svc}'s port is {p} and {other}'s is {q}; the rule's backendRefs name one port: give the route's parentRef or backendRefs a port both have"
+                ));
+            }
+            _ => chosen = Some((p, svc)),
+        }
     }
-    Ok(RuleView {
-        route: format!("{kind}/{ns}/{}", t.name),
-        route_key,
-        section: t.section_name.clone(),
-        rule_number: rule + 1,
-        weights,
-        port: checked_port.unwrap_or_default(),
-    })
+    view.port = chosen.map_or(0, |(p, _)| p);
+    Ok(())
 }
 
 /// The rule `section` names, or the last rule that matches every request (leaving out the
@@ -472,6 +520,11 @@ pub fn check_spec(spec: &RolloutSpec) -> Result<(), String> {
             return Err(format!(
                 "spec.steps[{i}].weight: {} is over 100 (a percentage)",
                 s.weight
+            ));
+        }
+        if s.weight == 0 && s.headers.is_empty() {
+            return Err(format!(
+                "spec.steps[{i}]: weight 0 and no headers send the candidate nothing to judge"
             ));
         }
         if let Some(d) = &s.interval {
@@ -666,20 +719,50 @@ fn split_weights(spec: &RolloutSpec, view: &RuleView, percent: u32) -> Vec<(Stri
     out
 }
 
+/// The candidate's share of a rule's weights, in percent.
+fn share_of(weights: &BTreeMap<String, u32>, candidate: &str) -> u32 {
+    let total: u64 = weights.values().map(|w| u64::from(*w)).sum();
+    let mine = u64::from(weights.get(candidate).copied().unwrap_or(0));
+    (mine * 100).checked_div(total).unwrap_or(0) as u32
+}
+
+/// An Event reason from a decision's action: `Resumed after restart` -> `ResumedAfterRestart`.
+fn reason_of(action: &str) -> String {
+    action
+        .split(' ')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect::<String>())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
 /// Decides what a rollout does this tick: its new status (in `mem`) and the route change and
-/// events that go with it.
+/// events that go with it. `view` is the rule when everything resolves; `rule` the rule even
+/// when a backend is wrong (enough to abort).
+#[allow(clippy::too_many_arguments)]
 fn step(
     rollout: &Rollout,
     view: Result<RuleView, String>,
+    rule: Option<RuleView>,
     mem: &mut Memory,
     stats: &Stats,
+    measuring: bool,
     now: Instant,
 ) -> Effects {
     let spec = &rollout.spec;
     let name = rollout.metadata.name.clone().unwrap_or_default();
     let generation = rollout.metadata.generation;
+    let token = rollout
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(mesh_api::consts::labels::RESUME).cloned());
     let mut fx = Effects::default();
-    let fresh = std::mem::replace(&mut mem.fresh, false);
+    // Whether this process has not measured this rollout yet (it restarted, or took over).
+    let fresh = mem.fresh;
     let st = &mut mem.status;
     let decide = |st: &mut RolloutStatus,
                   fx: &mut Effects,
@@ -688,7 +771,7 @@ fn step(
                   weight: u32,
                   m: (Measured, Measured),
                   warning: bool| {
-        let d = Decision {
+        st.decisions.push(Decision {
             at: now_rfc3339(),
             step: st.step,
             action: action.into(),
@@ -696,16 +779,45 @@ fn step(
             weight,
             candidate: m.0,
             stable: m.1,
-        };
-        st.decisions.push(d);
+        });
         if st.decisions.len() > MAX_DECISIONS {
             let extra = st.decisions.len() - MAX_DECISIONS;
             st.decisions.drain(..extra);
         }
-        fx.events.push((warning, action.replace(' ', ""), reason));
+        fx.events.push((warning, reason_of(action), reason));
+    };
+    let percent = |i: u32| spec.steps.get(i as usize).map_or(0, |s| s.weight);
+    let headers = |i: u32| {
+        spec.steps
+            .get(i as usize)
+            .map(|s| s.headers.clone())
+            .unwrap_or_default()
+    };
+    let edit = |view: &RuleView, weights: Vec<(String, u32)>, headers: Vec<StepHeader>| RuleEdit {
+        section: view.section.clone(),
+        own_rule: own_rule(&name),
+        weights,
+        port: view.port,
+        headers,
+        candidate: spec.candidate.clone(),
+    };
+    let set_weights = |st: &mut RolloutStatus,
+                       fx: &mut Effects,
+                       view: &RuleView,
+                       w: Vec<(String, u32)>,
+                       h: Vec<StepHeader>| {
+        st.previous_weights = weights_list(
+            &view
+                .weights
+                .iter()
+                .map(|(n, w)| (n.clone(), *w))
+                .collect::<Vec<_>>(),
+        );
+        st.weights = weights_list(&w);
+        fx.edit = Some(edit(view, w, h));
     };
 
-    // A new release: another stable or candidate than the status is about.
+    // A new release: another stable, candidate or release than the status is about.
     let release = rollout.release();
     let start = st.stable != spec.stable || st.candidate != spec.candidate || st.release != release;
     if start {
@@ -713,30 +825,118 @@ fn step(
             stable: spec.stable.clone(),
             candidate: spec.candidate.clone(),
             release,
-            resumed: rollout
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(mesh_api::consts::labels::RESUME).cloned()),
+            resumed: token.clone(),
             ..Default::default()
         };
         mem.baseline = None;
     }
     st.observed_generation = generation;
+    let started = !st.weights.is_empty();
+
+    // A change this rollout made that the route does not show yet.
+    let mut lagging = false;
+    if let Some(r) = rule.as_ref().filter(|_| started) {
+        let want = as_map(&st.weights);
+        if r.weights == want {
+            if !st.previous_weights.is_empty() {
+                st.previous_weights.clear();
+                if st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.reason == "RouteNotWritten")
+                {
+                    set_condition(
+                        st,
+                        "Ready",
+                        true,
+                        "Progressing",
+                        "the route has the weights",
+                        generation,
+                    );
+                }
+            }
+        } else if !st.previous_weights.is_empty() && r.weights == as_map(&st.previous_weights) {
+            lagging = true;
+            // Made again when it was lost (the write failed, or the controller stopped).
+            if mem
+                .last_write
+                .is_none_or(|t| now.duration_since(t) >= REWRITE_AFTER)
+            {
+                let h = if st.phase.is_done() {
+                    Vec::new()
+                } else {
+                    headers(st.step)
+                };
+                fx.edit = Some(edit(r, want.into_iter().collect(), h));
+            }
+        }
+    }
     if st.phase.is_done() {
         return fx;
     }
+
+    if spec.abort {
+        st.current = None;
+        st.phase = RolloutPhase::Aborted;
+        match (started, view.as_ref().ok().or(rule.as_ref())) {
+            (false, _) => {
+                decide(
+                    st,
+                    &mut fx,
+                    "Aborted",
+                    "spec.abort before it started: the route is left as it is".into(),
+                    0,
+                    Default::default(),
+                    true,
+                );
+            }
+            (true, Some(r)) => {
+                let w = split_weights(spec, r, 0);
+                set_weights(st, &mut fx, r, w, Vec::new());
+                decide(
+                    st,
+                    &mut fx,
+                    "Aborted",
+                    format!("spec.abort: all traffic back on {}", spec.stable),
+                    0,
+                    Default::default(),
+                    true,
+                );
+            }
+            (true, None) => {
+                // Nothing to write to: the route or its rule is gone.
+                let why = view.as_ref().err().cloned().unwrap_or_default();
+                decide(
+                    st,
+                    &mut fx,
+                    "Aborted",
+                    format!("spec.abort; the route could not be changed: {why}"),
+                    0,
+                    Default::default(),
+                    true,
+                );
+            }
+        }
+        set_condition(st, "Ready", true, "Aborted", "aborted", generation);
+        set_condition(st, "Paused", false, "Done", "", generation);
+        return fx;
+    }
+
     let view = match view {
         Ok(v) => v,
         Err(why) => {
             if st.phase != RolloutPhase::Invalid {
                 st.phase = RolloutPhase::Invalid;
+                st.current = None;
+                let w = rule
+                    .as_ref()
+                    .map_or(0, |r| share_of(&r.weights, &spec.candidate));
                 decide(
                     st,
                     &mut fx,
                     "Invalid",
                     why.clone(),
-                    0,
+                    w,
                     Default::default(),
                     true,
                 );
@@ -746,55 +946,62 @@ fn step(
             return fx;
         }
     };
-    let percent = |i: u32| spec.steps.get(i as usize).map_or(0, |s| s.weight);
-    let headers = |i: u32| {
-        spec.steps
-            .get(i as usize)
-            .map(|s| s.headers.clone())
-            .unwrap_or_default()
-    };
-    let edit = |weights: Vec<(String, u32)>, headers: Vec<StepHeader>| RuleEdit {
-        section: view.section.clone(),
-        own_rule: own_rule(&name),
-        weights,
-        port: view.port,
-        headers,
-        candidate: spec.candidate.clone(),
-    };
     let rule_name = format!("{} rule {}", view.route, view.rule_number);
 
-    if st.phase == RolloutPhase::Invalid || start || st.weights.is_empty() {
-        // Starting (or starting again once the spec is fixed): the first step's weights.
-        if st.phase == RolloutPhase::Invalid {
-            st.step = 0;
+    if !started {
+        if spec.paused {
+            if st.phase != RolloutPhase::Paused {
+                st.phase = RolloutPhase::Paused;
+                set_condition(
+                    st,
+                    "Paused",
+                    true,
+                    "Paused",
+                    "spec.paused: not started",
+                    generation,
+                );
+                set_condition(
+                    st,
+                    "Ready",
+                    true,
+                    "Paused",
+                    "held before its first step",
+                    generation,
+                );
+                decide(
+                    st,
+                    &mut fx,
+                    "Paused",
+                    "spec.paused: not started; the route is left as it is".into(),
+                    0,
+                    Default::default(),
+                    false,
+                );
+            }
+            return fx;
         }
+        // The first step's weights.
         st.phase = RolloutPhase::Progressing;
-        let w = split_weights(spec, &view, percent(st.step));
-        st.previous_weights = weights_list(
-            &view
-                .weights
-                .iter()
-                .map(|(n, w)| (n.clone(), *w))
-                .collect::<Vec<_>>(),
-        );
-        st.weights = weights_list(&w);
-        fx.edit = Some(edit(w, headers(st.step)));
+        st.step = 0;
+        let w = split_weights(spec, &view, percent(0));
+        set_weights(st, &mut fx, &view, w, headers(0));
         let msg = format!(
             "moving {rule_name} from {} to {}: step 1 of {}, {} % to the candidate",
             spec.stable,
             spec.candidate,
             spec.steps.len(),
-            percent(st.step)
+            percent(0)
         );
         decide(
             st,
             &mut fx,
             "Started",
             msg,
-            percent(st.step),
+            percent(0),
             Default::default(),
             false,
         );
+        mem.fresh = false;
         set_condition(
             st,
             "Ready",
@@ -808,41 +1015,42 @@ fn step(
         return fx;
     }
 
-    if spec.abort {
-        let w = split_weights(spec, &view, 0);
-        st.previous_weights = st.weights.clone();
-        st.weights = weights_list(&w);
-        fx.edit = Some(edit(w, Vec::new()));
-        st.phase = RolloutPhase::Aborted;
+    if st.phase == RolloutPhase::Invalid {
+        // It can run again: where it was, with that step's weights.
+        st.phase = RolloutPhase::Progressing;
+        let w = split_weights(spec, &view, percent(st.step));
+        set_weights(st, &mut fx, &view, w, headers(st.step));
         decide(
             st,
             &mut fx,
-            "Aborted",
-            format!("spec.abort: all traffic back on {}", spec.stable),
-            0,
+            "Resumed",
+            format!(
+                "the rollout can run again: step {}'s weights set again, its time and measurements start over",
+                st.step + 1
+            ),
+            percent(st.step),
             Default::default(),
-            true,
+            false,
         );
-        set_condition(st, "Ready", true, "Aborted", "aborted", generation);
-        set_condition(st, "Paused", false, "Done", "", generation);
+        set_condition(
+            st,
+            "Ready",
+            true,
+            "Progressing",
+            "the rollout runs",
+            generation,
+        );
+        mem.baseline = None;
         return fx;
     }
 
     // Weights someone else set pause the rollout.
     let want = as_map(&st.weights);
-    if view.weights == want {
-        st.previous_weights.clear();
-    } else if !st.previous_weights.is_empty() && view.weights == as_map(&st.previous_weights) {
-        // The route does not show the last change yet; made again if it was lost.
-        if mem
-            .last_write
-            .is_none_or(|t| now.duration_since(t) >= REWRITE_AFTER)
-        {
-            let w: Vec<(String, u32)> = want.iter().map(|(n, w)| (n.clone(), *w)).collect();
-            fx.edit = Some(edit(w, headers(st.step)));
-        }
-    } else if !paused_by_change(st) {
+    if !lagging && view.weights != want && !paused_by_change(st) {
         st.phase = RolloutPhase::Paused;
+        st.current = None;
+        // Only a resume asked for after this pause resumes it.
+        st.resumed = token.clone();
         let msg = format!(
             "{rule_name} weights changed to {} by someone else (the rollout set {}); run meshctl route resume to continue from step {}, or meshctl route abort",
             show(&view.weights),
@@ -850,38 +1058,18 @@ fn step(
             st.step + 1
         );
         set_condition(st, "Paused", true, "ManualChange", &msg, generation);
-        decide(
-            st,
-            &mut fx,
-            "Paused",
-            msg,
-            percent(st.step),
-            Default::default(),
-            true,
-        );
+        let found = share_of(&view.weights, &spec.candidate);
+        decide(st, &mut fx, "Paused", msg, found, Default::default(), true);
         mem.baseline = None;
         return fx;
     }
     if paused_by_change(st) {
-        let token = rollout
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(mesh_api::consts::labels::RESUME).cloned());
         if token.is_none() || token == st.resumed {
             return fx;
         }
         st.resumed = token;
         let w = split_weights(spec, &view, percent(st.step));
-        st.previous_weights = weights_list(
-            &view
-                .weights
-                .iter()
-                .map(|(n, w)| (n.clone(), *w))
-                .collect::<Vec<_>>(),
-        );
-        st.weights = weights_list(&w);
-        fx.edit = Some(edit(w, headers(st.step)));
+        set_weights(st, &mut fx, &view, w, headers(st.step));
         st.phase = RolloutPhase::Progressing;
         set_condition(st, "Paused", false, "Resumed", "", generation);
         decide(
@@ -899,6 +1087,7 @@ fn step(
     if spec.paused {
         if st.phase != RolloutPhase::Paused {
             st.phase = RolloutPhase::Paused;
+            st.current = None;
             set_condition(st, "Paused", true, "Paused", "spec.paused", generation);
             decide(
                 st,
@@ -929,12 +1118,28 @@ fn step(
             false,
         );
     }
+    if !measuring {
+        set_condition(
+            st,
+            "Ready",
+            false,
+            "NotMeasured",
+            "the controller does not scrape the proxies (--stats-interval 0), so no step can be judged",
+            generation,
+        );
+        return fx;
+    }
+    if lagging {
+        // Measured from when the route shows the step's weights.
+        mem.baseline = None;
+        return fx;
+    }
 
     // Measuring the step.
     let tally =
         |svc: &str| stats.tally(&view.route, &format!("{}/{svc}", view.route_key.namespace));
     if mem.baseline.is_none() {
-        if fresh && !start {
+        if fresh {
             decide(
                 st,
                 &mut fx,
@@ -949,6 +1154,7 @@ fn step(
             );
         }
         st.step_started_at = Some(now_rfc3339());
+        mem.fresh = false;
         mem.baseline = Some(Baseline {
             started: now,
             candidate: tally(&spec.candidate),
@@ -988,9 +1194,7 @@ fn step(
     }
     if let Some(why) = gate_failure(&spec.gates, &c, &s, min) {
         let w = split_weights(spec, &view, 0);
-        st.previous_weights = st.weights.clone();
-        st.weights = weights_list(&w);
-        fx.edit = Some(edit(w, Vec::new()));
+        set_weights(st, &mut fx, &view, w, Vec::new());
         st.phase = RolloutPhase::RolledBack;
         st.current = None;
         let msg = format!(
@@ -1009,9 +1213,7 @@ fn step(
     let last = st.step as usize + 1 >= spec.steps.len();
     if last {
         let w = split_weights(spec, &view, 100);
-        st.previous_weights = st.weights.clone();
-        st.weights = weights_list(&w);
-        fx.edit = Some(edit(w, Vec::new()));
+        set_weights(st, &mut fx, &view, w, Vec::new());
         st.phase = RolloutPhase::Promoted;
         st.current = None;
         let msg = format!(
@@ -1025,22 +1227,19 @@ fn step(
         return fx;
     }
     let passed = st.step;
-    st.step += 1;
-    let w = split_weights(spec, &view, percent(st.step));
-    st.previous_weights = st.weights.clone();
-    st.weights = weights_list(&w);
-    fx.edit = Some(edit(w, headers(st.step)));
+    let next = passed + 1;
+    let w = split_weights(spec, &view, percent(next));
+    set_weights(st, &mut fx, &view, w, headers(next));
     let msg = format!(
         "step {} passed; step {} of {}: {} % to the candidate",
         passed + 1,
-        st.step + 1,
+        next + 1,
         spec.steps.len(),
-        percent(st.step)
+        percent(next)
     );
     // The decision is about the step that passed.
-    st.step = passed;
-    decide(st, &mut fx, "Advanced", msg, percent(passed + 1), m, false);
-    st.step = passed + 1;
+    decide(st, &mut fx, "Advanced", msg, percent(next), m, false);
+    st.step = next;
     st.current = None;
     mem.baseline = None;
     fx

@@ -12,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::ApiResource;
-use mesh_api::rollout::{Rollout, RolloutStatus, STATUS_FIELDS};
+use mesh_api::rollout::{MEASURED_FIELDS, Rollout, RolloutStatus, STATUS_FIELDS};
 use serde_json::{Value, json};
 use tracing::warn;
 
@@ -187,6 +187,16 @@ impl Store {
                 if let Some(o) = body.as_object_mut() {
                     for k in STATUS_FIELDS {
                         o.entry(*k).or_insert(Value::Null);
+                    }
+                    // A merge patch goes into objects: what a measurement lacks now goes.
+                    if let Some(current) = o.get_mut("current").and_then(Value::as_object_mut) {
+                        for side in ["candidate", "stable"] {
+                            if let Some(m) = current.get_mut(side).and_then(Value::as_object_mut) {
+                                for k in MEASURED_FIELDS {
+                                    m.entry(*k).or_insert(Value::Null);
+                                }
+                            }
+                        }
                     }
                 }
                 let api: Api<Rollout> = Api::namespaced(client.clone(), &ns);

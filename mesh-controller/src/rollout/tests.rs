@@ -161,6 +161,44 @@ impl Local {
     }
 }
 
+impl Local {
+    /// Rewrites the Rollout's manifest (as a person editing it) and reloads it.
+    fn edit_rollout(&self, f: impl Fn(String) -> String) {
+        let path = self.dir.path().join("rollout.yaml");
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, f(text)).expect("write");
+        self.reload();
+    }
+
+    fn service(&self, name: &str, present: bool) {
+        let mut index = self.index.lock().expect("index");
+        if present {
+            index
+                .apply(obj(&service_yaml(
+                    "shop",
+                    name,
+                    "10.96.0.12",
+                    &[("http", 9080)],
+                )))
+                .expect("valid");
+        } else {
+            index.delete(&ObjKey {
+                kind: Kind::Service,
+                namespace: "shop".into(),
+                name: name.into(),
+            });
+        }
+    }
+
+    fn condition(st: &RolloutStatus, kind: &str) -> (String, String) {
+        st.conditions
+            .iter()
+            .find(|c| c.type_ == kind)
+            .map(|c| (c.status.clone(), c.reason.clone()))
+            .unwrap_or_default()
+    }
+}
+
 fn w(pairs: &[(&str, u32)]) -> Vec<(String, u32)> {
     pairs.iter().map(|(n, w)| (n.to_string(), *w)).collect()
 }
@@ -536,4 +574,130 @@ fn every_status_field_is_named_for_the_merge_patch() {
     let mut named = mesh_api::rollout::STATUS_FIELDS.to_vec();
     named.sort_unstable();
     assert_eq!(keys, named);
+}
+
+#[tokio::test]
+async fn a_route_that_cannot_be_written_is_written_on_a_later_tick() {
+    let mut m = local("[{weight: 10}, {weight: 100}]");
+    m.tick().await;
+    m.pass(1, (0, 0), (0, 0));
+    m.tick().await;
+    // The rollback's write fails: the route's file is away for a moment.
+    let (path, away) = (
+        m.dir.path().join("route.yaml"),
+        m.dir.path().join("route.away"),
+    );
+    std::fs::rename(&path, &away).expect("mv");
+    m.pass(2, (100, 0), (10, 10));
+    m.driver.tick(m.now).await;
+    let st = crate::rollout::store::read_local_status(m.dir.path(), "shop", "reviews")
+        .expect("readable")
+        .expect("a status");
+    assert_eq!(st.phase, RolloutPhase::RolledBack);
+    assert_eq!(
+        Local::condition(&st, "Ready"),
+        ("False".into(), "RouteNotWritten".into())
+    );
+    assert_eq!(
+        as_map(&st.weights),
+        BTreeMap::from([("reviews-v1".into(), 100), ("reviews-v2".into(), 0)]),
+        "the status keeps the weights it wants"
+    );
+    std::fs::rename(&away, &path).expect("mv back");
+    m.reload();
+    m.tick().await;
+    assert_eq!(m.weights(), w(&[("reviews-v1", 100), ("reviews-v2", 0)]));
+    let st = m.tick().await;
+    assert_eq!(Local::condition(&st, "Ready").0, "True", "{st:#?}");
+    assert!(st.previous_weights.is_empty());
+}
+
+#[tokio::test]
+async fn a_resume_asked_before_a_manual_change_does_not_end_the_pause_it_causes() {
+    let mut m = local("[{weight: 10}, {weight: 100}]");
+    m.tick().await;
+    m.edit_rollout(|t| t.replace("  interval: 30s\n", "  interval: 30s\n  paused: true\n"));
+    assert_eq!(m.tick().await.phase, RolloutPhase::Paused);
+    m.edit_rollout(|t| t.replace("  paused: true\n", ""));
+    m.annotate(mesh_api::consts::labels::RESUME, "t1");
+    assert_eq!(m.tick().await.phase, RolloutPhase::Progressing);
+    // Now a person changes the weights: paused, and t1 does not resume it.
+    let path = m.dir.path().join("route.yaml");
+    let mut route = mesh_api::route_doc::read_docs(&path)
+        .expect("read")
+        .remove(0);
+    mesh_api::route_doc::set_backends(
+        &mut route,
+        1,
+        &w(&[("reviews-v1", 70), ("reviews-v2", 30)]),
+        9080,
+    );
+    mesh_api::route_doc::write_docs(&path, &[route]).expect("write");
+    m.reload();
+    let st = m.tick().await;
+    assert_eq!(Local::condition(&st, "Paused").1, "ManualChange");
+    assert_eq!(
+        st.decisions.last().map(|d| d.weight),
+        Some(30),
+        "the share found"
+    );
+    m.pass(2, (0, 0), (0, 0));
+    let st = m.tick().await;
+    assert_eq!(st.phase, RolloutPhase::Paused);
+    assert_eq!(m.weights(), w(&[("reviews-v1", 70), ("reviews-v2", 30)]));
+}
+
+#[tokio::test]
+async fn an_invalid_rollout_resumes_at_its_step_and_can_be_aborted() {
+    let mut m = local("[{weight: 10}, {weight: 50}, {weight: 100}]");
+    m.tick().await;
+    m.pass(1, (0, 0), (0, 0));
+    m.tick().await;
+    m.pass(31, (100, 0), (30, 0));
+    assert_eq!(m.tick().await.step, 1);
+    // The candidate's Service goes away for a while: Invalid, the route left as it is.
+    m.service("reviews-v2", false);
+    let st = m.tick().await;
+    assert_eq!(st.phase, RolloutPhase::Invalid);
+    assert!(st.current.is_none());
+    assert_eq!(m.weights(), w(&[("reviews-v1", 50), ("reviews-v2", 50)]));
+    m.service("reviews-v2", true);
+    let st = m.tick().await;
+    assert_eq!((st.phase, st.step), (RolloutPhase::Progressing, 1));
+    assert_eq!(actions(&st).last().map(String::as_str), Some("Resumed"));
+    assert_eq!(m.weights(), w(&[("reviews-v1", 50), ("reviews-v2", 50)]));
+
+    // Gone again, and aborted meanwhile: all back on stable all the same.
+    m.service("reviews-v2", false);
+    assert_eq!(m.tick().await.phase, RolloutPhase::Invalid);
+    m.edit_rollout(|t| t.replace("  interval: 30s\n", "  interval: 30s\n  abort: true\n"));
+    let st = m.tick().await;
+    assert_eq!(st.phase, RolloutPhase::Aborted);
+    assert_eq!(m.weights(), w(&[("reviews-v1", 100), ("reviews-v2", 0)]));
+}
+
+#[tokio::test]
+async fn a_rollout_paused_or_aborted_before_it_starts_leaves_the_route_alone() {
+    let mut m = local("[{weight: 10}]");
+    m.edit_rollout(|t| t.replace("  interval: 30s\n", "  interval: 30s\n  paused: true\n"));
+    let st = m.tick().await;
+    assert_eq!(st.phase, RolloutPhase::Paused);
+    assert_eq!(m.weights(), w(&[("reviews-v1", 1)]));
+    m.edit_rollout(|t| t.replace("  paused: true\n", "  abort: true\n"));
+    let st = m.tick().await;
+    assert_eq!(st.phase, RolloutPhase::Aborted);
+    assert_eq!(m.weights(), w(&[("reviews-v1", 1)]));
+}
+
+#[test]
+fn a_step_that_sends_the_candidate_nothing_is_refused() {
+    let spec: RolloutSpec = serde_json::from_value(json!({
+        "targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"},
+        "stable": "a", "candidate": "b", "steps": [{"weight": 0}, {"weight": 100}]}))
+    .expect("spec");
+    let err = check_spec(&spec).expect_err("refused");
+    assert!(
+        err.starts_with("spec.steps[0]: weight 0 and no headers"),
+        "{err}"
+    );
 }

@@ -202,3 +202,57 @@ fn clusters_name_their_service() {
     );
     assert_eq!(service_of("inbound|8080||"), None);
 }
+
+/// A page of one route backend's outbound series: `(grpc_status, count)` with HTTP 200.
+fn grpc_page(route: &str, backend: &str, counts: &[(&str, u64)]) -> String {
+    counts
+        .iter()
+        .map(|(g, n)| {
+            format!(
+                "mesh_proxy_requests_total{{direction=\"outbound\",route=\"{route}\",backend=\"outbound|9080||{backend}.shop.svc.cluster.local\",status_class=\"2xx\",grpc_status=\"{g}\"}} {n}\n"
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn tallies_count_tracked_routes_from_scrape_to_scrape_and_grpc_errors_fail() {
+    let stats = Stats::new(Duration::from_secs(1), Duration::from_secs(30));
+    let t0 = Instant::now();
+    let route = "GRPCRoute/shop/reviews";
+    let page = |ok: u64, unavailable: u64, other: u64| {
+        grpc_page(
+            &format!("{route} rule 0"),
+            "reviews-v2",
+            &[("0", ok), ("14", unavailable)],
+        ) + &grpc_page("GRPCRoute/shop/other rule 0", "reviews-v2", &[("0", other)])
+    };
+    // Before the route is tracked nothing is counted.
+    stats.ingest("shop/client-0", t0, &page(10, 0, 10));
+    stats.track([route.to_string()].into());
+    stats.ingest(
+        "shop/client-0",
+        t0 + Duration::from_secs(1),
+        &page(20, 0, 50),
+    );
+    stats.ingest(
+        "shop/client-0",
+        t0 + Duration::from_secs(2),
+        &page(26, 4, 90),
+    );
+    let t = stats.tally(route, "shop/reviews-v2");
+    assert_eq!((t.requests, t.failures), (20.0, 4.0));
+    assert_eq!(t.success_percent(), Some(80.0));
+    // A proxy that restarted counts from zero again.
+    stats.ingest("shop/client-0", t0 + Duration::from_secs(3), &page(5, 0, 0));
+    assert_eq!(stats.tally(route, "shop/reviews-v2").requests, 25.0);
+    assert_eq!(
+        stats
+            .tally("GRPCRoute/shop/other", "shop/reviews-v2")
+            .requests,
+        0.0
+    );
+    // No longer tracked: forgotten.
+    stats.track(Default::default());
+    assert_eq!(stats.tally(route, "shop/reviews-v2").requests, 0.0);
+}

@@ -61,6 +61,18 @@ pub struct StatusArgs {
 fn find_rollout(mesh: &dyn Mesh, target: &Target) -> anyhow::Result<RolloutDoc> {
     let ns = &target.namespace;
     let routes = mesh.routes()?;
+    // The Service's port, when it can be known; else a route at any port of it counts.
+    let services = mesh.services()?;
+    let ports: Vec<u16> = match (
+        target.port,
+        services
+            .iter()
+            .find(|s| s.namespace == *ns && s.name == target.service),
+    ) {
+        (Some(p), _) => vec![p],
+        (None, Some(svc)) => svc.ports.iter().map(|(p, _)| *p).collect(),
+        (None, None) => Vec::new(),
+    };
     let mut found: Vec<RolloutDoc> = mesh
         .rollouts()?
         .into_iter()
@@ -71,13 +83,15 @@ fn find_rollout(mesh: &dyn Mesh, target: &Target) -> anyhow::Result<RolloutDoc> 
                     routes.iter().any(|route| {
                         route.namespace == *ns
                             && route.name == spec.target_ref.name
-                            && doc::attaches(
-                                &route.value,
-                                &route.namespace,
-                                ns,
-                                &target.service,
-                                target.port.unwrap_or(0),
-                            )
+                            && ports.iter().any(|p| {
+                                doc::attaches(
+                                    &route.value,
+                                    &route.namespace,
+                                    ns,
+                                    &target.service,
+                                    *p,
+                                )
+                            })
                     })
                 })
         })
@@ -141,10 +155,11 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
     let name = target.service.clone();
     let own = mesh_controller::rollout::own_rule(&name);
 
-    let existing = mesh
-        .rollouts()?
-        .into_iter()
-        .find(|r| r.doc.namespace == *ns && r.doc.name == name);
+    let rollouts = mesh.rollouts()?;
+    let existing = rollouts
+        .iter()
+        .find(|r| r.doc.namespace == *ns && r.doc.name == name)
+        .cloned();
     if let Some(r) = &existing
         && let Some(st) = &r.status
         && matches!(st.phase, RolloutPhase::Progressing | RolloutPhase::Paused)
@@ -238,6 +253,20 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
     };
     if stable == args.to {
         bail!("--to {}: that is the stable backend", args.to);
+    }
+    // Another rollout still moving the same route would take turns with this one.
+    let running = |r: &&RolloutDoc| r.status.as_ref().is_none_or(|s| !s.phase.is_done());
+    if let Some(other) = rollouts.iter().filter(running).find(|r| {
+        r.doc.namespace == *ns
+            && r.doc.name != name
+            && r.spec()
+                .is_ok_and(|s| s.target_ref.kind == "HTTPRoute" && s.target_ref.name == route_name)
+    }) {
+        bail!(
+            "Rollout {ns}/{} moves HTTPRoute {ns}/{route_name} too and has not ended; abort it first (meshctl route abort {})",
+            other.doc.name,
+            other.doc.name
+        );
     }
     let mut spec = Mapping::new();
     let mut target_ref = Mapping::new();
@@ -575,10 +604,7 @@ pub fn status(
             write!(out, "{text}")?;
             out.flush()?;
         }
-        let done = r
-            .status
-            .as_ref()
-            .is_some_and(|s| s.phase.is_done() || s.phase == RolloutPhase::Invalid);
+        let done = r.status.as_ref().is_some_and(|s| s.phase.is_done());
         if !args.watch || done {
             return Ok(());
         }

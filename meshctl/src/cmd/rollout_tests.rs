@@ -142,6 +142,23 @@ fn a_rollout_is_written_for_the_controller_with_the_gates_asked_for() {
         .filter(|e| e.path().extension().is_some_and(|x| x == "yaml"))
         .collect();
     assert_eq!(files.len(), 3, "services, route, one rollout");
+
+    // A hand-written rollout of the same route that has not ended: refused too.
+    std::fs::write(
+        dir.path().join("other.yaml"),
+        "apiVersion: mesh.dev/v1alpha1\nkind: Rollout\nmetadata: {name: other, namespace: default}\nspec:\n  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: reviews}\n  stable: reviews-v1\n  candidate: reviews-v2\n  steps: [{weight: 50}]\n",
+    )
+    .expect("write");
+    let err = cmd(
+        dir.path(),
+        Route::Rollout(args(Some("reviews-v1"), "reviews-v2")),
+    )
+    .expect_err("another rollout");
+    assert!(
+        err.to_string()
+            .contains("Rollout default/other moves HTTPRoute default/reviews too"),
+        "{err}"
+    );
 }
 
 fn write_status(dir: &Path, st: &RolloutStatus) {
