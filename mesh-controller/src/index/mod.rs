@@ -467,7 +467,8 @@ impl Index {
         errors
     }
 
-    fn keys(&self, kind: Kind) -> Vec<ObjKey> {
+    /// The keys of every object of `kind` held.
+    pub(crate) fn keys(&self, kind: Kind) -> Vec<ObjKey> {
         let key = |namespace: &str, name: &str| ObjKey {
             kind,
             namespace: namespace.to_string(),
