@@ -13,6 +13,7 @@
 //! | `/debug/top` | workloads by the traffic they serve |
 //! | `/debug/stat?service=<ns>/<name>` | a Service's traffic per route and backend |
 //! | `/debug/authz?service=<ns>/<name>` | the policies in force on each port of a Service |
+//! | `/debug/explain?from=<ns>/<workload>&method=M&url=U&header=name:value...` | what the mesh does with one request |
 //! | `/graph` | the service graph, a live web page |
 
 use std::sync::Arc;
@@ -58,6 +59,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/top", get(top))
         .route("/debug/stat", get(stat))
         .route("/debug/authz", get(authz))
+        .route("/debug/explain", get(explain))
         .route("/graph", get(graph))
         .with_state(state)
 }
@@ -203,6 +205,47 @@ async fn authz(
     per_service(&s, q, |model, key| {
         crate::index::policy::service_authz(model, key).map(|a| Json(a).into_response())
     })
+}
+
+/// `meshctl explain`: the request from the query (`header` may repeat, `name:value`).
+async fn explain(
+    State(s): State<AdminState>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> axum::response::Response {
+    let mut req = crate::explain::Request::default();
+    for (k, v) in form_urlencoded::parse(q.unwrap_or_default().as_bytes()) {
+        match &*k {
+            "from" => req.from = v.into_owned(),
+            "method" => req.method = v.into_owned(),
+            "url" => req.url = v.into_owned(),
+            "header" => match v.split_once(':') {
+                Some((name, value)) => req
+                    .headers
+                    .push((name.trim().to_string(), value.trim().to_string())),
+                None => {
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        format!("header={v:?}: expected <name>:<value>\n"),
+                    )
+                        .into_response();
+                }
+            },
+            other => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown query parameter {other:?}: from, method, url, header\n"),
+                )
+                    .into_response();
+            }
+        }
+    }
+    if req.method.is_empty() {
+        req.method = "GET".into();
+    }
+    match crate::explain::explain(&s.hub.model(), &req) {
+        Ok(e) => Json(e).into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
 }
 
 async fn graph() -> impl IntoResponse {

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod ca_root;
 pub mod config;
+pub mod explain;
 pub mod index;
 pub mod lease;
 pub mod metrics;

@@ -10,6 +10,7 @@ pub mod authz;
 pub mod bootstrap;
 pub mod check;
 pub mod check_cluster;
+pub mod explain;
 pub mod inject;
 pub mod rollout;
 pub mod route;
@@ -38,6 +39,9 @@ pub enum Command {
     /// The authorization and rate limit policies on each port of a Service, and what they let
     /// in.
     Authz(authz::AuthzArgs),
+    /// What the mesh does with one request from a workload: the route, backends, timeouts,
+    /// retries, policies, rate limits and endpoints, from the controller's own model.
+    Explain(explain::ExplainArgs),
     /// The whole mesh on loopback, walking through a canary release under live traffic.
     Demo(crate::demo::DemoArgs),
     /// The mesh's health by category, each failure with a hint; non-zero exit on failure.
@@ -92,6 +96,11 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
         Command::Top(a) => {
             current_thread()?.block_on(stat::top(&a, cx.local.is_some(), &mut std::io::stdout()))
         }
+        Command::Explain(a) => current_thread()?.block_on(explain::explain(
+            &a,
+            cx.local.is_some(),
+            &mut std::io::stdout(),
+        )),
         Command::Stat(a) => {
             current_thread()?.block_on(stat::stat(&a, cx.local.is_some(), &mut std::io::stdout()))
         }
