@@ -1242,6 +1242,122 @@ async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::
     Ok(())
 }
 
+/// `meshctl explain` agrees with mesh-proxy: for each request of a table over header, path,
+/// query and method matches, a redirect, a rule that matches nothing, and Allow and Deny
+/// policies, what the controller explains (the backend, or the status) is what the client's
+/// proxy and the server's proxy then do with the same request, five times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_agrees_with_what_the_proxies_do() -> anyhow::Result<()> {
+    if !netns::can_run() {
+        return Ok(());
+    }
+    let mut c = NetnsCluster::start().await?;
+    let reviews_addr = reviews(&mut c, 1).await?;
+    let reviews = reviews_addr.as_str();
+    let ratings_addr = c.service(service("ratings", &[("app", "ratings")]))?;
+    let ratings = ratings_addr.as_str();
+    c.deploy(&demo("ratings", "v1", 1)).await?;
+    let details_addr = c.service(service("details", &[("app", "details")]))?;
+    let details = details_addr.as_str();
+    c.deploy(&demo("details", "v1", 1)).await?;
+    let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]\n  rules:\n  - matches: [{headers: [{name: x-canary, value: 'yes'}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: v, value: '2'}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - matches: [{path: {type: Exact, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]\n  - matches: [{path: {type: PathPrefix, value: /write}, method: POST}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - backendRefs: [{name: reviews-v1, port: 9080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details, port: 9080}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v1}}]\n    backendRefs: [{name: details, port: 9080}]\n---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: ratings-readers, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: ratings}]\n  rules: [{from: [{serviceAccounts: [client]}], to: [{methods: [GET]}]}]\n---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  action: Deny\n  targetRefs: [{kind: Namespace, name: shop}]\n  rules: [{to: [{paths: ['/admin', '/admin/*']}]}]\n";
+    apply_served(&mut c, "explained", routes).await?;
+    // (method, host, path, header): each sent to the host's address.
+    let table: [(&str, &str, &str, Option<&str>); 11] = [
+        ("GET", reviews, "/", None),
+        ("GET", reviews, "/", Some("x-canary: yes")),
+        ("GET", reviews, "/api/list?v=2", None),
+        ("GET", reviews, "/api/list", None),
+        ("GET", reviews, "/old", None),
+        ("POST", reviews, "/write", None),
+        ("GET", ratings, "/", None),
+        ("POST", ratings, "/", None),
+        ("GET", ratings, "/admin", None),
+        ("GET", details, "/v1/x", None),
+        ("GET", details, "/other", None),
+    ];
+    let mut agreed = Vec::new();
+    for (method, host, path, header) in table {
+        let url = format!("http://{host}:9080{path}");
+        let args = meshctl::cmd::explain::ExplainArgs {
+            from: "shop/client".into(),
+            request: vec![method.into(), url.clone()],
+            headers: header.map(str::to_string).into_iter().collect(),
+            controller: meshctl::cmd::stat::ControllerArgs {
+                controller: None,
+                mesh_namespace: "mesh-system".into(),
+            },
+            output: meshctl::cmd::status::Output::Json,
+        };
+        let query = meshctl::cmd::explain::query(&args)?;
+        let e: Value = serde_json::from_str(&c.replica_get(0, 15014, &query)?)
+            .with_context(|| format!("explain {method} {url}"))?;
+        // What the explanation says the client gets: a body `<app> <version>`, or a status.
+        let expected = match e["outcome"].as_str() {
+            Some("forward") => {
+                let b = &e["backends"][0];
+                anyhow::ensure!(
+                    e["backends"].as_array().map(Vec::len) == Some(1) && b["share"] == 100.0,
+                    "{method} {url}: the table has one backend per request: {e:#}"
+                );
+                if b["authz"]["allowed"] == false {
+                    "status 403".to_string()
+                } else {
+                    let svc = b["service"].as_str().unwrap_or_default();
+                    let name = svc.trim_start_matches("shop/");
+                    match name.rsplit_once("-v") {
+                        Some((app, v)) => format!("{app} v{v}"),
+                        None => format!("{name} v1"),
+                    }
+                }
+            }
+            _ => match e["outcome"].as_object().and_then(|o| o.values().next()) {
+                Some(o) => format!("status {}", o["status"]),
+                None => anyhow::bail!("{method} {url}: unexpected outcome: {e:#}"),
+            },
+        };
+        let mut load = vec![
+            "--url",
+            url.as_str(),
+            "--requests",
+            "5",
+            "--concurrency",
+            "1",
+            "--method",
+            method,
+        ];
+        if let Some(h) = header {
+            load.extend(["--header", h]);
+        }
+        let r = c.start_load("shop", "client-0", &load)?.finish().await?;
+        let got = if r["ok"].as_u64() == Some(5) {
+            r["by_body"]
+                .as_object()
+                .and_then(|b| (b.len() == 1).then(|| b.keys().next().cloned()).flatten())
+                .unwrap_or_default()
+        } else {
+            r["errors"]
+                .as_object()
+                .and_then(|b| (b.len() == 1).then(|| b.keys().next().cloned()).flatten())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            got, expected,
+            "{method} {url} {header:?}: explain said {e:#}, the proxies did {r}"
+        );
+        agreed.push(format!(
+            "{method} {path}{}: {got}",
+            header.map(|h| format!(" [{h}]")).unwrap_or_default()
+        ));
+    }
+    mesh_e2e::figure(&format!(
+        "meshctl explain agrees with mesh-proxy on {} requests: {}",
+        agreed.len(),
+        agreed.join("; ")
+    ));
+    Ok(())
+}
+
 /// Run by [`an_interrupted_run_is_swept_by_the_next`] in a child process (with `--ignored` and
 /// `MESH_E2E_HOLD` set): builds a cluster and waits to be killed. Run any other way, it fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 //! each second how many answers each body got.
 //!
 //! mesh-e2e-load --url http://10.96.0.10:9080/ --requests 2000 [--rate 200] [--concurrency 8]
+//!               [--method POST] [--header 'name: value']...
 //! mesh-e2e-load sleep-forever   # a container that waits for `kubectl exec`
 
 use std::collections::BTreeMap;
@@ -48,6 +49,8 @@ struct Args {
     rate: Option<f64>,
     duration: Option<Duration>,
     concurrency: usize,
+    method: hyper::Method,
+    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -56,6 +59,8 @@ fn parse() -> anyhow::Result<Args> {
     let mut rate = None;
     let mut duration = None;
     let mut concurrency = 8;
+    let mut method = hyper::Method::GET;
+    let mut headers = Vec::new();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
@@ -70,6 +75,17 @@ fn parse() -> anyhow::Result<Args> {
                 )
             }
             "--concurrency" => concurrency = value()?.parse().context("--concurrency")?,
+            "--method" => method = value()?.parse().context("--method")?,
+            "--header" => {
+                let h = value()?;
+                let (name, v) = h
+                    .split_once(':')
+                    .with_context(|| format!("--header {h:?}: expected 'name: value'"))?;
+                headers.push((
+                    name.trim().parse().context("--header name")?,
+                    v.trim().parse().context("--header value")?,
+                ));
+            }
             other => bail!("unknown flag {other:?}"),
         }
     }
@@ -85,6 +101,8 @@ fn parse() -> anyhow::Result<Args> {
         rate,
         duration,
         concurrency,
+        method,
+        headers,
     })
 }
 
@@ -106,20 +124,25 @@ async fn connect(url: &hyper::Uri) -> anyhow::Result<Sender> {
 }
 
 /// One request on a pooled connection (opened again when it broke): the answer's key.
-async fn one(url: &hyper::Uri, conn: &mut Option<Sender>) -> Result<String, String> {
+async fn one(args: &Args, conn: &mut Option<Sender>) -> Result<String, String> {
+    let url = &args.url;
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
         *conn = Some(connect(url).await.map_err(|e| format!("{e:#}"))?);
     }
     let Some(tx) = conn.as_mut() else {
         return Err("no connection".into());
     };
-    let req = hyper::Request::get(url.path())
+    let mut req = hyper::Request::builder()
+        .method(args.method.clone())
+        .uri(url.path_and_query().map_or("/", |p| p.as_str()))
         .header(
             hyper::header::HOST,
             url.authority().map_or("", |a| a.as_str()),
-        )
-        .body(Empty::new())
-        .map_err(|e| e.to_string())?;
+        );
+    for (name, value) in &args.headers {
+        req = req.header(name, value);
+    }
+    let req = req.body(Empty::new()).map_err(|e| e.to_string())?;
     let answer = tokio::time::timeout(Duration::from_secs(5), async {
         let resp = tx
             .send_request(req)
@@ -196,7 +219,7 @@ async fn main() -> anyhow::Result<()> {
                 let sent_at = unix_ms();
                 // Requests count in the second they were sent in.
                 let second = start.elapsed().as_secs() as usize;
-                let result = one(&args.url, &mut conn).await;
+                let result = one(&args, &mut conn).await;
                 let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
                 r.sent += 1;
                 while r.seconds.len() <= second {
