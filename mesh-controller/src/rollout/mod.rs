@@ -55,6 +55,8 @@ pub struct RuleView {
     pub weights: BTreeMap<String, u32>,
     /// The port the backendRefs name.
     pub port: u16,
+    /// Whether the route has the rollout's own header rule (`rollout-<name>`).
+    pub own_rule: bool,
 }
 
 /// The change a rollout makes to its route's rule.
@@ -147,8 +149,9 @@ struct Memory {
     /// The counts when the current step's measurement began.
     baseline: Option<Baseline>,
     last_write: Option<Instant>,
-    /// Whether the status was loaded by this process (not yet driven).
-    fresh: bool,
+    /// Loaded by this process while progressing (a restart, or a new Lease holder): the next
+    /// measurement of the step says so.
+    restarted: bool,
 }
 
 #[derive(Debug)]
@@ -251,6 +254,7 @@ impl Driver {
         let key = key_of(rollout);
         if !self.memory.contains_key(&key) {
             let status = self.store.load(rollout).await;
+            let restarted = status.phase == RolloutPhase::Progressing && !status.weights.is_empty();
             self.memory.insert(
                 key.clone(),
                 Memory {
@@ -258,7 +262,7 @@ impl Driver {
                     status,
                     baseline: None,
                     last_write: None,
-                    fresh: true,
+                    restarted,
                 },
             );
         }
@@ -288,9 +292,9 @@ impl Driver {
                         Ok(()) => mem.last_write = Some(now),
                         Err(e) => {
                             warn!(rollout = %key, error = %e, "setting the route's weights");
-                            // The status keeps the weights wanted: the next tick writes them
-                            // again, as the route still shows the ones before.
-                            mem.last_write = None;
+                            // The status keeps the weights wanted; they are written again
+                            // `REWRITE_AFTER` from now, as the route still shows the ones before.
+                            mem.last_write = Some(now);
                             set_condition(
                                 &mut mem.status,
                                 "Ready",
@@ -304,7 +308,7 @@ impl Driver {
                 }
                 Err(e) => {
                     warn!(rollout = %key, error = %e, "writing the rollout's status; the route is left as it is until it can be");
-                    mem.last_write = None;
+                    mem.last_write = Some(now);
                 }
             }
         }
@@ -421,6 +425,10 @@ pub fn resolve_rule(index: &Index, rollout: &Rollout) -> Result<RuleView, String
         rule_number: rule + 1,
         weights,
         port: port.unwrap_or_default(),
+        own_rule: route
+            .rules
+            .iter()
+            .any(|r| r.name.as_deref() == Some(own.as_str())),
     })
 }
 
@@ -693,6 +701,14 @@ fn weights_list(w: &[(String, u32)]) -> Vec<BackendWeight> {
     out
 }
 
+/// The backends of a rule that get traffic (a backend listed at 0 is none of a change).
+fn live(w: &BTreeMap<String, u32>) -> BTreeMap<&str, u32> {
+    w.iter()
+        .filter(|(_, w)| **w > 0)
+        .map(|(n, w)| (n.as_str(), *w))
+        .collect()
+}
+
 fn as_map(w: &[BackendWeight]) -> BTreeMap<String, u32> {
     w.iter().map(|b| (b.name.clone(), b.weight)).collect()
 }
@@ -761,8 +777,8 @@ fn step(
         .as_ref()
         .and_then(|a| a.get(mesh_api::consts::labels::RESUME).cloned());
     let mut fx = Effects::default();
-    // Whether this process has not measured this rollout yet (it restarted, or took over).
-    let fresh = mem.fresh;
+    // Said once, at the first measurement right after the load, or not at all.
+    let restarted = std::mem::replace(&mut mem.restarted, false);
     let st = &mut mem.status;
     let decide = |st: &mut RolloutStatus,
                   fx: &mut Effects,
@@ -837,37 +853,50 @@ fn step(
     let mut lagging = false;
     if let Some(r) = rule.as_ref().filter(|_| started) {
         let want = as_map(&st.weights);
-        if r.weights == want {
+        // The header rule the last change wanted: the step's, while the rollout runs.
+        let want_rule = !st.phase.is_done() && !headers(st.step).is_empty();
+        let shown = live(&r.weights) == live(&want);
+        if shown && r.own_rule == want_rule {
             if !st.previous_weights.is_empty() {
                 st.previous_weights.clear();
-                if st
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.reason == "RouteNotWritten")
-                {
-                    set_condition(
-                        st,
-                        "Ready",
-                        true,
-                        "Progressing",
-                        "the route has the weights",
-                        generation,
-                    );
-                }
             }
-        } else if !st.previous_weights.is_empty() && r.weights == as_map(&st.previous_weights) {
+            if st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == "RouteNotWritten")
+            {
+                let reason = if st.phase.is_done() {
+                    format!("{:?}", st.phase)
+                } else {
+                    "Progressing".into()
+                };
+                set_condition(
+                    st,
+                    "Ready",
+                    true,
+                    &reason,
+                    "the route has the weights",
+                    generation,
+                );
+            }
+        } else if !paused_by_change(st)
+            && (shown
+                || (!st.previous_weights.is_empty()
+                    && live(&r.weights) == live(&as_map(&st.previous_weights))))
+        {
             lagging = true;
             // Made again when it was lost (the write failed, or the controller stopped).
             if mem
                 .last_write
                 .is_none_or(|t| now.duration_since(t) >= REWRITE_AFTER)
             {
-                let h = if st.phase.is_done() {
-                    Vec::new()
-                } else {
+                let h = if want_rule {
                     headers(st.step)
+                } else {
+                    Vec::new()
                 };
-                fx.edit = Some(edit(r, want.into_iter().collect(), h));
+                let target = view.as_ref().unwrap_or(r);
+                fx.edit = Some(edit(target, want.into_iter().collect(), h));
             }
         }
     }
@@ -925,8 +954,15 @@ fn step(
     let view = match view {
         Ok(v) => v,
         Err(why) => {
-            if st.phase != RolloutPhase::Invalid {
-                st.phase = RolloutPhase::Invalid;
+            let noted = st
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == "Invalid");
+            if !noted {
+                // A pause stays a pause (its resume still needs asking for).
+                if st.phase != RolloutPhase::Paused {
+                    st.phase = RolloutPhase::Invalid;
+                }
                 st.current = None;
                 let w = rule
                     .as_ref()
@@ -1001,7 +1037,6 @@ fn step(
             Default::default(),
             false,
         );
-        mem.fresh = false;
         set_condition(
             st,
             "Ready",
@@ -1015,40 +1050,55 @@ fn step(
         return fx;
     }
 
-    if st.phase == RolloutPhase::Invalid {
-        // It can run again: where it was, with that step's weights.
-        st.phase = RolloutPhase::Progressing;
-        let w = split_weights(spec, &view, percent(st.step));
-        set_weights(st, &mut fx, &view, w, headers(st.step));
-        decide(
-            st,
-            &mut fx,
-            "Resumed",
-            format!(
-                "the rollout can run again: step {}'s weights set again, its time and measurements start over",
-                st.step + 1
-            ),
-            percent(st.step),
-            Default::default(),
-            false,
-        );
+    let want = as_map(&st.weights);
+    let known = live(&view.weights) == live(&want)
+        || (!st.previous_weights.is_empty()
+            && live(&view.weights) == live(&as_map(&st.previous_weights)));
+    if st
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Ready" && c.reason == "Invalid")
+    {
+        // It can run again, where it was; a pause stays a pause.
+        let paused = st.phase == RolloutPhase::Paused;
+        if !paused {
+            st.phase = RolloutPhase::Progressing;
+        }
         set_condition(
             st,
             "Ready",
             true,
-            "Progressing",
-            "the rollout runs",
+            if paused { "Paused" } else { "Progressing" },
+            "the rollout can run",
             generation,
         );
         mem.baseline = None;
-        return fx;
+        if !paused && known {
+            let w = split_weights(spec, &view, percent(st.step));
+            set_weights(st, &mut fx, &view, w, headers(st.step));
+            decide(
+                st,
+                &mut fx,
+                "Resumed",
+                format!(
+                    "the rollout can run again: step {}'s weights set again, its time and measurements start over",
+                    st.step + 1
+                ),
+                percent(st.step),
+                Default::default(),
+                false,
+            );
+            return fx;
+        }
+        // Weights someone else set meanwhile: paused below.
     }
 
     // Weights someone else set pause the rollout.
-    let want = as_map(&st.weights);
-    if !lagging && view.weights != want && !paused_by_change(st) {
+    if !lagging && !known && !paused_by_change(st) {
         st.phase = RolloutPhase::Paused;
         st.current = None;
+        // What it had written is no longer on its way: only a resume sets it again.
+        st.previous_weights.clear();
         // Only a resume asked for after this pause resumes it.
         st.resumed = token.clone();
         let msg = format!(
@@ -1139,7 +1189,7 @@ fn step(
     let tally =
         |svc: &str| stats.tally(&view.route, &format!("{}/{svc}", view.route_key.namespace));
     if mem.baseline.is_none() {
-        if fresh {
+        if restarted {
             decide(
                 st,
                 &mut fx,
@@ -1154,7 +1204,6 @@ fn step(
             );
         }
         st.step_started_at = Some(now_rfc3339());
-        mem.fresh = false;
         mem.baseline = Some(Baseline {
             started: now,
             candidate: tally(&spec.candidate),
@@ -1192,19 +1241,30 @@ fn step(
     if !enough {
         return fx;
     }
-    if let Some(why) = gate_failure(&spec.gates, &c, &s, min) {
-        let w = split_weights(spec, &view, 0);
-        set_weights(st, &mut fx, &view, w, Vec::new());
-        st.phase = RolloutPhase::RolledBack;
+    // The end: all on one side, the header rule gone, the decision and the conditions.
+    let end = |st: &mut RolloutStatus,
+               fx: &mut Effects,
+               percent: u32,
+               phase: RolloutPhase,
+               msg: String,
+               m: (Measured, Measured),
+               warning: bool| {
+        let w = split_weights(spec, &view, percent);
+        set_weights(st, fx, &view, w, Vec::new());
+        st.phase = phase;
         st.current = None;
+        let action = format!("{phase:?}");
+        decide(st, fx, &action, msg.clone(), percent, m, warning);
+        set_condition(st, "Ready", true, &action, &msg, generation);
+        set_condition(st, "Paused", false, "Done", "", generation);
+    };
+    if let Some(why) = gate_failure(&spec.gates, &c, &s, min) {
         let msg = format!(
             "step {}: {why}; all traffic back on {}",
             st.step + 1,
             spec.stable
         );
-        decide(st, &mut fx, "RolledBack", msg.clone(), 0, m, true);
-        set_condition(st, "Ready", true, "RolledBack", &msg, generation);
-        set_condition(st, "Paused", false, "Done", "", generation);
+        end(st, &mut fx, 0, RolloutPhase::RolledBack, msg, m, true);
         return fx;
     }
     if elapsed < interval {
@@ -1212,18 +1272,12 @@ fn step(
     }
     let last = st.step as usize + 1 >= spec.steps.len();
     if last {
-        let w = split_weights(spec, &view, 100);
-        set_weights(st, &mut fx, &view, w, Vec::new());
-        st.phase = RolloutPhase::Promoted;
-        st.current = None;
         let msg = format!(
             "step {} passed: all traffic on {}",
             st.step + 1,
             spec.candidate
         );
-        decide(st, &mut fx, "Promoted", msg.clone(), 100, m, false);
-        set_condition(st, "Ready", true, "Promoted", &msg, generation);
-        set_condition(st, "Paused", false, "Done", "", generation);
+        end(st, &mut fx, 100, RolloutPhase::Promoted, msg, m, false);
         return fx;
     }
     let passed = st.step;

@@ -191,12 +191,28 @@ impl Local {
     }
 
     fn condition(st: &RolloutStatus, kind: &str) -> (String, String) {
-        st.conditions
-            .iter()
-            .find(|c| c.type_ == kind)
-            .map(|c| (c.status.clone(), c.reason.clone()))
-            .unwrap_or_default()
+        let c = cond(st, kind);
+        (c.status.clone(), c.reason.clone())
     }
+
+    /// What a person's `meshctl route split` does: the rule's weights set in the file.
+    fn set_route_weights(&self, weights: &[(&str, u32)]) {
+        let path = self.dir.path().join("route.yaml");
+        let mut route = mesh_api::route_doc::read_docs(&path)
+            .expect("read")
+            .remove(0);
+        mesh_api::route_doc::set_backends(&mut route, 1, &w(weights), 9080);
+        mesh_api::route_doc::write_docs(&path, &[route]).expect("write");
+        self.reload();
+    }
+}
+
+/// Condition `kind` of a status, which must be there.
+fn cond<'a>(st: &'a RolloutStatus, kind: &str) -> &'a Condition {
+    st.conditions
+        .iter()
+        .find(|c| c.type_ == kind)
+        .unwrap_or_else(|| panic!("no condition {kind}: {st:#?}"))
 }
 
 fn w(pairs: &[(&str, u32)]) -> Vec<(String, u32)> {
@@ -255,11 +271,7 @@ async fn a_healthy_candidate_is_promoted_step_by_step() {
         ["Started", "Advanced", "Advanced", "Promoted"],
         "{st:#?}"
     );
-    let ready = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready");
+    let ready = cond(&st, "Ready");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("True", "Promoted")
@@ -299,25 +311,10 @@ async fn a_manual_change_pauses_until_resumed() {
     let mut m = local("[{weight: 10}, {weight: 100}]");
     m.tick().await;
     // What `meshctl route split --to reviews-v1=50,reviews-v2=50` writes.
-    let path = m.dir.path().join("route.yaml");
-    let mut route = mesh_api::route_doc::read_docs(&path)
-        .expect("read")
-        .remove(0);
-    mesh_api::route_doc::set_backends(
-        &mut route,
-        1,
-        &w(&[("reviews-v1", 50), ("reviews-v2", 50)]),
-        9080,
-    );
-    mesh_api::route_doc::write_docs(&path, &[route]).expect("write");
-    m.reload();
+    m.set_route_weights(&[("reviews-v1", 50), ("reviews-v2", 50)]);
     let st = m.tick().await;
     assert_eq!(st.phase, RolloutPhase::Paused);
-    let paused = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Paused")
-        .expect("Paused");
+    let paused = cond(&st, "Paused");
     assert_eq!(paused.reason, "ManualChange");
     assert!(
         paused
@@ -401,21 +398,10 @@ async fn a_header_step_adds_a_rule_for_the_candidate_then_takes_it_away() {
 #[tokio::test]
 async fn a_rollout_that_cannot_run_says_why_and_starts_once_fixed() {
     let mut m = local("[{weight: 10}]");
-    let path = m.dir.path().join("rollout.yaml");
-    let text = std::fs::read_to_string(&path).expect("read");
-    std::fs::write(
-        &path,
-        text.replace("candidate: reviews-v2", "candidate: reviews-v9"),
-    )
-    .expect("write");
-    m.reload();
+    m.edit_rollout(|t| t.replace("candidate: reviews-v2", "candidate: reviews-v9"));
     let st = m.tick().await;
     assert_eq!(st.phase, RolloutPhase::Invalid);
-    let ready = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready");
+    let ready = cond(&st, "Ready");
     assert_eq!(ready.status, "False");
     assert!(
         ready
@@ -425,8 +411,7 @@ async fn a_rollout_that_cannot_run_says_why_and_starts_once_fixed() {
         ready.message
     );
     assert_eq!(m.weights(), w(&[("reviews-v1", 1)]), "nothing written");
-    std::fs::write(&path, text).expect("write");
-    m.reload();
+    m.edit_rollout(|t| t.replace("candidate: reviews-v9", "candidate: reviews-v2"));
     let st = m.tick().await;
     assert_eq!(st.phase, RolloutPhase::Progressing);
     assert_eq!(m.weights(), w(&[("reviews-v1", 90), ("reviews-v2", 10)]));
@@ -605,10 +590,18 @@ async fn a_route_that_cannot_be_written_is_written_on_a_later_tick() {
     );
     std::fs::rename(&away, &path).expect("mv back");
     m.reload();
+    // Not at once: a refused write is tried again REWRITE_AFTER later.
+    m.tick().await;
+    assert_eq!(m.weights(), w(&[("reviews-v1", 90), ("reviews-v2", 10)]));
+    m.pass(10, (0, 0), (0, 0));
     m.tick().await;
     assert_eq!(m.weights(), w(&[("reviews-v1", 100), ("reviews-v2", 0)]));
     let st = m.tick().await;
-    assert_eq!(Local::condition(&st, "Ready").0, "True", "{st:#?}");
+    assert_eq!(
+        Local::condition(&st, "Ready"),
+        ("True".into(), "RolledBack".into()),
+        "{st:#?}"
+    );
     assert!(st.previous_weights.is_empty());
 }
 
@@ -622,18 +615,7 @@ async fn a_resume_asked_before_a_manual_change_does_not_end_the_pause_it_causes(
     m.annotate(mesh_api::consts::labels::RESUME, "t1");
     assert_eq!(m.tick().await.phase, RolloutPhase::Progressing);
     // Now a person changes the weights: paused, and t1 does not resume it.
-    let path = m.dir.path().join("route.yaml");
-    let mut route = mesh_api::route_doc::read_docs(&path)
-        .expect("read")
-        .remove(0);
-    mesh_api::route_doc::set_backends(
-        &mut route,
-        1,
-        &w(&[("reviews-v1", 70), ("reviews-v2", 30)]),
-        9080,
-    );
-    mesh_api::route_doc::write_docs(&path, &[route]).expect("write");
-    m.reload();
+    m.set_route_weights(&[("reviews-v1", 70), ("reviews-v2", 30)]);
     let st = m.tick().await;
     assert_eq!(Local::condition(&st, "Paused").1, "ManualChange");
     assert_eq!(
@@ -700,4 +682,48 @@ fn a_step_that_sends_the_candidate_nothing_is_refused() {
         err.starts_with("spec.steps[0]: weight 0 and no headers"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn a_lost_write_of_the_header_rule_alone_is_made_again() {
+    let mut m = local("[{weight: 0, headers: [{name: x-canary, value: 'yes'}]}, {weight: 100}]");
+    // The rule already shows the first step's weights; only the header rule is to come.
+    m.set_route_weights(&[("reviews-v1", 100), ("reviews-v2", 0)]);
+    let (path, away) = (
+        m.dir.path().join("route.yaml"),
+        m.dir.path().join("route.away"),
+    );
+    std::fs::rename(&path, &away).expect("mv");
+    m.driver.tick(m.now).await;
+    std::fs::rename(&away, &path).expect("mv back");
+    m.reload();
+    m.pass(10, (0, 0), (0, 0));
+    m.tick().await;
+    assert!(
+        mesh_api::route_doc::rule_named(&m.route(), "rollout-reviews").is_some(),
+        "the header rule was written again"
+    );
+}
+
+#[tokio::test]
+async fn a_manual_pause_outlasts_an_invalid_spell() {
+    let mut m = local("[{weight: 10}, {weight: 100}]");
+    m.tick().await;
+    m.set_route_weights(&[("reviews-v1", 60), ("reviews-v2", 40)]);
+    assert_eq!(
+        Local::condition(&m.tick().await, "Paused").1,
+        "ManualChange"
+    );
+    m.service("reviews-v2", false);
+    let st = m.tick().await;
+    assert_eq!(st.phase, RolloutPhase::Paused, "a pause stays a pause");
+    assert_eq!(
+        Local::condition(&st, "Ready"),
+        ("False".into(), "Invalid".into())
+    );
+    m.service("reviews-v2", true);
+    let st = m.tick().await;
+    assert_eq!(st.phase, RolloutPhase::Paused);
+    assert_eq!(Local::condition(&st, "Ready").0, "True");
+    assert_eq!(m.weights(), w(&[("reviews-v1", 60), ("reviews-v2", 40)]));
 }
