@@ -572,6 +572,31 @@ async fn start_rollout<C: Cluster>(c: &C, candidate: &str) -> anyhow::Result<()>
     .map(|_| ())
 }
 
+/// A rollout of `reviews` to `candidate` under 200 rps for `secs` seconds, waited for (at most
+/// `timeout` seconds) until it ends: its status, how long it took, and the load's report.
+async fn rollout_under_load<C: Cluster>(
+    c: &C,
+    addr: &str,
+    candidate: &str,
+    secs: u64,
+    timeout: u64,
+) -> anyhow::Result<(Value, Duration, Value)> {
+    let url = format!("http://{addr}:9080/");
+    let load = at_200_rps(c, &url, &format!("{secs}s"))?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    start_rollout(c, candidate).await?;
+    let st = wait_rollout(c, "ended", Duration::from_secs(timeout), |s| {
+        matches!(
+            s["phase"].as_str(),
+            Some("Promoted" | "RolledBack" | "Invalid")
+        )
+    })
+    .await?;
+    let took = started.elapsed();
+    Ok((st, took, load.finish().await?))
+}
+
 /// The weights `meshctl route show` reports for the route's rule.
 async fn shown<C: Cluster>(c: &C) -> anyhow::Result<String> {
     c.meshctl_route(&["show", "reviews", "-n", "shop"]).await
@@ -583,20 +608,7 @@ async fn shown<C: Cluster>(c: &C) -> anyhow::Result<String> {
 async fn rollout_promotes_a_healthy_candidate<C: Cluster>(c: &mut C) -> anyhow::Result<()> {
     let addr = reviews(c, 1).await?;
     route(c, &split(100, 0)).await?;
-    let url = format!("http://{addr}:9080/");
-    let load = at_200_rps(c, &url, "45s")?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let started = Instant::now();
-    start_rollout(c, "reviews-v2").await?;
-    let st = wait_rollout(c, "ended", Duration::from_secs(42), |s| {
-        matches!(
-            s["phase"].as_str(),
-            Some("Promoted" | "RolledBack" | "Invalid")
-        )
-    })
-    .await?;
-    let took = started.elapsed();
-    let r = load.finish().await?;
+    let (st, took, r) = rollout_under_load(c, &addr, "reviews-v2", 45, 42).await?;
     let per_step: Vec<String> = st["decisions"]
         .as_array()
         .map(|d| {
@@ -669,20 +681,7 @@ async fn rollout_rolls_back_a_failing_candidate<C: Cluster>(c: &mut C) -> anyhow
         ),
     )
     .await?;
-    let url = format!("http://{addr}:9080/");
-    let load = at_200_rps(c, &url, "20s")?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let started = Instant::now();
-    start_rollout(c, "reviews-v3").await?;
-    let st = wait_rollout(c, "ended", Duration::from_secs(18), |s| {
-        matches!(
-            s["phase"].as_str(),
-            Some("Promoted" | "RolledBack" | "Invalid")
-        )
-    })
-    .await?;
-    let took = started.elapsed();
-    let r = load.finish().await?;
+    let (st, took, r) = rollout_under_load(c, &addr, "reviews-v3", 20, 18).await?;
     let v3_ok = count(&r, "reviews v3");
     let failed = r["failed"].as_u64().unwrap_or(0);
     let sent = r["sent"].as_u64().unwrap_or(0);
@@ -1243,8 +1242,8 @@ async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::
 }
 
 /// `meshctl explain` agrees with mesh-proxy: for each request of a table over header, path,
-/// query and method matches, a redirect, a rule that matches nothing, and Allow and Deny
-/// policies, what the controller explains (the backend, or the status) is what the client's
+/// query and method matches, a redirect, a rule that matches nothing, a rewrite, and Allow and
+/// Deny policies (on encoded paths too), what the controller explains (the backend, or the status) is what the client's
 /// proxy and the server's proxy then do with the same request, five times over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_agrees_with_what_the_proxies_do() -> anyhow::Result<()> {
@@ -1260,10 +1259,10 @@ async fn explain_agrees_with_what_the_proxies_do() -> anyhow::Result<()> {
     let details_addr = c.service(service("details", &[("app", "details")]))?;
     let details = details_addr.as_str();
     c.deploy(&demo("details", "v1", 1)).await?;
-    let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]\n  rules:\n  - matches: [{headers: [{name: x-canary, value: 'yes'}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: v, value: '2'}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - matches: [{path: {type: Exact, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]\n  - matches: [{path: {type: PathPrefix, value: /write}, method: POST}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - backendRefs: [{name: reviews-v1, port: 9080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details, port: 9080}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v1}}]\n    backendRefs: [{name: details, port: 9080}]\n---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: ratings-readers, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: ratings}]\n  rules: [{from: [{serviceAccounts: [client]}], to: [{methods: [GET]}]}]\n---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  action: Deny\n  targetRefs: [{kind: Namespace, name: shop}]\n  rules: [{to: [{paths: ['/admin', '/admin/*']}]}]\n";
+    let routes = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]\n  rules:\n  - matches: [{headers: [{name: x-canary, value: 'yes'}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: v, value: '2'}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - matches: [{path: {type: Exact, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]\n  - matches: [{path: {type: PathPrefix, value: /write}, method: POST}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - backendRefs: [{name: reviews-v1, port: 9080}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: details, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: details, port: 9080}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v1}}]\n    backendRefs: [{name: details, port: 9080}]\n  - matches: [{path: {type: PathPrefix, value: /legacy}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /admin}}}]\n    backendRefs: [{name: ratings, port: 9080}]\n---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: ratings-readers, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: ratings}]\n  rules: [{from: [{serviceAccounts: [client]}], to: [{methods: [GET]}]}]\n---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  action: Deny\n  targetRefs: [{kind: Namespace, name: shop}]\n  rules: [{to: [{paths: ['/admin', '/admin/*', '/a:b']}]}]\n";
     apply_served(&mut c, "explained", routes).await?;
     // (method, host, path, header): each sent to the host's address.
-    let table: [(&str, &str, &str, Option<&str>); 11] = [
+    let table: [(&str, &str, &str, Option<&str>); 14] = [
         ("GET", reviews, "/", None),
         ("GET", reviews, "/", Some("x-canary: yes")),
         ("GET", reviews, "/api/list?v=2", None),
@@ -1275,6 +1274,10 @@ async fn explain_agrees_with_what_the_proxies_do() -> anyhow::Result<()> {
         ("GET", ratings, "/admin", None),
         ("GET", details, "/v1/x", None),
         ("GET", details, "/other", None),
+        // Authorized on the path as rewritten, decoded where the Deny's characters may be.
+        ("GET", details, "/legacy/keys", None),
+        ("GET", ratings, "/a%3Ab", None),
+        ("GET", ratings, "/admin%2Fkeys", None),
     ];
     let mut agreed = Vec::new();
     for (method, host, path, header) in table {
@@ -1300,7 +1303,7 @@ async fn explain_agrees_with_what_the_proxies_do() -> anyhow::Result<()> {
                     e["backends"].as_array().map(Vec::len) == Some(1) && b["share"] == 100.0,
                     "{method} {url}: the table has one backend per request: {e:#}"
                 );
-                if b["authz"]["allowed"] == false {
+                if b["authz"][0]["allowed"] == false {
                     "status 403".to_string()
                 } else {
                     let svc = b["service"].as_str().unwrap_or_default();

@@ -6,7 +6,6 @@
 //! identity (evaluated as the inbound RBAC filters built from the same policies decide), the
 //! rate limit, and the endpoints that could be picked.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -72,6 +71,9 @@ pub struct RuleRef {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct AuthzDecision {
+    /// The endpoints it holds for (pods reached through the same Services on the same port
+    /// decide alike).
+    pub endpoints: Vec<String>,
     pub allowed: bool,
     /// The policy (and rule, as `ns/name/rules[i]` when it has several) that decided, or the
     /// default.
@@ -103,7 +105,9 @@ pub struct Backend {
     pub endpoints: Vec<String>,
     /// What TrafficPolicies say of its endpoints (balancing, limits, outlier detection).
     pub traffic_policy: Option<serde_json::Value>,
-    pub authz: Option<AuthzDecision>,
+    /// The authorization decision at its endpoints' proxies, one per group of endpoints that
+    /// decide alike; endpoints without a proxy make none.
+    pub authz: Vec<AuthzDecision>,
     pub rate_limit: Option<RateLimitInfo>,
 }
 
@@ -154,31 +158,46 @@ fn parse_url(url: &str) -> Result<Parsed, ExplainError> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| bad("expected http://host[:port]/path"))?;
-    let (authority, path_query) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let tail = tail.split_once('#').map_or(tail, |(t, _)| t);
+    let path_query = if tail.starts_with('/') {
+        tail.to_string()
+    } else {
+        format!("/{tail}")
     };
-    let (path_query, _) = path_query.split_once('#').unwrap_or((path_query, ""));
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| bad(&format!("port {p:?} is not a number from 1 to 65535")))?,
-        ),
-        _ => (authority, 80),
+    let port_of = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad(&format!("port {p:?} is not a number from 1 to 65535")))
+    };
+    let (host, port) = match authority.strip_prefix('[') {
+        // An IPv6 address, and maybe a port after it.
+        Some(v6) => {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| bad("no ] after [ in the host"))?;
+            match after.strip_prefix(':') {
+                Some(p) => (host, port_of(p)?),
+                None if after.is_empty() => (host, 80),
+                None => return Err(bad("expected :port after the ]")),
+            }
+        }
+        None => match authority.rsplit_once(':') {
+            Some((h, p)) => (h, port_of(p)?),
+            None => (authority, 80),
+        },
     };
     if host.is_empty() {
         return Err(bad("no host"));
     }
     let (path, query) = match path_query.split_once('?') {
         Some((p, q)) => (p.to_string(), Some(q.to_string())),
-        None => (path_query.to_string(), None),
+        None => (path_query.clone(), None),
     };
     Ok(Parsed {
-        host: host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase(),
+        host: host.to_ascii_lowercase(),
         port,
         path,
         query,
@@ -302,10 +321,19 @@ fn pattern_matches(p: &Pattern, v: &str) -> bool {
     }
 }
 
-/// Whether an `Operation` matches, as `xds::policy::operation` builds it (a Deny matches more:
-/// an exact path with a trailing slash, paths with `;` or `%25`, `*`, and HEAD for GET).
-fn operation_matches(o: &Operation, deny: bool, port: u16, path: &str, method: &str) -> bool {
-    if o.never {
+/// Whether an `Operation` matches, as `xds::policy::operation` builds it: on an opaque TCP
+/// port an Allow entry that asks for a path or method matches nothing and a Deny entry's path
+/// and method conditions are dropped; a Deny matches more on HTTP (an exact path with a
+/// trailing slash, the path percent-decoded, paths with `;` or `%25`, `*`, and HEAD for GET).
+fn operation_matches(
+    o: &Operation,
+    deny: bool,
+    tcp: bool,
+    port: u16,
+    path: &str,
+    method: &str,
+) -> bool {
+    if o.never || (tcp && !deny && o.is_http()) {
         return false;
     }
     if let Some(ports) = &o.ports
@@ -313,11 +341,16 @@ fn operation_matches(o: &Operation, deny: bool, port: u16, path: &str, method: &
     {
         return false;
     }
+    if tcp {
+        return true;
+    }
     if let Some(paths) = &o.paths {
+        let decoded = decode_but_slash(path);
         let hit = paths.iter().any(|p| {
             pattern_matches(p, path)
                 || (deny
-                    && matches!(p, Pattern::Exact(v) if !v.ends_with('/') && path == format!("{v}/")))
+                    && (pattern_matches(p, &decoded)
+                        || matches!(p, Pattern::Exact(v) if !v.ends_with('/') && (path == format!("{v}/") || decoded == format!("{v}/")))))
         }) || (deny && (path.contains(';') || path.contains("%25") || path == "*"));
         if !hit {
             return false;
@@ -330,6 +363,33 @@ fn operation_matches(o: &Operation, deny: bool, port: u16, path: &str, method: &
         }
     }
     true
+}
+
+/// A normalized path with its remaining escapes decoded, but `%2F`: a Deny's path is matched
+/// in every form of the characters a request may send raw or encoded (`:`, `@`, non-ASCII...),
+/// while `/` is matched only as written (`xds::policy::path_matches`).
+fn decode_but_slash(path: &str) -> String {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(h), Some(l)) if h * 16 + l != u32::from(b'/') => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn source_matches(s: &Source, identity: Option<&str>) -> bool {
@@ -353,6 +413,7 @@ fn source_matches(s: &Source, identity: Option<&str>) -> bool {
 pub fn decide(
     p: &PortPolicies<'_>,
     identity: Option<&str>,
+    tcp: bool,
     port: u16,
     path: &str,
     method: &str,
@@ -379,7 +440,7 @@ pub fn decide(
                 (r.to.is_empty()
                     || r.to
                         .iter()
-                        .any(|o| operation_matches(o, deny, port, path, method)))
+                        .any(|o| operation_matches(o, deny, tcp, port, path, method)))
                     && (r.from.is_empty() || r.from.iter().any(|s| source_matches(s, identity)))
             })
             .map(|(n, _)| n)
@@ -415,33 +476,40 @@ pub fn decide(
     }
 }
 
-/// The workload port a Service port's traffic reaches, and the Services (with port names)
-/// that reach it, for the policies that apply there.
-fn inbound_of(model: &Model, svc: &ServiceModel, port: &PortModel) -> (u16, Vec<(String, String)>) {
-    let endpoint = port.endpoints.first();
-    let pod_port = endpoint
-        .map(|e| e.addr.port())
-        .or(port.target_port)
-        .unwrap_or(port.port);
-    let mut via: BTreeSet<(String, String)> = BTreeSet::new();
-    via.insert((svc.key.name.clone(), port.name.clone()));
-    if let Some(pod) = endpoint.and_then(|e| e.peer.as_ref()) {
-        for other in model.services_selecting(pod) {
-            for p in &other.ports {
-                let reaches = p.target_port == Some(pod_port)
-                    || p.target_port_name
-                        .as_ref()
-                        .is_some_and(|n| pod.named_ports.get(n) == Some(&pod_port))
-                    || (p.target_port.is_none()
-                        && p.target_port_name.is_none()
-                        && p.port == pod_port);
-                if reaches {
-                    via.insert((other.key.name.clone(), p.name.clone()));
+/// How one endpoint's proxy guards the port a backend reaches: `None` when its pod runs no
+/// proxy (or is not known), else the inbound protocol and the Services (with port names) that
+/// reach the port, as the pod's inbound listener is built (`translate::targets`).
+type Guard = Option<(crate::index::Protocol, Vec<(String, String)>)>;
+
+fn guard_of(model: &Model, e: &crate::index::Endpoint) -> Guard {
+    let pod = e
+        .peer
+        .as_ref()
+        .filter(|p| crate::xds::build::is_proxied(p))?;
+    crate::xds::translate::targets(model, Some(pod)).remove(&e.addr.port())
+}
+
+/// The path the destination sees: the matched rule's rewrite applied (`ReplaceFullPath`, or
+/// `ReplacePrefixMatch` on a PathPrefix match).
+fn rewritten(e: &RouteEntry, path: &str) -> String {
+    use crate::index::routes::PathModifier;
+    match e.rewrite.as_ref().and_then(|r| r.path.as_ref()) {
+        Some(PathModifier::Full(p)) => p.clone(),
+        Some(PathModifier::Prefix(new)) => match &e.matches.path {
+            PathMatch::Prefix(old) => {
+                let old = old.trim_end_matches('/');
+                let rest = path.get(old.len()..).unwrap_or_default();
+                let new = new.trim_end_matches('/');
+                match (new.is_empty(), rest.is_empty()) {
+                    (true, true) => "/".into(),
+                    (true, false) => rest.to_string(),
+                    (false, _) => format!("{new}{rest}"),
                 }
             }
-        }
+            _ => path.to_string(),
+        },
+        None => path.to_string(),
     }
-    (pod_port, via.into_iter().collect())
 }
 
 fn backend_service<'m>(
@@ -471,7 +539,8 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
         .split_once('/')
         .filter(|(n, w)| !n.is_empty() && !w.is_empty())
         .ok_or_else(|| ExplainError::From(req.from.clone()))?;
-    let method = req.method.to_ascii_uppercase();
+    // As sent: the proxies compare `:method` exactly (`get` is not `GET`).
+    let method = req.method.clone();
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
         return Err(ExplainError::Method(req.method.clone()));
     }
@@ -483,7 +552,11 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
     let Some(pod) = pods.first() else {
         return Err(ExplainError::NoWorkload(req.from.clone()));
     };
-    let identity = model.pod_identity(pod).map(|i| i.to_string());
+    // Without a proxy the caller has no mesh identity and no outbound routing of the mesh.
+    let proxied = crate::xds::build::is_proxied(pod);
+    let identity = proxied
+        .then(|| model.pod_identity(pod).map(|i| i.to_string()))
+        .flatten();
     let caller = Caller {
         namespace: ns.into(),
         workload: workload.into(),
@@ -515,6 +588,11 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
         workload,
         identity.as_deref().unwrap_or("no mesh identity")
     ));
+    if !proxied {
+        words.push(format!(
+            "{ns}/{workload} runs no mesh proxy: its requests reach Services through the platform, with no route, timeout or retry of the mesh, and arrive without a mesh identity"
+        ));
+    }
     let Some(svc) = service_for(model, &url.host, ns) else {
         words.push(format!(
             "{:?} is not a Service of the mesh: the caller's proxy passes the connection through to the address it resolves to, with no route, policy or mTLS of the mesh",
@@ -543,6 +621,15 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
         svc.key, port.port, port.protocol
     ));
     let (entries, from): (&[RouteEntry], String) = match port.consumer_routes.get(ns) {
+        _ if !proxied => (&[], "none: the caller has no proxy".into()),
+        _ if svc.cluster_ip.is_none() => (
+            &[],
+            "none: a headless Service, whose callers reach its pods by their own addresses".into(),
+        ),
+        _ if port.protocol == crate::index::Protocol::Tcp => (
+            &[],
+            "none: an opaque TCP port, which the caller's proxy forwards to the Service's endpoints".into(),
+        ),
         Some(e) => (
             e,
             format!(
@@ -562,6 +649,8 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
     words.push(format!("routes: {from}"));
     let query = url.query.as_deref();
     let default_cluster = model.cluster_name(&svc.key, port.port);
+    // The path the destination gets: the request's, or the matched rule's rewrite of it.
+    let mut forwarded_path = url.path.clone();
     let chosen: Option<&RouteEntry> = entries
         .iter()
         .find(|e| missed(&e.matches, &method, &url.path, query, &req.headers).is_empty());
@@ -610,6 +699,11 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
                 matches: e.matches.clone(),
                 missed: Vec::new(),
             });
+            let to = rewritten(e, &url.path);
+            if to != url.path {
+                words.push(format!("the caller's proxy rewrites the path to {to:?}"));
+            }
+            forwarded_path = to;
             out.timeout_ms = ms(e.timeout);
             out.backend_timeout_ms = ms(e.backend_timeout);
             out.retry = e
@@ -664,7 +758,7 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
         words.push(format!("retries: {r}"));
     }
     let total: u64 = backends.iter().map(|(_, w)| u64::from(*w)).sum();
-    let normalized = mesh_api::path::normalize(&url.path).map(|p| p.into_owned());
+    let normalized = mesh_api::path::normalize(&forwarded_path).map(|p| p.into_owned());
     for (cluster, weight) in backends {
         let share = if total == 0 {
             0.0
@@ -679,7 +773,7 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
             share: (share * 100.0).round() / 100.0,
             endpoints: Vec::new(),
             traffic_policy: None,
-            authz: None,
+            authz: Vec::new(),
             rate_limit: None,
         };
         let Some((bs, bp)) = target else {
@@ -710,10 +804,17 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
             .traffic
             .as_ref()
             .map(|t| serde_json::to_value(t.as_ref()).unwrap_or_default());
-        let (pod_port, via) = inbound_of(model, bs, bp);
-        let via_refs: Vec<(&str, &str)> =
-            via.iter().map(|(s, p)| (s.as_str(), p.as_str())).collect();
-        let policies = model.policies.for_port(&bs.key.namespace, &via_refs);
+        // The endpoints that decide alike: same port, same Services reaching it, same
+        // inbound protocol (as each pod's inbound listener is built).
+        let mut groups: Vec<(Guard, u16, Vec<String>)> = Vec::new();
+        for (e, shown) in bp.endpoints.iter().zip(&b.endpoints) {
+            let g = guard_of(model, e);
+            let port = e.addr.port();
+            match groups.iter_mut().find(|(h, p, _)| *h == g && *p == port) {
+                Some((_, _, list)) => list.push(shown.clone()),
+                None => groups.push((g, port, vec![shown.clone()])),
+            }
+        }
         words.push(format!(
             "{share:.1} % (weight {weight}) to Service {} port {}: {} endpoint{}{}",
             bs.key,
@@ -729,56 +830,91 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
         if let Some(t) = &b.traffic_policy {
             words.push(format!("  TrafficPolicy in force: {t}"));
         }
-        match &normalized {
-            Err(e) => {
-                words.push(format!("  its proxy refuses the path with 400: {e}"));
-                out.outcome = Outcome::Status { status: 400 };
-            }
-            Ok(path) => {
-                let (allowed, by) = decide(&policies, identity.as_deref(), pod_port, path, &method);
+        for (guard, pod_port, endpoints) in groups {
+            let at = if b.endpoints.len() > 1 {
+                format!(" at {}", endpoints.join(", "))
+            } else {
+                String::new()
+            };
+            let Some((protocol, via)) = guard else {
                 words.push(format!(
-                    "  its proxy {} the request ({by}, on port {pod_port}, path {path:?})",
-                    if allowed { "allows" } else { "denies with 403" }
+                    "  no mesh proxy guards port {pod_port}{at}: no policy or rate limit of the mesh applies there"
                 ));
-                b.authz = Some(AuthzDecision {
-                    allowed,
-                    by,
-                    port: pod_port,
-                    path: path.clone(),
-                });
-            }
-        }
-        if let Some(l) = policies.rate_limit {
-            b.rate_limit = Some(RateLimitInfo {
-                policy: l.name.clone(),
-                requests_per_second: l.total.as_ref().map(|t| t.requests_per_second),
-                burst: l.total.as_ref().map(|t| t.burst),
-                per_identity_requests_per_second: l
-                    .per_identity
-                    .as_ref()
-                    .map(|t| t.requests_per_second),
-                per_identity_burst: l.per_identity.as_ref().map(|t| t.burst),
-            });
+                continue;
+            };
+            let tcp = protocol == crate::index::Protocol::Tcp;
+            let via_refs: Vec<(&str, &str)> =
+                via.iter().map(|(s, p)| (s.as_str(), p.as_str())).collect();
+            let policies = model.policies.for_port(&bs.key.namespace, &via_refs);
+            let path = match (&normalized, tcp) {
+                (_, true) => String::new(),
+                (Ok(p), false) => p.clone(),
+                (Err(e), false) => {
+                    words.push(format!("  its proxy{at} refuses the path with 400: {e}"));
+                    out.outcome = Outcome::Status { status: 400 };
+                    continue;
+                }
+            };
+            let (allowed, by) = decide(
+                &policies,
+                identity.as_deref(),
+                tcp,
+                pod_port,
+                &path,
+                &method,
+            );
             words.push(format!(
-                "  rate limited by RateLimitPolicy {}: {}{} (past it, 429 with Retry-After)",
-                l.name,
-                l.total
-                    .as_ref()
-                    .map(|t| format!(
-                        "{} rps (burst {}) in total per proxy",
-                        t.requests_per_second, t.burst
-                    ))
-                    .unwrap_or_default(),
-                l.per_identity
-                    .as_ref()
-                    .map(|t| format!(
-                        "{}{} rps (burst {}) per caller identity",
-                        if l.total.is_some() { ", " } else { "" },
-                        t.requests_per_second,
-                        t.burst
-                    ))
-                    .unwrap_or_default()
+                "  its proxy{at} {} the request ({by}, on port {pod_port}{})",
+                if allowed { "allows" } else { "denies with 403" },
+                if tcp {
+                    ", an opaque TCP port: paths and methods are not seen".to_string()
+                } else {
+                    format!(", path {path:?}")
+                }
             ));
+            b.authz.push(AuthzDecision {
+                endpoints,
+                allowed,
+                by,
+                port: pod_port,
+                path,
+            });
+            match policies.rate_limit {
+                Some(_) if tcp => words.push("  no rate limit on an opaque TCP port".into()),
+                Some(l) => {
+                    b.rate_limit = Some(RateLimitInfo {
+                        policy: l.name.clone(),
+                        requests_per_second: l.total.as_ref().map(|t| t.requests_per_second),
+                        burst: l.total.as_ref().map(|t| t.burst),
+                        per_identity_requests_per_second: l
+                            .per_identity
+                            .as_ref()
+                            .map(|t| t.requests_per_second),
+                        per_identity_burst: l.per_identity.as_ref().map(|t| t.burst),
+                    });
+                    words.push(format!(
+                        "  rate limited by RateLimitPolicy {}: {}{} (past it, 429 with Retry-After)",
+                        l.name,
+                        l.total
+                            .as_ref()
+                            .map(|t| format!(
+                                "{} rps (burst {}) in total per proxy",
+                                t.requests_per_second, t.burst
+                            ))
+                            .unwrap_or_default(),
+                        l.per_identity
+                            .as_ref()
+                            .map(|t| format!(
+                                "{}{} rps (burst {}) per caller identity",
+                                if l.total.is_some() { ", " } else { "" },
+                                t.requests_per_second,
+                                t.burst
+                            ))
+                            .unwrap_or_default()
+                    ));
+                }
+                None => {}
+            }
         }
         out.backends.push(b);
     }

@@ -59,13 +59,29 @@ fn model() -> std::sync::Arc<Model> {
         // a redirect, a rule whose backend is missing, a POST-only rule, and the catch-all
         // split 90/10 with retries.
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: reviews, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]\n  rules:\n  - matches: [{headers: [{name: x-canary, value: 'yes'}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n  - matches: [{path: {type: PathPrefix, value: /api}, queryParams: [{name: v, value: '2'}]}]\n    backendRefs: [{name: reviews-v2, port: 9080}]\n    timeouts: {request: 2s}\n  - matches: [{path: {type: Exact, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]\n  - matches: [{path: {type: PathPrefix, value: /beta}}]\n    backendRefs: [{name: reviews-v9, port: 9080}]\n  - matches: [{path: {type: PathPrefix, value: /write}, method: POST}]\n    backendRefs: [{name: reviews-v1, port: 9080}]\n  - backendRefs: [{name: reviews-v1, port: 9080, weight: 90}, {name: reviews-v2, port: 9080, weight: 10}]\n".to_string(),
+        // `cart` selects two versions; a policy on cart-v2 only lets GET in.
+        pod("shop", "cart-v1-0", "cart-v1", "cart", "10.0.4.1").replace("app: cart-v1", "app: cart, version: v1"),
+        pod("shop", "cart-v2-0", "cart-v2", "cart", "10.0.4.2").replace("app: cart-v2", "app: cart, version: v2"),
+        service("shop", "cart", "10.96.0.40", "app: cart"),
+        service("shop", "cart-v2", "10.96.0.41", "app: cart, version: v2"),
+        slice("shop", "cart", &[("cart-v1-0", "10.0.4.1"), ("cart-v2-0", "10.0.4.2")]),
+        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: cart-v2-reads, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: cart-v2}]\n  rules: [{to: [{methods: [GET]}]}]\n".to_string(),
+        // A route that rewrites /legacy to /admin on ratings' own route... for callers in shop
+        // it is the producer route of `gateway`, sending to ratings.
+        service("shop", "gateway", "10.96.0.50", "app: none"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: gateway, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: gateway, port: 9080}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /legacy}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /admin}}}]\n    backendRefs: [{name: ratings, port: 9080}]\n".to_string(),
+        // An opaque TCP Service, and a pod without a proxy.
+        "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: shop}\nspec: {clusterIP: 10.96.0.60, selector: {app: db}, ports: [{name: tcp-db, port: 5432, targetPort: 8080}]}\n".to_string(),
+        pod("shop", "db-0", "db", "db", "10.0.5.1"),
+        slice("shop", "db", &[("db-0", "10.0.5.1")]).replace("name: http,", "name: tcp-db,"),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: legacy-0, namespace: web, labels: {mesh.dev/workload: legacy}}\nspec: {serviceAccountName: legacy, containers: [{name: app}]}\nstatus: {podIP: 10.0.0.9}\n".to_string(),
         // Callers in web route ratings by their own route (a consumer route), whose backend in
         // another namespace no ReferenceGrant allows: 500.
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: pin, namespace: web}\nspec:\n  parentRefs: [{group: '', kind: Service, name: ratings, namespace: shop, port: 9080}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /v1}}]\n    backendRefs: [{name: ratings, namespace: shop, port: 9080}]\n".to_string(),
         // ratings: only reviews may call, and only GET; a Deny on /admin for everyone; a
         // rate limit; a TrafficPolicy.
         "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: ratings-readers, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: ratings}]\n  rules:\n  - from: [{serviceAccounts: [reviews]}]\n    to: [{methods: [GET]}]\n  - from: [{serviceAccounts: [details]}]\n    to: [{paths: ['/public/*']}]\n".to_string(),
-        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  action: Deny\n  targetRefs: [{kind: Namespace, name: shop}]\n  rules: [{to: [{paths: ['/admin', '/admin/*']}]}]\n".to_string(),
+        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  action: Deny\n  targetRefs: [{kind: Namespace, name: shop}]\n  rules: [{to: [{paths: ['/admin', '/admin/*', '/a:b']}]}]\n".to_string(),
         "apiVersion: mesh.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: ratings-limit, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: ratings}]\n  local: {requestsPerSecond: 100, perIdentity: {requestsPerSecond: 10}}\n".to_string(),
         "apiVersion: mesh.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: v1-rr, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, name: reviews-v1}]\n  loadBalancer: {algorithm: RoundRobin}\n".to_string(),
     ];
@@ -173,6 +189,25 @@ const CASES: &[Case] = &[
     Case { name: "namespace default deny", from: FROM_WEB, method: "GET", url: "http://secrets.vault:9080/", headers: &[],
         outcome: "forward", rule: None, backends: &[("vault/secrets", 100.0)],
         authz: Some((false, "the default (deny)")), rate_limit: None },
+    Case { name: "authorized on the path the route rewrote", from: FROM_REVIEWS, method: "GET", url: "http://gateway:9080/legacy/keys", headers: &[],
+        outcome: "forward", rule: Some("HTTPRoute/shop/gateway rule 0"), backends: &[("shop/ratings", 100.0)],
+        authz: Some((false, "AuthorizationPolicy shop/no-admin (Deny)")), rate_limit: None },
+    Case { name: "a Deny path matches its percent-encoded form", from: FROM_REVIEWS, method: "GET", url: "http://ratings:9080/a%3Ab", headers: &[],
+        outcome: "forward", rule: None, backends: &[("shop/ratings", 100.0)],
+        authz: Some((false, "shop/no-admin")), rate_limit: None },
+    Case { name: "an encoded slash is refused by the destination", from: FROM_REVIEWS, method: "GET", url: "http://ratings:9080/admin%2Fkeys", headers: &[],
+        outcome: "status 400", rule: None, backends: &[("shop/ratings", 100.0)],
+        authz: None, rate_limit: None },
+    Case { name: "methods are compared as sent", from: FROM_REVIEWS, method: "post", url: "http://reviews:9080/write", headers: &[],
+        outcome: "forward", rule: Some("HTTPRoute/shop/reviews rule 5"), backends: &[("shop/reviews-v1", 90.0), ("shop/reviews-v2", 10.0)],
+        authz: None, rate_limit: None },
+    Case { name: "an opaque TCP port is not routed by HTTP", from: FROM_REVIEWS, method: "GET", url: "http://db:5432/old", headers: &[],
+        outcome: "forward", rule: None, backends: &[("shop/db", 100.0)],
+        // On TCP a Deny's path condition cannot be seen and is dropped: the port is denied.
+        authz: Some((false, "AuthorizationPolicy shop/no-admin (Deny)")), rate_limit: None },
+    Case { name: "a caller without a proxy has no identity and no routes", from: "web/legacy", method: "GET", url: "http://reviews.shop:9080/", headers: &[("x-canary", "yes")],
+        outcome: "forward", rule: None, backends: &[("shop/reviews", 100.0)],
+        authz: None, rate_limit: None },
     Case { name: "not a Service at all", from: FROM_WEB, method: "GET", url: "http://example.com/", headers: &[],
         outcome: "passthrough", rule: None, backends: &[], authz: None, rate_limit: None },
 ];
@@ -218,7 +253,7 @@ fn explain_answers_each_request_as_the_model_routes_and_guards_it() {
         if let Some((allowed, by)) = c.authz {
             let a = e.backends[0]
                 .authz
-                .as_ref()
+                .first()
                 .unwrap_or_else(|| panic!("{}: no authz", c.name));
             assert_eq!(a.allowed, allowed, "{}:\n{words}", c.name);
             assert!(
@@ -284,6 +319,42 @@ fn the_answer_names_what_came_closest_and_the_caller() {
         "{v1:?}"
     );
     assert!(e.backends[1].traffic_policy.is_none());
+}
+
+#[test]
+fn endpoints_that_decide_differently_are_told_apart() {
+    let m = model();
+    let e = explain(
+        &m,
+        &Request {
+            from: FROM_REVIEWS.into(),
+            method: "POST".into(),
+            url: "http://cart:9080/".into(),
+            headers: vec![],
+        },
+    )
+    .expect("explained");
+    let decisions: Vec<(Vec<String>, bool)> = e.backends[0]
+        .authz
+        .iter()
+        .map(|a| (a.endpoints.clone(), a.allowed))
+        .collect();
+    assert_eq!(
+        decisions,
+        [
+            (vec!["10.0.4.1:8080 (shop/cart-v1-0)".to_string()], true),
+            (vec!["10.0.4.2:8080 (shop/cart-v2-0)".to_string()], false),
+        ],
+        "{:#?}",
+        e.words
+    );
+    // IPv6 hosts, and a query without a path.
+    assert!(parse_url("http://[fd00::1]/x").is_ok_and(|u| u.host == "fd00::1" && u.port == 80));
+    assert!(parse_url("http://[fd00::1]:81/x").is_ok_and(|u| u.port == 81));
+    assert!(
+        parse_url("http://reviews?x=1")
+            .is_ok_and(|u| u.path == "/" && u.query.as_deref() == Some("x=1"))
+    );
 }
 
 #[test]

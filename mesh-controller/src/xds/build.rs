@@ -267,8 +267,8 @@ fn load_assignment(
     }
 }
 
-/// Whether a pod runs a mesh-proxy (the injector labels it).
-fn is_proxied(p: &PodModel) -> bool {
+/// Whether a pod runs a mesh-proxy (the injector labels it `mesh.dev/proxy: "true"`).
+pub(crate) fn is_proxied(p: &PodModel) -> bool {
     p.labels
         .get(mesh_api::consts::labels::PROXY)
         .is_some_and(|v| v == "true")

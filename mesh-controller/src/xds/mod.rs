@@ -1,6 +1,6 @@
 //! Envoy v3 xDS: translation of the model into resources, and the ADS server that serves them.
 
-mod build;
+pub(crate) mod build;
 pub mod canonical;
 pub mod learned;
 mod pb;

@@ -238,7 +238,9 @@ type DependencyKey = (
 
 /// The ports a pod is reached on through its Services: each with its protocol and the
 /// `(Service, port name)` pairs that reach it.
-type Targets = BTreeMap<u16, (Protocol, Vec<(String, String)>)>;
+/// A pod's inbound ports: the protocol of each, and the Services (with port names) that reach
+/// it.
+pub(crate) type Targets = BTreeMap<u16, (Protocol, Vec<(String, String)>)>;
 
 /// What a transparent proxy's own (inbound) layer depends on, besides the model: its
 /// namespace, its listener settings and its [`Targets`].
@@ -1018,7 +1020,8 @@ fn outbound_listener(settings: &ListenerSettings) -> Listener {
 /// The transparent inbound listener: one chain per port a Service sends to this pod, handing
 /// the traffic to the app on localhost; anything else passes through.
 /// Per port of `pod`: its protocol, and the Services (with port names) that reach it.
-fn targets(model: &Model, pod: Option<&PodModel>) -> Targets {
+/// The inbound ports a pod's proxy serves, as its inbound listener is built.
+pub(crate) fn targets(model: &Model, pod: Option<&PodModel>) -> Targets {
     let mut targets = Targets::new();
     if let Some(pod) = pod {
         for svc in model.services_selecting(pod) {
