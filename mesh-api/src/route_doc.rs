@@ -268,13 +268,19 @@ pub fn backend_refs(ws: &[(String, u32)], port: u16) -> Value {
     )
 }
 
-/// Rule `index` of a route, to change; `None` when there is no such rule or it is not a
-/// mapping.
-pub fn rule_mut(route: &mut Value, index: usize) -> Option<&mut Mapping> {
+/// The rules of a route, to change.
+fn rules_mut(route: &mut Value) -> Option<&mut Vec<Value>> {
     route
         .get_mut("spec")
         .and_then(|s| s.get_mut("rules"))
-        .and_then(|r| r.get_mut(index))
+        .and_then(Value::as_sequence_mut)
+}
+
+/// Rule `index` of a route, to change; `None` when there is no such rule or it is not a
+/// mapping.
+pub fn rule_mut(route: &mut Value, index: usize) -> Option<&mut Mapping> {
+    rules_mut(route)?
+        .get_mut(index)
         .and_then(Value::as_mapping_mut)
 }
 
@@ -291,11 +297,7 @@ pub fn set_backends(route: &mut Value, index: usize, ws: &[(String, u32)], port:
 
 /// Removes the rule named `name`; tells whether there was one.
 pub fn remove_rule(route: &mut Value, name: &str) -> bool {
-    let Some(rules) = route
-        .get_mut("spec")
-        .and_then(|s| s.get_mut("rules"))
-        .and_then(Value::as_sequence_mut)
-    else {
+    let Some(rules) = rules_mut(route) else {
         return false;
     };
     let before = rules.len();
@@ -306,11 +308,7 @@ pub fn remove_rule(route: &mut Value, name: &str) -> bool {
 /// Puts `rule` before rule `index` (or replaces the rule of the same name, wherever it is).
 pub fn insert_rule(route: &mut Value, index: usize, rule: Value) -> bool {
     let name = rule.get("name").and_then(Value::as_str).map(str::to_string);
-    let Some(rules) = route
-        .get_mut("spec")
-        .and_then(|s| s.get_mut("rules"))
-        .and_then(Value::as_sequence_mut)
-    else {
+    let Some(rules) = rules_mut(route) else {
         return false;
     };
     if let Some(at) = name.as_deref().and_then(|n| {

@@ -11,7 +11,7 @@ use mesh_api::rollout::{Decision, RolloutPhase, RolloutSpec, RolloutStatus};
 use mesh_api::route_doc::{self as doc, rules, weights};
 use serde_yaml::{Mapping, Value};
 
-use super::route::{Target, find_service, port_of};
+use super::route::{Target, find_service, port_of, several_routes};
 use super::status::Output;
 use crate::mesh::{Mesh, RolloutDoc, RouteDoc};
 
@@ -241,15 +241,15 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
             // The route stays as it is; the controller moves its weights.
             (None, one.name.clone(), stable)
         }
-        many => bail!(
-            "{} HTTPRoutes attach to Service {ns}/{} port {port} ({}); write the Rollout by hand, naming one",
-            many.len(),
-            target.service,
-            many.iter()
-                .map(|r| r.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        many => {
+            return Err(several_routes(
+                many,
+                ns,
+                &target.service,
+                port,
+                "write the Rollout by hand, naming one",
+            ));
+        }
     };
     if stable == args.to {
         bail!("--to {}: that is the stable backend", args.to);

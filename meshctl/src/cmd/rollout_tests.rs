@@ -7,17 +7,9 @@ use std::time::Instant;
 use mesh_api::rollout::{Decision, Measured, Rollout};
 
 use super::*;
+use crate::cmd::route::tests::example;
 use crate::cmd::route::{Route, run};
 use crate::mesh::LocalDir;
-
-fn example() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("dir");
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/reviews");
-    for f in ["services.yaml", "route.yaml"] {
-        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
-    }
-    dir
-}
 
 fn target() -> Target {
     Target {
@@ -47,6 +39,12 @@ fn cmd(dir: &Path, r: Route) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// Runs `r`, which must be refused with an error containing `says`.
+fn refused(dir: &Path, r: Route, says: &str) {
+    let err = cmd(dir, r).expect_err("refused");
+    assert!(err.to_string().contains(says), "{err}");
+}
+
 fn written(dir: &Path) -> Rollout {
     let (_, _, v) = mesh_api::route_doc::find_doc(dir, "Rollout", "default", "reviews")
         .expect("read")
@@ -58,30 +56,19 @@ fn written(dir: &Path) -> Rollout {
 fn a_rollout_is_written_for_the_controller_with_the_gates_asked_for() {
     let dir = example();
     // The example's route sends to v1 and v2: which is stable must be said.
-    let err = cmd(dir.path(), Route::Rollout(args(None, "reviews-v2"))).expect_err("ambiguous");
-    assert!(
-        err.to_string().contains(
-            "sends to reviews-v1=90, reviews-v2=10; say which backend is stable with --from"
-        ),
-        "{err}"
+    refused(
+        dir.path(),
+        Route::Rollout(args(None, "reviews-v2")),
+        "sends to reviews-v1=90, reviews-v2=10; say which backend is stable with --from",
     );
-    let err = cmd(
+    refused(
         dir.path(),
         Route::Rollout(args(Some("reviews-v1"), "reviews-v9")),
-    )
-    .expect_err("no such candidate");
-    assert!(
-        err.to_string()
-            .contains("--to: Service default/reviews-v9 not found"),
-        "{err}"
+        "--to: Service default/reviews-v9 not found",
     );
     let mut bad = args(Some("reviews-v1"), "reviews-v2");
     bad.steps = vec![5, 250];
-    let err = cmd(dir.path(), Route::Rollout(bad)).expect_err("over 100");
-    assert!(
-        err.to_string().contains("--steps: 250 is over 100"),
-        "{err}"
-    );
+    refused(dir.path(), Route::Rollout(bad), "--steps: 250 is over 100");
     assert!(
         mesh_api::route_doc::find_doc(dir.path(), "Rollout", "default", "reviews")
             .expect("read")
@@ -118,15 +105,10 @@ fn a_rollout_is_written_for_the_controller_with_the_gates_asked_for() {
         ..Default::default()
     };
     write_status(dir.path(), &st);
-    let err = cmd(
+    refused(
         dir.path(),
         Route::Rollout(args(Some("reviews-v1"), "reviews-v2")),
-    )
-    .expect_err("in progress");
-    assert!(
-        err.to_string()
-            .contains("is Progressing at step 3 (to reviews-v2); end it first with meshctl route abort reviews"),
-        "{err}"
+        "is Progressing at step 3 (to reviews-v2); end it first with meshctl route abort reviews",
     );
     // Ended: a new one replaces it in the same file.
     st.phase = RolloutPhase::RolledBack;
@@ -149,15 +131,10 @@ fn a_rollout_is_written_for_the_controller_with_the_gates_asked_for() {
         "apiVersion: mesh.dev/v1alpha1\nkind: Rollout\nmetadata: {name: other, namespace: default}\nspec:\n  targetRef: {group: gateway.networking.k8s.io, kind: HTTPRoute, name: reviews}\n  stable: reviews-v1\n  candidate: reviews-v2\n  steps: [{weight: 50}]\n",
     )
     .expect("write");
-    let err = cmd(
+    refused(
         dir.path(),
         Route::Rollout(args(Some("reviews-v1"), "reviews-v2")),
-    )
-    .expect_err("another rollout");
-    assert!(
-        err.to_string()
-            .contains("Rollout default/other moves HTTPRoute default/reviews too"),
-        "{err}"
+        "Rollout default/other moves HTTPRoute default/reviews too",
     );
 }
 
@@ -171,11 +148,10 @@ fn write_status(dir: &Path, st: &RolloutStatus) {
 fn without_a_route_the_stable_backend_must_be_named_and_the_route_is_written() {
     let dir = example();
     std::fs::remove_file(dir.path().join("route.yaml")).expect("rm");
-    let err = cmd(dir.path(), Route::Rollout(args(None, "reviews-v2"))).expect_err("no --from");
-    assert!(
-        err.to_string()
-            .contains("say which backend is stable with --from"),
-        "{err}"
+    refused(
+        dir.path(),
+        Route::Rollout(args(None, "reviews-v2")),
+        "say which backend is stable with --from",
     );
     cmd(
         dir.path(),
@@ -196,11 +172,10 @@ fn without_a_route_the_stable_backend_must_be_named_and_the_route_is_written() {
 #[test]
 fn pause_resume_and_abort_edit_the_rollout_and_status_shows_it() {
     let dir = example();
-    let err = cmd(dir.path(), Route::Pause(target())).expect_err("none yet");
-    assert!(
-        err.to_string()
-            .contains("no Rollout of Service default/reviews"),
-        "{err}"
+    refused(
+        dir.path(),
+        Route::Pause(target()),
+        "no Rollout of Service default/reviews",
     );
     cmd(
         dir.path(),

@@ -195,15 +195,15 @@ pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::
             origin: None,
         },
         [one] => one.clone(),
-        many => bail!(
-            "{} HTTPRoutes attach to Service {ns}/{} port {port} ({}); edit the one to change by hand",
-            many.len(),
-            target.service,
-            many.iter()
-                .map(|r| r.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        many => {
+            return Err(several_routes(
+                many,
+                ns,
+                &target.service,
+                port,
+                "edit the one to change by hand",
+            ));
+        }
     };
     let Some(rule) = split_rule(&route.value) else {
         bail!(
@@ -351,7 +351,25 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
 
 #[cfg(test)]
 #[path = "route_tests.rs"]
-mod tests;
+pub(crate) mod tests;
+
+/// The refusal when several HTTPRoutes attach to one Service port; `what_to_do` ends it.
+pub(crate) fn several_routes(
+    many: &[RouteDoc],
+    ns: &str,
+    service: &str,
+    port: u16,
+    what_to_do: &str,
+) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} HTTPRoutes attach to Service {ns}/{service} port {port} ({}); {what_to_do}",
+        many.len(),
+        many.iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
 
 /// Whether route `r` attaches to Service `ns/name` at `port`.
 fn attaches(r: &RouteDoc, ns: &str, name: &str, port: u16) -> bool {

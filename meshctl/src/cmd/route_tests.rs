@@ -8,7 +8,9 @@ use super::*;
 use crate::mesh::LocalDir;
 use serde_yaml::Value;
 
-fn example() -> tempfile::TempDir {
+/// The example's manifests (`examples/reviews`: Services and the canary route) in a fresh
+/// directory.
+pub(crate) fn example() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("dir");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/reviews");
     for f in ["services.yaml", "route.yaml"] {
