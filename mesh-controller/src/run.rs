@@ -241,7 +241,13 @@ impl Controller {
         };
 
         if !config.stats_interval.is_zero() {
-            tasks.push(tokio::spawn(stats.clone().run(hub.status.clone())));
+            // In a cluster the Lease holder also scrapes the proxies other replicas serve.
+            let all = client.as_ref().map(|_| crate::stats::AllPods {
+                hub: hub.clone(),
+                when: leading.clone(),
+                port: mesh_api::consts::ports::PROXY_METRICS,
+            });
+            tasks.push(tokio::spawn(stats.clone().run(hub.status.clone(), all)));
         }
         let (admin, admin_addr) = bind("admin", config.admin_addr).await?;
         let app = router(AdminState {

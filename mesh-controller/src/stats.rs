@@ -23,6 +23,25 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most a metrics page may hold.
 const MAX_PAGE: usize = 16 * 1024 * 1024;
 
+/// Every proxied pod of the model, scraped at `port` while `when` holds. The Lease holder,
+/// which drives rollouts, scrapes them all: with several controller replicas each one streams
+/// to only some of the proxies, and a rollout's step is judged on all of its callers.
+#[derive(Clone)]
+pub struct AllPods {
+    pub hub: Arc<crate::xds::server::Hub>,
+    pub when: Arc<std::sync::atomic::AtomicBool>,
+    /// mesh-proxy's metrics port (`ports::PROXY_METRICS`).
+    pub port: u16,
+}
+
+impl std::fmt::Debug for AllPods {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AllPods")
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
 /// One proxy's request series at one moment.
 #[derive(Debug)]
 struct Scrape {
@@ -260,21 +279,38 @@ impl Stats {
     }
 
     /// Scrapes every connected proxy each interval, for as long as the task runs.
-    pub async fn run(self: Arc<Self>, status: Arc<StatusTable>) {
+    pub async fn run(self: Arc<Self>, status: Arc<StatusTable>, all: Option<AllPods>) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            self.scrape_all(&status).await;
+            self.scrape_all(&status, all.as_ref()).await;
         }
     }
 
-    async fn scrape_all(&self, status: &StatusTable) {
-        let targets: Vec<(String, SocketAddr)> = status
+    /// Scrapes the proxies streaming from this replica, and with `all` (while it holds) every
+    /// other proxied pod of the model.
+    pub async fn scrape_all(&self, status: &StatusTable, all: Option<&AllPods>) {
+        let mut targets: Vec<(String, SocketAddr)> = status
             .snapshot()
             .into_iter()
             .filter_map(|p| Some((p.node.clone(), p.metrics?)))
             .collect();
+        if let Some(all) = all.filter(|a| a.when.load(std::sync::atomic::Ordering::Relaxed)) {
+            let model = all.hub.model();
+            let mut extra: Vec<(String, SocketAddr)> = model
+                .pods
+                .values()
+                .filter(|p| crate::xds::build::is_proxied(p))
+                .filter_map(|p| {
+                    let node = format!("{}/{}", p.namespace, p.name);
+                    let addr = SocketAddr::new(p.ip?, all.port);
+                    (!targets.iter().any(|(n, _)| *n == node)).then_some((node, addr))
+                })
+                .collect();
+            extra.sort();
+            targets.extend(extra);
+        }
         let pages = futures::future::join_all(targets.iter().map(|(node, addr)| async move {
             let page = tokio::time::timeout(SCRAPE_TIMEOUT, fetch(*addr)).await;
             match page {

@@ -256,3 +256,55 @@ fn tallies_count_tracked_routes_from_scrape_to_scrape_and_grpc_errors_fail() {
     stats.track(Default::default());
     assert_eq!(stats.tally(route, "shop/reviews-v2").requests, 0.0);
 }
+
+/// A proxy's metrics page served once per connection, as mesh-proxy's admin port does.
+async fn metrics_server(page: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let page = page.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.0 200 OK\r\n\r\n{page}").as_bytes())
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_lease_holder_scrapes_proxied_pods_that_stream_to_other_replicas() {
+    let addr = metrics_server(client_page((5, 0), (5, 0), (5, 5))).await;
+    let mut idx = Index::new("cluster.local");
+    for pod in [
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: client-0, namespace: shop, labels: {mesh.dev/proxy: 'true'}}\nspec: {containers: [{name: app}]}\nstatus: {podIP: 127.0.0.1}\n",
+        // No proxy: nothing to scrape.
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: plain-0, namespace: shop}\nspec: {containers: [{name: app}]}\nstatus: {podIP: 127.0.0.2}\n",
+    ] {
+        idx.apply(obj(pod)).expect("pod");
+    }
+    let hub = crate::xds::server::Hub::new(
+        idx.model(),
+        std::sync::Arc::new(crate::metrics::Metrics::new()),
+    );
+    let when = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let all = AllPods {
+        hub: hub.clone(),
+        when: when.clone(),
+        port: addr.port(),
+    };
+    let stats = Stats::new(Duration::from_secs(1), Duration::from_secs(30));
+    // Not the Lease holder: only its own streams, of which it has none.
+    stats.scrape_all(&hub.status, Some(&all)).await;
+    assert_eq!(stats.scraped(), 0);
+    when.store(true, std::sync::atomic::Ordering::Relaxed);
+    stats.scrape_all(&hub.status, Some(&all)).await;
+    assert_eq!(stats.scraped(), 1, "the proxied pod, not the plain one");
+}
