@@ -285,9 +285,8 @@ impl Driver {
             // The status first: whoever reads it next (this replica after a restart, or the
             // next Lease holder) then knows both the weights before and the ones wanted, and
             // does not take the route for a person's change.
-            match self.store.save_status(rollout, &mem.status).await {
-                Ok(()) => {
-                    mem.persisted = Some((mem.status.clone(), now));
+            if save(&self.store, rollout, &key, mem, now).await {
+                {
                     match self.store.write_route(rollout, edit).await {
                         Ok(()) => mem.last_write = Some(now),
                         Err(e) => {
@@ -306,38 +305,53 @@ impl Driver {
                         }
                     }
                 }
-                Err(e) => {
-                    warn!(rollout = %key, error = %e, "writing the rollout's status; the route is left as it is until it can be");
-                    mem.last_write = Some(now);
-                }
+            } else {
+                // The route is left as it is until the status can be written.
+                mem.last_write = Some(now);
             }
         }
         for (warning, reason, message) in &effects.events {
             info!(rollout = %key, %reason, %message, "rollout");
             self.store.event(rollout, *warning, reason, message).await;
         }
-        let due = match &mem.persisted {
-            None => true,
-            Some((written, at)) => {
-                let mut a = written.clone();
-                let mut b = mem.status.clone();
-                let progress_only = {
-                    a.current = None;
-                    b.current = None;
-                    a == b
-                };
-                !progress_only
-                    || (written.current != mem.status.current
-                        && now.duration_since(*at) >= PROGRESS_EVERY)
-            }
-        };
-        if due {
-            match self.store.save_status(rollout, &mem.status).await {
-                Ok(()) => mem.persisted = Some((mem.status.clone(), now)),
-                Err(e) => warn!(rollout = %key, error = %e, "writing the rollout's status"),
-            }
+        if persist_due(mem, now) {
+            save(&self.store, rollout, &key, mem, now).await;
         }
     }
+}
+
+/// Writes a rollout's status; tells whether it was written.
+async fn save(
+    store: &Store,
+    rollout: &Rollout,
+    key: &ObjKey,
+    mem: &mut Memory,
+    now: Instant,
+) -> bool {
+    match store.save_status(rollout, &mem.status).await {
+        Ok(()) => {
+            mem.persisted = Some((mem.status.clone(), now));
+            true
+        }
+        Err(e) => {
+            warn!(rollout = %key, error = %e, "writing the rollout's status");
+            false
+        }
+    }
+}
+
+/// Whether the status is to be written: anything but the step's measurements changed, or they
+/// did and `PROGRESS_EVERY` passed since the last write.
+fn persist_due(mem: &mut Memory, now: Instant) -> bool {
+    let Some((written, at)) = mem.persisted.as_mut() else {
+        return true;
+    };
+    let (was, is) = (written.current.take(), mem.status.current.take());
+    let same_besides = *written == mem.status;
+    written.current = was;
+    mem.status.current = is;
+    !same_besides
+        || (written.current != mem.status.current && now.duration_since(*at) >= PROGRESS_EVERY)
 }
 
 fn key_of(r: &Rollout) -> ObjKey {
@@ -832,6 +846,16 @@ fn step(
         st.weights = weights_list(&w);
         fx.edit = Some(edit(view, w, h));
     };
+    // The weights and header rule of step `i`.
+    let to_step = |st: &mut RolloutStatus, fx: &mut Effects, view: &RuleView, i: u32| {
+        set_weights(
+            st,
+            fx,
+            view,
+            split_weights(spec, view, percent(i)),
+            headers(i),
+        );
+    };
 
     // A new release: another stable, candidate or release than the status is about.
     let release = rollout.release();
@@ -1019,8 +1043,7 @@ fn step(
         // The first step's weights.
         st.phase = RolloutPhase::Progressing;
         st.step = 0;
-        let w = split_weights(spec, &view, percent(0));
-        set_weights(st, &mut fx, &view, w, headers(0));
+        to_step(st, &mut fx, &view, 0);
         let msg = format!(
             "moving {rule_name} from {} to {}: step 1 of {}, {} % to the candidate",
             spec.stable,
@@ -1074,8 +1097,7 @@ fn step(
         );
         mem.baseline = None;
         if !paused && known {
-            let w = split_weights(spec, &view, percent(st.step));
-            set_weights(st, &mut fx, &view, w, headers(st.step));
+            to_step(st, &mut fx, &view, st.step);
             decide(
                 st,
                 &mut fx,
@@ -1118,8 +1140,7 @@ fn step(
             return fx;
         }
         st.resumed = token;
-        let w = split_weights(spec, &view, percent(st.step));
-        set_weights(st, &mut fx, &view, w, headers(st.step));
+        to_step(st, &mut fx, &view, st.step);
         st.phase = RolloutPhase::Progressing;
         set_condition(st, "Paused", false, "Resumed", "", generation);
         decide(
@@ -1282,8 +1303,7 @@ fn step(
     }
     let passed = st.step;
     let next = passed + 1;
-    let w = split_weights(spec, &view, percent(next));
-    set_weights(st, &mut fx, &view, w, headers(next));
+    to_step(st, &mut fx, &view, next);
     let msg = format!(
         "step {} passed; step {} of {}: {} % to the candidate",
         passed + 1,

@@ -7,7 +7,10 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use mesh_api::rollout::{Decision, RolloutPhase, RolloutSpec, RolloutStatus};
+use mesh_api::rollout::{
+    Decision, Rollout, RolloutGates, RolloutPhase, RolloutSpec, RolloutStatus, RolloutStep,
+    StepHeader,
+};
 use mesh_api::route_doc::{self as doc, rules, weights};
 use serde_yaml::{Mapping, Value};
 
@@ -60,42 +63,37 @@ pub struct StatusArgs {
 /// The Rollout of a Service: the one named after it, or the one whose route attaches to it.
 fn find_rollout(mesh: &dyn Mesh, target: &Target) -> anyhow::Result<RolloutDoc> {
     let ns = &target.namespace;
-    let routes = mesh.routes()?;
-    // The Service's port, when it can be known; else a route at any port of it counts.
-    let services = mesh.services()?;
-    let ports: Vec<u16> = match (
-        target.port,
-        services
-            .iter()
-            .find(|s| s.namespace == *ns && s.name == target.service),
-    ) {
-        (Some(p), _) => vec![p],
-        (None, Some(svc)) => svc.ports.iter().map(|(p, _)| *p).collect(),
-        (None, None) => Vec::new(),
-    };
-    let mut found: Vec<RolloutDoc> = mesh
+    let (mut found, others): (Vec<RolloutDoc>, Vec<RolloutDoc>) = mesh
         .rollouts()?
         .into_iter()
         .filter(|r| r.doc.namespace == *ns)
-        .filter(|r| {
-            r.doc.name == target.service
-                || r.spec().is_ok_and(|spec| {
-                    routes.iter().any(|route| {
-                        route.namespace == *ns
-                            && route.name == spec.target_ref.name
-                            && ports.iter().any(|p| {
-                                doc::attaches(
-                                    &route.value,
-                                    &route.namespace,
-                                    ns,
-                                    &target.service,
-                                    *p,
-                                )
-                            })
-                    })
+        .partition(|r| r.doc.name == target.service);
+    // Rollouts named otherwise concern the Service when their route attaches to it; routes and
+    // Services are read only when there are such rollouts (`status --watch` asks every second).
+    if !others.is_empty() {
+        let routes = mesh.routes()?;
+        // The Service's port, when it can be known; else a route at any port of it counts.
+        let ports: Vec<u16> = match target.port {
+            Some(p) => vec![p],
+            None => mesh
+                .services()?
+                .iter()
+                .find(|s| s.namespace == *ns && s.name == target.service)
+                .map(|svc| svc.ports.iter().map(|(p, _)| *p).collect())
+                .unwrap_or_default(),
+        };
+        found.extend(others.into_iter().filter(|r| {
+            r.spec().is_ok_and(|spec| {
+                routes.iter().any(|route| {
+                    route.namespace == *ns
+                        && route.name == spec.target_ref.name
+                        && ports.iter().any(|p| {
+                            doc::attaches(&route.value, &route.namespace, ns, &target.service, *p)
+                        })
                 })
-        })
-        .collect();
+            })
+        }));
+    }
     match found.len() {
         0 => bail!("no Rollout of Service {ns}/{}", target.service),
         1 => Ok(found.remove(0)),
@@ -268,68 +266,58 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
             other.doc.name
         );
     }
-    let mut spec = Mapping::new();
-    let mut target_ref = Mapping::new();
-    target_ref.insert(key("group"), key("gateway.networking.k8s.io"));
-    target_ref.insert(key("kind"), key("HTTPRoute"));
-    target_ref.insert(key("name"), key(&route_name));
-    spec.insert(key("targetRef"), Value::Mapping(target_ref));
-    spec.insert(key("stable"), key(&stable));
-    spec.insert(key("candidate"), key(&args.to));
-    let mut steps = Vec::new();
-    if let Some((n, v)) = header {
-        let mut h = Mapping::new();
-        h.insert(key("name"), key(n));
-        h.insert(key("value"), key(v));
-        let mut s = Mapping::new();
-        s.insert(key("weight"), Value::Number(0.into()));
-        s.insert(key("headers"), Value::Sequence(vec![Value::Mapping(h)]));
-        steps.push(Value::Mapping(s));
-    }
-    for w in &args.steps {
-        let mut s = Mapping::new();
-        s.insert(key("weight"), Value::Number((*w).into()));
-        steps.push(Value::Mapping(s));
-    }
-    spec.insert(key("steps"), Value::Sequence(steps));
-    spec.insert(key("interval"), key(&args.interval));
-    spec.insert(key("minRequests"), Value::Number(args.min_requests.into()));
-    let mut gates = Mapping::new();
-    if let Some(p) = args.success_rate {
-        gates.insert(key("minSuccessRate"), serde_yaml::to_value(p)?);
-    }
-    if let Some(p) = &args.p99 {
-        gates.insert(key("maxP99"), key(p));
-    }
-    spec.insert(key("gates"), Value::Mapping(gates));
-
-    let mut metadata = Mapping::new();
-    metadata.insert(key("name"), key(&name));
-    metadata.insert(key("namespace"), key(ns));
-    let mut annotations = Mapping::new();
-    annotations.insert(
-        key(mesh_api::consts::labels::RELEASE),
-        key(&k8s_openapi::jiff::Timestamp::now().to_string()),
+    let mut steps: Vec<RolloutStep> = header
+        .map(|(name, value)| RolloutStep {
+            weight: 0,
+            headers: vec![StepHeader {
+                name: name.into(),
+                value: value.into(),
+            }],
+            interval: None,
+        })
+        .into_iter()
+        .collect();
+    steps.extend(args.steps.iter().map(|w| RolloutStep {
+        weight: *w,
+        ..Default::default()
+    }));
+    let typed = RolloutSpec {
+        target_ref: mesh_api::crds::PolicyTargetReference {
+            group: "gateway.networking.k8s.io".into(),
+            kind: "HTTPRoute".into(),
+            name: route_name.clone(),
+            section_name: None,
+        },
+        stable: stable.clone(),
+        candidate: args.to.clone(),
+        steps,
+        interval: Some(args.interval.clone()),
+        min_requests: Some(args.min_requests),
+        gates: RolloutGates {
+            min_success_rate: args.success_rate,
+            max_p99: args.p99.clone(),
+            relative_to_stable: None,
+        },
+        paused: false,
+        abort: false,
+    };
+    // Checked as the controller will check it, before anything is written.
+    mesh_controller::rollout::check_spec(&typed).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut object = Rollout::new(&name, typed.clone());
+    object.metadata.namespace = Some(ns.clone());
+    object.metadata.annotations = Some(
+        [(
+            mesh_api::consts::labels::RELEASE.to_string(),
+            k8s_openapi::jiff::Timestamp::now().to_string(),
+        )]
+        .into(),
     );
-    metadata.insert(key("annotations"), Value::Mapping(annotations));
-    let mut value = Mapping::new();
-    value.insert(key("apiVersion"), key("mesh.dev/v1alpha1"));
-    value.insert(key("kind"), key("Rollout"));
-    value.insert(key("metadata"), Value::Mapping(metadata));
-    value.insert(key("spec"), Value::Mapping(spec));
     let rollout = RouteDoc {
         namespace: ns.clone(),
         name: name.clone(),
-        value: Value::Mapping(value),
+        value: serde_yaml::to_value(&object)?,
         origin: existing.and_then(|r| r.doc.origin),
     };
-    // Checked as the controller will check it, before anything is written.
-    let typed = RolloutDoc {
-        doc: rollout.clone(),
-        status: None,
-    }
-    .spec()?;
-    mesh_controller::rollout::check_spec(&typed).map_err(|e| anyhow::anyhow!("{e}"))?;
 
     let mut out = String::new();
     if let Some(r) = &route {
