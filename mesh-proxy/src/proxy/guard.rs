@@ -6,14 +6,13 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use http::{Request, Response, StatusCode, Uri, header};
+use http::{Request, Uri};
 use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tracing::{debug, info};
 
-use super::http::{HttpCtx, local};
-use super::observe::Exchange;
-use super::upstream::Body;
+use super::HttpCtx;
+use super::error::ProxyError;
 use crate::metrics::{Direction, RateLimitedLabels};
 use crate::policy::{self, Facts, HttpFacts, Limiter, RateLimit};
 use crate::state::{Guard, ListenerConfig, NetworkFilter, Snapshot};
@@ -129,100 +128,105 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// Checks an inbound request: `Some` is the refusal to send instead of forwarding it. The
+/// Checks an inbound request: an error is the refusal to send instead of forwarding it. The
 /// request's path is replaced by its normalized form, which the app then receives.
 pub fn check(
     ctx: &HttpCtx,
     snapshot: &Snapshot,
     req: &mut Request<Incoming>,
-    ex: &mut Exchange,
-) -> Option<Response<Body>> {
+) -> Result<(), ProxyError> {
     if ctx.kind.direction() != Direction::inbound {
-        return None;
+        return Ok(());
     }
-    let rewrite = match mesh_api::path::normalize(req.uri().path()) {
-        Ok(Cow::Owned(p)) if p != req.uri().path() => Some(p),
-        Ok(_) => None,
-        Err(e) => {
-            ex.flags = "DPE";
-            debug!(path = req.uri().path(), reason = %e, "malformed path refused");
-            return Some(local(
-                StatusCode::BAD_REQUEST,
-                &format!("malformed path: {e}"),
-            ));
-        }
-    };
-    // The app receives the normalized path, and policies see it from here on.
-    if let Some(path) = rewrite {
-        match with_path(req.uri(), &path) {
-            Some(u) => *req.uri_mut() = u,
-            None => {
-                ex.flags = "DPE";
-                return Some(local(StatusCode::BAD_REQUEST, "malformed path"));
-            }
-        }
-    }
+    normalize(req)?;
     let current = current(ctx, snapshot);
     let Some(guard) = &current.guard else {
-        ex.flags = "NR";
-        let mut r = local(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "this connection's filter chain was removed: reconnect",
-        );
-        r.headers_mut()
-            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
-        return Some(r);
+        return Err(ProxyError::ChainRemoved);
     };
     let identity = ctx.peer.as_ref().map(mesh_api::SpiffeId::as_str);
-    let metrics = &ctx.shared.metrics;
     if !guard.rbac.is_empty() {
-        let path = req.uri().path();
-        let facts = Facts {
-            identity,
-            port: ctx.dst.port(),
-            http: Some(HttpFacts {
-                path,
-                method: req.method(),
-                headers: req.headers(),
-            }),
-        };
-        if let Err(denied) = authorize(&ctx.shared, &guard.rbac, &facts) {
-            info!(
-                    caller = identity.unwrap_or("-"),
-                    method = %req.method(),
-                    path = %path,
-                    port = ctx.dst.port(),
-                    reason = %denied,
-                "request denied"
-            );
-            ex.flags = "RBAC";
-            return Some(local(StatusCode::FORBIDDEN, "RBAC: access denied"));
+        authorize_request(ctx, &guard.rbac, identity, req)?;
+    }
+    match &current.limiter {
+        Some(limiter) => limit(ctx, &current, limiter, identity),
+        None => Ok(()),
+    }
+}
+
+/// Replaces the request's path by its normalized form: the app receives it, and policies see
+/// it from here on.
+fn normalize(req: &mut Request<Incoming>) -> Result<(), ProxyError> {
+    let path = match mesh_api::path::normalize(req.uri().path()) {
+        Ok(Cow::Owned(p)) if p != req.uri().path() => p,
+        Ok(_) => return Ok(()),
+        Err(e) => {
+            debug!(path = req.uri().path(), reason = %e, "malformed path refused");
+            return Err(ProxyError::MalformedPath(e.to_string()));
         }
-    }
-    if let Some(limiter) = &current.limiter
-        && let Err(limited) = limiter.take(identity)
-    {
-        current.limited[usize::from(limited.scope == "identity")]
-            .get_or_init(|| {
-                metrics
-                    .rate_limited
-                    .get_or_create(&RateLimitedLabels {
-                        policy: limiter.limit.name.clone(),
-                        scope: limited.scope,
-                        src_identity: identity.unwrap_or("unknown").to_string(),
-                    })
-                    .clone()
-            })
-            .inc();
-        ex.flags = "RL";
-        let mut r = local(StatusCode::TOO_MANY_REQUESTS, "local_rate_limited");
-        r.headers_mut().insert(
-            header::RETRY_AFTER,
-            policy::retry_after_secs(limited.retry_after).into(),
+    };
+    let uri = with_path(req.uri(), &path)
+        .ok_or_else(|| ProxyError::MalformedPath(format!("{path:?} is not a valid path")))?;
+    *req.uri_mut() = uri;
+    Ok(())
+}
+
+fn authorize_request(
+    ctx: &HttpCtx,
+    rbac: &[policy::Rbac],
+    identity: Option<&str>,
+    req: &Request<Incoming>,
+) -> Result<(), ProxyError> {
+    let path = req.uri().path();
+    let facts = Facts {
+        identity,
+        port: ctx.dst.port(),
+        http: Some(HttpFacts {
+            path,
+            method: req.method(),
+            headers: req.headers(),
+        }),
+    };
+    authorize(&ctx.shared, rbac, &facts).map_err(|denied| {
+        info!(
+            caller = identity.unwrap_or("-"),
+            method = %req.method(),
+            path = %path,
+            port = ctx.dst.port(),
+            reason = %denied,
+            "request denied"
         );
-        return Some(r);
-    }
-    None
+        ProxyError::Denied
+    })
+}
+
+/// Takes a token from the chain's local rate limit, counting a refusal by the bucket that was
+/// empty.
+fn limit(
+    ctx: &HttpCtx,
+    current: &Current,
+    limiter: &Limiter,
+    identity: Option<&str>,
+) -> Result<(), ProxyError> {
+    let limited = match limiter.take(identity) {
+        Ok(()) => return Ok(()),
+        Err(limited) => limited,
+    };
+    current.limited[usize::from(limited.scope == "identity")]
+        .get_or_init(|| {
+            ctx.shared
+                .metrics
+                .rate_limited
+                .get_or_create(&RateLimitedLabels {
+                    policy: limiter.limit.name.clone(),
+                    scope: limited.scope,
+                    src_identity: identity.unwrap_or("unknown").to_string(),
+                })
+                .clone()
+        })
+        .inc();
+    Err(ProxyError::RateLimited {
+        retry_after: limited.retry_after,
+    })
 }
 
 /// Checks an opaque TCP connection against its chain's network RBAC: `false` closes it.

@@ -1,8 +1,14 @@
 //! The data path: accept -> original destination -> filter chain (detecting the protocol
 //! when chains differ by it) -> HTTP (hyper, HTTP/1 and HTTP/2) or opaque TCP.
+//!
+//! Every step is a function short enough to read at once: no function here is over 80 lines
+//! (`clippy.toml`).
+
+#![deny(clippy::too_many_lines)]
 
 pub mod affinity;
 pub mod detect;
+pub mod error;
 pub mod guard;
 pub mod http;
 pub mod observe;
@@ -26,7 +32,9 @@ use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::identity::MeshTls;
 use crate::metrics::{Direction, ListenerLabels, Metrics};
-use crate::state::{ChainChoice, Detected, FilterChain, NetworkFilter, Snapshot, Store};
+use crate::state::{
+    ChainChoice, Detected, FilterChain, ListenerConfig, NetworkFilter, Snapshot, Store,
+};
 use crate::trace::Tracing;
 use crate::xds::on_demand::{self, Lookup};
 use detect::{PrefixedIo, detect};
@@ -57,6 +65,30 @@ impl ListenerKind {
             _ => Direction::outbound,
         }
     }
+}
+
+/// What an HTTP connection knows about itself.
+#[derive(Debug)]
+pub struct HttpCtx {
+    pub shared: Arc<Shared>,
+    /// The RouteConfiguration its filter chain names.
+    pub route: String,
+    /// The connection's original destination.
+    pub dst: SocketAddr,
+    /// The client's address (for a hash by source IP).
+    pub src: Option<SocketAddr>,
+    /// Inbound over mesh TLS: the client's SPIFFE ID (for policy and metrics).
+    pub peer: Option<mesh_api::SpiffeId>,
+    /// Inbound: the `x-forwarded-client-cert` value given to the app (`By=<this
+    /// proxy>;URI=<peer>`), when the client proved an identity.
+    pub xfcc: Option<hyper::header::HeaderValue>,
+    /// Inbound: the callers seen on this connection.
+    pub callers: observe::CallerCache,
+    /// The listener (and so the direction) and filter chain the connection is on, for its
+    /// current policy.
+    pub kind: ListenerKind,
+    pub chain: String,
+    pub guard: guard::GuardCache,
 }
 
 /// Tracks open connections so that a drain can wait for them.
@@ -273,14 +305,6 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         warn!(%dst, "connection reached a transparent listener without redirection; closing");
         return;
     }
-    let mut snapshot = match shared.store.load() {
-        Some(s) => s,
-        // Connections that arrive before the first config wait for it, a while.
-        None => match tokio::time::timeout(Duration::from_secs(10), shared.store.ready()).await {
-            Ok(s) => s,
-            Err(_) => return,
-        },
-    };
     let lookups = shared
         .on_demand
         .as_ref()
@@ -288,71 +312,127 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
     // While the connection is open (its lookup included), its destination is in use and not
     // let go as idle.
     let _in_use = lookups.map(|od| od.in_use(dst));
-    if let Some(od) = lookups
-        && !on_demand::holds(&snapshot, &names::address_listener(dst))
-    {
-        let found = od.lookup(dst, &shared.store, on_demand::WAIT).await;
-        shared
-            .metrics
-            .lookups
-            .get_or_create(&crate::metrics::LookupLabels {
-                result: found.label(),
-            })
-            .inc();
-        if found == Lookup::TimedOut {
-            warn!(%dst, "the config of this destination did not arrive in time; refusing");
-            return refuse_unconfigured(stream, dst, shared).await;
-        }
-        if let Some(s) = shared.store.load() {
-            snapshot = s;
-        }
-    }
+    let Some(snapshot) = config_for(&mut stream, dst, lookups, shared).await else {
+        return;
+    };
     let Some(listener) = snapshot.listeners.get(kind.xds_name()) else {
         debug!("no config for this listener; closing");
         return;
     };
-    let (chain, prefix, candidates) = match listener.select(dst) {
-        ChainChoice::Chain(c) => (c, BytesMut::new(), Vec::new()),
+    let Some((chain, prefix, candidates)) = choose_chain(&mut stream, listener, dst, shared).await
+    else {
+        return;
+    };
+    let io = PrefixedIo::new(prefix, stream).with_idle_timeout(shared.config.idle_timeout);
+    let on = Chain {
+        kind,
+        name: chain.name.clone(),
+        generation: snapshot.generation,
+        dst,
+        src,
+    };
+    if !chain.terminate_tls {
+        let filter = chain.filter.clone();
+        drop(snapshot);
+        return run_filter(&filter, io, on, None, shared).await;
+    }
+    let Some((stream, peer, alpn)) = accept_tls(io, dst, shared).await else {
+        return;
+    };
+    let Some((name, inner)) = pick_after_tls(&snapshot, kind, &candidates, alpn) else {
+        debug!(%dst, ?alpn, "no filter chain for this mesh TLS connection; closing");
+        return;
+    };
+    drop(snapshot);
+    run_filter(&inner, stream, Chain { name, ..on }, peer, shared).await;
+}
+
+/// The config to serve a connection to `dst` with: the current one, waited for a while when
+/// there is none yet, and with `lookups`, once a destination it lacks was looked up. `None`:
+/// the connection is closed (or, when the lookup timed out, refused).
+async fn config_for(
+    stream: &mut TcpStream,
+    dst: SocketAddr,
+    lookups: Option<&Arc<on_demand::OnDemand>>,
+    shared: &Arc<Shared>,
+) -> Option<Arc<Snapshot>> {
+    let snapshot = match shared.store.load() {
+        Some(s) => s,
+        // Connections that arrive before the first config wait for it, a while.
+        None => tokio::time::timeout(Duration::from_secs(10), shared.store.ready())
+            .await
+            .ok()?,
+    };
+    let Some(od) = lookups.filter(|_| !on_demand::holds(&snapshot, &names::address_listener(dst)))
+    else {
+        return Some(snapshot);
+    };
+    let found = od.lookup(dst, &shared.store, on_demand::WAIT).await;
+    shared
+        .metrics
+        .lookups
+        .get_or_create(&crate::metrics::LookupLabels {
+            result: found.label(),
+        })
+        .inc();
+    if found == Lookup::TimedOut {
+        warn!(%dst, "the config of this destination did not arrive in time; refusing");
+        refuse_unconfigured(stream, dst, shared).await;
+        return None;
+    }
+    Some(shared.store.load().unwrap_or(snapshot))
+}
+
+/// The filter chain a connection lands on, the bytes read to detect its protocol, and the
+/// chains that stay candidates until mesh TLS shows its ALPN. `None`: closed.
+async fn choose_chain<'l>(
+    stream: &mut TcpStream,
+    listener: &'l ListenerConfig,
+    dst: SocketAddr,
+    shared: &Shared,
+) -> Option<(&'l FilterChain, BytesMut, Vec<&'l FilterChain>)> {
+    match listener.select(dst) {
+        ChainChoice::Chain(c) => Some((c, BytesMut::new(), Vec::new())),
         ChainChoice::Detect(chains) => {
-            let (proto, buf) = match detect(&mut stream, shared.config.detect_timeout).await {
+            let (proto, buf) = match detect(stream, shared.config.detect_timeout).await {
                 Ok(r) => r,
                 Err(e) => {
                     debug!(error = %e, "reading the first bytes");
-                    return;
+                    return None;
                 }
             };
-            match listener.pick(&chains, proto) {
-                Some(c) => (c, buf, chains),
-                None => {
-                    if proto != Detected::Tls {
-                        debug!(%dst, "plaintext refused: this port takes mesh TLS only");
-                    }
-                    return;
+            let Some(c) = listener.pick(&chains, proto) else {
+                if proto != Detected::Tls {
+                    debug!(%dst, "plaintext refused: this port takes mesh TLS only");
                 }
-            }
+                return None;
+            };
+            Some((c, buf, chains))
         }
         ChainChoice::None => {
             debug!(%dst, "no filter chain matches; closing");
-            return;
+            None
         }
-    };
-    let io = PrefixedIo::new(prefix, stream).with_idle_timeout(shared.config.idle_timeout);
-    let generation = snapshot.generation;
-    if !chain.terminate_tls {
-        let (name, filter) = (chain.name.clone(), chain.filter.clone());
-        drop(snapshot);
-        let on = Chain {
-            kind,
-            name,
-            generation,
-            dst,
-            src,
-        };
-        return run_filter(&filter, io, on, None, shared).await;
     }
+}
+
+/// Terminates mesh TLS: the connection, the client's SPIFFE ID, and the protocol its ALPN
+/// names. `None`: the handshake failed or timed out, or this proxy has no identity.
+async fn accept_tls<I>(
+    io: I,
+    dst: SocketAddr,
+    shared: &Shared,
+) -> Option<(
+    tokio_rustls::server::TlsStream<I>,
+    Option<mesh_api::SpiffeId>,
+    Option<Detected>,
+)>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let Some(tls) = shared.tls.clone() else {
         warn!(%dst, "a filter chain terminates mesh TLS, but this proxy runs with identity off; closing");
-        return;
+        return None;
     };
     let accepted = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(io)).await;
     let stream = match accepted {
@@ -360,12 +440,12 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         Ok(Err(e)) => {
             tls.handshake_done(Direction::inbound, false);
             debug!(error = %e, "mesh TLS handshake failed");
-            return;
+            return None;
         }
         Err(_) => {
             tls.handshake_done(Direction::inbound, false);
             debug!("mesh TLS handshake timed out");
-            return;
+            return None;
         }
     };
     tls.handshake_done(Direction::inbound, true);
@@ -388,26 +468,14 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         Some(mesh_api::tls::ALPN_HTTP1) => Some(Detected::Http1),
         _ => None,
     };
-    let Some((name, inner)) = pick_after_tls(&snapshot, kind, &candidates, alpn) else {
-        debug!(%dst, ?alpn, "no filter chain for this mesh TLS connection; closing");
-        return;
-    };
-    drop(snapshot);
-    let on = Chain {
-        kind,
-        name,
-        generation,
-        dst,
-        src,
-    };
-    run_filter(&inner, stream, on, peer, shared).await;
+    Some((stream, peer, alpn))
 }
 
 /// A destination whose config did not arrive: an HTTP/1 client is told so with a 503 that
 /// says why; any other connection is closed.
-async fn refuse_unconfigured(mut stream: TcpStream, dst: SocketAddr, shared: &Arc<Shared>) {
+async fn refuse_unconfigured(stream: &mut TcpStream, dst: SocketAddr, shared: &Arc<Shared>) {
     use tokio::io::AsyncWriteExt;
-    let Ok((Detected::Http1, _)) = detect(&mut stream, shared.config.detect_timeout).await else {
+    let Ok((Detected::Http1, _)) = detect(stream, shared.config.detect_timeout).await else {
         return;
     };
     let body = format!(
@@ -468,7 +536,7 @@ async fn run_filter<I>(
                 }
                 _ => None,
             };
-            let ctx = Arc::new(http::HttpCtx {
+            let ctx = Arc::new(HttpCtx {
                 shared: shared.clone(),
                 route: route.clone(),
                 dst,
@@ -488,12 +556,12 @@ async fn run_filter<I>(
                 return;
             }
             let _active = Active::new(&shared.metrics, kind, "tcp");
-            tcp::forward(shared, cluster, kind.direction(), peer.as_ref(), dst, io).await;
+            tcp::relay(shared, cluster, kind.direction(), peer.as_ref(), dst, io).await;
         }
     }
 }
 
-async fn serve_http<I>(io: I, ctx: Arc<http::HttpCtx>, shared: &Arc<Shared>)
+async fn serve_http<I>(io: I, ctx: Arc<HttpCtx>, shared: &Arc<Shared>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {

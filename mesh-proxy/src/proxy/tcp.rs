@@ -13,17 +13,17 @@ use super::Shared;
 use super::upstream::connect_endpoint;
 use crate::balance::Outcome;
 use crate::identity::Alpn;
-use crate::metrics::{Direction, Peer, TcpLabels};
+use crate::metrics::{Direction, Peer, TcpLabels, TcpMetrics};
 use crate::state::ClusterKind;
 
 /// `peer`: inbound over mesh TLS, the client's SPIFFE ID (for metrics).
-pub async fn forward<T>(
+pub async fn relay<T>(
     shared: &Arc<Shared>,
     cluster: &str,
     direction: Direction,
     peer: Option<&mesh_api::SpiffeId>,
     dst: SocketAddr,
-    mut io: T,
+    io: T,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
@@ -66,26 +66,15 @@ pub async fn forward<T>(
             Ok(upstream) => {
                 let endpoint_peer = inflight.endpoint.peer.clone();
                 inflight.finish(Outcome::Success);
-                let metrics = &shared.metrics;
                 let other = match (direction, peer) {
                     (Direction::outbound, _) => endpoint_peer,
                     (Direction::inbound, Some(id)) => Arc::new(Peer::from_identity(id)),
                     (Direction::inbound, None) => Peer::unknown(),
                 };
+                let metrics = &shared.metrics;
                 let (src, dst) = direction.ends(&metrics.me, &other);
                 let m = metrics.tcp(&TcpLabels::new(direction, src, dst, &cluster.name));
-                m.opened.inc();
-                // Bytes are counted as they pass, so long connections show up before they end.
-                let mut upstream = CountingIo {
-                    inner: upstream,
-                    read: m.received.clone(),
-                    written: m.sent.clone(),
-                };
-                if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
-                    debug!(endpoint = %addr, error = %e, "TCP connection ended");
-                }
-                m.closed.inc();
-                return;
+                return copy(io, upstream, &m, addr).await;
             }
             Err(e) => {
                 debug!(endpoint = %addr, error = %e, "TCP connect failed");
@@ -97,6 +86,25 @@ pub async fn forward<T>(
             }
         }
     }
+}
+
+/// Copies bytes both ways until both sides are done, counting them as they pass so long
+/// connections show up before they end.
+async fn copy<T, U>(mut io: T, upstream: U, m: &TcpMetrics, endpoint: SocketAddr)
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    m.opened.inc();
+    let mut upstream = CountingIo {
+        inner: upstream,
+        read: m.received.clone(),
+        written: m.sent.clone(),
+    };
+    if let Err(e) = tokio::io::copy_bidirectional(&mut io, &mut upstream).await {
+        debug!(%endpoint, error = %e, "TCP connection ended");
+    }
+    m.closed.inc();
 }
 
 pin_project_lite::pin_project! {

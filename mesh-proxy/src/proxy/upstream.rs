@@ -28,6 +28,22 @@ use crate::identity::{Alpn, MeshTls};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
+/// A body of these bytes.
+pub fn full(b: Bytes) -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(b)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A body with nothing in it.
+pub fn empty() -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
 /// Idle HTTP/1.1 connections kept per endpoint.
 const MAX_IDLE: usize = 64;
 
@@ -369,6 +385,18 @@ pub struct Target {
 }
 
 impl Target {
+    /// A request to an endpoint of `cluster`, over HTTP/2 when `h2`.
+    pub fn new(shared: &super::Shared, cluster: &crate::state::Cluster, h2: bool) -> Self {
+        Target {
+            h2,
+            connect_timeout: cluster.connect_timeout,
+            idle_timeout: shared.config.idle_timeout,
+            tls: shared.tls.clone(),
+            breaker: cluster.breaker.clone(),
+            peers: cluster.endpoints.clone(),
+        }
+    }
+
     fn max_requests(&self) -> Option<u32> {
         self.breaker.limits.max_requests_per_connection
     }

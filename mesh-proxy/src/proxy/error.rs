@@ -1,0 +1,199 @@
+//! Every answer the proxy makes itself in place of an upstream's: why (the variant and its
+//! message), the status, Envoy's response flag for the access log and metrics, and any
+//! header the answer carries, all decided here.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use tracing::debug;
+
+use super::observe::Exchange;
+use super::upstream::{Body, SendError, full};
+
+/// Marks the proxy's own answers: `local`, or `overflow` for a circuit breaker's.
+pub const MARK: HeaderName = HeaderName::from_static("x-mesh-proxy");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Inbound over mesh TLS while this proxy's own certificate is not valid: fail closed, on
+    /// connections opened while it was valid too.
+    #[error("this proxy holds no valid certificate: mesh TLS refused")]
+    NoValidSvid,
+    #[error("proxy has no config yet")]
+    NoConfig,
+    #[error("no route configuration {0:?}")]
+    NoRouteConfig(String),
+    #[error("request has no Host")]
+    MissingHost,
+    #[error("no route for {0}")]
+    NoRoute(String),
+    #[error("every backend of the route has weight 0")]
+    AllWeightsZero,
+    #[error("cluster {0:?} not found")]
+    NoCluster(String),
+    /// The request target after a rewrite is not a valid URI.
+    #[error("invalid request target")]
+    InvalidTarget,
+    /// The Host a rewrite set is not a valid header value.
+    #[error("invalid Host")]
+    InvalidHost,
+    /// The host cannot be an HTTP/2 `:authority`.
+    #[error("invalid Host for an HTTP/2 upstream")]
+    InvalidH2Host,
+    /// The body kept for mirrors broke off.
+    #[error("request body ended early")]
+    BodyEndedEarly,
+    /// The cluster's `max_requests` are in flight.
+    #[error("upstream overflow: too many requests in flight")]
+    TooManyRequests,
+    /// The cluster's connections and its queue of pending requests are full.
+    #[error("upstream overflow: no connection free and too many requests waiting for one")]
+    NoConnectionFree,
+    #[error("no healthy upstream")]
+    NoHealthyUpstream,
+    #[error("upstream connect error: {0}")]
+    Connect(SendError),
+    #[error("upstream reset: {0}")]
+    Reset(SendError),
+    /// The route's timeout or the per-try timeout of the last try fired.
+    #[error("upstream request timeout")]
+    Timeout,
+    /// Inbound: a path that cannot be normalized (`%2F`, `..` above the root, and the like).
+    #[error("malformed path: {0}")]
+    MalformedPath(String),
+    /// The connection's filter chain left the config: nothing on it is served any more.
+    #[error("this connection's filter chain was removed: reconnect")]
+    ChainRemoved,
+    #[error("RBAC: access denied")]
+    Denied,
+    #[error("local_rate_limited")]
+    RateLimited { retry_after: Duration },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        use ProxyError as E;
+        match self {
+            E::MissingHost
+            | E::InvalidTarget
+            | E::InvalidHost
+            | E::InvalidH2Host
+            | E::BodyEndedEarly
+            | E::MalformedPath(_) => StatusCode::BAD_REQUEST,
+            E::Denied => StatusCode::FORBIDDEN,
+            E::NoRoute(_) => StatusCode::NOT_FOUND,
+            E::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            E::AllWeightsZero => StatusCode::INTERNAL_SERVER_ERROR,
+            E::Reset(_) => StatusCode::BAD_GATEWAY,
+            E::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            E::NoValidSvid
+            | E::NoConfig
+            | E::NoRouteConfig(_)
+            | E::NoCluster(_)
+            | E::TooManyRequests
+            | E::NoConnectionFree
+            | E::NoHealthyUpstream
+            | E::Connect(_)
+            | E::ChainRemoved => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// Envoy's response flag for it, `-` for none.
+    pub fn flag(&self) -> &'static str {
+        use ProxyError as E;
+        match self {
+            E::NoConfig | E::NoRouteConfig(_) | E::NoRoute(_) | E::ChainRemoved => "NR",
+            E::NoCluster(_) => "NC",
+            E::TooManyRequests | E::NoConnectionFree => "UO",
+            E::NoHealthyUpstream => "UH",
+            E::Connect(_) => "UF",
+            E::Reset(_) => "UC",
+            E::Timeout => "UT",
+            E::MalformedPath(_) => "DPE",
+            E::Denied => "RBAC",
+            E::RateLimited { .. } => "RL",
+            E::NoValidSvid
+            | E::MissingHost
+            | E::AllWeightsZero
+            | E::InvalidTarget
+            | E::InvalidHost
+            | E::InvalidH2Host
+            | E::BodyEndedEarly => "-",
+        }
+    }
+
+    /// The answer to send, with its flag noted on the exchange.
+    pub fn respond(self, ex: &mut Exchange) -> Response<Body> {
+        let flag = self.flag();
+        if flag != "-" {
+            ex.flags = flag;
+        }
+        debug!(error = %self, flag, "answered by the proxy");
+        self.response()
+    }
+
+    /// The answer: the message as plain text, marked as the proxy's own.
+    pub fn response(&self) -> Response<Body> {
+        let mut r = Response::new(full(Bytes::from(format!("{self}\n"))));
+        *r.status_mut() = self.status();
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(MARK, HeaderValue::from_static("local"));
+        match self {
+            ProxyError::TooManyRequests | ProxyError::NoConnectionFree => {
+                h.insert(MARK, HeaderValue::from_static("overflow"));
+            }
+            ProxyError::ChainRemoved => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            ProxyError::RateLimited { retry_after } => {
+                h.insert(
+                    header::RETRY_AFTER,
+                    crate::policy::retry_after_secs(*retry_after).into(),
+                );
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+impl From<SendError> for ProxyError {
+    /// A failed last try.
+    fn from(e: SendError) -> Self {
+        match e {
+            SendError::Overflow => ProxyError::NoConnectionFree,
+            e if e.is_connect() => ProxyError::Connect(e),
+            e => ProxyError::Reset(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_carry_their_status_flag_and_headers() {
+        let r = ProxyError::RateLimited {
+            retry_after: Duration::from_millis(1500),
+        }
+        .response();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(r.headers()[MARK], "local");
+        let r = ProxyError::TooManyRequests.response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[MARK], "overflow");
+        assert_eq!(ProxyError::TooManyRequests.flag(), "UO");
+        let r = ProxyError::ChainRemoved.response();
+        assert_eq!(r.headers()[header::CONNECTION], "close");
+        assert_eq!(ProxyError::MissingHost.flag(), "-");
+        assert_eq!(ProxyError::Timeout.status(), 504);
+    }
+}

@@ -1,0 +1,169 @@
+//! One try: an endpoint picked, the request built for its protocol, sent within the
+//! timeouts, and the endpoint charged with how it went.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, Version};
+
+use super::super::error::ProxyError;
+use super::super::observe::{Exchange, SOURCE_WORKLOAD};
+use super::super::upstream::{self, Body, SendError, Target, UpstreamBody};
+use super::HttpCtx;
+use super::rewrite::Destination;
+use super::timeout::{self, Limits};
+use crate::balance::{InFlight, Outcome};
+use crate::metrics::Direction;
+use crate::state::{Cluster, ClusterKind, UpstreamProtocol};
+
+/// The outcome of one try.
+pub(super) enum Try {
+    Response(Response<UpstreamBody>),
+    Failed(SendError),
+    /// The per-try timeout fired.
+    PerTryTimeout,
+    /// The route's timeout fired.
+    Timeout,
+}
+
+impl Try {
+    /// What the endpoint is charged with: `None` for an overflow, a local failure or another
+    /// request's failed attempt, which neither failed nor answered (again).
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
+            Try::Response(r) if r.status().is_server_error() => Some(Outcome::ServerError {
+                gateway: matches!(r.status().as_u16(), 502..=504),
+            }),
+            Try::Response(_) => Some(Outcome::Success),
+            Try::Failed(e) => e.outcome(),
+            Try::PerTryTimeout | Try::Timeout => Some(Outcome::ServerError { gateway: true }),
+        }
+    }
+
+    /// The last try's response, or the error it ends in.
+    pub fn last(self, ctx: &HttpCtx, cluster: &str) -> Result<Response<UpstreamBody>, ProxyError> {
+        match self {
+            Try::Response(r) => Ok(r),
+            Try::Failed(e) => Err(e.into()),
+            Try::PerTryTimeout => Err(timeout::expired(&ctx.shared, cluster, false)),
+            Try::Timeout => Err(timeout::expired(&ctx.shared, cluster, true)),
+        }
+    }
+}
+
+/// The request each try sends. Headers are moved into the only try there can be, and copied
+/// when a retry may need them again.
+pub(super) struct Template {
+    pub method: Method,
+    headers: Option<HeaderMap>,
+    /// Whether a retry may follow, so the headers are copied.
+    keep: bool,
+    /// This proxy's workload, for the server's proxy.
+    source: Option<HeaderValue>,
+    pub dest: Destination,
+}
+
+impl Template {
+    pub fn new(
+        method: Method,
+        headers: HeaderMap,
+        keep: bool,
+        source: Option<HeaderValue>,
+        dest: Destination,
+    ) -> Self {
+        Template {
+            method,
+            headers: Some(headers),
+            keep,
+            source,
+            dest,
+        }
+    }
+
+    /// The request for a try over HTTP/2 (`h2`) or HTTP/1.1, to another mesh proxy (`mesh`)
+    /// or not.
+    fn build(&mut self, h2: bool, mesh: bool, body: Body) -> Result<Request<Body>, ProxyError> {
+        let mut r = Request::new(body);
+        *r.method_mut() = self.method.clone();
+        *r.headers_mut() = if self.keep {
+            self.headers.clone().unwrap_or_default()
+        } else {
+            self.headers.take().unwrap_or_default()
+        };
+        // The server's proxy learns who calls from this; nobody else gets it.
+        match (&self.source, mesh) {
+            (Some(v), true) => r.headers_mut().insert(SOURCE_WORKLOAD, v.clone()),
+            _ => r.headers_mut().remove(SOURCE_WORKLOAD),
+        };
+        if h2 {
+            *r.uri_mut() = self.dest.absolute()?;
+            *r.version_mut() = Version::HTTP_2;
+            r.headers_mut().remove(header::HOST);
+        } else {
+            *r.uri_mut() = self.dest.origin.clone();
+            *r.version_mut() = Version::HTTP_11;
+            r.headers_mut()
+                .insert(header::HOST, self.dest.host_value.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// What every try of a request shares.
+pub(super) struct Tries<'a> {
+    pub ctx: &'a HttpCtx,
+    pub cluster: &'a Arc<Cluster>,
+    /// Over HTTP/2 to any endpoint (else only to mesh proxies).
+    pub h2: bool,
+    pub upgrade: bool,
+    /// The request's hash, for a ring-hash cluster.
+    pub hash: Option<u64>,
+    pub limits: Limits,
+}
+
+impl Tries<'_> {
+    /// Whether the cluster speaks HTTP/2 to a request of `version`; an upgrade never does.
+    pub fn h2(cluster: &Cluster, version: Version, upgrade: bool) -> bool {
+        !upgrade
+            && match cluster.protocol {
+                UpstreamProtocol::Http2 => true,
+                UpstreamProtocol::Http1 => false,
+                UpstreamProtocol::Downstream => version == Version::HTTP_2,
+            }
+    }
+
+    /// One try, to an endpoint other than `avoid` when there is one: its result, and the
+    /// endpoint it went to.
+    pub async fn send(
+        &self,
+        avoid: Option<SocketAddr>,
+        template: &mut Template,
+        body: Body,
+        ex: &mut Exchange,
+    ) -> Result<(Try, SocketAddr), ProxyError> {
+        let inflight = self.pick(avoid).ok_or(ProxyError::NoHealthyUpstream)?;
+        let ep = inflight.endpoint.clone();
+        if self.ctx.kind.direction() == Direction::outbound {
+            ex.peer = ep.peer.clone();
+        }
+        ex.upstream(&self.cluster.name, ep.addr);
+        let h2 = self.h2 || (ep.mesh_proxy && !self.upgrade);
+        let req = template.build(h2, ep.mesh_proxy, body)?;
+        let target = Target::new(&self.ctx.shared, self.cluster, h2);
+        let result = self.limits.within(upstream::send(&ep, target, req)).await;
+        match result.outcome() {
+            Some(o) => inflight.finish(o),
+            None => drop(inflight),
+        }
+        Ok((result, ep.addr))
+    }
+
+    /// An endpoint of the cluster; for an original-destination cluster, the connection's own.
+    fn pick(&self, avoid: Option<SocketAddr>) -> Option<InFlight> {
+        match self.cluster.kind {
+            ClusterKind::OriginalDst => self.cluster.original_dst(self.ctx.dst).pick(None, None),
+            _ => self.cluster.endpoints.pick(avoid, self.hash),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Header changes: the route config's levels (backend, route, virtual host, table) on the
+//! request and the response, and the hop-by-hop headers no hop passes on.
+
+use http::Request;
+use http::header::{self, HeaderMap, HeaderName};
+
+use crate::state::RouteTable;
+use crate::state::route::{Route, VirtualHost, WeightedBackend};
+
+/// The config levels a request matched, for header changes (most specific first).
+#[derive(Clone, Copy)]
+pub(super) struct Levels<'a> {
+    pub table: &'a RouteTable,
+    pub vh: &'a VirtualHost,
+    pub route: &'a Route,
+}
+
+impl Levels<'_> {
+    /// The request's header changes, least specific last so the route config has the final
+    /// say (Envoy's default order); then its hop-by-hop headers go, but those of an upgrade
+    /// stay with it.
+    pub fn request(&self, backend: &WeightedBackend, h: &mut HeaderMap, upgrade: bool) {
+        backend.headers.apply_request(h);
+        self.route.headers.apply_request(h);
+        self.vh.headers.apply_request(h);
+        self.table.headers.apply_request(h);
+        let kept = upgrade.then(|| {
+            (
+                h.get(header::CONNECTION).cloned(),
+                h.get(header::UPGRADE).cloned(),
+            )
+        });
+        strip_hop_by_hop(h);
+        if let Some((conn, up)) = kept {
+            if let Some(c) = conn {
+                h.insert(header::CONNECTION, c);
+            }
+            if let Some(u) = up {
+                h.insert(header::UPGRADE, u);
+            }
+        }
+    }
+
+    /// The response's header changes: a forwarded response's (`backend` given) or one made
+    /// here for the route (a redirect, a direct response).
+    pub fn response(&self, backend: Option<&WeightedBackend>, h: &mut HeaderMap) {
+        if let Some(b) = backend {
+            b.headers.apply_response(h);
+        }
+        self.route.headers.apply_response(h);
+        self.vh.headers.apply_response(h);
+        self.table.headers.apply_response(h);
+    }
+}
+
+/// The host the client named: the URI's authority, else the `Host` header.
+pub(super) fn authority<B>(req: &Request<B>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+}
+
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Drops hop-by-hop headers, and those the `Connection` header names. `te: trailers` stays:
+/// gRPC needs it.
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if let Some(conn) = h
+        .get(header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+    {
+        for name in conn.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if let Ok(n) = HeaderName::try_from(name.to_ascii_lowercase())
+                && n != header::TE
+            {
+                h.remove(n);
+            }
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    if let Some(te) = h.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        h.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-app"]);
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+    }
+}

@@ -1,0 +1,54 @@
+//! Route match: the connection's route table, the virtual host by the request's host, the
+//! route by its matches; then the route's action.
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::super::error::ProxyError;
+use super::super::guard;
+use super::super::observe::Exchange;
+use super::super::upstream::Body;
+use super::HttpCtx;
+use super::headers::{Levels, authority};
+use super::redirect::{direct, redirect};
+use crate::state::route::{Action, RequestInfo};
+
+/// The answer to a request: checked by the chain's policy, routed, then forwarded or
+/// answered by its route.
+pub(super) async fn serve(
+    ctx: &HttpCtx,
+    mut req: Request<Incoming>,
+    ex: &mut Exchange,
+) -> Result<Response<Body>, ProxyError> {
+    let snapshot = ctx.shared.store.load().ok_or(ProxyError::NoConfig)?;
+    guard::check(ctx, &snapshot, &mut req)?;
+    let table = snapshot
+        .route(&ctx.route)
+        .cloned()
+        .ok_or_else(|| ProxyError::NoRouteConfig(ctx.route.clone()))?;
+    let host = authority(&req).ok_or(ProxyError::MissingHost)?;
+    let info = RequestInfo {
+        method: req.method(),
+        path: req.uri().path(),
+        query: req.uri().query(),
+        headers: req.headers(),
+    };
+    let (vh, route) = table
+        .find(&host, &info)
+        .ok_or_else(|| ProxyError::NoRoute(host.clone()))?;
+    ex.route(&route.name);
+    let levels = Levels {
+        table: &table,
+        vh,
+        route,
+    };
+    let mut resp = match &route.action {
+        Action::Forward(f) => {
+            return super::call::call(ctx, &snapshot, levels, f, host, req, ex).await;
+        }
+        Action::Redirect(r) => redirect(r, &host, req.uri()),
+        Action::Direct { status, body } => direct(*status, body),
+    };
+    levels.response(None, resp.headers_mut());
+    Ok(resp)
+}
