@@ -27,6 +27,10 @@ pub enum ProxyError {
     NoRouteConfig(String),
     #[error("request has no Host")]
     MissingHost,
+    /// RFC 9112 section 3.2: more than one Host is refused, as the hosts could be read
+    /// differently further on.
+    #[error("request has more than one Host")]
+    DuplicateHost,
     #[error("no route for {0}")]
     NoRoute(String),
     #[error("every backend of the route has weight 0")]
@@ -42,9 +46,10 @@ pub enum ProxyError {
     /// The host cannot be an HTTP/2 `:authority`.
     #[error("invalid Host for an HTTP/2 upstream")]
     InvalidH2Host,
-    /// The body kept for mirrors broke off.
-    #[error("request body ended early")]
-    BodyEndedEarly,
+    /// The request's body broke off, or its framing (chunks) was malformed: the client's
+    /// fault, never charged to the endpoint nor retried. The connection cannot go on.
+    #[error("request body malformed or ended early")]
+    RequestBody,
     /// The cluster's `max_requests` are in flight.
     #[error("upstream overflow: too many requests in flight")]
     TooManyRequests,
@@ -77,10 +82,11 @@ impl ProxyError {
         use ProxyError as E;
         match self {
             E::MissingHost
+            | E::DuplicateHost
             | E::InvalidTarget
             | E::InvalidHost
             | E::InvalidH2Host
-            | E::BodyEndedEarly
+            | E::RequestBody
             | E::MalformedPath(_) => StatusCode::BAD_REQUEST,
             E::Denied => StatusCode::FORBIDDEN,
             E::NoRoute(_) => StatusCode::NOT_FOUND,
@@ -111,16 +117,16 @@ impl ProxyError {
             E::Connect(_) => "UF",
             E::Reset(_) => "UC",
             E::Timeout => "UT",
-            E::MalformedPath(_) => "DPE",
+            E::MalformedPath(_) | E::RequestBody => "DPE",
             E::Denied => "RBAC",
             E::RateLimited { .. } => "RL",
             E::NoValidSvid
             | E::MissingHost
+            | E::DuplicateHost
             | E::AllWeightsZero
             | E::InvalidTarget
             | E::InvalidHost
-            | E::InvalidH2Host
-            | E::BodyEndedEarly => "-",
+            | E::InvalidH2Host => "-",
         }
     }
 
@@ -148,7 +154,7 @@ impl ProxyError {
             ProxyError::TooManyRequests | ProxyError::NoConnectionFree => {
                 h.insert(MARK, HeaderValue::from_static("overflow"));
             }
-            ProxyError::ChainRemoved => {
+            ProxyError::ChainRemoved | ProxyError::RequestBody => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::RateLimited { retry_after } => {

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -104,7 +104,7 @@ pub struct Exchange {
     pub status: Option<u16>,
     grpc: Option<u8>,
     /// Made when the request has a body to count.
-    request_bytes: Option<Arc<AtomicU64>>,
+    request_body: Option<Arc<BodyTally>>,
     response_bytes: u64,
     /// Envoy's response flags, `-` for none.
     pub flags: &'static str,
@@ -192,7 +192,7 @@ impl Exchange {
             headers_after: None,
             status: None,
             grpc: None,
-            request_bytes: None,
+            request_body: None,
             response_bytes: 0,
             flags: "-",
             span: None,
@@ -207,12 +207,17 @@ impl Exchange {
         self.shared.config.telemetry && !self.moved
     }
 
-    /// The counter request body bytes go to.
-    pub fn request_bytes(&mut self) -> Arc<AtomicU64> {
-        if !self.on() {
-            return nowhere();
-        }
-        self.request_bytes.get_or_insert_with(Arc::default).clone()
+    /// The tally of the request's body, for a request that has one.
+    pub fn request_body(&mut self) -> Arc<BodyTally> {
+        self.request_body.get_or_insert_with(Arc::default).clone()
+    }
+
+    /// Whether the request's body broke off or its framing was malformed: the client's
+    /// fault, not the endpoint's.
+    pub fn request_body_failed(&self) -> bool {
+        self.request_body
+            .as_ref()
+            .is_some_and(|t| t.failed.load(Ordering::Relaxed))
     }
 
     /// Notes the upstream that answered (access log and span).
@@ -283,9 +288,9 @@ impl Exchange {
     }
 
     fn bytes_received(&self) -> u64 {
-        self.request_bytes
+        self.request_body
             .as_ref()
-            .map_or(0, |b| b.load(Ordering::Relaxed))
+            .map_or(0, |b| b.bytes.load(Ordering::Relaxed))
     }
 
     fn record(&mut self) {
@@ -355,12 +360,6 @@ impl Drop for Exchange {
     }
 }
 
-/// Where request bytes go when nobody counts them.
-fn nowhere() -> Arc<AtomicU64> {
-    static NOWHERE: std::sync::OnceLock<Arc<AtomicU64>> = std::sync::OnceLock::new();
-    NOWHERE.get_or_init(Arc::default).clone()
-}
-
 fn grpc_status(h: &HeaderMap) -> Option<u8> {
     h.get("grpc-status")?.to_str().ok()?.trim().parse().ok()
 }
@@ -413,18 +412,25 @@ impl<B: http_body::Body<Data = Bytes, Error = BoxError>> http_body::Body for Obs
     }
 }
 
+/// What a request's body did: the bytes it carried, and whether it failed.
+#[derive(Debug, Default)]
+pub struct BodyTally {
+    bytes: AtomicU64,
+    failed: AtomicBool,
+}
+
 pin_project_lite::pin_project! {
-    /// A request body that counts its bytes.
+    /// A request body that counts its bytes, and notes when it fails.
     pub struct Counted<B> {
         #[pin]
         inner: B,
-        bytes: Arc<AtomicU64>,
+        tally: Arc<BodyTally>,
     }
 }
 
 impl<B> Counted<B> {
-    pub fn new(inner: B, bytes: Arc<AtomicU64>) -> Self {
-        Counted { inner, bytes }
+    pub fn new(inner: B, tally: Arc<BodyTally>) -> Self {
+        Counted { inner, tally }
     }
 }
 
@@ -438,10 +444,16 @@ impl<B: http_body::Body<Data = Bytes>> http_body::Body for Counted<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let polled = this.inner.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(d) = frame.data_ref()
-        {
-            this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.tally
+                        .bytes
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.tally.failed.store(true, Ordering::Relaxed),
+            _ => {}
         }
         polled
     }

@@ -25,6 +25,8 @@ pub(super) enum Try {
     PerTryTimeout,
     /// The route's timeout fired.
     Timeout,
+    /// The request's own body failed (malformed, or cut off by the client), so the try did.
+    BodyFailed,
 }
 
 impl Try {
@@ -38,6 +40,7 @@ impl Try {
             Try::Response(_) => Some(Outcome::Success),
             Try::Failed(e) => e.outcome(),
             Try::PerTryTimeout | Try::Timeout => Some(Outcome::ServerError { gateway: true }),
+            Try::BodyFailed => None,
         }
     }
 
@@ -48,6 +51,7 @@ impl Try {
             Try::Failed(e) => Err(e.into()),
             Try::PerTryTimeout => Err(timeout::expired(&ctx.shared, cluster, false)),
             Try::Timeout => Err(timeout::expired(&ctx.shared, cluster, true)),
+            Try::BodyFailed => Err(ProxyError::RequestBody),
         }
     }
 }
@@ -151,7 +155,13 @@ impl Tries<'_> {
         let h2 = self.h2 || (ep.mesh_proxy && !self.upgrade);
         let req = template.build(h2, ep.mesh_proxy, body)?;
         let target = Target::new(&self.ctx.shared, self.cluster, h2);
-        let result = self.limits.within(upstream::send(&ep, target, req)).await;
+        let result = match self.limits.within(upstream::send(&ep, target, req)).await {
+            // However the try ended, the client's body is why.
+            Try::Failed(_) | Try::PerTryTimeout | Try::Timeout if ex.request_body_failed() => {
+                Try::BodyFailed
+            }
+            r => r,
+        };
         match result.outcome() {
             Some(o) => inflight.finish(o),
             None => drop(inflight),

@@ -45,7 +45,7 @@ impl ReqBody {
                 Ok(b) => Ok(ReqBody::Buffered(b.to_bytes())),
                 Err(e) => {
                     debug!(error = %e, "reading the request body");
-                    Err(ProxyError::BodyEndedEarly)
+                    Err(ProxyError::RequestBody)
                 }
             };
         }

@@ -53,7 +53,7 @@ pub(super) async fn call(
         policies => affinity::affinity(policies, &parts.headers, ctx.src),
     };
     // A body that is already over is never read: nothing to count.
-    let body = (!body.is_end_stream()).then(|| Counted::new(body, ex.request_bytes()));
+    let body = (!body.is_end_stream()).then(|| Counted::new(body, ex.request_body()));
     levels.request(backend, &mut parts.headers, upgrade);
     let dest = Destination::new(f, host, &parts)?;
     let mut body = ReqBody::read(body, f, &parts.headers, upgrade).await?;

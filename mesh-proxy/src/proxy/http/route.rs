@@ -26,6 +26,15 @@ pub(super) async fn serve(
         .route(&ctx.route)
         .cloned()
         .ok_or_else(|| ProxyError::NoRouteConfig(ctx.route.clone()))?;
+    if req
+        .headers()
+        .get_all(http::header::HOST)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        return Err(ProxyError::DuplicateHost);
+    }
     let host = authority(&req).ok_or(ProxyError::MissingHost)?;
     let info = RequestInfo {
         method: req.method(),
