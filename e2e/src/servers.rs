@@ -26,6 +26,8 @@ pub struct EchoServer {
     fail_every: Arc<AtomicU64>,
     /// Wait this many microseconds before answering.
     delay_us: Arc<AtomicU64>,
+    /// The path of every request it got, in order.
+    paths: Arc<std::sync::Mutex<Vec<String>>>,
     task: Option<JoinHandle<()>>,
     conns: Arc<tokio::sync::Mutex<tokio::task::JoinSet<()>>>,
 }
@@ -42,6 +44,7 @@ impl EchoServer {
             hits: Arc::default(),
             fail_every: Arc::default(),
             delay_us: Arc::default(),
+            paths: Arc::default(),
             task: None,
             conns: Arc::default(),
         };
@@ -58,6 +61,7 @@ impl EchoServer {
             self.fail_every.clone(),
             self.delay_us.clone(),
         );
+        let paths = self.paths.clone();
         let conns = self.conns.clone();
         self.task = Some(tokio::spawn(async move {
             loop {
@@ -66,9 +70,14 @@ impl EchoServer {
                 };
                 let (name, hits, fail, delay) =
                     (name.clone(), hits.clone(), fail.clone(), delay.clone());
+                let paths = paths.clone();
                 conns.lock().await.spawn(async move {
                     let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         let n = hits.fetch_add(1, Ordering::Relaxed) + 1;
+                        paths
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(req.uri().path().to_string());
                         let every = fail.load(Ordering::Relaxed);
                         let delay = std::time::Duration::from_micros(delay.load(Ordering::Relaxed));
                         let name = name.clone();
@@ -149,6 +158,14 @@ impl EchoServer {
 
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::Relaxed)
+    }
+
+    /// The path of every request it got, in order.
+    pub fn paths(&self) -> Vec<String> {
+        self.paths
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Answer 503 to the first request and every `n`-th after it (0: never).

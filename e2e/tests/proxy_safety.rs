@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use mesh_controller::testing::{service_yaml, slice_yaml};
-use mesh_e2e::ProxyClient;
 use mesh_e2e::mesh::{LocalMesh, wait_config};
 use mesh_e2e::servers::EchoServer;
+use mesh_e2e::{ProxyClient, figure};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -178,5 +178,319 @@ async fn garbage_never_takes_the_proxy_down() -> anyhow::Result<()> {
         }
     }
     still_serves(s.addr).await;
+    Ok(())
+}
+
+/// A request hidden in another's framing. `{id}` is the case's own suffix.
+const SMUGGLED: &str = "GET /smuggled-{id} HTTP/1.1\r\nhost: echo\r\n\r\n";
+
+/// One request-smuggling probe: the bytes a client sends, and what a strict proxy does.
+struct Probe {
+    name: &'static str,
+    bytes: String,
+    expect: Expect,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Expect {
+    /// 400, and nothing reaches the app.
+    Refused,
+    /// 400 for a body whose framing turns out malformed: the request's head may have reached
+    /// the app already (a proxy streams bodies), but nothing more.
+    BadBody,
+    /// Refused, or one request reaches the app.
+    RefusedOrOne,
+}
+
+/// The corpus: conflicting or malformed framing (`Content-Length` against
+/// `Transfer-Encoding`, duplicated or malformed lengths, unknown codings), obs-fold, bare CR
+/// and LF, malformed chunks and malformed heads. Each hides [`SMUGGLED`] where a parser that
+/// reads the framing another way would find a second request.
+fn smuggling_corpus() -> Vec<Probe> {
+    let s = SMUGGLED;
+    let n = s.len();
+    let chunk = format!("{:x}\r\n{s}\r\n0\r\n\r\n", n);
+    let post = "POST /case-{id} HTTP/1.1\r\nhost: echo\r\n";
+    let refuse = |name, bytes: String| Probe {
+        name,
+        bytes,
+        expect: Expect::Refused,
+    };
+    let bad_body = |name, bytes: String| Probe {
+        name,
+        bytes,
+        expect: Expect::BadBody,
+    };
+    let either = |name, bytes: String| Probe {
+        name,
+        bytes,
+        expect: Expect::RefusedOrOne,
+    };
+    vec![
+        // Content-Length against Transfer-Encoding.
+        either(
+            "CL.TE",
+            format!(
+                "{post}content-length: {}\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n{s}",
+                5 + n
+            ),
+        ),
+        either(
+            "TE.CL",
+            format!("{post}transfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n{chunk}"),
+        ),
+        either(
+            "TE.CL, TE first",
+            format!("{post}transfer-encoding: chunked\r\ncontent-length: 0\r\n\r\n{chunk}"),
+        ),
+        refuse(
+            "CL.TE, coding not chunked",
+            format!("{post}content-length: 0\r\ntransfer-encoding: identity\r\n\r\n{s}"),
+        ),
+        refuse(
+            "TE.TE, chunked then identity",
+            format!(
+                "{post}transfer-encoding: chunked\r\ntransfer-encoding: identity\r\n\r\n{chunk}"
+            ),
+        ),
+        refuse(
+            "TE chunked, identity",
+            format!("{post}transfer-encoding: chunked, identity\r\n\r\n{chunk}"),
+        ),
+        refuse(
+            "TE xchunked",
+            format!("{post}transfer-encoding: xchunked\r\ncontent-length: {n}\r\n\r\n{s}"),
+        ),
+        refuse(
+            "TE chunked-false",
+            format!("{post}transfer-encoding: chunked-false\r\n\r\n{chunk}"),
+        ),
+        refuse(
+            "TE space before colon",
+            format!("{post}transfer-encoding : chunked\r\ncontent-length: 0\r\n\r\n{chunk}"),
+        ),
+        refuse(
+            "TE obs-fold",
+            format!("{post}transfer-encoding:\r\n chunked\r\ncontent-length: 0\r\n\r\n{chunk}"),
+        ),
+        refuse(
+            "TE vertical tab",
+            format!("{post}transfer-encoding:\x0bchunked\r\n\r\n{chunk}"),
+        ),
+        refuse(
+            "TE bare CR",
+            format!("{post}x-a: b\rtransfer-encoding: chunked\r\n\r\n{chunk}"),
+        ),
+        refuse(
+            "TE on HTTP/1.0",
+            format!(
+                "POST /case-{{id}} HTTP/1.0\r\nhost: echo\r\ntransfer-encoding: chunked\r\n\r\n{chunk}"
+            ),
+        ),
+        // Content-Length alone.
+        refuse(
+            "CL twice, different",
+            format!("{post}content-length: 0\r\ncontent-length: {n}\r\n\r\n{s}"),
+        ),
+        refuse(
+            "CL list, different",
+            format!("{post}content-length: 0, {n}\r\n\r\n{s}"),
+        ),
+        refuse(
+            "CL plus sign",
+            format!("{post}content-length: +{n}\r\n\r\n{s}"),
+        ),
+        refuse(
+            "CL negative",
+            format!("{post}content-length: -1\r\n\r\n{s}"),
+        ),
+        refuse(
+            "CL hex",
+            format!("{post}content-length: 0x{n:x}\r\n\r\n{s}"),
+        ),
+        refuse(
+            "CL inner space",
+            format!("{post}content-length: 0 {n}\r\n\r\n{s}"),
+        ),
+        refuse(
+            "CL overflow",
+            format!("{post}content-length: 18446744073709551616\r\n\r\n{s}"),
+        ),
+        refuse(
+            "CL space before colon",
+            format!("{post}content-length : {n}\r\n\r\n{s}"),
+        ),
+        refuse(
+            "CL obs-fold",
+            format!("{post}content-length:\r\n {n}\r\n\r\n{s}"),
+        ),
+        either(
+            "CL leading zeros",
+            format!("{post}content-length: 00{n}\r\n\r\n{s}"),
+        ),
+        either(
+            "CL twice, same",
+            format!("{post}content-length: {n}\r\ncontent-length: {n}\r\n\r\n{s}"),
+        ),
+        // Chunks.
+        bad_body(
+            "chunk size not hex",
+            format!("{post}transfer-encoding: chunked\r\n\r\nzz\r\n{s}\r\n0\r\n\r\n"),
+        ),
+        bad_body(
+            "chunk size overflow",
+            format!(
+                "{post}transfer-encoding: chunked\r\n\r\n1{}\r\n{s}\r\n0\r\n\r\n",
+                "0".repeat(16)
+            ),
+        ),
+        bad_body(
+            "chunk size negative",
+            format!("{post}transfer-encoding: chunked\r\n\r\n-{n:x}\r\n{s}\r\n0\r\n\r\n"),
+        ),
+        bad_body(
+            "chunk size plus sign",
+            format!("{post}transfer-encoding: chunked\r\n\r\n+{n:x}\r\n{s}\r\n0\r\n\r\n"),
+        ),
+        bad_body(
+            "chunk size 0x prefix",
+            format!("{post}transfer-encoding: chunked\r\n\r\n0x{n:x}\r\n{s}\r\n0\r\n\r\n"),
+        ),
+        bad_body(
+            "chunk longer than its size",
+            format!("{post}transfer-encoding: chunked\r\n\r\n2\r\n{s}\r\n0\r\n\r\n"),
+        ),
+        bad_body(
+            "chunk data without CRLF",
+            format!("{post}transfer-encoding: chunked\r\n\r\n1\r\nx0\r\n\r\n{s}"),
+        ),
+        bad_body(
+            "chunk size bare LF",
+            format!("{post}transfer-encoding: chunked\r\n\r\n{n:x}\n{s}\r\n0\r\n\r\n"),
+        ),
+        bad_body(
+            "chunk extension bare LF",
+            format!("{post}transfer-encoding: chunked\r\n\r\n{n:x};a\nb\r\n{s}\r\n0\r\n\r\n"),
+        ),
+        // Heads.
+        refuse(
+            "obs-fold in another header",
+            format!("{post}x-a: b\r\n c\r\ncontent-length: 0\r\n\r\n{s}"),
+        ),
+        refuse(
+            "whitespace before the first header",
+            format!("POST /case-{{id}} HTTP/1.1\r\n host: echo\r\ncontent-length: 0\r\n\r\n{s}"),
+        ),
+        refuse(
+            "NUL in a header value",
+            format!("{post}x-a: b\0c\r\ncontent-length: 0\r\n\r\n{s}"),
+        ),
+        refuse(
+            "space in a header name",
+            format!("{post}content length: {n}\r\n\r\n{s}"),
+        ),
+        refuse(
+            "two Host headers",
+            format!("{post}host: other\r\ncontent-length: 0\r\n\r\n"),
+        ),
+        refuse(
+            "no Host on HTTP/1.1",
+            "GET /case-{id} HTTP/1.1\r\ncontent-length: 0\r\n\r\n".to_string(),
+        ),
+        either(
+            "bare LF line ends",
+            format!("GET /case-{{id}} HTTP/1.1\nhost: echo\ncontent-length: {n}\n\n{s}"),
+        ),
+    ]
+}
+
+/// The status of the first response on `conn`, and every byte it sent until it closed or
+/// went quiet.
+async fn exchange(addr: std::net::SocketAddr, bytes: &str) -> anyhow::Result<(u16, String)> {
+    let mut conn = TcpStream::connect(addr).await?;
+    conn.write_all(bytes.as_bytes()).await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // A proxy that read a second request answers it right after the first.
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggling_corpus_is_refused_or_forwarded_as_one_request() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = mesh.sidecar_pair("http", None, app.addr.port()).await?;
+    let inbound = pair.server.inbound_addr.expect("inbound listener");
+    let corpus = smuggling_corpus();
+    assert!(corpus.len() >= 30, "{} cases", corpus.len());
+    let mut problems = Vec::new();
+    let (mut refused_n, mut one_n) = (0, 0);
+    for (side, addr) in [("outbound", pair.outbound), ("inbound", inbound)] {
+        // Each on its own connection, all at once: a second request would follow within
+        // the quiet time each waits for.
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, p) in corpus.iter().enumerate() {
+            // As long as `{id}`, so lengths in the bytes hold.
+            let id = format!("{}{i:03}", &side[..1]);
+            let bytes = p.bytes.replace("{id}", &id);
+            probes.spawn(async move { (i, id, exchange(addr, &bytes).await) });
+        }
+        let mut results = probes.join_all().await;
+        results.sort_by_key(|r| r.0);
+        let paths = app.paths();
+        for ((_, id, result), p) in results.into_iter().zip(&corpus) {
+            let (status, text) = result?;
+            let case = paths
+                .iter()
+                .filter(|x| **x == format!("/case-{id}"))
+                .count();
+            let smuggled = paths
+                .iter()
+                .filter(|x| **x == format!("/smuggled-{id}"))
+                .count();
+            let refused = status == 400 && case == 0;
+            let ok = smuggled == 0
+                && match p.expect {
+                    Expect::Refused => refused,
+                    Expect::BadBody => status == 400 && case <= 1,
+                    Expect::RefusedOrOne => refused || (case == 1 && status != 0),
+                };
+            if status == 400 {
+                refused_n += 1;
+            } else {
+                one_n += 1;
+            }
+            if !ok {
+                let first = text.lines().next().unwrap_or("nothing");
+                problems.push(format!(
+                    "{side} {:?}: {first:?}, forwarded {case} + smuggled {smuggled}",
+                    p.name
+                ));
+            }
+        }
+    }
+    figure(&format!(
+        "smuggling corpus: {} cases through outbound and inbound: {refused_n} refused with 400, {one_n} forwarded as one request, {} problems",
+        corpus.len(),
+        problems.len()
+    ));
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let mut c = ProxyClient::new(pair.outbound);
+    assert_eq!(
+        c.get("echo", "/", &[]).await?,
+        (200, "echo-app".to_string())
+    );
     Ok(())
 }
