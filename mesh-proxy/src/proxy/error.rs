@@ -10,7 +10,8 @@ use http::{Response, StatusCode};
 use tracing::debug;
 
 use super::observe::Exchange;
-use super::upstream::{Body, SendError, full};
+use super::upstream::{Body, SendError, empty, full};
+use crate::state::route::AbortCode;
 
 /// Marks the proxy's own answers: `local`, or `overflow` for a circuit breaker's.
 pub const MARK: HeaderName = HeaderName::from_static("x-mesh-proxy");
@@ -75,6 +76,14 @@ pub enum ProxyError {
     Denied,
     #[error("local_rate_limited")]
     RateLimited { retry_after: Duration },
+    /// The route's fault injection aborted the request (after delaying it, if `delayed`).
+    /// A gRPC request (`grpc`) is answered as gRPC, whatever the code, as Envoy does.
+    #[error("fault filter abort")]
+    FaultAbort {
+        code: AbortCode,
+        delayed: bool,
+        grpc: bool,
+    },
 }
 
 impl ProxyError {
@@ -94,6 +103,12 @@ impl ProxyError {
             E::AllWeightsZero => StatusCode::INTERNAL_SERVER_ERROR,
             E::Reset(_) => StatusCode::BAD_GATEWAY,
             E::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            E::FaultAbort { code, grpc, .. } => match code {
+                AbortCode::Http(s) if !grpc => {
+                    StatusCode::from_u16(*s).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+                }
+                _ => StatusCode::OK,
+            },
             E::NoValidSvid
             | E::NoConfig
             | E::NoRouteConfig(_)
@@ -120,6 +135,9 @@ impl ProxyError {
             E::MalformedPath(_) | E::RequestBody => "DPE",
             E::Denied => "RBAC",
             E::RateLimited { .. } => "RL",
+            // Envoy's: fault injected, after a delay injected.
+            E::FaultAbort { delayed: false, .. } => "FI",
+            E::FaultAbort { delayed: true, .. } => "DI,FI",
             E::NoValidSvid
             | E::MissingHost
             | E::DuplicateHost
@@ -142,7 +160,13 @@ impl ProxyError {
 
     /// The answer: the message as plain text, marked as the proxy's own.
     pub fn response(&self) -> Response<Body> {
-        let mut r = Response::new(full(Bytes::from(format!("{self}\n"))));
+        let body = match self {
+            // Envoy's fault filter answers gRPC trailers only, and HTTP with its bare message.
+            ProxyError::FaultAbort { grpc: true, .. } => empty(),
+            ProxyError::FaultAbort { .. } => full(Bytes::from(self.to_string())),
+            _ => full(Bytes::from(format!("{self}\n"))),
+        };
+        let mut r = Response::new(body);
         *r.status_mut() = self.status();
         let h = r.headers_mut();
         h.insert(
@@ -157,6 +181,24 @@ impl ProxyError {
             ProxyError::ChainRemoved | ProxyError::RequestBody => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
+            ProxyError::FaultAbort {
+                code, grpc: true, ..
+            } => {
+                // A trailers-only gRPC answer, as Envoy's fault filter sends it.
+                let status = match code {
+                    AbortCode::Grpc(s) => *s,
+                    AbortCode::Http(s) => grpc_status_of_http(*s),
+                };
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                h.insert("grpc-status", HeaderValue::from(status));
+                h.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("fault filter abort"),
+                );
+            }
             ProxyError::RateLimited { retry_after } => {
                 h.insert(
                     header::RETRY_AFTER,
@@ -166,6 +208,18 @@ impl ProxyError {
             _ => {}
         }
         r
+    }
+}
+
+/// The gRPC status for an HTTP status, as gRPC's HTTP mapping (and Envoy) give it.
+fn grpc_status_of_http(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502..=504 => 14,
+        _ => 2,
     }
 }
 
@@ -201,5 +255,30 @@ mod tests {
         assert_eq!(r.headers()[header::CONNECTION], "close");
         assert_eq!(ProxyError::MissingHost.flag(), "-");
         assert_eq!(ProxyError::Timeout.status(), 504);
+        let abort = |code, grpc| ProxyError::FaultAbort {
+            code,
+            delayed: true,
+            grpc,
+        };
+        let r = abort(AbortCode::Http(503), false).response();
+        assert_eq!(
+            (r.status(), &r.headers()[header::CONTENT_TYPE]),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                &HeaderValue::from_static("text/plain; charset=utf-8")
+            )
+        );
+        assert_eq!(abort(AbortCode::Http(503), false).flag(), "DI,FI");
+        // A gRPC request is answered as gRPC, trailers only, whatever the code.
+        let r = abort(AbortCode::Http(503), true).response();
+        assert_eq!(
+            (r.status(), &r.headers()["grpc-status"]),
+            (StatusCode::OK, &HeaderValue::from(14))
+        );
+        let r = abort(AbortCode::Grpc(4), true).response();
+        assert_eq!(r.headers()["grpc-status"], "4");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/grpc");
+        // And a gRPC status on plain HTTP is a 200, as Envoy sends it.
+        assert_eq!(abort(AbortCode::Grpc(4), false).status(), StatusCode::OK);
     }
 }

@@ -89,6 +89,8 @@ pub struct HttpCtx {
     pub kind: ListenerKind,
     pub chain: String,
     pub guard: guard::GuardCache,
+    /// The chain has the fault injection filter: routes' faults apply.
+    pub faults: bool,
 }
 
 /// Tracks open connections so that a drain can wait for them.
@@ -528,7 +530,11 @@ async fn run_filter<I>(
 {
     let (kind, dst) = (on.kind, on.dst);
     match filter {
-        NetworkFilter::Http { route, guard } => {
+        NetworkFilter::Http {
+            route,
+            guard,
+            faults,
+        } => {
             let _active = Active::new(&shared.metrics, kind, "http");
             let xfcc = match (&peer, &shared.tls) {
                 (Some(p), Some(tls)) => {
@@ -547,6 +553,7 @@ async fn run_filter<I>(
                 kind,
                 chain: on.name,
                 guard: guard::GuardCache::new(on.generation, guard.clone(), &shared.limiters),
+                faults: *faults,
             });
             serve_http(io, ctx, shared).await;
         }

@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     VirtualHost as PbVhost, header_matcher, query_parameter_matcher, redirect_action, route,
     route_action, route_match,
 };
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -80,6 +81,7 @@ impl Ctx<'_> {
 
 type Result<T> = std::result::Result<T, ConvertError>;
 
+mod fault;
 mod policy;
 
 /// Listener names the proxy serves, and how it binds them.
@@ -456,6 +458,7 @@ fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter, mut guard: Guard) -> Resul
                 ));
             }
         };
+        let mut faults = false;
         for (i, h) in hcm.http_filters.iter().enumerate() {
             let at = format!("{field}.http_filters[{i}].typed_config");
             let typed = match &h.config_type {
@@ -474,6 +477,10 @@ fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter, mut guard: Guard) -> Resul
                     if let Some(r) = policy::rbac(cx, &at, r.rules.as_ref(), r.matcher.is_some())? {
                         guard.rbac.push(r);
                     }
+                }
+                Some(a) if a.type_url == HttpFault::type_url() => {
+                    fault::chain_filter(cx, &at, a)?;
+                    faults = true;
                 }
                 Some(a) if a.type_url == LocalRateLimit::type_url() => {
                     let l: LocalRateLimit = decode(cx, &at, a)?;
@@ -494,6 +501,7 @@ fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter, mut guard: Guard) -> Resul
         Ok(NetworkFilter::Http {
             route,
             guard: Arc::new(guard),
+            faults,
         })
     } else if any.type_url == TcpProxy::type_url() {
         let tcp: TcpProxy = decode(cx, &field, any)?;
@@ -542,6 +550,12 @@ pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable> {
 fn vhost(cx: &Ctx<'_>, at: &str, vh: &PbVhost) -> Result<VirtualHost> {
     if vh.require_tls != 0 {
         return Err(cx.err(format!("{at}.require_tls"), "not supported"));
+    }
+    if !vh.typed_per_filter_config.is_empty() {
+        return Err(cx.err(
+            format!("{at}.typed_per_filter_config"),
+            "not supported on a virtual host (set it per route)",
+        ));
     }
     let routes = vh
         .routes
@@ -682,6 +696,7 @@ fn route_entry(cx: &Ctx<'_>, at: &str, r: &PbRoute) -> Result<Route> {
             &r.response_headers_to_add,
             &r.response_headers_to_remove,
         )?,
+        fault: fault::per_route(cx, at, &r.typed_per_filter_config)?,
     })
 }
 

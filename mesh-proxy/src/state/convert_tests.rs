@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::google::protobuf::UInt32Value;
 
 use super::*;
+use crate::state::route::{AbortCode, Share};
 
 fn any<M: Message + Name>(m: &M) -> Any {
     Any {
@@ -508,4 +509,143 @@ fn outlier_detection_counts_connection_failures_as_envoy_does() {
     );
     let off = split(Some(0));
     assert_eq!((off.consecutive_unreachable, off.split_local), (None, true));
+}
+
+fn fault_filter(f: &HttpFault) -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.fault".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(f))),
+        ..Default::default()
+    }
+}
+
+fn percent(n: u32) -> Option<FractionalPercent> {
+    Some(FractionalPercent {
+        numerator: n,
+        denominator: fractional_percent::DenominatorType::Hundred as i32,
+    })
+}
+
+fn faulty_route(f: &HttpFault) -> RouteConfiguration {
+    let mut rc = forward_route(RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("v1".into())),
+        ..Default::default()
+    });
+    rc.virtual_hosts[0].routes[0]
+        .typed_per_filter_config
+        .insert("envoy.filters.http.fault".into(), any(f));
+    rc
+}
+
+#[test]
+fn faults_come_per_route_from_envoys_fault_filter() {
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{
+        FaultDelay as PbDelay, fault_delay,
+    };
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+        FaultAbort as PbAbort, fault_abort,
+    };
+    // The chain's placeholder is what marks its routes' faults as applying.
+    let l = listener(
+        "virtualOutbound",
+        vec![chain(
+            80,
+            hcm_filter("r", vec![fault_filter(&HttpFault::default())]),
+        )],
+    );
+    let cfg = super::listener(&l).expect("accepted");
+    assert!(matches!(
+        &cfg.chains[0].filter,
+        NetworkFilter::Http { faults: true, .. }
+    ));
+    let delay = PbDelay {
+        percentage: percent(10),
+        fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(PbDuration {
+            seconds: 0,
+            nanos: 200_000_000,
+        })),
+    };
+    let abort = |error_type| PbAbort {
+        percentage: percent(25),
+        error_type: Some(error_type),
+        ..Default::default()
+    };
+    let f = HttpFault {
+        delay: Some(delay),
+        abort: Some(abort(fault_abort::ErrorType::GrpcStatus(14))),
+        ..Default::default()
+    };
+    let table = route_table(&faulty_route(&f)).expect("accepted");
+    let fault = table.vhosts[0].routes[0].fault.as_ref().expect("a fault");
+    let d = fault.delay.as_ref().expect("a delay");
+    assert_eq!(
+        (d.fixed, d.share.per_million),
+        (Duration::from_millis(200), 100_000)
+    );
+    let a = fault.abort.as_ref().expect("an abort");
+    assert_eq!(
+        (a.code, a.share.per_million),
+        (AbortCode::Grpc(14), 250_000)
+    );
+
+    // Refused, each naming its field: what mesh-proxy does not do, and faults for every
+    // route on the chain.
+    let refused = [
+        (
+            HttpFault {
+                abort: Some(abort(fault_abort::ErrorType::HttpStatus(99))),
+                ..Default::default()
+            },
+            "abort.http_status: 99 is not an HTTP status",
+        ),
+        (
+            HttpFault {
+                abort: Some(abort(fault_abort::ErrorType::HeaderAbort(
+                    Default::default(),
+                ))),
+                ..Default::default()
+            },
+            "abort: supported: http_status, grpc_status",
+        ),
+        (
+            HttpFault {
+                delay: Some(delay),
+                max_active_faults: Some(UInt32Value { value: 1 }),
+                ..Default::default()
+            },
+            "max_active_faults: not supported",
+        ),
+    ];
+    for (f, want) in refused {
+        let err = route_table(&faulty_route(&f))
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains(r#"typed_per_filter_config["envoy.filters.http.fault"]"#)
+                && err.contains(want),
+            "{err}\nwanted: {want}"
+        );
+    }
+    let everywhere = HttpFault {
+        delay: Some(delay),
+        ..Default::default()
+    };
+    let l = listener(
+        "virtualOutbound",
+        vec![chain(80, hcm_filter("r", vec![fault_filter(&everywhere)]))],
+    );
+    let err = super::listener(&l).expect_err("refused").to_string();
+    assert!(
+        err.contains("faults for every route are not supported"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_fault_share_holds_over_any_run_of_requests() {
+    let share = Share::new(100_000);
+    let hits = (0..1000).filter(|_| share.hit()).count();
+    assert!((99..=101).contains(&hits), "{hits} of 1000 at 10 %");
+    assert!(!Share::new(0).hit());
+    assert!(Share::new(1_000_000).hit());
 }

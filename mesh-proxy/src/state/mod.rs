@@ -166,7 +166,12 @@ pub struct FilterChain {
 #[serde(rename_all = "snake_case")]
 pub enum NetworkFilter {
     /// HTTP, routed by the RouteConfiguration of this name.
-    Http { route: String, guard: Arc<Guard> },
+    Http {
+        route: String,
+        guard: Arc<Guard>,
+        /// The chain has the fault injection filter, so routes' faults apply.
+        faults: bool,
+    },
     /// Opaque TCP to a cluster.
     Tcp { cluster: String, guard: Arc<Guard> },
 }

@@ -45,6 +45,68 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: Action,
     pub headers: HeaderOps,
+    /// Envoy's `envoy.filters.http.fault` for this route (`typed_per_filter_config`); applied
+    /// only on connections whose HTTP filters include the fault filter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// Faults a route injects into a share of its requests: a delay, then an abort, each drawn on
+/// its own.
+#[derive(Debug, Serialize)]
+pub struct Fault {
+    pub delay: Option<FaultDelay>,
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FaultDelay {
+    #[serde(with = "ms")]
+    pub fixed: Duration,
+    pub share: Share,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FaultAbort {
+    pub code: AbortCode,
+    pub share: Share,
+}
+
+/// What an abort answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbortCode {
+    /// This HTTP status.
+    Http(u16),
+    /// HTTP 200 with this `grpc-status`, trailers only.
+    Grpc(u32),
+}
+
+/// A share of requests, in parts per million, drawn as the weighted split's are: any run of
+/// consecutive requests gets its share within one request (see [`Draws`]).
+#[derive(Debug, Serialize)]
+pub struct Share {
+    pub per_million: u32,
+    #[serde(skip)]
+    pub draws: Draws,
+}
+
+impl Share {
+    pub fn new(per_million: u32) -> Self {
+        Share {
+            per_million: per_million.min(1_000_000),
+            draws: Draws::default(),
+        }
+    }
+
+    /// Whether this request is in the share.
+    pub fn hit(&self) -> bool {
+        match self.per_million {
+            0 => false,
+            1_000_000 => true,
+            n => self.draws.next(1_000_000) < u64::from(n),
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]

@@ -18,6 +18,7 @@ fn route(name: &str, matcher: RouteMatch) -> Route {
             body: name.into(),
         },
         headers: HeaderOps::default(),
+        fault: None,
     }
 }
 

@@ -1,5 +1,5 @@
 //! HTTP requests, as a path of steps. A request is checked by the chain's policy and routed
-//! ([`route`]); a forwarded one ([`call`]) then has its header and URL changes ([`headers`],
+//! ([`route`]), its route's faults injected ([`fault`]); a forwarded one ([`call`]) then has its header and URL changes ([`headers`],
 //! [`rewrite`]), its body kept as retries and mirrors need ([`body`], [`mirror`]), its tries
 //! ([`attempt`]) within their timeouts ([`timeout`]) and retried by the route's policy
 //! ([`retry`]), and its upgrade ([`upgrade`]) or response. Redirects and direct responses are
@@ -9,6 +9,7 @@
 mod attempt;
 mod body;
 mod call;
+mod fault;
 mod headers;
 mod mirror;
 mod redirect;

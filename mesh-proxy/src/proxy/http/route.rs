@@ -46,6 +46,11 @@ pub(super) async fn serve(
         .find(&host, &info)
         .ok_or_else(|| ProxyError::NoRoute(host.clone()))?;
     ex.route(&route.name);
+    if ctx.faults
+        && let Some(f) = &route.fault
+    {
+        super::fault::inject(f, req.headers(), ex).await?;
+    }
     let levels = Levels {
         table: &table,
         vh,
