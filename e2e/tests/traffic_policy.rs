@@ -350,3 +350,108 @@ spec:
     ));
     Ok(())
 }
+
+/// Statuses and latencies of `n` GETs of `echo` through `proxy`.
+async fn timed(proxy: SocketAddr, n: usize) -> anyhow::Result<Vec<(u16, String, Duration)>> {
+    let mut client = ProxyClient::new(proxy);
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let start = std::time::Instant::now();
+        let (status, body) = client.get("echo.default:80", "/", &[]).await?;
+        out.push((status, body, start.elapsed()));
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_mesh_proxy_inject_the_same_faults() -> anyhow::Result<()> {
+    let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
+        return Ok(());
+    };
+    let echo = EchoServer::start("echo-a").await?;
+    let mesh = LocalMesh::start().await?;
+    write(&mesh, "echo.yaml", &service("echo", "10.96.8.8", &[&echo]))?;
+    let c = clients(&mesh, &envoy_bin).await?;
+    until_both(&c, "echo to answer", |s, _| s == 200).await?;
+    let pruned = write(
+        &mesh,
+        "fault.yaml",
+        "apiVersion: mesh.dev/v1alpha1
+kind: FaultInjection
+metadata: {name: flaky, namespace: default}
+spec:
+  delay: {fixedDelay: 60ms, percent: 10}
+  abort: {httpStatus: 503, percent: 10}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: echo, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, port: 80}]
+  rules:
+  - filters: [{type: ExtensionRef, extensionRef: {group: mesh.dev, kind: FaultInjection, name: flaky}}]
+    backendRefs: [{name: echo, port: 80}]
+",
+    )?;
+    assert!(pruned.is_empty(), "the API server would prune {pruned:?}");
+    let delay = Duration::from_millis(60);
+    let mut shares = Vec::new();
+    for (name, proxy) in [("mesh-proxy", c.mesh), ("Envoy", c.envoy)] {
+        eventually(
+            Duration::from_secs(10),
+            "the fault to apply",
+            || async move {
+                let r = timed(proxy, 50).await.ok()?;
+                r.iter()
+                    .any(|(s, b, _)| *s == 503 && b == "fault filter abort")
+                    .then_some(())
+            },
+        )
+        .await?;
+        let r = timed(proxy, 1000).await?;
+        let aborted = r
+            .iter()
+            .filter(|(s, b, _)| *s == 503 && b == "fault filter abort")
+            .count();
+        let other = r.iter().filter(|(s, _, _)| *s != 200 && *s != 503).count();
+        assert_eq!(other, 0, "{name}: answers other than 200 and the abort");
+        let mut delayed: Vec<Duration> = r
+            .iter()
+            .map(|(_, _, t)| *t)
+            .filter(|t| *t >= delay)
+            .collect();
+        delayed.sort();
+        let median = delayed.get(delayed.len() / 2).copied().unwrap_or_default();
+        shares.push((name, aborted, delayed.len(), median));
+    }
+    let points = |n: usize| n as f64 / 10.0;
+    for &(name, aborted, delayed, median) in &shares {
+        for (what, n) in [("aborted", aborted), ("delayed", delayed)] {
+            assert!(
+                (points(n) - 10.0).abs() <= 3.0,
+                "{name} {what} {n} of 1000, not 10 %"
+            );
+        }
+        assert!(
+            median >= delay && median < delay * 3,
+            "{name}: delayed requests took {median:?} (median), not about {delay:?}"
+        );
+    }
+    let (m, e) = (shares[0], shares[1]);
+    assert!(
+        (points(m.1) - points(e.1)).abs() <= 3.0 && (points(m.2) - points(e.2)).abs() <= 3.0,
+        "the planes differ: {shares:?}"
+    );
+    figure(&format!(
+        "fault injection (delay 60 ms on 10 %, abort 503 on 10 %), 1000 requests each: {}",
+        shares
+            .iter()
+            .map(|(n, a, d, med)| format!(
+                "{n} aborted {a}, delayed {d} (median {} ms)",
+                med.as_millis()
+            ))
+            .collect::<Vec<_>>()
+            .join("; ")
+    ));
+    Ok(())
+}

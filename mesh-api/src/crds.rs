@@ -347,6 +347,56 @@ pub struct RateLimitBucket {
     pub burst: Option<u32>,
 }
 
+/// Faults injected into the requests of the HTTPRoute and GRPCRoute rules that name this
+/// object in an `ExtensionRef` filter (`group: mesh.dev`, `kind: FaultInjection`, in the
+/// route's namespace): a delay, then an abort, each on its own share of requests, made by the
+/// caller's proxy before the request leaves it. As Envoy's fault filter, which Envoy sidecars
+/// run with the same numbers.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "mesh.dev",
+    version = "v1alpha1",
+    kind = "FaultInjection",
+    namespaced,
+    derive = "PartialEq"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultInjectionSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// Holds a share of requests for a while before they go on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// Gateway API duration (`200ms`, `2s`), over 0.
+    pub fixed_delay: String,
+    /// Share of requests delayed, 0 to 100 (to a ten-thousandth).
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: f64,
+}
+
+/// Answers a share of requests with an error instead of sending them on. Exactly one of
+/// `httpStatus` and `grpcStatus`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// The HTTP status answered (a gRPC request gets its gRPC equivalent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 200, max = 599))]
+    pub http_status: Option<u16>,
+    /// The gRPC status code answered (0 to 16), trailers only with HTTP 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 16))]
+    pub grpc_status: Option<u32>,
+    /// Share of requests aborted, 0 to 100 (to a ten-thousandth).
+    #[schemars(range(min = 0, max = 100))]
+    pub percent: f64,
+}
+
 /// The burst of a limit of `rps` when none is given: 100 ms of traffic, at least 1.
 pub fn default_burst(rps: u32) -> u32 {
     (rps / 10).max(1)
@@ -363,6 +413,7 @@ pub fn mesh_crds() -> Vec<CustomResourceDefinition> {
         AuthorizationPolicy::crd(),
         TrafficPolicy::crd(),
         RateLimitPolicy::crd(),
+        FaultInjection::crd(),
         crate::rollout::Rollout::crd(),
     ];
     label(&mut crds);

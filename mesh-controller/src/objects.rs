@@ -7,7 +7,7 @@ use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::grpcroutes::GrpcRoute;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use mesh_api::crds::{AuthorizationPolicy, RateLimitPolicy, TrafficPolicy};
+use mesh_api::crds::{AuthorizationPolicy, FaultInjection, RateLimitPolicy, TrafficPolicy};
 use mesh_api::rollout::Rollout;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -24,11 +24,12 @@ pub enum Kind {
     AuthorizationPolicy,
     TrafficPolicy,
     RateLimitPolicy,
+    FaultInjection,
     Rollout,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -38,6 +39,7 @@ impl Kind {
         Kind::AuthorizationPolicy,
         Kind::TrafficPolicy,
         Kind::RateLimitPolicy,
+        Kind::FaultInjection,
         Kind::Rollout,
     ];
 
@@ -53,6 +55,7 @@ impl Kind {
             Kind::AuthorizationPolicy
             | Kind::TrafficPolicy
             | Kind::RateLimitPolicy
+            | Kind::FaultInjection
             | Kind::Rollout => &["mesh.dev/v1alpha1"],
         }
     }
@@ -103,6 +106,7 @@ pub enum Object {
     AuthorizationPolicy(AuthorizationPolicy),
     TrafficPolicy(TrafficPolicy),
     RateLimitPolicy(RateLimitPolicy),
+    FaultInjection(FaultInjection),
     Rollout(Rollout),
 }
 
@@ -118,6 +122,7 @@ impl Object {
             Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Object::TrafficPolicy(_) => Kind::TrafficPolicy,
             Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
+            Object::FaultInjection(_) => Kind::FaultInjection,
             Object::Rollout(_) => Kind::Rollout,
         }
     }
@@ -133,6 +138,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &o.metadata,
             Object::TrafficPolicy(o) => &o.metadata,
             Object::RateLimitPolicy(o) => &o.metadata,
+            Object::FaultInjection(o) => &o.metadata,
             Object::Rollout(o) => &o.metadata,
         }
     }
@@ -148,6 +154,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &mut o.metadata,
             Object::TrafficPolicy(o) => &mut o.metadata,
             Object::RateLimitPolicy(o) => &mut o.metadata,
+            Object::FaultInjection(o) => &mut o.metadata,
             Object::Rollout(o) => &mut o.metadata,
         }
     }
@@ -247,6 +254,7 @@ pub fn parse_doc(doc: serde_json::Value, default_namespace: &str) -> Result<Obje
         Kind::AuthorizationPolicy => Object::AuthorizationPolicy(typed(doc)?),
         Kind::TrafficPolicy => Object::TrafficPolicy(typed(doc)?),
         Kind::RateLimitPolicy => Object::RateLimitPolicy(typed(doc)?),
+        Kind::FaultInjection => Object::FaultInjection(typed(doc)?),
         Kind::Rollout => Object::Rollout(typed(doc)?),
     };
     let meta = obj.meta_mut();

@@ -69,6 +69,7 @@ pub fn plural(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
         ("mesh.dev/v1alpha1", "AuthorizationPolicy") => ("authorizationpolicies", true),
         ("mesh.dev/v1alpha1", "TrafficPolicy") => ("trafficpolicies", true),
         ("mesh.dev/v1alpha1", "RateLimitPolicy") => ("ratelimitpolicies", true),
+        ("mesh.dev/v1alpha1", "FaultInjection") => ("faultinjections", true),
         ("mesh.dev/v1alpha1", "Rollout") => ("rollouts", true),
         _ => return None,
     })

@@ -142,6 +142,8 @@ pub struct Explanation {
     pub retry: Option<serde_json::Value>,
     /// `(cluster, share in millionths)` copied to.
     pub mirrors: Vec<(String, u32)>,
+    /// The rule's FaultInjection, read.
+    pub fault: Option<std::sync::Arc<crate::index::fault::Fault>>,
     /// The explanation in words, a line each.
     pub words: Vec<String>,
 }
@@ -578,6 +580,7 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
         backend_timeout_ms: None,
         retry: None,
         mirrors: Vec::new(),
+        fault: None,
         words: Vec::new(),
     };
     words.push(format!(
@@ -711,6 +714,10 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
                 .as_ref()
                 .map(|r| serde_json::to_value(r).unwrap_or_default());
             out.mirrors = e.mirrors.clone();
+            out.fault = e.fault.clone();
+            if let Some(f) = &e.fault {
+                words.push(describe_fault(f));
+            }
             match &e.action {
                 RouteAction::Forward(b) => {
                     b.iter().map(|b| (b.cluster.clone(), b.weight)).collect()
@@ -735,7 +742,7 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
                 }
                 RouteAction::Fail(status) => {
                     words.push(format!(
-                        "the rule has no usable backend: the caller's proxy answers {status}"
+                        "the rule cannot be served (no usable backend, or a filter that does not resolve): the caller's proxy answers {status}"
                     ));
                     for why in rule_problems(model, &e.source) {
                         words.push(format!("  {why}"));
@@ -926,6 +933,31 @@ pub fn explain(model: &Model, req: &Request) -> Result<Explanation, ExplainError
     }
     out.words = words;
     Ok(out)
+}
+
+/// A rule's faults, in words: what the caller's proxy does to a share of requests.
+fn describe_fault(f: &crate::index::fault::Fault) -> String {
+    use crate::index::fault::AbortCode;
+    let pct = |per_million: u32| f64::from(per_million) / 10_000.0;
+    let delay = f.delay.as_ref().map(|d| {
+        format!(
+            "delays {:.2} % of requests by {} ms",
+            pct(d.per_million),
+            d.fixed.as_millis()
+        )
+    });
+    let abort = f.abort.as_ref().map(|a| {
+        let code = match a.code {
+            AbortCode::HttpStatus(s) => format!("HTTP {s}"),
+            AbortCode::GrpcStatus(s) => format!("gRPC status {s}"),
+        };
+        format!("aborts {:.2} % with {code}", pct(a.per_million))
+    });
+    let what: Vec<String> = delay.into_iter().chain(abort).collect();
+    format!(
+        "fault injection: the caller's proxy {} (each drawn on its own, the delay first)",
+        what.join(", then ")
+    )
 }
 
 /// What the model could not resolve in the rule `source` names (`Kind/ns/name rule N`).

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod dependencies;
+pub mod fault;
 pub mod model;
 pub mod policy;
 pub mod routes;
@@ -98,6 +99,10 @@ pub struct Index {
     policies: HashMap<ObjKey, Object>,
     /// TrafficPolicies, read.
     traffic: HashMap<ObjKey, Arc<traffic::Compiled>>,
+    /// FaultInjections, read.
+    faults: HashMap<ObjKey, Arc<fault::Fault>>,
+    /// Routes by the FaultInjections their rules name (including ones that do not exist).
+    routes_by_fault: HashMap<ObjKey, HashSet<ObjKey>>,
     /// Rollouts: the rollout driver's input; they change nothing in the model.
     rollouts: HashMap<ObjKey, Arc<mesh_api::rollout::Rollout>>,
     slices_by_service: HashMap<SvcKey, HashSet<ObjKey>>,
@@ -141,6 +146,8 @@ impl Index {
             routes: HashMap::new(),
             policies: HashMap::new(),
             traffic: HashMap::new(),
+            faults: HashMap::new(),
+            routes_by_fault: HashMap::new(),
             rollouts: HashMap::new(),
             slices_by_service: HashMap::new(),
             slices_by_pod: HashMap::new(),
@@ -228,6 +235,10 @@ impl Index {
                 let spec = Arc::new(RouteSpec::from_grpc(&r, key.clone())?);
                 self.set_route(key, Some(spec))
             }
+            Object::FaultInjection(f) => {
+                let compiled = Arc::new(fault::compile(&f)?);
+                self.set_fault(key, Some(compiled))
+            }
             // Not part of the model: the revision stays.
             Object::Rollout(r) => {
                 self.rollouts.insert(key, Arc::new(r));
@@ -292,6 +303,22 @@ impl Index {
                 }
             }
         }
+    }
+
+    /// Sets or removes a FaultInjection; the parents of the routes naming it are dirty.
+    fn set_fault(&mut self, key: ObjKey, fault: Option<Arc<fault::Fault>>) -> bool {
+        let changed = match fault {
+            Some(f) => self.faults.insert(key.clone(), f.clone()) != Some(f),
+            None => self.faults.remove(&key).is_some(),
+        };
+        if changed {
+            for route in self.routes_by_fault.get(&key).into_iter().flatten() {
+                for p in self.routes.get(route).into_iter().flat_map(|r| &r.parents) {
+                    self.dirty.insert(SvcKey::new(&p.namespace, &p.name));
+                }
+            }
+        }
+        changed
     }
 
     /// Sets or removes a Service; it and the parents of routes that send to it are dirty.
@@ -371,6 +398,9 @@ impl Index {
             for b in route_backends(&r) {
                 link(&mut self.routes_by_backend, b, &key, add);
             }
+            for f in route_faults(&r) {
+                link(&mut self.routes_by_fault, f, &key, add);
+            }
         }
         match spec {
             Some(s) => self.routes.insert(key, s),
@@ -411,6 +441,7 @@ impl Index {
             Kind::AuthorizationPolicy | Kind::RateLimitPolicy => {
                 self.policies.remove(key).is_some()
             }
+            Kind::FaultInjection => self.set_fault(key.clone(), None),
             Kind::Rollout => {
                 self.rollouts.remove(key);
                 false
@@ -490,6 +521,7 @@ impl Index {
                 .cloned()
                 .collect(),
             Kind::Rollout => self.rollouts.keys().cloned().collect(),
+            Kind::FaultInjection => self.faults.keys().cloned().collect(),
             _ => self
                 .policies
                 .keys()
@@ -886,7 +918,12 @@ impl Index {
                     None => info.ports.iter().map(|sp| sp.port).collect(),
                 };
                 for (ri, rule) in spec.rules.iter().enumerate() {
-                    let action = self.resolve_action(spec, ri, rule, errors);
+                    // A fault that does not resolve fails the rule, as the Gateway API asks of
+                    // an ExtensionRef filter.
+                    let (action, fault) = match self.resolve_fault(spec, rule, errors) {
+                        Ok(fault) => (self.resolve_action(spec, ri, rule, errors), fault),
+                        Err(()) => (RouteAction::Fail(500), None),
+                    };
                     let mirrors = rule
                         .filters
                         .mirrors
@@ -912,6 +949,7 @@ impl Index {
                             timeout: rule.timeout,
                             backend_timeout: rule.backend_timeout,
                             retry: rule.retry.clone(),
+                            fault: fault.clone(),
                         };
                         for &port in &ports {
                             let mut entry = entry.clone();
@@ -1051,6 +1089,41 @@ impl Index {
         }
     }
 
+    /// The rule's FaultInjection, if it names one; an error (noted) when it does not resolve.
+    fn resolve_fault(
+        &self,
+        spec: &RouteSpec,
+        rule: &routes::RuleSpec,
+        errors: &mut Vec<ResolveError>,
+    ) -> Result<Option<Arc<fault::Fault>>, ()> {
+        let Some(f) = &rule.filters.fault else {
+            return Ok(None);
+        };
+        let key = ObjKey {
+            kind: Kind::FaultInjection,
+            namespace: spec.key.namespace.clone(),
+            name: f.name.clone(),
+        };
+        let (condition, reason) = match (&f.invalid, self.faults.get(&key)) {
+            (None, Some(fault)) => return Ok(Some(fault.clone())),
+            (Some(why), _) => (model::RefProblem::InvalidKind, why.clone()),
+            (None, None) => (
+                model::RefProblem::BackendNotFound,
+                format!(
+                    "FaultInjection {}/{} not found (or refused: see /debug/config-errors); the rule answers 500",
+                    key.namespace, key.name
+                ),
+            ),
+        };
+        errors.push(ResolveError {
+            object: spec.key.clone(),
+            field: f.field.clone(),
+            reason,
+            condition,
+        });
+        Err(())
+    }
+
     fn resolve_action(
         &self,
         spec: &RouteSpec,
@@ -1112,6 +1185,20 @@ fn link<K: std::hash::Hash + Eq>(
             map.remove(&key);
         }
     }
+}
+
+/// Every FaultInjection a route's rules name.
+fn route_faults(spec: &RouteSpec) -> HashSet<ObjKey> {
+    spec.rules
+        .iter()
+        .filter_map(|r| r.filters.fault.as_ref())
+        .filter(|f| f.invalid.is_none())
+        .map(|f| ObjKey {
+            kind: Kind::FaultInjection,
+            namespace: spec.key.namespace.clone(),
+            name: f.name.clone(),
+        })
+        .collect()
 }
 
 /// Every Service a route sends or mirrors to.

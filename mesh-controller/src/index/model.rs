@@ -131,6 +131,9 @@ pub struct RouteEntry {
     pub timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
     pub retry: Option<Retry>,
+    /// The rule's FaultInjection, read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Arc<super::fault::Fault>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

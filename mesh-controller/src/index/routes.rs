@@ -126,6 +126,17 @@ pub struct Filters {
     pub redirect: Option<Redirect>,
     pub rewrite: Option<Rewrite>,
     pub mirrors: Vec<Mirror>,
+    pub fault: Option<FaultRef>,
+}
+
+/// A rule's `ExtensionRef` filter: a FaultInjection in the route's namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaultRef {
+    pub name: String,
+    /// The filter's field (`spec.rules[i].filters[j]`), for errors.
+    pub field: String,
+    /// Why it can never resolve (it names another kind), if so.
+    pub invalid: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -214,6 +225,14 @@ struct RawFilter {
     request_redirect: Option<RawRedirect>,
     url_rewrite: Option<RawRewrite>,
     request_mirror: Option<RawMirror>,
+    extension_ref: Option<RawExtensionRef>,
+}
+
+#[derive(Deserialize)]
+struct RawExtensionRef {
+    group: String,
+    kind: String,
+    name: String,
 }
 
 #[derive(Deserialize)]
@@ -663,7 +682,11 @@ fn backend_ref(
     for (i, f) in raw.filters.unwrap_or_default().into_iter().enumerate() {
         let ffield = format!("{field}.filters[{i}]");
         let filters = filters_of(vec![f], &ffield, route_ns, flavor)?;
-        if filters.redirect.is_some() || filters.rewrite.is_some() || !filters.mirrors.is_empty() {
+        if filters.redirect.is_some()
+            || filters.rewrite.is_some()
+            || !filters.mirrors.is_empty()
+            || filters.fault.is_some()
+        {
             return Err(DocError::new(
                 ffield,
                 "only RequestHeaderModifier and ResponseHeaderModifier are supported on a backendRef",
@@ -818,11 +841,31 @@ fn filters_of(
                     per_million,
                 });
             }
+            "ExtensionRef" => {
+                let r = f.extension_ref.ok_or_else(|| missing("extensionRef"))?;
+                if out.fault.is_some() {
+                    return Err(DocError::new(
+                        ffield,
+                        "a rule takes one ExtensionRef filter (one FaultInjection)",
+                    ));
+                }
+                let invalid = (r.group != "mesh.dev" || r.kind != "FaultInjection").then(|| {
+                    format!(
+                        "ExtensionRef names {}/{} {:?}: only mesh.dev/FaultInjection is supported",
+                        r.group, r.kind, r.name
+                    )
+                });
+                out.fault = Some(FaultRef {
+                    name: r.name,
+                    field: format!("{ffield}.extensionRef"),
+                    invalid,
+                });
+            }
             other => {
                 return Err(DocError::new(
                     format!("{ffield}.type"),
                     format!(
-                        "filter type {other:?} is not supported here; supported: RequestHeaderModifier, ResponseHeaderModifier, RequestMirror{}",
+                        "filter type {other:?} is not supported here; supported: RequestHeaderModifier, ResponseHeaderModifier, RequestMirror, ExtensionRef{}",
                         if flavor == Flavor::Http {
                             ", RequestRedirect, URLRewrite"
                         } else {
@@ -1087,7 +1130,19 @@ mod tests {
                 "spec.rules[0].filters[0].requestRedirect.statusCode",
             ),
             (
-                "  rules: [{filters: [{type: ExtensionRef, extensionRef: {group: g, kind: k, name: n}}]}]\n",
+                "  rules: [{filters: [{type: ExtensionRef}]}]\n",
+                "spec.rules[0].filters[0].extensionRef",
+            ),
+            (
+                "  rules: [{filters: [{type: ExtensionRef, extensionRef: {group: mesh.dev, kind: FaultInjection, name: a}}, {type: ExtensionRef, extensionRef: {group: mesh.dev, kind: FaultInjection, name: b}}]}]\n",
+                "spec.rules[0].filters[1]",
+            ),
+            (
+                "  rules: [{backendRefs: [{name: b, port: 80, filters: [{type: ExtensionRef, extensionRef: {group: mesh.dev, kind: FaultInjection, name: a}}]}]}]\n",
+                "spec.rules[0].backendRefs[0].filters[0]",
+            ),
+            (
+                "  rules: [{filters: [{type: CORS}]}]\n",
                 "spec.rules[0].filters[0].type",
             ),
         ];

@@ -472,3 +472,81 @@ fn a_service_listing_a_port_twice_is_refused() {
         .expect_err("duplicate");
     assert_eq!(err.field, "spec.ports[1].port");
 }
+
+#[test]
+fn a_rule_gets_its_fault_and_fails_while_the_fault_does_not_resolve() {
+    let mut idx = mesh();
+    let route = |kind: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r, namespace: default}}
+spec:
+  parentRefs: [{{group: '', kind: Service, name: reviews, port: 9080}}]
+  rules:
+  - filters: [{{type: ExtensionRef, extensionRef: {{group: mesh.dev, kind: {kind}, name: flaky}}}}]
+    backendRefs: [{{name: reviews-v1, port: 9080}}]
+"
+        )
+    };
+    let fault = |status: u16| {
+        obj(&format!(
+            "apiVersion: mesh.dev/v1alpha1
+kind: FaultInjection
+metadata: {{name: flaky, namespace: default}}
+spec: {{abort: {{httpStatus: {status}, percent: 10}}}}
+"
+        ))
+    };
+    idx.apply(obj(&route("FaultInjection"))).expect("route");
+    // Not there yet: the rule answers 500, and the route says why.
+    let m = idx.model();
+    let entry = &port(&m, "reviews").routes[0];
+    assert_eq!(
+        (&entry.action, &entry.fault),
+        (&RouteAction::Fail(500), &None)
+    );
+    assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+    assert_eq!(m.errors[0].field, "spec.rules[0].filters[0].extensionRef");
+    assert!(
+        m.errors[0]
+            .reason
+            .contains("FaultInjection default/flaky not found")
+    );
+    // It appears, then changes: the route follows without being touched.
+    for status in [503, 502] {
+        idx.apply(fault(status)).expect("fault");
+        let m = idx.model();
+        let entry = &port(&m, "reviews").routes[0];
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert!(matches!(entry.action, RouteAction::Forward(_)));
+        let abort = entry
+            .fault
+            .as_ref()
+            .and_then(|f| f.abort.clone())
+            .expect("an abort");
+        assert_eq!(
+            (abort.code, abort.per_million),
+            (fault::AbortCode::HttpStatus(status), 100_000)
+        );
+    }
+    // A bad version is refused and the last good one stays.
+    let err = idx.apply(fault(99)).expect_err("refused");
+    assert_eq!(err.field, "spec.abort.httpStatus");
+    assert!(port(&idx.model(), "reviews").routes[0].fault.is_some());
+    // Deleted: the rule fails again.
+    idx.delete(&ObjKey {
+        kind: Kind::FaultInjection,
+        namespace: "default".into(),
+        name: "flaky".into(),
+    });
+    assert_eq!(
+        port(&idx.model(), "reviews").routes[0].action,
+        RouteAction::Fail(500)
+    );
+    // Another kind of extension never resolves.
+    idx.apply(obj(&route("Lua"))).expect("route");
+    let m = idx.model();
+    assert_eq!(port(&m, "reviews").routes[0].action, RouteAction::Fail(500));
+    assert_eq!(m.errors[0].condition.reason(), "InvalidKind");
+}

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
-use mesh_api::crds::{AuthorizationPolicy, RateLimitPolicy, TrafficPolicy};
+use mesh_api::crds::{AuthorizationPolicy, FaultInjection, RateLimitPolicy, TrafficPolicy};
 use mesh_api::rollout::Rollout;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -166,6 +166,7 @@ pub fn spawn_watchers(client: Client, sink: &Sink) -> Vec<tokio::task::JoinHandl
             Kind::RateLimitPolicy,
             Object::RateLimitPolicy
         ),
+        watch!(FaultInjection, Kind::FaultInjection, Object::FaultInjection),
         watch!(Rollout, Kind::Rollout, Object::Rollout),
     ]
 }

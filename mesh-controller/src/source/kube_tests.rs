@@ -67,6 +67,10 @@ fn sample(kind: Kind, name: &str, rv: &str) -> (&'static str, Value) {
             "/apis/mesh.dev/v1alpha1/ratelimitpolicies",
             json!({"apiVersion": "mesh.dev/v1alpha1", "kind": "RateLimitPolicy", "metadata": meta(true), "spec": {"targetRefs": [], "local": {"requestsPerSecond": 5}}}),
         ),
+        Kind::FaultInjection => (
+            "/apis/mesh.dev/v1alpha1/faultinjections",
+            json!({"apiVersion": "mesh.dev/v1alpha1", "kind": "FaultInjection", "metadata": meta(true), "spec": {"abort": {"httpStatus": 503, "percent": 10}}}),
+        ),
         Kind::Rollout => (
             "/apis/mesh.dev/v1alpha1/rollouts",
             json!({"apiVersion": "mesh.dev/v1alpha1", "kind": "Rollout", "metadata": meta(true), "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}, "stable": "a", "candidate": "b", "steps": [{"weight": 50}]}}),
@@ -187,6 +191,9 @@ fn spawn_kind(kind: Kind, client: Client, sink: &Sink) -> tokio::task::JoinHandl
         Kind::TrafficPolicy => watch_one!(TrafficPolicy, kind, Object::TrafficPolicy, client, sink),
         Kind::RateLimitPolicy => {
             watch_one!(RateLimitPolicy, kind, Object::RateLimitPolicy, client, sink)
+        }
+        Kind::FaultInjection => {
+            watch_one!(FaultInjection, kind, Object::FaultInjection, client, sink)
         }
         Kind::Rollout => watch_one!(Rollout, kind, Object::Rollout, client, sink),
     }

@@ -25,6 +25,10 @@ use envoy_types::pb::envoy::config::route::v3::{
     RouteAction as PbRouteAction, RouteMatch, WeightedCluster, header_matcher,
     query_parameter_matcher, redirect_action, route, route_action, route_match, weighted_cluster,
 };
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+    FaultAbort, HttpFault, fault_abort,
+};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
@@ -47,6 +51,7 @@ use prost::Name;
 
 use super::pb::{any, network_filter, pb_duration, u32v};
 use super::resources::{Resource, ResourceType};
+use crate::index::fault::{AbortCode, Fault};
 use crate::index::routes::{HeaderModifier, PathMatch, PathModifier, StrMatch};
 use crate::index::traffic::{Balancer, HashKey};
 use crate::index::{Model, PodModel, Protocol, RouteAction, RouteEntry};
@@ -83,6 +88,47 @@ fn router_filter() -> HttpFilter {
     }
 }
 
+/// Envoy's fault filter, empty: its faults come per route, as Istio sends it.
+fn fault_filter() -> HttpFilter {
+    HttpFilter {
+        name: FAULT_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            &HttpFault::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+/// The fault filter's name, which keys a route's fault config.
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// A route's fault, in Envoy's form (percentages in millionths).
+fn http_fault(f: &Fault) -> HttpFault {
+    let share = |per_million: u32| {
+        Some(FractionalPercent {
+            numerator: per_million,
+            denominator: fractional_percent::DenominatorType::Million as i32,
+        })
+    };
+    HttpFault {
+        delay: f.delay.as_ref().map(|d| FaultDelay {
+            percentage: share(d.per_million),
+            fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(pb_duration(
+                d.fixed,
+            ))),
+        }),
+        abort: f.abort.as_ref().map(|a| FaultAbort {
+            percentage: share(a.per_million),
+            error_type: Some(match a.code {
+                AbortCode::HttpStatus(s) => fault_abort::ErrorType::HttpStatus(u32::from(s)),
+                AbortCode::GrpcStatus(s) => fault_abort::ErrorType::GrpcStatus(s),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 pub(super) fn hcm(stat_prefix: &str, route_config: &str) -> HttpConnectionManager {
     HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
@@ -91,7 +137,7 @@ pub(super) fn hcm(stat_prefix: &str, route_config: &str) -> HttpConnectionManage
             config_source: Some(ads()),
             route_config_name: route_config.to_string(),
         })),
-        http_filters: vec![router_filter()],
+        http_filters: vec![fault_filter(), router_filter()],
         ..Default::default()
     }
 }
@@ -593,6 +639,11 @@ pub(super) fn envoy_routes(
                 request_headers_to_remove: entry.request_headers.remove.clone(),
                 response_headers_to_add: header_options(&entry.response_headers),
                 response_headers_to_remove: entry.response_headers.remove.clone(),
+                typed_per_filter_config: entry
+                    .fault
+                    .iter()
+                    .map(|f| (FAULT_FILTER.to_string(), any(&http_fault(f))))
+                    .collect(),
                 ..Default::default()
             });
         }

@@ -1354,3 +1354,68 @@ fn pods_of_the_same_services_share_one_inbound_layer() {
     assert!(!Arc::ptr_eq(&a, &c), "rebuilt for the new model");
     assert!(Arc::ptr_eq(&c, &inbound(&mut t, "default", "web-2")));
 }
+
+#[test]
+fn a_rules_fault_goes_to_envoys_fault_filter_per_route() {
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{HttpFault, fault_abort};
+    let mut idx = index();
+    for doc in [
+        "apiVersion: mesh.dev/v1alpha1
+kind: FaultInjection
+metadata: {name: flaky, namespace: default}
+spec:
+  delay: {fixedDelay: 1500ms, percent: 2.5}
+  abort: {grpcStatus: 14, percent: 10}
+",
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r, namespace: default}
+spec:
+  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /flaky}}]
+    filters: [{type: ExtensionRef, extensionRef: {group: mesh.dev, kind: FaultInjection, name: flaky}}]
+    backendRefs: [{name: reviews-v1, port: 9080}]
+  - backendRefs: [{name: reviews-v1, port: 9080}]
+",
+    ] {
+        idx.apply(obj(doc)).expect("applies");
+    }
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&proxy("default", true));
+    let rc: RouteConfiguration = decode(
+        view.get(
+            ResourceType::Route,
+            "reviews.default.svc.cluster.local:9080",
+        )
+        .expect("rc"),
+    );
+    let routes = &rc.virtual_hosts[0].routes;
+    let any = &routes[0].typed_per_filter_config["envoy.filters.http.fault"];
+    let f = HttpFault::decode(any.value.as_slice()).expect("HTTPFault");
+    let delay = f.delay.expect("delay");
+    assert_eq!(delay.percentage.map(|p| p.numerator), Some(25_000));
+    let abort = f.abort.expect("abort");
+    assert_eq!(
+        abort.error_type,
+        Some(fault_abort::ErrorType::GrpcStatus(14))
+    );
+    assert_eq!(abort.percentage.map(|p| p.numerator), Some(100_000));
+    let last = routes.last().expect("the catch-all rule");
+    assert!(
+        last.typed_per_filter_config.is_empty(),
+        "only the rule that names it"
+    );
+    // Every outbound HCM carries the (empty) fault filter before the router, so per-route
+    // faults apply.
+    let chains = outbound_chains(&view, "10.96.0.10", 9080);
+    let Some(filter::ConfigType::TypedConfig(any)) = &chains[0].filters[0].config_type else {
+        panic!("typed hcm");
+    };
+    let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("hcm");
+    let names: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["envoy.filters.http.fault", "envoy.filters.http.router"]
+    );
+}

@@ -421,6 +421,7 @@ pub(crate) async fn dropped_fields(cluster: &Cluster, c: &mut Checks) -> anyhow:
         ("mesh.dev/v1alpha1", "AuthorizationPolicy"),
         ("mesh.dev/v1alpha1", "TrafficPolicy"),
         ("mesh.dev/v1alpha1", "RateLimitPolicy"),
+        ("mesh.dev/v1alpha1", "FaultInjection"),
     ] {
         // A kind whose CRD is missing was reported above.
         let Ok(items) = cluster.list(api_version, kind, "").await else {

@@ -147,6 +147,7 @@ fn rbac(ns: &str) -> Vec<Value> {
                         "authorizationpolicies",
                         "trafficpolicies",
                         "ratelimitpolicies",
+                        "faultinjections",
                         "rollouts",
                     ],
                     &watch,
