@@ -284,11 +284,8 @@ impl Index {
             match t {
                 traffic::Target::Service { name, .. } => {
                     let svc = SvcKey::new(&key.namespace, &name);
-                    for route in self.routes_by_backend.get(&svc).into_iter().flatten() {
-                        for p in self.routes.get(route).into_iter().flat_map(|r| &r.parents) {
-                            self.dirty.insert(SvcKey::new(&p.namespace, &p.name));
-                        }
-                    }
+                    let routes = self.routes_by_backend.get(&svc).into_iter().flatten();
+                    dirty_parents(&mut self.dirty, &self.routes, routes);
                     self.dirty.insert(svc);
                 }
                 traffic::Target::Route { kind, name, .. } => {
@@ -297,9 +294,7 @@ impl Index {
                         namespace: key.namespace.clone(),
                         name,
                     };
-                    for p in self.routes.get(&route).into_iter().flat_map(|r| &r.parents) {
-                        self.dirty.insert(SvcKey::new(&p.namespace, &p.name));
-                    }
+                    dirty_parents(&mut self.dirty, &self.routes, [&route]);
                 }
             }
         }
@@ -312,11 +307,8 @@ impl Index {
             None => self.faults.remove(&key).is_some(),
         };
         if changed {
-            for route in self.routes_by_fault.get(&key).into_iter().flatten() {
-                for p in self.routes.get(route).into_iter().flat_map(|r| &r.parents) {
-                    self.dirty.insert(SvcKey::new(&p.namespace, &p.name));
-                }
-            }
+            let routes = self.routes_by_fault.get(&key).into_iter().flatten();
+            dirty_parents(&mut self.dirty, &self.routes, routes);
         }
         changed
     }
@@ -328,11 +320,8 @@ impl Index {
             None => self.services.remove(&key).is_some(),
         };
         if changed {
-            for route in self.routes_by_backend.get(&key).into_iter().flatten() {
-                for p in self.routes.get(route).into_iter().flat_map(|r| &r.parents) {
-                    self.dirty.insert(SvcKey::new(&p.namespace, &p.name));
-                }
-            }
+            let routes = self.routes_by_backend.get(&key).into_iter().flatten();
+            dirty_parents(&mut self.dirty, &self.routes, routes);
             self.dirty.insert(key);
         }
         changed
@@ -1167,6 +1156,19 @@ impl Index {
             return RouteAction::Fail(500);
         }
         RouteAction::Forward(backends)
+    }
+}
+
+/// Marks dirty the parent Services of each of `routes`.
+fn dirty_parents<'a>(
+    dirty: &mut HashSet<SvcKey>,
+    all: &HashMap<ObjKey, Arc<RouteSpec>>,
+    routes: impl IntoIterator<Item = &'a ObjKey>,
+) {
+    for route in routes {
+        for p in all.get(route).into_iter().flat_map(|r| &r.parents) {
+            dirty.insert(SvcKey::new(&p.namespace, &p.name));
+        }
     }
 }
 

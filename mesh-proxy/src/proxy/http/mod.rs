@@ -1,10 +1,10 @@
 //! HTTP requests, as a path of steps. A request is checked by the chain's policy and routed
-//! ([`route`]), its route's faults injected ([`fault`]); a forwarded one ([`call`]) then has its header and URL changes ([`headers`],
-//! [`rewrite`]), its body kept as retries and mirrors need ([`body`], [`mirror`]), its tries
-//! ([`attempt`]) within their timeouts ([`timeout`]) and retried by the route's policy
-//! ([`retry`]), and its upgrade ([`upgrade`]) or response. Redirects and direct responses are
-//! answered here ([`redirect`]), and every failure is an error answered in one place
-//! ([`super::error`]).
+//! (`route`), and its route's faults are injected (`fault`). A forwarded one (`call`) then has
+//! its header and URL changes (`headers`, `rewrite`), its body kept as retries and mirrors need
+//! (`body`, `mirror`), its tries (`attempt`) within their timeouts (`timeout`) and retried by
+//! the route's policy (`retry`), and its upgrade (`upgrade`) or response. Redirects and direct
+//! responses are answered here (`redirect`), and every failure is an error answered in one
+//! place (`super::error`).
 
 mod attempt;
 mod body;
