@@ -88,13 +88,16 @@ fn router_filter() -> HttpFilter {
     }
 }
 
-/// Envoy's fault filter, empty: its faults come per route, as Istio sends it.
+/// Envoy's fault filter, empty: its faults come per route, as Istio sends it. Optional, so a
+/// proxy or gRPC client older than fault injection skips it rather than refusing the listener
+/// while a controller upgrade rolls out.
 fn fault_filter() -> HttpFilter {
     HttpFilter {
         name: FAULT_FILTER.into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(any(
             &HttpFault::default(),
         ))),
+        is_optional: true,
         ..Default::default()
     }
 }

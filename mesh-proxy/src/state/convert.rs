@@ -551,10 +551,15 @@ fn vhost(cx: &Ctx<'_>, at: &str, vh: &PbVhost) -> Result<VirtualHost> {
     if vh.require_tls != 0 {
         return Err(cx.err(format!("{at}.require_tls"), "not supported"));
     }
-    if !vh.typed_per_filter_config.is_empty() {
+    if let Some(name) = vh
+        .typed_per_filter_config
+        .iter()
+        .find(|(_, any)| !fault::is_optional(any))
+        .map(|(name, _)| name)
+    {
         return Err(cx.err(
-            format!("{at}.typed_per_filter_config"),
-            "not supported on a virtual host (set it per route)",
+            format!("{at}.typed_per_filter_config[{name:?}]"),
+            "not supported on a virtual host (set it per route, or mark it optional)",
         ));
     }
     let routes = vh

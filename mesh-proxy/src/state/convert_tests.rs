@@ -649,3 +649,23 @@ fn a_fault_share_holds_over_any_run_of_requests() {
     assert!(!Share::new(0).hit());
     assert!(Share::new(1_000_000).hit());
 }
+
+#[test]
+fn a_faults_delay_and_abort_are_drawn_independently() {
+    // Half delayed and half aborted: a quarter both, as with independent draws, whatever the
+    // two sequences' random starts.
+    for _ in 0..20 {
+        let (delay, abort) = (Share::new(500_000), Share::independent(500_000));
+        let both = (0..10_000)
+            .filter(|_| {
+                let d = delay.hit();
+                let a = abort.hit();
+                d && a
+            })
+            .count();
+        assert!(
+            (2_400..=2_600).contains(&both),
+            "{both} of 10,000 both delayed and aborted, not about 2,500"
+        );
+    }
+}

@@ -99,6 +99,14 @@ impl Share {
         }
     }
 
+    /// A share drawn independently of one made by [`Share::new`].
+    pub fn independent(per_million: u32) -> Self {
+        Share {
+            draws: Draws::second(),
+            ..Share::new(per_million)
+        }
+    }
+
     /// Whether this request is in the share.
     pub fn hit(&self) -> bool {
         match self.per_million {
@@ -299,21 +307,29 @@ pub struct Forward {
 /// a request or two rather than by a dozen, and a client that alternates two kinds of request
 /// still sees each kind split by the weights. The random start keeps proxies out of step.
 #[derive(Debug)]
-pub struct Draws(AtomicU64);
+pub struct Draws(AtomicU64, u64);
 
 /// 2^64 / golden ratio, odd.
 const WEYL_STEP: u64 = 0x9E37_79B9_7F4A_7C15;
 
 impl Default for Draws {
     fn default() -> Self {
-        Self(AtomicU64::new(rand::random()))
+        Self(AtomicU64::new(rand::random()), WEYL_STEP)
     }
 }
 
 impl Draws {
+    /// Draws whose sequence is independent of the default one's: a step of 2^64 divided by
+    /// the square root of 2, so pairs of draws from the two spread evenly over the square
+    /// (the two steps are rationally independent), and two shares drawn per request, a
+    /// fault's delay and abort, combine as independent ones do.
+    pub fn second() -> Self {
+        Self(AtomicU64::new(rand::random()), 0xB504_F333_F9DE_6485)
+    }
+
     /// The next draw in `0..total`; `total` must not be 0.
     pub fn next(&self, total: u64) -> u64 {
-        let x = self.0.fetch_add(WEYL_STEP, Ordering::Relaxed);
+        let x = self.0.fetch_add(self.1, Ordering::Relaxed);
         ((u128::from(x) * u128::from(total)) >> 64) as u64
     }
 }

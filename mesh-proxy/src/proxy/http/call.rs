@@ -23,23 +23,29 @@ use super::{mirror, upgrade};
 use crate::state::Snapshot;
 use crate::state::route::{Forward, WeightedBackend};
 
-/// Forwards a request its route sends to `f`'s backends; `host` is the host the client named.
+/// What a forwarded request was matched to: the config levels, the route's forward action,
+/// and the backend picked.
+pub(super) struct Chosen<'a> {
+    pub levels: Levels<'a>,
+    pub forward: &'a Forward,
+    pub backend: &'a WeightedBackend,
+}
+
+/// Forwards a request to its chosen backend; `host` is the host the client named.
 pub(super) async fn call(
     ctx: &HttpCtx,
     snapshot: &Snapshot,
-    levels: Levels<'_>,
-    f: &Forward,
+    chosen: Chosen<'_>,
     host: String,
     mut req: Request<Incoming>,
     ex: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let start = Instant::now();
-    let backend = f.pick().ok_or(ProxyError::AllWeightsZero)?;
-    let slot = &backend.metrics;
-    ex.backend = Some(
-        slot.get(ctx.kind.direction(), &levels.route.name, &backend.cluster)
-            .clone(),
-    );
+    let Chosen {
+        levels,
+        forward: f,
+        backend,
+    } = chosen;
     let cluster = snapshot
         .cluster(&backend.cluster)
         .cloned()

@@ -9,6 +9,7 @@ use super::super::guard;
 use super::super::observe::Exchange;
 use super::super::upstream::Body;
 use super::HttpCtx;
+use super::call::Chosen;
 use super::headers::{Levels, authority};
 use super::redirect::{direct, redirect};
 use crate::state::route::{Action, RequestInfo};
@@ -46,23 +47,45 @@ pub(super) async fn serve(
         .find(&host, &info)
         .ok_or_else(|| ProxyError::NoRoute(host.clone()))?;
     ex.route(&route.name);
-    if ctx.faults
-        && let Some(f) = &route.fault
-    {
-        super::fault::inject(f, req.headers(), ex).await?;
-    }
     let levels = Levels {
         table: &table,
         vh,
         route,
     };
-    let mut resp = match &route.action {
-        Action::Forward(f) => {
-            return super::call::call(ctx, &snapshot, levels, f, host, req, ex).await;
+    let answer = match &route.action {
+        Action::Forward(forward) => {
+            // The backend is chosen first, so an aborted request counts against it, as any
+            // other answer does.
+            let backend = forward.pick().ok_or(ProxyError::AllWeightsZero)?;
+            let slot = backend
+                .metrics
+                .get(ctx.kind.direction(), &route.name, &backend.cluster);
+            ex.backend = Some(slot.clone());
+            Answer::Call(Chosen {
+                levels,
+                forward,
+                backend,
+            })
         }
-        Action::Redirect(r) => redirect(r, &host, req.uri()),
-        Action::Direct { status, body } => direct(*status, body),
+        Action::Redirect(r) => Answer::Local(redirect(r, &host, req.uri())),
+        Action::Direct { status, body } => Answer::Local(direct(*status, body)),
     };
-    levels.response(None, resp.headers_mut());
-    Ok(resp)
+    if ctx.faults
+        && let Some(f) = &route.fault
+    {
+        super::fault::inject(f, req.headers(), ex).await?;
+    }
+    match answer {
+        Answer::Call(chosen) => super::call::call(ctx, &snapshot, chosen, host, req, ex).await,
+        Answer::Local(mut resp) => {
+            levels.response(None, resp.headers_mut());
+            Ok(resp)
+        }
+    }
+}
+
+/// What a route does with a request: forward it, or answer it here.
+enum Answer<'a> {
+    Call(Chosen<'a>),
+    Local(Response<Body>),
 }

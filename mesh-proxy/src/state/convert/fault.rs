@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{HttpFault, fault_abort};
 use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
 use envoy_types::pb::google::protobuf::Any;
-use prost::Name;
+use prost::{Message, Name};
 
 use super::{Ctx, Result, decode, dur, fraction};
 use crate::state::route::{AbortCode, Fault, FaultAbort, FaultDelay, Share};
@@ -25,6 +25,13 @@ pub(super) fn chain_filter(cx: &Ctx<'_>, at: &str, any: &Any) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A per-filter config wrapped in a `FilterConfig` marked optional: one a proxy that lacks the
+/// filter may skip.
+pub(super) fn is_optional(any: &Any) -> bool {
+    any.type_url == FilterConfig::type_url()
+        && FilterConfig::decode(any.value.as_slice()).is_ok_and(|f| f.is_optional)
 }
 
 /// A route's `typed_per_filter_config`: the fault filter's, if any. Config for any other
@@ -139,7 +146,8 @@ fn fault(cx: &Ctx<'_>, at: &str, f: &HttpFault) -> Result<Option<Fault>> {
                 }
                 _ => return Err(cx.err(&field, "supported: http_status, grpc_status")),
             };
-            let share = share(cx, &field, a.percentage.as_ref())?;
+            // Drawn apart from the delay's, so a request is aborted whether or not delayed.
+            let share = Share::independent(share(cx, &field, a.percentage.as_ref())?.per_million);
             Ok(FaultAbort { code, share })
         })
         .transpose()?;
