@@ -65,15 +65,9 @@ async fn envoy_follows_httproutes_from_a_directory() -> anyhow::Result<()> {
     let http_port = free_port();
     let admin_port = free_port();
     let bootstrap = envoy(&EnvoyArgs {
-        node: "default/envoy-client".into(),
-        xds: ctl.xds_addr.to_string(),
-        xds_api: "delta".into(),
         admin: format!("127.0.0.1:{admin_port}").parse()?,
         outbound_http: format!("127.0.0.1:{http_port}").parse()?,
-        transparent: false,
-        sds_dir: None,
-        xds_tls: false,
-        trust_domain: "cluster.local".into(),
+        ..EnvoyArgs::new("default/envoy-client", &ctl.xds_addr.to_string())
     })?;
     let admin = format!("127.0.0.1:{admin_port}").parse()?;
     let envoy = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
@@ -311,15 +305,11 @@ async fn envoy_joins_a_tls_controller_on_the_agents_svid_and_takes_its_renewals(
 
     let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let bootstrap = envoy(&EnvoyArgs {
-        node: "default/web-0".into(),
-        xds: ctl.xds_addr.to_string(),
-        xds_api: "delta".into(),
         admin,
         outbound_http: format!("127.0.0.1:{}", free_port()).parse()?,
-        transparent: false,
         sds_dir: Some(sds.clone()),
         xds_tls: true,
-        trust_domain: "cluster.local".into(),
+        ..EnvoyArgs::new("default/web-0", &ctl.xds_addr.to_string())
     })?;
     let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
     let synced = eventually(Duration::from_secs(20), "Envoy synced over TLS", || async {

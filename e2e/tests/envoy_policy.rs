@@ -175,21 +175,16 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
     let issuer = ca.issuer()?;
     write_sds(&sds, &ca, &issuer)?;
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let mut bootstrap = envoy(&EnvoyArgs {
-        node: "default/echo-0".into(),
-        xds: ctl.xds_addr.to_string(),
-        xds_api: "delta".into(),
+    let bootstrap = envoy(&EnvoyArgs {
         admin,
         outbound_http: format!("127.0.0.1:{}", free_port()).parse()?,
         transparent: true,
+        inbound_addr: Some("127.0.0.2".parse()?),
+        inbound_port: Some(p),
+        outbound_port: Some(free_port()),
         sds_dir: Some(sds.clone()),
-        xds_tls: false,
-        trust_domain: "cluster.local".into(),
+        ..EnvoyArgs::new("default/echo-0", &ctl.xds_addr.to_string())
     })?;
-    let md = &mut bootstrap["node"]["metadata"];
-    md[mesh_api::consts::node_metadata::INBOUND_ADDR] = "127.0.0.2".into();
-    md[mesh_api::consts::node_metadata::INBOUND_PORT] = p.to_string().into();
-    md[mesh_api::consts::node_metadata::OUTBOUND_PORT] = free_port().to_string().into();
     let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
     let envoy_in: SocketAddr = format!("127.0.0.2:{p}").parse()?;
 

@@ -46,15 +46,12 @@ async fn clients(mesh: &LocalMesh, envoy_bin: &std::path::Path) -> anyhow::Resul
     let http_port = free_port();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let bootstrap = envoy(&EnvoyArgs {
-        node: "default/envoy-client".into(),
-        xds: mesh.controller.xds_addr.to_string(),
-        xds_api: "delta".into(),
         admin,
         outbound_http: format!("127.0.0.1:{http_port}").parse()?,
-        transparent: false,
-        sds_dir: None,
-        xds_tls: false,
-        trust_domain: "cluster.local".into(),
+        ..EnvoyArgs::new(
+            "default/envoy-client",
+            &mesh.controller.xds_addr.to_string(),
+        )
     })?;
     let peer = start_envoy(envoy_bin, &bootstrap, mesh.dir.path(), admin).await?;
     Ok(Clients {

@@ -52,6 +52,16 @@ pub struct EnvoyArgs {
     /// Also ask for the transparent outbound and inbound listeners (iptables interception).
     #[arg(long)]
     pub transparent: bool,
+    /// Port of the transparent outbound listener (default 15001); with `--transparent`.
+    #[arg(long, requires = "transparent")]
+    pub outbound_port: Option<u16>,
+    /// Port of the transparent inbound listener (default 15006); with `--transparent`.
+    #[arg(long, requires = "transparent")]
+    pub inbound_port: Option<u16>,
+    /// IP address the transparent inbound listener binds (default `0.0.0.0`), so that several
+    /// pods' proxies can share a host; with `--transparent`.
+    #[arg(long, requires = "transparent")]
+    pub inbound_addr: Option<std::net::IpAddr>,
     /// Terminate mesh TLS inbound with the SVID and trust bundle in this directory
     /// (`default.yaml` and `ROOTCA.yaml`, SDS DiscoveryResponses an agent keeps current).
     #[arg(long)]
@@ -64,6 +74,26 @@ pub struct EnvoyArgs {
     /// `spiffe://<this>/ns/mesh-system/sa/mesh-controller`).
     #[arg(long, env = env::TRUST_DOMAIN, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+}
+
+impl EnvoyArgs {
+    /// The flags' defaults, for node `node` and controller `xds`.
+    pub fn new(node: &str, xds: &str) -> Self {
+        EnvoyArgs {
+            node: node.into(),
+            xds: xds.into(),
+            xds_api: "delta".into(),
+            admin: SocketAddr::from(([127, 0, 0, 1], ports::PROXY_ADMIN)),
+            outbound_http: SocketAddr::from(([127, 0, 0, 1], ports::PROXY_OUTBOUND_HTTP)),
+            transparent: false,
+            outbound_port: None,
+            inbound_port: None,
+            inbound_addr: None,
+            sds_dir: None,
+            xds_tls: false,
+            trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
+        }
+    }
 }
 
 /// The static cluster the bootstrap reaches the controller through under `--xds-tls`.
@@ -198,6 +228,29 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
         node_metadata::TRANSPARENT: args.transparent.to_string(),
         node_metadata::OUTBOUND_HTTP_ADDR: args.outbound_http.to_string(),
     });
+    let transparent = [
+        (
+            node_metadata::OUTBOUND_PORT,
+            args.outbound_port.map(|p| p.to_string()),
+        ),
+        (
+            node_metadata::INBOUND_PORT,
+            args.inbound_port.map(|p| p.to_string()),
+        ),
+        (
+            node_metadata::INBOUND_ADDR,
+            args.inbound_addr.map(|a| a.to_string()),
+        ),
+    ];
+    for (key, value) in transparent {
+        match value {
+            Some(_) if !args.transparent => {
+                bail!("{key} is a transparent listener's setting: add --transparent")
+            }
+            Some(v) => metadata[key] = json!(v),
+            None => {}
+        }
+    }
     let mut sds_dir = None;
     if let Some(dir) = &args.sds_dir {
         let dir =
@@ -263,17 +316,23 @@ mod tests {
     use super::*;
 
     fn args(node: &str, xds: &str) -> EnvoyArgs {
-        EnvoyArgs {
-            node: node.into(),
-            xds: xds.into(),
-            xds_api: "delta".into(),
-            admin: "127.0.0.1:15000".parse().expect("addr"),
-            outbound_http: "127.0.0.1:15080".parse().expect("addr"),
-            transparent: false,
-            sds_dir: None,
-            xds_tls: false,
-            trust_domain: "cluster.local".into(),
-        }
+        EnvoyArgs::new(node, xds)
+    }
+
+    #[test]
+    fn transparent_listener_settings_go_to_the_node_metadata() {
+        let mut a = args("shop/web-0", "10.0.0.1:15010");
+        a.inbound_port = Some(8080);
+        let err = envoy(&a).expect_err("needs --transparent").to_string();
+        assert!(err.contains("add --transparent"), "{err}");
+        a.transparent = true;
+        a.inbound_addr = Some("127.0.0.2".parse().expect("ip"));
+        a.outbound_port = Some(16001);
+        let md = &envoy(&a).expect("bootstrap")["node"]["metadata"];
+        assert_eq!(md[node_metadata::INBOUND_PORT], "8080");
+        assert_eq!(md[node_metadata::INBOUND_ADDR], "127.0.0.2");
+        assert_eq!(md[node_metadata::OUTBOUND_PORT], "16001");
+        assert_eq!(md[node_metadata::TRANSPARENT], "true");
     }
 
     #[test]
