@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use mesh_api::consts::xds as names;
 use mesh_controller::config::Config;
 use mesh_controller::run::Controller;
 use mesh_controller::testing::{service_yaml, slice_yaml};
@@ -252,9 +253,11 @@ fn svid_serial(file: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// A cluster's controller serves xDS over mesh TLS only. `mesh-proxy agent` gets Envoy an SVID
-/// from mesh-ca and writes it as SDS files; `meshctl bootstrap envoy --xds-tls --sds-dir` then
-/// joins, the controller checking the node against the certificate. Certificates living 6 s
-/// are renewed by the agent and taken up by Envoy without a restart.
+/// from mesh-ca and serves it over SDS on a Unix socket (and writes it as SDS files, where the
+/// test reads each renewal's serial); `meshctl bootstrap envoy --xds-tls --sds-socket` then
+/// joins, the controller checking the node against the certificate, and takes the inbound
+/// mesh TLS listener whose secrets come from the same socket. Certificates living 6 s are
+/// renewed by the agent and taken up by Envoy without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_joins_a_tls_controller_on_the_agents_svid_and_takes_its_renewals()
 -> anyhow::Result<()> {
@@ -268,7 +271,16 @@ async fn envoy_joins_a_tls_controller_on_the_agents_svid_and_takes_its_renewals(
     std::fs::create_dir(&cfg)?;
     std::fs::write(
         cfg.join("pods.yaml"),
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default}\nspec: {serviceAccountName: web, containers: [{name: app}]}\nstatus: {podIP: 10.0.0.9}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default, labels: {app: web}}\nspec: {serviceAccountName: web, containers: [{name: app}]}\nstatus: {podIP: 10.0.0.9}\n",
+    )?;
+    // A Service of the pod, so its inbound listener has a mesh TLS chain.
+    std::fs::write(
+        cfg.join("web.yaml"),
+        [
+            service_yaml("default", "web", "10.96.0.9", &[("http", 8080)]),
+            slice_yaml("default", "web", "http", 8080, &["10.0.0.9"]),
+        ]
+        .join("---\n"),
     )?;
     let mut config = Config::local(&cfg);
     config.ca_addr = Some(ca.addr().to_string());
@@ -279,11 +291,14 @@ async fn envoy_joins_a_tls_controller_on_the_agents_svid_and_takes_its_renewals(
     mesh_e2e::identity::wait_for_svid(&identity, "the controller").await?;
 
     let sds = dir.path().join("sds");
+    let socket = dir.path().join("sds.sock");
     let agent = mesh_e2e::Peer::spawn(
         tokio::process::Command::new(mesh_e2e::netns::binary("mesh-proxy")?)
             .arg("agent")
             .arg("--sds-dir")
             .arg(&sds)
+            .arg("--sds-socket")
+            .arg(&socket)
             .args(["--node", "default/web-0", "--service-account", "web"])
             .args(["--ca-addr", &ca.addr().to_string()])
             .arg("--ca-root")
@@ -298,16 +313,24 @@ async fn envoy_joins_a_tls_controller_on_the_agents_svid_and_takes_its_renewals(
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}\nagent log:\n{}", agent.log_text()))?;
-    for f in ["default.yaml", "ROOTCA.yaml"] {
-        let mode = std::fs::metadata(sds.join(f))?.permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "{f}");
+    for f in [
+        sds.join("default.yaml"),
+        sds.join("ROOTCA.yaml"),
+        socket.clone(),
+    ] {
+        let mode = std::fs::metadata(&f)?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
     }
 
     let admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let bootstrap = envoy(&EnvoyArgs {
         admin,
         outbound_http: format!("127.0.0.1:{}", free_port()).parse()?,
-        sds_dir: Some(sds.clone()),
+        transparent: true,
+        inbound_addr: Some("127.0.0.9".parse()?),
+        inbound_port: Some(free_port()),
+        outbound_port: Some(free_port()),
+        sds_socket: Some(socket.clone()),
         xds_tls: true,
         ..EnvoyArgs::new("default/web-0", &ctl.xds_addr.to_string())
     })?;
@@ -323,6 +346,19 @@ async fn envoy_joins_a_tls_controller_on_the_agents_svid_and_takes_its_renewals(
     if let Err(e) = synced {
         anyhow::bail!("{e}\nEnvoy log:\n{}", envoy_proc.log_text());
     }
+    // The inbound listener Envoy took terminates mesh TLS with the socket's secrets.
+    let (_, listeners) = http_get(admin, "/config_dump?resource=dynamic_listeners")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("Envoy's config dump"))?;
+    // From the first mention of virtualInbound to that of the next listener.
+    let inbound = listeners
+        .split_once("virtualInbound")
+        .map(|(_, rest)| rest.split("virtualOutbound").next().unwrap_or(rest))
+        .unwrap_or_default();
+    assert!(
+        inbound.contains("DownstreamTlsContext") && inbound.contains(names::SDS_CLUSTER),
+        "virtualInbound without mesh TLS from the agent's socket:\n{listeners}"
+    );
 
     // Two renewals, each in Envoy's certificates (its `/certs`) soon after the agent wrote it.
     let mut serials = vec![first];

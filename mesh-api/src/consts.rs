@@ -114,6 +114,10 @@ pub mod node_metadata {
     /// DiscoveryResponses) are read and watched from, for Envoy given its SVID by files (an
     /// agent that writes them). Absent: the secrets come over ADS (mesh-proxy gets its own).
     pub const SDS_DIR: &str = "mesh.dev/sds-dir";
+    /// `"true"` when the proxy's mesh TLS secrets come over gRPC from `mesh-proxy agent
+    /// --sds-socket`, through the static cluster [`super::xds::SDS_CLUSTER`] its bootstrap
+    /// declares (as Istio's agent serves them).
+    pub const SDS_AGENT: &str = "mesh.dev/sds-agent";
     /// Where the proxy's admin server listens (`host:port`), for `meshctl proxy-config`.
     /// Informational: it changes nothing the proxy is served.
     pub const ADMIN_ADDR: &str = "mesh.dev/admin-addr";
@@ -153,6 +157,8 @@ pub mod xds {
     pub const SDS_SVID: &str = "default";
     /// SDS secret name of the trust bundle.
     pub const SDS_ROOTS: &str = "ROOTCA";
+    /// The static cluster of an Envoy bootstrap that reaches the agent's SDS socket.
+    pub const SDS_CLUSTER: &str = "sds-grpc";
     /// `filter_metadata` key of mesh endpoint metadata (`proxy`, `identity`).
     pub const ENDPOINT_METADATA: &str = "mesh.dev";
     /// Descriptor key of a local rate limit's per-identity bucket (its value is the caller's
@@ -292,6 +298,7 @@ pub mod env {
     pub const PROXY_CERT_LIFETIME: &str = "MESH_PROXY_CERT_LIFETIME";
     /// `mesh-proxy agent`: the directory it writes Envoy's SDS files to.
     pub const PROXY_SDS_DIR: &str = "MESH_PROXY_SDS_DIR";
+    pub const PROXY_SDS_SOCKET: &str = "MESH_PROXY_SDS_SOCKET";
     /// Proxy: xDS over mesh TLS, `auto`, `on` or `off`.
     pub const PROXY_XDS_TLS: &str = "MESH_PROXY_XDS_TLS";
     /// Proxy: `true` runs without identity (plaintext only).

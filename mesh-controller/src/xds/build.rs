@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, CidrRange, ConfigSource, HeaderValue,
-    HeaderValueOption, Http2ProtocolOptions, Locality, Metadata, PathConfigSource,
-    RuntimeFractionalPercent, SocketAddress, TransportSocket, WatchedDirectory, address,
-    config_source, header_value_option, socket_address, transport_socket,
+    Address, AggregatedConfigSource, ApiConfigSource, ApiVersion, CidrRange, ConfigSource,
+    GrpcService, HeaderValue, HeaderValueOption, Http2ProtocolOptions, Locality, Metadata,
+    PathConfigSource, RuntimeFractionalPercent, SocketAddress, TransportSocket, WatchedDirectory,
+    address, api_config_source, config_source, grpc_service, header_value_option, socket_address,
+    transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint as PbEndpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -51,6 +52,7 @@ use prost::Name;
 
 use super::pb::{any, network_filter, pb_duration, u32v};
 use super::resources::{Resource, ResourceType};
+use super::translate::SdsSource;
 use crate::index::fault::{AbortCode, Fault};
 use crate::index::routes::{HeaderModifier, PathMatch, PathModifier, StrMatch};
 use crate::index::traffic::{Balancer, HashKey};
@@ -761,11 +763,11 @@ pub(super) fn cidr(ip: IpAddr) -> CidrRange {
 
 /// The transport socket that terminates mesh TLS: TLS 1.3, a client SVID required, the
 /// proxy's own SVID and trust bundle (SDS `default` and `ROOTCA`, as Istio names them).
-pub(super) fn mesh_tls_socket(sds_dir: Option<&str>) -> TransportSocket {
+pub(super) fn mesh_tls_socket(source: &SdsSource) -> TransportSocket {
     let sds = |name: &str| SdsSecretConfig {
         name: name.into(),
-        sds_config: Some(match sds_dir {
-            Some(dir) => ConfigSource {
+        sds_config: Some(match source {
+            SdsSource::Dir(dir) => ConfigSource {
                 resource_api_version: ApiVersion::V3 as i32,
                 config_source_specifier: Some(
                     config_source::ConfigSourceSpecifier::PathConfigSource(PathConfigSource {
@@ -780,7 +782,27 @@ pub(super) fn mesh_tls_socket(sds_dir: Option<&str>) -> TransportSocket {
                 ),
                 ..Default::default()
             },
-            None => ads(),
+            SdsSource::Agent => ConfigSource {
+                resource_api_version: ApiVersion::V3 as i32,
+                config_source_specifier: Some(
+                    config_source::ConfigSourceSpecifier::ApiConfigSource(ApiConfigSource {
+                        api_type: api_config_source::ApiType::Grpc as i32,
+                        transport_api_version: ApiVersion::V3 as i32,
+                        grpc_services: vec![GrpcService {
+                            target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                                grpc_service::EnvoyGrpc {
+                                    cluster_name: names::SDS_CLUSTER.into(),
+                                    ..Default::default()
+                                },
+                            )),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }),
+                ),
+                ..Default::default()
+            },
+            SdsSource::Ads => ads(),
         }),
     };
     let ctx = DownstreamTlsContext {

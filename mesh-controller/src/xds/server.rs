@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use super::learned::{Learned, WorkloadKey};
 use super::resources::{ProxyView, Resource, ResourceType};
 use super::status::{ProxyStatus, StatusTable, StreamStatus};
-use super::translate::{ListenerSettings, ProxyId, Translator};
+use super::translate::{ListenerSettings, ProxyId, SdsSource, Translator};
 use crate::index::{Index, Model};
 use crate::metrics::{Metrics, TypeLabels};
 
@@ -279,7 +279,22 @@ pub fn proxy_id(node: &Node) -> Result<ProxyId, String> {
                 "an absolute directory path",
             ));
         }
-        settings.sds_dir = Some(v.trim_end_matches('/').to_string());
+        settings.sds = SdsSource::Dir(v.trim_end_matches('/').to_string());
+    }
+    if let Some(v) = get(node_metadata::SDS_AGENT) {
+        let agent: bool = v
+            .parse()
+            .map_err(|_| bad(node_metadata::SDS_AGENT, &v, "true or false"))?;
+        if agent && matches!(settings.sds, SdsSource::Dir(_)) {
+            return Err(bad(
+                node_metadata::SDS_AGENT,
+                &v,
+                "false: the secrets come from mesh.dev/sds-dir or from the agent, not both",
+            ));
+        }
+        if agent {
+            settings.sds = SdsSource::Agent;
+        }
     }
     for (key, slot) in [
         (node_metadata::OUTBOUND_PORT, &mut settings.outbound_port),

@@ -51,8 +51,8 @@ pub struct ListenerSettings {
     pub mtls: bool,
     /// Address of the transparent inbound listener.
     pub inbound_addr: IpAddr,
-    /// Where Envoy reads its mesh TLS secrets from files; `None`: over ADS.
-    pub sds_dir: Option<String>,
+    /// Where the proxy's mesh TLS secrets come from.
+    pub sds: SdsSource,
     /// A transparent proxy that looks destinations up on demand (`node_metadata::SCOPED`).
     pub scoped: bool,
 }
@@ -69,10 +69,21 @@ impl Default for ListenerSettings {
             inbound_port: ports::PROXY_INBOUND,
             mtls: false,
             inbound_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            sds_dir: None,
+            sds: SdsSource::Ads,
             scoped: false,
         }
     }
+}
+
+/// Where a proxy gets its SVID and trust bundle (SDS secrets `default` and `ROOTCA`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum SdsSource {
+    /// Over ADS (mesh-proxy, which holds its own identity).
+    Ads,
+    /// From files in this directory that an agent keeps current (Envoy).
+    Dir(String),
+    /// Over gRPC from the agent's socket, through the bootstrap's static cluster (Envoy).
+    Agent,
 }
 
 /// Who is asking: from the xDS `Node`.
@@ -1053,9 +1064,7 @@ fn pod_resources(
     let mut out = Resources::default();
     let mode = model.mtls_mode(namespace);
     let mut chains = Vec::new();
-    let tls = settings
-        .mtls
-        .then(|| mesh_tls_socket(settings.sds_dir.as_deref()));
+    let tls = settings.mtls.then(|| mesh_tls_socket(&settings.sds));
     for (&port, (protocol, via)) in targets {
         let protocol = *protocol;
         let via: Vec<crate::index::policy::ViaService<'_>> =

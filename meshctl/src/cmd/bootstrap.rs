@@ -64,11 +64,16 @@ pub struct EnvoyArgs {
     pub inbound_addr: Option<std::net::IpAddr>,
     /// Terminate mesh TLS inbound with the SVID and trust bundle in this directory
     /// (`default.yaml` and `ROOTCA.yaml`, SDS DiscoveryResponses an agent keeps current).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sds_socket")]
     pub sds_dir: Option<std::path::PathBuf>,
+    /// Get the SVID and trust bundle over SDS from `mesh-proxy agent --sds-socket` on this Unix
+    /// socket (the static cluster `sds-grpc`), and terminate mesh TLS inbound with them.
+    #[arg(long)]
+    pub sds_socket: Option<std::path::PathBuf>,
     /// Reach the controller over mesh TLS (as a controller with a CA serves xDS), presenting
-    /// the SVID in `--sds-dir` and accepting only the controller's identity. Needs `--sds-dir`.
-    #[arg(long, requires = "sds_dir")]
+    /// the SVID from `--sds-dir` or `--sds-socket` and accepting only the controller's
+    /// identity.
+    #[arg(long)]
     pub xds_tls: bool,
     /// Trust domain of the mesh (the controller's identity is
     /// `spiffe://<this>/ns/mesh-system/sa/mesh-controller`).
@@ -90,6 +95,7 @@ impl EnvoyArgs {
             inbound_port: None,
             inbound_addr: None,
             sds_dir: None,
+            sds_socket: None,
             xds_tls: false,
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
         }
@@ -136,23 +142,66 @@ fn xds_host_port(xds: &str) -> anyhow::Result<(&str, u16)> {
     }
 }
 
-/// An SDS secret read from `dir/<name>.yaml`, watched for the renames the agent makes.
-fn file_secret(dir: &str, name: &str) -> serde_json::Value {
+/// Where Envoy's secrets come from.
+enum Secrets {
+    /// Files in this directory, watched for the renames the agent makes.
+    Dir(String),
+    /// The agent's SDS socket, through the static cluster [`names::SDS_CLUSTER`].
+    Socket,
+}
+
+impl Secrets {
+    /// The SDS config of secret `name`.
+    fn secret(&self, name: &str) -> serde_json::Value {
+        let source = match self {
+            Secrets::Dir(dir) => json!({
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": format!("{dir}/{name}.yaml"),
+                    "watched_directory": {"path": dir},
+                },
+            }),
+            Secrets::Socket => json!({
+                "resource_api_version": "V3",
+                // Nothing that needs the secret starts before the agent answers.
+                "initial_fetch_timeout": "0s",
+                "api_config_source": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": names::SDS_CLUSTER}}],
+                },
+            }),
+        };
+        json!({"name": name, "sds_config": source})
+    }
+}
+
+/// The static cluster that reaches the agent's SDS socket (HTTP/2 over a Unix socket).
+fn sds_cluster(socket: &str) -> serde_json::Value {
     json!({
-        "name": name,
-        "sds_config": {
-            "resource_api_version": "V3",
-            "path_config_source": {
-                "path": format!("{dir}/{name}.yaml"),
-                "watched_directory": {"path": dir},
+        "name": names::SDS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": names::SDS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": socket}}}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
             },
         },
     })
 }
 
 /// The controller as a static cluster over mesh TLS: HTTP/2, TLS 1.3, Envoy's SVID from
-/// `dir`, and only the controller's SPIFFE ID accepted.
-fn xds_cluster(xds: &str, dir: &str, controller: &SpiffeId) -> anyhow::Result<serde_json::Value> {
+/// `secrets`, and only the controller's SPIFFE ID accepted.
+fn xds_cluster(
+    xds: &str,
+    secrets: &Secrets,
+    controller: &SpiffeId,
+) -> anyhow::Result<serde_json::Value> {
     let (host, port) = xds_host_port(xds)?;
     let kind = if host.parse::<std::net::IpAddr>().is_ok() {
         "STATIC"
@@ -186,7 +235,7 @@ fn xds_cluster(xds: &str, dir: &str, controller: &SpiffeId) -> anyhow::Result<se
                         "tls_maximum_protocol_version": "TLSv1_3",
                     },
                     "alpn_protocols": ["h2"],
-                    "tls_certificate_sds_secret_configs": [file_secret(dir, names::SDS_SVID)],
+                    "tls_certificate_sds_secret_configs": [secrets.secret(names::SDS_SVID)],
                     "combined_validation_context": {
                         "default_validation_context": {
                             "match_typed_subject_alt_names": [{
@@ -194,7 +243,7 @@ fn xds_cluster(xds: &str, dir: &str, controller: &SpiffeId) -> anyhow::Result<se
                                 "matcher": {"exact": controller.as_str()},
                             }],
                         },
-                        "validation_context_sds_secret_config": file_secret(dir, names::SDS_ROOTS),
+                        "validation_context_sds_secret_config": secrets.secret(names::SDS_ROOTS),
                     },
                 },
             },
@@ -251,37 +300,44 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
             None => {}
         }
     }
-    let mut sds_dir = None;
+    let mut secrets = None;
+    let mut clusters = Vec::new();
     if let Some(dir) = &args.sds_dir {
         let dir =
             std::path::absolute(dir).with_context(|| format!("--sds-dir {}", dir.display()))?;
         let dir = dir.to_string_lossy().into_owned();
         metadata[node_metadata::MTLS] = json!("true");
         metadata[node_metadata::SDS_DIR] = json!(dir);
-        sds_dir = Some(dir);
+        secrets = Some(Secrets::Dir(dir));
     }
-    let (grpc_service, static_resources) = match (args.xds_tls, &sds_dir) {
-        (true, Some(dir)) => {
+    if let Some(socket) = &args.sds_socket {
+        let socket = std::path::absolute(socket)
+            .with_context(|| format!("--sds-socket {}", socket.display()))?;
+        metadata[node_metadata::MTLS] = json!("true");
+        metadata[node_metadata::SDS_AGENT] = json!("true");
+        clusters.push(sds_cluster(&socket.to_string_lossy()));
+        secrets = Some(Secrets::Socket);
+    }
+    let grpc_service = match (args.xds_tls, &secrets) {
+        (true, Some(secrets)) => {
             let controller = SpiffeId::workload(
                 &args.trust_domain,
                 ids::SYSTEM_NAMESPACE,
                 ids::CONTROLLER_SERVICE_ACCOUNT,
             )
             .with_context(|| format!("--trust-domain {:?}", args.trust_domain))?;
-            (
-                json!({"envoy_grpc": {"cluster_name": XDS_CLUSTER}, "timeout": "5s"}),
-                Some(json!({"clusters": [xds_cluster(&args.xds, dir, &controller)?]})),
-            )
+            clusters.push(xds_cluster(&args.xds, secrets, &controller)?);
+            json!({"envoy_grpc": {"cluster_name": XDS_CLUSTER}, "timeout": "5s"})
         }
-        (true, None) => bail!("--xds-tls needs --sds-dir (the SVID Envoy presents)"),
-        (false, _) => (
-            json!({
-                "google_grpc": {"target_uri": args.xds, "stat_prefix": "mesh_xds"},
-                "timeout": "5s",
-            }),
-            None,
-        ),
+        (true, None) => {
+            bail!("--xds-tls needs --sds-dir or --sds-socket (the SVID Envoy presents)")
+        }
+        (false, _) => json!({
+            "google_grpc": {"target_uri": args.xds, "stat_prefix": "mesh_xds"},
+            "timeout": "5s",
+        }),
     };
+    let static_resources = (!clusters.is_empty()).then(|| json!({"clusters": clusters}));
     let mut bootstrap = json!({
         "node": {
             "id": args.node,
@@ -400,7 +456,38 @@ mod tests {
         assert_eq!(b["static_resources"]["clusters"][0]["type"], "STATIC");
         a.sds_dir = None;
         let err = envoy(&a).expect_err("no sds dir").to_string();
-        assert!(err.contains("--xds-tls needs --sds-dir"), "{err}");
+        assert!(
+            err.contains("--xds-tls needs --sds-dir or --sds-socket"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_sds_socket_is_reached_through_a_static_cluster_for_every_secret() {
+        let mut a = args("shop/web-0", "10.0.0.1:15010");
+        a.sds_socket = Some("/run/mesh/sds.sock".into());
+        a.xds_tls = true;
+        let b = envoy(&a).expect("bootstrap");
+        let clusters = b["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters");
+        let declared: Vec<&str> = clusters.iter().filter_map(|c| c["name"].as_str()).collect();
+        assert_eq!(declared, [names::SDS_CLUSTER, XDS_CLUSTER]);
+        assert_eq!(
+            clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                ["pipe"]["path"],
+            "/run/mesh/sds.sock"
+        );
+        let tls = &clusters[1]["transport_socket"]["typed_config"]["common_tls_context"];
+        let source = &tls["tls_certificate_sds_secret_configs"][0]["sds_config"];
+        assert_eq!(
+            source["api_config_source"]["grpc_services"][0]["envoy_grpc"]["cluster_name"],
+            names::SDS_CLUSTER
+        );
+        let md = &b["node"]["metadata"];
+        assert_eq!(md[node_metadata::SDS_AGENT], "true");
+        assert_eq!(md[node_metadata::MTLS], "true");
+        assert!(md.get(node_metadata::SDS_DIR).is_none());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `mesh-proxy agent`: the mesh identity for a stock Envoy. It gets the workload's SVID from
 //! mesh-ca as mesh-proxy does (the same token, CSR and renewal at 50-70 % of the life), and
-//! writes it with the trust bundle as the two SDS files Envoy watches in `--sds-dir`:
+//! serves it with the trust bundle over SDS on the Unix socket `--sds-socket` (see [`sds`]),
+//! or writes them as the two SDS files Envoy watches in `--sds-dir`, or both:
 //! `default.yaml` (the SVID and key) and `ROOTCA.yaml` (the roots), each a `Secret` in an SDS
 //! DiscoveryResponse, the names Istio uses. `meshctl bootstrap envoy --sds-dir` points Envoy at
 //! them for mesh TLS inbound and for xDS. Each file is replaced by a rename into the directory,
@@ -23,17 +24,23 @@ use tracing::{error, info, warn};
 
 use crate::config::parse_duration;
 
+pub mod sds;
+
 const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
     name = "mesh-proxy agent",
-    about = "Keep a stock Envoy's SVID and trust bundle current in SDS files"
+    about = "Keep a stock Envoy's SVID and trust bundle current over SDS (a Unix socket, or files)"
 )]
 pub struct AgentArgs {
     /// The directory to write `default.yaml` and `ROOTCA.yaml` to (created, mode 0700).
-    #[arg(long, env = env::PROXY_SDS_DIR)]
-    pub sds_dir: PathBuf,
+    #[arg(long, env = env::PROXY_SDS_DIR, required_unless_present = "sds_socket")]
+    pub sds_dir: Option<PathBuf>,
+    /// The Unix socket to serve SDS on (mode 0600; a stale one is replaced), for the bootstrap's
+    /// static cluster `sds-grpc`.
+    #[arg(long, env = env::PROXY_SDS_SOCKET)]
+    pub sds_socket: Option<PathBuf>,
     /// The pod, `<namespace>/<name>`; its namespace is the SVID's.
     #[arg(long, env = env::PROXY_NODE)]
     pub node: String,
@@ -140,7 +147,9 @@ fn sds_dir(dir: &Path) -> anyhow::Result<()> {
 /// Runs until SIGTERM.
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let id = args.spiffe_id()?;
-    sds_dir(&args.sds_dir)?;
+    if let Some(dir) = &args.sds_dir {
+        sds_dir(dir)?;
+    }
     let root = SvidClient::read_root(&args.ca_root).map_err(anyhow::Error::msg)?;
     let identity = Identity::new(
         &args.trust_domain,
@@ -151,7 +160,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // are written (a renewal comes only at half the certificate's life).
     let pending: Arc<std::sync::Mutex<Option<(String, String)>>> = Arc::default();
     let wake = Arc::new(tokio::sync::Notify::new());
+    // What the SDS socket serves.
+    let (served, serving) = tokio::sync::watch::channel(None);
     let (hand, ring) = (pending.clone(), wake.clone());
+    let version = std::sync::atomic::AtomicU64::new(0);
     let svid = SvidClient::new(
         SvidSettings {
             id: id.clone(),
@@ -163,6 +175,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
         identity,
         Box::new(move |issued| {
+            let version = version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            served.send_replace(Some(Arc::new(sds::Secrets::new(
+                version,
+                certificates(&issued.current.chain),
+                pem_all("PRIVATE KEY", &[issued.key_pkcs8]),
+                certificates(issued.roots),
+            ))));
             if let Ok(mut p) = hand.lock() {
                 *p = Some(sds_files(issued));
             }
@@ -171,34 +190,52 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Box::new(|_| {}),
     )
     .map_err(anyhow::Error::msg)?;
-    info!(%id, dir = %args.sds_dir.display(), "agent started");
-    let dir = args.sds_dir.clone();
+    info!(%id, dir = ?args.sds_dir, socket = ?args.sds_socket, "agent started");
     let writer = async move {
-        loop {
-            let next = pending.lock().map(|mut p| p.take()).unwrap_or_default();
-            let Some((roots, svid)) = next else {
-                wake.notified().await;
-                continue;
-            };
-            match write_sds(&dir, &roots, &svid) {
-                Ok(()) => info!(dir = %dir.display(), "SDS files written"),
-                Err(e) => {
-                    // Envoy keeps the files it has (none before the first write): try again.
-                    error!(dir = %dir.display(), error = %e, "writing the SDS files; retrying in 1 s");
-                    if let Ok(mut p) = pending.lock() {
-                        p.get_or_insert((roots, svid));
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
+        let Some(dir) = args.sds_dir else {
+            return std::future::pending().await;
+        };
+        write_files(&dir, &pending, &wake).await;
+    };
+    let socket = async move {
+        match &args.sds_socket {
+            Some(path) => sds::serve(path, serving).await,
+            None => std::future::pending().await,
         }
     };
     tokio::select! {
         () = Arc::clone(&svid).run() => {}
         () = writer => {}
+        r = socket => r?,
         () = mesh_api::process::terminated() => info!("SIGTERM: stopping"),
     }
     Ok(())
+}
+
+/// Writes the files of each renewal the hook hands over, retrying every second until written.
+async fn write_files(
+    dir: &Path,
+    pending: &std::sync::Mutex<Option<(String, String)>>,
+    wake: &tokio::sync::Notify,
+) {
+    loop {
+        let next = pending.lock().map(|mut p| p.take()).unwrap_or_default();
+        let Some((roots, svid)) = next else {
+            wake.notified().await;
+            continue;
+        };
+        match write_sds(dir, &roots, &svid) {
+            Ok(()) => info!(dir = %dir.display(), "SDS files written"),
+            Err(e) => {
+                // Envoy keeps the files it has (none before the first write): try again.
+                error!(dir = %dir.display(), error = %e, "writing the SDS files; retrying in 1 s");
+                if let Ok(mut p) = pending.lock() {
+                    p.get_or_insert((roots, svid));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
