@@ -24,10 +24,12 @@ pub enum Sidecar {
     /// mesh-proxy, as injection adds it.
     #[default]
     MeshProxy,
-    /// A stock Envoy behind the same interception, with `mesh-proxy agent` keeping its SVID and
-    /// the bootstrap `meshctl bootstrap envoy --transparent --sds-dir --xds-tls` writes. It
-    /// terminates mesh TLS inbound and speaks plaintext to its upstreams (the controller gives
-    /// Envoy no mesh TLS outbound), which PERMISSIVE servers accept.
+    /// A stock Envoy behind the same interception, with `mesh-proxy agent` keeping its SVID in
+    /// files and the bootstrap `meshctl bootstrap envoy --transparent --sds-dir --xds-tls`
+    /// writes. It terminates mesh TLS inbound and, its secrets being files the controller
+    /// cannot name in shared clusters, speaks plaintext to its upstreams, which PERMISSIVE
+    /// servers accept. (With `--sds-socket` instead, Envoy originates mesh TLS too:
+    /// `e2e/tests/identity.rs` runs it so under STRICT.)
     Envoy,
 }
 

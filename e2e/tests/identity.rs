@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use mesh_e2e::identity::{TestCa, counter, sign, svid_params, tls_probe};
 use mesh_e2e::mesh::{Load, LocalMesh, PairOptions, failures, secure_pair};
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{ProxyClient, eventually, figure, http_get};
+use mesh_e2e::{ProxyClient, eventually, figure, free_port, http_get, start_envoy};
 use rcgen::{
     BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -571,5 +571,200 @@ async fn xds_over_tls_checks_each_node_against_its_certificate() -> anyhow::Resu
     let tool_addr = controller.xds_plaintext_addr.expect("plaintext listener");
     let tool = mesh_proxy::Proxy::start(proxy("default/tool", None, tool_addr)?, None).await?;
     tokio::time::timeout(Duration::from_secs(10), tool.store.ready()).await?;
+    Ok(())
+}
+
+/// `mesh-proxy agent --sds-socket` for pod `default/<pod>` as service account `sa`, and the
+/// socket it serves, once it serves.
+async fn agent(
+    ca: &TestCa,
+    dir: &std::path::Path,
+    pod: &str,
+    sa: &str,
+) -> anyhow::Result<(mesh_e2e::Peer, std::path::PathBuf)> {
+    let socket = dir.join(format!("{pod}.sock"));
+    let agent = mesh_e2e::Peer::spawn(
+        tokio::process::Command::new(mesh_e2e::netns::binary("mesh-proxy")?)
+            .arg("agent")
+            .arg("--sds-socket")
+            .arg(&socket)
+            .args(["--node", &format!("default/{pod}"), "--service-account", sa])
+            .args(["--ca-addr", &ca.addr().to_string()])
+            .arg("--ca-root")
+            .arg(ca.path("ca.crt"))
+            .arg("--ca-token-file")
+            .arg(ca.token_file("default", sa)?),
+        dir.join(format!("{pod}-agent.log")),
+    )?;
+    eventually(Duration::from_secs(10), "the agent's socket", || async {
+        socket.exists().then_some(())
+    })
+    .await?;
+    Ok((agent, socket))
+}
+
+/// SVID updates an Envoy took over SDS (its `sds.default.update_success`).
+async fn envoy_renewals(admin: std::net::SocketAddr) -> u64 {
+    let (_, stats) = http_get(admin, "/stats?filter=^sds%5C.default%5C.update_success")
+        .await
+        .unwrap_or_default();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("sds.default.update_success: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Envoy as a full sidecar under STRICT, its SVID from the agent's socket: Envoy to Envoy,
+/// Envoy to mesh-proxy and mesh-proxy to Envoy, each at 200 rps while 5 s certificates
+/// rotate on every side, with no failed request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_mesh_proxy_rotate_five_second_certificates_in_every_direction()
+-> anyhow::Result<()> {
+    use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
+    let Some(envoy_bin) = mesh_e2e::peer("MESH_ENVOY", "envoy") else {
+        return Ok(());
+    };
+    let app = EchoServer::start("echo-app").await?;
+    let ca = TestCa::start(Duration::from_secs(5)).await?;
+    let mesh = LocalMesh::start().await?;
+    // mesh-proxy: the server of Service echo, and a client.
+    let pair = secure_pair(&mesh, &ca, &app, "STRICT").await?;
+    let dir = tempfile::tempdir()?;
+    let p = app.addr.port();
+    // Envoy: the server of Service echo-envoy (pod 127.0.0.2, its inbound listener on the app's
+    // port there, the app behind it on 127.0.0.1), and a client.
+    mesh.write(
+        "echo-envoy.yaml",
+        &format!(
+            "apiVersion: v1
+kind: Service
+metadata: {{name: echo-envoy, namespace: default}}
+spec: {{clusterIP: 10.96.1.2, selector: {{app: echo-envoy}}, ports: [{{name: http, port: 80, targetPort: {p}, protocol: TCP}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: echo-envoy-0, namespace: default, labels: {{app: echo-envoy, mesh.dev/proxy: 'true'}}}}
+spec: {{serviceAccountName: echo, containers: [{{name: app, ports: [{{containerPort: {p}}}]}}]}}
+status: {{podIP: 127.0.0.2}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-envoy-1, namespace: default, labels: {{kubernetes.io/service-name: echo-envoy}}}}
+addressType: IPv4
+ports: [{{name: http, port: {p}, protocol: TCP}}]
+endpoints: [{{addresses: ['127.0.0.2'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: echo-envoy-0, namespace: default}}}}]
+"
+        ),
+    )?;
+    let xds = mesh.controller.xds_addr.to_string();
+    let (_server_agent, server_socket) = agent(&ca, dir.path(), "echo-envoy-0", "echo").await?;
+    let server_admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let server = start_envoy(
+        &envoy_bin,
+        &envoy(&EnvoyArgs {
+            admin: server_admin,
+            outbound_http: format!("127.0.0.1:{}", free_port()).parse()?,
+            transparent: true,
+            inbound_addr: Some("127.0.0.2".parse()?),
+            inbound_port: Some(p),
+            outbound_port: Some(free_port()),
+            sds_socket: Some(server_socket),
+            ..EnvoyArgs::new("default/echo-envoy-0", &xds)
+        })?,
+        dir.path(),
+        server_admin,
+    )
+    .await?;
+    let (_client_agent, client_socket) = agent(&ca, dir.path(), "envoy-client-0", "client").await?;
+    let client_admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let envoy_out: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let client = start_envoy(
+        &envoy_bin,
+        &envoy(&EnvoyArgs {
+            admin: client_admin,
+            outbound_http: envoy_out,
+            sds_socket: Some(client_socket),
+            ..EnvoyArgs::new("default/envoy-client-0", &xds)
+        })?,
+        dir.path(),
+        client_admin,
+    )
+    .await?;
+    // A mesh-proxy client with the explicit listener the load speaks to.
+    let mut cc = mesh.proxy_config("default/mesh-client-0");
+    ca.identify(&mut cc, "client")?;
+    let mesh_client = mesh.proxy(cc).await?;
+    let mesh_out = mesh_client
+        .outbound_http_addr
+        .ok_or_else(|| anyhow::anyhow!("mesh-proxy client without an explicit listener"))?;
+    let directions = [
+        ("Envoy to Envoy", envoy_out, "echo-envoy"),
+        ("Envoy to mesh-proxy", envoy_out, "echo"),
+        ("mesh-proxy to Envoy", mesh_out, "echo-envoy"),
+    ];
+    for (what, via, host) in directions {
+        let ready = eventually(Duration::from_secs(20), what, || async move {
+            let mut c = ProxyClient::new(via);
+            let (status, body) = c.get(host, "/", &[]).await.ok()?;
+            (status == 200 && body == "echo-app").then_some(())
+        })
+        .await;
+        if let Err(e) = ready {
+            anyhow::bail!(
+                "{e}\nclient Envoy:\n{}\nserver Envoy:\n{}",
+                client.log_text(),
+                server.log_text()
+            );
+        }
+    }
+    let before = (
+        envoy_renewals(client_admin).await,
+        envoy_renewals(server_admin).await,
+        renewals(&mesh_client),
+        renewals(&pair.server),
+    );
+    let loads: Vec<(&str, Load)> = directions
+        .iter()
+        .map(|(what, via, host)| (*what, Load::start(*via, host, 200, 8)))
+        .collect();
+    let run = Duration::from_secs(20);
+    tokio::time::sleep(run).await;
+    let mut figures = Vec::new();
+    let mut failed = Vec::new();
+    for (what, load) in loads {
+        let outcomes = load.finish().await;
+        let total: u64 = outcomes.values().sum();
+        let bad = failures(&outcomes);
+        figures.push(format!("{what} {bad}/{total} failed"));
+        if bad > 0 || total < 3_000 {
+            failed.push(format!("{what}: {total} requests, {outcomes:?}"));
+        }
+    }
+    let after = (
+        envoy_renewals(client_admin).await,
+        envoy_renewals(server_admin).await,
+        renewals(&mesh_client),
+        renewals(&pair.server),
+    );
+    let renewed = (
+        after.0 - before.0,
+        after.1 - before.1,
+        after.2 - before.2,
+        after.3 - before.3,
+    );
+    figure(&format!(
+        "Envoy as a sidecar (SVID over the agent's SDS socket), STRICT, 5 s certificates, 200 rps each way for {run:?}: {}; renewals Envoy client {}, Envoy server {}, mesh-proxy client {}, mesh-proxy server {}",
+        figures.join(", "),
+        renewed.0,
+        renewed.1,
+        renewed.2,
+        renewed.3
+    ));
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+    assert!(
+        renewed.0 >= 4 && renewed.1 >= 4 && renewed.2 >= 4 && renewed.3 >= 4,
+        "renewals (Envoy client, Envoy server, mesh-proxy client, mesh-proxy server): {renewed:?}"
+    );
     Ok(())
 }

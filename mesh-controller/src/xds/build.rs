@@ -2,7 +2,7 @@
 //! filters and filter chains, mesh TLS. Pure functions of the model's pieces; what is cached
 //! and how the layers are assembled is [`super::translate`]'s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +36,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, TlsParameters, common_tls_context,
-    tls_parameters,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+    SubjectAltNameMatcher, TlsParameters, UpstreamTlsContext, common_tls_context,
+    subject_alt_name_matcher, tls_parameters,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
@@ -240,10 +241,20 @@ pub(super) fn set_upstream_protocol(c: &mut Cluster, http2: bool) {
 /// Endpoint metadata for an endpoint backed by a known pod: its namespace and workload (for
 /// metrics); behind a mesh-proxy, also its mesh identity (the SVID that mesh TLS to it must
 /// find), and whether it may be spoken to over HTTP/2 (`proxy`).
-fn peer_metadata(pod: &PodModel, identity: Option<&mesh_api::SpiffeId>, h2: bool) -> Metadata {
-    let text = |s: &str| Value {
+/// A string `Value`.
+fn text(s: &str) -> Value {
+    Value {
         kind: Some(value::Kind::StringValue(s.to_string())),
-    };
+    }
+}
+
+/// The field of endpoint metadata a cluster's TLS variant matches endpoints by.
+const IDENTITY: &str = "identity";
+
+/// Endpoint metadata Envoy's `transport_socket_matches` read.
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
+
+fn peer_metadata(pod: &PodModel, identity: Option<&mesh_api::SpiffeId>, h2: bool) -> Metadata {
     let mut fields = BTreeMap::from([
         ("namespace".to_string(), text(&pod.namespace)),
         ("workload".to_string(), text(&pod.workload)),
@@ -259,14 +270,23 @@ fn peer_metadata(pod: &PodModel, identity: Option<&mesh_api::SpiffeId>, h2: bool
             );
         }
     }
-    Metadata {
-        filter_metadata: [(
-            names::ENDPOINT_METADATA.to_string(),
+    let mut filter_metadata: std::collections::HashMap<String, Struct> = [(
+        names::ENDPOINT_METADATA.to_string(),
+        Struct {
+            fields: fields.into_iter().collect(),
+        },
+    )]
+    .into();
+    if let Some(identity) = identity {
+        filter_metadata.insert(
+            TRANSPORT_SOCKET_MATCH.to_string(),
             Struct {
-                fields: fields.into_iter().collect(),
+                fields: [(IDENTITY.to_string(), text(identity.as_str()))].into(),
             },
-        )]
-        .into(),
+        );
+    }
+    Metadata {
+        filter_metadata,
         ..Default::default()
     }
 }
@@ -698,12 +718,19 @@ pub(super) fn one_endpoint_routes(name: &str, p: &crate::index::PortModel) -> Ve
 
 /// A Service port's EDS cluster `name` (with the port's traffic policy) and its assignment of
 /// `endpoints`, which carry their pod's identity and workload.
+/// A port's cluster and endpoints, and the cluster's upstream mesh TLS variant, if any.
+pub(super) type PortClusters = ([(ResourceType, Arc<Resource>); 2], Option<Arc<Resource>>);
+
+/// A port's cluster and its endpoints; and, when an endpoint has a mesh identity, the
+/// cluster's variant with upstream mesh TLS to each such endpoint (matched by its identity in
+/// the endpoint metadata `envoy.transport_socket_match`; the others stay plaintext), for
+/// Envoys that originate mesh TLS.
 pub(super) fn cluster_and_endpoints(
     model: &Model,
     p: &crate::index::PortModel,
     name: &str,
     endpoints: &[crate::index::Endpoint],
-) -> [(ResourceType, Arc<Resource>); 2] {
+) -> PortClusters {
     let mut c = eds_cluster(name, p.protocol);
     super::traffic::apply_cluster_policy(
         &mut c,
@@ -720,10 +747,34 @@ pub(super) fn cluster_and_endpoints(
             p.protocol == Protocol::Http,
         ))
     });
-    [
-        (ResourceType::Cluster, Resource::new(name, &c)),
-        (ResourceType::Endpoint, Resource::new(name, &cla)),
-    ]
+    let identities: BTreeSet<String> = endpoints
+        .iter()
+        .filter_map(|e| e.peer.as_deref())
+        .filter(|pod| is_proxied(pod))
+        .filter_map(|pod| model.pod_identity(pod))
+        .map(|id| id.to_string())
+        .collect();
+    let tls = (!identities.is_empty()).then(|| {
+        let mut t = c.clone();
+        t.transport_socket_matches = identities
+            .iter()
+            .map(|id| cluster::TransportSocketMatch {
+                name: id.clone(),
+                r#match: Some(Struct {
+                    fields: [(IDENTITY.to_string(), text(id))].into(),
+                }),
+                transport_socket: Some(upstream_mesh_tls(id)),
+            })
+            .collect();
+        Resource::new(name, &t)
+    });
+    (
+        [
+            (ResourceType::Cluster, Resource::new(name, &c)),
+            (ResourceType::Endpoint, Resource::new(name, &cla)),
+        ],
+        tls,
+    )
 }
 
 /// The filter chains of one port by its protocol: HTTP, TCP, or, undeclared, both, told apart
@@ -763,8 +814,9 @@ pub(super) fn cidr(ip: IpAddr) -> CidrRange {
 
 /// The transport socket that terminates mesh TLS: TLS 1.3, a client SVID required, the
 /// proxy's own SVID and trust bundle (SDS `default` and `ROOTCA`, as Istio names them).
-pub(super) fn mesh_tls_socket(source: &SdsSource) -> TransportSocket {
-    let sds = |name: &str| SdsSecretConfig {
+/// The SDS config of secret `name` from `source`.
+fn sds_secret(name: &str, source: &SdsSource) -> SdsSecretConfig {
+    SdsSecretConfig {
         name: name.into(),
         sds_config: Some(match source {
             SdsSource::Dir(dir) => ConfigSource {
@@ -804,7 +856,59 @@ pub(super) fn mesh_tls_socket(source: &SdsSource) -> TransportSocket {
             },
             SdsSource::Ads => ads(),
         }),
+    }
+}
+
+/// Upstream mesh TLS to an endpoint of SPIFFE ID `id`, with the secrets from the agent: TLS
+/// 1.3 (Envoy's client default stops at 1.2), the SVID presented, the peer checked against the
+/// trust bundle and its URI SAN against `id`, as mesh-proxy pins it. No ALPN: Envoy offers its
+/// pool's protocol (h2 or http/1.1), and none for TCP.
+fn upstream_mesh_tls(id: &str) -> TransportSocket {
+    let agent = SdsSource::Agent;
+    let ctx = UpstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_params: Some(TlsParameters {
+                tls_minimum_protocol_version: tls_parameters::TlsProtocol::TlSv13 as i32,
+                tls_maximum_protocol_version: tls_parameters::TlsProtocol::TlSv13 as i32,
+                ..Default::default()
+            }),
+            tls_certificate_sds_secret_configs: vec![sds_secret(names::SDS_SVID, &agent)],
+            validation_context_type: Some(
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                                san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                                matcher: Some(StringMatcher {
+                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                        id.to_string(),
+                                    )),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds_secret(
+                            names::SDS_ROOTS,
+                            &agent,
+                        )),
+                        ..Default::default()
+                    },
+                ),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
     };
+    TransportSocket {
+        name: names::TLS_TRANSPORT_SOCKET.into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
+    }
+}
+
+pub(super) fn mesh_tls_socket(source: &SdsSource) -> TransportSocket {
+    let sds = |name: &str| sds_secret(name, source);
     let ctx = DownstreamTlsContext {
         require_client_certificate: Some(BoolValue { value: true }),
         common_tls_context: Some(CommonTlsContext {

@@ -86,6 +86,14 @@ pub enum SdsSource {
     Agent,
 }
 
+impl ListenerSettings {
+    /// An Envoy with a mesh identity whose secrets come from the agent's socket: its clusters
+    /// carry upstream mesh TLS (mesh-proxy originates it itself, from endpoint metadata).
+    pub fn upstream_tls(&self) -> bool {
+        self.mtls && self.sds == SdsSource::Agent
+    }
+}
+
 /// Who is asking: from the xDS `Node`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct ProxyId {
@@ -98,6 +106,9 @@ pub struct ProxyId {
 #[derive(Debug, Default)]
 struct ServiceResources {
     global: Vec<(ResourceType, Arc<Resource>)>,
+    /// Its clusters' upstream mesh TLS variants (of those with an endpoint that has an
+    /// identity).
+    tls_clusters: Vec<Arc<Resource>>,
     api_listeners: Vec<Arc<Resource>>,
     /// The listener of each owned address, with its filter chains (the producer routes), for
     /// proxies that look destinations up on demand.
@@ -126,6 +137,9 @@ enum Shared {
     Api,
     /// Address listeners, served only when named.
     Address,
+    /// Clusters with upstream mesh TLS, in place of the global ones for Envoys that
+    /// originate it.
+    GlobalTls,
 }
 
 impl ServiceResources {
@@ -133,6 +147,10 @@ impl ServiceResources {
     fn entries(&self) -> impl Iterator<Item = (ResourceType, &Arc<Resource>, Shared)> {
         let api = self.api_listeners.iter().map(|r| (r, Shared::Api));
         let addresses = self.address_listeners.iter().map(|r| (r, Shared::Address));
+        let tls = self
+            .tls_clusters
+            .iter()
+            .map(|r| (ResourceType::Cluster, r, Shared::GlobalTls));
         self.global
             .iter()
             .map(|(ty, r)| (*ty, r, Shared::Global))
@@ -140,6 +158,7 @@ impl ServiceResources {
                 api.chain(addresses)
                     .map(|(r, set)| (ResourceType::Listener, r, set)),
             )
+            .chain(tls)
     }
 }
 
@@ -218,9 +237,13 @@ pub struct Translator {
     global: Resources,
     api: Resources,
     addresses: Resources,
+    /// Clusters with upstream mesh TLS, named as the plain ones they stand for, for Envoys
+    /// that originate mesh TLS ([`ListenerSettings::upstream_tls`]).
+    global_tls: Resources,
     shared: Arc<Resources>,
     shared_api: Arc<Resources>,
     shared_addresses: Arc<Resources>,
+    shared_tls: Arc<Resources>,
     /// The clusters every proxy holds (passthrough, blackhole): the whole shared wildcard
     /// layer of a scoped proxy.
     fixed: Arc<Resources>,
@@ -270,6 +293,8 @@ impl Translator {
             services: BTreeMap::new(),
             global,
             api: Resources::default(),
+            global_tls: Resources::default(),
+            shared_tls: Arc::default(),
             addresses: Resources::default(),
             shared: Arc::default(),
             shared_api: Arc::default(),
@@ -414,6 +439,7 @@ impl Translator {
         self.shared = Arc::new(self.global.clone());
         self.shared_api = Arc::new(self.api.clone());
         self.shared_addresses = Arc::new(self.addresses.clone());
+        self.shared_tls = Arc::new(self.global_tls.clone());
         // Layers whose pieces changed are rebuilt on demand; drop the stale ones now.
         let (chains, vhosts) = (self.chains_epoch, self.vhosts_epoch);
         self.namespaces.retain(|k, l| {
@@ -434,6 +460,7 @@ impl Translator {
             Shared::Global => &mut self.global,
             Shared::Api => &mut self.api,
             Shared::Address => &mut self.addresses,
+            Shared::GlobalTls => &mut self.global_tls,
         }
     }
 
@@ -530,14 +557,25 @@ impl Translator {
                 layers.push(deps);
             }
             layers.push(self.fixed.clone());
-            let named = vec![
-                ns_named,
-                self.shared.clone(),
-                self.shared_addresses.clone(),
-                self.shared_api.clone(),
-            ];
+            let tls = proxy
+                .settings
+                .upstream_tls()
+                .then(|| self.shared_tls.clone());
+            let named = [ns_named]
+                .into_iter()
+                .chain(tls)
+                .chain([
+                    self.shared.clone(),
+                    self.shared_addresses.clone(),
+                    self.shared_api.clone(),
+                ])
+                .collect();
             (named, 1)
         } else {
+            if proxy.settings.upstream_tls() {
+                // Earlier layers hide later ones: the TLS clusters stand for the plain ones.
+                layers.push(self.shared_tls.clone());
+            }
             layers.push(self.shared.clone());
             (vec![self.shared_api.clone()], 0)
         };
@@ -629,8 +667,9 @@ fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> Service
     for p in &svc.ports {
         let cluster = model.cluster_name(&svc.key, p.port);
         let name = service_port_name(model, &svc.key, p.port);
-        out.global
-            .extend(cluster_and_endpoints(model, p, &cluster, &p.endpoints));
+        let (resources, tls) = cluster_and_endpoints(model, p, &cluster, &p.endpoints);
+        out.global.extend(resources);
+        out.tls_clusters.extend(tls);
         let rc = |rc_name: &str, entries: &[RouteEntry]| RouteConfiguration {
             name: rc_name.to_string(),
             virtual_hosts: vec![VirtualHost {
@@ -667,12 +706,9 @@ fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> Service
     // endpoints.
     for (name, p, e) in &endpoints {
         let (p, e) = (*p, *e);
-        out.global.extend(cluster_and_endpoints(
-            model,
-            p,
-            name,
-            std::slice::from_ref(e),
-        ));
+        let (resources, tls) = cluster_and_endpoints(model, p, name, std::slice::from_ref(e));
+        out.global.extend(resources);
+        out.tls_clusters.extend(tls);
         if p.protocol != Protocol::Tcp {
             let rc = RouteConfiguration {
                 name: name.clone(),

@@ -1419,3 +1419,79 @@ spec:
         ["envoy.filters.http.fault", "envoy.filters.http.router"]
     );
 }
+
+#[test]
+fn envoys_fed_by_the_agent_get_clusters_with_upstream_mesh_tls() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+    let mut idx = index();
+    idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default, labels: {app: web, mesh.dev/proxy: 'true'}}\nspec: {serviceAccountName: web, containers: [{name: app}]}\nstatus: {podIP: 10.0.3.1}\n")).expect("pod");
+    idx.apply(obj("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-80, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 80, protocol: TCP}]\nendpoints:\n- {addresses: ['10.0.3.1'], conditions: {ready: true}, targetRef: {kind: Pod, name: web-0, namespace: default}}\n- {addresses: ['10.0.3.2'], conditions: {ready: true}}\n")).expect("slice");
+    let mut t = Translator::new(idx.model());
+    let cluster = "outbound|80||web.default.svc.cluster.local";
+    let id = "spiffe://cluster.local/ns/default/sa/web";
+    let clusters = |t: &mut Translator, settings: ListenerSettings| -> Cluster {
+        let view = t.view(&ProxyId {
+            settings,
+            ..proxy("default", false)
+        });
+        decode(view.get(ResourceType::Cluster, cluster).expect("cluster"))
+    };
+    let agent_fed = ListenerSettings {
+        mtls: true,
+        sds: SdsSource::Agent,
+        ..Default::default()
+    };
+    let c = clusters(&mut t, agent_fed);
+    assert_eq!(c.transport_socket_matches.len(), 1, "one per identity");
+    let m = &c.transport_socket_matches[0];
+    assert_eq!(m.name, id);
+    let tls = UpstreamTlsContext::decode(
+        m.transport_socket
+            .as_ref()
+            .and_then(|t| t.config_type.as_ref())
+            .map(|filter_any| match filter_any {
+                envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(a) => a.value.clone(),
+            })
+            .unwrap_or_default()
+            .as_slice(),
+    )
+    .expect("UpstreamTlsContext");
+    let text = format!("{tls:?}");
+    assert!(
+        text.contains(id) && text.contains(names::SDS_CLUSTER),
+        "{text}"
+    );
+    // Endpoints are matched by identity; one without stays plaintext.
+    let view = t.view(&proxy("default", false));
+    let cla: ClusterLoadAssignment =
+        decode(view.get(ResourceType::Endpoint, cluster).expect("cla"));
+    let matched: Vec<bool> = cla.endpoints[0]
+        .lb_endpoints
+        .iter()
+        .map(|e| {
+            e.metadata.as_ref().is_some_and(|m| {
+                m.filter_metadata
+                    .contains_key("envoy.transport_socket_match")
+            })
+        })
+        .collect();
+    assert_eq!(matched, [true, false]);
+    // mesh-proxy (secrets over ADS) and Envoys reading files get the plain cluster.
+    for settings in [
+        ListenerSettings {
+            mtls: true,
+            ..Default::default()
+        },
+        ListenerSettings {
+            mtls: true,
+            sds: SdsSource::Dir("/etc/mesh/sds".into()),
+            ..Default::default()
+        },
+    ] {
+        assert!(
+            clusters(&mut t, settings)
+                .transport_socket_matches
+                .is_empty()
+        );
+    }
+}
