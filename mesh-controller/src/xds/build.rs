@@ -758,8 +758,10 @@ pub(super) fn cluster_and_endpoints(
         let mut t = c.clone();
         t.transport_socket_matches = identities
             .iter()
-            .map(|id| cluster::TransportSocketMatch {
-                name: id.clone(),
+            .enumerate()
+            .map(|(i, id)| cluster::TransportSocketMatch {
+                // Envoy puts the name in stats: short, the identity is in the match.
+                name: format!("mtls-{i}"),
                 r#match: Some(Struct {
                     fields: [(IDENTITY.to_string(), text(id))].into(),
                 }),
@@ -836,6 +838,8 @@ fn sds_secret(name: &str, source: &SdsSource) -> SdsSecretConfig {
             },
             SdsSource::Agent => ConfigSource {
                 resource_api_version: ApiVersion::V3 as i32,
+                // As the bootstrap's own: one subscription per secret, whoever names it.
+                initial_fetch_timeout: Some(pb_duration(Duration::ZERO)),
                 config_source_specifier: Some(
                     config_source::ConfigSourceSpecifier::ApiConfigSource(ApiConfigSource {
                         api_type: api_config_source::ApiType::Grpc as i32,

@@ -172,7 +172,11 @@ pub struct ProxyView {
     /// How many of `named_only`'s first layers are the proxy's own (rebuilt per revision, and
     /// so compared whole by [`ProxyView::candidates`], as the own `layers` are).
     pub own_named: usize,
-    /// How the last layer and `named_only` differ from the revision before.
+    /// How many of `layers`' last layers are shared by every proxy of the model (covered by
+    /// `changes`, not compared whole): the shared layer, and before it the upstream TLS
+    /// clusters for an Envoy that originates mesh TLS.
+    pub shared_layers: usize,
+    /// How the shared layers and `named_only` differ from the revision before.
     pub changes: Arc<Changes>,
 }
 
@@ -196,10 +200,10 @@ impl ProxyView {
         if self.changes.from != prev.revision || prev.revision == self.revision {
             return None;
         }
-        // Every layer but the last (shared) one is small and rebuilt per revision: all of it,
+        // Every layer but the shared ones is small and rebuilt per revision: all of it,
         // before and after, so removals there are seen too.
         let own = |v: &'a ProxyView| {
-            v.layers[..v.layers.len().saturating_sub(1)]
+            v.layers[..v.layers.len().saturating_sub(v.shared_layers)]
                 .iter()
                 .chain(&v.named_only[..v.own_named.min(v.named_only.len())])
         };

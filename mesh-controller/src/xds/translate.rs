@@ -542,6 +542,7 @@ impl Translator {
         // and each address's listener, are served when it names them.
         // The namespace's own address listeners (its consumer routes') come first, so that
         // they hide the shared ones of the same name.
+        let mut shared_layers = 1;
         let (named_only, own_named) = if proxy.settings.transparent && proxy.settings.scoped {
             let declared = pod.map(|p| p.dependencies.clone()).unwrap_or_default();
             let key = (proxy.namespace.clone(), declared, learned.clone());
@@ -575,6 +576,7 @@ impl Translator {
             if proxy.settings.upstream_tls() {
                 // Earlier layers hide later ones: the TLS clusters stand for the plain ones.
                 layers.push(self.shared_tls.clone());
+                shared_layers = 2;
             }
             layers.push(self.shared.clone());
             (vec![self.shared_api.clone()], 0)
@@ -584,6 +586,7 @@ impl Translator {
             layers,
             named_only,
             own_named,
+            shared_layers,
             changes: self.changes.clone(),
         }
     }

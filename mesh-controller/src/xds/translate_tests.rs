@@ -75,6 +75,17 @@ fn outbound_http(view: &ProxyView) -> RouteConfiguration {
     )
 }
 
+/// The RouteConfiguration of Service reviews' port 9080.
+fn reviews_routes(view: &ProxyView) -> RouteConfiguration {
+    decode(
+        view.get(
+            ResourceType::Route,
+            "reviews.default.svc.cluster.local:9080",
+        )
+        .expect("reviews' route configuration"),
+    )
+}
+
 fn vhost<'a>(rc: &'a RouteConfiguration, name: &str) -> &'a VirtualHost {
     rc.virtual_hosts
         .iter()
@@ -154,13 +165,7 @@ spec:
         .expect("route");
     let mut t = Translator::new(idx.model());
     let view = t.view(&proxy("default", false));
-    let rc: RouteConfiguration = decode(
-        view.get(
-            ResourceType::Route,
-            "reviews.default.svc.cluster.local:9080",
-        )
-        .expect("rc"),
-    );
+    let rc = reviews_routes(&view);
     let routes = &rc.virtual_hosts[0].routes;
     let paths: Vec<_> = routes
         .iter()
@@ -394,13 +399,7 @@ fn transparent_proxies_get_filter_chains_per_vip_and_inbound_ports() {
     .expect("route");
     t.update(idx.model());
     let view = t.view(&proxy("default", true));
-    let rc: RouteConfiguration = decode(
-        view.get(
-            ResourceType::Route,
-            "reviews.default.svc.cluster.local:9080",
-        )
-        .expect("rc"),
-    );
+    let rc = reviews_routes(&view);
     assert_eq!(rc.virtual_hosts[0].routes.len(), 1);
 }
 
@@ -1383,13 +1382,7 @@ spec:
     }
     let mut t = Translator::new(idx.model());
     let view = t.view(&proxy("default", true));
-    let rc: RouteConfiguration = decode(
-        view.get(
-            ResourceType::Route,
-            "reviews.default.svc.cluster.local:9080",
-        )
-        .expect("rc"),
-    );
+    let rc = reviews_routes(&view);
     let routes = &rc.virtual_hosts[0].routes;
     let any = &routes[0].typed_per_filter_config["envoy.filters.http.fault"];
     let f = HttpFault::decode(any.value.as_slice()).expect("HTTPFault");
@@ -1444,7 +1437,8 @@ fn envoys_fed_by_the_agent_get_clusters_with_upstream_mesh_tls() {
     let c = clusters(&mut t, agent_fed);
     assert_eq!(c.transport_socket_matches.len(), 1, "one per identity");
     let m = &c.transport_socket_matches[0];
-    assert_eq!(m.name, id);
+    assert_eq!(m.name, "mtls-0");
+    assert!(format!("{:?}", m.r#match).contains(id), "{m:?}");
     let tls = UpstreamTlsContext::decode(
         m.transport_socket
             .as_ref()

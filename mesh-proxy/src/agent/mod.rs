@@ -197,19 +197,28 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         };
         write_files(&dir, &pending, &wake).await;
     };
+    let args_socket = args.sds_socket.clone();
     let socket = async move {
         match &args.sds_socket {
             Some(path) => sds::serve(path, serving).await,
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        () = Arc::clone(&svid).run() => {}
-        () = writer => {}
-        r = socket => r?,
-        () = mesh_api::process::terminated() => info!("SIGTERM: stopping"),
+    let result = tokio::select! {
+        // It only returns when it cannot run at all (its TLS settings).
+        () = Arc::clone(&svid).run() => Err(anyhow::anyhow!("the SVID client stopped; see the log")),
+        () = writer => Ok(()),
+        r = socket => r,
+        () = mesh_api::process::terminated() => {
+            info!("SIGTERM: stopping");
+            Ok(())
+        }
+    };
+    if let Some(path) = &args_socket {
+        // Envoy should not find a socket nobody serves.
+        let _ = std::fs::remove_file(path);
     }
-    Ok(())
+    result
 }
 
 /// Writes the files of each renewal the hook hands over, retrying every second until written.

@@ -157,24 +157,66 @@ async fn serve_stream(
                     debug!(error = %e, "SDS stream ended");
                     return;
                 }
-                None => return,
+                // The client closed its side: it still gets renewals until it goes.
+                None => {
+                    serve_renewals(names, sent, nonce, current, tx).await;
+                    return;
+                }
             },
             changed = current.changed() => if changed.is_err() {
                 return;
             },
         }
-        let Some(secrets) = current.borrow_and_update().clone() else {
-            continue;
-        };
-        if names.is_empty() || sent == Some(secrets.version) {
-            continue;
-        }
-        nonce += 1;
-        if tx.send(Ok(secrets.response(&names, nonce))).await.is_err() {
+        if !send_due(&names, &mut sent, &mut nonce, &mut current, &tx).await {
             return;
         }
-        sent = Some(secrets.version);
     }
+}
+
+/// After the client half-closed: renewals for the names it asked for, until it goes.
+async fn serve_renewals(
+    names: BTreeSet<String>,
+    mut sent: Option<u64>,
+    mut nonce: u64,
+    mut current: watch::Receiver<Option<Arc<Secrets>>>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    loop {
+        tokio::select! {
+            changed = current.changed() => if changed.is_err() {
+                return;
+            },
+            () = tx.closed() => return,
+        }
+        if !send_due(&names, &mut sent, &mut nonce, &mut current, &tx).await {
+            return;
+        }
+    }
+}
+
+/// Sends the current secrets of `names` unless this version went already or holds none of
+/// them (an empty answer is not sent: Envoy can take it for a removal); `false` once the
+/// client is gone.
+async fn send_due(
+    names: &BTreeSet<String>,
+    sent: &mut Option<u64>,
+    nonce: &mut u64,
+    current: &mut watch::Receiver<Option<Arc<Secrets>>>,
+    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) -> bool {
+    let Some(secrets) = current.borrow_and_update().clone() else {
+        return true;
+    };
+    if *sent == Some(secrets.version) {
+        return true;
+    }
+    *nonce += 1;
+    let response = secrets.response(names, *nonce);
+    if response.resources.is_empty() {
+        return true;
+    }
+    *sent = Some(secrets.version);
+    tx.send(Ok(response)).await.is_ok()
 }
 
 /// Serves SDS on the Unix socket `path` (a stale one is replaced; mode 0600, as it hands out a
@@ -184,15 +226,23 @@ pub async fn serve(
     current: watch::Receiver<Option<Arc<Secrets>>>,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    use std::os::unix::fs::FileTypeExt;
     use std::os::unix::fs::PermissionsExt;
     let what = || format!("--sds-socket {}", path.display());
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(what);
-        }
-        _ => {}
+    // A socket left by an agent before this one is replaced; anything else there is not ours.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).with_context(what)?,
+        Ok(_) => anyhow::bail!("{}: exists and is not a socket", what()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(what),
     }
-    let listener = tokio::net::UnixListener::bind(path).with_context(what)?;
+    // Made 0600 from the start, so nobody connects in between and reads the key: the umask
+    // is narrowed around the bind (the agent is single-threaded, nothing else creates a file
+    // meanwhile) and restored.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = tokio::net::UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound.with_context(what)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).with_context(what)?;
     tonic::transport::Server::builder()
         .add_service(SecretDiscoveryServiceServer::new(Sds { current }))
