@@ -392,6 +392,7 @@ spec:
     )?;
     assert!(pruned.is_empty(), "the API server would prune {pruned:?}");
     let delay = Duration::from_millis(60);
+    let slow = delay * 3 / 4;
     let mut shares = Vec::new();
     for (name, proxy) in [("mesh-proxy", c.mesh), ("Envoy", c.envoy)] {
         eventually(
@@ -415,7 +416,9 @@ spec:
         let mut delayed: Vec<Duration> = r
             .iter()
             .map(|(_, _, t)| *t)
-            .filter(|t| *t >= delay)
+            // Envoy's timer may fire a little before the delay as measured here (its median
+            // was 60 ms): a request is delayed when it took most of it; others take ~1 ms.
+            .filter(|t| *t >= slow)
             .collect();
         delayed.sort();
         let median = delayed.get(delayed.len() / 2).copied().unwrap_or_default();
@@ -430,7 +433,7 @@ spec:
             );
         }
         assert!(
-            median >= delay && median < delay * 3,
+            median >= slow && median < delay * 3,
             "{name}: delayed requests took {median:?} (median), not about {delay:?}"
         );
     }
