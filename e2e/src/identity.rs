@@ -100,6 +100,23 @@ impl TestCa {
         Ok(token_file)
     }
 
+    /// `mesh-proxy agent` for pod `node` (`<namespace>/<name>`) as service account `sa`, with
+    /// this CA's address, root and a token for it; the caller adds where the secrets go.
+    pub fn agent_command(&self, node: &str, sa: &str) -> anyhow::Result<tokio::process::Command> {
+        let (ns, _) = node
+            .split_once('/')
+            .ok_or_else(|| anyhow::anyhow!("node {node:?}: expected <namespace>/<name>"))?;
+        let mut cmd = tokio::process::Command::new(crate::netns::binary("mesh-proxy")?);
+        cmd.arg("agent")
+            .args(["--node", node, "--service-account", sa])
+            .args(["--ca-addr", &self.addr().to_string()])
+            .arg("--ca-root")
+            .arg(self.path("ca.crt"))
+            .arg("--ca-token-file")
+            .arg(self.token_file(ns, sa)?);
+        Ok(cmd)
+    }
+
     /// Gives `config` the identity `<node namespace>/<sa>`: a token for it from this CA's
     /// local-mesh key, the CA's address and root.
     pub fn identify(&self, config: &mut mesh_proxy::Config, sa: &str) -> anyhow::Result<()> {

@@ -293,18 +293,11 @@ async fn envoy_joins_a_tls_controller_on_the_agents_svid_and_takes_its_renewals(
     let sds = dir.path().join("sds");
     let socket = dir.path().join("sds.sock");
     let agent = mesh_e2e::Peer::spawn(
-        tokio::process::Command::new(mesh_e2e::netns::binary("mesh-proxy")?)
-            .arg("agent")
+        ca.agent_command("default/web-0", "web")?
             .arg("--sds-dir")
             .arg(&sds)
             .arg("--sds-socket")
-            .arg(&socket)
-            .args(["--node", "default/web-0", "--service-account", "web"])
-            .args(["--ca-addr", &ca.addr().to_string()])
-            .arg("--ca-root")
-            .arg(ca.path("ca.crt"))
-            .arg("--ca-token-file")
-            .arg(ca.token_file("default", "web")?),
+            .arg(&socket),
         dir.path().join("agent.log"),
     )?;
     let svid_file = sds.join("default.yaml");

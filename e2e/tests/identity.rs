@@ -584,16 +584,9 @@ async fn agent(
 ) -> anyhow::Result<(mesh_e2e::Peer, std::path::PathBuf)> {
     let socket = dir.join(format!("{pod}.sock"));
     let agent = mesh_e2e::Peer::spawn(
-        tokio::process::Command::new(mesh_e2e::netns::binary("mesh-proxy")?)
-            .arg("agent")
+        ca.agent_command(&format!("default/{pod}"), sa)?
             .arg("--sds-socket")
-            .arg(&socket)
-            .args(["--node", &format!("default/{pod}"), "--service-account", sa])
-            .args(["--ca-addr", &ca.addr().to_string()])
-            .arg("--ca-root")
-            .arg(ca.path("ca.crt"))
-            .arg("--ca-token-file")
-            .arg(ca.token_file("default", sa)?),
+            .arg(&socket),
         dir.join(format!("{pod}-agent.log")),
     )?;
     eventually(Duration::from_secs(10), "the agent's socket", || async {

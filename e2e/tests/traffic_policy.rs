@@ -86,12 +86,25 @@ async fn run_to(
     n: usize,
     headers: impl Fn(usize) -> Vec<(String, String)>,
 ) -> anyhow::Result<Vec<(u16, String)>> {
+    let timed = run_timed(proxy, host, n, headers).await?;
+    Ok(timed.into_iter().map(|(s, b, _)| (s, b)).collect())
+}
+
+/// [`run_to`], with each request's latency.
+async fn run_timed(
+    proxy: SocketAddr,
+    host: &str,
+    n: usize,
+    headers: impl Fn(usize) -> Vec<(String, String)>,
+) -> anyhow::Result<Vec<(u16, String, Duration)>> {
     let mut client = ProxyClient::new(proxy);
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let h = headers(i);
         let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        out.push(client.get(host, "/", &h).await?);
+        let start = std::time::Instant::now();
+        let (status, body) = client.get(host, "/", &h).await?;
+        out.push((status, body, start.elapsed()));
     }
     Ok(out)
 }
@@ -350,14 +363,7 @@ spec:
 
 /// Statuses and latencies of `n` GETs of `echo` through `proxy`.
 async fn timed(proxy: SocketAddr, n: usize) -> anyhow::Result<Vec<(u16, String, Duration)>> {
-    let mut client = ProxyClient::new(proxy);
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let start = std::time::Instant::now();
-        let (status, body) = client.get("echo.default:80", "/", &[]).await?;
-        out.push((status, body, start.elapsed()));
-    }
-    Ok(out)
+    run_timed(proxy, "echo.default:80", n, |_| Vec::new()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,20 +91,38 @@ fn certificates(certs: &[CertificateDer<'static>]) -> String {
     pem_all("CERTIFICATE", &ders)
 }
 
+/// What a renewal installed, as PEM: the SVID's chain, its key, and the roots.
+#[derive(Debug)]
+pub struct Pems {
+    pub chain: String,
+    pub key: String,
+    pub roots: String,
+}
+
+impl Pems {
+    pub fn of(issued: &Issued<'_>) -> Self {
+        Pems {
+            chain: certificates(&issued.current.chain),
+            key: pem_all("PRIVATE KEY", &[issued.key_pkcs8]),
+            roots: certificates(issued.roots),
+        }
+    }
+}
+
 /// The two SDS DiscoveryResponses for what a renewal installed: `(ROOTCA, default)`. JSON is
 /// YAML, which is what Envoy reads a `.yaml` file as.
-pub fn sds_files(issued: &Issued<'_>) -> (String, String) {
+pub fn sds_files(pems: &Pems) -> (String, String) {
     let roots = json!({"resources": [{
         "@type": SECRET_TYPE,
         "name": xds::SDS_ROOTS,
-        "validation_context": {"trusted_ca": {"inline_string": certificates(issued.roots)}},
+        "validation_context": {"trusted_ca": {"inline_string": pems.roots}},
     }]});
     let svid = json!({"resources": [{
         "@type": SECRET_TYPE,
         "name": xds::SDS_SVID,
         "tls_certificate": {
-            "certificate_chain": {"inline_string": certificates(&issued.current.chain)},
-            "private_key": {"inline_string": pem_all("PRIVATE KEY", &[issued.key_pkcs8])},
+            "certificate_chain": {"inline_string": pems.chain},
+            "private_key": {"inline_string": pems.key},
         },
     }]});
     (roots.to_string(), svid.to_string())
@@ -176,15 +194,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         identity,
         Box::new(move |issued| {
             let version = version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-            served.send_replace(Some(Arc::new(sds::Secrets::new(
-                version,
-                certificates(&issued.current.chain),
-                pem_all("PRIVATE KEY", &[issued.key_pkcs8]),
-                certificates(issued.roots),
-            ))));
+            let pems = Pems::of(issued);
             if let Ok(mut p) = hand.lock() {
-                *p = Some(sds_files(issued));
+                *p = Some(sds_files(&pems));
             }
+            served.send_replace(Some(Arc::new(sds::Secrets::new(version, pems))));
             ring.notify_one();
         }),
         Box::new(|_| {}),
@@ -274,7 +288,7 @@ mod tests {
             roots: std::slice::from_ref(&root),
         };
         let dir = tempfile::tempdir().expect("dir");
-        let (roots, svid) = sds_files(&issued);
+        let (roots, svid) = sds_files(&Pems::of(&issued));
         write_sds(dir.path(), &roots, &svid).expect("written");
         // Written again (a renewal) over the first: replaced, nothing left behind.
         write_sds(dir.path(), &roots, &svid).expect("rewritten");

@@ -43,8 +43,9 @@ fn inline(pem: String) -> Option<DataSource> {
 }
 
 impl Secrets {
-    /// From the PEM of a renewal: the chain, its key and the roots.
-    pub fn new(version: u64, chain: String, key: String, roots: String) -> Self {
+    /// From the PEM of a renewal.
+    pub fn new(version: u64, pems: super::Pems) -> Self {
+        let super::Pems { chain, key, roots } = pems;
         Secrets {
             version,
             svid: Secret {
@@ -267,9 +268,11 @@ mod tests {
         let secrets = |v: u64| {
             Some(Arc::new(Secrets::new(
                 v,
-                format!("chain {v}"),
-                format!("key {v}"),
-                format!("roots {v}"),
+                super::super::Pems {
+                    chain: format!("chain {v}"),
+                    key: format!("key {v}"),
+                    roots: format!("roots {v}"),
+                },
             )))
         };
         tx.send_replace(secrets(1));
