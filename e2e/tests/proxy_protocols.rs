@@ -335,3 +335,177 @@ async fn proxies_multiplex_http1_traffic_over_one_http2_connection() -> anyhow::
     assert_eq!(app.hits(), 8);
     Ok(())
 }
+
+/// An HTTP/2 app that answers every request at once, without reading its body (so its h2
+/// server resets each request stream once the answer is out).
+async fn early_answering_h2_app() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"early"),
+                )))
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), service),
+            );
+        }
+    });
+    Ok(addr)
+}
+
+/// One HTTP/2 frame: type, flags, stream, payload.
+type H2Frame = (u8, u8, u32, Vec<u8>);
+
+async fn write_frame(
+    w: &mut (impl tokio::io::AsyncWrite + Unpin),
+    (kind, flags, stream, payload): H2Frame,
+) -> std::io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .expect("small frame")
+        .to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(&payload);
+    w.write_all(&f).await
+}
+
+async fn read_frame(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<H2Frame> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    r.read_exact(&mut payload).await?;
+    let stream = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
+    Ok((head[3], head[4], stream, payload))
+}
+
+/// A POST's header block in HPACK literals (no indexing, no Huffman).
+fn post_headers(authority: &str, path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", authority),
+    ] {
+        block.push(0);
+        for s in [name, value] {
+            block.push(u8::try_from(s.len()).expect("short"));
+            block.extend_from_slice(s.as_bytes());
+        }
+    }
+    block
+}
+
+/// Sends `batches` x `per_batch` POSTs over one raw HTTP/2 connection to `addr`, each body
+/// only after every answer of its batch is in; fails on a GOAWAY, on an answer other than
+/// `200`, or when one more request on the connection is not answered.
+async fn early_answered_bodies(
+    addr: std::net::SocketAddr,
+    batches: u32,
+    per_batch: u32,
+) -> anyhow::Result<()> {
+    const END_STREAM: u8 = 0x1;
+    const END_HEADERS: u8 = 0x4;
+    let goaway = |answered: u32, payload: &[u8]| {
+        anyhow::anyhow!(
+            "{addr}: GOAWAY after {answered} answers: {:?}",
+            String::from_utf8_lossy(payload.get(8..).unwrap_or_default())
+        )
+    };
+    let mut tcp = TcpStream::connect(addr).await?;
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    write_frame(&mut tcp, (0x4, 0, 0, Vec::new())).await?;
+    let (mut rx, mut tx) = tcp.into_split();
+    let mut answered = 0;
+    for batch in 0..batches {
+        let streams: Vec<u32> = (0..per_batch)
+            .map(|i| (batch * per_batch + i) * 2 + 1)
+            .collect();
+        for &id in &streams {
+            let block = post_headers("echo", "/upload");
+            write_frame(&mut tx, (0x1, END_HEADERS, id, block)).await?;
+        }
+        let mut open: std::collections::HashSet<u32> = streams.iter().copied().collect();
+        let mut heads = std::collections::HashSet::new();
+        while !open.is_empty() {
+            let (kind, flags, id, payload) = tokio::time::timeout(T, read_frame(&mut rx)).await??;
+            // `:status: 200` is the static table's entry 8.
+            if kind == 0x1 && open.contains(&id) && heads.insert(id) {
+                anyhow::ensure!(
+                    payload.first() == Some(&0x88),
+                    "{addr}: stream {id} not answered 200: {payload:?}"
+                );
+            }
+            match kind {
+                0x0 | 0x1 if flags & END_STREAM != 0 => {
+                    anyhow::ensure!(open.remove(&id), "{addr}: stream {id} ended twice");
+                    answered += 1;
+                }
+                0x4 if flags & 0x1 == 0 => {
+                    write_frame(&mut tx, (0x4, 0x1, 0, Vec::new())).await?;
+                }
+                0x6 if flags & 0x1 == 0 => write_frame(&mut tx, (0x6, 0x1, 0, payload)).await?,
+                0x7 => return Err(goaway(answered, &payload)),
+                _ => {}
+            }
+        }
+        // A moment for a sidecar that resets such streams to have done so (well within the
+        // time the sidecars linger for frames), then the bodies.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        for &id in &streams {
+            write_frame(&mut tx, (0x0, END_STREAM, id, b"late body".to_vec())).await?;
+        }
+    }
+    anyhow::ensure!(
+        answered == batches * per_batch,
+        "{addr}: {answered} answered"
+    );
+    // The connection is still up: one more request is answered on it.
+    let last = batches * per_batch * 2 + 1;
+    write_frame(
+        &mut tx,
+        (
+            0x1,
+            END_HEADERS | END_STREAM,
+            last,
+            post_headers("echo", "/"),
+        ),
+    )
+    .await?;
+    loop {
+        let (kind, flags, id, payload) = tokio::time::timeout(T, read_frame(&mut rx)).await??;
+        if kind == 0x7 {
+            return Err(goaway(answered, &payload));
+        }
+        if id == last && matches!(kind, 0x0 | 0x1) && flags & END_STREAM != 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// Requests answered before their bodies arrive: the app answers at once, and the client sends
+/// each body only after its answer, as a client whose body frames were in flight does. A
+/// sidecar that reset such streams at once would soon forget them, and h2 counts frames for
+/// forgotten streams as the client's protocol errors, closing the connection after 1,024 of
+/// them (`ENHANCE_YOUR_CALM`) and failing every request on it. The client is raw HTTP/2
+/// frames, so that it sends the bodies whatever a sidecar says: 1,800 requests in batches of
+/// 90 (more reset streams at once than h2 remembers) straight to the server sidecar's inbound
+/// listener (as the client's sidecar connects to it), then through the client's sidecar, must
+/// all be answered `200` with no GOAWAY, and each connection must carry one more request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_answered_http2_bodies_do_not_close_a_sidecars_connections() -> anyhow::Result<()> {
+    let app = early_answering_h2_app().await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = mesh
+        .sidecar_pair("http", Some("kubernetes.io/h2c"), app.port())
+        .await?;
+    let inbound = pair.server.inbound_addr.expect("inbound listener");
+    early_answered_bodies(inbound, 20, 90).await?;
+    early_answered_bodies(pair.outbound, 20, 90).await?;
+    Ok(())
+}

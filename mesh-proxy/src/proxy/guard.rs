@@ -6,8 +6,8 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
+use super::http::Lingering;
 use http::{Request, Uri};
-use hyper::body::Incoming;
 use prometheus_client::metrics::counter::Counter;
 use tracing::{debug, info};
 
@@ -133,7 +133,7 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 pub fn check(
     ctx: &HttpCtx,
     snapshot: &Snapshot,
-    req: &mut Request<Incoming>,
+    req: &mut Request<Lingering>,
 ) -> Result<(), ProxyError> {
     if ctx.kind.direction() != Direction::inbound {
         return Ok(());
@@ -155,7 +155,7 @@ pub fn check(
 
 /// Replaces the request's path by its normalized form: the app receives it, and policies see
 /// it from here on.
-fn normalize(req: &mut Request<Incoming>) -> Result<(), ProxyError> {
+fn normalize(req: &mut Request<Lingering>) -> Result<(), ProxyError> {
     let path = match mesh_api::path::normalize(req.uri().path()) {
         Ok(Cow::Owned(p)) if p != req.uri().path() => p,
         Ok(_) => return Ok(()),
@@ -174,7 +174,7 @@ fn authorize_request(
     ctx: &HttpCtx,
     rbac: &[policy::Rbac],
     identity: Option<&str>,
-    req: &Request<Incoming>,
+    req: &Request<Lingering>,
 ) -> Result<(), ProxyError> {
     let path = req.uri().path();
     let facts = Facts {

@@ -1,5 +1,10 @@
 //! The request body: empty, read in full (for mirrors), recorded as it streams (for retries),
-//! or streamed as is. One limit holds for both copies.
+//! or streamed as is. One limit holds for both copies. An HTTP/2 request body the upstream
+//! stopped reading (it answered early) lingers until the client's end of it.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::HeaderMap;
@@ -17,18 +22,126 @@ use crate::state::route::Forward;
 /// Largest request body kept so that the request can be retried or mirrored.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
+/// How long, how many more bytes, and how long without a frame an HTTP/2 request body is
+/// read (and dropped) after nothing needs it any more.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
+const LINGER_IDLE: Duration = Duration::from_millis(100);
+
+/// The downstream request body. Over HTTP/2, one dropped before its end (the upstream or the
+/// proxy answered early) is read on to the client's end of the stream, for at most
+/// [`LINGER`] and [`LINGER_BYTES`] and while frames keep coming within [`LINGER_IDLE`],
+/// instead of being reset at once. h2 remembers only so many reset streams; the client's
+/// frames already in flight for one it forgot count as the client's protocol errors, and
+/// after 1,024 of them h2 closes the whole connection with `ENHANCE_YOUR_CALM`, failing every
+/// request on it. Between two sidecars that connection carries all of a client's traffic to
+/// a pod, and answers that come before the body (a refusal, a rate limit, a gRPC error before
+/// the message is read) are common.
+#[derive(Debug)]
+pub struct Lingering {
+    inner: Option<Incoming>,
+    linger: bool,
+}
+
+impl Lingering {
+    /// `body` of a request of `version`; only HTTP/2 bodies linger.
+    pub fn new(body: Incoming, version: http::Version) -> Self {
+        Lingering {
+            inner: Some(body),
+            linger: version == http::Version::HTTP_2,
+        }
+    }
+}
+
+impl http_body::Body for Lingering {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.inner.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.as_ref().map_or_else(
+            || http_body::SizeHint::with_exact(0),
+            http_body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        use http_body::Body as _;
+        let Some(mut body) = self.inner.take() else {
+            return;
+        };
+        if !self.linger || body.is_end_stream() || body.size_hint().lower() > LINGER_BYTES as u64 {
+            return;
+        }
+        // What has arrived already is taken here; a body that ends with it needs no task.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut left = LINGER_BYTES;
+        loop {
+            match Pin::new(&mut body).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => match taken(left, &frame) {
+                    Some(l) => left = l,
+                    None => return,
+                },
+                Poll::Ready(_) => return,
+                Poll::Pending => break,
+            }
+        }
+        // Dropped outside the runtime (never, in the proxy), the stream is reset at once.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(body, left));
+        }
+    }
+}
+
+/// What is left of the lingering allowance after `frame`, or `None` once it is spent.
+fn taken(left: usize, frame: &http_body::Frame<Bytes>) -> Option<usize> {
+    let n = frame.data_ref().map_or(0, Bytes::len);
+    left.checked_sub(n).filter(|l| *l > 0)
+}
+
+/// Reads `body` to its end, or until it passes [`LINGER`], `left` more bytes, or
+/// [`LINGER_IDLE`] without a frame.
+async fn drain(mut body: Incoming, mut left: usize) {
+    let read = async {
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(LINGER_IDLE, body.frame()).await {
+            match taken(left, &frame) {
+                Some(l) => left = l,
+                None => return,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, read).await;
+}
+
 pub(super) enum ReqBody {
     Empty,
     Buffered(Bytes),
     /// The handle copies for each try are made from; it is never read itself.
-    Replay(ReplayBody<Counted<Incoming>>),
-    Stream(Option<Counted<Incoming>>),
+    Replay(ReplayBody<Counted<Lingering>>),
+    Stream(Option<Counted<Lingering>>),
 }
 
 impl ReqBody {
     /// How the route needs the body kept: `None` is a request without one.
     pub async fn read(
-        body: Option<Counted<Incoming>>,
+        body: Option<Counted<Lingering>>,
         f: &Forward,
         headers: &HeaderMap,
         upgrade: bool,

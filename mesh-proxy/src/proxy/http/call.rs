@@ -6,7 +6,6 @@ use std::time::Instant;
 use http::{Request, Response};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
 use super::super::affinity::{self, Affinity};
 use super::super::error::ProxyError;
@@ -14,7 +13,7 @@ use super::super::observe::{Counted, Exchange};
 use super::super::upstream::{Body, UpstreamBody};
 use super::HttpCtx;
 use super::attempt::{Template, Tries, Try};
-use super::body::ReqBody;
+use super::body::{Lingering, ReqBody};
 use super::headers::{Levels, strip_hop_by_hop};
 use super::retry::Retries;
 use super::rewrite::Destination;
@@ -37,7 +36,7 @@ pub(super) async fn call(
     snapshot: &Snapshot,
     chosen: Chosen<'_>,
     host: String,
-    mut req: Request<Incoming>,
+    mut req: Request<Lingering>,
     ex: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let start = Instant::now();

@@ -31,14 +31,18 @@ use super::error::ProxyError;
 use super::observe::{self, Exchange};
 use super::upstream::Body;
 use crate::metrics::{Direction, Peer};
+pub(super) use body::Lingering;
 
 /// The header that tells the app who called; never taken from outside the mesh.
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 pub async fn handle(
     ctx: Arc<HttpCtx>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // Whatever answers the request, an HTTP/2 body left unread lingers.
+    let version = req.version();
+    let mut req = req.map(|b| Lingering::new(b, version));
     if ctx.peer.is_some()
         && let Some(tls) = &ctx.shared.tls
         && !tls.identity.has_valid_svid()

@@ -2,13 +2,13 @@
 //! route by its matches; then the route's action.
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use super::super::error::ProxyError;
 use super::super::guard;
 use super::super::observe::Exchange;
 use super::super::upstream::Body;
 use super::HttpCtx;
+use super::body::Lingering;
 use super::call::Chosen;
 use super::headers::{Levels, authority};
 use super::redirect::{direct, redirect};
@@ -18,7 +18,7 @@ use crate::state::route::{Action, RequestInfo};
 /// answered by its route.
 pub(super) async fn serve(
     ctx: &HttpCtx,
-    mut req: Request<Incoming>,
+    mut req: Request<Lingering>,
     ex: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
     let snapshot = ctx.shared.store.load().ok_or(ProxyError::NoConfig)?;
