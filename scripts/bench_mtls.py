@@ -1,24 +1,43 @@
 #!/usr/bin/env python3
-"""mTLS benchmark: traffic through two mesh-proxies (client sidecar -> server sidecar -> nginx),
-with mutual TLS between them against plaintext (both proxies --identity-off), in one run.
+"""The mesh's real path: client -> client sidecar -> server sidecar -> backend, with mutual TLS
+between the sidecars, for a pair of mesh-proxies and a pair of Envoys configured by the same
+controller, and for the mesh-proxy pair in plaintext (both --identity-off), in one run.
 
-Two scenarios:
-- reused: a declared HTTP port; the client proxy keeps one HTTP/2 connection to the server
-  proxy, so TLS costs only encryption. Max rps (64 keep-alive connections), and latency at a
-  fixed rate.
-- new connection per request: a declared TCP port and a load generator without keep-alive, so
-  every request is a new connection to the client proxy and a new (mesh TLS) connection to the
-  server proxy: max rps here is handshakes per second.
+Pairs:
+- mesh-proxy/mtls: two mesh-proxies that get their SVIDs from mesh-ca themselves;
+- envoy/mtls: two stock Envoys joined with `meshctl bootstrap envoy --sds-socket`, each with a
+  `mesh-proxy agent` serving it its SVID and trust bundle over SDS (as Istio's pilot-agent
+  does); a pair's CPU and RSS include its agents;
+- mesh-proxy/plaintext: the mesh-proxy pair without identity, to show what TLS costs.
 
-Both proxies run on core 1 with one worker each; oha, nginx, mesh-ca and the controller on
-core 0. Rounds interleave plaintext and mTLS; the table shows medians and ranges.
+Scenarios, each against a backend nginx on core 0:
+- http1: HTTP/1.1 from the load generator, kept-alive connections. At a fixed open-loop rate
+  (--rate, 16 connections, latency correction): p50/p99 and the pair's CPU per request; then
+  closed loop over 64 connections: max rps and CPU per request at saturation.
+- grpc: gRPC unary (POST application/grpc, a framed message, read in full by the backend and
+  answered with a framed message and the grpc-status trailer) over HTTP/2 prior knowledge, the
+  same two measurements (4 connections x 4 streams at the fixed rate, 8 x 8 at saturation).
+  Every round first checks with nghttp that the answer through the pair carries the reply and
+  `grpc-status: 0`; a request answered 200 that the backend did not count (a proxy's own gRPC
+  error, which Envoy answers as HTTP 200) counts as failed.
+- new-conn: HTTP/1.1 without keep-alive to the client sidecar, and a TrafficPolicy of
+  maxRequestsPerConnection 1 on the Service, so that every request is a new connection on both
+  hops and a mesh TLS handshake between the sidecars: max rps is handshakes per second.
 
-Usage: bench_mtls.py [--rounds N] [--seconds S] [--json FILE]
-Needs: oha, nginx, release builds of mesh-proxy, mesh-controller and mesh-ca.
+Added latency is the pair's percentile minus the direct path's (load generator -> backend) in
+the same round; max rps counts answered requests only, and "pair's core share" (the pair's CPU
+over the run, in cores) below 1 means something else limited the rate. Both sidecars of a pair run on core 1 with one worker each; oha, nginx, mesh-ca
+and the controller on core 0. Rounds interleave pairs; tables show medians and ranges.
+
+Usage: bench_mtls.py [--rounds N] [--seconds S] [--rate RPS] [--pairs a,b] [--scenarios a,b]
+                     [--json FILE]
+Needs: oha, nginx, nghttp, .venv/bin/envoy (or MESH_ENVOY), release builds of mesh-proxy,
+mesh-controller, mesh-ca and meshctl.
 """
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,28 +48,64 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_proxy as bp  # noqa: E402
 
-VIP = "10.96.9.9"
+PAIRS = ("mesh-proxy/plaintext", "mesh-proxy/mtls", "envoy/mtls")
+SCENARIOS = ("http1", "grpc", "new-conn")
+# A gRPC message: not compressed, 4 bytes, protobuf field 1 = "hi" (the request) or "ok".
+GRPC_REQUEST = b"\x00\x00\x00\x00\x04\x0a\x02hi"
+GRPC_REPLY = b"\x00\x00\x00\x00\x04\x0a\x02ok"
+GRPC_PATH = "/bench.Echo/Call"
 
 
-def ready(admin_port, timeout=20.0):
+def ready(url, timeout=30.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=0.5) as r:
+            with urllib.request.urlopen(url, timeout=0.5) as r:
                 if r.status == 200:
                     return
         except OSError:
             pass
         time.sleep(0.1)
-    raise RuntimeError(f"proxy with admin port {admin_port} not ready after {timeout}s")
+    raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
-def metric(admin_port, prefix):
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=2) as r:
+def scrape(url, match):
+    """Sum of the values of the lines of a metrics or stats page for which `match` holds."""
+    with urllib.request.urlopen(url, timeout=2) as r:
+        total = 0.0
         for line in r.read().decode().splitlines():
-            if line.startswith(prefix):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
+            name, _, value = line.rpartition(" ")
+            if name and match(name.rstrip(":")):
+                total += float(value)
+        return total
+
+
+def grpc_backend_conf(work, port, app_port):
+    """nginx as a gRPC unary server on `port` (HTTP/2 prior knowledge): it reads each request's
+    message in full, as a gRPC server does, then answers the framed reply with the trailer
+    `grpc-status: 0`. The reply comes from a second server on `app_port`, whose `/stub` counts
+    the requests that got that far. Returns the config's path."""
+    path = os.path.join(work, "grpc-backend.conf")
+    with open(path, "wb") as f:
+        f.write(f"""
+worker_processes 1; daemon off; pid {work}/grpc-backend.pid; error_log {work}/grpc-backend.err warn;
+events {{ worker_connections 4096; }}
+http {{ access_log off; keepalive_requests 1000000;
+  upstream app {{ server 127.0.0.1:{app_port}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port} http2;
+    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection "";
+      add_trailer grpc-status 0; }} }}
+  server {{ listen 127.0.0.1:{app_port};
+    location = /stub {{ stub_status; }}
+    location / {{ default_type application/grpc; return 200 \"""".encode() + GRPC_REPLY
+                + b"\"; } } }\n")
+    return path
+
+
+def grpc_served(app_port):
+    """Requests the gRPC backend has answered so far (less the one asking)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{app_port}/stub", timeout=2) as r:
+        return int(r.read().decode().splitlines()[2].split()[2]) - 1
 
 
 def main():
@@ -58,8 +113,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=6)
     ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--pairs", default=",".join(PAIRS))
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--json", default="")
+    ap.add_argument("--keep", action="store_true", help="keep the logs and configs (printed)")
     a = ap.parse_args()
+    pairs = [p for p in a.pairs.split(",") if p]
+    scenarios = [s for s in a.scenarios.split(",") if s]
+    for name, given, known in (("--pairs", pairs, PAIRS), ("--scenarios", scenarios, SCENARIOS)):
+        bad = [g for g in given if g not in known]
+        if bad:
+            ap.error(f"{name}: unknown {', '.join(bad)} (known: {', '.join(known)})")
 
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(bp.ROOT, "target"))
     rel = os.path.join(target, "release")
@@ -68,14 +132,18 @@ def main():
 
     def spawn(args, name, cpu, env=None):
         p = bp.Proc(args, os.path.join(work, name + ".log"), cpu=cpu,
-                    env={"MESH_LOG": "warn", **(env or {})})
+                    env={"MESH_LOG": os.environ.get("MESH_BENCH_LOG", "warn"), **(env or {})})
         procs.append(p)
         return p
 
     try:
-        backend = bp.free_port()
+        backend, grpc_backend, grpc_app = bp.free_port(), bp.free_port(), bp.free_port()
         spawn(["nginx", "-c", bp.backend_conf(work, backend), "-p", work], "backend", 0)
+        spawn(["nginx", "-c", grpc_backend_conf(work, grpc_backend, grpc_app), "-p", work],
+              "grpc-backend", 0)
         bp.wait_port(backend)
+        bp.wait_port(grpc_backend)
+        app_port = {"http1": backend, "grpc": grpc_backend, "new-conn": backend}
 
         ca_dir = os.path.join(work, "ca")
         ca_port, ca_admin = bp.free_port(), bp.free_port()
@@ -94,154 +162,396 @@ def main():
             return path
 
         tokens = {"client": token("client"), "server": token("server")}
+        identity = ["--ca-addr", f"127.0.0.1:{ca_port}", "--ca-root",
+                    os.path.join(ca_dir, "ca.crt")]
         # Below the ephemeral range, so that the load generator's own connections (thousands
         # without keep-alive) never hold it when a server proxy starts.
         inbound = 20000 + os.getpid() % 10000
-        cfg = os.path.join(work, "config")
-        os.mkdir(cfg)
-        with open(os.path.join(cfg, "bench.yaml"), "w") as f:
-            f.write(f"""apiVersion: v1
+        # The server pods: mesh-proxy's on 127.0.0.1 behind one inbound port, Envoy's on
+        # 127.0.0.2 with its inbound listener on the app's port there (the app on 127.0.0.1).
+        server_pod = {"mesh-proxy": ("server-0", "127.0.0.1"),
+                      "envoy": ("server-envoy-0", "127.0.0.2")}
+
+        def manifests(kind, ip_octet):
+            pod, addr = server_pod[kind]
+            ep = {"mesh-proxy": (inbound, inbound), "envoy": (backend, grpc_backend)}[kind]
+            return f"""---
+apiVersion: v1
 kind: Service
-metadata: {{name: bench, namespace: default}}
+metadata: {{name: bench-{kind}, namespace: default}}
 spec:
-  clusterIP: {VIP}
-  selector: {{app: bench}}
+  clusterIP: 10.96.9.{ip_octet}
+  selector: {{app: bench-{kind}}}
   ports:
   - {{name: http, port: 80, targetPort: {backend}, protocol: TCP}}
-  - {{name: tcp, port: 81, targetPort: {backend}, protocol: TCP}}
+  - {{name: grpc, port: 82, targetPort: {grpc_backend}, protocol: TCP, appProtocol: grpc}}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {{name: server-0, namespace: default, labels: {{app: bench, mesh.dev/proxy: 'true'}}}}
-spec: {{serviceAccountName: server, containers: [{{name: app}}]}}
-status: {{podIP: 127.0.0.1}}
+metadata: {{name: {pod}, namespace: default, labels: {{app: bench-{kind}, mesh.dev/proxy: 'true'}}}}
+spec: {{serviceAccountName: server, containers: [{{name: app, ports: [{{containerPort: {backend}}}, {{containerPort: {grpc_backend}}}]}}]}}
+status: {{podIP: {addr}}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
-metadata: {{name: bench-1, namespace: default, labels: {{kubernetes.io/service-name: bench}}}}
+metadata: {{name: bench-{kind}-1, namespace: default, labels: {{kubernetes.io/service-name: bench-{kind}}}}}
 addressType: IPv4
-ports: [{{name: http, port: {inbound}, protocol: TCP}}, {{name: tcp, port: {inbound}, protocol: TCP}}]
-endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: server-0, namespace: default}}}}]
-""")
+ports: [{{name: http, port: {ep[0]}, protocol: TCP}}, {{name: grpc, port: {ep[1]}, protocol: TCP, appProtocol: grpc}}]
+endpoints: [{{addresses: ['{addr}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {pod}, namespace: default}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: conn-{kind}, namespace: default}}
+spec:
+  clusterIP: 10.96.9.{ip_octet + 1}
+  selector: {{app: bench-{kind}}}
+  ports: [{{name: http, port: 80, targetPort: {backend}, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: conn-{kind}-1, namespace: default, labels: {{kubernetes.io/service-name: conn-{kind}}}}}
+addressType: IPv4
+ports: [{{name: http, port: {ep[0]}, protocol: TCP}}]
+endpoints: [{{addresses: ['{addr}'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: {pod}, namespace: default}}}}]
+---
+apiVersion: mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: conn-{kind}, namespace: default}}
+spec:
+  targetRefs: [{{group: '', kind: Service, name: conn-{kind}}}]
+  connectionLimits: {{maxRequestsPerConnection: 1}}
+"""
+
+        cfg = os.path.join(work, "config")
+        os.mkdir(cfg)
+        with open(os.path.join(cfg, "bench.yaml"), "w") as f:
+            f.write(manifests("mesh-proxy", 10) + manifests("envoy", 20))
         xds = bp.free_port()
         spawn([os.path.join(rel, "mesh-controller"), "--config-dir", cfg,
                "--xds-addr", f"127.0.0.1:{xds}", "--admin-addr", f"127.0.0.1:{bp.free_port()}"],
               "controller", 0)
         bp.wait_port(xds)
 
-        def proxies(mtls, port):
-            """Server then client sidecar; returns them and the client's outbound port."""
-            common = [os.path.join(rel, "mesh-proxy"), "--xds", f"127.0.0.1:{xds}",
-                      "--workers", "1", "--transparent", "true"]
+        def retried(start):
+            """Starts a sidecar; a port picked free may be taken by the time it binds (the load
+            generator opens thousands of connections), so try again with others."""
+            for attempt in range(5):
+                try:
+                    return start()
+                except RuntimeError:
+                    if attempt == 4:
+                        raise
 
-            def identity(sa):
+        class Pair:
+            """A client and a server sidecar (and their agents); `outbound` is the client's
+            explicit HTTP listener, which routes by Host."""
+
+            def __init__(self):
+                self.procs, self.outbound, self.handshakes = [], None, None
+
+            def pids(self):
+                return [pid for p in self.procs for pid in p.pids()]
+
+            def stop(self):
+                for p in reversed(self.procs):
+                    p.stop()
+
+            def join(self, p, admin, timeout=30.0, check=lambda: None):
+                """Takes sidecar `p` once its admin port says ready and `check` passes; stops
+                it and raises otherwise. Returns the admin port."""
+                try:
+                    ready(f"http://127.0.0.1:{admin}/ready", timeout)
+                    check()
+                except RuntimeError:
+                    p.stop()
+                    raise
+                self.procs.append(p)
+                return admin
+
+        def mesh_pair(mtls, scenario):
+            pair = Pair()
+            common = [os.path.join(rel, "mesh-proxy"), "--xds", f"127.0.0.1:{xds}",
+                      "--workers", "1"]
+
+            def ident(sa):
                 if not mtls:
                     return ["--identity-off"]
-                return ["--ca-addr", f"127.0.0.1:{ca_port}",
-                        "--ca-root", os.path.join(ca_dir, "ca.crt"),
-                        "--ca-token-file", tokens[sa], "--service-account", sa]
+                return identity + ["--ca-token-file", tokens[sa], "--service-account", sa]
 
             def start(name, args):
-                # A port picked free may be taken by the time the proxy binds it (the load
-                # generator opens thousands of connections): try again with others.
-                for attempt in range(5):
+                def attempt():
                     admin = bp.free_port()
                     p = spawn(common + args() + ["--admin-addr", f"127.0.0.1:{admin}",
                                                  "--metrics-addr", f"127.0.0.1:{bp.free_port()}"],
                               name, 1)
-                    try:
-                        ready(admin)
-                        return p, admin
-                    except RuntimeError:
-                        p.stop()
-                        if attempt == 4:
-                            raise
+                    return pair.join(p, admin)
+                return retried(attempt)
 
-            server, s_admin = start("server-proxy", lambda: identity("server") + [
-                "--node", "default/server-0",
+            s_admin = start("server-proxy", lambda: ident("server") + [
+                "--node", "default/server-0", "--transparent", "true",
                 "--inbound-addr", f"127.0.0.1:{inbound}",
-                "--inbound-orig-dst", f"127.0.0.1:{backend}",
+                "--inbound-orig-dst", f"127.0.0.1:{app_port[scenario]}",
                 "--outbound-addr", f"127.0.0.1:{bp.free_port()}"])
-            picked = {}
 
             def client_args():
-                picked["outbound"] = bp.free_port()
-                return identity("client") + [
+                pair.outbound = bp.free_port()
+                return ident("client") + [
                     "--node", "default/client-0",
-                    "--outbound-addr", f"127.0.0.1:{picked['outbound']}",
-                    "--outbound-orig-dst", f"{VIP}:{port}",
-                    "--inbound-addr", f"127.0.0.1:{bp.free_port()}"]
+                    "--outbound-http-addr", f"127.0.0.1:{pair.outbound}"]
 
-            client, _ = start("client-proxy", client_args)
-            return server, client, picked["outbound"], s_admin
+            start("client-proxy", client_args)
+            pair.handshakes = lambda: scrape(
+                f"http://127.0.0.1:{s_admin}/metrics",
+                lambda n: n == 'mesh_proxy_tls_handshakes_total{direction="inbound"}')
+            return pair
+
+        def envoy_pair(scenario):
+            pair = Pair()
+            base = os.getpid() % 1000 * 10
+
+            def agent(pod, sa):
+                socket = os.path.join(work, f"{pod}.sock")
+                if os.path.exists(socket):
+                    os.remove(socket)
+                p = spawn([os.path.join(rel, "mesh-proxy"), "agent", "--node", f"default/{pod}",
+                           "--service-account", sa, "--ca-token-file", tokens[sa],
+                           "--sds-socket", socket] + identity, f"{pod}-agent", 1)
+                pair.procs.append(p)
+                deadline = time.time() + 20
+                while not os.path.exists(socket):
+                    if time.time() > deadline:
+                        raise RuntimeError(f"agent of {pod}: no socket {socket} after 20 s")
+                    time.sleep(0.05)
+                return socket
+
+            def envoy(pod, socket, args, check, base_id):
+                def attempt():
+                    admin = bp.free_port()
+                    boot = subprocess.run(
+                        [os.path.join(rel, "meshctl"), "bootstrap", "envoy",
+                         "--node", f"default/{pod}", "--xds", f"127.0.0.1:{xds}",
+                         "--admin", f"127.0.0.1:{admin}", "--sds-socket", socket] + args(),
+                        capture_output=True, text=True, check=True).stdout
+                    path = os.path.join(work, f"{pod}.yaml")
+                    with open(path, "w") as f:
+                        f.write(boot)
+                    p = spawn([bp.ENVOY, "-c", path, "--concurrency", "1", "-l", "warn",
+                               "--base-id", str(base_id)], pod, 1)
+                    return pair.join(p, admin, 60, check)
+                return retried(attempt)
+
+            pod, addr = server_pod["envoy"]
+            port = app_port[scenario]
+            s_admin = envoy(pod, agent(pod, "server"), lambda: [
+                "--outbound-http", f"127.0.0.1:{bp.free_port()}", "--transparent",
+                "--inbound-addr", addr, "--inbound-port", str(port),
+                "--outbound-port", str(bp.free_port())],
+                lambda: bp.wait_port(port, host=addr), base)
+
+            def client_args():
+                pair.outbound = bp.free_port()
+                return ["--outbound-http", f"127.0.0.1:{pair.outbound}"]
+
+            envoy("client-envoy-0", agent("client-envoy-0", "client"), client_args,
+                  lambda: bp.wait_port(pair.outbound), base + 1)
+            pair.handshakes = lambda: scrape(
+                f"http://127.0.0.1:{s_admin}/stats",
+                lambda n: n.startswith("listener.") and n.endswith(".ssl.handshake"))
+            return pair
+
+        def start_pair(name, scenario):
+            kind, mode = name.split("/")
+            if kind == "envoy":
+                return envoy_pair(scenario)
+            return mesh_pair(mode == "mtls", scenario)
+
+        def load(scenario, host, connect_to, rate=None, seconds=None, warm=False):
+            """oha through `connect_to`: at `rate` with latency correction, or closed loop."""
+            args = ["-z", f"{seconds}s"]
+            if scenario == "grpc":
+                url = f"http://{host}:82{GRPC_PATH}"
+                body = os.path.join(work, "grpc-request.bin")
+                with open(body, "wb") as f:
+                    f.write(GRPC_REQUEST)
+                args += ["--http2", "-m", "POST", "-H", "content-type: application/grpc",
+                         "-H", "te: trailers", "-D", body]
+                args += ["-c", "4", "-p", "4"] if rate or warm else ["-c", "8", "-p", "8"]
+                connect_to = connect_to.replace(f"{host}:80:", f"{host}:82:")
+            else:
+                url = f"http://{host}/"
+                if scenario == "new-conn":
+                    args += ["--disable-keepalive", "-c", "16"]
+                else:
+                    args += ["-c", "16" if rate or warm else "64"]
+            if rate:
+                args += ["-q", str(rate), "--latency-correction"]
+            return bp.oha(args, url, connect_to)
+
+        def grpc_check(host, connect_port):
+            """One gRPC call through the pair, answered with the reply and grpc-status 0."""
+            out = subprocess.run(
+                ["nghttp", "-v", "-d", os.path.join(work, "grpc-request.bin"),
+                 "-H", "content-type: application/grpc", "-H", "te: trailers",
+                 "-H", f":authority: {host}:82",
+                 f"http://127.0.0.1:{connect_port}{GRPC_PATH}"],
+                capture_output=True, timeout=10)
+            text = out.stdout.decode(errors="replace")
+            if "grpc-status: 0" not in text or "recv DATA frame <length=9," not in text \
+                    or GRPC_REPLY[5:].decode() not in text:
+                raise RuntimeError(f"gRPC through port {connect_port}: no reply with "
+                                   f"grpc-status 0:\n{text[-2000:]}")
+
+        def check_ok(what, r):
+            codes = r.get("statusCodeDistribution", {})
+            if set(codes) != {"200"}:
+                raise RuntimeError(f"{what}: answered {codes} {r.get('errorDistribution')}")
+
+        def served(scenario):
+            return grpc_served(grpc_app) if scenario == "grpc" else None
+
+        def unserved(scenario, before, ok):
+            """Answered 200 without reaching the app: a proxy's own gRPC error (Envoy answers
+            those as HTTP 200 with a grpc-status)."""
+            if before is None:
+                return 0
+            return max(0, ok - (served(scenario) - before))
 
         results = {}
         for rnd in range(a.rounds):
-            for scenario, port, keepalive in (("reused", 80, True), ("new-conn", 81, False)):
-                for mode in ("plaintext", "mtls"):
-                    server, client, outbound, s_admin = proxies(mode == "mtls", port)
-                    url, to = "http://bench.default/", f"bench.default:80:127.0.0.1:{outbound}"
-                    extra = [] if keepalive else ["--disable-keepalive"]
-                    warm = bp.oha(["-z", "2s", "-c", "16"] + extra, url, to)
-                    codes = warm.get("statusCodeDistribution", {})
-                    if set(codes) != {"200"}:
-                        raise RuntimeError(f"{scenario} {mode}: warm-up answered {codes} "
-                                           f"{warm.get('errorDistribution')}")
-                    row = {}
-                    if keepalive:
-                        r = bp.oha(["-z", "5s", "-q", str(a.rate), "-c", "16",
-                                    "--latency-correction"], url, to)
+            for scenario in scenarios:
+                if scenario != "new-conn":
+                    d = load(scenario, "bench.default",
+                             f"bench.default:80:127.0.0.1:{app_port[scenario]}", a.rate,
+                             a.seconds)
+                    check_ok(f"{scenario} direct", d)
+                    direct = {"p50_ms": d["latencyPercentiles"]["p50"] * 1000,
+                              "p99_ms": d["latencyPercentiles"]["p99"] * 1000}
+                    results.setdefault(f"{scenario}/direct", []).append(direct)
+                # Each round starts with another pair, so that none always follows the same one.
+                for name in pairs[rnd % len(pairs):] + pairs[:rnd % len(pairs)]:
+                    kind = name.split("/")[0]
+                    service = ("conn-" if scenario == "new-conn" else "bench-") + kind
+                    host = f"{service}.default"
+                    pair = start_pair(name, scenario)
+                    time.sleep(1.0)
+                    pids = pair.pids()
+                    row = {"idle_rss_mib": bp.rss_kib(pids, "VmRSS") / 1024}
+                    to = f"{host}:80:127.0.0.1:{pair.outbound}"
+                    # Warm-up, until the pair has its config and certificates.
+                    deadline = time.time() + 30
+                    while True:
+                        warm = load(scenario, host, to, seconds=2, warm=True)
+                        if set(warm.get("statusCodeDistribution", {})) == {"200"}:
+                            break
+                        if time.time() > deadline:
+                            check_ok(f"{scenario} {name} warm-up", warm)
+                    if scenario == "grpc":
+                        grpc_check(host, pair.outbound)
+                    if scenario != "new-conn":
+                        s0 = served(scenario)
+                        c0 = bp.cpu_ticks(pids)
+                        r = load(scenario, host, to, a.rate, a.seconds)
+                        c1 = bp.cpu_ticks(pids)
+                        check_ok(f"{scenario} {name} at {a.rate} rps", r)
+                        ok = r["statusCodeDistribution"]["200"]
+                        lost = unserved(scenario, s0, ok)
+                        if lost:
+                            raise RuntimeError(f"{scenario} {name} at {a.rate} rps: {lost} "
+                                               f"answered 200 without reaching the app")
                         row["p50_ms"] = r["latencyPercentiles"]["p50"] * 1000
                         row["p99_ms"] = r["latencyPercentiles"]["p99"] * 1000
-                    h0 = metric(s_admin, 'mesh_proxy_tls_handshakes_total{direction="inbound"}')
-                    pids = server.pids() + client.pids()
+                        row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
+                        row["added_p99_ms"] = row["p99_ms"] - direct["p99_ms"]
+                        row["cpu_us_per_req"] = (sum(c1) - sum(c0)) / bp.CLK_TCK / ok * 1e6
+                    h0 = pair.handshakes()
+                    s0 = served(scenario)
                     c0 = bp.cpu_ticks(pids)
-                    m = bp.oha(["-z", f"{a.seconds}s", "-c", "64" if keepalive else "16"] + extra,
-                               url, to)
+                    m = load(scenario, host, to, seconds=a.seconds)
                     c1 = bp.cpu_ticks(pids)
-                    h1 = metric(s_admin, 'mesh_proxy_tls_handshakes_total{direction="inbound"}')
+                    h1 = pair.handshakes()
                     ok = m.get("statusCodeDistribution", {}).get("200", 0)
-                    row["max_rps"] = m["summary"]["requestsPerSec"]
+                    lost = unserved(scenario, s0, ok)
+                    ok -= lost
+                    # Answered requests only; oha's own rate counts failures too.
+                    row["max_rps"] = ok / m["summary"]["total"]
                     row["ok"] = ok
-                    row["errors"] = sum(v for k, v in m.get("errorDistribution", {}).items()
-                                        if "deadline" not in k)
+                    # Below 1, the pair was not what limited the rate (the load generator
+                    # and the backends share the other core).
+                    row["pair_cpu_share"] = (sum(c1) - sum(c0)) / bp.CLK_TCK / a.seconds
+                    failures = {k: v for k, v in m.get("errorDistribution", {}).items()
+                                if "deadline" not in k}
+                    failures.update({f"status {k}": v for k, v in
+                                     m.get("statusCodeDistribution", {}).items() if k != "200"})
+                    if lost:
+                        failures["200 without reaching the app"] = lost
+                    row["failed"] = sum(failures.values())
+                    if failures:
+                        row["failures"] = failures
                     row["handshakes_per_s"] = (h1 - h0) / a.seconds
-                    row["cpu_us_per_req"] = (sum(c1) - sum(c0)) / bp.CLK_TCK / max(ok, 1) * 1e6
-                    key = f"{scenario}/{mode}"
+                    row["sat_cpu_us_per_req"] = (sum(c1) - sum(c0)) / bp.CLK_TCK / max(ok, 1) * 1e6
+                    row["peak_rss_mib"] = bp.rss_kib(pids, "VmHWM") / 1024
+                    key = f"{scenario}/{name}"
                     results.setdefault(key, []).append(row)
                     print(f"round {rnd + 1} {key}: " + json.dumps(
                         {k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
                         flush=True)
-                    client.stop()
-                    server.stop()
+                    pair.stop()
                     time.sleep(0.5)
 
         def med(key, field):
-            vals = [r[field] for r in results[key] if r.get(field) is not None]
+            vals = [r[field] for r in results.get(key, []) if r.get(field) is not None]
+            if not vals:
+                return None
             return statistics.median(vals), min(vals), max(vals)
 
+        fields = (("cpu_us_per_req", "CPU µs/req at rate", 1),
+                  ("sat_cpu_us_per_req", "CPU µs/req saturated", 1),
+                  ("added_p50_ms", "added p50 ms", 3), ("added_p99_ms", "added p99 ms", 3),
+                  ("max_rps", "max rps", 0), ("handshakes_per_s", "handshakes/s", 0),
+                  ("pair_cpu_share", "pair's core share saturated", 2),
+                  ("idle_rss_mib", "RSS idle MiB", 1), ("peak_rss_mib", "RSS peak MiB", 1),
+                  ("failed", "failed", 0))
         print()
-        print("| path | max rps | handshakes/s | CPU µs/req (both proxies) | p50 ms | p99 ms |")
-        print("|---|---|---|---|---|---|")
+        print(f"{a.rounds} rounds; at rate: {a.rate} rps open loop for {a.seconds} s; saturated: "
+              f"closed loop for {a.seconds} s. CPU and RSS are the pair's (both sidecars, and "
+              f"Envoy's agents).")
+        print()
+        print("| scenario/pair | " + " | ".join(f[1] for f in fields) + " |")
+        print("|---|" + "---|" * len(fields))
         for key in results:
+            if key.endswith("/direct"):
+                continue
             cells = []
-            for field, digits in (("max_rps", 0), ("handshakes_per_s", 0), ("cpu_us_per_req", 1),
-                                  ("p50_ms", 3), ("p99_ms", 3)):
-                if any(field in r for r in results[key]):
-                    m, lo, hi = med(key, field)
-                    cells.append(f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})")
-                else:
-                    cells.append("-")
+            for field, _, digits in fields:
+                t = med(key, field)
+                cells.append("-" if t is None else
+                             f"{t[0]:.{digits}f} ({t[1]:.{digits}f}-{t[2]:.{digits}f})")
             print(f"| {key} | " + " | ".join(cells) + " |")
-        for scenario in ("reused", "new-conn"):
-            ratio = med(f"{scenario}/mtls", "max_rps")[0] / med(f"{scenario}/plaintext", "max_rps")[0]
-            print(f"{scenario}: mTLS max rps is {ratio:.2f}x plaintext ({(1 - ratio) * 100:.1f} % lower)")
+        print()
+        for scenario in scenarios:
+            mesh, env = f"{scenario}/mesh-proxy/mtls", f"{scenario}/envoy/mtls"
+            if mesh in results and env in results:
+                parts = []
+                for field, label, _ in fields[:5]:
+                    m, e = med(mesh, field), med(env, field)
+                    # A ratio of differences that are not both positive says nothing.
+                    if m and e and m[0] > 0 and e[0] > 0:
+                        parts.append(f"{label} {m[0] / e[0]:.2f}x")
+                print(f"{scenario}: mesh-proxy pair / Envoy pair: " + ", ".join(parts))
+            plain = f"{scenario}/mesh-proxy/plaintext"
+            if mesh in results and plain in results:
+                ratio = med(mesh, "max_rps")[0] / med(plain, "max_rps")[0]
+                print(f"{scenario}: mesh-proxy mTLS max rps is {ratio:.2f}x plaintext")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=1)
     finally:
         for p in reversed(procs):
             p.stop()
+        if a.keep:
+            print(f"logs and configs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

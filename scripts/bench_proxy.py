@@ -39,15 +39,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, timeout=20.0):
+def wait_port(port, timeout=20.0, host="127.0.0.1"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+    raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
 def tree_pids(root):
@@ -361,7 +361,10 @@ backend be
                                         "--percent-limit", "0.5", "--stdio", "-g", "none"],
                                        stdout=out, stderr=subprocess.DEVNULL)
                 ok = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k == "200")
+                s0 = cpu_ticks(pids)
                 m = oha(["-z", f"{a.max_seconds}s", "-c", "64"], peer.url, peer.connect_to)
+                s1 = cpu_ticks(pids)
+                sat_ok = m.get("statusCodeDistribution", {}).get("200", 0)
                 pct = r["latencyPercentiles"]
                 row = {
                     "p50_ms": pct["p50"] * 1000,
@@ -374,6 +377,7 @@ backend be
                     "cpu_us_per_req": (sum(c1) - sum(c0)) / CLK_TCK / max(ok, 1) * 1e6 if pids else None,
                     "user_us_per_req": (c1[0] - c0[0]) / CLK_TCK / max(ok, 1) * 1e6 if pids else None,
                     "max_rps": m["summary"]["requestsPerSec"],
+                    "sat_cpu_us_per_req": (sum(s1) - sum(s0)) / CLK_TCK / max(sat_ok, 1) * 1e6 if pids else None,
                     "idle_rss_mib": idle / 1024 if pids else None,
                     "peak_rss_mib": rss_kib(pids, "VmHWM") / 1024 if pids else None,
                 }
@@ -405,8 +409,9 @@ backend be
               f"connections; max rps closed loop, 64 connections, {a.max_seconds} s")
         print()
         print("| peer | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | "
-              "CPU µs/request | of which user | max rps (1 core) | RSS idle MiB | RSS peak MiB |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+              "CPU µs/request | of which user | max rps (1 core) | CPU µs/request at max | "
+              "RSS idle MiB | RSS peak MiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for p in peers:
             n = p.name
             add50 = fmt(added(n, "p50_ms"), 3) if n != "direct" else "-"
@@ -414,15 +419,16 @@ backend be
             print(f"| {n} | {fmt(med(n, 'p50_ms'), 3)} | {fmt(med(n, 'p99_ms'), 3)} | "
                   f"{fmt(med(n, 'p999_ms'), 3)} | {add50} | {add99} | "
                   f"{fmt(med(n, 'cpu_us_per_req'), 1)} | {fmt(med(n, 'user_us_per_req'), 1)} | "
-                  f"{fmt(med(n, 'max_rps'), 0)} | "
+                  f"{fmt(med(n, 'max_rps'), 0)} | {fmt(med(n, 'sat_cpu_us_per_req'), 1)} | "
                   f"{fmt(med(n, 'idle_rss_mib'), 1)} | {fmt(med(n, 'peak_rss_mib'), 1)} |")
         if "nginx" in results and "mesh-proxy" in results:
             print()
             cpu = med("mesh-proxy", "cpu_us_per_req")[0] / med("nginx", "cpu_us_per_req")[0]
             p99 = added("mesh-proxy", "p99_ms")[0] / added("nginx", "p99_ms")[0]
             rps = med("mesh-proxy", "max_rps")[0] / med("nginx", "max_rps")[0]
-            print(f"mesh-proxy / nginx: CPU per request {cpu:.2f}x, added p99 {p99:.2f}x, "
-                  f"max rps {rps:.2f}x")
+            sat = med("mesh-proxy", "sat_cpu_us_per_req")[0] / med("nginx", "sat_cpu_us_per_req")[0]
+            print(f"mesh-proxy / nginx: CPU per request {cpu:.2f}x (at max rps {sat:.2f}x), "
+                  f"added p99 {p99:.2f}x, max rps {rps:.2f}x")
         if "mesh-proxy-telemetry-off" in results and "mesh-proxy-traced" in results:
             off = med("mesh-proxy-telemetry-off", "cpu_us_per_req")[0]
             on = med("mesh-proxy", "cpu_us_per_req")[0] if "mesh-proxy" in results else None
