@@ -31,7 +31,8 @@ const LINGER_IDLE: Duration = Duration::from_millis(100);
 /// The downstream request body. Over HTTP/2, one dropped before its end (the upstream or the
 /// proxy answered early) is read on to the client's end of the stream, for at most
 /// [`LINGER`] and [`LINGER_BYTES`] and while frames keep coming within [`LINGER_IDLE`],
-/// instead of being reset at once. h2 remembers only so many reset streams; the client's
+/// instead of being reset at once (one that declares more than [`LINGER_BYTES`] still to come
+/// is reset at once). h2 remembers only so many reset streams; the client's
 /// frames already in flight for one it forgot count as the client's protocol errors, and
 /// after 1,024 of them h2 closes the whole connection with `ENHANCE_YOUR_CALM`, failing every
 /// request on it. Between two sidecars that connection carries all of a client's traffic to
@@ -110,10 +111,10 @@ impl Drop for Lingering {
     }
 }
 
-/// What is left of the lingering allowance after `frame`, or `None` once it is spent.
+/// What is left of the lingering allowance after `frame`, or `None` when the frame goes past
+/// it.
 fn taken(left: usize, frame: &http_body::Frame<Bytes>) -> Option<usize> {
-    let n = frame.data_ref().map_or(0, Bytes::len);
-    left.checked_sub(n).filter(|l| *l > 0)
+    left.checked_sub(frame.data_ref().map_or(0, Bytes::len))
 }
 
 /// Reads `body` to its end, or until it passes [`LINGER`], `left` more bytes, or
@@ -212,4 +213,18 @@ impl ReqBody {
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lingering_allowance_takes_a_body_of_exactly_its_size_and_then_its_trailers() {
+        let data = http_body::Frame::data(Bytes::from(vec![0; 10]));
+        assert_eq!(taken(10, &data), Some(0));
+        assert_eq!(taken(9, &data), None);
+        let trailers = http_body::Frame::<Bytes>::trailers(HeaderMap::new());
+        assert_eq!(taken(0, &trailers), Some(0));
+    }
 }
