@@ -596,6 +596,29 @@ async fn agent(
     Ok((agent, socket))
 }
 
+/// A stock Envoy started with `args`, as the sidecar of its node's pod running as service
+/// account `sa`: its SVID over SDS from an agent of its own, its files (bootstrap, log, socket)
+/// in a directory of its own under `dir`. Returns the agent and the Envoy.
+async fn envoy_sidecar(
+    bin: &std::path::Path,
+    ca: &TestCa,
+    dir: &std::path::Path,
+    sa: &str,
+    args: meshctl::cmd::bootstrap::EnvoyArgs,
+) -> anyhow::Result<(mesh_e2e::Peer, mesh_e2e::Peer)> {
+    let pod = args.node.rsplit('/').next().unwrap_or_default().to_string();
+    let own = dir.join(&pod);
+    std::fs::create_dir_all(&own)?;
+    let (agent, socket) = agent(ca, &own, &pod, sa).await?;
+    let args = meshctl::cmd::bootstrap::EnvoyArgs {
+        sds_socket: Some(socket),
+        ..args
+    };
+    let bootstrap = meshctl::cmd::bootstrap::envoy(&args)?;
+    let envoy = start_envoy(bin, &bootstrap, &own, args.admin).await?;
+    Ok((agent, envoy))
+}
+
 /// SVID updates an Envoy took over SDS (its `sds.default.update_success`).
 async fn envoy_renewals(admin: std::net::SocketAddr) -> u64 {
     let (_, stats) = http_get(admin, "/stats?filter=^sds%5C.default%5C.update_success")
@@ -614,7 +637,7 @@ async fn envoy_renewals(admin: std::net::SocketAddr) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_and_mesh_proxy_rotate_five_second_certificates_in_every_direction()
 -> anyhow::Result<()> {
-    use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
+    use meshctl::cmd::bootstrap::EnvoyArgs;
     let Some(envoy_bin) = mesh_e2e::peer("MESH_ENVOY", "envoy") else {
         return Ok(());
     };
@@ -651,37 +674,35 @@ endpoints: [{{addresses: ['127.0.0.2'], conditions: {{ready: true}}, targetRef: 
         ),
     )?;
     let xds = mesh.controller.xds_addr.to_string();
-    let (_server_agent, server_socket) = agent(&ca, dir.path(), "echo-envoy-0", "echo").await?;
     let server_admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let server = start_envoy(
+    let (_server_agent, server) = envoy_sidecar(
         &envoy_bin,
-        &envoy(&EnvoyArgs {
+        &ca,
+        dir.path(),
+        "echo",
+        EnvoyArgs {
             admin: server_admin,
             outbound_http: format!("127.0.0.1:{}", free_port()).parse()?,
             transparent: true,
             inbound_addr: Some("127.0.0.2".parse()?),
             inbound_port: Some(p),
             outbound_port: Some(free_port()),
-            sds_socket: Some(server_socket),
             ..EnvoyArgs::new("default/echo-envoy-0", &xds)
-        })?,
-        dir.path(),
-        server_admin,
+        },
     )
     .await?;
-    let (_client_agent, client_socket) = agent(&ca, dir.path(), "envoy-client-0", "client").await?;
     let client_admin: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
     let envoy_out: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let client = start_envoy(
+    let (_client_agent, client) = envoy_sidecar(
         &envoy_bin,
-        &envoy(&EnvoyArgs {
+        &ca,
+        dir.path(),
+        "client",
+        EnvoyArgs {
             admin: client_admin,
             outbound_http: envoy_out,
-            sds_socket: Some(client_socket),
             ..EnvoyArgs::new("default/envoy-client-0", &xds)
-        })?,
-        dir.path(),
-        client_admin,
+        },
     )
     .await?;
     // A mesh-proxy client with the explicit listener the load speaks to.

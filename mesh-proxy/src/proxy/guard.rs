@@ -6,7 +6,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use super::http::Lingering;
 use http::{Request, Uri};
 use prometheus_client::metrics::counter::Counter;
 use tracing::{debug, info};
@@ -130,10 +129,10 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 
 /// Checks an inbound request: an error is the refusal to send instead of forwarding it. The
 /// request's path is replaced by its normalized form, which the app then receives.
-pub fn check(
+pub fn check<B>(
     ctx: &HttpCtx,
     snapshot: &Snapshot,
-    req: &mut Request<Lingering>,
+    req: &mut Request<B>,
 ) -> Result<(), ProxyError> {
     if ctx.kind.direction() != Direction::inbound {
         return Ok(());
@@ -155,7 +154,7 @@ pub fn check(
 
 /// Replaces the request's path by its normalized form: the app receives it, and policies see
 /// it from here on.
-fn normalize(req: &mut Request<Lingering>) -> Result<(), ProxyError> {
+fn normalize<B>(req: &mut Request<B>) -> Result<(), ProxyError> {
     let path = match mesh_api::path::normalize(req.uri().path()) {
         Ok(Cow::Owned(p)) if p != req.uri().path() => p,
         Ok(_) => return Ok(()),
@@ -170,11 +169,11 @@ fn normalize(req: &mut Request<Lingering>) -> Result<(), ProxyError> {
     Ok(())
 }
 
-fn authorize_request(
+fn authorize_request<B>(
     ctx: &HttpCtx,
     rbac: &[policy::Rbac],
     identity: Option<&str>,
-    req: &Request<Lingering>,
+    req: &Request<B>,
 ) -> Result<(), ProxyError> {
     let path = req.uri().path();
     let facts = Facts {
