@@ -562,19 +562,29 @@ async fn send_h1(
         }
     };
     drop(in_line);
-    let stream =
-        connect_endpoint(ep, target.tls.as_ref(), Alpn::Http1, target.connect_timeout).await?;
-    let (mut tx, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(SendError::Reset)?;
-    drive(ep.addr, permit, conn.with_upgrades());
+    // Boxed: opening a connection is the rare case, and its future (a TLS handshake's) would
+    // otherwise make every request's future that much bigger, and slower to move.
+    let mut tx = Box::pin(open_h1(ep, &target, permit)).await?;
     let resp = tx.send_request(req).await.map_err(SendError::Reset)?;
     Ok(pooled(ep, (tx, 1, target.breaker.clone()), resp))
 }
 
-/// Returns a connection to the pool once it can take the next request (at once, usually, as
-/// its response has ended).
+/// A new HTTP/1.1 connection to `ep`, run by a task of its own that holds `permit`.
+async fn open_h1(
+    ep: &Endpoint,
+    target: &Target,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<http1::SendRequest<Body>, SendError> {
+    let stream =
+        connect_endpoint(ep, target.tls.as_ref(), Alpn::Http1, target.connect_timeout).await?;
+    let (tx, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(SendError::Reset)?;
+    drive(ep.addr, permit, conn.with_upgrades());
+    Ok(tx)
+}
+
 /// Runs a connection to its end; it holds its breaker permit, if any, while it lives.
 fn drive<F>(addr: SocketAddr, permit: Option<tokio::sync::OwnedSemaphorePermit>, conn: F)
 where
@@ -659,19 +669,8 @@ async fn send_h2(
                     }
                     // The one it replaces, if any, closes once its streams end.
                     slot.take();
-                    let stream =
-                        connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout)
-                            .await;
-                    ep.pool.h2_attempted(&stream);
-                    let stream = stream?;
-                    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .keep_alive_interval(Duration::from_secs(30))
-                        .keep_alive_timeout(Duration::from_secs(10))
-                        .handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(SendError::Reset)?;
-                    drive(ep.addr, permit, conn);
+                    // Boxed, as for HTTP/1.1: the rare case, and a big future.
+                    let tx = Box::pin(open_h2(ep, &target, permit)).await?;
                     *slot = Some((
                         tx.clone(),
                         Arc::new(std::sync::atomic::AtomicU32::new(1)),
@@ -684,4 +683,23 @@ async fn send_h2(
     };
     tx.ready().await.map_err(SendError::Reset)?;
     tx.send_request(req).await.map_err(SendError::Reset)
+}
+
+/// A new HTTP/2 connection to `ep`, run by a task of its own that holds `permit`.
+async fn open_h2(
+    ep: &Endpoint,
+    target: &Target,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<http2::SendRequest<Body>, SendError> {
+    let stream = connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout).await;
+    ep.pool.h2_attempted(&stream);
+    let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .handshake(TokioIo::new(stream?))
+        .await
+        .map_err(SendError::Reset)?;
+    drive(ep.addr, permit, conn);
+    Ok(tx)
 }

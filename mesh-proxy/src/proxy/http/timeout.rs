@@ -29,23 +29,31 @@ impl Limits {
         self.deadline.is_some_and(|d| now >= d)
     }
 
-    /// Runs one try's send within whichever limit comes first.
-    pub async fn within(
+    /// Runs one try's send within whichever limit comes first. (A plain function, not an
+    /// `async fn`: one of those would hold `send` twice, as its argument and as what it
+    /// awaits, and every future around it would carry the room.)
+    pub fn within(
         &self,
         send: impl Future<Output = Result<Response<UpstreamBody>, SendError>>,
-    ) -> Try {
+    ) -> impl Future<Output = Try> {
+        use futures::future::{Either, FutureExt};
         let per_try = self.per_try.map(|t| Instant::now() + t);
         let limit = match (self.deadline, per_try) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let Some(at) = limit else {
-            return send.await.into();
-        };
-        match tokio::time::timeout_at(at.into(), send).await {
-            Ok(r) => r.into(),
-            Err(_) if Some(at) == self.deadline => Try::Timeout,
-            Err(_) => Try::PerTryTimeout,
+        match limit {
+            None => Either::Left(send.map(Try::from)),
+            Some(at) => {
+                let route_deadline = Some(at) == self.deadline;
+                Either::Right(
+                    tokio::time::timeout_at(at.into(), send).map(move |r| match r {
+                        Ok(r) => r.into(),
+                        Err(_) if route_deadline => Try::Timeout,
+                        Err(_) => Try::PerTryTimeout,
+                    }),
+                )
+            }
         }
     }
 }
@@ -123,5 +131,62 @@ where
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A send that never answers, and one that fails at once.
+    fn never() -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> {
+        std::future::pending()
+    }
+
+    fn overflow() -> impl Future<Output = Result<Response<UpstreamBody>, SendError>> {
+        std::future::ready(Err(SendError::Overflow))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_limit_to_run_out_names_the_timeout() {
+        let now = Instant::now();
+        let per_try_first = Limits {
+            deadline: Some(now + Duration::from_secs(10)),
+            per_try: Some(Duration::from_secs(1)),
+        };
+        assert!(matches!(
+            per_try_first.within(never()).await,
+            Try::PerTryTimeout
+        ));
+        let route_first = Limits {
+            deadline: Some(Instant::now() + Duration::from_secs(1)),
+            per_try: Some(Duration::from_secs(10)),
+        };
+        assert!(matches!(route_first.within(never()).await, Try::Timeout));
+        let route_only = Limits {
+            deadline: Some(Instant::now() + Duration::from_secs(1)),
+            per_try: None,
+        };
+        assert!(matches!(route_only.within(never()).await, Try::Timeout));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_send_that_ends_in_time_is_its_result() {
+        let none = Limits {
+            deadline: None,
+            per_try: None,
+        };
+        assert!(matches!(
+            none.within(overflow()).await,
+            Try::Failed(SendError::Overflow)
+        ));
+        let both = Limits {
+            deadline: Some(Instant::now() + Duration::from_secs(1)),
+            per_try: Some(Duration::from_secs(1)),
+        };
+        assert!(matches!(
+            both.within(overflow()).await,
+            Try::Failed(SendError::Overflow)
+        ));
     }
 }
