@@ -73,11 +73,27 @@ pub enum SendError {
         waited: bool,
     },
     /// The request may have reached the endpoint: the connection or stream was reset.
-    #[error("{0}")]
+    /// (Said with its causes: hyper's own message alone is "http2 error" whatever the reason.)
+    #[error("{}", Causes(.0))]
     Reset(hyper::Error),
     /// The cluster's connections and its queue of pending requests are full.
     #[error("upstream overflow: no connection free and too many requests waiting for one")]
     Overflow,
+}
+
+/// An error and its sources, as "error: source: source's source".
+struct Causes<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Causes<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
+    }
 }
 
 impl SendError {
