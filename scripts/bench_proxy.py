@@ -172,7 +172,8 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--sampling", default="1", help="percent of traces mesh-proxy-traced samples")
     ap.add_argument("--json", default="")
-    ap.add_argument("--perf", default="", help="write a perf profile of each proxy to this directory")
+    ap.add_argument("--perf", default="", help="write perf profiles of each proxy to this directory: NAME.data/.txt at the "
+                    "fixed rate, NAME-saturated.data/.txt at saturation")
     ap.add_argument("--strace", default="", help="write syscall counts of each proxy to this directory")
     a = ap.parse_args()
 
@@ -335,12 +336,7 @@ backend be
                 pids = peer.pids()
                 perf = None
                 if a.perf and pids:
-                    os.makedirs(a.perf, exist_ok=True)
-                    data = os.path.join(a.perf, f"{peer.name}.data")
-                    perf = subprocess.Popen(
-                        ["perf", "record", "-F", "999", "-g", "-o", data, "-p",
-                         ",".join(map(str, pids)), "--", "sleep", str(a.seconds)],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    perf = Profile(a.perf, peer.name, pids, a.seconds)
                 if a.strace and pids:
                     os.makedirs(a.strace, exist_ok=True)
                     perf = subprocess.Popen(
@@ -355,15 +351,16 @@ backend be
                 if perf and a.strace:
                     perf.wait()
                 elif perf:
-                    perf.wait()
-                    with open(os.path.join(a.perf, f"{peer.name}.txt"), "w") as out:
-                        subprocess.run(["perf", "report", "-i", data, "--no-children",
-                                        "--percent-limit", "0.5", "--stdio", "-g", "none"],
-                                       stdout=out, stderr=subprocess.DEVNULL)
+                    perf.finish()
                 ok = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k == "200")
+                sat_perf = None
+                if a.perf and pids:
+                    sat_perf = Profile(a.perf, f"{peer.name}-saturated", pids, a.max_seconds)
                 s0 = cpu_ticks(pids)
                 m = oha(["-z", f"{a.max_seconds}s", "-c", "64"], peer.url, peer.connect_to)
                 s1 = cpu_ticks(pids)
+                if sat_perf:
+                    sat_perf.finish()
                 sat_ok = m.get("statusCodeDistribution", {}).get("200", 0)
                 pct = r["latencyPercentiles"]
                 row = {
@@ -452,6 +449,29 @@ backend be
         for peer in [p for p in locals().get("peers", [])]:
             peer.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+class Profile:
+    """`perf record` of some processes for a while, and its report as text when finished."""
+
+    def __init__(self, directory, name, pids, seconds):
+        os.makedirs(directory, exist_ok=True)
+        self.data = os.path.join(directory, f"{name}.data")
+        self.text = os.path.join(directory, f"{name}.txt")
+        self.proc = subprocess.Popen(
+            ["perf", "record", "-F", "999", "-g", "-o", self.data, "-p",
+             ",".join(map(str, pids)), "--", "sleep", str(seconds)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait(self):
+        self.proc.wait()
+
+    def finish(self):
+        self.proc.wait()
+        with open(self.text, "w") as out:
+            subprocess.run(["perf", "report", "-i", self.data, "--no-children",
+                            "--percent-limit", "0.5", "--stdio", "-g", "none"],
+                           stdout=out, stderr=subprocess.DEVNULL)
 
 
 OHA = os.environ.get("OHA") or shutil.which("oha") or "/var/tmp/oha-root/bin/oha"
