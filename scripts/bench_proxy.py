@@ -173,7 +173,8 @@ def main():
     ap.add_argument("--sampling", default="1", help="percent of traces mesh-proxy-traced samples")
     ap.add_argument("--json", default="")
     ap.add_argument("--perf", default="", help="write perf profiles of each proxy to this directory: NAME.data/.txt at the "
-                    "fixed rate, NAME-saturated.data/.txt at saturation")
+                    "fixed rate, NAME-saturated.data/.txt at saturation (the figures of a run "
+                    "with profiles include perf's own cost)")
     ap.add_argument("--strace", default="", help="write syscall counts of each proxy to this directory")
     a = ap.parse_args()
 
@@ -334,12 +335,12 @@ backend be
                 if set(codes) != {"200"}:
                     raise RuntimeError(f"{peer.name}: warm-up answered {codes}")
                 pids = peer.pids()
-                perf = None
+                perf = trace = None
                 if a.perf and pids:
                     perf = Profile(a.perf, peer.name, pids, a.seconds)
                 if a.strace and pids:
                     os.makedirs(a.strace, exist_ok=True)
-                    perf = subprocess.Popen(
+                    trace = subprocess.Popen(
                         ["timeout", "-s", "INT", str(a.seconds - 1), "strace", "-c", "-f", "-o",
                          os.path.join(a.strace, f"{peer.name}.txt")]
                         + [x for p in pids for x in ("-p", str(p))],
@@ -348,9 +349,9 @@ backend be
                 r = oha(["-z", f"{a.seconds}s", "-q", str(a.rate), "-c", str(a.connections),
                          "--latency-correction"], peer.url, peer.connect_to)
                 c1 = cpu_ticks(pids)
-                if perf and a.strace:
-                    perf.wait()
-                elif perf:
+                if trace:
+                    trace.wait()
+                if perf:
                     perf.finish()
                 ok = sum(v for k, v in r.get("statusCodeDistribution", {}).items() if k == "200")
                 sat_perf = None
@@ -462,9 +463,6 @@ class Profile:
             ["perf", "record", "-F", "999", "-g", "-o", self.data, "-p",
              ",".join(map(str, pids)), "--", "sleep", str(seconds)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def wait(self):
-        self.proc.wait()
 
     def finish(self):
         self.proc.wait()

@@ -709,13 +709,31 @@ async fn open_h2(
 ) -> Result<http2::SendRequest<Body>, SendError> {
     let stream = connect_endpoint(ep, target.tls.as_ref(), Alpn::H2, target.connect_timeout).await;
     ep.pool.h2_attempted(&stream);
+    let stream = stream?;
     let (tx, conn) = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10))
-        .handshake(TokioIo::new(stream?))
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(SendError::Reset)?;
     drive(ep.addr, permit, conn);
     Ok(tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Causes;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_is_said_with_its_causes() {
+        let e = Outer(std::io::Error::other("GOAWAY: ENHANCE_YOUR_CALM"));
+        assert_eq!(Causes(&e).to_string(), "outer: GOAWAY: ENHANCE_YOUR_CALM");
+        let alone = std::io::Error::other("refused");
+        assert_eq!(Causes(&alone).to_string(), "refused");
+    }
 }

@@ -33,7 +33,7 @@ impl Limits {
     /// `async fn`: one of those would hold `send` twice, as its argument and as what it
     /// awaits, and every future around it would carry the room.)
     pub fn within(
-        &self,
+        self,
         send: impl Future<Output = Result<Response<UpstreamBody>, SendError>>,
     ) -> impl Future<Output = Try> {
         use futures::future::{Either, FutureExt};
