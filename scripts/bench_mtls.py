@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -473,7 +472,7 @@ spec:
                         row["p99_ms"] = r["latencyPercentiles"]["p99"] * 1000
                         row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
                         row["added_p99_ms"] = row["p99_ms"] - direct["p99_ms"]
-                        row["cpu_us_per_req"] = (sum(c1) - sum(c0)) / bp.CLK_TCK / ok * 1e6
+                        row["cpu_us_per_req"] = bp.cpu_us_per(c0, c1, ok)
                     h0 = pair.handshakes()
                     s0 = served(scenario)
                     c0 = bp.cpu_ticks(pids)
@@ -488,8 +487,7 @@ spec:
                     row["ok"] = ok
                     # Below 1, the pair was not what limited the rate (the load generator
                     # and the backends share the other core).
-                    row["pair_cpu_share"] = ((sum(c1) - sum(c0)) / bp.CLK_TCK
-                                             / m["summary"]["total"])
+                    row["pair_cpu_share"] = bp.cpu_seconds(c0, c1) / m["summary"]["total"]
                     failures = {k: v for k, v in m.get("errorDistribution", {}).items()
                                 if "deadline" not in k}
                     failures.update({f"status {k}": v for k, v in
@@ -500,7 +498,7 @@ spec:
                     if failures:
                         row["failures"] = failures
                     row["handshakes_per_s"] = (h1 - h0) / a.seconds
-                    row["sat_cpu_us_per_req"] = (sum(c1) - sum(c0)) / bp.CLK_TCK / max(ok, 1) * 1e6
+                    row["sat_cpu_us_per_req"] = bp.cpu_us_per(c0, c1, max(ok, 1))
                     row["peak_rss_mib"] = bp.rss_kib(pids, "VmHWM") / 1024
                     key = f"{scenario}/{name}"
                     results.setdefault(key, []).append(row)
@@ -514,7 +512,7 @@ spec:
             vals = [r[field] for r in results.get(key, []) if r.get(field) is not None]
             if not vals:
                 return None
-            return statistics.median(vals), min(vals), max(vals)
+            return bp.spread(vals)
 
         fields = (("cpu_us_per_req", "CPU µs/req at rate", 1),
                   ("sat_cpu_us_per_req", "CPU µs/req saturated", 1),

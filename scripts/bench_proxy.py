@@ -79,6 +79,21 @@ def cpu_ticks(pids):
     return user, system
 
 
+def cpu_seconds(c0, c1):
+    """CPU time (user + system) between two `cpu_ticks` readings, in seconds."""
+    return (sum(c1) - sum(c0)) / CLK_TCK
+
+
+def cpu_us_per(c0, c1, n):
+    """CPU µs per one of `n` (requests) between two `cpu_ticks` readings."""
+    return cpu_seconds(c0, c1) / n * 1e6
+
+
+def spread(vals):
+    """Median, min and max."""
+    return statistics.median(vals), min(vals), max(vals)
+
+
 def rss_kib(pids, key):
     total = 0
     for p in pids:
@@ -372,10 +387,10 @@ backend be
                     # Requests cut off by the end of the run are not failures.
                     "errors": sum(v for k, v in r.get("errorDistribution", {}).items()
                                   if "deadline" not in k),
-                    "cpu_us_per_req": (sum(c1) - sum(c0)) / CLK_TCK / max(ok, 1) * 1e6 if pids else None,
+                    "cpu_us_per_req": cpu_us_per(c0, c1, max(ok, 1)) if pids else None,
                     "user_us_per_req": (c1[0] - c0[0]) / CLK_TCK / max(ok, 1) * 1e6 if pids else None,
                     "max_rps": m["summary"]["requestsPerSec"],
-                    "sat_cpu_us_per_req": (sum(s1) - sum(s0)) / CLK_TCK / max(sat_ok, 1) * 1e6 if pids else None,
+                    "sat_cpu_us_per_req": cpu_us_per(s0, s1, max(sat_ok, 1)) if pids else None,
                     "idle_rss_mib": idle / 1024 if pids else None,
                     "peak_rss_mib": rss_kib(pids, "VmHWM") / 1024 if pids else None,
                 }
@@ -390,11 +405,10 @@ backend be
             vals = [r[key] for r in results[name] if r[key] is not None]
             if not vals:
                 return None, None, None
-            return statistics.median(vals), min(vals), max(vals)
+            return spread(vals)
 
         def added(name, key):
-            vals = [r[key] - d[key] for r, d in zip(results[name], results["direct"])]
-            return statistics.median(vals), min(vals), max(vals)
+            return spread([r[key] - d[key] for r, d in zip(results[name], results["direct"])])
 
         def fmt(t, digits=2):
             m, lo, hi = t
