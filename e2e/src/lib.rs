@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod dns;
 pub mod endpointslices;
+pub mod h2;
 pub mod identity;
 pub mod kind;
 pub mod kubelet;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use mesh_e2e::h2;
 use mesh_e2e::mesh::LocalMesh;
 use mesh_e2e::servers::{EchoServer, greeting_server, tcp_echo_after_eof};
 use mesh_e2e::{Peer, eventually, free_port, peer, run_peer, system_peer, workspace_root};
@@ -360,30 +361,11 @@ async fn early_answering_h2_app() -> anyhow::Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
-/// One HTTP/2 frame: type, flags, stream, payload.
-type H2Frame = (u8, u8, u32, Vec<u8>);
-
 async fn write_frame(
     w: &mut (impl tokio::io::AsyncWrite + Unpin),
-    (kind, flags, stream, payload): H2Frame,
+    (kind, flags, stream, payload): h2::Frame,
 ) -> std::io::Result<()> {
-    let len = u32::try_from(payload.len())
-        .expect("small frame")
-        .to_be_bytes();
-    let mut f = vec![len[1], len[2], len[3], kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(&payload);
-    w.write_all(&f).await
-}
-
-async fn read_frame(r: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<H2Frame> {
-    let mut head = [0u8; 9];
-    r.read_exact(&mut head).await?;
-    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-    let mut payload = vec![0; len];
-    r.read_exact(&mut payload).await?;
-    let stream = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
-    Ok((head[3], head[4], stream, payload))
+    w.write_all(&h2::frame(kind, flags, stream, &payload)).await
 }
 
 /// A POST's header block in HPACK literals (no indexing, no Huffman).
@@ -421,7 +403,7 @@ async fn early_answered_bodies(
         )
     };
     let mut tcp = TcpStream::connect(addr).await?;
-    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    tcp.write_all(h2::PREFACE).await?;
     write_frame(&mut tcp, (0x4, 0, 0, Vec::new())).await?;
     let (mut rx, mut tx) = tcp.into_split();
     let mut answered = 0;
@@ -440,7 +422,7 @@ async fn early_answered_bodies(
         // One deadline for the batch: frames that keep coming (pings) do not extend it.
         let deadline = tokio::time::Instant::now() + T;
         while !open.is_empty() {
-            let Ok(frame) = tokio::time::timeout_at(deadline, read_frame(&mut rx)).await else {
+            let Ok(frame) = tokio::time::timeout_at(deadline, h2::read_frame(&mut rx)).await else {
                 let mut open: Vec<u32> = open.into_iter().collect();
                 open.sort_unstable();
                 let headed = open.iter().filter(|id| heads.contains(*id)).count();
@@ -521,7 +503,7 @@ async fn early_answered_bodies(
     let deadline = tokio::time::Instant::now() + T;
     loop {
         let (kind, flags, id, payload) =
-            tokio::time::timeout_at(deadline, read_frame(&mut rx)).await??;
+            tokio::time::timeout_at(deadline, h2::read_frame(&mut rx)).await??;
         if kind == 0x7 {
             return Err(goaway(answered, &payload));
         }

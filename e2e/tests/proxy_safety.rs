@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use mesh_controller::testing::{service_yaml, slice_yaml};
+use mesh_e2e::h2::{PREFACE, frame, read_frame};
 use mesh_e2e::mesh::{LocalMesh, wait_config};
 use mesh_e2e::servers::EchoServer;
 use mesh_e2e::{ProxyClient, figure};
@@ -68,29 +69,13 @@ async fn oversized_headers_get_431() -> anyhow::Result<()> {
     Ok(())
 }
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    f.extend_from_slice(&stream.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 /// Reads frames until one of `kind` arrives (its payload) or the connection ends (`None`).
 async fn read_until(conn: &mut TcpStream, kind: u8) -> anyhow::Result<Option<Vec<u8>>> {
     loop {
-        let mut head = [0u8; 9];
-        match tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut head)).await? {
+        match tokio::time::timeout(Duration::from_secs(10), read_frame(conn)).await? {
+            Ok((k, _, _, payload)) if k == kind => return Ok(Some(payload)),
             Ok(_) => {}
             Err(_) => return Ok(None),
-        }
-        let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
-        let mut payload = vec![0u8; len];
-        conn.read_exact(&mut payload).await?;
-        if head[3] == kind {
-            return Ok(Some(payload));
         }
     }
 }
