@@ -22,7 +22,7 @@ use crate::state::route::Forward;
 /// Largest request body kept so that the request can be retried or mirrored.
 pub const REPLAY_LIMIT: usize = 64 * 1024;
 
-/// How long, how many more bytes, and how long without a frame an HTTP/2 request body is
+/// How long, how many more bytes, and how long between two frames an HTTP/2 request body is
 /// read (and dropped) after nothing needs it any more.
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
@@ -30,9 +30,14 @@ const LINGER_IDLE: Duration = Duration::from_millis(100);
 
 /// The downstream request body. Over HTTP/2, one dropped before its end (the upstream or the
 /// proxy answered early) is read on to the client's end of the stream, for at most
-/// [`LINGER`] and [`LINGER_BYTES`] and while frames keep coming within [`LINGER_IDLE`],
-/// instead of being reset at once (one that declares more than [`LINGER_BYTES`] still to come
-/// is reset at once). h2 remembers only so many reset streams; the client's
+/// [`LINGER`] and [`LINGER_BYTES`] and, once its frames come again, while they keep coming
+/// within [`LINGER_IDLE`], instead of being reset at once (one that declares more than
+/// [`LINGER_BYTES`] still to come is reset at once). The first frame gets all of [`LINGER`]:
+/// a client may send the rest only once it has the answer, and a stream h2 resets is still
+/// counted against the connection's concurrent streams until the reset is written, which
+/// h2 does only after it has read what is waiting, so a client that ended the stream
+/// meanwhile and opened new ones finds them refused (`REFUSED_STREAM`). h2 remembers only
+/// so many reset streams; the client's
 /// frames already in flight for one it forgot count as the client's protocol errors, and
 /// after 1,024 of them h2 closes the whole connection with `ENHANCE_YOUR_CALM`, failing every
 /// request on it. Between two sidecars that connection carries all of a client's traffic to
@@ -118,13 +123,20 @@ fn taken(left: usize, frame: &http_body::Frame<Bytes>) -> Option<usize> {
 }
 
 /// Reads `body` to its end, or until it passes [`LINGER`], `left` more bytes, or
-/// [`LINGER_IDLE`] without a frame.
+/// [`LINGER_IDLE`] between two frames.
 async fn drain(mut body: Incoming, mut left: usize) {
     let read = async {
-        while let Ok(Some(Ok(frame))) = tokio::time::timeout(LINGER_IDLE, body.frame()).await {
+        let Some(Ok(mut frame)) = body.frame().await else {
+            return;
+        };
+        loop {
             match taken(left, &frame) {
                 Some(l) => left = l,
                 None => return,
+            }
+            match tokio::time::timeout(LINGER_IDLE, body.frame()).await {
+                Ok(Some(Ok(next))) => frame = next,
+                _ => return,
             }
         }
     };
