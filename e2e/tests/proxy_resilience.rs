@@ -2,6 +2,8 @@
 //! readmitted, the controller killed and restarted, and routes edited under load.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use mesh_controller::testing::service_yaml;
@@ -76,7 +78,11 @@ async fn one_endpoint_proxy(
     let manifests = flaky_manifests(app.addr.port())
         .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']")
         .replace("  - retry: {attempts: 3, codes: [503]}", rule);
-    mesh.write("flaky.yaml", &manifests)?;
+    one_endpoint_proxy_of(mesh, &manifests).await
+}
+
+async fn one_endpoint_proxy_of(mesh: &LocalMesh, manifests: &str) -> anyhow::Result<Proxy> {
+    mesh.write("flaky.yaml", manifests)?;
     let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
     wait_config(&proxy, "flaky's endpoint", |s| {
         s.clusters
@@ -379,6 +385,85 @@ async fn streamed_bodies_are_retried_up_to_64_kib() -> anyhow::Result<()> {
     let (file, _) = post(100 * 1024)?;
     assert_eq!(upload(file).await?.1, "503");
     assert_eq!(app.hits(), 3, "no retry");
+    assert_eq!(
+        metric(
+            &proxy,
+            "mesh_proxy_retries_denied_total{backend=\"outbound|8080||flaky.default.svc.cluster.local\",reason=\"body-not-replayable\"}"
+        ),
+        1.0
+    );
+    Ok(())
+}
+
+/// An HTTP/2 app at 127.0.0.2 that refuses every tenth stream (`REFUSED_STREAM`, the first
+/// included) and answers the others `200` at once, reading nothing of their bodies; with the
+/// count of streams it saw.
+async fn refusing_h2_app() -> anyhow::Result<(SocketAddr, Arc<AtomicU32>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await?;
+    let addr = listener.local_addr()?;
+    let streams = Arc::new(AtomicU32::new(0));
+    let seen = streams.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut conn = ::h2::server::handshake(tcp).await?;
+                while let Some((_req, mut respond)) = conn.accept().await.transpose()? {
+                    if seen.fetch_add(1, Ordering::Relaxed).is_multiple_of(10) {
+                        respond.send_reset(::h2::Reason::REFUSED_STREAM);
+                    } else {
+                        respond.send_response(http::Response::new(()), true)?;
+                    }
+                }
+                anyhow::Ok(())
+            });
+        }
+    });
+    Ok((addr, streams))
+}
+
+/// A route without a retry of its own still retries a stream the endpoint refused, as
+/// Istio's default does: `REFUSED_STREAM` says the app processed nothing. A request whose
+/// streamed body the refused try took is not retried (nothing recorded it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_streams_are_retried_by_default() -> anyhow::Result<()> {
+    let (app, streams) = refusing_h2_app().await?;
+    let mesh = LocalMesh::start().await?;
+    let manifests = flaky_manifests(app.port())
+        .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']")
+        .replace("  - retry: {attempts: 3, codes: [503]}\n    ", "  - ")
+        .replace(
+            "protocol: TCP}",
+            "protocol: TCP, appProtocol: kubernetes.io/h2c}",
+        );
+    let proxy = one_endpoint_proxy_of(&mesh, &manifests).await?;
+    let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
+    let got = send(&mut client, 100).await;
+    let retried = metric(
+        &proxy,
+        "mesh_proxy_retries_total{backend=\"outbound|8080||flaky.default.svc.cluster.local\",reason=\"refused-stream\"}",
+    );
+    assert_eq!(failures(&got), 0, "{got:?}");
+    // Every refusal was retried, and nothing else was.
+    assert!(retried >= 10.0, "{retried} retries");
+    assert_eq!(f64::from(streams.load(Ordering::Relaxed)), 100.0 + retried);
+
+    // One of ten streams is refused; with a body that streamed to the refused try, the
+    // refusal stands.
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..10 {
+        let (status, _, _) = client
+            .send(
+                "POST",
+                "flaky:8080",
+                "/",
+                &[],
+                bytes::Bytes::from_static(b"body"),
+            )
+            .await?;
+        *answers.entry(status).or_insert(0) += 1;
+    }
+    assert_eq!(answers, [(200, 9), (502, 1)].into(), "{answers:?}");
     assert_eq!(
         metric(
             &proxy,

@@ -177,8 +177,9 @@ const DEFAULT_RETRIES: u32 = 2;
 
 /// The retry policy of a route: its retry (a route rule's own, or a TrafficPolicy's), and the
 /// route's `backendRequest` timeout as each try's. A route with no retry still retries what
-/// is always safe to retry, as Istio's default does: a request whose connection failed never
-/// reached the app, so it goes to up to two other endpoints.
+/// is always safe to retry, as Istio's default does: a request whose connection failed, or
+/// whose HTTP/2 stream the endpoint refused, never reached the app, so it goes to up to two
+/// other endpoints.
 pub fn retry_policy(retry: Option<&Retry>, backend_timeout: Option<Duration>) -> RetryPolicy {
     let mut p = RetryPolicy {
         per_try_timeout: backend_timeout
@@ -196,7 +197,7 @@ pub fn retry_policy(retry: Option<&Retry>, backend_timeout: Option<Duration>) ->
         ..Default::default()
     };
     let Some(r) = retry else {
-        p.retry_on = "connect-failure".into();
+        p.retry_on = "connect-failure,refused-stream".into();
         return p;
     };
     let mut on: Vec<&str> = Vec::new();

@@ -1124,7 +1124,7 @@ fn outbound_routes_retry_failed_connections_by_default_and_connect_within_a_seco
         }
     };
     let default = retry_of("reviews.default.svc.cluster.local:9080").expect("a default retry");
-    assert_eq!(default.retry_on, "connect-failure");
+    assert_eq!(default.retry_on, "connect-failure,refused-stream");
     assert_eq!(default.num_retries, u32v(2));
     assert_eq!(
         default.retry_host_predicate[0].name,

@@ -101,6 +101,22 @@ impl SendError {
         matches!(self, SendError::Connect { .. })
     }
 
+    /// Whether the endpoint refused the stream (HTTP/2 `REFUSED_STREAM`), which says it
+    /// processed nothing of the request: it is safe to send again, whatever its method.
+    pub fn is_refused(&self) -> bool {
+        let SendError::Reset(e) = self else {
+            return false;
+        };
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            if let Some(h2) = s.downcast_ref::<h2::Error>() {
+                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            }
+            source = s.source();
+        }
+        false
+    }
+
     /// Why there was no connection, for a connect failure.
     pub fn fault(&self) -> Option<Fault> {
         match self {

@@ -429,14 +429,14 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Whether it retries requests that reached the endpoint (anything but a failed
-    /// connection), whose bodies a retry must then replay.
+    /// Whether it retries requests that reached the endpoint, whose bodies a retry must then
+    /// replay: anything but a failed connection or a refused stream. (A refused stream is
+    /// retried when its body can be sent again without a record: none, or held whole.)
     pub fn retries_sent_requests(&self) -> bool {
         self.attempts > 0
             && (self.on_5xx
                 || self.on_gateway_error
                 || self.on_reset
-                || self.on_refused_stream
                 || !self.codes.is_empty()
                 || !self.grpc_statuses.is_empty())
     }

@@ -111,7 +111,8 @@ fn reason(p: &RetryPolicy, result: &Try) -> Option<&'static str> {
         // Another endpoint would fare no better.
         Try::Failed(e) if e.fault() == Some(Fault::Local) => None,
         Try::Failed(e) if e.is_connect() && p.on_connect_failure => Some("connect-failure"),
-        Try::Failed(e) if !e.is_connect() && (p.on_reset || p.on_refused_stream) => Some("reset"),
+        Try::Failed(e) if e.is_refused() && p.on_refused_stream => Some("refused-stream"),
+        Try::Failed(e) if !e.is_connect() && p.on_reset => Some("reset"),
         Try::PerTryTimeout if p.on_5xx || p.on_gateway_error => Some("per-try-timeout"),
         _ => None,
     }
