@@ -87,12 +87,31 @@ pub struct ServiceDef {
 
 /// The load generator running in a pod (through `ip netns exec` or `kubectl exec`).
 #[derive(Debug)]
-pub struct Load(pub std::process::Child);
+pub struct Load {
+    child: std::process::Child,
+    /// Whether the child is the load generator itself, so that a signal reaches it (not so
+    /// through `kubectl exec`).
+    signalled: bool,
+}
 
 impl Load {
+    /// `child` is the load generator (`signalled`) or a command that runs it elsewhere.
+    pub fn new(child: std::process::Child, signalled: bool) -> Self {
+        Load { child, signalled }
+    }
+
+    /// Ends the load now where a signal reaches it (else lets it run its course); its report.
+    pub async fn stop(self) -> anyhow::Result<serde_json::Value> {
+        if self.signalled {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        }
+        self.finish().await
+    }
+
     /// Waits for the load to end; its report (the load generator's JSON).
     pub async fn finish(self) -> anyhow::Result<serde_json::Value> {
-        let out = tokio::task::spawn_blocking(move || self.0.wait_with_output()).await??;
+        let out = tokio::task::spawn_blocking(move || self.child.wait_with_output()).await??;
         if !out.status.success() {
             anyhow::bail!("load generator: {}", String::from_utf8_lossy(&out.stderr));
         }

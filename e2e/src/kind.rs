@@ -200,7 +200,7 @@ impl Cluster for KindCluster {
             .stderr(Stdio::piped())
             .spawn()
             .context("kubectl exec")?;
-        Ok(Load(child))
+        Ok(Load::new(child, false))
     }
 
     fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String> {

@@ -1471,6 +1471,7 @@ impl Cluster for NetnsCluster {
 
     fn start_load(&self, ns: &str, pod: &str, args: &[&str]) -> anyhow::Result<Load> {
         let pod = self.pod(ns, pod)?;
+        // `ip netns exec` runs the load generator in its own process: a signal reaches it.
         let child = Command::new("ip")
             .args(["netns", "exec", &pod.netns])
             .arg(binary("mesh-e2e-load")?)
@@ -1479,7 +1480,7 @@ impl Cluster for NetnsCluster {
             .stderr(Stdio::piped())
             .spawn()
             .context("starting the load generator")?;
-        Ok(Load(child))
+        Ok(Load::new(child, true))
     }
 
     fn pod_ip(&self, ns: &str, pod: &str) -> anyhow::Result<String> {

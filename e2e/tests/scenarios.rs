@@ -572,8 +572,9 @@ async fn start_rollout<C: Cluster>(c: &C, candidate: &str) -> anyhow::Result<()>
     .map(|_| ())
 }
 
-/// A rollout of `reviews` to `candidate` under 200 rps for `secs` seconds, waited for (at most
-/// `timeout` seconds) until it ends: its status, how long it took, and the load's report.
+/// A rollout of `reviews` to `candidate` under 200 rps for up to `secs` seconds, waited for (at
+/// most `timeout` seconds) until it ends: its status, how long it took, and the report of the
+/// load, stopped then.
 async fn rollout_under_load<C: Cluster>(
     c: &C,
     addr: &str,
@@ -594,7 +595,7 @@ async fn rollout_under_load<C: Cluster>(
     })
     .await?;
     let took = started.elapsed();
-    Ok((st, took, load.finish().await?))
+    Ok((st, took, load.stop().await?))
 }
 
 /// The weights `meshctl route show` reports for the route's rule.
@@ -776,7 +777,7 @@ async fn rollout_resumes_after_a_restart_and_yields_to_a_person<C: Cluster>(
     })
     .await?;
     let show = shown(c).await?;
-    let r = load.finish().await?;
+    let r = load.stop().await?;
     mesh_e2e::figure(&format!(
         "rollout across a controller restart and a manual split: resumed at step {}, paused by the split ({}), aborted; {} requests, {} failed",
         resumed["step"].as_u64().unwrap_or(0) + 1,

@@ -1,6 +1,7 @@
 //! The e2e scenarios' load generator, run inside a client pod: HTTP/1.1 GETs to one URL at a
 //! fixed rate (open loop: a slow answer does not delay the next request) or as fast as
-//! `--concurrency` connections allow, until `--requests` were sent or `--duration` passed.
+//! `--concurrency` connections allow, until `--requests` were sent or `--duration` passed,
+//! or until SIGTERM (the requests in flight then finish, and the report is printed).
 //! Prints one JSON object: counts by answer body (its first line) and by failure, and for
 //! each second how many answers each body got.
 //!
@@ -194,9 +195,18 @@ async fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let deadline = args.duration.map(|d| start + d);
     let next = Arc::new(Mutex::new(0u64));
+    // SIGTERM ends the load early: no request starts after it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        if term.recv().await.is_some() {
+            let _ = stop.send(true);
+        }
+    });
     let mut workers = Vec::new();
     for _ in 0..args.concurrency.max(1) {
         let (args, report, next) = (args.clone(), report.clone(), next.clone());
+        let mut stopped = stopped.clone();
         workers.push(tokio::spawn(async move {
             let mut conn = None;
             loop {
@@ -211,9 +221,12 @@ async fn main() -> anyhow::Result<()> {
                 };
                 if let Some(rate) = args.rate {
                     let at = start + Duration::from_secs_f64(n as f64 / rate);
-                    tokio::time::sleep_until(at.into()).await;
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at.into()) => {}
+                        _ = stopped.wait_for(|s| *s) => return,
+                    }
                 }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
+                if deadline.is_some_and(|d| Instant::now() >= d) || *stopped.borrow() {
                     return;
                 }
                 let sent_at = unix_ms();
