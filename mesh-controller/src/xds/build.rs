@@ -707,7 +707,7 @@ fn default_route(
 }
 
 /// The route to the cluster `name` of one endpoint: the port's own retry, but not the default
-/// retry of failed connections, which would have nowhere else to go.
+/// retry of failed connections and refused streams, which would have nowhere else to go.
 pub(super) fn one_endpoint_routes(name: &str, p: &crate::index::PortModel) -> Vec<Route> {
     let retry = p
         .retry

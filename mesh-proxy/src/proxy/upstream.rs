@@ -739,7 +739,42 @@ async fn open_h2(
 
 #[cfg(test)]
 mod tests {
-    use super::Causes;
+    use super::{Causes, SendError, empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    /// The error of a request whose stream an HTTP/2 server resets with `reason` before
+    /// answering.
+    async fn reset_with(reason: h2::Reason) -> SendError {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server)
+                .await
+                .expect("h2 server handshake");
+            while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                respond.send_reset(reason);
+            }
+        });
+        let (mut tx, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(client))
+            .await
+            .expect("h2 client handshake");
+        tokio::spawn(conn);
+        let req = http::Request::builder()
+            .uri("http://app/")
+            .body(empty())
+            .expect("request");
+        SendError::Reset(tx.send_request(req).await.expect_err("reset"))
+    }
+
+    #[tokio::test]
+    async fn only_a_refused_stream_is_refused() {
+        let refused = reset_with(h2::Reason::REFUSED_STREAM).await;
+        assert!(refused.is_refused(), "{refused}");
+        for reason in [h2::Reason::CANCEL, h2::Reason::INTERNAL_ERROR] {
+            let other = reset_with(reason).await;
+            assert!(!other.is_refused(), "{other}");
+        }
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("outer")]

@@ -175,9 +175,9 @@ impl ReqBody {
                 }
             };
         }
-        // Recorded for a retry only when one may follow a try that sent it: a failed
-        // connection (the default retry) never read it, but a streamed body cannot be given
-        // to a second try, so such a request is not retried.
+        // Recorded for a retry only when one may follow a try the endpoint processed: a
+        // failed connection or a refused stream (the default retry) was not, but a streamed
+        // body cannot be given to a second try, so such a request is not retried.
         if f.retry.as_ref().is_some_and(|p| p.retries_sent_requests()) && !upgrade {
             return Ok(ReqBody::Replay(ReplayBody::new(body, REPLAY_LIMIT)));
         }
