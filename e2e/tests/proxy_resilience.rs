@@ -54,6 +54,25 @@ fn metric(proxy: &Proxy, prefix: &str) -> f64 {
         .fold(0.0, |a, b| a + b)
 }
 
+/// Retry counter `counter` (retries, or retries denied) of `flaky`'s backend for `reason`.
+fn flaky_retries(proxy: &Proxy, counter: &str, reason: &str) -> f64 {
+    metric(
+        proxy,
+        &format!(
+            "{counter}{{backend=\"outbound|8080||flaky.default.svc.cluster.local\",reason=\"{reason}\"}}"
+        ),
+    )
+}
+
+/// Retries of `flaky` denied because the body could not be sent again.
+fn not_replayable(proxy: &Proxy) -> f64 {
+    flaky_retries(
+        proxy,
+        "mesh_proxy_retries_denied_total",
+        "body-not-replayable",
+    )
+}
+
 /// Starts a proxy and waits until it routes `flaky` to its three endpoints.
 async fn flaky_proxy(mesh: &LocalMesh) -> anyhow::Result<Proxy> {
     let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
@@ -385,13 +404,7 @@ async fn streamed_bodies_are_retried_up_to_64_kib() -> anyhow::Result<()> {
     let (file, _) = post(100 * 1024)?;
     assert_eq!(upload(file).await?.1, "503");
     assert_eq!(app.hits(), 3, "no retry");
-    assert_eq!(
-        metric(
-            &proxy,
-            "mesh_proxy_retries_denied_total{backend=\"outbound|8080||flaky.default.svc.cluster.local\",reason=\"body-not-replayable\"}"
-        ),
-        1.0
-    );
+    assert_eq!(not_replayable(&proxy), 1.0);
     Ok(())
 }
 
@@ -439,10 +452,7 @@ async fn refused_streams_are_retried_by_default() -> anyhow::Result<()> {
     let proxy = one_endpoint_proxy_of(&mesh, &manifests).await?;
     let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
     let got = send(&mut client, 100).await;
-    let retried = metric(
-        &proxy,
-        "mesh_proxy_retries_total{backend=\"outbound|8080||flaky.default.svc.cluster.local\",reason=\"refused-stream\"}",
-    );
+    let retried = flaky_retries(&proxy, "mesh_proxy_retries_total", "refused-stream");
     assert_eq!(failures(&got), 0, "{got:?}");
     // Every refusal was retried, and nothing else was.
     assert!(retried >= 10.0, "{retried} retries");
@@ -464,13 +474,7 @@ async fn refused_streams_are_retried_by_default() -> anyhow::Result<()> {
         *answers.entry(status).or_insert(0) += 1;
     }
     assert_eq!(answers, [(200, 9), (502, 1)].into(), "{answers:?}");
-    assert_eq!(
-        metric(
-            &proxy,
-            "mesh_proxy_retries_denied_total{backend=\"outbound|8080||flaky.default.svc.cluster.local\",reason=\"body-not-replayable\"}"
-        ),
-        1.0
-    );
+    assert_eq!(not_replayable(&proxy), 1.0);
     Ok(())
 }
 
