@@ -123,6 +123,9 @@ def main():
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--json", default="")
     ap.add_argument("--keep", action="store_true", help="keep the logs and configs (printed)")
+    ap.add_argument("--perf", default="", help="write perf profiles of each pair to this "
+                    "directory: SCENARIO-KIND-SECURITY.data/.txt at the fixed rate, and "
+                    "...-saturated at saturation (the runs with profiles include perf's cost)")
     a = ap.parse_args()
     pairs = [p for p in a.pairs.split(",") if p]
     scenarios = [s for s in a.scenarios.split(",") if s]
@@ -457,11 +460,15 @@ spec:
                             check_ok(f"{scenario} {name} warm-up", warm)
                     if scenario == "grpc":
                         grpc_check(host, pair.outbound)
+                    profile = f"{scenario}-{name.replace('/', '-')}"
                     if scenario != "new-conn":
                         s0 = served(scenario)
+                        perf = bp.Profile(a.perf, profile, pids, a.seconds) if a.perf else None
                         c0 = bp.cpu_ticks(pids)
                         r = load(scenario, host, to, a.rate, a.seconds)
                         c1 = bp.cpu_ticks(pids)
+                        if perf:
+                            perf.finish()
                         check_ok(f"{scenario} {name} at {a.rate} rps", r)
                         ok = r["statusCodeDistribution"]["200"]
                         lost = unserved(scenario, s0, ok)
@@ -475,10 +482,14 @@ spec:
                         row["cpu_us_per_req"] = bp.cpu_us_per(c0, c1, ok)
                     h0 = pair.handshakes()
                     s0 = served(scenario)
+                    perf = (bp.Profile(a.perf, f"{profile}-saturated", pids, a.seconds)
+                            if a.perf else None)
                     c0 = bp.cpu_ticks(pids)
                     m = load(scenario, host, to, seconds=a.seconds)
                     c1 = bp.cpu_ticks(pids)
                     h1 = pair.handshakes()
+                    if perf:
+                        perf.finish()
                     ok = m.get("statusCodeDistribution", {}).get("200", 0)
                     lost = unserved(scenario, s0, ok)
                     ok -= lost
