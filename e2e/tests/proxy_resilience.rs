@@ -87,6 +87,14 @@ async fn flaky_proxy(mesh: &LocalMesh) -> anyhow::Result<Proxy> {
     Ok(proxy)
 }
 
+/// `flaky` with one endpoint, 127.0.0.2:`port`, and `rule` (YAML, the start of the route's
+/// only rule) instead of the retry rule.
+fn one_endpoint_manifests(port: u16, rule: &str) -> String {
+    flaky_manifests(port)
+        .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']")
+        .replace("  - retry: {attempts: 3, codes: [503]}", rule)
+}
+
 /// A proxy routing `flaky` to one endpoint, `app` at 127.0.0.2, with `rule` (YAML, the first
 /// line of the route's only rule) instead of the retry rule.
 async fn one_endpoint_proxy(
@@ -94,10 +102,7 @@ async fn one_endpoint_proxy(
     app: &EchoServer,
     rule: &str,
 ) -> anyhow::Result<Proxy> {
-    let manifests = flaky_manifests(app.addr.port())
-        .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']")
-        .replace("  - retry: {attempts: 3, codes: [503]}", rule);
-    one_endpoint_proxy_of(mesh, &manifests).await
+    one_endpoint_proxy_of(mesh, &one_endpoint_manifests(app.addr.port(), rule)).await
 }
 
 async fn one_endpoint_proxy_of(mesh: &LocalMesh, manifests: &str) -> anyhow::Result<Proxy> {
@@ -442,13 +447,12 @@ async fn refusing_h2_app() -> anyhow::Result<(SocketAddr, Arc<AtomicU32>)> {
 async fn refused_streams_are_retried_by_default() -> anyhow::Result<()> {
     let (app, streams) = refusing_h2_app().await?;
     let mesh = LocalMesh::start().await?;
-    let manifests = flaky_manifests(app.port())
-        .replace("['127.0.0.2', '127.0.0.3', '127.0.0.4']", "['127.0.0.2']")
-        .replace("  - retry: {attempts: 3, codes: [503]}\n    ", "  - ")
-        .replace(
-            "protocol: TCP}",
-            "protocol: TCP, appProtocol: kubernetes.io/h2c}",
-        );
+    // A rule without a retry of its own.
+    let rule = "  - matches: [{path: {type: PathPrefix, value: /}}]";
+    let manifests = one_endpoint_manifests(app.port(), rule).replace(
+        "protocol: TCP}",
+        "protocol: TCP, appProtocol: kubernetes.io/h2c}",
+    );
     let proxy = one_endpoint_proxy_of(&mesh, &manifests).await?;
     let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
     let got = send(&mut client, 100).await;

@@ -84,15 +84,17 @@ pub enum SendError {
 /// An error and its sources, as "error: source: source's source".
 struct Causes<'a>(&'a (dyn std::error::Error + 'static));
 
+/// `e`'s sources, nearest first.
+fn sources<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(e.source(), |s| s.source())
+}
+
 impl std::fmt::Display for Causes<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(e) = source {
-            write!(f, ": {e}")?;
-            source = e.source();
-        }
-        Ok(())
+        sources(self.0).try_for_each(|e| write!(f, ": {e}"))
     }
 }
 
@@ -107,14 +109,9 @@ impl SendError {
         let SendError::Reset(e) = self else {
             return false;
         };
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            if let Some(h2) = s.downcast_ref::<h2::Error>() {
-                return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-            }
-            source = s.source();
-        }
-        false
+        sources(e)
+            .find_map(|s| s.downcast_ref::<h2::Error>())
+            .is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM))
     }
 
     /// Why there was no connection, for a connect failure.
