@@ -16,14 +16,11 @@ pub(super) struct Levels<'a> {
 }
 
 impl Levels<'_> {
-    /// The request's header changes, least specific last so the route config has the final
-    /// say (Envoy's default order); then its hop-by-hop headers go, but those of an upgrade
-    /// stay with it.
+    /// The request's hop-by-hop headers go first, but those of an upgrade stay with it (so a
+    /// client cannot name a header the route adds in `Connection` to drop it); then the
+    /// header changes, least specific last so the route config has the final say (Envoy's
+    /// default order).
     pub fn request(&self, backend: &WeightedBackend, h: &mut HeaderMap, upgrade: bool) {
-        backend.headers.apply_request(h);
-        self.route.headers.apply_request(h);
-        self.vh.headers.apply_request(h);
-        self.table.headers.apply_request(h);
         let kept = upgrade.then(|| {
             (
                 h.get(header::CONNECTION).cloned(),
@@ -39,6 +36,10 @@ impl Levels<'_> {
                 h.insert(header::UPGRADE, u);
             }
         }
+        backend.headers.apply_request(h);
+        self.route.headers.apply_request(h);
+        self.vh.headers.apply_request(h);
+        self.table.headers.apply_request(h);
     }
 
     /// The response's header changes: a forwarded response's (`backend` given) or one made
@@ -74,18 +75,17 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 /// Drops hop-by-hop headers, and those the `Connection` header names. `te: trailers` stays:
-/// gRPC needs it.
+/// gRPC needs it. Nothing is allocated: a response from a keep-alive server names
+/// `keep-alive` here on every request.
 pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h
-        .get(header::CONNECTION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
+    if let Some(conn) = h.remove(header::CONNECTION)
+        && let Ok(conn) = conn.to_str()
     {
         for name in conn.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            if let Ok(n) = HeaderName::try_from(name.to_ascii_lowercase())
-                && n != header::TE
-            {
-                h.remove(n);
+            // A name that is no header name names nothing here; `remove` by `&str` matches
+            // any case.
+            if !name.eq_ignore_ascii_case(header::TE.as_str()) {
+                h.remove(name);
             }
         }
     }
@@ -110,7 +110,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
+            HeaderValue::from_static("Keep-Alive, X-Private, TE"),
         );
         h.insert("x-private", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
@@ -124,5 +124,52 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_client_cannot_drop_a_header_the_route_adds() {
+        use crate::state::route::{Action, HeaderOps, Route, VirtualHost, WeightedBackend};
+        let adds = |name: &'static str| HeaderOps {
+            request_set: vec![(HeaderName::from_static(name), HeaderValue::from_static("1"))],
+            ..HeaderOps::default()
+        };
+        let route = Route {
+            name: "r".into(),
+            matcher: Default::default(),
+            action: Action::Direct {
+                status: 200,
+                body: String::new(),
+            },
+            headers: adds("x-route"),
+            fault: None,
+        };
+        let vh = VirtualHost {
+            name: "vh".into(),
+            domains: vec!["*".into()],
+            routes: vec![],
+            headers: adds("x-vhost"),
+        };
+        let table = RouteTable::new("t".into(), vec![], adds("x-table"));
+        let backend = WeightedBackend {
+            cluster: "c".into(),
+            weight: 1,
+            headers: adds("x-backend"),
+            metrics: Default::default(),
+        };
+        let levels = Levels {
+            table: &table,
+            vh: &vh,
+            route: &route,
+        };
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("x-route, x-vhost, x-table, x-backend, x-app"),
+        );
+        h.insert("x-app", HeaderValue::from_static("1"));
+        levels.request(&backend, &mut h, false);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["x-backend", "x-route", "x-table", "x-vhost"]);
     }
 }
