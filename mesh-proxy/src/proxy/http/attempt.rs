@@ -108,7 +108,7 @@ impl Template {
             *r.uri_mut() = self.dest.origin.clone();
             *r.version_mut() = Version::HTTP_11;
             r.headers_mut()
-                .insert(header::HOST, self.dest.host_value.clone());
+                .insert(header::HOST, self.dest.host_value()?);
         }
         Ok(r)
     }
