@@ -65,7 +65,7 @@ pub(super) fn authority<B>(req: &Request<B>) -> Option<String> {
         .map(str::to_string)
 }
 
-const HOP_BY_HOP: [HeaderName; 6] = [
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -78,7 +78,18 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 /// gRPC needs it. Nothing is allocated: a response from a keep-alive server names
 /// `keep-alive` here on every request.
 pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
-    if let Some(conn) = h.remove(header::CONNECTION)
+    // One pass over the names finds which are here (most messages carry none or one): a
+    // comparison each, where a removal by name hashes it and probes the map.
+    let (mut found, mut te) = ([false; HOP_BY_HOP.len()], false);
+    for name in h.keys() {
+        match HOP_BY_HOP.iter().position(|n| n == name) {
+            Some(i) => found[i] = true,
+            None => te |= name == header::TE,
+        }
+    }
+    // `Connection` is the first of HOP_BY_HOP.
+    if found[0]
+        && let Some(conn) = h.remove(header::CONNECTION)
         && let Ok(conn) = conn.to_str()
     {
         for name in conn.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -89,11 +100,12 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
             }
         }
     }
-    for n in &HOP_BY_HOP {
+    for (n, _) in HOP_BY_HOP.iter().zip(found).skip(1).filter(|(_, f)| *f) {
         h.remove(n);
     }
-    if let Some(te) = h.get(header::TE)
-        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    if te
+        && let Some(v) = h.get(header::TE)
+        && !v.as_bytes().eq_ignore_ascii_case(b"trailers")
     {
         h.remove(header::TE);
     }
@@ -124,6 +136,15 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+        // Without a `Connection` header, each hop-by-hop header still goes.
+        let mut h = HeaderMap::new();
+        for n in &HOP_BY_HOP[1..] {
+            h.append(n, HeaderValue::from_static("x"));
+            h.append(n, HeaderValue::from_static("y"));
+        }
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-app"]);
     }
 
     #[test]
