@@ -2,7 +2,7 @@
 //! request and the response, and the hop-by-hop headers no hop passes on.
 
 use http::Request;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::state::RouteTable;
 use crate::state::route::{Route, VirtualHost, WeightedBackend};
@@ -87,34 +87,43 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
             None => te |= name == header::TE,
         }
     }
-    // `Connection` is the first of HOP_BY_HOP.
-    if found[0]
-        && let Some(conn) = h.remove(header::CONNECTION)
-        && let Ok(conn) = conn.to_str()
-    {
-        for name in conn.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            // A name that is no header name names nothing here; `remove` by `&str` matches
-            // any case.
-            if !name.eq_ignore_ascii_case(header::TE.as_str()) {
-                h.remove(name);
-            }
+    // `Connection` is the first of HOP_BY_HOP. Every `Connection` line counts (RFC 9110,
+    // 7.6.1); a second one is rare, and only then are the lines copied.
+    if found[0] {
+        let mut lines = h.get_all(header::CONNECTION).iter();
+        let first = lines.next().cloned();
+        let rest: Vec<HeaderValue> = lines.cloned().collect();
+        h.remove(header::CONNECTION);
+        for line in first.iter().chain(&rest) {
+            remove_listed(h, line);
         }
     }
     for (n, _) in HOP_BY_HOP.iter().zip(found).skip(1).filter(|(_, f)| *f) {
         h.remove(n);
     }
     if te
-        && let Some(v) = h.get(header::TE)
-        && !v.as_bytes().eq_ignore_ascii_case(b"trailers")
+        && !h
+            .get_all(header::TE)
+            .iter()
+            .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         h.remove(header::TE);
     }
 }
 
+/// Removes the headers a `Connection` line names, but `te`. A line that is not text, or a
+/// name that is no header name, names nothing here; `remove` by `&str` matches any case.
+fn remove_listed(h: &mut HeaderMap, line: &HeaderValue) {
+    let Ok(line) = line.to_str() else { return };
+    for name in line.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if !name.eq_ignore_ascii_case(header::TE.as_str()) {
+            h.remove(name);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use http::HeaderValue;
-
     use super::*;
 
     #[test]
@@ -136,6 +145,21 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_hop_by_hop(&mut h);
         assert!(h.is_empty());
+        // Every `Connection` line counts, and `te` stays only when each of its values is
+        // `trailers`.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close"));
+        h.append(header::CONNECTION, HeaderValue::from_static("x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.append(header::TE, HeaderValue::from_static("trailers"));
+        h.append(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.append(header::TE, HeaderValue::from_static("Trailers"));
+        h.append(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get_all(header::TE).iter().count(), 2);
         // Without a `Connection` header, each hop-by-hop header still goes.
         let mut h = HeaderMap::new();
         for n in &HOP_BY_HOP[1..] {
