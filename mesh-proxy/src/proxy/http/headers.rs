@@ -75,8 +75,8 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 /// Drops hop-by-hop headers, and those the `Connection` header names. `te: trailers` stays:
-/// gRPC needs it. Nothing is allocated: a response from a keep-alive server names
-/// `keep-alive` here on every request.
+/// gRPC needs it. Nothing is allocated for a message with at most one `Connection` line: a
+/// response from a keep-alive server names `keep-alive` here on every request.
 pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     // One pass over the names finds which are here (most messages carry none or one): a
     // comparison each, where a removal by name hashes it and probes the map.
