@@ -126,8 +126,15 @@ def main():
     ap.add_argument("--perf", default="", help="write perf profiles of each pair to this "
                     "directory: SCENARIO-KIND-SECURITY.data/.txt at the fixed rate, and "
                     "...-saturated at saturation (the runs with profiles include perf's cost)")
+    ap.add_argument("--callgrind", default="", help="run the mesh-proxy sidecars under "
+                    "callgrind, writing its profiles to this directory, and report the pair's "
+                    "user-space instructions per request at the fixed rate (per connection for "
+                    "new-conn, saturated); mesh-proxy pairs only, and a low --rate")
     a = ap.parse_args()
     pairs = [p for p in a.pairs.split(",") if p]
+    if a.callgrind and any(not p.startswith("mesh-proxy/") for p in pairs):
+        ap.error("--callgrind: mesh-proxy pairs only (--pairs mesh-proxy/mtls,...)")
+    cg = bp.Callgrind(a.callgrind) if a.callgrind else None
     scenarios = [s for s in a.scenarios.split(",") if s]
     for name, given, known in (("--pairs", pairs, PAIRS), ("--scenarios", scenarios, SCENARIOS)):
         bad = [g for g in given if g not in known]
@@ -292,9 +299,9 @@ spec:
             def start(name, args):
                 def attempt():
                     admin = bp.free_port()
-                    p = spawn(common + args() + ["--admin-addr", f"127.0.0.1:{admin}",
-                                                 "--metrics-addr", f"127.0.0.1:{bp.free_port()}"],
-                              name, 1)
+                    argv = common + args() + ["--admin-addr", f"127.0.0.1:{admin}",
+                                              "--metrics-addr", f"127.0.0.1:{bp.free_port()}"]
+                    p = spawn(cg.wrap(argv, name) if cg else argv, name, 1)
                     return pair.join(p, admin)
                 return retried(attempt)
 
@@ -464,9 +471,12 @@ spec:
                     if scenario != "new-conn":
                         s0 = served(scenario)
                         perf = bp.Profile(a.perf, profile, pids, a.seconds) if a.perf else None
+                        if cg:
+                            cg.start(pids)
                         c0 = bp.cpu_ticks(pids)
                         r = load(scenario, host, to, a.rate, a.seconds)
                         c1 = bp.cpu_ticks(pids)
+                        instructions = cg.finish(pids, f"{profile}-{rnd + 1}") if cg else None
                         if perf:
                             perf.finish()
                         check_ok(f"{scenario} {name} at {a.rate} rps", r)
@@ -480,14 +490,20 @@ spec:
                         row["added_p50_ms"] = row["p50_ms"] - direct["p50_ms"]
                         row["added_p99_ms"] = row["p99_ms"] - direct["p99_ms"]
                         row["cpu_us_per_req"] = bp.cpu_us_per(c0, c1, ok)
+                        if instructions:
+                            row["instr_per_req"] = instructions / max(ok, 1)
                     h0 = pair.handshakes()
                     s0 = served(scenario)
                     perf = (bp.Profile(a.perf, f"{profile}-saturated", pids, a.seconds)
                             if a.perf else None)
+                    counted = cg and scenario == "new-conn"
+                    if counted:
+                        cg.start(pids)
                     c0 = bp.cpu_ticks(pids)
                     m = load(scenario, host, to, seconds=a.seconds)
                     c1 = bp.cpu_ticks(pids)
                     h1 = pair.handshakes()
+                    instructions = cg.finish(pids, f"{profile}-{rnd + 1}") if counted else None
                     if perf:
                         perf.finish()
                     ok = m.get("statusCodeDistribution", {}).get("200", 0)
@@ -510,6 +526,8 @@ spec:
                         row["failures"] = failures
                     row["handshakes_per_s"] = (h1 - h0) / a.seconds
                     row["sat_cpu_us_per_req"] = bp.cpu_us_per(c0, c1, max(ok, 1))
+                    if instructions:
+                        row["instr_per_req"] = instructions / max(ok, 1)
                     row["peak_rss_mib"] = bp.rss_kib(pids, "VmHWM") / 1024
                     key = f"{scenario}/{name}"
                     results.setdefault(key, []).append(row)
@@ -532,6 +550,8 @@ spec:
                   ("pair_cpu_share", "pair's core share saturated", 2),
                   ("idle_rss_mib", "RSS idle MiB", 1), ("peak_rss_mib", "RSS peak MiB", 1),
                   ("failed", "failed", 0))
+        if cg:
+            fields += (("instr_per_req", "instructions/req (callgrind)", 0),)
         print()
         print(f"{a.rounds} rounds; at rate: {a.rate} rps open loop for {a.seconds} s; saturated: "
               f"closed loop for {a.seconds} s. CPU and RSS are the pair's (both sidecars, and "

@@ -191,7 +191,12 @@ def main():
                     "fixed rate, NAME-saturated.data/.txt at saturation (the figures of a run "
                     "with profiles include perf's own cost)")
     ap.add_argument("--strace", default="", help="write syscall counts of each proxy to this directory")
+    ap.add_argument("--callgrind", default="", help="run mesh-proxy, nginx and HAProxy under "
+                    "callgrind, writing its profiles to this directory, and report the "
+                    "user-space instructions each runs per request at the fixed rate (use a "
+                    "low --rate: a proxy under valgrind serves a few hundred per second)")
     a = ap.parse_args()
+    cg = Callgrind(a.callgrind) if a.callgrind else None
 
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
     rel = os.path.join(target, "release")
@@ -202,6 +207,9 @@ def main():
         p = Proc(*args, **kw)
         procs.append(p)
         return p
+
+    def wrap(args, name):
+        return cg.wrap(args, name) if cg else args
 
     try:
         # Backend: nginx answering a fixed 2-byte body, one worker, on core 0.
@@ -247,11 +255,11 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
             def start():
                 port = free_port()
                 p = Proc(
-                    [os.path.join(rel, "mesh-proxy"), "--xds", f"127.0.0.1:{xds_port}",
-                     "--node", "default/bench-mesh", "--workers", "1", "--identity-off",
-                     "--outbound-http-addr", f"127.0.0.1:{port}",
-                     "--admin-addr", f"127.0.0.1:{free_port()}",
-                     "--metrics-addr", f"127.0.0.1:{free_port()}"] + extra,
+                    wrap([os.path.join(rel, "mesh-proxy"), "--xds", f"127.0.0.1:{xds_port}",
+                          "--node", "default/bench-mesh", "--workers", "1", "--identity-off",
+                          "--outbound-http-addr", f"127.0.0.1:{port}",
+                          "--admin-addr", f"127.0.0.1:{free_port()}",
+                          "--metrics-addr", f"127.0.0.1:{free_port()}"] + extra, peer.name),
                     os.path.join(work, f"{peer.name}.log"), cpu=1, env={"MESH_LOG": "warn"})
                 wait_port(port)
                 peer.connect_to = f"bench.default:80:127.0.0.1:{port}"
@@ -278,8 +286,10 @@ endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
         def nginx():
             port = free_port()
             conf = os.path.join(work, "nginx.conf")
+            # Under callgrind, one process: a forked worker does not answer callgrind_control.
+            single = "master_process off;" if cg else ""
             with open(conf, "w") as f:
-                f.write(f"""
+                f.write(f"""{single}
 worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err warn;
 events {{ worker_connections 4096; }}
 http {{ access_log off; keepalive_requests 1000000;
@@ -288,7 +298,8 @@ http {{ access_log off; keepalive_requests 1000000;
     location / {{ proxy_pass http://backend; proxy_http_version 1.1;
       proxy_set_header Connection ""; proxy_set_header Host $host; }} }} }}
 """)
-            p = Proc(["nginx", "-c", conf, "-p", work], os.path.join(work, "nginx.log"), cpu=1)
+            p = Proc(wrap(["nginx", "-c", conf, "-p", work], "nginx"),
+                     os.path.join(work, "nginx.log"), cpu=1)
             wait_port(port)
             ngx.connect_to = f"bench.default:80:127.0.0.1:{port}"
             return p
@@ -313,7 +324,8 @@ frontend fe
 backend be
   server s1 127.0.0.1:{backend_port}
 """)
-            p = Proc(["haproxy", "-f", conf, "-db"], os.path.join(work, "haproxy.log"), cpu=1)
+            p = Proc(wrap(["haproxy", "-f", conf, "-db"], "haproxy"),
+                     os.path.join(work, "haproxy.log"), cpu=1)
             wait_port(port)
             hap.connect_to = f"bench.default:80:127.0.0.1:{port}"
             return p
@@ -360,10 +372,14 @@ backend be
                          os.path.join(a.strace, f"{peer.name}.txt")]
                         + [x for p in pids for x in ("-p", str(p))],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                counted = cg and pids and peer.name != "envoy"
+                if counted:
+                    cg.start(pids)
                 c0 = cpu_ticks(pids)
                 r = oha(["-z", f"{a.seconds}s", "-q", str(a.rate), "-c", str(a.connections),
                          "--latency-correction"], peer.url, peer.connect_to)
                 c1 = cpu_ticks(pids)
+                instructions = cg.finish(pids, f"{peer.name}-{rnd + 1}") if counted else None
                 if trace:
                     trace.wait()
                 if perf:
@@ -393,6 +409,7 @@ backend be
                     "sat_cpu_us_per_req": cpu_us_per(s0, s1, max(sat_ok, 1)) if pids else None,
                     "idle_rss_mib": idle / 1024 if pids else None,
                     "peak_rss_mib": rss_kib(pids, "VmHWM") / 1024 if pids else None,
+                    "instr_per_req": instructions / max(ok, 1) if instructions else None,
                 }
                 results[peer.name].append(row)
                 print(f"round {rnd + 1} {peer.name}: " + json.dumps(
@@ -433,6 +450,11 @@ backend be
                   f"{fmt(med(n, 'cpu_us_per_req'), 1)} | {fmt(med(n, 'user_us_per_req'), 1)} | "
                   f"{fmt(med(n, 'max_rps'), 0)} | {fmt(med(n, 'sat_cpu_us_per_req'), 1)} | "
                   f"{fmt(med(n, 'idle_rss_mib'), 1)} | {fmt(med(n, 'peak_rss_mib'), 1)} |")
+        if cg:
+            print()
+            print("User-space instructions per request at the fixed rate (callgrind): " + ", ".join(
+                f"{p.name} {fmt(med(p.name, 'instr_per_req'), 0)}" for p in peers
+                if med(p.name, "instr_per_req")[0]))
         if "nginx" in results and "mesh-proxy" in results:
             print()
             cpu = med("mesh-proxy", "cpu_us_per_req")[0] / med("nginx", "cpu_us_per_req")[0]
@@ -484,6 +506,48 @@ class Profile:
             subprocess.run(["perf", "report", "-i", self.data, "--no-children",
                             "--percent-limit", "0.5", "--stdio", "-g", "none"],
                            stdout=out, stderr=subprocess.DEVNULL)
+
+
+class Callgrind:
+    """Counts the user-space instructions of processes run under callgrind (`wrap`), from
+    `start` to `finish`: exact and repeatable, where CPU time on a shared machine is not."""
+
+    def __init__(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
+            raise RuntimeError("--callgrind needs valgrind (apt-get install valgrind)")
+
+    def wrap(self, args, name):
+        out = os.path.join(self.directory, f"{name}.%p.out")
+        return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + args
+
+    @staticmethod
+    def _control(flag, pids):
+        for pid in pids:
+            subprocess.run(["callgrind_control", flag, str(pid)], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self, pids):
+        """Zeroes the counts of `pids`."""
+        self._control("-z", pids)
+
+    def finish(self, pids, label):
+        """The instructions `pids` ran since `start`, from a dump of each (kept as
+        NAME.PID.out.N in the directory, `label` in its header)."""
+        self._control(f"--dump={label}", pids)
+        total = 0
+        for pid in pids:
+            dumps = [os.path.join(self.directory, f) for f in os.listdir(self.directory)
+                     if f".{pid}.out." in f]
+            if not dumps:
+                raise RuntimeError(f"callgrind wrote no dump for pid {pid} in {self.directory}")
+            with open(max(dumps, key=os.path.getmtime)) as f:
+                for line in f:
+                    if line.startswith(("totals:", "summary:")):
+                        total += int(line.split()[1])
+                        break
+        return total
 
 
 OHA = os.environ.get("OHA") or shutil.which("oha") or "/var/tmp/oha-root/bin/oha"
