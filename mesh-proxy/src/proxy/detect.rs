@@ -14,7 +14,7 @@ use tokio::time::Sleep;
 
 use crate::state::Detected;
 
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Longest method token we wait for; `OPTIONS` and `CONNECT` are the longest standard ones,
 /// extension methods are rarely longer.
 const MAX_METHOD: usize = 20;
@@ -81,6 +81,17 @@ pub async fn detect<R: AsyncRead + Unpin>(
             Ok(Err(e)) => return Err(e),
         }
     }
+}
+
+/// Whether the client's first bytes are HTTP/2's connection preface, looked at without
+/// taking them. `false` if they are anything else, or not all there within `timeout`: it
+/// only decides how the connection's requests are held, not how they are served.
+pub async fn starts_h2(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    matches!(
+        tokio::time::timeout(timeout, stream.peek(&mut buf)).await,
+        Ok(Ok(n)) if buf[..n] == *H2_PREFACE
+    )
 }
 
 pin_project_lite::pin_project! {
@@ -263,6 +274,33 @@ mod tests {
         let (d, buf) = detect.await.expect("join").expect("detect");
         assert_eq!(d, Detected::Opaque);
         assert_eq!(&buf[..], b"GE");
+    }
+
+    #[tokio::test]
+    async fn an_h2_preface_is_seen_without_taking_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let wait = Duration::from_secs(5);
+        for (sent, h2) in [
+            (H2_PREFACE, true),
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], false),
+            (&H2_PREFACE[..10], false),
+        ] {
+            let mut client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (mut server, _) = listener.accept().await.expect("accept");
+            client.write_all(sent).await.expect("write");
+            client.shutdown().await.expect("shutdown");
+            assert_eq!(starts_h2(&server, wait).await, h2, "{sent:?}");
+            let mut all = Vec::new();
+            server.read_to_end(&mut all).await.expect("read");
+            assert_eq!(all, sent, "the bytes are still there to serve");
+        }
+        // A client that sends nothing: not known, after the timeout.
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        assert!(!starts_h2(&server, Duration::from_millis(50)).await);
     }
 
     #[tokio::test]

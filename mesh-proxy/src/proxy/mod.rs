@@ -325,6 +325,15 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
     else {
         return;
     };
+    let h2 = if prefix.is_empty()
+        && !chain.terminate_tls
+        && matches!(chain.filter, NetworkFilter::Http { .. })
+    {
+        // A chain taken without reading first (an explicit HTTP listener's).
+        detect::starts_h2(&stream, shared.config.detect_timeout).await
+    } else {
+        prefix.starts_with(detect::H2_PREFACE)
+    };
     let io = PrefixedIo::new(prefix, stream).with_idle_timeout(shared.config.idle_timeout);
     let on = Chain {
         kind,
@@ -332,6 +341,7 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         generation: snapshot.generation,
         dst,
         src,
+        h2,
     };
     if !chain.terminate_tls {
         let filter = chain.filter.clone();
@@ -346,7 +356,8 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         return;
     };
     drop(snapshot);
-    run_filter(&inner, stream, Chain { name, ..on }, peer, shared).await;
+    let h2 = alpn == Some(Detected::H2c);
+    run_filter(&inner, stream, Chain { name, h2, ..on }, peer, shared).await;
 }
 
 /// The config to serve a connection to `dst` with: the current one, waited for a while when
@@ -501,6 +512,8 @@ struct Chain {
     dst: SocketAddr,
     /// The client's address.
     src: Option<SocketAddr>,
+    /// The connection is known to be HTTP/2 (its first bytes, or its ALPN).
+    h2: bool,
 }
 
 /// How long a client has to finish a mesh TLS handshake.
@@ -555,7 +568,18 @@ async fn run_filter<I>(
                 guard: guard::GuardCache::new(on.generation, guard.clone(), &shared.limiters),
                 faults: *faults,
             });
-            serve_http(io, ctx, shared).await;
+            if on.h2 {
+                // Boxed: hyper spawns each HTTP/2 stream's future as a task, and moves a
+                // task's future several times on the way in and out; a box makes each of
+                // those moves a pointer's instead of the whole request path's state. Over
+                // HTTP/1.1 the future is moved once, into the connection's own box, so a
+                // box of its own would only add an allocation.
+                let svc = move |req| Box::pin(http::handle(ctx.clone(), req));
+                serve_http(io, hyper::service::service_fn(svc), shared).await;
+            } else {
+                let svc = move |req| http::handle(ctx.clone(), req);
+                serve_http(io, hyper::service::service_fn(svc), shared).await;
+            }
         }
         NetworkFilter::Tcp { cluster, guard } => {
             let id = peer.as_ref().map(mesh_api::SpiffeId::as_str);
@@ -568,11 +592,17 @@ async fn run_filter<I>(
     }
 }
 
-async fn serve_http<I>(io: I, ctx: Arc<HttpCtx>, shared: &Arc<Shared>)
+async fn serve_http<I, S>(io: I, svc: S, shared: &Arc<Shared>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<upstream::Body>,
+            Error = std::convert::Infallible,
+        >,
+    S::Future: Send + 'static,
+    TokioExecutor: hyper_util::server::conn::auto::HttpServerConnExec<S::Future, upstream::Body>,
 {
-    let svc = hyper::service::service_fn(move |req| http::handle(ctx.clone(), req));
     let conn = shared
         .server
         .serve_connection_with_upgrades(TokioIo::new(io), svc);
