@@ -50,15 +50,14 @@ pub struct TraceContext {
     pub sampled: bool,
 }
 
+/// `2 * N` hex digits as `N` bytes (`N` at most 16).
 fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != 2 * N || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+    // Digits only: `from_str_radix` would also take a sign.
+    if N > 16 || s.len() != 2 * N || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
+    let all = u128::from_str_radix(s, 16).ok()?.to_be_bytes();
+    all[16 - N..].try_into().ok()
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -85,7 +84,16 @@ fn traceparent_value(c: &TraceContext) -> HeaderValue {
     if c.sampled {
         v[54] = b'1';
     }
-    HeaderValue::from_bytes(&v).unwrap_or_else(|_| HeaderValue::from_static(""))
+    never_indexed(HeaderValue::from_bytes(&v).unwrap_or_else(|_| HeaderValue::from_static("")))
+}
+
+/// A value new with each request, marked so that HTTP/2 sends it as a literal that is never
+/// indexed (RFC 7541 6.2.3). Indexed, each one went into the connection's HPACK table on
+/// both ends, pushing out the values that do repeat (authority, content type, the caller's
+/// workload), and every next one was compared with all of those before it.
+fn never_indexed(mut v: HeaderValue) -> HeaderValue {
+    v.set_sensitive(true);
+    v
 }
 
 /// A B3 trace ID: 32 hex digits, or 16 (then padded on the left, as B3 says).
@@ -108,15 +116,17 @@ fn valid(c: TraceContext) -> Option<TraceContext> {
 /// A `traceparent` value: version 00 has exactly four fields; later versions may add more
 /// after them; `ff` is never valid.
 fn traceparent(tp: &str) -> Option<TraceContext> {
-    let parts: Vec<&str> = tp.split('-').collect();
-    if parts.len() < 4 || parts[0] == "ff" || (parts[0] == "00" && parts.len() != 4) {
+    let mut parts = tp.split('-');
+    let (version, trace_id, span_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version == "ff" || (version == "00" && parts.next().is_some()) {
         return None;
     }
-    hex_to::<1>(parts[0])?;
-    let flags = hex_to::<1>(parts[3])?;
+    hex_to::<1>(version)?;
+    let flags = hex_to::<1>(flags)?;
     valid(TraceContext {
-        trace_id: hex_to(parts[1])?,
-        span_id: hex_to(parts[2])?,
+        trace_id: hex_to(trace_id)?,
+        span_id: hex_to(span_id)?,
         sampled: flags[0] & 1 == 1,
     })
 }
@@ -164,7 +174,7 @@ pub fn inject(h: &mut HeaderMap, c: &TraceContext, came_as: Option<Format>) {
         Some(Format::B3Single) => {
             let v = format!("{}-{}-{sampled}", hex(&c.trace_id), hex(&c.span_id));
             if let Ok(v) = HeaderValue::from_str(&v) {
-                h.insert(B3, v);
+                h.insert(B3, never_indexed(v));
             }
         }
         Some(Format::B3Multi) => {
@@ -172,12 +182,12 @@ pub fn inject(h: &mut HeaderMap, c: &TraceContext, came_as: Option<Format>) {
             for (name, value) in [
                 (B3_TRACE_ID, hex(&c.trace_id)),
                 (B3_SPAN_ID, hex(&c.span_id)),
-                (B3_SAMPLED, sampled.to_string()),
             ] {
                 if let Ok(v) = HeaderValue::from_str(&value) {
-                    h.insert(name, v);
+                    h.insert(name, never_indexed(v));
                 }
             }
+            h.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
             match parent {
                 Some(p) => h.insert(B3_PARENT_SPAN_ID, p),
                 None => h.remove(&B3_PARENT_SPAN_ID),
@@ -464,6 +474,7 @@ mod tests {
             out[TRACEPARENT],
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
+        assert!(out[TRACEPARENT].is_sensitive(), "never indexed by HPACK");
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
@@ -471,6 +482,9 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bz-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-+0f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
         ] {
             let h: HeaderMap = [(TRACEPARENT, HeaderValue::from_static(bad))]
                 .into_iter()
