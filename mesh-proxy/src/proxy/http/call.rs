@@ -59,7 +59,7 @@ pub(super) async fn call(
     };
     // A body that is already over is never read: nothing to count.
     let body = (!body.is_end_stream()).then(|| Counted::new(body, ex.request_body()));
-    levels.request(backend, &mut parts.headers, upgrade);
+    levels.request(backend, &mut parts.headers, parts.version, upgrade);
     let dest = Destination::new(f, host, &parts)?;
     let mut body = ReqBody::read(body, f, &parts.headers, upgrade).await?;
     // A mirror gets a copy of a body held whole; a recorded one belongs to the tries.
@@ -132,7 +132,7 @@ fn respond(
     ex: &mut Exchange,
 ) -> Response<Body> {
     let (mut p, b) = resp.into_parts();
-    strip_hop_by_hop(&mut p.headers);
+    strip_hop_by_hop(&mut p.headers, p.version);
     if let Some(c) = &affinity.set_cookie {
         p.headers.append(http::header::SET_COOKIE, c.clone());
     }

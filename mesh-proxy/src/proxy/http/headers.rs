@@ -1,8 +1,8 @@
 //! Header changes: the route config's levels (backend, route, virtual host, table) on the
 //! request and the response, and the hop-by-hop headers no hop passes on.
 
-use http::Request;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Version};
 
 use crate::state::RouteTable;
 use crate::state::route::{Route, VirtualHost, WeightedBackend};
@@ -20,14 +20,20 @@ impl Levels<'_> {
     /// client cannot name a header the route adds in `Connection` to drop it); then the
     /// header changes, least specific last so the route config has the final say (Envoy's
     /// default order).
-    pub fn request(&self, backend: &WeightedBackend, h: &mut HeaderMap, upgrade: bool) {
+    pub fn request(
+        &self,
+        backend: &WeightedBackend,
+        h: &mut HeaderMap,
+        version: Version,
+        upgrade: bool,
+    ) {
         let kept = upgrade.then(|| {
             (
                 h.get(header::CONNECTION).cloned(),
                 h.get(header::UPGRADE).cloned(),
             )
         });
-        strip_hop_by_hop(h);
+        strip_hop_by_hop(h, version);
         if let Some((conn, up)) = kept {
             if let Some(c) = conn {
                 h.insert(header::CONNECTION, c);
@@ -77,7 +83,16 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 /// Drops hop-by-hop headers, and those the `Connection` header names. `te: trailers` stays:
 /// gRPC needs it. Nothing is allocated for a message with at most one `Connection` line: a
 /// response from a keep-alive server names `keep-alive` here on every request.
-pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
+///
+/// A message that came over HTTP/2 (`version`) can only have `proxy-authorization` of them:
+/// the h2 codec refuses one with a connection-specific header (RFC 9113, 8.2.2: those of
+/// `HOP_BY_HOP` but `proxy-authorization`, and a `te` other than `trailers`), so the scan
+/// over its names is skipped.
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap, version: Version) {
+    if version == Version::HTTP_2 {
+        h.remove(header::PROXY_AUTHORIZATION);
+        return;
+    }
     // One pass over the names finds which are here (most messages carry none or one): a
     // comparison each, where a removal by name hashes it and probes the map.
     let (mut found, mut te) = ([false; HOP_BY_HOP.len()], false);
@@ -137,13 +152,13 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert("x-app", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Version::HTTP_11);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["te", "x-app"]);
         let mut h = HeaderMap::new();
         h.insert(header::TE, HeaderValue::from_static("gzip"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Version::HTTP_11);
         assert!(h.is_empty());
         // Every `Connection` line counts, and `te` stays only when each of its values is
         // `trailers`.
@@ -153,12 +168,12 @@ mod tests {
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.append(header::TE, HeaderValue::from_static("trailers"));
         h.append(header::TE, HeaderValue::from_static("gzip"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Version::HTTP_11);
         assert!(h.is_empty(), "{h:?}");
         let mut h = HeaderMap::new();
         h.append(header::TE, HeaderValue::from_static("Trailers"));
         h.append(header::TE, HeaderValue::from_static("trailers"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Version::HTTP_11);
         assert_eq!(h.get_all(header::TE).iter().count(), 2);
         // Without a `Connection` header, each hop-by-hop header still goes.
         let mut h = HeaderMap::new();
@@ -167,8 +182,60 @@ mod tests {
             h.append(n, HeaderValue::from_static("y"));
         }
         h.insert("x-app", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Version::HTTP_11);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-app"]);
+    }
+
+    /// Whether the h2 codec passes on a request carrying `name: value`, sent as a raw
+    /// HEADERS frame (h2's own client would not send a connection-specific header).
+    async fn h2_passes(name: &str, value: &str) -> bool {
+        use tokio::io::AsyncWriteExt;
+        let (mut client, server) = tokio::io::duplex(4096);
+        let served = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server).await.expect("h2 handshake");
+            matches!(conn.accept().await, Some(Ok(_)))
+        });
+        // GET http://a/ (static table entries and a literal authority), then the header as
+        // a literal without indexing, with a literal name.
+        let mut block = vec![0x82, 0x86, 0x84, 0x41, 1, b'a', 0x00];
+        for s in [name, value] {
+            block.push(u8::try_from(s.len()).expect("short"));
+            block.extend(s.as_bytes());
+        }
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let len = u8::try_from(block.len()).expect("short");
+        // HEADERS, END_STREAM | END_HEADERS, stream 1.
+        out.extend([0, 0, len, 1, 5, 0, 0, 0, 1]);
+        out.extend(block);
+        client.write_all(&out).await.expect("write");
+        client.shutdown().await.expect("shutdown");
+        served.await.expect("join")
+    }
+
+    #[tokio::test]
+    async fn over_http2_only_proxy_authorization_is_left_to_strip() {
+        // What `strip_hop_by_hop` relies on for HTTP/2: the codec refuses the rest.
+        assert!(h2_passes("x-app", "1").await, "the control passes");
+        assert!(h2_passes("te", "trailers").await);
+        for (name, value) in [
+            ("connection", "close"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("te", "gzip"),
+        ] {
+            assert!(!h2_passes(name, value).await, "{name}: {value}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("x"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, Version::HTTP_2);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-app"]);
     }
 
     #[test]
@@ -212,7 +279,7 @@ mod tests {
             HeaderValue::from_static("x-route, x-vhost, x-table, x-backend, x-app"),
         );
         h.insert("x-app", HeaderValue::from_static("1"));
-        levels.request(&backend, &mut h, false);
+        levels.request(&backend, &mut h, Version::HTTP_11, false);
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["x-backend", "x-route", "x-table", "x-vhost"]);
