@@ -201,7 +201,7 @@ pub fn inject(h: &mut HeaderMap, c: &TraceContext, came_as: Option<Format>) {
             }
             h.insert(B3_SAMPLED, HeaderValue::from_static(sampled));
             match parent {
-                Some(p) => h.insert(B3_PARENT_SPAN_ID, p),
+                Some(p) => h.insert(B3_PARENT_SPAN_ID, never_indexed(p)),
                 None => h.remove(&B3_PARENT_SPAN_ID),
             };
         }
@@ -533,6 +533,9 @@ mod tests {
         inject(&mut out, &next, Some(f));
         assert_eq!(out[B3_SPAN_ID], "0102030405060708");
         assert_eq!(out[B3_PARENT_SPAN_ID], "00f067aa0ba902b7");
+        for n in [&B3_TRACE_ID, &B3_SPAN_ID, &B3_PARENT_SPAN_ID] {
+            assert!(out[n].is_sensitive(), "{n}: never indexed by HPACK");
+        }
         assert_eq!(out[B3_SAMPLED], "0");
         assert_eq!(
             out[TRACEPARENT],
