@@ -84,8 +84,9 @@ pub async fn detect<R: AsyncRead + Unpin>(
 }
 
 /// Whether the client's first bytes are HTTP/2's connection preface, looked at without
-/// taking them. `false` if they are anything else, or not all there within `timeout`: it
-/// only decides how the connection's requests are held, not how they are served.
+/// taking them. `false` if they are anything else, if the first to arrive are fewer than the
+/// preface, or if none come within `timeout`: it only decides how the connection's requests
+/// are held, not how they are served.
 pub async fn starts_h2(stream: &tokio::net::TcpStream, timeout: Duration) -> bool {
     let mut buf = [0u8; H2_PREFACE.len()];
     matches!(

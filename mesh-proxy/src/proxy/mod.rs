@@ -329,7 +329,7 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
         && !chain.terminate_tls
         && matches!(chain.filter, NetworkFilter::Http { .. })
     {
-        // A chain taken without reading first (an explicit HTTP listener's).
+        // A chain taken without reading first (the port's only chain, or its default).
         detect::starts_h2(&stream, shared.config.detect_timeout).await
     } else {
         prefix.starts_with(detect::H2_PREFACE)
