@@ -523,26 +523,38 @@ class Callgrind:
         return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + args
 
     @staticmethod
-    def _control(flag, pids):
-        for pid in pids:
-            subprocess.run(["callgrind_control", flag, str(pid)], check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def _control(flag, pid):
+        # callgrind_control exits 0 whatever happened: its output says.
+        out = subprocess.run(["callgrind_control", flag, str(pid)], capture_output=True,
+                             text=True).stdout
+        if "Error" in out or "No active" in out or "not detected" in out:
+            raise RuntimeError(f"callgrind_control {flag} {pid}: {out.strip()}")
+
+    def _dumps(self, pid):
+        """The dumps callgrind_control made of `pid`, by number (NAME.PID.out.N)."""
+        found = {}
+        for f in os.listdir(self.directory):
+            head, sep, n = f.rpartition(".")
+            if sep and n.isdigit() and head.endswith(f".{pid}.out"):
+                found[int(n)] = os.path.join(self.directory, f)
+        return found
 
     def start(self, pids):
         """Zeroes the counts of `pids`."""
-        self._control("-z", pids)
+        for pid in pids:
+            self._control("-z", pid)
 
     def finish(self, pids, label):
-        """The instructions `pids` ran since `start`, from a dump of each (kept as
+        """The instructions `pids` ran since `start`, from a new dump of each (kept as
         NAME.PID.out.N in the directory, `label` in its header)."""
-        self._control(f"--dump={label}", pids)
         total = 0
         for pid in pids:
-            dumps = [os.path.join(self.directory, f) for f in os.listdir(self.directory)
-                     if f".{pid}.out." in f]
-            if not dumps:
+            before = set(self._dumps(pid))
+            self._control(f"--dump={label}", pid)
+            new = {n: f for n, f in self._dumps(pid).items() if n not in before}
+            if not new:
                 raise RuntimeError(f"callgrind wrote no dump for pid {pid} in {self.directory}")
-            with open(max(dumps, key=os.path.getmtime)) as f:
+            with open(new[max(new)]) as f:
                 for line in f:
                     if line.startswith(("totals:", "summary:")):
                         total += int(line.split()[1])
