@@ -54,14 +54,7 @@ pub struct TraceContext {
 /// 128-bit arithmetic) took about 1,100 instructions for a `traceparent`'s 50 digits, this
 /// about 160.
 fn hex_to<const N: usize>(s: &str) -> Option<[u8; N]> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
+    use mesh_api::path::hex as nibble;
     if s.len() != 2 * N {
         return None;
     }
