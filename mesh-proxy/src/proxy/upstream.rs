@@ -447,11 +447,13 @@ impl Target {
     }
 }
 
-/// Sends a request to an endpoint over a pooled connection, or a new one.
+/// Sends a request to an endpoint over a pooled connection, or a new one. The request is
+/// taken from `req` only as it is sent: one that no connection took (none could be had, or
+/// the future was dropped first) is still there, for the caller's next try.
 pub async fn send(
     ep: &std::sync::Arc<Endpoint>,
     target: Target,
-    req: Request<Body>,
+    req: &mut Option<Request<Body>>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     // Fail closed: without a valid SVID of its own the proxy sends no mesh traffic, not even
     // on connections opened while it had one.
@@ -556,10 +558,16 @@ fn pooled(
     })
 }
 
+/// `req`'s request, taken to be sent now.
+fn take(req: &mut Option<Request<Body>>, addr: SocketAddr) -> Result<Request<Body>, SendError> {
+    req.take()
+        .ok_or_else(|| SendError::connect(addr, "no request left to send".into(), Fault::Local))
+}
+
 async fn send_h1(
     ep: &std::sync::Arc<Endpoint>,
     target: Target,
-    mut req: Request<Body>,
+    req: &mut Option<Request<Body>>,
 ) -> Result<Response<UpstreamBody>, SendError> {
     let mut in_line = None;
     // A request waits for a connection no longer than one takes to open.
@@ -568,10 +576,10 @@ async fn send_h1(
         // A pooled connection the endpoint closed meanwhile gives the request back unsent;
         // then it goes on another, or a fresh one.
         while let Some((mut tx, used, b)) = ep.pool.take_h1(target.idle_timeout, &target.breaker) {
-            match tx.try_send_request(req).await {
+            match tx.try_send_request(take(req, ep.addr)?).await {
                 Ok(resp) => return Ok(pooled(ep, (tx, used + 1, b), resp)),
                 Err(mut e) => match e.take_message() {
-                    Some(r) => req = r,
+                    Some(r) => *req = Some(r),
                     None => return Err(SendError::Reset(e.into_error())),
                 },
             }
@@ -594,7 +602,10 @@ async fn send_h1(
     // Boxed: opening a connection is the rare case, and its future (a TLS handshake's) would
     // otherwise make every request's future that much bigger, and slower to move.
     let mut tx = Box::pin(open_h1(ep, &target, permit)).await?;
-    let resp = tx.send_request(req).await.map_err(SendError::Reset)?;
+    let resp = tx
+        .send_request(take(req, ep.addr)?)
+        .await
+        .map_err(SendError::Reset)?;
     Ok(pooled(ep, (tx, 1, target.breaker.clone()), resp))
 }
 
@@ -654,7 +665,7 @@ fn release_h1(ep: &std::sync::Arc<Endpoint>, (mut tx, used, breaker): H1) {
 async fn send_h2(
     ep: &std::sync::Arc<Endpoint>,
     target: Target,
-    req: Request<Body>,
+    req: &mut Option<Request<Body>>,
 ) -> Result<Response<Incoming>, SendError> {
     use std::sync::atomic::Ordering;
     let max = target.max_requests();
@@ -711,7 +722,9 @@ async fn send_h2(
         }
     };
     tx.ready().await.map_err(SendError::Reset)?;
-    tx.send_request(req).await.map_err(SendError::Reset)
+    tx.send_request(take(req, ep.addr)?)
+        .await
+        .map_err(SendError::Reset)
 }
 
 /// A new HTTP/2 connection to `ep`, run by a task of its own that holds `permit`.
@@ -761,6 +774,48 @@ mod tests {
             .body(empty())
             .expect("request");
         SendError::Reset(tx.send_request(req).await.expect_err("reset"))
+    }
+
+    #[tokio::test]
+    async fn a_request_no_connection_took_stays_with_the_caller() {
+        use crate::balance::{Balancer, EndpointSet, OutlierConfig};
+        use crate::state::{ClusterLimits, EndpointDef};
+        use std::sync::Arc;
+        use std::time::Duration;
+        // A port nothing listens on: every connection is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = closed.local_addr().expect("addr");
+        drop(closed);
+        let peers = Arc::new(EndpointSet::new(
+            &[EndpointDef::plain(addr)],
+            OutlierConfig::default(),
+            Balancer::PeakEwma,
+            Default::default(),
+        ));
+        let ep = peers.endpoints()[0].clone();
+        for h2 in [false, true] {
+            let target = super::Target {
+                h2,
+                connect_timeout: Duration::from_secs(5),
+                idle_timeout: Duration::from_secs(60),
+                tls: None,
+                breaker: Arc::new(crate::breaker::Breaker::new(ClusterLimits::default())),
+                peers: peers.clone(),
+            };
+            let mut req = Some(
+                http::Request::builder()
+                    .uri("http://app/")
+                    .header("x-app", "1")
+                    .body(empty())
+                    .expect("request"),
+            );
+            let e = super::send(&ep, target, &mut req)
+                .await
+                .expect_err("nothing listens");
+            assert!(e.is_connect(), "{e}");
+            let back = req.expect("the request is still the caller's");
+            assert_eq!(back.headers()["x-app"], "1", "h2: {h2}");
+        }
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use super::rewrite::Destination;
 use super::timeout::{self, Limits};
 use crate::balance::{InFlight, Outcome};
 use crate::metrics::Direction;
+use crate::state::route::RetryPolicy;
 use crate::state::{Cluster, ClusterKind, UpstreamProtocol};
 
 /// The outcome of one try.
@@ -56,30 +57,40 @@ impl Try {
     }
 }
 
-/// The request each try sends. Headers are moved into the only try there can be, and copied
-/// when a retry may need them again.
+/// The request each try sends. Its headers are moved into a try unless a retry may follow
+/// once that try has sent them, and then copied. A try that does not send its request (it
+/// found no connection) gives them back for the next.
 pub(super) struct Template {
     pub method: Method,
     headers: Option<HeaderMap>,
-    /// Whether a retry may follow, so the headers are copied.
-    keep: bool,
+    /// Whether a try over HTTP/1.1, and over HTTP/2, copies the headers.
+    copy_h1: bool,
+    copy_h2: bool,
     /// This proxy's workload, for the server's proxy.
     source: Option<HeaderValue>,
     pub dest: Destination,
 }
 
 impl Template {
+    /// Under `retry`, for a body that a retry can send again (`replayable`).
     pub fn new(
         method: Method,
         headers: HeaderMap,
-        keep: bool,
+        retry: Option<&RetryPolicy>,
+        replayable: bool,
         source: Option<HeaderValue>,
         dest: Destination,
     ) -> Self {
+        let retry = retry.filter(|_| replayable);
+        // What a retry may follow once the request was sent: a response, a reset, a per-try
+        // timeout; and over HTTP/2 a refused stream, whose request hyper has taken. A failed
+        // connection is retried too, but its request is given back.
+        let sent = retry.is_some_and(RetryPolicy::retries_sent_requests);
         Template {
             method,
             headers: Some(headers),
-            keep,
+            copy_h1: sent,
+            copy_h2: sent || retry.is_some_and(|p| p.attempts > 0 && p.on_refused_stream),
             source,
             dest,
         }
@@ -90,7 +101,7 @@ impl Template {
     fn build(&mut self, h2: bool, mesh: bool, body: Body) -> Result<Request<Body>, ProxyError> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
-        *r.headers_mut() = if self.keep {
+        *r.headers_mut() = if (h2 && self.copy_h2) || (!h2 && self.copy_h1) {
             self.headers.clone().unwrap_or_default()
         } else {
             self.headers.take().unwrap_or_default()
@@ -111,6 +122,13 @@ impl Template {
                 .insert(header::HOST, self.dest.host_value()?);
         }
         Ok(r)
+    }
+
+    /// A try's request that was never sent: its headers serve the next try.
+    fn give_back(&mut self, req: Request<Body>) {
+        if self.headers.is_none() {
+            self.headers = Some(req.into_parts().0.headers);
+        }
     }
 }
 
@@ -153,9 +171,16 @@ impl Tries<'_> {
         }
         ex.upstream(&self.cluster.name, ep.addr);
         let h2 = self.h2 || (ep.mesh_proxy && !self.upgrade);
-        let req = template.build(h2, ep.mesh_proxy, body)?;
+        let mut req = Some(template.build(h2, ep.mesh_proxy, body)?);
         let target = Target::new(&self.ctx.shared, self.cluster, h2);
-        let result = match self.limits.within(upstream::send(&ep, target, req)).await {
+        let sent = self
+            .limits
+            .within(upstream::send(&ep, target, &mut req))
+            .await;
+        if let Some(unsent) = req {
+            template.give_back(unsent);
+        }
+        let result = match sent {
             // However the try ended, the client's body is why.
             Try::Failed(_) | Try::PerTryTimeout | Try::Timeout if ex.request_body_failed() => {
                 Try::BodyFailed
@@ -174,6 +199,67 @@ impl Tries<'_> {
         match self.cluster.kind {
             ClusterKind::OriginalDst => self.cluster.original_dst(self.ctx.dst).pick(None, None),
             _ => self.cluster.endpoints.pick(avoid, self.hash),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::rewrite::tests::{dest, forward};
+    use super::*;
+
+    fn policy(set: impl FnOnce(&mut RetryPolicy)) -> RetryPolicy {
+        let mut p = RetryPolicy {
+            attempts: 2,
+            on_5xx: false,
+            on_gateway_error: false,
+            on_connect_failure: true,
+            on_reset: false,
+            on_refused_stream: false,
+            codes: Vec::new(),
+            grpc_statuses: Vec::new(),
+            per_try_timeout: None,
+            backoff_base: std::time::Duration::from_millis(25),
+            backoff_max: std::time::Duration::from_millis(250),
+        };
+        set(&mut p);
+        p
+    }
+
+    #[test]
+    fn headers_are_copied_only_when_a_retry_may_follow_a_sent_request() {
+        let f = forward(None, None);
+        let mut headers = HeaderMap::new();
+        headers.insert("x-app", HeaderValue::from_static("1"));
+        let template = |p: Option<&RetryPolicy>, replayable: bool| {
+            let d = dest(&f, "/a", "svc:80", Some("svc:80"));
+            Template::new(Method::GET, headers.clone(), p, replayable, None, d)
+        };
+        // The controller's default: failed connections and refused streams.
+        let default = policy(|p| p.on_refused_stream = true);
+        let mut t = template(Some(&default), true);
+        // Over HTTP/2 a refused stream's request is gone into hyper: copied.
+        let r = t.build(true, false, upstream::empty()).expect("h2");
+        assert_eq!(r.headers()["x-app"], "1");
+        assert!(t.headers.is_some(), "kept for a refused stream");
+        // Over HTTP/1.1 only a failed connection is retried, and its request comes back.
+        let r = t.build(false, false, upstream::empty()).expect("h1");
+        assert!(t.headers.is_none(), "moved");
+        t.give_back(r);
+        let again = t.build(false, false, upstream::empty()).expect("again");
+        assert_eq!(again.headers()["x-app"], "1");
+        assert_eq!(again.headers()[header::HOST], "svc:80");
+        // A policy that retries sent requests copies over both.
+        let status = policy(|p| p.codes = vec![503]);
+        let mut t = template(Some(&status), true);
+        t.build(false, false, upstream::empty()).expect("h1");
+        t.build(true, false, upstream::empty()).expect("h2");
+        assert!(t.headers.is_some());
+        // No retry (no policy, or a body that cannot be sent again): moved.
+        for (p, replayable) in [(None, true), (Some(&status), false)] {
+            let mut t = template(p, replayable);
+            t.build(true, false, upstream::empty()).expect("h2");
+            assert!(t.headers.is_none());
         }
     }
 }

@@ -66,9 +66,15 @@ pub(super) async fn call(
     if !f.mirrors.is_empty() && body.is_whole() {
         mirror::send(ctx, snapshot, f, &parts, &dest, &mut body);
     }
-    let keep = f.retry.is_some() && body.replayable();
     let source = ctx.shared.source_header.clone();
-    let mut template = Template::new(parts.method, parts.headers, keep, source, dest);
+    let mut template = Template::new(
+        parts.method,
+        parts.headers,
+        f.retry.as_ref(),
+        body.replayable(),
+        source,
+        dest,
+    );
     let mut retries = Retries::new(f.retry.as_ref(), &cluster, start);
     if let Some(max) = cluster.max_requests
         && cluster.endpoints.in_flight() >= max

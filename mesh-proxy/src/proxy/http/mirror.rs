@@ -45,7 +45,7 @@ pub(super) fn send(
         tokio::spawn(async move {
             let ep = inflight.endpoint.clone();
             // Charged as the main tries are.
-            match upstream::send(&ep, target, r).await {
+            match upstream::send(&ep, target, &mut Some(r)).await {
                 Ok(resp) => {
                     let ok = !resp.status().is_server_error();
                     // Read the answer so the connection can be reused.

@@ -111,10 +111,13 @@ pub(super) fn replace_prefix(path: &str, prefix: &str, to: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn forward(prefix: Option<(&str, &str)>, host: Option<&str>) -> Forward {
+    pub(in crate::proxy::http) fn forward(
+        prefix: Option<(&str, &str)>,
+        host: Option<&str>,
+    ) -> Forward {
         Forward {
             backends: vec![],
             total_weight: 0,
@@ -138,7 +141,12 @@ mod tests {
         b.body(()).expect("request").into_parts().0
     }
 
-    fn dest(f: &Forward, uri: &str, host: &str, header: Option<&str>) -> Destination {
+    pub(in crate::proxy::http) fn dest(
+        f: &Forward,
+        uri: &str,
+        host: &str,
+        header: Option<&str>,
+    ) -> Destination {
         Destination::new(f, host.into(), &parts(uri, header)).expect("destination")
     }
 
