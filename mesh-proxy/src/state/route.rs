@@ -441,6 +441,11 @@ impl RetryPolicy {
                 || !self.grpc_statuses.is_empty())
     }
 
+    /// Whether it retries a stream the endpoint refused (HTTP/2 `REFUSED_STREAM`).
+    pub fn retries_refused_streams(&self) -> bool {
+        self.attempts > 0 && self.on_refused_stream
+    }
+
     pub fn retries_status(&self, status: u16) -> bool {
         (self.on_5xx && (500..600).contains(&status))
             || (self.on_gateway_error && matches!(status, 502..=504))

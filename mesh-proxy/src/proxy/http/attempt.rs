@@ -90,7 +90,7 @@ impl Template {
             method,
             headers: Some(headers),
             copy_h1: sent,
-            copy_h2: sent || retry.is_some_and(|p| p.attempts > 0 && p.on_refused_stream),
+            copy_h2: sent || retry.is_some_and(RetryPolicy::retries_refused_streams),
             source,
             dest,
         }
@@ -129,6 +129,12 @@ impl Template {
         if self.headers.is_none() {
             self.headers = Some(req.into_parts().0.headers);
         }
+    }
+
+    /// Whether another try can be made: not once a try sent headers it did not copy, which
+    /// the copy rules above keep to tries no retry follows.
+    pub fn can_try_again(&self) -> bool {
+        self.headers.is_some()
     }
 }
 
@@ -255,11 +261,34 @@ mod tests {
         t.build(false, false, upstream::empty()).expect("h1");
         t.build(true, false, upstream::empty()).expect("h2");
         assert!(t.headers.is_some());
-        // No retry (no policy, or a body that cannot be sent again): moved.
-        for (p, replayable) in [(None, true), (Some(&status), false)] {
-            let mut t = template(p, replayable);
-            t.build(true, false, upstream::empty()).expect("h2");
-            assert!(t.headers.is_none());
+        // Given back while it holds its own, a template keeps them.
+        let mut copy = HeaderMap::new();
+        copy.insert("x-app", HeaderValue::from_static("changed"));
+        let mut sent = Request::new(upstream::empty());
+        *sent.headers_mut() = copy;
+        t.give_back(sent);
+        let r = t.build(false, false, upstream::empty()).expect("h1");
+        assert_eq!(r.headers()["x-app"], "1");
+        // Nothing a sent request may be retried for: moved, over both.
+        let connect_only = policy(|_| {});
+        let refused_no_tries = policy(|p| {
+            p.on_refused_stream = true;
+            p.attempts = 0;
+        });
+        for (p, replayable) in [
+            (None, true),
+            (Some(&status), false),
+            (Some(&connect_only), true),
+            (Some(&refused_no_tries), true),
+        ] {
+            for h2 in [false, true] {
+                let mut t = template(p, replayable);
+                t.build(h2, false, upstream::empty()).expect("try");
+                assert!(
+                    !t.can_try_again(),
+                    "h2 {h2}: {p:?}, replayable {replayable}"
+                );
+            }
         }
     }
 }

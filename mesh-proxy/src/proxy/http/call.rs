@@ -120,6 +120,9 @@ async fn run(
     loop {
         let try_body = retries.body(body);
         let (result, ep) = tries.send(retries.avoid, template, try_body, ex).await?;
+        if !template.can_try_again() {
+            return Ok(result);
+        }
         match retries.again(&result, ep, tries.cluster, body, &tries.limits, metrics) {
             Some(wait) => tokio::time::sleep(wait).await,
             None => return Ok(result),
