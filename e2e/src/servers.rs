@@ -113,6 +113,7 @@ impl EchoServer {
                             };
                             let traceparent = seen("traceparent");
                             let source = seen("x-mesh-source-workload");
+                            let app = seen("x-app");
                             let body = match req.into_body().collect().await {
                                 Ok(b) => b.to_bytes(),
                                 Err(e) => Bytes::from(format!("body error: {e}")),
@@ -139,6 +140,7 @@ impl EchoServer {
                                 ("x-seen-xfcc", xfcc),
                                 ("x-seen-traceparent", traceparent),
                                 ("x-seen-source-workload", source),
+                                ("x-seen-app", app),
                             ] {
                                 if let Ok(v) = hyper::header::HeaderValue::from_str(&v) {
                                     h.insert(k, v);

@@ -186,6 +186,54 @@ async fn retries_hide_an_endpoint_failing_half_its_requests() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_connection_is_retried_with_the_whole_request() -> anyhow::Result<()> {
+    // pod-a answers at 127.0.0.2; nothing listens at .3 on its port. Under the default
+    // policy (failed connections, refused streams) a try that picks .3 is retried, on pod-a
+    // (a retry avoids the endpoint that failed). Over HTTP/1.1 the proxy moves the request's
+    // headers into a try rather than copying them, and a try that found no connection hands
+    // them back: the retry must still carry the client's header.
+    let app = EchoServer::start_on("pod-a", "127.0.0.2:0".parse()?).await?;
+    let manifests = one_endpoint_manifests(
+        app.addr.port(),
+        "  - matches: [{path: {type: PathPrefix, value: /}}]",
+    )
+    .replace("['127.0.0.2']", "['127.0.0.2', '127.0.0.3']");
+    let mesh = LocalMesh::start().await?;
+    mesh.write("flaky.yaml", &manifests)?;
+    let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
+    wait_config(&proxy, "flaky's two endpoints", |s| {
+        s.clusters
+            .values()
+            .any(|c| c.name.contains("flaky.default") && c.endpoints.len() == 2)
+    })
+    .await?;
+    let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
+    let retried = || flaky_retries(&proxy, "mesh_proxy_retries_total", "connect-failure");
+    let mut sent = 0;
+    // Until the dead endpoint was tried: the balancer picks between two it knows nothing of
+    // at random, and shuns one once it failed.
+    while retried() < 1.0 && sent < 200 {
+        let (status, headers, body) = client
+            .get_full("flaky:8080", "/", &[("x-app", "whole")])
+            .await?;
+        assert_eq!((status, body.as_str()), (200, "pod-a"));
+        assert_eq!(
+            headers.get("x-seen-app").map(|v| v.as_bytes()),
+            Some(&b"whole"[..]),
+            "request {sent} reached the app without the client's header"
+        );
+        sent += 1;
+    }
+    let n = retried();
+    eprintln!("{sent} requests, {n} retried after a failed connection");
+    assert!(
+        n >= 1.0,
+        "no retry after a failed connection in {sent} requests"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_is_ejected_and_readmitted_when_it_recovers() -> anyhow::Result<()> {
     let mut eps = three_endpoints().await?;
     // pod-c is the fastest, so the balancer prefers it: its death is felt at once.
