@@ -120,12 +120,11 @@ async fn run(
     loop {
         let try_body = retries.body(body);
         let (result, ep) = tries.send(retries.avoid, template, try_body, ex).await?;
-        if !template.can_try_again() {
-            return Ok(result);
-        }
         match retries.again(&result, ep, tries.cluster, body, &tries.limits, metrics) {
-            Some(wait) => tokio::time::sleep(wait).await,
-            None => return Ok(result),
+            // Never without the request's headers: the copy rules keep a try that sent them
+            // uncopied to results no retry follows, and should they not, it stops here.
+            Some(wait) if template.can_try_again() => tokio::time::sleep(wait).await,
+            _ => return Ok(result),
         }
     }
 }
