@@ -106,12 +106,21 @@ async fn one_endpoint_proxy(
 }
 
 async fn one_endpoint_proxy_of(mesh: &LocalMesh, manifests: &str) -> anyhow::Result<Proxy> {
+    flaky_proxy_of(mesh, manifests, 1).await
+}
+
+/// A proxy with `manifests` (of `flaky`), once it holds `endpoints` endpoints of `flaky`.
+async fn flaky_proxy_of(
+    mesh: &LocalMesh,
+    manifests: &str,
+    endpoints: usize,
+) -> anyhow::Result<Proxy> {
     mesh.write("flaky.yaml", manifests)?;
     let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
-    wait_config(&proxy, "flaky's endpoint", |s| {
+    wait_config(&proxy, "flaky's endpoints", |s| {
         s.clusters
             .values()
-            .any(|c| c.name.contains("flaky.default") && c.endpoints.len() == 1)
+            .any(|c| c.name.contains("flaky.default") && c.endpoints.len() == endpoints)
     })
     .await?;
     Ok(proxy)
@@ -199,14 +208,7 @@ async fn a_failed_connection_is_retried_with_the_whole_request() -> anyhow::Resu
     )
     .replace("['127.0.0.2']", "['127.0.0.2', '127.0.0.3']");
     let mesh = LocalMesh::start().await?;
-    mesh.write("flaky.yaml", &manifests)?;
-    let proxy = mesh.proxy(mesh.proxy_config("default/client-0")).await?;
-    wait_config(&proxy, "flaky's two endpoints", |s| {
-        s.clusters
-            .values()
-            .any(|c| c.name.contains("flaky.default") && c.endpoints.len() == 2)
-    })
-    .await?;
+    let proxy = flaky_proxy_of(&mesh, &manifests, 2).await?;
     let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
     let retried = || flaky_retries(&proxy, "mesh_proxy_retries_total", "connect-failure");
     let mut sent = 0;
