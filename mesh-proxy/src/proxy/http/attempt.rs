@@ -101,7 +101,8 @@ impl Template {
     fn build(&mut self, h2: bool, mesh: bool, body: Body) -> Result<Request<Body>, ProxyError> {
         let mut r = Request::new(body);
         *r.method_mut() = self.method.clone();
-        *r.headers_mut() = if (h2 && self.copy_h2) || (!h2 && self.copy_h1) {
+        let copy = if h2 { self.copy_h2 } else { self.copy_h1 };
+        *r.headers_mut() = if copy {
             self.headers.clone().unwrap_or_default()
         } else {
             self.headers.take().unwrap_or_default()
