@@ -93,17 +93,30 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap, version: Version) {
         h.remove(header::PROXY_AUTHORIZATION);
         return;
     }
+    strip(h, &HOP_BY_HOP);
+}
+
+/// Drops the headers HTTP/2 forbids in a request (RFC 9113, 8.2.2), and those the
+/// `Connection` header names, as [`strip_hop_by_hop`] drops an HTTP/1.1 message's.
+pub(in crate::proxy) fn strip_connection_specific(h: &mut HeaderMap) {
+    // All of HOP_BY_HOP but `proxy-authorization`, its last.
+    strip(h, &HOP_BY_HOP[..HOP_BY_HOP.len() - 1]);
+}
+
+/// Drops `names` (`Connection` first), the headers a `Connection` line names, and a `te`
+/// other than `trailers`.
+fn strip(h: &mut HeaderMap, names: &[HeaderName]) {
     // One pass over the names finds which are here (most messages carry none or one): a
     // comparison each, where a removal by name hashes it and probes the map.
     let (mut found, mut te) = ([false; HOP_BY_HOP.len()], false);
     for name in h.keys() {
-        match HOP_BY_HOP.iter().position(|n| n == name) {
+        match names.iter().position(|n| n == name) {
             Some(i) => found[i] = true,
             None => te |= name == header::TE,
         }
     }
-    // `Connection` is the first of HOP_BY_HOP. Every `Connection` line counts (RFC 9110,
-    // 7.6.1); a second one is rare, and only then are the lines copied.
+    // Every `Connection` line counts (RFC 9110, 7.6.1); a second one is rare, and only then
+    // are the lines copied.
     if found[0] {
         let mut lines = h.get_all(header::CONNECTION).iter();
         let first = lines.next().cloned();
@@ -113,7 +126,7 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap, version: Version) {
             remove_listed(h, line);
         }
     }
-    for (n, _) in HOP_BY_HOP.iter().zip(found).skip(1).filter(|(_, f)| *f) {
+    for (n, _) in names.iter().zip(found).skip(1).filter(|(_, f)| *f) {
         h.remove(n);
     }
     if te
@@ -184,6 +197,31 @@ mod tests {
         h.insert("x-app", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h, Version::HTTP_11);
         assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-app"]);
+    }
+
+    #[test]
+    fn a_request_to_http2_loses_what_http2_forbids_and_only_that() {
+        // As a route's header changes may leave it: every connection-specific header, and
+        // what `Connection` names; `te: trailers` and `proxy-authorization` are allowed.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-private"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        for n in &HOP_BY_HOP[1..HOP_BY_HOP.len() - 1] {
+            h.insert(n, HeaderValue::from_static("x"));
+        }
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        strip_connection_specific(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["proxy-authorization", "te"]);
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_connection_specific(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     /// Whether the h2 codec passes on a request carrying `name: value`, sent as a raw

@@ -32,6 +32,7 @@ use super::observe::{self, Exchange};
 use super::upstream::Body;
 use crate::metrics::{Direction, Peer};
 pub(super) use body::Lingering;
+pub(super) use headers::strip_connection_specific;
 
 /// The header that tells the app who called; never taken from outside the mesh.
 pub const XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
