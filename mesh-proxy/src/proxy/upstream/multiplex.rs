@@ -1,0 +1,531 @@
+//! HTTP/2 to endpoints, on the h2 codec directly. A request's stream is opened, its body sent
+//! and its response awaited by the request's own task: hyper's HTTP/2 client hands each request
+//! through a channel to a dispatch task and spawns a task for the response and another for the
+//! body, which cost about 6,000 instructions per request in a sidecar (docs/benchmarks.md).
+//! The connection runs in a task of its own; a second task pings it while streams are open.
+
+use std::error::Error as StdError;
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response};
+use http_body::{Body as _, Frame, SizeHint};
+use tracing::debug;
+
+use super::super::http::strip_connection_specific;
+use super::{Body, BoxError, SendError};
+
+/// A connection with streams open is pinged this long after the last ping answered...
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and closed when the answer takes longer than this.
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the requests on one connection share with its tasks.
+#[derive(Debug, Default)]
+struct State {
+    /// Requests sent on it, for `max_requests_per_connection`.
+    used: AtomicU32,
+    /// Streams open (a response or a request body not done): keep-alive pings only while
+    /// there are some, so that servers that count pings on idle connections as abuse (gRPC's
+    /// default policy) do not close it.
+    open: AtomicUsize,
+    /// The connection ended, or said it takes no new streams (GOAWAY).
+    closed: AtomicBool,
+}
+
+/// One open stream, counted while it lives.
+#[derive(Debug)]
+struct Open(Arc<State>);
+
+impl Open {
+    fn new(state: &Arc<State>) -> Self {
+        state.open.fetch_add(1, Ordering::Relaxed);
+        Open(state.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A multiplexed connection to an endpoint, as the pool keeps it.
+#[derive(Clone, Debug)]
+pub struct Connection {
+    tx: SendRequest<Bytes>,
+    state: Arc<State>,
+}
+
+impl Connection {
+    /// The HTTP/2 handshake on `io`; the connection is then run by a task that holds `permit`
+    /// (a connection permit of the cluster's breaker) until it ends.
+    pub async fn handshake<I>(
+        io: I,
+        addr: SocketAddr,
+        permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<Connection, h2::Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        // hyper's client settings, which this connection had before it ran on h2 directly.
+        let (tx, mut conn) = h2::client::Builder::new()
+            .initial_max_send_streams(100)
+            .initial_window_size(2 * 1024 * 1024)
+            .initial_connection_window_size(5 * 1024 * 1024)
+            .max_frame_size(16 * 1024)
+            .max_header_list_size(16 * 1024)
+            .max_send_buffer_size(1024 * 1024)
+            .max_local_error_reset_streams(Some(1024))
+            .enable_push(false)
+            .handshake::<_, Bytes>(io)
+            .await?;
+        let state = Arc::new(State::default());
+        let pings = conn.ping_pong();
+        let ended = state.clone();
+        let task = tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = conn.await {
+                debug!(endpoint = %addr, error = %e, "upstream connection ended");
+            }
+            ended.closed.store(true, Ordering::Relaxed);
+        });
+        if let Some(pings) = pings {
+            tokio::spawn(keep_alive(pings, state.clone(), task.abort_handle(), addr));
+        }
+        Ok(Connection { tx, state })
+    }
+
+    /// Whether a new request may go on this connection, which has carried fewer than `max`.
+    pub fn usable(&self, max: Option<u32>) -> bool {
+        !self.state.closed.load(Ordering::Relaxed)
+            && max.is_none_or(|m| self.state.used.load(Ordering::Relaxed) < m)
+    }
+
+    /// Counts one more request on this connection.
+    pub fn count(&self) {
+        self.state.used.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sends the request in `req`, taken only once the connection can open a stream for it,
+    /// and waits for the response headers while it sends the body. A body still streaming
+    /// when the response comes is sent on by a task of its own.
+    /// A connection that turns out closed or gone away (GOAWAY) is marked so and leaves the
+    /// request in `req`: [`Sent::Closed`].
+    pub async fn send(
+        self,
+        req: &mut Option<Request<Body>>,
+        addr: SocketAddr,
+    ) -> Result<Sent, SendError> {
+        let Connection { mut tx, state } = self;
+        if let Err(e) = poll_fn(|cx| tx.poll_ready(cx)).await {
+            state.closed.store(true, Ordering::Relaxed);
+            return Ok(Sent::Closed(e));
+        }
+        let (mut head, body) = super::take(req, addr)?.into_parts();
+        // A route's header changes come after the hop-by-hop headers went, and may add one
+        // HTTP/2 forbids: the h2 codec would refuse the request.
+        strip_connection_specific(&mut head.headers);
+        if let Some(len) = body.size_hint().exact()
+            && (len != 0 || !matches!(head.method, Method::GET | Method::HEAD | Method::DELETE))
+            && !head.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            head.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+        let eos = body.is_end_stream();
+        let (mut response, stream) = tx
+            .send_request(Request::from_parts(head, ()), eos)
+            .map_err(|e| SendError::Reset(e.into()))?;
+        drop(tx);
+        let open = Open::new(&state);
+        let mut pipe = (!eos).then(|| Pipe {
+            body,
+            stream,
+            first: true,
+            held: None,
+        });
+        let resp = poll_fn(|cx| {
+            if let Some(p) = pipe.as_mut()
+                && let Poll::Ready(done) = Pin::new(p).poll(cx)
+            {
+                if let Err(e) = done {
+                    debug!(endpoint = %addr, error = %e, "request body not sent");
+                }
+                pipe = None;
+            }
+            Pin::new(&mut response).poll(cx)
+        })
+        .await
+        .map_err(|e| SendError::Reset(e.into()))?;
+        if let Some(p) = pipe {
+            let open = Open::new(&state);
+            tokio::spawn(async move {
+                let _open = open;
+                if let Err(e) = p.await {
+                    debug!(endpoint = %addr, error = %e, "request body not sent");
+                }
+            });
+        }
+        let (parts, recv) = resp.into_parts();
+        let body = RecvBody::new(recv, &parts.headers, open);
+        Ok(Sent::Response(Response::from_parts(parts, body)))
+    }
+}
+
+/// What came of sending a request on a connection.
+#[derive(Debug)]
+pub enum Sent {
+    Response(Response<RecvBody>),
+    /// The connection takes no new streams (it ended, or the endpoint sent GOAWAY); the
+    /// request was not taken.
+    Closed(h2::Error),
+}
+
+/// Pings the connection every [`KEEP_ALIVE_INTERVAL`] while streams are open, and closes it
+/// (ending its task) when an answer takes longer than [`KEEP_ALIVE_TIMEOUT`]: a peer that
+/// stopped answering fails its requests instead of holding them. Ends with the connection.
+async fn keep_alive(
+    mut pings: h2::PingPong,
+    state: Arc<State>,
+    conn: tokio::task::AbortHandle,
+    addr: SocketAddr,
+) {
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        if conn.is_finished() {
+            return;
+        }
+        if state.open.load(Ordering::Relaxed) == 0 {
+            continue;
+        }
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                debug!(endpoint = %addr, error = %e, "keep-alive ping not sent");
+                return;
+            }
+            Err(_) => {
+                debug!(endpoint = %addr, "keep-alive ping unanswered: connection closed");
+                state.closed.store(true, Ordering::Relaxed);
+                conn.abort();
+                return;
+            }
+        }
+    }
+}
+
+/// A request body sent on its stream. The first data goes at once, with the headers (h2
+/// buffers it until the stream has send capacity); after that each frame waits for capacity,
+/// so a body never runs further ahead of the peer's window than one frame.
+struct Pipe {
+    body: Body,
+    stream: SendStream<Bytes>,
+    first: bool,
+    /// A data frame waiting for capacity, and whether it ends the body.
+    held: Option<(Bytes, bool)>,
+}
+
+impl Future for Pipe {
+    type Output = Result<(), BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(reason) = this.stream.poll_reset(cx) {
+                let reason = reason?;
+                return Poll::Ready(Err(h2::Error::from(reason).into()));
+            }
+            if let Some((data, eos)) = this.held.take() {
+                if this.stream.capacity() == 0 {
+                    let capacity = this.stream.poll_capacity(cx);
+                    this.held = Some((data, eos));
+                    match ready!(capacity) {
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return Poll::Ready(Err(e.into())),
+                        None => return Poll::Ready(Err("stream closed while sending".into())),
+                    }
+                }
+                this.stream.send_data(data, eos)?;
+                if eos {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(Ok(frame)) => frame,
+                Some(Err(e)) => {
+                    this.stream.send_reset(reason_of(&*e));
+                    return Poll::Ready(Err(e));
+                }
+                None => {
+                    this.stream.send_data(Bytes::new(), true)?;
+                    return Poll::Ready(Ok(()));
+                }
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let eos = this.body.is_end_stream();
+                    if std::mem::take(&mut this.first) || data.is_empty() {
+                        this.stream.send_data(data, eos)?;
+                        if eos {
+                            return Poll::Ready(Ok(()));
+                        }
+                    } else {
+                        this.stream.reserve_capacity(1);
+                        this.held = Some((data, eos));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        this.stream.reserve_capacity(0);
+                        this.stream.send_trailers(trailers)?;
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The reset reason to pass on for a body that failed with `e`: the reason of an HTTP/2 reset
+/// behind it (a client that cancelled its stream), else `INTERNAL_ERROR`.
+fn reason_of(e: &(dyn StdError + 'static)) -> h2::Reason {
+    super::and_sources(e)
+        .find_map(|e| e.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason)
+        .unwrap_or(h2::Reason::INTERNAL_ERROR)
+}
+
+/// A response body from an HTTP/2 endpoint: data (its flow-control window released as it is
+/// taken), then trailers. h2 checks the data against the response's `content-length`.
+#[derive(Debug)]
+pub struct RecvBody {
+    recv: RecvStream,
+    data_done: bool,
+    /// What is left of the declared length.
+    left: Option<u64>,
+    _open: Open,
+}
+
+impl RecvBody {
+    /// The body of a response with `headers` (its declared length).
+    fn new(recv: RecvStream, headers: &HeaderMap, open: Open) -> Self {
+        let left = if recv.is_end_stream() {
+            Some(0)
+        } else {
+            headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        };
+        RecvBody {
+            recv,
+            data_done: false,
+            left,
+            _open: open,
+        }
+    }
+}
+
+impl http_body::Body for RecvBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if !this.data_done {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    if let Some(left) = this.left.as_mut() {
+                        *left = left.saturating_sub(data.len() as u64);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // A reset with NO_ERROR after the response says the endpoint needs no more
+                // of the request (RFC 9113, 8.1): the response is whole.
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(this.recv.poll_trailers(cx)) {
+            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.left
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::upstream::empty;
+    use http_body_util::BodyExt;
+    use tokio::sync::oneshot;
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    fn get() -> Request<Body> {
+        Request::builder()
+            .uri("http://app/")
+            .body(empty())
+            .expect("request")
+    }
+
+    fn response(sent: Sent) -> Response<RecvBody> {
+        match sent {
+            Sent::Response(r) => r,
+            Sent::Closed(e) => panic!("connection closed: {e}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_connection_stops_answering_pings_fails() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server).await.expect("handshake");
+            let stream = conn.accept().await;
+            // Holds the stream unanswered, and reads nothing more: no ping is answered.
+            std::future::pending::<()>().await;
+            drop((conn, stream));
+        });
+        let conn = Connection::handshake(client, addr(), None)
+            .await
+            .expect("client handshake");
+        let started = tokio::time::Instant::now();
+        let sent = tokio::time::timeout(
+            10 * KEEP_ALIVE_INTERVAL,
+            conn.clone().send(&mut Some(get()), addr()),
+        )
+        .await
+        .expect("the request fails before its timeout");
+        let e = sent.expect_err("no answer");
+        assert!(
+            started.elapsed() >= KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT,
+            "failed after {:?}: {e}",
+            started.elapsed()
+        );
+        assert!(
+            !conn.usable(None),
+            "a connection that failed its ping is closed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_not_pinged() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server).await.expect("handshake");
+            let (_req, mut respond) = conn.accept().await.expect("a stream").expect("a request");
+            respond
+                .send_response(Response::new(()), true)
+                .expect("response");
+            // Sends the answer, then reads nothing more: a ping would go unanswered.
+            tokio::select! {
+                _ = conn.accept() => {}
+                _ = stopped => {}
+            }
+            std::future::pending::<()>().await;
+            drop(conn);
+        });
+        let conn = Connection::handshake(client, addr(), None)
+            .await
+            .expect("client handshake");
+        let sent = conn.clone().send(&mut Some(get()), addr()).await;
+        let resp = response(sent.expect("sent"));
+        assert_eq!(resp.status(), http::StatusCode::OK);
+        drop(resp);
+        let _ = stop.send(());
+        tokio::time::sleep(3 * (KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT)).await;
+        assert!(
+            conn.usable(None),
+            "an idle connection was pinged, and closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_larger_than_the_window_arrives_whole_with_its_trailers() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        // A stream window of 1 KiB: every frame after the first waits for capacity.
+        tokio::spawn(async move {
+            let mut conn = h2::server::Builder::new()
+                .initial_window_size(1024)
+                .handshake::<_, Bytes>(server)
+                .await
+                .expect("handshake");
+            let (req, mut respond) = conn.accept().await.expect("a stream").expect("a request");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let mut got = 0usize;
+            while let Some(data) = body.data().await {
+                let data = data.expect("data");
+                got += data.len();
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            let trailers = body.trailers().await.expect("trailers");
+            let resp = Response::builder()
+                .header("x-got", got)
+                .header(
+                    "x-trailer",
+                    trailers
+                        .and_then(|t| t.get("x-sum").cloned())
+                        .unwrap_or(HeaderValue::from_static("none")),
+                )
+                .body(())
+                .expect("response");
+            respond.send_response(resp, true).expect("response sent");
+        });
+        let conn = Connection::handshake(client, addr(), None)
+            .await
+            .expect("client handshake");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .boxed_unsync();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("http://app/")
+            .body(body)
+            .expect("request");
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                let chunk = Bytes::from(vec![b'x'; 3000]);
+                tx.send(Ok(Frame::data(chunk))).await.expect("chunk");
+            }
+            let mut t = HeaderMap::new();
+            t.insert("x-sum", HeaderValue::from_static("9000"));
+            tx.send(Ok(Frame::trailers(t))).await.expect("trailers");
+        });
+        let sent = conn.send(&mut Some(req), addr()).await;
+        let resp = response(sent.expect("sent"));
+        assert_eq!(resp.headers()["x-got"], "9000");
+        assert_eq!(resp.headers()["x-trailer"], "9000");
+    }
+}
