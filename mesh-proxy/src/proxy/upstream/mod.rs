@@ -762,6 +762,8 @@ async fn open_h2(
 #[cfg(test)]
 mod tests {
     use super::{Causes, SendError, empty};
+    use std::sync::Arc;
+    use std::time::Duration;
 
     /// The error of a request whose stream an HTTP/2 server resets with `reason` before
     /// answering.
@@ -786,16 +788,15 @@ mod tests {
         conn.send(&mut Some(req), addr).await.expect_err("reset")
     }
 
-    #[tokio::test]
-    async fn a_request_no_connection_took_stays_with_the_caller() {
+    /// The one endpoint at `addr`, and a target of its cluster (over HTTP/2 when `h2`).
+    fn endpoint_at(
+        addr: std::net::SocketAddr,
+    ) -> (
+        Arc<crate::balance::Endpoint>,
+        impl Fn(bool) -> super::Target,
+    ) {
         use crate::balance::{Balancer, EndpointSet, OutlierConfig};
         use crate::state::{ClusterLimits, EndpointDef};
-        use std::sync::Arc;
-        use std::time::Duration;
-        // A port nothing listens on: every connection is refused.
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = closed.local_addr().expect("addr");
-        drop(closed);
         let peers = Arc::new(EndpointSet::new(
             &[EndpointDef::plain(addr)],
             OutlierConfig::default(),
@@ -803,29 +804,95 @@ mod tests {
             Default::default(),
         ));
         let ep = peers.endpoints()[0].clone();
+        let breaker = Arc::new(crate::breaker::Breaker::new(ClusterLimits::default()));
+        let target = move |h2| super::Target {
+            h2,
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            tls: None,
+            breaker: breaker.clone(),
+            peers: peers.clone(),
+        };
+        (ep, target)
+    }
+
+    fn get() -> http::Request<super::Body> {
+        http::Request::builder()
+            .uri("http://app/")
+            .header("x-app", "1")
+            .body(empty())
+            .expect("request")
+    }
+
+    #[tokio::test]
+    async fn a_request_no_connection_took_stays_with_the_caller() {
+        // A port nothing listens on: every connection is refused.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = closed.local_addr().expect("addr");
+        drop(closed);
+        let (ep, target) = endpoint_at(addr);
         for h2 in [false, true] {
-            let target = super::Target {
-                h2,
-                connect_timeout: Duration::from_secs(5),
-                idle_timeout: Duration::from_secs(60),
-                tls: None,
-                breaker: Arc::new(crate::breaker::Breaker::new(ClusterLimits::default())),
-                peers: peers.clone(),
-            };
-            let mut req = Some(
-                http::Request::builder()
-                    .uri("http://app/")
-                    .header("x-app", "1")
-                    .body(empty())
-                    .expect("request"),
-            );
-            let e = super::send(&ep, target, &mut req)
+            let mut req = Some(get());
+            let e = super::send(&ep, target(h2), &mut req)
                 .await
                 .expect_err("nothing listens");
             assert!(e.is_connect(), "{e}");
             let back = req.expect("the request is still the caller's");
             assert_eq!(back.headers()["x-app"], "1", "h2: {h2}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_request_finding_its_connection_gone_away_goes_on_a_new_one() {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            // The first connection answers its request after a GOAWAY (h2 writes it first),
+            // and ends the answer's body only once the second request has been answered.
+            let (io, _) = listener.accept().await.expect("accept");
+            let mut first = h2::server::handshake(io).await.expect("handshake");
+            let (_, mut respond) = first.accept().await.expect("a stream").expect("a request");
+            first.graceful_shutdown();
+            let mut body = respond
+                .send_response(http::Response::new(()), false)
+                .expect("response");
+            let first = tokio::spawn(async move { while first.accept().await.is_some() {} });
+            let (io, _) = listener.accept().await.expect("a second connection");
+            let mut second = h2::server::handshake(io).await.expect("handshake");
+            let (_, mut respond) = second.accept().await.expect("a stream").expect("a request");
+            respond
+                .send_response(http::Response::new(()), true)
+                .expect("response");
+            tokio::spawn(async move { while second.accept().await.is_some() {} });
+            let _ = finished.await;
+            body.send_data(bytes::Bytes::from_static(b"done"), true)
+                .expect("body");
+            let _ = first.await;
+        });
+        let (ep, target) = endpoint_at(addr);
+        let a = super::send(&ep, target(true), &mut Some(get()))
+            .await
+            .expect("the first request is answered");
+        let b = super::send(&ep, target(true), &mut Some(get()))
+            .await
+            .expect("the second request is answered, on a new connection");
+        assert_eq!(b.status(), http::StatusCode::OK);
+        let _ = finish.send(());
+        let body = a
+            .into_body()
+            .collect()
+            .await
+            .expect("first body")
+            .to_bytes();
+        assert_eq!(
+            body, "done",
+            "the first request's answer ends after the GOAWAY"
+        );
+        server.await.expect("server");
     }
 
     #[tokio::test]
