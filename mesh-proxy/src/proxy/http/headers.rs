@@ -93,28 +93,42 @@ pub(super) fn strip_hop_by_hop(h: &mut HeaderMap, version: Version) {
         h.remove(header::PROXY_AUTHORIZATION);
         return;
     }
-    strip(h, &HOP_BY_HOP);
+    strip(h, HOP_BY_HOP.len());
 }
 
 /// Drops the headers HTTP/2 forbids in a request (RFC 9113, 8.2.2), and those the
 /// `Connection` header names, as [`strip_hop_by_hop`] drops an HTTP/1.1 message's.
 pub(in crate::proxy) fn strip_connection_specific(h: &mut HeaderMap) {
     // All of HOP_BY_HOP but `proxy-authorization`, its last.
-    strip(h, &HOP_BY_HOP[..HOP_BY_HOP.len() - 1]);
+    strip(h, HOP_BY_HOP.len() - 1);
 }
 
-/// Drops `names` (`Connection` first), the headers a `Connection` line names, and a `te`
-/// other than `trailers`.
-fn strip(h: &mut HeaderMap, names: &[HeaderName]) {
-    // One pass over the names finds which are here (most messages carry none or one): a
-    // comparison each, where a removal by name hashes it and probes the map.
-    let (mut found, mut te) = ([false; HOP_BY_HOP.len()], false);
-    for name in h.keys() {
-        match names.iter().position(|n| n == name) {
-            Some(i) => found[i] = true,
-            None => te |= name == header::TE,
-        }
+/// Where `name` is in [`HOP_BY_HOP`], or past its end for `te`: a `match` on the name's text
+/// compares its length first, cheaper than comparing it with each name in turn.
+fn hop_index(name: &HeaderName) -> Option<usize> {
+    match name.as_str() {
+        "connection" => Some(0),
+        "keep-alive" => Some(1),
+        "proxy-connection" => Some(2),
+        "transfer-encoding" => Some(3),
+        "upgrade" => Some(4),
+        "proxy-authorization" => Some(5),
+        "te" => Some(HOP_BY_HOP.len()),
+        _ => None,
     }
+}
+
+/// Drops the first `count` of [`HOP_BY_HOP`], the headers a `Connection` line names, and a
+/// `te` other than `trailers`.
+fn strip(h: &mut HeaderMap, count: usize) {
+    // One pass over the names finds which are here (most messages carry none or one), where
+    // a removal by name hashes it and probes the map.
+    let mut found = [false; HOP_BY_HOP.len() + 1];
+    for i in h.keys().filter_map(hop_index) {
+        found[i] = true;
+    }
+    let te = found[HOP_BY_HOP.len()];
+    let names = &HOP_BY_HOP[..count];
     // Every `Connection` line counts (RFC 9110, 7.6.1); a second one is rare, and only then
     // are the lines copied.
     if found[0] {
@@ -129,13 +143,17 @@ fn strip(h: &mut HeaderMap, names: &[HeaderName]) {
     for (n, _) in names.iter().zip(found).skip(1).filter(|(_, f)| *f) {
         h.remove(n);
     }
-    if te
-        && !h
-            .get_all(header::TE)
+    if te {
+        let tes = h.get_all(header::TE);
+        if !tes
             .iter()
             .all(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        h.remove(header::TE);
+        {
+            h.remove(header::TE);
+        } else if tes.iter().any(|v| v != "trailers") {
+            // HTTP/2 allows `trailers` alone, and in lower case (RFC 9113, 8.2.2).
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
     }
 }
 
@@ -156,6 +174,9 @@ mod tests {
 
     #[test]
     fn hop_by_hop_headers_are_dropped() {
+        for (i, n) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_index(n), Some(i), "{n}");
+        }
         let mut h = HeaderMap::new();
         h.insert(
             header::CONNECTION,
@@ -187,7 +208,8 @@ mod tests {
         h.append(header::TE, HeaderValue::from_static("Trailers"));
         h.append(header::TE, HeaderValue::from_static("trailers"));
         strip_hop_by_hop(&mut h, Version::HTTP_11);
-        assert_eq!(h.get_all(header::TE).iter().count(), 2);
+        let tes: Vec<_> = h.get_all(header::TE).iter().collect();
+        assert_eq!(tes, ["trailers"], "kept, as HTTP/2 allows it");
         // Without a `Connection` header, each hop-by-hop header still goes.
         let mut h = HeaderMap::new();
         for n in &HOP_BY_HOP[1..] {
@@ -222,6 +244,13 @@ mod tests {
         h.insert(header::TE, HeaderValue::from_static("gzip"));
         strip_connection_specific(&mut h);
         assert!(h.is_empty(), "{h:?}");
+        // `Trailers` from an HTTP/1.1 client goes on as the h2 codec accepts it.
+        let mut h = HeaderMap::new();
+        h.append(header::TE, HeaderValue::from_static("Trailers"));
+        h.append(header::TE, HeaderValue::from_static("trailers"));
+        strip_connection_specific(&mut h);
+        let tes: Vec<_> = h.get_all(header::TE).iter().collect();
+        assert_eq!(tes, ["trailers"]);
     }
 
     /// Whether the h2 codec passes on a request carrying `name: value`, sent as a raw
