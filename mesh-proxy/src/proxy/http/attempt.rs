@@ -83,7 +83,7 @@ impl Template {
     ) -> Self {
         let retry = retry.filter(|_| replayable);
         // What a retry may follow once the request was sent: a response, a reset, a per-try
-        // timeout; and over HTTP/2 a refused stream, whose request hyper has taken. A failed
+        // timeout; and over HTTP/2 a refused stream, whose request the h2 codec has taken. A failed
         // connection is retried too, but its request is given back.
         let sent = retry.is_some_and(RetryPolicy::retries_sent_requests);
         Template {
@@ -245,7 +245,7 @@ mod tests {
         // The controller's default: failed connections and refused streams.
         let default = policy(|p| p.on_refused_stream = true);
         let mut t = template(Some(&default), true);
-        // Over HTTP/2 a refused stream's request is gone into hyper: copied.
+        // Over HTTP/2 a refused stream's request is gone into the codec: copied.
         let r = t.build(true, false, upstream::empty()).expect("h2");
         assert_eq!(r.headers()["x-app"], "1");
         assert!(t.headers.is_some(), "kept for a refused stream");

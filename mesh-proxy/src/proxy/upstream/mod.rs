@@ -75,8 +75,8 @@ pub enum SendError {
         waited: bool,
     },
     /// The request may have reached the endpoint: the connection or stream was reset.
-    /// (Said with its causes: hyper's own message alone is "connection error" whatever the
-    /// reason.)
+    /// (Said with its causes: hyper's message alone is "connection error" whatever the
+    /// reason, and the h2 codec's error may wrap an I/O error.)
     #[error("{}", Causes(.0.as_ref()))]
     Reset(BoxError),
     /// The cluster's connections and its queue of pending requests are full.
@@ -692,10 +692,13 @@ async fn send_h2(
             multiplex::Sent::Closed(e) => closed = Some(e),
         }
     }
-    Err(SendError::Reset(closed.map_or_else(
-        || "HTTP/2 connection closed".into(),
-        Into::into,
-    )))
+    // Twice: nothing was sent, as when no connection could be had.
+    let reason = closed.map_or_else(String::new, |e| e.to_string());
+    Err(SendError::connect(
+        ep.addr,
+        format!("HTTP/2 connection gone away: {reason}"),
+        Fault::Unreachable,
+    ))
 }
 
 /// The endpoint's multiplexed connection, opened when there is none it can use.
@@ -713,8 +716,16 @@ async fn h2_connection(
             })
     };
     let asked = Instant::now();
-    if let Some(conn) = reuse(&*ep.pool.h2.lock().await) {
-        return Ok(conn);
+    {
+        let mut slot = ep.pool.h2.lock().await;
+        if let Some(conn) = reuse(&slot) {
+            return Ok(conn);
+        }
+        // One that takes no new streams goes now, so that it closes once its streams end and
+        // frees its permit for the new one.
+        if slot.as_ref().is_some_and(|(conn, _)| conn.is_closed()) {
+            slot.take();
+        }
     }
     // A permit first, without holding the slot: others may reuse it meanwhile.
     let permit = match target.breaker.connection() {

@@ -40,6 +40,9 @@ struct State {
     open: AtomicUsize,
     /// The connection ended, or said it takes no new streams (GOAWAY).
     closed: AtomicBool,
+    /// A response or its data came in since the last look: a connection that is reading
+    /// needs no ping to show it is alive.
+    read: AtomicBool,
 }
 
 /// One open stream, counted while it lives.
@@ -107,8 +110,12 @@ impl Connection {
 
     /// Whether a new request may go on this connection, which has carried fewer than `max`.
     pub fn usable(&self, max: Option<u32>) -> bool {
-        !self.state.closed.load(Ordering::Relaxed)
-            && max.is_none_or(|m| self.state.used.load(Ordering::Relaxed) < m)
+        !self.is_closed() && max.is_none_or(|m| self.state.used.load(Ordering::Relaxed) < m)
+    }
+
+    /// Whether the connection ended or takes no new streams.
+    pub fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Relaxed)
     }
 
     /// Counts one more request on this connection.
@@ -136,7 +143,11 @@ impl Connection {
         // HTTP/2 forbids: the h2 codec would refuse the request.
         strip_connection_specific(&mut head.headers);
         if let Some(len) = body.size_hint().exact()
-            && (len != 0 || !matches!(head.method, Method::GET | Method::HEAD | Method::DELETE))
+            && (len != 0
+                || !matches!(
+                    head.method,
+                    Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT
+                ))
             && !head.headers.contains_key(header::CONTENT_LENGTH)
         {
             head.headers
@@ -145,7 +156,7 @@ impl Connection {
         let eos = body.is_end_stream();
         let (mut response, stream) = tx
             .send_request(Request::from_parts(head, ()), eos)
-            .map_err(|e| SendError::Reset(e.into()))?;
+            .map_err(|e| refused(e, addr))?;
         drop(tx);
         let open = Open::new(&state);
         let mut pipe = (!eos).then(|| Pipe {
@@ -176,6 +187,7 @@ impl Connection {
                 }
             });
         }
+        state.read.store(true, Ordering::Relaxed);
         let (parts, recv) = resp.into_parts();
         let body = RecvBody::new(recv, &parts.headers, open);
         Ok(Sent::Response(Response::from_parts(parts, body)))
@@ -191,9 +203,10 @@ pub enum Sent {
     Closed(h2::Error),
 }
 
-/// Pings the connection every [`KEEP_ALIVE_INTERVAL`] while streams are open, and closes it
-/// (ending its task) when an answer takes longer than [`KEEP_ALIVE_TIMEOUT`]: a peer that
-/// stopped answering fails its requests instead of holding them. Ends with the connection.
+/// Pings the connection when streams were open and nothing was read on them for
+/// [`KEEP_ALIVE_INTERVAL`], and closes it (ending its task) when an answer takes longer than
+/// [`KEEP_ALIVE_TIMEOUT`]: a peer that stopped answering fails its requests instead of
+/// holding them. Ends with the connection.
 async fn keep_alive(
     mut pings: h2::PingPong,
     state: Arc<State>,
@@ -205,7 +218,7 @@ async fn keep_alive(
         if conn.is_finished() {
             return;
         }
-        if state.open.load(Ordering::Relaxed) == 0 {
+        if state.open.load(Ordering::Relaxed) == 0 || state.read.swap(false, Ordering::Relaxed) {
             continue;
         }
         match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
@@ -238,8 +251,20 @@ struct Pipe {
 impl Future for Pipe {
     type Output = Result<(), BoxError>;
 
+    /// A body that fails, or that the codec will not send (trailers HTTP/2 forbids), resets
+    /// the stream, so that the endpoint does not wait for the rest.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
+        let polled = self.pump(cx);
+        if let Poll::Ready(Err(e)) = &polled {
+            self.stream.send_reset(reason_of(e.as_ref()));
+        }
+        polled
+    }
+}
+
+impl Pipe {
+    fn pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let this = self;
         loop {
             if let Poll::Ready(reason) = this.stream.poll_reset(cx) {
                 let reason = reason?;
@@ -263,10 +288,7 @@ impl Future for Pipe {
             }
             let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 Some(Ok(frame)) => frame,
-                Some(Err(e)) => {
-                    this.stream.send_reset(reason_of(&*e));
-                    return Poll::Ready(Err(e));
-                }
+                Some(Err(e)) => return Poll::Ready(Err(e)),
                 None => {
                     this.stream.send_data(Bytes::new(), true)?;
                     return Poll::Ready(Ok(()));
@@ -297,6 +319,17 @@ impl Future for Pipe {
     }
 }
 
+/// A stream the codec would not open: nothing was sent. The endpoint is the cause when the
+/// connection failed or went away meanwhile; else this proxy is (a request h2 will not send).
+fn refused(e: h2::Error, addr: SocketAddr) -> SendError {
+    let fault = if e.is_io() || e.is_go_away() || e.is_remote() {
+        super::Fault::Unreachable
+    } else {
+        super::Fault::Local
+    };
+    SendError::connect(addr, format!("HTTP/2 stream not opened: {e}"), fault)
+}
+
 /// The reset reason to pass on for a body that failed with `e`: the reason of an HTTP/2 reset
 /// behind it (a client that cancelled its stream), else `INTERNAL_ERROR`.
 fn reason_of(e: &(dyn StdError + 'static)) -> h2::Reason {
@@ -314,13 +347,15 @@ pub struct RecvBody {
     data_done: bool,
     /// What is left of the declared length.
     left: Option<u64>,
-    _open: Open,
+    /// Counted while the body has more to come.
+    open: Option<Open>,
 }
 
 impl RecvBody {
     /// The body of a response with `headers` (its declared length).
     fn new(recv: RecvStream, headers: &HeaderMap, open: Open) -> Self {
-        let left = if recv.is_end_stream() {
+        let ended = recv.is_end_stream();
+        let left = if ended {
             Some(0)
         } else {
             headers
@@ -332,7 +367,36 @@ impl RecvBody {
             recv,
             data_done: false,
             left,
-            _open: open,
+            open: (!ended).then_some(open),
+        }
+    }
+
+    fn next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if !self.data_done {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    if let Some(left) = self.left.as_mut() {
+                        *left = left.saturating_sub(data.len() as u64);
+                    }
+                    if let Some(Open(state)) = &self.open {
+                        state.read.store(true, Ordering::Relaxed);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                // A reset with NO_ERROR after the response says the endpoint needs no more
+                // of the request (RFC 9113, 8.1): the response is whole.
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+                None => self.data_done = true,
+            }
+        }
+        match ready!(self.recv.poll_trailers(cx)) {
+            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e.into()))),
         }
     }
 }
@@ -345,30 +409,17 @@ impl http_body::Body for RecvBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    if let Some(left) = this.left.as_mut() {
-                        *left = left.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                // A reset with NO_ERROR after the response says the endpoint needs no more
-                // of the request (RFC 9113, 8.1): the response is whole.
-                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
-                    return Poll::Ready(None);
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => this.data_done = true,
-            }
+        let polled = self.next(cx);
+        // The stream is done with once its last frame, or an error, is out.
+        let done = match &polled {
+            Poll::Ready(None | Some(Err(_))) => true,
+            Poll::Ready(Some(Ok(_))) => self.recv.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if done {
+            self.open = None;
         }
-        match ready!(this.recv.poll_trailers(cx)) {
-            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
-            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
-        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -387,6 +438,9 @@ mod tests {
     use crate::proxy::upstream::empty;
     use http_body_util::BodyExt;
     use tokio::sync::oneshot;
+
+    /// Far longer than any of these exchanges takes: a test that waits this long failed.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
 
     fn addr() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 1))
@@ -474,7 +528,8 @@ mod tests {
     #[tokio::test]
     async fn a_body_larger_than_the_window_arrives_whole_with_its_trailers() {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        // A stream window of 1 KiB: every frame after the first waits for capacity.
+        // A stream window of 1 KiB, far less than the body: it goes as the server frees
+        // capacity.
         tokio::spawn(async move {
             let mut conn = h2::server::Builder::new()
                 .initial_window_size(1024)
@@ -506,14 +561,7 @@ mod tests {
         let conn = Connection::handshake(client, addr(), None)
             .await
             .expect("client handshake");
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(8);
-        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .boxed_unsync();
-        let req = Request::builder()
-            .method(Method::POST)
-            .uri("http://app/")
-            .body(body)
-            .expect("request");
+        let (tx, req) = streamed();
         tokio::spawn(async move {
             for _ in 0..3 {
                 let chunk = Bytes::from(vec![b'x'; 3000]);
@@ -523,9 +571,122 @@ mod tests {
             t.insert("x-sum", HeaderValue::from_static("9000"));
             tx.send(Ok(Frame::trailers(t))).await.expect("trailers");
         });
-        let sent = conn.send(&mut Some(req), addr()).await;
+        let sent = tokio::time::timeout(TEST_TIMEOUT, conn.send(&mut Some(req), addr()))
+            .await
+            .expect("answered in time");
         let resp = response(sent.expect("sent"));
         assert_eq!(resp.headers()["x-got"], "9000");
         assert_eq!(resp.headers()["x-trailer"], "9000");
+    }
+
+    /// A request body fed through a channel: its sender, and the request.
+    fn streamed() -> (
+        tokio::sync::mpsc::Sender<Result<Frame<Bytes>, BoxError>>,
+        Request<Body>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .boxed_unsync();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri("http://app/")
+            .body(body)
+            .expect("request");
+        (tx, req)
+    }
+
+    #[tokio::test]
+    async fn a_body_still_streaming_when_the_answer_comes_is_sent_on() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        // Answers at once, then reads the whole body and ends the answer with its length.
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server).await.expect("handshake");
+            let (req, mut respond) = conn.accept().await.expect("a stream").expect("a request");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut answer = respond
+                .send_response(Response::new(()), false)
+                .expect("response");
+            let mut body = req.into_body();
+            let mut got = 0usize;
+            while let Some(data) = body.data().await {
+                let data = data.expect("data");
+                got += data.len();
+                let _ = body.flow_control().release_capacity(data.len());
+            }
+            answer
+                .send_data(Bytes::from(got.to_string()), true)
+                .expect("answer's body");
+        });
+        let conn = Connection::handshake(client, addr(), None)
+            .await
+            .expect("client handshake");
+        let (tx, req) = streamed();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .expect("chunk");
+        let sent = tokio::time::timeout(TEST_TIMEOUT, conn.send(&mut Some(req), addr()))
+            .await
+            .expect("answered in time");
+        let resp = response(sent.expect("sent"));
+        // The rest of the body goes after the answer came.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"-second"))))
+            .await
+            .expect("chunk");
+        drop(tx);
+        let body = tokio::time::timeout(TEST_TIMEOUT, resp.into_body().collect())
+            .await
+            .expect("the answer ends in time")
+            .expect("the answer's body")
+            .to_bytes();
+        assert_eq!(body, "12");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_resets_the_stream_with_its_reason() {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let (first, got_first) = oneshot::channel();
+        let (seen, reason) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server).await.expect("handshake");
+            let (req, _respond) = conn.accept().await.expect("a stream").expect("a request");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let mut body = req.into_body();
+            let _ = first.send(body.data().await.map(|d| d.is_ok()));
+            let _ = seen.send(match body.data().await {
+                Some(Err(e)) => e.reason(),
+                _ => None,
+            });
+        });
+        let conn = Connection::handshake(client, addr(), None)
+            .await
+            .expect("client handshake");
+        let (tx, req) = streamed();
+        let sending = tokio::spawn(send_owned(conn.clone(), req));
+        tx.send(Ok(Frame::data(Bytes::from_static(b"first"))))
+            .await
+            .expect("chunk");
+        let got = tokio::time::timeout(TEST_TIMEOUT, got_first)
+            .await
+            .expect("the endpoint read in time");
+        assert_eq!(got.expect("the endpoint's report"), Some(true));
+        // The client's own stream was cancelled: so is the one to the endpoint.
+        tx.send(Err(h2::Error::from(h2::Reason::CANCEL).into()))
+            .await
+            .expect("error");
+        let reason = tokio::time::timeout(TEST_TIMEOUT, reason)
+            .await
+            .expect("the endpoint saw the stream end in time")
+            .expect("the endpoint's report");
+        assert_eq!(reason, Some(h2::Reason::CANCEL));
+        let sent = tokio::time::timeout(TEST_TIMEOUT, sending)
+            .await
+            .expect("ended in time")
+            .expect("the sending task");
+        assert!(sent.is_err(), "a reset stream has no answer");
+    }
+
+    /// `conn.send(req)`, for a task of its own.
+    async fn send_owned(conn: Connection, req: Request<Body>) -> Result<Sent, SendError> {
+        conn.send(&mut Some(req), addr()).await
     }
 }
