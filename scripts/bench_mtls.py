@@ -17,6 +17,8 @@ Scenarios, each against a backend nginx on core 0:
 - grpc: gRPC unary (POST application/grpc, a framed message, read in full by the backend and
   answered with a framed message and the grpc-status trailer) over HTTP/2 prior knowledge, the
   same two measurements (4 connections x 4 streams at the fixed rate, 8 x 8 at saturation).
+  The saturated run uses h2load (one thread, on core 0 as oha), which spends less CPU per
+  call than oha over HTTP/2, so that the load generator limits the pair less.
   Every round first checks with nghttp that the answer through the pair carries the reply and
   `grpc-status: 0`; a request answered 200 that the backend did not count (a proxy's own gRPC
   error, which Envoy answers as HTTP 200) counts as failed.
@@ -31,12 +33,13 @@ and the controller on core 0. Rounds interleave pairs; tables show medians and r
 
 Usage: bench_mtls.py [--rounds N] [--seconds S] [--rate RPS] [--pairs a,b] [--scenarios a,b]
                      [--json FILE]
-Needs: oha, nginx, nghttp, .venv/bin/envoy (or MESH_ENVOY), release builds of mesh-proxy,
+Needs: oha, nginx, nghttp and h2load, .venv/bin/envoy (or MESH_ENVOY), release builds of mesh-proxy,
 mesh-controller, mesh-ca and meshctl.
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +56,27 @@ SCENARIOS = ("http1", "grpc", "new-conn")
 GRPC_REQUEST = b"\x00\x00\x00\x00\x04\x0a\x02hi"
 GRPC_REPLY = b"\x00\x00\x00\x00\x04\x0a\x02ok"
 GRPC_PATH = "/bench.Echo/Call"
+
+
+def h2load(args, url, connect_to):
+    """h2load closed loop through `connect_to` (HOST:PORT), as much of oha's JSON as the
+    saturated run reads: answers by status, errors, and the run's length in seconds."""
+    out = subprocess.run(
+        ["taskset", "-c", "0", "h2load", "-t", "1", "--connect-to", connect_to] + args + [url],
+        capture_output=True, text=True, check=True).stdout
+    finished = re.search(r"^finished in ([\d.]+)(m?s),", out, re.M)
+    counts = re.search(r"^requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, "
+                       r"(\d+) failed, (\d+) errored, (\d+) timeout", out, re.M)
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
+    if not (finished and counts and codes):
+        raise RuntimeError(f"h2load: no summary in its output:\n{out[-2000:]}")
+    seconds = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
+    by_status = {k: int(v) for k, v in zip(("200", "3xx", "4xx", "5xx"), codes.groups())
+                 if int(v)}
+    errors = {k: int(v) for k, v in zip(("failed", "errored", "timeout"), counts.groups()[3:])
+              if int(v)}
+    return {"statusCodeDistribution": by_status, "errorDistribution": errors,
+            "summary": {"total": seconds}}
 
 
 def ready(url, timeout=30.0):
@@ -384,13 +408,20 @@ spec:
             return mesh_pair(mode == "mtls", scenario)
 
         def load(scenario, host, connect_to, rate=None, seconds=None, warm=False):
-            """oha through `connect_to`: at `rate` with latency correction, or closed loop."""
+            """oha through `connect_to`: at `rate` with latency correction, or closed loop
+            (h2load for gRPC)."""
             args = ["-z", f"{seconds}s"]
             if scenario == "grpc":
                 url = f"http://{host}:82{GRPC_PATH}"
                 body = os.path.join(work, "grpc-request.bin")
                 with open(body, "wb") as f:
                     f.write(GRPC_REQUEST)
+                if not (rate or warm):
+                    # h2load's 2xx are all 200 here: the backend answers nothing else.
+                    port = connect_to.rsplit(":", 1)[1]
+                    return h2load(["-D", str(seconds), "-c", "8", "-m", "8", "-d", body,
+                                   "-H", "content-type: application/grpc",
+                                   "-H", "te: trailers"], url, f"127.0.0.1:{port}")
                 args += ["--http2", "-m", "POST", "-H", "content-type: application/grpc",
                          "-H", "te: trailers", "-D", body]
                 args += ["-c", "4", "-p", "4"] if rate or warm else ["-c", "8", "-p", "8"]
