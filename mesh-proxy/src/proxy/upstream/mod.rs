@@ -114,11 +114,15 @@ impl SendError {
     }
 
     /// Whether the endpoint refused the stream (HTTP/2 `REFUSED_STREAM`), which says it
-    /// processed nothing of the request: it is safe to send again, whatever its method.
+    /// processed nothing of the request, or no stream was opened for it: it is safe to send
+    /// again, whatever its method.
     pub fn is_refused(&self) -> bool {
         let SendError::Reset(e) = self else {
             return false;
         };
+        if e.is::<multiplex::Unopened>() {
+            return true;
+        }
         and_sources(e.as_ref())
             .find_map(|s| s.downcast_ref::<h2::Error>())
             .is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM))
@@ -692,12 +696,13 @@ async fn send_h2(
             multiplex::Sent::Closed(e) => closed = Some(e),
         }
     }
-    // Twice: nothing was sent, as when no connection could be had.
+    // Twice: nothing was sent, as when no connection could be had; a failure (not an
+    // unreachable endpoint, which would be ejected at once: this one answers, going away).
     let reason = closed.map_or_else(String::new, |e| e.to_string());
     Err(SendError::connect(
         ep.addr,
         format!("HTTP/2 connection gone away: {reason}"),
-        Fault::Unreachable,
+        Fault::Failed,
     ))
 }
 
@@ -776,6 +781,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    /// Far longer than any exchange here takes: a test that waits this long failed.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
     /// The error of a request whose stream an HTTP/2 server resets with `reason` before
     /// answering.
     async fn reset_with(reason: h2::Reason) -> SendError {
@@ -796,7 +804,10 @@ mod tests {
             .uri("http://app/")
             .body(empty())
             .expect("request");
-        conn.send(&mut Some(req), addr).await.expect_err("reset")
+        tokio::time::timeout(TEST_TIMEOUT, conn.send(&mut Some(req), addr))
+            .await
+            .expect("answered in time")
+            .expect_err("reset")
     }
 
     /// The one endpoint at `addr`, and a target of its cluster (over HTTP/2 when `h2`).
@@ -885,18 +896,22 @@ mod tests {
             let _ = first.await;
         });
         let (ep, target) = endpoint_at(addr);
-        let a = super::send(&ep, target(true), &mut Some(get()))
+        let (mut one, mut two) = (Some(get()), Some(get()));
+        let first = super::send(&ep, target(true), &mut one);
+        let a = tokio::time::timeout(TEST_TIMEOUT, first)
             .await
+            .expect("first: in time")
             .expect("the first request is answered");
-        let b = super::send(&ep, target(true), &mut Some(get()))
+        let second = super::send(&ep, target(true), &mut two);
+        let b = tokio::time::timeout(TEST_TIMEOUT, second)
             .await
+            .expect("second: in time")
             .expect("the second request is answered, on a new connection");
         assert_eq!(b.status(), http::StatusCode::OK);
         let _ = finish.send(());
-        let body = a
-            .into_body()
-            .collect()
+        let body = tokio::time::timeout(TEST_TIMEOUT, a.into_body().collect())
             .await
+            .expect("first body: in time")
             .expect("first body")
             .to_bytes();
         assert_eq!(
