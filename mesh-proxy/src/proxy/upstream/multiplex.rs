@@ -706,6 +706,27 @@ mod tests {
         assert!(sent.is_err(), "a reset stream has no answer");
     }
 
+    #[tokio::test]
+    async fn a_stream_not_opened_as_its_connection_ended_is_refused_and_closes_it() {
+        // An I/O error from h2: a handshake whose peer hung up.
+        let (client, server) = tokio::io::duplex(1024);
+        drop(client);
+        let broken = h2::server::handshake(server)
+            .await
+            .expect_err("the peer hung up");
+        assert!(broken.is_io(), "{broken}");
+        let state = State::default();
+        let e = unopened(broken, &state, addr());
+        assert!(e.is_refused(), "{e}");
+        assert!(state.closed.load(Ordering::Relaxed));
+        // One the codec would not send on a live connection: this proxy's doing.
+        let state = State::default();
+        let e = unopened(h2::Error::from(h2::Reason::PROTOCOL_ERROR), &state, addr());
+        assert_eq!(e.fault(), Some(super::super::Fault::Local), "{e}");
+        assert!(!e.is_refused(), "{e}");
+        assert!(!state.closed.load(Ordering::Relaxed));
+    }
+
     /// `conn.send(req)`, for a task of its own.
     async fn send_owned(conn: Connection, req: Request<Body>) -> Result<Sent, SendError> {
         conn.send(&mut Some(req), addr()).await
