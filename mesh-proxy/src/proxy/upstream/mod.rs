@@ -782,7 +782,12 @@ mod tests {
     use std::time::Duration;
 
     /// Far longer than any exchange here takes: a test that waits this long failed.
-    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+    pub(super) const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// An endpoint address for connections made without it (over a `duplex`).
+    pub(super) fn addr() -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], 1))
+    }
 
     /// The error of a request whose stream an HTTP/2 server resets with `reason` before
     /// answering.
@@ -796,7 +801,7 @@ mod tests {
                 respond.send_reset(reason);
             }
         });
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 1));
+        let addr = addr();
         let conn = super::multiplex::Connection::handshake(client, addr, None)
             .await
             .expect("h2 client handshake");
@@ -838,7 +843,7 @@ mod tests {
         (ep, target)
     }
 
-    fn get() -> http::Request<super::Body> {
+    pub(super) fn get() -> http::Request<super::Body> {
         http::Request::builder()
             .uri("http://app/")
             .header("x-app", "1")

@@ -454,24 +454,10 @@ impl http_body::Body for RecvBody {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{TEST_TIMEOUT, addr, get};
     use super::*;
-    use crate::proxy::upstream::empty;
     use http_body_util::BodyExt;
     use tokio::sync::oneshot;
-
-    /// Far longer than any of these exchanges takes: a test that waits this long failed.
-    const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-    fn addr() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 1))
-    }
-
-    fn get() -> Request<Body> {
-        Request::builder()
-            .uri("http://app/")
-            .body(empty())
-            .expect("request")
-    }
 
     fn response(sent: Sent) -> Response<RecvBody> {
         match sent {
