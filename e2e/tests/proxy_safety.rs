@@ -134,6 +134,40 @@ async fn a_rapid_reset_flood_ends_the_connection_not_the_proxy() -> anyhow::Resu
     Ok(())
 }
 
+/// The status of an HTTP/2 GET for `/` with `:authority: app` and these `Host` headers.
+async fn h2_status_with_hosts(addr: std::net::SocketAddr, hosts: &[&str]) -> anyhow::Result<u8> {
+    let mut conn = TcpStream::connect(addr).await?;
+    let mut out = PREFACE.to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    // Indexed :method GET, :scheme http, :path /; :authority a literal with an indexed name;
+    // each `host` a literal with a literal name, not indexed.
+    let mut block = vec![0x82, 0x86, 0x84, 0x41, 0x03, b'a', b'p', b'p'];
+    for h in hosts {
+        block.extend([0x00, 0x04]);
+        block.extend(b"host");
+        block.push(u8::try_from(h.len())?);
+        block.extend(h.as_bytes());
+    }
+    out.extend(frame(0x1, 0x5, 1, &block));
+    conn.write_all(&out).await?;
+    let headers = read_until(&mut conn, 0x1).await?.expect("response HEADERS");
+    // The server's `:status` is the first field, indexed (RFC 7541, appendix A): 200 is
+    // 0x88, 400 is 0x8c.
+    Ok(headers[0])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_host_must_name_the_authority() -> anyhow::Result<()> {
+    let s = setup().await?;
+    assert_eq!(h2_status_with_hosts(s.addr, &[]).await?, 0x88);
+    assert_eq!(h2_status_with_hosts(s.addr, &["APP:80"]).await?, 0x88);
+    assert_eq!(h2_status_with_hosts(s.addr, &["other"]).await?, 0x8c);
+    assert_eq!(h2_status_with_hosts(s.addr, &["app:81"]).await?, 0x8c);
+    assert_eq!(h2_status_with_hosts(s.addr, &["app", "other"]).await?, 0x8c);
+    still_serves(s.addr).await;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_never_takes_the_proxy_down() -> anyhow::Result<()> {
     let s = setup().await?;
@@ -377,6 +411,15 @@ fn smuggling_corpus() -> Vec<Probe> {
         refuse(
             "two Host headers",
             format!("{post}host: other\r\ncontent-length: 0\r\n\r\n"),
+        ),
+        refuse(
+            "user info in an absolute-form target",
+            "GET http://x@echo/case-{id} HTTP/1.1\r\nhost: echo\r\n\r\n".to_string(),
+        ),
+        // Routed by the target's authority, which replaces the Host the app reads.
+        either(
+            "Host against an absolute-form target",
+            "GET http://echo/case-{id} HTTP/1.1\r\nhost: other\r\n\r\n".to_string(),
         ),
         refuse(
             "no Host on HTTP/1.1",

@@ -32,6 +32,14 @@ pub enum ProxyError {
     /// differently further on.
     #[error("request has more than one Host")]
     DuplicateHost,
+    /// RFC 9113 section 8.3.1: an HTTP/2 request whose `Host` names another host or port
+    /// than its `:authority` is malformed; routed by one, the app would read the other.
+    #[error("Host differs from :authority")]
+    HostMismatch,
+    /// RFC 9110 section 4.2.4: user info in a target's authority is treated as an error
+    /// (it serves to obscure the host).
+    #[error("request target has user info")]
+    UserInfo,
     #[error("no route for {0}")]
     NoRoute(String),
     #[error("every backend of the route has weight 0")]
@@ -92,6 +100,8 @@ impl ProxyError {
         match self {
             E::MissingHost
             | E::DuplicateHost
+            | E::HostMismatch
+            | E::UserInfo
             | E::InvalidTarget
             | E::InvalidHost
             | E::InvalidH2Host
@@ -141,6 +151,8 @@ impl ProxyError {
             E::NoValidSvid
             | E::MissingHost
             | E::DuplicateHost
+            | E::HostMismatch
+            | E::UserInfo
             | E::AllWeightsZero
             | E::InvalidTarget
             | E::InvalidHost

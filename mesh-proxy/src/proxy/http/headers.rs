@@ -2,7 +2,10 @@
 //! request and the response, and the hop-by-hop headers no hop passes on.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, Scheme};
 use http::{Request, Version};
+
+use super::super::error::ProxyError;
 
 use crate::state::RouteTable;
 use crate::state::route::{Route, VirtualHost, WeightedBackend};
@@ -60,15 +63,55 @@ impl Levels<'_> {
     }
 }
 
-/// The host the client named: the URI's authority, else the `Host` header.
-pub(super) fn authority<B>(req: &Request<B>) -> Option<String> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str().to_string());
+/// The host the client named: the target's authority, else the `Host` header. Its hosts must
+/// agree, so that no hop after this one reads another: one `Host` at most (RFC 9112,
+/// 3.2), no user info in the authority (RFC 9110, 4.2.4), and over HTTP/2 a `Host` naming
+/// the `:authority`'s host and port (RFC 9113, 8.3.1). An HTTP/1.1 absolute-form target's
+/// authority replaces its `Host`, as a proxy must (RFC 9112, 3.2.2).
+pub(super) fn host<B>(req: &mut Request<B>) -> Result<String, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() {
+        return Err(ProxyError::DuplicateHost);
     }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
+    let Some(a) = req.uri().authority() else {
+        return first
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .ok_or(ProxyError::MissingHost);
+    };
+    if a.as_str().contains('@') {
+        return Err(ProxyError::UserInfo);
+    }
+    let named = a.as_str().to_string();
+    if req.version() >= Version::HTTP_2 {
+        let default = default_port(req.uri().scheme());
+        if first.is_some_and(|h| !same_host(a, h, default)) {
+            return Err(ProxyError::HostMismatch);
+        }
+    } else if first.is_none_or(|h| h.as_bytes() != named.as_bytes()) {
+        let v = HeaderValue::from_str(&named).map_err(|_| ProxyError::InvalidHost)?;
+        req.headers_mut().insert(header::HOST, v);
+    }
+    Ok(named)
+}
+
+fn default_port(scheme: Option<&Scheme>) -> u16 {
+    if scheme == Some(&Scheme::HTTPS) {
+        443
+    } else {
+        80
+    }
+}
+
+/// Whether a `Host` value names the authority's host (in any case) and port (`default` when
+/// either leaves it out).
+fn same_host(a: &Authority, host: &HeaderValue, default: u16) -> bool {
+    Authority::try_from(host.as_bytes()).is_ok_and(|h| {
+        !h.as_str().contains('@')
+            && h.host().eq_ignore_ascii_case(a.host())
+            && h.port_u16().unwrap_or(default) == a.port_u16().unwrap_or(default)
+    })
 }
 
 static HOP_BY_HOP: [HeaderName; 6] = [
@@ -171,6 +214,55 @@ fn remove_listed(h: &mut HeaderMap, line: &HeaderValue) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `host` makes of a request: the host it routes by, and the `Host` left for the
+    /// app; or the error's status.
+    fn host_of(version: Version, target: &str, hosts: &[&str]) -> Result<(String, String), u16> {
+        let mut b = Request::builder().version(version).uri(target);
+        for h in hosts {
+            b = b.header(header::HOST, *h);
+        }
+        let mut req = b.body(()).map_err(|_| 0_u16)?;
+        let named = host(&mut req).map_err(|e| e.status().as_u16())?;
+        let left = req
+            .headers()
+            .get(header::HOST)
+            .map_or("", |v| v.to_str().unwrap_or("?"));
+        Ok((named, left.to_string()))
+    }
+
+    #[test]
+    fn a_request_names_one_host() {
+        let ok = |a: &str, b: &str| Ok((a.to_string(), b.to_string()));
+        let h1 = Version::HTTP_11;
+        let h2 = Version::HTTP_2;
+        assert_eq!(host_of(h1, "/", &["svc:8080"]), ok("svc:8080", "svc:8080"));
+        assert_eq!(host_of(h1, "/", &[]), Err(400));
+        assert_eq!(host_of(h1, "/", &["a", "b"]), Err(400));
+        assert_eq!(host_of(h1, "/", &["a", "a"]), Err(400));
+        // An absolute-form target's authority is the host, and the app reads it too.
+        assert_eq!(host_of(h1, "http://a/x", &["b"]), ok("a", "a"));
+        assert_eq!(host_of(h1, "http://a/x", &[]), ok("a", "a"));
+        assert_eq!(host_of(h1, "http://a:81/x", &["a:81"]), ok("a:81", "a:81"));
+        assert_eq!(host_of(h1, "http://a/x", &["a", "b"]), Err(400));
+        assert_eq!(host_of(h1, "http://u@a/x", &["a"]), Err(400));
+        assert_eq!(host_of(h1, "a:443", &["a:443"]), ok("a:443", "a:443"));
+        // HTTP/2: `:authority`, and a `Host` must name the same host and port.
+        assert_eq!(host_of(h2, "http://a/x", &[]), ok("a", ""));
+        assert_eq!(host_of(h2, "http://a/x", &["A"]), ok("a", "A"));
+        assert_eq!(host_of(h2, "http://a/x", &["a:80"]), ok("a", "a:80"));
+        assert_eq!(host_of(h2, "https://a/x", &["a:443"]), ok("a", "a:443"));
+        assert_eq!(
+            host_of(h2, "http://a:8080/x", &["a:8080"]),
+            ok("a:8080", "a:8080")
+        );
+        assert_eq!(host_of(h2, "http://a/x", &["b"]), Err(400));
+        assert_eq!(host_of(h2, "http://a/x", &["a:81"]), Err(400));
+        assert_eq!(host_of(h2, "http://a:8080/x", &["a"]), Err(400));
+        assert_eq!(host_of(h2, "http://a/x", &["u@a"]), Err(400));
+        assert_eq!(host_of(h2, "http://a/x", &["a/b"]), Err(400));
+        assert_eq!(host_of(h2, "/x", &["a"]), ok("a", "a"));
+    }
 
     #[test]
     fn hop_by_hop_headers_are_dropped() {

@@ -10,7 +10,7 @@ use super::super::upstream::Body;
 use super::HttpCtx;
 use super::body::Lingering;
 use super::call::Chosen;
-use super::headers::{Levels, authority};
+use super::headers::{Levels, host};
 use super::redirect::{direct, redirect};
 use crate::state::route::{Action, RequestInfo};
 
@@ -21,22 +21,13 @@ pub(super) async fn serve(
     mut req: Request<Lingering>,
     ex: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
+    let host = host(&mut req)?;
     let snapshot = ctx.shared.store.load().ok_or(ProxyError::NoConfig)?;
     guard::check(ctx, &snapshot, &mut req)?;
     let table = snapshot
         .route(&ctx.route)
         .cloned()
         .ok_or_else(|| ProxyError::NoRouteConfig(ctx.route.clone()))?;
-    if req
-        .headers()
-        .get_all(http::header::HOST)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
-        return Err(ProxyError::DuplicateHost);
-    }
-    let host = authority(&req).ok_or(ProxyError::MissingHost)?;
     let info = RequestInfo {
         method: req.method(),
         path: req.uri().path(),
