@@ -6,8 +6,10 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::sync::mpsc;
+
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tracing::warn;
 
 /// One request, as logged.
@@ -47,10 +49,16 @@ pub struct Entry {
     pub trace_id: Option<String>,
 }
 
-/// Where lines go: a task writes them, so a slow disk never holds up a request.
+/// How many lines may wait for the writer; past that, lines are dropped and counted. An
+/// entry is well under 1 KiB, so the queue holds a few MiB at most.
+pub const QUEUE: usize = 4096;
+
+/// Where lines go: a thread of its own writes them, so a slow disk never holds up a request
+/// nor the runtime, and a disk slower than the requests costs lines, not memory.
 #[derive(Debug)]
 pub struct AccessLog {
-    tx: mpsc::UnboundedSender<Entry>,
+    tx: mpsc::SyncSender<Entry>,
+    dropped: Counter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +69,13 @@ pub struct AccessLogError {
 }
 
 impl AccessLog {
-    /// Opens `path` (`-`: stdout) and starts the writer task. Must run inside the runtime.
-    pub fn open(path: &Path) -> Result<Self, AccessLogError> {
+    /// Opens `path` (`-`: stdout) and starts the writer; lines that find the queue full count
+    /// in `dropped`.
+    pub fn open(path: &Path, dropped: Counter) -> Result<Self, AccessLogError> {
+        let err = |source| AccessLogError {
+            path: path.to_path_buf(),
+            source,
+        };
         let out: Box<dyn Write + Send> = if path == Path::new("-") {
             Box::new(std::io::stdout())
         } else {
@@ -70,47 +83,56 @@ impl AccessLog {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| AccessLogError {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+                .map_err(err)?;
             Box::new(f)
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_lines(rx, out, path.to_path_buf()));
-        Ok(AccessLog { tx })
+        let (log, _) = Self::start(out, path.to_path_buf(), QUEUE, dropped).map_err(err)?;
+        Ok(log)
+    }
+
+    /// The writer's thread ends when the log is dropped, after the lines still queued.
+    fn start(
+        out: Box<dyn Write + Send>,
+        path: PathBuf,
+        queue: usize,
+        dropped: Counter,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::sync_channel(queue);
+        let writer = std::thread::Builder::new()
+            .name("access-log".into())
+            .spawn(move || write_lines(&rx, out, &path))?;
+        Ok((AccessLog { tx, dropped }, writer))
     }
 
     pub fn log(&self, e: Entry) {
-        let _ = self.tx.send(e);
+        if let Err(mpsc::TrySendError::Full(_)) = self.tx.try_send(e) {
+            self.dropped.inc();
+        }
     }
 }
 
-async fn write_lines(
-    mut rx: mpsc::UnboundedReceiver<Entry>,
-    out: Box<dyn Write + Send>,
-    path: PathBuf,
-) {
+fn write_lines(rx: &mpsc::Receiver<Entry>, out: Box<dyn Write + Send>, path: &Path) {
     let mut out = std::io::BufWriter::new(out);
     let mut failed = false;
-    while let Some(first) = rx.recv().await {
+    let mut report = |err: &dyn std::fmt::Display| {
+        if !failed {
+            warn!(path = %path.display(), error = %err, "writing the access log");
+            failed = true;
+        }
+    };
+    while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         // Everything waiting goes out in one write.
         while let Some(e) = next {
             if let Err(err) = serde_json::to_writer(&mut out, &e)
                 .and_then(|()| out.write_all(b"\n").map_err(serde_json::Error::io))
-                && !failed
             {
-                warn!(path = %path.display(), error = %err, "writing the access log");
-                failed = true;
+                report(&err);
             }
             next = rx.try_recv().ok();
         }
-        if let Err(err) = out.flush()
-            && !failed
-        {
-            warn!(path = %path.display(), error = %err, "writing the access log");
-            failed = true;
+        if let Err(err) = out.flush() {
+            report(&err);
         }
     }
 }
@@ -148,7 +170,7 @@ mod tests {
     async fn lines_reach_the_file_as_json() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("access.log");
-        let log = AccessLog::open(&path).expect("opens");
+        let log = AccessLog::open(&path, Counter::default()).expect("opens");
         for code in [200, 503] {
             log.log(Entry {
                 method: "GET".into(),
@@ -171,7 +193,71 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{text}");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let bad = AccessLog::open(Path::new("/nonexistent/dir/log")).expect_err("no dir");
+        let bad = AccessLog::open(Path::new("/nonexistent/dir/log"), Counter::default())
+            .expect_err("no dir");
         assert!(bad.to_string().contains("/nonexistent/dir/log"), "{bad}");
+    }
+
+    /// An output that holds its first write until let go, saying when it got there.
+    struct Held {
+        reached: Option<mpsc::Sender<()>>,
+        go: mpsc::Receiver<()>,
+        bytes: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Held {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some(reached) = self.reached.take() {
+                let _ = reached.send(());
+                let _ = self.go.recv();
+            }
+            self.bytes
+                .lock()
+                .map_err(|_| std::io::ErrorKind::Other)?
+                .extend(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stuck_writer_costs_counted_lines_not_memory() {
+        let (reached, at_write) = mpsc::channel();
+        let (go, wait) = mpsc::channel();
+        let bytes = std::sync::Arc::default();
+        let out = Held {
+            reached: Some(reached),
+            go: wait,
+            bytes: std::sync::Arc::clone(&bytes),
+        };
+        let dropped = Counter::default();
+        let (log, writer) =
+            AccessLog::start(Box::new(out), "held".into(), 8, dropped.clone()).expect("starts");
+        let entry = |code| Entry {
+            response_code: code,
+            ..Default::default()
+        };
+        // The first line is taken, and held in its write: the queue is empty again.
+        log.log(entry(1));
+        at_write.recv().expect("the writer writes");
+        for code in 2..=14 {
+            log.log(entry(code));
+        }
+        assert_eq!(dropped.get(), 5, "8 of 13 queued");
+        go.send(()).expect("the writer waits");
+        drop(log);
+        writer.join().expect("the writer ends");
+        let text = String::from_utf8(bytes.lock().expect("bytes").clone()).expect("utf-8");
+        let codes: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).expect("JSON")["response_code"]
+                    .as_u64()
+                    .unwrap_or(0)
+            })
+            .collect();
+        assert_eq!(codes, (1..=9).collect::<Vec<_>>(), "{text}");
     }
 }

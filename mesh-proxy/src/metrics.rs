@@ -344,6 +344,7 @@ pub struct Metrics {
     pub svid_renewals: Counter,
     pub svid_renewal_failures: Counter,
     pub svid_expiry: Gauge,
+    pub access_log_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -535,6 +536,12 @@ impl Metrics {
                 "svid_expiry_seconds",
                 "When the workload certificate expires, in Unix seconds (0: none yet)",
                 Gauge::default(),
+            ),
+            access_log_dropped: reg(
+                &mut r,
+                "access_log_dropped",
+                "Access log lines dropped because the writer was behind by a full queue",
+                Counter::default(),
             ),
             registry: r,
         }

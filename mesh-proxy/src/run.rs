@@ -147,7 +147,8 @@ impl Proxy {
                 pod,
             )?));
             if let Some(path) = &config.access_log {
-                shared.access_log = Some(AccessLog::open(path)?);
+                shared.access_log =
+                    Some(AccessLog::open(path, metrics.access_log_dropped.clone())?);
             }
         }
         let shared = Arc::new(shared);
