@@ -94,10 +94,18 @@ impl Ca {
             .set(unix_secs(a.signing_not_after()));
     }
 
-    /// Issues the CA's serving certificate (a fresh key, the default lifetime).
+    /// Issues the CA's serving certificate (a fresh key, the default lifetime). Besides its
+    /// SPIFFE ID it names its Service, `mesh-ca.NAMESPACE.svc` (the address sidecars dial), so
+    /// that standard TLS clients can check it by name.
     pub fn issue_serving(&self) -> Result<(), CaError> {
         let id = self.id()?;
-        let (key, csr) = mesh_api::tls::renew::key_and_csr(&id, &[]).map_err(CaError::Key)?;
+        let service = format!(
+            "{}.{}.svc",
+            identity::CA_SERVICE_ACCOUNT,
+            identity::SYSTEM_NAMESPACE
+        );
+        let (key, csr) =
+            mesh_api::tls::renew::key_and_csr(&id, &[service]).map_err(CaError::Key)?;
         let authority = self.authority.load();
         let now = SystemTime::now();
         let issued = authority.sign(&csr, &id, self.default_lifetime, now)?;

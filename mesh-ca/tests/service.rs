@@ -170,6 +170,39 @@ async fn a_workload_with_a_local_token_gets_an_svid_it_can_use() {
 }
 
 #[tokio::test]
+async fn a_standard_client_checks_the_ca_by_its_service_name() {
+    use rustls::client::WebPkiServerVerifier;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{ServerName, UnixTime};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = Running::start(CaConfig::local(dir.path()))
+        .await
+        .expect("ca starts");
+    let pem = std::fs::read_to_string(dir.path().join("ca.crt")).expect("ca.crt");
+    let bundle = Bundle::from_pem(&pem, "ca.crt").expect("bundle");
+    let mut roots = rustls::RootCertStore::empty();
+    for root in bundle.roots() {
+        roots.add(root.clone()).expect("root");
+    }
+    let verifier = WebPkiServerVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .expect("verifier");
+    let current = ca.ca.serving.current().expect("a serving certificate");
+    let chain = &current.chain;
+    let now = UnixTime::now();
+    let check = |name: &'static str| {
+        let name = ServerName::try_from(name).expect("name");
+        verifier.verify_server_cert(&chain[0], &chain[1..], &name, &[], now)
+    };
+    check("mesh-ca.mesh-system.svc").expect("the name sidecars dial");
+    check("mesh-ca.other.svc").expect_err("another Service");
+}
+
+#[tokio::test]
 async fn a_root_added_to_the_directory_reaches_workloads() {
     let dir = tempfile::tempdir().expect("dir");
     let ca = Running::start(CaConfig::local(dir.path()))
