@@ -19,6 +19,11 @@ struct Setup {
 }
 
 async fn setup() -> anyhow::Result<Setup> {
+    setup_with(|_| {}).await
+}
+
+/// The setup, with the proxy's config changed by `tweak`.
+async fn setup_with(tweak: impl FnOnce(&mut mesh_proxy::Config)) -> anyhow::Result<Setup> {
     let app = EchoServer::start("app").await?;
     let mesh = LocalMesh::start().await?;
     mesh.write(
@@ -29,7 +34,9 @@ async fn setup() -> anyhow::Result<Setup> {
         ]
         .join("---\n"),
     )?;
-    let proxy = mesh.proxy(mesh.proxy_config("default/web-1")).await?;
+    let mut config = mesh.proxy_config("default/web-1");
+    tweak(&mut config);
+    let proxy = mesh.proxy(config).await?;
     wait_config(&proxy, "app's endpoints", |s| {
         s.clusters
             .values()
@@ -131,6 +138,49 @@ async fn a_rapid_reset_flood_ends_the_connection_not_the_proxy() -> anyhow::Resu
         assert_eq!(code, 0xb, "GOAWAY error code");
     }
     still_serves(s.addr).await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_closes_connections_past_its_limit() -> anyhow::Result<()> {
+    let s = setup_with(|c| c.max_connections = 3).await?;
+    let over = || {
+        s.proxy
+            .shared
+            .metrics
+            .connections_over_limit
+            .get_or_create(&mesh_proxy::metrics::ListenerNameLabels {
+                listener: mesh_api::consts::xds::OUTBOUND_HTTP_LISTENER,
+            })
+            .get()
+    };
+    // Three idle connections, each waiting for a request: the listener is full.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(s.addr).await?);
+    }
+    let mut fourth = TcpStream::connect(s.addr).await?;
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), fourth.read(&mut buf))
+        .await?
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the connection past the limit is closed");
+    assert_eq!(over(), 1);
+    // One held connection goes: a request finds room once the proxy saw it end.
+    drop(held.pop());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = ProxyClient::new(s.addr).get("app", "/", &[]).await {
+            assert_eq!(r, (200, "app".to_string()));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no room after a connection ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(over() >= 1);
     Ok(())
 }
 

@@ -102,6 +102,11 @@ pub struct Config {
     /// Concurrent HTTP/2 streams a client may open per connection.
     #[arg(long, env = env::PROXY_H2_MAX_STREAMS, default_value_t = 100)]
     pub h2_max_streams: u32,
+    /// Connections each listener holds open at once; one more is closed as soon as it is
+    /// accepted, and counted.
+    #[arg(long, env = env::PROXY_MAX_CONNECTIONS, default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
     /// Time a client has to send a request's headers (HTTP/1: also how long an idle keep-alive
     /// connection is kept); 0 disables it.
     #[arg(long, env = env::PROXY_HEADER_READ_TIMEOUT, value_parser = parse_duration, default_value = "10s")]
@@ -211,6 +216,7 @@ impl Config {
             detect_timeout: Duration::from_millis(100),
             max_header_bytes: 64 * 1024,
             h2_max_streams: 100,
+            max_connections: 20_000,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             ca_addr: None,

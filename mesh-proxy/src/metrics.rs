@@ -213,6 +213,11 @@ pub struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerNameLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: String,
     /// `http` or `tcp`.
@@ -333,6 +338,7 @@ pub struct Metrics {
     pub ejections: Family<BackendLabels, Counter>,
     pub connections: Family<ListenerLabels, Counter>,
     pub active_connections: Family<ListenerLabels, Gauge>,
+    pub connections_over_limit: Family<ListenerNameLabels, Counter>,
     pub xds_updates: Family<XdsLabels, Counter>,
     pub xds_connected: Gauge,
     pub lookups: Family<LookupLabels, Counter>,
@@ -469,6 +475,12 @@ impl Metrics {
                 &mut r,
                 "active_connections",
                 "Connections open now, by listener and protocol",
+                Family::default(),
+            ),
+            connections_over_limit: reg(
+                &mut r,
+                "connections_over_limit",
+                "Connections closed as soon as accepted because their listener held --max-connections",
                 Family::default(),
             ),
             xds_updates: reg(

@@ -25,13 +25,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use mesh_api::consts::xds as names;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::identity::MeshTls;
-use crate::metrics::{Direction, ListenerLabels, Metrics};
+use crate::metrics::{Direction, ListenerLabels, ListenerNameLabels, Metrics};
 use crate::state::{
     ChainChoice, Detected, FilterChain, ListenerConfig, NetworkFilter, Snapshot, Store,
 };
@@ -218,9 +218,19 @@ async fn drained(rx: &mut watch::Receiver<bool>) {
     }
 }
 
-/// Accepts connections until the drain starts.
+/// Accepts connections until the drain starts, `--max-connections` open at once: one more is
+/// closed as soon as it is accepted (the client reads the end of the stream, rather than
+/// waiting in the kernel's queue) and counted.
 pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>) {
     let mut draining = shared.drain.watch();
+    let slots = Arc::new(Semaphore::new(shared.config.max_connections as usize));
+    let over_limit = shared
+        .metrics
+        .connections_over_limit
+        .get_or_create(&ListenerNameLabels {
+            listener: kind.xds_name(),
+        })
+        .clone();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -229,6 +239,12 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    over_limit.inc();
+                    debug!(%peer, listener = kind.xds_name(), "connection over the limit closed");
+                    drop(stream);
+                    continue;
+                };
                 let guard = shared.drain.guard();
                 let shared = shared.clone();
                 let span = info_span!("conn", listener = kind.xds_name(), %peer);
@@ -236,6 +252,7 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared
                     async move {
                         connection(stream, kind, &shared).await;
                         drop(guard);
+                        drop(slot);
                     }
                     .instrument(span),
                 );
