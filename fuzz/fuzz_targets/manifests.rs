@@ -1,0 +1,107 @@
+//! Manifests: arbitrary text as YAML documents, read as the controller reads a manifest file
+//! (each document an object, or refused with an error naming it), indexed and translated for a
+//! pod; then every resource the controller would serve that pod goes through mesh-proxy's
+//! conversion, which must take it: the proxy never refuses what its controller sends.
+
+#![no_main]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use libfuzzer_sys::fuzz_target;
+use mesh_controller::index::Index;
+use mesh_controller::objects::parse_doc;
+use mesh_controller::xds::resources::{ProxyView, ResourceType};
+use mesh_controller::xds::translate::{ListenerSettings, ProxyId, Translator};
+use mesh_proxy::state::convert;
+use prost::Message;
+use serde::Deserialize;
+
+/// Each document of `text`, as JSON values; stops at the first that is not YAML.
+fn documents(text: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map_while(|d| serde_json::Value::deserialize(d).ok())
+        .collect()
+}
+
+/// Every resource the view serves a (not scoped) mesh-proxy goes through its conversion: the
+/// layers; those served only by name are proxyless gRPC's API listeners.
+fn proxy_takes(view: &ProxyView) {
+    for layer in &view.layers {
+        for ty in ResourceType::ALL {
+            for r in layer.iter(ty) {
+                let bytes = r.any.value.as_slice();
+                let taken = match ty {
+                    ResourceType::Listener => Listener::decode(bytes)
+                        .map_err(|e| e.to_string())
+                        .and_then(|l| convert::listener(&l).map(|_| ()).map_err(|e| e.to_string())),
+                    ResourceType::Route => RouteConfiguration::decode(bytes)
+                        .map_err(|e| e.to_string())
+                        .and_then(|rc| {
+                            convert::route_table(&rc)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        }),
+                    ResourceType::Cluster => Cluster::decode(bytes)
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| convert::cluster(&c).map(|_| ()).map_err(|e| e.to_string())),
+                    ResourceType::Endpoint => ClusterLoadAssignment::decode(bytes)
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| {
+                            convert::endpoints(&c)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        }),
+                };
+                if let Err(e) = taken {
+                    panic!(
+                        "mesh-proxy refuses {ty:?} {} from its controller: {e}",
+                        r.name
+                    );
+                }
+            }
+        }
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut index = Index::new("cluster.local");
+    let mut pods = Vec::new();
+    for doc in documents(text) {
+        let Ok(obj) = parse_doc(doc.clone(), "default") else {
+            continue;
+        };
+        if doc["kind"] == "Pod"
+            && let (Some(ns), Some(name)) = (
+                doc["metadata"]["namespace"].as_str().or(Some("default")),
+                doc["metadata"]["name"].as_str(),
+            )
+        {
+            pods.push((ns.to_string(), name.to_string()));
+        }
+        let _ = index.apply(obj);
+    }
+    let mut translator = Translator::new(index.model());
+    pods.push(("default".into(), "web-0".into()));
+    for (namespace, name) in pods.into_iter().take(4) {
+        for mtls in [false, true] {
+            let view = translator.view(&ProxyId {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                settings: ListenerSettings {
+                    transparent: true,
+                    mtls,
+                    outbound_http_addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15080),
+                    ..Default::default()
+                },
+            });
+            proxy_takes(&view);
+        }
+    }
+});
