@@ -49,7 +49,7 @@ pub enum ProxyError {
     /// The request target after a rewrite is not a valid URI.
     #[error("invalid request target")]
     InvalidTarget,
-    /// The Host a rewrite set is not a valid header value.
+    /// The request's Host, or the one a rewrite set, is not a valid host.
     #[error("invalid Host")]
     InvalidHost,
     /// The host cannot be an HTTP/2 `:authority`.

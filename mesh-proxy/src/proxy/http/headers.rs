@@ -64,26 +64,28 @@ impl Levels<'_> {
 }
 
 /// The host the client named: the target's authority, else the `Host` header. Its hosts must
-/// agree, so that no hop after this one reads another: one `Host` at most (RFC 9112,
-/// 3.2), no user info in the authority (RFC 9110, 4.2.4), and over HTTP/2 a `Host` naming
-/// the `:authority`'s host and port (RFC 9113, 8.3.1). An HTTP/1.1 absolute-form target's
-/// authority replaces its `Host`, as a proxy must (RFC 9112, 3.2.2).
+/// agree, so that no hop after this one reads another: one `Host` at most, and one in every
+/// HTTP/1.1 request (RFC 9112, 3.2); a host that is a valid authority without user info
+/// (RFC 9110, 4.2.4); over HTTP/2 a `Host` naming the `:authority`'s host and port (RFC
+/// 9113, 8.3.1). An HTTP/1.1 absolute-form target's authority replaces its `Host`, as a
+/// proxy must (RFC 9112, 3.2.2).
 pub(super) fn host<B>(req: &mut Request<B>) -> Result<String, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let (first, second) = (hosts.next(), hosts.next());
     if second.is_some() {
         return Err(ProxyError::DuplicateHost);
     }
-    let Some(a) = req.uri().authority() else {
-        return first
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .ok_or(ProxyError::MissingHost);
-    };
-    if a.as_str().contains('@') {
-        return Err(ProxyError::UserInfo);
+    if first.is_none() && req.version() == Version::HTTP_11 {
+        return Err(ProxyError::MissingHost);
     }
-    let named = a.as_str().to_string();
+    let Some(a) = req.uri().authority() else {
+        let h = first.ok_or(ProxyError::MissingHost)?;
+        return no_user_info(
+            &Authority::try_from(h.as_bytes()).map_err(|_| ProxyError::InvalidHost)?,
+        )
+        .map(str::to_string);
+    };
+    let named = no_user_info(a)?.to_string();
     if req.version() >= Version::HTTP_2 {
         let default = default_port(req.uri().scheme());
         if first.is_some_and(|h| !same_host(a, h, default)) {
@@ -94,6 +96,13 @@ pub(super) fn host<B>(req: &mut Request<B>) -> Result<String, ProxyError> {
         req.headers_mut().insert(header::HOST, v);
     }
     Ok(named)
+}
+
+fn no_user_info(a: &Authority) -> Result<&str, ProxyError> {
+    if a.as_str().contains('@') {
+        return Err(ProxyError::UserInfo);
+    }
+    Ok(a.as_str())
 }
 
 fn default_port(scheme: Option<&Scheme>) -> u16 {
@@ -242,7 +251,16 @@ mod tests {
         assert_eq!(host_of(h1, "/", &["a", "a"]), Err(400));
         // An absolute-form target's authority is the host, and the app reads it too.
         assert_eq!(host_of(h1, "http://a/x", &["b"]), ok("a", "a"));
-        assert_eq!(host_of(h1, "http://a/x", &[]), ok("a", "a"));
+        assert_eq!(host_of(h1, "http://a/x", &[]), Err(400));
+        assert_eq!(host_of(Version::HTTP_10, "http://a/x", &[]), ok("a", "a"));
+        assert_eq!(host_of(Version::HTTP_10, "/", &["a"]), ok("a", "a"));
+        assert_eq!(host_of(Version::HTTP_10, "/", &[]), Err(400));
+        // A `Host` routed by is a valid authority, without user info.
+        assert_eq!(host_of(h1, "/", &["u@a"]), Err(400));
+        assert_eq!(host_of(h1, "/", &["a/b"]), Err(400));
+        assert_eq!(host_of(h1, "/", &["a b"]), Err(400));
+        assert_eq!(host_of(h1, "/", &["[::1]:80"]), ok("[::1]:80", "[::1]:80"));
+        assert_eq!(host_of(h2, "/x", &["u@a"]), Err(400));
         assert_eq!(host_of(h1, "http://a:81/x", &["a:81"]), ok("a:81", "a:81"));
         assert_eq!(host_of(h1, "http://a/x", &["a", "b"]), Err(400));
         assert_eq!(host_of(h1, "http://u@a/x", &["a"]), Err(400));
