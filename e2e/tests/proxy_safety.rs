@@ -184,6 +184,77 @@ async fn a_listener_closes_connections_past_its_limit() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An app that switches every connection to an echo of its bytes after a `101`.
+async fn upgrade_echo() -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut c, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && matches!(c.read(&mut b).await, Ok(1)) {
+                    head.push(b[0]);
+                }
+                let switch = b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+                if c.write_all(switch).await.is_ok() {
+                    let (mut r, mut w) = c.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_keeps_its_place_under_the_limit() -> anyhow::Result<()> {
+    let (app, _task) = upgrade_echo().await?;
+    let mesh = LocalMesh::start().await?;
+    let one = |c: &mut mesh_proxy::Config| c.max_connections = 1;
+    let pair = mesh
+        .sidecar_pair_with(mesh_e2e::mesh::PairOptions {
+            port_name: "http",
+            app_port: app.port(),
+            tweak: Some(&one),
+            ..Default::default()
+        })
+        .await?;
+    let mut tunnel = TcpStream::connect(pair.outbound).await?;
+    tunnel
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nhost: echo\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while !got.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), tunnel.read(&mut buf)).await??;
+        anyhow::ensure!(
+            n > 0,
+            "closed before the 101: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    tunnel.write_all(b"ping").await?;
+    let n = tokio::time::timeout(Duration::from_secs(10), tunnel.read(&mut buf)).await??;
+    assert_eq!(&buf[..n], b"ping", "the tunnel echoes");
+    // The tunnel still holds the client proxy's only place: another connection is closed.
+    let mut other = TcpStream::connect(pair.outbound).await?;
+    let n = tokio::time::timeout(Duration::from_secs(10), other.read(&mut buf))
+        .await?
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a second connection while the tunnel is open");
+    drop(tunnel);
+    Ok(())
+}
+
 /// The status of an HTTP/2 GET for `/` with `:authority: app` and these `Host` headers.
 async fn h2_status_with_hosts(addr: std::net::SocketAddr, hosts: &[&str]) -> anyhow::Result<u8> {
     let mut conn = TcpStream::connect(addr).await?;

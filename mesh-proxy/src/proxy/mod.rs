@@ -70,6 +70,9 @@ impl ListenerKind {
 /// What an HTTP connection knows about itself.
 #[derive(Debug)]
 pub struct HttpCtx {
+    /// The connection's place under `--max-connections`, held as long as the connection:
+    /// an upgraded one (WebSocket) outlives its HTTP exchange in a tunnel that holds it too.
+    pub slot: ConnSlot,
     pub shared: Arc<Shared>,
     /// The RouteConfiguration its filter chain names.
     pub route: String,
@@ -92,6 +95,9 @@ pub struct HttpCtx {
     /// The chain has the fault injection filter: routes' faults apply.
     pub faults: bool,
 }
+
+/// A connection's place among its listener's `--max-connections`.
+pub type ConnSlot = Arc<tokio::sync::OwnedSemaphorePermit>;
 
 /// Tracks open connections so that a drain can wait for them.
 #[derive(Debug)]
@@ -219,8 +225,8 @@ async fn drained(rx: &mut watch::Receiver<bool>) {
 }
 
 /// Accepts connections until the drain starts, `--max-connections` open at once: one more is
-/// closed as soon as it is accepted (the client reads the end of the stream, rather than
-/// waiting in the kernel's queue) and counted.
+/// closed as soon as it is accepted (its client learns at once, by the end of the stream or a
+/// reset when it had sent bytes, rather than waiting in the kernel's queue) and counted.
 pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared>) {
     let mut draining = shared.drain.watch();
     let slots = Arc::new(Semaphore::new(shared.config.max_connections as usize));
@@ -239,7 +245,7 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared
         };
         match accepted {
             Ok((stream, peer)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
                     over_limit.inc();
                     debug!(%peer, listener = kind.xds_name(), "connection over the limit closed");
                     drop(stream);
@@ -250,9 +256,8 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared
                 let span = info_span!("conn", listener = kind.xds_name(), %peer);
                 tokio::spawn(
                     async move {
-                        connection(stream, kind, &shared).await;
+                        connection(stream, kind, &shared, Arc::new(permit)).await;
                         drop(guard);
-                        drop(slot);
                     }
                     .instrument(span),
                 );
@@ -314,7 +319,12 @@ impl Drop for Active<'_> {
     }
 }
 
-async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shared>) {
+async fn connection(
+    mut stream: TcpStream,
+    kind: ListenerKind,
+    shared: &Arc<Shared>,
+    slot: ConnSlot,
+) {
     let _ = stream.set_nodelay(true);
     let src = stream.peer_addr().ok();
     let Some(dst) = original_dst(&stream, kind, &shared.config) else {
@@ -354,6 +364,7 @@ async fn connection(mut stream: TcpStream, kind: ListenerKind, shared: &Arc<Shar
     let io = PrefixedIo::new(prefix, stream).with_idle_timeout(shared.config.idle_timeout);
     let on = Chain {
         kind,
+        slot,
         name: chain.name.clone(),
         generation: snapshot.generation,
         dst,
@@ -524,6 +535,7 @@ async fn refuse_unconfigured(stream: &mut TcpStream, dst: SocketAddr, shared: &A
 /// generation) and original destination.
 struct Chain {
     kind: ListenerKind,
+    slot: ConnSlot,
     name: String,
     generation: u64,
     dst: SocketAddr,
@@ -573,6 +585,7 @@ async fn run_filter<I>(
                 _ => None,
             };
             let ctx = Arc::new(HttpCtx {
+                slot: on.slot.clone(),
                 shared: shared.clone(),
                 route: route.clone(),
                 dst,

@@ -95,7 +95,7 @@ pub(super) async fn call(
     let result = run(&tries, &mut retries, &mut template, &mut body, ex).await?;
     ex.headers_after = Some(start.elapsed());
     let mut resp = result.last(ctx, &cluster.name)?;
-    if upgrade::switch(downstream_upgrade, &mut resp, ctx.dst) {
+    if upgrade::switch(downstream_upgrade, &mut resp, ctx.dst, &ctx.slot) {
         return Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()));
     }
     Ok(respond(

@@ -10,6 +10,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use super::super::ConnSlot;
 use super::super::upstream::UpstreamBody;
 
 /// The client's side of the upgrade, when `req` asks for one.
@@ -27,16 +28,18 @@ pub(super) fn requested<B>(req: &mut Request<B>) -> Option<OnUpgrade> {
     asked.then(|| hyper::upgrade::on(req))
 }
 
-/// After a `101` to a request that asked for an upgrade (`down`): starts the tunnel, and
-/// says so. The `101` goes to the client as the endpoint sent it, with no header changes.
+/// After a `101` to a request that asked for an upgrade (`down`): starts the tunnel, which
+/// holds the connection's `slot` while it runs, and says so. The `101` goes to the client as
+/// the endpoint sent it, with no header changes.
 pub(super) fn switch(
     down: Option<OnUpgrade>,
     resp: &mut Response<UpstreamBody>,
     dst: SocketAddr,
+    slot: &ConnSlot,
 ) -> bool {
     match down {
         Some(down) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
-            tunnel(down, hyper::upgrade::on(resp), dst);
+            tunnel(down, hyper::upgrade::on(resp), dst, slot.clone());
             true
         }
         _ => false,
@@ -44,8 +47,9 @@ pub(super) fn switch(
 }
 
 /// After a 101 from both sides, copies bytes between the client and the endpoint.
-fn tunnel(down: OnUpgrade, up: OnUpgrade, dst: SocketAddr) {
+fn tunnel(down: OnUpgrade, up: OnUpgrade, dst: SocketAddr, slot: ConnSlot) {
     tokio::spawn(async move {
+        let _slot = slot;
         let (down, up) = match tokio::try_join!(down, up) {
             Ok(pair) => pair,
             Err(e) => {
