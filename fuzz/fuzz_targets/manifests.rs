@@ -1,10 +1,11 @@
 //! Manifests: arbitrary text as YAML documents, read as the controller reads a manifest file
 //! (each document an object, or refused with an error naming it), indexed and translated for a
-//! pod; then every resource the controller would serve that pod goes through mesh-proxy's
+//! pod (`default/web-0` and the first three pods named); then every resource the controller would serve that pod goes through mesh-proxy's
 //! conversion, which must take it: the proxy never refuses what its controller sends.
 
 #![no_main]
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -27,41 +28,45 @@ fn documents(text: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// Every resource the view serves a (not scoped) mesh-proxy goes through its conversion: the
-/// layers; those served only by name are proxyless gRPC's API listeners.
+/// Every resource the view serves a (not scoped) mesh-proxy goes through its conversion: by
+/// name, as a wildcard subscription gets it (a name in an earlier layer hides the later
+/// ones); those served only by name are proxyless gRPC's API listeners.
 fn proxy_takes(view: &ProxyView) {
-    for layer in &view.layers {
-        for ty in ResourceType::ALL {
-            for r in layer.iter(ty) {
-                let bytes = r.any.value.as_slice();
-                let taken = match ty {
-                    ResourceType::Listener => Listener::decode(bytes)
-                        .map_err(|e| e.to_string())
-                        .and_then(|l| convert::listener(&l).map(|_| ()).map_err(|e| e.to_string())),
-                    ResourceType::Route => RouteConfiguration::decode(bytes)
-                        .map_err(|e| e.to_string())
-                        .and_then(|rc| {
-                            convert::route_table(&rc)
-                                .map(|_| ())
-                                .map_err(|e| e.to_string())
-                        }),
-                    ResourceType::Cluster => Cluster::decode(bytes)
-                        .map_err(|e| e.to_string())
-                        .and_then(|c| convert::cluster(&c).map(|_| ()).map_err(|e| e.to_string())),
-                    ResourceType::Endpoint => ClusterLoadAssignment::decode(bytes)
-                        .map_err(|e| e.to_string())
-                        .and_then(|c| {
-                            convert::endpoints(&c)
-                                .map(|_| ())
-                                .map_err(|e| e.to_string())
-                        }),
-                };
-                if let Err(e) = taken {
-                    panic!(
-                        "mesh-proxy refuses {ty:?} {} from its controller: {e}",
-                        r.name
-                    );
-                }
+    for ty in ResourceType::ALL {
+        let names: BTreeSet<&str> = view
+            .layers
+            .iter()
+            .flat_map(|layer| layer.iter(ty).map(|r| &*r.name))
+            .collect();
+        for name in names {
+            let Some(r) = view.get_wildcard(ty, name) else {
+                continue;
+            };
+            let bytes = r.any.value.as_slice();
+            let taken = match ty {
+                ResourceType::Listener => Listener::decode(bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|l| convert::listener(&l).map(|_| ()).map_err(|e| e.to_string())),
+                ResourceType::Route => RouteConfiguration::decode(bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|rc| {
+                        convert::route_table(&rc)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }),
+                ResourceType::Cluster => Cluster::decode(bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| convert::cluster(&c).map(|_| ()).map_err(|e| e.to_string())),
+                ResourceType::Endpoint => ClusterLoadAssignment::decode(bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|c| {
+                        convert::endpoints(&c)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    }),
+            };
+            if let Err(e) = taken {
+                panic!("mesh-proxy refuses {ty:?} {name} from its controller: {e}");
             }
         }
     }
@@ -72,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut index = Index::new("cluster.local");
-    let mut pods = Vec::new();
+    let mut pods = vec![("default".to_string(), "web-0".to_string())];
     for doc in documents(text) {
         let Ok(obj) = parse_doc(doc.clone(), "default") else {
             continue;
@@ -88,7 +93,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = index.apply(obj);
     }
     let mut translator = Translator::new(index.model());
-    pods.push(("default".into(), "web-0".into()));
     for (namespace, name) in pods.into_iter().take(4) {
         for mtls in [false, true] {
             let view = translator.view(&ProxyId {

@@ -1,10 +1,9 @@
 //! Path normalization with the authorization matcher, against an app's reading. Policies are
-//! the controller's (a DENY of `/admin` and `/admin/*`, and an ALLOW of GET `/api/*` for one
-//! caller), translated and converted as mesh-proxy gets them. A request target the proxy
-//! accepts goes to the app with its normalized path; a lenient app (decoding every escape,
-//! `\` as `/`, dropping `;` parameters, merging slashes, resolving dot segments) must never
-//! read a denied resource in a path the policy let through, and normalizing twice changes
-//! nothing.
+//! the controller's (a DENY of `/admin` and `/admin/*`, and an ALLOW of GET `/api/*` and
+//! `/admin/*` for one caller), translated and converted as mesh-proxy gets them. A request
+//! target the proxy accepts goes to the app with its normalized path; a lenient app (see
+//! `app_reads`) must never read a denied resource in a path the policy let through, and
+//! normalizing twice changes nothing.
 
 #![no_main]
 
@@ -115,9 +114,16 @@ fn resolve(path: &str) -> String {
     format!("/{}", out.join("/"))
 }
 
-/// The path a lenient app serves for `path`.
+/// The path a lenient app serves for `path`: as Tomcat and Spring do, `;` parameters are
+/// dropped as written; then every escape is decoded once, `\\` taken as `/`, slashes merged
+/// and dot segments resolved.
 fn app_reads(path: &str) -> String {
-    let b = path.as_bytes();
+    let bare: Vec<&str> = path
+        .split('/')
+        .map(|s| s.split(';').next().unwrap_or(""))
+        .collect();
+    let bare = bare.join("/");
+    let b = bare.as_bytes();
     let mut decoded = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
@@ -135,11 +141,8 @@ fn app_reads(path: &str) -> String {
         decoded.push(if b[i] == b'\\' { b'/' } else { b[i] });
         i += 1;
     }
-    let text = String::from_utf8_lossy(&decoded);
-    let segments: Vec<&str> = text
-        .split('/')
-        .map(|s| s.split(';').next().unwrap_or(""))
-        .collect();
+    let text = String::from_utf8_lossy(&decoded).replace('\\', "/");
+    let segments: Vec<&str> = text.split('/').collect();
     let mut merged = String::new();
     for (i, s) in segments.iter().enumerate() {
         if i > 0 && (!s.is_empty() || i + 1 == segments.len()) {
