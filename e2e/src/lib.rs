@@ -1,6 +1,7 @@
 //! Harness for end-to-end and interop tests: in-process HTTP backends, a small HTTP/1.1 client
 //! that talks through a proxy, and helpers to find and run peers (Envoy, Python gRPC).
 
+pub mod authz;
 pub mod cluster;
 pub mod dns;
 pub mod endpointslices;

@@ -5,16 +5,12 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::listener::v3::Listener;
 use http::{HeaderMap, Method};
 use mesh_controller::index::Index;
 use mesh_controller::index::policy::AuthzDefault;
 use mesh_controller::testing::obj;
-use mesh_controller::xds::resources::ResourceType;
-use mesh_controller::xds::translate::{ListenerSettings, ProxyId, Translator};
 use mesh_proxy::policy::{Facts, HttpFacts, decide};
 use mesh_proxy::state::Guard;
-use prost::Message;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
@@ -51,24 +47,8 @@ fn guards(
     {
         idx.apply(obj(doc)).expect("test object applies");
     }
-    let mut t = Translator::new(idx.model());
-    let view = t.view(&ProxyId {
-        namespace: "shop".into(),
-        name: "cart-0".into(),
-        settings: ListenerSettings {
-            transparent: true,
-            mtls: true,
-            ..Default::default()
-        },
-    });
-    let res = view
-        .get(
-            ResourceType::Listener,
-            mesh_api::consts::xds::INBOUND_LISTENER,
-        )
-        .expect("inbound listener");
-    let listener = Listener::decode(res.any.value.as_slice()).expect("decodes");
-    let config = mesh_proxy::state::convert::listener(&listener).expect("mesh-proxy takes it");
+    let config = mesh_e2e::authz::inbound_listener(&mut idx, "shop", "cart-0")
+        .expect("mesh-proxy takes the inbound listener");
     let mut out = BTreeMap::new();
     for c in config.chains.iter().filter(|c| c.terminate_tls) {
         out.insert(c.port.expect("a port chain"), c.filter.guard().clone());

@@ -9,16 +9,12 @@
 
 use std::sync::{Arc, LazyLock};
 
-use envoy_types::pb::envoy::config::listener::v3::Listener;
 use http::{HeaderMap, Method};
 use libfuzzer_sys::fuzz_target;
 use mesh_controller::index::Index;
 use mesh_controller::objects::parse_doc;
-use mesh_controller::xds::resources::ResourceType;
-use mesh_controller::xds::translate::{ListenerSettings, ProxyId, Translator};
 use mesh_proxy::policy::{Facts, HttpFacts, decide};
 use mesh_proxy::state::Guard;
-use prost::Message;
 use serde::Deserialize;
 
 const WORLD: &str = "
@@ -63,23 +59,7 @@ static GUARD: LazyLock<Arc<Guard>> = LazyLock::new(|| {
             .apply(parse_doc(doc, "default").expect("an object"))
             .expect("applies");
     }
-    let view = Translator::new(index.model()).view(&ProxyId {
-        namespace: "shop".into(),
-        name: "cart-0".into(),
-        settings: ListenerSettings {
-            transparent: true,
-            mtls: true,
-            ..Default::default()
-        },
-    });
-    let res = view
-        .get(
-            ResourceType::Listener,
-            mesh_api::consts::xds::INBOUND_LISTENER,
-        )
-        .expect("the inbound listener");
-    let listener = Listener::decode(res.any.value.as_slice()).expect("decodes");
-    let config = mesh_proxy::state::convert::listener(&listener).expect("converts");
+    let config = mesh_e2e::authz::inbound_listener(&mut index, "shop", "cart-0").expect("converts");
     config
         .chains
         .iter()
