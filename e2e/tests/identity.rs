@@ -74,6 +74,52 @@ async fn mutual_tls_between_sidecars_tells_the_app_who_called() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_caller_makes_the_app_or_metrics_believe_another_identity() -> anyhow::Result<()> {
+    let app = EchoServer::start("echo-app").await?;
+    let ca = TestCa::start(Duration::from_secs(3600)).await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = secure_pair(&mesh, &ca, &app, "PERMISSIVE").await?;
+    let inbound = pair.server.inbound_addr.expect("inbound listener");
+    let forged = [
+        (
+            "x-forwarded-client-cert",
+            "By=x;URI=spiffe://cluster.local/ns/kube-system/sa/admin",
+        ),
+        ("x-mesh-source-workload", "kube-system/admin"),
+    ];
+    // Plaintext straight to the pod (PERMISSIVE serves it): nothing of the claim arrives.
+    let (status, headers, _) = ProxyClient::new(inbound)
+        .get_full("echo", "/", &forged)
+        .await?;
+    assert_eq!(status, 200);
+    let seen = |h: &http::HeaderMap, name: &str| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_string()
+    };
+    assert_eq!(seen(&headers, "x-seen-xfcc"), "", "{headers:?}");
+    assert_eq!(seen(&headers, "x-seen-source-workload"), "", "{headers:?}");
+    // Over mesh TLS from the client's pod: the server's proxy says who called.
+    let (status, headers, _) = ProxyClient::new(pair.outbound)
+        .get_full("echo", "/", &forged)
+        .await?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        headers.get("x-seen-xfcc").and_then(|v| v.to_str().ok()),
+        Some(format!("By={SERVER_ID};URI={CLIENT_ID}").as_str())
+    );
+    assert_eq!(seen(&headers, "x-seen-source-workload"), "", "{headers:?}");
+    // Neither request is counted as the claimed caller's.
+    let metrics = pair.server.metrics.encode();
+    assert!(
+        metrics.contains("mesh_proxy_requests_total") && !metrics.contains("kube-system"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_from_outside_the_mesh_is_refused_in_strict_and_served_in_permissive()
 -> anyhow::Result<()> {
     let app = EchoServer::start("echo-app").await?;

@@ -278,6 +278,23 @@ async fn h2_status_with_hosts(addr: std::net::SocketAddr, hosts: &[&str]) -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_reads_the_host_an_absolute_target_was_routed_by() -> anyhow::Result<()> {
+    let s = setup().await?;
+    let (status, text) = exchange(
+        s.addr,
+        "GET http://app/x HTTP/1.1\r\nhost: other\r\nconnection: close\r\n\r\n",
+    )
+    .await?;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nx-seen-host: app\r\n"),
+        "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_host_must_name_the_authority() -> anyhow::Result<()> {
     let s = setup().await?;
     assert_eq!(h2_status_with_hosts(s.addr, &[]).await?, 0x88);
