@@ -184,6 +184,41 @@ async fn a_listener_closes_connections_past_its_limit() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_pressure_sheds_new_requests_with_503() -> anyhow::Result<()> {
+    // A limit the proxy is over from the start: its first reading of resident memory sheds.
+    let s = setup_with(|c| c.memory_limit = 1024 * 1024).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let (status, text) = exchange(
+            s.addr,
+            "GET / HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n",
+        )
+        .await?;
+        if status == 503 {
+            break text;
+        }
+        assert_eq!(status, 200, "{text}");
+        assert!(std::time::Instant::now() < deadline, "never shed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("\r\nx-mesh-proxy: overloaded\r\n"),
+        "{text}"
+    );
+    let m = &s.proxy.shared.metrics;
+    assert_eq!(m.overload_shedding.get(), 1);
+    assert!(m.overload_shed.get() >= 1);
+    assert!(m.resident_memory.get() > 1024 * 1024);
+    // The process is alive and reports itself ready.
+    let (code, _) = mesh_e2e::http_get(s.proxy.metrics_addr, "/ready")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no /ready"))?;
+    assert_eq!(code, 200);
+    Ok(())
+}
+
 /// An app that switches every connection to an echo of its bytes after a `101`.
 async fn upgrade_echo() -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

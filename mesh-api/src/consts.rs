@@ -269,6 +269,8 @@ pub mod env {
     pub const PROXY_H2_MAX_STREAMS: &str = "MESH_PROXY_H2_MAX_STREAMS";
     /// Proxy: connections each listener holds open at once.
     pub const PROXY_MAX_CONNECTIONS: &str = "MESH_PROXY_MAX_CONNECTIONS";
+    /// Proxy: the container's memory limit in bytes, for load shedding.
+    pub const PROXY_MEMORY_LIMIT: &str = "MESH_PROXY_MEMORY_LIMIT";
     /// Proxy: time allowed to read a request's headers.
     pub const PROXY_HEADER_READ_TIMEOUT: &str = "MESH_PROXY_HEADER_READ_TIMEOUT";
     /// Proxy: idle time after which a connection is closed.

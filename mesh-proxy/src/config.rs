@@ -107,6 +107,10 @@ pub struct Config {
     #[arg(long, env = env::PROXY_MAX_CONNECTIONS, default_value_t = 20_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// The container's memory limit, in bytes (0: none). Past 95 % of it in resident memory
+    /// new requests are answered 503, until it is back under 90 %.
+    #[arg(long, env = env::PROXY_MEMORY_LIMIT, default_value_t = 0)]
+    pub memory_limit: u64,
     /// Time a client has to send a request's headers (HTTP/1: also how long an idle keep-alive
     /// connection is kept); 0 disables it.
     #[arg(long, env = env::PROXY_HEADER_READ_TIMEOUT, value_parser = parse_duration, default_value = "10s")]
@@ -217,6 +221,7 @@ impl Config {
             max_header_bytes: 64 * 1024,
             h2_max_streams: 100,
             max_connections: 20_000,
+            memory_limit: 0,
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             ca_addr: None,

@@ -11,6 +11,7 @@ pub mod config;
 pub mod identity;
 pub mod init;
 pub mod metrics;
+pub mod overload;
 pub mod policy;
 pub mod proxy;
 pub mod retry;

@@ -351,6 +351,9 @@ pub struct Metrics {
     pub svid_renewal_failures: Counter,
     pub svid_expiry: Gauge,
     pub access_log_dropped: Counter,
+    pub resident_memory: Gauge,
+    pub overload_shedding: Gauge,
+    pub overload_shed: Counter,
 }
 
 impl Default for Metrics {
@@ -553,6 +556,24 @@ impl Metrics {
                 &mut r,
                 "access_log_dropped",
                 "Access log lines dropped because the writer was behind by a full queue",
+                Counter::default(),
+            ),
+            resident_memory: reg(
+                &mut r,
+                "resident_memory_bytes",
+                "Resident memory at the last reading (read every 250 ms with --memory-limit set)",
+                Gauge::default(),
+            ),
+            overload_shedding: reg(
+                &mut r,
+                "overload_shedding",
+                "1 while new requests are shed for memory pressure (--memory-limit)",
+                Gauge::default(),
+            ),
+            overload_shed: reg(
+                &mut r,
+                "overload_shed_requests",
+                "Requests answered 503 because of memory pressure (--memory-limit)",
                 Counter::default(),
             ),
             registry: r,

@@ -151,6 +151,13 @@ impl Proxy {
                     Some(AccessLog::open(path, metrics.access_log_dropped.clone())?);
             }
         }
+        if config.memory_limit > 0 {
+            shared.overload = Some(crate::overload::Overload::new(
+                config.memory_limit,
+                metrics.resident_memory.clone(),
+                metrics.overload_shedding.clone(),
+            ));
+        }
         let shared = Arc::new(shared);
 
         let xds_tls = match &tls {
@@ -185,6 +192,9 @@ impl Proxy {
         }
         if let Some(tls) = &tls {
             tasks.push(tokio::spawn(tls.clone().run()));
+        }
+        if let Some(o) = &shared.overload {
+            tasks.push(tokio::spawn(o.clone().watch()));
         }
         let admin_app = admin_router(state.clone());
         tasks.push(tokio::spawn(async move {

@@ -32,6 +32,9 @@ pub enum ProxyError {
     /// differently further on.
     #[error("request has more than one Host")]
     DuplicateHost,
+    /// Resident memory passed 95 % of `--memory-limit`: new requests are shed.
+    #[error("proxy overloaded: memory pressure")]
+    Overloaded,
     /// RFC 9113 section 8.3.1: an HTTP/2 request whose `Host` names another host or port
     /// than its `:authority` is malformed; routed by one, the app would read the other.
     #[error("Host differs from :authority")]
@@ -127,7 +130,8 @@ impl ProxyError {
             | E::NoConnectionFree
             | E::NoHealthyUpstream
             | E::Connect(_)
-            | E::ChainRemoved => StatusCode::SERVICE_UNAVAILABLE,
+            | E::ChainRemoved
+            | E::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -138,6 +142,8 @@ impl ProxyError {
             E::NoConfig | E::NoRouteConfig(_) | E::NoRoute(_) | E::ChainRemoved => "NR",
             E::NoCluster(_) => "NC",
             E::TooManyRequests | E::NoConnectionFree => "UO",
+            // Envoy's overload manager.
+            E::Overloaded => "OM",
             E::NoHealthyUpstream => "UH",
             E::Connect(_) => "UF",
             E::Reset(_) => "UC",
@@ -189,6 +195,9 @@ impl ProxyError {
         match self {
             ProxyError::TooManyRequests | ProxyError::NoConnectionFree => {
                 h.insert(MARK, HeaderValue::from_static("overflow"));
+            }
+            ProxyError::Overloaded => {
+                h.insert(MARK, HeaderValue::from_static("overloaded"));
             }
             ProxyError::ChainRemoved | ProxyError::RequestBody => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));

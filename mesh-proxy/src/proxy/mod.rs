@@ -171,6 +171,8 @@ pub struct Shared {
     pub limiters: guard::Limiters,
     /// Destinations looked up on demand (`--scoped`).
     pub on_demand: Option<Arc<crate::xds::on_demand::OnDemand>>,
+    /// With `--memory-limit`: whether new requests are shed.
+    pub overload: Option<Arc<crate::overload::Overload>>,
 }
 
 impl Shared {
@@ -206,6 +208,7 @@ impl Shared {
             source_header,
             limiters: guard::Limiters::default(),
             on_demand: None,
+            overload: None,
             metrics,
         }
     }

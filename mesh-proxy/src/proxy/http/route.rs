@@ -21,6 +21,10 @@ pub(super) async fn serve(
     mut req: Request<Lingering>,
     ex: &mut Exchange,
 ) -> Result<Response<Body>, ProxyError> {
+    if ctx.shared.overload.as_ref().is_some_and(|o| o.shedding()) {
+        ctx.shared.metrics.overload_shed.inc();
+        return Err(ProxyError::Overloaded);
+    }
     let host = host(&mut req)?;
     let snapshot = ctx.shared.store.load().ok_or(ProxyError::NoConfig)?;
     guard::check(ctx, &snapshot, &mut req)?;

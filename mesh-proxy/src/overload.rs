@@ -1,0 +1,125 @@
+//! Load shedding under memory pressure, as Envoy's overload manager does it: with
+//! `--memory-limit` set (the container's limit), once resident memory passes 95 % of it new
+//! requests are answered 503 rather than taken on, until it is back under 90 %. Connections
+//! are still accepted, so that clients get the 503 and can go elsewhere; what a request
+//! already holds is let finish. The reference is `docs/reference/proxy.md#safety-limits`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tracing::{info, warn};
+
+/// How often resident memory is read.
+pub const EVERY: Duration = Duration::from_millis(250);
+
+/// Whether requests are being shed, from readings of resident memory against the limit.
+#[derive(Debug)]
+pub struct Overload {
+    limit: u64,
+    shedding: AtomicBool,
+    resident: Gauge,
+    shedding_gauge: Gauge,
+}
+
+impl Overload {
+    /// `limit` in bytes (non-zero); the gauges show the last reading and the state.
+    pub fn new(limit: u64, resident: Gauge, shedding_gauge: Gauge) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            shedding: AtomicBool::new(false),
+            resident,
+            shedding_gauge,
+        })
+    }
+
+    pub fn shedding(&self) -> bool {
+        self.shedding.load(Ordering::Relaxed)
+    }
+
+    /// Takes a reading of resident memory, in bytes: shedding starts above 95 % of the limit
+    /// and stops below 90 % (between the two, it stays as it was).
+    pub fn observe(&self, resident: u64) {
+        self.resident
+            .set(i64::try_from(resident).unwrap_or(i64::MAX));
+        let (start, stop) = (self.limit / 20 * 19, self.limit / 10 * 9);
+        let was = self.shedding();
+        let now = if was {
+            resident >= stop
+        } else {
+            resident > start
+        };
+        if now != was {
+            self.shedding.store(now, Ordering::Relaxed);
+            self.shedding_gauge.set(i64::from(now));
+            if now {
+                warn!(
+                    resident,
+                    limit = self.limit,
+                    "memory pressure: shedding new requests"
+                );
+            } else {
+                info!(
+                    resident,
+                    limit = self.limit,
+                    "memory pressure over: taking requests"
+                );
+            }
+        }
+    }
+
+    /// Reads resident memory every [`EVERY`], for as long as the proxy runs.
+    pub async fn watch(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match resident_bytes() {
+                Some(r) => self.observe(r),
+                None => {
+                    warn!("cannot read resident memory from /proc/self/status: no load shedding");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The process's resident memory (`VmRSS`), in bytes.
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sheds_above_95_percent_until_under_90() {
+        let o = Overload::new(1000, Gauge::default(), Gauge::default());
+        let mut states = Vec::new();
+        for r in [900, 950, 951, 920, 900, 899, 940, 960] {
+            o.observe(r);
+            states.push(o.shedding());
+        }
+        assert_eq!(states, [false, false, true, true, true, false, false, true]);
+        assert_eq!(o.shedding_gauge.get(), 1);
+        assert_eq!(o.resident.get(), 960);
+    }
+
+    #[test]
+    fn reads_its_own_resident_memory() {
+        let r = resident_bytes().expect("VmRSS on Linux");
+        assert!(r > 1024 * 1024, "{r} bytes");
+    }
+}
