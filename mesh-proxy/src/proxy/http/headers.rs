@@ -80,12 +80,10 @@ pub(super) fn host<B>(req: &mut Request<B>) -> Result<String, ProxyError> {
     }
     let Some(a) = req.uri().authority() else {
         let h = first.ok_or(ProxyError::MissingHost)?;
-        return no_user_info(
-            &Authority::try_from(h.as_bytes()).map_err(|_| ProxyError::InvalidHost)?,
-        )
-        .map(str::to_string);
+        return checked(&Authority::try_from(h.as_bytes()).map_err(|_| ProxyError::InvalidHost)?)
+            .map(str::to_string);
     };
-    let named = no_user_info(a)?.to_string();
+    let named = checked(a)?.to_string();
     if req.version() >= Version::HTTP_2 {
         let default = default_port(req.uri().scheme());
         if first.is_some_and(|h| !same_host(a, h, default)) {
@@ -98,11 +96,29 @@ pub(super) fn host<B>(req: &mut Request<B>) -> Result<String, ProxyError> {
     Ok(named)
 }
 
-fn no_user_info(a: &Authority) -> Result<&str, ProxyError> {
-    if a.as_str().contains('@') {
+/// The authority's text, when it is a host a request may name: no user info, a non-empty
+/// host (an IPv6 literal only in brackets) and a port of at most five digits that fits 16 bits,
+/// or none. `http`'s `Authority` leaves host and port unchecked.
+fn checked(a: &Authority) -> Result<&str, ProxyError> {
+    let text = a.as_str();
+    if text.contains('@') {
         return Err(ProxyError::UserInfo);
     }
-    Ok(a.as_str())
+    let host = a.host();
+    let literal = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+    let port = &text[host.len()..];
+    let port_ok = match port.strip_prefix(':') {
+        None => port.is_empty(),
+        Some("") => true,
+        Some(p) => {
+            p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok()
+        }
+    };
+    let host_ok = !host.is_empty() && (literal || !host.contains(['[', ']']));
+    if !(host_ok && port_ok) {
+        return Err(ProxyError::InvalidHost);
+    }
+    Ok(text)
 }
 
 fn default_port(scheme: Option<&Scheme>) -> u16 {
@@ -117,7 +133,7 @@ fn default_port(scheme: Option<&Scheme>) -> u16 {
 /// either leaves it out).
 fn same_host(a: &Authority, host: &HeaderValue, default: u16) -> bool {
     Authority::try_from(host.as_bytes()).is_ok_and(|h| {
-        !h.as_str().contains('@')
+        checked(&h).is_ok()
             && h.host().eq_ignore_ascii_case(a.host())
             && h.port_u16().unwrap_or(default) == a.port_u16().unwrap_or(default)
     })
@@ -261,6 +277,16 @@ mod tests {
         assert_eq!(host_of(h1, "/", &["a b"]), Err(400));
         assert_eq!(host_of(h1, "/", &["[::1]:80"]), ok("[::1]:80", "[::1]:80"));
         assert_eq!(host_of(h2, "/x", &["u@a"]), Err(400));
+        // Host and port checked: `http`'s `Authority` takes these.
+        for bad in [":80", "a:abc", "a:99999", "a:123456", "x[::1]", "[a", "[]"] {
+            assert_eq!(host_of(h1, "/", &[bad]), Err(400), "{bad}");
+        }
+        assert_eq!(host_of(h1, "/", &["a:"]), ok("a:", "a:"));
+        assert_eq!(
+            host_of(h1, "/", &["localhost:8080"]),
+            ok("localhost:8080", "localhost:8080")
+        );
+        assert_eq!(host_of(h2, "http://app/x", &["app:abc"]), Err(400));
         assert_eq!(host_of(h1, "http://a:81/x", &["a:81"]), ok("a:81", "a:81"));
         assert_eq!(host_of(h1, "http://a/x", &["a", "b"]), Err(400));
         assert_eq!(host_of(h1, "http://u@a/x", &["a"]), Err(400));
