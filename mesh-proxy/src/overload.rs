@@ -69,18 +69,31 @@ impl Overload {
         }
     }
 
-    /// Reads resident memory every [`EVERY`], for as long as the proxy runs.
+    /// Reads resident memory every [`EVERY`], for as long as the proxy runs. A reading that
+    /// fails (out of file descriptors, say) stops the shedding rather than keep a stale
+    /// state: the proxy fails open.
     pub async fn watch(self: Arc<Self>) {
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
         loop {
             tick.tick().await;
-            match resident_bytes() {
-                Some(r) => self.observe(r),
-                None => {
-                    warn!("cannot read resident memory from /proc/self/status: no load shedding");
-                    return;
-                }
+            let reading = resident_bytes();
+            if reading.is_none() && !failing {
+                warn!("cannot read resident memory from /proc/self/status: not shedding");
+            }
+            failing = reading.is_none();
+            self.take(reading);
+        }
+    }
+
+    /// Takes a reading, or its failure: then shedding stops.
+    fn take(&self, reading: Option<u64>) {
+        match reading {
+            Some(r) => self.observe(r),
+            None => {
+                self.shedding.store(false, Ordering::Relaxed);
+                self.shedding_gauge.set(0);
             }
         }
     }
@@ -97,7 +110,7 @@ pub fn resident_bytes() -> Option<u64> {
         .trim()
         .parse::<u64>()
         .ok()?;
-    Some(kb * 1024)
+    kb.checked_mul(1024)
 }
 
 #[cfg(test)]
@@ -115,6 +128,17 @@ mod tests {
         assert_eq!(states, [false, false, true, true, true, false, false, true]);
         assert_eq!(o.shedding_gauge.get(), 1);
         assert_eq!(o.resident.get(), 960);
+    }
+
+    #[test]
+    fn a_failed_reading_stops_the_shedding() {
+        let o = Overload::new(1000, Gauge::default(), Gauge::default());
+        o.take(Some(990));
+        assert!(o.shedding());
+        o.take(None);
+        assert!(!o.shedding());
+        assert_eq!(o.shedding_gauge.get(), 0);
+        assert_eq!(o.resident.get(), 990, "the last reading stays");
     }
 
     #[test]

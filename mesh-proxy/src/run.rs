@@ -30,6 +30,8 @@ pub enum StartError {
     Tracing(#[from] crate::trace::TracingError),
     #[error(transparent)]
     AccessLog(#[from] crate::access_log::AccessLogError),
+    #[error("--memory-limit: resident memory cannot be read from /proc/self/status")]
+    NoResidentMemory,
     #[error("binding the {what} listener on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -152,6 +154,14 @@ impl Proxy {
             }
         }
         if config.memory_limit > 0 {
+            let resident = crate::overload::resident_bytes().ok_or(StartError::NoResidentMemory)?;
+            if resident > config.memory_limit / 20 * 19 {
+                warn!(
+                    resident,
+                    limit = config.memory_limit,
+                    "--memory-limit is below what the proxy already uses: every request is shed"
+                );
+            }
             shared.overload = Some(crate::overload::Overload::new(
                 config.memory_limit,
                 metrics.resident_memory.clone(),

@@ -197,7 +197,9 @@ impl ProxyError {
                 h.insert(MARK, HeaderValue::from_static("overflow"));
             }
             ProxyError::Overloaded => {
+                // The client is to go elsewhere: an HTTP/1.1 connection ends with the answer.
                 h.insert(MARK, HeaderValue::from_static("overloaded"));
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             ProxyError::ChainRemoved | ProxyError::RequestBody => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
