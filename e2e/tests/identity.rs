@@ -85,7 +85,8 @@ async fn no_caller_makes_the_app_or_metrics_believe_another_identity() -> anyhow
             "x-forwarded-client-cert",
             "By=x;URI=spiffe://cluster.local/ns/kube-system/sa/admin",
         ),
-        ("x-mesh-source-workload", "kube-system/admin"),
+        // The client's own namespace: only its proxy's word on the workload counts.
+        ("x-mesh-source-workload", "default/admin"),
     ];
     // Plaintext straight to the pod (PERMISSIVE serves it): nothing of the claim arrives.
     let (status, headers, _) = ProxyClient::new(inbound)
@@ -110,11 +111,34 @@ async fn no_caller_makes_the_app_or_metrics_believe_another_identity() -> anyhow
         Some(format!("By={SERVER_ID};URI={CLIENT_ID}").as_str())
     );
     assert_eq!(seen(&headers, "x-seen-source-workload"), "", "{headers:?}");
-    // Neither request is counted as the claimed caller's.
-    let metrics = pair.server.metrics.encode();
+    // Both are counted, the second as the client's workload its proxy named; neither as the
+    // claimed one.
+    let server = pair.server.metrics.clone();
+    let inbound = |m: &str| {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("mesh_proxy_requests_total{") && l.contains("direction=\"inbound\"")
+            })
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let lines = eventually(Duration::from_secs(5), "both requests counted", || {
+        let lines = inbound(&server.encode());
+        async move {
+            let n: f64 = lines
+                .iter()
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            (n >= 2.0 && lines.iter().any(|l| l.contains("src_workload=\"client\"")))
+                .then_some(lines)
+        }
+    })
+    .await?;
     assert!(
-        metrics.contains("mesh_proxy_requests_total") && !metrics.contains("kube-system"),
-        "{metrics}"
+        lines
+            .iter()
+            .all(|l| !l.contains("admin") && !l.contains("kube-system")),
+        "{lines:?}"
     );
     Ok(())
 }
