@@ -8,10 +8,6 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use libfuzzer_sys::fuzz_target;
 use mesh_controller::index::Index;
 use mesh_controller::objects::parse_doc;
@@ -26,6 +22,15 @@ fn documents(text: &str) -> Vec<serde_json::Value> {
     serde_yaml::Deserializer::from_str(text)
         .map_while(|d| serde_json::Value::deserialize(d).ok())
         .collect()
+}
+
+/// Decodes `bytes` as `M` and converts it as mesh-proxy does.
+fn take<M: Message + Default, T, E: std::fmt::Display>(
+    bytes: &[u8],
+    convert: fn(&M) -> Result<T, E>,
+) -> Result<(), String> {
+    let m = M::decode(bytes).map_err(|e| e.to_string())?;
+    convert(&m).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Every resource the view serves a (not scoped) mesh-proxy goes through its conversion: by
@@ -44,26 +49,10 @@ fn proxy_takes(view: &ProxyView) {
             };
             let bytes = r.any.value.as_slice();
             let taken = match ty {
-                ResourceType::Listener => Listener::decode(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|l| convert::listener(&l).map(|_| ()).map_err(|e| e.to_string())),
-                ResourceType::Route => RouteConfiguration::decode(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|rc| {
-                        convert::route_table(&rc)
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    }),
-                ResourceType::Cluster => Cluster::decode(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| convert::cluster(&c).map(|_| ()).map_err(|e| e.to_string())),
-                ResourceType::Endpoint => ClusterLoadAssignment::decode(bytes)
-                    .map_err(|e| e.to_string())
-                    .and_then(|c| {
-                        convert::endpoints(&c)
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    }),
+                ResourceType::Listener => take(bytes, convert::listener),
+                ResourceType::Route => take(bytes, convert::route_table),
+                ResourceType::Cluster => take(bytes, convert::cluster),
+                ResourceType::Endpoint => take(bytes, convert::endpoints),
             };
             if let Err(e) = taken {
                 panic!("mesh-proxy refuses {ty:?} {name} from its controller: {e}");

@@ -102,26 +102,7 @@ fn app_reads(path: &str) -> String {
         .split('/')
         .map(|s| s.split(';').next().unwrap_or(""))
         .collect();
-    let bare = bare.join("/");
-    let b = bare.as_bytes();
-    let mut decoded = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                b.get(i + 1).copied().and_then(hex),
-                b.get(i + 2).copied().and_then(hex),
-            )
-        {
-            decoded.push(u8::try_from(h * 16 + l).unwrap_or(0));
-            i += 3;
-            continue;
-        }
-        decoded.push(if b[i] == b'\\' { b'/' } else { b[i] });
-        i += 1;
-    }
-    let text = String::from_utf8_lossy(&decoded).replace('\\', "/");
+    let text = mesh_api::path::percent_decode(&bare.join("/")).replace('\\', "/");
     let segments: Vec<&str> = text.split('/').collect();
     let mut merged = String::new();
     for (i, s) in segments.iter().enumerate() {
