@@ -187,6 +187,12 @@ impl Shared {
             .http2()
             .timer(TokioTimer::new())
             .max_concurrent_streams(config.h2_max_streams)
+            // As upstream: a request body that its app does not read holds back no other
+            // stream of the connection (another proxy's, carrying other clients' requests).
+            .initial_stream_window_size(upstream::multiplex::STREAM_WINDOW)
+            .initial_connection_window_size(upstream::multiplex::connection_window(
+                config.h2_max_streams,
+            ))
             .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
             .max_local_error_reset_streams(1024)
             .max_pending_accept_reset_streams(20)

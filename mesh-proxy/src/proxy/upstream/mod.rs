@@ -25,7 +25,7 @@ use crate::balance::Endpoint;
 use crate::breaker::Breaker;
 use crate::identity::{Alpn, MeshTls};
 
-mod multiplex;
+pub(crate) mod multiplex;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -629,6 +629,9 @@ async fn send_h1(
     Ok(pooled(ep, (tx, 1, target.breaker.clone()), resp))
 }
 
+/// How much an HTTP/1.1 connection to an endpoint reads ahead at most.
+const UPSTREAM_READ_BUFFER: usize = 64 * 1024;
+
 /// A new HTTP/1.1 connection to `ep`, run by a task of its own that holds `permit`.
 async fn open_h1(
     ep: &Endpoint,
@@ -637,7 +640,11 @@ async fn open_h1(
 ) -> Result<http1::SendRequest<Body>, SendError> {
     let stream =
         connect_endpoint(ep, target.tls.as_ref(), Alpn::Http1, target.connect_timeout).await?;
+    // A response its client does not read waits in the app's socket, not here: hyper would
+    // read up to 400 KiB of it ahead; 64 KiB also bounds a response's headers, as the
+    // listeners bound a request's by default.
     let (tx, conn) = http1::Builder::new()
+        .max_buf_size(UPSTREAM_READ_BUFFER)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| SendError::Reset(e.into()))?;
@@ -867,6 +874,50 @@ mod tests {
             let back = req.expect("the request is still the caller's");
             assert_eq!(back.headers()["x-app"], "1", "h2: {h2}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_streams_are_all_taken_makes_room_on_another() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        // Each connection takes one stream at a time, and answers with a body it never ends,
+        // as an app streaming to a client that does not read.
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut conn = h2::server::Builder::new()
+                        .max_concurrent_streams(1)
+                        .handshake::<_, bytes::Bytes>(io)
+                        .await
+                        .expect("handshake");
+                    let mut open = Vec::new();
+                    while let Some(Ok((_, mut respond))) = conn.accept().await {
+                        let body = respond
+                            .send_response(http::Response::new(()), false)
+                            .expect("response");
+                        open.push(body);
+                    }
+                });
+            }
+        });
+        let (ep, target) = endpoint_at(addr);
+        let (mut one, mut two) = (Some(get()), Some(get()));
+        let first = tokio::time::timeout(TEST_TIMEOUT, super::send(&ep, target(true), &mut one))
+            .await
+            .expect("first: in time")
+            .expect("the first request is answered");
+        let second = tokio::time::timeout(TEST_TIMEOUT, super::send(&ep, target(true), &mut two))
+            .await
+            .expect("the second request does not wait behind the first's stream")
+            .expect("the second request is answered");
+        assert_eq!(second.status(), http::StatusCode::OK);
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 2);
+        drop(first);
     }
 
     #[tokio::test]

@@ -31,6 +31,22 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// ...and closed when the answer takes longer than this.
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Streams one connection carries at most; the pool opens another past them.
+const MAX_STREAMS: u32 = 100;
+
+/// How much of a response's body a stream may hold unread, and (times the streams) the
+/// connection's window. Every stream can then fill its window without using up the
+/// connection's, so responses that a slow client does not read (up to 256 KiB each) hold back
+/// no other stream on the connection: with hyper's 2 MiB stream and 5 MiB connection windows,
+/// three such responses stalled everyone.
+pub const STREAM_WINDOW: u32 = 256 * 1024;
+
+/// The connection window in which `streams` streams each fill [`STREAM_WINDOW`].
+pub fn connection_window(streams: u32) -> u32 {
+    // The largest window HTTP/2 allows.
+    streams.saturating_mul(STREAM_WINDOW).min(0x7fff_ffff)
+}
+
 /// What the requests on one connection share with its tasks.
 #[derive(Debug, Default)]
 struct State {
@@ -45,22 +61,47 @@ struct State {
     /// A response or its data came in since the last look: a connection that is reading
     /// needs no ping to show it is alive.
     read: AtomicBool,
+    /// Streams taken: sent, and their request or response not done.
+    streams: AtomicUsize,
 }
 
-/// One open stream, counted while it lives.
+/// A stream, counted in [`State::streams`] until both its request and its response are done.
 #[derive(Debug)]
-struct Open(Arc<State>);
+struct Taken(Arc<State>);
+
+impl Taken {
+    fn new(state: &Arc<State>) -> Arc<Self> {
+        state.streams.fetch_add(1, Ordering::Relaxed);
+        Arc::new(Taken(state.clone()))
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One open request or response, counted while it lives; it holds its stream's [`Taken`].
+#[derive(Debug)]
+struct Open {
+    state: Arc<State>,
+    _taken: Arc<Taken>,
+}
 
 impl Open {
-    fn new(state: &Arc<State>) -> Self {
+    fn new(state: &Arc<State>, taken: &Arc<Taken>) -> Self {
         state.open.fetch_add(1, Ordering::Relaxed);
-        Open(state.clone())
+        Open {
+            state: state.clone(),
+            _taken: taken.clone(),
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.state.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -82,11 +123,12 @@ impl Connection {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        // hyper's client settings, which this connection had before it ran on h2 directly.
+        // hyper's client settings, which this connection had before it ran on h2 directly,
+        // but for the windows (see STREAM_WINDOW).
         let (tx, mut conn) = h2::client::Builder::new()
-            .initial_max_send_streams(100)
-            .initial_window_size(2 * 1024 * 1024)
-            .initial_connection_window_size(5 * 1024 * 1024)
+            .initial_max_send_streams(MAX_STREAMS as usize)
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(connection_window(MAX_STREAMS))
             .max_frame_size(16 * 1024)
             .max_header_list_size(16 * 1024)
             .max_send_buffer_size(1024 * 1024)
@@ -110,9 +152,14 @@ impl Connection {
         Ok(Connection { tx, state })
     }
 
-    /// Whether a new request may go on this connection, which has carried fewer than `max`.
+    /// Whether a new request may go on this connection, which has carried fewer than `max`
+    /// and has a stream to spare: one whose streams are all taken (by responses a slow client
+    /// does not read, say) makes the pool open another rather than queue requests behind them.
     pub fn usable(&self, max: Option<u32>) -> bool {
-        !self.is_closed() && max.is_none_or(|m| self.state.used.load(Ordering::Relaxed) < m)
+        let limit = (MAX_STREAMS as usize).min(self.tx.current_max_send_streams());
+        !self.is_closed()
+            && self.state.streams.load(Ordering::Relaxed) < limit
+            && max.is_none_or(|m| self.state.used.load(Ordering::Relaxed) < m)
     }
 
     /// Whether the connection ended or takes no new streams.
@@ -160,7 +207,8 @@ impl Connection {
             .send_request(Request::from_parts(head, ()), eos)
             .map_err(|e| unopened(e, &state, addr))?;
         drop(tx);
-        let open = Open::new(&state);
+        let taken = Taken::new(&state);
+        let open = Open::new(&state, &taken);
         let mut pipe = (!eos).then(|| Pipe {
             body,
             stream,
@@ -181,7 +229,7 @@ impl Connection {
         .await
         .map_err(|e| SendError::Reset(e.into()))?;
         if let Some(p) = pipe {
-            let open = Open::new(&state);
+            let open = Open::new(&state, &taken);
             tokio::spawn(async move {
                 let _open = open;
                 if let Err(e) = p.await {
@@ -393,7 +441,7 @@ impl RecvBody {
                     if let Some(left) = self.left.as_mut() {
                         *left = left.saturating_sub(data.len() as u64);
                     }
-                    if let Some(Open(state)) = &self.open
+                    if let Some(Open { state, .. }) = &self.open
                         && !state.read.load(Ordering::Relaxed)
                     {
                         state.read.store(true, Ordering::Relaxed);
