@@ -195,35 +195,9 @@ impl LocalMesh {
         let inbound = server
             .inbound_addr
             .context("server proxy has an inbound listener")?;
-        let app_protocol = app_protocol
-            .map(|p| format!(", appProtocol: {p}"))
-            .unwrap_or_default();
         self.write(
             "echo.yaml",
-            &format!(
-                "apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: default}}
-spec:
-  clusterIP: {PAIR_VIP}
-  selector: {{app: echo}}
-  ports: [{{name: {port_name}, port: 80, targetPort: {app_port}, protocol: TCP{app_protocol}}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: echo-0, generateName: echo-, namespace: default, labels: {{app: echo, mesh.dev/proxy: 'true'}}}}
-spec: {{serviceAccountName: echo, containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
-status: {{podIP: 127.0.0.1}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}
-addressType: IPv4
-ports: [{{name: {port_name}, port: {}, protocol: TCP}}]
-endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: echo-0, namespace: default}}}}]
-",
-                inbound.port()
-            ),
+            &echo_manifests(port_name, app_protocol, app_port, inbound.port()),
         )?;
         let client = self
             .pair_client("client", Some("client"), o.ca, o.tweak)
@@ -284,6 +258,43 @@ impl LocalMesh {
     }
 }
 
+/// Service `echo` (port 80 named `port_name`, with `app_protocol` if given) whose one pod,
+/// `echo-0`, runs its app on `app_port` behind a mesh-proxy whose inbound listener is at
+/// `127.0.0.1:<inbound_port>`.
+pub fn echo_manifests(
+    port_name: &str,
+    app_protocol: Option<&str>,
+    app_port: u16,
+    inbound_port: u16,
+) -> String {
+    let app_protocol = app_protocol
+        .map(|p| format!(", appProtocol: {p}"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: echo, namespace: default}}
+spec:
+  clusterIP: {PAIR_VIP}
+  selector: {{app: echo}}
+  ports: [{{name: {port_name}, port: 80, targetPort: {app_port}, protocol: TCP{app_protocol}}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: echo-0, generateName: echo-, namespace: default, labels: {{app: echo, mesh.dev/proxy: 'true'}}}}
+spec: {{serviceAccountName: echo, containers: [{{name: app, ports: [{{containerPort: {app_port}}}]}}]}}
+status: {{podIP: 127.0.0.1}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}
+addressType: IPv4
+ports: [{{name: {port_name}, port: {inbound_port}, protocol: TCP}}]
+endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: echo-0, namespace: default}}}}]
+"
+    )
+}
+
 /// A [`SidecarPair`] in front of `app`'s HTTP port, both proxies with identities from `ca`,
 /// in the mTLS `mode` (`STRICT`, `PERMISSIVE`).
 pub async fn secure_pair(
@@ -300,6 +311,165 @@ pub async fn secure_pair(
         ..Default::default()
     })
     .await
+}
+
+/// A mesh-proxy run as its own process, so that the memory it holds can be read apart from
+/// the test's; killed when dropped.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    pub peer: crate::Peer,
+    pub pid: u32,
+    pub admin: std::net::SocketAddr,
+    pub metrics: std::net::SocketAddr,
+}
+
+impl ProxyProcess {
+    /// Runs `mesh-proxy <args>` with its admin and metrics listeners on free loopback ports
+    /// and its output in `log`; waits (up to 20 s) until it says it is ready.
+    pub async fn start(args: &[String], log: PathBuf) -> anyhow::Result<Self> {
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
+        let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], crate::free_port()));
+        let mut cmd = tokio::process::Command::new(crate::netns::binary("mesh-proxy")?);
+        cmd.args(args)
+            .args(["--admin-addr", &admin.to_string()])
+            .args(["--metrics-addr", &metrics.to_string()]);
+        let peer = crate::Peer::spawn(&mut cmd, log)?;
+        let pid = peer.child.id().context("mesh-proxy exited at once")?;
+        let ready = eventually(
+            Duration::from_secs(20),
+            "mesh-proxy to be ready",
+            || async {
+                crate::http_get(admin, "/ready")
+                    .await
+                    .filter(|(s, _)| *s == 200)
+            },
+        )
+        .await;
+        if let Err(e) = ready {
+            anyhow::bail!("{e}\nmesh-proxy {args:?}:\n{}", peer.log_text());
+        }
+        Ok(Self {
+            peer,
+            pid,
+            admin,
+            metrics,
+        })
+    }
+
+    /// The process's resident memory, in bytes; an error (with its log) once it has exited.
+    pub fn resident_bytes(&self) -> anyhow::Result<u64> {
+        mesh_proxy::overload::resident_bytes_of(self.pid).with_context(|| {
+            format!(
+                "mesh-proxy (pid {}) is gone:\n{}",
+                self.pid,
+                self.peer.log_text()
+            )
+        })
+    }
+}
+
+/// The [`SidecarPair`] with both proxies in processes of their own, in mTLS mode STRICT
+/// with identities from `ca`, in front of the app on `127.0.0.1:<app_port>`.
+#[derive(Debug)]
+pub struct ProcessPair {
+    pub client: ProxyProcess,
+    pub server: ProxyProcess,
+    /// The client pod's outbound listener, where its app connects.
+    pub outbound: std::net::SocketAddr,
+    /// The server pod's inbound listener, where other pods' proxies connect.
+    pub inbound: std::net::SocketAddr,
+}
+
+impl LocalMesh {
+    /// Starts a [`ProcessPair`]; `extra` flags go to both proxies. Ready once a request
+    /// crosses both.
+    pub async fn process_pair(
+        &self,
+        ca: &crate::identity::TestCa,
+        app_port: u16,
+        extra: &[&str],
+    ) -> anyhow::Result<ProcessPair> {
+        let loopback = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let inbound = loopback(crate::free_port());
+        let outbound = loopback(crate::free_port());
+        self.write("namespace.yaml", &pair_namespace(Some("STRICT")))?;
+        self.write(
+            "echo.yaml",
+            &echo_manifests("http", None, app_port, inbound.port()),
+        )?;
+        let args = |pod: &str, sa: &str| -> anyhow::Result<Vec<String>> {
+            let mut a: Vec<String> = [
+                "--xds",
+                &self.controller.xds_addr.to_string(),
+                "--node",
+                &format!("default/{pod}"),
+                "--transparent",
+                "true",
+                "--service-account",
+                sa,
+                "--workload",
+                sa,
+                "--ca-addr",
+                &ca.addr().to_string(),
+                "--ca-root",
+                &ca.path("ca.crt").display().to_string(),
+                "--ca-token-file",
+                &ca.token_file("default", sa)?.display().to_string(),
+                "--outbound-http-addr",
+                &loopback(crate::free_port()).to_string(),
+            ]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+            a.extend(extra.iter().map(ToString::to_string));
+            Ok(a)
+        };
+        let mut server_args = args("echo-0", "echo")?;
+        server_args.extend([
+            "--inbound-addr".into(),
+            inbound.to_string(),
+            "--inbound-orig-dst".into(),
+            loopback(app_port).to_string(),
+            "--outbound-addr".into(),
+            loopback(crate::free_port()).to_string(),
+        ]);
+        let server = ProxyProcess::start(&server_args, self.dir.path().join("server.log")).await?;
+        let mut client_args = args("client-0", "client")?;
+        client_args.extend([
+            "--outbound-addr".into(),
+            outbound.to_string(),
+            "--outbound-orig-dst".into(),
+            format!("{PAIR_VIP}:80"),
+            "--inbound-addr".into(),
+            loopback(crate::free_port()).to_string(),
+        ]);
+        let client = ProxyProcess::start(&client_args, self.dir.path().join("client.log")).await?;
+        let crossed = eventually(
+            Duration::from_secs(20),
+            "a request across the pair",
+            || async {
+                crate::ProxyClient::new(outbound)
+                    .get("echo", "/", &[])
+                    .await
+                    .ok()
+                    .filter(|(s, _)| *s == 200)
+            },
+        )
+        .await;
+        if let Err(e) = crossed {
+            anyhow::bail!(
+                "{e}\nclient proxy:\n{}\nserver proxy:\n{}",
+                client.peer.log_text(),
+                server.peer.log_text()
+            );
+        }
+        Ok(ProcessPair {
+            client,
+            server,
+            outbound,
+            inbound,
+        })
+    }
 }
 
 /// A controller on its own runtime, so that killing it drops every task and socket it has at

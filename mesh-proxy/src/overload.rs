@@ -101,10 +101,21 @@ impl Overload {
 
 /// The process's resident memory (`VmRSS`), in bytes.
 pub fn resident_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status_field("/proc/self/status", "VmRSS")
+}
+
+/// Process `pid`'s resident memory (`VmRSS`), in bytes: for tests and tools that watch a
+/// proxy from outside.
+pub fn resident_bytes_of(pid: u32) -> Option<u64> {
+    status_field(&format!("/proc/{pid}/status"), "VmRSS")
+}
+
+/// A `<field>: <n> kB` line of a `/proc/<pid>/status` file, in bytes.
+fn status_field(path: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(path).ok()?;
     let kb = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
         .trim()
         .strip_suffix("kB")?
         .trim()
@@ -144,6 +155,10 @@ mod tests {
     #[test]
     fn reads_its_own_resident_memory() {
         let r = resident_bytes().expect("VmRSS on Linux");
+        assert_eq!(
+            resident_bytes_of(std::process::id()).map(|o| o > 1024 * 1024),
+            Some(true)
+        );
         assert!(r > 1024 * 1024, "{r} bytes");
     }
 }
