@@ -3,6 +3,7 @@
 //! requests are answered 503 rather than taken on, until it is back under 90 %. Connections
 //! are still accepted, so that clients get the 503 and can go elsewhere; what a request
 //! already holds is let finish. The reference is `docs/reference/proxy.md#safety-limits`.
+//! Also the other resource the proxy's connections use up: open files.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,6 +100,42 @@ impl Overload {
     }
 }
 
+/// Raises the soft limit on open files to the hard one, as Go's runtime does for every
+/// program: each connection is a file (two when it goes upstream), and container runtimes may
+/// start processes with a soft limit of 1,024. Warns when even the hard limit leaves less than
+/// what `--max-connections` lets one listener take (and 256 for the rest); past it, accepting
+/// fails until connections end.
+/// Returns the limit in force.
+pub fn raise_file_limit(max_connections: u32) -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)
+        .inspect_err(|e| warn!(error = %e, "reading the open-file limit"))
+        .ok()?;
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => {
+                info!(from = soft, to = hard, "raised the open-file limit");
+                hard
+            }
+            Err(e) => {
+                warn!(error = %e, soft, hard, "raising the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    // What the proxy holds besides: listeners, xDS, files, connections to endpoints.
+    if limit < u64::from(max_connections) + 256 {
+        warn!(
+            limit,
+            max_connections,
+            "the open-file limit is below --max-connections: past it, new connections wait in the kernel until others end"
+        );
+    }
+    Some(limit)
+}
+
 /// The process's resident memory (`VmRSS`), in bytes.
 pub fn resident_bytes() -> Option<u64> {
     status_field("/proc/self/status", "VmRSS")
@@ -150,6 +187,14 @@ mod tests {
         assert!(!o.shedding());
         assert_eq!(o.shedding_gauge.get(), 0);
         assert_eq!(o.resident.get(), 990, "the last reading stays");
+    }
+
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        use nix::sys::resource::{Resource, getrlimit};
+        let limit = raise_file_limit(100).expect("a limit");
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+        assert_eq!((soft, limit), (hard, hard));
     }
 
     #[test]

@@ -153,6 +153,7 @@ impl Proxy {
                     Some(AccessLog::open(path, metrics.access_log_dropped.clone())?);
             }
         }
+        crate::overload::raise_file_limit(config.max_connections);
         if config.memory_limit > 0 {
             let resident = crate::overload::resident_bytes().ok_or(StartError::NoResidentMemory)?;
             if resident > config.memory_limit / 20 * 19 {
