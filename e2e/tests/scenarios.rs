@@ -1091,6 +1091,62 @@ async fn a_killed_controller_replica_fails_nothing_and_its_proxies_move_to_the_o
 /// Services used; a route change on one of them reaches it, with a backend it never called
 /// (its cluster subscribed to by name); an address outside the mesh passes through; and the
 /// pod that replaces it is given what its workload used up front.
+/// A proxy's admin (`/config_dump`, `/logging`, `/shutdown`) answers only inside its pod: not
+/// to another pod at the pod's address, nor through a Service whose `targetPort` names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxys_admin_answers_only_inside_its_pod() -> anyhow::Result<()> {
+    if !netns::can_run() {
+        return Ok(());
+    }
+    let mut c = NetnsCluster::start().await?;
+    let exposed = c.service(ServiceDef {
+        target_port: mesh_api::consts::ports::PROXY_ADMIN,
+        ..service("exposed", &[("app", "reviews")])
+    })?;
+    let app = c.service(service("reviews", &[("app", "reviews")]))?;
+    c.deploy(&demo("reviews", "v1", 1)).await?;
+    c.deploy(&idle("client", true)).await?;
+    c.wait_synced().await?;
+    let ip = c.pod_ip("shop", "reviews-v1-0")?;
+    let status = |pod: &str, url: &str| {
+        c.exec_in_pod(
+            "shop",
+            pod,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "3",
+                url,
+            ],
+        )
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|e| format!("no answer ({e})"))
+    };
+    assert_eq!(
+        status("reviews-v1-0", "http://127.0.0.1:15000/config_dump"),
+        "200",
+        "the admin answers in its own pod"
+    );
+    assert_eq!(
+        status("client-0", &format!("http://{app}:9080/")),
+        "200",
+        "the client reaches the app"
+    );
+    for url in [
+        format!("http://{ip}:15000/config_dump"),
+        format!("http://{exposed}:9080/config_dump"),
+    ] {
+        let got = status("client-0", &url);
+        assert_ne!(got, "200", "{url} answered another pod");
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::Result<()> {
     if !netns::can_run() {

@@ -23,6 +23,17 @@ pub mod ports {
     pub const CA: u16 = 15012;
     /// mesh-ca metrics and readiness.
     pub const CA_ADMIN: u16 = 15013;
+
+    /// A sidecar's own ports in its pod. Inbound traffic is never handed to one of them on
+    /// localhost, whatever a Service's `targetPort` says: it would reach the proxy itself (its
+    /// admin's `/shutdown` and `/logging`) rather than the app.
+    pub const SIDECAR: [u16; 5] = [
+        PROXY_ADMIN,
+        PROXY_OUTBOUND,
+        PROXY_INBOUND,
+        PROXY_METRICS,
+        PROXY_OUTBOUND_HTTP,
+    ];
 }
 
 /// Identities of the mesh's own components.

@@ -1009,6 +1009,16 @@ impl Index {
                     Some(IntOrString::Int(p)) => (u16::try_from(*p).ok(), None),
                     Some(IntOrString::String(s)) => (None, Some(s.clone())),
                 };
+                if let Some(t) =
+                    target_port.filter(|t| mesh_api::consts::ports::SIDECAR.contains(t))
+                {
+                    tracing::warn!(
+                        service = %format!("{}/{}", key.namespace, key.name),
+                        port = sp.port,
+                        target_port = t,
+                        "the Service's targetPort is one of the sidecar's own ports: meshed pods do not serve it inbound"
+                    );
+                }
                 PortModel {
                     port: sp.port,
                     name: sp.name.clone(),

@@ -1081,7 +1081,8 @@ pub(crate) fn targets(model: &Model, pod: Option<&PodModel>) -> Targets {
                         .as_ref()
                         .and_then(|n| pod.named_ports.get(n).copied())
                 });
-                if let Some(t) = target {
+                // The sidecar's own ports are not the app's to serve (consts::ports::SIDECAR).
+                if let Some(t) = target.filter(|t| !ports::SIDECAR.contains(t)) {
                     targets
                         .entry(t)
                         .or_insert((p.protocol, Vec::new()))

@@ -324,6 +324,57 @@ fn unchanged_services_reuse_their_resources() {
 }
 
 #[test]
+fn no_service_hands_inbound_traffic_to_the_sidecars_own_ports() {
+    let mut idx = index();
+    idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: client-0, namespace: default, labels: {app: web}}\nspec: {containers: [{name: app, ports: [{name: admin, containerPort: 15020}]}]}\nstatus: {podIP: 10.0.9.9}\n")).expect("pod");
+    // Straight at the admin port, at the outbound listener, and by a name that resolves to
+    // the metrics port: none is served; the app's own port is.
+    let svc = service_yaml(
+        "default",
+        "web",
+        "10.96.0.30",
+        &[("http", 80), ("tcp-a", 81), ("tcp-b", 82), ("tcp-c", 83)],
+    )
+    .replace(
+        "{name: 'http', port: 80, protocol: TCP}",
+        "{name: 'http', port: 80, protocol: TCP, targetPort: 8080}",
+    )
+    .replace(
+        "{name: 'tcp-a', port: 81, protocol: TCP}",
+        "{name: 'tcp-a', port: 81, protocol: TCP, targetPort: 15000}",
+    )
+    .replace(
+        "{name: 'tcp-b', port: 82, protocol: TCP}",
+        "{name: 'tcp-b', port: 82, protocol: TCP, targetPort: 15001}",
+    )
+    .replace(
+        "{name: 'tcp-c', port: 83, protocol: TCP}",
+        "{name: 'tcp-c', port: 83, protocol: TCP, targetPort: admin}",
+    );
+    assert!(svc.contains("targetPort: admin"), "{svc}");
+    idx.apply(obj(&svc)).expect("svc");
+    let mut t = Translator::new(idx.model());
+    let view = t.view(&proxy("default", true));
+    let inbound: Listener = decode(
+        view.get(ResourceType::Listener, names::INBOUND_LISTENER)
+            .expect("inbound"),
+    );
+    let ports: Vec<u32> = inbound
+        .filter_chains
+        .iter()
+        .filter_map(|c| c.filter_chain_match.as_ref()?.destination_port)
+        .map(|p| p.value)
+        .collect();
+    assert_eq!(ports, vec![8080]);
+    for p in mesh_api::consts::ports::SIDECAR {
+        assert!(
+            view.get(ResourceType::Cluster, &format!("inbound|{p}||"))
+                .is_none()
+        );
+    }
+}
+
+#[test]
 fn transparent_proxies_get_filter_chains_per_vip_and_inbound_ports() {
     let mut idx = index();
     idx.apply(obj("apiVersion: v1\nkind: Pod\nmetadata: {name: client-0, namespace: default, labels: {app: web}}\nspec: {containers: [{name: app, ports: [{name: http, containerPort: 8000}]}]}\nstatus: {podIP: 10.0.9.9}\n")).expect("pod");
