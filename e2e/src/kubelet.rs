@@ -18,7 +18,8 @@
 //!   reverse order, the same way (with at least 2 s more, as the kubelet gives them). Probes go
 //!   on meanwhile, so a terminating pod's readiness is still reported.
 //! - Containers: the image names a program of this machine ([`Images`]); `command` names one on
-//!   the PATH instead. `env` (values and the `fieldRef`s the downward API offers) and `$(VAR)`
+//!   the PATH instead. `env` (values, the `fieldRef`s the downward API offers and its
+//!   `resourceFieldRef`s of memory) and `$(VAR)`
 //!   references in `command`, `args` and `env` are expanded as the kubelet does. Volumes
 //!   (`emptyDir`, `configMap` from the API server, projected service account tokens) are
 //!   directories bind-mounted at their `mountPath` in the container's own mount namespace; the
@@ -687,7 +688,8 @@ impl PodRun {
         Ok(())
     }
 
-    /// Container `i`'s environment, `$(VAR)` expanded in order, `fieldRef`s resolved.
+    /// Container `i`'s environment, `$(VAR)` expanded in order, `fieldRef`s and
+    /// `resourceFieldRef`s resolved.
     fn env(&self, i: usize) -> anyhow::Result<Vec<(String, String)>> {
         let c = &self.containers[i];
         let mut out: Vec<(String, String)> = Vec::new();
@@ -714,9 +716,24 @@ impl PodRun {
                         })
                         .to_owned(),
                 }
+            } else if let Some(r) = e.pointer("/valueFrom/resourceFieldRef") {
+                let of = r["containerName"].as_str().unwrap_or(&c.name);
+                let spec = self
+                    .containers
+                    .iter()
+                    .find(|o| o.name == of)
+                    .map(|o| &o.spec)
+                    .with_context(|| {
+                        format!(
+                            "{}.env[{j}].valueFrom.resourceFieldRef.containerName: no container {of:?}",
+                            c.at
+                        )
+                    })?;
+                resource_field(spec, r, node_memory())
+                    .with_context(|| format!("{}.env[{j}].valueFrom.resourceFieldRef", c.at))?
             } else if e.get("valueFrom").is_some() {
                 bail!(
-                    "{}.env[{j}].valueFrom: only fieldRef is supported by the kubelet stand-in",
+                    "{}.env[{j}].valueFrom: only fieldRef and resourceFieldRef are supported by the kubelet stand-in",
                     c.at
                 );
             } else {
@@ -1172,6 +1189,114 @@ async fn http_get(
     out
 }
 
+/// The node's allocatable memory, which the downward API gives for a memory limit not set:
+/// this machine's.
+fn node_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let kb = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+            kb.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
+        })
+        .map_or(u64::MAX, |kb| kb * 1024)
+}
+
+/// A `resourceFieldRef` of the downward API for a container of spec `spec`, as the kubelet
+/// resolves it: `limits.memory` or `requests.memory` in bytes, divided by `divisor` (1 by
+/// default) and rounded up; a limit not set is the node's allocatable memory (`node`), a
+/// request not set its limit. CPU and ephemeral storage are refused by name.
+fn resource_field(spec: &Value, r: &Value, node: u64) -> anyhow::Result<String> {
+    let resource = r["resource"].as_str().unwrap_or_default();
+    let (kind, what) = resource
+        .split_once('.')
+        .filter(|(k, w)| matches!(*k, "limits" | "requests") && *w == "memory")
+        .with_context(|| {
+            format!("resource {resource:?}: the kubelet stand-in resolves limits.memory and requests.memory only")
+        })?;
+    let set = |kind: &str| {
+        spec.pointer(&format!("/resources/{kind}/{what}"))
+            .and_then(Value::as_str)
+            .map(|q| quantity(q).with_context(|| format!("resources.{kind}.{what}: {q:?}")))
+            .transpose()
+    };
+    let bytes = match (kind, set("limits")?, set("requests")?) {
+        ("requests", _, Some(r)) | ("requests", Some(r), None) | ("limits", Some(r), _) => r,
+        _ => u128::from(node),
+    };
+    let divisor = match r["divisor"].as_str() {
+        Some(d) => quantity(d).with_context(|| format!("divisor {d:?}"))?,
+        None => 1,
+    };
+    anyhow::ensure!(
+        divisor > 0,
+        "divisor {:?}: must be more than 0",
+        r["divisor"]
+    );
+    Ok(bytes.div_ceil(divisor).to_string())
+}
+
+/// A Kubernetes quantity (`128Mi`, `1G`, `0.5Gi`, `1e3`, `1000`) as a whole number, rounded
+/// up.
+fn quantity(q: &str) -> anyhow::Result<u128> {
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    // A decimal exponent (`1e3`, `5E-1`): a power of ten to multiply or divide by.
+    let exponent = suffix
+        .strip_prefix(['e', 'E'])
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.parse::<i32>()
+                .with_context(|| format!("exponent {e:?} is not a whole number"))
+        })
+        .transpose()?;
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    anyhow::ensure!(
+        !whole.is_empty() || !fraction.is_empty(),
+        "no number before {suffix:?}"
+    );
+    let mantissa: u128 = format!("{whole}{fraction}")
+        .parse()
+        .with_context(|| format!("{number:?} is not a number"))?;
+    let mut scale = 10u128
+        .checked_pow(u32::try_from(fraction.len())?)
+        .context("too many decimals")?;
+    let multiplier: u128 = match (suffix, exponent) {
+        (_, Some(e)) if e >= 0 => 10u128
+            .checked_pow(e.unsigned_abs())
+            .context("exponent too large")?,
+        (_, Some(e)) => {
+            scale = scale
+                .checked_mul(
+                    10u128
+                        .checked_pow(e.unsigned_abs())
+                        .context("exponent too small")?,
+                )
+                .context("exponent too small")?;
+            1
+        }
+        ("", None) => 1,
+        ("k", None) => 1_000,
+        ("M", None) => 1_000_000,
+        ("G", None) => 1_000_000_000,
+        ("T", None) => 1_000_000_000_000,
+        ("P", None) => 1_000_000_000_000_000,
+        ("E", None) => 1_000_000_000_000_000_000,
+        ("Ki", None) => 1 << 10,
+        ("Mi", None) => 1 << 20,
+        ("Gi", None) => 1 << 30,
+        ("Ti", None) => 1 << 40,
+        ("Pi", None) => 1 << 50,
+        ("Ei", None) => 1 << 60,
+        (other, None) => {
+            bail!("suffix {other:?}: not one of k M G T P E Ki Mi Gi Ti Pi Ei or an exponent")
+        }
+    };
+    let scaled = mantissa.checked_mul(multiplier).context("too large")?;
+    Ok(scaled.div_ceil(scale))
+}
+
 /// Where a test finds a pod's container log.
 pub fn log_of(dir: &Path, ns: &str, pod: &str, container: &str) -> PathBuf {
     dir.join(format!("{ns}.{pod}.{container}.log"))
@@ -1193,6 +1318,39 @@ mod tests {
             "$(MISSING) $(NS) $x $"
         );
         assert_eq!(expand("a$(NS", &env), "a$(NS");
+    }
+
+    #[test]
+    fn resolves_memory_as_the_downward_api_does() -> anyhow::Result<()> {
+        let spec = serde_json::json!({"resources": {"limits": {"memory": "128Mi"}}});
+        let field = |resource: &str, divisor: Option<&str>| {
+            let mut r = serde_json::json!({"resource": resource});
+            if let Some(d) = divisor {
+                r["divisor"] = d.into();
+            }
+            resource_field(&spec, &r, 8 << 30)
+        };
+        assert_eq!(field("limits.memory", None)?, "134217728");
+        assert_eq!(field("limits.memory", Some("1Mi"))?, "128");
+        assert_eq!(field("limits.memory", Some("1G"))?, "1", "rounded up");
+        // A request not set is its limit; a limit not set the node's memory.
+        assert_eq!(field("requests.memory", None)?, "134217728");
+        let none = serde_json::json!({});
+        let r = serde_json::json!({"resource": "limits.memory"});
+        assert_eq!(
+            resource_field(&none, &r, 8 << 30)?,
+            (8u64 << 30).to_string()
+        );
+        let cpu = field("limits.cpu", None).expect_err("cpu");
+        assert!(cpu.to_string().contains("limits.cpu"), "{cpu}");
+        assert_eq!(quantity("0.5Gi")?, 1 << 29);
+        assert_eq!(quantity("1.5")?, 2);
+        assert_eq!(quantity("1e3")?, 1000);
+        assert_eq!(quantity("15E-1")?, 2);
+        assert_eq!(quantity("1E")?, 1_000_000_000_000_000_000, "exa");
+        assert!(quantity("Mi").is_err());
+        assert!(quantity("1XB").is_err());
+        Ok(())
     }
 
     #[test]

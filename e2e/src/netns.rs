@@ -1079,7 +1079,11 @@ impl NetnsCluster {
             trust_domain: "cluster.local".into(),
             proxy_uid: mesh_api::inject::PROXY_UID,
             log_level: "info".into(),
-            resources: Value::Null,
+            // The chart's defaults (deploy/charts/mesh/values.yaml, proxy.resources).
+            resources: serde_json::json!({
+                "requests": {"cpu": "10m", "memory": "32Mi"},
+                "limits": {"memory": "256Mi"}
+            }),
             tracing_endpoint: String::new(),
             tracing_sampling: 0.0,
             access_log: false,

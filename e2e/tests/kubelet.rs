@@ -111,6 +111,21 @@ async fn under_strict_a_probed_pod_is_ready_through_its_rewritten_probes() -> an
         "STRICT let plaintext through to the app's port"
     );
     assert_eq!(probe_path, 200);
+    // The injector gave the proxy its container's memory limit through the downward API (the
+    // chart's 256Mi): it reads its resident memory, which it does only with a limit.
+    let metrics = c.exec_in_node(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "3",
+        &format!("http://{ip}:15020/metrics"),
+    ])?;
+    let resident =
+        mesh_api::prom::sample(&metrics, "mesh_proxy_resident_memory_bytes").unwrap_or(0.0);
+    assert!(
+        resident > 0.0,
+        "no memory limit reached the proxy:\n{metrics}"
+    );
     let client = c
         .deploy(&mesh_e2e::cluster::Workload::idle(NS, "client", true))
         .await?;

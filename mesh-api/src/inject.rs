@@ -597,6 +597,19 @@ fn proxy_env(s: &InjectSettings, scoped: bool, checks: &AppProbes) -> Result<Val
         let text = serde_json::to_string(checks).map_err(|e| e.to_string())?;
         env.push(json!({"name": names::PROXY_APP_PROBES, "value": text}));
     }
+    // The container's memory limit, so that the proxy sheds load before the kernel kills it.
+    // Only when there is one: for a container without a limit the downward API gives the
+    // node's allocatable memory.
+    if s.resources.pointer("/limits/memory").is_some() {
+        env.push(json!({
+            "name": names::PROXY_MEMORY_LIMIT,
+            "valueFrom": {"resourceFieldRef": {
+                "containerName": PROXY_CONTAINER,
+                "resource": "limits.memory",
+                "divisor": "1"
+            }}
+        }));
+    }
     Ok(Value::Array(env))
 }
 
@@ -917,6 +930,27 @@ mod tests {
         assert!(
             err.contains("metadata.annotations[mesh.dev/app-probes] names container \"gone\""),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn the_proxy_learns_its_memory_limit_only_when_it_has_one() {
+        let proxy = |s: &InjectSettings| {
+            let mut p = pod();
+            inject(&mut p, true, s).expect("injected");
+            let sidecar = p["spec"]["initContainers"]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["name"] == PROXY_CONTAINER).cloned())
+                .expect("the sidecar");
+            env_of(&sidecar)
+        };
+        assert!(!proxy(&settings()).contains_key("MESH_PROXY_MEMORY_LIMIT"));
+        let mut limited = settings();
+        limited.resources = json!({"requests": {"cpu": "10m"}, "limits": {"memory": "128Mi"}});
+        assert_eq!(
+            proxy(&limited)["MESH_PROXY_MEMORY_LIMIT"]["valueFrom"],
+            json!({"resourceFieldRef": {"containerName": PROXY_CONTAINER,
+                   "resource": "limits.memory", "divisor": "1"}})
         );
     }
 
