@@ -159,10 +159,7 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
     workloads(&fake);
     fake.state().tokens.insert(
         CONTROLLER_TOKEN.into(),
-        (
-            format!("system:serviceaccount:{NS}:mesh-controller"),
-            vec!["mesh-ca".into()],
-        ),
+        mesh_api::fake_api::Token::new(NS, "mesh-controller", "mesh-ca"),
     );
 
     // mesh-ca on a fresh cluster: it creates its Secret and root ConfigMap. A second start

@@ -104,8 +104,8 @@ pub struct State {
     /// `unknown field "spec.x"` for each field a write lost to pruning, as the API server's
     /// `Warning` headers say it.
     pub warnings: Vec<String>,
-    /// Tokens TokenReviews authenticate: token -> (username, audiences it is bound to).
-    pub tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// Tokens TokenReviews authenticate.
+    pub tokens: BTreeMap<String, Token>,
     /// Changes since the last compaction, which watches replay from their resourceVersion.
     events: Vec<Event>,
     /// A watch from a resourceVersion before this gets 410 Gone.
@@ -118,6 +118,32 @@ pub struct State {
     /// last applied or changed.
     managed: BTreeMap<String, BTreeMap<String, BTreeSet<Field>>>,
     changed: Option<tokio::sync::watch::Sender<()>>,
+}
+
+/// A service account token, as the API server knows one it issued.
+#[derive(Clone, Debug, Default)]
+pub struct Token {
+    /// `system:serviceaccount:<namespace>:<name>`.
+    pub user: String,
+    /// The audiences it is bound to.
+    pub audiences: Vec<String>,
+    /// When it expires (a projected token's `expirationSeconds` after its issue); `None`: never,
+    /// as a legacy Secret-based token.
+    pub expires: Option<std::time::SystemTime>,
+    /// The pod it is bound to (namespace, name): once that pod is gone, so is the token, as
+    /// for a projected token.
+    pub pod: Option<(String, String)>,
+}
+
+impl Token {
+    /// A token of service account `ns/sa` for `audience`, bound to no pod, never expiring.
+    pub fn new(ns: &str, sa: &str, audience: &str) -> Self {
+        Self {
+            user: format!("system:serviceaccount:{ns}:{sa}"),
+            audiences: vec![audience.to_owned()],
+            ..Self::default()
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -979,7 +1005,9 @@ impl State {
     }
 
     /// A TokenReview, answered from [`State::tokens`] as the API server's authenticator would:
-    /// authenticated only for a known token bound to one of the audiences asked for.
+    /// authenticated only for a known token, not expired, whose pod (if bound to one) still
+    /// exists, bound to one of the audiences asked for; a pod-bound token's user carries the
+    /// pod's name, as the API server's does.
     fn token_review(&mut self, mut body: Value) -> Resp {
         let token = body
             .pointer("/spec/token")
@@ -995,14 +1023,29 @@ impl State {
                     .collect()
             })
             .unwrap_or_default();
+        let pod_exists = |(ns, name): &(String, String)| {
+            self.objects
+                .contains_key(&format!("/api/v1/namespaces/{ns}/pods/{name}"))
+        };
         body["status"] = match self.tokens.get(token) {
-            Some((user, bound)) => {
-                let audiences: Vec<&String> = asked.iter().filter(|a| bound.contains(a)).collect();
+            Some(t) if t.expires.is_some_and(|e| e <= std::time::SystemTime::now()) => {
+                json!({"authenticated": false, "error": "invalid bearer token, token has expired"})
+            }
+            Some(Token { pod: Some(pod), .. }) if !pod_exists(pod) => json!({
+                "authenticated": false,
+                "error": format!("invalid bearer token, pods \"{}\" not found", pod.1)
+            }),
+            Some(t) => {
+                let audiences: Vec<&String> =
+                    asked.iter().filter(|a| t.audiences.contains(a)).collect();
+                let mut user = json!({"username": t.user});
+                if let Some((_, name)) = &t.pod {
+                    user["extra"] = json!({"authentication.kubernetes.io/pod-name": [name]});
+                }
                 if audiences.is_empty() {
                     json!({"authenticated": false, "error": "token audiences do not match"})
                 } else {
-                    json!({"authenticated": true, "user": {"username": user},
-                           "audiences": audiences})
+                    json!({"authenticated": true, "user": user, "audiences": audiences})
                 }
             }
             None => json!({"authenticated": false, "error": "invalid bearer token"}),

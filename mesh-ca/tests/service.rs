@@ -235,3 +235,87 @@ async fn a_root_added_to_the_directory_reaches_workloads() {
     }
     assert!(metrics(&ca).await.contains("mesh_ca_trust_bundle_roots 2"));
 }
+
+/// Kubernetes service account tokens, checked by TokenReview against an API server that knows
+/// what it issued: a token is believed while it has not expired and its pod still exists, for
+/// its own service account only. A token replayed after its pod is gone, or after it expired,
+/// is refused; so is one of another account asking for this one's identity.
+#[tokio::test]
+async fn a_kubernetes_token_is_believed_only_while_valid_and_only_for_its_account() {
+    use mesh_api::fake_api::{FakeApi, Token};
+    // The cluster admin's client: the chart's RBAC for mesh-ca is e2e/tests/rbac.rs's matter.
+    let (admin, fake) = FakeApi::start();
+    fake.insert(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "reviews-0", "namespace": "default"},
+        "spec": {"serviceAccountName": "reviews"}}));
+    let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
+    let bound = |pod: &str| Token {
+        expires: Some(in_an_hour),
+        pod: Some(("default".into(), pod.into())),
+        ..Token::new("default", "reviews", "mesh-ca")
+    };
+    {
+        let mut s = fake.state();
+        s.tokens.insert("valid".into(), bound("reviews-0"));
+        s.tokens.insert(
+            "expired".into(),
+            Token {
+                expires: Some(SystemTime::now() - Duration::from_secs(1)),
+                ..bound("reviews-0")
+            },
+        );
+        s.tokens.insert(
+            "other-account".into(),
+            Token::new("default", "ratings", "mesh-ca"),
+        );
+        s.tokens.insert(
+            "other-audience".into(),
+            Token::new("default", "reviews", "vault"),
+        );
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = CaConfig::local(dir.path());
+    config.local_tokens = false;
+    config.kubernetes = true;
+    let ca = Running::start_with(config, Some(admin))
+        .await
+        .expect("ca starts");
+    let mut client = client(&ca, dir.path());
+    let key = KeyPair::generate().expect("key");
+    let ask = |token: &'static str| request(Some(token), csr(&key, &[ID]), 0);
+
+    let resp = client
+        .create_certificate(ask("valid"))
+        .await
+        .expect("a valid token is believed")
+        .into_inner();
+    assert_eq!(resp.spiffe_id, ID);
+    for (token, why) in [
+        ("expired", "expired"),
+        ("other-audience", "audiences"),
+        ("unknown", "invalid bearer token"),
+    ] {
+        let err = client
+            .create_certificate(ask(token))
+            .await
+            .expect_err(token);
+        assert_eq!(err.code(), Code::Unauthenticated, "{token}: {err}");
+        assert!(err.message().contains(why), "{token}: {}", err.message());
+    }
+    let err = client
+        .create_certificate(ask("other-account"))
+        .await
+        .expect_err("another account");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("ratings"), "{}", err.message());
+    // The pod goes: its token, replayed, no longer proves anything.
+    fake.state()
+        .delete("/api/v1/namespaces/default/pods/reviews-0")
+        .expect("the pod existed");
+    let err = client
+        .create_certificate(ask("valid"))
+        .await
+        .expect_err("replayed after its pod went");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("not found"), "{}", err.message());
+}
