@@ -262,6 +262,12 @@ pub const LOAD_IMAGE: &str = "mesh-e2e/load";
 impl NetnsCluster {
     /// The node, its bridge, and the control plane (mesh-ca, then mesh-controller), ready.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// [`NetnsCluster::start`], with mesh-ca signing certificates that live `cert_lifetime`
+    /// (its default, 24 h, without).
+    pub async fn start_with(cert_lifetime: Option<Duration>) -> anyhow::Result<Self> {
         let turn = turn().await;
         sweep();
         let n = std::process::id();
@@ -322,7 +328,7 @@ impl NetnsCluster {
             child: None,
         });
         c.control_plane = Some(cp);
-        c.start_ca().await?;
+        c.start_ca(cert_lifetime).await?;
         c.start_controller().await?;
         Ok(c)
     }
@@ -493,9 +499,9 @@ impl NetnsCluster {
         Ok(())
     }
 
-    async fn start_ca(&mut self) -> anyhow::Result<()> {
+    async fn start_ca(&mut self, cert_lifetime: Option<Duration>) -> anyhow::Result<()> {
         let dir = self.dir.path().join("ca");
-        let args = owned(&[
+        let mut args = owned(&[
             "serve",
             "--local-tokens",
             "--dir",
@@ -505,6 +511,10 @@ impl NetnsCluster {
             "--admin-addr",
             "0.0.0.0:15013",
         ]);
+        if let Some(l) = cert_lifetime {
+            let l = format!("{}s", l.as_secs());
+            args.extend(owned(&["--default-lifetime", &l, "--max-lifetime", &l]));
+        }
         let child = Self::spawn_in(
             &self.control_plane.as_ref().context("control plane")?.netns,
             None,
@@ -925,6 +935,37 @@ impl NetnsCluster {
             &self.log(&format!("{what}.proxy")),
         )?);
         Ok(())
+    }
+
+    /// The cluster admin's client of the API server, for a task that changes objects while
+    /// the test does something else (objects applied with it are not tracked by
+    /// [`NetnsCluster::apply_manifests`]).
+    pub fn admin_client(&self) -> meshctl::cluster::Cluster {
+        self.admin.clone()
+    }
+
+    /// The resident memory of the process running `program` in pod `ns/name` (a workload's,
+    /// a kubelet pod's, or `mesh-system/control-plane` for the control plane's).
+    pub fn resident_bytes(&self, ns: &str, name: &str, program: &str) -> anyhow::Result<u64> {
+        let netns = if (ns, name) == ("mesh-system", "control-plane") {
+            &self
+                .control_plane
+                .as_ref()
+                .context("no control plane")?
+                .netns
+        } else if let Ok(p) = self.pod(ns, name) {
+            &p.netns
+        } else {
+            &self.kubelet_pod(ns, name)?.netns
+        };
+        pids(netns)
+            .into_iter()
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == program)
+            })
+            .and_then(mesh_proxy::overload::resident_bytes_of)
+            .with_context(|| format!("no {program} running in {ns}/{name}"))
     }
 
     fn pod(&self, ns: &str, name: &str) -> anyhow::Result<&Pod> {
