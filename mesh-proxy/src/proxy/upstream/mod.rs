@@ -166,16 +166,17 @@ impl SendError {
 /// permit it holds (a connection of older limits is not reused under new ones).
 type H1 = (http1::SendRequest<Body>, u32, Arc<Breaker>);
 
-/// The multiplexed connection, and its breaker.
+/// A multiplexed connection, and its breaker.
 type H2 = (multiplex::Connection, Arc<Breaker>);
 
 #[derive(Default)]
 pub struct Pool {
     h1: Mutex<Vec<(H1, Instant)>>,
-    h2: tokio::sync::Mutex<Option<H2>>,
+    /// The multiplexed connections: more than one only while each has its streams taken.
+    h2: tokio::sync::Mutex<Vec<H2>>,
     /// Woken when an HTTP/1.1 connection comes back idle.
     returned: tokio::sync::Notify,
-    /// The last attempt at the multiplexed connection, when it failed: when, why, and how.
+    /// The last attempt at a multiplexed connection, when it failed: when, why, and how.
     h2_failed: Mutex<Option<(Instant, String, Fault)>>,
 }
 
@@ -233,7 +234,7 @@ impl Pool {
             idle.clear();
         }
         if let Ok(mut h2) = self.h2.try_lock() {
-            h2.take();
+            h2.clear();
         }
     }
 
@@ -713,60 +714,77 @@ async fn send_h2(
     ))
 }
 
-/// The endpoint's multiplexed connection, opened when there is none it can use.
+/// A multiplexed connection to the endpoint for one request, with a stream reserved on it:
+/// the least busy of the endpoint's connections with a stream to spare, or a new one when none
+/// has. When the cluster's breaker allows no new connection, or opening one fails, the least
+/// busy there is, where the request waits for a stream. Connections that ended, took their
+/// last request or hold an older breaker's permit leave the pool and close once their streams
+/// end.
 async fn h2_connection(
     ep: &std::sync::Arc<Endpoint>,
     target: &Target,
 ) -> Result<multiplex::Connection, SendError> {
     let max = target.max_requests();
-    let reuse = |slot: &Option<H2>| {
-        slot.as_ref()
-            .filter(|(conn, b)| conn.usable(max) && Arc::ptr_eq(b, &target.breaker))
-            .map(|(conn, _)| {
-                conn.count();
-                conn.clone()
-            })
+    let prune = |conns: &mut Vec<H2>| {
+        conns.retain(|(c, b)| c.open_for(max) && Arc::ptr_eq(b, &target.breaker));
+    };
+    let spare = |conns: &[H2]| {
+        conns
+            .iter()
+            .filter(|(c, _)| c.has_spare_stream())
+            .min_by_key(|(c, _)| c.streams())
+            .map(|(c, _)| c.reserve())
+    };
+    let least_busy = |conns: &[H2]| {
+        conns
+            .iter()
+            .min_by_key(|(c, _)| c.streams())
+            .map(|(c, _)| c.reserve())
     };
     let asked = Instant::now();
     {
-        let mut slot = ep.pool.h2.lock().await;
-        if let Some(conn) = reuse(&slot) {
+        let mut conns = ep.pool.h2.lock().await;
+        prune(&mut conns);
+        if let Some(conn) = spare(&conns) {
             return Ok(conn);
         }
-        // One that takes no new streams goes now, so that it closes once its streams end and
-        // frees its permit for the new one.
-        if slot.as_ref().is_some_and(|(conn, _)| conn.is_closed()) {
-            slot.take();
-        }
     }
-    // A permit first, without holding the slot: others may reuse it meanwhile.
+    // A permit first, without holding the pool: others may reuse it meanwhile.
     let permit = match target.breaker.connection() {
         Ok(p) => p,
         Err(_) => {
+            // No new connection: a stream on one there is, when it frees.
+            if let Some(conn) = least_busy(&ep.pool.h2.lock().await) {
+                return Ok(conn);
+            }
             let _in_line = target.wait_in_line(ep)?;
             tokio::time::timeout(target.connect_timeout, target.breaker.connection_freed())
                 .await
                 .map_err(|_| SendError::Overflow)?
         }
     };
-    let mut slot = ep.pool.h2.lock().await;
+    let mut conns = ep.pool.h2.lock().await;
+    prune(&mut conns);
     // Another request opened one meanwhile: the permit goes back.
-    if let Some(conn) = reuse(&slot) {
+    if let Some(conn) = spare(&conns) {
         return Ok(conn);
     }
-    // An attempt that failed while this request waited for the slot answers it too: trying
+    // An attempt that failed while this request waited for the pool answers it too: trying
     // again in turn would keep each waiting request a connect timeout longer than the one
     // before it.
     if let Some(e) = ep.pool.h2_failed_since(ep.addr, asked) {
-        return Err(e);
+        return least_busy(&conns).ok_or(e);
     }
-    // The one it replaces, if any, closes once its streams end.
-    slot.take();
     // Boxed, as for HTTP/1.1: the rare case, and a big future.
-    let conn = Box::pin(open_h2(ep, target, permit)).await?;
-    conn.count();
-    *slot = Some((conn.clone(), target.breaker.clone()));
-    Ok(conn)
+    match Box::pin(open_h2(ep, target, permit)).await {
+        Ok(conn) => {
+            let reserved = conn.reserve();
+            conns.push((conn, target.breaker.clone()));
+            Ok(reserved)
+        }
+        // The endpoint answers on the connections it has: a request waits there.
+        Err(e) => least_busy(&conns).ok_or(e),
+    }
 }
 
 /// A new HTTP/2 connection to `ep`, run by a task of its own that holds `permit`.

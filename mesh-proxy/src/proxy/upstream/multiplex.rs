@@ -105,11 +105,13 @@ impl Drop for Open {
     }
 }
 
-/// A multiplexed connection to an endpoint, as the pool keeps it.
+/// A multiplexed connection to an endpoint, as the pool keeps it; a clone the pool hands to
+/// a request holds the stream it reserved ([`Connection::reserve`]).
 #[derive(Clone, Debug)]
 pub struct Connection {
     tx: SendRequest<Bytes>,
     state: Arc<State>,
+    taken: Option<Arc<Taken>>,
 }
 
 impl Connection {
@@ -149,17 +151,29 @@ impl Connection {
         if let Some(pings) = pings {
             tokio::spawn(keep_alive(pings, state.clone(), task.abort_handle(), addr));
         }
-        Ok(Connection { tx, state })
+        Ok(Connection {
+            tx,
+            state,
+            taken: None,
+        })
     }
 
-    /// Whether a new request may go on this connection, which has carried fewer than `max`
-    /// and has a stream to spare: one whose streams are all taken (by responses a slow client
-    /// does not read, say) makes the pool open another rather than queue requests behind them.
-    pub fn usable(&self, max: Option<u32>) -> bool {
-        let limit = (MAX_STREAMS as usize).min(self.tx.current_max_send_streams());
-        !self.is_closed()
-            && self.state.streams.load(Ordering::Relaxed) < limit
-            && max.is_none_or(|m| self.state.used.load(Ordering::Relaxed) < m)
+    /// Whether new requests may go on this connection: it has not ended and has carried fewer
+    /// than `max`.
+    pub fn open_for(&self, max: Option<u32>) -> bool {
+        !self.is_closed() && max.is_none_or(|m| self.state.used.load(Ordering::Relaxed) < m)
+    }
+
+    /// Whether it has a stream to spare: fewer taken than it may carry (100, or fewer if the
+    /// endpoint says so). One whose streams are all taken (by responses a slow client does
+    /// not read, say) makes the pool open another rather than queue requests behind them.
+    pub fn has_spare_stream(&self) -> bool {
+        self.streams() < (MAX_STREAMS as usize).min(self.tx.current_max_send_streams())
+    }
+
+    /// Streams taken, reserved ones included.
+    pub fn streams(&self) -> usize {
+        self.state.streams.load(Ordering::Relaxed)
     }
 
     /// Whether the connection ended or takes no new streams.
@@ -167,9 +181,15 @@ impl Connection {
         self.state.closed.load(Ordering::Relaxed)
     }
 
-    /// Counts one more request on this connection.
-    pub fn count(&self) {
+    /// The connection for one more request: counted, with a stream reserved for it until it
+    /// is done (or dropped unsent), so that the pool's choice and the count cannot race.
+    pub fn reserve(&self) -> Connection {
         self.state.used.fetch_add(1, Ordering::Relaxed);
+        Connection {
+            tx: self.tx.clone(),
+            state: self.state.clone(),
+            taken: Some(Taken::new(&self.state)),
+        }
     }
 
     /// Sends the request in `req`, taken only once the connection can open a stream for it,
@@ -182,7 +202,12 @@ impl Connection {
         req: &mut Option<Request<Body>>,
         addr: SocketAddr,
     ) -> Result<Sent, SendError> {
-        let Connection { mut tx, state } = self;
+        let Connection {
+            mut tx,
+            state,
+            taken,
+        } = self;
+        let taken = taken.unwrap_or_else(|| Taken::new(&state));
         if let Err(e) = poll_fn(|cx| tx.poll_ready(cx)).await {
             state.closed.store(true, Ordering::Relaxed);
             return Ok(Sent::Closed(e));
@@ -207,7 +232,6 @@ impl Connection {
             .send_request(Request::from_parts(head, ()), eos)
             .map_err(|e| unopened(e, &state, addr))?;
         drop(tx);
-        let taken = Taken::new(&state);
         let open = Open::new(&state, &taken);
         let mut pipe = (!eos).then(|| Pipe {
             body,
@@ -541,7 +565,7 @@ mod tests {
             started.elapsed()
         );
         assert!(
-            !conn.usable(None),
+            !conn.open_for(None),
             "a connection that failed its ping is closed"
         );
     }
@@ -574,7 +598,7 @@ mod tests {
         let _ = stop.send(());
         tokio::time::sleep(3 * (KEEP_ALIVE_INTERVAL + KEEP_ALIVE_TIMEOUT)).await;
         assert!(
-            conn.usable(None),
+            conn.open_for(None),
             "an idle connection was pinged, and closed"
         );
     }
