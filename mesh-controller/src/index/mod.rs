@@ -1012,12 +1012,18 @@ impl Index {
                 if let Some(t) =
                     target_port.filter(|t| mesh_api::consts::ports::SIDECAR.contains(t))
                 {
-                    tracing::warn!(
-                        service = %format!("{}/{}", key.namespace, key.name),
-                        port = sp.port,
-                        target_port = t,
-                        "the Service's targetPort is one of the sidecar's own ports: meshed pods do not serve it inbound"
-                    );
+                    errors.push(ResolveError {
+                        object: ObjKey {
+                            kind: Kind::Service,
+                            namespace: key.namespace.clone(),
+                            name: key.name.clone(),
+                        },
+                        field: format!("spec.ports[{:?}].targetPort", sp.name),
+                        reason: format!(
+                            "{t} is one of the sidecar's own ports: meshed pods do not serve it inbound"
+                        ),
+                        condition: model::RefProblem::NotARoute,
+                    });
                 }
                 PortModel {
                     port: sp.port,

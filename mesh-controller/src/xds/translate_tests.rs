@@ -353,7 +353,19 @@ fn no_service_hands_inbound_traffic_to_the_sidecars_own_ports() {
     );
     assert!(svc.contains("targetPort: admin"), "{svc}");
     idx.apply(obj(&svc)).expect("svc");
-    let mut t = Translator::new(idx.model());
+    let model = idx.model();
+    let said: Vec<String> = model
+        .errors
+        .iter()
+        .map(|e| format!("{} {}: {}", e.object, e.field, e.reason))
+        .collect();
+    assert_eq!(said.len(), 2, "{said:?}");
+    assert!(
+        said[0]
+            .contains("spec.ports[\"tcp-a\"].targetPort: 15000 is one of the sidecar's own ports"),
+        "{said:?}"
+    );
+    let mut t = Translator::new(model);
     let view = t.view(&proxy("default", true));
     let inbound: Listener = decode(
         view.get(ResourceType::Listener, names::INBOUND_LISTENER)
