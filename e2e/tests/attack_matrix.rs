@@ -221,12 +221,13 @@ enum Attack {
     DataPastTheWindow,
     Http1NeverReads,
     Http1FastUpload,
+    StalledUploads,
     TlsHandshakeFlood,
     MalformedClientHellos,
 }
 
 impl Attack {
-    const ALL: [Attack; 15] = [
+    const ALL: [Attack; 16] = [
         Attack::RapidReset,
         Attack::ContinuationFlood,
         Attack::HpackTableBomb,
@@ -240,6 +241,7 @@ impl Attack {
         Attack::DataPastTheWindow,
         Attack::Http1NeverReads,
         Attack::Http1FastUpload,
+        Attack::StalledUploads,
         Attack::TlsHandshakeFlood,
         Attack::MalformedClientHellos,
     ];
@@ -257,7 +259,7 @@ impl Attack {
         match self {
             // 100 stalled responses, each holding up to its stream's window (256 KiB) of
             // data the proxy has read from upstream: 25 MiB.
-            Attack::ZeroWindowReader => 48 * MIB,
+            Attack::ZeroWindowReader | Attack::StalledUploads => 48 * MIB,
             // 50 stalled connections, each with up to 64 KiB read ahead from the app, 64 KiB
             // waiting to be written and TLS's own buffer: about 10 MiB.
             Attack::Http1NeverReads => 32 * MIB,
@@ -283,6 +285,7 @@ impl Attack {
             Attack::DataPastTheWindow => data_past_the_window(t).await,
             Attack::Http1NeverReads => http1_never_reads(t).await,
             Attack::Http1FastUpload => http1_fast_upload(t).await,
+            Attack::StalledUploads => stalled_uploads(t).await,
             Attack::TlsHandshakeFlood => tls_handshake_flood(t).await,
             Attack::MalformedClientHellos => malformed_client_hellos(t).await,
         }
@@ -306,9 +309,10 @@ async fn rapid_reset(t: &Target) -> anyhow::Result<String> {
     }
     let sent = write_until_stopped(&mut c, &out, 16 * 1024).await;
     let end = end_of(&mut c, Duration::from_secs(10)).await;
+    // ENHANCE_YOUR_CALM.
     anyhow::ensure!(
-        end != End::Open,
-        "5,000 reset streams left the connection open"
+        end == End::GoAway(0xb),
+        "5,000 reset streams ended as {end:?}"
     );
     Ok(format!("{end:?} after {sent} of {} bytes", out.len()))
 }
@@ -348,7 +352,7 @@ async fn hpack_table_bomb(t: &Target) -> anyhow::Result<String> {
     c.write_all(&header_frames(1, &block, true)).await?;
     let outcome = first_answer(&mut c, 1).await;
     anyhow::ensure!(
-        !matches!(outcome, Answer::Status(s) if s < 400),
+        !matches!(outcome, Answer::Nothing | Answer::Status(0..400)),
         "the bomb was answered {outcome:?}"
     );
     Ok(format!("{outcome:?}"))
@@ -376,13 +380,19 @@ async fn hpack_huge_literal(t: &Target) -> anyhow::Result<String> {
     Ok(format!("{end:?} after {:.1} MB", mb(sent)))
 }
 
-/// A million SETTINGS or PING frames from a client that does not read the acknowledgements:
+/// Three million SETTINGS or PING frames (27 or 51 MB) from a client that does not read the
+/// acknowledgements:
 /// they must wait in the socket, and the proxy stop reading, rather than pile up in memory.
 async fn control_flood(t: &Target, k: u8) -> anyhow::Result<String> {
     let mut c = t.h2(&[]).await?;
     let payload: &[u8] = if k == kind::PING { &[7; 8] } else { &[] };
-    let out = frame(k, 0, 0, payload).repeat(1_000_000);
+    let out = frame(k, 0, 0, payload).repeat(3_000_000);
     let sent = write_until_stopped(&mut c, &out, 64 * 1024).await;
+    anyhow::ensure!(
+        sent < out.len(),
+        "the proxy read all {} MB of a flood whose answers nobody read",
+        out.len() / 1_000_000
+    );
     let mut acks = 0usize;
     let end = loop {
         match tokio::time::timeout(Duration::from_secs(2), read_frame(&mut c)).await {
@@ -437,12 +447,19 @@ async fn zero_window_reader(t: &Target) -> anyhow::Result<String> {
         ));
     }
     c.write_all(&out).await?;
-    // The answers' heads arrive; their bodies cannot.
+    // The answers' heads arrive (200, a body to follow); their bodies cannot.
     let mut heads = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while heads < 100 {
         match tokio::time::timeout_at(deadline, read_frame(&mut c)).await {
-            Ok(Ok((kind::HEADERS, _, _, _))) => heads += 1,
+            Ok(Ok((kind::HEADERS, f, s, p))) => {
+                anyhow::ensure!(
+                    status_of(&p) == 200 && f & flag::END_STREAM == 0,
+                    "stream {s} was answered {} (flags {f:#x}), not 200 with a body to come",
+                    status_of(&p)
+                );
+                heads += 1;
+            }
             Ok(Ok((kind::DATA, _, s, p))) if !p.is_empty() => {
                 anyhow::bail!("{} bytes of DATA on stream {s} past a window of 0", p.len())
             }
@@ -450,6 +467,7 @@ async fn zero_window_reader(t: &Target) -> anyhow::Result<String> {
             _ => break,
         }
     }
+    anyhow::ensure!(heads == 100, "{heads} of 100 answers began");
     // Hold the connection, reading nothing, while the app has 1.6 GB to send.
     tokio::time::sleep(Duration::from_secs(2)).await;
     t.others_served_meanwhile().await?;
@@ -732,6 +750,48 @@ async fn http1_fast_upload(t: &Target) -> anyhow::Result<String> {
     t.others_served_meanwhile().await?;
     Ok(format!(
         "{:.1} MB accepted before backpressure stopped the client; others served meanwhile",
+        mb(sent)
+    ))
+}
+
+/// 100 uploads on one HTTP/2 connection to an app that reads none of them, each sent as far
+/// as its window goes: each stream holds at most its window (256 KiB) in the proxy, and the
+/// connection's window is never used up, so the proxy holds at most 25 MiB for it.
+async fn stalled_uploads(t: &Target) -> anyhow::Result<String> {
+    let mut c = t.h2(&[]).await?;
+    // The windows the proxy grants hold once it has its SETTINGS acknowledged.
+    loop {
+        let (k, f, _, _) = tokio::time::timeout(Duration::from_secs(10), read_frame(&mut c))
+            .await
+            .map_err(|_| anyhow::anyhow!("no SETTINGS from the proxy"))??;
+        if k == kind::SETTINGS && f & flag::ACK == 0 {
+            break;
+        }
+    }
+    c.write_all(&frame(kind::SETTINGS, flag::ACK, 0, &[]))
+        .await?;
+    let block = request_block(true, "/slow", "echo");
+    let piece = [b'u'; 16 * 1024];
+    let mut out = Vec::new();
+    for i in 0..100u32 {
+        let id = 2 * i + 1;
+        out.extend(frame(kind::HEADERS, flag::END_HEADERS, id, &block));
+        // 256 KiB: the stream's window, and the most the proxy grants before the app reads.
+        for _ in 0..16 {
+            out.extend(frame(kind::DATA, 0, id, &piece));
+        }
+    }
+    let sent = write_until_stopped(&mut c, &out, 64 * 1024).await;
+    // The proxy granted every stream its window: nothing was refused or reset.
+    let end = end_of(&mut c, Duration::from_secs(1)).await;
+    anyhow::ensure!(
+        sent == out.len() && end == End::Open,
+        "{sent} of {} bytes of uploads taken; the connection ended as {end:?}",
+        out.len()
+    );
+    t.others_served_meanwhile().await?;
+    Ok(format!(
+        "100 uploads of 256 KiB held, {:.1} MB in all; others served meanwhile",
         mb(sent)
     ))
 }

@@ -12,7 +12,7 @@ use mesh_controller::run::Controller;
 use mesh_e2e::identity::{TestCa, svid_params, tls_connect};
 use mesh_e2e::mesh::wait_config;
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{eventually, figure, free_port, peer, raw_exchange, start_envoy};
+use mesh_e2e::{eventually, figure, free_port, peer, start_envoy};
 use mesh_proxy::state::NetworkFilter;
 use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
 
@@ -80,8 +80,8 @@ spec:
 }
 
 /// A client certificate for each caller (`None`: plaintext), signed on first use.
-struct Callers<'a> {
-    issuer: &'a rcgen::Issuer<'static, rcgen::KeyPair>,
+struct Callers {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
     certs: std::sync::Mutex<HashMap<String, Svid>>,
 }
 
@@ -90,11 +90,11 @@ type Svid = (
     rustls::pki_types::PrivateKeyDer<'static>,
 );
 
-impl Callers<'_> {
+impl Callers {
     fn svid(&self, id: &str) -> anyhow::Result<Svid> {
         let mut certs = self.certs.lock().unwrap_or_else(|e| e.into_inner());
         if !certs.contains_key(id) {
-            let signed = mesh_e2e::identity::sign(&svid_params(id), self.issuer)?;
+            let signed = mesh_e2e::identity::sign(&svid_params(id), &self.issuer)?;
             certs.insert(id.to_string(), signed);
         }
         let (chain, key) = &certs[id];
@@ -117,14 +117,40 @@ impl Callers<'_> {
             Some(id) => {
                 let (chain, key) = self.svid(id)?;
                 match tls_connect(addr, chain, key).await {
-                    Ok(tls) => raw_exchange(tls, &req).await,
+                    Ok(tls) => status_line(tls, &req).await,
                     Err(e) => Err(e),
                 }
             }
-            None => raw_exchange(tokio::net::TcpStream::connect(addr).await?, &req).await,
+            None => status_line(tokio::net::TcpStream::connect(addr).await?, &req).await,
         };
         Ok(answer.unwrap_or(0))
     }
+}
+
+/// Sends `request` on `s` and reads the status of the answer's first line, without waiting
+/// for the connection's end (Envoy closes it only after its delayed-close timeout, 1 s).
+async fn status_line<S>(mut s: S, request: &str) -> anyhow::Result<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(request.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 256];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b))
+            .await
+            .context("no answer in 5 s")??;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&b[..n]);
+    }
+    Ok(String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0))
 }
 
 /// Envoy's SVID and trust bundle as an agent would write them: SDS DiscoveryResponses.
@@ -154,10 +180,24 @@ fn write_sds(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result<()> {
+/// Envoy (pod echo-0) and mesh-proxy (pod echo-1, of the same workload) on the same xDS from
+/// one controller, in front of one app, both enforcing the manifests' policies.
+struct Pair {
+    callers: Callers,
+    envoy_in: SocketAddr,
+    proxy_in: SocketAddr,
+    envoy: mesh_e2e::Peer,
+    _proxy: mesh_proxy::Proxy,
+    _ctl: Controller,
+    _app: EchoServer,
+    _ca: TestCa,
+    _dir: tempfile::TempDir,
+}
+
+/// The pair, or `None` (the test skipped) where Envoy is not installed.
+async fn pair() -> anyhow::Result<Option<Pair>> {
     let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
-        return Ok(());
+        return Ok(None);
     };
     let app = EchoServer::start("echo-app").await?;
     let p = app.addr.port();
@@ -211,7 +251,7 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
     let proxy_in = proxy.inbound_addr.context("inbound listener")?;
 
     let callers = Callers {
-        issuer: &issuer,
+        issuer,
         certs: Default::default(),
     };
     // Envoy is ready once the policies are in: a caller only the ALLOW policy lets in.
@@ -228,7 +268,35 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
     {
         anyhow::bail!("{e}\nEnvoy log:\n{}", envoy_proc.log_text());
     }
+    Ok(Some(Pair {
+        callers,
+        envoy_in,
+        proxy_in,
+        envoy: envoy_proc,
+        _proxy: proxy,
+        _ctl: ctl,
+        _app: app,
+        _ca: ca,
+        _dir: dir,
+    }))
+}
 
+/// Refused at the handshake or by RBAC is the same decision.
+fn class(status: u16) -> &'static str {
+    match status {
+        200..=299 => "allowed",
+        0 | 403 => "denied",
+        400 => "malformed",
+        _ => "other",
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result<()> {
+    let Some(pair) = pair().await? else {
+        return Ok(());
+    };
+    let (callers, envoy_in, proxy_in) = (&pair.callers, pair.envoy_in, pair.proxy_in);
     let requests: &[(Option<&str>, &str, &str)] = &[
         (Some(WEB), "GET", "/api/items"),
         (Some(WEB), "POST", "/api/items"),
@@ -265,13 +333,6 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
         (None, "GET", "/admin"),
         (None, "GET", "/x/../public"),
     ];
-    // Refused at the handshake or by RBAC is the same decision.
-    let class = |status: u16| match status {
-        200..=299 => "allowed",
-        0 | 403 => "denied",
-        400 => "malformed",
-        _ => "other",
-    };
     let mut differ = Vec::new();
     let mut statuses = std::collections::BTreeMap::new();
     for (id, method, path) in requests {
@@ -296,6 +357,69 @@ async fn envoy_and_mesh_proxy_decide_the_same_requests_alike() -> anyhow::Result
         statuses.len() >= 3,
         "the set exercises allow, deny and malformed: {statuses:?}"
     );
-    drop(envoy_proc);
+    drop(pair);
+    Ok(())
+}
+
+/// The request targets the path fuzzer keeps (its seeds in `fuzz/corpus/path_policy`, and the
+/// corpus its runs grew on this machine, if any), the valid ones in a stable order, at most
+/// `max`.
+fn fuzzed_paths(max: usize) -> Vec<String> {
+    let mut dirs = vec![mesh_e2e::workspace_root().join("fuzz/corpus/path_policy")];
+    dirs.push(mesh_e2e::target_dir().join("fuzz-corpus/path_policy"));
+    let mut paths: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
+        .filter_map(|b| String::from_utf8(b).ok())
+        // As the fuzzer's own gate, and what fits in a request line.
+        .filter(|p| p.starts_with('/') && http::uri::PathAndQuery::try_from(p.as_str()).is_ok())
+        .filter(|p| p.bytes().all(|b| b.is_ascii_graphic()))
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths.truncate(max);
+    paths
+}
+
+/// The differential of the path fuzzer: every path it keeps, sent by a caller whom the ALLOW
+/// policy lets read `/api/*` and the DENY refuses `/admin` and below, to Envoy and mesh-proxy on
+/// the same xDS. mesh-proxy may be stricter (a path it refuses as malformed), never more lenient:
+/// no path Envoy denies may reach the app through mesh-proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_proxy_lets_through_no_fuzzed_path_that_envoy_denies() -> anyhow::Result<()> {
+    let Some(pair) = pair().await? else {
+        return Ok(());
+    };
+    let paths = fuzzed_paths(1_000);
+    anyhow::ensure!(paths.len() >= 10, "only {} fuzzed paths", paths.len());
+    let (mut through, mut stricter, mut alike) = (Vec::new(), 0, 0);
+    for path in &paths {
+        let e = pair
+            .callers
+            .ask(pair.envoy_in, Some(WEB), "GET", path)
+            .await?;
+        let m = pair
+            .callers
+            .ask(pair.proxy_in, Some(WEB), "GET", path)
+            .await?;
+        match (class(e), class(m)) {
+            (a, b) if a == b => alike += 1,
+            (_, "allowed") => through.push(format!("{path}: Envoy {e}, mesh-proxy {m}")),
+            _ => stricter += 1,
+        }
+    }
+    figure(&format!(
+        "Envoy and mesh-proxy on the fuzzed paths: {} paths, {alike} decided alike, {stricter} refused by mesh-proxy only, {} let through by mesh-proxy only",
+        paths.len(),
+        through.len()
+    ));
+    assert!(
+        through.is_empty(),
+        "mesh-proxy let through what Envoy refused:\n{}\nEnvoy log:\n{}",
+        through.join("\n"),
+        pair.envoy.log_text()
+    );
     Ok(())
 }
