@@ -1204,7 +1204,7 @@ fn node_memory() -> u64 {
 /// A `resourceFieldRef` of the downward API for a container of spec `spec`, as the kubelet
 /// resolves it: `limits.memory` or `requests.memory` in bytes, divided by `divisor` (1 by
 /// default) and rounded up; a limit not set is the node's allocatable memory (`node`), a
-/// request not set its limit. CPU and ephemeral storage are refused by name.
+/// request not set its limit, or 0 without one. CPU and ephemeral storage are refused by name.
 fn resource_field(spec: &Value, r: &Value, node: u64) -> anyhow::Result<String> {
     let resource = r["resource"].as_str().unwrap_or_default();
     let (kind, what) = resource
@@ -1221,6 +1221,8 @@ fn resource_field(spec: &Value, r: &Value, node: u64) -> anyhow::Result<String> 
     };
     let bytes = match (kind, set("limits")?, set("requests")?) {
         ("requests", _, Some(r)) | ("requests", Some(r), None) | ("limits", Some(r), _) => r,
+        // The kubelet fills in a limit not set, not a request.
+        ("requests", None, None) => 0,
         _ => u128::from(node),
     };
     let divisor = match r["divisor"].as_str() {
@@ -1277,6 +1279,18 @@ fn quantity(q: &str) -> anyhow::Result<u128> {
             1
         }
         ("", None) => 1,
+        // Fractions of a unit, rounded up in the end.
+        ("m" | "u" | "n", None) => {
+            let digits = match suffix {
+                "m" => 3,
+                "u" => 6,
+                _ => 9,
+            };
+            scale = scale
+                .checked_mul(10u128.pow(digits))
+                .context("too many decimals")?;
+            1
+        }
         ("k", None) => 1_000,
         ("M", None) => 1_000_000,
         ("G", None) => 1_000_000_000,
@@ -1290,7 +1304,7 @@ fn quantity(q: &str) -> anyhow::Result<u128> {
         ("Pi", None) => 1 << 50,
         ("Ei", None) => 1 << 60,
         (other, None) => {
-            bail!("suffix {other:?}: not one of k M G T P E Ki Mi Gi Ti Pi Ei or an exponent")
+            bail!("suffix {other:?}: not one of n u m k M G T P E Ki Mi Gi Ti Pi Ei or an exponent")
         }
     };
     let scaled = mantissa.checked_mul(multiplier).context("too large")?;
@@ -1341,6 +1355,10 @@ mod tests {
             resource_field(&none, &r, 8 << 30)?,
             (8u64 << 30).to_string()
         );
+        let r = serde_json::json!({"resource": "requests.memory"});
+        assert_eq!(resource_field(&none, &r, 8 << 30)?, "0");
+        assert_eq!(quantity("128m")?, 1, "0.128 bytes, rounded up");
+        assert_eq!(quantity("1500m")?, 2);
         let cpu = field("limits.cpu", None).expect_err("cpu");
         assert!(cpu.to_string().contains("limits.cpu"), "{cpu}");
         assert_eq!(quantity("0.5Gi")?, 1 << 29);

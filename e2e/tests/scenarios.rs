@@ -1086,11 +1086,6 @@ async fn a_killed_controller_replica_fails_nothing_and_its_proxies_move_to_the_o
     Ok(())
 }
 
-/// A client whose proxy looks its destinations up on demand (`--scoped`), among 20 Services of
-/// which it has used none: each first request succeeds, and the proxy then holds exactly the
-/// Services used; a route change on one of them reaches it, with a backend it never called
-/// (its cluster subscribed to by name); an address outside the mesh passes through; and the
-/// pod that replaces it is given what its workload used up front.
 /// A proxy's admin (`/config_dump`, `/logging`, `/shutdown`) answers only inside its pod: not
 /// to another pod at the pod's address, nor through a Service whose `targetPort` names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1147,6 +1142,11 @@ async fn a_proxys_admin_answers_only_inside_its_pod() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client whose proxy looks its destinations up on demand (`--scoped`), among 20 Services of
+/// which it has used none: each first request succeeds, and the proxy then holds exactly the
+/// Services used; a route change on one of them reaches it, with a backend it never called
+/// (its cluster subscribed to by name); an address outside the mesh passes through; and the
+/// pod that replaces it is given what its workload used up front.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::Result<()> {
     if !netns::can_run() {

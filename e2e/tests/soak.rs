@@ -9,6 +9,8 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use mesh_e2e::cluster::{Cluster, ServiceDef, Workload};
 use mesh_e2e::netns::{self, MESHCTL_IMAGE, NetnsCluster};
 use serde_json::{Value, json};
@@ -70,8 +72,8 @@ fn resident(c: &NetnsCluster) -> anyhow::Result<Vec<u64>> {
 }
 
 /// The client proxy's certificate renewals so far, from its config dump.
-fn renewals(c: &NetnsCluster) -> u64 {
-    c.exec_in_pod(
+fn renewals(c: &NetnsCluster) -> anyhow::Result<u64> {
+    let dump = c.exec_in_pod(
         NS,
         "client-0",
         &[
@@ -81,11 +83,11 @@ fn renewals(c: &NetnsCluster) -> u64 {
             "3",
             "http://127.0.0.1:15000/config_dump",
         ],
-    )
-    .ok()
-    .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-    .and_then(|d| d["identity"]["renewals"].as_u64())
-    .unwrap_or(0)
+    )?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    dump["identity"]["renewals"]
+        .as_u64()
+        .with_context(|| format!("no identity.renewals in the client proxy's config dump: {dump}"))
 }
 
 fn mib(b: u64) -> f64 {
@@ -118,7 +120,6 @@ async fn soak(run: Duration) -> anyhow::Result<()> {
     let admin = c.admin_client();
     admin.apply(&route(50, 50)?).await?;
     c.wait_synced().await?;
-    let secs = run.as_secs().to_string();
     let load = c.start_load(
         NS,
         "client-0",
@@ -127,8 +128,8 @@ async fn soak(run: Duration) -> anyhow::Result<()> {
             &format!("http://{vip}:9080/"),
             "--rate",
             "500",
-            "--duration",
-            &format!("{secs}s"),
+            "--requests",
+            &(500 * run.as_secs()).to_string(),
             "--concurrency",
             "32",
         ],
@@ -172,7 +173,7 @@ async fn soak(run: Duration) -> anyhow::Result<()> {
     let flips = flips.await??;
     let end = resident(&c)?;
     let baseline = baseline.unwrap_or_else(|| end.clone());
-    let renewed = renewals(&c);
+    let renewed = renewals(&c)?;
     let memory: Vec<String> = WATCHED
         .iter()
         .zip(baseline.iter().zip(&end))
@@ -191,6 +192,12 @@ async fn soak(run: Duration) -> anyhow::Result<()> {
         memory.join(", ")
     ));
     anyhow::ensure!(r["failed"] == 0, "requests failed: {r}");
+    for version in ["web a", "web b"] {
+        anyhow::ensure!(
+            r["by_body"][version].as_u64().unwrap_or(0) > 0,
+            "{version} answered nothing: {r}"
+        );
+    }
     anyhow::ensure!(
         r["sent"].as_u64() == Some(500 * run.as_secs()),
         "not every request was sent: {r}"

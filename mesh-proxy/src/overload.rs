@@ -103,8 +103,8 @@ impl Overload {
 /// Raises the soft limit on open files to the hard one, as Go's runtime does for every
 /// program: each connection is a file (two when it goes upstream), and container runtimes may
 /// start processes with a soft limit of 1,024. Warns when even the hard limit leaves less than
-/// what `--max-connections` lets one listener take (and 256 for the rest); past it, accepting
-/// fails until connections end.
+/// what `--max-connections` lets one listener take, each with a connection upstream (and 256
+/// for the rest); past it, accepting fails until connections end.
 /// Returns the limit in force.
 pub fn raise_file_limit(max_connections: u32) -> Option<u64> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -125,8 +125,8 @@ pub fn raise_file_limit(max_connections: u32) -> Option<u64> {
     } else {
         soft
     };
-    // What the proxy holds besides: listeners, xDS, files, connections to endpoints.
-    if limit < u64::from(max_connections) + 256 {
+    // A connection that goes upstream is two files; and 256 for the rest (listeners, xDS).
+    if limit < 2 * u64::from(max_connections) + 256 {
         warn!(
             limit,
             max_connections,
