@@ -172,7 +172,8 @@ type H2 = (multiplex::Connection, Arc<Breaker>);
 #[derive(Default)]
 pub struct Pool {
     h1: Mutex<Vec<(H1, Instant)>>,
-    /// The multiplexed connections: more than one only while each has its streams taken.
+    /// The multiplexed connections: more than one only while load needs them, and at most one
+    /// idle.
     h2: tokio::sync::Mutex<Vec<H2>>,
     /// Woken when an HTTP/1.1 connection comes back idle.
     returned: tokio::sync::Notify,
@@ -715,11 +716,13 @@ async fn send_h2(
 }
 
 /// A multiplexed connection to the endpoint for one request, with a stream reserved on it:
-/// the least busy of the endpoint's connections with a stream to spare, or a new one when none
-/// has. When the cluster's breaker allows no new connection, or opening one fails, the least
-/// busy there is, where the request waits for a stream. Connections that ended, took their
-/// last request or hold an older breaker's permit leave the pool and close once their streams
-/// end.
+/// the busiest of the endpoint's connections that has a stream to spare (so that load packs
+/// into as few as it needs, and the others drain), or a new one when none has. When the
+/// cluster's breaker allows no new connection, or opening one fails, the least busy there is,
+/// where the request waits for a stream, as it did on the one connection there used to be.
+/// Connections that ended, were told to go away, took their last request or hold an older
+/// breaker's permit leave the pool, as does every idle one but one; each closes once its
+/// streams end.
 async fn h2_connection(
     ep: &std::sync::Arc<Endpoint>,
     target: &Target,
@@ -727,12 +730,17 @@ async fn h2_connection(
     let max = target.max_requests();
     let prune = |conns: &mut Vec<H2>| {
         conns.retain(|(c, b)| c.open_for(max) && Arc::ptr_eq(b, &target.breaker));
+        let mut idle = 0;
+        conns.retain(|(c, _)| {
+            idle += usize::from(c.streams() == 0);
+            c.streams() > 0 || idle == 1
+        });
     };
     let spare = |conns: &[H2]| {
         conns
             .iter()
             .filter(|(c, _)| c.has_spare_stream())
-            .min_by_key(|(c, _)| c.streams())
+            .max_by_key(|(c, _)| c.streams())
             .map(|(c, _)| c.reserve())
     };
     let least_busy = |conns: &[H2]| {
@@ -754,9 +762,12 @@ async fn h2_connection(
         Ok(p) => p,
         Err(_) => {
             // No new connection: a stream on one there is, when it frees.
-            if let Some(conn) = least_busy(&ep.pool.h2.lock().await) {
+            let mut conns = ep.pool.h2.lock().await;
+            prune(&mut conns);
+            if let Some(conn) = least_busy(&conns) {
                 return Ok(conn);
             }
+            drop(conns);
             let _in_line = target.wait_in_line(ep)?;
             tokio::time::timeout(target.connect_timeout, target.breaker.connection_freed())
                 .await

@@ -158,9 +158,18 @@ impl Connection {
         })
     }
 
-    /// Whether new requests may go on this connection: it has not ended and has carried fewer
+    /// Whether new requests may go on this connection: it has not ended, was not told to go
+    /// away (GOAWAY, seen without waiting for a request to fail on it) and has carried fewer
     /// than `max`.
     pub fn open_for(&self, max: Option<u32>) -> bool {
+        if !self.is_closed() {
+            // Ready or pending: the connection takes streams; an error: it no longer does.
+            let mut tx = self.tx.clone();
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready(Err(_)) = tx.poll_ready(&mut cx) {
+                self.state.closed.store(true, Ordering::Relaxed);
+            }
+        }
         !self.is_closed() && max.is_none_or(|m| self.state.used.load(Ordering::Relaxed) < m)
     }
 
