@@ -253,6 +253,37 @@ pub struct KubeletPod {
     pub run: crate::kubelet::RunningPod,
 }
 
+/// A Pod of `meshctl demo-service` named `app`, answering `<app> <version>`, as a Deployment's
+/// template would make it: a readiness probe, a preStop sleep so clients learn it is leaving
+/// before it stops, and a 5 s grace period; labelled `app: <app>` and `labels`.
+pub fn demo_replica(
+    ns: &str,
+    name: &str,
+    app: &str,
+    version: &str,
+    labels: &[(&str, &str)],
+) -> Value {
+    let mut all = serde_json::Map::new();
+    all.insert("app".into(), app.into());
+    for (k, v) in labels {
+        all.insert((*k).into(), (*v).into());
+    }
+    serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+    "metadata": {"name": name, "namespace": ns, "labels": all},
+    "spec": {
+        "serviceAccountName": app,
+        "terminationGracePeriodSeconds": 5,
+        "containers": [{
+            "name": "app", "image": MESHCTL_IMAGE,
+            "args": ["demo-service", "--name", app, "--version", version,
+                "--listen", "0.0.0.0:8080"],
+            "ports": [{"name": "http", "containerPort": 8080}],
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
+                "periodSeconds": 1},
+            "lifecycle": {"preStop": {"sleep": {"seconds": 2}}},
+        }]}})
+}
+
 /// The mesh-proxy image injection names; the kubelet runs this workspace's binary for it.
 pub const PROXY_IMAGE: &str = "mesh-e2e/mesh-proxy";
 /// Images pods may name: `meshctl` (`demo-service`) and the load generator.
@@ -1274,6 +1305,29 @@ impl NetnsCluster {
     /// Runs `args` in the node's network namespace (as the kubelet or a node process would).
     pub fn exec_in_node(&self, args: &[&str]) -> anyhow::Result<String> {
         self.in_node(args)
+    }
+
+    /// The HTTP status curl gets for `url` from pod `from` (`ns`, `name`), or from the node
+    /// without one; 0 when no answer came in 3 s.
+    pub fn curl_status(&self, from: Option<(&str, &str)>, url: &str) -> u16 {
+        let args = [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "3",
+            url,
+        ];
+        match from {
+            Some((ns, name)) => self.exec_in_pod(ns, name, &args),
+            None => self.exec_in_node(&args),
+        }
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
     }
 
     /// A Deployment's rolling update, as the Deployment controller does it: pods of the new

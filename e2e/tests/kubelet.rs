@@ -51,24 +51,6 @@ fn web_pod(name: &str, app: &str, unhealthy: &std::path::Path) -> Value {
         }]}})
 }
 
-/// curl from the node's network namespace: the HTTP status, or 0 when no answer came.
-fn curl_status(c: &NetnsCluster, url: &str) -> u16 {
-    c.exec_in_node(&[
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "3",
-        url,
-    ])
-    .ok()
-    .and_then(|s| s.trim().parse().ok())
-    .unwrap_or(0)
-}
-
 /// Under STRICT, the kubelet's plaintext probes reach the app through the proxy's health port;
 /// a failing health path makes the pod unready and takes its endpoint out of service; the app's
 /// own port still refuses plaintext.
@@ -104,8 +86,8 @@ async fn under_strict_a_probed_pod_is_ready_through_its_rewritten_probes() -> an
         Some(json!(true))
     );
     let ip = c.kubelet_pod(NS, "web-0")?.ip;
-    let plaintext = curl_status(&c, &format!("http://{ip}:8080/"));
-    let probe_path = curl_status(&c, &format!("http://{ip}:15020/app-health/app/readyz"));
+    let plaintext = c.curl_status(None, &format!("http://{ip}:8080/"));
+    let probe_path = c.curl_status(None, &format!("http://{ip}:15020/app-health/app/readyz"));
     assert_eq!(
         plaintext, 0,
         "STRICT let plaintext through to the app's port"
@@ -265,24 +247,15 @@ async fn an_app_calling_out_at_start_succeeds_on_its_first_try() -> anyhow::Resu
     Ok(())
 }
 
-/// One replica of the `web` Deployment's template: the demo app with a readiness probe, a
-/// preStop sleep so clients learn it is leaving before it stops, and a 5 s grace period.
+/// One replica of the `web` Deployment's template, of revision `revision`.
 fn web_replica(name: &str, revision: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-    "metadata": {"name": name, "namespace": NS,
-        "labels": {"app": "web", "pod-template-hash": revision}},
-    "spec": {
-        "serviceAccountName": "web",
-        "terminationGracePeriodSeconds": 5,
-        "containers": [{
-            "name": "app", "image": MESHCTL_IMAGE,
-            "args": ["demo-service", "--name", "web", "--version", revision,
-                "--listen", "0.0.0.0:8080"],
-            "ports": [{"name": "http", "containerPort": 8080}],
-            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
-                "periodSeconds": 1},
-            "lifecycle": {"preStop": {"sleep": {"seconds": 2}}},
-        }]}})
+    netns::demo_replica(
+        NS,
+        name,
+        "web",
+        revision,
+        &[("pod-template-hash", revision)],
+    )
 }
 
 /// A rolling restart (maxSurge 1, maxUnavailable 0, 5 s grace) of a 3-replica Deployment under
@@ -439,7 +412,11 @@ async fn a_statefulset_behind_a_headless_service_is_reached_pod_by_pod_under_str
         );
         assert!(mtls >= 1, "{pod} saw no mTLS connection from {client_id}");
         // STRICT holds: plaintext from the node to the same port is refused.
-        assert_eq!(curl_status(&c, &format!("http://{ip}:8080/")), 0, "{pod}");
+        assert_eq!(
+            c.curl_status(None, &format!("http://{ip}:8080/")),
+            0,
+            "{pod}"
+        );
         seen.push(format!("{pod} 20/20"));
     }
     mesh_e2e::figure(&format!(

@@ -1103,33 +1103,15 @@ async fn a_proxys_admin_answers_only_inside_its_pod() -> anyhow::Result<()> {
     c.deploy(&idle("client", true)).await?;
     c.wait_synced().await?;
     let ip = c.pod_ip("shop", "reviews-v1-0")?;
-    let status = |pod: &str, url: &str| {
-        c.exec_in_pod(
-            "shop",
-            pod,
-            &[
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "3",
-                url,
-            ],
-        )
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|e| format!("no answer ({e})"))
-    };
+    let status = |pod: &str, url: &str| c.curl_status(Some(("shop", pod)), url);
     assert_eq!(
         status("reviews-v1-0", "http://127.0.0.1:15000/config_dump"),
-        "200",
+        200,
         "the admin answers in its own pod"
     );
     assert_eq!(
         status("client-0", &format!("http://{app}:9080/")),
-        "200",
+        200,
         "the client reaches the app"
     );
     for url in [
@@ -1137,7 +1119,7 @@ async fn a_proxys_admin_answers_only_inside_its_pod() -> anyhow::Result<()> {
         format!("http://{exposed}:9080/config_dump"),
     ] {
         let got = status("client-0", &url);
-        assert_ne!(got, "200", "{url} answered another pod");
+        assert_ne!(got, 200, "{url} answered another pod");
     }
     Ok(())
 }

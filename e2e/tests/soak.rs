@@ -12,28 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use mesh_e2e::cluster::{Cluster, ServiceDef, Workload};
-use mesh_e2e::netns::{self, MESHCTL_IMAGE, NetnsCluster};
-use serde_json::{Value, json};
+use mesh_e2e::netns::{self, NetnsCluster};
+use serde_json::Value;
 
 const NS: &str = "shop";
 
-/// A `web` pod of `version`: the demo app with a readiness probe, a preStop sleep so clients
-/// learn it is leaving before it stops, and a 5 s grace period.
+/// A `web` pod of `version` (`a`, `b`).
 fn web_pod(name: &str, version: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod",
-    "metadata": {"name": name, "namespace": NS, "labels": {"app": "web", "version": version}},
-    "spec": {
-        "serviceAccountName": "web",
-        "terminationGracePeriodSeconds": 5,
-        "containers": [{
-            "name": "app", "image": MESHCTL_IMAGE,
-            "args": ["demo-service", "--name", "web", "--version", version,
-                "--listen", "0.0.0.0:8080"],
-            "ports": [{"name": "http", "containerPort": 8080}],
-            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
-                "periodSeconds": 1},
-            "lifecycle": {"preStop": {"sleep": {"seconds": 2}}},
-        }]}})
+    netns::demo_replica(NS, name, "web", version, &[("version", version)])
 }
 
 fn service(name: &str, selector: &[(&str, &str)]) -> ServiceDef {
