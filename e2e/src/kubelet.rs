@@ -1192,13 +1192,7 @@ async fn http_get(
 /// The node's allocatable memory, which the downward API gives for a memory limit not set:
 /// this machine's.
 fn node_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let kb = m.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
-            kb.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()
-        })
-        .map_or(u64::MAX, |kb| kb * 1024)
+    mesh_proxy::overload::proc_kb("/proc/meminfo", "MemTotal").unwrap_or(u64::MAX)
 }
 
 /// A `resourceFieldRef` of the downward API for a container of spec `spec`, as the kubelet

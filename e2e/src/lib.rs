@@ -44,6 +44,11 @@ pub fn figure(line: &str) {
     }
 }
 
+/// Bytes in MiB, for figures.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
 /// The target directory the tests run from (`<target>/debug/deps/<test>`), for files a
 /// person may want to look at after the run.
 pub fn target_dir() -> PathBuf {

@@ -975,6 +975,22 @@ impl NetnsCluster {
         self.admin.clone()
     }
 
+    /// The `/config_dump` of pod `ns/name`'s mesh-proxy, read from inside the pod.
+    pub fn config_dump(&self, ns: &str, name: &str) -> anyhow::Result<Value> {
+        let text = self.exec_in_pod(
+            ns,
+            name,
+            &[
+                "curl",
+                "-sf",
+                "--max-time",
+                "3",
+                "http://127.0.0.1:15000/config_dump",
+            ],
+        )?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
     /// The resident memory of the process running `program` in pod `ns/name` (a workload's,
     /// a kubelet pod's, or `mesh-system/control-plane` for the control plane's).
     pub fn resident_bytes(&self, ns: &str, name: &str, program: &str) -> anyhow::Result<u64> {

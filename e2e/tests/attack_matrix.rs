@@ -21,7 +21,7 @@ use mesh_e2e::h2::{
 };
 use mesh_e2e::identity::{TestCa, sign, svid_params, tls_connect_alpn};
 use mesh_e2e::mesh::{LocalMesh, ProcessPair, ProxyProcess};
-use mesh_e2e::{ProxyClient, figure};
+use mesh_e2e::{ProxyClient, figure, mib};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -118,9 +118,9 @@ impl Target {
 }
 
 impl Target {
-    /// A connection speaking what the listener expects below HTTP: TCP, or mesh TLS with
-    /// ALPN `h2`.
-    async fn connect(&self) -> anyhow::Result<Box<dyn Io>> {
+    /// A connection speaking what the listener expects below HTTP: TCP, or mesh TLS offering
+    /// `alpn`.
+    async fn connect(&self, alpn: &[u8]) -> anyhow::Result<Box<dyn Io>> {
         Ok(match self.side {
             Side::Outbound => Box::new(TcpStream::connect(self.addr).await?),
             Side::Inbound => Box::new(
@@ -128,7 +128,7 @@ impl Target {
                     self.addr,
                     self.svid.0.clone(),
                     self.svid.1.clone_key(),
-                    mesh_api::tls::ALPN_H2,
+                    alpn,
                 )
                 .await?,
             ),
@@ -137,7 +137,7 @@ impl Target {
 
     /// An HTTP/2 connection past the preface and an empty SETTINGS, with `settings` in it.
     async fn h2(&self, settings: &[[u8; 6]]) -> anyhow::Result<Box<dyn Io>> {
-        let mut c = self.connect().await?;
+        let mut c = self.connect(mesh_api::tls::ALPN_H2).await?;
         let mut out = PREFACE.to_vec();
         out.extend(frame(kind::SETTINGS, 0, 0, &settings.concat()));
         c.write_all(&out).await?;
@@ -693,18 +693,7 @@ async fn data_past_the_window(t: &Target) -> anyhow::Result<String> {
 /// HTTP/1.1 over the listener: an HTTP/1.1 connection (plain, or mesh TLS with ALPN
 /// `http/1.1`).
 async fn http1(t: &Target) -> anyhow::Result<Box<dyn Io>> {
-    Ok(match t.side {
-        Side::Outbound => Box::new(TcpStream::connect(t.addr).await?),
-        Side::Inbound => Box::new(
-            tls_connect_alpn(
-                t.addr,
-                t.svid.0.clone(),
-                t.svid.1.clone_key(),
-                mesh_api::tls::ALPN_HTTP1,
-            )
-            .await?,
-        ),
-    })
+    t.connect(mesh_api::tls::ALPN_HTTP1).await
 }
 
 /// 50 HTTP/1.1 connections each asking for a big answer and never reading it.
@@ -821,7 +810,7 @@ async fn tls_handshake_flood(t: &Target) -> anyhow::Result<String> {
         );
         tasks.spawn(async move {
             while Instant::now() < until {
-                if tls_connect_alpn(addr, chain.clone(), key.clone_key(), b"h2")
+                if tls_connect_alpn(addr, chain.clone(), key.clone_key(), mesh_api::tls::ALPN_H2)
                     .await
                     .is_ok()
                 {
@@ -933,10 +922,6 @@ async fn malformed_client_hellos(t: &Target) -> anyhow::Result<String> {
 
 fn mb(bytes: usize) -> f64 {
     bytes as f64 / 1e6
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / MIB as f64
 }
 
 /// Requests of a bystander across both proxies (its app to the client proxy's outbound

@@ -10,7 +10,7 @@ use anyhow::Context;
 use mesh_e2e::identity::TestCa;
 use mesh_e2e::mesh::LocalMesh;
 use mesh_e2e::servers::EchoServer;
-use mesh_e2e::{ProxyClient, eventually, figure};
+use mesh_e2e::{ProxyClient, eventually, figure, mib};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -63,10 +63,6 @@ async fn keep_alive(addr: SocketAddr, source: [u8; 4]) -> anyhow::Result<TcpStre
         String::from_utf8_lossy(&got)
     );
     Ok(c)
-}
-
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1024.0 * 1024.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1150,20 +1150,7 @@ async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::
     }
     c.deploy(&idle("client", true)).await?;
     c.wait_synced().await?;
-    let dump = |c: &NetnsCluster| -> anyhow::Result<Value> {
-        let text = c.exec_in_pod(
-            "shop",
-            "client-0",
-            &[
-                "curl",
-                "-sf",
-                "--max-time",
-                "3",
-                "http://127.0.0.1:15000/config_dump",
-            ],
-        )?;
-        Ok(serde_json::from_str(&text)?)
-    };
+    let dump = |c: &NetnsCluster| c.config_dump("shop", "client-0");
     let held = |d: &Value, what: &str| -> Vec<String> {
         d["snapshot"][what]
             .as_object()

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use mesh_e2e::cluster::{Cluster, ServiceDef, Workload};
+use mesh_e2e::mib;
 use mesh_e2e::netns::{self, NetnsCluster};
 use serde_json::Value;
 
@@ -59,25 +60,10 @@ fn resident(c: &NetnsCluster) -> anyhow::Result<Vec<u64>> {
 
 /// The client proxy's certificate renewals so far, from its config dump.
 fn renewals(c: &NetnsCluster) -> anyhow::Result<u64> {
-    let dump = c.exec_in_pod(
-        NS,
-        "client-0",
-        &[
-            "curl",
-            "-sf",
-            "--max-time",
-            "3",
-            "http://127.0.0.1:15000/config_dump",
-        ],
-    )?;
-    let dump: Value = serde_json::from_str(&dump)?;
+    let dump = c.config_dump(NS, "client-0")?;
     dump["identity"]["renewals"]
         .as_u64()
         .with_context(|| format!("no identity.renewals in the client proxy's config dump: {dump}"))
-}
-
-fn mib(b: u64) -> f64 {
-    b as f64 / (1024.0 * 1024.0)
 }
 
 async fn soak(run: Duration) -> anyhow::Result<()> {

@@ -138,17 +138,18 @@ pub fn raise_file_limit(max_connections: u32) -> Option<u64> {
 
 /// The process's resident memory (`VmRSS`), in bytes.
 pub fn resident_bytes() -> Option<u64> {
-    status_field("/proc/self/status", "VmRSS")
+    proc_kb("/proc/self/status", "VmRSS")
 }
 
 /// Process `pid`'s resident memory (`VmRSS`), in bytes: for tests and tools that watch a
 /// proxy from outside.
 pub fn resident_bytes_of(pid: u32) -> Option<u64> {
-    status_field(&format!("/proc/{pid}/status"), "VmRSS")
+    proc_kb(&format!("/proc/{pid}/status"), "VmRSS")
 }
 
-/// A `<field>: <n> kB` line of a `/proc/<pid>/status` file, in bytes.
-fn status_field(path: &str, field: &str) -> Option<u64> {
+/// A `<field>: <n> kB` line of a `/proc` file (`/proc/<pid>/status`, `/proc/meminfo`), in
+/// bytes.
+pub fn proc_kb(path: &str, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(path).ok()?;
     let kb = status
         .lines()

@@ -323,6 +323,20 @@ fn unchanged_services_reuse_their_resources() {
     );
 }
 
+/// The destination ports of the inbound listener's filter chains in `view`, in order.
+fn inbound_ports(view: &ProxyView) -> Vec<u32> {
+    let inbound: Listener = decode(
+        view.get(ResourceType::Listener, names::INBOUND_LISTENER)
+            .expect("inbound"),
+    );
+    inbound
+        .filter_chains
+        .iter()
+        .filter_map(|c| c.filter_chain_match.as_ref()?.destination_port)
+        .map(|p| p.value)
+        .collect()
+}
+
 #[test]
 fn no_service_hands_inbound_traffic_to_the_sidecars_own_ports() {
     let mut idx = index();
@@ -367,17 +381,7 @@ fn no_service_hands_inbound_traffic_to_the_sidecars_own_ports() {
     );
     let mut t = Translator::new(model);
     let view = t.view(&proxy("default", true));
-    let inbound: Listener = decode(
-        view.get(ResourceType::Listener, names::INBOUND_LISTENER)
-            .expect("inbound"),
-    );
-    let ports: Vec<u32> = inbound
-        .filter_chains
-        .iter()
-        .filter_map(|c| c.filter_chain_match.as_ref()?.destination_port)
-        .map(|p| p.value)
-        .collect();
-    assert_eq!(ports, vec![8080]);
+    assert_eq!(inbound_ports(&view), vec![8080]);
     for p in mesh_api::consts::ports::SIDECAR {
         assert!(
             view.get(ResourceType::Cluster, &format!("inbound|{p}||"))
@@ -431,22 +435,8 @@ fn transparent_proxies_get_filter_chains_per_vip_and_inbound_ports() {
         out.default_filter_chain.is_some(),
         "unknown destinations pass through"
     );
-    let inbound: Listener = decode(
-        view.get(ResourceType::Listener, names::INBOUND_LISTENER)
-            .expect("inbound"),
-    );
-    let ports: Vec<u32> = inbound
-        .filter_chains
-        .iter()
-        .filter_map(|c| {
-            c.filter_chain_match
-                .as_ref()
-                .and_then(|m| m.destination_port)
-                .map(|p| p.value)
-        })
-        .collect();
     assert_eq!(
-        ports,
+        inbound_ports(&view),
         vec![8000, 9000],
         "named targetPort resolved through the pod's container ports"
     );

@@ -729,7 +729,7 @@ async fn h2_connection(
 ) -> Result<multiplex::Connection, SendError> {
     let max = target.max_requests();
     let prune = |conns: &mut Vec<H2>| {
-        conns.retain(|(c, b)| c.open_for(max) && Arc::ptr_eq(b, &target.breaker));
+        conns.retain_mut(|(c, b)| c.open_for(max) && Arc::ptr_eq(b, &target.breaker));
         let mut idle = 0;
         conns.retain(|(c, _)| {
             idle += usize::from(c.streams() == 0);

@@ -161,12 +161,13 @@ impl Connection {
     /// Whether new requests may go on this connection: it has not ended, was not told to go
     /// away (GOAWAY, seen without waiting for a request to fail on it) and has carried fewer
     /// than `max`.
-    pub fn open_for(&self, max: Option<u32>) -> bool {
+    /// Polls the pool's own handle (it never opens a stream, so it is never left waiting), not a
+    /// clone: this runs for every request.
+    pub fn open_for(&mut self, max: Option<u32>) -> bool {
         if !self.is_closed() {
             // Ready or pending: the connection takes streams; an error: it no longer does.
-            let mut tx = self.tx.clone();
             let mut cx = Context::from_waker(std::task::Waker::noop());
-            if let Poll::Ready(Err(_)) = tx.poll_ready(&mut cx) {
+            if let Poll::Ready(Err(_)) = self.tx.poll_ready(&mut cx) {
                 self.state.closed.store(true, Ordering::Relaxed);
             }
         }
@@ -557,7 +558,7 @@ mod tests {
             std::future::pending::<()>().await;
             drop((conn, stream));
         });
-        let conn = Connection::handshake(client, addr(), None)
+        let mut conn = Connection::handshake(client, addr(), None)
             .await
             .expect("client handshake");
         let started = tokio::time::Instant::now();
@@ -597,7 +598,7 @@ mod tests {
             std::future::pending::<()>().await;
             drop(conn);
         });
-        let conn = Connection::handshake(client, addr(), None)
+        let mut conn = Connection::handshake(client, addr(), None)
             .await
             .expect("client handshake");
         let sent = conn.clone().send(&mut Some(get()), addr()).await;
