@@ -46,7 +46,22 @@ impl std::fmt::Debug for AllPods {
 #[derive(Debug)]
 struct Scrape {
     at: Instant,
-    samples: Vec<Sample>,
+    samples: Vec<(Arc<Series>, f64)>,
+}
+
+/// A series' name and labels. A proxy's page repeats the same series at every scrape and only
+/// the values change, so the scrapes of one proxy share them: a window of scrapes costs a
+/// value per series and scrape, not a copy of every label.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Series {
+    name: String,
+    labels: BTreeMap<String, String>,
+}
+
+impl Series {
+    fn label(&self, name: &str) -> &str {
+        self.labels.get(name).map_or("", String::as_str)
+    }
 }
 
 /// The scrapes of every connected proxy, newest last.
@@ -105,12 +120,12 @@ impl Tally {
     }
 
     fn add(&mut self, d: &Delta<'_>) {
-        if d.sample.name == REQUESTS {
+        if d.series.name == REQUESTS {
             self.requests += d.count;
-            if failed(d.sample) {
+            if failed(d.series) {
                 self.failures += d.count;
             }
-        } else if let Some(le) = bucket_bound(d.sample) {
+        } else if let Some(le) = bucket_bound(d.series) {
             *self.buckets.entry(OrdF64(le)).or_default() += d.count;
         }
     }
@@ -118,13 +133,13 @@ impl Tally {
 
 /// Whether a request series counts failures: a 5xx, no answer, or a gRPC status other than
 /// OK (which comes in trailers with HTTP 200), as Linkerd classifies gRPC responses.
-fn failed(s: &Sample) -> bool {
+fn failed(s: &Series) -> bool {
     matches!(s.label("status_class"), "5xx" | "error")
         || !matches!(s.label("grpc_status"), "" | "0")
 }
 
 /// The upper bound of a latency bucket series.
-fn bucket_bound(s: &Sample) -> Option<f64> {
+fn bucket_bound(s: &Series) -> Option<f64> {
     match s.label("le") {
         "+Inf" => Some(f64::INFINITY),
         le => le.parse().ok(),
@@ -263,7 +278,7 @@ pub fn quantile(q: f64, buckets: &BTreeMap<OrdF64, f64>) -> Option<f64> {
 
 /// A request series' change over the window, per second and in all.
 struct Delta<'a> {
-    sample: &'a Sample,
+    series: &'a Series,
     count: f64,
     per_second: f64,
 }
@@ -343,6 +358,7 @@ impl Stats {
         samples: Vec<Sample>,
     ) {
         let ring = scrapes.entry(node).or_default();
+        let samples = share_series(ring.back(), samples);
         if let Some(previous) = ring.back() {
             self.count(previous, &samples);
         }
@@ -386,19 +402,19 @@ impl Stats {
     }
 
     /// Adds what a proxy counted between two scrapes to the tallies of tracked routes.
-    fn count(&self, previous: &Scrape, samples: &[Sample]) {
+    fn count(&self, previous: &Scrape, samples: &[(Arc<Series>, f64)]) {
         let mut tallies = self.tallies.lock().unwrap_or_else(PoisonError::into_inner);
         if tallies.routes.is_empty() {
             return;
         }
         for d in increments(&previous.samples, samples, 1.0) {
-            if d.sample.label("direction") != "outbound" {
+            if d.series.label("direction") != "outbound" {
                 continue;
             }
-            let Some((route, _)) = d.sample.label("route").split_once(" rule ") else {
+            let Some((route, _)) = d.series.label("route").split_once(" rule ") else {
                 continue;
             };
-            let Some(service) = service_of(d.sample.label("backend")) else {
+            let Some(service) = service_of(d.series.label("backend")) else {
                 continue;
             };
             if !tallies.routes.contains(route) {
@@ -432,21 +448,21 @@ impl Stats {
     }
 
     /// Adds up the series `key` maps, per key.
-    fn aggregate<K: Ord>(&self, key: impl Fn(&Sample) -> Option<K>) -> BTreeMap<K, Acc> {
+    fn aggregate<K: Ord>(&self, key: impl Fn(&Series) -> Option<K>) -> BTreeMap<K, Acc> {
         self.deltas(|deltas| {
             let mut out: BTreeMap<K, Acc> = BTreeMap::new();
             for d in deltas {
-                let Some(k) = key(d.sample) else { continue };
+                let Some(k) = key(d.series) else { continue };
                 let acc = out.entry(k).or_default();
-                if d.sample.name == REQUESTS {
+                if d.series.name == REQUESTS {
                     acc.rps += d.per_second;
                     acc.requests += d.count;
-                    if failed(d.sample) {
+                    if failed(d.series) {
                         acc.failures += d.count;
                     }
-                    acc.mtls |= d.sample.label("src_identity").starts_with("spiffe://")
-                        && d.sample.label("dst_identity").starts_with("spiffe://");
-                } else if let Some(le) = bucket_bound(d.sample) {
+                    acc.mtls |= d.series.label("src_identity").starts_with("spiffe://")
+                        && d.series.label("dst_identity").starts_with("spiffe://");
+                } else if let Some(le) = bucket_bound(d.series) {
                     *acc.buckets.entry(OrdF64(le)).or_default() += d.count;
                 }
             }
@@ -457,7 +473,7 @@ impl Stats {
     /// Who talks to whom: from the callers' proxies (outbound), and from the callees' for
     /// callers outside the mesh (inbound, source `unknown`).
     pub fn edges(&self) -> Vec<Edge> {
-        let end = |s: &Sample, side: &str| Workload {
+        let end = |s: &Series, side: &str| Workload {
             namespace: s.label(&format!("{side}_namespace")).to_string(),
             workload: s.label(&format!("{side}_workload")).to_string(),
         };
@@ -538,23 +554,49 @@ impl Stats {
 }
 
 /// Every series' change from `old` to `new` (one proxy's scrapes, `secs` apart).
-fn increments<'a>(old: &[Sample], new: &'a [Sample], secs: f64) -> Vec<Delta<'a>> {
-    let before: HashMap<(&str, &BTreeMap<String, String>), f64> = old
-        .iter()
-        .map(|s| ((s.name.as_str(), &s.labels), s.value))
-        .collect();
+fn increments<'a>(
+    old: &[(Arc<Series>, f64)],
+    new: &'a [(Arc<Series>, f64)],
+    secs: f64,
+) -> Vec<Delta<'a>> {
+    let before: HashMap<&Series, f64> = old.iter().map(|(s, v)| (&**s, *v)).collect();
     new.iter()
-        .filter_map(|s| {
-            let count = match before.get(&(s.name.as_str(), &s.labels)) {
+        .filter_map(|(s, value)| {
+            let count = match before.get(&**s) {
                 // A counter that went down was reset (the proxy restarted).
-                Some(b) if *b <= s.value => s.value - b,
-                _ => s.value,
+                Some(b) if b <= value => value - b,
+                _ => *value,
             };
             (count > 0.0).then(|| Delta {
-                sample: s,
+                series: s,
                 count,
                 per_second: count / secs,
             })
+        })
+        .collect()
+}
+
+/// A new scrape's samples, each naming the series of the proxy's `previous` scrape that has
+/// the same name and labels (a series the page did not have before gets its own).
+fn share_series(previous: Option<&Scrape>, samples: Vec<Sample>) -> Vec<(Arc<Series>, f64)> {
+    let known: HashMap<(&str, &BTreeMap<String, String>), &Arc<Series>> = previous
+        .into_iter()
+        .flat_map(|p| &p.samples)
+        .map(|(s, _)| ((s.name.as_str(), &s.labels), s))
+        .collect();
+    samples
+        .into_iter()
+        .map(|s| {
+            let seen = known
+                .get(&(s.name.as_str(), &s.labels))
+                .map(|k| Arc::clone(k));
+            let series = seen.unwrap_or_else(|| {
+                Arc::new(Series {
+                    name: s.name,
+                    labels: s.labels,
+                })
+            });
+            (series, s.value)
         })
         .collect()
 }

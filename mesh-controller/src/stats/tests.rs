@@ -167,6 +167,27 @@ fn a_restarted_proxy_and_the_window_edge() {
 }
 
 #[test]
+fn a_proxys_scrapes_share_their_series_and_keep_only_values() {
+    let stats = Stats::new(Duration::from_secs(1), Duration::from_secs(30));
+    let t0 = Instant::now();
+    let one = "mesh_proxy_requests_total{direction=\"outbound\",dst_workload=\"web-a-1\"} 5\n";
+    let two = format!(
+        "{one}mesh_proxy_requests_total{{direction=\"outbound\",dst_workload=\"web-a-2\"}} 1\n"
+    );
+    stats.ingest("shop/client-0", t0, one);
+    stats.ingest("shop/client-0", t0 + Duration::from_secs(1), &two);
+    let scrapes = stats.lock();
+    let ring = &scrapes["shop/client-0"];
+    let (first, second) = (&ring[0].samples, &ring[1].samples);
+    assert_eq!(second.len(), 2);
+    // The series both pages have is one allocation; the new one is its own.
+    assert!(Arc::ptr_eq(&first[0].0, &second[0].0));
+    assert_eq!(second[1].0.label("dst_workload"), "web-a-2");
+    assert_eq!(Arc::strong_count(&second[1].0), 1);
+    assert_eq!((first[0].1, second[0].1, second[1].1), (5.0, 5.0, 1.0));
+}
+
+#[test]
 fn quantiles_interpolate_within_buckets() {
     let b = |pairs: &[(f64, f64)]| -> BTreeMap<OrdF64, f64> {
         pairs.iter().map(|(le, n)| (OrdF64(*le), *n)).collect()
