@@ -1,11 +1,11 @@
 //! The soak, on the network-namespace cluster: a meshed client sends 500 requests a second to
 //! a Service of two versions under STRICT mutual TLS while the mesh churns around it: the
 //! route's split flips every 5 s, certificates live 30 s (so every proxy renews several times),
-//! and one endpoint is replaced (a rolling update: the new pod ready, then the old one deleted
-//! gracefully) every 20 s. No request may fail. The long-lived proxies' and the controller's
-//! resident memory are read after the first minute (a third of a shorter run) and at the end;
-//! over ten minutes the end must be within 10 % of it. CI runs a minute; `scripts/soak` runs
-//! ten. Root only.
+//! and one endpoint is replaced (a Deployment's rolling update: the new pod ready, then the
+//! old one deleted gracefully) every 20 s. No request may fail. The long-lived proxies' and
+//! the controller's resident memory are read after the first minute (a third of a shorter run)
+//! and at the end; over ten minutes the end must be within 10 % of it. CI runs a minute;
+//! `scripts/soak` runs ten. Root only.
 
 use std::time::{Duration, Instant};
 
@@ -14,13 +14,25 @@ use anyhow::Context;
 use mesh_e2e::cluster::{Cluster, ServiceDef, Workload};
 use mesh_e2e::mib;
 use mesh_e2e::netns::{self, NetnsCluster};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const NS: &str = "shop";
 
-/// A `web` pod of `version` (`a`, `b`).
-fn web_pod(name: &str, version: &str) -> Value {
-    netns::demo_replica(NS, name, "web", version, &[("version", version)])
+/// A `web` pod of `version` (`a`, `b`) as the ReplicaSet of a Deployment's template `hash`
+/// makes it: owned by `web-<version>-<hash>`, so that its workload, which the proxies count
+/// requests under, is the Deployment `web-<version>` however often its pods are replaced.
+fn web_pod(name: &str, version: &str, hash: &str) -> Value {
+    let mut pod = netns::demo_replica(
+        NS,
+        name,
+        "web",
+        version,
+        &[("version", version), ("pod-template-hash", hash)],
+    );
+    let owner = format!("web-{version}-{hash}");
+    pod["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "name": owner, "uid": format!("uid-{owner}"), "controller": true}]);
+    pod
 }
 
 fn service(name: &str, selector: &[(&str, &str)]) -> ServiceDef {
@@ -82,8 +94,8 @@ async fn soak(run: Duration) -> anyhow::Result<()> {
             &[("app", "web"), ("version", v)],
         ))?;
     }
-    let mut a = vec![c.run_pod(web_pod("web-a-0", "a"))?];
-    c.run_pod(web_pod("web-b-0", "b"))?;
+    let mut a = vec![c.run_pod(web_pod("web-a-0", "a", "r0"))?];
+    c.run_pod(web_pod("web-b-0", "b", "r0"))?;
     for p in ["web-a-0", "web-b-0"] {
         c.wait_pod(NS, p, "Ready", Duration::from_secs(60), |s| s.ready)
             .await?;
@@ -135,7 +147,9 @@ async fn soak(run: Duration) -> anyhow::Result<()> {
             replaced += 1;
             let name = format!("web-a-{replaced}");
             a = c
-                .rolling_update(NS, &a, 1, 1, 0, |_| web_pod(&name, "a"))
+                .rolling_update(NS, &a, 1, 1, 0, |_| {
+                    web_pod(&name, "a", &format!("r{replaced}"))
+                })
                 .await?;
             next_replace += Duration::from_secs(20);
         }
