@@ -118,12 +118,13 @@ fn slice_of(svc: &Value, pods: &[&Value]) -> Value {
 }
 
 /// Stores `o` as a platform writer does, unless the API server holds it as it is already (so
-/// watchers see no change that is none).
+/// watchers see no change that is none): the same but for what the server sets.
 pub fn put_if_changed(state: &mut State, o: Value) {
     let unchanged = state.objects.get(&path_of(&o)).is_some_and(|stored| {
         let mut stored = stored.clone();
         if let Some(m) = stored["metadata"].as_object_mut() {
             m.remove("resourceVersion");
+            m.remove("uid");
         }
         stored == o
     });

@@ -87,6 +87,8 @@ pub struct State {
     pub objects: BTreeMap<String, Value>,
     pub log: Vec<Logged>,
     rv: u64,
+    /// UIDs given out to new objects so far.
+    uids: u64,
     /// Reads of a CRD before it reports Established.
     pub established_after: u32,
     /// Reads of a Deployment before its replicas are available.
@@ -130,9 +132,17 @@ pub struct Token {
     /// When it expires (a projected token's `expirationSeconds` after its issue); `None`: never,
     /// as a legacy Secret-based token.
     pub expires: Option<std::time::SystemTime>,
-    /// The pod it is bound to (namespace, name): once that pod is gone, so is the token, as
-    /// for a projected token.
-    pub pod: Option<(String, String)>,
+    /// The pod it is bound to: once that pod is gone, so is the token, as for a projected
+    /// token; a pod made again under the same name (a StatefulSet's) is another pod.
+    pub pod: Option<BoundPod>,
+}
+
+/// The pod a token is bound to, as the API server records it: by name and UID.
+#[derive(Clone, Debug, Default)]
+pub struct BoundPod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
 }
 
 impl Token {
@@ -574,11 +584,24 @@ impl State {
         self.store(path_of(&o), o);
     }
 
-    /// Stores an object and tells watches.
-    fn store(&mut self, path: String, o: Value) {
-        let kind = if self.objects.contains_key(&path) {
+    /// Stores an object and tells watches. A new object gets a UID (unless its writer gave
+    /// one); a changed one keeps its own, as the API server's do.
+    fn store(&mut self, path: String, mut o: Value) {
+        let uid = |o: &Value| {
+            o.pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let kind = if let Some(old) = self.objects.get(&path) {
+            if let Some(u) = uid(old) {
+                o["metadata"]["uid"] = json!(u);
+            }
             "MODIFIED"
         } else {
+            if uid(&o).is_none() {
+                self.uids += 1;
+                o["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.uids));
+            }
             "ADDED"
         };
         self.events.push(Event {
@@ -1004,10 +1027,39 @@ impl State {
         rbac::grants(&objects, ns, name).iter().any(|g| g.allows(a))
     }
 
+    /// A token for the service account of pod `ns/name`, bound to the pod as it is now (its
+    /// UID), for `audience`, expiring at `expires`: what the kubelet asks the API server for to
+    /// project into the pod. `None` when there is no such pod.
+    pub fn pod_token(
+        &self,
+        ns: &str,
+        name: &str,
+        audience: &str,
+        expires: std::time::SystemTime,
+    ) -> Option<Token> {
+        let pod = self
+            .objects
+            .get(&format!("/api/v1/namespaces/{ns}/pods/{name}"))?;
+        let sa = pod
+            .pointer("/spec/serviceAccountName")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let uid = pod.pointer("/metadata/uid").and_then(Value::as_str)?;
+        Some(Token {
+            expires: Some(expires),
+            pod: Some(BoundPod {
+                namespace: ns.to_owned(),
+                name: name.to_owned(),
+                uid: uid.to_owned(),
+            }),
+            ..Token::new(ns, sa, audience)
+        })
+    }
+
     /// A TokenReview, answered from [`State::tokens`] as the API server's authenticator would:
     /// authenticated only for a known token, not expired, whose pod (if bound to one) still
-    /// exists, bound to one of the audiences asked for; a pod-bound token's user carries the
-    /// pod's name, as the API server's does.
+    /// exists with the UID the token names, bound to one of the audiences asked for; a
+    /// pod-bound token's user carries the pod's name and UID, as the API server's does.
     fn token_review(&mut self, mut body: Value) -> Resp {
         let token = body
             .pointer("/spec/token")
@@ -1023,24 +1075,37 @@ impl State {
                     .collect()
             })
             .unwrap_or_default();
-        let pod_exists = |(ns, name): &(String, String)| {
-            self.objects
-                .contains_key(&format!("/api/v1/namespaces/{ns}/pods/{name}"))
+        // The UID of the pod now at a bound token's pod's name.
+        let uid_now = |p: &BoundPod| {
+            let pod = self.objects.get(&format!(
+                "/api/v1/namespaces/{}/pods/{}",
+                p.namespace, p.name
+            ))?;
+            Some(
+                pod.pointer("/metadata/uid")
+                    .and_then(Value::as_str)
+                    .unwrap_or(""),
+            )
         };
         body["status"] = match self.tokens.get(token) {
             Some(t) if t.expires.is_some_and(|e| e <= std::time::SystemTime::now()) => {
                 json!({"authenticated": false, "error": "invalid bearer token, token has expired"})
             }
-            Some(Token { pod: Some(pod), .. }) if !pod_exists(pod) => json!({
+            Some(Token { pod: Some(pod), .. }) if uid_now(pod).is_none() => json!({
                 "authenticated": false,
-                "error": format!("invalid bearer token, pods \"{}\" not found", pod.1)
+                "error": format!("invalid bearer token, pods \"{}\" not found", pod.name)
+            }),
+            Some(Token { pod: Some(pod), .. }) if uid_now(pod) != Some(pod.uid.as_str()) => json!({
+                "authenticated": false,
+                "error": format!("invalid bearer token, the UID in the bound object reference ({}) does not match the UID in record. The object might have been deleted and then recreated", pod.uid)
             }),
             Some(t) => {
                 let audiences: Vec<&String> =
                     asked.iter().filter(|a| t.audiences.contains(a)).collect();
                 let mut user = json!({"username": t.user});
-                if let Some((_, name)) = &t.pod {
-                    user["extra"] = json!({"authentication.kubernetes.io/pod-name": [name]});
+                if let Some(p) = &t.pod {
+                    user["extra"] = json!({"authentication.kubernetes.io/pod-name": [p.name],
+                        "authentication.kubernetes.io/pod-uid": [p.uid]});
                 }
                 if audiences.is_empty() {
                     json!({"authenticated": false, "error": "token audiences do not match"})

@@ -238,30 +238,33 @@ async fn a_root_added_to_the_directory_reaches_workloads() {
 
 /// Kubernetes service account tokens, checked by TokenReview against an API server that knows
 /// what it issued: a token is believed while it has not expired and its pod still exists, for
-/// its own service account only. A token replayed after its pod is gone, or after it expired,
-/// is refused; so is one of another account asking for this one's identity.
+/// its own service account only. A token replayed after its pod is gone (or made again under
+/// the same name), or after it expired, is refused; so is one of another account asking for
+/// this one's identity.
 #[tokio::test]
 async fn a_kubernetes_token_is_believed_only_while_valid_and_only_for_its_account() {
     use mesh_api::fake_api::{FakeApi, Token};
     // The cluster admin's client: the chart's RBAC for mesh-ca is e2e/tests/rbac.rs's matter.
     let (admin, fake) = FakeApi::start();
-    fake.insert(serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+    let pod = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": "reviews-0", "namespace": "default"},
-        "spec": {"serviceAccountName": "reviews"}}));
+        "spec": {"serviceAccountName": "reviews"}});
+    fake.insert(pod.clone());
     let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
-    let bound = |pod: &str| Token {
-        expires: Some(in_an_hour),
-        pod: Some(("default".into(), pod.into())),
-        ..Token::new("default", "reviews", "mesh-ca")
+    let bound = || {
+        fake.state()
+            .pod_token("default", "reviews-0", "mesh-ca", in_an_hour)
+            .expect("the pod exists")
     };
+    let (valid, expired) = (bound(), bound());
     {
         let mut s = fake.state();
-        s.tokens.insert("valid".into(), bound("reviews-0"));
+        s.tokens.insert("valid".into(), valid);
         s.tokens.insert(
             "expired".into(),
             Token {
                 expires: Some(SystemTime::now() - Duration::from_secs(1)),
-                ..bound("reviews-0")
+                ..expired
             },
         );
         s.tokens.insert(
@@ -318,4 +321,21 @@ async fn a_kubernetes_token_is_believed_only_while_valid_and_only_for_its_accoun
         .expect_err("replayed after its pod went");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
     assert!(err.message().contains("not found"), "{}", err.message());
+    // A pod of the same name again (as a StatefulSet makes it): another pod, which the old
+    // token was not issued to; its own token is believed.
+    fake.insert(pod);
+    let err = client
+        .create_certificate(ask("valid"))
+        .await
+        .expect_err("replayed for a pod made again under its name");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("UID"), "{}", err.message());
+    let renewed = bound();
+    fake.state().tokens.insert("renewed".into(), renewed);
+    let resp = client
+        .create_certificate(ask("renewed"))
+        .await
+        .expect("the new pod's token is believed")
+        .into_inner();
+    assert_eq!(resp.spiffe_id, ID);
 }
