@@ -17,6 +17,11 @@
 //! [`State::warnings`]), `Strict` refuses it, `Ignore` says nothing. [`FakeApi::insert`] stores
 //! as it is given: what another writer left.
 //!
+//! Objects have UIDs as the API server gives them: a new one on each create (a UID a client
+//! sends with a create is dropped), kept by every change; a write that names another UID is
+//! refused (409 for an update, 422 for a patch or apply). [`FakeApi::insert`] keeps a UID it is
+//! given, and gives one to an object without.
+//!
 //! [`FakeApi::start`]'s client is a cluster admin. [`FakeApi::client_as`] gives a client whose
 //! requests are made as a service account and authorized by the RBAC objects stored here
 //! ([`rbac`]): a request no rule allows gets 403, as a real cluster answers a missing grant.
@@ -138,7 +143,7 @@ pub struct Token {
 }
 
 /// The pod a token is bound to, as the API server records it: by name and UID.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct BoundPod {
     pub namespace: String,
     pub name: String,
@@ -584,34 +589,34 @@ impl State {
         self.store(path_of(&o), o);
     }
 
-    /// Stores an object and tells watches. A new object gets a UID (unless its writer gave
-    /// one); a changed one keeps its own, as the API server's do.
-    fn store(&mut self, path: String, mut o: Value) {
-        let uid = |o: &Value| {
-            o.pointer("/metadata/uid")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        };
-        let kind = if let Some(old) = self.objects.get(&path) {
-            if let Some(u) = uid(old) {
-                o["metadata"]["uid"] = json!(u);
-            }
+    /// Stores an object and tells watches; returns it as stored. An object without a UID
+    /// keeps the stored one's, or gets a new one when there is none (the API's writes check
+    /// and drop UIDs before).
+    fn store(&mut self, path: String, mut o: Value) -> Value {
+        let kind = if self.objects.contains_key(&path) {
             "MODIFIED"
         } else {
-            if uid(&o).is_none() {
-                self.uids += 1;
-                o["metadata"]["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", self.uids));
-            }
             "ADDED"
         };
+        if uid_of(&o).is_none() {
+            let uid = match self.objects.get(&path).and_then(uid_of) {
+                Some(u) => u.to_owned(),
+                None => {
+                    self.uids += 1;
+                    format!("00000000-0000-4000-8000-{:012x}", self.uids)
+                }
+            };
+            o["metadata"]["uid"] = json!(uid);
+        }
         self.events.push(Event {
             rv: self.rv,
             path: path.clone(),
             kind,
             object: o.clone(),
         });
-        self.objects.insert(path, o);
+        self.objects.insert(path, o.clone());
         self.notify();
+        o
     }
 
     /// Deletes the object at `path` and tells watches.
@@ -679,8 +684,17 @@ impl State {
         respond(StatusCode::OK, o)
     }
 
-    fn apply(&mut self, path: &str, applied: Value, query: &str) -> Resp {
+    fn apply(&mut self, path: &str, mut applied: Value, query: &str) -> Resp {
         let old = self.objects.get(path).cloned();
+        if let Some(refused) = uid_changed(path, old.as_ref(), &applied) {
+            return refused;
+        }
+        // An apply that creates: the server names the object, as for a create.
+        if old.is_none()
+            && let Some(m) = applied.get_mut("metadata").and_then(Value::as_object_mut)
+        {
+            m.remove("uid");
+        }
         let Some(manager) = query_value(query, "fieldManager") else {
             return status(
                 400,
@@ -799,7 +813,7 @@ impl State {
             }
             _ => {}
         }
-        self.store(path.to_owned(), body.clone());
+        let body = self.store(path.to_owned(), body);
         self.own(path, &manager, mine.keys().cloned().collect(), force);
         let code = if old.is_some() {
             StatusCode::OK
@@ -859,7 +873,11 @@ impl State {
         };
         self.rv += 1;
         body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.store(path.clone(), body.clone());
+        // The server names a new object; a UID sent with it is not taken.
+        if let Some(m) = body["metadata"].as_object_mut() {
+            m.remove("uid");
+        }
+        let body = self.store(path.clone(), body);
         self.own_changes(&path, query, None, &body);
         warn(respond(StatusCode::CREATED, &body), &warnings)
     }
@@ -879,6 +897,18 @@ impl State {
                 &format!("{path}: the object has been modified"),
             );
         }
+        if let Some(sent) = uid_of(&body)
+            && Some(sent) != uid_of(old)
+        {
+            return status(
+                409,
+                "Conflict",
+                &format!(
+                    "Precondition failed: UID in precondition: {sent}, UID in object meta: {}",
+                    uid_of(old).unwrap_or_default()
+                ),
+            );
+        }
         let warnings = match self.admit(path, &mut body, query) {
             Ok(w) => w,
             Err(refused) => return *refused,
@@ -886,7 +916,7 @@ impl State {
         self.rv += 1;
         body["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let old = self.objects.get(path).cloned();
-        self.store(path.to_owned(), body.clone());
+        let body = self.store(path.to_owned(), body);
         self.own_changes(path, query, old.as_ref(), &body);
         warn(respond(StatusCode::OK, &body), &warnings)
     }
@@ -905,6 +935,9 @@ impl State {
                 &format!("{path}: the object has been modified"),
             );
         }
+        if let Some(refused) = uid_changed(path, Some(&old), &patch) {
+            return refused;
+        }
         let mut new = old;
         crate::merge_patch(&mut new, patch);
         let warnings = match self.admit(path, &mut new, query) {
@@ -914,7 +947,7 @@ impl State {
         self.rv += 1;
         new["metadata"]["resourceVersion"] = json!(self.rv.to_string());
         let old = self.objects.get(path).cloned();
-        self.store(path.to_owned(), new.clone());
+        let new = self.store(path.to_owned(), new);
         self.own_changes(path, query, old.as_ref(), &new);
         warn(respond(StatusCode::OK, &new), &warnings)
     }
@@ -1029,7 +1062,8 @@ impl State {
 
     /// A token for the service account of pod `ns/name`, bound to the pod as it is now (its
     /// UID), for `audience`, expiring at `expires`: what the kubelet asks the API server for to
-    /// project into the pod. `None` when there is no such pod.
+    /// project into the pod. `None` when there is no such pod (or it has no UID: an object
+    /// written into [`State::objects`] directly).
     pub fn pod_token(
         &self,
         ns: &str,
@@ -1076,29 +1110,32 @@ impl State {
             })
             .unwrap_or_default();
         // The UID of the pod now at a bound token's pod's name.
+        // The UID of the pod now at a bound token's pod's name (`None`: no such pod).
         let uid_now = |p: &BoundPod| {
-            let pod = self.objects.get(&format!(
-                "/api/v1/namespaces/{}/pods/{}",
-                p.namespace, p.name
-            ))?;
-            Some(
-                pod.pointer("/metadata/uid")
-                    .and_then(Value::as_str)
-                    .unwrap_or(""),
-            )
+            let path = format!("/api/v1/namespaces/{}/pods/{}", p.namespace, p.name);
+            self.objects.get(&path).map(|pod| uid_of(pod).unwrap_or(""))
         };
+        // What the API server's service account authenticator says (claims.go).
         body["status"] = match self.tokens.get(token) {
             Some(t) if t.expires.is_some_and(|e| e <= std::time::SystemTime::now()) => {
                 json!({"authenticated": false, "error": "invalid bearer token, token has expired"})
             }
             Some(Token { pod: Some(pod), .. }) if uid_now(pod).is_none() => json!({
                 "authenticated": false,
-                "error": format!("invalid bearer token, pods \"{}\" not found", pod.name)
+                "error": "invalid bearer token, service account token has been invalidated"
             }),
-            Some(Token { pod: Some(pod), .. }) if uid_now(pod) != Some(pod.uid.as_str()) => json!({
-                "authenticated": false,
-                "error": format!("invalid bearer token, the UID in the bound object reference ({}) does not match the UID in record. The object might have been deleted and then recreated", pod.uid)
-            }),
+            Some(Token { pod: Some(pod), .. })
+                if pod.uid.is_empty() || uid_now(pod) != Some(pod.uid.as_str()) =>
+            {
+                json!({
+                    "authenticated": false,
+                    "error": format!(
+                        "invalid bearer token, pod UID ({}) does not match service account pod ref claim ({})",
+                        uid_now(pod).unwrap_or_default(),
+                        pod.uid
+                    )
+                })
+            }
             Some(t) => {
                 let audiences: Vec<&String> =
                     asked.iter().filter(|a| t.audiences.contains(a)).collect();
@@ -1322,6 +1359,23 @@ pub fn kubeconfig(server: &str, token: &str, namespace: &str) -> String {
         "current-context": "fake",
     })
     .to_string()
+}
+
+/// An object's UID.
+fn uid_of(o: &Value) -> Option<&str> {
+    o.pointer("/metadata/uid").and_then(Value::as_str)
+}
+
+/// The refusal of a patch or apply of the object `old` at `path` that names another UID.
+fn uid_changed(path: &str, old: Option<&Value>, sent: &Value) -> Option<Resp> {
+    let (sent, old) = (uid_of(sent)?, uid_of(old?)?);
+    (sent != old).then(|| {
+        status(
+            422,
+            "Invalid",
+            &format!("{path}: metadata.uid: Invalid value: \"{sent}\": field is immutable"),
+        )
+    })
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Resp {

@@ -183,3 +183,73 @@ async fn over_http_a_token_is_its_service_account_and_rbac_decides() {
         e => panic!("expected the change, got {e:?}"),
     }
 }
+
+#[tokio::test]
+async fn objects_get_uids_as_the_server_gives_them() {
+    let (client, fake) = FakeApi::start();
+    let api: Api<ConfigMap> = Api::namespaced(client, "default");
+    let uid = |c: &ConfigMap| c.metadata.uid.clone().expect("a uid");
+    let sent: ConfigMap = serde_json::from_value(cm(json!({"x": "1"}))).expect("cm");
+    let mut with_uid = sent.clone();
+    with_uid.metadata.uid = Some("mine".into());
+    // A create's answer names the UID the server gave; one the client sent is not taken.
+    let made = api
+        .create(&PostParams::default(), &with_uid)
+        .await
+        .expect("created");
+    let first = uid(&made);
+    assert_ne!(first, "mine");
+    // Every change keeps it.
+    let patched = api
+        .patch(
+            "c",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"x": "2"}})),
+        )
+        .await
+        .expect("merged");
+    let applied = api
+        .patch(
+            "c",
+            &PatchParams::apply("a").force(),
+            &Patch::Apply(cm(json!({"x": "3"}))),
+        )
+        .await
+        .expect("applied");
+    let replaced = api
+        .replace("c", &PostParams::default(), &sent)
+        .await
+        .expect("replaced");
+    for c in [
+        &patched,
+        &applied,
+        &replaced,
+        &api.get("c").await.expect("read"),
+    ] {
+        assert_eq!(uid(c), first);
+    }
+    // Writes that name another UID are refused.
+    let err = api
+        .replace("c", &PostParams::default(), &with_uid)
+        .await
+        .expect_err("another uid");
+    assert!(err.to_string().contains("Precondition failed"), "{err}");
+    let err = api
+        .patch(
+            "c",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"uid": "mine"}})),
+        )
+        .await
+        .expect_err("another uid");
+    assert!(err.to_string().contains("field is immutable"), "{err}");
+    // Made again under the same name: another object.
+    fake.state()
+        .delete("/api/v1/namespaces/default/configmaps/c")
+        .expect("existed");
+    let again = api
+        .create(&PostParams::default(), &sent)
+        .await
+        .expect("created again");
+    assert_ne!(uid(&again), first);
+}

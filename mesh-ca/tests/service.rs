@@ -320,7 +320,11 @@ async fn a_kubernetes_token_is_believed_only_while_valid_and_only_for_its_accoun
         .await
         .expect_err("replayed after its pod went");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
-    assert!(err.message().contains("not found"), "{}", err.message());
+    assert!(
+        err.message().contains("token has been invalidated"),
+        "{}",
+        err.message()
+    );
     // A pod of the same name again (as a StatefulSet makes it): another pod, which the old
     // token was not issued to; its own token is believed.
     fake.insert(pod);
@@ -329,7 +333,12 @@ async fn a_kubernetes_token_is_believed_only_while_valid_and_only_for_its_accoun
         .await
         .expect_err("replayed for a pod made again under its name");
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
-    assert!(err.message().contains("UID"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("does not match service account pod ref claim"),
+        "{}",
+        err.message()
+    );
     let renewed = bound();
     fake.state().tokens.insert("renewed".into(), renewed);
     let resp = client
