@@ -1078,7 +1078,7 @@ impl State {
             .pointer("/spec/serviceAccountName")
             .and_then(Value::as_str)
             .unwrap_or("default");
-        let uid = pod.pointer("/metadata/uid").and_then(Value::as_str)?;
+        let uid = uid_of(pod)?;
         Some(Token {
             expires: Some(expires),
             pod: Some(BoundPod {
@@ -1109,7 +1109,6 @@ impl State {
                     .collect()
             })
             .unwrap_or_default();
-        // The UID of the pod now at a bound token's pod's name.
         // The UID of the pod now at a bound token's pod's name (`None`: no such pod).
         let uid_now = |p: &BoundPod| {
             let path = format!("/api/v1/namespaces/{}/pods/{}", p.namespace, p.name);
