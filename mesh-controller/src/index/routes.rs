@@ -482,6 +482,25 @@ fn str_match(m: RawStrMatch, field: &str) -> Result<(String, StrMatch), DocError
     Ok((m.name, value))
 }
 
+/// `name` at `field` is an HTTP header name (an RFC 9110 token, as the Gateway API's
+/// `HTTPHeaderName` pattern says and as the proxies parse it).
+pub(crate) fn header_name(name: &str, field: &str) -> Result<(), DocError> {
+    match hyper::header::HeaderName::from_bytes(name.as_bytes()) {
+        Ok(_) => Ok(()),
+        Err(_) => Err(DocError::new(
+            field,
+            format!(
+                "invalid header name {name:?}: a header name is letters, digits and !#$%&'*+-.^_`|~"
+            ),
+        )),
+    }
+}
+
+fn header_match(m: RawStrMatch, field: &str) -> Result<(String, StrMatch), DocError> {
+    header_name(&m.name, &format!("{field}.name"))?;
+    str_match(m, field)
+}
+
 fn http_match(v: serde_json::Value, field: &str) -> Result<MatchSpec, DocError> {
     let raw: RawHttpMatch =
         serde_json::from_value(v).map_err(|e| DocError::new(field, e.to_string()))?;
@@ -524,7 +543,7 @@ fn http_match(v: serde_json::Value, field: &str) -> Result<MatchSpec, DocError> 
         .headers
         .into_iter()
         .enumerate()
-        .map(|(i, h)| str_match(h, &format!("{field}.headers[{i}]")))
+        .map(|(i, h)| header_match(h, &format!("{field}.headers[{i}]")))
         .collect::<Result<_, _>>()?;
     let query = raw
         .query_params
@@ -579,7 +598,7 @@ fn grpc_match(v: serde_json::Value, field: &str) -> Result<MatchSpec, DocError> 
         .headers
         .into_iter()
         .enumerate()
-        .map(|(i, h)| str_match(h, &format!("{field}.headers[{i}]")))
+        .map(|(i, h)| header_match(h, &format!("{field}.headers[{i}]")))
         .collect::<Result<_, _>>()?;
     Ok(MatchSpec {
         path,
@@ -612,13 +631,20 @@ fn path_modifier(p: RawPathModifier, field: &str) -> Result<PathModifier, DocErr
 fn header_modifier(m: HeaderModifier, field: &str) -> Result<HeaderModifier, DocError> {
     for (list, name) in [(&m.add, "add"), (&m.set, "set")] {
         for (i, h) in list.iter().enumerate() {
-            if h.name.is_empty() || h.name.starts_with(':') {
+            header_name(&h.name, &format!("{field}.{name}[{i}].name"))?;
+            if hyper::header::HeaderValue::from_str(&h.value).is_err() {
                 return Err(DocError::new(
-                    format!("{field}.{name}[{i}].name"),
-                    format!("invalid header name {:?}", h.name),
+                    format!("{field}.{name}[{i}].value"),
+                    format!(
+                        "invalid header value {:?}: no control characters but tab",
+                        h.value
+                    ),
                 ));
             }
         }
+    }
+    for (i, n) in m.remove.iter().enumerate() {
+        header_name(n, &format!("{field}.remove[{i}]"))?;
     }
     Ok(m)
 }
@@ -1144,6 +1170,28 @@ mod tests {
             (
                 "  rules: [{filters: [{type: CORS}]}]\n",
                 "spec.rules[0].filters[0].type",
+            ),
+            // Header names and values the proxies could not parse (found by fuzzing: the
+            // controller served a match on `x-19!(canary`, and mesh-proxy refused the route).
+            (
+                "  rules: [{matches: [{headers: [{name: 'x-19!(canary', value: 'yes'}]}]}]\n",
+                "spec.rules[0].matches[0].headers[0].name",
+            ),
+            (
+                "  rules: [{matches: [{headers: [{name: '', value: 'yes'}]}]}]\n",
+                "spec.rules[0].matches[0].headers[0].name",
+            ),
+            (
+                "  rules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: 'a b', value: c}]}}]}]\n",
+                "spec.rules[0].filters[0].requestHeaderModifier.set[0].name",
+            ),
+            (
+                "  rules: [{filters: [{type: ResponseHeaderModifier, responseHeaderModifier: {add: [{name: x, value: \"a\\nb\"}]}}]}]\n",
+                "spec.rules[0].filters[0].responseHeaderModifier.add[0].value",
+            ),
+            (
+                "  rules: [{filters: [{type: RequestHeaderModifier, requestHeaderModifier: {remove: [ok, ':path']}}]}]\n",
+                "spec.rules[0].filters[0].requestHeaderModifier.remove[1]",
             ),
         ];
         for (rules, field) in cases {

@@ -193,7 +193,11 @@ pub fn compile(p: &TrafficPolicy, key: &ObjKey) -> Compiled {
             (LoadBalancerAlgorithm::ConsistentHash, Some(h)) => {
                 let mut keys = Vec::new();
                 if let Some(name) = &h.header {
-                    keys.push(HashKey::Header(name.to_ascii_lowercase()));
+                    let field = "spec.loadBalancer.consistentHash.header";
+                    match super::routes::header_name(name, field) {
+                        Ok(()) => keys.push(HashKey::Header(name.to_ascii_lowercase())),
+                        Err(e) => errors.push((field.into(), format!("{}; the key is ignored", e.reason))),
+                    }
                 }
                 if let Some(c) = &h.cookie {
                     let ttl = c.ttl.as_deref().and_then(|t| {

@@ -43,6 +43,11 @@ fn unreadable_parts_are_named_and_left_out() {
             "spec.targetRefs[0].kind",
         ),
         ("{targetRefs: []}", "spec.targetRefs"),
+        // A header name mesh-proxy could not parse would make it refuse the cluster.
+        (
+            "{targetRefs: [{kind: Service, name: a}], loadBalancer: {algorithm: ConsistentHash, consistentHash: {header: 'x(y'}}}",
+            "spec.loadBalancer.consistentHash.header",
+        ),
     ];
     for (spec, field) in cases {
         let c = policy("p", "2026-01-01T00:00:00Z", spec);
