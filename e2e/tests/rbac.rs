@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Context;
-use mesh_api::fake_api::rbac::{Attributes, Grant, grants};
+use mesh_api::fake_api::rbac::{Attributes, Grant, Subject, grants};
 use mesh_api::fake_api::{FakeApi, Logged};
 use mesh_ca::run::{CaConfig, Running};
 use mesh_controller::run::Controller;
@@ -117,7 +117,7 @@ fn elements(g: &Grant) -> Vec<(String, String, String, String)> {
 
 /// What the service account's grants allow of its calls, and what they grant unused.
 fn audit(objects: &[&Value], sa: &str, calls: &[Attributes]) -> Vec<String> {
-    let grants = grants(objects, NS, sa);
+    let grants = grants(objects, &Subject::service_account(NS, sa));
     let mut problems = Vec::new();
     for a in calls {
         if !grants.iter().any(|g| g.allows(a)) {
@@ -275,7 +275,7 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
             "{sa} {} calls of {} kinds, {} rules",
             calls.len(),
             kinds.len(),
-            grants(&objects, NS, sa).len()
+            grants(&objects, &Subject::service_account(NS, sa)).len()
         ));
         problems.extend(audit(&objects, sa, &calls));
     }

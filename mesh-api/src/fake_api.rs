@@ -25,7 +25,8 @@
 //! [`FakeApi::start`]'s client is a cluster admin. [`FakeApi::client_as`] gives a client whose
 //! requests are made as a service account and authorized by the RBAC objects stored here
 //! ([`rbac`]): a request no rule allows gets 403, as a real cluster answers a missing grant.
-//! TokenReviews are answered from [`State::tokens`].
+//! TokenReviews are answered from [`State::tokens`] (with the groups the API server gives each
+//! user), SubjectAccessReviews by the same RBAC objects.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -111,8 +112,10 @@ pub struct State {
     /// `unknown field "spec.x"` for each field a write lost to pruning, as the API server's
     /// `Warning` headers say it.
     pub warnings: Vec<String>,
-    /// Tokens TokenReviews authenticate.
+    /// Tokens TokenReviews authenticate (and requests over HTTP, for [`API_AUDIENCE`]).
     pub tokens: BTreeMap<String, Token>,
+    /// Where a pod's port-forward connects; `None`: port-forwards fail.
+    pub port_forwarder: Option<PortForwarder>,
     /// Changes since the last compaction, which watches replay from their resourceVersion.
     events: Vec<Event>,
     /// A watch from a resourceVersion before this gets 410 Gone.
@@ -161,6 +164,83 @@ impl Token {
     }
 }
 
+/// The port-forward subprotocol the fake speaks (kube-rs offers v5 and v4).
+const PORT_FORWARD_PROTOCOL: &str = "v4.channel.k8s.io";
+
+/// Connects to a port on a pod's loopback (the pod's object, the port), as the kubelet does
+/// for a port-forward: a test whose pods run somewhere sets one in [`State::port_forwarder`].
+#[derive(Clone)]
+pub struct PortForwarder(pub Arc<Connect>);
+
+/// A connection to a port of a pod (its object).
+pub type Connect = dyn Fn(&Value, u16) -> std::io::Result<std::net::TcpStream> + Send + Sync;
+
+impl std::fmt::Debug for PortForwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PortForwarder")
+    }
+}
+
+/// One port-forward's bytes between the WebSocket and the pod's connection, until either ends.
+/// A connection that failed is reported on the error channel, in the API server's words.
+async fn forward_port<S>(
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    port: u16,
+    conn: std::io::Result<tokio::net::TcpStream>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let [lo, hi] = port.to_le_bytes();
+    for ch in [0u8, 1] {
+        if ws.send(Message::binary(vec![ch, lo, hi])).await.is_err() {
+            return;
+        }
+    }
+    let mut conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            let mut m = vec![1u8];
+            m.extend(format!("error forwarding port {port} to pod: {e}").into_bytes());
+            let _ = ws.send(Message::binary(m)).await;
+            let _ = ws.close(None).await;
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        tokio::select! {
+            m = ws.next() => match m {
+                Some(Ok(Message::Binary(b))) if b.first() == Some(&0) => {
+                    if conn.write_all(&b[1..]).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
+                Some(Ok(_)) => {}
+            },
+            n = conn.read(&mut buf) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let mut m = Vec::with_capacity(n + 1);
+                    m.push(0u8);
+                    m.extend_from_slice(&buf[..n]);
+                    if ws.send(Message::binary(m)).await.is_err() {
+                        break;
+                    }
+                }
+            },
+        }
+    }
+    let _ = ws.close(None).await;
+}
+
+/// The audience of the API server's own tokens (`kubectl create token` without `--audience`),
+/// which a TokenReview without audiences asks for.
+pub const API_AUDIENCE: &str = "https://kubernetes.default.svc.cluster.local";
+
 #[derive(Clone, Debug)]
 pub struct FakeApi(pub Arc<Mutex<State>>);
 
@@ -206,10 +286,13 @@ impl FakeApi {
 
     /// Serves this fake over plaintext HTTP/1.1 on `listener`, as an API server a process
     /// reaches with a kubeconfig ([`kubeconfig`]). A request's bearer token names its user
-    /// through `users` (token to `system:serviceaccount:NS:NAME`), and the RBAC objects stored
-    /// here authorize it as for [`FakeApi::client_as`]; a request without a known token gets
-    /// 401, as from an API server that lets no anonymous request in. Serves until the task is
-    /// aborted.
+    /// through `users` (token to `system:serviceaccount:NS:NAME`, or any user name:
+    /// [`rbac::ADMIN`] is a cluster admin), or is one of [`State::tokens`] valid for
+    /// [`API_AUDIENCE`]; the RBAC objects stored here authorize it as for
+    /// [`FakeApi::client_as`]; a request without a known token gets 401, as from an API server
+    /// that lets no anonymous request in. A pod's `portforward` is served as the API server
+    /// serves it to kube-rs (a WebSocket, one port per request) to where
+    /// [`State::port_forwarder`] connects. Serves until the task is aborted.
     pub fn serve_http(
         &self,
         listener: tokio::net::TcpListener,
@@ -239,6 +322,7 @@ impl FakeApi {
                     // A client that goes away mid-watch ends its connection; nothing to do.
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -250,16 +334,27 @@ impl FakeApi {
         req: Request<hyper::body::Incoming>,
         users: &BTreeMap<String, String>,
     ) -> Resp {
-        let user = req
+        let token = req
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .and_then(|token| users.get(token.trim()))
-            .cloned();
+            .map(str::trim);
+        let user = token.and_then(|token| {
+            users.get(token).cloned().or_else(|| {
+                let s = self.state();
+                let api = [API_AUDIENCE.to_owned()];
+                s.authenticate(token, &api)
+                    .ok()
+                    .map(|(t, _)| t.user.clone())
+            })
+        });
         let Some(user) = user else {
             return status(401, "Unauthorized", "Unauthorized");
         };
+        if req.uri().path().ends_with("/portforward") {
+            return self.port_forward(req, &user);
+        }
         let (parts, body) = req.into_parts();
         let bytes = match body.collect().await {
             Ok(b) => b.to_bytes(),
@@ -270,6 +365,182 @@ impl FakeApi {
             Some(&user),
         )
         .await
+    }
+
+    /// A pod's port-forward: the WebSocket upgrade kube-rs asks for, then the bytes of one
+    /// port between it and [`State::port_forwarder`]'s connection, framed as the API server
+    /// frames them (`v4.channel.k8s.io`: a channel byte, data on channel 0, errors on 1, each
+    /// channel's first frame the port number).
+    fn port_forward(&self, mut req: Request<hyper::body::Incoming>, user: &str) -> Resp {
+        let path = req.uri().path().to_owned();
+        let query = req.uri().query().unwrap_or("").to_owned();
+        // A WebSocket upgrade is a GET; RBAC asks for `create`, as for SPDY.
+        let Some(attributes) = rbac::Attributes::of("POST", &path, "") else {
+            return status(404, "NotFound", &format!("{path} not found"));
+        };
+        let pod_path = path.trim_end_matches("/portforward").to_owned();
+        let (pod, forwarder) = {
+            let mut s = self.state();
+            let forbidden = !s.authorized(user, &attributes);
+            s.log.push(Logged {
+                method: req.method().to_string(),
+                path: path.clone(),
+                query: query.clone(),
+                content_type: String::new(),
+                user: user.to_owned(),
+                attributes: Some(attributes.clone()),
+                forbidden,
+            });
+            if forbidden {
+                return status(403, "Forbidden", &attributes.forbidden(user));
+            }
+            (s.objects.get(&pod_path).cloned(), s.port_forwarder.clone())
+        };
+        let Some(pod) = pod else {
+            return status(
+                404,
+                "NotFound",
+                &format!("pods {:?} not found", attributes.name),
+            );
+        };
+        let ports: Vec<&str> = query
+            .split('&')
+            .filter_map(|q| q.strip_prefix("ports="))
+            .flat_map(|p| p.split("%2C").flat_map(|p| p.split(',')))
+            .collect();
+        let port = match ports.as_slice() {
+            [p] => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return status(400, "BadRequest", &format!("invalid port {p:?}")),
+            },
+            _ => {
+                return status(
+                    400,
+                    "BadRequest",
+                    "the fake API server forwards one port per request",
+                );
+            }
+        };
+        let headers = req.headers();
+        let offered = headers
+            .get(http::header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let key = headers.get(http::header::SEC_WEBSOCKET_KEY).cloned();
+        let (Some(key), true) = (
+            key,
+            offered
+                .split(',')
+                .any(|p| p.trim() == PORT_FORWARD_PROTOCOL),
+        ) else {
+            return status(
+                400,
+                "BadRequest",
+                &format!("a port-forward is a WebSocket upgrade offering {PORT_FORWARD_PROTOCOL}"),
+            );
+        };
+        let Some(forwarder) = forwarder else {
+            return status(
+                500,
+                "InternalError",
+                "this fake API server has no port_forwarder: its pods run nowhere",
+            );
+        };
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = upgrade.await else { return };
+            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                hyper_util::rt::TokioIo::new(upgraded),
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            let connect = tokio::task::spawn_blocking(move || (forwarder.0)(&pod, port));
+            let conn = match connect.await {
+                Ok(Ok(c)) => c
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::TcpStream::from_std(c)),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(std::io::Error::other(e)),
+            };
+            forward_port(ws, port, conn).await;
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(http::header::CONNECTION, "Upgrade")
+            .header(http::header::UPGRADE, "websocket")
+            .header(
+                http::header::SEC_WEBSOCKET_ACCEPT,
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()),
+            )
+            .header(http::header::SEC_WEBSOCKET_PROTOCOL, PORT_FORWARD_PROTOCOL)
+            .body(full(Vec::new()))
+            .unwrap_or_else(|_| Response::new(full(Vec::new())))
+    }
+
+    /// A client of this fake over HTTP ([`FakeApi::serve_http`] on a loopback port of its
+    /// own) as `user` ([`rbac::ADMIN`]: a cluster admin); the client kube-rs makes from a
+    /// kubeconfig, so port-forwards work. Needs a Tokio runtime.
+    pub async fn http_client(&self, user: &str) -> std::io::Result<kube::Client> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let server = format!("http://{}", listener.local_addr()?);
+        let token = format!("token-of-{user}");
+        // The server ends with the runtime.
+        drop(self.serve_http(listener, BTreeMap::from([(token.clone(), user.to_owned())])));
+        let kc = kube::config::Kubeconfig::from_yaml(&kubeconfig(&server, &token, "default"))
+            .map_err(std::io::Error::other)?;
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .map_err(std::io::Error::other)?;
+        kube::Client::try_from(config).map_err(std::io::Error::other)
+    }
+
+    /// Pods whose ports answer from [`State::raw`]: a port-forward's GET of `path` on port
+    /// `port` of pod `ns/name` gets what is stored at
+    /// `/api/v1/namespaces/{ns}/pods/{name}:{port}/proxy{path}` (the path with its query; 404
+    /// without), as the pod's proxy path would; a port with nothing stored refuses the
+    /// connection. Needs a Tokio runtime.
+    pub fn forward_to_raw(&self) {
+        let fake = self.clone();
+        let rt = tokio::runtime::Handle::current();
+        let forward = move |pod: &Value, port: u16| -> std::io::Result<std::net::TcpStream> {
+            let m = |k: &str| pod["metadata"][k].as_str().unwrap_or("").to_owned();
+            let base = format!(
+                "/api/v1/namespaces/{}/pods/{}:{port}/proxy",
+                m("namespace"),
+                m("name")
+            );
+            let prefix = format!("{base}/");
+            if !fake.state().raw.keys().any(|k| k.starts_with(&prefix)) {
+                return Err(std::io::ErrorKind::ConnectionRefused.into());
+            }
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.set_nonblocking(true)?;
+            let addr = listener.local_addr()?;
+            let fake = fake.clone();
+            rt.spawn(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                    let body = fake.state().raw.get(&format!("{base}{path}")).cloned();
+                    let resp = match body {
+                        Some(b) => Response::new(full(b.into_bytes())),
+                        None => status(404, "NotFound", &format!("{path} not found")),
+                    };
+                    async move { Ok::<_, std::convert::Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+            std::net::TcpStream::connect(addr)
+        };
+        self.state().port_forwarder = Some(PortForwarder(Arc::new(forward)));
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -470,6 +741,9 @@ impl FakeApi {
             },
             "POST" if path.ends_with("/selfsubjectaccessreviews") => s.review(body),
             "POST" if path == "/apis/authentication.k8s.io/v1/tokenreviews" => s.token_review(body),
+            "POST" if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" => {
+                s.subject_review(body)
+            }
             "POST" => s.create(&path, body, &query),
             "PUT" => s.replace(&path, body, &query),
             _ => status(405, "MethodNotAllowed", &format!("{method} {path}")),
@@ -1050,14 +1324,12 @@ impl State {
         if rbac::allowed_to_everyone(a) {
             return true;
         }
-        let Some((ns, name)) = user
-            .strip_prefix("system:serviceaccount:")
-            .and_then(|r| r.split_once(':'))
-        else {
-            return false;
-        };
+        let subject = rbac::Subject::of_user(user);
+        if subject.groups.iter().any(|g| g == rbac::MASTERS) {
+            return true;
+        }
         let objects: Vec<&Value> = self.objects.values().collect();
-        rbac::grants(&objects, ns, name).iter().any(|g| g.allows(a))
+        rbac::grants(&objects, &subject).iter().any(|g| g.allows(a))
     }
 
     /// A token for the service account of pod `ns/name`, bound to the pod as it is now (its
@@ -1094,6 +1366,48 @@ impl State {
     /// authenticated only for a known token, not expired, whose pod (if bound to one) still
     /// exists with the UID the token names, bound to one of the audiences asked for; a
     /// pod-bound token's user carries the pod's name and UID, as the API server's does.
+    /// The token `token` is, if it is valid for one of `asked`, and the audiences it is valid
+    /// for; else the error the API server's service account authenticator gives (claims.go).
+    fn authenticate(&self, token: &str, asked: &[String]) -> Result<(&Token, Vec<String>), String> {
+        // The UID of the pod now at a bound token's pod's name (`None`: no such pod).
+        let uid_now = |p: &BoundPod| {
+            let path = format!("/api/v1/namespaces/{}/pods/{}", p.namespace, p.name);
+            self.objects.get(&path).map(|pod| uid_of(pod).unwrap_or(""))
+        };
+        let t = self
+            .tokens
+            .get(token)
+            .ok_or_else(|| "invalid bearer token".to_owned())?;
+        if t.expires.is_some_and(|e| e <= std::time::SystemTime::now()) {
+            return Err("invalid bearer token, token has expired".into());
+        }
+        if let Some(pod) = &t.pod {
+            match uid_now(pod) {
+                None => {
+                    return Err(
+                        "invalid bearer token, service account token has been invalidated".into(),
+                    );
+                }
+                Some(now) if pod.uid.is_empty() || now != pod.uid => {
+                    return Err(format!(
+                        "invalid bearer token, pod UID ({now}) does not match service account pod ref claim ({})",
+                        pod.uid
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let audiences: Vec<String> = asked
+            .iter()
+            .filter(|a| t.audiences.contains(a))
+            .cloned()
+            .collect();
+        if audiences.is_empty() {
+            return Err("token audiences do not match".into());
+        }
+        Ok((t, audiences))
+    }
+
     fn token_review(&mut self, mut body: Value) -> Resp {
         let token = body
             .pointer("/spec/token")
@@ -1109,47 +1423,78 @@ impl State {
                     .collect()
             })
             .unwrap_or_default();
-        // The UID of the pod now at a bound token's pod's name (`None`: no such pod).
-        let uid_now = |p: &BoundPod| {
-            let path = format!("/api/v1/namespaces/{}/pods/{}", p.namespace, p.name);
-            self.objects.get(&path).map(|pod| uid_of(pod).unwrap_or(""))
+        // Without audiences, the API server's own.
+        let asked = if asked.is_empty() {
+            vec![API_AUDIENCE.to_owned()]
+        } else {
+            asked
         };
-        // What the API server's service account authenticator says (claims.go).
-        body["status"] = match self.tokens.get(token) {
-            Some(t) if t.expires.is_some_and(|e| e <= std::time::SystemTime::now()) => {
-                json!({"authenticated": false, "error": "invalid bearer token, token has expired"})
-            }
-            Some(Token { pod: Some(pod), .. }) if uid_now(pod).is_none() => json!({
-                "authenticated": false,
-                "error": "invalid bearer token, service account token has been invalidated"
-            }),
-            Some(Token { pod: Some(pod), .. })
-                if pod.uid.is_empty() || uid_now(pod) != Some(pod.uid.as_str()) =>
-            {
-                json!({
-                    "authenticated": false,
-                    "error": format!(
-                        "invalid bearer token, pod UID ({}) does not match service account pod ref claim ({})",
-                        uid_now(pod).unwrap_or_default(),
-                        pod.uid
-                    )
-                })
-            }
-            Some(t) => {
-                let audiences: Vec<&String> =
-                    asked.iter().filter(|a| t.audiences.contains(a)).collect();
-                let mut user = json!({"username": t.user});
+        body["status"] = match self.authenticate(token, &asked) {
+            Ok((t, audiences)) => {
+                let mut user = json!({"username": t.user,
+                    "groups": rbac::Subject::of_user(&t.user).groups});
                 if let Some(p) = &t.pod {
                     user["extra"] = json!({"authentication.kubernetes.io/pod-name": [p.name],
                         "authentication.kubernetes.io/pod-uid": [p.uid]});
                 }
-                if audiences.is_empty() {
-                    json!({"authenticated": false, "error": "token audiences do not match"})
-                } else {
-                    json!({"authenticated": true, "user": user, "audiences": audiences})
-                }
+                json!({"authenticated": true, "user": user, "audiences": audiences})
             }
-            None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            Err(e) => json!({"authenticated": false, "error": e}),
+        };
+        respond(StatusCode::CREATED, &body)
+    }
+
+    /// A SubjectAccessReview: what RBAC decides for the user and groups of its spec, in the
+    /// authorizer's words when it allows (on a denial RBAC gives no reason).
+    fn subject_review(&mut self, mut body: Value) -> Resp {
+        let spec = &body["spec"];
+        let subject = rbac::Subject {
+            user: spec["user"].as_str().unwrap_or("").to_owned(),
+            groups: spec["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+        };
+        if subject.user.is_empty() && subject.groups.is_empty() {
+            return status(
+                422,
+                "Invalid",
+                "SubjectAccessReview.authorization.k8s.io \"\" is invalid: spec.user: Invalid value: \"\": at least one of user or group must be specified",
+            );
+        }
+        let Some(attrs) = spec.get("resourceAttributes").filter(|a| a.is_object()) else {
+            return status(
+                422,
+                "Invalid",
+                "the fake API server reviews spec.resourceAttributes only",
+            );
+        };
+        let f = |k: &str| attrs[k].as_str().unwrap_or("").to_owned();
+        let sub = f("subresource");
+        let a = rbac::Attributes {
+            verb: f("verb"),
+            group: f("group"),
+            resource: match sub.is_empty() {
+                true => f("resource"),
+                false => format!("{}/{sub}", f("resource")),
+            },
+            namespace: f("namespace"),
+            name: f("name"),
+        };
+        let objects: Vec<&Value> = self.objects.values().collect();
+        let by = rbac::grants(&objects, &subject)
+            .into_iter()
+            .find(|g| g.allows(&a));
+        body["status"] = match by {
+            // The privileged group is allowed before RBAC is asked.
+            _ if subject.groups.iter().any(|g| g == rbac::MASTERS) => json!({"allowed": true}),
+            Some(g) => {
+                json!({"allowed": true, "reason": format!("RBAC: allowed by {}", g.granted_by)})
+            }
+            None => json!({"allowed": false}),
         };
         respond(StatusCode::CREATED, &body)
     }

@@ -253,3 +253,90 @@ async fn objects_get_uids_as_the_server_gives_them() {
         .expect("created again");
     assert_ne!(uid(&again), first);
 }
+
+#[tokio::test]
+async fn reviews_name_a_tokens_groups_and_rbac_decides_a_subjects_access() {
+    use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    };
+    let (admin, fake) = FakeApi::start();
+    fake.state()
+        .tokens
+        .insert("t".into(), Token::new("ops", "tool", API_AUDIENCE));
+    fake.insert(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "read"},
+        "rules": [{"apiGroups": ["mesh.dev"], "resources": ["debug"], "verbs": ["get"]}]}),
+    );
+    fake.insert(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "read", "namespace": "mesh-system"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "read"},
+        "subjects": [{"kind": "Group", "name": "system:serviceaccounts:ops"}]}),
+    );
+    // A token of the API server's audience, reviewed without audiences.
+    let tr = TokenReview {
+        spec: TokenReviewSpec {
+            token: Some("t".into()),
+            audiences: None,
+        },
+        ..Default::default()
+    };
+    let got = Api::<TokenReview>::all(admin.clone())
+        .create(&PostParams::default(), &tr)
+        .await
+        .expect("token review");
+    let user = got.status.and_then(|s| s.user).expect("authenticated");
+    assert_eq!(
+        user.username.as_deref(),
+        Some("system:serviceaccount:ops:tool")
+    );
+    let groups = user.groups.unwrap_or_default();
+    assert!(
+        groups.contains(&"system:serviceaccounts:ops".to_owned()),
+        "{groups:?}"
+    );
+    let review = |groups: Vec<String>, namespace: &str| SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some("system:serviceaccount:ops:tool".into()),
+            groups: Some(groups),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some("mesh.dev".into()),
+                resource: Some("debug".into()),
+                verb: Some("get".into()),
+                namespace: Some(namespace.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let sars = Api::<SubjectAccessReview>::all(admin);
+    let decide = |r: SubjectAccessReview| {
+        let sars = sars.clone();
+        async move {
+            sars.create(&PostParams::default(), &r)
+                .await
+                .expect("review")
+                .status
+                .expect("status")
+        }
+    };
+    let allowed = decide(review(groups.clone(), "mesh-system")).await;
+    assert!(allowed.allowed, "{allowed:?}");
+    assert_eq!(
+        allowed.reason.as_deref(),
+        Some(
+            "RBAC: allowed by RoleBinding \"read/mesh-system\" of ClusterRole \"read\" to Group \"system:serviceaccounts:ops\""
+        )
+    );
+    assert!(
+        !decide(review(groups, "shop")).await.allowed,
+        "bound in mesh-system only"
+    );
+    assert!(
+        !decide(review(Vec::new(), "mesh-system")).await.allowed,
+        "without the group"
+    );
+}

@@ -1,5 +1,5 @@
-//! The fake API server's authorizer: what kube-apiserver's RBAC authorizer decides for a
-//! service account, from the Roles, ClusterRoles and bindings stored in the fake. A request's
+//! The fake API server's authorizer: what kube-apiserver's RBAC authorizer decides for a user
+//! and its groups, from the Roles, ClusterRoles and bindings stored in the fake. A request's
 //! attributes (verb, API group, resource and subresource, namespace, name) are read from its
 //! method and path as the server's request-info resolver reads them.
 
@@ -92,6 +92,9 @@ impl Attributes {
 pub struct Grant {
     /// `None`: every namespace and the cluster scope.
     pub namespace: Option<String>,
+    /// The binding, role and subject, in the RBAC authorizer's words: `RoleBinding
+    /// "name/namespace" of ClusterRole "role" to User "alice"`.
+    pub granted_by: String,
     /// `ClusterRole/name` or `Role/namespace/name`, and the rule's index in it.
     pub role: String,
     pub index: usize,
@@ -120,8 +123,73 @@ impl Grant {
     }
 }
 
-/// The rules granted to service account `namespace/name` by the bindings among `objects`.
-pub fn grants(objects: &[&Value], namespace: &str, name: &str) -> Vec<Grant> {
+/// The group RBAC does not restrict (the API server's superusers).
+pub const MASTERS: &str = "system:masters";
+/// A cluster admin's user name, as kubeadm's `admin.conf` names it; in [`MASTERS`] here.
+pub const ADMIN: &str = "kubernetes-admin";
+
+/// Who a request is made as: a user name and the groups its authenticator put it in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subject {
+    pub user: String,
+    pub groups: Vec<String>,
+}
+
+impl Subject {
+    /// Service account `namespace/name`, in the groups the API server puts each one in.
+    pub fn service_account(namespace: &str, name: &str) -> Self {
+        Self {
+            user: format!("system:serviceaccount:{namespace}:{name}"),
+            groups: vec![
+                "system:serviceaccounts".into(),
+                format!("system:serviceaccounts:{namespace}"),
+                "system:authenticated".into(),
+            ],
+        }
+    }
+
+    /// An authenticated user by name: a service account's groups for
+    /// `system:serviceaccount:NS:NAME`, [`MASTERS`] for [`ADMIN`], `system:authenticated` for
+    /// anyone.
+    pub fn of_user(user: &str) -> Self {
+        if user == ADMIN {
+            return Self {
+                user: user.into(),
+                groups: vec![MASTERS.into(), "system:authenticated".into()],
+            };
+        }
+        match user
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'))
+        {
+            Some((ns, name)) => Self::service_account(ns, name),
+            None => Self {
+                user: user.into(),
+                groups: vec!["system:authenticated".into()],
+            },
+        }
+    }
+
+    /// Whether a binding's subject (`kind`, `name`, `namespace`) is this one.
+    fn is(&self, s: &Value) -> bool {
+        let name = s["name"].as_str().unwrap_or("");
+        match s["kind"].as_str().unwrap_or("") {
+            "ServiceAccount" => {
+                self.user
+                    == format!(
+                        "system:serviceaccount:{}:{name}",
+                        s["namespace"].as_str().unwrap_or("")
+                    )
+            }
+            "User" => self.user == name,
+            "Group" => self.groups.iter().any(|g| g == name),
+            _ => false,
+        }
+    }
+}
+
+/// The rules granted to `subject` by the bindings among `objects`.
+pub fn grants(objects: &[&Value], subject: &Subject) -> Vec<Grant> {
     fn of_kind<'a>(objects: &'a [&'a Value], k: &'static str) -> impl Iterator<Item = &'a Value> {
         objects.iter().copied().filter(move |o| o["kind"] == k)
     }
@@ -129,13 +197,25 @@ pub fn grants(objects: &[&Value], namespace: &str, name: &str) -> Vec<Grant> {
     let mut out = Vec::new();
     for kind in ["ClusterRoleBinding", "RoleBinding"] {
         for b in of_kind(objects, kind) {
-            let bound = b["subjects"].as_array().into_iter().flatten().any(|s| {
-                s["kind"] == "ServiceAccount" && s["name"] == name && s["namespace"] == namespace
-            });
-            if !bound {
-                continue;
-            }
             let binding_ns = meta(b, "namespace");
+            let Some(to) = b["subjects"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|s| subject.is(s))
+            else {
+                continue;
+            };
+            let str_of = |k: &str| to[k].as_str().unwrap_or("").to_owned();
+            let to = match str_of("kind").as_str() {
+                "ServiceAccount" => {
+                    let ns = Some(str_of("namespace"))
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| binding_ns.clone());
+                    format!("ServiceAccount {:?}", format!("{}/{ns}", str_of("name")))
+                }
+                kind => format!("{kind} {:?}", str_of("name")),
+            };
             let role_kind = b["roleRef"]["kind"].as_str().unwrap_or("");
             let role_name = b["roleRef"]["name"].as_str().unwrap_or("");
             let role = ["ClusterRole", "Role"]
@@ -147,6 +227,11 @@ pub fn grants(objects: &[&Value], namespace: &str, name: &str) -> Vec<Grant> {
                         && (role_kind == "ClusterRole" || meta(r, "namespace") == binding_ns)
                 });
             let Some(role) = role else { continue };
+            let binding = match kind {
+                "RoleBinding" => format!("{}/{binding_ns}", meta(b, "name")),
+                _ => meta(b, "name"),
+            };
+            let granted_by = format!("{kind} {binding:?} of {role_kind} {role_name:?} to {to}");
             let id = match role_kind {
                 "Role" => format!("Role/{binding_ns}/{role_name}"),
                 _ => format!("ClusterRole/{role_name}"),
@@ -154,6 +239,7 @@ pub fn grants(objects: &[&Value], namespace: &str, name: &str) -> Vec<Grant> {
             for (index, rule) in role["rules"].as_array().into_iter().flatten().enumerate() {
                 out.push(Grant {
                     namespace: (kind == "RoleBinding").then(|| binding_ns.clone()),
+                    granted_by: granted_by.clone(),
                     role: id.clone(),
                     index,
                     rule: rule.clone(),
@@ -215,7 +301,7 @@ mod tests {
         let binding = json!({"kind": "RoleBinding", "metadata": {"name": "r", "namespace": "a"},
             "roleRef": {"kind": "Role", "name": "r"},
             "subjects": [{"kind": "ServiceAccount", "name": "me", "namespace": "a"}]});
-        let g = grants(&[&role, &binding], "a", "me");
+        let g = grants(&[&role, &binding], &Subject::service_account("a", "me"));
         assert_eq!(g.len(), 1);
         let get = |ns: &str, name: &str| Attributes {
             verb: "get".into(),
@@ -227,10 +313,41 @@ mod tests {
         assert!(g[0].allows(&get("a", "x")));
         assert!(!g[0].allows(&get("a", "y")), "another name");
         assert!(!g[0].allows(&get("b", "x")), "another namespace");
-        assert!(grants(&[&role, &binding], "a", "you").is_empty());
+        assert!(grants(&[&role, &binding], &Subject::service_account("a", "you")).is_empty());
+        assert_eq!(
+            g[0].granted_by,
+            "RoleBinding \"r/a\" of Role \"r\" to ServiceAccount \"me/a\""
+        );
         assert_eq!(
             get("a", "y").forbidden("system:serviceaccount:a:me"),
             "configmaps \"y\" is forbidden: User \"system:serviceaccount:a:me\" cannot get resource \"configmaps\" in API group \"\" in the namespace \"a\""
+        );
+    }
+
+    #[test]
+    fn users_and_groups_are_bound_by_name() {
+        let role = json!({"kind": "ClusterRole", "metadata": {"name": "read"},
+            "rules": [{"apiGroups": ["mesh.dev"], "resources": ["debug"], "verbs": ["get"]}]});
+        let binding = json!({"kind": "ClusterRoleBinding", "metadata": {"name": "read"},
+            "roleRef": {"kind": "ClusterRole", "name": "read"},
+            "subjects": [{"kind": "User", "name": "alice"}, {"kind": "Group", "name": "sre"},
+                         {"kind": "Group", "name": "system:serviceaccounts:ops"}]});
+        let objects = [&role, &binding];
+        let bound = |s: Subject| !grants(&objects, &s).is_empty();
+        assert!(bound(Subject::of_user("alice")));
+        assert!(!bound(Subject::of_user("bob")));
+        assert!(bound(Subject {
+            user: "bob".into(),
+            groups: vec!["sre".into()]
+        }));
+        assert!(
+            bound(Subject::of_user("system:serviceaccount:ops:tool")),
+            "a service account is in its namespace's group"
+        );
+        assert!(!bound(Subject::service_account("web", "tool")));
+        assert_eq!(
+            grants(&objects, &Subject::of_user("alice"))[0].granted_by,
+            "ClusterRoleBinding \"read\" of ClusterRole \"read\" to User \"alice\""
         );
     }
 }
