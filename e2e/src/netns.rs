@@ -386,6 +386,22 @@ impl NetnsCluster {
         self.api_server = self
             .api
             .serve_http(tokio::net::TcpListener::from_std(listener)?, users);
+        // A port-forward reaches the pod's loopback, as the kubelet's does.
+        let prefix = self.netns_prefix();
+        self.api.state().port_forwarder = Some(mesh_api::fake_api::PortForwarder(
+            std::sync::Arc::new(move |pod: &Value, port: u16| {
+                let ip: Ipv4Addr = pod
+                    .pointer("/status/podIP")
+                    .and_then(Value::as_str)
+                    .and_then(|ip| ip.parse().ok())
+                    .ok_or_else(|| std::io::Error::other("the pod has no IP"))?;
+                connect_in(
+                    &pod_netns(&prefix, ip),
+                    SocketAddr::from(([127, 0, 0, 1], port)),
+                )
+                .map_err(std::io::Error::other)
+            }),
+        ));
         std::fs::write(
             self.dir.path().join("kubeconfig"),
             mesh_api::fake_api::kubeconfig(
@@ -411,7 +427,7 @@ impl NetnsCluster {
     /// A pod namespace at `ip` on the bridge, with lo up and a default route via the node.
     fn add_netns(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
         let idx = ip.octets()[3] as u32 + 256 * ip.octets()[2] as u32;
-        let netns = format!("{PREFIX}{}-p{idx}", self.id);
+        let netns = pod_netns(&self.netns_prefix(), ip);
         // Interface names have at most 15 characters.
         let host_if = format!("{}h{idx}", self.tag);
         run(&["ip", "netns", "add", &netns])?;
@@ -649,6 +665,14 @@ impl NetnsCluster {
         self.controllers[k].child = Some(child);
         self.wait_ready(&name, &netns, 15014).await?;
         self.write_state()
+    }
+
+    /// Controller replica `k`'s pod address.
+    pub fn replica_ip(&self, k: usize) -> anyhow::Result<Ipv4Addr> {
+        self.controllers
+            .get(k)
+            .map(|r| r.ip)
+            .context("no such controller replica")
     }
 
     /// `GET http://127.0.0.1:<port><path>` in controller replica `k`'s pod.
@@ -1490,23 +1514,48 @@ impl NetnsCluster {
     }
 }
 
-/// A TCP listener bound at `addr` inside network namespace `netns`. The socket is made on a
-/// thread that entered the namespace (`setns`), and stays in it whichever thread uses it.
+/// A TCP listener bound at `addr` inside network namespace `netns` (see [`in_netns`]).
 fn listen_in(netns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
+    in_netns(netns, || {
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding {addr} in {netns}"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })
+}
+
+/// The network namespace of the pod at `ip` in the cluster whose namespaces start with
+/// `prefix` ([`NetnsCluster::netns_prefix`]).
+fn pod_netns(prefix: &str, ip: Ipv4Addr) -> String {
+    let idx = ip.octets()[3] as u32 + 256 * ip.octets()[2] as u32;
+    format!("{prefix}p{idx}")
+}
+
+/// A TCP connection to `addr` made inside network namespace `netns` (see [`in_netns`]).
+fn connect_in(netns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
+    in_netns(netns, || {
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .with_context(|| format!("connecting to {addr} in {netns}"))
+    })
+}
+
+/// What `make` returns, run on a thread that entered network namespace `netns` (`setns`): a
+/// socket it makes stays in that namespace whichever thread uses it.
+fn in_netns<T: Send>(
+    netns: &str,
+    make: impl FnOnce() -> anyhow::Result<T> + Send,
+) -> anyhow::Result<T> {
     let ns = std::fs::File::open(format!("/var/run/netns/{netns}"))
         .with_context(|| format!("network namespace {netns}"))?;
     std::thread::scope(|scope| {
         scope
-            .spawn(|| -> anyhow::Result<std::net::TcpListener> {
+            .spawn(|| -> anyhow::Result<T> {
                 nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                     .with_context(|| format!("entering {netns}"))?;
-                let l = std::net::TcpListener::bind(addr)
-                    .with_context(|| format!("binding {addr} in {netns}"))?;
-                l.set_nonblocking(true)?;
-                Ok(l)
+                make()
             })
             .join()
-            .map_err(|_| anyhow::anyhow!("the thread binding {addr} in {netns} panicked"))?
+            .map_err(|_| anyhow::anyhow!("the thread in {netns} panicked"))?
     })
 }
 

@@ -195,6 +195,10 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
     let identity = controller.identity.clone().context("identity")?;
     mesh_e2e::identity::wait_for_svid(&identity, "the controller").await?;
     let root = std::fs::read_to_string(ca_dir.path().join("ca.crt"))?;
+    // A caller of its debug API with a token: a TokenReview and a SubjectAccessReview.
+    let reader = reader_token(&fake, "alice", true);
+    let (code, body) = debug_get(controller.admin_addr, "/debug/proxies", Some(&reader)).await?;
+    anyhow::ensure!(code == 200, "a reader's token: {code} {body}");
 
     // Everything the controller does in a cluster: both routes' status, the Lease taken and
     // renewed, the root in each injected namespace, the injector's caBundle, both rollouts
@@ -284,6 +288,178 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
         "rbac: every call allowed, every rule needed: {}",
         counted.join("; ")
     ));
+    Ok(())
+}
+
+/// A token of user `user` (not a service account) for the controller's audience; with
+/// `bound`, a RoleBinding in the control plane's namespace gives it the chart's reader role.
+fn reader_token(fake: &FakeApi, user: &str, bound: bool) -> String {
+    let token = format!("{user}-token");
+    fake.state().tokens.insert(
+        token.clone(),
+        mesh_api::fake_api::Token {
+            user: user.into(),
+            audiences: vec![mesh_api::consts::identity::CONTROLLER_AUDIENCE.into()],
+            ..Default::default()
+        },
+    );
+    if bound {
+        let role = mesh_api::consts::identity::READER_ROLE;
+        fake.insert(json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": format!("{role}-{user}"), "namespace": NS},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}));
+    }
+    token
+}
+
+/// `GET path` of a controller's admin server, with `token` as a bearer token.
+async fn debug_get(
+    admin: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(admin).await?;
+    let (mut tx, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(conn);
+    let mut req = hyper::Request::get(path).header("host", admin.to_string());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = tx
+        .send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new())?)
+        .await?;
+    let code = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The chart's reader role is what it takes to read the mesh: a user bound to it reads the
+/// controller's debug API with a token and runs `meshctl stat`, `authz` and `check` as itself
+/// (a port-forward to the controller's pod); a user without it is refused both ways, in words
+/// that name the role. A caller on the controller's loopback without a token (a port-forward)
+/// is let in; a made-up token is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reader_role_lets_its_users_read_the_mesh_and_no_one_else() -> anyhow::Result<()> {
+    let (admin, fake) = FakeApi::start();
+    install(&admin).await?;
+    workloads(&fake);
+    let dir = tempfile::tempdir()?;
+    let mut config = mesh_controller::config::Config::local(dir.path());
+    config.config_dir = None;
+    let controller =
+        Controller::start_with(config, Some(fake.client_as(NS, "mesh-controller"))).await?;
+    let addr = controller.admin_addr;
+    // The controller's pod, ready, whose port-forward reaches its admin server.
+    fake.insert(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "mesh-controller-0", "namespace": NS,
+            "labels": {"app.kubernetes.io/name": "mesh-controller"}},
+        "status": {"conditions": [{"type": "Ready", "status": "True"}]}}));
+    fake.state().port_forwarder = Some(mesh_api::fake_api::PortForwarder(std::sync::Arc::new(
+        move |_pod, port| match port {
+            mesh_api::consts::ports::CONTROLLER_ADMIN => std::net::TcpStream::connect(addr),
+            _ => Err(std::io::ErrorKind::ConnectionRefused.into()),
+        },
+    )));
+    let alice = reader_token(&fake, "alice", true);
+    let bob = reader_token(&fake, "bob", false);
+    let stat = "/debug/stat?service=shop/reviews";
+    mesh_e2e::eventually(Duration::from_secs(20), "reviews in the model", || async {
+        let (code, _) = debug_get(addr, stat, None).await.ok()?;
+        (code == 200).then_some(())
+    })
+    .await?;
+
+    let (code, body) = debug_get(addr, stat, Some(&alice)).await?;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = debug_get(addr, stat, Some(&bob)).await?;
+    assert_eq!(code, 403, "{body}");
+    assert!(
+        body.contains("\"bob\"") && body.contains("mesh-reader"),
+        "{body}"
+    );
+    let (code, body) = debug_get(addr, "/graph", Some("made-up")).await?;
+    assert_eq!(code, 401, "{body}");
+
+    let as_user = |user: &'static str| {
+        let fake = fake.clone();
+        async move {
+            let client = fake.http_client(user).await?;
+            anyhow::Ok(meshctl::cluster::Cluster::new(client).with_poll(Duration::from_millis(10)))
+        }
+    };
+    let alice = as_user("alice").await?;
+    let ctl = meshctl::cmd::status::cluster_controller(&alice, NS).await?;
+    let stat = meshctl::cmd::stat::fetch_stat(&ctl, "shop", "reviews").await?;
+    assert_eq!(stat["service"], "shop/reviews", "{stat}");
+    let authz =
+        meshctl::cmd::stat::fetch_service(&ctl, "/debug/authz", "policies", "shop", "reviews")
+            .await?;
+    assert!(authz.is_object(), "{authz}");
+    let args = meshctl::cmd::check::CheckArgs {
+        controller: None,
+        ca_admin: None,
+        pre: false,
+        proxy: false,
+        namespace: NS.into(),
+        output: meshctl::cmd::status::Output::Table,
+    };
+    let forbidden: Vec<String> = fake
+        .state()
+        .log
+        .iter()
+        .filter(|l| l.user == "alice" && l.forbidden)
+        .map(|l| format!("{} {}", l.method, l.path))
+        .collect();
+    assert!(forbidden.is_empty(), "{forbidden:?}");
+    // check also reads the install's cluster-wide objects (CRDs, the webhook): an admin's
+    // credentials, and the same port-forward to the controller.
+    let admin_user = as_user(mesh_api::fake_api::rbac::ADMIN).await?;
+    let checks = meshctl::cmd::check::run_cluster_checks(&args, &admin_user).await?;
+    let control_plane: Vec<&str> = checks
+        .iter()
+        .filter(|c| c.category == "control plane")
+        .map(|c| c.message.as_str())
+        .collect();
+    assert!(
+        control_plane.iter().any(|m| m.contains(
+            "controller is ready at pod mesh-system/mesh-controller-0:15014 (port-forward)"
+        )),
+        "{control_plane:?}"
+    );
+
+    let bob = as_user("bob").await?;
+    let e = meshctl::cmd::status::cluster_controller(&bob, NS)
+        .await
+        .expect_err("bob may not list the control plane's pods");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("mesh-reader") && e.contains("-n mesh-system") && e.contains("pods"),
+        "{e}"
+    );
+    // Bob may list pods there, but not port-forward.
+    fake.insert(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "pods", "namespace": NS},
+        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]}),
+    );
+    fake.insert(
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "bob-pods", "namespace": NS},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pods"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"}]}),
+    );
+    let ctl = meshctl::cmd::status::cluster_controller(&bob, NS).await?;
+    let e = meshctl::cmd::stat::fetch_stat(&ctl, "shop", "reviews")
+        .await
+        .expect_err("bob may not port-forward");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("pods/portforward") && e.contains("mesh-reader"),
+        "{e}"
+    );
     Ok(())
 }
 

@@ -1124,6 +1124,107 @@ async fn a_proxys_admin_answers_only_inside_its_pod() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The controller's debug API and graph answer no pod, meshed or not, at the controller's
+/// address (401), while its metrics and probes answer both; through a port-forward, which lands
+/// on the controller pod's loopback, meshctl reads them as a user the chart's reader role is
+/// bound to, and `meshctl check` sees the controller ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_debug_api_answers_no_pod_and_meshctl_reads_it_through_a_port_forward()
+-> anyhow::Result<()> {
+    if !netns::can_run() {
+        return Ok(());
+    }
+    let mut c = NetnsCluster::start().await?;
+    let reviews = reviews(&mut c, 1).await?;
+    c.deploy(&idle("outsider", false)).await?;
+    c.wait_synced().await?;
+    let ctl = c.replica_ip(0)?;
+    let closed = [
+        "/debug/proxies",
+        "/debug/config-errors",
+        "/debug/model",
+        "/debug/config",
+        "/debug/edges",
+        "/debug/top",
+        "/debug/stat?service=shop/reviews",
+        "/debug/authz?service=shop/reviews",
+        "/debug/explain?from=shop/client&url=http://reviews:9080/",
+        "/debug/",
+        "/graph",
+    ];
+    let mut seen = Vec::new();
+    for pod in ["client-0", "outsider-0"] {
+        for path in closed {
+            let code = c.curl_status(Some(("shop", pod)), &format!("http://{ctl}:15014{path}"));
+            assert_eq!(code, 401, "{pod} got {code} from {path}");
+        }
+        for path in ["/metrics", "/ready", "/live"] {
+            let code = c.curl_status(Some(("shop", pod)), &format!("http://{ctl}:15014{path}"));
+            assert_eq!(code, 200, "{pod} got {code} from {path}");
+        }
+        seen.push(pod);
+    }
+    // The client reaches the mesh all along.
+    let body = c.exec_in_pod(
+        "shop",
+        "client-0",
+        &[
+            "curl",
+            "-sf",
+            "--max-time",
+            "3",
+            &format!("http://{reviews}:9080/"),
+        ],
+    )?;
+    assert!(body.starts_with("reviews v"), "{body}");
+
+    // A reader, through a port-forward to the controller's pod.
+    let role = mesh_api::consts::identity::READER_ROLE;
+    c.api.insert(
+        serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding", "metadata": {"name": "reader", "namespace": "mesh-system"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "reader"}]}),
+    );
+    let as_user = |user: &'static str| {
+        let api = c.api.clone();
+        async move { anyhow::Ok(meshctl::cluster::Cluster::new(api.http_client(user).await?)) }
+    };
+    let reader = as_user("reader").await?;
+    let ep = meshctl::cmd::status::cluster_controller(&reader, "mesh-system").await?;
+    let stat = meshctl::cmd::stat::fetch_stat(&ep, "shop", "reviews").await?;
+    assert_eq!(stat["service"], "shop/reviews", "{stat}");
+    let authz =
+        meshctl::cmd::stat::fetch_service(&ep, "/debug/authz", "policies", "shop", "reviews")
+            .await?;
+    assert!(authz["ports"].is_array(), "{authz}");
+    let admin = as_user(mesh_api::fake_api::rbac::ADMIN).await?;
+    let args = meshctl::cmd::check::CheckArgs {
+        controller: None,
+        ca_admin: None,
+        pre: false,
+        proxy: false,
+        namespace: "mesh-system".into(),
+        output: meshctl::cmd::status::Output::Table,
+    };
+    let checks = meshctl::cmd::check::run_cluster_checks(&args, &admin).await?;
+    let ready = checks.iter().any(|k| {
+        k.message.contains(
+            "controller is ready at pod mesh-system/mesh-controller-0:15014 (port-forward)",
+        )
+    });
+    let synced = checks
+        .iter()
+        .filter(|k| k.message.contains("is SYNCED"))
+        .count();
+    assert!(ready && synced >= 2, "{checks:#?}");
+    mesh_e2e::figure(&format!(
+        "controller debug API: {} paths 401 to {seen:?} at {ctl}:15014, /metrics /ready /live 200; through a port-forward: stat, authz as a reader, check as an admin ({synced} proxies SYNCED)",
+        closed.len()
+    ));
+    Ok(())
+}
+
 /// A client whose proxy looks its destinations up on demand (`--scoped`), among 20 Services of
 /// which it has used none: each first request succeeds, and the proxy then holds exactly the
 /// Services used; a route change on one of them reaches it, with a backend it never called

@@ -47,6 +47,16 @@ pub mod identity {
     /// The headless Service that lists every ready controller replica's xDS address: sidecars
     /// resolve it and fail over between the replicas.
     pub const CONTROLLER_XDS_SERVICE: &str = "mesh-controller-xds";
+    /// Who may read the controller's debug API: a user RBAC allows verb [`DEBUG_VERB`] on
+    /// resource [`DEBUG_RESOURCE`] of API group [`DEBUG_GROUP`] in the control plane's
+    /// namespace, as the chart's ClusterRole [`READER_ROLE`] does where it is bound.
+    pub const DEBUG_VERB: &str = "get";
+    pub const DEBUG_GROUP: &str = "mesh.dev";
+    pub const DEBUG_RESOURCE: &str = "debug";
+    pub const READER_ROLE: &str = "mesh-reader";
+    /// The audience a token for the controller's debug API is bound to (`kubectl create token
+    /// SA --audience mesh-controller`), so that it is no key to the API server.
+    pub const CONTROLLER_AUDIENCE: &str = "mesh-controller";
 
     /// Where sidecars reach the controllers' xDS in a control plane in namespace `ns`.
     pub fn xds_addr(ns: &str) -> String {

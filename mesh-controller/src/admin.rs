@@ -15,6 +15,9 @@
 //! | `/debug/authz?service=<ns>/<name>` | the policies in force on each port of a Service |
 //! | `/debug/explain?from=<ns>/<workload>&method=M&url=U&header=name:value...` | what the mesh does with one request |
 //! | `/graph` | the service graph, a live web page |
+//!
+//! `/metrics`, `/ready` and `/live` answer everyone who reaches the port; the rest answer only
+//! whom [`crate::access`] lets in.
 
 use std::sync::Arc;
 
@@ -38,6 +41,7 @@ pub struct AdminState {
     pub errors: ConfigErrors,
     pub config: Arc<Config>,
     pub stats: Arc<Stats>,
+    pub access: crate::access::Access,
 }
 
 #[derive(Serialize)]
@@ -61,6 +65,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/authz", get(authz))
         .route("/debug/explain", get(explain))
         .route("/graph", get(graph))
+        .layer(axum::middleware::from_fn_with_state(
+            state.access.clone(),
+            crate::access::guard,
+        ))
         .with_state(state)
 }
 

@@ -2,6 +2,7 @@
 //! synchronous index; translation turns its model into Envoy v3 resources per proxy; the ADS
 //! server pushes them; the admin server shows who is in sync.
 
+pub mod access;
 pub mod admin;
 pub mod ca_root;
 pub mod config;

@@ -250,12 +250,19 @@ impl Controller {
             tasks.push(tokio::spawn(stats.clone().run(hub.status.clone(), all)));
         }
         let (admin, admin_addr) = bind("admin", config.admin_addr).await?;
+        let access = match &client {
+            Some(c) => crate::access::Access::kubernetes(c.clone(), &config.namespace),
+            None => crate::access::Access::Loopback,
+        };
+        info!(%admin_addr, served_to = %access.describe(), "debug API and graph");
         let app = router(AdminState {
             hub: hub.clone(),
             errors: errors.clone(),
             config: Arc::new(config),
             stats,
-        });
+            access,
+        })
+        .into_make_service_with_connect_info::<SocketAddr>();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = axum::serve(admin, app).await {
                 warn!(error = %e, "admin server stopped");

@@ -173,7 +173,9 @@ impl Cluster {
     }
 
     /// A GET of `path` on port `port` of pod `ns/name` through a port-forward, which reaches
-    /// ports bound to the pod's loopback (the proxy's admin server).
+    /// ports bound to the pod's loopback (the proxy's admin server, the controller's debug
+    /// API). A refused port-forward says what the user lacks; a port the pod does not serve,
+    /// the API server's words.
     pub async fn port_forward_get(
         &self,
         ns: &str,
@@ -182,29 +184,59 @@ impl Cluster {
         path: &str,
     ) -> anyhow::Result<String> {
         use http_body_util::BodyExt;
+        let what = format!("port-forward to pod {ns}/{name} port {port}");
         let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), ns);
-        let mut forward = pods
-            .portforward(name, &[port])
-            .await
-            .with_context(|| format!("port-forward to pod {ns}/{name} port {port}"))?;
-        let stream = forward.take_stream(port).with_context(|| {
-            format!("port-forward to pod {ns}/{name}: no stream for port {port}")
-        })?;
-        let (mut tx, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header(http::header::HOST, "localhost")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-        let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
-            .await
-            .with_context(|| format!("pod {ns}/{name}:{port}{path}: no answer in 10 s"))??;
-        let status = resp.status();
-        let body = resp.into_body().collect().await?.to_bytes();
+        let mut forward = match pods.portforward(name, &[port]).await {
+            Ok(f) => f,
+            Err(kube::Error::UpgradeConnection(
+                kube::client::UpgradeConnectionError::ProtocolSwitch(code),
+            )) if code == http::StatusCode::FORBIDDEN => {
+                return Err(PortForwardForbidden {
+                    namespace: ns.to_owned(),
+                    pod: name.to_owned(),
+                }
+                .into());
+            }
+            Err(e) => return Err(e).context(what),
+        };
+        let stream = forward
+            .take_stream(port)
+            .with_context(|| format!("{what}: no stream for the port"))?;
+        // The API server reports a port it could not connect to on the port's error channel.
+        let refused = forward.take_error(port);
+        let refused = async move {
+            match refused {
+                Some(e) => match e.await {
+                    Some(e) => e,
+                    None => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        let get = async {
+            let (mut tx, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            let req = http::Request::get(path)
+                .header(http::header::HOST, "localhost")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            let resp = tx.send_request(req).await?;
+            let status = resp.status();
+            let body = resp.into_body().collect().await?.to_bytes();
+            anyhow::Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        };
+        let (status, body) = tokio::select! {
+            // A refusal and the connection's end come together: the refusal says more.
+            biased;
+            e = refused => bail!("{what}: {e}"),
+            r = tokio::time::timeout(Duration::from_secs(10), get) => r
+                .with_context(|| format!("pod {ns}/{name}:{port}{path}: no answer in 10 s"))?
+                .with_context(|| format!("pod {ns}/{name}:{port}{path}"))?,
+        };
         if !status.is_success() {
-            bail!("pod {ns}/{name}:{port}{path}: {status}");
+            bail!("pod {ns}/{name}:{port}{path}: {status}: {}", body.trim());
         }
-        Ok(String::from_utf8_lossy(&body).into_owned())
+        Ok(body)
     }
 
     /// Every object of a kind in every namespace, filtered by a label selector.
@@ -214,10 +246,25 @@ impl Cluster {
         kind: &str,
         label_selector: &str,
     ) -> anyhow::Result<Vec<Value>> {
+        self.list_in(None, api_version, kind, label_selector).await
+    }
+
+    /// Every object of a kind in namespace `ns` (`None`: in every namespace), filtered by a
+    /// label selector.
+    pub async fn list_in(
+        &self,
+        ns: Option<&str>,
+        api_version: &str,
+        kind: &str,
+        label_selector: &str,
+    ) -> anyhow::Result<Vec<Value>> {
         let Some((ar, _)) = api_resource(api_version, kind) else {
             bail!("meshctl does not handle {api_version} {kind}");
         };
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+        let api: Api<DynamicObject> = match ns {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+            None => Api::all_with(self.client.clone(), &ar),
+        };
         let list = api
             .list(&kube::api::ListParams::default().labels(label_selector))
             .await
@@ -329,6 +376,45 @@ pub fn crd_established(crd: &Value) -> (bool, String) {
         "waiting to be established"
     };
     (established, status.to_owned())
+}
+
+/// The API server refused a port-forward (403).
+#[derive(Debug)]
+pub struct PortForwardForbidden {
+    pub namespace: String,
+    pub pod: String,
+}
+
+impl std::fmt::Display for PortForwardForbidden {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "port-forward to pod {}/{}: forbidden: you may not port-forward to pods in namespace {} (pods/portforward)",
+            self.namespace, self.pod, self.namespace
+        )
+    }
+}
+
+impl std::error::Error for PortForwardForbidden {}
+
+/// Whether the API server refused a request for want of a grant (403).
+pub fn is_forbidden(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.is::<PortForwardForbidden>()
+            || matches!(
+                c.downcast_ref::<kube::Error>(),
+                Some(kube::Error::Api(s)) if s.code == 403
+            )
+    })
+}
+
+/// How a user gets to read the mesh, for a refusal in namespace `ns` (the control plane's).
+pub fn reader_hint(ns: &str) -> String {
+    let role = mesh_api::consts::identity::READER_ROLE;
+    format!(
+        "reading the mesh needs the ClusterRole {role} bound to you in namespace {ns} \
+         (kubectl create rolebinding {role}-<you> --clusterrole {role} --user <you> -n {ns})"
+    )
 }
 
 /// Whether every webhook of a webhook configuration has a caBundle (the controller sets it to

@@ -54,8 +54,9 @@ impl CheckArgs {
     }
 }
 
-/// Where check reads a component's admin endpoints: directly, or through the API server's
-/// pod proxy.
+/// Where check reads a component's admin endpoints: directly, through the API server's pod
+/// proxy, or through a port-forward to the pod (which arrives on the pod's loopback: the
+/// controller's debug API answers callers from outside the pod only with a token).
 #[derive(Clone, Debug)]
 pub enum Endpoint {
     Direct(SocketAddr),
@@ -64,6 +65,12 @@ pub enum Endpoint {
         base: String,
         what: String,
     },
+    Forward {
+        cluster: crate::cluster::Cluster,
+        namespace: String,
+        name: String,
+        port: u16,
+    },
 }
 
 impl std::fmt::Display for Endpoint {
@@ -71,6 +78,12 @@ impl std::fmt::Display for Endpoint {
         match self {
             Self::Direct(a) => write!(f, "{a}"),
             Self::Pod { what, .. } => f.write_str(what),
+            Self::Forward {
+                namespace,
+                name,
+                port,
+                ..
+            } => write!(f, "pod {namespace}/{name}:{port} (port-forward)"),
         }
     }
 }
@@ -85,17 +98,41 @@ impl Endpoint {
         }
     }
 
+    /// Port `port` on the loopback of pod `ns/name`, through a port-forward.
+    pub fn forward(cluster: &crate::cluster::Cluster, ns: &str, name: &str, port: u16) -> Self {
+        Self::Forward {
+            cluster: cluster.clone(),
+            namespace: ns.to_owned(),
+            name: name.to_owned(),
+            port,
+        }
+    }
+
     pub async fn text(&self, path: &str) -> anyhow::Result<String> {
         match self {
             Self::Direct(a) => super::status::get_text(*a, path).await,
             Self::Pod { cluster, base, .. } => cluster.get_text(&format!("{base}{path}")).await,
+            // Only the control plane is reached this way: a refusal says how to be let in.
+            Self::Forward {
+                cluster,
+                namespace,
+                name,
+                port,
+            } => match cluster.port_forward_get(namespace, name, *port, path).await {
+                Err(e) if crate::cluster::is_forbidden(&e) => {
+                    Err(e.context(crate::cluster::reader_hint(namespace)))
+                }
+                r => r,
+            },
         }
     }
 
     pub async fn json(&self, path: &str) -> anyhow::Result<Value> {
         match self {
             Self::Direct(a) => get_json(*a, path).await,
-            Self::Pod { .. } => Ok(serde_json::from_str(&self.text(path).await?)?),
+            Self::Pod { .. } | Self::Forward { .. } => {
+                Ok(serde_json::from_str(&self.text(path).await?)?)
+            }
         }
     }
 }

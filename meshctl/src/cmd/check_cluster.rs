@@ -216,11 +216,15 @@ pub(crate) async fn pod_of(
     name: &str,
 ) -> anyhow::Result<Option<String>> {
     let pods = cluster
-        .list("v1", "Pod", &format!("app.kubernetes.io/name={name}"))
+        .list_in(
+            Some(ns),
+            "v1",
+            "Pod",
+            &format!("app.kubernetes.io/name={name}"),
+        )
         .await?;
     Ok(pods
         .iter()
-        .filter(|p| p.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns))
         .find(|p| pod_ready(p))
         .and_then(|p| p.pointer("/metadata/name").and_then(Value::as_str))
         .map(str::to_owned))
@@ -328,7 +332,7 @@ pub(crate) async fn installed(cluster: &Cluster, ns: &str, c: &mut Checks) -> an
     )
     .await?;
     if let Some(pod) = &controller {
-        let ep = Endpoint::pod(cluster, ns, pod, mesh_api::consts::ports::CONTROLLER_ADMIN);
+        let ep = Endpoint::forward(cluster, ns, pod, mesh_api::consts::ports::CONTROLLER_ADMIN);
         control_plane(&ep, c).await;
     }
     let ca_pod = pod_of(cluster, ns, mesh_api::consts::identity::CA_SERVICE_ACCOUNT).await?;
@@ -563,8 +567,15 @@ mod tests {
     use super::super::check::Status;
     use super::*;
 
-    fn fake_cluster() -> (Cluster, FakeApi) {
-        let (client, fake) = FakeApi::start();
+    /// A fake API server reached over HTTP as a cluster admin (so port-forwards work), whose
+    /// pods' ports answer from its raw paths.
+    async fn fake_cluster() -> (Cluster, FakeApi) {
+        let (_, fake) = FakeApi::start();
+        let client = fake
+            .http_client(mesh_api::fake_api::rbac::ADMIN)
+            .await
+            .expect("client");
+        fake.forward_to_raw();
         (
             Cluster::new(client).with_poll(Duration::from_millis(10)),
             fake,
@@ -588,7 +599,7 @@ mod tests {
 
     #[tokio::test]
     async fn pre_reports_a_denied_permission_with_its_hint() {
-        let (cluster, fake) = fake_cluster();
+        let (cluster, fake) = fake_cluster().await;
         fake.state().denied.push((
             "create".into(),
             "admissionregistration.k8s.io".into(),
@@ -628,7 +639,9 @@ mod tests {
 
     #[tokio::test]
     async fn pre_refuses_a_cluster_without_native_sidecars() {
-        let (cluster, fake) = fake_cluster();
+        // In process: kube-rs's HTTP client retries 503s with backoff, for minutes.
+        let (client, fake) = FakeApi::start();
+        let cluster = Cluster::new(client).with_poll(Duration::from_millis(10));
         let old = json!({"major": "1", "minor": "27+", "gitVersion": "v1.27.3", "gitCommit": "0",
             "gitTreeState": "clean", "buildDate": "2023-01-01T00:00:00Z", "goVersion": "go1.20",
             "compiler": "gc", "platform": "linux/amd64"});
@@ -716,7 +729,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_installed_mesh_checks_clean_and_a_missing_ca_bundle_fails() {
-        let (cluster, fake) = fake_cluster();
+        let (cluster, fake) = fake_cluster().await;
         installed_mesh(&fake, &cluster).await;
         let c = check_installed(&cluster).await;
         let fails: Vec<_> = c.0.iter().filter(|x| x.status != Status::Ok).collect();
@@ -752,7 +765,7 @@ mod tests {
     /// which field of which object, from kubectl's last-applied annotation.
     #[tokio::test]
     async fn a_field_the_api_server_dropped_from_an_applied_route_is_named() {
-        let (cluster, fake) = fake_cluster();
+        let (cluster, fake) = fake_cluster().await;
         installed_mesh(&fake, &cluster).await;
         let applied = json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
             "metadata": {"name": "reviews", "namespace": "shop"},
@@ -781,7 +794,7 @@ mod tests {
             Output, ProxyConfigArgs, Section, cluster_controller, proxy_config_in_cluster,
             proxy_status_at,
         };
-        let (cluster, fake) = fake_cluster();
+        let (cluster, fake) = fake_cluster().await;
         let e = cluster_controller(&cluster, "mesh-system")
             .await
             .expect_err("nothing installed");
@@ -794,7 +807,10 @@ mod tests {
         let ctl = cluster_controller(&cluster, "mesh-system")
             .await
             .expect("controller");
-        assert_eq!(ctl.to_string(), "pod mesh-system/mesh-controller-0:15014");
+        assert_eq!(
+            ctl.to_string(),
+            "pod mesh-system/mesh-controller-0:15014 (port-forward)"
+        );
         let mut out = Vec::new();
         proxy_status_at(&ctl, Output::Json, &mut out)
             .await
@@ -810,7 +826,7 @@ mod tests {
         };
         let e = proxy_config_in_cluster(&cluster, &args, &mut Vec::new())
             .await
-            .expect_err("no port-forward on the fake");
+            .expect_err("nothing answers on the pod's port");
         let e = format!("{e:#}");
         assert!(
             e.contains("pod shop/reviews-0") && e.contains("port 15000"),
@@ -820,7 +836,7 @@ mod tests {
 
     #[tokio::test]
     async fn nothing_installed_is_one_clear_failure() {
-        let (cluster, _fake) = fake_cluster();
+        let (cluster, _fake) = fake_cluster().await;
         let c = check_installed(&cluster).await;
         let f = of(&c, "control plane", Status::Fail);
         assert!(f.len() == 1 && f[0].contains("not installed"), "{f:?}");
@@ -828,7 +844,7 @@ mod tests {
 
     #[tokio::test]
     async fn proxy_checks_each_injected_pod() {
-        let (cluster, fake) = fake_cluster();
+        let (cluster, fake) = fake_cluster().await;
         let pod = |name: &str, ready: bool, tag: &str| {
             json!({"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": "shop", "labels": {"mesh.dev/proxy": "true"}},

@@ -22,7 +22,8 @@ pub enum Output {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControllerArgs {
     /// The controller's admin address (a local mesh). Without it: the cluster of the current
-    /// kubeconfig context, through the API server (127.0.0.1:15014 with --local).
+    /// kubeconfig context, through a port-forward to a controller pod (127.0.0.1:15014 with
+    /// --local).
     #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN)]
     pub controller: Option<SocketAddr>,
     /// In a cluster: the control plane's namespace.

@@ -21,7 +21,7 @@ pub enum Output {
 #[derive(Debug, clap::Args)]
 pub struct ProxyStatusArgs {
     /// The controller's admin address (a local mesh). Without it: the cluster of the current
-    /// kubeconfig context, through the API server.
+    /// kubeconfig context, through a port-forward to a controller pod.
     #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN)]
     pub controller: Option<SocketAddr>,
     /// In a cluster: the control plane's namespace.
@@ -31,7 +31,7 @@ pub struct ProxyStatusArgs {
     pub output: Output,
 }
 
-/// The controller's admin endpoints: at `--controller`, or through the API server (a ready
+/// The controller's admin endpoints: at `--controller`, or through a port-forward (a ready
 /// controller pod in `namespace`).
 pub async fn controller_endpoint(
     controller: Option<SocketAddr>,
@@ -50,18 +50,27 @@ pub async fn controller_endpoint(
     }
 }
 
-/// A ready controller pod's admin port, through the API server.
+/// A ready controller pod's admin port, through a port-forward: the user's own credentials
+/// decide (`pods/portforward` in the control plane's namespace, which the ClusterRole
+/// `mesh-reader` grants where it is bound).
 pub async fn cluster_controller(
     cluster: &crate::cluster::Cluster,
     namespace: &str,
 ) -> anyhow::Result<super::check::Endpoint> {
     let name = mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT;
-    let Some(pod) = super::check_cluster::pod_of(cluster, namespace, name).await? else {
+    let found = super::check_cluster::pod_of(cluster, namespace, name).await;
+    let found = match found {
+        Err(e) if crate::cluster::is_forbidden(&e) => {
+            return Err(e.context(crate::cluster::reader_hint(namespace)));
+        }
+        r => r?,
+    };
+    let Some(pod) = found else {
         bail!(
             "no ready {name} pod in namespace {namespace}: is the mesh installed (meshctl check)?"
         );
     };
-    Ok(super::check::Endpoint::pod(
+    Ok(super::check::Endpoint::forward(
         cluster,
         namespace,
         &pod,

@@ -153,6 +153,13 @@ fn rbac(ns: &str) -> Vec<Value> {
                     &watch,
                 ),
                 rule(&["mesh.dev"], &["rollouts/status"], &["patch"]),
+                // Who may read the debug API: a caller's token, and RBAC on its user.
+                rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
+                rule(
+                    &["authorization.k8s.io"],
+                    &["subjectaccessreviews"],
+                    &["create"],
+                ),
                 // An Event per rollout decision.
                 rule(&[""], &["events"], &["create"]),
                 // The CA's root, copied into each namespace whose pods get sidecars.
@@ -169,7 +176,7 @@ fn rbac(ns: &str) -> Vec<Value> {
         json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": [ca], "verbs": ["get"]}),
         json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["mesh-ca-root"], "verbs": ["get", "update"]}),
     ];
-    let mut out = Vec::new();
+    let mut out = vec![reader_role()];
     for (name, rules) in cluster_roles {
         out.push(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -206,6 +213,27 @@ fn rbac(ns: &str) -> Vec<Value> {
         }));
     }
     out
+}
+
+/// Who may read the mesh (the controller's debug API, `meshctl stat`, `authz`, `check`,
+/// `proxy-status`), bound with a RoleBinding in the control plane's namespace: its debug API
+/// for a caller's token, and a port-forward to a controller pod for meshctl.
+fn reader_role() -> Value {
+    use identity::{DEBUG_GROUP, DEBUG_RESOURCE, DEBUG_VERB, READER_ROLE};
+    json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": READER_ROLE, "labels": labels(None)},
+        "rules": [
+            rule(&[DEBUG_GROUP], &[DEBUG_RESOURCE], &[DEBUG_VERB]),
+            rule(&[""], &["pods"], &["get", "list"]),
+            // create: SPDY and WebSockets (API servers from 1.35); get: WebSockets before.
+            rule(&[""], &["pods/portforward"], &["get", "create"]),
+            // kubectl port-forward deploy/mesh-controller reads the Deployment first.
+            json!({"apiGroups": ["apps"], "resources": ["deployments"],
+                "resourceNames": [identity::CONTROLLER_SERVICE_ACCOUNT], "verbs": ["get"]}),
+        ]
+    })
 }
 
 fn service(ns: &str, name: &str, ports: &[(&str, u16, u16)]) -> Value {
