@@ -121,12 +121,15 @@ controller: {replicas: 3, logLevel: debug, resources: {requests: {cpu: 1}}}
 ca: {certLifetime: 12h, logLevel: warn, resources: {limits: {memory: 1Gi}}}
 proxy: {logLevel: trace, resources: {requests: {cpu: 5m}}}
 webhook: {failurePolicy: Ignore}
+networkPolicy: {enabled: true, monitoringNamespace: prometheus}
 ",
     )
     .expect("write values");
     let ours = meshctl_objects(Some(&values));
     assert!(
-        ours.contains("registry.example/mesh/mesh-proxy:v9"),
+        ours.contains("registry.example/mesh/mesh-proxy:v9")
+            && ours.contains("kind: NetworkPolicy")
+            && ours.contains("kubernetes.io/metadata.name: prometheus"),
         "{ours}"
     );
     assert_same(&ours, &helm_objects(&helm, Some(&values)));

@@ -639,7 +639,7 @@ pub fn admit_builtin(obj: &mut Value) -> Option<Report> {
     use k8s_openapi::api::{
         admissionregistration::v1 as admission, apps::v1 as apps, batch::v1 as batch,
         coordination::v1 as coordination, core::v1 as core, discovery::v1 as discovery,
-        policy::v1 as policy, rbac::v1 as rbac,
+        networking::v1 as networking, policy::v1 as policy, rbac::v1 as rbac,
     };
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
     kinds!(
@@ -656,6 +656,7 @@ pub fn admit_builtin(obj: &mut Value) -> Option<Report> {
         apps::StatefulSet,
         apps::DaemonSet,
         batch::Job,
+        networking::NetworkPolicy,
         rbac::ClusterRole,
         rbac::ClusterRoleBinding,
         rbac::Role,

@@ -61,6 +61,7 @@ pub fn plural(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
         ("rbac.authorization.k8s.io/v1", "Role") => ("roles", true),
         ("rbac.authorization.k8s.io/v1", "RoleBinding") => ("rolebindings", true),
         ("apps/v1", "Deployment") => ("deployments", true),
+        ("networking.k8s.io/v1", "NetworkPolicy") => ("networkpolicies", true),
         ("admissionregistration.k8s.io/v1", "MutatingWebhookConfiguration") => {
             ("mutatingwebhookconfigurations", false)
         }

@@ -337,7 +337,8 @@ pub(crate) async fn installed(cluster: &Cluster, ns: &str, c: &mut Checks) -> an
     }
     let ca_pod = pod_of(cluster, ns, mesh_api::consts::identity::CA_SERVICE_ACCOUNT).await?;
     if let Some(pod) = &ca_pod {
-        let ep = Endpoint::pod(cluster, ns, pod, mesh_api::consts::ports::CA_ADMIN);
+        // A port-forward too: the API server's pod proxy may be kept out by a NetworkPolicy.
+        let ep = Endpoint::forward(cluster, ns, pod, mesh_api::consts::ports::CA_ADMIN);
         identity(&ep, c).await;
     }
 

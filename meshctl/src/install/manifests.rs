@@ -74,6 +74,9 @@ pub fn objects(v: &Values, ns: &str, include: Include) -> anyhow::Result<Vec<Val
         ],
     ));
     out.push(xds_headless_service(ns));
+    if v.network_policy.enabled {
+        out.extend(network_policies(v, ns));
+    }
     out.push(ca_deployment(v, ns));
     out.push(controller_deployment(v, ns));
     out.push(webhook_config(v, ns));
@@ -234,6 +237,50 @@ fn reader_role() -> Value {
                 "resourceNames": [identity::CONTROLLER_SERVICE_ACCOUNT], "verbs": ["get"]}),
         ]
     })
+}
+
+/// Who may reach the control plane's pods (`networkPolicy` in the values): the injector from
+/// anywhere (the API server calls it, and it is not a pod a rule can name), xDS from pods with
+/// sidecars, the CA from those and the controller, the admin ports from the monitoring
+/// namespace. The kubelet's probes and port-forwards are not subject to NetworkPolicy.
+fn network_policies(v: &Values, ns: &str) -> Vec<Value> {
+    let ctl = identity::CONTROLLER_SERVICE_ACCOUNT;
+    let ca = identity::CA_SERVICE_ACCOUNT;
+    let port = |p: u16| json!({"protocol": "TCP", "port": p});
+    let meshed = json!({"namespaceSelector": {},
+        "podSelector": {"matchLabels": {mesh_api::consts::labels::PROXY: "true"}}});
+    let monitoring = json!({"namespaceSelector": {"matchLabels":
+        {"kubernetes.io/metadata.name": v.network_policy.monitoring_namespace}}});
+    let policy = |name: &str, ingress: Vec<Value>| {
+        json!({
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": meta(name, Some(ns), name),
+            "spec": {
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": name}},
+                "policyTypes": ["Ingress"],
+                "ingress": ingress
+            }
+        })
+    };
+    vec![
+        policy(
+            ctl,
+            vec![
+                json!({"ports": [port(ports::CONTROLLER_WEBHOOK)]}),
+                json!({"from": [meshed], "ports": [port(ports::CONTROLLER_XDS)]}),
+                json!({"from": [monitoring], "ports": [port(ports::CONTROLLER_ADMIN)]}),
+            ],
+        ),
+        policy(
+            ca,
+            vec![
+                json!({"from": [meshed, {"podSelector": {"matchLabels": {"app.kubernetes.io/name": ctl}}}],
+                    "ports": [port(ports::CA)]}),
+                json!({"from": [monitoring], "ports": [port(ports::CA_ADMIN)]}),
+            ],
+        ),
+    ]
 }
 
 fn service(ns: &str, name: &str, ports: &[(&str, u16, u16)]) -> Value {

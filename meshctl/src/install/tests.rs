@@ -404,3 +404,101 @@ async fn check_pre_reviews_every_permission_install_and_upgrade_use() {
     }
     assert!(calls > 20, "{calls} calls");
 }
+
+/// With `networkPolicy.enabled`, the control plane's pods take connections only on the ports
+/// they serve, from whom each serves; without it there is no NetworkPolicy. They apply.
+#[tokio::test]
+async fn network_policies_open_each_port_to_whom_it_serves() {
+    assert!(!expected().iter().any(|o| o["kind"] == "NetworkPolicy"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("values.yaml");
+    std::fs::write(
+        &file,
+        "networkPolicy: {enabled: true, monitoringNamespace: prom}\n",
+    )
+    .expect("values");
+    let v = Values::from_files(&[file.as_path()]).expect("values");
+    let mut a = args();
+    a.values = vec![file];
+    let objects = manifests::objects(
+        &v,
+        "mesh-system",
+        Include {
+            gateway_api_crds: false,
+        },
+    )
+    .expect("objects");
+    let policy = |name: &str| -> Value {
+        objects
+            .iter()
+            .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no NetworkPolicy {name}"))
+    };
+    // (port, who): "anyone", "meshed", "monitoring", or "controller".
+    let rules = |p: &Value| -> Vec<(u64, Vec<&'static str>)> {
+        let ingress = p["spec"]["ingress"].as_array().expect("ingress").clone();
+        ingress
+            .iter()
+            .map(|r| {
+                let port = r["ports"][0]["port"].as_u64().expect("port");
+                let who = match r["from"].as_array() {
+                    None => vec!["anyone"],
+                    Some(from) => from
+                        .iter()
+                        .map(|f| {
+                            if f["podSelector"]["matchLabels"]["mesh.dev/proxy"] == "true"
+                                && f["namespaceSelector"] == json!({})
+                            {
+                                "meshed"
+                            } else if f["namespaceSelector"]["matchLabels"]
+                                ["kubernetes.io/metadata.name"]
+                                == "prom"
+                            {
+                                "monitoring"
+                            } else if f["podSelector"]["matchLabels"]["app.kubernetes.io/name"]
+                                == "mesh-controller"
+                                && f.get("namespaceSelector").is_none()
+                            {
+                                "controller"
+                            } else {
+                                "?"
+                            }
+                        })
+                        .collect(),
+                };
+                (port, who)
+            })
+            .collect()
+    };
+    assert_eq!(
+        rules(&policy("mesh-controller")),
+        vec![
+            (15017, vec!["anyone"]),
+            (15010, vec!["meshed"]),
+            (15014, vec!["monitoring"]),
+        ]
+    );
+    assert_eq!(
+        rules(&policy("mesh-ca")),
+        vec![
+            (15012, vec!["meshed", "controller"]),
+            (15013, vec!["monitoring"]),
+        ]
+    );
+    for name in ["mesh-controller", "mesh-ca"] {
+        assert_eq!(
+            policy(name)["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+            name
+        );
+    }
+    let (cluster, fake) = fake_cluster();
+    apply(&cluster, &a, false, &mut Vec::new())
+        .await
+        .expect("install");
+    for name in ["mesh-controller", "mesh-ca"] {
+        let path =
+            format!("/apis/networking.k8s.io/v1/namespaces/mesh-system/networkpolicies/{name}");
+        assert!(fake.state().objects.contains_key(&path), "{path}");
+    }
+}

@@ -30,6 +30,18 @@ pub struct Values {
     pub ca: Ca,
     pub proxy: Proxy,
     pub webhook: Webhook,
+    pub network_policy: NetworkPolicy,
+}
+
+/// NetworkPolicies for the control plane's pods.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkPolicy {
+    /// Apply them (the cluster's network plugin must enforce NetworkPolicy).
+    pub enabled: bool,
+    /// The namespace whose pods may scrape the control plane's admin ports (metrics).
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub monitoring_namespace: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
