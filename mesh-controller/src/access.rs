@@ -4,8 +4,9 @@
 //!
 //! - In a cluster ([`Access::Kubernetes`]): a caller that presents a bearer token is judged by
 //!   it: a TokenReview must authenticate it for the audience `mesh-controller` (`kubectl
-//!   create token SA --audience mesh-controller`, or a projected token: a token that would also
-//!   open the API server is refused, so a caller never hands the controller that key) and a
+//!   create token SA --audience mesh-controller`, or a projected token; a token of the API
+//!   server's own audience is refused, so callers need not send that key, in plaintext, to
+//!   15014) and a
 //!   SubjectAccessReview must allow its user `get` on `debug` in API group `mesh.dev` in the
 //!   controller's namespace (the chart's ClusterRole `mesh-reader`, bound there). A caller
 //!   without a token is served only from the pod's loopback: `kubectl port-forward` and
@@ -228,13 +229,19 @@ impl Reviewer {
             .map(|(_, v)| v.clone())
     }
 
-    /// Keeps `verdict` for `key`; when full, the expired go first, then the oldest.
+    /// Keeps `verdict` for `key`; when full, the expired go first, then the oldest refusal,
+    /// then the oldest.
     fn keep(&self, key: TokenHash, verdict: Verdict, now: Instant) {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHED_TOKENS && !cache.contains_key(&key) {
             cache.retain(|_, (at, _)| now.saturating_duration_since(*at) < CACHED_FOR);
+            // Refusals go before decisions that let a caller in, so made-up tokens push out
+            // each other, not a reader's.
             if cache.len() >= CACHED_TOKENS
-                && let Some(oldest) = cache.iter().min_by_key(|(_, (at, _))| *at).map(|(k, _)| *k)
+                && let Some(oldest) = cache
+                    .iter()
+                    .min_by_key(|(_, (at, v))| (*v == Verdict::Allowed, *at))
+                    .map(|(k, _)| *k)
             {
                 cache.remove(&oldest);
             }
@@ -292,6 +299,19 @@ impl Reviewer {
             Err(e) => return Verdict::Unavailable(format!("reviewing the token: {e}")),
         };
         let user = match (answer.authenticated, answer.user) {
+            // An answer that names no audience of ours means the token is good for the API
+            // server itself (an authenticator that ignores audiences): not for us.
+            (Some(true), Some(_))
+                if !answer
+                    .audiences
+                    .iter()
+                    .flatten()
+                    .any(|a| a == CONTROLLER_AUDIENCE) =>
+            {
+                return Verdict::Unauthenticated(format!(
+                    "the Kubernetes API server authenticated the token without checking its audience ({CONTROLLER_AUDIENCE}): it is not taken"
+                ));
+            }
             (Some(true), Some(user)) => user,
             _ => {
                 return Verdict::Unauthenticated(format!(
@@ -357,7 +377,11 @@ pub async fn guard(State(access): State<Access>, req: Request, next: Next) -> Re
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
             .map(|c| c.0),
-        host: headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+        // A `Host` that is not text names nothing local; HTTP/2 names the server in the URI.
+        host: match headers.get(header::HOST) {
+            Some(h) => Some(h.to_str().unwrap_or("")),
+            None => req.uri().authority().map(|a| a.as_str()),
+        },
         authorization: headers.get(header::AUTHORIZATION),
     };
     match access.judge(caller, Instant::now()).await {

@@ -114,8 +114,11 @@ async fn a_token_reads_the_debug_api_only_where_rbac_allows_its_user() {
     // The pod's loopback: a port-forward or an exec, which RBAC let in.
     for (peer, host) in [
         (LOCAL, Some("localhost")),
+        (LOCAL, Some("LOCALHOST:15014")),
         (LOCAL, Some("127.0.0.1:15014")),
         ("[::1]:5000", Some("[::1]:15014")),
+        ("[::1]:5000", Some("[::1]")),
+        ("[::1]:5000", Some("::1")),
         (LOCAL, None),
     ] {
         assert_eq!(
@@ -150,6 +153,8 @@ async fn a_page_rebound_to_the_loopback_is_refused() {
             "attacker.example:15014",
             "attacker.example",
             "localhost.attacker.example",
+            "localhost.",
+            "",
         ] {
             let v = judge(&access, addr(LOCAL), Some(host), None, now).await;
             assert_ne!(v, Verdict::Allowed, "{access:?} {host}");
@@ -180,7 +185,7 @@ async fn decisions_are_kept_for_a_while_then_asked_again() {
 }
 
 #[tokio::test]
-async fn made_up_tokens_neither_grow_the_cache_past_its_bound_nor_evict_the_newest() {
+async fn made_up_tokens_neither_grow_the_cache_past_its_bound_nor_push_out_a_readers_decision() {
     let (client, fake) = cluster();
     let access = Access::kubernetes(client, NS);
     let Access::Kubernetes(reviewer) = &access else {
@@ -200,21 +205,64 @@ async fn made_up_tokens_neither_grow_the_cache_past_its_bound_nor_evict_the_newe
         ));
     }
     assert_eq!(reviewer.cached_tokens(), CACHED_TOKENS);
-    // The oldest went first: the reader's decision, kept before every made-up one.
+    // Refusals went first: the reader's decision, older than all of them, is still kept.
     let before = token_reviews(&fake);
     let later = now + Duration::from_secs(1);
     assert_eq!(
         judge(&access, addr(POD), None, Some("reader"), later).await,
         Verdict::Allowed
     );
+    assert_eq!(token_reviews(&fake), before, "answered from the cache");
+    // The newest refusal is kept too; the oldest went.
+    let newest = format!("made-up-{}", CACHED_TOKENS + 9);
+    assert!(matches!(
+        judge(&access, addr(POD), None, Some(&newest), later).await,
+        Verdict::Unauthenticated(_)
+    ));
+    assert_eq!(token_reviews(&fake), before, "answered from the cache");
+    assert!(matches!(
+        judge(&access, addr(POD), None, Some("made-up-0"), later).await,
+        Verdict::Unauthenticated(_)
+    ));
     assert_eq!(token_reviews(&fake), before + 1, "asked again");
+    // Once expired, decisions go before anything else is pushed out.
+    let much_later = now + CACHED_FOR + Duration::from_secs(5);
+    assert!(matches!(
+        judge(&access, addr(POD), None, Some("another"), much_later).await,
+        Verdict::Unauthenticated(_)
+    ));
+    assert_eq!(
+        reviewer.cached_tokens(),
+        1,
+        "every older decision had expired"
+    );
+    let before = before + 2;
     // A token too long to be one is refused unread.
     let long = "x".repeat(MAX_TOKEN + 1);
     assert!(matches!(
         judge(&access, addr(POD), None, Some(&long), later).await,
         Verdict::Unauthenticated(m) if m.contains("longer than")
     ));
-    assert_eq!(token_reviews(&fake), before + 1, "not reviewed");
+    assert_eq!(token_reviews(&fake), before, "not reviewed");
+}
+
+#[tokio::test]
+async fn an_authenticator_that_ignores_audiences_is_not_believed() {
+    let (client, fake) = cluster();
+    let access = Access::kubernetes(client, NS);
+    fake.state().audience_unaware = true;
+    match judge(
+        &access,
+        addr(POD),
+        None,
+        Some("for-the-api-server"),
+        Instant::now(),
+    )
+    .await
+    {
+        Verdict::Unauthenticated(m) => assert!(m.contains("without checking its audience"), "{m}"),
+        v => panic!("{v:?}"),
+    }
 }
 
 #[tokio::test]
@@ -308,6 +356,14 @@ async fn the_gate_opens_scrapes_and_probes_to_pods_and_nothing_else() {
     }
     assert_eq!(get("/debug/stat", LOCAL).await, 401, "a rebinding name");
     assert_eq!(get("/metrics", LOCAL).await, 200);
+    // A port-forward: the loopback, naming the server locally.
+    let req = axum::http::Request::get("/debug/stat")
+        .header("host", "localhost:15014")
+        .extension(ConnectInfo(LOCAL.parse::<SocketAddr>().expect("peer")))
+        .body(Body::empty())
+        .expect("request");
+    let local = app.clone().oneshot(req).await.expect("answer").status();
+    assert_eq!(local, 200);
 }
 
 #[test]
