@@ -550,7 +550,7 @@ pub async fn run(
     let admin = mesh.controller.admin_addr;
     writeln!(
         progress,
-        "the controller's admin API is at http://{admin}, open to this machine's users (loopback callers): the service graph at http://{admin}/graph; meshctl stat reviews -n {NS} --controller {admin}; meshctl top --controller {admin}"
+        "the controller's admin API is at http://{admin}: the service graph at http://{admin}/graph; meshctl stat reviews -n {NS} --controller {admin}; meshctl top --controller {admin} (open to this machine's users: loopback callers)"
     )?;
     let client_id = SpiffeId::workload("cluster.local", NS, "productpage")?;
     let server_id = SpiffeId::workload("cluster.local", NS, "reviews")?;
