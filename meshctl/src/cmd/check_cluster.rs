@@ -87,6 +87,15 @@ pub(crate) fn needed_permissions(
             }
         }
     }
+    // The optional NetworkPolicies: made when enabled, deleted when not.
+    for verb in ["create", "patch", "get", "delete"] {
+        out.push((
+            verb.into(),
+            "networking.k8s.io".into(),
+            "networkpolicies".into(),
+            ns.into(),
+        ));
+    }
     Ok(out)
 }
 

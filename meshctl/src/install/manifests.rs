@@ -239,6 +239,20 @@ fn reader_role() -> Value {
     })
 }
 
+/// The NetworkPolicies `networkPolicy.enabled` makes, by name only (to find and delete).
+pub fn network_policy_stubs(ns: &str) -> Vec<Value> {
+    [
+        identity::CONTROLLER_SERVICE_ACCOUNT,
+        identity::CA_SERVICE_ACCOUNT,
+    ]
+    .into_iter()
+    .map(|name| {
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": name, "namespace": ns}})
+    })
+    .collect()
+}
+
 /// Who may reach the control plane's pods (`networkPolicy` in the values): the injector from
 /// anywhere (the API server calls it, and it is not a pod a rule can name), xDS from pods with
 /// sidecars, the CA from those and the controller, the admin ports from the monitoring

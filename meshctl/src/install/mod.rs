@@ -249,6 +249,21 @@ pub async fn apply(
         writeln!(out, "{} {} {}", bar(n, total), key(o), a.as_str())?;
         report.applied.push((key(o), a));
     }
+    // Policies an earlier install enabled go once they are off, as `helm upgrade` drops them.
+    if !values.network_policy.enabled {
+        for stub in manifests::network_policy_stubs(ns) {
+            if let Some(live) = cluster.get(&stub).await?
+                && ours(&live)
+                && cluster.delete(&live).await?
+            {
+                writeln!(
+                    out,
+                    "{} deleted (networkPolicy.enabled is false)",
+                    key(&stub)
+                )?;
+            }
+        }
+    }
     for o in rest.iter().filter(|o| o["kind"] == "Deployment") {
         cluster
             .wait_for(o, args.timeout, rollout_done, |s| {

@@ -496,9 +496,27 @@ async fn network_policies_open_each_port_to_whom_it_serves() {
     apply(&cluster, &a, false, &mut Vec::new())
         .await
         .expect("install");
+    let path = |name: &str| {
+        format!("/apis/networking.k8s.io/v1/namespaces/mesh-system/networkpolicies/{name}")
+    };
     for name in ["mesh-controller", "mesh-ca"] {
-        let path =
-            format!("/apis/networking.k8s.io/v1/namespaces/mesh-system/networkpolicies/{name}");
-        assert!(fake.state().objects.contains_key(&path), "{path}");
+        assert_eq!(
+            fake.state().objects.get(&path(name)).map(|o| &o["spec"]),
+            Some(&policy(name)["spec"]),
+            "{name}"
+        );
+    }
+    // Turned off again: an upgrade takes them out, as helm upgrade does.
+    let mut out = Vec::new();
+    apply(&cluster, &args(), true, &mut out)
+        .await
+        .expect("upgrade");
+    let out = String::from_utf8_lossy(&out);
+    for name in ["mesh-controller", "mesh-ca"] {
+        assert!(!fake.state().objects.contains_key(&path(name)), "{name}");
+        assert!(
+            out.contains(&format!("NetworkPolicy/mesh-system/{name} deleted")),
+            "{out}"
+        );
     }
 }

@@ -40,7 +40,7 @@ pub struct NetworkPolicy {
     /// Apply them (the cluster's network plugin must enforce NetworkPolicy).
     pub enabled: bool,
     /// The namespace whose pods may scrape the control plane's admin ports (metrics).
-    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
     pub monitoring_namespace: String,
 }
 
@@ -213,6 +213,18 @@ impl Values {
         if let Err(e) = mesh_api::SpiffeId::workload(&self.trust_domain, "ns", "sa") {
             bail!("values: trustDomain {:?}: {e}", self.trust_domain);
         }
+        let m = &self.network_policy.monitoring_namespace;
+        let dns_label = m.len() <= 63
+            && m.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !m.starts_with('-')
+            && !m.ends_with('-')
+            && !m.is_empty();
+        if !dns_label {
+            bail!(
+                "values: networkPolicy.monitoringNamespace {m:?}: not a namespace name (lower-case letters, digits and '-', at most 63)"
+            );
+        }
         if let Err(e) = mesh_api::duration::parse(&self.ca.cert_lifetime) {
             bail!("values: ca.certLifetime {:?}: {e}", self.ca.cert_lifetime);
         }
@@ -334,6 +346,17 @@ mod tests {
             .expect_err("bad sampling")
             .to_string();
         assert!(e.contains("proxy.tracing.sampling 150"), "{e}");
+        for bad in ["Monitoring", "", "a_b", "-x"] {
+            let e = with(&format!(
+                "networkPolicy: {{monitoringNamespace: '{bad}'}}\n"
+            ))
+            .expect_err("bad namespace")
+            .to_string();
+            assert!(
+                e.contains("networkPolicy.monitoringNamespace"),
+                "{bad}: {e}"
+            );
+        }
         let e = with("proxy: {tracing: {endpoint: 'https://collector:4317'}}\n")
             .expect_err("TLS endpoint")
             .to_string();
