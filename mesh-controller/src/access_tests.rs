@@ -382,3 +382,26 @@ fn scrapes_and_probes_are_open_and_nothing_else() {
         assert!(!is_open(closed), "{closed}");
     }
 }
+
+/// An API server that takes the request and never answers: the caller gets 503 once
+/// REVIEW_TIMEOUT has passed, and the slot is free again for the next.
+#[tokio::test(start_paused = true)]
+async fn a_review_the_api_server_never_answers_ends_in_503_within_the_timeout() {
+    let (svc, _never_answers) = tower_test::mock::pair::<
+        http::Request<kube::client::Body>,
+        http::Response<kube::client::Body>,
+    >();
+    let access = Access::kubernetes(kube::Client::new(svc, "default"), NS);
+    let started = tokio::time::Instant::now();
+    // One more than there are slots: a slot kept by a review that timed out would make the
+    // last wait for one, and say so.
+    let n = CONCURRENT_REVIEWS + 1;
+    for i in 0..n {
+        let token = format!("t{i}");
+        match judge(&access, addr(POD), None, Some(&token), Instant::now()).await {
+            Verdict::Unavailable(m) => assert!(m.contains("did not review the token"), "{m}"),
+            v => panic!("{v:?}"),
+        }
+    }
+    assert_eq!(started.elapsed(), REVIEW_TIMEOUT * n as u32);
+}
