@@ -372,15 +372,25 @@ where
 
 /// Fetches a path from an HTTP server with a fresh connection; `None` on any failure.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_get_with_token(addr, path, None).await
+}
+
+/// [`http_get`] with `Authorization: Bearer <token>` when a token is given.
+pub async fn http_get_with_token(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Option<(u16, String)> {
     let stream = TcpStream::connect(addr).await.ok()?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .ok()?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .body(Full::new(Bytes::new()))
-        .ok()?;
+    let mut req = hyper::Request::get(path).header("host", addr.to_string());
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req.body(Full::new(Bytes::new())).ok()?;
     let resp = sender.send_request(req).await.ok()?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.ok()?.to_bytes();

@@ -319,21 +319,9 @@ async fn debug_get(
     path: &str,
     token: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    use http_body_util::BodyExt;
-    let tcp = tokio::net::TcpStream::connect(admin).await?;
-    let (mut tx, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::get(path).header("host", admin.to_string());
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
-    let resp = tx
-        .send_request(req.body(http_body_util::Empty::<bytes::Bytes>::new())?)
-        .await?;
-    let code = resp.status().as_u16();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    mesh_e2e::http_get_with_token(admin, path, token)
+        .await
+        .with_context(|| format!("GET http://{admin}{path}: no answer"))
 }
 
 /// The chart's reader role is what it takes to read the mesh: a user bound to it reads the

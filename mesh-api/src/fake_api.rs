@@ -384,18 +384,17 @@ impl FakeApi {
         let pod_path = path.trim_end_matches("/portforward").to_owned();
         let (pod, forwarder) = {
             let mut s = self.state();
-            let forbidden = !s.authorized(user, &attributes);
-            s.log.push(Logged {
+            let entry = Logged {
                 method: req.method().to_string(),
                 path: path.clone(),
                 query: query.clone(),
                 content_type: String::new(),
-                user: user.to_owned(),
+                user: String::new(),
                 attributes: Some(attributes.clone()),
-                forbidden,
-            });
-            if forbidden {
-                return status(403, "Forbidden", &attributes.forbidden(user));
+                forbidden: false,
+            };
+            if let Some(refused) = s.record(Some(user), entry) {
+                return refused;
             }
             (s.objects.get(&pod_path).cloned(), s.port_forwarder.clone())
         };
@@ -691,21 +690,19 @@ impl FakeApi {
         let mut s = self.state();
         let query = parts.uri.query().unwrap_or("").to_owned();
         let attributes = rbac::Attributes::of(&method, &path, &query);
-        let forbidden = match (user, &attributes) {
-            (Some(user), Some(a)) => !s.authorized(user, a),
-            _ => false,
-        };
-        s.log.push(Logged {
-            method: method.clone(),
-            path: path.clone(),
-            query: query.clone(),
-            content_type: content_type.clone(),
-            user: user.unwrap_or("").to_owned(),
-            attributes: attributes.clone(),
-            forbidden,
-        });
-        if let (true, Some(user), Some(a)) = (forbidden, user, &attributes) {
-            return Some(status(403, "Forbidden", &a.forbidden(user)));
+        if let Some(refused) = s.record(
+            user,
+            Logged {
+                method: method.clone(),
+                path: path.clone(),
+                query: query.clone(),
+                content_type: content_type.clone(),
+                user: String::new(),
+                attributes,
+                forbidden: false,
+            },
+        ) {
+            return Some(refused);
         }
         if let Some(code) = s.fail_all {
             return Some(status(
@@ -1327,12 +1324,36 @@ impl State {
         if rbac::allowed_to_everyone(a) {
             return true;
         }
-        let subject = rbac::Subject::of_user(user);
+        self.decide(&rbac::Subject::of_user(user), a).is_some()
+    }
+
+    /// What lets `subject` do `a`: `Some(None)` for a member of [`rbac::MASTERS`] (allowed
+    /// before RBAC is asked), `Some(grant)` for the first RBAC rule that allows it; `None`:
+    /// nothing does.
+    fn decide(&self, subject: &rbac::Subject, a: &rbac::Attributes) -> Option<Option<rbac::Grant>> {
         if subject.groups.iter().any(|g| g == rbac::MASTERS) {
-            return true;
+            return Some(None);
         }
         let objects: Vec<&Value> = self.objects.values().collect();
-        rbac::grants(&objects, &subject).iter().any(|g| g.allows(a))
+        rbac::grants(&objects, subject)
+            .into_iter()
+            .find(|g| g.allows(a))
+            .map(Some)
+    }
+
+    /// Logs a request (`user`: `None` for the admin's client) and decides it as RBAC does:
+    /// `Some(403)` when no rule lets the user do it.
+    fn record(&mut self, user: Option<&str>, mut entry: Logged) -> Option<Resp> {
+        let refused = match (user, &entry.attributes) {
+            (Some(u), Some(a)) if !self.authorized(u, a) => {
+                Some(status(403, "Forbidden", &a.forbidden(u)))
+            }
+            _ => None,
+        };
+        entry.user = user.unwrap_or("").to_owned();
+        entry.forbidden = refused.is_some();
+        self.log.push(entry);
+        refused
     }
 
     /// A token for the service account of pod `ns/name`, bound to the pod as it is now (its
@@ -1365,12 +1386,10 @@ impl State {
         })
     }
 
-    /// A TokenReview, answered from [`State::tokens`] as the API server's authenticator would:
-    /// authenticated only for a known token, not expired, whose pod (if bound to one) still
-    /// exists with the UID the token names, bound to one of the audiences asked for; a
-    /// pod-bound token's user carries the pod's name and UID, as the API server's does.
     /// The token `token` is, if it is valid for one of `asked`, and the audiences it is valid
-    /// for; else the error the API server's service account authenticator gives (claims.go).
+    /// for; else the error the API server's service account authenticator gives (claims.go):
+    /// only a known token, not expired, whose pod (if bound to one) still exists with the UID
+    /// the token names, bound to one of the audiences asked for.
     fn authenticate(&self, token: &str, asked: &[String]) -> Result<(&Token, Vec<String>), String> {
         // The UID of the pod now at a bound token's pod's name (`None`: no such pod).
         let uid_now = |p: &BoundPod| {
@@ -1411,6 +1430,9 @@ impl State {
         Ok((t, audiences))
     }
 
+    /// A TokenReview, answered from [`State::tokens`] as [`State::authenticate`] decides (any
+    /// known token, naming no audience, with [`State::audience_unaware`]); a pod-bound token's
+    /// user carries the pod's name and UID, as the API server's does.
     fn token_review(&mut self, mut body: Value) -> Resp {
         let token = body
             .pointer("/spec/token")
@@ -1492,14 +1514,9 @@ impl State {
             namespace: f("namespace"),
             name: f("name"),
         };
-        let objects: Vec<&Value> = self.objects.values().collect();
-        let by = rbac::grants(&objects, &subject)
-            .into_iter()
-            .find(|g| g.allows(&a));
-        body["status"] = match by {
-            // The privileged group is allowed before RBAC is asked.
-            _ if subject.groups.iter().any(|g| g == rbac::MASTERS) => json!({"allowed": true}),
-            Some(g) => {
+        body["status"] = match self.decide(&subject, &a) {
+            Some(None) => json!({"allowed": true}),
+            Some(Some(g)) => {
                 json!({"allowed": true, "reason": format!("RBAC: allowed by {}", g.granted_by)})
             }
             None => json!({"allowed": false}),

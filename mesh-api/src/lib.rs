@@ -40,6 +40,8 @@ pub mod svid;
 mod svid_cases;
 #[cfg(feature = "tls")]
 pub mod tls;
+#[cfg(feature = "k8s")]
+pub mod token_review;
 pub mod workload;
 
 #[cfg(feature = "k8s")]

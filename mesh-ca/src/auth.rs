@@ -8,7 +8,6 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use mesh_api::SpiffeId;
 
 /// Prefix of local-mesh tokens.
@@ -164,40 +163,14 @@ impl TokenReviewer {
     }
 
     pub async fn review(&self, token: &str) -> Result<SpiffeId, AuthError> {
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_string()),
-                audiences: Some(vec![self.audience.clone()]),
-            },
-            ..TokenReview::default()
-        };
-        let api = kube::Api::<TokenReview>::all(self.client.clone());
-        let answer = api
-            .create(&kube::api::PostParams::default(), &review)
+        use mesh_api::token_review::{ReviewError, review_token};
+        let user = review_token(&self.client, token, &self.audience)
             .await
-            .map_err(|e| AuthError::Backend(e.to_string()))?;
-        let status = answer
-            .status
-            .ok_or_else(|| AuthError::Backend("the TokenReview came back without status".into()))?;
-        if status.authenticated != Some(true) {
-            return Err(AuthError::Invalid(status.error.unwrap_or_else(|| {
-                "the API server did not authenticate it".into()
-            })));
-        }
-        // An API server that ignores audiences answers without them: then the token may have
-        // been meant for someone else, so it is refused.
-        if !status
-            .audiences
-            .as_deref()
-            .unwrap_or_default()
-            .contains(&self.audience)
-        {
-            return Err(AuthError::Invalid(format!(
-                "the token is not bound to audience {:?}",
-                self.audience
-            )));
-        }
-        let username = status.user.and_then(|u| u.username).unwrap_or_default();
+            .map_err(|e| match e {
+                ReviewError::Backend(m) => AuthError::Backend(m),
+                refused => AuthError::Invalid(refused.to_string()),
+            })?;
+        let username = user.username.unwrap_or_default();
         let (ns, sa) = username
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))

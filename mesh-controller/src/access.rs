@@ -35,7 +35,6 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
@@ -284,43 +283,17 @@ impl Reviewer {
     }
 
     async fn ask(&self, token: &str) -> Verdict {
-        let review = TokenReview {
-            spec: TokenReviewSpec {
-                token: Some(token.to_owned()),
-                audiences: Some(vec![CONTROLLER_AUDIENCE.to_owned()]),
-            },
-            ..TokenReview::default()
-        };
-        let answer = match kube::Api::<TokenReview>::all(self.client.clone())
-            .create(&kube::api::PostParams::default(), &review)
-            .await
-        {
-            Ok(a) => a.status.unwrap_or_default(),
-            Err(e) => return Verdict::Unavailable(format!("reviewing the token: {e}")),
-        };
-        let user = match (answer.authenticated, answer.user) {
-            // An answer that names no audience of ours means the token is good for the API
-            // server itself (an authenticator that ignores audiences): not for us.
-            (Some(true), Some(_))
-                if !answer
-                    .audiences
-                    .iter()
-                    .flatten()
-                    .any(|a| a == CONTROLLER_AUDIENCE) =>
-            {
-                return Verdict::Unauthenticated(format!(
-                    "the Kubernetes API server authenticated the token without checking its audience ({CONTROLLER_AUDIENCE}): it is not taken"
-                ));
+        use mesh_api::token_review::{ReviewError, review_token};
+        let user = match review_token(&self.client, token, CONTROLLER_AUDIENCE).await {
+            Ok(user) => user,
+            Err(ReviewError::Backend(e)) => {
+                return Verdict::Unavailable(format!("reviewing the token: {e}"));
             }
-            (Some(true), Some(user)) => user,
-            _ => {
+            Err(refused) => {
                 return Verdict::Unauthenticated(format!(
-                    "token refused by the Kubernetes API server: {} (a token for the debug API \
-                     is bound to audience {CONTROLLER_AUDIENCE}: kubectl create token SA \
-                     --audience {CONTROLLER_AUDIENCE})",
-                    answer
-                        .error
-                        .unwrap_or_else(|| "not authenticated".to_owned())
+                    "token refused by the Kubernetes API server: {refused} (a token for the \
+                     debug API is bound to audience {CONTROLLER_AUDIENCE}: kubectl create token \
+                     SA --audience {CONTROLLER_AUDIENCE})"
                 ));
             }
         };
