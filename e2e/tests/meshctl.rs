@@ -252,6 +252,26 @@ async fn check_passes_a_healthy_mesh_and_hints_at_each_failure() -> anyhow::Resu
                 && m.contains("create the Service")),
         "{f:?}"
     );
+    // A backend in another namespace needs a ReferenceGrant there, as the controller reads it.
+    mesh.write(
+        "cross.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ledger, namespace: payments}\nspec: {clusterIP: 10.96.9.9, ports: [{name: http, port: 9080}]}\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: cross, namespace: default}\nspec:\n  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]\n  rules: [{matches: [{path: {type: PathPrefix, value: /ledger}}], backendRefs: [{name: ledger, namespace: payments, port: 9080}]}]\n",
+    )?;
+    let f = fails(&run_checks(&healthy, Some(&local)).await, "config");
+    assert!(
+        f.iter().any(|m| m.contains(
+            "backend payments/ledger is in another namespace, and no ReferenceGrant in payments lets HTTPRoutes of default refer to it"
+        ) && m.contains("add a ReferenceGrant")),
+        "{f:?}"
+    );
+    mesh.write(
+        "grant.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: routes-of-default, namespace: payments}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}]\n  to: [{group: '', kind: Service, name: ledger}]\n",
+    )?;
+    let f = fails(&run_checks(&healthy, Some(&local)).await, "config");
+    assert!(!f.iter().any(|m| m.contains("payments/ledger")), "{f:?}");
+    mesh.remove("cross.yaml")?;
+    mesh.remove("grant.yaml")?;
     // A field the installed schema lacks is named: a cluster would drop it on apply.
     mesh.write(
         "misspelt.yaml",

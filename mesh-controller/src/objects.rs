@@ -5,6 +5,7 @@ use std::fmt;
 
 use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::grpcroutes::GrpcRoute;
+use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_api::crds::{AuthorizationPolicy, FaultInjection, RateLimitPolicy, TrafficPolicy};
@@ -26,10 +27,11 @@ pub enum Kind {
     RateLimitPolicy,
     FaultInjection,
     Rollout,
+    ReferenceGrant,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -41,6 +43,7 @@ impl Kind {
         Kind::RateLimitPolicy,
         Kind::FaultInjection,
         Kind::Rollout,
+        Kind::ReferenceGrant,
     ];
 
     /// The `apiVersion` values accepted for this kind.
@@ -48,7 +51,7 @@ impl Kind {
         match self {
             Kind::Namespace | Kind::Service | Kind::Pod => &["v1"],
             Kind::EndpointSlice => &["discovery.k8s.io/v1"],
-            Kind::HTTPRoute | Kind::GRPCRoute => &[
+            Kind::HTTPRoute | Kind::GRPCRoute | Kind::ReferenceGrant => &[
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
@@ -108,6 +111,7 @@ pub enum Object {
     RateLimitPolicy(RateLimitPolicy),
     FaultInjection(FaultInjection),
     Rollout(Rollout),
+    ReferenceGrant(ReferenceGrant),
 }
 
 impl Object {
@@ -124,6 +128,7 @@ impl Object {
             Object::RateLimitPolicy(_) => Kind::RateLimitPolicy,
             Object::FaultInjection(_) => Kind::FaultInjection,
             Object::Rollout(_) => Kind::Rollout,
+            Object::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -140,6 +145,7 @@ impl Object {
             Object::RateLimitPolicy(o) => &o.metadata,
             Object::FaultInjection(o) => &o.metadata,
             Object::Rollout(o) => &o.metadata,
+            Object::ReferenceGrant(o) => &o.metadata,
         }
     }
 
@@ -156,6 +162,7 @@ impl Object {
             Object::RateLimitPolicy(o) => &mut o.metadata,
             Object::FaultInjection(o) => &mut o.metadata,
             Object::Rollout(o) => &mut o.metadata,
+            Object::ReferenceGrant(o) => &mut o.metadata,
         }
     }
 
@@ -256,6 +263,7 @@ pub fn parse_doc(doc: serde_json::Value, default_namespace: &str) -> Result<Obje
         Kind::RateLimitPolicy => Object::RateLimitPolicy(typed(doc)?),
         Kind::FaultInjection => Object::FaultInjection(typed(doc)?),
         Kind::Rollout => Object::Rollout(typed(doc)?),
+        Kind::ReferenceGrant => Object::ReferenceGrant(typed(doc)?),
     };
     let meta = obj.meta_mut();
     match meta.name.as_deref() {

@@ -67,6 +67,10 @@ pub fn plural(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
         }
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => ("httproutes", true),
         ("gateway.networking.k8s.io/v1", "GRPCRoute") => ("grpcroutes", true),
+        (
+            "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1",
+            "ReferenceGrant",
+        ) => ("referencegrants", true),
         ("mesh.dev/v1alpha1", "AuthorizationPolicy") => ("authorizationpolicies", true),
         ("mesh.dev/v1alpha1", "TrafficPolicy") => ("trafficpolicies", true),
         ("mesh.dev/v1alpha1", "RateLimitPolicy") => ("ratelimitpolicies", true),

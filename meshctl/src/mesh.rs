@@ -104,6 +104,8 @@ pub struct Manifests {
     pub services: Vec<ServiceRef>,
     pub routes: Vec<RouteDoc>,
     pub policies: Vec<PolicyDoc>,
+    /// ReferenceGrants that read, by the namespace they share from.
+    pub grants: Vec<(String, mesh_controller::index::grants::Grant)>,
     /// What a cluster with the chart's CRDs would make of each document.
     pub admission: Vec<Admitted>,
 }
@@ -152,6 +154,7 @@ impl LocalDir {
         Ok(Manifests {
             services: services_in(&all),
             policies: policies_in(&all),
+            grants: grants_in(&all),
             admission: admission_of(&all),
             routes: routes_in(all),
         })
@@ -189,6 +192,28 @@ fn docs_of(all: Docs, group: &str, kind: &str) -> Vec<RouteDoc> {
         });
     }
     out
+}
+
+/// The ReferenceGrants, read as the controller reads them; one that does not read is left out
+/// here (the admission check names what is wrong with it).
+fn grants_in(all: &Docs) -> Vec<(String, mesh_controller::index::grants::Grant)> {
+    use mesh_controller::objects::{Object, parse_doc};
+    all.iter()
+        .filter(|(_, _, v)| str_at(v, &["kind"]) == Some("ReferenceGrant"))
+        .filter_map(|(_, _, v)| {
+            let doc = serde_json::to_value(v).ok()?;
+            let Ok(Object::ReferenceGrant(g)) =
+                parse_doc(doc, mesh_controller::source::dir::DEFAULT_NAMESPACE)
+            else {
+                return None;
+            };
+            let namespace = g.metadata.namespace.clone().unwrap_or_default();
+            Some((
+                namespace,
+                mesh_controller::index::grants::Grant::read(&g).ok()?,
+            ))
+        })
+        .collect()
 }
 
 /// The AuthorizationPolicies and RateLimitPolicies.

@@ -15,6 +15,7 @@
 
 pub mod dependencies;
 pub mod fault;
+pub mod grants;
 pub mod model;
 pub mod policy;
 pub mod routes;
@@ -105,6 +106,8 @@ pub struct Index {
     routes_by_fault: HashMap<ObjKey, HashSet<ObjKey>>,
     /// Rollouts: the rollout driver's input; they change nothing in the model.
     rollouts: HashMap<ObjKey, Arc<mesh_api::rollout::Rollout>>,
+    /// ReferenceGrants, read, by their key (whose namespace is the one they share from).
+    grants: HashMap<ObjKey, Arc<grants::Grant>>,
     slices_by_service: HashMap<SvcKey, HashSet<ObjKey>>,
     /// EndpointSlices by the Pods their endpoints name: a Pod change dirties their Services.
     slices_by_pod: HashMap<PodKey, HashSet<ObjKey>>,
@@ -149,6 +152,7 @@ impl Index {
             faults: HashMap::new(),
             routes_by_fault: HashMap::new(),
             rollouts: HashMap::new(),
+            grants: HashMap::new(),
             slices_by_service: HashMap::new(),
             slices_by_pod: HashMap::new(),
             routes_by_parent: HashMap::new(),
@@ -238,6 +242,10 @@ impl Index {
             Object::FaultInjection(f) => {
                 let compiled = Arc::new(fault::compile(&f)?);
                 self.set_fault(key, Some(compiled))
+            }
+            Object::ReferenceGrant(g) => {
+                let grant = Arc::new(grants::Grant::read(&g)?);
+                self.set_grant(key, Some(grant))
             }
             // Not part of the model: the revision stays.
             Object::Rollout(r) => {
@@ -371,6 +379,38 @@ impl Index {
         true
     }
 
+    /// Sets or removes a ReferenceGrant: every route that sends or mirrors to a Service of the
+    /// grant's namespace may now resolve differently, so their parents are dirty.
+    fn set_grant(&mut self, key: ObjKey, grant: Option<Arc<grants::Grant>>) -> bool {
+        if self.grants.get(&key) == grant.as_ref() {
+            return false;
+        }
+        let routes: Vec<ObjKey> = self
+            .routes_by_backend
+            .iter()
+            .filter(|(svc, _)| svc.namespace == key.namespace)
+            .flat_map(|(_, routes)| routes.iter().cloned())
+            .collect();
+        dirty_parents(&mut self.dirty, &self.routes, &routes);
+        match grant {
+            Some(g) => self.grants.insert(key, g),
+            None => self.grants.remove(&key),
+        };
+        true
+    }
+
+    /// Whether a ReferenceGrant in `to_namespace` lets `from` refer to `to`.
+    fn granted(
+        &self,
+        from: grants::Referrer<'_>,
+        to_namespace: &str,
+        to: grants::Target<'_>,
+    ) -> bool {
+        self.grants
+            .iter()
+            .any(|(k, g)| k.namespace == to_namespace && g.allows(from, to))
+    }
+
     /// Sets or removes a route; its old and new parents are dirty.
     fn set_route(&mut self, key: ObjKey, spec: Option<Arc<RouteSpec>>) -> bool {
         let old = self.routes.get(&key).cloned();
@@ -431,6 +471,7 @@ impl Index {
                 self.policies.remove(key).is_some()
             }
             Kind::FaultInjection => self.set_fault(key.clone(), None),
+            Kind::ReferenceGrant => self.set_grant(key.clone(), None),
             Kind::Rollout => {
                 self.rollouts.remove(key);
                 false
@@ -511,6 +552,7 @@ impl Index {
                 .collect(),
             Kind::Rollout => self.rollouts.keys().cloned().collect(),
             Kind::FaultInjection => self.faults.keys().cloned().collect(),
+            Kind::ReferenceGrant => self.grants.keys().cloned().collect(),
             _ => self
                 .policies
                 .keys()
@@ -918,7 +960,7 @@ impl Index {
                         .mirrors
                         .iter()
                         .filter_map(|m| {
-                            self.resolve_backend(&m.backend)
+                            self.resolve_backend(&spec.key, &m.backend)
                                 .ok()
                                 .map(|c| (c, m.per_million))
                         })
@@ -1075,10 +1117,34 @@ impl Index {
         }
     }
 
-    fn resolve_backend(&self, b: &BackendRef) -> Result<String, (model::RefProblem, String)> {
-        use model::RefProblem::BackendNotFound;
+    /// The cluster a route's backend sends to, or why it has none.
+    fn resolve_backend(
+        &self,
+        route: &ObjKey,
+        b: &BackendRef,
+    ) -> Result<String, (model::RefProblem, String)> {
+        use model::RefProblem::{BackendNotFound, RefNotPermitted};
         if let Some(why) = &b.invalid {
             return Err(why.clone());
+        }
+        let from = grants::Referrer {
+            group: grants::GATEWAY_GROUP,
+            kind: &route.kind.to_string(),
+            namespace: &route.namespace,
+        };
+        let to = grants::Target {
+            group: "",
+            kind: "Service",
+            name: &b.name,
+        };
+        if b.namespace != route.namespace && !self.granted(from, &b.namespace, to) {
+            return Err((
+                RefNotPermitted,
+                format!(
+                    "backend {}/{} is in another namespace, and no ReferenceGrant in {} lets {}s of {} refer to it",
+                    b.namespace, b.name, b.namespace, route.kind, route.namespace
+                ),
+            ));
         }
         let key = SvcKey::new(&b.namespace, &b.name);
         let Some(port) = b.port else {
@@ -1141,7 +1207,7 @@ impl Index {
         }
         let mut backends = Vec::new();
         for b in &rule.backends {
-            let cluster = match self.resolve_backend(b) {
+            let cluster = match self.resolve_backend(&spec.key, b) {
                 Ok(c) => Some(c),
                 Err((condition, reason)) => {
                     errors.push(ResolveError {

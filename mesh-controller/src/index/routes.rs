@@ -89,7 +89,8 @@ pub struct BackendRef {
     pub name: String,
     pub port: Option<u16>,
     pub weight: u32,
-    /// Why this reference can never resolve (wrong kind, cross-namespace), if so.
+    /// Why this reference can never resolve (a kind other than Service, no port), if so. One in
+    /// another namespace resolves when a ReferenceGrant there allows it.
     pub invalid: Option<(super::model::RefProblem, String)>,
     pub request_headers: HeaderModifier,
     pub response_headers: HeaderModifier,
@@ -684,14 +685,6 @@ fn backend_ref(
                 raw.kind.unwrap_or_default()
             ),
         ))
-    } else if namespace != route_ns {
-        Some((
-            RefProblem::RefNotPermitted,
-            format!(
-                "backend {namespace}/{} is in another namespace; cross-namespace backendRefs need a ReferenceGrant, which mesh does not read",
-                raw.name
-            ),
-        ))
     } else if port.is_none() {
         Some((
             RefProblem::BackendNotFound,
@@ -1211,7 +1204,10 @@ mod tests {
             .iter()
             .map(|b| b.invalid.clone().map(|(_, why)| why).unwrap_or_default())
             .collect();
-        assert!(why[0].contains("ReferenceGrant"), "{why:?}");
+        assert_eq!(
+            why[0], "",
+            "another namespace is resolved against ReferenceGrants"
+        );
         assert!(why[1].contains("only Services"), "{why:?}");
         assert!(why[2].contains("no port"), "{why:?}");
     }

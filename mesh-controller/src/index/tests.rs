@@ -550,3 +550,88 @@ spec: {{abort: {{httpStatus: {status}, percent: 10}}}}
     assert_eq!(port(&m, "reviews").routes[0].action, RouteAction::Fail(500));
     assert_eq!(m.errors[0].condition.reason(), "InvalidKind");
 }
+
+/// A route may send to a Service of another namespace only while a ReferenceGrant there lets
+/// routes of its kind and namespace refer to it; granting or revoking dirties the route's
+/// parent, so the model follows without the route being touched.
+#[test]
+fn a_backend_in_another_namespace_resolves_only_while_a_grant_allows_it() {
+    let mut idx = mesh();
+    idx.apply(obj(&service_yaml(
+        "payments",
+        "ledger",
+        "10.96.2.10",
+        &[("http", 9080)],
+    )))
+    .expect("svc");
+    idx.apply(obj(&split_yaml(
+        "default",
+        "r",
+        "reviews",
+        9080,
+        &[("reviews-v1", 1)],
+    )
+    .replace(
+        "{name: reviews-v1, port: 9080, weight: 1}",
+        "{name: reviews-v1, port: 9080, weight: 1}, {name: ledger, namespace: payments, port: 9080, weight: 1}",
+    )))
+    .expect("route");
+    let ledger = Some("outbound|9080||ledger.payments.svc.cluster.local".to_string());
+    let refused = |m: &Model| {
+        m.errors
+            .iter()
+            .filter(|e| e.condition == model::RefProblem::RefNotPermitted)
+            .map(|e| (e.field.clone(), e.reason.clone()))
+            .collect::<Vec<_>>()
+    };
+    let m = idx.model();
+    assert_eq!(weights(&port(&m, "reviews").routes[0])[1], (None, 1));
+    assert_eq!(
+        refused(&m),
+        vec![(
+            "spec.rules[0].backendRefs[1]".to_string(),
+            "backend payments/ledger is in another namespace, and no ReferenceGrant in payments lets HTTPRoutes of default refer to it".to_string()
+        )]
+    );
+    let grant = |from_kind: &str, from_ns: &str, to: &str| {
+        obj(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g, namespace: payments}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: {from_kind}, namespace: {from_ns}}}]\n  to: [{to}]\n"
+        ))
+    };
+    // Grants that do not fit change nothing: another kind, another namespace, another name,
+    // and one in the route's namespace instead of the backend's.
+    for g in [
+        grant("GRPCRoute", "default", "{group: '', kind: Service}"),
+        grant("HTTPRoute", "web", "{group: '', kind: Service}"),
+        grant(
+            "HTTPRoute",
+            "default",
+            "{group: '', kind: Service, name: cards}",
+        ),
+        obj(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: ReferenceGrant\nmetadata: {name: g, namespace: default}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}]\n  to: [{group: '', kind: Service}]\n",
+        ),
+    ] {
+        idx.apply(g).expect("grant");
+        let m = idx.model();
+        assert_eq!(refused(&m).len(), 1, "{:?}", m.errors);
+    }
+    idx.apply(grant(
+        "HTTPRoute",
+        "default",
+        "{group: '', kind: Service, name: ledger}",
+    ))
+    .expect("grant");
+    let m = idx.model();
+    assert!(refused(&m).is_empty(), "{:?}", m.errors);
+    assert_eq!(weights(&port(&m, "reviews").routes[0])[1], (ledger, 1));
+    // Revoked: the share is a failure again.
+    idx.delete(&ObjKey {
+        kind: Kind::ReferenceGrant,
+        namespace: "payments".into(),
+        name: "g".into(),
+    });
+    let m = idx.model();
+    assert_eq!(refused(&m).len(), 1, "{:?}", m.errors);
+    assert_eq!(weights(&port(&m, "reviews").routes[0])[1], (None, 1));
+}

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use futures::TryStreamExt;
 use gateway_api::experimental::httproutes::HttpRoute;
 use gateway_api::grpcroutes::GrpcRoute;
+use gateway_api::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -168,6 +169,7 @@ pub fn spawn_watchers(client: Client, sink: &Sink) -> Vec<tokio::task::JoinHandl
         ),
         watch!(FaultInjection, Kind::FaultInjection, Object::FaultInjection),
         watch!(Rollout, Kind::Rollout, Object::Rollout),
+        watch!(ReferenceGrant, Kind::ReferenceGrant, Object::ReferenceGrant),
     ]
 }
 

@@ -75,6 +75,10 @@ fn sample(kind: Kind, name: &str, rv: &str) -> (&'static str, Value) {
             "/apis/mesh.dev/v1alpha1/rollouts",
             json!({"apiVersion": "mesh.dev/v1alpha1", "kind": "Rollout", "metadata": meta(true), "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}, "stable": "a", "candidate": "b", "steps": [{"weight": 50}]}}),
         ),
+        Kind::ReferenceGrant => (
+            "/apis/gateway.networking.k8s.io/v1/referencegrants",
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "ReferenceGrant", "metadata": meta(true), "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "web"}], "to": [{"group": "", "kind": "Service"}]}}),
+        ),
     }
 }
 
@@ -196,6 +200,9 @@ fn spawn_kind(kind: Kind, client: Client, sink: &Sink) -> tokio::task::JoinHandl
             watch_one!(FaultInjection, kind, Object::FaultInjection, client, sink)
         }
         Kind::Rollout => watch_one!(Rollout, kind, Object::Rollout, client, sink),
+        Kind::ReferenceGrant => {
+            watch_one!(ReferenceGrant, kind, Object::ReferenceGrant, client, sink)
+        }
     }
 }
 

@@ -193,6 +193,31 @@ pub(crate) fn days_left(unix: f64) -> f64 {
     (unix - now) / 86_400.0
 }
 
+/// Whether an HTTPRoute of `from_ns` may send to the Service `to_ns/name`: the same namespace,
+/// or a ReferenceGrant in `to_ns` that allows it.
+fn granted(
+    grants: &[(String, mesh_controller::index::grants::Grant)],
+    from_ns: &str,
+    to_ns: &str,
+    name: &str,
+) -> bool {
+    use mesh_controller::index::grants::{GATEWAY_GROUP, Referrer, Target};
+    let from = Referrer {
+        group: GATEWAY_GROUP,
+        kind: "HTTPRoute",
+        namespace: from_ns,
+    };
+    let to = Target {
+        group: "",
+        kind: "Service",
+        name,
+    };
+    from_ns == to_ns
+        || grants
+            .iter()
+            .any(|(ns, g)| ns == to_ns && g.allows(from, to))
+}
+
 /// Routes of the local directory: backends exist with the port, weights are valid, and no two
 /// routes claim the same parent with the same match.
 fn config(local: &LocalDir, c: &mut Checks) {
@@ -203,6 +228,7 @@ fn config(local: &LocalDir, c: &mut Checks) {
         services,
         routes,
         policies,
+        grants,
         admission,
     } = match local.manifests() {
         Ok(m) => m,
@@ -275,6 +301,18 @@ fn config(local: &LocalDir, c: &mut Checks) {
                     .unwrap_or(&r.namespace);
                 let port = b.get("port").and_then(Value::as_u64);
                 let weight = b.get("weight").and_then(Value::as_i64).unwrap_or(1);
+                if !granted(&grants, &r.namespace, ns, name) {
+                    problems += 1;
+                    c.fail(
+                        CAT,
+                        format!(
+                            "{who} rule {}: backend {ns}/{name} is in another namespace, and no ReferenceGrant in {ns} lets HTTPRoutes of {} refer to it",
+                            i + 1,
+                            r.namespace
+                        ),
+                        "add a ReferenceGrant in the backend's namespace (docs/reference/xds.md), or use a Service of the route's namespace",
+                    );
+                }
                 match services
                     .iter()
                     .find(|s| s.namespace == ns && s.name == name)

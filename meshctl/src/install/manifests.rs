@@ -132,6 +132,8 @@ fn rbac(ns: &str) -> Vec<Value> {
                     &["httproutes", "grpcroutes"],
                     &["get", "list", "watch"],
                 ),
+                // Which routes may send to a Service of another namespace.
+                rule(&["gateway.networking.k8s.io"], &["referencegrants"], &watch),
                 // Route status, from the replica holding the Lease.
                 rule(
                     &["gateway.networking.k8s.io"],
