@@ -606,6 +606,9 @@ impl FakeApi {
     /// [`FakeApi::compact_and_end_watches`]. From a resourceVersion older than the last
     /// compaction: one ERROR event with a 410 Status, as the API server answers.
     fn watch(&self, path: &str, query: &str) -> Resp {
+        if let Some(refused) = unsupported_field(path, query) {
+            return refused;
+        }
         let from: Option<u64> = query
             .split('&')
             .find_map(|q| q.strip_prefix("resourceVersion="))
@@ -815,6 +818,25 @@ fn label_selector(query: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A 400 for a `fieldSelector` on a field the API server does not index for the collection
+/// (every kind has `metadata.name` and `metadata.namespace`; Secrets also `type`), as
+/// kube-apiserver refuses it.
+fn unsupported_field(path: &str, query: &str) -> Option<Resp> {
+    let plural = path.rsplit('/').next().unwrap_or_default();
+    label_selector(query).into_iter().find_map(|(k, _)| {
+        let field = k.strip_prefix("field:")?;
+        let known = matches!(field, "metadata.name" | "metadata.namespace")
+            || (plural == "secrets" && field == "type");
+        (!known).then(|| {
+            status(
+                400,
+                "BadRequest",
+                &format!("field label not supported: {field}"),
+            )
+        })
+    })
+}
+
 /// Whether `o` matches a selector's terms: labels, and `metadata.name` / `metadata.namespace`
 /// from a `fieldSelector`.
 fn matches_labels(o: &Value, selector: &[(String, String)]) -> bool {
@@ -822,7 +844,8 @@ fn matches_labels(o: &Value, selector: &[(String, String)]) -> bool {
         let have = match k.strip_prefix("field:") {
             Some("metadata.name") => o.pointer("/metadata/name"),
             Some("metadata.namespace") => o.pointer("/metadata/namespace"),
-            Some(_) => return true,
+            Some("type") => o.pointer("/type"),
+            Some(_) => return false,
             None => o.pointer("/metadata/labels").and_then(|l| l.get(k)),
         };
         have.and_then(Value::as_str) == Some(v.as_str())
@@ -838,6 +861,9 @@ impl State {
     /// A list: objects of the collection (every namespace's, or one's), filtered by a
     /// `labelSelector` of `key=value` terms.
     fn list(&mut self, path: &str, query: &str) -> Resp {
+        if let Some(refused) = unsupported_field(path, query) {
+            return refused;
+        }
         let items = self.collection(path, &label_selector(query));
         respond(
             StatusCode::OK,

@@ -340,3 +340,48 @@ async fn reviews_name_a_tokens_groups_and_rbac_decides_a_subjects_access() {
         "without the group"
     );
 }
+
+/// Field selectors as kube-apiserver takes them: Secrets by `type`, any kind by name and
+/// namespace, and a 400 naming a field the server does not index.
+#[tokio::test]
+async fn field_selectors_select_what_the_server_indexes_and_refuse_the_rest() {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::ListParams;
+    let (client, fake) = FakeApi::start();
+    for (name, kind) in [("cert", "kubernetes.io/tls"), ("token", "Opaque")] {
+        fake.insert(json!({"apiVersion": "v1", "kind": "Secret", "type": kind,
+                           "metadata": {"name": name, "namespace": "default"}}));
+    }
+    let api: Api<Secret> = Api::all(client.clone());
+    let names = |l: kube::core::ObjectList<Secret>| -> Vec<String> {
+        l.items
+            .into_iter()
+            .filter_map(|s| s.metadata.name)
+            .collect()
+    };
+    let tls = api
+        .list(&ListParams::default().fields("type=kubernetes.io/tls"))
+        .await
+        .expect("list by type");
+    assert_eq!(names(tls), vec!["cert"]);
+    let by_name = api
+        .list(&ListParams::default().fields("metadata.name=token"))
+        .await
+        .expect("list by name");
+    assert_eq!(names(by_name), vec!["token"]);
+    let err = api
+        .list(&ListParams::default().fields("data.x=1"))
+        .await
+        .expect_err("an unindexed field");
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 400 && e.message.contains("field label not supported: data.x")),
+        "{err}"
+    );
+    // `type` is a Secret's field only.
+    let cms: Api<ConfigMap> = Api::all(client);
+    assert!(
+        cms.list(&ListParams::default().fields("type=x"))
+            .await
+            .is_err()
+    );
+}
