@@ -55,6 +55,14 @@ fn workloads(fake: &FakeApi) {
     fake.insert(json!({"apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "reviews-v2", "namespace": "shop"},
         "spec": {"clusterIP": "10.96.0.11", "ports": [{"name": "http", "port": 9080}]}}));
+    fake.insert(
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+        "metadata": {"name": "mesh", "generation": 1},
+        "spec": {"controllerName": "mesh.dev/mesh-controller"}}),
+    );
+    fake.insert(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+        "metadata": {"name": "edge", "namespace": "shop", "generation": 1},
+        "spec": {"gatewayClassName": "mesh", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}}));
     for kind in ["HTTPRoute", "GRPCRoute"] {
         fake.insert(json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
             "metadata": {"name": "reviews", "namespace": "shop", "generation": 1},
@@ -213,6 +221,12 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
             .pointer("/status/parents/0")
             .is_some()
         });
+        let gateways = o("/apis/gateway.networking.k8s.io/v1/gatewayclasses/mesh")
+            .pointer("/status/conditions/0")
+            .is_some()
+            && o("/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/edge")
+                .pointer("/status/listeners/0")
+                .is_some();
         let roots = ["shop", "web"].iter().all(|ns| {
             o(&format!("/api/v1/namespaces/{ns}/configmaps/mesh-ca-root"))
                 .pointer("/data/ca.crt")
@@ -243,6 +257,7 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
                 == Some(&json!(10))
         }) && s.objects.keys().filter(|p| p.starts_with("/api/v1/namespaces/shop/events/")).count() >= 2;
         (statuses
+            && gateways
             && roots
             && renewed
             && rollouts

@@ -4,9 +4,11 @@
 use std::fmt;
 
 use gateway_api::experimental::httproutes::HttpRoute;
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::referencegrants::ReferenceGrant;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_api::crds::{AuthorizationPolicy, FaultInjection, RateLimitPolicy, TrafficPolicy};
 use mesh_api::rollout::Rollout;
@@ -28,10 +30,14 @@ pub enum Kind {
     FaultInjection,
     Rollout,
     ReferenceGrant,
+    GatewayClass,
+    Gateway,
+    /// TLS Secrets only (`type: kubernetes.io/tls`): a Gateway listener's certificates.
+    Secret,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Namespace,
         Kind::Service,
         Kind::EndpointSlice,
@@ -44,14 +50,21 @@ impl Kind {
         Kind::FaultInjection,
         Kind::Rollout,
         Kind::ReferenceGrant,
+        Kind::GatewayClass,
+        Kind::Gateway,
+        Kind::Secret,
     ];
 
     /// The `apiVersion` values accepted for this kind.
     fn api_versions(self) -> &'static [&'static str] {
         match self {
-            Kind::Namespace | Kind::Service | Kind::Pod => &["v1"],
+            Kind::Namespace | Kind::Service | Kind::Pod | Kind::Secret => &["v1"],
             Kind::EndpointSlice => &["discovery.k8s.io/v1"],
-            Kind::HTTPRoute | Kind::GRPCRoute | Kind::ReferenceGrant => &[
+            Kind::HTTPRoute
+            | Kind::GRPCRoute
+            | Kind::ReferenceGrant
+            | Kind::GatewayClass
+            | Kind::Gateway => &[
                 "gateway.networking.k8s.io/v1",
                 "gateway.networking.k8s.io/v1beta1",
             ],
@@ -68,7 +81,7 @@ impl Kind {
     }
 
     pub fn is_namespaced(self) -> bool {
-        self != Kind::Namespace
+        !matches!(self, Kind::Namespace | Kind::GatewayClass)
     }
 }
 
@@ -112,6 +125,9 @@ pub enum Object {
     FaultInjection(FaultInjection),
     Rollout(Rollout),
     ReferenceGrant(ReferenceGrant),
+    GatewayClass(GatewayClass),
+    Gateway(Gateway),
+    Secret(Secret),
 }
 
 impl Object {
@@ -129,6 +145,9 @@ impl Object {
             Object::FaultInjection(_) => Kind::FaultInjection,
             Object::Rollout(_) => Kind::Rollout,
             Object::ReferenceGrant(_) => Kind::ReferenceGrant,
+            Object::GatewayClass(_) => Kind::GatewayClass,
+            Object::Gateway(_) => Kind::Gateway,
+            Object::Secret(_) => Kind::Secret,
         }
     }
 
@@ -146,6 +165,9 @@ impl Object {
             Object::FaultInjection(o) => &o.metadata,
             Object::Rollout(o) => &o.metadata,
             Object::ReferenceGrant(o) => &o.metadata,
+            Object::GatewayClass(o) => &o.metadata,
+            Object::Gateway(o) => &o.metadata,
+            Object::Secret(o) => &o.metadata,
         }
     }
 
@@ -163,6 +185,9 @@ impl Object {
             Object::FaultInjection(o) => &mut o.metadata,
             Object::Rollout(o) => &mut o.metadata,
             Object::ReferenceGrant(o) => &mut o.metadata,
+            Object::GatewayClass(o) => &mut o.metadata,
+            Object::Gateway(o) => &mut o.metadata,
+            Object::Secret(o) => &mut o.metadata,
         }
     }
 
@@ -264,6 +289,9 @@ pub fn parse_doc(doc: serde_json::Value, default_namespace: &str) -> Result<Obje
         Kind::FaultInjection => Object::FaultInjection(typed(doc)?),
         Kind::Rollout => Object::Rollout(typed(doc)?),
         Kind::ReferenceGrant => Object::ReferenceGrant(typed(doc)?),
+        Kind::GatewayClass => Object::GatewayClass(typed(doc)?),
+        Kind::Gateway => Object::Gateway(typed(doc)?),
+        Kind::Secret => Object::Secret(typed(doc)?),
     };
     let meta = obj.meta_mut();
     match meta.name.as_deref() {
@@ -378,7 +406,7 @@ mod tests {
     #[test]
     fn rejects_unknown_kind_and_version() {
         let err = parse_doc(
-            doc("apiVersion: v1\nkind: Secret\nmetadata: {name: s}"),
+            doc("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: s}"),
             "d",
         )
         .expect_err("unknown kind");

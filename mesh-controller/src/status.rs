@@ -1,9 +1,12 @@
-//! HTTPRoute and GRPCRoute `status.parents` for Service parents (GAMMA), written by one
-//! controller replica (the holder of a Lease). For each parentRef: `Accepted` (false with
-//! `NoMatchingParent` when the Service or its port does not exist, `UnsupportedValue` when the
-//! route was refused) and `ResolvedRefs` (false with `BackendNotFound`, `InvalidKind` or
-//! `RefNotPermitted`). Entries of other controllers are kept; a condition keeps its
-//! `lastTransitionTime` while its status and reason stay the same.
+//! Status written by one controller replica (the holder of a Lease): HTTPRoute and GRPCRoute
+//! `status.parents` for Service parents (GAMMA) and for parents that are Gateways of ours, and
+//! the status of our GatewayClasses and Gateways (with their listeners). For each parentRef:
+//! `Accepted` (false with `NoMatchingParent` when the Service or its port, or the Gateway's
+//! listener, does not exist, `NotAllowedByListeners`, `NoMatchingListenerHostname`,
+//! `UnsupportedValue` when the route was refused) and `ResolvedRefs` (false with
+//! `BackendNotFound`, `InvalidKind` or `RefNotPermitted`). Entries and conditions of other
+//! controllers are kept; a condition keeps its `lastTransitionTime` while its status and reason
+//! stay the same.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -16,8 +19,9 @@ use kube::core::ApiResource;
 use serde_json::{Value, json};
 use tracing::{debug, warn};
 
+use crate::index::gateway::GatewayModel;
 use crate::index::routes::RouteSpec;
-use crate::index::{Index, ResolveError};
+use crate::index::{Index, Model, ResolveError};
 use crate::lease::LeaseLock;
 use crate::objects::{Kind, ObjKey};
 use crate::source::ConfigErrors;
@@ -26,13 +30,7 @@ use crate::xds::server::Hub;
 /// The `controllerName` of the status entries this controller writes.
 pub const CONTROLLER_NAME: &str = "mesh.dev/mesh-controller";
 
-/// One condition as the controller wants it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Cond {
-    pub ok: bool,
-    pub reason: String,
-    pub message: String,
-}
+pub use crate::index::model::Cond;
 
 /// What the controller says about one parentRef (by its index in `spec.parentRefs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +62,7 @@ pub fn desired(
     routes: &[Arc<RouteSpec>],
     errors: &[ResolveError],
     refused: &BTreeMap<ObjKey, String>,
+    gateway_parents: &BTreeMap<ObjKey, Vec<(usize, Cond)>>,
 ) -> BTreeMap<ObjKey, Desired> {
     let mut out = BTreeMap::new();
     for spec in routes {
@@ -85,6 +84,16 @@ pub fn desired(
                 message: joined(backend.iter().map(|e| e.reason.as_str()).collect()),
             },
         };
+        let on_gateways =
+            gateway_parents
+                .get(&spec.key)
+                .into_iter()
+                .flatten()
+                .map(|(index, accepted)| ParentStatus {
+                    index: *index,
+                    accepted: accepted.clone(),
+                    resolved_refs: resolved_refs.clone(),
+                });
         let parents = spec
             .parents
             .iter()
@@ -114,6 +123,7 @@ pub fn desired(
                     resolved_refs: resolved_refs.clone(),
                 }
             })
+            .chain(on_gateways)
             .collect();
         out.insert(spec.key.clone(), Desired::Parents(parents));
     }
@@ -226,6 +236,8 @@ fn api_resource(kind: Kind) -> Option<ApiResource> {
     let (k, plural) = match kind {
         Kind::HTTPRoute => ("HTTPRoute", "httproutes"),
         Kind::GRPCRoute => ("GRPCRoute", "grpcroutes"),
+        Kind::Gateway => ("Gateway", "gateways"),
+        Kind::GatewayClass => ("GatewayClass", "gatewayclasses"),
         _ => return None,
     };
     Some(ApiResource {
@@ -308,7 +320,7 @@ impl StatusWriter {
             let due = last_revision != Some(model.revision)
                 || last_full.elapsed() > Duration::from_secs(60);
             if leading && due {
-                match self.write_all(&model.errors).await {
+                match self.write_all(&model).await {
                     Ok(n) => {
                         last_revision = Some(model.revision);
                         last_full = Instant::now();
@@ -325,16 +337,22 @@ impl StatusWriter {
         }
     }
 
-    /// Writes every route whose status differs; returns how many were written.
-    pub async fn write_all(&self, errors: &[ResolveError]) -> Result<usize, kube::Error> {
+    /// Writes every route, GatewayClass and Gateway whose status differs; returns how many
+    /// were written.
+    pub async fn write_all(&self, model: &Model) -> Result<usize, kube::Error> {
         let routes = self
             .index
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .route_specs();
-        let want = desired(&routes, errors, &refused_routes(&self.errors));
+        let want = desired(
+            &routes,
+            &model.errors,
+            &refused_routes(&self.errors),
+            &model.gateways.route_parents,
+        );
         let now = Timestamp::now().to_string();
-        let mut written = 0;
+        let mut written = self.write_gateways(model, &now).await?;
         for (key, d) in want {
             let Some(ar) = api_resource(key.kind) else {
                 continue;
@@ -348,22 +366,173 @@ impl StatusWriter {
             let Some(parents) = next_parents(&live, &d, &now) else {
                 continue;
             };
-            let patch = json!({
-                "metadata": {"resourceVersion": live.pointer("/metadata/resourceVersion")},
-                "status": {"parents": parents}
-            });
-            match api
-                .patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
-                Ok(_) => written += 1,
-                // Changed meanwhile: the next pass reads it again.
-                Err(kube::Error::Api(e)) if e.code == 409 => {}
-                Err(e) => return Err(e),
+            written += self
+                .patch_status(&api, &key.name, &live, json!({"parents": parents}))
+                .await?;
+        }
+        Ok(written)
+    }
+
+    /// Our GatewayClasses' `Accepted`, and each Gateway's status.
+    async fn write_gateways(&self, model: &Model, now: &str) -> Result<usize, kube::Error> {
+        let mut written = 0;
+        let class_api: Api<DynamicObject> = Api::all_with(
+            self.client.clone(),
+            &api_resource(Kind::GatewayClass).expect("a resource"),
+        );
+        for name in model.gateways.classes.keys() {
+            let Some(live) = class_api.get_opt(name).await? else {
+                continue;
+            };
+            let live = serde_json::to_value(&live).unwrap_or_default();
+            if let Some(status) = class_status(&live, now) {
+                written += self.patch_status(&class_api, name, &live, status).await?;
+            }
+        }
+        let ar = api_resource(Kind::Gateway).expect("a resource");
+        for g in model.gateways.gateways.values() {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), &g.namespace, &ar);
+            let Some(live) = api.get_opt(&g.name).await? else {
+                continue;
+            };
+            let live = serde_json::to_value(&live).unwrap_or_default();
+            if let Some(status) = gateway_status(g, &live, now) {
+                written += self.patch_status(&api, &g.name, &live, status).await?;
             }
         }
         Ok(written)
     }
+
+    /// A merge patch of `status` over the resourceVersion read; 1 when written, 0 when the
+    /// object changed meanwhile (the next pass reads it again).
+    async fn patch_status(
+        &self,
+        api: &Api<DynamicObject>,
+        name: &str,
+        live: &Value,
+        status: Value,
+    ) -> Result<usize, kube::Error> {
+        let patch = json!({
+            "metadata": {"resourceVersion": live.pointer("/metadata/resourceVersion")},
+            "status": status
+        });
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => Ok(1),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// `conditions` with ours set (each keeping its transition time while status and reason
+/// hold) and the others' kept, in the order they were.
+fn merged_conditions(
+    current: Option<&Value>,
+    ours: &[(&str, Cond)],
+    generation: i64,
+    now: &str,
+) -> Vec<Value> {
+    let current: Vec<Value> = current
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut out: Vec<Value> = current
+        .iter()
+        .filter(|c| !ours.iter().any(|(t, _)| c["type"] == *t))
+        .cloned()
+        .collect();
+    for (kind, c) in ours {
+        let previous = current.iter().find(|p| p["type"] == *kind);
+        out.push(condition(kind, c, generation, previous, now));
+    }
+    out
+}
+
+fn generation_of(live: &Value) -> i64 {
+    live.pointer("/metadata/generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
+}
+
+/// A GatewayClass of ours: `Accepted`. `None` when it already says so.
+pub fn class_status(live: &Value, now: &str) -> Option<Value> {
+    let accepted = Cond {
+        ok: true,
+        reason: "Accepted".into(),
+        message: "served by mesh".into(),
+    };
+    let current = live.pointer("/status/conditions");
+    let conditions =
+        merged_conditions(current, &[("Accepted", accepted)], generation_of(live), now);
+    (Some(&json!(conditions)) != current).then(|| json!({"conditions": conditions}))
+}
+
+/// A Gateway's status: `Accepted` and `Programmed`, and per listener its conditions, route
+/// kinds and attached routes. `Programmed` is false with `Pending` while no gateway proxy
+/// serves the Gateway (none does yet), `Invalid` for a listener that cannot be served.
+/// `None` when it already has this status.
+pub fn gateway_status(g: &GatewayModel, live: &Value, now: &str) -> Option<Value> {
+    let generation = generation_of(live);
+    let pending = Cond {
+        ok: false,
+        reason: "Pending".into(),
+        message: "no gateway proxy serves this Gateway's configuration yet".into(),
+    };
+    let conditions = merged_conditions(
+        live.pointer("/status/conditions"),
+        &[
+            ("Accepted", g.accepted.clone()),
+            ("Programmed", pending.clone()),
+        ],
+        generation,
+        now,
+    );
+    let live_listeners = live
+        .pointer("/status/listeners")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let listeners: Vec<Value> = g
+        .listeners
+        .iter()
+        .map(|l| {
+            let before = live_listeners
+                .iter()
+                .find(|x| x["name"] == l.name.as_str())
+                .and_then(|x| x.get("conditions"));
+            let programmed = if l.programmed.ok {
+                pending.clone()
+            } else {
+                l.programmed.clone()
+            };
+            let conditions = merged_conditions(
+                before,
+                &[
+                    ("Accepted", l.accepted.clone()),
+                    ("ResolvedRefs", l.resolved_refs.clone()),
+                    ("Programmed", programmed),
+                    ("Conflicted", l.conflicted.clone()),
+                ],
+                generation,
+                now,
+            );
+            let kinds: Vec<Value> = l
+                .supported_kinds
+                .iter()
+                .map(|k| json!({"group": crate::index::grants::GATEWAY_GROUP, "kind": k.to_string()}))
+                .collect();
+            json!({"name": l.name, "supportedKinds": kinds,
+                   "attachedRoutes": l.attached_routes, "conditions": conditions})
+        })
+        .collect();
+    let status = json!({"conditions": conditions, "listeners": listeners});
+    let same = live.pointer("/status/conditions") == Some(&status["conditions"])
+        && live.pointer("/status/listeners") == Some(&status["listeners"]);
+    (!same).then_some(status)
 }
 
 #[cfg(test)]
@@ -445,8 +614,10 @@ mod tests {
     #[tokio::test]
     async fn a_missing_backend_is_reported_and_a_second_pass_writes_nothing() {
         let (writer, fake, _) = setup();
-        let errors = writer.hub.model().errors.clone();
-        assert_eq!(writer.write_all(&errors).await.expect("write"), 1);
+        assert_eq!(
+            writer.write_all(&writer.hub.model()).await.expect("write"),
+            1
+        );
         assert_eq!(
             conditions(&fake),
             [
@@ -474,7 +645,10 @@ mod tests {
         );
         // Nothing changed: nothing written.
         let writes = fake.writes().len();
-        assert_eq!(writer.write_all(&errors).await.expect("write"), 0);
+        assert_eq!(
+            writer.write_all(&writer.hub.model()).await.expect("write"),
+            0
+        );
         assert_eq!(fake.writes().len(), writes);
     }
 
@@ -491,8 +665,7 @@ mod tests {
             let r = s.objects.get_mut(ROUTE).expect("route");
             r["status"] = json!({"parents": [theirs.clone()]});
         }
-        let errors = writer.hub.model().errors.clone();
-        writer.write_all(&errors).await.expect("write");
+        writer.write_all(&writer.hub.model()).await.expect("write");
         let first = fake.state().objects[ROUTE]["status"]["parents"].clone();
         assert_eq!(first[0], theirs);
         let accepted_since = first[1]["conditions"][0]["lastTransitionTime"].clone();
@@ -510,7 +683,7 @@ mod tests {
             idx.model()
         };
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        writer.write_all(&model.errors).await.expect("write");
+        writer.write_all(&model).await.expect("write");
         let next = fake.state().objects[ROUTE]["status"]["parents"].clone();
         assert_eq!(next[0], theirs);
         assert_eq!(
@@ -550,6 +723,103 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         task.abort();
+    }
+
+    /// Our GatewayClass is accepted; the Gateway gets its conditions and listeners (route
+    /// kinds, attached routes); a route gets an entry for the Gateway parent; a second pass
+    /// writes nothing.
+    #[tokio::test]
+    async fn a_gateway_its_class_and_its_routes_get_their_status() {
+        let (writer, fake, index) = setup();
+        let docs = [
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh, generation: 1}\nspec: {controllerName: mesh.dev/mesh-controller}\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: shop, generation: 2}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: http, port: 80, protocol: HTTP}\n  - {name: udp, port: 53, protocol: UDP}\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: front, namespace: shop, generation: 4}\nspec:\n  parentRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: edge}]\n  rules: [{backendRefs: [{name: reviews, port: 9080}]}]\n",
+        ];
+        let model = {
+            let mut idx = index.lock().expect("index");
+            for d in docs {
+                idx.apply(obj(d)).expect("valid");
+                let mut v: Value = serde_yaml::from_str(d).expect("yaml");
+                v["metadata"]["resourceVersion"] = json!("1");
+                fake.insert(v);
+            }
+            idx.model()
+        };
+        // The route of setup(), the class, the Gateway and this route.
+        assert_eq!(writer.write_all(&model).await.expect("write"), 4);
+        let objects = fake.state().objects.clone();
+        let o = |p: &str| objects[p].clone();
+        let class = o("/apis/gateway.networking.k8s.io/v1/gatewayclasses/mesh");
+        assert_eq!(class["status"]["conditions"][0]["type"], "Accepted");
+        assert_eq!(class["status"]["conditions"][0]["status"], "True");
+        assert_eq!(class["status"]["conditions"][0]["observedGeneration"], 1);
+        let gw = o("/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/edge");
+        let cond = |c: &Value| {
+            (
+                c["type"].as_str().unwrap_or("").to_owned(),
+                c["status"].as_str().unwrap_or("").to_owned(),
+                c["reason"].as_str().unwrap_or("").to_owned(),
+            )
+        };
+        let conds = |v: &Value| {
+            v.as_array()
+                .expect("conditions")
+                .iter()
+                .map(cond)
+                .collect::<Vec<_>>()
+        };
+        let t = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+        assert_eq!(
+            conds(&gw["status"]["conditions"]),
+            vec![
+                t("Accepted", "True", "ListenersNotValid"),
+                t("Programmed", "False", "Pending")
+            ]
+        );
+        assert_eq!(gw["status"]["conditions"][0]["observedGeneration"], 2);
+        let http = &gw["status"]["listeners"][0];
+        assert_eq!(http["name"], "http");
+        assert_eq!(http["attachedRoutes"], 1);
+        assert_eq!(
+            http["supportedKinds"],
+            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
+                   {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}])
+        );
+        assert_eq!(
+            conds(&http["conditions"]),
+            vec![
+                t("Accepted", "True", "Accepted"),
+                t("ResolvedRefs", "True", "ResolvedRefs"),
+                t("Programmed", "False", "Pending"),
+                t("Conflicted", "False", "NoConflicts"),
+            ]
+        );
+        let udp = &gw["status"]["listeners"][1];
+        assert_eq!(udp["supportedKinds"], json!([]));
+        assert_eq!(
+            cond(&udp["conditions"][0]),
+            t("Accepted", "False", "UnsupportedProtocol")
+        );
+        assert_eq!(
+            cond(&udp["conditions"][2]),
+            t("Programmed", "False", "Invalid")
+        );
+        let route = o("/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/front");
+        let entry = &route["status"]["parents"][0];
+        assert_eq!(entry["controllerName"], CONTROLLER_NAME);
+        assert_eq!(
+            entry["parentRef"],
+            json!({"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"})
+        );
+        assert_eq!(
+            conds(&entry["conditions"]),
+            vec![
+                t("Accepted", "True", "Accepted"),
+                t("ResolvedRefs", "True", "ResolvedRefs")
+            ]
+        );
+        assert_eq!(writer.write_all(&model).await.expect("write"), 0);
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub fn plural(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
             "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1",
             "ReferenceGrant",
         ) => ("referencegrants", true),
+        ("gateway.networking.k8s.io/v1", "Gateway") => ("gateways", true),
+        ("gateway.networking.k8s.io/v1", "GatewayClass") => ("gatewayclasses", false),
         ("mesh.dev/v1alpha1", "AuthorizationPolicy") => ("authorizationpolicies", true),
         ("mesh.dev/v1alpha1", "TrafficPolicy") => ("trafficpolicies", true),
         ("mesh.dev/v1alpha1", "RateLimitPolicy") => ("ratelimitpolicies", true),

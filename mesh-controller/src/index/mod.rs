@@ -15,6 +15,7 @@
 
 pub mod dependencies;
 pub mod fault;
+pub mod gateway;
 pub mod grants;
 pub mod model;
 pub mod policy;
@@ -31,7 +32,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::sync::watch;
 
 pub use self::model::{
-    Endpoint, Model, MtlsMode, PodModel, PortModel, Protocol, ResolveError, RouteAction,
+    Cond, Endpoint, Model, MtlsMode, PodModel, PortModel, Protocol, ResolveError, RouteAction,
     RouteEntry, ServiceModel, SvcKey, WeightedBackend,
 };
 use self::routes::{BackendRef, RouteSpec, match_precedence};
@@ -108,6 +109,13 @@ pub struct Index {
     rollouts: HashMap<ObjKey, Arc<mesh_api::rollout::Rollout>>,
     /// ReferenceGrants, read, by their key (whose namespace is the one they share from).
     grants: HashMap<ObjKey, Arc<grants::Grant>>,
+    /// GatewayClasses by name.
+    classes: HashMap<String, gateway::ClassRead>,
+    gateways: HashMap<ObjKey, Arc<gateway::GatewayRead>>,
+    /// TLS Secrets by `(namespace, name)`, or why one does not read.
+    secrets: HashMap<(String, String), Result<Arc<gateway::TlsSecret>, String>>,
+    /// Routes with a Gateway parent.
+    gateway_routes: BTreeSet<ObjKey>,
     slices_by_service: HashMap<SvcKey, HashSet<ObjKey>>,
     /// EndpointSlices by the Pods their endpoints name: a Pod change dirties their Services.
     slices_by_pod: HashMap<PodKey, HashSet<ObjKey>>,
@@ -153,6 +161,10 @@ impl Index {
             routes_by_fault: HashMap::new(),
             rollouts: HashMap::new(),
             grants: HashMap::new(),
+            classes: HashMap::new(),
+            gateways: HashMap::new(),
+            secrets: HashMap::new(),
+            gateway_routes: BTreeSet::new(),
             slices_by_service: HashMap::new(),
             slices_by_pod: HashMap::new(),
             routes_by_parent: HashMap::new(),
@@ -246,6 +258,24 @@ impl Index {
             Object::ReferenceGrant(g) => {
                 let grant = Arc::new(grants::Grant::read(&g)?);
                 self.set_grant(key, Some(grant))
+            }
+            Object::GatewayClass(c) => {
+                let read = gateway::ClassRead::read(&c);
+                self.classes.insert(key.name, read.clone()) != Some(read)
+            }
+            Object::Gateway(g) => {
+                let read = Arc::new(gateway::GatewayRead::read(&g)?);
+                self.gateways.insert(key, read.clone()) != Some(read)
+            }
+            Object::Secret(s) => {
+                let k = (key.namespace, key.name);
+                match gateway::read_secret(&s) {
+                    None => self.secrets.remove(&k).is_some(),
+                    Some(read) => {
+                        let read = read.map(Arc::new);
+                        self.secrets.insert(k, read.clone()) != Some(read)
+                    }
+                }
             }
             // Not part of the model: the revision stays.
             Object::Rollout(r) => {
@@ -431,6 +461,11 @@ impl Index {
                 link(&mut self.routes_by_fault, f, &key, add);
             }
         }
+        if spec.as_ref().is_some_and(|s| !s.gateway_parents.is_empty()) {
+            self.gateway_routes.insert(key.clone());
+        } else {
+            self.gateway_routes.remove(&key);
+        }
         match spec {
             Some(s) => self.routes.insert(key, s),
             None => self.routes.remove(&key),
@@ -472,6 +507,12 @@ impl Index {
             }
             Kind::FaultInjection => self.set_fault(key.clone(), None),
             Kind::ReferenceGrant => self.set_grant(key.clone(), None),
+            Kind::GatewayClass => self.classes.remove(&key.name).is_some(),
+            Kind::Gateway => self.gateways.remove(key).is_some(),
+            Kind::Secret => self
+                .secrets
+                .remove(&(key.namespace.clone(), key.name.clone()))
+                .is_some(),
             Kind::Rollout => {
                 self.rollouts.remove(key);
                 false
@@ -553,6 +594,9 @@ impl Index {
             Kind::Rollout => self.rollouts.keys().cloned().collect(),
             Kind::FaultInjection => self.faults.keys().cloned().collect(),
             Kind::ReferenceGrant => self.grants.keys().cloned().collect(),
+            Kind::GatewayClass => self.classes.keys().map(|n| key("", n)).collect(),
+            Kind::Gateway => self.gateways.keys().cloned().collect(),
+            Kind::Secret => self.secrets.keys().map(|(ns, n)| key(ns, n)).collect(),
             _ => self
                 .policies
                 .keys()
@@ -860,7 +904,10 @@ impl Index {
         let mtls_namespaces = Arc::new(self.mtls_namespaces(&mut errors));
         let namespace_dependencies = Arc::new(self.namespace_dependencies(&mut errors));
         let policies = Arc::new(self.policies(&mut errors));
+        let gateways = Arc::new(self.gateway_models(&mut errors));
         errors.sort_by(|a, b| (&a.object, &a.field).cmp(&(&b.object, &b.field)));
+        // A route on a Service and a Gateway reports an unresolved backend once.
+        errors.dedup();
         let model = Arc::new(Model {
             revision,
             cluster_domain: self.cluster_domain.clone(),
@@ -871,10 +918,252 @@ impl Index {
             policies,
             services,
             pods: self.pods.clone(),
+            gateways,
             errors,
         });
         self.last_model = Some(model.clone());
         model
+    }
+
+    /// The Gateways of our classes: listeners and their status, routes attached (their
+    /// references resolved; what does not resolve, or does not attach, goes to `errors`), and
+    /// per port the hosts each listener serves with their routes. A Gateway equal to the last
+    /// model's keeps its `Arc`.
+    fn gateway_models(&self, errors: &mut Vec<ResolveError>) -> gateway::Gateways {
+        let mut out = gateway::Gateways {
+            classes: self
+                .classes
+                .iter()
+                .filter(|(_, c)| c.ours)
+                .map(|(n, c)| (n.clone(), c.generation))
+                .collect(),
+            ..Default::default()
+        };
+        let granted = |from: grants::Referrer<'_>, ns: &str, to: grants::Target<'_>| {
+            self.granted(from, ns, to)
+        };
+        let secret_ok =
+            |ns: &str, name: &str| match self.secrets.get(&(ns.to_string(), name.to_string())) {
+                None => Err(format!("no Secret {ns}/{name} of type kubernetes.io/tls")),
+                Some(Err(why)) => Err(why.clone()),
+                Some(Ok(_)) => Ok(()),
+            };
+        // Ours, in key order.
+        let mut ours: BTreeMap<ObjKey, Building> = BTreeMap::new();
+        for (key, g) in &self.gateways {
+            if !out.classes.contains_key(&g.class) {
+                continue;
+            }
+            let listeners: Vec<_> = g
+                .listeners
+                .iter()
+                .map(|l| {
+                    let m = gateway::listener_model(
+                        &key.namespace,
+                        l,
+                        &g.listeners,
+                        &granted,
+                        &secret_ok,
+                    );
+                    (l.clone(), m)
+                })
+                .collect();
+            let n = listeners.len();
+            ours.insert(
+                key.clone(),
+                Building {
+                    read: g.clone(),
+                    listeners,
+                    by_host: vec![BTreeMap::new(); n],
+                    attached: vec![BTreeSet::new(); n],
+                },
+            );
+        }
+        let no_labels = BTreeMap::new();
+        for route_key in &self.gateway_routes {
+            let Some(spec) = self.routes.get(route_key) else {
+                continue;
+            };
+            let mut entries: Option<Vec<(usize, usize, RouteEntry)>> = None;
+            for p in &spec.gateway_parents {
+                let gw_key = ObjKey {
+                    kind: Kind::Gateway,
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                };
+                // A Gateway that is not ours (or not there) is another controller's to answer.
+                let Some(Building {
+                    listeners,
+                    by_host,
+                    attached,
+                    ..
+                }) = ours.get_mut(&gw_key)
+                else {
+                    continue;
+                };
+                let labels = self
+                    .namespaces
+                    .get(&spec.key.namespace)
+                    .unwrap_or(&no_labels);
+                let field = format!("spec.parentRefs[{}]", p.index);
+                match gateway::attach(spec, p, &p.namespace, listeners, labels) {
+                    Err((condition, reason)) => {
+                        out.route_parents
+                            .entry(spec.key.clone())
+                            .or_default()
+                            .push((
+                                p.index,
+                                Cond {
+                                    ok: false,
+                                    reason: condition.reason().into(),
+                                    message: reason.clone(),
+                                },
+                            ));
+                        errors.push(ResolveError {
+                            object: spec.key.clone(),
+                            field,
+                            reason,
+                            condition,
+                        });
+                    }
+                    Ok(on) => {
+                        out.route_parents
+                            .entry(spec.key.clone())
+                            .or_default()
+                            .push((
+                                p.index,
+                                Cond {
+                                    ok: true,
+                                    reason: "Accepted".into(),
+                                    message: format!("attached to Gateway {gw_key}"),
+                                },
+                            ));
+                        let entries = entries.get_or_insert_with(|| {
+                            let mut e = self.rule_entries(spec, errors);
+                            for (ri, _, entry) in &mut e {
+                                if entry.retry.is_none() {
+                                    entry.retry = traffic::route_retry(
+                                        self.traffic.values().map(Arc::as_ref),
+                                        &spec.key,
+                                        spec.rules[*ri].name.as_deref(),
+                                        ("", ""),
+                                        "",
+                                    );
+                                }
+                            }
+                            e
+                        });
+                        for (li, hosts) in on {
+                            attached[li].insert(spec.key.clone());
+                            for h in hosts {
+                                let list = by_host[li].entry(h).or_default();
+                                for (ri, mi, e) in entries.iter() {
+                                    list.push((spec.clone(), *ri, *mi, e.clone()));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let previous = self.last_model.as_ref().map(|m| m.gateways.clone());
+        for (key, building) in ours {
+            let model = self.finish_gateway(&key, building, &mut out.secrets);
+            let name = format!("{}/{}", key.namespace, key.name);
+            let kept = previous
+                .as_ref()
+                .and_then(|p| p.gateways.get(&name))
+                .filter(|old| ***old == model)
+                .cloned();
+            out.gateways
+                .insert(name, kept.unwrap_or_else(|| Arc::new(model)));
+        }
+        out
+    }
+
+    /// A Gateway once its routes are attached: routes counted per listener, hosts isolated,
+    /// per port the virtual hosts of its servable listeners (their certificates into
+    /// `secrets`), and the Gateway's `Accepted`.
+    fn finish_gateway(
+        &self,
+        key: &ObjKey,
+        b: Building,
+        secrets: &mut BTreeMap<(String, String), Arc<gateway::TlsSecret>>,
+    ) -> gateway::GatewayModel {
+        use gateway::{GatewayPort, ListenerRead, VirtualHost};
+        let Building {
+            read,
+            mut listeners,
+            mut by_host,
+            attached,
+        } = b;
+        {
+            for (i, (_, m)) in listeners.iter_mut().enumerate() {
+                m.attached_routes = u32::try_from(attached[i].len()).unwrap_or(u32::MAX);
+            }
+            let reads: Vec<ListenerRead> = listeners.iter().map(|(l, _)| l.clone()).collect();
+            let mut hosts: Vec<Vec<String>> = by_host
+                .iter()
+                .map(|b| b.keys().cloned().collect())
+                .collect();
+            gateway::isolate(&reads, &mut hosts);
+            let mut ports: BTreeMap<u16, GatewayPort> = BTreeMap::new();
+            for (i, (l, m)) in listeners.iter().enumerate() {
+                let Some(protocol) = m.protocol.filter(|_| m.programmed.ok) else {
+                    continue;
+                };
+                for c in &m.certs {
+                    let k = (c.namespace.clone(), c.name.clone());
+                    if let Some(Ok(s)) = self.secrets.get(&k) {
+                        secrets.insert(k, s.clone());
+                    }
+                }
+                let port = ports.entry(l.port).or_insert_with(|| GatewayPort {
+                    port: l.port,
+                    protocol,
+                    vhosts: Vec::new(),
+                });
+                for h in &hosts[i] {
+                    let routes = in_precedence(by_host[i].remove(h).unwrap_or_default());
+                    port.vhosts.push(VirtualHost {
+                        listener: l.name.clone(),
+                        hostname: h.clone(),
+                        routes,
+                    });
+                }
+            }
+            for p in ports.values_mut() {
+                p.vhosts
+                    .sort_by(|a, b| gateway::host_order(&a.hostname, &b.hostname));
+            }
+            let valid = listeners.iter().filter(|(_, m)| m.valid()).count();
+            let accepted = match (valid, listeners.len()) {
+                (0, _) => Cond {
+                    ok: false,
+                    reason: "ListenersNotValid".into(),
+                    message: "no listener is valid".into(),
+                },
+                (v, n) if v < n => Cond {
+                    ok: true,
+                    reason: "ListenersNotValid".into(),
+                    message: format!("{} of {n} listeners are not valid", n - v),
+                },
+                _ => Cond {
+                    ok: true,
+                    reason: "Accepted".into(),
+                    message: "accepted by mesh".into(),
+                },
+            };
+            gateway::GatewayModel {
+                namespace: key.namespace.clone(),
+                name: key.name.clone(),
+                class: read.class.clone(),
+                generation: read.generation,
+                accepted,
+                listeners: listeners.into_iter().map(|(_, m)| m).collect(),
+                ports: ports.into_values().collect(),
+            }
+        }
     }
 
     /// Resolves one Service: ready endpoints per port and the routes attached to it, in
@@ -920,7 +1209,6 @@ impl Index {
         }
 
         // Route entries per port; consumer routes per client namespace.
-        type Entries = Vec<(Arc<RouteSpec>, usize, usize, RouteEntry)>;
         let mut producer: HashMap<u16, Entries> = HashMap::new();
         let mut consumer: HashMap<(u16, String), Entries> = HashMap::new();
         for spec in self
@@ -948,88 +1236,37 @@ impl Index {
                     }
                     None => info.ports.iter().map(|sp| sp.port).collect(),
                 };
-                for (ri, rule) in spec.rules.iter().enumerate() {
-                    // A fault that does not resolve fails the rule, as the Gateway API asks of
-                    // an ExtensionRef filter.
-                    let (action, fault) = match self.resolve_fault(spec, rule, errors) {
-                        Ok(fault) => (self.resolve_action(spec, ri, rule, errors), fault),
-                        Err(()) => (RouteAction::Fail(500), None),
-                    };
-                    let mirrors = rule
-                        .filters
-                        .mirrors
-                        .iter()
-                        .filter_map(|m| {
-                            self.resolve_backend(&spec.key, &m.backend)
-                                .ok()
-                                .map(|c| (c, m.per_million))
-                        })
-                        .collect::<Vec<_>>();
-                    for (mi, m) in rule.matches.iter().enumerate() {
-                        let entry = RouteEntry {
-                            source: format!(
-                                "{}/{}/{} rule {ri}",
-                                spec.key.kind, spec.key.namespace, spec.key.name
-                            ),
-                            matches: m.clone(),
-                            action: action.clone(),
-                            request_headers: rule.filters.request_headers.clone(),
-                            response_headers: rule.filters.response_headers.clone(),
-                            rewrite: rule.filters.rewrite.clone(),
-                            mirrors: mirrors.clone(),
-                            timeout: rule.timeout,
-                            backend_timeout: rule.backend_timeout,
-                            retry: rule.retry.clone(),
-                            fault: fault.clone(),
-                        };
-                        for &port in &ports {
-                            let mut entry = entry.clone();
-                            if entry.retry.is_none() {
-                                let port_name = info
-                                    .ports
-                                    .iter()
-                                    .find(|sp| sp.port == port)
-                                    .map_or("", |sp| sp.name.as_str());
-                                entry.retry = traffic::route_retry(
-                                    self.traffic.values().map(Arc::as_ref),
-                                    &spec.key,
-                                    rule.name.as_deref(),
-                                    (&key.namespace, &key.name),
-                                    port_name,
-                                );
-                            }
-                            let item = (spec.clone(), ri, mi, entry);
-                            if spec.key.namespace == parent.namespace {
-                                producer.entry(port).or_default().push(item);
-                            } else {
-                                consumer
-                                    .entry((port, spec.key.namespace.clone()))
-                                    .or_default()
-                                    .push(item);
-                            }
+                for (ri, mi, entry) in self.rule_entries(spec, errors) {
+                    for &port in &ports {
+                        let mut entry = entry.clone();
+                        if entry.retry.is_none() {
+                            let port_name = info
+                                .ports
+                                .iter()
+                                .find(|sp| sp.port == port)
+                                .map_or("", |sp| sp.name.as_str());
+                            entry.retry = traffic::route_retry(
+                                self.traffic.values().map(Arc::as_ref),
+                                &spec.key,
+                                spec.rules[ri].name.as_deref(),
+                                (&key.namespace, &key.name),
+                                port_name,
+                            );
+                        }
+                        let item = (spec.clone(), ri, mi, entry);
+                        if spec.key.namespace == parent.namespace {
+                            producer.entry(port).or_default().push(item);
+                        } else {
+                            consumer
+                                .entry((port, spec.key.namespace.clone()))
+                                .or_default()
+                                .push(item);
                         }
                     }
                 }
             }
         }
-        let order = |mut entries: Entries| -> Arc<Vec<RouteEntry>> {
-            entries.sort_by(|(sa, ra, ma, ea), (sb, rb, mb, eb)| {
-                match_precedence(&ea.matches, &eb.matches)
-                    .then_with(|| match (&sa.created, &sb.created) {
-                        (Some(a), Some(b)) => a.cmp(b),
-                        (Some(_), None) => std::cmp::Ordering::Less,
-                        (None, Some(_)) => std::cmp::Ordering::Greater,
-                        (None, None) => std::cmp::Ordering::Equal,
-                    })
-                    .then_with(|| {
-                        (&sa.key.namespace, &sa.key.name).cmp(&(&sb.key.namespace, &sb.key.name))
-                    })
-                    .then(sa.key.kind.cmp(&sb.key.kind))
-                    .then(ra.cmp(rb))
-                    .then(ma.cmp(mb))
-            });
-            Arc::new(entries.into_iter().map(|(_, _, _, e)| e).collect())
-        };
+        let order = |entries: Entries| Arc::new(in_precedence(entries));
         let mut consumer_by_port: HashMap<u16, ConsumerRoutes> = HashMap::new();
         for ((port, ns), entries) in consumer {
             consumer_by_port
@@ -1195,6 +1432,58 @@ impl Index {
         Err(())
     }
 
+    /// One entry per match of each rule of a route, its references resolved (what does not
+    /// resolve goes to `errors`), with the rule and match index; a retry only if the rule sets
+    /// one (the parent's default is the caller's).
+    fn rule_entries(
+        &self,
+        spec: &RouteSpec,
+        errors: &mut Vec<ResolveError>,
+    ) -> Vec<(usize, usize, RouteEntry)> {
+        let mut out = Vec::new();
+        for (ri, rule) in spec.rules.iter().enumerate() {
+            // A fault that does not resolve fails the rule, as the Gateway API asks of an
+            // ExtensionRef filter.
+            let (action, fault) = match self.resolve_fault(spec, rule, errors) {
+                Ok(fault) => (self.resolve_action(spec, ri, rule, errors), fault),
+                Err(()) => (RouteAction::Fail(500), None),
+            };
+            let mirrors = rule
+                .filters
+                .mirrors
+                .iter()
+                .filter_map(|m| {
+                    self.resolve_backend(&spec.key, &m.backend)
+                        .ok()
+                        .map(|c| (c, m.per_million))
+                })
+                .collect::<Vec<_>>();
+            for (mi, m) in rule.matches.iter().enumerate() {
+                out.push((
+                    ri,
+                    mi,
+                    RouteEntry {
+                        source: format!(
+                            "{}/{}/{} rule {ri}",
+                            spec.key.kind, spec.key.namespace, spec.key.name
+                        ),
+                        matches: m.clone(),
+                        action: action.clone(),
+                        request_headers: rule.filters.request_headers.clone(),
+                        response_headers: rule.filters.response_headers.clone(),
+                        rewrite: rule.filters.rewrite.clone(),
+                        mirrors: mirrors.clone(),
+                        timeout: rule.timeout,
+                        backend_timeout: rule.backend_timeout,
+                        retry: rule.retry.clone(),
+                        fault: fault.clone(),
+                    },
+                ));
+            }
+        }
+        out
+    }
+
     fn resolve_action(
         &self,
         spec: &RouteSpec,
@@ -1239,6 +1528,38 @@ impl Index {
         }
         RouteAction::Forward(backends)
     }
+}
+
+/// A Gateway of ours while routes attach to it.
+struct Building {
+    read: Arc<gateway::GatewayRead>,
+    listeners: Vec<(gateway::ListenerRead, gateway::ListenerModel)>,
+    /// Per listener, the entries attached, by host.
+    by_host: Vec<BTreeMap<String, Entries>>,
+    /// Per listener, the routes attached.
+    attached: Vec<BTreeSet<ObjKey>>,
+}
+
+/// A route's entries with where each comes from (the route, rule and match index).
+type Entries = Vec<(Arc<RouteSpec>, usize, usize, RouteEntry)>;
+
+/// Route entries in the Gateway API's precedence: the match, then the older route, then
+/// `namespace/name`, then rule and match order.
+fn in_precedence(mut entries: Entries) -> Vec<RouteEntry> {
+    entries.sort_by(|(sa, ra, ma, ea), (sb, rb, mb, eb)| {
+        match_precedence(&ea.matches, &eb.matches)
+            .then_with(|| match (&sa.created, &sb.created) {
+                (Some(a), Some(b)) => a.cmp(b),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            })
+            .then_with(|| (&sa.key.namespace, &sa.key.name).cmp(&(&sb.key.namespace, &sb.key.name)))
+            .then(sa.key.kind.cmp(&sb.key.kind))
+            .then(ra.cmp(rb))
+            .then(ma.cmp(mb))
+    });
+    entries.into_iter().map(|(_, _, _, e)| e).collect()
 }
 
 /// Marks dirty the parent Services of each of `routes`.

@@ -194,18 +194,31 @@ pub struct ResolveError {
     pub condition: RefProblem,
 }
 
+/// One Gateway API condition as the controller wants it: its status (`ok`), reason and message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Cond {
+    pub ok: bool,
+    pub reason: String,
+    pub message: String,
+}
+
 /// What is wrong with a reference, as a Gateway API route condition reason: a parent problem
 /// makes `Accepted` false, a backend problem `ResolvedRefs`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum RefProblem {
-    /// The parent Service (or its port) does not exist.
+    /// The parent Service (or its port) does not exist, or no listener of the parent Gateway
+    /// has the `sectionName` or `port` asked for.
     NoMatchingParent,
+    /// No listener the parentRef names lets the route attach (namespace or kind).
+    NotAllowedByListeners,
+    /// No listener the route may attach to shares a hostname with it.
+    NoMatchingListenerHostname,
     /// The backend Service (or its port) does not exist.
     #[default]
     BackendNotFound,
     /// The backend is not a Service.
     InvalidKind,
-    /// The backend is in another namespace (ReferenceGrant is not read).
+    /// The backend is in another namespace, and no ReferenceGrant there allows it.
     RefNotPermitted,
     /// Not a route's reference (a namespace label).
     NotARoute,
@@ -215,6 +228,8 @@ impl RefProblem {
     pub fn reason(self) -> &'static str {
         match self {
             Self::NoMatchingParent => "NoMatchingParent",
+            Self::NotAllowedByListeners => "NotAllowedByListeners",
+            Self::NoMatchingListenerHostname => "NoMatchingListenerHostname",
             Self::BackendNotFound => "BackendNotFound",
             Self::InvalidKind => "InvalidKind",
             Self::RefNotPermitted => "RefNotPermitted",
@@ -264,6 +279,8 @@ pub struct Model {
     pub services: imbl::OrdMap<SvcKey, Arc<ServiceModel>>,
     #[serde(skip)]
     pub pods: Arc<HashMap<(String, String), Arc<PodModel>>>,
+    /// Gateways of our GatewayClasses, and what attached to them.
+    pub gateways: Arc<super::gateway::Gateways>,
     pub errors: Vec<ResolveError>,
 }
 

@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use super::grants::GATEWAY_GROUP;
 use crate::objects::{DocError, ObjKey};
 
 /// Largest weight the Gateway API allows on a backendRef.
@@ -25,11 +26,28 @@ pub const MAX_WEIGHT: u32 = 1_000_000;
 pub struct RouteSpec {
     pub key: ObjKey,
     pub created: Option<Time>,
+    /// Service parents (GAMMA).
     pub parents: Vec<ParentRef>,
+    /// Gateway parents (north-south); whether a Gateway is ours is decided when it resolves.
+    pub gateway_parents: Vec<GatewayParentRef>,
+    /// `spec.hostnames`, lowercased: the hosts it serves on a Gateway's listeners.
+    pub hostnames: Vec<String>,
     pub rules: Vec<RuleSpec>,
 }
 
-/// A `parentRefs` entry of kind Service (GAMMA); other parent kinds are not ours to serve.
+/// A `parentRefs` entry of kind Gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GatewayParentRef {
+    pub namespace: String,
+    pub name: String,
+    /// A listener's name.
+    pub section_name: Option<String>,
+    pub port: Option<u16>,
+    /// Index in `spec.parentRefs`.
+    pub index: usize,
+}
+
+/// A `parentRefs` entry of kind Service (GAMMA).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParentRef {
     pub namespace: String,
@@ -297,6 +315,7 @@ struct RawParentRef {
     name: String,
     namespace: Option<String>,
     port: Option<i64>,
+    section_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -360,6 +379,7 @@ impl RouteSpec {
             key,
             route.metadata.creation_timestamp.clone(),
             parents,
+            route.spec.hostnames.clone().unwrap_or_default(),
             rules,
             Flavor::Http,
         )
@@ -373,6 +393,7 @@ impl RouteSpec {
             key,
             route.metadata.creation_timestamp.clone(),
             parents,
+            route.spec.hostnames.clone().unwrap_or_default(),
             rules,
             Flavor::Grpc,
         )
@@ -382,10 +403,12 @@ impl RouteSpec {
         key: ObjKey,
         created: Option<Time>,
         raw_parents: Option<Vec<RawParentRef>>,
+        hostnames: Vec<String>,
         raw_rules: Option<Vec<RawRule>>,
         flavor: Flavor,
     ) -> Result<Self, DocError> {
         let mut parents = Vec::new();
+        let mut gateway_parents = Vec::new();
         for (i, p) in raw_parents.unwrap_or_default().into_iter().enumerate() {
             let field = format!("spec.parentRefs[{i}]");
             // A parent's group defaults to the Gateway API's and its kind to Gateway, as the
@@ -405,17 +428,28 @@ impl RouteSpec {
                     ),
                 ));
             }
-            // Parents that are not Services (Gateways) belong to a gateway implementation.
+            let port = p
+                .port
+                .map(|port| to_port(port, &format!("{field}.port")))
+                .transpose()?;
+            if group == GATEWAY_GROUP && kind == "Gateway" {
+                gateway_parents.push(GatewayParentRef {
+                    namespace: p.namespace.unwrap_or_else(|| key.namespace.clone()),
+                    name: p.name,
+                    section_name: p.section_name.filter(|s| !s.is_empty()),
+                    port,
+                    index: i,
+                });
+                continue;
+            }
+            // Other kinds of parent (a ListenerSet, another group's) are not ours.
             if !is_service_ref(Some(group), Some(kind)) {
                 continue;
             }
             parents.push(ParentRef {
                 namespace: p.namespace.unwrap_or_else(|| key.namespace.clone()),
                 name: p.name,
-                port: p
-                    .port
-                    .map(|port| to_port(port, &format!("{field}.port")))
-                    .transpose()?,
+                port,
                 index: i,
             });
         }
@@ -432,13 +466,12 @@ impl RouteSpec {
             key,
             created,
             parents,
+            gateway_parents,
+            hostnames: hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
             rules,
         })
     }
 }
-
-/// The Gateway API's group, a `parentRefs` entry's default.
-const GATEWAY_GROUP: &str = "gateway.networking.k8s.io";
 
 fn is_service_ref(group: Option<&str>, kind: Option<&str>) -> bool {
     matches!(group, None | Some("") | Some("core")) && kind.unwrap_or("Service") == "Service"
@@ -1213,11 +1246,31 @@ mod tests {
     }
 
     #[test]
-    fn gateway_parents_are_not_ours() {
-        let r = route("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: gw}, {group: '', kind: Service, name: s}]\n").expect("valid");
+    fn gateway_and_service_parents_are_told_apart() {
+        let r = route("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  hostnames: [Shop.Example.com]\n  parentRefs: [{name: gw}, {group: '', kind: Service, name: s}, {name: edge, namespace: infra, sectionName: https, port: 443}, {group: gateway.networking.k8s.io, kind: ListenerSet, name: ls}]\n").expect("valid");
         assert_eq!(r.parents.len(), 1);
         assert_eq!(r.parents[0].name, "s");
         assert_eq!(r.parents[0].index, 1);
+        assert_eq!(
+            r.gateway_parents,
+            vec![
+                GatewayParentRef {
+                    namespace: "default".into(),
+                    name: "gw".into(),
+                    section_name: None,
+                    port: None,
+                    index: 0
+                },
+                GatewayParentRef {
+                    namespace: "infra".into(),
+                    name: "edge".into(),
+                    section_name: Some("https".into()),
+                    port: Some(443),
+                    index: 2
+                },
+            ]
+        );
+        assert_eq!(r.hostnames, vec!["shop.example.com"]);
     }
 
     /// The API server fills a parent's group in with the Gateway API's: `kind: Service` alone

@@ -8,9 +8,11 @@ use std::collections::BTreeSet;
 
 use futures::TryStreamExt;
 use gateway_api::experimental::httproutes::HttpRoute;
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::Gateway;
 use gateway_api::grpcroutes::GrpcRoute;
 use gateway_api::referencegrants::ReferenceGrant;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -94,7 +96,7 @@ where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
     let mut buffer = Vec::new();
-    let stream = watcher(api, watcher::Config::default()).default_backoff();
+    let stream = watcher(api, watch_config(kind)).default_backoff();
     futures::pin_mut!(stream);
     loop {
         match stream.try_next().await {
@@ -103,6 +105,15 @@ where
             // The backoff above spaces retries; say why each one happens.
             Err(e) => warn!(%kind, error = %e, "watch failed; retrying"),
         }
+    }
+}
+
+/// What a kind's watch asks for: Secrets only of the TLS type (the certificates of Gateway
+/// listeners), so the controller never holds the cluster's other Secrets; everything else whole.
+fn watch_config(kind: Kind) -> watcher::Config {
+    match kind {
+        Kind::Secret => watcher::Config::default().fields("type=kubernetes.io/tls"),
+        _ => watcher::Config::default(),
     }
 }
 
@@ -170,6 +181,9 @@ pub fn spawn_watchers(client: Client, sink: &Sink) -> Vec<tokio::task::JoinHandl
         watch!(FaultInjection, Kind::FaultInjection, Object::FaultInjection),
         watch!(Rollout, Kind::Rollout, Object::Rollout),
         watch!(ReferenceGrant, Kind::ReferenceGrant, Object::ReferenceGrant),
+        watch!(GatewayClass, Kind::GatewayClass, Object::GatewayClass),
+        watch!(Gateway, Kind::Gateway, Object::Gateway),
+        watch!(Secret, Kind::Secret, Object::Secret),
     ]
 }
 

@@ -75,6 +75,18 @@ fn sample(kind: Kind, name: &str, rv: &str) -> (&'static str, Value) {
             "/apis/mesh.dev/v1alpha1/rollouts",
             json!({"apiVersion": "mesh.dev/v1alpha1", "kind": "Rollout", "metadata": meta(true), "spec": {"targetRef": {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "r"}, "stable": "a", "candidate": "b", "steps": [{"weight": 50}]}}),
         ),
+        Kind::GatewayClass => (
+            "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass", "metadata": meta(false), "spec": {"controllerName": "mesh.dev/mesh-controller"}}),
+        ),
+        Kind::Gateway => (
+            "/apis/gateway.networking.k8s.io/v1/gateways",
+            json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway", "metadata": meta(true), "spec": {"gatewayClassName": "mesh", "listeners": [{"name": "http", "port": 80, "protocol": "HTTP"}]}}),
+        ),
+        Kind::Secret => (
+            "/api/v1/secrets",
+            json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls", "metadata": meta(true), "data": {"tls.crt": "", "tls.key": ""}}),
+        ),
         Kind::ReferenceGrant => (
             "/apis/gateway.networking.k8s.io/v1/referencegrants",
             json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "ReferenceGrant", "metadata": meta(true), "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "web"}], "to": [{"group": "", "kind": "Service"}]}}),
@@ -203,6 +215,9 @@ fn spawn_kind(kind: Kind, client: Client, sink: &Sink) -> tokio::task::JoinHandl
         Kind::ReferenceGrant => {
             watch_one!(ReferenceGrant, kind, Object::ReferenceGrant, client, sink)
         }
+        Kind::GatewayClass => watch_one!(GatewayClass, kind, Object::GatewayClass, client, sink),
+        Kind::Gateway => watch_one!(Gateway, kind, Object::Gateway, client, sink),
+        Kind::Secret => watch_one!(Secret, kind, Object::Secret, client, sink),
     }
 }
 

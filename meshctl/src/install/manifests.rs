@@ -126,18 +126,26 @@ fn rbac(ns: &str) -> Vec<Value> {
             vec![
                 rule(&[""], &["namespaces", "services", "pods"], &watch),
                 rule(&["discovery.k8s.io"], &["endpointslices"], &watch),
-                // Route status is written over what a get returns.
+                // A Gateway listener's certificates: the watch asks only for Secrets of type
+                // kubernetes.io/tls (a field selector; RBAC cannot narrow a list by type).
+                rule(&[""], &["secrets"], &watch),
+                // Route, Gateway and GatewayClass status is written over what a get returns.
                 rule(
                     &["gateway.networking.k8s.io"],
-                    &["httproutes", "grpcroutes"],
+                    &["httproutes", "grpcroutes", "gateways", "gatewayclasses"],
                     &["get", "list", "watch"],
                 ),
                 // Which routes may send to a Service of another namespace.
                 rule(&["gateway.networking.k8s.io"], &["referencegrants"], &watch),
-                // Route status, from the replica holding the Lease.
+                // Their status, from the replica holding the Lease.
                 rule(
                     &["gateway.networking.k8s.io"],
-                    &["httproutes/status", "grpcroutes/status"],
+                    &[
+                        "httproutes/status",
+                        "grpcroutes/status",
+                        "gateways/status",
+                        "gatewayclasses/status",
+                    ],
                     &["patch"],
                 ),
                 // Rollouts set their route's weights (server-side apply), from the same replica.
