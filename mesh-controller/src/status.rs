@@ -45,8 +45,9 @@ pub struct ParentStatus {
 pub enum Desired {
     /// Parsed: a status per Service parent.
     Parents(Vec<ParentStatus>),
-    /// Refused outright: every Service parent is not accepted, for this reason.
-    Refused(String),
+    /// Refused outright: every Service parent, and every parent that is one of `gateways`
+    /// (ours, `namespace/name`), is not accepted, for this reason.
+    Refused { why: String, gateways: Vec<String> },
 }
 
 fn joined(reasons: Vec<&str>) -> String {
@@ -62,8 +63,9 @@ pub fn desired(
     routes: &[Arc<RouteSpec>],
     errors: &[ResolveError],
     refused: &BTreeMap<ObjKey, String>,
-    gateway_parents: &BTreeMap<ObjKey, Vec<(usize, Cond)>>,
+    gateways: &crate::index::gateway::Gateways,
 ) -> BTreeMap<ObjKey, Desired> {
+    let gateway_parents = &gateways.route_parents;
     let mut out = BTreeMap::new();
     for spec in routes {
         let mine: Vec<&ResolveError> = errors.iter().filter(|e| e.object == spec.key).collect();
@@ -128,7 +130,13 @@ pub fn desired(
         out.insert(spec.key.clone(), Desired::Parents(parents));
     }
     for (key, why) in refused {
-        out.insert(key.clone(), Desired::Refused(why.clone()));
+        out.insert(
+            key.clone(),
+            Desired::Refused {
+                why: why.clone(),
+                gateways: gateways.gateways.keys().cloned().collect(),
+            },
+        );
     }
     out
 }
@@ -140,6 +148,25 @@ fn is_service_parent(p: &Value) -> bool {
         .unwrap_or("gateway.networking.k8s.io");
     let kind = p.get("kind").and_then(Value::as_str).unwrap_or("Gateway");
     (group.is_empty() || group == "core") && kind == "Service"
+}
+
+/// `namespace/name` of a parentRef that is a Gateway (its namespace defaulting to the route's).
+fn gateway_parent(p: &Value, route_namespace: &str) -> Option<String> {
+    let group = p
+        .get("group")
+        .and_then(Value::as_str)
+        .unwrap_or(crate::index::grants::GATEWAY_GROUP);
+    let kind = p.get("kind").and_then(Value::as_str).unwrap_or("Gateway");
+    (group == crate::index::grants::GATEWAY_GROUP && kind == "Gateway").then(|| {
+        let ns = p
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or(route_namespace);
+        format!(
+            "{ns}/{}",
+            p.get("name").and_then(Value::as_str).unwrap_or_default()
+        )
+    })
 }
 
 fn condition(kind: &str, c: &Cond, generation: i64, previous: Option<&Value>, now: &str) -> Value {
@@ -170,6 +197,11 @@ pub fn next_parents(live: &Value, want: &Desired, now: &str) -> Option<Vec<Value
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
+    let route_namespace = live
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let ours_before: Vec<&Value> = current
         .iter()
         .filter(|p| p["controllerName"] == CONTROLLER_NAME)
@@ -189,9 +221,12 @@ pub fn next_parents(live: &Value, want: &Desired, now: &str) -> Option<Vec<Value
                 Some((r, p.accepted.clone(), Some(p.resolved_refs.clone())))
             })
             .collect(),
-        Desired::Refused(why) => spec_parents
+        Desired::Refused { why, gateways } => spec_parents
             .iter()
-            .filter(|p| is_service_parent(p))
+            .filter(|p| {
+                is_service_parent(p)
+                    || gateway_parent(p, &route_namespace).is_some_and(|g| gateways.contains(&g))
+            })
             .map(|r| {
                 let c = Cond {
                     ok: false,
@@ -349,7 +384,7 @@ impl StatusWriter {
             &routes,
             &model.errors,
             &refused_routes(&self.errors),
-            &model.gateways.route_parents,
+            &model.gateways,
         );
         let now = Timestamp::now().to_string();
         let mut written = self.write_gateways(model, &now).await?;
@@ -380,25 +415,42 @@ impl StatusWriter {
             self.client.clone(),
             &api_resource(Kind::GatewayClass).expect("a resource"),
         );
-        for name in model.gateways.classes.keys() {
-            let Some(live) = class_api.get_opt(name).await? else {
-                continue;
+        // One object's failure is logged and leaves the others (and the routes) to be written.
+        for (name, generation) in &model.gateways.classes {
+            let result = async {
+                let Some(live) = class_api.get_opt(name).await? else {
+                    return Ok(0);
+                };
+                let live = serde_json::to_value(&live).unwrap_or_default();
+                match class_status(&live, *generation, now) {
+                    Some(status) => self.patch_status(&class_api, name, &live, status).await,
+                    None => Ok(0),
+                }
             };
-            let live = serde_json::to_value(&live).unwrap_or_default();
-            if let Some(status) = class_status(&live, now) {
-                written += self.patch_status(&class_api, name, &live, status).await?;
+            match result.await {
+                Ok(n) => written += n,
+                Err(e) => warn!(class = %name, error = %e, "writing a GatewayClass status"),
             }
         }
         let ar = api_resource(Kind::Gateway).expect("a resource");
         for g in model.gateways.gateways.values() {
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &g.namespace, &ar);
-            let Some(live) = api.get_opt(&g.name).await? else {
-                continue;
+            let result = async {
+                let Some(live) = api.get_opt(&g.name).await? else {
+                    return Ok(0);
+                };
+                let live = serde_json::to_value(&live).unwrap_or_default();
+                match gateway_status(g, &live, now) {
+                    Some(status) => self.patch_status(&api, &g.name, &live, status).await,
+                    None => Ok(0),
+                }
             };
-            let live = serde_json::to_value(&live).unwrap_or_default();
-            if let Some(status) = gateway_status(g, &live, now) {
-                written += self.patch_status(&api, &g.name, &live, status).await?;
+            match result.await {
+                Ok(n) => written += n,
+                Err(e) => {
+                    warn!(gateway = %format!("{}/{}", g.namespace, g.name), error = %e, "writing a Gateway status")
+                }
             }
         }
         Ok(written)
@@ -422,7 +474,8 @@ impl StatusWriter {
             .await
         {
             Ok(_) => Ok(1),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(0),
+            // Changed or gone meanwhile: the next pass reads it again.
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(0),
             Err(e) => Err(e),
         }
     }
@@ -458,25 +511,33 @@ fn generation_of(live: &Value) -> i64 {
         .unwrap_or(0)
 }
 
-/// A GatewayClass of ours: `Accepted`. `None` when it already says so.
-pub fn class_status(live: &Value, now: &str) -> Option<Value> {
+/// A GatewayClass of ours: `Accepted`, for the `generation` the model read. `None` when it
+/// already says so, or when the live class is of another generation (the model will catch up,
+/// and the pass after it writes).
+pub fn class_status(live: &Value, generation: i64, now: &str) -> Option<Value> {
+    if generation_of(live) != generation {
+        return None;
+    }
     let accepted = Cond {
         ok: true,
         reason: "Accepted".into(),
         message: "served by mesh".into(),
     };
     let current = live.pointer("/status/conditions");
-    let conditions =
-        merged_conditions(current, &[("Accepted", accepted)], generation_of(live), now);
+    let conditions = merged_conditions(current, &[("Accepted", accepted)], generation, now);
     (Some(&json!(conditions)) != current).then(|| json!({"conditions": conditions}))
 }
 
 /// A Gateway's status: `Accepted` and `Programmed`, and per listener its conditions, route
 /// kinds and attached routes. `Programmed` is false with `Pending` while no gateway proxy
 /// serves the Gateway (none does yet), `Invalid` for a listener that cannot be served.
-/// `None` when it already has this status.
+/// `None` when it already has this status, or when the live Gateway is of another generation
+/// than the model read (the pass after the model catches up writes it).
 pub fn gateway_status(g: &GatewayModel, live: &Value, now: &str) -> Option<Value> {
-    let generation = generation_of(live);
+    let generation = g.generation;
+    if generation_of(live) != generation {
+        return None;
+    }
     let pending = Cond {
         ok: false,
         reason: "Pending".into(),
@@ -824,20 +885,26 @@ mod tests {
 
     #[test]
     fn a_refused_route_is_not_accepted_on_each_service_parent() {
-        let live = json!({"metadata": {"generation": 1}, "spec": {"parentRefs": [
+        let live = json!({"metadata": {"generation": 1, "namespace": "shop"}, "spec": {"parentRefs": [
             {"group": "", "kind": "Service", "name": "reviews"},
-            {"name": "some-gateway"}]}});
+            {"name": "some-gateway"},
+            {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"}]}});
         let parents = next_parents(
             &live,
-            &Desired::Refused("spec.rules[0].matches[0].path: invalid regular expression".into()),
+            &Desired::Refused {
+                why: "spec.rules[0].matches[0].path: invalid regular expression".into(),
+                gateways: vec!["shop/edge".into()],
+            },
             "2026-11-26T00:00:00Z",
         )
         .expect("a change");
         assert_eq!(
             parents.len(),
-            1,
-            "Gateway parents are not ours: {parents:?}"
+            2,
+            "another controller's Gateway is not ours: {parents:?}"
         );
+        assert_eq!(parents[1]["parentRef"]["name"], "edge");
+        assert_eq!(parents[1]["conditions"][0]["reason"], "UnsupportedValue");
         assert_eq!(parents[0]["conditions"][0]["reason"], "UnsupportedValue");
         assert!(
             parents[0]["conditions"][0]["message"]

@@ -165,16 +165,20 @@ impl GatewayRead {
                     })
                 }
             };
-            let kinds = allowed.and_then(|a| a.kinds.as_ref()).map(|ks| {
-                ks.iter()
-                    .map(|k| {
-                        (
-                            k.group.clone().unwrap_or_else(|| GATEWAY_GROUP.into()),
-                            k.kind.clone(),
-                        )
-                    })
-                    .collect()
-            });
+            // An empty list is the protocol's default, as an absent one.
+            let kinds = allowed
+                .and_then(|a| a.kinds.as_ref())
+                .filter(|ks| !ks.is_empty())
+                .map(|ks| {
+                    ks.iter()
+                        .map(|k| {
+                            (
+                                k.group.clone().unwrap_or_else(|| GATEWAY_GROUP.into()),
+                                k.kind.clone(),
+                            )
+                        })
+                        .collect()
+                });
             let tls = l.tls.as_ref();
             listeners.push(ListenerRead {
                 name: l.name.clone(),
@@ -360,8 +364,8 @@ pub fn listener_model(
                     },
                     &c.namespace,
                     Target {
-                        group: "",
-                        kind: "Secret",
+                        group: &c.group,
+                        kind: &c.kind,
                         name: &c.name,
                     },
                 );
@@ -500,27 +504,32 @@ pub fn intersect(listener: Option<&str>, route: &[String]) -> Vec<String> {
 
 /// How specific a listener's hostname is: none, then wildcards (longer first), then names.
 fn specificity(hostname: Option<&str>) -> (u8, usize) {
-    match hostname {
-        None => (0, 0),
-        Some(h) if h.starts_with('*') => (1, h.len()),
-        Some(h) => (2, h.len()),
-    }
+    hostname_rank(hostname.unwrap_or("*"))
 }
 
-/// Whether every request for `host` would select the listener with `hostname` rather than one
-/// less specific: an equal name, or a host within its wildcard.
-fn covers(hostname: &str, host: &str) -> bool {
-    host == hostname || (hostname.starts_with('*') && within_wildcard(hostname, host))
+/// Whether the hosts of `pattern` (a name, a `*.suffix` wildcard, or `*` for every host) take
+/// in every host of `host`: an equal name, a host within the wildcard, anything for `*`.
+pub fn covers(pattern: &str, host: &str) -> bool {
+    pattern == "*"
+        || host == pattern
+        || (pattern.starts_with('*') && within_wildcard(pattern, host))
+}
+
+/// How a route's hostname ranks among the routes serving one host: the most characters of a
+/// name first, then of a wildcard, then no hostname (`*`).
+pub fn hostname_rank(host: &str) -> (u8, usize) {
+    match host {
+        "*" => (0, 0),
+        h if h.starts_with('*') => (1, h.len()),
+        h => (2, h.len()),
+    }
 }
 
 /// Virtual hosts most specific first: names, then wildcards (longer first), then `*`.
 pub fn host_order(a: &str, b: &str) -> std::cmp::Ordering {
-    let rank = |h: &str| match h {
-        "*" => (0, 0),
-        h if h.starts_with('*') => (1, h.len()),
-        h => (2, h.len()),
-    };
-    rank(b).cmp(&rank(a)).then_with(|| a.cmp(b))
+    hostname_rank(b)
+        .cmp(&hostname_rank(a))
+        .then_with(|| a.cmp(b))
 }
 
 /// The listeners (by index) a route attaches to, with the hosts it serves on each.
@@ -604,7 +613,8 @@ pub fn attach(
 /// takes (every request for them selects that one), so a request only meets the routes of the
 /// listener it selects. `hosts[i]` are listener `i`'s hosts; listeners with a hostname keep an
 /// entry for it even with no route, so that their hosts answer 404 rather than fall through.
-pub fn isolate(listeners: &[ListenerRead], hosts: &mut [Vec<String>]) {
+/// `servable[i]` says whether listener `i` is served: one that is not takes no host.
+pub fn isolate(listeners: &[ListenerRead], servable: &[bool], hosts: &mut [Vec<String>]) {
     for (i, l) in listeners.iter().enumerate() {
         if let Some(h) = &l.hostname
             && !hosts[i].contains(h)
@@ -614,6 +624,9 @@ pub fn isolate(listeners: &[ListenerRead], hosts: &mut [Vec<String>]) {
         let mine = specificity(l.hostname.as_deref());
         let takers: Vec<&str> = listeners
             .iter()
+            .zip(servable)
+            .filter(|(_, s)| **s)
+            .map(|(o, _)| o)
             .filter(|o| o.port == l.port && o.name != l.name)
             .filter(|o| specificity(o.hostname.as_deref()) > mine)
             .filter_map(|o| o.hostname.as_deref())
@@ -679,4 +692,4 @@ pub fn read_secret(s: &k8s_openapi::api::core::v1::Secret) -> Option<Result<TlsS
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1001,6 +1001,22 @@ impl Index {
                 else {
                     continue;
                 };
+                // Resolved once, attached or not: ResolvedRefs is set either way.
+                let entries = entries.get_or_insert_with(|| {
+                    let mut e = self.rule_entries(spec, errors);
+                    for (ri, _, entry) in &mut e {
+                        if entry.retry.is_none() {
+                            entry.retry = traffic::route_retry(
+                                self.traffic.values().map(Arc::as_ref),
+                                &spec.key,
+                                spec.rules[*ri].name.as_deref(),
+                                ("", ""),
+                                "",
+                            );
+                        }
+                    }
+                    e
+                });
                 let labels = self
                     .namespaces
                     .get(&spec.key.namespace)
@@ -1035,24 +1051,12 @@ impl Index {
                                 Cond {
                                     ok: true,
                                     reason: "Accepted".into(),
-                                    message: format!("attached to Gateway {gw_key}"),
+                                    message: format!(
+                                        "attached to Gateway {}/{}",
+                                        p.namespace, p.name
+                                    ),
                                 },
                             ));
-                        let entries = entries.get_or_insert_with(|| {
-                            let mut e = self.rule_entries(spec, errors);
-                            for (ri, _, entry) in &mut e {
-                                if entry.retry.is_none() {
-                                    entry.retry = traffic::route_retry(
-                                        self.traffic.values().map(Arc::as_ref),
-                                        &spec.key,
-                                        spec.rules[*ri].name.as_deref(),
-                                        ("", ""),
-                                        "",
-                                    );
-                                }
-                            }
-                            e
-                        });
                         for (li, hosts) in on {
                             attached[li].insert(spec.key.clone());
                             for h in hosts {
@@ -1094,7 +1098,7 @@ impl Index {
         let Building {
             read,
             mut listeners,
-            mut by_host,
+            by_host,
             attached,
         } = b;
         {
@@ -1106,7 +1110,8 @@ impl Index {
                 .iter()
                 .map(|b| b.keys().cloned().collect())
                 .collect();
-            gateway::isolate(&reads, &mut hosts);
+            let servable: Vec<bool> = listeners.iter().map(|(_, m)| m.programmed.ok).collect();
+            gateway::isolate(&reads, &servable, &mut hosts);
             let mut ports: BTreeMap<u16, GatewayPort> = BTreeMap::new();
             for (i, (l, m)) in listeners.iter().enumerate() {
                 let Some(protocol) = m.protocol.filter(|_| m.programmed.ok) else {
@@ -1124,7 +1129,22 @@ impl Index {
                     vhosts: Vec::new(),
                 });
                 for h in &hosts[i] {
-                    let routes = in_precedence(by_host[i].remove(h).unwrap_or_default());
+                    // Every route of the listener whose hostnames take in this host: those
+                    // naming it first, then by the most characters of a matching name, then of
+                    // a wildcard, then those without hostnames; then the routes' precedence.
+                    let mut ranked: Vec<((u8, usize), &Entry)> = by_host[i]
+                        .iter()
+                        .filter(|(from, _)| gateway::covers(from, h))
+                        .flat_map(|(from, items)| {
+                            let rank = gateway::hostname_rank(from);
+                            items.iter().map(move |e| (rank, e))
+                        })
+                        .collect();
+                    ranked.sort_by(|(ra, a), (rb, b)| rb.cmp(ra).then_with(|| precedence(a, b)));
+                    let routes = ranked
+                        .into_iter()
+                        .map(|(_, (_, _, _, e))| e.clone())
+                        .collect();
                     port.vhosts.push(VirtualHost {
                         listener: l.name.clone(),
                         hostname: h.clone(),
@@ -1540,25 +1560,31 @@ struct Building {
     attached: Vec<BTreeSet<ObjKey>>,
 }
 
-/// A route's entries with where each comes from (the route, rule and match index).
-type Entries = Vec<(Arc<RouteSpec>, usize, usize, RouteEntry)>;
+/// Route entries with where each comes from.
+type Entries = Vec<Entry>;
 
-/// Route entries in the Gateway API's precedence: the match, then the older route, then
+/// One route entry with where it comes from (the route, rule and match index).
+type Entry = (Arc<RouteSpec>, usize, usize, RouteEntry);
+
+/// The Gateway API's precedence between two entries: the match, then the older route, then
 /// `namespace/name`, then rule and match order.
+fn precedence((sa, ra, ma, ea): &Entry, (sb, rb, mb, eb): &Entry) -> std::cmp::Ordering {
+    match_precedence(&ea.matches, &eb.matches)
+        .then_with(|| match (&sa.created, &sb.created) {
+            (Some(a), Some(b)) => a.cmp(b),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        })
+        .then_with(|| (&sa.key.namespace, &sa.key.name).cmp(&(&sb.key.namespace, &sb.key.name)))
+        .then(sa.key.kind.cmp(&sb.key.kind))
+        .then(ra.cmp(rb))
+        .then(ma.cmp(mb))
+}
+
+/// Route entries in [`precedence`] order.
 fn in_precedence(mut entries: Entries) -> Vec<RouteEntry> {
-    entries.sort_by(|(sa, ra, ma, ea), (sb, rb, mb, eb)| {
-        match_precedence(&ea.matches, &eb.matches)
-            .then_with(|| match (&sa.created, &sb.created) {
-                (Some(a), Some(b)) => a.cmp(b),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => std::cmp::Ordering::Equal,
-            })
-            .then_with(|| (&sa.key.namespace, &sa.key.name).cmp(&(&sb.key.namespace, &sb.key.name)))
-            .then(sa.key.kind.cmp(&sb.key.kind))
-            .then(ra.cmp(rb))
-            .then(ma.cmp(mb))
-    });
+    entries.sort_by(precedence);
     entries.into_iter().map(|(_, _, _, e)| e).collect()
 }
 

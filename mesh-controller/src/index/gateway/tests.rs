@@ -90,7 +90,7 @@ fn more_specific_listeners_take_their_hosts_from_the_others() {
         vec![],
         vec!["foo.example.com".into()],
     ];
-    isolate(&ls, &mut hosts);
+    isolate(&ls, &[true; 4], &mut hosts);
     assert_eq!(
         hosts[0],
         vec!["*", "x.org"],
@@ -122,7 +122,8 @@ fn self_signed(host: &str) -> (String, String) {
     (cert.pem(), key.serialize_pem())
 }
 
-fn secret_yaml(ns: &str, name: &str, host: &str) -> String {
+/// A TLS Secret with a self-signed certificate for `host`.
+pub(crate) fn secret_yaml(ns: &str, name: &str, host: &str) -> String {
     use base64::Engine;
     let (cert, key) = self_signed(host);
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
@@ -133,7 +134,7 @@ fn secret_yaml(ns: &str, name: &str, host: &str) -> String {
     )
 }
 
-const CLASS: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n";
+pub(crate) const CLASS: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n";
 
 /// The infra namespace's Gateway: HTTP on 80 for routes of every namespace, HTTPS on 443 for
 /// `*.example.com` with its certificate in `certs` (a grant there lets it), and a TCP listener
@@ -399,5 +400,123 @@ fn certificates_need_a_grant_across_namespaces_and_a_readable_secret() {
     assert!(
         gw(&m).listeners[0].programmed.ok,
         "one good certificate is enough to serve"
+    );
+}
+
+/// A host is served by every route of the listener whose hostnames take it in, the route
+/// naming it first; a route that attaches nowhere still has its backends resolved (its
+/// ResolvedRefs is set either way); an empty `allowedRoutes.kinds` is the default.
+#[test]
+fn a_host_gets_every_route_that_covers_it_and_unattached_routes_are_resolved() {
+    let mut idx = edge();
+    for r in [
+        route(
+            "shop",
+            "all",
+            "[{name: edge, namespace: infra, sectionName: http}]",
+            "[]",
+            "web",
+        ),
+        route(
+            "shop",
+            "wild",
+            "[{name: edge, namespace: infra, sectionName: http}]",
+            "['*.example.com']",
+            "web",
+        ),
+        obj(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: cart, namespace: shop}\nspec:\n  parentRefs: [{name: edge, namespace: infra, sectionName: http}]\n  hostnames: [store.example.com]\n  rules: [{matches: [{path: {type: PathPrefix, value: /cart}}], backendRefs: [{name: web, port: 8080}]}]\n",
+        ),
+        // Attaches nowhere (no such listener), with a backend that does not exist.
+        route(
+            "shop",
+            "lost",
+            "[{name: edge, namespace: infra, sectionName: nope}]",
+            "[]",
+            "ghost",
+        ),
+    ] {
+        idx.apply(r).expect("route");
+    }
+    let m = idx.model();
+    let port = gw(&m).ports.iter().find(|p| p.port == 80).expect("port 80");
+    let sources = |host: &str| -> Vec<String> {
+        port.vhosts
+            .iter()
+            .find(|v| v.hostname == host)
+            .expect("vhost")
+            .routes
+            .iter()
+            .map(|r| r.source.clone())
+            .collect()
+    };
+    assert_eq!(
+        sources("store.example.com"),
+        vec![
+            "HTTPRoute/shop/cart rule 0",
+            "HTTPRoute/shop/wild rule 0",
+            "HTTPRoute/shop/all rule 0"
+        ]
+    );
+    assert_eq!(
+        sources("*.example.com"),
+        vec!["HTTPRoute/shop/wild rule 0", "HTTPRoute/shop/all rule 0"]
+    );
+    assert_eq!(sources("*"), vec!["HTTPRoute/shop/all rule 0"]);
+    assert!(
+        m.errors.iter().any(|e| e.object.name == "lost"
+            && e.field == "spec.rules[0].backendRefs[0]"
+            && e.reason.contains("shop/ghost not found")),
+        "{:?}",
+        m.errors
+    );
+    // kinds: [] is the protocol's default.
+    idx.apply(obj("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: http, port: 80, protocol: HTTP, allowedRoutes: {kinds: [], namespaces: {from: All}}}\n"))
+        .expect("gateway");
+    let m = idx.model();
+    assert_eq!(gw(&m).listeners[0].supported_kinds, ROUTE_KINDS.to_vec());
+    assert_eq!(gw(&m).listeners[0].attached_routes, 3);
+}
+
+/// A more specific listener that cannot be served takes no hosts from the others; a
+/// certificate reference of another kind is refused as such, even across namespaces with a
+/// grant for that kind.
+#[test]
+fn an_unservable_listener_takes_no_hosts_and_certificate_kinds_are_checked() {
+    let mut idx = edge();
+    idx.apply(obj("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: maps, namespace: certs}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: Gateway, namespace: infra}]\n  to: [{group: '', kind: ConfigMap}]\n"))
+        .expect("grant");
+    idx.apply(obj("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - name: shop\n    port: 443\n    protocol: HTTPS\n    hostname: shop.example.com\n    allowedRoutes: {namespaces: {from: All}}\n    tls: {certificateRefs: [{kind: ConfigMap, name: example, namespace: certs}]}\n  - name: any\n    port: 443\n    protocol: HTTPS\n    hostname: '*.example.com'\n    allowedRoutes: {namespaces: {from: All}}\n    tls: {certificateRefs: [{name: example, namespace: certs}]}\n"))
+        .expect("gateway");
+    idx.apply(route(
+        "shop",
+        "store",
+        "[{name: edge, namespace: infra}]",
+        "[shop.example.com]",
+        "web",
+    ))
+    .expect("route");
+    let m = idx.model();
+    let shop = &gw(&m).listeners[0];
+    assert_eq!(
+        (shop.resolved_refs.reason.as_str(), shop.programmed.ok),
+        ("InvalidCertificateRef", false),
+        "{}",
+        shop.resolved_refs.message
+    );
+    let port = gw(&m)
+        .ports
+        .iter()
+        .find(|p| p.port == 443)
+        .expect("port 443");
+    let hosts: Vec<(&str, &str)> = port
+        .vhosts
+        .iter()
+        .map(|v| (v.listener.as_str(), v.hostname.as_str()))
+        .collect();
+    assert_eq!(
+        hosts,
+        vec![("any", "shop.example.com"), ("any", "*.example.com")],
+        "the wildcard listener serves shop.example.com"
     );
 }
