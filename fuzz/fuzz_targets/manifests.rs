@@ -53,6 +53,8 @@ fn proxy_takes(view: &ProxyView) {
                 ResourceType::Route => take(bytes, convert::route_table),
                 ResourceType::Cluster => take(bytes, convert::cluster),
                 ResourceType::Endpoint => take(bytes, convert::endpoints),
+                // A Gateway's certificates go only to its gateway proxies.
+                ResourceType::Secret => Err("a sidecar is served a Secret".to_string()),
             };
             if let Err(e) = taken {
                 panic!("mesh-proxy refuses {ty:?} {name} from its controller: {e}");

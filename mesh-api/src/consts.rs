@@ -58,6 +58,12 @@ pub mod identity {
     /// SA --audience mesh-controller`), so that it is no key to the API server.
     pub const CONTROLLER_AUDIENCE: &str = "mesh-controller";
 
+    /// The service account a Gateway's proxies run as (in the Gateway's namespace): only a
+    /// proxy with its certificate is served the Gateway's listeners and certificates.
+    pub fn gateway_service_account(gateway: &str) -> String {
+        format!("{gateway}-gateway")
+    }
+
     /// Where sidecars reach the controllers' xDS in a control plane in namespace `ns`.
     pub fn xds_addr(ns: &str) -> String {
         format!(
@@ -150,6 +156,13 @@ pub mod node_metadata {
     /// fixed ones; it subscribes by name to the listener of each destination address it meets
     /// ([`super::xds::address_listener`]) and to the routes, clusters and endpoints those name.
     pub const SCOPED: &str = "mesh.dev/scoped";
+    /// The name of the Gateway (in the node's namespace) the proxy serves: it then gets that
+    /// Gateway's listeners, routes and certificates instead of a sidecar's listeners. Over TLS
+    /// the proxy's certificate must be of the Gateway's service account
+    /// ([`super::identity::gateway_service_account`]).
+    pub const GATEWAY: &str = "mesh.dev/gateway";
+    /// IP address a gateway proxy's listeners bind; default `0.0.0.0`.
+    pub const GATEWAY_ADDR: &str = "mesh.dev/gateway-addr";
     /// The workload the proxy serves (its `--workload`). The controller keys what a scoped
     /// proxy's workload learned by the pod's workload, and by this while it does not know the
     /// pod.

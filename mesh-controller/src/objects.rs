@@ -351,7 +351,7 @@ fn validate_label(value: &str, field: &str, letter_first: bool) -> Result<(), Do
 }
 
 /// Kubernetes object names: lowercase alphanumerics, '-' and '.', starting and ending alphanumeric.
-fn validate_dns_label(value: &str, field: &str, max: usize) -> Result<(), DocError> {
+pub(crate) fn validate_dns_label(value: &str, field: &str, max: usize) -> Result<(), DocError> {
     let ok_chars = value
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');

@@ -817,7 +817,7 @@ pub(super) fn cidr(ip: IpAddr) -> CidrRange {
 /// The transport socket that terminates mesh TLS: TLS 1.3, a client SVID required, the
 /// proxy's own SVID and trust bundle (SDS `default` and `ROOTCA`, as Istio names them).
 /// The SDS config of secret `name` from `source`.
-fn sds_secret(name: &str, source: &SdsSource) -> SdsSecretConfig {
+pub(super) fn sds_secret(name: &str, source: &SdsSource) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.into(),
         sds_config: Some(match source {

@@ -2,6 +2,7 @@
 
 pub(crate) mod build;
 pub mod canonical;
+pub mod gateway;
 pub mod learned;
 mod pb;
 pub mod policy;

@@ -8,25 +8,30 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use serde::Serialize;
 
-/// The four resource types the controller serves (serialized as `CDS`, `EDS`, `LDS`, `RDS`).
+/// The resource types the controller serves (serialized as `CDS`, `EDS`, `LDS`, `RDS`,
+/// `SDS`). Secrets are a Gateway listener's certificates; a proxy's own SVID never comes from
+/// the controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ResourceType {
     Cluster,
     Endpoint,
     Listener,
     Route,
+    Secret,
 }
 
 impl ResourceType {
     /// In the order a push sends them: clusters and endpoints before the listeners and routes
     /// that use them (make before break).
-    pub const ALL: [ResourceType; 4] = [
+    pub const ALL: [ResourceType; 5] = [
         ResourceType::Cluster,
         ResourceType::Endpoint,
+        ResourceType::Secret,
         ResourceType::Listener,
         ResourceType::Route,
     ];
@@ -37,6 +42,7 @@ impl ResourceType {
             ResourceType::Endpoint => ClusterLoadAssignment::type_url(),
             ResourceType::Listener => Listener::type_url(),
             ResourceType::Route => RouteConfiguration::type_url(),
+            ResourceType::Secret => Secret::type_url(),
         }
     }
 
@@ -48,6 +54,7 @@ impl ResourceType {
             ResourceType::Endpoint => "envoy.config.endpoint.v3.ClusterLoadAssignment",
             ResourceType::Listener => "envoy.config.listener.v3.Listener",
             ResourceType::Route => "envoy.config.route.v3.RouteConfiguration",
+            ResourceType::Secret => "envoy.extensions.transport_sockets.tls.v3.Secret",
         }
     }
 
@@ -67,6 +74,7 @@ impl ResourceType {
             ResourceType::Endpoint => "EDS",
             ResourceType::Listener => "LDS",
             ResourceType::Route => "RDS",
+            ResourceType::Secret => "SDS",
         }
     }
 }

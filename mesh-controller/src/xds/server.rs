@@ -296,6 +296,28 @@ pub fn proxy_id(node: &Node) -> Result<ProxyId, String> {
             settings.sds = SdsSource::Agent;
         }
     }
+    if let Some(v) = get(node_metadata::GATEWAY) {
+        if crate::objects::validate_dns_label(&v, "", 253).is_err() {
+            return Err(bad(
+                node_metadata::GATEWAY,
+                &v,
+                "the name of a Gateway in the node's namespace",
+            ));
+        }
+        if settings.transparent {
+            return Err(bad(
+                node_metadata::GATEWAY,
+                &v,
+                "no gateway on a transparent proxy: a Gateway's proxy takes traffic on its listeners",
+            ));
+        }
+        settings.gateway = Some(v);
+    }
+    if let Some(v) = get(node_metadata::GATEWAY_ADDR) {
+        settings.gateway_addr = v
+            .parse()
+            .map_err(|_| bad(node_metadata::GATEWAY_ADDR, &v, "an IP address"))?;
+    }
     for (key, slot) in [
         (node_metadata::OUTBOUND_PORT, &mut settings.outbound_port),
         (node_metadata::INBOUND_PORT, &mut settings.inbound_port),
@@ -400,6 +422,15 @@ pub fn check_node(
             "node {}/{} is in namespace {:?}, but the client certificate is {client}",
             proxy.namespace, proxy.name, proxy.namespace
         ));
+    }
+    if let Some(g) = &proxy.settings.gateway {
+        let want = mesh_api::consts::identity::gateway_service_account(g);
+        if sa != want {
+            return Err(format!(
+                "node {}/{} asks for Gateway {}/{g}, whose proxies run as service account {want:?}, but the client certificate is {client}",
+                proxy.namespace, proxy.name, proxy.namespace
+            ));
+        }
     }
     if let Some(pod) = model
         .pods

@@ -55,6 +55,11 @@ pub struct ListenerSettings {
     pub sds: SdsSource,
     /// A transparent proxy that looks destinations up on demand (`node_metadata::SCOPED`).
     pub scoped: bool,
+    /// The Gateway of the proxy's namespace it serves (`node_metadata::GATEWAY`): it gets
+    /// that Gateway's listeners instead of a sidecar's.
+    pub gateway: Option<String>,
+    /// Where a gateway proxy binds its listeners.
+    pub gateway_addr: IpAddr,
 }
 
 impl Default for ListenerSettings {
@@ -71,6 +76,8 @@ impl Default for ListenerSettings {
             inbound_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             sds: SdsSource::Ads,
             scoped: false,
+            gateway: None,
+            gateway_addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         }
     }
 }
@@ -262,6 +269,8 @@ pub struct Translator {
     /// Scoped proxies' dependency layers, by namespace, the pod's declared dependencies and
     /// the learned addresses: the pods of one workload share one.
     dependency_layers: HashMap<DependencyKey, Arc<Resources>>,
+    /// Gateways' layers, by `namespace/name` and the address their listeners bind.
+    gateway_layers: HashMap<(String, IpAddr), Arc<Resources>>,
 }
 
 type DependencyKey = (
@@ -308,6 +317,7 @@ impl Translator {
             pods: HashMap::new(),
             inbound: HashMap::new(),
             dependency_layers: HashMap::new(),
+            gateway_layers: HashMap::new(),
         };
         t.update(model);
         t
@@ -453,6 +463,7 @@ impl Translator {
         self.pods.clear();
         self.inbound.clear();
         self.dependency_layers.clear();
+        self.gateway_layers.clear();
     }
 
     fn set_mut(&mut self, set: Shared) -> &mut Resources {
@@ -504,6 +515,9 @@ impl Translator {
     /// pod's and namespace's `mesh.dev/dependencies` name and the `learned` ones its workload
     /// looked up.
     pub fn view_learned(&mut self, proxy: &ProxyId, learned: &BTreeSet<SocketAddr>) -> ProxyView {
+        if let Some(gateway) = &proxy.settings.gateway {
+            return self.gateway_view(proxy, gateway);
+        }
         let model = self.model.clone();
         let pod = model
             .pods
@@ -593,6 +607,46 @@ impl Translator {
 }
 
 impl Translator {
+    /// What a gateway proxy sees: its Gateway's listeners, routes and certificates (nothing
+    /// while the Gateway is not one of ours), then the mesh's clusters (with upstream mesh TLS
+    /// for an Envoy that originates it).
+    fn gateway_view(&mut self, proxy: &ProxyId, gateway: &str) -> ProxyView {
+        let model = self.model.clone();
+        let key = (
+            format!("{}/{gateway}", proxy.namespace),
+            proxy.settings.gateway_addr,
+        );
+        let own = self
+            .gateway_layers
+            .entry(key)
+            .or_insert_with_key(|(name, addr)| {
+                Arc::new(
+                    model
+                        .gateways
+                        .gateways
+                        .get(name)
+                        .map(|g| super::gateway::gateway_resources(&model, g, *addr))
+                        .unwrap_or_default(),
+                )
+            })
+            .clone();
+        let mut layers = vec![own];
+        let mut shared_layers = 1;
+        if proxy.settings.upstream_tls() {
+            layers.push(self.shared_tls.clone());
+            shared_layers = 2;
+        }
+        layers.push(self.shared.clone());
+        ProxyView {
+            revision: model.revision,
+            layers,
+            named_only: vec![],
+            own_named: 0,
+            shared_layers,
+            changes: self.changes.clone(),
+        }
+    }
+
     /// The address listeners a scoped proxy is given up front: those of the Services its
     /// pod's and namespace's `mesh.dev/dependencies` name, and the `learned` addresses, in
     /// the proxy's namespace's version (`ns_named`, with its consumer routes) where it has one.

@@ -16,7 +16,7 @@ use serde_json::json;
 #[derive(Debug, clap::Subcommand)]
 pub enum Bootstrap {
     /// Envoy bootstrap (YAML) for a stock Envoy.
-    Envoy(EnvoyArgs),
+    Envoy(Box<EnvoyArgs>),
     /// gRPC xDS bootstrap (JSON) for proxyless gRPC clients (`GRPC_XDS_BOOTSTRAP`).
     Grpc(GrpcArgs),
 }
@@ -79,6 +79,14 @@ pub struct EnvoyArgs {
     /// `spiffe://<this>/ns/mesh-system/sa/mesh-controller`).
     #[arg(long, env = env::TRUST_DOMAIN, default_value = mesh_api::spiffe::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Serve the Gateway of this name (in the node's namespace) instead of being a sidecar:
+    /// its listeners, routes and certificates come over ADS. Over mesh TLS the SVID must be of
+    /// the Gateway's service account, `<name>-gateway`.
+    #[arg(long, conflicts_with = "transparent")]
+    pub gateway: Option<String>,
+    /// IP address the Gateway's listeners bind (default `0.0.0.0`); with `--gateway`.
+    #[arg(long, requires = "gateway")]
+    pub gateway_addr: Option<std::net::IpAddr>,
 }
 
 impl EnvoyArgs {
@@ -98,6 +106,8 @@ impl EnvoyArgs {
             sds_socket: None,
             xds_tls: false,
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
+            gateway: None,
+            gateway_addr: None,
         }
     }
 }
@@ -299,6 +309,12 @@ pub fn envoy(args: &EnvoyArgs) -> anyhow::Result<serde_json::Value> {
             Some(v) => metadata[key] = json!(v),
             None => {}
         }
+    }
+    if let Some(g) = &args.gateway {
+        metadata[node_metadata::GATEWAY] = json!(g);
+    }
+    if let Some(a) = args.gateway_addr {
+        metadata[node_metadata::GATEWAY_ADDR] = json!(a.to_string());
     }
     let mut secrets = None;
     let mut clusters = Vec::new();

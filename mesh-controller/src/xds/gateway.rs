@@ -1,0 +1,209 @@
+//! A Gateway's own layer of resources, for the proxies that serve it (mesh-proxy in its gateway
+//! role, or a stock Envoy): per port a Listener bound on the gateway proxy's address, an HTTP
+//! connection manager per listener routed over RDS, and the certificates of HTTPS listeners as
+//! SDS Secrets over ADS. Backends are the mesh's clusters, from the shared layer.
+//!
+//! - HTTP port: one filter chain; its RouteConfiguration `gateway/<ns>/<name>/<port>` holds the
+//!   virtual hosts of every listener on the port (hosts are already isolated per listener).
+//! - HTTPS port: a filter chain per listener, matched on the TLS server name (`server_names`:
+//!   the listener's hostname; none for a listener without one, which takes the others), with
+//!   its certificates and ALPN `h2`, `http/1.1`; its RouteConfiguration
+//!   `gateway/<ns>/<name>/<port>/<listener>` holds that listener's virtual hosts only, so a
+//!   request meets the routes of the listener its SNI selected.
+//! - A virtual host with no routes answers 404 (no route matches), as the spec asks of a host
+//!   a listener takes and no route serves.
+
+use std::net::IpAddr;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, TransportSocket, data_source, transport_socket,
+};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, FilterChainMatch, Listener};
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CommonTlsContext, DownstreamTlsContext, Secret, TlsCertificate, secret,
+};
+
+use super::build::{envoy_routes, hcm, listener_filter, sds_secret, socket_address};
+use super::pb::{any, network_filter};
+use super::resources::{Resource, ResourceType, Resources};
+use super::translate::SdsSource;
+use crate::index::Model;
+use crate::index::gateway::{GatewayModel, GatewayPort, ListenerProtocol, VirtualHost as Vhost};
+use mesh_api::consts::xds as names;
+
+/// The listener of a Gateway port.
+pub fn listener_name(port: u16) -> String {
+    format!("gateway_{port}")
+}
+
+/// The RouteConfiguration of an HTTP port, or of one HTTPS listener.
+pub fn route_name(g: &GatewayModel, port: u16, listener: Option<&str>) -> String {
+    match listener {
+        None => format!("gateway/{}/{}/{port}", g.namespace, g.name),
+        Some(l) => format!("gateway/{}/{}/{port}/{l}", g.namespace, g.name),
+    }
+}
+
+/// The SDS name of a certificate Secret: `<namespace>/<name>`.
+pub fn secret_name(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// The resources of Gateway `g`, with its listeners bound on `bind`.
+pub fn gateway_resources(model: &Model, g: &GatewayModel, bind: IpAddr) -> Resources {
+    let mut out = Resources::default();
+    for port in &g.ports {
+        let chains = match port.protocol {
+            ListenerProtocol::Http => {
+                let name = route_name(g, port.port, None);
+                let rc = route_config(&name, port.vhosts.iter());
+                out.insert(ResourceType::Route, Resource::new(&name, &rc));
+                vec![FilterChain {
+                    name: name.clone(),
+                    filters: vec![network_filter(
+                        "envoy.filters.network.http_connection_manager",
+                        &gateway_hcm(&name),
+                    )],
+                    ..Default::default()
+                }]
+            }
+            ListenerProtocol::Https => https_chains(model, g, port, &mut out),
+        };
+        let name = listener_name(port.port);
+        let listener = Listener {
+            name: name.clone(),
+            address: Some(socket_address(bind, port.port)),
+            listener_filters: if port.protocol == ListenerProtocol::Https {
+                vec![listener_filter(
+                    "envoy.filters.listener.tls_inspector",
+                    &TlsInspector::default(),
+                )]
+            } else {
+                vec![]
+            },
+            filter_chains: chains,
+            ..Default::default()
+        };
+        out.insert(ResourceType::Listener, Resource::new(&name, &listener));
+    }
+    out
+}
+
+/// An HTTPS port's chains, one per listener (most specific server name first), and their
+/// routes and certificates into `out`.
+fn https_chains(
+    model: &Model,
+    g: &GatewayModel,
+    port: &GatewayPort,
+    out: &mut Resources,
+) -> Vec<FilterChain> {
+    let mut listeners: Vec<&crate::index::gateway::ListenerModel> = g
+        .listeners
+        .iter()
+        .filter(|l| l.port == port.port && l.protocol == Some(ListenerProtocol::Https))
+        .filter(|l| l.programmed.ok)
+        .collect();
+    listeners.sort_by(|a, b| {
+        crate::index::gateway::host_order(
+            a.hostname.as_deref().unwrap_or("*"),
+            b.hostname.as_deref().unwrap_or("*"),
+        )
+    });
+    let mut chains = Vec::new();
+    for l in listeners {
+        let name = route_name(g, port.port, Some(&l.name));
+        let rc = route_config(&name, port.vhosts.iter().filter(|v| v.listener == l.name));
+        out.insert(ResourceType::Route, Resource::new(&name, &rc));
+        for c in &l.certs {
+            let sname = secret_name(&c.namespace, &c.name);
+            if let Some(s) = model
+                .gateways
+                .secrets
+                .get(&(c.namespace.clone(), c.name.clone()))
+            {
+                let secret = Secret {
+                    name: sname.clone(),
+                    r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                        certificate_chain: Some(inline(&s.cert_pem)),
+                        private_key: Some(inline(&s.key_pem)),
+                        ..Default::default()
+                    })),
+                };
+                out.insert(ResourceType::Secret, Resource::new(&sname, &secret));
+            }
+        }
+        let tls = DownstreamTlsContext {
+            common_tls_context: Some(CommonTlsContext {
+                tls_certificate_sds_secret_configs: l
+                    .certs
+                    .iter()
+                    .map(|c| sds_secret(&secret_name(&c.namespace, &c.name), &SdsSource::Ads))
+                    .collect(),
+                alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        chains.push(FilterChain {
+            name: name.clone(),
+            filter_chain_match: l.hostname.as_ref().map(|h| FilterChainMatch {
+                server_names: vec![h.clone()],
+                ..Default::default()
+            }),
+            filters: vec![network_filter(
+                "envoy.filters.network.http_connection_manager",
+                &gateway_hcm(&name),
+            )],
+            transport_socket: Some(TransportSocket {
+                name: names::TLS_TRANSPORT_SOCKET.into(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(&tls))),
+            }),
+            ..Default::default()
+        });
+    }
+    chains
+}
+
+fn inline(pem: &str) -> DataSource {
+    DataSource {
+        specifier: Some(data_source::Specifier::InlineString(pem.to_string())),
+        ..Default::default()
+    }
+}
+
+/// A gateway's HTTP connection manager: routes from RDS `name`; the Host's port is ignored
+/// when virtual hosts are chosen (a Gateway's hostnames have none).
+fn gateway_hcm(name: &str) -> HttpConnectionManager {
+    let mut h = hcm(name, name);
+    h.strip_port_mode = Some(
+        envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::StripPortMode::StripAnyHostPort(true),
+    );
+    h
+}
+
+#[cfg(test)]
+#[path = "gateway_tests.rs"]
+mod tests;
+
+fn route_config<'a>(name: &str, vhosts: impl Iterator<Item = &'a Vhost>) -> RouteConfiguration {
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vhosts
+            .map(|v| VirtualHost {
+                name: format!("{}/{}", v.listener, v.hostname),
+                domains: vec![v.hostname.clone()],
+                // No route: a request for the host gets 404.
+                routes: if v.routes.is_empty() {
+                    vec![]
+                } else {
+                    envoy_routes(&v.routes, names::BLACKHOLE_CLUSTER, None)
+                },
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
