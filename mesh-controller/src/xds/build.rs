@@ -575,17 +575,24 @@ fn forward_action(entry: &RouteEntry, backends: &[crate::index::WeightedBackend]
 
 /// The prefix rewrite for one Envoy match: the exact half of a segment prefix swaps the whole
 /// path, the `/prefix/` half keeps its slash.
+/// The `prefix_rewrite` of a URLRewrite's `ReplacePrefixMatch`, for one of its Envoy matches.
 fn prefix_rewrite(entry: &RouteEntry, m: &RouteMatch) -> Option<String> {
     let Some(PathModifier::Prefix(to)) = entry.rewrite.as_ref().and_then(|r| r.path.as_ref())
     else {
         return None;
     };
+    Some(replace_prefix(to, m))
+}
+
+/// What a `ReplacePrefixMatch` of `to` replaces the matched prefix with, for one Envoy match
+/// (a segment prefix `/a` is two: `path: /a` and `prefix: /a/`, whose trailing `/` stays).
+fn replace_prefix(to: &str, m: &RouteMatch) -> String {
     let to = to.trim_end_matches('/');
-    Some(match m.path_specifier {
+    match m.path_specifier {
         Some(route_match::PathSpecifier::Prefix(ref p)) if p.ends_with('/') => format!("{to}/"),
         _ if to.is_empty() => "/".into(),
         _ => to.to_string(),
-    })
+    }
 }
 
 /// A route's hash policies: one per distinct key its backends hash by.
@@ -635,8 +642,11 @@ pub(super) fn envoy_routes(
                         Some(PathModifier::Full(p)) => Some(
                             redirect_action::PathRewriteSpecifier::PathRedirect(p.clone()),
                         ),
-                        Some(PathModifier::Prefix(_)) => prefix_rewrite(entry, &m)
-                            .map(redirect_action::PathRewriteSpecifier::PrefixRewrite),
+                        Some(PathModifier::Prefix(to)) => {
+                            Some(redirect_action::PathRewriteSpecifier::PrefixRewrite(
+                                replace_prefix(to, &m),
+                            ))
+                        }
                         None => None,
                     };
                     route::Action::Redirect(RedirectAction {
