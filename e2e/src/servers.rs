@@ -16,7 +16,8 @@ use tokio::task::JoinHandle;
 /// An HTTP server (HTTP/1.1 and h2c) answering with its name, or echoing a request body.
 /// Response headers tell what it saw: `x-backend`, `x-seen-version`, `x-seen-host`,
 /// `x-seen-path`, `x-seen-xfcc` (the `x-forwarded-client-cert` it got, if any),
-/// `x-seen-traceparent`, `x-seen-source-workload` (what arrived of those headers).
+/// `x-seen-traceparent`, `x-seen-source-workload` (what arrived of those headers), and for
+/// each request header named `x-echo-*`, `x-seen-x-echo-*` with its values joined by `,`.
 #[derive(Debug)]
 pub struct EchoServer {
     pub name: String,
@@ -114,6 +115,18 @@ impl EchoServer {
                             let traceparent = seen("traceparent");
                             let source = seen("x-mesh-source-workload");
                             let app = seen("x-app");
+                            let mut echo: Vec<(String, String)> = Vec::new();
+                            for name in req.headers().keys() {
+                                if name.as_str().starts_with("x-echo-") {
+                                    let values: Vec<&str> = req
+                                        .headers()
+                                        .get_all(name)
+                                        .iter()
+                                        .filter_map(|v| v.to_str().ok())
+                                        .collect();
+                                    echo.push((format!("x-seen-{name}"), values.join(",")));
+                                }
+                            }
                             let body = match req.into_body().collect().await {
                                 Ok(b) => b.to_bytes(),
                                 Err(e) => Bytes::from(format!("body error: {e}")),
@@ -143,6 +156,14 @@ impl EchoServer {
                                 ("x-seen-app", app),
                             ] {
                                 if let Ok(v) = hyper::header::HeaderValue::from_str(&v) {
+                                    h.insert(k, v);
+                                }
+                            }
+                            for (k, v) in echo {
+                                if let (Ok(k), Ok(v)) = (
+                                    hyper::header::HeaderName::from_bytes(k.as_bytes()),
+                                    hyper::header::HeaderValue::from_str(&v),
+                                ) {
                                     h.insert(k, v);
                                 }
                             }

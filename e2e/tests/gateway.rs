@@ -141,3 +141,648 @@ async fn envoy_serves_a_gateway_by_host_and_by_sni() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// One request to the gateway and what it must get.
+struct Case {
+    /// The upstream conformance test it re-expresses (`conformance/tests/<file>.go`).
+    from: &'static str,
+    /// Which listener port (an index into the ports the test picked).
+    port: usize,
+    method: &'static str,
+    host: &'static str,
+    path: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    status: u16,
+    /// Response headers that must be there (the backend reports what it saw as `x-seen-*`,
+    /// and its name as `x-backend`).
+    want: &'static [(&'static str, &'static str)],
+    /// Response headers that must not be.
+    absent: &'static [&'static str],
+}
+
+/// `curl -i` through the gateway: status and response headers (names lowercased).
+async fn exchange(
+    curl: &std::path::Path,
+    port: u16,
+    c: &Case,
+) -> anyhow::Result<(u16, std::collections::BTreeMap<String, String>)> {
+    let mut cmd = tokio::process::Command::new(curl);
+    cmd.args(["-sS", "-i", "--max-time", "5", "-X", c.method])
+        .arg("--resolve")
+        .arg(format!("{}:{port}:127.0.0.1", c.host));
+    for (k, v) in c.headers {
+        cmd.arg("-H").arg(format!("{k}: {v}"));
+    }
+    let out = cmd
+        .arg(format!("http://{}:{port}{}", c.host, c.path))
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok((status, headers))
+}
+
+/// Cases of the upstream Gateway API conformance suite (HTTPRoute and Gateway, core and the
+/// extended features mesh serves), re-expressed against a Gateway served by a stock Envoy
+/// configured by the controller: listener selection by `allowedRoutes`, hostname intersection,
+/// path, header, query and method matching across routes, request and response header
+/// modifiers, redirects, rewrites, cross-namespace backends with and without a ReferenceGrant,
+/// invalid backends, and weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<()> {
+    use mesh_e2e::servers::EchoServer;
+    let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
+        return Ok(());
+    };
+    let Some(curl_bin) = system_peer("curl") else {
+        return Ok(());
+    };
+    let mut backends = Vec::new();
+    let mut docs = vec![
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: infra}\n".into(),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: app, labels: {gateway-conformance: backend}}\n".into(),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: web}\n".into(),
+    ];
+    for (i, (ns, name)) in [
+        ("infra", "infra-backend-v1"),
+        ("infra", "infra-backend-v2"),
+        ("infra", "infra-backend-v3"),
+        ("app", "app-backend-v1"),
+        ("web", "web-backend"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let b = EchoServer::start(name).await?;
+        docs.push(service_yaml(
+            ns,
+            name,
+            &format!("10.96.0.{}", 10 + i),
+            &[("http", 8080)],
+        ));
+        docs.push(slice_yaml(ns, name, "http", b.addr.port(), &["127.0.0.1"]));
+        backends.push(b);
+    }
+    // Ports: 0 every namespace, 1 the same namespace only, 2 namespaces labelled
+    // gateway-conformance: backend, 3 a listener for *.wildcard.io and one for
+    // very.specific.com on the same port.
+    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    docs.push(format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: all, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: All}}}}}}\n  - {{name: same, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: Same}}}}}}\n  - {{name: backends, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: Selector, selector: {{matchLabels: {{gateway-conformance: backend}}}}}}}}}}\n  - {{name: wildcard, port: {}, protocol: HTTP, hostname: '*.wildcard.io', allowedRoutes: {{namespaces: {{from: All}}}}}}\n  - {{name: specific, port: {}, protocol: HTTP, hostname: very.specific.com, allowedRoutes: {{namespaces: {{from: All}}}}}}\n",
+        ports[0], ports[1], ports[2], ports[3], ports[3]
+    ));
+    let route = |ns: &str, name: &str, section: &str, hostnames: &str, rules: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  parentRefs: [{{name: gw, namespace: infra, sectionName: {section}}}]\n  hostnames: {hostnames}\n  rules:\n{rules}"
+        )
+    };
+    for r in [
+        // httproute-matching, httproute-exact-path-matching, httproute-path-match-order,
+        // httproute-header-matching, httproute-query-param-matching, httproute-method-matching.
+        route(
+            "infra",
+            "matching",
+            "all",
+            "[match.example.com]",
+            "  - matches: [{path: {type: PathPrefix, value: /}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: Exact, value: /exact}}]\n    backendRefs: [{name: infra-backend-v2, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /v2}}, {headers: [{name: version, value: two}]}]\n    backendRefs: [{name: infra-backend-v2, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /v2/example}}]\n    backendRefs: [{name: infra-backend-v3, port: 8080}]\n  - matches: [{queryParams: [{name: animal, value: whale}]}]\n    backendRefs: [{name: infra-backend-v3, port: 8080}]\n  - matches: [{method: POST}]\n    backendRefs: [{name: infra-backend-v3, port: 8080}]\n",
+        ),
+        // httproute-matching-across-routes: a second route for the same host.
+        route(
+            "infra",
+            "matching-2",
+            "all",
+            "[match.example.com]",
+            "  - matches: [{path: {type: Exact, value: /across}}]\n    backendRefs: [{name: infra-backend-v3, port: 8080}]\n",
+        ),
+        // httproute-request-header-modifier, httproute-response-header-modifier.
+        route(
+            "infra",
+            "headers",
+            "all",
+            "[headers.example.com]",
+            "  - filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {set: [{name: x-echo-set, value: set}], add: [{name: x-echo-add, value: added}], remove: [x-echo-remove]}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {set: [{name: x-header-set, value: set}], remove: [x-backend]}\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+        ),
+        // httproute-redirect-host-and-status, -path, -scheme, -port.
+        route(
+            "infra",
+            "redirects",
+            "all",
+            "[redirect.example.com]",
+            "  - matches: [{path: {type: PathPrefix, value: /hostname}}]\n    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.org, statusCode: 301}}]\n  - matches: [{path: {type: PathPrefix, value: /full}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /full-path-replacement}}}]\n  - matches: [{path: {type: PathPrefix, value: /prefix}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}}}]\n  - matches: [{path: {type: PathPrefix, value: /scheme}}]\n    filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]\n",
+        ),
+        // httproute-rewrite-host, httproute-rewrite-path.
+        route(
+            "infra",
+            "rewrites",
+            "all",
+            "[rewrite.example.com]",
+            "  - matches: [{path: {type: PathPrefix, value: /one}}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: one.example.org}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /prefix/one}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /full/one}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /one}}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+        ),
+        // httproute-invalid-cross-namespace-parent-ref: a route of app on the Same listener.
+        route(
+            "app",
+            "not-allowed",
+            "same",
+            "[cross.example.com]",
+            "  - backendRefs: [{name: app-backend-v1, port: 8080}]\n",
+        ),
+        // httproute-cross-namespace: app is selected by the listener's selector, web is not.
+        route(
+            "app",
+            "selected",
+            "backends",
+            "[app.example.com]",
+            "  - backendRefs: [{name: app-backend-v1, port: 8080}]\n",
+        ),
+        route(
+            "web",
+            "not-selected",
+            "backends",
+            "[web.example.com]",
+            "  - backendRefs: [{name: web-backend, port: 8080}]\n",
+        ),
+        // httproute-reference-grant and httproute-invalid-cross-namespace-backend-ref.
+        route(
+            "infra",
+            "granted",
+            "all",
+            "[granted.example.com]",
+            "  - backendRefs: [{name: app-backend-v1, namespace: app, port: 8080}]\n",
+        ),
+        route(
+            "infra",
+            "not-granted",
+            "all",
+            "[not-granted.example.com]",
+            "  - backendRefs: [{name: web-backend, namespace: web, port: 8080}]\n",
+        ),
+        // httproute-invalid-nonexistent-backendref, -backendref-unknown-kind,
+        // httproute-omitted-backendrefs: 500.
+        route(
+            "infra",
+            "invalid",
+            "all",
+            "[invalid.example.com]",
+            "  - matches: [{path: {type: PathPrefix, value: /missing}}]\n    backendRefs: [{name: nowhere, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /kind}}]\n    backendRefs: [{group: unknown.example.com, kind: Unknown, name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /none}}]\n",
+        ),
+        // httproute-hostname-intersection, httproute-listener-hostname-matching.
+        route(
+            "infra",
+            "wild",
+            "wildcard",
+            "['*.wildcard.io', other.org]",
+            "  - backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+        ),
+        route(
+            "infra",
+            "exact-wild",
+            "wildcard",
+            "[exact.wildcard.io]",
+            "  - backendRefs: [{name: infra-backend-v2, port: 8080}]\n",
+        ),
+        route(
+            "infra",
+            "specific",
+            "specific",
+            "['*.specific.com']",
+            "  - backendRefs: [{name: infra-backend-v3, port: 8080}]\n",
+        ),
+    ] {
+        docs.push(r);
+    }
+    docs.push("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: infra-routes, namespace: app}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}]\n  to: [{group: '', kind: Service, name: app-backend-v1}]\n".into());
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("config");
+    std::fs::create_dir(&cfg)?;
+    std::fs::write(cfg.join("gateway.yaml"), docs.join("---\n"))?;
+    let ctl = Controller::start(Config::local(&cfg)).await?;
+    let admin_port = free_port();
+    let bootstrap = envoy(&EnvoyArgs {
+        admin: format!("127.0.0.1:{admin_port}").parse()?,
+        gateway: Some("gw".into()),
+        gateway_addr: Some("127.0.0.1".parse()?),
+        ..EnvoyArgs::new("infra/gw-0", &ctl.xds_addr.to_string())
+    })?;
+    let admin = format!("127.0.0.1:{admin_port}").parse()?;
+    let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
+
+    let cases = [
+        Case {
+            from: "httproute-matching",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v1")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-exact-path-matching",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/exact",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v2")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-exact-path-matching",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/exact/more",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v1")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-matching",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/v2",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v2")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-matching",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/v2abc",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v1")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-header-matching",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/",
+            headers: &[("version", "two")],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v2")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-path-match-order",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/v2/example",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v3")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-query-param-matching",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/?animal=whale",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v3")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-method-matching",
+            port: 0,
+            method: "POST",
+            host: "match.example.com",
+            path: "/",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v3")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-matching-across-routes",
+            port: 0,
+            method: "GET",
+            host: "match.example.com",
+            path: "/across",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v3")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-request-header-modifier",
+            port: 0,
+            method: "GET",
+            host: "headers.example.com",
+            path: "/",
+            headers: &[
+                ("x-echo-set", "original"),
+                ("x-echo-add", "original"),
+                ("x-echo-remove", "gone"),
+            ],
+            status: 200,
+            want: &[
+                ("x-seen-x-echo-set", "set"),
+                ("x-seen-x-echo-add", "original,added"),
+                ("x-header-set", "set"),
+            ],
+            absent: &["x-seen-x-echo-remove", "x-backend"],
+        },
+        Case {
+            from: "httproute-redirect-host-and-status",
+            port: 0,
+            method: "GET",
+            host: "redirect.example.com",
+            path: "/hostname",
+            headers: &[],
+            status: 301,
+            want: &[("location", "http://example.org/hostname")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-redirect-path",
+            port: 0,
+            method: "GET",
+            host: "redirect.example.com",
+            path: "/full/x",
+            headers: &[],
+            status: 302,
+            want: &[(
+                "location",
+                "http://redirect.example.com/full-path-replacement",
+            )],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-redirect-path",
+            port: 0,
+            method: "GET",
+            host: "redirect.example.com",
+            path: "/prefix/x",
+            headers: &[],
+            status: 302,
+            want: &[(
+                "location",
+                "http://redirect.example.com/replacement-prefix/x",
+            )],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-redirect-scheme",
+            port: 0,
+            method: "GET",
+            host: "redirect.example.com",
+            path: "/scheme",
+            headers: &[],
+            status: 302,
+            want: &[("location", "https://redirect.example.com/scheme")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-rewrite-host",
+            port: 0,
+            method: "GET",
+            host: "rewrite.example.com",
+            path: "/one",
+            headers: &[],
+            status: 200,
+            want: &[("x-seen-host", "one.example.org"), ("x-seen-path", "/one")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-rewrite-path",
+            port: 0,
+            method: "GET",
+            host: "rewrite.example.com",
+            path: "/prefix/one/two",
+            headers: &[],
+            status: 200,
+            want: &[("x-seen-path", "/one/two")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-rewrite-path",
+            port: 0,
+            method: "GET",
+            host: "rewrite.example.com",
+            path: "/full/one/two",
+            headers: &[],
+            status: 200,
+            want: &[("x-seen-path", "/one")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-invalid-cross-namespace-parent-ref",
+            port: 1,
+            method: "GET",
+            host: "cross.example.com",
+            path: "/",
+            headers: &[],
+            status: 404,
+            want: &[],
+            absent: &["x-backend"],
+        },
+        Case {
+            from: "httproute-cross-namespace",
+            port: 2,
+            method: "GET",
+            host: "app.example.com",
+            path: "/",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "app-backend-v1")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-cross-namespace",
+            port: 2,
+            method: "GET",
+            host: "web.example.com",
+            path: "/",
+            headers: &[],
+            status: 404,
+            want: &[],
+            absent: &["x-backend"],
+        },
+        Case {
+            from: "httproute-reference-grant",
+            port: 0,
+            method: "GET",
+            host: "granted.example.com",
+            path: "/",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "app-backend-v1")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-invalid-cross-namespace-backend-ref",
+            port: 0,
+            method: "GET",
+            host: "not-granted.example.com",
+            path: "/",
+            headers: &[],
+            status: 500,
+            want: &[],
+            absent: &["x-backend"],
+        },
+        Case {
+            from: "httproute-invalid-nonexistent-backendref",
+            port: 0,
+            method: "GET",
+            host: "invalid.example.com",
+            path: "/missing",
+            headers: &[],
+            status: 500,
+            want: &[],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-invalid-backendref-unknown-kind",
+            port: 0,
+            method: "GET",
+            host: "invalid.example.com",
+            path: "/kind",
+            headers: &[],
+            status: 500,
+            want: &[],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-omitted-backendrefs",
+            port: 0,
+            method: "GET",
+            host: "invalid.example.com",
+            path: "/none",
+            headers: &[],
+            status: 500,
+            want: &[],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-hostname-intersection",
+            port: 3,
+            method: "GET",
+            host: "a.wildcard.io",
+            path: "/",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v1")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-hostname-intersection",
+            port: 3,
+            method: "GET",
+            host: "exact.wildcard.io",
+            path: "/",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v2")],
+            absent: &[],
+        },
+        Case {
+            from: "httproute-hostname-intersection",
+            port: 3,
+            method: "GET",
+            host: "other.org",
+            path: "/",
+            headers: &[],
+            status: 404,
+            want: &[],
+            absent: &["x-backend"],
+        },
+        Case {
+            from: "httproute-hostname-intersection",
+            port: 3,
+            method: "GET",
+            host: "wildcard.io",
+            path: "/",
+            headers: &[],
+            status: 404,
+            want: &[],
+            absent: &["x-backend"],
+        },
+        Case {
+            from: "httproute-listener-hostname-matching",
+            port: 3,
+            method: "GET",
+            host: "very.specific.com",
+            path: "/",
+            headers: &[],
+            status: 200,
+            want: &[("x-backend", "infra-backend-v3")],
+            absent: &[],
+        },
+    ];
+    let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
+        exchange(&curl_bin, ports[0], &cases[0])
+            .await
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    })
+    .await;
+    if let Err(e) = served {
+        anyhow::bail!("{e}\nEnvoy log:\n{}", envoy_proc.log_text());
+    }
+    let mut failures = Vec::new();
+    for c in &cases {
+        let (status, headers) = exchange(&curl_bin, ports[c.port], c).await?;
+        let mut wrong = Vec::new();
+        if status != c.status {
+            wrong.push(format!("status {status}, want {}", c.status));
+        }
+        for (k, v) in c.want {
+            if headers.get(*k).map(String::as_str) != Some(*v) {
+                wrong.push(format!("{k}: {:?}, want {v:?}", headers.get(*k)));
+            }
+        }
+        for k in c.absent {
+            if let Some(v) = headers.get(*k) {
+                wrong.push(format!("{k}: {v:?}, want none"));
+            }
+        }
+        if !wrong.is_empty() {
+            failures.push(format!(
+                "{} {} http://{}{}: {}",
+                c.from,
+                c.method,
+                c.host,
+                c.path,
+                wrong.join("; ")
+            ));
+        }
+    }
+    println!(
+        "gateway conformance cases through Envoy: {} of {} as the suite expects",
+        cases.len() - failures.len(),
+        cases.len()
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    drop(backends);
+    Ok(())
+}
