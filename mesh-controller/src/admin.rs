@@ -58,6 +58,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/proxies", get(proxies))
         .route("/debug/config-errors", get(config_errors))
         .route("/debug/model", get(model))
+        .route("/debug/gateways", get(gateways))
         .route("/debug/config", get(config))
         .route("/debug/edges", get(edges))
         .route("/debug/top", get(top))
@@ -96,6 +97,31 @@ async fn config_errors(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn model(State(s): State<AdminState>) -> impl IntoResponse {
     Json(s.hub.model())
+}
+
+/// Our GatewayClasses, and each Gateway of them as resolved, with the gateway proxies
+/// connected for it and whether one serves the current configuration.
+async fn gateways(State(s): State<AdminState>) -> impl IntoResponse {
+    let model = s.hub.model();
+    let proxies = s.hub.status.snapshot();
+    let served = crate::status::served_gateways(&proxies, model.revision);
+    let gateways: std::collections::BTreeMap<&String, serde_json::Value> = model
+        .gateways
+        .gateways
+        .iter()
+        .map(|(name, g)| {
+            let nodes: Vec<&str> = proxies
+                .iter()
+                .filter(|p| p.gateway.as_ref() == Some(name))
+                .map(|p| p.node.as_str())
+                .collect();
+            (
+                name,
+                serde_json::json!({"gateway": g, "proxies": nodes, "served": served.contains(name)}),
+            )
+        })
+        .collect();
+    Json(serde_json::json!({"classes": model.gateways.classes, "gateways": gateways}))
 }
 
 async fn config(State(s): State<AdminState>) -> impl IntoResponse {

@@ -8,7 +8,7 @@
 //! controllers are kept; a condition keeps its `lastTransitionTime` while its status and reason
 //! stay the same.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -339,6 +339,7 @@ impl StatusWriter {
     /// Renews the Lease every interval; while leading, writes what changed. Never returns.
     pub async fn run(self) {
         let mut last_revision = None;
+        let mut last_served: Option<BTreeSet<String>> = None;
         let mut last_full = Instant::now();
         loop {
             let leading = match self.lease.try_acquire_or_renew(Timestamp::now()).await {
@@ -351,13 +352,17 @@ impl StatusWriter {
             self.leading
                 .store(leading, std::sync::atomic::Ordering::Relaxed);
             let model = self.hub.model();
-            // A full pass now and then repairs statuses someone else changed.
+            let served = served_gateways(&self.hub.status.snapshot(), model.revision);
+            // A full pass now and then repairs statuses someone else changed; a Gateway whose
+            // proxies came or went gets its Programmed at once.
             let due = last_revision != Some(model.revision)
+                || last_served.as_ref() != Some(&served)
                 || last_full.elapsed() > Duration::from_secs(60);
             if leading && due {
-                match self.write_all(&model).await {
+                match self.write_all_served(&model, &served).await {
                     Ok(n) => {
                         last_revision = Some(model.revision);
+                        last_served = Some(served);
                         last_full = Instant::now();
                         if n > 0 {
                             debug!(routes = n, "route statuses written");
@@ -367,14 +372,25 @@ impl StatusWriter {
                 }
             } else if !leading {
                 last_revision = None;
+                last_served = None;
             }
             tokio::time::sleep(self.interval).await;
         }
     }
 
-    /// Writes every route, GatewayClass and Gateway whose status differs; returns how many
-    /// were written.
+    /// Writes every route, GatewayClass and Gateway whose status differs, with the Gateways
+    /// the proxies connected now serve; returns how many were written.
     pub async fn write_all(&self, model: &Model) -> Result<usize, kube::Error> {
+        let served = served_gateways(&self.hub.status.snapshot(), model.revision);
+        self.write_all_served(model, &served).await
+    }
+
+    /// [`StatusWriter::write_all`], with the Gateways `served`.
+    async fn write_all_served(
+        &self,
+        model: &Model,
+        served: &BTreeSet<String>,
+    ) -> Result<usize, kube::Error> {
         let routes = self
             .index
             .lock()
@@ -387,29 +403,51 @@ impl StatusWriter {
             &model.gateways,
         );
         let now = Timestamp::now().to_string();
-        let mut written = self.write_gateways(model, &now).await?;
+        // One object's failure is logged and leaves the others to be written; the pass then
+        // fails with it, so the next one tries again.
+        let mut failed = None;
+        let mut written = self.write_gateways(model, served, &now, &mut failed).await;
         for (key, d) in want {
             let Some(ar) = api_resource(key.kind) else {
                 continue;
             };
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &key.namespace, &ar);
-            let Some(live) = api.get_opt(&key.name).await? else {
-                continue;
+            let result = async {
+                let Some(live) = api.get_opt(&key.name).await? else {
+                    return Ok(0);
+                };
+                let live = serde_json::to_value(&live).unwrap_or_default();
+                match next_parents(&live, &d, &now) {
+                    Some(parents) => {
+                        self.patch_status(&api, &key.name, &live, json!({"parents": parents}))
+                            .await
+                    }
+                    None => Ok(0),
+                }
             };
-            let live = serde_json::to_value(&live).unwrap_or_default();
-            let Some(parents) = next_parents(&live, &d, &now) else {
-                continue;
-            };
-            written += self
-                .patch_status(&api, &key.name, &live, json!({"parents": parents}))
-                .await?;
+            match result.await {
+                Ok(n) => written += n,
+                Err(e) => {
+                    warn!(route = %key, error = %e, "writing a route status");
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(written)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(written),
+        }
     }
 
     /// Our GatewayClasses' `Accepted`, and each Gateway's status.
-    async fn write_gateways(&self, model: &Model, now: &str) -> Result<usize, kube::Error> {
+    async fn write_gateways(
+        &self,
+        model: &Model,
+        served: &BTreeSet<String>,
+        now: &str,
+        failed: &mut Option<kube::Error>,
+    ) -> usize {
         let mut written = 0;
         let class_api: Api<DynamicObject> = Api::all_with(
             self.client.clone(),
@@ -429,7 +467,10 @@ impl StatusWriter {
             };
             match result.await {
                 Ok(n) => written += n,
-                Err(e) => warn!(class = %name, error = %e, "writing a GatewayClass status"),
+                Err(e) => {
+                    warn!(class = %name, error = %e, "writing a GatewayClass status");
+                    failed.get_or_insert(e);
+                }
             }
         }
         let ar = api_resource(Kind::Gateway).expect("a resource");
@@ -441,7 +482,8 @@ impl StatusWriter {
                     return Ok(0);
                 };
                 let live = serde_json::to_value(&live).unwrap_or_default();
-                match gateway_status(g, &live, now) {
+                let name = format!("{}/{}", g.namespace, g.name);
+                match gateway_status(g, served.contains(&name), &live, now) {
                     Some(status) => self.patch_status(&api, &g.name, &live, status).await,
                     None => Ok(0),
                 }
@@ -449,11 +491,12 @@ impl StatusWriter {
             match result.await {
                 Ok(n) => written += n,
                 Err(e) => {
-                    warn!(gateway = %format!("{}/{}", g.namespace, g.name), error = %e, "writing a Gateway status")
+                    warn!(gateway = %format!("{}/{}", g.namespace, g.name), error = %e, "writing a Gateway status");
+                    failed.get_or_insert(e);
                 }
             }
         }
-        Ok(written)
+        written
     }
 
     /// A merge patch of `status` over the resourceVersion read; 1 when written, 0 when the
@@ -528,26 +571,64 @@ pub fn class_status(live: &Value, generation: i64, now: &str) -> Option<Value> {
     (Some(&json!(conditions)) != current).then(|| json!({"conditions": conditions}))
 }
 
+/// The Gateways (`namespace/name`) that a connected gateway proxy serves with the config of
+/// model `revision`, every type acknowledged.
+pub fn served_gateways(
+    proxies: &[crate::xds::status::ProxyStatus],
+    revision: u64,
+) -> BTreeSet<String> {
+    use crate::xds::status::SyncState;
+    proxies
+        .iter()
+        .filter(|p| {
+            p.revision == revision
+                && !p.types.is_empty()
+                && p.types
+                    .values()
+                    .all(|t| matches!(t.state, SyncState::Synced))
+        })
+        .filter_map(|p| p.gateway.clone())
+        .collect()
+}
+
 /// A Gateway's status: `Accepted` and `Programmed`, and per listener its conditions, route
-/// kinds and attached routes. `Programmed` is false with `Pending` while no gateway proxy
-/// serves the Gateway (none does yet), `Invalid` for a listener that cannot be served.
+/// kinds and attached routes. `Programmed` is true once a gateway proxy has acknowledged the
+/// Gateway's configuration (`served`), false with `Pending` before, and false with `Invalid`
+/// on a listener that cannot be served.
 /// `None` when it already has this status, or when the live Gateway is of another generation
 /// than the model read (the pass after the model catches up writes it).
-pub fn gateway_status(g: &GatewayModel, live: &Value, now: &str) -> Option<Value> {
+pub fn gateway_status(g: &GatewayModel, served: bool, live: &Value, now: &str) -> Option<Value> {
     let generation = g.generation;
     if generation_of(live) != generation {
         return None;
     }
-    let pending = Cond {
-        ok: false,
-        reason: "Pending".into(),
-        message: "no gateway proxy serves this Gateway's configuration yet".into(),
+    let pending = if served {
+        Cond {
+            ok: true,
+            reason: "Programmed".into(),
+            message: "a gateway proxy serves this configuration".into(),
+        }
+    } else {
+        Cond {
+            ok: false,
+            reason: "Pending".into(),
+            message: "no gateway proxy has acknowledged this Gateway's configuration".into(),
+        }
+    };
+    let gateway_programmed = if g.accepted.ok {
+        pending.clone()
+    } else {
+        Cond {
+            ok: false,
+            reason: "Invalid".into(),
+            message: "no listener is valid".into(),
+        }
     };
     let conditions = merged_conditions(
         live.pointer("/status/conditions"),
         &[
             ("Accepted", g.accepted.clone()),
-            ("Programmed", pending.clone()),
+            ("Programmed", gateway_programmed),
         ],
         generation,
         now,
@@ -881,6 +962,64 @@ mod tests {
             ]
         );
         assert_eq!(writer.write_all(&model).await.expect("write"), 0);
+    }
+
+    /// A Gateway is Programmed once a proxy serving it acknowledged every type of the current
+    /// revision; a proxy behind, or with a type not acknowledged, does not count.
+    #[test]
+    fn a_gateway_is_programmed_once_its_proxy_acknowledged_the_current_config() {
+        use crate::xds::resources::ResourceType;
+        use crate::xds::status::{ProxyStatus, SyncState, TypeStatus};
+        let proxy = |gateway: Option<&str>, revision: u64, state: SyncState| ProxyStatus {
+            node: "infra/edge-0".into(),
+            namespace: "infra".into(),
+            name: "edge-0".into(),
+            protocol: "delta",
+            user_agent: String::new(),
+            admin: None,
+            metrics: None,
+            connected_at_unix: 0,
+            gateway: gateway.map(Into::into),
+            revision,
+            types: [(
+                ResourceType::Listener,
+                TypeStatus {
+                    state,
+                    ..Default::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let served = served_gateways(
+            &[
+                proxy(Some("infra/edge"), 7, SyncState::Synced),
+                proxy(Some("infra/behind"), 6, SyncState::Synced),
+                proxy(Some("infra/stale"), 7, SyncState::Stale),
+                proxy(None, 7, SyncState::Synced),
+            ],
+            7,
+        );
+        assert_eq!(served.into_iter().collect::<Vec<_>>(), vec!["infra/edge"]);
+        let mut idx = Index::new("cluster.local");
+        for d in [
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra, generation: 1}\nspec:\n  gatewayClassName: mesh\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n",
+        ] {
+            idx.apply(obj(d)).expect("valid");
+        }
+        let model = idx.model();
+        let g = &model.gateways.gateways["infra/edge"];
+        let live = json!({"metadata": {"generation": 1}});
+        let now = "2026-12-07T00:00:00Z";
+        let status = gateway_status(g, true, &live, now).expect("a status");
+        assert_eq!(status["conditions"][1]["type"], "Programmed");
+        assert_eq!(status["conditions"][1]["status"], "True");
+        assert_eq!(status["listeners"][0]["conditions"][2]["status"], "True");
+        let status = gateway_status(g, false, &live, now).expect("a status");
+        assert_eq!(status["conditions"][1]["reason"], "Pending");
+        // The live Gateway moved on: nothing is written for the old generation.
+        assert!(gateway_status(g, true, &json!({"metadata": {"generation": 2}}), now).is_none());
     }
 
     #[test]

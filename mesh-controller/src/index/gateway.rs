@@ -422,19 +422,29 @@ pub fn listener_model(
         })
     })
     .unwrap_or_else(|| cond(true, "ResolvedRefs", "every reference resolves"));
-    let clash = all
-        .iter()
-        .find(|o| o.name != l.name && o.port == l.port && o.protocol != l.protocol);
-    let conflicted = match clash {
-        Some(o) => cond(
+    let others = || all.iter().filter(|o| o.name != l.name && o.port == l.port);
+    let conflicted = if let Some(o) = others().find(|o| o.protocol != l.protocol) {
+        cond(
             true,
             "ProtocolConflict",
             format!(
                 "listener {} takes port {} with protocol {}",
                 o.name, o.port, o.protocol
             ),
-        ),
-        None => cond(false, "NoConflicts", "no conflicts"),
+        )
+    } else if let Some(o) = others().find(|o| o.hostname == l.hostname) {
+        cond(
+            true,
+            "HostnameConflict",
+            format!(
+                "listener {} takes port {} for the same hostname ({})",
+                o.name,
+                o.port,
+                l.hostname.as_deref().unwrap_or("none")
+            ),
+        )
+    } else {
+        cond(false, "NoConflicts", "no conflicts")
     };
     let mut m = ListenerModel {
         name: l.name.clone(),
@@ -477,12 +487,25 @@ fn within_wildcard(pattern: &str, host: &str) -> bool {
 /// route's `hostnames`, the more specific of each matching pair. Empty when none intersects.
 /// `*` stands for every host (a listener without hostname and a route without hostnames).
 pub fn intersect(listener: Option<&str>, route: &[String]) -> Vec<String> {
+    intersect_ranked(listener, route)
+        .into_iter()
+        .map(|(h, _)| h)
+        .collect()
+}
+
+/// [`intersect`], each host with the [`hostname_rank`] of the route's hostname it came from
+/// (that of `*` for a route without hostnames), the best one when several give the same host.
+pub fn intersect_ranked(listener: Option<&str>, route: &[String]) -> Vec<(String, HostRank)> {
+    let none = hostname_rank("*");
     match (listener, route.is_empty()) {
-        (None, true) => vec!["*".into()],
-        (None, false) => route.to_vec(),
-        (Some(l), true) => vec![l.to_string()],
+        (None, true) => vec![("*".into(), none)],
+        (None, false) => route
+            .iter()
+            .map(|h| (h.clone(), hostname_rank(h)))
+            .collect(),
+        (Some(l), true) => vec![(l.to_string(), none)],
         (Some(l), false) => {
-            let mut out: Vec<String> = Vec::new();
+            let mut out: Vec<(String, HostRank)> = Vec::new();
             for h in route {
                 let keep = if h == l || (l.starts_with('*') && within_wildcard(l, h)) {
                     Some(h.as_str())
@@ -491,10 +514,11 @@ pub fn intersect(listener: Option<&str>, route: &[String]) -> Vec<String> {
                 } else {
                     None
                 };
-                if let Some(k) = keep
-                    && !out.iter().any(|o| o == k)
-                {
-                    out.push(k.to_string());
+                let Some(k) = keep else { continue };
+                let rank = hostname_rank(h);
+                match out.iter_mut().find(|(o, _)| o == k) {
+                    Some((_, r)) => *r = (*r).max(rank),
+                    None => out.push((k.to_string(), rank)),
                 }
             }
             out
@@ -503,7 +527,7 @@ pub fn intersect(listener: Option<&str>, route: &[String]) -> Vec<String> {
 }
 
 /// How specific a listener's hostname is: none, then wildcards (longer first), then names.
-fn specificity(hostname: Option<&str>) -> (u8, usize) {
+fn specificity(hostname: Option<&str>) -> HostRank {
     hostname_rank(hostname.unwrap_or("*"))
 }
 
@@ -515,9 +539,12 @@ pub fn covers(pattern: &str, host: &str) -> bool {
         || (pattern.starts_with('*') && within_wildcard(pattern, host))
 }
 
+/// A hostname's rank: see [`hostname_rank`].
+pub type HostRank = (u8, usize);
+
 /// How a route's hostname ranks among the routes serving one host: the most characters of a
 /// name first, then of a wildcard, then no hostname (`*`).
-pub fn hostname_rank(host: &str) -> (u8, usize) {
+pub fn hostname_rank(host: &str) -> HostRank {
     match host {
         "*" => (0, 0),
         h if h.starts_with('*') => (1, h.len()),
@@ -532,8 +559,9 @@ pub fn host_order(a: &str, b: &str) -> std::cmp::Ordering {
         .then_with(|| a.cmp(b))
 }
 
-/// The listeners (by index) a route attaches to, with the hosts it serves on each.
-pub type Attached = Vec<(usize, Vec<String>)>;
+/// The listeners (by index) a route attaches to, with the hosts it serves on each and the rank
+/// of the route's hostname each comes from.
+pub type Attached = Vec<(usize, Vec<(String, HostRank)>)>;
 
 /// Why a route does not attach to a Gateway through `parent`, or the listeners (by index) it
 /// attaches to with the hosts it serves on each.
@@ -586,12 +614,12 @@ pub fn attach(
             ),
         ));
     }
-    let attached: Vec<(usize, Vec<String>)> = allowed
+    let attached: Attached = allowed
         .into_iter()
         .map(|i| {
             (
                 i,
-                intersect(listeners[i].0.hostname.as_deref(), &route.hostnames),
+                intersect_ranked(listeners[i].0.hostname.as_deref(), &route.hostnames),
             )
         })
         .filter(|(_, hosts)| !hosts.is_empty())
@@ -685,8 +713,21 @@ pub fn read_secret(s: &k8s_openapi::api::core::v1::Secret) -> Option<Result<TlsS
         }
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
             .map_err(|e| format!("tls.key: {e}"))?;
-        rustls::crypto::ring::sign::any_supported_type(&key)
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
             .map_err(|e| format!("tls.key: {e}"))?;
+        // What every gateway proxy serves (Envoy's server certificates are RSA or ECDSA).
+        use rustls::SignatureAlgorithm as A;
+        if !matches!(signer.algorithm(), A::RSA | A::ECDSA) {
+            return Err(format!(
+                "tls.key: a {:?} key; a gateway's certificate needs an RSA or ECDSA key",
+                signer.algorithm()
+            ));
+        }
+        if let Err(rustls::Error::InconsistentKeys(_)) =
+            rustls::sign::CertifiedKey::new(certs, signer).keys_match()
+        {
+            return Err("tls.key is not the key of the first certificate in tls.crt".into());
+        }
         Ok(TlsSecret { cert_pem, key_pem })
     })())
 }

@@ -1059,10 +1059,10 @@ impl Index {
                             ));
                         for (li, hosts) in on {
                             attached[li].insert(spec.key.clone());
-                            for h in hosts {
+                            for (h, rank) in hosts {
                                 let list = by_host[li].entry(h).or_default();
                                 for (ri, mi, e) in entries.iter() {
-                                    list.push((spec.clone(), *ri, *mi, e.clone()));
+                                    list.push((rank, (spec.clone(), *ri, *mi, e.clone())));
                                 }
                             }
                         }
@@ -1129,17 +1129,24 @@ impl Index {
                     vhosts: Vec::new(),
                 });
                 for h in &hosts[i] {
-                    // Every route of the listener whose hostnames take in this host: those
-                    // naming it first, then by the most characters of a matching name, then of
-                    // a wildcard, then those without hostnames; then the routes' precedence.
-                    let mut ranked: Vec<((u8, usize), &Entry)> = by_host[i]
+                    // Every route of the listener whose hostnames take in this host, ranked by
+                    // the route's own hostname that matched (the most characters of a name,
+                    // then of a wildcard, then none), each entry once at its best rank; then
+                    // the routes' precedence.
+                    let mut best: BTreeMap<EntryId<'_>, (gateway::HostRank, &Entry)> =
+                        BTreeMap::new();
+                    for (_, items) in by_host[i]
                         .iter()
                         .filter(|(from, _)| gateway::covers(from, h))
-                        .flat_map(|(from, items)| {
-                            let rank = gateway::hostname_rank(from);
-                            items.iter().map(move |e| (rank, e))
-                        })
-                        .collect();
+                    {
+                        for (rank, e) in items {
+                            let slot = best.entry((&e.0.key, e.1, e.2)).or_insert((*rank, e));
+                            if *rank > slot.0 {
+                                *slot = (*rank, e);
+                            }
+                        }
+                    }
+                    let mut ranked: Vec<(gateway::HostRank, &Entry)> = best.into_values().collect();
                     ranked.sort_by(|(ra, a), (rb, b)| rb.cmp(ra).then_with(|| precedence(a, b)));
                     let routes = ranked
                         .into_iter()
@@ -1555,13 +1562,19 @@ struct Building {
     read: Arc<gateway::GatewayRead>,
     listeners: Vec<(gateway::ListenerRead, gateway::ListenerModel)>,
     /// Per listener, the entries attached, by host.
-    by_host: Vec<BTreeMap<String, Entries>>,
+    by_host: Vec<BTreeMap<String, Vec<Ranked>>>,
     /// Per listener, the routes attached.
     attached: Vec<BTreeSet<ObjKey>>,
 }
 
 /// Route entries with where each comes from.
 type Entries = Vec<Entry>;
+
+/// An entry attached to a Gateway host, with the rank of the route hostname it came by.
+type Ranked = (gateway::HostRank, Entry);
+
+/// Which entry it is: the route, rule and match index.
+type EntryId<'a> = (&'a ObjKey, usize, usize);
 
 /// One route entry with where it comes from (the route, rule and match index).
 type Entry = (Arc<RouteSpec>, usize, usize, RouteEntry);

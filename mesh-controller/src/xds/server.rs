@@ -529,6 +529,11 @@ impl Session {
                         a
                     }),
                 connected_at_unix: StreamStatus::now_unix(),
+                gateway: proxy
+                    .settings
+                    .gateway
+                    .as_ref()
+                    .map(|g| format!("{}/{g}", proxy.namespace)),
                 revision: view.revision,
                 types: BTreeMap::new(),
             },
@@ -755,7 +760,7 @@ impl<V: Variant> AdsStream<V> {
             .session
             .as_mut()
             .ok_or_else(|| Status::internal("no session"))?;
-        // A type we do not serve (SDS, ECDS, ...) is ignored rather than failing the stream,
+        // A type we do not serve (ECDS, ...) is ignored rather than failing the stream,
         // which would also cut off the types we do serve.
         let Some(ty) = ResourceType::from_type_url(type_url) else {
             debug!(node = %session.status_node(), type_url, "ignoring a type this controller does not serve");

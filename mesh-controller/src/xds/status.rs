@@ -47,6 +47,8 @@ pub struct ProxyStatus {
     /// the address the proxy connects from).
     pub metrics: Option<std::net::SocketAddr>,
     pub connected_at_unix: u64,
+    /// The Gateway (`namespace/name`) the proxy serves, for a gateway proxy.
+    pub gateway: Option<String>,
     /// The model revision of the config the stream serves: from the stream's start, or from
     /// the last publish once everything of it that concerns the proxy was sent (its types'
     /// states say whether it was acknowledged).

@@ -588,6 +588,112 @@ pub(crate) async fn control_plane(ctl: &Endpoint, c: &mut Checks) -> Option<Vec<
     Some(proxies)
 }
 
+/// What to do about a listener condition that is not as it should be, by its reason.
+fn listener_hint(reason: &str) -> &'static str {
+    match reason {
+        "UnsupportedProtocol" => "use protocol HTTP or HTTPS",
+        "UnsupportedValue" => "terminate TLS on an HTTPS listener (tls.mode Terminate)",
+        "RefNotPermitted" => {
+            "add a ReferenceGrant in the Secret's namespace from Gateways of the Gateway's namespace to Secrets"
+        }
+        "InvalidCertificateRef" => {
+            "create the Secret (type kubernetes.io/tls, with tls.crt and tls.key) or fix certificateRefs"
+        }
+        "InvalidRouteKinds" => "allowedRoutes.kinds may name HTTPRoute and GRPCRoute",
+        "ProtocolConflict" => "give each protocol a port of its own",
+        _ => "see the Gateway's status",
+    }
+}
+
+/// Each Gateway of our GatewayClasses, as the controller resolved it: every listener valid,
+/// and a gateway proxy serving the current configuration.
+pub(crate) async fn gateways(ctl: &Endpoint, c: &mut Checks) {
+    const CAT: &str = "gateways";
+    let body = match ctl.json("/debug/gateways").await {
+        Ok(b) => b,
+        Err(e) => {
+            c.warn(
+                CAT,
+                format!("gateways not readable: {e:#}"),
+                "is the controller a current version?",
+            );
+            return;
+        }
+    };
+    let gateways = body
+        .get("gateways")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    for (name, entry) in &gateways {
+        let g = &entry["gateway"];
+        let mut bad = 0;
+        for l in g["listeners"].as_array().into_iter().flatten() {
+            let listener = l["name"].as_str().unwrap_or("?");
+            let conflicted = l["conflicted"]["ok"].as_bool() == Some(true);
+            for (cond, ok) in [
+                (&l["accepted"], l["accepted"]["ok"].as_bool() == Some(true)),
+                (
+                    &l["resolved_refs"],
+                    l["resolved_refs"]["ok"].as_bool() == Some(true),
+                ),
+                (&l["conflicted"], !conflicted),
+            ] {
+                if !ok {
+                    bad += 1;
+                    let reason = cond["reason"].as_str().unwrap_or("");
+                    c.fail(
+                        CAT,
+                        format!(
+                            "Gateway {name} listener {listener}: {reason}: {}",
+                            cond["message"].as_str().unwrap_or("")
+                        ),
+                        listener_hint(reason),
+                    );
+                }
+            }
+        }
+        let routes: u64 = g["listeners"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["attached_routes"].as_u64())
+            .sum();
+        let proxies: Vec<&str> = entry["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if entry["served"].as_bool() != Some(true) {
+            let (ns, gw) = name.split_once('/').unwrap_or(("", name));
+            let hint = format!(
+                "run a gateway proxy for it, e.g. meshctl bootstrap envoy --node {ns}/{gw}-0 --gateway {gw}; see `meshctl proxy-status`"
+            );
+            c.warn(
+                CAT,
+                if proxies.is_empty() {
+                    format!("Gateway {name}: no gateway proxy is connected, so nothing serves it")
+                } else {
+                    format!(
+                        "Gateway {name}: its proxies ({}) have not acknowledged the current configuration",
+                        proxies.join(", ")
+                    )
+                },
+                &hint,
+            );
+        } else if bad == 0 {
+            c.ok(
+                CAT,
+                format!(
+                    "Gateway {name}: every listener valid, {routes} route attachments, served by {}",
+                    proxies.join(", ")
+                ),
+            );
+        }
+    }
+}
+
 /// A GET that only needs a 2xx (`/ready`).
 async fn get_json_or_text(addr: SocketAddr, path: &str) -> anyhow::Result<()> {
     super::status::get_text(addr, path).await.map(|_| ())
@@ -792,6 +898,9 @@ pub async fn run_checks(args: &CheckArgs, local: Option<&LocalDir>) -> Vec<Check
         mesh_api::consts::ports::CA_ADMIN,
     ))));
     let proxies = control_plane(&ctl, &mut c).await;
+    if proxies.is_some() {
+        gateways(&ctl, &mut c).await;
+    }
     let root = identity(&ca, &mut c).await;
     data_plane(
         proxies.as_deref().unwrap_or_default(),

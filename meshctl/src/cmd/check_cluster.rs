@@ -342,7 +342,9 @@ pub(crate) async fn installed(cluster: &Cluster, ns: &str, c: &mut Checks) -> an
     .await?;
     if let Some(pod) = &controller {
         let ep = Endpoint::forward(cluster, ns, pod, mesh_api::consts::ports::CONTROLLER_ADMIN);
-        control_plane(&ep, c).await;
+        if control_plane(&ep, c).await.is_some() {
+            super::check::gateways(&ep, c).await;
+        }
     }
     let ca_pod = pod_of(cluster, ns, mesh_api::consts::identity::CA_SERVICE_ACCOUNT).await?;
     if let Some(pod) = &ca_pod {

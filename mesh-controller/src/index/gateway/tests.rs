@@ -520,3 +520,94 @@ fn an_unservable_listener_takes_no_hosts_and_certificate_kinds_are_checked() {
         "the wildcard listener serves shop.example.com"
     );
 }
+
+/// Listeners of one port and protocol with the same hostname conflict and are not served;
+/// a certificate needs an RSA or ECDSA key, and the key of its certificate.
+#[test]
+fn conflicting_listeners_and_unusable_keys_are_refused() {
+    let mut idx = edge();
+    idx.apply(obj("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: a, port: 80, protocol: HTTP}\n  - {name: b, port: 80, protocol: HTTP}\n  - {name: c, port: 80, protocol: HTTP, hostname: c.example.com}\n"))
+        .expect("gateway");
+    let m = idx.model();
+    let l: Vec<(String, bool, String)> = gw(&m)
+        .listeners
+        .iter()
+        .map(|l| (l.name.clone(), l.programmed.ok, l.conflicted.reason.clone()))
+        .collect();
+    assert_eq!(
+        l,
+        vec![
+            ("a".into(), false, "HostnameConflict".into()),
+            ("b".into(), false, "HostnameConflict".into()),
+            ("c".into(), true, "NoConflicts".into()),
+        ]
+    );
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let secret = |name: &str, cert: &str, key: &str| {
+        obj(&format!(
+            "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: {name}, namespace: infra}}\ndata: {{tls.crt: {}, tls.key: {}}}\n",
+            b64(cert),
+            b64(key)
+        ))
+    };
+    let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519");
+    let ed_cert = rcgen::CertificateParams::new(vec!["a.example.com".to_string()])
+        .expect("params")
+        .self_signed(&ed)
+        .expect("cert");
+    let other = rcgen::KeyPair::generate().expect("key");
+    idx.apply(secret("ed", &ed_cert.pem(), &ed.serialize_pem())).expect("secret");
+    let (good_cert, _) = self_signed("a.example.com");
+    idx.apply(secret("mismatched", &good_cert, &other.serialize_pem()))
+        .expect("secret");
+    idx.apply(obj("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: ed, port: 443, protocol: HTTPS, hostname: ed.example.com, tls: {certificateRefs: [{name: ed}]}}\n  - {name: mismatched, port: 443, protocol: HTTPS, hostname: m.example.com, tls: {certificateRefs: [{name: mismatched}]}}\n"))
+        .expect("gateway");
+    let m = idx.model();
+    let why = |name: &str| {
+        let l = gw(&m).listeners.iter().find(|l| l.name == name).expect("listener");
+        (l.resolved_refs.reason.clone(), l.resolved_refs.message.clone())
+    };
+    let (reason, message) = why("ed");
+    assert_eq!(reason, "InvalidCertificateRef");
+    assert!(message.contains("needs an RSA or ECDSA key"), "{message}");
+    let (reason, message) = why("mismatched");
+    assert_eq!(reason, "InvalidCertificateRef");
+    assert!(message.contains("is not the key of the first certificate"), "{message}");
+}
+
+/// Routes serving one host rank by their own hostname that matched: a name before a wildcard
+/// narrowed to that name, whatever their age.
+#[test]
+fn a_route_naming_the_host_comes_before_a_wildcard_narrowed_to_it() {
+    let mut idx = edge();
+    idx.apply(obj("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: http, port: 80, protocol: HTTP, hostname: very.specific.com, allowedRoutes: {namespaces: {from: All}}}\n"))
+        .expect("gateway");
+    let r = |name: &str, created: &str, hostnames: &str| {
+        obj(&format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop, creationTimestamp: '{created}'}}\nspec:\n  parentRefs: [{{name: edge, namespace: infra}}]\n  hostnames: {hostnames}\n  rules: [{{backendRefs: [{{name: web, port: 8080}}]}}]\n"
+        ))
+    };
+    for o in [
+        r("older-wildcard", "2026-01-01T00:00:00Z", "['*.specific.com', very.specific.com]"),
+        r("newer-wildcard", "2026-01-02T00:00:00Z", "['*.specific.com']"),
+        r("newest-name", "2026-01-03T00:00:00Z", "[very.specific.com]"),
+    ] {
+        idx.apply(o).expect("route");
+    }
+    let m = idx.model();
+    let sources: Vec<String> = gw(&m).ports[0].vhosts[0]
+        .routes
+        .iter()
+        .map(|r| r.source.clone())
+        .collect();
+    assert_eq!(
+        sources,
+        vec![
+            "HTTPRoute/shop/older-wildcard rule 0",
+            "HTTPRoute/shop/newest-name rule 0",
+            "HTTPRoute/shop/newer-wildcard rule 0"
+        ],
+        "each entry once, names first, then by age"
+    );
+}
