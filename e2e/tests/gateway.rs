@@ -87,6 +87,8 @@ async fn envoy_serves_a_gateway_by_host_and_by_sni() -> anyhow::Result<()> {
         slice_yaml("infra", "www", "http", www.addr.port(), &["127.0.0.1"]),
         tls_secret("infra", "shop-cert", &shop_cert, &shop_key),
         tls_secret("infra", "any-cert", &any_cert, &any_key),
+        // A Gateway whose certificate is missing, for `meshctl check`.
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: broken, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: https, port: 1, protocol: HTTPS, tls: {certificateRefs: [{name: missing}]}}\n".to_string(),
         format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: http, port: {http}, protocol: HTTP}}\n  - {{name: shop, port: {https}, protocol: HTTPS, hostname: shop.example.com, tls: {{certificateRefs: [{{name: shop-cert}}]}}}}\n  - {{name: any, port: {https}, protocol: HTTPS, hostname: '*.example.com', tls: {{certificateRefs: [{{name: any-cert}}]}}}}\n"),
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  hostnames: [shop.example.com]\n  rules: [{backendRefs: [{name: shop, port: 8080}]}]\n".into(),
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: www, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  hostnames: [www.example.com]\n  rules: [{backendRefs: [{name: www, port: 8080}]}]\n".into(),
@@ -139,6 +141,43 @@ async fn envoy_serves_a_gateway_by_host_and_by_sni() -> anyhow::Result<()> {
         wrong.is_err(),
         "shop.example.com verified with the wildcard's CA: {wrong:?}"
     );
+
+    // meshctl check: the served Gateway is fine; the broken one fails with a hint and has no
+    // proxy.
+    use meshctl::cmd::check::{CheckArgs, Status, run_checks};
+    let args = CheckArgs::local(ctl.admin_addr, "127.0.0.1:1".parse()?);
+    let gateway_checks =
+        |checks: Vec<meshctl::cmd::check::Check>| -> Vec<(Status, String, String)> {
+            checks
+                .into_iter()
+                .filter(|c| c.category == "gateways")
+                .map(|c| (c.status, c.message, c.hint.unwrap_or_default()))
+                .collect()
+        };
+    let checks = eventually(Duration::from_secs(5), "edge to be served", || async {
+        let g = gateway_checks(run_checks(&args, None).await);
+        g.iter()
+            .any(|(s, m, _)| {
+                *s == Status::Ok
+                    && m.starts_with("Gateway infra/edge: every listener valid")
+                    && m.ends_with("served by infra/edge-0")
+            })
+            .then_some(g)
+    })
+    .await?;
+    assert!(
+        checks.iter().any(|(s, m, h)| *s == Status::Fail
+            && m.starts_with("Gateway infra/broken listener https: InvalidCertificateRef:")
+            && m.contains("no Secret infra/missing")
+            && h.contains("create the Secret")),
+        "{checks:?}"
+    );
+    assert!(
+        checks.iter().any(|(s, m, h)| *s == Status::Warn
+            && m == "Gateway infra/broken: no gateway proxy is connected, so nothing serves it"
+            && h.contains("--gateway broken")),
+        "{checks:?}"
+    );
     Ok(())
 }
 
@@ -154,7 +193,7 @@ struct Case {
     headers: &'static [(&'static str, &'static str)],
     status: u16,
     /// Response headers that must be there (the backend reports what it saw as `x-seen-*`,
-    /// and its name as `x-backend`).
+    /// and its name as `x-backend`); `{port}` stands for the port the request went to.
     want: &'static [(&'static str, &'static str)],
     /// Response headers that must not be.
     absent: &'static [&'static str],
@@ -197,12 +236,20 @@ async fn exchange(
     Ok((status, headers))
 }
 
+/// A redirect's `Location` as the suite compares it: the well-known port of its scheme and no
+/// port are the same.
+fn location(l: &str) -> String {
+    let (scheme, rest) = l.split_once("://").unwrap_or(("", l));
+    let default = if scheme == "https" { ":443/" } else { ":80/" };
+    format!("{scheme}://{}", rest.replacen(default, "/", 1))
+}
+
 /// Cases of the upstream Gateway API conformance suite (HTTPRoute and Gateway, core and the
 /// extended features mesh serves), re-expressed against a Gateway served by a stock Envoy
 /// configured by the controller: listener selection by `allowedRoutes`, hostname intersection,
 /// path, header, query and method matching across routes, request and response header
-/// modifiers, redirects, rewrites, cross-namespace backends with and without a ReferenceGrant,
-/// invalid backends, and weights.
+/// modifiers, redirects (host, status, path, scheme, port), rewrites, cross-namespace backends
+/// with and without a ReferenceGrant, invalid backends, and weights.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<()> {
     use mesh_e2e::servers::EchoServer;
@@ -278,13 +325,13 @@ async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<
             "[headers.example.com]",
             "  - filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {set: [{name: x-echo-set, value: set}], add: [{name: x-echo-add, value: added}], remove: [x-echo-remove]}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {set: [{name: x-header-set, value: set}], remove: [x-backend]}\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
         ),
-        // httproute-redirect-host-and-status, -path, -scheme, -port.
+        // httproute-redirect-host-and-status, -path, -scheme, -port, -port-and-scheme.
         route(
             "infra",
             "redirects",
             "all",
             "[redirect.example.com]",
-            "  - matches: [{path: {type: PathPrefix, value: /hostname}}]\n    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.org, statusCode: 301}}]\n  - matches: [{path: {type: PathPrefix, value: /full}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /full-path-replacement}}}]\n  - matches: [{path: {type: PathPrefix, value: /prefix}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}}}]\n  - matches: [{path: {type: PathPrefix, value: /scheme}}]\n    filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]\n",
+            "  - matches: [{path: {type: PathPrefix, value: /hostname}}]\n    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.org, statusCode: 301}}]\n  - matches: [{path: {type: PathPrefix, value: /full}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /full-path-replacement}}}]\n  - matches: [{path: {type: PathPrefix, value: /prefix}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /replacement-prefix}}}]\n  - matches: [{path: {type: PathPrefix, value: /scheme}}]\n    filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]\n  - matches: [{path: {type: PathPrefix, value: /port}}]\n    filters: [{type: RequestRedirect, requestRedirect: {port: 8083}}]\n  - matches: [{path: {type: PathPrefix, value: /both}}]\n    filters: [{type: RequestRedirect, requestRedirect: {scheme: https, port: 8443}}]\n",
         ),
         // httproute-rewrite-host, httproute-rewrite-path.
         route(
@@ -294,6 +341,14 @@ async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<
             "[rewrite.example.com]",
             "  - matches: [{path: {type: PathPrefix, value: /one}}]\n    filters: [{type: URLRewrite, urlRewrite: {hostname: one.example.org}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /prefix/one}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /one}}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /full/one}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplaceFullPath, replaceFullPath: /one}}}]\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
         ),
+        // httproute-weight: 3 to 1, and 0.
+        route(
+            "infra",
+            "weights",
+            "all",
+            "[weights.example.com]",
+            "  - backendRefs: [{name: infra-backend-v1, port: 8080, weight: 3}, {name: infra-backend-v2, port: 8080, weight: 1}, {name: infra-backend-v3, port: 8080, weight: 0}]\n",
+        ),
         // httproute-invalid-cross-namespace-parent-ref: a route of app on the Same listener.
         route(
             "app",
@@ -301,6 +356,14 @@ async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<
             "same",
             "[cross.example.com]",
             "  - backendRefs: [{name: app-backend-v1, port: 8080}]\n",
+        ),
+        // The listener's own namespace is allowed there.
+        route(
+            "infra",
+            "allowed",
+            "same",
+            "[same.example.com]",
+            "  - backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
         ),
         // httproute-cross-namespace: app is selected by the listener's selector, web is not.
         route(
@@ -382,383 +445,86 @@ async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<
     let admin = format!("127.0.0.1:{admin_port}").parse()?;
     let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
 
+    #[rustfmt::skip]
     let cases = [
-        Case {
-            from: "httproute-matching",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v1")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-exact-path-matching",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/exact",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v2")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-exact-path-matching",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/exact/more",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v1")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-matching",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/v2",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v2")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-matching",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/v2abc",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v1")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-header-matching",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/",
-            headers: &[("version", "two")],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v2")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-path-match-order",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/v2/example",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v3")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-query-param-matching",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/?animal=whale",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v3")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-method-matching",
-            port: 0,
-            method: "POST",
-            host: "match.example.com",
-            path: "/",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v3")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-matching-across-routes",
-            port: 0,
-            method: "GET",
-            host: "match.example.com",
-            path: "/across",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v3")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-request-header-modifier",
-            port: 0,
-            method: "GET",
-            host: "headers.example.com",
-            path: "/",
-            headers: &[
-                ("x-echo-set", "original"),
-                ("x-echo-add", "original"),
-                ("x-echo-remove", "gone"),
-            ],
-            status: 200,
-            want: &[
-                ("x-seen-x-echo-set", "set"),
-                ("x-seen-x-echo-add", "original,added"),
-                ("x-header-set", "set"),
-            ],
-            absent: &["x-seen-x-echo-remove", "x-backend"],
-        },
-        Case {
-            from: "httproute-redirect-host-and-status",
-            port: 0,
-            method: "GET",
-            host: "redirect.example.com",
-            path: "/hostname",
-            headers: &[],
-            status: 301,
-            want: &[("location", "http://example.org/hostname")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-redirect-path",
-            port: 0,
-            method: "GET",
-            host: "redirect.example.com",
-            path: "/full/x",
-            headers: &[],
-            status: 302,
-            want: &[(
-                "location",
-                "http://redirect.example.com/full-path-replacement",
-            )],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-redirect-path",
-            port: 0,
-            method: "GET",
-            host: "redirect.example.com",
-            path: "/prefix/x",
-            headers: &[],
-            status: 302,
-            want: &[(
-                "location",
-                "http://redirect.example.com/replacement-prefix/x",
-            )],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-redirect-scheme",
-            port: 0,
-            method: "GET",
-            host: "redirect.example.com",
-            path: "/scheme",
-            headers: &[],
-            status: 302,
-            want: &[("location", "https://redirect.example.com/scheme")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-rewrite-host",
-            port: 0,
-            method: "GET",
-            host: "rewrite.example.com",
-            path: "/one",
-            headers: &[],
-            status: 200,
-            want: &[("x-seen-host", "one.example.org"), ("x-seen-path", "/one")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-rewrite-path",
-            port: 0,
-            method: "GET",
-            host: "rewrite.example.com",
-            path: "/prefix/one/two",
-            headers: &[],
-            status: 200,
-            want: &[("x-seen-path", "/one/two")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-rewrite-path",
-            port: 0,
-            method: "GET",
-            host: "rewrite.example.com",
-            path: "/full/one/two",
-            headers: &[],
-            status: 200,
-            want: &[("x-seen-path", "/one")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-invalid-cross-namespace-parent-ref",
-            port: 1,
-            method: "GET",
-            host: "cross.example.com",
-            path: "/",
-            headers: &[],
-            status: 404,
-            want: &[],
-            absent: &["x-backend"],
-        },
-        Case {
-            from: "httproute-cross-namespace",
-            port: 2,
-            method: "GET",
-            host: "app.example.com",
-            path: "/",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "app-backend-v1")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-cross-namespace",
-            port: 2,
-            method: "GET",
-            host: "web.example.com",
-            path: "/",
-            headers: &[],
-            status: 404,
-            want: &[],
-            absent: &["x-backend"],
-        },
-        Case {
-            from: "httproute-reference-grant",
-            port: 0,
-            method: "GET",
-            host: "granted.example.com",
-            path: "/",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "app-backend-v1")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-invalid-cross-namespace-backend-ref",
-            port: 0,
-            method: "GET",
-            host: "not-granted.example.com",
-            path: "/",
-            headers: &[],
-            status: 500,
-            want: &[],
-            absent: &["x-backend"],
-        },
-        Case {
-            from: "httproute-invalid-nonexistent-backendref",
-            port: 0,
-            method: "GET",
-            host: "invalid.example.com",
-            path: "/missing",
-            headers: &[],
-            status: 500,
-            want: &[],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-invalid-backendref-unknown-kind",
-            port: 0,
-            method: "GET",
-            host: "invalid.example.com",
-            path: "/kind",
-            headers: &[],
-            status: 500,
-            want: &[],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-omitted-backendrefs",
-            port: 0,
-            method: "GET",
-            host: "invalid.example.com",
-            path: "/none",
-            headers: &[],
-            status: 500,
-            want: &[],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-hostname-intersection",
-            port: 3,
-            method: "GET",
-            host: "a.wildcard.io",
-            path: "/",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v1")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-hostname-intersection",
-            port: 3,
-            method: "GET",
-            host: "exact.wildcard.io",
-            path: "/",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v2")],
-            absent: &[],
-        },
-        Case {
-            from: "httproute-hostname-intersection",
-            port: 3,
-            method: "GET",
-            host: "other.org",
-            path: "/",
-            headers: &[],
-            status: 404,
-            want: &[],
-            absent: &["x-backend"],
-        },
-        Case {
-            from: "httproute-hostname-intersection",
-            port: 3,
-            method: "GET",
-            host: "wildcard.io",
-            path: "/",
-            headers: &[],
-            status: 404,
-            want: &[],
-            absent: &["x-backend"],
-        },
-        Case {
-            from: "httproute-listener-hostname-matching",
-            port: 3,
-            method: "GET",
-            host: "very.specific.com",
-            path: "/",
-            headers: &[],
-            status: 200,
-            want: &[("x-backend", "infra-backend-v3")],
-            absent: &[],
-        },
+        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-exact-path-matching", port: 0, method: "GET", host: "match.example.com", path: "/exact", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v2")], absent: &[] },
+        Case { from: "httproute-exact-path-matching", port: 0, method: "GET", host: "match.example.com", path: "/exact/more", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/v2", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v2")], absent: &[] },
+        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/v2abc", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-header-matching", port: 0, method: "GET", host: "match.example.com", path: "/", headers: &[("version", "two")], status: 200, want: &[("x-backend", "infra-backend-v2")], absent: &[] },
+        Case { from: "httproute-path-match-order", port: 0, method: "GET", host: "match.example.com", path: "/v2/example", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-query-param-matching", port: 0, method: "GET", host: "match.example.com", path: "/?animal=whale", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-method-matching", port: 0, method: "POST", host: "match.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-matching-across-routes", port: 0, method: "GET", host: "match.example.com", path: "/across", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-request-header-modifier", port: 0, method: "GET", host: "headers.example.com", path: "/", headers: &[("x-echo-set", "original"), ("x-echo-add", "original"), ("x-echo-remove", "gone")], status: 200, want: &[("x-seen-x-echo-set", "set"), ("x-seen-x-echo-add", "original,added"), ("x-header-set", "set")], absent: &["x-seen-x-echo-remove", "x-backend"] },
+        Case { from: "httproute-redirect-host-and-status", port: 0, method: "GET", host: "redirect.example.com", path: "/hostname", headers: &[], status: 301, want: &[("location", "http://example.org:{port}/hostname")], absent: &[] },
+        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/full/x", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:{port}/full-path-replacement")], absent: &[] },
+        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/prefix/x", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:{port}/replacement-prefix/x")], absent: &[] },
+        Case { from: "httproute-redirect-scheme", port: 0, method: "GET", host: "redirect.example.com", path: "/scheme", headers: &[], status: 302, want: &[("location", "https://redirect.example.com/scheme")], absent: &[] },
+        Case { from: "httproute-redirect-port", port: 0, method: "GET", host: "redirect.example.com", path: "/port", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:8083/port")], absent: &[] },
+        Case { from: "httproute-redirect-port-and-scheme", port: 0, method: "GET", host: "redirect.example.com", path: "/both", headers: &[], status: 302, want: &[("location", "https://redirect.example.com:8443/both")], absent: &[] },
+        Case { from: "httproute-rewrite-host", port: 0, method: "GET", host: "rewrite.example.com", path: "/one", headers: &[], status: 200, want: &[("x-seen-host", "one.example.org"), ("x-seen-path", "/one")], absent: &[] },
+        Case { from: "httproute-rewrite-path", port: 0, method: "GET", host: "rewrite.example.com", path: "/prefix/one/two", headers: &[], status: 200, want: &[("x-seen-path", "/one/two")], absent: &[] },
+        Case { from: "httproute-rewrite-path", port: 0, method: "GET", host: "rewrite.example.com", path: "/full/one/two", headers: &[], status: 200, want: &[("x-seen-path", "/one")], absent: &[] },
+        Case { from: "httproute-invalid-cross-namespace-parent-ref", port: 1, method: "GET", host: "cross.example.com", path: "/", headers: &[], status: 404, want: &[], absent: &["x-backend"] },
+        Case { from: "httproute-simple-same-namespace", port: 1, method: "GET", host: "same.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-cross-namespace", port: 2, method: "GET", host: "app.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "app-backend-v1")], absent: &[] },
+        Case { from: "httproute-cross-namespace", port: 2, method: "GET", host: "web.example.com", path: "/", headers: &[], status: 404, want: &[], absent: &["x-backend"] },
+        Case { from: "httproute-reference-grant", port: 0, method: "GET", host: "granted.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "app-backend-v1")], absent: &[] },
+        Case { from: "httproute-invalid-cross-namespace-backend-ref", port: 0, method: "GET", host: "not-granted.example.com", path: "/", headers: &[], status: 500, want: &[], absent: &["x-backend"] },
+        Case { from: "httproute-invalid-nonexistent-backendref", port: 0, method: "GET", host: "invalid.example.com", path: "/missing", headers: &[], status: 500, want: &[], absent: &[] },
+        Case { from: "httproute-invalid-backendref-unknown-kind", port: 0, method: "GET", host: "invalid.example.com", path: "/kind", headers: &[], status: 500, want: &[], absent: &[] },
+        Case { from: "httproute-omitted-backendrefs", port: 0, method: "GET", host: "invalid.example.com", path: "/none", headers: &[], status: 500, want: &[], absent: &[] },
+        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "a.wildcard.io", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "exact.wildcard.io", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v2")], absent: &[] },
+        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "other.org", path: "/", headers: &[], status: 404, want: &[], absent: &["x-backend"] },
+        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "wildcard.io", path: "/", headers: &[], status: 404, want: &[], absent: &["x-backend"] },
+        Case { from: "httproute-listener-hostname-matching", port: 3, method: "GET", host: "very.specific.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
     ];
-    let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
-        exchange(&curl_bin, ports[0], &cases[0])
-            .await
-            .ok()
-            .filter(|(code, _)| *code == 200)
-    })
-    .await;
-    if let Err(e) = served {
-        anyhow::bail!("{e}\nEnvoy log:\n{}", envoy_proc.log_text());
+    // Every port serves (a case of each that a backend answers).
+    for (i, port) in ports.iter().enumerate() {
+        let probe = cases
+            .iter()
+            .find(|c| c.port == i && c.status == 200)
+            .expect("a case answered 200 on each port");
+        let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
+            exchange(&curl_bin, *port, probe)
+                .await
+                .ok()
+                .filter(|(code, _)| *code == 200)
+        })
+        .await;
+        if let Err(e) = served {
+            anyhow::bail!("port {port}: {e}\nEnvoy log:\n{}", envoy_proc.log_text());
+        }
     }
     let mut failures = Vec::new();
     for c in &cases {
-        let (status, headers) = exchange(&curl_bin, ports[c.port], c).await?;
+        let port = ports[c.port];
+        let what = format!("{} {} http://{}:{port}{}", c.from, c.method, c.host, c.path);
+        let (status, headers) = match exchange(&curl_bin, port, c).await {
+            Ok(r) => r,
+            Err(e) => {
+                failures.push(format!("{what}: {e:#}"));
+                continue;
+            }
+        };
         let mut wrong = Vec::new();
         if status != c.status {
             wrong.push(format!("status {status}, want {}", c.status));
         }
         for (k, v) in c.want {
-            if headers.get(*k).map(String::as_str) != Some(*v) {
-                wrong.push(format!("{k}: {:?}, want {v:?}", headers.get(*k)));
+            let want = v.replace("{port}", &port.to_string());
+            let have = headers.get(*k).map(|h| {
+                if *k == "location" {
+                    location(h)
+                } else {
+                    h.clone()
+                }
+            });
+            if have.as_deref() != Some(want.as_str()) {
+                wrong.push(format!("{k}: {have:?}, want {want:?}"));
             }
         }
         for k in c.absent {
@@ -767,20 +533,44 @@ async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<
             }
         }
         if !wrong.is_empty() {
-            failures.push(format!(
-                "{} {} http://{}{}: {}",
-                c.from,
-                c.method,
-                c.host,
-                c.path,
-                wrong.join("; ")
-            ));
+            failures.push(format!("{what}: {}", wrong.join("; ")));
         }
+    }
+    // httproute-weight: each backend within 5 points of its share, none to a weight of 0.
+    let weighted = Case {
+        from: "httproute-weight",
+        port: 0,
+        method: "GET",
+        host: "weights.example.com",
+        path: "/",
+        headers: &[],
+        status: 200,
+        want: &[],
+        absent: &[],
+    };
+    let total = 400;
+    let mut counts: std::collections::BTreeMap<String, u32> = Default::default();
+    for _ in 0..total {
+        let backend = match exchange(&curl_bin, ports[0], &weighted).await {
+            Ok((_, h)) => h.get("x-backend").cloned().unwrap_or_default(),
+            Err(e) => format!("{e:#}"),
+        };
+        *counts.entry(backend).or_default() += 1;
+    }
+    let share = |b: &str| f64::from(counts.get(b).copied().unwrap_or(0)) * 100.0 / f64::from(total);
+    println!("httproute-weight 3:1:0 over {total} requests: {counts:?}");
+    if (share("infra-backend-v1") - 75.0).abs() > 5.0
+        || (share("infra-backend-v2") - 25.0).abs() > 5.0
+        || counts.len() != 2
+    {
+        failures.push(format!(
+            "httproute-weight: {counts:?}, want 75 % and 25 % within 5 points, none elsewhere"
+        ));
     }
     println!(
         "gateway conformance cases through Envoy: {} of {} as the suite expects",
-        cases.len() - failures.len(),
-        cases.len()
+        cases.len() + 1 - failures.len(),
+        cases.len() + 1
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(backends);

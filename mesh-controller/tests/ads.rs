@@ -375,7 +375,7 @@ async fn sotw_empty_list_after_names_means_nothing_and_unknown_types_are_ignored
     // A type this controller does not serve: ignored, the stream stays up.
     tx.send(DiscoveryRequest {
         node: node("default/grpc-client"),
-        type_url: "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret".into(),
+        type_url: "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig".into(),
         ..Default::default()
     })
     .await

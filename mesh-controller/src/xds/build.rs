@@ -608,10 +608,15 @@ fn hash_policies<'a>(keys: impl Iterator<Item = &'a HashKey>) -> Vec<route_actio
 
 /// The routes of a Service port: its route entries, or, with none, one route to the
 /// Service itself (`default_cluster`) with the port's own retry and hash key, if any.
+///
+/// `listener_port` is the port requests come to when it is not the well-known port of their
+/// scheme (a Gateway listener's): a redirect to another host that names neither scheme nor
+/// port keeps it, as the Gateway API asks (Envoy would drop it with the host).
 pub(super) fn envoy_routes(
     entries: &[RouteEntry],
     default_cluster: &str,
     port: Option<&crate::index::PortModel>,
+    listener_port: Option<u16>,
 ) -> Vec<Route> {
     if entries.is_empty() {
         // A Service port's (outbound) route; an inbound one has only the app to go to.
@@ -651,7 +656,17 @@ pub(super) fn envoy_routes(
                     };
                     route::Action::Redirect(RedirectAction {
                         host_redirect: r.hostname.clone().unwrap_or_default(),
-                        port_redirect: r.port.map(u32::from).unwrap_or_default(),
+                        // A new scheme without a port goes to its well-known port (the Gateway
+                        // API's rule); with neither, the request's port stays.
+                        port_redirect: r
+                            .port
+                            .or(match r.scheme.as_deref() {
+                                Some("https") => Some(443),
+                                Some("http") => Some(80),
+                                _ => listener_port.filter(|_| r.hostname.is_some()),
+                            })
+                            .map(u32::from)
+                            .unwrap_or_default(),
                         scheme_rewrite_specifier: r
                             .scheme
                             .clone()

@@ -59,7 +59,7 @@ pub fn gateway_resources(model: &Model, g: &GatewayModel, bind: IpAddr) -> Resou
         let chains = match port.protocol {
             ListenerProtocol::Http => {
                 let name = route_name(g, port.port, None);
-                let rc = route_config(&name, port.vhosts.iter());
+                let rc = route_config(&name, port, port.vhosts.iter());
                 out.insert(ResourceType::Route, Resource::new(&name, &rc));
                 vec![FilterChain {
                     name: name.clone(),
@@ -115,7 +115,11 @@ fn https_chains(
     let mut chains = Vec::new();
     for l in listeners {
         let name = route_name(g, port.port, Some(&l.name));
-        let rc = route_config(&name, port.vhosts.iter().filter(|v| v.listener == l.name));
+        let rc = route_config(
+            &name,
+            port,
+            port.vhosts.iter().filter(|v| v.listener == l.name),
+        );
         out.insert(ResourceType::Route, Resource::new(&name, &rc));
         for c in &l.certs {
             let sname = secret_name(&c.namespace, &c.name);
@@ -174,13 +178,16 @@ fn inline(pem: &str) -> DataSource {
     }
 }
 
-/// A gateway's HTTP connection manager: routes from RDS `name`; the Host's port is ignored
-/// when virtual hosts are chosen (a Gateway's hostnames have none).
+/// A gateway's HTTP connection manager, facing clients outside the mesh: routes from RDS
+/// `name`; the client's address is the peer's (a client's `x-forwarded-for` is not trusted,
+/// so neither are its `x-envoy-*` headers); paths normalized and slashes merged before routes
+/// match them, as the sidecars' inbound side does.
 fn gateway_hcm(name: &str) -> HttpConnectionManager {
+    use envoy_types::pb::google::protobuf::BoolValue;
     let mut h = hcm(name, name);
-    h.strip_port_mode = Some(
-        envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::StripPortMode::StripAnyHostPort(true),
-    );
+    h.use_remote_address = Some(BoolValue { value: true });
+    h.normalize_path = Some(BoolValue { value: true });
+    h.merge_slashes = true;
     h
 }
 
@@ -188,9 +195,21 @@ fn gateway_hcm(name: &str) -> HttpConnectionManager {
 #[path = "gateway_tests.rs"]
 mod tests;
 
-fn route_config<'a>(name: &str, vhosts: impl Iterator<Item = &'a Vhost>) -> RouteConfiguration {
+/// A gateway's routes; the Host's port is ignored when virtual hosts are chosen (a Gateway's
+/// hostnames have none), and kept in the request.
+fn route_config<'a>(
+    name: &str,
+    port: &GatewayPort,
+    vhosts: impl Iterator<Item = &'a Vhost>,
+) -> RouteConfiguration {
+    let well_known = match port.protocol {
+        ListenerProtocol::Http => 80,
+        ListenerProtocol::Https => 443,
+    };
+    let listener_port = (port.port != well_known).then_some(port.port);
     RouteConfiguration {
         name: name.to_string(),
+        ignore_port_in_host_matching: true,
         virtual_hosts: vhosts
             .map(|v| VirtualHost {
                 name: format!("{}/{}", v.listener, v.hostname),
@@ -199,7 +218,7 @@ fn route_config<'a>(name: &str, vhosts: impl Iterator<Item = &'a Vhost>) -> Rout
                 routes: if v.routes.is_empty() {
                     vec![]
                 } else {
-                    envoy_routes(&v.routes, names::BLACKHOLE_CLUSTER, None)
+                    envoy_routes(&v.routes, names::BLACKHOLE_CLUSTER, None, listener_port)
                 },
                 ..Default::default()
             })

@@ -732,7 +732,7 @@ fn service_resources(model: &Model, svc: &ServiceModel, owned: Owned) -> Service
             virtual_hosts: vec![VirtualHost {
                 name: name.clone(),
                 domains: vec!["*".into()],
-                routes: envoy_routes(entries, &cluster, Some(p)),
+                routes: envoy_routes(entries, &cluster, Some(p), None),
                 ..Default::default()
             }],
             ..Default::default()
@@ -906,7 +906,7 @@ fn encoded_vhosts(
         let vhost = VirtualHost {
             name: service_port_name(model, &svc.key, p.port),
             domains: domains(model, svc, p.port, local, owned),
-            routes: envoy_routes(entries, &cluster, Some(p)),
+            routes: envoy_routes(entries, &cluster, Some(p), None),
             ..Default::default()
         };
         canonical::encode_field(VIRTUAL_HOSTS_TAG, &vhost, &mut buf);
@@ -1183,7 +1183,7 @@ fn pod_resources(
                 virtual_hosts: vec![VirtualHost {
                     name: route.clone(),
                     domains: vec!["*".into()],
-                    routes: envoy_routes(&[], &cluster, None),
+                    routes: envoy_routes(&[], &cluster, None, None),
                     ..Default::default()
                 }],
                 ..Default::default()
