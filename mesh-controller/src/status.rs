@@ -413,26 +413,12 @@ impl StatusWriter {
             };
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &key.namespace, &ar);
-            let result = async {
-                let Some(live) = api.get_opt(&key.name).await? else {
-                    return Ok(0);
-                };
-                let live = serde_json::to_value(&live).unwrap_or_default();
-                match next_parents(&live, &d, &now) {
-                    Some(parents) => {
-                        self.patch_status(&api, &key.name, &live, json!({"parents": parents}))
-                            .await
-                    }
-                    None => Ok(0),
-                }
-            };
-            match result.await {
-                Ok(n) => written += n,
-                Err(e) => {
-                    warn!(route = %key, error = %e, "writing a route status");
-                    failed.get_or_insert(e);
-                }
-            }
+            let result = self
+                .write_one(&api, &key.name, |live| {
+                    next_parents(live, &d, &now).map(|parents| json!({"parents": parents}))
+                })
+                .await;
+            tally(result, &key.to_string(), &mut written, &mut failed);
         }
         match failed {
             Some(e) => Err(e),
@@ -455,48 +441,49 @@ impl StatusWriter {
         );
         // One object's failure is logged and leaves the others (and the routes) to be written.
         for (name, generation) in &model.gateways.classes {
-            let result = async {
-                let Some(live) = class_api.get_opt(name).await? else {
-                    return Ok(0);
-                };
-                let live = serde_json::to_value(&live).unwrap_or_default();
-                match class_status(&live, *generation, now) {
-                    Some(status) => self.patch_status(&class_api, name, &live, status).await,
-                    None => Ok(0),
-                }
-            };
-            match result.await {
-                Ok(n) => written += n,
-                Err(e) => {
-                    warn!(class = %name, error = %e, "writing a GatewayClass status");
-                    failed.get_or_insert(e);
-                }
-            }
+            let result = self
+                .write_one(&class_api, name, |live| {
+                    class_status(live, *generation, now)
+                })
+                .await;
+            tally(
+                result,
+                &format!("GatewayClass/{name}"),
+                &mut written,
+                failed,
+            );
         }
         let ar = api_resource(Kind::Gateway).expect("a resource");
         for g in model.gateways.gateways.values() {
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &g.namespace, &ar);
-            let result = async {
-                let Some(live) = api.get_opt(&g.name).await? else {
-                    return Ok(0);
-                };
-                let live = serde_json::to_value(&live).unwrap_or_default();
-                let name = format!("{}/{}", g.namespace, g.name);
-                match gateway_status(g, served.contains(&name), &live, now) {
-                    Some(status) => self.patch_status(&api, &g.name, &live, status).await,
-                    None => Ok(0),
-                }
-            };
-            match result.await {
-                Ok(n) => written += n,
-                Err(e) => {
-                    warn!(gateway = %format!("{}/{}", g.namespace, g.name), error = %e, "writing a Gateway status");
-                    failed.get_or_insert(e);
-                }
-            }
+            let name = format!("{}/{}", g.namespace, g.name);
+            let result = self
+                .write_one(&api, &g.name, |live| {
+                    gateway_status(g, served.contains(&name), live, now)
+                })
+                .await;
+            tally(result, &format!("Gateway/{name}"), &mut written, failed);
         }
         written
+    }
+
+    /// Reads an object and merge-patches the status `next` makes of it, if any; 1 when
+    /// written, 0 when there was nothing to write or it went meanwhile.
+    async fn write_one(
+        &self,
+        api: &Api<DynamicObject>,
+        name: &str,
+        next: impl FnOnce(&Value) -> Option<Value>,
+    ) -> Result<usize, kube::Error> {
+        let Some(live) = api.get_opt(name).await? else {
+            return Ok(0);
+        };
+        let live = serde_json::to_value(&live).unwrap_or_default();
+        match next(&live) {
+            Some(status) => self.patch_status(api, name, &live, status).await,
+            None => Ok(0),
+        }
     }
 
     /// A merge patch of `status` over the resourceVersion read; 1 when written, 0 when the
@@ -520,6 +507,23 @@ impl StatusWriter {
             // Changed or gone meanwhile: the next pass reads it again.
             Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(0),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Counts a status written, or logs why it was not (`what`: the object) and keeps the first
+/// failure, so that one object's failure leaves the others to be written.
+fn tally(
+    result: Result<usize, kube::Error>,
+    what: &str,
+    written: &mut usize,
+    failed: &mut Option<kube::Error>,
+) {
+    match result {
+        Ok(n) => *written += n,
+        Err(e) => {
+            warn!(object = what, error = %e, "writing a status");
+            failed.get_or_insert(e);
         }
     }
 }

@@ -1021,42 +1021,21 @@ impl Index {
                     .namespaces
                     .get(&spec.key.namespace)
                     .unwrap_or(&no_labels);
-                let field = format!("spec.parentRefs[{}]", p.index);
-                match gateway::attach(spec, p, &p.namespace, listeners, labels) {
+                let accepted = match gateway::attach(spec, p, &p.namespace, listeners, labels) {
                     Err((condition, reason)) => {
-                        out.route_parents
-                            .entry(spec.key.clone())
-                            .or_default()
-                            .push((
-                                p.index,
-                                Cond {
-                                    ok: false,
-                                    reason: condition.reason().into(),
-                                    message: reason.clone(),
-                                },
-                            ));
                         errors.push(ResolveError {
                             object: spec.key.clone(),
-                            field,
-                            reason,
+                            field: format!("spec.parentRefs[{}]", p.index),
+                            reason: reason.clone(),
                             condition,
                         });
+                        Cond {
+                            ok: false,
+                            reason: condition.reason().into(),
+                            message: reason,
+                        }
                     }
                     Ok(on) => {
-                        out.route_parents
-                            .entry(spec.key.clone())
-                            .or_default()
-                            .push((
-                                p.index,
-                                Cond {
-                                    ok: true,
-                                    reason: "Accepted".into(),
-                                    message: format!(
-                                        "attached to Gateway {}/{}",
-                                        p.namespace, p.name
-                                    ),
-                                },
-                            ));
                         for (li, hosts) in on {
                             attached[li].insert(spec.key.clone());
                             for (h, rank) in hosts {
@@ -1066,8 +1045,17 @@ impl Index {
                                 }
                             }
                         }
+                        Cond {
+                            ok: true,
+                            reason: "Accepted".into(),
+                            message: format!("attached to Gateway {}/{}", p.namespace, p.name),
+                        }
                     }
-                }
+                };
+                out.route_parents
+                    .entry(spec.key.clone())
+                    .or_default()
+                    .push((p.index, accepted));
             }
         }
         let previous = self.last_model.as_ref().map(|m| m.gateways.clone());

@@ -728,6 +728,16 @@ mod tests {
             format!("{ctl}/debug/proxies"),
             json!([{"node": "shop/reviews-0", "types": {"cds": {"state": "SYNCED"}}}]).to_string(),
         );
+        let ok = |reason: &str| json!({"ok": true, "reason": reason, "message": ""});
+        s.raw.insert(
+            format!("{ctl}/debug/gateways"),
+            json!({"classes": {"mesh": 1}, "gateways": {"shop/edge": {
+                "gateway": {"listeners": [{"name": "http", "attached_routes": 1,
+                    "accepted": ok("Accepted"), "resolved_refs": ok("ResolvedRefs"),
+                    "conflicted": {"ok": false, "reason": "NoConflicts", "message": ""}}]},
+                "proxies": ["shop/edge-0"], "served": true}}})
+            .to_string(),
+        );
         s.raw.insert(
             format!("{ca_base}/metrics"),
             format!("mesh_ca_signing_certificate_expiry_seconds {not_after}\nmesh_ca_trust_bundle_roots 1\n"),
@@ -749,6 +759,12 @@ mod tests {
         for want in ["crds", "control plane", "identity", "webhook"] {
             assert!(!of(&c, want, Status::Ok).is_empty(), "no {want} checks");
         }
+        assert_eq!(
+            of(&c, "gateways", Status::Ok),
+            vec![
+                "Gateway shop/edge: every listener valid, 1 route attachments, served by shop/edge-0 / "
+            ]
+        );
         assert!(
             of(&c, "control plane", Status::Ok)
                 .iter()

@@ -557,7 +557,8 @@ fn conflicting_listeners_and_unusable_keys_are_refused() {
         .self_signed(&ed)
         .expect("cert");
     let other = rcgen::KeyPair::generate().expect("key");
-    idx.apply(secret("ed", &ed_cert.pem(), &ed.serialize_pem())).expect("secret");
+    idx.apply(secret("ed", &ed_cert.pem(), &ed.serialize_pem()))
+        .expect("secret");
     let (good_cert, _) = self_signed("a.example.com");
     idx.apply(secret("mismatched", &good_cert, &other.serialize_pem()))
         .expect("secret");
@@ -565,15 +566,25 @@ fn conflicting_listeners_and_unusable_keys_are_refused() {
         .expect("gateway");
     let m = idx.model();
     let why = |name: &str| {
-        let l = gw(&m).listeners.iter().find(|l| l.name == name).expect("listener");
-        (l.resolved_refs.reason.clone(), l.resolved_refs.message.clone())
+        let l = gw(&m)
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .expect("listener");
+        (
+            l.resolved_refs.reason.clone(),
+            l.resolved_refs.message.clone(),
+        )
     };
     let (reason, message) = why("ed");
     assert_eq!(reason, "InvalidCertificateRef");
     assert!(message.contains("needs an RSA or ECDSA key"), "{message}");
     let (reason, message) = why("mismatched");
     assert_eq!(reason, "InvalidCertificateRef");
-    assert!(message.contains("is not the key of the first certificate"), "{message}");
+    assert!(
+        message.contains("is not the key of the first certificate"),
+        "{message}"
+    );
 }
 
 /// Routes serving one host rank by their own hostname that matched: a name before a wildcard
@@ -589,8 +600,16 @@ fn a_route_naming_the_host_comes_before_a_wildcard_narrowed_to_it() {
         ))
     };
     for o in [
-        r("older-wildcard", "2026-01-01T00:00:00Z", "['*.specific.com', very.specific.com]"),
-        r("newer-wildcard", "2026-01-02T00:00:00Z", "['*.specific.com']"),
+        r(
+            "older-wildcard",
+            "2026-01-01T00:00:00Z",
+            "['*.specific.com', very.specific.com]",
+        ),
+        r(
+            "newer-wildcard",
+            "2026-01-02T00:00:00Z",
+            "['*.specific.com']",
+        ),
         r("newest-name", "2026-01-03T00:00:00Z", "[very.specific.com]"),
     ] {
         idx.apply(o).expect("route");
