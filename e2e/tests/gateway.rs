@@ -576,3 +576,195 @@ async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<
     drop(backends);
     Ok(())
 }
+
+/// A request's start and end (since the load began), and its status and the certificate
+/// presented.
+type Outcome = (Duration, Duration, anyhow::Result<(u16, Vec<u8>)>);
+
+/// One HTTPS request on a new connection with SNI `host`: the status and the certificate the
+/// gateway presented.
+async fn tls_get(
+    addr: std::net::SocketAddr,
+    host: &'static str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> anyhow::Result<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(host)?;
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
+    let cert = s
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await?;
+    let status = String::from_utf8_lossy(&buf)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, cert))
+}
+
+/// A listener's certificate Secret replaced under 200 HTTPS requests a second, each on a new
+/// connection: no request fails, and once a handshake presents the new certificate, every
+/// later one does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails() -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
+        return Ok(());
+    };
+    let shop = Backend::start("shop").await?;
+    let dir = tempfile::tempdir()?;
+    let cfg = dir.path().join("config");
+    std::fs::create_dir(&cfg)?;
+    let https = free_port();
+    let (old_cert, old_key) = self_signed(&["shop.example.com"])?;
+    let (new_cert, new_key) = self_signed(&["shop.example.com"])?;
+    let docs = [
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
+        service_yaml("infra", "shop", "10.96.0.10", &[("http", 8080)]),
+        slice_yaml("infra", "shop", "http", shop.addr.port(), &["127.0.0.1"]),
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: shop, port: {https}, protocol: HTTPS, hostname: shop.example.com, tls: {{certificateRefs: [{{name: shop-cert}}]}}}}\n"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  rules: [{backendRefs: [{name: shop, port: 8080}]}]\n".into(),
+    ];
+    std::fs::write(cfg.join("gateway.yaml"), docs.join("---\n"))?;
+    let secret_file = cfg.join("secret.yaml");
+    std::fs::write(
+        &secret_file,
+        tls_secret("infra", "shop-cert", &old_cert, &old_key),
+    )?;
+    let ctl = Controller::start(Config::local(&cfg)).await?;
+    let admin_port = free_port();
+    let bootstrap = envoy(&EnvoyArgs {
+        admin: format!("127.0.0.1:{admin_port}").parse()?,
+        gateway: Some("edge".into()),
+        gateway_addr: Some("127.0.0.1".parse()?),
+        ..EnvoyArgs::new("infra/edge-0", &ctl.xds_addr.to_string())
+    })?;
+    let admin = format!("127.0.0.1:{admin_port}").parse()?;
+    let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
+
+    // The client trusts both certificates, and notes which one each handshake presented.
+    let der = |pem: &str| -> anyhow::Result<Vec<u8>> {
+        use rustls::pki_types::pem::PemObject;
+        Ok(rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())?.to_vec())
+    };
+    let (old_der, new_der) = (der(&old_cert)?, der(&new_cert)?);
+    let mut roots = rustls::RootCertStore::empty();
+    for d in [&old_der, &new_der] {
+        roots.add(rustls::pki_types::CertificateDer::from(d.clone()))?;
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{https}").parse()?;
+    let first = eventually(Duration::from_secs(10), "the HTTPS listener", || {
+        let tls = tls.clone();
+        async move {
+            tls_get(addr, "shop.example.com", tls)
+                .await
+                .ok()
+                .filter(|(s, _)| *s == 200)
+        }
+    })
+    .await;
+    if let Err(e) = first {
+        anyhow::bail!("{e}\nEnvoy log:\n{}", envoy_proc.log_text());
+    }
+
+    // 200 requests a second for 6 s; the Secret is replaced after 2 s.
+    let start = Instant::now();
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut rotated_at = None;
+    for i in 0..1200u32 {
+        let due = start + Duration::from_millis(u64::from(i) * 5);
+        tokio::time::sleep_until(due.into()).await;
+        if rotated_at.is_none() && start.elapsed() >= Duration::from_secs(2) {
+            mesh_e2e::write_atomic(
+                &secret_file,
+                &tls_secret("infra", "shop-cert", &new_cert, &new_key),
+            )?;
+            rotated_at = Some(start.elapsed());
+        }
+        let (tls, results) = (tls.clone(), results.clone());
+        tasks.spawn(async move {
+            let began = start.elapsed();
+            let r = tls_get(addr, "shop.example.com", tls).await;
+            let done = start.elapsed();
+            results
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((began, done, r));
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let rotated_at = rotated_at.expect("rotated");
+    let results = std::mem::take(
+        &mut *results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(_, _, r)| match r {
+            Ok((200, _)) => None,
+            Ok((s, _)) => Some(format!("status {s}")),
+            Err(e) => Some(format!("{e:#}")),
+        })
+        .collect();
+    // The first handshake that presented the new certificate, by when it completed.
+    let first_new = results
+        .iter()
+        .filter(|(_, _, r)| matches!(r, Ok((_, c)) if *c == new_der))
+        .map(|(_, done, _)| *done)
+        .min();
+    let old_after = first_new.map_or(0, |t| {
+        results
+            .iter()
+            .filter(|(began, _, r)| *began > t && matches!(r, Ok((_, c)) if *c == old_der))
+            .count()
+    });
+    let old = results
+        .iter()
+        .filter(|(_, _, r)| matches!(r, Ok((_, c)) if *c == old_der))
+        .count();
+    println!(
+        "certificate rotation under 200 rps (a new connection each): {} requests, {} failed, {old} handshakes with the old certificate, the new one first {} ms after the Secret was replaced",
+        results.len(),
+        failed.len(),
+        first_new.map_or(-1, |t| (t.as_millis() as i64)
+            - (rotated_at.as_millis() as i64)),
+    );
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(old > 0, "no handshake before the rotation");
+    assert!(
+        first_new.is_some(),
+        "no handshake presented the new certificate"
+    );
+    assert_eq!(
+        old_after, 0,
+        "handshakes begun after the new certificate was seen presented the old one"
+    );
+    Ok(())
+}
