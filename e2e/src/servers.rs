@@ -54,7 +54,22 @@ impl EchoServer {
     }
 
     async fn listen(&mut self) -> anyhow::Result<()> {
-        let listener = TcpListener::bind(self.addr).await?;
+        // Listening again on its own port: while it was down, the kernel may have given the
+        // port to another process's outgoing connection (tests run beside each other), which
+        // holds it until that connection ends.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && self.addr.port() != 0
+                        && std::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                other => break other?,
+            }
+        };
         self.addr = listener.local_addr()?;
         let (name, hits, fail, delay) = (
             self.name.clone(),
