@@ -460,6 +460,8 @@ async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<
         Case { from: "httproute-request-header-modifier", port: 0, method: "GET", host: "headers.example.com", path: "/", headers: &[("x-echo-set", "original"), ("x-echo-add", "original"), ("x-echo-remove", "gone")], status: 200, want: &[("x-seen-x-echo-set", "set"), ("x-seen-x-echo-add", "original,added"), ("x-header-set", "set")], absent: &["x-seen-x-echo-remove", "x-backend"] },
         Case { from: "httproute-redirect-host-and-status", port: 0, method: "GET", host: "redirect.example.com", path: "/hostname", headers: &[], status: 301, want: &[("location", "http://example.org:{port}/hostname")], absent: &[] },
         Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/full/x", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:{port}/full-path-replacement")], absent: &[] },
+        // The listener's port, whatever the Host says.
+        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/full/x", headers: &[("host", "redirect.example.com")], status: 302, want: &[("location", "http://redirect.example.com:{port}/full-path-replacement")], absent: &[] },
         Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/prefix/x", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:{port}/replacement-prefix/x")], absent: &[] },
         Case { from: "httproute-redirect-scheme", port: 0, method: "GET", host: "redirect.example.com", path: "/scheme", headers: &[], status: 302, want: &[("location", "https://redirect.example.com/scheme")], absent: &[] },
         Case { from: "httproute-redirect-port", port: 0, method: "GET", host: "redirect.example.com", path: "/port", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:8083/port")], absent: &[] },
@@ -705,7 +707,15 @@ async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails() -> 
         let (tls, results) = (tls.clone(), results.clone());
         tasks.spawn(async move {
             let began = start.elapsed();
-            let r = tls_get(addr, "shop.example.com", tls).await;
+            let r = match tokio::time::timeout(
+                Duration::from_secs(5),
+                tls_get(addr, "shop.example.com", tls),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(anyhow::anyhow!("no answer in 5 s")),
+            };
             let done = start.elapsed();
             results
                 .lock()
@@ -751,6 +761,7 @@ async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails() -> 
         first_new.map_or(-1, |t| (t.as_millis() as i64)
             - (rotated_at.as_millis() as i64)),
     );
+    assert_eq!(results.len(), 1200, "every request has an outcome");
     assert!(
         failed.is_empty(),
         "{} failed: {:?}",

@@ -104,7 +104,7 @@ async fn model(State(s): State<AdminState>) -> impl IntoResponse {
 async fn gateways(State(s): State<AdminState>) -> impl IntoResponse {
     let model = s.hub.model();
     let proxies = s.hub.status.snapshot();
-    let served = crate::status::served_gateways(&proxies, model.revision);
+    let served = crate::status::served_gateways(&proxies);
     let gateways: std::collections::BTreeMap<&String, serde_json::Value> = model
         .gateways
         .gateways

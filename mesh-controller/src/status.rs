@@ -352,7 +352,7 @@ impl StatusWriter {
             self.leading
                 .store(leading, std::sync::atomic::Ordering::Relaxed);
             let model = self.hub.model();
-            let served = served_gateways(&self.hub.status.snapshot(), model.revision);
+            let served = served_gateways(&self.hub.status.snapshot());
             // A full pass now and then repairs statuses someone else changed; a Gateway whose
             // proxies came or went gets its Programmed at once.
             let due = last_revision != Some(model.revision)
@@ -381,7 +381,7 @@ impl StatusWriter {
     /// Writes every route, GatewayClass and Gateway whose status differs, with the Gateways
     /// the proxies connected now serve; returns how many were written.
     pub async fn write_all(&self, model: &Model) -> Result<usize, kube::Error> {
-        let served = served_gateways(&self.hub.status.snapshot(), model.revision);
+        let served = served_gateways(&self.hub.status.snapshot());
         self.write_all_served(model, &served).await
     }
 
@@ -575,21 +575,19 @@ pub fn class_status(live: &Value, generation: i64, now: &str) -> Option<Value> {
     (Some(&json!(conditions)) != current).then(|| json!({"conditions": conditions}))
 }
 
-/// The Gateways (`namespace/name`) that a connected gateway proxy serves with the config of
-/// model `revision`, every type acknowledged.
-pub fn served_gateways(
-    proxies: &[crate::xds::status::ProxyStatus],
-    revision: u64,
-) -> BTreeSet<String> {
+/// The Gateways (`namespace/name`) that a connected gateway proxy serves: it has acknowledged
+/// a configuration of every type it asked for and refused none since. A push on its way (types
+/// not yet acknowledged again) does not count against it, so a Gateway does not flap with
+/// every publish; a refused one does.
+pub fn served_gateways(proxies: &[crate::xds::status::ProxyStatus]) -> BTreeSet<String> {
     use crate::xds::status::SyncState;
     proxies
         .iter()
         .filter(|p| {
-            p.revision == revision
-                && !p.types.is_empty()
+            !p.types.is_empty()
                 && p.types
                     .values()
-                    .all(|t| matches!(t.state, SyncState::Synced))
+                    .all(|t| !matches!(t.state, SyncState::Nacked) && !t.acked_version.is_empty())
         })
         .filter_map(|p| p.gateway.clone())
         .collect()
@@ -968,13 +966,14 @@ mod tests {
         assert_eq!(writer.write_all(&model).await.expect("write"), 0);
     }
 
-    /// A Gateway is Programmed once a proxy serving it acknowledged every type of the current
-    /// revision; a proxy behind, or with a type not acknowledged, does not count.
+    /// A Gateway is Programmed while a proxy serving it has acknowledged every type and
+    /// refused none; one that never acknowledged a type, or refused one, does not count, and
+    /// a push on its way does not count against it.
     #[test]
     fn a_gateway_is_programmed_once_its_proxy_acknowledged_the_current_config() {
         use crate::xds::resources::ResourceType;
         use crate::xds::status::{ProxyStatus, SyncState, TypeStatus};
-        let proxy = |gateway: Option<&str>, revision: u64, state: SyncState| ProxyStatus {
+        let proxy = |gateway: Option<&str>, acked: &str, state: SyncState| ProxyStatus {
             node: "infra/edge-0".into(),
             namespace: "infra".into(),
             name: "edge-0".into(),
@@ -984,27 +983,30 @@ mod tests {
             metrics: None,
             connected_at_unix: 0,
             gateway: gateway.map(Into::into),
-            revision,
+            revision: 7,
             types: [(
                 ResourceType::Listener,
                 TypeStatus {
                     state,
+                    acked_version: acked.into(),
                     ..Default::default()
                 },
             )]
             .into_iter()
             .collect(),
         };
-        let served = served_gateways(
-            &[
-                proxy(Some("infra/edge"), 7, SyncState::Synced),
-                proxy(Some("infra/behind"), 6, SyncState::Synced),
-                proxy(Some("infra/stale"), 7, SyncState::Stale),
-                proxy(None, 7, SyncState::Synced),
-            ],
-            7,
+        let served = served_gateways(&[
+            proxy(Some("infra/edge"), "v1", SyncState::Synced),
+            // A push on its way, after an acknowledged one: still serving.
+            proxy(Some("infra/pushing"), "v1", SyncState::Stale),
+            proxy(Some("infra/never"), "", SyncState::Stale),
+            proxy(Some("infra/refused"), "v1", SyncState::Nacked),
+            proxy(None, "v1", SyncState::Synced),
+        ]);
+        assert_eq!(
+            served.into_iter().collect::<Vec<_>>(),
+            vec!["infra/edge", "infra/pushing"]
         );
-        assert_eq!(served.into_iter().collect::<Vec<_>>(), vec!["infra/edge"]);
         let mut idx = Index::new("cluster.local");
         for d in [
             "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n",

@@ -610,8 +610,9 @@ fn hash_policies<'a>(keys: impl Iterator<Item = &'a HashKey>) -> Vec<route_actio
 /// Service itself (`default_cluster`) with the port's own retry and hash key, if any.
 ///
 /// `listener_port` is the port requests come to when it is not the well-known port of their
-/// scheme (a Gateway listener's): a redirect to another host that names neither scheme nor
-/// port keeps it, as the Gateway API asks (Envoy would drop it with the host).
+/// scheme (a Gateway listener's): a redirect that names neither scheme nor port goes to it,
+/// as the Gateway API asks, whatever port the client's Host named (and Envoy would drop it
+/// with a new host).
 pub(super) fn envoy_routes(
     entries: &[RouteEntry],
     default_cluster: &str,
@@ -663,7 +664,7 @@ pub(super) fn envoy_routes(
                             .or(match r.scheme.as_deref() {
                                 Some("https") => Some(443),
                                 Some("http") => Some(80),
-                                _ => listener_port.filter(|_| r.hostname.is_some()),
+                                _ => listener_port,
                             })
                             .map(u32::from)
                             .unwrap_or_default(),

@@ -188,6 +188,8 @@ fn gateway_hcm(name: &str) -> HttpConnectionManager {
     h.use_remote_address = Some(BoolValue { value: true });
     h.normalize_path = Some(BoolValue { value: true });
     h.merge_slashes = true;
+    // `/admin%2Fx` is redirected to `/admin/x`, so it meets the routes of `/admin/`.
+    h.path_with_escaped_slashes_action = envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::PathWithEscapedSlashesAction::UnescapeAndRedirect as i32;
     h
 }
 

@@ -601,6 +601,7 @@ fn listener_hint(reason: &str) -> &'static str {
         }
         "InvalidRouteKinds" => "allowedRoutes.kinds may name HTTPRoute and GRPCRoute",
         "ProtocolConflict" => "give each protocol a port of its own",
+        "HostnameConflict" => "give each listener of a port a hostname of its own",
         _ => "see the Gateway's status",
     }
 }
