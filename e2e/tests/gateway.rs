@@ -29,6 +29,33 @@ fn tls_secret(ns: &str, name: &str, cert: &str, key: &str) -> String {
     )
 }
 
+/// The controller on a directory (`dir/config`) of `files` (name, YAML), and a stock Envoy
+/// joined as the proxy of the Gateway `gateway` of namespace `infra` (node
+/// `infra/<gateway>-0`), its listeners on 127.0.0.1.
+async fn envoy_gateway(
+    envoy_bin: &std::path::Path,
+    dir: &std::path::Path,
+    files: &[(&str, String)],
+    gateway: &str,
+) -> anyhow::Result<(Controller, mesh_e2e::Peer)> {
+    let cfg = dir.join("config");
+    std::fs::create_dir_all(&cfg)?;
+    for (name, text) in files {
+        std::fs::write(cfg.join(name), text)?;
+    }
+    let ctl = Controller::start(Config::local(&cfg)).await?;
+    let admin_port = free_port();
+    let bootstrap = envoy(&EnvoyArgs {
+        admin: format!("127.0.0.1:{admin_port}").parse()?,
+        gateway: Some(gateway.into()),
+        gateway_addr: Some("127.0.0.1".parse()?),
+        ..EnvoyArgs::new(&format!("infra/{gateway}-0"), &ctl.xds_addr.to_string())
+    })?;
+    let admin = format!("127.0.0.1:{admin_port}").parse()?;
+    let envoy = start_envoy(envoy_bin, &bootstrap, dir, admin).await?;
+    Ok((ctl, envoy))
+}
+
 /// `curl` through the gateway: `(status, body)`; HTTPS with SNI `host` resolved to the gateway
 /// and the certificate checked against `ca`.
 async fn curl(
@@ -70,8 +97,6 @@ async fn envoy_serves_a_gateway_by_host_and_by_sni() -> anyhow::Result<()> {
     let shop = Backend::start("shop").await?;
     let www = Backend::start("www").await?;
     let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("config");
-    std::fs::create_dir(&cfg)?;
     let (http, https) = (free_port(), free_port());
     let (shop_cert, shop_key) = self_signed(&["shop.example.com"])?;
     let (any_cert, any_key) = self_signed(&["*.example.com"])?;
@@ -93,18 +118,13 @@ async fn envoy_serves_a_gateway_by_host_and_by_sni() -> anyhow::Result<()> {
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  hostnames: [shop.example.com]\n  rules: [{backendRefs: [{name: shop, port: 8080}]}]\n".into(),
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: www, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  hostnames: [www.example.com]\n  rules: [{backendRefs: [{name: www, port: 8080}]}]\n".into(),
     ];
-    std::fs::write(cfg.join("gateway.yaml"), docs.join("---\n"))?;
-    let ctl = Controller::start(Config::local(&cfg)).await?;
-
-    let admin_port = free_port();
-    let bootstrap = envoy(&EnvoyArgs {
-        admin: format!("127.0.0.1:{admin_port}").parse()?,
-        gateway: Some("edge".into()),
-        gateway_addr: Some("127.0.0.1".parse()?),
-        ..EnvoyArgs::new("infra/edge-0", &ctl.xds_addr.to_string())
-    })?;
-    let admin = format!("127.0.0.1:{admin_port}").parse()?;
-    let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
+    let (ctl, envoy_proc) = envoy_gateway(
+        &envoy_bin,
+        dir.path(),
+        &[("gateway.yaml", docs.join("---\n"))],
+        "edge",
+    )
+    .await?;
 
     // Each host to its route's backend, over HTTP and, by SNI, over HTTPS.
     let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
@@ -431,19 +451,13 @@ async fn envoy_as_the_gateway_answers_the_conformance_cases() -> anyhow::Result<
     }
     docs.push("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: infra-routes, namespace: app}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}]\n  to: [{group: '', kind: Service, name: app-backend-v1}]\n".into());
     let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("config");
-    std::fs::create_dir(&cfg)?;
-    std::fs::write(cfg.join("gateway.yaml"), docs.join("---\n"))?;
-    let ctl = Controller::start(Config::local(&cfg)).await?;
-    let admin_port = free_port();
-    let bootstrap = envoy(&EnvoyArgs {
-        admin: format!("127.0.0.1:{admin_port}").parse()?,
-        gateway: Some("gw".into()),
-        gateway_addr: Some("127.0.0.1".parse()?),
-        ..EnvoyArgs::new("infra/gw-0", &ctl.xds_addr.to_string())
-    })?;
-    let admin = format!("127.0.0.1:{admin_port}").parse()?;
-    let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
+    let (_ctl, envoy_proc) = envoy_gateway(
+        &envoy_bin,
+        dir.path(),
+        &[("gateway.yaml", docs.join("---\n"))],
+        "gw",
+    )
+    .await?;
 
     #[rustfmt::skip]
     let cases = [
@@ -627,8 +641,6 @@ async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails() -> 
     };
     let shop = Backend::start("shop").await?;
     let dir = tempfile::tempdir()?;
-    let cfg = dir.path().join("config");
-    std::fs::create_dir(&cfg)?;
     let https = free_port();
     let (old_cert, old_key) = self_signed(&["shop.example.com"])?;
     let (new_cert, new_key) = self_signed(&["shop.example.com"])?;
@@ -639,22 +651,15 @@ async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails() -> 
         format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: shop, port: {https}, protocol: HTTPS, hostname: shop.example.com, tls: {{certificateRefs: [{{name: shop-cert}}]}}}}\n"),
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  rules: [{backendRefs: [{name: shop, port: 8080}]}]\n".into(),
     ];
-    std::fs::write(cfg.join("gateway.yaml"), docs.join("---\n"))?;
-    let secret_file = cfg.join("secret.yaml");
-    std::fs::write(
-        &secret_file,
-        tls_secret("infra", "shop-cert", &old_cert, &old_key),
-    )?;
-    let ctl = Controller::start(Config::local(&cfg)).await?;
-    let admin_port = free_port();
-    let bootstrap = envoy(&EnvoyArgs {
-        admin: format!("127.0.0.1:{admin_port}").parse()?,
-        gateway: Some("edge".into()),
-        gateway_addr: Some("127.0.0.1".parse()?),
-        ..EnvoyArgs::new("infra/edge-0", &ctl.xds_addr.to_string())
-    })?;
-    let admin = format!("127.0.0.1:{admin_port}").parse()?;
-    let envoy_proc = start_envoy(&envoy_bin, &bootstrap, dir.path(), admin).await?;
+    let files = [
+        ("gateway.yaml", docs.join("---\n")),
+        (
+            "secret.yaml",
+            tls_secret("infra", "shop-cert", &old_cert, &old_key),
+        ),
+    ];
+    let (_ctl, envoy_proc) = envoy_gateway(&envoy_bin, dir.path(), &files, "edge").await?;
+    let secret_file = dir.path().join("config").join("secret.yaml");
 
     // The client trusts both certificates, and notes which one each handshake presented.
     let der = |pem: &str| -> anyhow::Result<Vec<u8>> {
