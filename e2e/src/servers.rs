@@ -49,15 +49,17 @@ impl EchoServer {
             task: None,
             conns: Arc::default(),
         };
-        s.listen().await?;
+        s.listen(false).await?;
         Ok(s)
     }
 
-    async fn listen(&mut self) -> anyhow::Result<()> {
+    /// Listens on its address; `again`: on its own port once more, after [`EchoServer::stop`].
+    async fn listen(&mut self, again: bool) -> anyhow::Result<()> {
         // Listening again on its own port: while it was down, the kernel may have given the
         // port to another process's outgoing connection (tests run beside each other), which
         // holds it until that connection ends.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let wait = if again { 10 } else { 0 };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(wait);
         let listener = loop {
             match TcpListener::bind(self.addr).await {
                 Err(e)
@@ -234,7 +236,7 @@ impl EchoServer {
     /// Listens again on the same address.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
-        self.listen().await
+        self.listen(true).await
     }
 }
 

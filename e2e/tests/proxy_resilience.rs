@@ -12,13 +12,28 @@ use mesh_e2e::servers::EchoServer;
 use mesh_e2e::{ProxyClient, eventually, reviews_manifests, reviews_route};
 use mesh_proxy::Proxy;
 
-/// Three endpoints on one port at 127.0.0.2-4, as three pods would be.
+/// Three endpoints on one port at 127.0.0.2-4, as three pods would be. The port the kernel
+/// gives 127.0.0.2 may be taken on the other two addresses (by anything running beside the
+/// test): then another port is tried.
 async fn three_endpoints() -> anyhow::Result<[EchoServer; 3]> {
-    let a = EchoServer::start_on("pod-a", "127.0.0.2:0".parse()?).await?;
-    let port = a.addr.port();
-    let b = EchoServer::start_on("pod-b", SocketAddr::from(([127, 0, 0, 3], port))).await?;
-    let c = EchoServer::start_on("pod-c", SocketAddr::from(([127, 0, 0, 4], port))).await?;
-    Ok([a, b, c])
+    let mut tries = 0;
+    loop {
+        let a = EchoServer::start_on("pod-a", "127.0.0.2:0".parse()?).await?;
+        let port = a.addr.port();
+        let others = async {
+            let b = EchoServer::start_on("pod-b", SocketAddr::from(([127, 0, 0, 3], port))).await?;
+            let c = EchoServer::start_on("pod-c", SocketAddr::from(([127, 0, 0, 4], port))).await?;
+            anyhow::Ok((b, c))
+        };
+        match others.await {
+            Ok((b, c)) => return Ok([a, b, c]),
+            Err(e) if tries < 20 => {
+                tries += 1;
+                eprintln!("port {port} taken on another address ({e:#}); another port");
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn flaky_manifests(port: u16) -> String {
