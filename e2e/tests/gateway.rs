@@ -4,10 +4,9 @@
 
 use std::time::Duration;
 
-use base64::Engine;
 use mesh_controller::config::Config;
 use mesh_controller::run::Controller;
-use mesh_controller::testing::{service_yaml, slice_yaml};
+use mesh_controller::testing::{service_yaml, slice_yaml, tls_secret_yaml as tls_secret};
 use mesh_e2e::{Backend, eventually, free_port, peer, start_envoy, system_peer};
 use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
 
@@ -18,15 +17,6 @@ fn self_signed(hosts: &[&str]) -> anyhow::Result<(String, String)> {
         rcgen::CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())?
             .self_signed(&key)?;
     Ok((cert.pem(), key.serialize_pem()))
-}
-
-fn tls_secret(ns: &str, name: &str, cert: &str, key: &str) -> String {
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
-        "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: {name}, namespace: {ns}}}\ndata: {{tls.crt: {}, tls.key: {}}}\n",
-        b64(cert),
-        b64(key)
-    )
 }
 
 /// The controller on a directory (`dir/config`) of `files` (name, YAML), and a stock Envoy

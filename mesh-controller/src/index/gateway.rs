@@ -526,11 +526,6 @@ pub fn intersect_ranked(listener: Option<&str>, route: &[String]) -> Vec<(String
     }
 }
 
-/// How specific a listener's hostname is: none, then wildcards (longer first), then names.
-fn specificity(hostname: Option<&str>) -> HostRank {
-    hostname_rank(hostname.unwrap_or("*"))
-}
-
 /// Whether the hosts of `pattern` (a name, a `*.suffix` wildcard, or `*` for every host) take
 /// in every host of `host`: an equal name, a host within the wildcard, anything for `*`.
 pub fn covers(pattern: &str, host: &str) -> bool {
@@ -649,14 +644,14 @@ pub fn isolate(listeners: &[ListenerRead], servable: &[bool], hosts: &mut [Vec<S
         {
             hosts[i].push(h.clone());
         }
-        let mine = specificity(l.hostname.as_deref());
+        let mine = hostname_rank(l.hostname.as_deref().unwrap_or("*"));
         let takers: Vec<&str> = listeners
             .iter()
             .zip(servable)
             .filter(|(_, s)| **s)
             .map(|(o, _)| o)
             .filter(|o| o.port == l.port && o.name != l.name)
-            .filter(|o| specificity(o.hostname.as_deref()) > mine)
+            .filter(|o| hostname_rank(o.hostname.as_deref().unwrap_or("*")) > mine)
             .filter_map(|o| o.hostname.as_deref())
             .collect();
         hosts[i].retain(|h| !takers.iter().any(|t| covers(t, h)));

@@ -1005,15 +1005,7 @@ impl Index {
                 let entries = entries.get_or_insert_with(|| {
                     let mut e = self.rule_entries(spec, errors);
                     for (ri, _, entry) in &mut e {
-                        if entry.retry.is_none() {
-                            entry.retry = traffic::route_retry(
-                                self.traffic.values().map(Arc::as_ref),
-                                &spec.key,
-                                spec.rules[*ri].name.as_deref(),
-                                ("", ""),
-                                "",
-                            );
-                        }
+                        self.fill_retry(spec, *ri, entry, ("", ""), "");
                     }
                     e
                 });
@@ -1254,20 +1246,18 @@ impl Index {
                 for (ri, mi, entry) in self.rule_entries(spec, errors) {
                     for &port in &ports {
                         let mut entry = entry.clone();
-                        if entry.retry.is_none() {
-                            let port_name = info
-                                .ports
-                                .iter()
-                                .find(|sp| sp.port == port)
-                                .map_or("", |sp| sp.name.as_str());
-                            entry.retry = traffic::route_retry(
-                                self.traffic.values().map(Arc::as_ref),
-                                &spec.key,
-                                spec.rules[ri].name.as_deref(),
-                                (&key.namespace, &key.name),
-                                port_name,
-                            );
-                        }
+                        let port_name = info
+                            .ports
+                            .iter()
+                            .find(|sp| sp.port == port)
+                            .map_or("", |sp| sp.name.as_str());
+                        self.fill_retry(
+                            spec,
+                            ri,
+                            &mut entry,
+                            (&key.namespace, &key.name),
+                            port_name,
+                        );
                         let item = (spec.clone(), ri, mi, entry);
                         if spec.key.namespace == parent.namespace {
                             producer.entry(port).or_default().push(item);
@@ -1450,6 +1440,27 @@ impl Index {
     /// One entry per match of each rule of a route, its references resolved (what does not
     /// resolve goes to `errors`), with the rule and match index; a retry only if the rule sets
     /// one (the parent's default is the caller's).
+    /// Gives `entry` (of rule `ri` of `spec`) the retry of a policy on the route, its rule, or
+    /// the parent Service `parent`'s port `port` (none for a Gateway), when the rule sets none.
+    fn fill_retry(
+        &self,
+        spec: &RouteSpec,
+        ri: usize,
+        entry: &mut RouteEntry,
+        parent: (&str, &str),
+        port: &str,
+    ) {
+        if entry.retry.is_none() {
+            entry.retry = traffic::route_retry(
+                self.traffic.values().map(Arc::as_ref),
+                &spec.key,
+                spec.rules[ri].name.as_deref(),
+                parent,
+                port,
+            );
+        }
+    }
+
     fn rule_entries(
         &self,
         spec: &RouteSpec,

@@ -124,14 +124,8 @@ fn self_signed(host: &str) -> (String, String) {
 
 /// A TLS Secret with a self-signed certificate for `host`.
 pub(crate) fn secret_yaml(ns: &str, name: &str, host: &str) -> String {
-    use base64::Engine;
     let (cert, key) = self_signed(host);
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
-        "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: {name}, namespace: {ns}}}\ndata: {{tls.crt: {}, tls.key: {}}}\n",
-        b64(&cert),
-        b64(&key)
-    )
+    crate::testing::tls_secret_yaml(ns, name, &cert, &key)
 }
 
 pub(crate) const CLASS: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n";
@@ -542,14 +536,8 @@ fn conflicting_listeners_and_unusable_keys_are_refused() {
             ("c".into(), true, "NoConflicts".into()),
         ]
     );
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let secret = |name: &str, cert: &str, key: &str| {
-        obj(&format!(
-            "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: {name}, namespace: infra}}\ndata: {{tls.crt: {}, tls.key: {}}}\n",
-            b64(cert),
-            b64(key)
-        ))
+        obj(&crate::testing::tls_secret_yaml("infra", name, cert, key))
     };
     let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519");
     let ed_cert = rcgen::CertificateParams::new(vec!["a.example.com".to_string()])
