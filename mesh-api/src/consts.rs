@@ -212,6 +212,17 @@ pub mod xds {
         }
     }
 
+    /// The Listener of a Gateway's port, on the proxies that serve the Gateway.
+    pub fn gateway_listener(port: u16) -> String {
+        format!("gateway_{port}")
+    }
+
+    /// The port a [`gateway_listener`] name stands for.
+    pub fn parse_gateway_listener(name: &str) -> Option<u16> {
+        let port: u16 = name.strip_prefix("gateway_")?.parse().ok()?;
+        (gateway_listener(port) == name).then_some(port)
+    }
+
     /// The address an [`address_listener`] name stands for.
     pub fn parse_address_listener(name: &str) -> Option<std::net::SocketAddr> {
         let (ip, port) = name.rsplit_once('_')?;
@@ -277,6 +288,10 @@ pub mod env {
     pub const PROXY_SCOPED: &str = "MESH_PROXY_SCOPED";
     /// Proxy: how long a destination looked up stays held with no connection to it.
     pub const PROXY_SCOPED_IDLE_TIMEOUT: &str = "MESH_PROXY_SCOPED_IDLE_TIMEOUT";
+    /// Proxy: the Gateway (in the node's namespace) it serves as that Gateway's proxy.
+    pub const PROXY_GATEWAY: &str = "MESH_PROXY_GATEWAY";
+    /// Proxy: the IP address a gateway proxy's listeners bind.
+    pub const PROXY_GATEWAY_ADDR: &str = "MESH_PROXY_GATEWAY_ADDR";
     /// Proxy: admin listen address.
     pub const PROXY_ADMIN_ADDR: &str = "MESH_PROXY_ADMIN_ADDR";
     /// Proxy: metrics and readiness listen address.

@@ -109,6 +109,42 @@ pub fn certs_from_pem(pem: &str, what: &str) -> Result<Vec<CertificateDer<'stati
     Ok(out)
 }
 
+/// A server certificate of its own (a gateway's, from a `kubernetes.io/tls` Secret): the PEM
+/// chain, leaf first, and the PEM private key of the leaf; `names` are the two fields' names
+/// in errors. RSA and ECDSA keys only, what Envoy serves too.
+pub fn server_certified_key(
+    cert_pem: &str,
+    key_pem: &str,
+    names: [&str; 2],
+) -> Result<CertifiedKey, String> {
+    use rustls::pki_types::pem::PemObject;
+    let [crt, key_name] = names;
+    let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{crt}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{crt} holds no PEM certificate"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| format!("{key_name}: {e}"))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| format!("{key_name}: {e}"))?;
+    use rustls::SignatureAlgorithm as A;
+    if !matches!(signer.algorithm(), A::RSA | A::ECDSA) {
+        return Err(format!(
+            "{key_name}: a {:?} key; a gateway's certificate needs an RSA or ECDSA key",
+            signer.algorithm()
+        ));
+    }
+    let certified = CertifiedKey::new(certs, signer);
+    if let Err(rustls::Error::InconsistentKeys(_)) = certified.keys_match() {
+        return Err(format!(
+            "{key_name} is not the key of the first certificate in {crt}"
+        ));
+    }
+    Ok(certified)
+}
+
 /// The SVID a workload holds now.
 #[derive(Debug, Clone)]
 pub struct Current {

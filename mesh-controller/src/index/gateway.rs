@@ -677,8 +677,6 @@ impl std::fmt::Debug for TlsSecret {
 /// types: they are not certificates), or what is wrong with them: `tls.crt` must hold one or
 /// more PEM certificates and `tls.key` a PEM private key of a kind rustls signs with.
 pub fn read_secret(s: &k8s_openapi::api::core::v1::Secret) -> Option<Result<TlsSecret, String>> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     if s.type_.as_deref() != Some("kubernetes.io/tls") {
         return None;
     }
@@ -700,29 +698,7 @@ pub fn read_secret(s: &k8s_openapi::api::core::v1::Secret) -> Option<Result<TlsS
     Some((|| {
         let cert_pem = field("tls.crt")?;
         let key_pem = field("tls.key")?;
-        let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("tls.crt: {e}"))?;
-        if certs.is_empty() {
-            return Err("tls.crt holds no PEM certificate".to_string());
-        }
-        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| format!("tls.key: {e}"))?;
-        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| format!("tls.key: {e}"))?;
-        // What every gateway proxy serves (Envoy's server certificates are RSA or ECDSA).
-        use rustls::SignatureAlgorithm as A;
-        if !matches!(signer.algorithm(), A::RSA | A::ECDSA) {
-            return Err(format!(
-                "tls.key: a {:?} key; a gateway's certificate needs an RSA or ECDSA key",
-                signer.algorithm()
-            ));
-        }
-        if let Err(rustls::Error::InconsistentKeys(_)) =
-            rustls::sign::CertifiedKey::new(certs, signer).keys_match()
-        {
-            return Err("tls.key is not the key of the first certificate in tls.crt".into());
-        }
+        mesh_api::tls::server_certified_key(&cert_pem, &key_pem, ["tls.crt", "tls.key"])?;
         Ok(TlsSecret { cert_pem, key_pem })
     })())
 }

@@ -36,7 +36,7 @@ use mesh_api::consts::xds as names;
 
 /// The listener of a Gateway port.
 pub fn listener_name(port: u16) -> String {
-    format!("gateway_{port}")
+    names::gateway_listener(port)
 }
 
 /// The RouteConfiguration of an HTTP port, or of one HTTPS listener.
@@ -153,8 +153,9 @@ fn https_chains(
         };
         chains.push(FilterChain {
             name: name.clone(),
-            filter_chain_match: l.hostname.as_ref().map(|h| FilterChainMatch {
-                server_names: vec![h.clone()],
+            filter_chain_match: Some(FilterChainMatch {
+                server_names: l.hostname.iter().cloned().collect(),
+                transport_protocol: "tls".into(),
                 ..Default::default()
             }),
             filters: vec![network_filter(
