@@ -150,7 +150,7 @@ async fn a_listener_closes_connections_past_its_limit() -> anyhow::Result<()> {
             .metrics
             .connections_over_limit
             .get_or_create(&mesh_proxy::metrics::ListenerNameLabels {
-                listener: mesh_api::consts::xds::OUTBOUND_HTTP_LISTENER,
+                listener: mesh_api::consts::xds::OUTBOUND_HTTP_LISTENER.into(),
             })
             .get()
     };

@@ -2,7 +2,7 @@
 //!
 //! | path | server | what |
 //! |---|---|---|
-//! | `/ready` | both | 200 once the first complete config is applied and (with identity on) a valid SVID is held, else 503 |
+//! | `/ready` | both | 200 once the first complete config is applied, every gateway listener it names is bound, and (with identity on) a valid SVID is held, else 503 |
 //! | `/live` | both | 200 while the process runs |
 //! | `/app-health/<container>/<livez\|readyz\|startupz>` | metrics | the app's probe, run by the proxy (`app_probe`): 200 when it passes |
 //! | `/metrics` | both | Prometheus text, or OpenMetrics when the `Accept` header asks |
@@ -86,6 +86,12 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the first complete config\n",
+        );
+    }
+    if s.metrics.gateway_listeners_unbound.get() > 0 {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "a gateway listener could not be bound (see the log)\n",
         );
     }
     if let Some(tls) = &s.tls

@@ -62,6 +62,15 @@ pub struct Config {
     #[arg(long, env = env::PROXY_SCOPED_IDLE_TIMEOUT, value_parser = parse_duration, default_value = "10m")]
     #[serde(with = "duration_str")]
     pub scoped_idle_timeout: Duration,
+    /// Serve the Gateway of this name (in the node's namespace) as its proxy: bind the
+    /// listeners the controller sends for it (`gateway_<port>`) instead of the explicit HTTP
+    /// proxy, terminate TLS with the Gateway's certificates, and route by its routes. Not with
+    /// `--transparent`.
+    #[arg(long, env = env::PROXY_GATEWAY)]
+    pub gateway: Option<String>,
+    /// The IP address a gateway proxy's listeners bind (with `--gateway`).
+    #[arg(long, env = env::PROXY_GATEWAY_ADDR, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub gateway_addr: IpAddr,
     /// Admin server (`/config_dump`, `/logging`, `/shutdown`, ...); keep it on localhost.
     #[arg(long, env = env::PROXY_ADMIN_ADDR, default_value_t = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports::PROXY_ADMIN))]
     pub admin_addr: SocketAddr,
@@ -208,6 +217,8 @@ impl Config {
             transparent: false,
             scoped: None,
             scoped_idle_timeout: Duration::from_secs(600),
+            gateway: None,
+            gateway_addr: IpAddr::V4(Ipv4Addr::LOCALHOST),
             admin_addr: any,
             metrics_addr: any,
             outbound_addr: any,
@@ -301,6 +312,35 @@ impl Config {
         Ok(())
     }
 
+    /// A gateway proxy serves a Gateway's listeners, never the transparent ones; its name is
+    /// a Gateway's (a DNS subdomain).
+    pub fn check_gateway(&self) -> Result<(), ConfigError> {
+        let Some(name) = &self.gateway else {
+            return Ok(());
+        };
+        let subdomain = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if !subdomain {
+            return Err(ConfigError::Gateway(format!(
+                "{name:?} is not a Gateway's name (a lowercase DNS subdomain)"
+            )));
+        }
+        if self.transparent {
+            return Err(ConfigError::Gateway(format!(
+                "{name:?} with --transparent true: a Gateway's proxy takes traffic on the Gateway's listeners, not redirected by iptables"
+            )));
+        }
+        Ok(())
+    }
+
     /// Checks that the proxy either has what it needs to get an identity or runs without one.
     pub fn check_identity(&self) -> Result<(), ConfigError> {
         if self.identity_off {
@@ -363,6 +403,8 @@ pub enum ConfigError {
     Identity(String),
     #[error("--scoped ({var}=true) {0}", var = env::PROXY_SCOPED)]
     Scoped(&'static str),
+    #[error("--gateway ({var}) {0}", var = env::PROXY_GATEWAY)]
+    Gateway(String),
     #[error("--scoped-idle-timeout ({var}) {0}: it is 0 (never) or at least 10s", var = env::PROXY_SCOPED_IDLE_TIMEOUT)]
     ScopedIdle(String),
 }

@@ -214,7 +214,7 @@ pub struct BackendLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerNameLabels {
-    pub listener: &'static str,
+    pub listener: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -343,6 +343,7 @@ pub struct Metrics {
     pub xds_connected: Gauge,
     pub lookups: Family<LookupLabels, Counter>,
     pub config_generation: Gauge,
+    pub gateway_listeners_unbound: Gauge,
     pub tls_refused: Family<TlsRefusedLabels, Counter>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
     pub tls_handshake_failures: Family<TlsLabels, Counter>,
@@ -508,6 +509,12 @@ impl Metrics {
                 &mut r,
                 "config_generation",
                 "Generation of the running config snapshot",
+                Gauge::default(),
+            ),
+            gateway_listeners_unbound: reg(
+                &mut r,
+                "gateway_listeners_unbound",
+                "A gateway's listeners that the config names and that could not be bound",
                 Gauge::default(),
             ),
             tls_refused: reg(

@@ -82,6 +82,7 @@ impl Proxy {
         config.node_parts()?;
         config.check_identity()?;
         config.check_scoped()?;
+        config.check_gateway()?;
         // What it runs with, as `/config_dump` shows it.
         let config = Arc::new(Config {
             scoped: Some(config.scoped()),
@@ -107,7 +108,7 @@ impl Proxy {
                 ListenerKind::Inbound,
                 bind("inbound", config.inbound_addr).await?,
             ));
-        } else {
+        } else if config.gateway.is_none() {
             data.push((
                 ListenerKind::OutboundHttp,
                 bind("outbound HTTP", config.outbound_http_addr).await?,
@@ -206,6 +207,11 @@ impl Proxy {
         }
         if let Some(o) = &shared.overload {
             tasks.push(tokio::spawn(o.clone().watch()));
+        }
+        if config.gateway.is_some() {
+            tasks.push(tokio::spawn(crate::proxy::bind_gateway_listeners(
+                shared.clone(),
+            )));
         }
         let admin_app = admin_router(state.clone());
         tasks.push(tokio::spawn(async move {

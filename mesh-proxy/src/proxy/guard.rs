@@ -92,7 +92,7 @@ fn current(ctx: &HttpCtx, snapshot: &Snapshot) -> Arc<Current> {
     let mut c = ctx.guard.0.lock().unwrap_or_else(PoisonError::into_inner);
     if c.generation != snapshot.generation {
         c.generation = snapshot.generation;
-        let listener = snapshot.listeners.get(ctx.kind.xds_name());
+        let listener = snapshot.listeners.get(&*ctx.kind.xds_name());
         // Only a listener update changes a chain; endpoint updates keep the listener.
         let same = matches!((listener, &c.listener), (Some(a), Some(b)) if Arc::ptr_eq(a, b));
         if !same {

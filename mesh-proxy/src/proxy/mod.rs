@@ -16,6 +16,8 @@ pub mod replay;
 pub mod tcp;
 pub mod upstream;
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,7 +28,7 @@ use hyper_util::server::conn::auto;
 use mesh_api::consts::xds as names;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
@@ -35,6 +37,65 @@ use crate::metrics::{Direction, ListenerLabels, ListenerNameLabels, Metrics};
 use crate::state::{
     ChainChoice, Detected, FilterChain, ListenerConfig, NetworkFilter, Snapshot, Store,
 };
+
+/// Binds a gateway's listeners as the controller sends them: one that appears is bound on its
+/// address and served; one that goes away or moves stops accepting (its open connections
+/// finish). A bind that fails is logged, and tried again with the next config and every second;
+/// `/ready` fails meanwhile.
+pub async fn bind_gateway_listeners(shared: Arc<Shared>) {
+    let mut bound: HashMap<String, (SocketAddr, tokio::task::JoinHandle<()>)> = HashMap::new();
+    // Failing binds already logged at warn level: the retries log at debug level.
+    let mut warned: HashMap<String, SocketAddr> = HashMap::new();
+    let mut changes = shared.store.changes();
+    loop {
+        let mut failed: i64 = 0;
+        let snapshot = shared.store.load();
+        let wanted: HashMap<&str, SocketAddr> = snapshot
+            .iter()
+            .flat_map(|s| s.listeners.iter())
+            .filter_map(|(name, l)| Some((name.as_str(), l.bind?)))
+            .collect();
+        bound.retain(|name, (addr, task)| {
+            let keep = wanted.get(name.as_str()) == Some(addr);
+            if !keep {
+                info!(listener = %name, %addr, "gateway listener closed");
+                task.abort();
+            }
+            keep
+        });
+        warned.retain(|name, _| wanted.contains_key(name.as_str()));
+        for (name, addr) in wanted {
+            let Some(port) = names::parse_gateway_listener(name) else {
+                continue;
+            };
+            if bound.contains_key(name) || shared.drain.is_draining() {
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    warned.remove(name);
+                    info!(listener = %name, %addr, "gateway listener bound");
+                    let task = tokio::spawn(serve(l, ListenerKind::Gateway(port), shared.clone()));
+                    bound.insert(name.to_string(), (addr, task));
+                }
+                Err(e) => {
+                    if warned.insert(name.to_string(), addr) == Some(addr) {
+                        debug!(listener = %name, %addr, error = %e, "binding a gateway listener, again");
+                    } else {
+                        warn!(listener = %name, %addr, error = %e, "binding a gateway listener; trying again every second");
+                    }
+                    failed += 1;
+                }
+            }
+        }
+        shared.metrics.gateway_listeners_unbound.set(failed);
+        drop(snapshot);
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(1)), if failed > 0 => {}
+        }
+    }
+}
 use crate::trace::Tracing;
 use crate::xds::on_demand::{self, Lookup};
 use detect::{PrefixedIo, detect};
@@ -48,14 +109,17 @@ pub enum ListenerKind {
     Inbound,
     /// Explicit HTTP proxy that routes by Host.
     OutboundHttp,
+    /// A Gateway's listener on this port (a gateway proxy).
+    Gateway(u16),
 }
 
 impl ListenerKind {
-    pub fn xds_name(self) -> &'static str {
+    pub fn xds_name(self) -> Cow<'static, str> {
         match self {
-            ListenerKind::Outbound => names::OUTBOUND_LISTENER,
-            ListenerKind::Inbound => names::INBOUND_LISTENER,
-            ListenerKind::OutboundHttp => names::OUTBOUND_HTTP_LISTENER,
+            ListenerKind::Outbound => names::OUTBOUND_LISTENER.into(),
+            ListenerKind::Inbound => names::INBOUND_LISTENER.into(),
+            ListenerKind::OutboundHttp => names::OUTBOUND_HTTP_LISTENER.into(),
+            ListenerKind::Gateway(port) => names::gateway_listener(port).into(),
         }
     }
 
@@ -94,6 +158,12 @@ pub struct HttpCtx {
     pub guard: guard::GuardCache,
     /// The chain has the fault injection filter: routes' faults apply.
     pub faults: bool,
+    /// What is done to a request's path before it is routed (outside the inbound side).
+    pub paths: crate::state::PathRules,
+    /// The client is the connection's peer: `x-forwarded-for` and `x-forwarded-proto` say so.
+    pub remote_address: bool,
+    /// The connection came over a gateway's TLS: its requests' scheme is `https`.
+    pub https: bool,
 }
 
 /// A connection's place among its listener's `--max-connections`.
@@ -173,6 +243,8 @@ pub struct Shared {
     pub on_demand: Option<Arc<crate::xds::on_demand::OnDemand>>,
     /// With `--memory-limit`: whether new requests are shed.
     pub overload: Option<Arc<crate::overload::Overload>>,
+    /// A gateway's TLS server configs.
+    pub edge_tls: EdgeConfigs,
 }
 
 impl Shared {
@@ -215,6 +287,7 @@ impl Shared {
             limiters: guard::Limiters::default(),
             on_demand: None,
             overload: None,
+            edge_tls: EdgeConfigs::default(),
             metrics,
         }
     }
@@ -243,7 +316,7 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared
         .metrics
         .connections_over_limit
         .get_or_create(&ListenerNameLabels {
-            listener: kind.xds_name(),
+            listener: kind.xds_name().into_owned(),
         })
         .clone();
     loop {
@@ -256,13 +329,13 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared
             Ok((stream, peer)) => {
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     over_limit.inc();
-                    debug!(%peer, listener = kind.xds_name(), "connection over the limit closed");
+                    debug!(%peer, listener = %kind.xds_name(), "connection over the limit closed");
                     drop(stream);
                     continue;
                 };
                 let guard = shared.drain.guard();
                 let shared = shared.clone();
-                let span = info_span!("conn", listener = kind.xds_name(), %peer);
+                let span = info_span!("conn", listener = %kind.xds_name(), %peer);
                 tokio::spawn(
                     async move {
                         connection(stream, kind, &shared, Arc::new(permit)).await;
@@ -273,7 +346,7 @@ pub async fn serve(listener: TcpListener, kind: ListenerKind, shared: Arc<Shared
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off a little, keep serving.
-                warn!(error = %e, listener = kind.xds_name(), "accept failed");
+                warn!(error = %e, listener = %kind.xds_name(), "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
@@ -286,7 +359,7 @@ fn original_dst(stream: &TcpStream, kind: ListenerKind, config: &Config) -> Opti
     let fixed = match kind {
         ListenerKind::Outbound => config.outbound_orig_dst,
         ListenerKind::Inbound => config.inbound_orig_dst,
-        ListenerKind::OutboundHttp => return stream.local_addr().ok(),
+        ListenerKind::OutboundHttp | ListenerKind::Gateway(_) => return stream.local_addr().ok(),
     };
     if fixed.is_some() {
         return fixed;
@@ -310,7 +383,7 @@ struct Active<'a> {
 impl<'a> Active<'a> {
     fn new(metrics: &'a Metrics, kind: ListenerKind, protocol: &'static str) -> Self {
         let labels = ListenerLabels {
-            listener: kind.xds_name().to_string(),
+            listener: kind.xds_name().into_owned(),
             protocol,
         };
         metrics.connections.get_or_create(&labels).inc();
@@ -339,7 +412,8 @@ async fn connection(
     let Some(dst) = original_dst(&stream, kind, &shared.config) else {
         return;
     };
-    if kind != ListenerKind::OutboundHttp && shared.is_own_listener(dst) {
+    let transparent = matches!(kind, ListenerKind::Outbound | ListenerKind::Inbound);
+    if transparent && shared.is_own_listener(dst) {
         warn!(%dst, "connection reached a transparent listener without redirection; closing");
         return;
     }
@@ -353,10 +427,23 @@ async fn connection(
     let Some(snapshot) = config_for(&mut stream, dst, lookups, shared).await else {
         return;
     };
-    let Some(listener) = snapshot.listeners.get(kind.xds_name()) else {
+    let Some(listener) = snapshot.listeners.get(&*kind.xds_name()) else {
         debug!("no config for this listener; closing");
         return;
     };
+    if listener.edge_tls() {
+        let at = Chain {
+            kind,
+            slot,
+            name: String::new(),
+            generation: snapshot.generation,
+            dst,
+            src,
+            h2: false,
+            https: true,
+        };
+        return edge(stream, at, snapshot, shared).await;
+    }
     let Some((chain, prefix, candidates)) = choose_chain(&mut stream, listener, dst, shared).await
     else {
         return;
@@ -379,6 +466,7 @@ async fn connection(
         dst,
         src,
         h2,
+        https: false,
     };
     if !chain.terminate_tls {
         let filter = chain.filter.clone();
@@ -552,6 +640,135 @@ struct Chain {
     src: Option<SocketAddr>,
     /// The connection is known to be HTTP/2 (its first bytes, or its ALPN).
     h2: bool,
+    /// Over a gateway's TLS.
+    https: bool,
+}
+
+/// A gateway's HTTPS port: the TLS server name the client asks for picks the filter chain,
+/// whose certificates the handshake then presents, and its ALPN the HTTP version.
+async fn edge(stream: TcpStream, at: Chain, snapshot: Arc<Snapshot>, shared: &Arc<Shared>) {
+    let deadline = tokio::time::Instant::now() + TLS_HANDSHAKE_TIMEOUT;
+    let io = PrefixedIo::new(BytesMut::new(), stream).with_idle_timeout(shared.config.idle_timeout);
+    let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout_at(deadline, hello).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            debug!(error = %e, "reading a TLS ClientHello");
+            return;
+        }
+        Err(_) => {
+            debug!("no TLS ClientHello in time");
+            return;
+        }
+    };
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let chosen = snapshot
+        .listeners
+        .get(&*at.kind.xds_name())
+        .and_then(|l| l.by_server_name(sni.as_deref()))
+        .and_then(|c| Some((c.name.clone(), c.filter.clone(), c.edge_tls.clone()?)));
+    let Some((name, filter, tls)) = chosen else {
+        debug!(?sni, "no filter chain takes this TLS server name; closing");
+        return;
+    };
+    let certs: Vec<Arc<crate::state::ServerCert>> = tls
+        .certificates
+        .iter()
+        .filter_map(|n| snapshot.secrets.get(n).cloned())
+        .collect();
+    drop(snapshot);
+    let config = match shared.edge_tls.config(&tls, certs) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "a gateway's TLS server config cannot be made; closing");
+            return;
+        }
+    };
+    let stream = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!(error = %e, ?sni, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(?sni, "TLS handshake timed out");
+            return;
+        }
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    run_filter(&filter, stream, Chain { name, h2, ..at }, None, shared).await;
+}
+
+/// The TLS server configs of a gateway's chains, one per chain's TLS settings (certificate
+/// names and ALPN protocols), made again when one of its certificates changes: a config's
+/// sessions resume only under the certificates they began with, so once a certificate is
+/// rotated every new connection's handshake presents the new one.
+#[derive(Debug, Default)]
+pub struct EdgeConfigs(Mutex<HashMap<crate::state::EdgeTls, EdgeConfig>>);
+
+#[derive(Debug)]
+struct EdgeConfig {
+    /// The certificates' fingerprints, in the chain's order.
+    fingerprints: Vec<String>,
+    config: Arc<rustls::ServerConfig>,
+}
+
+/// Server configs kept at most; past it they are made again as connections need them.
+const MAX_EDGE_CONFIGS: usize = 256;
+
+impl EdgeConfigs {
+    fn config(
+        &self,
+        tls: &crate::state::EdgeTls,
+        certs: Vec<Arc<crate::state::ServerCert>>,
+    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
+        let fingerprints: Vec<String> = certs.iter().map(|c| c.fingerprint.clone()).collect();
+        let mut held = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = held.get(tls).filter(|c| c.fingerprints == fingerprints) {
+            return Ok(c.config.clone());
+        }
+        if held.len() >= MAX_EDGE_CONFIGS {
+            held.clear();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth();
+        let mut config = builder.with_cert_resolver(Arc::new(EdgeCerts(
+            certs.into_iter().map(|c| c.key.clone()).collect(),
+        )));
+        config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let config = Arc::new(config);
+        held.insert(
+            tls.clone(),
+            EdgeConfig {
+                fingerprints,
+                config: config.clone(),
+            },
+        );
+        Ok(config)
+    }
+}
+
+/// A chain's certificates: the first whose key can sign with a scheme the client offers (an
+/// ECDSA and an RSA certificate serve old and new clients alike).
+#[derive(Debug)]
+struct EdgeCerts(Vec<Arc<rustls::sign::CertifiedKey>>);
+
+impl rustls::server::ResolvesServerCert for EdgeCerts {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let schemes = hello.signature_schemes();
+        self.0
+            .iter()
+            .find(|c| c.key.choose_scheme(schemes).is_some())
+            .cloned()
+    }
 }
 
 /// How long a client has to finish a mesh TLS handshake.
@@ -564,7 +781,7 @@ fn pick_after_tls(
     candidates: &[&FilterChain],
     alpn: Option<Detected>,
 ) -> Option<(String, NetworkFilter)> {
-    let listener = snapshot.listeners.get(kind.xds_name())?;
+    let listener = snapshot.listeners.get(&*kind.xds_name())?;
     listener
         .pick_alpn(candidates, alpn)
         .map(|c| (c.name.clone(), c.filter.clone()))
@@ -585,6 +802,8 @@ async fn run_filter<I>(
             route,
             guard,
             faults,
+            paths,
+            remote_address,
         } => {
             let _active = Active::new(&shared.metrics, kind, "http");
             let xfcc = match (&peer, &shared.tls) {
@@ -606,6 +825,9 @@ async fn run_filter<I>(
                 chain: on.name,
                 guard: guard::GuardCache::new(on.generation, guard.clone(), &shared.limiters),
                 faults: *faults,
+                paths: *paths,
+                remote_address: *remote_address,
+                https: on.https,
             });
             if on.h2 {
                 // Boxed: hyper spawns each HTTP/2 stream's future as a task, and moves a

@@ -46,8 +46,9 @@ use super::route::{
     ValueMatch, VirtualHost, WeightedBackend,
 };
 use super::{
-    Cidr, ClusterDef, ClusterKind, ClusterLimits, Detected, EndpointDef, EnvoyRetryBudget,
-    FilterChain, Guard, ListenerConfig, NetworkFilter, Transport, UpstreamProtocol,
+    Cidr, ClusterDef, ClusterKind, ClusterLimits, Detected, EdgeTls, EndpointDef, EnvoyRetryBudget,
+    EscapedSlashes, FilterChain, Guard, ListenerConfig, NetworkFilter, PathRules, Transport,
+    UpstreamProtocol,
 };
 use crate::balance::{Balancer, OutlierConfig};
 use crate::metrics::Peer;
@@ -144,15 +145,17 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig> {
         name: &l.name,
     };
     let address = mesh_api::consts::xds::parse_address_listener(&l.name);
-    if !LISTENERS.contains(&l.name.as_str()) && address.is_none() {
+    let gateway = mesh_api::consts::xds::parse_gateway_listener(&l.name);
+    if !LISTENERS.contains(&l.name.as_str()) && address.is_none() && gateway.is_none() {
         return Err(cx.err(
             "name",
             format!(
-                "mesh-proxy serves only the listeners {} and those of one address, <ip>_<port>",
+                "mesh-proxy serves only the listeners {}, those of one address, <ip>_<port>, and a gateway's, gateway_<port>",
                 LISTENERS.join(", ")
             ),
         ));
     }
+    let bind = gateway.map(|port| gateway_bind(&cx, l, port)).transpose()?;
     if l.api_listener.is_some() {
         return Err(cx.err(
             "api_listener",
@@ -177,21 +180,37 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig> {
         .filter_chains
         .iter()
         .enumerate()
-        .map(|(i, c)| filter_chain(&cx, &format!("filter_chains[{i}]"), c))
+        .map(|(i, c)| filter_chain(&cx, &format!("filter_chains[{i}]"), c, bind.is_some()))
         .collect::<Result<Vec<_>>>()?;
     let default_chain = l
         .default_filter_chain
         .as_ref()
-        .map(|c| filter_chain(&cx, "default_filter_chain", c))
+        .map(|c| filter_chain(&cx, "default_filter_chain", c, bind.is_some()))
         .transpose()?;
     if let Some(addr) = address {
         address_listener(&cx, l, addr, &chains, default_chain.is_some())?;
     }
     Ok(ListenerConfig {
         name: l.name.clone(),
+        bind,
         chains,
         default_chain,
     })
+}
+
+/// Where a gateway's listener binds: its `address`, on the port its name says.
+fn gateway_bind(cx: &Ctx<'_>, l: &Listener, port: u16) -> Result<SocketAddr> {
+    if l.bind_to_port.as_ref().is_some_and(|b| !b.value) {
+        return Err(cx.err("bind_to_port", "a gateway's listener binds its address"));
+    }
+    let addr = socket_addr(cx, "address", l.address.as_ref())?;
+    if addr.port() != port {
+        return Err(cx.err(
+            "address",
+            format!("{addr}: the listener of port {port} binds that port"),
+        ));
+    }
+    Ok(addr)
 }
 
 /// An address's listener adds filter chains to the outbound listener for that address alone:
@@ -241,27 +260,8 @@ fn address_listener(
 /// certificate, with the proxy's own SVID and trust bundle (SDS secrets `default` and
 /// `ROOTCA`, served by the proxy itself from mesh-ca) and nothing else.
 fn downstream_tls(cx: &Ctx<'_>, at: &str, ts: &TransportSocket) -> Result<()> {
-    use mesh_api::consts::xds::{SDS_ROOTS, SDS_SVID, TLS_TRANSPORT_SOCKET};
-    if ts.name != TLS_TRANSPORT_SOCKET {
-        return Err(cx.err(
-            format!("{at}.name"),
-            format!(
-                "{:?} is not supported (supported: {TLS_TRANSPORT_SOCKET})",
-                ts.name
-            ),
-        ));
-    }
-    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
-        return Err(cx.err(format!("{at}.typed_config"), "missing"));
-    };
-    let field = format!("{at}.typed_config");
-    if any.type_url != DownstreamTlsContext::type_url() {
-        return Err(cx.err(
-            &field,
-            format!("expected a DownstreamTlsContext, got {}", any.type_url),
-        ));
-    }
-    let ctx: DownstreamTlsContext = decode(cx, &field, any)?;
+    use mesh_api::consts::xds::{SDS_ROOTS, SDS_SVID};
+    let (field, ctx) = tls_context(cx, at, ts)?;
     if ctx.require_client_certificate.map(|b| b.value) != Some(true) {
         return Err(cx.err(
             format!("{field}.require_client_certificate"),
@@ -307,17 +307,154 @@ fn downstream_tls(cx: &Ctx<'_>, at: &str, ts: &TransportSocket) -> Result<()> {
     Ok(())
 }
 
-fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain> {
-    let terminate_tls = match &c.transport_socket {
+/// A gateway's TLS: a DownstreamTlsContext presenting certificates of its own, fetched over
+/// ADS as SDS Secrets, offering `h2` and `http/1.1` in ALPN, asking clients for no certificate.
+fn edge_tls(cx: &Ctx<'_>, at: &str, ts: &TransportSocket) -> Result<EdgeTls> {
+    use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+    let (field, ctx) = tls_context(cx, at, ts)?;
+    if ctx.require_client_certificate.is_some_and(|b| b.value) {
+        return Err(cx.err(
+            format!("{field}.require_client_certificate"),
+            "client certificates at a gateway are not supported",
+        ));
+    }
+    let refused = [
+        (ctx.require_sni.is_some_and(|b| b.value), "require_sni"),
+        (
+            ctx.session_ticket_keys_type.is_some(),
+            "session_ticket_keys",
+        ),
+        (ctx.ocsp_staple_policy != 0, "ocsp_staple_policy"),
+        (
+            ctx.full_scan_certs_on_sni_mismatch.is_some(),
+            "full_scan_certs_on_sni_mismatch",
+        ),
+    ];
+    if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
+        return Err(cx.err(format!("{field}.{name}"), "not supported"));
+    }
+    let common = ctx.common_tls_context.unwrap_or_default();
+    let at = format!("{field}.common_tls_context");
+    let refused = [
+        (
+            !common.tls_certificates.is_empty(),
+            "tls_certificates",
+            "inline certificates are not supported; send them as SDS Secrets over ADS",
+        ),
+        (
+            common.tls_params.is_some(),
+            "tls_params",
+            "not supported (TLS 1.2 and 1.3, rustls's cipher suites)",
+        ),
+        (
+            common.validation_context_type.is_some(),
+            "validation_context",
+            "client certificates at a gateway are not supported",
+        ),
+        (
+            common.tls_certificate_provider_instance.is_some(),
+            "tls_certificate_provider_instance",
+            "not supported",
+        ),
+        (
+            common.custom_handshaker.is_some(),
+            "custom_handshaker",
+            "not supported",
+        ),
+    ];
+    if let Some((_, name, why)) = refused.iter().find(|(set, _, _)| *set) {
+        return Err(cx.err(format!("{at}.{name}"), *why));
+    }
+    let mut certificates = Vec::new();
+    for (i, sds) in common.tls_certificate_sds_secret_configs.iter().enumerate() {
+        let field = format!("{at}.tls_certificate_sds_secret_configs[{i}]");
+        let ads = sds
+            .sds_config
+            .as_ref()
+            .and_then(|c| c.config_source_specifier.as_ref())
+            .is_some_and(|s| matches!(s, ConfigSourceSpecifier::Ads(_)));
+        if !ads {
+            return Err(cx.err(
+                format!("{field}.sds_config"),
+                "a gateway's certificates come over ADS",
+            ));
+        }
+        if sds.name.is_empty() {
+            return Err(cx.err(format!("{field}.name"), "empty"));
+        }
+        certificates.push(sds.name.clone());
+    }
+    if certificates.is_empty() {
+        return Err(cx.err(
+            format!("{at}.tls_certificate_sds_secret_configs"),
+            "no certificate to present",
+        ));
+    }
+    for (i, p) in common.alpn_protocols.iter().enumerate() {
+        if !matches!(p.as_str(), "h2" | "http/1.1" | "http/1.0") {
+            return Err(cx.err(
+                format!("{at}.alpn_protocols[{i}]"),
+                format!("{p:?} is not served (supported: h2, http/1.1, http/1.0)"),
+            ));
+        }
+    }
+    Ok(EdgeTls {
+        certificates,
+        alpn: common.alpn_protocols.clone(),
+    })
+}
+
+/// A DownstreamTlsContext transport socket's context, and the field it is at.
+fn tls_context(
+    cx: &Ctx<'_>,
+    at: &str,
+    ts: &TransportSocket,
+) -> Result<(String, DownstreamTlsContext)> {
+    use mesh_api::consts::xds::TLS_TRANSPORT_SOCKET;
+    if ts.name != TLS_TRANSPORT_SOCKET {
+        return Err(cx.err(
+            format!("{at}.name"),
+            format!(
+                "{:?} is not supported (supported: {TLS_TRANSPORT_SOCKET})",
+                ts.name
+            ),
+        ));
+    }
+    let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+        return Err(cx.err(format!("{at}.typed_config"), "missing"));
+    };
+    let field = format!("{at}.typed_config");
+    if any.type_url != DownstreamTlsContext::type_url() {
+        return Err(cx.err(
+            &field,
+            format!("expected a DownstreamTlsContext, got {}", any.type_url),
+        ));
+    }
+    let ctx: DownstreamTlsContext = decode(cx, &field, any)?;
+    Ok((field, ctx))
+}
+
+/// Converts a filter chain; `gateway`: of a gateway's listener, whose TLS chains present the
+/// gateway's certificates (not mesh TLS) and may match server names.
+fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain, gateway: bool) -> Result<FilterChain> {
+    let (terminate_tls, edge) = match &c.transport_socket {
+        Some(ts) if gateway => (
+            false,
+            Some(Arc::new(edge_tls(
+                cx,
+                &format!("{at}.transport_socket"),
+                ts,
+            )?)),
+        ),
         Some(ts) => {
             downstream_tls(cx, &format!("{at}.transport_socket"), ts)?;
-            true
+            (true, None)
         }
-        None => false,
+        None => (false, None),
     };
     let m = c.filter_chain_match.clone().unwrap_or_default();
+    let server_names = server_names(cx, at, &m.server_names, gateway)?;
     let unsupported = [
-        (!m.server_names.is_empty(), "server_names"),
         (!m.source_prefix_ranges.is_empty(), "source_prefix_ranges"),
         (
             !m.direct_source_prefix_ranges.is_empty(),
@@ -376,10 +513,16 @@ fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain
         "tls" => Transport::Tls,
         _ => Transport::Any,
     };
-    if terminate_tls && transport != Transport::Tls {
+    if (terminate_tls || edge.is_some()) && transport != Transport::Tls {
         return Err(cx.err(
             format!("{at}.filter_chain_match.transport_protocol"),
             "a chain that terminates TLS must match transport_protocol \"tls\"",
+        ));
+    }
+    if !server_names.is_empty() && edge.is_none() {
+        return Err(cx.err(
+            format!("{at}.filter_chain_match.server_names"),
+            "only a chain that terminates a gateway's TLS matches server names",
         ));
     }
     let app_protocols = m
@@ -433,9 +576,40 @@ fn filter_chain(cx: &Ctx<'_>, at: &str, c: &PbFilterChain) -> Result<FilterChain
         port,
         transport,
         terminate_tls,
+        server_names,
+        edge_tls: edge,
         app_protocols,
         filter,
     })
+}
+
+/// A gateway chain's TLS server names: host names or `*.suffix` wildcards, lowercase.
+fn server_names(cx: &Ctx<'_>, at: &str, names: &[String], gateway: bool) -> Result<Vec<String>> {
+    if !names.is_empty() && !gateway {
+        return Err(cx.err(
+            format!("{at}.filter_chain_match.server_names"),
+            "matched on a gateway's listeners only",
+        ));
+    }
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let host = n.strip_prefix("*.").unwrap_or(n);
+            let valid = !host.is_empty()
+                && host.split('.').all(|l| {
+                    !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if valid {
+                Ok(n.to_ascii_lowercase())
+            } else {
+                Err(cx.err(
+                    format!("{at}.filter_chain_match.server_names[{i}]"),
+                    format!("{n:?} is not a host name or a *.suffix wildcard"),
+                ))
+            }
+        })
+        .collect()
 }
 
 /// The terminal filter, enforcing `guard` (the network RBAC filters before it) and, for HTTP,
@@ -502,6 +676,8 @@ fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter, mut guard: Guard) -> Resul
             route,
             guard: Arc::new(guard),
             faults,
+            paths: path_rules(cx, &field, &hcm)?,
+            remote_address: hcm.use_remote_address.is_some_and(|b| b.value),
         })
     } else if any.type_url == TcpProxy::type_url() {
         let tcp: TcpProxy = decode(cx, &field, any)?;
@@ -521,6 +697,85 @@ fn network_filter(cx: &Ctx<'_>, at: &str, f: &Filter, mut guard: Guard) -> Resul
             format!("unsupported network filter {} ({:?})", any.type_url, f.name),
         ))
     }
+}
+
+/// An HTTP connection manager's path handling; mesh-proxy normalizes and merges slashes in one
+/// step, so it takes both or neither.
+fn path_rules(cx: &Ctx<'_>, at: &str, hcm: &HttpConnectionManager) -> Result<PathRules> {
+    use http_connection_manager::PathWithEscapedSlashesAction as A;
+    let normalize = hcm.normalize_path.is_some_and(|b| b.value);
+    if normalize != hcm.merge_slashes {
+        return Err(cx.err(
+            format!("{at}.merge_slashes"),
+            "mesh-proxy merges slashes as it normalizes a path: set normalize_path and merge_slashes together",
+        ));
+    }
+    let escaped_slashes = match A::try_from(hcm.path_with_escaped_slashes_action) {
+        Ok(A::ImplementationSpecificDefault | A::KeepUnchanged) => EscapedSlashes::Keep,
+        Ok(A::RejectRequest) => EscapedSlashes::Reject,
+        Ok(A::UnescapeAndRedirect) => EscapedSlashes::UnescapeAndRedirect,
+        Ok(A::UnescapeAndForward) => EscapedSlashes::UnescapeAndForward,
+        Err(_) => {
+            return Err(cx.err(
+                format!("{at}.path_with_escaped_slashes_action"),
+                format!("{} is not an action", hcm.path_with_escaped_slashes_action),
+            ));
+        }
+    };
+    if normalize && escaped_slashes == EscapedSlashes::Keep {
+        return Err(cx.err(
+            format!("{at}.path_with_escaped_slashes_action"),
+            "with normalize_path, say what happens to %2F and %5C (REJECT_REQUEST, UNESCAPE_AND_REDIRECT or UNESCAPE_AND_FORWARD): mesh-proxy does not normalize around them",
+        ));
+    }
+    Ok(PathRules {
+        normalize,
+        escaped_slashes,
+    })
+}
+
+/// A gateway's certificate: an SDS Secret holding a `tls_certificate` with its chain and key
+/// inline (PEM).
+pub fn secret(
+    sec: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret,
+) -> Result<super::ServerCert> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type as T;
+    let cx = Ctx {
+        kind: "Secret",
+        name: &sec.name,
+    };
+    let Some(T::TlsCertificate(tc)) = &sec.r#type else {
+        return Err(cx.err(
+            "tls_certificate",
+            "mesh-proxy takes only certificates (with their key) as Secrets",
+        ));
+    };
+    let inline =
+        |field: &str, d: Option<&envoy_types::pb::envoy::config::core::v3::DataSource>| match d
+            .and_then(|d| d.specifier.as_ref())
+        {
+            Some(data_source::Specifier::InlineString(s)) => Ok(s.clone()),
+            Some(data_source::Specifier::InlineBytes(b)) => String::from_utf8(b.clone())
+                .map_err(|_| cx.err(format!("tls_certificate.{field}"), "not PEM text")),
+            _ => Err(cx.err(
+                format!("tls_certificate.{field}"),
+                "expected inline PEM (inline_string or inline_bytes)",
+            )),
+        };
+    let chain = inline("certificate_chain", tc.certificate_chain.as_ref())?;
+    let key = inline("private_key", tc.private_key.as_ref())?;
+    let certified =
+        mesh_api::tls::server_certified_key(&chain, &key, ["certificate_chain", "private_key"])
+            .map_err(|e| cx.err("tls_certificate", e))?;
+    let fingerprint = certified
+        .cert
+        .first()
+        .map(|c| mesh_api::tls::fingerprint(c))
+        .unwrap_or_default();
+    Ok(super::ServerCert {
+        fingerprint,
+        key: Arc::new(certified),
+    })
 }
 
 // ---- routes ------------------------------------------------------------------------------------
@@ -544,7 +799,9 @@ pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable> {
         &rc.response_headers_to_add,
         &rc.response_headers_to_remove,
     )?;
-    Ok(RouteTable::new(rc.name.clone(), vhosts, headers))
+    let mut table = RouteTable::new(rc.name.clone(), vhosts, headers);
+    table.ignore_port = rc.ignore_port_in_host_matching;
+    Ok(table)
 }
 
 fn vhost(cx: &Ctx<'_>, at: &str, vh: &PbVhost) -> Result<VirtualHost> {
@@ -1556,4 +1813,4 @@ fn socket_addr(cx_kind: &Ctx<'_>, field: &str, a: Option<&Address>) -> Result<So
 
 #[cfg(test)]
 #[path = "convert_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -669,3 +669,313 @@ fn a_faults_delay_and_abort_are_drawn_independently() {
         );
     }
 }
+
+/// A gateway's HTTPS chain as the controller sends it: server names, its certificates over
+/// ADS, ALPN h2 and http/1.1.
+pub(crate) fn edge_chain(names: &[&str], certs: &[&str]) -> PbFilterChain {
+    use envoy_types::pb::envoy::config::core::v3::{
+        AggregatedConfigSource, ConfigSource, config_source,
+    };
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CommonTlsContext, SdsSecretConfig,
+    };
+    let ads = ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    };
+    let ctx = DownstreamTlsContext {
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificate_sds_secret_configs: certs
+                .iter()
+                .map(|n| SdsSecretConfig {
+                    name: n.to_string(),
+                    sds_config: Some(ads.clone()),
+                })
+                .collect(),
+            alpn_protocols: vec!["h2".into(), "http/1.1".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    PbFilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            server_names: names.iter().map(|n| n.to_string()).collect(),
+            transport_protocol: "tls".into(),
+            ..Default::default()
+        }),
+        filters: vec![hcm_filter("gateway/infra/edge/443/l", vec![])],
+        transport_socket: Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
+        }),
+        ..Default::default()
+    }
+}
+
+pub(crate) fn gateway_listener(port: u32, chains: Vec<PbFilterChain>) -> Listener {
+    Listener {
+        name: format!("gateway_{port}"),
+        address: Some(Address {
+            address: Some(address::Address::SocketAddress(SocketAddress {
+                address: "127.0.0.1".into(),
+                port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+                ..Default::default()
+            })),
+        }),
+        filter_chains: chains,
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_gateways_listener_binds_its_address_and_chooses_chains_by_server_name() {
+    let l = gateway_listener(
+        8443,
+        vec![
+            edge_chain(&["shop.example.com"], &["infra/shop"]),
+            edge_chain(&["*.example.com"], &["infra/any-rsa", "infra/any-ecdsa"]),
+            edge_chain(&["*.a.example.com"], &["infra/deep"]),
+            edge_chain(&[], &["infra/fallback"]),
+        ],
+    );
+    let c = super::listener(&l).expect("accepted");
+    assert_eq!(c.bind, Some("127.0.0.1:8443".parse().expect("addr")));
+    assert!(c.edge_tls());
+    let edge = c.chains[1].edge_tls.as_ref().expect("edge TLS");
+    assert_eq!(edge.certificates, ["infra/any-rsa", "infra/any-ecdsa"]);
+    assert_eq!(edge.alpn, ["h2", "http/1.1"]);
+    assert!(!c.chains[1].terminate_tls, "not mesh TLS");
+    let by = |sni: Option<&str>| {
+        c.by_server_name(sni)
+            .and_then(|ch| ch.edge_tls.as_ref())
+            .map(|t| t.certificates[0].clone())
+    };
+    for (sni, want) in [
+        (Some("shop.example.com"), "infra/shop"),
+        (Some("SHOP.example.com."), "infra/shop"),
+        (Some("api.example.com"), "infra/any-rsa"),
+        (Some("x.y.example.com"), "infra/any-rsa"),
+        (Some("x.a.example.com"), "infra/deep"),
+        (Some("example.com"), "infra/fallback"),
+        (Some("other.org"), "infra/fallback"),
+        (None, "infra/fallback"),
+    ] {
+        assert_eq!(by(sni).as_deref(), Some(want), "{sni:?}");
+    }
+    // Without a chain that names none, an unknown name (or none) finds no chain.
+    let strict = super::listener(&gateway_listener(
+        8443,
+        vec![edge_chain(&["shop.example.com"], &["infra/shop"])],
+    ))
+    .expect("accepted");
+    assert!(strict.by_server_name(Some("other.org")).is_none());
+    assert!(strict.by_server_name(None).is_none());
+}
+
+#[test]
+fn a_gateways_listener_refuses_what_it_cannot_serve() {
+    use envoy_types::pb::google::protobuf::BoolValue;
+    let good = edge_chain(&["a.example.com"], &["infra/a"]);
+    let tls_of = |c: &PbFilterChain| -> DownstreamTlsContext {
+        let Some(transport_socket::ConfigType::TypedConfig(a)) = c
+            .transport_socket
+            .as_ref()
+            .and_then(|t| t.config_type.clone())
+        else {
+            panic!("a TLS chain");
+        };
+        DownstreamTlsContext::decode(a.value.as_slice()).expect("decodes")
+    };
+    let with_tls = |f: &dyn Fn(&mut DownstreamTlsContext)| {
+        let mut c = good.clone();
+        let mut ctx = tls_of(&c);
+        f(&mut ctx);
+        c.transport_socket = Some(TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(transport_socket::ConfigType::TypedConfig(any(&ctx))),
+        });
+        c
+    };
+    let mut wrong_port = gateway_listener(8443, vec![good.clone()]);
+    wrong_port.name = "gateway_9443".into();
+    let mut no_address = gateway_listener(8443, vec![good.clone()]);
+    no_address.address = None;
+    let mut plaintext_names = good.clone();
+    plaintext_names.transport_socket = None;
+    let mut bad_name = good.clone();
+    bad_name
+        .filter_chain_match
+        .as_mut()
+        .expect("match")
+        .server_names = vec!["a b.example.com".into()];
+    let cases: Vec<(Listener, &str)> = vec![
+        (
+            wrong_port,
+            "address: 127.0.0.1:8443: the listener of port 9443 binds that port",
+        ),
+        (no_address, "address: expected a socket address"),
+        (
+            gateway_listener(
+                8443,
+                vec![with_tls(&|t| {
+                    t.require_client_certificate = Some(BoolValue { value: true })
+                })],
+            ),
+            "require_client_certificate: client certificates at a gateway are not supported",
+        ),
+        (
+            gateway_listener(
+                8443,
+                vec![with_tls(&|t| {
+                    t.common_tls_context
+                        .as_mut()
+                        .expect("common")
+                        .tls_certificate_sds_secret_configs[0]
+                        .sds_config = None
+                })],
+            ),
+            "tls_certificate_sds_secret_configs[0].sds_config: a gateway's certificates come over ADS",
+        ),
+        (
+            gateway_listener(
+                8443,
+                vec![with_tls(&|t| {
+                    t.common_tls_context
+                        .as_mut()
+                        .expect("common")
+                        .alpn_protocols = vec!["spdy/3".into()]
+                })],
+            ),
+            "alpn_protocols[0]: \"spdy/3\" is not served",
+        ),
+        (
+            gateway_listener(8443, vec![plaintext_names.clone()]),
+            "server_names: only a chain that terminates a gateway's TLS matches server names",
+        ),
+        (
+            gateway_listener(8443, vec![bad_name]),
+            "server_names[0]: \"a b.example.com\" is not a host name",
+        ),
+        (
+            listener("virtualInbound", vec![plaintext_names.clone()]),
+            "server_names: matched on a gateway's listeners only",
+        ),
+    ];
+    for (l, want) in cases {
+        let err = super::listener(&l).expect_err(want).to_string();
+        assert!(err.contains(want), "{err}\nwanted: {want}");
+    }
+}
+
+#[test]
+fn path_rules_come_from_the_connection_manager() {
+    use http_connection_manager::PathWithEscapedSlashesAction as A;
+    let hcm_with = |normalize: bool, merge: bool, action: A| {
+        let mut f = hcm_filter("r", vec![]);
+        let Some(filter::ConfigType::TypedConfig(a)) = &mut f.config_type else {
+            panic!("typed");
+        };
+        let mut h = HttpConnectionManager::decode(a.value.as_slice()).expect("decodes");
+        h.normalize_path = Some(envoy_types::pb::google::protobuf::BoolValue { value: normalize });
+        h.merge_slashes = merge;
+        h.path_with_escaped_slashes_action = action as i32;
+        h.use_remote_address = Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+        *a = any(&h);
+        f
+    };
+    let convert = |f: Filter| super::listener(&listener("virtualOutbound", vec![chain(80, f)]));
+    let l = convert(hcm_with(true, true, A::UnescapeAndRedirect)).expect("accepted");
+    let NetworkFilter::Http {
+        paths,
+        remote_address,
+        ..
+    } = &l.chains[0].filter
+    else {
+        panic!("HTTP");
+    };
+    assert_eq!(
+        *paths,
+        PathRules {
+            normalize: true,
+            escaped_slashes: EscapedSlashes::UnescapeAndRedirect
+        }
+    );
+    assert!(remote_address);
+    for (f, want) in [
+        (
+            hcm_with(true, false, A::RejectRequest),
+            "merge_slashes: mesh-proxy merges slashes as it normalizes",
+        ),
+        (
+            hcm_with(true, true, A::KeepUnchanged),
+            "path_with_escaped_slashes_action: with normalize_path, say what happens",
+        ),
+    ] {
+        let err = convert(f).expect_err(want).to_string();
+        assert!(err.contains(want), "{err}");
+    }
+}
+
+/// An SDS Secret named `name` with a PEM chain and key.
+pub(crate) fn secret_proto(
+    name: &str,
+    chain: String,
+    key: String,
+) -> envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret {
+    use envoy_types::pb::envoy::config::core::v3::DataSource;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        Secret, TlsCertificate, secret,
+    };
+    let inline = |s: String| DataSource {
+        specifier: Some(data_source::Specifier::InlineString(s)),
+        ..Default::default()
+    };
+    Secret {
+        name: name.into(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: Some(inline(chain)),
+            private_key: Some(inline(key)),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A self-signed certificate for `host`, and its key (PEM).
+pub(crate) fn self_signed(host: &str) -> (rcgen::Certificate, String) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec![host.to_string()])
+        .expect("params")
+        .self_signed(&key)
+        .expect("cert");
+    (cert, key.serialize_pem())
+}
+
+#[test]
+fn a_secret_is_a_certificate_with_its_key() {
+    let (cert, key) = self_signed("a.example.com");
+    let other = rcgen::KeyPair::generate().expect("key").serialize_pem();
+    let ok = super::secret(&secret_proto("infra/a", cert.pem(), key)).expect("accepted");
+    assert_eq!(ok.fingerprint, mesh_api::tls::fingerprint(cert.der()));
+    let err = super::secret(&secret_proto("infra/a", cert.pem(), other))
+        .expect_err("another key")
+        .to_string();
+    assert!(
+        err.contains("Secret \"infra/a\": tls_certificate: private_key is not the key of the first certificate in certificate_chain"),
+        "{err}"
+    );
+    let err = super::secret(
+        &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret {
+            name: "infra/b".into(),
+            r#type: None,
+        },
+    )
+    .expect_err("no certificate")
+    .to_string();
+    assert!(err.contains("takes only certificates"), "{err}");
+}

@@ -35,6 +35,17 @@ pub struct Snapshot {
     pub listeners: BTreeMap<String, Arc<ListenerConfig>>,
     pub routes: imbl::HashMap<String, Arc<RouteTable>>,
     pub clusters: imbl::HashMap<String, Arc<Cluster>>,
+    /// A gateway's certificates (SDS Secrets), by name.
+    pub secrets: imbl::HashMap<String, Arc<ServerCert>>,
+}
+
+/// A certificate the proxy serves as its own (a gateway's): never its key in a dump.
+#[derive(Debug, Serialize)]
+pub struct ServerCert {
+    /// SHA-256 of the leaf, as `meshctl` and `openssl x509 -fingerprint` show it.
+    pub fingerprint: String,
+    #[serde(skip)]
+    pub key: Arc<rustls::sign::CertifiedKey>,
 }
 
 impl Snapshot {
@@ -95,6 +106,11 @@ impl Store {
         *self.ready_tx.borrow()
     }
 
+    /// Changes with every published config.
+    pub fn changes(&self) -> watch::Receiver<bool> {
+        self.ready_tx.subscribe()
+    }
+
     /// Waits for the first complete config.
     pub async fn ready(&self) -> Arc<Snapshot> {
         let mut rx = self.ready_tx.subscribe();
@@ -113,6 +129,9 @@ impl Store {
 #[derive(Debug, Serialize)]
 pub struct ListenerConfig {
     pub name: String,
+    /// A gateway's listener: the address it binds (the proxy's other listeners are bound
+    /// from its flags).
+    pub bind: Option<SocketAddr>,
     pub chains: Vec<FilterChain>,
     pub default_chain: Option<FilterChain>,
 }
@@ -156,10 +175,22 @@ pub struct FilterChain {
     pub transport: Transport,
     /// The chain terminates mesh TLS (a DownstreamTlsContext requiring a client SVID).
     pub terminate_tls: bool,
+    /// TLS server names (SNI) the chain takes: names, or `*.suffix` wildcards; none: any.
+    pub server_names: Vec<String>,
+    /// The chain terminates TLS with certificates of its own (a gateway's HTTPS listener).
+    pub edge_tls: Option<Arc<EdgeTls>>,
     /// `http/1.1`, `h2c` (detected), or on a TLS chain the negotiated ALPN (`h2` is HTTP/2):
     /// the chain only takes connections speaking these.
     pub app_protocols: Vec<Detected>,
     pub filter: NetworkFilter,
+}
+
+/// How a gateway's chain terminates TLS: the certificates it presents (SDS Secret names, the
+/// first whose key the client can verify wins) and the protocols it offers in ALPN.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct EdgeTls {
+    pub certificates: Vec<String>,
+    pub alpn: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -171,6 +202,11 @@ pub enum NetworkFilter {
         guard: Arc<Guard>,
         /// The chain has the fault injection filter, so routes' faults apply.
         faults: bool,
+        /// What is done to a request's path before it is routed.
+        paths: PathRules,
+        /// `use_remote_address`: the client is the connection's peer; its address is appended
+        /// to `x-forwarded-for`, and `x-forwarded-proto` says how it came.
+        remote_address: bool,
     },
     /// Opaque TCP to a cluster.
     Tcp { cluster: String, guard: Arc<Guard> },
@@ -183,6 +219,32 @@ impl NetworkFilter {
             NetworkFilter::Http { guard, .. } | NetworkFilter::Tcp { guard, .. } => guard,
         }
     }
+}
+
+/// What the HTTP connection manager does to a request's path before routes see it (Envoy's
+/// `normalize_path` with `merge_slashes`, and `path_with_escaped_slashes_action`). The inbound
+/// side normalizes and refuses escaped slashes whatever its chain says: policies match the
+/// normalized path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PathRules {
+    /// Dot segments resolved, unreserved characters decoded, slashes merged.
+    pub normalize: bool,
+    pub escaped_slashes: EscapedSlashes,
+}
+
+/// `%2F` and `%5C` in a path.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    /// Left as they are.
+    #[default]
+    Keep,
+    /// Answered 400.
+    Reject,
+    /// Decoded, and the client redirected (307) to the decoded path.
+    UnescapeAndRedirect,
+    /// Decoded, and the request forwarded.
+    UnescapeAndForward,
 }
 
 /// What a chain enforces before its terminal filter: RBAC filters in order (network RBAC
@@ -313,6 +375,45 @@ impl ListenerConfig {
                 .default_chain
                 .as_ref()
                 .filter(|c| c.transport.takes(proto)))
+    }
+
+    /// Whether the listener terminates a gateway's TLS (chains choose by server name).
+    pub fn edge_tls(&self) -> bool {
+        self.chains
+            .iter()
+            .chain(&self.default_chain)
+            .any(|c| c.edge_tls.is_some())
+    }
+
+    /// A gateway's chain for a TLS server name, as Envoy matches `server_names`: a chain
+    /// naming it, else the one whose `*.suffix` wildcard takes it with the longest suffix,
+    /// else one naming none, else the default chain.
+    pub fn by_server_name(&self, sni: Option<&str>) -> Option<&FilterChain> {
+        let tls = || self.chains.iter().filter(|c| c.edge_tls.is_some());
+        let named = sni.and_then(|host| {
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            tls()
+                .find(|c| c.server_names.contains(&host))
+                .or_else(|| {
+                    tls()
+                        .filter_map(|c| {
+                            c.server_names
+                                .iter()
+                                .filter_map(|n| n.strip_prefix('*'))
+                                .filter(|suffix| {
+                                    host.len() > suffix.len() && host.ends_with(suffix)
+                                })
+                                .map(str::len)
+                                .max()
+                                .map(|len| (len, c))
+                        })
+                        .max_by_key(|(len, _)| *len)
+                        .map(|(_, c)| c)
+                })
+        });
+        named
+            .or_else(|| tls().find(|c| c.server_names.is_empty()))
+            .or_else(|| self.default_chain.as_ref().filter(|c| c.edge_tls.is_some()))
     }
 
     /// After mesh TLS was terminated: the `tls` chain listing the negotiated protocol
@@ -498,6 +599,8 @@ mod tests {
             port,
             transport: Transport::Any,
             terminate_tls: false,
+            server_names: Vec::new(),
+            edge_tls: None,
             app_protocols: app.to_vec(),
             filter: NetworkFilter::Tcp {
                 cluster: name.into(),
@@ -526,6 +629,7 @@ mod tests {
     fn chain_selection() {
         let l = ListenerConfig {
             name: "l".into(),
+            bind: None,
             chains: vec![
                 chain(
                     "vip-80-http",
@@ -579,6 +683,7 @@ mod tests {
         };
         let permissive = ListenerConfig {
             name: "l".into(),
+            bind: None,
             chains: vec![
                 tls("http/mtls", &[Detected::Http1, Detected::H2c]),
                 tls("tcp/mtls", &[]),
@@ -613,6 +718,7 @@ mod tests {
         // STRICT: plaintext finds no chain, even a lone TLS chain is detected first.
         let strict = ListenerConfig {
             name: "l".into(),
+            bind: None,
             chains: vec![tls("http/mtls", &[])],
             default_chain: None,
         };

@@ -20,6 +20,8 @@ pub struct RouteTable {
     pub name: String,
     pub vhosts: Vec<VirtualHost>,
     pub headers: HeaderOps,
+    /// `ignore_port_in_host_matching`: a host's port is left out when virtual hosts are chosen.
+    pub ignore_port: bool,
     #[serde(skip)]
     exact: HashMap<String, usize>,
     #[serde(skip)]
@@ -508,6 +510,7 @@ impl RouteTable {
             name,
             vhosts,
             headers,
+            ignore_port: false,
             exact: HashMap::new(),
             suffixes: Vec::new(),
             prefixes: Vec::new(),
@@ -535,6 +538,16 @@ impl RouteTable {
 
     /// The virtual host for a `Host` value (any case, with or without port).
     pub fn vhost(&self, host: &str) -> Option<&VirtualHost> {
+        let host = match host.rsplit_once(':') {
+            Some((h, port))
+                if self.ignore_port
+                    && !h.is_empty()
+                    && port.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                h
+            }
+            _ => host,
+        };
         let lower;
         let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
             lower = host.to_ascii_lowercase();

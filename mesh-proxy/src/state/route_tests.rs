@@ -347,3 +347,24 @@ fn header_ops_apply_in_order() {
     assert_eq!(h["x-set"], "new");
     assert_eq!(h.get_all("x-add").iter().count(), 2);
 }
+
+#[test]
+fn a_hosts_port_is_left_out_only_where_the_table_says() {
+    let vh = |name: &str, domain: &str| VirtualHost {
+        name: name.into(),
+        domains: vec![domain.into()],
+        routes: vec![],
+        headers: HeaderOps::default(),
+    };
+    let mut t = RouteTable::new(
+        "t".into(),
+        vec![vh("a", "a.example.com"), vh("any", "*.example.com")],
+        HeaderOps::default(),
+    );
+    let name = |t: &RouteTable, host: &str| t.vhost(host).map(|v| v.name.clone());
+    assert_eq!(name(&t, "a.example.com:8080"), None);
+    t.ignore_port = true;
+    assert_eq!(name(&t, "a.example.com:8080").as_deref(), Some("a"));
+    assert_eq!(name(&t, "b.example.com:443").as_deref(), Some("any"));
+    assert_eq!(name(&t, "A.example.com").as_deref(), Some("a"));
+}

@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as PbSecret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use serde::Serialize;
@@ -22,7 +23,7 @@ use crate::metrics::{BackendLabels, Metrics};
 use crate::state::convert::{self, ConvertError};
 use crate::state::{
     Cluster, ClusterDef, ClusterKind, EndpointDef, ListenerConfig, NetworkFilter, RouteTable,
-    Snapshot,
+    ServerCert, Snapshot,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -31,10 +32,22 @@ pub enum Type {
     Endpoint,
     Listener,
     Route,
+    /// A gateway's certificates (SDS over ADS).
+    Secret,
 }
 
 impl Type {
-    pub const ALL: [Type; 4] = [Type::Cluster, Type::Endpoint, Type::Listener, Type::Route];
+    pub const ALL: [Type; 5] = [
+        Type::Cluster,
+        Type::Endpoint,
+        Type::Listener,
+        Type::Route,
+        Type::Secret,
+    ];
+
+    /// The types subscribed to by name, in the order a change ripples through them: routes
+    /// name clusters, clusters endpoints; listeners name certificates.
+    pub const BY_NAME: [Type; 3] = [Type::Route, Type::Endpoint, Type::Secret];
 
     pub fn url(self) -> String {
         match self {
@@ -42,6 +55,7 @@ impl Type {
             Type::Endpoint => ClusterLoadAssignment::type_url(),
             Type::Listener => Listener::type_url(),
             Type::Route => RouteConfiguration::type_url(),
+            Type::Secret => PbSecret::type_url(),
         }
     }
 
@@ -55,6 +69,7 @@ impl Type {
             Type::Endpoint => "EDS",
             Type::Listener => "LDS",
             Type::Route => "RDS",
+            Type::Secret => "SDS",
         }
     }
 
@@ -78,6 +93,7 @@ enum Converted {
     Route(Arc<RouteTable>),
     Cluster(Box<ClusterDef>),
     Endpoints(Vec<EndpointDef>),
+    Secret(Arc<ServerCert>),
 }
 
 /// The name a resource carries inside itself (state-of-the-world responses have no other).
@@ -88,6 +104,7 @@ pub fn resource_name(ty: Type, any: &Any) -> Result<String, String> {
         Type::Route => RouteConfiguration::decode(bytes).map(|r| r.name),
         Type::Cluster => PbCluster::decode(bytes).map(|c| c.name),
         Type::Endpoint => ClusterLoadAssignment::decode(bytes).map(|c| c.cluster_name),
+        Type::Secret => PbSecret::decode(bytes).map(|s| s.name),
     };
     name.map_err(|e| format!("cannot decode {}: {e}", any.type_url))
 }
@@ -121,6 +138,9 @@ fn convert_one(ty: Type, r: &Incoming) -> Result<Converted, ConvertError> {
         Type::Endpoint => Converted::Endpoints(convert::endpoints(
             &ClusterLoadAssignment::decode(bytes).map_err(bad)?,
         )?),
+        Type::Secret => Converted::Secret(Arc::new(convert::secret(
+            &PbSecret::decode(bytes).map_err(bad)?,
+        )?)),
     })
 }
 
@@ -136,6 +156,9 @@ pub struct Cache {
     routes_wanted: BTreeSet<String>,
     endpoints_wanted: BTreeSet<String>,
     endpoints: HashMap<String, Vec<EndpointDef>>,
+    /// Certificates the listeners present, and those held.
+    secrets_wanted: BTreeSet<String>,
+    secrets: imbl::HashMap<String, Arc<ServerCert>>,
     clusters: imbl::HashMap<String, Arc<Cluster>>,
     /// Clusters whose definition or endpoints changed since the last assembly.
     dirty: BTreeSet<String>,
@@ -220,6 +243,9 @@ impl Cache {
                     self.endpoints.remove(name);
                     self.mark_eds_dirty(name);
                 }
+                Type::Secret => {
+                    self.secrets.remove(name);
+                }
             }
         }
         for (r, c) in converted {
@@ -251,6 +277,9 @@ impl Cache {
                 Converted::Endpoints(eps) => {
                     self.endpoints.insert(r.name.clone(), eps);
                     self.mark_eds_dirty(&r.name);
+                }
+                Converted::Secret(cert) => {
+                    self.secrets.insert(r.name.clone(), cert);
                 }
             }
         }
@@ -325,6 +354,7 @@ impl Cache {
         match ty {
             Type::Route => &self.routes_wanted,
             Type::Endpoint => &self.endpoints_wanted,
+            Type::Secret => &self.secrets_wanted,
             Type::Cluster if self.scoped => &self.clusters_wanted,
             Type::Listener | Type::Cluster => &NONE,
         }
@@ -379,9 +409,16 @@ impl Cache {
                         NetworkFilter::Tcp { .. } => None,
                     })
                     .collect();
+                self.secrets_wanted = self
+                    .listeners
+                    .values()
+                    .flat_map(|l| l.chains.iter().chain(l.default_chain.iter()))
+                    .filter_map(|c| c.edge_tls.as_ref())
+                    .flat_map(|t| t.certificates.iter().cloned())
+                    .collect();
             }
             Type::Cluster => self.endpoints_wanted = self.eds_users.keys().cloned().collect(),
-            Type::Route | Type::Endpoint => {}
+            Type::Route | Type::Endpoint | Type::Secret => {}
         }
         if ty == Type::Listener {
             self.outbound = self.merged_outbound();
@@ -422,6 +459,7 @@ impl Cache {
         chains.extend(extra.flat_map(|(_, l)| l.chains.iter().cloned()));
         Some(Arc::new(ListenerConfig {
             name: base.name.clone(),
+            bind: None,
             chains,
             default_chain: base.default_chain.clone(),
         }))
@@ -439,6 +477,10 @@ impl Cache {
                 .endpoints_wanted
                 .iter()
                 .all(|e| self.endpoints.contains_key(e))
+            && self
+                .secrets_wanted
+                .iter()
+                .all(|s| self.secrets.contains_key(s))
             && (!self.scoped
                 || self
                     .clusters_wanted
@@ -533,6 +575,7 @@ impl Cache {
             listeners,
             routes: self.routes.clone(),
             clusters: self.clusters.clone(),
+            secrets: self.secrets.clone(),
         }
     }
 }

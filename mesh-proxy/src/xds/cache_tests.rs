@@ -461,3 +461,47 @@ fn clusters_the_wildcard_brought_stay_when_no_longer_subscribed_to_by_name() {
     // A subscription change is the names wanted, whatever the wildcard brought.
     assert_eq!(c.subscription_change(Type::Cluster, &BTreeSet::new()), None);
 }
+
+#[test]
+fn a_gateways_certificates_are_wanted_by_its_listeners_and_awaited() {
+    use crate::state::convert::tests::{edge_chain, gateway_listener, secret_proto, self_signed};
+    let metrics = Metrics::new();
+    let mut c = Cache::default();
+    c.apply(Type::Cluster, &[], &[]).expect("cds");
+    let l = gateway_listener(8443, vec![edge_chain(&["a.example.com"], &["infra/a"])]);
+    c.apply(Type::Listener, &[incoming("gateway_8443", "1", &l)], &[])
+        .expect("lds");
+    assert_eq!(c.wanted(Type::Secret), &["infra/a".to_string()].into());
+    let route = RouteConfiguration {
+        name: "gateway/infra/edge/443/l".into(),
+        ..Default::default()
+    };
+    c.apply(
+        Type::Route,
+        &[incoming("gateway/infra/edge/443/l", "1", &route)],
+        &[],
+    )
+    .expect("rds");
+    assert!(!c.complete(), "the certificate has not arrived");
+    let (cert, key) = self_signed("a.example.com");
+    let other = rcgen::KeyPair::generate().expect("key").serialize_pem();
+    let bad = secret_proto("infra/a", cert.pem(), other);
+    let err = c
+        .apply(Type::Secret, &[incoming("infra/a", "1", &bad)], &[])
+        .expect_err("a key of another certificate");
+    assert!(err.to_string().contains("Secret \"infra/a\""), "{err}");
+    assert!(!c.complete(), "a refused certificate is not held");
+    let good = secret_proto("infra/a", cert.pem(), key);
+    c.apply(Type::Secret, &[incoming("infra/a", "2", &good)], &[])
+        .expect("sds");
+    assert!(c.complete());
+    let s = c.snapshot(&metrics);
+    assert_eq!(
+        s.secrets.get("infra/a").map(|c| c.fingerprint.clone()),
+        Some(mesh_api::tls::fingerprint(cert.der()))
+    );
+    // The listener gone, its certificate is no longer wanted.
+    c.apply(Type::Listener, &[], &["gateway_8443".to_string()])
+        .expect("lds");
+    assert!(c.wanted(Type::Secret).is_empty());
+}

@@ -116,6 +116,12 @@ impl XdsClient {
             .workload
             .clone()
             .map(|w| (node_metadata::WORKLOAD, w));
+        let gateway = config.gateway.iter().flat_map(|g| {
+            [
+                (node_metadata::GATEWAY, g.clone()),
+                (node_metadata::GATEWAY_ADDR, config.gateway_addr.to_string()),
+            ]
+        });
         let fields = [
             (node_metadata::SCOPED, on_demand.is_some().to_string()),
             (node_metadata::TRANSPARENT, ports.transparent.to_string()),
@@ -134,6 +140,7 @@ impl XdsClient {
         ]
         .into_iter()
         .chain(workload)
+        .chain(gateway)
         .map(|(k, v)| (k.to_string(), string_value(v)))
         .collect();
         let node = Node {
@@ -357,10 +364,8 @@ impl XdsClient {
             });
             subs.insert(ty, names);
         }
-        for (ty, wanted) in [
-            (Type::Endpoint, cache.wanted_endpoints()),
-            (Type::Route, cache.wanted_routes()),
-        ] {
+        for ty in Type::BY_NAME {
+            let wanted = cache.wanted(ty).clone();
             if !wanted.is_empty() {
                 let versions = cache.versions(ty);
                 let _ = tx.unbounded_send(DeltaDiscoveryRequest {
@@ -485,7 +490,7 @@ impl XdsClient {
                 ..Default::default()
             });
             // Routes first: dropping one changes the clusters wanted, and those the endpoints.
-            for ty in [Type::Route, Type::Cluster, Type::Endpoint] {
+            for ty in [Type::Route, Type::Cluster, Type::Endpoint, Type::Secret] {
                 let had = subs.entry(ty).or_default();
                 let Some(wanted) = cache.subscription_change(ty, had) else {
                     continue;
@@ -532,10 +537,8 @@ impl XdsClient {
                 ..Default::default()
             });
         }
-        for (ty, wanted) in [
-            (Type::Endpoint, cache.wanted_endpoints()),
-            (Type::Route, cache.wanted_routes()),
-        ] {
+        for ty in Type::BY_NAME {
+            let wanted = cache.wanted(ty).clone();
             if !wanted.is_empty() {
                 let _ = tx.unbounded_send(DiscoveryRequest {
                     node: Some(self.node.clone()),
@@ -603,7 +606,7 @@ impl XdsClient {
                 error_detail: result.err().map(nack),
                 ..Default::default()
             });
-            for ty in [Type::Endpoint, Type::Route] {
+            for ty in Type::BY_NAME {
                 let st = state.entry(ty).or_default();
                 if &st.names == cache.wanted(ty) {
                     continue;

@@ -353,6 +353,7 @@ mod tests {
             name.to_string(),
             Arc::new(ListenerConfig {
                 name: name.to_string(),
+                bind: None,
                 chains: Vec::new(),
                 default_chain: None,
             }),

@@ -669,7 +669,7 @@ pub(crate) async fn gateways(ctl: &Endpoint, c: &mut Checks) {
         if entry["served"].as_bool() != Some(true) {
             let (ns, gw) = name.split_once('/').unwrap_or(("", name));
             let hint = format!(
-                "run a gateway proxy for it, e.g. meshctl bootstrap envoy --node {ns}/{gw}-0 --gateway {gw}; see `meshctl proxy-status`"
+                "run a gateway proxy for it: mesh-proxy --node {ns}/{gw}-0 --gateway {gw}, or an Envoy from meshctl bootstrap envoy --node {ns}/{gw}-0 --gateway {gw}; see `meshctl proxy-status`"
             );
             c.warn(
                 CAT,

@@ -152,13 +152,15 @@ pub(super) struct Tries<'a> {
 }
 
 impl Tries<'_> {
-    /// Whether the cluster speaks HTTP/2 to a request of `version`; an upgrade never does.
-    pub fn h2(cluster: &Cluster, version: Version, upgrade: bool) -> bool {
+    /// Whether the cluster speaks HTTP/2 to a request of `version`; an upgrade never does. At
+    /// a gateway (`edge`) a cluster that names no protocol speaks HTTP/1.1, as Envoy's do: a
+    /// client outside the mesh chose HTTP/2 by ALPN with the gateway, not with the backend.
+    pub fn h2(cluster: &Cluster, version: Version, upgrade: bool, edge: bool) -> bool {
         !upgrade
             && match cluster.protocol {
                 UpstreamProtocol::Http2 => true,
                 UpstreamProtocol::Http1 => false,
-                UpstreamProtocol::Downstream => version == Version::HTTP_2,
+                UpstreamProtocol::Downstream => !edge && version == Version::HTTP_2,
             }
     }
 

@@ -84,7 +84,12 @@ pub(super) async fn call(
     let tries = Tries {
         ctx,
         cluster: &cluster,
-        h2: Tries::h2(&cluster, parts.version, upgrade),
+        h2: Tries::h2(
+            &cluster,
+            parts.version,
+            upgrade,
+            matches!(ctx.kind, super::super::ListenerKind::Gateway(_)),
+        ),
         upgrade,
         hash: affinity.hash,
         limits: Limits {

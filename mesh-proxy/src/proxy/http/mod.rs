@@ -12,6 +12,7 @@ mod call;
 mod fault;
 mod headers;
 mod mirror;
+mod paths;
 mod redirect;
 mod retry;
 mod rewrite;

@@ -15,8 +15,9 @@ pub(super) fn direct(status: u16, body: &str) -> Response<Body> {
     r
 }
 
-/// A route's redirect of a request to `host` (as the client named it) and `uri`.
-pub(super) fn redirect(r: &Redirect, host: &str, uri: &Uri) -> Response<Body> {
+/// A route's redirect of a request that came as `scheme` to `host` (as the client named it)
+/// and `uri`.
+pub(super) fn redirect(r: &Redirect, scheme: &str, host: &str, uri: &Uri) -> Response<Body> {
     let (orig_host, orig_port) = match host.rsplit_once(':') {
         Some((h, p)) if !h.ends_with(']') || host.starts_with('[') => match p.parse::<u16>() {
             Ok(p) => (h, Some(p)),
@@ -24,7 +25,7 @@ pub(super) fn redirect(r: &Redirect, host: &str, uri: &Uri) -> Response<Body> {
         },
         _ => (host, None),
     };
-    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let scheme = r.scheme.as_deref().unwrap_or(scheme);
     let host = r.host.as_deref().unwrap_or(orig_host);
     let port = match (r.port, &r.scheme) {
         (Some(p), _) => Some(p),
@@ -65,7 +66,12 @@ mod tests {
             status: 301,
             matched_prefix: Some("/old".into()),
         };
-        let resp = redirect(&r, "shop.example:8080", &Uri::from_static("/old/cart?id=1"));
+        let resp = redirect(
+            &r,
+            "http",
+            "shop.example:8080",
+            &Uri::from_static("/old/cart?id=1"),
+        );
         assert_eq!(resp.status(), 301);
         assert_eq!(
             resp.headers()[header::LOCATION],
@@ -80,7 +86,7 @@ mod tests {
             status: 302,
             matched_prefix: None,
         };
-        let resp = redirect(&r, "shop:80", &Uri::from_static("/y"));
+        let resp = redirect(&r, "http", "shop:80", &Uri::from_static("/y"));
         assert_eq!(resp.headers()[header::LOCATION], "http://other:8443/x");
     }
 }

@@ -12,6 +12,7 @@ use super::body::Lingering;
 use super::call::Chosen;
 use super::headers::{Levels, host};
 use super::redirect::{direct, redirect};
+use crate::metrics::Direction;
 use crate::state::route::{Action, RequestInfo};
 
 /// The answer to a request: checked by the chain's policy, routed, then forwarded or
@@ -28,6 +29,14 @@ pub(super) async fn serve(
     let host = host(&mut req)?;
     let snapshot = ctx.shared.store.load().ok_or(ProxyError::NoConfig)?;
     guard::check(ctx, &snapshot, &mut req)?;
+    if ctx.kind.direction() != Direction::inbound
+        && let Some(redirect) = super::paths::apply(ctx.paths, &mut req)?
+    {
+        return Ok(redirect);
+    }
+    if ctx.remote_address {
+        super::paths::forwarded(ctx, req.headers_mut());
+    }
     let table = snapshot
         .route(&ctx.route)
         .cloned()
@@ -62,7 +71,10 @@ pub(super) async fn serve(
                 backend,
             })
         }
-        Action::Redirect(r) => Answer::Local(redirect(r, &host, req.uri())),
+        Action::Redirect(r) => {
+            let scheme = if ctx.https { "https" } else { "http" };
+            Answer::Local(redirect(r, scheme, &host, req.uri()))
+        }
         Action::Direct { status, body } => Answer::Local(direct(*status, body)),
     };
     if ctx.faults
