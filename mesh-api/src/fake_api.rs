@@ -22,6 +22,12 @@
 //! refused (409 for an update, 422 for a patch or apply). [`FakeApi::insert`] keeps a UID it is
 //! given, and gives one to an object without.
 //!
+//! An API group's objects are one set at every version, as the API server serves a CRD with
+//! several versions and no conversion webhook: a list, watch or get at one version sees the
+//! objects written at another, with that version's `apiVersion`, and a write at another
+//! version changes the object where it is stored (which keeps the version it was created
+//! at).
+//!
 //! [`FakeApi::start`]'s client is a cluster admin. [`FakeApi::client_as`] gives a client whose
 //! requests are made as a service account and authorized by the RBAC objects stored here
 //! ([`rbac`]): a request no rule allows gets 403, as a real cluster answers a missing grant.
@@ -656,7 +662,10 @@ impl FakeApi {
                         .iter()
                         .filter(|e| e.rv > last && same_collection(&e.path, &path))
                         .filter(|e| matches_labels(&e.object, &selector))
-                        .map(|e| line(json!({"type": e.kind, "object": e.object})))
+                        .map(|e| {
+                            let o = at_version_of(e.object.clone(), &path);
+                            line(json!({"type": e.kind, "object": o}))
+                        })
                         .collect();
                     last = s.rv;
                     batch
@@ -717,6 +726,22 @@ impl FakeApi {
         let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
         let (prefix_len, rest) = split(&path);
         let is_list = rest.len() % 2 == 1 && prefix_len > 0;
+        let asked = path.clone();
+        let path = if is_list || method == "POST" {
+            path
+        } else {
+            s.stored_path(&path)
+        };
+        let body = match body {
+            // Written where the object is stored, at its stored version.
+            Value::Object(mut m) if path != asked && m.contains_key("apiVersion") => {
+                if let Some(v) = split_version(&path) {
+                    m.insert("apiVersion".into(), json!(v));
+                }
+                Value::Object(m)
+            }
+            b => b,
+        };
         Some(match method.as_str() {
             "GET"
                 if query
@@ -730,7 +755,7 @@ impl FakeApi {
                 .body(full(s.raw[&path].clone().into_bytes()))
                 .unwrap_or_else(|_| Response::new(full(Vec::new()))),
             "GET" if is_list => s.list(&path, &query),
-            "GET" => s.get(&path),
+            "GET" => s.get(&path, &asked),
             "PATCH" if content_type.starts_with("application/merge-patch+json") => {
                 s.merge(path.trim_end_matches("/status"), body, &query)
             }
@@ -754,6 +779,15 @@ impl FakeApi {
     }
 }
 
+/// `o` as a request at `path` sees it: with the `apiVersion` of the path's API group version.
+fn at_version_of(mut o: Value, path: &str) -> Value {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if let ["apis", group, version, ..] = segs.as_slice() {
+        o["apiVersion"] = json!(format!("{group}/{version}"));
+    }
+    o
+}
+
 /// `(length of the /api/v1 or /apis/GROUP/VERSION prefix in segments, the rest)`.
 fn split(path: &str) -> (usize, Vec<&str>) {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -769,20 +803,34 @@ fn split(path: &str) -> (usize, Vec<&str>) {
 }
 
 /// Whether the object at `p` is in the collection at `collection` (every namespace's, or one's).
+/// The API a path is of, from its first `n` segments: `/api/v1`, or `/apis/<group>` at any
+/// version.
+fn api_of(path: &str, n: usize) -> Vec<&str> {
+    let mut v: Vec<&str> = path.trim_matches('/').split('/').take(n).collect();
+    if v.first() == Some(&"apis") {
+        v.truncate(2);
+    }
+    v
+}
+
+/// `<group>/<version>` of an `/apis/...` path.
+fn split_version(path: &str) -> Option<String> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["apis", group, version, ..] => Some(format!("{group}/{version}")),
+        _ => None,
+    }
+}
+
 fn same_collection(p: &str, collection: &str) -> bool {
     let (n, rest) = split(collection);
-    let prefix: Vec<&str> = collection.trim_matches('/').split('/').take(n).collect();
     let (ns, plural) = match rest.as_slice() {
         [plural] => (None, *plural),
         ["namespaces", ns, plural] => (Some(*ns), *plural),
         _ => return false,
     };
     let (m, r) = split(p);
-    let same_api = p
-        .trim_matches('/')
-        .split('/')
-        .take(m)
-        .eq(prefix.iter().copied());
+    let same_api = m == n && api_of(p, m) == api_of(collection, n);
     same_api
         && match (r.as_slice(), ns) {
             ([pl, _], None) => *pl == plural,
@@ -877,9 +925,33 @@ impl State {
         self.objects
             .iter()
             .filter(|(p, _)| same_collection(p, path))
-            .map(|(_, o)| o.clone())
+            .map(|(_, o)| at_version_of(o.clone(), path))
             .filter(|o| matches_labels(o, selector))
             .collect()
+    }
+
+    /// Where the object a request names is stored: `path`, or the same object's path at
+    /// another version of its API group (with `/status` kept).
+    fn stored_path(&self, path: &str) -> String {
+        let (object, sub) = match path.strip_suffix("/status") {
+            Some(o) => (o, "/status"),
+            None => (path, ""),
+        };
+        if self.objects.contains_key(object) || !object.starts_with("/apis/") {
+            return path.to_owned();
+        }
+        let segs: Vec<&str> = object.trim_matches('/').split('/').collect();
+        if segs.len() < 4 {
+            return path.to_owned();
+        }
+        let (group, rest) = (segs[1], segs[3..].join("/"));
+        self.objects
+            .keys()
+            .find(|k| {
+                let ks: Vec<&str> = k.trim_matches('/').split('/').collect();
+                ks.len() == segs.len() && ks[1] == group && ks[3..].join("/") == rest
+            })
+            .map_or_else(|| path.to_owned(), |k| format!("{k}{sub}"))
     }
 
     /// Stores `o` as another writer would (not admitted), with a new resourceVersion.
@@ -948,7 +1020,9 @@ impl State {
         }
     }
 
-    fn get(&mut self, path: &str) -> Resp {
+    /// The object at `path`, as a request at `asked` (the same object at another version)
+    /// sees it.
+    fn get(&mut self, path: &str, asked: &str) -> Resp {
         let reads = {
             let r = self.reads.entry(path.to_owned()).or_insert(0);
             *r += 1;
@@ -981,7 +1055,7 @@ impl State {
             }
             _ => {}
         }
-        respond(StatusCode::OK, o)
+        respond(StatusCode::OK, &at_version_of(o.clone(), asked))
     }
 
     fn apply(&mut self, path: &str, mut applied: Value, query: &str) -> Resp {

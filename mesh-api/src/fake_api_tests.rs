@@ -385,3 +385,85 @@ async fn field_selectors_select_what_the_server_indexes_and_refuse_the_rest() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn an_object_written_at_one_version_is_read_and_written_at_another() {
+    use futures::StreamExt;
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, WatchEvent};
+    let (client, fake) = FakeApi::start();
+    fake.install_chart_crds();
+    let at = |version: &str| {
+        let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", version, "ReferenceGrant");
+        Api::<DynamicObject>::namespaced_with(
+            client.clone(),
+            "shop",
+            &ApiResource::from_gvk_with_plural(&gvk, "referencegrants"),
+        )
+    };
+    let grant = json!({"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": {"name": "g", "namespace": "shop"},
+        "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "infra"}],
+                 "to": [{"group": "", "kind": "Service"}]}});
+    at("v1beta1")
+        .patch("g", &PatchParams::apply("a"), &Patch::Apply(&grant))
+        .await
+        .expect("created at v1beta1");
+    let listed = at("v1")
+        .list(&ListParams::default())
+        .await
+        .expect("list at v1");
+    let versions: Vec<String> = listed
+        .items
+        .iter()
+        .map(|o| {
+            o.types
+                .as_ref()
+                .map(|t| t.api_version.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(versions, ["gateway.networking.k8s.io/v1"]);
+    let got = at("v1").get("g").await.expect("get at v1");
+    assert_eq!(
+        got.types.map(|t| t.api_version),
+        Some("gateway.networking.k8s.io/v1".to_string())
+    );
+    let mut events = at("v1")
+        .watch(&kube::api::WatchParams::default(), "0")
+        .await
+        .expect("watch at v1")
+        .boxed();
+    let Some(Ok(WatchEvent::Added(o))) = events.next().await else {
+        panic!("the grant, added");
+    };
+    assert_eq!(o.metadata.name.as_deref(), Some("g"));
+    // An apply at v1 changes the one object, where it is stored.
+    let mut at_v1 = grant.clone();
+    at_v1["apiVersion"] = json!("gateway.networking.k8s.io/v1");
+    at_v1["metadata"]["labels"] = json!({"team": "shop"});
+    at("v1")
+        .patch("g", &PatchParams::apply("a"), &Patch::Apply(&at_v1))
+        .await
+        .expect("applied at v1");
+    let stored: Vec<String> = fake
+        .state()
+        .objects
+        .keys()
+        .filter(|k| k.contains("/referencegrants/"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        stored,
+        ["/apis/gateway.networking.k8s.io/v1beta1/namespaces/shop/referencegrants/g"]
+    );
+    let again = at("v1beta1").get("g").await.expect("get at v1beta1");
+    assert_eq!(
+        again
+            .metadata
+            .labels
+            .unwrap_or_default()
+            .get("team")
+            .map(String::as_str),
+        Some("shop")
+    );
+}
