@@ -424,6 +424,16 @@ impl NetnsCluster {
         run(&full)
     }
 
+    /// Runs `program` with `args` in the node's network namespace, outside every pod, as a
+    /// client outside the cluster reaches pods through a node: its output, whatever its exit
+    /// status.
+    pub fn from_node(&self, program: &str, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        Ok(Command::new("ip")
+            .args(["netns", "exec", self.node.as_str(), program])
+            .args(args)
+            .output()?)
+    }
+
     /// A pod namespace at `ip` on the bridge, with lo up and a default route via the node.
     fn add_netns(&mut self, namespace: &str, name: &str, ip: Ipv4Addr) -> anyhow::Result<Pod> {
         let idx = ip.octets()[3] as u32 + 256 * ip.octets()[2] as u32;
@@ -848,7 +858,7 @@ impl NetnsCluster {
                 &self.log(&format!("{what}.app")),
             )?);
         }
-        if w.meshed {
+        if w.meshed && !matches!(w.app, App::Gateway(_)) {
             let init = Command::new("ip")
                 .args(["netns", "exec", &pod.netns])
                 .arg(binary("mesh-proxy")?)
@@ -869,17 +879,34 @@ impl NetnsCluster {
                 Sidecar::Envoy => self.envoy(pod, w).await?,
             }
         }
+        if let App::Gateway(gateway) = &w.app {
+            if !w.meshed || w.sidecar != Sidecar::MeshProxy {
+                bail!(
+                    "{what}: a pod serving Gateway {gateway} is mesh-proxy itself: meshed, with the MeshProxy sidecar"
+                );
+            }
+            let proxy = self.mesh_proxy(pod, w)?;
+            pod.procs.push(proxy);
+        }
         Ok(())
     }
 
     /// mesh-proxy for `pod`, as injection runs it (UID 1337, a token for its service account).
     fn mesh_proxy(&self, pod: &Pod, w: &Workload) -> anyhow::Result<Child> {
         let token = self.token(&pod.namespace, &w.service_account)?;
-        let mut args: Vec<String> = vec![
-            "--node".into(),
-            format!("{}/{}", pod.namespace, pod.name),
-            "--transparent".into(),
-            "true".into(),
+        let role: Vec<String> = match &w.app {
+            App::Gateway(gateway) => vec![
+                "--gateway".into(),
+                gateway.clone(),
+                "--gateway-addr".into(),
+                "0.0.0.0".into(),
+            ],
+            _ => vec!["--transparent".into(), "true".into()],
+        };
+        let mut args: Vec<String> =
+            vec!["--node".into(), format!("{}/{}", pod.namespace, pod.name)];
+        args.extend(role);
+        args.extend([
             "--xds".into(),
             xds_service_addr(),
             "--service-account".into(),
@@ -890,8 +917,8 @@ impl NetnsCluster {
             self.dir.path().join("ca/ca.crt").display().to_string(),
             "--ca-token-file".into(),
             token.display().to_string(),
-        ];
-        if let Some(scoped) = self.scoped {
+        ]);
+        if let Some(scoped) = self.scoped.filter(|_| !matches!(w.app, App::Gateway(_))) {
             args.extend(["--scoped".into(), scoped.to_string()]);
         }
         // As injection passes the pod's workload.

@@ -1581,3 +1581,178 @@ async fn an_interrupted_run_is_swept_by_the_next() -> anyhow::Result<()> {
     ));
     Ok(())
 }
+
+/// The edge into a STRICT mesh: mesh-proxy serving the Gateway `infra/edge` (service account
+/// `edge-gateway`) terminates HTTPS for `shop.example.com` by SNI with the certificate of a
+/// Secret, and redirects HTTP to HTTPS with the standard `RequestRedirect` filter; its requests
+/// reach `reviews` in the STRICT namespace `shop` (a ReferenceGrant lets the route name it)
+/// over mutual TLS as the gateway's identity, which an AuthorizationPolicy lets in while it
+/// refuses the mesh's own client. curl runs on the node, outside every pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_terminates_https_and_reaches_a_strict_backend_as_itself() -> anyhow::Result<()> {
+    if !netns::can_run() {
+        return Ok(());
+    }
+    let mut c = NetnsCluster::start().await?;
+    c.label_namespace("shop", &[("mesh.dev/mtls-mode", "STRICT")])?;
+    let addr = reviews(&mut c, 1).await?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert =
+        rcgen::CertificateParams::new(vec!["shop.example.com".to_string()])?.self_signed(&key)?;
+    let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("shop.pem");
+    std::fs::write(&ca, cert.pem())?;
+    let manifests = [
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: http, port: 8080, protocol: HTTP}\n  - {name: https, port: 8443, protocol: HTTPS, hostname: shop.example.com, tls: {certificateRefs: [{name: shop-cert}]}}\n".into(),
+        mesh_controller::testing::tls_secret_yaml("infra", "shop-cert", &cert.pem(), &key.serialize_pem()),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-https, namespace: infra}\nspec:\n  parentRefs: [{name: edge, sectionName: http}]\n  rules:\n  - filters: [{type: RequestRedirect, requestRedirect: {scheme: https, port: 8443, statusCode: 301}}]\n".into(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge, sectionName: https}]\n  hostnames: [shop.example.com]\n  rules: [{backendRefs: [{name: reviews, namespace: shop, port: 9080}]}]\n".into(),
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: edge-routes, namespace: shop}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}]\n  to: [{group: '', kind: Service, name: reviews}]\n".into(),
+        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: edge-only, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: reviews}]\n  rules:\n  - from: [{serviceAccounts: [infra/edge-gateway]}]\n".into(),
+    ];
+    c.apply("edge", &manifests.join("---\n")).await?;
+    c.deploy(&Workload {
+        namespace: "infra".into(),
+        name: "edge".into(),
+        service_account: "edge-gateway".into(),
+        labels: labels(&[("app", "edge")]),
+        replicas: 1,
+        meshed: true,
+        sidecar: Sidecar::MeshProxy,
+        app: App::Gateway("edge".into()),
+    })
+    .await?;
+    c.wait_synced().await?;
+    // The Lease holder writes the Gateway API's status: the Gateway accepted and programmed
+    // (its proxy acknowledged it), the route accepted with its references resolved.
+    let admin = c.admin_client();
+    let conditions = |kind: &'static str, name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let o = serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": kind,
+                "metadata": {"name": name, "namespace": "infra"}});
+            let got = admin.get(&o).await.ok().flatten().unwrap_or_default();
+            let conds = match kind {
+                "Gateway" => got["status"]["conditions"].clone(),
+                _ => got["status"]["parents"][0]["conditions"].clone(),
+            };
+            conds
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|c| {
+                    format!(
+                        "{}={}",
+                        c["type"].as_str().unwrap_or(""),
+                        c["status"].as_str().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<String>>()
+        }
+    };
+    let status = mesh_e2e::eventually(Duration::from_secs(20), "Gateway API status", || async {
+        let gateway = conditions("Gateway", "edge").await;
+        let route = conditions("HTTPRoute", "shop").await;
+        let ok = ["Accepted=True", "Programmed=True"]
+            .iter()
+            .all(|c| gateway.iter().any(|g| g == c))
+            && ["Accepted=True", "ResolvedRefs=True"]
+                .iter()
+                .all(|c| route.iter().any(|r| r == c));
+        ok.then_some((gateway, route))
+    })
+    .await;
+    if let Err(e) = &status {
+        anyhow::bail!(
+            "{e}: Gateway {:?}, HTTPRoute {:?}\nthe controller's log:\n{}",
+            conditions("Gateway", "edge").await,
+            conditions("HTTPRoute", "shop").await,
+            c.tail("mesh-controller-0")
+        );
+    }
+    let (gateway_status, route_status) = status?;
+    let gw = c.pod_ip("infra", "edge-0")?;
+    let curl = |url: &str, port: u16| -> anyhow::Result<(String, String)> {
+        let resolve = format!("shop.example.com:{port}:{gw}");
+        let ca = ca.display().to_string();
+        let out = c.from_node(
+            "curl",
+            &[
+                "-sS",
+                "--max-time",
+                "5",
+                "--cacert",
+                &ca,
+                "--resolve",
+                &resolve,
+                "-w",
+                "\n%{http_code} %{http_version} %{redirect_url}",
+                url,
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        anyhow::ensure!(
+            out.status.success(),
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (body, last) = text.rsplit_once('\n').unwrap_or(("", &text));
+        Ok((body.to_string(), last.trim().to_string()))
+    };
+    // HTTP is redirected to HTTPS; HTTPS (ALPN h2) reaches reviews, every request.
+    let (_, redirect) = curl("http://shop.example.com:8080/reviews?id=1", 8080)?;
+    let mut answered = BTreeMap::<String, u32>::new();
+    for _ in 0..20 {
+        let (body, last) = curl("https://shop.example.com:8443/", 8443)?;
+        *answered
+            .entry(format!("{last}: {}", body.trim()))
+            .or_default() += 1;
+    }
+    let client = twenty_requests(&c, "client-0", &format!("http://{addr}:9080/")).await?;
+    let gateway_id = "spiffe://cluster.local/ns/infra/sa/edge-gateway";
+    let reviews_id = "spiffe://cluster.local/ns/shop/sa/reviews";
+    let to_reviews: f64 = mesh_api::prom::parse(&c.proxy_metrics("infra", "edge-0")?)
+        .into_iter()
+        .filter(|s| {
+            s.name == "mesh_proxy_requests_total"
+                && s.label("dst_identity") == reviews_id
+                && s.label("status_class") == "2xx"
+        })
+        .map(|s| s.value)
+        .sum();
+    let servers = format!(
+        "{}{}",
+        c.proxy_metrics("shop", "reviews-v1-0")?,
+        c.proxy_metrics("shop", "reviews-v2-0")?
+    );
+    let from_gateway = mesh_api::prom::count(
+        &servers,
+        &format!("mesh_proxy_inbound_mtls_connections_total{{peer=\"{gateway_id}\"}}"),
+    );
+    mesh_e2e::figure(&format!(
+        "gateway into STRICT: Gateway {gateway_status:?}, HTTPRoute {route_status:?}; HTTP -> {redirect}; HTTPS from the node {answered:?}; the gateway's proxy counted {to_reviews} 2xx to {reviews_id}; reviews saw {from_gateway} mTLS connections from {gateway_id}; the meshed client got {} of 20 refused ({:?})",
+        client["failed"], client["errors"]
+    ));
+    assert_eq!(
+        redirect,
+        "301 1.1 https://shop.example.com:8443/reviews?id=1"
+    );
+    let ok: u32 = answered
+        .iter()
+        .filter(|(k, _)| k.starts_with("200 2: reviews v"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(ok, 20, "{answered:?}");
+    assert!(
+        to_reviews >= 20.0,
+        "the gateway sent {to_reviews} to {reviews_id} over mTLS"
+    );
+    assert!(
+        from_gateway >= 1,
+        "reviews saw no mTLS connection from {gateway_id}"
+    );
+    assert_eq!(client["failed"], 20, "{client}");
+    assert_eq!(client["errors"]["status 403"], 20, "{client}");
+    Ok(())
+}

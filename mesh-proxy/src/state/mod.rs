@@ -392,24 +392,20 @@ impl ListenerConfig {
         let tls = || self.chains.iter().filter(|c| c.edge_tls.is_some());
         let named = sni.and_then(|host| {
             let host = host.trim_end_matches('.').to_ascii_lowercase();
-            tls()
-                .find(|c| c.server_names.contains(&host))
-                .or_else(|| {
-                    tls()
-                        .filter_map(|c| {
-                            c.server_names
-                                .iter()
-                                .filter_map(|n| n.strip_prefix('*'))
-                                .filter(|suffix| {
-                                    host.len() > suffix.len() && host.ends_with(suffix)
-                                })
-                                .map(str::len)
-                                .max()
-                                .map(|len| (len, c))
-                        })
-                        .max_by_key(|(len, _)| *len)
-                        .map(|(_, c)| c)
-                })
+            tls().find(|c| c.server_names.contains(&host)).or_else(|| {
+                tls()
+                    .filter_map(|c| {
+                        c.server_names
+                            .iter()
+                            .filter_map(|n| n.strip_prefix('*'))
+                            .filter(|suffix| host.len() > suffix.len() && host.ends_with(suffix))
+                            .map(str::len)
+                            .max()
+                            .map(|len| (len, c))
+                    })
+                    .max_by_key(|(len, _)| *len)
+                    .map(|(_, c)| c)
+            })
         });
         named
             .or_else(|| tls().find(|c| c.server_names.is_empty()))
