@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context;
 use mesh_controller::config::Config;
 use mesh_controller::run::Controller;
 use mesh_controller::testing::{service_yaml, slice_yaml, tls_secret_yaml as tls_secret};
@@ -49,9 +50,10 @@ struct GatewayProxy {
 }
 
 impl GatewayProxy {
+    /// `envoy_bin`: Envoy, for [`Serving::Envoy`].
     async fn start(
         serving: Serving,
-        envoy_bin: &std::path::Path,
+        envoy_bin: Option<&std::path::Path>,
         ctl: &Controller,
         dir: &std::path::Path,
         gateway: &str,
@@ -59,6 +61,7 @@ impl GatewayProxy {
     ) -> anyhow::Result<Self> {
         let (envoy, proxy) = match serving {
             Serving::Envoy => {
+                let envoy_bin = envoy_bin.context("Envoy as the gateway needs Envoy")?;
                 let admin_port = free_port();
                 let bootstrap = envoy(&EnvoyArgs {
                     admin: format!("127.0.0.1:{admin_port}").parse()?,
@@ -98,33 +101,42 @@ impl GatewayProxy {
     }
 }
 
-/// Both proxies of the Gateway: Envoy on 127.0.0.1, mesh-proxy on 127.0.0.2.
-async fn both_proxies(
-    envoy_bin: &std::path::Path,
+/// The proxies of the Gateway: mesh-proxy on `ips.0`, and Envoy on `ips.1` when it is here
+/// (`MESH_REQUIRE_PEERS` makes its absence fail). Each test has loopback addresses of its own,
+/// so that no other test's proxy can take its ports (Envoy binds with SO_REUSEPORT).
+async fn proxies(
     ctl: &Controller,
     dir: &std::path::Path,
     gateway: &str,
-) -> anyhow::Result<[GatewayProxy; 2]> {
-    Ok([
-        GatewayProxy::start(
-            Serving::Envoy,
-            envoy_bin,
-            ctl,
-            dir,
-            gateway,
-            "127.0.0.1".parse()?,
-        )
-        .await?,
-        GatewayProxy::start(
-            Serving::MeshProxy,
-            envoy_bin,
-            ctl,
-            dir,
-            gateway,
-            "127.0.0.2".parse()?,
-        )
-        .await?,
-    ])
+    ips: (&str, &str),
+) -> anyhow::Result<Vec<GatewayProxy>> {
+    let envoy_bin = peer("MESH_ENVOY", "envoy");
+    let mut out = vec![
+        GatewayProxy::start(Serving::MeshProxy, None, ctl, dir, gateway, ips.0.parse()?).await?,
+    ];
+    if let Some(bin) = &envoy_bin {
+        out.push(
+            GatewayProxy::start(Serving::Envoy, Some(bin), ctl, dir, gateway, ips.1.parse()?)
+                .await?,
+        );
+    }
+    Ok(out)
+}
+
+/// A port free on every one of `ips` (each test's gateway proxies listen on their own).
+fn port_on(ips: &[&str]) -> u16 {
+    loop {
+        let first =
+            std::net::TcpListener::bind(format!("{}:0", ips[0])).expect("an ephemeral port");
+        let port = first.local_addr().expect("bound").port();
+        let rest: Result<Vec<_>, _> = ips[1..]
+            .iter()
+            .map(|ip| std::net::TcpListener::bind(format!("{ip}:{port}")))
+            .collect();
+        if rest.is_ok() {
+            return port;
+        }
+    }
 }
 
 /// `curl` through the gateway: `(status, body)`; HTTPS with SNI `host` resolved to the gateway
@@ -165,16 +177,14 @@ async fn curl(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_and_mesh_proxy_serve_a_gateway_by_host_and_by_sni() -> anyhow::Result<()> {
-    let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
-        return Ok(());
-    };
     let Some(curl_bin) = system_peer("curl") else {
         return Ok(());
     };
+    const IPS: (&str, &str) = ("127.0.0.11", "127.0.0.12");
     let shop = Backend::start("shop").await?;
     let www = Backend::start("www").await?;
     let dir = tempfile::tempdir()?;
-    let (http, https) = (free_port(), free_port());
+    let (http, https) = (port_on(&[IPS.0, IPS.1]), port_on(&[IPS.0, IPS.1]));
     let (shop_cert, shop_key) = self_signed(&["shop.example.com"])?;
     let (any_cert, any_key) = self_signed(&["*.example.com"])?;
     let ca = dir.path().join("shop.pem");
@@ -196,17 +206,23 @@ async fn envoy_and_mesh_proxy_serve_a_gateway_by_host_and_by_sni() -> anyhow::Re
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: www, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  hostnames: [www.example.com]\n  rules: [{backendRefs: [{name: www, port: 8080}]}]\n".into(),
     ];
     let ctl = controller(dir.path(), &[("gateway.yaml", docs.join("---\n"))]).await?;
-    let proxies = both_proxies(&envoy_bin, &ctl, dir.path(), "edge").await?;
+    let proxies = proxies(&ctl, dir.path(), "edge", IPS).await?;
 
     // Each host to its route's backend, over HTTP and, by SNI, over HTTPS (ALPN h2, as curl
     // offers it), from either proxy.
     for gp in &proxies {
         let ip = gp.ip;
+        // Each listener warms apart (the HTTPS one waits for its certificates too).
         let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
-            curl(&curl_bin, "http", ("shop.example.com", ip, http), None)
-                .await
-                .ok()
-                .filter(|(code, _, _)| *code == 200)
+            let plain = curl(&curl_bin, "http", ("shop.example.com", ip, http), None).await;
+            let tls = curl(
+                &curl_bin,
+                "https",
+                ("shop.example.com", ip, https),
+                Some(&ca),
+            )
+            .await;
+            (plain.is_ok_and(|r| r.0 == 200) && tls.is_ok_and(|r| r.0 == 200)).then_some(())
         })
         .await;
         if let Err(e) = served {
@@ -264,7 +280,9 @@ async fn envoy_and_mesh_proxy_serve_a_gateway_by_host_and_by_sni() -> anyhow::Re
         )
         .await;
         assert!(
-            wrong.is_err(),
+            wrong
+                .as_ref()
+                .is_err_and(|e| format!("{e:#}").contains("SSL certificate problem")),
             "{:?}: shop.example.com verified with the wildcard's CA: {wrong:?}",
             gp.serving
         );
@@ -383,12 +401,10 @@ fn location(l: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> anyhow::Result<()> {
     use mesh_e2e::servers::EchoServer;
-    let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
-        return Ok(());
-    };
     let Some(curl_bin) = system_peer("curl") else {
         return Ok(());
     };
+    const IPS: (&str, &str) = ("127.0.0.13", "127.0.0.14");
     let mut backends = Vec::new();
     let mut docs = vec![
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
@@ -419,7 +435,7 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
     // Ports: 0 every namespace, 1 the same namespace only, 2 namespaces labelled
     // gateway-conformance: backend, 3 a listener for *.wildcard.io and one for
     // very.specific.com on the same port.
-    let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..4).map(|_| port_on(&[IPS.0, IPS.1])).collect();
     docs.push(format!(
         "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: all, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: All}}}}}}\n  - {{name: same, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: Same}}}}}}\n  - {{name: backends, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: Selector, selector: {{matchLabels: {{gateway-conformance: backend}}}}}}}}}}\n  - {{name: wildcard, port: {}, protocol: HTTP, hostname: '*.wildcard.io', allowedRoutes: {{namespaces: {{from: All}}}}}}\n  - {{name: specific, port: {}, protocol: HTTP, hostname: very.specific.com, allowedRoutes: {{namespaces: {{from: All}}}}}}\n",
         ports[0], ports[1], ports[2], ports[3], ports[3]
@@ -601,7 +617,7 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
         Case { from: "httproute-listener-hostname-matching", port: 3, method: "GET", host: "very.specific.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
     ];
     let ctl = controller(dir.path(), &[("gateway.yaml", docs.join("---\n"))]).await?;
-    let proxies = both_proxies(&envoy_bin, &ctl, dir.path(), "gw").await?;
+    let proxies = proxies(&ctl, dir.path(), "gw", IPS).await?;
     let mut failures = Vec::new();
     for gp in &proxies {
         let mine = conformance(&curl_bin, gp, &ports, &cases).await?;
@@ -681,7 +697,9 @@ async fn conformance(
             failures.push(format!("{what}: {}", wrong.join("; ")));
         }
     }
-    // httproute-weight: each backend within 5 points of its share, none to a weight of 0.
+    // httproute-weight: each backend within 8 points of its share, none to a weight of 0.
+    // Envoy draws each request at random: over 400 at 3:1, 8 points is 3.7 standard
+    // deviations (a false failure in about 2 of 10,000 runs); mesh-proxy spreads them evenly.
     let weighted = Case {
         from: "httproute-weight",
         port: 0,
@@ -707,12 +725,12 @@ async fn conformance(
         "httproute-weight 3:1:0 over {total} requests through {:?}: {counts:?}",
         gp.serving
     );
-    if (share("infra-backend-v1") - 75.0).abs() > 5.0
-        || (share("infra-backend-v2") - 25.0).abs() > 5.0
+    if (share("infra-backend-v1") - 75.0).abs() > 8.0
+        || (share("infra-backend-v2") - 25.0).abs() > 8.0
         || counts.len() != 2
     {
         failures.push(format!(
-            "httproute-weight: {counts:?}, want 75 % and 25 % within 5 points, none elsewhere"
+            "httproute-weight: {counts:?}, want 75 % and 25 % within 8 points, none elsewhere"
         ));
     }
     Ok(failures)
@@ -770,15 +788,27 @@ async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails_throu
     rotation(Serving::MeshProxy).await
 }
 
+/// One rotation at a time: each is 200 new TLS connections a second on 2 cores.
+static ROTATIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn rotation(serving: Serving) -> anyhow::Result<()> {
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
-    let Some(envoy_bin) = peer("MESH_ENVOY", "envoy") else {
-        return Ok(());
+    let envoy_bin = match serving {
+        Serving::Envoy => match peer("MESH_ENVOY", "envoy") {
+            Some(b) => Some(b),
+            None => return Ok(()),
+        },
+        Serving::MeshProxy => None,
+    };
+    let _one = ROTATIONS.lock().await;
+    let ip = match serving {
+        Serving::MeshProxy => "127.0.0.15",
+        Serving::Envoy => "127.0.0.16",
     };
     let shop = Backend::start("shop").await?;
     let dir = tempfile::tempdir()?;
-    let https = free_port();
+    let https = port_on(&[ip]);
     let (old_cert, old_key) = self_signed(&["shop.example.com"])?;
     let (new_cert, new_key) = self_signed(&["shop.example.com"])?;
     let docs = [
@@ -798,11 +828,11 @@ async fn rotation(serving: Serving) -> anyhow::Result<()> {
     let ctl = controller(dir.path(), &files).await?;
     let gp = GatewayProxy::start(
         serving,
-        &envoy_bin,
+        envoy_bin.as_deref(),
         &ctl,
         dir.path(),
         "edge",
-        "127.0.0.1".parse()?,
+        ip.parse()?,
     )
     .await?;
     let secret_file = dir.path().join("config").join("secret.yaml");
@@ -825,7 +855,7 @@ async fn rotation(serving: Serving) -> anyhow::Result<()> {
         .with_root_certificates(roots)
         .with_no_client_auth(),
     );
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{https}").parse()?;
+    let addr: std::net::SocketAddr = format!("{ip}:{https}").parse()?;
     let first = eventually(Duration::from_secs(10), "the HTTPS listener", || {
         let tls = tls.clone();
         async move {
@@ -938,7 +968,7 @@ async fn rotation(serving: Serving) -> anyhow::Result<()> {
 async fn a_gateway_listener_on_a_taken_port_fails_ready_until_it_binds() -> anyhow::Result<()> {
     let shop = Backend::start("shop").await?;
     let dir = tempfile::tempdir()?;
-    let taken = std::net::TcpListener::bind("127.0.0.3:0")?;
+    let taken = std::net::TcpListener::bind("127.0.0.17:0")?;
     let port = taken.local_addr()?.port();
     let docs = [
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
@@ -950,7 +980,7 @@ async fn a_gateway_listener_on_a_taken_port_fails_ready_until_it_binds() -> anyh
     let ctl = controller(dir.path(), &[("gateway.yaml", docs.join("---\n"))]).await?;
     let mut pc = mesh_proxy::Config::local(ctl.xds_addr, "infra/edge-1");
     pc.gateway = Some("edge".into());
-    pc.gateway_addr = "127.0.0.3".parse()?;
+    pc.gateway_addr = "127.0.0.17".parse()?;
     let proxy = mesh_proxy::Proxy::start(pc, None).await?;
     let unbound = || async {
         let (_, text) = mesh_e2e::http_get(proxy.metrics_addr, "/metrics").await?;
@@ -971,7 +1001,7 @@ async fn a_gateway_listener_on_a_taken_port_fails_ready_until_it_binds() -> anyh
         ))
     );
     drop(taken);
-    let addr: std::net::SocketAddr = format!("127.0.0.3:{port}").parse()?;
+    let addr: std::net::SocketAddr = format!("127.0.0.17:{port}").parse()?;
     eventually(
         Duration::from_secs(10),
         "the listener to be bound",

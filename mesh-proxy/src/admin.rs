@@ -79,6 +79,8 @@ pub struct AdminState {
     pub log: Option<Arc<LogControl>>,
     pub shutdown: Arc<Notify>,
     pub tls: Option<Arc<MeshTls>>,
+    /// A gateway proxy (`--gateway`): set once it has bound a config's listeners.
+    pub gateway_bound: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
@@ -86,6 +88,15 @@ async fn ready(State(s): State<AdminState>) -> impl IntoResponse {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the first complete config\n",
+        );
+    }
+    if s.gateway_bound
+        .as_ref()
+        .is_some_and(|b| !b.load(std::sync::atomic::Ordering::Acquire))
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "binding the gateway's listeners\n",
         );
     }
     if s.metrics.gateway_listeners_unbound.get() > 0 {

@@ -184,7 +184,12 @@ impl Proxy {
             xds_tls,
             shared.on_demand.clone(),
         );
+        let gateway_bound = config
+            .gateway
+            .is_some()
+            .then(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
         let state = AdminState {
+            gateway_bound: gateway_bound.clone(),
             config: config.clone(),
             store: store.clone(),
             metrics: metrics.clone(),
@@ -208,9 +213,10 @@ impl Proxy {
         if let Some(o) = &shared.overload {
             tasks.push(tokio::spawn(o.clone().watch()));
         }
-        if config.gateway.is_some() {
-            tasks.push(tokio::spawn(crate::proxy::bind_gateway_listeners(
+        if let Some(bound) = &gateway_bound {
+            tasks.push(tokio::spawn(crate::proxy::gateway::bind_gateway_listeners(
                 shared.clone(),
+                bound.clone(),
             )));
         }
         let admin_app = admin_router(state.clone());

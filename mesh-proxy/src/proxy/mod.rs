@@ -9,6 +9,7 @@
 pub mod affinity;
 pub mod detect;
 pub mod error;
+pub mod gateway;
 pub mod guard;
 pub mod http;
 pub mod observe;
@@ -17,7 +18,6 @@ pub mod tcp;
 pub mod upstream;
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,7 +28,7 @@ use hyper_util::server::conn::auto;
 use mesh_api::consts::xds as names;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use crate::access_log::AccessLog;
 use crate::config::Config;
@@ -38,64 +38,6 @@ use crate::state::{
     ChainChoice, Detected, FilterChain, ListenerConfig, NetworkFilter, Snapshot, Store,
 };
 
-/// Binds a gateway's listeners as the controller sends them: one that appears is bound on its
-/// address and served; one that goes away or moves stops accepting (its open connections
-/// finish). A bind that fails is logged, and tried again with the next config and every second;
-/// `/ready` fails meanwhile.
-pub async fn bind_gateway_listeners(shared: Arc<Shared>) {
-    let mut bound: HashMap<String, (SocketAddr, tokio::task::JoinHandle<()>)> = HashMap::new();
-    // Failing binds already logged at warn level: the retries log at debug level.
-    let mut warned: HashMap<String, SocketAddr> = HashMap::new();
-    let mut changes = shared.store.changes();
-    loop {
-        let mut failed: i64 = 0;
-        let snapshot = shared.store.load();
-        let wanted: HashMap<&str, SocketAddr> = snapshot
-            .iter()
-            .flat_map(|s| s.listeners.iter())
-            .filter_map(|(name, l)| Some((name.as_str(), l.bind?)))
-            .collect();
-        bound.retain(|name, (addr, task)| {
-            let keep = wanted.get(name.as_str()) == Some(addr);
-            if !keep {
-                info!(listener = %name, %addr, "gateway listener closed");
-                task.abort();
-            }
-            keep
-        });
-        warned.retain(|name, _| wanted.contains_key(name.as_str()));
-        for (name, addr) in wanted {
-            let Some(port) = names::parse_gateway_listener(name) else {
-                continue;
-            };
-            if bound.contains_key(name) || shared.drain.is_draining() {
-                continue;
-            }
-            match TcpListener::bind(addr).await {
-                Ok(l) => {
-                    warned.remove(name);
-                    info!(listener = %name, %addr, "gateway listener bound");
-                    let task = tokio::spawn(serve(l, ListenerKind::Gateway(port), shared.clone()));
-                    bound.insert(name.to_string(), (addr, task));
-                }
-                Err(e) => {
-                    if warned.insert(name.to_string(), addr) == Some(addr) {
-                        debug!(listener = %name, %addr, error = %e, "binding a gateway listener, again");
-                    } else {
-                        warn!(listener = %name, %addr, error = %e, "binding a gateway listener; trying again every second");
-                    }
-                    failed += 1;
-                }
-            }
-        }
-        shared.metrics.gateway_listeners_unbound.set(failed);
-        drop(snapshot);
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(Duration::from_secs(1)), if failed > 0 => {}
-        }
-    }
-}
 use crate::trace::Tracing;
 use crate::xds::on_demand::{self, Lookup};
 use detect::{PrefixedIo, detect};
@@ -244,7 +186,7 @@ pub struct Shared {
     /// With `--memory-limit`: whether new requests are shed.
     pub overload: Option<Arc<crate::overload::Overload>>,
     /// A gateway's TLS server configs.
-    pub edge_tls: EdgeConfigs,
+    pub edge_tls: gateway::EdgeConfigs,
 }
 
 impl Shared {
@@ -287,7 +229,7 @@ impl Shared {
             limiters: guard::Limiters::default(),
             on_demand: None,
             overload: None,
-            edge_tls: EdgeConfigs::default(),
+            edge_tls: gateway::EdgeConfigs::default(),
             metrics,
         }
     }
@@ -442,7 +384,7 @@ async fn connection(
             h2: false,
             https: true,
         };
-        return edge(stream, at, snapshot, shared).await;
+        return gateway::edge(stream, at, snapshot, shared).await;
     }
     let Some((chain, prefix, candidates)) = choose_chain(&mut stream, listener, dst, shared).await
     else {
@@ -630,7 +572,7 @@ async fn refuse_unconfigured(stream: &mut TcpStream, dst: SocketAddr, shared: &A
 
 /// Where a connection landed: its listener, filter chain (by name, in the snapshot of this
 /// generation) and original destination.
-struct Chain {
+pub(crate) struct Chain {
     kind: ListenerKind,
     slot: ConnSlot,
     name: String,
@@ -644,135 +586,8 @@ struct Chain {
     https: bool,
 }
 
-/// A gateway's HTTPS port: the TLS server name the client asks for picks the filter chain,
-/// whose certificates the handshake then presents, and its ALPN the HTTP version.
-async fn edge(stream: TcpStream, at: Chain, snapshot: Arc<Snapshot>, shared: &Arc<Shared>) {
-    let deadline = tokio::time::Instant::now() + TLS_HANDSHAKE_TIMEOUT;
-    let io = PrefixedIo::new(BytesMut::new(), stream).with_idle_timeout(shared.config.idle_timeout);
-    let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
-    let start = match tokio::time::timeout_at(deadline, hello).await {
-        Ok(Ok(start)) => start,
-        Ok(Err(e)) => {
-            debug!(error = %e, "reading a TLS ClientHello");
-            return;
-        }
-        Err(_) => {
-            debug!("no TLS ClientHello in time");
-            return;
-        }
-    };
-    let sni = start.client_hello().server_name().map(str::to_owned);
-    let chosen = snapshot
-        .listeners
-        .get(&*at.kind.xds_name())
-        .and_then(|l| l.by_server_name(sni.as_deref()))
-        .and_then(|c| Some((c.name.clone(), c.filter.clone(), c.edge_tls.clone()?)));
-    let Some((name, filter, tls)) = chosen else {
-        debug!(?sni, "no filter chain takes this TLS server name; closing");
-        return;
-    };
-    let certs: Vec<Arc<crate::state::ServerCert>> = tls
-        .certificates
-        .iter()
-        .filter_map(|n| snapshot.secrets.get(n).cloned())
-        .collect();
-    drop(snapshot);
-    let config = match shared.edge_tls.config(&tls, certs) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "a gateway's TLS server config cannot be made; closing");
-            return;
-        }
-    };
-    let stream = match tokio::time::timeout_at(deadline, start.into_stream(config)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(error = %e, ?sni, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            debug!(?sni, "TLS handshake timed out");
-            return;
-        }
-    };
-    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    run_filter(&filter, stream, Chain { name, h2, ..at }, None, shared).await;
-}
-
-/// The TLS server configs of a gateway's chains, one per chain's TLS settings (certificate
-/// names and ALPN protocols), made again when one of its certificates changes: a config's
-/// sessions resume only under the certificates they began with, so once a certificate is
-/// rotated every new connection's handshake presents the new one.
-#[derive(Debug, Default)]
-pub struct EdgeConfigs(Mutex<HashMap<crate::state::EdgeTls, EdgeConfig>>);
-
-#[derive(Debug)]
-struct EdgeConfig {
-    /// The certificates' fingerprints, in the chain's order.
-    fingerprints: Vec<String>,
-    config: Arc<rustls::ServerConfig>,
-}
-
-/// Server configs kept at most; past it they are made again as connections need them.
-const MAX_EDGE_CONFIGS: usize = 256;
-
-impl EdgeConfigs {
-    fn config(
-        &self,
-        tls: &crate::state::EdgeTls,
-        certs: Vec<Arc<crate::state::ServerCert>>,
-    ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-        let fingerprints: Vec<String> = certs.iter().map(|c| c.fingerprint.clone()).collect();
-        let mut held = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(c) = held.get(tls).filter(|c| c.fingerprints == fingerprints) {
-            return Ok(c.config.clone());
-        }
-        if held.len() >= MAX_EDGE_CONFIGS {
-            held.clear();
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth();
-        let mut config = builder.with_cert_resolver(Arc::new(EdgeCerts(
-            certs.into_iter().map(|c| c.key.clone()).collect(),
-        )));
-        config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-        let config = Arc::new(config);
-        held.insert(
-            tls.clone(),
-            EdgeConfig {
-                fingerprints,
-                config: config.clone(),
-            },
-        );
-        Ok(config)
-    }
-}
-
-/// A chain's certificates: the first whose key can sign with a scheme the client offers (an
-/// ECDSA and an RSA certificate serve old and new clients alike).
-#[derive(Debug)]
-struct EdgeCerts(Vec<Arc<rustls::sign::CertifiedKey>>);
-
-impl rustls::server::ResolvesServerCert for EdgeCerts {
-    fn resolve(
-        &self,
-        hello: rustls::server::ClientHello<'_>,
-    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
-        let schemes = hello.signature_schemes();
-        self.0
-            .iter()
-            .find(|c| c.key.choose_scheme(schemes).is_some())
-            .cloned()
-    }
-}
-
 /// How long a client has to finish a mesh TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The chain, and so the filter, for a terminated mesh TLS connection.
 fn pick_after_tls(
@@ -787,7 +602,7 @@ fn pick_after_tls(
         .map(|c| (c.name.clone(), c.filter.clone()))
 }
 
-async fn run_filter<I>(
+pub(crate) async fn run_filter<I>(
     filter: &NetworkFilter,
     io: I,
     on: Chain,

@@ -867,6 +867,101 @@ fn a_gateways_listener_refuses_what_it_cannot_serve() {
             "server_names: matched on a gateway's listeners only",
         ),
     ];
+    let mut cases = cases;
+    let tls_case = |f: &dyn Fn(&mut DownstreamTlsContext), want: &'static str| {
+        (gateway_listener(8443, vec![with_tls(f)]), want)
+    };
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        TlsParameters, downstream_tls_context::SessionTicketKeysType,
+    };
+    cases.extend([
+        tls_case(
+            &|t| t.require_sni = Some(BoolValue { value: true }),
+            "typed_config.require_sni: not supported",
+        ),
+        tls_case(
+            &|t| {
+                t.session_ticket_keys_type = Some(
+                    SessionTicketKeysType::DisableStatelessSessionResumption(true),
+                )
+            },
+            "typed_config.disable_stateless_session_resumption: not supported",
+        ),
+        tls_case(
+            &|t| t.disable_stateful_session_resumption = true,
+            "typed_config.disable_stateful_session_resumption: not supported",
+        ),
+        tls_case(
+            &|t| {
+                t.common_tls_context.as_mut().expect("common").tls_params =
+                    Some(TlsParameters::default())
+            },
+            "common_tls_context.tls_params: not supported",
+        ),
+        tls_case(
+            &|t| {
+                t.common_tls_context
+                    .as_mut()
+                    .expect("common")
+                    .validation_context_type = Some(
+                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                        Default::default(),
+                    ),
+                )
+            },
+            "common_tls_context.validation_context: client certificates at a gateway",
+        ),
+    ]);
+    let mut unbound = gateway_listener(8443, vec![good.clone()]);
+    unbound.bind_to_port = Some(BoolValue { value: false });
+    let mut on_a_port = good.clone();
+    on_a_port
+        .filter_chain_match
+        .as_mut()
+        .expect("match")
+        .destination_port = Some(UInt32Value { value: 8443 });
+    let mut twice = good.clone();
+    twice
+        .filter_chain_match
+        .as_mut()
+        .expect("match")
+        .server_names = vec!["b.example.com".into(), "a.example.com".into()];
+    let mut guarded = good.clone();
+    guarded.filters.insert(
+        0,
+        Filter {
+            name: "envoy.filters.network.rbac".into(),
+            config_type: Some(filter::ConfigType::TypedConfig(any(&NetRbac {
+                rules: Some(Default::default()),
+                ..Default::default()
+            }))),
+        },
+    );
+    let mut plaintext = chain(0, hcm_filter("r", vec![]));
+    plaintext.filter_chain_match = None;
+    cases.extend([
+        (unbound, "bind_to_port: a gateway's listener binds its address"),
+        (
+            gateway_listener(8443, vec![on_a_port]),
+            "filter_chain_match.destination_port: a gateway's chains are chosen by TLS server name alone",
+        ),
+        (
+            gateway_listener(8443, vec![good.clone(), twice]),
+            "filter_chains[1].filter_chain_match.server_names: \"a.example.com\" is matched by another chain too",
+        ),
+        (
+            gateway_listener(8443, vec![guarded]),
+            "filters: RBAC and rate limit filters are enforced on virtualInbound only",
+        ),
+        (
+            gateway_listener(8443, vec![good.clone(), plaintext.clone()]),
+            "filter_chains[1].transport_socket: a listener that terminates a gateway's TLS does so on every chain",
+        ),
+        (
+            gateway_listener(8080, vec![plaintext.clone(), plaintext]),
+            "filter_chains: a gateway's plaintext port has one chain",
+        ),
+    ]);
     for (l, want) in cases {
         let err = super::listener(&l).expect_err(want).to_string();
         assert!(err.contains(want), "{err}\nwanted: {want}");
@@ -915,6 +1010,19 @@ fn path_rules_come_from_the_connection_manager() {
         (
             hcm_with(true, true, A::KeepUnchanged),
             "path_with_escaped_slashes_action: with normalize_path, say what happens",
+        ),
+        (
+            {
+                let mut f = hcm_with(true, true, A::RejectRequest);
+                let Some(filter::ConfigType::TypedConfig(a)) = &mut f.config_type else {
+                    panic!("typed");
+                };
+                let mut h = HttpConnectionManager::decode(a.value.as_slice()).expect("decodes");
+                h.xff_num_trusted_hops = 1;
+                *a = any(&h);
+                f
+            },
+            "xff_num_trusted_hops: not supported",
         ),
     ] {
         let err = convert(f).expect_err(want).to_string();

@@ -44,6 +44,8 @@ pub struct Snapshot {
 pub struct ServerCert {
     /// SHA-256 of the leaf, as `meshctl` and `openssl x509 -fingerprint` show it.
     pub fingerprint: String,
+    /// SHA-256 of the whole chain: a changed intermediate is another certificate to serve.
+    pub chain: String,
     #[serde(skip)]
     pub key: Arc<rustls::sign::CertifiedKey>,
 }
@@ -431,8 +433,11 @@ impl ListenerConfig {
 pub enum UpstreamProtocol {
     Http1,
     Http2,
-    /// Whatever the client spoke.
+    /// Whatever the client spoke (`use_downstream_protocol_config`).
     Downstream,
+    /// The cluster names no protocol: the client's from a sidecar, HTTP/1.1 from a gateway
+    /// (as Envoy's default).
+    Unset,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

@@ -160,7 +160,8 @@ impl Tries<'_> {
             && match cluster.protocol {
                 UpstreamProtocol::Http2 => true,
                 UpstreamProtocol::Http1 => false,
-                UpstreamProtocol::Downstream => !edge && version == Version::HTTP_2,
+                UpstreamProtocol::Downstream => version == Version::HTTP_2,
+                UpstreamProtocol::Unset => !edge && version == Version::HTTP_2,
             }
     }
 

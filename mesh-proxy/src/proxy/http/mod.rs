@@ -66,7 +66,13 @@ pub async fn handle(
                 &ctx.callers,
             )
         }
-        Direction::outbound => Peer::unknown(),
+        Direction::outbound => {
+            // A client outside the mesh vouches for nobody (Envoy's SANITIZE).
+            if matches!(ctx.kind, super::ListenerKind::Gateway(_)) {
+                req.headers_mut().remove(XFCC);
+            }
+            Peer::unknown()
+        }
     };
     let mut ex = Exchange::start(&ctx.shared, ctx.kind.direction(), peer, &mut req, ctx.dst);
     let resp = match route::serve(&ctx, req, &mut ex).await {

@@ -10,7 +10,6 @@ use http::{Request, Response, StatusCode};
 
 use super::super::error::ProxyError;
 use super::super::upstream::{Body, empty};
-use super::HttpCtx;
 use crate::state::{EscapedSlashes, PathRules};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -101,20 +100,29 @@ fn unescape_slashes(path: &str) -> String {
     out
 }
 
-/// The client is the connection's peer (`use_remote_address`): its address is appended to
-/// `x-forwarded-for`, and `x-forwarded-proto` is the scheme it came over.
-pub(super) fn forwarded(ctx: &HttpCtx, headers: &mut HeaderMap) {
-    if let Some(src) = ctx.src {
+/// The client is the connection's peer `src` (`use_remote_address`): its address is appended
+/// to `x-forwarded-for`, and `x-forwarded-proto` is the scheme it came over.
+pub(super) fn forwarded(src: Option<std::net::SocketAddr>, https: bool, headers: &mut HeaderMap) {
+    if let Some(src) = src {
         let ip = src.ip().to_canonical().to_string();
-        let joined = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prior) if !prior.trim().is_empty() => format!("{prior}, {ip}"),
-            _ => ip,
+        // Every line the client sent, in order, then its address (as Envoy appends).
+        let prior: Vec<&str> = headers
+            .get_all(X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .collect();
+        let joined = if prior.is_empty() {
+            ip
+        } else {
+            format!("{}, {ip}", prior.join(", "))
         };
         if let Ok(v) = HeaderValue::from_str(&joined) {
             headers.insert(X_FORWARDED_FOR, v);
         }
     }
-    let proto = if ctx.https { "https" } else { "http" };
+    let proto = if https { "https" } else { "http" };
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
 }
 
@@ -172,6 +180,29 @@ mod tests {
             run(redirect, "/a/%00"),
             Err(ProxyError::MalformedPath(_))
         ));
+    }
+
+    #[test]
+    fn the_client_is_appended_to_x_forwarded_for_and_the_scheme_said() {
+        let client = Some("203.0.113.7:5000".parse().expect("addr"));
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("ftp"));
+        forwarded(client, true, &mut h);
+        assert_eq!(
+            h[X_FORWARDED_FOR],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 203.0.113.7"
+        );
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        let mut h = HeaderMap::new();
+        forwarded(client, false, &mut h);
+        assert_eq!(h[X_FORWARDED_FOR], "203.0.113.7");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
     }
 
     #[test]

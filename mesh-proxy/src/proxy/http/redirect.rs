@@ -89,4 +89,24 @@ mod tests {
         let resp = redirect(&r, "http", "shop:80", &Uri::from_static("/y"));
         assert_eq!(resp.headers()[header::LOCATION], "http://other:8443/x");
     }
+
+    #[test]
+    fn a_redirect_without_a_scheme_keeps_the_requests() {
+        let r = Redirect {
+            scheme: None,
+            host: Some("www.example.com".into()),
+            port: None,
+            path: None,
+            prefix_rewrite: None,
+            matched_prefix: None,
+            status: 302,
+        };
+        let resp = redirect(&r, "https", "example.com:8443", &Uri::from_static("/a?b=1"));
+        assert_eq!(
+            resp.headers()[header::LOCATION],
+            "https://www.example.com:8443/a?b=1"
+        );
+        let resp = redirect(&r, "https", "example.com", &Uri::from_static("/"));
+        assert_eq!(resp.headers()[header::LOCATION], "https://www.example.com/");
+    }
 }

@@ -35,7 +35,7 @@ pub(super) async fn serve(
         return Ok(redirect);
     }
     if ctx.remote_address {
-        super::paths::forwarded(ctx, req.headers_mut());
+        super::paths::forwarded(ctx.src, ctx.https, req.headers_mut());
     }
     let table = snapshot
         .route(&ctx.route)
