@@ -29,7 +29,10 @@ async fn controller(dir: &std::path::Path, files: &[(&str, String)]) -> anyhow::
     for (name, text) in files {
         std::fs::write(cfg.join(name), text)?;
     }
-    Ok(Controller::start(Config::local(&cfg)).await?)
+    let mut config = Config::local(&cfg);
+    // Its proxies' metrics scraped often, so that the service graph shows the tests' requests.
+    config.stats_interval = Duration::from_millis(250);
+    Ok(Controller::start(config).await?)
 }
 
 /// Which proxy serves the Gateway.
@@ -287,6 +290,29 @@ async fn envoy_and_mesh_proxy_serve_a_gateway_by_host_and_by_sni() -> anyhow::Re
             gp.serving
         );
     }
+
+    // The gateway's requests are edges of the service graph, from the Gateway's workload
+    // (mesh-proxy's; the controller scrapes the metrics its proxies report, and counts what
+    // they sent since it first scraped them).
+    let mesh_ip = proxies[0].ip;
+    let edges = eventually(Duration::from_secs(10), "the gateway's edges", || async {
+        curl(&curl_bin, "http", ("shop.example.com", mesh_ip, http), None)
+            .await
+            .ok()?;
+        let (_, body) = mesh_e2e::http_get(ctl.admin_addr, "/debug/edges").await?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["edges"]
+            .as_array()?
+            .iter()
+            .find(|e| {
+                e["src"]["workload"] == "edge"
+                    && e["src"]["namespace"] == "infra"
+                    && e["requests"].as_f64().is_some_and(|n| n > 0.0)
+            })
+            .cloned()
+    })
+    .await?;
+    println!("the gateway in the service graph: {edges}");
 
     // meshctl check: the served Gateway is fine; the broken one fails with a hint and has no
     // proxy.

@@ -148,7 +148,8 @@ pub struct Config {
     pub service_account: String,
 
     /// The workload this proxy serves (a Deployment's name, say), as metrics, traces and
-    /// access logs name it; default: the pod's name. The injector sets it.
+    /// access logs name it; default: the Gateway's name with `--gateway`, else the pod's name.
+    /// The injector sets it.
     #[arg(long, env = env::PROXY_WORKLOAD)]
     pub workload: Option<String>,
 
@@ -360,7 +361,12 @@ impl Config {
     /// This proxy as metrics name it: its namespace, workload and (with identity on) SPIFFE ID.
     pub fn peer(&self) -> crate::metrics::Peer {
         let (ns, pod) = self.node_parts().unwrap_or_default();
-        let workload = self.workload.as_deref().unwrap_or(pod);
+        // A gateway's proxies are one workload, named as their Gateway.
+        let workload = self
+            .workload
+            .as_deref()
+            .or(self.gateway.as_deref())
+            .unwrap_or(pod);
         let id = (!self.identity_off)
             .then(|| self.spiffe_id().ok())
             .flatten();

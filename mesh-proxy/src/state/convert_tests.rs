@@ -716,7 +716,6 @@ pub(crate) fn edge_chain(names: &[&str], certs: &[&str]) -> PbFilterChain {
 
 pub(crate) fn gateway_listener(port: u32, chains: Vec<PbFilterChain>) -> Listener {
     Listener {
-        name: format!("gateway_{port}"),
         address: Some(Address {
             address: Some(address::Address::SocketAddress(SocketAddress {
                 address: "127.0.0.1".into(),
@@ -724,12 +723,11 @@ pub(crate) fn gateway_listener(port: u32, chains: Vec<PbFilterChain>) -> Listene
                 ..Default::default()
             })),
         }),
-        filter_chains: chains,
         listener_filters: vec![ListenerFilter {
             name: "envoy.filters.listener.tls_inspector".into(),
             ..Default::default()
         }],
-        ..Default::default()
+        ..listener(&format!("gateway_{port}"), chains)
     }
 }
 
