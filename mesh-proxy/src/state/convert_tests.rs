@@ -812,32 +812,27 @@ fn a_gateways_listener_refuses_what_it_cannot_serve() {
         .as_mut()
         .expect("match")
         .server_names = vec!["a b.example.com".into()];
+    let tls_case = |f: &dyn Fn(&mut DownstreamTlsContext), want: &'static str| {
+        (gateway_listener(8443, vec![with_tls(f)]), want)
+    };
     let cases: Vec<(Listener, &str)> = vec![
         (
             wrong_port,
             "address: 127.0.0.1:8443: the listener of port 9443 binds that port",
         ),
         (no_address, "address: expected a socket address"),
-        (
-            gateway_listener(
-                8443,
-                vec![with_tls(&|t| {
-                    t.require_client_certificate = Some(BoolValue { value: true })
-                })],
-            ),
+        tls_case(
+            &|t| t.require_client_certificate = Some(BoolValue { value: true }),
             "require_client_certificate: client certificates at a gateway are not supported",
         ),
-        (
-            gateway_listener(
-                8443,
-                vec![with_tls(&|t| {
-                    t.common_tls_context
-                        .as_mut()
-                        .expect("common")
-                        .tls_certificate_sds_secret_configs[0]
-                        .sds_config = None
-                })],
-            ),
+        tls_case(
+            &|t| {
+                t.common_tls_context
+                    .as_mut()
+                    .expect("common")
+                    .tls_certificate_sds_secret_configs[0]
+                    .sds_config = None
+            },
             "tls_certificate_sds_secret_configs[0].sds_config: a gateway's certificates come over ADS",
         ),
         (
@@ -866,9 +861,6 @@ fn a_gateways_listener_refuses_what_it_cannot_serve() {
         ),
     ];
     let mut cases = cases;
-    let tls_case = |f: &dyn Fn(&mut DownstreamTlsContext), want: &'static str| {
-        (gateway_listener(8443, vec![with_tls(f)]), want)
-    };
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
         TlsParameters, downstream_tls_context::SessionTicketKeysType,
     };
