@@ -724,7 +724,7 @@ impl FakeApi {
             ));
         }
         let body: Value = serde_json::from_slice(bytes).unwrap_or(Value::Null);
-        let (prefix_len, rest) = split(&path);
+        let (prefix_len, rest) = split(path.strip_suffix("/status").unwrap_or(&path));
         let is_list = rest.len() % 2 == 1 && prefix_len > 0;
         let asked = path.clone();
         let path = if is_list || method == "POST" {
@@ -755,7 +755,7 @@ impl FakeApi {
                 .body(full(s.raw[&path].clone().into_bytes()))
                 .unwrap_or_else(|_| Response::new(full(Vec::new()))),
             "GET" if is_list => s.list(&path, &query),
-            "GET" => s.get(&path, &asked),
+            "GET" => s.get(path.trim_end_matches("/status"), &asked),
             "PATCH" if content_type.starts_with("application/merge-patch+json") => {
                 s.merge(path.trim_end_matches("/status"), body, &query)
             }
@@ -958,7 +958,11 @@ impl State {
     pub fn put(&mut self, mut o: Value) {
         self.rv += 1;
         o["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        self.store(path_of(&o), o);
+        let path = self.stored_path(&path_of(&o));
+        if let Some(v) = split_version(&path) {
+            o["apiVersion"] = json!(v);
+        }
+        self.store(path, o);
     }
 
     /// Stores an object and tells watches; returns it as stored. An object without a UID
@@ -1233,7 +1237,8 @@ impl State {
             .and_then(Value::as_str)
             .unwrap_or("");
         let path = format!("{collection}/{name}");
-        if self.objects.contains_key(&path) {
+        // The same object written at another version of its group is there too.
+        if self.objects.contains_key(&self.stored_path(&path)) {
             return status(409, "AlreadyExists", &format!("{path} already exists"));
         }
         // The namespace comes from the path, as the API server fills it in.

@@ -456,6 +456,26 @@ async fn an_object_written_at_one_version_is_read_and_written_at_another() {
         stored,
         ["/apis/gateway.networking.k8s.io/v1beta1/namespaces/shop/referencegrants/g"]
     );
+    // A status write at v1, and a create of the same name: the one object, where it is stored.
+    at("v1")
+        .patch_status(
+            "g",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"seen": true}})),
+        )
+        .await
+        .expect("status at v1");
+    let dup = at("v1")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(at_v1.clone()).expect("object"),
+        )
+        .await
+        .expect_err("the name is taken at another version");
+    assert!(
+        matches!(&dup, kube::Error::Api(e) if e.code == 409),
+        "{dup}"
+    );
     let again = at("v1beta1").get("g").await.expect("get at v1beta1");
     assert_eq!(
         again

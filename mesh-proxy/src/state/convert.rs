@@ -250,11 +250,22 @@ fn gateway_chains(
                 "a gateway's chains are chosen by TLS server name alone",
             ));
         }
-        for n in &c.server_names {
-            if !names.insert(n.clone()) {
+        let mine: std::collections::BTreeSet<&String> = c.server_names.iter().collect();
+        // A chain naming none takes every name: two would be the same match.
+        let key: Vec<String> = if mine.is_empty() {
+            vec![String::new()]
+        } else {
+            mine.into_iter().cloned().collect()
+        };
+        for n in &key {
+            if edge && !names.insert(n.clone()) {
                 return Err(cx.err(
                     format!("{at}.filter_chain_match.server_names"),
-                    format!("{n:?} is matched by another chain too"),
+                    if n.is_empty() {
+                        "another chain also matches every server name".to_string()
+                    } else {
+                        format!("{n:?} is matched by another chain too")
+                    },
                 ));
             }
         }
@@ -399,7 +410,9 @@ fn edge_tls(cx: &Ctx<'_>, at: &str, ts: &TransportSocket) -> Result<EdgeTls> {
         Some(K::SessionTicketKeysSdsSecretConfig(_)) => {
             Some("session_ticket_keys_sds_secret_config")
         }
-        Some(K::DisableStatelessSessionResumption(_)) => {
+        // mesh-proxy issues no stateless tickets: `true` says what it does.
+        Some(K::DisableStatelessSessionResumption(true)) => None,
+        Some(K::DisableStatelessSessionResumption(false)) => {
             Some("disable_stateless_session_resumption")
         }
     };

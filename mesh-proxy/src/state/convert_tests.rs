@@ -872,7 +872,7 @@ fn a_gateways_listener_refuses_what_it_cannot_serve() {
         tls_case(
             &|t| {
                 t.session_ticket_keys_type = Some(
-                    SessionTicketKeysType::DisableStatelessSessionResumption(true),
+                    SessionTicketKeysType::DisableStatelessSessionResumption(false),
                 )
             },
             "typed_config.disable_stateless_session_resumption: not supported",
@@ -950,6 +950,13 @@ fn a_gateways_listener_refuses_what_it_cannot_serve() {
         (
             gateway_listener(8080, vec![plaintext.clone(), plaintext]),
             "filter_chains: a gateway's plaintext port has one chain",
+        ),
+        (
+            gateway_listener(
+                8443,
+                vec![edge_chain(&[], &["infra/a"]), edge_chain(&[], &["infra/b"])],
+            ),
+            "filter_chains[1].filter_chain_match.server_names: another chain also matches every server name",
         ),
     ]);
     for (l, want) in cases {
