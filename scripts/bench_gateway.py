@@ -30,7 +30,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_proxy import (  # noqa: E402
-    ENVOY, ROOT, Proc, backend_conf, cpu_ticks, cpu_us_per, free_port, oha, spread, wait_port,
+    ENVOY, Proc, backend_conf, cpu_ticks, cpu_us_per, free_port, oha, release_dir, spread,
+    wait_port,
 )
 
 HOST = "gw.example.com"
@@ -85,8 +86,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--json", default="")
     a = ap.parse_args()
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    rel = os.path.join(target, "release")
+    rel = release_dir()
     work = tempfile.mkdtemp(prefix="mesh-bench-gw-")
     procs = []
 

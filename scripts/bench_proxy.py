@@ -33,6 +33,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def release_dir():
+    """Where the release builds are: $CARGO_TARGET_DIR/release, else target/release."""
+    return os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -198,8 +203,7 @@ def main():
     a = ap.parse_args()
     cg = Callgrind(a.callgrind) if a.callgrind else None
 
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
-    rel = os.path.join(target, "release")
+    rel = release_dir()
     work = tempfile.mkdtemp(prefix="mesh-bench-")
     procs = []
 

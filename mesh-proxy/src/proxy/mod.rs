@@ -373,7 +373,9 @@ async fn connection(
         debug!("no config for this listener; closing");
         return;
     };
-    if listener.edge_tls() {
+    // Only a gateway's listeners terminate TLS of their own: a sidecar's many chains are not
+    // looked through on every connection.
+    if matches!(kind, ListenerKind::Gateway(_)) && listener.edge_tls() {
         let at = Chain {
             kind,
             slot,

@@ -70,6 +70,18 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The first of `fields` (set, name, why) that is set, as an error at `<at>.<name>`.
+    fn refuse_set<'f>(
+        &self,
+        at: &str,
+        fields: impl IntoIterator<Item = (bool, &'f str, &'f str)>,
+    ) -> Result<()> {
+        match fields.into_iter().find(|(set, _, _)| *set) {
+            Some((_, name, why)) => Err(self.err(format!("{at}.{name}"), why)),
+            None => Ok(()),
+        }
+    }
+
     fn err(&self, field: impl Into<String>, problem: impl Into<String>) -> ConvertError {
         ConvertError {
             kind: self.kind,
@@ -244,12 +256,16 @@ fn gateway_chains(
             (!c.prefixes.is_empty(), "prefix_ranges"),
             (!c.app_protocols.is_empty(), "application_protocols"),
         ];
-        if let Some((_, field)) = matched.iter().find(|(set, _)| *set) {
-            return Err(cx.err(
-                format!("{at}.filter_chain_match.{field}"),
-                "a gateway's chains are chosen by TLS server name alone",
-            ));
-        }
+        cx.refuse_set(
+            &format!("{at}.filter_chain_match"),
+            matched.map(|(set, field)| {
+                (
+                    set,
+                    field,
+                    "a gateway's chains are chosen by TLS server name alone",
+                )
+            }),
+        )?;
         let mine: std::collections::BTreeSet<&String> = c.server_names.iter().collect();
         // A chain naming none takes every name: two would be the same match.
         let key: Vec<String> = if mine.is_empty() {
@@ -431,9 +447,10 @@ fn edge_tls(cx: &Ctx<'_>, at: &str, ts: &TransportSocket) -> Result<EdgeTls> {
         (ctx.session_timeout.is_some(), "session_timeout"),
         (ctx.prefer_client_ciphers, "prefer_client_ciphers"),
     ];
-    if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
-        return Err(cx.err(format!("{field}.{name}"), "not supported"));
-    }
+    cx.refuse_set(
+        &field,
+        refused.map(|(set, name)| (set, name, "not supported")),
+    )?;
     let common = ctx.common_tls_context.unwrap_or_default();
     let at = format!("{field}.common_tls_context");
     // Deprecated fields still come from control planes that set them: refused by name too.
@@ -483,9 +500,7 @@ fn edge_tls(cx: &Ctx<'_>, at: &str, ts: &TransportSocket) -> Result<EdgeTls> {
         ),
         (common.key_log.is_some(), "key_log", "not supported"),
     ];
-    if let Some((_, name, why)) = refused.iter().find(|(set, _, _)| *set) {
-        return Err(cx.err(format!("{at}.{name}"), *why));
-    }
+    cx.refuse_set(&at, refused)?;
     let mut certificates = Vec::new();
     for (i, sds) in common.tls_certificate_sds_secret_configs.iter().enumerate() {
         let field = format!("{at}.tls_certificate_sds_secret_configs[{i}]");
@@ -837,9 +852,7 @@ fn path_rules(cx: &Ctx<'_>, at: &str, hcm: &HttpConnectionManager) -> Result<Pat
             "only SANITIZE: the inbound side sets x-forwarded-client-cert itself, and a gateway drops a client's",
         ),
     ];
-    if let Some((_, name, why)) = refused.iter().find(|(set, _, _)| *set) {
-        return Err(cx.err(format!("{at}.{name}"), *why));
-    }
+    cx.refuse_set(at, refused)?;
     let normalize = hcm.normalize_path.is_some_and(|b| b.value);
     if normalize != hcm.merge_slashes {
         return Err(cx.err(
@@ -910,12 +923,16 @@ pub fn secret(
             "signed_certificate_timestamp",
         ),
     ];
-    if let Some((_, name)) = refused.iter().find(|(set, _)| *set) {
-        return Err(cx.err(
-            format!("tls_certificate.{name}"),
-            "not supported (a PEM chain and an unencrypted PEM key)",
-        ));
-    }
+    cx.refuse_set(
+        "tls_certificate",
+        refused.map(|(set, name)| {
+            (
+                set,
+                name,
+                "not supported (a PEM chain and an unencrypted PEM key)",
+            )
+        }),
+    )?;
     let chain = inline("certificate_chain", tc.certificate_chain.as_ref())?;
     let key = inline("private_key", tc.private_key.as_ref())?;
     let certified =

@@ -21,6 +21,10 @@ pub(super) fn apply<B>(
     rules: PathRules,
     req: &mut Request<B>,
 ) -> Result<Option<Response<Body>>, ProxyError> {
+    // A sidecar's outbound chains ask for nothing: no scan of the path per request.
+    if rules == PathRules::default() {
+        return Ok(None);
+    }
     let path = req.uri().path();
     let escaped = has_escaped_slash(path);
     let mut out: Cow<'_, str> = Cow::Borrowed(path);
