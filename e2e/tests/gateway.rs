@@ -367,15 +367,35 @@ struct Case {
     headers: &'static [(&'static str, &'static str)],
     status: u16,
     /// Response headers that must be there (the backend reports what it saw as `x-seen-*`,
-    /// and its name as `x-backend`); `{port}` stands for the port the request went to.
+    /// and its name as `x-backend`); `{port}` stands for the port the request went to, and
+    /// `{scheme}` for its scheme.
     want: &'static [(&'static str, &'static str)],
     /// Response headers that must not be.
     absent: &'static [&'static str],
 }
 
+/// How a case's requests reach the gateway: plain HTTP, or HTTPS with the case's host as SNI
+/// and the gateway's certificate checked against a CA file (ALPN offers h2, which both
+/// proxies choose).
+#[derive(Clone, Copy)]
+enum Scheme<'a> {
+    Http,
+    Https(&'a std::path::Path),
+}
+
+impl Scheme<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https(_) => "https",
+        }
+    }
+}
+
 /// `curl -i` through the gateway: status and response headers (names lowercased).
 async fn exchange(
     curl: &std::path::Path,
+    scheme: Scheme<'_>,
     (ip, port): (std::net::IpAddr, u16),
     c: &Case,
 ) -> anyhow::Result<(u16, std::collections::BTreeMap<String, String>)> {
@@ -383,11 +403,14 @@ async fn exchange(
     cmd.args(["-sS", "-i", "--max-time", "5", "-X", c.method])
         .arg("--resolve")
         .arg(format!("{}:{port}:{ip}", c.host));
+    if let Scheme::Https(ca) = scheme {
+        cmd.arg("--cacert").arg(ca);
+    }
     for (k, v) in c.headers {
         cmd.arg("-H").arg(format!("{k}: {v}"));
     }
     let out = cmd
-        .arg(format!("http://{}:{port}{}", c.host, c.path))
+        .arg(format!("{}://{}:{port}{}", scheme.name(), c.host, c.path))
         .output()
         .await?;
     anyhow::ensure!(
@@ -397,8 +420,12 @@ async fn exchange(
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut lines = text.lines();
-    let status = lines
-        .next()
+    let first = lines.next().unwrap_or_default();
+    anyhow::ensure!(
+        matches!(scheme, Scheme::Http) || first.starts_with("HTTP/2 "),
+        "over HTTPS ALPN chose {first:?}, want h2"
+    );
+    let status = Some(first)
         .and_then(|l| l.split(' ').nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
@@ -423,7 +450,8 @@ fn location(l: &str) -> String {
 /// Envoy and by mesh-proxy, both configured by the controller, each case asked of both: listener selection by `allowedRoutes`, hostname intersection,
 /// path, header, query and method matching across routes, request and response header
 /// modifiers, redirects (host, status, path, scheme, port), rewrites, cross-namespace backends
-/// with and without a ReferenceGrant, invalid backends, and weights.
+/// with and without a ReferenceGrant, invalid backends, and weights; each over HTTP and over
+/// HTTPS with SNI and h2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> anyhow::Result<()> {
     use mesh_e2e::servers::EchoServer;
@@ -460,15 +488,43 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
     }
     // Ports: 0 every namespace, 1 the same namespace only, 2 namespaces labelled
     // gateway-conformance: backend, 3 a listener for *.wildcard.io and one for
-    // very.specific.com on the same port.
-    let ports: Vec<u16> = (0..4).map(|_| port_on(&[IPS.0, IPS.1])).collect();
-    docs.push(format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: gw, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: all, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: All}}}}}}\n  - {{name: same, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: Same}}}}}}\n  - {{name: backends, port: {}, protocol: HTTP, allowedRoutes: {{namespaces: {{from: Selector, selector: {{matchLabels: {{gateway-conformance: backend}}}}}}}}}}\n  - {{name: wildcard, port: {}, protocol: HTTP, hostname: '*.wildcard.io', allowedRoutes: {{namespaces: {{from: All}}}}}}\n  - {{name: specific, port: {}, protocol: HTTP, hostname: very.specific.com, allowedRoutes: {{namespaces: {{from: All}}}}}}\n",
-        ports[0], ports[1], ports[2], ports[3], ports[3]
-    ));
+    // very.specific.com on the same port; 4 to 7 the same listeners over HTTPS (`<name>-tls`),
+    // with one certificate for every host the cases ask for.
+    let ports: Vec<u16> = (0..8).map(|_| port_on(&[IPS.0, IPS.1])).collect();
+    let listeners = [
+        ("all", "allowedRoutes: {namespaces: {from: All}}"),
+        ("same", "allowedRoutes: {namespaces: {from: Same}}"),
+        (
+            "backends",
+            "allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {gateway-conformance: backend}}}}",
+        ),
+        (
+            "wildcard",
+            "hostname: '*.wildcard.io', allowedRoutes: {namespaces: {from: All}}",
+        ),
+        (
+            "specific",
+            "hostname: very.specific.com, allowedRoutes: {namespaces: {from: All}}",
+        ),
+    ];
+    let mut gateway = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n".to_string();
+    for (i, (name, rest)) in listeners.iter().enumerate() {
+        let port = i.min(3);
+        gateway += &format!(
+            "  - {{name: {name}, port: {}, protocol: HTTP, {rest}}}\n",
+            ports[port]
+        );
+        gateway += &format!(
+            "  - {{name: {name}-tls, port: {}, protocol: HTTPS, tls: {{certificateRefs: [{{name: conformance-cert}}]}}, {rest}}}\n",
+            ports[port + 4]
+        );
+    }
+    docs.push(gateway);
+    let (cert, key) = self_signed(&["*.example.com", "*.wildcard.io", "very.specific.com"])?;
+    docs.push(tls_secret("infra", "conformance-cert", &cert, &key));
     let route = |ns: &str, name: &str, section: &str, hostnames: &str, rules: &str| {
         format!(
-            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  parentRefs: [{{name: gw, namespace: infra, sectionName: {section}}}]\n  hostnames: {hostnames}\n  rules:\n{rules}"
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  parentRefs: [{{name: gw, namespace: infra, sectionName: {section}}}, {{name: gw, namespace: infra, sectionName: {section}-tls}}]\n  hostnames: {hostnames}\n  rules:\n{rules}"
         )
     };
     for r in [
@@ -603,6 +659,8 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
     }
     docs.push("apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: infra-routes, namespace: app}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}]\n  to: [{group: '', kind: Service, name: app-backend-v1}]\n".into());
     let dir = tempfile::tempdir()?;
+    let ca = dir.path().join("conformance.pem");
+    std::fs::write(&ca, &cert)?;
     #[rustfmt::skip]
     let cases = [
         Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
@@ -616,13 +674,13 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
         Case { from: "httproute-method-matching", port: 0, method: "POST", host: "match.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
         Case { from: "httproute-matching-across-routes", port: 0, method: "GET", host: "match.example.com", path: "/across", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
         Case { from: "httproute-request-header-modifier", port: 0, method: "GET", host: "headers.example.com", path: "/", headers: &[("x-echo-set", "original"), ("x-echo-add", "original"), ("x-echo-remove", "gone")], status: 200, want: &[("x-seen-x-echo-set", "set"), ("x-seen-x-echo-add", "original,added"), ("x-header-set", "set")], absent: &["x-seen-x-echo-remove", "x-backend"] },
-        Case { from: "httproute-redirect-host-and-status", port: 0, method: "GET", host: "redirect.example.com", path: "/hostname", headers: &[], status: 301, want: &[("location", "http://example.org:{port}/hostname")], absent: &[] },
-        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/full/x", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:{port}/full-path-replacement")], absent: &[] },
+        Case { from: "httproute-redirect-host-and-status", port: 0, method: "GET", host: "redirect.example.com", path: "/hostname", headers: &[], status: 301, want: &[("location", "{scheme}://example.org:{port}/hostname")], absent: &[] },
+        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/full/x", headers: &[], status: 302, want: &[("location", "{scheme}://redirect.example.com:{port}/full-path-replacement")], absent: &[] },
         // The listener's port, whatever the Host says.
-        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/full/x", headers: &[("host", "redirect.example.com")], status: 302, want: &[("location", "http://redirect.example.com:{port}/full-path-replacement")], absent: &[] },
-        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/prefix/x", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:{port}/replacement-prefix/x")], absent: &[] },
+        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/full/x", headers: &[("host", "redirect.example.com")], status: 302, want: &[("location", "{scheme}://redirect.example.com:{port}/full-path-replacement")], absent: &[] },
+        Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/prefix/x", headers: &[], status: 302, want: &[("location", "{scheme}://redirect.example.com:{port}/replacement-prefix/x")], absent: &[] },
         Case { from: "httproute-redirect-scheme", port: 0, method: "GET", host: "redirect.example.com", path: "/scheme", headers: &[], status: 302, want: &[("location", "https://redirect.example.com/scheme")], absent: &[] },
-        Case { from: "httproute-redirect-port", port: 0, method: "GET", host: "redirect.example.com", path: "/port", headers: &[], status: 302, want: &[("location", "http://redirect.example.com:8083/port")], absent: &[] },
+        Case { from: "httproute-redirect-port", port: 0, method: "GET", host: "redirect.example.com", path: "/port", headers: &[], status: 302, want: &[("location", "{scheme}://redirect.example.com:8083/port")], absent: &[] },
         Case { from: "httproute-redirect-port-and-scheme", port: 0, method: "GET", host: "redirect.example.com", path: "/both", headers: &[], status: 302, want: &[("location", "https://redirect.example.com:8443/both")], absent: &[] },
         Case { from: "httproute-rewrite-host", port: 0, method: "GET", host: "rewrite.example.com", path: "/one", headers: &[], status: 200, want: &[("x-seen-host", "one.example.org"), ("x-seen-path", "/one")], absent: &[] },
         Case { from: "httproute-rewrite-path", port: 0, method: "GET", host: "rewrite.example.com", path: "/prefix/one/two", headers: &[], status: 200, want: &[("x-seen-path", "/one/two")], absent: &[] },
@@ -646,25 +704,46 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
     let proxies = proxies(&ctl, dir.path(), "gw", IPS).await?;
     let mut failures = Vec::new();
     for gp in &proxies {
-        let mine = conformance(&curl_bin, gp, &ports, &cases).await?;
-        println!(
-            "gateway conformance cases through {:?}: {} of {} as the suite expects",
-            gp.serving,
-            cases.len() + 1 - mine.len(),
-            cases.len() + 1
-        );
-        failures.extend(mine.into_iter().map(|f| format!("{:?}: {f}", gp.serving)));
+        for (scheme, ports) in [
+            (Scheme::Http, &ports[..4]),
+            (Scheme::Https(&ca), &ports[4..]),
+        ] {
+            let mine = conformance(&curl_bin, gp, scheme, ports, &cases).await?;
+            println!(
+                "gateway conformance cases through {:?} over {}: {} of {} as the suite expects",
+                gp.serving,
+                scheme.name(),
+                cases.len() + 1 - mine.len(),
+                cases.len() + 1
+            );
+            failures.extend(
+                mine.into_iter()
+                    .map(|f| format!("{:?} over {}: {f}", gp.serving, scheme.name())),
+            );
+        }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     drop(backends);
     Ok(())
 }
 
+/// Whether a listener of `hostname` takes requests for `host` (an exact name, or `*.` and any
+/// labels before the suffix).
+fn takes(hostname: &str, host: &str) -> bool {
+    match hostname.strip_prefix('*') {
+        Some(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        None => hostname == host,
+    }
+}
+
 /// The conformance `cases` (and httproute-weight) through one proxy of the Gateway, whose
-/// listeners are `ports`: what went otherwise than the suite expects.
+/// listeners over `scheme` are `ports`: what went otherwise than the suite expects. Over HTTPS,
+/// a case whose host no listener of its port takes (port 3's listeners have hostnames) finds
+/// no certificate: the handshake is refused, where HTTP answers 404.
 async fn conformance(
     curl_bin: &std::path::Path,
     gp: &GatewayProxy,
+    scheme: Scheme<'_>,
     ports: &[u16],
     cases: &[Case],
 ) -> anyhow::Result<Vec<String>> {
@@ -676,7 +755,7 @@ async fn conformance(
             .find(|c| c.port == i && c.status == 200)
             .expect("a case answered 200 on each port");
         let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
-            exchange(curl_bin, (ip, *port), probe)
+            exchange(curl_bin, scheme, (ip, *port), probe)
                 .await
                 .ok()
                 .filter(|(code, _)| *code == 200)
@@ -689,8 +768,30 @@ async fn conformance(
     let mut failures = Vec::new();
     for c in cases {
         let port = ports[c.port];
-        let what = format!("{} {} http://{}:{port}{}", c.from, c.method, c.host, c.path);
-        let (status, headers) = match exchange(curl_bin, (ip, port), c).await {
+        let what = format!(
+            "{} {} {}://{}:{port}{}",
+            c.from,
+            c.method,
+            scheme.name(),
+            c.host,
+            c.path
+        );
+        let refused = matches!(scheme, Scheme::Https(_))
+            && c.port == 3
+            && !["*.wildcard.io", "very.specific.com"]
+                .iter()
+                .any(|h| takes(h, c.host));
+        let (status, headers) = match exchange(curl_bin, scheme, (ip, port), c).await {
+            Ok(_) if refused => {
+                failures.push(format!("{what}: answered, want the handshake refused"));
+                continue;
+            }
+            // curl's "SSL connect error", not a timeout or any other failure.
+            Err(e) if refused && format!("{e:#}").contains("(35)") => continue,
+            Err(e) if refused => {
+                failures.push(format!("{what}: {e:#}, want the handshake refused"));
+                continue;
+            }
             Ok(r) => r,
             Err(e) => {
                 failures.push(format!("{what}: {e:#}"));
@@ -702,7 +803,9 @@ async fn conformance(
             wrong.push(format!("status {status}, want {}", c.status));
         }
         for (k, v) in c.want {
-            let want = v.replace("{port}", &port.to_string());
+            let want = v
+                .replace("{port}", &port.to_string())
+                .replace("{scheme}", scheme.name());
             let have = headers.get(*k).map(|h| {
                 if *k == "location" {
                     location(h)
@@ -740,7 +843,7 @@ async fn conformance(
     let total = 400;
     let mut counts: std::collections::BTreeMap<String, u32> = Default::default();
     for _ in 0..total {
-        let backend = match exchange(curl_bin, (ip, ports[0]), &weighted).await {
+        let backend = match exchange(curl_bin, scheme, (ip, ports[0]), &weighted).await {
             Ok((_, h)) => h.get("x-backend").cloned().unwrap_or_default(),
             Err(e) => format!("{e:#}"),
         };
@@ -748,7 +851,8 @@ async fn conformance(
     }
     let share = |b: &str| f64::from(counts.get(b).copied().unwrap_or(0)) * 100.0 / f64::from(total);
     println!(
-        "httproute-weight 3:1:0 over {total} requests through {:?}: {counts:?}",
+        "httproute-weight 3:1:0 over {total} {} requests through {:?}: {counts:?}",
+        scheme.name(),
         gp.serving
     );
     if (share("infra-backend-v1") - 75.0).abs() > 8.0
