@@ -4,7 +4,8 @@
 //! forced; what a manager stops applying goes unless another owns it; a changed object gets a
 //! new resourceVersion, an unchanged one keeps it), deletes, watches that stream changes from
 //! a resourceVersion (410 Gone once [`FakeApi::compact_and_end_watches`] has forgotten it),
-//! CRDs that become Established and Deployments that roll out after a few reads, and
+//! CRDs that become Established and Deployments that roll out after a few reads, Services
+//! given a cluster IP when written without one (no node ports, no load balancer), and
 //! SelfSubjectAccessReviews answered from a list of denied permissions. Every request is
 //! logged.
 //!
@@ -30,7 +31,8 @@
 //!
 //! [`FakeApi::start`]'s client is a cluster admin. [`FakeApi::client_as`] gives a client whose
 //! requests are made as a service account and authorized by the RBAC objects stored here
-//! ([`rbac`]): a request no rule allows gets 403, as a real cluster answers a missing grant.
+//! ([`rbac`]): a request no rule allows gets 403, as a real cluster answers a missing grant
+//! (a server-side apply that creates its object needs `create` as well as `patch`).
 //! TokenReviews are answered from [`State::tokens`] (with the groups the API server gives each
 //! user), SubjectAccessReviews by the same RBAC objects.
 
@@ -710,7 +712,7 @@ impl FakeApi {
                 query: query.clone(),
                 content_type: content_type.clone(),
                 user: String::new(),
-                attributes,
+                attributes: attributes.clone(),
                 forbidden: false,
             },
         ) {
@@ -732,6 +734,30 @@ impl FakeApi {
         } else {
             s.stored_path(&path)
         };
+        // An apply that creates the object is authorized as a create too, as the API server
+        // does (its log shows both): `patch` alone creates nothing.
+        if method == "PATCH"
+            && content_type.starts_with("application/apply-patch")
+            && !s.objects.contains_key(&path)
+            && let (Some(u), Some(a)) = (user, &attributes)
+        {
+            let create = rbac::Attributes {
+                verb: "create".into(),
+                ..a.clone()
+            };
+            let entry = Logged {
+                method: method.clone(),
+                path: asked.clone(),
+                query: query.clone(),
+                content_type: content_type.clone(),
+                user: String::new(),
+                attributes: Some(create),
+                forbidden: false,
+            };
+            if let Some(refused) = s.record(Some(u), entry) {
+                return Some(refused);
+            }
+        }
         let body = match body {
             // Written where the object is stored, at its stored version.
             Value::Object(mut m) if path != asked && m.contains_key("apiVersion") => {
@@ -1401,6 +1427,11 @@ impl State {
                 &format!("{what} is invalid: [{}]", causes.join(", ")),
             )));
         }
+        if body["kind"] == "Service" {
+            self.cluster_ip(path, body).map_err(|e| {
+                Box::new(status(422, "Invalid", &format!("{what} is invalid: {e}")))
+            })?;
+        }
         let unknown: Vec<String> = report
             .pruned
             .iter()
@@ -1422,6 +1453,53 @@ impl State {
                 Ok(unknown)
             }
         }
+    }
+
+    /// A Service's virtual IP, as the API server allocates it (a valid Service, its `spec` an
+    /// object): the stored one when a write leaves it out, and an error when a write changes
+    /// it (it is immutable); else the one given, or the lowest free address from 10.96.128.1 on
+    /// (tests write their own below that); none for `ExternalName`. `clusterIPs` follows.
+    fn cluster_ip(&self, path: &str, body: &mut Value) -> Result<(), String> {
+        let Some(spec) = body.get_mut("spec").and_then(Value::as_object_mut) else {
+            return Ok(());
+        };
+        if spec.get("type").and_then(Value::as_str) == Some("ExternalName") {
+            return Ok(());
+        }
+        let given = spec
+            .get("clusterIP")
+            .and_then(Value::as_str)
+            .filter(|ip| !ip.is_empty())
+            .map(str::to_owned);
+        let stored = self
+            .objects
+            .get(path)
+            .and_then(|o| o.pointer("/spec/clusterIP"))
+            .and_then(Value::as_str)
+            .filter(|ip| !ip.is_empty())
+            .map(str::to_owned);
+        if let (Some(g), Some(s)) = (&given, &stored)
+            && g != s
+        {
+            return Err(format!(
+                "spec.clusterIP: Invalid value: {g:?}: field is immutable (it is {s:?})"
+            ));
+        }
+        let ip = given.or(stored).unwrap_or_else(|| {
+            let taken: BTreeSet<&str> = self
+                .objects
+                .values()
+                .filter(|o| o["kind"] == "Service")
+                .filter_map(|o| o.pointer("/spec/clusterIP").and_then(Value::as_str))
+                .collect();
+            (u32::from(std::net::Ipv4Addr::new(10, 96, 128, 1))..)
+                .map(|n| std::net::Ipv4Addr::from(n).to_string())
+                .find(|ip| !taken.contains(ip.as_str()))
+                .unwrap_or_default()
+        });
+        spec.insert("clusterIP".into(), json!(ip));
+        spec.insert("clusterIPs".into(), json!([ip]));
+        Ok(())
     }
 
     /// Whether RBAC lets `user` (`system:serviceaccount:NS:NAME`) make a request.
