@@ -25,9 +25,13 @@
 //!   directories bind-mounted at their `mountPath` in the container's own mount namespace; the
 //!   container runs as `securityContext.runAsUser`/`runAsGroup`.
 //!
+//! - The pod's `securityContext.sysctls` of its network namespace (`net.*`) are set in it
+//!   before its first container starts.
+//!
 //! What it does not do it refuses by name when the pod is created (an HTTPS or gRPC probe, a
 //! `postStart` hook, `envFrom`, `readinessGates`, a `restartPolicy` other than `Always`, another
-//! kind of volume or configMap `items`), so a spec is never run other than written.
+//! kind of volume or configMap `items`, a sysctl outside the pod's network namespace), so a
+//! spec is never run other than written.
 //!
 //! Every probe and hook socket is made on the kubelet's own thread, which lives in the node's
 //! network namespace: the pod sees them come from the node's address.
@@ -368,6 +372,20 @@ impl PodRun {
                 bail!("{ns}/{name}: {what}: not supported by the kubelet stand-in");
             }
         }
+        for (i, sysctl) in pod
+            .pointer("/spec/securityContext/sysctls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let key = sysctl["name"].as_str().unwrap_or_default();
+            if !key.starts_with("net.") || sysctl["value"].as_str().is_none() {
+                bail!(
+                    "{ns}/{name}: spec.securityContext.sysctls[{i}] {sysctl}: the kubelet stand-in sets the network namespace's own (net.*, a string value) only"
+                );
+            }
+        }
         if let Some(policy) = pod
             .pointer("/spec/restartPolicy")
             .filter(|p| *p != "Always")
@@ -440,6 +458,7 @@ impl PodRun {
 
     async fn run(&mut self, mut deleted: watch::Receiver<bool>) -> anyhow::Result<()> {
         self.write()?;
+        self.set_sysctls()?;
         tokio::select! {
             r = self.make_volumes() => r?,
             _ = deleted.wait_for(|d| *d) => {}
@@ -453,6 +472,36 @@ impl PodRun {
             }
         }
         self.terminate().await
+    }
+
+    /// The pod's `securityContext.sysctls`, set in its network namespace before any container
+    /// starts (checked to be `net.*` when the pod was taken).
+    fn set_sysctls(&self) -> anyhow::Result<()> {
+        for sysctl in self
+            .pod
+            .pointer("/spec/securityContext/sysctls")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let setting = format!(
+                "{}={}",
+                sysctl["name"].as_str().unwrap_or_default(),
+                sysctl["value"].as_str().unwrap_or_default()
+            );
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.netns, "sysctl", "-w", &setting])
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "{}/{}: sysctl {setting}: {}",
+                    self.ns,
+                    self.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        Ok(())
     }
 
     /// How long nothing is due.
