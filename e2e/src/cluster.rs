@@ -16,10 +16,6 @@ pub enum App {
     },
     /// Nothing but (maybe) its proxy: a place to run load from.
     Idle,
-    /// mesh-proxy serving the Gateway of this name, in the workload's namespace (`--gateway`),
-    /// as the pod's only process, without interception; the workload's service account must be
-    /// `<name>-gateway`, the identity the controller gives a Gateway's certificates to.
-    Gateway(String),
 }
 
 /// The proxy beside a meshed pod's app.

@@ -107,13 +107,6 @@ impl Cluster for KindCluster {
     }
 
     async fn deploy(&mut self, w: &Workload) -> anyhow::Result<Vec<String>> {
-        if let App::Gateway(gateway) = &w.app {
-            bail!(
-                "workload {}/{}: a pod serving Gateway {gateway} runs on the network-namespace cluster only: on kind it is the Deployment the controller is to create for each Gateway (issue 21), which it does not yet",
-                w.namespace,
-                w.name
-            );
-        }
         if w.meshed && w.sidecar != Sidecar::MeshProxy {
             bail!(
                 "workload {}/{}: the kind backend meshes pods by injection, which adds mesh-proxy; an {:?} sidecar runs on the network-namespace cluster only",
@@ -139,7 +132,7 @@ impl Cluster for KindCluster {
                 ),
             ),
             // The load generator's image, idle until the scenario execs into it.
-            App::Idle | App::Gateway(_) => (self.load_image.clone(), "[sleep-forever]".into()),
+            App::Idle => (self.load_image.clone(), "[sleep-forever]".into()),
         };
         apply_yaml(&format!(
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {ns}}}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  serviceName: {name}\n  replicas: {n}\n  podManagementPolicy: Parallel\n  selector: {{matchLabels: {sel}}}\n  template:\n    metadata: {{labels: {labels}}}\n    spec:\n      serviceAccountName: {sa}\n      containers: [{{name: app, image: {image}, imagePullPolicy: Never, args: {args}, ports: [{{containerPort: 8080}}]}}]\n",

@@ -659,6 +659,11 @@ impl NetnsCluster {
             // Rollouts judge their steps from these scrapes.
             "--stats-interval".into(),
             "1s".into(),
+            // What the chart gives it: the proxy's image (here the name the kubelet runs
+            // mesh-proxy for) and addresses, for injection and Gateways' Deployments.
+            format!("--inject-proxy-image={PROXY_IMAGE}"),
+            format!("--inject-xds-addr={}", xds_service_addr()),
+            format!("--inject-ca-addr={CONTROL_PLANE_IP}:15012"),
         ];
         let replica = self
             .controllers
@@ -858,7 +863,7 @@ impl NetnsCluster {
                 &self.log(&format!("{what}.app")),
             )?);
         }
-        if w.meshed && !matches!(w.app, App::Gateway(_)) {
+        if w.meshed {
             let init = Command::new("ip")
                 .args(["netns", "exec", &pod.netns])
                 .arg(binary("mesh-proxy")?)
@@ -879,33 +884,18 @@ impl NetnsCluster {
                 Sidecar::Envoy => self.envoy(pod, w).await?,
             }
         }
-        if let App::Gateway(gateway) = &w.app {
-            if !w.meshed || w.sidecar != Sidecar::MeshProxy {
-                bail!(
-                    "{what}: a pod serving Gateway {gateway} is mesh-proxy itself: meshed, with the MeshProxy sidecar"
-                );
-            }
-            let proxy = self.mesh_proxy(pod, w)?;
-            pod.procs.push(proxy);
-        }
         Ok(())
     }
 
     /// mesh-proxy for `pod`, as injection runs it (UID 1337, a token for its service account).
     fn mesh_proxy(&self, pod: &Pod, w: &Workload) -> anyhow::Result<Child> {
         let token = self.token(&pod.namespace, &w.service_account)?;
-        let role: Vec<String> = match &w.app {
-            App::Gateway(gateway) => vec![
-                "--gateway".into(),
-                gateway.clone(),
-                "--gateway-addr".into(),
-                "0.0.0.0".into(),
-            ],
-            _ => vec!["--transparent".into(), "true".into()],
-        };
-        let mut args: Vec<String> =
-            vec!["--node".into(), format!("{}/{}", pod.namespace, pod.name)];
-        args.extend(role);
+        let mut args: Vec<String> = vec![
+            "--node".into(),
+            format!("{}/{}", pod.namespace, pod.name),
+            "--transparent".into(),
+            "true".into(),
+        ];
         args.extend([
             "--xds".into(),
             xds_service_addr(),
@@ -918,7 +908,7 @@ impl NetnsCluster {
             "--ca-token-file".into(),
             token.display().to_string(),
         ]);
-        if let Some(scoped) = self.scoped.filter(|_| !matches!(w.app, App::Gateway(_))) {
+        if let Some(scoped) = self.scoped {
             args.extend(["--scoped".into(), scoped.to_string()]);
         }
         // As injection passes the pod's workload.
@@ -1256,6 +1246,36 @@ impl NetnsCluster {
             tokens,
             dir: self.dir.path().to_owned(),
         })
+    }
+
+    /// Pod `pod` of Deployment `ns/deployment`, as its ReplicaSet makes it from the pod template
+    /// (waiting up to 30 s for the Deployment, which the controller may still be writing), run
+    /// by the kubelet ([`NetnsCluster::run_pod`]).
+    pub async fn run_deployment_pod(
+        &mut self,
+        ns: &str,
+        deployment: &str,
+        pod: &str,
+    ) -> anyhow::Result<String> {
+        let path = format!("/apis/apps/v1/namespaces/{ns}/deployments/{deployment}");
+        let api = self.api.clone();
+        let d = crate::eventually(
+            Duration::from_secs(30),
+            &format!("Deployment {ns}/{deployment}"),
+            || {
+                let found = api.state().objects.get(&path).cloned();
+                async move { found }
+            },
+        )
+        .await?;
+        let template = &d["spec"]["template"];
+        let mut metadata = template["metadata"].clone();
+        metadata["name"] = json!(pod);
+        metadata["namespace"] = json!(ns);
+        self.run_pod(
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+            "spec": template["spec"]}),
+        )
     }
 
     /// Creates Pod `pod` as the API server would, through the injection webhook's code when its

@@ -208,9 +208,10 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
     let (code, body) = debug_get(controller.admin_addr, "/debug/proxies", Some(&reader)).await?;
     anyhow::ensure!(code == 200, "a reader's token: {code} {body}");
 
-    // Everything the controller does in a cluster: both routes' status, the Lease taken and
-    // renewed, the root in each injected namespace, the injector's caBundle, both rollouts
-    // started (their routes' weights, their status, an Event each).
+    // Everything the controller does in a cluster: both routes' status, a Gateway's status and
+    // objects, the Lease taken and renewed, the root in each injected namespace, the
+    // injector's caBundle, both rollouts started (their routes' weights, their status, an
+    // Event each).
     mesh_e2e::eventually(Duration::from_secs(30), "the controller's writes", || async {
         let s = fake.state();
         let o = |p: &str| s.objects.get(p).cloned().unwrap_or_default();
@@ -226,7 +227,11 @@ async fn the_charts_rbac_allows_every_call_and_grants_nothing_unused() -> anyhow
             .is_some()
             && o("/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/edge")
                 .pointer("/status/listeners/0")
-                .is_some();
+                .is_some()
+            // Its proxies' Deployment, Service and ServiceAccount, applied before its status.
+            && ["apis/apps/v1/namespaces/shop/deployments", "api/v1/namespaces/shop/services", "api/v1/namespaces/shop/serviceaccounts"]
+                .iter()
+                .all(|c| s.objects.contains_key(&format!("/{c}/edge-gateway")));
         let roots = ["shop", "web"].iter().all(|ns| {
             o(&format!("/api/v1/namespaces/{ns}/configmaps/mesh-ca-root"))
                 .pointer("/data/ca.crt")

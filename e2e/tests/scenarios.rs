@@ -1582,12 +1582,16 @@ async fn an_interrupted_run_is_swept_by_the_next() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The edge into a STRICT mesh: mesh-proxy serving the Gateway `infra/edge` (service account
-/// `edge-gateway`) terminates HTTPS for `shop.example.com` by SNI with the certificate of a
-/// Secret, and redirects HTTP to HTTPS with the standard `RequestRedirect` filter; its requests
-/// reach `reviews` in the STRICT namespace `shop` (a ReferenceGrant lets the route name it)
-/// over mutual TLS as the gateway's identity, which an AuthorizationPolicy lets in while it
-/// refuses the mesh's own client. curl runs on the node, outside every pod.
+/// The edge into a STRICT mesh: the controller gives the Gateway `infra/edge` its Deployment,
+/// Service and ServiceAccount (`edge-gateway`); the kubelet runs a pod of that Deployment as
+/// written (mesh-proxy serving the Gateway as its own identity). It terminates HTTPS for
+/// `shop.example.com` by SNI with the certificate of a Secret, and redirects HTTP to HTTPS with
+/// the standard `RequestRedirect` filter; its requests reach `reviews` in the STRICT namespace
+/// `shop` (a ReferenceGrant lets the route name it) over mutual TLS as the gateway's identity,
+/// which an AuthorizationPolicy lets in while it refuses the mesh's own client. The Gateway's
+/// address is its Service's cluster IP (the Gateway asks for a ClusterIP Service); its
+/// listeners are on 80 and 443, which the proxy's unprivileged user binds by the pod's sysctl.
+/// curl runs on the node, outside every pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_terminates_https_and_reaches_a_strict_backend_as_itself() -> anyhow::Result<()> {
     if !netns::can_run() {
@@ -1604,24 +1608,23 @@ async fn a_gateway_terminates_https_and_reaches_a_strict_backend_as_itself() -> 
     std::fs::write(&ca, cert.pem())?;
     let manifests = [
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: http, port: 8080, protocol: HTTP}\n  - {name: https, port: 8443, protocol: HTTPS, hostname: shop.example.com, tls: {certificateRefs: [{name: shop-cert}]}}\n".into(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  infrastructure: {annotations: {mesh.dev/service-type: ClusterIP}}\n  listeners:\n  - {name: http, port: 80, protocol: HTTP}\n  - {name: https, port: 443, protocol: HTTPS, hostname: shop.example.com, tls: {certificateRefs: [{name: shop-cert}]}}\n".into(),
         mesh_controller::testing::tls_secret_yaml("infra", "shop-cert", &cert.pem(), &key.serialize_pem()),
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-https, namespace: infra}\nspec:\n  parentRefs: [{name: edge, sectionName: http}]\n  rules:\n  - filters: [{type: RequestRedirect, requestRedirect: {scheme: https, port: 8443, statusCode: 301}}]\n".into(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: to-https, namespace: infra}\nspec:\n  parentRefs: [{name: edge, sectionName: http}]\n  rules:\n  - filters: [{type: RequestRedirect, requestRedirect: {scheme: https, statusCode: 301}}]\n".into(),
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge, sectionName: https}]\n  hostnames: [shop.example.com]\n  rules: [{backendRefs: [{name: reviews, namespace: shop, port: 9080}]}]\n".into(),
         "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: edge-routes, namespace: shop}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: infra}]\n  to: [{group: '', kind: Service, name: reviews}]\n".into(),
         "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: edge-only, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: reviews}]\n  rules:\n  - from: [{serviceAccounts: [infra/edge-gateway]}]\n".into(),
     ];
     c.apply("edge", &manifests.join("---\n")).await?;
-    c.deploy(&Workload {
-        namespace: "infra".into(),
-        name: "edge".into(),
-        service_account: "edge-gateway".into(),
-        labels: labels(&[("app", "edge")]),
-        replicas: 1,
-        meshed: true,
-        sidecar: Sidecar::MeshProxy,
-        app: App::Gateway("edge".into()),
-    })
+    c.run_deployment_pod("infra", "edge-gateway", "edge-gateway-0")
+        .await?;
+    c.wait_pod(
+        "infra",
+        "edge-gateway-0",
+        "Ready",
+        Duration::from_secs(60),
+        |s| s.ready,
+    )
     .await?;
     c.wait_synced().await?;
     // The Lease holder writes the Gateway API's status: the Gateway accepted and programmed
@@ -1672,7 +1675,32 @@ async fn a_gateway_terminates_https_and_reaches_a_strict_backend_as_itself() -> 
         );
     }
     let (gateway_status, route_status) = status?;
-    let gw = c.pod_ip("infra", "edge-0")?;
+    // The Gateway's address: its Service's cluster IP, as the API server allocated it.
+    let gateway = admin
+        .get(
+            &serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "edge", "namespace": "infra"}}),
+        )
+        .await?
+        .unwrap_or_default();
+    let service = admin
+        .get(&serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "edge-gateway", "namespace": "infra"}}))
+        .await?
+        .unwrap_or_default();
+    assert_eq!(
+        gateway["status"]["addresses"],
+        serde_json::json!([{"type": "IPAddress", "value": service["spec"]["clusterIP"]}]),
+        "{gateway}"
+    );
+    assert_eq!(
+        service["spec"]["ports"],
+        serde_json::json!([
+            {"name": "http-80", "port": 80, "targetPort": 80, "protocol": "TCP"},
+            {"name": "https-443", "port": 443, "targetPort": 443, "protocol": "TCP"}
+        ])
+    );
+    let gw = c.kubelet_pod("infra", "edge-gateway-0")?.ip;
     let curl = |url: &str, port: u16| -> anyhow::Result<(String, String)> {
         let resolve = format!("shop.example.com:{port}:{gw}");
         let ca = ca.display().to_string();
@@ -1701,10 +1729,10 @@ async fn a_gateway_terminates_https_and_reaches_a_strict_backend_as_itself() -> 
         Ok((body.to_string(), last.trim().to_string()))
     };
     // HTTP is redirected to HTTPS; HTTPS (ALPN h2) reaches reviews, every request.
-    let (_, redirect) = curl("http://shop.example.com:8080/reviews?id=1", 8080)?;
+    let (_, redirect) = curl("http://shop.example.com/reviews?id=1", 80)?;
     let mut answered = BTreeMap::<String, u32>::new();
     for _ in 0..20 {
-        let (body, last) = curl("https://shop.example.com:8443/", 8443)?;
+        let (body, last) = curl("https://shop.example.com/", 443)?;
         *answered
             .entry(format!("{last}: {}", body.trim()))
             .or_default() += 1;
@@ -1712,7 +1740,14 @@ async fn a_gateway_terminates_https_and_reaches_a_strict_backend_as_itself() -> 
     let client = twenty_requests(&c, "client-0", &format!("http://{addr}:9080/")).await?;
     let gateway_id = "spiffe://cluster.local/ns/infra/sa/edge-gateway";
     let reviews_id = "spiffe://cluster.local/ns/shop/sa/reviews";
-    let to_reviews: f64 = mesh_api::prom::parse(&c.proxy_metrics("infra", "edge-0")?)
+    let gateway_metrics = c.exec_in_node(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "3",
+        &format!("http://{gw}:15020/metrics"),
+    ])?;
+    let to_reviews: f64 = mesh_api::prom::parse(&gateway_metrics)
         .into_iter()
         .filter(|s| {
             s.name == "mesh_proxy_requests_total"
@@ -1734,10 +1769,7 @@ async fn a_gateway_terminates_https_and_reaches_a_strict_backend_as_itself() -> 
         "gateway into STRICT: Gateway {gateway_status:?}, HTTPRoute {route_status:?}; HTTP -> {redirect}; HTTPS from the node {answered:?}; the gateway's proxy counted {to_reviews} 2xx to {reviews_id}; reviews saw {from_gateway} mTLS connections from {gateway_id}; the meshed client got {} of 20 refused ({:?})",
         client["failed"], client["errors"]
     ));
-    assert_eq!(
-        redirect,
-        "301 1.1 https://shop.example.com:8443/reviews?id=1"
-    );
+    assert_eq!(redirect, "301 1.1 https://shop.example.com/reviews?id=1");
     let ok: u32 = answered
         .iter()
         .filter(|(k, _)| k.starts_with("200 2: reviews v"))

@@ -166,7 +166,18 @@ pub fn inject(
     if let Value::Array(list) = inits {
         // First the rules, then the proxy, then the app's own init containers (which may
         // already need the mesh).
-        list.insert(0, proxy_container(s, &workload, hold, scoped, &checks)?);
+        let mut proxy = proxy_container(s, &workload, &["--transparent", "true"], scoped, &checks)?;
+        // A native sidecar: an init container that keeps running.
+        proxy["restartPolicy"] = json!("Always");
+        if hold {
+            // Up to 10 minutes for the CA and the controller, checked every second.
+            proxy["startupProbe"] = json!({
+                "httpGet": {"path": "/ready", "port": ports::PROXY_METRICS},
+                "periodSeconds": 1,
+                "failureThreshold": 600
+            });
+        }
+        list.insert(0, proxy);
         list.insert(0, init_container(s));
     }
     let volumes = spec
@@ -175,12 +186,7 @@ pub fn inject(
         .entry("volumes")
         .or_insert_with(|| json!([]));
     if let Value::Array(list) = volumes {
-        list.push(json!({
-            "name": "mesh-token",
-            "projected": {"sources": [{"serviceAccountToken": {
-                "audience": "mesh-ca", "expirationSeconds": 3600, "path": "mesh-ca-token"}}]}
-        }));
-        list.push(json!({"name": "mesh-ca-root", "configMap": {"name": "mesh-ca-root"}}));
+        list.extend(proxy_volumes());
     }
     let meta = template
         .as_object_mut()
@@ -613,31 +619,52 @@ fn proxy_env(s: &InjectSettings, scoped: bool, checks: &AppProbes) -> Result<Val
     Ok(Value::Array(env))
 }
 
-/// The native sidecar. With `hold`, a startup probe on `/ready`: the kubelet starts the next
-/// container (and so the app) only once it passes, that is once the proxy has its config and
-/// its SVID; a readiness probe alone gates nothing at start.
+/// The proxy's volumes: a service account token for mesh-ca, and the mesh's CA root.
+fn proxy_volumes() -> [Value; 2] {
+    [
+        json!({
+            "name": "mesh-token",
+            "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "mesh-ca", "expirationSeconds": 3600, "path": "mesh-ca-token"}}]}
+        }),
+        json!({"name": "mesh-ca-root", "configMap": {"name": "mesh-ca-root"}}),
+    ]
+}
+
+/// The proxy container, in its `role` (`--transparent true` for a sidecar, `--gateway NAME`
+/// for a Gateway's proxy), ready on `/ready`.
 fn proxy_container(
     s: &InjectSettings,
     workload: &str,
-    hold: bool,
+    role: &[&str],
     scoped: bool,
     checks: &AppProbes,
 ) -> Result<Value, String> {
+    let mut args = vec![
+        "--node",
+        "$(POD_NAMESPACE)/$(POD_NAME)",
+        "--service-account",
+        "$(SERVICE_ACCOUNT)",
+        "--workload",
+        workload,
+    ];
+    args.extend(role);
+    args.extend([
+        "--xds",
+        &s.xds_addr,
+        "--ca-addr",
+        &s.ca_addr,
+        "--ca-root",
+        "/var/run/secrets/mesh/ca.crt",
+        "--ca-token-file",
+        "/var/run/secrets/tokens/mesh-ca-token",
+        "--trust-domain",
+        &s.trust_domain,
+    ]);
     let mut c = json!({
         "name": PROXY_CONTAINER,
         "image": s.proxy_image,
-        "restartPolicy": "Always",
-        "args": [
-            "--node", "$(POD_NAMESPACE)/$(POD_NAME)",
-            "--service-account", "$(SERVICE_ACCOUNT)",
-            "--workload", workload,
-            "--transparent", "true",
-            "--xds", s.xds_addr,
-            "--ca-addr", s.ca_addr,
-            "--ca-root", "/var/run/secrets/mesh/ca.crt",
-            "--ca-token-file", "/var/run/secrets/tokens/mesh-ca-token",
-            "--trust-domain", s.trust_domain
-        ],
+        "args": args,
         "env": proxy_env(s, scoped, checks)?,
         "ports": [{"name": "mesh-metrics", "containerPort": ports::PROXY_METRICS}],
         "readinessProbe": {
@@ -657,18 +684,57 @@ fn proxy_container(
             {"name": "mesh-ca-root", "mountPath": "/var/run/secrets/mesh", "readOnly": true}
         ]
     });
-    if hold {
-        // Up to 10 minutes for the CA and the controller, checked every second.
-        c["startupProbe"] = json!({
-            "httpGet": {"path": "/ready", "port": ports::PROXY_METRICS},
-            "periodSeconds": 1,
-            "failureThreshold": 600
-        });
-    }
     if !s.resources.is_null() {
         c["resources"] = s.resources.clone();
     }
     Ok(c)
+}
+
+/// The pod template of a Gateway's proxies: mesh-proxy serving Gateway `gateway` (of the
+/// pod's namespace) as the pod's only container, under `service_account`, with `pod_labels`, a
+/// container port per listener port in `ports`, and the proxy's identity volumes. Its pods
+/// are not injected (`mesh.dev/inject: disabled`: the proxy is the pod) but carry a proxy
+/// (`mesh.dev/proxy: "true"`, which the control plane's NetworkPolicies admit), and may bind ports
+/// below 1024 as the proxy's unprivileged user (`net.ipv4.ip_unprivileged_port_start: 0`, a
+/// sysctl of the pod's own network namespace, as Istio's gateways set it).
+pub fn gateway_pod_template(
+    s: &InjectSettings,
+    gateway: &str,
+    service_account: &str,
+    pod_labels: &Map<String, Value>,
+    ports: &[u16],
+) -> Result<Value, String> {
+    let mut c = proxy_container(
+        s,
+        gateway,
+        &["--gateway", gateway],
+        true,
+        &AppProbes::default(),
+    )?;
+    if let Some(list) = c["ports"].as_array_mut() {
+        list.extend(
+            ports
+                .iter()
+                .map(|p| json!({"name": format!("gw-{p}"), "containerPort": p})),
+        );
+    }
+    let mut pod_labels = pod_labels.clone();
+    pod_labels.insert(labels::INJECT.into(), json!("disabled"));
+    // A pod with a mesh proxy, which the control plane's NetworkPolicies let reach xDS and
+    // the CA.
+    pod_labels.insert(labels::PROXY.into(), json!("true"));
+    Ok(json!({
+        "metadata": {"labels": pod_labels},
+        "spec": {
+            "serviceAccountName": service_account,
+            "securityContext": {
+                "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}],
+                "seccompProfile": {"type": "RuntimeDefault"}
+            },
+            "containers": [c],
+            "volumes": proxy_volumes()
+        }
+    }))
 }
 
 #[cfg(test)]

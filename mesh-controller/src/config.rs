@@ -148,6 +148,18 @@ pub struct Config {
     /// (`{"requests":{"cpu":"10m"},"limits":{"memory":"256Mi"}}`).
     #[arg(long, value_parser = parse_resources)]
     pub inject_proxy_resources: Option<serde_json::Value>,
+
+    /// Give each Gateway of ours a Deployment of mesh-proxy serving it, a Service and a
+    /// ServiceAccount, named `<gateway>-gateway` (with the injection settings above); false:
+    /// you run each Gateway's proxy yourself.
+    #[arg(long, env = "MESH_CONTROLLER_GATEWAY_DEPLOYMENTS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub gateway_deployments: bool,
+
+    /// The type of a Gateway's Service (default LoadBalancer), unless the Gateway's
+    /// `spec.infrastructure.annotations["mesh.dev/service-type"]` chooses one; only with
+    /// --gateway-deployments.
+    #[arg(long, env = "MESH_CONTROLLER_GATEWAY_SERVICE_TYPE", value_enum)]
+    pub gateway_service_type: Option<crate::provision::ServiceType>,
 }
 
 fn parse_resources(s: &str) -> Result<serde_json::Value, String> {
@@ -203,6 +215,8 @@ impl Config {
             inject_tracing_sampling: 1.0,
             inject_access_log: false,
             inject_proxy_resources: None,
+            gateway_deployments: true,
+            gateway_service_type: None,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod index;
 pub mod lease;
 pub mod metrics;
 pub mod objects;
+pub mod provision;
 pub mod rollout;
 pub mod run;
 pub mod source;

@@ -46,6 +46,11 @@ pub enum StartError {
     WebhookWithoutCa { addr: SocketAddr },
     #[error("no source: give --config-dir, or a Kubernetes client")]
     NoSource,
+    #[error(
+        "--gateway-service-type {0}: Gateways' Services are made only with \
+         --gateway-deployments=true; drop one of the two"
+    )]
+    ServiceTypeWithoutDeployments(&'static str),
 }
 
 /// A running controller; dropping it stops everything.
@@ -89,6 +94,9 @@ impl Controller {
         config: Config,
         kube_client: Option<kube::Client>,
     ) -> Result<Self, StartError> {
+        if let (false, Some(t)) = (config.gateway_deployments, config.gateway_service_type) {
+            return Err(StartError::ServiceTypeWithoutDeployments(t.as_str()));
+        }
         let metrics = Arc::new(Metrics::new());
         let mut idx = Index::new(config.cluster_domain.clone());
         idx.set_identity(&config.trust_domain, config.mtls_mode);
@@ -146,6 +154,15 @@ impl Controller {
                 ),
                 interval: Duration::from_secs(5),
                 leading: leading.clone(),
+                provisioning: config
+                    .gateway_deployments
+                    .then(|| crate::provision::Provisioning {
+                        proxy: config.inject_settings(),
+                        service_type: config
+                            .gateway_service_type
+                            .unwrap_or(crate::provision::ServiceType::LoadBalancer),
+                        ca_root: config.ca_root.clone(),
+                    }),
             };
             tasks.push(tokio::spawn(writer.run()));
         }
@@ -384,4 +401,25 @@ async fn bind(
     let listener = TcpListener::bind(addr).await.map_err(err)?;
     let local = listener.local_addr().map_err(err)?;
     Ok((listener, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_gateway_service_type_without_gateway_deployments_is_refused_at_start() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let mut config = Config::local(dir.path());
+        config.gateway_deployments = false;
+        config.gateway_service_type = Some(crate::provision::ServiceType::ClusterIP);
+        match Controller::start(config).await {
+            Ok(_) => panic!("started with a flag it would ignore"),
+            Err(e) => assert!(
+                e.to_string()
+                    .starts_with("--gateway-service-type ClusterIP: Gateways' Services are made only with --gateway-deployments=true"),
+                "{e}"
+            ),
+        }
+    }
 }

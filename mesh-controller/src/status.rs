@@ -24,6 +24,7 @@ use crate::index::routes::RouteSpec;
 use crate::index::{Index, Model, ResolveError};
 use crate::lease::LeaseLock;
 use crate::objects::{Kind, ObjKey};
+use crate::provision::Provisioned;
 use crate::source::ConfigErrors;
 use crate::xds::server::Hub;
 
@@ -295,6 +296,9 @@ pub struct StatusWriter {
     pub interval: Duration,
     /// Set while this replica holds the Lease (the rollout driver acts only then).
     pub leading: Arc<std::sync::atomic::AtomicBool>,
+    /// Each Gateway's Deployment, Service and ServiceAccount, applied before its status is
+    /// written; `None`: Gateways' proxies are run by someone else.
+    pub provisioning: Option<crate::provision::Provisioning>,
 }
 
 impl std::fmt::Debug for StatusWriter {
@@ -360,7 +364,10 @@ impl StatusWriter {
                 || last_full.elapsed() > Duration::from_secs(60);
             if leading && due {
                 match self.write_all_served(&model, &served).await {
-                    Ok(n) => {
+                    // A Gateway waiting on its load balancer's address, or whose objects
+                    // failed to apply: the next tick passes again.
+                    Ok((_, false)) => last_revision = None,
+                    Ok((n, true)) => {
                         last_revision = Some(model.revision);
                         last_served = Some(served);
                         last_full = Instant::now();
@@ -382,15 +389,16 @@ impl StatusWriter {
     /// the proxies connected now serve; returns how many were written.
     pub async fn write_all(&self, model: &Model) -> Result<usize, kube::Error> {
         let served = served_gateways(&self.hub.status.snapshot());
-        self.write_all_served(model, &served).await
+        self.write_all_served(model, &served).await.map(|(n, _)| n)
     }
 
-    /// [`StatusWriter::write_all`], with the Gateways `served`.
+    /// [`StatusWriter::write_all`], with the Gateways `served`; and whether every Gateway
+    /// settled (none waits on its load balancer's address or failed to apply its objects).
     async fn write_all_served(
         &self,
         model: &Model,
         served: &BTreeSet<String>,
-    ) -> Result<usize, kube::Error> {
+    ) -> Result<(usize, bool), kube::Error> {
         let routes = self
             .index
             .lock()
@@ -406,7 +414,10 @@ impl StatusWriter {
         // One object's failure is logged and leaves the others to be written; the pass then
         // fails with it, so the next one tries again.
         let mut failed = None;
-        let mut written = self.write_gateways(model, served, &now, &mut failed).await;
+        let mut settled = true;
+        let mut written = self
+            .write_gateways(model, served, &now, &mut failed, &mut settled)
+            .await;
         for (key, d) in want {
             let Some(ar) = api_resource(key.kind) else {
                 continue;
@@ -422,17 +433,19 @@ impl StatusWriter {
         }
         match failed {
             Some(e) => Err(e),
-            None => Ok(written),
+            None => Ok((written, settled)),
         }
     }
 
-    /// Our GatewayClasses' `Accepted`, and each Gateway's status.
+    /// Our GatewayClasses' `Accepted`, and each Gateway's objects and status; `settled`
+    /// turns false for a Gateway that is to be tried again soon.
     async fn write_gateways(
         &self,
         model: &Model,
         served: &BTreeSet<String>,
         now: &str,
         failed: &mut Option<kube::Error>,
+        settled: &mut bool,
     ) -> usize {
         let mut written = 0;
         let class_api: Api<DynamicObject> = Api::all_with(
@@ -459,13 +472,51 @@ impl StatusWriter {
                 Api::namespaced_with(self.client.clone(), &g.namespace, &ar);
             let name = format!("{}/{}", g.namespace, g.name);
             let result = self
-                .write_one(&api, &g.name, |live| {
-                    gateway_status(g, served.contains(&name), live, now)
-                })
-                .await;
+                .write_gateway(&api, g, served.contains(&name), now)
+                .await
+                .map(|(n, done)| {
+                    *settled &= done;
+                    n
+                });
             tally(result, &format!("Gateway/{name}"), &mut written, failed);
         }
         written
+    }
+
+    /// Gateway `g`'s objects applied (with provisioning on), then its status; and whether it
+    /// settled (false while its load balancer has no address or its objects failed to apply).
+    async fn write_gateway(
+        &self,
+        api: &Api<DynamicObject>,
+        g: &GatewayModel,
+        served: bool,
+        now: &str,
+    ) -> Result<(usize, bool), kube::Error> {
+        let Some(live) = api.get_opt(&g.name).await? else {
+            return Ok((0, true));
+        };
+        let live = serde_json::to_value(&live).unwrap_or_default();
+        let provisioned = match &self.provisioning {
+            // Only for the generation the model read: the next pass applies a newer one.
+            Some(p) if generation_of(&live) == g.generation => {
+                crate::provision::apply(&self.client, g, &live, p).await
+            }
+            Some(_) => return Ok((0, true)),
+            None => Provisioned::Off,
+        };
+        let settled = match &provisioned {
+            Provisioned::Refused(why) | Provisioned::Unusable(why) | Provisioned::Failed(why) => {
+                warn!(gateway = %format!("{}/{}", g.namespace, g.name), error = %why, "provisioning a Gateway");
+                !matches!(provisioned, Provisioned::Failed(_))
+            }
+            Provisioned::Applied { addresses, .. } => !addresses.is_empty(),
+            Provisioned::Off => true,
+        };
+        let written = match gateway_status(g, served, &provisioned, &live, now) {
+            Some(status) => self.patch_status(api, &g.name, &live, status).await?,
+            None => 0,
+        };
+        Ok((written, settled))
     }
 
     /// Reads an object and merge-patches the status `next` makes of it, if any; 1 when
@@ -593,17 +644,51 @@ pub fn served_gateways(proxies: &[crate::xds::status::ProxyStatus]) -> BTreeSet<
         .collect()
 }
 
-/// A Gateway's status: `Accepted` and `Programmed`, and per listener its conditions, route
-/// kinds and attached routes. `Programmed` is true once a gateway proxy has acknowledged the
-/// Gateway's configuration (`served`), false with `Pending` before, and false with `Invalid`
-/// on a listener that cannot be served.
+/// A Gateway's status: `Accepted` and `Programmed`, its addresses, and per listener its
+/// conditions, route kinds and attached routes. `Programmed` is true once a gateway proxy has
+/// acknowledged the Gateway's configuration (`served`), false with `Pending` before, and false
+/// with `Invalid` on a listener that cannot be served. What came of provisioning its objects
+/// (`provisioned`) gives its addresses, and may hold `Programmed` false: `Invalid` for
+/// objects refused, `Pending` while applying them fails, `AddressNotAssigned` while its load
+/// balancer has no address.
 /// `None` when it already has this status, or when the live Gateway is of another generation
 /// than the model read (the pass after the model catches up writes it).
-pub fn gateway_status(g: &GatewayModel, served: bool, live: &Value, now: &str) -> Option<Value> {
+pub fn gateway_status(
+    g: &GatewayModel,
+    served: bool,
+    provisioned: &Provisioned,
+    live: &Value,
+    now: &str,
+) -> Option<Value> {
     let generation = g.generation;
     if generation_of(live) != generation {
         return None;
     }
+    let not_yet = |reason: &str, message: String| Cond {
+        ok: false,
+        reason: reason.into(),
+        message,
+    };
+    // Addresses are the provisioned Service's; none for a Gateway not provisioned (or no longer),
+    // and those written before are kept while applying fails.
+    let (addresses, held) = match provisioned {
+        Provisioned::Off => (Some(Vec::new()), None),
+        Provisioned::Applied { addresses, service } => (
+            Some(addresses.clone()),
+            addresses.is_empty().then(|| {
+                not_yet(
+                    "AddressNotAssigned",
+                    format!("{service} has no address yet"),
+                )
+            }),
+        ),
+        Provisioned::Refused(why) => (Some(Vec::new()), Some(not_yet("Invalid", why.clone()))),
+        Provisioned::Unusable(why) => (
+            Some(Vec::new()),
+            Some(not_yet("AddressNotUsable", why.clone())),
+        ),
+        Provisioned::Failed(why) => (None, Some(not_yet("Pending", why.clone()))),
+    };
     let pending = if served {
         Cond {
             ok: true,
@@ -617,7 +702,9 @@ pub fn gateway_status(g: &GatewayModel, served: bool, live: &Value, now: &str) -
             message: "no gateway proxy has acknowledged this Gateway's configuration".into(),
         }
     };
-    let gateway_programmed = if g.accepted.ok {
+    let gateway_programmed = if let Some(held) = held.filter(|_| g.accepted.ok) {
+        held
+    } else if g.accepted.ok {
         pending.clone()
     } else {
         Cond {
@@ -673,9 +760,15 @@ pub fn gateway_status(g: &GatewayModel, served: bool, live: &Value, now: &str) -
                    "attachedRoutes": l.attached_routes, "conditions": conditions})
         })
         .collect();
-    let status = json!({"conditions": conditions, "listeners": listeners});
-    let same = live.pointer("/status/conditions") == Some(&status["conditions"])
-        && live.pointer("/status/listeners") == Some(&status["listeners"]);
+    let mut status = json!({"conditions": conditions, "listeners": listeners});
+    if let Some(a) = addresses {
+        status["addresses"] = json!(a);
+    }
+    // What the status has (a Gateway not provisioned here has no addresses to compare).
+    let same = ["conditions", "listeners", "addresses"]
+        .iter()
+        .filter(|k| status.get(**k).is_some())
+        .all(|k| live.pointer(&format!("/status/{k}")) == status.get(*k));
     (!same).then_some(status)
 }
 
@@ -733,6 +826,7 @@ mod tests {
             ),
             interval: Duration::from_millis(10),
             leading: Arc::default(),
+            provisioning: None,
         };
         (writer, fake, index)
     }
@@ -867,6 +961,235 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         task.abort();
+    }
+
+    /// The Gateways of `docs` in the index and the fake API server (generation 1), and a
+    /// writer that provisions them (LoadBalancer Services unless a Gateway says otherwise;
+    /// the CA root `root.pem` of the returned directory).
+    fn provisioning(docs: &[&str]) -> (StatusWriter, FakeApi, Arc<Model>, tempfile::TempDir) {
+        let (mut writer, fake, index) = setup();
+        let dir = tempfile::tempdir().expect("a directory");
+        std::fs::write(dir.path().join("root.pem"), "the root").expect("written");
+        writer.provisioning = Some(crate::provision::Provisioning {
+            proxy: crate::config::Config::local("/nowhere").inject_settings(),
+            service_type: crate::provision::ServiceType::LoadBalancer,
+            ca_root: Some(dir.path().join("root.pem")),
+        });
+        let class = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh, generation: 1}\nspec: {controllerName: mesh.dev/mesh-controller}\n";
+        let mut idx = index.lock().expect("index");
+        for d in std::iter::once(&class).chain(docs) {
+            let mut v: Value = serde_yaml::from_str(d).expect("yaml");
+            v["metadata"]["generation"] = json!(1);
+            idx.apply(obj(&serde_yaml::to_string(&v).expect("yaml")))
+                .expect("valid");
+            fake.insert(v);
+        }
+        let model = idx.model();
+        drop(idx);
+        (writer, fake, model, dir)
+    }
+
+    /// The Gateway's conditions as `type=status/reason`, and its addresses.
+    fn gateway_state(fake: &FakeApi, ns: &str, name: &str) -> (Vec<String>, Value) {
+        let gw = fake.state().objects
+            [&format!("/apis/gateway.networking.k8s.io/v1/namespaces/{ns}/gateways/{name}")]
+            .clone();
+        let conds = gw["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                format!(
+                    "{}={}/{}",
+                    c["type"].as_str().unwrap_or(""),
+                    c["status"].as_str().unwrap_or(""),
+                    c["reason"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        (conds, gw["status"]["addresses"].clone())
+    }
+
+    /// A Gateway gets its ServiceAccount, Deployment and Service, owned by it and admitted as
+    /// the API server admits them, and the CA root in its namespace; its addresses are its
+    /// Service's: none (AddressNotAssigned) until the load balancer has one, the cluster IP for
+    /// a Gateway that asks for ClusterIP. A second pass changes nothing.
+    #[tokio::test]
+    async fn a_gateway_gets_its_deployment_service_and_account_and_their_address() {
+        let (writer, fake, model, _root) = provisioning(&[
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  infrastructure: {labels: {team: web}, annotations: {example.com/owner: web}}\n  listeners:\n  - {name: http, port: 80, protocol: HTTP}\n  - {name: https, port: 443, protocol: HTTPS, hostname: a.example.com, tls: {certificateRefs: [{name: missing}]}}\n  - {name: https-b, port: 443, protocol: HTTPS, hostname: b.example.com, tls: {certificateRefs: [{name: missing}]}}\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: inside, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  infrastructure: {annotations: {mesh.dev/service-type: ClusterIP}}\n  listeners: [{name: http, port: 8080, protocol: HTTP}]\n",
+        ]);
+        writer.write_all(&model).await.expect("write");
+        let objects = fake.state().objects.clone();
+        let gw_uid = objects["/apis/gateway.networking.k8s.io/v1/namespaces/infra/gateways/edge"]
+            ["metadata"]["uid"]
+            .clone();
+        let deployment = &objects["/apis/apps/v1/namespaces/infra/deployments/edge-gateway"];
+        let service = &objects["/api/v1/namespaces/infra/services/edge-gateway"];
+        let account = &objects["/api/v1/namespaces/infra/serviceaccounts/edge-gateway"];
+        for o in [deployment, service, account] {
+            assert_eq!(
+                o["metadata"]["ownerReferences"][0]["kind"], "Gateway",
+                "{o}"
+            );
+            assert_eq!(o["metadata"]["ownerReferences"][0]["uid"], gw_uid, "{o}");
+            assert_eq!(
+                o["metadata"]["ownerReferences"][0]["controller"], true,
+                "{o}"
+            );
+            assert_eq!(o["metadata"]["labels"]["team"], "web", "{o}");
+            assert_eq!(
+                o["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"],
+                "edge"
+            );
+            assert_eq!(o["metadata"]["annotations"]["example.com/owner"], "web");
+        }
+        let pod = &deployment["spec"]["template"];
+        assert_eq!(pod["spec"]["serviceAccountName"], "edge-gateway");
+        assert_eq!(pod["metadata"]["labels"]["mesh.dev/inject"], "disabled");
+        assert_eq!(pod["metadata"]["labels"]["team"], "web");
+        assert!(deployment["spec"].get("replicas").is_none(), "{deployment}");
+        let args: Vec<&str> = pod["spec"]["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(
+            args.windows(2).any(|w| w == ["--gateway", "edge"]),
+            "{args:?}"
+        );
+        assert!(!args.contains(&"--transparent"), "{args:?}");
+        assert_eq!(service["spec"]["type"], "LoadBalancer");
+        assert_eq!(
+            objects["/api/v1/namespaces/infra/configmaps/mesh-ca-root"]["data"]["ca.crt"],
+            "the root"
+        );
+        assert_eq!(
+            service["spec"]["ports"],
+            json!([{"name": "http-80", "port": 80, "targetPort": 80, "protocol": "TCP"},
+                   {"name": "https-443", "port": 443, "targetPort": 443, "protocol": "TCP"}])
+        );
+        assert_eq!(
+            service["spec"]["selector"],
+            json!({"gateway.networking.k8s.io/gateway-name": "edge"})
+        );
+        let (conds, addresses) = gateway_state(&fake, "infra", "edge");
+        assert!(
+            conds.contains(&"Programmed=False/AddressNotAssigned".to_string()),
+            "{conds:?}"
+        );
+        assert_eq!(addresses, json!([]));
+        let (conds, addresses) = gateway_state(&fake, "infra", "inside");
+        let ip = objects["/api/v1/namespaces/infra/services/inside-gateway"]["spec"]["clusterIP"]
+            .clone();
+        assert_eq!(addresses, json!([{"type": "IPAddress", "value": ip}]));
+        assert!(
+            conds.contains(&"Programmed=False/Pending".to_string()),
+            "{conds:?}"
+        );
+        // The load balancer assigns an address: the next pass reports it.
+        fake.state()
+            .objects
+            .get_mut("/api/v1/namespaces/infra/services/edge-gateway")
+            .expect("the Service")["status"] =
+            json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}});
+        writer.write_all(&model).await.expect("write");
+        let (conds, addresses) = gateway_state(&fake, "infra", "edge");
+        assert_eq!(
+            addresses,
+            json!([{"type": "IPAddress", "value": "203.0.113.7"}])
+        );
+        assert!(
+            conds.contains(&"Programmed=False/Pending".to_string()),
+            "{conds:?}"
+        );
+        // Nothing changed: the applies leave every object as it was, no status is written.
+        let before: Vec<(String, Value)> = fake
+            .state()
+            .objects
+            .iter()
+            .map(|(k, v)| (k.clone(), v["metadata"]["resourceVersion"].clone()))
+            .collect();
+        assert_eq!(writer.write_all(&model).await.expect("write"), 0);
+        let after: Vec<(String, Value)> = fake
+            .state()
+            .objects
+            .iter()
+            .map(|(k, v)| (k.clone(), v["metadata"]["resourceVersion"].clone()))
+            .collect();
+        assert_eq!(before, after);
+    }
+
+    /// A Gateway whose objects cannot be made (an invalid service type, a listener on the
+    /// proxy's own port), whose object names are taken by someone else's, or that asks for
+    /// addresses of its own is not Programmed, and its status says why, naming the field, value
+    /// or object; nothing is applied for it and someone else's object is left as it was.
+    #[tokio::test]
+    async fn a_gateway_that_cannot_be_provisioned_says_why_in_its_status() {
+        let (writer, fake, model, _root) = provisioning(&[
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: mine, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: fixed, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  addresses: [{type: IPAddress, value: 192.0.2.9}]\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: typo, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  infrastructure: {annotations: {mesh.dev/service-type: Loadbalancer}}\n  listeners: [{name: http, port: 80, protocol: HTTP}]\n",
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: taken, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners: [{name: metrics, port: 15020, protocol: HTTP}]\n",
+        ]);
+        // Someone's own Service of the name the Gateway's would have.
+        fake.insert(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "mine-gateway", "namespace": "infra"},
+            "spec": {"clusterIP": "10.96.0.99", "selector": {"app": "theirs"},
+                     "ports": [{"port": 80}]}}));
+        writer.write_all(&model).await.expect("write");
+        for (name, reason, want) in [
+            (
+                "mine",
+                "Invalid",
+                "Service infra/mine-gateway exists and is not this Gateway's",
+            ),
+            (
+                "fixed",
+                "AddressNotUsable",
+                r#"spec.addresses [{"type":"IPAddress","value":"192.0.2.9"}]"#,
+            ),
+            (
+                "typo",
+                "Invalid",
+                r#"spec.infrastructure.annotations[mesh.dev/service-type] is "Loadbalancer"; expected ClusterIP, NodePort or LoadBalancer"#,
+            ),
+            (
+                "taken",
+                "Invalid",
+                "listener metrics is on port 15020, the gateway proxy's own",
+            ),
+        ] {
+            let gw = fake.state().objects
+                [&format!("/apis/gateway.networking.k8s.io/v1/namespaces/infra/gateways/{name}")]
+                .clone();
+            let programmed = gw["status"]["conditions"]
+                .as_array()
+                .expect("conditions")
+                .iter()
+                .find(|c| c["type"] == "Programmed")
+                .cloned()
+                .expect("Programmed");
+            assert_eq!(programmed["status"], "False");
+            assert_eq!(programmed["reason"], reason, "{name}");
+            assert_eq!(gw["status"]["addresses"], json!([]), "{name}");
+            let message = programmed["message"].as_str().unwrap_or_default();
+            assert!(message.contains(want), "{message}");
+            assert!(
+                !fake.state().objects.contains_key(&format!(
+                    "/apis/apps/v1/namespaces/infra/deployments/{name}-gateway"
+                )),
+                "{name}"
+            );
+        }
+        let theirs = fake.state().objects["/api/v1/namespaces/infra/services/mine-gateway"].clone();
+        assert_eq!(theirs["spec"]["selector"], json!({"app": "theirs"}));
+        assert!(
+            theirs["metadata"].get("ownerReferences").is_none(),
+            "{theirs}"
+        );
     }
 
     /// Our GatewayClass is accepted; the Gateway gets its conditions and listeners (route
@@ -1018,14 +1341,42 @@ mod tests {
         let g = &model.gateways.gateways["infra/edge"];
         let live = json!({"metadata": {"generation": 1}});
         let now = "2026-12-07T00:00:00Z";
-        let status = gateway_status(g, true, &live, now).expect("a status");
+        let status = gateway_status(g, true, &Provisioned::Off, &live, now).expect("a status");
         assert_eq!(status["conditions"][1]["type"], "Programmed");
         assert_eq!(status["conditions"][1]["status"], "True");
         assert_eq!(status["listeners"][0]["conditions"][2]["status"], "True");
-        let status = gateway_status(g, false, &live, now).expect("a status");
+        let status = gateway_status(g, false, &Provisioned::Off, &live, now).expect("a status");
         assert_eq!(status["conditions"][1]["reason"], "Pending");
+        // Provisioned: programmed once served and its Service has an address, which it shows.
+        let address = json!({"type": "IPAddress", "value": "203.0.113.7"});
+        let applied = |addresses: Vec<Value>| Provisioned::Applied {
+            addresses,
+            service: "Service infra/edge-gateway (LoadBalancer)".into(),
+        };
+        let status =
+            gateway_status(g, true, &applied(vec![address.clone()]), &live, now).expect("a status");
+        assert_eq!(status["conditions"][1]["status"], "True");
+        assert_eq!(status["addresses"], json!([address]));
+        let status = gateway_status(g, true, &applied(vec![]), &live, now).expect("a status");
+        assert_eq!(status["conditions"][1]["reason"], "AddressNotAssigned");
+        let failed = Provisioned::Failed("applying Deployment infra/edge-gateway: 403".into());
+        let status = gateway_status(g, true, &failed, &live, now).expect("a status");
+        assert_eq!(status["conditions"][1]["reason"], "Pending");
+        assert!(
+            status.get("addresses").is_none(),
+            "kept as they were: {status}"
+        );
         // The live Gateway moved on: nothing is written for the old generation.
-        assert!(gateway_status(g, true, &json!({"metadata": {"generation": 2}}), now).is_none());
+        assert!(
+            gateway_status(
+                g,
+                true,
+                &Provisioned::Off,
+                &json!({"metadata": {"generation": 2}}),
+                now
+            )
+            .is_none()
+        );
     }
 
     #[test]

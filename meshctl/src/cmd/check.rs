@@ -669,7 +669,7 @@ pub(crate) async fn gateways(ctl: &Endpoint, c: &mut Checks) {
         if entry["served"].as_bool() != Some(true) {
             let (ns, gw) = name.split_once('/').unwrap_or(("", name));
             let hint = format!(
-                "run a gateway proxy for it: mesh-proxy --node {ns}/{gw}-0 --gateway {gw}, or an Envoy from meshctl bootstrap envoy --node {ns}/{gw}-0 --gateway {gw}; see `meshctl proxy-status`"
+                "in a cluster the controller runs it as Deployment {ns}/{gw}-gateway: see its pods (kubectl -n {ns} get pods -l gateway.networking.k8s.io/gateway-name={gw}) and the Gateway's Programmed condition; without one (or with --gateway-deployments=false), run a gateway proxy: mesh-proxy --node {ns}/{gw}-0 --gateway {gw}, or an Envoy from meshctl bootstrap envoy --node {ns}/{gw}-0 --gateway {gw}; see `meshctl proxy-status`"
             );
             c.warn(
                 CAT,

@@ -58,7 +58,7 @@ pub fn objects(v: &Values, ns: &str, include: Include) -> anyhow::Result<Vec<Val
             "metadata": meta(sa, Some(ns), sa)
         }));
     }
-    out.extend(rbac(ns));
+    out.extend(rbac(ns, v.gateway.deployments));
     out.push(service(ns, ca, &[("grpc-ca", ports::CA, ports::CA)]));
     out.push(service(
         ns,
@@ -108,12 +108,12 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> Value {
 
 /// Least privilege: what each component's code calls, nothing more (e2e/tests/rbac.rs runs the
 /// binaries against these roles and fails on a missing or an unused grant).
-fn rbac(ns: &str) -> Vec<Value> {
+fn rbac(ns: &str, gateway_deployments: bool) -> Vec<Value> {
     let ca = identity::CA_SERVICE_ACCOUNT;
     let ctl = identity::CONTROLLER_SERVICE_ACCOUNT;
     // Watches (a list, then a watch) feed the index; nothing is read one by one.
     let watch = ["list", "watch"];
-    let cluster_roles = [
+    let mut cluster_roles = [
         (
             ca,
             vec![
@@ -182,6 +182,17 @@ fn rbac(ns: &str) -> Vec<Value> {
             ],
         ),
     ];
+    if gateway_deployments {
+        // Each Gateway's proxies: their Deployment, Service and ServiceAccount, read (someone
+        // else's of the same name is not taken over) and server-side applied from the Lease
+        // holder (an apply that creates is a create too).
+        let verbs = ["get", "create", "patch"];
+        let gateways = [
+            rule(&[""], &["serviceaccounts", "services"], &verbs),
+            rule(&["apps"], &["deployments"], &verbs),
+        ];
+        cluster_roles[1].1.extend(gateways);
+    }
     // The CA keeps its signing key in a Secret of its namespace and publishes its root in a
     // ConfigMap there.
     let ca_rules = vec![
@@ -472,7 +483,7 @@ pub fn inject_settings(v: &Values, ns: &str) -> InjectSettings {
 fn controller_deployment(v: &Values, ns: &str) -> Value {
     let name = identity::CONTROLLER_SERVICE_ACCOUNT;
     let s = inject_settings(v, ns);
-    let args = vec![
+    let mut args = vec![
         format!("--trust-domain={}", v.trust_domain),
         format!(
             "--mtls-mode={}",
@@ -495,7 +506,14 @@ fn controller_deployment(v: &Values, ns: &str) -> Value {
         format!("--inject-access-log={}", s.access_log),
         // Keys sorted, as Helm's toJson writes them.
         format!("--inject-proxy-resources={}", s.resources),
+        format!("--gateway-deployments={}", v.gateway.deployments),
     ];
+    if v.gateway.deployments {
+        args.push(format!(
+            "--gateway-service-type={}",
+            json!(v.gateway.service_type).as_str().unwrap_or_default()
+        ));
+    }
     let mut d = deployment(
         v,
         ns,

@@ -31,6 +31,26 @@ pub struct Values {
     pub proxy: Proxy,
     pub webhook: Webhook,
     pub network_policy: NetworkPolicy,
+    pub gateway: Gateway,
+}
+
+/// What the controller gives each Gateway of the mesh's GatewayClass.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Gateway {
+    /// A Deployment of mesh-proxy serving it, a Service and a ServiceAccount
+    /// (`<gateway>-gateway`); false: you run each Gateway's proxy yourself.
+    pub deployments: bool,
+    /// The type of a Gateway's Service, unless its `spec.infrastructure.annotations`
+    /// choose one (`mesh.dev/service-type`).
+    pub service_type: ServiceType,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ServiceType {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
 }
 
 /// NetworkPolicies for the control plane's pods.
