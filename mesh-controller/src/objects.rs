@@ -368,6 +368,17 @@ pub(crate) fn validate_dns_label(value: &str, field: &str, max: usize) -> Result
     Ok(())
 }
 
+/// A `kubernetes.io/tls` Secret holding the PEM `cert` and `key`.
+pub fn tls_secret_yaml(ns: &str, name: &str, cert: &str, key: &str) -> String {
+    use base64::Engine;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    format!(
+        "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: {name}, namespace: {ns}}}\ndata: {{tls.crt: {}, tls.key: {}}}\n",
+        b64(cert),
+        b64(key)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

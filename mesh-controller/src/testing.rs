@@ -20,16 +20,7 @@ pub fn service_yaml(ns: &str, name: &str, ip: &str, ports: &[(&str, u16)]) -> St
     )
 }
 
-/// A `kubernetes.io/tls` Secret holding the PEM `cert` and `key`.
-pub fn tls_secret_yaml(ns: &str, name: &str, cert: &str, key: &str) -> String {
-    use base64::Engine;
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
-        "apiVersion: v1\nkind: Secret\ntype: kubernetes.io/tls\nmetadata: {{name: {name}, namespace: {ns}}}\ndata: {{tls.crt: {}, tls.key: {}}}\n",
-        b64(cert),
-        b64(key)
-    )
-}
+pub use crate::objects::tls_secret_yaml;
 
 /// An EndpointSlice of Service `svc` with one port and ready endpoints at `ips`.
 pub fn slice_yaml(ns: &str, svc: &str, port_name: &str, port: u16, ips: &[&str]) -> String {

@@ -7,6 +7,11 @@
 //! v2 is promoted step by step, v3 (failing 30 % of its requests) is rolled back by the gate.
 //! It measures each step from live traffic: the share per version, the success rate, p50 and
 //! p99, and that the peers were verified over mTLS.
+//!
+//! A Gateway `edge` (mesh-proxy in its gateway role, as the gateway's own identity) serves
+//! `reviews` over HTTPS on 127.0.0.1 with a self-signed certificate for `localhost`, through
+//! the same HTTPRoute as the mesh (its parents are the Service and the Gateway), so a release
+//! moves both. With `--via-gateway` the load enters through it instead of the client's proxy.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -40,6 +45,14 @@ pub struct DemoArgs {
     /// the service graph at `/graph`. Taken elsewhere, any free port is used instead.
     #[arg(long, default_value = "127.0.0.1:15014")]
     pub admin: SocketAddr,
+    /// Where the Gateway `edge` serves HTTPS (`https://localhost:PORT/`, a self-signed
+    /// certificate). Taken elsewhere, any free port is used instead.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub gateway: SocketAddr,
+    /// Send the load through the Gateway over HTTPS, as traffic from outside the mesh enters,
+    /// instead of through the client's proxy.
+    #[arg(long)]
+    pub via_gateway: bool,
 }
 
 /// One version's figures in a step.
@@ -78,6 +91,12 @@ pub struct StepReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoReport {
+    /// Where the load entered: `client` (its sidecar) or `gateway`.
+    pub entry: String,
+    /// The Gateway's URL, and the file of its certificate (gone with the demo).
+    pub gateway_url: String,
+    pub gateway_ca: String,
+    /// The identity the servers saw: the client's, or the gateway's with `--via-gateway`.
     pub client_identity: String,
     pub server_identity: String,
     /// Where the controller's admin API (and `/graph`) was.
@@ -100,10 +119,26 @@ struct Sample {
 const NS: &str = "default";
 const VERSIONS: [(&str, f64); 3] = [("v1", 0.0), ("v2", 0.0), ("v3", 0.3)];
 
-fn manifests(servers: &[(String, u16, u16)]) -> String {
-    let mut docs = vec![format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080}}]\n"
-    )];
+/// The Gateway's name, and the route it shares with the mesh.
+const GATEWAY: &str = "edge";
+
+/// The mesh's objects: `reviews` and its versions at `servers` (version, app port, inbound
+/// port), and the Gateway with an HTTPS listener on `gateway_port` whose certificate and key
+/// are `tls`, sharing the HTTPRoute `reviews` (all on v1) with the mesh.
+fn manifests(servers: &[(String, u16, u16)], gateway_port: u16, tls: (&str, &str)) -> String {
+    let mut docs = vec![
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080}}]\n"
+        ),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".into(),
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: {GATEWAY}, namespace: {NS}}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: https, port: {gateway_port}, protocol: HTTPS, tls: {{certificateRefs: [{{name: {GATEWAY}-cert}}]}}}}\n"
+        ),
+        mesh_controller::objects::tls_secret_yaml(NS, &format!("{GATEWAY}-cert"), tls.0, tls.1),
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: reviews, namespace: {NS}}}\nspec:\n  parentRefs:\n  - {{group: '', kind: Service, name: reviews, port: 9080}}\n  - {{name: {GATEWAY}}}\n  rules: [{{backendRefs: [{{name: reviews-v1, port: 9080}}]}}]\n"
+        ),
+    ];
     for (i, (v, app_port, inbound)) in servers.iter().enumerate() {
         docs.push(format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews-{v}, namespace: {NS}}}\nspec:\n  clusterIP: 10.96.0.{}\n  selector: {{app: reviews, version: {v}}}\n  ports: [{{name: http, port: 9080, targetPort: {app_port}}}]\n",
@@ -128,6 +163,31 @@ struct Mesh {
     _services: Vec<crate::demo_service::Running>,
     servers: Vec<mesh_proxy::Proxy>,
     client: mesh_proxy::Proxy,
+    /// The Gateway's proxy, where it listens, and its certificate (PEM, and its file).
+    gateway: mesh_proxy::Proxy,
+    gateway_addr: SocketAddr,
+    gateway_cert: String,
+    gateway_ca: std::path::PathBuf,
+}
+
+/// Where the load enters the mesh.
+#[derive(Clone)]
+enum Entry {
+    /// The client's proxy, over plaintext HTTP (its outbound listener).
+    Client(SocketAddr),
+    /// The Gateway, over HTTPS to `localhost`, trusting the Gateway's certificate.
+    Gateway(SocketAddr, Arc<tokio_rustls::rustls::ClientConfig>),
+}
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, and its key, as PEM.
+fn self_signed() -> anyhow::Result<(String, String)> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(
+        std::net::Ipv4Addr::LOCALHOST.into(),
+    ));
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result<Mesh> {
@@ -166,6 +226,16 @@ async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result
         config.ca_token_file = token;
         Ok(())
     };
+    // The Gateway's listener: the asked-for address, or any free port.
+    let gateway_addr = match std::net::TcpListener::bind(args.gateway) {
+        Ok(l) => l.local_addr()?,
+        Err(_) => std::net::TcpListener::bind(SocketAddr::new(args.gateway.ip(), 0))
+            .and_then(|l| l.local_addr())
+            .with_context(|| format!("a free port on {} for the Gateway", args.gateway.ip()))?,
+    };
+    let (gateway_cert, gateway_key) = self_signed()?;
+    let gateway_ca = dir.path().join(format!("{GATEWAY}.pem"));
+    std::fs::write(&gateway_ca, &gateway_cert)?;
     let mut services = Vec::new();
     let mut servers = Vec::new();
     let mut placed = Vec::new();
@@ -194,12 +264,23 @@ async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result
         services.push(svc);
         servers.push(proxy);
     }
-    std::fs::write(config_dir.join("reviews.yaml"), manifests(&placed))?;
+    std::fs::write(
+        config_dir.join("reviews.yaml"),
+        manifests(&placed, gateway_addr.port(), (&gateway_cert, &gateway_key)),
+    )?;
     let mut config = mesh_proxy::Config::local(controller.xds_addr, &format!("{NS}/productpage-0"));
     config.workload = Some("productpage".into());
     identify(&mut config, "productpage")?;
     let client = mesh_proxy::Proxy::start(config, None).await?;
-    let all: Vec<&mesh_proxy::Proxy> = servers.iter().chain([&client]).collect();
+    let mut config = mesh_proxy::Config::local(controller.xds_addr, &format!("{NS}/{GATEWAY}-0"));
+    config.gateway = Some(GATEWAY.into());
+    config.gateway_addr = gateway_addr.ip();
+    identify(
+        &mut config,
+        &mesh_api::consts::identity::gateway_service_account(GATEWAY),
+    )?;
+    let gateway = mesh_proxy::Proxy::start(config, None).await?;
+    let all: Vec<&mesh_proxy::Proxy> = servers.iter().chain([&client, &gateway]).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     for p in all {
         while !(p.store.is_ready() && p.tls.as_ref().is_some_and(|t| t.identity.has_valid_svid())) {
@@ -210,6 +291,13 @@ async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    while tokio::net::TcpStream::connect(gateway_addr).await.is_err() {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the Gateway's proxy did not listen on {gateway_addr} in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     Ok(Mesh {
         _dir: dir,
         config_dir,
@@ -218,12 +306,17 @@ async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result
         _services: services,
         servers,
         client,
+        gateway,
+        gateway_addr,
+        gateway_cert,
+        gateway_ca,
     })
 }
 
-/// Steady load through the client's proxy, `GET http://reviews:9080/`, every answer recorded.
+/// Steady load through `entry`, `GET http://reviews:9080/` (or `https://localhost/` through
+/// the Gateway), every answer recorded.
 fn start_load(
-    proxy: SocketAddr,
+    entry: Entry,
     rate: u32,
     samples: Arc<Mutex<Vec<Sample>>>,
     stop: tokio::sync::watch::Receiver<bool>,
@@ -232,7 +325,7 @@ fn start_load(
     let period = Duration::from_secs_f64(f64::from(workers) / f64::from(rate.max(1)));
     (0..workers)
         .map(|i| {
-            let (samples, stop) = (samples.clone(), stop.clone());
+            let (samples, stop, entry) = (samples.clone(), stop.clone(), entry.clone());
             tokio::spawn(async move {
                 tokio::time::sleep(period.mul_f64(f64::from(i) / f64::from(workers))).await;
                 let mut tick = tokio::time::interval(period);
@@ -240,7 +333,7 @@ fn start_load(
                 while !*stop.borrow() {
                     tick.tick().await;
                     let start = Instant::now();
-                    let got = get(proxy, &mut sender).await;
+                    let got = get(&entry, &mut sender).await;
                     let (version, ok) = match got {
                         Ok((status, body)) => {
                             let version = body
@@ -268,17 +361,36 @@ fn start_load(
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
-async fn get(proxy: SocketAddr, sender: &mut Option<Sender>) -> anyhow::Result<(u16, String)> {
+async fn get(entry: &Entry, sender: &mut Option<Sender>) -> anyhow::Result<(u16, String)> {
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
-        let tcp = tokio::net::TcpStream::connect(proxy).await?;
-        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(conn);
+        let tx = match entry {
+            Entry::Client(addr) => {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(conn);
+                tx
+            }
+            Entry::Gateway(addr, tls) => {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost")?;
+                let tls = tokio_rustls::TlsConnector::from(tls.clone())
+                    .connect(name, tcp)
+                    .await?;
+                let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+                tokio::spawn(conn);
+                tx
+            }
+        };
         *sender = Some(tx);
     }
     let tx = sender.as_mut().context("no connection")?;
     tx.ready().await?;
-    let req = hyper::Request::get("http://reviews:9080/")
-        .header("host", "reviews:9080")
+    let host = match entry {
+        Entry::Client(_) => "reviews:9080".to_string(),
+        Entry::Gateway(addr, _) => format!("localhost:{}", addr.port()),
+    };
+    let req = hyper::Request::get("/")
+        .header("host", host)
         .body(Empty::new())?;
     let resp = match tx.send_request(req).await {
         Ok(r) => r,
@@ -349,7 +461,7 @@ fn print_step(i: usize, s: &StepReport, out: &mut dyn Write) -> anyhow::Result<(
     )?;
     writeln!(
         out,
-        "  mTLS: {} ({} handshakes from the client's proxy so far)",
+        "  mTLS: {} ({} handshakes from the entry proxy so far)",
         if s.mtls_verified {
             "every peer verified"
         } else {
@@ -359,7 +471,7 @@ fn print_step(i: usize, s: &StepReport, out: &mut dyn Write) -> anyhow::Result<(
     )?;
     writeln!(
         out,
-        "  the mesh's own telemetry (meshctl stat reviews -n {NS}), from the client proxy's metrics:"
+        "  the mesh's own telemetry (meshctl stat reviews -n {NS}), from the proxies' metrics:"
     )?;
     let mut table = Vec::new();
     crate::cmd::stat::write_stat(&s.mesh_stat, NS, &mut table)?;
@@ -402,12 +514,20 @@ fn print_rollout(r: &RolloutReport, out: &mut dyn Write) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the client's proxy routes `reviews` by these shares.
-fn applied(s: &mesh_proxy::state::Snapshot, to: &[(String, u32)]) -> bool {
-    let running = s.backend_weights(
-        mesh_api::consts::xds::OUTBOUND_HTTP_ROUTE,
-        &format!("reviews.{NS}."),
-    );
+/// Whether a proxy routes `reviews` by these shares: the client's (its outbound route), or
+/// the Gateway's (its listener's route).
+fn applied(
+    s: &mesh_proxy::state::Snapshot,
+    gateway_port: Option<u16>,
+    to: &[(String, u32)],
+) -> bool {
+    let running = match gateway_port {
+        None => s.backend_weights(
+            mesh_api::consts::xds::OUTBOUND_HTTP_ROUTE,
+            &format!("reviews.{NS}."),
+        ),
+        Some(port) => s.backend_weights(&format!("gateway/{NS}/{GATEWAY}/{port}/https"), "https/"),
+    };
     // Shares, not raw weights: a lone backend may run at weight 1.
     let total: u64 = running.iter().map(|(_, w)| u64::from(*w)).sum();
     let want: u64 = to.iter().map(|(_, w)| u64::from(*w)).sum();
@@ -422,15 +542,24 @@ fn applied(s: &mesh_proxy::state::Snapshot, to: &[(String, u32)]) -> bool {
         })
 }
 
-/// Waits until the client's proxy routes by `to`.
+/// Waits until the client's proxy and the Gateway's route by `to`.
 async fn wait_applied(mesh: &Mesh, to: &[(String, u32)]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !mesh.client.store.load().is_some_and(|s| applied(&s, to)) {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "the client proxy did not get the new route in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    for (p, port, what) in [
+        (&mesh.client, None, "the client proxy"),
+        (
+            &mesh.gateway,
+            Some(mesh.gateway_addr.port()),
+            "the Gateway's proxy",
+        ),
+    ] {
+        while !p.store.load().is_some_and(|s| applied(&s, port, to)) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{what} did not get the new route in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     Ok(())
 }
@@ -441,6 +570,8 @@ struct Measure<'a> {
     mesh: &'a Mesh,
     samples: &'a Mutex<Vec<Sample>>,
     ctl: crate::cmd::check::Endpoint,
+    /// The proxy the load enters by (the client's or the Gateway's), and its identity.
+    entry: &'a mesh_proxy::Proxy,
     client_id: &'a SpiffeId,
 }
 
@@ -485,7 +616,7 @@ impl Measure<'_> {
                 })
             })
             .collect();
-        let client_metrics = self.mesh.client.metrics.encode();
+        let client_metrics = self.entry.metrics.encode();
         let handshakes = mesh_api::prom::count(
             &client_metrics,
             "mesh_proxy_tls_handshakes_total{direction=\"outbound\"}",
@@ -552,7 +683,21 @@ pub async fn run(
         progress,
         "the controller's admin API is at http://{admin}: the service graph at http://{admin}/graph; meshctl stat reviews -n {NS} --controller {admin}; meshctl top --controller {admin} (open to this machine's users: loopback callers)"
     )?;
-    let client_id = SpiffeId::workload("cluster.local", NS, "productpage")?;
+    let gateway_url = format!("https://localhost:{}/", mesh.gateway_addr.port());
+    writeln!(
+        progress,
+        "the Gateway {GATEWAY} serves reviews at {gateway_url} (curl --cacert {} {gateway_url}), into the mesh over mTLS as its own identity",
+        mesh.gateway_ca.display()
+    )?;
+    let (entry_proxy, client_sa) = if args.via_gateway {
+        (
+            &mesh.gateway,
+            mesh_api::consts::identity::gateway_service_account(GATEWAY),
+        )
+    } else {
+        (&mesh.client, "productpage".to_string())
+    };
+    let client_id = SpiffeId::workload("cluster.local", NS, &client_sa)?;
     let server_id = SpiffeId::workload("cluster.local", NS, "reviews")?;
     let samples = Arc::new(Mutex::new(Vec::new()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -562,14 +707,32 @@ pub async fn run(
         namespace: NS.into(),
         port: None,
     };
-    let client_addr = mesh
-        .client
-        .outbound_http_addr
-        .context("client proxy listener")?;
+    let entry = if args.via_gateway {
+        let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+        for c in mesh_api::tls::certs_from_pem(&mesh.gateway_cert, "the Gateway's certificate")
+            .map_err(|e| anyhow::anyhow!(e))?
+        {
+            roots.add(c)?;
+        }
+        let tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Entry::Gateway(mesh.gateway_addr, Arc::new(tls))
+    } else {
+        Entry::Client(
+            mesh.client
+                .outbound_http_addr
+                .context("client proxy listener")?,
+        )
+    };
     let measure = Measure {
         mesh: &mesh,
         samples: &samples,
         ctl: crate::cmd::check::Endpoint::Direct(admin),
+        entry: entry_proxy,
         client_id: &client_id,
     };
     let mut steps = Vec::new();
@@ -589,7 +752,7 @@ pub async fn run(
         "step 1: all traffic on v1 (meshctl route split): waiting for the proxies to apply the route... "
     )?;
     wait_applied(&mesh, &to).await?;
-    let load = start_load(client_addr, args.rate, samples.clone(), stop_rx.clone());
+    let load = start_load(entry, args.rate, samples.clone(), stop_rx.clone());
     writeln!(progress, "measuring {:?} of live traffic", args.step)?;
     let from = Instant::now();
     tokio::time::sleep(args.step).await;
@@ -725,6 +888,14 @@ pub async fn run(
         let _ = t.await;
     }
     let report = DemoReport {
+        entry: if args.via_gateway {
+            "gateway"
+        } else {
+            "client"
+        }
+        .into(),
+        gateway_url,
+        gateway_ca: mesh.gateway_ca.display().to_string(),
         controller_admin: admin,
         client_identity: client_id.to_string(),
         server_identity: server_id.to_string(),
@@ -737,7 +908,7 @@ pub async fn run(
         writeln!(out)?;
         writeln!(
             out,
-            "The controller promoted v2 and rolled v3 back by its gates, from the mesh's own measurements; the client ({}) reached every version over mutual TLS, each version's proxy presenting {}.",
+            "The controller promoted v2 and rolled v3 back by its gates, from the mesh's own measurements; the load's entry ({}) reached every version over mutual TLS, each version's proxy presenting {}.",
             report.client_identity, report.server_identity
         )?;
     }
