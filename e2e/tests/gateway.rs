@@ -1,8 +1,8 @@
 //! A Gateway of our GatewayClass, served by a stock Envoy 1.40 joined with `meshctl bootstrap
 //! envoy --gateway` and by mesh-proxy with `--gateway`: HTTP by Host, HTTPS by SNI with the
 //! listener's certificate from a Secret, listener isolation, 404 for a host no listener
-//! serves, the conformance cases and a certificate rotated under load, each proxy on its own
-//! loopback address and giving the same answers.
+//! serves, the conformance cases, a certificate rotated under load and a rate limit on a
+//! listener, each proxy on its own loopback address and giving the same answers.
 
 use std::time::Duration;
 
@@ -1143,5 +1143,86 @@ async fn a_gateway_listener_on_a_taken_port_fails_ready_until_it_binds() -> anyh
     )
     .await?;
     assert_eq!(unbound().await.as_deref(), Some("0"));
+    Ok(())
+}
+
+/// RateLimitPolicies on a Gateway: one naming its HTTPS listener (1 a second, a burst of 3),
+/// one naming the whole Gateway far above the test's rate. Ten quick HTTPS requests get 429 for
+/// what the listener's bucket does not hold, from Envoy and mesh-proxy alike; ten quick HTTP
+/// requests all pass, under the Gateway's policy: the one naming a listener wins on its chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_on_a_gateway_listener_refuses_what_its_bucket_does_not_hold()
+-> anyhow::Result<()> {
+    let Some(curl_bin) = system_peer("curl") else {
+        return Ok(());
+    };
+    const IPS: (&str, &str) = ("127.0.0.18", "127.0.0.19");
+    let shop = Backend::start("shop").await?;
+    let dir = tempfile::tempdir()?;
+    let (http, https) = (port_on(&[IPS.0, IPS.1]), port_on(&[IPS.0, IPS.1]));
+    let (cert, key) = self_signed(&["shop.example.com"])?;
+    let ca = dir.path().join("shop.pem");
+    std::fs::write(&ca, &cert)?;
+    let limit = |name: &str, section: &str, rps: u32, burst: u32| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: {name}, namespace: infra}}\nspec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: edge{section}}}]\n  local: {{requestsPerSecond: {rps}, burst: {burst}}}\n"
+        )
+    };
+    let docs = [
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
+        service_yaml("infra", "shop", "10.96.0.10", &[("http", 8080)]),
+        slice_yaml("infra", "shop", "http", shop.addr.port(), &["127.0.0.1"]),
+        tls_secret("infra", "shop-cert", &cert, &key),
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: http, port: {http}, protocol: HTTP}}\n  - {{name: https, port: {https}, protocol: HTTPS, hostname: shop.example.com, tls: {{certificateRefs: [{{name: shop-cert}}]}}}}\n"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  hostnames: [shop.example.com]\n  rules: [{backendRefs: [{name: shop, port: 8080}]}]\n".into(),
+        limit("edge-all", "", 1000, 1000),
+        limit("edge-https", ", sectionName: https", 1, 3),
+    ];
+    let ctl = controller(dir.path(), &[("edge.yaml", docs.join("---\n"))]).await?;
+    let proxies = proxies(&ctl, dir.path(), "edge", IPS).await?;
+    let mut failures = Vec::new();
+    for gp in &proxies {
+        let ip = gp.ip;
+        let ask = |scheme: &'static str| {
+            let (port, ca) = match scheme {
+                "https" => (https, Some(ca.as_path())),
+                _ => (http, None),
+            };
+            let curl_bin = curl_bin.clone();
+            async move {
+                curl(&curl_bin, scheme, ("shop.example.com", ip, port), ca)
+                    .await
+                    .map(|r| r.0)
+            }
+        };
+        // Each listener serves (the HTTPS one once its certificate is there): a token each.
+        let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
+            (ask("http").await.is_ok_and(|c| c == 200)
+                && ask("https").await.is_ok_and(|c| c == 200))
+            .then_some(())
+        })
+        .await;
+        if let Err(e) = served {
+            anyhow::bail!("{:?}: {e}\n{}", gp.serving, gp.log_text());
+        }
+        let mut codes = std::collections::BTreeMap::<(&str, u16), u32>::new();
+        for scheme in ["https", "http"] {
+            for _ in 0..10 {
+                let code = ask(scheme).await.unwrap_or(0);
+                *codes.entry((scheme, code)).or_default() += 1;
+            }
+        }
+        println!("ten requests of each through {:?}: {codes:?}", gp.serving);
+        let n = |scheme, code| codes.get(&(scheme, code)).copied().unwrap_or(0);
+        // The bucket held 2 after the first request, and refills 1 a second: most of the ten
+        // (sent within a second or so) are refused.
+        if n("https", 429) < 5 || n("https", 200) + n("https", 429) != 10 || n("http", 200) != 10 {
+            failures.push(format!(
+                "{:?}: {codes:?}, want at least 5 of the HTTPS requests refused (429, the rest 200) and every HTTP one 200",
+                gp.serving
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
     Ok(())
 }

@@ -11,8 +11,8 @@ pub const GROUP: &str = "mesh.dev";
 pub const VERSION: &str = "v1alpha1";
 
 /// What a policy attaches to, in the policy's namespace: a Service (group `""`) or a
-/// Namespace; a TrafficPolicy also an HTTPRoute or GRPCRoute (group
-/// `gateway.networking.k8s.io`).
+/// Namespace; a TrafficPolicy also an HTTPRoute or GRPCRoute, a RateLimitPolicy also a Gateway
+/// (group `gateway.networking.k8s.io`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyTargetReference {
@@ -20,7 +20,8 @@ pub struct PolicyTargetReference {
     pub group: String,
     pub kind: String,
     pub name: String,
-    /// A port name of the Service, or a rule name of the route; absent means all of them.
+    /// A port name of the Service, a rule name of the route, or a listener name of the
+    /// Gateway; absent means all of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub section_name: Option<String>,
 }

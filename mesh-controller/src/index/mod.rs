@@ -721,6 +721,22 @@ impl Index {
         out
     }
 
+    /// The listeners of Gateway `ns/name` of one of our classes, as a policy's target sees them.
+    fn gateway_listeners(&self, ns: &str, name: &str) -> Option<policy::GatewayListeners> {
+        let g = self.gateways.get(&ObjKey {
+            kind: Kind::Gateway,
+            namespace: ns.into(),
+            name: name.into(),
+        })?;
+        self.classes.get(&g.class).filter(|c| c.ours)?;
+        Some(
+            g.listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.port, l.protocol.clone()))
+                .collect(),
+        )
+    }
+
     /// Every policy, checked and compiled; what cannot be read goes to `errors`.
     fn policies(&self, errors: &mut Vec<ResolveError>) -> policy::Policies {
         let mut out = policy::Policies {
@@ -758,7 +774,13 @@ impl Index {
                 _ => None,
             };
             if let Some(targets) = targets {
-                policy::check_targets(key, targets, |n| service_ports(&key.namespace, n), errors);
+                policy::check_targets(
+                    key,
+                    targets,
+                    |n| service_ports(&key.namespace, n),
+                    |n| self.gateway_listeners(&key.namespace, n),
+                    errors,
+                );
             }
         }
         let mut keys: Vec<&ObjKey> = self.traffic.keys().collect();

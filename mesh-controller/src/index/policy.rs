@@ -43,6 +43,12 @@ pub enum Target {
     Namespace,
     /// The workloads a Service selects; with a port name, only that port.
     Service { name: String, port: Option<String> },
+    /// A Gateway of the policy's namespace (RateLimitPolicy only): the requests its listeners
+    /// take; with a listener name, only that listener's.
+    Gateway {
+        name: String,
+        listener: Option<String>,
+    },
 }
 
 /// A condition on a SPIFFE ID, or on the normalized path.
@@ -202,7 +208,42 @@ pub fn applies(targets: &[Target], via: &Via<'_>) -> bool {
         Target::Service { name, port } => via
             .iter()
             .any(|(s, p)| s == name && port.as_deref().is_none_or(|want| want == *p)),
+        // A Gateway's listeners are no workload's port.
+        Target::Gateway { .. } => false,
     })
+}
+
+impl Policies {
+    /// The rate limit of Gateway `namespace/gateway` on a chain taking the requests of
+    /// `listeners`: the first (by name) that targets one of those listeners, else the first
+    /// that targets the whole Gateway.
+    pub fn for_gateway<'a>(
+        &'a self,
+        namespace: &str,
+        gateway: &str,
+        listeners: &[&str],
+    ) -> Option<&'a RateLimit> {
+        let limits = || {
+            self.by_namespace
+                .get(namespace)
+                .into_iter()
+                .flat_map(|n| &n.rate_limits)
+        };
+        let targets = |l: &RateLimit, specific: bool| {
+            l.targets.iter().any(|t| match t {
+                // A listener's own limit only where its chain takes its requests alone (an HTTP
+                // listener sharing its port is refused as a target).
+                Target::Gateway { name, listener } if name == gateway => match listener {
+                    Some(want) => specific && listeners == [want.as_str()],
+                    None => !specific,
+                },
+                _ => false,
+            })
+        };
+        limits()
+            .find(|l| targets(l, true))
+            .or_else(|| limits().find(|l| targets(l, false)))
+    }
 }
 
 /// The policies one inbound port enforces.
@@ -267,8 +308,18 @@ fn is_dns_subdomain(s: &str) -> bool {
 pub fn target(
     t: &PolicyTargetReference,
     namespace: &str,
+    gateways: bool,
 ) -> Result<Target, (&'static str, String)> {
     match (t.group.as_str(), t.kind.as_str()) {
+        (crate::index::grants::GATEWAY_GROUP, "Gateway") if gateways => Ok(Target::Gateway {
+            name: t.name.clone(),
+            listener: t.section_name.clone(),
+        }),
+        (crate::index::grants::GATEWAY_GROUP, "Gateway") => Err((
+            "kind",
+            "an AuthorizationPolicy cannot target a Gateway: it decides who reaches a workload, by mesh identities that callers from outside do not have; target the Services behind the Gateway"
+                .into(),
+        )),
         ("" | "core", "Service") => Ok(Target::Service {
             name: t.name.clone(),
             port: t.section_name.clone(),
@@ -281,14 +332,24 @@ pub fn target(
                 t.name
             ),
         )),
+        (g, k) if gateways => Err((
+            "kind",
+            format!("{g:?}/{k:?} is not a Service, Namespace or Gateway"),
+        )),
         (g, k) => Err(("kind", format!("{g:?}/{k:?} is not a Service or Namespace"))),
     }
 }
 
-fn targets(refs: &[PolicyTargetReference], namespace: &str, r: &mut Report<'_>) -> Vec<Target> {
+/// The targets of a policy in `namespace`; `gateways`: whether it may target a Gateway.
+fn targets(
+    refs: &[PolicyTargetReference],
+    namespace: &str,
+    gateways: bool,
+    r: &mut Report<'_>,
+) -> Vec<Target> {
     let mut out = Vec::new();
     for (i, t) in refs.iter().enumerate() {
-        match target(t, namespace) {
+        match target(t, namespace, gateways) {
             Ok(t) => out.push(t),
             Err((field, why)) => r.push(
                 format!("spec.targetRefs[{i}].{field}"),
@@ -478,7 +539,7 @@ pub fn authz(
     let mut r = Report { key, errors };
     let spec = &p.spec;
     let deny = spec.action == AuthorizationAction::Deny;
-    let targets = targets(&spec.target_refs, &key.namespace, &mut r);
+    let targets = targets(&spec.target_refs, &key.namespace, false, &mut r);
     let mut rules = Vec::new();
     for (i, rule) in spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
@@ -524,7 +585,7 @@ pub fn rate_limit(
 ) -> Option<RateLimit> {
     let mut r = Report { key, errors };
     let l = &p.spec.local;
-    let targets = targets(&p.spec.target_refs, &key.namespace, &mut r);
+    let targets = targets(&p.spec.target_refs, &key.namespace, true, &mut r);
     let mut bucket = |rps: Option<u32>, burst: Option<u32>, at: &str| -> Option<Bucket> {
         let rps = rps?;
         if rps == 0 {
@@ -567,22 +628,66 @@ pub fn rate_limit(
     })
 }
 
+/// A Gateway's listeners as a policy checks its target: `(name, port, protocol)`.
+pub type GatewayListeners = Vec<(String, u16, String)>;
+
 /// Policies that target nothing: no reference readable, or a Service that does not exist, or
-/// a port it does not have.
+/// a port it does not have; or a Gateway that does not exist (`gateway_listeners` of a name is
+/// `None`), a listener it does not have, or an HTTP listener sharing its port with others (one
+/// chain takes all their requests, so a limit of one would count the others').
 pub fn check_targets(
     key: &ObjKey,
     targets: &[Target],
     service_ports: impl Fn(&str) -> Option<Vec<String>>,
+    gateway_listeners: impl Fn(&str) -> Option<GatewayListeners>,
     errors: &mut Vec<ResolveError>,
 ) {
     let mut r = Report { key, errors };
     if targets.is_empty() {
         r.push(
             "spec.targetRefs".into(),
-            "no Service or Namespace to attach to: the policy has no effect".into(),
+            "nothing to attach to: the policy has no effect".into(),
         );
     }
     for (i, t) in targets.iter().enumerate() {
+        if let Target::Gateway { name, listener } = t {
+            let Some(listeners) = gateway_listeners(name) else {
+                r.push(
+                    format!("spec.targetRefs[{i}]"),
+                    format!(
+                        "Gateway {}/{name} not found (or not of a GatewayClass of mesh): the policy targets nothing",
+                        key.namespace
+                    ),
+                );
+                continue;
+            };
+            let Some(want) = listener else { continue };
+            match listeners.iter().find(|(n, _, _)| n == want) {
+                None => r.push(
+                    format!("spec.targetRefs[{i}].sectionName"),
+                    format!(
+                        "Gateway {}/{name} has no listener named {want:?}: the policy targets nothing",
+                        key.namespace
+                    ),
+                ),
+                Some((_, port, protocol))
+                    if protocol == "HTTP"
+                        && listeners
+                            .iter()
+                            .any(|(n, p, pr)| n != want && p == port && pr == "HTTP") =>
+                {
+                    r.push(
+                        format!("spec.targetRefs[{i}].sectionName"),
+                        format!(
+                            "listener {want:?} of Gateway {}/{name} shares port {port} with other HTTP listeners, whose requests one limit would count together: target the Gateway (every listener) or give the listener a port of its own; the reference is ignored",
+                            key.namespace
+                        ),
+                    );
+                }
+                Some(_) => {}
+            }
+            continue;
+        }
         let Target::Service { name, port } = t else {
             continue;
         };

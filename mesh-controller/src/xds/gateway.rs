@@ -12,6 +12,9 @@
 //!   request meets the routes of the listener its SNI selected.
 //! - A virtual host with no routes answers 404 (no route matches), as the spec asks of a host
 //!   a listener takes and no route serves.
+//! - A RateLimitPolicy that targets the Gateway (or one listener) puts its local rate limit
+//!   before the router of each chain it covers, a bucket per chain: named
+//!   `<policy namespace>/<policy name>/<port>` on an HTTP port, `.../<listener>` on HTTPS.
 
 use std::net::IpAddr;
 
@@ -32,6 +35,7 @@ use super::resources::{Resource, ResourceType, Resources};
 use super::translate::SdsSource;
 use crate::index::Model;
 use crate::index::gateway::{GatewayModel, GatewayPort, ListenerProtocol, VirtualHost as Vhost};
+use crate::index::policy::RateLimit;
 use mesh_api::consts::xds as names;
 
 /// The listener of a Gateway port.
@@ -61,11 +65,21 @@ pub fn gateway_resources(model: &Model, g: &GatewayModel, bind: IpAddr) -> Resou
                 let name = route_name(g, port.port, None);
                 let rc = route_config(&name, port, port.vhosts.iter());
                 out.insert(ResourceType::Route, Resource::new(&name, &rc));
+                let listeners: Vec<&str> = g
+                    .listeners
+                    .iter()
+                    .filter(|l| l.port == port.port && l.protocol == Some(ListenerProtocol::Http))
+                    .map(|l| l.name.as_str())
+                    .collect();
+                let limit = model
+                    .policies
+                    .for_gateway(&g.namespace, &g.name, &listeners)
+                    .map(|l| (l, port.port.to_string()));
                 vec![FilterChain {
                     name: name.clone(),
                     filters: vec![network_filter(
                         "envoy.filters.network.http_connection_manager",
-                        &gateway_hcm(&name),
+                        &gateway_hcm(&name, limit),
                     )],
                     ..Default::default()
                 }]
@@ -160,7 +174,13 @@ fn https_chains(
             }),
             filters: vec![network_filter(
                 "envoy.filters.network.http_connection_manager",
-                &gateway_hcm(&name),
+                &gateway_hcm(
+                    &name,
+                    model
+                        .policies
+                        .for_gateway(&g.namespace, &g.name, &[l.name.as_str()])
+                        .map(|p| (p, l.name.clone())),
+                ),
             )],
             transport_socket: Some(TransportSocket {
                 name: names::TLS_TRANSPORT_SOCKET.into(),
@@ -183,9 +203,19 @@ fn inline(pem: &str) -> DataSource {
 /// `name`; the client's address is the peer's (a client's `x-forwarded-for` is not trusted,
 /// so neither are its `x-envoy-*` headers); paths normalized and slashes merged before routes
 /// match them, as the sidecars' inbound side does.
-fn gateway_hcm(name: &str) -> HttpConnectionManager {
+/// A gateway chain's HTTP connection manager; `limit`: a rate limit, and what its bucket is
+/// of (the port or the listener), before the router.
+fn gateway_hcm(name: &str, limit: Option<(&RateLimit, String)>) -> HttpConnectionManager {
     use envoy_types::pb::google::protobuf::BoolValue;
     let mut h = hcm(name, name);
+    if let Some((l, of)) = limit {
+        let bucket = RateLimit {
+            name: format!("{}/{of}", l.name),
+            ..l.clone()
+        };
+        h.http_filters
+            .insert(0, super::policy::rate_limit_filter(&bucket));
+    }
     h.use_remote_address = Some(BoolValue { value: true });
     h.normalize_path = Some(BoolValue { value: true });
     h.merge_slashes = true;

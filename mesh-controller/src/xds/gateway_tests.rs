@@ -230,3 +230,84 @@ fn a_gateway_node_is_read_and_must_run_as_the_gateways_account() {
         .expect_err("another account");
     assert!(err.contains("service account \"edge-gateway\""), "{err}");
 }
+
+/// RateLimitPolicies on a Gateway: a listener's own wins on its chain, the Gateway's covers the
+/// rest, a bucket per chain; a listener that shares its HTTP port cannot be named, a Gateway
+/// that is not there or a listener it lacks is reported, and an AuthorizationPolicy cannot
+/// target a Gateway.
+#[test]
+fn rate_limits_on_a_gateway_go_on_the_chains_they_name() {
+    use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    let limit = |name: &str, section: &str| {
+        format!(
+            "apiVersion: mesh.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: {name}, namespace: infra}}\nspec:\n  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: edge{section}}}]\n  local: {{requestsPerSecond: 10}}\n"
+        )
+    };
+    let mut idx = Index::new("cluster.local");
+    for d in [
+        CLASS.to_string(),
+        secret_yaml("infra", "shop-cert", "shop.example.com"),
+        secret_yaml("infra", "any-cert", "*.example.com"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: http, port: 8080, protocol: HTTP}\n  - {name: http-b, port: 8080, protocol: HTTP, hostname: b.example.com}\n  - {name: shop, port: 8443, protocol: HTTPS, hostname: shop.example.com, tls: {certificateRefs: [{name: shop-cert}]}}\n  - {name: any, port: 8443, protocol: HTTPS, hostname: '*.example.com', tls: {certificateRefs: [{name: any-cert}]}}\n".into(),
+        limit("all", ""),
+        limit("shop-only", ", sectionName: shop"),
+        limit("shared", ", sectionName: http-b"),
+        limit("nowhere", ", sectionName: missing"),
+        "apiVersion: mesh.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: other, namespace: infra}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: elsewhere}]\n  local: {requestsPerSecond: 10}\n".into(),
+        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: edge-authz, namespace: infra}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: edge}]\n  rules: [{}]\n".into(),
+    ] {
+        idx.apply(obj(&d)).unwrap_or_else(|e| panic!("{e}: {d}"));
+    }
+    let model = idx.model();
+    let mut t = Translator::new(model.clone());
+    let view = t.view(&gateway_proxy("edge"));
+    let buckets = |listener: &str| -> Vec<Option<String>> {
+        let l: Listener = decode(
+            view.get(ResourceType::Listener, listener)
+                .expect("listener"),
+        );
+        l.filter_chains
+            .iter()
+            .map(|c| {
+                let Some(filter::ConfigType::TypedConfig(any)) = &c.filters[0].config_type else {
+                    panic!("no typed config");
+                };
+                let hcm = HttpConnectionManager::decode(any.value.as_slice()).expect("hcm");
+                hcm.http_filters
+                    .iter()
+                    .find(|f| f.name == "envoy.filters.http.local_ratelimit")
+                    .and_then(|f| match &f.config_type {
+                        Some(
+                            envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType::TypedConfig(a),
+                        ) => Some(LocalRateLimit::decode(a.value.as_slice()).expect("limit").stat_prefix),
+                        _ => None,
+                    })
+            })
+            .collect()
+    };
+    // The HTTP port's one chain: the Gateway's (http-b shares the port, so its own is not used).
+    assert_eq!(buckets("gateway_8080"), vec![Some("infra/all/8080".into())]);
+    assert_eq!(
+        buckets("gateway_8443"),
+        vec![
+            Some("infra/shop-only/shop".into()),
+            Some("infra/all/any".into())
+        ]
+    );
+    let errors: Vec<String> = model
+        .errors
+        .iter()
+        .map(|e| format!("{} {}: {}", e.object.name, e.field, e.reason))
+        .collect();
+    for want in [
+        "shared spec.targetRefs[0].sectionName: listener \"http-b\" of Gateway infra/edge shares port 8080 with other HTTP listeners",
+        "nowhere spec.targetRefs[0].sectionName: Gateway infra/edge has no listener named \"missing\"",
+        "other spec.targetRefs[0]: Gateway infra/elsewhere not found",
+        "edge-authz spec.targetRefs[0].kind: an AuthorizationPolicy cannot target a Gateway",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "{want:?} not in {errors:#?}"
+        );
+    }
+}

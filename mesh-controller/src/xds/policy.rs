@@ -100,13 +100,7 @@ impl PortGuard<'_> {
             })
             .collect();
         if let Some(l) = self.0.rate_limit {
-            out.push(HttpFilter {
-                name: "envoy.filters.http.local_ratelimit".into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(any(
-                    &local_rate_limit(l),
-                ))),
-                ..Default::default()
-            });
+            out.push(rate_limit_filter(l));
         }
         out
     }
@@ -406,6 +400,17 @@ fn token_bucket(b: &Bucket) -> TokenBucket {
             value: u32::try_from(tokens).unwrap_or(u32::MAX),
         }),
         fill_interval: Some(pb_duration(interval)),
+    }
+}
+
+/// The local rate limit filter of `l` (its buckets named by `l.name`).
+pub(super) fn rate_limit_filter(l: &Limit) -> HttpFilter {
+    HttpFilter {
+        name: "envoy.filters.http.local_ratelimit".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            &local_rate_limit(l),
+        ))),
+        ..Default::default()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Inbound policy on the request path: path normalization, then the chain's RBAC filters,
-//! then its local rate limit. The chain's policy is read from the current snapshot, so a
-//! policy change applies to requests on connections that were open before it.
+//! then its local rate limit; at a gateway's listener, its local rate limit alone. The chain's
+//! policy is read from the current snapshot, so a policy change applies to requests on
+//! connections that were open before it.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -10,8 +11,8 @@ use http::{Request, Uri};
 use prometheus_client::metrics::counter::Counter;
 use tracing::{debug, info};
 
-use super::HttpCtx;
 use super::error::ProxyError;
+use super::{HttpCtx, ListenerKind};
 use crate::metrics::{Direction, RateLimitedLabels};
 use crate::policy::{self, Facts, HttpFacts, Limiter, RateLimit};
 use crate::state::{Guard, ListenerConfig, NetworkFilter, Snapshot};
@@ -127,13 +128,25 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// Checks an inbound request: an error is the refusal to send instead of forwarding it. The
-/// request's path is replaced by its normalized form, which the app then receives.
+/// Checks an inbound request (or one a gateway's listener takes): an error is the refusal to
+/// send instead of forwarding it. An inbound request's path is replaced by its normalized form,
+/// which the app then receives (a gateway's chain has path rules of its own).
 pub fn check<B>(
     ctx: &HttpCtx,
     snapshot: &Snapshot,
     req: &mut Request<B>,
 ) -> Result<(), ProxyError> {
+    if let ListenerKind::Gateway(_) = ctx.kind {
+        // Callers from outside have no mesh identity: they count toward the total only.
+        let current = current(ctx, snapshot);
+        if current.guard.is_none() {
+            return Err(ProxyError::ChainRemoved);
+        }
+        return match &current.limiter {
+            Some(limiter) => limit(ctx, &current, limiter, None),
+            None => Ok(()),
+        };
+    }
     if ctx.kind.direction() != Direction::inbound {
         return Ok(());
     }

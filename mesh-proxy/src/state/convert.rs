@@ -214,7 +214,8 @@ pub fn listener(l: &Listener) -> Result<ListenerConfig> {
 }
 
 /// A gateway's listener chooses a chain by the TLS server name alone (an HTTPS port) or has
-/// one plaintext chain (an HTTP port), guarded by nothing a gateway does not enforce yet.
+/// one plaintext chain (an HTTP port), guarded by a local rate limit at most (callers from
+/// outside have no identity for RBAC to decide by).
 fn gateway_chains(
     cx: &Ctx<'_>,
     l: &Listener,
@@ -285,11 +286,10 @@ fn gateway_chains(
                 ));
             }
         }
-        let guard = c.filter.guard();
-        if !guard.rbac.is_empty() || guard.rate_limit.is_some() {
+        if !c.filter.guard().rbac.is_empty() {
             return Err(cx.err(
                 format!("{at}.filters"),
-                "RBAC and rate limit filters are enforced on virtualInbound only, not at a gateway yet",
+                "RBAC filters are enforced on virtualInbound only, not at a gateway",
             ));
         }
     }

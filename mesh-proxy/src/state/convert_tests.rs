@@ -941,7 +941,7 @@ fn a_gateways_listener_refuses_what_it_cannot_serve() {
         ),
         (
             gateway_listener(8443, vec![guarded]),
-            "filters: RBAC and rate limit filters are enforced on virtualInbound only",
+            "filters: RBAC filters are enforced on virtualInbound only, not at a gateway",
         ),
         (
             gateway_listener(8443, vec![good.clone(), plaintext.clone()]),

@@ -438,9 +438,12 @@ fn policy_targets(
         let mut attached = 0;
         for (i, t) in refs.iter().enumerate() {
             // Read as the controller reads it, then checked against the directory's Services.
-            let problem = match target(t, &p.namespace) {
+            let problem = match target(t, &p.namespace, p.kind == "RateLimitPolicy") {
                 Err((_, why)) => Some(why),
                 Ok(Target::Namespace) => None,
+                // Whether the Gateway (and listener) exists is the controller's to say: its
+                // errors are checked under "control plane".
+                Ok(Target::Gateway { .. }) => None,
                 Ok(Target::Service { name, port }) => match services
                     .iter()
                     .find(|s| s.namespace == p.namespace && s.name == name)
