@@ -1,17 +1,27 @@
 //! Process lifecycle shared by the binaries.
 
-/// Resolves on SIGTERM (as Kubernetes sends) or Ctrl-C.
-pub async fn terminated() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Listens for SIGTERM (as Kubernetes sends) from the moment it is called, so that a signal
+/// that comes while the process is still starting is not the default's immediate death; the
+/// future resolves on SIGTERM or Ctrl-C. Call it inside the runtime, before starting.
+pub fn termination() -> impl std::future::Future<Output = ()> {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        let mut term = match term {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Resolves on SIGTERM or Ctrl-C, listening from its first poll ([`termination`]).
+pub async fn terminated() {
+    termination().await;
 }

@@ -50,8 +50,10 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(config) => {
+            // Listening before anything is served, so a SIGTERM during start is a clean stop.
+            let terminated = mesh_api::process::termination();
             let _ca = Running::start(config).await.context("starting mesh-ca")?;
-            mesh_api::process::terminated().await;
+            terminated.await;
             tracing::info!("shutting down");
         }
         Command::Token {

@@ -15,10 +15,12 @@ async fn main() -> anyhow::Result<()> {
     } else {
         fmt.init();
     }
+    // Listening before anything is served, so a SIGTERM during start is a clean stop.
+    let terminated = mesh_api::process::termination();
     let _controller = Controller::start(config)
         .await
         .context("starting mesh-controller")?;
-    mesh_api::process::terminated().await;
+    terminated.await;
     tracing::info!("shutting down");
     Ok(())
 }

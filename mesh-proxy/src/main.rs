@@ -60,11 +60,13 @@ fn init_logging(format: &str) -> Arc<LogControl> {
 }
 
 async fn run(config: Config, log: Arc<LogControl>) -> anyhow::Result<()> {
+    // Listening before anything is served: a SIGTERM once the admin port answers is drained.
+    let terminated = mesh_api::process::termination();
     let proxy = Proxy::start(config, Some(log))
         .await
         .context("starting mesh-proxy")?;
     tokio::select! {
-        () = mesh_api::process::terminated() => tracing::info!("SIGTERM: draining"),
+        () = terminated => tracing::info!("SIGTERM: draining"),
         () = proxy.shutdown_requested() => tracing::info!("/shutdown: draining"),
     }
     if !proxy.drain().await {
