@@ -291,10 +291,14 @@ async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    while tokio::net::TcpStream::connect(gateway_addr).await.is_err() {
+    // Its own readiness: 503 until it has bound every listener of the Gateway.
+    while crate::cmd::status::get_text(gateway.metrics_addr, "/ready")
+        .await
+        .is_err()
+    {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the Gateway's proxy did not listen on {gateway_addr} in 20 s"
+            "the Gateway's proxy did not bind {gateway_addr} in 20 s (is the port taken?)"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -333,7 +337,20 @@ fn start_load(
                 while !*stop.borrow() {
                     tick.tick().await;
                     let start = Instant::now();
-                    let got = get(&entry, &mut sender).await;
+                    // A stalled connection or handshake is a failed request, never a stuck
+                    // worker.
+                    let got = match tokio::time::timeout(
+                        Duration::from_secs(5),
+                        get(&entry, &mut sender),
+                    )
+                    .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => {
+                            sender = None;
+                            Err(anyhow::anyhow!("no answer in 5 s"))
+                        }
+                    };
                     let (version, ok) = match got {
                         Ok((status, body)) => {
                             let version = body
@@ -570,8 +587,9 @@ struct Measure<'a> {
     mesh: &'a Mesh,
     samples: &'a Mutex<Vec<Sample>>,
     ctl: crate::cmd::check::Endpoint,
-    /// The proxy the load enters by (the client's or the Gateway's), and its identity.
+    /// The proxy the load enters by (the client's or the Gateway's).
     entry: &'a mesh_proxy::Proxy,
+    /// The entry proxy's identity, which the servers see.
     client_id: &'a SpiffeId,
 }
 
