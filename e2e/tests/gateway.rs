@@ -1146,13 +1146,12 @@ async fn a_gateway_listener_on_a_taken_port_fails_ready_until_it_binds() -> anyh
     Ok(())
 }
 
-/// RateLimitPolicies on a Gateway: one naming its HTTPS listener (1 a second, a burst of 3),
-/// one naming the whole Gateway far above the test's rate. Ten quick HTTPS requests get 429 for
-/// what the listener's bucket does not hold, from Envoy and mesh-proxy alike; ten quick HTTP
-/// requests all pass, under the Gateway's policy: the one naming a listener wins on its chain.
+/// RateLimitPolicies on a Gateway: one naming the whole Gateway (1 a second, a burst of 3) and
+/// one naming its HTTPS listener far above the test's rate. Ten quick HTTP requests get 429
+/// (with `Retry-After`) for what the HTTP port's bucket does not hold, from Envoy and mesh-proxy
+/// alike; ten HTTPS requests all pass: the policy naming the listener wins on its chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rate_limit_on_a_gateway_listener_refuses_what_its_bucket_does_not_hold()
--> anyhow::Result<()> {
+async fn a_rate_limit_on_a_gateway_refuses_what_its_bucket_does_not_hold() -> anyhow::Result<()> {
     let Some(curl_bin) = system_peer("curl") else {
         return Ok(());
     };
@@ -1175,54 +1174,224 @@ async fn a_rate_limit_on_a_gateway_listener_refuses_what_its_bucket_does_not_hol
         tls_secret("infra", "shop-cert", &cert, &key),
         format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: http, port: {http}, protocol: HTTP}}\n  - {{name: https, port: {https}, protocol: HTTPS, hostname: shop.example.com, tls: {{certificateRefs: [{{name: shop-cert}}]}}}}\n"),
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  hostnames: [shop.example.com]\n  rules: [{backendRefs: [{name: shop, port: 8080}]}]\n".into(),
-        limit("edge-all", "", 1000, 1000),
-        limit("edge-https", ", sectionName: https", 1, 3),
+        limit("edge-all", "", 1, 3),
+        limit("edge-https", ", sectionName: https", 1000, 1000),
     ];
     let ctl = controller(dir.path(), &[("edge.yaml", docs.join("---\n"))]).await?;
     let proxies = proxies(&ctl, dir.path(), "edge", IPS).await?;
     let mut failures = Vec::new();
     for gp in &proxies {
         let ip = gp.ip;
+        // `curl -i`: the status and the `retry-after` header, if any.
         let ask = |scheme: &'static str| {
-            let (port, ca) = match scheme {
-                "https" => (https, Some(ca.as_path())),
-                _ => (http, None),
-            };
-            let curl_bin = curl_bin.clone();
+            let port = if scheme == "https" { https } else { http };
+            let (curl_bin, ca) = (curl_bin.clone(), ca.clone());
             async move {
-                curl(&curl_bin, scheme, ("shop.example.com", ip, port), ca)
+                let out = tokio::process::Command::new(&curl_bin)
+                    .args(["-sS", "-i", "--max-time", "5", "--cacert"])
+                    .arg(&ca)
+                    .arg("--resolve")
+                    .arg(format!("shop.example.com:{port}:{ip}"))
+                    .arg(format!("{scheme}://shop.example.com:{port}/"))
+                    .output()
                     .await
-                    .map(|r| r.0)
+                    .ok()?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                let code: u16 = text.split(' ').nth(1)?.parse().ok()?;
+                let retry_after = text
+                    .lines()
+                    .any(|l| l.to_ascii_lowercase().starts_with("retry-after:"));
+                Some((code, retry_after))
             }
         };
-        // Each listener serves (the HTTPS one once its certificate is there): a token each.
+        // Each listener serves (the HTTPS one once its certificate is there); the HTTP one
+        // within its bucket.
         let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
-            (ask("http").await.is_ok_and(|c| c == 200)
-                && ask("https").await.is_ok_and(|c| c == 200))
+            (ask("https").await.is_some_and(|c| c.0 == 200)
+                && ask("http").await.is_some_and(|c| c.0 == 200))
             .then_some(())
         })
         .await;
         if let Err(e) = served {
             anyhow::bail!("{:?}: {e}\n{}", gp.serving, gp.log_text());
         }
-        let mut codes = std::collections::BTreeMap::<(&str, u16), u32>::new();
-        for scheme in ["https", "http"] {
+        let mut codes = std::collections::BTreeMap::<(&str, u16, bool), u32>::new();
+        for scheme in ["http", "https"] {
             for _ in 0..10 {
-                let code = ask(scheme).await.unwrap_or(0);
-                *codes.entry((scheme, code)).or_default() += 1;
+                let (code, retry_after) = ask(scheme).await.unwrap_or((0, false));
+                *codes.entry((scheme, code, retry_after)).or_default() += 1;
             }
         }
-        println!("ten requests of each through {:?}: {codes:?}", gp.serving);
-        let n = |scheme, code| codes.get(&(scheme, code)).copied().unwrap_or(0);
-        // The bucket held 2 after the first request, and refills 1 a second: most of the ten
-        // (sent within a second or so) are refused.
-        if n("https", 429) < 5 || n("https", 200) + n("https", 429) != 10 || n("http", 200) != 10 {
+        println!(
+            "ten requests of each through {:?} (scheme, status, retry-after): {codes:?}",
+            gp.serving
+        );
+        let n = |scheme, code, retry_after| {
+            codes
+                .get(&(scheme, code, retry_after))
+                .copied()
+                .unwrap_or(0)
+        };
+        // The HTTP bucket held 2 after the warm-up, and refills 1 a second: most of the ten
+        // plaintext requests (sent within a fraction of a second) are refused, each with
+        // Retry-After.
+        if n("http", 429, true) < 5
+            || n("http", 200, false) + n("http", 429, true) != 10
+            || n("https", 200, false) != 10
+        {
             failures.push(format!(
-                "{:?}: {codes:?}, want at least 5 of the HTTPS requests refused (429, the rest 200) and every HTTP one 200",
+                "{:?}: {codes:?}, want at least 5 of the HTTP requests refused (429 with Retry-After, the rest 200) and every HTTPS one 200",
                 gp.serving
             ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// The gateway's telemetry is a sidecar's: one request through mesh-proxy serving a Gateway is
+/// counted in `mesh_proxy_requests_total` with the edge labels a sidecar's outbound request
+/// has (direction, both ends' namespace and workload, the route and the backend, the status
+/// class), traced under the caller's span with the gateway's workload as `service.name`, and
+/// written as an access log line of the sidecar's fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateways_metrics_traces_and_access_log_carry_a_sidecars_labels() -> anyhow::Result<()> {
+    let Some(curl_bin) = system_peer("curl") else {
+        return Ok(());
+    };
+    const IP: &str = "127.0.0.20";
+    let otlp = mesh_e2e::otlp::OtlpReceiver::start().await?;
+    let shop = Backend::start("shop").await?;
+    let dir = tempfile::tempdir()?;
+    let http = port_on(&[IP]);
+    let docs = [
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
+        service_yaml("infra", "shop", "10.96.0.10", &[("http", 8080)]),
+        // The backend's endpoint names its Pod, which names its workload, as in a cluster.
+        format!("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: shop-0, namespace: infra, labels: {{kubernetes.io/service-name: shop}}}}\naddressType: IPv4\nports: [{{name: http, port: {}, protocol: TCP}}]\nendpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}, targetRef: {{kind: Pod, name: shop-0, namespace: infra}}}}]\n", shop.addr.port()),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: shop-0, namespace: infra, labels: {app: shop, mesh.dev/workload: shop}}\nspec: {serviceAccountName: shop, containers: [{name: app}]}\nstatus: {podIP: 127.0.0.1}\n".into(),
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: http, port: {http}, protocol: HTTP}}\n"),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  rules: [{backendRefs: [{name: shop, port: 8080}]}]\n".into(),
+    ];
+    let ctl = controller(dir.path(), &[("edge.yaml", docs.join("---\n"))]).await?;
+    let log = dir.path().join("edge.log");
+    let mut pc = mesh_proxy::Config::local(ctl.xds_addr, "infra/edge-0");
+    pc.gateway = Some("edge".into());
+    pc.gateway_addr = IP.parse()?;
+    pc.tracing_endpoint = Some(otlp.endpoint());
+    // Only requests that arrive sampled are traced (parent-based).
+    pc.tracing_sampling = 0.0;
+    pc.access_log = Some(log.clone());
+    let proxy = mesh_proxy::Proxy::start(pc, None).await?;
+    let ip: std::net::IpAddr = IP.parse()?;
+    eventually(Duration::from_secs(10), "the gateway to serve", || async {
+        curl(&curl_bin, "http", ("shop.example.com", ip, http), None)
+            .await
+            .ok()
+            .filter(|r| r.0 == 200)
+    })
+    .await?;
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let out = tokio::process::Command::new(&curl_bin)
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H"])
+        .arg(format!("traceparent: 00-{trace_id}-b7ad6b7169203331-01"))
+        .arg(format!("http://{IP}:{http}/traced"))
+        .output()
+        .await?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+
+    let samples = mesh_api::prom::parse(&proxy.metrics.encode());
+    let counted: Vec<_> = samples
+        .iter()
+        .filter(|s| s.name == "mesh_proxy_requests_total" && s.label("status_class") == "2xx")
+        .collect();
+    println!("the gateway's requests: {counted:#?}");
+    let labels = |s: &mesh_api::prom::Sample| {
+        s.labels
+            .keys()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let sidecar: std::collections::BTreeSet<String> = [
+        "direction",
+        "src_namespace",
+        "src_workload",
+        "src_identity",
+        "dst_namespace",
+        "dst_workload",
+        "dst_identity",
+        "route",
+        "backend",
+        "status_class",
+        "grpc_status",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    let edge = counted
+        .iter()
+        .find(|s| s.label("src_workload") == "edge")
+        .unwrap_or_else(|| panic!("no request counted from the gateway's workload: {counted:#?}"));
+    assert_eq!(labels(edge), sidecar, "{edge:?}");
+    for (k, v) in [
+        ("direction", "outbound"),
+        ("src_namespace", "infra"),
+        ("dst_namespace", "infra"),
+        ("dst_workload", "shop"),
+        ("route", "HTTPRoute/infra/shop rule 0"),
+        ("backend", "outbound|8080||shop.infra.svc.cluster.local"),
+    ] {
+        assert_eq!(edge.label(k), v, "{k} of {edge:?}");
+    }
+    assert!(
+        edge.value >= 2.0,
+        "the warm-up and the traced request: {edge:?}"
+    );
+
+    let span = eventually(Duration::from_secs(10), "the gateway's span", || {
+        let spans = otlp.spans();
+        async move { spans.into_iter().find(|s| s.trace_id == trace_id) }
+    })
+    .await?;
+    println!("the gateway's span: {span:#?}");
+    assert_eq!(span.parent_span_id, "b7ad6b7169203331");
+    assert_eq!(span.resource["service.name"], "edge");
+    assert_eq!(span.resource["k8s.namespace.name"], "infra");
+    assert_eq!(span.attributes["http.response.status_code"], "200");
+    assert_eq!(span.attributes["mesh.source.workload"], "edge");
+    assert_eq!(span.attributes["mesh.destination.workload"], "shop");
+    assert_eq!(span.attributes["mesh.route"], "HTTPRoute/infra/shop rule 0");
+
+    let line = eventually(Duration::from_secs(5), "the access log line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["path"] == "/traced")
+        }
+    })
+    .await?;
+    println!("the gateway's access log line: {line}");
+    assert_eq!(line["trace_id"], trace_id);
+    assert_eq!(line["response_code"], 200);
+    assert_eq!(line["source_workload"], "edge");
+    assert_eq!(line["destination_workload"], "shop");
+    for key in [
+        "start_time",
+        "method",
+        "protocol",
+        "duration",
+        "authority",
+        "direction",
+        "route_name",
+        "upstream_cluster",
+        "upstream_host",
+        "response_flags",
+        "bytes_received",
+        "bytes_sent",
+    ] {
+        assert!(!line[key].is_null(), "{key} in {line}");
+    }
+    drop(shop);
     Ok(())
 }

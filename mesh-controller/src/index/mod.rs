@@ -732,7 +732,15 @@ impl Index {
         Some(
             g.listeners
                 .iter()
-                .map(|l| (l.name.clone(), l.port, l.protocol.clone()))
+                .map(|l| {
+                    let passthrough = l.tls_mode.as_deref() == Some("Passthrough");
+                    let protocol = if passthrough {
+                        format!("{} Passthrough", l.protocol)
+                    } else {
+                        l.protocol.clone()
+                    };
+                    (l.name.clone(), l.port, protocol)
+                })
                 .collect(),
         )
     }

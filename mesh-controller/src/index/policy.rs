@@ -620,6 +620,12 @@ pub fn rate_limit(
         );
         return None;
     }
+    if total.is_none() && targets.iter().any(|t| matches!(t, Target::Gateway { .. })) {
+        r.push(
+            "spec.local.perIdentity".into(),
+            "callers at a Gateway have no mesh identity, so perIdentity alone limits nothing there; give requestsPerSecond".into(),
+        );
+    }
     Some(RateLimit {
         name: format!("{}/{}", key.namespace, key.name),
         targets,
@@ -670,6 +676,15 @@ pub fn check_targets(
                         key.namespace
                     ),
                 ),
+                Some((_, _, protocol)) if protocol != "HTTP" && protocol != "HTTPS" => {
+                    r.push(
+                        format!("spec.targetRefs[{i}].sectionName"),
+                        format!(
+                            "listener {want:?} of Gateway {}/{name} is {protocol}: the gateway limits the HTTP requests of HTTP and HTTPS listeners only; the policy targets nothing there",
+                            key.namespace
+                        ),
+                    );
+                }
                 Some((_, port, protocol))
                     if protocol == "HTTP"
                         && listeners

@@ -14,7 +14,8 @@
 //!   a listener takes and no route serves.
 //! - A RateLimitPolicy that targets the Gateway (or one listener) puts its local rate limit
 //!   before the router of each chain it covers, a bucket per chain: named
-//!   `<policy namespace>/<policy name>/<port>` on an HTTP port, `.../<listener>` on HTTPS.
+//!   `<policy namespace>/<policy name>/<port>` on an HTTP port, `.../<port>/<listener>` on
+//!   HTTPS.
 
 use std::net::IpAddr;
 
@@ -179,7 +180,7 @@ fn https_chains(
                     model
                         .policies
                         .for_gateway(&g.namespace, &g.name, &[l.name.as_str()])
-                        .map(|p| (p, l.name.clone())),
+                        .map(|p| (p, format!("{}/{}", port.port, l.name))),
                 ),
             )],
             transport_socket: Some(TransportSocket {
@@ -202,9 +203,8 @@ fn inline(pem: &str) -> DataSource {
 /// A gateway's HTTP connection manager, facing clients outside the mesh: routes from RDS
 /// `name`; the client's address is the peer's (a client's `x-forwarded-for` is not trusted,
 /// so neither are its `x-envoy-*` headers); paths normalized and slashes merged before routes
-/// match them, as the sidecars' inbound side does.
-/// A gateway chain's HTTP connection manager; `limit`: a rate limit, and what its bucket is
-/// of (the port or the listener), before the router.
+/// match them, as the sidecars' inbound side does. `limit`: a rate limit before the router,
+/// and what its bucket is of (`<port>`, or `<port>/<listener>` for an HTTPS listener).
 fn gateway_hcm(name: &str, limit: Option<(&RateLimit, String)>) -> HttpConnectionManager {
     use envoy_types::pb::google::protobuf::BoolValue;
     let mut h = hcm(name, name);

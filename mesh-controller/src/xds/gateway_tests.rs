@@ -248,8 +248,10 @@ fn rate_limits_on_a_gateway_go_on_the_chains_they_name() {
         CLASS.to_string(),
         secret_yaml("infra", "shop-cert", "shop.example.com"),
         secret_yaml("infra", "any-cert", "*.example.com"),
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: http, port: 8080, protocol: HTTP}\n  - {name: http-b, port: 8080, protocol: HTTP, hostname: b.example.com}\n  - {name: shop, port: 8443, protocol: HTTPS, hostname: shop.example.com, tls: {certificateRefs: [{name: shop-cert}]}}\n  - {name: any, port: 8443, protocol: HTTPS, hostname: '*.example.com', tls: {certificateRefs: [{name: any-cert}]}}\n".into(),
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {name: http, port: 8080, protocol: HTTP}\n  - {name: http-b, port: 8080, protocol: HTTP, hostname: b.example.com}\n  - {name: shop, port: 8443, protocol: HTTPS, hostname: shop.example.com, tls: {certificateRefs: [{name: shop-cert}]}}\n  - {name: any, port: 8443, protocol: HTTPS, hostname: '*.example.com', tls: {certificateRefs: [{name: any-cert}]}}\n  - {name: raw, port: 9000, protocol: TCP}\n".into(),
         limit("all", ""),
+        limit("tcp-one", ", sectionName: raw"),
+        "apiVersion: mesh.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {name: ids, namespace: infra}\nspec:\n  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: edge}]\n  local: {perIdentity: {requestsPerSecond: 10}}\n".into(),
         limit("shop-only", ", sectionName: shop"),
         limit("shared", ", sectionName: http-b"),
         limit("nowhere", ", sectionName: missing"),
@@ -290,8 +292,8 @@ fn rate_limits_on_a_gateway_go_on_the_chains_they_name() {
     assert_eq!(
         buckets("gateway_8443"),
         vec![
-            Some("infra/shop-only/shop".into()),
-            Some("infra/all/any".into())
+            Some("infra/shop-only/8443/shop".into()),
+            Some("infra/all/8443/any".into())
         ]
     );
     let errors: Vec<String> = model
@@ -304,6 +306,8 @@ fn rate_limits_on_a_gateway_go_on_the_chains_they_name() {
         "nowhere spec.targetRefs[0].sectionName: Gateway infra/edge has no listener named \"missing\"",
         "other spec.targetRefs[0]: Gateway infra/elsewhere not found",
         "edge-authz spec.targetRefs[0].kind: an AuthorizationPolicy cannot target a Gateway",
+        "tcp-one spec.targetRefs[0].sectionName: listener \"raw\" of Gateway infra/edge is TCP",
+        "ids spec.local.perIdentity: callers at a Gateway have no mesh identity",
     ] {
         assert!(
             errors.iter().any(|e| e.starts_with(want)),

@@ -462,7 +462,7 @@ fn policy_targets(
                     c.fail(
                         CAT,
                         format!("{who} targetRefs[{i}]: {why}: it targets nothing"),
-                        "point targetRefs at an existing Service (and port name) or the policy's namespace",
+                        "point targetRefs at an existing Service (and port name) or the policy's namespace; a RateLimitPolicy also at a Gateway (and listener name)",
                     );
                 }
                 None => attached += 1,
@@ -487,7 +487,7 @@ fn policy_targets(
         c.ok(
             CAT,
             format!(
-                "{} policies each target something that exists",
+                "{} policies each target something that exists (a Gateway target is the controller's to check, under \"control plane\")",
                 policies.len()
             ),
         );

@@ -28,12 +28,14 @@ pub(super) async fn serve(
     }
     let host = host(&mut req)?;
     let snapshot = ctx.shared.store.load().ok_or(ProxyError::NoConfig)?;
-    guard::check(ctx, &snapshot, &mut req)?;
+    // Paths first, as Envoy's connection manager fixes them before any filter: a redirect or a
+    // refused path takes no token from a gateway's rate limit. (Inbound, the guard normalizes.)
     if ctx.kind.direction() != Direction::inbound
         && let Some(redirect) = super::paths::apply(ctx.paths, &mut req)?
     {
         return Ok(redirect);
     }
+    guard::check(ctx, &snapshot, &mut req)?;
     if ctx.remote_address {
         super::paths::forwarded(ctx.src, ctx.https, req.headers_mut());
     }
