@@ -2,7 +2,9 @@
 //! ours, in its namespace, a ServiceAccount, a Deployment of mesh-proxy serving the Gateway, and
 //! a Service in front of it, all named `<gateway>-gateway` (the service account is the
 //! identity the controller gives the Gateway's certificates to). The Lease holder applies them
-//! server-side (field manager [`FIELD_MANAGER`], forced) on every status pass; each is owned by
+//! server-side (field manager [`FIELD_MANAGER`], forced) on a status pass when the Gateway
+//! changed, and at least every [`REAPPLY`] to repair what someone else changed (a pass that
+//! finds a Gateway as it last applied it, settled, sends nothing); each is owned by
 //! its Gateway, so the API server's garbage collector deletes them with it. An object of one of
 //! those names that the Gateway does not own (someone else's) is never taken over: the Gateway
 //! is refused, naming it. The CA root the pods mount (ConfigMap `mesh-ca-root`) is put in the
@@ -68,6 +70,10 @@ impl ServiceType {
     }
 }
 
+/// How long objects applied for a Gateway that has not changed are left before they are
+/// applied again.
+pub const REAPPLY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// What the controller gives the Gateways it provisions.
 #[derive(Clone, Debug)]
 pub struct Provisioning {
@@ -78,6 +84,78 @@ pub struct Provisioning {
     /// The CA root (`--ca-root`), published as `mesh-ca-root` in each Gateway's namespace;
     /// `None` without a CA.
     pub ca_root: Option<std::path::PathBuf>,
+    /// What was last applied for each Gateway (`namespace/name`), and when.
+    applied: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Remembered>>>,
+}
+
+/// A Gateway as it was last applied, settled.
+#[derive(Debug)]
+struct Remembered {
+    fingerprint: u64,
+    at: std::time::Instant,
+    outcome: Provisioned,
+}
+
+/// What a Gateway's objects are made of: the Gateway as resolved, and the live fields read.
+fn fingerprint(g: &GatewayModel, live: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_string(g).unwrap_or_default().hash(&mut h);
+    for p in ["/metadata/uid", "/spec/infrastructure", "/spec/addresses"] {
+        live.pointer(p).map(Value::to_string).hash(&mut h);
+    }
+    h.finish()
+}
+
+impl Provisioning {
+    pub fn new(
+        proxy: InjectSettings,
+        service_type: ServiceType,
+        ca_root: Option<std::path::PathBuf>,
+    ) -> Self {
+        Self {
+            proxy,
+            service_type,
+            ca_root,
+            applied: Default::default(),
+        }
+    }
+
+    /// Gateway `g`'s objects applied ([`apply`]), unless the same Gateway was applied less
+    /// than [`REAPPLY`] ago with its Service's address known: then that outcome again, with no
+    /// request to the API server.
+    pub async fn provision(
+        &self,
+        client: &kube::Client,
+        g: &GatewayModel,
+        live: &Value,
+    ) -> Provisioned {
+        let key = format!("{}/{}", g.namespace, g.name);
+        let fp = fingerprint(g, live);
+        let lock = || self.applied.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = lock().get(&key)
+            && r.fingerprint == fp
+            && r.at.elapsed() < REAPPLY
+        {
+            return r.outcome.clone();
+        }
+        let outcome = apply(client, g, live, self).await;
+        let settled =
+            matches!(&outcome, Provisioned::Applied { addresses, .. } if !addresses.is_empty());
+        if settled {
+            lock().insert(
+                key,
+                Remembered {
+                    fingerprint: fp,
+                    at: std::time::Instant::now(),
+                    outcome: outcome.clone(),
+                },
+            );
+        } else {
+            lock().remove(&key);
+        }
+        outcome
+    }
 }
 
 /// What provisioning made of a Gateway, for its status.

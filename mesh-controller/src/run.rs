@@ -154,15 +154,15 @@ impl Controller {
                 ),
                 interval: Duration::from_secs(5),
                 leading: leading.clone(),
-                provisioning: config
-                    .gateway_deployments
-                    .then(|| crate::provision::Provisioning {
-                        proxy: config.inject_settings(),
-                        service_type: config
+                provisioning: config.gateway_deployments.then(|| {
+                    crate::provision::Provisioning::new(
+                        config.inject_settings(),
+                        config
                             .gateway_service_type
                             .unwrap_or(crate::provision::ServiceType::LoadBalancer),
-                        ca_root: config.ca_root.clone(),
-                    }),
+                        config.ca_root.clone(),
+                    )
+                }),
             };
             tasks.push(tokio::spawn(writer.run()));
         }
