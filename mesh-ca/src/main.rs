@@ -52,7 +52,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(config) => {
             // Listening before anything is served, so a SIGTERM during start is a clean stop.
             let terminated = mesh_api::process::termination();
-            let _ca = Running::start(config).await.context("starting mesh-ca")?;
+            tokio::pin!(terminated);
+            let _ca = tokio::select! {
+                ca = Running::start(config) => ca.context("starting mesh-ca")?,
+                () = &mut terminated => {
+                    tracing::info!("SIGTERM while starting: stopping");
+                    return Ok(());
+                }
+            };
             terminated.await;
             tracing::info!("shutting down");
         }

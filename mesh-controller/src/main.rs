@@ -15,11 +15,17 @@ async fn main() -> anyhow::Result<()> {
     } else {
         fmt.init();
     }
-    // Listening before anything is served, so a SIGTERM during start is a clean stop.
+    // Listening before anything is served, so a SIGTERM during start (which waits for the
+    // first sync) is a clean stop.
     let terminated = mesh_api::process::termination();
-    let _controller = Controller::start(config)
-        .await
-        .context("starting mesh-controller")?;
+    tokio::pin!(terminated);
+    let _controller = tokio::select! {
+        c = Controller::start(config) => c.context("starting mesh-controller")?,
+        () = &mut terminated => {
+            tracing::info!("SIGTERM while starting: stopping");
+            return Ok(());
+        }
+    };
     terminated.await;
     tracing::info!("shutting down");
     Ok(())

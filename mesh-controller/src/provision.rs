@@ -96,14 +96,29 @@ struct Remembered {
     outcome: Provisioned,
 }
 
-/// What a Gateway's objects are made of: the Gateway as resolved, and the live fields read.
-fn fingerprint(g: &GatewayModel, live: &Value) -> u64 {
+/// What would be sent for a Gateway: its objects (or why not), the addresses it asks for, the
+/// CA root, and whether its Service is there (one deleted by someone else is made again at
+/// once, not a minute later).
+fn fingerprint(p: &Provisioning, g: &GatewayModel, live: &Value, service_exists: bool) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    serde_json::to_string(g).unwrap_or_default().hash(&mut h);
-    for p in ["/metadata/uid", "/spec/infrastructure", "/spec/addresses"] {
-        live.pointer(p).map(Value::to_string).hash(&mut h);
+    match objects(g, live, p) {
+        Ok(o) => o
+            .iter()
+            .map(Value::to_string)
+            .collect::<Vec<_>>()
+            .hash(&mut h),
+        Err(why) => why.hash(&mut h),
     }
+    g.accepted.ok.hash(&mut h);
+    live.pointer("/spec/addresses")
+        .map(Value::to_string)
+        .hash(&mut h);
+    p.ca_root
+        .as_ref()
+        .map(|f| std::fs::read_to_string(f).unwrap_or_default())
+        .hash(&mut h);
+    service_exists.hash(&mut h);
     h.finish()
 }
 
@@ -121,17 +136,19 @@ impl Provisioning {
         }
     }
 
-    /// Gateway `g`'s objects applied ([`apply`]), unless the same Gateway was applied less
-    /// than [`REAPPLY`] ago with its Service's address known: then that outcome again, with no
+    /// Gateway `g`'s objects applied ([`apply`]), unless the same were applied less than
+    /// [`REAPPLY`] ago with its Service's address known and the Service is still there
+    /// (`service_exists`, as the controller's watch sees it): then that outcome again, with no
     /// request to the API server.
     pub async fn provision(
         &self,
         client: &kube::Client,
         g: &GatewayModel,
         live: &Value,
+        service_exists: bool,
     ) -> Provisioned {
         let key = format!("{}/{}", g.namespace, g.name);
-        let fp = fingerprint(g, live);
+        let fp = fingerprint(self, g, live, service_exists);
         let lock = || self.applied.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = lock().get(&key)
             && r.fingerprint == fp
@@ -155,6 +172,15 @@ impl Provisioning {
             lock().remove(&key);
         }
         outcome
+    }
+
+    /// Forgets the Gateways (`namespace/name`) that `keep` leaves out: deleted, or no longer
+    /// ours.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.applied
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|k, _| keep(k));
     }
 }
 

@@ -470,14 +470,21 @@ impl StatusWriter {
             let api: Api<DynamicObject> =
                 Api::namespaced_with(self.client.clone(), &g.namespace, &ar);
             let name = format!("{}/{}", g.namespace, g.name);
+            let service_exists = model.services.contains_key(&crate::index::SvcKey::new(
+                &g.namespace,
+                crate::provision::object_name(&g.name),
+            ));
             let result = self
-                .write_gateway(&api, g, served.contains(&name), now)
+                .write_gateway(&api, g, served.contains(&name), service_exists, now)
                 .await
                 .map(|(n, done)| {
                     *settled &= done;
                     n
                 });
             tally(result, &format!("Gateway/{name}"), &mut written, failed);
+        }
+        if let Some(p) = &self.provisioning {
+            p.retain(|k| model.gateways.gateways.contains_key(k));
         }
         written
     }
@@ -489,6 +496,7 @@ impl StatusWriter {
         api: &Api<DynamicObject>,
         g: &GatewayModel,
         served: bool,
+        service_exists: bool,
         now: &str,
     ) -> Result<(usize, bool), kube::Error> {
         let Some(live) = api.get_opt(&g.name).await? else {
@@ -498,7 +506,7 @@ impl StatusWriter {
         let provisioned = match &self.provisioning {
             // Only for the generation the model read: the next pass applies a newer one.
             Some(p) if generation_of(&live) == g.generation => {
-                p.provision(&self.client, g, &live).await
+                p.provision(&self.client, g, &live, service_exists).await
             }
             Some(_) => return Ok((0, true)),
             None => Provisioned::Off,

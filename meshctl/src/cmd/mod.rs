@@ -171,9 +171,11 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(async {
                 let (name, version) = (d.name.clone(), d.version.clone());
+                // Listening before it answers: a SIGTERM once it listens is a clean stop.
+                let terminated = mesh_api::process::termination();
                 let running = d.start().await?;
                 println!("{name} {version} listening on {}", running.addr);
-                mesh_api::process::terminated().await;
+                terminated.await;
                 Ok(())
             })
         }
