@@ -21,6 +21,27 @@ pub fn termination() -> impl std::future::Future<Output = ()> {
     }
 }
 
+/// Starts with `start` and holds what it made until SIGTERM (or Ctrl-C), listening before
+/// `start` runs: a SIGTERM while starting (a controller waiting for its first sync) ends it at
+/// once, with `Ok`. `start`'s error is returned as it is.
+pub async fn serve_until_terminated<T, E>(
+    start: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<(), E> {
+    let terminated = termination();
+    tokio::pin!(terminated);
+    let running = tokio::select! {
+        r = start => r?,
+        () = &mut terminated => {
+            tracing::info!("SIGTERM while starting: stopping");
+            return Ok(());
+        }
+    };
+    terminated.await;
+    tracing::info!("shutting down");
+    drop(running);
+    Ok(())
+}
+
 /// Resolves on SIGTERM or Ctrl-C, listening from its first poll ([`termination`]).
 pub async fn terminated() {
     termination().await;

@@ -50,18 +50,9 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(config) => {
-            // Listening before anything is served, so a SIGTERM during start is a clean stop.
-            let terminated = mesh_api::process::termination();
-            tokio::pin!(terminated);
-            let _ca = tokio::select! {
-                ca = Running::start(config) => ca.context("starting mesh-ca")?,
-                () = &mut terminated => {
-                    tracing::info!("SIGTERM while starting: stopping");
-                    return Ok(());
-                }
-            };
-            terminated.await;
-            tracing::info!("shutting down");
+            mesh_api::process::serve_until_terminated(Running::start(config))
+                .await
+                .context("starting mesh-ca")?;
         }
         Command::Token {
             dir,

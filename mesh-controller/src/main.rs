@@ -15,18 +15,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         fmt.init();
     }
-    // Listening before anything is served, so a SIGTERM during start (which waits for the
-    // first sync) is a clean stop.
-    let terminated = mesh_api::process::termination();
-    tokio::pin!(terminated);
-    let _controller = tokio::select! {
-        c = Controller::start(config) => c.context("starting mesh-controller")?,
-        () = &mut terminated => {
-            tracing::info!("SIGTERM while starting: stopping");
-            return Ok(());
-        }
-    };
-    terminated.await;
-    tracing::info!("shutting down");
-    Ok(())
+    mesh_api::process::serve_until_terminated(Controller::start(config))
+        .await
+        .context("starting mesh-controller")
 }
