@@ -22,15 +22,13 @@ import argparse
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_proxy import (  # noqa: E402
-    ENVOY, Proc, backend_conf, cpu_ticks, cpu_us_per, free_port, oha, release_dir, spread,
+    ENVOY, Proc, Run, backend_conf, cpu_ticks, cpu_us_per, free_port, oha, release_dir, spread,
     wait_port,
 )
 
@@ -87,13 +85,8 @@ def main():
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     rel = release_dir()
-    work = tempfile.mkdtemp(prefix="mesh-bench-gw-")
-    procs = []
-
-    def spawn(*args, **kw):
-        p = Proc(*args, **kw)
-        procs.append(p)
-        return p
+    run = Run("mesh-bench-gw-")
+    work, spawn = run.work, run.spawn
 
     peers = []
     try:
@@ -228,9 +221,7 @@ def main():
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=1)
     finally:
-        for p in procs:
-            p.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        run.stop()
 
 
 if __name__ == "__main__":

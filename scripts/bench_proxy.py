@@ -136,6 +136,25 @@ class Proc:
                 os.killpg(self.p.pid, signal.SIGKILL)
 
 
+class Run:
+    """A benchmark run's scratch directory and the processes it starts; `stop` ends them all
+    and removes the directory."""
+
+    def __init__(self, prefix):
+        self.work = tempfile.mkdtemp(prefix=prefix)
+        self.procs = []
+
+    def spawn(self, *args, **kw):
+        p = Proc(*args, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            p.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
 def backend_conf(work, port):
     """An nginx config answering a fixed 2-byte body on `port`, one worker; returns its path."""
     path = os.path.join(work, "backend.conf")
@@ -204,13 +223,8 @@ def main():
     cg = Callgrind(a.callgrind) if a.callgrind else None
 
     rel = release_dir()
-    work = tempfile.mkdtemp(prefix="mesh-bench-")
-    procs = []
-
-    def spawn(*args, **kw):
-        p = Proc(*args, **kw)
-        procs.append(p)
-        return p
+    run = Run("mesh-bench-")
+    work, spawn = run.work, run.spawn
 
     def wrap(args, name):
         return cg.wrap(args, name) if cg else args
@@ -485,11 +499,9 @@ backend be
             with open(a.json, "w") as f:
                 json.dump(results, f, indent=1)
     finally:
-        for p in procs:
-            p.stop()
         for peer in [p for p in locals().get("peers", [])]:
             peer.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        run.stop()
 
 
 class Profile:

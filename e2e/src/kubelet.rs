@@ -340,6 +340,14 @@ struct PodRun {
     written: Value,
 }
 
+/// A pod's `spec.securityContext.sysctls`.
+fn sysctls(pod: &Value) -> impl Iterator<Item = &Value> {
+    pod.pointer("/spec/securityContext/sysctls")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
 /// The kubelet's crash back-off before restart number `restarts + 1`: none for the first, then
 /// 10 s doubling up to 5 minutes.
 fn backoff(restarts: u32) -> Duration {
@@ -372,13 +380,7 @@ impl PodRun {
                 bail!("{ns}/{name}: {what}: not supported by the kubelet stand-in");
             }
         }
-        for (i, sysctl) in pod
-            .pointer("/spec/securityContext/sysctls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .enumerate()
-        {
+        for (i, sysctl) in sysctls(&pod).enumerate() {
             let key = sysctl["name"].as_str().unwrap_or_default();
             if !key.starts_with("net.") || sysctl["value"].as_str().is_none() {
                 bail!(
@@ -477,13 +479,7 @@ impl PodRun {
     /// The pod's `securityContext.sysctls`, set in its network namespace before any container
     /// starts (checked to be `net.*` when the pod was taken).
     fn set_sysctls(&self) -> anyhow::Result<()> {
-        for sysctl in self
-            .pod
-            .pointer("/spec/securityContext/sysctls")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for sysctl in sysctls(&self.pod) {
             let setting = format!(
                 "{}={}",
                 sysctl["name"].as_str().unwrap_or_default(),

@@ -703,19 +703,16 @@ impl FakeApi {
             .to_owned();
         let mut s = self.state();
         let query = parts.uri.query().unwrap_or("").to_owned();
-        let attributes = rbac::Attributes::of(&method, &path, &query);
-        if let Some(refused) = s.record(
-            user,
-            Logged {
-                method: method.clone(),
-                path: path.clone(),
-                query: query.clone(),
-                content_type: content_type.clone(),
-                user: String::new(),
-                attributes: attributes.clone(),
-                forbidden: false,
-            },
-        ) {
+        let logged = Logged {
+            method: method.clone(),
+            path: path.clone(),
+            query: query.clone(),
+            content_type: content_type.clone(),
+            user: String::new(),
+            attributes: rbac::Attributes::of(&method, &path, &query),
+            forbidden: false,
+        };
+        if let Some(refused) = s.record(user, logged.clone()) {
             return Some(refused);
         }
         if let Some(code) = s.fail_all {
@@ -739,20 +736,15 @@ impl FakeApi {
         if method == "PATCH"
             && content_type.starts_with("application/apply-patch")
             && !s.objects.contains_key(&path)
-            && let (Some(u), Some(a)) = (user, &attributes)
+            && let (Some(u), Some(a)) = (user, &logged.attributes)
         {
             let create = rbac::Attributes {
                 verb: "create".into(),
                 ..a.clone()
             };
             let entry = Logged {
-                method: method.clone(),
-                path: asked.clone(),
-                query: query.clone(),
-                content_type: content_type.clone(),
-                user: String::new(),
                 attributes: Some(create),
-                forbidden: false,
+                ..logged.clone()
             };
             if let Some(refused) = s.record(Some(u), entry) {
                 return Some(refused);

@@ -99,10 +99,16 @@ struct Remembered {
 /// What would be sent for a Gateway: its objects (or why not), the addresses it asks for, the
 /// CA root, and whether its Service is there (one deleted by someone else is made again at
 /// once, not a minute later).
-fn fingerprint(p: &Provisioning, g: &GatewayModel, live: &Value, service_exists: bool) -> u64 {
+fn fingerprint(
+    made: &Made,
+    root: Option<&Result<String, String>>,
+    g: &GatewayModel,
+    live: &Value,
+    service_exists: bool,
+) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    match objects(g, live, p) {
+    match made {
         Ok(o) => o
             .iter()
             .map(Value::to_string)
@@ -114,13 +120,13 @@ fn fingerprint(p: &Provisioning, g: &GatewayModel, live: &Value, service_exists:
     live.pointer("/spec/addresses")
         .map(Value::to_string)
         .hash(&mut h);
-    p.ca_root
-        .as_ref()
-        .map(|f| std::fs::read_to_string(f).unwrap_or_default())
-        .hash(&mut h);
+    root.map(|r| r.as_deref().unwrap_or_default()).hash(&mut h);
     service_exists.hash(&mut h);
     h.finish()
 }
+
+/// A Gateway's objects, or why it cannot have them ([`objects`]).
+type Made = Result<[Value; 3], String>;
 
 impl Provisioning {
     pub fn new(
@@ -136,7 +142,7 @@ impl Provisioning {
         }
     }
 
-    /// Gateway `g`'s objects applied ([`apply`]), unless the same were applied less than
+    /// Gateway `g`'s objects applied, unless the same were applied less than
     /// [`REAPPLY`] ago with its Service's address known and the Service is still there
     /// (`service_exists`, as the controller's watch sees it): then that outcome again, with no
     /// request to the API server.
@@ -148,7 +154,13 @@ impl Provisioning {
         service_exists: bool,
     ) -> Provisioned {
         let key = format!("{}/{}", g.namespace, g.name);
-        let fp = fingerprint(self, g, live, service_exists);
+        // Made and read once: what the fingerprint hashes is what is applied.
+        let made = objects(g, live, self);
+        let root = self
+            .ca_root
+            .as_ref()
+            .map(|f| std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display())));
+        let fp = fingerprint(&made, root.as_ref(), g, live, service_exists);
         let lock = || self.applied.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = lock().get(&key)
             && r.fingerprint == fp
@@ -156,7 +168,7 @@ impl Provisioning {
         {
             return r.outcome.clone();
         }
-        let outcome = apply(client, g, live, self).await;
+        let outcome = apply(client, g, live, made, root).await;
         let settled =
             matches!(&outcome, Provisioned::Applied { addresses, .. } if !addresses.is_empty());
         if settled {
@@ -369,12 +381,14 @@ fn owned_by(o: &Value, uid: &str) -> bool {
         .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
 }
 
-/// Applies Gateway `g`'s objects (`live`: the Gateway as read); what came of it.
-pub async fn apply(
+/// Applies Gateway `g`'s objects `made` (`live`: the Gateway as read), after publishing the CA
+/// root `root` (its PEM, or why the file did not read) in its namespace; what came of it.
+async fn apply(
     client: &kube::Client,
     g: &GatewayModel,
     live: &Value,
-    p: &Provisioning,
+    made: Made,
+    root: Option<Result<String, String>>,
 ) -> Provisioned {
     if !g.accepted.ok {
         return Provisioned::Refused("no listener is valid".into());
@@ -391,7 +405,7 @@ pub async fn apply(
             Value::Array(asked.clone())
         ));
     }
-    let objects = match objects(g, live, p) {
+    let objects = match made {
         Ok(o) => o,
         Err(why) => return Provisioned::Refused(why),
     };
@@ -428,8 +442,8 @@ pub async fn apply(
         }
         apis.push((api, kind, name));
     }
-    if let Some(root_file) = &p.ca_root {
-        let published = match std::fs::read_to_string(root_file) {
+    if let Some(root) = root {
+        let published = match root {
             Ok(pem) => {
                 let cms: Api<k8s_openapi::api::core::v1::ConfigMap> =
                     Api::namespaced(client.clone(), &g.namespace);
@@ -437,7 +451,7 @@ pub async fn apply(
                     .await
                     .map_err(|e| e.to_string())
             }
-            Err(e) => Err(format!("{}: {e}", root_file.display())),
+            Err(e) => Err(e),
         };
         if let Err(e) = published {
             return Provisioned::Failed(format!(

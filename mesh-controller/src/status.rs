@@ -499,10 +499,9 @@ impl StatusWriter {
         service_exists: bool,
         now: &str,
     ) -> Result<(usize, bool), kube::Error> {
-        let Some(live) = api.get_opt(&g.name).await? else {
+        let Some(live) = read_live(api, &g.name).await? else {
             return Ok((0, true));
         };
-        let live = serde_json::to_value(&live).unwrap_or_default();
         let provisioned = match &self.provisioning {
             // Only for the generation the model read: the next pass applies a newer one.
             Some(p) if generation_of(&live) == g.generation => {
@@ -535,10 +534,9 @@ impl StatusWriter {
         name: &str,
         next: impl FnOnce(&Value) -> Option<Value>,
     ) -> Result<usize, kube::Error> {
-        let Some(live) = api.get_opt(name).await? else {
+        let Some(live) = read_live(api, name).await? else {
             return Ok(0);
         };
-        let live = serde_json::to_value(&live).unwrap_or_default();
         match next(&live) {
             Some(status) => self.patch_status(api, name, &live, status).await,
             None => Ok(0),
@@ -568,6 +566,14 @@ impl StatusWriter {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The object `name` as the API server has it, as JSON; `None` when it is gone.
+async fn read_live(api: &Api<DynamicObject>, name: &str) -> Result<Option<Value>, kube::Error> {
+    Ok(api
+        .get_opt(name)
+        .await?
+        .map(|o| serde_json::to_value(&o).unwrap_or_default()))
 }
 
 /// Counts a status written, or logs why it was not (`what`: the object) and keeps the first

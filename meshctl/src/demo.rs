@@ -378,24 +378,29 @@ fn start_load(
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
+/// An HTTP/1.1 connection over `io`, driven by a task of its own.
+async fn http1<IO>(io: IO) -> anyhow::Result<Sender>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(conn);
+    Ok(tx)
+}
+
 async fn get(entry: &Entry, sender: &mut Option<Sender>) -> anyhow::Result<(u16, String)> {
     if sender.as_ref().is_none_or(|s| s.is_closed()) {
         let tx = match entry {
-            Entry::Client(addr) => {
-                let tcp = tokio::net::TcpStream::connect(addr).await?;
-                let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-                tokio::spawn(conn);
-                tx
-            }
+            Entry::Client(addr) => http1(tokio::net::TcpStream::connect(addr).await?).await?,
             Entry::Gateway(addr, tls) => {
                 let tcp = tokio::net::TcpStream::connect(addr).await?;
                 let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost")?;
-                let tls = tokio_rustls::TlsConnector::from(tls.clone())
-                    .connect(name, tcp)
-                    .await?;
-                let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-                tokio::spawn(conn);
-                tx
+                http1(
+                    tokio_rustls::TlsConnector::from(tls.clone())
+                        .connect(name, tcp)
+                        .await?,
+                )
+                .await?
             }
         };
         *sender = Some(tx);

@@ -332,11 +332,17 @@ pub fn target(
                 t.name
             ),
         )),
-        (g, k) if gateways => Err((
+        (g, k) => Err((
             "kind",
-            format!("{g:?}/{k:?} is not a Service, Namespace or Gateway"),
+            format!(
+                "{g:?}/{k:?} is not a Service{}",
+                if gateways {
+                    ", Namespace or Gateway"
+                } else {
+                    " or Namespace"
+                }
+            ),
         )),
-        (g, k) => Err(("kind", format!("{g:?}/{k:?} is not a Service or Namespace"))),
     }
 }
 
