@@ -28,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_proxy import (  # noqa: E402
-    ENVOY, Proc, Run, backend_conf, cpu_ticks, cpu_us_per, free_port, oha, release_dir, spread,
-    wait_port,
+    ENVOY, Proc, Run, backend_conf, bench_service, cpu_ticks, cpu_us_per, free_port, oha,
+    release_dir, spread, wait_port,
 )
 
 HOST = "gw.example.com"
@@ -63,18 +63,7 @@ spec:
   parentRefs: [{{name: edge}}]
   rules: [{{backendRefs: [{{name: bench, port: 80}}]}}]
 ---
-apiVersion: v1
-kind: Service
-metadata: {{name: bench, namespace: bench}}
-spec: {{clusterIP: 10.96.9.9, ports: [{{name: http, port: 80, protocol: TCP}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: bench-1, namespace: bench, labels: {{kubernetes.io/service-name: bench}}}}
-addressType: IPv4
-ports: [{{name: http, port: {backend_port}, protocol: TCP}}]
-endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
-"""
+""" + bench_service("bench", backend_port)
 
 
 def main():

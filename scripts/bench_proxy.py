@@ -155,6 +155,26 @@ class Run:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def bench_service(ns, backend_port):
+    """The Service `bench` of namespace `ns` (port 80) and its one endpoint, the backend on
+    127.0.0.1:`backend_port`, as manifests for the controller's directory."""
+    return f"""apiVersion: v1
+kind: Service
+metadata: {{name: bench, namespace: {ns}}}
+spec:
+  clusterIP: 10.96.9.9
+  selector: {{app: bench}}
+  ports: [{{name: http, port: 80, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: bench-1, namespace: {ns}, labels: {{kubernetes.io/service-name: bench}}}}
+addressType: IPv4
+ports: [{{name: http, port: {backend_port}, protocol: TCP}}]
+endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
+"""
+
+
 def backend_conf(work, port):
     """An nginx config answering a fixed 2-byte body on `port`, one worker; returns its path."""
     path = os.path.join(work, "backend.conf")
@@ -240,21 +260,7 @@ def main():
         cfg = os.path.join(work, "config")
         os.mkdir(cfg)
         with open(os.path.join(cfg, "bench.yaml"), "w") as f:
-            f.write(f"""apiVersion: v1
-kind: Service
-metadata: {{name: bench, namespace: default}}
-spec:
-  clusterIP: 10.96.9.9
-  selector: {{app: bench}}
-  ports: [{{name: http, port: 80, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: bench-1, namespace: default, labels: {{kubernetes.io/service-name: bench}}}}
-addressType: IPv4
-ports: [{{name: http, port: {backend_port}, protocol: TCP}}]
-endpoints: [{{addresses: ['127.0.0.1'], conditions: {{ready: true}}}}]
-""")
+            f.write(bench_service("default", backend_port))
         xds_port, cadmin = free_port(), free_port()
         spawn(
             [os.path.join(rel, "mesh-controller"), "--config-dir", cfg,
