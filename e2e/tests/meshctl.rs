@@ -29,6 +29,7 @@ async fn demo_service(version: &str) -> anyhow::Result<meshctl::demo_service::Ru
         latency: std::time::Duration::ZERO,
         error_rate: 0.0,
         unhealthy_while: None,
+        echo: false,
     }
     .start()
     .await

@@ -247,6 +247,7 @@ async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result
             latency: Duration::from_millis(1),
             error_rate,
             unhealthy_while: None,
+            echo: false,
         }
         .start()
         .await?;

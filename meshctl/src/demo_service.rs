@@ -2,7 +2,9 @@
 //! version, after a set latency, failing a set share of requests with 500. Failures are spread
 //! evenly (request n fails when the running count of failures due rises), so a 10 % error rate
 //! is 10 % over any window, not only on average. `/healthz` answers 200, or 503 while the file
-//! `--unhealthy-while` names exists.
+//! `--unhealthy-while` names exists. With `--echo` the body is the request as it arrived (JSON),
+//! as the Gateway API conformance suite's echo server answers, to see what routes and filters
+//! did to it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,6 +39,10 @@ pub struct DemoService {
     /// `/healthz` answers 503 while this file exists (to fail a pod's probes on purpose).
     #[arg(long, value_name = "FILE")]
     pub unhealthy_while: Option<std::path::PathBuf>,
+    /// Answer with the request as it arrived (JSON: method, path with query, host, headers)
+    /// instead of `<name> <version>`.
+    #[arg(long)]
+    pub echo: bool,
 }
 
 fn parse_rate(s: &str) -> Result<f64, String> {
@@ -121,12 +127,20 @@ impl DemoService {
             (503, format!("{} {} unhealthy\n", self.name, self.version))
         } else if failed {
             (500, format!("{} {} failed\n", self.name, self.version))
+        } else if self.echo {
+            (200, echo(&self.name, &self.version, req))
         } else {
             (200, format!("{} {}\n", self.name, self.version))
         };
         let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() =
             hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        if self.echo && status == 200 && !health {
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+        }
         for (k, v) in [
             ("x-demo-service", &self.name),
             ("x-demo-version", &self.version),
@@ -137,6 +151,36 @@ impl DemoService {
         }
         resp
     }
+}
+
+/// The request as it arrived, as JSON: the service's name and version, the method, the path
+/// with its query, the host (the h2 `:authority`, else `Host`) and every header's values.
+fn echo(name: &str, version: &str, req: &hyper::Request<hyper::body::Incoming>) -> String {
+    let mut headers = serde_json::Map::new();
+    for k in req.headers().keys() {
+        let values: Vec<String> = req
+            .headers()
+            .get_all(k)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect();
+        headers.insert(k.as_str().to_owned(), values.into());
+    }
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| req.headers().get(hyper::header::HOST)?.to_str().ok())
+        .unwrap_or_default();
+    let body = serde_json::json!({
+        "name": name,
+        "version": version,
+        "method": req.method().as_str(),
+        "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        "host": host,
+        "headers": headers,
+    });
+    format!("{body}\n")
 }
 
 #[cfg(test)]
@@ -171,6 +215,7 @@ mod tests {
             latency: Duration::from_millis(2),
             error_rate: 0.25,
             unhealthy_while: None,
+            echo: false,
         }
         .start()
         .await
@@ -196,5 +241,50 @@ mod tests {
         }
         assert_eq!(statuses, [200, 200, 200, 500, 200]);
         assert_eq!(svc.requests.load(Ordering::Relaxed), 4);
+    }
+
+    #[tokio::test]
+    async fn echo_answers_with_the_request_as_it_arrived() {
+        use http_body_util::BodyExt;
+        let svc = DemoService {
+            name: "echo".into(),
+            version: "v1".into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            latency: Duration::ZERO,
+            error_rate: 0.0,
+            unhealthy_while: None,
+            echo: true,
+        }
+        .start()
+        .await
+        .expect("starts");
+        let tcp = tokio::net::TcpStream::connect(svc.addr)
+            .await
+            .expect("connect");
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::post("/a/b?x=1")
+            .header("host", "shop.example.com")
+            .header("x-twice", "one")
+            .header("x-twice", "two")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        let resp = tx.send_request(req).await.expect("response");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        assert_eq!(resp.headers()["x-demo-service"], "echo");
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let seen: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(seen["name"], "echo");
+        assert_eq!(seen["version"], "v1");
+        assert_eq!(seen["method"], "POST");
+        assert_eq!(seen["path"], "/a/b?x=1");
+        assert_eq!(seen["host"], "shop.example.com");
+        assert_eq!(
+            seen["headers"]["x-twice"],
+            serde_json::json!(["one", "two"])
+        );
     }
 }
