@@ -14,8 +14,36 @@ pub enum App {
         version: String,
         error_rate: f64,
     },
+    /// `meshctl demo-service --echo` on port 8080, answering with the request as it arrived
+    /// (JSON), as the Gateway API conformance suite's echo server does.
+    Echo { name: String },
     /// Nothing but (maybe) its proxy: a place to run load from.
     Idle,
+}
+
+impl App {
+    /// The `meshctl` arguments of its server, listening on 0.0.0.0:8080 (none for `Idle`).
+    pub fn demo_service_args(&self) -> Option<Vec<String>> {
+        let mut args: Vec<String> = match self {
+            App::Demo {
+                name,
+                version,
+                error_rate,
+            } => vec![
+                "--name".into(),
+                name.clone(),
+                "--version".into(),
+                version.clone(),
+                "--error-rate".into(),
+                error_rate.to_string(),
+            ],
+            App::Echo { name } => vec!["--name".into(), name.clone(), "--echo".into()],
+            App::Idle => return None,
+        };
+        args.splice(0..0, ["demo-service".into()]);
+        args.extend(["--listen".into(), "0.0.0.0:8080".into()]);
+        Some(args)
+    }
 }
 
 /// The proxy beside a meshed pod's app.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::cluster::{App, Cluster, Load, ServiceDef, Sidecar, Workload, labels_yaml};
+use crate::cluster::{Cluster, Load, ServiceDef, Sidecar, Workload, labels_yaml};
 
 /// The cluster of the current kubeconfig context, driven through kubectl and meshctl.
 #[derive(Debug)]
@@ -120,19 +120,13 @@ impl Cluster for KindCluster {
         if !w.meshed {
             pod_labels.insert("mesh.dev/inject".into(), "disabled".into());
         }
-        let (image, args) = match &w.app {
-            App::Demo {
-                name,
-                version,
-                error_rate,
-            } => (
+        let (image, args) = match w.app.demo_service_args() {
+            Some(args) => (
                 self.meshctl_image.clone(),
-                format!(
-                    "[demo-service, --name, {name}, --version, {version}, --listen, '0.0.0.0:8080', --error-rate, '{error_rate}']"
-                ),
+                serde_json::to_string(&args).context("the app's arguments")?,
             ),
             // The load generator's image, idle until the scenario execs into it.
-            App::Idle => (self.load_image.clone(), "[sleep-forever]".into()),
+            None => (self.load_image.clone(), "[sleep-forever]".into()),
         };
         apply_yaml(&format!(
             "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: {ns}}}\n---\napiVersion: apps/v1\nkind: StatefulSet\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  serviceName: {name}\n  replicas: {n}\n  podManagementPolicy: Parallel\n  selector: {{matchLabels: {sel}}}\n  template:\n    metadata: {{labels: {labels}}}\n    spec:\n      serviceAccountName: {sa}\n      containers: [{{name: app, image: {image}, imagePullPolicy: Never, args: {args}, ports: [{{containerPort: 8080}}]}}]\n",

@@ -418,6 +418,12 @@ impl NetnsCluster {
         format!("{PREFIX}{}-", self.id)
     }
 
+    /// The node's network namespace, outside every pod: where a client outside the cluster
+    /// reaches pods from ([`connect_in`] it to connect from there).
+    pub fn node_netns(&self) -> &str {
+        &self.node
+    }
+
     fn in_node(&self, args: &[&str]) -> anyhow::Result<String> {
         let mut full = vec!["ip", "netns", "exec", self.node.as_str()];
         full.extend_from_slice(args);
@@ -837,24 +843,7 @@ impl NetnsCluster {
     /// Starts `pod`'s app, then (meshed) its interception and proxy.
     async fn start_pod(&self, pod: &mut Pod, w: &Workload) -> anyhow::Result<()> {
         let what = format!("{}.{}", pod.namespace, pod.name);
-        if let App::Demo {
-            name: app,
-            version,
-            error_rate,
-        } = &w.app
-        {
-            let rate = error_rate.to_string();
-            let args = owned(&[
-                "demo-service",
-                "--name",
-                app,
-                "--version",
-                version,
-                "--listen",
-                "0.0.0.0:8080",
-                "--error-rate",
-                &rate,
-            ]);
+        if let Some(args) = w.app.demo_service_args() {
             pod.procs.push(Self::spawn_in(
                 &pod.netns,
                 None,
@@ -881,7 +870,7 @@ impl NetnsCluster {
                     let proxy = self.mesh_proxy(pod, w)?;
                     pod.procs.push(proxy);
                 }
-                Sidecar::Envoy => self.envoy(pod, w).await?,
+                Sidecar::Envoy => self.envoy(pod, None).await?,
             }
         }
         Ok(())
@@ -922,28 +911,31 @@ impl NetnsCluster {
         )
     }
 
-    /// Envoy for `pod`, as UID 1337 behind the same interception: `mesh-proxy agent` keeps its
-    /// SVID in SDS files, and Envoy starts once they are there, with the bootstrap
-    /// `meshctl bootstrap envoy --transparent --sds-dir --xds-tls` writes (the controller
-    /// serves xDS over mesh TLS only). Everything else comes over xDS.
-    async fn envoy(&self, pod: &mut Pod, w: &Workload) -> anyhow::Result<()> {
+    /// Envoy for `pod` as UID 1337, as its service account: `mesh-proxy agent` keeps its SVID
+    /// in SDS files, and Envoy starts once they are there, with the bootstrap `meshctl bootstrap
+    /// envoy --xds-tls` writes (the controller serves xDS over mesh TLS only). Everything else
+    /// comes over xDS. A sidecar (`gateway` none) runs behind the pod's interception with
+    /// `--transparent --sds-dir`; the Gateway `gateway`'s proxy with `--gateway <gateway>
+    /// --sds-socket` (the agent serves SDS on a socket too), so that it also originates mesh TLS.
+    async fn envoy(&self, pod: &mut Pod, gateway: Option<&str>) -> anyhow::Result<()> {
         let envoy = crate::peer("MESH_ENVOY", "envoy")
-            .context("an Envoy sidecar needs Envoy (scripts/install-peers installs it)")?;
+            .context("an Envoy proxy needs Envoy (scripts/install-peers installs it)")?;
         let what = format!("{}.{}", pod.namespace, pod.name);
         let sds = self.dir.path().join(format!("sds.{what}"));
         std::fs::create_dir(&sds)?;
         std::os::unix::fs::chown(&sds, Some(1337), Some(1337))?;
-        let token = self.token(&pod.namespace, &w.service_account)?;
+        let token = self.token(&pod.namespace, &pod.service_account)?;
         let node = format!("{}/{}", pod.namespace, pod.name);
         let sds_dir = sds.display().to_string();
-        let args = owned(&[
+        let socket = sds.join("agent.sock").display().to_string();
+        let mut args = owned(&[
             "agent",
             "--sds-dir",
             &sds_dir,
             "--node",
             &node,
             "--service-account",
-            &w.service_account,
+            &pod.service_account,
             "--ca-addr",
             &format!("{CONTROL_PLANE_IP}:15012"),
             "--ca-root",
@@ -951,6 +943,9 @@ impl NetnsCluster {
             "--ca-token-file",
             &token.display().to_string(),
         ]);
+        if gateway.is_some() {
+            args.extend(owned(&["--sds-socket", &socket]));
+        }
         pod.procs.push(Self::spawn_in(
             &pod.netns,
             Some(1337),
@@ -959,7 +954,9 @@ impl NetnsCluster {
             &self.log(&format!("{what}.agent")),
         )?);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !sds.join("default.yaml").exists() {
+        while !sds.join("default.yaml").exists()
+            || (gateway.is_some() && !Path::new(&socket).exists())
+        {
             if Instant::now() > deadline {
                 bail!(
                     "the agent of {node} wrote no SVID in 20 s:\n{}",
@@ -968,6 +965,10 @@ impl NetnsCluster {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let role = match gateway {
+            None => vec!["--transparent", "--sds-dir", &sds_dir],
+            Some(g) => vec!["--gateway", g, "--sds-socket", &socket],
+        };
         let out = Command::new(binary("meshctl")?)
             .args([
                 "bootstrap",
@@ -976,11 +977,9 @@ impl NetnsCluster {
                 &node,
                 "--xds",
                 &format!("{CONTROL_PLANE_IP}:15010"),
-                "--transparent",
-                "--sds-dir",
-                &sds_dir,
                 "--xds-tls",
             ])
+            .args(role)
             .output()?;
         if !out.status.success() {
             bail!(
@@ -1276,6 +1275,31 @@ impl NetnsCluster {
             json!({"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
             "spec": template["spec"]}),
         )
+    }
+
+    /// Pod `ns/pod` running a stock Envoy as a proxy of the Gateway `ns/gateway`, as a user runs
+    /// Envoy in the provisioned Deployment's place: under the Gateway's service account
+    /// (`<gateway>-gateway`), `mesh-proxy agent` keeping its SVID, and the bootstrap `meshctl
+    /// bootstrap envoy --gateway --sds-socket --xds-tls` writes. Returns its address once Envoy
+    /// runs (the test waits for it to serve).
+    pub async fn run_envoy_gateway(
+        &mut self,
+        ns: &str,
+        gateway: &str,
+        pod: &str,
+    ) -> anyhow::Result<Ipv4Addr> {
+        let ip = self.next_pod_ip();
+        let mut p = self.add_netns(ns, pod, ip)?;
+        p.service_account = format!("{gateway}-gateway");
+        p.labels = [("app".to_owned(), format!("{gateway}-envoy"))].into();
+        if let Err(e) = self.envoy(&mut p, Some(gateway)).await {
+            kill_all(&mut p.procs);
+            remove_namespace(&p.netns);
+            return Err(e);
+        }
+        self.pods.push(p);
+        self.write_state()?;
+        Ok(ip)
     }
 
     /// Creates Pod `pod` as the API server would, through the injection webhook's code when its
@@ -1578,8 +1602,9 @@ fn pod_netns(prefix: &str, ip: Ipv4Addr) -> String {
     format!("{prefix}p{idx}")
 }
 
-/// A TCP connection to `addr` made inside network namespace `netns` (see [`in_netns`]).
-fn connect_in(netns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
+/// A TCP connection to `addr` made inside network namespace `netns` (see [`in_netns`]):
+/// blocking, on a thread of its own.
+pub fn connect_in(netns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
     in_netns(netns, || {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
             .with_context(|| format!("connecting to {addr} in {netns}"))
