@@ -1,15 +1,20 @@
 //! A Gateway of our GatewayClass, served by a stock Envoy 1.40 joined with `meshctl bootstrap
-//! envoy --gateway` and by mesh-proxy with `--gateway`: HTTP by Host, HTTPS by SNI with the
-//! listener's certificate from a Secret, listener isolation, 404 for a host no listener
-//! serves, the conformance cases, a certificate rotated under load and a rate limit on a
-//! listener, each proxy on its own loopback address and giving the same answers.
+//! envoy --gateway` and by mesh-proxy with `--gateway`, giving the same answers: the
+//! conformance cases on the network-namespace cluster, curl outside every pod; and, each proxy
+//! on its own loopback address, HTTP by Host, HTTPS by SNI with the listener's certificate from
+//! a Secret, listener isolation, 404 for a host no listener serves, a certificate rotated
+//! under load and a rate limit on a listener.
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use anyhow::Context;
 use mesh_controller::config::Config;
 use mesh_controller::run::Controller;
 use mesh_controller::testing::{service_yaml, slice_yaml, tls_secret_yaml as tls_secret};
+use mesh_e2e::cluster::{App, Cluster, ServiceDef, Sidecar, Workload};
+use mesh_e2e::netns::{self, NetnsCluster};
 use mesh_e2e::{Backend, eventually, free_port, peer, start_envoy, system_peer};
 use meshctl::cmd::bootstrap::{EnvoyArgs, envoy};
 
@@ -366,9 +371,9 @@ struct Case {
     path: &'static str,
     headers: &'static [(&'static str, &'static str)],
     status: u16,
-    /// Response headers that must be there (the backend reports what it saw as `x-seen-*`,
-    /// and its name as `x-backend`); `{port}` stands for the port the request went to, and
-    /// `{scheme}` for its scheme.
+    /// Response headers that must be there (the backend's name is `x-demo-service`), and what
+    /// the backend saw as `x-seen-host`, `x-seen-path` and `x-seen-<header>`; `{port}` stands
+    /// for the port the request went to, and `{scheme}` for its scheme.
     want: &'static [(&'static str, &'static str)],
     /// Response headers that must not be.
     absent: &'static [&'static str],
@@ -392,34 +397,41 @@ impl Scheme<'_> {
     }
 }
 
-/// `curl -i` through the gateway: status and response headers (names lowercased).
-async fn exchange(
-    curl: &std::path::Path,
-    scheme: Scheme<'_>,
-    (ip, port): (std::net::IpAddr, u16),
-    c: &Case,
-) -> anyhow::Result<(u16, std::collections::BTreeMap<String, String>)> {
-    let mut cmd = tokio::process::Command::new(curl);
-    cmd.args(["-sS", "-i", "--max-time", "5", "-X", c.method])
-        .arg("--resolve")
-        .arg(format!("{}:{port}:{ip}", c.host));
+/// curl's arguments to reach the gateway at `ip:port` for `host` over `scheme` (the
+/// certificate checked against the CA file over HTTPS).
+fn curl_to(scheme: Scheme<'_>, (ip, port): (Ipv4Addr, u16), host: &str) -> Vec<String> {
+    let mut args = vec!["--resolve".to_string(), format!("{host}:{port}:{ip}")];
     if let Scheme::Https(ca) = scheme {
-        cmd.arg("--cacert").arg(ca);
+        args.extend(["--cacert".into(), ca.display().to_string()]);
     }
+    args
+}
+
+/// `curl -i` from the cluster's node to the gateway at `ip:port`: the status, the response
+/// headers (names lowercased), and what the echo backend saw (`meshctl demo-service --echo`'s
+/// JSON) as `x-seen-host`, `x-seen-path` and `x-seen-<header>` (values joined by commas).
+fn exchange(
+    cluster: &NetnsCluster,
+    scheme: Scheme<'_>,
+    to: (Ipv4Addr, u16),
+    c: &Case,
+) -> anyhow::Result<(u16, BTreeMap<String, String>)> {
+    let mut args = curl_to(scheme, to, c.host);
+    args.extend(["-sS", "-i", "--max-time", "5", "-X", c.method].map(String::from));
     for (k, v) in c.headers {
-        cmd.arg("-H").arg(format!("{k}: {v}"));
+        args.extend(["-H".into(), format!("{k}: {v}")]);
     }
-    let out = cmd
-        .arg(format!("{}://{}:{port}{}", scheme.name(), c.host, c.path))
-        .output()
-        .await?;
+    args.push(format!("{}://{}:{}{}", scheme.name(), c.host, to.1, c.path));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = cluster.from_node("curl", &args)?;
     anyhow::ensure!(
         out.status.success(),
         "curl: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = text.lines();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
     let first = lines.next().unwrap_or_default();
     anyhow::ensure!(
         matches!(scheme, Scheme::Http) || first.starts_with("HTTP/2 "),
@@ -429,11 +441,26 @@ async fn exchange(
         .and_then(|l| l.split(' ').nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let headers = lines
-        .take_while(|l| !l.trim().is_empty())
+    let mut headers: BTreeMap<String, String> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    if let Ok(seen) = serde_json::from_str::<serde_json::Value>(body) {
+        for k in ["host", "path"] {
+            if let Some(v) = seen[k].as_str() {
+                headers.insert(format!("x-seen-{k}"), v.to_string());
+            }
+        }
+        for (k, values) in seen["headers"].as_object().into_iter().flatten() {
+            let values: Vec<&str> = values
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str())
+                .collect();
+            headers.insert(format!("x-seen-{k}"), values.join(","));
+        }
+    }
     Ok((status, headers))
 }
 
@@ -446,51 +473,36 @@ fn location(l: &str) -> String {
 }
 
 /// Cases of the upstream Gateway API conformance suite (HTTPRoute and Gateway, core and the
-/// extended features mesh serves), re-expressed against a Gateway served at once by a stock
-/// Envoy and by mesh-proxy, both configured by the controller, each case asked of both: listener selection by `allowedRoutes`, hostname intersection,
-/// path, header, query and method matching across routes, request and response header
-/// modifiers, redirects (host, status, path, scheme, port), rewrites, cross-namespace backends
-/// with and without a ReferenceGrant, invalid backends, and weights; each over HTTP and over
-/// HTTPS with SNI and h2.
+/// extended features mesh serves), re-expressed on the network-namespace cluster: the Gateway
+/// `infra/gw` served at once by the pod of the Deployment the controller provisions for it
+/// (mesh-proxy) and by a pod running a stock Envoy in its place, both configured by the
+/// controller, and every case asked of both with curl from the cluster's node, outside every
+/// pod: listener selection by `allowedRoutes`, hostname intersection, path, header, query and
+/// method matching across routes, request and response header modifiers, redirects (host,
+/// status, path, scheme, port), rewrites, cross-namespace backends with and without a
+/// ReferenceGrant, invalid backends, and weights; each over HTTP and over HTTPS with SNI and
+/// h2. The backends are meshed echo servers (`meshctl demo-service --echo`), reached over mesh
+/// TLS; the routes' status conditions are the suite's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> anyhow::Result<()> {
-    use mesh_e2e::servers::EchoServer;
-    let Some(curl_bin) = system_peer("curl") else {
+async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases_from_outside()
+-> anyhow::Result<()> {
+    if !netns::can_run() || system_peer("curl").is_none() {
         return Ok(());
-    };
-    const IPS: (&str, &str) = ("127.0.0.13", "127.0.0.14");
-    let mut backends = Vec::new();
+    }
+    let envoy_bin = peer("MESH_ENVOY", "envoy");
+    let mut c = NetnsCluster::start().await?;
+    c.label_namespace("app", &[("gateway-conformance", "backend")])?;
+    for (ns, name) in BACKENDS {
+        echo_backend(&mut c, ns, name).await?;
+    }
     let mut docs = vec![
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: infra}\n".into(),
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: app, labels: {gateway-conformance: backend}}\n".into(),
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: web}\n".into(),
     ];
-    for (i, (ns, name)) in [
-        ("infra", "infra-backend-v1"),
-        ("infra", "infra-backend-v2"),
-        ("infra", "infra-backend-v3"),
-        ("app", "app-backend-v1"),
-        ("web", "web-backend"),
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let b = EchoServer::start(name).await?;
-        docs.push(service_yaml(
-            ns,
-            name,
-            &format!("10.96.0.{}", 10 + i),
-            &[("http", 8080)],
-        ));
-        docs.push(slice_yaml(ns, name, "http", b.addr.port(), &["127.0.0.1"]));
-        backends.push(b);
-    }
     // Ports: 0 every namespace, 1 the same namespace only, 2 namespaces labelled
     // gateway-conformance: backend, 3 a listener for *.wildcard.io and one for
     // very.specific.com on the same port; 4 to 7 the same listeners over HTTPS (`<name>-tls`),
     // with one certificate for every host the cases ask for.
-    let ports: Vec<u16> = (0..8).map(|_| port_on(&[IPS.0, IPS.1])).collect();
+    let ports: [u16; 8] = [8000, 8001, 8002, 8003, 8443, 8444, 8445, 8446];
     let listeners = [
         ("all", "allowedRoutes: {namespaces: {from: All}}"),
         ("same", "allowedRoutes: {namespaces: {from: Same}}"),
@@ -507,7 +519,7 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
             "hostname: very.specific.com, allowedRoutes: {namespaces: {from: All}}",
         ),
     ];
-    let mut gateway = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  listeners:\n".to_string();
+    let mut gateway = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: infra}\nspec:\n  gatewayClassName: mesh\n  infrastructure: {annotations: {mesh.dev/service-type: ClusterIP}}\n  listeners:\n".to_string();
     for (i, (name, rest)) in listeners.iter().enumerate() {
         let port = i.min(3);
         gateway += &format!(
@@ -551,7 +563,7 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
             "headers",
             "all",
             "[headers.example.com]",
-            "  - filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {set: [{name: x-echo-set, value: set}], add: [{name: x-echo-add, value: added}], remove: [x-echo-remove]}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {set: [{name: x-header-set, value: set}], remove: [x-backend]}\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
+            "  - filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {set: [{name: x-echo-set, value: set}], add: [{name: x-echo-add, value: added}], remove: [x-echo-remove]}\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {set: [{name: x-header-set, value: set}], remove: [x-demo-version]}\n    backendRefs: [{name: infra-backend-v1, port: 8080}]\n",
         ),
         // httproute-redirect-host-and-status, -path, -scheme, -port, -port-and-scheme.
         route(
@@ -663,17 +675,17 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
     std::fs::write(&ca, &cert)?;
     #[rustfmt::skip]
     let cases = [
-        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
-        Case { from: "httproute-exact-path-matching", port: 0, method: "GET", host: "match.example.com", path: "/exact", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v2")], absent: &[] },
-        Case { from: "httproute-exact-path-matching", port: 0, method: "GET", host: "match.example.com", path: "/exact/more", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
-        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/v2", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v2")], absent: &[] },
-        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/v2abc", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
-        Case { from: "httproute-header-matching", port: 0, method: "GET", host: "match.example.com", path: "/", headers: &[("version", "two")], status: 200, want: &[("x-backend", "infra-backend-v2")], absent: &[] },
-        Case { from: "httproute-path-match-order", port: 0, method: "GET", host: "match.example.com", path: "/v2/example", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
-        Case { from: "httproute-query-param-matching", port: 0, method: "GET", host: "match.example.com", path: "/?animal=whale", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
-        Case { from: "httproute-method-matching", port: 0, method: "POST", host: "match.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
-        Case { from: "httproute-matching-across-routes", port: 0, method: "GET", host: "match.example.com", path: "/across", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
-        Case { from: "httproute-request-header-modifier", port: 0, method: "GET", host: "headers.example.com", path: "/", headers: &[("x-echo-set", "original"), ("x-echo-add", "original"), ("x-echo-remove", "gone")], status: 200, want: &[("x-seen-x-echo-set", "set"), ("x-seen-x-echo-add", "original,added"), ("x-header-set", "set")], absent: &["x-seen-x-echo-remove", "x-backend"] },
+        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-exact-path-matching", port: 0, method: "GET", host: "match.example.com", path: "/exact", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v2")], absent: &[] },
+        Case { from: "httproute-exact-path-matching", port: 0, method: "GET", host: "match.example.com", path: "/exact/more", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/v2", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v2")], absent: &[] },
+        Case { from: "httproute-matching", port: 0, method: "GET", host: "match.example.com", path: "/v2abc", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-header-matching", port: 0, method: "GET", host: "match.example.com", path: "/", headers: &[("version", "two")], status: 200, want: &[("x-demo-service", "infra-backend-v2")], absent: &[] },
+        Case { from: "httproute-path-match-order", port: 0, method: "GET", host: "match.example.com", path: "/v2/example", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-query-param-matching", port: 0, method: "GET", host: "match.example.com", path: "/?animal=whale", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-method-matching", port: 0, method: "POST", host: "match.example.com", path: "/", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-matching-across-routes", port: 0, method: "GET", host: "match.example.com", path: "/across", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-request-header-modifier", port: 0, method: "GET", host: "headers.example.com", path: "/", headers: &[("x-echo-set", "original"), ("x-echo-add", "original"), ("x-echo-remove", "gone")], status: 200, want: &[("x-seen-x-echo-set", "set"), ("x-seen-x-echo-add", "original,added"), ("x-header-set", "set")], absent: &["x-seen-x-echo-remove", "x-demo-version"] },
         Case { from: "httproute-redirect-host-and-status", port: 0, method: "GET", host: "redirect.example.com", path: "/hostname", headers: &[], status: 301, want: &[("location", "{scheme}://example.org:{port}/hostname")], absent: &[] },
         Case { from: "httproute-redirect-path", port: 0, method: "GET", host: "redirect.example.com", path: "/full/x", headers: &[], status: 302, want: &[("location", "{scheme}://redirect.example.com:{port}/full-path-replacement")], absent: &[] },
         // The listener's port, whatever the Host says.
@@ -685,46 +697,232 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases() -> a
         Case { from: "httproute-rewrite-host", port: 0, method: "GET", host: "rewrite.example.com", path: "/one", headers: &[], status: 200, want: &[("x-seen-host", "one.example.org"), ("x-seen-path", "/one")], absent: &[] },
         Case { from: "httproute-rewrite-path", port: 0, method: "GET", host: "rewrite.example.com", path: "/prefix/one/two", headers: &[], status: 200, want: &[("x-seen-path", "/one/two")], absent: &[] },
         Case { from: "httproute-rewrite-path", port: 0, method: "GET", host: "rewrite.example.com", path: "/full/one/two", headers: &[], status: 200, want: &[("x-seen-path", "/one")], absent: &[] },
-        Case { from: "httproute-invalid-cross-namespace-parent-ref", port: 1, method: "GET", host: "cross.example.com", path: "/", headers: &[], status: 404, want: &[], absent: &["x-backend"] },
-        Case { from: "httproute-simple-same-namespace", port: 1, method: "GET", host: "same.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
-        Case { from: "httproute-cross-namespace", port: 2, method: "GET", host: "app.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "app-backend-v1")], absent: &[] },
-        Case { from: "httproute-cross-namespace", port: 2, method: "GET", host: "web.example.com", path: "/", headers: &[], status: 404, want: &[], absent: &["x-backend"] },
-        Case { from: "httproute-reference-grant", port: 0, method: "GET", host: "granted.example.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "app-backend-v1")], absent: &[] },
-        Case { from: "httproute-invalid-cross-namespace-backend-ref", port: 0, method: "GET", host: "not-granted.example.com", path: "/", headers: &[], status: 500, want: &[], absent: &["x-backend"] },
+        Case { from: "httproute-invalid-cross-namespace-parent-ref", port: 1, method: "GET", host: "cross.example.com", path: "/", headers: &[], status: 404, want: &[], absent: &["x-demo-service"] },
+        Case { from: "httproute-simple-same-namespace", port: 1, method: "GET", host: "same.example.com", path: "/", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-cross-namespace", port: 2, method: "GET", host: "app.example.com", path: "/", headers: &[], status: 200, want: &[("x-demo-service", "app-backend-v1")], absent: &[] },
+        Case { from: "httproute-cross-namespace", port: 2, method: "GET", host: "web.example.com", path: "/", headers: &[], status: 404, want: &[], absent: &["x-demo-service"] },
+        Case { from: "httproute-reference-grant", port: 0, method: "GET", host: "granted.example.com", path: "/", headers: &[], status: 200, want: &[("x-demo-service", "app-backend-v1")], absent: &[] },
+        Case { from: "httproute-invalid-cross-namespace-backend-ref", port: 0, method: "GET", host: "not-granted.example.com", path: "/", headers: &[], status: 500, want: &[], absent: &["x-demo-service"] },
         Case { from: "httproute-invalid-nonexistent-backendref", port: 0, method: "GET", host: "invalid.example.com", path: "/missing", headers: &[], status: 500, want: &[], absent: &[] },
         Case { from: "httproute-invalid-backendref-unknown-kind", port: 0, method: "GET", host: "invalid.example.com", path: "/kind", headers: &[], status: 500, want: &[], absent: &[] },
         Case { from: "httproute-omitted-backendrefs", port: 0, method: "GET", host: "invalid.example.com", path: "/none", headers: &[], status: 500, want: &[], absent: &[] },
-        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "a.wildcard.io", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v1")], absent: &[] },
-        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "exact.wildcard.io", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v2")], absent: &[] },
-        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "other.org", path: "/", headers: &[], status: 404, want: &[], absent: &["x-backend"] },
-        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "wildcard.io", path: "/", headers: &[], status: 404, want: &[], absent: &["x-backend"] },
-        Case { from: "httproute-listener-hostname-matching", port: 3, method: "GET", host: "very.specific.com", path: "/", headers: &[], status: 200, want: &[("x-backend", "infra-backend-v3")], absent: &[] },
+        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "a.wildcard.io", path: "/", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v1")], absent: &[] },
+        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "exact.wildcard.io", path: "/", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v2")], absent: &[] },
+        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "other.org", path: "/", headers: &[], status: 404, want: &[], absent: &["x-demo-service"] },
+        Case { from: "httproute-hostname-intersection", port: 3, method: "GET", host: "wildcard.io", path: "/", headers: &[], status: 404, want: &[], absent: &["x-demo-service"] },
+        Case { from: "httproute-listener-hostname-matching", port: 3, method: "GET", host: "very.specific.com", path: "/", headers: &[], status: 200, want: &[("x-demo-service", "infra-backend-v3")], absent: &[] },
     ];
-    let ctl = controller(dir.path(), &[("gateway.yaml", docs.join("---\n"))]).await?;
-    let proxies = proxies(&ctl, dir.path(), "gw", IPS).await?;
-    let mut failures = Vec::new();
-    for gp in &proxies {
+    c.apply("conformance", &docs.join("---\n")).await?;
+    let gateways = gateway_proxies(&mut c, "gw", envoy_bin.is_some()).await?;
+    let mut failures = route_conditions(&c).await;
+    // The backends' proxies count the mesh TLS connections each peer identity made.
+    let from_gateway = |c: &NetnsCluster| -> anyhow::Result<u64> {
+        let mut n = 0;
+        for (ns, name) in BACKENDS {
+            n += mesh_api::prom::count(
+                &c.proxy_metrics(ns, &format!("{name}-0"))?,
+                "mesh_proxy_inbound_mtls_connections_total{peer=\"spiffe://cluster.local/ns/infra/sa/gw-gateway\"}",
+            );
+        }
+        Ok(n)
+    };
+    for gw in &gateways {
+        let before = from_gateway(&c)?;
         for (scheme, ports) in [
             (Scheme::Http, &ports[..4]),
             (Scheme::Https(&ca), &ports[4..]),
         ] {
-            let mine = conformance(&curl_bin, gp, scheme, ports, &cases).await?;
-            println!(
-                "gateway conformance cases through {:?} over {}: {} of {} as the suite expects",
-                gp.serving,
+            let mine = conformance(&c, gw, scheme, ports, &cases).await?;
+            mesh_e2e::figure(&format!(
+                "gateway conformance cases through {:?} over {}, curl from the node: {} of {} as the suite expects",
+                gw.serving,
                 scheme.name(),
                 cases.len() + 1 - mine.len(),
                 cases.len() + 1
-            );
+            ));
             failures.extend(
                 mine.into_iter()
-                    .map(|f| format!("{:?} over {}: {f}", gp.serving, scheme.name())),
+                    .map(|f| format!("{:?} over {}: {f}", gw.serving, scheme.name())),
             );
+        }
+        let mtls = from_gateway(&c)? - before;
+        mesh_e2e::figure(&format!(
+            "{:?} as the gateway made {mtls} mesh TLS connections to the backends as spiffe://cluster.local/ns/infra/sa/gw-gateway",
+            gw.serving
+        ));
+        if mtls == 0 {
+            failures.push(format!(
+                "{:?}: no mesh TLS connection from the gateway's identity reached a backend",
+                gw.serving
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
-    drop(backends);
     Ok(())
+}
+
+/// The conformance backends (namespace, name), each a Service and one meshed echo pod.
+const BACKENDS: [(&str, &str); 5] = [
+    ("infra", "infra-backend-v1"),
+    ("infra", "infra-backend-v2"),
+    ("infra", "infra-backend-v3"),
+    ("app", "app-backend-v1"),
+    ("web", "web-backend"),
+];
+
+/// A proxy of the Gateway on the network-namespace cluster: which, its pod's address, and the
+/// name of its log.
+struct Gateway {
+    serving: Serving,
+    ip: Ipv4Addr,
+    log: String,
+}
+
+/// The proxies of the Gateway `infra/<gateway>`, once running: the pod of the Deployment the
+/// controller provisioned for it (mesh-proxy), and with `envoy` a pod running a stock Envoy in
+/// its place.
+async fn gateway_proxies(
+    c: &mut NetnsCluster,
+    gateway: &str,
+    envoy: bool,
+) -> anyhow::Result<Vec<Gateway>> {
+    let pod = format!("{gateway}-gateway-0");
+    c.run_deployment_pod("infra", &format!("{gateway}-gateway"), &pod)
+        .await?;
+    c.wait_pod("infra", &pod, "Ready", Duration::from_secs(60), |s| s.ready)
+        .await?;
+    let mut gateways = vec![Gateway {
+        serving: Serving::MeshProxy,
+        ip: c.kubelet_pod("infra", &pod)?.ip,
+        log: format!("infra.{pod}.{}", mesh_api::inject::PROXY_CONTAINER),
+    }];
+    if envoy {
+        let pod = format!("{gateway}-envoy-0");
+        gateways.push(Gateway {
+            serving: Serving::Envoy,
+            ip: c.run_envoy_gateway("infra", gateway, &pod).await?,
+            log: format!("infra.{pod}.proxy"),
+        });
+    }
+    c.wait_synced().await?;
+    Ok(gateways)
+}
+
+/// Service `ns/name` (port 8080) and its one meshed pod, `meshctl demo-service --echo`.
+async fn echo_backend(c: &mut NetnsCluster, ns: &str, name: &str) -> anyhow::Result<()> {
+    let labels: BTreeMap<String, String> = [("app".to_owned(), name.to_owned())].into();
+    c.service(ServiceDef {
+        namespace: ns.into(),
+        name: name.into(),
+        selector: labels.clone(),
+        port: 8080,
+        target_port: 8080,
+    })?;
+    c.deploy(&Workload {
+        namespace: ns.into(),
+        name: name.into(),
+        service_account: name.into(),
+        labels,
+        replicas: 1,
+        meshed: true,
+        sidecar: Sidecar::MeshProxy,
+        app: App::Echo { name: name.into() },
+    })
+    .await?;
+    Ok(())
+}
+
+/// The routes' status conditions the suite checks (`Type=Status/Reason` on each parent): what
+/// is otherwise after 20 s.
+async fn route_conditions(c: &NetnsCluster) -> Vec<String> {
+    const WANT: [(&str, &str, &[&str]); 6] = [
+        // httproute-invalid-cross-namespace-parent-ref, httproute-cross-namespace.
+        (
+            "app",
+            "not-allowed",
+            &["Accepted=False/NotAllowedByListeners"],
+        ),
+        (
+            "web",
+            "not-selected",
+            &["Accepted=False/NotAllowedByListeners"],
+        ),
+        (
+            "app",
+            "selected",
+            &["Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs"],
+        ),
+        // httproute-reference-grant, httproute-invalid-cross-namespace-backend-ref.
+        (
+            "infra",
+            "granted",
+            &["Accepted=True/Accepted", "ResolvedRefs=True/ResolvedRefs"],
+        ),
+        (
+            "infra",
+            "not-granted",
+            &[
+                "Accepted=True/Accepted",
+                "ResolvedRefs=False/RefNotPermitted",
+            ],
+        ),
+        // httproute-hostname-intersection: `*.specific.com` meets `very.specific.com`.
+        ("infra", "specific", &["Accepted=True/Accepted"]),
+    ];
+    let admin = c.admin_client();
+    let read = |ns: &'static str, name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let o = serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "HTTPRoute", "metadata": {"name": name, "namespace": ns}});
+            let got = admin.get(&o).await.ok().flatten().unwrap_or_default();
+            got["status"]["parents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    p["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|c| {
+                            format!(
+                                "{}={}/{}",
+                                c["type"].as_str().unwrap_or(""),
+                                c["status"].as_str().unwrap_or(""),
+                                c["reason"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<String>>()
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    // Each route has two parents (a listener and its HTTPS twin); each must hold the conditions.
+    let wrong = || async {
+        let mut wrong = Vec::new();
+        for (ns, name, want) in WANT {
+            let parents = read(ns, name).await;
+            if parents.len() != 2
+                || !parents
+                    .iter()
+                    .all(|p| want.iter().all(|w| p.iter().any(|c| c == w)))
+            {
+                wrong.push(format!(
+                    "HTTPRoute {ns}/{name}: {parents:?}, want {want:?} on both parents"
+                ));
+            }
+        }
+        wrong
+    };
+    match eventually(Duration::from_secs(20), "the routes' status", || async {
+        wrong().await.is_empty().then_some(())
+    })
+    .await
+    {
+        Ok(()) => Vec::new(),
+        Err(_) => wrong().await,
+    }
 }
 
 /// Whether a listener of `hostname` takes requests for `host` (an exact name, or `*.` and any
@@ -741,47 +939,50 @@ fn takes(hostname: &str, host: &str) -> bool {
 /// a case whose host no listener of its port takes (port 3's listeners have hostnames) finds
 /// no certificate: the handshake is refused, where HTTP answers 404.
 async fn conformance(
-    curl_bin: &std::path::Path,
-    gp: &GatewayProxy,
+    c: &NetnsCluster,
+    gw: &Gateway,
     scheme: Scheme<'_>,
     ports: &[u16],
     cases: &[Case],
 ) -> anyhow::Result<Vec<String>> {
-    let ip = gp.ip;
+    let ip = gw.ip;
     // Every port serves (a case of each that a backend answers).
     for (i, port) in ports.iter().enumerate() {
         let probe = cases
             .iter()
             .find(|c| c.port == i && c.status == 200)
             .expect("a case answered 200 on each port");
-        let served = eventually(Duration::from_secs(10), "the gateway to serve", || async {
-            exchange(curl_bin, scheme, (ip, *port), probe)
-                .await
+        let served = eventually(Duration::from_secs(20), "the gateway to serve", || async {
+            exchange(c, scheme, (ip, *port), probe)
                 .ok()
                 .filter(|(code, _)| *code == 200)
         })
         .await;
         if let Err(e) = served {
-            anyhow::bail!("{:?}, port {port}: {e}\n{}", gp.serving, gp.log_text());
+            anyhow::bail!(
+                "{:?}, port {port}: {e}\nits log:\n{}",
+                gw.serving,
+                c.tail(&gw.log)
+            );
         }
     }
     let mut failures = Vec::new();
-    for c in cases {
-        let port = ports[c.port];
+    for case in cases {
+        let port = ports[case.port];
         let what = format!(
             "{} {} {}://{}:{port}{}",
-            c.from,
-            c.method,
+            case.from,
+            case.method,
             scheme.name(),
-            c.host,
-            c.path
+            case.host,
+            case.path
         );
         let refused = matches!(scheme, Scheme::Https(_))
-            && c.port == 3
+            && case.port == 3
             && !["*.wildcard.io", "very.specific.com"]
                 .iter()
-                .any(|h| takes(h, c.host));
-        let (status, headers) = match exchange(curl_bin, scheme, (ip, port), c).await {
+                .any(|h| takes(h, case.host));
+        let (status, headers) = match exchange(c, scheme, (ip, port), case) {
             Ok(_) if refused => {
                 failures.push(format!("{what}: answered, want the handshake refused"));
                 continue;
@@ -799,10 +1000,10 @@ async fn conformance(
             }
         };
         let mut wrong = Vec::new();
-        if status != c.status {
-            wrong.push(format!("status {status}, want {}", c.status));
+        if status != case.status {
+            wrong.push(format!("status {status}, want {}", case.status));
         }
-        for (k, v) in c.want {
+        for (k, v) in case.want {
             let want = v
                 .replace("{port}", &port.to_string())
                 .replace("{scheme}", scheme.name());
@@ -817,7 +1018,7 @@ async fn conformance(
                 wrong.push(format!("{k}: {have:?}, want {want:?}"));
             }
         }
-        for k in c.absent {
+        for k in case.absent {
             if let Some(v) = headers.get(*k) {
                 wrong.push(format!("{k}: {v:?}, want none"));
             }
@@ -829,32 +1030,40 @@ async fn conformance(
     // httproute-weight: each backend within 8 points of its share, none to a weight of 0.
     // Envoy draws each request at random: over 400 at 3:1, 8 points is 3.7 standard
     // deviations (a false failure in about 2 of 10,000 runs); mesh-proxy spreads them evenly.
-    let weighted = Case {
-        from: "httproute-weight",
-        port: 0,
-        method: "GET",
-        host: "weights.example.com",
-        path: "/",
-        headers: &[],
-        status: 200,
-        want: &[],
-        absent: &[],
-    };
+    // One curl, one connection, 400 requests.
     let total = 400;
-    let mut counts: std::collections::BTreeMap<String, u32> = Default::default();
+    let url = format!("{}://weights.example.com:{}/", scheme.name(), ports[0]);
+    let mut args = curl_to(scheme, (ip, ports[0]), "weights.example.com");
+    args.extend(
+        [
+            "-sS",
+            "--max-time",
+            "60",
+            "-w",
+            "%header{x-demo-service}\\n",
+        ]
+        .map(String::from),
+    );
     for _ in 0..total {
-        let backend = match exchange(curl_bin, scheme, (ip, ports[0]), &weighted).await {
-            Ok((_, h)) => h.get("x-backend").cloned().unwrap_or_default(),
-            Err(e) => format!("{e:#}"),
-        };
-        *counts.entry(backend).or_default() += 1;
+        args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = c.from_node("curl", &args)?;
+    let mut counts: BTreeMap<String, u32> = Default::default();
+    for backend in String::from_utf8_lossy(&out.stdout).lines() {
+        *counts.entry(backend.to_string()).or_default() += 1;
+    }
+    if !out.status.success() {
+        *counts
+            .entry(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            .or_default() += 1;
     }
     let share = |b: &str| f64::from(counts.get(b).copied().unwrap_or(0)) * 100.0 / f64::from(total);
-    println!(
+    mesh_e2e::figure(&format!(
         "httproute-weight 3:1:0 over {total} {} requests through {:?}: {counts:?}",
         scheme.name(),
-        gp.serving
-    );
+        gw.serving
+    ));
     if (share("infra-backend-v1") - 75.0).abs() > 8.0
         || (share("infra-backend-v2") - 25.0).abs() > 8.0
         || counts.len() != 2
@@ -870,15 +1079,19 @@ async fn conformance(
 /// presented.
 type Outcome = (Duration, Duration, anyhow::Result<(u16, Vec<u8>)>);
 
-/// One HTTPS request on a new connection with SNI `host`: the status and the certificate the
-/// gateway presented.
+/// One HTTPS request with SNI `host` on a new connection to `addr` from the node's network
+/// namespace `node`: the status and the certificate the gateway presented.
 async fn tls_get(
+    node: &str,
     addr: std::net::SocketAddr,
     host: &'static str,
     tls: std::sync::Arc<rustls::ClientConfig>,
 ) -> anyhow::Result<(u16, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let node = node.to_string();
+    let tcp = tokio::task::spawn_blocking(move || netns::connect_in(&node, addr)).await??;
+    tcp.set_nonblocking(true)?;
+    let tcp = tokio::net::TcpStream::from_std(tcp)?;
     let name = rustls::pki_types::ServerName::try_from(host)?;
     let mut s = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
@@ -902,79 +1115,47 @@ async fn tls_get(
     Ok((status, cert))
 }
 
-/// A listener's certificate Secret replaced under 200 HTTPS requests a second to Envoy as the
-/// gateway, each on a new connection: no request fails, and once a handshake presents the new
-/// certificate, every later one does.
+/// A listener's certificate Secret replaced through the API server under 200 HTTPS requests a
+/// second from the cluster's node, each on a new connection, to each of the Gateway's proxies
+/// in turn (the provisioned Deployment's mesh-proxy, then a stock Envoy in a pod of its own):
+/// no request fails, and once a handshake presents the new certificate, every later one does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails_through_envoy()
+async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails_from_outside()
 -> anyhow::Result<()> {
-    rotation(Serving::Envoy).await
-}
-
-/// The same rotation, with mesh-proxy as the gateway.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails_through_mesh_proxy()
--> anyhow::Result<()> {
-    rotation(Serving::MeshProxy).await
-}
-
-/// One rotation at a time: each is 200 new TLS connections a second on 2 cores.
-static ROTATIONS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn rotation(serving: Serving) -> anyhow::Result<()> {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use std::time::Instant;
-    let envoy_bin = match serving {
-        Serving::Envoy => match peer("MESH_ENVOY", "envoy") {
-            Some(b) => Some(b),
-            None => return Ok(()),
-        },
-        Serving::MeshProxy => None,
-    };
-    let _one = ROTATIONS.lock().await;
-    let ip = match serving {
-        Serving::MeshProxy => "127.0.0.15",
-        Serving::Envoy => "127.0.0.16",
-    };
-    let shop = Backend::start("shop").await?;
-    let dir = tempfile::tempdir()?;
-    let https = port_on(&[ip]);
-    let (old_cert, old_key) = self_signed(&["shop.example.com"])?;
-    let (new_cert, new_key) = self_signed(&["shop.example.com"])?;
-    let docs = [
+    if !netns::can_run() {
+        return Ok(());
+    }
+    let envoy_bin = peer("MESH_ENVOY", "envoy");
+    let mut c = NetnsCluster::start().await?;
+    echo_backend(&mut c, "infra", "shop").await?;
+    // One certificate to start with, and one for each proxy's rotation.
+    let certs = (0..3)
+        .map(|_| self_signed(&["shop.example.com"]))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let https = 8443;
+    let manifests = [
         "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh}\nspec: {controllerName: mesh.dev/mesh-controller}\n".to_string(),
-        service_yaml("infra", "shop", "10.96.0.10", &[("http", 8080)]),
-        slice_yaml("infra", "shop", "http", shop.addr.port(), &["127.0.0.1"]),
-        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  listeners:\n  - {{name: shop, port: {https}, protocol: HTTPS, hostname: shop.example.com, tls: {{certificateRefs: [{{name: shop-cert}}]}}}}\n"),
+        format!("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: edge, namespace: infra}}\nspec:\n  gatewayClassName: mesh\n  infrastructure: {{annotations: {{mesh.dev/service-type: ClusterIP}}}}\n  listeners:\n  - {{name: shop, port: {https}, protocol: HTTPS, hostname: shop.example.com, tls: {{certificateRefs: [{{name: shop-cert}}]}}}}\n"),
         "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: shop, namespace: infra}\nspec:\n  parentRefs: [{name: edge}]\n  rules: [{backendRefs: [{name: shop, port: 8080}]}]\n".into(),
     ];
-    let files = [
-        ("gateway.yaml", docs.join("---\n")),
-        (
-            "secret.yaml",
-            tls_secret("infra", "shop-cert", &old_cert, &old_key),
-        ),
-    ];
-    let ctl = controller(dir.path(), &files).await?;
-    let gp = GatewayProxy::start(
-        serving,
-        envoy_bin.as_deref(),
-        &ctl,
-        dir.path(),
-        "edge",
-        ip.parse()?,
-    )
-    .await?;
-    let secret_file = dir.path().join("config").join("secret.yaml");
+    c.apply("edge", &manifests.join("---\n")).await?;
+    let secret = |(cert, key): &(String, String)| tls_secret("infra", "shop-cert", cert, key);
+    c.apply("shop-cert", &secret(&certs[0])).await?;
+    let gateways = gateway_proxies(&mut c, "edge", envoy_bin.is_some()).await?;
 
-    // The client trusts both certificates, and notes which one each handshake presented.
+    // The client trusts every certificate, and notes which one each handshake presented.
     let der = |pem: &str| -> anyhow::Result<Vec<u8>> {
         use rustls::pki_types::pem::PemObject;
         Ok(rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())?.to_vec())
     };
-    let (old_der, new_der) = (der(&old_cert)?, der(&new_cert)?);
+    let ders = certs
+        .iter()
+        .map(|(cert, _)| der(cert))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut roots = rustls::RootCertStore::empty();
-    for d in [&old_der, &new_der] {
+    for d in &ders {
         roots.add(rustls::pki_types::CertificateDer::from(d.clone()))?;
     }
     let tls = Arc::new(
@@ -985,42 +1166,58 @@ async fn rotation(serving: Serving) -> anyhow::Result<()> {
         .with_root_certificates(roots)
         .with_no_client_auth(),
     );
-    let addr: std::net::SocketAddr = format!("{ip}:{https}").parse()?;
-    let first = eventually(Duration::from_secs(10), "the HTTPS listener", || {
-        let tls = tls.clone();
-        async move {
-            tls_get(addr, "shop.example.com", tls)
-                .await
-                .ok()
-                .filter(|(s, _)| *s == 200)
+    let node = c.node_netns().to_string();
+    let mut failures = Vec::new();
+    for (i, gw) in gateways.iter().enumerate() {
+        let (old, new) = (&ders[i], &ders[i + 1]);
+        let addr = std::net::SocketAddr::from((gw.ip, https));
+        // It serves, with the certificate of the Secret as it is.
+        let serving = eventually(Duration::from_secs(20), "the HTTPS listener", || {
+            let (tls, node) = (tls.clone(), node.clone());
+            async move {
+                tls_get(&node, addr, "shop.example.com", tls)
+                    .await
+                    .ok()
+                    .filter(|(s, cert)| *s == 200 && cert == old)
+            }
+        })
+        .await;
+        if let Err(e) = serving {
+            anyhow::bail!("{:?}: {e}\nits log:\n{}", gw.serving, c.tail(&gw.log));
         }
-    })
-    .await;
-    if let Err(e) = first {
-        anyhow::bail!("{serving:?}: {e}\n{}", gp.log_text());
+        // 200 requests a second for 6 s; the Secret is replaced after 2 s.
+        let start = Instant::now();
+        let load = tokio::spawn(tls_load(node.clone(), addr, tls.clone(), start));
+        tokio::time::sleep_until((start + Duration::from_secs(2)).into()).await;
+        c.apply("shop-cert", &secret(&certs[i + 1])).await?;
+        let rotated_at = start.elapsed();
+        let results = load.await?;
+        failures.extend(judge_rotation(gw.serving, &results, rotated_at, (old, new)));
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
 
-    // 200 requests a second for 6 s; the Secret is replaced after 2 s.
-    let start = Instant::now();
+/// 1200 HTTPS requests for `shop.example.com` to `addr` from the node's network namespace
+/// `node`, 200 a second from `start`, each on a new connection: their outcomes.
+async fn tls_load(
+    node: String,
+    addr: std::net::SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    start: std::time::Instant,
+) -> Vec<Outcome> {
+    use std::sync::{Arc, Mutex};
     let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let mut tasks = tokio::task::JoinSet::new();
-    let mut rotated_at = None;
     for i in 0..1200u32 {
         let due = start + Duration::from_millis(u64::from(i) * 5);
         tokio::time::sleep_until(due.into()).await;
-        if rotated_at.is_none() && start.elapsed() >= Duration::from_secs(2) {
-            mesh_e2e::write_atomic(
-                &secret_file,
-                &tls_secret("infra", "shop-cert", &new_cert, &new_key),
-            )?;
-            rotated_at = Some(start.elapsed());
-        }
-        let (tls, results) = (tls.clone(), results.clone());
+        let (tls, results, node) = (tls.clone(), results.clone(), node.clone());
         tasks.spawn(async move {
             let began = start.elapsed();
             let r = match tokio::time::timeout(
                 Duration::from_secs(5),
-                tls_get(addr, "shop.example.com", tls),
+                tls_get(&node, addr, "shop.example.com", tls),
             )
             .await
             {
@@ -1035,12 +1232,22 @@ async fn rotation(serving: Serving) -> anyhow::Result<()> {
         });
     }
     while tasks.join_next().await.is_some() {}
-    let rotated_at = rotated_at.expect("rotated");
-    let results = std::mem::take(
+    std::mem::take(
         &mut *results
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
+    )
+}
+
+/// What went otherwise than a rotation from certificate `old` to `new` (DER) at `rotated_at`
+/// must go: every request answered 200, handshakes with the old certificate before, and none
+/// begun after the first with the new one presenting the old.
+fn judge_rotation(
+    serving: Serving,
+    results: &[Outcome],
+    rotated_at: Duration,
+    (old_der, new_der): (&Vec<u8>, &Vec<u8>),
+) -> Vec<String> {
     let failed: Vec<String> = results
         .iter()
         .filter_map(|(_, _, r)| match r {
@@ -1052,43 +1259,55 @@ async fn rotation(serving: Serving) -> anyhow::Result<()> {
     // The first handshake that presented the new certificate, by when it completed.
     let first_new = results
         .iter()
-        .filter(|(_, _, r)| matches!(r, Ok((_, c)) if *c == new_der))
+        .filter(|(_, _, r)| matches!(r, Ok((_, c)) if c == new_der))
         .map(|(_, done, _)| *done)
         .min();
     let old_after = first_new.map_or(0, |t| {
         results
             .iter()
-            .filter(|(began, _, r)| *began > t && matches!(r, Ok((_, c)) if *c == old_der))
+            .filter(|(began, _, r)| *began > t && matches!(r, Ok((_, c)) if c == old_der))
             .count()
     });
     let old = results
         .iter()
-        .filter(|(_, _, r)| matches!(r, Ok((_, c)) if *c == old_der))
+        .filter(|(_, _, r)| matches!(r, Ok((_, c)) if c == old_der))
         .count();
-    println!(
-        "certificate rotation under 200 rps (a new connection each) through {serving:?}: {} requests, {} failed, {old} handshakes with the old certificate, the new one first {} ms after the Secret was replaced",
+    mesh_e2e::figure(&format!(
+        "certificate rotation under 200 rps from the node (a new connection each) through {serving:?}: {} requests, {} failed, {old} handshakes with the old certificate, the new one first {} ms after the Secret was replaced",
         results.len(),
         failed.len(),
         first_new.map_or(-1, |t| (t.as_millis() as i64)
             - (rotated_at.as_millis() as i64)),
-    );
-    assert_eq!(results.len(), 1200, "every request has an outcome");
-    assert!(
-        failed.is_empty(),
-        "{} failed: {:?}",
-        failed.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(old > 0, "no handshake before the rotation");
-    assert!(
-        first_new.is_some(),
-        "no handshake presented the new certificate"
-    );
-    assert_eq!(
-        old_after, 0,
-        "handshakes begun after the new certificate was seen presented the old one"
-    );
-    Ok(())
+    ));
+    let mut wrong = Vec::new();
+    if results.len() != 1200 {
+        wrong.push(format!(
+            "{} of 1200 requests have an outcome",
+            results.len()
+        ));
+    }
+    if !failed.is_empty() {
+        wrong.push(format!(
+            "{} failed: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        ));
+    }
+    if old == 0 {
+        wrong.push("no handshake before the rotation".into());
+    }
+    if first_new.is_none() {
+        wrong.push("no handshake presented the new certificate".into());
+    }
+    if old_after > 0 {
+        wrong.push(format!(
+            "{old_after} handshakes begun after the new certificate was seen presented the old one"
+        ));
+    }
+    wrong
+        .into_iter()
+        .map(|w| format!("{serving:?}: {w}"))
+        .collect()
 }
 
 /// A gateway listener whose address is taken: mesh-proxy says so (`/ready` 503 naming why,
