@@ -1602,8 +1602,8 @@ fn pod_netns(prefix: &str, ip: Ipv4Addr) -> String {
     format!("{prefix}p{idx}")
 }
 
-/// A TCP connection to `addr` made inside network namespace `netns` (see [`in_netns`]):
-/// blocking, on a thread of its own.
+/// A TCP connection to `addr` made inside network namespace `netns`, on a thread of its own
+/// that entered it (blocking): the socket stays in that namespace whichever thread uses it.
 pub fn connect_in(netns: &str, addr: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
     in_netns(netns, || {
         std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
