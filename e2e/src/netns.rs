@@ -57,7 +57,8 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// Whether this process may build such a cluster (root, `ip`, iptables, `setpriv`).
+/// Whether this process may build such a cluster (root, `ip`, iptables, `setpriv`, and curl,
+/// with which it reaches pods' admin ports).
 pub fn can_run() -> bool {
     let ok = |prog: &str, args: &[&str]| {
         Command::new(prog)
@@ -71,16 +72,18 @@ pub fn can_run() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tools =
-        ok("ip", &["-V"]) && ok("iptables-save", &["--version"]) && ok("setpriv", &["--version"]);
+    let tools = ok("ip", &["-V"])
+        && ok("iptables-save", &["--version"])
+        && ok("setpriv", &["--version"])
+        && ok("curl", &["--version"]);
     if root && tools {
         return true;
     }
     assert!(
         std::env::var_os("MESH_REQUIRE_PEERS").is_none(),
-        "the network-namespace cluster needs root, ip, iptables and setpriv (scripts/install-peers installs them as root)"
+        "the network-namespace cluster needs root, ip, iptables, setpriv and curl (scripts/install-peers installs them as root)"
     );
-    eprintln!("SKIPPED: the network-namespace cluster needs root, ip, iptables and setpriv");
+    eprintln!("SKIPPED: the network-namespace cluster needs root, ip, iptables, setpriv and curl");
     false
 }
 
@@ -953,13 +956,24 @@ impl NetnsCluster {
             &args,
             &self.log(&format!("{what}.agent")),
         )?);
+        // The SVID files, and the socket for a gateway: what Envoy's bootstrap names.
+        let mut wanted = vec![sds.join("default.yaml")];
+        if gateway.is_some() {
+            wanted.push(PathBuf::from(&socket));
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !sds.join("default.yaml").exists()
-            || (gateway.is_some() && !Path::new(&socket).exists())
-        {
+        while let Some(missing) = wanted.iter().find(|f| !f.exists()) {
+            let agent = pod.procs.last_mut().context("the agent")?;
+            if let Some(status) = agent.try_wait()? {
+                bail!(
+                    "the agent of {node} exited ({status}):\n{}",
+                    self.tail(&format!("{what}.agent"))
+                );
+            }
             if Instant::now() > deadline {
                 bail!(
-                    "the agent of {node} wrote no SVID in 20 s:\n{}",
+                    "the agent of {node} wrote no {} in 20 s:\n{}",
+                    missing.display(),
                     self.tail(&format!("{what}.agent"))
                 );
             }
@@ -1281,7 +1295,7 @@ impl NetnsCluster {
     /// Envoy in the provisioned Deployment's place: under the Gateway's service account
     /// (`<gateway>-gateway`), `mesh-proxy agent` keeping its SVID, and the bootstrap `meshctl
     /// bootstrap envoy --gateway --sds-socket --xds-tls` writes. Returns its address once Envoy
-    /// runs (the test waits for it to serve).
+    /// is started (the test waits for it to serve).
     pub async fn run_envoy_gateway(
         &mut self,
         ns: &str,

@@ -1,9 +1,10 @@
 //! A Gateway of our GatewayClass, served by a stock Envoy 1.40 joined with `meshctl bootstrap
-//! envoy --gateway` and by mesh-proxy with `--gateway`, giving the same answers: the
-//! conformance cases on the network-namespace cluster, curl outside every pod; and, each proxy
-//! on its own loopback address, HTTP by Host, HTTPS by SNI with the listener's certificate from
-//! a Secret, listener isolation, 404 for a host no listener serves, a certificate rotated
-//! under load and a rate limit on a listener.
+//! envoy --gateway` and by mesh-proxy with `--gateway`, giving the same answers: on the
+//! network-namespace cluster with clients outside every pod, the conformance cases and a
+//! certificate rotated under load; and, each proxy on its own loopback address, HTTP by Host,
+//! HTTPS by SNI with the listener's certificate from a Secret, listener isolation, 404 for a
+//! host no listener serves, a listener on a taken port, a rate limit on a listener and the
+//! gateway's telemetry.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -407,10 +408,29 @@ fn curl_to(scheme: Scheme<'_>, (ip, port): (Ipv4Addr, u16), host: &str) -> Vec<S
     args
 }
 
+/// curl with `args` in the cluster's node's network namespace, outside every pod: its output;
+/// killed, and an error, when it has not ended `within`.
+async fn curl_from_node(
+    c: &NetnsCluster,
+    args: &[String],
+    within: Duration,
+) -> anyhow::Result<std::process::Output> {
+    // `ip netns exec` enters the namespace and execs curl: the child is curl itself.
+    let run = tokio::process::Command::new("ip")
+        .args(["netns", "exec", c.node_netns(), "curl"])
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(within, run).await {
+        Ok(out) => Ok(out?),
+        Err(_) => anyhow::bail!("curl {args:?} did not end in {within:?}"),
+    }
+}
+
 /// `curl -i` from the cluster's node to the gateway at `ip:port`: the status, the response
 /// headers (names lowercased), and what the echo backend saw (`meshctl demo-service --echo`'s
 /// JSON) as `x-seen-host`, `x-seen-path` and `x-seen-<header>` (values joined by commas).
-fn exchange(
+async fn exchange(
     cluster: &NetnsCluster,
     scheme: Scheme<'_>,
     to: (Ipv4Addr, u16),
@@ -422,8 +442,7 @@ fn exchange(
         args.extend(["-H".into(), format!("{k}: {v}")]);
     }
     args.push(format!("{}://{}:{}{}", scheme.name(), c.host, to.1, c.path));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = cluster.from_node("curl", &args)?;
+    let out = curl_from_node(cluster, &args, Duration::from_secs(10)).await?;
     anyhow::ensure!(
         out.status.success(),
         "curl: {}",
@@ -486,11 +505,15 @@ fn location(l: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases_from_outside()
 -> anyhow::Result<()> {
-    if !netns::can_run() || system_peer("curl").is_none() {
+    if !netns::can_run() {
         return Ok(());
     }
     let envoy_bin = peer("MESH_ENVOY", "envoy");
     let mut c = NetnsCluster::start().await?;
+    // STRICT: a backend answers the gateway over mesh TLS only.
+    for ns in ["infra", "app", "web"] {
+        c.label_namespace(ns, &[("mesh.dev/mtls-mode", "STRICT")])?;
+    }
     c.label_namespace("app", &[("gateway-conformance", "backend")])?;
     for (ns, name) in BACKENDS {
         echo_backend(&mut c, ns, name).await?;
@@ -639,10 +662,17 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases_from_o
         // httproute-omitted-backendrefs: 500.
         route(
             "infra",
-            "invalid",
+            "missing",
             "all",
             "[invalid.example.com]",
-            "  - matches: [{path: {type: PathPrefix, value: /missing}}]\n    backendRefs: [{name: nowhere, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /kind}}]\n    backendRefs: [{group: unknown.example.com, kind: Unknown, name: infra-backend-v1, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /none}}]\n",
+            "  - matches: [{path: {type: PathPrefix, value: /missing}}]\n    backendRefs: [{name: nowhere, port: 8080}]\n  - matches: [{path: {type: PathPrefix, value: /none}}]\n",
+        ),
+        route(
+            "infra",
+            "unknown-kind",
+            "all",
+            "[invalid.example.com]",
+            "  - matches: [{path: {type: PathPrefix, value: /kind}}]\n    backendRefs: [{group: unknown.example.com, kind: Unknown, name: infra-backend-v1, port: 8080}]\n",
         ),
         // httproute-hostname-intersection, httproute-listener-hostname-matching.
         route(
@@ -716,15 +746,16 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases_from_o
     let gateways = gateway_proxies(&mut c, "gw", envoy_bin.is_some()).await?;
     let mut failures = route_conditions(&c).await;
     // The backends' proxies count the mesh TLS connections each peer identity made.
-    let from_gateway = |c: &NetnsCluster| -> anyhow::Result<u64> {
-        let mut n = 0;
-        for (ns, name) in BACKENDS {
-            n += mesh_api::prom::count(
-                &c.proxy_metrics(ns, &format!("{name}-0"))?,
-                "mesh_proxy_inbound_mtls_connections_total{peer=\"spiffe://cluster.local/ns/infra/sa/gw-gateway\"}",
-            );
-        }
-        Ok(n)
+    let from_gateway = |c: &NetnsCluster| -> anyhow::Result<Vec<u64>> {
+        BACKENDS
+            .iter()
+            .map(|(ns, name)| {
+                Ok(mesh_api::prom::count(
+                    &c.proxy_metrics(ns, &format!("{name}-0"))?,
+                    "mesh_proxy_inbound_mtls_connections_total{peer=\"spiffe://cluster.local/ns/infra/sa/gw-gateway\"}",
+                ))
+            })
+            .collect()
     };
     for gw in &gateways {
         let before = from_gateway(&c)?;
@@ -745,14 +776,25 @@ async fn envoy_and_mesh_proxy_as_the_gateway_answer_the_conformance_cases_from_o
                     .map(|f| format!("{:?} over {}: {f}", gw.serving, scheme.name())),
             );
         }
-        let mtls = from_gateway(&c)? - before;
+        // Every backend a case reaches (all but web's, which no route lets the gateway reach)
+        // saw the gateway's identity; STRICT refused anything else.
+        let mtls: BTreeMap<&str, u64> = BACKENDS
+            .iter()
+            .zip(from_gateway(&c)?.into_iter().zip(before))
+            .map(|((_, name), (after, before))| (*name, after.saturating_sub(before)))
+            .collect();
         mesh_e2e::figure(&format!(
-            "{:?} as the gateway made {mtls} mesh TLS connections to the backends as spiffe://cluster.local/ns/infra/sa/gw-gateway",
+            "{:?} as the gateway: mesh TLS connections from spiffe://cluster.local/ns/infra/sa/gw-gateway per backend {mtls:?}",
             gw.serving
         ));
-        if mtls == 0 {
+        let unreached: Vec<&&str> = mtls
+            .iter()
+            .filter(|(name, n)| **name != "web-backend" && **n == 0)
+            .map(|(name, _)| name)
+            .collect();
+        if !unreached.is_empty() {
             failures.push(format!(
-                "{:?}: no mesh TLS connection from the gateway's identity reached a backend",
+                "{:?}: no mesh TLS connection from the gateway's identity reached {unreached:?}",
                 gw.serving
             ));
         }
@@ -835,7 +877,7 @@ async fn echo_backend(c: &mut NetnsCluster, ns: &str, name: &str) -> anyhow::Res
 /// The routes' status conditions the suite checks (`Type=Status/Reason` on each parent): what
 /// is otherwise after 20 s.
 async fn route_conditions(c: &NetnsCluster) -> Vec<String> {
-    const WANT: [(&str, &str, &[&str]); 6] = [
+    const WANT: [(&str, &str, &[&str]); 8] = [
         // httproute-invalid-cross-namespace-parent-ref, httproute-cross-namespace.
         (
             "app",
@@ -866,6 +908,20 @@ async fn route_conditions(c: &NetnsCluster) -> Vec<String> {
                 "ResolvedRefs=False/RefNotPermitted",
             ],
         ),
+        // httproute-invalid-nonexistent-backendref, httproute-invalid-backendref-unknown-kind.
+        (
+            "infra",
+            "missing",
+            &[
+                "Accepted=True/Accepted",
+                "ResolvedRefs=False/BackendNotFound",
+            ],
+        ),
+        (
+            "infra",
+            "unknown-kind",
+            &["Accepted=True/Accepted", "ResolvedRefs=False/InvalidKind"],
+        ),
         // httproute-hostname-intersection: `*.specific.com` meets `very.specific.com`.
         ("infra", "specific", &["Accepted=True/Accepted"]),
     ];
@@ -875,34 +931,46 @@ async fn route_conditions(c: &NetnsCluster) -> Vec<String> {
         async move {
             let o = serde_json::json!({"apiVersion": "gateway.networking.k8s.io/v1",
                 "kind": "HTTPRoute", "metadata": {"name": name, "namespace": ns}});
-            let got = admin.get(&o).await.ok().flatten().unwrap_or_default();
-            got["status"]["parents"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| {
-                    p["conditions"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|c| {
-                            format!(
-                                "{}={}/{}",
-                                c["type"].as_str().unwrap_or(""),
-                                c["status"].as_str().unwrap_or(""),
-                                c["reason"].as_str().unwrap_or("")
-                            )
-                        })
-                        .collect::<Vec<String>>()
-                })
-                .collect::<Vec<_>>()
+            let got = admin
+                .get(&o)
+                .await
+                .map_err(|e| format!("reading it: {e:#}"))?
+                .unwrap_or_default();
+            Ok::<_, String>(
+                got["status"]["parents"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        p["conditions"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|c| {
+                                format!(
+                                    "{}={}/{}",
+                                    c["type"].as_str().unwrap_or(""),
+                                    c["status"].as_str().unwrap_or(""),
+                                    c["reason"].as_str().unwrap_or("")
+                                )
+                            })
+                            .collect::<Vec<String>>()
+                    })
+                    .collect::<Vec<_>>(),
+            )
         }
     };
     // Each route has two parents (a listener and its HTTPS twin); each must hold the conditions.
     let wrong = || async {
         let mut wrong = Vec::new();
         for (ns, name, want) in WANT {
-            let parents = read(ns, name).await;
+            let parents = match read(ns, name).await {
+                Ok(p) => p,
+                Err(e) => {
+                    wrong.push(format!("HTTPRoute {ns}/{name}: {e}"));
+                    continue;
+                }
+            };
             if parents.len() != 2
                 || !parents
                     .iter()
@@ -954,6 +1022,7 @@ async fn conformance(
             .expect("a case answered 200 on each port");
         let served = eventually(Duration::from_secs(20), "the gateway to serve", || async {
             exchange(c, scheme, (ip, *port), probe)
+                .await
                 .ok()
                 .filter(|(code, _)| *code == 200)
         })
@@ -982,7 +1051,7 @@ async fn conformance(
             && !["*.wildcard.io", "very.specific.com"]
                 .iter()
                 .any(|h| takes(h, case.host));
-        let (status, headers) = match exchange(c, scheme, (ip, port), case) {
+        let (status, headers) = match exchange(c, scheme, (ip, port), case).await {
             Ok(_) if refused => {
                 failures.push(format!("{what}: answered, want the handshake refused"));
                 continue;
@@ -1034,29 +1103,19 @@ async fn conformance(
     let total = 400;
     let url = format!("{}://weights.example.com:{}/", scheme.name(), ports[0]);
     let mut args = curl_to(scheme, (ip, ports[0]), "weights.example.com");
-    args.extend(
-        [
-            "-sS",
-            "--max-time",
-            "60",
-            "-w",
-            "%header{x-demo-service}\\n",
-        ]
-        .map(String::from),
-    );
+    args.extend(["-sS", "--max-time", "5", "-w", "%header{x-demo-service}\\n"].map(String::from));
     for _ in 0..total {
         args.extend(["-o".into(), "/dev/null".into(), url.clone()]);
     }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = c.from_node("curl", &args)?;
+    let out = curl_from_node(c, &args, Duration::from_secs(120)).await?;
+    // A failed transfer prints an empty line, and its error on stderr.
     let mut counts: BTreeMap<String, u32> = Default::default();
     for backend in String::from_utf8_lossy(&out.stdout).lines() {
         *counts.entry(backend.to_string()).or_default() += 1;
     }
-    if !out.status.success() {
-        *counts
-            .entry(String::from_utf8_lossy(&out.stderr).trim().to_string())
-            .or_default() += 1;
+    let errors = String::from_utf8_lossy(&out.stderr);
+    if !errors.trim().is_empty() {
+        failures.push(format!("httproute-weight: curl: {}", errors.trim()));
     }
     let share = |b: &str| f64::from(counts.get(b).copied().unwrap_or(0)) * 100.0 / f64::from(total);
     mesh_e2e::figure(&format!(
@@ -1169,7 +1228,7 @@ async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails_from_
     let node = c.node_netns().to_string();
     let mut failures = Vec::new();
     for (i, gw) in gateways.iter().enumerate() {
-        let (old, new) = (&ders[i], &ders[i + 1]);
+        let (old, new) = (ders[i].as_slice(), ders[i + 1].as_slice());
         let addr = std::net::SocketAddr::from((gw.ip, https));
         // It serves, with the certificate of the Secret as it is.
         let serving = eventually(Duration::from_secs(20), "the HTTPS listener", || {
@@ -1189,8 +1248,12 @@ async fn a_rotated_certificate_reaches_new_handshakes_and_no_request_fails_from_
         let start = Instant::now();
         let load = tokio::spawn(tls_load(node.clone(), addr, tls.clone(), start));
         tokio::time::sleep_until((start + Duration::from_secs(2)).into()).await;
-        c.apply("shop-cert", &secret(&certs[i + 1])).await?;
         let rotated_at = start.elapsed();
+        if let Err(e) = c.apply("shop-cert", &secret(&certs[i + 1])).await {
+            load.abort();
+            failures.push(format!("{:?}: replacing the Secret: {e:#}", gw.serving));
+            break;
+        }
         let results = load.await?;
         failures.extend(judge_rotation(gw.serving, &results, rotated_at, (old, new)));
     }
@@ -1246,7 +1309,7 @@ fn judge_rotation(
     serving: Serving,
     results: &[Outcome],
     rotated_at: Duration,
-    (old_der, new_der): (&Vec<u8>, &Vec<u8>),
+    (old_der, new_der): (&[u8], &[u8]),
 ) -> Vec<String> {
     let failed: Vec<String> = results
         .iter()

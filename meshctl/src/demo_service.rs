@@ -127,7 +127,7 @@ impl DemoService {
             (503, format!("{} {} unhealthy\n", self.name, self.version))
         } else if failed {
             (500, format!("{} {} failed\n", self.name, self.version))
-        } else if self.echo {
+        } else if self.echo && !health {
             (200, echo(&self.name, &self.version, req))
         } else {
             (200, format!("{} {}\n", self.name, self.version))
@@ -286,5 +286,27 @@ mod tests {
             seen["headers"]["x-twice"],
             serde_json::json!(["one", "two"])
         );
+        // Over h2c the host is the `:authority`; `/healthz` stays a health check.
+        let tcp = tokio::net::TcpStream::connect(svc.addr)
+            .await
+            .expect("connect");
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        for (path, want) in [
+            ("/x", "\"host\":\"h2.example.com:8080\""),
+            ("/healthz", "echo v1\n"),
+        ] {
+            let req = hyper::Request::get(format!("http://h2.example.com:8080{path}"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .expect("request");
+            let resp = tx.send_request(req).await.expect("response");
+            assert_eq!(resp.status(), 200);
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            let body = String::from_utf8_lossy(&body);
+            assert!(body.contains(want), "{path}: {body}");
+        }
     }
 }
