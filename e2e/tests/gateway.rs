@@ -941,21 +941,7 @@ async fn route_conditions(c: &NetnsCluster) -> Vec<String> {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|p| {
-                        p["conditions"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .map(|c| {
-                                format!(
-                                    "{}={}/{}",
-                                    c["type"].as_str().unwrap_or(""),
-                                    c["status"].as_str().unwrap_or(""),
-                                    c["reason"].as_str().unwrap_or("")
-                                )
-                            })
-                            .collect::<Vec<String>>()
-                    })
+                    .map(|p| mesh_controller::testing::condition_strings(&p["conditions"]))
                     .collect::<Vec<_>>(),
             )
         }

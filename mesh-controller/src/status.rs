@@ -1008,19 +1008,7 @@ mod tests {
         let gw = fake.state().objects
             [&format!("/apis/gateway.networking.k8s.io/v1/namespaces/{ns}/gateways/{name}")]
             .clone();
-        let conds = gw["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|c| {
-                format!(
-                    "{}={}/{}",
-                    c["type"].as_str().unwrap_or(""),
-                    c["status"].as_str().unwrap_or(""),
-                    c["reason"].as_str().unwrap_or("")
-                )
-            })
-            .collect();
+        let conds = crate::testing::condition_strings(&gw["status"]["conditions"]);
         (conds, gw["status"]["addresses"].clone())
     }
 

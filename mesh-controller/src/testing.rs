@@ -72,3 +72,21 @@ pub fn scale_manifests(services: usize, namespaces: usize) -> Vec<(String, Strin
 pub fn scale_ip(i: usize) -> String {
     format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256)
 }
+
+/// Gateway API conditions (a `status.conditions` list) as `Type=Status/Reason` each, as tests
+/// compare them.
+pub fn condition_strings(conditions: &serde_json::Value) -> Vec<String> {
+    conditions
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            format!(
+                "{}={}/{}",
+                c["type"].as_str().unwrap_or(""),
+                c["status"].as_str().unwrap_or(""),
+                c["reason"].as_str().unwrap_or("")
+            )
+        })
+        .collect()
+}

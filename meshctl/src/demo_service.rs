@@ -187,6 +187,24 @@ fn echo(name: &str, version: &str, req: &hyper::Request<hyper::body::Incoming>) 
 mod tests {
     use super::*;
 
+    /// `svc` started, and an HTTP/1.1 connection to it.
+    async fn started(
+        svc: DemoService,
+    ) -> (
+        Running,
+        hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+    ) {
+        let svc = svc.start().await.expect("starts");
+        let tcp = tokio::net::TcpStream::connect(svc.addr)
+            .await
+            .expect("connect");
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .expect("handshake");
+        tokio::spawn(conn);
+        (svc, tx)
+    }
+
     #[test]
     fn failures_are_spread_evenly_at_the_rate() {
         let failed = |rate: f64, n: u64| (0..n).filter(|i| fails(*i, rate)).count();
@@ -208,7 +226,7 @@ mod tests {
     #[tokio::test]
     async fn answers_with_name_and_version_and_fails_its_share() {
         use http_body_util::BodyExt;
-        let svc = DemoService {
+        let (svc, mut tx) = started(DemoService {
             name: "reviews".into(),
             version: "v3".into(),
             listen: "127.0.0.1:0".parse().expect("addr"),
@@ -216,17 +234,8 @@ mod tests {
             error_rate: 0.25,
             unhealthy_while: None,
             echo: false,
-        }
-        .start()
-        .await
-        .expect("starts");
-        let tcp = tokio::net::TcpStream::connect(svc.addr)
-            .await
-            .expect("connect");
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
+        })
+        .await;
         let mut statuses = Vec::new();
         for path in ["/", "/", "/", "/", "/healthz"] {
             let req = hyper::Request::get(path)
@@ -246,7 +255,7 @@ mod tests {
     #[tokio::test]
     async fn echo_answers_with_the_request_as_it_arrived() {
         use http_body_util::BodyExt;
-        let svc = DemoService {
+        let (svc, mut tx) = started(DemoService {
             name: "echo".into(),
             version: "v1".into(),
             listen: "127.0.0.1:0".parse().expect("addr"),
@@ -254,17 +263,8 @@ mod tests {
             error_rate: 0.0,
             unhealthy_while: None,
             echo: true,
-        }
-        .start()
-        .await
-        .expect("starts");
-        let tcp = tokio::net::TcpStream::connect(svc.addr)
-            .await
-            .expect("connect");
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .expect("handshake");
-        tokio::spawn(conn);
+        })
+        .await;
         let req = hyper::Request::post("/a/b?x=1")
             .header("host", "shop.example.com")
             .header("x-twice", "one")
