@@ -386,7 +386,9 @@ async fn connection(
             h2: false,
             https: true,
         };
-        return gateway::edge(stream, at, snapshot, shared).await;
+        // Boxed: a TLS server connection and the HTTP connection over it, inline, would make
+        // every sidecar connection's task that size (copied at spawn and on completion).
+        return Box::pin(gateway::edge(stream, at, snapshot, shared)).await;
     }
     let Some((chain, prefix, candidates)) = choose_chain(&mut stream, listener, dst, shared).await
     else {
