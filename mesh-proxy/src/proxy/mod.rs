@@ -386,8 +386,8 @@ async fn connection(
             h2: false,
             https: true,
         };
-        // Boxed: a TLS server connection and the HTTP connection over it, inline, would make
-        // every sidecar connection's task that size (copied at spawn and on completion).
+        // Boxed: its TLS (the ClientHello read, the handshake) inline would make every
+        // sidecar connection's task that size (copied when spawned and when it ends).
         return Box::pin(gateway::edge(stream, at, snapshot, shared)).await;
     }
     let Some((chain, prefix, candidates)) = choose_chain(&mut stream, listener, dst, shared).await
@@ -419,7 +419,8 @@ async fn connection(
         drop(snapshot);
         return run_filter(&filter, io, on, None, shared).await;
     }
-    let Some((stream, peer, alpn)) = accept_tls(io, dst, shared).await else {
+    // Boxed, as the gateway's path: TLS inline would make every connection's task that size.
+    let Some((stream, peer, alpn)) = Box::pin(accept_tls(io, dst, shared)).await else {
         return;
     };
     let Some((name, inner)) = pick_after_tls(&snapshot, kind, &candidates, alpn) else {
@@ -427,8 +428,12 @@ async fn connection(
         return;
     };
     drop(snapshot);
-    let h2 = alpn == Some(Detected::H2c);
-    run_filter(&inner, stream, Chain { name, h2, ..on }, peer, shared).await;
+    let on = Chain {
+        name,
+        h2: alpn == Some(Detected::H2c),
+        ..on
+    };
+    Box::pin(run_filter(&inner, stream, on, peer, shared)).await;
 }
 
 /// The config to serve a connection to `dst` with: the current one, waited for a while when

@@ -100,8 +100,8 @@ pub(super) fn host<B>(req: &mut Request<B>) -> Result<String, ProxyError> {
 /// host (an IPv6 literal only in brackets) and a port of at most five digits that fits 16 bits,
 /// or none. `http`'s `Authority` leaves host and port unchecked.
 ///
-/// One pass over the bytes: it runs on every request (`Authority::host` and `str` searches
-/// cost several times as much).
+/// Plain loops over the bytes: it runs on every request, and `Authority::host` and `str`
+/// searches cost several times as much.
 fn checked(a: &Authority) -> Result<&str, ProxyError> {
     let text = a.as_str();
     let bytes = text.as_bytes();
