@@ -58,8 +58,9 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// Whether this process may build such a cluster (root, `ip`, iptables, `setpriv`, and curl,
-/// with which it reaches pods' admin ports).
-pub fn can_run() -> bool {
+/// with which it reaches pods' admin ports): an error naming what is missing otherwise, so
+/// that a test that needs the cluster fails where it cannot run instead of passing unrun.
+pub fn require() -> anyhow::Result<()> {
     let ok = |prog: &str, args: &[&str]| {
         Command::new(prog)
             .args(args)
@@ -72,19 +73,23 @@ pub fn can_run() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tools = ok("ip", &["-V"])
-        && ok("iptables-save", &["--version"])
-        && ok("setpriv", &["--version"])
-        && ok("curl", &["--version"]);
-    if root && tools {
-        return true;
-    }
-    assert!(
-        std::env::var_os("MESH_REQUIRE_PEERS").is_none(),
-        "the network-namespace cluster needs root, ip, iptables, setpriv and curl (scripts/install-peers installs them as root)"
+    let missing: Vec<&str> = [
+        ("root", root),
+        ("ip", ok("ip", &["-V"])),
+        ("iptables", ok("iptables-save", &["--version"])),
+        ("setpriv", ok("setpriv", &["--version"])),
+        ("curl", ok("curl", &["--version"])),
+    ]
+    .into_iter()
+    .filter(|(_, here)| !here)
+    .map(|(what, _)| what)
+    .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "the network-namespace cluster needs root, ip, iptables, setpriv and curl; missing: {} (run scripts/test as root, which installs them)",
+        missing.join(", ")
     );
-    eprintln!("SKIPPED: the network-namespace cluster needs root, ip, iptables, setpriv and curl");
-    false
+    Ok(())
 }
 
 fn run(args: &[&str]) -> anyhow::Result<String> {

@@ -56,9 +56,7 @@ fn web_pod(name: &str, app: &str, unhealthy: &std::path::Path) -> Value {
 /// own port still refuses plaintext.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_strict_a_probed_pod_is_ready_through_its_rewritten_probes() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = cluster("STRICT").await?;
     let vip = service(&mut c, "web")?;
     let unhealthy = c.dir.path().join("web-0.unhealthy");
@@ -223,9 +221,7 @@ async fn starts(
 /// 20 pod starts out of 20. (Without the hold, the same app's first request is reported.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_calling_out_at_start_succeeds_on_its_first_try() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = cluster("STRICT").await?;
     let vip = service(&mut c, "web")?;
     let never = c.dir.path().join("never");
@@ -262,9 +258,7 @@ fn web_replica(name: &str, revision: &str) -> Value {
 /// 200 rps, through a mesh-proxy client and then an Envoy client: no request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_under_load_fails_nothing() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = cluster("PERMISSIVE").await?;
     let vip = service(&mut c, "web")?;
     let mut pods = Vec::new();
@@ -344,9 +338,7 @@ async fn a_rolling_restart_under_load_fails_nothing() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statefulset_behind_a_headless_service_is_reached_pod_by_pod_under_strict()
 -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = cluster("STRICT").await?;
     c.apply(
         "db",

@@ -806,9 +806,7 @@ macro_rules! on_netns {
     ($name:ident, $scenario:ident) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() -> anyhow::Result<()> {
-            if !netns::can_run() {
-                return Ok(());
-            }
+            netns::require()?;
             let mut c = NetnsCluster::start().await?;
             $scenario(&mut c).await
         }
@@ -900,9 +898,7 @@ on_kind!(
 /// the route's status back through it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_watches_the_api_server_as_its_service_account() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = NetnsCluster::start().await?;
     reviews(&mut c, 1).await?;
     route(&mut c, &split(90, 10)).await?;
@@ -962,9 +958,7 @@ async fn the_controller_watches_the_api_server_as_its_service_account() -> anyho
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let (mine, pids) = {
         let mut c = NetnsCluster::start().await?;
         reviews(&mut c, 1).await?;
@@ -1015,9 +1009,7 @@ async fn a_dropped_cluster_leaves_no_namespace_rule_or_process() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_controller_replica_fails_nothing_and_its_proxies_move_to_the_other()
 -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = NetnsCluster::start().await?;
     c.add_controller_replica().await?;
     let addr = reviews(&mut c, 2).await?;
@@ -1090,9 +1082,7 @@ async fn a_killed_controller_replica_fails_nothing_and_its_proxies_move_to_the_o
 /// to another pod at the pod's address, nor through a Service whose `targetPort` names it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxys_admin_answers_only_inside_its_pod() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = NetnsCluster::start().await?;
     let exposed = c.service(ServiceDef {
         target_port: mesh_api::consts::ports::PROXY_ADMIN,
@@ -1131,9 +1121,7 @@ async fn a_proxys_admin_answers_only_inside_its_pod() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controllers_debug_api_answers_no_pod_and_meshctl_reads_it_through_a_port_forward()
 -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = NetnsCluster::start().await?;
     let reviews = reviews(&mut c, 1).await?;
     c.deploy(&idle("outsider", false)).await?;
@@ -1232,9 +1220,7 @@ async fn the_controllers_debug_api_answers_no_pod_and_meshctl_reads_it_through_a
 /// pod that replaces it is given what its workload used up front.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     const SERVICES: usize = 20;
     let mut c = NetnsCluster::start().await?;
     c.scoped = Some(true);
@@ -1374,9 +1360,7 @@ async fn a_scoped_proxy_looks_up_each_service_on_its_first_request() -> anyhow::
 /// proxy and the server's proxy then do with the same request, five times over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn explain_agrees_with_what_the_proxies_do() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = NetnsCluster::start().await?;
     let reviews_addr = reviews(&mut c, 1).await?;
     let reviews = reviews_addr.as_str();
@@ -1497,10 +1481,7 @@ async fn holds_a_cluster_until_killed() -> anyhow::Result<()> {
         std::env::var_os("MESH_E2E_HOLD").is_some(),
         "MESH_E2E_HOLD is not set: an_interrupted_run_is_swept_by_the_next runs this"
     );
-    anyhow::ensure!(
-        netns::can_run(),
-        "the network-namespace cluster cannot run here"
-    );
+    netns::require()?;
     let mut c = NetnsCluster::start().await?;
     reviews(&mut c, 1).await?;
     println!("HOLDING");
@@ -1511,9 +1492,7 @@ async fn holds_a_cluster_until_killed() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_run_is_swept_by_the_next() -> anyhow::Result<()> {
     use std::io::BufRead;
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     // The child's cluster takes this process's turn.
     let _turn = netns::turn().await;
     // A run killed with SIGKILL cleans nothing up itself.
@@ -1594,9 +1573,7 @@ async fn an_interrupted_run_is_swept_by_the_next() -> anyhow::Result<()> {
 /// curl runs on the node, outside every pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_terminates_https_and_reaches_a_strict_backend_as_itself() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     let mut c = NetnsCluster::start().await?;
     c.label_namespace("shop", &[("mesh.dev/mtls-mode", "STRICT")])?;
     let addr = reviews(&mut c, 1).await?;

@@ -208,18 +208,13 @@ async fn soak(run: Duration) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minute_of_churn_under_load_fails_nothing() -> anyhow::Result<()> {
-    if !netns::can_run() {
-        return Ok(());
-    }
+    netns::require()?;
     soak(Duration::from_secs(60)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "ten minutes: scripts/soak runs it"]
 async fn ten_minutes_of_churn_under_load_fail_nothing_and_grow_no_memory() -> anyhow::Result<()> {
-    anyhow::ensure!(
-        netns::can_run(),
-        "the soak needs the network-namespace cluster"
-    );
+    netns::require()?;
     soak(Duration::from_secs(600)).await
 }
