@@ -24,23 +24,23 @@ pub enum App {
 impl App {
     /// The `meshctl` arguments of its server, listening on 0.0.0.0:8080 (none for `Idle`).
     pub fn demo_service_args(&self) -> Option<Vec<String>> {
-        let mut args: Vec<String> = match self {
+        let mut args = vec!["demo-service".to_string()];
+        match self {
             App::Demo {
                 name,
                 version,
                 error_rate,
-            } => vec![
+            } => args.extend([
                 "--name".into(),
                 name.clone(),
                 "--version".into(),
                 version.clone(),
                 "--error-rate".into(),
                 error_rate.to_string(),
-            ],
-            App::Echo { name } => vec!["--name".into(), name.clone(), "--echo".into()],
+            ]),
+            App::Echo { name } => args.extend(["--name".into(), name.clone(), "--echo".into()]),
             App::Idle => return None,
-        };
-        args.splice(0..0, ["demo-service".into()]);
+        }
         args.extend(["--listen".into(), "0.0.0.0:8080".into()]);
         Some(args)
     }

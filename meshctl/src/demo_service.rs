@@ -123,19 +123,27 @@ impl DemoService {
             tokio::time::sleep(self.latency).await;
         }
         let unhealthy = health && self.unhealthy_while.as_ref().is_some_and(|f| f.exists());
-        let (status, body) = if unhealthy {
-            (503, format!("{} {} unhealthy\n", self.name, self.version))
+        let (status, body, json) = if unhealthy {
+            (
+                503,
+                format!("{} {} unhealthy\n", self.name, self.version),
+                false,
+            )
         } else if failed {
-            (500, format!("{} {} failed\n", self.name, self.version))
+            (
+                500,
+                format!("{} {} failed\n", self.name, self.version),
+                false,
+            )
         } else if self.echo && !health {
-            (200, echo(&self.name, &self.version, req))
+            (200, echo(&self.name, &self.version, req), true)
         } else {
-            (200, format!("{} {}\n", self.name, self.version))
+            (200, format!("{} {}\n", self.name, self.version), false)
         };
         let mut resp = hyper::Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() =
             hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-        if self.echo && status == 200 && !health {
+        if json {
             resp.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("application/json"),

@@ -55,14 +55,12 @@ pub async fn relay<T>(
             return;
         };
         let addr = inflight.endpoint.addr;
-        // Boxed, as the request path's connects are: a TLS client connection inline would
-        // make every relayed connection's task that much larger.
-        let connected = Box::pin(connect_endpoint(
+        let connected = connect_endpoint(
             &inflight.endpoint,
             shared.tls.as_ref(),
             Alpn::None,
             cluster.connect_timeout,
-        ))
+        )
         .await;
         match connected {
             Ok(upstream) => {

@@ -376,7 +376,10 @@ pub async fn connect_endpoint(
         ));
     };
     let name = rustls::pki_types::ServerName::IpAddress(ep.addr.ip().into());
-    match tokio::time::timeout_at(deadline.into(), connector.connect(name, stream)).await {
+    // Boxed: a TLS client connection inline would make every future that opens a connection
+    // (a request's try, a relayed connection's task) that much larger.
+    let handshake = Box::pin(connector.connect(name, stream));
+    match tokio::time::timeout_at(deadline.into(), handshake).await {
         Ok(Ok(s)) => {
             tls.handshake_done(crate::metrics::Direction::outbound, true);
             Ok(Conn::Tls(Box::new(s)))
