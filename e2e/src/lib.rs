@@ -311,7 +311,7 @@ pub async fn start_envoy(
     admin: SocketAddr,
 ) -> anyhow::Result<Peer> {
     let file = dir.join("envoy.yaml");
-    std::fs::write(&file, serde_yaml::to_string(bootstrap)?)?;
+    std::fs::write(&file, serde_norway::to_string(bootstrap)?)?;
     let envoy = Peer::spawn(
         Command::new(bin).arg("-c").arg(&file).args([
             "--concurrency",
@@ -497,7 +497,7 @@ pub fn as_a_cluster_stores(yaml: &str) -> anyhow::Result<(String, Vec<String>)> 
     let crds = mesh_api::crds::chart_crds();
     let mut docs = Vec::new();
     let mut pruned = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+    for (i, doc) in serde_norway::Deserializer::from_str(yaml).enumerate() {
         let mut v: serde_json::Value =
             serde::Deserialize::deserialize(doc).with_context(|| format!("document {i}"))?;
         if v.is_null() {
@@ -510,7 +510,7 @@ pub fn as_a_cluster_stores(yaml: &str) -> anyhow::Result<(String, Vec<String>)> 
             bail!("document {i} is refused: {}", why.join("; "));
         }
         pruned.extend(report.pruned);
-        docs.push(serde_yaml::to_string(&v)?);
+        docs.push(serde_norway::to_string(&v)?);
     }
     Ok((docs.join("---\n"), pruned))
 }

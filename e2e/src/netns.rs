@@ -1126,7 +1126,7 @@ impl NetnsCluster {
     /// admission; applying the same `name` again deletes what it no longer holds.
     pub async fn apply_manifests(&mut self, name: &str, yaml: &str) -> anyhow::Result<()> {
         let mut docs = Vec::new();
-        for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+        for (i, doc) in serde_norway::Deserializer::from_str(yaml).enumerate() {
             let v: Value = serde::Deserialize::deserialize(doc)
                 .with_context(|| format!("{name}: document {i}"))?;
             if !v.is_null() {

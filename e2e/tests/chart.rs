@@ -36,7 +36,7 @@ fn run(cmd: &mut Command) -> String {
 fn docs(yaml: &str) -> BTreeMap<String, Value> {
     use serde::Deserialize;
     let mut out = BTreeMap::new();
-    for d in serde_yaml::Deserializer::from_str(yaml) {
+    for d in serde_norway::Deserializer::from_str(yaml) {
         let v = Value::deserialize(d).expect("a YAML document");
         if v.is_null() {
             continue;

@@ -52,7 +52,7 @@ fn service(name: &str, selector: &[(&str, &str)]) -> ServiceDef {
 fn route(a: u32, b: u32) -> anyhow::Result<Value> {
     let yaml =
         mesh_controller::testing::split_yaml(NS, "web", "web", 9080, &[("web-a", a), ("web-b", b)]);
-    Ok(serde_yaml::from_str(&yaml)?)
+    Ok(serde_norway::from_str(&yaml)?)
 }
 
 /// What is watched for memory: the client's proxy, the long-lived server pod's, and the

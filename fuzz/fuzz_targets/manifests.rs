@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 /// Each document of `text`, as JSON values; stops at the first that is not YAML.
 fn documents(text: &str) -> Vec<serde_json::Value> {
-    serde_yaml::Deserializer::from_str(text)
+    serde_norway::Deserializer::from_str(text)
         .map_while(|d| serde_json::Value::deserialize(d).ok())
         .collect()
 }

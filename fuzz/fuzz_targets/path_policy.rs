@@ -53,7 +53,7 @@ const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 /// The guard of `cart-0`'s port 8080 over mesh TLS, as mesh-proxy converts it.
 static GUARD: LazyLock<Arc<Guard>> = LazyLock::new(|| {
     let mut index = Index::new("cluster.local");
-    for doc in serde_yaml::Deserializer::from_str(WORLD) {
+    for doc in serde_norway::Deserializer::from_str(WORLD) {
         let doc = serde_json::Value::deserialize(doc).expect("YAML");
         index
             .apply(parse_doc(doc, "default").expect("an object"))

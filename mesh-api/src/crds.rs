@@ -447,7 +447,7 @@ pub fn gateway_api_crds() -> Vec<CustomResourceDefinition> {
         std::sync::LazyLock::new(|| {
             let upstream = include_str!("gateway-api-v1.5.1-standard.yaml");
             let mut crds: Vec<CustomResourceDefinition> =
-                serde_yaml::Deserializer::from_str(upstream)
+                serde_norway::Deserializer::from_str(upstream)
                     .filter_map(|doc| CustomResourceDefinition::deserialize(doc).ok())
                     .filter(|c| !GATEWAY_API_LEFT_OUT.contains(&c.spec.names.kind.as_str()))
                     .collect();

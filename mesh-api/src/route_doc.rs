@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 /// Gateway API's largest backend weight.
 pub const MAX_WEIGHT: u32 = 1_000_000;
@@ -24,12 +24,12 @@ pub enum ManifestError {
     Yaml {
         path: PathBuf,
         document: usize,
-        source: serde_yaml::Error,
+        source: serde_norway::Error,
     },
     #[error("writing {path}: {source}")]
     Render {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: serde_norway::Error,
     },
 }
 
@@ -78,7 +78,7 @@ pub fn read_docs(path: &Path) -> Result<Vec<Value>, ManifestError> {
         source,
     })?;
     let mut out = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
         let v = Value::deserialize(doc).map_err(|source| ManifestError::Yaml {
             path: path.to_path_buf(),
             document: i + 1,
@@ -100,7 +100,7 @@ pub fn write_docs(path: &Path, docs: &[Value]) -> Result<(), ManifestError> {
             text.push_str("---\n");
         }
         text.push_str(
-            &serde_yaml::to_string(d).map_err(|source| ManifestError::Render {
+            &serde_norway::to_string(d).map_err(|source| ManifestError::Render {
                 path: path.to_path_buf(),
                 source,
             })?,
@@ -386,7 +386,7 @@ mod tests {
     use super::*;
 
     fn route() -> Value {
-        serde_yaml::from_str(
+        serde_norway::from_str(
             "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: shop}\nspec:\n  parentRefs: [{group: '', kind: Service, name: reviews, port: 9080}]\n  rules:\n  - matches: [{headers: [{name: x, value: y}]}]\n    backendRefs: [{name: reviews-v3, port: 9080}]\n  - backendRefs: [{name: reviews-v1, port: 9080, weight: 90}, {name: reviews-v2, port: 9080, weight: 10}]\n    timeouts: {request: 2s}\n",
         )
         .expect("yaml")
@@ -399,7 +399,7 @@ mod tests {
         assert!(!attaches(&r, "shop", "shop", "reviews", 80));
         assert_eq!(split_rule(&r), Some(1));
         // As an API server stores a rule without matches.
-        let defaulted: Value = serde_yaml::from_str(
+        let defaulted: Value = serde_norway::from_str(
             "{matches: [{path: {type: PathPrefix, value: /}}], backendRefs: [{name: a}]}",
         )
         .expect("y");
@@ -426,7 +426,7 @@ mod tests {
     fn a_named_rule_is_inserted_once_and_removed() {
         let mut r = route();
         let rule: Value =
-            serde_yaml::from_str("{name: canary, backendRefs: [{name: reviews-v2}]}").expect("y");
+            serde_norway::from_str("{name: canary, backendRefs: [{name: reviews-v2}]}").expect("y");
         assert!(insert_rule(&mut r, 1, rule.clone()));
         assert!(insert_rule(&mut r, 0, rule));
         assert_eq!(rules(&r).len(), 3);
@@ -442,7 +442,7 @@ mod tests {
         std::fs::create_dir(dir.path().join(".hidden")).expect("mkdir");
         std::fs::write(
             dir.path().join(".hidden/x.yaml"),
-            serde_yaml::to_string(&route()).expect("y"),
+            serde_norway::to_string(&route()).expect("y"),
         )
         .expect("write");
         assert!(
@@ -452,7 +452,7 @@ mod tests {
             "hidden directories are skipped"
         );
         let svc: Value =
-            serde_yaml::from_str("{apiVersion: v1, kind: Service, metadata: {name: reviews}}")
+            serde_norway::from_str("{apiVersion: v1, kind: Service, metadata: {name: reviews}}")
                 .expect("y");
         let path = dir.path().join("all.yaml");
         write_docs(&path, &[svc, route()]).expect("write");

@@ -384,7 +384,7 @@ mod tests {
     use super::*;
 
     fn doc(yaml: &str) -> serde_json::Value {
-        serde_yaml::from_str(yaml).expect("test yaml")
+        serde_norway::from_str(yaml).expect("test yaml")
     }
 
     #[test]

@@ -797,7 +797,7 @@ mod tests {
     const ROUTE: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/httproutes/reviews";
 
     fn route_json(yaml: &str) -> Value {
-        let mut v: Value = serde_yaml::from_str(yaml).expect("yaml");
+        let mut v: Value = serde_norway::from_str(yaml).expect("yaml");
         v["metadata"]["generation"] = json!(3);
         v
     }
@@ -992,9 +992,9 @@ mod tests {
         let class = "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: mesh, generation: 1}\nspec: {controllerName: mesh.dev/mesh-controller}\n";
         let mut idx = index.lock().expect("index");
         for d in std::iter::once(&class).chain(docs) {
-            let mut v: Value = serde_yaml::from_str(d).expect("yaml");
+            let mut v: Value = serde_norway::from_str(d).expect("yaml");
             v["metadata"]["generation"] = json!(1);
-            idx.apply(obj(&serde_yaml::to_string(&v).expect("yaml")))
+            idx.apply(obj(&serde_norway::to_string(&v).expect("yaml")))
                 .expect("valid");
             fake.insert(v);
         }
@@ -1213,7 +1213,7 @@ mod tests {
             let mut idx = index.lock().expect("index");
             for d in docs {
                 idx.apply(obj(d)).expect("valid");
-                let mut v: Value = serde_yaml::from_str(d).expect("yaml");
+                let mut v: Value = serde_norway::from_str(d).expect("yaml");
                 v["metadata"]["resourceVersion"] = json!("1");
                 fake.insert(v);
             }

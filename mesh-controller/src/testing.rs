@@ -4,7 +4,7 @@ use crate::objects::{Object, parse_doc};
 
 /// Parses one YAML document into an object, or panics: test input only.
 pub fn obj(yaml: &str) -> Object {
-    let doc: serde_json::Value = serde_yaml::from_str(yaml).expect("test yaml parses");
+    let doc: serde_json::Value = serde_norway::from_str(yaml).expect("test yaml parses");
     parse_doc(doc, "default").expect("test object is valid")
 }
 

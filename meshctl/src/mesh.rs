@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// A Service as meshctl needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -327,7 +327,7 @@ impl LocalDir {
 pub struct Cluster(pub crate::cluster::Cluster);
 
 fn yaml(v: serde_json::Value) -> anyhow::Result<Value> {
-    Ok(serde_yaml::to_value(v)?)
+    Ok(serde_norway::to_value(v)?)
 }
 
 impl Cluster {

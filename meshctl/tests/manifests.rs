@@ -62,7 +62,7 @@ fn manifests() -> Vec<(String, Value)> {
             _ => Vec::new(),
         };
         for (line, block) in blocks {
-            for (i, doc) in serde_yaml::Deserializer::from_str(&block).enumerate() {
+            for (i, doc) in serde_norway::Deserializer::from_str(&block).enumerate() {
                 let v: Value = serde::Deserialize::deserialize(doc)
                     .unwrap_or_else(|e| panic!("{shown}:{line} document {i}: {e}"));
                 if v.get("apiVersion").is_some() && v.get("kind").is_some() {
@@ -116,7 +116,7 @@ async fn every_manifest_of_the_docs_and_examples_keeps_all_its_fields() {
 async fn a_misspelt_field_is_pruned_with_a_warning_and_strict_refuses_it() {
     let (client, fake) = FakeApi::start();
     fake.install_chart_crds();
-    let route: Value = serde_yaml::from_str(
+    let route: Value = serde_norway::from_str(
         "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: reviews, namespace: default}
@@ -185,7 +185,7 @@ spec:
 async fn a_route_the_gateway_apis_cel_rules_forbid_is_refused_with_their_message() {
     let (client, fake) = FakeApi::start();
     fake.install_chart_crds();
-    let mut route: Value = serde_yaml::from_str(
+    let mut route: Value = serde_norway::from_str(
         "apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
 metadata: {name: reviews, namespace: default}

@@ -111,7 +111,7 @@ mod tests {
             "apiVersion: mesh.dev/v1alpha1\nkind: FaultInjection\nmetadata: {{name: f, namespace: shop}}\nspec: {spec}\n"
         );
         let f: FaultInjection =
-            serde_yaml::from_str(&doc).map_err(|e| DocError::new("", e.to_string()))?;
+            serde_norway::from_str(&doc).map_err(|e| DocError::new("", e.to_string()))?;
         compile(&f)
     }
 

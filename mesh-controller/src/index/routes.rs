@@ -1074,7 +1074,7 @@ mod tests {
     use crate::objects::{Kind, Object, parse_doc};
 
     fn route(yaml: &str) -> Result<RouteSpec, DocError> {
-        let doc: serde_json::Value = serde_yaml::from_str(yaml).expect("yaml");
+        let doc: serde_json::Value = serde_norway::from_str(yaml).expect("yaml");
         match parse_doc(doc, "default").expect("parses") {
             Object::HttpRoute(r) => {
                 let key = ObjKey {

@@ -463,7 +463,7 @@ fn incremental_models_equal_a_fresh_build() {
 #[test]
 fn a_service_listing_a_port_twice_is_refused() {
     let mut idx = Index::new("cluster.local");
-    let doc: serde_json::Value = serde_yaml::from_str(
+    let doc: serde_json::Value = serde_norway::from_str(
         "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {ports: [{name: a, port: 80}, {name: b, port: 80}]}",
     )
     .expect("yaml");

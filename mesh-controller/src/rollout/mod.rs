@@ -79,7 +79,7 @@ pub fn own_rule(rollout: &str) -> String {
 }
 
 /// Makes `edit` on a route manifest (as YAML, so fields this code does not know stay).
-pub fn apply_edit(route: &mut serde_yaml::Value, edit: &RuleEdit) -> Result<(), String> {
+pub fn apply_edit(route: &mut serde_norway::Value, edit: &RuleEdit) -> Result<(), String> {
     use mesh_api::route_doc as doc;
     let rule = match &edit.section {
         Some(name) => doc::rule_named(route, name)
@@ -96,42 +96,42 @@ pub fn apply_edit(route: &mut serde_yaml::Value, edit: &RuleEdit) -> Result<(), 
     }
     // The split rule, narrowed to the headers and sent to the candidate alone.
     let mut header_rule = doc::rules(route)[rule].clone();
-    let key = |k: &str| serde_yaml::Value::String(k.to_string());
-    let headers: Vec<serde_yaml::Value> = edit
+    let key = |k: &str| serde_norway::Value::String(k.to_string());
+    let headers: Vec<serde_norway::Value> = edit
         .headers
         .iter()
         .map(|h| {
-            let mut m = serde_yaml::Mapping::new();
+            let mut m = serde_norway::Mapping::new();
             m.insert(key("type"), key("Exact"));
             m.insert(key("name"), key(&h.name));
             m.insert(key("value"), key(&h.value));
-            serde_yaml::Value::Mapping(m)
+            serde_norway::Value::Mapping(m)
         })
         .collect();
-    let mut matches: Vec<serde_yaml::Value> = header_rule
+    let mut matches: Vec<serde_norway::Value> = header_rule
         .get("matches")
-        .and_then(serde_yaml::Value::as_sequence)
+        .and_then(serde_norway::Value::as_sequence)
         .cloned()
         .unwrap_or_default();
     if matches.is_empty() {
-        matches.push(serde_yaml::Value::Mapping(Default::default()));
+        matches.push(serde_norway::Value::Mapping(Default::default()));
     }
     for m in &mut matches {
         if let Some(m) = m.as_mapping_mut() {
             let mut all = m
                 .get("headers")
-                .and_then(serde_yaml::Value::as_sequence)
+                .and_then(serde_norway::Value::as_sequence)
                 .cloned()
                 .unwrap_or_default();
             all.extend(headers.iter().cloned());
-            m.insert(key("headers"), serde_yaml::Value::Sequence(all));
+            m.insert(key("headers"), serde_norway::Value::Sequence(all));
         }
     }
     let slot = header_rule
         .as_mapping_mut()
         .ok_or_else(|| format!("rule {} is not a mapping", rule + 1))?;
     slot.insert(key("name"), key(&edit.own_rule));
-    slot.insert(key("matches"), serde_yaml::Value::Sequence(matches));
+    slot.insert(key("matches"), serde_norway::Value::Sequence(matches));
     slot.insert(
         key("backendRefs"),
         doc::backend_refs(&[(edit.candidate.clone(), 1)], edit.port),

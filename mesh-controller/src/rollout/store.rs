@@ -145,8 +145,8 @@ impl Store {
                 let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
                 let live = api.get(&t.name).await?;
                 let live = serde_json::to_value(&live).map_err(|e| refused(e.to_string()))?;
-                let mut doc: serde_yaml::Value =
-                    serde_yaml::to_value(&live).map_err(|e| refused(e.to_string()))?;
+                let mut doc: serde_norway::Value =
+                    serde_norway::to_value(&live).map_err(|e| refused(e.to_string()))?;
                 apply_edit(&mut doc, edit).map_err(refused)?;
                 let rules: Value = serde_json::to_value(mesh_api::route_doc::rules(&doc))
                     .map_err(|e| refused(e.to_string()))?;

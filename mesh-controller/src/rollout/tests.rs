@@ -140,7 +140,7 @@ impl Local {
         mesh_api::route_doc::weights(&mesh_api::route_doc::rules(&route)[rule])
     }
 
-    fn route(&self) -> serde_yaml::Value {
+    fn route(&self) -> serde_norway::Value {
         mesh_api::route_doc::find_doc(self.dir.path(), "HTTPRoute", "shop", "reviews")
             .expect("read")
             .expect("route")
@@ -467,10 +467,10 @@ async fn in_a_cluster_the_route_is_applied_the_status_patched_and_events_written
     }
     let route = split_yaml("shop", "reviews", "reviews", 9080, &[("reviews-v1", 1)]);
     let mut rollout: serde_json::Value =
-        serde_yaml::from_str(&rollout_yaml("  steps: [{weight: 20}, {weight: 100}]\n"))
+        serde_norway::from_str(&rollout_yaml("  steps: [{weight: 20}, {weight: 100}]\n"))
             .expect("yaml");
     rollout["metadata"]["uid"] = json!("u-1");
-    fake.insert(serde_yaml::from_str(&route).expect("yaml"));
+    fake.insert(serde_norway::from_str(&route).expect("yaml"));
     index.apply(obj(&route)).expect("valid");
     fake.insert(rollout.clone());
     index

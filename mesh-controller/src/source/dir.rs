@@ -452,7 +452,7 @@ fn list_manifests(root: &Path) -> Result<BTreeSet<PathBuf>, DirError> {
 /// Splits a file into documents and parses each. `Err` when the YAML stream itself is broken.
 fn parse_file(text: &str, source: &str) -> Result<Vec<Doc>, Box<ManifestError>> {
     let mut out = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let number = i + 1;
         let value = match serde_json::Value::deserialize(de) {
             Ok(v) => v,

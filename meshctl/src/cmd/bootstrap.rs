@@ -118,7 +118,7 @@ pub const XDS_CLUSTER: &str = "mesh-xds";
 pub fn run(cmd: Bootstrap, out: &mut dyn Write) -> anyhow::Result<()> {
     let text = match cmd {
         Bootstrap::Envoy(args) => {
-            serde_yaml::to_string(&envoy(&args)?).context("rendering the bootstrap")?
+            serde_norway::to_string(&envoy(&args)?).context("rendering the bootstrap")?
         }
         Bootstrap::Grpc(args) => {
             serde_json::to_string_pretty(&grpc(&args)?).context("rendering the bootstrap")? + "\n"

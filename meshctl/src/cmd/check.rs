@@ -222,7 +222,7 @@ fn granted(
 /// routes claim the same parent with the same match.
 fn config(local: &LocalDir, c: &mut Checks) {
     // Manifests are YAML.
-    use serde_yaml::Value;
+    use serde_norway::Value;
     const CAT: &str = "config";
     let Manifests {
         services,
@@ -422,19 +422,21 @@ fn policy_targets(
     for p in policies {
         let who = format!("{} {}/{}", p.kind, p.namespace, p.name);
         let refs = p.value.get("spec").and_then(|s| s.get("targetRefs"));
-        let refs: Vec<PolicyTargetReference> =
-            match refs.map(|r| serde_yaml::from_value(r.clone())).transpose() {
-                Ok(r) => r.unwrap_or_default(),
-                Err(e) => {
-                    problems += 1;
-                    c.fail(
-                        CAT,
-                        format!("{who} spec.targetRefs: {e}"),
-                        "give each reference a kind (Service or Namespace) and a name",
-                    );
-                    continue;
-                }
-            };
+        let refs: Vec<PolicyTargetReference> = match refs
+            .map(|r| serde_norway::from_value(r.clone()))
+            .transpose()
+        {
+            Ok(r) => r.unwrap_or_default(),
+            Err(e) => {
+                problems += 1;
+                c.fail(
+                    CAT,
+                    format!("{who} spec.targetRefs: {e}"),
+                    "give each reference a kind (Service or Namespace) and a name",
+                );
+                continue;
+            }
+        };
         let mut attached = 0;
         for (i, t) in refs.iter().enumerate() {
             // Read as the controller reads it, then checked against the directory's Services.
@@ -935,7 +937,7 @@ pub async fn run_cluster_checks(
 pub fn print(checks: &[Check], output: Output, out: &mut dyn Write) -> anyhow::Result<()> {
     match output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(checks)?)?,
-        Output::Yaml => write!(out, "{}", serde_yaml::to_string(checks)?)?,
+        Output::Yaml => write!(out, "{}", serde_norway::to_string(checks)?)?,
         Output::Table => {
             let mut last = "";
             for ch in checks {

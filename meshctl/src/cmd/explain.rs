@@ -57,7 +57,7 @@ pub async fn explain(a: &ExplainArgs, local: bool, out: &mut dyn Write) -> anyho
     let e = ctl.json(&path).await?;
     match a.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&e)?)?,
-        Output::Yaml => write!(out, "{}", serde_yaml::to_string(&e)?)?,
+        Output::Yaml => write!(out, "{}", serde_norway::to_string(&e)?)?,
         Output::Table => {
             for line in e["words"].as_array().into_iter().flatten() {
                 writeln!(out, "{}", line.as_str().unwrap_or_default())?;

@@ -88,7 +88,7 @@ fn each_document(
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
     let mut docs = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+    for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
         let what = || format!("{} document {}", file.display(), i + 1);
         let mut v = serde_json::Value::deserialize(doc).with_context(what)?;
         if v.is_null() {
@@ -111,7 +111,7 @@ fn each_document(
         if i > 0 {
             writeln!(out, "---")?;
         }
-        write!(out, "{}", serde_yaml::to_string(d)?)?;
+        write!(out, "{}", serde_norway::to_string(d)?)?;
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use mesh_api::rollout::{
     StepHeader,
 };
 use mesh_api::route_doc::{self as doc, rules, weights};
-use serde_yaml::{Mapping, Value};
+use serde_norway::{Mapping, Value};
 
 use super::route::{Target, find_service, port_of, several_routes};
 use super::status::Output;
@@ -315,7 +315,7 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
     let rollout = RouteDoc {
         namespace: ns.clone(),
         name: name.clone(),
-        value: serde_yaml::to_value(&object)?,
+        value: serde_norway::to_value(&object)?,
         origin: existing.and_then(|r| r.doc.origin),
     };
 
@@ -563,7 +563,7 @@ fn machine(r: &RolloutDoc, output: Output) -> anyhow::Result<String> {
         "status": r.status.clone().map(serde_json::to_value).transpose()?,
     });
     Ok(match output {
-        Output::Yaml => serde_yaml::to_string(&v)?,
+        Output::Yaml => serde_norway::to_string(&v)?,
         _ => format!("{}\n", serde_json::to_string_pretty(&v)?),
     })
 }

@@ -49,7 +49,7 @@ fn written(dir: &Path) -> Rollout {
     let (_, _, v) = mesh_api::route_doc::find_doc(dir, "Rollout", "default", "reviews")
         .expect("read")
         .expect("a Rollout");
-    serde_yaml::from_value(v).expect("a valid Rollout")
+    serde_norway::from_value(v).expect("a valid Rollout")
 }
 
 #[test]

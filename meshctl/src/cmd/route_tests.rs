@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::*;
 use crate::mesh::LocalDir;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 /// The example's manifests (`examples/reviews`: Services and the canary route) in a fresh
 /// directory.

@@ -133,7 +133,7 @@ pub async fn proxy_status_at(
         .with_context(|| format!("reading proxy status from the controller at {ctl}"))?;
     match output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&proxies)?)?,
-        Output::Yaml => write!(out, "{}", serde_yaml::to_string(&proxies)?)?,
+        Output::Yaml => write!(out, "{}", serde_norway::to_string(&proxies)?)?,
         Output::Table => {
             let list = proxies.as_array().map_or(&[][..], |v| v.as_slice());
             writeln!(
@@ -464,7 +464,7 @@ fn print_config(dump: &Value, args: &ProxyConfigArgs, out: &mut dyn Write) -> an
     let part = section_of(dump, args.section);
     match args.output {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&part)?)?,
-        Output::Yaml => write!(out, "{}", serde_yaml::to_string(&part)?)?,
+        Output::Yaml => write!(out, "{}", serde_norway::to_string(&part)?)?,
         Output::Table => table(args.section, &part, out)?,
     }
     Ok(())

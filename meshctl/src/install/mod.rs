@@ -64,7 +64,7 @@ pub fn render(objects: &[Value], format: Format, out: &mut dyn Write) -> anyhow:
         Format::Yaml => {
             for o in objects {
                 writeln!(out, "---")?;
-                out.write_all(serde_yaml::to_string(o)?.as_bytes())?;
+                out.write_all(serde_norway::to_string(o)?.as_bytes())?;
             }
         }
         Format::Json => {

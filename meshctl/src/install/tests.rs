@@ -336,7 +336,7 @@ fn dry_run_prints_every_object() {
     a.dry_run = true;
     dry_run(&a, &mut out).expect("dry run");
     let text = String::from_utf8(out).expect("utf-8");
-    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&text)
+    let docs: Vec<Value> = serde_norway::Deserializer::from_str(&text)
         .map(|d| Value::deserialize(d).expect("a YAML document"))
         .collect();
     assert_eq!(docs, expected());

@@ -205,7 +205,7 @@ impl Values {
         for f in files {
             let text = std::fs::read_to_string(f)
                 .with_context(|| format!("reading values file {}", f.display()))?;
-            let v: Value = serde_yaml::from_str(&text)
+            let v: Value = serde_norway::from_str(&text)
                 .with_context(|| format!("values file {}: not YAML", f.display()))?;
             layers.push((f.display().to_string(), v));
         }
@@ -214,7 +214,7 @@ impl Values {
 
     fn merged(layers: &[(String, Value)]) -> anyhow::Result<Self> {
         let mut v: Value =
-            serde_yaml::from_str(DEFAULT_VALUES).context("the chart's values.yaml")?;
+            serde_norway::from_str(DEFAULT_VALUES).context("the chart's values.yaml")?;
         for (_, layer) in layers {
             // Helm's merge of values files.
             mesh_api::merge_patch(&mut v, layer.clone());
@@ -329,7 +329,7 @@ mod tests {
     fn with(yaml: &str) -> anyhow::Result<Values> {
         Values::merged(&[(
             "extra.yaml".into(),
-            serde_yaml::from_str(yaml).expect("yaml"),
+            serde_norway::from_str(yaml).expect("yaml"),
         )])
     }
 
