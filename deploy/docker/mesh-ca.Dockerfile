@@ -5,8 +5,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p mesh-ca --bin mesh-ca \
- && cp target/release/mesh-ca /mesh-ca
+    cargo build --profile dist --locked -p mesh-ca --bin mesh-ca \
+ && cp target/dist/mesh-ca /mesh-ca
 
 # Distroless: no shell, no package manager; runs as the unprivileged user 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot

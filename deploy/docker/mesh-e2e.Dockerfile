@@ -6,8 +6,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p mesh-e2e --bin mesh-e2e-load \
- && cp target/release/mesh-e2e-load /mesh-e2e-load
+    cargo build --profile dist --locked -p mesh-e2e --bin mesh-e2e-load \
+ && cp target/dist/mesh-e2e-load /mesh-e2e-load
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /mesh-e2e-load /usr/local/bin/mesh-e2e-load

@@ -6,8 +6,8 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p meshctl --bin meshctl \
- && cp target/release/meshctl /meshctl
+    cargo build --profile dist --locked -p meshctl --bin meshctl \
+ && cp target/dist/meshctl /meshctl
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /meshctl /usr/local/bin/meshctl

@@ -294,6 +294,9 @@ pub fn demo_replica(
 
 /// The mesh-proxy image injection names; the kubelet runs this workspace's binary for it.
 pub const PROXY_IMAGE: &str = "mesh-e2e/mesh-proxy";
+/// The init container's image: the same binary (`mesh-proxy init`), named apart as the chart
+/// names it, so that a pod that ran the wrong image for its init step fails here.
+pub const INIT_IMAGE: &str = "mesh-e2e/mesh-proxy-init";
 /// Images pods may name: `meshctl` (`demo-service`) and the load generator.
 pub const MESHCTL_IMAGE: &str = "mesh-e2e/meshctl";
 pub const LOAD_IMAGE: &str = "mesh-e2e/load";
@@ -673,9 +676,10 @@ impl NetnsCluster {
             // Rollouts judge their steps from these scrapes.
             "--stats-interval".into(),
             "1s".into(),
-            // What the chart gives it: the proxy's image (here the name the kubelet runs
+            // What the chart gives it: the proxy's images (here the names the kubelet runs
             // mesh-proxy for) and addresses, for injection and Gateways' Deployments.
             format!("--inject-proxy-image={PROXY_IMAGE}"),
+            format!("--inject-init-image={INIT_IMAGE}"),
             format!("--inject-xds-addr={}", xds_service_addr()),
             format!("--inject-ca-addr={CONTROL_PLANE_IP}:15012"),
         ];
@@ -1221,6 +1225,7 @@ impl NetnsCluster {
     pub fn inject_settings() -> mesh_api::inject::InjectSettings {
         mesh_api::inject::InjectSettings {
             proxy_image: PROXY_IMAGE.into(),
+            init_image: INIT_IMAGE.into(),
             xds_addr: xds_service_addr(),
             ca_addr: format!("{CONTROL_PLANE_IP}:15012"),
             trust_domain: "cluster.local".into(),
@@ -1254,6 +1259,7 @@ impl NetnsCluster {
         });
         let images = BTreeMap::from([
             (PROXY_IMAGE.to_owned(), binary("mesh-proxy")?),
+            (INIT_IMAGE.to_owned(), binary("mesh-proxy")?),
             (MESHCTL_IMAGE.to_owned(), binary("meshctl")?),
             (LOAD_IMAGE.to_owned(), binary("mesh-e2e-load")?),
         ]);

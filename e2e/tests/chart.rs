@@ -218,43 +218,83 @@ spec:
     }
 }
 
-/// The Dockerfiles build binaries that exist, and their images run as the users the manifests
-/// expect (no Docker engine here: the build itself runs in the kind suite).
+/// Each Dockerfile builds, with `-p` alone and the `dist` profile, a binary its crate has, and
+/// its image runs that binary as the user the manifests expect; `scripts/build-images` builds
+/// every one of them (no Docker engine here: the builds themselves run in the kind suite, and
+/// CI checks each crate alone with `cargo check -p`).
 #[test]
-fn dockerfiles_build_existing_binaries_as_the_expected_users() {
+fn dockerfiles_build_their_crates_binaries_alone_as_the_expected_users() {
     let root = workspace_root();
-    for (name, user) in [
-        ("mesh-proxy", "1337:1337"),
-        ("mesh-controller", "65532:65532"),
-        ("mesh-ca", "65532:65532"),
-        ("meshctl", "65532:65532"),
-    ] {
-        let path = root.join(format!("deploy/docker/{name}.Dockerfile"));
+    // Image name -> (crate, binary, the image's last USER; None: root).
+    let expected: BTreeMap<&str, (&str, &str, Option<&str>)> = BTreeMap::from([
+        (
+            "mesh-proxy",
+            ("mesh-proxy", "mesh-proxy", Some("1337:1337")),
+        ),
+        // The init container runs as root with NET_ADMIN for iptables, and only it.
+        ("mesh-proxy-init", ("mesh-proxy", "mesh-proxy", None)),
+        (
+            "mesh-controller",
+            ("mesh-controller", "mesh-controller", Some("65532:65532")),
+        ),
+        ("mesh-ca", ("mesh-ca", "mesh-ca", Some("65532:65532"))),
+        ("meshctl", ("meshctl", "meshctl", Some("65532:65532"))),
+        (
+            "mesh-e2e",
+            ("mesh-e2e", "mesh-e2e-load", Some("65532:65532")),
+        ),
+    ]);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(root.join("deploy/docker")).expect("deploy/docker") {
+        let path = entry.expect("an entry").path();
+        let Some(image) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".Dockerfile"))
+        else {
+            continue;
+        };
+        let &(krate, bin, user) = expected
+            .get(image)
+            .unwrap_or_else(|| panic!("{}: an image this test does not know", path.display()));
+        found.push(image.to_owned());
         let text = std::fs::read_to_string(&path).expect("Dockerfile");
+        for want in [
+            format!("cargo build --profile dist --locked -p {krate} --bin {bin}"),
+            format!("cp target/dist/{bin} /{bin}"),
+            format!("COPY --from=build /{bin} /usr/local/bin/{bin}"),
+            format!("ENTRYPOINT [\"/usr/local/bin/{bin}\"]"),
+        ] {
+            assert!(text.contains(&want), "{}: no {want:?}", path.display());
+        }
         assert!(
-            text.contains(&format!(
-                "cargo build --release --locked -p {name} --bin {name}"
-            )),
-            "{}",
+            binaries(krate).contains(&bin.to_owned()),
+            "{}: crate {krate} has no binary {bin}",
             path.display()
         );
-        assert!(
-            root.join(name).join("src/main.rs").exists(),
-            "{name} has no binary"
-        );
-        // The last USER is the image's: never root.
+        // The last USER is the image's.
         let last_user = text
             .lines()
             .filter_map(|l| l.strip_prefix("USER "))
             .next_back()
-            .expect("a USER line");
-        assert_eq!(last_user.trim(), user, "{}", path.display());
-        assert!(
-            text.contains(&format!("ENTRYPOINT [\"/usr/local/bin/{name}\"]")),
-            "{}",
-            path.display()
-        );
+            .map(str::trim);
+        assert_eq!(last_user, user, "{}", path.display());
     }
+    found.sort();
+    assert_eq!(found, expected.keys().copied().collect::<Vec<_>>());
+    // The sidecar's image, which every node pulls, has no package manager or iptables.
+    let proxy = std::fs::read_to_string(root.join("deploy/docker/mesh-proxy.Dockerfile"))
+        .expect("Dockerfile");
+    assert!(!proxy.contains("apt-get") && proxy.contains("FROM gcr.io/distroless/"));
+    let script = std::fs::read_to_string(root.join("scripts/build-images")).expect("script");
+    let built = script
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("for name in "))
+        .and_then(|l| l.strip_suffix("; do"))
+        .expect("build-images' loop");
+    let mut built: Vec<&str> = built.split_whitespace().collect();
+    built.sort_unstable();
+    assert_eq!(built, found, "scripts/build-images");
     // The toolchain the images build with is the repository's.
     let toolchain = std::fs::read_to_string(root.join("rust-toolchain.toml")).expect("toolchain");
     let channel = toolchain
@@ -265,14 +305,44 @@ fn dockerfiles_build_existing_binaries_as_the_expected_users() {
         .rsplit_once('.')
         .map(|(minor, _)| minor.to_owned())
         .expect("a version");
-    for name in ["mesh-proxy", "mesh-controller", "mesh-ca", "meshctl"] {
-        let text = std::fs::read_to_string(root.join(format!("deploy/docker/{name}.Dockerfile")))
+    for image in &found {
+        let text = std::fs::read_to_string(root.join(format!("deploy/docker/{image}.Dockerfile")))
             .expect("Dockerfile");
         assert!(
             text.contains(&format!("FROM rust:{channel}-bookworm")),
-            "{name}"
+            "{image}"
         );
     }
     // The manifests run the proxy as the UID its image declares.
     assert_eq!(mesh_api::inject::PROXY_UID, 1337);
+}
+
+/// The binary targets of a workspace crate, as cargo sees them.
+fn binaries(krate: &str) -> Vec<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = run(Command::new(cargo).current_dir(workspace_root()).args([
+        "metadata",
+        "--no-deps",
+        "--offline",
+        "--format-version",
+        "1",
+    ]));
+    let meta: Value = serde_json::from_str(&out).expect("cargo metadata's JSON");
+    let package = meta["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == krate)
+        .unwrap_or_else(|| panic!("no crate {krate} in the workspace"));
+    package["targets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .filter_map(|t| t["name"].as_str().map(str::to_owned))
+        .collect()
 }

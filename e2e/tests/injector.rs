@@ -73,6 +73,7 @@ async fn the_injector_serves_reviews_over_tls_with_a_certificate_for_its_service
     config.ca_token_file = ca.token_file("mesh-system", "mesh-controller")?;
     config.webhook_addr = Some("127.0.0.1:0".parse()?);
     config.inject_proxy_image = "registry.example/mesh-proxy:v9".into();
+    config.inject_init_image = "registry.example/mesh-proxy-init:v9".into();
     config.inject_proxy_resources = Some(json!({"limits": {"memory": "64Mi"}}));
     let controller = Controller::start(config).await?;
     let addr = controller.webhook_addr.context("webhook address")?;
@@ -105,7 +106,8 @@ async fn the_injector_serves_reviews_over_tls_with_a_certificate_for_its_service
         .decode(resp["response"]["patch"].as_str().context("a patch")?)?;
     let patch = String::from_utf8(patch)?;
     for want in [
-        "registry.example/mesh-proxy:v9",
+        "\"image\":\"registry.example/mesh-proxy:v9\"",
+        "\"image\":\"registry.example/mesh-proxy-init:v9\"",
         "\"restartPolicy\":\"Always\"",
         "64Mi",
         "mesh-init",

@@ -14,6 +14,9 @@ use crate::probes::{self, AppProbe, AppProbes, Check, Header, Scheme};
 #[derive(Clone, Debug)]
 pub struct InjectSettings {
     pub proxy_image: String,
+    /// The init container's image: `mesh-proxy init` with iptables beside it (the sidecar's
+    /// own image has no iptables).
+    pub init_image: String,
     /// The controller's xDS address, `host:port`.
     pub xds_addr: String,
     /// mesh-ca's address, `host:port`.
@@ -548,7 +551,7 @@ fn resolve_port(
 fn init_container(s: &InjectSettings) -> Value {
     json!({
         "name": INIT_CONTAINER,
-        "image": s.proxy_image,
+        "image": s.init_image,
         "args": ["init", "--proxy-uid", s.proxy_uid.to_string()],
         "securityContext": {
             "runAsUser": 0,
@@ -745,6 +748,7 @@ mod tests {
     fn settings() -> InjectSettings {
         InjectSettings {
             proxy_image: "mesh/mesh-proxy:test".into(),
+            init_image: "mesh/mesh-proxy-init:test".into(),
             xds_addr: "mesh-controller-xds.mesh-system.svc:15010".into(),
             ca_addr: "mesh-ca.mesh-system.svc:15012".into(),
             trust_domain: "cluster.local".into(),
@@ -1050,7 +1054,10 @@ mod tests {
             ["mesh-init", "mesh-proxy", "migrate"]
         );
         assert_eq!(names(&p["spec"], "containers"), ["app"]);
+        let init = &p["spec"]["initContainers"][0];
+        assert_eq!(init["image"], "mesh/mesh-proxy-init:test");
         let proxy = &p["spec"]["initContainers"][1];
+        assert_eq!(proxy["image"], "mesh/mesh-proxy:test");
         assert_eq!(proxy["restartPolicy"], "Always");
         assert_eq!(proxy["readinessProbe"]["httpGet"]["path"], "/ready");
         assert_eq!(p["metadata"]["labels"]["mesh.dev/proxy"], "true");

@@ -118,6 +118,10 @@ pub struct Config {
     #[arg(long, default_value = concat!("ghcr.io/mesh-dev/mesh-proxy:", env!("CARGO_PKG_VERSION")))]
     pub inject_proxy_image: String,
 
+    /// Injection: the init container's image (`mesh-proxy init` and iptables).
+    #[arg(long, default_value = concat!("ghcr.io/mesh-dev/mesh-proxy-init:", env!("CARGO_PKG_VERSION")))]
+    pub inject_init_image: String,
+
     /// Injection: the controller's xDS address as pods reach it (default
     /// `mesh-controller-xds.NAMESPACE.svc:15010`, a headless Service of every replica).
     #[arg(long)]
@@ -208,6 +212,11 @@ impl Config {
             webhook_config: "mesh-sidecar-injector".into(),
             inject_proxy_image: concat!("ghcr.io/mesh-dev/mesh-proxy:", env!("CARGO_PKG_VERSION"))
                 .into(),
+            inject_init_image: concat!(
+                "ghcr.io/mesh-dev/mesh-proxy-init:",
+                env!("CARGO_PKG_VERSION")
+            )
+            .into(),
             inject_xds_addr: None,
             inject_ca_addr: None,
             inject_proxy_log_level: "info".into(),
@@ -225,6 +234,7 @@ impl Config {
         use mesh_api::consts::identity as ids;
         mesh_api::inject::InjectSettings {
             proxy_image: self.inject_proxy_image.clone(),
+            init_image: self.inject_init_image.clone(),
             xds_addr: self
                 .inject_xds_addr
                 .clone()

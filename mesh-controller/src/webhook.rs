@@ -122,6 +122,7 @@ mod tests {
     fn settings() -> InjectSettings {
         InjectSettings {
             proxy_image: "mesh-proxy:test".into(),
+            init_image: "mesh-proxy-init:test".into(),
             xds_addr: "x:15010".into(),
             ca_addr: "c:15012".into(),
             trust_domain: "cluster.local".into(),

@@ -150,6 +150,10 @@ mod tests {
         // The install's values decide the image and the proxy's settings.
         assert!(text.contains("image: r.example/mesh-proxy:t1"), "{text}");
         assert!(
+            text.contains("image: r.example/mesh-proxy-init:t1"),
+            "{text}"
+        );
+        assert!(
             text.contains("value: debug") && text.contains("memory: 256Mi"),
             "{text}"
         );

@@ -468,6 +468,7 @@ fn ca_deployment(v: &Values, ns: &str) -> Value {
 pub fn inject_settings(v: &Values, ns: &str) -> InjectSettings {
     InjectSettings {
         proxy_image: v.image("mesh-proxy"),
+        init_image: v.image("mesh-proxy-init"),
         xds_addr: identity::xds_addr(ns),
         ca_addr: identity::ca_addr(ns),
         trust_domain: v.trust_domain.clone(),
@@ -498,6 +499,7 @@ fn controller_deployment(v: &Values, ns: &str) -> Value {
         format!("--ca-token-file={TOKEN_DIR}/mesh-ca-token"),
         format!("--webhook-addr=0.0.0.0:{}", ports::CONTROLLER_WEBHOOK),
         format!("--inject-proxy-image={}", s.proxy_image),
+        format!("--inject-init-image={}", s.init_image),
         format!("--inject-xds-addr={}", s.xds_addr),
         format!("--inject-ca-addr={}", s.ca_addr),
         format!("--inject-proxy-log-level={}", s.log_level),
