@@ -1239,6 +1239,7 @@ impl NetnsCluster {
             tracing_endpoint: String::new(),
             tracing_sampling: 0.0,
             access_log: false,
+            prometheus_annotations: true,
         }
     }
 

@@ -119,20 +119,124 @@ trustDomain: prod.example
 mtlsMode: STRICT
 controller: {replicas: 3, logLevel: debug, resources: {requests: {cpu: 1}}}
 ca: {certLifetime: 12h, logLevel: warn, resources: {limits: {memory: 1Gi}}}
-proxy: {logLevel: trace, resources: {requests: {cpu: 5m}}}
+proxy: {logLevel: trace, prometheusAnnotations: false, resources: {requests: {cpu: 5m}}}
 webhook: {failurePolicy: Ignore}
 networkPolicy: {enabled: true, monitoringNamespace: prometheus}
 ",
     )
     .expect("write values");
+    let mut values_text = std::fs::read_to_string(&values).expect("values");
+    values_text.push_str(MONITORING_VALUES);
+    std::fs::write(&values, values_text).expect("write values");
     let ours = meshctl_objects(Some(&values));
     assert!(
         ours.contains("registry.example/mesh/mesh-proxy:v9")
+            && ours.contains("registry.example/mesh/mesh-proxy-init:v9")
+            && ours.contains("--inject-prometheus-annotations=false")
             && ours.contains("kind: NetworkPolicy")
-            && ours.contains("kubernetes.io/metadata.name: prometheus"),
+            && ours.contains("kubernetes.io/metadata.name: prometheus")
+            && ours.contains("kind: ServiceMonitor")
+            && ours.contains("kind: PodMonitor"),
         "{ours}"
     );
     assert_same(&ours, &helm_objects(&helm, Some(&values)));
+}
+
+/// Every monitoring object on, with labels a Prometheus' selectors and Grafana's sidecar use.
+const MONITORING_VALUES: &str = "monitoring:
+  serviceMonitor: {enabled: true, interval: 15s, labels: {release: prometheus}}
+  podMonitor: {enabled: true, interval: 1m30s, labels: {release: prometheus}}
+  dashboards: {enabled: true, labels: {grafana_dashboard: \"1\", team: mesh}}
+";
+
+/// The ServiceMonitor and PodMonitor the chart renders read, against the Prometheus Operator's
+/// CRDs (v0.93.0, in `e2e/testdata/prometheus-operator`), as an API server with those CRDs
+/// would: no field pruned, no error. They find what the mesh serves: the Services' and the
+/// injected proxy's metrics ports by name. The dashboards' ConfigMaps carry the chart's files.
+#[test]
+fn monitoring_objects_validate_against_the_prometheus_operator_crds() {
+    use mesh_api::k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let Some(helm) = peer("MESH_HELM", "helm") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, MONITORING_VALUES).expect("write values");
+    let objects = docs(&helm_objects(&helm, Some(&values)));
+    let crds: Vec<CustomResourceDefinition> = ["servicemonitors", "podmonitors"]
+        .iter()
+        .map(|k| {
+            let path = workspace_root().join(format!(
+                "e2e/testdata/prometheus-operator/monitoring.coreos.com_{k}.yaml"
+            ));
+            let text = std::fs::read_to_string(&path).expect("CRD");
+            serde_norway::from_str(&text).expect("a CRD")
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for (key, obj) in &objects {
+        let kind = obj["kind"].as_str().unwrap_or_default();
+        if !["ServiceMonitor", "PodMonitor", "ConfigMap"].contains(&kind) {
+            continue;
+        }
+        let mut admitted = obj.clone();
+        let report = mesh_api::schema::admit_in(&mut admitted, &crds)
+            .unwrap_or_else(|| panic!("{key}: a kind no schema knows"));
+        assert!(
+            report.errors.is_empty() && report.pruned.is_empty(),
+            "{key}: {report:?}"
+        );
+        assert_eq!(&admitted, obj, "{key}: changed on admission (defaults)");
+        assert_eq!(obj["metadata"]["namespace"], "mesh-system", "{key}");
+        seen.push(key.clone());
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    let find = |kind: &str| {
+        objects
+            .values()
+            .find(|o| o["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
+    let sm = find("ServiceMonitor");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "http-admin");
+    // The Services it selects have that port.
+    for service in ["mesh-ca", "mesh-controller"] {
+        let svc = objects
+            .values()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == service)
+            .unwrap_or_else(|| panic!("no Service {service}"));
+        let selected = sm["spec"]["selector"]["matchExpressions"][0]["values"]
+            .as_array()
+            .is_some_and(|v| v.iter().any(|n| n == service));
+        let admin = svc["spec"]["ports"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["name"] == "http-admin"));
+        assert!(selected && admin, "Service {service}: {svc}");
+    }
+    let pm = find("PodMonitor");
+    assert_eq!(pm["spec"]["namespaceSelector"]["any"], true);
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"][mesh_api::consts::labels::PROXY],
+        "true"
+    );
+    assert_eq!(
+        pm["spec"]["podMetricsEndpoints"][0]["port"],
+        mesh_api::inject::METRICS_PORT_NAME
+    );
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["interval"], "1m30s");
+    for (name, text) in meshctl::install::manifests::DASHBOARDS {
+        let cm = objects
+            .values()
+            .find(|o| {
+                o["kind"] == "ConfigMap" && o["metadata"]["name"] == format!("{name}-dashboard")
+            })
+            .unwrap_or_else(|| panic!("no ConfigMap for {name}"));
+        assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+        assert_eq!(cm["data"][format!("{name}.json")], text, "{name}");
+        let board: Value = serde_json::from_str(text).expect("a dashboard's JSON");
+        assert_eq!(board["uid"], name);
+    }
 }
 
 #[test]

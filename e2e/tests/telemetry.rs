@@ -2,7 +2,7 @@
 //! consistent histograms, spans at an OTLP receiver with parent/child links across the hops,
 //! `traceparent` at the app, and access log lines.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -380,5 +380,216 @@ async fn telemetry_off_records_and_propagates_nothing() -> anyhow::Result<()> {
         assert!(!text.contains("mesh_proxy_requests_total{"), "{text}");
         assert!(text.contains("mesh_proxy_connections_total{"), "{text}");
     }
+    Ok(())
+}
+
+/// Labels Prometheus adds to every series of a target found by the chart's ServiceMonitor or
+/// PodMonitor: a dashboard may select and group by these as well as by what the process exports.
+const TARGET_LABELS: [&str; 7] = [
+    "namespace",
+    "pod",
+    "container",
+    "service",
+    "endpoint",
+    "job",
+    "instance",
+];
+
+/// What one PromQL expression reads: each selector's metric and the labels its matchers name,
+/// and the labels its aggregations and vector matchings group by.
+#[derive(Default)]
+struct Reads {
+    selectors: Vec<(String, Vec<String>)>,
+    grouping: Vec<String>,
+}
+
+fn reads(e: &promql_parser::parser::Expr, r: &mut Reads) {
+    use promql_parser::parser::Expr;
+    let mut selector = |v: &promql_parser::parser::VectorSelector| {
+        let labels = v
+            .matchers
+            .matchers
+            .iter()
+            .chain(v.matchers.or_matchers.iter().flatten())
+            .map(|m| m.name.clone())
+            .filter(|n| n != "__name__")
+            .collect();
+        r.selectors
+            .push((v.name.clone().unwrap_or_default(), labels));
+    };
+    match e {
+        Expr::VectorSelector(v) => selector(v),
+        Expr::MatrixSelector(m) => selector(&m.vs),
+        Expr::Aggregate(a) => {
+            if let Some(m) = &a.modifier {
+                r.grouping.extend(m.labels().labels.iter().cloned());
+            }
+            reads(&a.expr, r);
+            if let Some(p) = &a.param {
+                reads(p, r);
+            }
+        }
+        Expr::Binary(b) => {
+            if let Some(m) = b.modifier.as_ref().and_then(|m| m.matching.as_ref()) {
+                r.grouping.extend(m.labels().labels.iter().cloned());
+            }
+            reads(&b.lhs, r);
+            reads(&b.rhs, r);
+        }
+        Expr::Unary(u) => reads(&u.expr, r),
+        Expr::Paren(p) => reads(&p.expr, r),
+        Expr::Subquery(s) => reads(&s.expr, r),
+        Expr::Call(c) => c.args.args.iter().for_each(|a| reads(a, r)),
+        Expr::NumberLiteral(_) | Expr::StringLiteral(_) | Expr::Extension(_) => {}
+    }
+}
+
+/// Checks one dashboard query against the series scraped live: every selector names a metric
+/// some process exported with every label its matchers use, and every label it groups by or
+/// its legend shows is one of its metrics' (or a scrape target's).
+fn check_query(
+    at: &str,
+    query: &str,
+    legend: &str,
+    live: &BTreeMap<String, BTreeSet<String>>,
+) -> Vec<String> {
+    // Grafana's interval variables are durations only once Grafana fills them in.
+    let promql = query
+        .replace("$__rate_interval", "5m")
+        .replace("$__interval", "1m");
+    let expr = match promql_parser::parser::parse(&promql) {
+        Ok(e) => e,
+        Err(e) => return vec![format!("{at}: {query:?} does not parse: {e}")],
+    };
+    let mut r = Reads::default();
+    reads(&expr, &mut r);
+    let mut problems = Vec::new();
+    let mut known: BTreeSet<String> = TARGET_LABELS.iter().map(|l| (*l).to_owned()).collect();
+    if r.selectors.is_empty() {
+        problems.push(format!("{at}: {query:?} reads no metric"));
+    }
+    for (name, labels) in &r.selectors {
+        let Some(exported) = live.get(name) else {
+            problems.push(format!("{at}: no process exported {name:?}"));
+            continue;
+        };
+        known.extend(exported.iter().cloned());
+        for l in labels {
+            if !exported.contains(l) && !TARGET_LABELS.contains(&l.as_str()) {
+                problems.push(format!("{at}: {name} has no label {l:?}"));
+            }
+        }
+    }
+    let legend_labels = legend
+        .split("{{")
+        .skip(1)
+        .filter_map(|s| s.split_once("}}").map(|(l, _)| l.trim().to_owned()));
+    for l in r.grouping.iter().cloned().chain(legend_labels) {
+        if !known.contains(&l) {
+            problems.push(format!(
+                "{at}: label {l:?} is on none of the metrics it reads"
+            ));
+        }
+    }
+    problems
+}
+
+/// The chart's Grafana dashboards (`deploy/charts/mesh/dashboards/`) ask only for metrics and
+/// labels that a running proxy, controller and CA export: each query of each panel and
+/// variable, read by a PromQL parser, against the series scraped from a live mesh after
+/// traffic over mesh TLS. A metric renamed or a label dropped fails here, not in a user's Grafana.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grafana_dashboards_ask_only_for_series_a_live_mesh_exports() -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let ca = TestCa::start(Duration::from_secs(3600)).await?;
+    let app = EchoServer::start("echo").await?;
+    let mesh = LocalMesh::start().await?;
+    let pair = mesh
+        .sidecar_pair_with(PairOptions {
+            port_name: "http",
+            app_port: app.addr.port(),
+            ca: Some(&ca),
+            ..Default::default()
+        })
+        .await?;
+    eventually(Duration::from_secs(10), "a first answer over mTLS", || {
+        let mut c = ProxyClient::new(pair.outbound);
+        async move { matches!(c.get("echo", "/warmup", &[]).await, Ok((200, _))).then_some(()) }
+    })
+    .await?;
+    let mut client = ProxyClient::new(pair.outbound);
+    for _ in 0..5 {
+        assert_eq!(client.get("echo", "/ok", &[]).await?.0, 200);
+    }
+    app.fail_every(1);
+    assert_eq!(client.get("echo", "/fail", &[]).await?.0, 503);
+
+    let mut live: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for addr in [
+        pair.client.metrics_addr,
+        pair.server.metrics_addr,
+        mesh.controller.admin_addr,
+        ca.admin_addr(),
+    ] {
+        for s in scrape(addr).await {
+            live.entry(s.name).or_default().extend(s.labels.into_keys());
+        }
+    }
+    let dir = mesh_e2e::workspace_root().join("deploy/charts/mesh/dashboards");
+    let mut problems = Vec::new();
+    let mut names = Vec::new();
+    let mut queries = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .context("a file name")?
+            .to_owned();
+        let board: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{name}: not JSON"))?;
+        names.push(name.trim_end_matches(".json").to_owned());
+        for panel in board["panels"].as_array().into_iter().flatten() {
+            for t in panel["targets"].as_array().into_iter().flatten() {
+                let at = format!(
+                    "{name}: panel {:?}",
+                    panel["title"].as_str().unwrap_or_default()
+                );
+                let query = t["expr"].as_str().unwrap_or_default();
+                let legend = t["legendFormat"].as_str().unwrap_or_default();
+                problems.extend(check_query(&at, query, legend, &live));
+                queries += 1;
+            }
+        }
+        for var in board["templating"]["list"].as_array().into_iter().flatten() {
+            let Some(q) = var["query"]["query"].as_str() else {
+                continue;
+            };
+            // label_values(SELECTOR, LABEL): the selector and the label it lists.
+            let at = format!(
+                "{name}: variable {:?}",
+                var["name"].as_str().unwrap_or_default()
+            );
+            let inner = q
+                .strip_prefix("label_values(")
+                .and_then(|q| q.strip_suffix(')'))
+                .and_then(|q| q.rsplit_once(','));
+            let Some((selector, label)) = inner else {
+                problems.push(format!("{at}: {q:?} is not label_values(SELECTOR, LABEL)"));
+                continue;
+            };
+            let legend = format!("{{{{{}}}}}", label.trim());
+            problems.extend(check_query(&at, selector, &legend, &live));
+            queries += 1;
+        }
+    }
+    names.sort();
+    let shipped: Vec<&str> = meshctl::install::manifests::DASHBOARDS
+        .iter()
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(names, shipped, "the chart's dashboards and meshctl's");
+    assert!(queries >= 30, "{queries} queries");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
     Ok(())
 }

@@ -33,6 +33,9 @@ pub struct InjectSettings {
     pub tracing_sampling: f64,
     /// JSON access logs on the proxy's stdout.
     pub access_log: bool,
+    /// `prometheus.io/*` annotations pointing at the proxy's metrics on injected pods (a pod
+    /// whose template already has `prometheus.io/scrape` keeps its own).
+    pub prometheus_annotations: bool,
 }
 
 /// What injection did.
@@ -50,6 +53,18 @@ pub const PROXY_UID: i64 = 1337;
 /// Container names the injection adds.
 pub const PROXY_CONTAINER: &str = "mesh-proxy";
 pub const INIT_CONTAINER: &str = "mesh-init";
+/// The name of the proxy container's metrics port (a PodMonitor's `port`).
+pub const METRICS_PORT_NAME: &str = "mesh-metrics";
+
+/// The scrape annotations injection adds, for a Prometheus that discovers pods by annotation:
+/// the proxy's `/metrics`.
+fn scrape_annotations() -> [(&'static str, String); 3] {
+    [
+        ("prometheus.io/scrape", "true".to_owned()),
+        ("prometheus.io/port", ports::PROXY_METRICS.to_string()),
+        ("prometheus.io/path", "/metrics".to_owned()),
+    ]
+}
 
 /// Where the pod template of an object is; `None` for objects without one.
 fn template_path(kind: &str) -> Option<&'static [&'static str]> {
@@ -199,13 +214,26 @@ pub fn inject(
     let meta = meta
         .as_object_mut()
         .ok_or_else(|| format!("{kind}: {where_}metadata is not an object"))?;
-    if !originals.is_empty() {
-        let text = serde_json::to_string(&originals).map_err(|e| e.to_string())?;
-        meta.entry("annotations")
+    let scrape = s.prometheus_annotations
+        && meta
+            .get("annotations")
+            .and_then(|a| a.get(scrape_annotations()[0].0))
+            .is_none();
+    if !originals.is_empty() || scrape {
+        let annotations = meta
+            .entry("annotations")
             .or_insert_with(|| json!({}))
             .as_object_mut()
-            .ok_or_else(|| format!("{kind}: {where_}metadata.annotations is not an object"))?
-            .insert(labels::APP_PROBES.into(), json!(text));
+            .ok_or_else(|| format!("{kind}: {where_}metadata.annotations is not an object"))?;
+        if !originals.is_empty() {
+            let text = serde_json::to_string(&originals).map_err(|e| e.to_string())?;
+            annotations.insert(labels::APP_PROBES.into(), json!(text));
+        }
+        if scrape {
+            for (k, v) in scrape_annotations() {
+                annotations.insert(k.into(), json!(v));
+            }
+        }
     }
     meta.entry("labels")
         .or_insert_with(|| json!({}))
@@ -270,6 +298,16 @@ pub fn uninject(obj: &mut Value) -> Result<Removal, String> {
         return Ok(Removal::Uninjected);
     };
     remove_key(meta, "labels", labels::PROXY);
+    // The scrape annotations, when they are injection's (pointing at the proxy's port).
+    let ours = scrape_annotations();
+    if ours
+        .iter()
+        .all(|(k, v)| meta.get("annotations").and_then(|a| a.get(*k)) == Some(&json!(v)))
+    {
+        for (k, _) in &ours {
+            remove_key(meta, "annotations", k);
+        }
+    }
     let kept = remove_key(meta, "annotations", labels::APP_PROBES);
     if meta.is_empty()
         && let Some(t) = template.as_object_mut()
@@ -669,7 +707,7 @@ fn proxy_container(
         "image": s.proxy_image,
         "args": args,
         "env": proxy_env(s, scoped, checks)?,
-        "ports": [{"name": "mesh-metrics", "containerPort": ports::PROXY_METRICS}],
+        "ports": [{"name": METRICS_PORT_NAME, "containerPort": ports::PROXY_METRICS}],
         "readinessProbe": {
             "httpGet": {"path": "/ready", "port": ports::PROXY_METRICS},
             "periodSeconds": 2
@@ -749,6 +787,7 @@ mod tests {
         InjectSettings {
             proxy_image: "mesh/mesh-proxy:test".into(),
             init_image: "mesh/mesh-proxy-init:test".into(),
+            prometheus_annotations: true,
             xds_addr: "mesh-controller-xds.mesh-system.svc:15010".into(),
             ca_addr: "mesh-ca.mesh-system.svc:15012".into(),
             trust_domain: "cluster.local".into(),
@@ -1043,6 +1082,35 @@ mod tests {
             err,
             "Deployment: spec.template.spec.containers[0].livenessProbe.httpGet.scheme is \"FTP\"; expected HTTP or HTTPS"
         );
+    }
+
+    #[test]
+    fn scrape_annotations_point_at_the_proxy_unless_the_pod_has_its_own() {
+        let annotations = |p: &Value| p["metadata"]["annotations"].clone();
+        let mut p = pod();
+        inject(&mut p, true, &settings()).expect("injects");
+        assert_eq!(annotations(&p)["prometheus.io/scrape"], "true");
+        assert_eq!(annotations(&p)["prometheus.io/port"], "15020");
+        assert_eq!(annotations(&p)["prometheus.io/path"], "/metrics");
+        uninject(&mut p).expect("uninjects");
+        assert_eq!(p["metadata"].get("annotations"), None);
+        // The app's own scrape settings stay, through injection and back.
+        let mut own = pod();
+        own["metadata"]["annotations"] =
+            json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090"});
+        let mut p = own.clone();
+        inject(&mut p, true, &settings()).expect("injects");
+        assert_eq!(annotations(&p), annotations(&own));
+        uninject(&mut p).expect("uninjects");
+        assert_eq!(annotations(&p), annotations(&own));
+        // Off: none.
+        let mut p = pod();
+        let off = InjectSettings {
+            prometheus_annotations: false,
+            ..settings()
+        };
+        inject(&mut p, true, &off).expect("injects");
+        assert_eq!(p["metadata"].get("annotations"), None);
     }
 
     #[test]

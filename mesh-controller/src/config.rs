@@ -148,6 +148,11 @@ pub struct Config {
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub inject_access_log: bool,
 
+    /// Injection: `prometheus.io/scrape`, `/port` and `/path` annotations on injected pods,
+    /// pointing at the sidecar's metrics (a pod with its own `prometheus.io/scrape` keeps it).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub inject_prometheus_annotations: bool,
+
     /// Injection: the proxy container's resources, as JSON
     /// (`{"requests":{"cpu":"10m"},"limits":{"memory":"256Mi"}}`).
     #[arg(long, value_parser = parse_resources)]
@@ -223,6 +228,7 @@ impl Config {
             inject_tracing_endpoint: String::new(),
             inject_tracing_sampling: 1.0,
             inject_access_log: false,
+            inject_prometheus_annotations: true,
             inject_proxy_resources: None,
             gateway_deployments: true,
             gateway_service_type: None,
@@ -249,6 +255,7 @@ impl Config {
             tracing_endpoint: self.inject_tracing_endpoint.clone(),
             tracing_sampling: self.inject_tracing_sampling,
             access_log: self.inject_access_log,
+            prometheus_annotations: self.inject_prometheus_annotations,
             resources: self
                 .inject_proxy_resources
                 .clone()

@@ -123,6 +123,7 @@ mod tests {
         InjectSettings {
             proxy_image: "mesh-proxy:test".into(),
             init_image: "mesh-proxy-init:test".into(),
+            prometheus_annotations: true,
             xds_addr: "x:15010".into(),
             ca_addr: "c:15012".into(),
             trust_domain: "cluster.local".into(),

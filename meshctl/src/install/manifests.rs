@@ -59,7 +59,14 @@ pub fn objects(v: &Values, ns: &str, include: Include) -> anyhow::Result<Vec<Val
         }));
     }
     out.extend(rbac(ns, v.gateway.deployments));
-    out.push(service(ns, ca, &[("grpc-ca", ports::CA, ports::CA)]));
+    out.push(service(
+        ns,
+        ca,
+        &[
+            ("grpc-ca", ports::CA, ports::CA),
+            ("http-admin", ports::CA_ADMIN, ports::CA_ADMIN),
+        ],
+    ));
     out.push(service(
         ns,
         ctl,
@@ -80,7 +87,78 @@ pub fn objects(v: &Values, ns: &str, include: Include) -> anyhow::Result<Vec<Val
     out.push(ca_deployment(v, ns));
     out.push(controller_deployment(v, ns));
     out.push(webhook_config(v, ns));
+    out.extend(monitoring(v, ns));
     Ok(out)
+}
+
+/// The Grafana dashboards the chart ships (`deploy/charts/mesh/dashboards/`), by name.
+pub const DASHBOARDS: [(&str, &str); 3] = [
+    (
+        "mesh-overview",
+        include_str!("../../../deploy/charts/mesh/dashboards/mesh-overview.json"),
+    ),
+    (
+        "mesh-service",
+        include_str!("../../../deploy/charts/mesh/dashboards/mesh-service.json"),
+    ),
+    (
+        "mesh-workload",
+        include_str!("../../../deploy/charts/mesh/dashboards/mesh-workload.json"),
+    ),
+];
+
+/// Objects for the Prometheus Operator and Grafana, as `monitoring` in the values asks.
+fn monitoring(v: &Values, ns: &str) -> Vec<Value> {
+    let m = &v.monitoring;
+    let with = |extra: &std::collections::BTreeMap<String, String>| {
+        let mut l = labels(None);
+        for (k, val) in extra {
+            l[k.as_str()] = json!(val);
+        }
+        l
+    };
+    let mut out = Vec::new();
+    if m.service_monitor.enabled {
+        out.push(json!({
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "ServiceMonitor",
+            "metadata": {"name": "mesh-control-plane", "namespace": ns,
+                "labels": with(&m.service_monitor.labels)},
+            "spec": {
+                "selector": {"matchExpressions": [{"key": "app.kubernetes.io/name",
+                    "operator": "In", "values": [identity::CA_SERVICE_ACCOUNT,
+                        identity::CONTROLLER_SERVICE_ACCOUNT]}]},
+                "endpoints": [{"port": "http-admin", "path": "/metrics",
+                    "interval": m.service_monitor.interval}]
+            }
+        }));
+    }
+    if m.pod_monitor.enabled {
+        out.push(json!({
+            "apiVersion": "monitoring.coreos.com/v1",
+            "kind": "PodMonitor",
+            "metadata": {"name": "mesh-proxies", "namespace": ns,
+                "labels": with(&m.pod_monitor.labels)},
+            "spec": {
+                "namespaceSelector": {"any": true},
+                "selector": {"matchLabels": {mesh_api::consts::labels::PROXY: "true"}},
+                "podMetricsEndpoints": [{"port": mesh_api::inject::METRICS_PORT_NAME,
+                    "path": "/metrics", "interval": m.pod_monitor.interval}]
+            }
+        }));
+    }
+    if m.dashboards.enabled {
+        for (name, text) in DASHBOARDS {
+            out.push(json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": format!("{name}-dashboard"), "namespace": ns,
+                    "labels": with(&m.dashboards.labels)},
+                "data": {format!("{name}.json"): text}
+            }));
+        }
+    }
+    out
 }
 
 fn labels(component: Option<&str>) -> Value {
@@ -478,6 +556,7 @@ pub fn inject_settings(v: &Values, ns: &str) -> InjectSettings {
         tracing_endpoint: v.proxy.tracing.endpoint.clone(),
         tracing_sampling: v.proxy.tracing.sampling,
         access_log: v.proxy.access_log,
+        prometheus_annotations: v.proxy.prometheus_annotations,
     }
 }
 
@@ -506,6 +585,10 @@ fn controller_deployment(v: &Values, ns: &str) -> Value {
         format!("--inject-tracing-endpoint={}", s.tracing_endpoint),
         format!("--inject-tracing-sampling={}", s.tracing_sampling),
         format!("--inject-access-log={}", s.access_log),
+        format!(
+            "--inject-prometheus-annotations={}",
+            s.prometheus_annotations
+        ),
         // Keys sorted, as Helm's toJson writes them.
         format!("--inject-proxy-resources={}", s.resources),
         format!("--gateway-deployments={}", v.gateway.deployments),

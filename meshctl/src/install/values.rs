@@ -32,6 +32,41 @@ pub struct Values {
     pub webhook: Webhook,
     pub network_policy: NetworkPolicy,
     pub gateway: Gateway,
+    pub monitoring: Monitoring,
+}
+
+/// Objects for the Prometheus Operator and Grafana.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Monitoring {
+    /// A ServiceMonitor for the controller's and mesh-ca's `/metrics`.
+    pub service_monitor: Monitor,
+    /// A PodMonitor for every sidecar's `/metrics`, in every namespace.
+    pub pod_monitor: Monitor,
+    pub dashboards: Dashboards,
+}
+
+/// A ServiceMonitor or PodMonitor.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Monitor {
+    pub enabled: bool,
+    /// How often Prometheus scrapes, like `30s` or `1m`.
+    #[schemars(regex(
+        pattern = r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+    ))]
+    pub interval: String,
+    /// Labels the Prometheus' monitor selector selects.
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Grafana dashboards as ConfigMaps for Grafana's dashboard sidecar.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Dashboards {
+    pub enabled: bool,
+    /// Labels the sidecar looks for (its `label` setting; `grafana_dashboard` by default).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What the controller gives each Gateway of the mesh's GatewayClass.
@@ -67,7 +102,8 @@ pub struct NetworkPolicy {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Image {
-    /// Images are REGISTRY/mesh-proxy, REGISTRY/mesh-controller and REGISTRY/mesh-ca.
+    /// Images are REGISTRY/mesh-proxy, REGISTRY/mesh-proxy-init, REGISTRY/mesh-controller and
+    /// REGISTRY/mesh-ca.
     #[schemars(length(min = 1))]
     pub registry: String,
     /// Empty: the chart's appVersion.
@@ -126,6 +162,8 @@ pub struct Proxy {
     pub tracing: Tracing,
     /// JSON access log lines on each sidecar's stdout.
     pub access_log: bool,
+    /// `prometheus.io/*` scrape annotations on injected pods (a pod's own are kept).
+    pub prometheus_annotations: bool,
     pub resources: Resources,
 }
 
@@ -245,6 +283,17 @@ impl Values {
                 "values: networkPolicy.monitoringNamespace {m:?}: not a namespace name (lower-case letters, digits and '-', at most 63)"
             );
         }
+        for (field, m) in [
+            ("serviceMonitor", &self.monitoring.service_monitor),
+            ("podMonitor", &self.monitoring.pod_monitor),
+        ] {
+            if !prometheus_duration(&m.interval) {
+                bail!(
+                    "values: monitoring.{field}.interval {:?}: not a Prometheus duration (like 30s, 1m or 1h30m)",
+                    m.interval
+                );
+            }
+        }
         if let Err(e) = mesh_api::duration::parse(&self.ca.cert_lifetime) {
             bail!("values: ca.certLifetime {:?}: {e}", self.ca.cert_lifetime);
         }
@@ -290,6 +339,18 @@ impl Values {
     pub fn image(&self, name: &str) -> String {
         format!("{}/{name}:{}", self.image.registry, self.tag())
     }
+}
+
+/// The Prometheus Operator's `Duration` (its CRDs' pattern): units from years to milliseconds,
+/// each at most once and in that order, or `0`.
+fn prometheus_duration(t: &str) -> bool {
+    static PATTERN: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(
+            r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+        )
+        .expect("a valid pattern")
+    });
+    PATTERN.is_match(t)
 }
 
 fn quantity_ok(t: &str) -> bool {
