@@ -16,6 +16,8 @@ pub mod fake_api;
 #[cfg(any(test, feature = "testing"))]
 pub mod generated;
 pub mod inject;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod path;
 pub mod probes;
 #[cfg(feature = "process")]

@@ -7,11 +7,14 @@ use mesh_api::consts::env;
 use mesh_api::spiffe::DEFAULT_TRUST_DOMAIN;
 use mesh_ca::auth::LocalTokens;
 use mesh_ca::run::{CaConfig, Running};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(name = "mesh-ca", version, about = "The mesh certificate authority")]
 struct Cli {
+    /// Log format: text or json (the filter is `MESH_LOG`); logs go to stderr.
+    #[arg(long, global = true, env = env::LOG_FORMAT, value_enum,
+          default_value_t = mesh_api::logging::LogFormat::Text)]
+    log_format: mesh_api::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,12 +46,9 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_env(env::LOG).unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    mesh_api::logging::init(cli.log_format, mesh_api::logging::Output::Stderr)?;
+    match cli.command {
         Command::Serve(config) => {
             mesh_api::process::serve_until_terminated(Running::start(config))
                 .await

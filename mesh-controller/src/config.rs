@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_api::consts::{env, ports};
+use mesh_api::logging::LogFormat;
 use serde::Serialize;
 
 use crate::index::MtlsMode;
@@ -90,8 +91,8 @@ pub struct Config {
     pub authz_default: AuthzDefault,
 
     /// Log format: text or json.
-    #[arg(long, env = env::LOG_FORMAT, default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 
     /// The controller's namespace: its identity (`ns/NAMESPACE/sa/mesh-controller`) and its
     /// Service's DNS name, which the injector's certificate carries.
@@ -210,7 +211,7 @@ impl Config {
             trust_domain: mesh_api::spiffe::DEFAULT_TRUST_DOMAIN.into(),
             mtls_mode: MtlsMode::Permissive,
             authz_default: AuthzDefault::Allow,
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
             namespace: mesh_api::consts::identity::SYSTEM_NAMESPACE.into(),
             webhook_addr: None,
             pod_name: None,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use mesh_api::SpiffeId;
 use mesh_api::consts::{env, ports};
+use mesh_api::logging::LogFormat;
 use mesh_api::probes::AppProbes;
 use serde::Serialize;
 
@@ -203,8 +204,8 @@ pub struct Config {
     pub identity_off: bool,
 
     /// Log format: `text` or `json` (the level is `MESH_LOG`, and `/logging` changes it live).
-    #[arg(long, env = env::LOG_FORMAT, default_value = "text")]
-    pub log_format: String,
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 impl Config {
@@ -252,7 +253,7 @@ impl Config {
             xds_tls: XdsTls::Auto,
             // In-process proxies (tests, benchmarks) are plaintext unless given a CA.
             identity_off: true,
-            log_format: "text".into(),
+            log_format: LogFormat::Text,
         }
     }
 

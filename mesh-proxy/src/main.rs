@@ -2,11 +2,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use mesh_api::logging::{LogFormat, Output};
 use mesh_proxy::admin::LogControl;
 use mesh_proxy::{Config, Proxy};
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> anyhow::Result<()> {
     // `mesh-proxy init`: the init container's iptables rules, then exit.
@@ -17,7 +15,7 @@ fn main() -> anyhow::Result<()> {
     // `mesh-proxy agent`: SVIDs for a stock Envoy, as SDS files.
     if std::env::args().nth(1).as_deref() == Some("agent") {
         let args = mesh_proxy::agent::AgentArgs::parse_from(std::env::args().skip(1));
-        init_logging("text");
+        init_logging(LogFormat::Text)?;
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -25,7 +23,7 @@ fn main() -> anyhow::Result<()> {
             .block_on(mesh_proxy::agent::run(args));
     }
     let config = Config::parse();
-    let log = init_logging(&config.log_format);
+    let log = init_logging(config.log_format)?;
     let workers = config.worker_threads();
     let runtime = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -41,22 +39,11 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(config, log))
 }
 
-fn init_logging(format: &str) -> Arc<LogControl> {
-    let initial = std::env::var(mesh_api::consts::env::LOG).unwrap_or_else(|_| "info".into());
-    let filter = EnvFilter::try_new(&initial).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
-    let registry = tracing_subscriber::registry().with(filter);
-    if format == "json" {
-        registry
-            .with(tracing_subscriber::fmt::layer().json())
-            .init();
-    } else {
-        registry.with(tracing_subscriber::fmt::layer()).init();
-    }
-    Arc::new(LogControl::new(&initial, move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-        handle.reload(f).map_err(|e| e.to_string())
-    }))
+fn init_logging(format: LogFormat) -> anyhow::Result<Arc<LogControl>> {
+    let (initial, reload) = mesh_api::logging::init(format, Output::Stdout)?;
+    Ok(Arc::new(LogControl::new(&initial, move |filter: &str| {
+        reload.set(filter)
+    })))
 }
 
 async fn run(config: Config, log: Arc<LogControl>) -> anyhow::Result<()> {

@@ -92,3 +92,32 @@ async fn without_a_ca_it_refuses_to_start_unless_identity_is_off() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_unknown_log_format_or_a_bad_log_filter_is_refused_by_name() {
+    let err = refused(&[
+        "--node",
+        "default/web-1",
+        "--identity-off",
+        "--log-format",
+        "yaml",
+    ])
+    .await;
+    assert!(
+        err.contains("--log-format") && err.contains("'yaml'"),
+        "{err}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args(["--node", "default/web-1", "--identity-off"])
+        .args(["--admin-addr", &free_addr()])
+        .env("MESH_LOG", "mesh_proxy=loud")
+        .output()
+        .await
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("MESH_LOG \"mesh_proxy=loud\": not a log filter"),
+        "{err}"
+    );
+}
