@@ -9,7 +9,7 @@ use meshctl::mesh::LocalDir;
 fn target() -> Target {
     Target {
         service: "reviews".into(),
-        namespace: "default".into(),
+        namespace: Some("default".into()),
         port: None,
     }
 }
@@ -50,6 +50,7 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
         Route::Split(SplitArgs {
             target: target(),
             to: vec!["reviews-v1=50".into(), "reviews-v2=50".into()],
+            output: meshctl::output::Output::Table,
         }),
     )?;
     assert!(out.contains("written to"), "{out}");
@@ -71,6 +72,7 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
         Route::Promote(PromoteArgs {
             target: target(),
             backend: "reviews-v2".into(),
+            output: meshctl::output::Output::Table,
         }),
     )?;
     wait_config(&proxy, "everything on v2", |s| {
@@ -119,6 +121,23 @@ async fn proxy_status_lists_each_proxy_per_type() -> anyhow::Result<()> {
     proxy_status(&args(Output::Json), &mut out).await?;
     let json: serde_json::Value = serde_json::from_slice(&out)?;
     assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
+
+    // meshctl version: the controller's and both proxies' own, as YAML.
+    let version = meshctl::cmd::version::VersionArgs {
+        client: false,
+        controller: meshctl::cmd::stat::ControllerArgs {
+            controller: Some(mesh.controller.admin_addr),
+            mesh_namespace: "mesh-system".into(),
+        },
+        output: Output::Yaml,
+    };
+    let mut out = Vec::new();
+    meshctl::cmd::version::run(&version, &meshctl::cmd::Context::default(), &mut out).await?;
+    let v: serde_json::Value = serde_norway::from_slice(&out)?;
+    let ours = env!("CARGO_PKG_VERSION");
+    assert_eq!(v["client"], ours, "{v}");
+    assert_eq!(v["controlPlane"], ours, "{v}");
+    assert_eq!(v["proxies"][format!("mesh-proxy {ours}")], 2, "{v}");
 
     // A controller that is not there: a clear error naming where it looked.
     let gone = ProxyStatusArgs {

@@ -63,14 +63,14 @@ async fn a_caller_the_policy_names_gets_200_and_any_other_403() -> anyhow::Resul
     meshctl::cmd::authz::authz(
         &meshctl::cmd::authz::AuthzArgs {
             service: "echo".into(),
-            namespace: "default".into(),
+            namespace: Some("default".into()),
             controller: meshctl::cmd::stat::ControllerArgs {
                 controller: Some(mesh.controller.admin_addr),
                 mesh_namespace: "mesh-system".into(),
             },
             output: meshctl::cmd::stat::Output::Table,
         },
-        true,
+        &meshctl::cmd::Context::local(mesh.config_dir.clone()),
         &mut out,
     )
     .await?;

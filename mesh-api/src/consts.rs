@@ -275,6 +275,8 @@ pub mod env {
     pub const MESHCTL_CA_ADMIN: &str = "MESH_CA_ADMIN";
     /// meshctl: the manifest directory of a local mesh (`--local`).
     pub const MESHCTL_LOCAL: &str = "MESH_LOCAL_DIR";
+    /// meshctl: the control plane's namespace (`--mesh-namespace`).
+    pub const MESHCTL_MESH_NAMESPACE: &str = "MESH_NAMESPACE";
 
     /// Proxy: xDS address of the controller (`host:port`).
     pub const PROXY_XDS: &str = "MESH_PROXY_XDS";

@@ -9,6 +9,7 @@
 //! | `/debug/config-errors` | refused manifests and unresolved references |
 //! | `/debug/model` | the resolved model (Services, ports, endpoints, routes) |
 //! | `/debug/config` | the controller's own settings |
+//! | `/debug/version` | the controller's version |
 //! | `/debug/edges` | who talks to whom, with rps, success rate and latency |
 //! | `/debug/top` | workloads by the traffic they serve |
 //! | `/debug/stat?service=<ns>/<name>` | a Service's traffic per route and backend |
@@ -60,6 +61,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/model", get(model))
         .route("/debug/gateways", get(gateways))
         .route("/debug/config", get(config))
+        .route("/debug/version", get(version))
         .route("/debug/edges", get(edges))
         .route("/debug/top", get(top))
         .route("/debug/stat", get(stat))
@@ -126,6 +128,10 @@ async fn gateways(State(s): State<AdminState>) -> impl IntoResponse {
 
 async fn config(State(s): State<AdminState>) -> impl IntoResponse {
     Json(s.config.as_ref().clone())
+}
+
+async fn version() -> impl IntoResponse {
+    Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION")}))
 }
 
 /// What the stats answers say about themselves.

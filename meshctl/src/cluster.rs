@@ -1,6 +1,7 @@
 //! The Kubernetes API as meshctl uses it: objects as JSON, applied with server-side apply
 //! (field manager `meshctl`), read and deleted by their `apiVersion`, `kind` and name.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -104,6 +105,52 @@ struct Target {
     what: String,
 }
 
+/// The namespace of a kubeconfig's context (`kubeconfig` or else `$KUBECONFIG`, then
+/// `~/.kube/config`; `context` or else its current one): `default` when the context names none.
+/// Without any kubeconfig, a pod's own namespace (its service account's), else `default`.
+pub fn context_namespace(
+    kubeconfig: Option<&Path>,
+    context: Option<&str>,
+) -> anyhow::Result<String> {
+    const IN_POD: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+    let file = match kubeconfig {
+        Some(path) => Some(
+            kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}: not a kubeconfig", path.display()))?,
+        ),
+        None => kube::config::Kubeconfig::read().ok(),
+    };
+    let Some(file) = file else {
+        if context.is_some() {
+            bail!("--context {context:?}: no kubeconfig found ($KUBECONFIG, ~/.kube/config)");
+        }
+        return Ok(std::fs::read_to_string(IN_POD)
+            .ok()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into()));
+    };
+    let name = context
+        .map(str::to_owned)
+        .or_else(|| file.current_context.clone());
+    let Some(name) = name else {
+        return Ok("default".into());
+    };
+    let found = file
+        .contexts
+        .iter()
+        .find(|c| c.name == name)
+        .with_context(|| {
+            let known: Vec<&str> = file.contexts.iter().map(|c| c.name.as_str()).collect();
+            format!("context {name:?} is not in the kubeconfig (it has {known:?})")
+        })?;
+    Ok(found
+        .context
+        .as_ref()
+        .and_then(|c| c.namespace.clone())
+        .unwrap_or_else(|| "default".into()))
+}
+
 /// The string at `pointer` in `o`, or "".
 pub fn field<'a>(o: &'a Value, pointer: &str) -> &'a str {
     o.pointer(pointer).and_then(Value::as_str).unwrap_or("")
@@ -120,12 +167,32 @@ impl Cluster {
         self
     }
 
-    /// The cluster of the current kubeconfig context (or the pod's service account).
-    pub async fn connect() -> anyhow::Result<Self> {
-        let client = kube::Client::try_default().await.context(
-            "connecting to the Kubernetes API (kubeconfig or in-cluster config); for a local \
-             mesh pass --local DIR",
-        )?;
+    /// The cluster of a kubeconfig's context: `kubeconfig` (else `$KUBECONFIG`, then
+    /// `~/.kube/config`, then the pod's service account) and `context` (else its current one).
+    pub async fn connect(kubeconfig: Option<&Path>, context: Option<&str>) -> anyhow::Result<Self> {
+        let options = kube::config::KubeConfigOptions {
+            context: context.map(str::to_owned),
+            ..Default::default()
+        };
+        let hint = "pass --kubeconfig FILE or --context NAME, or --local DIR for a local mesh";
+        let config = match kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path).with_context(|| {
+                    format!("--kubeconfig {}: not a kubeconfig", path.display())
+                })?;
+                kube::Config::from_custom_kubeconfig(file, &options)
+                    .await
+                    .with_context(|| format!("--kubeconfig {}", path.display()))?
+            }
+            None if context.is_some() => kube::Config::from_kubeconfig(&options)
+                .await
+                .with_context(|| format!("the kubeconfig's context {context:?}; {hint}"))?,
+            None => kube::Config::infer().await.with_context(|| {
+                format!("finding the Kubernetes API (kubeconfig or in-cluster config); {hint}")
+            })?,
+        };
+        let client = kube::Client::try_from(config)
+            .with_context(|| format!("connecting to the Kubernetes API; {hint}"))?;
         Ok(Self::new(client))
     }
 

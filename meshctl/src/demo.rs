@@ -29,11 +29,16 @@ use serde::Serialize;
 use crate::cmd::route::{self, Target};
 use crate::demo_service::DemoService;
 use crate::mesh::LocalDir;
+use crate::output::Output;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// Print the results as JSON (progress goes to stderr).
-    #[arg(long)]
+    /// `table`: each step as it is measured, for people; `json` or `yaml`: the results at the end
+    /// (progress goes to stderr).
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// The same as `-o json`.
+    #[arg(long, conflicts_with = "output")]
     pub json: bool,
     /// How long each step is measured.
     #[arg(long, value_parser = mesh_api::duration::parse, default_value = "4s")]
@@ -53,6 +58,13 @@ pub struct DemoArgs {
     /// instead of through the client's proxy.
     #[arg(long)]
     pub via_gateway: bool,
+}
+
+impl DemoArgs {
+    /// `-o`, with `--json` as `-o json`.
+    pub fn format(&self) -> Output {
+        if self.json { Output::Json } else { self.output }
+    }
 }
 
 /// One version's figures in a step.
@@ -728,7 +740,7 @@ pub async fn run(
     let local = LocalDir::new(&mesh.config_dir)?;
     let target = Target {
         service: "reviews".into(),
-        namespace: NS.into(),
+        namespace: Some(NS.into()),
         port: None,
     };
     let entry = if args.via_gateway {
@@ -763,7 +775,7 @@ pub async fn run(
     let mut rollouts = Vec::new();
     let show = |steps: &Vec<StepReport>, out: &mut dyn Write| -> anyhow::Result<()> {
         match steps.last() {
-            Some(s) if !args.json => print_step(steps.len() - 1, s, out),
+            Some(s) if args.format() == Output::Table => print_step(steps.len() - 1, s, out),
             _ => Ok(()),
         }
     };
@@ -794,7 +806,7 @@ pub async fn run(
         let rollout = crate::cmd::rollout::RolloutArgs {
             target: Target {
                 service: "reviews".into(),
-                namespace: NS.into(),
+                namespace: Some(NS.into()),
                 port: None,
             },
             to: candidate.into(),
@@ -902,7 +914,7 @@ pub async fn run(
             phase: format!("{:?}", last.phase),
             decisions: last.decisions,
         };
-        if !args.json {
+        if args.format() == Output::Table {
             print_rollout(&report, out)?;
         }
         rollouts.push(report);
@@ -926,15 +938,14 @@ pub async fn run(
         steps,
         rollouts,
     };
-    if args.json {
-        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
-    } else {
+    crate::output::print(args.format(), &report, out, |report, out| {
         writeln!(out)?;
         writeln!(
             out,
             "The controller promoted v2 and rolled v3 back by its gates, from the mesh's own measurements; the load's entry ({}) reached every version over mutual TLS, each version's proxy presenting {}.",
             report.client_identity, report.server_identity
         )?;
-    }
+        Ok(())
+    })?;
     Ok(report)
 }

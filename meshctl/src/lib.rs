@@ -7,3 +7,4 @@ pub mod demo;
 pub mod demo_service;
 pub mod install;
 pub mod mesh;
+pub mod output;

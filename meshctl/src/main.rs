@@ -1,18 +1,5 @@
 use clap::Parser;
-use meshctl::cmd;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "meshctl",
-    version,
-    about = "Operate the mesh: bootstrap proxies, inspect and change routing"
-)]
-struct Cli {
-    #[command(flatten)]
-    context: cmd::Context,
-    #[command(subcommand)]
-    command: cmd::Command,
-}
+use meshctl::cmd::{self, Cli};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

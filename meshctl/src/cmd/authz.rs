@@ -5,18 +5,15 @@ use std::io::Write;
 
 use serde_json::Value;
 
-use super::stat::{Output, fetch_service};
+use super::stat::fetch_service;
 
 pub type AuthzArgs = super::stat::ServiceArgs;
 
-pub async fn authz(a: &AuthzArgs, local: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    let ctl = a.controller.endpoint(local).await?;
-    let v = fetch_service(&ctl, "/debug/authz", "policies", &a.namespace, &a.service).await?;
-    match a.output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?,
-        Output::Table => write_authz(&v, out)?,
-    }
-    Ok(())
+pub async fn authz(a: &AuthzArgs, cx: &super::Context, out: &mut dyn Write) -> anyhow::Result<()> {
+    let ctl = a.controller.endpoint(cx).await?;
+    let namespace = cx.namespace(a.namespace.as_deref())?;
+    let v = fetch_service(&ctl, "/debug/authz", "policies", &namespace, &a.service).await?;
+    crate::output::print(a.output, &v, out, |v, out| write_authz(v, out))
 }
 
 fn strs(v: &Value) -> Vec<String> {

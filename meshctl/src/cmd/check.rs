@@ -28,7 +28,8 @@ pub struct CheckArgs {
     #[arg(long)]
     pub proxy: bool,
     /// In a cluster: the control plane's namespace.
-    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    #[arg(long = "mesh-namespace", env = mesh_api::consts::env::MESHCTL_MESH_NAMESPACE,
+          default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
     pub namespace: String,
     /// `table` or `json` (`yaml` too).
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -935,10 +936,8 @@ pub async fn run_cluster_checks(
 }
 
 pub fn print(checks: &[Check], output: Output, out: &mut dyn Write) -> anyhow::Result<()> {
-    match output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(checks)?)?,
-        Output::Yaml => write!(out, "{}", serde_norway::to_string(checks)?)?,
-        Output::Table => {
+    crate::output::print(output, checks, out, |checks, out| {
+        {
             let mut last = "";
             for ch in checks {
                 if ch.category != last {
@@ -969,6 +968,6 @@ pub fn print(checks: &[Check], output: Output, out: &mut dyn Write) -> anyhow::R
                 writeln!(out, "Status check results are × ({failed} failed)")?;
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }

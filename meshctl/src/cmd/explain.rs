@@ -51,20 +51,20 @@ pub fn query(a: &ExplainArgs) -> anyhow::Result<String> {
     Ok(format!("/debug/explain?{}", q.finish()))
 }
 
-pub async fn explain(a: &ExplainArgs, local: bool, out: &mut dyn Write) -> anyhow::Result<()> {
+pub async fn explain(
+    a: &ExplainArgs,
+    cx: &super::Context,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
     let path = query(a)?;
-    let ctl = a.controller.endpoint(local).await?;
+    let ctl = a.controller.endpoint(cx).await?;
     let e = ctl.json(&path).await?;
-    match a.output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&e)?)?,
-        Output::Yaml => write!(out, "{}", serde_norway::to_string(&e)?)?,
-        Output::Table => {
-            for line in e["words"].as_array().into_iter().flatten() {
-                writeln!(out, "{}", line.as_str().unwrap_or_default())?;
-            }
+    crate::output::print(a.output, &e, out, |e, out| {
+        for line in e["words"].as_array().into_iter().flatten() {
+            writeln!(out, "{}", line.as_str().unwrap_or_default())?;
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ pub struct InjectArgs {
     #[arg(long = "values")]
     pub values: Vec<PathBuf>,
     /// The control plane's namespace.
-    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    #[arg(long = "mesh-namespace", env = mesh_api::consts::env::MESHCTL_MESH_NAMESPACE,
+          default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
     pub namespace: String,
 }
 

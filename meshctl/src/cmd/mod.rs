@@ -16,6 +16,21 @@ pub mod rollout;
 pub mod route;
 pub mod stat;
 pub mod status;
+pub mod version;
+
+/// meshctl's command line.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Operate the mesh: bootstrap proxies, inspect and change routing"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub context: Context,
+    #[command(subcommand)]
+    pub command: Command,
+}
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
@@ -56,6 +71,23 @@ pub enum Command {
     Upgrade(crate::install::InstallArgs),
     /// Remove what install created.
     Uninstall(crate::install::UninstallArgs),
+    /// This meshctl's version, the control plane's, and the proxies' with how many run each.
+    Version(version::VersionArgs),
+    /// Print a shell completion script: `source <(meshctl completion bash)`.
+    Completion(CompletionArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompletionArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+/// Writes the completion script of meshctl's whole command line for `shell`.
+pub fn completion(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    clap_complete::generate(shell, &mut command, "meshctl", out);
 }
 
 fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -70,48 +102,77 @@ pub struct Context {
     /// A local mesh: the directory of manifests its controller watches.
     #[arg(long, global = true, env = mesh_api::consts::env::MESHCTL_LOCAL)]
     pub local: Option<PathBuf>,
+    /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config; in a pod, its service
+    /// account).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+}
+
+impl Context {
+    /// A local mesh's context.
+    pub fn local(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            local: Some(dir.into()),
+            ..Self::default()
+        }
+    }
+
+    /// The cluster `--kubeconfig` and `--context` name.
+    pub async fn connect(&self) -> anyhow::Result<crate::cluster::Cluster> {
+        crate::cluster::Cluster::connect(self.kubeconfig.as_deref(), self.context.as_deref()).await
+    }
+
+    /// The namespace a command about workloads works in without `-n`: the kubeconfig context's
+    /// (`default` when it names none, and for a local mesh).
+    pub fn default_namespace(&self) -> anyhow::Result<String> {
+        if self.local.is_some() {
+            return Ok("default".into());
+        }
+        crate::cluster::context_namespace(self.kubeconfig.as_deref(), self.context.as_deref())
+    }
+
+    /// `-n` if given, else [`Context::default_namespace`].
+    pub fn namespace(&self, given: Option<&str>) -> anyhow::Result<String> {
+        given.map_or_else(|| self.default_namespace(), |n| Ok(n.to_owned()))
+    }
 }
 
 pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
     match cmd {
         Command::Bootstrap(b) => bootstrap::run(b, &mut std::io::stdout()),
-        Command::Route(r) => match &cx.local {
-            Some(dir) => route::run(r, &LocalDir::new(dir)?, &mut std::io::stdout()),
+        Command::Route(r) => match (r.in_namespace(&cx.default_namespace()?), &cx.local) {
+            (r, Some(dir)) => route::run(r, &LocalDir::new(dir)?, &mut std::io::stdout()),
             // The cluster of the current kubeconfig context. The route code is synchronous;
             // its API calls block on this runtime from inside block_in_place.
-            None => tokio::runtime::Builder::new_multi_thread()
+            (r, None) => tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
                 .enable_all()
                 .build()?
                 .block_on(async {
-                    let mesh = crate::mesh::Cluster(crate::cluster::Cluster::connect().await?);
+                    let mesh = crate::mesh::Cluster(cx.connect().await?);
                     tokio::task::block_in_place(|| route::run(r, &mesh, &mut std::io::stdout()))
                 }),
         },
         Command::ProxyStatus(a) => current_thread()?.block_on(async {
-            let ctl =
-                status::controller_endpoint(a.controller, cx.local.is_some(), &a.namespace).await?;
+            let ctl = status::controller_endpoint(a.controller, cx, &a.namespace).await?;
             status::proxy_status_at(&ctl, a.output, &mut std::io::stdout()).await
         }),
-        Command::Top(a) => {
-            current_thread()?.block_on(stat::top(&a, cx.local.is_some(), &mut std::io::stdout()))
+        Command::Top(a) => current_thread()?.block_on(stat::top(&a, cx, &mut std::io::stdout())),
+        Command::Explain(a) => {
+            current_thread()?.block_on(explain::explain(&a, cx, &mut std::io::stdout()))
         }
-        Command::Explain(a) => current_thread()?.block_on(explain::explain(
-            &a,
-            cx.local.is_some(),
-            &mut std::io::stdout(),
-        )),
-        Command::Stat(a) => {
-            current_thread()?.block_on(stat::stat(&a, cx.local.is_some(), &mut std::io::stdout()))
-        }
+        Command::Stat(a) => current_thread()?.block_on(stat::stat(&a, cx, &mut std::io::stdout())),
         Command::Authz(a) => {
-            current_thread()?.block_on(authz::authz(&a, cx.local.is_some(), &mut std::io::stdout()))
+            current_thread()?.block_on(authz::authz(&a, cx, &mut std::io::stdout()))
         }
         Command::ProxyConfig(a) if a.controller.is_some() || cx.local.is_some() => {
             current_thread()?.block_on(status::proxy_config(&a, &mut std::io::stdout()))
         }
         Command::ProxyConfig(a) => current_thread()?.block_on(async {
-            let cluster = crate::cluster::Cluster::connect().await?;
+            let cluster = cx.connect().await?;
             status::proxy_config_in_cluster(&cluster, &a, &mut std::io::stdout()).await
         }),
         Command::Inject(a) => inject::run(&a, &mut std::io::stdout(), &mut std::io::stderr()),
@@ -124,7 +185,7 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
                 current_thread()?.block_on(check::run_checks(&a, local.as_ref()))
             } else {
                 current_thread()?.block_on(async {
-                    let cluster = crate::cluster::Cluster::connect().await?;
+                    let cluster = cx.connect().await?;
                     check::run_cluster_checks(&a, &cluster).await
                 })?
             };
@@ -150,20 +211,27 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
             crate::install::dry_run(&a, &mut std::io::stdout())
         }
         Command::Install(a) => current_thread()?.block_on(async {
-            let cluster = crate::cluster::Cluster::connect().await?;
+            let cluster = cx.connect().await?;
             crate::install::apply(&cluster, &a, false, &mut std::io::stdout()).await?;
             Ok(())
         }),
         Command::Upgrade(a) => current_thread()?.block_on(async {
-            let cluster = crate::cluster::Cluster::connect().await?;
+            let cluster = cx.connect().await?;
             crate::install::apply(&cluster, &a, true, &mut std::io::stdout()).await?;
             Ok(())
         }),
         Command::Uninstall(a) => current_thread()?.block_on(async {
-            let cluster = crate::cluster::Cluster::connect().await?;
+            let cluster = cx.connect().await?;
             crate::install::uninstall(&cluster, &a, &mut std::io::stdout()).await?;
             Ok(())
         }),
+        Command::Version(a) => {
+            current_thread()?.block_on(version::run(&a, cx, &mut std::io::stdout()))
+        }
+        Command::Completion(a) => {
+            completion(a.shell, &mut std::io::stdout());
+            Ok(())
+        }
         Command::DemoService(d) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -181,3 +249,7 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "cli_tests.rs"]
+mod cli_tests;

@@ -62,7 +62,7 @@ pub struct StatusArgs {
 
 /// The Rollout of a Service: the one named after it, or the one whose route attaches to it.
 fn find_rollout(mesh: &dyn Mesh, target: &Target) -> anyhow::Result<RolloutDoc> {
-    let ns = &target.namespace;
+    let ns = target.ns();
     let (mut found, others): (Vec<RolloutDoc>, Vec<RolloutDoc>) = mesh
         .rollouts()?
         .into_iter()
@@ -118,7 +118,7 @@ fn key(k: &str) -> Value {
 /// when the Service has none. Checks everything before writing anything.
 pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
     let target = &args.target;
-    let ns = &target.namespace;
+    let ns = target.ns();
     let services = mesh.services()?;
     let parent = find_service(&services, ns, &target.service)?;
     let port = port_of(parent, target.port)?;
@@ -187,7 +187,7 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
             };
             has_port(from, "--from")?;
             let mut route = RouteDoc {
-                namespace: ns.clone(),
+                namespace: ns.to_owned(),
                 name: format!("{}-split", target.service),
                 value: doc::new_split_route(ns, &target.service, port),
                 origin: None,
@@ -304,7 +304,7 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
     // Checked as the controller will check it, before anything is written.
     mesh_controller::rollout::check_spec(&typed).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut object = Rollout::new(&name, typed.clone());
-    object.metadata.namespace = Some(ns.clone());
+    object.metadata.namespace = Some(ns.to_owned());
     object.metadata.annotations = Some(
         [(
             mesh_api::consts::labels::RELEASE.to_string(),
@@ -313,7 +313,7 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
         .into(),
     );
     let rollout = RouteDoc {
-        namespace: ns.clone(),
+        namespace: ns.to_owned(),
         name: name.clone(),
         value: serde_norway::to_value(&object)?,
         origin: existing.and_then(|r| r.doc.origin),

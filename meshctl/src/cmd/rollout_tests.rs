@@ -14,7 +14,7 @@ use crate::mesh::LocalDir;
 fn target() -> Target {
     Target {
         service: "reviews".into(),
-        namespace: "default".into(),
+        namespace: Some("default".into()),
         port: None,
     }
 }

@@ -10,6 +10,7 @@ use mesh_api::route_doc::{self as doc, MAX_WEIGHT, rules, split_rule, weights};
 
 use super::rollout::{self, Action};
 use crate::mesh::{Mesh, RouteDoc, ServiceRef};
+use crate::output::Output;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Route {
@@ -36,11 +37,36 @@ pub enum Route {
 pub struct Target {
     /// The Service whose traffic is split (the route's parent).
     pub service: String,
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
+    /// The Service's namespace (default: the kubeconfig context's; `default` for a local mesh).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
     /// The Service port (needed when it has more than one).
     #[arg(long)]
     pub port: Option<u16>,
+}
+
+impl Target {
+    /// The Service's namespace: `-n`, or `default` when nothing resolved it
+    /// ([`Route::in_namespace`] gives the command line's the context's).
+    pub fn ns(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
+impl Route {
+    /// The command with its Service's namespace filled in where `-n` was not given.
+    pub fn in_namespace(mut self, default: &str) -> Self {
+        let target = match &mut self {
+            Route::Split(a) => &mut a.target,
+            Route::Show(a) => &mut a.target,
+            Route::Promote(a) => &mut a.target,
+            Route::Rollout(a) => &mut a.target,
+            Route::Status(a) => &mut a.target,
+            Route::Pause(t) | Route::Resume(t) | Route::Abort(t) => t,
+        };
+        target.namespace.get_or_insert_with(|| default.to_owned());
+        self
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -51,12 +77,16 @@ pub struct SplitArgs {
     /// numbers from 0 to 1,000,000 (shares are weight / sum).
     #[arg(long, required = true, value_delimiter = ',')]
     pub to: Vec<String>,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ShowArgs {
     #[command(flatten)]
     pub target: Target,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,6 +95,8 @@ pub struct PromoteArgs {
     pub target: Target,
     /// The backend that gets all the traffic.
     pub backend: String,
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
 }
 
 /// `<name>=<weight>` pairs, checked.
@@ -149,11 +181,16 @@ pub(crate) fn port_of(svc: &ServiceRef, asked: Option<u16>) -> anyhow::Result<u1
 }
 
 fn percent(w: u32, all: &[(String, u32)]) -> String {
+    format!("{:.0} %", share(w, all))
+}
+
+/// `w`'s share of the weights `all`, in percent (0 when they are all 0).
+fn share(w: u32, all: &[(String, u32)]) -> f64 {
     let total: u64 = all.iter().map(|(_, w)| u64::from(*w)).sum();
     if total == 0 {
-        return "0 %".into();
+        return 0.0;
     }
-    format!("{:.0} %", u64::from(w) as f64 * 100.0 / total as f64)
+    u64::from(w) as f64 * 100.0 / total as f64
 }
 
 /// What a split or promote did: the weights before and after, and where it was written.
@@ -169,7 +206,7 @@ pub struct Change {
 /// Sets the weights of Service `target`'s traffic, checking everything first.
 pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::Result<Change> {
     let services = mesh.services()?;
-    let ns = &target.namespace;
+    let ns = target.ns();
     let parent = find_service(&services, ns, &target.service)?;
     let port = port_of(parent, target.port)?;
     for (b, _) in to {
@@ -229,16 +266,46 @@ pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::
     })
 }
 
+impl Change {
+    /// The change as data (`-o json|yaml`): each backend's weight and share before and after
+    /// (`null` where it was not, or is no longer, a backend of the rule).
+    pub fn data(&self) -> serde_json::Value {
+        let backends: Vec<serde_json::Value> = self
+            .names()
+            .into_iter()
+            .map(|n| {
+                let of = |ws: &[(String, u32)]| {
+                    ws.iter().find(|(m, _)| m == n).map(|(_, w)| {
+                        serde_json::json!({"weight": w, "share": share(*w, ws)})
+                    })
+                };
+                serde_json::json!({"backend": n, "before": of(&self.before), "after": of(&self.after)})
+            })
+            .collect();
+        serde_json::json!({
+            "route": self.route,
+            "rule": self.rule + 1,
+            "backends": backends,
+            "written": self.written,
+        })
+    }
+
+    /// The backends before, then those only after.
+    fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.before.iter().map(|(n, _)| n.as_str()).collect();
+        for (n, _) in &self.after {
+            if !names.contains(&n.as_str()) {
+                names.push(n);
+            }
+        }
+        names
+    }
+}
+
 pub fn print_change(c: &Change, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(out, "HTTPRoute {} rule {}", c.route, c.rule + 1)?;
     writeln!(out, "  {:<24} {:>8} {:>8}", "BACKEND", "BEFORE", "AFTER")?;
-    let mut names: Vec<&str> = c.before.iter().map(|(n, _)| n.as_str()).collect();
-    for (n, _) in &c.after {
-        if !names.contains(&n.as_str()) {
-            names.push(n);
-        }
-    }
-    for n in names {
+    for n in c.names() {
         let share = |ws: &[(String, u32)]| {
             ws.iter()
                 .find(|(m, _)| m == n)
@@ -258,43 +325,79 @@ pub fn print_change(c: &Change, out: &mut dyn Write) -> anyhow::Result<()> {
 
 /// The routes of a Service, one line per rule.
 pub fn show(mesh: &dyn Mesh, target: &Target, out: &mut dyn Write) -> anyhow::Result<()> {
+    write_show(&show_data(mesh, target)?, out)
+}
+
+/// The routes of a Service and each rule's backends with their weights and shares.
+pub fn show_data(mesh: &dyn Mesh, target: &Target) -> anyhow::Result<serde_json::Value> {
     let services = mesh.services()?;
-    let ns = &target.namespace;
+    let ns = target.ns();
     let parent = find_service(&services, ns, &target.service)?;
     let port = port_of(parent, target.port)?;
-    let attached: Vec<RouteDoc> = mesh
+    let mut out = Vec::new();
+    for r in mesh
         .routes()?
         .into_iter()
         .filter(|r| attaches(r, ns, &target.service, port))
-        .collect();
-    writeln!(out, "Service {ns}/{} port {port}", target.service)?;
-    if attached.is_empty() {
+    {
+        for (i, rule) in rules(&r.value).iter().enumerate() {
+            let ws = weights(rule);
+            let backends: Vec<serde_json::Value> = ws
+                .iter()
+                .map(|(n, w)| serde_json::json!({"backend": n, "weight": w, "share": share(*w, &ws)}))
+                .collect();
+            out.push(serde_json::json!({
+                "route": format!("{}/{}", r.namespace, r.name),
+                "rule": i + 1,
+                "allRequests": doc::matches_all(rule),
+                "backends": backends,
+            }));
+        }
+    }
+    Ok(
+        serde_json::json!({"service": format!("{ns}/{}", target.service), "port": port, "rules": out}),
+    )
+}
+
+fn write_show(v: &serde_json::Value, out: &mut dyn Write) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "Service {} port {}",
+        v["service"].as_str().unwrap_or_default(),
+        v["port"]
+    )?;
+    let rules = v["rules"].as_array().map_or(&[][..], Vec::as_slice);
+    if rules.is_empty() {
         writeln!(
             out,
             "  no HTTPRoute: all traffic goes to the Service itself"
         )?;
     }
-    for r in &attached {
-        for (i, rule) in rules(&r.value).iter().enumerate() {
-            let ws = weights(rule);
-            let shares: Vec<String> = ws
-                .iter()
-                .map(|(n, w)| format!("{n} {}", percent(*w, &ws)))
-                .collect();
-            let matched = if !doc::matches_all(rule) {
-                " (some requests, by match)"
-            } else {
-                ""
-            };
-            writeln!(
-                out,
-                "  HTTPRoute {}/{} rule {}{matched}: {}",
-                r.namespace,
-                r.name,
-                i + 1,
-                shares.join(", ")
-            )?;
-        }
+    for rule in rules {
+        let shares: Vec<String> = rule["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| {
+                format!(
+                    "{} {:.0} %",
+                    b["backend"].as_str().unwrap_or_default(),
+                    b["share"].as_f64().unwrap_or_default()
+                )
+            })
+            .collect();
+        let matched = if rule["allRequests"] == false {
+            " (some requests, by match)"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "  HTTPRoute {} rule {}{matched}: {}",
+            rule["route"].as_str().unwrap_or_default(),
+            rule["rule"],
+            shares.join(", ")
+        )?;
     }
     Ok(())
 }
@@ -304,9 +407,11 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
         Route::Split(a) => {
             let to = parse_weights(&a.to)?;
             let c = split(mesh, &a.target, &to)?;
-            print_change(&c, out)
+            crate::output::print(a.output, &c.data(), out, |_, out| print_change(&c, out))
         }
-        Route::Show(a) => show(mesh, &a.target, out),
+        Route::Show(a) => {
+            crate::output::print(a.output, &show_data(mesh, &a.target)?, out, write_show)
+        }
         Route::Rollout(a) => Ok(write!(out, "{}", rollout::create(mesh, &a)?)?),
         Route::Status(a) => rollout::status(mesh, &a, out, Duration::from_secs(1)),
         Route::Pause(t) => Ok(write!(
@@ -327,13 +432,13 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
         Route::Promote(a) => {
             // The other backends stay listed at 0, so a rollback is one more command.
             let services = mesh.services()?;
-            let parent = find_service(&services, &a.target.namespace, &a.target.service)?;
+            let parent = find_service(&services, a.target.ns(), &a.target.service)?;
             let port = port_of(parent, a.target.port)?;
             let mut to = vec![(a.backend.clone(), 1)];
             for r in mesh
                 .routes()?
                 .iter()
-                .filter(|r| attaches(r, &a.target.namespace, &a.target.service, port))
+                .filter(|r| attaches(r, a.target.ns(), &a.target.service, port))
             {
                 if let Some(i) = split_rule(&r.value) {
                     for (n, _) in weights(&rules(&r.value)[i]) {
@@ -344,7 +449,7 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
                 }
             }
             let c = split(mesh, &a.target, &to)?;
-            print_change(&c, out)
+            crate::output::print(a.output, &c.data(), out, |_, out| print_change(&c, out))
         }
     }
 }

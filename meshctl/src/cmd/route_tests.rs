@@ -36,7 +36,7 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 fn target(service: &str) -> Target {
     Target {
         service: service.into(),
-        namespace: "default".into(),
+        namespace: Some("default".into()),
         port: None,
     }
 }
@@ -59,6 +59,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
         Route::Split(SplitArgs {
             target: target("reviews"),
             to: to(&["reviews-v1=50", "reviews-v2=50"]),
+            output: crate::output::Output::Table,
         }),
     )
     .expect("split");
@@ -95,6 +96,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
         Route::Promote(PromoteArgs {
             target: target("reviews"),
             backend: "reviews-v2".into(),
+            output: crate::output::Output::Table,
         }),
     )
     .expect("promote");
@@ -108,6 +110,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
         dir.path(),
         Route::Show(ShowArgs {
             target: target("reviews"),
+            output: crate::output::Output::Table,
         }),
     )
     .expect("show");
@@ -119,6 +122,49 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
         shown.contains("rule 2: reviews-v2 100 %, reviews-v1 0 %"),
         "{shown}"
     );
+    // The same as data: -o json and -o yaml parse, and say what the table says.
+    for output in [crate::output::Output::Json, crate::output::Output::Yaml] {
+        let text = run_cmd(
+            dir.path(),
+            Route::Show(ShowArgs {
+                target: target("reviews"),
+                output,
+            }),
+        )
+        .expect("show");
+        let v: serde_json::Value = serde_norway::from_str(&text).expect("parses");
+        assert_eq!(v["service"], "default/reviews", "{text}");
+        assert_eq!(v["rules"][1]["allRequests"], true, "{text}");
+        assert_eq!(
+            v["rules"][1]["backends"][0]["backend"], "reviews-v2",
+            "{text}"
+        );
+        assert_eq!(v["rules"][1]["backends"][0]["share"], 100.0, "{text}");
+        assert_eq!(v["rules"][0]["allRequests"], false, "{text}");
+    }
+    let text = run_cmd(
+        dir.path(),
+        Route::Split(SplitArgs {
+            target: target("reviews"),
+            to: to(&["reviews-v1=75", "reviews-v2=25"]),
+            output: crate::output::Output::Json,
+        }),
+    )
+    .expect("split");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["rule"], 2, "{text}");
+    let backend = |name: &str| {
+        v["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["backend"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(backend("reviews-v2")["before"]["share"], 100.0, "{text}");
+    assert_eq!(backend("reviews-v2")["after"]["weight"], 25, "{text}");
+    assert_eq!(backend("reviews-v1")["after"]["share"], 75.0, "{text}");
 }
 
 #[test]
@@ -130,6 +176,7 @@ fn without_a_route_split_writes_a_new_one_attached_to_the_service() {
         Route::Split(SplitArgs {
             target: target("reviews"),
             to: to(&["reviews-v1=90", "reviews-v2=10"]),
+            output: crate::output::Output::Table,
         }),
     )
     .expect("split");
@@ -160,6 +207,7 @@ fn refusals_name_the_input_and_leave_the_directory_untouched() {
                     ..target("reviews")
                 },
                 to: to(args),
+                output: crate::output::Output::Table,
             }),
         )
         .expect_err("refused")
@@ -192,6 +240,7 @@ fn refusals_name_the_input_and_leave_the_directory_untouched() {
         Route::Split(SplitArgs {
             target: target("nope"),
             to: to(&["reviews-v1=1"]),
+            output: crate::output::Output::Table,
         }),
     )
     .expect_err("unknown service")
@@ -219,7 +268,7 @@ mod cluster {
     fn target() -> Target {
         Target {
             service: "reviews".into(),
-            namespace: "shop".into(),
+            namespace: Some("shop".into()),
             port: None,
         }
     }
@@ -234,6 +283,7 @@ mod cluster {
         Route::Split(SplitArgs {
             target: target(),
             to: to.iter().map(|s| s.to_string()).collect(),
+            output: crate::output::Output::Table,
         })
     }
 
@@ -277,6 +327,7 @@ mod cluster {
             Route::Promote(PromoteArgs {
                 target: target(),
                 backend: "reviews-v2".into(),
+                output: crate::output::Output::Table,
             }),
             &mesh,
         )
@@ -289,7 +340,14 @@ mod cluster {
                    {"group": "", "kind": "Service", "name": "reviews-v1", "port": 9080, "weight": 0}])
         );
         // Show lists it.
-        let out = run_in_place(Route::Show(ShowArgs { target: target() }), &mesh).expect("show");
+        let out = run_in_place(
+            Route::Show(ShowArgs {
+                target: target(),
+                output: crate::output::Output::Table,
+            }),
+            &mesh,
+        )
+        .expect("show");
         assert!(
             out.contains("reviews-split") && out.contains("reviews-v2"),
             "{out}"

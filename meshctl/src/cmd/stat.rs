@@ -12,11 +12,7 @@ use serde_json::Value;
 
 use super::check::Endpoint;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-}
+pub use crate::output::Output;
 
 /// Where the controller is.
 #[derive(Debug, Clone, clap::Args)]
@@ -27,7 +23,8 @@ pub struct ControllerArgs {
     #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN)]
     pub controller: Option<SocketAddr>,
     /// In a cluster: the control plane's namespace.
-    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    #[arg(long, env = mesh_api::consts::env::MESHCTL_MESH_NAMESPACE,
+          default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
     pub mesh_namespace: String,
 }
 
@@ -38,9 +35,9 @@ pub type StatArgs = ServiceArgs;
 pub struct ServiceArgs {
     /// The Service's name.
     pub service: String,
-    /// The Service's namespace.
-    #[arg(short = 'n', long, default_value = "default")]
-    pub namespace: String,
+    /// The Service's namespace (default: the kubeconfig context's; `default` for a local mesh).
+    #[arg(short = 'n', long)]
+    pub namespace: Option<String>,
     #[command(flatten)]
     pub controller: ControllerArgs,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -49,14 +46,18 @@ pub struct ServiceArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct TopArgs {
-    /// Only workloads in this namespace.
-    #[arg(short = 'n', long)]
+    /// Only workloads in this namespace (default: the kubeconfig context's; `default` for a
+    /// local mesh).
+    #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
     pub namespace: Option<String>,
+    /// Workloads of every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
     #[command(flatten)]
     pub controller: ControllerArgs,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// Print one table and exit (always so with `-o json`).
+    /// Print one table and exit (always so with `-o json` or `-o yaml`).
     #[arg(long)]
     pub once: bool,
     /// How often the table is redrawn.
@@ -65,8 +66,8 @@ pub struct TopArgs {
 }
 
 impl ControllerArgs {
-    pub async fn endpoint(&self, local: bool) -> anyhow::Result<Endpoint> {
-        super::status::controller_endpoint(self.controller, local, &self.mesh_namespace).await
+    pub async fn endpoint(&self, cx: &super::Context) -> anyhow::Result<Endpoint> {
+        super::status::controller_endpoint(self.controller, cx, &self.mesh_namespace).await
     }
 }
 
@@ -167,21 +168,18 @@ pub fn write_stat(stat: &Value, namespace: &str, out: &mut dyn Write) -> anyhow:
     Ok(())
 }
 
-pub async fn stat(a: &StatArgs, local: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    let ctl = a.controller.endpoint(local).await?;
-    let stat = fetch_stat(&ctl, &a.namespace, &a.service).await?;
-    match a.output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&stat)?)?,
-        Output::Table => {
-            writeln!(
-                out,
-                "{}/{}: traffic from its callers' proxies over the last {} s",
-                a.namespace, a.service, stat["window_seconds"]
-            )?;
-            write_stat(&stat, &a.namespace, out)?;
-        }
-    }
-    Ok(())
+pub async fn stat(a: &StatArgs, cx: &super::Context, out: &mut dyn Write) -> anyhow::Result<()> {
+    let ctl = a.controller.endpoint(cx).await?;
+    let namespace = cx.namespace(a.namespace.as_deref())?;
+    let stat = fetch_stat(&ctl, &namespace, &a.service).await?;
+    crate::output::print(a.output, &stat, out, |stat, out| {
+        writeln!(
+            out,
+            "{}/{}: traffic from its callers' proxies over the last {} s",
+            namespace, a.service, stat["window_seconds"]
+        )?;
+        write_stat(stat, &namespace, out)
+    })
 }
 
 fn write_top(top: &Value, namespace: Option<&str>, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -220,20 +218,26 @@ fn write_top(top: &Value, namespace: Option<&str>, out: &mut dyn Write) -> anyho
     Ok(())
 }
 
-pub async fn top(a: &TopArgs, local: bool, out: &mut dyn Write) -> anyhow::Result<()> {
-    let ctl = a.controller.endpoint(local).await?;
+pub async fn top(a: &TopArgs, cx: &super::Context, out: &mut dyn Write) -> anyhow::Result<()> {
+    let only = if a.all_namespaces {
+        None
+    } else {
+        Some(cx.namespace(a.namespace.as_deref())?)
+    };
+    let ctl = a.controller.endpoint(cx).await?;
     let read = || async {
         ctl.json("/debug/top")
             .await
             .with_context(|| format!("reading workload stats from the controller at {ctl}"))
     };
-    if a.output == Output::Json {
+    if a.output != Output::Table {
         let mut top = read().await?;
-        if let (Some(ns), Some(list)) = (&a.namespace, top["workloads"].as_array_mut()) {
+        if let (Some(ns), Some(list)) = (&only, top["workloads"].as_array_mut()) {
             list.retain(|w| w["namespace"] == ns.as_str());
         }
-        writeln!(out, "{}", serde_json::to_string_pretty(&top)?)?;
-        return Ok(());
+        return crate::output::print(a.output, &top, out, |t, out| {
+            write_top(t, only.as_deref(), out)
+        });
     }
     let live = !a.once && std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {
@@ -242,7 +246,7 @@ pub async fn top(a: &TopArgs, local: bool, out: &mut dyn Write) -> anyhow::Resul
             // Clear the screen and redraw, as top does.
             write!(out, "\x1b[2J\x1b[H")?;
         }
-        write_top(&top, a.namespace.as_deref(), out)?;
+        write_top(&top, only.as_deref(), out)?;
         out.flush()?;
         if a.once {
             return Ok(());

@@ -11,12 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
-    Yaml,
-}
+pub use crate::output::Output;
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyStatusArgs {
@@ -25,7 +20,8 @@ pub struct ProxyStatusArgs {
     #[arg(long, env = mesh_api::consts::env::MESHCTL_CONTROLLER_ADMIN)]
     pub controller: Option<SocketAddr>,
     /// In a cluster: the control plane's namespace.
-    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    #[arg(long = "mesh-namespace", env = mesh_api::consts::env::MESHCTL_MESH_NAMESPACE,
+          default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
     pub namespace: String,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -35,16 +31,16 @@ pub struct ProxyStatusArgs {
 /// controller pod in `namespace`).
 pub async fn controller_endpoint(
     controller: Option<SocketAddr>,
-    local: bool,
+    cx: &super::Context,
     namespace: &str,
 ) -> anyhow::Result<super::check::Endpoint> {
     use super::check::Endpoint;
     let default = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN));
-    match (controller, local) {
+    match (controller, cx.local.is_some()) {
         (Some(a), _) => Ok(Endpoint::Direct(a)),
         (None, true) => Ok(Endpoint::Direct(default)),
         (None, false) => {
-            let cluster = crate::cluster::Cluster::connect().await?;
+            let cluster = cx.connect().await?;
             cluster_controller(&cluster, namespace).await
         }
     }
@@ -117,7 +113,8 @@ const TYPES: [&str; 4] = ["CDS", "EDS", "LDS", "RDS"];
 
 /// `meshctl proxy-status` of a local mesh (`--controller`, default 127.0.0.1:15014).
 pub async fn proxy_status(args: &ProxyStatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let ctl = controller_endpoint(args.controller, true, &args.namespace).await?;
+    let local = super::Context::local(".");
+    let ctl = controller_endpoint(args.controller, &local, &args.namespace).await?;
     proxy_status_at(&ctl, args.output, out).await
 }
 
@@ -131,10 +128,8 @@ pub async fn proxy_status_at(
         .json("/debug/proxies")
         .await
         .with_context(|| format!("reading proxy status from the controller at {ctl}"))?;
-    match output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&proxies)?)?,
-        Output::Yaml => write!(out, "{}", serde_norway::to_string(&proxies)?)?,
-        Output::Table => {
+    crate::output::print(output, &proxies, out, |proxies, out| {
+        {
             let list = proxies.as_array().map_or(&[][..], |v| v.as_slice());
             writeln!(
                 out,
@@ -171,8 +166,8 @@ pub async fn proxy_status_at(
                 writeln!(out, "NACK {e}")?;
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -462,10 +457,7 @@ pub async fn proxy_config_in_cluster(
 
 fn print_config(dump: &Value, args: &ProxyConfigArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let part = section_of(dump, args.section);
-    match args.output {
-        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(&part)?)?,
-        Output::Yaml => write!(out, "{}", serde_norway::to_string(&part)?)?,
-        Output::Table => table(args.section, &part, out)?,
-    }
-    Ok(())
+    crate::output::print(args.output, &part, out, |part, out| {
+        table(args.section, part, out)
+    })
 }

@@ -22,7 +22,8 @@ pub struct InstallArgs {
     #[arg(short = 'f', long = "values")]
     pub values: Vec<PathBuf>,
     /// The control plane's namespace.
-    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    #[arg(long = "mesh-namespace", env = mesh_api::consts::env::MESHCTL_MESH_NAMESPACE,
+          default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
     pub namespace: String,
     /// Leave the Gateway API CRDs alone (by default they are installed when missing).
     #[arg(long)]
@@ -41,7 +42,8 @@ pub struct InstallArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct UninstallArgs {
     /// The control plane's namespace.
-    #[arg(long, default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
+    #[arg(long = "mesh-namespace", env = mesh_api::consts::env::MESHCTL_MESH_NAMESPACE,
+          default_value = mesh_api::consts::identity::SYSTEM_NAMESPACE)]
     pub namespace: String,
     /// Keep the CRDs (deleting a CRD deletes every object of its kind).
     #[arg(long)]
