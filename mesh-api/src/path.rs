@@ -126,26 +126,9 @@ fn double_escape(s: &str) -> bool {
 /// Every `%XX` escape decoded (invalid ones kept as written), bytes that are not UTF-8 replaced.
 /// For reading what a percent-encoded string says, not for normalizing request paths.
 pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).copied().and_then(hex),
-            b.get(i + 2).copied().and_then(hex),
-        ) {
-            (b'%', Some(hi), Some(lo)) => {
-                out.push(hi << 4 | lo);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Joins segments into an absolute path without empty, `.` or `..` segments; a trailing slash
@@ -182,6 +165,14 @@ fn resolve<'a>(segments: impl Iterator<Item = &'a str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percent_decoding_keeps_what_is_not_an_escape() {
+        assert_eq!(percent_decode("a%2Fb%2fc"), "a/b/c");
+        assert_eq!(percent_decode("%zz%4%"), "%zz%4%");
+        assert_eq!(percent_decode("%E2%82%AC"), "\u{20ac}");
+        assert_eq!(percent_decode("%FF"), "\u{fffd}");
+    }
 
     #[test]
     fn normalizes_like_envoy() {

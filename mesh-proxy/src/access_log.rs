@@ -137,19 +137,18 @@ fn write_lines(rx: &mpsc::Receiver<Entry>, out: Box<dyn Write + Send>, path: &Pa
     }
 }
 
+/// `start_time`'s format: RFC 3339 in UTC with milliseconds, as Envoy writes it.
+const START_TIME: &[time::format_description::BorrowedFormatItem<'_>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+);
+
 /// RFC 3339 UTC with milliseconds, for `start_time`.
 pub fn rfc3339(t: std::time::SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t);
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond()
-    )
+    time::OffsetDateTime::from(t)
+        .format(START_TIME)
+        // Formatting into a String fails only for a value the description cannot show (a year
+        // past 9999, which `OffsetDateTime` does not hold without `large-dates`).
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
 }
 
 #[cfg(test)]
