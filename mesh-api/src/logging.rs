@@ -29,8 +29,12 @@ pub enum Output {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{} {value:?}: not a log filter: {reason}", env::LOG)]
-    Filter { value: String, reason: String },
+    #[error("{what} {value:?}: not a log filter: {reason}")]
+    Filter {
+        what: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("a logger is already installed in this process")]
     Installed,
 }
@@ -45,18 +49,29 @@ impl Reload {
     /// Replaces the filter with `filter` (`EnvFilter` syntax); a filter that does not parse is
     /// refused and the current one stays.
     pub fn set(&self, filter: &str) -> Result<(), String> {
-        let f = parse(filter).map_err(|e| e.to_string())?;
+        let f = parse("filter", filter).map_err(|e| e.to_string())?;
         self.handle.reload(f).map_err(|e| e.to_string())
     }
 }
 
-fn parse(filter: &str) -> Result<EnvFilter, Error> {
+fn parse(what: &'static str, filter: &str) -> Result<EnvFilter, Error> {
     EnvFilter::builder()
         .parse(filter)
         .map_err(|e| Error::Filter {
+            what,
             value: filter.to_owned(),
             reason: e.to_string(),
         })
+}
+
+/// A command-line value that is a log filter (clap's `value_parser`), checked as a process
+/// given it in `MESH_LOG` would check it: the injector's filter for sidecars, say, which would
+/// otherwise stop every injected proxy at start.
+pub fn filter_arg(value: &str) -> Result<String, String> {
+    EnvFilter::builder()
+        .parse(value)
+        .map(|_| value.to_owned())
+        .map_err(|e| format!("not a log filter: {e}"))
 }
 
 /// The filter `MESH_LOG` asks for (`info` when unset or empty).
@@ -71,7 +86,7 @@ pub fn filter_from_env() -> String {
 /// the handle that changes it.
 pub fn init(format: LogFormat, output: Output) -> Result<(String, Reload), Error> {
     let initial = filter_from_env();
-    let (filter, handle) = reload::Layer::new(parse(&initial)?);
+    let (filter, handle) = reload::Layer::new(parse(env::LOG, &initial)?);
     let registry = tracing_subscriber::registry().with(filter);
     let installed = match (format, output) {
         (LogFormat::Text, Output::Stdout) => {
@@ -110,8 +125,9 @@ mod tests {
 
     #[test]
     fn a_filter_that_does_not_parse_is_named() {
-        assert!(parse("mesh_proxy=debug,info").is_ok());
-        let err = parse("mesh_proxy=loud")
+        assert!(parse(env::LOG, "mesh_proxy=debug,info").is_ok());
+        assert!(filter_arg("warn").is_ok() && filter_arg("mesh=loud").is_err());
+        let err = parse(env::LOG, "mesh_proxy=loud")
             .expect_err("not a level")
             .to_string();
         assert!(

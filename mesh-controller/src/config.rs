@@ -132,8 +132,9 @@ pub struct Config {
     #[arg(long)]
     pub inject_ca_addr: Option<String>,
 
-    /// Injection: the proxy's log filter.
-    #[arg(long, default_value = "info")]
+    /// Injection: the proxy's log filter (refused at start unless it parses, as the proxy would
+    /// refuse it).
+    #[arg(long, default_value = "info", value_parser = mesh_api::logging::filter_arg)]
     pub inject_proxy_log_level: String,
 
     /// Injection: the OTLP/gRPC collector sidecars send spans to (`http://HOST:4317`); empty:
@@ -150,7 +151,7 @@ pub struct Config {
     pub inject_access_log: bool,
 
     /// Injection: `prometheus.io/scrape`, `/port` and `/path` annotations on injected pods,
-    /// pointing at the sidecar's metrics (a pod with its own `prometheus.io/scrape` keeps it).
+    /// pointing at the sidecar's metrics (a pod with any `prometheus.io/` annotation of its own keeps its own).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub inject_prometheus_annotations: bool,
 

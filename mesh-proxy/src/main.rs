@@ -15,7 +15,7 @@ fn main() -> anyhow::Result<()> {
     // `mesh-proxy agent`: SVIDs for a stock Envoy, as SDS files.
     if std::env::args().nth(1).as_deref() == Some("agent") {
         let args = mesh_proxy::agent::AgentArgs::parse_from(std::env::args().skip(1));
-        init_logging(LogFormat::Text)?;
+        init_logging(args.log_format)?;
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -107,13 +107,20 @@ async fn an_unknown_log_format_or_a_bad_log_filter_is_refused_by_name() {
         err.contains("--log-format") && err.contains("'yaml'"),
         "{err}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-        .args(["--node", "default/web-1", "--identity-off"])
-        .args(["--admin-addr", &free_addr()])
-        .env("MESH_LOG", "mesh_proxy=loud")
-        .output()
-        .await
-        .expect("runs");
+    // Were the filter taken, the proxy would run: the wait is bounded so that fails, not hangs.
+    let out = tokio::time::timeout(
+        Duration::from_secs(10),
+        Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .args(["--node", "default/web-1", "--identity-off"])
+            .args(["--admin-addr", &free_addr()])
+            .env("MESH_LOG", "mesh_proxy=loud")
+            .env_remove("MESH_PROXY_CA_ADDR")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("refused at once, not running")
+    .expect("runs");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -63,6 +63,9 @@ pub struct AgentArgs {
     /// Certificate lifetime to ask for (`0s`: the CA's default, 24 h).
     #[arg(long, env = env::PROXY_CERT_LIFETIME, value_parser = parse_duration, default_value = "0s")]
     pub cert_lifetime: Duration,
+    /// Log format: `text` or `json` (the filter is `MESH_LOG`).
+    #[arg(long, env = env::LOG_FORMAT, value_enum, default_value_t = mesh_api::logging::LogFormat::Text)]
+    pub log_format: mesh_api::logging::LogFormat,
 }
 
 impl AgentArgs {
