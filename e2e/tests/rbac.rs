@@ -425,7 +425,7 @@ async fn the_reader_role_lets_its_users_read_the_mesh_and_no_one_else() -> anyho
     // check also reads the install's cluster-wide objects (CRDs, the webhook): an admin's
     // credentials, and the same port-forward to the controller.
     let admin_user = as_user(mesh_api::fake_api::rbac::ADMIN).await?;
-    let checks = meshctl::cmd::check::run_cluster_checks(&args, &admin_user).await?;
+    let checks = meshctl::cmd::check_cluster::run_cluster_checks(&args, &admin_user).await?;
     let control_plane: Vec<&str> = checks
         .iter()
         .filter(|c| c.category == "control plane")

@@ -1195,7 +1195,7 @@ async fn the_controllers_debug_api_answers_no_pod_and_meshctl_reads_it_through_a
         namespace: "mesh-system".into(),
         output: meshctl::cmd::status::Output::Table,
     };
-    let checks = meshctl::cmd::check::run_cluster_checks(&args, &admin).await?;
+    let checks = meshctl::cmd::check_cluster::run_cluster_checks(&args, &admin).await?;
     let ready = checks.iter().any(|k| {
         k.message.contains(
             "controller is ready at pod mesh-system/mesh-controller-0:15014 (port-forward)",

@@ -34,7 +34,7 @@ pub struct InjectSettings {
     /// JSON access logs on the proxy's stdout.
     pub access_log: bool,
     /// `prometheus.io/*` annotations pointing at the proxy's metrics on injected pods (a pod
-    /// whose template already has `prometheus.io/scrape` keeps its own).
+    /// whose template has any `prometheus.io/` annotation keeps its own).
     pub prometheus_annotations: bool,
 }
 
@@ -214,15 +214,19 @@ pub fn inject(
     let meta = meta
         .as_object_mut()
         .ok_or_else(|| format!("{kind}: {where_}metadata is not an object"))?;
+    // An app's own scrape settings (any `prometheus.io/` key) are left as they are.
     let scrape = s.prometheus_annotations
-        && meta
+        && !meta
             .get("annotations")
-            .and_then(|a| a.get(scrape_annotations()[0].0))
-            .is_none();
+            .and_then(Value::as_object)
+            .is_some_and(|a| a.keys().any(|k| k.starts_with("prometheus.io/")));
     if !originals.is_empty() || scrape {
-        let annotations = meta
-            .entry("annotations")
-            .or_insert_with(|| json!({}))
+        let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+        // `annotations:` left empty in YAML is null: no annotations.
+        if annotations.is_null() {
+            *annotations = json!({});
+        }
+        let annotations = annotations
             .as_object_mut()
             .ok_or_else(|| format!("{kind}: {where_}metadata.annotations is not an object"))?;
         if !originals.is_empty() {
@@ -298,7 +302,8 @@ pub fn uninject(obj: &mut Value) -> Result<Removal, String> {
         return Ok(Removal::Uninjected);
     };
     remove_key(meta, "labels", labels::PROXY);
-    // The scrape annotations, when they are injection's (pointing at the proxy's port).
+    // The scrape annotations, when they are injection's: all three, pointing at the proxy's
+    // port (which an app in a meshed pod cannot serve on: the proxy holds it).
     let ours = scrape_annotations();
     if ours
         .iter()
@@ -1094,15 +1099,25 @@ mod tests {
         assert_eq!(annotations(&p)["prometheus.io/path"], "/metrics");
         uninject(&mut p).expect("uninjects");
         assert_eq!(p["metadata"].get("annotations"), None);
-        // The app's own scrape settings stay, through injection and back.
-        let mut own = pod();
-        own["metadata"]["annotations"] =
-            json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090"});
-        let mut p = own.clone();
-        inject(&mut p, true, &settings()).expect("injects");
-        assert_eq!(annotations(&p), annotations(&own));
-        uninject(&mut p).expect("uninjects");
-        assert_eq!(annotations(&p), annotations(&own));
+        // The app's own scrape settings stay, through injection and back, whichever it set.
+        for theirs in [
+            json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}),
+            json!({"prometheus.io/port": "8080"}),
+            json!({"prometheus.io/path": "/stats"}),
+        ] {
+            let mut own = pod();
+            own["metadata"]["annotations"] = theirs;
+            let mut p = own.clone();
+            inject(&mut p, true, &settings()).expect("injects");
+            assert_eq!(annotations(&p), annotations(&own));
+            uninject(&mut p).expect("uninjects");
+            assert_eq!(annotations(&p), annotations(&own));
+        }
+        // `annotations:` left empty (null) is no annotations.
+        let mut p = pod();
+        p["metadata"]["annotations"] = Value::Null;
+        inject(&mut p, true, &settings()).expect("injects a null annotations map");
+        assert_eq!(annotations(&p)["prometheus.io/port"], "15020");
         // Off: none.
         let mut p = pod();
         let off = InjectSettings {

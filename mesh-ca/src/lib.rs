@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod authority;
+pub mod cli;
 pub mod metrics;
 pub mod run;
 pub mod secret;

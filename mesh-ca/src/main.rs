@@ -1,48 +1,9 @@
-use std::path::PathBuf;
-
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use mesh_api::SpiffeId;
-use mesh_api::consts::env;
-use mesh_api::spiffe::DEFAULT_TRUST_DOMAIN;
 use mesh_ca::auth::LocalTokens;
-use mesh_ca::run::{CaConfig, Running};
-
-#[derive(Debug, Parser)]
-#[command(name = "mesh-ca", version, about = "The mesh certificate authority")]
-struct Cli {
-    /// Log format: text or json (the filter is `MESH_LOG`); logs go to stderr.
-    #[arg(long, global = true, env = env::LOG_FORMAT, value_enum,
-          default_value_t = mesh_api::logging::LogFormat::Text)]
-    log_format: mesh_api::logging::LogFormat,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serve the certificate service.
-    Serve(CaConfig),
-    /// Print a local-mesh token proving a workload's identity (for `mesh-proxy --ca-token`).
-    Token {
-        /// The CA directory (its `token.key` signs the token).
-        #[arg(long, env = env::CA_DIR)]
-        dir: PathBuf,
-        #[arg(long, env = env::TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
-        #[arg(long, short = 'n', default_value = "default")]
-        namespace: String,
-        #[arg(long)]
-        service_account: String,
-    },
-    /// Create a new self-signed root in an empty directory (the first step of a rotation).
-    Init {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long, env = env::TRUST_DOMAIN, default_value = DEFAULT_TRUST_DOMAIN)]
-        trust_domain: String,
-    },
-}
+use mesh_ca::cli::{Cli, Command};
+use mesh_ca::run::Running;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

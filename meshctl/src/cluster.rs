@@ -79,6 +79,8 @@ pub fn plural(api_version: &str, kind: &str) -> Option<(&'static str, bool)> {
         ("mesh.dev/v1alpha1", "RateLimitPolicy") => ("ratelimitpolicies", true),
         ("mesh.dev/v1alpha1", "FaultInjection") => ("faultinjections", true),
         ("mesh.dev/v1alpha1", "Rollout") => ("rollouts", true),
+        ("monitoring.coreos.com/v1", "ServiceMonitor") => ("servicemonitors", true),
+        ("monitoring.coreos.com/v1", "PodMonitor") => ("podmonitors", true),
         _ => return None,
     })
 }
@@ -122,7 +124,10 @@ pub fn context_namespace(
     };
     let Some(file) = file else {
         if context.is_some() {
-            bail!("--context {context:?}: no kubeconfig found ($KUBECONFIG, ~/.kube/config)");
+            bail!(
+                "--context {:?}: no kubeconfig found ($KUBECONFIG, ~/.kube/config)",
+                context.unwrap_or_default()
+            );
         }
         return Ok(std::fs::read_to_string(IN_POD)
             .ok()
@@ -149,6 +154,32 @@ pub fn context_namespace(
         .as_ref()
         .and_then(|c| c.namespace.clone())
         .unwrap_or_else(|| "default".into()))
+}
+
+/// The first ready pod of a Deployment's selector `app.kubernetes.io/name=NAME`.
+pub async fn pod_of(cluster: &Cluster, ns: &str, name: &str) -> anyhow::Result<Option<String>> {
+    let pods = cluster
+        .list_in(
+            Some(ns),
+            "v1",
+            "Pod",
+            &format!("app.kubernetes.io/name={name}"),
+        )
+        .await?;
+    Ok(pods
+        .iter()
+        .find(|p| pod_ready(p))
+        .and_then(|p| p.pointer("/metadata/name").and_then(Value::as_str))
+        .map(str::to_owned))
+}
+
+fn pod_ready(p: &Value) -> bool {
+    p.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
 }
 
 /// The string at `pointer` in `o`, or "".
@@ -186,7 +217,12 @@ impl Cluster {
             }
             None if context.is_some() => kube::Config::from_kubeconfig(&options)
                 .await
-                .with_context(|| format!("the kubeconfig's context {context:?}; {hint}"))?,
+                .with_context(|| {
+                    format!(
+                        "the kubeconfig's context {:?}; {hint}",
+                        context.unwrap_or_default()
+                    )
+                })?,
             None => kube::Config::infer().await.with_context(|| {
                 format!("finding the Kubernetes API (kubeconfig or in-cluster config); {hint}")
             })?,

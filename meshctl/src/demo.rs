@@ -116,6 +116,18 @@ pub struct DemoReport {
     pub steps: Vec<StepReport>,
     /// The releases the controller drove.
     pub rollouts: Vec<RolloutReport>,
+    /// `debug` or `release`: which build of meshctl (and so of the proxies it runs) measured
+    /// the latencies. A debug build's are several times a release build's.
+    pub build: String,
+}
+
+/// Which build this meshctl is: the demo's proxies run in it, so its latencies are that build's.
+fn build() -> &'static str {
+    if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    }
 }
 
 /// One answer the client got.
@@ -305,7 +317,7 @@ async fn start_mesh(args: &DemoArgs, progress: &mut dyn Write) -> anyhow::Result
         }
     }
     // Its own readiness: 503 until it has bound every listener of the Gateway.
-    while crate::cmd::status::get_text(gateway.metrics_addr, "/ready")
+    while crate::admin::get_text(gateway.metrics_addr, "/ready")
         .await
         .is_err()
     {
@@ -476,6 +488,13 @@ pub struct RolloutReport {
 fn print_step(i: usize, s: &StepReport, out: &mut dyn Write) -> anyhow::Result<()> {
     let weights: Vec<String> = s.weights.iter().map(|(b, w)| format!("{b}={w}")).collect();
     writeln!(out)?;
+    if i == 0 && build() == "debug" {
+        writeln!(
+            out,
+            "(latencies below are a debug build's, several times a release build's: \
+             docs/benchmarks.md has the mesh's own figures)"
+        )?;
+    }
     writeln!(out, "step {}: {} ({})", i + 1, s.name, weights.join(", "))?;
     writeln!(
         out,
@@ -604,7 +623,7 @@ async fn wait_applied(mesh: &Mesh, to: &[(String, u32)]) -> anyhow::Result<()> {
 struct Measure<'a> {
     mesh: &'a Mesh,
     samples: &'a Mutex<Vec<Sample>>,
-    ctl: crate::cmd::check::Endpoint,
+    ctl: crate::admin::Endpoint,
     /// The proxy the load enters by (the client's or the Gateway's).
     entry: &'a mesh_proxy::Proxy,
     /// The entry proxy's identity, which the servers see.
@@ -767,7 +786,7 @@ pub async fn run(
     let measure = Measure {
         mesh: &mesh,
         samples: &samples,
-        ctl: crate::cmd::check::Endpoint::Direct(admin),
+        ctl: crate::admin::Endpoint::Direct(admin),
         entry: entry_proxy,
         client_id: &client_id,
     };
@@ -937,6 +956,7 @@ pub async fn run(
         server_identity: server_id.to_string(),
         steps,
         rollouts,
+        build: build().into(),
     };
     crate::output::print(args.format(), &report, out, |report, out| {
         writeln!(out)?;

@@ -1,6 +1,7 @@
 //! meshctl: the mesh's command-line tool. The binary is a thin wrapper; commands live here so
 //! tests can call them.
 
+pub mod admin;
 pub mod cluster;
 pub mod cmd;
 pub mod demo;

@@ -445,6 +445,24 @@ pub fn check_node(
     Ok(())
 }
 
+/// The client's name and version as its node says: `mesh-proxy 0.1.0` (a version string), or
+/// `envoy 1.40.0` (Envoy sends its build's semantic version).
+fn user_agent(node: &envoy_types::pb::envoy::config::core::v3::Node) -> String {
+    use envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType;
+    let version = match &node.user_agent_version_type {
+        Some(UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
+        Some(UserAgentVersionType::UserAgentBuildVersion(b)) => b
+            .version
+            .as_ref()
+            .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch))
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    format!("{} {version}", node.user_agent_name)
+        .trim()
+        .to_string()
+}
+
 fn metadata_string(node: &Node, key: &str) -> Option<String> {
     node.metadata
         .as_ref()
@@ -507,16 +525,7 @@ impl Session {
                 namespace: proxy.namespace.clone(),
                 name: proxy.name.clone(),
                 protocol,
-                user_agent: format!(
-                    "{} {}",
-                    node.user_agent_name,
-                    match &node.user_agent_version_type {
-                        Some(envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType::UserAgentVersion(v)) => v.clone(),
-                        _ => String::new(),
-                    }
-                )
-                .trim()
-                .to_string(),
+                user_agent: user_agent(node),
                 admin: metadata_string(node, node_metadata::ADMIN_ADDR),
                 metrics: metadata_string(node, node_metadata::METRICS_ADDR)
                     .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
@@ -1186,4 +1195,35 @@ struct DeltaType {
     recheck: BTreeSet<Arc<str>>,
     nonce: String,
     started: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType;
+    use envoy_types::pb::envoy::config::core::v3::{BuildVersion, Node};
+    use envoy_types::pb::envoy::r#type::v3::SemanticVersion;
+
+    #[test]
+    fn a_user_agent_names_its_version_as_a_string_or_as_envoys_build() {
+        let mut node = Node {
+            user_agent_name: "envoy".into(),
+            user_agent_version_type: Some(UserAgentVersionType::UserAgentBuildVersion(
+                BuildVersion {
+                    version: Some(SemanticVersion {
+                        major_number: 1,
+                        minor_number: 40,
+                        patch: 0,
+                    }),
+                    metadata: None,
+                },
+            )),
+            ..Default::default()
+        };
+        assert_eq!(super::user_agent(&node), "envoy 1.40.0");
+        node.user_agent_name = "mesh-proxy".into();
+        node.user_agent_version_type = Some(UserAgentVersionType::UserAgentVersion("0.1.0".into()));
+        assert_eq!(super::user_agent(&node), "mesh-proxy 0.1.0");
+        node.user_agent_version_type = None;
+        assert_eq!(super::user_agent(&node), "mesh-proxy");
+    }
 }

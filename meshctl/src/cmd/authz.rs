@@ -11,7 +11,7 @@ pub type AuthzArgs = super::stat::ServiceArgs;
 
 pub async fn authz(a: &AuthzArgs, cx: &super::Context, out: &mut dyn Write) -> anyhow::Result<()> {
     let ctl = a.controller.endpoint(cx).await?;
-    let namespace = cx.namespace(a.namespace.as_deref())?;
+    let namespace = a.controller.namespace(cx, a.namespace.as_deref())?;
     let v = fetch_service(&ctl, "/debug/authz", "policies", &namespace, &a.service).await?;
     crate::output::print(a.output, &v, out, |v, out| write_authz(v, out))
 }

@@ -10,8 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::status::{Output, get_json};
+use crate::admin::{Endpoint, get_json};
 use crate::mesh::{LocalDir, Manifests};
+use crate::output::Output;
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
@@ -52,89 +53,6 @@ impl CheckArgs {
     /// Whether these are checks of a local mesh (admin addresses) rather than a cluster.
     pub fn is_local(&self, local_dir: bool) -> bool {
         local_dir || self.controller.is_some() || self.ca_admin.is_some()
-    }
-}
-
-/// Where check reads a component's admin endpoints: directly, through the API server's pod
-/// proxy, or through a port-forward to the pod (which arrives on the pod's loopback: the
-/// controller's debug API answers callers from outside the pod only with a token).
-#[derive(Clone, Debug)]
-pub enum Endpoint {
-    Direct(SocketAddr),
-    Pod {
-        cluster: crate::cluster::Cluster,
-        base: String,
-        what: String,
-    },
-    Forward {
-        cluster: crate::cluster::Cluster,
-        namespace: String,
-        name: String,
-        port: u16,
-    },
-}
-
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Direct(a) => write!(f, "{a}"),
-            Self::Pod { what, .. } => f.write_str(what),
-            Self::Forward {
-                namespace,
-                name,
-                port,
-                ..
-            } => write!(f, "pod {namespace}/{name}:{port} (port-forward)"),
-        }
-    }
-}
-
-impl Endpoint {
-    /// Port `port` of pod `ns/name`, through the API server.
-    pub fn pod(cluster: &crate::cluster::Cluster, ns: &str, name: &str, port: u16) -> Self {
-        Self::Pod {
-            cluster: cluster.clone(),
-            base: format!("/api/v1/namespaces/{ns}/pods/{name}:{port}/proxy"),
-            what: format!("pod {ns}/{name}:{port}"),
-        }
-    }
-
-    /// Port `port` on the loopback of pod `ns/name`, through a port-forward.
-    pub fn forward(cluster: &crate::cluster::Cluster, ns: &str, name: &str, port: u16) -> Self {
-        Self::Forward {
-            cluster: cluster.clone(),
-            namespace: ns.to_owned(),
-            name: name.to_owned(),
-            port,
-        }
-    }
-
-    pub async fn text(&self, path: &str) -> anyhow::Result<String> {
-        match self {
-            Self::Direct(a) => super::status::get_text(*a, path).await,
-            Self::Pod { cluster, base, .. } => cluster.get_text(&format!("{base}{path}")).await,
-            // Only the control plane is reached this way: a refusal says how to be let in.
-            Self::Forward {
-                cluster,
-                namespace,
-                name,
-                port,
-            } => match cluster.port_forward_get(namespace, name, *port, path).await {
-                Err(e) if crate::cluster::is_forbidden(&e) => {
-                    Err(e.context(crate::cluster::reader_hint(namespace)))
-                }
-                r => r,
-            },
-        }
-    }
-
-    pub async fn json(&self, path: &str) -> anyhow::Result<Value> {
-        match self {
-            Self::Direct(a) => get_json(*a, path).await,
-            Self::Pod { .. } | Self::Forward { .. } => {
-                Ok(serde_json::from_str(&self.text(path).await?)?)
-            }
-        }
     }
 }
 
@@ -703,7 +621,7 @@ pub(crate) async fn gateways(ctl: &Endpoint, c: &mut Checks) {
 
 /// A GET that only needs a 2xx (`/ready`).
 async fn get_json_or_text(addr: SocketAddr, path: &str) -> anyhow::Result<()> {
-    super::status::get_text(addr, path).await.map(|_| ())
+    crate::admin::get_text(addr, path).await.map(|_| ())
 }
 
 /// Checks the CA; returns the fingerprint of the root it signs under now.
@@ -916,23 +834,6 @@ pub async fn run_checks(args: &CheckArgs, local: Option<&LocalDir>) -> Vec<Check
     )
     .await;
     c.0
-}
-
-/// Runs the checks of a cluster: `--pre`, or after install (and `--proxy`).
-pub async fn run_cluster_checks(
-    args: &CheckArgs,
-    cluster: &crate::cluster::Cluster,
-) -> anyhow::Result<Vec<Check>> {
-    let mut c = Checks::default();
-    if args.pre {
-        super::check_cluster::pre(cluster, &args.namespace, &mut c).await?;
-    } else {
-        super::check_cluster::installed(cluster, &args.namespace, &mut c).await?;
-        if args.proxy {
-            super::check_cluster::proxies(cluster, &mut c).await?;
-        }
-    }
-    Ok(c.0)
 }
 
 pub fn print(checks: &[Check], output: Output, out: &mut dyn Write) -> anyhow::Result<()> {

@@ -7,8 +7,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kube::core::ApiResource;
 use serde_json::{Value, json};
 
-use super::check::{Checks, Endpoint, WARN_DAYS, control_plane, days_left, identity};
-use crate::cluster::{Cluster, crd_established, field, rollout_done};
+use super::check::{CheckArgs, Checks, WARN_DAYS, control_plane, days_left, identity};
+use crate::admin::Endpoint;
+use crate::cluster::{Cluster, crd_established, field, pod_of, rollout_done};
 use crate::install::manifests::{self, Include, WEBHOOK_CONFIG};
 use crate::install::values::{APP_VERSION, Values};
 
@@ -87,14 +88,20 @@ pub(crate) fn needed_permissions(
             }
         }
     }
-    // The optional NetworkPolicies: made when enabled, deleted when not.
-    for verb in ["create", "patch", "get", "delete"] {
-        out.push((
-            verb.into(),
-            "networking.k8s.io".into(),
-            "networkpolicies".into(),
-            ns.into(),
-        ));
+    // The optional objects: made when enabled, deleted when not (NetworkPolicies, the
+    // monitors, the dashboards' ConfigMaps).
+    for (group, resource) in [
+        ("networking.k8s.io", "networkpolicies"),
+        ("monitoring.coreos.com", "servicemonitors"),
+        ("monitoring.coreos.com", "podmonitors"),
+        ("", "configmaps"),
+    ] {
+        for verb in ["create", "patch", "get", "delete"] {
+            let p = (verb.into(), group.into(), resource.into(), ns.into());
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
     }
     Ok(out)
 }
@@ -216,36 +223,6 @@ fn cert_days(pem: &str) -> Vec<(String, f64)> {
 
 fn x509_not_after(der: &[u8]) -> i64 {
     mesh_ca::authority::not_after_unix(der)
-}
-
-/// The first ready pod of a Deployment's selector `app.kubernetes.io/name=NAME`.
-pub(crate) async fn pod_of(
-    cluster: &Cluster,
-    ns: &str,
-    name: &str,
-) -> anyhow::Result<Option<String>> {
-    let pods = cluster
-        .list_in(
-            Some(ns),
-            "v1",
-            "Pod",
-            &format!("app.kubernetes.io/name={name}"),
-        )
-        .await?;
-    Ok(pods
-        .iter()
-        .find(|p| pod_ready(p))
-        .and_then(|p| p.pointer("/metadata/name").and_then(Value::as_str))
-        .map(str::to_owned))
-}
-
-fn pod_ready(p: &Value) -> bool {
-    p.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        })
 }
 
 /// After install: CRDs, the control plane's rollouts, the webhook and its certificate, the
@@ -570,6 +547,23 @@ pub(crate) async fn proxies(cluster: &Cluster, c: &mut Checks) -> anyhow::Result
     Ok(())
 }
 
+/// Runs the checks of a cluster: `--pre`, or after install (and `--proxy`).
+pub async fn run_cluster_checks(
+    args: &CheckArgs,
+    cluster: &Cluster,
+) -> anyhow::Result<Vec<super::check::Check>> {
+    let mut c = Checks::default();
+    if args.pre {
+        pre(cluster, &args.namespace, &mut c).await?;
+    } else {
+        installed(cluster, &args.namespace, &mut c).await?;
+        if args.proxy {
+            proxies(cluster, &mut c).await?;
+        }
+    }
+    Ok(c.0)
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -852,7 +846,7 @@ mod tests {
             controller: None,
             output: Output::Table,
         };
-        let e = proxy_config_in_cluster(&cluster, &args, &mut Vec::new())
+        let e = proxy_config_in_cluster(&cluster, &args, "default", &mut Vec::new())
             .await
             .expect_err("nothing answers on the pod's port");
         let e = format!("{e:#}");

@@ -220,7 +220,6 @@ async fn kubeconfig_and_context_reach_the_cluster_they_name() {
 
     let second = cx(Some("ctx-two"));
     assert_eq!(second.default_namespace().expect("namespace"), "shop");
-    assert_eq!(second.namespace(Some("web")).expect("namespace"), "web");
     let two = second.connect().await.expect("ctx-two");
     assert!(
         two.get(&service("beta", "shop"))

@@ -104,10 +104,10 @@ pub struct Context {
     pub local: Option<PathBuf>,
     /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config; in a pod, its service
     /// account).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "local")]
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use (default: its current context).
-    #[arg(long, global = true, value_name = "NAME")]
+    #[arg(long, global = true, value_name = "NAME", conflicts_with = "local")]
     pub context: Option<String>,
 }
 
@@ -132,11 +132,6 @@ impl Context {
             return Ok("default".into());
         }
         crate::cluster::context_namespace(self.kubeconfig.as_deref(), self.context.as_deref())
-    }
-
-    /// `-n` if given, else [`Context::default_namespace`].
-    pub fn namespace(&self, given: Option<&str>) -> anyhow::Result<String> {
-        given.map_or_else(|| self.default_namespace(), |n| Ok(n.to_owned()))
     }
 }
 
@@ -173,7 +168,8 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
         }
         Command::ProxyConfig(a) => current_thread()?.block_on(async {
             let cluster = cx.connect().await?;
-            status::proxy_config_in_cluster(&cluster, &a, &mut std::io::stdout()).await
+            let ns = cx.default_namespace()?;
+            status::proxy_config_in_cluster(&cluster, &a, &ns, &mut std::io::stdout()).await
         }),
         Command::Inject(a) => inject::run(&a, &mut std::io::stdout(), &mut std::io::stderr()),
         Command::Uninject(a) => {
@@ -186,7 +182,7 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
             } else {
                 current_thread()?.block_on(async {
                     let cluster = cx.connect().await?;
-                    check::run_cluster_checks(&a, &cluster).await
+                    check_cluster::run_cluster_checks(&a, &cluster).await
                 })?
             };
             check::print(&checks, a.output, &mut std::io::stdout())?;

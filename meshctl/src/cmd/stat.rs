@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::Value;
 
-use super::check::Endpoint;
+use crate::admin::Endpoint;
 
 pub use crate::output::Output;
 
@@ -66,6 +66,16 @@ pub struct TopArgs {
 }
 
 impl ControllerArgs {
+    /// The namespace of a command about workloads: `-n`, else `default` for a local mesh
+    /// (`--local`, or a controller named by `--controller`), else the kubeconfig context's.
+    pub fn namespace(&self, cx: &super::Context, given: Option<&str>) -> anyhow::Result<String> {
+        match given {
+            Some(n) => Ok(n.to_owned()),
+            None if self.controller.is_some() => Ok("default".into()),
+            None => cx.default_namespace(),
+        }
+    }
+
     pub async fn endpoint(&self, cx: &super::Context) -> anyhow::Result<Endpoint> {
         super::status::controller_endpoint(self.controller, cx, &self.mesh_namespace).await
     }
@@ -170,7 +180,7 @@ pub fn write_stat(stat: &Value, namespace: &str, out: &mut dyn Write) -> anyhow:
 
 pub async fn stat(a: &StatArgs, cx: &super::Context, out: &mut dyn Write) -> anyhow::Result<()> {
     let ctl = a.controller.endpoint(cx).await?;
-    let namespace = cx.namespace(a.namespace.as_deref())?;
+    let namespace = a.controller.namespace(cx, a.namespace.as_deref())?;
     let stat = fetch_stat(&ctl, &namespace, &a.service).await?;
     crate::output::print(a.output, &stat, out, |stat, out| {
         writeln!(
@@ -222,7 +232,7 @@ pub async fn top(a: &TopArgs, cx: &super::Context, out: &mut dyn Write) -> anyho
     let only = if a.all_namespaces {
         None
     } else {
-        Some(cx.namespace(a.namespace.as_deref())?)
+        Some(a.controller.namespace(cx, a.namespace.as_deref())?)
     };
     let ctl = a.controller.endpoint(cx).await?;
     let read = || async {

@@ -6,10 +6,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
+
+use crate::admin::get_json;
 
 pub use crate::output::Output;
 
@@ -33,8 +32,8 @@ pub async fn controller_endpoint(
     controller: Option<SocketAddr>,
     cx: &super::Context,
     namespace: &str,
-) -> anyhow::Result<super::check::Endpoint> {
-    use super::check::Endpoint;
+) -> anyhow::Result<crate::admin::Endpoint> {
+    use crate::admin::Endpoint;
     let default = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN));
     match (controller, cx.local.is_some()) {
         (Some(a), _) => Ok(Endpoint::Direct(a)),
@@ -52,9 +51,9 @@ pub async fn controller_endpoint(
 pub async fn cluster_controller(
     cluster: &crate::cluster::Cluster,
     namespace: &str,
-) -> anyhow::Result<super::check::Endpoint> {
+) -> anyhow::Result<crate::admin::Endpoint> {
     let name = mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT;
-    let found = super::check_cluster::pod_of(cluster, namespace, name).await;
+    let found = crate::cluster::pod_of(cluster, namespace, name).await;
     let found = match found {
         Err(e) if crate::cluster::is_forbidden(&e) => {
             return Err(e.context(crate::cluster::reader_hint(namespace)));
@@ -66,46 +65,12 @@ pub async fn cluster_controller(
             "no ready {name} pod in namespace {namespace}: is the mesh installed (meshctl check)?"
         );
     };
-    Ok(super::check::Endpoint::forward(
+    Ok(crate::admin::Endpoint::forward(
         cluster,
         namespace,
         &pod,
         mesh_api::consts::ports::CONTROLLER_ADMIN,
     ))
-}
-
-/// `GET http://<addr><path>` as JSON.
-pub async fn get_json(addr: SocketAddr, path: &str) -> anyhow::Result<Value> {
-    let body = get_text(addr, path).await?;
-    serde_json::from_str(&body).with_context(|| format!("http://{addr}{path}: not JSON"))
-}
-
-/// `GET http://<addr><path>`: the body of a 2xx answer.
-pub async fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
-    let what = || format!("http://{addr}{path}");
-    let tcp = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .with_context(|| format!("{}: timed out connecting", what()))?
-    .with_context(|| format!("{}: is it running?", what()))?;
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-    tokio::spawn(conn);
-    let req = hyper::Request::get(path)
-        .header("host", addr.to_string())
-        .body(Empty::<Bytes>::new())?;
-    let resp = tx.send_request(req).await.with_context(what)?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
-    if !status.is_success() {
-        bail!(
-            "{}: {status}: {}",
-            what(),
-            String::from_utf8_lossy(&body).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// The xDS types, in the order a proxy applies them.
@@ -120,7 +85,7 @@ pub async fn proxy_status(args: &ProxyStatusArgs, out: &mut dyn Write) -> anyhow
 
 /// `meshctl proxy-status` from the controller at `ctl`.
 pub async fn proxy_status_at(
-    ctl: &super::check::Endpoint,
+    ctl: &crate::admin::Endpoint,
     output: Output,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
@@ -181,7 +146,8 @@ pub enum Section {
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyConfigArgs {
-    /// The proxy: its node, `<namespace>/<name>` (a bare name is in `default`).
+    /// The proxy: its node, `<namespace>/<name>` (a bare name is in the kubeconfig context's
+    /// namespace in a cluster, in `default` in a local mesh).
     pub proxy: String,
     /// What to show.
     #[arg(value_enum, default_value_t = Section::Listeners)]
@@ -435,12 +401,13 @@ pub async fn proxy_config(args: &ProxyConfigArgs, out: &mut dyn Write) -> anyhow
 pub async fn proxy_config_in_cluster(
     cluster: &crate::cluster::Cluster,
     args: &ProxyConfigArgs,
+    default_namespace: &str,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let (ns, pod) = args
         .proxy
         .split_once('/')
-        .unwrap_or(("default", &args.proxy));
+        .unwrap_or((default_namespace, &args.proxy));
     let text = cluster
         .port_forward_get(
             ns,

@@ -352,6 +352,38 @@ pub fn network_policy_stubs(ns: &str) -> Vec<Value> {
     .collect()
 }
 
+/// The monitoring objects the values leave out (`monitoring.*.enabled` false), by name: an
+/// install deletes those an earlier one created, as `helm upgrade` would.
+pub fn monitoring_stubs(v: &Values, ns: &str) -> Vec<(Value, &'static str)> {
+    let m = &v.monitoring;
+    let mut out = Vec::new();
+    let meta = |name: &str| json!({"name": name, "namespace": ns});
+    if !m.service_monitor.enabled {
+        out.push((
+            json!({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor",
+                "metadata": meta("mesh-control-plane")}),
+            "monitoring.serviceMonitor.enabled is false",
+        ));
+    }
+    if !m.pod_monitor.enabled {
+        out.push((
+            json!({"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor",
+                "metadata": meta("mesh-proxies")}),
+            "monitoring.podMonitor.enabled is false",
+        ));
+    }
+    if !m.dashboards.enabled {
+        for (name, _) in DASHBOARDS {
+            out.push((
+                json!({"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": meta(&format!("{name}-dashboard"))}),
+                "monitoring.dashboards.enabled is false",
+            ));
+        }
+    }
+    out
+}
+
 /// Who may reach the control plane's pods (`networkPolicy` in the values): the injector from
 /// anywhere (the API server calls it, and it is not a pod a rule can name), xDS from pods with
 /// sidecars, the CA from those and the controller, the admin ports from the monitoring

@@ -107,6 +107,34 @@ fn ours(live: &Value) -> bool {
         == Some(PART_OF.1)
 }
 
+/// With a monitor enabled, the Prometheus Operator's CRD for it must be installed: checked
+/// before anything is written, so a cluster without the operator is told so and left as it was.
+async fn monitoring_crds_present(cluster: &Cluster, values: &Values) -> anyhow::Result<()> {
+    let m = &values.monitoring;
+    for (enabled, value, crd) in [
+        (
+            m.service_monitor.enabled,
+            "monitoring.serviceMonitor.enabled",
+            "servicemonitors.monitoring.coreos.com",
+        ),
+        (
+            m.pod_monitor.enabled,
+            "monitoring.podMonitor.enabled",
+            "podmonitors.monitoring.coreos.com",
+        ),
+    ] {
+        let probe = serde_json::json!({"apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition", "metadata": {"name": crd}});
+        if enabled && cluster.get(&probe).await?.is_none() {
+            bail!(
+                "values: {value} is true, but the cluster has no CRD {crd}: install the \
+                 Prometheus Operator (its CRDs) first, or set {value} to false; nothing was written"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The version of the mesh installed in `ns`, from its controller's labels.
 pub async fn installed_version(cluster: &Cluster, ns: &str) -> anyhow::Result<Option<String>> {
     let probe = serde_json::json!({
@@ -196,6 +224,7 @@ pub async fn apply(
             gateway_api_crds: !args.skip_gateway_api_crds,
         },
     )?;
+    monitoring_crds_present(cluster, &values).await?;
     let mut report = Report::default();
     // Gateway API CRDs someone else installed stay theirs (and their version): if any one of
     // them is there and not ours, none is applied, so a bundle is never mixed.
@@ -251,19 +280,21 @@ pub async fn apply(
         writeln!(out, "{} {} {}", bar(n, total), key(o), a.as_str())?;
         report.applied.push((key(o), a));
     }
-    // Policies an earlier install enabled go once they are off, as `helm upgrade` drops them.
+    // Objects an earlier install enabled go once they are off, as `helm upgrade` drops them.
+    let mut off = manifests::monitoring_stubs(&values, ns);
     if !values.network_policy.enabled {
-        for stub in manifests::network_policy_stubs(ns) {
-            if let Some(live) = cluster.get(&stub).await?
-                && ours(&live)
-                && cluster.delete(&live).await?
-            {
-                writeln!(
-                    out,
-                    "{} deleted (networkPolicy.enabled is false)",
-                    key(&stub)
-                )?;
-            }
+        off.extend(
+            manifests::network_policy_stubs(ns)
+                .into_iter()
+                .map(|s| (s, "networkPolicy.enabled is false")),
+        );
+    }
+    for (stub, why) in off {
+        if let Some(live) = cluster.get(&stub).await?
+            && ours(&live)
+            && cluster.delete(&live).await?
+        {
+            writeln!(out, "{} deleted ({why})", key(&stub))?;
         }
     }
     for o in rest.iter().filter(|o| o["kind"] == "Deployment") {

@@ -520,3 +520,65 @@ async fn network_policies_open_each_port_to_whom_it_serves() {
         );
     }
 }
+
+/// A monitor needs the Prometheus Operator's CRD: without it install refuses, naming the
+/// value, before writing anything; with it the monitors and dashboards are applied; turned off
+/// again, the next install deletes them, as `helm upgrade` would.
+#[tokio::test]
+async fn monitoring_objects_need_their_crds_and_go_once_turned_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("values.yaml");
+    std::fs::write(
+        &file,
+        "monitoring: {serviceMonitor: {enabled: true}, podMonitor: {enabled: true}, dashboards: {enabled: true}}\n",
+    )
+    .expect("values");
+    let mut on = args();
+    on.values = vec![file];
+    let (cluster, fake) = fake_cluster();
+    let err = apply(&cluster, &on, false, &mut Vec::new())
+        .await
+        .expect_err("no Prometheus Operator");
+    assert!(
+        err.to_string()
+            .contains("monitoring.serviceMonitor.enabled is true, but the cluster has no CRD servicemonitors.monitoring.coreos.com"),
+        "{err}"
+    );
+    assert!(fake.state().objects.is_empty(), "nothing written");
+
+    for kind in ["servicemonitors", "podmonitors"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+            "../e2e/testdata/prometheus-operator/monitoring.coreos.com_{kind}.yaml"
+        ));
+        let crd: Value =
+            serde_norway::from_str(&std::fs::read_to_string(path).expect("CRD")).expect("YAML");
+        cluster.apply(&crd).await.expect("the operator's CRD");
+    }
+    apply(&cluster, &on, false, &mut Vec::new())
+        .await
+        .expect("install");
+    let paths = [
+        "/apis/monitoring.coreos.com/v1/namespaces/mesh-system/servicemonitors/mesh-control-plane",
+        "/apis/monitoring.coreos.com/v1/namespaces/mesh-system/podmonitors/mesh-proxies",
+        "/api/v1/namespaces/mesh-system/configmaps/mesh-overview-dashboard",
+        "/api/v1/namespaces/mesh-system/configmaps/mesh-service-dashboard",
+        "/api/v1/namespaces/mesh-system/configmaps/mesh-workload-dashboard",
+    ];
+    for p in paths {
+        assert!(fake.state().objects.contains_key(p), "{p}");
+    }
+    let mut out = Vec::new();
+    apply(&cluster, &args(), false, &mut out)
+        .await
+        .expect("install without monitoring");
+    let out = String::from_utf8_lossy(&out);
+    for p in paths {
+        assert!(!fake.state().objects.contains_key(p), "{p}");
+    }
+    assert!(
+        out.contains(
+            "ServiceMonitor/mesh-system/mesh-control-plane deleted (monitoring.serviceMonitor.enabled is false)"
+        ),
+        "{out}"
+    );
+}

@@ -162,7 +162,7 @@ pub struct Proxy {
     pub tracing: Tracing,
     /// JSON access log lines on each sidecar's stdout.
     pub access_log: bool,
-    /// `prometheus.io/*` scrape annotations on injected pods (a pod's own are kept).
+    /// `prometheus.io/*` scrape annotations on injected pods (a pod with any `prometheus.io/` annotation keeps its own).
     pub prometheus_annotations: bool,
     pub resources: Resources,
 }
