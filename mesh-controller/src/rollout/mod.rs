@@ -791,8 +791,9 @@ fn step(
         .as_ref()
         .and_then(|a| a.get(mesh_api::consts::labels::RESUME).cloned());
     let mut fx = Effects::default();
-    // Said once, at the first measurement right after the load, or not at all.
-    let restarted = std::mem::replace(&mut mem.restarted, false);
+    // Said once, at the first measurement after the load (a tick that waits for the route to
+    // show the step's weights keeps it for the next), or not at all.
+    let restarted = mem.restarted;
     let st = &mut mem.status;
     let decide = |st: &mut RolloutStatus,
                   fx: &mut Effects,
@@ -1211,6 +1212,7 @@ fn step(
         |svc: &str| stats.tally(&view.route, &format!("{}/{svc}", view.route_key.namespace));
     if mem.baseline.is_none() {
         if restarted {
+            mem.restarted = false;
             decide(
                 st,
                 &mut fx,
