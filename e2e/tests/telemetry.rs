@@ -117,8 +117,21 @@ async fn golden_metrics_traces_and_access_logs_across_two_proxies() -> anyhow::R
         async move { matches!(c.get("echo", "/warmup", &[]).await, Ok((200, _))).then_some(()) }
     })
     .await?;
-    let before_client = scrape(pair.client.metrics_addr).await;
-    let before_server = scrape(pair.server.metrics_addr).await;
+    // A request is counted when its response ends, on each side: the server's proxy may count
+    // the warm-up after the client has its answer. The baseline is taken once both have.
+    let (before_client, before_server) = eventually(
+        Duration::from_secs(10),
+        "both proxies counting the warm-up",
+        || async {
+            let c = scrape(pair.client.metrics_addr).await;
+            let s = scrape(pair.server.metrics_addr).await;
+            // 2xx only: a warm-up refused before the server was reached counts on one side.
+            let served =
+                |v: &[Sample]| total(v, "mesh_proxy_requests_total", &[("status_class", "2xx")]);
+            (served(&c) >= 1.0 && served(&c) == served(&s)).then_some((c, s))
+        },
+    )
+    .await?;
 
     // 10 traced GETs, 5 untraced GETs, 4 POSTs of 1000 bytes, then 3 answered 503.
     let mut sent_traces = Vec::new();
