@@ -50,6 +50,7 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
         Route::Split(SplitArgs {
             target: target(),
             to: vec!["reviews-v1=50".into(), "reviews-v2=50".into()],
+            dry_run: false,
             output: meshctl::output::Output::Table,
         }),
     )?;
@@ -72,6 +73,7 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
         Route::Promote(PromoteArgs {
             target: target(),
             backend: "reviews-v2".into(),
+            dry_run: false,
             output: meshctl::output::Output::Table,
         }),
     )?;

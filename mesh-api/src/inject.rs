@@ -239,8 +239,12 @@ pub fn inject(
             }
         }
     }
-    meta.entry("labels")
-        .or_insert_with(|| json!({}))
+    let pod_labels = meta.entry("labels").or_insert_with(|| json!({}));
+    // `labels:` left empty in YAML is null: no labels.
+    if pod_labels.is_null() {
+        *pod_labels = json!({});
+    }
+    pod_labels
         .as_object_mut()
         .ok_or_else(|| format!("{kind}: {where_}metadata.labels is not an object"))?
         .insert(labels::PROXY.into(), json!("true"));
@@ -1113,11 +1117,13 @@ mod tests {
             uninject(&mut p).expect("uninjects");
             assert_eq!(annotations(&p), annotations(&own));
         }
-        // `annotations:` left empty (null) is no annotations.
+        // `annotations:` and `labels:` left empty (null) are none.
         let mut p = pod();
         p["metadata"]["annotations"] = Value::Null;
-        inject(&mut p, true, &settings()).expect("injects a null annotations map");
+        p["metadata"]["labels"] = Value::Null;
+        inject(&mut p, true, &settings()).expect("injects null maps");
         assert_eq!(annotations(&p)["prometheus.io/port"], "15020");
+        assert_eq!(p["metadata"]["labels"]["mesh.dev/proxy"], "true");
         // Off: none.
         let mut p = pod();
         let off = InjectSettings {

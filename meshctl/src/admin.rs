@@ -86,7 +86,8 @@ impl Endpoint {
         match self {
             Self::Direct(a) => get_json(*a, path).await,
             Self::Pod { .. } | Self::Forward { .. } => {
-                Ok(serde_json::from_str(&self.text(path).await?)?)
+                serde_json::from_str(&self.text(path).await?)
+                    .with_context(|| format!("{self}{path}: not JSON"))
             }
         }
     }

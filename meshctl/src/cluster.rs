@@ -286,6 +286,40 @@ impl Cluster {
     /// ports bound to the pod's loopback (the proxy's admin server, the controller's debug
     /// API). A refused port-forward says what the user lacks; a port the pod does not serve,
     /// the API server's words.
+    /// Forwards each connection `listener` accepts to port `port` of pod `ns/name`, through the
+    /// API server, until accepting fails. A connection the API server refuses is closed and said
+    /// on stderr; the others go on.
+    pub async fn forward_connections(
+        &self,
+        listener: tokio::net::TcpListener,
+        ns: &str,
+        name: &str,
+        port: u16,
+    ) -> anyhow::Result<()> {
+        loop {
+            let (mut conn, _) = listener.accept().await.context("accepting a connection")?;
+            let pods: Api<k8s_openapi::api::core::v1::Pod> =
+                Api::namespaced(self.client.clone(), ns);
+            let what = format!("port-forward to pod {ns}/{name} port {port}");
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                let forwarded = async {
+                    let mut forward = pods.portforward(&name, &[port]).await?;
+                    let mut upstream = forward
+                        .take_stream(port)
+                        .context("no stream for the port")?;
+                    tokio::io::copy_bidirectional(&mut conn, &mut upstream).await?;
+                    drop(upstream);
+                    forward.join().await?;
+                    anyhow::Ok(())
+                };
+                if let Err(e) = forwarded.await {
+                    eprintln!("{what}: {e:#}");
+                }
+            });
+        }
+    }
+
     pub async fn port_forward_get(
         &self,
         ns: &str,

@@ -44,7 +44,8 @@ const PRINTING: [&str; 13] = [
 ];
 
 /// Commands whose output is something else, and why they have no `-o table|json|yaml`.
-const OTHER_OUTPUT: [(&str, &str); 12] = [
+const OTHER_OUTPUT: [(&str, &str); 13] = [
+    ("dashboard", "prints the URL it opens"),
     (
         "bootstrap envoy",
         "a bootstrap file as Envoy reads it (YAML)",
@@ -72,7 +73,8 @@ const OTHER_OUTPUT: [(&str, &str); 12] = [
 ];
 
 /// Commands that reach the control plane, with `--mesh-namespace`.
-const CONTROL_PLANE: [&str; 11] = [
+const CONTROL_PLANE: [&str; 12] = [
+    "dashboard",
     "proxy-status",
     "top",
     "stat",
@@ -139,6 +141,19 @@ fn every_subcommand_takes_the_shared_flags() {
             CONTROL_PLANE.contains(&path.as_str()),
             "meshctl {path}: --mesh-namespace"
         );
+    }
+}
+
+#[test]
+fn a_local_mesh_and_a_kubeconfig_context_are_not_both_taken() {
+    use clap::Parser as _;
+    for argv in [
+        ["meshctl", "--local", "d", "version", "--context", "x"],
+        ["meshctl", "--context", "x", "version", "--local", "d"],
+    ] {
+        let cli = Cli::try_parse_from(argv).expect("parses");
+        let err = super::run(cli.command, &cli.context).expect_err("both");
+        assert!(err.to_string().contains("give one"), "{err}");
     }
 }
 

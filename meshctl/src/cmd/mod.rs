@@ -10,6 +10,7 @@ pub mod authz;
 pub mod bootstrap;
 pub mod check;
 pub mod check_cluster;
+pub mod dashboard;
 pub mod explain;
 pub mod inject;
 pub mod rollout;
@@ -75,6 +76,8 @@ pub enum Command {
     Version(version::VersionArgs),
     /// Print a shell completion script: `source <(meshctl completion bash)`.
     Completion(CompletionArgs),
+    /// Open the controller's service graph in a browser (through a port-forward in a cluster).
+    Dashboard(dashboard::DashboardArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,10 +107,10 @@ pub struct Context {
     pub local: Option<PathBuf>,
     /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config; in a pod, its service
     /// account).
-    #[arg(long, global = true, value_name = "FILE", conflicts_with = "local")]
+    #[arg(long, global = true, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use (default: its current context).
-    #[arg(long, global = true, value_name = "NAME", conflicts_with = "local")]
+    #[arg(long, global = true, value_name = "NAME")]
     pub context: Option<String>,
 }
 
@@ -136,6 +139,17 @@ impl Context {
 }
 
 pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
+    // Checked here, not by clap: its conflicts hold within one command level, and --local may
+    // come from the environment.
+    if let Some(dir) = &cx.local
+        && (cx.kubeconfig.is_some() || cx.context.is_some())
+    {
+        bail!(
+            "--local {} (or {}) names a local mesh, --kubeconfig and --context a cluster: give one",
+            dir.display(),
+            mesh_api::consts::env::MESHCTL_LOCAL
+        );
+    }
     match cmd {
         Command::Bootstrap(b) => bootstrap::run(b, &mut std::io::stdout()),
         Command::Route(r) => match (r.in_namespace(&cx.default_namespace()?), &cx.local) {
@@ -223,6 +237,9 @@ pub fn run(cmd: Command, cx: &Context) -> anyhow::Result<()> {
         }),
         Command::Version(a) => {
             current_thread()?.block_on(version::run(&a, cx, &mut std::io::stdout()))
+        }
+        Command::Dashboard(a) => {
+            current_thread()?.block_on(dashboard::run(&a, cx, &mut std::io::stdout()))
         }
         Command::Completion(a) => {
             completion(a.shell, &mut std::io::stdout());

@@ -77,6 +77,9 @@ pub struct SplitArgs {
     /// numbers from 0 to 1,000,000 (shares are weight / sum).
     #[arg(long, required = true, value_delimiter = ',')]
     pub to: Vec<String>,
+    /// Check everything and show the change to the route as a diff; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -95,6 +98,9 @@ pub struct PromoteArgs {
     pub target: Target,
     /// The backend that gets all the traffic.
     pub backend: String,
+    /// Check everything and show the change to the route as a diff; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -200,11 +206,24 @@ pub struct Change {
     pub rule: usize,
     pub before: Vec<(String, u32)>,
     pub after: Vec<(String, u32)>,
-    pub written: String,
+    /// Where the route was written; `None` for a dry run.
+    pub written: Option<String>,
+    /// The route's manifest before (empty for a new route) and after, as a unified diff.
+    pub diff: String,
 }
 
 /// Sets the weights of Service `target`'s traffic, checking everything first.
 pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::Result<Change> {
+    change(mesh, target, to, true)
+}
+
+/// The change [`split`] makes, checked; written only when `write`.
+pub fn change(
+    mesh: &dyn Mesh,
+    target: &Target,
+    to: &[(String, u32)],
+    write: bool,
+) -> anyhow::Result<Change> {
     let services = mesh.services()?;
     let ns = target.ns();
     let parent = find_service(&services, ns, &target.service)?;
@@ -249,6 +268,11 @@ pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::
         );
     };
     let before = weights(&rules(&route.value)[rule]);
+    let old_text = if attached.is_empty() {
+        String::new()
+    } else {
+        serde_norway::to_string(&route.value)?
+    };
     if !doc::set_backends(&mut route.value, rule, to, port) {
         bail!(
             "HTTPRoute {ns}/{}: rule {} is not a mapping",
@@ -256,13 +280,24 @@ pub fn split(mesh: &dyn Mesh, target: &Target, to: &[(String, u32)]) -> anyhow::
             rule + 1
         );
     }
-    let written = mesh.save_route(&route)?;
+    let new_text = serde_norway::to_string(&route.value)?;
+    let name = format!("HTTPRoute {ns}/{}", route.name);
+    let diff = similar::TextDiff::from_lines(&old_text, &new_text)
+        .unified_diff()
+        .header(&name, &name)
+        .to_string();
+    let written = if write {
+        Some(mesh.save_route(&route)?)
+    } else {
+        None
+    };
     Ok(Change {
         route: format!("{ns}/{}", route.name),
         rule,
         before,
         after: to.to_vec(),
         written,
+        diff,
     })
 }
 
@@ -287,6 +322,7 @@ impl Change {
             "rule": self.rule + 1,
             "backends": backends,
             "written": self.written,
+            "diff": self.diff,
         })
     }
 
@@ -319,7 +355,14 @@ pub fn print_change(c: &Change, out: &mut dyn Write) -> anyhow::Result<()> {
             share(&c.after)
         )?;
     }
-    writeln!(out, "written to {}", c.written)?;
+    match &c.written {
+        Some(w) => writeln!(out, "written to {w}")?,
+        None => write!(
+            out,
+            "dry run: nothing written; the route would change so:\n{}",
+            c.diff
+        )?,
+    }
     Ok(())
 }
 
@@ -406,7 +449,7 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
     match route {
         Route::Split(a) => {
             let to = parse_weights(&a.to)?;
-            let c = split(mesh, &a.target, &to)?;
+            let c = change(mesh, &a.target, &to, !a.dry_run)?;
             crate::output::print(a.output, &c.data(), out, |_, out| print_change(&c, out))
         }
         Route::Show(a) => {
@@ -448,7 +491,7 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
                     }
                 }
             }
-            let c = split(mesh, &a.target, &to)?;
+            let c = change(mesh, &a.target, &to, !a.dry_run)?;
             crate::output::print(a.output, &c.data(), out, |_, out| print_change(&c, out))
         }
     }

@@ -59,6 +59,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
         Route::Split(SplitArgs {
             target: target("reviews"),
             to: to(&["reviews-v1=50", "reviews-v2=50"]),
+            dry_run: false,
             output: crate::output::Output::Table,
         }),
     )
@@ -96,6 +97,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
         Route::Promote(PromoteArgs {
             target: target("reviews"),
             backend: "reviews-v2".into(),
+            dry_run: false,
             output: crate::output::Output::Table,
         }),
     )
@@ -147,6 +149,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
         Route::Split(SplitArgs {
             target: target("reviews"),
             to: to(&["reviews-v1=75", "reviews-v2=25"]),
+            dry_run: false,
             output: crate::output::Output::Json,
         }),
     )
@@ -165,6 +168,31 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
     assert_eq!(backend("reviews-v2")["before"]["share"], 100.0, "{text}");
     assert_eq!(backend("reviews-v2")["after"]["weight"], 25, "{text}");
     assert_eq!(backend("reviews-v1")["after"]["share"], 75.0, "{text}");
+    // A dry run checks everything, shows the route's change as a diff and writes nothing.
+    let values = || -> Vec<_> {
+        mesh.routes()
+            .expect("routes")
+            .into_iter()
+            .map(|r| r.value)
+            .collect()
+    };
+    let before = values();
+    let text = run_cmd(
+        dir.path(),
+        Route::Split(SplitArgs {
+            target: target("reviews"),
+            to: to(&["reviews-v1=10", "reviews-v2=90"]),
+            dry_run: true,
+            output: crate::output::Output::Table,
+        }),
+    )
+    .expect("dry run");
+    assert!(text.contains("dry run: nothing written"), "{text}");
+    assert!(
+        text.contains("-      weight: 75") && text.contains("+      weight: 10"),
+        "{text}"
+    );
+    assert_eq!(values(), before, "nothing written");
 }
 
 #[test]
@@ -176,6 +204,7 @@ fn without_a_route_split_writes_a_new_one_attached_to_the_service() {
         Route::Split(SplitArgs {
             target: target("reviews"),
             to: to(&["reviews-v1=90", "reviews-v2=10"]),
+            dry_run: false,
             output: crate::output::Output::Table,
         }),
     )
@@ -207,6 +236,7 @@ fn refusals_name_the_input_and_leave_the_directory_untouched() {
                     ..target("reviews")
                 },
                 to: to(args),
+                dry_run: false,
                 output: crate::output::Output::Table,
             }),
         )
@@ -240,6 +270,7 @@ fn refusals_name_the_input_and_leave_the_directory_untouched() {
         Route::Split(SplitArgs {
             target: target("nope"),
             to: to(&["reviews-v1=1"]),
+            dry_run: false,
             output: crate::output::Output::Table,
         }),
     )
@@ -283,6 +314,7 @@ mod cluster {
         Route::Split(SplitArgs {
             target: target(),
             to: to.iter().map(|s| s.to_string()).collect(),
+            dry_run: false,
             output: crate::output::Output::Table,
         })
     }
@@ -327,6 +359,7 @@ mod cluster {
             Route::Promote(PromoteArgs {
                 target: target(),
                 backend: "reviews-v2".into(),
+                dry_run: false,
                 output: crate::output::Output::Table,
             }),
             &mesh,

@@ -29,7 +29,7 @@ pub struct Versions {
     pub client: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_plane: Option<String>,
-    /// Each proxy version (`mesh-proxy 0.1.0`, `envoy/1.40.0/...`) and how many proxies run it.
+    /// Each proxy version (`mesh-proxy 0.1.0`, `envoy 1.40.0`) and how many proxies run it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxies: Option<BTreeMap<String, usize>>,
 }

@@ -107,28 +107,41 @@ fn ours(live: &Value) -> bool {
         == Some(PART_OF.1)
 }
 
+/// The CRD a ServiceMonitor or PodMonitor needs, to look it up; `None` for other kinds.
+fn monitor_crd(o: &Value) -> Option<Value> {
+    let plural = match (o["apiVersion"].as_str()?, o["kind"].as_str()?) {
+        ("monitoring.coreos.com/v1", "ServiceMonitor") => "servicemonitors",
+        ("monitoring.coreos.com/v1", "PodMonitor") => "podmonitors",
+        _ => return None,
+    };
+    Some(serde_json::json!({"apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": format!("{plural}.monitoring.coreos.com")}}))
+}
+
 /// With a monitor enabled, the Prometheus Operator's CRD for it must be installed: checked
 /// before anything is written, so a cluster without the operator is told so and left as it was.
 async fn monitoring_crds_present(cluster: &Cluster, values: &Values) -> anyhow::Result<()> {
     let m = &values.monitoring;
-    for (enabled, value, crd) in [
+    for (enabled, value, kind) in [
         (
             m.service_monitor.enabled,
             "monitoring.serviceMonitor.enabled",
-            "servicemonitors.monitoring.coreos.com",
+            "ServiceMonitor",
         ),
         (
             m.pod_monitor.enabled,
             "monitoring.podMonitor.enabled",
-            "podmonitors.monitoring.coreos.com",
+            "PodMonitor",
         ),
     ] {
-        let probe = serde_json::json!({"apiVersion": "apiextensions.k8s.io/v1",
-            "kind": "CustomResourceDefinition", "metadata": {"name": crd}});
-        if enabled && cluster.get(&probe).await?.is_none() {
+        let probe = serde_json::json!({"apiVersion": "monitoring.coreos.com/v1", "kind": kind});
+        let crd = monitor_crd(&probe).context("a monitor's CRD")?;
+        if enabled && cluster.get(&crd).await?.is_none() {
             bail!(
-                "values: {value} is true, but the cluster has no CRD {crd}: install the \
-                 Prometheus Operator (its CRDs) first, or set {value} to false; nothing was written"
+                "values: {value} is true, but the cluster has no CRD {}: install the \
+                 Prometheus Operator (its CRDs) first, or set {value} to false; nothing was written",
+                crd["metadata"]["name"].as_str().unwrap_or_default()
             );
         }
     }
@@ -290,6 +303,13 @@ pub async fn apply(
         );
     }
     for (stub, why) in off {
+        // A monitor can be there only where the Prometheus Operator's CRD is: without it there
+        // is nothing to look for (and no permission on its group to ask for).
+        if let Some(crd) = monitor_crd(&stub)
+            && cluster.get(&crd).await?.is_none()
+        {
+            continue;
+        }
         if let Some(live) = cluster.get(&stub).await?
             && ours(&live)
             && cluster.delete(&live).await?
