@@ -791,9 +791,9 @@ fn step(
         .as_ref()
         .and_then(|a| a.get(mesh_api::consts::labels::RESUME).cloned());
     let mut fx = Effects::default();
-    // Said once, at the first measurement after the load (a tick that waits for the route to
-    // show the step's weights keeps it for the next), or not at all.
-    let restarted = mem.restarted;
+    // Said once, at the first measurement right after the load, or not at all; only a tick
+    // that waits for the route to show the step's weights hands it on to the next.
+    let restarted = std::mem::take(&mut mem.restarted);
     let st = &mut mem.status;
     let decide = |st: &mut RolloutStatus,
                   fx: &mut Effects,
@@ -1204,6 +1204,8 @@ fn step(
     if lagging {
         // Measured from when the route shows the step's weights.
         mem.baseline = None;
+        // Not for a release that starts now: it never ran before the restart.
+        mem.restarted = restarted && !start;
         return fx;
     }
 
@@ -1212,7 +1214,6 @@ fn step(
         |svc: &str| stats.tally(&view.route, &format!("{}/{svc}", view.route_key.namespace));
     if mem.baseline.is_none() {
         if restarted {
-            mem.restarted = false;
             decide(
                 st,
                 &mut fx,
