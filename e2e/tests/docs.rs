@@ -35,10 +35,12 @@ fn ours(words: &[String]) -> Option<Vec<String>> {
         w.remove(0);
     }
     if w.len() > 1 && w[0] == "cargo" && w[1] == "run" {
-        let name = w
+        // `-p NAME` of cargo's own words, before `--`.
+        let cargo_words = w.iter().position(|a| a == "--").unwrap_or(w.len());
+        let name = w[..cargo_words]
             .iter()
             .position(|a| a == "-p" || a == "--package")
-            .and_then(|i| w.get(i + 1))?
+            .and_then(|i| w[..cargo_words].get(i + 1))?
             .clone();
         let rest = match w.iter().position(|a| a == "--") {
             Some(i) => w[i + 1..].to_vec(),
@@ -93,10 +95,8 @@ fn commands(line: &str) -> Result<Vec<Vec<String>>, String> {
     let mut out = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut skip_next = false;
+    // shlex drops comments already; a `#` left is in quotes, an argument.
     for w in words {
-        if w.starts_with('#') {
-            break;
-        }
         if skip_next {
             skip_next = false;
             continue;
@@ -159,7 +159,13 @@ fn every_command_line_in_the_docs_parses_with_its_binary() {
             .display()
             .to_string();
         for line in command_lines(&text) {
+            // A line that names a binary in prose or output, not a command, may not split.
+            let command_like = ["cargo ", "./", "sudo ", "$ "]
+                .iter()
+                .chain(BINARIES.iter())
+                .any(|p| line.starts_with(p));
             match commands(&line) {
+                Err(_) if !command_like => {}
                 Ok(cmds) => {
                     for args in cmds {
                         if let Err(why) = parse(&args) {

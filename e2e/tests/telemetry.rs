@@ -179,11 +179,22 @@ async fn golden_metrics_traces_and_access_logs_across_two_proxies() -> anyhow::R
 
     // Metrics: exact counts on both sides of the edge, by status class.
     let (client_edge, server_edge) = (edge("outbound"), edge("inbound"));
-    let after_client = scrape(pair.client.metrics_addr).await;
-    let after_server = scrape(pair.server.metrics_addr).await;
     let delta = |before: &[Sample], after: &[Sample], name: &str, want: &[(&str, &str)]| {
         total(after, name, want) - total(before, name, want)
     };
+    // The last answers are counted on each side as their responses end: read once both
+    // proxies have counted all 22 (the assertions below then hold them to their classes).
+    let (after_client, after_server) = eventually(
+        Duration::from_secs(10),
+        "both proxies counting every request",
+        || async {
+            let c = scrape(pair.client.metrics_addr).await;
+            let s = scrape(pair.server.metrics_addr).await;
+            let all = |b: &[Sample], a: &[Sample]| delta(b, a, "mesh_proxy_requests_total", &[]);
+            (all(&before_client, &c) >= 22.0 && all(&before_server, &s) >= 22.0).then_some((c, s))
+        },
+    )
+    .await?;
     for (side, before, after, edge) in [
         ("client", &before_client, &after_client, &client_edge[..]),
         ("server", &before_server, &after_server, &server_edge[..]),

@@ -282,13 +282,9 @@ impl Cluster {
             .with_context(|| format!("GET {path}"))
     }
 
-    /// A GET of `path` on port `port` of pod `ns/name` through a port-forward, which reaches
-    /// ports bound to the pod's loopback (the proxy's admin server, the controller's debug
-    /// API). A refused port-forward says what the user lacks; a port the pod does not serve,
-    /// the API server's words.
     /// Forwards each connection `listener` accepts to port `port` of pod `ns/name`, through the
-    /// API server, until accepting fails. A connection the API server refuses is closed and said
-    /// on stderr; the others go on.
+    /// API server, for as long as it is polled. A connection that fails (refused by the API
+    /// server, or not accepted) is closed and said on stderr; the others go on.
     pub async fn forward_connections(
         &self,
         listener: tokio::net::TcpListener,
@@ -297,7 +293,16 @@ impl Cluster {
         port: u16,
     ) -> anyhow::Result<()> {
         loop {
-            let (mut conn, _) = listener.accept().await.context("accepting a connection")?;
+            let mut conn = match listener.accept().await {
+                Ok((conn, _)) => conn,
+                // Out of descriptors, or a connection reset before it was taken: the next
+                // one may do; a pause keeps a full table from spinning.
+                Err(e) => {
+                    eprintln!("accepting a connection: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             let pods: Api<k8s_openapi::api::core::v1::Pod> =
                 Api::namespaced(self.client.clone(), ns);
             let what = format!("port-forward to pod {ns}/{name} port {port}");
@@ -320,6 +325,10 @@ impl Cluster {
         }
     }
 
+    /// A GET of `path` on port `port` of pod `ns/name` through a port-forward, which reaches
+    /// ports bound to the pod's loopback (the proxy's admin server, the controller's debug
+    /// API). A refused port-forward says what the user lacks; a port the pod does not serve,
+    /// the API server's words.
     pub async fn port_forward_get(
         &self,
         ns: &str,

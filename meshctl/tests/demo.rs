@@ -281,6 +281,33 @@ fn meshctl_stat_during_the_demos_canary() {
             .expect("JSON");
     let table = run(&["stat", "reviews", "-n", "default"]);
     let top = run(&["top", "--once"]);
+    // The commands that read the controller print the same data as JSON and as YAML, and
+    // both parse to the same value.
+    for command in [
+        &["stat", "reviews", "-n", "default"][..],
+        &["top"],
+        &["authz", "reviews", "-n", "default"],
+        &["proxy-status"],
+        &["version"],
+    ] {
+        let as_json: serde_json::Value =
+            serde_json::from_str(&run(&[command, &["-o", "json"]].concat()))
+                .unwrap_or_else(|e| panic!("{command:?} -o json: {e}"));
+        let as_yaml: serde_json::Value =
+            serde_norway::from_str(&run(&[command, &["-o", "yaml"]].concat()))
+                .unwrap_or_else(|e| panic!("{command:?} -o yaml: {e}"));
+        assert!(
+            as_json.is_object() || as_json.is_array(),
+            "{command:?}: {as_json}"
+        );
+        // Live figures move between two reads; the shape (the keys) does not.
+        let keys = |v: &serde_json::Value| -> Vec<String> {
+            v.as_object()
+                .map(|o| o.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        assert_eq!(keys(&as_json), keys(&as_yaml), "{command:?}");
+    }
     let _ = demo.kill();
     let _ = demo.wait();
     let rows = json["backends"].as_array().expect("backends");

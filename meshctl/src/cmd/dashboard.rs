@@ -13,7 +13,7 @@ use super::stat::ControllerArgs;
 pub struct DashboardArgs {
     #[command(flatten)]
     pub controller: ControllerArgs,
-    /// The local address the port-forward listens on (port 0: any free port).
+    /// The local address the port-forward listens on, a loopback one (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub address: SocketAddr,
     /// Print the URL only; do not open a browser.
@@ -82,6 +82,13 @@ pub async fn run(
     if args.controller.controller.is_some() || cx.local.is_some() {
         let ctl = args.controller.endpoint(cx).await?;
         return show(&format!("http://{ctl}/graph"), args, out);
+    }
+    if !args.address.ip().is_loopback() {
+        anyhow::bail!(
+            "--address {}: whoever reaches it would use your credentials on the controller's \
+             debug API; give a loopback address (127.0.0.1:PORT)",
+            args.address
+        );
     }
     let cluster = cx.connect().await?;
     let listener = tokio::net::TcpListener::bind(args.address)

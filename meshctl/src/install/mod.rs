@@ -310,7 +310,20 @@ pub async fn apply(
         {
             continue;
         }
-        if let Some(live) = cluster.get(&stub).await?
+        let live = match cluster.get(&stub).await {
+            Ok(live) => live,
+            // The monitors' group may be closed to an installer who never enabled them.
+            Err(e) if crate::cluster::is_forbidden(&e) => {
+                writeln!(
+                    out,
+                    "{}: not read ({why}; no permission to read it, so one an earlier install made stays)",
+                    key(&stub)
+                )?;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(live) = live
             && ours(&live)
             && cluster.delete(&live).await?
         {
