@@ -221,14 +221,7 @@ pub fn inject(
             .and_then(Value::as_object)
             .is_some_and(|a| a.keys().any(|k| k.starts_with("prometheus.io/")));
     if !originals.is_empty() || scrape {
-        let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
-        // `annotations:` left empty in YAML is null: no annotations.
-        if annotations.is_null() {
-            *annotations = json!({});
-        }
-        let annotations = annotations
-            .as_object_mut()
-            .ok_or_else(|| format!("{kind}: {where_}metadata.annotations is not an object"))?;
+        let annotations = metadata_map(meta, "annotations", &kind, &where_)?;
         if !originals.is_empty() {
             let text = serde_json::to_string(&originals).map_err(|e| e.to_string())?;
             annotations.insert(labels::APP_PROBES.into(), json!(text));
@@ -239,16 +232,24 @@ pub fn inject(
             }
         }
     }
-    let pod_labels = meta.entry("labels").or_insert_with(|| json!({}));
-    // `labels:` left empty in YAML is null: no labels.
-    if pod_labels.is_null() {
-        *pod_labels = json!({});
-    }
-    pod_labels
-        .as_object_mut()
-        .ok_or_else(|| format!("{kind}: {where_}metadata.labels is not an object"))?
-        .insert(labels::PROXY.into(), json!("true"));
+    metadata_map(meta, "labels", &kind, &where_)?.insert(labels::PROXY.into(), json!("true"));
     Ok(Outcome::Injected)
+}
+
+/// The pod template's `metadata.<key>` map (labels, annotations), made when missing; `key:`
+/// left empty in YAML is null, so no entries.
+fn metadata_map<'a>(
+    meta: &'a mut Map<String, Value>,
+    key: &str,
+    kind: &str,
+    where_: &str,
+) -> Result<&'a mut Map<String, Value>, String> {
+    let v = meta.entry(key).or_insert_with(|| json!({}));
+    if v.is_null() {
+        *v = json!({});
+    }
+    v.as_object_mut()
+        .ok_or_else(|| format!("{kind}: {where_}metadata.{key} is not an object"))
 }
 
 /// What uninjection did.

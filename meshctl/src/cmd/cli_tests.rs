@@ -210,7 +210,12 @@ async fn kubeconfig_and_context_reach_the_cluster_they_name() {
     let file = json!({"apiVersion": "v1", "kind": "Config", "clusters": clusters,
         "users": users, "contexts": contexts, "current-context": "ctx-one"});
     std::fs::write(&path, serde_norway::to_string(&file).expect("yaml")).expect("write");
-    let service = |name: &str, ns: &str| json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns}});
+    // Whether the cluster holds Service ns/name.
+    async fn has(cluster: &crate::cluster::Cluster, name: &str, ns: &str) -> bool {
+        let service = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns}});
+        cluster.get(&service).await.expect("get").is_some()
+    }
     let cx = |context: Option<&str>| Context {
         local: None,
         kubeconfig: Some(path.clone()),
@@ -220,34 +225,14 @@ async fn kubeconfig_and_context_reach_the_cluster_they_name() {
     let current = cx(None);
     assert_eq!(current.default_namespace().expect("namespace"), "default");
     let one = current.connect().await.expect("the current context");
-    assert!(
-        one.get(&service("alpha", "default"))
-            .await
-            .expect("get")
-            .is_some()
-    );
-    assert!(
-        one.get(&service("beta", "shop"))
-            .await
-            .expect("get")
-            .is_none()
-    );
+    assert!(has(&one, "alpha", "default").await);
+    assert!(!has(&one, "beta", "shop").await);
 
     let second = cx(Some("ctx-two"));
     assert_eq!(second.default_namespace().expect("namespace"), "shop");
     let two = second.connect().await.expect("ctx-two");
-    assert!(
-        two.get(&service("beta", "shop"))
-            .await
-            .expect("get")
-            .is_some()
-    );
-    assert!(
-        two.get(&service("alpha", "default"))
-            .await
-            .expect("get")
-            .is_none()
-    );
+    assert!(has(&two, "beta", "shop").await);
+    assert!(!has(&two, "alpha", "default").await);
 
     let err = cx(Some("ctx-three"))
         .default_namespace()

@@ -109,6 +109,22 @@ mod tests {
 
     use super::*;
 
+    /// The command's arguments in a cluster (no browser), and the listener they name.
+    async fn in_cluster() -> (DashboardArgs, tokio::net::TcpListener) {
+        let args = DashboardArgs {
+            controller: ControllerArgs {
+                controller: None,
+                mesh_namespace: "mesh-system".into(),
+            },
+            address: "127.0.0.1:0".parse().expect("address"),
+            no_browser: true,
+        };
+        let listener = tokio::net::TcpListener::bind(args.address)
+            .await
+            .expect("bind");
+        (args, listener)
+    }
+
     /// In a cluster, the graph page is served at a local address through a port-forward to the
     /// ready controller pod, and the URL is printed when no browser is opened.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,17 +141,7 @@ mod tests {
             "<html>the graph</html>".into(),
         );
         let cluster = crate::cluster::Cluster::new(client);
-        let args = DashboardArgs {
-            controller: ControllerArgs {
-                controller: None,
-                mesh_namespace: "mesh-system".into(),
-            },
-            address: "127.0.0.1:0".parse().expect("address"),
-            no_browser: true,
-        };
-        let listener = tokio::net::TcpListener::bind(args.address)
-            .await
-            .expect("bind");
+        let (args, listener) = in_cluster().await;
         let local = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let mut out = Vec::new();
@@ -174,17 +180,7 @@ mod tests {
     async fn without_a_controller_pod_it_says_where_it_looked() {
         let (client, _fake) = FakeApi::start();
         let cluster = crate::cluster::Cluster::new(client);
-        let args = DashboardArgs {
-            controller: ControllerArgs {
-                controller: None,
-                mesh_namespace: "mesh-system".into(),
-            },
-            address: "127.0.0.1:0".parse().expect("address"),
-            no_browser: true,
-        };
-        let listener = tokio::net::TcpListener::bind(args.address)
-            .await
-            .expect("bind");
+        let (args, listener) = in_cluster().await;
         let err = serve(&cluster, &args, listener, &mut Vec::new(), async {})
             .await
             .expect_err("no pod");

@@ -33,16 +33,23 @@ pub async fn controller_endpoint(
     cx: &super::Context,
     namespace: &str,
 ) -> anyhow::Result<crate::admin::Endpoint> {
-    use crate::admin::Endpoint;
-    let default = SocketAddr::from(([127, 0, 0, 1], mesh_api::consts::ports::CONTROLLER_ADMIN));
-    match (controller, cx.local.is_some()) {
-        (Some(a), _) => Ok(Endpoint::Direct(a)),
-        (None, true) => Ok(Endpoint::Direct(default)),
-        (None, false) => {
-            let cluster = cx.connect().await?;
-            cluster_controller(&cluster, namespace).await
-        }
+    if controller.is_some() || cx.local.is_some() {
+        return Ok(local_controller(controller));
     }
+    let cluster = cx.connect().await?;
+    cluster_controller(&cluster, namespace).await
+}
+
+/// A local mesh's controller: at `controller`, or its default admin address.
+pub fn local_controller(controller: Option<SocketAddr>) -> crate::admin::Endpoint {
+    crate::admin::Endpoint::Direct(local_controller_addr(controller))
+}
+
+fn local_controller_addr(controller: Option<SocketAddr>) -> SocketAddr {
+    controller.unwrap_or(SocketAddr::from((
+        [127, 0, 0, 1],
+        mesh_api::consts::ports::CONTROLLER_ADMIN,
+    )))
 }
 
 /// A ready controller pod's admin port, through a port-forward: the user's own credentials
@@ -78,9 +85,7 @@ const TYPES: [&str; 4] = ["CDS", "EDS", "LDS", "RDS"];
 
 /// `meshctl proxy-status` of a local mesh (`--controller`, default 127.0.0.1:15014).
 pub async fn proxy_status(args: &ProxyStatusArgs, out: &mut dyn Write) -> anyhow::Result<()> {
-    let local = super::Context::local(".");
-    let ctl = controller_endpoint(args.controller, &local, &args.namespace).await?;
-    proxy_status_at(&ctl, args.output, out).await
+    proxy_status_at(&local_controller(args.controller), args.output, out).await
 }
 
 /// `meshctl proxy-status` from the controller at `ctl`.
@@ -368,10 +373,7 @@ pub async fn proxy_config(args: &ProxyConfigArgs, out: &mut dyn Write) -> anyhow
     } else {
         format!("default/{}", args.proxy)
     };
-    let controller = args.controller.unwrap_or(SocketAddr::from((
-        [127, 0, 0, 1],
-        mesh_api::consts::ports::CONTROLLER_ADMIN,
-    )));
+    let controller = local_controller_addr(args.controller);
     let proxies = get_json(controller, "/debug/proxies")
         .await
         .context("finding the proxy through the controller (--controller)")?;

@@ -47,19 +47,26 @@ pub fn versions(controller: &Value, proxies: &Value) -> anyhow::Result<Versions>
         *counts.entry(agent.to_owned()).or_insert(0) += 1;
     }
     Ok(Versions {
-        client: crate::install::values::APP_VERSION.to_owned(),
         control_plane: Some(control_plane),
         proxies: Some(counts),
+        ..Versions::client()
     })
 }
 
-pub async fn run(a: &VersionArgs, cx: &super::Context, out: &mut dyn Write) -> anyhow::Result<()> {
-    let v = if a.client {
-        Versions {
+impl Versions {
+    /// This meshctl's version alone.
+    fn client() -> Self {
+        Self {
             client: crate::install::values::APP_VERSION.to_owned(),
             control_plane: None,
             proxies: None,
         }
+    }
+}
+
+pub async fn run(a: &VersionArgs, cx: &super::Context, out: &mut dyn Write) -> anyhow::Result<()> {
+    let v = if a.client {
+        Versions::client()
     } else {
         let ctl = a.controller.endpoint(cx).await.context(
             "reaching the control plane (meshctl version --client shows this meshctl's alone)",

@@ -117,35 +117,37 @@ fn monitoring(v: &Values, ns: &str) -> Vec<Value> {
         }
         l
     };
+    let monitor = |kind: &str, name: &str, extra, spec| {
+        json!({"apiVersion": "monitoring.coreos.com/v1", "kind": kind,
+            "metadata": {"name": name, "namespace": ns, "labels": with(extra)}, "spec": spec})
+    };
     let mut out = Vec::new();
     if m.service_monitor.enabled {
-        out.push(json!({
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "ServiceMonitor",
-            "metadata": {"name": "mesh-control-plane", "namespace": ns,
-                "labels": with(&m.service_monitor.labels)},
-            "spec": {
+        out.push(monitor(
+            "ServiceMonitor",
+            "mesh-control-plane",
+            &m.service_monitor.labels,
+            json!({
                 "selector": {"matchExpressions": [{"key": "app.kubernetes.io/name",
                     "operator": "In", "values": [identity::CA_SERVICE_ACCOUNT,
                         identity::CONTROLLER_SERVICE_ACCOUNT]}]},
                 "endpoints": [{"port": "http-admin", "path": "/metrics",
                     "interval": m.service_monitor.interval}]
-            }
-        }));
+            }),
+        ));
     }
     if m.pod_monitor.enabled {
-        out.push(json!({
-            "apiVersion": "monitoring.coreos.com/v1",
-            "kind": "PodMonitor",
-            "metadata": {"name": "mesh-proxies", "namespace": ns,
-                "labels": with(&m.pod_monitor.labels)},
-            "spec": {
+        out.push(monitor(
+            "PodMonitor",
+            "mesh-proxies",
+            &m.pod_monitor.labels,
+            json!({
                 "namespaceSelector": {"any": true},
                 "selector": {"matchLabels": {mesh_api::consts::labels::PROXY: "true"}},
                 "podMetricsEndpoints": [{"port": mesh_api::inject::METRICS_PORT_NAME,
                     "path": "/metrics", "interval": m.pod_monitor.interval}]
-            }
-        }));
+            }),
+        ));
     }
     if m.dashboards.enabled {
         for (name, text) in DASHBOARDS {

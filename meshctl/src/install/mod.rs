@@ -109,14 +109,15 @@ fn ours(live: &Value) -> bool {
 
 /// The CRD a ServiceMonitor or PodMonitor needs, to look it up; `None` for other kinds.
 fn monitor_crd(o: &Value) -> Option<Value> {
-    let plural = match (o["apiVersion"].as_str()?, o["kind"].as_str()?) {
-        ("monitoring.coreos.com/v1", "ServiceMonitor") => "servicemonitors",
-        ("monitoring.coreos.com/v1", "PodMonitor") => "podmonitors",
-        _ => return None,
-    };
+    const GROUP: &str = "monitoring.coreos.com";
+    let api_version = o["apiVersion"].as_str()?;
+    if api_version.split_once('/')?.0 != GROUP {
+        return None;
+    }
+    let (plural, _) = crate::cluster::plural(api_version, o["kind"].as_str()?)?;
     Some(serde_json::json!({"apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": format!("{plural}.monitoring.coreos.com")}}))
+        "metadata": {"name": format!("{plural}.{GROUP}")}}))
 }
 
 /// With a monitor enabled, the Prometheus Operator's CRD for it must be installed: checked
@@ -135,9 +136,12 @@ async fn monitoring_crds_present(cluster: &Cluster, values: &Values) -> anyhow::
             "PodMonitor",
         ),
     ] {
+        if !enabled {
+            continue;
+        }
         let probe = serde_json::json!({"apiVersion": "monitoring.coreos.com/v1", "kind": kind});
         let crd = monitor_crd(&probe).context("a monitor's CRD")?;
-        if enabled && cluster.get(&crd).await?.is_none() {
+        if cluster.get(&crd).await?.is_none() {
             bail!(
                 "values: {value} is true, but the cluster has no CRD {}: install the \
                  Prometheus Operator (its CRDs) first, or set {value} to false; nothing was written",
