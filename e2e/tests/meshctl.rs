@@ -1,6 +1,7 @@
 //! meshctl against a running local mesh: `route split` and `promote` edit what the controller
 //! watches and live traffic follows; `proxy-status` and `proxy-config` read what is running.
 
+use anyhow::Context as _;
 use mesh_e2e::mesh::{LocalMesh, wait_config};
 use mesh_e2e::{Backend, ProxyClient, reviews_route, spread};
 use meshctl::cmd::route::{self, PromoteArgs, Route, SplitArgs, Target};
@@ -45,44 +46,71 @@ async fn split_and_promote_move_live_traffic() -> anyhow::Result<()> {
         .await?;
     let mut client = ProxyClient::new(proxy.outbound_http_addr.expect("explicit listener"));
 
+    // --wait returns once the proxy applied the split: no waiting after it.
+    let wait = || route::WaitArgs {
+        wait: true,
+        controller: meshctl::cmd::stat::ControllerArgs {
+            controller: Some(mesh.controller.admin_addr),
+            mesh_namespace: "mesh-system".into(),
+        },
+        ..Default::default()
+    };
     let out = meshctl(
         &mesh,
         Route::Split(SplitArgs {
             target: target(),
             to: vec!["reviews-v1=50".into(), "reviews-v2=50".into()],
             dry_run: false,
+            wait: wait(),
             output: meshctl::output::Output::Table,
         }),
     )?;
     assert!(out.contains("written to"), "{out}");
-    wait_config(&proxy, "the 50/50 split", |s| {
-        let w = s.backend_weights("outbound_http", "reviews.default.");
+    assert!(
+        out.contains("applied by the 1 connected proxy (revision "),
+        "{out}"
+    );
+    let held = proxy.store.load().context("a snapshot")?;
+    let w = held.backend_weights("outbound_http", "reviews.default.");
+    assert!(
         w.iter().any(|(c, w)| c.contains("reviews-v1") && *w == 50)
-            && s.clusters
-                .values()
-                .filter(|c| c.name.contains("reviews-v"))
-                .all(|c| !c.endpoints.is_empty())
+            && w.iter().any(|(c, w)| c.contains("reviews-v2") && *w == 50),
+        "{w:?}"
+    );
+    wait_config(&proxy, "both versions' endpoints", |s| {
+        s.clusters
+            .values()
+            .filter(|c| c.name.contains("reviews-v"))
+            .all(|c| !c.endpoints.is_empty())
     })
     .await?;
     let got = spread(&mut client, 1000, &[]).await;
     let v2_share = *got.get("reviews v2\n").unwrap_or(&0) as f64 / 10.0;
     assert!((45.0..=55.0).contains(&v2_share), "{got:?}");
 
-    meshctl(
+    let out = meshctl(
         &mesh,
         Route::Promote(PromoteArgs {
             target: target(),
             backend: "reviews-v2".into(),
             dry_run: false,
-            output: meshctl::output::Output::Table,
+            wait: wait(),
+            output: meshctl::output::Output::Json,
         }),
     )?;
-    wait_config(&proxy, "everything on v2", |s| {
-        !s.backend_weights("outbound_http", "reviews.default.")
+    // One JSON document: the wait's statuses went to stderr.
+    let json: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(json["acknowledged"]["proxies"], 1, "{json}");
+    assert!(
+        !proxy
+            .store
+            .load()
+            .context("a snapshot")?
+            .backend_weights("outbound_http", "reviews.default.")
             .iter()
-            .any(|(c, w)| c.contains("reviews-v1") && *w > 0)
-    })
-    .await?;
+            .any(|(c, w)| c.contains("reviews-v1") && *w > 0),
+        "{json}"
+    );
     let got = spread(&mut client, 200, &[]).await;
     assert_eq!(got.get("reviews v2\n"), Some(&200), "{got:?}");
     Ok(())

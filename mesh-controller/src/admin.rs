@@ -8,6 +8,7 @@
 //! | `/debug/proxies` | connected proxies with per-type state SYNCED / STALE / NACKED |
 //! | `/debug/config-errors` | refused manifests and unresolved references |
 //! | `/debug/model` | the resolved model (Services, ports, endpoints, routes) |
+//! | `/debug/service?service=<ns>/<name>` | one Service of the model, with the model's revision |
 //! | `/debug/config` | the controller's own settings |
 //! | `/debug/version` | the controller's version |
 //! | `/debug/edges` | who talks to whom, with rps, success rate and latency |
@@ -59,6 +60,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/debug/proxies", get(proxies))
         .route("/debug/config-errors", get(config_errors))
         .route("/debug/model", get(model))
+        .route("/debug/service", get(service))
         .route("/debug/gateways", get(gateways))
         .route("/debug/config", get(config))
         .route("/debug/version", get(version))
@@ -234,6 +236,20 @@ async fn stat(
 ) -> axum::response::Response {
     per_service(&s, q, |model, key| {
         s.stats.service(model, key).map(|v| Json(v).into_response())
+    })
+}
+
+/// One Service of the model and the revision it is from: what `meshctl route split --wait`
+/// compares with the route it wrote, before it waits for the proxies to acknowledge that
+/// revision.
+async fn service(
+    State(s): State<AdminState>,
+    axum::extract::Query(q): axum::extract::Query<StatQuery>,
+) -> axum::response::Response {
+    per_service(&s, q, |model, key| {
+        model.services.get(key).map(|svc| {
+            Json(serde_json::json!({"revision": model.revision, "service": svc})).into_response()
+        })
     })
 }
 

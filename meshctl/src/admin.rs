@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -118,11 +118,42 @@ pub async fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        bail!(
-            "{}: {status}: {}",
-            what(),
-            String::from_utf8_lossy(&body).trim()
-        );
+        return Err(HttpStatus {
+            what: what(),
+            status,
+            body: String::from_utf8_lossy(&body).trim().to_owned(),
+        }
+        .into());
     }
     Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An admin endpoint's answer other than 2xx.
+#[derive(Debug)]
+pub struct HttpStatus {
+    /// What was asked: the URL, or the pod, port and path.
+    pub what: String,
+    pub status: http::StatusCode,
+    pub body: String,
+}
+
+impl std::fmt::Display for HttpStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}: {}", self.what, self.status, self.body)
+    }
+}
+
+impl std::error::Error for HttpStatus {}
+
+/// Whether an admin endpoint answered 404 (directly, through a port-forward, or through the
+/// API server's pod proxy).
+pub fn is_not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<HttpStatus>()
+            .is_some_and(|s| s.status == http::StatusCode::NOT_FOUND)
+            || matches!(
+                c.downcast_ref::<kube::Error>(),
+                Some(kube::Error::Api(s)) if s.code == 404
+            )
+    })
 }

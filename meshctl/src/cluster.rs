@@ -387,7 +387,12 @@ impl Cluster {
                 .with_context(|| format!("pod {ns}/{name}:{port}{path}"))?,
         };
         if !status.is_success() {
-            bail!("pod {ns}/{name}:{port}{path}: {status}: {}", body.trim());
+            return Err(crate::admin::HttpStatus {
+                what: format!("pod {ns}/{name}:{port}{path}"),
+                status,
+                body: body.trim().to_owned(),
+            }
+            .into());
         }
         Ok(body)
     }

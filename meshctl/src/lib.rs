@@ -9,3 +9,4 @@ pub mod demo_service;
 pub mod install;
 pub mod mesh;
 pub mod output;
+pub mod progress;

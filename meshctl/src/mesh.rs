@@ -57,6 +57,9 @@ pub trait Mesh {
     fn rollouts(&self) -> anyhow::Result<Vec<RolloutDoc>>;
     /// Writes a Rollout's manifest back where it came from, or somewhere new; says where.
     fn save_rollout(&self, rollout: &RouteDoc) -> anyhow::Result<String>;
+    /// The admin endpoints of the controller serving this mesh: `--controller` when given.
+    fn controller(&self, w: &crate::cmd::route::WaitArgs)
+    -> anyhow::Result<crate::admin::Endpoint>;
 }
 
 /// A local mesh: a directory of YAML manifests (recursively, `*.yaml`/`*.yml`, hidden files
@@ -263,6 +266,15 @@ fn service_ref(v: &Value) -> ServiceRef {
 }
 
 impl Mesh for LocalDir {
+    fn controller(
+        &self,
+        w: &crate::cmd::route::WaitArgs,
+    ) -> anyhow::Result<crate::admin::Endpoint> {
+        Ok(crate::cmd::status::local_controller(
+            w.controller.controller,
+        ))
+    }
+
     fn services(&self) -> anyhow::Result<Vec<ServiceRef>> {
         Ok(services_in(&self.all()?))
     }
@@ -342,6 +354,20 @@ impl Cluster {
 }
 
 impl Mesh for Cluster {
+    /// A ready controller pod, through a port-forward.
+    fn controller(
+        &self,
+        w: &crate::cmd::route::WaitArgs,
+    ) -> anyhow::Result<crate::admin::Endpoint> {
+        match w.controller.controller {
+            Some(a) => Ok(crate::admin::Endpoint::Direct(a)),
+            None => self.block(crate::cmd::status::cluster_controller(
+                &self.0,
+                &w.controller.mesh_namespace,
+            )),
+        }
+    }
+
     fn services(&self) -> anyhow::Result<Vec<ServiceRef>> {
         let items = self.block(self.0.list("v1", "Service", ""))?;
         items

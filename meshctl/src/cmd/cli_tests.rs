@@ -73,8 +73,10 @@ const OTHER_OUTPUT: [(&str, &str); 13] = [
 ];
 
 /// Commands that reach the control plane, with `--mesh-namespace`.
-const CONTROL_PLANE: [&str; 12] = [
+const CONTROL_PLANE: [&str; 14] = [
     "dashboard",
+    "route split",
+    "route promote",
     "proxy-status",
     "top",
     "stat",

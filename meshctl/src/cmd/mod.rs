@@ -15,6 +15,7 @@ pub mod explain;
 pub mod inject;
 pub mod rollout;
 pub mod route;
+pub mod route_wait;
 pub mod stat;
 pub mod status;
 pub mod version;

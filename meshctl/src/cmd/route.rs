@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use mesh_api::route_doc::{self as doc, MAX_WEIGHT, rules, split_rule, weights};
 
 use super::rollout::{self, Action};
+pub use super::route_wait::{Acked, WaitArgs};
 use crate::mesh::{Mesh, RouteDoc, ServiceRef};
 use crate::output::Output;
 
@@ -80,6 +81,8 @@ pub struct SplitArgs {
     /// Check everything and show the change to the route as a diff; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -101,6 +104,8 @@ pub struct PromoteArgs {
     /// Check everything and show the change to the route as a diff; write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub wait: WaitArgs,
     #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -202,6 +207,11 @@ fn share(w: u32, all: &[(String, u32)]) -> f64 {
 /// What a split or promote did: the weights before and after, and where it was written.
 #[derive(Debug)]
 pub struct Change {
+    /// The Service whose traffic it splits, and its port.
+    pub namespace: String,
+    pub service: String,
+    pub port: u16,
+    /// `namespace/name` of the HTTPRoute, and the rule changed (0-based).
     pub route: String,
     pub rule: usize,
     pub before: Vec<(String, u32)>,
@@ -292,6 +302,9 @@ pub fn change(
         None
     };
     Ok(Change {
+        namespace: ns.to_owned(),
+        service: target.service.clone(),
+        port,
         route: format!("{ns}/{}", route.name),
         rule,
         before,
@@ -450,7 +463,7 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
         Route::Split(a) => {
             let to = parse_weights(&a.to)?;
             let c = change(mesh, &a.target, &to, !a.dry_run)?;
-            crate::output::print(a.output, &c.data(), out, |_, out| print_change(&c, out))
+            report(mesh, &c, &a.wait, a.output, out)
         }
         Route::Show(a) => {
             crate::output::print(a.output, &show_data(mesh, &a.target)?, out, write_show)
@@ -492,9 +505,36 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
                 }
             }
             let c = change(mesh, &a.target, &to, !a.dry_run)?;
-            crate::output::print(a.output, &c.data(), out, |_, out| print_change(&c, out))
+            report(mesh, &c, &a.wait, a.output, out)
         }
     }
+}
+
+/// Prints change `c`; with `--wait`, also waits until it is served: after the table (which shows
+/// what is waited for), or before JSON and YAML, which then say what acknowledged it (the
+/// statuses of the wait go to stderr then, so the output stays one document).
+fn report(
+    mesh: &dyn Mesh,
+    c: &Change,
+    w: &WaitArgs,
+    output: Output,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    if !w.wait || c.written.is_none() {
+        return crate::output::print(output, &c.data(), out, |_, out| print_change(c, out));
+    }
+    let ctl = mesh.controller(w)?;
+    if output == Output::Table {
+        print_change(c, out)?;
+        out.flush()?;
+        let acked = super::route_wait::wait_here(&ctl, c, w.timeout, out)?;
+        writeln!(out, "{}", acked.words())?;
+        return Ok(());
+    }
+    let acked = super::route_wait::wait_here(&ctl, c, w.timeout, &mut std::io::stderr())?;
+    let mut data = c.data();
+    data["acknowledged"] = acked.data();
+    crate::output::print(output, &data, out, |_, _| Ok(()))
 }
 
 #[cfg(test)]

@@ -60,6 +60,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
             target: target("reviews"),
             to: to(&["reviews-v1=50", "reviews-v2=50"]),
             dry_run: false,
+            wait: Default::default(),
             output: crate::output::Output::Table,
         }),
     )
@@ -98,6 +99,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
             target: target("reviews"),
             backend: "reviews-v2".into(),
             dry_run: false,
+            wait: Default::default(),
             output: crate::output::Output::Table,
         }),
     )
@@ -150,6 +152,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
             target: target("reviews"),
             to: to(&["reviews-v1=75", "reviews-v2=25"]),
             dry_run: false,
+            wait: Default::default(),
             output: crate::output::Output::Json,
         }),
     )
@@ -183,6 +186,7 @@ fn a_split_edits_the_catch_all_rule_of_the_existing_route() {
             target: target("reviews"),
             to: to(&["reviews-v1=10", "reviews-v2=90"]),
             dry_run: true,
+            wait: Default::default(),
             output: crate::output::Output::Table,
         }),
     )
@@ -205,6 +209,7 @@ fn without_a_route_split_writes_a_new_one_attached_to_the_service() {
             target: target("reviews"),
             to: to(&["reviews-v1=90", "reviews-v2=10"]),
             dry_run: false,
+            wait: Default::default(),
             output: crate::output::Output::Table,
         }),
     )
@@ -237,6 +242,7 @@ fn refusals_name_the_input_and_leave_the_directory_untouched() {
                 },
                 to: to(args),
                 dry_run: false,
+                wait: Default::default(),
                 output: crate::output::Output::Table,
             }),
         )
@@ -271,6 +277,7 @@ fn refusals_name_the_input_and_leave_the_directory_untouched() {
             target: target("nope"),
             to: to(&["reviews-v1=1"]),
             dry_run: false,
+            wait: Default::default(),
             output: crate::output::Output::Table,
         }),
     )
@@ -315,6 +322,7 @@ mod cluster {
             target: target(),
             to: to.iter().map(|s| s.to_string()).collect(),
             dry_run: false,
+            wait: Default::default(),
             output: crate::output::Output::Table,
         })
     }
@@ -360,6 +368,7 @@ mod cluster {
                 target: target(),
                 backend: "reviews-v2".into(),
                 dry_run: false,
+                wait: Default::default(),
                 output: crate::output::Output::Table,
             }),
             &mesh,

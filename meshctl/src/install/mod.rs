@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 use crate::cluster::{Applied, Cluster, ca_bundle_set, crd_established, rollout_done};
+use crate::progress::Progress;
 use manifests::{Include, PART_OF, key};
 use values::{APP_VERSION, Values};
 
@@ -79,16 +80,6 @@ pub fn render(objects: &[Value], format: Format, out: &mut dyn Write) -> anyhow:
 }
 
 /// `[#####·····] 12/24`: how far the apply is.
-fn bar(n: usize, total: usize) -> String {
-    const WIDTH: usize = 20;
-    let done = (n * WIDTH).checked_div(total).unwrap_or(WIDTH);
-    format!(
-        "[{}{}] {n:>2}/{total}",
-        "#".repeat(done),
-        "·".repeat(WIDTH - done)
-    )
-}
-
 fn is_crd(o: &Value) -> bool {
     o.get("kind").and_then(Value::as_str) == Some("CustomResourceDefinition")
 }
@@ -277,24 +268,33 @@ pub async fn apply(
     }
     let total = objects.len();
     let (crds, rest): (Vec<_>, Vec<_>) = objects.into_iter().partition(is_crd);
+    let progress = Progress::bar(total as u64);
     let mut n = 0;
     for o in &crds {
         n += 1;
         let a = cluster.apply(o).await?;
-        writeln!(out, "{} {} {}", bar(n, total), key(o), a.as_str())?;
+        progress.line(
+            out,
+            format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),
+        )?;
+        progress.inc();
         report.applied.push((key(o), a));
     }
     for o in &crds {
         cluster
             .wait_for(o, args.timeout, crd_established, |s| {
-                let _ = writeln!(out, "        {}: {s}", key(o));
+                let _ = progress.status(out, &format!("{}: {s}", key(o)));
             })
             .await?;
     }
     for o in &rest {
         n += 1;
         let a = cluster.apply(o).await?;
-        writeln!(out, "{} {} {}", bar(n, total), key(o), a.as_str())?;
+        progress.line(
+            out,
+            format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),
+        )?;
+        progress.inc();
         report.applied.push((key(o), a));
     }
     // Objects an earlier install enabled go once they are off, as `helm upgrade` drops them.
@@ -318,10 +318,12 @@ pub async fn apply(
             Ok(live) => live,
             // The monitors' group may be closed to an installer who never enabled them.
             Err(e) if crate::cluster::is_forbidden(&e) => {
-                writeln!(
+                progress.line(
                     out,
-                    "{}: not read ({why}; no permission to read it, so one an earlier install made stays)",
-                    key(&stub)
+                    format_args!(
+                        "{}: not read ({why}; no permission to read it, so one an earlier install made stays)",
+                        key(&stub)
+                    ),
                 )?;
                 continue;
             }
@@ -331,17 +333,17 @@ pub async fn apply(
             && ours(&live)
             && cluster.delete(&live).await?
         {
-            writeln!(out, "{} deleted ({why})", key(&stub))?;
+            progress.line(out, format_args!("{} deleted ({why})", key(&stub)))?;
         }
     }
     for o in rest.iter().filter(|o| o["kind"] == "Deployment") {
         cluster
             .wait_for(o, args.timeout, rollout_done, |s| {
-                let _ = writeln!(out, "        waiting for {}: {s}", key(o));
+                let _ = progress.status(out, &format!("waiting for {}: {s}", key(o)));
             })
             .await
             .context("the control plane did not roll out; `meshctl check` says why")?;
-        writeln!(out, "        {} rolled out", key(o))?;
+        progress.line(out, format_args!("        {} rolled out", key(o)))?;
     }
     // The API server calls the injector only once it trusts its certificate.
     for o in rest
@@ -350,14 +352,18 @@ pub async fn apply(
     {
         cluster
             .wait_for(o, args.timeout, ca_bundle_set, |s| {
-                let _ = writeln!(out, "        waiting for {}: {s}", key(o));
+                let _ = progress.status(out, &format!("waiting for {}: {s}", key(o)));
             })
             .await
             .context(
                 "the controller did not set the injector's caBundle; `meshctl check` says why",
             )?;
-        writeln!(out, "        {}: caBundle set to the CA root", key(o))?;
+        progress.line(
+            out,
+            format_args!("        {}: caBundle set to the CA root", key(o)),
+        )?;
     }
+    drop(progress);
     let count = |a: Applied| report.applied.iter().filter(|(_, x)| *x == a).count();
     if report.changed() {
         writeln!(
