@@ -732,6 +732,13 @@ pub async fn run(
     out: &mut dyn Write,
     progress: &mut dyn Write,
 ) -> anyhow::Result<DemoReport> {
+    // A spinner says what the demo waits for; the lines of both outputs go around it.
+    let spin = crate::progress::Progress::spinner();
+    let mut progress = spin.around(progress);
+    let progress: &mut dyn Write = &mut progress;
+    let mut out = spin.around(out);
+    let out: &mut dyn Write = &mut out;
+    spin.message("starting the mesh");
     let mesh = start_mesh(args, progress).await?;
     let admin = mesh.controller.admin_addr;
     writeln!(
@@ -802,13 +809,12 @@ pub async fn run(
     // All traffic on v1, by hand (`meshctl route split`), before the first release.
     let to = vec![("reviews-v1".to_string(), 100)];
     route::split(&local, &target, &to).context("changing the route")?;
-    write!(
-        progress,
-        "step 1: all traffic on v1 (meshctl route split): waiting for the proxies to apply the route... "
-    )?;
+    writeln!(progress, "step 1: all traffic on v1 (meshctl route split)")?;
+    spin.message("waiting for the proxies to apply the route");
     wait_applied(&mesh, &to).await?;
     let load = start_load(entry, args.rate, samples.clone(), stop_rx.clone());
-    writeln!(progress, "measuring {:?} of live traffic", args.step)?;
+    writeln!(progress, "  measuring {:?} of live traffic", args.step)?;
+    spin.message("measuring live traffic");
     let from = Instant::now();
     tokio::time::sleep(args.step).await;
     steps.push(
@@ -848,6 +854,9 @@ pub async fn run(
         )?;
         crate::cmd::rollout::create(&local, &rollout).context("writing the rollout")?;
         let deadline = Instant::now() + args.step * 12 + Duration::from_secs(30);
+        spin.message(&format!(
+            "waiting for the controller to start the rollout to {candidate}"
+        ));
         let mut seen = 0;
         let last = loop {
             let st = loop {
@@ -893,6 +902,7 @@ pub async fn run(
                 ),
                 other => anyhow::bail!("the rollout to {candidate} ended {other:?}: {st:?}"),
             };
+            spin.message("waiting for the proxies to apply the route");
             wait_applied(&mesh, &to).await?;
             let from = Instant::now();
             let done = st.phase.is_done();
@@ -908,8 +918,10 @@ pub async fn run(
             )?;
             if done {
                 // The end state, measured like the first step.
+                spin.message("measuring live traffic");
                 tokio::time::sleep(args.step).await;
             } else {
+                spin.message("measuring live traffic until the controller judges the step");
                 // Until the controller decides again.
                 while rollout_status(&mesh.config_dir, candidate)?
                     .is_none_or(|s| s.decisions.len() == seen)
