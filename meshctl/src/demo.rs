@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::cmd::route::{self, Target};
 use crate::demo_service::DemoService;
 use crate::mesh::LocalDir;
-use crate::output::Output;
+use crate::output::{Output, Table};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
@@ -496,23 +496,30 @@ fn print_step(i: usize, s: &StepReport, out: &mut dyn Write) -> anyhow::Result<(
         )?;
     }
     writeln!(out, "step {}: {} ({})", i + 1, s.name, weights.join(", "))?;
-    writeln!(
-        out,
-        "  {:<8} {:>7} {:>9} {:>9} {:>8} {:>8}",
-        "VERSION", "SHARE", "REQUESTS", "SUCCESS", "P50 ms", "P99 ms"
-    )?;
+    let mut t = Table::new([
+        "VERSION", "SHARE", "REQUESTS", "SUCCESS", "P50 ms", "P99 ms",
+    ])
+    .right(&[1, 2, 3, 4, 5])
+    .indent("  ");
     for v in &s.versions {
-        writeln!(
-            out,
-            "  {:<8} {:>6.1}% {:>9} {:>8.1}% {:>8.2} {:>8.2}",
-            v.version, v.share, v.requests, v.success, v.p50_ms, v.p99_ms
-        )?;
+        t.row([
+            v.version.clone(),
+            format!("{:.1}%", v.share),
+            v.requests.to_string(),
+            format!("{:.1}%", v.success),
+            format!("{:.2}", v.p50_ms),
+            format!("{:.2}", v.p99_ms),
+        ]);
     }
-    writeln!(
-        out,
-        "  {:<8} {:>7} {:>9} {:>8.1}% {:>8.2} {:>8.2}",
-        "all", "", s.requests, s.success, s.p50_ms, s.p99_ms
-    )?;
+    t.row([
+        "all".to_owned(),
+        String::new(),
+        s.requests.to_string(),
+        format!("{:.1}%", s.success),
+        format!("{:.2}", s.p50_ms),
+        format!("{:.2}", s.p99_ms),
+    ]);
+    t.write(out)?;
     writeln!(
         out,
         "  mTLS: {} ({} handshakes from the entry proxy so far)",

@@ -11,7 +11,7 @@ use mesh_api::route_doc::{self as doc, MAX_WEIGHT, rules, split_rule, weights};
 use super::rollout::{self, Action};
 pub use super::route_wait::{Acked, WaitArgs};
 use crate::mesh::{Mesh, RouteDoc, ServiceRef};
-use crate::output::Output;
+use crate::output::{Output, Table};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Route {
@@ -353,21 +353,18 @@ impl Change {
 
 pub fn print_change(c: &Change, out: &mut dyn Write) -> anyhow::Result<()> {
     writeln!(out, "HTTPRoute {} rule {}", c.route, c.rule + 1)?;
-    writeln!(out, "  {:<24} {:>8} {:>8}", "BACKEND", "BEFORE", "AFTER")?;
+    let mut t = Table::new(["BACKEND", "BEFORE", "AFTER"])
+        .right(&[1, 2])
+        .indent("  ");
     for n in c.names() {
         let share = |ws: &[(String, u32)]| {
             ws.iter()
                 .find(|(m, _)| m == n)
                 .map_or_else(|| "-".to_string(), |(_, w)| percent(*w, ws))
         };
-        writeln!(
-            out,
-            "  {:<24} {:>8} {:>8}",
-            n,
-            share(&c.before),
-            share(&c.after)
-        )?;
+        t.row([n.to_owned(), share(&c.before), share(&c.after)]);
     }
+    t.write(out)?;
     match &c.written {
         Some(w) => writeln!(out, "written to {w}")?,
         None => write!(

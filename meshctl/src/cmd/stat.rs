@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::admin::Endpoint;
 
 pub use crate::output::Output;
+use crate::output::Table;
 
 /// Where the controller is.
 #[derive(Debug, Clone, clap::Args)]
@@ -144,38 +145,20 @@ pub fn write_stat(stat: &Value, namespace: &str, out: &mut dyn Write) -> anyhow:
         )?;
         return Ok(());
     }
-    let route = |r: &Value| r["route"].as_str().unwrap_or("?").to_string();
-    let rw = rows
-        .iter()
-        .map(|r| route(r).len())
-        .max()
-        .unwrap_or(0)
-        .max(5);
-    let bw = rows
-        .iter()
-        .map(|r| backend_name(r, namespace).len())
-        .max()
-        .unwrap_or(0)
-        .max(7);
-    writeln!(
-        out,
-        "{:<rw$} {:<bw$} {:>8} {:>9} {:>9} {:>9} {:>9}",
-        "ROUTE", "BACKEND", "RPS", "SUCCESS", "P50", "P95", "P99"
-    )?;
+    let mut t = Table::new(["ROUTE", "BACKEND", "RPS", "SUCCESS", "P50", "P95", "P99"])
+        .right(&[2, 3, 4, 5, 6]);
     for r in rows {
-        writeln!(
-            out,
-            "{:<rw$} {:<bw$} {:>8} {:>9} {:>9} {:>9} {:>9}",
-            route(r),
+        t.row([
+            r["route"].as_str().unwrap_or("?").to_string(),
             backend_name(r, namespace),
             rps(&r["rps"]),
             pct(&r["success_rate"]),
             ms(&r["p50_ms"]),
             ms(&r["p95_ms"]),
             ms(&r["p99_ms"]),
-        )?;
+        ]);
     }
-    Ok(())
+    Ok(t.write(out)?)
 }
 
 pub async fn stat(a: &StatArgs, cx: &super::Context, out: &mut dyn Write) -> anyhow::Result<()> {
@@ -204,24 +187,28 @@ fn write_top(top: &Value, namespace: Option<&str>, out: &mut dyn Write) -> anyho
         "window {} s, {} proxies scraped",
         top["window_seconds"], top["proxies_scraped"]
     )?;
-    writeln!(
-        out,
-        "{:<16} {:<24} {:>8} {:>9} {:>9} {:>9} {:>9}",
-        "NAMESPACE", "WORKLOAD", "RPS", "SUCCESS", "P50", "P95", "P99"
-    )?;
+    let mut t = Table::new([
+        "NAMESPACE",
+        "WORKLOAD",
+        "RPS",
+        "SUCCESS",
+        "P50",
+        "P95",
+        "P99",
+    ])
+    .right(&[2, 3, 4, 5, 6]);
     for w in &rows {
-        writeln!(
-            out,
-            "{:<16} {:<24} {:>8} {:>9} {:>9} {:>9} {:>9}",
-            w["namespace"].as_str().unwrap_or("?"),
-            w["workload"].as_str().unwrap_or("?"),
+        t.row([
+            w["namespace"].as_str().unwrap_or("?").to_string(),
+            w["workload"].as_str().unwrap_or("?").to_string(),
             rps(&w["rps"]),
             pct(&w["success_rate"]),
             ms(&w["p50_ms"]),
             ms(&w["p95_ms"]),
             ms(&w["p99_ms"]),
-        )?;
+        ]);
     }
+    t.write(out)?;
     if rows.is_empty() {
         writeln!(out, "(no traffic in the window)")?;
     }

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::admin::get_json;
 
 pub use crate::output::Output;
+use crate::output::Table;
 
 #[derive(Debug, clap::Args)]
 pub struct ProxyStatusArgs {
@@ -101,11 +102,7 @@ pub async fn proxy_status_at(
     crate::output::print(output, &proxies, out, |proxies, out| {
         {
             let list = proxies.as_array().map_or(&[][..], |v| v.as_slice());
-            writeln!(
-                out,
-                "{:<32} {:<6} {:<12} {:<12} {:<12} {:<12}",
-                "NODE", "XDS", TYPES[0], TYPES[1], TYPES[2], TYPES[3]
-            )?;
+            let mut t = Table::new(["NODE", "XDS", TYPES[0], TYPES[1], TYPES[2], TYPES[3]]);
             let mut errors = Vec::new();
             for p in list {
                 let node = p.get("node").and_then(Value::as_str).unwrap_or("?");
@@ -122,13 +119,11 @@ pub async fn proxy_status_at(
                         .unwrap_or("?")
                         .to_string()
                 };
-                let cells: Vec<String> = TYPES.iter().map(|t| cell(t)).collect();
-                writeln!(
-                    out,
-                    "{:<32} {:<6} {:<12} {:<12} {:<12} {:<12}",
-                    node, proto, cells[0], cells[1], cells[2], cells[3]
-                )?;
+                let mut cells = vec![node.to_owned(), proto.to_owned()];
+                cells.extend(TYPES.iter().map(|t| cell(t)));
+                t.row(cells);
             }
+            t.write(out)?;
             if list.is_empty() {
                 writeln!(out, "(no proxy is connected to the controller)")?;
             }
@@ -202,11 +197,7 @@ fn sorted(v: &Value) -> Vec<&Value> {
 fn table(section: Section, v: &Value, out: &mut dyn Write) -> anyhow::Result<()> {
     match section {
         Section::Listeners => {
-            writeln!(
-                out,
-                "{:<18} {:<34} {:<6} {:<10} {:<5} FILTER",
-                "LISTENER", "CHAIN", "PORT", "TRANSPORT", "TLS"
-            )?;
+            let mut t = Table::new(["LISTENER", "CHAIN", "PORT", "TRANSPORT", "TLS", "FILTER"]);
             for l in sorted(v) {
                 let chains = arr(l, "chains")
                     .iter()
@@ -234,27 +225,23 @@ fn table(section: Section, v: &Value, out: &mut dyn Write) -> anyhow::Result<()>
                     } else {
                         "-"
                     };
-                    writeln!(
-                        out,
-                        "{:<18} {:<34} {:<6} {:<10} {:<5} {}",
-                        s(l, "name"),
-                        s(c, "name"),
+                    t.row([
+                        s(l, "name").to_owned(),
+                        s(c, "name").to_owned(),
                         port,
-                        s(c, "transport"),
-                        tls,
-                        filter
-                    )?;
+                        s(c, "transport").to_owned(),
+                        tls.to_owned(),
+                        filter,
+                    ]);
                 }
             }
+            t.write(out)?;
         }
         Section::Routes => {
-            writeln!(
-                out,
-                "{:<40} {:<40} {:<7} DOMAINS",
-                "ROUTE CONFIG", "VIRTUAL HOST", "ROUTES"
-            )?;
-            for t in sorted(v) {
-                for vh in arr(t, "vhosts") {
+            let mut t =
+                Table::new(["ROUTE CONFIG", "VIRTUAL HOST", "ROUTES", "DOMAINS"]).right(&[2]);
+            for rc in sorted(v) {
+                for vh in arr(rc, "vhosts") {
                     let domains: Vec<&str> = arr(vh, "domains")
                         .iter()
                         .filter_map(Value::as_str)
@@ -264,45 +251,36 @@ fn table(section: Section, v: &Value, out: &mut dyn Write) -> anyhow::Result<()>
                     } else {
                         domains.join(", ")
                     };
-                    writeln!(
-                        out,
-                        "{:<40} {:<40} {:<7} {}",
-                        s(t, "name"),
-                        s(vh, "name"),
-                        arr(vh, "routes").len(),
-                        shown
-                    )?;
+                    t.row([
+                        s(rc, "name").to_owned(),
+                        s(vh, "name").to_owned(),
+                        arr(vh, "routes").len().to_string(),
+                        shown,
+                    ]);
                 }
             }
+            t.write(out)?;
         }
         Section::Clusters => {
-            writeln!(
-                out,
-                "{:<56} {:<12} {:<10} ENDPOINTS",
-                "CLUSTER", "KIND", "PROTOCOL"
-            )?;
+            let mut t = Table::new(["CLUSTER", "KIND", "PROTOCOL", "ENDPOINTS"]).right(&[3]);
             for c in sorted(v) {
                 let kind = match c.get("kind") {
                     Some(Value::String(k)) => k.clone(),
                     Some(Value::Object(m)) => m.keys().next().cloned().unwrap_or_default(),
                     _ => String::new(),
                 };
-                writeln!(
-                    out,
-                    "{:<56} {:<12} {:<10} {}",
-                    s(c, "name"),
+                t.row([
+                    s(c, "name").to_owned(),
                     kind,
-                    s(c, "protocol"),
-                    arr(c, "endpoints").len()
-                )?;
+                    s(c, "protocol").to_owned(),
+                    arr(c, "endpoints").len().to_string(),
+                ]);
             }
+            t.write(out)?;
         }
         Section::Endpoints => {
-            writeln!(
-                out,
-                "{:<56} {:<22} {:<8} {:<8} IDENTITY",
-                "CLUSTER", "ENDPOINT", "EWMA ms", "STATE"
-            )?;
+            let mut t =
+                Table::new(["CLUSTER", "ENDPOINT", "EWMA ms", "STATE", "IDENTITY"]).right(&[2]);
             for c in sorted(v) {
                 for e in arr(c, "endpoints") {
                     let state = if e.get("ejected").and_then(Value::as_bool) == Some(true) {
@@ -315,17 +293,16 @@ fn table(section: Section, v: &Value, out: &mut dyn Write) -> anyhow::Result<()>
                         .and_then(Value::as_f64)
                         .map_or("-".into(), |m| format!("{m:.2}"));
                     let id = e.get("identity").and_then(Value::as_str).unwrap_or("-");
-                    writeln!(
-                        out,
-                        "{:<56} {:<22} {:<8} {:<8} {}",
-                        s(c, "name"),
-                        s(e, "addr"),
+                    t.row([
+                        s(c, "name").to_owned(),
+                        s(e, "addr").to_owned(),
                         ewma,
-                        state,
-                        id
-                    )?;
+                        state.to_owned(),
+                        id.to_owned(),
+                    ]);
                 }
             }
+            t.write(out)?;
         }
         Section::Secrets => {
             if s(v, "mode") == "off" {
