@@ -128,6 +128,10 @@ pub async fn get_text(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// What to do when the controller cannot be read: the end of such errors.
+pub const CONTROLLER_HINT: &str =
+    "`meshctl check` says whether the controller is up; for a local mesh, pass --controller ADDR";
+
 /// An admin endpoint's answer other than 2xx.
 #[derive(Debug)]
 pub struct HttpStatus {

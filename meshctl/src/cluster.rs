@@ -116,16 +116,20 @@ pub fn context_namespace(
 ) -> anyhow::Result<String> {
     const IN_POD: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
     let file = match kubeconfig {
-        Some(path) => Some(
-            kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("--kubeconfig {}: not a kubeconfig", path.display()))?,
-        ),
+        Some(path) => Some(kube::config::Kubeconfig::read_from(path).with_context(|| {
+            format!(
+                "--kubeconfig {}: not a kubeconfig; pass a kubeconfig file, or leave \
+                         --kubeconfig out for $KUBECONFIG or ~/.kube/config",
+                path.display()
+            )
+        })?),
         None => kube::config::Kubeconfig::read().ok(),
     };
     let Some(file) = file else {
         if context.is_some() {
             bail!(
-                "--context {:?}: no kubeconfig found ($KUBECONFIG, ~/.kube/config)",
+                "--context {:?}: no kubeconfig found ($KUBECONFIG, ~/.kube/config); pass the file \
+                 with --kubeconfig FILE",
                 context.unwrap_or_default()
             );
         }
@@ -147,7 +151,10 @@ pub fn context_namespace(
         .find(|c| c.name == name)
         .with_context(|| {
             let known: Vec<&str> = file.contexts.iter().map(|c| c.name.as_str()).collect();
-            format!("context {name:?} is not in the kubeconfig (it has {known:?})")
+            format!(
+                "context {name:?} is not in the kubeconfig (it has {known:?}); pass --context \
+                 with one of them"
+            )
         })?;
     Ok(found
         .context
@@ -209,11 +216,15 @@ impl Cluster {
         let config = match kubeconfig {
             Some(path) => {
                 let file = kube::config::Kubeconfig::read_from(path).with_context(|| {
-                    format!("--kubeconfig {}: not a kubeconfig", path.display())
+                    format!(
+                        "--kubeconfig {}: not a kubeconfig; pass a kubeconfig file, or leave \
+                         --kubeconfig out for $KUBECONFIG or ~/.kube/config",
+                        path.display()
+                    )
                 })?;
                 kube::Config::from_custom_kubeconfig(file, &options)
                     .await
-                    .with_context(|| format!("--kubeconfig {}", path.display()))?
+                    .with_context(|| format!("--kubeconfig {}; {hint}", path.display()))?
             }
             None if context.is_some() => kube::Config::from_kubeconfig(&options)
                 .await
@@ -263,11 +274,13 @@ impl Cluster {
     /// The object as the cluster has it, `None` when it does not exist.
     pub async fn get(&self, o: &Value) -> anyhow::Result<Option<Value>> {
         let t = self.target(o)?;
-        let got = t
-            .api
-            .get_opt(&t.name)
-            .await
-            .with_context(|| format!("reading {}", t.what))?;
+        let got = t.api.get_opt(&t.name).await.with_context(|| {
+            format!(
+                "reading {}; `meshctl check --pre` says whether the cluster is reachable and \
+                     what you may not do",
+                t.what
+            )
+        })?;
         got.map(serde_json::to_value)
             .transpose()
             .map_err(Into::into)
@@ -426,7 +439,17 @@ impl Cluster {
         let list = api
             .list(&kube::api::ListParams::default().labels(label_selector))
             .await
-            .with_context(|| format!("listing {kind} ({label_selector})"))?;
+            .with_context(|| {
+                let selected = if label_selector.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({label_selector})")
+                };
+                format!(
+                    "listing {kind}{selected}; `meshctl check` says whether the cluster is \
+                     reachable and the mesh's CRDs installed"
+                )
+            })?;
         list.items
             .into_iter()
             .map(|o| {
@@ -441,11 +464,13 @@ impl Cluster {
     /// Server-side apply of `o`, taking ownership of its fields from other managers.
     pub async fn apply(&self, o: &Value) -> anyhow::Result<Applied> {
         let t = self.target(o)?;
-        let before = t
-            .api
-            .get_opt(&t.name)
-            .await
-            .with_context(|| format!("reading {}", t.what))?;
+        let before = t.api.get_opt(&t.name).await.with_context(|| {
+            format!(
+                "reading {}; `meshctl check --pre` says whether the cluster is reachable and \
+                     what you may not do",
+                t.what
+            )
+        })?;
         let after = t
             .api
             .patch(

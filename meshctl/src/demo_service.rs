@@ -79,9 +79,13 @@ impl DemoService {
         if self.name.is_empty() {
             bail!("--name is empty");
         }
-        let listener = TcpListener::bind(self.listen)
-            .await
-            .with_context(|| format!("--listen {}", self.listen))?;
+        let listener = TcpListener::bind(self.listen).await.with_context(|| {
+            format!(
+                "--listen {}: cannot listen there; pass --listen with a free address (port 0 \
+                     takes any)",
+                self.listen
+            )
+        })?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
         let me = Arc::new(self);

@@ -75,7 +75,12 @@ impl LocalDir {
     pub fn new(dir: impl Into<PathBuf>) -> anyhow::Result<Self> {
         let dir = dir.into();
         if !dir.is_dir() {
-            bail!("--local {}: not a directory", dir.display());
+            bail!(
+                "--local {}: not a directory; pass the directory of manifests the controller \
+                 watches (its --config-dir), or unset {}",
+                dir.display(),
+                mesh_api::consts::env::MESHCTL_LOCAL
+            );
         }
         Ok(Self { dir })
     }

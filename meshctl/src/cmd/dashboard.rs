@@ -56,11 +56,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let ns = &args.controller.mesh_namespace;
     let name = mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT;
-    let pod = crate::cluster::pod_of(cluster, ns, name)
-        .await?
-        .with_context(|| {
-            format!("no ready {name} pod in {ns}: is the mesh installed there? (meshctl check)")
-        })?;
+    let pod = match crate::cluster::pod_of(cluster, ns, name).await {
+        Err(e) if crate::cluster::is_forbidden(&e) => {
+            return Err(e.context(crate::cluster::reader_hint(ns)));
+        }
+        r => r?,
+    }
+    .with_context(|| {
+        format!("no ready {name} pod in {ns}: is the mesh installed there? (meshctl check)")
+    })?;
     let local = listener.local_addr()?;
     show(&format!("http://{local}/graph"), args, out)?;
     writeln!(
@@ -93,7 +97,12 @@ pub async fn run(
     let cluster = cx.connect().await?;
     let listener = tokio::net::TcpListener::bind(args.address)
         .await
-        .with_context(|| format!("--address {}: cannot listen there", args.address))?;
+        .with_context(|| {
+            format!(
+                "--address {}: cannot listen there; pass --address 127.0.0.1:0 for any free port",
+                args.address
+            )
+        })?;
     let interrupted = async {
         let _ = tokio::signal::ctrl_c().await;
     };

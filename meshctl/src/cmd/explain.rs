@@ -58,7 +58,20 @@ pub async fn explain(
 ) -> anyhow::Result<()> {
     let path = query(a)?;
     let ctl = a.controller.endpoint(cx).await?;
-    let e = ctl.json(&path).await?;
+    let e = ctl.json(&path).await.map_err(|e| {
+        // The controller's refusal of the question (400) names the parameter already.
+        if e.chain().any(|c| {
+            c.downcast_ref::<crate::admin::HttpStatus>()
+                .is_some_and(|s| s.status.is_client_error())
+        }) {
+            e
+        } else {
+            e.context(format!(
+                "explaining the request with the controller at {ctl}; {}",
+                crate::admin::CONTROLLER_HINT
+            ))
+        }
+    })?;
     crate::output::print(a.output, &e, out, |e, out| {
         for line in e["words"].as_array().into_iter().flatten() {
             writeln!(out, "{}", line.as_str().unwrap_or_default())?;

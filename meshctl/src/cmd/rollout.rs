@@ -95,7 +95,12 @@ fn find_rollout(mesh: &dyn Mesh, target: &Target) -> anyhow::Result<RolloutDoc> 
         }));
     }
     match found.len() {
-        0 => bail!("no Rollout of Service {ns}/{}", target.service),
+        0 => bail!(
+            "no Rollout of Service {ns}/{}; start one with `meshctl route rollout {} -n {ns} --to \
+             <candidate>`",
+            target.service,
+            target.service
+        ),
         1 => Ok(found.remove(0)),
         _ => bail!(
             "{} Rollouts concern Service {ns}/{} ({}); name one: meshctl route status <rollout name>",
@@ -126,7 +131,8 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
         let svc = find_service(&services, ns, name).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
         if !svc.ports.iter().any(|(p, _)| *p == port) {
             bail!(
-                "{flag}: Service {ns}/{name} has no port {port} (the port of {})",
+                "{flag}: Service {ns}/{name} has no port {port} (the port of {}); add port {port} \
+                 to Service {ns}/{name}",
                 target.service
             );
         }

@@ -154,7 +154,11 @@ pub(crate) fn find_service<'a>(
     services
         .iter()
         .find(|s| s.namespace == ns && s.name == name)
-        .with_context(|| format!("Service {ns}/{name} not found"))
+        .with_context(|| {
+            format!(
+                "Service {ns}/{name} not found; pass -n NAMESPACE if it is in another namespace"
+            )
+        })
 }
 
 /// The Service port a command is about.
@@ -175,7 +179,7 @@ pub(crate) fn port_of(svc: &ServiceRef, asked: Option<u16>) -> anyhow::Result<u1
     match (asked, svc.ports.as_slice()) {
         (Some(p), ports) if ports.iter().any(|(q, _)| *q == p) => Ok(p),
         (Some(p), _) => bail!(
-            "Service {}/{} has no port {p} (ports: {})",
+            "Service {}/{} has no port {p} (ports: {}); pass --port with one of them",
             svc.namespace,
             svc.name,
             list()
@@ -243,7 +247,8 @@ pub fn change(
             find_service(&services, ns, b).map_err(|e| anyhow::anyhow!("backend {b:?}: {e}"))?;
         if !svc.ports.iter().any(|(p, _)| *p == port) {
             bail!(
-                "backend {b:?}: Service {ns}/{b} has no port {port} (the port of {})",
+                "backend {b:?}: Service {ns}/{b} has no port {port} (the port of {}); add port \
+                 {port} to Service {ns}/{b}",
                 target.service
             );
         }

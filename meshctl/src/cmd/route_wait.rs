@@ -151,8 +151,11 @@ pub async fn wait(
             ),
             Err(e) => {
                 return Err(e.context(format!(
-                    "reading Service {}/{} from the controller at {ctl}",
-                    c.namespace, c.service
+                    "reading Service {}/{} from the controller at {ctl} (the route is written; \
+                     only the wait failed); {}",
+                    c.namespace,
+                    c.service,
+                    crate::admin::CONTROLLER_HINT
                 )));
             }
         };

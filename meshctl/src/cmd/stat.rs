@@ -124,10 +124,19 @@ pub async fn fetch_service(
 ) -> anyhow::Result<Value> {
     ctl.json(&format!("{path}?service={namespace}/{service}"))
         .await
-        .with_context(|| {
-            format!(
-                "reading the {what} of Service {namespace}/{service} from the controller at {ctl}"
-            )
+        .map_err(|e| {
+            if crate::admin::is_not_found(&e) {
+                e.context(format!(
+                    "Service {namespace}/{service} is not in the mesh's configuration; check the \
+                     name, or pass -n NAMESPACE"
+                ))
+            } else {
+                e.context(format!(
+                    "reading the {what} of Service {namespace}/{service} from the controller at \
+                     {ctl}; {}",
+                    crate::admin::CONTROLLER_HINT
+                ))
+            }
         })
 }
 
@@ -223,9 +232,12 @@ pub async fn top(a: &TopArgs, cx: &super::Context, out: &mut dyn Write) -> anyho
     };
     let ctl = a.controller.endpoint(cx).await?;
     let read = || async {
-        ctl.json("/debug/top")
-            .await
-            .with_context(|| format!("reading workload stats from the controller at {ctl}"))
+        ctl.json("/debug/top").await.with_context(|| {
+            format!(
+                "reading workload stats from the controller at {ctl}; {}",
+                crate::admin::CONTROLLER_HINT
+            )
+        })
     };
     if a.output != Output::Table {
         let mut top = read().await?;

@@ -95,10 +95,12 @@ pub async fn proxy_status_at(
     output: Output,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let proxies = ctl
-        .json("/debug/proxies")
-        .await
-        .with_context(|| format!("reading proxy status from the controller at {ctl}"))?;
+    let proxies = ctl.json("/debug/proxies").await.with_context(|| {
+        format!(
+            "reading proxy status from the controller at {ctl}; {}",
+            crate::admin::CONTROLLER_HINT
+        )
+    })?;
     crate::output::print(output, &proxies, out, |proxies, out| {
         {
             let list = proxies.as_array().map_or(&[][..], |v| v.as_slice());
@@ -353,7 +355,12 @@ pub async fn proxy_config(args: &ProxyConfigArgs, out: &mut dyn Write) -> anyhow
     let controller = local_controller_addr(args.controller);
     let proxies = get_json(controller, "/debug/proxies")
         .await
-        .context("finding the proxy through the controller (--controller)")?;
+        .with_context(|| {
+            format!(
+                "finding the proxy through the controller at {controller}; {}",
+                crate::admin::CONTROLLER_HINT
+            )
+        })?;
     let list = proxies.as_array().map_or(&[][..], |v| v.as_slice());
     let Some(p) = list.iter().find(|p| s(p, "node") == node) else {
         let known: Vec<&str> = list.iter().map(|p| s(p, "node")).collect();
@@ -395,7 +402,17 @@ pub async fn proxy_config_in_cluster(
             "/config_dump",
         )
         .await
-        .with_context(|| format!("reading the proxy config of pod {ns}/{pod}"))?;
+        .map_err(|e| {
+            let what = format!(
+                "reading the proxy config of pod {ns}/{pod}; `meshctl proxy-status` lists the \
+                 proxies as <namespace>/<pod>"
+            );
+            if crate::cluster::is_forbidden(&e) {
+                e.context(format!("{what}; {}", crate::cluster::reader_hint(ns)))
+            } else {
+                e.context(what)
+            }
+        })?;
     let dump: Value = serde_json::from_str(&text)
         .with_context(|| format!("pod {ns}/{pod}: /config_dump is not JSON (not a mesh-proxy?)"))?;
     print_config(&dump, args, out)

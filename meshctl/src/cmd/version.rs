@@ -71,14 +71,18 @@ pub async fn run(a: &VersionArgs, cx: &super::Context, out: &mut dyn Write) -> a
         let ctl = a.controller.endpoint(cx).await.context(
             "reaching the control plane (meshctl version --client shows this meshctl's alone)",
         )?;
-        let controller = ctl
-            .json("/debug/version")
-            .await
-            .with_context(|| format!("reading the version of the controller at {ctl}"))?;
-        let proxies = ctl
-            .json("/debug/proxies")
-            .await
-            .with_context(|| format!("reading the proxies from the controller at {ctl}"))?;
+        let controller = ctl.json("/debug/version").await.with_context(|| {
+            format!(
+                "reading the version of the controller at {ctl}; `meshctl version --client` \
+                     shows this meshctl's alone"
+            )
+        })?;
+        let proxies = ctl.json("/debug/proxies").await.with_context(|| {
+            format!(
+                "reading the proxies from the controller at {ctl}; `meshctl version --client` \
+                     shows this meshctl's alone"
+            )
+        })?;
         versions(&controller, &proxies)?
     };
     crate::output::print(a.output, &v, out, write_table)

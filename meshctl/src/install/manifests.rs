@@ -31,7 +31,8 @@ pub fn objects(v: &Values, ns: &str, include: Include) -> anyhow::Result<Vec<Val
     if ns != identity::SYSTEM_NAMESPACE {
         anyhow::bail!(
             "namespace {ns:?}: the control plane runs in {}, where proxies expect the \
-             identities of the controller and mesh-ca",
+             identities of the controller and mesh-ca; leave out --mesh-namespace (and unset \
+             MESH_NAMESPACE)",
             identity::SYSTEM_NAMESPACE
         );
     }

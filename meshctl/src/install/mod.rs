@@ -272,7 +272,10 @@ pub async fn apply(
     let mut n = 0;
     for o in &crds {
         n += 1;
-        let a = cluster.apply(o).await?;
+        let a = cluster
+            .apply(o)
+            .await
+            .context("install needs it; `meshctl check --pre` lists what you may not do")?;
         progress.line(
             out,
             format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),
@@ -285,11 +288,18 @@ pub async fn apply(
             .wait_for(o, args.timeout, crd_established, |s| {
                 let _ = progress.status(out, &format!("{}: {s}", key(o)));
             })
-            .await?;
+            .await
+            .context(
+                "the CRD was not established; `kubectl describe crd` says why, or pass a longer \
+                 --timeout",
+            )?;
     }
     for o in &rest {
         n += 1;
-        let a = cluster.apply(o).await?;
+        let a = cluster
+            .apply(o)
+            .await
+            .context("install needs it; `meshctl check --pre` lists what you may not do")?;
         progress.line(
             out,
             format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),
