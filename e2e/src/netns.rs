@@ -1787,12 +1787,35 @@ impl Cluster for NetnsCluster {
         let cli = <Cli as clap::Parser>::try_parse_from(
             std::iter::once("route").chain(args.iter().copied()),
         )?;
-        let mesh = meshctl::mesh::Cluster(self.admin.clone());
+        // Over HTTP on loopback, as meshctl reaches an API server: `--wait` port-forwards to
+        // the controller, which the in-process client cannot carry.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        const ADMIN_TOKEN: &str = "meshctl-admin";
+        let server = self.api.serve_http(
+            listener,
+            BTreeMap::from([(
+                ADMIN_TOKEN.to_owned(),
+                mesh_api::fake_api::rbac::ADMIN.to_owned(),
+            )]),
+        );
+        let kubeconfig = self.dir.path().join("admin-kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            mesh_api::fake_api::kubeconfig(&url, ADMIN_TOKEN, "default"),
+        )?;
+        let mesh = meshctl::mesh::Cluster(
+            meshctl::cluster::Cluster::connect(Some(&kubeconfig), None)
+                .await?
+                .with_poll(Duration::from_millis(10)),
+        );
         // The route code is synchronous; its API calls block on this runtime.
-        tokio::task::block_in_place(|| {
+        let out = tokio::task::block_in_place(|| {
             let mut out = Vec::new();
             meshctl::cmd::route::run(cli.route, &mesh, &mut out)?;
-            Ok(String::from_utf8_lossy(&out).into_owned())
-        })
+            anyhow::Ok(String::from_utf8_lossy(&out).into_owned())
+        });
+        server.abort();
+        out
     }
 }

@@ -740,15 +740,24 @@ async fn rollout_resumes_after_a_restart_and_yields_to_a_person<C: Cluster>(
     assert_eq!(resumed["step"], 1, "{resumed:#}");
     assert_eq!(resumed["phase"], "Progressing", "{resumed:#}");
 
-    c.meshctl_route(&[
-        "split",
-        "reviews",
-        "-n",
-        "shop",
-        "--to",
-        "reviews-v1=50,reviews-v2=50",
-    ])
-    .await?;
+    // --wait: through a port-forward to the controller, until every proxy applied the split.
+    let split_out = c
+        .meshctl_route(&[
+            "split",
+            "reviews",
+            "-n",
+            "shop",
+            "--to",
+            "reviews-v1=50,reviews-v2=50",
+            "--wait",
+            "--timeout",
+            "20s",
+        ])
+        .await?;
+    assert!(
+        split_out.contains("applied by all ") || split_out.contains("applied by the 1 "),
+        "{split_out}"
+    );
     let paused = wait_rollout(c, "paused", Duration::from_secs(10), |s| {
         s["phase"] == "Paused"
     })
