@@ -147,6 +147,27 @@ async fn edges_top_and_the_graph_page_in_chromium() -> anyhow::Result<()> {
         .await
         .expect("stat");
     assert_eq!(code, 404);
+    // One Service of the model, with the revision it is from (what `route split --wait` reads).
+    let (code, body) = http_get(admin, "/debug/service?service=default/echo")
+        .await
+        .expect("service");
+    assert_eq!(code, 200, "{body}");
+    let svc: serde_json::Value = serde_json::from_str(&body)?;
+    assert!(svc["revision"].as_u64().is_some_and(|r| r > 0), "{svc}");
+    assert_eq!(svc["service"]["key"], "default/echo", "{svc}");
+    assert!(svc["service"]["ports"][0]["routes"].is_array(), "{svc}");
+    let (code, _) = http_get(admin, "/debug/service?service=default")
+        .await
+        .expect("service");
+    assert_eq!(code, 400);
+    let (code, body) = http_get(admin, "/debug/service?service=default/nope")
+        .await
+        .expect("service");
+    assert_eq!(code, 404);
+    assert!(
+        body.contains("is not in the mesh's configuration"),
+        "{body}"
+    );
 
     // The page: a node per workload, an edge per caller pair, once its script has run.
     let url = format!("http://{admin}/graph?refresh=500");

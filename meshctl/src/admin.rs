@@ -149,6 +149,15 @@ impl std::fmt::Display for HttpStatus {
 
 impl std::error::Error for HttpStatus {}
 
+/// Whether the controller's answer says the Service asked about is not in its configuration
+/// (its own 404, not that of a path it does not have).
+pub fn names_unknown_service(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<HttpStatus>()
+            .is_some_and(|s| s.body.contains("is not in the mesh's configuration"))
+    })
+}
+
 /// Whether an admin endpoint answered 404 (directly, through a port-forward, or through the
 /// API server's pod proxy).
 pub fn is_not_found(e: &anyhow::Error) -> bool {

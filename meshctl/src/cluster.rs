@@ -165,6 +165,11 @@ pub fn context_namespace(
 
 /// The first ready pod of a Deployment's selector `app.kubernetes.io/name=NAME`.
 pub async fn pod_of(cluster: &Cluster, ns: &str, name: &str) -> anyhow::Result<Option<String>> {
+    Ok(pods_of(cluster, ns, name).await?.into_iter().next())
+}
+
+/// Every ready pod of a Deployment's selector `app.kubernetes.io/name=NAME`, by name.
+pub async fn pods_of(cluster: &Cluster, ns: &str, name: &str) -> anyhow::Result<Vec<String>> {
     let pods = cluster
         .list_in(
             Some(ns),
@@ -175,9 +180,10 @@ pub async fn pod_of(cluster: &Cluster, ns: &str, name: &str) -> anyhow::Result<O
         .await?;
     Ok(pods
         .iter()
-        .find(|p| pod_ready(p))
-        .and_then(|p| p.pointer("/metadata/name").and_then(Value::as_str))
-        .map(str::to_owned))
+        .filter(|p| pod_ready(p))
+        .filter_map(|p| p.pointer("/metadata/name").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect())
 }
 
 fn pod_ready(p: &Value) -> bool {
@@ -274,13 +280,11 @@ impl Cluster {
     /// The object as the cluster has it, `None` when it does not exist.
     pub async fn get(&self, o: &Value) -> anyhow::Result<Option<Value>> {
         let t = self.target(o)?;
-        let got = t.api.get_opt(&t.name).await.with_context(|| {
-            format!(
-                "reading {}; `meshctl check --pre` says whether the cluster is reachable and \
-                     what you may not do",
-                t.what
-            )
-        })?;
+        let got = t
+            .api
+            .get_opt(&t.name)
+            .await
+            .with_context(|| format!("reading {}", t.what))?;
         got.map(serde_json::to_value)
             .transpose()
             .map_err(Into::into)
@@ -445,10 +449,7 @@ impl Cluster {
                 } else {
                     format!(" ({label_selector})")
                 };
-                format!(
-                    "listing {kind}{selected}; `meshctl check` says whether the cluster is \
-                     reachable and the mesh's CRDs installed"
-                )
+                format!("listing {kind}{selected}")
             })?;
         list.items
             .into_iter()
@@ -464,13 +465,11 @@ impl Cluster {
     /// Server-side apply of `o`, taking ownership of its fields from other managers.
     pub async fn apply(&self, o: &Value) -> anyhow::Result<Applied> {
         let t = self.target(o)?;
-        let before = t.api.get_opt(&t.name).await.with_context(|| {
-            format!(
-                "reading {}; `meshctl check --pre` says whether the cluster is reachable and \
-                     what you may not do",
-                t.what
-            )
-        })?;
+        let before = t
+            .api
+            .get_opt(&t.name)
+            .await
+            .with_context(|| format!("reading {}", t.what))?;
         let after = t
             .api
             .patch(

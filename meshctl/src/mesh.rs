@@ -57,9 +57,12 @@ pub trait Mesh {
     fn rollouts(&self) -> anyhow::Result<Vec<RolloutDoc>>;
     /// Writes a Rollout's manifest back where it came from, or somewhere new; says where.
     fn save_rollout(&self, rollout: &RouteDoc) -> anyhow::Result<String>;
-    /// The admin endpoints of the controller serving this mesh: `--controller` when given.
-    fn controller(&self, w: &crate::cmd::route::WaitArgs)
-    -> anyhow::Result<crate::admin::Endpoint>;
+    /// The admin endpoints of the controllers serving this mesh (each replica serves its own
+    /// proxies): `--controller` when given.
+    fn controllers(
+        &self,
+        w: &crate::cmd::route::WaitArgs,
+    ) -> anyhow::Result<Vec<crate::admin::Endpoint>>;
 }
 
 /// A local mesh: a directory of YAML manifests (recursively, `*.yaml`/`*.yml`, hidden files
@@ -271,13 +274,13 @@ fn service_ref(v: &Value) -> ServiceRef {
 }
 
 impl Mesh for LocalDir {
-    fn controller(
+    fn controllers(
         &self,
         w: &crate::cmd::route::WaitArgs,
-    ) -> anyhow::Result<crate::admin::Endpoint> {
-        Ok(crate::cmd::status::local_controller(
+    ) -> anyhow::Result<Vec<crate::admin::Endpoint>> {
+        Ok(vec![crate::cmd::status::local_controller(
             w.controller.controller,
-        ))
+        )])
     }
 
     fn services(&self) -> anyhow::Result<Vec<ServiceRef>> {
@@ -359,14 +362,14 @@ impl Cluster {
 }
 
 impl Mesh for Cluster {
-    /// A ready controller pod, through a port-forward.
-    fn controller(
+    /// Every ready controller pod, through port-forwards.
+    fn controllers(
         &self,
         w: &crate::cmd::route::WaitArgs,
-    ) -> anyhow::Result<crate::admin::Endpoint> {
+    ) -> anyhow::Result<Vec<crate::admin::Endpoint>> {
         match w.controller.controller {
-            Some(a) => Ok(crate::admin::Endpoint::Direct(a)),
-            None => self.block(crate::cmd::status::cluster_controller(
+            Some(a) => Ok(vec![crate::admin::Endpoint::Direct(a)]),
+            None => self.block(crate::cmd::status::cluster_controllers(
                 &self.0,
                 &w.controller.mesh_namespace,
             )),

@@ -14,7 +14,7 @@ use mesh_api::rollout::{
 use mesh_api::route_doc::{self as doc, rules, weights};
 use serde_norway::{Mapping, Value};
 
-use super::route::{Target, find_service, port_of, several_routes};
+use super::route::{Target, find_backend, find_service, port_of, several_routes};
 use super::status::Output;
 use crate::mesh::{Mesh, RolloutDoc, RouteDoc};
 
@@ -128,7 +128,7 @@ pub fn create(mesh: &dyn Mesh, args: &RolloutArgs) -> anyhow::Result<String> {
     let parent = find_service(&services, ns, &target.service)?;
     let port = port_of(parent, target.port)?;
     let has_port = |name: &str, flag: &str| -> anyhow::Result<()> {
-        let svc = find_service(&services, ns, name).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+        let svc = find_backend(&services, ns, name).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
         if !svc.ports.iter().any(|(p, _)| *p == port) {
             bail!(
                 "{flag}: Service {ns}/{name} has no port {port} (the port of {}); add port {port} \

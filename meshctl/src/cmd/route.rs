@@ -146,19 +146,35 @@ pub fn parse_weights(items: &[String]) -> anyhow::Result<Vec<(String, u32)>> {
     Ok(out)
 }
 
+/// The Service a command is about (its target): `-n` says where to look.
 pub(crate) fn find_service<'a>(
     services: &'a [ServiceRef],
     ns: &str,
     name: &str,
 ) -> anyhow::Result<&'a ServiceRef> {
+    find_in(services, ns, name).with_context(|| {
+        format!("Service {ns}/{name} not found; pass -n NAMESPACE if it is in another namespace")
+    })
+}
+
+/// A backend of the target, which must be in the target's namespace.
+pub(crate) fn find_backend<'a>(
+    services: &'a [ServiceRef],
+    ns: &str,
+    name: &str,
+) -> anyhow::Result<&'a ServiceRef> {
+    find_in(services, ns, name).with_context(|| {
+        format!(
+            "Service {ns}/{name} not found; backends are Services in the namespace of the \
+             Service they split"
+        )
+    })
+}
+
+fn find_in<'a>(services: &'a [ServiceRef], ns: &str, name: &str) -> Option<&'a ServiceRef> {
     services
         .iter()
         .find(|s| s.namespace == ns && s.name == name)
-        .with_context(|| {
-            format!(
-                "Service {ns}/{name} not found; pass -n NAMESPACE if it is in another namespace"
-            )
-        })
 }
 
 /// The Service port a command is about.
@@ -244,7 +260,7 @@ pub fn change(
     let port = port_of(parent, target.port)?;
     for (b, _) in to {
         let svc =
-            find_service(&services, ns, b).map_err(|e| anyhow::anyhow!("backend {b:?}: {e}"))?;
+            find_backend(&services, ns, b).map_err(|e| anyhow::anyhow!("backend {b:?}: {e}"))?;
         if !svc.ports.iter().any(|(p, _)| *p == port) {
             bail!(
                 "backend {b:?}: Service {ns}/{b} has no port {port} (the port of {}); add port \
@@ -464,8 +480,9 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
     match route {
         Route::Split(a) => {
             let to = parse_weights(&a.to)?;
+            let ctls = controllers(mesh, &a.wait)?;
             let c = change(mesh, &a.target, &to, !a.dry_run)?;
-            report(mesh, &c, &a.wait, a.output, out)
+            report(&ctls, &c, &a.wait, a.output, out)
         }
         Route::Show(a) => {
             crate::output::print(a.output, &show_data(mesh, &a.target)?, out, write_show)
@@ -506,8 +523,9 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
                     }
                 }
             }
+            let ctls = controllers(mesh, &a.wait)?;
             let c = change(mesh, &a.target, &to, !a.dry_run)?;
-            report(mesh, &c, &a.wait, a.output, out)
+            report(&ctls, &c, &a.wait, a.output, out)
         }
     }
 }
@@ -516,27 +534,40 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
 /// what is waited for), or before JSON and YAML, which then say what acknowledged it (the
 /// statuses of the wait go to stderr then, so the output stays one document).
 fn report(
-    mesh: &dyn Mesh,
+    ctls: &[crate::admin::Endpoint],
     c: &Change,
     w: &WaitArgs,
     output: Output,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    if !w.wait || c.written.is_none() {
+    if ctls.is_empty() || c.written.is_none() {
         return crate::output::print(output, &c.data(), out, |_, out| print_change(c, out));
     }
-    let ctl = mesh.controller(w)?;
+    let written = || format!("HTTPRoute {} is written; only --wait failed", c.route);
     if output == Output::Table {
         print_change(c, out)?;
         out.flush()?;
-        let acked = super::route_wait::wait_here(&ctl, c, w.timeout, out)?;
+        let acked = super::route_wait::wait_here(ctls, c, w.timeout, out).with_context(written)?;
         writeln!(out, "{}", acked.words())?;
         return Ok(());
     }
-    let acked = super::route_wait::wait_here(&ctl, c, w.timeout, &mut std::io::stderr())?;
+    let waited = super::route_wait::wait_here(ctls, c, w.timeout, &mut std::io::stderr());
     let mut data = c.data();
-    data["acknowledged"] = acked.data();
-    crate::output::print(output, &data, out, |_, _| Ok(()))
+    data["acknowledged"] = match &waited {
+        Ok(acked) => acked.data(),
+        Err(_) => serde_json::Value::Null,
+    };
+    crate::output::print(output, &data, out, |_, _| Ok(()))?;
+    waited.map(|_| ()).with_context(written)
+}
+
+/// The controllers `--wait` asks, found before anything is written (none without it).
+fn controllers(mesh: &dyn Mesh, w: &WaitArgs) -> anyhow::Result<Vec<crate::admin::Endpoint>> {
+    if w.wait {
+        mesh.controllers(w)
+    } else {
+        Ok(Vec::new())
+    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
-//! `route split|promote --wait`: returns once the controller has read the route as it was
-//! written (its model holds the rule with the new weights, at some revision) and every proxy
-//! connected to it has applied and acknowledged that revision. A proxy whose configuration does
-//! not hold the Service's routes acknowledges the revision as well (it is told nothing new), so
-//! "every proxy" is every client of the Service and none is missed.
+//! `route split|promote --wait`: returns once every controller replica has read the route as
+//! it was written (its model holds the rule with the new weights, at some revision) and every
+//! proxy connected to it has applied and acknowledged that revision. A proxy whose
+//! configuration does not hold the Service's routes acknowledges the revision as well (it is
+//! told nothing new), so "every proxy" is every client of the Service and none is missed.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -25,12 +25,12 @@ const TIMEOUT: &str = "60s";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct WaitArgs {
-    /// Return only once the controller has read the route as written and every proxy
-    /// connected to it has applied and acknowledged it.
+    /// Return only once every controller replica has read the route as written and every
+    /// proxy connected to it has applied and acknowledged it.
     #[arg(long, conflicts_with = "dry_run")]
     pub wait: bool,
     /// With --wait: how long to wait, like 30s.
-    #[arg(long, default_value = TIMEOUT, value_parser = parse_duration)]
+    #[arg(long, default_value = TIMEOUT, value_parser = parse_duration, requires = "wait")]
     pub timeout: Duration,
     /// With --wait: the controller asked.
     #[command(flatten)]
@@ -55,40 +55,58 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     mesh_api::duration::parse(s).map_err(|e| e.to_string())
 }
 
-/// What `--wait` saw: the model revision holding the change, and how many proxies
-/// acknowledged it.
+/// What one controller replica served the change at, and how many of its proxies applied it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Acked {
+pub struct Replica {
+    pub controller: String,
     pub revision: u64,
     pub proxies: usize,
+}
+
+/// What `--wait` saw, replica by replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acked {
+    pub replicas: Vec<Replica>,
     pub took: Duration,
 }
 
 impl Acked {
+    fn proxies(&self) -> usize {
+        self.replicas.iter().map(|r| r.proxies).sum()
+    }
+
     /// The line a table ends with.
     pub fn words(&self) -> String {
         let took = self.took.as_secs_f64();
-        match self.proxies {
-            0 => format!(
-                "served by the controller at revision {} after {took:.2} s; no proxy is connected",
-                self.revision
-            ),
-            1 => format!(
-                "applied by the 1 connected proxy (revision {}) after {took:.2} s",
-                self.revision
-            ),
-            n => format!(
-                "applied by all {n} connected proxies (revision {}) after {took:.2} s",
-                self.revision
-            ),
+        let at = match self.replicas.as_slice() {
+            [one] => format!("revision {}", one.revision),
+            many => format!("{} controller replicas", many.len()),
+        };
+        match self.proxies() {
+            0 => {
+                format!("served by the controller ({at}) after {took:.2} s; no proxy is connected")
+            }
+            1 => format!("applied by the 1 connected proxy ({at}) after {took:.2} s"),
+            n => format!("applied by all {n} connected proxies ({at}) after {took:.2} s"),
         }
     }
 
     pub fn data(&self) -> Value {
+        let replicas: Vec<Value> = self
+            .replicas
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "controller": r.controller,
+                    "revision": r.revision,
+                    "proxies": r.proxies,
+                })
+            })
+            .collect();
         serde_json::json!({
-            "revision": self.revision,
-            "proxies": self.proxies,
+            "proxies": self.proxies(),
             "seconds": self.took.as_secs_f64(),
+            "controllers": replicas,
         })
     }
 }
@@ -96,16 +114,19 @@ impl Acked {
 /// [`wait`] on the calling thread, with a spinner: inside a multi-threaded runtime (as the
 /// cluster's calls run) or on a runtime of its own.
 pub fn wait_here(
-    ctl: &Endpoint,
+    ctls: &[Endpoint],
     c: &Change,
     timeout: Duration,
     out: &mut dyn Write,
 ) -> anyhow::Result<Acked> {
     let waited = async {
         let progress = Progress::spinner();
-        wait(ctl, c, timeout, &progress, out).await
+        wait(ctls, c, timeout, &progress, out).await
     };
     match tokio::runtime::Handle::try_current() {
+        Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+            bail!("--wait needs a multi-threaded Tokio runtime to block on, or none")
+        }
         Ok(rt) => tokio::task::block_in_place(|| rt.block_on(waited)),
         Err(_) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -114,115 +135,159 @@ pub fn wait_here(
     }
 }
 
-/// Waits until the controller at `ctl` serves change `c` and every proxy acknowledged it.
+/// Waits until every controller at `ctls` serves change `c` and every proxy of each
+/// acknowledged it.
 pub async fn wait(
-    ctl: &Endpoint,
+    ctls: &[Endpoint],
     c: &Change,
     timeout: Duration,
     progress: &Progress,
     out: &mut dyn Write,
 ) -> anyhow::Result<Acked> {
     let started = Instant::now();
-    let deadline = started + timeout;
+    let deadline = started
+        .checked_add(timeout)
+        .with_context(|| format!("--timeout {timeout:?}: too long"))?;
+    let mut replicas = Vec::new();
+    for ctl in ctls {
+        replicas.push(wait_one(ctl, c, deadline, timeout, progress, out).await?);
+    }
+    Ok(Acked {
+        replicas,
+        took: started.elapsed(),
+    })
+}
+
+/// Why one look at a controller did not end the wait.
+enum Pending {
+    /// Not yet: what is missing.
+    Yet(String),
+    /// Never: the wait fails with this.
+    Fails(anyhow::Error),
+}
+
+/// The wait on one controller replica: each look reads the Service as its model holds it and
+/// the proxies' state. The revision waited for is the first one seen holding the change, or a
+/// lower one after the controller restarted (its revisions start again).
+async fn wait_one(
+    ctl: &Endpoint,
+    c: &Change,
+    deadline: Instant,
+    timeout: Duration,
+    progress: &Progress,
+    out: &mut dyn Write,
+) -> anyhow::Result<Replica> {
     let poll = match ctl {
         Endpoint::Direct(_) => POLL,
         _ => POLL_FORWARDED,
     };
-    let rule = format!("HTTPRoute {} rule {}", c.route, c.rule + 1);
-    let path = format!("/debug/service?service={}/{}", c.namespace, c.service);
+    let mut held: Option<u64> = None;
+    // Every proxy looked done at the last look: a scoped proxy acknowledges routes before it
+    // asks for a backend they newly name, so done must be seen twice in a row.
+    let mut done_before = false;
     let mut last = String::new();
-    let mut say = |progress: &Progress, out: &mut dyn Write, s: String| -> anyhow::Result<()> {
-        if s != last {
-            progress.status(out, &s)?;
-            last = s;
-        }
-        Ok(())
-    };
-    let revision = loop {
-        // A Service the controller has not read yet (just created) is waited for as well.
-        let why = match ctl.json(&path).await {
-            Ok(v) => match served(&v, c) {
-                Ok(revision) => break revision,
-                Err(why) => why,
-            },
-            Err(e) if crate::admin::is_not_found(&e) => format!(
-                "Service {}/{} is not in its configuration yet",
-                c.namespace, c.service
-            ),
-            Err(e) => {
-                return Err(e.context(format!(
-                    "reading Service {}/{} from the controller at {ctl} (the route is written; \
-                     only the wait failed); {}",
-                    c.namespace,
-                    c.service,
-                    crate::admin::CONTROLLER_HINT
-                )));
+    loop {
+        let why = match look(ctl, c, &mut held).await {
+            Ok(proxies) if done_before => {
+                return Ok(Replica {
+                    controller: ctl.to_string(),
+                    revision: held.unwrap_or_default(),
+                    proxies,
+                });
             }
+            Ok(proxies) => {
+                done_before = true;
+                format!(
+                    "{proxies} of {proxies} proxies acknowledged revision {}",
+                    held.unwrap_or_default()
+                )
+            }
+            Err(Pending::Yet(why)) => {
+                done_before = false;
+                why
+            }
+            Err(Pending::Fails(e)) => return Err(e),
         };
         if Instant::now() >= deadline {
             bail!(
-                "the controller at {ctl} has not applied {rule} after {timeout:?}: {why}; \
-                 `meshctl check` shows what it refused"
+                "after {timeout:?}, at the controller at {ctl}: {why}; `meshctl proxy-status` shows each proxy's state"
             );
         }
-        say(
-            progress,
-            out,
-            format!("waiting for the controller to read {rule}: {why}"),
-        )?;
-        tokio::time::sleep(poll).await;
-    };
-    loop {
-        let proxies = ctl
-            .json("/debug/proxies")
-            .await
-            .with_context(|| format!("reading proxy status from the controller at {ctl}"))?;
-        let list = proxies.as_array().map_or(&[][..], Vec::as_slice);
-        let mut behind = Vec::new();
-        for p in list {
-            let node = p["node"].as_str().unwrap_or("?");
-            match acknowledged(p, revision) {
-                Ok(true) => {}
-                Ok(false) => behind.push(node),
-                Err(e) => bail!(
-                    "proxy {node} refused revision {revision} of the configuration ({e}); \
-                     `meshctl proxy-status` shows each proxy's state"
-                ),
-            }
+        if why != last {
+            progress.status(out, &why)?;
+            last = why;
         }
-        if behind.is_empty() {
-            return Ok(Acked {
-                revision,
-                proxies: list.len(),
-                took: started.elapsed(),
-            });
-        }
-        let some = behind
-            .iter()
-            .take(3)
-            .copied()
-            .collect::<Vec<_>>()
-            .join(", ");
-        let more = if behind.len() > 3 { ", ..." } else { "" };
-        if Instant::now() >= deadline {
-            bail!(
-                "after {timeout:?}, {} of {} proxies have not acknowledged revision {revision} \
-                 ({some}{more}); `meshctl proxy-status` shows each proxy's state",
-                behind.len(),
-                list.len()
-            );
-        }
-        say(
-            progress,
-            out,
-            format!(
-                "{}/{} proxies acknowledged revision {revision}; waiting for {some}{more}",
-                list.len() - behind.len(),
-                list.len()
-            ),
-        )?;
         tokio::time::sleep(poll).await;
     }
+}
+
+/// One look at controller `ctl`: the number of its proxies when all of them serve the change.
+async fn look(ctl: &Endpoint, c: &Change, held: &mut Option<u64>) -> Result<usize, Pending> {
+    let rule = format!("HTTPRoute {} rule {}", c.route, c.rule + 1);
+    let path = format!("/debug/service?service={}/{}", c.namespace, c.service);
+    let v = match ctl.json(&path).await {
+        Ok(v) => v,
+        // A Service the controller has not read yet (just created) is waited for as well.
+        Err(e) if crate::admin::is_not_found(&e) && crate::admin::names_unknown_service(&e) => {
+            return Err(Pending::Yet(format!(
+                "Service {}/{} is not in its configuration yet",
+                c.namespace, c.service
+            )));
+        }
+        Err(e) if crate::admin::is_not_found(&e) => {
+            return Err(Pending::Fails(e.context(format!(
+                "the controller at {ctl} has no /debug/service: it is older than this meshctl; \
+                 upgrade the control plane, or leave out --wait"
+            ))));
+        }
+        // Asked again until the deadline: a port-forward may fail once.
+        Err(e) => {
+            return Err(Pending::Yet(format!(
+                "the controller did not answer: {e:#}"
+            )));
+        }
+    };
+    let revision = served(&v, c)
+        .map_err(|why| Pending::Yet(format!("waiting for the controller to read {rule}: {why}")))?;
+    let r = match *held {
+        Some(h) if revision >= h => h,
+        _ => revision,
+    };
+    *held = Some(r);
+    let proxies = ctl
+        .json("/debug/proxies")
+        .await
+        .map_err(|e| Pending::Yet(format!("the controller did not answer: {e:#}")))?;
+    let list = proxies.as_array().map_or(&[][..], Vec::as_slice);
+    let mut behind = Vec::new();
+    for p in list {
+        let node = p["node"].as_str().unwrap_or("?");
+        match acknowledged(p, r) {
+            Ok(true) => {}
+            Ok(false) => behind.push(node),
+            Err(e) => {
+                return Err(Pending::Fails(anyhow::anyhow!(
+                    "proxy {node} refused the configuration holding the change ({e}); \
+                     `meshctl proxy-status` shows each proxy's state"
+                )));
+            }
+        }
+    }
+    if behind.is_empty() {
+        return Ok(list.len());
+    }
+    let some = behind
+        .iter()
+        .take(3)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let more = if behind.len() > 3 { ", ..." } else { "" };
+    Err(Pending::Yet(format!(
+        "{}/{} proxies acknowledged revision {r}; waiting for {some}{more}",
+        list.len() - behind.len(),
+        list.len()
+    )))
 }
 
 /// The revision of `/debug/service`'s answer `v` when its model holds change `c`'s rule with
@@ -304,28 +369,33 @@ fn backend_of<'a>(cluster: &'a str, namespace: &str) -> Option<&'a str> {
 }
 
 /// Whether proxy `p` (an entry of `/debug/proxies`) serves `revision` or later with every
-/// type acknowledged; an error when it refused a response of that revision or later.
+/// type acknowledged; an error when it refused a response of that revision or later. A
+/// refusal of an earlier response is past once the proxy serves the revision: that type did
+/// not change since (the controller resends a type only when it changes).
 pub fn acknowledged(p: &Value, revision: u64) -> Result<bool, String> {
-    let mut synced = true;
-    for (ty, t) in p["types"].as_object().into_iter().flatten() {
+    let at = p["revision"].as_u64().is_some_and(|r| r >= revision);
+    let types = p["types"].as_object();
+    // A stream that has just opened has been sent nothing yet.
+    let mut synced = types.is_some_and(|t| !t.is_empty());
+    for (ty, t) in types.into_iter().flatten() {
         match t["state"].as_str() {
             Some("SYNCED") => {}
             Some("NACKED") => {
                 let sent = t["sent_version"]
                     .as_str()
                     .and_then(|v| v.parse::<u64>().ok());
-                if sent.is_some_and(|s| s >= revision) {
+                if let Some(sent) = sent.filter(|s| *s >= revision) {
                     return Err(format!(
-                        "{ty}: {}",
+                        "{ty} at revision {sent}: {}",
                         t["error"].as_str().unwrap_or("no reason given")
                     ));
                 }
-                synced = false;
+                synced &= at;
             }
             _ => synced = false,
         }
     }
-    Ok(synced && p["revision"].as_u64().is_some_and(|r| r >= revision))
+    Ok(synced && at)
 }
 
 #[cfg(test)]
@@ -425,11 +495,16 @@ mod tests {
         assert_eq!(acknowledged(&proxy(8, "SYNCED", "8"), 7), Ok(true));
         assert_eq!(acknowledged(&proxy(6, "SYNCED", "6"), 7), Ok(false));
         assert_eq!(acknowledged(&proxy(7, "STALE", "7"), 7), Ok(false));
-        // A refusal of an older revision may still be followed by the new one.
+        // A refusal of an older revision may still be followed by the new one; once the proxy
+        // serves the revision, that type did not change since and the refusal is past.
         assert_eq!(acknowledged(&proxy(6, "NACKED", "6"), 7), Ok(false));
+        assert_eq!(acknowledged(&proxy(7, "NACKED", "6"), 7), Ok(true));
         assert_eq!(
             acknowledged(&proxy(7, "NACKED", "7"), 7),
-            Err("RDS: bad route".into())
+            Err("RDS at revision 7: bad route".into())
         );
+        // A stream just opened has been sent nothing.
+        let fresh = json!({"node": "default/b", "revision": 9, "types": {}});
+        assert_eq!(acknowledged(&fresh, 7), Ok(false));
     }
 }

@@ -125,7 +125,7 @@ pub async fn fetch_service(
     ctl.json(&format!("{path}?service={namespace}/{service}"))
         .await
         .map_err(|e| {
-            if crate::admin::is_not_found(&e) {
+            if crate::admin::names_unknown_service(&e) {
                 e.context(format!(
                     "Service {namespace}/{service} is not in the mesh's configuration; check the \
                      name, or pass -n NAMESPACE"

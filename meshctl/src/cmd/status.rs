@@ -60,25 +60,39 @@ pub async fn cluster_controller(
     cluster: &crate::cluster::Cluster,
     namespace: &str,
 ) -> anyhow::Result<crate::admin::Endpoint> {
+    let mut all = cluster_controllers(cluster, namespace).await?;
+    Ok(all.swap_remove(0))
+}
+
+/// Every ready controller pod's admin port (one per replica, each serving its own proxies),
+/// through port-forwards; at least one.
+pub async fn cluster_controllers(
+    cluster: &crate::cluster::Cluster,
+    namespace: &str,
+) -> anyhow::Result<Vec<crate::admin::Endpoint>> {
     let name = mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT;
-    let found = crate::cluster::pod_of(cluster, namespace, name).await;
-    let found = match found {
+    let found = match crate::cluster::pods_of(cluster, namespace, name).await {
         Err(e) if crate::cluster::is_forbidden(&e) => {
             return Err(e.context(crate::cluster::reader_hint(namespace)));
         }
         r => r?,
     };
-    let Some(pod) = found else {
+    if found.is_empty() {
         bail!(
             "no ready {name} pod in namespace {namespace}: is the mesh installed (meshctl check)?"
         );
-    };
-    Ok(crate::admin::Endpoint::forward(
-        cluster,
-        namespace,
-        &pod,
-        mesh_api::consts::ports::CONTROLLER_ADMIN,
-    ))
+    }
+    Ok(found
+        .iter()
+        .map(|pod| {
+            crate::admin::Endpoint::forward(
+                cluster,
+                namespace,
+                pod,
+                mesh_api::consts::ports::CONTROLLER_ADMIN,
+            )
+        })
+        .collect())
 }
 
 /// The xDS types, in the order a proxy applies them.

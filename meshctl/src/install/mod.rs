@@ -79,7 +79,6 @@ pub fn render(objects: &[Value], format: Format, out: &mut dyn Write) -> anyhow:
     Ok(())
 }
 
-/// `[#####·····] 12/24`: how far the apply is.
 fn is_crd(o: &Value) -> bool {
     o.get("kind").and_then(Value::as_str) == Some("CustomResourceDefinition")
 }
@@ -205,17 +204,33 @@ pub fn upgrade_allowed(from: &str, to: &str) -> Result<(), String> {
 }
 
 /// Applies the install. `upgrade`: the mesh must be installed (at a version it can move from);
-/// otherwise it must not be installed at another version.
+/// otherwise it must not be installed at another version. A bar on stderr shows the progress
+/// when it is a terminal.
 pub async fn apply(
     cluster: &Cluster,
     args: &InstallArgs,
     upgrade: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<Report> {
+    apply_with(cluster, args, upgrade, out, Progress::bar(0)).await
+}
+
+/// [`apply`], its progress shown by `progress`.
+pub async fn apply_with(
+    cluster: &Cluster,
+    args: &InstallArgs,
+    upgrade: bool,
+    out: &mut dyn Write,
+    progress: Progress,
+) -> anyhow::Result<Report> {
     let paths: Vec<&std::path::Path> = args.values.iter().map(PathBuf::as_path).collect();
     let values = Values::from_files(&paths)?;
     let ns = &args.namespace;
-    match (installed_version(cluster, ns).await?, upgrade) {
+    let installed = installed_version(cluster, ns).await.context(
+        "reading the installed version (`meshctl check --pre` says whether the cluster is \
+         reachable)",
+    )?;
+    match (installed, upgrade) {
         (None, true) => bail!("the mesh is not installed in {ns}: use meshctl install"),
         (Some(v), false) if v != APP_VERSION => bail!(
             "the mesh {v} is installed in {ns}; this is meshctl {APP_VERSION}: use meshctl \
@@ -268,14 +283,14 @@ pub async fn apply(
     }
     let total = objects.len();
     let (crds, rest): (Vec<_>, Vec<_>) = objects.into_iter().partition(is_crd);
-    let progress = Progress::bar(total as u64);
+    progress.set_len(total as u64);
     let mut n = 0;
     for o in &crds {
         n += 1;
         let a = cluster
             .apply(o)
             .await
-            .context("install needs it; `meshctl check --pre` lists what you may not do")?;
+            .context("`meshctl check --pre` lists what you may not do in the cluster")?;
         progress.line(
             out,
             format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),
@@ -299,7 +314,7 @@ pub async fn apply(
         let a = cluster
             .apply(o)
             .await
-            .context("install needs it; `meshctl check --pre` lists what you may not do")?;
+            .context("`meshctl check --pre` lists what you may not do in the cluster")?;
         progress.line(
             out,
             format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),

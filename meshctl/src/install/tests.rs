@@ -48,7 +48,8 @@ fn expected() -> Vec<Value> {
 
 async fn install(cluster: &Cluster) -> (anyhow::Result<Report>, String) {
     let mut out = Vec::new();
-    let r = apply(cluster, &args(), false, &mut out).await;
+    // Statuses as lines of the output, as without a terminal, also when the tests run in one.
+    let r = apply_with(cluster, &args(), false, &mut out, Progress::hidden()).await;
     (r, String::from_utf8_lossy(&out).into_owned())
 }
 
