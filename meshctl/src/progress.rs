@@ -81,11 +81,6 @@ impl Progress {
         self.bar.set_message(message.to_owned());
     }
 
-    /// The bar's length, once it is known.
-    pub fn set_len(&self, len: u64) {
-        self.bar.set_length(len);
-    }
-
     /// One step done.
     pub fn inc(&self) {
         self.bar.inc(1);

@@ -534,7 +534,7 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
 /// what is waited for), or before JSON and YAML, which then say what acknowledged it (the
 /// statuses of the wait go to stderr then, so the output stays one document).
 fn report(
-    ctls: &[crate::admin::Endpoint],
+    ctls: &[super::route_wait::Controller],
     c: &Change,
     w: &WaitArgs,
     output: Output,
@@ -561,10 +561,13 @@ fn report(
     waited.map(|_| ()).with_context(written)
 }
 
-/// The controllers `--wait` asks, found before anything is written (none without it).
-fn controllers(mesh: &dyn Mesh, w: &WaitArgs) -> anyhow::Result<Vec<crate::admin::Endpoint>> {
+/// The controllers `--wait` asks, found and read before anything is written (none without it).
+fn controllers(
+    mesh: &dyn Mesh,
+    w: &WaitArgs,
+) -> anyhow::Result<Vec<super::route_wait::Controller>> {
     if w.wait {
-        mesh.controllers(w)
+        super::route_wait::before_write(mesh.controllers(w)?)
     } else {
         Ok(Vec::new())
     }

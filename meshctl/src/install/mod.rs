@@ -212,16 +212,17 @@ pub async fn apply(
     upgrade: bool,
     out: &mut dyn Write,
 ) -> anyhow::Result<Report> {
-    apply_with(cluster, args, upgrade, out, Progress::bar(0)).await
+    apply_with(cluster, args, upgrade, out, None).await
 }
 
-/// [`apply`], its progress shown by `progress`.
+/// [`apply`], its progress shown by `progress` (by default a bar made once the number of
+/// objects is known).
 pub async fn apply_with(
     cluster: &Cluster,
     args: &InstallArgs,
     upgrade: bool,
     out: &mut dyn Write,
-    progress: Progress,
+    progress: Option<Progress>,
 ) -> anyhow::Result<Report> {
     let paths: Vec<&std::path::Path> = args.values.iter().map(PathBuf::as_path).collect();
     let values = Values::from_files(&paths)?;
@@ -283,7 +284,7 @@ pub async fn apply_with(
     }
     let total = objects.len();
     let (crds, rest): (Vec<_>, Vec<_>) = objects.into_iter().partition(is_crd);
-    progress.set_len(total as u64);
+    let progress = progress.unwrap_or_else(|| Progress::bar(total as u64));
     let mut n = 0;
     for o in &crds {
         n += 1;

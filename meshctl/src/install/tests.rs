@@ -49,7 +49,7 @@ fn expected() -> Vec<Value> {
 async fn install(cluster: &Cluster) -> (anyhow::Result<Report>, String) {
     let mut out = Vec::new();
     // Statuses as lines of the output, as without a terminal, also when the tests run in one.
-    let r = apply_with(cluster, &args(), false, &mut out, Progress::hidden()).await;
+    let r = apply_with(cluster, &args(), false, &mut out, Some(Progress::hidden())).await;
     (r, String::from_utf8_lossy(&out).into_owned())
 }
 
