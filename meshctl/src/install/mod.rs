@@ -79,6 +79,28 @@ pub fn render(objects: &[Value], format: Format, out: &mut dyn Write) -> anyhow:
     Ok(())
 }
 
+/// Applies `o`, the `n`th object of `total`, and says so.
+async fn apply_counted(
+    cluster: &Cluster,
+    o: &Value,
+    (n, total): (usize, usize),
+    progress: &Progress,
+    out: &mut dyn Write,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let a = cluster
+        .apply(o)
+        .await
+        .context("`meshctl check --pre` lists what you may not do in the cluster")?;
+    progress.line(
+        out,
+        format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),
+    )?;
+    progress.inc();
+    report.applied.push((key(o), a));
+    Ok(())
+}
+
 fn is_crd(o: &Value) -> bool {
     o.get("kind").and_then(Value::as_str) == Some("CustomResourceDefinition")
 }
@@ -288,16 +310,7 @@ pub async fn apply_with(
     let mut n = 0;
     for o in &crds {
         n += 1;
-        let a = cluster
-            .apply(o)
-            .await
-            .context("`meshctl check --pre` lists what you may not do in the cluster")?;
-        progress.line(
-            out,
-            format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),
-        )?;
-        progress.inc();
-        report.applied.push((key(o), a));
+        apply_counted(cluster, o, (n, total), &progress, out, &mut report).await?;
     }
     for o in &crds {
         cluster
@@ -312,16 +325,7 @@ pub async fn apply_with(
     }
     for o in &rest {
         n += 1;
-        let a = cluster
-            .apply(o)
-            .await
-            .context("`meshctl check --pre` lists what you may not do in the cluster")?;
-        progress.line(
-            out,
-            format_args!("{n:>2}/{total} {} {}", key(o), a.as_str()),
-        )?;
-        progress.inc();
-        report.applied.push((key(o), a));
+        apply_counted(cluster, o, (n, total), &progress, out, &mut report).await?;
     }
     // Objects an earlier install enabled go once they are off, as `helm upgrade` drops them.
     let mut off = manifests::monitoring_stubs(&values, ns);
