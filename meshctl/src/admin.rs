@@ -149,6 +149,17 @@ impl std::fmt::Display for HttpStatus {
 
 impl std::error::Error for HttpStatus {}
 
+/// The status of an admin endpoint's answer other than 2xx, when `e` is one.
+pub fn status_of(e: &anyhow::Error) -> Option<http::StatusCode> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<HttpStatus>().map(|s| s.status))
+}
+
+/// Whether an admin endpoint refused the request (4xx).
+pub fn is_client_error(e: &anyhow::Error) -> bool {
+    status_of(e).is_some_and(|s| s.is_client_error())
+}
+
 /// Whether the controller's answer says the Service asked about is not in its configuration
 /// (its own 404, not that of a path it does not have).
 pub fn names_unknown_service(e: &anyhow::Error) -> bool {
@@ -161,12 +172,11 @@ pub fn names_unknown_service(e: &anyhow::Error) -> bool {
 /// Whether an admin endpoint answered 404 (directly, through a port-forward, or through the
 /// API server's pod proxy).
 pub fn is_not_found(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<HttpStatus>()
-            .is_some_and(|s| s.status == http::StatusCode::NOT_FOUND)
-            || matches!(
+    status_of(e) == Some(http::StatusCode::NOT_FOUND)
+        || e.chain().any(|c| {
+            matches!(
                 c.downcast_ref::<kube::Error>(),
                 Some(kube::Error::Api(s)) if s.code == 404
             )
-    })
+        })
 }

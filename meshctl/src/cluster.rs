@@ -302,6 +302,38 @@ impl Cluster {
     /// Forwards each connection `listener` accepts to port `port` of pod `ns/name`, through the
     /// API server, for as long as it is polled. A connection that fails (refused by the API
     /// server, or not accepted) is closed and said on stderr; the others go on.
+    /// A port-forward to port `port` of pod `ns/name`, and its stream; a refusal (403) is a
+    /// [`PortForwardForbidden`].
+    async fn open_forward(
+        &self,
+        ns: &str,
+        name: &str,
+        port: u16,
+    ) -> anyhow::Result<(
+        kube::api::Portforwarder,
+        impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + use<>,
+    )> {
+        let what = format!("port-forward to pod {ns}/{name} port {port}");
+        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), ns);
+        let mut forward = match pods.portforward(name, &[port]).await {
+            Ok(f) => f,
+            Err(kube::Error::UpgradeConnection(
+                kube::client::UpgradeConnectionError::ProtocolSwitch(code),
+            )) if code == http::StatusCode::FORBIDDEN => {
+                return Err(PortForwardForbidden {
+                    namespace: ns.to_owned(),
+                    pod: name.to_owned(),
+                }
+                .into());
+            }
+            Err(e) => return Err(e).context(what),
+        };
+        let stream = forward
+            .take_stream(port)
+            .with_context(|| format!("{what}: no stream for the port"))?;
+        Ok((forward, stream))
+    }
+
     pub async fn forward_connections(
         &self,
         listener: tokio::net::TcpListener,
@@ -320,16 +352,11 @@ impl Cluster {
                     continue;
                 }
             };
-            let pods: Api<k8s_openapi::api::core::v1::Pod> =
-                Api::namespaced(self.client.clone(), ns);
             let what = format!("port-forward to pod {ns}/{name} port {port}");
-            let name = name.to_owned();
+            let (this, ns, name) = (self.clone(), ns.to_owned(), name.to_owned());
             tokio::spawn(async move {
                 let forwarded = async {
-                    let mut forward = pods.portforward(&name, &[port]).await?;
-                    let mut upstream = forward
-                        .take_stream(port)
-                        .context("no stream for the port")?;
+                    let (forward, mut upstream) = this.open_forward(&ns, &name, port).await?;
                     tokio::io::copy_bidirectional(&mut conn, &mut upstream).await?;
                     drop(upstream);
                     forward.join().await?;
@@ -355,23 +382,7 @@ impl Cluster {
     ) -> anyhow::Result<String> {
         use http_body_util::BodyExt;
         let what = format!("port-forward to pod {ns}/{name} port {port}");
-        let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(self.client.clone(), ns);
-        let mut forward = match pods.portforward(name, &[port]).await {
-            Ok(f) => f,
-            Err(kube::Error::UpgradeConnection(
-                kube::client::UpgradeConnectionError::ProtocolSwitch(code),
-            )) if code == http::StatusCode::FORBIDDEN => {
-                return Err(PortForwardForbidden {
-                    namespace: ns.to_owned(),
-                    pod: name.to_owned(),
-                }
-                .into());
-            }
-            Err(e) => return Err(e).context(what),
-        };
-        let stream = forward
-            .take_stream(port)
-            .with_context(|| format!("{what}: no stream for the port"))?;
+        let (mut forward, stream) = self.open_forward(ns, name, port).await?;
         // The API server reports a port it could not connect to on the port's error channel.
         let refused = forward.take_error(port);
         let refused = async move {

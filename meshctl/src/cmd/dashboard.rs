@@ -56,15 +56,13 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let ns = &args.controller.mesh_namespace;
     let name = mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT;
-    let pod = match crate::cluster::pod_of(cluster, ns, name).await {
-        Err(e) if crate::cluster::is_forbidden(&e) => {
-            return Err(e.context(crate::cluster::reader_hint(ns)));
-        }
-        r => r?,
-    }
-    .with_context(|| {
-        format!("no ready {name} pod in {ns}: is the mesh installed there? (meshctl check)")
-    })?;
+    let pod = super::status::controller_pods(cluster, ns)
+        .await?
+        .into_iter()
+        .next()
+        .with_context(|| {
+            format!("no ready {name} pod in {ns}: is the mesh installed there? (meshctl check)")
+        })?;
     let local = listener.local_addr()?;
     show(&format!("http://{local}/graph"), args, out)?;
     writeln!(
@@ -84,7 +82,7 @@ pub async fn run(
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     if args.controller.controller.is_some() || cx.local.is_some() {
-        let ctl = args.controller.endpoint(cx).await?;
+        let ctl = super::status::local_controller(args.controller.controller);
         return show(&format!("http://{ctl}/graph"), args, out);
     }
     if !args.address.ip().is_loopback() {

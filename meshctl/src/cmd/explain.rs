@@ -60,10 +60,7 @@ pub async fn explain(
     let ctl = a.controller.endpoint(cx).await?;
     let e = ctl.json(&path).await.map_err(|e| {
         // The controller's refusal of the question (400) names the parameter already.
-        if e.chain().any(|c| {
-            c.downcast_ref::<crate::admin::HttpStatus>()
-                .is_some_and(|s| s.status.is_client_error())
-        }) {
+        if crate::admin::is_client_error(&e) {
             e
         } else {
             e.context(format!(

@@ -480,9 +480,7 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
     match route {
         Route::Split(a) => {
             let to = parse_weights(&a.to)?;
-            let ctls = controllers(mesh, &a.wait)?;
-            let c = change(mesh, &a.target, &to, !a.dry_run)?;
-            report(&ctls, &c, &a.wait, a.output, out)
+            write_and_report(mesh, &a.target, &to, a.dry_run, &a.wait, a.output, out)
         }
         Route::Show(a) => {
             crate::output::print(a.output, &show_data(mesh, &a.target)?, out, write_show)
@@ -523,11 +521,25 @@ pub fn run(route: Route, mesh: &dyn Mesh, out: &mut dyn Write) -> anyhow::Result
                     }
                 }
             }
-            let ctls = controllers(mesh, &a.wait)?;
-            let c = change(mesh, &a.target, &to, !a.dry_run)?;
-            report(&ctls, &c, &a.wait, a.output, out)
+            write_and_report(mesh, &a.target, &to, a.dry_run, &a.wait, a.output, out)
         }
     }
+}
+
+/// Split and promote after their checks: the change made (unless a dry run) and reported; with
+/// `--wait` the controllers are read before anything is written.
+fn write_and_report(
+    mesh: &dyn Mesh,
+    target: &Target,
+    to: &[(String, u32)],
+    dry_run: bool,
+    w: &WaitArgs,
+    output: Output,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let ctls = controllers(mesh, w)?;
+    let c = change(mesh, target, to, !dry_run)?;
+    report(&ctls, &c, w, output, out)
 }
 
 /// Prints change `c`; with `--wait`, also waits until it is served: after the table (which shows

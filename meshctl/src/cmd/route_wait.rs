@@ -57,7 +57,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// What one controller replica served the change at, and how many of its proxies applied it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Replica {
     pub controller: String,
     pub revision: u64,
@@ -93,21 +93,10 @@ impl Acked {
     }
 
     pub fn data(&self) -> Value {
-        let replicas: Vec<Value> = self
-            .replicas
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "controller": r.controller,
-                    "revision": r.revision,
-                    "proxies": r.proxies,
-                })
-            })
-            .collect();
         serde_json::json!({
             "proxies": self.proxies(),
             "seconds": self.took.as_secs_f64(),
-            "controllers": replicas,
+            "controllers": self.replicas,
         })
     }
 }
@@ -301,11 +290,7 @@ enum Pending {
 /// port-forward) ends it; anything else (a port-forward that failed once, a 5xx) is asked again
 /// until the deadline.
 fn failed_read(ctl: &Endpoint, e: anyhow::Error) -> Pending {
-    let refused = crate::cluster::is_forbidden(&e)
-        || e.chain().any(|c| {
-            c.downcast_ref::<crate::admin::HttpStatus>()
-                .is_some_and(|s| s.status.is_client_error())
-        });
+    let refused = crate::cluster::is_forbidden(&e) || crate::admin::is_client_error(&e);
     if refused {
         Pending::Fails(e.context(format!("the controller at {ctl} refused --wait's read")))
     } else {

@@ -64,6 +64,23 @@ pub async fn cluster_controller(
     Ok(all.swap_remove(0))
 }
 
+/// The ready controller pods in `namespace`, by name; a refusal says how to be let in.
+pub async fn controller_pods(
+    cluster: &crate::cluster::Cluster,
+    namespace: &str,
+) -> anyhow::Result<Vec<String>> {
+    let name = mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT;
+    crate::cluster::pods_of(cluster, namespace, name)
+        .await
+        .map_err(|e| {
+            if crate::cluster::is_forbidden(&e) {
+                e.context(crate::cluster::reader_hint(namespace))
+            } else {
+                e
+            }
+        })
+}
+
 /// Every ready controller pod's admin port (one per replica, each serving its own proxies),
 /// through port-forwards; at least one.
 pub async fn cluster_controllers(
@@ -71,12 +88,7 @@ pub async fn cluster_controllers(
     namespace: &str,
 ) -> anyhow::Result<Vec<crate::admin::Endpoint>> {
     let name = mesh_api::consts::identity::CONTROLLER_SERVICE_ACCOUNT;
-    let found = match crate::cluster::pods_of(cluster, namespace, name).await {
-        Err(e) if crate::cluster::is_forbidden(&e) => {
-            return Err(e.context(crate::cluster::reader_hint(namespace)));
-        }
-        r => r?,
-    };
+    let found = controller_pods(cluster, namespace).await?;
     if found.is_empty() {
         bail!(
             "no ready {name} pod in namespace {namespace}: is the mesh installed (meshctl check)?"
