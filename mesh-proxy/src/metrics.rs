@@ -231,6 +231,11 @@ pub struct LookupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct XdsTypeLabels {
+    pub xds_type: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct XdsLabels {
     pub xds_type: &'static str,
     /// `ack` or `nack`.
@@ -343,6 +348,7 @@ pub struct Metrics {
     pub xds_connected: Gauge,
     pub lookups: Family<LookupLabels, Counter>,
     pub config_generation: Gauge,
+    pub config_revision: Family<XdsTypeLabels, Gauge>,
     pub gateway_listeners_unbound: Gauge,
     pub tls_refused: Family<TlsRefusedLabels, Counter>,
     pub tls_handshakes: Family<TlsLabels, Counter>,
@@ -510,6 +516,12 @@ impl Metrics {
                 "config_generation",
                 "Generation of the running config snapshot",
                 Gauge::default(),
+            ),
+            config_revision: reg(
+                &mut r,
+                "config_revision",
+                "Per xDS type, the controller's model revision of the newest response the running config holds",
+                Family::default(),
             ),
             gateway_listeners_unbound: reg(
                 &mut r,

@@ -176,6 +176,9 @@ pub struct Cache {
     received: BTreeSet<Type>,
     generation: u64,
     changed: bool,
+    /// Per type, the control plane's revision of the newest response applied (its version,
+    /// when that is a number, as this mesh's controller sends).
+    revisions: BTreeMap<Type, u64>,
 }
 
 impl Cache {
@@ -185,6 +188,19 @@ impl Cache {
             scoped: true,
             ..Self::default()
         }
+    }
+
+    /// Notes the control plane's version of a response of `ty` just applied; one that is not a
+    /// number (another control plane's) is not a revision and leaves it as it was.
+    pub fn note_revision(&mut self, ty: Type, version: &str) {
+        if let Ok(r) = version.parse() {
+            self.revisions.insert(ty, r);
+        }
+    }
+
+    /// Per type, the control plane's revision of the newest response applied.
+    pub fn revisions(&self) -> impl Iterator<Item = (Type, u64)> + '_ {
+        self.revisions.iter().map(|(t, r)| (*t, *r))
     }
 
     /// Versions held of one type, as `initial_resource_versions` on a new Delta stream.

@@ -24,7 +24,7 @@ use super::on_demand::{OnDemand, Request};
 use super::servers::{After, Servers, WORKED_AFTER};
 use crate::config::{Config, XdsApi};
 use crate::identity::MeshTls;
-use crate::metrics::{Metrics, XdsLabels};
+use crate::metrics::{Metrics, XdsLabels, XdsTypeLabels};
 use crate::state::Store;
 
 /// Per type: what was last applied or refused, for `/config_dump`.
@@ -463,6 +463,9 @@ impl XdsClient {
             let result = cache
                 .apply(ty, &updated, &removed)
                 .map_err(|e| e.to_string());
+            if result.is_ok() {
+                cache.note_revision(ty, &resp.system_version_info);
+            }
             self.record(ty, cache, &result);
             if let (Some(_), Type::Cluster, Ok(())) = (&self.on_demand, ty, &result) {
                 cache.note_wildcard(&updated, &removed, subs.entry(ty).or_default());
@@ -590,6 +593,9 @@ impl XdsClient {
                         .map_err(|e| e.to_string())
                 }
             };
+            if result.is_ok() {
+                cache.note_revision(ty, &resp.version_info);
+            }
             self.record(ty, cache, &result);
             // Run the config before acknowledging it (see the delta stream).
             publisher.offer(cache, &self.store, &self.metrics);
@@ -690,6 +696,16 @@ impl Publisher {
         metrics.config_generation.set(snapshot.generation as i64);
         debug!(generation = snapshot.generation, "config published");
         store.publish(snapshot);
+        // After the snapshot runs: a reader that sees revision R for a type knows requests
+        // are served by that type's resources of R or later.
+        for (ty, r) in cache.revisions() {
+            metrics
+                .config_revision
+                .get_or_create(&XdsTypeLabels {
+                    xds_type: ty.short(),
+                })
+                .set(r as i64);
+        }
         self.published = true;
         self.incomplete_since = None;
     }
