@@ -555,7 +555,7 @@ async fn a_route_timeout_answers_504() -> anyhow::Result<()> {
     let proxy = one_endpoint_proxy(&mesh, &app, "  - timeouts: {request: 300ms}").await?;
     wait_config(&proxy, "the route with its timeout", |s| {
         s.route("outbound_http").is_some_and(|t| {
-            t.vhosts.iter().flat_map(|v| &v.routes).any(|r| {
+            t.vhosts().iter().flat_map(|v| &v.routes).any(|r| {
                 matches!(&r.action, mesh_proxy::state::Action::Forward(f)
                     if f.timeout == Some(Duration::from_millis(300)))
             })

@@ -96,7 +96,7 @@ async fn state_of_the_world_xds_works_too() -> anyhow::Result<()> {
 fn mirrored(s: &mesh_proxy::state::Snapshot) -> Option<u32> {
     use mesh_proxy::state::route::Action;
     let t = s.route("outbound_http")?;
-    t.vhosts
+    t.vhosts()
         .iter()
         .filter(|vh| vh.name.starts_with("reviews.default."))
         .flat_map(|vh| &vh.routes)

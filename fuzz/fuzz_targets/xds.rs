@@ -23,8 +23,25 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         1 => {
-            if let Ok(rc) = RouteConfiguration::decode(body) {
-                let _ = convert::route_table(&rc);
+            // From the wire as the proxy takes it: virtual hosts split out undecoded, then the
+            // same bytes again with the memo of the first (every one reused). Taken or refused
+            // as a whole decode would be.
+            let first = convert::route_table_reusing("fuzz", body, convert::VhostMemo::default());
+            assert_eq!(
+                first.is_ok(),
+                RouteConfiguration::decode(body)
+                    .ok()
+                    .is_some_and(|rc| convert::route_table(&rc).is_ok()),
+                "the split and a whole decode disagree"
+            );
+            if let Ok((table, memo)) = first {
+                let (again, _) = convert::route_table_reusing("fuzz", body, memo)
+                    .expect("taken once, taken again from the memo");
+                assert_eq!(
+                    serde_json::to_value(&table).ok(),
+                    serde_json::to_value(&again).ok(),
+                    "the memo changed what the bytes mean"
+                );
             }
         }
         2 => {

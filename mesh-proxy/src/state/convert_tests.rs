@@ -199,7 +199,7 @@ fn routes_with_weights_retries_and_timeouts() {
         ..Default::default()
     });
     let t = route_table(&rc).expect("accepted");
-    let Action::Forward(f) = &t.vhosts[0].routes[0].action else {
+    let Action::Forward(f) = &t.vhosts()[0].routes[0].action else {
         panic!("forward");
     };
     assert_eq!(f.total_weight, 100);
@@ -219,7 +219,7 @@ fn routes_with_weights_retries_and_timeouts() {
         ..Default::default()
     });
     let t = route_table(&grpc).expect("gRPC retries");
-    let Action::Forward(f) = &t.vhosts[0].routes[0].action else {
+    let Action::Forward(f) = &t.vhosts()[0].routes[0].action else {
         panic!("a forward");
     };
     let r = f.retry.as_ref().expect("retry");
@@ -576,7 +576,7 @@ fn faults_come_per_route_from_envoys_fault_filter() {
         ..Default::default()
     };
     let table = route_table(&faulty_route(&f)).expect("accepted");
-    let fault = table.vhosts[0].routes[0].fault.as_ref().expect("a fault");
+    let fault = table.vhosts()[0].routes[0].fault.as_ref().expect("a fault");
     let d = fault.delay.as_ref().expect("a delay");
     assert_eq!(
         (d.fixed, d.share.per_million),

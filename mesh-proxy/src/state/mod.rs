@@ -65,7 +65,7 @@ impl Snapshot {
         let Some(t) = self.route(route) else {
             return Vec::new();
         };
-        t.vhosts
+        t.vhosts()
             .iter()
             .filter(|vh| vh.name.starts_with(vhost))
             .flat_map(|vh| &vh.routes)

@@ -5,7 +5,8 @@
 //! `*.suffix`, then the longest `prefix.*`, then `*`), then the first route whose match holds.
 //! The controller has already put routes in Gateway API precedence order.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -18,12 +19,18 @@ use super::ms;
 #[derive(Debug, Serialize)]
 pub struct RouteTable {
     pub name: String,
-    pub vhosts: Vec<VirtualHost>,
+    /// Private: the index holds positions in it.
+    vhosts: Vec<Arc<VirtualHost>>,
     pub headers: HeaderOps,
     /// `ignore_port_in_host_matching`: a host's port is left out when virtual hosts are chosen.
     pub ignore_port: bool,
+    /// Exact domains, as (virtual host, domain) positions found by the lowercase domain's
+    /// hash: built anew for every version of the table (10,000s of domains at mesh scale)
+    /// without a string allocated or copied, and read on every request.
     #[serde(skip)]
-    exact: HashMap<String, usize>,
+    exact: hashbrown::HashTable<(usize, usize)>,
+    #[serde(skip)]
+    hasher: foldhash::fast::RandomState,
     #[serde(skip)]
     suffixes: Vec<(String, usize)>,
     #[serde(skip)]
@@ -505,35 +512,59 @@ impl RouteTable {
             })
     }
 
-    pub fn new(name: String, vhosts: Vec<VirtualHost>, headers: HeaderOps) -> Self {
+    pub fn new(name: String, vhosts: Vec<Arc<VirtualHost>>, headers: HeaderOps) -> Self {
+        let hasher = foldhash::fast::RandomState::default();
+        let hash = |d: &str| {
+            if d.bytes().any(|b| b.is_ascii_uppercase()) {
+                hasher.hash_one(d.to_ascii_lowercase())
+            } else {
+                hasher.hash_one(d)
+            }
+        };
+        let domains = vhosts.iter().map(|vh| vh.domains.len()).sum();
+        let mut exact = hashbrown::HashTable::with_capacity(domains);
+        let (mut suffixes, mut prefixes, mut wildcard) = (Vec::new(), Vec::new(), None);
+        for (i, vh) in vhosts.iter().enumerate() {
+            for (j, d) in vh.domains.iter().enumerate() {
+                if d == "*" {
+                    wildcard.get_or_insert(i);
+                } else if let Some(s) = d.strip_prefix('*') {
+                    suffixes.push((s.to_ascii_lowercase(), i));
+                } else if let Some(p) = d.strip_suffix('*') {
+                    prefixes.push((p.to_ascii_lowercase(), i));
+                } else {
+                    // The first virtual host to name a domain keeps it.
+                    let entry = exact.entry(
+                        hash(d),
+                        |&(v, k): &(usize, usize)| vhosts[v].domains[k].eq_ignore_ascii_case(d),
+                        |&(v, k)| hash(&vhosts[v].domains[k]),
+                    );
+                    if let hashbrown::hash_table::Entry::Vacant(e) = entry {
+                        e.insert((i, j));
+                    }
+                }
+            }
+        }
         let mut t = RouteTable {
             name,
             vhosts,
             headers,
             ignore_port: false,
-            exact: HashMap::new(),
-            suffixes: Vec::new(),
-            prefixes: Vec::new(),
-            wildcard: None,
+            exact,
+            hasher,
+            suffixes,
+            prefixes,
+            wildcard,
         };
-        for (i, vh) in t.vhosts.iter().enumerate() {
-            for d in &vh.domains {
-                let d = d.to_ascii_lowercase();
-                if d == "*" {
-                    t.wildcard.get_or_insert(i);
-                } else if let Some(s) = d.strip_prefix('*') {
-                    t.suffixes.push((s.to_string(), i));
-                } else if let Some(p) = d.strip_suffix('*') {
-                    t.prefixes.push((p.to_string(), i));
-                } else {
-                    t.exact.entry(d).or_insert(i);
-                }
-            }
-        }
         // Longest first, so the first hit is the most specific.
         t.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
         t.prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
         t
+    }
+
+    /// Its virtual hosts, in order.
+    pub fn vhosts(&self) -> &[Arc<VirtualHost>] {
+        &self.vhosts
     }
 
     /// The virtual host for a `Host` value (any case, with or without port).
@@ -557,8 +588,13 @@ impl RouteTable {
         };
         let idx = self
             .exact
-            .get(host)
-            .copied()
+            .find(self.hasher.hash_one(host), |&(v, d)| {
+                self.vhosts
+                    .get(v)
+                    .and_then(|vh| vh.domains.get(d))
+                    .is_some_and(|domain| domain.eq_ignore_ascii_case(host))
+            })
+            .map(|&(v, _)| v)
             .or_else(|| {
                 self.suffixes
                     .iter()
@@ -572,7 +608,7 @@ impl RouteTable {
                     .map(|(_, i)| *i)
             })
             .or(self.wildcard)?;
-        self.vhosts.get(idx)
+        self.vhosts.get(idx).map(|vh| &**vh)
     }
 
     /// The virtual host and the first route that matches.

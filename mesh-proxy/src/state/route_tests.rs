@@ -1,3 +1,5 @@
+use std::collections::HashMap;
+
 use http::{HeaderMap, HeaderValue, Method};
 
 use super::*;
@@ -95,7 +97,7 @@ fn table() -> RouteTable {
     ];
     RouteTable::new(
         "t".into(),
-        vec![
+        [
             VirtualHost {
                 name: "reviews".into(),
                 domains: vec![
@@ -118,7 +120,10 @@ fn table() -> RouteTable {
                 routes: vec![route("fallback", path(PathMatch::Prefix("/".into())))],
                 headers: HeaderOps::default(),
             },
-        ],
+        ]
+        .into_iter()
+        .map(Arc::new)
+        .collect(),
         HeaderOps::default(),
     )
 }
@@ -226,12 +231,12 @@ fn matching() {
 fn no_catch_all_means_no_route() {
     let t = RouteTable::new(
         "t".into(),
-        vec![VirtualHost {
+        vec![Arc::new(VirtualHost {
             name: "only".into(),
             domains: vec!["only".into()],
             routes: vec![route("r", path(PathMatch::Prefix("/".into())))],
             headers: HeaderOps::default(),
-        }],
+        })],
         HeaderOps::default(),
     );
     assert_eq!(find(&t, "other", Method::GET, "/", &[]), "none");
@@ -358,7 +363,10 @@ fn a_hosts_port_is_left_out_only_where_the_table_says() {
     };
     let mut t = RouteTable::new(
         "t".into(),
-        vec![vh("a", "a.example.com"), vh("any", "*.example.com")],
+        vec![
+            vh("a", "a.example.com").into(),
+            vh("any", "*.example.com").into(),
+        ],
         HeaderOps::default(),
     );
     let name = |t: &RouteTable, host: &str| t.vhost(host).map(|v| v.name.clone());
@@ -367,4 +375,41 @@ fn a_hosts_port_is_left_out_only_where_the_table_says() {
     assert_eq!(name(&t, "a.example.com:8080").as_deref(), Some("a"));
     assert_eq!(name(&t, "b.example.com:443").as_deref(), Some("any"));
     assert_eq!(name(&t, "A.example.com").as_deref(), Some("a"));
+}
+
+#[test]
+fn the_first_virtual_host_to_name_a_domain_keeps_it_in_any_case() {
+    let vh = |name: &str, domains: &[&str]| {
+        Arc::new(VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            routes: vec![route(name, path(PathMatch::Prefix("/".into())))],
+            headers: HeaderOps::default(),
+        })
+    };
+    // Enough domains that the index's hashes, not luck, find each.
+    let mut vhosts: Vec<_> = (0..2000)
+        .map(|i| {
+            vh(
+                &format!("v{i}"),
+                &[&format!("svc-{i}.ns"), &format!("SVC-{i}.ns:80")],
+            )
+        })
+        .collect();
+    vhosts.push(vh("late", &["Svc-7.NS", "late"]));
+    let t = RouteTable::new("t".into(), vhosts, HeaderOps::default());
+    let name = |host: &str| t.vhost(host).map(|v| v.name.clone());
+    assert_eq!(
+        name("svc-7.ns").as_deref(),
+        Some("v7"),
+        "the first keeps it"
+    );
+    assert_eq!(name("SVC-7.Ns").as_deref(), Some("v7"));
+    assert_eq!(
+        name("svc-1999.ns:80").as_deref(),
+        Some("v1999"),
+        "an upper-case domain"
+    );
+    assert_eq!(name("late").as_deref(), Some("late"));
+    assert_eq!(name("svc-2000.ns"), None);
 }

@@ -90,7 +90,7 @@ pub struct Incoming {
 #[derive(Debug)]
 enum Converted {
     Listener(Arc<ListenerConfig>),
-    Route(Arc<RouteTable>),
+    Route(Arc<RouteTable>, convert::VhostMemo),
     Cluster(Box<ClusterDef>),
     Endpoints(Vec<EndpointDef>),
     Secret(Arc<ServerCert>),
@@ -101,7 +101,7 @@ pub fn resource_name(ty: Type, any: &Any) -> Result<String, String> {
     let bytes = any.value.as_slice();
     let name = match ty {
         Type::Listener => Listener::decode(bytes).map(|l| l.name),
-        Type::Route => RouteConfiguration::decode(bytes).map(|r| r.name),
+        Type::Route => convert::route_config_name(bytes),
         Type::Cluster => PbCluster::decode(bytes).map(|c| c.name),
         Type::Endpoint => ClusterLoadAssignment::decode(bytes).map(|c| c.cluster_name),
         Type::Secret => PbSecret::decode(bytes).map(|s| s.name),
@@ -109,7 +109,14 @@ pub fn resource_name(ty: Type, any: &Any) -> Result<String, String> {
     name.map_err(|e| format!("cannot decode {}: {e}", any.type_url))
 }
 
-fn convert_one(ty: Type, r: &Incoming) -> Result<Converted, ConvertError> {
+/// `memos`: the virtual hosts of the RouteConfigurations held, which a new version of one
+/// takes and reuses where they are unchanged (a refused version leaves none: the next is
+/// converted in full).
+fn convert_one(
+    ty: Type,
+    r: &Incoming,
+    memos: &mut HashMap<String, convert::VhostMemo>,
+) -> Result<Converted, ConvertError> {
     let bad = |e: prost::DecodeError| ConvertError {
         kind: ty.short(),
         name: r.name.clone(),
@@ -129,9 +136,11 @@ fn convert_one(ty: Type, r: &Incoming) -> Result<Converted, ConvertError> {
         Type::Listener => Converted::Listener(Arc::new(convert::listener(
             &Listener::decode(bytes).map_err(bad)?,
         )?)),
-        Type::Route => Converted::Route(Arc::new(convert::route_table(
-            &RouteConfiguration::decode(bytes).map_err(bad)?,
-        )?)),
+        Type::Route => {
+            let memo = memos.remove(&r.name).unwrap_or_default();
+            let (table, memo) = convert::route_table_reusing(&r.name, bytes, memo)?;
+            Converted::Route(Arc::new(table), memo)
+        }
         Type::Cluster => Converted::Cluster(Box::new(convert::cluster(
             &PbCluster::decode(bytes).map_err(bad)?,
         )?)),
@@ -149,6 +158,8 @@ pub struct Cache {
     versions: BTreeMap<Type, BTreeMap<String, String>>,
     listeners: BTreeMap<String, Arc<ListenerConfig>>,
     routes: imbl::HashMap<String, Arc<RouteTable>>,
+    /// Per RouteConfiguration held, its virtual hosts by their encoding.
+    vhost_memos: HashMap<String, convert::VhostMemo>,
     cluster_defs: BTreeMap<String, ClusterDef>,
     /// EDS service name -> the clusters that take their endpoints from it.
     eds_users: HashMap<String, BTreeSet<String>>,
@@ -223,7 +234,9 @@ impl Cache {
             .unwrap_or_default()
     }
 
-    /// Applies one response: `updated` resources, `removed` names. Nothing changes on error.
+    /// Applies one response: `updated` resources, `removed` names. Nothing changes on error
+    /// but the memo of converted virtual hosts of each route in the response (a cache: that
+    /// route's next version is converted in full).
     pub fn apply(
         &mut self,
         ty: Type,
@@ -232,7 +245,7 @@ impl Cache {
     ) -> Result<(), ConvertError> {
         let converted = updated
             .iter()
-            .map(|r| convert_one(ty, r).map(|c| (r, c)))
+            .map(|r| convert_one(ty, r, &mut self.vhost_memos).map(|c| (r, c)))
             .collect::<Result<Vec<_>, _>>()?;
         for name in removed {
             let versions = self.versions.entry(ty).or_default();
@@ -245,6 +258,7 @@ impl Cache {
                 }
                 Type::Route => {
                     self.routes.remove(name);
+                    self.vhost_memos.remove(name);
                 }
                 Type::Cluster => {
                     if let Some(old) = self.cluster_defs.remove(name) {
@@ -272,8 +286,9 @@ impl Cache {
                 Converted::Listener(l) => {
                     self.listeners.insert(r.name.clone(), l);
                 }
-                Converted::Route(t) => {
+                Converted::Route(t, memo) => {
                     self.routes.insert(r.name.clone(), t);
+                    self.vhost_memos.insert(r.name.clone(), memo);
                 }
                 Converted::Cluster(def) => {
                     self.clusters_absent.remove(&r.name);

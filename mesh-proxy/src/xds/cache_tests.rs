@@ -505,3 +505,115 @@ fn a_gateways_certificates_are_wanted_by_its_listeners_and_awaited() {
         .expect("lds");
     assert!(c.wanted(Type::Secret).is_empty());
 }
+
+/// A virtual host of `domain` whose one route sends everything to `cluster`.
+fn vhost_to(domain: &str, cluster: &str) -> envoy_types::pb::envoy::config::route::v3::VirtualHost {
+    use envoy_types::pb::envoy::config::route::v3::{
+        Route, RouteAction, RouteMatch, VirtualHost, route, route_action, route_match,
+    };
+    VirtualHost {
+        name: domain.into(),
+        domains: vec![domain.into()],
+        routes: vec![Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.into())),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_route_change_converts_only_the_virtual_hosts_it_changes() {
+    let mut c = Cache::default();
+    let rc = |b: &str| RouteConfiguration {
+        name: "outbound_http".into(),
+        virtual_hosts: vec![vhost_to("a", "ca"), vhost_to("b", b), vhost_to("c", "cc")],
+        ..Default::default()
+    };
+    c.apply(
+        Type::Route,
+        &[incoming("outbound_http", "1", &rc("cb"))],
+        &[],
+    )
+    .expect("first version");
+    let before = c.routes["outbound_http"].clone();
+    c.apply(
+        Type::Route,
+        &[incoming("outbound_http", "2", &rc("cb2"))],
+        &[],
+    )
+    .expect("second version");
+    let after = c.routes["outbound_http"].clone();
+    let same: Vec<bool> = before
+        .vhosts()
+        .iter()
+        .zip(after.vhosts())
+        .map(|(x, y)| Arc::ptr_eq(x, y))
+        .collect();
+    assert_eq!(same, [true, false, true], "only b is converted again");
+    assert_eq!(after.clusters().collect::<Vec<_>>(), ["ca", "cb2", "cc"]);
+    // Its memo holds what the new version has, and goes with it.
+    assert_eq!(c.vhost_memos["outbound_http"].len(), 3);
+    c.apply(Type::Route, &[], &["outbound_http".into()])
+        .expect("removal");
+    assert!(c.vhost_memos.is_empty());
+}
+
+#[test]
+fn virtual_hosts_are_found_wherever_the_encoding_puts_them() {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+    // Fields of the configuration between and after its virtual hosts, as another control
+    // plane may order them: each a record of its own on the wire.
+    let header = |k: &str| HeaderValueOption {
+        header: Some(HeaderValue {
+            key: k.into(),
+            value: "1".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let part = |m: RouteConfiguration| m.encode_to_vec();
+    let mut wire = part(RouteConfiguration {
+        virtual_hosts: vec![vhost_to("a", "ca")],
+        ..Default::default()
+    });
+    wire.extend(part(RouteConfiguration {
+        name: "rc".into(),
+        request_headers_to_add: vec![header("x-one")],
+        ..Default::default()
+    }));
+    wire.extend(part(RouteConfiguration {
+        virtual_hosts: vec![vhost_to("b", "cb")],
+        ignore_port_in_host_matching: true,
+        ..Default::default()
+    }));
+    let whole = RouteConfiguration::decode(wire.as_slice()).expect("valid");
+    assert_eq!(whole.virtual_hosts.len(), 2);
+    let (table, memo) =
+        convert::route_table_reusing("rc", &wire, convert::VhostMemo::default()).expect("taken");
+    let expected = convert::route_table(&whole).expect("taken");
+    assert_eq!(
+        serde_json::to_value(&table).expect("json"),
+        serde_json::to_value(&expected).expect("json")
+    );
+    assert_eq!(table.name, "rc");
+    assert!(table.ignore_port);
+    assert_eq!(memo.len(), 2);
+    // Cut anywhere inside, it is refused with the resource's name, never taken in part.
+    for cut in 1..wire.len() {
+        if RouteConfiguration::decode(&wire[..cut]).is_ok() {
+            continue;
+        }
+        let err = convert::route_table_reusing("rc", &wire[..cut], memo.clone())
+            .map(|_| ())
+            .expect_err("truncated");
+        assert_eq!((err.kind, err.name.as_str()), ("RouteConfiguration", "rc"));
+    }
+}
