@@ -51,8 +51,10 @@ pub struct Config {
     pub admin_addr: SocketAddr,
 
     /// A burst of changes is pushed once no further change came for this long (milliseconds).
-    #[arg(long, env = "MESH_DEBOUNCE_QUIET_MS", default_value_t = 10)]
-    pub debounce_quiet_ms: u64,
+    /// Default: 10 for the Kubernetes API; 0 for a config directory, whose watch takes the
+    /// file events of one save as one change already.
+    #[arg(long, env = "MESH_DEBOUNCE_QUIET_MS")]
+    pub debounce_quiet_ms: Option<u64>,
 
     /// A burst of changes is pushed at most this long after its first change (milliseconds).
     #[arg(long, env = env::CONTROLLER_DEBOUNCE_MS, default_value_t = 100)]
@@ -190,7 +192,11 @@ fn parse_resources(s: &str) -> Result<serde_json::Value, String> {
 impl Config {
     pub fn debounce(&self) -> (Duration, Duration) {
         let max = Duration::from_millis(self.debounce_max_ms);
-        (Duration::from_millis(self.debounce_quiet_ms).min(max), max)
+        let quiet = self.debounce_quiet_ms.unwrap_or(match self.config_dir {
+            Some(_) => 0,
+            None => 10,
+        });
+        (Duration::from_millis(quiet).min(max), max)
     }
 
     /// Settings for an in-process controller on ephemeral loopback ports.
@@ -203,7 +209,7 @@ impl Config {
             ca_addr: None,
             ca_root: None,
             ca_token_file: std::path::PathBuf::new(),
-            debounce_quiet_ms: 10,
+            debounce_quiet_ms: None,
             debounce_max_ms: 100,
             stats_interval: Duration::from_secs(5),
             stats_window: Duration::from_secs(30),

@@ -322,11 +322,19 @@ impl DirSource {
         self.load_all()?;
         let task = tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                // Editors write a file in several steps; let them finish.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                // Editors write a file in several steps; take them as one change.
+                let mut group = Settle::new(tokio::time::Instant::now());
+                group.saw(&first, tokio::time::Instant::now());
                 let mut events = vec![first];
-                while let Ok(ev) = rx.try_recv() {
-                    events.push(ev);
+                let mut open = true;
+                while open {
+                    match tokio::time::timeout_at(group.deadline(), rx.recv()).await {
+                        Ok(Some(ev)) => {
+                            group.saw(&ev, tokio::time::Instant::now());
+                            events.push(ev);
+                        }
+                        Ok(None) | Err(_) => open = false,
+                    }
                 }
                 self.on_events(events);
             }
@@ -379,6 +387,66 @@ impl DirSource {
         }
         if own {
             self.commit();
+        }
+    }
+}
+
+/// A group of file events that makes one change: it ends once files have been quiet for
+/// [`Settle::QUIET`] after its last event with no file left open for writing (an editor's save
+/// of several writes, or an atomic rename, comes within microseconds; a writer that stalls
+/// between truncating a file and writing it keeps the group open), or [`Settle::MAX`] after
+/// its first (a directory written to without pause still applies).
+#[derive(Debug)]
+struct Settle {
+    first: tokio::time::Instant,
+    last: tokio::time::Instant,
+    /// Files written to and not closed yet.
+    writing: HashSet<PathBuf>,
+}
+
+impl Settle {
+    const QUIET: Duration = Duration::from_millis(2);
+    const MAX: Duration = Duration::from_millis(100);
+
+    fn new(at: tokio::time::Instant) -> Self {
+        Settle {
+            first: at,
+            last: at,
+            writing: HashSet::new(),
+        }
+    }
+
+    fn saw(&mut self, ev: &notify::Result<notify::Event>, at: tokio::time::Instant) {
+        use notify::EventKind;
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+        self.last = self.last.max(at);
+        let Ok(ev) = ev else { return };
+        match ev.kind {
+            EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
+                self.writing.extend(ev.paths.iter().cloned());
+            }
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Remove(_) => {
+                for p in &ev.paths {
+                    self.writing.remove(p);
+                }
+            }
+            // Renamed away: whatever it was, it is not written under this name any more.
+            EventKind::Modify(ModifyKind::Name(_)) => {
+                for p in &ev.paths {
+                    self.writing.remove(p);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// When the group ends unless another event comes first.
+    fn deadline(&self) -> tokio::time::Instant {
+        let max = self.first + Self::MAX;
+        if self.writing.is_empty() {
+            (self.last + Self::QUIET).min(max)
+        } else {
+            max
         }
     }
 }
