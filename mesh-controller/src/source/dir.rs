@@ -320,17 +320,20 @@ impl DirSource {
                 source,
             })?;
         self.load_all()?;
+        let follows_writes = notify::RecommendedWatcher::kind() == notify::WatcherKind::Inotify;
         let task = tokio::spawn(async move {
+            let root = self.root.clone();
+            let read = move |p: &Path| is_manifest(p) && !below_hidden(&root, p);
             while let Some(first) = rx.recv().await {
                 // Editors write a file in several steps; take them as one change.
-                let mut group = Settle::new(tokio::time::Instant::now());
-                group.saw(&first, tokio::time::Instant::now());
+                let mut group = Settle::new(tokio::time::Instant::now(), follows_writes);
+                group.saw(&first, tokio::time::Instant::now(), &read);
                 let mut events = vec![first];
                 let mut open = true;
                 while open {
                     match tokio::time::timeout_at(group.deadline(), rx.recv()).await {
                         Ok(Some(ev)) => {
-                            group.saw(&ev, tokio::time::Instant::now());
+                            group.saw(&ev, tokio::time::Instant::now(), &read);
                             events.push(ev);
                         }
                         Ok(None) | Err(_) => open = false,
@@ -392,38 +395,53 @@ impl DirSource {
 }
 
 /// A group of file events that makes one change: it ends once files have been quiet for
-/// [`Settle::QUIET`] after its last event with no file left open for writing (an editor's save
-/// of several writes, or an atomic rename, comes within microseconds; a writer that stalls
-/// between truncating a file and writing it keeps the group open), or [`Settle::MAX`] after
-/// its first (a directory written to without pause still applies).
+/// [`Settle::QUIET`] after its last event with no manifest left open for writing (an editor's
+/// save of several writes, or an atomic rename, comes within microseconds; a writer that stalls
+/// between truncating a manifest and writing it keeps the group open, up to the cap), or
+/// [`Settle::MAX`] after its first (a directory written to without pause still applies).
+/// Writes are followed only where the watch reports files closed (inotify, on Linux); other
+/// backends (FSEvents, kqueue, polling) report none, and there the 2 ms of quiet alone ends it.
 #[derive(Debug)]
 struct Settle {
     first: tokio::time::Instant,
     last: tokio::time::Instant,
-    /// Files written to and not closed yet.
+    /// Manifests written to and not closed yet.
     writing: HashSet<PathBuf>,
+    follows_writes: bool,
 }
 
 impl Settle {
     const QUIET: Duration = Duration::from_millis(2);
     const MAX: Duration = Duration::from_millis(100);
 
-    fn new(at: tokio::time::Instant) -> Self {
+    /// `follows_writes`: the watch reports files closed after writing.
+    fn new(at: tokio::time::Instant, follows_writes: bool) -> Self {
         Settle {
             first: at,
             last: at,
             writing: HashSet::new(),
+            follows_writes,
         }
     }
 
-    fn saw(&mut self, ev: &notify::Result<notify::Event>, at: tokio::time::Instant) {
+    /// Takes event `ev`, seen at `at`; `read` says which paths the source reads (a write to
+    /// another file, a swap file or a log, never holds a change back).
+    fn saw(
+        &mut self,
+        ev: &notify::Result<notify::Event>,
+        at: tokio::time::Instant,
+        read: &dyn Fn(&Path) -> bool,
+    ) {
         use notify::EventKind;
-        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+        use notify::event::{AccessKind, AccessMode, ModifyKind};
         self.last = self.last.max(at);
         let Ok(ev) = ev else { return };
         match ev.kind {
-            EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
-                self.writing.extend(ev.paths.iter().cloned());
+            // Written to (truncated, or data): open until closed. A file created and not
+            // written to (a link, `touch`) is not.
+            EventKind::Modify(ModifyKind::Data(_)) if self.follows_writes => {
+                self.writing
+                    .extend(ev.paths.iter().filter(|p| read(p)).cloned());
             }
             EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Remove(_) => {
                 for p in &ev.paths {

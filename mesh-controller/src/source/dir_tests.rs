@@ -419,45 +419,59 @@ fn file_events_settle_into_one_change() {
     let t0 = tokio::time::Instant::now();
     let ms = |n: u64| t0 + std::time::Duration::from_millis(n);
     let ev = |kind: EventKind, path: &str| Ok(Event::new(kind).add_path(PathBuf::from(path)));
+    let read = |p: &Path| p.extension().is_some_and(|e| e == "yaml");
     let modified = EventKind::Modify(ModifyKind::Data(DataChange::Any));
     let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
 
     // An atomic rename alone: 2 ms after it.
-    let mut g = Settle::new(t0);
+    let mut g = Settle::new(t0, true);
     g.saw(
         &ev(
             EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
             "/d/r.yaml",
         ),
         t0,
+        &read,
     );
     assert_eq!(g.deadline(), ms(2));
 
     // A write in place that stalls between truncating and writing: open until closed.
-    let mut g = Settle::new(t0);
-    g.saw(&ev(modified, "/d/r.yaml"), t0);
+    let mut g = Settle::new(t0, true);
+    g.saw(&ev(modified, "/d/r.yaml"), t0, &read);
     assert_eq!(
         g.deadline(),
         ms(100),
-        "a file open for writing keeps the group open"
+        "a manifest open for writing keeps the group open"
     );
-    g.saw(&ev(modified, "/d/r.yaml"), ms(30));
-    g.saw(&ev(closed, "/d/r.yaml"), ms(31));
+    g.saw(&ev(modified, "/d/r.yaml"), ms(30), &read);
+    g.saw(&ev(closed, "/d/r.yaml"), ms(31), &read);
     assert_eq!(g.deadline(), ms(33), "closed: 2 ms of quiet");
     // An event seen late (a busy thread) never moves the end back.
-    g.saw(&ev(EventKind::Create(CreateKind::File), "/d/s.yaml"), ms(1));
-    g.saw(&ev(closed, "/d/s.yaml"), ms(1));
-    assert_eq!(g.deadline(), ms(33));
+    g.saw(
+        &ev(EventKind::Create(CreateKind::File), "/d/s.yaml"),
+        ms(1),
+        &read,
+    );
+    assert_eq!(g.deadline(), ms(33), "created, not written: nothing open");
+    // A file the source does not read (a swap file, a log) holds nothing back.
+    g.saw(&ev(modified, "/d/.r.yaml.swp"), ms(32), &read);
+    g.saw(&ev(modified, "/d/app.log"), ms(32), &read);
+    assert_eq!(g.deadline(), ms(34));
+
+    // Where the watch reports no closes, quiet alone ends it.
+    let mut g = Settle::new(t0, false);
+    g.saw(&ev(modified, "/d/r.yaml"), t0, &read);
+    assert_eq!(g.deadline(), ms(2));
 
     // A directory written to without pause ends at 100 ms all the same.
-    let mut g = Settle::new(t0);
+    let mut g = Settle::new(t0, true);
     for n in 0..200 {
-        g.saw(&ev(EventKind::Create(CreateKind::File), "/d/x.yaml"), ms(n));
-        g.saw(&ev(closed, "/d/x.yaml"), ms(n));
+        g.saw(&ev(modified, "/d/x.yaml"), ms(n), &read);
+        g.saw(&ev(closed, "/d/x.yaml"), ms(n), &read);
     }
     assert_eq!(g.deadline(), ms(100));
     // A watch error ends nothing early and opens nothing.
-    let mut g = Settle::new(t0);
-    g.saw(&Err(notify::Error::generic("lost")), t0);
+    let mut g = Settle::new(t0, true);
+    g.saw(&Err(notify::Error::generic("lost")), t0, &read);
     assert_eq!(g.deadline(), ms(2));
 }
