@@ -960,8 +960,20 @@ pub fn secret(
 /// converting what changed.)
 pub type VhostMemo = HashMap<Box<[u8]>, Arc<VirtualHost>, foldhash::fast::RandomState>;
 
+/// A decoded RouteConfiguration as a table, every virtual host converted (what
+/// [`route_table_reusing`] must agree with: the fuzz target compares them).
 pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable> {
-    route_table_reusing(&rc.name, &rc.encode_to_vec(), VhostMemo::default()).map(|(t, _)| t)
+    let cx = Ctx {
+        kind: "RouteConfiguration",
+        name: &rc.name,
+    };
+    let vhosts = rc
+        .virtual_hosts
+        .iter()
+        .enumerate()
+        .map(|(i, vh)| vhost(&cx, &format!("virtual_hosts[{i}]"), vh).map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
+    route_table_of(&cx, rc, vhosts)
 }
 
 /// The RouteConfiguration encoded in `bytes` as a table, and the memo of its virtual hosts for
