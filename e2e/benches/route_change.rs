@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, ValueEnum};
-use mesh_e2e::{Backend, ProxyClient, free_port, http_get, netns::binary};
+use mesh_e2e::{Backend, ProxyClient, free_port, http_get, netns::binary, rss_mib};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -223,17 +223,6 @@ impl Drop for Config {
             server.abort();
         }
     }
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Polls `check` every 10 ms until it is true, for `within`.
@@ -485,7 +474,11 @@ fn pct(v: &[f64], p: f64) -> f64 {
 
 /// What one proxy's answers say about the changes: per change, the delay to the first answer
 /// from the new backend; and the answers that broke the split, with why.
-fn judge(seen: &Seen, changes: &[Change], metric_checked: bool) -> (Vec<f64>, Vec<String>, usize) {
+fn judge(
+    seen: &Seen,
+    changes: &[Change],
+    metric_checked: bool,
+) -> (Vec<Option<f64>>, Vec<String>, usize) {
     let mut delays = Vec::new();
     let mut broken = Vec::new();
     let mut checked = 0;
@@ -501,9 +494,12 @@ fn judge(seen: &Seen, changes: &[Change], metric_checked: bool) -> (Vec<f64>, Ve
                 "change {}: never answered from the new backend",
                 k + 1
             ));
+            delays.push(None);
             continue;
         };
-        delays.push(during[first].got.duration_since(c.at).as_secs_f64() * 1e3);
+        delays.push(Some(
+            during[first].got.duration_since(c.at).as_secs_f64() * 1e3,
+        ));
         for a in &during[first..] {
             if a.backend != Some(c.to) {
                 broken.push(format!(
@@ -592,23 +588,20 @@ async fn measure(
     }
     let mut changes = Vec::new();
     let mut rss_at = BTreeMap::new();
-    let mut slowest = Vec::new();
     for k in 1..=a.changes {
         to = 1 - to;
         let at = Instant::now();
         config.set_route(to)?;
         let revision = controller_revision(admin, to).await?;
-        let mut last = at;
+        // Only to know when to go on: the delays come from every answer, after the run.
         for (i, rx) in latest.iter_mut().enumerate() {
-            let answered = tokio::time::timeout(
+            tokio::time::timeout(
                 Duration::from_secs(30),
                 rx.wait_for(|a| a.is_some_and(|a| a.got > at && a.backend == Some(to))),
             )
             .await
             .with_context(|| format!("change {k}: {kind:?} {i} still routes by the old split"))??;
-            last = last.max(answered.map_or(at, |a| a.got));
         }
-        slowest.push(last.duration_since(at).as_secs_f64() * 1e3);
         changes.push(Change { at, to, revision });
         tokio::time::sleep(GAP).await;
         if [10, 50, a.changes].contains(&k) {
@@ -617,6 +610,8 @@ async fn measure(
     }
     stop.store(true, Ordering::Relaxed);
     let mut delays = Vec::new();
+    // Per change, the later of the proxies.
+    let mut slowest = vec![Some(0.0f64); changes.len()];
     let mut broken = Vec::new();
     let (mut answers, mut checked) = (0, 0);
     for (i, (asked, revisions)) in pollers.into_iter().enumerate() {
@@ -631,10 +626,14 @@ async fn measure(
             broken.push(format!("{kind:?} {i}: {e}"));
         }
         let (d, b, c) = judge(&seen, &changes, kind == Kind::MeshProxy);
-        delays.extend(d);
+        for (s, d) in slowest.iter_mut().zip(&d) {
+            *s = s.zip(*d).map(|(s, d)| s.max(d));
+        }
+        delays.extend(d.into_iter().flatten());
         broken.extend(b.into_iter().map(|b| format!("{kind:?} {i}: {b}")));
         checked += c;
     }
+    let slowest: Vec<f64> = slowest.into_iter().flatten().collect();
     let mib = |v: &[f64]| {
         v.iter()
             .map(|m| format!("{m:.1}"))

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use mesh_e2e::netns::binary;
+use mesh_e2e::{netns::binary, rss_mib};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAMESPACES: usize = 10;
@@ -92,17 +92,6 @@ fn spawn(program: &Path, args: &[&str], uid: Option<u32>) -> anyhow::Result<Proc
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
     Ok(Proc(child))
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// One GET of `path` on a new connection; its time to the whole answer, which must be a 200.

@@ -50,6 +50,18 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// A process's resident memory in MiB (`VmRSS`), 0 once it is gone, for figures.
+pub fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 /// The target directory the tests run from (`<target>/debug/deps/<test>`), for files a
 /// person may want to look at after the run.
 pub fn target_dir() -> PathBuf {
