@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, ValueEnum};
-use mesh_e2e::{Backend, ProxyClient, free_port, http_get, netns::binary, rss_mib};
+use mesh_e2e::{Backend, ProxyClient, free_port, http_get, netns::binary, pct, rss_mib};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -137,15 +137,14 @@ enum Config {
 impl Config {
     async fn new(source: Source, services: usize, backends: &[Backend]) -> anyhow::Result<Self> {
         let scale = mesh_controller::testing::scale_manifests(services, NAMESPACES);
-        let mut extra = backend_objects(backends);
-        extra.push(route(0));
+        let backends = backend_objects(backends);
         match source {
             Source::Dir => {
                 let dir = tempfile::tempdir()?;
                 for (name, text) in scale {
                     std::fs::write(dir.path().join(name), text)?;
                 }
-                let docs: Vec<String> = extra[..extra.len() - 1]
+                let docs: Vec<String> = backends
                     .iter()
                     .map(serde_json::to_string)
                     .collect::<Result<_, _>>()?;
@@ -165,7 +164,7 @@ impl Config {
                         }
                     }
                 }
-                for v in extra {
+                for v in backends.into_iter().chain([route(0)]) {
                     fake.insert(v);
                 }
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -461,15 +460,6 @@ async fn controller_revision(admin: SocketAddr, to: usize) -> anyhow::Result<u64
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
 /// What one proxy's answers say about the changes: per change, the delay to the first answer

@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use mesh_e2e::{netns::binary, rss_mib};
+use mesh_e2e::{netns::binary, pct, rss_mib};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NAMESPACES: usize = 10;
@@ -130,12 +130,6 @@ async fn wait_for(
 
 async fn http_ok(addr: &str, path: &str) -> bool {
     get(addr, path).await.is_ok()
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1]
 }
 
 struct Figures {

@@ -329,15 +329,10 @@ impl DirSource {
                 let mut group = Settle::new(tokio::time::Instant::now(), follows_writes);
                 group.saw(&first, tokio::time::Instant::now(), &read);
                 let mut events = vec![first];
-                let mut open = true;
-                while open {
-                    match tokio::time::timeout_at(group.deadline(), rx.recv()).await {
-                        Ok(Some(ev)) => {
-                            group.saw(&ev, tokio::time::Instant::now(), &read);
-                            events.push(ev);
-                        }
-                        Ok(None) | Err(_) => open = false,
-                    }
+                while let Ok(Some(ev)) = tokio::time::timeout_at(group.deadline(), rx.recv()).await
+                {
+                    group.saw(&ev, tokio::time::Instant::now(), &read);
+                    events.push(ev);
                 }
                 self.on_events(events);
             }
@@ -443,13 +438,11 @@ impl Settle {
                 self.writing
                     .extend(ev.paths.iter().filter(|p| read(p)).cloned());
             }
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) | EventKind::Remove(_) => {
-                for p in &ev.paths {
-                    self.writing.remove(p);
-                }
-            }
-            // Renamed away: whatever it was, it is not written under this name any more.
-            EventKind::Modify(ModifyKind::Name(_)) => {
+            // Closed, removed, or renamed (whatever it was, it is not written under this name
+            // any more).
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Remove(_)
+            | EventKind::Modify(ModifyKind::Name(_)) => {
                 for p in &ev.paths {
                     self.writing.remove(p);
                 }
