@@ -23,17 +23,16 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, ValueEnum};
-use mesh_e2e::{Backend, ProxyClient, free_port, http_get, netns::binary, pct, rss_mib};
+use mesh_e2e::{Backend, Peer, ProxyClient, free_port, http_get, netns::binary, pct, rss_mib};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 
 const NAMESPACES: usize = 10;
@@ -242,15 +241,14 @@ async fn wait_for(
 
 /// A running proxy: its process, where it is asked, and (mesh-proxy) its metrics.
 struct Proxy {
-    child: Child,
+    peer: Peer,
     outbound: SocketAddr,
     metrics: Option<SocketAddr>,
-    log: PathBuf,
 }
 
 impl Proxy {
     fn pid(&self) -> u32 {
-        self.child.id().unwrap_or_default()
+        self.peer.child.id().unwrap_or_default()
     }
 }
 
@@ -258,8 +256,6 @@ async fn start_proxy(kind: Kind, i: usize, xds: SocketAddr, dir: &Path) -> anyho
     let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let (outbound, admin) = (local(free_port()), local(free_port()));
     let node = format!("ns-0/bench-{i}");
-    let log = dir.join(format!("{kind:?}-{i}.log"));
-    let out = std::fs::File::create(&log)?;
     let (mut cmd, metrics) = match kind {
         Kind::MeshProxy => {
             let metrics = local(free_port());
@@ -299,17 +295,10 @@ async fn start_proxy(kind: Kind, i: usize, xds: SocketAddr, dir: &Path) -> anyho
             (cmd, None)
         }
     };
-    let child = cmd
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {kind:?}"))?;
     let proxy = Proxy {
-        child,
+        peer: Peer::spawn(&mut cmd, dir.join(format!("{kind:?}-{i}.log")))?,
         outbound,
         metrics,
-        log,
     };
     let ready = wait_for(
         &format!("{kind:?} {i} ready"),
@@ -322,10 +311,7 @@ async fn start_proxy(kind: Kind, i: usize, xds: SocketAddr, dir: &Path) -> anyho
     )
     .await;
     if let Err(e) = ready {
-        bail!(
-            "{e}\n{}",
-            std::fs::read_to_string(&proxy.log).unwrap_or_default()
-        );
+        bail!("{e}\n{}", proxy.peer.log_text());
     }
     Ok(proxy)
 }
@@ -696,17 +682,13 @@ async fn main() -> anyhow::Result<()> {
     let (xds, admin) = (local(free_port()), local(free_port()));
     let mut cmd = Command::new(binary("mesh-controller")?);
     config.controller_args(&mut cmd);
-    let ctl_log = dir.path().join("controller.log");
-    let out = std::fs::File::create(&ctl_log)?;
     let started = Instant::now();
-    let mut ctl = cmd
-        .args(["--xds-addr", &xds.to_string()])
-        .args(["--admin-addr", &admin.to_string()])
-        .env("MESH_LOG", "warn")
-        .stdout(Stdio::from(out.try_clone()?))
-        .stderr(Stdio::from(out))
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut ctl = Peer::spawn(
+        cmd.args(["--xds-addr", &xds.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
+            .env("MESH_LOG", "warn"),
+        dir.path().join("controller.log"),
+    )?;
     let ready = wait_for(
         "the controller serving",
         Duration::from_secs(120),
@@ -714,11 +696,7 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     if let Err(e) = ready {
-        let _ = ctl.kill().await;
-        bail!(
-            "{e}\n{}",
-            std::fs::read_to_string(&ctl_log).unwrap_or_default()
-        );
+        bail!("{e}\n{}", ctl.log_text());
     }
     println!(
         "services={} proxies={} changes={} source={:?}; controller serving after {:.0} ms",
@@ -746,7 +724,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let _ = ctl.kill().await;
+    let _ = ctl.child.kill().await;
     ensure!(failed.is_empty(), "{}", failed.join("\n"));
     Ok(())
 }
