@@ -31,10 +31,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tracing::info;
 
+use crate::metrics::BackendCounter;
 use crate::state::{EndpointDef, ms};
 
 /// How fast latency estimates forget.
@@ -277,7 +277,7 @@ pub struct EndpointSet {
     ring: Vec<(u64, usize)>,
     /// The next endpoint of [`Balancer::RoundRobin`].
     next: AtomicUsize,
-    ejections: Counter,
+    ejections: BackendCounter,
     /// Requests in flight to any endpoint of this set (for the circuit breaker).
     in_flight: AtomicU32,
 }
@@ -418,7 +418,7 @@ impl EndpointSet {
         defs: &[EndpointDef],
         outlier: OutlierConfig,
         balancer: Balancer,
-        ejections: Counter,
+        ejections: BackendCounter,
     ) -> Self {
         Self::assemble(
             defs.iter()
@@ -434,7 +434,7 @@ impl EndpointSet {
         mut endpoints: Vec<(Arc<Endpoint>, u32)>,
         outlier: OutlierConfig,
         balancer: Balancer,
-        ejections: Counter,
+        ejections: BackendCounter,
     ) -> Self {
         endpoints.sort_by_key(|(_, p)| *p);
         let (endpoints, priorities): (Vec<_>, Vec<_>) = endpoints.into_iter().unzip();
@@ -752,7 +752,7 @@ mod tests {
             &defs,
             outlier,
             Balancer::PeakEwma,
-            Counter::default(),
+            Default::default(),
         ))
     }
 
@@ -975,7 +975,7 @@ mod tests {
                     ..OutlierConfig::default()
                 },
                 balancer,
-                Counter::default(),
+                Default::default(),
             ));
             let picks = |s: &Arc<EndpointSet>| -> HashSet<u16> {
                 (0..200u64)
@@ -1004,7 +1004,7 @@ mod tests {
             &defs,
             OutlierConfig::default(),
             Balancer::PeakEwma,
-            Counter::default(),
+            Default::default(),
         );
         let sorted = [def(1000, 0), def(2000, 0), def(3000, 1)];
         assert!(s.same_endpoints(&sorted));
@@ -1023,7 +1023,7 @@ mod tests {
             &[def(1000, 0), def(2000, 0), def(3000, 1)],
             OutlierConfig::default(),
             Balancer::PeakEwma,
-            Counter::default(),
+            Default::default(),
         ));
         s.eject(&s.endpoints[0], now);
         s.endpoints[1].observe(Duration::from_millis(5), now);
@@ -1036,7 +1036,7 @@ mod tests {
             &[def(1000, 0), def(3000, 1)],
             OutlierConfig::default(),
             Balancer::PeakEwma,
-            Counter::default(),
+            Default::default(),
         );
         s.eject(&s.endpoints[0], now);
         assert!(!s.endpoints[0].is_ejected(now));

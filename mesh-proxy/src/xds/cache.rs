@@ -19,7 +19,7 @@ use prost::{Message, Name};
 use serde::Serialize;
 
 use crate::balance::EndpointSet;
-use crate::metrics::{BackendLabels, Metrics};
+use crate::metrics::{BackendCounter, Metrics};
 use crate::state::convert::{self, ConvertError};
 use crate::state::{
     Cluster, ClusterDef, ClusterKind, EndpointDef, ListenerConfig, NetworkFilter, RouteTable,
@@ -570,12 +570,7 @@ impl Cache {
                     eps,
                     def.outlier.clone(),
                     def.balancer,
-                    metrics
-                        .ejections
-                        .get_or_create(&BackendLabels {
-                            backend: name.clone(),
-                        })
-                        .clone(),
+                    BackendCounter::new(&metrics.ejections, &name),
                 )),
             };
             self.clusters.insert(
