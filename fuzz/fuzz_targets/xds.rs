@@ -30,20 +30,30 @@ fuzz_target!(|data: &[u8]| {
             let whole = RouteConfiguration::decode(body)
                 .ok()
                 .and_then(|rc| convert::route_table(&rc).ok());
-            let first = convert::route_table_reusing("fuzz", body, convert::VhostMemo::default());
+            let first =
+                convert::route_table_reusing("fuzz", body, convert::VhostMemo::default(), None);
             assert_eq!(
                 first.as_ref().ok().map(|(t, _)| json(t)),
                 whole.as_ref().map(json),
                 "the split and a whole decode disagree"
             );
             if let Ok((table, memo)) = first {
-                let (again, _) = convert::route_table_reusing("fuzz", body, memo)
+                let (again, _) = convert::route_table_reusing("fuzz", body, memo, Some(&table))
                     .expect("taken once, taken again from the memo");
                 assert_eq!(
                     json(&table),
                     json(&again),
                     "the memo changed what the bytes mean"
                 );
+                // The domain index it shared with the first finds what a fresh one finds.
+                let fresh = whole.as_ref().expect("taken as a whole decode is");
+                for d in fresh.vhosts().iter().flat_map(|v| &v.domains) {
+                    assert_eq!(
+                        again.vhost(d).map(|v| &v.name),
+                        fresh.vhost(d).map(|v| &v.name),
+                        "the shared domain index disagrees on {d}"
+                    );
+                }
             }
         }
         2 => {

@@ -973,7 +973,7 @@ pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable> {
         .enumerate()
         .map(|(i, vh)| vhost(&cx, &format!("virtual_hosts[{i}]"), vh).map(Arc::new))
         .collect::<Result<Vec<_>>>()?;
-    route_table_of(&cx, rc, vhosts)
+    route_table_of(&cx, rc, vhosts, None)
 }
 
 /// The RouteConfiguration encoded in `bytes` as a table, and the memo of its virtual hosts for
@@ -981,12 +981,14 @@ pub fn route_table(rc: &RouteConfiguration) -> Result<RouteTable> {
 /// error leaves none, and the next version is converted in full) is moved from there without
 /// being decoded: the controller encodes an unchanged one to the same bytes, so a change to one
 /// Service's routes costs that Service's conversion, not the port's (10,000 virtual hosts
-/// take about 70 ms to convert).
+/// take about 70 ms to convert). The table shares `previous`'s domain index where the domains
+/// at each position are the same ([`RouteTable::new_after`]).
 /// `name` is the resource's, for an error in decoding it.
 pub fn route_table_reusing(
     name: &str,
     bytes: &[u8],
     mut memo: VhostMemo,
+    previous: Option<&RouteTable>,
 ) -> Result<(RouteTable, VhostMemo)> {
     let undecodable = |e: prost::DecodeError| ConvertError {
         kind: "RouteConfiguration",
@@ -1019,7 +1021,7 @@ pub fn route_table_reusing(
         };
         vhosts.push(vh);
     }
-    route_table_of(&cx, &rc, vhosts).map(|t| (t, next))
+    route_table_of(&cx, &rc, vhosts, previous).map(|t| (t, next))
 }
 
 /// A RouteConfiguration's encoding split into its virtual hosts' encodings (field 2) and the
@@ -1076,6 +1078,7 @@ fn route_table_of(
     cx: &Ctx<'_>,
     rc: &RouteConfiguration,
     vhosts: Vec<Arc<VirtualHost>>,
+    previous: Option<&RouteTable>,
 ) -> Result<RouteTable> {
     let headers = header_ops(
         cx,
@@ -1085,7 +1088,7 @@ fn route_table_of(
         &rc.response_headers_to_add,
         &rc.response_headers_to_remove,
     )?;
-    let mut table = RouteTable::new(rc.name.clone(), vhosts, headers);
+    let mut table = RouteTable::new_after(rc.name.clone(), vhosts, headers, previous);
     table.ignore_port = rc.ignore_port_in_host_matching;
     Ok(table)
 }

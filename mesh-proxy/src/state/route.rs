@@ -24,19 +24,71 @@ pub struct RouteTable {
     pub headers: HeaderOps,
     /// `ignore_port_in_host_matching`: a host's port is left out when virtual hosts are chosen.
     pub ignore_port: bool,
+    /// Which virtual host a `Host` names. Shared with the previous version of the table when
+    /// each position's domains are the same (a change to routes, the usual one, leaves them):
+    /// at mesh scale, reading 90,000 scattered domain strings to hash them again was most of
+    /// a route change's cost.
+    #[serde(skip)]
+    domains: Arc<DomainIndex>,
+}
+
+/// Domains to virtual host positions.
+#[derive(Debug)]
+struct DomainIndex {
     /// Exact domains, as (virtual host, domain) positions found by the lowercase domain's
-    /// hash: built anew for every version of the table (10,000s of domains at mesh scale)
-    /// without a string allocated or copied, and read on every request.
-    #[serde(skip)]
+    /// hash: built without a string allocated or copied, and read on every request.
     exact: hashbrown::HashTable<(usize, usize)>,
-    #[serde(skip)]
     hasher: foldhash::fast::RandomState,
-    #[serde(skip)]
     suffixes: Vec<(String, usize)>,
-    #[serde(skip)]
     prefixes: Vec<(String, usize)>,
-    #[serde(skip)]
     wildcard: Option<usize>,
+}
+
+impl DomainIndex {
+    fn new(vhosts: &[Arc<VirtualHost>]) -> Self {
+        let hasher = foldhash::fast::RandomState::default();
+        let hash = |d: &str| {
+            if d.bytes().any(|b| b.is_ascii_uppercase()) {
+                hasher.hash_one(d.to_ascii_lowercase())
+            } else {
+                hasher.hash_one(d)
+            }
+        };
+        let domains = vhosts.iter().map(|vh| vh.domains.len()).sum();
+        let mut exact = hashbrown::HashTable::with_capacity(domains);
+        let (mut suffixes, mut prefixes, mut wildcard) = (Vec::new(), Vec::new(), None);
+        for (i, vh) in vhosts.iter().enumerate() {
+            for (j, d) in vh.domains.iter().enumerate() {
+                if d == "*" {
+                    wildcard.get_or_insert(i);
+                } else if let Some(s) = d.strip_prefix('*') {
+                    suffixes.push((s.to_ascii_lowercase(), i));
+                } else if let Some(p) = d.strip_suffix('*') {
+                    prefixes.push((p.to_ascii_lowercase(), i));
+                } else {
+                    // The first virtual host to name a domain keeps it.
+                    let entry = exact.entry(
+                        hash(d),
+                        |&(v, k): &(usize, usize)| vhosts[v].domains[k].eq_ignore_ascii_case(d),
+                        |&(v, k)| hash(&vhosts[v].domains[k]),
+                    );
+                    if let hashbrown::hash_table::Entry::Vacant(e) = entry {
+                        e.insert((i, j));
+                    }
+                }
+            }
+        }
+        // Longest first, so the first hit is the most specific.
+        suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+        prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        Self {
+            exact,
+            hasher,
+            suffixes,
+            prefixes,
+            wildcard,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -513,53 +565,36 @@ impl RouteTable {
     }
 
     pub fn new(name: String, vhosts: Vec<Arc<VirtualHost>>, headers: HeaderOps) -> Self {
-        let hasher = foldhash::fast::RandomState::default();
-        let hash = |d: &str| {
-            if d.bytes().any(|b| b.is_ascii_uppercase()) {
-                hasher.hash_one(d.to_ascii_lowercase())
-            } else {
-                hasher.hash_one(d)
+        Self::new_after(name, vhosts, headers, None)
+    }
+
+    /// [`RouteTable::new`], sharing `previous`'s domain index when its virtual hosts have the
+    /// same domains at the same positions (what the index holds), instead of building it again.
+    pub fn new_after(
+        name: String,
+        vhosts: Vec<Arc<VirtualHost>>,
+        headers: HeaderOps,
+        previous: Option<&RouteTable>,
+    ) -> Self {
+        let domains = match previous {
+            Some(p)
+                if p.vhosts.len() == vhosts.len()
+                    && p.vhosts
+                        .iter()
+                        .zip(&vhosts)
+                        .all(|(a, b)| Arc::ptr_eq(a, b) || a.domains == b.domains) =>
+            {
+                p.domains.clone()
             }
+            _ => Arc::new(DomainIndex::new(&vhosts)),
         };
-        let domains = vhosts.iter().map(|vh| vh.domains.len()).sum();
-        let mut exact = hashbrown::HashTable::with_capacity(domains);
-        let (mut suffixes, mut prefixes, mut wildcard) = (Vec::new(), Vec::new(), None);
-        for (i, vh) in vhosts.iter().enumerate() {
-            for (j, d) in vh.domains.iter().enumerate() {
-                if d == "*" {
-                    wildcard.get_or_insert(i);
-                } else if let Some(s) = d.strip_prefix('*') {
-                    suffixes.push((s.to_ascii_lowercase(), i));
-                } else if let Some(p) = d.strip_suffix('*') {
-                    prefixes.push((p.to_ascii_lowercase(), i));
-                } else {
-                    // The first virtual host to name a domain keeps it.
-                    let entry = exact.entry(
-                        hash(d),
-                        |&(v, k): &(usize, usize)| vhosts[v].domains[k].eq_ignore_ascii_case(d),
-                        |&(v, k)| hash(&vhosts[v].domains[k]),
-                    );
-                    if let hashbrown::hash_table::Entry::Vacant(e) = entry {
-                        e.insert((i, j));
-                    }
-                }
-            }
-        }
-        let mut t = RouteTable {
+        RouteTable {
             name,
             vhosts,
             headers,
             ignore_port: false,
-            exact,
-            hasher,
-            suffixes,
-            prefixes,
-            wildcard,
-        };
-        // Longest first, so the first hit is the most specific.
-        t.suffixes.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
-        t.prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-        t
+            domains,
+        }
     }
 
     /// Its virtual hosts, in order.
@@ -586,9 +621,10 @@ impl RouteTable {
         } else {
             host
         };
-        let idx = self
+        let index = &*self.domains;
+        let idx = index
             .exact
-            .find(self.hasher.hash_one(host), |&(v, d)| {
+            .find(index.hasher.hash_one(host), |&(v, d)| {
                 self.vhosts
                     .get(v)
                     .and_then(|vh| vh.domains.get(d))
@@ -596,18 +632,20 @@ impl RouteTable {
             })
             .map(|&(v, _)| v)
             .or_else(|| {
-                self.suffixes
+                index
+                    .suffixes
                     .iter()
                     .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
                     .map(|(_, i)| *i)
             })
             .or_else(|| {
-                self.prefixes
+                index
+                    .prefixes
                     .iter()
                     .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
                     .map(|(_, i)| *i)
             })
-            .or(self.wildcard)?;
+            .or(index.wildcard)?;
         self.vhosts.get(idx).map(|vh| &**vh)
     }
 

@@ -413,3 +413,58 @@ fn the_first_virtual_host_to_name_a_domain_keeps_it_in_any_case() {
     assert_eq!(name("late").as_deref(), Some("late"));
     assert_eq!(name("svc-2000.ns"), None);
 }
+
+#[test]
+fn a_new_version_shares_the_domain_index_only_where_each_positions_domains_stay() {
+    let vh = |name: &str, domains: &[String]| {
+        Arc::new(VirtualHost {
+            name: name.into(),
+            domains: domains.to_vec(),
+            routes: vec![route(name, path(PathMatch::Prefix("/".into())))],
+            headers: HeaderOps::default(),
+        })
+    };
+    let domains = |i: usize| vec![format!("svc-{i}"), format!("*.w{i}"), format!("p{i}.*")];
+    let before: Vec<_> = (0..100)
+        .map(|i| vh(&format!("v{i}"), &domains(i)))
+        .collect();
+    let first = RouteTable::new("t".into(), before.clone(), HeaderOps::default());
+    let name = |t: &RouteTable, host: &str| t.vhost(host).map(|v| v.name.clone());
+
+    // One virtual host's routes change, its domains do not: shared, and hosts find the new one.
+    let mut routes_changed = before.clone();
+    routes_changed[7] = vh("v7-new", &domains(7));
+    let t = RouteTable::new_after(
+        "t".into(),
+        routes_changed,
+        HeaderOps::default(),
+        Some(&first),
+    );
+    assert!(Arc::ptr_eq(&first.domains, &t.domains));
+    assert_eq!(name(&t, "svc-7").as_deref(), Some("v7-new"));
+    assert_eq!(name(&t, "a.w7").as_deref(), Some("v7-new"));
+
+    // A domain changes, a virtual host comes in (every later position moves) or goes: built
+    // again, and every host found where a table built from nothing finds it.
+    let mut domain_changed = before.clone();
+    domain_changed[7] = vh("v7", &[String::from("other")]);
+    let mut inserted = before.clone();
+    inserted.insert(3, vh("new", &domains(1000)));
+    let mut removed = before.clone();
+    removed.remove(3);
+    for next in [domain_changed, inserted, removed] {
+        let t = RouteTable::new_after("t".into(), next.clone(), HeaderOps::default(), Some(&first));
+        assert!(!Arc::ptr_eq(&first.domains, &t.domains));
+        let fresh = RouteTable::new("t".into(), next, HeaderOps::default());
+        for i in (0..100).chain([1000]) {
+            for host in [
+                format!("svc-{i}"),
+                format!("x.w{i}"),
+                format!("p{i}.x"),
+                "other".into(),
+            ] {
+                assert_eq!(name(&t, &host), name(&fresh, &host), "{host}");
+            }
+        }
+    }
+}

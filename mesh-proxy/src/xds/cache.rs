@@ -111,11 +111,13 @@ pub fn resource_name(ty: Type, any: &Any) -> Result<String, String> {
 
 /// `memos`: the virtual hosts of the RouteConfigurations held, which a new version of one
 /// takes and reuses where they are unchanged (a refused version leaves none: the next is
-/// converted in full).
+/// converted in full); `routes`: the tables held, whose domain index a new version shares
+/// where its domains are the same.
 fn convert_one(
     ty: Type,
     r: &Incoming,
     memos: &mut HashMap<String, convert::VhostMemo>,
+    routes: &imbl::HashMap<String, Arc<RouteTable>>,
 ) -> Result<Converted, ConvertError> {
     let bad = |e: prost::DecodeError| ConvertError {
         kind: ty.short(),
@@ -138,7 +140,8 @@ fn convert_one(
         )?)),
         Type::Route => {
             let memo = memos.remove(&r.name).unwrap_or_default();
-            let (table, memo) = convert::route_table_reusing(&r.name, bytes, memo)?;
+            let previous = routes.get(&r.name).map(|t| &**t);
+            let (table, memo) = convert::route_table_reusing(&r.name, bytes, memo, previous)?;
             Converted::Route(Arc::new(table), memo)
         }
         Type::Cluster => Converted::Cluster(Box::new(convert::cluster(
@@ -245,7 +248,7 @@ impl Cache {
     ) -> Result<(), ConvertError> {
         let converted = updated
             .iter()
-            .map(|r| convert_one(ty, r, &mut self.vhost_memos).map(|c| (r, c)))
+            .map(|r| convert_one(ty, r, &mut self.vhost_memos, &self.routes).map(|c| (r, c)))
             .collect::<Result<Vec<_>, _>>()?;
         for name in removed {
             let versions = self.versions.entry(ty).or_default();

@@ -597,7 +597,8 @@ fn virtual_hosts_are_found_wherever_the_encoding_puts_them() {
     let whole = RouteConfiguration::decode(wire.as_slice()).expect("valid");
     assert_eq!(whole.virtual_hosts.len(), 2);
     let (table, memo) =
-        convert::route_table_reusing("rc", &wire, convert::VhostMemo::default()).expect("taken");
+        convert::route_table_reusing("rc", &wire, convert::VhostMemo::default(), None)
+            .expect("taken");
     let expected = convert::route_table(&whole).expect("taken");
     assert_eq!(
         serde_json::to_value(&table).expect("json"),
@@ -611,7 +612,7 @@ fn virtual_hosts_are_found_wherever_the_encoding_puts_them() {
         if RouteConfiguration::decode(&wire[..cut]).is_ok() {
             continue;
         }
-        let err = convert::route_table_reusing("rc", &wire[..cut], memo.clone())
+        let err = convert::route_table_reusing("rc", &wire[..cut], memo.clone(), Some(&table))
             .map(|_| ())
             .expect_err("truncated");
         assert_eq!((err.kind, err.name.as_str()), ("RouteConfiguration", "rc"));
