@@ -1,7 +1,7 @@
 //! Encoded xDS resources with stable versions, and the layered set a proxy sees.
 
 use std::collections::BTreeMap;
-use std::hash::{Hash, Hasher};
+use std::hash::Hash;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -105,9 +105,7 @@ impl Resource {
 
     /// A resource from bytes already encoded as a message of `type_url`.
     pub fn from_encoded(name: &str, type_url: String, value: Vec<u8>) -> Arc<Self> {
-        let mut h = std::hash::DefaultHasher::new();
-        value.hash(&mut h);
-        let tag = h.finish();
+        let tag = xxhash_rust::xxh3::xxh3_64(&value);
         Arc::new(Self {
             name: Arc::from(name),
             version: format!("{tag:016x}"),

@@ -228,10 +228,7 @@ struct NamespaceLayer {
 }
 
 fn hash_bytes(b: &[u8]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    b.hash(&mut h);
-    h.finish()
+    xxhash_rust::xxh3::xxh3_64(b)
 }
 
 /// Builds and caches the layers of [`ProxyView`]s for one model at a time.
@@ -1051,6 +1048,19 @@ fn namespace_resources(
         name: names::OUTBOUND_HTTP_ROUTE.into(),
         ..Default::default()
     });
+    // Megabytes at mesh scale: grown once, not copied at every doubling.
+    bytes.reserve(
+        services
+            .iter()
+            .map(|(key, (_, res))| {
+                if key.namespace == namespace {
+                    res.vhosts_local.len()
+                } else {
+                    res.vhosts_remote.len()
+                }
+            })
+            .sum(),
+    );
     for (key, (svc, res)) in services {
         let local = key.namespace == namespace;
         if has_consumer_routes(svc, namespace) {
