@@ -20,7 +20,7 @@ use mesh_api::crds::{AuthorizationPolicy, FaultInjection, RateLimitPolicy, Traff
 use mesh_api::rollout::Rollout;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{ConfigErrors, ManifestError};
 use crate::index::Index;
@@ -81,10 +81,12 @@ pub fn apply_event<K>(
         watcher::Event::Apply(obj) => {
             let obj = wrap(obj);
             let key = obj.key();
+            debug!(object = %key, "watch event: applied");
             report(&key, index.apply(obj).err());
         }
         watcher::Event::Delete(obj) => {
             let key = wrap(obj).key();
+            debug!(object = %key, "watch event: deleted");
             index.delete(&key);
             report(&key, None);
         }
