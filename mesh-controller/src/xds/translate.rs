@@ -260,6 +260,10 @@ pub struct Translator {
     vhosts_epoch: u64,
     /// Per-namespace layers, kept while their epoch holds, keyed by what their bytes depend on.
     namespaces: HashMap<LayerKey, NamespaceLayer>,
+    /// A namespace's Host-routed RouteConfiguration (megabytes at mesh scale), built at
+    /// `vhosts_epoch`: the Host-routed layers of its proxies' several listener addresses
+    /// (a laptop mesh's, say) share it.
+    http_routes: HashMap<String, (u64, Arc<Resource>)>,
     pods: HashMap<(String, String, ListenerSettings), Arc<Resources>>,
     /// Inbound layers by what they are built from: pods of the same Services share one.
     inbound: HashMap<InboundKey, Arc<Resources>>,
@@ -311,6 +315,7 @@ impl Translator {
             chains_epoch: 0,
             vhosts_epoch: 0,
             namespaces: HashMap::new(),
+            http_routes: HashMap::new(),
             pods: HashMap::new(),
             inbound: HashMap::new(),
             dependency_layers: HashMap::new(),
@@ -457,6 +462,7 @@ impl Translator {
                     chains
                 }
         });
+        self.http_routes.retain(|_, (epoch, _)| *epoch == vhosts);
         self.pods.clear();
         self.inbound.clear();
         self.dependency_layers.clear();
@@ -490,7 +496,17 @@ impl Translator {
         {
             return (layer.resources.clone(), layer.named.clone());
         }
-        let (resources, named) = namespace_resources(model, &self.services, namespace, settings);
+        let http_route = || match self.http_routes.get(namespace) {
+            Some((at, r)) if *at == epoch => r.clone(),
+            _ => {
+                let r = outbound_http_route(&self.services, model, namespace);
+                self.http_routes
+                    .insert(namespace.to_string(), (epoch, r.clone()));
+                r
+            }
+        };
+        let (resources, named) =
+            namespace_resources(model, &self.services, namespace, settings, http_route);
         let (resources, named) = (Arc::new(resources), Arc::new(named));
         self.namespaces.insert(
             key,
@@ -1003,11 +1019,14 @@ const FILTER_CHAINS_TAG: u32 = 3;
 
 /// A namespace's layer for `settings`: what its proxies' wildcard gets, and what is served to
 /// them only when named.
+/// `http_route` gives the namespace's [`outbound_http_route`], which a Host-routed (not
+/// transparent) proxy holds.
 fn namespace_resources(
     model: &Model,
     services: &ServiceCache,
     namespace: &str,
     settings: &ListenerSettings,
+    http_route: impl FnOnce() -> Arc<Resource>,
 ) -> (Resources, Resources) {
     let mut out = Resources::default();
     let mut named = Resources::default();
@@ -1044,6 +1063,32 @@ fn namespace_resources(
         return (out, named);
     }
     // Explicit outbound HTTP proxy: one virtual host per Service port, routed by Host.
+    out.insert(ResourceType::Route, http_route());
+    let http = Listener {
+        name: names::OUTBOUND_HTTP_LISTENER.into(),
+        address: Some(socket_address(
+            settings.outbound_http_addr.ip(),
+            settings.outbound_http_addr.port(),
+        )),
+        filter_chains: vec![FilterChain {
+            filters: vec![hcm_filter(
+                names::OUTBOUND_HTTP_LISTENER,
+                names::OUTBOUND_HTTP_ROUTE,
+            )],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    out.insert(
+        ResourceType::Listener,
+        Resource::new(names::OUTBOUND_HTTP_LISTENER, &http),
+    );
+    (out, named)
+}
+
+/// A namespace's Host-routed RouteConfiguration (`outbound_http`): one virtual host per Service
+/// port, as the namespace's consumers see it.
+fn outbound_http_route(services: &ServiceCache, model: &Model, namespace: &str) -> Arc<Resource> {
     let mut bytes = canonical::encode(&RouteConfiguration {
         name: names::OUTBOUND_HTTP_ROUTE.into(),
         ..Default::default()
@@ -1077,34 +1122,11 @@ fn namespace_resources(
             bytes.extend_from_slice(&res.vhosts_remote);
         }
     }
-    out.insert(
-        ResourceType::Route,
-        Resource::from_encoded(
-            names::OUTBOUND_HTTP_ROUTE,
-            RouteConfiguration::type_url(),
-            bytes,
-        ),
-    );
-    let http = Listener {
-        name: names::OUTBOUND_HTTP_LISTENER.into(),
-        address: Some(socket_address(
-            settings.outbound_http_addr.ip(),
-            settings.outbound_http_addr.port(),
-        )),
-        filter_chains: vec![FilterChain {
-            filters: vec![hcm_filter(
-                names::OUTBOUND_HTTP_LISTENER,
-                names::OUTBOUND_HTTP_ROUTE,
-            )],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    out.insert(
-        ResourceType::Listener,
-        Resource::new(names::OUTBOUND_HTTP_LISTENER, &http),
-    );
-    (out, named)
+    Resource::from_encoded(
+        names::OUTBOUND_HTTP_ROUTE,
+        RouteConfiguration::type_url(),
+        bytes,
+    )
 }
 
 /// `virtualOutbound` without its per-Service filter chains, which are appended encoded.

@@ -1542,3 +1542,53 @@ fn envoys_fed_by_the_agent_get_clusters_with_upstream_mesh_tls() {
         );
     }
 }
+
+#[test]
+fn host_routed_proxies_of_a_namespace_share_one_route_configuration() {
+    let mut idx = index();
+    let mut t = Translator::new(idx.model());
+    let at = |ns: &str, port: u16| {
+        let mut p = proxy(ns, false);
+        p.settings.outbound_http_addr = SocketAddr::from(([127, 0, 0, 1], port));
+        p
+    };
+    let route = |t: &mut Translator, p: &ProxyId| {
+        t.view(p)
+            .get(ResourceType::Route, names::OUTBOUND_HTTP_ROUTE)
+            .expect("outbound_http route")
+            .clone()
+    };
+    let listener_port = |t: &mut Translator, p: &ProxyId| {
+        let l: Listener = decode(
+            t.view(p)
+                .get(ResourceType::Listener, names::OUTBOUND_HTTP_LISTENER)
+                .expect("outbound_http listener"),
+        );
+        l.address
+    };
+    let (one, two, shop) = (at("default", 4001), at("default", 4002), at("shop", 4001));
+    // Two listener addresses in one namespace: one RouteConfiguration, each its own listener.
+    assert!(Arc::ptr_eq(&route(&mut t, &one), &route(&mut t, &two)));
+    assert_ne!(listener_port(&mut t, &one), listener_port(&mut t, &two));
+    // Another namespace sees other names (its own short ones).
+    assert_ne!(route(&mut t, &one).version, route(&mut t, &shop).version);
+    // A change to a virtual host reaches both, still shared.
+    let before = route(&mut t, &one);
+    idx.apply(obj(&service_yaml(
+        "default",
+        "new",
+        "10.96.0.40",
+        &[("http", 80)],
+    )))
+    .expect("svc");
+    t.update(idx.model());
+    let after = route(&mut t, &two);
+    assert_ne!(before.version, after.version);
+    assert!(Arc::ptr_eq(&after, &route(&mut t, &one)));
+    assert!(
+        outbound_http(&t.view(&one))
+            .virtual_hosts
+            .iter()
+            .any(|v| v.name == "new.default.svc.cluster.local:80")
+    );
+}
