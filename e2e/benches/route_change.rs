@@ -66,6 +66,10 @@ struct Args {
     /// Where the controller reads its config from.
     #[arg(long, value_enum, default_value_t = Source::Dir)]
     source: Source,
+    /// Keep the controller's and proxies' logs in this directory (filter: `MESH_LOG`, else
+    /// `warn`), to see where a change's time goes.
+    #[arg(long)]
+    logs: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -267,7 +271,7 @@ async fn start_proxy(kind: Kind, i: usize, xds: SocketAddr, dir: &Path) -> anyho
                 .args(["--outbound-http-addr", &outbound.to_string()])
                 .args(["--outbound-addr", &local(free_port()).to_string()])
                 .args(["--inbound-addr", &local(free_port()).to_string()])
-                .env("MESH_LOG", "warn");
+                .env("MESH_LOG", log_filter());
             (cmd, Some(metrics))
         }
         Kind::Envoy => {
@@ -669,6 +673,11 @@ async fn measure(
     Ok(to)
 }
 
+/// The log filter of the controller and proxies: `MESH_LOG`, else warnings only.
+fn log_filter() -> String {
+    std::env::var("MESH_LOG").unwrap_or_else(|_| "warn".to_string())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
@@ -677,7 +686,14 @@ async fn main() -> anyhow::Result<()> {
         Backend::start(BACKENDS[1]).await?,
     ];
     let config = Config::new(a.source, a.services, &backends).await?;
-    let dir = tempfile::tempdir()?;
+    let temp = tempfile::tempdir()?;
+    let dir = match &a.logs {
+        Some(logs) => {
+            std::fs::create_dir_all(logs).with_context(|| format!("--logs {}", logs.display()))?;
+            logs.clone()
+        }
+        None => temp.path().to_path_buf(),
+    };
     let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let (xds, admin) = (local(free_port()), local(free_port()));
     let mut cmd = Command::new(binary("mesh-controller")?);
@@ -686,8 +702,8 @@ async fn main() -> anyhow::Result<()> {
     let mut ctl = Peer::spawn(
         cmd.args(["--xds-addr", &xds.to_string()])
             .args(["--admin-addr", &admin.to_string()])
-            .env("MESH_LOG", "warn"),
-        dir.path().join("controller.log"),
+            .env("MESH_LOG", log_filter()),
+        dir.join("controller.log"),
     )?;
     let ready = wait_for(
         "the controller serving",
@@ -713,7 +729,7 @@ async fn main() -> anyhow::Result<()> {
     let mut to = 0;
     let mut failed = Vec::new();
     for kind in &a.peers {
-        match measure(*kind, &a, &config, xds, admin, dir.path(), to).await {
+        match measure(*kind, &a, &config, xds, admin, &dir, to).await {
             Ok(now) => to = now,
             Err(e) => {
                 failed.push(format!("{kind:?}: {e:#}"));
