@@ -36,7 +36,8 @@ pub struct RouteTable {
 #[derive(Debug)]
 struct DomainIndex {
     /// Exact domains, as (virtual host, domain) positions found by the lowercase domain's
-    /// hash: built without a string allocated or copied, and read on every request.
+    /// hash: no domain is stored again (one with upper case is lowercased only to hash it);
+    /// read on every request.
     exact: hashbrown::HashTable<(usize, usize)>,
     hasher: foldhash::fast::RandomState,
     suffixes: Vec<(String, usize)>,
