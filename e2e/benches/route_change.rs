@@ -66,8 +66,10 @@ struct Args {
     /// Where the controller reads its config from.
     #[arg(long, value_enum, default_value_t = Source::Dir)]
     source: Source,
-    /// Keep the controller's and proxies' logs in this directory (filter: `MESH_LOG`, else
-    /// `warn`), to see where a change's time goes.
+    /// Keep the controller's and mesh-proxies' logs in this directory, at the filter in
+    /// `MESH_LOG` (else `warn`), to see where a change's time goes. Without it they log
+    /// warnings only, whatever `MESH_LOG` says (a debug log slows what is measured). Envoy
+    /// logs warnings either way.
     #[arg(long)]
     logs: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`.
@@ -256,7 +258,14 @@ impl Proxy {
     }
 }
 
-async fn start_proxy(kind: Kind, i: usize, xds: SocketAddr, dir: &Path) -> anyhow::Result<Proxy> {
+/// `log`: mesh-proxy's log filter.
+async fn start_proxy(
+    kind: Kind,
+    i: usize,
+    xds: SocketAddr,
+    dir: &Path,
+    log: &str,
+) -> anyhow::Result<Proxy> {
     let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let (outbound, admin) = (local(free_port()), local(free_port()));
     let node = format!("ns-0/bench-{i}");
@@ -271,7 +280,7 @@ async fn start_proxy(kind: Kind, i: usize, xds: SocketAddr, dir: &Path) -> anyho
                 .args(["--outbound-http-addr", &outbound.to_string()])
                 .args(["--outbound-addr", &local(free_port()).to_string()])
                 .args(["--inbound-addr", &local(free_port()).to_string()])
-                .env("MESH_LOG", log_filter());
+                .env("MESH_LOG", log);
             (cmd, Some(metrics))
         }
         Kind::Envoy => {
@@ -532,7 +541,7 @@ async fn measure(
     let started = Instant::now();
     let mut proxies = Vec::new();
     for i in 0..a.proxies {
-        proxies.push(start_proxy(kind, i, xds, dir).await?);
+        proxies.push(start_proxy(kind, i, xds, dir, &log_filter(a)).await?);
     }
     println!(
         "{kind:?}: {} proxies ready in {:.1} s",
@@ -673,9 +682,13 @@ async fn measure(
     Ok(to)
 }
 
-/// The log filter of the controller and proxies: `MESH_LOG`, else warnings only.
-fn log_filter() -> String {
-    std::env::var("MESH_LOG").unwrap_or_else(|_| "warn".to_string())
+/// The log filter of the controller and mesh-proxies: with `--logs`, `MESH_LOG` (else
+/// warnings); without, warnings only.
+fn log_filter(a: &Args) -> String {
+    a.logs
+        .as_ref()
+        .and_then(|_| std::env::var("MESH_LOG").ok())
+        .unwrap_or_else(|| "warn".to_string())
 }
 
 #[tokio::main]
@@ -702,7 +715,7 @@ async fn main() -> anyhow::Result<()> {
     let mut ctl = Peer::spawn(
         cmd.args(["--xds-addr", &xds.to_string()])
             .args(["--admin-addr", &admin.to_string()])
-            .env("MESH_LOG", log_filter()),
+            .env("MESH_LOG", log_filter(&a)),
         dir.join("controller.log"),
     )?;
     let ready = wait_for(
