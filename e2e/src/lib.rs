@@ -157,12 +157,24 @@ pub async fn run_peer(
     ))
 }
 
-/// A port free right now on 127.0.0.1.
+/// A port free right now on 127.0.0.1, and not handed out before by this process. The kernel
+/// may give a port it just released again, so a caller that takes several before binding any
+/// could get one twice (a proxy's metrics and inbound listeners once were given the same).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("an ephemeral port")
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("an ephemeral port");
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// An HTTP/1.1 server that answers every request with its name, counting requests.
@@ -535,4 +547,14 @@ pub fn as_a_cluster_stores(yaml: &str) -> anyhow::Result<(String, Vec<String>)> 
         docs.push(serde_norway::to_string(&v)?);
     }
     Ok((docs.join("---\n"), pruned))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_port_never_gives_a_port_twice() {
+        let ports: Vec<u16> = (0..500).map(|_| super::free_port()).collect();
+        let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
 }
