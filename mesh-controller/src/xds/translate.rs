@@ -12,6 +12,7 @@
 //!   concatenating them (a repeated protobuf field may be written piece by piece).
 //! - per pod: the transparent inbound listener with a filter chain per port the pod serves.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -34,7 +35,7 @@ use super::build::{
 };
 use super::canonical;
 use super::pb::{any, u32v};
-use super::resources::{Changes, ProxyView, Resource, ResourceType, Resources};
+use super::resources::{Changes, ProxyView, Resource, ResourceType, Resources, hash_bytes};
 use crate::index::{Model, MtlsMode, PodModel, Protocol, RouteEntry, ServiceModel, SvcKey};
 use envoy_types::pb::google::protobuf::BoolValue;
 
@@ -225,10 +226,6 @@ struct NamespaceLayer {
     resources: Arc<Resources>,
     /// What is served from it only when named (a scoped proxy's address listeners).
     named: Arc<Resources>,
-}
-
-fn hash_bytes(b: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(b)
 }
 
 /// Builds and caches the layers of [`ProxyView`]s for one model at a time.
@@ -1089,39 +1086,29 @@ fn namespace_resources(
 /// A namespace's Host-routed RouteConfiguration (`outbound_http`): one virtual host per Service
 /// port, as the namespace's consumers see it.
 fn outbound_http_route(services: &ServiceCache, model: &Model, namespace: &str) -> Arc<Resource> {
-    let mut bytes = canonical::encode(&RouteConfiguration {
+    let head = canonical::encode(&RouteConfiguration {
         name: names::OUTBOUND_HTTP_ROUTE.into(),
         ..Default::default()
     });
-    // Megabytes at mesh scale: grown once, not copied at every doubling.
-    bytes.reserve(
-        services
-            .iter()
-            .map(|(key, (_, res))| {
-                if key.namespace == namespace {
-                    res.vhosts_local.len()
-                } else {
-                    res.vhosts_remote.len()
-                }
-            })
-            .sum(),
-    );
+    let mut pieces = vec![Cow::Owned(head)];
     for (key, (svc, res)) in services {
         let local = key.namespace == namespace;
-        if has_consumer_routes(svc, namespace) {
-            bytes.extend(encoded_vhosts(
+        pieces.push(if has_consumer_routes(svc, namespace) {
+            Cow::Owned(encoded_vhosts(
                 model,
                 svc,
                 &res.owned,
                 Some(namespace),
                 local,
-            ));
+            ))
         } else if local {
-            bytes.extend_from_slice(&res.vhosts_local);
+            Cow::Borrowed(res.vhosts_local.as_slice())
         } else {
-            bytes.extend_from_slice(&res.vhosts_remote);
-        }
+            Cow::Borrowed(res.vhosts_remote.as_slice())
+        });
     }
+    // Megabytes at mesh scale: joined into one allocation of the exact size.
+    let bytes = pieces.concat();
     Resource::from_encoded(
         names::OUTBOUND_HTTP_ROUTE,
         RouteConfiguration::type_url(),
