@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::{Parser, ValueEnum};
-use mesh_e2e::{Backend, Peer, ProxyClient, free_port, http_get, netns::binary, pct, rss_mib};
+use mesh_e2e::{
+    Backend, Peer, ProxyClient, eventually, free_port, http_get, netns::binary, pct, rss_mib,
+};
 use serde_json::{Value, json};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -229,22 +231,6 @@ impl Drop for Config {
     }
 }
 
-/// Polls `check` every 10 ms until it is true, for `within`.
-async fn wait_for(
-    what: &str,
-    within: Duration,
-    mut check: impl AsyncFnMut() -> bool,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    while !check().await {
-        if Instant::now() > deadline {
-            bail!("{what}: not within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    Ok(())
-}
-
 /// A running proxy: its process, where it is asked, and (mesh-proxy) its metrics.
 struct Proxy {
     peer: Peer,
@@ -313,13 +299,14 @@ async fn start_proxy(
         outbound,
         metrics,
     };
-    let ready = wait_for(
-        &format!("{kind:?} {i} ready"),
+    let ready = eventually(
         Duration::from_secs(180),
+        &format!("{kind:?} {i} ready"),
         async || {
             http_get(admin, "/ready")
                 .await
-                .is_some_and(|(s, _)| s == 200)
+                .filter(|(s, _)| *s == 200)
+                .map(|_| ())
         },
     )
     .await;
@@ -551,10 +538,13 @@ async fn measure(
     let mut to = first_to;
     for p in &proxies {
         let mut client = ProxyClient::new(p.outbound);
-        wait_for(
-            &format!("{kind:?} routing {HOST} to {}", BACKENDS[to]),
+        eventually(
             Duration::from_secs(300),
-            async || client.get(HOST, "/", &[]).await.ok() == Some((200, BACKENDS[to].into())),
+            &format!("{kind:?} routing {HOST} to {}", BACKENDS[to]),
+            async || {
+                (client.get(HOST, "/", &[]).await.ok() == Some((200, BACKENDS[to].into())))
+                    .then_some(())
+            },
         )
         .await?;
     }
@@ -718,10 +708,10 @@ async fn main() -> anyhow::Result<()> {
             .env("MESH_LOG", log_filter(&a)),
         dir.join("controller.log"),
     )?;
-    let ready = wait_for(
-        "the controller serving",
+    let ready = eventually(
         Duration::from_secs(120),
-        async || tokio::net::TcpStream::connect(xds).await.is_ok(),
+        "the controller serving",
+        async || tokio::net::TcpStream::connect(xds).await.ok().map(|_| ()),
     )
     .await;
     if let Err(e) = ready {

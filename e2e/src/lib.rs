@@ -368,11 +368,12 @@ pub async fn start_envoy(
 
 /// Polls `check` every 10 ms until it returns `Some` or `timeout` passes. For peers in other
 /// processes, whose state can only be observed from outside.
-pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
+/// `check` may borrow what it captures for the future it returns (`async || client.get()`).
+pub async fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = check().await {
